@@ -1,0 +1,13 @@
+"""clip: pre-train, load and evaluate CLIP models. The API of openai/CLIP (`available_models`, `load`,
+`tokenize`) plus `create_model` for training from scratch."""
+
+from .architectures import RELEASED_ARCHITECTURES, ModelConfig, TextConfig, VisionConfig
+from .model import CLIP, create_model
+
+
+def available_models() -> list[str]:
+    """Names of the nine architectures whose weights OpenAI released."""
+    return list(RELEASED_ARCHITECTURES)
+
+
+__all__ = ["CLIP", "ModelConfig", "TextConfig", "VisionConfig", "available_models", "create_model"]

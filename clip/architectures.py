@@ -1,0 +1,146 @@
+"""Model architecture as data: typed dataclasses and the table of OpenAI's nine released architectures.
+
+A model is fully described by a `ModelConfig`; `clip.create_model` builds one from a config or a name in
+`RELEASED_ARCHITECTURES`. Custom sizes are just other `ModelConfig` values (e.g. from a TOML file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+# OpenAI's byte-level BPE: 256 byte tokens, each also with an end-of-word form (512), 48,894 merges,
+# and the two special tokens <|startoftext|> and <|endoftext|>: 512 + 48,894 + 2 = 49,408.
+OPENAI_VOCAB_SIZE = 49408
+OPENAI_CONTEXT_LENGTH = 77
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """Image encoder.
+
+    kind: "vit" (Vision Transformer) or "resnet" (OpenAI's ModifiedResNet).
+    image_size: input resolution in pixels (square).
+    width: ViT token width; for the ResNet, the stem's output channels (the final stage has width * 32).
+    layers: ViT depth (an int), or the four ResNet stage depths (a tuple).
+    heads: attention heads of the ViT blocks, or of the ResNet's attention-pooling layer.
+    patch_size: ViT patch size in pixels (unused by the ResNet).
+    mlp_ratio: ViT MLP hidden width as a multiple of `width`.
+    """
+
+    kind: Literal["vit", "resnet"] = "vit"
+    image_size: int = 224
+    width: int = 768
+    layers: int | tuple[int, ...] = 12
+    heads: int = 12
+    patch_size: int = 32
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("vit", "resnet"):
+            raise ValueError(f"vision.kind must be 'vit' or 'resnet', got {self.kind!r}")
+        if isinstance(self.layers, list):
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if self.kind == "resnet":
+            if not (isinstance(self.layers, tuple) and len(self.layers) == 4):
+                raise ValueError(f"a ResNet needs four stage depths in vision.layers, got {self.layers!r}")
+            if self.image_size % 32:
+                raise ValueError(f"a ResNet downsamples by 32: vision.image_size={self.image_size} is not a multiple")
+            if (self.width * 32) % self.heads:
+                raise ValueError(f"attention-pool width {self.width * 32} is not divisible by {self.heads} heads")
+        else:
+            if not isinstance(self.layers, int):
+                raise ValueError(f"a ViT needs one depth in vision.layers, got {self.layers!r}")
+            if self.image_size % self.patch_size:
+                raise ValueError(
+                    f"vision.image_size={self.image_size} is not a multiple of vision.patch_size={self.patch_size}"
+                )
+            if self.width % self.heads:
+                raise ValueError(f"vision.width={self.width} is not divisible by vision.heads={self.heads}")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Causal Transformer text encoder over BPE tokens; features are read at the end-of-text token."""
+
+    context_length: int = OPENAI_CONTEXT_LENGTH
+    vocab_size: int = OPENAI_VOCAB_SIZE
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"text.width={self.width} is not divisible by text.heads={self.heads}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A whole CLIP model: two towers projected into a shared `embed_dim`-wide space."""
+
+    embed_dim: int = 512
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    # OpenAI's released models use QuickGELU (x * sigmoid(1.702 x)); exact GELU is the modern default.
+    activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "ModelConfig":
+        return ModelConfig(
+            embed_dim=d["embed_dim"],
+            vision=VisionConfig(**d["vision"]),
+            text=TextConfig(**d["text"]),
+            activation=d.get("activation", "quick_gelu"),
+        )
+
+
+def _resnet(embed_dim: int, image_size: int, layers: tuple[int, ...], width: int, text_width: int) -> ModelConfig:
+    # OpenAI's ResNets use one attention-pool head per 64 channels of the final (width * 32)-wide stage,
+    # and one text head per 64 channels of the text width.
+    return ModelConfig(
+        embed_dim=embed_dim,
+        vision=VisionConfig(kind="resnet", image_size=image_size, width=width, layers=layers, heads=width * 32 // 64),
+        text=TextConfig(width=text_width, heads=text_width // 64, layers=12),
+    )
+
+
+def _vit(
+    embed_dim: int, image_size: int, patch: int, width: int, layers: int, heads: int, text_width: int
+) -> ModelConfig:
+    return ModelConfig(
+        embed_dim=embed_dim,
+        vision=VisionConfig(kind="vit", image_size=image_size, width=width, layers=layers, heads=heads, patch_size=patch),
+        text=TextConfig(width=text_width, heads=text_width // 64, layers=12),
+    )
+
+
+# name -> architecture of OpenAI's released checkpoints (the CLIP paper, Tables 19 and 20).
+RELEASED_ARCHITECTURES: dict[str, ModelConfig] = {
+    "RN50": _resnet(1024, 224, (3, 4, 6, 3), 64, 512),
+    "RN101": _resnet(512, 224, (3, 4, 23, 3), 64, 512),
+    "RN50x4": _resnet(640, 288, (4, 6, 10, 6), 80, 640),
+    "RN50x16": _resnet(768, 384, (6, 8, 18, 8), 96, 768),
+    "RN50x64": _resnet(1024, 448, (3, 15, 36, 10), 128, 1024),
+    "ViT-B/32": _vit(512, 224, 32, 768, 12, 12, 512),
+    "ViT-B/16": _vit(512, 224, 16, 768, 12, 12, 512),
+    "ViT-L/14": _vit(768, 224, 14, 1024, 24, 16, 768),
+    "ViT-L/14@336px": _vit(768, 336, 14, 1024, 24, 16, 768),
+}
+
+
+def get_architecture(name: str) -> ModelConfig:
+    try:
+        return RELEASED_ARCHITECTURES[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, RELEASED_ARCHITECTURES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"Unknown architecture {name!r}.{hint} Known: {', '.join(RELEASED_ARCHITECTURES)}"
+        ) from None

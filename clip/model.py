@@ -1,0 +1,107 @@
+"""The CLIP model: an image encoder and a text encoder projected into one embedding space, compared by
+cosine similarity scaled by a learned temperature."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .architectures import ModelConfig, get_architecture
+from .modified_resnet import ModifiedResNet
+from .transformer import LayerNorm, Transformer
+from .vision_transformer import VisionTransformer
+
+# The CLIP paper initialises the temperature to 0.07, i.e. logit_scale = log(1 / 0.07).
+INITIAL_LOGIT_SCALE = math.log(1 / 0.07)
+
+
+def build_vision_tower(config: ModelConfig) -> nn.Module:
+    vision = config.vision
+    if vision.kind == "resnet":
+        return ModifiedResNet(vision, config.embed_dim)
+    return VisionTransformer(vision, config.embed_dim, config.activation)
+
+
+class CLIP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        text = config.text
+        self.context_length = text.context_length
+        self.vocab_size = text.vocab_size
+
+        self.visual = build_vision_tower(config)
+
+        self.token_embedding = nn.Embedding(text.vocab_size, text.width)
+        self.positional_embedding = nn.Parameter(torch.empty(text.context_length, text.width))
+        self.transformer = Transformer(text.width, text.layers, text.heads, text.mlp_ratio, config.activation, causal=True)
+        self.ln_final = LayerNorm(text.width)
+        self.text_projection = nn.Parameter(torch.empty(text.width, config.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(INITIAL_LOGIT_SCALE))
+
+        self.init_parameters()
+
+    def init_parameters(self) -> None:
+        """The CLIP paper's initialisation, written out in one place."""
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        self.transformer.init_parameters()
+        nn.init.normal_(self.text_projection, std=self.transformer.width**-0.5)
+        self.visual.init_parameters()
+        with torch.no_grad():
+            self.logit_scale.fill_(INITIAL_LOGIT_SCALE)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the weights (float16 for OpenAI's checkpoints on a GPU, float32 otherwise)."""
+        return self.text_projection.dtype
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        self.transformer.grad_checkpointing = enabled
+        if isinstance(self.visual, VisionTransformer):
+            self.visual.transformer.grad_checkpointing = enabled
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.visual(image.to(self.dtype))  # N3HW -> N,embed_dim
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        if text.shape[-1] > self.context_length:
+            raise ValueError(f"text has {text.shape[-1]} tokens; this model's context length is {self.context_length}")
+        length = text.shape[-1]
+        x = self.token_embedding(text).to(self.dtype)  # NL -> NLD
+        x = x + self.positional_embedding[:length].to(self.dtype)
+        x = self.transformer(x)
+        x = self.ln_final(x)
+        # Features are read at the end-of-text token, which has the largest id in the vocabulary.
+        eot = text.argmax(dim=-1)
+        x = x[torch.arange(x.shape[0], device=x.device), eot]  # -> N,width
+        features = x @ self.text_projection  # -> N,embed_dim
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (logits_per_image [N_image, N_text], logits_per_text [N_text, N_image])."""
+        image_features = self.encode_image(image, normalize=True)
+        text_features = self.encode_text(text, normalize=True)
+        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
+        return logits_per_image, logits_per_image.t()
+
+
+def create_model(name_or_config: str | ModelConfig | dict) -> CLIP:
+    """An untrained CLIP, initialised as in the paper, from a released architecture's name or a config."""
+    if isinstance(name_or_config, str):
+        config = get_architecture(name_or_config)
+    elif isinstance(name_or_config, dict):
+        config = ModelConfig.from_dict(name_or_config)
+    elif isinstance(name_or_config, ModelConfig):
+        config = name_or_config
+    else:
+        raise TypeError(f"expected an architecture name, a ModelConfig or a dict, got {type(name_or_config).__name__}")
+    return CLIP(config)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

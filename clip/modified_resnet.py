@@ -1,0 +1,137 @@
+"""OpenAI's ModifiedResNet image encoder.
+
+Differences from torchvision's ResNet, all from the CLIP paper: a stem of three 3x3 convolutions with an
+average pool instead of one 7x7 convolution with a max pool; anti-aliased strided convolutions (an average
+pool does the stride, the convolution runs at stride 1); and attention pooling instead of global average
+pooling at the end.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .architectures import VisionConfig
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_channels: int, planes: int, stride: int) -> None:
+        super().__init__()
+        out_channels = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3 = nn.Conv2d(planes, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.downsample = None
+        if stride > 1 or in_channels != out_channels:
+            # Named "-1", "0", "1" so that OpenAI's `downsample.0.weight` / `downsample.1.*` keys line up.
+            self.downsample = nn.Sequential(
+                OrderedDict(
+                    [
+                        ("-1", nn.AvgPool2d(stride)),
+                        ("0", nn.Conv2d(in_channels, out_channels, 1, stride=1, bias=False)),
+                        ("1", nn.BatchNorm2d(out_channels)),
+                    ]
+                )
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(self.avgpool(out)))
+        return F.relu(out + identity)
+
+
+class AttentionPool2d(nn.Module):
+    """Multi-head attention whose single query is the mean of the feature map (plus a position embedding)."""
+
+    def __init__(self, spatial_dim: int, embed_dim: int, heads: int, output_dim: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.positional_embedding = nn.Parameter(torch.empty(spatial_dim * spatial_dim + 1, embed_dim))
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.c_proj = nn.Linear(embed_dim, output_dim)
+
+    def init_parameters(self) -> None:
+        std = self.c_proj.in_features**-0.5
+        nn.init.normal_(self.positional_embedding, std=std)
+        for linear in (self.q_proj, self.k_proj, self.v_proj, self.c_proj):
+            nn.init.normal_(linear.weight, std=std)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        x = x.flatten(2).transpose(1, 2)  # NCHW -> N,HW,C
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # -> N,1+HW,C
+        x = x + self.positional_embedding.to(x.dtype)
+        head_dim = c // self.heads
+
+        def split_heads(t: torch.Tensor) -> torch.Tensor:  # N,L,C -> N,heads,L,head_dim
+            return t.view(n, -1, self.heads, head_dim).transpose(1, 2)
+
+        q = split_heads(self.q_proj(x[:, :1]))
+        k = split_heads(self.k_proj(x))
+        v = split_heads(self.v_proj(x))
+        out = F.scaled_dot_product_attention(q, k, v)  # N,heads,1,head_dim
+        out = out.transpose(1, 2).reshape(n, c)  # -> N,C
+        return self.c_proj(out)
+
+
+class ModifiedResNet(nn.Module):
+    def __init__(self, config: VisionConfig, output_dim: int) -> None:
+        super().__init__()
+        self.input_resolution = config.image_size
+        self.output_dim = output_dim
+        width = config.width
+        # The 3-convolution stem; its first convolution does the stride-2 downsampling.
+        self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width // 2)
+        self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width // 2)
+        self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.avgpool = nn.AvgPool2d(2)
+
+        self._in_channels = width
+        self.layer1 = self._make_stage(width, config.layers[0], stride=1)
+        self.layer2 = self._make_stage(width * 2, config.layers[1], stride=2)
+        self.layer3 = self._make_stage(width * 4, config.layers[2], stride=2)
+        self.layer4 = self._make_stage(width * 8, config.layers[3], stride=2)
+
+        embed_dim = width * 32  # the final stage's channels: width * 8 planes * expansion 4
+        self.attnpool = AttentionPool2d(config.image_size // 32, embed_dim, config.heads, output_dim)
+
+    def _make_stage(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        layers = [Bottleneck(self._in_channels, planes, stride)]
+        self._in_channels = planes * Bottleneck.expansion
+        layers += [Bottleneck(self._in_channels, planes, 1) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def init_parameters(self) -> None:
+        self.attnpool.init_parameters()
+        # Zero-init the last BatchNorm gain of each residual branch: every block starts as the identity.
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in stage:
+                nn.init.zeros_(block.bn3.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))  # N3HW -> N,width/2,H/2,W/2
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.relu(self.bn3(self.conv3(x)))
+        x = self.avgpool(x)  # -> N,width,H/4,W/4
+        x = self.layer1(x)
+        x = self.layer2(x)  # -> H/8
+        x = self.layer3(x)  # -> H/16
+        x = self.layer4(x)  # -> N,width*32,H/32,W/32
+        return self.attnpool(x)  # -> N,output_dim

@@ -1,0 +1,124 @@
+"""Pre-LN Transformer blocks shared by the text encoder and the Vision Transformer.
+
+Parameter names follow OpenAI's checkpoints (`attn.in_proj_weight`, `mlp.c_fc`, `ln_1`, ...) so released
+state dicts load with `strict=True`. Attention runs through `scaled_dot_product_attention` with one fused
+QKV projection, on batch-first tensors (N, L, D).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 and cast back, so half-precision weights (OpenAI's GPU default) stay stable."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return super().forward(x)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    """The sigmoid approximation of GELU that OpenAI's released models were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def make_activation(name: str) -> nn.Module:
+    activations = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
+    if name not in activations:
+        raise ValueError(f"activation must be one of {sorted(activations)}, got {name!r}")
+    return activations[name]()
+
+
+class MultiheadSelfAttention(nn.Module):
+    """Self-attention with a fused QKV projection; same parameters as `nn.MultiheadAttention`."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by {heads} heads")
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        n, length, width = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # NLD -> NL(3D)
+        qkv = qkv.view(n, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)  # -> 3,N,H,L,d
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)  # N,H,L,d
+        out = out.transpose(1, 2).reshape(n, length, width)  # -> NLD
+        return self.out_proj(out)
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, activation: str) -> None:
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.ln_1 = LayerNorm(width)
+        self.attn = MultiheadSelfAttention(width, heads)
+        self.ln_2 = LayerNorm(width)
+        self.mlp = nn.Sequential(
+            OrderedDict(
+                [
+                    ("c_fc", nn.Linear(width, hidden)),
+                    ("gelu", make_activation(activation)),
+                    ("c_proj", nn.Linear(hidden, width)),
+                ]
+            )
+        )
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class Transformer(nn.Module):
+    """A stack of residual attention blocks; `causal=True` masks attention to earlier positions only."""
+
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, activation: str, causal: bool) -> None:
+        super().__init__()
+        self.width = width
+        self.layers = layers
+        self.causal = causal
+        # Trades compute for memory: each block's activations are recomputed in the backward pass.
+        self.grad_checkpointing = False
+        self.resblocks = nn.Sequential(
+            *[ResidualAttentionBlock(width, heads, mlp_ratio, activation) for _ in range(layers)]
+        )
+
+    def init_parameters(self) -> None:
+        # The CLIP paper's scheme (GPT-2 style): residual output projections are scaled down with depth so the
+        # residual stream's variance stays bounded.
+        attn_std = self.width**-0.5
+        proj_std = self.width**-0.5 * (2 * self.layers) ** -0.5
+        fc_std = (2 * self.width) ** -0.5
+        for block in self.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.zeros_(block.attn.in_proj_bias)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.zeros_(block.attn.out_proj.bias)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.zeros_(block.mlp.c_fc.bias)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+            nn.init.zeros_(block.mlp.c_proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: NLD
+        for block in self.resblocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                # Non-reentrant checkpointing recomputes exactly one block and works with autocast and DDP.
+                x = checkpoint(block, x, self.causal, use_reentrant=False)
+            else:
+                x = block(x, self.causal)
+        return x

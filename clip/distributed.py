@@ -1,0 +1,250 @@
+"""Process-group setup from launcher variables (torchrun or SLURM) and an all-gather that carries gradients.
+
+Nothing here runs at import. The only state is torch.distributed's own process group, created by
+`init_distributed` and destroyed by `cleanup_distributed`; everything else is passed around as a frozen
+`DistributedInfo`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# torchrun's own default port; under SLURM we add (job id mod 1000) so that two jobs sharing a node
+# are unlikely to pick the same port. MASTER_PORT in the environment always wins.
+DEFAULT_MASTER_PORT = 29500
+SLURM_PORT_SPREAD = 1000
+
+
+@dataclass(frozen=True)
+class DistributedInfo:
+    rank: int  # global rank of this process, 0 .. world_size - 1
+    world_size: int  # number of processes in the job
+    local_rank: int  # rank among the processes of this node; selects the GPU
+    device: torch.device  # where this process's model and batches live
+
+    @property
+    def is_main(self) -> bool:
+        """The process that logs, evaluates and writes checkpoints."""
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+@dataclass(frozen=True)
+class LauncherEnvironment:
+    """What a launcher told this process; `None` from `read_launcher_environment` means no launcher."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun" or "slurm"
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expands SLURM's compressed host list: "node[001-003,007],gpu-a[1-2]-ib" ->
+    ["node001", "node002", "node003", "node007", "gpu-a1-ib", "gpu-a2-ib"]. Zero padding is kept, and
+    several bracket groups in one name expand to their cartesian product."""
+    hosts: list[str] = []
+    for item in _split_top_level_commas(nodelist.strip()):
+        hosts.extend(_expand_host_pattern(item))
+    return hosts
+
+
+def _split_top_level_commas(text: str) -> list[str]:
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced ']' in SLURM node list {text!r}")
+        elif char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    if depth != 0:
+        raise ValueError(f"unbalanced '[' in SLURM node list {text!r}")
+    items.append(text[start:])
+    return [item for item in items if item]
+
+
+def _expand_host_pattern(pattern: str) -> list[str]:
+    match = re.search(r"\[([^\[\]]*)\]", pattern)
+    if match is None:
+        return [pattern]
+    prefix, suffix = pattern[: match.start()], pattern[match.end() :]
+    names = []
+    for part in match.group(1).split(","):
+        bounds = part.split("-")
+        if len(bounds) == 1 and bounds[0].isdigit():
+            numbers, width = [bounds[0]], 0
+        elif len(bounds) == 2 and all(b.isdigit() for b in bounds) and int(bounds[0]) <= int(bounds[1]):
+            width = len(bounds[0])  # "001-004" keeps three digits
+            numbers = [str(n).zfill(width) for n in range(int(bounds[0]), int(bounds[1]) + 1)]
+        else:
+            raise ValueError(f"cannot parse range {part!r} in SLURM node list {pattern!r}")
+        for number in numbers:
+            names.extend(_expand_host_pattern(prefix + number + suffix))
+    return names
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list, by `scontrol show hostnames` when SLURM's tools are installed,
+    else by our own parser (which covers the syntax SLURM documents for host lists)."""
+    if shutil.which("scontrol"):
+        result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+        if result.returncode == 0 and result.stdout.split():
+            return result.stdout.split()[0]
+    hosts = expand_nodelist(nodelist)
+    if not hosts:
+        raise ValueError(f"SLURM node list {nodelist!r} names no host")
+    return hosts[0]
+
+
+def read_launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment | None:
+    """torchrun's variables when present (they win, so torchrun inside an srun step works), else SLURM's,
+    else None: a single process. Plain `python train.py` inside `salloc` has no SLURM_PROCID and is
+    single-process; launch the job's processes with `srun` (one task per GPU) or with torchrun."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        missing = [name for name in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if name not in environ]
+        if missing:
+            raise RuntimeError(f"RANK and WORLD_SIZE are set but {', '.join(missing)} is not; launch with torchrun")
+        return LauncherEnvironment(
+            rank=int(environ["RANK"]),
+            world_size=int(environ["WORLD_SIZE"]),
+            local_rank=int(environ["LOCAL_RANK"]),
+            master_addr=environ["MASTER_ADDR"],
+            master_port=int(environ["MASTER_PORT"]),
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+        nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+        if "MASTER_ADDR" in environ:
+            master_addr = environ["MASTER_ADDR"]
+        elif nodelist:
+            master_addr = first_host(nodelist)
+        else:
+            raise RuntimeError("SLURM_PROCID is set but neither MASTER_ADDR nor SLURM_JOB_NODELIST is")
+        if "MASTER_PORT" in environ:
+            master_port = int(environ["MASTER_PORT"])
+        else:
+            master_port = DEFAULT_MASTER_PORT + int(environ.get("SLURM_JOB_ID", "0")) % SLURM_PORT_SPREAD
+        return LauncherEnvironment(
+            rank=int(environ["SLURM_PROCID"]),
+            world_size=int(environ["SLURM_NTASKS"]),
+            local_rank=int(environ.get("SLURM_LOCALID", "0")),
+            master_addr=master_addr,
+            master_port=master_port,
+            launcher="slurm",
+        )
+    return None
+
+
+def _select_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    selected = torch.device(device)
+    if selected.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' was asked for but CUDA is not available")
+        if selected.index is None:
+            selected = torch.device("cuda", local_rank)  # one process per GPU, chosen by LOCAL_RANK
+        torch.cuda.set_device(selected)
+    return selected
+
+
+def init_distributed(backend: str | None = None, device: str = "auto") -> DistributedInfo:
+    """Joins the process group the launcher describes and returns this process's place in it.
+
+    device: "auto" (CUDA when available, else CPU), "cpu", "cuda" (cuda:LOCAL_RANK) or an explicit
+    "cuda:N". backend: None picks nccl for CUDA and gloo for CPU. Without launcher variables, or with a
+    world of one, no process group is created and `is_distributed` is False.
+    """
+    launch = read_launcher_environment(os.environ)
+    local_rank = launch.local_rank if launch else 0
+    selected = _select_device(device, local_rank)
+    if launch is None or launch.world_size == 1:
+        return DistributedInfo(rank=0, world_size=1, local_rank=local_rank, device=selected)
+
+    if dist.is_initialized():
+        raise RuntimeError("torch.distributed is already initialised; call cleanup_distributed() first")
+    backend = backend or ("nccl" if selected.type == "cuda" else "gloo")
+    host = f"[{launch.master_addr}]" if ":" in launch.master_addr else launch.master_addr  # IPv6 needs brackets
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{host}:{launch.master_port}",
+        rank=launch.rank,
+        world_size=launch.world_size,
+        device_id=selected if selected.type == "cuda" else None,
+    )
+    return DistributedInfo(
+        rank=launch.rank, world_size=launch.world_size, local_rank=launch.local_rank, device=selected
+    )
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class _AllGatherWithGradient(torch.autograd.Function):
+    """all_gather in forward; in backward, rank r receives the SUM over all ranks of the gradient that
+    their losses sent to slot r (a reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+        ctx.group = group
+        ctx.rank = dist.get_rank(group)
+        ctx.rows = tensor.shape[0]
+        world_size = dist.get_world_size(group)
+        gathered = tensor.new_empty((world_size * tensor.shape[0], *tensor.shape[1:]))
+        dist.all_gather_into_tensor(gathered, tensor.contiguous(), group=group)
+        return gathered  # rank order: rows [r*B, (r+1)*B) come from rank r
+
+    @staticmethod
+    def backward(ctx, grad_gathered: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad_gathered = grad_gathered.contiguous()
+        if dist.get_backend(ctx.group) == dist.Backend.NCCL:
+            grad_local = grad_gathered.new_empty((ctx.rows, *grad_gathered.shape[1:]))
+            dist.reduce_scatter_tensor(grad_local, grad_gathered, op=dist.ReduceOp.SUM, group=ctx.group)
+            return grad_local, None
+        # gloo has no reduce-scatter: all-reduce the whole gradient (twice the traffic) and keep our slot.
+        grad_gathered = grad_gathered.clone()  # autograd may still need the incoming buffer
+        dist.all_reduce(grad_gathered, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad_gathered[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows], None
+
+
+def gather_features(features: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """[B, D] on each rank -> [world_size * B, D] on every rank, in rank order, differentiable.
+
+    Every rank must pass the same shape (use equal per-rank batches, e.g. drop_last). Without an
+    initialised process group, or with a world of one, the features are returned as they are.
+
+    Why gradients come out exact. Each rank r computes a loss L_r over its own B rows against all N
+    gathered columns, scaled so that the global loss is L = mean_r L_r. The features of rank r enter
+    every rank's loss (as columns), so dL/d(features_r) = 1/W * sum_q dL_q/d(features_r). Backward of
+    this gather hands rank r exactly sum_q dL_q/d(features_r) (the reduce-scatter), and DDP's averaging
+    of parameter gradients supplies the 1/W. So the averaged gradient equals the single-process gradient
+    on the concatenated batch.
+
+    The alternative that open_clip popularised -- gather without gradient, put the local tensor back
+    into its own slot -- only sees dL_r/d(features_r); it is exact only when every rank computes the
+    full [N, N] loss identically (W times the compute and memory), and even then DDP's averaging
+    leaves the gradient W times too small unless the loss is multiplied by W. We use the reduce-scatter
+    instead: [B, N] work per rank and no rescaling.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return features
+    return _AllGatherWithGradient.apply(features, group)

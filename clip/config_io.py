@@ -1,0 +1,204 @@
+"""Typed configs from TOML files: dataclass schemas, `a.b=value` overrides, and a TOML writer.
+
+Every config is a tree of plain dataclasses. Values read from a file or the command line are checked
+against the field types; an unknown key is an error that names the closest valid key. The supported field
+types are int, float, str, bool, `X | None`, `Literal[...]`, `list[T]`, `tuple[T, ...]`, unions of those,
+nested dataclasses and lists of dataclasses (TOML arrays of tables).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def _closest(key: str, valid: typing.Iterable[str]) -> str:
+    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f" Did you mean {match[0]!r}?" if match else f" Valid keys: {', '.join(sorted(valid))}."
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Checks `value` against the type `tp` and returns it in that type (e.g. a TOML list as a tuple)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        # Try the more specific members first so `int | tuple[int, ...]` keeps ints as ints.
+        for member in args:
+            if member is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, member, where)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(f"{where}: {value!r} is not a {' or '.join(_type_name(a) for a in args)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item_type = args[0] if args else Any
+        items = [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported field type {tp!r}")
+
+
+def from_dict(schema: type[T], data: dict, where: str = "") -> T:
+    """Builds the dataclass `schema` from nested dicts, checking every key and type."""
+    hints = typing.get_type_hints(schema)
+    fields = {f.name: f for f in dataclasses.fields(schema) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = unknown[0]
+        name = f"{where}.{key}" if where else key
+        raise ConfigError(f"unknown config key {name!r}.{_closest(key, fields)}")
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{where}.{key}" if where else key
+        kwargs[key] = _coerce(value, hints[key], name)
+    try:
+        return schema(**kwargs)
+    except (TypeError, ValueError) as error:
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"{where or schema.__name__}: {error}") from error
+
+
+def to_dict(config: Any) -> dict:
+    """The config as plain nested dicts and lists (tuples become lists), ready for TOML or a checkpoint."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(config)
+
+
+def _parse_override_value(text: str) -> Any:
+    # An override's value is read as a TOML value (numbers, booleans, lists, quoted strings); anything
+    # that is not valid TOML is taken as a bare string, so `data.path=/tmp/x.csv` needs no quotes.
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(data: dict, schema: type, assignment: str) -> None:
+    """Applies one `section.key=value` override to the nested dict `data`, validating the path."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like section.key=value")
+    path, text = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    node, node_schema = data, schema
+    for depth, key in enumerate(keys):
+        fields = {f.name: f for f in dataclasses.fields(node_schema)} if dataclasses.is_dataclass(node_schema) else {}
+        if key not in fields:
+            prefix = ".".join(keys[:depth])
+            valid = [f"{prefix}.{name}" if prefix else name for name in fields]
+            full = ".".join(keys[: depth + 1])
+            raise ConfigError(f"unknown config key {full!r} in override {assignment!r}.{_closest(full, valid)}")
+        field_type = typing.get_type_hints(node_schema)[key]
+        if depth == len(keys) - 1:
+            node[key] = _parse_override_value(text.strip())
+            return
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {assignment!r}: {'.'.join(keys[: depth + 1])} is not a section")
+        node_schema = field_type
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str], schema: type[T]) -> T:
+    """Reads a TOML file (or nothing) into `schema`, then applies `a.b=value` overrides; all type-checked."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path}: not valid TOML: {error}") from error
+    for assignment in overrides:
+        apply_override(data, schema, assignment)
+    return from_dict(schema, data)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'"{escaped}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise ConfigError(f"cannot write {value!r} to TOML")
+
+
+def to_toml(data: dict, table: str = "") -> str:
+    """Writes nested dicts as TOML. None values are omitted (TOML has no null; the schema default is None)."""
+    lines, tables = [], []
+    for key, value in data.items():
+        name = f"{table}.{key}" if table else key
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            tables.append(f"\n[{name}]\n" + to_toml(value, name))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for item in value:
+                tables.append(f"\n[[{name}]]\n" + to_toml(item, name))
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    text = "\n".join(lines) + ("\n" if lines else "")
+    return text + "".join(tables)

@@ -1,0 +1,47 @@
+"""AdamW with the paper's parameter groups, and the warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import OptimizerConfig, ScheduleConfig
+
+
+def is_decayed(name: str, parameter: torch.Tensor) -> bool:
+    """Weight decay applies to matrices and convolution kernels only: not to gains, biases, the token and
+    position embeddings, the class token or the temperature (CLIP paper, appendix; as in GPT-2)."""
+    if parameter.ndim < 2:
+        return False
+    return not (name.endswith("embedding") or name.endswith("token_embedding.weight"))
+
+
+def build_optimizer(named_parameters: list[tuple[str, nn.Parameter]], config: OptimizerConfig, device: torch.device) -> torch.optim.AdamW:
+    decay = [p for n, p in named_parameters if p.requires_grad and is_decayed(n, p)]
+    no_decay = [p for n, p in named_parameters if p.requires_grad and not is_decayed(n, p)]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    implementation = config.implementation
+    if implementation == "auto":
+        # The fused kernel does the whole update in a few launches on CUDA; foreach batches it on the CPU.
+        implementation = "fused" if device.type == "cuda" else "foreach"
+    kwargs = {
+        "fused": {"fused": True},
+        "foreach": {"foreach": True},
+        "for-loop": {"foreach": False},
+    }[implementation]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, **kwargs)
+
+
+def learning_rate(step: int, peak: float, schedule: ScheduleConfig) -> float:
+    """Linear warmup to `peak` over `warmup_steps`, then cosine decay to `peak * min_lr_ratio` at `steps`."""
+    if step < schedule.warmup_steps:
+        return peak * (step + 1) / schedule.warmup_steps
+    decay_steps = max(schedule.steps - schedule.warmup_steps, 1)
+    progress = min((step - schedule.warmup_steps) / decay_steps, 1.0)
+    floor = peak * schedule.min_lr_ratio
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

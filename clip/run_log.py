@@ -1,0 +1,97 @@
+"""What a training run writes beside its checkpoints: `metrics.jsonl`, TensorBoard events, a final plot.
+
+TensorBoard and matplotlib are optional: each is used when importable and skipped with one log line
+otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class RunLog:
+    """Appends one JSON object per logged step; mirrors scalars to TensorBoard when available."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.info("tensorboard is not installed; metrics go to %s only", self.path)
+            else:
+                self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as file:
+            file.write(json.dumps(record, default=_json_default) + "\n")
+        if self.writer is not None:
+            step = record.get("step", 0)
+            for key, value in _flatten(record).items():
+                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
+                    self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _json_default(value):
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def _flatten(record: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in record.items():
+        name = f"{prefix}/{key}" if prefix else key
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_run(run_dir: Path) -> Path | None:
+    """Training loss and accuracies against steps as `RUN_DIR/training.png`, when matplotlib is installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed; no training plot")
+        return None
+    records = read_metrics(run_dir)
+    train = [r for r in records if "loss" in r]
+    evals = {k: [(r["step"], r[k]) for r in records if k in r] for r in records for k in r if k.endswith("top1")}
+    if not train:
+        return None
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_axis.plot([r["step"] for r in train], [r["loss"] for r in train])
+    loss_axis.set(xlabel="step", ylabel="contrastive loss", title="training loss")
+    if "batch_accuracy" in train[0]:
+        accuracy_axis.plot([r["step"] for r in train], [r["batch_accuracy"] for r in train], label="in-batch image→text")
+    for key, points in evals.items():
+        accuracy_axis.plot(*zip(*points), marker="o", label=key)
+    accuracy_axis.set(xlabel="step", ylabel="accuracy", title="accuracy", ylim=(0, 1))
+    accuracy_axis.legend(fontsize="small")
+    figure.tight_layout()
+    path = Path(run_dir) / "training.png"
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

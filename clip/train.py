@@ -1,0 +1,446 @@
+"""The training loop, read top to bottom: setup, resume, the step (with exact contrastive gradient
+accumulation), logging, evaluation and checkpoints.
+
+    python scripts/train.py CONFIG [--output-dir DIR] [section.key=value ...]
+    torchrun --nproc-per-node 8 scripts/train.py CONFIG ...      (or under SLURM: srun python scripts/train.py ...)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from . import checkpoint as ckpt
+from .config import TrainConfig, load_config, to_dict, to_toml
+from .data import build_train_data
+from .distributed import DistributedInfo, cleanup_distributed, init_distributed, read_launcher_environment
+from .evaluation.during_training import run_evaluations
+from .loss import build_loss
+from .model import CLIP, create_model
+from .optim import build_optimizer, learning_rate
+from .run_log import RunLog, plot_run
+from .throughput import peak_flops, training_flops_per_sample
+from .tokenizer import get_tokenizer
+
+log = logging.getLogger("clip.train")
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# SigLIP's initial temperature and bias (Zhai et al., 2023): t = log 10, b = -10.
+SIGLIP_INITIAL_LOGIT_SCALE = math.log(10.0)
+SIGLIP_INITIAL_LOGIT_BIAS = -10.0
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class ContrastiveModel(nn.Module):
+    """What DDP wraps: CLIP plus the loss's own learnable parameters (SigLIP's bias). Its forward returns
+    everything the loss needs, so every trained parameter is reached through DDP's forward."""
+
+    def __init__(self, clip: CLIP, with_logit_bias: bool) -> None:
+        super().__init__()
+        self.clip = clip
+        self.logit_bias = nn.Parameter(torch.tensor(SIGLIP_INITIAL_LOGIT_BIAS)) if with_logit_bias else None
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor):
+        image_features = self.clip.encode_image(images, normalize=True)  # N3HW -> N,D
+        text_features = self.clip.encode_text(texts, normalize=True)  # NL -> N,D
+        return image_features, text_features, self.clip.logit_scale, self.logit_bias
+
+
+def contrastive_step(module, images, texts, micro_batches, loss_fn, autocast, backward, is_ddp):
+    """One optimiser step's forward and backward passes; returns (loss, metrics).
+
+    With k micro-batches the loss is still the whole batch's contrastive loss: every micro-batch's
+    features are first computed without gradients and cached; then each micro-batch is recomputed with
+    gradients and its rows take part in the full-batch loss with the others' cached features as constant
+    negatives. Summing the k backward passes gives exactly the full batch's gradient (each feature's
+    gradient flows through its own pass). The temperature (and SigLIP's bias) enter every pass, so they
+    take gradient in one pass only, the last, which is also the one in which DDP synchronises.
+    """
+    if micro_batches == 1:
+        with autocast():
+            image_features, text_features, logit_scale, logit_bias = module(images, texts)
+            loss, metrics = loss_fn(image_features, text_features, logit_scale, logit_bias)
+        backward(loss)
+        return loss.detach(), metrics
+
+    image_chunks, text_chunks = images.chunk(micro_batches), texts.chunk(micro_batches)
+    with torch.no_grad(), autocast():
+        cached = [module(i, t)[:2] for i, t in zip(image_chunks, text_chunks)]
+    cached_images = [c[0] for c in cached]
+    cached_texts = [c[1] for c in cached]
+    for index, (image_chunk, text_chunk) in enumerate(zip(image_chunks, text_chunks)):
+        last = index == micro_batches - 1
+        # Why no_sync(): DDP would otherwise all-reduce gradients after every micro-batch.
+        sync_context = contextlib.nullcontext() if last or not is_ddp else module.no_sync()
+        with sync_context:
+            with autocast():
+                image_features, text_features, logit_scale, logit_bias = module(image_chunk, text_chunk)
+                all_images = torch.cat(cached_images[:index] + [image_features] + cached_images[index + 1 :])
+                all_texts = torch.cat(cached_texts[:index] + [text_features] + cached_texts[index + 1 :])
+                if not last:
+                    logit_scale = logit_scale.detach()
+                    logit_bias = None if logit_bias is None else logit_bias.detach()
+                loss, metrics = loss_fn(all_images, all_texts, logit_scale, logit_bias)
+            backward(loss)
+    return loss.detach(), metrics
+
+
+def all_ranks_finite(loss: torch.Tensor, dist_info: DistributedInfo) -> bool:
+    finite = torch.isfinite(loss).to(torch.float32).reshape(1)
+    if dist_info.is_distributed:
+        # Every rank must skip together, or DDP's collectives would hang.
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def gather_objects(value, dist_info: DistributedInfo) -> list:
+    if not dist_info.is_distributed:
+        return [value]
+    gathered = [None] * dist_info.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+class StopRequest:
+    """Turns SIGTERM (SLURM's pre-emption notice) and Ctrl-C into a checkpoint at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("received signal %d: saving a checkpoint at the end of this step, then stopping", signum)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(config: TrainConfig, stop_at_step: int | None = None) -> dict:
+    """Runs (or resumes) the run described by `config`; returns the final metrics.
+
+    stop_at_step: stop after this many steps as if interrupted (checkpoint, then return); for tests.
+    """
+    # ---- setup ----------------------------------------------------------------------------------------
+    dist_info = init_distributed(device=config.train.device)
+    try:
+        return _train(config, dist_info, stop_at_step)
+    finally:
+        cleanup_distributed()
+
+
+def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | None) -> dict:
+    run_dir = Path(config.output_dir)
+    device = dist_info.device
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    if config.train.batch_size % config.train.accumulation_steps:
+        raise ValueError(
+            f"train.batch_size={config.train.batch_size} is not divisible by "
+            f"train.accumulation_steps={config.train.accumulation_steps}"
+        )
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(to_dict(config)), encoding="utf-8")
+    config_dict = to_dict(config)
+
+    torch.manual_seed(config.train.seed)  # the same initial weights on every rank
+    clip_model = create_model(config.model)
+    if config.loss.kind == "siglip":
+        with torch.no_grad():
+            clip_model.logit_scale.fill_(SIGLIP_INITIAL_LOGIT_SCALE)
+    clip_model.set_grad_checkpointing(config.train.grad_checkpointing)
+    module = ContrastiveModel(clip_model, with_logit_bias=config.loss.kind == "siglip").to(device)
+    if config.model.vision.kind == "resnet" and device.type == "cuda":
+        module = module.to(memory_format=torch.channels_last)  # cuDNN's fastest layout for convolutions
+    optimizer = build_optimizer(list(module.named_parameters()), config.optimizer, device)
+    autocast_dtype = AUTOCAST_DTYPES[config.train.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=config.train.precision == "fp16")
+    loss_fn = build_loss(config.loss.kind, chunk_size=config.loss.chunk_size)
+    max_log_scale = math.log(config.loss.max_logit_scale)
+
+    # ---- resume -----------------------------------------------------------------------------------------
+    start_step, data_state, metrics_so_far = 0, None, {}
+    state = ckpt.load_latest_checkpoint(run_dir)
+    if state is not None:
+        if state["config"]["model"] != config_dict["model"]:
+            raise ValueError(
+                f"{run_dir} holds a run of a different model; use a new --output-dir or the same model config"
+            )
+        module.clip.load_state_dict(state["model"])
+        if module.logit_bias is not None and "logit_bias" in state.get("loss_parameters", {}):
+            module.logit_bias.data.copy_(state["loss_parameters"]["logit_bias"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_step = state["step"]
+        metrics_so_far = state.get("metrics", {})
+        if len(state["rng"]) == dist_info.world_size:
+            ckpt.restore_rng_state(state["rng"][dist_info.rank])
+            data_state = state["data"][dist_info.rank]
+        else:
+            log.warning(
+                "checkpoint was written by %d ranks, this run has %d: the data order restarts from the epoch's seed",
+                len(state["rng"]), dist_info.world_size,
+            )
+        log.info("resumed %s at step %d", run_dir, start_step)
+    else:
+        torch.manual_seed(config.train.seed + dist_info.rank)  # ranks draw different augmentations
+
+    train_module: nn.Module = module
+    if dist_info.is_distributed:
+        train_module = DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+    if config.train.compile:
+        train_module = torch.compile(train_module)
+
+    tokenizer = get_tokenizer()
+    data = build_train_data(
+        config.data,
+        image_size=config.model.vision.image_size,
+        context_length=config.model.text.context_length,
+        tokenizer=tokenizer,
+        batch_size=config.train.batch_size,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        seed=config.train.seed,
+    )
+    if data_state is not None:
+        data.load_state_dict(data_state)
+
+    global_batch = config.train.batch_size * dist_info.world_size
+    flops_per_sample = training_flops_per_sample(config.model)
+    peak = peak_flops(device, autocast_dtype or torch.float32)
+    run_log = RunLog(run_dir, config.logging.tensorboard) if dist_info.is_main else None
+    if dist_info.is_main:
+        log.info(
+            "model: %.2fM parameters; global batch %d (%d ranks x %d, %d micro-batches); %d steps; data: %d samples/epoch",
+            sum(p.numel() for p in module.parameters()) / 1e6, global_batch, dist_info.world_size,
+            config.train.batch_size, config.train.accumulation_steps, config.schedule.steps, data.samples_per_epoch,
+        )
+
+    def autocast():
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=autocast_dtype)
+
+    def save(step: int, metrics: dict) -> None:
+        # Every rank contributes its RNG state and data position; rank 0 writes the file.
+        rng_states = gather_objects(ckpt.capture_rng_state(), dist_info)
+        data_states = gather_objects(data.state_dict(), dist_info)
+        if dist_info.is_main:
+            state = {
+                "format": ckpt.CHECKPOINT_FORMAT,
+                "step": step,
+                "model": module.clip.state_dict(),
+                "config": config_dict,
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "loss_parameters": {} if module.logit_bias is None else {"logit_bias": module.logit_bias.detach()},
+                "rng": rng_states,
+                "data": data_states,
+                "metrics": metrics,
+            }
+            path = ckpt.save_checkpoint(state, run_dir, step, config.checkpoint.keep_last)
+            log.info("saved %s", path)
+        if dist_info.is_distributed:
+            dist.barrier()
+
+    def evaluate(step: int) -> dict:
+        results = run_evaluations(module.clip, config.eval, device=device, tokenizer=tokenizer, step=step, dist_info=dist_info)
+        if results and dist_info.is_main:
+            run_log.write({"step": step, **results})
+            log.info("step %d evaluation: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
+        return results
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+    total_steps = config.schedule.steps
+    last_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
+    batches = iter(data)
+    progress = None
+    if dist_info.is_main and config.logging.progress_bar:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr)
+    nonfinite_total = metrics_so_far.get("nonfinite_steps_total", 0)
+    nonfinite_in_a_row = 0
+    last_metrics = dict(metrics_so_far)
+    window_start, window_samples = time.perf_counter(), 0
+    step = start_step
+    train_module.train()
+    with StopRequest() as stop:
+        while step < last_step:
+            lr = learning_rate(step, config.optimizer.lr, config.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images, texts = next(batches)
+            images = images.to(device, non_blocking=True)
+            texts = texts.to(device, non_blocking=True)
+            if config.model.vision.kind == "resnet" and device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+
+            optimizer.zero_grad(set_to_none=True)
+            skipped = {"value": False}
+
+            def backward(loss: torch.Tensor) -> None:
+                # A non-finite loss is checked before any gradient exists, on all ranks together.
+                if skipped["value"] or not all_ranks_finite(loss.detach(), dist_info):
+                    skipped["value"] = True
+                    return
+                scaler.scale(loss).backward()
+
+            loss, loss_metrics = contrastive_step(
+                train_module, images, texts, config.train.accumulation_steps, loss_fn, autocast, backward,
+                dist_info.is_distributed,
+            )
+            step += 1
+            if skipped["value"]:
+                optimizer.zero_grad(set_to_none=True)
+                nonfinite_total += 1
+                nonfinite_in_a_row += 1
+                log.warning("step %d: non-finite loss (%s); step skipped (%d in a row)", step, loss.item(), nonfinite_in_a_row)
+                if nonfinite_in_a_row >= config.train.max_consecutive_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{nonfinite_in_a_row} non-finite losses in a row at step {step}; stopping. The last good "
+                        f"checkpoint in {run_dir / ckpt.CHECKPOINT_DIR} is kept. Try a lower optimizer.lr, "
+                        f"precision=bf16 instead of fp16, or a smaller loss.max_logit_scale."
+                    )
+            else:
+                nonfinite_in_a_row = 0
+                scaler.unscale_(optimizer)
+                grad_norm = None
+                if config.optimizer.grad_clip_norm is not None:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), config.optimizer.grad_clip_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                with torch.no_grad():
+                    # The paper clips the temperature so the logits are scaled by at most 100.
+                    module.clip.logit_scale.clamp_(0, max_log_scale)
+            window_samples += global_batch
+
+            if step % config.logging.every_n_steps == 0 or step == last_step:
+                elapsed = time.perf_counter() - window_start
+                samples_per_s = window_samples / max(elapsed, 1e-9)
+                last_metrics = {
+                    "step": step,
+                    "loss": loss.item(),
+                    "lr": lr,
+                    "logit_scale": module.clip.logit_scale.exp().item(),
+                    "samples_per_s": samples_per_s,
+                    "images_per_s_per_accelerator": samples_per_s / dist_info.world_size,
+                    "nonfinite_steps_total": nonfinite_total,
+                    **{k: float(v) for k, v in loss_metrics.items()},
+                }
+                if grad_norm is not None and not skipped["value"]:
+                    last_metrics["grad_norm"] = float(grad_norm)
+                if peak is not None:
+                    last_metrics["mfu"] = flops_per_sample * samples_per_s / dist_info.world_size / peak
+                if dist_info.is_main:
+                    run_log.write({**last_metrics, "data": data.stats()})
+                    if progress is not None:
+                        progress.set_postfix(
+                            loss=f"{last_metrics['loss']:.3f}", lr=f"{lr:.2e}",
+                            scale=f"{last_metrics['logit_scale']:.1f}", samples_s=f"{samples_per_s:.0f}",
+                        )
+                window_start, window_samples = time.perf_counter(), 0
+            if progress is not None:
+                progress.update(1)
+
+            if config.eval.every_n_steps and step % config.eval.every_n_steps == 0 and step < total_steps:
+                last_metrics.update(evaluate(step))
+            every = config.checkpoint.every_n_steps
+            if (every and step % every == 0 and step < last_step) or (stop.requested and step < total_steps):
+                save(step, last_metrics)
+            if stop.requested:
+                last_step = step
+                break
+
+    if progress is not None:
+        progress.close()
+    finished = step >= total_steps
+    final = dict(last_metrics)
+    if finished:
+        final.update(evaluate(step))
+    if not ckpt.checkpoint_path(run_dir, step).exists():
+        save(step, final)
+    if dist_info.is_main:
+        log.info("data: %s", data.epoch_summary())
+        run_log.close()
+        if finished:
+            if config.logging.plot:
+                plot_run(run_dir)
+            (run_dir / "results.json").write_text(json.dumps(final, indent=2, default=float), encoding="utf-8")
+    data.close()
+    return final
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="clip-train",
+        description="Pre-train a CLIP model. An existing run directory is resumed from its latest checkpoint.",
+    )
+    parser.add_argument("config", help="a TOML recipe, e.g. configs/demo.toml")
+    parser.add_argument("--output-dir", help="the run directory (overrides output_dir in the config)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="type-checked config overrides")
+    return parser.parse_args(argv)
+
+
+def headline(results: dict) -> str | None:
+    """The first zero-shot top-1 figure, for the last line of the demo's output."""
+    for key, value in results.items():
+        if key.startswith("zeroshot/") and key.endswith("/top1"):
+            return f"zero-shot top-1: {100 * value:.1f}%"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"output_dir={json.dumps(args.output_dir)}")
+    config = load_config(args.config, overrides, TrainConfig)
+    launcher = read_launcher_environment(os.environ)
+    rank_zero = launcher is None or launcher.rank == 0
+    logging.basicConfig(
+        level=logging.INFO if rank_zero else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        results = train(config)
+    except NonFiniteLossError as error:
+        log.error("%s", error)
+        return 1
+    line = headline(results)
+    if line and rank_zero:
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,8 @@
+"""Pre-train a CLIP model from a TOML recipe: `python scripts/train.py configs/demo.toml [key=value ...]`."""
+
+import sys
+
+from clip.train import main
+
+if __name__ == "__main__":
+    sys.exit(main())

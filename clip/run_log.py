@@ -84,8 +84,9 @@ def plot_run(run_dir: Path) -> Path | None:
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
     loss_axis.plot([r["step"] for r in train], [r["loss"] for r in train])
     loss_axis.set(xlabel="step", ylabel="contrastive loss", title="training loss")
-    if "batch_accuracy" in train[0]:
-        accuracy_axis.plot([r["step"] for r in train], [r["batch_accuracy"] for r in train], label="in-batch image→text")
+    if "image_to_text_accuracy" in train[0]:
+        steps = [r["step"] for r in train]
+        accuracy_axis.plot(steps, [r["image_to_text_accuracy"] for r in train], label="in-batch image→text")
     for key, points in evals.items():
         accuracy_axis.plot(*zip(*points), marker="o", label=key)
     accuracy_axis.set(xlabel="step", ylabel="accuracy", title="accuracy", ylim=(0, 1))

@@ -28,7 +28,12 @@ from .config import TrainConfig, load_config, to_dict, to_toml
 from .data import build_train_data
 from .distributed import DistributedInfo, cleanup_distributed, init_distributed, read_launcher_environment
 from .evaluation.during_training import run_evaluations
-from .loss import build_loss
+from .loss import (
+    SIGLIP_INITIAL_LOGIT_BIAS,
+    SIGLIP_INITIAL_LOGIT_SCALE,
+    build_loss,
+    contrastive_loss_with_cached_features,
+)
 from .model import CLIP, create_model
 from .optim import build_optimizer, learning_rate
 from .run_log import RunLog, plot_run
@@ -38,9 +43,6 @@ from .tokenizer import get_tokenizer
 log = logging.getLogger("clip.train")
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# SigLIP's initial temperature and bias (Zhai et al., 2023): t = log 10, b = -10.
-SIGLIP_INITIAL_LOGIT_SCALE = math.log(10.0)
-SIGLIP_INITIAL_LOGIT_BIAS = -10.0
 
 
 class NonFiniteLossError(RuntimeError):
@@ -68,9 +70,8 @@ def contrastive_step(module, images, texts, micro_batches, loss_fn, autocast, ba
     With k micro-batches the loss is still the whole batch's contrastive loss: every micro-batch's
     features are first computed without gradients and cached; then each micro-batch is recomputed with
     gradients and its rows take part in the full-batch loss with the others' cached features as constant
-    negatives. Summing the k backward passes gives exactly the full batch's gradient (each feature's
-    gradient flows through its own pass). The temperature (and SigLIP's bias) enter every pass, so they
-    take gradient in one pass only, the last, which is also the one in which DDP synchronises.
+    negatives. Summing the k backward passes gives exactly the full batch's gradient (see
+    `contrastive_loss_with_cached_features`).
     """
     if micro_batches == 1:
         with autocast():
@@ -82,8 +83,8 @@ def contrastive_step(module, images, texts, micro_batches, loss_fn, autocast, ba
     image_chunks, text_chunks = images.chunk(micro_batches), texts.chunk(micro_batches)
     with torch.no_grad(), autocast():
         cached = [module(i, t)[:2] for i, t in zip(image_chunks, text_chunks)]
-    cached_images = [c[0] for c in cached]
-    cached_texts = [c[1] for c in cached]
+    cached_images = torch.cat([c[0] for c in cached])
+    cached_texts = torch.cat([c[1] for c in cached])
     for index, (image_chunk, text_chunk) in enumerate(zip(image_chunks, text_chunks)):
         last = index == micro_batches - 1
         # Why no_sync(): DDP would otherwise all-reduce gradients after every micro-batch.
@@ -91,12 +92,9 @@ def contrastive_step(module, images, texts, micro_batches, loss_fn, autocast, ba
         with sync_context:
             with autocast():
                 image_features, text_features, logit_scale, logit_bias = module(image_chunk, text_chunk)
-                all_images = torch.cat(cached_images[:index] + [image_features] + cached_images[index + 1 :])
-                all_texts = torch.cat(cached_texts[:index] + [text_features] + cached_texts[index + 1 :])
-                if not last:
-                    logit_scale = logit_scale.detach()
-                    logit_bias = None if logit_bias is None else logit_bias.detach()
-                loss, metrics = loss_fn(all_images, all_texts, logit_scale, logit_bias)
+                loss, metrics = contrastive_loss_with_cached_features(
+                    loss_fn, cached_images, cached_texts, image_features, text_features, index, logit_scale, logit_bias
+                )
             backward(loss)
     return loss.detach(), metrics
 
@@ -183,7 +181,7 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
     optimizer = build_optimizer(list(module.named_parameters()), config.optimizer, device)
     autocast_dtype = AUTOCAST_DTYPES[config.train.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=config.train.precision == "fp16")
-    loss_fn = build_loss(config.loss.kind, chunk_size=config.loss.chunk_size)
+    loss_fn = build_loss(config.loss, distributed=dist_info.is_distributed)
     max_log_scale = math.log(config.loss.max_logit_scale)
 
     # ---- resume -----------------------------------------------------------------------------------------
@@ -348,7 +346,7 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
                 samples_per_s = window_samples / max(elapsed, 1e-9)
                 last_metrics = {
                     "step": step,
-                    "loss": loss.item(),
+                    "loss": loss.item(),  # replaced below by the loss averaged over ranks
                     "lr": lr,
                     "logit_scale": module.clip.logit_scale.exp().item(),
                     "samples_per_s": samples_per_s,

@@ -1,0 +1,126 @@
+"""The typed config loader: TOML files, overrides, unknown keys, wrong types, and round trips."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from clip.architectures import ModelConfig, VisionConfig
+from clip.config_io import ConfigError, from_dict, load_config, to_dict, to_toml
+
+
+@dataclass
+class Source:
+    path: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class Section:
+    lr: float = 1e-3
+    steps: int = 10
+    name: str = "x"
+    flag: bool = False
+    mode: Literal["a", "b"] = "a"
+    clip_norm: float | None = None
+    betas: tuple[float, ...] = (0.9, 0.98)
+
+
+@dataclass
+class Schema:
+    section: Section = field(default_factory=Section)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sources: list[Source] = field(default_factory=list)
+    output_dir: str = "runs/x"
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def test_file_and_overrides(tmp_path):
+    path = write(tmp_path, '[section]\nlr = 0.5\nsteps = 3\n[[sources]]\npath = "a.tar"\nweight = 2\n')
+    config = load_config(path, ["section.steps=7", "section.mode=b", "model.vision.layers=[3,4,6,3]",
+                                "model.vision.kind=resnet", "section.clip_norm=1.5", "output_dir=/tmp/run"], Schema)
+    assert config.section.lr == 0.5 and config.section.steps == 7 and config.section.mode == "b"
+    assert config.section.clip_norm == 1.5
+    assert config.model.vision.layers == (3, 4, 6, 3)
+    assert config.sources == [Source("a.tar", 2.0)]
+    assert config.output_dir == "/tmp/run"  # a bare string needs no quotes
+
+
+def test_unknown_key_names_the_closest_valid_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"section\.lrr.*Did you mean 'lr'"):
+        load_config(write(tmp_path, "[section]\nlrr = 1.0\n"), [], Schema)
+    with pytest.raises(ConfigError, match=r"'section.stesp'.*Did you mean 'section.steps'"):
+        load_config(None, ["section.stesp=3"], Schema)
+    with pytest.raises(ConfigError, match="Did you mean 'section'"):
+        load_config(None, ["sectoin.lr=3"], Schema)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("section.steps=1.5", "expected an integer"),
+        ("section.steps=true", "expected an integer"),
+        ("section.flag=1", "expected true or false"),
+        ("section.mode=c", "not one of"),
+        ("section.lr=fast", "expected a number"),
+        ("model.vision.kind=cnn", "vision.kind"),
+        ("model.vision.layers=[1,2]", "four stage depths"),
+        ("section.lr", "section.key=value"),
+    ],
+)
+def test_wrong_types_are_errors(override, message):
+    base = ["model.vision.kind=resnet", "model.vision.layers=[3,4,6,3]"] if "layers=[1" in override else []
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, base + [override], Schema)
+
+
+def test_missing_file_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "none.toml", [], Schema)
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[section\nlr = 1"), [], Schema)
+
+
+def test_toml_round_trip():
+    config = from_dict(Schema, {"section": {"lr": 0.25, "clip_norm": None, "name": 'say "hi"\n'},
+                                "sources": [{"path": "a"}, {"path": "b", "weight": 0.5}],
+                                "model": {"vision": {"kind": "resnet", "layers": [2, 2, 2, 2], "heads": 4, "width": 32}}})
+    text = to_toml(to_dict(config))
+    again = from_dict(Schema, tomllib.loads(text))
+    assert again == config
+
+
+def test_train_config_round_trips_through_a_checkpoint_dict(tmp_path):
+    from clip.config import TrainConfig
+
+    config = load_config(None, ["schedule.steps=5", "model.embed_dim=64", "train.precision=bf16"], TrainConfig)
+    data = to_dict(config)
+    assert from_dict(TrainConfig, data) == config
+    assert from_dict(TrainConfig, tomllib.loads(to_toml(data))) == config
+    assert ModelConfig.from_dict(data["model"]) == config.model
+
+
+def test_every_recipe_in_configs_loads():
+    from pathlib import Path
+
+    from clip.config import TrainConfig
+
+    recipes = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
+    assert recipes, "no recipes found"
+    for recipe in recipes:
+        first_line = recipe.read_text().splitlines()[0]
+        assert first_line.startswith("#") and "train.py" in first_line, f"{recipe} must start with its command"
+        load_config(recipe, [], TrainConfig)
+
+
+def test_vision_config_validation():
+    with pytest.raises(ValueError, match="multiple"):
+        VisionConfig(kind="vit", image_size=225, patch_size=32)

@@ -1,0 +1,174 @@
+"""clip.distributed and the distributed losses: launcher parsing, and two gloo processes on 127.0.0.1 whose
+DDP-averaged gradients must equal one process on the concatenated batch."""
+
+import math
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from clip.distributed import (
+    DEFAULT_MASTER_PORT,
+    DistributedInfo,
+    cleanup_distributed,
+    expand_nodelist,
+    first_host,
+    gather_features,
+    init_distributed,
+    read_launcher_environment,
+)
+from clip.loss import (
+    SIGLIP_INITIAL_LOGIT_BIAS,
+    SIGLIP_INITIAL_LOGIT_SCALE,
+    ContrastiveLoss,
+    contrastive_loss_with_cached_features,
+)
+
+WORLD_SIZE = 2
+ROWS_PER_RANK = 4
+TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")
+
+
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("node001", ["node001"]),
+        ("node[001-004,007]", ["node001", "node002", "node003", "node004", "node007"]),
+        ("a1,b[8-10]", ["a1", "b8", "b9", "b10"]),
+        ("gpu-[1-2]-ib,cpu[09-10]", ["gpu-1-ib", "gpu-2-ib", "cpu09", "cpu10"]),
+        ("r[1-2]n[1,3]", ["r1n1", "r1n3", "r2n1", "r2n3"]),
+        ("10.0.0.5", ["10.0.0.5"]),
+    ],
+)
+def test_expand_nodelist(nodelist, hosts):
+    assert expand_nodelist(nodelist) == hosts
+    assert first_host(nodelist) == hosts[0]
+
+
+@pytest.mark.parametrize("bad", ["node[1-", "node]1[", "node[4-2]", "node[a-b]"])
+def test_malformed_nodelist_is_an_error(bad):
+    with pytest.raises(ValueError, match="SLURM node list"):
+        expand_nodelist(bad)
+
+
+def test_torchrun_variables_win_over_slurm():
+    environ = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1234",
+               "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}
+    launch = read_launcher_environment(environ)
+    assert (launch.launcher, launch.rank, launch.world_size, launch.local_rank) == ("torchrun", 3, 8, 1)
+    assert (launch.master_addr, launch.master_port) == ("h", 1234)
+
+
+def test_slurm_variables():
+    environ = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+               "SLURM_JOB_NODELIST": "gpu[017-018]", "SLURM_JOB_ID": "123456"}
+    launch = read_launcher_environment(environ)
+    assert (launch.launcher, launch.rank, launch.world_size, launch.local_rank) == ("slurm", 5, 8, 1)
+    assert launch.master_addr == "gpu017"
+    assert launch.master_port == DEFAULT_MASTER_PORT + 456
+    launch = read_launcher_environment({**environ, "MASTER_ADDR": "head", "MASTER_PORT": "4000"})
+    assert (launch.master_addr, launch.master_port) == ("head", 4000)
+
+
+def test_no_launcher_means_one_process(monkeypatch):
+    assert read_launcher_environment({"PATH": "/bin"}) is None
+    with pytest.raises(RuntimeError, match="LOCAL_RANK"):
+        read_launcher_environment({"RANK": "0", "WORLD_SIZE": "2"})
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    info = init_distributed(device="cpu")
+    assert info == DistributedInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    assert info.is_main and not info.is_distributed and not dist.is_initialized()
+    features = torch.randn(3, 2)
+    assert gather_features(features) is features
+
+
+class TinyTwoTower(nn.Module):
+    """Two linear encoders with CLIP's or SigLIP's logit parameters."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.image_encoder = nn.Linear(6, 8)
+        self.text_encoder = nn.Linear(5, 8)
+        siglip = kind == "siglip"
+        self.logit_scale = nn.Parameter(torch.tensor(SIGLIP_INITIAL_LOGIT_SCALE if siglip else math.log(1 / 0.07)))
+        self.logit_bias = nn.Parameter(torch.tensor(SIGLIP_INITIAL_LOGIT_BIAS)) if siglip else None
+
+    def forward(self, images, texts):
+        return self.image_encoder(images), self.text_encoder(texts), self.logit_scale, self.logit_bias
+
+
+def reference_on_concatenated_batch(kind, chunk_size, images, texts):
+    model = TinyTwoTower(kind)
+    loss, metrics = ContrastiveLoss(kind, chunk_size=chunk_size)(*model(images, texts))
+    loss.backward()
+    return metrics, {name: p.grad for name, p in model.named_parameters()}
+
+
+def check_against_reference(ddp_model, metrics, reference, case):
+    reference_metrics, reference_grads = reference
+    for name in reference_metrics:
+        torch.testing.assert_close(metrics[name], reference_metrics[name], **TOLERANCE, msg=f"{case}: {name}")
+    for name, parameter in ddp_model.module.named_parameters():
+        torch.testing.assert_close(parameter.grad, reference_grads[name], **TOLERANCE, msg=f"{case}: {name}")
+
+
+def worker(rank: int, port: int) -> None:
+    import os
+
+    for name in LAUNCHER_VARIABLES:
+        os.environ.pop(name, None)
+    # Launched as SLURM would: the master address comes from the node list, the port from MASTER_PORT.
+    os.environ.update({"SLURM_PROCID": str(rank), "SLURM_NTASKS": str(WORLD_SIZE), "SLURM_LOCALID": str(rank),
+                       "SLURM_JOB_NODELIST": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    info = init_distributed(device="cpu")
+    try:
+        assert (info.rank, info.world_size, info.is_distributed) == (rank, WORLD_SIZE, True)
+        assert dist.get_backend() == "gloo"
+        generator = torch.Generator().manual_seed(1)
+        images = torch.randn(WORLD_SIZE * ROWS_PER_RANK, 6, generator=generator)
+        texts = torch.randn(WORLD_SIZE * ROWS_PER_RANK, 5, generator=generator)
+        local = slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
+
+        for kind, chunk_size in [("clip", None), ("clip", 3), ("siglip", None)]:
+            reference = reference_on_concatenated_batch(kind, chunk_size, images, texts)
+            loss_fn = ContrastiveLoss(kind, chunk_size=chunk_size, distributed=True)
+
+            ddp_model = DistributedDataParallel(TinyTwoTower(kind))
+            loss, metrics = loss_fn(*ddp_model(images[local], texts[local]))
+            loss.backward()
+            check_against_reference(ddp_model, metrics, reference, f"{kind} chunk={chunk_size}")
+
+            # The training loop's accumulation recipe: 2 micro-batches of 2 rows per rank.
+            ddp_model = DistributedDataParallel(TinyTwoTower(kind))
+            with torch.no_grad():
+                cached_images, cached_texts, _, _ = ddp_model(images[local], texts[local])
+            micro_images, micro_texts = images[local].chunk(2), texts[local].chunk(2)
+            for index in range(2):
+                last = index == 1
+                ddp_model.require_backward_grad_sync = last  # what no_sync() toggles
+                image_features, text_features, logit_scale, logit_bias = ddp_model(micro_images[index], micro_texts[index])
+                loss, metrics = contrastive_loss_with_cached_features(
+                    loss_fn, cached_images, cached_texts, image_features, text_features, index, logit_scale, logit_bias
+                )
+                loss.backward()
+            check_against_reference(ddp_model, metrics, reference, f"{kind} chunk={chunk_size} cached")
+    finally:
+        cleanup_distributed()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_gloo_processes_match_one_process_on_the_concatenated_batch():
+    mp.spawn(worker, args=(free_port(),), nprocs=WORLD_SIZE, join=True)

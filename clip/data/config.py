@@ -1,0 +1,89 @@
+"""The `[data]` section of the training config: where image-caption pairs come from and how they are loaded.
+
+A TOML example with two sources, the second seen twice per epoch:
+
+    [data]
+    workers = 8
+    [[data.sources]]
+    kind = "shards"
+    path = "/datasets/cc3m/cc3m-{000000..000331}.tar"   # sizes.json beside the shards gives the counts
+    [[data.sources]]
+    kind = "manifest"
+    path = "/datasets/captions/train.tsv"               # image paths are relative to the manifest's folder
+    image_column = "filepath"
+    caption_column = "title"
+    weight = 2.0
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+SourceKind = Literal["synthetic", "manifest", "shards"]
+
+
+@dataclass
+class SourceConfig:
+    kind: SourceKind = "synthetic"  # synthetic shapes, a CSV/TSV/JSONL manifest, or WebDataset tar shards
+    path: str = ""  # manifest file, or shard pattern "dir/{000000..000127}.tar" (also s3://..., pipe:cmd); "" for synthetic
+    name: str = ""  # label in stats() and logs; "" = "<index>:<kind>"
+    # Per-sample rate relative to the other sources: each epoch draws weight x size samples from this source
+    # (2.0 = every sample twice, 0.5 = a different half each epoch); with `resampled`, the expected share.
+    weight: float = 1.0
+    image_column: str = "image"  # manifest column with the image path; for shards, a member extension tried first
+    caption_column: str = "caption"  # manifest column with the caption; for shards, tried before "txt"
+    separator: str = ""  # manifest field separator; "" = from the suffix (.csv ",", .tsv "\t"); unused for .jsonl
+    # synthetic: the number of samples (required). shards: the total sample count, spread evenly over the shards,
+    # used instead of the size index (sizes.json or img2dataset's *_stats.json) -- for shards without one.
+    num_samples: int | None = None
+    size_index: str = ""  # shards: path/URL of a sizes.json {shard file name: count}; "" = look beside the shards
+    synthetic_image_size: int | None = None  # side of the rendered images; None = the model's image size
+    synthetic_seed: int = 0  # which synthetic world (content), independent of the training seed
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("synthetic", "manifest", "shards"):
+            raise ValueError(f"data source kind must be synthetic, manifest or shards, got {self.kind!r}")
+        if self.kind != "synthetic" and not self.path:
+            raise ValueError(f"a {self.kind} data source needs a path")
+        if not self.weight >= 0.0:
+            raise ValueError(f"data source weight must be >= 0, got {self.weight}")
+        if self.num_samples is not None and self.num_samples < 0:
+            raise ValueError(f"num_samples must be >= 0, got {self.num_samples}")
+
+
+def _demo_sources() -> list[SourceConfig]:
+    return [SourceConfig(kind="synthetic", num_samples=10_000)]
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=_demo_sources)  # [[data.sources]] tables; see SourceConfig
+    # Draw sources and shards with replacement by weight (webdataset's "resampled" mode) instead of exact
+    # epochs where every sample is seen once: for corpora too big to ever finish an epoch.
+    resampled: bool = False
+    # The trainer's epoch length in samples (global over ranks). None = the sum of weight x size over the sources.
+    # With `resampled` it is also the span of one reseeding of the draws; without, data passes stay complete.
+    epoch_samples: int | None = None
+    shuffle_buffer: int = 1000  # each worker permutes its stream in windows of this many samples (shards need it)
+    workers: int = 2  # DataLoader worker processes per rank; 0 decodes in the training process
+    prefetch_factor: int = 2  # batches each worker prepares ahead
+    pin_memory: bool = True  # page-locked batches for faster host-to-GPU copies; only used when CUDA is available
+    # Images with more pixels than this are skipped as decompression bombs (PIL's default limit, applied in
+    # the data workers only). None disables the check.
+    max_image_pixels: int | None = 89_478_485
+    augment: bool = False  # RandomResizedCrop; off = resize + center crop. Keep off for synthetic (captions name positions)
+    jpeg_draft: bool = True  # let libjpeg decode large JPEGs at 1/2, 1/4 or 1/8 scale when still >= the target size
+    log_every_s: float = 60.0  # at most one log line per skip kind per worker in this many seconds
+
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise ValueError(f"data.workers must be >= 0, got {self.workers}")
+        if self.prefetch_factor < 1:
+            raise ValueError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"data.shuffle_buffer must be >= 1 (1 = no shuffling), got {self.shuffle_buffer}")
+        if self.epoch_samples is not None and self.epoch_samples <= 0:
+            raise ValueError(f"data.epoch_samples must be positive, got {self.epoch_samples}")
+        if self.max_image_pixels is not None and self.max_image_pixels <= 0:
+            raise ValueError(f"data.max_image_pixels must be positive or None, got {self.max_image_pixels}")

@@ -1,0 +1,147 @@
+"""Recover a `ModelConfig` from the tensor shapes of a CLIP state dict with OpenAI's key names.
+
+This is the one place in the library that infers an architecture; it exists because OpenAI's released
+files (and plain `torch.save(model.state_dict())` files) carry weights but no config. Checkpoints written by
+our trainer carry their config and never come here.
+
+What shapes cannot tell:
+- the number of attention heads: we use OpenAI's convention, one head per 64 channels (`width // 64`) for
+  the text transformer, the ViT and the ResNet's attention pool. All nine released checkpoints follow it;
+  a model trained with another head count must be loaded from a checkpoint that carries its config.
+- the activation: OpenAI's models use QuickGELU, so that is what we assume.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+
+import torch
+
+from .architectures import ModelConfig, TextConfig, VisionConfig
+
+# OpenAI's convention for the released checkpoints: attention heads of 64 channels each.
+HEAD_WIDTH = 64
+VIT_MARKER = "visual.proj"
+RESNET_MARKER = "visual.layer1.0.conv1.weight"
+RESNET_DOWNSAMPLING = 32
+
+
+class ArchitectureInferenceError(ValueError):
+    """The state dict is not a CLIP state dict in OpenAI's layout, or its shapes are inconsistent."""
+
+
+def infer_model_config(state_dict: Mapping[str, torch.Tensor]) -> ModelConfig:
+    """The architecture whose `CLIP(config).state_dict()` has these keys and shapes (see the module doc for
+    the two conventions assumed). Works on tensors of any device, `meta` included."""
+    if VIT_MARKER in state_dict:
+        vision = _infer_vit(state_dict)
+    elif RESNET_MARKER in state_dict:
+        vision = _infer_resnet(state_dict)
+    else:
+        raise ArchitectureInferenceError(
+            f"cannot tell the image encoder: neither {VIT_MARKER!r} (Vision Transformer) nor {RESNET_MARKER!r} "
+            f"(ModifiedResNet) is present; found keys like {_sample(state_dict)}"
+        )
+    text = _infer_text(state_dict)
+    embed_dim = _shape(state_dict, "text_projection", ndim=2)[1]
+    return ModelConfig(embed_dim=embed_dim, vision=vision, text=text, activation="quick_gelu")
+
+
+def _infer_vit(state_dict: Mapping[str, torch.Tensor]) -> VisionConfig:
+    width, _, patch_size, _ = _shape(state_dict, "visual.conv1.weight", ndim=4)
+    tokens = _shape(state_dict, "visual.positional_embedding", ndim=2)[0]
+    grid = _exact_sqrt(tokens - 1, "visual.positional_embedding has {} rows: not 1 + a square number of patches")
+    layers = _count_blocks(state_dict, "visual.transformer.resblocks")
+    mlp_hidden = _shape(state_dict, "visual.transformer.resblocks.0.mlp.c_fc.weight", ndim=2)[0]
+    return VisionConfig(
+        kind="vit",
+        image_size=grid * patch_size,
+        width=width,
+        layers=layers,
+        heads=_heads(width, "visual.conv1.weight"),
+        patch_size=patch_size,
+        mlp_ratio=_mlp_ratio(mlp_hidden, width),
+    )
+
+
+def _infer_resnet(state_dict: Mapping[str, torch.Tensor]) -> VisionConfig:
+    width = _shape(state_dict, RESNET_MARKER, ndim=4)[0]
+    stages = tuple(_count_blocks(state_dict, f"visual.layer{stage}") for stage in (1, 2, 3, 4))
+    tokens = _shape(state_dict, "visual.attnpool.positional_embedding", ndim=2)[0]
+    grid = _exact_sqrt(tokens - 1, "visual.attnpool.positional_embedding has {} rows: not 1 + a square number")
+    pool_width = width * 32  # the last stage's channels: 8x the stem width, times the bottleneck expansion 4
+    return VisionConfig(
+        kind="resnet",
+        image_size=grid * RESNET_DOWNSAMPLING,
+        width=width,
+        layers=stages,
+        heads=_heads(pool_width, "visual.attnpool.c_proj.weight"),
+    )
+
+
+def _infer_text(state_dict: Mapping[str, torch.Tensor]) -> TextConfig:
+    context_length, width = _shape(state_dict, "positional_embedding", ndim=2)
+    vocab_size = _shape(state_dict, "token_embedding.weight", ndim=2)[0]
+    mlp_hidden = _shape(state_dict, "transformer.resblocks.0.mlp.c_fc.weight", ndim=2)[0]
+    return TextConfig(
+        context_length=context_length,
+        vocab_size=vocab_size,
+        width=width,
+        layers=_count_blocks(state_dict, "transformer.resblocks"),
+        heads=_heads(width, "positional_embedding"),
+        mlp_ratio=_mlp_ratio(mlp_hidden, width),
+    )
+
+
+def _shape(state_dict: Mapping[str, torch.Tensor], key: str, ndim: int) -> tuple[int, ...]:
+    if key not in state_dict:
+        raise ArchitectureInferenceError(f"the state dict lacks {key!r}; found keys like {_sample(state_dict)}")
+    value = state_dict[key]
+    if not isinstance(value, torch.Tensor) or value.ndim != ndim:
+        found = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ArchitectureInferenceError(f"{key!r} should be a {ndim}-d tensor, found {found}")
+    return tuple(value.shape)
+
+
+def _count_blocks(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
+    """Number of consecutive numbered blocks `prefix.0`, `prefix.1`, ... present in the keys."""
+    pattern = re.compile(rf"{re.escape(prefix)}\.(\d+)\.")
+    indices = {int(match.group(1)) for key in state_dict if (match := pattern.match(key))}
+    if not indices:
+        raise ArchitectureInferenceError(f"the state dict has no {prefix}.0.* entries")
+    if indices != set(range(len(indices))):
+        missing = sorted(set(range(max(indices) + 1)) - indices)
+        raise ArchitectureInferenceError(f"{prefix} has blocks up to {max(indices)} but lacks block(s) {missing[:5]}")
+    return len(indices)
+
+
+def _heads(width: int, source: str) -> int:
+    if width % HEAD_WIDTH:
+        raise ArchitectureInferenceError(
+            f"width {width} (from {source}) is not a multiple of {HEAD_WIDTH}, so the head count cannot be "
+            f"inferred by the released checkpoints' convention (heads = width // {HEAD_WIDTH}); load a "
+            f"checkpoint that carries its config instead"
+        )
+    return width // HEAD_WIDTH
+
+
+def _mlp_ratio(hidden: int, width: int) -> float:
+    ratio = hidden / width
+    if int(width * ratio) != hidden:
+        raise ArchitectureInferenceError(f"MLP width {hidden} is not expressible as a ratio of the width {width}")
+    return ratio
+
+
+def _exact_sqrt(value: int, message: str) -> int:
+    root = math.isqrt(value) if value >= 0 else -1
+    if root < 1 or root * root != value:
+        raise ArchitectureInferenceError(message.format(value + 1))
+    return root
+
+
+def _sample(state_dict: Mapping[str, object], count: int = 5) -> str:
+    keys = list(state_dict)
+    shown = ", ".join(repr(key) for key in keys[:count])
+    return f"{shown}{', ...' if len(keys) > count else ''} ({len(keys)} entries)"

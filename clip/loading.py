@@ -1,0 +1,385 @@
+"""`clip.load`: a drop-in for openai/CLIP's `load`, for OpenAI's released weights and for our own files.
+
+What `load` accepts:
+- a released name (`clip.available_models()`): the file is downloaded into the cache and checked against its
+  SHA256 (`clip.released`);
+- a path to an OpenAI-style TorchScript archive, to a plain state dict (`torch.save(model.state_dict())`,
+  optionally with OpenAI's `input_resolution`/`context_length`/`vocab_size` entries, any float dtype), to a
+  checkpoint written by our trainer (`{"model": state dict, "config": {"model": ModelConfig dict}, ...}`),
+  or to a training run directory (its newest readable `checkpoints/step_XXXXXXXX.pt`).
+
+Safety: no file is ever unpickled with arbitrary classes. `torch.save` files go through
+`torch.load(weights_only=True)`; TorchScript archives through `clip.torchscript_reader`, which never runs
+their code. Only `jit=True` uses `torch.jit.load`, and only on a file whose SHA256 is one of the release's.
+
+Architecture: taken from a checkpoint's config when it has one; inferred from the tensor shapes otherwise
+(`clip.infer_architecture`). The weights are then loaded with `strict=True`.
+
+Precision: float32 on the CPU. On CUDA, float16 for the weights OpenAI stores in float16 (convolutions,
+linear layers, attention projections, `text_projection`, `visual.proj`), like openai/CLIP; embeddings,
+LayerNorm and BatchNorm stay float32, and LayerNorm computes in float32.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import download
+from .architectures import RELEASED_ARCHITECTURES, ModelConfig
+from .infer_architecture import ArchitectureInferenceError, infer_model_config
+from .model import CLIP
+from .preprocess import ImageTransform, image_transform
+from .released import RELEASED_WEIGHTS
+from .torchscript_reader import (
+    TorchScriptReadError,
+    UnsafeArchiveError,
+    is_torchscript_archive,
+    read_torchscript_weights,
+)
+from .transformer import MultiheadSelfAttention
+
+# OpenAI's files hold these beside the weights; they are checked against the architecture, then dropped.
+EXTRA_ENTRIES = ("input_resolution", "context_length", "vocab_size")
+CHECKPOINT_DIR = "checkpoints"
+LATEST_POINTER = "latest"
+_MAX_POINTER_BYTES = 4096
+_CHECKPOINT_NAME = re.compile(r"step_(\d+)\.pt")
+# Prefixes that wrappers add to every key: DistributedDataParallel ("module.") and torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTOCOL_2 = b"\x80"
+_SHOWN_KEYS = 5
+
+
+class WeightsFileError(ValueError):
+    """A file is not CLIP weights we can load; the message names the file and what was found."""
+
+
+class UnsafeFileError(WeightsFileError):
+    """Loading the file would run code stored in it (a pickle outside the allowlist); it was refused."""
+
+
+@dataclass
+class LoadedWeights:
+    """What a weights file holds: the state dict, the architecture when the file records it, and OpenAI's
+    extra integer entries when present."""
+
+    state_dict: dict[str, torch.Tensor]
+    model_config: ModelConfig | None = None
+    extras: dict[str, int] = field(default_factory=dict)
+
+
+def load(
+    name_or_path: str | Path,
+    device: str | torch.device | None = None,
+    jit: bool = False,
+    download_root: str | Path | None = None,
+) -> tuple[nn.Module, ImageTransform]:
+    """Load a CLIP model and its image preprocessing, like openai/CLIP's `clip.load`.
+
+    Args:
+        name_or_path: a released model name (see `clip.available_models()`) or a path (see the module doc).
+        device: where to put the model; default "cuda" when available, else "cpu". On CUDA the weights are
+            float16 as in OpenAI's release, elsewhere float32.
+        jit: return OpenAI's TorchScript archive itself (`torch.jit.load`), only for a released name or a file
+            whose SHA256 matches a released one. It runs as OpenAI traced it (on CUDA, in float16): it is
+            neither moved to another device's constants nor cast to float32, so use it on a CUDA device.
+        download_root: the folder for downloaded files; default `clip.download.cache_dir()`.
+
+    Returns:
+        (model in eval mode, preprocess: PIL image -> FloatTensor[3, n, n] for the model's input size).
+    """
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(name_or_path, str) and name_or_path in RELEASED_WEIGHTS:
+        release = RELEASED_WEIGHTS[name_or_path]
+        path = download.download(release.url, release.sha256, root=download_root)
+        if jit:
+            return _load_jit(path, device)
+        weights = read_weights(path)
+    else:
+        path = _existing_path(name_or_path)
+        if jit:
+            _require_released_file(path)
+            return _load_jit(path, device)
+        path, weights = _read_file_or_run(path)
+    model = model_from_weights(weights, str(path))
+    model = model.to(device)
+    if device.type == "cuda":
+        convert_to_half_precision(model)
+    return model, image_transform(model.visual.input_resolution)
+
+
+def model_from_weights(weights: LoadedWeights, source: str) -> CLIP:
+    """A float32 CPU model in eval mode holding `weights`; `source` names the file in error messages."""
+    state = dict(weights.state_dict)
+    if weights.model_config is not None:
+        config, origin = weights.model_config, "recorded in its config"
+    else:
+        try:
+            config, origin = infer_model_config(state), "inferred from its tensor shapes"
+        except ArchitectureInferenceError as error:
+            raise WeightsFileError(f"{source} does not hold CLIP weights in OpenAI's layout: {error}") from error
+    _check_extras(weights.extras, config, source)
+    model = _empty_model(config)
+    expected = model.state_dict()
+    for name, value in expected.items():  # older files have no BatchNorm step counters; they are unused in eval
+        if name.endswith("num_batches_tracked") and name not in state:
+            state[name] = torch.zeros_like(value, device="cpu")
+    _check_fits(expected, state, f"{source} does not fit the {_describe(config)} architecture {origin}")
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def convert_to_half_precision(model: nn.Module) -> nn.Module:
+    """In place: float16 for the weights that OpenAI's release stores in float16 (the matrix multiplies:
+    convolutions, linear layers, attention input projections, `text_projection`, `visual.proj`); embeddings,
+    LayerNorm, BatchNorm and `logit_scale` stay float32. Returns `model`."""
+    for module in model.modules():
+        names: list[str] = []
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            names = ["weight", "bias"]
+        elif isinstance(module, MultiheadSelfAttention):
+            names = ["in_proj_weight", "in_proj_bias"]
+        names += ["text_projection", "proj"]
+        for name in names:
+            parameter = getattr(module, name, None)
+            if isinstance(parameter, nn.Parameter):
+                parameter.data = parameter.data.half()
+    return model
+
+
+def read_weights(path: str | Path) -> LoadedWeights:
+    """Read a TorchScript archive or a `torch.save` file without running code stored in it."""
+    path = Path(path)
+    if is_torchscript_archive(path):
+        try:
+            tensors, _non_weight_attributes = read_torchscript_weights(path)
+        except UnsafeArchiveError as error:
+            raise UnsafeFileError(str(error)) from error
+        except TorchScriptReadError as error:
+            raise WeightsFileError(str(error)) from error
+        return _weights_from_state_dict(tensors, None, path)
+    return _weights_from_object(_torch_load_weights_only(path), path)
+
+
+def _existing_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    close = difflib.get_close_matches(str(name_or_path), RELEASED_WEIGHTS, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise FileNotFoundError(
+        f"{str(name_or_path)!r} is neither a released model nor an existing file or directory.{hint} "
+        f"Released models: {', '.join(RELEASED_WEIGHTS)}"
+    )
+
+
+def _require_released_file(path: Path) -> None:
+    if path.is_file() and download.sha256_of_file(path) in {release.sha256 for release in RELEASED_WEIGHTS.values()}:
+        return
+    raise ValueError(
+        f"jit=True runs the TorchScript code stored in a file, so it is only allowed for OpenAI's released "
+        f"archives, verified by SHA256; {path} is not one of them. Use jit=False (the default) to load its weights."
+    )
+
+
+def _load_jit(path: Path, device: torch.device) -> tuple[nn.Module, ImageTransform]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated in favour of torch.export
+        model = torch.jit.load(str(path), map_location=device).eval()
+    return model, image_transform(int(model.input_resolution.item()))
+
+
+def _read_file_or_run(path: Path) -> tuple[Path, LoadedWeights]:
+    """For a file: its weights. For a run directory: its newest checkpoint that reads; a torn newer file
+    (a crash while writing) is skipped with a warning."""
+    if not path.is_dir():
+        return path, read_weights(path)
+    candidates = checkpoint_candidates(path)
+    if not candidates:
+        raise WeightsFileError(
+            f"{path} is a directory without checkpoints: expected {path / CHECKPOINT_DIR}/step_XXXXXXXX.pt files "
+            f"(or a {CHECKPOINT_DIR}/{LATEST_POINTER} file naming one)"
+        )
+    failures = []
+    for candidate in candidates:
+        try:
+            return candidate, read_weights(candidate)
+        except (WeightsFileError, FileNotFoundError) as error:
+            warnings.warn(f"skipping unreadable checkpoint {candidate}: {error}", stacklevel=3)
+            failures.append(f"{candidate.name}: {error}")
+    raise WeightsFileError(f"no checkpoint in {path} could be read:\n  " + "\n  ".join(failures))
+
+
+def checkpoint_candidates(run_dir: Path) -> list[Path]:
+    """Checkpoint files of a run directory, to try in order: the one `checkpoints/latest` names (if any),
+    then `checkpoints/step_*.pt` from the highest step down. `run_dir` may also be the checkpoints folder."""
+    folder = run_dir / CHECKPOINT_DIR if (run_dir / CHECKPOINT_DIR).is_dir() else run_dir
+    steps = sorted(
+        ((int(match.group(1)), entry) for entry in folder.iterdir() if (match := _CHECKPOINT_NAME.fullmatch(entry.name))),
+        reverse=True,
+    )
+    candidates = [entry for _, entry in steps]
+    pointer = folder / LATEST_POINTER
+    if pointer.is_file():
+        target = _pointer_target(pointer)
+        candidates = [target] + [entry for entry in candidates if entry.resolve() != target.resolve()]
+    return candidates
+
+
+def _pointer_target(pointer: Path) -> Path:
+    """`latest` may be a symlink, a small text file naming a checkpoint (relative to its folder), or a copy."""
+    if pointer.is_symlink() or pointer.stat().st_size > _MAX_POINTER_BYTES:
+        return pointer.resolve()
+    try:
+        return pointer.parent / pointer.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        return pointer
+
+
+def _torch_load_weights_only(path: Path) -> object:
+    _check_pytorch_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError, ...
+        message = str(error)
+        if "WeightsUnpickler error" in message or "weights_only" in message:
+            reason = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: Please use|\n|$)", message)
+            detail = reason.group(1).strip() if reason else message.splitlines()[0]
+            raise UnsafeFileError(
+                f"{path} was refused: it holds pickled objects other than tensors and plain Python values, and "
+                f"unpickling them could run code ({detail})"
+            ) from error
+        raise WeightsFileError(f"{path} is a damaged or truncated PyTorch file ({type(error).__name__}: {message})") from error
+
+
+def _check_pytorch_file(path: Path) -> None:
+    """Name what a file is when it is clearly not something `torch.save` wrote."""
+    if not path.is_file():
+        raise WeightsFileError(f"{path} is not a regular file")
+    with open(path, "rb") as file:
+        head = file.read(64)
+    if not head:
+        raise WeightsFileError(f"{path} is empty (0 bytes), not a weights file")
+    if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTOCOL_2):
+        return
+    try:
+        text = head.decode("utf-8")
+        what = f"a text file beginning {text[:40]!r}"
+    except UnicodeDecodeError:
+        what = f"a binary file beginning {head[:8].hex(' ')}"
+    raise WeightsFileError(
+        f"{path} is not a PyTorch weights file: it is {what}; expected a TorchScript archive or a torch.save file"
+    )
+
+
+def _weights_from_object(loaded: object, path: Path) -> LoadedWeights:
+    if isinstance(loaded, torch.Tensor):
+        raise WeightsFileError(f"{path} holds a single tensor of shape {tuple(loaded.shape)}, not a state dict")
+    if not isinstance(loaded, Mapping):
+        raise WeightsFileError(f"{path} holds a {type(loaded).__name__}, not a state dict or a checkpoint dict")
+    if _is_state_dict(loaded):
+        return _weights_from_state_dict(loaded, None, path)
+    for key in ("model", "state_dict"):
+        if isinstance(loaded.get(key), Mapping) and _is_state_dict(loaded[key]):
+            return _weights_from_state_dict(loaded[key], _config_from_checkpoint(loaded.get("config"), path), path)
+    raise WeightsFileError(
+        f"{path} holds a dict without model weights (keys: {_sample(loaded)}); expected a state dict (name -> "
+        f"tensor) or a checkpoint with a 'model' entry"
+    )
+
+
+def _is_state_dict(candidate: Mapping) -> bool:
+    tensors = [value for value in candidate.values() if isinstance(value, torch.Tensor)]
+    others = [key for key, value in candidate.items() if not isinstance(value, torch.Tensor)]
+    return bool(tensors) and all(key in EXTRA_ENTRIES and isinstance(candidate[key], int) for key in others)
+
+
+def _config_from_checkpoint(config: object, path: Path) -> ModelConfig | None:
+    """The ModelConfig of a trainer checkpoint's resolved config, or None when it records none."""
+    if not isinstance(config, Mapping) or not isinstance(config.get("model"), Mapping):
+        return None
+    try:
+        return ModelConfig.from_dict(dict(config["model"]))
+    except (TypeError, ValueError, KeyError) as error:
+        raise WeightsFileError(f"{path}: its config's 'model' entry is not a valid ModelConfig ({error})") from error
+
+
+def _weights_from_state_dict(state: Mapping, config: ModelConfig | None, path: Path) -> LoadedWeights:
+    state = dict(state)
+    for prefix in _WRAPPER_PREFIXES:
+        if state and all(key.startswith(prefix) for key in state):
+            state = {key[len(prefix) :]: value for key, value in state.items()}
+    extras = {key: int(state.pop(key)) for key in EXTRA_ENTRIES if key in state}
+    # Constant attention masks are not weights; some exporters keep them as attributes.
+    state = {key: value for key, value in state.items() if key.rsplit(".", 1)[-1] != "attn_mask"}
+    return LoadedWeights(state_dict=state, model_config=config, extras=extras)
+
+
+def _check_extras(extras: Mapping[str, int], config: ModelConfig, source: str) -> None:
+    expected = {
+        "input_resolution": config.vision.image_size,
+        "context_length": config.text.context_length,
+        "vocab_size": config.text.vocab_size,
+    }
+    for key, value in extras.items():
+        if value != expected[key]:
+            raise WeightsFileError(
+                f"{source}: its {key} entry says {value}, but its weights are for {key} {expected[key]}"
+            )
+
+
+def _empty_model(config: ModelConfig) -> CLIP:
+    """A CPU model with uninitialised weights (every one is overwritten by the strict load); building on the
+    `meta` device skips the random initialisation, seconds for the large models."""
+    with torch.device("meta"):
+        model = CLIP(config)
+    persistent = set(model.state_dict())
+    if any(name not in persistent for name, _ in model.named_buffers()):
+        return CLIP(config)  # a non-persistent buffer is in no file: let __init__ compute it
+    return model.to_empty(device="cpu")
+
+
+def _check_fits(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], headline: str) -> None:
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    wrong_shape = [
+        f"{key}: expected {tuple(value.shape)}, found {tuple(found[key].shape)}"
+        for key, value in expected.items()
+        if key in found and tuple(found[key].shape) != tuple(value.shape)
+    ]
+    problems = [
+        f"{label} ({len(items)}): {', '.join(items[:_SHOWN_KEYS])}{', ...' if len(items) > _SHOWN_KEYS else ''}"
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
+        if items
+    ]
+    if problems:
+        raise WeightsFileError(headline + ":\n  " + "\n  ".join(problems))
+
+
+def _describe(config: ModelConfig) -> str:
+    name = next((name for name, released in RELEASED_ARCHITECTURES.items() if released == config), None)
+    vision = config.vision
+    if vision.kind == "vit":
+        tower = f"ViT (width {vision.width}, {vision.layers} layers, patch {vision.patch_size})"
+    else:
+        tower = f"ModifiedResNet (width {vision.width}, stages {vision.layers})"
+    text = config.text
+    summary = (
+        f"{tower} at {vision.image_size} px + text transformer (width {text.width}, {text.layers} layers, "
+        f"context {text.context_length}, vocabulary {text.vocab_size}), embed_dim {config.embed_dim}"
+    )
+    return f"{name} = {summary}" if name else summary
+
+
+def _sample(mapping: Mapping, count: int = _SHOWN_KEYS) -> str:
+    keys = [repr(key) for key in list(mapping)[:count]]
+    return ", ".join(keys) + (", ..." if len(mapping) > count else "")

@@ -1,0 +1,288 @@
+"""Read the weights out of a TorchScript archive without running anything stored in it.
+
+`torch.jit.load` compiles the archive's `code/` and unpickles `data.pkl` with classes of the archive's own
+choosing, and `torch.load(weights_only=True)` refuses TorchScript archives altogether. This reader opens the
+zip itself and unpickles `data.pkl` with a `pickle.Unpickler` that resolves only a short allowlist of globals:
+
+- `__torch__.*` (the archive's TorchScript classes, i.e. its modules) -> `ScriptObject`, an inert record of
+  the attributes the archive stores for that object;
+- `torch._utils._rebuild_tensor(_v2)` -> our own function that views a storage with a size/stride/offset;
+- `torch.<Dtype>Storage` -> a marker naming the dtype of a storage record;
+- `collections.OrderedDict` and the `torch.jit._pickle` list/type-tag builders -> plain containers.
+
+Anything else (e.g. `os.system`, `builtins.eval`) is refused. Storages are read from the zip's `data/<key>`
+records, checked against the size the pickle claims, and wrapped with `torch.frombuffer`.
+
+Which tensor attributes are weights: each TorchScript class in `code/` declares `__parameters__` and
+`__buffers__`; only those become state-dict entries (others, e.g. a constant attention mask kept as a plain
+attribute, are reported as dropped). The declarations are read as text and never executed.
+"""
+
+from __future__ import annotations
+
+import collections
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "DoubleStorage": torch.float64,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+# Keys of `data/` records are short decimal (or hex) strings; anything else could name another record.
+_RECORD_KEY = re.compile(r"[0-9A-Za-z_]{1,32}")
+_MAX_OBJECT_DEPTH = 64
+
+
+class TorchScriptReadError(ValueError):
+    """The file is not a TorchScript archive we can read, or it is damaged."""
+
+
+class UnsafeArchiveError(TorchScriptReadError):
+    """The archive's pickle references a global outside the allowlist: reading it could run code."""
+
+
+class ScriptObject:
+    """Stands in for an instance of one of the archive's TorchScript classes. It only records what the pickle
+    hands it; it has no behaviour, so nothing of the archive's code can run through it."""
+
+    qualified_name = ""
+
+    def __new__(cls, *args: Any) -> "ScriptObject":
+        instance = object.__new__(cls)
+        instance.constructor_args = args
+        instance.state = None
+        return instance
+
+    def __init__(self, *args: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+class _StorageType:
+    """What `torch.FloatStorage` and friends resolve to: only the dtype of a storage record."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+
+def _identity_list(values: Any) -> Any:
+    return values
+
+
+def _restore_type_tag(value: Any, type_string: str) -> Any:
+    return value
+
+
+_JIT_PICKLE_HELPERS = {
+    "build_intlist": _identity_list,
+    "build_doublelist": _identity_list,
+    "build_boollist": _identity_list,
+    "build_tensorlist": _identity_list,
+    "build_genericlist": _identity_list,
+    "restore_type_tag": _restore_type_tag,
+}
+
+
+def is_torchscript_archive(path: str | Path) -> bool:
+    """True for a zip with one top folder holding `data.pkl` and `code/` (or `constants.pkl`): what
+    `torch.jit.save` writes. A `torch.save` zip has `data.pkl` but neither of the others."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    root = _archive_root(names)
+    if root is None:
+        return False
+    return any(name.startswith(f"{root}/code/") for name in names) or f"{root}/constants.pkl" in names
+
+
+def _archive_root(names: list[str]) -> str | None:
+    roots = [name[: -len("/data.pkl")] for name in names if name.endswith("/data.pkl") and name.count("/") == 1]
+    return roots[0] if len(roots) == 1 else None
+
+
+def read_torchscript_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The archive's state dict as `{dotted.name: tensor}`, plus the names of tensor attributes that are
+    neither parameters nor buffers (dropped). Tensors live on the CPU in the archive's dtypes."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            root = _archive_root(archive.namelist())
+            if root is None:
+                raise TorchScriptReadError(f"{path} is a zip file but not a TorchScript archive (no */data.pkl)")
+            _check_byte_order(archive, root, path)
+            top = _unpickle_data(archive, root, path)
+            if not isinstance(top, ScriptObject):
+                raise TorchScriptReadError(f"{path}: data.pkl holds a {type(top).__name__}, not a TorchScript module")
+            weights: dict[str, torch.Tensor] = {}
+            dropped: list[str] = []
+            _collect_tensors(top, "", _DeclaredWeights(archive, root), weights, dropped, set(), 0)
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise TorchScriptReadError(f"{path} is a damaged or truncated TorchScript archive ({error})") from error
+    return weights, dropped
+
+
+def _unpickle_data(archive: zipfile.ZipFile, root: str, path: Path) -> Any:
+    try:
+        return _WeightsUnpickler(archive, root, path).load()
+    except TorchScriptReadError:
+        raise
+    except Exception as error:  # a malformed pickle can raise nearly anything (KeyError, TypeError, ...)
+        raise TorchScriptReadError(f"{path}: its data.pkl is damaged ({type(error).__name__}: {error})") from error
+
+
+def _check_byte_order(archive: zipfile.ZipFile, root: str, path: Path) -> None:
+    name = f"{root}/byteorder"
+    if name in archive.namelist():
+        order = archive.read(name).decode("ascii", "replace").strip()
+        if order != "little":
+            raise TorchScriptReadError(f"{path} was written on a {order}-endian machine; only little-endian is read")
+
+
+class _WeightsUnpickler(pickle.Unpickler):
+    def __init__(self, archive: zipfile.ZipFile, root: str, path: Path) -> None:
+        super().__init__(archive.open(f"{root}/data.pkl"))
+        self.archive = archive
+        self.root = root
+        self.path = path
+        self.storages: dict[str, torch.Tensor] = {}
+        self.script_classes: dict[str, type] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "__torch__" or module.startswith("__torch__."):
+            return self._script_class(f"{module}.{name}")
+        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
+            return self._rebuild_tensor
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(_STORAGE_DTYPES[name])
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        if module == "torch.jit._pickle" and name in _JIT_PICKLE_HELPERS:
+            return _JIT_PICKLE_HELPERS[name]
+        raise UnsafeArchiveError(
+            f"{self.path}: its data.pkl references {module}.{name}, which is not on the allowlist for weights "
+            f"archives; refusing to read it, because unpickling it could run arbitrary code"
+        )
+
+    def _script_class(self, qualified_name: str) -> type:
+        if qualified_name not in self.script_classes:
+            self.script_classes[qualified_name] = type("ScriptObject", (ScriptObject,), {"qualified_name": qualified_name})
+        return self.script_classes[qualified_name]
+
+    def persistent_load(self, pid: Any) -> torch.Tensor:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise TorchScriptReadError(f"{self.path}: unexpected persistent id {pid!r:.80} in data.pkl")
+        _, storage_type, key, _location, numel = pid
+        if not isinstance(storage_type, _StorageType) or not isinstance(key, str) or not _RECORD_KEY.fullmatch(key):
+            raise TorchScriptReadError(f"{self.path}: malformed storage reference {pid!r:.80} in data.pkl")
+        if key not in self.storages:
+            self.storages[key] = self._read_storage(key, storage_type.dtype, numel)
+        return self.storages[key]
+
+    def _read_storage(self, key: str, dtype: torch.dtype, numel: Any) -> torch.Tensor:
+        record = f"{self.root}/data/{key}"
+        try:
+            info = self.archive.getinfo(record)
+        except KeyError:
+            raise TorchScriptReadError(f"{self.path}: data.pkl refers to a missing record {record}") from None
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if not isinstance(numel, int) or numel < 0 or info.file_size != numel * itemsize:
+            raise TorchScriptReadError(
+                f"{self.path}: record {record} holds {info.file_size} bytes, but data.pkl describes {numel!r} "
+                f"elements of {dtype}"
+            )
+        if numel == 0:
+            return torch.empty(0, dtype=dtype)
+        return torch.frombuffer(bytearray(self.archive.read(record)), dtype=dtype)
+
+    def _rebuild_tensor(self, storage: Any, offset: Any, size: Any, stride: Any, *_ignored: Any) -> torch.Tensor:
+        # The trailing arguments (requires_grad, backward hooks, metadata) do not matter for loading weights.
+        if not isinstance(storage, torch.Tensor):
+            raise TorchScriptReadError(f"{self.path}: a tensor in data.pkl is not backed by a storage record")
+        try:
+            return torch.as_strided(storage, tuple(size), tuple(stride), int(offset))
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise TorchScriptReadError(f"{self.path}: a tensor's size/stride does not fit its storage ({error})") from error
+
+
+class _DeclaredWeights:
+    """Parameter and buffer names per TorchScript class, read as text from the archive's `code/` files."""
+
+    _LIST = r"\[([^\]]*)\]"
+
+    def __init__(self, archive: zipfile.ZipFile, root: str) -> None:
+        self.archive = archive
+        self.root = root
+        self.cache: dict[str, set[str] | None] = {}
+
+    def names(self, qualified_name: str) -> set[str] | None:
+        """The class's parameters and buffers, or None when its declaration cannot be found."""
+        if qualified_name not in self.cache:
+            self.cache[qualified_name] = self._parse(qualified_name)
+        return self.cache[qualified_name]
+
+    def _parse(self, qualified_name: str) -> set[str] | None:
+        module, _, class_name = qualified_name.rpartition(".")
+        source_name = f"{self.root}/code/{module.replace('.', '/')}.py"
+        try:
+            source = self.archive.read(source_name).decode("utf-8", "replace")
+        except KeyError:
+            return None
+        # The class body runs from its `class` line to the next top-level statement.
+        match = re.search(rf"^class {re.escape(class_name)}\b.*?:\n((?:[ \t]+.*\n?|\n)*)", source, re.M)
+        if match is None:
+            return None
+        body = match.group(1)
+        parameters = re.search(rf"^\s+__parameters__ = {self._LIST}", body, re.M)
+        if parameters is None:
+            return None
+        names = set(re.findall(r'"([^"]*)"', parameters.group(1)))
+        buffers = re.search(rf"^\s+__buffers__ = {self._LIST}", body, re.M)
+        if buffers is None:
+            return None  # an archive format without buffer declarations: keep every tensor attribute
+        return names | set(re.findall(r'"([^"]*)"', buffers.group(1)))
+
+
+def _collect_tensors(
+    obj: ScriptObject,
+    prefix: str,
+    declared: _DeclaredWeights,
+    weights: dict[str, torch.Tensor],
+    dropped: list[str],
+    seen: set[int],
+    depth: int,
+) -> None:
+    if id(obj) in seen or depth > _MAX_OBJECT_DEPTH:
+        return
+    seen.add(id(obj))
+    if not isinstance(obj.state, dict):
+        return  # a class with a custom __getstate__ (not a module): it holds no state-dict entries
+    weight_names = declared.names(obj.qualified_name)
+    for name, value in obj.state.items():
+        if not isinstance(name, str):
+            continue
+        if isinstance(value, torch.Tensor):
+            if weight_names is None or name in weight_names:
+                weights[prefix + name] = value
+            else:
+                dropped.append(prefix + name)
+        elif isinstance(value, ScriptObject):
+            _collect_tensors(value, f"{prefix}{name}.", declared, weights, dropped, seen, depth + 1)

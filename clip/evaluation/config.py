@@ -1,0 +1,88 @@
+"""Typed configuration of evaluation: which zero-shot and retrieval datasets to run, and how often.
+
+`EvalConfig` is the `[eval]` section of the training config; `ZeroShotDatasetConfig` is also what the
+`clip-zeroshot` command reads from its `[[datasets]]` tables. Plain dataclasses with simple field types,
+so the generic TOML loader in `clip.config` can read and type-check them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass
+class ZeroShotDatasetConfig:
+    """One zero-shot classification dataset, read from local files (nothing is ever downloaded)."""
+
+    # Name used in metric keys (`zeroshot/<name>/top1`) and output files; empty means the `kind`.
+    name: str = ""
+    # imagefolder: <root>/<class folder>/<image>; cifar10/cifar100: torchvision's on-disk pickles;
+    # synthetic: clip.data.synthetic's generated shapes (no files needed).
+    kind: Literal["imagefolder", "cifar10", "cifar100", "synthetic"] = "synthetic"
+    # Dataset directory. For CIFAR: the folder holding `cifar-10-batches-py/` (or that folder itself).
+    root: str = ""
+    # Which split: CIFAR's "test" or "train"; for an imagefolder, `<root>/<split>` is used when it exists.
+    split: str = "test"
+    # Class names, one per line or a JSON list; empty: the dataset's own (CIFAR meta, classnames.txt in
+    # the image folder, else folder names with a leading "NN_" removed and "_" read as spaces).
+    classnames_file: str = ""
+    # Prompt templates with one "{}", one per line or a JSON list; empty: the built-in set
+    # (`builtin_templates`), or the synthetic dataset's own templates for kind = "synthetic".
+    templates_file: str = ""
+    # Which built-in template set to use when no templates_file is given: "default" or "simple".
+    builtin_templates: str = "default"
+    # Evaluate at most this many images (the first ones, in dataset order); 0 = all.
+    max_samples: int = 0
+    # kind = "synthetic" only: number of images, their size in pixels, and the generator's seed.
+    num_samples: int = 500
+    image_size: int = 64
+    seed: int = 0
+    # kind = "synthetic" only: also report accuracy on the colour/shape pairs held out from training.
+    heldout_report: bool = True
+
+
+@dataclass
+class RetrievalDatasetConfig:
+    """One image-text retrieval dataset: images on disk plus captions (several per image allowed)."""
+
+    # Name used in metric keys (`retrieval/<name>/image_to_text_R@1`); empty means the file's stem.
+    name: str = ""
+    # Karpathy-style JSON ({"images": [{"filename", "filepath", "split", "sentences": [{"raw"}]}]}), or a
+    # CSV/TSV/JSONL manifest with one (image, caption) row per caption; "auto" decides by file extension.
+    format: Literal["auto", "karpathy", "manifest"] = "auto"
+    # Path of the annotation file.
+    annotations: str = ""
+    # Directory that image paths in the annotations are relative to; empty = the annotation file's folder.
+    image_root: str = ""
+    # Karpathy JSON only: which split to evaluate ("test", "val", ...); empty = every image.
+    split: str = "test"
+    # Manifest only: the column names of the image path and of the caption.
+    image_column: str = "image"
+    caption_column: str = "caption"
+    # Evaluate the first N images (and all of their captions); 0 = all.
+    max_images: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """Evaluations the trainer runs during and at the end of training (`clip.evaluation.run_evaluations`)."""
+
+    # Run every N optimiser steps; 0 = only once, at the end of training.
+    every_n_steps: int = 0
+    # Images (and texts) per forward pass.
+    batch_size: int = 64
+    # DataLoader worker processes per rank for reading evaluation images.
+    workers: int = 2
+    # Autocast dtype for the encoders ("fp32" = no autocast).
+    precision: Precision = "fp32"
+    # Prompts encoded per forward pass when building zero-shot classifiers (bounds text-side memory).
+    text_batch_size: int = 256
+    # Rows and columns of the similarity matrix held at once when ranking retrieval candidates.
+    retrieval_chunk_size: int = 4096
+    # Zero-shot classification datasets ([[eval.zeroshot]] tables).
+    zeroshot: list[ZeroShotDatasetConfig] = field(default_factory=list)
+    # Image-text retrieval datasets ([[eval.retrieval]] tables).
+    retrieval: list[RetrievalDatasetConfig] = field(default_factory=list)

@@ -1,0 +1,99 @@
+"""The evaluation hook the trainer calls: every configured zero-shot and retrieval dataset -> flat metrics.
+
+Keys: "zeroshot/<name>/top1", "zeroshot/<name>/top5", "zeroshot/<name>/mean_per_class",
+"zeroshot/<name>/<subset>/top1" (e.g. the synthetic "heldout" pairs), "retrieval/<name>/image_to_text_R@1",
+"retrieval/<name>/text_to_image_R@5", "retrieval/<name>/image_to_text_median_rank", ...
+
+Distributed: when `dist_info.world_size > 1` and torch.distributed is initialised, every rank must call
+`run_evaluations`. Each rank encodes its own slice of the images (and captions); zero-shot counts are
+all-reduced and retrieval features all-gathered, so every rank returns the same dict.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import EvalConfig
+from .datasets import load_classification_data
+from .features import default_tokenizer, eval_mode, unwrap_model
+from .retrieval import evaluate_retrieval, load_retrieval_data
+from .zeroshot import evaluate_zeroshot
+
+logger = logging.getLogger(__name__)
+
+
+def should_evaluate(eval_config: EvalConfig, step: int, total_steps: int) -> bool:
+    """True at the final step, and every `every_n_steps` steps when that is positive."""
+    if not (eval_config.zeroshot or eval_config.retrieval):
+        return False
+    if step >= total_steps:
+        return True
+    return eval_config.every_n_steps > 0 and step > 0 and step % eval_config.every_n_steps == 0
+
+
+def _image_transform(model: nn.Module) -> Callable:
+    from clip.preprocess import image_transform
+
+    return image_transform(int(model.visual.input_resolution), train=False)
+
+
+def run_evaluations(
+    model: nn.Module,
+    eval_config: EvalConfig,
+    *,
+    device: torch.device | str,
+    tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+    step: int | None = None,
+    dist_info: Any | None = None,
+    transform: Callable | None = None,
+) -> dict[str, float]:
+    """Runs every dataset in `eval_config`; returns flat float metrics (see the module docstring).
+
+    The model (DDP/compiled wrappers are unwrapped) is evaluated in eval mode without gradients and put
+    back in its previous mode. `transform` defaults to the eval preprocessing at the model's resolution;
+    `tokenizer` to the BPE tokenizer at the model's context length.
+    """
+    model = unwrap_model(model)
+    transform = transform or _image_transform(model)
+    tokenizer = tokenizer or default_tokenizer(model)
+    options = dict(
+        tokenizer=tokenizer,
+        device=device,
+        batch_size=eval_config.batch_size,
+        workers=eval_config.workers,
+        text_batch_size=eval_config.text_batch_size,
+        precision=eval_config.precision,
+        dist_info=dist_info,
+    )
+    metrics: dict[str, float] = {}
+    with eval_mode(model):
+        for dataset_config in eval_config.zeroshot:
+            started = time.perf_counter()
+            name = dataset_config.name or dataset_config.kind
+            data = load_classification_data(dataset_config, transform)
+            result = evaluate_zeroshot(
+                model, data.dataset, data.classnames, data.templates, subsets=data.subsets, name=name, **options
+            )
+            metrics.update({f"zeroshot/{name}/{key}": value for key, value in result.metrics().items()})
+            logger.info("step %s zero-shot %s: top-1 %.2f%% (%.1fs)", step, name, 100 * result.top1, time.perf_counter() - started)
+        for dataset_config in eval_config.retrieval:
+            started = time.perf_counter()
+            name = dataset_config.name or Path(dataset_config.annotations).stem
+            data = load_retrieval_data(dataset_config)
+            result = evaluate_retrieval(
+                model, data, transform, name=name, chunk_size=eval_config.retrieval_chunk_size, **options
+            )
+            metrics.update({f"retrieval/{name}/{key}": value for key, value in result.metrics().items()})
+            logger.info(
+                "step %s retrieval %s: image->text R@1 %.2f%%, text->image R@1 %.2f%% (%.1fs)", step, name,
+                100 * result.recalls["image_to_text_R@1"], 100 * result.recalls["text_to_image_R@1"],
+                time.perf_counter() - started,
+            )
+    return metrics

@@ -1,0 +1,175 @@
+"""Shared machinery for evaluation: eval mode, autocast, batched feature extraction, sharding over ranks."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The CLIP module inside DistributedDataParallel (`.module`) and/or torch.compile (`._orig_mod`)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def model_device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Puts the model in eval mode without gradients, and restores its train/eval state afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def autocast(device: torch.device | str, precision: str = "fp32") -> contextlib.AbstractContextManager:
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"precision must be one of {sorted(AUTOCAST_DTYPES)}, got {precision!r}")
+    dtype = AUTOCAST_DTYPES[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def make_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device | str) -> DataLoader:
+    """An ordered (unshuffled) loader; pinned memory only when copying to a GPU."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=torch.device(device).type == "cuda",
+        persistent_workers=False,
+    )
+
+
+def iterate_batches(data: DataLoader | torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, Any]]:
+    """(images, labels-or-None) from a DataLoader of (images, labels) pairs, or from a stacked image tensor."""
+    if isinstance(data, torch.Tensor):
+        for start in range(0, len(data), batch_size):
+            yield data[start : start + batch_size], None
+        return
+    for batch in data:
+        if isinstance(batch, list | tuple):
+            yield batch[0], batch[1] if len(batch) > 1 else None
+        else:
+            yield batch, None
+
+
+def encode_image_batches(
+    model: nn.Module,
+    data: DataLoader | torch.Tensor,
+    *,
+    device: torch.device | str,
+    batch_size: int = 64,
+    precision: str = "fp32",
+    normalize: bool = True,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Yields (float32 features [B, D] on `device`, labels [B] or None) per batch; the caller sets eval mode."""
+    for images, labels in iterate_batches(data, batch_size):
+        images = images.to(device, non_blocking=True)
+        with autocast(device, precision):
+            features = model.encode_image(images)
+        features = features.float()
+        if normalize:
+            features = nn.functional.normalize(features, dim=-1)
+        if labels is not None:
+            labels = torch.as_tensor(labels).to(device)
+        yield features, labels
+
+
+def encode_texts(
+    model: nn.Module,
+    texts: Sequence[str],
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    *,
+    device: torch.device | str,
+    batch_size: int = 256,
+    precision: str = "fp32",
+    normalize: bool = True,
+) -> torch.Tensor:
+    """float32 text features [len(texts), D] on `device`, tokenized and encoded `batch_size` at a time."""
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        tokens = tokenizer(list(texts[start : start + batch_size])).to(device)
+        with autocast(device, precision):
+            features = model.encode_text(tokens)
+        features = features.float()
+        chunks.append(nn.functional.normalize(features, dim=-1) if normalize else features)
+    if not chunks:
+        raise ValueError("no texts to encode")
+    return torch.cat(chunks)
+
+
+def default_tokenizer(model: nn.Module) -> Callable[[list[str]], torch.Tensor]:
+    """The BPE tokenizer at this model's context length (an error, not a silent cut, for too-long prompts)."""
+    from clip.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer()
+    context_length = int(getattr(model, "context_length", 77))
+    return lambda texts: tokenizer(texts, context_length=context_length, truncate=False)
+
+
+# ---- sharding across ranks -------------------------------------------------------------------------
+
+
+def distributed_world(dist_info: Any | None) -> tuple[int, int]:
+    """(rank, world_size) when torch.distributed is initialised and there is more than one rank, else (0, 1)."""
+    world_size = int(getattr(dist_info, "world_size", 1)) if dist_info is not None else 1
+    if world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return int(dist_info.rank), world_size
+
+
+def shard_bounds(length: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop) of the rank's contiguous slice; the slices in rank order cover 0..length exactly once."""
+    return rank * length // world_size, (rank + 1) * length // world_size
+
+
+def shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:
+    """The rank's contiguous slice, so concatenating the shards in rank order restores the dataset's order."""
+    if world_size == 1:
+        return dataset
+    return Subset(dataset, range(*shard_bounds(len(dataset), rank, world_size)))
+
+
+def all_reduce_sum(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
+    if world_size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_rows(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Concatenates every rank's rows in rank order; ranks may hold different numbers of rows."""
+    if world_size == 1:
+        return tensor
+    count = torch.tensor([tensor.shape[0]], device=tensor.device)
+    counts = [torch.zeros_like(count) for _ in range(world_size)]
+    dist.all_gather(counts, count)
+    counts = [int(c.item()) for c in counts]
+    # all_gather needs equal shapes: pad to the longest shard, then drop the padding.
+    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.zeros_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:c] for g, c in zip(gathered, counts)])

@@ -1,0 +1,207 @@
+"""Linear probe: multinomial logistic regression on frozen image features, as in the CLIP paper.
+
+The classifier minimises   mean cross-entropy + (l2 / 2) * ||W||^2   (the bias is not penalised) with
+full-batch L-BFGS and a strong-Wolfe line search, from zeros, so a fit is deterministic. In scikit-learn's
+terms (0.5 ||W||^2 + C * sum of cross-entropies) this is l2 = 1 / (C * N).
+
+The L2 strength is chosen on a validation split: a log-spaced sweep over [1e-6, 1e6], then a few rounds of
+halving the step around the best value (the paper's "parametric binary search"), ranking by validation
+accuracy and breaking ties by validation loss. The probe is then refitted on train + validation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .features import encode_image_batches, eval_mode, make_loader, model_device, unwrap_model
+
+
+def extract_features(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    device: torch.device | str | None = None,
+    batch_size: int = 64,
+    workers: int = 0,
+    precision: str = "fp32",
+    normalize: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 image features [N, D], labels [N]) on the CPU, from the frozen encoder in eval mode."""
+    model = unwrap_model(model)
+    device = device or model_device(model)
+    features, labels = [], []
+    with eval_mode(model):
+        loader = make_loader(dataset, batch_size, workers, device)
+        for batch_features, batch_labels in encode_image_batches(
+            model, loader, device=device, precision=precision, normalize=normalize
+        ):
+            features.append(batch_features.cpu())
+            labels.append(batch_labels.cpu())
+    if not features:
+        raise ValueError("the dataset is empty")
+    return torch.cat(features), torch.cat(labels).long()
+
+
+@dataclass
+class LogisticRegression:
+    weight: torch.Tensor  # [C, D]
+    bias: torch.Tensor  # [C]
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return features.to(self.weight) @ self.weight.t() + self.bias
+
+    def accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
+        return (self.logits(features).argmax(dim=1).cpu() == labels.cpu()).float().mean().item()
+
+    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> float:
+        return nn.functional.cross_entropy(self.logits(features), labels.to(self.weight.device)).item()
+
+
+def fit_logistic_regression(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float, *, max_iter: int = 1000
+) -> LogisticRegression:
+    """Full-batch L-BFGS on mean cross-entropy + (l2 / 2) ||W||^2, on the features' device and dtype."""
+    if features.ndim != 2 or len(features) != len(labels):
+        raise ValueError(f"need features [N, D] and labels [N], got {tuple(features.shape)} and {tuple(labels.shape)}")
+    labels = labels.to(features.device).long()
+    weight = torch.zeros(num_classes, features.shape[1], dtype=features.dtype, device=features.device, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=features.dtype, device=features.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
+        tolerance_grad=1e-7, tolerance_change=1e-10, line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(features @ weight.t() + bias, labels) + 0.5 * l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)  # one call runs up to max_iter L-BFGS iterations
+    return LogisticRegression(weight.detach(), bias.detach())
+
+
+@dataclass
+class SweepPoint:
+    l2: float
+    val_accuracy: float
+    val_loss: float
+
+
+def select_l2(
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    num_classes: int,
+    *,
+    low: float = 1e-6,
+    high: float = 1e6,
+    coarse_points: int = 7,
+    refine_steps: int = 4,
+    max_iter: int = 1000,
+) -> tuple[float, list[SweepPoint]]:
+    """The L2 strength with the best validation (accuracy, -loss), and every point evaluated (in order)."""
+    log_low, log_high = math.log10(low), math.log10(high)
+    evaluated: dict[float, SweepPoint] = {}
+
+    def evaluate(log_l2: float) -> None:
+        log_l2 = round(min(max(log_l2, log_low), log_high), 6)
+        if log_l2 not in evaluated:
+            probe = fit_logistic_regression(*train, num_classes, 10.0**log_l2, max_iter=max_iter)
+            evaluated[log_l2] = SweepPoint(10.0**log_l2, probe.accuracy(*val), probe.loss(*val))
+
+    def best() -> float:
+        return max(evaluated, key=lambda k: (evaluated[k].val_accuracy, -evaluated[k].val_loss))
+
+    step = (log_high - log_low) / max(coarse_points - 1, 1)
+    for i in range(coarse_points):
+        evaluate(log_low + i * step)
+    for _ in range(refine_steps):
+        step /= 2
+        centre = best()
+        evaluate(centre - step)
+        evaluate(centre + step)
+    return evaluated[best()].l2, list(evaluated.values())
+
+
+@dataclass
+class LinearProbeResult:
+    l2: float
+    train_accuracy: float  # on train + validation, after the refit
+    val_accuracy: float  # of the chosen l2, fitted on train only
+    test_accuracy: float
+    num_train: int
+    num_val: int
+    num_test: int
+    standardize: bool
+    sweep: list[SweepPoint] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def split_validation(
+    features: torch.Tensor, labels: torch.Tensor, fraction: float, seed: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """A seeded random (train, validation) split holding out `fraction` of the rows."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {fraction}")
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, round(fraction * len(labels)))
+    val, train = order[:n_val].to(features.device), order[n_val:].to(features.device)
+    return (features[train], labels[train]), (features[val], labels[val])
+
+
+def _standardizer(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return features.mean(dim=0), features.std(dim=0).clamp(min=1e-6)
+
+
+def run_linear_probe(
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    num_classes: int,
+    *,
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    standardize: bool = False,
+    **sweep_options: Any,
+) -> LinearProbeResult:
+    """Chooses l2 on `val` (or a held-out `val_fraction` of `train`), refits on train + val, scores `test`.
+
+    standardize: z-score features with statistics of the data being fitted (the paper did not).
+    sweep_options: passed to `select_l2` (low, high, coarse_points, refine_steps, max_iter).
+    """
+    if val is None:
+        train, val = split_validation(*train, val_fraction, seed)
+
+    def scaled(x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        return x if stats is None else (x - stats[0]) / stats[1]
+
+    stats = _standardizer(train[0]) if standardize else None
+    l2, sweep = select_l2(
+        (scaled(train[0], stats), train[1]), (scaled(val[0], stats), val[1]), num_classes, **sweep_options
+    )
+    chosen = next(point for point in sweep if point.l2 == l2)
+    full_x, full_y = torch.cat([train[0], val[0]]), torch.cat([train[1], val[1]])
+    stats = _standardizer(full_x) if standardize else None
+    probe = fit_logistic_regression(
+        scaled(full_x, stats), full_y, num_classes, l2, max_iter=sweep_options.get("max_iter", 1000)
+    )
+    return LinearProbeResult(
+        l2=l2,
+        train_accuracy=probe.accuracy(scaled(full_x, stats), full_y),
+        val_accuracy=chosen.val_accuracy,
+        test_accuracy=probe.accuracy(scaled(test[0].to(full_x.device), stats), test[1]),
+        num_train=len(train[1]),
+        num_val=len(val[1]),
+        num_test=len(test[1]),
+        standardize=standardize,
+        sweep=sweep,
+    )

@@ -1,0 +1,180 @@
+"""Classification metrics: streamed counts -> `ZeroShotResult` (JSON-serialisable), and a confusion PNG."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class ClassificationCounts:
+    """Accumulates a confusion matrix and per-class top-k hits batch by batch, so the logits of a large
+    dataset never have to be held at once; the counts are sums, so ranks can all-reduce them."""
+
+    def __init__(self, num_classes: int, top_k: int = 5, device: torch.device | str = "cpu"):
+        if num_classes < 1:
+            raise ValueError("need at least one class")
+        self.num_classes = num_classes
+        self.k = min(top_k, num_classes)  # top-5 of a 3-class problem is top-3
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)  # [true, predicted]
+        self.topk_hits = torch.zeros(num_classes, dtype=torch.int64, device=device)  # per true class
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        labels = labels.to(self.confusion.device).long()
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"labels must lie in 0..{self.num_classes - 1}, got {labels.min()}..{labels.max()}")
+        logits = logits.to(self.confusion.device)
+        predicted = logits.argmax(dim=1)
+        pairs = labels * self.num_classes + predicted
+        self.confusion += torch.bincount(pairs, minlength=self.num_classes**2).view(self.num_classes, -1)
+        in_top_k = (logits.topk(self.k, dim=1).indices == labels[:, None]).any(dim=1)
+        self.topk_hits += torch.bincount(labels[in_top_k], minlength=self.num_classes)
+
+    def as_tensor(self) -> torch.Tensor:
+        """One flat tensor ([C*C confusion | C top-k hits]) for a single all-reduce."""
+        return torch.cat([self.confusion.flatten(), self.topk_hits])
+
+    def load_tensor(self, flat: torch.Tensor) -> None:
+        c = self.num_classes
+        self.confusion = flat[: c * c].view(c, c).clone()
+        self.topk_hits = flat[c * c :].clone()
+
+
+@dataclass
+class SubsetResult:
+    class_indices: list[int]
+    num_samples: int
+    top1: float
+    top5: float
+    mean_per_class_accuracy: float
+
+
+@dataclass
+class ZeroShotResult:
+    """Accuracies are fractions in [0, 1]; `top5` is top-min(5, C). per_class_accuracy is None for a class
+    without test images; the mean per-class accuracy averages the classes that have images.
+    confusion_matrix[i][j] counts images of class i predicted as class j."""
+
+    name: str
+    classnames: list[str]
+    num_samples: int
+    top1: float
+    top5: float
+    top5_k: int
+    mean_per_class_accuracy: float
+    per_class_accuracy: list[float | None]
+    confusion_matrix: list[list[int]]
+    subsets: dict[str, SubsetResult] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        """Flat scalar metrics: top1, top5, mean_per_class, and <subset>/<metric> for each subset."""
+        flat = {"top1": self.top1, "top5": self.top5, "mean_per_class": self.mean_per_class_accuracy}
+        for subset_name, subset in self.subsets.items():
+            flat[f"{subset_name}/top1"] = subset.top1
+            flat[f"{subset_name}/top5"] = subset.top5
+            flat[f"{subset_name}/mean_per_class"] = subset.mean_per_class_accuracy
+        return flat
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+
+def _accuracies(counts: ClassificationCounts, classes: Sequence[int]) -> tuple[int, float, float, float, list]:
+    """(samples, top1, top-k, mean per-class accuracy, per-class accuracies) over images of `classes`."""
+    index = torch.as_tensor(list(classes), dtype=torch.long)
+    confusion = counts.confusion.cpu()
+    totals = confusion.sum(dim=1)[index]
+    correct = confusion.diagonal()[index]
+    topk = counts.topk_hits.cpu()[index]
+    n = int(totals.sum())
+    per_class = [int(c) / int(t) if t > 0 else None for c, t in zip(correct, totals)]
+    present = [a for a in per_class if a is not None]
+    top1 = int(correct.sum()) / n if n else 0.0
+    top_k = int(topk.sum()) / n if n else 0.0
+    mean_per_class = sum(present) / len(present) if present else 0.0
+    return n, top1, top_k, mean_per_class, per_class
+
+
+def summarize(
+    counts: ClassificationCounts, classnames: Sequence[str], subsets: dict[str, list[int]] | None = None, name: str = ""
+) -> ZeroShotResult:
+    n, top1, top_k, mean_per_class, per_class = _accuracies(counts, range(counts.num_classes))
+    subset_results = {}
+    for subset_name, class_indices in (subsets or {}).items():
+        if any(not 0 <= c < counts.num_classes for c in class_indices):
+            raise ValueError(f"subset {subset_name!r} names classes outside 0..{counts.num_classes - 1}")
+        sn, s1, sk, smean, _ = _accuracies(counts, class_indices)
+        subset_results[subset_name] = SubsetResult(list(class_indices), sn, s1, sk, smean)
+    return ZeroShotResult(
+        name=name,
+        classnames=list(classnames),
+        num_samples=n,
+        top1=top1,
+        top5=top_k,
+        top5_k=counts.k,
+        mean_per_class_accuracy=mean_per_class,
+        per_class_accuracy=per_class,
+        confusion_matrix=counts.confusion.cpu().tolist(),
+        subsets=subset_results,
+    )
+
+
+def format_table(results: Sequence[ZeroShotResult]) -> str:
+    """A plain-text table, one row per dataset and subset, accuracies in percent."""
+    header = f"{'dataset':<28} {'images':>8} {'classes':>8} {'top1':>7} {'top5':>7} {'mean/cls':>8}"
+    rows = [header, "-" * len(header)]
+    for r in results:
+        rows.append(
+            f"{r.name:<28} {r.num_samples:>8} {len(r.classnames):>8} "
+            f"{100 * r.top1:>7.2f} {100 * r.top5:>7.2f} {100 * r.mean_per_class_accuracy:>8.2f}"
+        )
+        for subset_name, s in r.subsets.items():
+            label = f"  {r.name}/{subset_name}"
+            rows.append(
+                f"{label:<28} {s.num_samples:>8} {len(s.class_indices):>8} "
+                f"{100 * s.top1:>7.2f} {100 * s.top5:>7.2f} {100 * s.mean_per_class_accuracy:>8.2f}"
+            )
+    return "\n".join(rows)
+
+
+def save_confusion_png(result: ZeroShotResult, path: str | Path, max_labelled_classes: int = 50) -> Path | None:
+    """Row-normalised confusion matrix as a PNG; returns None (and logs why) when matplotlib is missing."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        logger.info("matplotlib is not installed; skipping the confusion-matrix plot for %s", result.name)
+        return None
+    confusion = torch.tensor(result.confusion_matrix, dtype=torch.float64)
+    rates = confusion / confusion.sum(dim=1, keepdim=True).clamp(min=1)
+    num_classes = len(result.classnames)
+    size = min(4 + 0.25 * num_classes, 30)
+    # The object-oriented API: no pyplot global state, no GUI backend needed.
+    figure = Figure(figsize=(size, size))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    image = axes.imshow(rates.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
+    figure.colorbar(image, ax=axes, fraction=0.046)
+    if num_classes <= max_labelled_classes:  # beyond this, tick labels are unreadable
+        axes.set_xticks(range(num_classes), result.classnames, rotation=90, fontsize=7)
+        axes.set_yticks(range(num_classes), result.classnames, fontsize=7)
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    axes.set_title(f"{result.name}: top-1 {100 * result.top1:.2f}%")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    return path

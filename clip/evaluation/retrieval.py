@@ -1,0 +1,261 @@
+"""Image-text retrieval: recall@K in both directions, with several captions per image.
+
+Ranks are exact and memory is bounded: the similarity matrix is visited one [chunk x chunk] block at a
+time, and for every query we only count the candidates that score above its ground truth.
+
+Rank of the ground truth (1-based), for a query q with ground-truth score g:
+    optimistic (default): 1 + #{non-ground-truth candidates c : s(q, c) >  g}  -- ties favour the truth
+    pessimistic:          1 + #{non-ground-truth candidates c : s(q, c) >= g}  -- ties count against it
+An image query has several true captions; g is the best of their scores (R@K: any true caption in the top K).
+Recall@K is the fraction of queries whose rank is <= K.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .config import RetrievalDatasetConfig
+from .datasets import read_image
+from .features import (
+    all_gather_rows,
+    default_tokenizer,
+    distributed_world,
+    encode_image_batches,
+    encode_texts,
+    eval_mode,
+    make_loader,
+    model_device,
+    shard,
+    shard_bounds,
+    unwrap_model,
+)
+
+Ties = Literal["optimistic", "pessimistic"]
+
+
+@dataclass
+class RetrievalData:
+    """Unique images, all captions, and which image each caption describes (caption_image[t] = image index)."""
+
+    image_paths: list[Path]
+    captions: list[str]
+    caption_image: list[int]
+
+    def __post_init__(self) -> None:
+        if len(self.captions) != len(self.caption_image):
+            raise ValueError("need one image index per caption")
+        described = set(self.caption_image)
+        if len(described) != len(self.image_paths) or not described <= set(range(len(self.image_paths))):
+            raise ValueError("every image needs at least one caption, and every caption a valid image index")
+
+    def first_images(self, count: int) -> "RetrievalData":
+        """The first `count` images and all of their captions."""
+        keep = [t for t, i in enumerate(self.caption_image) if i < count]
+        return RetrievalData(self.image_paths[:count], [self.captions[t] for t in keep], [self.caption_image[t] for t in keep])
+
+
+def _grouped(pairs: Sequence[tuple[str, str]], image_root: Path) -> RetrievalData:
+    """(image path, caption) pairs -> RetrievalData; images in order of first appearance."""
+    index_of: dict[str, int] = {}
+    captions, caption_image = [], []
+    for image, caption in pairs:
+        captions.append(caption)
+        caption_image.append(index_of.setdefault(image, len(index_of)))
+    paths = [image_root / image for image in index_of]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(paths)} images not found, e.g. {missing[:3]}")
+    return RetrievalData(paths, captions, caption_image)
+
+
+def read_karpathy_json(path: str | Path, image_root: str | Path | None = None, split: str = "test") -> RetrievalData:
+    """Karpathy-style split file: {"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}]}]}."""
+    path = Path(path)
+    root = Path(image_root) if image_root else path.parent
+    content = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(content, dict) or not isinstance(content.get("images"), list):
+        raise ValueError(f"{path}: expected a JSON object with an 'images' list")
+    pairs = []
+    for number, entry in enumerate(content["images"]):
+        if split and entry.get("split") != split:
+            continue
+        if "filename" not in entry or not entry.get("sentences"):
+            raise ValueError(f"{path}: image #{number} needs 'filename' and a non-empty 'sentences' list")
+        image = str(Path(entry.get("filepath", "")) / entry["filename"])
+        pairs.extend((image, sentence["raw"].strip()) for sentence in entry["sentences"])
+    if not pairs:
+        raise ValueError(f"{path}: no images in split {split!r}")
+    return _grouped(pairs, root)
+
+
+def read_caption_manifest(
+    path: str | Path, image_root: str | Path | None = None, image_column: str = "image", caption_column: str = "caption"
+) -> RetrievalData:
+    """A CSV/TSV (with a header) or JSONL manifest of (image, caption) rows; rows of one image need not be adjacent."""
+    path = Path(path)
+    root = Path(image_root) if image_root else path.parent
+    with open(path, encoding="utf-8", newline="") as file:
+        if path.suffix in (".jsonl", ".json"):
+            rows = [json.loads(line) for line in file if line.strip()]
+        else:
+            rows = list(csv.DictReader(file, delimiter="\t" if path.suffix == ".tsv" else ","))
+    pairs = []
+    for number, row in enumerate(rows, start=1):
+        image, caption = row.get(image_column), row.get(caption_column)
+        if not image or not caption or not str(caption).strip():
+            raise ValueError(f"{path}: row {number} needs non-empty {image_column!r} and {caption_column!r}")
+        pairs.append((str(image), str(caption).strip()))
+    if not pairs:
+        raise ValueError(f"{path}: no rows")
+    return _grouped(pairs, root)
+
+
+def load_retrieval_data(config: RetrievalDatasetConfig) -> RetrievalData:
+    if not config.annotations:
+        raise ValueError("a retrieval dataset needs `annotations`")
+    kind = config.format
+    if kind == "auto":
+        kind = "manifest" if Path(config.annotations).suffix in (".csv", ".tsv", ".jsonl") else "karpathy"
+    if kind == "karpathy":
+        data = read_karpathy_json(config.annotations, config.image_root or None, config.split)
+    else:
+        data = read_caption_manifest(config.annotations, config.image_root or None, config.image_column, config.caption_column)
+    return data.first_images(config.max_images) if config.max_images > 0 else data
+
+
+class ImagePathDataset(Dataset):
+    def __init__(self, paths: Sequence[Path], transform: Callable):
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(read_image(self.paths[index])), index
+
+
+def retrieval_ranks(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    caption_image: torch.Tensor,
+    *,
+    chunk_size: int = 4096,
+    ties: Ties = "optimistic",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-based ranks of the ground truth: (per image query [I] over texts, per text query [T] over images).
+
+    Scores are dot products (pass normalised features for cosine similarity). Memory: one
+    [chunk_size x chunk_size] block of scores plus O(I + T) counters.
+    """
+    if ties not in ("optimistic", "pessimistic"):
+        raise ValueError(f"ties must be 'optimistic' or 'pessimistic', got {ties!r}")
+    beats = torch.gt if ties == "optimistic" else torch.ge
+    device = image_features.device
+    caption_image = caption_image.to(device).long()
+    num_images, num_texts = image_features.shape[0], text_features.shape[0]
+    truth = (text_features * image_features[caption_image]).sum(dim=-1)  # T: score of each caption's image
+    best_truth = torch.full((num_images,), float("-inf"), device=device, dtype=truth.dtype)
+    best_truth.scatter_reduce_(0, caption_image, truth, reduce="amax")  # I: best true caption per image
+    texts_above = torch.zeros(num_texts, dtype=torch.long, device=device)
+    images_above = torch.zeros(num_images, dtype=torch.long, device=device)
+    for t0 in range(0, num_texts, chunk_size):
+        t1 = min(t0 + chunk_size, num_texts)
+        for i0 in range(0, num_images, chunk_size):
+            i1 = min(i0 + chunk_size, num_images)
+            scores = text_features[t0:t1] @ image_features[i0:i1].t()  # t, i
+            # Ground-truth pairs never count as competitors (this also makes the count immune to the
+            # pair's score being rounded differently here than in `truth`).
+            is_truth = caption_image[t0:t1, None] == torch.arange(i0, i1, device=device)[None, :]
+            texts_above[t0:t1] += (beats(scores, truth[t0:t1, None]) & ~is_truth).sum(dim=1)
+            images_above[i0:i1] += (beats(scores, best_truth[None, i0:i1]) & ~is_truth).sum(dim=0)
+    return images_above + 1, texts_above + 1
+
+
+@dataclass
+class RetrievalResult:
+    """Recalls are fractions in [0, 1], keyed like "image_to_text_R@1"; ranks are 1-based."""
+
+    name: str
+    num_images: int
+    num_texts: int
+    ties: str
+    recalls: dict[str, float]
+    image_to_text_median_rank: float
+    text_to_image_median_rank: float
+    image_to_text_mean_rank: float
+    text_to_image_mean_rank: float
+
+    def metrics(self) -> dict[str, float]:
+        ranks = {k: v for k, v in asdict(self).items() if k.endswith("_rank")}
+        return {**self.recalls, **ranks}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def summarize_ranks(
+    image_ranks: torch.Tensor, text_ranks: torch.Tensor, ks: Sequence[int] = (1, 5, 10), name: str = "", ties: str = "optimistic"
+) -> RetrievalResult:
+    recalls = {}
+    for direction, ranks in (("image_to_text", image_ranks), ("text_to_image", text_ranks)):
+        for k in ks:
+            recalls[f"{direction}_R@{k}"] = (ranks <= k).float().mean().item()
+    return RetrievalResult(
+        name=name,
+        num_images=len(image_ranks),
+        num_texts=len(text_ranks),
+        ties=ties,
+        recalls=recalls,
+        image_to_text_median_rank=image_ranks.float().median().item(),
+        text_to_image_median_rank=text_ranks.float().median().item(),
+        image_to_text_mean_rank=image_ranks.float().mean().item(),
+        text_to_image_mean_rank=text_ranks.float().mean().item(),
+    )
+
+
+def evaluate_retrieval(
+    model: nn.Module,
+    data: RetrievalData,
+    transform: Callable,
+    *,
+    tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int = 64,
+    workers: int = 0,
+    text_batch_size: int = 256,
+    precision: str = "fp32",
+    chunk_size: int = 4096,
+    ties: Ties = "optimistic",
+    ks: Sequence[int] = (1, 5, 10),
+    name: str = "",
+    dist_info: Any | None = None,
+) -> RetrievalResult:
+    """Encodes every image and caption (each rank a slice when distributed; features are then gathered, so
+    every rank returns the full result) and computes recall@K in both directions."""
+    model = unwrap_model(model)
+    device = device or model_device(model)
+    tokenizer = tokenizer or default_tokenizer(model)
+    rank, world_size = distributed_world(dist_info)
+    if len(data.image_paths) < world_size:  # too small to give every rank a slice: each rank does it all
+        rank, world_size = 0, 1
+    images = shard(ImagePathDataset(data.image_paths, transform), rank, world_size)
+    captions = data.captions[slice(*shard_bounds(len(data.captions), rank, world_size))]
+    with eval_mode(model):
+        loader = make_loader(images, batch_size, workers, device)
+        image_features = torch.cat([f for f, _ in encode_image_batches(model, loader, device=device, precision=precision)])
+        text_features = encode_texts(model, captions, tokenizer, device=device, batch_size=text_batch_size, precision=precision)
+    image_features = all_gather_rows(image_features, world_size)
+    text_features = all_gather_rows(text_features, world_size)
+    caption_image = torch.tensor(data.caption_image)
+    image_ranks, text_ranks = retrieval_ranks(image_features, text_features, caption_image, chunk_size=chunk_size, ties=ties)
+    return summarize_ranks(image_ranks.cpu(), text_ranks.cpu(), ks, name, ties)

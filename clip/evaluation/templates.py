@@ -1,0 +1,108 @@
+"""Prompt templates for zero-shot classification.
+
+A template is a format string with exactly one "{}" for the class name (or any callable
+classname -> prompt). The built-in sets below were written for this project; to reproduce the CLIP paper's
+numbers, put the paper's templates in a file (a JSON list, or one template per line) and pass its path.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+Template = str | Callable[[str], str]
+
+# Varied phrasings (medium, quality, framing) so that averaging the class embeddings over them smooths out
+# the quirks of any one sentence -- the reason prompt ensembles beat a single prompt.
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "an image showing a {}.",
+    "a snapshot of a {}.",
+    "a close-up of a {}.",
+    "a {} seen from far away.",
+    "a grainy picture of a {}.",
+    "a sharp, well-lit photo of a {}.",
+    "a dim photo of a {}.",
+    "a simple drawing of a {}.",
+    "a painting of a {}.",
+    "a cartoon {}.",
+    "a small {} in the picture.",
+    "a large {} filling the frame.",
+    "there is a {} in this image.",
+)
+
+BUILTIN_TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
+    "default": DEFAULT_TEMPLATES,
+    "simple": ("a photo of a {}.",),
+}
+
+
+def builtin_templates(name: str = "default") -> list[str]:
+    if name not in BUILTIN_TEMPLATE_SETS:
+        raise ValueError(f"unknown built-in template set {name!r}; choose one of {sorted(BUILTIN_TEMPLATE_SETS)}")
+    return list(BUILTIN_TEMPLATE_SETS[name])
+
+
+def validate_template(template: str) -> None:
+    """A template must take the class name through exactly one "{}" (and no other replacement field)."""
+    try:
+        filled = template.format("\0")
+    except (IndexError, KeyError, ValueError) as error:
+        raise ValueError(f"template {template!r} is not a format string with one '{{}}': {error}") from None
+    if filled.count("\0") != 1:
+        raise ValueError(f"template {template!r} must contain exactly one '{{}}' for the class name")
+
+
+def fill_template(template: Template, classname: str) -> str:
+    return template(classname) if callable(template) else template.format(classname)
+
+
+def _read_string_list(path: Path, what: str, comments: bool) -> list[str]:
+    """A JSON list of strings, or one string per line (blank lines skipped, and '#' lines if `comments`)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" or text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from None
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise ValueError(f"{path}: expected a JSON list of strings")
+    else:
+        items = [line.strip() for line in text.splitlines()]
+        items = [line for line in items if line and not (comments and line.startswith("#"))]
+    if not items:
+        raise ValueError(f"{path}: no {what} entries found")
+    return items
+
+
+def load_templates(path: str | Path) -> list[str]:
+    """Templates from a file: a JSON list, or one template per line ('#' starts a comment line)."""
+    templates = _read_string_list(Path(path), "templates", comments=True)
+    for template in templates:
+        validate_template(template)
+    return templates
+
+
+def load_classnames(path: str | Path) -> list[str]:
+    """Class names from a file: a JSON list, or one name per line, in label order."""
+    return _read_string_list(Path(path), "class names", comments=False)
+
+
+def resolve_templates(templates: Sequence[Template] | str | Path | None) -> list[Template]:
+    """None -> the default set; a built-in set's name; a file path; or an explicit sequence (checked)."""
+    if templates is None:
+        return builtin_templates("default")
+    if isinstance(templates, str) and templates in BUILTIN_TEMPLATE_SETS:
+        return builtin_templates(templates)
+    if isinstance(templates, str | Path):
+        return load_templates(templates)
+    resolved = list(templates)
+    if not resolved:
+        raise ValueError("no templates given")
+    for template in resolved:
+        if not callable(template):
+            validate_template(template)
+    return resolved

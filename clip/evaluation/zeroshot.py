@@ -1,0 +1,185 @@
+"""Zero-shot classification: class embeddings from prompt templates, then nearest class by cosine similarity.
+
+The classifier is the CLIP paper's prompt ensemble: every prompt embedding is L2-normalised, each class's
+embeddings are averaged over the templates, and the mean is normalised again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .features import (
+    all_reduce_sum,
+    default_tokenizer,
+    distributed_world,
+    encode_image_batches,
+    encode_texts,
+    eval_mode,
+    make_loader,
+    model_device,
+    shard,
+    unwrap_model,
+)
+from .results import ClassificationCounts, ZeroShotResult, summarize
+from .templates import Template, fill_template, resolve_templates
+
+Tokenizer = Callable[[list[str]], torch.Tensor]
+
+
+def build_zeroshot_classifier(
+    model: nn.Module,
+    classnames: Sequence[str],
+    templates: Sequence[Template] | str | None = None,
+    tokenizer: Tokenizer | None = None,
+    *,
+    device: torch.device | str | None = None,
+    batch_size: int = 256,
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """Zero-shot weights [D, C] (float32, unit columns): column c is class c's prompt-ensemble embedding.
+
+    templates: format strings with one "{}", callables classname -> prompt, a built-in set's name, a file
+        path, or None for the default set.
+    batch_size: prompts per text-encoder call; classes are processed a group at a time, so memory stays
+        bounded by the batch and the [D, C] result, whatever the number of classes and templates.
+    """
+    model = unwrap_model(model)
+    if not classnames:
+        raise ValueError("no class names given")
+    templates = resolve_templates(templates)
+    device = device or model_device(model)
+    tokenizer = tokenizer or default_tokenizer(model)
+    classes_per_group = max(1, batch_size // len(templates))
+    columns = []
+    with eval_mode(model):
+        for start in range(0, len(classnames), classes_per_group):
+            group = classnames[start : start + classes_per_group]
+            prompts = [fill_template(template, name) for name in group for template in templates]
+            embeddings = encode_texts(
+                model, prompts, tokenizer, device=device, batch_size=batch_size, precision=precision, normalize=True
+            )  # [G*T, D], unit rows
+            class_means = embeddings.view(len(group), len(templates), -1).mean(dim=1)  # -> G, D
+            columns.append(nn.functional.normalize(class_means, dim=-1))
+    return torch.cat(columns).t().contiguous()  # C, D -> D, C
+
+
+def _logit_scale(model: nn.Module) -> float:
+    scale = getattr(model, "logit_scale", None)
+    return float(scale.exp()) if isinstance(scale, torch.Tensor) else 100.0
+
+
+@dataclass
+class ZeroShotOutput:
+    logits: torch.Tensor  # [N, C], cosine similarity times the model's logit scale
+    labels: torch.Tensor | None  # [N] when the data carried labels
+
+    @property
+    def predictions(self) -> torch.Tensor:
+        return self.logits.argmax(dim=1)
+
+    @property
+    def probabilities(self) -> torch.Tensor:
+        return self.logits.softmax(dim=1)
+
+
+def zeroshot_classify(
+    model: nn.Module,
+    classifier: torch.Tensor,
+    images: torch.Tensor | DataLoader,
+    *,
+    device: torch.device | str | None = None,
+    batch_size: int = 64,
+    precision: str = "fp32",
+) -> ZeroShotOutput:
+    """Logits of preprocessed images (a [N, 3, H, W] tensor, or a DataLoader of (images, labels))."""
+    model = unwrap_model(model)
+    device = device or model_device(model)
+    classifier = classifier.to(device)
+    scale = _logit_scale(model)
+    logits, labels = [], []
+    with eval_mode(model):
+        batches = encode_image_batches(model, images, device=device, batch_size=batch_size, precision=precision)
+        for features, batch_labels in batches:
+            logits.append((scale * features @ classifier).cpu())
+            if batch_labels is not None:
+                labels.append(batch_labels.cpu())
+    if not logits:
+        raise ValueError("no images to classify")
+    return ZeroShotOutput(torch.cat(logits), torch.cat(labels) if labels else None)
+
+
+def evaluate_zeroshot(
+    model: nn.Module,
+    dataset: Dataset | DataLoader,
+    classnames: Sequence[str],
+    templates: Sequence[Template] | str | None = None,
+    *,
+    tokenizer: Tokenizer | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int = 64,
+    workers: int = 0,
+    text_batch_size: int = 256,
+    precision: str = "fp32",
+    subsets: dict[str, list[int]] | None = None,
+    name: str = "",
+    classifier: torch.Tensor | None = None,
+    dist_info: Any | None = None,
+) -> ZeroShotResult:
+    """Top-1/top-5, per-class and mean per-class accuracy, confusion matrix, and accuracies on `subsets`.
+
+    dataset: (preprocessed image, label) pairs, or a ready DataLoader of batches.
+    dist_info: with world_size > 1 and torch.distributed initialised, each rank classifies its slice of a
+        (map-style) dataset and the counts are all-reduced, so every rank returns the full result.
+    """
+    model = unwrap_model(model)
+    device = device or model_device(model)
+    if classifier is None:
+        classifier = build_zeroshot_classifier(
+            model, classnames, templates, tokenizer, device=device, batch_size=text_batch_size, precision=precision
+        )
+    if classifier.shape[1] != len(classnames):
+        raise ValueError(f"classifier has {classifier.shape[1]} classes, but {len(classnames)} class names were given")
+    rank, world_size = distributed_world(dist_info)
+    if isinstance(dataset, DataLoader):
+        if world_size > 1:
+            raise ValueError("pass a Dataset, not a DataLoader, to shard evaluation across ranks")
+        loader = dataset
+    else:
+        loader = make_loader(shard(dataset, rank, world_size), batch_size, workers, device)
+    classifier = classifier.to(device)
+    counts = ClassificationCounts(len(classnames), top_k=5, device=device)
+    with eval_mode(model):
+        for features, labels in encode_image_batches(model, loader, device=device, precision=precision):
+            if labels is None:
+                raise ValueError("evaluate_zeroshot needs labelled data: (image, label) pairs")
+            counts.update(features @ classifier, labels)
+    if world_size > 1:
+        counts.load_tensor(all_reduce_sum(counts.as_tensor(), world_size))
+    return summarize(counts, classnames, subsets, name)
+
+
+def zeroshot_classify_images(
+    model: nn.Module,
+    preprocess: Callable[[Image.Image], torch.Tensor],
+    images: Sequence[Image.Image],
+    classnames: Sequence[str],
+    templates: Sequence[Template] | str | None = None,
+    *,
+    tokenizer: Tokenizer | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, list[str]]:
+    """For notebooks: PIL images -> (probabilities [N, C] on the CPU, predicted class name per image)."""
+    model = unwrap_model(model)
+    device = device or model_device(model)
+    classifier = build_zeroshot_classifier(model, classnames, templates, tokenizer, device=device)
+    batch = torch.stack([preprocess(image) for image in images])
+    output = zeroshot_classify(model, classifier, batch, device=device)
+    probabilities = output.probabilities
+    return probabilities, [classnames[i] for i in probabilities.argmax(dim=1).tolist()]

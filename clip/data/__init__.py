@@ -1,1 +1,11 @@
-"""Datasets for training and evaluating CLIP: image-caption sources and the synthetic demo data."""
+"""Datasets for training and evaluating CLIP: image-caption sources and the synthetic demo data.
+
+The training pipeline: `build_train_data(config, ...)` (see `loader.py`) reads the sources of a
+`DataConfig` -- synthetic shapes, CSV/TSV/JSONL manifests, WebDataset tar shards -- with exact epochs or
+weighted resampling, skips and counts bad samples, and resumes exactly from `state_dict()`.
+"""
+
+from .config import DataConfig, SourceConfig
+from .loader import TrainData, build_train_data
+
+__all__ = ["DataConfig", "SourceConfig", "TrainData", "build_train_data"]

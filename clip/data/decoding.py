@@ -1,0 +1,149 @@
+"""Robust decoding of image bytes and captions: every failure becomes a `SkipSample` of a named kind.
+
+Kinds of skipped samples (the sample is dropped and the next good one takes its place in the batch):
+    missing_file        a manifest row's image file does not exist
+    empty_file          a zero-byte image file
+    not_an_image        bytes no image decoder recognises (a text or HTML file named .jpg, ...)
+    truncated           an image whose data ends early
+    corrupt_image       any other decoding error
+    decompression_bomb  more pixels than `max_image_pixels` (PIL's DecompressionBombError or -Warning)
+    empty_caption       a caption that is empty or only whitespace
+    bad_utf8            a caption that is not valid UTF-8
+    missing_image / missing_caption   a shard sample without an image / a caption member
+    missing_shard / shard_read_error / shard_too_short   planned shard samples that could not be read
+Repairs (the sample is kept): converted_to_rgb (palette, CMYK, 16-bit, alpha, greyscale, ... via
+`clip.preprocess.to_rgb`), exif_rotated, caption_truncated (cut to the context length by the tokenizer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import time
+import warnings
+from collections.abc import Iterator
+
+from PIL import Image, UnidentifiedImageError
+
+from ..preprocess import apply_exif_orientation, to_rgb
+
+log = logging.getLogger(__name__)
+
+# Shard member extensions that hold an image, in the order they are looked for.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+CAPTION_EXTENSIONS = ("txt",)
+# Composite transparent pixels onto white: transparent images are mostly logos and product shots made for
+# a white page. (The evaluation transform drops alpha like openai/CLIP; training sees what a viewer shows.)
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
+class SkipSample(Exception):
+    """A sample that cannot be used; `kind` is one of the kinds listed in this module's docstring."""
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
+        self.detail = detail
+
+
+def decode_caption(raw: bytes | str) -> str:
+    """UTF-8 bytes (or an already decoded str) -> stripped text; SkipSample for bad or empty captions."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise SkipSample("bad_utf8", str(error)) from None
+    text = raw.strip()
+    if not text:
+        raise SkipSample("empty_caption")
+    return text
+
+
+@contextlib.contextmanager
+def pil_pixel_limit(max_pixels: int | None) -> Iterator[None]:
+    """Within the block, PIL's decompression-bomb limit is `max_pixels` and its DecompressionBombWarning
+    (over the limit; the Error comes at twice the limit) is raised as an error; both are restored after.
+    Scoped, because with workers=0 this runs in the training process, whose settings must not change."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def open_image(data: bytes, max_pixels: int | None, draft_size: int | None) -> Image.Image:
+    """Decodes image bytes (call inside `pil_pixel_limit`). `draft_size`: a JPEG may be decoded at 1/2, 1/4
+    or 1/8 scale as long as both sides stay >= draft_size -- libjpeg then skips most of the work."""
+    if not data:
+        raise SkipSample("empty_file")
+    try:
+        image = Image.open(io.BytesIO(data))
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise SkipSample("decompression_bomb", f"{image.width}x{image.height} pixels")
+        if draft_size is not None and image.format == "JPEG":
+            image.draft(image.mode, (draft_size, draft_size))
+        image.load()
+        return image
+    except SkipSample:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise SkipSample("decompression_bomb", str(error)) from None
+    except UnidentifiedImageError:
+        raise SkipSample("not_an_image") from None
+    except Exception as error:  # decoders raise OSError, SyntaxError, ValueError, EOFError, zlib.error, ...
+        kind = "truncated" if "truncat" in str(error).lower() else "corrupt_image"
+        raise SkipSample(kind, f"{type(error).__name__}: {error}") from None
+
+
+def upright_rgb(image: Image.Image, repairs: list[str]) -> Image.Image:
+    """EXIF orientation applied and any mode converted to RGB; each change is appended to `repairs`."""
+    try:
+        rotated = apply_exif_orientation(image)
+    except Exception:  # unreadable EXIF: keep the pixels as stored
+        rotated = image
+    if rotated is not image:
+        repairs.append("exif_rotated")
+    if rotated.mode != "RGB":
+        repairs.append("converted_to_rgb")
+        try:
+            rotated = to_rgb(rotated, alpha_background=ALPHA_BACKGROUND, exif_orientation=False)
+        except Exception as error:
+            raise SkipSample("corrupt_image", f"cannot convert mode {rotated.mode}: {error}") from None
+    return rotated
+
+
+def find_member(sample: dict, preferred: str, extensions: tuple[str, ...]) -> bytes | None:
+    """The bytes of a shard sample's member: `preferred` extension first, then `extensions` in order."""
+    for extension in (preferred, *extensions):
+        value = sample.get(extension)
+        if isinstance(value, bytes):
+            return value
+    return None
+
+
+class SkipLog:
+    """Rate-limited log lines about skipped samples: at most one per kind every `interval_s` seconds, saying
+    how many were skipped since the last line and the latest one's details."""
+
+    def __init__(self, interval_s: float, where: str) -> None:
+        self.interval_s = interval_s
+        self.where = where
+        self.last_logged: dict[str, float] = {}
+        self.unlogged: dict[str, int] = {}
+
+    def record(self, kind: str, source: str, item: str, detail: str) -> None:
+        self.unlogged[kind] = self.unlogged.get(kind, 0) + 1
+        now = time.monotonic()
+        if now - self.last_logged.get(kind, float("-inf")) < self.interval_s:
+            return
+        count = self.unlogged.pop(kind)
+        since = f"in the last {self.interval_s:.0f}s" if kind in self.last_logged else "so far"
+        self.last_logged[kind] = now
+        log.warning(
+            "%s: skipped %d %s sample(s) %s; latest from %s: %s%s",
+            self.where, count, kind, since, source, item, f" ({detail})" if detail else "",
+        )

@@ -1,0 +1,276 @@
+"""`build_train_data`: the training loop's view of the data -- endless batches, exact resume, skip counts.
+
+    data = build_train_data(config.data, image_size=224, context_length=77, tokenizer=get_tokenizer(),
+                            batch_size=256, rank=rank, world_size=world_size, seed=seed)
+    data.load_state_dict(checkpoint["data"][rank])   # optional, before iter()
+    batches = iter(data)                              # endless: epochs follow each other seamlessly
+    images, texts = next(batches)                     # FloatTensor[B, 3, H, W], LongTensor[B, context_length]
+    checkpoint["data"][rank] = data.state_dict()      # the position after the last batch received
+    metrics["data"] = data.stats()                    # counts of samples used, skipped and repaired per source
+    data.close()                                      # stops the worker processes
+
+All counts and positions are this rank's; each rank saves and restores its own state.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from .config import DataConfig
+from .sampling import Planner
+from .sources import Source, build_source
+from .stream import Position, SampleStream, StreamSettings
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+
+
+def _empty_counts() -> dict:
+    return {"samples": 0, "skipped": {}, "repaired": {}}
+
+
+def _add(into: dict, counts: dict) -> None:
+    for kind, amount in counts.items():
+        into[kind] = into.get(kind, 0) + amount
+
+
+class TrainData:
+    """See the module docstring. Build it with `build_train_data`."""
+
+    def __init__(
+        self,
+        config: DataConfig,
+        *,
+        image_size: int,
+        context_length: int,
+        tokenizer: object,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not config.sources:
+            raise ValueError("data.sources is empty: add at least one [[data.sources]] table")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.sources: list[Source] = [build_source(source, i, image_size) for i, source in enumerate(config.sources)]
+        names = [source.name for source in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data source names must be unique, got {names}")
+        self.slots_per_rank = max(1, config.workers)
+        self.planner = Planner(
+            sources=tuple(source.layout for source in self.sources),
+            seed=seed,
+            world_size=world_size,
+            workers_per_rank=self.slots_per_rank,
+            resampled=config.resampled,
+            epoch_samples=config.epoch_samples if config.resampled else None,
+        )
+        planned = self.planner.samples_per_pass
+        if planned < self.planner.slots:
+            raise ValueError(
+                f"an epoch plans {planned} samples (sum of weight x size over the sources), fewer than the "
+                f"{self.planner.slots} data workers over all ranks ({world_size} ranks x {self.slots_per_rank}): "
+                f"add data or lower data.workers"
+            )
+        self.samples_per_epoch = config.epoch_samples or planned
+        # Batches are full and straddle epoch ends (nothing is dropped), so an epoch is this many batches
+        # on average; rounding up means every sample is seen by the time the trainer's epoch ends.
+        self.batches_per_epoch = max(1, math.ceil(self.samples_per_epoch / (world_size * batch_size)))
+        self.settings = StreamSettings(
+            rank=rank,
+            batch_size=batch_size,
+            image_size=image_size,
+            context_length=context_length,
+            shuffle_window=config.shuffle_buffer,
+            augment=config.augment,
+            jpeg_draft=config.jpeg_draft,
+            max_image_pixels=config.max_image_pixels,
+            log_every_s=config.log_every_s,
+        )
+        self._positions: list[Position] = [(0, 0)] * self.slots_per_rank
+        self._next_worker = 0
+        self._batches = 0
+        self._counts = {name: _empty_counts() for name in names}
+        self._summary_counts = copy.deepcopy(self._counts)
+        self._summary_epoch = 0
+        self._loader_iterator: Iterator | None = None
+        self._generation = 0  # bumped by every iter() and close(); older batch generators stop
+        self._warned_order = False
+
+    # ---- iteration -----------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._stop_workers()
+        stream = SampleStream(
+            self.sources, self.planner, self.settings, self.tokenizer, self._positions, rotation=self._next_worker
+        )
+        workers = self.config.workers
+        loader = DataLoader(
+            stream,
+            batch_size=None,  # the stream yields whole batches
+            num_workers=workers,
+            pin_memory=self.config.pin_memory and torch.cuda.is_available(),
+            prefetch_factor=self.config.prefetch_factor if workers > 0 else None,
+            # The loader draws its workers' base seed from this generator instead of torch's global RNG,
+            # so creating it does not change the trainer's random numbers. (Our workers use no torch RNG.)
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+        self._loader_iterator = iter(loader)
+        self._generation += 1
+        return self._batches_from(self._loader_iterator, self._generation)
+
+    def _batches_from(self, iterator: Iterator, generation: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while generation == self._generation:
+            images, tokens, meta = next(iterator)
+            self._record(meta)
+            yield images, tokens
+
+    def _record(self, meta: dict) -> None:
+        worker = meta["worker"]
+        if worker != self._next_worker and not self._warned_order:
+            self._warned_order = True
+            log.warning("data: batch from worker %d where %d was due; a resume may reorder batches", worker, self._next_worker)
+        self._positions[worker] = tuple(meta["position"])
+        self._next_worker = (worker + 1) % self.slots_per_rank
+        self._batches += 1
+        for name, amount in meta["samples"].items():
+            self._counts[name]["samples"] += amount
+        for field in ("skipped", "repaired"):
+            for name, counts in meta[field].items():
+                _add(self._counts[name][field], counts)
+
+    def _stop_workers(self) -> None:
+        self._generation += 1
+        iterator, self._loader_iterator = self._loader_iterator, None
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()  # otherwise the worker processes live until the iterator is garbage collected
+
+    def close(self) -> None:
+        """Stops the worker processes. The position is kept: iter() again continues where it stopped."""
+        self._stop_workers()
+
+    # ---- resume --------------------------------------------------------------------------------------
+    def _layout(self) -> dict:
+        """Everything the per-worker positions depend on; a state saved under another layout cannot resume exactly."""
+        return {
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "workers": self.slots_per_rank,
+            "resampled": self.config.resampled,
+            "epoch_samples": self.planner.epoch_samples,
+            "shuffle_buffer": self.config.shuffle_buffer,
+            "sources": [[s.name, s.fingerprint(), s.layout.weight] for s in self.sources],
+        }
+
+    def state_dict(self) -> dict:
+        """The position right after the last batch the trainer received (prefetched batches are not in it)."""
+        return {
+            "format": STATE_FORMAT,
+            "layout": self._layout(),
+            "positions": [list(position) for position in self._positions],
+            "next_worker": self._next_worker,
+            "batches": self._batches,
+            "counts": copy.deepcopy(self._counts),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from `state_dict()`'s output. With the same layout the following batches are exactly the
+        ones the saved run would have produced. Otherwise (other world size, workers, seed or sources) every
+        worker restarts at the beginning of the earliest epoch in progress, with a warning."""
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"unknown data state format {state.get('format')!r} (expected {STATE_FORMAT})")
+        self._stop_workers()
+        saved_layout, layout = state["layout"], self._layout()
+        positions = [tuple(position) for position in state["positions"]]
+        if saved_layout == layout:
+            self._positions, self._next_worker = positions, state["next_worker"]
+        else:
+            changed = sorted(key for key in layout if saved_layout.get(key) != layout[key])
+            epoch = min(epoch for epoch, _ in positions)
+            log.warning(
+                "data: the saved position was for another layout (%s changed); restarting epoch %d from its beginning",
+                ", ".join(changed), epoch,
+            )
+            self._positions, self._next_worker = [(epoch, 0)] * self.slots_per_rank, 0
+        self._batches = state["batches"]
+        for name, counts in state["counts"].items():
+            if name in self._counts:
+                self._counts[name] = copy.deepcopy(counts)
+        self._summary_counts = copy.deepcopy(self._counts)
+        self._summary_epoch = self.epoch
+
+    # ---- reporting -----------------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        """The earliest data epoch a worker of this rank is still in (0-based)."""
+        return min(epoch for epoch, _ in self._positions)
+
+    def stats(self) -> dict:
+        """This rank's counts since the start of training (kept across resumes), JSON-ready."""
+        sources = copy.deepcopy(self._counts)
+        return {
+            "epoch": self.epoch,
+            "batches": self._batches,
+            "samples": sum(counts["samples"] for counts in sources.values()),
+            "skipped": sum(sum(counts["skipped"].values()) for counts in sources.values()),
+            "sources": sources,
+        }
+
+    def epoch_summary(self) -> str:
+        """One line on what happened since the previous call (or the start): samples, skips and repairs by
+        source and kind; e.g. for the log at the end of each epoch."""
+        parts = []
+        for name, counts in self._counts.items():
+            before = self._summary_counts.get(name, _empty_counts())
+            samples = counts["samples"] - before["samples"]
+            line = f"{name}: {samples} samples"
+            for field in ("skipped", "repaired"):
+                delta = {k: v - before[field].get(k, 0) for k, v in counts[field].items()}
+                delta = {k: v for k, v in sorted(delta.items()) if v}
+                if delta:
+                    line += f", {field} {sum(delta.values())} ({', '.join(f'{k} {v}' for k, v in delta.items())})"
+            parts.append(line)
+        epochs = f"epoch {self._summary_epoch}" + (f"-{self.epoch}" if self.epoch != self._summary_epoch else "")
+        self._summary_counts = copy.deepcopy(self._counts)
+        self._summary_epoch = self.epoch
+        return f"data rank {self.rank}, {epochs}: " + "; ".join(parts)
+
+
+def build_train_data(
+    config: DataConfig,
+    *,
+    image_size: int,
+    context_length: int,
+    tokenizer: object,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+) -> TrainData:
+    """The training data of one rank; see `TrainData`. `tokenizer(texts, context_length=..., truncate=True)`
+    must return LongTensor[N, context_length] padded with 0 and be picklable (it runs in the workers)."""
+    return TrainData(
+        config,
+        image_size=image_size,
+        context_length=context_length,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+    )

@@ -1,0 +1,118 @@
+"""Image-caption manifests: CSV, TSV or JSON Lines files with one row per sample.
+
+Image paths are relative to the manifest's folder (absolute paths are kept as they are). Paths and captions
+are stored packed (see `packed.py`) so that a manifest of millions of rows costs two numpy arrays per column.
+
+Bytes that are not valid UTF-8 are kept as they are (read with "surrogateescape" and written back to the
+same bytes): a caption with broken encoding becomes a counted `bad_utf8` skip when the sample is used,
+instead of a failure to read the whole manifest. Rows that cannot be used at all (no image path, a JSONL
+line that is not a JSON object) are counted in `Manifest.bad_rows`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .packed import PackedStrings, PackedStringsBuilder
+
+log = logging.getLogger(__name__)
+
+MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl")
+_SEPARATORS = {".csv": ",", ".tsv": "\t"}
+
+
+@dataclass
+class Manifest:
+    """The usable rows of a manifest: image paths (bytes, relative to `root`) and raw caption bytes."""
+
+    path: str
+    root: str  # the folder relative paths are resolved against
+    image_paths: PackedStrings
+    captions: PackedStrings
+    bad_rows: int  # rows dropped while reading (no image path, unparsable line)
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def image_path(self, row: int) -> str:
+        relative = self.image_paths[row].decode("utf-8", "surrogateescape")
+        return str(Path(self.root, relative))  # an absolute `relative` replaces root
+
+
+def _to_bytes(text: str) -> bytes:
+    """Back to the file's original bytes; lone surrogates from JSON escapes (\\udXXX) stay invalid UTF-8."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
+def _missing_columns_error(path: str, wanted: list[str], available: list[str]) -> ValueError:
+    return ValueError(
+        f"{path}: no column {', '.join(repr(w) for w in wanted if w not in available)}; the columns are "
+        f"{available}. Set image_column / caption_column in the [[data.sources]] table."
+    )
+
+
+def _delimited_rows(path: str, separator: str, image_column: str, caption_column: str) -> Iterator[tuple | None]:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as file:
+        reader = csv.DictReader(file, delimiter=separator)
+        available = list(reader.fieldnames or [])
+        if image_column not in available or caption_column not in available:
+            raise _missing_columns_error(path, [image_column, caption_column], available)
+        for row in reader:
+            image, caption = row.get(image_column), row.get(caption_column)
+            yield (image, caption) if image and caption is not None else None
+
+
+def _jsonl_rows(path: str, image_column: str, caption_column: str) -> Iterator[tuple | None]:
+    with open(path, "rb") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.decode("utf-8", "surrogateescape"))
+            except json.JSONDecodeError:
+                yield None
+                continue
+            if not isinstance(record, dict):
+                yield None
+                continue
+            if number == 1 and (image_column not in record or caption_column not in record):
+                raise _missing_columns_error(path, [image_column, caption_column], list(record))
+            image, caption = record.get(image_column), record.get(caption_column)
+            ok = isinstance(image, str) and image and isinstance(caption, str)
+            yield (image, caption) if ok else None
+
+
+def manifest_rows(path: str, image_column: str, caption_column: str, separator: str = "") -> Iterator[tuple | None]:
+    """(image path, caption) per row as the file has them (str, possibly with surrogates), or None for a row
+    without a usable image path or caption field. Raises ValueError for an unknown format or missing columns."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".jsonl":
+        return _jsonl_rows(path, image_column, caption_column)
+    if separator or suffix in _SEPARATORS:
+        return _delimited_rows(path, separator or _SEPARATORS[suffix], image_column, caption_column)
+    raise ValueError(f"{path}: unknown manifest format; use {', '.join(MANIFEST_SUFFIXES)} or set `separator`")
+
+
+def read_manifest(path: str, image_column: str = "image", caption_column: str = "caption", separator: str = "") -> Manifest:
+    """Reads a whole manifest into packed arrays."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist")
+    images, captions, bad_rows = PackedStringsBuilder(), PackedStringsBuilder(), 0
+    for row in manifest_rows(path, image_column, caption_column, separator):
+        if row is None:
+            bad_rows += 1
+            continue
+        images.append(_to_bytes(row[0]))
+        captions.append(_to_bytes(row[1]))
+    if bad_rows:
+        log.warning("%s: %d rows without a usable image path or caption were left out", path, bad_rows)
+    root = str(Path(path).resolve().parent)
+    return Manifest(path, root, images.build(), captions.build(), bad_rows)

@@ -1,0 +1,171 @@
+"""Which samples each worker reads in each epoch, and in which order: a pure function of the seed.
+
+Every (rank, worker) pair is a *slot*; slot = rank * workers_per_rank + worker, S = world_size * workers.
+
+Exact epochs (resampled=False). Source i contributes C_i = round(weight_i * size_i) samples per epoch: the
+concatenation of fresh random orders of the source (a permutation of its rows, or of its shards with their
+samples in file order), repeated as often as the weight asks and cut at C_i. That sequence is cut into S
+contiguous ranges of C_i // S or C_i // S + 1 samples, slot s taking the s-th: every sample is planned
+exactly once per epoch (for weight 1) and slots differ by at most one sample per source, so ranks stay in
+step. A shard can straddle two slots; each reads only its own range of it.
+
+Resampled (resampled=True). Each slot independently draws its share of the epoch with replacement:
+a source per sample with probability proportional to weight_i * size_i, then rows uniformly, or whole shards
+with probability proportional to their sizes (so every sample is equally likely).
+
+Within a slot the sources are interleaved in a random order (`labels`), and the resulting stream is shuffled
+in consecutive windows of `shuffle_buffer` items (`window_permutation`). Unlike a streaming shuffle buffer,
+a window permutation is known without reading the data, so a worker resumes at any position by skipping
+whole windows unread (see `stream.py`).
+
+All randomness comes from numpy generators seeded with integer tuples (seed, epoch, ..., purpose), never from
+global state, so every process computes the same plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Purposes mixed into the seeds, so that no two uses of randomness share a stream.
+_ORDER, _SHARD_ORDER, _INTERLEAVE, _RESAMPLE, _WINDOW = 1, 2, 3, 4, 5
+
+
+@dataclass(frozen=True)
+class SourceLayout:
+    """What the planner needs to know about a source: its size and, for shards, the size of each shard."""
+
+    size: int
+    weight: float
+    shard_sizes: np.ndarray | None = None  # int64 per shard; None for row-indexed sources
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return int(round(self.weight * self.size))
+
+
+@dataclass
+class SlotPlan:
+    """One slot's raw items for one epoch, before the window shuffle.
+
+    Item j comes from source labels[j]; it is the k-th item of that source in this plan, where k counts the
+    earlier labels equal to it. Row-indexed sources list their rows in `rows`; shard sources list
+    (shard, start, stop) ranges in `segments`, read in order.
+    """
+
+    labels: np.ndarray  # int16 [n]
+    rows: dict[int, np.ndarray] = field(default_factory=dict)
+    segments: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng([int(k) % 2**64 for k in key])  # SeedSequence takes non-negative ints
+
+
+def split_range(total: int, parts: int, index: int) -> tuple[int, int]:
+    """The index-th of `parts` contiguous ranges covering range(total), sizes differing by at most one."""
+    return total * index // parts, total * (index + 1) // parts
+
+
+def _rows_in_range(size: int, first: int, stop: int, key: tuple[int, ...]) -> np.ndarray:
+    """Items [first, stop) of the concatenation of permutations `perm(key + (repeat,))` of range(size)."""
+    pieces = []
+    for repeat in range(first // size, (stop - 1) // size + 1) if stop > first else ():
+        order = _rng(*key, repeat, _ORDER).permutation(size)
+        lo, hi = max(first - repeat * size, 0), min(stop - repeat * size, size)
+        pieces.append(order[lo:hi])
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+
+
+def _segments_in_range(sizes: np.ndarray, first: int, stop: int, key: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """Samples [first, stop) of the concatenation of shard orders `perm(key + (repeat,))`, as
+    (shard, start, stop) ranges within shards."""
+    total, segments = int(sizes.sum()), []
+    for repeat in range(first // total, (stop - 1) // total + 1) if stop > first and total else ():
+        order = _rng(*key, repeat, _SHARD_ORDER).permutation(len(sizes))
+        ends = np.cumsum(sizes[order]) + repeat * total
+        begins = ends - sizes[order]
+        for shard, begin, end in zip(order, begins, ends):
+            lo, hi = max(first, begin), min(stop, end)
+            if lo < hi:
+                segments.append((int(shard), int(lo - begin), int(hi - begin)))
+    return segments
+
+
+def _draw_segments(sizes: np.ndarray, count: int, rng: np.random.Generator) -> list[tuple[int, int, int]]:
+    """Whole shards drawn with replacement, probability proportional to size, until `count` samples."""
+    probabilities = sizes / sizes.sum()
+    segments, planned = [], 0
+    while planned < count:
+        batch = max(1, int(np.ceil((count - planned) / sizes.mean())))
+        for shard in rng.choice(len(sizes), size=batch, p=probabilities):
+            take = min(int(sizes[shard]), count - planned)
+            if take > 0:
+                segments.append((int(shard), 0, take))
+                planned += take
+    return segments
+
+
+@dataclass(frozen=True)
+class Planner:
+    """Computes `SlotPlan`s; identical in every process given the same arguments."""
+
+    sources: tuple[SourceLayout, ...]
+    seed: int
+    world_size: int
+    workers_per_rank: int
+    resampled: bool = False
+    epoch_samples: int | None = None  # resampled: samples drawn per epoch over all slots
+
+    @property
+    def slots(self) -> int:
+        return self.world_size * self.workers_per_rank
+
+    @property
+    def samples_per_pass(self) -> int:
+        """Samples planned per epoch over all slots."""
+        if self.resampled and self.epoch_samples is not None:
+            return self.epoch_samples
+        return sum(source.samples_per_epoch for source in self.sources)
+
+    def plan(self, epoch: int, rank: int, worker: int) -> SlotPlan:
+        slot = rank * self.workers_per_rank + worker
+        if self.resampled:
+            return self._resampled_plan(epoch, rank, worker, slot)
+        plan = SlotPlan(labels=np.zeros(0, np.int16))
+        counts = []
+        for index, source in enumerate(self.sources):
+            first, stop = split_range(source.samples_per_epoch, self.slots, slot)
+            key = (self.seed, epoch, index)
+            if source.shard_sizes is None:
+                plan.rows[index] = _rows_in_range(source.size, first, stop, key) if source.size else np.zeros(0, np.int64)
+            else:
+                plan.segments[index] = _segments_in_range(source.shard_sizes, first, stop, key)
+            counts.append(stop - first)
+        labels = np.repeat(np.arange(len(self.sources), dtype=np.int16), counts)
+        if len(self.sources) > 1:
+            _rng(self.seed, epoch, rank, worker, _INTERLEAVE).shuffle(labels)
+        plan.labels = labels
+        return plan
+
+    def _resampled_plan(self, epoch: int, rank: int, worker: int, slot: int) -> SlotPlan:
+        first, stop = split_range(self.samples_per_pass, self.slots, slot)
+        rng = _rng(self.seed, epoch, rank, worker, _RESAMPLE)
+        rates = np.array([source.weight * source.size for source in self.sources], dtype=np.float64)
+        labels = rng.choice(len(self.sources), size=stop - first, p=rates / rates.sum()).astype(np.int16)
+        plan = SlotPlan(labels=labels)
+        for index, source in enumerate(self.sources):
+            count = int(np.count_nonzero(labels == index))
+            if source.shard_sizes is None:
+                plan.rows[index] = rng.integers(0, source.size, size=count) if count else np.zeros(0, np.int64)
+            else:
+                plan.segments[index] = _draw_segments(source.shard_sizes, count, rng) if count else []
+        return plan
+
+    def window_permutation(self, epoch: int, rank: int, worker: int, window: int, length: int) -> np.ndarray:
+        """The order in which the `window`-th window of `length` raw items is emitted."""
+        return _rng(self.seed, epoch, rank, worker, window, _WINDOW).permutation(length)

@@ -1,0 +1,226 @@
+"""WebDataset tar shards: shard lists, per-shard sample counts, opening URLs, and reading samples.
+
+Shards are read with webdataset's tar iteration (`webdataset.tariterators.tar_file_iterator` and
+`group_by_keys`, i.e. the standard package's parsing of KEY.ext members into samples) but not with its
+`WebDataset` pipeline: exact resume and exactly-once epochs need every worker to read a planned range of
+samples `[start, stop)` of a shard (see `sampling.py`), and to skip to `start` without reading member
+data -- which `tar_file_iterator`'s `select_files` hook allows. URLs are opened with webdataset's `gopen`
+(local files, `pipe:` commands, http(s) through curl) or fsspec for object stores (s3://, gs://, ...).
+
+webdataset is an optional dependency (the `shards` extra); it is imported only when shards are used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SIZE_INDEX_NAME = "sizes.json"
+_TAR_NAME = re.compile(r"[^\s'\"]+\.(?:tar|tar\.gz|tgz)\b")
+
+
+def require_webdataset() -> Any:
+    try:
+        import webdataset
+    except ImportError as error:
+        raise ImportError(
+            "reading WebDataset shards needs the `webdataset` package: pip install webdataset "
+            "(or install this package with the `shards` extra: pip install 'clip-pretrain[shards]')"
+        ) from error
+    return webdataset
+
+
+def expand_shard_pattern(pattern: str) -> list[str]:
+    """'data/{00000..00003}.tar' -> the four paths; several patterns can be joined with '::'."""
+    require_webdataset()
+    import braceexpand  # a dependency of webdataset
+
+    return [url for part in pattern.split("::") if part.strip() for url in braceexpand.braceexpand(part.strip())]
+
+
+def _is_local(url: str) -> bool:
+    scheme = urlparse(url).scheme
+    return scheme == "" or len(scheme) == 1  # a Windows drive letter is not a scheme
+
+
+def open_url(url: str) -> IO[bytes]:
+    """A binary stream for a local path, file://, pipe:command, or (with fsspec installed) any fsspec URL."""
+    if url.startswith("pipe:"):
+        return require_webdataset().gopen(url, "rb")
+    if _is_local(url):
+        return open(url, "rb")
+    if urlparse(url).scheme == "file":
+        return require_webdataset().gopen(url, "rb")
+    try:
+        import fsspec
+    except ImportError:
+        # gopen knows http(s) (through curl) and a few object stores through their command-line tools.
+        return require_webdataset().gopen(url, "rb")
+    return fsspec.open(url, "rb").open()
+
+
+def shard_name(url: str) -> str:
+    """The key a size index uses for a shard: the file name of the tar it reads (also inside a pipe: command)."""
+    if url.startswith("pipe:"):
+        match = _TAR_NAME.search(url[5:])
+        return posixpath.basename(match.group(0)) if match else url
+    return posixpath.basename(urlparse(url).path if not _is_local(url) else url.replace("\\", "/"))
+
+
+def _shard_folder(url: str) -> str | None:
+    if url.startswith("pipe:"):
+        return None
+    return posixpath.dirname(url.replace("\\", "/") if _is_local(url) else url)
+
+
+def _read_json(url: str) -> Any | None:
+    try:
+        with open_url(url) as stream:
+            return json.loads(stream.read())
+    except (OSError, ValueError, RuntimeError):  # missing file, bad JSON, a failed pipe/curl
+        return None
+
+
+def _img2dataset_count(url: str) -> int | None:
+    """img2dataset writes 00012.tar beside 00012_stats.json with the number written in "successes"."""
+    folder = _shard_folder(url)
+    if folder is None:
+        return None
+    stem = shard_name(url).split(".")[0]
+    stats = _read_json(posixpath.join(folder, f"{stem}_stats.json") if folder else f"{stem}_stats.json")
+    count = stats.get("successes") if isinstance(stats, dict) else None
+    return int(count) if isinstance(count, int) else None
+
+
+def shard_sizes(urls: list[str], size_index: str = "", num_samples: int | None = None) -> np.ndarray:
+    """Samples per shard, from (in this order) `num_samples` spread evenly, the `size_index` file, a
+    sizes.json beside the first shard, img2dataset's per-shard *_stats.json, or counting a local tar."""
+    if num_samples is not None:
+        return np.array([num_samples // len(urls) + (i < num_samples % len(urls)) for i in range(len(urls))], np.int64)
+    index_url = size_index
+    if not index_url and _shard_folder(urls[0]) is not None:
+        index_url = posixpath.join(_shard_folder(urls[0]), SIZE_INDEX_NAME) if _shard_folder(urls[0]) else SIZE_INDEX_NAME
+    index = _read_json(index_url) if index_url else None
+    if size_index and index is None:
+        raise FileNotFoundError(f"cannot read the shard size index {size_index}")
+    sizes = []
+    for url in urls:
+        count = index.get(shard_name(url)) if isinstance(index, dict) else None
+        if count is None:
+            count = _img2dataset_count(url)
+        if count is None and _is_local(url) and Path(url).is_file():
+            log.info("no size index entry for %s: counting its samples", url)
+            count = count_tar_samples(url)
+        if count is None:
+            raise ValueError(
+                f"no sample count for shard {url}: write a sizes.json beside the shards "
+                f"(python scripts/make_shards.py --index '<pattern>'), point size_index at one, "
+                f"or set num_samples for the source"
+            )
+        sizes.append(int(count))
+    return np.array(sizes, dtype=np.int64)
+
+
+class _SkipFirstSamples:
+    """A `select_files` predicate for tar_file_iterator: False for the members of the first `count` samples,
+    so their data is never read (members of one sample are consecutive and share the key before the first dot)."""
+
+    def __init__(self, count: int) -> None:
+        from webdataset.tariterators import base_plus_ext
+
+        self.split_name = base_plus_ext  # "dir/key.ext.more" -> ("dir/key", "ext.more")
+        self.count = count
+        self.samples_seen = 0
+        self.key: str | None = None
+
+    def __call__(self, name: str) -> bool:
+        key, _ = self.split_name(name)
+        if key is None:
+            return False
+        if key != self.key:
+            self.key = key
+            self.samples_seen += 1
+        return self.samples_seen > self.count
+
+
+def _close_quietly(stream: IO[bytes]) -> None:
+    try:
+        stream.close()
+    except Exception:  # a pipe: command stopped early exits with SIGPIPE; nothing to report
+        pass
+
+
+def _members(url: str, stream: IO[bytes], select_files: Any) -> Iterator[dict]:
+    from webdataset.tariterators import tar_file_iterator
+
+    for member in tar_file_iterator(stream, select_files=select_files):
+        member["__url__"] = url  # group_by_keys copies it into each sample
+        yield member
+
+
+def iterate_tar_samples(url: str, skip: int = 0) -> Iterator[dict]:
+    """Samples {"__key__": ..., ext: bytes, ...} of one shard, after skipping `skip` samples unread."""
+    require_webdataset()
+    from webdataset.tariterators import group_by_keys
+
+    stream = open_url(url)
+    try:
+        yield from group_by_keys(_members(url, stream, _SkipFirstSamples(skip)))
+    finally:
+        _close_quietly(stream)
+
+
+@dataclass
+class MissingSample:
+    """Stands in for a planned sample a shard did not deliver, so positions in the plan stay exact."""
+
+    kind: str  # "missing_shard", "shard_read_error" or "shard_too_short"
+    url: str
+    detail: str
+
+
+def read_shard_range(url: str, start: int, count: int) -> Iterator[dict | MissingSample]:
+    """Exactly `count` items: samples start..start+count-1 of the shard, and a MissingSample for each one it
+    could not deliver (the shard is missing, unreadable from some point on, or shorter than its index says)."""
+    delivered, kind, detail = 0, "shard_too_short", "fewer samples than the size index says"
+    if count <= 0:
+        return
+    samples = iterate_tar_samples(url, skip=start)
+    try:
+        for sample in samples:
+            yield sample
+            delivered += 1
+            if delivered == count:
+                return
+    except FileNotFoundError as error:
+        kind, detail = "missing_shard", str(error)
+    except Exception as error:  # tarfile.ReadError, a truncated member, a failed pipe, a network error...
+        kind, detail = "shard_read_error", f"{type(error).__name__}: {error}"
+    finally:
+        samples.close()  # closes the stream now, also when we stop before the shard's end
+    for _ in range(count - delivered):
+        yield MissingSample(kind, url, detail)
+
+
+def count_tar_samples(url: str) -> int:
+    """Samples in a shard, reading only the tar headers' names (member data is skipped)."""
+    require_webdataset()
+    counter = _SkipFirstSamples(count=2**62)  # selects nothing, counts the keys it sees
+    stream = open_url(url)
+    try:
+        for _ in _members(url, stream, counter):
+            pass
+    finally:
+        _close_quietly(stream)
+    return counter.samples_seen

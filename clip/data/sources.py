@@ -1,0 +1,155 @@
+"""Image-caption sources as the data workers see them: synthetic, manifest and shards.
+
+A source knows its layout (size, shard sizes) for the planner, iterates the raw items a `SlotPlan` assigns
+to it (`items`), and turns a raw item into caption and image bytes (`caption`, `image`). Raw items are
+cheap to skip: row numbers for synthetic and manifest sources; for shards, samples whose member data is
+only read once they are needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+from PIL import Image
+
+from .config import SourceConfig
+from .decoding import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, SkipSample, find_member
+from .manifest import read_manifest
+from .sampling import SlotPlan, SourceLayout
+from .shards import MissingSample, expand_shard_pattern, read_shard_range, require_webdataset, shard_sizes
+
+
+class SyntheticSource:
+    """`clip.data.synthetic.SyntheticCaptions` (rendered on demand, deterministic per index)."""
+
+    kind = "synthetic"
+
+    def __init__(self, name: str, config: SourceConfig, image_size: int) -> None:
+        if config.num_samples is None:
+            raise ValueError(f"data source {name}: a synthetic source needs num_samples")
+        self.name = name
+        self.num_samples = config.num_samples
+        self.image_size = config.synthetic_image_size or image_size
+        self.seed = config.synthetic_seed
+        self.layout = SourceLayout(self.num_samples, config.weight)
+        self._dataset: Any = None  # created in the worker that uses it
+
+    def _captions(self) -> Any:
+        if self._dataset is None:
+            from .synthetic import SyntheticCaptions
+
+            self._dataset = SyntheticCaptions(self.num_samples, image_size=self.image_size, seed=self.seed)
+        return self._dataset
+
+    def fingerprint(self) -> str:
+        return f"synthetic:{self.num_samples}:{self.image_size}:{self.seed}"
+
+    def items(self, plan: SlotPlan, index: int, skip: int) -> Iterator[int]:
+        return map(int, plan.rows[index][skip:])
+
+    def describe(self, row: int) -> str:
+        return f"#{row}"
+
+    def caption(self, row: int) -> str:
+        return self._captions().describe(row)["caption"]
+
+    def image(self, row: int) -> Image.Image:
+        return self._captions()[row][0]
+
+
+class ManifestSource:
+    """Rows of a CSV/TSV/JSONL manifest; image files are read when the sample is decoded."""
+
+    kind = "manifest"
+
+    def __init__(self, name: str, config: SourceConfig) -> None:
+        self.name = name
+        self.manifest = read_manifest(config.path, config.image_column, config.caption_column, config.separator)
+        self.layout = SourceLayout(len(self.manifest), config.weight)
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(self.manifest.image_paths.buffer.tobytes()).hexdigest()[:16]
+        return f"manifest:{self.manifest.path}:{len(self.manifest)}:{digest}"
+
+    def items(self, plan: SlotPlan, index: int, skip: int) -> Iterator[int]:
+        return map(int, plan.rows[index][skip:])
+
+    def describe(self, row: int) -> str:
+        return self.manifest.image_path(row)
+
+    def caption(self, row: int) -> bytes:
+        return self.manifest.captions[row]
+
+    def image(self, row: int) -> bytes:
+        path = self.manifest.image_path(row)
+        try:
+            with open(path, "rb") as file:
+                return file.read()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as error:
+            raise SkipSample("missing_file", str(error)) from None
+        except OSError as error:
+            raise SkipSample("unreadable_file", str(error)) from None
+
+
+class ShardSource:
+    """Samples of WebDataset tar shards, {"__key__", "jpg": bytes, "txt": bytes, ...} each."""
+
+    kind = "shards"
+
+    def __init__(self, name: str, config: SourceConfig) -> None:
+        require_webdataset()
+        self.name = name
+        self.urls = expand_shard_pattern(config.path)
+        if not self.urls:
+            raise ValueError(f"data source {name}: the shard pattern {config.path!r} names no shards")
+        self.sizes = shard_sizes(self.urls, config.size_index, config.num_samples)
+        self.layout = SourceLayout(int(self.sizes.sum()), config.weight, self.sizes)
+        self.image_key = config.image_column
+        self.caption_key = config.caption_column
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(("\n".join(self.urls)).encode() + self.sizes.tobytes()).hexdigest()[:16]
+        return f"shards:{len(self.urls)}:{int(self.sizes.sum())}:{digest}"
+
+    def items(self, plan: SlotPlan, index: int, skip: int) -> Iterator[dict | MissingSample]:
+        for shard, start, stop in plan.segments[index]:
+            if skip >= stop - start:
+                skip -= stop - start
+                continue
+            yield from read_shard_range(self.urls[shard], start + skip, stop - start - skip)
+            skip = 0
+
+    def describe(self, sample: dict | MissingSample) -> str:
+        if isinstance(sample, MissingSample):
+            return sample.url
+        return f"{sample.get('__url__')}:{sample.get('__key__')}"
+
+    def caption(self, sample: dict | MissingSample) -> bytes:
+        if isinstance(sample, MissingSample):
+            raise SkipSample(sample.kind, sample.detail)
+        caption = find_member(sample, self.caption_key, CAPTION_EXTENSIONS)
+        if caption is None:
+            raise SkipSample("missing_caption", f"members: {sorted(k for k in sample if not k.startswith('__'))}")
+        return caption
+
+    def image(self, sample: dict) -> bytes:
+        data = find_member(sample, self.image_key, IMAGE_EXTENSIONS)
+        if data is None:
+            raise SkipSample("missing_image", f"members: {sorted(k for k in sample if not k.startswith('__'))}")
+        return data
+
+
+Source = SyntheticSource | ManifestSource | ShardSource
+
+
+def build_source(config: SourceConfig, index: int, image_size: int) -> Source:
+    name = config.name or f"{index}:{config.kind}"
+    if config.kind == "synthetic":
+        return SyntheticSource(name, config, image_size)
+    if config.kind == "manifest":
+        return ManifestSource(name, config)
+    if config.kind == "shards":
+        return ShardSource(name, config)
+    raise ValueError(f"unknown data source kind {config.kind!r}")

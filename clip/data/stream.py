@@ -1,0 +1,208 @@
+"""The data worker: turns its slot's planned raw items into full batches, forever.
+
+Each DataLoader worker of a rank plays one slot (see `sampling.py`) and walks the concatenation of its
+epochs' plans: epoch e's raw items in window-shuffled order, then epoch e+1's, and so on, without a seam
+(the last batch of an epoch is completed with the first samples of the next, so no sample is dropped and
+every batch is full). A raw item that cannot be used is skipped and counted; the next good item takes its
+place in the batch, so a batch of B samples may consume more than B raw items.
+
+Every batch carries, besides images and token ids, a small `meta` dict: which worker made it, the worker's
+position (epoch, items consumed in that epoch) after it, and the exact per-source counts of samples used,
+skipped (by kind) and repaired while it was made. The training process sums these (workers cannot update
+its counters), and the positions are what `TrainData.state_dict()` saves: a resumed worker starts at its
+position, skipping earlier windows of its plan unread, and produces exactly the batches it would have.
+
+`rotation` maps DataLoader worker ids onto slots. torch's DataLoader asks its workers for batches strictly
+in turn (worker 0, 1, ..., 0, 1, ...) and our streams never end, so the trainer receives batches from
+slots in a fixed cycle; a resumed loader starts that cycle at the slot whose batch was due next.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .decoding import SkipLog, SkipSample, decode_caption, open_image, pil_pixel_limit, upright_rgb
+from .sampling import Planner, SlotPlan
+from .sources import Source
+from .transform import BatchImageWriter, center_crop_box, draft_size, random_crop_box
+
+_AUGMENT = 6  # seed purpose of the per-sample crop, distinct from sampling.py's
+
+# (epoch, items of that epoch consumed); (e + 1, 0) once epoch e is done.
+Position = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    rank: int
+    batch_size: int
+    image_size: int
+    context_length: int
+    shuffle_window: int
+    augment: bool
+    jpeg_draft: bool
+    max_image_pixels: int | None
+    log_every_s: float
+
+
+@dataclass
+class _Item:
+    epoch: int
+    index: int  # in the epoch's emission order
+    position: Position  # of the worker after this item
+    epoch_length: int
+    source: int
+    raw: object
+
+
+def _count(table: dict, source: str, kind: str, amount: int = 1) -> None:
+    per_source = table.setdefault(source, {})
+    per_source[kind] = per_source.get(kind, 0) + amount
+
+
+def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """In a worker, allocated in shared memory: sending it to the training process then costs no copy."""
+    if get_worker_info() is None:
+        return torch.empty(shape)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)
+    return torch.empty(0).set_(storage).view(shape)
+
+
+class SampleStream(IterableDataset):
+    """An endless stream of (images FloatTensor[B, 3, S, S], tokens LongTensor[B, ctx], meta) batches."""
+
+    def __init__(
+        self,
+        sources: list[Source],
+        planner: Planner,
+        settings: StreamSettings,
+        tokenizer: object,
+        start_positions: list[Position],
+        rotation: int = 0,
+    ) -> None:
+        self.sources = sources
+        self.planner = planner
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.start_positions = list(start_positions)
+        self.rotation = rotation
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+        info = get_worker_info()
+        worker = ((info.id if info is not None else 0) + self.rotation) % self.planner.workers_per_rank
+        items = self._items(worker, *self.start_positions[worker])
+        batches = _BatchBuilder(self, worker)
+        while True:
+            yield batches.next_batch(items)
+
+    def _items(self, worker: int, epoch: int, offset: int) -> Iterator[_Item]:
+        rank = self.settings.rank
+        while True:
+            plan = self.planner.plan(epoch, rank, worker)
+            length = len(plan)
+            for source, raw in self._epoch_items(plan, epoch, worker, offset):
+                offset += 1
+                position = (epoch + 1, 0) if offset == length else (epoch, offset)
+                yield _Item(epoch, offset - 1, position, length, source, raw)
+            epoch, offset = epoch + 1, 0
+
+    def _epoch_items(self, plan: SlotPlan, epoch: int, worker: int, start: int) -> Iterator[tuple[int, object]]:
+        """The plan's raw items in emission order from position `start`. Windows before the one holding
+        `start` are skipped without reading anything; each source's cursor starts after its items in them."""
+        window, labels = self.settings.shuffle_window, plan.labels
+        first_window = start // window
+        begin = first_window * window
+        cursors = {
+            int(index): self.sources[index].items(plan, int(index), int(np.count_nonzero(labels[:begin] == index)))
+            for index in np.unique(labels)
+        }
+        for number in range(first_window, math.ceil(len(labels) / window)):
+            block = [(label, next(cursors[label])) for label in labels[number * window : (number + 1) * window].tolist()]
+            order = self.planner.window_permutation(epoch, self.settings.rank, worker, number, len(block))
+            for j in order[start - begin if number == first_window else 0 :]:
+                yield block[j]
+
+
+class _BatchBuilder:
+    """Fills one batch at a time from a worker's items, decoding, skipping and counting."""
+
+    def __init__(self, stream: SampleStream, worker: int) -> None:
+        self.stream = stream
+        self.settings = stream.settings
+        self.worker = worker
+        self.writer = BatchImageWriter(self.settings.image_size)
+        self.draft = draft_size(self.settings.image_size, self.settings.augment) if self.settings.jpeg_draft else None
+        self.skip_log = SkipLog(self.settings.log_every_s, f"data rank {self.settings.rank} worker {worker}")
+        self.misses = 0  # raw items in a row that could not be used
+
+    def next_batch(self, items: Iterator[_Item]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        s = self.settings
+        images = _batch_tensor((s.batch_size, 3, s.image_size, s.image_size))
+        texts: list[str] = []
+        names: list[str] = []
+        meta: dict = {"worker": self.worker, "samples": {}, "skipped": {}, "repaired": {}}
+        with pil_pixel_limit(s.max_image_pixels):  # scoped: never left set while the trainer runs
+            while len(texts) < s.batch_size:
+                item = next(items)
+                source = self.stream.sources[item.source]
+                repairs: list[str] = []
+                try:
+                    caption = decode_caption(source.caption(item.raw))
+                    self._write_image(source, item, repairs, images[len(texts)])
+                except SkipSample as skip:
+                    self._skipped(source, item, skip, meta)
+                    continue
+                self.misses = 0
+                texts.append(caption)
+                names.append(source.name)
+                _count(meta["samples"], source.name, "samples")
+                for repair in repairs:
+                    _count(meta["repaired"], source.name, repair)
+                meta["position"] = item.position
+        meta["samples"] = {name: counts["samples"] for name, counts in meta["samples"].items()}
+        tokens = self._tokenize(texts, names, meta)
+        return images, tokens, meta
+
+    def _write_image(self, source: Source, item: _Item, repairs: list[str], out: torch.Tensor) -> None:
+        image = source.image(item.raw)
+        if isinstance(image, bytes):
+            image = open_image(image, self.settings.max_image_pixels, self.draft)
+        image = upright_rgb(image, repairs)
+        width, height = image.size
+        if self.settings.augment:
+            key = [self.stream.planner.seed, item.epoch, self.settings.rank, self.worker, item.index, _AUGMENT]
+            box = random_crop_box(width, height, np.random.default_rng([k % 2**64 for k in key]))
+        else:
+            box = center_crop_box(width, height)
+        self.writer.write(image, box, out)
+
+    def _skipped(self, source: Source, item: _Item, skip: SkipSample, meta: dict) -> None:
+        _count(meta["skipped"], source.name, skip.kind)
+        meta["position"] = item.position
+        self.skip_log.record(skip.kind, source.name, source.describe(item.raw), skip.detail)
+        self.misses += 1
+        if self.misses > 2 * item.epoch_length + 100:
+            raise RuntimeError(
+                f"data rank {self.settings.rank} worker {self.worker}: {self.misses} samples in a row could not be "
+                f"used (more than two epochs' worth); the latest: {source.describe(item.raw)}: {skip}. "
+                f"Skips in the current batch: {meta['skipped']}"
+            )
+
+    def _tokenize(self, texts: list[str], names: list[str], meta: dict) -> torch.Tensor:
+        """Token ids cut to the context length; cut captions are counted as caption_truncated per source."""
+        context = self.settings.context_length
+        tokenizer = self.stream.tokenizer
+        tokens = tokenizer(texts, context_length=context, truncate=True)
+        full_rows = torch.nonzero(tokens[:, -1] != 0).flatten().tolist()
+        if full_rows:  # a filled last slot is a caption that fits exactly or one that was cut: look one further
+            longer = tokenizer([texts[i] for i in full_rows], context_length=context + 1, truncate=True)
+            for row, was_cut in zip(full_rows, (longer[:, -1] != 0).tolist()):
+                if was_cut:
+                    _count(meta["repaired"], names[row], "caption_truncated")
+        return tokens

@@ -1,0 +1,83 @@
+"""The training-time image transform, written straight into a batch tensor.
+
+Same geometry and normalisation as `clip.preprocess.image_transform` (center crop of the shorter side, or a
+RandomResizedCrop over `resize_scale` of the area with aspect ratios 3/4..4/3; bicubic; CLIP mean/std), but
+computed the fast way, which `benchmarks/loader_speed.py` measures:
+- the crop box is resized in one PIL call (`resize(box=...)`) instead of resizing the whole image and then
+  cropping it, so the pixels that the crop throws away are never interpolated. The result equals
+  resize-then-crop up to sub-pixel rounding of the box (a fraction of a pixel's shift);
+- the uint8 pixels are converted and normalised in place in the batch tensor (one pass, no temporaries);
+- the random crop comes from a numpy generator seeded per sample, so augmentations replay exactly after a
+  resume and do not touch torch's global RNG.
+Evaluation keeps using `image_transform`, whose output is bit-identical to openai/CLIP's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..preprocess import OPENAI_MEAN, OPENAI_STD
+
+RESIZE_SCALE = (0.9, 1.0)  # area fraction of RandomResizedCrop, as in image_transform(train=True)
+ASPECT_RATIOS = (3 / 4, 4 / 3)
+# Above this downscale factor PIL first box-averages by an integer factor, then resamples: much faster on
+# big images, and indistinguishable in practice (Pillow's documentation for reducing_gap=3).
+REDUCING_GAP = 3.0
+
+Box = tuple[float, float, float, float]
+
+
+def center_crop_box(width: int, height: int) -> Box:
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    return left, top, left + side, top + side
+
+
+def random_crop_box(width: int, height: int, rng: np.random.Generator, scale: tuple[float, float] = RESIZE_SCALE) -> Box:
+    """A RandomResizedCrop box: area fraction uniform in `scale`, aspect ratio log-uniform in 3/4..4/3;
+    ten tries to fit in the image, then the largest centered crop with a ratio in range."""
+    area = width * height
+    log_low, log_high = math.log(ASPECT_RATIOS[0]), math.log(ASPECT_RATIOS[1])
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        ratio = math.exp(rng.uniform(log_low, log_high))
+        crop_w = round(math.sqrt(target_area * ratio))
+        crop_h = round(math.sqrt(target_area / ratio))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            left = int(rng.integers(0, width - crop_w + 1))
+            top = int(rng.integers(0, height - crop_h + 1))
+            return left, top, left + crop_w, top + crop_h
+    ratio = min(max(width / height, ASPECT_RATIOS[0]), ASPECT_RATIOS[1])
+    crop_w, crop_h = (width, round(width / ratio)) if width / height < ratio else (round(height * ratio), height)
+    left, top = (width - crop_w) / 2, (height - crop_h) / 2
+    return left, top, left + crop_w, top + crop_h
+
+
+def draft_size(image_size: int, augment: bool) -> int:
+    """The smallest side a JPEG may be decoded at so the crop still has >= image_size pixels a side."""
+    if not augment:
+        return image_size
+    smallest_side = math.sqrt(RESIZE_SCALE[0] * ASPECT_RATIOS[0])  # of the image's side, worst case
+    return math.ceil(image_size / smallest_side)
+
+
+class BatchImageWriter:
+    """Resizes RGB images into rows of a float batch tensor [B, 3, S, S] and normalises them there."""
+
+    def __init__(self, image_size: int, mean: tuple[float, ...] = OPENAI_MEAN, std: tuple[float, ...] = OPENAI_STD):
+        self.image_size = image_size
+        # (x / 255 - mean) / std  ==  x * scale + shift, per channel
+        self.scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(3, 1, 1)
+        self.shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(3, 1, 1)
+
+    def write(self, image: Image.Image, box: Box, out: torch.Tensor) -> None:
+        """out: FloatTensor[3, S, S] (a row of the batch); image: RGB."""
+        size = self.image_size
+        resized = image.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=REDUCING_GAP)
+        pixels = torch.from_numpy(np.array(resized))  # [S, S, 3] uint8 (a writable copy)
+        out.copy_(pixels.permute(2, 0, 1))  # HWC -> CHW, uint8 -> float
+        out.mul_(self.scale).add_(self.shift)

@@ -29,7 +29,7 @@ class SourceConfig:
     path: str = ""  # manifest file, or shard pattern "dir/{000000..000127}.tar" (also s3://..., pipe:cmd); "" for synthetic
     name: str = ""  # label in stats() and logs; "" = "<index>:<kind>"
     # Per-sample rate relative to the other sources: each epoch draws weight x size samples from this source
-    # (2.0 = every sample twice, 0.5 = a different half each epoch); with `resampled`, the expected share.
+    # (2.0 = every sample twice, 0.5 = half of them, the other half next epoch); with `resampled`, the expected rate.
     weight: float = 1.0
     image_column: str = "image"  # manifest column with the image path; for shards, a member extension tried first
     caption_column: str = "caption"  # manifest column with the caption; for shards, tried before "txt"

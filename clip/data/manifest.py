@@ -44,7 +44,7 @@ class Manifest:
         return str(Path(self.root, relative))  # an absolute `relative` replaces root
 
 
-def _to_bytes(text: str) -> bytes:
+def original_bytes(text: str) -> bytes:
     """Back to the file's original bytes; lone surrogates from JSON escapes (\\udXXX) stay invalid UTF-8."""
     try:
         return text.encode("utf-8", "surrogateescape")
@@ -110,8 +110,8 @@ def read_manifest(path: str, image_column: str = "image", caption_column: str = 
         if row is None:
             bad_rows += 1
             continue
-        images.append(_to_bytes(row[0]))
-        captions.append(_to_bytes(row[1]))
+        images.append(original_bytes(row[0]))
+        captions.append(original_bytes(row[1]))
     if bad_rows:
         log.warning("%s: %d rows without a usable image path or caption were left out", path, bad_rows)
     root = str(Path(path).resolve().parent)

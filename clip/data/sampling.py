@@ -2,12 +2,13 @@
 
 Every (rank, worker) pair is a *slot*; slot = rank * workers_per_rank + worker, S = world_size * workers.
 
-Exact epochs (resampled=False). Source i contributes C_i = round(weight_i * size_i) samples per epoch: the
-concatenation of fresh random orders of the source (a permutation of its rows, or of its shards with their
-samples in file order), repeated as often as the weight asks and cut at C_i. That sequence is cut into S
-contiguous ranges of C_i // S or C_i // S + 1 samples, slot s taking the s-th: every sample is planned
-exactly once per epoch (for weight 1) and slots differ by at most one sample per source, so ranks stay in
-step. A shard can straddle two slots; each reads only its own range of it.
+Exact epochs (resampled=False). Each source has one endless sequence: random orders of the source (a
+permutation of its rows, or of its shards with their samples in file order), one after the other. Epoch e
+takes the next C_i = round(weight_i * size_i) samples of it, [e * C_i, (e + 1) * C_i): with weight 1 one
+whole permutation per epoch, every sample exactly once; with 2, two; with 0.5, half a permutation, so two
+epochs see every sample once. Epoch e's range is cut into S contiguous ranges of C_i // S or C_i // S + 1
+samples, slot s taking the s-th: slots differ by at most one sample per source, so ranks stay in step. A
+shard can straddle two slots; each reads only its own range of it.
 
 Resampled (resampled=True). Each slot independently draws its share of the epoch with replacement:
 a source per sample with probability proportional to weight_i * size_i, then rows uniformly, or whole shards
@@ -72,7 +73,7 @@ def split_range(total: int, parts: int, index: int) -> tuple[int, int]:
 
 
 def _rows_in_range(size: int, first: int, stop: int, key: tuple[int, ...]) -> np.ndarray:
-    """Items [first, stop) of the concatenation of permutations `perm(key + (repeat,))` of range(size)."""
+    """Items [first, stop) of the endless concatenation of permutations `perm(key + (repeat,))` of range(size)."""
     pieces = []
     for repeat in range(first // size, (stop - 1) // size + 1) if stop > first else ():
         order = _rng(*key, repeat, _ORDER).permutation(size)
@@ -82,7 +83,7 @@ def _rows_in_range(size: int, first: int, stop: int, key: tuple[int, ...]) -> np
 
 
 def _segments_in_range(sizes: np.ndarray, first: int, stop: int, key: tuple[int, ...]) -> list[tuple[int, int, int]]:
-    """Samples [first, stop) of the concatenation of shard orders `perm(key + (repeat,))`, as
+    """Samples [first, stop) of the endless concatenation of shard orders `perm(key + (repeat,))`, as
     (shard, start, stop) ranges within shards."""
     total, segments = int(sizes.sum()), []
     for repeat in range(first // total, (stop - 1) // total + 1) if stop > first and total else ():
@@ -140,7 +141,8 @@ class Planner:
         counts = []
         for index, source in enumerate(self.sources):
             first, stop = split_range(source.samples_per_epoch, self.slots, slot)
-            key = (self.seed, epoch, index)
+            first, stop = first + epoch * source.samples_per_epoch, stop + epoch * source.samples_per_epoch
+            key = (self.seed, index)
             if source.shard_sizes is None:
                 plan.rows[index] = _rows_in_range(source.size, first, stop, key) if source.size else np.zeros(0, np.int64)
             else:

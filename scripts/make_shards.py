@@ -1,0 +1,159 @@
+"""Convert image-caption data into WebDataset shards that `[[data.sources]] kind = "shards"` reads.
+
+    python scripts/make_shards.py captions.tsv out/ --prefix cc --samples-per-shard 1000
+    python scripts/make_shards.py photos/ out/            # photos/**/x.jpg with its caption in x.txt
+    python scripts/make_shards.py --index 'out/cc-{000000..000012}.tar'   # (re)write sizes.json only
+
+Input: a manifest (.csv, .tsv or .jsonl; image paths relative to its folder) or a folder of images, each
+with a caption file of the same name and the suffix .txt. Output: PREFIX-000000.tar, PREFIX-000001.tar, ...
+with N samples each (the last one fewer), every sample stored as KEY.jpg|png|webp (the original bytes;
+other formats are converted to PNG), KEY.txt (the caption, UTF-8) and KEY.json (key, caption, source path,
+width, height, and the manifest's other fields), as img2dataset lays them out; and sizes.json, the sample
+count of each shard, which the loader needs to plan exact epochs. Samples that cannot be used (missing or
+broken images, empty or non-UTF-8 captions) are skipped and counted by kind, with the same checks as the
+training loader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+from PIL import Image
+
+from clip.data.decoding import IMAGE_EXTENSIONS, SkipSample, decode_caption, open_image, pil_pixel_limit
+from clip.data.manifest import MANIFEST_SUFFIXES, manifest_rows, original_bytes
+from clip.data.shards import SIZE_INDEX_NAME, count_tar_samples, expand_shard_pattern, require_webdataset
+from clip.preprocess import to_rgb
+
+KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as they are; anything else -> PNG
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's default decompression-bomb limit, as the loader's default
+
+
+def folder_samples(root: Path) -> Iterator[tuple[str, str | None, dict]]:
+    """(image path, caption or None when x.txt is missing, extra fields) for every image under root."""
+    suffixes = {"." + extension for extension in IMAGE_EXTENSIONS}
+    for folder, subfolders, files in os.walk(root):
+        subfolders.sort()
+        for name in sorted(files):
+            path = Path(folder, name)
+            if path.suffix.lower() not in suffixes:
+                continue
+            caption_path = path.with_suffix(".txt")
+            caption = caption_path.read_bytes().decode("utf-8", "surrogateescape") if caption_path.is_file() else None
+            yield str(path), caption, {}
+
+
+def manifest_samples(path: Path, args: argparse.Namespace) -> Iterator[tuple[str, str | None, dict] | None]:
+    root = path.resolve().parent
+    for row in manifest_rows(str(path), args.image_column, args.caption_column, args.separator):
+        yield None if row is None else (str(root / row[0]), row[1], {})
+
+
+def encode_sample(image_path: str, caption: str | None) -> tuple[str, bytes, str, tuple[int, int]]:
+    """(extension, image bytes, caption, size) ready to store, or SkipSample."""
+    if caption is None:
+        raise SkipSample("missing_caption")
+    text = decode_caption(original_bytes(caption))
+    try:
+        data = Path(image_path).read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise SkipSample("missing_file") from None
+    with pil_pixel_limit(MAX_IMAGE_PIXELS):
+        image = open_image(data, MAX_IMAGE_PIXELS, draft_size=None)  # a full decode: catches truncation
+    extension = KEPT_FORMATS.get(image.format or "")
+    if extension is None:  # e.g. BMP, GIF, TIFF: store as PNG, already upright and RGB
+        buffer = io.BytesIO()
+        to_rgb(image).save(buffer, format="PNG")
+        extension, data = "png", buffer.getvalue()
+    return extension, data, text, image.size
+
+
+def write_shards(samples: Iterator, output: Path, prefix: str, per_shard: int) -> tuple[dict[str, int], Counter]:
+    """Writes the shards and sizes.json; returns ({shard name: count}, skipped counts by kind)."""
+    webdataset = require_webdataset()
+    output.mkdir(parents=True, exist_ok=True)
+    pattern = str(output / f"{prefix}-%06d.tar")
+    skipped: Counter = Counter()
+    written = 0
+    # maxcount splits exactly every `per_shard` samples; a fixed mtime makes the tars reproducible.
+    with webdataset.ShardWriter(pattern, maxcount=per_shard, maxsize=float("inf"), verbose=0, encoder=False, mtime=0) as sink:
+        for sample in samples:
+            if sample is None:
+                skipped["bad_manifest_row"] += 1
+                continue
+            image_path, caption, extra = sample
+            try:
+                extension, data, text, (width, height) = encode_sample(image_path, caption)
+            except SkipSample as skip:
+                skipped[skip.kind] += 1
+                continue
+            key = f"{written:09d}"
+            info = {"key": key, "caption": text, "path": image_path, "width": width, "height": height, **extra}
+            sink.write({"__key__": key, extension: data, "txt": text.encode(), "json": json.dumps(info).encode()})
+            written += 1
+    shard_count = -(-written // per_shard)
+    sizes = {Path(pattern % k).name: min(per_shard, written - k * per_shard) for k in range(shard_count)}
+    if written == 0:
+        Path(pattern % 0).unlink(missing_ok=True)  # ShardWriter opens its first shard before any sample
+    (output / SIZE_INDEX_NAME).write_text(json.dumps(sizes, indent=1))
+    return sizes, skipped
+
+
+def write_index(pattern: str) -> dict[str, int]:
+    """Counts the samples of existing shards (tar headers only) and writes sizes.json beside them."""
+    urls = expand_shard_pattern(pattern)
+    folders = {str(Path(url).parent) for url in urls}
+    if len(folders) != 1:
+        raise SystemExit(f"--index: the shards must be in one local folder, got {sorted(folders)}")
+    sizes = {Path(url).name: count_tar_samples(url) for url in urls}
+    (Path(folders.pop()) / SIZE_INDEX_NAME).write_text(json.dumps(sizes, indent=1))
+    return sizes
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", nargs="?", help=f"a manifest ({', '.join(MANIFEST_SUFFIXES)}) or a folder of images + .txt captions")
+    parser.add_argument("output", nargs="?", help="folder for the shards and sizes.json")
+    parser.add_argument("--prefix", default="shard", help="shard file names: PREFIX-000000.tar, ... (default: shard)")
+    parser.add_argument("--samples-per-shard", type=int, default=1000, help="samples per shard (default: 1000)")
+    parser.add_argument("--image-column", default="image", help="manifest column with image paths (default: image)")
+    parser.add_argument("--caption-column", default="caption", help="manifest column with captions (default: caption)")
+    parser.add_argument("--separator", default="", help="manifest field separator (default: from the suffix)")
+    parser.add_argument("--index", metavar="PATTERN", help="only write sizes.json for existing shards 'dir/x-{000000..000009}.tar'")
+    args = parser.parse_args(argv)
+    if args.index is None and (args.input is None or args.output is None):
+        parser.error("give INPUT and OUTPUT, or --index PATTERN")
+    if args.samples_per_shard < 1:
+        parser.error("--samples-per-shard must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.index is not None:
+        sizes = write_index(args.index)
+        print(f"indexed {len(sizes)} shards, {sum(sizes.values())} samples")
+        return 0
+    source = Path(args.input)
+    if source.is_dir():
+        samples = folder_samples(source)
+    elif source.is_file():
+        samples = manifest_samples(source, args)
+    else:
+        raise SystemExit(f"{source} is neither a manifest file nor a folder")
+    sizes, skipped = write_shards(samples, Path(args.output), args.prefix, args.samples_per_shard)
+    print(f"wrote {sum(sizes.values())} samples in {len(sizes)} shards to {args.output}")
+    if skipped:
+        print(f"skipped {sum(skipped.values())}: " + ", ".join(f"{kind} {n}" for kind, n in sorted(skipped.items())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""build_train_data end to end on tiny shards and manifests: exactly-once epochs over ranks and workers,
+determinism, exact resume, several weighted sources, resampling."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from test_data_helpers import build, caption_of, captions, take, write_manifest, write_shards
+
+from clip.data import SourceConfig
+
+
+def shards_source(folder: Path, num_samples: int, per_shard: int, **fields) -> SourceConfig:
+    return SourceConfig(kind="shards", path=write_shards(folder, num_samples, per_shard), **fields)
+
+
+def test_two_ranks_two_workers_see_every_sample_once_per_epoch(tmp_path: Path) -> None:
+    # 40 samples over 2 ranks x 2 workers = 10 per worker = 2 batches of 5: batches end exactly at epoch ends.
+    # Shards of 6 do not line up with the workers' ranges, so some shards are read by two workers.
+    source = shards_source(tmp_path, 40, 6)
+    epochs: list[Counter] = [Counter(), Counter()]
+    for rank in range(2):
+        data = build([source], batch_size=5, rank=rank, world_size=2, workers=2)
+        assert data.samples_per_epoch == 40 and data.batches_per_epoch == 4
+        batches = take(data, 8)
+        for epoch in range(2):
+            epochs[epoch].update(captions(batches[4 * epoch : 4 * epoch + 4]))
+        assert data.stats()["epoch"] == 2
+        data.close()
+    every_sample = Counter(caption_of(i) for i in range(40))
+    assert epochs[0] == every_sample and epochs[1] == every_sample
+
+
+def test_same_seed_same_batches_other_seed_other_order(tmp_path: Path) -> None:
+    source = shards_source(tmp_path, 30, 7)
+    runs = []
+    for seed in (0, 0, 1):
+        data = build([source], batch_size=4, seed=seed, workers=2)
+        runs.append(take(data, 6))
+        data.close()
+    assert captions(runs[0]) == captions(runs[1])
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(runs[0], runs[1]))
+    assert captions(runs[0]) != captions(runs[2])
+
+
+@pytest.mark.parametrize("kind", ["manifest", "shards"])
+@pytest.mark.parametrize("augment", [False, True])
+def test_resume_mid_epoch_continues_exactly(tmp_path: Path, kind: str, augment: bool) -> None:
+    # 23 samples, 2 workers, batches of 4: batches straddle epoch ends; one sample is broken (skipped).
+    if kind == "manifest":
+        path = write_manifest(tmp_path, range(23))
+        (tmp_path / "images" / "5.jpg").write_bytes(b"not a jpeg")
+        source = SourceConfig(kind="manifest", path=str(path))
+    else:
+        source = shards_source(tmp_path, 23, 5)
+    settings = dict(batch_size=4, workers=2, prefetch_factor=2, augment=augment, shuffle_buffer=4)
+
+    uninterrupted = build([source], **settings)
+    expected = take(uninterrupted, 14)
+    expected_stats = uninterrupted.stats()
+    uninterrupted.close()
+
+    first = build([source], **settings)
+    head = take(first, 5)  # the workers have prefetched further; the state must not count that
+    state = first.state_dict()
+    first.close()
+    resumed = build([source], **settings)
+    resumed.load_state_dict(state)
+    tail = take(resumed, 9)
+    assert captions(head + tail) == captions(expected)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(head + tail, expected))
+    assert resumed.stats() == expected_stats
+    resumed.close()
+
+
+def test_resume_under_another_layout_restarts_the_epoch(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    source = shards_source(tmp_path, 20, 5)
+    data = build([source], batch_size=4, workers=2)
+    take(data, 7)  # into epoch 1
+    state = data.state_dict()
+    data.close()
+    other = build([source], batch_size=4, workers=1)
+    with caplog.at_level(logging.WARNING):
+        other.load_state_dict(state)
+    assert "workers" in caplog.text
+    assert other.state_dict()["positions"] == [[1, 0]]
+
+
+def test_several_sources_with_weights(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path / "m", range(100, 110))
+    sources = [
+        SourceConfig(kind="manifest", path=str(manifest), name="manifest", weight=2.0),
+        SourceConfig(kind="shards", path=write_shards(tmp_path / "s", 12, 5), name="shards", weight=0.5),
+    ]
+    data = build(sources, batch_size=13)  # one worker: an epoch of 10 * 2 + 12 * 0.5 = 26 samples is 2 batches
+    assert data.samples_per_epoch == 26 and data.batches_per_epoch == 2
+    batches = take(data, 4)
+    first, second = Counter(captions(batches[:2])), Counter(captions(batches[2:]))
+    for epoch in (first, second):
+        assert all(epoch[caption_of(i)] == 2 for i in range(100, 110))
+        assert sum(n for caption, n in epoch.items() if int(caption.split()[1]) < 100) == 6
+    shard_captions = {c for c in first + second if int(c.split()[1]) < 100}
+    assert shard_captions == {caption_of(i) for i in range(12)}  # the other half in the second epoch
+    stats = data.stats()
+    assert stats["sources"]["manifest"]["samples"] == 40 and stats["sources"]["shards"]["samples"] == 12
+    data.close()
+
+
+def test_resampled_mode_follows_the_weights(tmp_path: Path) -> None:
+    sources = [
+        SourceConfig(kind="shards", path=write_shards(tmp_path / "a", 20, 5), name="a", weight=3.0),
+        SourceConfig(kind="manifest", path=str(write_manifest(tmp_path / "b", range(100, 120))), name="b"),
+    ]
+    data = build(sources, batch_size=50, resampled=True, epoch_samples=200)
+    assert data.samples_per_epoch == 200 and data.batches_per_epoch == 4
+    seen = captions(take(data, 16))  # 800 samples
+    share_a = data.stats()["sources"]["a"]["samples"] / 800
+    assert share_a == pytest.approx(0.75, abs=0.05)
+    assert max(Counter(seen).values()) > 2  # drawn with replacement
+    data.close()
+
+
+def test_too_little_data_for_the_workers_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="fewer than"):
+        build([shards_source(tmp_path, 3, 2)], world_size=2, workers=2)

@@ -1,0 +1,492 @@
+"""clip.load and its parts: the released architectures, architecture inference, OpenAI-layout files (TorchScript
+archives and plain state dicts), trainer checkpoints and run directories, refusal of files that would run
+code, and clear errors for files of the wrong kind."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import pickle
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import clip.download
+import clip.loading
+from clip.architectures import RELEASED_ARCHITECTURES, ModelConfig, TextConfig, VisionConfig
+from clip.infer_architecture import ArchitectureInferenceError, infer_model_config
+from clip.loading import UnsafeFileError, WeightsFileError, convert_to_half_precision, load
+from clip.model import CLIP
+from clip.preprocess import image_transform
+from clip.released import RELEASED_WEIGHTS, ReleasedWeights
+from clip.torchscript_reader import is_torchscript_archive, read_torchscript_weights
+
+from openai_layout import (
+    half_precision_names,
+    half_round_trip,
+    openai_state_dict,
+    write_openai_archive,
+    write_openai_state_dict,
+)
+
+# Millions of parameters (total, image tower, text side) as published for OpenAI's nine models.
+PUBLISHED_PARAMETERS = {
+    "RN50": (102.01, 38.32, 63.69),
+    "RN101": (119.69, 56.26, 63.43),
+    "RN50x4": (178.30, 87.14, 91.16),
+    "RN50x16": (290.98, 167.33, 123.65),
+    "RN50x64": (623.26, 420.38, 202.88),
+    "ViT-B/32": (151.28, 87.85, 63.43),
+    "ViT-B/16": (149.62, 86.19, 63.43),
+    "ViT-L/14": (427.62, 303.97, 123.65),
+    "ViT-L/14@336px": (427.94, 304.29, 123.65),
+}
+# Widths are multiples of 64 with heads = width // 64, the convention that inference from shapes assumes.
+TINY_TEXT = TextConfig(context_length=16, vocab_size=120, width=64, heads=1, layers=2)
+TINY_VIT = ModelConfig(
+    embed_dim=32, vision=VisionConfig(kind="vit", image_size=32, width=64, layers=2, heads=1, patch_size=8), text=TINY_TEXT
+)
+TINY_RESNET = ModelConfig(
+    embed_dim=32, vision=VisionConfig(kind="resnet", image_size=64, width=8, layers=(1, 2, 1, 1), heads=4), text=TINY_TEXT
+)
+TINY = {"vit": TINY_VIT, "resnet": TINY_RESNET}
+WRITERS = {"archive": write_openai_archive, "state_dict": write_openai_state_dict}
+
+
+def tiny_model(config: ModelConfig, seed: int = 0) -> CLIP:
+    torch.manual_seed(seed)
+    model = CLIP(config).eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics and biases, so that every entry matters
+        for name, value in model.state_dict().items():
+            if name.endswith(("running_var", "bn3.weight")):
+                value.uniform_(0.5, 1.5)
+            elif name.endswith(("running_mean", "bias")):
+                value.normal_(0.0, 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def openai_files(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+    """(kind, layout) -> a file in OpenAI's layout of `tiny_model(TINY[kind])`, written once per module:
+    tracing an archive costs a few seconds on a CPU. Tests that alter a file work on a copy."""
+    folder = tmp_path_factory.mktemp("openai_files")
+    return {
+        (kind, layout): write(tiny_model(config), folder / f"{kind}-{layout}.pt")
+        for kind, config in TINY.items()
+        for layout, write in WRITERS.items()
+    }
+
+
+def copy_of(path: Path, destination: Path) -> Path:
+    destination.write_bytes(path.read_bytes())
+    return destination
+
+
+def inputs_for(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    size = config.vision.image_size
+    images = torch.randn(2, 3, size, size, generator=generator)
+    text = torch.randint(1, config.text.vocab_size - 1, (2, config.text.context_length), generator=generator)
+    text[:, 5] = config.text.vocab_size - 1  # end-of-text: the largest id
+    return images, text
+
+
+def assert_same_features(model: nn.Module, reference: nn.Module, config: ModelConfig, atol: float = 1e-5) -> None:
+    images, text = inputs_for(config)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), reference.encode_image(images), rtol=0, atol=atol)
+        torch.testing.assert_close(model.encode_text(text), reference.encode_text(text), rtol=0, atol=atol)
+
+
+def meta_model(name: str) -> CLIP:
+    with torch.device("meta"):
+        return CLIP(RELEASED_ARCHITECTURES[name])
+
+
+def reduced(config: ModelConfig) -> ModelConfig:
+    """The same kind of model at a size a CPU test can run: OpenAI's patch size, tiny widths and depths."""
+    if config.vision.kind == "vit":
+        patch = config.vision.patch_size
+        vision = VisionConfig(kind="vit", image_size=2 * patch, width=64, layers=1, heads=1, patch_size=patch)
+    else:
+        vision = VisionConfig(kind="resnet", image_size=64, width=8, layers=(1, 1, 1, 1), heads=4)
+    return ModelConfig(embed_dim=32, vision=vision, text=TINY_TEXT, activation=config.activation)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The nine released architectures (shapes and counts on the meta device)
+
+
+@pytest.mark.parametrize("name", list(RELEASED_ARCHITECTURES))
+def test_parameter_counts_match_the_published_ones(name: str) -> None:
+    model = meta_model(name)
+    counts = {"total": 0, "image": 0, "text": 0}
+    for parameter_name, parameter in model.named_parameters():
+        counts["total"] += parameter.numel()
+        if parameter_name.startswith("visual."):
+            counts["image"] += parameter.numel()
+        elif parameter_name != "logit_scale":
+            counts["text"] += parameter.numel()
+    millions = tuple(round(counts[part] / 1e6, 2) for part in ("total", "image", "text"))
+    assert millions == PUBLISHED_PARAMETERS[name]
+
+
+@pytest.mark.parametrize("name", list(RELEASED_ARCHITECTURES))
+def test_architecture_inference_recovers_each_released_config(name: str) -> None:
+    state = meta_model(name).state_dict() | {"input_resolution": torch.tensor(0)}
+    assert infer_model_config(state) == RELEASED_ARCHITECTURES[name]
+
+
+@pytest.mark.parametrize("name", list(RELEASED_ARCHITECTURES))
+def test_released_state_dict_loads_strictly_into_a_fresh_model(name: str) -> None:
+    meta_model(name).load_state_dict(meta_model(name).state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("name", list(RELEASED_ARCHITECTURES))
+def test_reduced_size_model_runs_and_reloads_strictly(name: str) -> None:
+    config = reduced(RELEASED_ARCHITECTURES[name])
+    model = tiny_model(config)
+    images, text = inputs_for(config)
+    with torch.no_grad():
+        logits_per_image, logits_per_text = model(images, text)
+    assert logits_per_image.shape == (2, 2) and torch.isfinite(logits_per_image).all()
+    torch.testing.assert_close(logits_per_text, logits_per_image.t())
+    reloaded = clip.loading.model_from_weights(clip.loading.LoadedWeights(model.state_dict()), "memory")
+    assert reloaded.config == config
+    assert_same_features(reloaded, model, config, atol=0)
+
+
+def test_released_table_covers_every_architecture_with_its_digest_in_the_url() -> None:
+    assert list(RELEASED_WEIGHTS) == list(RELEASED_ARCHITECTURES)
+    for release in RELEASED_WEIGHTS.values():
+        assert release.url.startswith("https://openaipublic.azureedge.net/clip/models/")
+        assert release.url.split("/")[-2] == release.sha256 and len(release.sha256) == 64
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files in OpenAI's layout
+
+
+@pytest.mark.parametrize("kind", list(TINY))
+@pytest.mark.parametrize("layout", list(WRITERS))
+def test_openai_layout_files_load_with_the_same_features(kind: str, layout: str, openai_files) -> None:
+    config = TINY[kind]
+    original = tiny_model(config)
+    path = openai_files[kind, layout]
+    assert is_torchscript_archive(path) == (layout == "archive")
+    model, preprocess = load(path, device="cpu")
+    assert isinstance(model, CLIP) and not model.training
+    assert model.config == config
+    assert {value.dtype for value in model.state_dict().values()} <= {torch.float32, torch.int64}
+    assert repr(preprocess) == repr(image_transform(config.vision.image_size))
+    assert_same_features(model, half_round_trip(original), config)
+
+
+def test_archive_reader_returns_what_torch_jit_load_sees(openai_files) -> None:
+    path = openai_files["resnet", "archive"]
+    weights, dropped = read_torchscript_weights(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = torch.jit.load(str(path)).state_dict()
+    assert dropped == []
+    assert list(weights) == list(expected)
+    for name, value in expected.items():
+        assert weights[name].dtype == value.dtype and torch.equal(weights[name], value), name
+    assert weights["visual.conv1.weight"].dtype == torch.float16
+    assert weights["visual.bn1.running_var"].dtype == torch.float32
+    assert int(weights["input_resolution"]) == 64
+
+
+def test_archive_reader_drops_tensor_attributes_that_are_not_weights(tmp_path: Path) -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+            self.attn_mask = torch.full((4, 4), float("-inf")).triu(1)  # a plain attribute, as in openai/CLIP
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x) + self.attn_mask
+
+    path = tmp_path / "scripted.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        torch.jit.script(Block()).save(str(path))
+    weights, dropped = read_torchscript_weights(path)
+    assert sorted(weights) == ["linear.bias", "linear.weight"]
+    assert dropped == ["attn_mask"]
+
+
+def test_loader_and_layout_agree_on_which_weights_are_half_precision() -> None:
+    model = convert_to_half_precision(tiny_model(TINY_RESNET))
+    half = {name for name, value in model.state_dict().items() if value.dtype == torch.float16}
+    assert half == half_precision_names(model)
+    vit = convert_to_half_precision(tiny_model(TINY_VIT))
+    assert {"visual.proj", "text_projection", "visual.conv1.weight"} <= half_precision_names(vit)
+    assert vit.visual.class_embedding.dtype == vit.ln_final.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", list(TINY))
+def test_half_precision_model_runs_with_float32_normalisation(kind: str) -> None:
+    # The dtype mix that clip.load uses on CUDA, exercised on the CPU (whose float16 kernels suffice here).
+    config = TINY[kind]
+    model = tiny_model(config)
+    half_model = convert_to_half_precision(copy.deepcopy(model))
+    images, text = inputs_for(config)
+    with torch.no_grad():
+        image_features = half_model.encode_image(images)
+        text_features = half_model.encode_text(text)
+        assert image_features.dtype == text_features.dtype == torch.float16
+        torch.testing.assert_close(image_features.float(), model.encode_image(images), rtol=0.02, atol=0.02)
+        torch.testing.assert_close(text_features.float(), model.encode_text(text), rtol=0.02, atol=0.02)
+
+
+def test_all_float16_state_dict_with_integer_extras_loads(tmp_path: Path) -> None:
+    original = tiny_model(TINY_VIT).half()
+    state = original.state_dict() | {"input_resolution": 32, "context_length": 16, "vocab_size": 120}
+    torch.save(state, tmp_path / "half.pt")
+    model, _ = load(tmp_path / "half.pt", device="cpu")
+    assert model.dtype == torch.float32
+    assert_same_features(model, original.float(), TINY_VIT)
+
+
+def test_wrapper_prefixes_are_stripped(tmp_path: Path) -> None:
+    original = tiny_model(TINY_VIT)
+    torch.save({f"module._orig_mod.{key}": value for key, value in original.state_dict().items()}, tmp_path / "ddp.pt")
+    model, _ = load(tmp_path / "ddp.pt", device="cpu")
+    assert_same_features(model, original, TINY_VIT, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints written by the trainer, and run directories
+
+# Two text heads of 32 channels: not the released convention, so only the recorded config gets it right.
+CUSTOM_HEADS = ModelConfig(
+    embed_dim=32,
+    vision=VisionConfig(kind="vit", image_size=32, width=64, layers=1, heads=4, patch_size=16),
+    text=TextConfig(context_length=16, vocab_size=120, width=64, heads=2, layers=1),
+    activation="gelu",
+)
+
+
+def trainer_checkpoint(model: CLIP, step: int) -> dict:
+    config = {"model": model.config.to_dict(), "optimizer": {"lr": 5e-4}, "output_dir": "runs/x"}
+    return {"format": "clip-pretrain/1", "step": step, "model": model.state_dict(), "config": config, "optimizer": {}}
+
+
+def test_trainer_checkpoint_rebuilds_the_architecture_from_its_config(tmp_path: Path) -> None:
+    original = tiny_model(CUSTOM_HEADS)
+    torch.save(trainer_checkpoint(original, 7), tmp_path / "ckpt.pt")
+    model, _ = load(tmp_path / "ckpt.pt", device="cpu")
+    assert model.config == CUSTOM_HEADS
+    assert_same_features(model, original, CUSTOM_HEADS, atol=0)
+
+
+def test_run_directory_loads_the_newest_readable_checkpoint(tmp_path: Path) -> None:
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    models = {step: tiny_model(CUSTOM_HEADS, seed=step) for step in (100, 200)}
+    for step, model in models.items():
+        torch.save(trainer_checkpoint(model, step), folder / f"step_{step:08d}.pt")
+    model, _ = load(tmp_path / "run", device="cpu")
+    assert_same_features(model, models[200], CUSTOM_HEADS, atol=0)
+
+    torn = (folder / "step_00000200.pt").read_bytes()
+    (folder / "step_00000300.pt").write_bytes(torn[: len(torn) // 2])  # a crash mid-write
+    with pytest.warns(UserWarning, match="step_00000300.pt"):
+        model, _ = load(tmp_path / "run", device="cpu")
+    assert_same_features(model, models[200], CUSTOM_HEADS, atol=0)
+
+    (folder / "latest").write_text("step_00000100.pt\n")
+    model, _ = load(tmp_path / "run", device="cpu")
+    assert_same_features(model, models[100], CUSTOM_HEADS, atol=0)
+
+
+def test_directory_without_checkpoints_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(WeightsFileError, match=r"directory without checkpoints.*step_XXXXXXXX\.pt"):
+        load(tmp_path, device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Released names: download, verification, jit
+
+
+@pytest.fixture
+def tiny_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, openai_files) -> tuple[CLIP, list]:
+    """RN50 in the release table pointed at a tiny archive behind a file:// URL, with its real SHA256; the
+    downloader is wrapped to record its calls."""
+    original = tiny_model(TINY_RESNET)
+    served = copy_of(openai_files["resnet", "archive"], tmp_path / "RN50-served.pt")
+    digest = hashlib.sha256(served.read_bytes()).hexdigest()
+    monkeypatch.setitem(RELEASED_WEIGHTS, "RN50", ReleasedWeights(url=served.as_uri(), sha256=digest))
+    calls: list = []
+    real_download = clip.download.download
+
+    def recording_download(url: str, sha256: str, root=None, **kwargs):
+        calls.append((url, sha256, root))
+        return real_download(url, sha256, root=root, progress=False)
+
+    monkeypatch.setattr(clip.download, "download", recording_download)
+    return original, calls
+
+
+def test_released_name_is_downloaded_verified_and_loaded(tmp_path: Path, tiny_release) -> None:
+    original, calls = tiny_release
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "RN50-served.pt").write_bytes(b"a stale or corrupted download")
+    with pytest.warns(UserWarning, match="SHA256"):
+        model, preprocess = load("RN50", device="cpu", download_root=cache)
+    assert calls == [(RELEASED_WEIGHTS["RN50"].url, RELEASED_WEIGHTS["RN50"].sha256, cache)]
+    assert hashlib.sha256((cache / "RN50-served.pt").read_bytes()).hexdigest() == RELEASED_WEIGHTS["RN50"].sha256
+    assert_same_features(model, half_round_trip(original), TINY_RESNET)
+
+
+def test_jit_true_returns_the_verified_torchscript_archive(tmp_path: Path, tiny_release) -> None:
+    original, _ = tiny_release
+    model, preprocess = load("RN50", device="cpu", jit=True, download_root=tmp_path / "cache")
+    assert isinstance(model, torch.jit.ScriptModule)
+    assert repr(preprocess) == repr(image_transform(64))
+    images, text = inputs_for(TINY_RESNET)
+    reference = convert_to_half_precision(half_round_trip(original))
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(text), reference.encode_text(text))
+
+
+def test_jit_true_is_refused_for_files_that_are_not_released(openai_files) -> None:
+    path = openai_files["vit", "archive"]
+    with pytest.raises(ValueError, match=r"jit=True .* only allowed for OpenAI's released archives"):
+        load(path, device="cpu", jit=True)
+
+
+def test_unknown_name_suggests_the_closest_released_one() -> None:
+    with pytest.raises(FileNotFoundError, match=r"Did you mean 'ViT-B/32'"):
+        load("ViT-B-32", device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files that would run code are refused
+
+
+class WritesMarker:
+    """Unpickling this runs `exec`, which writes a marker file: the side effect a malicious file would have."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    torch.save({"visual.proj": torch.zeros(2, 2), "payload": WritesMarker(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(UnsafeFileError, match=r"evil\.pt was refused.*could run code.*exec"):
+        load(tmp_path / "evil.pt", device="cpu")
+    assert not marker.exists()
+
+
+def _replace_data_pkl(archive: Path, destination: Path, data: bytes) -> Path:
+    with zipfile.ZipFile(archive) as source, zipfile.ZipFile(destination, "w") as target:
+        for info in source.infolist():
+            target.writestr(info, data if info.filename.endswith("/data.pkl") else source.read(info))
+    return destination
+
+
+def test_torchscript_archive_with_a_foreign_global_is_refused(tmp_path: Path, openai_files) -> None:
+    marker = tmp_path / "marker"
+    archive = openai_files["vit", "archive"]
+    evil = _replace_data_pkl(archive, tmp_path / "evil.pt", pickle.dumps(WritesMarker(marker), protocol=2))
+    assert is_torchscript_archive(evil)
+    with pytest.raises(UnsafeFileError, match=r"references (__builtin__|builtins)\.exec, which is not on the allowlist"):
+        load(evil, device="cpu")
+    assert not marker.exists()
+
+
+def test_torchscript_archive_with_inconsistent_storage_sizes_is_rejected(tmp_path: Path, openai_files) -> None:
+    archive = openai_files["vit", "archive"]
+    damaged = tmp_path / "damaged.pt"
+    with zipfile.ZipFile(archive) as source, zipfile.ZipFile(damaged, "w") as target:
+        for info in source.infolist():
+            data = source.read(info)
+            target.writestr(info, data[:-2] if info.filename.endswith("/data/0") else data)
+    with pytest.raises(WeightsFileError, match=r"record .*/data/0 holds \d+ bytes, but data\.pkl describes"):
+        load(damaged, device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files of the wrong kind
+
+
+def test_text_file_is_named_as_such(tmp_path: Path) -> None:
+    (tmp_path / "notes.pt").write_text("these are not weights\n")
+    with pytest.raises(WeightsFileError, match=r"notes\.pt is not a PyTorch weights file: it is a text file"):
+        load(tmp_path / "notes.pt", device="cpu")
+
+
+def test_empty_file_is_named_as_such(tmp_path: Path) -> None:
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(WeightsFileError, match=r"empty\.pt is empty \(0 bytes\)"):
+        load(tmp_path / "empty.pt", device="cpu")
+
+
+@pytest.mark.parametrize("layout", list(WRITERS))
+def test_truncated_file_is_reported_as_damaged(layout: str, tmp_path: Path, openai_files) -> None:
+    path = copy_of(openai_files["vit", layout], tmp_path / "model.pt")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsFileError, match=r"model\.pt is a damaged or truncated"):
+        load(path, device="cpu")
+
+
+def test_single_tensor_and_dict_without_weights_are_named(tmp_path: Path) -> None:
+    torch.save(torch.randn(3, 4), tmp_path / "tensor.pt")
+    with pytest.raises(WeightsFileError, match=r"holds a single tensor of shape \(3, 4\), not a state dict"):
+        load(tmp_path / "tensor.pt", device="cpu")
+    torch.save({"step": 3, "lr": 0.1}, tmp_path / "dict.pt")
+    with pytest.raises(WeightsFileError, match=r"holds a dict without model weights \(keys: 'step', 'lr'\)"):
+        load(tmp_path / "dict.pt", device="cpu")
+
+
+def test_state_dict_of_another_model_is_named(tmp_path: Path) -> None:
+    other = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8, 10))
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    with pytest.raises(WeightsFileError, match=r"other\.pt does not hold CLIP weights.*neither 'visual\.proj'.*'0\.weight'"):
+        load(tmp_path / "other.pt", device="cpu")
+
+
+def test_missing_unexpected_and_misshapen_entries_are_listed(tmp_path: Path) -> None:
+    state = openai_state_dict(tiny_model(TINY_RESNET))
+    del state["visual.attnpool.q_proj.bias"]
+    state["visual.extra.weight"] = torch.zeros(1)
+    state["visual.layer2.0.conv2.weight"] = torch.zeros(16, 16, 1, 1)
+    torch.save(state, tmp_path / "odd.pt")
+    with pytest.raises(WeightsFileError) as caught:
+        load(tmp_path / "odd.pt", device="cpu")
+    message = str(caught.value)
+    assert "odd.pt does not fit the ModifiedResNet (width 8, stages (1, 2, 1, 1)) at 64 px" in message
+    assert "inferred from its tensor shapes" in message
+    assert "missing (1): visual.attnpool.q_proj.bias" in message
+    assert "unexpected (1): visual.extra.weight" in message
+    assert "wrong shape (1): visual.layer2.0.conv2.weight: expected (16, 16, 3, 3), found (16, 16, 1, 1)" in message
+    assert len(message.splitlines()) == 4
+
+
+def test_extra_entry_that_contradicts_the_weights_is_an_error(tmp_path: Path) -> None:
+    state = openai_state_dict(tiny_model(TINY_VIT)) | {"input_resolution": torch.tensor(224)}
+    torch.save(state, tmp_path / "model.pt")
+    with pytest.raises(WeightsFileError, match=r"input_resolution entry says 224, but its weights are for .* 32"):
+        load(tmp_path / "model.pt", device="cpu")
+
+
+def test_inference_refuses_widths_outside_the_released_head_convention() -> None:
+    config = ModelConfig(
+        embed_dim=16,
+        vision=VisionConfig(kind="vit", image_size=16, width=48, layers=1, heads=3, patch_size=8),
+        text=TINY_TEXT,
+    )
+    with pytest.raises(ArchitectureInferenceError, match=r"width 48 .* not a multiple of 64"):
+        infer_model_config(CLIP(config).state_dict())

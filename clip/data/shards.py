@@ -161,24 +161,33 @@ def _close_quietly(stream: IO[bytes]) -> None:
         pass
 
 
-def _members(url: str, stream: IO[bytes], select_files: Any) -> Iterator[dict]:
+def _members(url: str, stream: IO[bytes], select_files: Any, errors: list[Exception]) -> Iterator[dict]:
+    """The shard's selected members as {"fname", "data", "__url__"}; a read error ends them and is kept in
+    `errors`, so that group_by_keys still hands out the sample read before it."""
     from webdataset.tariterators import tar_file_iterator
 
-    for member in tar_file_iterator(stream, select_files=select_files):
-        member["__url__"] = url  # group_by_keys copies it into each sample
-        yield member
+    try:
+        for member in tar_file_iterator(stream, select_files=select_files):
+            member["__url__"] = url  # group_by_keys copies it into each sample
+            yield member
+    except Exception as error:  # tarfile.ReadError on a truncated tar, a failed pipe, a network error...
+        errors.append(error)
 
 
 def iterate_tar_samples(url: str, skip: int = 0) -> Iterator[dict]:
-    """Samples {"__key__": ..., ext: bytes, ...} of one shard, after skipping `skip` samples unread."""
+    """Samples {"__key__": ..., ext: bytes, ...} of one shard, after skipping `skip` samples unread. A read
+    error is raised after the samples read before it (the last of which may lack members)."""
     require_webdataset()
     from webdataset.tariterators import group_by_keys
 
+    errors: list[Exception] = []
     stream = open_url(url)
     try:
-        yield from group_by_keys(_members(url, stream, _SkipFirstSamples(skip)))
+        yield from group_by_keys(_members(url, stream, _SkipFirstSamples(skip), errors))
     finally:
         _close_quietly(stream)
+    if errors:
+        raise errors[0]
 
 
 @dataclass
@@ -217,10 +226,13 @@ def count_tar_samples(url: str) -> int:
     """Samples in a shard, reading only the tar headers' names (member data is skipped)."""
     require_webdataset()
     counter = _SkipFirstSamples(count=2**62)  # selects nothing, counts the keys it sees
+    errors: list[Exception] = []
     stream = open_url(url)
     try:
-        for _ in _members(url, stream, counter):
+        for _ in _members(url, stream, counter, errors):
             pass
     finally:
         _close_quietly(stream)
+    if errors:
+        raise errors[0]
     return counter.samples_seen

@@ -179,7 +179,7 @@ class _BatchBuilder:
             key = [self.stream.planner.seed, item.epoch, self.settings.rank, self.worker, item.index, _AUGMENT]
             box = random_crop_box(width, height, np.random.default_rng([k % 2**64 for k in key]))
         else:
-            box = center_crop_box(width, height)
+            box = center_crop_box(width, height, self.settings.image_size)
         self.writer.write(image, box, out)
 
     def _skipped(self, source: Source, item: _Item, skip: SkipSample, meta: dict) -> None:

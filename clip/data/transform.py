@@ -1,15 +1,19 @@
 """The training-time image transform, written straight into a batch tensor.
 
-Same geometry and normalisation as `clip.preprocess.image_transform` (center crop of the shorter side, or a
-RandomResizedCrop over `resize_scale` of the area with aspect ratios 3/4..4/3; bicubic; CLIP mean/std), but
-computed the fast way, which `benchmarks/loader_speed.py` measures:
+Same result as `clip.preprocess.image_transform` (bicubic resize of the shorter side, center crop, CLIP
+mean/std; or a RandomResizedCrop over `resize_scale` of the area with aspect ratios 3/4..4/3), computed the
+fast way, which `benchmarks/loader_speed.py` measures:
 - the crop box is resized in one PIL call (`resize(box=...)`) instead of resizing the whole image and then
-  cropping it, so the pixels that the crop throws away are never interpolated. The result equals
-  resize-then-crop up to sub-pixel rounding of the box (a fraction of a pixel's shift);
-- the uint8 pixels are converted and normalised in place in the batch tensor (one pass, no temporaries);
+  cropping it, so the pixels the crop throws away are never interpolated. For the center crop the box is
+  the one image_transform ends up showing (`center_crop_box`): the output differs from image_transform's by
+  at most one grey level on a few pixels (float rounding of the box);
+- JPEGs may be decoded at 1/2, 1/4 or 1/8 scale (`draft`), and images more than 6x larger than the target
+  are first shrunk by an integer factor (`reducing_gap`): faster, and slightly different pixels from a
+  full-resolution resize of such large images;
+- the uint8 pixels are converted and normalised in place in the batch tensor (no temporaries);
 - the random crop comes from a numpy generator seeded per sample, so augmentations replay exactly after a
   resume and do not touch torch's global RNG.
-Evaluation keeps using `image_transform`, whose output is bit-identical to openai/CLIP's.
+Evaluation keeps using `image_transform`.
 """
 
 from __future__ import annotations
@@ -24,17 +28,23 @@ from ..preprocess import OPENAI_MEAN, OPENAI_STD
 
 RESIZE_SCALE = (0.9, 1.0)  # area fraction of RandomResizedCrop, as in image_transform(train=True)
 ASPECT_RATIOS = (3 / 4, 4 / 3)
-# Above this downscale factor PIL first box-averages by an integer factor, then resamples: much faster on
-# big images, and indistinguishable in practice (Pillow's documentation for reducing_gap=3).
+# PIL first box-averages by an integer factor when that still leaves >= 3x the target size, then resamples:
+# much faster on big images, and by Pillow's documentation indistinguishable from a direct resize at 3.
 REDUCING_GAP = 3.0
 
 Box = tuple[float, float, float, float]
 
 
-def center_crop_box(width: int, height: int) -> Box:
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    return left, top, left + side, top + side
+def center_crop_box(width: int, height: int, size: int) -> Box:
+    """The source-pixel box that `image_transform(size)` (resize the shorter side to `size`, truncating the
+    longer one to an integer; center crop, offsets rounded) ends up showing. Resizing this box straight to
+    size x size samples the same source positions with the same filter scale, so the result is the same."""
+    short, long = sorted((width, height))
+    resized_long = int(size * long / short)
+    resized_w, resized_h = (size, resized_long) if width <= height else (resized_long, size)
+    left, top = round((resized_w - size) / 2), round((resized_h - size) / 2)
+    scale_x, scale_y = width / resized_w, height / resized_h
+    return left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y
 
 
 def random_crop_box(width: int, height: int, rng: np.random.Generator, scale: tuple[float, float] = RESIZE_SCALE) -> Box:

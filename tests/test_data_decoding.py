@@ -1,0 +1,187 @@
+"""Bad input never stops a run: each kind of broken sample is skipped or repaired, and counted exactly."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_data_helpers import IMAGE_SIZE, build, caption_of, captions, image_bytes, take
+
+from clip.data import SourceConfig
+from clip.data.decoding import SkipLog, SkipSample, decode_caption, open_image, pil_pixel_limit, upright_rgb
+from clip.data.transform import BatchImageWriter, center_crop_box, random_crop_box
+from clip.preprocess import OPENAI_STD, image_transform
+
+PIXEL_LIMIT = 2000  # the test images are 24 x 20 = 480 pixels
+
+
+def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def rgb_image(size: tuple[int, int] = (24, 20), seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def exif_rotated_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
+    return encoded(rgb_image(), "JPEG", exif=exif)
+
+
+def sixteen_bit_png() -> bytes:
+    image = Image.fromarray(np.full((20, 24), 40000, dtype=np.uint16))  # mode I;16
+    return encoded(image, "PNG")
+
+
+# (file name, image bytes or None for a missing file, caption bytes)
+REPAIRED = {
+    "palette.png": (lambda: encoded(rgb_image().convert("P"), "PNG"), "converted_to_rgb"),
+    "cmyk.jpg": (lambda: encoded(rgb_image().convert("CMYK"), "JPEG"), "converted_to_rgb"),
+    "sixteen.png": (sixteen_bit_png, "converted_to_rgb"),
+    "alpha.png": (lambda: encoded(rgb_image().convert("RGBA"), "PNG"), "converted_to_rgb"),
+    "rotated.jpg": (exif_rotated_jpeg, "exif_rotated"),
+}
+SKIPPED = {
+    "missing.jpg": (None, b"a fine caption", "missing_file"),
+    "empty.jpg": (b"", b"a fine caption", "empty_file"),
+    "truncated.jpg": (image_bytes(99)[:300], b"a fine caption", "truncated"),
+    "text.jpg": (b"<html>not an image</html>", b"a fine caption", "not_an_image"),
+    "bomb.png": (encoded(rgb_image((50, 50)), "PNG"), b"a fine caption", "decompression_bomb"),  # 2500 > limit
+    "bigbomb.png": (encoded(rgb_image((70, 70)), "PNG"), b"a fine caption", "decompression_bomb"),  # > 2x limit
+    "nocaption.jpg": (image_bytes(98), b"   ", "empty_caption"),
+    "badutf8.jpg": (image_bytes(97), b"caf\xe9 au lait", "bad_utf8"),
+}
+
+
+def write_bad_manifest(folder: Path) -> tuple[Path, list[str]]:
+    """Ten plain samples, five images needing repair, one over-long caption, and one sample of each kind
+    that must be skipped. Returns the manifest and the captions of the usable samples."""
+    rows, good = [], []
+    for i in range(10):
+        (folder / f"{i}.jpg").write_bytes(image_bytes(i))
+        rows.append((f"{i}.jpg", caption_of(i).encode()))
+        good.append(caption_of(i))
+    for number, (name, (make, _)) in enumerate(REPAIRED.items(), start=10):
+        (folder / name).write_bytes(make())
+        rows.append((name, caption_of(number).encode()))
+        good.append(caption_of(number))
+    (folder / "long.jpg").write_bytes(image_bytes(15))
+    rows.append(("long.jpg", (caption_of(15) + " and on" * 30).encode()))
+    good.append(caption_of(15))
+    for name, (data, caption, _) in SKIPPED.items():
+        if data is not None:
+            (folder / name).write_bytes(data)
+        rows.append((name, caption))
+    manifest = folder / "train.csv"
+    manifest.write_bytes(b"image,caption\n" + b"".join(name.encode() + b"," + caption + b"\n" for name, caption in rows))
+    return manifest, good
+
+
+def test_an_epoch_of_bad_input_completes_with_exact_counts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    manifest, good = write_bad_manifest(tmp_path)
+    source = SourceConfig(kind="manifest", path=str(manifest), name="bad")
+    # Batches of 4 take exactly the 16 usable samples; with a seed whose epoch order ends on a usable sample,
+    # four batches consume exactly one epoch (position [1, 0]), so every count below is one epoch's.
+    for seed in range(40):
+        data = build([source], batch_size=4, seed=seed, max_image_pixels=PIXEL_LIMIT)
+        with caplog.at_level(logging.WARNING, logger="clip.data.decoding"):
+            batches = take(data, 4)
+        if data.state_dict()["positions"] == [[1, 0]]:
+            break
+        data.close()
+    else:
+        pytest.fail("no seed ends the epoch on a usable sample")
+    seen = [caption[: len(caption_of(0))] for caption in captions(batches)]
+    assert Counter(seen) == Counter(good)  # every usable sample once, including the repaired ones
+    stats = data.stats()
+    assert stats["sources"]["bad"] == {
+        "samples": 16,
+        "skipped": dict(Counter(kind for _, _, kind in SKIPPED.values())),
+        "repaired": {"converted_to_rgb": 4, "exif_rotated": 1, "caption_truncated": 1},
+    }
+    assert stats["skipped"] == len(SKIPPED) and stats["epoch"] == 1
+    assert all(torch.isfinite(images).all() for images, _ in batches)
+    assert "skipped 1 missing_file sample(s)" in caplog.text  # one rate-limited line per kind
+    summary = data.epoch_summary()
+    assert "bad: 16 samples" in summary and "decompression_bomb 2" in summary and "caption_truncated 1" in summary
+    assert "0 samples" in data.epoch_summary()  # counts since the previous summary
+    data.close()
+    assert Image.MAX_IMAGE_PIXELS != PIXEL_LIMIT  # the limit was set only while decoding
+
+
+def test_open_image_classifies_failures() -> None:
+    with pil_pixel_limit(PIXEL_LIMIT):
+        for name, (data, _, kind) in SKIPPED.items():
+            if data is None or kind in ("empty_caption", "bad_utf8"):
+                continue
+            with pytest.raises(SkipSample) as error:
+                open_image(data, PIXEL_LIMIT, draft_size=None)
+            assert error.value.kind == kind, name
+    previous = Image.MAX_IMAGE_PIXELS
+    with pil_pixel_limit(None):  # disabled: a big image decodes
+        assert open_image(SKIPPED["bigbomb.png"][0], None, None).size == (70, 70)
+    assert Image.MAX_IMAGE_PIXELS == previous
+
+
+def test_repairs_give_upright_rgb() -> None:
+    for name, (make, repair) in REPAIRED.items():
+        repairs: list[str] = []
+        image = upright_rgb(open_image(make(), None, None), repairs)
+        assert image.mode == "RGB" and repairs == [repair], name
+        assert image.size == ((20, 24) if name == "rotated.jpg" else (24, 20)), name
+    sixteen = upright_rgb(open_image(sixteen_bit_png(), None, None), [])
+    assert np.asarray(sixteen).mean() == pytest.approx(40000 / 65535 * 255, abs=1)  # scaled, not clipped
+
+
+def test_captions() -> None:
+    assert decode_caption(b"  a cat \n") == "a cat"
+    for raw, kind in [(b"", "empty_caption"), (b" \t", "empty_caption"), (b"\xff\xfe", "bad_utf8")]:
+        with pytest.raises(SkipSample) as error:
+            decode_caption(raw)
+        assert error.value.kind == kind
+
+
+def test_jpeg_draft_decodes_at_reduced_size_but_not_below_target() -> None:
+    data = encoded(rgb_image((500, 375)), "JPEG")
+    assert open_image(data, None, draft_size=224).size == (500, 375)  # 1/2 would be 188 < 224
+    assert open_image(data, None, draft_size=90).size == (125, 94)  # 1/4 keeps both sides >= 90
+    assert open_image(data, None, draft_size=None).size == (500, 375)
+
+
+def test_skip_log_is_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
+    log = SkipLog(interval_s=3600, where="test")
+    with caplog.at_level(logging.WARNING, logger="clip.data.decoding"):
+        for i in range(5):
+            log.record("truncated", "src", f"file{i}", "detail")
+        log.record("not_an_image", "src", "x", "")
+    assert len(caplog.records) == 2
+
+
+def test_batch_writer_matches_image_transform() -> None:
+    # Resizing image_transform's crop box directly gives its pixels, up to one grey level of box rounding.
+    one_grey_level = 1.01 / (255 * min(OPENAI_STD))
+    rng = np.random.default_rng(0)
+    for width, height, size in [(120, 90, 16), (500, 375, 224), (375, 500, 224), (225, 224, 224), (1000, 300, 224)]:
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        out = torch.empty(3, size, size)
+        BatchImageWriter(size).write(image, center_crop_box(width, height, size), out)
+        difference = (out - image_transform(size)(image)).abs()
+        assert difference.max() <= one_grey_level and difference.mean() < 1e-4, (width, height)
+
+
+def test_random_crop_box_is_seeded_and_inside_the_image() -> None:
+    boxes = [random_crop_box(120, 90, np.random.default_rng(seed)) for seed in range(50)]
+    assert boxes[3] == random_crop_box(120, 90, np.random.default_rng(3))
+    for left, top, right, bottom in boxes:
+        assert 0 <= left < right <= 120 and 0 <= top < bottom <= 90
+        assert 0.9 * 120 * 90 - 200 <= (right - left) * (bottom - top) <= 120 * 90
+    assert len(set(boxes)) > 10

@@ -1,0 +1,327 @@
+"""Byte-level BPE tokenizer that gives, id for id, the tokens of OpenAI's CLIP tokenizer.
+
+The algorithm is OpenAI's: clean the text (ftfy, HTML entities, whitespace, lower case), split it into
+pieces with one regular expression, write each piece's UTF-8 bytes in a printable 256-character alphabet,
+and merge adjacent symbols by the rank of the merge in OpenAI's merges file, marking the end of each piece
+with '</w>'. What differs is only how fast the same ids come out:
+
+- ftfy and HTML unescaping are skipped for text they provably leave unchanged (see `_needs_full_cleaning`),
+  which is most English captions; they cost more than everything else together.
+- Whitespace-separated chunks ("cat," or "photo") are encoded once and their ids kept in a bounded cache.
+  That is exact because no piece of the pre-tokenising expression contains whitespace.
+- The merge loop looks ranks up for all adjacent pairs at once and merges every occurrence of the best one.
+- A batch becomes a tensor through one numpy fill rather than one small tensor per caption.
+
+Nothing is loaded at import time: `Tokenizer()` reads the merges file (downloading it into the cache when
+missing) and `get_tokenizer()` builds one shared instance on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import html
+import itertools
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import ftfy
+import numpy as np
+import regex
+import torch
+
+from .download import download
+
+MERGES_URL = "https://openaipublic.azureedge.net/clip/bpe_simple_vocab_16e6.txt.gz"
+MERGES_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+
+START_OF_TEXT = "<|startoftext|>"
+END_OF_TEXT = "<|endoftext|>"
+END_OF_WORD = "</w>"
+NUM_BYTE_TOKENS = 256
+NUM_SPECIAL_TOKENS = 2
+# OpenAI learnt a 49152-entry BPE vocabulary that counts the 256 byte tokens and the 2 special tokens, so the
+# file's first 48894 merges (after its one header line) are the ones in use; the rest of the file is unused.
+BPE_VOCAB_SIZE = 49152
+NUM_MERGES = BPE_VOCAB_SIZE - NUM_BYTE_TOKENS - NUM_SPECIAL_TOKENS
+MERGES_HEADER_LINES = 1
+# Each byte appears twice, inside a word and word-final (with '</w>'); then one token per merge, then the specials.
+VOCAB_SIZE = 2 * NUM_BYTE_TOKENS + NUM_MERGES + NUM_SPECIAL_TOKENS  # 49408
+FIRST_MERGE_ID = 2 * NUM_BYTE_TOKENS
+DEFAULT_CONTEXT_LENGTH = 77
+
+# OpenAI's pre-tokeniser: special tokens, English contractions, letter runs, single digits, and runs of
+# anything else that is neither whitespace, letter nor digit. No alternative can match whitespace.
+PIECE_PATTERN = (
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+)
+# Text that ftfy.fix_text and html.unescape might change (the complement is checked in the docstring of
+# `_needs_full_cleaning` and tested against ftfy): ASCII control characters other than tab and newline,
+# and '&' followed by anything but whitespace (HTML entities need a '#', a letter or a digit after the '&').
+_UNSAFE_ASCII = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]|&(?=[^ \t\n])")
+# Longer chunks and pieces are rare enough that caching them would only cost memory.
+MAX_CACHED_CHARS = 64
+DEFAULT_CACHE_ENTRIES = 100_000
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """The GPT-2 bijection from bytes to printable characters, in vocabulary order.
+
+    Bytes that are printable Latin-1 characters stand for themselves; the other 68 (controls, space, NBSP,
+    soft hyphen) are given the characters from U+0100 on, in byte order, so that no token contains
+    whitespace or control characters. The dict's order is the order of the first 256 token ids.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [byte for byte in range(NUM_BYTE_TOKENS) if byte not in set(printable)]
+    mapping = {byte: chr(byte) for byte in printable}
+    mapping.update({byte: chr(NUM_BYTE_TOKENS + index) for index, byte in enumerate(others)})
+    return mapping
+
+
+def read_merges(path: str | Path) -> list[tuple[str, str]]:
+    """The merges in rank order from a gzipped merges file (one 'left right' pair a line after a header)."""
+    with gzip.open(path, "rt", encoding="utf-8") as file:
+        lines = file.read().split("\n")
+    selected = lines[MERGES_HEADER_LINES : MERGES_HEADER_LINES + NUM_MERGES]
+    merges = [tuple(line.split()) for line in selected]
+    if len(merges) != NUM_MERGES or any(len(pair) != 2 for pair in merges):
+        raise ValueError(f"{path} is not a CLIP merges file: expected {NUM_MERGES} lines of 'left right' pairs")
+    return merges  # type: ignore[return-value]
+
+
+def clean_text(text: str) -> str:
+    """OpenAI's normalisation: ftfy, HTML entities (twice, for doubly escaped text), whitespace, lower case."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return regex.sub(r"\s+", " ", text).strip().lower()
+
+
+def _needs_full_cleaning(text: str) -> bool:
+    """False when `clean_text(text)` is just whitespace collapsing and lower-casing.
+
+    That holds for ASCII text without control characters other than tab and newline, in which every '&' is
+    followed by whitespace or ends the text. On such text each ftfy fixer is the identity: mojibake detection
+    returns ASCII unchanged; the HTML, ligature, width, quote, surrogate, C1, line-break and terminal-escape
+    fixers only match '&#'/'&' + alphanumerics, non-ASCII characters, '\\r' or ESC; control-character removal
+    spares tab and newline; NFC leaves ASCII alone. html.unescape only rewrites '&' followed by '#' or by a
+    character other than whitespace, '<', '&' or ';'. tests/test_tokenizer.py checks this against ftfy.
+    """
+    return not text.isascii() or _UNSAFE_ASCII.search(text) is not None
+
+
+class Tokenizer:
+    """OpenAI's CLIP BPE tokenizer: 49408 token ids, `<|startoftext|>` = 49406, `<|endoftext|>` = 49407.
+
+    Args:
+        merges_path: a gzipped merges file; default: OpenAI's, from the cache folder (downloaded and
+            SHA256-checked when missing).
+        cache_entries: how many whitespace-separated chunks, and how many pieces, to remember the ids of; a
+            cache is emptied when full, so memory stays bounded on any stream of text.
+    """
+
+    def __init__(self, merges_path: str | Path | None = None, cache_entries: int = DEFAULT_CACHE_ENTRIES) -> None:
+        if merges_path is None:
+            merges_path = download(MERGES_URL, MERGES_SHA256)
+        self.merges = read_merges(merges_path)
+        byte_alphabet = bytes_to_unicode()
+        byte_tokens = list(byte_alphabet.values())
+        vocab = [*byte_tokens, *(token + END_OF_WORD for token in byte_tokens)]
+        vocab += [left + right for left, right in self.merges]  # the token of merge k has id FIRST_MERGE_ID + k
+        vocab += [START_OF_TEXT, END_OF_TEXT]
+        self.vocab: list[str] = vocab  # id -> token
+        self.encoder: dict[str, int] = {token: token_id for token_id, token in enumerate(vocab)}
+        if len(self.encoder) != len(vocab):
+            raise ValueError(f"{merges_path} is not a CLIP merges file: some merges give the same token")
+        # BPE works on ids: a symbol starts as a byte character's id (or its '</w>' twin's at the end of a
+        # piece), and a pair of ids (left, right) is keyed as left * vocab size + right to find its merge rank.
+        encoder = self.encoder
+        self._pair_ranks: dict[int, int] = {
+            encoder[left] * len(vocab) + encoder[right]: rank for rank, (left, right) in enumerate(self.merges)
+        }
+        self._byte_ids = {char: token_id for token_id, char in enumerate(byte_tokens)}
+        self._final_byte_ids = {char: token_id + NUM_BYTE_TOKENS for token_id, char in enumerate(byte_tokens)}
+        self.sot_token_id = self.encoder[START_OF_TEXT]
+        self.eot_token_id = self.encoder[END_OF_TEXT]
+        self.vocab_size = len(vocab)
+        self._special_ids = {START_OF_TEXT: self.sot_token_id, END_OF_TEXT: self.eot_token_id}
+        # Latin-1 turns bytes into the characters U+0000..U+00FF one for one; this table then maps them to the
+        # printable alphabet, so a piece's UTF-8 bytes are re-spelled with one C-level translate().
+        self._byte_spelling = str.maketrans({chr(byte): char for byte, char in byte_alphabet.items()})
+        self._byte_unspelling = str.maketrans({char: chr(byte) for byte, char in byte_alphabet.items()})
+        self._piece_pattern = regex.compile(PIECE_PATTERN, regex.IGNORECASE)
+        self._cache_entries = cache_entries
+        self._chunk_ids: dict[str, tuple[int, ...]] = {}  # whitespace-separated chunk -> ids
+        self._piece_ids: dict[str, tuple[int, ...]] = {}  # piece of the pre-tokeniser -> ids
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers receive a copy; the cache is cheap to refill and not worth pickling.
+        return {**self.__dict__, "_chunk_ids": {}, "_piece_ids": {}}
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without the start and end tokens."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        if _needs_full_cleaning(text):
+            chunks = clean_text(text).split(" ")
+        else:  # Equal to clean_text(text).split(" ") here, minus the work; see _needs_full_cleaning.
+            chunks = text.lower().split()
+        cache = self._chunk_ids
+        ids: list[int] = []
+        for chunk in chunks:
+            chunk_ids = cache.get(chunk)
+            if chunk_ids is None:
+                chunk_ids = self._encode_chunk(chunk)
+                self._remember(cache, chunk, chunk_ids)
+            ids += chunk_ids
+        return ids
+
+    def _encode_chunk(self, chunk: str) -> tuple[int, ...]:
+        """Ids of cleaned text that contains no space."""
+        cache = self._piece_ids
+        ids: list[int] = []
+        for piece in self._piece_pattern.findall(chunk):
+            piece_ids = cache.get(piece)
+            if piece_ids is None:
+                special_id = self._special_ids.get(piece)
+                if special_id is not None:
+                    ids.append(special_id)
+                    continue
+                piece_ids = self._encode_piece(piece)
+                self._remember(cache, piece, piece_ids)
+            ids += piece_ids
+        return tuple(ids)
+
+    def _encode_piece(self, piece: str) -> tuple[int, ...]:
+        if not piece.isascii():  # printable ASCII already spells itself in the byte alphabet
+            piece = piece.encode("utf-8").decode("latin-1").translate(self._byte_spelling)
+        return tuple(self._merge_ids(piece))
+
+    def _remember(self, cache: dict[str, tuple[int, ...]], text: str, ids: tuple[int, ...]) -> None:
+        # Emptying a full cache is cruder than LRU eviction but costs nothing per hit, and it bounds memory.
+        if len(text) <= MAX_CACHED_CHARS:
+            if len(cache) >= self._cache_entries:
+                cache.clear()
+            cache[text] = ids
+
+    def _merge_ids(self, word: str) -> list[int]:
+        """BPE: starting from single characters (the last one marked '</w>'), apply the lowest-ranked merge
+        among adjacent pairs, at every non-overlapping occurrence from the left, until no pair has a merge.
+
+        Only the two pairs around a merge change, so their ranks are updated in place rather than all ranks
+        recomputed after every merge; together with integer pair keys this makes a new word about 2x faster.
+        """
+        ids = [self._byte_ids[char] for char in word[:-1]]
+        ids.append(self._final_byte_ids[word[-1]])
+        ranks = self._pair_ranks
+        vocab_size = self.vocab_size
+        no_merge = NUM_MERGES  # ranks run 0..NUM_MERGES-1
+        pair_ranks = [ranks.get(left * vocab_size + right, no_merge) for left, right in zip(ids, ids[1:])]
+        while pair_ranks:
+            best_rank = min(pair_ranks)
+            if best_rank == no_merge:
+                break
+            merged = FIRST_MERGE_ID + best_rank
+            # One left-to-right pass over the occurrences, as in OpenAI's loop. Nothing left of the merge can
+            # equal best_rank (it was the leftmost occurrence, and a pair holding the merged token is another
+            # pair), so the next occurrence is found from the start.
+            while best_rank in pair_ranks:
+                position = pair_ranks.index(best_rank)
+                ids[position] = merged
+                del ids[position + 1]
+                del pair_ranks[position]
+                if position > 0:
+                    pair_ranks[position - 1] = ranks.get(ids[position - 1] * vocab_size + merged, no_merge)
+                if position < len(pair_ranks):
+                    pair_ranks[position] = ranks.get(merged * vocab_size + ids[position + 1], no_merge)
+        return ids
+
+    def decode(self, ids: Sequence[int] | torch.Tensor | np.ndarray, skip_special_tokens: bool = True) -> str:
+        """Text of token ids; like OpenAI's, every word-final token ends in a space ("a photo " for "a photo").
+
+        With `skip_special_tokens`, the start token is dropped and decoding stops at the first end token, so
+        that a padded row of `tokenize()` decodes to its text. Without it, special tokens are spelled out.
+        """
+        if isinstance(ids, (torch.Tensor, np.ndarray)):
+            ids = ids.tolist()
+        ids = [_as_token_id(token_id, self.vocab_size) for token_id in ids]
+        if skip_special_tokens:
+            if self.eot_token_id in ids:
+                ids = ids[: ids.index(self.eot_token_id)]
+            ids = [token_id for token_id in ids if token_id != self.sot_token_id]
+        spelled = "".join(self.vocab[token_id] for token_id in ids)
+        utf8 = spelled.translate(self._byte_unspelling).encode("latin-1")
+        return utf8.decode("utf-8", errors="replace").replace(END_OF_WORD, " ")
+
+    def __call__(
+        self, texts: str | Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH, truncate: bool = False
+    ) -> torch.Tensor:
+        """LongTensor[N, context_length]: start token, text tokens, end token, then zeros, one row per text.
+
+        Raises ValueError when a text does not fit, unless `truncate`: then its tokens are cut so that the end
+        token is the last one kept.
+        """
+        texts = _as_text_list(texts)
+        if isinstance(context_length, bool) or not isinstance(context_length, int):
+            raise TypeError(f"context_length must be an int, got {type(context_length).__name__}")
+        if context_length < 2:
+            raise ValueError(f"context_length must be at least 2 (start and end tokens), got {context_length}")
+        rows = [self.encode(text) for text in texts]
+        max_text_tokens = context_length - 2
+        for index, row in enumerate(rows):
+            if len(row) > max_text_tokens:
+                if not truncate:
+                    raise ValueError(_too_long_message(texts[index], len(row) + 2, context_length))
+                rows[index] = row[:max_text_tokens]
+        # Fill all rows at once: a row-major boolean mask takes the flat ids in order.
+        lengths = np.fromiter((len(row) + 2 for row in rows), dtype=np.int64, count=len(rows))
+        flat_ids = np.fromiter(
+            itertools.chain.from_iterable((self.sot_token_id, *row, self.eot_token_id) for row in rows),
+            dtype=np.int64,
+            count=int(lengths.sum()),
+        )
+        tokens = np.zeros((len(rows), context_length), dtype=np.int64)
+        tokens[np.arange(context_length) < lengths[:, None]] = flat_ids
+        return torch.from_numpy(tokens)
+
+
+def _as_text_list(texts: str | Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        return [texts]
+    if not isinstance(texts, (list, tuple)):
+        raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{index}] is a {type(text).__name__}, not a str")
+    return list(texts)
+
+
+def _as_token_id(token_id: object, vocab_size: int) -> int:
+    if isinstance(token_id, (int, np.integer)) and not isinstance(token_id, bool) and 0 <= token_id < vocab_size:
+        return int(token_id)
+    raise ValueError(f"{token_id!r} is not a token id (ids are ints in [0, {vocab_size}))")
+
+
+def _too_long_message(text: str, num_tokens: int, context_length: int) -> str:
+    shown = text if len(text) <= 60 else text[:57] + "..."
+    return (
+        f"Text {shown!r} is {num_tokens} tokens long (with the start and end tokens), more than "
+        f"context_length={context_length}; pass truncate=True to cut it to fit."
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def get_tokenizer() -> Tokenizer:
+    """The shared tokenizer with OpenAI's merges, built on first use (downloading the merges if needed)."""
+    return Tokenizer()
+
+
+def tokenize(
+    texts: str | Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH, truncate: bool = False
+) -> torch.Tensor:
+    """openai/CLIP's `clip.tokenize`: LongTensor[N, context_length] of token ids; see `Tokenizer.__call__`."""
+    return get_tokenizer()(texts, context_length=context_length, truncate=truncate)
+
+
+def decode(ids: Sequence[int] | torch.Tensor | np.ndarray, skip_special_tokens: bool = True) -> str:
+    """Text of token ids with the shared tokenizer; see `Tokenizer.decode`."""
+    return get_tokenizer().decode(ids, skip_special_tokens=skip_special_tokens)

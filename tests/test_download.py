@@ -1,0 +1,196 @@
+"""clip.download: cached files are reused only when their SHA256 matches, and a failed download (wrong bytes,
+broken connection, offline, interrupted) never leaves a file at the final path. Uses file:// URLs and a
+loopback HTTP server; nothing leaves the machine."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import clip.download
+from clip.download import DownloadError, cache_dir, download, sha256_of_file
+
+GOOD_BYTES = bytes(range(256)) * 4096 + b"tail"  # 1 MiB + 4 bytes: more than one read chunk
+GOOD_SHA256 = hashlib.sha256(GOOD_BYTES).hexdigest()
+BAD_BYTES = b"not the file you are looking for"
+
+
+class FileServer(http.server.BaseHTTPRequestHandler):
+    """Serves /good.bin, /bad.bin, /short.bin (body ends early), /unsized.bin (no Content-Length); else 404."""
+
+    def do_GET(self) -> None:
+        if self.path == "/good.bin":
+            self._send(GOOD_BYTES, len(GOOD_BYTES))
+        elif self.path == "/bad.bin":
+            self._send(BAD_BYTES, len(BAD_BYTES))
+        elif self.path == "/short.bin":
+            self._send(GOOD_BYTES[:1000], len(GOOD_BYTES))  # the connection closes after 1000 bytes
+        elif self.path == "/unsized.bin":
+            self._send(GOOD_BYTES, None)
+        else:
+            self.send_error(404)
+
+    def _send(self, body: bytes, announced_length: int | None) -> None:
+        self.send_response(200)
+        if announced_length is not None:
+            self.send_header("Content-Length", str(announced_length))
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True
+
+    def log_message(self, *args) -> None:  # keep test output clean
+        pass
+
+
+@pytest.fixture(autouse=True)
+def no_proxies(monkeypatch) -> None:
+    # A proxy from the environment would intercept requests to the loopback server.
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def server_url() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FileServer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def source_file(tmp_path: Path) -> Path:
+    path = tmp_path / "source" / "weights.bin"
+    path.parent.mkdir()
+    path.write_bytes(GOOD_BYTES)
+    return path
+
+
+def closed_port_url() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/weights.bin"  # nothing listens there any more
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir()) if folder.exists() else []
+
+
+def test_cache_dir_follows_environment(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CLIP_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert cache_dir() == tmp_path / "elsewhere"
+    monkeypatch.delenv("CLIP_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cache_dir() == tmp_path / ".cache" / "clip"
+
+
+def test_file_url_download_and_reuse(monkeypatch, tmp_path: Path, source_file: Path) -> None:
+    cache = tmp_path / "cache"
+    path = download(source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
+    assert path == cache / "weights.bin" and path.read_bytes() == GOOD_BYTES
+    assert files_in(cache) == ["weights.bin"]
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a verified cached file must not be downloaded again")
+
+    monkeypatch.setattr(clip.download.urllib.request, "urlopen", no_network)
+    assert download(source_file.as_uri(), GOOD_SHA256.upper(), root=cache) == path
+
+
+def test_default_root_is_the_cache_dir(monkeypatch, tmp_path: Path, source_file: Path) -> None:
+    monkeypatch.setenv("CLIP_CACHE_DIR", str(tmp_path / "cache"))
+    path = download(source_file.as_uri(), GOOD_SHA256, filename="renamed.bin", progress=False)
+    assert path == tmp_path / "cache" / "renamed.bin" and sha256_of_file(path) == GOOD_SHA256
+
+
+def test_corrupt_cached_file_is_replaced_with_warning(tmp_path: Path, source_file: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "weights.bin").write_bytes(BAD_BYTES)
+    with pytest.warns(UserWarning, match="does not match|not the expected"):
+        path = download(source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
+    assert path.read_bytes() == GOOD_BYTES and files_in(cache) == ["weights.bin"]
+
+
+def test_http_download_with_progress(server_url: str, tmp_path: Path, capsys) -> None:
+    path = download(f"{server_url}/good.bin", GOOD_SHA256, root=tmp_path)
+    assert path.read_bytes() == GOOD_BYTES
+    assert "good.bin" in capsys.readouterr().err  # the tqdm bar, labelled with the file name
+
+
+def test_http_download_without_content_length(server_url: str, tmp_path: Path) -> None:
+    path = download(f"{server_url}/unsized.bin", GOOD_SHA256, root=tmp_path, progress=False)
+    assert path.read_bytes() == GOOD_BYTES
+
+
+def test_checksum_mismatch_keeps_nothing(server_url: str, tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError) as raised:
+        download(f"{server_url}/bad.bin", GOOD_SHA256, root=tmp_path, progress=False)
+    message = str(raised.value)
+    assert GOOD_SHA256 in message and hashlib.sha256(BAD_BYTES).hexdigest() in message and "bad.bin" in message
+    assert files_in(tmp_path) == []
+
+
+def test_connection_dropped_mid_body_keeps_nothing(server_url: str, tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match=r"broke off after 1000 of \d+ bytes"):
+        download(f"{server_url}/short.bin", GOOD_SHA256, root=tmp_path, progress=False)
+    assert files_in(tmp_path) == []
+
+
+def test_http_error_is_reported(server_url: str, tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        download(f"{server_url}/missing.bin", GOOD_SHA256, root=tmp_path, progress=False)
+    assert files_in(tmp_path) == []
+
+
+def test_offline_error_says_where_to_put_the_file(tmp_path: Path) -> None:
+    url = closed_port_url()
+    with pytest.raises(RuntimeError) as raised:
+        download(url, GOOD_SHA256, root=tmp_path, progress=False, timeout_s=5)
+    message = str(raised.value)
+    assert url in message and str(tmp_path / "weights.bin") in message
+    assert "CLIP_CACHE_DIR" in message and GOOD_SHA256 in message
+    assert files_in(tmp_path) == []
+
+
+def test_missing_local_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match="Could not download"):
+        download((tmp_path / "absent.bin").as_uri(), GOOD_SHA256, root=tmp_path / "cache", progress=False)
+
+
+def test_interrupt_leaves_no_partial_file(monkeypatch, tmp_path: Path, source_file: Path) -> None:
+    class InterruptedBar:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+        def update(self, count: int) -> None:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(clip.download, "tqdm", InterruptedBar)
+    with pytest.raises(KeyboardInterrupt):
+        download(source_file.as_uri(), GOOD_SHA256, root=tmp_path / "cache")
+    assert files_in(tmp_path / "cache") == []
+
+
+def test_bad_arguments(tmp_path: Path, source_file: Path) -> None:
+    with pytest.raises(ValueError, match="64 hexadecimal"):
+        download(source_file.as_uri(), "abc", root=tmp_path)
+    with pytest.raises(ValueError, match="file name"):
+        download("http://127.0.0.1/", GOOD_SHA256, root=tmp_path)
+    (tmp_path / "weights.bin").mkdir()
+    with pytest.raises(DownloadError, match="not a regular file"):
+        download(source_file.as_uri(), GOOD_SHA256, root=tmp_path)

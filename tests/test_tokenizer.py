@@ -1,0 +1,380 @@
+"""clip.tokenizer gives OpenAI's ids: checked against hard-coded ids, open_clip's tokenizer, and a slow literal
+re-implementation (tests/reference_tokenizer.py) on generated captions and hypothesis-generated Unicode."""
+
+from __future__ import annotations
+
+import gzip
+import html
+import importlib
+import importlib.util
+import pickle
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import ftfy
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import clip.download
+import clip.tokenizer
+from clip.download import cache_dir
+from clip.tokenizer import (
+    END_OF_WORD,
+    MERGES_SHA256,
+    NUM_MERGES,
+    VOCAB_SIZE,
+    Tokenizer,
+    _needs_full_cleaning,
+    bytes_to_unicode,
+    clean_text,
+)
+
+MERGES_NAME = "bpe_simple_vocab_16e6.txt.gz"
+SHARED_MERGES = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / MERGES_NAME
+PROPERTY_SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# Ids observed from open_clip 3.3.0's SimpleTokenizer (OpenAI's algorithm and merges).
+KNOWN_IDS = {
+    "a photo of a cat": [320, 1125, 539, 320, 2368],
+    "A diagram of the Eiffel Tower, Paris (France).": [
+        320, 22697, 539, 518, 29720, 4730, 267, 3445, 263, 3552, 1818,
+    ],
+    "3.14 is pi; 42!": [274, 269, 272, 275, 533, 5357, 282, 275, 273, 256],
+    "I'm sure they'll say it's fine": [328, 880, 1650, 889, 1342, 1451, 585, 568, 3797],
+    "🐶 + 🐱 = ❤️": [10631, 266, 22979, 284, 1752],
+    "Crème brûlée à la café": [1075, 12138, 614, 711, 127, 119, 75, 13489, 21259, 1210, 15304],
+    "Tom &amp; Jerry &lt;3 &#39;quoted&#39;": [2435, 261, 9164, 283, 274, 262, 27706, 262],
+    "東京の猫": [48338, 21078, 105, 21575, 163, 234, 360],
+    "  lots   of\twhitespace\n": [2958, 539, 4699, 2138],
+    "HELLO world": [3306, 1002],
+    "e-mail@example.com #hashtag": [324, 268, 2614, 287, 6228, 269, 2464, 258, 9238],
+    "“curly quotes” — and dashes…": [257, 20795, 5808, 257, 2005, 537, 925, 2502, 959],
+    "": [],
+}
+NON_ASCII_WORDS = ["café", "naïve", "Zürich", "東京", "写真", "Москва", "κόσμος", "🐶", "👍🏽", "—", "“q”", "½"]
+PUNCTUATION = [",", ".", "!", "?", ";", "'s", "'LL", "-", "...", "(", ")", '"', " & ", "&amp;", "#1", "\t", "\n"]
+# Characters and fragments that exercise every cleaning step: entities, mojibake, odd whitespace, controls,
+# ligatures, full-width forms, combining marks, case changes that alter length, and the special tokens.
+TRICKY_FRAGMENTS = [
+    "&amp;", "&amp;amp;", "&#39;", "&#x27;", "&lt;", "&", "&#", "#", ";", "<", "Ã©", "â€™", "Ã\xa0", "\x85",
+    "<|startoftext|>", "<|endoftext|>", "'s", "'LL", "'D", " ", "\t", "\n", "\r\n", "\r", "\x0b", "\x0c", "\x1c",
+    "\xa0", "\u2028", "\u3000", "\u200b", "\x00", "\x7f", "\x1b[31m", "ﬁ", "Ｆｕｌｌ", "“", "’", "e\u0301", "İ", "ß",
+    "ǅ", "١٢٣", "½", "²", "🏽", "cat", "PHOTO", "a", "1", "aaaa", "\ufeff", "\U0001f600",
+]
+
+
+@pytest.fixture(scope="module")
+def merges_path() -> Path:
+    for candidate in (SHARED_MERGES, cache_dir() / MERGES_NAME):
+        if candidate.is_file():
+            return candidate
+    pytest.skip(f"OpenAI's merges file is in neither {SHARED_MERGES} nor {cache_dir()}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(merges_path: Path) -> Tokenizer:
+    return Tokenizer(merges_path)
+
+
+@pytest.fixture(scope="module")
+def reference(merges_path: Path):
+    path = Path(__file__).with_name("reference_tokenizer.py")
+    spec = importlib.util.spec_from_file_location("reference_tokenizer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ReferenceTokenizer(merges_path)
+
+
+@pytest.fixture(scope="module")
+def open_clip_tokenizer(merges_path: Path):
+    open_clip_tokenizer_module = pytest.importorskip("open_clip.tokenizer")
+    return open_clip_tokenizer_module.SimpleTokenizer(str(merges_path))
+
+
+@pytest.fixture(scope="module")
+def captions(tokenizer: Tokenizer) -> list[str]:
+    """300 captions of vocabulary words with punctuation, capitals, whitespace and some non-ASCII words."""
+    words = [token[: -len(END_OF_WORD)] for token in tokenizer.vocab if token.endswith(END_OF_WORD)]
+    words = [word for word in words if word.isascii() and word.isalpha()]
+    rng = random.Random(1234)
+    result = []
+    for index in range(300):
+        parts = rng.choices(words, k=rng.randint(1, 40 if index % 10 else 90))  # some need truncation
+        parts = [word.upper() if rng.random() < 0.05 else word for word in parts]
+        parts = [word + rng.choice(PUNCTUATION) if rng.random() < 0.2 else word for word in parts]
+        if rng.random() < 0.3:
+            parts.insert(rng.randrange(len(parts) + 1), rng.choice(NON_ASCII_WORDS))
+        result.append(" ".join(parts))
+    return result
+
+
+tricky_text = st.lists(
+    st.sampled_from(TRICKY_FRAGMENTS)
+    | st.text(max_size=4)
+    | st.text(alphabet="&#;amplt0123x' \t\nAé", max_size=6),
+    max_size=12,
+).map("".join)
+any_text = st.text(max_size=80) | tricky_text
+
+
+# Vocabulary ---------------------------------------------------------------------------------------------
+
+
+def test_vocabulary_layout(tokenizer: Tokenizer) -> None:
+    assert NUM_MERGES == 48894 and VOCAB_SIZE == 49408 == tokenizer.vocab_size == len(tokenizer.encoder)
+    assert (tokenizer.sot_token_id, tokenizer.eot_token_id) == (49406, 49407)
+    byte_characters = list(bytes_to_unicode().values())
+    assert tokenizer.vocab[:256] == byte_characters
+    assert tokenizer.vocab[256:512] == [char + END_OF_WORD for char in byte_characters]
+    assert tokenizer.vocab[512] == "in" and tokenizer.vocab[-2:] == ["<|startoftext|>", "<|endoftext|>"]
+
+
+def test_byte_alphabet_is_printable_bijection() -> None:
+    mapping = bytes_to_unicode()
+    assert sorted(mapping) == list(range(256)) and len(set(mapping.values())) == 256
+    assert all(char.isprintable() and not char.isspace() for char in mapping.values())
+    assert mapping[ord("a")] == "a" and mapping[ord(" ")] == "Ġ"
+
+
+def test_bad_merges_file_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "short.txt.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as file:
+        file.write("#version: 0.2\ni n\nt h\n")
+    with pytest.raises(ValueError, match="not a CLIP merges file"):
+        Tokenizer(path)
+
+
+# Ids ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", list(KNOWN_IDS))
+def test_known_ids(tokenizer: Tokenizer, text: str) -> None:
+    assert tokenizer.encode(text) == KNOWN_IDS[text]
+
+
+def test_special_token_text_maps_to_special_ids(tokenizer: Tokenizer, reference) -> None:
+    text = "x<|startoftext|>y <|ENDOFTEXT|>"
+    assert tokenizer.encode(text) == reference.encode(text)
+    assert 49406 in tokenizer.encode(text) and 49407 in tokenizer.encode(text)
+
+
+def test_captions_match_reference(tokenizer: Tokenizer, reference, captions: list[str]) -> None:
+    for caption in captions:
+        assert tokenizer.encode(caption) == reference.encode(caption), caption
+    rows = tokenizer(captions, truncate=True)
+    assert rows.tolist() == reference.tokenize(captions)
+
+
+def test_captions_match_open_clip(tokenizer: Tokenizer, open_clip_tokenizer, captions: list[str]) -> None:
+    texts = captions + [text for text in KNOWN_IDS]
+    for text in texts:
+        assert tokenizer.encode(text) == open_clip_tokenizer.encode(text), text
+    # open_clip always truncates, keeping the end token last.
+    assert torch.equal(tokenizer(texts, truncate=True), open_clip_tokenizer(texts, context_length=77))
+
+
+@PROPERTY_SETTINGS
+@given(text=any_text)
+def test_arbitrary_text_matches_reference(tokenizer: Tokenizer, reference, text: str) -> None:
+    ids = tokenizer.encode(text)
+    assert ids == reference.encode(text)
+    assert all(0 <= token_id < VOCAB_SIZE for token_id in ids)
+    row = tokenizer(text, context_length=16, truncate=True)
+    assert row.shape == (1, 16) and row[0, 0] == tokenizer.sot_token_id
+
+
+def test_cache_stays_bounded_and_exact(merges_path: Path, reference) -> None:
+    small = Tokenizer(merges_path, cache_entries=8)
+    words = [f"word{index}x" for index in range(50)] + ["x" * 200]
+    for word in words * 2:
+        assert small.encode(word) == reference.encode(word)
+        assert len(small._chunk_ids) <= 8 and len(small._piece_ids) <= 8
+    assert "x" * 200 not in small._chunk_ids  # long chunks are not cached at all
+
+
+def test_pickled_copy_encodes_the_same(tokenizer: Tokenizer) -> None:
+    tokenizer.encode("a photo of a dog")
+    copy = pickle.loads(pickle.dumps(tokenizer))
+    assert copy._chunk_ids == {} and copy.encode("a photo of a dog") == tokenizer.encode("a photo of a dog")
+
+
+# The shortcut that skips ftfy and html.unescape -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "needs_cleaning"),
+    [("a photo of a cat", False), ("salt & pepper", False), ("tabs\tand\nnewlines &", False),
+     ("&amp;", True), ("AT&T", True), ("café", True), ("carriage\rreturn", True), ("\x1b[1m", True)],
+)
+def test_shortcut_is_taken_for_plain_ascii(text: str, needs_cleaning: bool) -> None:
+    assert _needs_full_cleaning(text) is needs_cleaning
+
+
+def _assert_shortcut_sound(text: str) -> None:
+    if not _needs_full_cleaning(text):
+        assert ftfy.fix_text(text) == text, repr(text)
+        assert html.unescape(text) == text, repr(text)
+        assert clean_text(text) == " ".join(text.lower().split()), repr(text)
+
+
+def test_shortcut_sound_on_all_short_ascii() -> None:
+    ascii_characters = [chr(code) for code in range(128)]
+    for first in ascii_characters:
+        _assert_shortcut_sound(first)
+        for second in ascii_characters:
+            _assert_shortcut_sound(first + second)
+            _assert_shortcut_sound("&" + first + second)
+            _assert_shortcut_sound(first + "&" + second)
+
+
+@PROPERTY_SETTINGS
+@given(text=st.text(alphabet=st.characters(max_codepoint=127), max_size=40) | tricky_text)
+def test_shortcut_sound_on_generated_ascii(text: str) -> None:
+    _assert_shortcut_sound(text)
+
+
+# Batches, truncation and errors -------------------------------------------------------------------------
+
+
+def test_call_layout(tokenizer: Tokenizer) -> None:
+    tokens = tokenizer(["a photo of a cat", ""])
+    assert tokens.dtype == torch.long and tokens.shape == (2, 77)
+    assert tokens[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert tokens[1, :2].tolist() == [49406, 49407]
+    assert not tokens[0, 7:].any() and not tokens[1, 2:].any()
+
+
+def test_str_list_and_tuple_inputs_agree(tokenizer: Tokenizer) -> None:
+    single = tokenizer("a photo of a cat")
+    assert single.shape == (1, 77)
+    assert torch.equal(single, tokenizer(["a photo of a cat"]))
+    assert torch.equal(single, tokenizer(("a photo of a cat",)))
+    assert tokenizer([]).shape == (0, 77)
+
+
+@pytest.mark.parametrize("bad_input", [b"bytes", 3, None, ["ok", 5], {"a photo"}])
+def test_non_text_input_is_a_type_error(tokenizer: Tokenizer, bad_input) -> None:
+    with pytest.raises(TypeError):
+        tokenizer(bad_input)
+
+
+def test_encode_rejects_non_str(tokenizer: Tokenizer) -> None:
+    with pytest.raises(TypeError, match="str"):
+        tokenizer.encode(["a list"])
+
+
+def test_too_long_text_raises_with_details(tokenizer: Tokenizer) -> None:
+    text = "a photo of a cat " * 30
+    with pytest.raises(ValueError) as raised:
+        tokenizer(["fine", text])
+    message = str(raised.value)
+    assert "a photo of a cat a photo" in message and "..." in message  # the text, shortened
+    assert "152 tokens" in message and "context_length=77" in message and "truncate=True" in message
+
+
+def test_truncation_keeps_end_token_last(tokenizer: Tokenizer, reference) -> None:
+    text = "a photo of a cat " * 30
+    tokens = tokenizer(text, truncate=True)[0]
+    assert tokens[-1] == tokenizer.eot_token_id
+    assert tokens[:-1].tolist() == [tokenizer.sot_token_id, *tokenizer.encode(text)[:75]]
+    assert tokens.tolist() == reference.tokenize([text])[0]
+
+
+def test_exact_fit_is_not_truncated(tokenizer: Tokenizer) -> None:
+    text = " ".join(["cat"] * 75)  # 75 tokens + start + end = 77
+    tokens = tokenizer(text)[0]
+    assert tokens[-1] == tokenizer.eot_token_id and tokens[-2] == 2368
+    with pytest.raises(ValueError, match="78 tokens"):
+        tokenizer(text + " cat")
+
+
+def test_context_length_edge_cases(tokenizer: Tokenizer) -> None:
+    assert tokenizer("", context_length=2).tolist() == [[49406, 49407]]
+    assert tokenizer("cat", context_length=2, truncate=True).tolist() == [[49406, 49407]]
+    assert tokenizer("cat", context_length=3).tolist() == [[49406, 2368, 49407]]
+    with pytest.raises(ValueError, match="context_length=2"):
+        tokenizer("cat", context_length=2)
+    for too_small in (1, 0, -5):
+        with pytest.raises(ValueError, match="at least 2"):
+            tokenizer("cat", context_length=too_small)
+    for not_int in (77.0, "77", True):
+        with pytest.raises(TypeError, match="context_length"):
+            tokenizer("cat", context_length=not_int)
+
+
+# Decoding -----------------------------------------------------------------------------------------------
+
+
+@PROPERTY_SETTINGS
+@given(words=st.lists(st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=12), max_size=10))
+def test_decode_round_trips_lowercase_words(tokenizer: Tokenizer, words: list[str]) -> None:
+    text = " ".join(words)
+    # Like OpenAI's decoder, every word ends in a space.
+    assert tokenizer.decode(tokenizer.encode(text)) == "".join(word + " " for word in words)
+
+
+def test_decode_matches_open_clip(tokenizer: Tokenizer, open_clip_tokenizer, captions: list[str]) -> None:
+    for text in captions[:50] + list(KNOWN_IDS):
+        ids = tokenizer.encode(text)
+        assert tokenizer.decode(ids) == open_clip_tokenizer.decode(ids)
+
+
+def test_decode_of_a_padded_row(tokenizer: Tokenizer) -> None:
+    row = tokenizer("A photo of a café!")[0]
+    assert tokenizer.decode(row) == "a photo of a café ! "
+    assert tokenizer.decode(row.numpy()) == tokenizer.decode(row.tolist())
+    spelled = tokenizer.decode(row[:4], skip_special_tokens=False)
+    assert spelled == "<|startoftext|>a photo of "
+
+
+@pytest.mark.parametrize("bad_id", [-1, VOCAB_SIZE, 2.5, "3"])
+def test_decode_rejects_non_ids(tokenizer: Tokenizer, bad_id) -> None:
+    with pytest.raises(ValueError, match="not a token id"):
+        tokenizer.decode([320, bad_id])
+
+
+def test_decode_accepts_numpy_integers(tokenizer: Tokenizer) -> None:
+    assert tokenizer.decode([np.int64(320), np.int32(2368)]) == "a cat "
+
+
+# Module-level API and laziness --------------------------------------------------------------------------
+
+
+def test_module_functions_use_the_cache_dir(monkeypatch, tmp_path: Path, merges_path: Path) -> None:
+    shutil.copy(merges_path, tmp_path / MERGES_NAME)
+    monkeypatch.setenv("CLIP_CACHE_DIR", str(tmp_path))
+    clip.tokenizer.get_tokenizer.cache_clear()
+    try:
+        expected = [49406, *KNOWN_IDS["a photo of a cat"], 49407]
+        assert clip.tokenizer.tokenize("a photo of a cat")[0, :7].tolist() == expected
+        assert clip.tokenizer.get_tokenizer() is clip.tokenizer.get_tokenizer()
+        assert clip.tokenizer.decode([320, 2368]) == "a cat "
+    finally:
+        clip.tokenizer.get_tokenizer.cache_clear()
+    assert clip.download.sha256_of_file(tmp_path / MERGES_NAME) == MERGES_SHA256
+
+
+def test_import_reads_nothing(monkeypatch, tmp_path: Path) -> None:
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no downloads in this test")
+
+    def refuse_to_read(*args, **kwargs):
+        raise AssertionError("the merges file was read at import time")
+
+    original = sys.modules["clip.tokenizer"]
+    monkeypatch.setenv("CLIP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(clip.download, "download", refuse)
+    monkeypatch.delitem(sys.modules, "clip.tokenizer")  # both restored to the original module after the test
+    monkeypatch.delattr(clip, "tokenizer")
+    with monkeypatch.context() as patched:
+        patched.setattr(gzip, "open", refuse_to_read)
+        fresh = importlib.import_module("clip.tokenizer")
+    assert fresh is not original
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError, match="no downloads"):
+        fresh.tokenize("a photo of a cat")

@@ -23,10 +23,8 @@ LayerNorm and BatchNorm stay float32, and LayerNorm computes in float32.
 from __future__ import annotations
 
 import difflib
-import re
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,43 +36,21 @@ from .infer_architecture import ArchitectureInferenceError, infer_model_config
 from .model import CLIP
 from .preprocess import ImageTransform, image_transform
 from .released import RELEASED_WEIGHTS
-from .torchscript_reader import (
-    TorchScriptReadError,
-    UnsafeArchiveError,
-    is_torchscript_archive,
-    read_torchscript_weights,
-)
 from .transformer import MultiheadSelfAttention
+from .weights_file import LoadedWeights, UnsafeFileError, WeightsFileError, read_run_or_file, read_weights
 
-# OpenAI's files hold these beside the weights; they are checked against the architecture, then dropped.
-EXTRA_ENTRIES = ("input_resolution", "context_length", "vocab_size")
-CHECKPOINT_DIR = "checkpoints"
-LATEST_POINTER = "latest"
-_MAX_POINTER_BYTES = 4096
-_CHECKPOINT_NAME = re.compile(r"step_(\d+)\.pt")
-# Prefixes that wrappers add to every key: DistributedDataParallel ("module.") and torch.compile.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-_ZIP_MAGIC = b"PK\x03\x04"
-_PICKLE_PROTOCOL_2 = b"\x80"
+__all__ = [
+    "LoadedWeights",
+    "UnsafeFileError",
+    "WeightsFileError",
+    "convert_to_half_precision",
+    "load",
+    "model_from_weights",
+    "read_weights",
+]
+
+# Problems of each kind listed in an error message; the rest are summarised as "...".
 _SHOWN_KEYS = 5
-
-
-class WeightsFileError(ValueError):
-    """A file is not CLIP weights we can load; the message names the file and what was found."""
-
-
-class UnsafeFileError(WeightsFileError):
-    """Loading the file would run code stored in it (a pickle outside the allowlist); it was refused."""
-
-
-@dataclass
-class LoadedWeights:
-    """What a weights file holds: the state dict, the architecture when the file records it, and OpenAI's
-    extra integer entries when present."""
-
-    state_dict: dict[str, torch.Tensor]
-    model_config: ModelConfig | None = None
-    extras: dict[str, int] = field(default_factory=dict)
 
 
 def load(
@@ -109,7 +85,7 @@ def load(
         if jit:
             _require_released_file(path)
             return _load_jit(path, device)
-        path, weights = _read_file_or_run(path)
+        path, weights = read_run_or_file(path)
     model = model_from_weights(weights, str(path))
     model = model.to(device)
     if device.type == "cuda":
@@ -156,20 +132,6 @@ def convert_to_half_precision(model: nn.Module) -> nn.Module:
     return model
 
 
-def read_weights(path: str | Path) -> LoadedWeights:
-    """Read a TorchScript archive or a `torch.save` file without running code stored in it."""
-    path = Path(path)
-    if is_torchscript_archive(path):
-        try:
-            tensors, _non_weight_attributes = read_torchscript_weights(path)
-        except UnsafeArchiveError as error:
-            raise UnsafeFileError(str(error)) from error
-        except TorchScriptReadError as error:
-            raise WeightsFileError(str(error)) from error
-        return _weights_from_state_dict(tensors, None, path)
-    return _weights_from_object(_torch_load_weights_only(path), path)
-
-
 def _existing_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path).expanduser()
     if path.exists():
@@ -196,132 +158,6 @@ def _load_jit(path: Path, device: torch.device) -> tuple[nn.Module, ImageTransfo
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated in favour of torch.export
         model = torch.jit.load(str(path), map_location=device).eval()
     return model, image_transform(int(model.input_resolution.item()))
-
-
-def _read_file_or_run(path: Path) -> tuple[Path, LoadedWeights]:
-    """For a file: its weights. For a run directory: its newest checkpoint that reads; a torn newer file
-    (a crash while writing) is skipped with a warning."""
-    if not path.is_dir():
-        return path, read_weights(path)
-    candidates = checkpoint_candidates(path)
-    if not candidates:
-        raise WeightsFileError(
-            f"{path} is a directory without checkpoints: expected {path / CHECKPOINT_DIR}/step_XXXXXXXX.pt files "
-            f"(or a {CHECKPOINT_DIR}/{LATEST_POINTER} file naming one)"
-        )
-    failures = []
-    for candidate in candidates:
-        try:
-            return candidate, read_weights(candidate)
-        except (WeightsFileError, FileNotFoundError) as error:
-            warnings.warn(f"skipping unreadable checkpoint {candidate}: {error}", stacklevel=3)
-            failures.append(f"{candidate.name}: {error}")
-    raise WeightsFileError(f"no checkpoint in {path} could be read:\n  " + "\n  ".join(failures))
-
-
-def checkpoint_candidates(run_dir: Path) -> list[Path]:
-    """Checkpoint files of a run directory, to try in order: the one `checkpoints/latest` names (if any),
-    then `checkpoints/step_*.pt` from the highest step down. `run_dir` may also be the checkpoints folder."""
-    folder = run_dir / CHECKPOINT_DIR if (run_dir / CHECKPOINT_DIR).is_dir() else run_dir
-    steps = sorted(
-        ((int(match.group(1)), entry) for entry in folder.iterdir() if (match := _CHECKPOINT_NAME.fullmatch(entry.name))),
-        reverse=True,
-    )
-    candidates = [entry for _, entry in steps]
-    pointer = folder / LATEST_POINTER
-    if pointer.is_file():
-        target = _pointer_target(pointer)
-        candidates = [target] + [entry for entry in candidates if entry.resolve() != target.resolve()]
-    return candidates
-
-
-def _pointer_target(pointer: Path) -> Path:
-    """`latest` may be a symlink, a small text file naming a checkpoint (relative to its folder), or a copy."""
-    if pointer.is_symlink() or pointer.stat().st_size > _MAX_POINTER_BYTES:
-        return pointer.resolve()
-    try:
-        return pointer.parent / pointer.read_text(encoding="utf-8").strip()
-    except UnicodeDecodeError:
-        return pointer
-
-
-def _torch_load_weights_only(path: Path) -> object:
-    _check_pytorch_file(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError, ...
-        message = str(error)
-        if "WeightsUnpickler error" in message or "weights_only" in message:
-            reason = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: Please use|\n|$)", message)
-            detail = reason.group(1).strip() if reason else message.splitlines()[0]
-            raise UnsafeFileError(
-                f"{path} was refused: it holds pickled objects other than tensors and plain Python values, and "
-                f"unpickling them could run code ({detail})"
-            ) from error
-        raise WeightsFileError(f"{path} is a damaged or truncated PyTorch file ({type(error).__name__}: {message})") from error
-
-
-def _check_pytorch_file(path: Path) -> None:
-    """Name what a file is when it is clearly not something `torch.save` wrote."""
-    if not path.is_file():
-        raise WeightsFileError(f"{path} is not a regular file")
-    with open(path, "rb") as file:
-        head = file.read(64)
-    if not head:
-        raise WeightsFileError(f"{path} is empty (0 bytes), not a weights file")
-    if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTOCOL_2):
-        return
-    try:
-        text = head.decode("utf-8")
-        what = f"a text file beginning {text[:40]!r}"
-    except UnicodeDecodeError:
-        what = f"a binary file beginning {head[:8].hex(' ')}"
-    raise WeightsFileError(
-        f"{path} is not a PyTorch weights file: it is {what}; expected a TorchScript archive or a torch.save file"
-    )
-
-
-def _weights_from_object(loaded: object, path: Path) -> LoadedWeights:
-    if isinstance(loaded, torch.Tensor):
-        raise WeightsFileError(f"{path} holds a single tensor of shape {tuple(loaded.shape)}, not a state dict")
-    if not isinstance(loaded, Mapping):
-        raise WeightsFileError(f"{path} holds a {type(loaded).__name__}, not a state dict or a checkpoint dict")
-    if _is_state_dict(loaded):
-        return _weights_from_state_dict(loaded, None, path)
-    for key in ("model", "state_dict"):
-        if isinstance(loaded.get(key), Mapping) and _is_state_dict(loaded[key]):
-            return _weights_from_state_dict(loaded[key], _config_from_checkpoint(loaded.get("config"), path), path)
-    raise WeightsFileError(
-        f"{path} holds a dict without model weights (keys: {_sample(loaded)}); expected a state dict (name -> "
-        f"tensor) or a checkpoint with a 'model' entry"
-    )
-
-
-def _is_state_dict(candidate: Mapping) -> bool:
-    tensors = [value for value in candidate.values() if isinstance(value, torch.Tensor)]
-    others = [key for key, value in candidate.items() if not isinstance(value, torch.Tensor)]
-    return bool(tensors) and all(key in EXTRA_ENTRIES and isinstance(candidate[key], int) for key in others)
-
-
-def _config_from_checkpoint(config: object, path: Path) -> ModelConfig | None:
-    """The ModelConfig of a trainer checkpoint's resolved config, or None when it records none."""
-    if not isinstance(config, Mapping) or not isinstance(config.get("model"), Mapping):
-        return None
-    try:
-        return ModelConfig.from_dict(dict(config["model"]))
-    except (TypeError, ValueError, KeyError) as error:
-        raise WeightsFileError(f"{path}: its config's 'model' entry is not a valid ModelConfig ({error})") from error
-
-
-def _weights_from_state_dict(state: Mapping, config: ModelConfig | None, path: Path) -> LoadedWeights:
-    state = dict(state)
-    for prefix in _WRAPPER_PREFIXES:
-        if state and all(key.startswith(prefix) for key in state):
-            state = {key[len(prefix) :]: value for key, value in state.items()}
-    extras = {key: int(state.pop(key)) for key in EXTRA_ENTRIES if key in state}
-    # Constant attention masks are not weights; some exporters keep them as attributes.
-    state = {key: value for key, value in state.items() if key.rsplit(".", 1)[-1] != "attn_mask"}
-    return LoadedWeights(state_dict=state, model_config=config, extras=extras)
 
 
 def _check_extras(extras: Mapping[str, int], config: ModelConfig, source: str) -> None:
@@ -379,7 +215,3 @@ def _describe(config: ModelConfig) -> str:
     )
     return f"{name} = {summary}" if name else summary
 
-
-def _sample(mapping: Mapping, count: int = _SHOWN_KEYS) -> str:
-    keys = [repr(key) for key in list(mapping)[:count]]
-    return ", ".join(keys) + (", ..." if len(mapping) > count else "")

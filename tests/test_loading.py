@@ -433,6 +433,13 @@ def test_empty_file_is_named_as_such(tmp_path: Path) -> None:
         load(tmp_path / "empty.pt", device="cpu")
 
 
+def test_zip_that_is_not_a_pytorch_file_is_named(tmp_path: Path) -> None:
+    with zipfile.ZipFile(tmp_path / "arrays.npz", "w") as archive:
+        archive.writestr("weights.npy", b"\x93NUMPY")
+    with pytest.raises(WeightsFileError, match=r"arrays\.npz is a zip archive but not a PyTorch file: it holds weights\.npy"):
+        load(tmp_path / "arrays.npz", device="cpu")
+
+
 @pytest.mark.parametrize("layout", list(WRITERS))
 def test_truncated_file_is_reported_as_damaged(layout: str, tmp_path: Path, openai_files) -> None:
     path = copy_of(openai_files["vit", layout], tmp_path / "model.pt")

@@ -86,3 +86,26 @@ class EvalConfig:
     zeroshot: list[ZeroShotDatasetConfig] = field(default_factory=list)
     # Image-text retrieval datasets ([[eval.retrieval]] tables).
     retrieval: list[RetrievalDatasetConfig] = field(default_factory=list)
+
+
+@dataclass
+class ZeroShotRunConfig:
+    """The config file of `clip-zeroshot` / `scripts/zeroshot.py`: one model, one or more datasets."""
+
+    # A released name ("ViT-B/32"), a weights or checkpoint file, or a training run directory.
+    model: str = ""
+    # "auto" (CUDA when available, else CPU), or a torch device string such as "cuda:1" or "cpu".
+    device: str = "auto"
+    # Images per forward pass, and DataLoader worker processes.
+    batch_size: int = 64
+    workers: int = 2
+    # Autocast dtype for the encoders ("fp32" = no autocast).
+    precision: Precision = "fp32"
+    # Prompts encoded per forward pass when building the classifiers.
+    text_batch_size: int = 256
+    # Where results.json and the confusion-matrix PNGs go; empty: ./zeroshot_results/<config file stem>.
+    output_dir: str = ""
+    # Write confusion_<dataset>.png (needs matplotlib; skipped with a log message without it).
+    confusion_png: bool = True
+    # The datasets, as [[datasets]] tables.
+    datasets: list[ZeroShotDatasetConfig] = field(default_factory=list)

@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import EvalConfig
 from .datasets import load_classification_data
-from .features import default_tokenizer, eval_mode, unwrap_model
+from .features import Tokenizer, default_tokenizer, eval_mode, unwrap_model
 from .retrieval import evaluate_retrieval, load_retrieval_data
 from .zeroshot import evaluate_zeroshot
 
@@ -49,7 +49,7 @@ def run_evaluations(
     eval_config: EvalConfig,
     *,
     device: torch.device | str,
-    tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+    tokenizer: Tokenizer | None = None,
     step: int | None = None,
     dist_info: Any | None = None,
     transform: Callable | None = None,
@@ -62,7 +62,7 @@ def run_evaluations(
     """
     model = unwrap_model(model)
     transform = transform or _image_transform(model)
-    tokenizer = tokenizer or default_tokenizer(model)
+    tokenizer = tokenizer or default_tokenizer()
     options = dict(
         tokenizer=tokenizer,
         device=device,

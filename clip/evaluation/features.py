@@ -11,6 +11,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+# Anything called as tokenizer(texts, context_length=n) -> LongTensor[len(texts), n], like
+# clip.tokenizer.Tokenizer; texts are tokenized at the model's own context length.
+Tokenizer = Callable[..., torch.Tensor]
+
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -101,7 +105,7 @@ def encode_image_batches(
 def encode_texts(
     model: nn.Module,
     texts: Sequence[str],
-    tokenizer: Callable[[list[str]], torch.Tensor],
+    tokenizer: Tokenizer,
     *,
     device: torch.device | str,
     batch_size: int = 256,
@@ -109,9 +113,10 @@ def encode_texts(
     normalize: bool = True,
 ) -> torch.Tensor:
     """float32 text features [len(texts), D] on `device`, tokenized and encoded `batch_size` at a time."""
+    context_length = int(model.context_length)
     chunks = []
     for start in range(0, len(texts), batch_size):
-        tokens = tokenizer(list(texts[start : start + batch_size])).to(device)
+        tokens = tokenizer(list(texts[start : start + batch_size]), context_length=context_length).to(device)
         with autocast(device, precision):
             features = model.encode_text(tokens)
         features = features.float()
@@ -121,13 +126,11 @@ def encode_texts(
     return torch.cat(chunks)
 
 
-def default_tokenizer(model: nn.Module) -> Callable[[list[str]], torch.Tensor]:
-    """The BPE tokenizer at this model's context length (an error, not a silent cut, for too-long prompts)."""
+def default_tokenizer() -> Tokenizer:
+    """The shared BPE tokenizer; a prompt longer than the context is an error, not silently cut."""
     from clip.tokenizer import get_tokenizer
 
-    tokenizer = get_tokenizer()
-    context_length = int(getattr(model, "context_length", 77))
-    return lambda texts: tokenizer(texts, context_length=context_length, truncate=False)
+    return get_tokenizer()
 
 
 # ---- sharding across ranks -------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from .config import RetrievalDatasetConfig
 from .datasets import read_image
 from .features import (
+    Tokenizer,
     all_gather_rows,
     default_tokenizer,
     distributed_world,
@@ -228,7 +229,7 @@ def evaluate_retrieval(
     data: RetrievalData,
     transform: Callable,
     *,
-    tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+    tokenizer: Tokenizer | None = None,
     device: torch.device | str | None = None,
     batch_size: int = 64,
     workers: int = 0,
@@ -244,7 +245,7 @@ def evaluate_retrieval(
     every rank returns the full result) and computes recall@K in both directions."""
     model = unwrap_model(model)
     device = device or model_device(model)
-    tokenizer = tokenizer or default_tokenizer(model)
+    tokenizer = tokenizer or default_tokenizer()
     rank, world_size = distributed_world(dist_info)
     if len(data.image_paths) < world_size:  # too small to give every rank a slice: each rank does it all
         rank, world_size = 0, 1

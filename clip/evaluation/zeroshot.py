@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .features import (
+    Tokenizer,
     all_reduce_sum,
     default_tokenizer,
     distributed_world,
@@ -29,8 +30,6 @@ from .features import (
 )
 from .results import ClassificationCounts, ZeroShotResult, summarize
 from .templates import Template, fill_template, resolve_templates
-
-Tokenizer = Callable[[list[str]], torch.Tensor]
 
 
 def build_zeroshot_classifier(
@@ -55,7 +54,7 @@ def build_zeroshot_classifier(
         raise ValueError("no class names given")
     templates = resolve_templates(templates)
     device = device or model_device(model)
-    tokenizer = tokenizer or default_tokenizer(model)
+    tokenizer = tokenizer or default_tokenizer()
     classes_per_group = max(1, batch_size // len(templates))
     columns = []
     with eval_mode(model):
@@ -72,7 +71,7 @@ def build_zeroshot_classifier(
 
 def _logit_scale(model: nn.Module) -> float:
     scale = getattr(model, "logit_scale", None)
-    return float(scale.exp()) if isinstance(scale, torch.Tensor) else 100.0
+    return float(scale.detach().exp()) if isinstance(scale, torch.Tensor) else 100.0
 
 
 @dataclass

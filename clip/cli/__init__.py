@@ -1,0 +1,1 @@
+"""Command-line entry points: `clip-zeroshot`, `clip-retrieval`, `clip-linear-probe` (see scripts/)."""

@@ -1,0 +1,86 @@
+"""`clip-zeroshot CONFIG [key=value ...]`: zero-shot classification of one model on local datasets.
+
+The config is a TOML file read into `ZeroShotRunConfig` (see configs/eval/ for examples); `key=value`
+overrides are type-checked against it, e.g. `model=runs/tiny device=cpu batch_size=128`.
+Writes results.json (and a confusion-matrix PNG per dataset) to the output directory, prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from clip.config import ConfigError, load_config
+from clip.evaluation.config import ZeroShotRunConfig
+from clip.evaluation.datasets import load_classification_data
+from clip.evaluation.results import format_table, save_confusion_png
+from clip.evaluation.zeroshot import evaluate_zeroshot
+
+from .common import load_model, resolve_device, setup_logging, write_json
+
+logger = logging.getLogger("clip.zeroshot")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="clip-zeroshot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", help="TOML file (ZeroShotRunConfig): model, device, [[datasets]] tables")
+    parser.add_argument("overrides", nargs="*", help="type-checked key=value overrides, e.g. model=runs/tiny")
+    parser.add_argument("--output-dir", help="overrides the config's output_dir")
+    return parser.parse_args(argv)
+
+
+def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:
+    """Evaluates every dataset of `config`; writes results.json and PNGs to `output_dir`; returns the JSON."""
+    device = resolve_device(config.device)
+    model, preprocess = load_model(config.model, device)
+    results = []
+    for dataset_config in config.datasets:
+        name = dataset_config.name or dataset_config.kind
+        data = load_classification_data(dataset_config, preprocess)
+        logger.info("%s: %d images, %d classes, %d templates", name, len(data.dataset), len(data.classnames), len(data.templates))
+        result = evaluate_zeroshot(
+            model, data.dataset, data.classnames, data.templates, device=device, batch_size=config.batch_size,
+            workers=config.workers, text_batch_size=config.text_batch_size, precision=config.precision,
+            subsets=data.subsets, name=name,
+        )
+        results.append(result)
+        if config.confusion_png:
+            save_confusion_png(result, output_dir / f"confusion_{name}.png")
+    print(format_table(results))
+    summary = {
+        "model": config.model,
+        "metrics": {r.name: r.metrics() for r in results},
+        "results": {r.name: r.to_dict() for r in results},
+    }
+    path = write_json(output_dir / "results.json", summary)
+    logger.info("wrote %s", path)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    try:
+        config = load_config(args.config, args.overrides, ZeroShotRunConfig)
+    except ConfigError as error:
+        print(f"clip-zeroshot: {error}", file=sys.stderr)
+        return 2
+    if not config.model:
+        print("clip-zeroshot: no model given; set `model = ...` in the config or pass model=NAME_OR_PATH", file=sys.stderr)
+        return 2
+    if not config.datasets:
+        print("clip-zeroshot: the config has no [[datasets]] tables", file=sys.stderr)
+        return 2
+    names = [d.name or d.kind for d in config.datasets]
+    if len(set(names)) != len(names):
+        print(f"clip-zeroshot: dataset names must be unique (set `name`), got {names}", file=sys.stderr)
+        return 2
+    output_dir = Path(args.output_dir or config.output_dir or Path("zeroshot_results") / Path(args.config).stem)
+    run(config, output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

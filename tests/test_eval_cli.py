@@ -1,0 +1,154 @@
+"""The evaluation commands end to end on a tiny saved model: clip-zeroshot on an ImageFolder, a CIFAR-10
+tree and the synthetic set (config + typed overrides), scripts/zeroshot.py as a subprocess, clip-retrieval
+and clip-linear-probe."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import clip
+from clip.architectures import ModelConfig, TextConfig, VisionConfig
+from clip.cli import linear_probe as linear_probe_cli
+from clip.cli import retrieval as retrieval_cli
+from clip.cli import zeroshot as zeroshot_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny tensors: intra-op threads only add synchronisation (badly so on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A trainer-style checkpoint ({"model": state dict, "config": {"model": ...}}) that clip.load reads."""
+    torch.manual_seed(0)
+    config = ModelConfig(
+        embed_dim=16,
+        vision=VisionConfig(kind="vit", image_size=32, width=32, layers=1, heads=2, patch_size=8),
+        text=TextConfig(context_length=40, width=32, layers=1, heads=2),
+    )
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    torch.save({"model": clip.create_model(config).state_dict(), "config": {"model": config.to_dict()}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory) -> Path:
+    from clip.data.synthetic import SyntheticClassification, write_image_folder
+
+    root = tmp_path_factory.mktemp("data")
+    write_image_folder(SyntheticClassification(12, image_size=32, seed=1), root / "shapes")
+    folder = root / "cifar" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, 4).tolist()}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}, protocol=2))
+    return root
+
+
+def write_config(path: Path, model: Path, data: Path) -> Path:
+    path.write_text(
+        f"""# python scripts/zeroshot.py {path.name}
+model = "{model}"
+device = "cpu"
+workers = 0
+batch_size = 4
+
+[[datasets]]
+name = "shapes"
+kind = "imagefolder"
+root = "{data / 'shapes'}"
+
+[[datasets]]
+kind = "cifar10"
+root = "{data / 'cifar'}"
+builtin_templates = "simple"
+
+[[datasets]]
+kind = "synthetic"
+num_samples = 10
+image_size = 32
+"""
+    )
+    return path
+
+
+def test_zeroshot_command_end_to_end(tmp_path, tiny_checkpoint, datasets, capsys):
+    config = write_config(tmp_path / "eval.toml", tiny_checkpoint, datasets)
+    assert zeroshot_cli.main([str(config), "batch_size=3", "--output-dir", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(summary["results"]) == {"shapes", "cifar10", "synthetic"}
+    shapes = summary["results"]["shapes"]
+    assert shapes["num_samples"] == 12 and len(shapes["classnames"]) == 48  # classnames.txt of the folder
+    assert summary["results"]["cifar10"]["num_samples"] == 4
+    assert set(summary["metrics"]["synthetic"]) >= {"top1", "top5", "heldout/top1"}
+    for name in ("shapes", "cifar10", "synthetic"):
+        assert (tmp_path / "out" / f"confusion_{name}.png").is_file()
+    table = capsys.readouterr().out
+    assert "shapes" in table and "synthetic/heldout" in table
+
+
+def test_zeroshot_command_rejects_bad_overrides_and_configs(tmp_path, tiny_checkpoint, datasets, capsys):
+    config = write_config(tmp_path / "eval.toml", tiny_checkpoint, datasets)
+    assert zeroshot_cli.main([str(config), "batch_sise=3"]) == 2
+    assert "batch_size" in capsys.readouterr().err  # names the closest valid key
+    assert zeroshot_cli.main([str(config), "batch_size=many"]) == 2
+    (tmp_path / "empty.toml").write_text(f'model = "{tiny_checkpoint}"\n')
+    assert zeroshot_cli.main([str(tmp_path / "empty.toml")]) == 2
+    assert "no [[datasets]]" in capsys.readouterr().err
+
+
+def test_zeroshot_script_runs_as_a_subprocess(tmp_path, tiny_checkpoint, datasets):
+    config = tmp_path / "one.toml"
+    config.write_text(
+        f'model = "{tiny_checkpoint}"\ndevice = "cpu"\nworkers = 0\nconfusion_png = false\n'
+        f'[[datasets]]\nkind = "synthetic"\nnum_samples = 4\nimage_size = 32\n'
+    )
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "zeroshot.py"), str(config), "--output-dir", str(tmp_path / "out")],
+        cwd=tmp_path, capture_output=True, text=True, env=environment, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "synthetic" in completed.stdout
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["results"]["synthetic"]["num_samples"] == 4
+
+
+def test_retrieval_command(tmp_path, tiny_checkpoint, datasets):
+    images = sorted((datasets / "shapes").rglob("*.png"))[:4]
+    rows = [{"image": str(p), "caption": f"a {p.parent.name.split('_', 1)[1].replace('_', ' ')}"} for p in images]
+    rows += [{"image": str(p), "caption": "a shape"} for p in images]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["--model", str(tiny_checkpoint), "--annotations", str(tmp_path / "m.jsonl"), "--image-root", "/",
+            "--device", "cpu", "--workers", "0", "--chunk-size", "3", "--output-dir", str(tmp_path / "out")]
+    assert retrieval_cli.main(argv) == 0
+    result = json.loads((tmp_path / "out" / "retrieval_results.json").read_text())
+    assert result["num_images"] == 4 and result["num_texts"] == 8
+    assert result["recalls"]["image_to_text_R@10"] == 1.0
+
+
+def test_linear_probe_command(tmp_path, tiny_checkpoint):
+    argv = ["--model", str(tiny_checkpoint), "--dataset", "synthetic", "--num-samples", "48", "--image-size", "32",
+            "--device", "cpu", "--workers", "0", "--max-iter", "50", "--output-dir", str(tmp_path / "out")]
+    assert linear_probe_cli.main(argv) == 0
+    result = json.loads((tmp_path / "out" / "linear_probe_results.json").read_text())
+    assert result["num_test"] == 48 and result["num_train"] + result["num_val"] == 48
+    assert 0.0 <= result["test_accuracy"] <= 1.0 and 1e-6 <= result["l2"] <= 1e6

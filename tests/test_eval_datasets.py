@@ -1,0 +1,168 @@
+"""Local dataset readers: ImageFolder class names, CIFAR-10/100 pickles (checked against torchvision's own
+reader), the restricted unpickler, and config -> dataset resolution."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clip.evaluation.config import ZeroShotDatasetConfig
+from clip.evaluation.datasets import (
+    CIFARDataset,
+    ImageFolderDataset,
+    folder_to_classname,
+    load_cifar_pickle,
+    load_classification_data,
+)
+
+
+def write_image_folder(root: Path, folders: dict[str, int]) -> None:
+    for k, (folder, count) in enumerate(folders.items()):
+        (root / folder).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (8, 6), (10 * k, i, 0)).save(root / folder / f"{i}.png")
+
+
+def test_folder_names_become_class_names():
+    assert folder_to_classname("03_red_circle") == "red circle"
+    assert folder_to_classname("n01440764") == "n01440764"
+    assert folder_to_classname("golden_retriever") == "golden retriever"
+    assert folder_to_classname("2001_a_space_odyssey") == "a space odyssey"  # the documented rule
+
+
+def test_image_folder_labels_follow_sorted_folders(tmp_path):
+    write_image_folder(tmp_path, {"01_blue_square": 2, "00_red_circle": 3, "02_empty": 0})
+    (tmp_path / "00_red_circle" / "notes.txt").write_text("not an image")
+    dataset = ImageFolderDataset(tmp_path)
+    assert dataset.classes == ["red circle", "blue square", "empty"]
+    assert len(dataset) == 5
+    image, label = dataset[4]
+    # Sorted order puts "01_blue_square" (written first: red channel 0) second; its image 1 has green = 1.
+    assert label == 1 and image.getpixel((0, 0)) == (0, 1, 0)
+
+
+def test_class_names_from_classnames_txt_or_a_user_file(tmp_path):
+    write_image_folder(tmp_path / "data", {"a": 1, "b": 1})
+    (tmp_path / "data" / "classnames.txt").write_text("apple\nbanana\n")
+    assert ImageFolderDataset(tmp_path / "data").classes == ["apple", "banana"]
+    (tmp_path / "names.json").write_text('["ant", "bee"]')
+    config = ZeroShotDatasetConfig(kind="imagefolder", root=str(tmp_path / "data"), classnames_file=str(tmp_path / "names.json"))
+    assert load_classification_data(config, None).classnames == ["ant", "bee"]
+    (tmp_path / "three.txt").write_text("x\ny\nz\n")
+    with pytest.raises(ValueError, match="3 class names; the dataset has 2 classes"):
+        load_classification_data(ZeroShotDatasetConfig(kind="imagefolder", root=str(tmp_path / "data"), classnames_file=str(tmp_path / "three.txt")), None)
+
+
+def test_image_folder_split_subfolder_and_errors(tmp_path):
+    write_image_folder(tmp_path / "root" / "test", {"cat": 1, "dog": 2})
+    data = load_classification_data(ZeroShotDatasetConfig(kind="imagefolder", root=str(tmp_path / "root"), split="test"), None)
+    assert data.classnames == ["cat", "dog"] and len(data.dataset) == 3
+    with pytest.raises(FileNotFoundError):
+        ImageFolderDataset(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no class folders"):
+        ImageFolderDataset(tmp_path / "empty")
+    (tmp_path / "broken" / "cat").mkdir(parents=True)
+    (tmp_path / "broken" / "cat" / "x.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read image .*x.png"):
+        ImageFolderDataset(tmp_path / "broken")[0]
+
+
+def cifar_images(count: int, seed: int) -> tuple[np.ndarray, list[int]]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (count, 3072), dtype=np.uint8), rng.integers(0, 10, count).tolist()
+
+
+def write_cifar10(root: Path, bytes_keys: bool = False) -> Path:
+    """torchvision's layout: cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    key = (lambda k: k.encode()) if bytes_keys else (lambda k: k)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    for number, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        data, labels = cifar_images(3, number)
+        batch = {key("batch_label"): name, key("labels"): labels, key("data"): data, key("filenames"): [f"{i}.png" for i in range(3)]}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    meta = {key("label_names"): names, key("num_cases_per_batch"): 3, key("num_vis"): 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return folder
+
+
+@pytest.mark.parametrize("bytes_keys", [False, True])
+def test_cifar10_reader_matches_torchvision(tmp_path, monkeypatch, bytes_keys):
+    torchvision = pytest.importorskip("torchvision")
+    write_cifar10(tmp_path, bytes_keys)
+    ours = CIFARDataset(tmp_path, "cifar10", train=False)
+    data, labels = cifar_images(3, 5)
+    assert ours.labels == labels and len(ours) == 3 and ours.classes[1] == "automobile"
+    # Pixel (row 0, col 1) of image 0: channel planes are R, G, B, each 32 x 32 row-major.
+    assert ours[0][0].getpixel((1, 0)) == (data[0, 1], data[0, 1024 + 1], data[0, 2048 + 1])
+    assert len(CIFARDataset(tmp_path / "cifar-10-batches-py", "cifar10", train=True)) == 15
+    if bytes_keys:
+        return
+    # torchvision's reader as an independent reference; our tiny files cannot match its md5 list.
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
+    for train in (False, True):
+        reference = torchvision.datasets.CIFAR10(str(tmp_path), train=train, download=False)
+        ours = CIFARDataset(tmp_path, "cifar10", train=train)
+        assert ours.classes == reference.classes and ours.labels == list(reference.targets)
+        assert np.array_equal(ours.images, reference.data)
+
+
+def test_cifar100_reader_uses_fine_labels_and_readable_names(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    data, _ = cifar_images(4, 0)
+    for split in ("train", "test"):
+        batch = {"data": data, "fine_labels": [0, 1, 2, 1], "coarse_labels": [0, 0, 1, 1], "filenames": list("abcd")}
+        (folder / split).write_bytes(pickle.dumps(batch, protocol=2))
+    meta = {"fine_label_names": ["apple", "aquarium_fish", "maple_tree"], "coarse_label_names": ["x", "y"]}
+    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+    data = load_classification_data(ZeroShotDatasetConfig(kind="cifar100", root=str(tmp_path)), None)
+    assert data.classnames == ["apple", "aquarium fish", "maple tree"]
+    assert [data.dataset[i][1] for i in range(4)] == [0, 1, 2, 1]
+
+
+class Payload:
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_cifar_unpickler_refuses_anything_but_the_format(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = Payload()
+    payload.marker = str(marker)
+    (tmp_path / "evil").write_bytes(pickle.dumps({"data": payload}))
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        load_cifar_pickle(tmp_path / "evil")
+    assert not marker.exists()
+
+
+def test_cifar_format_errors_are_clear(tmp_path):
+    folder = write_cifar10(tmp_path)
+    (folder / "test_batch").write_bytes(pickle.dumps({"data": np.zeros((2, 10), np.uint8), "labels": [0, 1]}))
+    with pytest.raises(ValueError, match=r"shape \[N, 3072\]"):
+        CIFARDataset(tmp_path, "cifar10")
+    with pytest.raises(FileNotFoundError, match="data_batch_1"):
+        CIFARDataset(tmp_path / "nowhere", "cifar10", train=True)
+
+
+def test_synthetic_config_reports_heldout_pairs_and_its_own_templates():
+    from clip.data import synthetic
+
+    config = ZeroShotDatasetConfig(kind="synthetic", num_samples=10, image_size=32, max_samples=4)
+    data = load_classification_data(config, None)
+    reference = synthetic.SyntheticClassification(10, 32, 0)
+    assert data.classnames == reference.classes
+    assert data.subsets == {"heldout": reference.heldout_class_indices}
+    assert data.templates == synthetic.templates()
+    assert len(data.dataset) == 4
+    image, label = data.dataset[3]
+    assert label == reference[3][1] and image.size == (32, 32)
+    other = load_classification_data(ZeroShotDatasetConfig(kind="synthetic", heldout_report=False, builtin_templates="simple"), None)
+    assert other.subsets == {} and other.templates == ["a photo of a {}."]

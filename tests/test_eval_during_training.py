@@ -1,0 +1,114 @@
+"""The trainer's evaluation hook: flat metric keys on a tiny model, mode restored, when to run, and two gloo
+ranks (each encoding a slice) returning the same metrics as one process."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import clip
+from clip.architectures import ModelConfig, TextConfig, VisionConfig
+from clip.evaluation import EvalConfig, RetrievalDatasetConfig, ZeroShotDatasetConfig, run_evaluations, should_evaluate
+
+WORLD_SIZE = 2
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny tensors: intra-op threads only add synchronisation (badly so on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_clip() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = ModelConfig(
+        embed_dim=16,
+        vision=VisionConfig(kind="vit", image_size=32, width=32, layers=1, heads=2, patch_size=8),
+        text=TextConfig(context_length=40, width=32, layers=1, heads=2),
+    )
+    return clip.create_model(config)
+
+
+def write_caption_manifest(root: Path, count: int) -> Path:
+    from clip.data.synthetic import SyntheticCaptions
+
+    captions = SyntheticCaptions(count, image_size=32, seed=0, split="val")
+    with open(root / "captions.jsonl", "w") as manifest:
+        for i in range(count):
+            image, caption = captions[i]
+            image.save(root / f"{i}.png")
+            manifest.write(json.dumps({"image": f"{i}.png", "caption": caption}) + "\n")
+            manifest.write(json.dumps({"image": f"{i}.png", "caption": f"a picture, number {i}"}) + "\n")
+    return root / "captions.jsonl"
+
+
+def eval_config(manifest: Path) -> EvalConfig:
+    return EvalConfig(
+        batch_size=5,
+        workers=0,
+        text_batch_size=16,
+        retrieval_chunk_size=3,
+        zeroshot=[ZeroShotDatasetConfig(name="shapes", kind="synthetic", num_samples=30, image_size=32)],
+        retrieval=[RetrievalDatasetConfig(name="captions", annotations=str(manifest))],
+    )
+
+
+def test_run_evaluations_returns_flat_metrics_and_restores_train_mode(tmp_path):
+    model = tiny_clip().train()
+    metrics = run_evaluations(model, eval_config(write_caption_manifest(tmp_path, 7)), device="cpu", step=10)
+    assert model.training
+    expected = {f"zeroshot/shapes/{m}" for m in ("top1", "top5", "mean_per_class")}
+    expected |= {f"zeroshot/shapes/heldout/{m}" for m in ("top1", "top5", "mean_per_class")}
+    expected |= {f"retrieval/captions/{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)}
+    expected |= {f"retrieval/captions/{d}_{s}_rank" for d in ("image_to_text", "text_to_image") for s in ("mean", "median")}
+    assert set(metrics) == expected
+    assert all(isinstance(v, float) for v in metrics.values())
+    assert all(0.0 <= metrics[k] <= 1.0 for k in expected if "rank" not in k)
+    assert metrics["retrieval/captions/image_to_text_R@10"] == 1.0  # 7 images: everything is in the top 10
+
+
+def test_should_evaluate_schedule():
+    config = EvalConfig(every_n_steps=50, zeroshot=[ZeroShotDatasetConfig()])
+    assert [s for s in range(0, 181) if should_evaluate(config, s, 180)] == [50, 100, 150, 180]
+    only_at_end = EvalConfig(every_n_steps=0, zeroshot=[ZeroShotDatasetConfig()])
+    assert [s for s in range(0, 181) if should_evaluate(only_at_end, s, 180)] == [180]
+    assert not should_evaluate(EvalConfig(every_n_steps=1), 180, 180)  # nothing configured
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def worker(rank: int, port: int, manifest: str, output: str) -> None:
+    from clip.distributed import DistributedInfo
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        info = DistributedInfo(rank=rank, world_size=WORLD_SIZE, local_rank=rank, device=torch.device("cpu"))
+        metrics = run_evaluations(tiny_clip(), eval_config(Path(manifest)), device="cpu", dist_info=info)
+        Path(output, f"rank{rank}.json").write_text(json.dumps(metrics))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_return_the_single_process_metrics(tmp_path):
+    manifest = write_caption_manifest(tmp_path, 7)
+    mp.spawn(worker, args=(free_port(), str(manifest), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    single = run_evaluations(tiny_clip(), eval_config(manifest), device="cpu")
+    for rank in range(WORLD_SIZE):
+        ranked = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert ranked.keys() == single.keys()
+        for key, value in single.items():
+            assert ranked[key] == pytest.approx(value, abs=1e-9), key

@@ -1,0 +1,195 @@
+"""Retrieval: chunked exact ranks against a brute-force sort (ties included, several captions per image,
+chunks smaller than the data), annotation readers, and the encode -> rank pipeline on a planted model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from torch import nn
+
+from clip.evaluation.config import RetrievalDatasetConfig
+from clip.evaluation.retrieval import (
+    RetrievalData,
+    evaluate_retrieval,
+    load_retrieval_data,
+    read_caption_manifest,
+    read_karpathy_json,
+    retrieval_ranks,
+    summarize_ranks,
+)
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny tensors: intra-op threads only add synchronisation (badly so on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def brute_force_ranks(images: torch.Tensor, texts: torch.Tensor, caption_image: list[int], ties: str):
+    """Sort every candidate list; among equal scores the ground truth goes first (optimistic) or last."""
+    scores = (texts @ images.t()).tolist()  # T, I
+    truth_first = ties == "optimistic"
+
+    def position(candidates: list[tuple[float, bool]]) -> int:
+        order = sorted(candidates, key=lambda c: (-c[0], not c[1] if truth_first else c[1]))
+        return 1 + min(i for i, c in enumerate(order) if c[1])
+
+    text_ranks = [position([(s, i == caption_image[t]) for i, s in enumerate(row)]) for t, row in enumerate(scores)]
+    image_ranks = [
+        position([(scores[t][i], caption_image[t] == i) for t in range(len(texts))]) for i in range(len(images))
+    ]
+    return image_ranks, text_ranks
+
+
+def tied_features(seed: int, num_images: int, captions_per_image: list[int], dim: int = 3):
+    """Entries in {-1, 0, 1}: dot products are small integers, exact in float32 and full of ties."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(-1, 2, (num_images, dim), generator=generator).float()
+    caption_image = [i for i, count in enumerate(captions_per_image) for _ in range(count)]
+    texts = torch.randint(-1, 2, (len(caption_image), dim), generator=generator).float()
+    return images, texts, caption_image
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    captions_per_image=st.lists(st.integers(1, 4), min_size=1, max_size=9),
+    chunk_size=st.integers(1, 5),
+    ties=st.sampled_from(["optimistic", "pessimistic"]),
+)
+def test_chunked_ranks_equal_brute_force_with_ties(seed, captions_per_image, chunk_size, ties):
+    images, texts, caption_image = tied_features(seed, len(captions_per_image), captions_per_image)
+    image_ranks, text_ranks = retrieval_ranks(images, texts, torch.tensor(caption_image), chunk_size=chunk_size, ties=ties)
+    expected_images, expected_texts = brute_force_ranks(images, texts, caption_image, ties)
+    assert image_ranks.tolist() == expected_images
+    assert text_ranks.tolist() == expected_texts
+
+
+def test_tie_conventions_on_a_hand_example():
+    # Two images with identical features, one caption each: every score ties.
+    images = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    texts = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    optimistic = retrieval_ranks(images, texts, torch.tensor([0, 1]), ties="optimistic")
+    pessimistic = retrieval_ranks(images, texts, torch.tensor([0, 1]), ties="pessimistic")
+    assert [r.tolist() for r in optimistic] == [[1, 1], [1, 1]]
+    assert [r.tolist() for r in pessimistic] == [[2, 2], [2, 2]]
+
+
+def test_recall_uses_the_best_of_several_captions():
+    images = torch.eye(3)
+    # Image 0 has a poor caption (e1) and a perfect one (e0); image 1's only caption prefers image 2.
+    texts = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.2, 0.9], [0.0, 0.0, 1.0]])
+    caption_image = torch.tensor([0, 0, 1, 2])
+    image_ranks, text_ranks = retrieval_ranks(images, texts, caption_image, chunk_size=2)
+    # Image 1 scores the texts [1, 0, 0.2, 0]: only caption 0 (image 0's) beats its own 0.2 -> rank 2.
+    assert image_ranks.tolist() == [1, 2, 1]
+    # Caption 0 (e1) prefers image 1 over its image 0; caption 2 prefers image 2 over its image 1.
+    assert text_ranks.tolist() == [2, 1, 2, 1]
+    result = summarize_ranks(image_ranks, text_ranks, ks=(1, 2))
+    assert result.recalls["image_to_text_R@1"] == pytest.approx(2 / 3)
+    assert result.recalls["text_to_image_R@1"] == pytest.approx(2 / 4)
+    assert result.recalls["text_to_image_R@2"] == 1.0
+    assert result.metrics()["image_to_text_median_rank"] == 1.0
+
+
+def write_images(root, count: int) -> list[str]:
+    names = []
+    for i in range(count):
+        name = f"img_{i}.png"
+        Image.new("RGB", (4, 4), (i, 0, 0)).save(root / name)
+        names.append(name)
+    return names
+
+
+def test_karpathy_json_groups_captions_and_filters_the_split(tmp_path):
+    (tmp_path / "val2014").mkdir()
+    names = write_images(tmp_path / "val2014", 3)
+    entries = [
+        {"filename": names[0], "filepath": "val2014", "split": "test", "sentences": [{"raw": "a red"}, {"raw": " b red "}]},
+        {"filename": names[1], "filepath": "val2014", "split": "train", "sentences": [{"raw": "skip me"}]},
+        {"filename": names[2], "filepath": "val2014", "split": "test", "sentences": [{"raw": "c"}]},
+    ]
+    (tmp_path / "dataset.json").write_text(json.dumps({"images": entries}))
+    data = read_karpathy_json(tmp_path / "dataset.json")
+    assert [p.name for p in data.image_paths] == [names[0], names[2]]
+    assert data.captions == ["a red", "b red", "c"] and data.caption_image == [0, 0, 1]
+    assert len(read_karpathy_json(tmp_path / "dataset.json", split="").image_paths) == 3
+    entries[2]["filename"] = "missing.png"
+    (tmp_path / "dataset.json").write_text(json.dumps({"images": entries}))
+    with pytest.raises(FileNotFoundError, match="1 of 2 images not found"):
+        read_karpathy_json(tmp_path / "dataset.json")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
+def test_manifest_rows_are_grouped_by_image(tmp_path, suffix):
+    names = write_images(tmp_path, 2)
+    rows = [(names[1], "one"), (names[0], "two"), (names[1], "three")]
+    if suffix == ".jsonl":
+        text = "".join(json.dumps({"image": i, "caption": c}) + "\n" for i, c in rows)
+    else:
+        sep = "\t" if suffix == ".tsv" else ","
+        text = f"image{sep}caption\n" + "".join(f"{i}{sep}{c}\n" for i, c in rows)
+    (tmp_path / f"m{suffix}").write_text(text)
+    data = load_retrieval_data(RetrievalDatasetConfig(annotations=str(tmp_path / f"m{suffix}")))
+    assert [p.name for p in data.image_paths] == [names[1], names[0]]
+    assert data.captions == ["one", "two", "three"] and data.caption_image == [0, 1, 0]
+    assert data.first_images(1).captions == ["one", "three"]
+
+
+def test_manifest_errors_name_the_row(tmp_path):
+    names = write_images(tmp_path, 1)
+    (tmp_path / "m.csv").write_text(f"image,caption\n{names[0]},fine\n{names[0]},\n")
+    with pytest.raises(ValueError, match="row 2"):
+        read_caption_manifest(tmp_path / "m.csv")
+    with pytest.raises(ValueError, match="every image needs at least one caption"):
+        RetrievalData([tmp_path / names[0]], [], [])
+
+
+class PlantedRetrievalModel(nn.Module):
+    """Image i (red channel = i) and caption "item i" both map to the one-hot vector e_i."""
+
+    context_length = 4
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    @staticmethod
+    def tokenize(texts: list[str], context_length: int) -> torch.Tensor:
+        tokens = torch.zeros(len(texts), context_length, dtype=torch.long)
+        tokens[:, 0] = torch.tensor([int(text.split()[1]) for text in texts])
+        return tokens
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return nn.functional.one_hot(images[:, 0, 0, 0].round().long(), self.size).float()
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return nn.functional.one_hot(tokens[:, 0], self.size).float()
+
+
+def test_pipeline_keeps_images_and_captions_aligned(tmp_path):
+    count = 7
+    names = write_images(tmp_path, count)
+    rows = [(names[i], f"item {i}") for i in [3, 0, 6, 1, 3, 5, 2, 4, 0, 6]]
+    (tmp_path / "m.csv").write_text("image,caption\n" + "".join(f"{i},{c}\n" for i, c in rows))
+    data = read_caption_manifest(tmp_path / "m.csv")
+
+    def red_value(image: Image.Image) -> torch.Tensor:
+        return torch.full((3, 2, 2), float(image.getpixel((0, 0))[0]))
+
+    model = PlantedRetrievalModel(count)
+    result = evaluate_retrieval(
+        model, data, red_value, tokenizer=model.tokenize, batch_size=3, text_batch_size=4, chunk_size=2, name="planted"
+    )
+    assert result.num_images == count and result.num_texts == len(rows)
+    assert all(value == 1.0 for value in result.recalls.values()), result.recalls
+    assert set(result.recalls) == {f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)}

@@ -1,0 +1,224 @@
+"""Zero-shot classification: prompt-ensemble math on planted embeddings, streamed metrics against a direct
+computation, JSON output, the confusion PNG, and the notebook helper on a tiny real model."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import clip
+from clip.architectures import ModelConfig, TextConfig, VisionConfig
+from clip.evaluation import (
+    build_zeroshot_classifier,
+    evaluate_zeroshot,
+    save_confusion_png,
+    zeroshot_classify,
+    zeroshot_classify_images,
+)
+from clip.evaluation.templates import DEFAULT_TEMPLATES, load_templates, resolve_templates, validate_template
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny tensors: intra-op threads only add synchronisation (badly so on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class PlantedTextModel(nn.Module):
+    """encode_text returns a planted vector per prompt; encode_image passes features through. Records the
+    train/eval mode and grad mode it was called in."""
+
+    context_length = 8
+
+    def __init__(self, planted: dict[str, list[float]]):
+        super().__init__()
+        self.prompts = list(planted)
+        self.vectors = torch.tensor([planted[p] for p in self.prompts], dtype=torch.float32)
+        self.dummy = nn.Parameter(torch.zeros(1))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.seen_modes: list[tuple[bool, bool]] = []
+        self.text_batches: list[int] = []
+
+    def tokenize(self, texts: list[str], context_length: int) -> torch.Tensor:
+        tokens = torch.zeros(len(texts), context_length, dtype=torch.long)
+        tokens[:, 0] = torch.tensor([self.prompts.index(t) for t in texts])
+        return tokens
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        self.seen_modes.append((self.training, torch.is_grad_enabled()))
+        self.text_batches.append(len(tokens))
+        return self.vectors[tokens[:, 0]]
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        self.seen_modes.append((self.training, torch.is_grad_enabled()))
+        return images.float()
+
+
+def planted_two_classes() -> tuple[PlantedTextModel, list[str], list[str]]:
+    templates = ["a {}.", "the {}!", "{}?"]
+    planted = {
+        "a cat.": [3.0, 4.0], "the cat!": [0.0, 2.0], "cat?": [5.0, 0.0],
+        "a dog.": [-1.0, 0.0], "the dog!": [0.0, -7.0], "dog?": [-2.0, -2.0],
+    }
+    return PlantedTextModel(planted), ["cat", "dog"], templates
+
+
+def test_prompt_ensemble_matches_hand_computation():
+    model, classnames, templates = planted_two_classes()
+    weights = build_zeroshot_classifier(model, classnames, templates, model.tokenize, batch_size=100)
+    assert weights.shape == (2, 2)  # D, C
+    # cat: unit vectors (0.6, 0.8), (0, 1), (1, 0) -> mean (1.6, 1.8) / 3 -> renormalised.
+    cat = torch.tensor([1.6, 1.8]) / math.sqrt(1.6**2 + 1.8**2)
+    # dog: (-1, 0), (0, -1), (-1/sqrt2, -1/sqrt2) -> mean direction (-(1 + r), -(1 + r)), r = 1/sqrt2.
+    dog = torch.tensor([-1.0, -1.0]) / math.sqrt(2.0)
+    torch.testing.assert_close(weights[:, 0], cat)
+    torch.testing.assert_close(weights[:, 1], dog)
+    # Averaging the raw vectors instead would point elsewhere: (8/3, 6/3) -> (0.8, 0.6).
+    assert not torch.allclose(weights[:, 0], torch.tensor([0.8, 0.6]), atol=1e-2)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 4, 7])
+def test_classifier_is_independent_of_batching_and_accepts_callables(batch_size):
+    model, classnames, templates = planted_two_classes()
+    reference = build_zeroshot_classifier(model, classnames, templates, model.tokenize, batch_size=100)
+    model.text_batches.clear()
+    batched = build_zeroshot_classifier(model, classnames, templates, model.tokenize, batch_size=batch_size)
+    torch.testing.assert_close(batched, reference)
+    assert max(model.text_batches) <= batch_size
+    callables = [lambda c: f"a {c}.", lambda c: f"the {c}!", lambda c: f"{c}?"]
+    torch.testing.assert_close(build_zeroshot_classifier(model, classnames, callables, model.tokenize), reference)
+
+
+def test_model_is_evaluated_in_eval_mode_without_grad_and_restored():
+    model, classnames, templates = planted_two_classes()
+    model.train()
+    classifier = build_zeroshot_classifier(model, classnames, templates, model.tokenize)
+    zeroshot_classify(model, classifier, torch.randn(3, 2))
+    assert model.seen_modes and all(mode == (False, False) for mode in model.seen_modes)
+    assert model.training
+
+
+def brute_force_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, k: int):
+    top1 = (logits.argmax(1) == labels).float().mean().item()
+    ranked = logits.argsort(dim=1, descending=True)[:, :k]
+    topk = (ranked == labels[:, None]).any(1).float().mean().item()
+    per_class = []
+    for c in range(num_classes):
+        mask = labels == c
+        per_class.append((logits[mask].argmax(1) == c).float().mean().item() if mask.any() else None)
+    return top1, topk, per_class
+
+
+def test_metrics_match_a_direct_computation_on_planted_features():
+    generator = torch.Generator().manual_seed(0)
+    num_classes, dim = 7, 5
+    classifier = nn.functional.normalize(torch.randn(num_classes, dim, generator=generator), dim=-1).t()
+    labels = torch.randint(0, num_classes - 1, (60,), generator=generator)  # the last class has no images
+    features = classifier.t()[labels] + 0.9 * torch.randn(60, dim, generator=generator)
+    dataset = list(zip(features, labels.tolist()))
+    model, _, _ = planted_two_classes()
+    classnames = [f"class {c}" for c in range(num_classes)]
+    result = evaluate_zeroshot(
+        model, dataset, classnames, classifier=classifier, batch_size=8, subsets={"odd": [1, 3, 5]}, name="planted"
+    )
+    logits = nn.functional.normalize(features, dim=-1) @ classifier
+    top1, top5, per_class = brute_force_metrics(logits, labels, num_classes, 5)
+    assert 0.2 < top1 < 0.95  # neither trivial nor hopeless, so the comparison means something
+    assert result.top1 == pytest.approx(top1)
+    assert result.top5 == pytest.approx(top5) and result.top5_k == 5
+    assert result.per_class_accuracy[-1] is None
+    assert result.per_class_accuracy[:-1] == pytest.approx(per_class[:-1])
+    present = [a for a in per_class if a is not None]
+    assert result.mean_per_class_accuracy == pytest.approx(sum(present) / len(present))
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    for true, predicted in zip(labels, logits.argmax(1)):
+        confusion[true, predicted] += 1
+    assert result.confusion_matrix == confusion.tolist()
+    odd = torch.isin(labels, torch.tensor([1, 3, 5]))
+    assert result.subsets["odd"].num_samples == int(odd.sum())
+    assert result.subsets["odd"].top1 == pytest.approx((logits[odd].argmax(1) == labels[odd]).float().mean().item())
+    metrics = result.metrics()
+    assert set(metrics) == {"top1", "top5", "mean_per_class", "odd/top1", "odd/top5", "odd/mean_per_class"}
+    assert json.loads(json.dumps(result.to_dict()))["confusion_matrix"] == confusion.tolist()
+
+
+def test_top_k_is_capped_at_the_number_of_classes():
+    model, classnames, templates = planted_two_classes()
+    dataset = [(torch.tensor([1.0, 1.0]), 0), (torch.tensor([-1.0, -1.0]), 0), (torch.tensor([1.0, 0.5]), 1)]
+    result = evaluate_zeroshot(model, dataset, classnames, templates, tokenizer=model.tokenize)
+    assert result.top5_k == 2 and result.top5 == 1.0
+    assert result.top1 == pytest.approx(1 / 3)
+    assert result.confusion_matrix == [[1, 1], [1, 0]]
+
+
+def test_labels_outside_the_classes_are_an_error():
+    model, classnames, templates = planted_two_classes()
+    with pytest.raises(ValueError, match="labels must lie in 0..1"):
+        evaluate_zeroshot(model, [(torch.ones(2), 2)], classnames, templates, tokenizer=model.tokenize)
+
+
+def test_confusion_png_is_written_or_skipped_without_matplotlib(tmp_path, monkeypatch, caplog):
+    pytest.importorskip("matplotlib")
+    model, classnames, templates = planted_two_classes()
+    result = evaluate_zeroshot(model, [(torch.ones(2), 0)], classnames, templates, tokenizer=model.tokenize, name="x")
+    path = save_confusion_png(result, tmp_path / "confusion.png")
+    assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with caplog.at_level("INFO"):
+        assert save_confusion_png(result, tmp_path / "skipped.png") is None
+    assert not (tmp_path / "skipped.png").exists()
+    assert "matplotlib is not installed" in caplog.text
+
+
+def test_templates_are_checked_and_read_from_files(tmp_path):
+    for template in DEFAULT_TEMPLATES:
+        validate_template(template)
+    for bad in ["no placeholder", "{} and {}", "{name}", "{0"]:
+        with pytest.raises(ValueError):
+            validate_template(bad)
+    (tmp_path / "t.json").write_text('["a photo of a {}.", "art of the {}"]')
+    (tmp_path / "t.txt").write_text("# my prompts\na photo of a {}.\n\nart of the {}\n")
+    assert load_templates(tmp_path / "t.json") == load_templates(tmp_path / "t.txt") == ["a photo of a {}.", "art of the {}"]
+    assert resolve_templates("simple") == ["a photo of a {}."]
+    (tmp_path / "bad.txt").write_text("a photo\n")
+    with pytest.raises(ValueError, match="exactly one"):
+        load_templates(tmp_path / "bad.txt")
+
+
+def tiny_clip() -> nn.Module:
+    torch.manual_seed(0)
+    config = ModelConfig(
+        embed_dim=16,
+        vision=VisionConfig(kind="vit", image_size=32, width=32, layers=1, heads=2, patch_size=8),
+        text=TextConfig(context_length=32, width=32, layers=1, heads=2),
+    )
+    return clip.create_model(config).eval()
+
+
+def test_notebook_helper_on_a_tiny_model():
+    from clip.preprocess import image_transform
+
+    model = tiny_clip()
+    images = [Image.new("RGB", (40, 30), colour) for colour in [(255, 0, 0), (0, 0, 255), (0, 128, 0)]]
+    classnames = ["red square", "blue square", "green square"]
+    probabilities, names = zeroshot_classify_images(model, image_transform(32), images, classnames)
+    assert probabilities.shape == (3, 3)
+    torch.testing.assert_close(probabilities.sum(1), torch.ones(3))
+    assert names == [classnames[i] for i in probabilities.argmax(1).tolist()]

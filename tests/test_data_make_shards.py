@@ -1,0 +1,89 @@
+"""scripts/make_shards.py: manifests and image folders to WebDataset shards that the loader reads back."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from test_data_helpers import build, caption_of, captions, image_bytes, take, write_manifest
+
+from clip.data import SourceConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "make_shards.py"
+
+
+def make_shards_main():
+    spec = importlib.util.spec_from_file_location("make_shards", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("manifest_name", ["train.csv", "train.tsv", "train.jsonl"])
+def test_manifest_round_trip(tmp_path: Path, manifest_name: str, capsys: pytest.CaptureFixture) -> None:
+    manifest = write_manifest(tmp_path / "src", range(7), manifest_name)
+    (tmp_path / "src" / "images" / "3.jpg").unlink()  # missing_file
+    (tmp_path / "src" / "images" / "4.jpg").write_bytes(b"plain text")  # not_an_image
+    bmp = io.BytesIO()
+    Image.open(io.BytesIO(image_bytes(5))).save(bmp, format="BMP")
+    (tmp_path / "src" / "images" / "5.jpg").write_bytes(bmp.getvalue())  # stored as PNG
+    assert make_shards_main()([str(manifest), str(tmp_path / "out"), "--prefix", "t", "--samples-per-shard", "2"]) == 0
+    report = capsys.readouterr().out
+    assert "wrote 5 samples in 3 shards" in report and "missing_file 1" in report and "not_an_image 1" in report
+
+    sizes = json.loads((tmp_path / "out" / "sizes.json").read_text())
+    assert sizes == {"t-000000.tar": 2, "t-000001.tar": 2, "t-000002.tar": 1}
+    with tarfile.open(tmp_path / "out" / "t-000001.tar") as tar:
+        names = tar.getnames()
+        info = json.loads(tar.extractfile("000000003.json").read())
+    assert sorted(names) == sorted(
+        ["000000002.jpg", "000000002.txt", "000000002.json", "000000003.png", "000000003.txt", "000000003.json"]
+    )
+    assert info["caption"] == caption_of(5) and info["width"] == 24 and info["height"] == 20
+
+    source = SourceConfig(kind="shards", path=str(tmp_path / "out" / "t-{000000..000002}.tar"))
+    data = build([source], batch_size=5)
+    assert Counter(captions(take(data, 1))) == Counter(caption_of(i) for i in (0, 1, 2, 5, 6))
+    assert data.stats()["skipped"] == 0
+    data.close()
+
+
+def test_image_folder_with_caption_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for i in range(4):
+        folder = tmp_path / "photos" / f"album{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i}.jpg").write_bytes(image_bytes(i))
+        if i != 2:
+            (folder / f"{i}.txt").write_text(caption_of(i))
+    assert make_shards_main()([str(tmp_path / "photos"), str(tmp_path / "out")]) == 0
+    assert "missing_caption 1" in capsys.readouterr().out
+    data = build([SourceConfig(kind="shards", path=str(tmp_path / "out" / "shard-{000000..000000}.tar"))], batch_size=3)
+    assert sorted(captions(take(data, 1))) == [caption_of(i) for i in (0, 1, 3)]
+    data.close()
+
+
+def test_index_only_rewrites_sizes(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path / "src", range(5))
+    make_shards_main()([str(manifest), str(tmp_path / "out"), "--samples-per-shard", "3"])
+    written = (tmp_path / "out" / "sizes.json").read_text()
+    (tmp_path / "out" / "sizes.json").unlink()
+    assert make_shards_main()(["--index", str(tmp_path / "out" / "shard-{000000..000001}.tar")]) == 0
+    assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == json.loads(written) == {
+        "shard-000000.tar": 3, "shard-000001.tar": 2
+    }
+
+
+def test_help_runs_as_a_script() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0 and "--samples-per-shard" in result.stdout

@@ -1,0 +1,118 @@
+"""WebDataset shards: shard lists and size indexes, URL schemes (fsspec, pipe:), broken shards, and the
+message when webdataset is not installed."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from test_data_helpers import build, caption_of, captions, take, write_shards
+
+from clip.data import SourceConfig
+from clip.data.shards import expand_shard_pattern, read_shard_range, shard_name, shard_sizes
+
+
+def test_brace_patterns_and_shard_names() -> None:
+    assert expand_shard_pattern("d/x-{00..02}.tar::e/y.tar") == ["d/x-00.tar", "d/x-01.tar", "d/x-02.tar", "e/y.tar"]
+    assert shard_name("/data/x-00.tar") == "x-00.tar"
+    assert shard_name("s3://bucket/dir/x-00.tar") == "x-00.tar"
+    assert shard_name("pipe:aws s3 cp s3://bucket/x-07.tar -") == "x-07.tar"
+
+
+def test_sizes_from_index_img2dataset_stats_counting_or_num_samples(tmp_path: Path) -> None:
+    pattern = write_shards(tmp_path, 11, 4)
+    urls = expand_shard_pattern(pattern)
+    assert shard_sizes(urls).tolist() == [4, 4, 3]  # sizes.json
+    (tmp_path / "sizes.json").unlink()
+    assert shard_sizes(urls).tolist() == [4, 4, 3]  # counted from the local tars' headers
+    (tmp_path / "s-000001_stats.json").write_text(json.dumps({"count": 9, "successes": 4}))
+    assert shard_sizes(urls).tolist() == [4, 4, 3]  # img2dataset's stats for one shard, counting for the rest
+    assert shard_sizes(urls, num_samples=10).tolist() == [4, 3, 3]  # num_samples wins, spread evenly
+    other = tmp_path / "elsewhere.json"
+    other.write_text(json.dumps({"s-000000.tar": 4, "s-000001.tar": 4, "s-000002.tar": 3}))
+    assert shard_sizes(urls, size_index=str(other)).tolist() == [4, 4, 3]
+    with pytest.raises(FileNotFoundError):
+        shard_sizes(urls, size_index=str(tmp_path / "nope.json"))
+
+
+def test_read_range_skips_unread_and_pads_missing_samples(tmp_path: Path) -> None:
+    url = expand_shard_pattern(write_shards(tmp_path, 6, 6))[0]
+    samples = list(read_shard_range(url, 2, 3))
+    assert [s["txt"].decode() for s in samples] == [caption_of(i) for i in (2, 3, 4)]
+    assert set(samples[0]) >= {"__key__", "__url__", "jpg", "txt", "json"}
+    too_far = list(read_shard_range(url, 4, 4))  # the index claims more than the shard has
+    assert [getattr(s, "kind", "ok") for s in too_far] == ["ok", "ok", "shard_too_short", "shard_too_short"]
+    missing = list(read_shard_range(str(tmp_path / "nope.tar"), 0, 2))
+    assert [s.kind for s in missing] == ["missing_shard", "missing_shard"]
+
+
+def truncate_inside_sample(path: Path, sample: int) -> None:
+    """Cut the tar in the middle of the first member of the `sample`-th sample."""
+    with tarfile.open(path) as tar:
+        member = tar.getmembers()[3 * sample]  # three members per sample
+    data = path.read_bytes()
+    path.write_bytes(data[: member.offset_data + member.size // 2])
+
+
+def test_broken_shards_are_counted_and_the_epoch_goes_on(tmp_path: Path) -> None:
+    pattern = write_shards(tmp_path, 20, 5)  # 4 shards of 5
+    (tmp_path / "s-000001.tar").unlink()  # 5 missing_shard
+    truncate_inside_sample(tmp_path / "s-000002.tar", 3)  # samples 10-12 read, 2 shard_read_error
+    with tarfile.open(tmp_path / "s-000003.tar") as tar:  # sample 15 without image, 16 without caption
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(tmp_path / "s-000003.tar", "w") as tar:
+        for member, data in members:
+            if member.name not in ("000000015.png", "000000016.txt"):
+                tar.addfile(member, io.BytesIO(data))
+    source = SourceConfig(kind="shards", path=pattern, name="s")
+    # 5 + 3 + 3 = 11 usable samples: one batch of 11 is one epoch, counts exact if it ends on a usable one.
+    for seed in range(40):
+        data = build([source], batch_size=11, workers=1, seed=seed)
+        seen = captions(take(data, 1))
+        if data.state_dict()["positions"] == [[1, 0]]:
+            break
+        data.close()
+    else:
+        pytest.fail("no seed ends the epoch on a usable sample")
+    assert Counter(seen) == Counter(caption_of(i) for i in [0, 1, 2, 3, 4, 10, 11, 12, 17, 18, 19])
+    assert data.stats()["sources"]["s"]["skipped"] == {
+        "missing_shard": 5, "shard_read_error": 2, "missing_image": 1, "missing_caption": 1
+    }
+    data.close()
+
+
+def test_fsspec_urls(tmp_path: Path) -> None:
+    fsspec = pytest.importorskip("fsspec")
+    write_shards(tmp_path, 9, 4)
+    memory = fsspec.filesystem("memory")
+    for path in tmp_path.iterdir():
+        memory.pipe(f"/shards/{path.name}", path.read_bytes())
+    source = SourceConfig(kind="shards", path="memory://shards/s-{000000..000002}.tar")
+    data = build([source], batch_size=9)
+    assert data.samples_per_epoch == 9  # sizes.json read through fsspec too
+    assert sorted(captions(take(data, 1))) == [caption_of(i) for i in range(9)]
+    data.close()
+
+
+@pytest.mark.skipif(shutil.which("cat") is None, reason="needs cat")
+def test_pipe_urls(tmp_path: Path) -> None:
+    write_shards(tmp_path, 8, 4)
+    source = SourceConfig(
+        kind="shards", path=f"pipe:cat {tmp_path}/s-{{000000..000001}}.tar", size_index=str(tmp_path / "sizes.json")
+    )
+    data = build([source], batch_size=4, workers=2)
+    assert sorted(captions(take(data, 2))) == [caption_of(i) for i in range(8)]
+    data.close()
+
+
+def test_missing_webdataset_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pattern = write_shards(tmp_path, 4, 4)
+    monkeypatch.setitem(sys.modules, "webdataset", None)  # makes `import webdataset` fail
+    with pytest.raises(ImportError, match="pip install webdataset"):
+        build([SourceConfig(kind="shards", path=pattern)])

@@ -25,8 +25,6 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from PIL import Image
-
 from clip.data.decoding import IMAGE_EXTENSIONS, SkipSample, decode_caption, open_image, pil_pixel_limit
 from clip.data.manifest import MANIFEST_SUFFIXES, manifest_rows, original_bytes
 from clip.data.shards import SIZE_INDEX_NAME, count_tar_samples, expand_shard_pattern, require_webdataset
@@ -83,7 +81,10 @@ def write_shards(samples: Iterator, output: Path, prefix: str, per_shard: int) -
     skipped: Counter = Counter()
     written = 0
     # maxcount splits exactly every `per_shard` samples; a fixed mtime makes the tars reproducible.
-    with webdataset.ShardWriter(pattern, maxcount=per_shard, maxsize=float("inf"), verbose=0, encoder=False, mtime=0) as sink:
+    writer = webdataset.ShardWriter(
+        pattern, maxcount=per_shard, maxsize=float("inf"), verbose=0, encoder=False, mtime=0
+    )
+    with writer as sink:
         for sample in samples:
             if sample is None:
                 skipped["bad_manifest_row"] += 1
@@ -119,14 +120,17 @@ def write_index(pattern: str) -> dict[str, int]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("input", nargs="?", help=f"a manifest ({', '.join(MANIFEST_SUFFIXES)}) or a folder of images + .txt captions")
+    formats = ", ".join(MANIFEST_SUFFIXES)
+    parser.add_argument("input", nargs="?", help=f"a manifest ({formats}) or a folder of images + .txt captions")
     parser.add_argument("output", nargs="?", help="folder for the shards and sizes.json")
     parser.add_argument("--prefix", default="shard", help="shard file names: PREFIX-000000.tar, ... (default: shard)")
     parser.add_argument("--samples-per-shard", type=int, default=1000, help="samples per shard (default: 1000)")
     parser.add_argument("--image-column", default="image", help="manifest column with image paths (default: image)")
     parser.add_argument("--caption-column", default="caption", help="manifest column with captions (default: caption)")
     parser.add_argument("--separator", default="", help="manifest field separator (default: from the suffix)")
-    parser.add_argument("--index", metavar="PATTERN", help="only write sizes.json for existing shards 'dir/x-{000000..000009}.tar'")
+    parser.add_argument(
+        "--index", metavar="PATTERN", help="only write sizes.json for existing shards 'dir/x-{000000..000009}.tar'"
+    )
     args = parser.parse_args(argv)
     if args.index is None and (args.input is None or args.output is None):
         parser.error("give INPUT and OUTPUT, or --index PATTERN")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_data_helpers import IMAGE_SIZE, build, caption_of, captions, image_bytes, take
+from test_data_helpers import build, caption_of, captions, image_bytes, take
 
 from clip.data import SourceConfig
 from clip.data.decoding import SkipLog, SkipSample, decode_caption, open_image, pil_pixel_limit, upright_rgb
@@ -82,7 +82,8 @@ def write_bad_manifest(folder: Path) -> tuple[Path, list[str]]:
             (folder / name).write_bytes(data)
         rows.append((name, caption))
     manifest = folder / "train.csv"
-    manifest.write_bytes(b"image,caption\n" + b"".join(name.encode() + b"," + caption + b"\n" for name, caption in rows))
+    lines = b"".join(name.encode() + b"," + caption + b"\n" for name, caption in rows)
+    manifest.write_bytes(b"image,caption\n" + lines)
     return manifest, good
 
 

@@ -65,15 +65,15 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shards(folder: Path, num_samples: int, per_shard: int, first: int = 0, prefix: str = "s", index: bool = True) -> str:
-    """Shards prefix-000000.tar, ... of samples first..first+num_samples-1 (JPEG and PNG alternating) and a
+def write_shards(folder: Path, num_samples: int, per_shard: int, prefix: str = "s", index: bool = True) -> str:
+    """Shards prefix-000000.tar, ... of samples 0..num_samples-1 (JPEG and PNG alternating) and a
     sizes.json; returns the brace pattern."""
     folder.mkdir(parents=True, exist_ok=True)
     shard_count = -(-num_samples // per_shard)
     sizes = {}
     for shard in range(shard_count):
         name = f"{prefix}-{shard:06d}.tar"
-        members = range(first + shard * per_shard, first + min((shard + 1) * per_shard, num_samples))
+        members = range(shard * per_shard, min((shard + 1) * per_shard, num_samples))
         with tarfile.open(folder / name, "w") as tar:
             for i in members:
                 extension, fmt = ("jpg", "JPEG") if i % 2 == 0 else ("png", "PNG")
@@ -102,7 +102,10 @@ def write_manifest(folder: Path, indices: range, name: str = "train.csv") -> Pat
     return path
 
 
-def build(sources: list[SourceConfig], batch_size: int = 4, rank: int = 0, world_size: int = 1, seed: int = 0, **fields):
+def build(
+    sources: list[SourceConfig], batch_size: int = 4, rank: int = 0, world_size: int = 1, seed: int = 0, **fields
+):
+    """TrainData over `sources` with 16-pixel images and the byte tokenizer; `fields` set DataConfig fields."""
     config = DataConfig(sources=sources, **{"workers": 0, "shuffle_buffer": 8, **fields})
     return build_train_data(
         config, image_size=IMAGE_SIZE, context_length=24, tokenizer=ByteTokenizer(), batch_size=batch_size,
@@ -144,7 +147,8 @@ def test_packed_strings() -> None:
 def test_write_shards_helper(tmp_path: Path) -> None:
     pattern = write_shards(tmp_path, 7, 3)
     assert pattern.endswith("s-{000000..000002}.tar")
-    assert json.loads((tmp_path / "sizes.json").read_text()) == {"s-000000.tar": 3, "s-000001.tar": 3, "s-000002.tar": 1}
+    sizes = json.loads((tmp_path / "sizes.json").read_text())
+    assert sizes == {"s-000000.tar": 3, "s-000001.tar": 3, "s-000002.tar": 1}
 
 
 def test_synthetic_source_batches() -> None:

@@ -85,5 +85,6 @@ def test_index_only_rewrites_sizes(tmp_path: Path) -> None:
 
 def test_help_runs_as_a_script() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, env=env, timeout=120)
+    command = [sys.executable, str(SCRIPT), "--help"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0 and "--samples-per-shard" in result.stdout

@@ -39,7 +39,8 @@ def test_split_range_covers_everything_evenly() -> None:
 @pytest.mark.parametrize("world_size, workers", [(1, 1), (2, 2), (3, 2), (4, 3)])
 def test_every_sample_exactly_once_per_epoch(world_size: int, workers: int) -> None:
     sizes = [5, 0, 7, 3, 6, 5, 4]  # uneven shards, one empty
-    planner = Planner((SourceLayout(23, 1.0), shard_layout(sizes)), seed=3, world_size=world_size, workers_per_rank=workers)
+    sources = (SourceLayout(23, 1.0), shard_layout(sizes))
+    planner = Planner(sources, seed=3, world_size=world_size, workers_per_rank=workers)
     expected = Counter({(0, i): 1 for i in range(23)}) + Counter(
         {(1, (shard, i)): 1 for shard, size in enumerate(sizes) for i in range(size)}
     )

@@ -26,7 +26,8 @@ SourceKind = Literal["synthetic", "manifest", "shards"]
 @dataclass
 class SourceConfig:
     kind: SourceKind = "synthetic"  # synthetic shapes, a CSV/TSV/JSONL manifest, or WebDataset tar shards
-    path: str = ""  # manifest file, or shard pattern "dir/{000000..000127}.tar" (also s3://..., pipe:cmd); "" for synthetic
+    # A manifest file, or a shard pattern "dir/{000000..000127}.tar" (also s3://..., pipe:cmd); "" for synthetic.
+    path: str = ""
     name: str = ""  # label in stats() and logs; "" = "<index>:<kind>"
     # Per-sample rate relative to the other sources: each epoch draws weight x size samples from this source
     # (2.0 = every sample twice, 0.5 = half of them, the other half next epoch); with `resampled`, the expected rate.
@@ -72,7 +73,8 @@ class DataConfig:
     # Images with more pixels than this are skipped as decompression bombs (PIL's default limit, applied in
     # the data workers only). None disables the check.
     max_image_pixels: int | None = 89_478_485
-    augment: bool = False  # RandomResizedCrop; off = resize + center crop. Keep off for synthetic (captions name positions)
+    # RandomResizedCrop; off = resize + center crop. Keep it off for synthetic data: its captions name positions.
+    augment: bool = False
     jpeg_draft: bool = True  # let libjpeg decode large JPEGs at 1/2, 1/4 or 1/8 scale when still >= the target size
     log_every_s: float = 60.0  # at most one log line per skip kind per worker in this many seconds
 

@@ -142,7 +142,9 @@ class TrainData:
         worker = meta["worker"]
         if worker != self._next_worker and not self._warned_order:
             self._warned_order = True
-            log.warning("data: batch from worker %d where %d was due; a resume may reorder batches", worker, self._next_worker)
+            log.warning(
+                "data: batch from worker %d where %d was due; a resume may reorder batches", worker, self._next_worker
+            )
         self._positions[worker] = tuple(meta["position"])
         self._next_worker = (worker + 1) % self.slots_per_rank
         self._batches += 1

@@ -101,7 +101,9 @@ def manifest_rows(path: str, image_column: str, caption_column: str, separator: 
     raise ValueError(f"{path}: unknown manifest format; use {', '.join(MANIFEST_SUFFIXES)} or set `separator`")
 
 
-def read_manifest(path: str, image_column: str = "image", caption_column: str = "caption", separator: str = "") -> Manifest:
+def read_manifest(
+    path: str, image_column: str = "image", caption_column: str = "caption", separator: str = ""
+) -> Manifest:
     """Reads a whole manifest into packed arrays."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")

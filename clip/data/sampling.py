@@ -75,7 +75,7 @@ def split_range(total: int, parts: int, index: int) -> tuple[int, int]:
 def _rows_in_range(size: int, first: int, stop: int, key: tuple[int, ...]) -> np.ndarray:
     """Items [first, stop) of the endless concatenation of permutations `perm(key + (repeat,))` of range(size)."""
     pieces = []
-    for repeat in range(first // size, (stop - 1) // size + 1) if stop > first else ():
+    for repeat in range(first // size, (stop - 1) // size + 1) if stop > first and size else ():
         order = _rng(*key, repeat, _ORDER).permutation(size)
         lo, hi = max(first - repeat * size, 0), min(stop - repeat * size, size)
         pieces.append(order[lo:hi])
@@ -144,7 +144,7 @@ class Planner:
             first, stop = first + epoch * source.samples_per_epoch, stop + epoch * source.samples_per_epoch
             key = (self.seed, index)
             if source.shard_sizes is None:
-                plan.rows[index] = _rows_in_range(source.size, first, stop, key) if source.size else np.zeros(0, np.int64)
+                plan.rows[index] = _rows_in_range(source.size, first, stop, key)
             else:
                 plan.segments[index] = _segments_in_range(source.shard_sizes, first, stop, key)
             counts.append(stop - first)

@@ -108,9 +108,9 @@ def shard_sizes(urls: list[str], size_index: str = "", num_samples: int | None =
     sizes.json beside the first shard, img2dataset's per-shard *_stats.json, or counting a local tar."""
     if num_samples is not None:
         return np.array([num_samples // len(urls) + (i < num_samples % len(urls)) for i in range(len(urls))], np.int64)
-    index_url = size_index
-    if not index_url and _shard_folder(urls[0]) is not None:
-        index_url = posixpath.join(_shard_folder(urls[0]), SIZE_INDEX_NAME) if _shard_folder(urls[0]) else SIZE_INDEX_NAME
+    index_url, folder = size_index, _shard_folder(urls[0])
+    if not index_url and folder is not None:
+        index_url = posixpath.join(folder, SIZE_INDEX_NAME)  # join("", name) is name
     index = _read_json(index_url) if index_url else None
     if size_index and index is None:
         raise FileNotFoundError(f"cannot read the shard size index {size_index}")

@@ -123,7 +123,8 @@ class SampleStream(IterableDataset):
             for index in np.unique(labels)
         }
         for number in range(first_window, math.ceil(len(labels) / window)):
-            block = [(label, next(cursors[label])) for label in labels[number * window : (number + 1) * window].tolist()]
+            block_labels = labels[number * window : (number + 1) * window].tolist()
+            block = [(label, next(cursors[label])) for label in block_labels]
             order = self.planner.window_permutation(epoch, self.settings.rank, worker, number, len(block))
             for j in order[start - begin if number == first_window else 0 :]:
                 yield block[j]

@@ -47,7 +47,9 @@ def center_crop_box(width: int, height: int, size: int) -> Box:
     return left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y
 
 
-def random_crop_box(width: int, height: int, rng: np.random.Generator, scale: tuple[float, float] = RESIZE_SCALE) -> Box:
+def random_crop_box(
+    width: int, height: int, rng: np.random.Generator, scale: tuple[float, float] = RESIZE_SCALE
+) -> Box:
     """A RandomResizedCrop box: area fraction uniform in `scale`, aspect ratio log-uniform in 3/4..4/3;
     ten tries to fit in the image, then the largest centered crop with a ratio in range."""
     area = width * height

@@ -152,3 +152,14 @@ def test_linear_probe_command(tmp_path, tiny_checkpoint):
     result = json.loads((tmp_path / "out" / "linear_probe_results.json").read_text())
     assert result["num_test"] == 48 and result["num_train"] + result["num_val"] == 48
     assert 0.0 <= result["test_accuracy"] <= 1.0 and 1e-6 <= result["l2"] <= 1e6
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "eval").glob("*.toml")), ids=lambda p: p.name)
+def test_example_configs_fit_the_schema_and_say_how_to_run_them(path):
+    from clip.config import load_config
+    from clip.evaluation.config import ZeroShotRunConfig
+
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("# python scripts/zeroshot.py configs/eval/" + path.name)
+    config = load_config(path, [], ZeroShotRunConfig)
+    assert config.model and config.datasets

@@ -222,3 +222,12 @@ def test_notebook_helper_on_a_tiny_model():
     assert probabilities.shape == (3, 3)
     torch.testing.assert_close(probabilities.sum(1), torch.ones(3))
     assert names == [classnames[i] for i in probabilities.argmax(1).tolist()]
+
+
+def test_prompts_longer_than_the_context_are_truncated_with_a_warning(caplog):
+    model = tiny_clip()
+    long_template = "a photo of a " + "very " * 40 + "small {}."  # 40+ tokens; the context holds 32
+    with caplog.at_level("WARNING"):
+        weights = build_zeroshot_classifier(model, ["cat", "dog"], [long_template, "a {}."])
+    assert weights.shape == (16, 2) and torch.isfinite(weights).all()
+    assert "Truncating prompts to 32 tokens" in caplog.text

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("%s split %r: %d images", role, split, len(features[role][1]))
     result = run_linear_probe(
         features["train"], features["test"], num_classes, val=features.get("val"), val_fraction=args.val_fraction,
-        seed=args.seed, standardize=args.standardize, max_iter=args.max_iter,
+        seed=args.seed, standardize=args.standardize, device=device, max_iter=args.max_iter,
     )
     print(f"linear probe on {args.dataset}: l2={result.l2:.3g}  val {100 * result.val_accuracy:.2f}%  "
           f"test {100 * result.test_accuracy:.2f}%")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -10,6 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+
+logger = logging.getLogger(__name__)
 
 # Anything called as tokenizer(texts, context_length=n) -> LongTensor[len(texts), n], like
 # clip.tokenizer.Tokenizer; texts are tokenized at the model's own context length.
@@ -116,7 +119,15 @@ def encode_texts(
     context_length = int(model.context_length)
     chunks = []
     for start in range(0, len(texts), batch_size):
-        tokens = tokenizer(list(texts[start : start + batch_size]), context_length=context_length).to(device)
+        batch = list(texts[start : start + batch_size])
+        try:
+            tokens = tokenizer(batch, context_length=context_length)
+        except ValueError as error:
+            # A prompt longer than a small model's context: evaluate it cut (keeping the end token) rather
+            # than abort a training run at its evaluation step.
+            logger.warning("%s Truncating prompts to %d tokens.", error, context_length)
+            tokens = tokenizer(batch, context_length=context_length, truncate=True)
+        tokens = tokens.to(device)
         with autocast(device, precision):
             features = model.encode_text(tokens)
         features = features.float()

@@ -158,6 +158,10 @@ def split_validation(
     return (features[train], labels[train]), (features[val], labels[val])
 
 
+def _to(split: tuple[torch.Tensor, torch.Tensor], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    return split[0].to(device), split[1].to(device)
+
+
 def _standardizer(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return features.mean(dim=0), features.std(dim=0).clamp(min=1e-6)
 
@@ -171,13 +175,18 @@ def run_linear_probe(
     val_fraction: float = 0.2,
     seed: int = 0,
     standardize: bool = False,
+    device: torch.device | str | None = None,
     **sweep_options: Any,
 ) -> LinearProbeResult:
     """Chooses l2 on `val` (or a held-out `val_fraction` of `train`), refits on train + val, scores `test`.
 
     standardize: z-score features with statistics of the data being fitted (the paper did not).
+    device: where to fit (a GPU makes full-batch L-BFGS on large feature sets fast); default: where they are.
     sweep_options: passed to `select_l2` (low, high, coarse_points, refine_steps, max_iter).
     """
+    if device is not None:
+        train, test = _to(train, device), _to(test, device)
+        val = None if val is None else _to(val, device)
     if val is None:
         train, val = split_validation(*train, val_fraction, seed)
 

@@ -1,8 +1,14 @@
-"""clip: pre-train, load and evaluate CLIP models. The API of openai/CLIP (`available_models`, `load`,
-`tokenize`) plus `create_model` for training from scratch."""
+"""clip: pre-train, load and evaluate CLIP models.
+
+The API of openai/CLIP (`available_models`, `load`, `tokenize`) plus `create_model` for training from
+scratch. Importing the package does no work: the tokenizer's vocabulary is read on first use.
+"""
 
 from .architectures import RELEASED_ARCHITECTURES, ModelConfig, TextConfig, VisionConfig
+from .loading import load
 from .model import CLIP, create_model
+from .preprocess import image_transform
+from .tokenizer import decode, tokenize
 
 
 def available_models() -> list[str]:
@@ -10,4 +16,15 @@ def available_models() -> list[str]:
     return list(RELEASED_ARCHITECTURES)
 
 
-__all__ = ["CLIP", "ModelConfig", "TextConfig", "VisionConfig", "available_models", "create_model"]
+__all__ = [
+    "CLIP",
+    "ModelConfig",
+    "TextConfig",
+    "VisionConfig",
+    "available_models",
+    "create_model",
+    "decode",
+    "image_transform",
+    "load",
+    "tokenize",
+]

@@ -151,6 +151,14 @@ def apply_override(data: dict, schema: type, assignment: str) -> None:
         if depth == len(keys) - 1:
             node[key] = _parse_override_value(text.strip())
             return
+        if typing.get_origin(field_type) is list and keys[depth + 1].isdigit():
+            # `eval.zeroshot.0.num_samples=100`: an element of an array of tables, by index.
+            items, index = node.get(key, []), int(keys[depth + 1])
+            if index >= len(items):
+                raise ConfigError(f"override {assignment!r}: {key} has {len(items)} entries, no index {index}")
+            rest = ".".join(keys[depth + 2 :])
+            apply_override(items[index], typing.get_args(field_type)[0], f"{rest}={text}")
+            return
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {assignment!r}: {'.'.join(keys[: depth + 1])} is not a section")

@@ -405,7 +405,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("config", help="a TOML recipe, e.g. configs/demo.toml")
     parser.add_argument("--output-dir", help="the run directory (overrides output_dir in the config)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="type-checked config overrides")
-    return parser.parse_args(argv)
+    # intermixed: `--output-dir` may come after the positional overrides as well as before them
+    return parser.parse_intermixed_args(argv)
 
 
 def headline(results: dict) -> str | None:

@@ -52,6 +52,12 @@ def test_file_and_overrides(tmp_path):
     assert config.model.vision.layers == (3, 4, 6, 3)
     assert config.sources == [Source("a.tar", 2.0)]
     assert config.output_dir == "/tmp/run"  # a bare string needs no quotes
+    config = load_config(path, ["sources.0.weight=0.5"], Schema)
+    assert config.sources == [Source("a.tar", 0.5)]
+    with pytest.raises(ConfigError, match="no index 3"):
+        load_config(path, ["sources.3.weight=0.5"], Schema)
+    with pytest.raises(ConfigError, match="Did you mean 'weight'"):
+        load_config(path, ["sources.0.wieght=0.5"], Schema)
 
 
 def test_unknown_key_names_the_closest_valid_one(tmp_path):

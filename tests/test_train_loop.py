@@ -1,0 +1,150 @@
+"""The training loop end to end on tiny models and the synthetic data: checkpoints, exact resume, fallback
+from a corrupt checkpoint, atomic writes, non-finite losses, the demo recipe, and loading the result."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+import clip
+from clip import checkpoint as ckpt
+from clip.config import TrainConfig, load_config
+from clip.train import NonFiniteLossError, headline, main, train
+
+DEMO = Path(__file__).parent.parent / "configs" / "demo.toml"
+
+# The demo recipe, shrunk: a few steps of a tiny model, 2 evaluations, checkpoints every 3 steps.
+TINY = [
+    "model.embed_dim=32",
+    "model.vision.image_size=32",
+    "model.vision.patch_size=8",
+    "model.vision.width=32",
+    "model.vision.layers=1",
+    "model.vision.heads=2",
+    "model.text.width=32",
+    "model.text.layers=1",
+    "model.text.heads=2",
+    "train.batch_size=8",
+    "schedule.steps=6",
+    "schedule.warmup_steps=2",
+    "checkpoint.every_n_steps=3",
+    "checkpoint.keep_last=5",
+    "logging.every_n_steps=1",
+    "logging.progress_bar=false",
+    "logging.tensorboard=false",
+    "logging.plot=false",
+    "data.workers=0",
+    "eval.every_n_steps=3",
+    "eval.zeroshot.0.num_samples=96",
+]
+
+
+def tiny_config(run_dir: Path, *extra: str) -> TrainConfig:
+    return load_config(DEMO, TINY + [f"output_dir={run_dir}", *extra], TrainConfig)
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return ckpt.read_checkpoint(ckpt.list_checkpoints(run_dir)[0][1])["model"]
+
+
+def test_resume_continues_exactly(tmp_path):
+    train(tiny_config(tmp_path / "straight"))
+    train(tiny_config(tmp_path / "resumed"), stop_at_step=3)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "resumed")] == [3]
+    train(tiny_config(tmp_path / "resumed"))
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    # the same batches were seen in the same order: the logged losses agree step by step
+    def losses(run):
+        return {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").open()) if "loss" in r}
+    assert losses("straight") == losses("resumed")
+
+
+def test_run_writes_results_metrics_config_and_loads_with_clip_load(tmp_path):
+    results = train(tiny_config(tmp_path))
+    assert (tmp_path / "config.toml").exists()
+    assert json.loads((tmp_path / "results.json").read_text())["step"] == 6
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert any(any(k.startswith("zeroshot/") for k in r) for r in records if r["step"] == 3)
+    assert all(r["samples_per_s"] > 0 for r in records if "loss" in r)
+    assert headline(results).startswith("zero-shot top-1: ")
+    model, preprocess = clip.load(str(tmp_path), device="cpu")
+    assert model.config.embed_dim == 32 and not model.training
+    state = final_weights(tmp_path)
+    torch.testing.assert_close(model.state_dict()["text_projection"], state["text_projection"])
+
+
+def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
+    train(tiny_config(tmp_path))
+    newest_step, newest = ckpt.list_checkpoints(tmp_path)[0]
+    newest.write_bytes(newest.read_bytes()[:1000])  # a torn write
+    with caplog.at_level(logging.WARNING):
+        state = ckpt.load_latest_checkpoint(tmp_path)
+    assert state["step"] == 3 and newest_step == 6
+    assert "unreadable" in caplog.text
+
+
+def test_interrupted_write_leaves_no_broken_checkpoint(tmp_path, monkeypatch):
+    def torn_save(obj, file):
+        file.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt
+
+    ckpt.save_checkpoint({"format": ckpt.CHECKPOINT_FORMAT, "step": 1}, tmp_path, 1, keep_last=3)
+    monkeypatch.setattr(ckpt.torch, "save", torn_save)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint({"format": ckpt.CHECKPOINT_FORMAT, "step": 2}, tmp_path, 2, keep_last=3)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001.pt"]
+    assert ckpt.load_latest_checkpoint(tmp_path)["step"] == 1
+
+
+def test_keep_last(tmp_path):
+    for step in range(1, 6):
+        ckpt.save_checkpoint({"format": ckpt.CHECKPOINT_FORMAT, "step": step}, tmp_path, step, keep_last=2)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [5, 4]
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    import clip.train as train_module
+
+    real_build_loss = train_module.build_loss
+    poisoned_steps = {2, 4, 5, 6}  # one isolated, then three in a row
+    calls = {"n": 0}
+
+    def poisoned_build_loss(config, distributed=False):
+        loss_fn = real_build_loss(config, distributed=distributed)
+
+        def wrapped(*args):
+            calls["n"] += 1
+            loss, metrics = loss_fn(*args)
+            return (loss * float("nan"), metrics) if calls["n"] in poisoned_steps else (loss, metrics)
+
+        return wrapped
+
+    monkeypatch.setattr(train_module, "build_loss", poisoned_build_loss)
+    config = tiny_config(tmp_path, "schedule.steps=10", "train.max_consecutive_nonfinite=3", "eval.every_n_steps=0")
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row at step 6"):
+        train(config)
+    # the last good checkpoint (step 3) is kept, and its weights are finite
+    state = ckpt.load_latest_checkpoint(tmp_path)
+    assert state["step"] == 3
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    totals = {r["step"]: r["nonfinite_steps_total"] for r in records if "loss" in r}
+    assert totals[1] == 0 and totals[3] == 1 and totals[5] == 3
+
+
+def test_main_prints_the_headline_last(tmp_path, capsys):
+    assert main([str(DEMO), "--output-dir", str(tmp_path), *TINY]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("zero-shot top-1: ")
+
+
+def test_resuming_with_another_model_is_refused(tmp_path):
+    train(tiny_config(tmp_path), stop_at_step=3)
+    with pytest.raises(ValueError, match="different model"):
+        train(tiny_config(tmp_path, "model.embed_dim=48"))

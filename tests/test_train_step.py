@@ -1,0 +1,90 @@
+"""The training step: exact gradient accumulation, optimiser groups, the learning-rate schedule."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+from clip.architectures import ModelConfig, TextConfig, VisionConfig
+from clip.config import LossConfig, OptimizerConfig, ScheduleConfig
+from clip.loss import build_loss
+from clip.model import CLIP
+from clip.optim import build_optimizer, is_decayed, learning_rate
+from clip.train import ContrastiveModel, contrastive_step
+
+TINY_VIT = ModelConfig(
+    embed_dim=32,
+    vision=VisionConfig(kind="vit", image_size=16, patch_size=8, width=32, layers=2, heads=2),
+    text=TextConfig(context_length=8, vocab_size=100, width=32, layers=2, heads=2),
+)
+
+
+def gradients_of(micro_batches: int, kind: str, chunk_size=None) -> tuple[float, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    module = ContrastiveModel(CLIP(TINY_VIT), with_logit_bias=kind == "siglip").double()
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(12, 3, 16, 16, generator=generator, dtype=torch.float64)
+    texts = torch.randint(1, 99, (12, 8), generator=generator)
+    texts[:, -1] = 99  # the end-of-text token has the largest id
+    loss_fn = build_loss(LossConfig(kind=kind, chunk_size=chunk_size))
+    loss, metrics = contrastive_step(
+        module, images, texts, micro_batches, loss_fn, contextlib.nullcontext, lambda l: l.backward(), False
+    )
+    return loss.item(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind, chunk", [("clip", None), ("clip", 5), ("siglip", None)])
+@pytest.mark.parametrize("micro_batches", [2, 3, 4])
+def test_accumulation_equals_the_full_batch(kind, chunk, micro_batches):
+    full_loss, full_grads = gradients_of(1, kind, chunk)
+    loss, grads = gradients_of(micro_batches, kind, chunk)
+    assert loss == pytest.approx(full_loss, abs=1e-6)
+    assert grads.keys() == full_grads.keys()
+    assert "clip.logit_scale" in grads
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_accumulation_differs_from_averaging_small_losses():
+    # The naive alternative (mean of per-micro-batch losses) sees fewer negatives: a different loss.
+    full_loss, _ = gradients_of(1, "clip")
+    torch.manual_seed(0)
+    module = ContrastiveModel(CLIP(TINY_VIT), with_logit_bias=False).double()
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(12, 3, 16, 16, generator=generator, dtype=torch.float64)
+    texts = torch.randint(1, 99, (12, 8), generator=generator)
+    texts[:, -1] = 99
+    loss_fn = build_loss(LossConfig())
+    small = [loss_fn(*module(i, t)[:3])[0].item() for i, t in zip(images.chunk(3), texts.chunk(3))]
+    assert abs(sum(small) / 3 - full_loss) > 1e-3
+
+
+def test_weight_decay_groups():
+    module = ContrastiveModel(CLIP(TINY_VIT), with_logit_bias=False)
+    named = dict(module.named_parameters())
+    decayed = {n for n, p in named.items() if is_decayed(n, p)}
+    assert "clip.visual.conv1.weight" in decayed
+    assert "clip.transformer.resblocks.0.attn.in_proj_weight" in decayed
+    for name in [
+        "clip.logit_scale", "clip.token_embedding.weight", "clip.positional_embedding",
+        "clip.visual.class_embedding", "clip.visual.positional_embedding", "clip.ln_final.weight",
+        "clip.transformer.resblocks.0.mlp.c_fc.bias",
+    ]:
+        assert name not in decayed, name
+    optimizer = build_optimizer(list(named.items()), OptimizerConfig(weight_decay=0.1), torch.device("cpu"))
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(named)
+
+
+def test_learning_rate_schedule():
+    schedule = ScheduleConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    assert learning_rate(0, 1.0, schedule) == pytest.approx(0.1)
+    assert learning_rate(9, 1.0, schedule) == pytest.approx(1.0)
+    assert learning_rate(60, 1.0, schedule) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert learning_rate(110, 1.0, schedule) == pytest.approx(0.1)
+    values = [learning_rate(s, 1.0, schedule) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert math.isclose(learning_rate(500, 1.0, schedule), 0.1)

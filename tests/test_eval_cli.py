@@ -75,11 +75,11 @@ batch_size = 4
 [[datasets]]
 name = "shapes"
 kind = "imagefolder"
-root = "{data / 'shapes'}"
+root = "{data / "shapes"}"
 
 [[datasets]]
 kind = "cifar10"
-root = "{data / 'cifar'}"
+root = "{data / "cifar"}"
 builtin_templates = "simple"
 
 [[datasets]]
@@ -125,7 +125,11 @@ def test_zeroshot_script_runs_as_a_subprocess(tmp_path, tiny_checkpoint, dataset
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "zeroshot.py"), str(config), "--output-dir", str(tmp_path / "out")],
-        cwd=tmp_path, capture_output=True, text=True, env=environment, timeout=300,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
     )
     assert completed.returncode == 0, completed.stderr
     assert "synthetic" in completed.stdout
@@ -137,8 +141,22 @@ def test_retrieval_command(tmp_path, tiny_checkpoint, datasets):
     rows = [{"image": str(p), "caption": f"a {p.parent.name.split('_', 1)[1].replace('_', ' ')}"} for p in images]
     rows += [{"image": str(p), "caption": "a shape"} for p in images]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    argv = ["--model", str(tiny_checkpoint), "--annotations", str(tmp_path / "m.jsonl"), "--image-root", "/",
-            "--device", "cpu", "--workers", "0", "--chunk-size", "3", "--output-dir", str(tmp_path / "out")]
+    argv = [
+        "--model",
+        str(tiny_checkpoint),
+        "--annotations",
+        str(tmp_path / "m.jsonl"),
+        "--image-root",
+        "/",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--chunk-size",
+        "3",
+        "--output-dir",
+        str(tmp_path / "out"),
+    ]
     assert retrieval_cli.main(argv) == 0
     result = json.loads((tmp_path / "out" / "retrieval_results.json").read_text())
     assert result["num_images"] == 4 and result["num_texts"] == 8
@@ -146,8 +164,24 @@ def test_retrieval_command(tmp_path, tiny_checkpoint, datasets):
 
 
 def test_linear_probe_command(tmp_path, tiny_checkpoint):
-    argv = ["--model", str(tiny_checkpoint), "--dataset", "synthetic", "--num-samples", "48", "--image-size", "32",
-            "--device", "cpu", "--workers", "0", "--max-iter", "50", "--output-dir", str(tmp_path / "out")]
+    argv = [
+        "--model",
+        str(tiny_checkpoint),
+        "--dataset",
+        "synthetic",
+        "--num-samples",
+        "48",
+        "--image-size",
+        "32",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--max-iter",
+        "50",
+        "--output-dir",
+        str(tmp_path / "out"),
+    ]
     assert linear_probe_cli.main(argv) == 0
     result = json.loads((tmp_path / "out" / "linear_probe_results.json").read_text())
     assert result["num_test"] == 48 and result["num_train"] + result["num_val"] == 48

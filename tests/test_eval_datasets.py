@@ -50,16 +50,25 @@ def test_class_names_from_classnames_txt_or_a_user_file(tmp_path):
     (tmp_path / "data" / "classnames.txt").write_text("apple\nbanana\n")
     assert ImageFolderDataset(tmp_path / "data").classes == ["apple", "banana"]
     (tmp_path / "names.json").write_text('["ant", "bee"]')
-    config = ZeroShotDatasetConfig(kind="imagefolder", root=str(tmp_path / "data"), classnames_file=str(tmp_path / "names.json"))
+    config = ZeroShotDatasetConfig(
+        kind="imagefolder", root=str(tmp_path / "data"), classnames_file=str(tmp_path / "names.json")
+    )
     assert load_classification_data(config, None).classnames == ["ant", "bee"]
     (tmp_path / "three.txt").write_text("x\ny\nz\n")
     with pytest.raises(ValueError, match="3 class names; the dataset has 2 classes"):
-        load_classification_data(ZeroShotDatasetConfig(kind="imagefolder", root=str(tmp_path / "data"), classnames_file=str(tmp_path / "three.txt")), None)
+        load_classification_data(
+            ZeroShotDatasetConfig(
+                kind="imagefolder", root=str(tmp_path / "data"), classnames_file=str(tmp_path / "three.txt")
+            ),
+            None,
+        )
 
 
 def test_image_folder_split_subfolder_and_errors(tmp_path):
     write_image_folder(tmp_path / "root" / "test", {"cat": 1, "dog": 2})
-    data = load_classification_data(ZeroShotDatasetConfig(kind="imagefolder", root=str(tmp_path / "root"), split="test"), None)
+    data = load_classification_data(
+        ZeroShotDatasetConfig(kind="imagefolder", root=str(tmp_path / "root"), split="test"), None
+    )
     assert data.classnames == ["cat", "dog"] and len(data.dataset) == 3
     with pytest.raises(FileNotFoundError):
         ImageFolderDataset(tmp_path / "missing")
@@ -85,7 +94,12 @@ def write_cifar10(root: Path, bytes_keys: bool = False) -> Path:
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     for number, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
         data, labels = cifar_images(3, number)
-        batch = {key("batch_label"): name, key("labels"): labels, key("data"): data, key("filenames"): [f"{i}.png" for i in range(3)]}
+        batch = {
+            key("batch_label"): name,
+            key("labels"): labels,
+            key("data"): data,
+            key("filenames"): [f"{i}.png" for i in range(3)],
+        }
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
     meta = {key("label_names"): names, key("num_cases_per_batch"): 3, key("num_vis"): 3072}
     (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
@@ -164,5 +178,7 @@ def test_synthetic_config_reports_heldout_pairs_and_its_own_templates():
     assert len(data.dataset) == 4
     image, label = data.dataset[3]
     assert label == reference[3][1] and image.size == (32, 32)
-    other = load_classification_data(ZeroShotDatasetConfig(kind="synthetic", heldout_report=False, builtin_templates="simple"), None)
+    other = load_classification_data(
+        ZeroShotDatasetConfig(kind="synthetic", heldout_report=False, builtin_templates="simple"), None
+    )
     assert other.subsets == {} and other.templates == ["a photo of a {}."]

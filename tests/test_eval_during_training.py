@@ -69,7 +69,9 @@ def test_run_evaluations_returns_flat_metrics_and_restores_train_mode(tmp_path):
     expected = {f"zeroshot/shapes/{m}" for m in ("top1", "top5", "mean_per_class")}
     expected |= {f"zeroshot/shapes/heldout/{m}" for m in ("top1", "top5", "mean_per_class")}
     expected |= {f"retrieval/captions/{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)}
-    expected |= {f"retrieval/captions/{d}_{s}_rank" for d in ("image_to_text", "text_to_image") for s in ("mean", "median")}
+    expected |= {
+        f"retrieval/captions/{d}_{s}_rank" for d in ("image_to_text", "text_to_image") for s in ("mean", "median")
+    }
     assert set(metrics) == expected
     assert all(isinstance(v, float) for v in metrics.values())
     assert all(0.0 <= metrics[k] <= 1.0 for k in expected if "rank" not in k)

@@ -67,7 +67,9 @@ def tied_features(seed: int, num_images: int, captions_per_image: list[int], dim
 )
 def test_chunked_ranks_equal_brute_force_with_ties(seed, captions_per_image, chunk_size, ties):
     images, texts, caption_image = tied_features(seed, len(captions_per_image), captions_per_image)
-    image_ranks, text_ranks = retrieval_ranks(images, texts, torch.tensor(caption_image), chunk_size=chunk_size, ties=ties)
+    image_ranks, text_ranks = retrieval_ranks(
+        images, texts, torch.tensor(caption_image), chunk_size=chunk_size, ties=ties
+    )
     expected_images, expected_texts = brute_force_ranks(images, texts, caption_image, ties)
     assert image_ranks.tolist() == expected_images
     assert text_ranks.tolist() == expected_texts
@@ -113,7 +115,12 @@ def test_karpathy_json_groups_captions_and_filters_the_split(tmp_path):
     (tmp_path / "val2014").mkdir()
     names = write_images(tmp_path / "val2014", 3)
     entries = [
-        {"filename": names[0], "filepath": "val2014", "split": "test", "sentences": [{"raw": "a red"}, {"raw": " b red "}]},
+        {
+            "filename": names[0],
+            "filepath": "val2014",
+            "split": "test",
+            "sentences": [{"raw": "a red"}, {"raw": " b red "}],
+        },
         {"filename": names[1], "filepath": "val2014", "split": "train", "sentences": [{"raw": "skip me"}]},
         {"filename": names[2], "filepath": "val2014", "split": "test", "sentences": [{"raw": "c"}]},
     ]

@@ -66,8 +66,12 @@ class PlantedTextModel(nn.Module):
 def planted_two_classes() -> tuple[PlantedTextModel, list[str], list[str]]:
     templates = ["a {}.", "the {}!", "{}?"]
     planted = {
-        "a cat.": [3.0, 4.0], "the cat!": [0.0, 2.0], "cat?": [5.0, 0.0],
-        "a dog.": [-1.0, 0.0], "the dog!": [0.0, -7.0], "dog?": [-2.0, -2.0],
+        "a cat.": [3.0, 4.0],
+        "the cat!": [0.0, 2.0],
+        "cat?": [5.0, 0.0],
+        "a dog.": [-1.0, 0.0],
+        "the dog!": [0.0, -7.0],
+        "dog?": [-2.0, -2.0],
     }
     return PlantedTextModel(planted), ["cat", "dog"], templates
 
@@ -124,7 +128,7 @@ def test_metrics_match_a_direct_computation_on_planted_features():
     classifier = nn.functional.normalize(torch.randn(num_classes, dim, generator=generator), dim=-1).t()
     labels = torch.randint(0, num_classes - 1, (60,), generator=generator)  # the last class has no images
     features = classifier.t()[labels] + 0.9 * torch.randn(60, dim, generator=generator)
-    dataset = list(zip(features, labels.tolist()))
+    dataset = list(zip(features, labels.tolist(), strict=True))
     model, _, _ = planted_two_classes()
     classnames = [f"class {c}" for c in range(num_classes)]
     result = evaluate_zeroshot(
@@ -140,7 +144,7 @@ def test_metrics_match_a_direct_computation_on_planted_features():
     present = [a for a in per_class if a is not None]
     assert result.mean_per_class_accuracy == pytest.approx(sum(present) / len(present))
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    for true, predicted in zip(labels, logits.argmax(1)):
+    for true, predicted in zip(labels, logits.argmax(1), strict=True):
         confusion[true, predicted] += 1
     assert result.confusion_matrix == confusion.tolist()
     odd = torch.isin(labels, torch.tensor([1, 3, 5]))
@@ -195,7 +199,11 @@ def test_templates_are_checked_and_read_from_files(tmp_path):
             validate_template(bad)
     (tmp_path / "t.json").write_text('["a photo of a {}.", "art of the {}"]')
     (tmp_path / "t.txt").write_text("# my prompts\na photo of a {}.\n\nart of the {}\n")
-    assert load_templates(tmp_path / "t.json") == load_templates(tmp_path / "t.txt") == ["a photo of a {}.", "art of the {}"]
+    assert (
+        load_templates(tmp_path / "t.json")
+        == load_templates(tmp_path / "t.txt")
+        == ["a photo of a {}.", "art of the {}"]
+    )
     assert resolve_templates("simple") == ["a photo of a {}."]
     (tmp_path / "bad.txt").write_text("a photo\n")
     with pytest.raises(ValueError, match="exactly one"):

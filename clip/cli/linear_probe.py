@@ -27,7 +27,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--root", default="", help="dataset root; an imagefolder root holds <split>/<class>/<image>")
     parser.add_argument("--train-split", default="train")
     parser.add_argument("--test-split", default="test")
-    parser.add_argument("--val-split", default="", help="a validation split (imagefolder); default: hold out --val-fraction of train")
+    parser.add_argument(
+        "--val-split", default="", help="a validation split (imagefolder); default: hold out --val-fraction of train"
+    )
     parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0, help="seed of the validation hold-out and of the synthetic data")
     parser.add_argument("--num-samples", type=int, default=2000, help="synthetic only: images per split")
@@ -48,8 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     model, preprocess = load_model(args.model, device)
     base = ZeroShotDatasetConfig(
-        kind=args.dataset, root=args.root, num_samples=args.num_samples, image_size=args.image_size,
-        seed=args.seed, heldout_report=False,
+        kind=args.dataset,
+        root=args.root,
+        num_samples=args.num_samples,
+        image_size=args.image_size,
+        seed=args.seed,
+        heldout_report=False,
     )
     splits = {"train": args.train_split, "test": args.test_split, **({"val": args.val_split} if args.val_split else {})}
     features, num_classes = {}, 0
@@ -57,16 +63,33 @@ def main(argv: list[str] | None = None) -> int:
         data = load_classification_data(with_split(base, split), preprocess)
         num_classes = max(num_classes, len(data.classnames))
         features[role] = extract_features(
-            model, data.dataset, device=device, batch_size=args.batch_size, workers=args.workers, precision=args.precision
+            model,
+            data.dataset,
+            device=device,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            precision=args.precision,
         )
         logger.info("%s split %r: %d images", role, split, len(features[role][1]))
     result = run_linear_probe(
-        features["train"], features["test"], num_classes, val=features.get("val"), val_fraction=args.val_fraction,
-        seed=args.seed, standardize=args.standardize, device=device, max_iter=args.max_iter,
+        features["train"],
+        features["test"],
+        num_classes,
+        val=features.get("val"),
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        standardize=args.standardize,
+        device=device,
+        max_iter=args.max_iter,
     )
-    print(f"linear probe on {args.dataset}: l2={result.l2:.3g}  val {100 * result.val_accuracy:.2f}%  "
-          f"test {100 * result.test_accuracy:.2f}%")
-    path = write_json(Path(args.output_dir) / "linear_probe_results.json", {"model": args.model, "dataset": args.dataset, **result.to_dict()})
+    print(
+        f"linear probe on {args.dataset}: l2={result.l2:.3g}  val {100 * result.val_accuracy:.2f}%  "
+        f"test {100 * result.test_accuracy:.2f}%"
+    )
+    path = write_json(
+        Path(args.output_dir) / "linear_probe_results.json",
+        {"model": args.model, "dataset": args.dataset, **result.to_dict()},
+    )
     logger.info("wrote %s", path)
     return 0
 

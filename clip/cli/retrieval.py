@@ -22,7 +22,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="clip-retrieval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="released name, weights/checkpoint file, or run directory")
     parser.add_argument("--annotations", required=True, help="Karpathy JSON, or CSV/TSV/JSONL manifest")
-    parser.add_argument("--image-root", default="", help="folder image paths are relative to (default: the annotations' folder)")
+    parser.add_argument(
+        "--image-root", default="", help="folder image paths are relative to (default: the annotations' folder)"
+    )
     parser.add_argument("--format", choices=["auto", "karpathy", "manifest"], default="auto")
     parser.add_argument("--split", default="test", help="Karpathy split to evaluate ('' = all images)")
     parser.add_argument("--image-column", default="image", help="manifest column of the image path")
@@ -33,9 +35,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    parser.add_argument("--chunk-size", type=int, default=4096, help="rows/columns of the similarity matrix held at once")
-    parser.add_argument("--ties", choices=["optimistic", "pessimistic"], default="optimistic",
-                        help="a ground truth tied with other candidates ranks first (optimistic) or last among them")
+    parser.add_argument(
+        "--chunk-size", type=int, default=4096, help="rows/columns of the similarity matrix held at once"
+    )
+    parser.add_argument(
+        "--ties",
+        choices=["optimistic", "pessimistic"],
+        default="optimistic",
+        help="a ground truth tied with other candidates ranks first (optimistic) or last among them",
+    )
     parser.add_argument("--output-dir", default="retrieval_results")
     return parser.parse_args(argv)
 
@@ -44,8 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     dataset = RetrievalDatasetConfig(
-        name=args.name, format=args.format, annotations=args.annotations, image_root=args.image_root,
-        split=args.split, image_column=args.image_column, caption_column=args.caption_column,
+        name=args.name,
+        format=args.format,
+        annotations=args.annotations,
+        image_root=args.image_root,
+        split=args.split,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
         max_images=args.max_images,
     )
     name = args.name or Path(args.annotations).stem
@@ -54,8 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     model, preprocess = load_model(args.model, device)
     result = evaluate_retrieval(
-        model, data, preprocess, device=device, batch_size=args.batch_size, workers=args.workers,
-        precision=args.precision, chunk_size=args.chunk_size, ties=args.ties, name=name,
+        model,
+        data,
+        preprocess,
+        device=device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        precision=args.precision,
+        chunk_size=args.chunk_size,
+        ties=args.ties,
+        name=name,
     )
     for key, value in result.recalls.items():
         print(f"{name} {key}: {100 * value:.2f}")

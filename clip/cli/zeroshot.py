@@ -39,11 +39,25 @@ def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:
     for dataset_config in config.datasets:
         name = dataset_config.name or dataset_config.kind
         data = load_classification_data(dataset_config, preprocess)
-        logger.info("%s: %d images, %d classes, %d templates", name, len(data.dataset), len(data.classnames), len(data.templates))
+        logger.info(
+            "%s: %d images, %d classes, %d templates",
+            name,
+            len(data.dataset),
+            len(data.classnames),
+            len(data.templates),
+        )
         result = evaluate_zeroshot(
-            model, data.dataset, data.classnames, data.templates, device=device, batch_size=config.batch_size,
-            workers=config.workers, text_batch_size=config.text_batch_size, precision=config.precision,
-            subsets=data.subsets, name=name,
+            model,
+            data.dataset,
+            data.classnames,
+            data.templates,
+            device=device,
+            batch_size=config.batch_size,
+            workers=config.workers,
+            text_batch_size=config.text_batch_size,
+            precision=config.precision,
+            subsets=data.subsets,
+            name=name,
         )
         results.append(result)
         if config.confusion_png:
@@ -68,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clip-zeroshot: {error}", file=sys.stderr)
         return 2
     if not config.model:
-        print("clip-zeroshot: no model given; set `model = ...` in the config or pass model=NAME_OR_PATH", file=sys.stderr)
+        print(
+            "clip-zeroshot: no model given; set `model = ...` in the config or pass model=NAME_OR_PATH", file=sys.stderr
+        )
         return 2
     if not config.datasets:
         print("clip-zeroshot: the config has no [[datasets]] tables", file=sys.stderr)

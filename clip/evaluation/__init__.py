@@ -2,7 +2,7 @@
 linear probes, and the hook the trainer calls during training. Datasets are read from local files only."""
 
 from .config import EvalConfig, RetrievalDatasetConfig, ZeroShotDatasetConfig
-from .datasets import ClassificationData, CIFARDataset, ImageFolderDataset, load_classification_data
+from .datasets import CIFARDataset, ClassificationData, ImageFolderDataset, load_classification_data
 from .during_training import run_evaluations, should_evaluate
 from .linear_probe import LinearProbeResult, extract_features, fit_logistic_regression, run_linear_probe, select_l2
 from .results import ZeroShotResult, format_table, save_confusion_png

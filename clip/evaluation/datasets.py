@@ -135,8 +135,12 @@ class CIFARLayout:
 
 CIFAR_LAYOUTS = {
     "cifar10": CIFARLayout(
-        "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",),
-        "batches.meta", "labels", "label_names",
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        ("test_batch",),
+        "batches.meta",
+        "labels",
+        "label_names",
     ),
     "cifar100": CIFARLayout("cifar-100-python", ("train",), ("test",), "meta", "fine_labels", "fine_label_names"),
 }
@@ -148,7 +152,9 @@ class CIFARDataset(Dataset):
     `root` may be the folder holding `cifar-10-batches-py/` (`cifar-100-python/`) or that folder itself.
     """
 
-    def __init__(self, root: str | Path, kind: str = "cifar10", train: bool = False, transform: Transform | None = None):
+    def __init__(
+        self, root: str | Path, kind: str = "cifar10", train: bool = False, transform: Transform | None = None
+    ):
         if kind not in CIFAR_LAYOUTS:
             raise ValueError(f"kind must be one of {sorted(CIFAR_LAYOUTS)}, got {kind!r}")
         layout = CIFAR_LAYOUTS[kind]
@@ -246,7 +252,9 @@ def load_classification_data(config: ZeroShotDatasetConfig, transform: Transform
     if config.classnames_file:
         from_file = load_classnames(config.classnames_file)
         if len(from_file) != len(classnames):
-            raise ValueError(f"{config.classnames_file} has {len(from_file)} class names; the dataset has {len(classnames)} classes")
+            raise ValueError(
+                f"{config.classnames_file} has {len(from_file)} class names; the dataset has {len(classnames)} classes"
+            )
         classnames = from_file
     if config.templates_file:
         templates = load_templates(config.templates_file)

@@ -82,7 +82,13 @@ def run_evaluations(
                 model, data.dataset, data.classnames, data.templates, subsets=data.subsets, name=name, **options
             )
             metrics.update({f"zeroshot/{name}/{key}": value for key, value in result.metrics().items()})
-            logger.info("step %s zero-shot %s: top-1 %.2f%% (%.1fs)", step, name, 100 * result.top1, time.perf_counter() - started)
+            logger.info(
+                "step %s zero-shot %s: top-1 %.2f%% (%.1fs)",
+                step,
+                name,
+                100 * result.top1,
+                time.perf_counter() - started,
+            )
         for dataset_config in eval_config.retrieval:
             started = time.perf_counter()
             name = dataset_config.name or Path(dataset_config.annotations).stem
@@ -92,8 +98,11 @@ def run_evaluations(
             )
             metrics.update({f"retrieval/{name}/{key}": value for key, value in result.metrics().items()})
             logger.info(
-                "step %s retrieval %s: image->text R@1 %.2f%%, text->image R@1 %.2f%% (%.1fs)", step, name,
-                100 * result.recalls["image_to_text_R@1"], 100 * result.recalls["text_to_image_R@1"],
+                "step %s retrieval %s: image->text R@1 %.2f%%, text->image R@1 %.2f%% (%.1fs)",
+                step,
+                name,
+                100 * result.recalls["image_to_text_R@1"],
+                100 * result.recalls["text_to_image_R@1"],
                 time.perf_counter() - started,
             )
     return metrics

@@ -186,4 +186,4 @@ def all_gather_rows(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
     padded[: tensor.shape[0]] = tensor
     gathered = [torch.zeros_like(padded) for _ in range(world_size)]
     dist.all_gather(gathered, padded)
-    return torch.cat([g[:c] for g, c in zip(gathered, counts)])
+    return torch.cat([g[:c] for g, c in zip(gathered, counts, strict=True)])

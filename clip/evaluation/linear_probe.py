@@ -70,11 +70,18 @@ def fit_logistic_regression(
     if features.ndim != 2 or len(features) != len(labels):
         raise ValueError(f"need features [N, D] and labels [N], got {tuple(features.shape)} and {tuple(labels.shape)}")
     labels = labels.to(features.device).long()
-    weight = torch.zeros(num_classes, features.shape[1], dtype=features.dtype, device=features.device, requires_grad=True)
+    weight = torch.zeros(
+        num_classes, features.shape[1], dtype=features.dtype, device=features.device, requires_grad=True
+    )
     bias = torch.zeros(num_classes, dtype=features.dtype, device=features.device, requires_grad=True)
     optimizer = torch.optim.LBFGS(
-        [weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
-        tolerance_grad=1e-7, tolerance_change=1e-10, line_search_fn="strong_wolfe",
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-7,
+        tolerance_change=1e-10,
+        line_search_fn="strong_wolfe",
     )
 
     def closure() -> torch.Tensor:

@@ -99,7 +99,7 @@ def _accuracies(counts: ClassificationCounts, classes: Sequence[int]) -> tuple[i
     correct = confusion.diagonal()[index]
     topk = counts.topk_hits.cpu()[index]
     n = int(totals.sum())
-    per_class = [int(c) / int(t) if t > 0 else None for c, t in zip(correct, totals)]
+    per_class = [int(c) / int(t) if t > 0 else None for c, t in zip(correct, totals, strict=True)]
     present = [a for a in per_class if a is not None]
     top1 = int(correct.sum()) / n if n else 0.0
     top_k = int(topk.sum()) / n if n else 0.0

@@ -58,10 +58,12 @@ class RetrievalData:
         if len(described) != len(self.image_paths) or not described <= set(range(len(self.image_paths))):
             raise ValueError("every image needs at least one caption, and every caption a valid image index")
 
-    def first_images(self, count: int) -> "RetrievalData":
+    def first_images(self, count: int) -> RetrievalData:
         """The first `count` images and all of their captions."""
         keep = [t for t, i in enumerate(self.caption_image) if i < count]
-        return RetrievalData(self.image_paths[:count], [self.captions[t] for t in keep], [self.caption_image[t] for t in keep])
+        return RetrievalData(
+            self.image_paths[:count], [self.captions[t] for t in keep], [self.caption_image[t] for t in keep]
+        )
 
 
 def _grouped(pairs: Sequence[tuple[str, str]], image_root: Path) -> RetrievalData:
@@ -129,7 +131,9 @@ def load_retrieval_data(config: RetrievalDatasetConfig) -> RetrievalData:
     if kind == "karpathy":
         data = read_karpathy_json(config.annotations, config.image_root or None, config.split)
     else:
-        data = read_caption_manifest(config.annotations, config.image_root or None, config.image_column, config.caption_column)
+        data = read_caption_manifest(
+            config.annotations, config.image_root or None, config.image_column, config.caption_column
+        )
     return data.first_images(config.max_images) if config.max_images > 0 else data
 
 
@@ -205,7 +209,11 @@ class RetrievalResult:
 
 
 def summarize_ranks(
-    image_ranks: torch.Tensor, text_ranks: torch.Tensor, ks: Sequence[int] = (1, 5, 10), name: str = "", ties: str = "optimistic"
+    image_ranks: torch.Tensor,
+    text_ranks: torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    name: str = "",
+    ties: str = "optimistic",
 ) -> RetrievalResult:
     recalls = {}
     for direction, ranks in (("image_to_text", image_ranks), ("text_to_image", text_ranks)):
@@ -253,10 +261,16 @@ def evaluate_retrieval(
     captions = data.captions[slice(*shard_bounds(len(data.captions), rank, world_size))]
     with eval_mode(model):
         loader = make_loader(images, batch_size, workers, device)
-        image_features = torch.cat([f for f, _ in encode_image_batches(model, loader, device=device, precision=precision)])
-        text_features = encode_texts(model, captions, tokenizer, device=device, batch_size=text_batch_size, precision=precision)
+        image_features = torch.cat(
+            [f for f, _ in encode_image_batches(model, loader, device=device, precision=precision)]
+        )
+        text_features = encode_texts(
+            model, captions, tokenizer, device=device, batch_size=text_batch_size, precision=precision
+        )
     image_features = all_gather_rows(image_features, world_size)
     text_features = all_gather_rows(text_features, world_size)
     caption_image = torch.tensor(data.caption_image)
-    image_ranks, text_ranks = retrieval_ranks(image_features, text_features, caption_image, chunk_size=chunk_size, ties=ties)
+    image_ranks, text_ranks = retrieval_ranks(
+        image_features, text_features, caption_image, chunk_size=chunk_size, ties=ties
+    )
     return summarize_ranks(image_ranks.cpu(), text_ranks.cpu(), ks, name, ties)

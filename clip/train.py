@@ -136,6 +136,14 @@ class StopRequest:
         self.requested = True
         log.warning("received signal %d: saving a checkpoint at the end of this step, then stopping", signum)
 
+    def agreed(self, dist_info: DistributedInfo) -> bool:
+        """Whether any rank was signalled; ranks may receive the signal a step apart, and must stop together."""
+        if not dist_info.is_distributed:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=dist_info.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
@@ -372,9 +380,10 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
             if config.eval.every_n_steps and step % config.eval.every_n_steps == 0 and step < total_steps:
                 last_metrics.update(evaluate(step))
             every = config.checkpoint.every_n_steps
-            if (every and step % every == 0 and step < last_step) or (stop.requested and step < total_steps):
+            stopping = stop.agreed(dist_info)
+            if (every and step % every == 0 and step < last_step) or (stopping and step < total_steps):
                 save(step, last_metrics)
-            if stop.requested:
+            if stopping:
                 last_step = step
                 break
 

@@ -117,31 +117,33 @@ def _clip_loss_terms(
     _check_inputs(image_features, text_features, logit_scale)
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive number of rows or None, got {chunk_size}")
-    images = _as_unit_float32(image_features)  # [B, D]
-    texts = _as_unit_float32(text_features)  # [B, D]
-    all_images = gather_features(images, group) if distributed else images  # [N, D]
-    all_texts = gather_features(texts, group) if distributed else texts  # [N, D]
-    batch = images.shape[0]
-    # Row i of this rank is row rank*B + i of the global batch; its matching pair sits in that column.
-    labels = torch.arange(batch, device=images.device) + _rank(distributed, group) * batch
-    scale = logit_scale.float().exp()
+    # Autocast off: the logits and their exp() stay float32 (see _as_unit_float32).
+    with torch.autocast(image_features.device.type, enabled=False):
+        images = _as_unit_float32(image_features)  # [B, D]
+        texts = _as_unit_float32(text_features)  # [B, D]
+        all_images = gather_features(images, group) if distributed else images  # [N, D]
+        all_texts = gather_features(texts, group) if distributed else texts  # [N, D]
+        batch = images.shape[0]
+        # Row i of this rank is row rank*B + i of the global batch; its matching pair sits in that column.
+        labels = torch.arange(batch, device=images.device) + _rank(distributed, group) * batch
+        scale = logit_scale.float().exp()
 
-    if chunk_size is None:
-        logits_per_image = scale * (images @ all_texts.t())  # [B, N]
-        # One process holds the whole square matrix, whose transpose is the text->image direction.
-        logits_per_text = scale * (texts @ all_images.t()) if distributed else logits_per_image.t()  # [B, N]
-        loss_image = F.cross_entropy(logits_per_image, labels)
-        loss_text = F.cross_entropy(logits_per_text, labels)
-        best_image, best_text = logits_per_image.argmax(dim=1), logits_per_text.argmax(dim=1)
-    else:
-        # -log softmax of the matching pair = logsumexp(row) - positive logit; the positive needs no matrix.
-        positives = scale * (images * texts).sum(dim=1)  # [B]
-        lse_image, best_image = _ChunkedLogSumExp.apply(images, all_texts, scale, chunk_size)
-        lse_text, best_text = _ChunkedLogSumExp.apply(texts, all_images, scale, chunk_size)
-        loss_image = (lse_image - positives).mean()
-        loss_text = (lse_text - positives).mean()
-    loss = (loss_image + loss_text) / 2
-    return loss, best_image == labels, best_text == labels
+        if chunk_size is None:
+            logits_per_image = scale * (images @ all_texts.t())  # [B, N]
+            # One process holds the whole square matrix, whose transpose is the text->image direction.
+            logits_per_text = scale * (texts @ all_images.t()) if distributed else logits_per_image.t()  # [B, N]
+            loss_image = F.cross_entropy(logits_per_image, labels)
+            loss_text = F.cross_entropy(logits_per_text, labels)
+            best_image, best_text = logits_per_image.argmax(dim=1), logits_per_text.argmax(dim=1)
+        else:
+            # -log softmax of the matching pair = logsumexp(row) - positive logit; the positive needs no matrix.
+            positives = scale * (images * texts).sum(dim=1)  # [B]
+            lse_image, best_image = _ChunkedLogSumExp.apply(images, all_texts, scale, chunk_size)
+            lse_text, best_text = _ChunkedLogSumExp.apply(texts, all_images, scale, chunk_size)
+            loss_image = (lse_image - positives).mean()
+            loss_text = (lse_text - positives).mean()
+        loss = (loss_image + loss_text) / 2
+        return loss, best_image == labels, best_text == labels
 
 
 def contrastive_loss(
@@ -170,21 +172,22 @@ def _sigmoid_loss_terms(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(this rank's loss, image->text hits [B])."""
     _check_inputs(image_features, text_features, logit_scale)
-    images = _as_unit_float32(image_features)  # [B, D]
-    # Every pair (i, j) is its own binary problem, so rows split across ranks without any coupling:
-    # each rank scores its images against all texts and the ranks' rows together cover the N x N pairs.
-    texts = _as_unit_float32(text_features)  # [B, D]
-    all_texts = gather_features(texts, group) if distributed else texts  # [N, D]
-    batch = images.shape[0]
-    offset = _rank(distributed, group) * batch
-    logits = logit_scale.float().exp() * (images @ all_texts.t()) + logit_bias.float()  # [B, N]
-    signs = torch.full_like(logits, -1.0)
-    signs.diagonal(offset=offset).fill_(1.0)  # pair (i, offset + i) matches
-    # SigLIP normalises the sum over all N^2 pairs by N; per rank that is the sum over B rows divided by
-    # B, because averaging the W ranks' losses divides by W once more.
-    loss = -F.logsigmoid(signs * logits).sum() / batch
-    hits = logits.argmax(dim=1) == torch.arange(batch, device=logits.device) + offset
-    return loss, hits
+    with torch.autocast(image_features.device.type, enabled=False):
+        images = _as_unit_float32(image_features)  # [B, D]
+        # Every pair (i, j) is its own binary problem, so rows split across ranks without any coupling:
+        # each rank scores its images against all texts and the ranks' rows together cover the N x N pairs.
+        texts = _as_unit_float32(text_features)  # [B, D]
+        all_texts = gather_features(texts, group) if distributed else texts  # [N, D]
+        batch = images.shape[0]
+        offset = _rank(distributed, group) * batch
+        logits = logit_scale.float().exp() * (images @ all_texts.t()) + logit_bias.float()  # [B, N]
+        signs = torch.full_like(logits, -1.0)
+        signs.diagonal(offset=offset).fill_(1.0)  # pair (i, offset + i) matches
+        # SigLIP normalises the sum over all N^2 pairs by N; per rank that is the sum over B rows divided by
+        # B, because averaging the W ranks' losses divides by W once more.
+        loss = -F.logsigmoid(signs * logits).sum() / batch
+        hits = logits.argmax(dim=1) == torch.arange(batch, device=logits.device) + offset
+        return loss, hits
 
 
 def sigmoid_loss(
@@ -206,7 +209,7 @@ class ContrastiveLoss(nn.Module):
     """The loss the training loop calls: `loss, metrics = loss_fn(image_features, text_features,
     logit_scale, logit_bias=None)`. `loss` is this rank's share, to backward; `metrics` holds detached
     scalars averaged over ranks: loss, image_to_text_accuracy, text_to_image_accuracy (CLIP only),
-    logit_scale (the multiplier exp(logit_scale)) and logit_bias (SigLIP only). Reading them with
+    logit_scale_exp (the multiplier exp(logit_scale)) and logit_bias (SigLIP only). Reading them with
     .item() synchronises with the device, so do it only when logging."""
 
     def __init__(
@@ -252,7 +255,7 @@ class ContrastiveLoss(nn.Module):
             )
             averaged = {"loss": loss.detach(), "image_to_text_accuracy": image_hits.float().mean()}
         metrics = self._average_over_ranks(averaged)
-        metrics["logit_scale"] = logit_scale.detach().float().exp()
+        metrics["logit_scale_exp"] = logit_scale.detach().float().exp()
         if self.kind == "siglip":
             metrics["logit_bias"] = logit_bias.detach().float()
         return loss, metrics

@@ -114,7 +114,7 @@ def test_metrics_report_accuracy_and_temperature(chunk_size):
     loss, metrics = loss_fn(features, features.clone(), torch.tensor(math.log(100.0)))
     assert metrics["image_to_text_accuracy"].item() == 1.0
     assert metrics["text_to_image_accuracy"].item() == 1.0
-    assert metrics["logit_scale"].item() == pytest.approx(100.0)
+    assert metrics["logit_scale_exp"].item() == pytest.approx(100.0)
     assert metrics["loss"].item() == pytest.approx(loss.item())
 
     swapped = torch.cat([features[6:], features[:6]])  # no row matches its own pair
@@ -196,3 +196,14 @@ def test_cached_features_reject_unequal_micro_batches():
         contrastive_loss_with_cached_features(
             ContrastiveLoss(), cached, cached, cached[:5], cached[:5], 2, torch.tensor(1.0)
         )
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_loss_stays_float32_under_autocast(chunk_size):
+    image, text, logit_scale = make_inputs(n=10, dim=16, seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = contrastive_loss(image.bfloat16(), text.bfloat16(), logit_scale, chunk_size=chunk_size)
+    assert loss.dtype == torch.float32
+    # Only the rounding of the inputs to bfloat16 differs, not the precision of the logits.
+    reference = naive_clip_loss(image.bfloat16().float(), text.bfloat16().float(), logit_scale)
+    torch.testing.assert_close(loss.double(), reference, **TOLERANCE)

@@ -1,0 +1,221 @@
+"""Peak memory and time of the CLIP loss + backward on one device: the whole-matrix loss ("naive") against
+the exact chunked loss, and the chunked loss's agreement with a whole-matrix reference.
+
+    python benchmarks/loss_memory.py --batch-sizes 4096 32768 --verify-batch 32768 --json loss_memory.json
+
+Each configuration runs in its own subprocess so that peaks do not mix. "Extra peak" is the memory that
+loss + backward adds on top of the inputs (two [N, D] float32 feature matrices that require grad); it
+includes the two feature gradients (2 * N * D * 4 bytes), which any method must produce.
+  CPU:  the process's RSS high-water mark (getrusage ru_maxrss) after minus before loss + backward.
+  CUDA: torch.cuda.max_memory_allocated() minus memory_allocated() before.
+A configuration whose estimated need exceeds the memory available is skipped and reported as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from clip.loss import contrastive_loss  # noqa: E402
+
+GIB = 1024**3
+# The naive loss keeps about four [N, N] float32 matrices through backward (logits before and after the
+# scale, two log-softmax outputs) and briefly needs about two more for their gradients.
+NAIVE_MATRICES = 6
+REFERENCE_MATRICES = 1.5  # the logits, overwritten by their gradient, plus blocks
+
+
+def make_inputs(batch: int, width: int, device: torch.device, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.randn(batch, width, generator=generator)
+    text = image + 1.5 * torch.randn(batch, width, generator=generator)  # matching pairs are correlated
+    image, text = image.to(device).requires_grad_(), text.to(device).requires_grad_()
+    logit_scale = torch.tensor(math.log(1 / 0.07), device=device, requires_grad=True)
+    return image, text, logit_scale
+
+
+def run_loss(method: str, chunk_size: int | None, image, text, logit_scale):
+    for tensor in (image, text, logit_scale):
+        tensor.grad = None
+    if method == "reference":
+        loss = whole_matrix_reference(image, text, logit_scale)
+    else:
+        loss = contrastive_loss(image, text, logit_scale, chunk_size=chunk_size if method == "chunked" else None)
+        loss.backward()
+    return loss.detach()
+
+
+def whole_matrix_reference(image, text, logit_scale) -> torch.Tensor:
+    """The loss and its gradient from the whole [N, N] logit matrix with the textbook formula
+    dL/dlogits = (softmax over rows + softmax over columns - 2 * identity) / 2N, written independently of
+    clip.loss. It overwrites the logits with their gradient, so it needs one [N, N] matrix where autograd
+    on the naive loss needs about six."""
+    unit_image, unit_text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    scale = logit_scale.exp()
+    n, block = image.shape[0], 1024
+    with torch.no_grad():
+        logits = scale * (unit_image @ unit_text.t())  # [N, N]
+        lse_rows = torch.cat([torch.logsumexp(logits[i : i + block], dim=1) for i in range(0, n, block)])
+        lse_cols = torch.cat([torch.logsumexp(logits[:, j : j + block], dim=0) for j in range(0, n, block)])
+        diagonal = logits.diagonal().clone()
+        loss = ((lse_rows - diagonal).mean() + (lse_cols - diagonal).mean()) / 2
+        # sum_ij dL/dlogit_ij * logit_ij, accumulated before the logits are overwritten.
+        weighted_logits = -2 * diagonal.double().sum()
+        for i in range(0, n, block):
+            rows = logits[i : i + block]  # a view: written in place below
+            softmaxes = (rows - lse_rows[i : i + block, None]).exp_() + (rows - lse_cols[None]).exp_()
+            weighted_logits += (softmaxes.double() * rows).sum()
+            rows.copy_(softmaxes)
+        grad_logits = logits  # [N, N], now softmax over rows + softmax over columns
+        grad_logits.diagonal().sub_(2)
+        grad_logits /= 2 * n
+        grad_scale = (weighted_logits / (2 * n) / scale).float()  # logits = scale * cosines
+        grad_unit_image = scale * (grad_logits @ unit_text)
+        grad_unit_text = scale * (grad_logits.t() @ unit_image)
+        del logits, grad_logits
+    torch.autograd.backward([unit_image, unit_text, scale], [grad_unit_image, grad_unit_text, grad_scale])
+    return loss
+
+
+def current_peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def measure(method: str, batch: int, width: int, chunk_size: int | None, device: torch.device) -> dict:
+    """Runs in a fresh subprocess: warm up, then one timed loss + backward."""
+    run_loss(method, chunk_size, *make_inputs(256, width, device))  # load kernels, start thread pools
+    inputs = make_inputs(batch, width, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+    else:
+        baseline = current_peak_bytes(device)
+    start = time.perf_counter()
+    loss = run_loss(method, chunk_size, *inputs)
+    peak = current_peak_bytes(device)
+    seconds = time.perf_counter() - start
+    return {"loss": loss.item(), "seconds": seconds, "extra_peak_gib": (peak - baseline) / GIB}
+
+
+def verify(batch: int, width: int, chunk_size: int, device: torch.device) -> dict:
+    """Chunked loss vs the whole-matrix reference (and vs naive autograd when it fits): the largest
+    difference relative to the largest reference value, for the loss and each gradient."""
+    inputs = make_inputs(batch, width, device)
+    results = {}
+    report = {}
+    for method in ("chunked", "reference", "naive"):
+        if method != "chunked" and not fits(method, batch, device):
+            report[f"{method}"] = f"skipped: needs more than the {available_bytes(device) / GIB:.0f} GiB available"
+            continue
+        loss = run_loss(method, chunk_size, *inputs)
+        results[method] = [loss.cpu().double()] + [t.grad.cpu().double() for t in inputs]
+    names = ["loss", "grad_image", "grad_text", "grad_logit_scale"]
+    for method in results.keys() - {"chunked"}:
+        for name, mine, theirs in zip(names, results["chunked"], results[method]):
+            report[f"{name} vs {method}"] = ((mine - theirs).abs().max() / theirs.abs().max()).item()
+    return report
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    meminfo = Path("/proc/meminfo").read_text().split("\n")
+    kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable:"))
+    return kib * 1024
+
+
+def fits(method: str, batch: int, device: torch.device) -> bool:
+    matrices = {"naive": NAIVE_MATRICES, "reference": REFERENCE_MATRICES}.get(method, 0)
+    # Leave a quarter of what is free for everything else on the machine.
+    return matrices * batch * batch * 4 < 0.75 * available_bytes(device)
+
+
+def run_in_subprocess(job: dict) -> dict:
+    result = subprocess.run(
+        [sys.executable, __file__, "--job", json.dumps(job)], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        return {"error": (result.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[4096, 32768, 65536])
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--verify-batch", type=int, default=None, help="check exactness at this batch size")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: one measurement in a subprocess
+    args = parser.parse_args()
+    device = torch.device(args.device)
+
+    if args.job:
+        job = json.loads(args.job)
+        if job["kind"] == "verify":
+            print(json.dumps(verify(job["batch"], job["width"], job["chunk_size"], device)))
+        else:
+            print(json.dumps(measure(job["method"], job["batch"], job["width"], job["chunk_size"], device)))
+        return
+
+    configurations = [("naive", None)] + [("chunked", c) for c in args.chunk_sizes]
+    rows = []
+    for batch in args.batch_sizes:
+        for method, chunk_size in configurations:
+            row = {"batch": batch, "width": args.width, "method": method, "chunk_size": chunk_size, "device": str(device)}
+            if not fits(method, batch, device):
+                need = NAIVE_MATRICES * batch * batch * 4 / GIB
+                row["skipped"] = f"needs ~{need:.0f} GiB, {available_bytes(device) / GIB:.0f} GiB available"
+            else:
+                job = {"kind": "measure", "method": method, "batch": batch, "width": args.width, "chunk_size": chunk_size}
+                row.update(run_in_subprocess(job))
+            rows.append(row)
+            print(format_row(row), flush=True)
+
+    verification = None
+    if args.verify_batch:
+        job = {"kind": "verify", "batch": args.verify_batch, "width": args.width, "chunk_size": args.chunk_sizes[0]}
+        verification = {"batch": args.verify_batch, "chunk_size": args.chunk_sizes[0], **run_in_subprocess(job)}
+
+    print("\n| batch | method | chunk | extra peak (GiB) | loss + backward (s) | loss |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for row in rows:
+        print(format_row(row))
+    if verification:
+        print(f"\nExactness at batch {verification['batch']}, chunk {verification['chunk_size']} "
+              "(max |chunked - other| / max |other|):")
+        for name, value in verification.items():
+            if name not in ("batch", "chunk_size"):
+                print(f"- {name}: {value}")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "verification": verification}, indent=2))
+
+
+def format_row(row: dict) -> str:
+    chunk = row["chunk_size"] or "-"
+    if "skipped" in row or "error" in row:
+        return f"| {row['batch']} | {row['method']} | {chunk} | {row.get('skipped') or row['error']} | | |"
+    return (f"| {row['batch']} | {row['method']} | {chunk} | {row['extra_peak_gib']:.3f} | "
+            f"{row['seconds']:.2f} | {row['loss']:.6f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -16,6 +16,7 @@ from .vision_transformer import VisionTransformer
 
 # The CLIP paper initialises the temperature to 0.07, i.e. logit_scale = log(1 / 0.07).
 INITIAL_LOGIT_SCALE = math.log(1 / 0.07)
+TEXT_LENGTH_MULTIPLE = 8
 
 
 def build_vision_tower(config: ModelConfig) -> nn.Module:
@@ -71,13 +72,18 @@ class CLIP(nn.Module):
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         if text.shape[-1] > self.context_length:
             raise ValueError(f"text has {text.shape[-1]} tokens; this model's context length is {self.context_length}")
-        length = text.shape[-1]
+        # Features are read at the end-of-text token, which has the largest id in the vocabulary.
+        eot = text.argmax(dim=-1)
+        # Attention is causal, so positions after a sequence's end-of-text token never influence its
+        # features: running only up to the batch's last end-of-text token gives the same result, and
+        # captions are usually far shorter than the context. The length is rounded up to a multiple of 8
+        # to keep matrix shapes friendly and limit how many shapes torch.compile sees.
+        length = min(text.shape[-1], -(-(int(eot.max()) + 1) // TEXT_LENGTH_MULTIPLE) * TEXT_LENGTH_MULTIPLE)
+        text = text[:, :length]
         x = self.token_embedding(text).to(self.dtype)  # NL -> NLD
         x = x + self.positional_embedding[:length].to(self.dtype)
         x = self.transformer(x)
         x = self.ln_final(x)
-        # Features are read at the end-of-text token, which has the largest id in the vocabulary.
-        eot = text.argmax(dim=-1)
         x = x[torch.arange(x.shape[0], device=x.device), eot]  # -> N,width
         features = x @ self.text_projection  # -> N,embed_dim
         return F.normalize(features, dim=-1) if normalize else features

@@ -1,0 +1,115 @@
+"""The model itself: shapes, the paper's initialisation, text trimming, gradient checkpointing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import clip.model as model_module
+from clip.architectures import ModelConfig, TextConfig, VisionConfig
+from clip.model import CLIP
+
+TINY = {
+    "vit": ModelConfig(
+        embed_dim=24,
+        vision=VisionConfig(kind="vit", image_size=32, patch_size=8, width=32, layers=2, heads=2),
+        text=TextConfig(context_length=20, vocab_size=50, width=32, layers=2, heads=2),
+    ),
+    "resnet": ModelConfig(
+        embed_dim=24,
+        vision=VisionConfig(kind="resnet", image_size=64, width=16, layers=(1, 1, 1, 1), heads=4),
+        text=TextConfig(context_length=20, vocab_size=50, width=32, layers=2, heads=2),
+    ),
+}
+
+
+def texts_with_lengths(lengths: list[int], context: int = 20, eot: int = 49) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.zeros(len(lengths), context, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        tokens[row, : length - 1] = torch.randint(1, eot, (length - 1,), generator=generator)
+        tokens[row, length - 1] = eot
+    return tokens
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_forward_shapes_and_logits(kind):
+    torch.manual_seed(0)
+    model = CLIP(TINY[kind]).eval()
+    size = TINY[kind].vision.image_size
+    images, texts = torch.randn(3, 3, size, size), texts_with_lengths([4, 9, 20])
+    logits_per_image, logits_per_text = model(images, texts)
+    assert logits_per_image.shape == (3, 3) and torch.equal(logits_per_text, logits_per_image.t())
+    image = model.encode_image(images, normalize=True)
+    text = model.encode_text(texts, normalize=True)
+    torch.testing.assert_close(logits_per_image, math.exp(model.logit_scale.item()) * image @ text.t())
+    assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+
+
+def test_text_features_ignore_positions_after_end_of_text():
+    # Trimming to the batch's longest caption must give exactly what the full context gives.
+    torch.manual_seed(0)
+    model = CLIP(TINY["vit"]).eval()
+    texts = texts_with_lengths([3, 5, 11])
+    trimmed = model.encode_text(texts)
+    padded = texts.clone()
+    padded[:, 12:] = 7  # garbage after every end-of-text token
+    original = model_module.TEXT_LENGTH_MULTIPLE
+    try:
+        model_module.TEXT_LENGTH_MULTIPLE = 20  # no trimming: the full context
+        full = model.encode_text(padded)
+    finally:
+        model_module.TEXT_LENGTH_MULTIPLE = original
+    torch.testing.assert_close(trimmed, full, rtol=1e-5, atol=1e-6)
+    # and one row's features do not depend on the other rows' lengths
+    torch.testing.assert_close(model.encode_text(texts[:1]), trimmed[:1], rtol=1e-5, atol=1e-6)
+
+
+def test_over_long_text_is_a_clear_error():
+    model = CLIP(TINY["vit"])
+    with pytest.raises(ValueError, match="context length is 20"):
+        model.encode_text(torch.zeros(1, 21, dtype=torch.long))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = CLIP(TINY["vit"]).train()
+        model.set_grad_checkpointing(checkpointing)
+        images, texts = torch.randn(2, 3, 32, 32), texts_with_lengths([6, 8])
+        logits, _ = model(images, texts)
+        logits.sum().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
+
+
+def test_paper_initialisation():
+    torch.manual_seed(0)
+    model = CLIP(TINY["resnet"])
+    for stage in (model.visual.layer1, model.visual.layer4):
+        assert torch.count_nonzero(stage[0].bn3.weight) == 0  # residual branches start as the identity
+    assert model.token_embedding.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert model.positional_embedding.std().item() == pytest.approx(0.01, rel=0.2)
+    width, layers = 32, 2
+    proj_std = width**-0.5 * (2 * layers) ** -0.5
+    out_proj = torch.cat([b.attn.out_proj.weight.flatten() for b in model.transformer.resblocks])
+    assert out_proj.std().item() == pytest.approx(proj_std, rel=0.1)
+
+
+def test_fp16_weights_run_through_float32_layer_norms():
+    torch.manual_seed(0)
+    model = CLIP(TINY["vit"]).eval()
+    texts = texts_with_lengths([5])
+    reference = model.encode_text(texts)
+    half = CLIP(TINY["vit"]).eval()
+    half.load_state_dict(model.state_dict())
+    half.to(torch.bfloat16)  # CPU matmuls support bfloat16; the same code path as float16 on a GPU
+    assert half.dtype == torch.bfloat16
+    out = half.encode_text(texts)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)

@@ -214,4 +214,3 @@ def _describe(config: ModelConfig) -> str:
         f"context {text.context_length}, vocabulary {text.vocab_size}), embed_dim {config.embed_dim}"
     )
     return f"{name} = {summary}" if name else summary
-

@@ -25,7 +25,7 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -60,7 +60,7 @@ class ScriptObject:
 
     qualified_name = ""
 
-    def __new__(cls, *args: Any) -> "ScriptObject":
+    def __new__(cls, *args: Any) -> Self:
         instance = object.__new__(cls)
         instance.constructor_args = args
         instance.state = None
@@ -184,7 +184,9 @@ class _WeightsUnpickler(pickle.Unpickler):
 
     def _script_class(self, qualified_name: str) -> type:
         if qualified_name not in self.script_classes:
-            self.script_classes[qualified_name] = type("ScriptObject", (ScriptObject,), {"qualified_name": qualified_name})
+            self.script_classes[qualified_name] = type(
+                "ScriptObject", (ScriptObject,), {"qualified_name": qualified_name}
+            )
         return self.script_classes[qualified_name]
 
     def persistent_load(self, pid: Any) -> torch.Tensor:
@@ -211,7 +213,11 @@ class _WeightsUnpickler(pickle.Unpickler):
             )
         if numel == 0:
             return torch.empty(0, dtype=dtype)
-        return torch.frombuffer(bytearray(self.archive.read(record)), dtype=dtype)
+        buffer = bytearray(info.file_size)  # read straight into the tensor's memory, no intermediate bytes
+        with self.archive.open(info) as record_file:
+            if record_file.readinto(buffer) != info.file_size:
+                raise TorchScriptReadError(f"{self.path}: record {record} is shorter than its zip entry says")
+        return torch.frombuffer(buffer, dtype=dtype)
 
     def _rebuild_tensor(self, storage: Any, offset: Any, size: Any, stride: Any, *_ignored: Any) -> torch.Tensor:
         # The trailing arguments (requires_grad, backward hooks, metadata) do not matter for loading weights.
@@ -220,7 +226,9 @@ class _WeightsUnpickler(pickle.Unpickler):
         try:
             return torch.as_strided(storage, tuple(size), tuple(stride), int(offset))
         except (RuntimeError, TypeError, ValueError) as error:
-            raise TorchScriptReadError(f"{self.path}: a tensor's size/stride does not fit its storage ({error})") from error
+            raise TorchScriptReadError(
+                f"{self.path}: a tensor's size/stride does not fit its storage ({error})"
+            ) from error
 
 
 class _DeclaredWeights:
@@ -247,15 +255,15 @@ class _DeclaredWeights:
         except KeyError:
             return None
         # The class body runs from its `class` line to the next top-level statement.
-        match = re.search(rf"^class {re.escape(class_name)}\b.*?:\n((?:[ \t]+.*\n?|\n)*)", source, re.M)
+        match = re.search(rf"^class {re.escape(class_name)}\b.*?:\n((?:[ \t]+.*\n?|\n)*)", source, re.MULTILINE)
         if match is None:
             return None
         body = match.group(1)
-        parameters = re.search(rf"^\s+__parameters__ = {self._LIST}", body, re.M)
+        parameters = re.search(rf"^\s+__parameters__ = {self._LIST}", body, re.MULTILINE)
         if parameters is None:
             return None
         names = set(re.findall(r'"([^"]*)"', parameters.group(1)))
-        buffers = re.search(rf"^\s+__buffers__ = {self._LIST}", body, re.M)
+        buffers = re.search(rf"^\s+__buffers__ = {self._LIST}", body, re.MULTILINE)
         if buffers is None:
             return None  # an archive format without buffer declarations: keep every tensor attribute
         return names | set(re.findall(r'"([^"]*)"', buffers.group(1)))

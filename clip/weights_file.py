@@ -99,7 +99,11 @@ def checkpoint_candidates(run_dir: Path) -> list[Path]:
     then `checkpoints/step_*.pt` from the highest step down. `run_dir` may also be the checkpoints folder."""
     folder = run_dir / CHECKPOINT_DIR if (run_dir / CHECKPOINT_DIR).is_dir() else run_dir
     steps = sorted(
-        ((int(match.group(1)), entry) for entry in folder.iterdir() if (match := _CHECKPOINT_NAME.fullmatch(entry.name))),
+        (
+            (int(match.group(1)), entry)
+            for entry in folder.iterdir()
+            if (match := _CHECKPOINT_NAME.fullmatch(entry.name))
+        ),
         reverse=True,
     )
     candidates = [entry for _, entry in steps]
@@ -133,7 +137,9 @@ def _torch_load_weights_only(path: Path) -> object:
                 f"{path} was refused: it holds pickled objects other than tensors and plain Python values, and "
                 f"unpickling them could run code ({detail})"
             ) from error
-        raise WeightsFileError(f"{path} is a damaged or truncated PyTorch file ({type(error).__name__}: {message})") from error
+        raise WeightsFileError(
+            f"{path} is a damaged or truncated PyTorch file ({type(error).__name__}: {message})"
+        ) from error
 
 
 def _check_pytorch_file(path: Path) -> None:

@@ -13,6 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from openai_layout import (
+    half_precision_names,
+    half_round_trip,
+    openai_state_dict,
+    write_openai_archive,
+    write_openai_state_dict,
+)
 from torch import nn
 
 import clip.download
@@ -24,14 +31,6 @@ from clip.model import CLIP
 from clip.preprocess import image_transform
 from clip.released import RELEASED_WEIGHTS, ReleasedWeights
 from clip.torchscript_reader import is_torchscript_archive, read_torchscript_weights
-
-from openai_layout import (
-    half_precision_names,
-    half_round_trip,
-    openai_state_dict,
-    write_openai_archive,
-    write_openai_state_dict,
-)
 
 # Millions of parameters (total, image tower, text side) as published for OpenAI's nine models.
 PUBLISHED_PARAMETERS = {
@@ -48,10 +47,14 @@ PUBLISHED_PARAMETERS = {
 # Widths are multiples of 64 with heads = width // 64, the convention that inference from shapes assumes.
 TINY_TEXT = TextConfig(context_length=16, vocab_size=120, width=64, heads=1, layers=2)
 TINY_VIT = ModelConfig(
-    embed_dim=32, vision=VisionConfig(kind="vit", image_size=32, width=64, layers=2, heads=1, patch_size=8), text=TINY_TEXT
+    embed_dim=32,
+    vision=VisionConfig(kind="vit", image_size=32, width=64, layers=2, heads=1, patch_size=8),
+    text=TINY_TEXT,
 )
 TINY_RESNET = ModelConfig(
-    embed_dim=32, vision=VisionConfig(kind="resnet", image_size=64, width=8, layers=(1, 2, 1, 1), heads=4), text=TINY_TEXT
+    embed_dim=32,
+    vision=VisionConfig(kind="resnet", image_size=64, width=8, layers=(1, 2, 1, 1), heads=4),
+    text=TINY_TEXT,
 )
 TINY = {"vit": TINY_VIT, "resnet": TINY_RESNET}
 WRITERS = {"archive": write_openai_archive, "state_dict": write_openai_state_dict}
@@ -339,7 +342,7 @@ def test_released_name_is_downloaded_verified_and_loaded(tmp_path: Path, tiny_re
     cache.mkdir()
     (cache / "RN50-served.pt").write_bytes(b"a stale or corrupted download")
     with pytest.warns(UserWarning, match="SHA256"):
-        model, preprocess = load("RN50", device="cpu", download_root=cache)
+        model, _ = load("RN50", device="cpu", download_root=cache)
     assert calls == [(RELEASED_WEIGHTS["RN50"].url, RELEASED_WEIGHTS["RN50"].sha256, cache)]
     assert hashlib.sha256((cache / "RN50-served.pt").read_bytes()).hexdigest() == RELEASED_WEIGHTS["RN50"].sha256
     assert_same_features(model, half_round_trip(original), TINY_RESNET)
@@ -350,7 +353,7 @@ def test_jit_true_returns_the_verified_torchscript_archive(tmp_path: Path, tiny_
     model, preprocess = load("RN50", device="cpu", jit=True, download_root=tmp_path / "cache")
     assert isinstance(model, torch.jit.ScriptModule)
     assert repr(preprocess) == repr(image_transform(64))
-    images, text = inputs_for(TINY_RESNET)
+    _, text = inputs_for(TINY_RESNET)
     reference = convert_to_half_precision(half_round_trip(original))
     with torch.no_grad():
         torch.testing.assert_close(model.encode_text(text), reference.encode_text(text))
@@ -401,7 +404,9 @@ def test_torchscript_archive_with_a_foreign_global_is_refused(tmp_path: Path, op
     archive = openai_files["vit", "archive"]
     evil = _replace_data_pkl(archive, tmp_path / "evil.pt", pickle.dumps(WritesMarker(marker), protocol=2))
     assert is_torchscript_archive(evil)
-    with pytest.raises(UnsafeFileError, match=r"references (__builtin__|builtins)\.exec, which is not on the allowlist"):
+    with pytest.raises(
+        UnsafeFileError, match=r"references (__builtin__|builtins)\.exec, which is not on the allowlist"
+    ):
         load(evil, device="cpu")
     assert not marker.exists()
 
@@ -436,7 +441,9 @@ def test_empty_file_is_named_as_such(tmp_path: Path) -> None:
 def test_zip_that_is_not_a_pytorch_file_is_named(tmp_path: Path) -> None:
     with zipfile.ZipFile(tmp_path / "arrays.npz", "w") as archive:
         archive.writestr("weights.npy", b"\x93NUMPY")
-    with pytest.raises(WeightsFileError, match=r"arrays\.npz is a zip archive but not a PyTorch file: it holds weights\.npy"):
+    with pytest.raises(
+        WeightsFileError, match=r"arrays\.npz is a zip archive but not a PyTorch file: it holds weights\.npy"
+    ):
         load(tmp_path / "arrays.npz", device="cpu")
 
 
@@ -461,7 +468,9 @@ def test_single_tensor_and_dict_without_weights_are_named(tmp_path: Path) -> Non
 def test_state_dict_of_another_model_is_named(tmp_path: Path) -> None:
     other = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8, 10))
     torch.save(other.state_dict(), tmp_path / "other.pt")
-    with pytest.raises(WeightsFileError, match=r"other\.pt does not hold CLIP weights.*neither 'visual\.proj'.*'0\.weight'"):
+    with pytest.raises(
+        WeightsFileError, match=r"other\.pt does not hold CLIP weights.*neither 'visual\.proj'.*'0\.weight'"
+    ):
         load(tmp_path / "other.pt", device="cpu")
 
 

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from openai_layout import write_openai_archive, write_openai_state_dict
 
 import clip.loading
 from clip.architectures import RELEASED_ARCHITECTURES, ModelConfig, TextConfig, VisionConfig
 from clip.model import CLIP
-
-from openai_layout import write_openai_archive, write_openai_state_dict
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -29,10 +28,14 @@ DEFAULT_ARCHITECTURES = ("RN50", "ViT-B/32")
 TINY_TEXT = TextConfig(context_length=16, vocab_size=200, width=64, heads=1, layers=2)
 TINY_CONFIGS = {
     "tiny-vit": ModelConfig(
-        embed_dim=32, vision=VisionConfig(kind="vit", image_size=32, width=64, layers=2, heads=1, patch_size=8), text=TINY_TEXT
+        embed_dim=32,
+        vision=VisionConfig(kind="vit", image_size=32, width=64, layers=2, heads=1, patch_size=8),
+        text=TINY_TEXT,
     ),
     "tiny-resnet": ModelConfig(
-        embed_dim=32, vision=VisionConfig(kind="resnet", image_size=64, width=8, layers=(1, 2, 1, 1), heads=4), text=TINY_TEXT
+        embed_dim=32,
+        vision=VisionConfig(kind="resnet", image_size=64, width=8, layers=(1, 2, 1, 1), heads=4),
+        text=TINY_TEXT,
     ),
 }
 

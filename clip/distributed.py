@@ -104,7 +104,7 @@ def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list, by `scontrol show hostnames` when SLURM's tools are installed,
     else by our own parser (which covers the syntax SLURM documents for host lists)."""
     if shutil.which("scontrol"):
-        result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+        result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=False)
         if result.returncode == 0 and result.stdout.split():
             return result.stdout.split()[0]
     hosts = expand_nodelist(nodelist)

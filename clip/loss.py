@@ -35,7 +35,8 @@ SIGLIP_INITIAL_LOGIT_BIAS = -10.0
 class LossConfig:
     kind: Literal["clip", "siglip"] = "clip"  # softmax InfoNCE (CLIP) or pairwise sigmoid (SigLIP)
     # CLIP only: rows per chunk of the exact chunked loss, whose extra memory is ~3 * chunk_size * N
-    # floats instead of ~5 * N * N; None computes the whole [B, N] logit matrix at once.
+    # floats (plus O(N * D) for features and their gradients) instead of ~5 * B * N; None computes the
+    # whole [B, N] logit matrix at once. 512 keeps batch 32768 x width 512 under 0.6 GiB.
     chunk_size: int | None = None
 
 

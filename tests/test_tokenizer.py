@@ -9,6 +9,7 @@ import importlib
 import importlib.util
 import pickle
 import random
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import ftfy
 import numpy as np
 import pytest
+import regex
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -24,9 +26,11 @@ import clip.download
 import clip.tokenizer
 from clip.download import cache_dir
 from clip.tokenizer import (
+    ASCII_PIECE_PATTERN,
     END_OF_WORD,
     MERGES_SHA256,
     NUM_MERGES,
+    PIECE_PATTERN,
     VOCAB_SIZE,
     Tokenizer,
     _needs_full_cleaning,
@@ -193,14 +197,14 @@ def test_cache_stays_bounded_and_exact(merges_path: Path, reference) -> None:
     words = [f"word{index}x" for index in range(50)] + ["x" * 200]
     for word in words * 2:
         assert small.encode(word) == reference.encode(word)
-        assert len(small._chunk_ids) <= 8 and len(small._piece_ids) <= 8
-    assert "x" * 200 not in small._chunk_ids  # long chunks are not cached at all
+        assert len(small._cached_ids) <= 8
+    assert "x" * 200 not in small._cached_ids  # long chunks are not cached at all
 
 
 def test_pickled_copy_encodes_the_same(tokenizer: Tokenizer) -> None:
     tokenizer.encode("a photo of a dog")
     copy = pickle.loads(pickle.dumps(tokenizer))
-    assert copy._chunk_ids == {} and copy.encode("a photo of a dog") == tokenizer.encode("a photo of a dog")
+    assert copy._cached_ids == {} and copy.encode("a photo of a dog") == tokenizer.encode("a photo of a dog")
 
 
 # The shortcut that skips ftfy and html.unescape -----------------------------------------------------------
@@ -236,6 +240,15 @@ def test_shortcut_sound_on_all_short_ascii() -> None:
 @given(text=st.text(alphabet=st.characters(max_codepoint=127), max_size=40) | tricky_text)
 def test_shortcut_sound_on_generated_ascii(text: str) -> None:
     _assert_shortcut_sound(text)
+
+
+@PROPERTY_SETTINGS
+@given(text=st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=30) | tricky_text)
+def test_ascii_pre_tokeniser_agrees_with_unicode_one(text: str) -> None:
+    chunk = text.lower()
+    if chunk.isascii() and chunk.isprintable() and " " not in chunk:
+        unicode_pattern = regex.compile(PIECE_PATTERN, regex.IGNORECASE)
+        assert re.findall(ASCII_PIECE_PATTERN, chunk) == unicode_pattern.findall(chunk)
 
 
 # Batches, truncation and errors -------------------------------------------------------------------------

@@ -87,8 +87,10 @@ def write_openai_archive(model: CLIP, path: str | Path) -> Path:
         scripted_source.register_buffer(name, value)
     size = model.visual.input_resolution
     image = torch.zeros(1, 3, size, size)
-    text = torch.zeros(1, model.context_length, dtype=torch.long)
-    text[0, :3] = torch.tensor([model.vocab_size - 2, 1, model.vocab_size - 1])  # start, a word, end
+    # Start-of-text, words, and end-of-text (the largest id) at the last position: tracing records the
+    # sequence length the model runs to, which must be the whole context for the archive to serve any text.
+    text = torch.ones(1, model.context_length, dtype=torch.long)
+    text[0, 0], text[0, -1] = model.vocab_size - 2, model.vocab_size - 1
     inputs = {"forward": (image, text), "encode_image": (image,), "encode_text": (text,)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.trace is deprecated in favour of torch.export

@@ -94,7 +94,7 @@ def test_an_epoch_of_bad_input_completes_with_exact_counts(tmp_path: Path, caplo
     # four batches consume exactly one epoch (position [1, 0]), so every count below is one epoch's.
     for seed in range(40):
         data = build([source], batch_size=4, seed=seed, max_image_pixels=PIXEL_LIMIT)
-        with caplog.at_level(logging.WARNING, logger="clip.data.decoding"):
+        with caplog.at_level(logging.WARNING, logger="clip.data.decoding"), caplog.at_level(logging.INFO, "clip.data"):
             batches = take(data, 4)
         if data.state_dict()["positions"] == [[1, 0]]:
             break
@@ -112,6 +112,7 @@ def test_an_epoch_of_bad_input_completes_with_exact_counts(tmp_path: Path, caplo
     assert stats["skipped"] == len(SKIPPED) and stats["epoch"] == 1
     assert all(torch.isfinite(images).all() for images, _ in batches)
     assert "skipped 1 missing_file sample(s)" in caplog.text  # one rate-limited line per kind
+    assert f"bad: 16 samples, skipped {len(SKIPPED)} (" in caplog.text  # the summary logged at the data epoch's end
     summary = data.epoch_summary()
     assert "bad: 16 samples" in summary and "decompression_bomb 2" in summary and "caption_truncated 1" in summary
     assert "0 samples" in data.epoch_summary()  # counts since the previous summary

@@ -105,8 +105,8 @@ class TrainData:
         self._next_worker = 0
         self._batches = 0
         self._counts = {name: _empty_counts() for name in names}
-        self._summary_counts = copy.deepcopy(self._counts)
-        self._summary_epoch = 0
+        self._summary_mark = (0, copy.deepcopy(self._counts))  # (epoch, counts) at the last epoch_summary()
+        self._epoch_log_mark = self._summary_mark  # ... and at the last data epoch's end
         self._loader_iterator: Iterator | None = None
         self._generation = 0  # bumped by every iter() and close(); older batch generators stop
         self._warned_order = False
@@ -145,6 +145,7 @@ class TrainData:
             log.warning(
                 "data: batch from worker %d where %d was due; a resume may reorder batches", worker, self._next_worker
             )
+        epoch_before = self.epoch
         self._positions[worker] = tuple(meta["position"])
         self._next_worker = (worker + 1) % self.slots_per_rank
         self._batches += 1
@@ -153,6 +154,9 @@ class TrainData:
         for field in ("skipped", "repaired"):
             for name, counts in meta[field].items():
                 _add(self._counts[name][field], counts)
+        if self.epoch > epoch_before:  # every worker of this rank has finished a data epoch
+            log.log(logging.INFO if self.rank == 0 else logging.DEBUG, "%s", self._summary_since(self._epoch_log_mark))
+            self._epoch_log_mark = (self.epoch, copy.deepcopy(self._counts))
 
     def _stop_workers(self) -> None:
         self._generation += 1
@@ -213,8 +217,7 @@ class TrainData:
         for name, counts in state["counts"].items():
             if name in self._counts:
                 self._counts[name] = copy.deepcopy(counts)
-        self._summary_counts = copy.deepcopy(self._counts)
-        self._summary_epoch = self.epoch
+        self._summary_mark = self._epoch_log_mark = (self.epoch, copy.deepcopy(self._counts))
 
     # ---- reporting -----------------------------------------------------------------------------------
     @property
@@ -235,21 +238,25 @@ class TrainData:
 
     def epoch_summary(self) -> str:
         """One line on what happened since the previous call (or the start): samples, skips and repairs by
-        source and kind; e.g. for the log at the end of each epoch."""
+        source and kind, e.g. for the trainer's log at the end of its epochs. (Independently of these calls,
+        the same kind of line is logged -- INFO on rank 0 -- each time every worker finishes a data epoch.)"""
+        line = self._summary_since(self._summary_mark)
+        self._summary_mark = (self.epoch, copy.deepcopy(self._counts))
+        return line
+
+    def _summary_since(self, mark: tuple[int, dict]) -> str:
+        since_epoch, before_counts = mark
         parts = []
         for name, counts in self._counts.items():
-            before = self._summary_counts.get(name, _empty_counts())
-            samples = counts["samples"] - before["samples"]
-            line = f"{name}: {samples} samples"
+            before = before_counts.get(name, _empty_counts())
+            line = f"{name}: {counts['samples'] - before['samples']} samples"
             for field in ("skipped", "repaired"):
-                delta = {k: v - before[field].get(k, 0) for k, v in counts[field].items()}
-                delta = {k: v for k, v in sorted(delta.items()) if v}
+                delta = {k: v - before[field].get(k, 0) for k, v in sorted(counts[field].items())}
+                delta = {k: v for k, v in delta.items() if v}
                 if delta:
                     line += f", {field} {sum(delta.values())} ({', '.join(f'{k} {v}' for k, v in delta.items())})"
             parts.append(line)
-        epochs = f"epoch {self._summary_epoch}" + (f"-{self.epoch}" if self.epoch != self._summary_epoch else "")
-        self._summary_counts = copy.deepcopy(self._counts)
-        self._summary_epoch = self.epoch
+        epochs = f"epoch {since_epoch}" + (f"-{self.epoch}" if self.epoch != since_epoch else "")
         return f"data rank {self.rank}, {epochs}: " + "; ".join(parts)
 
 

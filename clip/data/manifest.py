@@ -65,9 +65,12 @@ def _delimited_rows(path: str, separator: str, image_column: str, caption_column
         available = list(reader.fieldnames or [])
         if image_column not in available or caption_column not in available:
             raise _missing_columns_error(path, [image_column, caption_column], available)
-        for row in reader:
-            image, caption = row.get(image_column), row.get(caption_column)
-            yield (image, caption) if image and caption is not None else None
+        try:
+            for row in reader:
+                image, caption = row.get(image_column), row.get(caption_column)
+                yield (image, caption) if image and caption is not None else None
+        except csv.Error as error:  # e.g. an unclosed quote swallowing the rest of the file
+            raise ValueError(f"{path}, line {reader.line_num}: {error}") from error
 
 
 def _jsonl_rows(path: str, image_column: str, caption_column: str) -> Iterator[tuple | None]:

@@ -7,8 +7,9 @@ permutation of its rows, or of its shards with their samples in file order), one
 takes the next C_i = round(weight_i * size_i) samples of it, [e * C_i, (e + 1) * C_i): with weight 1 one
 whole permutation per epoch, every sample exactly once; with 2, two; with 0.5, half a permutation, so two
 epochs see every sample once. Epoch e's range is cut into S contiguous ranges of C_i // S or C_i // S + 1
-samples, slot s taking the s-th: slots differ by at most one sample per source, so ranks stay in step. A
-shard can straddle two slots; each reads only its own range of it.
+samples, slot s taking the ((s + i + e) mod S)-th: slots differ by at most one sample per source, and the
+rotation spreads the larger ranges over slots, sources and epochs, so ranks stay in step. A shard can
+straddle two slots; each reads only its own range of it.
 
 Resampled (resampled=True). Each slot independently draws its share of the epoch with replacement:
 a source per sample with probability proportional to weight_i * size_i, then rows uniformly, or whole shards
@@ -140,7 +141,7 @@ class Planner:
         plan = SlotPlan(labels=np.zeros(0, np.int16))
         counts = []
         for index, source in enumerate(self.sources):
-            first, stop = split_range(source.samples_per_epoch, self.slots, slot)
+            first, stop = split_range(source.samples_per_epoch, self.slots, (slot + index + epoch) % self.slots)
             first, stop = first + epoch * source.samples_per_epoch, stop + epoch * source.samples_per_epoch
             key = (self.seed, index)
             if source.shard_sizes is None:
@@ -155,7 +156,7 @@ class Planner:
         return plan
 
     def _resampled_plan(self, epoch: int, rank: int, worker: int, slot: int) -> SlotPlan:
-        first, stop = split_range(self.samples_per_pass, self.slots, slot)
+        first, stop = split_range(self.samples_per_pass, self.slots, (slot + epoch) % self.slots)
         rng = _rng(self.seed, epoch, rank, worker, _RESAMPLE)
         rates = np.array([source.weight * source.size for source in self.sources], dtype=np.float64)
         labels = rng.choice(len(self.sources), size=stop - first, p=rates / rates.sum()).astype(np.int16)

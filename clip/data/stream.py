@@ -70,8 +70,10 @@ def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
     """In a worker, allocated in shared memory: sending it to the training process then costs no copy."""
     if get_worker_info() is None:
         return torch.empty(shape)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)
-    return torch.empty(0).set_(storage).view(shape)
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)  # what torch's default_collate uses
+    if new_shared is None:
+        return torch.empty(shape)
+    return torch.empty(0).set_(new_shared(math.prod(shape) * 4)).view(shape)
 
 
 class SampleStream(IterableDataset):
@@ -102,10 +104,15 @@ class SampleStream(IterableDataset):
             yield batches.next_batch(items)
 
     def _items(self, worker: int, epoch: int, offset: int) -> Iterator[_Item]:
-        rank = self.settings.rank
+        rank, empty_epochs = self.settings.rank, 0
         while True:
             plan = self.planner.plan(epoch, rank, worker)
             length = len(plan)
+            # A slot can draw no sample in an epoch when sources are smaller than the number of slots; the
+            # rotation of ranges gives it some within `slots` epochs whenever the epoch has >= slots samples.
+            empty_epochs = empty_epochs + 1 if length == 0 else 0
+            if empty_epochs > self.planner.slots:
+                raise RuntimeError(f"data rank {rank} worker {worker}: no sample planned in {empty_epochs} epochs")
             for source, raw in self._epoch_items(plan, epoch, worker, offset):
                 offset += 1
                 position = (epoch + 1, 0) if offset == length else (epoch, offset)

@@ -47,28 +47,31 @@ def test_same_seed_same_batches_other_seed_other_order(tmp_path: Path) -> None:
     assert captions(runs[0]) != captions(runs[2])
 
 
-@pytest.mark.parametrize("kind", ["manifest", "shards"])
+@pytest.mark.parametrize("kind", ["manifest", "shards", "both resampled"])
 @pytest.mark.parametrize("augment", [False, True])
 def test_resume_mid_epoch_continues_exactly(tmp_path: Path, kind: str, augment: bool) -> None:
     # 23 samples, 2 workers, batches of 4: batches straddle epoch ends; one sample is broken (skipped).
-    if kind == "manifest":
-        path = write_manifest(tmp_path, range(23))
-        (tmp_path / "images" / "5.jpg").write_bytes(b"not a jpeg")
-        source = SourceConfig(kind="manifest", path=str(path))
-    else:
-        source = shards_source(tmp_path, 23, 5)
+    manifest = write_manifest(tmp_path / "m", range(23))
+    (tmp_path / "m" / "images" / "5.jpg").write_bytes(b"not a jpeg")
+    sources = {
+        "manifest": [SourceConfig(kind="manifest", path=str(manifest))],
+        "shards": [shards_source(tmp_path / "s", 23, 5)],
+        "both resampled": [SourceConfig(kind="manifest", path=str(manifest)), shards_source(tmp_path / "s", 23, 5)],
+    }[kind]
     settings = dict(batch_size=4, workers=2, prefetch_factor=2, augment=augment, shuffle_buffer=4)
+    if kind == "both resampled":
+        settings.update(resampled=True, epoch_samples=30)
 
-    uninterrupted = build([source], **settings)
+    uninterrupted = build(sources, **settings)
     expected = take(uninterrupted, 14)
     expected_stats = uninterrupted.stats()
     uninterrupted.close()
 
-    first = build([source], **settings)
+    first = build(sources, **settings)
     head = take(first, 5)  # the workers have prefetched further; the state must not count that
     state = first.state_dict()
     first.close()
-    resumed = build([source], **settings)
+    resumed = build(sources, **settings)
     resumed.load_state_dict(state)
     tail = take(resumed, 9)
     assert captions(head + tail) == captions(expected)

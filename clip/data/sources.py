@@ -68,10 +68,13 @@ class ManifestSource:
         self.name = name
         self.manifest = read_manifest(config.path, config.image_column, config.caption_column, config.separator)
         self.layout = SourceLayout(len(self.manifest), config.weight)
+        self._fingerprint: str | None = None
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256(self.manifest.image_paths.buffer.tobytes()).hexdigest()[:16]
-        return f"manifest:{self.manifest.path}:{len(self.manifest)}:{digest}"
+        if self._fingerprint is None:  # hashing every path takes a while for big manifests: once
+            digest = hashlib.sha256(self.manifest.image_paths.buffer).hexdigest()[:16]
+            self._fingerprint = f"manifest:{self.manifest.path}:{len(self.manifest)}:{digest}"
+        return self._fingerprint
 
     def items(self, plan: SlotPlan, index: int, skip: int) -> Iterator[int]:
         return map(int, plan.rows[index][skip:])

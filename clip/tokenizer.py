@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import gzip
 import html
-import itertools
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,7 +46,7 @@ BPE_VOCAB_SIZE = 49152
 NUM_MERGES = BPE_VOCAB_SIZE - NUM_BYTE_TOKENS - NUM_SPECIAL_TOKENS
 MERGES_HEADER_LINES = 1
 # Each byte appears twice, inside a word and word-final (with '</w>'); then one token per merge, then the specials.
-VOCAB_SIZE = 2 * NUM_BYTE_TOKENS + NUM_MERGES + NUM_SPECIAL_TOKENS  # 49408
+VOCAB_SIZE = 2 * NUM_BYTE_TOKENS + NUM_MERGES + NUM_SPECIAL_TOKENS  # 49408, below 0xD800 (see _encode_as_chars)
 FIRST_MERGE_ID = 2 * NUM_BYTE_TOKENS
 DEFAULT_CONTEXT_LENGTH = 77
 
@@ -63,6 +62,7 @@ ASCII_PIECE_PATTERN = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'
 # `_needs_full_cleaning` and tested against ftfy): ASCII control characters other than tab and newline,
 # and '&' followed by anything but whitespace (HTML entities need a '#', a letter or a digit after the '&').
 _UNSAFE_ASCII = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]|&(?=[^ \t\n])")
+_WHITESPACE_RUN = regex.compile(r"\s+")  # OpenAI collapses whitespace with `regex`'s idea of \s
 # Longer chunks and pieces are rare enough that caching them would only cost memory.
 MAX_CACHED_CHARS = 64
 DEFAULT_CACHE_ENTRIES = 100_000
@@ -96,7 +96,7 @@ def read_merges(path: str | Path) -> list[tuple[str, str]]:
 def clean_text(text: str) -> str:
     """OpenAI's normalisation: ftfy, HTML entities (twice, for doubly escaped text), whitespace, lower case."""
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return regex.sub(r"\s+", " ", text).strip().lower()
+    return _WHITESPACE_RUN.sub(" ", text).strip().lower()
 
 
 def _needs_full_cleaning(text: str) -> bool:
@@ -145,7 +145,7 @@ class Tokenizer:
         self._cache_entries = cache_entries
         # Ids of whitespace-separated chunks and of the pre-tokeniser's pieces, in one dict: a piece is also a
         # chunk that splits into just itself, so the two kinds of key never disagree.
-        self._cached_ids: dict[str, tuple[int, ...]] = {}
+        self._cached_ids: dict[str, str] = {}
 
     def _build_bpe_tables(self, byte_alphabet: dict[int, str]) -> None:
         """BPE runs on ids, not strings. A piece's UTF-8 bytes become the ids of their byte tokens with one
@@ -176,45 +176,48 @@ class Tokenizer:
         """Token ids of `text`, without the start and end tokens."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        return list(map(ord, self._encode_as_chars(text)))
+
+    # Internally a sequence of token ids is a str with one character per id, chr(id): every id is below the
+    # UTF-16 surrogates, so such strings join in C and become a numpy array with one frombuffer(), and the
+    # cache holds one compact object per entry instead of a tuple of int objects scattered in memory.
+
+    def _encode_as_chars(self, text: str) -> str:
         if _needs_full_cleaning(text):
             chunks = clean_text(text).split(" ")
         else:  # Equal to clean_text(text).split(" ") here, minus the work; see _needs_full_cleaning.
             chunks = text.lower().split()
-        cache = self._cached_ids
-        ids: list[int] = []
-        for chunk in chunks:
-            chunk_ids = cache.get(chunk)
-            if chunk_ids is None:
-                chunk_ids = self._encode_chunk(chunk)
-            ids += chunk_ids
-        return ids
+        cached = list(map(self._cached_ids.get, chunks))
+        if None in cached:
+            cached = [self._encode_chunk(chunk) if ids is None else ids for chunk, ids in zip(chunks, cached)]
+        return "".join(cached)
 
-    def _encode_chunk(self, chunk: str) -> tuple[int, ...]:
-        """Ids of cleaned text that contains no space, not yet in the cache; cached on return."""
+    def _encode_chunk(self, chunk: str) -> str:
+        """Ids (as characters) of cleaned text that contains no space, not yet in the cache; cached on return."""
         if chunk.isascii() and chunk.isalpha():  # the most common chunk, a plain word, is one piece
             ids = self._encode_piece(chunk)
         else:
             printable_ascii = chunk.isascii() and chunk.isprintable()
             pattern = self._ascii_piece_pattern if printable_ascii else self._piece_pattern
             cache = self._cached_ids
-            chunk_ids: list[int] = []
+            pieces_ids = []
             for piece in pattern.findall(chunk):
                 piece_ids = cache.get(piece)
                 if piece_ids is None:
                     piece_ids = self._encode_piece(piece)
                     self._remember(piece, piece_ids)
-                chunk_ids += piece_ids
-            ids = tuple(chunk_ids)
+                pieces_ids.append(piece_ids)
+            ids = "".join(pieces_ids)
         self._remember(chunk, ids)
         return ids
 
-    def _encode_piece(self, piece: str) -> tuple[int, ...]:
+    def _encode_piece(self, piece: str) -> str:
         special_id = self._special_ids.get(piece)
         if special_id is not None:
-            return (special_id,)
-        return tuple(self._merge_ids(list(piece.encode("utf-8").translate(self._byte_ids))))
+            return chr(special_id)
+        return "".join(map(chr, self._merge_ids(list(piece.encode("utf-8").translate(self._byte_ids)))))
 
-    def _remember(self, text: str, ids: tuple[int, ...]) -> None:
+    def _remember(self, text: str, ids: str) -> None:
         # Emptying a full cache is cruder than LRU eviction but costs nothing per hit, and it bounds memory.
         if len(text) <= MAX_CACHED_CHARS:
             if len(self._cached_ids) >= self._cache_entries:
@@ -285,22 +288,22 @@ class Tokenizer:
             raise TypeError(f"context_length must be an int, got {type(context_length).__name__}")
         if context_length < 2:
             raise ValueError(f"context_length must be at least 2 (start and end tokens), got {context_length}")
-        rows = [self.encode(text) for text in texts]
+        rows = [self._encode_as_chars(text) for text in texts]
         max_text_tokens = context_length - 2
         for index, row in enumerate(rows):
             if len(row) > max_text_tokens:
                 if not truncate:
                     raise ValueError(_too_long_message(texts[index], len(row) + 2, context_length))
                 rows[index] = row[:max_text_tokens]
-        # Fill all rows at once: a row-major boolean mask takes the flat ids in order.
-        lengths = np.fromiter((len(row) + 2 for row in rows), dtype=np.int64, count=len(rows))
-        flat_ids = np.fromiter(
-            itertools.chain.from_iterable((self.sot_token_id, *row, self.eot_token_id) for row in rows),
-            dtype=np.int64,
-            count=int(lengths.sum()),
-        )
         tokens = np.zeros((len(rows), context_length), dtype=np.int64)
-        tokens[np.arange(context_length) < lengths[:, None]] = flat_ids
+        if rows:
+            # All rows, each framed by the start and end tokens, in one string, then one array; a row-major
+            # boolean mask takes those ids in order.
+            start, end = chr(self.sot_token_id), chr(self.eot_token_id)
+            framed = start + (end + start).join(rows) + end
+            flat_ids = np.frombuffer(framed.encode("utf-16-le"), dtype="<u2")
+            lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows)) + 2
+            tokens[np.arange(context_length) < lengths[:, None]] = flat_ids
         return torch.from_numpy(tokens)
 
 

@@ -78,8 +78,9 @@ class CLIP(nn.Module):
         # features: running only up to the batch's last end-of-text token gives the same result, and
         # captions are usually far shorter than the context. The length is rounded up to a multiple of 8
         # to keep matrix shapes friendly and limit how many shapes torch.compile sees.
-        length = min(text.shape[-1], -(-(int(eot.max()) + 1) // TEXT_LENGTH_MULTIPLE) * TEXT_LENGTH_MULTIPLE)
-        text = text[:, :length]
+        if not text.is_meta:  # meta tensors (FLOP counting) have no values: they keep their given length
+            text = text[:, : trimmed_text_length(eot, text.shape[-1])]
+        length = text.shape[-1]
         x = self.token_embedding(text).to(self.dtype)  # NL -> NLD
         x = x + self.positional_embedding[:length].to(self.dtype)
         x = self.transformer(x)
@@ -94,6 +95,12 @@ class CLIP(nn.Module):
         text_features = self.encode_text(text, normalize=True)
         logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
         return logits_per_image, logits_per_image.t()
+
+
+def trimmed_text_length(eot_positions: torch.Tensor, context_length: int) -> int:
+    """How many positions `encode_text` runs for a batch: up to its last end-of-text token, rounded up."""
+    last = int(eot_positions.max()) + 1
+    return min(context_length, -(-last // TEXT_LENGTH_MULTIPLE) * TEXT_LENGTH_MULTIPLE)
 
 
 def create_model(name_or_config: str | ModelConfig | dict) -> CLIP:

@@ -1,7 +1,14 @@
 """Model FLOPs and utilisation (MFU): the fraction of the accelerator's peak matrix throughput that the
-model's own arithmetic uses. Recomputation from gradient checkpointing is not counted, by convention."""
+model's own arithmetic uses. Recomputation from gradient checkpointing is not counted, by convention.
+
+The text encoder runs only up to each batch's last end-of-text token (see `CLIP.encode_text`), so the
+FLOPs of a step depend on its text length: MFU counts the text at the length actually run, never at the
+full context, which would overstate it.
+"""
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -21,20 +28,36 @@ PEAK_FLOPS = {
     ("H100", torch.float32): 67e12,
     ("A100", torch.float32): 19.5e12,
 }
+# A backward pass costs about twice the forward (gradients with respect to inputs and to weights).
+TRAINING_FLOPS_PER_FORWARD_FLOP = 3.0
 
 
-def training_flops_per_sample(config: ModelConfig) -> float:
-    """FLOPs of one image-text pair through forward and backward (backward ~ 2x forward), counted once on
-    the meta device so nothing is allocated or computed."""
+def _forward_flops(config: ModelConfig, run) -> int:
+    # Counted on the meta device: nothing is allocated or computed.
     with torch.device("meta"):
         model = CLIP(config)
-        image = torch.empty(1, 3, config.vision.image_size, config.vision.image_size)
-        text = torch.zeros(1, config.text.context_length, dtype=torch.long)
     counter = FlopCounterMode(display=False)
-    with counter:
-        model.encode_image(image)
-        model.encode_text(text)
-    return 3.0 * counter.get_total_flops()
+    with counter, torch.device("meta"):
+        run(model)
+    return counter.get_total_flops()
+
+
+@lru_cache(maxsize=64)
+def image_forward_flops(config: ModelConfig) -> int:
+    size = config.vision.image_size
+    return _forward_flops(config, lambda model: model.encode_image(torch.empty(1, 3, size, size)))
+
+
+@lru_cache(maxsize=256)
+def text_forward_flops(config: ModelConfig, length: int) -> int:
+    return _forward_flops(config, lambda model: model.encode_text(torch.zeros(1, length, dtype=torch.long)))
+
+
+def training_flops_per_sample(config: ModelConfig, text_length: int | None = None) -> float:
+    """FLOPs of one image-text pair through forward and backward; the text at `text_length` tokens
+    (default: the full context)."""
+    length = config.text.context_length if text_length is None else text_length
+    return TRAINING_FLOPS_PER_FORWARD_FLOP * (image_forward_flops(config) + text_forward_flops(config, length))
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:

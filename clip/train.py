@@ -34,7 +34,7 @@ from .loss import (
     build_loss,
     contrastive_loss_with_cached_features,
 )
-from .model import CLIP, create_model
+from .model import CLIP, create_model, trimmed_text_length
 from .optim import build_optimizer, learning_rate
 from .run_log import RunLog, plot_run
 from .throughput import peak_flops, training_flops_per_sample
@@ -211,10 +211,12 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
             ckpt.restore_rng_state(state["rng"][dist_info.rank])
             data_state = state["data"][dist_info.rank]
         else:
+            # The data loader then restarts the earliest epoch still in progress (with its own warning).
             log.warning(
-                "checkpoint was written by %d ranks, this run has %d: the data order restarts from the epoch's seed",
-                len(state["rng"]), dist_info.world_size,
+                "checkpoint was written by %d ranks, this run has %d: RNG states are not restored and the "
+                "data position is approximate", len(state["rng"]), dist_info.world_size,
             )
+            data_state = state["data"][0]
         log.info("resumed %s at step %d", run_dir, start_step)
     else:
         torch.manual_seed(config.train.seed + dist_info.rank)  # ranks draw different augmentations
@@ -240,8 +242,7 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
         data.load_state_dict(data_state)
 
     global_batch = config.train.batch_size * dist_info.world_size
-    flops_per_sample = training_flops_per_sample(config.model)
-    peak = peak_flops(device, autocast_dtype or torch.float32)
+    peak = peak_flops(device, autocast_dtype or torch.float32)  # None where unknown: no MFU then
     run_log = RunLog(run_dir, config.logging.tensorboard) if dist_info.is_main else None
     if dist_info.is_main:
         log.info(
@@ -296,7 +297,7 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
     nonfinite_total = metrics_so_far.get("nonfinite_steps_total", 0)
     nonfinite_in_a_row = 0
     last_metrics = dict(metrics_so_far)
-    window_start, window_samples = time.perf_counter(), 0
+    window_start, window_samples, window_flops = time.perf_counter(), 0, 0.0
     step = start_step
     train_module.train()
     with StopRequest() as stop:
@@ -305,6 +306,9 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images, texts = next(batches)
+            if peak is not None:
+                text_length = trimmed_text_length(texts.argmax(dim=-1), texts.shape[-1])  # on the host: no sync
+                window_flops += global_batch * training_flops_per_sample(config.model, text_length)
             images = images.to(device, non_blocking=True)
             texts = texts.to(device, non_blocking=True)
             if config.model.vision.kind == "resnet" and device.type == "cuda":
@@ -365,7 +369,7 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
                 if grad_norm is not None and not skipped["value"]:
                     last_metrics["grad_norm"] = float(grad_norm)
                 if peak is not None:
-                    last_metrics["mfu"] = flops_per_sample * samples_per_s / dist_info.world_size / peak
+                    last_metrics["mfu"] = window_flops / max(elapsed, 1e-9) / dist_info.world_size / peak
                 if dist_info.is_main:
                     run_log.write({**last_metrics, "data": data.stats()})
                     if progress is not None:
@@ -373,7 +377,7 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
                             loss=f"{last_metrics['loss']:.3f}", lr=f"{lr:.2e}",
                             scale=f"{last_metrics['logit_scale']:.1f}", samples_s=f"{samples_per_s:.0f}",
                         )
-                window_start, window_samples = time.perf_counter(), 0
+                window_start, window_samples, window_flops = time.perf_counter(), 0, 0.0
             if progress is not None:
                 progress.update(1)
 

@@ -148,3 +148,17 @@ def test_resuming_with_another_model_is_refused(tmp_path):
     train(tiny_config(tmp_path), stop_at_step=3)
     with pytest.raises(ValueError, match="different model"):
         train(tiny_config(tmp_path, "model.embed_dim=48"))
+
+
+def test_mfu_is_logged_when_the_peak_is_known(tmp_path, monkeypatch):
+    import clip.train as train_module
+    from clip.throughput import training_flops_per_sample
+
+    monkeypatch.setattr(train_module, "peak_flops", lambda device, dtype: 1e12)
+    train(tiny_config(tmp_path, "schedule.steps=2", "eval.every_n_steps=0", "logging.every_n_steps=2"))
+    record = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open() if '"loss"' in line][-1]
+    config = tiny_config(tmp_path)
+    # the demo's captions stop well before the 16-token context, and the MFU counts only what ran
+    assert training_flops_per_sample(config.model, 8) < training_flops_per_sample(config.model)
+    expected_max = training_flops_per_sample(config.model) * record["samples_per_s"] / 1e12
+    assert 0 < record["mfu"] <= expected_max

@@ -161,6 +161,14 @@ def test_known_ids(tokenizer: Tokenizer, text: str) -> None:
     assert tokenizer.encode(text) == KNOWN_IDS[text]
 
 
+def test_repeated_characters_match_reference(tokenizer: Tokenizer, reference) -> None:
+    # Words where one pair occurs many times, overlapping ("aaaa"), exercise the pass over all occurrences.
+    for unit in ["a", "ab", "l", "o", "!", "ee", "ha", "1", "é", "猫", "🐶"]:
+        for repeats in range(1, 30):
+            word = unit * repeats
+            assert tokenizer.encode(word) == reference.encode(word), word
+
+
 def test_special_token_text_maps_to_special_ids(tokenizer: Tokenizer, reference) -> None:
     text = "x<|startoftext|>y <|ENDOFTEXT|>"
     assert tokenizer.encode(text) == reference.encode(text)

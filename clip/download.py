@@ -74,7 +74,7 @@ def download(
         raise ValueError(f"sha256 must be 64 hexadecimal characters, got {sha256!r}")
     folder = Path(root).expanduser() if root is not None else cache_dir()
     name = filename or Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
-    if not name:
+    if name in ("", ".", ".."):
         raise ValueError(f"Cannot tell a file name from the URL {url!r}; pass filename=...")
     target = folder / name
 

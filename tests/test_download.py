@@ -189,8 +189,9 @@ def test_interrupt_leaves_no_partial_file(monkeypatch, tmp_path: Path, source_fi
 def test_bad_arguments(tmp_path: Path, source_file: Path) -> None:
     with pytest.raises(ValueError, match="64 hexadecimal"):
         download(source_file.as_uri(), "abc", root=tmp_path)
-    with pytest.raises(ValueError, match="file name"):
-        download("http://127.0.0.1/", GOOD_SHA256, root=tmp_path)
+    for nameless in ("http://127.0.0.1/", "http://127.0.0.1/a/%2E%2E"):
+        with pytest.raises(ValueError, match="file name"):
+            download(nameless, GOOD_SHA256, root=tmp_path)
     (tmp_path / "weights.bin").mkdir()
     with pytest.raises(DownloadError, match="not a regular file"):
         download(source_file.as_uri(), GOOD_SHA256, root=tmp_path)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import gzip
 import html
+import itertools
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,10 +85,11 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def read_merges(path: str | Path) -> list[tuple[str, str]]:
     """The merges in rank order from a gzipped merges file (one 'left right' pair a line after a header)."""
-    with gzip.open(path, "rt", encoding="utf-8") as file:
-        lines = file.read().split("\n")
-    selected = lines[MERGES_HEADER_LINES : MERGES_HEADER_LINES + NUM_MERGES]
-    merges = [tuple(line.split()) for line in selected]
+    # Only the first fifth of the file is used; stop decompressing there. Lines end at "\n" only, as in OpenAI's
+    # reader (universal newlines would also break lines at a lone "\r").
+    with gzip.open(path, "rt", encoding="utf-8", newline="\n") as file:
+        lines = list(itertools.islice(file, MERGES_HEADER_LINES + NUM_MERGES))
+    merges = [tuple(line.split()) for line in lines[MERGES_HEADER_LINES:]]
     if len(merges) != NUM_MERGES or any(len(pair) != 2 for pair in merges):
         raise ValueError(f"{path} is not a CLIP merges file: expected {NUM_MERGES} lines of 'left right' pairs")
     return merges  # type: ignore[return-value]

@@ -51,8 +51,8 @@ def vocabulary_words(tokenizer: Tokenizer) -> list[str]:
     return words
 
 
-def make_captions(words: list[str], count: int, seed: int, zipf: bool) -> list[str]:
-    """Captions of 4-24 words; a few capitalised, some with punctuation or numbers, 1 in 8 with non-ASCII."""
+def make_captions(words: list[str], count: int, seed: int, zipf: bool, non_ascii_fraction: float = 0.125) -> list[str]:
+    """Captions of 4-24 words; a few capitalised, some with punctuation or numbers, some with a non-ASCII word."""
     rng = random.Random(seed)
     weights = [1.0 / (rank + 10) for rank in range(len(words))] if zipf else None
     captions = []
@@ -66,7 +66,7 @@ def make_captions(words: list[str], count: int, seed: int, zipf: bool) -> list[s
             if rng.random() < 0.15:
                 word += rng.choice(PUNCTUATION)
             parts.append(word)
-        if rng.random() < 0.125:
+        if rng.random() < non_ascii_fraction:
             parts.insert(rng.randrange(len(parts) + 1), rng.choice(NON_ASCII_WORDS))
         captions.append(" ".join(parts))
     return captions
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> dict:
         }
 
     words = vocabulary_words(Tokenizer(merges_path))
-    captions = make_captions(words, args.captions, args.seed, zipf=args.distribution == "zipf")
+    captions = make_captions(words, args.captions, args.seed, args.distribution == "zipf", args.non_ascii_fraction)
     measure("clip.tokenizer", lambda: Tokenizer(merges_path), lambda tok: lambda batch: tok(batch, truncate=True))
     reference_class = load_reference_tokenizer_class()
     measure("pure-Python reference", lambda: reference_class(merges_path), lambda tok: tok.tokenize)
@@ -155,6 +155,9 @@ def main() -> None:
     parser.add_argument("--captions", type=int, default=20_000, help="how many fresh captions to tokenize")
     parser.add_argument("--batch-size", type=int, default=256, help="captions per tokenize call")
     parser.add_argument("--distribution", choices=["zipf", "uniform"], default="zipf", help="word frequencies")
+    parser.add_argument(
+        "--non-ascii-fraction", type=float, default=0.125, help="share of captions given a non-ASCII word"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="runs per tokenizer; the fastest is reported")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")

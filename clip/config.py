@@ -14,8 +14,9 @@ from .architectures import ModelConfig
 from .config_io import ConfigError, from_dict, load_config, to_dict, to_toml
 from .data.config import DataConfig
 from .evaluation.config import EvalConfig
+from .loss import LossConfig
 
-__all__ = ["ConfigError", "TrainConfig", "from_dict", "load_config", "to_dict", "to_toml"]
+__all__ = ["ConfigError", "LossConfig", "TrainConfig", "from_dict", "load_config", "to_dict", "to_toml"]
 
 
 @dataclass
@@ -34,13 +35,6 @@ class ScheduleConfig:
     steps: int = 1000  # optimiser steps in the run
     warmup_steps: int = 100  # linear warmup from 0 to optimizer.lr
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
-
-
-@dataclass
-class LossConfig:
-    kind: Literal["clip", "siglip"] = "clip"  # symmetric InfoNCE, or SigLIP's pairwise sigmoid loss
-    chunk_size: int | None = None  # exact chunked softmax for huge batches: rows/columns per chunk; None = dense
-    max_logit_scale: float = 100.0  # the paper clamps the temperature so logits are scaled by at most 100
 
 
 @dataclass

@@ -38,6 +38,9 @@ class LossConfig:
     # floats (plus O(N * D) for features and their gradients) instead of ~5 * B * N; None computes the
     # whole [B, N] logit matrix at once. 512 keeps batch 32768 x width 512 under 0.6 GiB.
     chunk_size: int | None = None
+    # The paper clips the learned temperature so logits are scaled by at most 100; the trainer clamps
+    # logit_scale to log(max_logit_scale) after every optimiser step.
+    max_logit_scale: float = 100.0
 
 
 def _as_unit_float32(features: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("config", help="TOML file (ZeroShotRunConfig): model, device, [[datasets]] tables")
     parser.add_argument("overrides", nargs="*", help="type-checked key=value overrides, e.g. model=runs/tiny")
     parser.add_argument("--output-dir", help="overrides the config's output_dir")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:

@@ -1,0 +1,143 @@
+"""Inference throughput: encode_image (images/s) and encode_text (texts/s), this library against open_clip.
+
+    python benchmarks/inference.py                                  # CPU, fp32: ViT-B/32 and RN50
+    python benchmarks/inference.py --archs ViT-B/16 --image-batch 256 --text-batch 1024 --device cuda
+
+Both models hold the same weights (ours, randomly initialised, loaded into open_clip's "<arch>-quickgelu"
+with strict=True), run in eval mode under torch.inference_mode, and get the same inputs: random pixels and
+realistic captions (8-30 BPE tokens through clip.tokenize, padded to the 77-token context). The largest
+difference between the two libraries' features is reported as a check that they compute the same thing.
+Calls alternate ours, theirs, theirs, ours, ...; the median of --repeats timed calls counts, after one
+untimed warm-up call each. On CUDA both run under bf16 autocast by default (--precision).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from train_step import display_name, importlib_missing, model_config, open_clip_model  # noqa: E402
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_models(arch: str, device: torch.device, with_open_clip: bool) -> dict[str, torch.nn.Module]:
+    from clip.model import create_model
+
+    ours = create_model(model_config(arch)).to(device).eval()
+    models = {"ours": ours}
+    if with_open_clip:
+        theirs = open_clip_model(arch)
+        theirs.load_state_dict(ours.state_dict(), strict=True)
+        models["open_clip"] = theirs.to(device).eval()
+    return models
+
+
+def time_encoder(models: dict, encoder: str, inputs: torch.Tensor, repeats: int, device: torch.device,
+                 autocast) -> dict[str, list[float]]:
+    """Seconds per call for each library, alternating ABBA, after one warm-up call each."""
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode(), autocast():
+        for model in models.values():
+            getattr(model, encoder)(inputs)
+        names = list(models)
+        for round_index in range(repeats):
+            for name in names if round_index % 2 == 0 else names[::-1]:
+                wall_s, _ = common.time_calls(lambda: getattr(models[name], encoder)(inputs), 1, device)
+                seconds[name].append(wall_s)
+    return seconds
+
+
+def largest_difference(models: dict, images: torch.Tensor, texts: torch.Tensor, autocast) -> dict[str, float]:
+    if "open_clip" not in models:
+        return {}
+    with torch.inference_mode(), autocast():
+        image_diff = (models["ours"].encode_image(images[:4]) - models["open_clip"].encode_image(images[:4])).abs().max()
+        text_diff = (models["ours"].encode_text(texts) - models["open_clip"].encode_text(texts)).abs().max()
+    return {"image_features": image_diff.item(), "text_features": text_diff.item()}
+
+
+def run_arch(arch: str, args: argparse.Namespace, device: torch.device, with_open_clip: bool) -> dict:
+    dtype = AUTOCAST_DTYPES[args.precision]
+
+    def autocast():
+        return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+    torch.manual_seed(args.seed)
+    models = build_models(arch, device, with_open_clip)
+    config = model_config(arch)
+    images = common.make_images(args.image_batch, config.vision.image_size, args.seed).to(device)
+    texts, text_source = common.caption_token_ids(args.text_batch, args.seed, config.text.context_length)
+    texts = texts.to(device)
+    row = {"arch": display_name(arch), "image_batch": args.image_batch, "text_batch": args.text_batch, "text_source": text_source,
+           "caption_tokens": common.token_lengths(texts.cpu()),
+           "max_abs_difference": largest_difference(models, images, texts, autocast)}
+    for encoder, inputs, unit in (("encode_image", images, "images_per_s"), ("encode_text", texts, "texts_per_s")):
+        seconds = time_encoder(models, encoder, inputs, args.repeats, device, autocast)
+        row[encoder] = {name: {unit: inputs.shape[0] / common.median(s), "seconds": s} for name, s in seconds.items()}
+        if "open_clip" in seconds:
+            row[encoder]["speedup"] = common.median(seconds["open_clip"]) / common.median(seconds["ours"])
+        print(f"{display_name(arch)} {encoder}: " + ", ".join(f"{n} {v[unit]:.1f} {unit.replace('_per_s', '/s')}"
+                                               for n, v in row[encoder].items() if n != "speedup"),
+              file=sys.stderr, flush=True)
+    return row
+
+
+def format_rows(rows: list[dict]) -> str:
+    table = []
+    for row in rows:
+        for encoder, unit in (("encode_image", "images_per_s"), ("encode_text", "texts_per_s")):
+            result = row[encoder]
+            theirs = result.get("open_clip", {}).get(unit)
+            speedup = result.get("speedup")
+            batch = row["image_batch"] if encoder == "encode_image" else row["text_batch"]
+            difference = row["max_abs_difference"].get("image_features" if encoder == "encode_image" else "text_features")
+            table.append([row["arch"], encoder, batch, f"{result['ours'][unit]:.1f}",
+                          f"{theirs:.1f}" if theirs else "-", f"{speedup:.2f}x" if speedup else "-",
+                          f"{difference:.1e}" if difference is not None else "-"])
+    headers = ["arch", "call", "batch", "ours per s", "open_clip per s", "speed ratio", "max abs feature difference"]
+    return common.markdown_table(headers, table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--archs", nargs="+", default=["ViT-B/32", "RN50"])
+    parser.add_argument("--image-batch", type=int, default=32)
+    parser.add_argument("--text-batch", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads (0: default)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=list(AUTOCAST_DTYPES), default=None,
+                        help="autocast dtype (default: fp32 on the CPU, bf16 on CUDA)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per library; the median counts")
+    parser.add_argument("--no-open-clip", action="store_true", help="measure ours only")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with_open_clip = not args.no_open_clip and not importlib_missing("open_clip")
+    if not with_open_clip and not args.no_open_clip:
+        print("open_clip is not installed (pip install -e .[bench]); measuring ours only", file=sys.stderr)
+    rows = [run_arch(arch, args, device, with_open_clip) for arch in args.archs]
+    report = {"machine": common.machine_info(), "device": str(device), "precision": args.precision,
+              "threads": args.threads, "repeats": args.repeats, "rows": rows}
+    print(format_rows(rows))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

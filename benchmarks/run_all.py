@@ -1,0 +1,326 @@
+"""Runs every benchmark and writes docs/benchmarks.md: the numbers, the machine, and each target's status.
+
+    CLIP_CACHE_DIR=/tmp/clip-cache python benchmarks/run_all.py            # ~20 min on 2 shared cores
+    CLIP_CACHE_DIR=/tmp/clip-cache python benchmarks/run_all.py --quick    # smaller settings, ~8 min
+    python benchmarks/run_all.py --only train_step inference --results-dir bench-results
+    python benchmarks/run_all.py --from-results bench-results              # rewrite the page only
+
+Each benchmark script runs as its own process with --json; a script that fails or times out is reported
+as such on the page instead of stopping the others. The training and inference comparisons use one torch
+thread by default (--threads): on a small machine shared with other jobs, two OpenMP threads fighting
+other processes for two cores made every step about twice as slow and the timings meaningless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from train_step import format_rows as format_train_rows  # noqa: E402
+from inference import format_rows as format_inference_rows  # noqa: E402
+
+BENCHMARKS = ("tokenizer", "loss_memory", "loader", "train_step", "inference")
+HERE = Path(__file__).resolve().parent
+SPEED_TARGET, MEMORY_TARGET, TOKENIZER_TARGET = 1.2, 0.9, 3.0
+LOSS_BATCH, LOSS_TOLERANCE, LOSS_MEMORY_GIB = 32768, 1e-5, 1.0
+
+
+def commands(args: argparse.Namespace) -> dict[str, list[str]]:
+    """The command line of each benchmark, full or --quick."""
+    quick = args.quick
+    threads = [str(args.threads)]
+    loss_batches = ["4096", "8192"] if quick else ["4096", str(LOSS_BATCH)]
+    return {
+        "tokenizer": ["tokenizer_speed.py", "--captions", "5000" if quick else "20000", "--repeats", "2" if quick else "3"],
+        "loss_memory": ["loss_memory.py", "--batch-sizes", *loss_batches, "--chunk-sizes", "512", "2048",
+                        "--verify-batch", "4096" if quick else str(LOSS_BATCH)],
+        "loader": ["loader_speed.py", "--images", "300" if quick else "1000", "--workers", "0", "1",
+                   "--repeats", "1" if quick else "2"],
+        "train_step": ["train_step.py", "--archs", "ViT-B/32", "RN50", "--batch-sizes", *(["16"] if quick else ["16", "32"]),
+                       "--threads", *threads, "--repeats", "2" if quick else "3", "--warmup", "1", "--steps", "1"],
+        "inference": ["inference.py", "--archs", "ViT-B/32", "RN50", "--image-batch", "16" if quick else "32",
+                      "--text-batch", "64" if quick else "128", "--threads", *threads, "--repeats", "3"],
+    }
+
+
+def run_benchmark(name: str, argv: list[str], results: Path, timeout_s: float) -> dict:
+    """Runs one script with --json into `results`; returns its report, or {"error": ...}."""
+    output = results / f"{name}.json"
+    command = [sys.executable, str(HERE / argv[0]), *argv[1:], "--json", str(output)]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(common.REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(argv)}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    try:
+        finished = subprocess.run(command, cwd=common.REPO_ROOT, env=environment, timeout=timeout_s,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
+        log = finished.stdout
+        problem = None if finished.returncode == 0 else f"exit code {finished.returncode}"
+    except subprocess.TimeoutExpired as expired:
+        log = expired.stdout or ""
+        log = log.decode() if isinstance(log, bytes) else log
+        problem = f"timed out after {timeout_s:.0f} s"
+    (results / f"{name}.log").write_text(log)
+    seconds = time.perf_counter() - started
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {problem or 'done'} in {seconds:.0f} s", file=sys.stderr, flush=True)
+    report = json.loads(output.read_text()) if output.exists() else {}
+    if problem:
+        tail = [line for line in log.strip().splitlines() if line.strip()][-1:] or [""]
+        report["error"] = f"{problem}: {tail[0][:200]}"
+    report["wall_s"] = seconds
+    report["command"] = " ".join(argv)
+    return report
+
+
+# ---- targets ---------------------------------------------------------------------------------------
+
+
+def status(met: bool, distance: str) -> str:
+    return "met" if met else f"not met ({distance})"
+
+
+def training_targets(report: dict) -> list[list[str]]:
+    rows = []
+    for row in report.get("rows", []):
+        name = f"CPU training step, {row['arch']}, batch {row['batch']}, {row['threads']} thread(s), fp32"
+        speed, memory = row.get("speedup"), row.get("memory_ratio")
+        if speed is None or memory is None:
+            rows.append([name, "-", "not measured: " + str(row["results"])[:120]])
+            continue
+        cpu_speed = row.get("speedup_cpu_time")
+        rows.append([f"{name}: samples/s >= {SPEED_TARGET}x open_clip",
+                     f"{speed:.2f}x (by CPU time: {cpu_speed:.2f}x)",
+                     status(speed >= SPEED_TARGET, f"{SPEED_TARGET - speed:.2f}x short")])
+        rows.append([f"{name}: peak memory <= {MEMORY_TARGET}x open_clip", f"{memory:.2f}x",
+                     status(memory <= MEMORY_TARGET, f"{memory - MEMORY_TARGET:.2f}x over")])
+    return rows
+
+
+def tokenizer_target(report: dict) -> list[str]:
+    name = f"Tokenizer: captions/s >= {TOKENIZER_TARGET}x open_clip, identical ids"
+    results = report.get("results", {})
+    if "clip.tokenizer" not in results or "open_clip" not in results:
+        return [name, "-", "not measured: " + report.get("error", "open_clip missing")]
+    speed = results["clip.tokenizer"]["captions_per_cpu_s"] / results["open_clip"]["captions_per_cpu_s"]
+    identical = all(r.get("ids_identical") for r in results.values())
+    distance = f"{TOKENIZER_TARGET - speed:.2f}x short" if speed < TOKENIZER_TARGET else "ids differ"
+    return [name, f"{speed:.2f}x, ids identical: {identical}", status(speed >= TOKENIZER_TARGET and identical, distance)]
+
+
+def loss_target(report: dict) -> list[str]:
+    name = f"Chunked loss at batch {LOSS_BATCH}, width 512: within {LOSS_TOLERANCE:g} of naive, extra peak < {LOSS_MEMORY_GIB} GiB"
+    rows = [r for r in report.get("rows", []) if r.get("batch") == LOSS_BATCH and r.get("method") == "chunked"
+            and "extra_peak_gib" in r]
+    verification = report.get("verification") or {}
+    errors = {k: v for k, v in verification.items() if " vs " in k and isinstance(v, float)}
+    if not rows or verification.get("batch") != LOSS_BATCH or not errors:
+        measured = ", ".join(f"batch {r['batch']} chunk {r['chunk_size']}: {r['extra_peak_gib']:.2f} GiB"
+                             for r in report.get("rows", []) if r.get("method") == "chunked" and "extra_peak_gib" in r)
+        return [name, measured or "-", f"not measured at {LOSS_BATCH} (run without --quick)" + (
+            f"; {report['error']}" if "error" in report else "")]
+    best = min(rows, key=lambda r: r["extra_peak_gib"])
+    worst_error = max(errors.values())
+    compared = sorted({k.split(" vs ")[1] for k in errors})
+    measured = (f"extra peak {best['extra_peak_gib']:.3f} GiB (chunk {best['chunk_size']}); largest relative "
+                f"difference {worst_error:.1e} vs {', '.join(compared)}")
+    met = best["extra_peak_gib"] < LOSS_MEMORY_GIB and worst_error <= LOSS_TOLERANCE
+    return [name, measured, status(met, f"{best['extra_peak_gib']:.2f} GiB, difference {worst_error:.1e}")]
+
+
+def gpu_target() -> list[str]:
+    return ["H200, bf16: ViT-B/16 training MFU >= 45% and >= 1.2x open_clip's samples/s", "-",
+            "not measured here (no GPU on this machine): run `bash benchmarks/gpu.sh` on the GPU machine"]
+
+
+# ---- the page ----------------------------------------------------------------------------------------
+
+
+def machine_lines(machine: dict, loads: list[list[float]]) -> list[str]:
+    peak_load = max((load[0] for load in loads), default=None)
+    lines = [
+        f"- CPU: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB memory"
+        + (f"; GPU: {machine['gpu']}" if machine.get("gpu") else ""),
+        f"- torch {machine['torch']}, open_clip {machine.get('open_clip')}, Python {machine['python']}",
+        f"- date: {machine['date_utc']}",
+    ]
+    if peak_load is not None:
+        lines.append(f"- load average (1 min) seen between benchmarks: {min(l[0] for l in loads):.1f} to "
+                     f"{peak_load:.1f} on {machine['cores']} cores (other jobs shared the machine)")
+    return lines
+
+
+def generic_table(rows: list[dict]) -> str:
+    """Any list of flat dicts as a table (for scripts whose fields this page does not interpret)."""
+    if not rows:
+        return "(no rows)"
+    headers = list(dict.fromkeys(key for row in rows for key in row))
+    cells = [[format_cell(row.get(key, "")) for key in headers] for row in rows]
+    return common.markdown_table(headers, cells)
+
+
+def format_cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e-2 else f"{value:,.2f}"
+    return str(value)
+
+
+def section(title: str, report: dict | None, body) -> list[str]:
+    lines = [f"## {title}", ""]
+    if not report:
+        return lines + ["Not run.", ""]
+    if "command" in report:
+        took = f" ({report['wall_s']:.0f} s)" if "wall_s" in report else ""
+        lines += [f"`python benchmarks/{report['command']}`{took}", ""]
+    if "error" in report:
+        lines += [f"**Failed:** {report['error']}", ""]
+    try:
+        lines += [body(report), ""]
+    except (KeyError, TypeError, ValueError) as problem:  # a script changed its JSON: show the error, not a crash
+        lines += [f"(could not read the results: {problem!r})", ""]
+    return lines
+
+
+def tokenizer_table(report: dict) -> str:
+    rows = [{"tokenizer": name, **values} for name, values in report["results"].items()]
+    return f"{report['captions']} fresh captions, best of {report['repeats']} runs.\n\n" + generic_table(rows)
+
+
+def loss_table(report: dict) -> str:
+    text = generic_table(report["rows"])
+    verification = report.get("verification")
+    if verification:
+        text += "\n\nExactness (max |chunked - other| / max |other|):\n\n" + "\n".join(
+            f"- {key}: {format_cell(value)}" for key, value in verification.items())
+    return text
+
+
+def training_table(report: dict) -> str:
+    return (f"Median of {report['repeats']} fresh-process runs per library, alternating; {report['warmup']} warm-up "
+            f"step(s), then {report['steps']} timed step(s). Samples/CPU-s divides by the process's CPU time.\n\n"
+            + format_train_rows(report["rows"], report["device"].split(":")[0]))
+
+
+def inference_table(report: dict) -> str:
+    return (f"{report['threads']} thread(s), {report['precision']}, median of {report['repeats']} calls each, "
+            "same weights in both libraries.\n\n" + format_inference_rows(report["rows"]))
+
+
+def write_page(path: Path, reports: dict[str, dict], invocation: str, machine: dict, loads: list) -> None:
+    targets = training_targets(reports.get("train_step", {}))
+    targets += [tokenizer_target(reports.get("tokenizer", {})), loss_target(reports.get("loss_memory", {})), gpu_target()]
+    lines = ["# Benchmarks", "", "Reproduce with:", "", "```", invocation, "```", "", *machine_lines(machine, loads), "",
+             "## Targets", "", common.markdown_table(["target", "measured", "status"], targets), "",
+             METHOD_NOTES, ""]
+    lines += section("Training step (CPU)", reports.get("train_step"), training_table)
+    lines += section("Inference", reports.get("inference"), inference_table)
+    lines += section("Tokenizer", reports.get("tokenizer"), tokenizer_table)
+    lines += section("Contrastive loss memory", reports.get("loss_memory"), loss_table)
+    lines += section("Data loader", reports.get("loader"), lambda r: generic_table(r["rows"]))
+    lines += ["## GPU", "", "Not measured on this machine. `bash benchmarks/gpu.sh` (one H200, under 8 minutes) writes "
+              "the bf16 training throughput, MFU and loss-memory figures to `$OUT`.", ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+
+
+METHOD_NOTES = """How to read the numbers:
+- Training step = both encoders, the loss, backward and the optimiser step, each library as its own training
+  script does it (ours: `ContrastiveModel`, `build_loss`, `build_optimizer`; open_clip: its model with
+  QuickGELU, `ClipLoss`, torch's default AdamW with its weight-decay groups). Same random images, same
+  realistic captions (8-30 BPE tokens through `clip.tokenize`, padded to 77) for both.
+- "Training peak" is the process's resident-memory high-water mark minus its resident memory after
+  imports: weights, gradients, AdamW state, activations and temporaries.
+- Speed ratio = ours / open_clip samples per second (wall clock, medians); CPU-time ratio uses samples per
+  CPU-second, which is steadier when other jobs share the cores. Memory ratio = ours / open_clip."""
+
+
+def gpu_targets(train: dict) -> list[list[str]]:
+    rows = []
+    for row in train.get("rows", []):
+        ours, theirs = row["results"].get("ours", {}), row["results"].get("open_clip", {})
+        name = f"{row['arch']}, batch {row['batch']}, {row['precision']}{', compiled' if row['compile'] else ''}"
+        if "mfu" in ours:
+            met = ours["mfu"] >= 0.45
+            rows.append([f"{name}: MFU >= 45%", f"{ours['mfu']:.1%} (open_clip {theirs.get('mfu', 0):.1%})",
+                         status(met, f"{0.45 - ours['mfu']:.1%} short") if row["arch"] == "ViT-B/16" else "(no target)"])
+        if row.get("speedup"):
+            met = row["speedup"] >= SPEED_TARGET
+            rows.append([f"{name}: samples/s >= {SPEED_TARGET}x open_clip", f"{row['speedup']:.2f}x",
+                         status(met, f"{SPEED_TARGET - row['speedup']:.2f}x short") if row["arch"] == "ViT-B/16"
+                         else "(no target)"])
+        if row.get("memory_ratio"):
+            rows.append([f"{name}: peak memory vs open_clip", f"{row['memory_ratio']:.2f}x", "(no target)"])
+    return rows
+
+
+def write_gpu_page(folder: Path) -> None:
+    """gpu.sh's summary: folder/gpu_results.md from the JSON files it wrote there."""
+    def load(name: str) -> dict:
+        path = folder / f"{name}.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    reports = {name: load(name) for name in ("train_step", "train_step_compile", "loss_memory", "inference")}
+    machine = next((r["machine"] for r in reports.values() if "machine" in r), common.machine_info())
+    targets = gpu_targets(reports["train_step"]) + gpu_targets(reports["train_step_compile"])
+    targets.append(loss_target(reports["loss_memory"]))
+    lines = ["# GPU benchmarks", "", "`bash benchmarks/gpu.sh`", "", *machine_lines(machine, []), "",
+             "MFU = model FLOPs (counted with FlopCounterMode on the batch used, forward x 3; ours runs the text "
+             "only to the batch's last end-of-text token) x samples/s / the GPU's dense bf16 peak "
+             "(clip.throughput.peak_flops).", "", "## Targets", "",
+             common.markdown_table(["target", "measured", "status"], targets), ""]
+    for title, name, body in (("Training step, eager", "train_step", training_table),
+                              ("Training step, torch.compile", "train_step_compile", training_table),
+                              ("Contrastive loss memory", "loss_memory", loss_table),
+                              ("Inference", "inference", inference_table)):
+        lines += section(title, reports[name] or None, body)
+    (folder / "gpu_results.md").write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller settings (no batch-32 training, loss to 8k)")
+    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for training and inference (0: default)")
+    parser.add_argument("--results-dir", type=Path, help="keep each script's JSON and log here (default: temporary)")
+    parser.add_argument("--from-results", type=Path, help="only rewrite the page from the JSON files in this folder")
+    parser.add_argument("--output", type=Path, default=common.REPO_ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before one script is stopped")
+    parser.add_argument("--gpu-page", type=Path, help=argparse.SUPPRESS)  # gpu.sh: summarise the JSON files there
+    args = parser.parse_args(argv)
+    if args.gpu_page:
+        write_gpu_page(args.gpu_page)
+        return 0
+    invocation = "CLIP_CACHE_DIR=/tmp/clip-cache python benchmarks/run_all.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+
+    if args.from_results:
+        saved = json.loads((args.from_results / "run_all.json").read_text())
+        write_page(args.output, saved["reports"], saved["invocation"], saved["machine"], saved["loads"])
+        return 0
+    if not common.merges_file_available():
+        print("warning: the BPE merges file is not cached (set CLIP_CACHE_DIR); captions fall back to random ids",
+              file=sys.stderr)
+    results = args.results_dir or Path(tempfile.mkdtemp(prefix="clip-bench-"))
+    results.mkdir(parents=True, exist_ok=True)
+    machine, loads, reports = common.machine_info(), [list(os.getloadavg())], {}
+    for name, argv_of_script in commands(args).items():
+        if name in args.only:
+            reports[name] = run_benchmark(name, argv_of_script, results, args.timeout)
+            loads.append(list(os.getloadavg()))
+    (results / "run_all.json").write_text(json.dumps(
+        {"reports": reports, "invocation": invocation, "machine": machine, "loads": loads}, indent=1))
+    write_page(args.output, reports, invocation, machine, loads)
+    print(f"wrote {args.output} (results in {results})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

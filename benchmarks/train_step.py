@@ -1,0 +1,363 @@
+"""Training-step throughput and peak memory: this library against open_clip on the same architecture.
+
+    python benchmarks/train_step.py                                  # CPU, fp32: ViT-B/32 and RN50, batch 16 and 32
+    python benchmarks/train_step.py --threads 1 2 --repeats 5 --json train_step.json
+    python benchmarks/train_step.py --device cuda --precision bf16 --archs ViT-B/16 RN50 --batch-sizes 256 \\
+        --warmup 3 --steps 10
+
+One step = both encoders, the contrastive loss, backward and the optimiser step, each library as its own
+training script does it:
+  ours:      ContrastiveModel + build_loss(LossConfig()) + build_optimizer (implementation "auto"), driven
+             by clip.train.contrastive_step; on CUDA a ResNet runs channels-last, as clip.train does.
+  open_clip: open_clip.create_model("<arch>-quickgelu") (OpenAI's QuickGELU settings) + open_clip.loss.ClipLoss
+             + torch.optim.AdamW with open_clip's weight-decay groups and torch's default implementation
+             (the for-loop one on the CPU, foreach on CUDA).
+Both get the same images (random pixels) and the same realistic captions (8-30 BPE tokens, through
+clip.tokenize, padded to the 77-token context), the same thread count, AdamW hyper-parameters, autocast
+dtype and no gradient clipping (pass --grad-clip-norm to clip both). After each step the temperature is
+clamped as both training scripts do.
+
+Every measurement runs in a fresh process; runs alternate ours, theirs, theirs, ours, ... and the median of
+--repeats runs is reported. Warm-up steps are not timed. Peak memory:
+  CPU:  the process's resident-memory high-water mark (ru_maxrss) at the end of the timed steps, minus the
+        resident memory after imports ("training peak"): weights, gradients, optimiser state, activations and
+        temporaries. Both processes import torch, clip and open_clip before that baseline, so it is the same.
+  CUDA: torch.cuda.max_memory_allocated() over the whole process (weights and optimiser state included).
+Model FLOPs are counted with torch's FlopCounterMode on the batch actually used (forward x 3), so they count
+the text length each library really computes: ours stops at the batch's last end-of-text token, open_clip
+runs the whole context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+LIBRARIES = ("ours", "open_clip")
+OPEN_CLIP_NAMES = {"ViT-B/32": "ViT-B-32-quickgelu", "ViT-B/16": "ViT-B-16-quickgelu", "RN50": "RN50-quickgelu",
+                   "RN101": "RN101-quickgelu", "ViT-L/14": "ViT-L-14-quickgelu"}
+LEARNING_RATE, BETAS, EPS, WEIGHT_DECAY = 5e-4, (0.9, 0.98), 1e-6, 0.2
+MAX_LOG_LOGIT_SCALE = math.log(100)
+
+
+# ---- architectures -------------------------------------------------------------------------------------
+
+
+def model_config(arch: str):
+    """A released name ("ViT-B/32") or a ModelConfig as a JSON object (e.g. a tiny model for smoke tests)."""
+    from clip.architectures import ModelConfig, get_architecture
+
+    return ModelConfig.from_dict(json.loads(arch)) if arch.lstrip().startswith("{") else get_architecture(arch)
+
+
+def open_clip_model(arch: str):
+    """open_clip's model of the same architecture: its registered "-quickgelu" config for a released name,
+    otherwise its CLIP class built from our config's numbers."""
+    import open_clip
+
+    if arch in OPEN_CLIP_NAMES:
+        return open_clip.create_model(OPEN_CLIP_NAMES[arch], pretrained=None)
+    config = model_config(arch)
+    vision, text = config.vision, config.text
+    # open_clip derives the head count from a per-head width.
+    head_width = vision.width * 32 // vision.heads if vision.kind == "resnet" else vision.width // vision.heads
+    vision_cfg = {"layers": vision.layers, "width": vision.width, "head_width": head_width, "mlp_ratio": vision.mlp_ratio,
+                  "patch_size": vision.patch_size, "image_size": vision.image_size}
+    text_cfg = {"context_length": text.context_length, "vocab_size": text.vocab_size, "width": text.width,
+                "heads": text.heads, "layers": text.layers, "mlp_ratio": text.mlp_ratio}
+    return open_clip.model.CLIP(config.embed_dim, vision_cfg, text_cfg, quick_gelu=config.activation == "quick_gelu")
+
+
+def display_name(arch: str) -> str:
+    if not arch.lstrip().startswith("{"):
+        return arch
+    vision = model_config(arch).vision
+    return f"custom {vision.kind} ({vision.width} wide, {vision.image_size} px)"
+
+
+# ---- one measurement (runs in its own process) -------------------------------------------------------
+
+
+def build_ours(arch: str, device: torch.device, optimizer_implementation: str):
+    from clip.config import LossConfig, OptimizerConfig
+    from clip.loss import build_loss
+    from clip.model import create_model
+    from clip.optim import build_optimizer
+    from clip.train import ContrastiveModel
+
+    clip_model = create_model(model_config(arch))
+    module = ContrastiveModel(clip_model, with_logit_bias=False).to(device)
+    if clip_model.config.vision.kind == "resnet" and device.type == "cuda":
+        module = module.to(memory_format=torch.channels_last)  # as clip.train does
+    config = OptimizerConfig(lr=LEARNING_RATE, beta1=BETAS[0], beta2=BETAS[1], eps=EPS, weight_decay=WEIGHT_DECAY,
+                             implementation=optimizer_implementation)
+    optimizer = build_optimizer(list(module.named_parameters()), config, device)
+    return module, optimizer, build_loss(LossConfig()), clip_model.logit_scale
+
+
+def build_open_clip(arch: str, device: torch.device):
+    import open_clip
+
+    model = open_clip_model(arch).to(device)
+
+    # open_clip's training script: no weight decay for gains, biases and the temperature.
+    def excluded(name: str, parameter: torch.Tensor) -> bool:
+        return parameter.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in named if excluded(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in named if not excluded(n, p)], "weight_decay": WEIGHT_DECAY},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=LEARNING_RATE, betas=BETAS, eps=EPS)
+    return model, optimizer, open_clip.loss.ClipLoss(), model.logit_scale
+
+
+def make_step(job: dict, device: torch.device, images: torch.Tensor, texts: torch.Tensor):
+    """(step function returning the loss, the trained module, its optimiser)."""
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[job["precision"]]
+
+    def autocast():
+        return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+    clip_norm = job.get("grad_clip_norm")
+    if job["library"] == "ours":
+        from clip.train import contrastive_step
+
+        module, optimizer, loss_fn, logit_scale = build_ours(job["arch"], device, job["optimizer"])
+        runner = torch.compile(module) if job["compile"] else module
+
+        def forward_backward() -> torch.Tensor:
+            loss, _ = contrastive_step(runner, images, texts, 1, loss_fn, autocast, lambda l: l.backward(), False)
+            return loss
+    else:
+        module, optimizer, loss_fn, logit_scale = build_open_clip(job["arch"], device)
+        runner = torch.compile(module) if job["compile"] else module
+
+        def forward_backward() -> torch.Tensor:
+            with autocast():
+                image_features, text_features, scale = runner(images, texts)
+                loss = loss_fn(image_features, text_features, scale)
+            loss.backward()
+            return loss.detach()
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = forward_backward()
+        if clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), clip_norm)
+        optimizer.step()
+        with torch.no_grad():
+            logit_scale.clamp_(0, MAX_LOG_LOGIT_SCALE)
+        return loss
+
+    module.train()
+    return step, module
+
+
+def count_flops_per_sample(job: dict, module, images: torch.Tensor, texts: torch.Tensor) -> float:
+    """Training FLOPs per image-text pair (3 x forward) on this batch's texts; one image suffices."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = module.clip if job["library"] == "ours" else module
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model.encode_image(images[:1])
+        model.encode_text(texts)
+    vision_and_text = counter.get_total_flops()
+    with torch.no_grad(), FlopCounterMode(display=False) as text_only:
+        model.encode_text(texts)
+    text_flops = text_only.get_total_flops()
+    return 3.0 * ((vision_and_text - text_flops) + text_flops / texts.shape[0])
+
+
+def measure(job: dict) -> dict:
+    device = torch.device(job["device"])
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+    import clip.train  # noqa: F401  (both processes import the same libraries before the baseline)
+
+    with contextlib.suppress(ImportError):
+        import open_clip  # noqa: F401
+    baseline_rss = common.current_rss_bytes()
+
+    config = model_config(job["arch"])
+    torch.manual_seed(job["seed"])
+    images = common.make_images(job["batch"], config.vision.image_size, job["seed"]).to(device)
+    texts, text_source = common.caption_token_ids(job["batch"], job["seed"], config.text.context_length)
+    texts = texts.to(device)
+    step, module = make_step(job, device, images, texts)
+    if job["library"] == "ours" and device.type == "cuda" and config.vision.kind == "resnet":
+        images = images.contiguous(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    losses = [step().item() for _ in range(job["warmup"])]
+    wall_s, cpu_s = common.time_calls(lambda: losses.append(step().item()), job["steps"], device)
+    result = {
+        "samples_per_s": job["batch"] * job["steps"] / wall_s,
+        "samples_per_cpu_s": job["batch"] * job["steps"] / cpu_s,
+        "step_s": wall_s / job["steps"],
+        "losses": losses,
+        "text_source": text_source,
+        "caption_tokens": common.token_lengths(texts.cpu()),
+        "parameters": sum(p.numel() for p in module.parameters()),
+    }
+    if device.type == "cuda":
+        result["peak_gib"] = torch.cuda.max_memory_allocated(device) / common.GIB
+    else:
+        result["peak_gib"] = common.peak_rss_bytes() / common.GIB
+        result["training_peak_gib"] = (common.peak_rss_bytes() - baseline_rss) / common.GIB
+        result["baseline_rss_gib"] = baseline_rss / common.GIB
+    if job["count_flops"]:
+        result["flops_per_sample"] = count_flops_per_sample(job, module, images, texts)
+    return result
+
+
+# ---- the driver --------------------------------------------------------------------------------------
+
+
+def run_configuration(base_job: dict, libraries: list[str], repeats: int, timeout_s: float) -> dict:
+    """Alternates libraries (ABBA order) over `repeats` rounds; returns runs and medians per library."""
+    runs: dict[str, list[dict]] = {library: [] for library in libraries}
+    for round_index in range(repeats):
+        order = libraries if round_index % 2 == 0 else libraries[::-1]
+        for library in order:
+            result = common.run_job(Path(__file__), {**base_job, "library": library}, timeout_s)
+            runs[library].append(result)
+            shown = result.get("error") or f"{result['samples_per_s']:.2f} samples/s, peak {result['peak_gib']:.2f} GiB"
+            print(f"  {library}: {shown}", file=sys.stderr, flush=True)
+    summary = {}
+    for library, results in runs.items():
+        good = [r for r in results if "error" not in r]
+        if not good:
+            summary[library] = {"error": results[0]["error"] if results else "not run", "runs": results}
+            continue
+        summary[library] = {
+            key: common.median([r[key] for r in good])
+            for key in ("samples_per_s", "samples_per_cpu_s", "peak_gib", "training_peak_gib", "flops_per_sample")
+            if key in good[0]
+        }
+        summary[library].update(runs=results, caption_tokens=good[0]["caption_tokens"],
+                                text_source=good[0]["text_source"], parameters=good[0]["parameters"])
+    return summary
+
+
+def add_comparisons(row: dict, device: torch.device, precision: str) -> None:
+    ours, theirs = row["results"].get("ours", {}), row["results"].get("open_clip", {})
+    memory_key = "training_peak_gib" if device.type == "cpu" else "peak_gib"
+    row["speedup"] = common.ratio(ours.get("samples_per_s"), theirs.get("samples_per_s"))
+    row["speedup_cpu_time"] = common.ratio(ours.get("samples_per_cpu_s"), theirs.get("samples_per_cpu_s"))
+    row["memory_ratio"] = common.ratio(ours.get(memory_key), theirs.get(memory_key))
+    if device.type == "cuda":
+        from clip.throughput import peak_flops
+
+        peak = peak_flops(device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+        for result in (ours, theirs):
+            if peak and "flops_per_sample" in result:
+                result["mfu"] = result["flops_per_sample"] * result["samples_per_s"] / peak
+
+
+def format_rows(rows: list[dict], device_type: str) -> str:
+    memory_label = "training peak GiB" if device_type == "cpu" else "peak GiB"
+    memory_key = "training_peak_gib" if device_type == "cpu" else "peak_gib"
+    table = []
+    for row in rows:
+        cells = []
+        for library in ("ours", "open_clip"):
+            result = row["results"].get(library)
+            if result is None or "error" in result:
+                cells += [result["error"] if result else "-", "", ""]
+                continue
+            mfu = f" ({result['mfu']:.0%} MFU)" if "mfu" in result else ""
+            cells += [f"{result['samples_per_s']:.2f}{mfu}", f"{result['samples_per_cpu_s']:.2f}", f"{result[memory_key]:.2f}"]
+        speedup = f"{row['speedup']:.2f}x" if row.get("speedup") else "-"
+        speedup_cpu = f"{row['speedup_cpu_time']:.2f}x" if row.get("speedup_cpu_time") else "-"
+        memory = f"{row['memory_ratio']:.2f}x" if row.get("memory_ratio") else "-"
+        table.append([display_name(row["arch"]), row["batch"], row["threads"] or "default", row["precision"],
+                      "yes" if row["compile"] else "no", *cells, speedup, speedup_cpu, memory])
+    headers = ["arch", "batch", "threads", "precision", "compile",
+               "ours samples/s", "ours samples/CPU-s", f"ours {memory_label}",
+               "open_clip samples/s", "open_clip samples/CPU-s", f"open_clip {memory_label}",
+               "speed ratio", "CPU-time ratio", "memory ratio"]
+    return common.markdown_table(headers, table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--archs", nargs="+", default=["ViT-B/32", "RN50"],
+                        help="released names, or ModelConfig dicts as JSON (open_clip then builds the same numbers)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--threads", type=int, nargs="+", default=[os.cpu_count() or 1],
+                        help="torch intra-op threads, the same for both libraries (0: torch's default)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                        help="autocast dtype (default: fp32 on the CPU, bf16 on CUDA)")
+    parser.add_argument("--libraries", nargs="+", choices=LIBRARIES, default=list(LIBRARIES))
+    parser.add_argument("--repeats", type=int, default=3, help="fresh-process runs per library; the median counts")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per run")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--optimizer", default="auto", choices=["auto", "fused", "foreach", "for-loop"],
+                        help="our build_optimizer's implementation")
+    parser.add_argument("--grad-clip-norm", type=float, default=None, help="clip gradients in both (default: off)")
+    parser.add_argument("--count-flops", action="store_true", help="count model FLOPs (default: on CUDA only)")
+    parser.add_argument("--job-timeout", type=float, default=1800.0, help="seconds before one run is abandoned")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: one measurement in this process
+    args = parser.parse_args(argv)
+    if args.job:
+        print(json.dumps(measure(json.loads(args.job))))
+        return 0
+
+    device = torch.device(args.device)
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    libraries = list(args.libraries)
+    if "open_clip" in libraries and importlib_missing("open_clip"):
+        print("open_clip is not installed (pip install -e .[bench]); measuring ours only", file=sys.stderr)
+        libraries.remove("open_clip")
+    report = {"machine": common.machine_info(), "device": str(device), "repeats": args.repeats,
+              "warmup": args.warmup, "steps": args.steps, "optimizer": args.optimizer,
+              "grad_clip_norm": args.grad_clip_norm}
+    rows = []
+    for arch in args.archs:
+        for batch in args.batch_sizes:
+            for threads in args.threads:
+                print(f"{display_name(arch)}, batch {batch}, {threads or 'default'} threads, {precision}:",
+                      file=sys.stderr, flush=True)
+                base_job = {"arch": arch, "batch": batch, "threads": threads, "device": str(device),
+                            "precision": precision, "warmup": args.warmup, "steps": args.steps,
+                            "compile": args.compile, "optimizer": args.optimizer, "seed": args.seed,
+                            "grad_clip_norm": args.grad_clip_norm,
+                            "count_flops": args.count_flops or device.type == "cuda"}
+                row = {key: base_job[key] for key in ("arch", "batch", "threads", "precision", "compile")}
+                row["results"] = run_configuration(base_job, libraries, args.repeats, args.job_timeout)
+                add_comparisons(row, device, precision)
+                rows.append(row)
+                if args.json:  # after every configuration, so a run stopped by a timeout keeps what it measured
+                    args.json.write_text(json.dumps({**report, "rows": rows}, indent=1) + "\n")
+    print(format_rows(rows, device.type))
+    return 0
+
+
+def importlib_missing(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Smoke tests of the benchmark scripts at their smallest settings (tiny models, one step), so that they keep
+running as the library changes. No timing is asserted: speed targets live in benchmarks/ and docs/."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO_ROOT / "benchmarks"
+TINY_VIT = {
+    "embed_dim": 32,
+    "vision": {"kind": "vit", "image_size": 32, "patch_size": 16, "width": 64, "layers": 2, "heads": 2},
+    "text": {"width": 64, "layers": 2, "heads": 2},
+}
+
+
+@pytest.fixture()
+def benchmark_modules(monkeypatch):
+    """The scripts import each other by bare name, as they do when run from benchmarks/."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import common
+    import inference
+    import run_all
+    import train_step
+
+    return common, train_step, inference, run_all
+
+
+def test_captions_are_realistic_with_and_without_the_merges_file(benchmark_modules, monkeypatch):
+    common = benchmark_modules[0]
+    for available in (True, False):
+        if available and not common.merges_file_available():
+            continue
+        monkeypatch.setattr(common, "merges_file_available", lambda value=available: value)
+        ids, source = common.caption_token_ids(64, seed=0)
+        lengths = common.token_lengths(ids)
+        assert ids.shape == (64, 77)
+        assert 8 <= lengths["min"] and lengths["max"] <= 30, (source, lengths)
+        assert (ids.argmax(dim=1) == (ids != 0).sum(dim=1) - 1).all()  # one end token, last, then padding
+
+
+def test_train_step_runs_both_libraries_and_reports_ratios(tmp_path):
+    libraries = ["ours", "open_clip"] if _has_open_clip() else ["ours"]
+    output = tmp_path / "train_step.json"
+    command = [sys.executable, str(BENCHMARKS / "train_step.py"), "--archs", json.dumps(TINY_VIT), "--batch-sizes", "2",
+               "--threads", "1", "--repeats", "1", "--warmup", "0", "--steps", "1", "--count-flops",
+               "--libraries", *libraries, "--json", str(output)]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    row = json.loads(output.read_text())["rows"][0]
+    for library in libraries:
+        result = row["results"][library]
+        assert "error" not in result, result
+        assert result["samples_per_s"] > 0 and result["training_peak_gib"] > 0 and result["flops_per_sample"] > 0
+    if len(libraries) == 2:
+        assert row["speedup"] > 0 and row["memory_ratio"] > 0
+
+
+def test_inference_gives_both_libraries_the_same_weights(benchmark_modules, tmp_path):
+    pytest.importorskip("open_clip")
+    inference = benchmark_modules[2]
+    output = tmp_path / "inference.json"
+    inference.main(["--archs", json.dumps(TINY_VIT), "--image-batch", "2", "--text-batch", "4", "--threads", "1",
+                    "--repeats", "1", "--json", str(output)])
+    row = json.loads(output.read_text())["rows"][0]
+    assert row["max_abs_difference"]["image_features"] < 1e-4
+    assert row["max_abs_difference"]["text_features"] < 1e-4
+    assert row["encode_text"]["ours"]["texts_per_s"] > 0
+
+
+def test_pages_are_written_from_results_and_tolerate_missing_ones(benchmark_modules, tmp_path):
+    common, train_step, _, run_all = benchmark_modules
+    train = {"device": "cpu", "repeats": 1, "warmup": 0, "steps": 1, "rows": [{
+        "arch": "ViT-B/32", "batch": 16, "threads": 1, "precision": "fp32", "compile": False,
+        "speedup": 1.3, "speedup_cpu_time": 1.25, "memory_ratio": 0.95,
+        "results": {name: {"samples_per_s": 2.0, "samples_per_cpu_s": 2.0, "training_peak_gib": 3.0}
+                    for name in ("ours", "open_clip")}}]}
+    loss = {"rows": [{"batch": 32768, "method": "chunked", "chunk_size": 512, "extra_peak_gib": 0.4}],
+            "verification": {"batch": 32768, "chunk_size": 512, "loss vs reference": 2e-7}}
+    reports = {"train_step": train, "loss_memory": loss, "tokenizer": {"error": "exit code 1: boom"}}
+    page = tmp_path / "benchmarks.md"
+    run_all.write_page(page, reports, "python benchmarks/run_all.py", common.machine_info(), [[1.0, 1.0, 1.0]])
+    text = page.read_text()
+    assert "samples/s >= 1.2x open_clip | 1.30x (by CPU time: 1.25x) | met" in text
+    assert "peak memory <= 0.9x open_clip | 0.95x | not met (0.05x over)" in text
+    assert "extra peak 0.400 GiB (chunk 512)" in text and "| met |" in text
+    assert "boom" in text and "## Inference\n\nNot run." in text
+
+    (tmp_path / "train_step.json").write_text(json.dumps(train))
+    run_all.main(["--gpu-page", str(tmp_path)])
+    assert "# GPU benchmarks" in (tmp_path / "gpu_results.md").read_text()
+
+
+def test_gpu_script_parses():
+    subprocess.run(["bash", "-n", str(BENCHMARKS / "gpu.sh")], check=True)
+
+
+def _has_open_clip() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("open_clip") is not None

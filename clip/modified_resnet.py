@@ -32,11 +32,13 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(out_channels)
         self.downsample = None
         if stride > 1 or in_channels != out_channels:
-            # Named "-1", "0", "1" so that OpenAI's `downsample.0.weight` / `downsample.1.*` keys line up.
+            # Named "-1", "0", "1" so that OpenAI's `downsample.0.weight` / `downsample.1.*` keys line up. At
+            # stride 1 (a stage's first block widening the channels) the pool would be an identity that copies
+            # the input and keeps the copy for backward, so it is left out.
             self.downsample = nn.Sequential(
                 OrderedDict(
                     [
-                        ("-1", nn.AvgPool2d(stride)),
+                        ("-1", nn.AvgPool2d(stride) if stride > 1 else nn.Identity()),
                         ("0", nn.Conv2d(in_channels, out_channels, 1, stride=1, bias=False)),
                         ("1", nn.BatchNorm2d(out_channels)),
                     ]

@@ -40,7 +40,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
 # Radius of the shape's bounding circle as a fraction of the image side.
-SIZES: dict[str, float] = {"small": 0.13, "medium": 0.2, "large": 0.28}
+SIZES: dict[str, float] = {"small": 0.15, "medium": 0.21, "large": 0.27}
 POSITIONS: tuple[str, ...] = ("center", "left", "right", "top", "bottom")
 POSITION_PHRASES: dict[str, tuple[str, ...]] = {
     "center": ("in the center", "in the middle"),

@@ -226,7 +226,7 @@ class _SyntheticBase(torch.utils.data.Dataset):
     def _check_index(self, index: int) -> int:
         if not -self.num_samples <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for a dataset of {self.num_samples} samples")
-        return index % self.num_samples if self.num_samples else index
+        return index % self.num_samples  # negative indices count from the end
 
 
 class SyntheticCaptions(_SyntheticBase):

@@ -61,12 +61,12 @@ if ! python -c 'import open_clip' 2>/dev/null; then
     LIBRARIES="ours"
     INFERENCE_FLAGS="--no-open-clip"
 fi
-{
+{  # a description of the machine; nothing here may stop the script
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
-    python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))'
+    python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))' || true
     python -c 'import open_clip; print("open_clip", open_clip.__version__)' 2>/dev/null || echo "open_clip: missing"
-    python -c 'import sys; sys.path.insert(0, "benchmarks"); import common; print("captions:", "clip.tokenize" if common.merges_file_available() else "random ids (no merges file)")'
-    nproc
+    python -c 'import sys; sys.path.insert(0, "benchmarks"); import common; print("captions:", "clip.tokenize" if common.merges_file_available() else "random ids (no merges file)")' || true
+    echo "cpus: $(nproc)"
 } | tee "$OUT/env.txt"
 
 # 1. Eager bf16 training: 2 archs x 2 libraries x 2 alternating runs, 5 warm-up + 20 timed steps each.

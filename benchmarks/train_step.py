@@ -20,8 +20,9 @@ clamped as both training scripts do.
 Every measurement runs in a fresh process; runs alternate ours, theirs, theirs, ours, ... and the median of
 --repeats runs is reported. Warm-up steps are not timed. Peak memory:
   CPU:  the process's resident-memory high-water mark (ru_maxrss) at the end of the timed steps, minus the
-        resident memory after imports ("training peak"): weights, gradients, optimiser state, activations and
-        temporaries. Both processes import torch, clip and open_clip before that baseline, so it is the same.
+        resident memory before the model is built ("training peak"): weights, gradients, optimiser state,
+        activations and temporaries. Both processes import torch, clip and open_clip and make the input batch
+        before that baseline, so it is the same for both.
   CUDA: torch.cuda.max_memory_allocated() over the whole process (weights and optimiser state included).
 Model FLOPs are counted with torch's FlopCounterMode on the batch actually used (forward x 3), so they count
 the text length each library really computes: ours stops at the batch's last end-of-text token, open_clip
@@ -191,13 +192,14 @@ def measure(job: dict) -> dict:
 
     with contextlib.suppress(ImportError):
         import open_clip  # noqa: F401
-    baseline_rss = common.current_rss_bytes()
 
     config = model_config(job["arch"])
     torch.manual_seed(job["seed"])
     images = common.make_images(job["batch"], config.vision.image_size, job["seed"]).to(device)
     texts, text_source = common.caption_token_ids(job["batch"], job["seed"], config.text.context_length)
     texts = texts.to(device)
+    # The baseline: libraries, the input batch and the tokenizer that made it (~20 MiB), none of it training.
+    baseline_rss = common.current_rss_bytes()
     step, module = make_step(job, device, images, texts)
     if job["library"] == "ours" and device.type == "cuda" and config.vision.kind == "resnet":
         images = images.contiguous(memory_format=torch.channels_last)

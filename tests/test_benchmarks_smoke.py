@@ -86,7 +86,7 @@ def test_pages_are_written_from_results_and_tolerate_missing_ones(benchmark_modu
     run_all.write_page(page, reports, "python benchmarks/run_all.py", common.machine_info(), [[1.0, 1.0, 1.0]])
     text = page.read_text()
     assert "samples/s >= 1.2x open_clip | 1.30x (by CPU time: 1.25x) | met" in text
-    assert "peak memory <= 0.9x open_clip | 0.95x | not met (0.05x over)" in text
+    assert "peak memory <= 0.9x open_clip | 0.950x | not met (0.050x over)" in text
     assert "extra peak 0.400 GiB (chunk 512)" in text and "| met |" in text
     assert "boom" in text and "## Inference\n\nNot run." in text
 

@@ -161,4 +161,4 @@ def test_mfu_is_logged_when_the_peak_is_known(tmp_path, monkeypatch):
     # the demo's captions stop well before the 16-token context, and the MFU counts only what ran
     assert training_flops_per_sample(config.model, 8) < training_flops_per_sample(config.model)
     expected_max = training_flops_per_sample(config.model) * record["samples_per_s"] / 1e12
-    assert 0 < record["mfu"] <= expected_max
+    assert 0 < record["mfu"] <= expected_max * (1 + 1e-9)  # equal when every batch ran the full context

@@ -162,3 +162,24 @@ def test_mfu_is_logged_when_the_peak_is_known(tmp_path, monkeypatch):
     assert training_flops_per_sample(config.model, 8) < training_flops_per_sample(config.model)
     expected_max = training_flops_per_sample(config.model) * record["samples_per_s"] / 1e12
     assert 0 < record["mfu"] <= expected_max * (1 + 1e-9)  # equal when every batch ran the full context
+
+
+def test_tensorboard_events_and_training_plot(tmp_path):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("matplotlib")
+    train(tiny_config(tmp_path, "schedule.steps=2", "eval.every_n_steps=0", "logging.tensorboard=true",
+                      "logging.plot=true"))
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "training.png").stat().st_size > 0
+
+
+def test_bf16_with_checkpointing_and_accumulation_trains(tmp_path):
+    results = train(tiny_config(tmp_path, "schedule.steps=3", "eval.every_n_steps=0", "train.precision=bf16",
+                                "train.grad_checkpointing=true", "train.accumulation_steps=2"))
+    assert results["step"] == 3 and results["loss"] == results["loss"]  # finite, not NaN
+
+
+@pytest.mark.slow  # compiling on the CPU takes about half a minute
+def test_compiled_training_runs(tmp_path):
+    results = train(tiny_config(tmp_path, "schedule.steps=3", "eval.every_n_steps=0", "train.compile=true"))
+    assert results["step"] == 3

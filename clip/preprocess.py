@@ -103,6 +103,8 @@ def to_rgb(image: Image.Image, alpha_background: RGB | None = WHITE, exif_orient
         return _high_depth_to_l(image).convert("RGB")
     # A palette or greyscale PNG can mark one value transparent ("transparency" in info, a tRNS chunk).
     if mode in _ALPHA_MODES or (mode in ("P", "L") and "transparency" in image.info):
+        if mode == "La":  # premultiplied; PIL converts it only to straight-alpha LA
+            image = image.convert("LA")
         rgba = image.convert("RGBA")
         if alpha_background is None:
             return rgba.convert("RGB")

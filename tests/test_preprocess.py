@@ -172,7 +172,9 @@ def test_matches_openai_reference_on_rgb(size):
     assert torch.equal(ours, reference)
 
 
-@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGBA", "CMYK", "YCbCr", "I;16", "I", "F"])
+@pytest.mark.parametrize(
+    "mode", ["1", "L", "LA", "La", "P", "PA", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I;16", "I", "F"]
+)
 def test_every_mode_gives_a_normalised_tensor(mode):
     source = random_rgb(30, 20, seed=3)
     if mode in ("I;16", "I", "F"):
@@ -183,8 +185,8 @@ def test_every_mode_gives_a_normalised_tensor(mode):
             "F": (gray / 255).astype(np.float32),
         }
         image = Image.fromarray(arrays[mode])
-    elif mode == "P":
-        image = source.convert("P")
+    elif mode in ("P", "PA", "La"):
+        image = source.convert({"P": "P", "PA": "P", "La": "LA"}[mode]).convert(mode)
     else:
         image = source.convert(mode)
     out = image_transform(16)(image)

@@ -16,13 +16,7 @@ from clip.evaluation.linear_probe import (
 )
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (badly so on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def gaussian_classes(n_per_class: int, seed: int, num_classes: int = 4, dim: int = 8, separation: float = 6.0):

@@ -24,13 +24,7 @@ from clip.evaluation.retrieval import (
 )
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (badly so on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def brute_force_ranks(images: torch.Tensor, texts: torch.Tensor, caption_image: list[int], ties: str):

@@ -24,13 +24,7 @@ from clip.evaluation import (
 from clip.evaluation.templates import DEFAULT_TEMPLATES, load_templates, resolve_templates, validate_template
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (badly so on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 class PlantedTextModel(nn.Module):

@@ -3,12 +3,14 @@
     CLIP_CACHE_DIR=/tmp/clip-cache python benchmarks/run_all.py            # ~20 min on 2 shared cores
     CLIP_CACHE_DIR=/tmp/clip-cache python benchmarks/run_all.py --quick    # smaller settings, ~6 min
     python benchmarks/run_all.py --only train_step inference --results-dir bench-results
+    python benchmarks/run_all.py --results-dir bench-results --resume     # finish an interrupted run
     python benchmarks/run_all.py --from-results bench-results              # rewrite the page only
 
 Each benchmark script runs as its own process with --json; a script that fails or times out is reported
 as such on the page instead of stopping the others. The training and inference comparisons use one torch
 thread by default (--threads): on a small machine shared with other jobs, two OpenMP threads fighting
-other processes for two cores made every step about twice as slow and the timings meaningless.
+other processes for two cores made steps up to twice as slow as one thread, at random; one thread per
+process gives steady medians. On a quiet machine, --threads 2 (or more) measures the multi-core case.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from train_step import format_rows as format_train_rows  # noqa: E402
+from train_step import display_name, format_rows as format_train_rows  # noqa: E402
 from inference import format_rows as format_inference_rows  # noqa: E402
 
 BENCHMARKS = ("tokenizer", "loss_memory", "loader", "train_step", "inference")
@@ -92,7 +94,7 @@ def status(met: bool, distance: str) -> str:
 def training_targets(report: dict) -> list[list[str]]:
     rows = []
     for row in report.get("rows", []):
-        name = f"CPU training step, {row['arch']}, batch {row['batch']}, {row['threads']} thread(s), fp32"
+        name = f"CPU training step, {display_name(row['arch'])}, batch {row['batch']}, {row['threads']} thread(s), fp32"
         speed, memory = row.get("speedup"), row.get("memory_ratio")
         if speed is None or memory is None:
             rows.append([name, "-", "not measured: " + str(row["results"])[:120]])
@@ -218,7 +220,9 @@ def inference_table(report: dict) -> str:
 def write_page(path: Path, reports: dict[str, dict], invocation: str, machine: dict, loads: list) -> None:
     targets = training_targets(reports.get("train_step", {}))
     targets += [tokenizer_target(reports.get("tokenizer", {})), loss_target(reports.get("loss_memory", {})), gpu_target()]
-    lines = ["# Benchmarks", "", "Reproduce with:", "", "```", invocation, "```", "", *machine_lines(machine, loads), "",
+    lines = ["# Benchmarks", "", "Made by:", "", "```", invocation, "```", "",
+             "`CLIP_CACHE_DIR=/tmp/clip-cache python benchmarks/run_all.py` reproduces all of it in one go "
+             "(`--quick` for a shorter run).", "", *machine_lines(machine, loads), "",
              "## Targets", "", common.markdown_table(["target", "measured", "status"], targets), "",
              METHOD_NOTES, ""]
     lines += section("Training step (CPU)", reports.get("train_step"), training_table)
@@ -242,14 +246,16 @@ METHOD_NOTES = """How to read the numbers:
   and temporaries. The JSON results also hold the whole-process high-water mark (`peak_gib`), which adds
   the same ~0.75 GiB of libraries to both sides.
 - Speed ratio = ours / open_clip samples per second (wall clock, medians); CPU-time ratio uses samples per
-  CPU-second, which is steadier when other jobs share the cores. Memory ratio = ours / open_clip."""
+  CPU-second, which is steadier when other jobs share the cores. Memory ratio = ours / open_clip.
+- One torch thread per process by default: with other jobs on the same cores, two OpenMP threads per
+  process made steps up to twice as slow, at random (`--threads N` to choose)."""
 
 
 def gpu_targets(train: dict) -> list[list[str]]:
     rows = []
     for row in train.get("rows", []):
         ours, theirs = row["results"].get("ours", {}), row["results"].get("open_clip", {})
-        name = f"{row['arch']}, batch {row['batch']}, {row['precision']}{', compiled' if row['compile'] else ''}"
+        name = f"{display_name(row['arch'])}, batch {row['batch']}, {row['precision']}{', compiled' if row['compile'] else ''}"
         if "mfu" in ours:
             met = ours["mfu"] >= 0.45
             rows.append([f"{name}: MFU >= 45%", f"{ours['mfu']:.1%} (open_clip {theirs.get('mfu', 0):.1%})",
@@ -294,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for training and inference (0: default)")
     parser.add_argument("--results-dir", type=Path, help="keep each script's JSON and log here (default: temporary)")
     parser.add_argument("--from-results", type=Path, help="only rewrite the page from the JSON files in this folder")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the benchmarks that an interrupted run in --results-dir finished (same commands)")
     parser.add_argument("--output", type=Path, default=common.REPO_ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before one script is stopped")
     parser.add_argument("--gpu-page", type=Path, help=argparse.SUPPRESS)  # gpu.sh: summarise the JSON files there
@@ -308,19 +316,32 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads((args.from_results / "run_all.json").read_text())
         write_page(args.output, saved["reports"], saved["invocation"], saved["machine"], saved["loads"])
         return 0
+    if args.resume and not (args.results_dir and (args.results_dir / "run_all.json").exists()):
+        parser.error("--resume needs the --results-dir of an earlier run")
     if not common.merges_file_available():
         print("warning: the BPE merges file is not cached (set CLIP_CACHE_DIR); captions fall back to random ids",
               file=sys.stderr)
     results = args.results_dir or Path(tempfile.mkdtemp(prefix="clip-bench-"))
     results.mkdir(parents=True, exist_ok=True)
     machine, loads, reports = common.machine_info(), [list(os.getloadavg())], {}
+    previous = json.loads((results / "run_all.json").read_text()) if args.resume else {}
+    if previous:  # the page names both commands: the interrupted run and this one
+        invocation, machine = previous["invocation"] + "\n" + invocation, previous["machine"]
     for name, argv_of_script in commands(args).items():
-        if name in args.only:
+        if name not in args.only:
+            continue
+        earlier = previous.get("reports", {}).get(name)
+        if earlier and "error" not in earlier and earlier.get("command") == " ".join(argv_of_script):
+            print(f"{name}: kept from the earlier run in {results}", file=sys.stderr)
+            reports[name] = earlier
+        else:
             reports[name] = run_benchmark(name, argv_of_script, results, args.timeout)
-            loads.append(list(os.getloadavg()))
-    (results / "run_all.json").write_text(json.dumps(
-        {"reports": reports, "invocation": invocation, "machine": machine, "loads": loads}, indent=1))
-    write_page(args.output, reports, invocation, machine, loads)
+        loads.append(list(os.getloadavg()))
+        # After every benchmark, so that an interrupted run can be resumed (--resume).
+        (results / "run_all.json").write_text(json.dumps(
+            {"reports": reports, "invocation": invocation, "machine": machine,
+             "loads": previous.get("loads", []) + loads}, indent=1))
+    write_page(args.output, reports, invocation, machine, previous.get("loads", []) + loads)
     print(f"wrote {args.output} (results in {results})", file=sys.stderr)
     return 0
 

@@ -198,11 +198,11 @@ def measure(job: dict) -> dict:
     images = common.make_images(job["batch"], config.vision.image_size, job["seed"]).to(device)
     texts, text_source = common.caption_token_ids(job["batch"], job["seed"], config.text.context_length)
     texts = texts.to(device)
+    if job["library"] == "ours" and device.type == "cuda" and config.vision.kind == "resnet":
+        images = images.contiguous(memory_format=torch.channels_last)  # as clip.train does
     # The baseline: libraries, the input batch and the tokenizer that made it (~20 MiB), none of it training.
     baseline_rss = common.current_rss_bytes()
     step, module = make_step(job, device, images, texts)
-    if job["library"] == "ours" and device.type == "cuda" and config.vision.kind == "resnet":
-        images = images.contiguous(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 

@@ -3,6 +3,7 @@ running as the library changes. No timing is asserted: speed targets live in ben
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -93,6 +94,18 @@ def test_pages_are_written_from_results_and_tolerate_missing_ones(benchmark_modu
     (tmp_path / "train_step.json").write_text(json.dumps(train))
     run_all.main(["--gpu-page", str(tmp_path)])
     assert "# GPU benchmarks" in (tmp_path / "gpu_results.md").read_text()
+
+
+def test_resume_keeps_finished_benchmarks(benchmark_modules, tmp_path, monkeypatch):
+    common, _, _, run_all = benchmark_modules
+    args = argparse.Namespace(quick=True, threads=1)
+    finished = {"results": {}, "command": " ".join(run_all.commands(args)["tokenizer"]), "wall_s": 1.0}
+    (tmp_path / "run_all.json").write_text(json.dumps({
+        "reports": {"tokenizer": finished}, "invocation": "first", "machine": common.machine_info(), "loads": []}))
+    monkeypatch.setattr(run_all, "run_benchmark", lambda *a: pytest.fail("a finished benchmark ran again"))
+    page = tmp_path / "page.md"
+    run_all.main(["--quick", "--only", "tokenizer", "--results-dir", str(tmp_path), "--resume", "--output", str(page)])
+    assert "first\n" in page.read_text() and "--resume" in page.read_text()
 
 
 def test_gpu_script_parses():

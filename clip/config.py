@@ -27,7 +27,7 @@ class OptimizerConfig:
     beta2: float = 0.98  # the paper's value: 0.98 rather than 0.999 is more stable at large batch
     eps: float = 1e-6
     grad_clip_norm: float | None = 1.0  # None disables clipping
-    implementation: Literal["auto", "fused", "foreach", "for-loop"] = "auto"  # auto: fused on CUDA, foreach elsewhere
+    implementation: Literal["auto", "fused", "foreach", "for-loop"] = "auto"  # auto: fused AdamW (CUDA and CPU)
 
 
 @dataclass

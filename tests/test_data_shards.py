@@ -41,6 +41,15 @@ def test_sizes_from_index_img2dataset_stats_counting_or_num_samples(tmp_path: Pa
         shard_sizes(urls, size_index=str(tmp_path / "nope.json"))
 
 
+def test_num_samples_that_disagrees_with_the_size_index_is_warned_about(tmp_path: Path, caplog) -> None:
+    urls = expand_shard_pattern(write_shards(tmp_path, 11, 4))
+    with caplog.at_level("WARNING", logger="clip.data.shards"):
+        assert shard_sizes(urls, num_samples=11).tolist() == [4, 4, 3]
+        assert not caplog.records  # agrees with sizes.json
+        assert shard_sizes(urls, num_samples=100_000).tolist() == [33334, 33333, 33333]
+    assert "num_samples=100000" in caplog.text and "says 11 samples" in caplog.text
+
+
 def test_read_range_skips_unread_and_pads_missing_samples(tmp_path: Path) -> None:
     url = expand_shard_pattern(write_shards(tmp_path, 6, 6))[0]
     samples = list(read_shard_range(url, 2, 3))

@@ -41,6 +41,28 @@ def _add(into: dict, counts: dict) -> None:
         into[kind] = into.get(kind, 0) + amount
 
 
+def _add_source_counts(into: dict, counts: dict) -> None:
+    """Adds one source's {"samples", "skipped", "repaired"} counts to another's."""
+    into["samples"] += counts["samples"]
+    for field in ("skipped", "repaired"):
+        _add(into[field], counts[field])
+
+
+def _counts_line(counts: dict, before: dict) -> str:
+    """'name: N samples, skipped K (kind k, ...), repaired ...' per source, for counts minus `before`."""
+    parts = []
+    for name, now in counts.items():
+        then = before.get(name, _empty_counts())
+        line = f"{name}: {now['samples'] - then['samples']} samples"
+        for field in ("skipped", "repaired"):
+            delta = {k: v - then[field].get(k, 0) for k, v in sorted(now[field].items())}
+            delta = {k: v for k, v in delta.items() if v}
+            if delta:
+                line += f", {field} {sum(delta.values())} ({', '.join(f'{k} {v}' for k, v in delta.items())})"
+        parts.append(line)
+    return "; ".join(parts)
+
+
 class TrainData:
     """See the module docstring. Build it with `build_train_data`."""
 
@@ -106,7 +128,10 @@ class TrainData:
         self._batches = 0
         self._counts = {name: _empty_counts() for name in names}
         self._summary_mark = (0, copy.deepcopy(self._counts))  # (epoch, counts) at the last epoch_summary()
-        self._epoch_log_mark = self._summary_mark  # ... and at the last data epoch's end
+        # Counts of the data epochs some worker of this rank is still in, {epoch: {source: counts}}, and the
+        # exact counts of the last data epoch every worker finished: {"epoch": e, "sources": {...}} or None.
+        self._open_epochs: dict[int, dict] = {}
+        self._finished_epoch: dict | None = None
         self._loader_iterator: Iterator | None = None
         self._generation = 0  # bumped by every iter() and close(); older batch generators stop
         self._warned_order = False
@@ -149,14 +174,18 @@ class TrainData:
         self._positions[worker] = tuple(meta["position"])
         self._next_worker = (worker + 1) % self.slots_per_rank
         self._batches += 1
-        for name, amount in meta["samples"].items():
-            self._counts[name]["samples"] += amount
-        for field in ("skipped", "repaired"):
-            for name, counts in meta[field].items():
-                _add(self._counts[name][field], counts)
-        if self.epoch > epoch_before:  # every worker of this rank has finished a data epoch
-            log.log(logging.INFO if self.rank == 0 else logging.DEBUG, "%s", self._summary_since(self._epoch_log_mark))
-            self._epoch_log_mark = (self.epoch, copy.deepcopy(self._counts))
+        for epoch, sources in meta["counts"].items():
+            open_epoch = self._open_epochs.setdefault(epoch, {name: _empty_counts() for name in self._counts})
+            for name, counts in sources.items():
+                _add_source_counts(self._counts[name], counts)
+                _add_source_counts(open_epoch[name], counts)
+        for epoch in range(epoch_before, self.epoch):  # every worker of this rank has finished these data epochs
+            sources = self._open_epochs.pop(epoch, {name: _empty_counts() for name in self._counts})
+            self._finished_epoch = {"epoch": epoch, "sources": sources}
+            log.log(
+                logging.INFO if self.rank == 0 else logging.DEBUG,
+                "data rank %d, epoch %d done: %s", self.rank, epoch, _counts_line(sources, {}),
+            )
 
     def _stop_workers(self) -> None:
         self._generation += 1
@@ -192,6 +221,8 @@ class TrainData:
             "next_worker": self._next_worker,
             "batches": self._batches,
             "counts": copy.deepcopy(self._counts),
+            "open_epochs": [[epoch, copy.deepcopy(counts)] for epoch, counts in sorted(self._open_epochs.items())],
+            "finished_epoch": copy.deepcopy(self._finished_epoch),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -203,8 +234,11 @@ class TrainData:
         self._stop_workers()
         saved_layout, layout = state["layout"], self._layout()
         positions = [tuple(position) for position in state["positions"]]
+        self._open_epochs = {}
         if saved_layout == layout:
             self._positions, self._next_worker = positions, state["next_worker"]
+            # States saved before per-epoch counts existed lack these; epoch summaries then start afresh.
+            self._open_epochs = {int(epoch): copy.deepcopy(counts) for epoch, counts in state.get("open_epochs", [])}
         else:
             changed = sorted(key for key in layout if saved_layout.get(key) != layout[key])
             epoch = min(epoch for epoch, _ in positions)
@@ -217,7 +251,8 @@ class TrainData:
         for name, counts in state["counts"].items():
             if name in self._counts:
                 self._counts[name] = copy.deepcopy(counts)
-        self._summary_mark = self._epoch_log_mark = (self.epoch, copy.deepcopy(self._counts))
+        self._finished_epoch = copy.deepcopy(state.get("finished_epoch"))
+        self._summary_mark = (self.epoch, copy.deepcopy(self._counts))
 
     # ---- reporting -----------------------------------------------------------------------------------
     @property
@@ -226,7 +261,8 @@ class TrainData:
         return min(epoch for epoch, _ in self._positions)
 
     def stats(self) -> dict:
-        """This rank's counts since the start of training (kept across resumes), JSON-ready."""
+        """This rank's counts since the start of training (kept across resumes), JSON-ready, and under
+        "finished_epoch" the exact counts of the last data epoch all its workers finished (None before)."""
         sources = copy.deepcopy(self._counts)
         return {
             "epoch": self.epoch,
@@ -234,30 +270,18 @@ class TrainData:
             "samples": sum(counts["samples"] for counts in sources.values()),
             "skipped": sum(sum(counts["skipped"].values()) for counts in sources.values()),
             "sources": sources,
+            "finished_epoch": copy.deepcopy(self._finished_epoch),
         }
 
     def epoch_summary(self) -> str:
         """One line on what happened since the previous call (or the start): samples, skips and repairs by
-        source and kind, e.g. for the trainer's log at the end of its epochs. (Independently of these calls,
-        the same kind of line is logged -- INFO on rank 0 -- each time every worker finishes a data epoch.)"""
-        line = self._summary_since(self._summary_mark)
+        source and kind, e.g. for the trainer's log at the end of its epochs, which need not coincide with data
+        epochs. (Independently of these calls, each data epoch's exact counts are logged -- INFO on rank 0 --
+        once every worker has finished it.)"""
+        since_epoch, before = self._summary_mark
         self._summary_mark = (self.epoch, copy.deepcopy(self._counts))
-        return line
-
-    def _summary_since(self, mark: tuple[int, dict]) -> str:
-        since_epoch, before_counts = mark
-        parts = []
-        for name, counts in self._counts.items():
-            before = before_counts.get(name, _empty_counts())
-            line = f"{name}: {counts['samples'] - before['samples']} samples"
-            for field in ("skipped", "repaired"):
-                delta = {k: v - before[field].get(k, 0) for k, v in sorted(counts[field].items())}
-                delta = {k: v for k, v in delta.items() if v}
-                if delta:
-                    line += f", {field} {sum(delta.values())} ({', '.join(f'{k} {v}' for k, v in delta.items())})"
-            parts.append(line)
         epochs = f"epoch {since_epoch}" + (f"-{self.epoch}" if self.epoch != since_epoch else "")
-        return f"data rank {self.rank}, {epochs}: " + "; ".join(parts)
+        return f"data rank {self.rank}, {epochs}: " + _counts_line(self._counts, before)
 
 
 def build_train_data(

@@ -106,12 +106,20 @@ def _img2dataset_count(url: str) -> int | None:
 def shard_sizes(urls: list[str], size_index: str = "", num_samples: int | None = None) -> np.ndarray:
     """Samples per shard, from (in this order) `num_samples` spread evenly, the `size_index` file, a
     sizes.json beside the first shard, img2dataset's per-shard *_stats.json, or counting a local tar."""
-    if num_samples is not None:
-        return np.array([num_samples // len(urls) + (i < num_samples % len(urls)) for i in range(len(urls))], np.int64)
     index_url, folder = size_index, _shard_folder(urls[0])
     if not index_url and folder is not None:
         index_url = posixpath.join(folder, SIZE_INDEX_NAME)  # join("", name) is name
     index = _read_json(index_url) if index_url else None
+    if num_samples is not None:
+        indexed = [index.get(shard_name(url)) for url in urls] if isinstance(index, dict) else []
+        if indexed and all(isinstance(count, int) for count in indexed) and sum(indexed) != num_samples:
+            # Typically a num_samples left over from another source kind: the shards would be read as if
+            # they held other counts, and every planned sample they lack is skipped as shard_too_short.
+            log.warning(
+                "num_samples=%d is used for these shards, but their size index %s says %d samples",
+                num_samples, index_url, sum(indexed),
+            )
+        return np.array([num_samples // len(urls) + (i < num_samples % len(urls)) for i in range(len(urls))], np.int64)
     if size_index and index is None:
         raise FileNotFoundError(f"cannot read the shard size index {size_index}")
     sizes = []

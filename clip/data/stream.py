@@ -8,8 +8,9 @@ place in the batch, so a batch of B samples may consume more than B raw items.
 
 Every batch carries, besides images and token ids, a small `meta` dict: which worker made it, the worker's
 position (epoch, items consumed in that epoch) after it, and the exact per-source counts of samples used,
-skipped (by kind) and repaired while it was made. The training process sums these (workers cannot update
-its counters), and the positions are what `TrainData.state_dict()` saves: a resumed worker starts at its
+skipped (by kind) and repaired while it was made, by the data epoch each raw item belongs to (a batch can
+straddle two). The training process sums these (workers cannot update its counters) and so knows each data
+epoch's exact counts, and the positions are what `TrainData.state_dict()` saves: a resumed worker starts at its
 position, skipping earlier windows of its plan unread, and produces exactly the batches it would have.
 
 `rotation` maps DataLoader worker ids onto slots. torch's DataLoader asks its workers for batches strictly
@@ -61,9 +62,14 @@ class _Item:
     raw: object
 
 
-def _count(table: dict, source: str, kind: str, amount: int = 1) -> None:
-    per_source = table.setdefault(source, {})
-    per_source[kind] = per_source.get(kind, 0) + amount
+def _count(meta: dict, epoch: int, source: str, field: str, kind: str | None = None) -> None:
+    """One more sample used (field "samples") or skipped/repaired (field "skipped"/"repaired", by kind) in
+    meta["counts"] = {epoch: {source: {"samples": n, "skipped": {kind: n}, "repaired": {kind: n}}}}."""
+    counts = meta["counts"].setdefault(epoch, {}).setdefault(source, {"samples": 0, "skipped": {}, "repaired": {}})
+    if kind is None:
+        counts[field] += 1
+    else:
+        counts[field][kind] = counts[field].get(kind, 0) + 1
 
 
 def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
@@ -153,8 +159,8 @@ class _BatchBuilder:
         s = self.settings
         images = _batch_tensor((s.batch_size, 3, s.image_size, s.image_size))
         texts: list[str] = []
-        names: list[str] = []
-        meta: dict = {"worker": self.worker, "samples": {}, "skipped": {}, "repaired": {}}
+        origins: list[tuple[int, str]] = []  # (epoch, source name) of each sample in the batch
+        meta: dict = {"worker": self.worker, "counts": {}}
         with pil_pixel_limit(s.max_image_pixels):  # scoped: never left set while the trainer runs
             while len(texts) < s.batch_size:
                 item = next(items)
@@ -168,13 +174,12 @@ class _BatchBuilder:
                     continue
                 self.misses = 0
                 texts.append(caption)
-                names.append(source.name)
-                _count(meta["samples"], source.name, "samples")
+                origins.append((item.epoch, source.name))
+                _count(meta, item.epoch, source.name, "samples")
                 for repair in repairs:
-                    _count(meta["repaired"], source.name, repair)
+                    _count(meta, item.epoch, source.name, "repaired", repair)
                 meta["position"] = item.position
-        meta["samples"] = {name: counts["samples"] for name, counts in meta["samples"].items()}
-        tokens = self._tokenize(texts, names, meta)
+        tokens = self._tokenize(texts, origins, meta)
         return images, tokens, meta
 
     def _write_image(self, source: Source, item: _Item, repairs: list[str], out: torch.Tensor) -> None:
@@ -191,7 +196,7 @@ class _BatchBuilder:
         self.writer.write(image, box, out)
 
     def _skipped(self, source: Source, item: _Item, skip: SkipSample, meta: dict) -> None:
-        _count(meta["skipped"], source.name, skip.kind)
+        _count(meta, item.epoch, source.name, "skipped", skip.kind)
         meta["position"] = item.position
         self.skip_log.record(skip.kind, source.name, source.describe(item.raw), skip.detail)
         self.misses += 1
@@ -199,10 +204,10 @@ class _BatchBuilder:
             raise RuntimeError(
                 f"data rank {self.settings.rank} worker {self.worker}: {self.misses} samples in a row could not be "
                 f"used (more than two epochs' worth); the latest: {source.describe(item.raw)}: {skip}. "
-                f"Skips in the current batch: {meta['skipped']}"
+                f"Counts of the current batch: {meta['counts']}"
             )
 
-    def _tokenize(self, texts: list[str], names: list[str], meta: dict) -> torch.Tensor:
+    def _tokenize(self, texts: list[str], origins: list[tuple[int, str]], meta: dict) -> torch.Tensor:
         """Token ids cut to the context length; cut captions are counted as caption_truncated per source."""
         context = self.settings.context_length
         tokenizer = self.stream.tokenizer
@@ -212,5 +217,5 @@ class _BatchBuilder:
             longer = tokenizer([texts[i] for i in full_rows], context_length=context + 1, truncate=True)
             for row, was_cut in zip(full_rows, (longer[:, -1] != 0).tolist()):
                 if was_cut:
-                    _count(meta["repaired"], names[row], "caption_truncated")
+                    _count(meta, *origins[row], "repaired", "caption_truncated")
         return tokens

@@ -8,7 +8,8 @@
 One step = both encoders, the contrastive loss, backward and the optimiser step, each library as its own
 training script does it:
   ours:      ContrastiveModel + build_loss(LossConfig()) + build_optimizer (implementation "auto"), driven
-             by clip.train.contrastive_step; on CUDA a ResNet runs channels-last, as clip.train does.
+             by clip.train.contrastive_step; as clip.train does, a ResNet runs channels-last on CUDA and the
+             captions are cut after the batch's last end-of-text token on the host (no device sync).
   open_clip: open_clip.create_model("<arch>-quickgelu") (OpenAI's QuickGELU settings) + open_clip.loss.ClipLoss
              + torch.optim.AdamW with open_clip's weight-decay groups and torch's default implementation
              (the for-loop one on the CPU, foreach on CUDA).
@@ -99,7 +100,7 @@ def build_ours(arch: str, device: torch.device, optimizer_implementation: str):
     from clip.train import ContrastiveModel
 
     clip_model = create_model(model_config(arch))
-    module = ContrastiveModel(clip_model, with_logit_bias=False).to(device)
+    module = ContrastiveModel(clip_model, with_logit_bias=False, trim_text=False).to(device)  # as clip.train
     if clip_model.config.vision.kind == "resnet" and device.type == "cuda":
         module = module.to(memory_format=torch.channels_last)  # as clip.train does
     config = OptimizerConfig(lr=LEARNING_RATE, beta1=BETAS[0], beta2=BETAS[1], eps=EPS, weight_decay=WEIGHT_DECAY,
@@ -197,6 +198,10 @@ def measure(job: dict) -> dict:
     torch.manual_seed(job["seed"])
     images = common.make_images(job["batch"], config.vision.image_size, job["seed"]).to(device)
     texts, text_source = common.caption_token_ids(job["batch"], job["seed"], config.text.context_length)
+    if job["library"] == "ours":
+        from clip.model import trim_text_batch
+
+        texts = trim_text_batch(texts)  # as clip.train does: on the host, before the copy to the device
     texts = texts.to(device)
     if job["library"] == "ours" and device.type == "cuda" and config.vision.kind == "resnet":
         images = images.contiguous(memory_format=torch.channels_last)  # as clip.train does

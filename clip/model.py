@@ -69,7 +69,10 @@ class CLIP(nn.Module):
         features = self.visual(image.to(self.dtype))  # N3HW -> N,embed_dim
         return F.normalize(features, dim=-1) if normalize else features
 
-    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    def encode_text(self, text: torch.Tensor, normalize: bool = False, trim: bool = True) -> torch.Tensor:
+        """Features of token ids [N, L <= context_length]. `trim=False` runs all L positions as given: for
+        callers that cut the batch already (`trim_text_batch` on the host), so that no device-to-host sync
+        (reading the longest caption's length off the GPU) interrupts the forward pass."""
         if text.shape[-1] > self.context_length:
             raise ValueError(f"text has {text.shape[-1]} tokens; this model's context length is {self.context_length}")
         # Features are read at the end-of-text token, which has the largest id in the vocabulary.
@@ -78,7 +81,7 @@ class CLIP(nn.Module):
         # features: running only up to the batch's last end-of-text token gives the same result, and
         # captions are usually far shorter than the context. The length is rounded up to a multiple of 8
         # to keep matrix shapes friendly and limit how many shapes torch.compile sees.
-        if not text.is_meta:  # meta tensors (FLOP counting) have no values: they keep their given length
+        if trim and not text.is_meta:  # meta tensors (FLOP counting) have no values: they keep their length
             text = text[:, : trimmed_text_length(eot, text.shape[-1])]
         length = text.shape[-1]
         x = self.token_embedding(text).to(self.dtype)  # NL -> NLD
@@ -101,6 +104,12 @@ def trimmed_text_length(eot_positions: torch.Tensor, context_length: int) -> int
     """How many positions `encode_text` runs for a batch: up to its last end-of-text token, rounded up."""
     last = int(eot_positions.max()) + 1
     return min(context_length, -(-last // TEXT_LENGTH_MULTIPLE) * TEXT_LENGTH_MULTIPLE)
+
+
+def trim_text_batch(text: torch.Tensor) -> torch.Tensor:
+    """The batch cut as `encode_text` would cut it; on CPU tensors before they go to the GPU, after which
+    `encode_text(..., trim=False)` gives the same features without a device sync."""
+    return text[:, : trimmed_text_length(text.argmax(dim=-1), text.shape[-1])]
 
 
 def create_model(name_or_config: str | ModelConfig | dict) -> CLIP:

@@ -67,6 +67,16 @@ def test_text_features_ignore_positions_after_end_of_text():
     torch.testing.assert_close(model.encode_text(texts[:1]), trimmed[:1], rtol=1e-5, atol=1e-6)
 
 
+def test_trimming_on_the_host_gives_the_same_features():
+    torch.manual_seed(0)
+    model = CLIP(TINY["vit"]).eval()
+    texts = texts_with_lengths([3, 5, 11])
+    cut = model_module.trim_text_batch(texts)
+    assert cut.shape[-1] == 16  # the last end-of-text token at 10, rounded up to a multiple of 8
+    torch.testing.assert_close(model.encode_text(cut, trim=False), model.encode_text(texts), rtol=0, atol=0)
+    assert model.encode_text(texts, trim=False).shape == (3, model.config.embed_dim)  # all 20 positions run
+
+
 def test_over_long_text_is_a_clear_error():
     model = CLIP(TINY["vit"])
     with pytest.raises(ValueError, match="context length is 20"):

@@ -94,7 +94,8 @@ def trained_batches(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[torch.Ten
     step = clip.train.contrastive_step
 
     def recording_step(module, images, texts, *args, **kwargs):
-        seen.setdefault(current["run"], []).append(texts.cpu().clone())
+        # the trainer cuts each batch after its last end-of-text token: pad back to the whole context
+        seen.setdefault(current["run"], []).append(torch.nn.functional.pad(texts.cpu(), (0, CONTEXT - texts.shape[-1])))
         return step(module, images, texts, *args, **kwargs)
 
     current = {"run": ""}

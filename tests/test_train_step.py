@@ -88,3 +88,20 @@ def test_learning_rate_schedule():
     values = [learning_rate(s, 1.0, schedule) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(values, values[1:]))
     assert math.isclose(learning_rate(500, 1.0, schedule), 0.1)
+
+
+def test_the_trainers_module_traces_as_one_graph_when_texts_are_cut_on_the_host():
+    # The trainer cuts texts on the host and builds ContrastiveModel(trim_text=False): torch.compile then
+    # sees one graph, with no device-to-host read (and no graph break) in the middle of the forward pass.
+    from torch._dynamo import explain
+
+    from clip.model import trim_text_batch
+
+    torch.manual_seed(0)
+    texts = torch.randint(1, 98, (4, 8))
+    texts[:, 5] = 99  # the end-of-text token (the largest id) at position 5
+    images = torch.randn(4, 3, 16, 16)
+    host_cut = explain(ContrastiveModel(CLIP(TINY_VIT), with_logit_bias=False, trim_text=False))(images, trim_text_batch(texts))
+    assert host_cut.graph_break_count == 0 and host_cut.graph_count == 1
+    in_model = explain(ContrastiveModel(CLIP(TINY_VIT), with_logit_bias=False))(images, texts)
+    assert in_model.graph_break_count > 0  # the cut inside encode_text reads the length back from the device

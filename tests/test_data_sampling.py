@@ -90,3 +90,19 @@ def test_resampled_follows_weights() -> None:
     # with replacement: rows repeat within an epoch
     rows = planner.plan(0, 0, 0).rows[0]
     assert len(np.unique(rows)) < len(rows)
+
+
+def test_resampled_shard_draws_reach_every_offset_when_slots_need_less_than_a_shard() -> None:
+    # 4 slots share 40 samples per epoch: each takes 10 samples of a 100-sample shard. Every offset in the
+    # shards must be drawn about equally often, not only the first 10.
+    planner = Planner((shard_layout([100] * 10, weight=1.0),), seed=0, world_size=2, workers_per_rank=2,
+                      resampled=True, epoch_samples=40)
+    offsets: Counter = Counter()
+    for epoch in range(300):
+        for rank in range(2):
+            for worker in range(2):
+                for _, start, stop in planner.plan(epoch, rank, worker).segments[0]:
+                    offsets.update(range(start, stop))
+    per_decile = [sum(offsets[o] for o in range(d * 10, d * 10 + 10)) for d in range(10)]
+    assert sum(per_decile) == 300 * 40
+    assert min(per_decile) > 0.6 * max(per_decile), per_decile

@@ -125,3 +125,34 @@ def test_missing_webdataset_says_what_to_install(tmp_path: Path, monkeypatch: py
     monkeypatch.setitem(sys.modules, "webdataset", None)  # makes `import webdataset` fail
     with pytest.raises(ImportError, match="pip install webdataset"):
         build([SourceConfig(kind="shards", path=pattern)])
+
+
+def test_a_missing_shard_never_stops_a_run_with_many_slots(tmp_path: Path) -> None:
+    # 64 slots (ranks here) share 4000 samples: 62 or 63 each per epoch, far fewer than the 400 of one shard.
+    # Over epochs some slot meets the missing shard's samples for much longer than two of its own epochs;
+    # that is still one missing shard, to be counted, not a reason to stop.
+    pattern = write_shards(tmp_path, 4000, 400)
+    (tmp_path / "s-000003.tar").unlink()
+    source = SourceConfig(kind="shards", path=pattern, name="s")
+    for rank in range(64):
+        data = build([source], batch_size=8, rank=rank, world_size=64)
+        longest = run = 0
+        for epoch in range(40):
+            for shard, start, stop in data.planner.plan(epoch, rank, 0).segments[0]:
+                run = run + stop - start if shard == 3 else 0
+                longest = max(longest, run)
+        if longest > 2 * 63 + 100:
+            break
+    else:
+        pytest.fail("no slot meets a long run of the missing shard; change the test's layout")
+    batches = take(data, 40 * 63 // 8)
+    assert len(batches) == 40 * 63 // 8
+    assert data.stats()["sources"]["s"]["skipped"]["missing_shard"] >= longest
+
+
+def test_data_with_no_usable_sample_stops_with_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "only.tar").write_bytes(b"not a tar at all" * 100)
+    (tmp_path / "sizes.json").write_text(json.dumps({"only.tar": 20}))
+    data = build([SourceConfig(kind="shards", path=str(tmp_path / "only.tar"), name="broken")], batch_size=4)
+    with pytest.raises(RuntimeError, match="samples in a row could not be used"):
+        take(data, 1)

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .config import DataConfig
-from .sampling import Planner
+from .sampling import PLAN_VERSION, Planner
 from .sources import Source, build_source
 from .stream import Position, SampleStream, StreamSettings
 
@@ -202,6 +202,7 @@ class TrainData:
     def _layout(self) -> dict:
         """Everything the per-worker positions depend on; a state saved under another layout cannot resume exactly."""
         return {
+            "plan_version": PLAN_VERSION,
             "seed": self.seed,
             "rank": self.rank,
             "world_size": self.world_size,

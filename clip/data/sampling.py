@@ -33,6 +33,11 @@ import numpy as np
 # Purposes mixed into the seeds, so that no two uses of randomness share a stream.
 _ORDER, _SHARD_ORDER, _INTERLEAVE, _RESAMPLE, _WINDOW = 1, 2, 3, 4, 5
 
+# Bumped whenever the same seed would plan other samples: a data position saved under another version
+# cannot resume exactly (the loader then restarts the epoch, with a warning). 2: resampled partial shards
+# start at a random offset.
+PLAN_VERSION = 2
+
 
 @dataclass(frozen=True)
 class SourceLayout:
@@ -99,16 +104,25 @@ def _segments_in_range(sizes: np.ndarray, first: int, stop: int, key: tuple[int,
 
 
 def _draw_segments(sizes: np.ndarray, count: int, rng: np.random.Generator) -> list[tuple[int, int, int]]:
-    """Whole shards drawn with replacement, probability proportional to size, until `count` samples."""
+    """Whole shards drawn with replacement, probability proportional to size, until `count` samples. When
+    the last draw needs only part of a shard, the part starts at a random sample and wraps around the shard's
+    end, so that every sample stays equally likely also when a slot's share is smaller than a shard (always
+    from the start, the shards' tails would never be drawn)."""
     probabilities = sizes / sizes.sum()
     segments, planned = [], 0
     while planned < count:
         batch = max(1, int(np.ceil((count - planned) / sizes.mean())))
         for shard in rng.choice(len(sizes), size=batch, p=probabilities):
-            take = min(int(sizes[shard]), count - planned)
-            if take > 0:
-                segments.append((int(shard), 0, take))
-                planned += take
+            size = int(sizes[shard])
+            take = min(size, count - planned)
+            if take == size:
+                segments.append((int(shard), 0, size))
+            elif take > 0:
+                start = int(rng.integers(0, size))
+                segments.append((int(shard), start, min(size, start + take)))
+                if start + take > size:
+                    segments.append((int(shard), 0, start + take - size))
+            planned += max(take, 0)
     return segments
 
 

@@ -154,6 +154,12 @@ class _BatchBuilder:
         self.draft = draft_size(self.settings.image_size, self.settings.augment) if self.settings.jpeg_draft else None
         self.skip_log = SkipLog(self.settings.log_every_s, f"data rank {self.settings.rank} worker {worker}")
         self.misses = 0  # raw items in a row that could not be used
+        # A run stops only when no sample can be used at all: more failures in a row than two passes over
+        # every source (or two of the largest shard, which a missing shard costs a slot at once) means the
+        # data is unusable, not dirty. A limit per slot would trip on one missing shard with many slots.
+        shard_sizes = [s.shard_sizes for s in stream.planner.sources if s.shard_sizes is not None and len(s.shard_sizes)]
+        largest_shard = max((int(sizes.max()) for sizes in shard_sizes), default=0)
+        self.miss_limit = 2 * max(stream.planner.samples_per_pass, largest_shard, 1) + 100
 
     def next_batch(self, items: Iterator[_Item]) -> tuple[torch.Tensor, torch.Tensor, dict]:
         s = self.settings
@@ -200,10 +206,10 @@ class _BatchBuilder:
         meta["position"] = item.position
         self.skip_log.record(skip.kind, source.name, source.describe(item.raw), skip.detail)
         self.misses += 1
-        if self.misses > 2 * item.epoch_length + 100:
+        if self.misses > self.miss_limit:
             raise RuntimeError(
                 f"data rank {self.settings.rank} worker {self.worker}: {self.misses} samples in a row could not be "
-                f"used (more than two epochs' worth); the latest: {source.describe(item.raw)}: {skip}. "
+                f"used (more than two passes over all the data); the latest: {source.describe(item.raw)}: {skip}. "
                 f"Counts of the current batch: {meta['counts']}"
             )
 

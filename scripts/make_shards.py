@@ -8,7 +8,7 @@ Input: a manifest (.csv, .tsv or .jsonl; image paths relative to its folder) or 
 with a caption file of the same name and the suffix .txt. Output: PREFIX-000000.tar, PREFIX-000001.tar, ...
 with N samples each (the last one fewer), every sample stored as KEY.jpg|png|webp (the original bytes;
 other formats are converted to PNG), KEY.txt (the caption, UTF-8) and KEY.json (key, caption, source path,
-width, height, and the manifest's other fields), as img2dataset lays them out; and sizes.json, the sample
+width, height), as img2dataset lays them out; and sizes.json, the sample
 count of each shard, which the loader needs to plan exact epochs. Samples that cannot be used (missing or
 broken images, empty or non-UTF-8 captions) are skipped and counted by kind, with the same checks as the
 training loader.
@@ -63,6 +63,8 @@ def encode_sample(image_path: str, caption: str | None) -> tuple[str, bytes, str
         data = Path(image_path).read_bytes()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise SkipSample("missing_file") from None
+    except OSError as error:  # no permission, an I/O error on a bad disk or network mount...
+        raise SkipSample("unreadable_file", str(error)) from None
     with pil_pixel_limit(MAX_IMAGE_PIXELS):
         image = open_image(data, MAX_IMAGE_PIXELS, draft_size=None)  # a full decode: catches truncation
     extension = KEPT_FORMATS.get(image.format or "")
@@ -77,7 +79,7 @@ def write_shards(samples: Iterator, output: Path, prefix: str, per_shard: int) -
     """Writes the shards and sizes.json; returns ({shard name: count}, skipped counts by kind)."""
     webdataset = require_webdataset()
     output.mkdir(parents=True, exist_ok=True)
-    pattern = str(output / f"{prefix}-%06d.tar")
+    pattern = str(output / f"{prefix.replace('%', '%%')}-%06d.tar")  # a '%' in the prefix is literal
     skipped: Counter = Counter()
     written = 0
     # maxcount splits exactly every `per_shard` samples; a fixed mtime makes the tars reproducible.

@@ -72,6 +72,22 @@ def test_image_folder_with_caption_files(tmp_path: Path, capsys: pytest.CaptureF
     data.close()
 
 
+def test_an_unreadable_image_is_counted_not_fatal(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # A file name longer than any file system allows: reading it fails with an OSError that is not
+    # "not found" (as a permission error or a failing disk would).
+    manifest = write_manifest(tmp_path / "src", range(3), "train.csv")
+    with manifest.open("a") as file:
+        file.write(f"images/{'x' * 300}.jpg,a caption\n")
+    assert make_shards_main()([str(manifest), str(tmp_path / "out")]) == 0
+    assert "unreadable_file 1" in capsys.readouterr().out
+
+
+def test_a_percent_sign_in_the_prefix_is_literal(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path / "src", range(3), "train.csv")
+    assert make_shards_main()([str(manifest), str(tmp_path / "out"), "--prefix", "100%d"]) == 0
+    assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"100%d-000000.tar": 3}
+
+
 def test_index_only_rewrites_sizes(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path / "src", range(5))
     make_shards_main()([str(manifest), str(tmp_path / "out"), "--samples-per-shard", "3"])

@@ -60,8 +60,12 @@ def _missing_columns_error(path: str, wanted: list[str], available: list[str]) -
 
 
 def _delimited_rows(path: str, separator: str, image_column: str, caption_column: str) -> Iterator[tuple | None]:
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as file:
-        reader = csv.DictReader(file, delimiter=separator)
+    # Tab-separated files have no quoting convention in practice (captions hold '"' freely, and a stray one
+    # would otherwise swallow the following rows silently); comma-separated ones need it for commas in captions.
+    quoting = csv.QUOTE_NONE if separator == "\t" else csv.QUOTE_MINIMAL
+    # utf-8-sig: a byte-order mark (as spreadsheet programs write) is not part of the first column's name.
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as file:
+        reader = csv.DictReader(file, delimiter=separator, quoting=quoting)
         available = list(reader.fieldnames or [])
         if image_column not in available or caption_column not in available:
             raise _missing_columns_error(path, [image_column, caption_column], available)
@@ -74,8 +78,11 @@ def _delimited_rows(path: str, separator: str, image_column: str, caption_column
 
 
 def _jsonl_rows(path: str, image_column: str, caption_column: str) -> Iterator[tuple | None]:
+    checked_columns = False
     with open(path, "rb") as file:
         for number, line in enumerate(file, start=1):
+            if number == 1 and line.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
+                line = line[3:]
             if not line.strip():
                 continue
             try:
@@ -86,8 +93,10 @@ def _jsonl_rows(path: str, image_column: str, caption_column: str) -> Iterator[t
             if not isinstance(record, dict):
                 yield None
                 continue
-            if number == 1 and (image_column not in record or caption_column not in record):
-                raise _missing_columns_error(path, [image_column, caption_column], list(record))
+            if not checked_columns:  # the first record names the columns; a mismatch is a config error
+                checked_columns = True
+                if image_column not in record or caption_column not in record:
+                    raise _missing_columns_error(path, [image_column, caption_column], list(record))
             image, caption = record.get(image_column), record.get(caption_column)
             ok = isinstance(image, str) and image and isinstance(caption, str)
             yield (image, caption) if ok else None

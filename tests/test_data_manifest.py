@@ -1,0 +1,50 @@
+"""Reading manifests: quotes in TSV captions, quoted commas in CSV, byte-order marks, the column check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from clip.data.manifest import read_manifest
+
+
+def captions_of(path: Path, **columns) -> list[str]:
+    manifest = read_manifest(str(path), **columns)
+    return [manifest.captions[row].decode() for row in range(len(manifest))]
+
+
+def test_tsv_captions_keep_their_quotes_and_never_swallow_rows(tmp_path: Path) -> None:
+    path = tmp_path / "train.tsv"
+    rows = ['"the best" pizza', '"unclosed quote at the start', "a plain one", 'ends with "quote"']
+    path.write_text("image\tcaption\n" + "".join(f"{i}.jpg\t{caption}\n" for i, caption in enumerate(rows)))
+    assert captions_of(path) == rows
+
+
+def test_csv_quoted_fields_hold_commas_and_quotes(tmp_path: Path) -> None:
+    path = tmp_path / "train.csv"
+    path.write_text('image,caption\n0.jpg,"red, green and blue"\n1.jpg,"a ""quoted"" word"\n')
+    assert captions_of(path) == ["red, green and blue", 'a "quoted" word']
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"train{suffix}"
+    if suffix == ".jsonl":
+        body = "".join(json.dumps({"image": f"{i}.jpg", "caption": f"caption {i}"}) + "\n" for i in range(2))
+    else:
+        separator = "\t" if suffix == ".tsv" else ","
+        body = f"image{separator}caption\n" + "".join(f"{i}.jpg{separator}caption {i}\n" for i in range(2))
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    manifest = read_manifest(str(path))
+    assert len(manifest) == 2 and manifest.bad_rows == 0
+    assert manifest.image_path(0).endswith("0.jpg")
+
+
+def test_jsonl_columns_are_checked_on_the_first_record_even_after_blank_lines(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n\n" + json.dumps({"url": "0.jpg", "text": "a caption"}) + "\n")
+    with pytest.raises(ValueError, match="no column 'image', 'caption'"):
+        read_manifest(str(path))
+    assert captions_of(path, image_column="url", caption_column="text") == ["a caption"]

@@ -156,3 +156,27 @@ def test_data_with_no_usable_sample_stops_with_a_clear_error(tmp_path: Path) -> 
     data = build([SourceConfig(kind="shards", path=str(tmp_path / "only.tar"), name="broken")], batch_size=4)
     with pytest.raises(RuntimeError, match="samples in a row could not be used"):
         take(data, 1)
+
+
+def test_shards_of_the_same_name_in_two_folders_get_their_own_counts(tmp_path: Path) -> None:
+    a = write_shards(tmp_path / "a", 4, 4)
+    b = write_shards(tmp_path / "b", 6, 6)
+    assert shard_sizes(expand_shard_pattern(f"{a}::{b}")).tolist() == [4, 6]
+    data = build([SourceConfig(kind="shards", path=f"{a}::{b}")], batch_size=5)
+    assert data.samples_per_epoch == 10
+    data.close()
+
+
+def test_a_shard_longer_than_its_index_is_reported(tmp_path: Path, caplog) -> None:
+    pattern = write_shards(tmp_path, 8, 4)
+    (tmp_path / "sizes.json").write_text(json.dumps({"s-000000.tar": 3, "s-000001.tar": 4}))  # stale: 3 for 4
+    data = build([SourceConfig(kind="shards", path=pattern, name="stale")], batch_size=7)
+    with caplog.at_level("WARNING", logger="clip.data.sources"):
+        assert len(captions(take(data, 1))) == 7
+    assert "s-000000.tar holds more samples than its size index says" in caplog.text
+    assert "s-000001.tar" not in caplog.text
+    data.close()
+
+
+def test_pipe_shard_names_keep_a_tar_gz_suffix() -> None:
+    assert shard_name("pipe:cat /data/x-000.tar.gz") == "x-000.tar.gz"

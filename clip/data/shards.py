@@ -16,7 +16,7 @@ import json
 import logging
 import posixpath
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -27,7 +27,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SIZE_INDEX_NAME = "sizes.json"
-_TAR_NAME = re.compile(r"[^\s'\"]+\.(?:tar|tar\.gz|tgz)\b")
+_TAR_NAME = re.compile(r"[^\s'\"]+\.(?:tar\.gz|tgz|tar)\b")  # the longest suffix first
 
 
 def require_webdataset() -> Any:
@@ -103,39 +103,71 @@ def _img2dataset_count(url: str) -> int | None:
     return int(count) if isinstance(count, int) else None
 
 
+class _SizeIndexes:
+    """Size index entries for shard URLs: from one given index file, or from the sizes.json in each
+    shard's own folder (read once per folder), so that shards of the same name in different folders
+    (`a/{0..9}.tar::b/{0..9}.tar`) get their own counts. An entry is keyed by the shard's file name, or by
+    its URL as written (which a single index for several folders needs)."""
+
+    def __init__(self, size_index: str) -> None:
+        self.size_index = size_index
+        self.by_folder: dict[str, Any] = {}
+        if size_index:
+            self.given = _read_json(size_index)
+            if self.given is None:
+                raise FileNotFoundError(f"cannot read the shard size index {size_index}")
+
+    def location(self, url: str) -> str | None:
+        if self.size_index:
+            return self.size_index
+        folder = _shard_folder(url)
+        return None if folder is None else posixpath.join(folder, SIZE_INDEX_NAME)  # join("", name) is name
+
+    def count(self, url: str) -> int | None:
+        location = self.location(url)
+        if location is None:
+            return None
+        if self.size_index:
+            index = self.given
+        else:
+            if location not in self.by_folder:
+                self.by_folder[location] = _read_json(location)
+            index = self.by_folder[location]
+        if not isinstance(index, dict):
+            return None
+        count = index.get(url, index.get(shard_name(url)))
+        return int(count) if isinstance(count, int) else None
+
+
 def shard_sizes(urls: list[str], size_index: str = "", num_samples: int | None = None) -> np.ndarray:
-    """Samples per shard, from (in this order) `num_samples` spread evenly, the `size_index` file, a
-    sizes.json beside the first shard, img2dataset's per-shard *_stats.json, or counting a local tar."""
-    index_url, folder = size_index, _shard_folder(urls[0])
-    if not index_url and folder is not None:
-        index_url = posixpath.join(folder, SIZE_INDEX_NAME)  # join("", name) is name
-    index = _read_json(index_url) if index_url else None
+    """Samples per shard, from (in this order) `num_samples` spread evenly, the `size_index` file, the
+    sizes.json beside each shard, img2dataset's per-shard *_stats.json, or counting a local tar."""
+    indexes = _SizeIndexes(size_index)
     if num_samples is not None:
-        indexed = [index.get(shard_name(url)) for url in urls] if isinstance(index, dict) else []
-        if indexed and all(isinstance(count, int) for count in indexed) and sum(indexed) != num_samples:
+        indexed = [indexes.count(url) for url in urls]
+        if all(count is not None for count in indexed) and sum(indexed) != num_samples:
             # Typically a num_samples left over from another source kind: the shards would be read as if
             # they held other counts, and every planned sample they lack is skipped as shard_too_short.
             log.warning(
                 "num_samples=%d is used for these shards, but their size index %s says %d samples",
-                num_samples, index_url, sum(indexed),
+                num_samples, indexes.location(urls[0]), sum(indexed),
             )
         return np.array([num_samples // len(urls) + (i < num_samples % len(urls)) for i in range(len(urls))], np.int64)
-    if size_index and index is None:
-        raise FileNotFoundError(f"cannot read the shard size index {size_index}")
     sizes = []
     for url in urls:
-        count = index.get(shard_name(url)) if isinstance(index, dict) else None
+        count = indexes.count(url)
         if count is None:
             count = _img2dataset_count(url)
         if count is None and _is_local(url) and Path(url).is_file():
             log.info("no size index entry for %s: counting its samples", url)
             count = count_tar_samples(url)
         if count is None:
-            raise ValueError(
-                f"no sample count for shard {url}: write a sizes.json beside the shards "
-                f"(python scripts/make_shards.py --index '<pattern>'), point size_index at one, "
-                f"or set num_samples for the source"
+            where = (
+                "point size_index at a sizes.json (pipe: shards have no folder to look in)" if url.startswith("pipe:")
+                else "write a sizes.json beside the shards (python scripts/make_shards.py --index '<pattern>') "
+                "or point size_index at one"
             )
+            raise ValueError(f"no sample count for shard {url}: {where}, or set num_samples for the source")
         sizes.append(int(count))
     return np.array(sizes, dtype=np.int64)
 
@@ -207,19 +239,33 @@ class MissingSample:
     detail: str
 
 
-def read_shard_range(url: str, start: int, count: int) -> Iterator[dict | MissingSample]:
+def read_shard_range(
+    url: str, start: int, count: int, on_longer: Callable[[str], None] | None = None
+) -> Iterator[dict | MissingSample]:
     """Exactly `count` items: samples start..start+count-1 of the shard, and a MissingSample for each one it
-    could not deliver (the shard is missing, unreadable from some point on, or shorter than its index says)."""
+    could not deliver (the shard is missing, unreadable from some point on, or shorter than its index says).
+    With `on_longer` (for a range that ends where the size index says the shard ends), one more sample is
+    looked for, and `on_longer(url)` called if the shard has it: samples past the index are never planned."""
     delivered, kind, detail = 0, "shard_too_short", "fewer samples than the size index says"
     if count <= 0:
         return
     samples = iterate_tar_samples(url, skip=start)
     try:
         for sample in samples:
-            yield sample
             delivered += 1
             if delivered == count:
+                # Done with the shard before handing out its last sample: a consumer that stops right after
+                # it never resumes this generator, which would leave the stream open and the check undone.
+                try:
+                    longer = on_longer is not None and next(samples, None) is not None
+                except Exception:  # what follows is unreadable, but it is there
+                    longer = True
+                samples.close()
+                if longer:
+                    on_longer(url)
+                yield sample
                 return
+            yield sample
     except FileNotFoundError as error:
         kind, detail = "missing_shard", str(error)
     except Exception as error:  # tarfile.ReadError, a truncated member, a failed pipe, a network error...

@@ -9,6 +9,7 @@ only read once they are needed.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,8 @@ from .decoding import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, SkipSample, find_mem
 from .manifest import read_manifest
 from .sampling import SlotPlan, SourceLayout
 from .shards import MissingSample, expand_shard_pattern, read_shard_range, require_webdataset, shard_sizes
+
+log = logging.getLogger(__name__)
 
 
 class SyntheticSource:
@@ -111,6 +114,7 @@ class ShardSource:
         self.layout = SourceLayout(int(self.sizes.sum()), config.weight, self.sizes)
         self.image_key = config.image_column
         self.caption_key = config.caption_column
+        self._reported_longer: set[str] = set()  # shards found longer than the index, warned about once
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256(("\n".join(self.urls)).encode() + self.sizes.tobytes()).hexdigest()[:16]
@@ -121,8 +125,19 @@ class ShardSource:
             if skip >= stop - start:
                 skip -= stop - start
                 continue
-            yield from read_shard_range(self.urls[shard], start + skip, stop - start - skip)
+            at_end = stop == int(self.sizes[shard])
+            yield from read_shard_range(
+                self.urls[shard], start + skip, stop - start - skip, self._report_longer if at_end else None
+            )
             skip = 0
+
+    def _report_longer(self, url: str) -> None:
+        if url not in self._reported_longer:
+            self._reported_longer.add(url)
+            log.warning(
+                "data source %s: shard %s holds more samples than its size index says; the extra ones are never "
+                "read (rewrite the index: python scripts/make_shards.py --index '<pattern>')", self.name, url,
+            )
 
     def describe(self, sample: dict | MissingSample) -> str:
         if isinstance(sample, MissingSample):

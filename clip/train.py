@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, load_config, to_dict, to_toml
-from .data import build_train_data
+from .data import build_train_data, counts_line, merge_rank_reports
 from .distributed import DistributedInfo, cleanup_distributed, init_distributed, read_launcher_environment
 from .evaluation.during_training import run_evaluations
 from .loss import (
@@ -376,8 +376,10 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
                     last_metrics["grad_norm"] = float(grad_norm)
                 if peak is not None:
                     last_metrics["mfu"] = window_flops / max(elapsed, 1e-9) / dist_info.world_size / peak
+                # Every rank's data counts, summed (a collective: all ranks log at the same steps).
+                data_stats = merge_rank_reports(gather_objects(data.rank_report(), dist_info))
                 if dist_info.is_main:
-                    run_log.write({**last_metrics, "data": data.stats()})
+                    run_log.write({**last_metrics, "data": data_stats})
                     if progress is not None:
                         progress.set_postfix(
                             loss=f"{last_metrics['loss']:.3f}", lr=f"{lr:.2e}",
@@ -405,8 +407,10 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
         final.update(evaluate(step))
     if not ckpt.checkpoint_path(run_dir, step).exists():
         save(step, final)
+    data_totals = merge_rank_reports(gather_objects(data.rank_report(), dist_info))
     if dist_info.is_main:
-        log.info("data: %s", data.epoch_summary())
+        log.info("data: %s", data.epoch_summary())  # this rank's, since the run (or resume) started
+        log.info("data, all %d ranks, whole run: %s", dist_info.world_size, counts_line(data_totals["sources"]))
         run_log.close()
         if finished:
             if config.logging.plot:

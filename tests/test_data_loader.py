@@ -130,3 +130,23 @@ def test_resampled_mode_follows_the_weights(tmp_path: Path) -> None:
 def test_too_little_data_for_the_workers_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="fewer than"):
         build([shards_source(tmp_path, 3, 2)], world_size=2, workers=2)
+
+
+def test_rank_reports_merge_into_whole_run_counts(tmp_path: Path) -> None:
+    # 40 samples over 2 ranks: 20 per rank per epoch, 4 batches of 5. Rank 0 is one epoch ahead of rank 1;
+    # the merged finished epoch is the latest both have finished, with both ranks' counts.
+    from clip.data import merge_rank_reports
+
+    source = shards_source(tmp_path, 40, 6, name="s")
+    reports = []
+    for rank, batches in ((0, 9), (1, 5)):
+        data = build([source], batch_size=5, rank=rank, world_size=2)
+        take(data, batches)
+        reports.append(data.rank_report())
+        data.close()
+    merged = merge_rank_reports(reports)
+    assert merged["ranks"] == 2 and merged["epoch"] == 1
+    assert merged["samples"] == merged["sources"]["s"]["samples"] == 70
+    assert merged["finished_epoch"]["epoch"] == 0
+    assert merged["finished_epoch"]["sources"]["s"]["samples"] == 40
+    assert reports[0]["stats"]["finished_epoch"]["epoch"] == 1  # each rank's own view

@@ -3,6 +3,7 @@ per-rank data positions in checkpoints, and a resumed distributed run that match
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -49,3 +50,7 @@ def test_two_ranks_train_checkpoint_and_resume_exactly(tmp_path):
     for name, tensor in straight["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
     assert (tmp_path / "straight" / "results.json").exists()
+    # metrics.jsonl (written by rank 0) counts both ranks' samples: 4 steps x 2 ranks x 4
+    records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").open()]
+    last = [r["data"] for r in records if "data" in r][-1]
+    assert last["ranks"] == 2 and last["samples"] == 32

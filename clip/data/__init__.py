@@ -6,6 +6,6 @@ weighted resampling, skips and counts bad samples, and resumes exactly from `sta
 """
 
 from .config import DataConfig, SourceConfig
-from .loader import TrainData, build_train_data
+from .loader import TrainData, build_train_data, counts_line, merge_rank_reports
 
-__all__ = ["DataConfig", "SourceConfig", "TrainData", "build_train_data"]
+__all__ = ["DataConfig", "SourceConfig", "TrainData", "build_train_data", "counts_line", "merge_rank_reports"]

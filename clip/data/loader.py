@@ -30,6 +30,7 @@ from .stream import Position, SampleStream, StreamSettings
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
+_FINISHED_EPOCHS_KEPT = 4
 
 
 def _empty_counts() -> dict:
@@ -48,11 +49,11 @@ def _add_source_counts(into: dict, counts: dict) -> None:
         _add(into[field], counts[field])
 
 
-def _counts_line(counts: dict, before: dict) -> str:
+def counts_line(counts: dict, before: dict | None = None) -> str:
     """'name: N samples, skipped K (kind k, ...), repaired ...' per source, for counts minus `before`."""
     parts = []
     for name, now in counts.items():
-        then = before.get(name, _empty_counts())
+        then = (before or {}).get(name, _empty_counts())
         line = f"{name}: {now['samples'] - then['samples']} samples"
         for field in ("skipped", "repaired"):
             delta = {k: v - then[field].get(k, 0) for k, v in sorted(now[field].items())}
@@ -131,7 +132,7 @@ class TrainData:
         # Counts of the data epochs some worker of this rank is still in, {epoch: {source: counts}}, and the
         # exact counts of the last data epoch every worker finished: {"epoch": e, "sources": {...}} or None.
         self._open_epochs: dict[int, dict] = {}
-        self._finished_epoch: dict | None = None
+        self._finished_epochs: dict[int, dict] = {}  # the last few, for merging ranks that finish at different steps
         self._loader_iterator: Iterator | None = None
         self._generation = 0  # bumped by every iter() and close(); older batch generators stop
         self._warned_order = False
@@ -181,10 +182,12 @@ class TrainData:
                 _add_source_counts(open_epoch[name], counts)
         for epoch in range(epoch_before, self.epoch):  # every worker of this rank has finished these data epochs
             sources = self._open_epochs.pop(epoch, {name: _empty_counts() for name in self._counts})
-            self._finished_epoch = {"epoch": epoch, "sources": sources}
+            self._finished_epochs[epoch] = sources
+            for old_epoch in sorted(self._finished_epochs)[:-_FINISHED_EPOCHS_KEPT]:
+                del self._finished_epochs[old_epoch]
             log.log(
                 logging.INFO if self.rank == 0 else logging.DEBUG,
-                "data rank %d, epoch %d done: %s", self.rank, epoch, _counts_line(sources, {}),
+                "data rank %d, epoch %d done: %s", self.rank, epoch, counts_line(sources, {}),
             )
 
     def _stop_workers(self) -> None:
@@ -223,7 +226,7 @@ class TrainData:
             "batches": self._batches,
             "counts": copy.deepcopy(self._counts),
             "open_epochs": [[epoch, copy.deepcopy(counts)] for epoch, counts in sorted(self._open_epochs.items())],
-            "finished_epoch": copy.deepcopy(self._finished_epoch),
+            "finished_epochs": [[epoch, copy.deepcopy(c)] for epoch, c in sorted(self._finished_epochs.items())],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -252,7 +255,7 @@ class TrainData:
         for name, counts in state["counts"].items():
             if name in self._counts:
                 self._counts[name] = copy.deepcopy(counts)
-        self._finished_epoch = copy.deepcopy(state.get("finished_epoch"))
+        self._finished_epochs = {int(epoch): copy.deepcopy(c) for epoch, c in state.get("finished_epochs", [])}
         self._summary_mark = (self.epoch, copy.deepcopy(self._counts))
 
     # ---- reporting -----------------------------------------------------------------------------------
@@ -271,8 +274,18 @@ class TrainData:
             "samples": sum(counts["samples"] for counts in sources.values()),
             "skipped": sum(sum(counts["skipped"].values()) for counts in sources.values()),
             "sources": sources,
-            "finished_epoch": copy.deepcopy(self._finished_epoch),
+            "finished_epoch": self._latest_finished_epoch(),
         }
+
+    def _latest_finished_epoch(self) -> dict | None:
+        if not self._finished_epochs:
+            return None
+        epoch = max(self._finished_epochs)
+        return {"epoch": epoch, "sources": copy.deepcopy(self._finished_epochs[epoch])}
+
+    def rank_report(self) -> dict:
+        """What `merge_rank_reports` needs from this rank: `stats()` and the last few finished epochs' counts."""
+        return {"stats": self.stats(), "finished_epochs": copy.deepcopy(self._finished_epochs)}
 
     def epoch_summary(self) -> str:
         """One line on what happened since the previous call (or the start): samples, skips and repairs by
@@ -282,7 +295,37 @@ class TrainData:
         since_epoch, before = self._summary_mark
         self._summary_mark = (self.epoch, copy.deepcopy(self._counts))
         epochs = f"epoch {since_epoch}" + (f"-{self.epoch}" if self.epoch != since_epoch else "")
-        return f"data rank {self.rank}, {epochs}: " + _counts_line(self._counts, before)
+        return f"data rank {self.rank}, {epochs}: " + counts_line(self._counts, before)
+
+
+def _summed_sources(per_rank: list[dict]) -> dict:
+    total: dict = {}
+    for sources in per_rank:
+        for name, counts in sources.items():
+            _add_source_counts(total.setdefault(name, _empty_counts()), counts)
+    return total
+
+
+def merge_rank_reports(reports: list[dict]) -> dict:
+    """All ranks' `rank_report()`s as one `stats()`-shaped dict for the whole run: counts summed over ranks,
+    `epoch` the earliest any rank is in, and `finished_epoch` the latest data epoch every rank has finished
+    (ranks finish it a batch or so apart), with its exact counts summed over ranks."""
+    stats = [report["stats"] for report in reports]
+    sources = _summed_sources([s["sources"] for s in stats])
+    common = set.intersection(*(set(report["finished_epochs"]) for report in reports)) if reports else set()
+    finished = None
+    if common:
+        epoch = max(common)
+        finished = {"epoch": epoch, "sources": _summed_sources([r["finished_epochs"][epoch] for r in reports])}
+    return {
+        "epoch": min(s["epoch"] for s in stats),
+        "batches": sum(s["batches"] for s in stats),
+        "samples": sum(s["samples"] for s in stats),
+        "skipped": sum(s["skipped"] for s in stats),
+        "sources": sources,
+        "finished_epoch": finished,
+        "ranks": len(reports),
+    }
 
 
 def build_train_data(

@@ -120,6 +120,17 @@ def test_an_epoch_of_bad_input_completes_with_exact_counts(tmp_path: Path, caplo
     assert Image.MAX_IMAGE_PIXELS != PIXEL_LIMIT  # the limit was set only while decoding
 
 
+def test_formats_outside_the_web_image_list_are_never_handed_to_their_plugins() -> None:
+    # PIL would identify this as EPS (and run Ghostscript on it where installed); web data is not trusted.
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    with pytest.raises(SkipSample) as caught:
+        open_image(eps, PIXEL_LIMIT, None)
+    assert caught.value.kind == "not_an_image"
+    mpo = io.BytesIO()
+    rgb_image().save(mpo, format="MPO")  # what phones and cameras write: still decoded
+    assert open_image(mpo.getvalue(), PIXEL_LIMIT, None).size == (24, 20)
+
+
 def test_open_image_classifies_failures() -> None:
     with pil_pixel_limit(PIXEL_LIMIT):
         for name, (data, _, kind) in SKIPPED.items():

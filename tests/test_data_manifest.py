@@ -48,3 +48,26 @@ def test_jsonl_columns_are_checked_on_the_first_record_even_after_blank_lines(tm
     with pytest.raises(ValueError, match="no column 'image', 'caption'"):
         read_manifest(str(path))
     assert captions_of(path, image_column="url", caption_column="text") == ["a caption"]
+
+
+def test_source_settings_that_cannot_work_are_config_errors(tmp_path: Path) -> None:
+    from clip.data import DataConfig, SourceConfig
+
+    with pytest.raises(ValueError, match="finite"):
+        SourceConfig(kind="manifest", path="x.csv", weight=float("inf"))
+    with pytest.raises(ValueError, match="num_samples is for synthetic and shard sources"):
+        SourceConfig(kind="manifest", path="x.csv", num_samples=10)
+    with pytest.raises(ValueError, match="worker_timeout_s"):
+        DataConfig(worker_timeout_s=-1.0)
+
+
+def test_rows_dropped_while_reading_are_reported_in_the_stats(tmp_path: Path) -> None:
+    from test_data_helpers import build
+
+    from clip.data import SourceConfig
+
+    path = tmp_path / "train.csv"
+    path.write_text("image,caption\n0.jpg,a caption\n,no image path\n2.jpg,another\n")
+    data = build([SourceConfig(kind="manifest", path=str(path), name="m")])
+    assert data.stats()["manifest_rows_dropped"] == {"m": 1} and data.samples_per_epoch == 2
+    data.close()

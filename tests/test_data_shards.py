@@ -180,3 +180,11 @@ def test_a_shard_longer_than_its_index_is_reported(tmp_path: Path, caplog) -> No
 
 def test_pipe_shard_names_keep_a_tar_gz_suffix() -> None:
     assert shard_name("pipe:cat /data/x-000.tar.gz") == "x-000.tar.gz"
+
+
+def test_a_hung_shard_read_stops_with_a_clear_error_after_the_worker_timeout(tmp_path: Path) -> None:
+    source = SourceConfig(kind="shards", path="pipe:sleep 60 && cat never.tar", num_samples=4, name="hung")
+    data = build([source], batch_size=2, workers=1, worker_timeout_s=1.0)
+    with pytest.raises(RuntimeError, match="no batch from the data workers in data.worker_timeout_s=1 s"):
+        take(data, 1)
+    data.close()

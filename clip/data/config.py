@@ -47,10 +47,12 @@ class SourceConfig:
             raise ValueError(f"data source kind must be synthetic, manifest or shards, got {self.kind!r}")
         if self.kind != "synthetic" and not self.path:
             raise ValueError(f"a {self.kind} data source needs a path")
-        if not self.weight >= 0.0:
-            raise ValueError(f"data source weight must be >= 0, got {self.weight}")
+        if not 0.0 <= self.weight < float("inf"):
+            raise ValueError(f"data source weight must be finite and >= 0, got {self.weight}")
         if self.num_samples is not None and self.num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {self.num_samples}")
+        if self.kind == "manifest" and self.num_samples is not None:
+            raise ValueError("num_samples is for synthetic and shard sources; a manifest's rows are its samples")
 
 
 def _demo_sources() -> list[SourceConfig]:
@@ -77,6 +79,9 @@ class DataConfig:
     augment: bool = False
     jpeg_draft: bool = True  # let libjpeg decode large JPEGs at 1/2, 1/4 or 1/8 scale when still >= the target size
     log_every_s: float = 60.0  # at most one log line per skip kind per worker in this many seconds
+    # A data worker that delivers no batch for this long (a hung network read or pipe: command) stops the run
+    # with an error instead of stalling it forever; resume from the last checkpoint. 0 waits forever.
+    worker_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -87,5 +92,7 @@ class DataConfig:
             raise ValueError(f"data.shuffle_buffer must be >= 1 (1 = no shuffling), got {self.shuffle_buffer}")
         if self.epoch_samples is not None and self.epoch_samples <= 0:
             raise ValueError(f"data.epoch_samples must be positive, got {self.epoch_samples}")
+        if not 0.0 <= self.worker_timeout_s < float("inf"):
+            raise ValueError(f"data.worker_timeout_s must be finite and >= 0 (0 = no limit), got {self.worker_timeout_s}")
         if self.max_image_pixels is not None and self.max_image_pixels <= 0:
             raise ValueError(f"data.max_image_pixels must be positive or None, got {self.max_image_pixels}")

@@ -32,6 +32,15 @@ log = logging.getLogger(__name__)
 
 # Shard member extensions that hold an image, in the order they are looked for.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+# What PIL may identify web data as. Untrusted bytes never reach PIL's other plugins (EPS, for one, would run
+# Ghostscript on them). Multi-picture JPEGs from cameras and phones open through the JPEG plugin (older
+# Pillows register them as "MPO" too); names this Pillow does not register are left out (see _formats).
+DECODED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
+
+def _formats() -> tuple[str, ...]:
+    Image.init()  # registers every plugin once; later calls return at once
+    return tuple(name for name in DECODED_FORMATS if name in Image.OPEN)
 CAPTION_EXTENSIONS = ("txt",)
 # Composite transparent pixels onto white: transparent images are mostly logos and product shots made for
 # a white page. (The evaluation transform drops alpha like openai/CLIP; training sees what a viewer shows.)
@@ -81,7 +90,7 @@ def open_image(data: bytes, max_pixels: int | None, draft_size: int | None) -> I
     if not data:
         raise SkipSample("empty_file")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=_formats())
         if max_pixels is not None and image.width * image.height > max_pixels:
             raise SkipSample("decompression_bomb", f"{image.width}x{image.height} pixels")
         if draft_size is not None and image.format == "JPEG":

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from .config import DataConfig
 from .sampling import PLAN_VERSION, Planner
-from .sources import Source, build_source
+from .sources import ManifestSource, Source, build_source
 from .stream import Position, SampleStream, StreamSettings
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,12 @@ class TrainData:
             max_image_pixels=config.max_image_pixels,
             log_every_s=config.log_every_s,
         )
+        # Manifest rows unusable already when the file was read (no image path, a broken JSONL line): they are
+        # not in any epoch, so they are reported apart from the per-sample counts.
+        self._rows_dropped = {
+            source.name: source.manifest.bad_rows for source in self.sources
+            if isinstance(source, ManifestSource) and source.manifest.bad_rows
+        }
         self._positions: list[Position] = [(0, 0)] * self.slots_per_rank
         self._next_worker = 0
         self._batches = 0
@@ -150,6 +156,7 @@ class TrainData:
             num_workers=workers,
             pin_memory=self.config.pin_memory and torch.cuda.is_available(),
             prefetch_factor=self.config.prefetch_factor if workers > 0 else None,
+            timeout=self.config.worker_timeout_s if workers > 0 else 0,  # a hung read becomes an error
             # The loader draws its workers' base seed from this generator instead of torch's global RNG,
             # so creating it does not change the trainer's random numbers. (Our workers use no torch RNG.)
             generator=torch.Generator().manual_seed(self.seed),
@@ -160,7 +167,16 @@ class TrainData:
 
     def _batches_from(self, iterator: Iterator, generation: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while generation == self._generation:
-            images, tokens, meta = next(iterator)
+            try:
+                images, tokens, meta = next(iterator)
+            except RuntimeError as error:
+                if "timed out" not in str(error):
+                    raise
+                raise RuntimeError(
+                    f"data rank {self.rank}: no batch from the data workers in data.worker_timeout_s="
+                    f"{self.config.worker_timeout_s:g} s (a hung read of a remote or pipe: shard?). Resume from the "
+                    f"last checkpoint; raise data.worker_timeout_s if loading is just that slow."
+                ) from error
             self._record(meta)
             yield images, tokens
 
@@ -275,6 +291,7 @@ class TrainData:
             "skipped": sum(sum(counts["skipped"].values()) for counts in sources.values()),
             "sources": sources,
             "finished_epoch": self._latest_finished_epoch(),
+            "manifest_rows_dropped": dict(self._rows_dropped),
         }
 
     def _latest_finished_epoch(self) -> dict | None:
@@ -324,6 +341,7 @@ def merge_rank_reports(reports: list[dict]) -> dict:
         "skipped": sum(s["skipped"] for s in stats),
         "sources": sources,
         "finished_epoch": finished,
+        "manifest_rows_dropped": stats[0].get("manifest_rows_dropped", {}),  # every rank reads the same files
         "ranks": len(reports),
     }
 

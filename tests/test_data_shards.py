@@ -20,6 +20,11 @@ from clip.data.shards import expand_shard_pattern, read_shard_range, shard_name,
 
 def test_brace_patterns_and_shard_names() -> None:
     assert expand_shard_pattern("d/x-{00..02}.tar::e/y.tar") == ["d/x-00.tar", "d/x-01.tar", "d/x-02.tar", "e/y.tar"]
+    assert expand_shard_pattern("simplecache::s3://b/{0..1}.tar::d/y.tar") == [
+        "simplecache::s3://b/0.tar", "simplecache::s3://b/1.tar", "d/y.tar"
+    ]
+    with pytest.raises(ValueError, match="ends with the fsspec protocol"):
+        expand_shard_pattern("d/y.tar::simplecache")
     assert shard_name("/data/x-00.tar") == "x-00.tar"
     assert shard_name("s3://bucket/dir/x-00.tar") == "x-00.tar"
     assert shard_name("pipe:aws s3 cp s3://bucket/x-07.tar -") == "x-07.tar"

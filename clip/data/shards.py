@@ -41,12 +41,31 @@ def require_webdataset() -> Any:
     return webdataset
 
 
+_FSSPEC_PROTOCOL = re.compile(r"[a-z][a-z0-9+.-]*")  # a bare protocol name such as simplecache, filecache
+
+
+def _pattern_parts(pattern: str) -> list[str]:
+    """Splits patterns joined with '::', keeping fsspec's chained URLs ('simplecache::s3://b/x.tar') whole:
+    a part that is only a protocol name belongs to the part after it."""
+    parts, prefix = [], ""
+    for part in (piece.strip() for piece in pattern.split("::")):
+        if _FSSPEC_PROTOCOL.fullmatch(part):
+            prefix += part + "::"
+        elif part:
+            parts.append(prefix + part)
+            prefix = ""
+    if prefix:
+        raise ValueError(f"shard pattern {pattern!r} ends with the fsspec protocol {prefix!r} and no URL")
+    return parts
+
+
 def expand_shard_pattern(pattern: str) -> list[str]:
-    """'data/{00000..00003}.tar' -> the four paths; several patterns can be joined with '::'."""
+    """'data/{00000..00003}.tar' -> the four paths; several patterns can be joined with '::' (fsspec's
+    chained URLs, 'simplecache::s3://bucket/{0..9}.tar', stay one pattern)."""
     require_webdataset()
     import braceexpand  # a dependency of webdataset
 
-    return [url for part in pattern.split("::") if part.strip() for url in braceexpand.braceexpand(part.strip())]
+    return [url for part in _pattern_parts(pattern) for url in braceexpand.braceexpand(part)]
 
 
 def _is_local(url: str) -> bool:

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, load_config, to_dict, to_toml
-from .data import build_train_data, counts_line, merge_rank_reports
+from .data import build_train_data, counts_line, data_state_for_other_world_size, merge_rank_reports
 from .distributed import DistributedInfo, cleanup_distributed, init_distributed, read_launcher_environment
 from .evaluation.during_training import run_evaluations
 from .loss import (
@@ -220,7 +220,7 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
                 "checkpoint was written by %d ranks, this run has %d: RNG states are not restored and the "
                 "data position is approximate", len(state["rng"]), dist_info.world_size,
             )
-            data_state = state["data"][0]
+            data_state = data_state_for_other_world_size(state["data"], dist_info.rank)
         log.info("resumed %s at step %d", run_dir, start_step)
     else:
         torch.manual_seed(config.train.seed + dist_info.rank)  # ranks draw different augmentations
@@ -260,8 +260,11 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=autocast_dtype)
 
+    saved_at = {"step": None}  # the step of this run's latest checkpoint, the same on every rank
+
     def save(step: int, metrics: dict) -> None:
         # Every rank contributes its RNG state and data position; rank 0 writes the file.
+        saved_at["step"] = step
         rng_states = gather_objects(ckpt.capture_rng_state(), dist_info)
         data_states = gather_objects(data.state_dict(), dist_info)
         if dist_info.is_main:
@@ -322,6 +325,7 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
 
             optimizer.zero_grad(set_to_none=True)
             skipped = {"value": False}
+            grad_norm = None  # set when the step is taken and gradients are clipped
 
             def backward(loss: torch.Tensor) -> None:
                 # A non-finite loss is checked before any gradient exists, on all ranks together.
@@ -349,7 +353,6 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
             else:
                 nonfinite_in_a_row = 0
                 scaler.unscale_(optimizer)
-                grad_norm = None
                 if config.optimizer.grad_clip_norm is not None:
                     grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), config.optimizer.grad_clip_norm)
                 scaler.step(optimizer)
@@ -405,7 +408,9 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
     final = dict(last_metrics)
     if finished:
         final.update(evaluate(step))
-    if not ckpt.checkpoint_path(run_dir, step).exists():
+    # Decided from this run's own saves, not by looking at the file system: every rank must agree, or the
+    # collectives inside save() would pair up with other calls.
+    if saved_at["step"] != step:
         save(step, final)
     data_totals = merge_rank_reports(gather_objects(data.rank_report(), dist_info))
     if dist_info.is_main:

@@ -150,3 +150,23 @@ def test_rank_reports_merge_into_whole_run_counts(tmp_path: Path) -> None:
     assert merged["finished_epoch"]["epoch"] == 0
     assert merged["finished_epoch"]["sources"]["s"]["samples"] == 40
     assert reports[0]["stats"]["finished_epoch"]["epoch"] == 1  # each rank's own view
+
+
+def test_resuming_on_another_number_of_ranks_keeps_the_run_totals(tmp_path: Path) -> None:
+    from clip.data import data_state_for_other_world_size, merge_rank_reports
+
+    source = shards_source(tmp_path, 40, 6, name="s")
+    saved = []
+    for rank in range(2):
+        data = build([source], batch_size=5, rank=rank, world_size=2)
+        take(data, 6)  # one epoch (4 batches) and half of the next
+        saved.append(data.state_dict())
+        data.close()
+    reports = []
+    for rank in range(3):
+        data = build([source], batch_size=5, rank=rank, world_size=3)
+        data.load_state_dict(data_state_for_other_world_size(saved, rank))
+        reports.append(data.rank_report())
+        data.close()
+    merged = merge_rank_reports(reports)
+    assert merged["samples"] == 2 * 6 * 5 and merged["batches"] == 12  # not multiplied by the ranks

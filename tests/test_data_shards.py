@@ -25,6 +25,7 @@ def test_brace_patterns_and_shard_names() -> None:
     ]
     with pytest.raises(ValueError, match="ends with the fsspec protocol"):
         expand_shard_pattern("d/y.tar::simplecache")
+    assert expand_shard_pattern("first.tar::second.tar") == ["first.tar", "second.tar"]  # file names, not protocols
     assert shard_name("/data/x-00.tar") == "x-00.tar"
     assert shard_name("s3://bucket/dir/x-00.tar") == "x-00.tar"
     assert shard_name("pipe:aws s3 cp s3://bucket/x-07.tar -") == "x-07.tar"
@@ -193,3 +194,13 @@ def test_a_hung_shard_read_stops_with_a_clear_error_after_the_worker_timeout(tmp
     with pytest.raises(RuntimeError, match="no batch from the data workers in data.worker_timeout_s=1 s"):
         take(data, 1)
     data.close()
+
+
+def test_a_shard_cut_inside_its_last_sample_is_not_called_longer(tmp_path: Path) -> None:
+    url = expand_shard_pattern(write_shards(tmp_path, 3, 3))[0]
+    data = Path(url).read_bytes()
+    Path(url).write_bytes(data[: data.rindex(b"000000002.json") + 512 + 2])  # inside sample 2's last member
+    calls: list[str] = []
+    items = list(read_shard_range(url, 0, 3, on_longer=calls.append))
+    assert [sorted(k for k in item if not k.startswith("__")) for item in items][2] == ["jpg", "txt"]
+    assert len(items) == 3 and calls == []  # the read error after the last planned sample is not "more samples"

@@ -6,6 +6,7 @@ weighted resampling, skips and counts bad samples, and resumes exactly from `sta
 """
 
 from .config import DataConfig, SourceConfig
-from .loader import TrainData, build_train_data, counts_line, merge_rank_reports
+from .loader import TrainData, build_train_data, counts_line, data_state_for_other_world_size, merge_rank_reports
 
-__all__ = ["DataConfig", "SourceConfig", "TrainData", "build_train_data", "counts_line", "merge_rank_reports"]
+__all__ = ["DataConfig", "SourceConfig", "TrainData", "build_train_data", "counts_line", "data_state_for_other_world_size",
+           "merge_rank_reports"]

@@ -170,7 +170,7 @@ class TrainData:
             try:
                 images, tokens, meta = next(iterator)
             except RuntimeError as error:
-                if "timed out" not in str(error):
+                if "DataLoader timed out" not in str(error):  # torch's message for worker_timeout_s
                     raise
                 raise RuntimeError(
                     f"data rank {self.rank}: no batch from the data workers in data.worker_timeout_s="
@@ -344,6 +344,24 @@ def merge_rank_reports(reports: list[dict]) -> dict:
         "manifest_rows_dropped": stats[0].get("manifest_rows_dropped", {}),  # every rank reads the same files
         "ranks": len(reports),
     }
+
+
+def data_state_for_other_world_size(states: list[dict], rank: int) -> dict:
+    """The state to resume rank `rank` from when the checkpoint's ranks (`states`, one per saved rank) differ
+    from this run's. Positions cannot carry over (the loader restarts the earliest epoch in progress), and the
+    run-wide counts must not be multiplied: rank 0 takes the sum of every saved rank's counts, others none."""
+    state = copy.deepcopy(states[0])
+    empty = {name: _empty_counts() for name in state["counts"]}
+    if rank == 0:
+        state["counts"] = _summed_sources([saved["counts"] for saved in states])
+        state["batches"] = sum(saved["batches"] for saved in states)
+        finished = [dict(map(tuple, saved.get("finished_epochs", []))) for saved in states]
+        common = sorted(set.intersection(*(set(f) for f in finished)))
+        state["finished_epochs"] = [[epoch, _summed_sources([f[epoch] for f in finished])] for epoch in common]
+    else:
+        state.update(counts=empty, batches=0, finished_epochs=[])
+    state["open_epochs"] = []
+    return state
 
 
 def build_train_data(

@@ -41,15 +41,21 @@ def require_webdataset() -> Any:
     return webdataset
 
 
-_FSSPEC_PROTOCOL = re.compile(r"[a-z][a-z0-9+.-]*")  # a bare protocol name such as simplecache, filecache
+def _fsspec_protocols() -> set[str]:
+    try:
+        import fsspec
+    except ImportError:
+        return set()  # no fsspec: no chained URLs either
+    return set(fsspec.available_protocols())
 
 
 def _pattern_parts(pattern: str) -> list[str]:
     """Splits patterns joined with '::', keeping fsspec's chained URLs ('simplecache::s3://b/x.tar') whole:
-    a part that is only a protocol name belongs to the part after it."""
+    a part that is only the name of an fsspec protocol belongs to the part after it."""
     parts, prefix = [], ""
+    protocols = _fsspec_protocols() if "::" in pattern else set()
     for part in (piece.strip() for piece in pattern.split("::")):
-        if _FSSPEC_PROTOCOL.fullmatch(part):
+        if part in protocols:
             prefix += part + "::"
         elif part:
             parts.append(prefix + part)
@@ -277,8 +283,8 @@ def read_shard_range(
                 # it never resumes this generator, which would leave the stream open and the check undone.
                 try:
                     longer = on_longer is not None and next(samples, None) is not None
-                except Exception:  # what follows is unreadable, but it is there
-                    longer = True
+                except Exception:  # the shard ends in a read error (e.g. a cut-off last sample): not longer
+                    longer = False
                 samples.close()
                 if longer:
                     on_longer(url)

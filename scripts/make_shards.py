@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from clip.data.decoding import IMAGE_EXTENSIONS, SkipSample, decode_caption, open_image, pil_pixel_limit
-from clip.data.manifest import MANIFEST_SUFFIXES, manifest_rows, original_bytes
+from clip.data.manifest import MANIFEST_SUFFIXES, QUOTING_CHOICES, manifest_rows, original_bytes
 from clip.data.shards import SIZE_INDEX_NAME, count_tar_samples, expand_shard_pattern, require_webdataset
 from clip.preprocess import to_rgb
 
@@ -50,7 +50,7 @@ def folder_samples(root: Path) -> Iterator[tuple[str, str | None, dict]]:
 
 def manifest_samples(path: Path, args: argparse.Namespace) -> Iterator[tuple[str, str | None, dict] | None]:
     root = path.resolve().parent
-    for row in manifest_rows(str(path), args.image_column, args.caption_column, args.separator):
+    for row in manifest_rows(str(path), args.image_column, args.caption_column, args.separator, args.quoting):
         yield None if row is None else (str(root / row[0]), row[1], {})
 
 
@@ -130,6 +130,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-column", default="image", help="manifest column with image paths (default: image)")
     parser.add_argument("--caption-column", default="caption", help="manifest column with captions (default: caption)")
     parser.add_argument("--separator", default="", help="manifest field separator (default: from the suffix)")
+    parser.add_argument("--quoting", choices=QUOTING_CHOICES, default="auto",
+                        help="manifest quotes: auto = CSV rules for .csv, none for .tsv; csv for a TSV a CSV writer quoted")
     parser.add_argument(
         "--index", metavar="PATTERN", help="only write sizes.json for existing shards 'dir/x-{000000..000009}.tar'"
     )

@@ -71,3 +71,16 @@ def test_rows_dropped_while_reading_are_reported_in_the_stats(tmp_path: Path) ->
     data = build([SourceConfig(kind="manifest", path=str(path), name="m")])
     assert data.stats()["manifest_rows_dropped"] == {"m": 1} and data.samples_per_epoch == 2
     data.close()
+
+
+def test_a_tsv_quoted_by_a_csv_writer_reads_with_csv_quoting(tmp_path: Path) -> None:
+    import csv
+
+    path = tmp_path / "train.tsv"
+    rows = ['a "red" car', "two\nlines", "plain"]
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file, delimiter="\t")
+        writer.writerow(["image", "caption"])
+        writer.writerows([f"{i}.jpg", caption] for i, caption in enumerate(rows))
+    assert captions_of(path, quoting="csv") == rows
+    assert captions_of(path) != rows  # "auto" reads TSV fields as written

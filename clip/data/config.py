@@ -35,6 +35,9 @@ class SourceConfig:
     image_column: str = "image"  # manifest column with the image path; for shards, a member extension tried first
     caption_column: str = "caption"  # manifest column with the caption; for shards, tried before "txt"
     separator: str = ""  # manifest field separator; "" = from the suffix (.csv ",", .tsv "\t"); unused for .jsonl
+    # Manifest quote handling: "auto" = CSV quoting rules for .csv, none for tab-separated files (whose captions
+    # hold raw '"'); "csv" for a TSV written by a CSV writer (pandas); "none" to read every field as written.
+    quoting: Literal["auto", "none", "csv"] = "auto"
     # synthetic: the number of samples (required). shards: the total sample count, spread evenly over the shards,
     # used instead of the size index (sizes.json or img2dataset's *_stats.json) -- for shards without one.
     num_samples: int | None = None

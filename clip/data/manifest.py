@@ -59,13 +59,24 @@ def _missing_columns_error(path: str, wanted: list[str], available: list[str]) -
     )
 
 
-def _delimited_rows(path: str, separator: str, image_column: str, caption_column: str) -> Iterator[tuple | None]:
-    # Tab-separated files have no quoting convention in practice (captions hold '"' freely, and a stray one
-    # would otherwise swallow the following rows silently); comma-separated ones need it for commas in captions.
-    quoting = csv.QUOTE_NONE if separator == "\t" else csv.QUOTE_MINIMAL
+QUOTING_CHOICES = ("auto", "none", "csv")
+
+
+def _delimited_rows(
+    path: str, separator: str, image_column: str, caption_column: str, quoting: str
+) -> Iterator[tuple | None]:
+    # "auto": tab-separated caption files (CC3M's and most web-scraped TSVs) hold '"' freely and unescaped,
+    # and a stray one would swallow the following rows silently under CSV quoting rules; comma-separated ones
+    # need those rules for commas in captions. "csv" reads a TSV that a CSV writer (pandas, Python's csv)
+    # quoted; "none" reads fields exactly as written.
+    if quoting not in QUOTING_CHOICES:
+        raise ValueError(f"quoting must be one of {QUOTING_CHOICES}, got {quoting!r}")
+    if quoting == "auto":
+        quoting = "none" if separator == "\t" else "csv"
+    csv_quoting = csv.QUOTE_NONE if quoting == "none" else csv.QUOTE_MINIMAL
     # utf-8-sig: a byte-order mark (as spreadsheet programs write) is not part of the first column's name.
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as file:
-        reader = csv.DictReader(file, delimiter=separator, quoting=quoting)
+        reader = csv.DictReader(file, delimiter=separator, quoting=csv_quoting)
         available = list(reader.fieldnames or [])
         if image_column not in available or caption_column not in available:
             raise _missing_columns_error(path, [image_column, caption_column], available)
@@ -102,25 +113,27 @@ def _jsonl_rows(path: str, image_column: str, caption_column: str) -> Iterator[t
             yield (image, caption) if ok else None
 
 
-def manifest_rows(path: str, image_column: str, caption_column: str, separator: str = "") -> Iterator[tuple | None]:
+def manifest_rows(
+    path: str, image_column: str, caption_column: str, separator: str = "", quoting: str = "auto"
+) -> Iterator[tuple | None]:
     """(image path, caption) per row as the file has them (str, possibly with surrogates), or None for a row
     without a usable image path or caption field. Raises ValueError for an unknown format or missing columns."""
     suffix = Path(path).suffix.lower()
     if suffix == ".jsonl":
         return _jsonl_rows(path, image_column, caption_column)
     if separator or suffix in _SEPARATORS:
-        return _delimited_rows(path, separator or _SEPARATORS[suffix], image_column, caption_column)
+        return _delimited_rows(path, separator or _SEPARATORS[suffix], image_column, caption_column, quoting)
     raise ValueError(f"{path}: unknown manifest format; use {', '.join(MANIFEST_SUFFIXES)} or set `separator`")
 
 
 def read_manifest(
-    path: str, image_column: str = "image", caption_column: str = "caption", separator: str = ""
+    path: str, image_column: str = "image", caption_column: str = "caption", separator: str = "", quoting: str = "auto"
 ) -> Manifest:
     """Reads a whole manifest into packed arrays."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
     images, captions, bad_rows = PackedStringsBuilder(), PackedStringsBuilder(), 0
-    for row in manifest_rows(path, image_column, caption_column, separator):
+    for row in manifest_rows(path, image_column, caption_column, separator, quoting):
         if row is None:
             bad_rows += 1
             continue

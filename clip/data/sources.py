@@ -69,7 +69,9 @@ class ManifestSource:
 
     def __init__(self, name: str, config: SourceConfig) -> None:
         self.name = name
-        self.manifest = read_manifest(config.path, config.image_column, config.caption_column, config.separator)
+        self.manifest = read_manifest(
+            config.path, config.image_column, config.caption_column, config.separator, config.quoting
+        )
         self.layout = SourceLayout(len(self.manifest), config.weight)
         self._fingerprint: str | None = None
 

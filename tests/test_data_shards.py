@@ -160,7 +160,15 @@ def test_data_with_no_usable_sample_stops_with_a_clear_error(tmp_path: Path) -> 
     (tmp_path / "only.tar").write_bytes(b"not a tar at all" * 100)
     (tmp_path / "sizes.json").write_text(json.dumps({"only.tar": 20}))
     data = build([SourceConfig(kind="shards", path=str(tmp_path / "only.tar"), name="broken")], batch_size=4)
-    with pytest.raises(RuntimeError, match="samples in a row could not be used"):
+    with pytest.raises(RuntimeError, match="none of the first 141 samples could be used"):
+        take(data, 1)
+    # Shards that are all missing (a wrong path, with a size index from elsewhere): said after ten shards'
+    # worth of failures, not after two passes over the data (4100 failures).
+    pattern = write_shards(tmp_path / "gone", 2000, 10)
+    for shard in (tmp_path / "gone").glob("*.tar"):
+        shard.unlink()
+    data = build([SourceConfig(kind="shards", path=pattern)])
+    with pytest.raises(RuntimeError, match="none of the first 1101 samples could be used -- check the source's path"):
         take(data, 1)
 
 

@@ -160,6 +160,11 @@ class _BatchBuilder:
         shard_sizes = [s.shard_sizes for s in stream.planner.sources if s.shard_sizes is not None and len(s.shard_sizes)]
         largest_shard = max((int(sizes.max()) for sizes in shard_sizes), default=0)
         self.miss_limit = 2 * max(stream.planner.samples_per_pass, largest_shard, 1) + 100
+        # Broken settings (a wrong image column, a wrong path) make every sample unusable from the start: said
+        # after ten shards' worth of failures (or 1000 rows) instead of two whole passes, which at scale would
+        # take long enough to look like a hang. Dirty data with some usable samples never reaches this.
+        self.first_use_limit = min(self.miss_limit, 10 * largest_shard + 1000)
+        self.used = 0  # samples this worker has put in batches
 
     def next_batch(self, items: Iterator[_Item]) -> tuple[torch.Tensor, torch.Tensor, dict]:
         s = self.settings
@@ -179,6 +184,7 @@ class _BatchBuilder:
                     self._skipped(source, item, skip, meta)
                     continue
                 self.misses = 0
+                self.used += 1
                 texts.append(caption)
                 origins.append((item.epoch, source.name))
                 _count(meta, item.epoch, source.name, "samples")
@@ -206,6 +212,12 @@ class _BatchBuilder:
         meta["position"] = item.position
         self.skip_log.record(skip.kind, source.name, source.describe(item.raw), skip.detail)
         self.misses += 1
+        if self.used == 0 and self.misses > self.first_use_limit:
+            raise RuntimeError(
+                f"data rank {self.settings.rank} worker {self.worker}: none of the first {self.misses} samples could "
+                f"be used -- check the source's path and image/caption columns; the latest: "
+                f"{source.describe(item.raw)}: {skip}. Counts of the current batch: {meta['counts']}"
+            )
         if self.misses > self.miss_limit:
             raise RuntimeError(
                 f"data rank {self.settings.rank} worker {self.worker}: {self.misses} samples in a row could not be "

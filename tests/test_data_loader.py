@@ -170,3 +170,24 @@ def test_resuming_on_another_number_of_ranks_keeps_the_run_totals(tmp_path: Path
         data.close()
     merged = merge_rank_reports(reports)
     assert merged["samples"] == 2 * 6 * 5 and merged["batches"] == 12  # not multiplied by the ranks
+
+
+@pytest.mark.parametrize("kind", ["manifest", "shards"])
+def test_a_dataset_moved_to_another_folder_still_resumes_exactly(tmp_path: Path, kind: str) -> None:
+    import shutil
+
+    if kind == "manifest":
+        write_manifest(tmp_path / "old", range(20))
+        config = lambda folder: SourceConfig(kind="manifest", path=str(folder / "train.csv"))  # noqa: E731
+    else:
+        write_shards(tmp_path / "old", 20, 5)
+        config = lambda folder: SourceConfig(kind="shards", path=str(folder / "s-{000000..000003}.tar"))  # noqa: E731
+    expected = take(build([config(tmp_path / "old")], batch_size=4), 4)
+    first = build([config(tmp_path / "old")], batch_size=4)
+    head = take(first, 2)
+    state = first.state_dict()
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    resumed = build([config(tmp_path / "new")], batch_size=4)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict()["positions"] == state["positions"]  # not restarted
+    assert captions(head + take(resumed, 2)) == captions(expected)

@@ -19,7 +19,7 @@ from .config import SourceConfig
 from .decoding import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, SkipSample, find_member
 from .manifest import read_manifest
 from .sampling import SlotPlan, SourceLayout
-from .shards import MissingSample, expand_shard_pattern, read_shard_range, require_webdataset, shard_sizes
+from .shards import MissingSample, expand_shard_pattern, read_shard_range, require_webdataset, shard_name, shard_sizes
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,9 @@ class ManifestSource:
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:  # hashing every path takes a while for big manifests: once
+            # The rows, not where the file lies: a dataset moved to another mount still resumes exactly.
             digest = hashlib.sha256(self.manifest.image_paths.buffer).hexdigest()[:16]
-            self._fingerprint = f"manifest:{self.manifest.path}:{len(self.manifest)}:{digest}"
+            self._fingerprint = f"manifest:{len(self.manifest)}:{digest}"
         return self._fingerprint
 
     def items(self, plan: SlotPlan, index: int, skip: int) -> Iterator[int]:
@@ -119,7 +120,10 @@ class ShardSource:
         self._reported_longer: set[str] = set()  # shards found longer than the index, warned about once
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256(("\n".join(self.urls)).encode() + self.sizes.tobytes()).hexdigest()[:16]
+        # Shard file names (in order) and sizes, not their folders or URLs: moving the shards to another disk
+        # or bucket keeps an exact resume.
+        names = "\n".join(shard_name(url) for url in self.urls)
+        digest = hashlib.sha256(names.encode() + self.sizes.tobytes()).hexdigest()[:16]
         return f"shards:{len(self.urls)}:{int(self.sizes.sum())}:{digest}"
 
     def items(self, plan: SlotPlan, index: int, skip: int) -> Iterator[dict | MissingSample]:

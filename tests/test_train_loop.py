@@ -183,6 +183,20 @@ def test_bf16_with_checkpointing_and_accumulation_trains(tmp_path):
     assert results["step"] == 3 and results["loss"] == results["loss"]  # finite, not NaN
 
 
+def test_fp16_with_loss_scaling_trains_and_resumes_exactly(tmp_path):
+    # fp16 autocast with GradScaler (here on the CPU): the scaler's state is in the checkpoint, so a resumed
+    # run scales, skips and steps exactly as an uninterrupted one.
+    extra = ["train.precision=fp16", "schedule.steps=4", "checkpoint.every_n_steps=2", "eval.every_n_steps=0"]
+    train(tiny_config(tmp_path / "straight", *extra))
+    train(tiny_config(tmp_path / "resumed", *extra), stop_at_step=2)
+    assert ckpt.load_latest_checkpoint(tmp_path / "resumed")["scaler"]["scale"] > 0
+    train(tiny_config(tmp_path / "resumed", *extra))
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+        assert torch.isfinite(straight[name]).all() or not straight[name].is_floating_point()
+
+
 @pytest.mark.slow  # compiling on the CPU takes about half a minute
 def test_compiled_training_runs(tmp_path):
     results = train(tiny_config(tmp_path, "schedule.steps=3", "eval.every_n_steps=0", "train.compile=true"))

@@ -108,11 +108,11 @@ def test_fsspec_urls(tmp_path: Path) -> None:
     memory = fsspec.filesystem("memory")
     for path in tmp_path.iterdir():
         memory.pipe(f"/shards/{path.name}", path.read_bytes())
-    source = SourceConfig(kind="shards", path="memory://shards/s-{000000..000002}.tar")
-    data = build([source], batch_size=9)
-    assert data.samples_per_epoch == 9  # sizes.json read through fsspec too
-    assert sorted(captions(take(data, 1))) == [caption_of(i) for i in range(9)]
-    data.close()
+    for path in ("memory://shards/s-{000000..000002}.tar", "simplecache::memory://shards/s-{000000..000002}.tar"):
+        data = build([SourceConfig(kind="shards", path=path)], batch_size=9)  # the second: a chained URL
+        assert data.samples_per_epoch == 9  # sizes.json read through fsspec too
+        assert sorted(captions(take(data, 1))) == [caption_of(i) for i in range(9)]
+        data.close()
 
 
 @pytest.mark.skipif(shutil.which("cat") is None, reason="needs cat")

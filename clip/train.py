@@ -34,7 +34,7 @@ from .loss import (
     build_loss,
     contrastive_loss_with_cached_features,
 )
-from .model import CLIP, create_model, trim_text_batch
+from .model import CLIP, create_model, trimmed_text_length
 from .optim import build_optimizer, learning_rate
 from .run_log import RunLog, plot_run
 from .throughput import peak_flops, training_flops_per_sample
@@ -57,7 +57,7 @@ class ContrastiveModel(nn.Module):
         super().__init__()
         self.clip = clip
         self.logit_bias = nn.Parameter(torch.tensor(SIGLIP_INITIAL_LOGIT_BIAS)) if with_logit_bias else None
-        # False when the caller cuts each text batch on the host first (`trim_text_batch`, as the trainer does)
+        # False when the caller cuts each text batch itself, at a length read on the host (as the trainer does)
         self.trim_text = trim_text
 
     def forward(self, images: torch.Tensor, texts: torch.Tensor):
@@ -313,13 +313,14 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images, texts = next(batches)
-            # Cut the texts after the batch's last end-of-text token here, on the host, where reading that
-            # position costs no GPU sync (the model is built with trim_text=False).
-            texts = trim_text_batch(texts)
+            # The texts are cut after the batch's last end-of-text token, a position read here on the host
+            # where it costs no GPU sync (the model is built with trim_text=False). The cut is taken after
+            # the copy, so the copy stays an asynchronous one from the loader's pinned memory.
+            text_length = trimmed_text_length(texts.argmax(dim=-1), texts.shape[-1])
             if peak is not None:
-                window_flops += global_batch * training_flops_per_sample(config.model, texts.shape[-1])
+                window_flops += global_batch * training_flops_per_sample(config.model, text_length)
             images = images.to(device, non_blocking=True)
-            texts = texts.to(device, non_blocking=True)
+            texts = texts.to(device, non_blocking=True)[:, :text_length]
             if config.model.vision.kind == "resnet" and device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
 

@@ -201,7 +201,7 @@ def measure(job: dict) -> dict:
     if job["library"] == "ours":
         from clip.model import trim_text_batch
 
-        texts = trim_text_batch(texts)  # as clip.train does: on the host, before the copy to the device
+        texts = trim_text_batch(texts)  # cut at the length read on the host, as clip.train does (no device sync)
     texts = texts.to(device)
     if job["library"] == "ours" and device.type == "cuda" and config.vision.kind == "resnet":
         images = images.contiguous(memory_format=torch.channels_last)  # as clip.train does

@@ -36,15 +36,15 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 # Ghostscript on them). Multi-picture JPEGs from cameras and phones open through the JPEG plugin (older
 # Pillows register them as "MPO" too); names this Pillow does not register are left out (see _formats).
 DECODED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+CAPTION_EXTENSIONS = ("txt",)
+# Composite transparent pixels onto white: transparent images are mostly logos and product shots made for
+# a white page. (The evaluation transform drops alpha like openai/CLIP; training sees what a viewer shows.)
+ALPHA_BACKGROUND = (255, 255, 255)
 
 
 def _formats() -> tuple[str, ...]:
     Image.init()  # registers every plugin once; later calls return at once
     return tuple(name for name in DECODED_FORMATS if name in Image.OPEN)
-CAPTION_EXTENSIONS = ("txt",)
-# Composite transparent pixels onto white: transparent images are mostly logos and product shots made for
-# a white page. (The evaluation transform drops alpha like openai/CLIP; training sees what a viewer shows.)
-ALPHA_BACKGROUND = (255, 255, 255)
 
 
 class SkipSample(Exception):

@@ -25,16 +25,12 @@ from torch.utils.data import DataLoader
 from .config import DataConfig
 from .sampling import PLAN_VERSION, Planner
 from .sources import ManifestSource, Source, build_source
-from .stream import Position, SampleStream, StreamSettings
+from .stream import Position, SampleStream, StreamSettings, empty_counts
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
 _FINISHED_EPOCHS_KEPT = 4
-
-
-def _empty_counts() -> dict:
-    return {"samples": 0, "skipped": {}, "repaired": {}}
 
 
 def _add(into: dict, counts: dict) -> None:
@@ -53,7 +49,7 @@ def counts_line(counts: dict, before: dict | None = None) -> str:
     """'name: N samples, skipped K (kind k, ...), repaired ...' per source, for counts minus `before`."""
     parts = []
     for name, now in counts.items():
-        then = (before or {}).get(name, _empty_counts())
+        then = (before or {}).get(name, empty_counts())
         line = f"{name}: {now['samples'] - then['samples']} samples"
         for field in ("skipped", "repaired"):
             delta = {k: v - then[field].get(k, 0) for k, v in sorted(now[field].items())}
@@ -133,7 +129,7 @@ class TrainData:
         self._positions: list[Position] = [(0, 0)] * self.slots_per_rank
         self._next_worker = 0
         self._batches = 0
-        self._counts = {name: _empty_counts() for name in names}
+        self._counts = {name: empty_counts() for name in names}
         self._summary_mark = (0, copy.deepcopy(self._counts))  # (epoch, counts) at the last epoch_summary()
         # Counts of the data epochs some worker of this rank is still in, {epoch: {source: counts}}, and the
         # exact counts of the last data epoch every worker finished: {"epoch": e, "sources": {...}} or None.
@@ -192,19 +188,23 @@ class TrainData:
         self._next_worker = (worker + 1) % self.slots_per_rank
         self._batches += 1
         for epoch, sources in meta["counts"].items():
-            open_epoch = self._open_epochs.setdefault(epoch, {name: _empty_counts() for name in self._counts})
+            if epoch not in self._open_epochs:
+                self._open_epochs[epoch] = self._no_counts()
             for name, counts in sources.items():
                 _add_source_counts(self._counts[name], counts)
-                _add_source_counts(open_epoch[name], counts)
+                _add_source_counts(self._open_epochs[epoch][name], counts)
         for epoch in range(epoch_before, self.epoch):  # every worker of this rank has finished these data epochs
-            sources = self._open_epochs.pop(epoch, {name: _empty_counts() for name in self._counts})
+            sources = self._open_epochs.pop(epoch) if epoch in self._open_epochs else self._no_counts()
             self._finished_epochs[epoch] = sources
             for old_epoch in sorted(self._finished_epochs)[:-_FINISHED_EPOCHS_KEPT]:
                 del self._finished_epochs[old_epoch]
             log.log(
                 logging.INFO if self.rank == 0 else logging.DEBUG,
-                "data rank %d, epoch %d done: %s", self.rank, epoch, counts_line(sources, {}),
+                "data rank %d, epoch %d done: %s", self.rank, epoch, counts_line(sources),
             )
+
+    def _no_counts(self) -> dict:
+        return {name: empty_counts() for name in self._counts}
 
     def _stop_workers(self) -> None:
         self._generation += 1
@@ -319,8 +319,14 @@ def _summed_sources(per_rank: list[dict]) -> dict:
     total: dict = {}
     for sources in per_rank:
         for name, counts in sources.items():
-            _add_source_counts(total.setdefault(name, _empty_counts()), counts)
+            _add_source_counts(total.setdefault(name, empty_counts()), counts)
     return total
+
+
+def _finished_by_all(finished_per_rank: list[dict[int, dict]]) -> dict[int, dict]:
+    """{epoch: counts summed over ranks} for the data epochs that every rank has finished."""
+    common = set.intersection(*map(set, finished_per_rank)) if finished_per_rank else set()
+    return {epoch: _summed_sources([finished[epoch] for finished in finished_per_rank]) for epoch in sorted(common)}
 
 
 def merge_rank_reports(reports: list[dict]) -> dict:
@@ -329,11 +335,11 @@ def merge_rank_reports(reports: list[dict]) -> dict:
     (ranks finish it a batch or so apart), with its exact counts summed over ranks."""
     stats = [report["stats"] for report in reports]
     sources = _summed_sources([s["sources"] for s in stats])
-    common = set.intersection(*(set(report["finished_epochs"]) for report in reports)) if reports else set()
+    by_all = _finished_by_all([report["finished_epochs"] for report in reports])
     finished = None
-    if common:
-        epoch = max(common)
-        finished = {"epoch": epoch, "sources": _summed_sources([r["finished_epochs"][epoch] for r in reports])}
+    if by_all:
+        epoch = max(by_all)
+        finished = {"epoch": epoch, "sources": by_all[epoch]}
     return {
         "epoch": min(s["epoch"] for s in stats),
         "batches": sum(s["batches"] for s in stats),
@@ -351,13 +357,12 @@ def data_state_for_other_world_size(states: list[dict], rank: int) -> dict:
     from this run's. Positions cannot carry over (the loader restarts the earliest epoch in progress), and the
     run-wide counts must not be multiplied: rank 0 takes the sum of every saved rank's counts, others none."""
     state = copy.deepcopy(states[0])
-    empty = {name: _empty_counts() for name in state["counts"]}
+    empty = {name: empty_counts() for name in state["counts"]}
     if rank == 0:
         state["counts"] = _summed_sources([saved["counts"] for saved in states])
         state["batches"] = sum(saved["batches"] for saved in states)
-        finished = [dict(map(tuple, saved.get("finished_epochs", []))) for saved in states]
-        common = sorted(set.intersection(*(set(f) for f in finished)))
-        state["finished_epochs"] = [[epoch, _summed_sources([f[epoch] for f in finished])] for epoch in common]
+        finished = _finished_by_all([{int(e): c for e, c in saved.get("finished_epochs", [])} for saved in states])
+        state["finished_epochs"] = [[epoch, counts] for epoch, counts in finished.items()]
     else:
         state.update(counts=empty, batches=0, finished_epochs=[])
     state["open_epochs"] = []

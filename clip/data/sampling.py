@@ -125,7 +125,7 @@ def _draw_segments(sizes: np.ndarray, count: int, rng: np.random.Generator) -> l
                 segments.append((int(shard), start, min(size, start + take)))
                 if start + take > size:
                     segments.append((int(shard), 0, start + take - size))
-            planned += max(take, 0)
+            planned += take  # 0 once the count is reached within this batch of draws
     return segments
 
 

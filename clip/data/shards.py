@@ -137,6 +137,7 @@ class _SizeIndexes:
     def __init__(self, size_index: str) -> None:
         self.size_index = size_index
         self.by_folder: dict[str, Any] = {}
+        self.given: Any = None  # the size_index file's contents, when one is given
         if size_index:
             self.given = _read_json(size_index)
             if self.given is None:

@@ -62,10 +62,15 @@ class _Item:
     raw: object
 
 
+def empty_counts() -> dict:
+    """One source's counts: samples used, and samples skipped and repaired by kind."""
+    return {"samples": 0, "skipped": {}, "repaired": {}}
+
+
 def _count(meta: dict, epoch: int, source: str, field: str, kind: str | None = None) -> None:
     """One more sample used (field "samples") or skipped/repaired (field "skipped"/"repaired", by kind) in
-    meta["counts"] = {epoch: {source: {"samples": n, "skipped": {kind: n}, "repaired": {kind: n}}}}."""
-    counts = meta["counts"].setdefault(epoch, {}).setdefault(source, {"samples": 0, "skipped": {}, "repaired": {}})
+    meta["counts"] = {epoch: {source: empty_counts() shaped}}."""
+    counts = meta["counts"].setdefault(epoch, {}).setdefault(source, empty_counts())
     if kind is None:
         counts[field] += 1
     else:

@@ -1,24 +1,30 @@
 #!/usr/bin/env bash
 # GPU benchmarks on one GPU (written for an H200), in under 8 minutes, with no network access:
 #   1. bf16 training throughput, peak memory and MFU of ViT-B/16 and RN50 at batch 256, ours beside
-#      open_clip in the same run (eager);
+#      open_clip in the same run (eager), with a torch.profiler summary of each library's first run;
 #   2. the contrastive loss's memory and exactness at global batch 4k / 32k / 64k;
 #   3. if time is left: ViT-B/16 training again under torch.compile, and inference throughput.
 #
-#     bash benchmarks/gpu.sh                 # results in ./gpu_results
+#     bash benchmarks/gpu_prepare.sh         # first, where pip reaches a registry: fills .gpu_carry/
+#     bash benchmarks/gpu.sh                 # on the GPU machine, with .gpu_carry/ beside; results in ./gpu_results
 #     OUT=/some/folder bash benchmarks/gpu.sh
+#     DRY_RUN=cpu bash benchmarks/gpu.sh     # the same steps on the CPU with tiny models: checks the script only
 #
-# Writes $OUT/{env.txt, train_step.json, loss_memory.json, train_step_compile.json, inference.json,
-# gpu_results.md, gpu.log}. Runs from a checkout without installing anything; open_clip rows are skipped
-# (with a message) when open_clip is not importable. Captions go through clip.tokenize when the BPE merges
-# file is cached ($CLIP_CACHE_DIR, default ~/.cache/clip); otherwise they are random ids of the same
-# lengths (8-30 tokens), which cost the models the same work.
+# Writes $OUT/{gpu.log, train_step.json, profile.txt, loss_memory.json, train_step_compile.json,
+# inference.json, gpu_results.md}: seven files (the machine description is at the top of gpu.log). Runs from
+# a checkout without installing the package. Wheels in .gpu_carry/wheels (ftfy, which our tokenizer
+# imports, and open_clip_torch) are installed into a temporary folder first; without open_clip its rows are
+# skipped with a message. Captions go through clip.tokenize when the BPE merges file is in .gpu_carry/cache
+# or in $CLIP_CACHE_DIR (default ~/.cache/clip); otherwise they are random ids of the same lengths (8-30
+# tokens), which cost the models the same work.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./gpu_results}"
 mkdir -p "$OUT"
 BUDGET_S="${BUDGET_S:-470}"  # the whole script; each step's timeout is cut to what is left
+DRY_RUN="${DRY_RUN:-}"
+CARRY="${CARRY:-.gpu_carry}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 exec > >(tee -a "$OUT/gpu.log") 2>&1
@@ -49,9 +55,42 @@ run_step() {
     return 0
 }
 
-say "checking the environment"
-if ! python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+# What the run measures: the real models on CUDA, or (DRY_RUN=cpu) tiny ones on the CPU in the same steps.
+if [[ "$DRY_RUN" == cpu ]]; then
+    DEVICE=cpu
+    VIT='{"embed_dim": 32, "vision": {"kind": "vit", "image_size": 32, "patch_size": 16, "width": 64, "layers": 2, "heads": 2}, "text": {"width": 64, "layers": 2, "heads": 2}}'
+    RESNET='{"embed_dim": 32, "vision": {"kind": "resnet", "image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "heads": 2}, "text": {"width": 64, "layers": 2, "heads": 2}}'
+    BATCH=4 STEPS=2 WARMUP=1 TEXT_BATCH=8
+    LOSS_BATCHES="256 1024" LOSS_CHUNKS="128" VERIFY_BATCH=1024
+elif [[ -n "$DRY_RUN" ]]; then
+    echo "DRY_RUN must be 'cpu' or unset, got '$DRY_RUN'" >&2
+    exit 2
+else
+    DEVICE=cuda
+    VIT=ViT-B/16
+    RESNET=RN50
+    BATCH=256 STEPS=20 WARMUP=5 TEXT_BATCH=1024
+    LOSS_BATCHES="4096 32768 65536" LOSS_CHUNKS="512 2048" VERIFY_BATCH=32768
+fi
+
+say "preparing the environment"
+if compgen -G "$CARRY/wheels/*.whl" >/dev/null; then
+    # Into a folder of their own: nothing of the machine's own Python is replaced.
+    SITE="$(mktemp -d)"
+    python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
+        --target "$SITE" "$CARRY"/wheels/*.whl
+    export PYTHONPATH="$PYTHONPATH:$SITE"
+    say "installed into $SITE: $(cd "$CARRY/wheels" && ls -- *.whl | tr '\n' ' ')"
+fi
+if [[ -z "${CLIP_CACHE_DIR:-}" && -f "$CARRY/cache/bpe_simple_vocab_16e6.txt.gz" ]]; then
+    export CLIP_CACHE_DIR="$PWD/$CARRY/cache"
+fi
+if [[ "$DEVICE" == cuda ]] && ! python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     say "no CUDA device visible to torch; nothing to measure"
+    exit 1
+fi
+if ! python -c 'import clip.train'; then
+    say "the library does not import here (see above; a missing ftfy: run benchmarks/gpu_prepare.sh first and carry $CARRY)"
     exit 1
 fi
 LIBRARIES="ours open_clip"
@@ -62,32 +101,33 @@ if ! python -c 'import open_clip' 2>/dev/null; then
     INFERENCE_FLAGS="--no-open-clip"
 fi
 {  # a description of the machine; nothing here may stop the script
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
-    python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))' || true
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || echo "nvidia-smi: none"
+    python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")' || true
     python -c 'import open_clip; print("open_clip", open_clip.__version__)' 2>/dev/null || echo "open_clip: missing"
     python -c 'import sys; sys.path.insert(0, "benchmarks"); import common; print("captions:", "clip.tokenize" if common.merges_file_available() else "random ids (no merges file)")' || true
-    echo "cpus: $(nproc)"
-} | tee "$OUT/env.txt"
+    echo "cpus: $(nproc); python: $(python --version 2>&1); dry run: ${DRY_RUN:-no}"
+}
 
-# 1. Eager bf16 training: 2 archs x 2 libraries x 2 alternating runs, 5 warm-up + 20 timed steps each.
-run_step "training step, eager" 240 \
-    python benchmarks/train_step.py --device cuda --precision bf16 --archs ViT-B/16 RN50 --batch-sizes 256 \
-    --threads 0 --libraries $LIBRARIES --repeats 2 --warmup 5 --steps 20 --job-timeout 120 \
-    --json "$OUT/train_step.json"
+# 1. Eager bf16 training: 2 archs x 2 libraries x 2 alternating runs, 5 warm-up + 20 timed steps each; the
+#    first run of each library is also profiled over 3 more steps.
+run_step "training step, eager" 260 \
+    python benchmarks/train_step.py --device "$DEVICE" --precision bf16 --archs "$VIT" "$RESNET" --batch-sizes "$BATCH" \
+    --threads 0 --libraries $LIBRARIES --repeats 2 --warmup "$WARMUP" --steps "$STEPS" --job-timeout 120 \
+    --profile "$OUT/profile.txt" --profile-steps 3 --json "$OUT/train_step.json"
 
 # 2. Loss memory at 4k / 32k / 64k and exactness at 32k.
 run_step "loss memory" 150 \
-    python benchmarks/loss_memory.py --device cuda --batch-sizes 4096 32768 65536 --chunk-sizes 512 2048 \
-    --verify-batch 32768 --json "$OUT/loss_memory.json"
+    python benchmarks/loss_memory.py --device "$DEVICE" --batch-sizes $LOSS_BATCHES --chunk-sizes $LOSS_CHUNKS \
+    --verify-batch "$VERIFY_BATCH" --json "$OUT/loss_memory.json"
 
 # 3. Only with time to spare: torch.compile (compilation takes a minute or more per model), inference.
 run_step "training step, torch.compile (ViT-B/16)" 200 \
-    python benchmarks/train_step.py --device cuda --precision bf16 --archs ViT-B/16 --batch-sizes 256 \
-    --threads 0 --libraries $LIBRARIES --repeats 1 --warmup 5 --steps 20 --compile --job-timeout 180 \
+    python benchmarks/train_step.py --device "$DEVICE" --precision bf16 --archs "$VIT" --batch-sizes "$BATCH" \
+    --threads 0 --libraries $LIBRARIES --repeats 1 --warmup "$WARMUP" --steps "$STEPS" --compile --job-timeout 180 \
     --json "$OUT/train_step_compile.json"
 run_step "inference" 60 \
-    python benchmarks/inference.py --device cuda --archs ViT-B/16 RN50 --image-batch 256 --text-batch 1024 \
-    --threads 0 --repeats 10 $INFERENCE_FLAGS --json "$OUT/inference.json"
+    python benchmarks/inference.py --device "$DEVICE" --archs "$VIT" "$RESNET" --image-batch "$BATCH" \
+    --text-batch "$TEXT_BATCH" --threads 0 --repeats 10 $INFERENCE_FLAGS --json "$OUT/inference.json"
 
 say "writing $OUT/gpu_results.md"
 python benchmarks/run_all.py --gpu-page "$OUT" || say "FAILED to write the summary page"

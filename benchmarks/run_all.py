@@ -141,7 +141,8 @@ def loss_target(report: dict) -> list[str]:
 
 def gpu_target() -> list[str]:
     return ["H200, bf16: ViT-B/16 training MFU >= 45% and >= 1.2x open_clip's samples/s", "-",
-            "not measured here (no GPU on this machine): run `bash benchmarks/gpu.sh` on the GPU machine"]
+            "not measured here (no GPU on this machine): run `bash benchmarks/gpu.sh` on the GPU machine "
+            "(`bash benchmarks/gpu_prepare.sh` first where it has no network)"]
 
 
 # ---- the page ----------------------------------------------------------------------------------------
@@ -231,7 +232,11 @@ def write_page(path: Path, reports: dict[str, dict], invocation: str, machine: d
     lines += section("Contrastive loss memory", reports.get("loss_memory"), loss_table)
     lines += section("Data loader", reports.get("loader"), lambda r: generic_table(r["rows"]))
     lines += ["## GPU", "", "Not measured on this machine. `bash benchmarks/gpu.sh` (one H200, under 8 minutes) writes "
-              "the bf16 training throughput, MFU and loss-memory figures to `$OUT`.", ""]
+              "the bf16 training throughput, MFU, a torch.profiler summary and the loss-memory figures to `$OUT`. "
+              "On a GPU machine without network access, run `bash benchmarks/gpu_prepare.sh` beforehand where pip "
+              "works and send `.gpu_carry/` along: it holds the wheels that machine lacks (ftfy, open_clip_torch) "
+              "and the BPE merges file. `DRY_RUN=cpu bash benchmarks/gpu.sh` runs the same steps with tiny models "
+              "on the CPU, to check the script itself (`pytest --runslow tests/test_benchmarks_smoke.py`).", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
 
@@ -283,7 +288,8 @@ def write_gpu_page(folder: Path) -> None:
     lines = ["# GPU benchmarks", "", "`bash benchmarks/gpu.sh`", "", *machine_lines(machine, []), "",
              "MFU = model FLOPs (counted with FlopCounterMode on the batch used, forward x 3; ours runs the text "
              "only to the batch's last end-of-text token) x samples/s / the GPU's dense bf16 peak "
-             "(clip.throughput.peak_flops).", "", "## Targets", "",
+             "(clip.throughput.peak_flops). Where each step's time goes: `profile.txt` beside this page.", "",
+             "## Targets", "",
              common.markdown_table(["target", "measured", "status"], targets), ""]
     for title, name, body in (("Training step, eager", "train_step", training_table),
                               ("Training step, torch.compile", "train_step_compile", training_table),

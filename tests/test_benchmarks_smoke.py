@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -108,8 +109,26 @@ def test_resume_keeps_finished_benchmarks(benchmark_modules, tmp_path, monkeypat
     assert "first\n" in page.read_text() and "--resume" in page.read_text()
 
 
-def test_gpu_script_parses():
-    subprocess.run(["bash", "-n", str(BENCHMARKS / "gpu.sh")], check=True)
+def test_gpu_scripts_parse():
+    for script in ("gpu.sh", "gpu_prepare.sh"):
+        subprocess.run(["bash", "-n", str(BENCHMARKS / script)], check=True)
+
+
+@pytest.mark.slow  # about 90 s on 2 cores
+def test_gpu_script_runs_every_step_in_its_cpu_dry_run(tmp_path):
+    # The GPU machine is lent rarely and briefly: its script must not fail for reasons a CPU can show.
+    environment = {**os.environ, "DRY_RUN": "cpu", "OUT": str(tmp_path), "BUDGET_S": "900", "CARRY": str(tmp_path / "none")}
+    finished = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh")], env=environment, capture_output=True, text=True,
+                              timeout=900, check=False)
+    log = (tmp_path / "gpu.log").read_text()
+    assert finished.returncode == 0, log[-3000:]
+    assert "FAILED" not in log and "TIMEOUT" not in log and "SKIP" not in log, log[-3000:]
+    for name in ("train_step.json", "loss_memory.json", "train_step_compile.json", "inference.json"):
+        assert json.loads((tmp_path / name).read_text()), name
+    profile = (tmp_path / "profile.txt").read_text()
+    assert profile.count("== ours:") == 2 and "Self CPU" in profile
+    page = (tmp_path / "gpu_results.md").read_text()
+    assert "## Training step, eager" in page and "## Contrastive loss memory" in page and "Not run" not in page
 
 
 def _has_open_clip() -> bool:

@@ -25,6 +25,10 @@ Every measurement runs in a fresh process; runs alternate ours, theirs, theirs, 
         activations and temporaries. Both processes import torch, clip and open_clip and make the input batch
         before that baseline, so it is the same for both.
   CUDA: torch.cuda.max_memory_allocated() over the whole process (weights and optimiser state included).
+On CUDA both run with TF32 allowed and cuDNN autotuning on (`clip.cuda_backends`), as both training scripts
+set them. --profile FILE appends, for the first run of each library and configuration, torch.profiler's
+operators by own time over --profile-steps further steps (after the timed ones, so timings are unaffected)
+and the fraction of wall time the device was busy.
 Model FLOPs are counted with torch's FlopCounterMode on the batch actually used (forward x 3), so they count
 the text length each library really computes: ours stops at the batch's last end-of-text token, open_clip
 runs the whole context.
@@ -38,6 +42,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -185,10 +190,38 @@ def count_flops_per_sample(job: dict, module, images: torch.Tensor, texts: torch
     return 3.0 * ((vision_and_text - text_flops) + text_flops / texts.shape[0])
 
 
+def profile_steps(step, steps: int, device: torch.device) -> dict:
+    """Operators by own time (device time on CUDA) over `steps` more steps, and how busy the device was."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    common.synchronize(device)
+    with profile(activities=activities) as profiler:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        common.synchronize(device)
+        wall_s = time.perf_counter() - start
+    averages = profiler.key_averages()
+    sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    report = {"steps": steps, "step_s": wall_s / steps,
+              "table": averages.table(sort_by=sort_key, row_limit=30, max_name_column_width=60)}
+    if device.type == "cuda":
+        # Kernel time summed over operators' own time: the share of the wall time with work on the device
+        # (an upper bound where kernels of several streams overlap).
+        busy_us = sum(getattr(event, "self_device_time_total", 0) for event in averages)
+        report["device_busy_fraction"] = busy_us / 1e6 / wall_s
+    return report
+
+
 def measure(job: dict) -> dict:
     device = torch.device(job["device"])
     if job["threads"]:
         torch.set_num_threads(job["threads"])
+    if device.type == "cuda":
+        from clip.cuda_backends import configure_cuda_backends
+
+        configure_cuda_backends(allow_tf32=True)  # as both training scripts do on CUDA
     import clip.train  # noqa: F401  (both processes import the same libraries before the baseline)
 
     with contextlib.suppress(ImportError):
@@ -230,19 +263,26 @@ def measure(job: dict) -> dict:
         result["baseline_rss_gib"] = baseline_rss / common.GIB
     if job["count_flops"]:
         result["flops_per_sample"] = count_flops_per_sample(job, module, images, texts)
+    if job.get("profile_steps"):
+        result["profile"] = profile_steps(step, job["profile_steps"], device)
     return result
 
 
 # ---- the driver --------------------------------------------------------------------------------------
 
 
-def run_configuration(base_job: dict, libraries: list[str], repeats: int, timeout_s: float) -> dict:
+def run_configuration(base_job: dict, libraries: list[str], repeats: int, timeout_s: float,
+                      profile_file: Path | None = None, profile_step_count: int = 0) -> dict:
     """Alternates libraries (ABBA order) over `repeats` rounds; returns runs and medians per library."""
     runs: dict[str, list[dict]] = {library: [] for library in libraries}
     for round_index in range(repeats):
         order = libraries if round_index % 2 == 0 else libraries[::-1]
         for library in order:
-            result = common.run_job(Path(__file__), {**base_job, "library": library}, timeout_s)
+            profiled = profile_file is not None and round_index == 0
+            job = {**base_job, "library": library, "profile_steps": profile_step_count if profiled else 0}
+            result = common.run_job(Path(__file__), job, timeout_s)
+            if "profile" in result:
+                append_profile(profile_file, job, result.pop("profile"))
             runs[library].append(result)
             shown = result.get("error") or f"{result['samples_per_s']:.2f} samples/s, peak {result['peak_gib']:.2f} GiB"
             print(f"  {library}: {shown}", file=sys.stderr, flush=True)
@@ -260,6 +300,16 @@ def run_configuration(base_job: dict, libraries: list[str], repeats: int, timeou
         summary[library].update(runs=results, caption_tokens=good[0]["caption_tokens"],
                                 text_source=good[0]["text_source"], parameters=good[0]["parameters"])
     return summary
+
+
+def append_profile(path: Path, job: dict, profile: dict) -> None:
+    busy = profile.get("device_busy_fraction")
+    heading = (f"== {job['library']}: {display_name(job['arch'])}, batch {job['batch']}, {job['precision']}"
+               f"{', compiled' if job['compile'] else ''}; {profile['steps']} profiled steps, "
+               f"{profile['step_s'] * 1e3:.1f} ms/step under the profiler"
+               + (f", device busy {busy:.0%} of the wall time" if busy is not None else "") + " ==")
+    with path.open("a", encoding="utf-8") as file:
+        file.write(f"{heading}\n{profile['table']}\n\n")
 
 
 def add_comparisons(row: dict, device: torch.device, precision: str) -> None:
@@ -321,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="our build_optimizer's implementation")
     parser.add_argument("--grad-clip-norm", type=float, default=None, help="clip gradients in both (default: off)")
     parser.add_argument("--count-flops", action="store_true", help="count model FLOPs (default: on CUDA only)")
+    parser.add_argument("--profile", type=Path, help="append a torch.profiler summary of each first run to this file")
+    parser.add_argument("--profile-steps", type=int, default=3, help="steps profiled (after the timed ones)")
     parser.add_argument("--job-timeout", type=float, default=1800.0, help="seconds before one run is abandoned")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
@@ -351,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
                             "grad_clip_norm": args.grad_clip_norm,
                             "count_flops": args.count_flops or device.type == "cuda"}
                 row = {key: base_job[key] for key in ("arch", "batch", "threads", "precision", "compile")}
-                row["results"] = run_configuration(base_job, libraries, args.repeats, args.job_timeout)
+                row["results"] = run_configuration(base_job, libraries, args.repeats, args.job_timeout,
+                                                   args.profile, args.profile_steps)
                 add_comparisons(row, device, precision)
                 rows.append(row)
                 if args.json:  # after every configuration, so a run stopped by a timeout keeps what it measured

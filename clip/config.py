@@ -48,6 +48,7 @@ class TrainLoopConfig:
     max_consecutive_nonfinite: int = 10  # a run stops after this many non-finite losses in a row
     device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA is available, else cpu
     threads: int | None = None  # torch intra-op threads on the CPU; None keeps torch's default
+    tf32: bool = True  # CUDA: float32 matrix products on TF32 tensor cores (see clip.cuda_backends)
 
 
 @dataclass

@@ -28,6 +28,8 @@ PEAK_FLOPS = {
     ("H100", torch.float32): 67e12,
     ("A100", torch.float32): 19.5e12,
 }
+# float32 work on the tensor cores (TF32): half the bf16 rate on Hopper and Ampere.
+PEAK_TF32_FLOPS = {"H200": 494e12, "H100": 494e12, "A100": 156e12}
 # A backward pass costs about twice the forward (gradients with respect to inputs and to weights).
 TRAINING_FLOPS_PER_FORWARD_FLOP = 3.0
 
@@ -60,11 +62,14 @@ def training_flops_per_sample(config: ModelConfig, text_length: int | None = Non
     return TRAINING_FLOPS_PER_FORWARD_FLOP * (image_forward_flops(config) + text_forward_flops(config, length))
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
-    """The device's peak FLOP/s for `dtype`, or None where unknown (e.g. CPUs)."""
+def peak_flops(device: torch.device, dtype: torch.dtype, tf32: bool = False) -> float | None:
+    """The device's peak FLOP/s for `dtype`, or None where unknown (e.g. CPUs). tf32: float32 matrix work
+    runs on the tensor cores (`clip.cuda_backends`), whose peak is then the one that counts."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
+    if dtype == torch.float32 and tf32:
+        return next((flops for model_name, flops in PEAK_TF32_FLOPS.items() if model_name in name), None)
     for (model_name, table_dtype), flops in PEAK_FLOPS.items():
         if model_name in name and table_dtype == dtype:
             return flops

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, load_config, to_dict, to_toml
+from .cuda_backends import configure_cuda_backends
 from .data import build_train_data, counts_line, data_state_for_other_world_size, merge_rank_reports
 from .distributed import DistributedInfo, cleanup_distributed, init_distributed, read_launcher_environment
 from .evaluation.during_training import run_evaluations
@@ -171,6 +172,8 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
     device = dist_info.device
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
+    if device.type == "cuda":
+        configure_cuda_backends(allow_tf32=config.train.tf32)
     if config.train.batch_size % config.train.accumulation_steps:
         raise ValueError(
             f"train.batch_size={config.train.batch_size} is not divisible by "
@@ -246,7 +249,8 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
         data.load_state_dict(data_state)
 
     global_batch = config.train.batch_size * dist_info.world_size
-    peak = peak_flops(device, autocast_dtype or torch.float32)  # None where unknown: no MFU then
+    # None where unknown: no MFU then
+    peak = peak_flops(device, autocast_dtype or torch.float32, tf32=config.train.tf32)
     run_log = RunLog(run_dir, config.logging.tensorboard) if dist_info.is_main else None
     if dist_info.is_main:
         log.info(

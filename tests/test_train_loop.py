@@ -158,7 +158,7 @@ def test_mfu_is_logged_when_the_peak_is_known(tmp_path, monkeypatch):
     import clip.train as train_module
     from clip.throughput import training_flops_per_sample
 
-    monkeypatch.setattr(train_module, "peak_flops", lambda device, dtype: 1e12)
+    monkeypatch.setattr(train_module, "peak_flops", lambda device, dtype, tf32=False: 1e12)
     train(tiny_config(tmp_path, "schedule.steps=2", "eval.every_n_steps=0", "logging.every_n_steps=2"))
     record = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open() if '"loss"' in line][-1]
     config = tiny_config(tmp_path)

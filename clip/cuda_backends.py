@@ -1,0 +1,19 @@
+"""Process-wide CUDA math settings that a training run chooses once, at its start.
+
+They are global switches of torch (not per model), so the trainer and the benchmarks call this one function
+rather than setting them in several places.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def configure_cuda_backends(allow_tf32: bool) -> None:
+    """TF32: float32 matrix products and convolutions run on the tensor cores with a 10-bit mantissa (the
+    accumulation stays float32), several times faster than IEEE fp32; it only affects work that autocast
+    leaves in float32 (all of it with precision = "fp32"). cuDNN autotuning: the convolutions of a ResNet
+    see the same shapes at every step, so timing the algorithms once on the first step pays off."""
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+    torch.backends.cudnn.benchmark = True

@@ -1,0 +1,46 @@
+"""The CUDA math switches a run sets, and the peak throughput its MFU is measured against."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clip.cuda_backends import configure_cuda_backends
+from clip.throughput import peak_flops
+
+
+@pytest.fixture()
+def restore_backends():
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
+
+
+@pytest.mark.parametrize("allow_tf32", [True, False])
+def test_configure_sets_tf32_both_ways_and_autotunes_convolutions(restore_backends, allow_tf32):
+    torch.backends.cuda.matmul.allow_tf32 = not allow_tf32
+    torch.backends.cudnn.allow_tf32 = not allow_tf32
+    torch.backends.cudnn.benchmark = False
+    configure_cuda_backends(allow_tf32=allow_tf32)
+    assert torch.backends.cuda.matmul.allow_tf32 is allow_tf32
+    assert torch.backends.cudnn.allow_tf32 is allow_tf32
+    assert torch.backends.cudnn.benchmark is True
+
+
+def test_peak_flops_follows_dtype_and_tf32(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    cuda = torch.device("cuda")
+    assert peak_flops(cuda, torch.bfloat16) == 989e12
+    assert peak_flops(cuda, torch.float32) == 67e12  # plain IEEE fp32
+    assert peak_flops(cuda, torch.float32, tf32=True) == 494e12
+    assert peak_flops(cuda, torch.bfloat16, tf32=True) == 989e12  # tf32 changes float32 work only
+    assert peak_flops(torch.device("cpu"), torch.float32) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    assert peak_flops(cuda, torch.bfloat16) is None and peak_flops(cuda, torch.float32, tf32=True) is None
+
+
+def test_tf32_is_a_config_key_that_defaults_on():
+    from clip.config import TrainConfig, from_dict
+
+    assert TrainConfig().train.tf32 is True
+    assert from_dict(TrainConfig, {"train": {"tf32": False}}).train.tf32 is False

@@ -26,6 +26,9 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
+QUICK_GELU_SCALE = 1.702
+
+
 class QuickGELU(nn.Module):
     """The sigmoid approximation of GELU that OpenAI's released models were trained with:
     x * sigmoid(1.702 * x)."""
@@ -35,7 +38,19 @@ class QuickGELU(nn.Module):
         # its input, so autograd keeps one hidden-sized tensor per block instead of two (x and the sigmoid),
         # and the backward pass is one kernel instead of four. The division may be in place: SiLU's backward
         # does not read its output.
-        return F.silu(x * 1.702).div_(1.702)
+        return F.silu(x * QUICK_GELU_SCALE).div_(QUICK_GELU_SCALE)
+
+
+def quick_gelu_mlp(x: torch.Tensor, c_fc: nn.Linear, c_proj: nn.Linear) -> torch.Tensor:
+    """c_proj(QuickGELU(c_fc(x))) with QuickGELU's two constants folded into the weights:
+    x * sigmoid(1.702 x) = silu(1.702 x) / 1.702, and the scalings commute with the linear maps, so
+    c_fc's weight and bias are scaled by 1.702 and c_proj's weight by 1 / 1.702. The activation is then a
+    single SiLU: two elementwise passes over the hidden-sized tensor (4x the width, the largest in a block)
+    fewer forward, and two fewer backward, in exchange for scaling four weight-sized tensors (a 768-wide
+    block's hidden tensor at batch 256 and 197 tokens is 64x the size of its c_fc weight). The features
+    equal the unfolded form's up to float rounding."""
+    hidden = F.silu(F.linear(x, c_fc.weight * QUICK_GELU_SCALE, c_fc.bias * QUICK_GELU_SCALE))
+    return F.linear(hidden, c_proj.weight * (1 / QUICK_GELU_SCALE), c_proj.bias)
 
 
 def make_activation(name: str) -> nn.Module:
@@ -70,6 +85,7 @@ class ResidualAttentionBlock(nn.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: float, activation: str) -> None:
         super().__init__()
         hidden = int(width * mlp_ratio)
+        self.quick_gelu = activation == "quick_gelu"
         self.ln_1 = LayerNorm(width)
         self.attn = MultiheadSelfAttention(width, heads)
         self.ln_2 = LayerNorm(width)
@@ -85,8 +101,17 @@ class ResidualAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), causal)
-        x = x + self.mlp(self.ln_2(x))
+        x = x + self.feed_forward(self.ln_2(x))
         return x
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The folded form's one cost: for backward, each linear keeps its scaled weight instead of the
+        # parameter itself, a weight-sized copy. Under autocast a (half-precision) copy is kept either way,
+        # and without gradients nothing is kept; only float32 training would pay (~0.3 GB for ViT-B/32),
+        # so it keeps the module as written.
+        if self.quick_gelu and (torch.is_autocast_enabled(x.device.type) or not torch.is_grad_enabled()):
+            return quick_gelu_mlp(x, self.mlp.c_fc, self.mlp.c_proj)
+        return self.mlp(x)
 
 
 class Transformer(nn.Module):

@@ -123,3 +123,51 @@ def test_fp16_weights_run_through_float32_layer_norms():
     out = half.encode_text(texts)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
+
+
+def test_folded_quick_gelu_mlp_is_the_written_form_with_the_same_gradients():
+    from torch import nn
+
+    from clip.transformer import quick_gelu_mlp
+
+    torch.manual_seed(0)
+    c_fc, c_proj = nn.Linear(16, 64).double(), nn.Linear(64, 16).double()
+    x = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
+    parameters = [x, c_fc.weight, c_fc.bias, c_proj.weight, c_proj.bias]
+    grad_output = torch.randn(3, 7, 16, dtype=torch.float64)
+
+    hidden = c_fc(x)
+    written = c_proj(hidden * torch.sigmoid(1.702 * hidden))  # OpenAI's QuickGELU as written
+    written_grads = torch.autograd.grad(written, parameters, grad_output)
+    folded = quick_gelu_mlp(x, c_fc, c_proj)
+    folded_grads = torch.autograd.grad(folded, parameters, grad_output)
+    torch.testing.assert_close(folded, written, rtol=1e-12, atol=1e-12)
+    for ours, theirs in zip(folded_grads, written_grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_blocks_fold_quick_gelu_where_it_keeps_no_extra_weight_copies(monkeypatch):
+    import clip.transformer as transformer_module
+
+    folded_calls = []
+    original = transformer_module.quick_gelu_mlp
+    monkeypatch.setattr(transformer_module, "quick_gelu_mlp", lambda *a: folded_calls.append(1) or original(*a))
+    torch.manual_seed(0)
+    block = transformer_module.ResidualAttentionBlock(32, 2, 4.0, "quick_gelu")
+    x = torch.randn(2, 5, 32)
+
+    trained_fp32 = block(x, causal=False)  # float32 training: the module as written
+    assert folded_calls == []
+    with torch.no_grad():
+        inference = block(x, causal=False)
+    assert len(folded_calls) == 1
+    torch.testing.assert_close(inference, trained_fp32.detach(), rtol=1e-6, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = block(x, causal=False)
+    assert len(folded_calls) == 2
+    torch.testing.assert_close(mixed.float(), trained_fp32.detach(), rtol=0.05, atol=0.05)
+
+    gelu_block = transformer_module.ResidualAttentionBlock(32, 2, 4.0, "gelu")
+    with torch.no_grad():
+        gelu_block(x, causal=False)
+    assert len(folded_calls) == 2  # exact GELU has nothing to fold

@@ -103,5 +103,8 @@ def test_the_trainers_module_traces_as_one_graph_when_texts_are_cut_on_the_host(
     images = torch.randn(4, 3, 16, 16)
     host_cut = explain(ContrastiveModel(CLIP(TINY_VIT), with_logit_bias=False, trim_text=False))(images, trim_text_batch(texts))
     assert host_cut.graph_break_count == 0 and host_cut.graph_count == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision (the folded QuickGELU MLP) too
+        mixed = explain(ContrastiveModel(CLIP(TINY_VIT), with_logit_bias=False, trim_text=False))(images, trim_text_batch(texts))
+    assert mixed.graph_break_count == 0 and mixed.graph_count == 1
     in_model = explain(ContrastiveModel(CLIP(TINY_VIT), with_logit_bias=False))(images, texts)
     assert in_model.graph_break_count > 0  # the cut inside encode_text reads the length back from the device

@@ -108,8 +108,11 @@ class ResidualAttentionBlock(nn.Module):
         # The folded form's one cost: for backward, each linear keeps its scaled weight instead of the
         # parameter itself, a weight-sized copy. Under autocast a (half-precision) copy is kept either way,
         # and without gradients nothing is kept; only float32 training would pay (~0.3 GB for ViT-B/32),
-        # so it keeps the module as written.
-        if self.quick_gelu and (torch.is_autocast_enabled(x.device.type) or not torch.is_grad_enabled()):
+        # so it keeps the module as written. Half-precision weights (OpenAI's models on a GPU) keep it too:
+        # scaling them rounds each weight again, and their features should match OpenAI's to the last bit.
+        if self.quick_gelu and self.mlp.c_fc.weight.dtype == torch.float32 and (
+            not torch.is_grad_enabled() or (x.device.type != "meta" and torch.is_autocast_enabled(x.device.type))
+        ):
             return quick_gelu_mlp(x, self.mlp.c_fc, self.mlp.c_proj)
         return self.mlp(x)
 

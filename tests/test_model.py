@@ -154,6 +154,7 @@ def test_blocks_fold_quick_gelu_where_it_keeps_no_extra_weight_copies(monkeypatc
     monkeypatch.setattr(transformer_module, "quick_gelu_mlp", lambda *a: folded_calls.append(1) or original(*a))
     torch.manual_seed(0)
     block = transformer_module.ResidualAttentionBlock(32, 2, 4.0, "quick_gelu")
+    torch.nn.init.normal_(block.attn.in_proj_weight, std=0.2)  # created empty; Transformer initialises it
     x = torch.randn(2, 5, 32)
 
     trained_fp32 = block(x, causal=False)  # float32 training: the module as written
@@ -168,6 +169,9 @@ def test_blocks_fold_quick_gelu_where_it_keeps_no_extra_weight_copies(monkeypatc
     torch.testing.assert_close(mixed.float(), trained_fp32.detach(), rtol=0.05, atol=0.05)
 
     gelu_block = transformer_module.ResidualAttentionBlock(32, 2, 4.0, "gelu")
+    torch.nn.init.normal_(gelu_block.attn.in_proj_weight, std=0.2)
     with torch.no_grad():
         gelu_block(x, causal=False)
-    assert len(folded_calls) == 2  # exact GELU has nothing to fold
+        assert len(folded_calls) == 2  # exact GELU has nothing to fold
+        block.to(torch.bfloat16)(x.bfloat16(), causal=False)
+        assert len(folded_calls) == 2  # half-precision weights are not scaled (no second rounding)

@@ -104,12 +104,18 @@ def contrastive_step(module, images, texts, micro_batches, loss_fn, autocast, ba
     return loss.detach(), metrics
 
 
-def all_ranks_finite(loss: torch.Tensor, dist_info: DistributedInfo) -> bool:
-    finite = torch.isfinite(loss).to(torch.float32).reshape(1)
+def agree_before_backward(loss: torch.Tensor, stop_requested: bool, dist_info: DistributedInfo) -> tuple[bool, bool]:
+    """(every rank's loss is finite, some rank was asked to stop), from one collective and one device sync.
+
+    Every rank must skip a non-finite step together, or DDP's collectives would hang; and ranks receive a
+    stop signal up to a step apart, but must stop after the same step. Both questions share one all-reduce
+    (MIN over [finite, not stopping]), so a step waits on the other ranks once, not twice."""
+    flags = torch.stack([torch.isfinite(loss), torch.full_like(loss, not stop_requested, dtype=torch.bool)])
+    flags = flags.to(torch.float32)
     if dist_info.is_distributed:
-        # Every rank must skip together, or DDP's collectives would hang.
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    finite, keep_going = flags.tolist()
+    return finite == 1.0, keep_going == 0.0
 
 
 def gather_objects(value, dist_info: DistributedInfo) -> list:
@@ -140,14 +146,6 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         log.warning("received signal %d: saving a checkpoint at the end of this step, then stopping", signum)
-
-    def agreed(self, dist_info: DistributedInfo) -> bool:
-        """Whether any rank was signalled; ranks may receive the signal a step apart, and must stop together."""
-        if not dist_info.is_distributed:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=dist_info.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -330,11 +328,15 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
 
             optimizer.zero_grad(set_to_none=True)
             skipped = {"value": False}
+            stopping = {"value": False}  # some rank was signalled: checkpoint after this step, then stop
             grad_norm = None  # set when the step is taken and gradients are clipped
 
             def backward(loss: torch.Tensor) -> None:
-                # A non-finite loss is checked before any gradient exists, on all ranks together.
-                if skipped["value"] or not all_ranks_finite(loss.detach(), dist_info):
+                # A non-finite loss is checked before any gradient exists, on all ranks together (every
+                # rank calls this equally often, so the collective inside always pairs up).
+                finite, stop_agreed = agree_before_backward(loss.detach(), stop.requested, dist_info)
+                stopping["value"] |= stop_agreed
+                if skipped["value"] or not finite:
                     skipped["value"] = True
                     return
                 scaler.scale(loss).backward()
@@ -400,10 +402,9 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
             if config.eval.every_n_steps and step % config.eval.every_n_steps == 0 and step < total_steps:
                 last_metrics.update(evaluate(step))
             every = config.checkpoint.every_n_steps
-            stopping = stop.agreed(dist_info)
-            if (every and step % every == 0 and step < last_step) or (stopping and step < total_steps):
+            if (every and step % every == 0 and step < last_step) or (stopping["value"] and step < total_steps):
                 save(step, last_metrics)
-            if stopping:
+            if stopping["value"]:
                 last_step = step
                 break
 

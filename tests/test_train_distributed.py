@@ -36,6 +36,25 @@ def run_two_ranks(run_dir: Path, stop_at_step=None, extra=()) -> None:
     mp.spawn(_worker, args=(2, free_port(), str(run_dir), stop_at_step, list(extra)), nprocs=2, join=True)
 
 
+def _signalled_worker(rank: int, world_size: int, port: int, run_dir: str, extra) -> None:
+    # Only rank 1 is signalled, during its second step: both ranks must still stop after the same step.
+    import signal
+
+    import clip.train as train_module
+
+    real_step = train_module.contrastive_step
+    calls = {"n": 0}
+
+    def signalled_step(*args):
+        calls["n"] += 1
+        if rank == 1 and calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args)
+
+    train_module.contrastive_step = signalled_step
+    _worker(rank, world_size, port, run_dir, None, extra)
+
+
 def test_two_ranks_train_checkpoint_and_resume_exactly(tmp_path):
     extra = ["eval.every_n_steps=0", "schedule.steps=4", "checkpoint.every_n_steps=2"]
     run_two_ranks(tmp_path / "straight", extra=extra)
@@ -54,3 +73,18 @@ def test_two_ranks_train_checkpoint_and_resume_exactly(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").open()]
     last = [r["data"] for r in records if "data" in r][-1]
     assert last["ranks"] == 2 and last["samples"] == 32
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    extra = ["eval.every_n_steps=0", "schedule.steps=4", "checkpoint.every_n_steps=0"]
+    run_two_ranks(tmp_path / "straight", extra=extra)
+    mp.spawn(_signalled_worker, args=(2, free_port(), str(tmp_path / "resumed"), extra), nprocs=2, join=True)
+    state = ckpt.load_latest_checkpoint(tmp_path / "resumed")
+    assert state["step"] == 2 and len(state["data"]) == 2  # saved by both ranks together, after step 2
+    assert not (tmp_path / "resumed" / "results.json").exists()
+    run_two_ranks(tmp_path / "resumed", extra=extra)
+    straight = ckpt.load_latest_checkpoint(tmp_path / "straight")
+    resumed = ckpt.load_latest_checkpoint(tmp_path / "resumed")
+    assert straight["step"] == resumed["step"] == 4
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -141,6 +143,40 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch, 
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
     totals = {r["step"]: r["nonfinite_steps_total"] for r in records if "loss" in r}
     assert totals[1] == (1 in poisoned_steps) and totals[3] == 1 and totals[5] == 3
+
+
+def signal_at_step(monkeypatch, step: int, signum: int = signal.SIGTERM) -> None:
+    """Delivers `signum` to this process in the middle of the given step's forward pass (as SLURM's
+    pre-emption notice or a Ctrl-C would arrive)."""
+    import clip.train as train_module
+
+    real_step = train_module.contrastive_step
+    calls = {"n": 0}
+
+    def signalled_step(*args):
+        calls["n"] += 1
+        if calls["n"] == step:
+            os.kill(os.getpid(), signum)
+        return real_step(*args)
+
+    monkeypatch.setattr(train_module, "contrastive_step", signalled_step)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_checkpoints_after_the_current_step_and_the_run_resumes_exactly(tmp_path, monkeypatch, signum):
+    extra = ["eval.every_n_steps=0", "checkpoint.every_n_steps=0"]  # checkpoints only at the end, or when stopped
+    train(tiny_config(tmp_path / "straight", *extra))
+    handler_before = signal.getsignal(signum)
+    signal_at_step(monkeypatch, 4, signum)
+    stopped = train(tiny_config(tmp_path / "resumed", *extra))
+    assert stopped["step"] == 4 and signal.getsignal(signum) is handler_before  # handlers are restored
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "resumed")] == [4]
+    assert not (tmp_path / "resumed" / "results.json").exists()  # not finished
+    monkeypatch.undo()
+    assert train(tiny_config(tmp_path / "resumed", *extra))["step"] == 6
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
 
 
 def test_main_prints_the_headline_last(tmp_path, capsys):

@@ -25,8 +25,8 @@ Every measurement runs in a fresh process; runs alternate ours, theirs, theirs, 
         activations and temporaries. Both processes import torch, clip and open_clip and make the input batch
         before that baseline, so it is the same for both.
   CUDA: torch.cuda.max_memory_allocated() over the whole process (weights and optimiser state included).
-On CUDA both run with TF32 allowed and cuDNN autotuning on (`clip.cuda_backends`), as both training scripts
-set them. --profile FILE appends, for the first run of each library and configuration, torch.profiler's
+On CUDA both run with cuDNN autotuning on (`clip.cuda_backends`), and TF32 as each training script sets it
+by default (open_clip on, ours off: under bf16 autocast it only affects float32 leftovers). --profile FILE appends, for the first run of each library and configuration, torch.profiler's
 operators by own time over --profile-steps further steps (after the timed ones, so timings are unaffected)
 and the fraction of wall time the device was busy.
 Model FLOPs are counted with torch's FlopCounterMode on the batch actually used (forward x 3), so they count
@@ -207,9 +207,13 @@ def profile_steps(step, steps: int, device: torch.device) -> dict:
     report = {"steps": steps, "step_s": wall_s / steps,
               "table": averages.table(sort_by=sort_key, row_limit=30, max_name_column_width=60)}
     if device.type == "cuda":
-        # Kernel time summed over operators' own time: the share of the wall time with work on the device
-        # (an upper bound where kernels of several streams overlap).
-        busy_us = sum(getattr(event, "self_device_time_total", 0) for event in averages)
+        # Kernels only: the CPU operator that launched a kernel is credited with its time as well, and so
+        # are user annotations, so summing every row would count each kernel two or three times. Kernels
+        # of several streams may overlap, which makes this an upper bound.
+        from torch.autograd import DeviceType
+
+        busy_us = sum(event.self_device_time_total for event in averages
+                      if event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False))
         report["device_busy_fraction"] = busy_us / 1e6 / wall_s
     return report
 
@@ -221,7 +225,9 @@ def measure(job: dict) -> dict:
     if device.type == "cuda":
         from clip.cuda_backends import configure_cuda_backends
 
-        configure_cuda_backends(allow_tf32=True)  # as both training scripts do on CUDA
+        # Each as its training script does by default: open_clip's turns TF32 on, ours leaves it off (under
+        # bf16 autocast it only touches float32 leftovers, such as our loss's similarity matrix).
+        configure_cuda_backends(allow_tf32=job["library"] == "open_clip")
     import clip.train  # noqa: F401  (both processes import the same libraries before the baseline)
 
     with contextlib.suppress(ImportError):
@@ -264,7 +270,10 @@ def measure(job: dict) -> dict:
     if job["count_flops"]:
         result["flops_per_sample"] = count_flops_per_sample(job, module, images, texts)
     if job.get("profile_steps"):
-        result["profile"] = profile_steps(step, job["profile_steps"], device)
+        try:
+            result["profile"] = profile_steps(step, job["profile_steps"], device)
+        except Exception as error:  # e.g. no access to the GPU's counters: the timings above still count
+            result["profile"] = {"error": f"{type(error).__name__}: {error}"}
     return result
 
 
@@ -303,6 +312,10 @@ def run_configuration(base_job: dict, libraries: list[str], repeats: int, timeou
 
 
 def append_profile(path: Path, job: dict, profile: dict) -> None:
+    if "error" in profile:
+        with path.open("a", encoding="utf-8") as file:
+            file.write(f"== {job['library']}: {display_name(job['arch'])}: profiling failed: {profile['error']} ==\n\n")
+        return
     busy = profile.get("device_busy_fraction")
     heading = (f"== {job['library']}: {display_name(job['arch'])}, batch {job['batch']}, {job['precision']}"
                f"{', compiled' if job['compile'] else ''}; {profile['steps']} profiled steps, "
@@ -388,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     if "open_clip" in libraries and importlib_missing("open_clip"):
         print("open_clip is not installed (pip install -e .[bench]); measuring ours only", file=sys.stderr)
         libraries.remove("open_clip")
+    if args.profile:
+        args.profile.write_text("")  # this run's profiles only
     report = {"machine": common.machine_info(), "device": str(device), "repeats": args.repeats,
               "warmup": args.warmup, "steps": args.steps, "optimizer": args.optimizer,
               "grad_clip_norm": args.grad_clip_norm}

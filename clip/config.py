@@ -48,7 +48,10 @@ class TrainLoopConfig:
     max_consecutive_nonfinite: int = 10  # a run stops after this many non-finite losses in a row
     device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA is available, else cpu
     threads: int | None = None  # torch intra-op threads on the CPU; None keeps torch's default
-    tf32: bool = True  # CUDA: float32 matrix products on TF32 tensor cores (see clip.cuda_backends)
+    # CUDA: float32 matrix products on TF32 tensor cores (see clip.cuda_backends). Much faster with
+    # precision = "fp32"; under bf16/fp16 autocast it touches only what stays float32, such as the loss's
+    # similarity matrix, which it makes less precise for no speed.
+    tf32: bool = False
 
 
 @dataclass

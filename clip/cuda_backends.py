@@ -13,7 +13,9 @@ def configure_cuda_backends(allow_tf32: bool) -> None:
     """TF32: float32 matrix products and convolutions run on the tensor cores with a 10-bit mantissa (the
     accumulation stays float32), several times faster than IEEE fp32; it only affects work that autocast
     leaves in float32 (all of it with precision = "fp32"). cuDNN autotuning: the convolutions of a ResNet
-    see the same shapes at every step, so timing the algorithms once on the first step pays off."""
+    see the same shapes at every step, so timing the algorithms once on the first step pays off; the
+    algorithm chosen may differ between runs, but GPU training is not bitwise reproducible anyway (some
+    backward kernels accumulate with atomic adds)."""
     torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     torch.backends.cudnn.allow_tf32 = allow_tf32
     torch.backends.cudnn.benchmark = True

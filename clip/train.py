@@ -110,12 +110,13 @@ def agree_before_backward(loss: torch.Tensor, stop_requested: bool, dist_info: D
     Every rank must skip a non-finite step together, or DDP's collectives would hang; and ranks receive a
     stop signal up to a step apart, but must stop after the same step. Both questions share one all-reduce
     (MIN over [finite, not stopping]), so a step waits on the other ranks once, not twice."""
+    loss = loss.reshape(())  # a scalar: anything else is a bug upstream, and must not read as "not finite"
     flags = torch.stack([torch.isfinite(loss), torch.full_like(loss, not stop_requested, dtype=torch.bool)])
     flags = flags.to(torch.float32)
     if dist_info.is_distributed:
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-    finite, keep_going = flags.tolist()
-    return finite == 1.0, keep_going == 0.0
+    all_finite, none_stopping = flags.tolist()
+    return all_finite == 1.0, none_stopping == 0.0
 
 
 def gather_objects(value, dist_info: DistributedInfo) -> list:
@@ -145,7 +146,9 @@ class StopRequest:
         if self.requested:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self.requested = True
-        log.warning("received signal %d: saving a checkpoint at the end of this step, then stopping", signum)
+        # Over several processes the ranks agree on it before the next backward pass, so a signal that
+        # arrives late in a step is acted on after the following one.
+        log.warning("received signal %d: saving a checkpoint at the next step boundary, then stopping", signum)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -399,12 +402,15 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
             if progress is not None:
                 progress.update(1)
 
-            if config.eval.every_n_steps and step % config.eval.every_n_steps == 0 and step < total_steps:
+            # One process needs no agreement: a signal that came after this step's backward pass counts now.
+            stop_now = stopping["value"] or (not dist_info.is_distributed and stop.requested)
+            evaluate_now = config.eval.every_n_steps and step % config.eval.every_n_steps == 0 and step < total_steps
+            if evaluate_now and not stop_now:  # a pre-empted run spends its grace period saving, not evaluating
                 last_metrics.update(evaluate(step))
             every = config.checkpoint.every_n_steps
-            if (every and step % every == 0 and step < last_step) or (stopping["value"] and step < total_steps):
+            if (every and step % every == 0 and step < last_step) or (stop_now and step < total_steps):
                 save(step, last_metrics)
-            if stopping["value"]:
+            if stop_now:
                 last_step = step
                 break
 

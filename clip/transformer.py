@@ -105,16 +105,27 @@ class ResidualAttentionBlock(nn.Module):
         return x
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The folded form's one cost: for backward, each linear keeps its scaled weight instead of the
-        # parameter itself, a weight-sized copy. Under autocast a (half-precision) copy is kept either way,
-        # and without gradients nothing is kept; only float32 training would pay (~0.3 GB for ViT-B/32),
-        # so it keeps the module as written. Half-precision weights (OpenAI's models on a GPU) keep it too:
-        # scaling them rounds each weight again, and their features should match OpenAI's to the last bit.
-        if self.quick_gelu and self.mlp.c_fc.weight.dtype == torch.float32 and (
-            not torch.is_grad_enabled() or (x.device.type != "meta" and torch.is_autocast_enabled(x.device.type))
-        ):
+        if self._folds_quick_gelu(x):
             return quick_gelu_mlp(x, self.mlp.c_fc, self.mlp.c_proj)
         return self.mlp(x)
+
+    def _folds_quick_gelu(self, x: torch.Tensor) -> bool:
+        # The folded form's one cost: for backward, each linear keeps its scaled weight instead of the
+        # parameter itself, a weight-sized copy. Under autocast a (half-precision) copy is kept either way,
+        # and in eval mode (inference) nothing is usually kept; float32 training would pay (~0.3 GB for
+        # ViT-B/32), so it runs the module as written. Decided by train/eval mode rather than by grad mode,
+        # so that gradient accumulation's no-grad caching pass computes exactly what its gradient pass does.
+        # Half-precision weights (OpenAI's models on a GPU) are not folded either: scaling them rounds each
+        # weight again, and their features should match OpenAI's to the last bit. Nor are replaced or
+        # wrapped layers (adapters): only plain nn.Linear weights can be scaled like this.
+        c_fc, c_proj = self.mlp.c_fc, self.mlp.c_proj
+        if not (self.quick_gelu and type(c_fc) is nn.Linear and type(c_proj) is nn.Linear):
+            return False
+        if c_fc.weight.dtype != torch.float32:
+            return False
+        if not self.training:
+            return True
+        return x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
 
 
 class Transformer(nn.Module):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -117,17 +118,32 @@ def test_gpu_scripts_parse():
 @pytest.mark.slow  # about 90 s on 2 cores
 def test_gpu_script_runs_every_step_in_its_cpu_dry_run(tmp_path):
     # The GPU machine is lent rarely and briefly: its script must not fail for reasons a CPU can show.
-    environment = {**os.environ, "DRY_RUN": "cpu", "OUT": str(tmp_path), "BUDGET_S": "900", "CARRY": str(tmp_path / "none")}
+    from clip.download import cache_dir
+
+    merges = cache_dir() / "bpe_simple_vocab_16e6.txt.gz"
+    if not merges.is_file():
+        pytest.skip("needs the BPE merges file in $CLIP_CACHE_DIR")
+    carry = tmp_path / "carry"  # as gpu_prepare.sh fills it, but with made-up wheels
+    (carry / "cache").mkdir(parents=True)
+    (carry / "wheels").mkdir()
+    shutil.copyfile(merges, carry / "cache" / merges.name)
+    (carry / "wheels" / "ftfy-0.0-py3-none-any.whl").write_bytes(b"ftfy imports here: never installed")
+    (carry / "wheels" / "unknown-0.0-py3-none-any.whl").write_bytes(b"not a wheel: its install fails")
+    out = tmp_path / "out"
+    environment = {**os.environ, "DRY_RUN": "cpu", "OUT": str(out), "BUDGET_S": "900", "CARRY": str(carry),
+                   "CLIP_CACHE_DIR": str(tmp_path / "empty-cache")}  # the carried merges file must be found
     finished = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh")], env=environment, capture_output=True, text=True,
                               timeout=900, check=False)
-    log = (tmp_path / "gpu.log").read_text()
+    log = (out / "gpu.log").read_text()
     assert finished.returncode == 0, log[-3000:]
     assert "FAILED" not in log and "TIMEOUT" not in log and "SKIP" not in log, log[-3000:]
+    assert "WARNING: installing" in log and "unknown-0.0" in log and "ftfy-0.0" not in log  # only what is missing
+    assert "captions: clip.tokenize" in log
     for name in ("train_step.json", "loss_memory.json", "train_step_compile.json", "inference.json"):
-        assert json.loads((tmp_path / name).read_text()), name
-    profile = (tmp_path / "profile.txt").read_text()
+        assert json.loads((out / name).read_text()), name
+    profile = (out / "profile.txt").read_text()
     assert profile.count("== ours:") == 2 and "Self CPU" in profile
-    page = (tmp_path / "gpu_results.md").read_text()
+    page = (out / "gpu_results.md").read_text()
     assert "## Training step, eager" in page and "## Contrastive loss memory" in page and "Not run" not in page
 
 

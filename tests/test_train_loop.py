@@ -145,33 +145,38 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch, 
     assert totals[1] == (1 in poisoned_steps) and totals[3] == 1 and totals[5] == 3
 
 
-def signal_at_step(monkeypatch, step: int, signum: int = signal.SIGTERM) -> None:
-    """Delivers `signum` to this process in the middle of the given step's forward pass (as SLURM's
-    pre-emption notice or a Ctrl-C would arrive)."""
+def signal_at_step(monkeypatch, step: int, signum: int = signal.SIGTERM, when: str = "before_forward") -> None:
+    """Delivers `signum` to this process during the given step (as SLURM's pre-emption notice or a Ctrl-C
+    would arrive): before its forward pass, or after its optimiser step (while its metrics are logged)."""
     import clip.train as train_module
 
-    real_step = train_module.contrastive_step
+    name = {"before_forward": "contrastive_step", "after_optimizer": "merge_rank_reports"}[when]
+    real = getattr(train_module, name)
     calls = {"n": 0}
 
-    def signalled_step(*args):
+    def signalling(*args):
         calls["n"] += 1
         if calls["n"] == step:
             os.kill(os.getpid(), signum)
-        return real_step(*args)
+        return real(*args)
 
-    monkeypatch.setattr(train_module, "contrastive_step", signalled_step)
+    monkeypatch.setattr(train_module, name, signalling)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_checkpoints_after_the_current_step_and_the_run_resumes_exactly(tmp_path, monkeypatch, signum):
-    extra = ["eval.every_n_steps=0", "checkpoint.every_n_steps=0"]  # checkpoints only at the end, or when stopped
+@pytest.mark.parametrize(("signum", "when"), [(signal.SIGTERM, "before_forward"), (signal.SIGINT, "before_forward"),
+                                              (signal.SIGTERM, "after_optimizer")])
+def test_a_signal_checkpoints_after_the_current_step_and_the_run_resumes_exactly(tmp_path, monkeypatch, signum, when):
+    # Evaluation every 2 steps: the stopping step (4) skips its evaluation and only saves.
+    extra = ["eval.every_n_steps=2", "checkpoint.every_n_steps=0"]  # checkpoints only at the end, or when stopped
     train(tiny_config(tmp_path / "straight", *extra))
     handler_before = signal.getsignal(signum)
-    signal_at_step(monkeypatch, 4, signum)
+    signal_at_step(monkeypatch, 4, signum, when)
     stopped = train(tiny_config(tmp_path / "resumed", *extra))
     assert stopped["step"] == 4 and signal.getsignal(signum) is handler_before  # handlers are restored
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "resumed")] == [4]
     assert not (tmp_path / "resumed" / "results.json").exists()  # not finished
+    evaluated = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").open() if "zeroshot" in line]
+    assert evaluated == [2]
     monkeypatch.undo()
     assert train(tiny_config(tmp_path / "resumed", *extra))["step"] == 6
     straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")

@@ -55,6 +55,14 @@ def _signalled_worker(rank: int, world_size: int, port: int, run_dir: str, extra
     _worker(rank, world_size, port, run_dir, None, extra)
 
 
+def assert_same_final_weights(straight_dir: Path, resumed_dir: Path, step: int) -> None:
+    straight = ckpt.load_latest_checkpoint(straight_dir)
+    resumed = ckpt.load_latest_checkpoint(resumed_dir)
+    assert straight["step"] == resumed["step"] == step
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+
+
 def test_two_ranks_train_checkpoint_and_resume_exactly(tmp_path):
     extra = ["eval.every_n_steps=0", "schedule.steps=4", "checkpoint.every_n_steps=2"]
     run_two_ranks(tmp_path / "straight", extra=extra)
@@ -63,11 +71,7 @@ def test_two_ranks_train_checkpoint_and_resume_exactly(tmp_path):
     assert state["step"] == 2 and len(state["rng"]) == 2 and len(state["data"]) == 2
     assert state["data"][0] != state["data"][1]  # each rank records its own position
     run_two_ranks(tmp_path / "resumed", extra=extra)
-    straight = ckpt.load_latest_checkpoint(tmp_path / "straight")
-    resumed = ckpt.load_latest_checkpoint(tmp_path / "resumed")
-    assert straight["step"] == resumed["step"] == 4
-    for name, tensor in straight["model"].items():
-        assert torch.equal(tensor, resumed["model"][name]), name
+    assert_same_final_weights(tmp_path / "straight", tmp_path / "resumed", step=4)
     assert (tmp_path / "straight" / "results.json").exists()
     # metrics.jsonl (written by rank 0) counts both ranks' samples: 4 steps x 2 ranks x 4
     records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").open()]
@@ -83,8 +87,4 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     assert state["step"] == 2 and len(state["data"]) == 2  # saved by both ranks together, after step 2
     assert not (tmp_path / "resumed" / "results.json").exists()
     run_two_ranks(tmp_path / "resumed", extra=extra)
-    straight = ckpt.load_latest_checkpoint(tmp_path / "straight")
-    resumed = ckpt.load_latest_checkpoint(tmp_path / "resumed")
-    assert straight["step"] == resumed["step"] == 4
-    for name, tensor in straight["model"].items():
-        assert torch.equal(tensor, resumed["model"][name]), name
+    assert_same_final_weights(tmp_path / "straight", tmp_path / "resumed", step=4)

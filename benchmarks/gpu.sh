@@ -27,6 +27,8 @@ mkdir -p "$OUT"
 BUDGET_S="${BUDGET_S:-470}"  # the whole script; each step's timeout is cut to what is left
 DRY_RUN="${DRY_RUN:-}"
 CARRY="${CARRY:-.gpu_carry}"
+# The interpreter: $PYTHON, else python3 (some images have no plain `python`), else python.
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 exec > >(tee -a "$OUT/gpu.log") 2>&1
@@ -87,14 +89,14 @@ for wheel in "$CARRY"/wheels/*.whl; do
         open_clip_torch-*) module=open_clip ;;
         *) module="" ;;
     esac
-    if [[ -z "$module" ]] || ! python -c "import $module" 2>/dev/null; then
+    if [[ -z "$module" ]] || ! "$PYTHON" -c "import $module" 2>/dev/null; then
         MISSING_WHEELS+=("$wheel")
     fi
 done
 if ((${#MISSING_WHEELS[@]})); then
     SITE="$(mktemp -d)"
     trap 'rm -rf "$SITE"' EXIT
-    if python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
+    if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
         --target "$SITE" "${MISSING_WHEELS[@]}"; then
         export PYTHONPATH="$PYTHONPATH:$SITE"
         say "installed into $SITE: ${MISSING_WHEELS[*]}"
@@ -107,50 +109,50 @@ if [[ ! -f "${CLIP_CACHE_DIR:-$HOME/.cache/clip}/$MERGES" && -f "$CARRY/cache/$M
     CLIP_CACHE_DIR="$(cd "$CARRY/cache" && pwd)"
     export CLIP_CACHE_DIR
 fi
-if [[ "$DEVICE" == cuda ]] && ! python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+if [[ "$DEVICE" == cuda ]] && ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     say "no CUDA device visible to torch; nothing to measure"
     exit 1
 fi
-if ! python -c 'import clip.train'; then
+if ! "$PYTHON" -c 'import clip.train'; then
     say "the library does not import here (see above; a missing ftfy: run benchmarks/gpu_prepare.sh first and carry $CARRY)"
     exit 1
 fi
 LIBRARIES="ours open_clip"
 INFERENCE_FLAGS=""
-if ! python -c 'import open_clip' 2>/dev/null; then
+if ! "$PYTHON" -c 'import open_clip' 2>/dev/null; then
     say "open_clip is not importable here: measuring ours only (open_clip rows skipped)"
     LIBRARIES="ours"
     INFERENCE_FLAGS="--no-open-clip"
 fi
 {  # a description of the machine; nothing here may stop the script
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || echo "nvidia-smi: none"
-    python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")' || true
-    python -c 'import open_clip; print("open_clip", open_clip.__version__)' 2>/dev/null || echo "open_clip: missing"
-    python -c 'import sys; sys.path.insert(0, "benchmarks"); import common; print("captions:", "clip.tokenize" if common.merges_file_available() else "random ids (no merges file)")' || true
-    echo "cpus: $(nproc); python: $(python --version 2>&1); dry run: ${DRY_RUN:-no}"
+    "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")' || true
+    "$PYTHON" -c 'import open_clip; print("open_clip", open_clip.__version__)' 2>/dev/null || echo "open_clip: missing"
+    "$PYTHON" -c 'import sys; sys.path.insert(0, "benchmarks"); import common; print("captions:", "clip.tokenize" if common.merges_file_available() else "random ids (no merges file)")' || true
+    echo "cpus: $(nproc); python: $("$PYTHON" --version 2>&1); dry run: ${DRY_RUN:-no}"
 }
 
 # 1. Eager bf16 training: 2 archs x 2 libraries x 2 alternating runs, 5 warm-up + 20 timed steps each; the
 #    first run of each library is also profiled over 3 more steps.
 run_step "training step, eager" 230 \
-    python benchmarks/train_step.py --device "$DEVICE" --precision bf16 --archs "$VIT" "$RESNET" --batch-sizes "$BATCH" \
+    "$PYTHON" benchmarks/train_step.py --device "$DEVICE" --precision bf16 --archs "$VIT" "$RESNET" --batch-sizes "$BATCH" \
     --threads 0 --libraries $LIBRARIES --repeats 2 --warmup "$WARMUP" --steps "$STEPS" --job-timeout 120 \
     --profile "$OUT/profile.txt" --profile-steps 3 --json "$OUT/train_step.json"
 
 # 2. torch.compile, ViT-B/16 only (compiling takes a minute or more per model).
 run_step "training step, torch.compile (ViT-B/16)" 170 \
-    python benchmarks/train_step.py --device "$DEVICE" --precision bf16 --archs "$VIT" --batch-sizes "$BATCH" \
+    "$PYTHON" benchmarks/train_step.py --device "$DEVICE" --precision bf16 --archs "$VIT" --batch-sizes "$BATCH" \
     --threads 0 --libraries $LIBRARIES --repeats 1 --warmup "$WARMUP" --steps "$STEPS" --compile --job-timeout 150 \
     --json "$OUT/train_step_compile.json"
 
 # 3. As time allows: loss memory at 4k / 32k / 64k and exactness at 32k; inference.
 run_step "loss memory" 90 \
-    python benchmarks/loss_memory.py --device "$DEVICE" --batch-sizes $LOSS_BATCHES --chunk-sizes $LOSS_CHUNKS \
+    "$PYTHON" benchmarks/loss_memory.py --device "$DEVICE" --batch-sizes $LOSS_BATCHES --chunk-sizes $LOSS_CHUNKS \
     --verify-batch "$VERIFY_BATCH" --json "$OUT/loss_memory.json"
 run_step "inference" 60 \
-    python benchmarks/inference.py --device "$DEVICE" --archs "$VIT" "$RESNET" --image-batch "$BATCH" \
+    "$PYTHON" benchmarks/inference.py --device "$DEVICE" --archs "$VIT" "$RESNET" --image-batch "$BATCH" \
     --text-batch "$TEXT_BATCH" --threads 0 --repeats 10 $INFERENCE_FLAGS --json "$OUT/inference.json"
 
 say "writing $OUT/gpu_results.md"
-python benchmarks/run_all.py --gpu-page "$OUT" || say "FAILED to write the summary page"
+"$PYTHON" benchmarks/run_all.py --gpu-page "$OUT" || say "FAILED to write the summary page"
 say "finished in ${SECONDS}s"

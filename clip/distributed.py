@@ -199,6 +199,12 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
+# torch 2.14 renamed the single-tensor collectives (the old names warn on every call); older torch has only
+# the old names, same arguments.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class _AllGatherWithGradient(torch.autograd.Function):
     """all_gather in forward; in backward, rank r receives the SUM over all ranks of the gradient that
     their losses sent to slot r (a reduce-scatter)."""
@@ -210,7 +216,7 @@ class _AllGatherWithGradient(torch.autograd.Function):
         ctx.rows = tensor.shape[0]
         world_size = dist.get_world_size(group)
         gathered = tensor.new_empty((world_size * tensor.shape[0], *tensor.shape[1:]))
-        dist.all_gather_into_tensor(gathered, tensor.contiguous(), group=group)
+        _all_gather_single(gathered, tensor.contiguous(), group=group)
         return gathered  # rank order: rows [r*B, (r+1)*B) come from rank r
 
     @staticmethod
@@ -218,7 +224,7 @@ class _AllGatherWithGradient(torch.autograd.Function):
         grad_gathered = grad_gathered.contiguous()
         if dist.get_backend(ctx.group) == dist.Backend.NCCL:
             grad_local = grad_gathered.new_empty((ctx.rows, *grad_gathered.shape[1:]))
-            dist.reduce_scatter_tensor(grad_local, grad_gathered, op=dist.ReduceOp.SUM, group=ctx.group)
+            _reduce_scatter_single(grad_local, grad_gathered, op=dist.ReduceOp.SUM, group=ctx.group)
             return grad_local, None
         # gloo has no reduce-scatter: all-reduce the whole gradient (twice the traffic) and keep our slot.
         grad_gathered = grad_gathered.clone()  # autograd may still need the incoming buffer

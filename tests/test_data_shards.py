@@ -187,8 +187,22 @@ def test_a_shard_longer_than_its_index_is_reported(tmp_path: Path, caplog) -> No
     data = build([SourceConfig(kind="shards", path=pattern, name="stale")], batch_size=7)
     with caplog.at_level("WARNING", logger="clip.data.sources"):
         assert len(captions(take(data, 1))) == 7
-    assert "s-000000.tar holds more samples than its size index says" in caplog.text
+    assert "s-000000.tar holds more samples than its size index (or num_samples) says" in caplog.text
     assert "s-000001.tar" not in caplog.text
+    data.close()
+
+
+def test_many_longer_shards_are_named_a_few_times_then_summed_up(tmp_path: Path, caplog) -> None:
+    from clip.data.sources import LONGER_SHARDS_NAMED
+
+    shards = LONGER_SHARDS_NAMED + 3
+    pattern = write_shards(tmp_path, 3 * shards, 3)
+    (tmp_path / "sizes.json").write_text(json.dumps({f"s-{i:06d}.tar": 2 for i in range(shards)}))  # 2 of 3 each
+    data = build([SourceConfig(kind="shards", path=pattern, name="short")], batch_size=2)
+    with caplog.at_level("WARNING", logger="clip.data.sources"):
+        assert len(take(data, shards)) == shards  # one epoch: every shard's planned samples
+    assert caplog.text.count("holds more samples than") == LONGER_SHARDS_NAMED
+    assert caplog.text.count("not naming them any more") == 1
     data.close()
 
 

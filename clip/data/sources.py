@@ -102,6 +102,9 @@ class ManifestSource:
             raise SkipSample("unreadable_file", str(error)) from None
 
 
+LONGER_SHARDS_NAMED = 5  # per data worker; see ShardSource._report_longer
+
+
 class ShardSource:
     """Samples of WebDataset tar shards, {"__key__", "jpg": bytes, "txt": bytes, ...} each."""
 
@@ -138,12 +141,19 @@ class ShardSource:
             skip = 0
 
     def _report_longer(self, url: str) -> None:
-        if url not in self._reported_longer:
-            self._reported_longer.add(url)
+        # Named a few times per worker, then once more as a summary: with num_samples below the real sizes
+        # every shard is longer, and thousands of shards times the workers would bury the log.
+        if url in self._reported_longer:
+            return
+        self._reported_longer.add(url)
+        if len(self._reported_longer) <= LONGER_SHARDS_NAMED:
             log.warning(
-                "data source %s: shard %s holds more samples than its size index says; the extra ones are never "
-                "read (rewrite the index: python scripts/make_shards.py --index '<pattern>')", self.name, url,
+                "data source %s: shard %s holds more samples than its size index (or num_samples) says; the extra "
+                "ones are never read (rewrite the index: python scripts/make_shards.py --index '<pattern>')",
+                self.name, url,
             )
+        elif len(self._reported_longer) == LONGER_SHARDS_NAMED + 1:
+            log.warning("data source %s: more shards hold more samples than planned; not naming them any more", self.name)
 
     def describe(self, sample: dict | MissingSample) -> str:
         if isinstance(sample, MissingSample):

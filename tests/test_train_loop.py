@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 from pathlib import Path
@@ -238,7 +239,9 @@ def test_fp16_with_loss_scaling_trains_and_resumes_exactly(tmp_path):
         assert torch.isfinite(straight[name]).all() or not straight[name].is_floating_point()
 
 
-@pytest.mark.slow  # compiling on the CPU takes about half a minute
-def test_compiled_training_runs(tmp_path):
-    results = train(tiny_config(tmp_path, "schedule.steps=3", "eval.every_n_steps=0", "train.compile=true"))
-    assert results["step"] == 3
+@pytest.mark.slow  # compiling on the CPU takes about half a minute per precision
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: the folded QuickGELU MLP, compiled
+def test_compiled_training_runs(tmp_path, precision):
+    results = train(tiny_config(tmp_path, "schedule.steps=3", "eval.every_n_steps=0", "train.compile=true",
+                                f"train.precision={precision}"))
+    assert results["step"] == 3 and math.isfinite(results["loss"])

@@ -76,7 +76,10 @@ class MultiheadSelfAttention(nn.Module):
         n, length, width = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # NLD -> NL(3D)
         qkv = qkv.view(n, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)  # -> 3,N,H,L,d
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)  # N,H,L,d
+        # unbind, not qkv[0], qkv[1], qkv[2]: its backward stacks the three gradients in one pass, where three
+        # indexings would each fill a zero tensor the size of qkv and then add them up (same values).
+        q, k, v = qkv.unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # N,H,L,d
         out = out.transpose(1, 2).reshape(n, length, width)  # -> NLD
         return self.out_proj(out)
 

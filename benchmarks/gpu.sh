@@ -28,10 +28,14 @@ BUDGET_S="${BUDGET_S:-470}"  # the whole script; each step's timeout is cut to w
 DRY_RUN="${DRY_RUN:-}"
 CARRY="${CARRY:-.gpu_carry}"
 # The interpreter: $PYTHON, else python3 (some images have no plain `python`), else python.
-PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
+PYTHON="${PYTHON:-$(command -v python3 || command -v python || true)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 exec > >(tee -a "$OUT/gpu.log") 2>&1
+if [[ -z "$PYTHON" ]]; then
+    echo "no python3 or python on PATH; set PYTHON=/path/to/python" >&2
+    exit 1
+fi
 
 say() { echo "[$(date +%H:%M:%S) +${SECONDS}s] $*"; }
 
@@ -79,33 +83,30 @@ fi
 
 say "preparing the environment"
 # Only the carried wheels whose package is missing here: a package the machine has is left as it is (a folder
-# on PYTHONPATH would shadow it).
-MISSING_WHEELS=()
-for wheel in "$CARRY"/wheels/*.whl; do
-    [[ -e "$wheel" ]] || continue
-    case "$(basename "$wheel")" in
-        ftfy-*) module=ftfy ;;
-        wcwidth-*) module=wcwidth ;;
-        open_clip_torch-*) module=open_clip ;;
-        *) module="" ;;
-    esac
-    if [[ -z "$module" ]] || ! "$PYTHON" -c "import $module" 2>/dev/null; then
-        MISSING_WHEELS+=("$wheel")
-    fi
+# on PYTHONPATH would shadow it). One at a time, dependencies first, each checked again after the ones before
+# (open_clip fails to import while ftfy is missing), so that one bad wheel costs only itself.
+SITE="$(mktemp -d)"
+trap 'rm -rf "$SITE"' EXIT
+export PYTHONPATH="$PYTHONPATH:$SITE"
+for name in wcwidth ftfy open_clip_torch; do
+    for wheel in "$CARRY"/wheels/"$name"-*.whl; do
+        [[ -e "$wheel" ]] || continue
+        module="${name%_torch}"
+        if "$PYTHON" -c "import $module" 2>/dev/null; then
+            continue
+        fi
+        if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
+            --target "$SITE" "$wheel"; then
+            say "installed $(basename "$wheel") into $SITE"
+        else
+            say "WARNING: installing $(basename "$wheel") failed; going on without it"
+        fi
+    done
 done
-if ((${#MISSING_WHEELS[@]})); then
-    SITE="$(mktemp -d)"
-    trap 'rm -rf "$SITE"' EXIT
-    if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
-        --target "$SITE" "${MISSING_WHEELS[@]}"; then
-        export PYTHONPATH="$PYTHONPATH:$SITE"
-        say "installed into $SITE: ${MISSING_WHEELS[*]}"
-    else
-        say "WARNING: installing ${MISSING_WHEELS[*]} failed; going on without them"
-    fi
-fi
 MERGES=bpe_simple_vocab_16e6.txt.gz
-if [[ ! -f "${CLIP_CACHE_DIR:-$HOME/.cache/clip}/$MERGES" && -f "$CARRY/cache/$MERGES" ]]; then
+# Where clip looks for it (its own rule, $CLIP_CACHE_DIR else ~/.cache/clip), unless that has no copy.
+CACHE_DIR="$("$PYTHON" -c 'from clip.download import cache_dir; print(cache_dir())' 2>/dev/null || true)"
+if [[ ! -f "$CACHE_DIR/$MERGES" && -f "$CARRY/cache/$MERGES" ]]; then
     CLIP_CACHE_DIR="$(cd "$CARRY/cache" && pwd)"
     export CLIP_CACHE_DIR
 fi

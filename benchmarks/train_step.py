@@ -43,6 +43,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -281,8 +282,10 @@ def measure(job: dict) -> dict:
 
 
 def run_configuration(base_job: dict, libraries: list[str], repeats: int, timeout_s: float,
-                      profile_file: Path | None = None, profile_step_count: int = 0) -> dict:
-    """Alternates libraries (ABBA order) over `repeats` rounds; returns runs and medians per library."""
+                      profile_file: Path | None = None, profile_step_count: int = 0,
+                      on_progress: Callable[[dict], None] | None = None) -> dict:
+    """Alternates libraries (ABBA order) over `repeats` rounds; returns runs and medians per library.
+    on_progress: called with the medians so far after every run (so a killed benchmark keeps them)."""
     runs: dict[str, list[dict]] = {library: [] for library in libraries}
     for round_index in range(repeats):
         order = libraries if round_index % 2 == 0 else libraries[::-1]
@@ -295,6 +298,12 @@ def run_configuration(base_job: dict, libraries: list[str], repeats: int, timeou
             runs[library].append(result)
             shown = result.get("error") or f"{result['samples_per_s']:.2f} samples/s, peak {result['peak_gib']:.2f} GiB"
             print(f"  {library}: {shown}", file=sys.stderr, flush=True)
+            if on_progress is not None:
+                on_progress(summarise(runs))
+    return summarise(runs)
+
+
+def summarise(runs: dict[str, list[dict]]) -> dict:
     summary = {}
     for library, results in runs.items():
         good = [r for r in results if "error" not in r]
@@ -418,12 +427,19 @@ def main(argv: list[str] | None = None) -> int:
                             "grad_clip_norm": args.grad_clip_norm,
                             "count_flops": args.count_flops or device.type == "cuda"}
                 row = {key: base_job[key] for key in ("arch", "batch", "threads", "precision", "compile")}
+
+                def write_json(results: dict, row: dict = row) -> None:
+                    # After every run, so a benchmark stopped by a timeout keeps what it measured.
+                    if args.json:
+                        current = {**row, "results": results}
+                        add_comparisons(current, device, precision)
+                        args.json.write_text(json.dumps({**report, "rows": [*rows, current]}, indent=1) + "\n")
+
                 row["results"] = run_configuration(base_job, libraries, args.repeats, args.job_timeout,
-                                                   args.profile, args.profile_steps)
+                                                   args.profile, args.profile_steps, on_progress=write_json)
                 add_comparisons(row, device, precision)
                 rows.append(row)
-                if args.json:  # after every configuration, so a run stopped by a timeout keeps what it measured
-                    args.json.write_text(json.dumps({**report, "rows": rows}, indent=1) + "\n")
+                write_json(row["results"])
     print(format_rows(rows, device.type))
     return 0
 

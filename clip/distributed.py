@@ -199,10 +199,17 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-# torch 2.14 renamed the single-tensor collectives (the old names warn on every call); older torch has only
-# the old names, same arguments.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+def _all_gather_single(output: torch.Tensor, tensor: torch.Tensor, group) -> None:
+    # torch 2.13 renamed the single-tensor collectives (the old names warn on every call); older torch has
+    # only the old names, with the same arguments. Looked up here, not at import: torch builds without
+    # distributed support have neither.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, tensor, group=group)
+
+
+def _reduce_scatter_single(output: torch.Tensor, tensor: torch.Tensor, group) -> None:
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    reduce_scatter(output, tensor, op=dist.ReduceOp.SUM, group=group)
 
 
 class _AllGatherWithGradient(torch.autograd.Function):
@@ -224,7 +231,7 @@ class _AllGatherWithGradient(torch.autograd.Function):
         grad_gathered = grad_gathered.contiguous()
         if dist.get_backend(ctx.group) == dist.Backend.NCCL:
             grad_local = grad_gathered.new_empty((ctx.rows, *grad_gathered.shape[1:]))
-            _reduce_scatter_single(grad_local, grad_gathered, op=dist.ReduceOp.SUM, group=ctx.group)
+            _reduce_scatter_single(grad_local, grad_gathered, group=ctx.group)
             return grad_local, None
         # gloo has no reduce-scatter: all-reduce the whole gradient (twice the traffic) and keep our slot.
         grad_gathered = grad_gathered.clone()  # autograd may still need the incoming buffer

@@ -148,7 +148,7 @@ class StopRequest:
         self.requested = True
         # Over several processes the ranks agree on it before the next backward pass, so a signal that
         # arrives late in a step is acted on after the following one.
-        log.warning("received signal %d: saving a checkpoint at the next step boundary, then stopping", signum)
+        log.warning("received signal %d: saving a checkpoint after this step or the next, then stopping", signum)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -231,8 +231,7 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
 
     train_module: nn.Module = module
     if dist_info.is_distributed:
-        # Gradients as views into DDP's all-reduce buckets: no second gradient-sized copy per rank, and no
-        # copy between the two after every backward pass.
+        # Gradients as views into DDP's all-reduce buckets: no second gradient-sized buffer per rank.
         train_module = DistributedDataParallel(
             module, device_ids=[device] if device.type == "cuda" else None, gradient_as_bucket_view=True
         )

@@ -53,6 +53,18 @@ def quick_gelu_mlp(x: torch.Tensor, c_fc: nn.Linear, c_proj: nn.Linear) -> torch
     return F.linear(hidden, c_proj.weight * (1 / QUICK_GELU_SCALE), c_proj.bias)
 
 
+def _has_hooks(*modules: nn.Module) -> bool:
+    """Whether a forward or backward hook would run for any of `modules` (their own or global ones)."""
+    from torch.nn.modules import module as module_internals
+
+    global_hooks = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                    "_global_backward_pre_hooks")
+    if any(getattr(module_internals, name, None) for name in global_hooks):
+        return True
+    own_hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return any(getattr(m, name, None) for m in modules for name in own_hooks)
+
+
 def make_activation(name: str) -> nn.Module:
     activations = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
     if name not in activations:
@@ -120,9 +132,12 @@ class ResidualAttentionBlock(nn.Module):
         # so that gradient accumulation's no-grad caching pass computes exactly what its gradient pass does.
         # Half-precision weights (OpenAI's models on a GPU) are not folded either: scaling them rounds each
         # weight again, and their features should match OpenAI's to the last bit. Nor are replaced or
-        # wrapped layers (adapters): only plain nn.Linear weights can be scaled like this.
+        # wrapped layers (adapters), or layers with hooks (attribution tools, pruning), which the folded form
+        # would bypass: only plain, unobserved nn.Linear weights can be scaled like this.
         c_fc, c_proj = self.mlp.c_fc, self.mlp.c_proj
         if not (self.quick_gelu and type(c_fc) is nn.Linear and type(c_proj) is nn.Linear):
+            return False
+        if _has_hooks(self.mlp, c_fc, self.mlp.gelu, c_proj):
             return False
         if c_fc.weight.dtype != torch.float32:
             return False

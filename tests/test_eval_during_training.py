@@ -78,6 +78,17 @@ def test_run_evaluations_returns_flat_metrics_and_restores_train_mode(tmp_path):
     assert metrics["retrieval/captions/image_to_text_R@10"] == 1.0  # 7 images: everything is in the top 10
 
 
+def test_evaluation_leaves_the_global_random_generator_alone(tmp_path):
+    # An evaluation during training must not shift what the run draws afterwards (exact resume compares a
+    # run that evaluated at a step with one that stopped there instead).
+    model, config = tiny_clip(), eval_config(write_caption_manifest(tmp_path, 7))
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    run_evaluations(model, config, device="cpu", step=10)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_should_evaluate_schedule():
     config = EvalConfig(every_n_steps=50, zeroshot=[ZeroShotDatasetConfig()])
     assert [s for s in range(0, 181) if should_evaluate(config, s, 180)] == [50, 100, 150, 180]

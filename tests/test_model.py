@@ -171,6 +171,14 @@ def test_blocks_fold_quick_gelu_where_it_keeps_no_extra_weight_copies(monkeypatc
     assert len(folded_calls) == 2
     torch.testing.assert_close(mixed.float(), trained_fp32.detach(), rtol=0.05, atol=0.05)
 
+    # A hook on the MLP (attribution tools, pruning) must see its call: such layers run as written.
+    seen = []
+    handle = block.mlp.c_fc.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    block.eval()(x, causal=False)
+    handle.remove()
+    assert len(folded_calls) == 2 and seen == [(2, 5, 128)]
+    block.train()
+
     gelu_block = transformer_module.ResidualAttentionBlock(32, 2, 4.0, "gelu").eval()
     torch.nn.init.normal_(gelu_block.attn.in_proj_weight, std=0.2)
     with torch.no_grad():

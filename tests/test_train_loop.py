@@ -241,7 +241,14 @@ def test_fp16_with_loss_scaling_trains_and_resumes_exactly(tmp_path):
 
 @pytest.mark.slow  # compiling on the CPU takes about half a minute per precision
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: the folded QuickGELU MLP, compiled
-def test_compiled_training_runs(tmp_path, precision):
+def test_compiled_training_runs(tmp_path, monkeypatch, precision):
+    import clip.transformer as transformer_module
+
+    traced = []  # training-time calls of the folded MLP (as torch.compile traces the model); not the evaluation's
+    original = transformer_module.quick_gelu_mlp
+    monkeypatch.setattr(transformer_module, "quick_gelu_mlp",
+                        lambda *a: (torch.is_grad_enabled() and traced.append(1)) or original(*a))
     results = train(tiny_config(tmp_path, "schedule.steps=3", "eval.every_n_steps=0", "train.compile=true",
-                                f"train.precision={precision}"))
+                                f"train.precision={precision}", "model.activation=quick_gelu"))  # the demo's is gelu
     assert results["step"] == 3 and math.isfinite(results["loss"])
+    assert bool(traced) == (precision == "bf16")  # float32 training runs the MLP as written

@@ -67,6 +67,9 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.d
         num_workers=workers,
         pin_memory=torch.device(device).type == "cuda",
         persistent_workers=False,
+        # Its own generator: every DataLoader iterator draws a worker seed, which would otherwise come from
+        # torch's global generator and make an evaluation during training shift the training run's RNG.
+        generator=torch.Generator().manual_seed(0),
     )
 
 

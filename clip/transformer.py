@@ -21,9 +21,23 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
             return super().forward(x)
+        if self._half_input_under_autocast(x):
+            # Mixed-precision training (the ViT's residual stream is half precision under autocast): the
+            # half-precision kernel, which accumulates its statistics in float32 anyway, with the gain and
+            # bias cast as autocast casts every linear layer's weights. The float32 route below would add
+            # two activation-sized casts in the forward pass and two in the backward for each LayerNorm.
+            with torch.autocast(x.device.type, enabled=False):
+                weight = None if self.weight is None else self.weight.to(x.dtype)
+                bias = None if self.bias is None else self.bias.to(x.dtype)
+                return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+    def _half_input_under_autocast(self, x: torch.Tensor) -> bool:
+        if self.weight is not None and self.weight.dtype != torch.float32:
+            return False  # half-precision weights (OpenAI's models): OpenAI's float32 arithmetic, exactly
+        return x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
 
 
 QUICK_GELU_SCALE = 1.702

@@ -186,3 +186,41 @@ def test_blocks_fold_quick_gelu_where_it_keeps_no_extra_weight_copies(monkeypatc
         assert len(folded_calls) == 2  # exact GELU has nothing to fold
         block.eval().to(torch.bfloat16)(x.bfloat16(), causal=False)
         assert len(folded_calls) == 2  # half-precision weights are not scaled (no second rounding)
+
+
+def test_layer_norm_runs_half_inputs_natively_only_under_autocast_with_float32_weights():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from clip.transformer import LayerNorm
+
+    class RecordLayerNormInputs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.native_layer_norm.default:
+                self.dtypes.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    norm = LayerNorm(32)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.1)
+    torch.nn.init.normal_(norm.bias, 0.0, 0.1)
+    x = torch.randn(4, 7, 32)
+    reference = norm(x)
+
+    with RecordLayerNormInputs() as mixed, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x.bfloat16())  # a half-precision residual stream under autocast (the ViT's)
+    assert mixed.dtypes == [torch.bfloat16] and out.dtype == torch.bfloat16  # no float32 round trip
+    torch.testing.assert_close(out.float(), reference, rtol=0.02, atol=0.02)
+
+    half_model = LayerNorm(32)
+    half_model.load_state_dict(norm.state_dict())
+    half_model.to(torch.bfloat16)
+    with RecordLayerNormInputs() as openai_style, torch.autocast("cpu", dtype=torch.bfloat16):
+        half_model(x.bfloat16())
+    assert openai_style.dtypes == [torch.float32]  # half-precision weights: OpenAI's float32 arithmetic
+    with RecordLayerNormInputs() as full:
+        norm(x)
+    assert full.dtypes == [torch.float32]

@@ -26,9 +26,10 @@ Every measurement runs in a fresh process; runs alternate ours, theirs, theirs, 
         before that baseline, so it is the same for both.
   CUDA: torch.cuda.max_memory_allocated() over the whole process (weights and optimiser state included).
 On CUDA both run with cuDNN autotuning on (`clip.cuda_backends`), and TF32 as each training script sets it
-by default (open_clip on, ours off: under bf16 autocast it only affects float32 leftovers). --profile FILE appends, for the first run of each library and configuration, torch.profiler's
-operators by own time over --profile-steps further steps (after the timed ones, so timings are unaffected)
-and the fraction of wall time the device was busy.
+by default (open_clip on, ours off: under bf16 autocast it only affects float32 leftovers).
+--profile FILE appends, for the first run of each library and configuration, torch.profiler's operators by
+own time over --profile-steps further steps (after the timed ones, so timings are unaffected) and the
+fraction of wall time the device was busy.
 Model FLOPs are counted with torch's FlopCounterMode on the batch actually used (forward x 3), so they count
 the text length each library really computes: ours stops at the batch's last end-of-text token, open_clip
 runs the whole context.
@@ -429,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = {key: base_job[key] for key in ("arch", "batch", "threads", "precision", "compile")}
 
                 def write_json(results: dict, row: dict = row) -> None:
-                    # After every run, so a benchmark stopped by a timeout keeps what it measured.
+                    # After every run (the last call has the final medians), so a benchmark stopped by a
+                    # timeout keeps what it measured.
                     if args.json:
                         current = {**row, "results": results}
                         add_comparisons(current, device, precision)
@@ -439,7 +441,6 @@ def main(argv: list[str] | None = None) -> int:
                                                    args.profile, args.profile_steps, on_progress=write_json)
                 add_comparisons(row, device, precision)
                 rows.append(row)
-                write_json(row["results"])
     print(format_rows(rows, device.type))
     return 0
 

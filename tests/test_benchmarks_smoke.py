@@ -54,7 +54,9 @@ def test_train_step_runs_both_libraries_and_reports_ratios(tmp_path):
                "--threads", "1", "--repeats", "1", "--warmup", "0", "--steps", "1", "--count-flops",
                "--libraries", *libraries, "--json", str(output)]
     subprocess.run(command, check=True, capture_output=True, timeout=300)
-    row = json.loads(output.read_text())["rows"][0]
+    rows = json.loads(output.read_text())["rows"]
+    assert len(rows) == 1  # one configuration, written once
+    row = rows[0]
     for library in libraries:
         result = row["results"][library]
         assert "error" not in result, result

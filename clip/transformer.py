@@ -12,6 +12,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as module_internals  # where torch keeps the global module hooks
 from torch.utils.checkpoint import checkpoint
 
 
@@ -37,7 +38,12 @@ class LayerNorm(nn.LayerNorm):
     def _half_input_under_autocast(self, x: torch.Tensor) -> bool:
         if self.weight is not None and self.weight.dtype != torch.float32:
             return False  # half-precision weights (OpenAI's models): OpenAI's float32 arithmetic, exactly
-        return x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+        return autocast_enabled_for(x)
+
+
+def autocast_enabled_for(x: torch.Tensor) -> bool:
+    """Whether autocast is on for x's device; only asked for devices with an autocast mode (not "meta")."""
+    return x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
 
 
 QUICK_GELU_SCALE = 1.702
@@ -69,8 +75,6 @@ def quick_gelu_mlp(x: torch.Tensor, c_fc: nn.Linear, c_proj: nn.Linear) -> torch
 
 def _has_hooks(*modules: nn.Module) -> bool:
     """Whether a forward or backward hook would run for any of `modules` (their own or global ones)."""
-    from torch.nn.modules import module as module_internals
-
     global_hooks = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                     "_global_backward_pre_hooks")
     if any(getattr(module_internals, name, None) for name in global_hooks):
@@ -155,9 +159,7 @@ class ResidualAttentionBlock(nn.Module):
             return False
         if c_fc.weight.dtype != torch.float32:
             return False
-        if not self.training:
-            return True
-        return x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+        return not self.training or autocast_enabled_for(x)
 
 
 class Transformer(nn.Module):

@@ -16,6 +16,18 @@ def configure_cuda_backends(allow_tf32: bool) -> None:
     see the same shapes at every step, so timing the algorithms once on the first step pays off; the
     algorithm chosen may differ between runs, but GPU training is not bitwise reproducible anyway (some
     backward kernels accumulate with atomic adds)."""
-    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-    torch.backends.cudnn.allow_tf32 = allow_tf32
+    if has_precision_api():
+        # torch >= 2.9 raises when a process mixes these switches with the legacy allow_tf32 ones, and
+        # recommends the new ones; a user's script or another library may already have used them.
+        precision = "tf32" if allow_tf32 else "ieee"
+        torch.backends.cuda.matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        torch.backends.cudnn.allow_tf32 = allow_tf32
     torch.backends.cudnn.benchmark = True
+
+
+def has_precision_api() -> bool:
+    """torch >= 2.9: per-backend `fp32_precision` switches ("ieee" / "tf32") replace `allow_tf32`."""
+    return hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv")

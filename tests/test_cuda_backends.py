@@ -5,26 +5,51 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clip.cuda_backends import configure_cuda_backends
+from clip.cuda_backends import configure_cuda_backends, has_precision_api
 from clip.throughput import peak_flops
+
+
+def tf32_switches() -> tuple[bool, bool]:
+    """(matmul, convolution) TF32 as they stand, read through the API the code under test sets."""
+    if has_precision_api():
+        return (torch.backends.cuda.matmul.fp32_precision == "tf32",
+                torch.backends.cudnn.conv.fp32_precision == "tf32")
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
 
 
 @pytest.fixture()
 def restore_backends():
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    if has_precision_api():
+        saved = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    else:
+        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    benchmark = torch.backends.cudnn.benchmark
     yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
+    if has_precision_api():
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+    else:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    torch.backends.cudnn.benchmark = benchmark
 
 
 @pytest.mark.parametrize("allow_tf32", [True, False])
 def test_configure_sets_tf32_both_ways_and_autotunes_convolutions(restore_backends, allow_tf32):
-    torch.backends.cuda.matmul.allow_tf32 = not allow_tf32
-    torch.backends.cudnn.allow_tf32 = not allow_tf32
+    configure_cuda_backends(allow_tf32=not allow_tf32)
     torch.backends.cudnn.benchmark = False
     configure_cuda_backends(allow_tf32=allow_tf32)
-    assert torch.backends.cuda.matmul.allow_tf32 is allow_tf32
-    assert torch.backends.cudnn.allow_tf32 is allow_tf32
+    assert tf32_switches() == (allow_tf32, allow_tf32)
     assert torch.backends.cudnn.benchmark is True
+
+
+@pytest.mark.skipif(not has_precision_api(), reason="torch < 2.9 has only the legacy allow_tf32 switches")
+def test_configure_does_not_mix_with_the_new_precision_api(restore_backends):
+    # A script (or another library) that chose TF32 through the new API: torch raises on reading the
+    # legacy switch once both were used, so the trainer must not touch the legacy one.
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    configure_cuda_backends(allow_tf32=False)
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+    torch.backends.cuda.matmul.allow_tf32  # raises RuntimeError if the two APIs were mixed
 
 
 def test_peak_flops_follows_dtype_and_tf32(monkeypatch):

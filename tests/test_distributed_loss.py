@@ -2,12 +2,10 @@
 DDP-averaged gradients must equal one process on the concatenated batch."""
 
 import math
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -27,6 +25,8 @@ from clip.loss import (
     ContrastiveLoss,
     contrastive_loss_with_cached_features,
 )
+
+from multiprocess import free_port, spawn_ranks
 
 WORLD_SIZE = 2
 ROWS_PER_RANK = 4
@@ -164,11 +164,5 @@ def worker(rank: int, port: int) -> None:
         cleanup_distributed()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_gloo_processes_match_one_process_on_the_concatenated_batch():
-    mp.spawn(worker, args=(free_port(),), nprocs=WORLD_SIZE, join=True)
+    spawn_ranks(worker, (free_port(),), nprocs=WORLD_SIZE)

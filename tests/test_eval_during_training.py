@@ -4,17 +4,17 @@ ranks (each encoding a slice) returning the same metrics as one process."""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import clip
 from clip.architectures import ModelConfig, TextConfig, VisionConfig
 from clip.evaluation import EvalConfig, RetrievalDatasetConfig, ZeroShotDatasetConfig, run_evaluations, should_evaluate
+
+from multiprocess import free_port, spawn_ranks
 
 WORLD_SIZE = 2
 
@@ -97,12 +97,6 @@ def test_should_evaluate_schedule():
     assert not should_evaluate(EvalConfig(every_n_steps=1), 180, 180)  # nothing configured
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def worker(rank: int, port: int, manifest: str, output: str) -> None:
     from clip.distributed import DistributedInfo
 
@@ -118,7 +112,7 @@ def worker(rank: int, port: int, manifest: str, output: str) -> None:
 
 def test_two_ranks_return_the_single_process_metrics(tmp_path):
     manifest = write_caption_manifest(tmp_path, 7)
-    mp.spawn(worker, args=(free_port(), str(manifest), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    spawn_ranks(worker, (free_port(), str(manifest), str(tmp_path)), nprocs=WORLD_SIZE)
     single = run_evaluations(tiny_clip(), eval_config(manifest), device="cpu")
     for rank in range(WORLD_SIZE):
         ranked = json.loads((tmp_path / f"rank{rank}.json").read_text())

@@ -5,24 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from clip import checkpoint as ckpt
 from clip.train import train
 
+from multiprocess import free_port, spawn_ranks
 from test_train_loop import tiny_config
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, run_dir: str, stop_at_step, extra) -> None:
@@ -34,19 +26,8 @@ def _worker(rank: int, world_size: int, port: int, run_dir: str, stop_at_step, e
     train(tiny_config(Path(run_dir), "train.device=cpu", "train.batch_size=4", *extra), stop_at_step=stop_at_step)
 
 
-def spawn_two_ranks(worker, args: tuple, timeout_s: float = 300.0) -> None:
-    """mp.spawn with a deadline: ranks whose collectives never pair up would otherwise hang the suite."""
-    context = mp.spawn(worker, args=args, nprocs=2, join=False)
-    deadline = time.monotonic() + timeout_s
-    while not context.join(timeout=1.0):  # raises if a rank failed
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the two ranks did not finish within {timeout_s:.0f} s")
-
-
 def run_two_ranks(run_dir: Path, stop_at_step=None, extra=()) -> None:
-    spawn_two_ranks(_worker, (2, free_port(), str(run_dir), stop_at_step, list(extra)))
+    spawn_ranks(_worker, (2, free_port(), str(run_dir), stop_at_step, list(extra)))
 
 
 def _signalled_worker(rank: int, world_size: int, port: int, run_dir: str, extra) -> None:
@@ -95,7 +76,7 @@ def test_two_ranks_train_checkpoint_and_resume_exactly(tmp_path):
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     extra = ["eval.every_n_steps=0", "schedule.steps=4", "checkpoint.every_n_steps=0"]
     run_two_ranks(tmp_path / "straight", extra=extra)
-    spawn_two_ranks(_signalled_worker, (2, free_port(), str(tmp_path / "resumed"), extra))
+    spawn_ranks(_signalled_worker, (2, free_port(), str(tmp_path / "resumed"), extra))
     state = ckpt.load_latest_checkpoint(tmp_path / "resumed")
     assert state["step"] == 2 and len(state["data"]) == 2  # saved by both ranks together, after step 2
     assert not (tmp_path / "resumed" / "results.json").exists()

@@ -22,8 +22,10 @@ import functools
 import gzip
 import html
 import itertools
+import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import ftfy
@@ -278,16 +280,21 @@ class Tokenizer:
         return utf8.decode("utf-8", errors="replace").replace(END_OF_WORD, " ")
 
     def __call__(
-        self, texts: str | Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH, truncate: bool = False
+        self, texts: str | Iterable[str], context_length: int = DEFAULT_CONTEXT_LENGTH, truncate: bool = False
     ) -> torch.Tensor:
-        """LongTensor[N, context_length]: start token, text tokens, end token, then zeros, one row per text.
+        """IntTensor[N, context_length] (int32, as openai/CLIP's): start token, text tokens, end token, then
+        zeros, one row per text. `texts`: one str, or any iterable of str (list, tuple, numpy array, ...).
 
-        Raises ValueError when a text does not fit, unless `truncate`: then its tokens are cut so that the end
-        token is the last one kept.
+        Raises `TextTooLongError` (a ValueError and, as in openai/CLIP, a RuntimeError) when a text does not
+        fit, unless `truncate`: then its tokens are cut so that the end token is the last one kept.
         """
         texts = _as_text_list(texts)
-        if isinstance(context_length, bool) or not isinstance(context_length, int):
-            raise TypeError(f"context_length must be an int, got {type(context_length).__name__}")
+        if isinstance(context_length, bool):
+            raise TypeError("context_length must be an int, got bool")
+        try:
+            context_length = operator.index(context_length)  # also numpy integers
+        except TypeError:
+            raise TypeError(f"context_length must be an int, got {type(context_length).__name__}") from None
         if context_length < 2:
             raise ValueError(f"context_length must be at least 2 (start and end tokens), got {context_length}")
         rows = [self._encode_as_chars(text) for text in texts]
@@ -295,9 +302,10 @@ class Tokenizer:
         for index, row in enumerate(rows):
             if len(row) > max_text_tokens:
                 if not truncate:
-                    raise ValueError(_too_long_message(texts[index], len(row) + 2, context_length))
+                    raise TextTooLongError(_too_long_message(texts[index], len(row) + 2, context_length))
                 rows[index] = row[:max_text_tokens]
-        tokens = np.zeros((len(rows), context_length), dtype=np.int64)
+        # int32 like openai/CLIP's tokenize (ids are below 49408); embeddings take either index type.
+        tokens = np.zeros((len(rows), context_length), dtype=np.int32)
         if rows:
             # All rows, each framed by the start and end tokens, in one string, then one array; a row-major
             # boolean mask takes those ids in order.
@@ -309,15 +317,22 @@ class Tokenizer:
         return torch.from_numpy(tokens)
 
 
-def _as_text_list(texts: str | Sequence[str]) -> list[str]:
+class TextTooLongError(ValueError, RuntimeError):
+    """A text has more tokens than the context holds. A ValueError, and a RuntimeError because that is what
+    openai/CLIP's tokenize raises (code catches it to retry with truncate=True)."""
+
+
+def _as_text_list(texts: str | Iterable[str]) -> list[str]:
     if isinstance(texts, str):
         return [texts]
-    if not isinstance(texts, (list, tuple)):
-        raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
+    # Sets and mappings are iterable but unordered or keyed: which row is which text would be a guess.
+    if isinstance(texts, (bytes, AbstractSet, Mapping)) or not isinstance(texts, Iterable):
+        raise TypeError(f"texts must be a str or an ordered iterable of str, got {type(texts).__name__}")
+    texts = list(texts)
     for index, text in enumerate(texts):
-        if not isinstance(text, str):
+        if not isinstance(text, str):  # numpy's str_ is a str subclass
             raise TypeError(f"texts[{index}] is a {type(text).__name__}, not a str")
-    return list(texts)
+    return [str(text) for text in texts]
 
 
 def _as_token_id(token_id: object, vocab_size: int) -> int:
@@ -341,9 +356,9 @@ def get_tokenizer() -> Tokenizer:
 
 
 def tokenize(
-    texts: str | Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH, truncate: bool = False
+    texts: str | Iterable[str], context_length: int = DEFAULT_CONTEXT_LENGTH, truncate: bool = False
 ) -> torch.Tensor:
-    """openai/CLIP's `clip.tokenize`: LongTensor[N, context_length] of token ids; see `Tokenizer.__call__`."""
+    """openai/CLIP's `clip.tokenize`: IntTensor[N, context_length] of token ids; see `Tokenizer.__call__`."""
     return get_tokenizer()(texts, context_length=context_length, truncate=truncate)
 
 

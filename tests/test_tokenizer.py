@@ -264,7 +264,7 @@ def test_ascii_pre_tokeniser_agrees_with_unicode_one(text: str) -> None:
 
 def test_call_layout(tokenizer: Tokenizer) -> None:
     tokens = tokenizer(["a photo of a cat", ""])
-    assert tokens.dtype == torch.long and tokens.shape == (2, 77)
+    assert tokens.dtype == torch.int32 and tokens.shape == (2, 77)  # openai/CLIP returns int32 too
     assert tokens[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert tokens[1, :2].tolist() == [49406, 49407]
     assert not tokens[0, 7:].any() and not tokens[1, 2:].any()
@@ -278,10 +278,17 @@ def test_str_list_and_tuple_inputs_agree(tokenizer: Tokenizer) -> None:
     assert tokenizer([]).shape == (0, 77)
 
 
-@pytest.mark.parametrize("bad_input", [b"bytes", 3, None, ["ok", 5], {"a photo"}])
+@pytest.mark.parametrize("bad_input", [b"bytes", 3, None, ["ok", 5], {"a photo"}, {"a photo": 1}])
 def test_non_text_input_is_a_type_error(tokenizer: Tokenizer, bad_input) -> None:
     with pytest.raises(TypeError):
         tokenizer(bad_input)
+
+
+def test_any_ordered_iterable_of_text_and_numpy_lengths(tokenizer: Tokenizer) -> None:
+    # What openai/CLIP's tokenize takes: numpy arrays of str (e.g. a pandas column's values), generators.
+    expected = tokenizer(["a photo", "of a cat"], context_length=8)
+    assert torch.equal(tokenizer(np.array(["a photo", "of a cat"]), context_length=np.int64(8)), expected)
+    assert torch.equal(tokenizer((text for text in ["a photo", "of a cat"]), context_length=8), expected)
 
 
 def test_encode_rejects_non_str(tokenizer: Tokenizer) -> None:
@@ -293,6 +300,7 @@ def test_too_long_text_raises_with_details(tokenizer: Tokenizer) -> None:
     text = "a photo of a cat " * 30
     with pytest.raises(ValueError) as raised:
         tokenizer(["fine", text])
+    assert isinstance(raised.value, RuntimeError)  # what openai/CLIP raises; code catches it to truncate
     message = str(raised.value)
     assert "a photo of a cat a photo" in message and "..." in message  # the text, shortened
     assert "152 tokens" in message and "context_length=77" in message and "truncate=True" in message

@@ -81,12 +81,13 @@ class CLIP(nn.Module):
         # features: running only up to the batch's last end-of-text token gives the same result, and
         # captions are usually far shorter than the context. The length is rounded up to a multiple of 8
         # to keep matrix shapes friendly and limit how many shapes torch.compile sees.
-        if trim and not text.is_meta:  # meta tensors (FLOP counting) have no values: they keep their length
+        # Meta tensors (FLOP counting) have no values and an empty batch no longest caption: both keep their length.
+        if trim and not text.is_meta and text.shape[0] > 0:
             text = text[:, : trimmed_text_length(eot, text.shape[-1])]
         length = text.shape[-1]
         x = self.token_embedding(text).to(self.dtype)  # NL -> NLD
         x = x + self.positional_embedding[:length].to(self.dtype)
-        x = self.transformer(x)
+        x = self.transformer(x.transpose(0, 1)).transpose(0, 1)  # the blocks take OpenAI's LND layout; views
         x = self.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot]  # -> N,width
         features = x @ self.text_projection  # -> N,embed_dim

@@ -3,7 +3,13 @@
 Parameter names follow OpenAI's checkpoints (`attn.in_proj_weight`, `mlp.c_fc`, `ln_1`, ...) so released
 state dicts load with `strict=True`. Attention runs through `scaled_dot_product_attention` with one fused
 QKV projection, on batch-first tensors (N, L, D).
+
+`Transformer` and `ResidualAttentionBlock` take and return OpenAI's sequence-first layout (L, N, D), as code
+written for openai/CLIP expects (prompt learners run `model.transformer` on their own embeddings; hooks on
+the blocks read their outputs). Inside, each block works batch-first: the model's own callers hand in a
+transposed view of a batch-first tensor, so the transposes at every boundary are views, never copies.
 """
+
 
 from __future__ import annotations
 
@@ -115,9 +121,13 @@ class MultiheadSelfAttention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: float, activation: str) -> None:
+    """Pre-LN block: x + attn(ln_1(x)), then + mlp(ln_2(x)). `causal=True` lets each position attend only to
+    itself and earlier positions (the text encoder's mask)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, activation: str, causal: bool = False) -> None:
         super().__init__()
         hidden = int(width * mlp_ratio)
+        self.causal = causal
         self.quick_gelu = activation == "quick_gelu"
         self.ln_1 = LayerNorm(width)
         self.attn = MultiheadSelfAttention(width, heads)
@@ -132,10 +142,11 @@ class ResidualAttentionBlock(nn.Module):
             )
         )
 
-    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: LND, as OpenAI's blocks
+        x = x.transpose(0, 1)  # -> NLD; contiguous again when x is the view the model's own callers pass
+        x = x + self.attn(self.ln_1(x), self.causal)
         x = x + self.feed_forward(self.ln_2(x))
-        return x
+        return x.transpose(0, 1)
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._folds_quick_gelu(x):
@@ -152,8 +163,12 @@ class ResidualAttentionBlock(nn.Module):
         # weight again, and their features should match OpenAI's to the last bit. Nor are replaced or
         # wrapped layers (adapters), or layers with hooks (attribution tools, pruning), which the folded form
         # would bypass: only plain, unobserved nn.Linear weights can be scaled like this.
+        # The MLP must also still be the three layers it was built with: a swapped activation or an appended
+        # module would otherwise be silently skipped.
+        if not (self.quick_gelu and len(self.mlp) == 3 and type(self.mlp.gelu) is QuickGELU):
+            return False
         c_fc, c_proj = self.mlp.c_fc, self.mlp.c_proj
-        if not (self.quick_gelu and type(c_fc) is nn.Linear and type(c_proj) is nn.Linear):
+        if not (type(c_fc) is nn.Linear and type(c_proj) is nn.Linear):
             return False
         if _has_hooks(self.mlp, c_fc, self.mlp.gelu, c_proj):
             return False
@@ -163,17 +178,17 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of residual attention blocks; `causal=True` masks attention to earlier positions only."""
+    """A stack of residual attention blocks on (L, N, D) tensors; `causal=True` (the text encoder) lets each
+    position attend only to itself and earlier positions."""
 
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, activation: str, causal: bool) -> None:
         super().__init__()
         self.width = width
         self.layers = layers
-        self.causal = causal
         # Trades compute for memory: each block's activations are recomputed in the backward pass.
         self.grad_checkpointing = False
         self.resblocks = nn.Sequential(
-            *[ResidualAttentionBlock(width, heads, mlp_ratio, activation) for _ in range(layers)]
+            *[ResidualAttentionBlock(width, heads, mlp_ratio, activation, causal) for _ in range(layers)]
         )
 
     def init_parameters(self) -> None:
@@ -192,11 +207,11 @@ class Transformer(nn.Module):
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
             nn.init.zeros_(block.mlp.c_proj.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: NLD
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: LND, as OpenAI's Transformer
         for block in self.resblocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 # Non-reentrant checkpointing recomputes exactly one block and works with autocast and DDP.
-                x = checkpoint(block, x, self.causal, use_reentrant=False)
+                x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x, self.causal)
+                x = block(x)
         return x

@@ -38,6 +38,6 @@ class VisionTransformer(nn.Module):
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # -> N,1+grid*grid,width
         x = self.ln_pre(x)
-        x = self.transformer(x)
+        x = self.transformer(x.transpose(0, 1)).transpose(0, 1)  # the blocks take OpenAI's LND layout; views
         x = self.ln_post(x[:, 0, :])  # the class token -> N,width
         return x @ self.proj  # -> N,output_dim

@@ -155,37 +155,96 @@ def test_blocks_fold_quick_gelu_where_it_keeps_no_extra_weight_copies(monkeypatc
     torch.manual_seed(0)
     block = transformer_module.ResidualAttentionBlock(32, 2, 4.0, "quick_gelu")
     torch.nn.init.normal_(block.attn.in_proj_weight, std=0.2)  # created empty; Transformer initialises it
-    x = torch.randn(2, 5, 32)
+    x = torch.randn(2, 5, 32)  # L, N, D
 
-    trained_fp32 = block(x, causal=False)  # float32 training: the module as written
+    trained_fp32 = block(x)  # float32 training: the module as written
     with torch.no_grad():
-        block(x, causal=False)  # still training mode: as gradient accumulation's caching pass runs
+        block(x)  # still training mode: as gradient accumulation's caching pass runs
     assert folded_calls == []
     block.eval()
-    inference = block(x, causal=False)
+    inference = block(x)
     assert len(folded_calls) == 1
     block.train()
     torch.testing.assert_close(inference, trained_fp32.detach(), rtol=1e-6, atol=1e-6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = block(x, causal=False)
+        mixed = block(x)
     assert len(folded_calls) == 2
     torch.testing.assert_close(mixed.float(), trained_fp32.detach(), rtol=0.05, atol=0.05)
 
     # A hook on the MLP (attribution tools, pruning) must see its call: such layers run as written.
     seen = []
     handle = block.mlp.c_fc.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
-    block.eval()(x, causal=False)
+    block.eval()(x)
     handle.remove()
-    assert len(folded_calls) == 2 and seen == [(2, 5, 128)]
+    assert len(folded_calls) == 2 and seen == [(5, 2, 128)]  # batch-first inside the block
     block.train()
 
     gelu_block = transformer_module.ResidualAttentionBlock(32, 2, 4.0, "gelu").eval()
     torch.nn.init.normal_(gelu_block.attn.in_proj_weight, std=0.2)
     with torch.no_grad():
-        gelu_block(x, causal=False)
+        gelu_block(x)
         assert len(folded_calls) == 2  # exact GELU has nothing to fold
-        block.eval().to(torch.bfloat16)(x.bfloat16(), causal=False)
+        block.eval().to(torch.bfloat16)(x.bfloat16())
         assert len(folded_calls) == 2  # half-precision weights are not scaled (no second rounding)
+
+
+def test_a_replaced_activation_or_an_added_layer_is_not_folded_away():
+    from torch import nn
+
+    from clip.transformer import ResidualAttentionBlock
+
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(32, 2, 4.0, "quick_gelu").eval()
+    torch.nn.init.normal_(block.attn.in_proj_weight, std=0.2)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        folded = block(x)
+        block.mlp.gelu = nn.ReLU()  # an ablation: the block must run the ReLU, not the folded QuickGELU
+        relu = block(x)
+    assert not torch.allclose(relu, folded, atol=1e-3)
+    hidden = x.transpose(0, 1) + block.attn(block.ln_1(x.transpose(0, 1)), False)
+    expected = hidden + block.mlp.c_proj(torch.relu(block.mlp.c_fc(block.ln_2(hidden))))
+    torch.testing.assert_close(relu, expected.transpose(0, 1))
+
+    from clip.transformer import QuickGELU
+
+    block.mlp.gelu = QuickGELU()
+    silencer = nn.Linear(32, 32)  # an appended layer (say, a pruning mask) that zeroes the MLP's output
+    nn.init.zeros_(silencer.weight)
+    nn.init.zeros_(silencer.bias)
+    block.mlp.append(silencer)
+    with torch.no_grad():
+        attention_only = x.transpose(0, 1) + block.attn(block.ln_1(x.transpose(0, 1)), False)
+        torch.testing.assert_close(block(x), attention_only.transpose(0, 1))
+
+
+def test_blocks_and_transformer_take_openai_sequence_first_layout():
+    # Prompt learners (CoOp and its kin) run the text transformer on their own embeddings, permuting to
+    # (L, N, D) as openai/CLIP requires, and hooks on the blocks read (L, N, D) outputs.
+    torch.manual_seed(0)
+    model = CLIP(TINY["vit"]).eval()
+    texts = texts_with_lengths([3, 20, 9])
+    seen = []
+    model.transformer.resblocks[-1].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        x = model.token_embedding(texts) + model.positional_embedding
+        x = model.transformer(x.permute(1, 0, 2).contiguous()).permute(1, 0, 2)  # a caller's own LND tensor
+        x = model.ln_final(x)
+        prompt_learner = x[torch.arange(3), texts.argmax(dim=-1)] @ model.text_projection
+        seen.clear()
+        torch.testing.assert_close(prompt_learner, model.encode_text(texts, trim=False))
+    assert seen == [torch.Size([20, 3, 32])]  # L, N, D
+    image_seen = []
+    model.visual.transformer.resblocks[0].register_forward_hook(lambda module, args, out: image_seen.append(out.shape))
+    with torch.no_grad():
+        model.encode_image(torch.randn(2, 3, 32, 32))
+    assert image_seen == [torch.Size([17, 2, 32])]  # 16 patches + the class token, batch 2, width 32
+
+
+def test_empty_text_batch():
+    model = CLIP(TINY["vit"]).eval()
+    with torch.no_grad():
+        assert model.encode_text(torch.zeros(0, 20, dtype=torch.int32)).shape == (0, 24)
 
 
 def test_layer_norm_runs_half_inputs_natively_only_under_autocast_with_float32_weights():

@@ -4,6 +4,9 @@ determinism, exact resume, several weighted sources, resampling."""
 from __future__ import annotations
 
 import logging
+import signal
+import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -191,3 +194,24 @@ def test_a_dataset_moved_to_another_folder_still_resumes_exactly(tmp_path: Path,
     resumed.load_state_dict(state)
     assert resumed.state_dict()["positions"] == state["positions"]  # not restarted
     assert captions(head + take(resumed, 2)) == captions(expected)
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="workers keep torch's signal handling here")
+def test_workers_outlive_a_schedulers_signals_and_stop_on_close(tmp_path: Path) -> None:
+    # SLURM's pre-emption signals every process of the job: a worker that died of it would make torch raise
+    # "DataLoader worker killed" in the trainer, in the middle of the checkpoint save the signal asked for.
+    data = build([shards_source(tmp_path, 40, 6)], batch_size=4, workers=2)
+    batches = iter(data)
+    next(batches)
+    workers = list(data._loader_iterator._workers)  # torch's worker processes
+    for worker in workers:
+        for name in ("TERM", "INT"):  # sent by another process, as a scheduler's are
+            subprocess.run(["kill", f"-{name}", str(worker.pid)], check=True)
+    time.sleep(0.5)
+    for _ in range(8):  # two epochs: both workers keep serving
+        next(batches)
+    assert all(worker.is_alive() for worker in workers)
+    data.close()
+    for worker in workers:
+        worker.join(timeout=10)
+    assert not any(worker.is_alive() for worker in workers)

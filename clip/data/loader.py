@@ -17,6 +17,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
+import signal
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -31,6 +34,31 @@ log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
 _FINISHED_EPOCHS_KEPT = 4
+
+
+def shield_worker_from_job_signals(worker_id: int) -> None:
+    """Run in each data worker: leave SIGTERM and SIGINT from outside to the training process.
+
+    A scheduler stops a job by signalling every process in it (SLURM's pre-emption and time limit send
+    SIGTERM to the whole step; Ctrl-C sends SIGINT to the terminal's process group). A worker that dies of
+    it makes torch raise "DataLoader worker ... killed by signal" in the training process, at whatever line
+    runs then -- typically inside the checkpoint save the same signal asked for. So workers ignore SIGINT,
+    and answer SIGTERM only from their parent (torch's own shutdown of a worker that does not stop in time):
+    a thread waits for the signal and exits the worker if the parent sent it, ignores it otherwise. Workers
+    still stop when the loader is closed, and on their own when the training process dies.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS and Windows: keep torch's handling
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+    threading.Thread(target=_answer_sigterm_from_parent_only, name="sigterm-filter", daemon=True).start()
+
+
+def _answer_sigterm_from_parent_only() -> None:
+    while True:
+        sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
+        if sender == os.getppid():
+            os._exit(0)  # as torch's worker handler does when its parent terminates it
 
 
 def _add(into: dict, counts: dict) -> None:
@@ -156,6 +184,7 @@ class TrainData:
             # The loader draws its workers' base seed from this generator instead of torch's global RNG,
             # so creating it does not change the trainer's random numbers. (Our workers use no torch RNG.)
             generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=shield_worker_from_job_signals if workers > 0 else None,
         )
         self._loader_iterator = iter(loader)
         self._generation += 1

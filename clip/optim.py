@@ -40,6 +40,23 @@ def build_optimizer(named_parameters: list[tuple[str, nn.Parameter]], config: Op
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, **kwargs)
 
 
+def match_state_layout_to_parameters(optimizer: torch.optim.Optimizer) -> None:
+    """After `load_state_dict`: give every parameter-shaped state tensor its parameter's memory layout.
+
+    torch.save keeps strides, so AdamW moments saved by a channels-last run (ResNets on a GPU) come back
+    channels-last, and those saved on the CPU come back contiguous. The fused kernels take a parameter and
+    its moments as flat memory of the same layout: CUDA's refuses a mismatch, the CPU's silently updates
+    the wrong elements. Loading in another setting than the one that saved (a CPU run resumed on GPUs)
+    would hit either. Copies only the tensors whose strides differ."""
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter, {})
+            for key, value in state.items():
+                if (isinstance(value, torch.Tensor) and value.shape == parameter.shape
+                        and value.stride() != parameter.stride()):
+                    state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
+
+
 def learning_rate(step: int, peak: float, schedule: ScheduleConfig) -> float:
     """Linear warmup to `peak` over `warmup_steps`, then cosine decay to `peak * min_lr_ratio` at `steps`."""
     if step < schedule.warmup_steps:

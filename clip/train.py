@@ -28,6 +28,7 @@ from .config import TrainConfig, load_config, to_dict, to_toml
 from .cuda_backends import configure_cuda_backends
 from .data import build_train_data, counts_line, data_state_for_other_world_size, merge_rank_reports
 from .distributed import DistributedInfo, cleanup_distributed, init_distributed, read_launcher_environment
+from .evaluation import EvalConfig, load_classification_data, load_retrieval_data
 from .evaluation.during_training import run_evaluations
 from .loss import (
     SIGLIP_INITIAL_LOGIT_BIAS,
@@ -36,7 +37,7 @@ from .loss import (
     contrastive_loss_with_cached_features,
 )
 from .model import CLIP, create_model, trimmed_text_length
-from .optim import build_optimizer, learning_rate
+from .optim import build_optimizer, learning_rate, match_state_layout_to_parameters
 from .run_log import RunLog, plot_run
 from .throughput import peak_flops, training_flops_per_sample
 from .tokenizer import get_tokenizer
@@ -168,6 +169,15 @@ def train(config: TrainConfig, stop_at_step: int | None = None) -> dict:
         cleanup_distributed()
 
 
+def check_eval_datasets(eval_config: EvalConfig) -> None:
+    """Reads every evaluation dataset's listing (files, classes, captions) once, before training: a wrong
+    path or layout then fails in the first minute, not at the first evaluation hours later."""
+    for dataset in eval_config.zeroshot:
+        load_classification_data(dataset, transform=None)
+    for dataset in eval_config.retrieval:
+        load_retrieval_data(dataset)
+
+
 def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | None) -> dict:
     run_dir = Path(config.output_dir)
     device = dist_info.device
@@ -212,7 +222,9 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
         if module.logit_bias is not None and "logit_bias" in state.get("loss_parameters", {}):
             module.logit_bias.data.copy_(state["loss_parameters"]["logit_bias"])
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        match_state_layout_to_parameters(optimizer)
+        if state["scaler"]:  # empty when the checkpoint's run had no fp16 loss scaling
+            scaler.load_state_dict(state["scaler"])
         start_step = state["step"]
         metrics_so_far = state.get("metrics", {})
         if len(state["rng"]) == dist_info.world_size:
@@ -251,6 +263,7 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
     )
     if data_state is not None:
         data.load_state_dict(data_state)
+    check_eval_datasets(config.eval)
 
     global_batch = config.train.batch_size * dist_info.world_size
     # None where unknown: no MFU then
@@ -376,6 +389,10 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
             window_samples += global_batch
 
             if step % config.logging.every_n_steps == 0 or step == last_step:
+                if device.type == "cuda":
+                    # The host runs ahead of the GPU: without waiting, the window would end before its last
+                    # steps' kernels ran, and throughput and MFU would read too high.
+                    torch.cuda.synchronize(device)
                 elapsed = time.perf_counter() - window_start
                 samples_per_s = window_samples / max(elapsed, 1e-9)
                 last_metrics = {
@@ -421,12 +438,13 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
         progress.close()
     finished = step >= total_steps
     final = dict(last_metrics)
-    if finished:
-        final.update(evaluate(step))
-    # Decided from this run's own saves, not by looking at the file system: every rank must agree, or the
-    # collectives inside save() would pair up with other calls.
+    # Saved before the final evaluation, so that an evaluation that fails (a dataset moved while training
+    # ran) costs no trained weights. Decided from this run's own saves, not by looking at the file system:
+    # every rank must agree, or the collectives inside save() would pair up with other calls.
     if saved_at["step"] != step:
         save(step, final)
+    if finished:
+        final.update(evaluate(step))
     data_totals = merge_rank_reports(gather_objects(data.rank_report(), dist_info))
     if dist_info.is_main:
         log.info("data: %s", data.epoch_summary())  # this rank's, since the run (or resume) started

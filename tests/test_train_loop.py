@@ -239,6 +239,53 @@ def test_fp16_with_loss_scaling_trains_and_resumes_exactly(tmp_path):
         assert torch.isfinite(straight[name]).all() or not straight[name].is_floating_point()
 
 
+def test_switching_to_fp16_on_resume_starts_a_fresh_loss_scale(tmp_path):
+    # The bf16 run saved no scaler state; fp16 loss scaling then starts at its initial scale.
+    train(tiny_config(tmp_path, "schedule.steps=4", "eval.every_n_steps=0", "train.precision=bf16"), stop_at_step=2)
+    results = train(tiny_config(tmp_path, "schedule.steps=4", "eval.every_n_steps=0", "train.precision=fp16"))
+    assert results["step"] == 4 and ckpt.load_latest_checkpoint(tmp_path)["scaler"]["scale"] > 0
+
+
+def test_a_missing_evaluation_dataset_fails_before_training(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        train(tiny_config(tmp_path, "eval.zeroshot.0.kind=imagefolder", f"eval.zeroshot.0.root={tmp_path / 'nowhere'}"))
+    metrics = tmp_path / "metrics.jsonl"
+    assert not metrics.exists() or '"loss"' not in metrics.read_text()  # not a single step was spent
+
+
+def test_a_failing_final_evaluation_keeps_the_trained_weights(tmp_path, monkeypatch):
+    import clip.train as train_module
+
+    def dataset_gone(*args, **kwargs):
+        raise FileNotFoundError("the evaluation images were moved while the run trained")
+
+    monkeypatch.setattr(train_module, "run_evaluations", dataset_gone)
+    with pytest.raises(FileNotFoundError):
+        train(tiny_config(tmp_path, "schedule.steps=2", "eval.every_n_steps=0", "checkpoint.every_n_steps=0"))
+    assert ckpt.load_latest_checkpoint(tmp_path)["step"] == 2
+
+
+def test_optimizer_state_takes_its_parameters_layout_after_loading():
+    from clip.optim import match_state_layout_to_parameters
+
+    # A ResNet's convolution weights are channels-last on a GPU: moments saved on the CPU are contiguous.
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3)
+    optimizer = torch.optim.AdamW(conv.parameters(), lr=0.1)
+    conv(torch.randn(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    channels_last = conv.to(memory_format=torch.channels_last)
+    resumed = torch.optim.AdamW(channels_last.parameters(), lr=0.1, fused=True)
+    resumed.load_state_dict(saved)
+    match_state_layout_to_parameters(resumed)
+    for index, parameter in enumerate(channels_last.parameters()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            moment = resumed.state[parameter][key]
+            assert moment.stride() == parameter.stride()
+            assert torch.equal(moment, saved["state"][index][key])
+
+
 @pytest.mark.slow  # compiling on the CPU takes about half a minute per precision
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: the folded QuickGELU MLP, compiled
 def test_compiled_training_runs(tmp_path, monkeypatch, precision):

@@ -160,9 +160,23 @@ def _select_device(device: str, local_rank: int) -> torch.device:
         if not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' was asked for but CUDA is not available")
         if selected.index is None:
-            selected = torch.device("cuda", local_rank)  # one process per GPU, chosen by LOCAL_RANK
+            selected = torch.device("cuda", _local_gpu_index(local_rank, torch.cuda.device_count()))
         torch.cuda.set_device(selected)
     return selected
+
+
+def _local_gpu_index(local_rank: int, visible_gpus: int) -> int:
+    """One process per GPU. All of a node's GPUs visible to every process (torchrun, plain srun): the
+    LOCAL_RANK-th. One GPU visible (SLURM's --gpus-per-task or --gpu-bind, or a per-rank
+    CUDA_VISIBLE_DEVICES): that one, whatever the local rank."""
+    if visible_gpus == 1:
+        return 0
+    if local_rank >= visible_gpus:
+        raise RuntimeError(
+            f"local rank {local_rank} but this process sees {visible_gpus} GPUs: start at most one process per "
+            f"GPU on each node (torchrun --nproc-per-node, SLURM --ntasks-per-node), or give each process one GPU"
+        )
+    return local_rank
 
 
 def init_distributed(backend: str | None = None, device: str = "auto") -> DistributedInfo:

@@ -75,6 +75,15 @@ def test_slurm_variables():
     assert (launch.master_addr, launch.master_port) == ("head", 4000)
 
 
+def test_gpu_of_a_local_rank():
+    from clip.distributed import _local_gpu_index
+
+    assert [_local_gpu_index(rank, 8) for rank in (0, 3, 7)] == [0, 3, 7]  # every GPU visible to each rank
+    assert _local_gpu_index(5, 1) == 0  # SLURM --gpus-per-task=1: each rank sees only its own
+    with pytest.raises(RuntimeError, match="local rank 4 but this process sees 4 GPUs"):
+        _local_gpu_index(4, 4)
+
+
 def test_no_launcher_means_one_process(monkeypatch):
     assert read_launcher_environment({"PATH": "/bin"}) is None
     with pytest.raises(RuntimeError, match="LOCAL_RANK"):

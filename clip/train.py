@@ -128,6 +128,12 @@ def gather_objects(value, dist_info: DistributedInfo) -> list:
     return gathered
 
 
+# What `main` returns when a signal stopped the run before its last step, after a checkpoint: sysexits'
+# EX_TEMPFAIL ("try again later"), so that a job script can tell "run again to continue"
+# (scripts/slurm_train.sbatch requeues itself) from success and from failure.
+STOPPED_EARLY_EXIT_CODE = 75
+
+
 class StopRequest:
     """Turns SIGTERM (SLURM's pre-emption notice) and Ctrl-C into a checkpoint at the next step boundary."""
 
@@ -496,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as error:
         log.error("%s", error)
         return 1
+    if results.get("step", 0) < config.schedule.steps:  # stopped by a signal, with a checkpoint
+        return STOPPED_EARLY_EXIT_CODE
     line = headline(results)
     if line and rank_zero:
         print(line)

@@ -190,6 +190,17 @@ def test_main_prints_the_headline_last(tmp_path, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("zero-shot top-1: ")
 
 
+def test_main_exits_75_when_a_signal_stopped_the_run_early(tmp_path, monkeypatch, capsys):
+    # 75 (EX_TEMPFAIL) tells a job script "checkpointed, run again to continue": slurm_train.sbatch requeues.
+    from clip.train import STOPPED_EARLY_EXIT_CODE
+
+    signal_at_step(monkeypatch, 2, signal.SIGTERM, "before_forward")
+    args = [str(DEMO), "--output-dir", str(tmp_path), *TINY, "eval.every_n_steps=0"]
+    assert main(args) == STOPPED_EARLY_EXIT_CODE == 75
+    monkeypatch.undo()
+    assert main(args) == 0
+
+
 def test_resuming_with_another_model_is_refused(tmp_path):
     train(tiny_config(tmp_path), stop_at_step=3)
     with pytest.raises(ValueError, match="different model"):

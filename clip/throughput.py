@@ -16,20 +16,19 @@ from torch.utils.flop_counter import FlopCounterMode
 from .architectures import ModelConfig
 from .model import CLIP
 
-# Dense (no sparsity) peak tensor-core throughput in FLOP/s, from the vendors' data sheets.
-PEAK_FLOPS = {
-    ("H200", torch.bfloat16): 989e12,
-    ("H100", torch.bfloat16): 989e12,
-    ("A100", torch.bfloat16): 312e12,
-    ("H200", torch.float16): 989e12,
-    ("H100", torch.float16): 989e12,
-    ("A100", torch.float16): 312e12,
-    ("H200", torch.float32): 67e12,  # no tensor cores for plain fp32 (TF32 aside)
-    ("H100", torch.float32): 67e12,
-    ("A100", torch.float32): 19.5e12,
-}
-# float32 work on the tensor cores (TF32): half the bf16 rate on Hopper and Ampere.
-PEAK_TF32_FLOPS = {"H200": 494e12, "H100": 494e12, "A100": 156e12}
+# Dense (no sparsity) peak throughput in FLOP/s from the vendors' data sheets: bf16/fp16 on the tensor cores,
+# "tf32" (float32 matrix work on the tensor cores, `clip.cuda_backends`) and plain IEEE float32. Looked up
+# by the first entry whose name is in torch's device name, so the lower-clocked PCIe / NVL cards come
+# before the SXM parts ("NVIDIA H100 80GB HBM3", "NVIDIA H200") that share their model number.
+_BF16 = (torch.bfloat16, torch.float16)
+PEAK_FLOPS_BY_DEVICE: tuple[tuple[str, dict], ...] = (
+    ("H200 NVL", {_BF16: 835e12, "tf32": 418e12, torch.float32: 60e12}),
+    ("H200", {_BF16: 989e12, "tf32": 494e12, torch.float32: 67e12}),
+    ("H100 NVL", {_BF16: 835e12, "tf32": 418e12, torch.float32: 60e12}),
+    ("H100 PCIe", {_BF16: 756e12, "tf32": 378e12, torch.float32: 51e12}),
+    ("H100", {_BF16: 989e12, "tf32": 494e12, torch.float32: 67e12}),
+    ("A100", {_BF16: 312e12, "tf32": 156e12, torch.float32: 19.5e12}),
+)
 # A backward pass costs about twice the forward (gradients with respect to inputs and to weights).
 TRAINING_FLOPS_PER_FORWARD_FLOP = 3.0
 
@@ -68,9 +67,11 @@ def peak_flops(device: torch.device, dtype: torch.dtype, tf32: bool = False) -> 
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    if dtype == torch.float32 and tf32:
-        return next((flops for model_name, flops in PEAK_TF32_FLOPS.items() if model_name in name), None)
-    for (model_name, table_dtype), flops in PEAK_FLOPS.items():
-        if model_name in name and table_dtype == dtype:
-            return flops
+    peaks = next((peaks for model_name, peaks in PEAK_FLOPS_BY_DEVICE if model_name in name), None)
+    if peaks is None:
+        return None
+    if dtype in _BF16:
+        return peaks[_BF16]
+    if dtype == torch.float32:
+        return peaks["tf32" if tf32 else torch.float32]
     return None

@@ -1,16 +1,30 @@
 """Image preprocessing: PIL image of any mode -> normalised FloatTensor[3, H, W].
 
-`image_transform(n)` reproduces OpenAI's evaluation preprocessing exactly for RGB images (bicubic resize of
-the shorter side to n, center crop to n x n, to [0, 1], normalise with CLIP's mean/std); `train=True`
-swaps resize + crop for a bicubic RandomResizedCrop. Every other image mode first goes through `to_rgb`.
+`image_transform(n)` is openai/CLIP's evaluation preprocessing, step for step: a torchvision `Compose`
+whose `.transforms` are bicubic Resize of the shorter side to n, CenterCrop(n), conversion to RGB,
+ToTensor, Normalize(CLIP's mean/std) -- so `preprocess.transforms[-1].mean`, `preprocess.transforms[:2]`
+or `Compose([RandomResizedCrop(...), *preprocess.transforms[2:]])` work as they do on OpenAI's. The output
+is identical to OpenAI's for RGB and L images, and, with the default alpha_background=None, for RGBA and
+LA images too: those are resized in their own mode (PIL resizes them with premultiplied alpha, so fully
+transparent areas carry no colour) and converted to RGB afterwards, as OpenAI's pipeline does.
+`train=True` swaps Resize + CenterCrop for a bicubic RandomResizedCrop.
 
-Where we deliberately differ from openai/CLIP (whose pipeline is Resize, CenterCrop, convert("RGB")):
-- the RGB conversion comes *first*. PIL resizes palette ("P") and bilevel ("1") images with nearest
-  neighbour whatever filter is asked for, so converting first is what makes the bicubic resize bicubic;
-- 16/32-bit integer and float greyscale images are rescaled to 8 bits instead of clipped at 255 (which
-  turns most of a 16-bit image white);
-- the EXIF orientation tag is applied, so a photo is seen upright, as a viewer shows it.
-For an RGB image without an orientation tag the output is identical to OpenAI's.
+Where we deliberately differ from openai/CLIP (in `prepare_for_resize`, which the first step,
+`ResizeAnyMode` or `RandomResizedCropAnyMode`, runs before torchvision's resize):
+- the EXIF orientation tag is applied, so a photo is seen upright, as a viewer shows it;
+- palette ("P") and bilevel ("1") images are converted to RGB before the resize: PIL resizes them with
+  nearest neighbour whatever filter is asked for, so converting first is what makes the bicubic resize
+  bicubic. "PA" becomes RGBA and is resized like one (PIL would interpolate its palette indices);
+- 16/32-bit integer and float greyscale images are rescaled to 8 bits before the resize instead of
+  clipped at 255 afterwards (which turns most of a 16-bit image white);
+- other colour spaces (CMYK, YCbCr, LAB, HSV, RGBX) are converted before the resize too: PIL resizes
+  them channel by channel in their own space, which for HSV's circular hue (and LAB) is no image resize.
+  CMYK and YCbCr come out within one or two grey levels of OpenAI's;
+- `alpha_background` (not set by default) composites transparent pixels onto a colour *before* the resize:
+  the image as a viewer shows it on that background, resized, as the training loader sees it too. (Resizing
+  with premultiplied alpha and compositing afterwards is the same in exact arithmetic, but PIL clips the
+  bicubic overshoot of the alpha in between: at hard alpha edges that put pixels up to ~20 grey levels
+  from a float-precision resize of the composited image, about three times further than compositing first.)
 """
 
 from __future__ import annotations
@@ -18,14 +32,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from PIL import ExifTags, Image, ImageOps
-from torchvision.transforms import InterpolationMode, RandomResizedCrop
-from torchvision.transforms import functional as TF
+from torchvision import transforms as T
 
 # Per-channel statistics of OpenAI's training images; the released models expect inputs normalised by them.
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+# RandomResizedCrop's default aspect-ratio range, used by the train=True transform.
+RANDOM_CROP_RATIOS = (3 / 4, 4 / 3)
 
 WHITE = (255, 255, 255)
 RGB = tuple[int, int, int]
@@ -33,6 +47,12 @@ RGB = tuple[int, int, int]
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _INT16_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I;16S"}
 _UINT16_MAX = 65535
+# Modes PIL resizes faithfully with any filter (RGBA and LA with premultiplied alpha; RGBa and La are
+# premultiplied already), and whose conversion to RGB commutes with the resize or is what OpenAI's does.
+_RESIZED_AS_IS = {"RGB", "L", "RGBA", "LA", "RGBa", "La"}
+# The straight-alpha mode that carries each mode's transparency (palette and greyscale transparency:
+# the "transparency" entry a tRNS chunk or GIF leaves in image.info).
+_STRAIGHT_ALPHA = {"RGBa": "RGBA", "La": "LA", "PA": "RGBA", "P": "RGBA", "L": "LA"}
 
 
 def apply_exif_orientation(image: Image.Image) -> Image.Image:
@@ -79,18 +99,43 @@ def _high_depth_to_l(image: Image.Image) -> Image.Image:
     return _array_to_l(values, None)
 
 
+def _has_transparency_entry(image: Image.Image) -> bool:
+    """A palette or greyscale image with one value marked transparent (tRNS chunk, GIF transparency)."""
+    return image.mode in ("P", "L") and "transparency" in image.info
+
+
+def _straight_alpha(image: Image.Image) -> Image.Image:
+    """An image with transparency as "RGBA" or "LA" (straight alpha, what PIL pastes and converts);
+    RGBA and LA images are returned as they are."""
+    if image.mode in ("RGBA", "LA"):
+        return image
+    return image.convert(_STRAIGHT_ALPHA[image.mode])
+
+
+def _composite(image: Image.Image, background: RGB) -> Image.Image:
+    """A straight-alpha RGBA or LA image over an opaque `background` colour -> RGB.
+
+    Pasting with the image as its own mask blends by its alpha band (colour * a + background * (1 - a)):
+    the same pixels as Image.alpha_composite onto an opaque background, with one new image instead of three.
+    """
+    out = Image.new("RGB", image.size, tuple(background))
+    out.paste(image, mask=image)
+    return out
+
+
 def to_rgb(image: Image.Image, alpha_background: RGB | None = WHITE, exif_orientation: bool = True) -> Image.Image:
-    """Convert a PIL image of any mode to an 8-bit RGB image.
+    """Convert a PIL image of any mode to an 8-bit RGB image, at its own size.
 
     alpha_background: the colour transparent pixels are composited onto. White by default: images with
         transparency are mostly logos, icons and product shots made to be shown on a white page. `None`
-        drops the alpha channel like PIL's convert("RGB") (and openai/CLIP): transparent pixels then show
-        whatever colour happens to be stored under them.
+        drops the alpha channel like PIL's convert("RGB"): transparent pixels then show whatever colour is
+        stored under them. (`image_transform`'s default resizes RGBA and LA images before dropping their
+        alpha, as openai/CLIP does; see the module docstring.)
     exif_orientation: apply the EXIF orientation tag first (see `apply_exif_orientation`).
 
-    Palette images with a transparent index go through RGBA so that index is treated as transparency;
-    16/32-bit and float greyscale are rescaled, not clipped (see `_high_depth_to_l`); CMYK, YCbCr, LAB, HSV,
-    "1", "L" use PIL's conversions. An RGB image is returned as it is (no copy).
+    Palette and greyscale images with a transparent value treat it as transparency; 16/32-bit and float
+    greyscale are rescaled, not clipped (see `_high_depth_to_l`); CMYK, YCbCr, LAB, HSV, "1", "L" use PIL's
+    conversions. An RGB image is returned as it is (no copy).
     """
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL.Image.Image, got {type(image).__name__}")
@@ -101,25 +146,114 @@ def to_rgb(image: Image.Image, alpha_background: RGB | None = WHITE, exif_orient
         return image
     if mode in _INT16_MODES or mode in ("I", "F"):
         return _high_depth_to_l(image).convert("RGB")
-    # A palette or greyscale PNG can mark one value transparent ("transparency" in info, a tRNS chunk).
-    if mode in _ALPHA_MODES or (mode in ("P", "L") and "transparency" in image.info):
-        if mode == "La":  # premultiplied; PIL converts it only to straight-alpha LA
-            image = image.convert("LA")
-        rgba = image.convert("RGBA")
+    if mode in _ALPHA_MODES or _has_transparency_entry(image):
+        with_alpha = _straight_alpha(image)  # PIL converts La to LA only, and composites straight alpha
         if alpha_background is None:
-            return rgba.convert("RGB")
-        background = Image.new("RGBA", rgba.size, (*alpha_background, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+            return with_alpha.convert("RGB")
+        return _composite(with_alpha, alpha_background)
     try:
         return image.convert("RGB")
     except (ValueError, OSError) as error:
         raise ValueError(f"cannot convert an image of mode {mode!r} to RGB: {error}") from error
 
 
-class ImageTransform:
+def prepare_for_resize(
+    image: Image.Image, alpha_background: RGB | None = None, exif_orientation: bool = True
+) -> Image.Image:
+    """`image` upright and in a mode PIL resizes faithfully: the first half of `image_transform`'s RGB
+    conversion, the rest (`ToRGB`) coming after the geometry, where OpenAI's pipeline converts.
+
+    With an `alpha_background`, an image with transparency is composited onto it now (see the module
+    docstring for why before the resize). Otherwise RGB, L, RGBA, LA, RGBa and La are returned as they are
+    (OpenAI's pipeline resizes them so; PIL resizes RGBA and LA with premultiplied alpha), "PA" becomes RGBA
+    (PIL would interpolate its palette indices), and every other mode is converted to RGB now (see the
+    module docstring); a palette image's transparent value is then ignored, as OpenAI's convert("RGB")
+    ignores it.
+    """
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL.Image.Image, got {type(image).__name__}")
+    if exif_orientation:
+        image = apply_exif_orientation(image)
+    if alpha_background is not None and (image.mode in _ALPHA_MODES or _has_transparency_entry(image)):
+        return to_rgb(image, alpha_background, exif_orientation=False)
+    if image.mode == "PA":
+        return image.convert("RGBA")
+    if image.mode in _RESIZED_AS_IS:
+        return image
+    return to_rgb(image, alpha_background=None, exif_orientation=False)
+
+
+# The steps of ImageTransform. torchvision's own classes where they do exactly what OpenAI's pipeline does;
+# the two geometry steps are torchvision's, preceded by `prepare_for_resize` (so `transforms[0]` is still a
+# Resize with its `.size`); all are plain picklable objects for DataLoader workers.
+
+
+class ResizeAnyMode(T.Resize):
+    """torchvision's bicubic Resize of the shorter side to `size`, for a PIL image of any mode: the image
+    first goes through `prepare_for_resize` (EXIF orientation, palette/16-bit/... conversions). Identical to
+    Resize(size, bicubic) on RGB, L, RGBA and LA images without an orientation tag."""
+
+    def __init__(self, size: int, alpha_background: RGB | None = None) -> None:
+        super().__init__(size, interpolation=T.InterpolationMode.BICUBIC)
+        self.alpha_background = alpha_background
+
+    def forward(self, image):
+        if isinstance(image, Image.Image):  # tensors go to torchvision's Resize unchanged
+            image = prepare_for_resize(image, self.alpha_background)
+        return super().forward(image)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(size={self.size}, interpolation={self.interpolation.value}, "
+            f"alpha_background={self.alpha_background})"
+        )
+
+
+class RandomResizedCropAnyMode(T.RandomResizedCrop):
+    """torchvision's bicubic RandomResizedCrop to size x size over `scale` of the area (aspect ratios
+    3/4..4/3, torch's global RNG, which the DataLoader seeds differently in every worker), after
+    `prepare_for_resize` as in `ResizeAnyMode`."""
+
+    def __init__(self, size: int, scale: tuple[float, float], alpha_background: RGB | None = None) -> None:
+        super().__init__(size, scale=scale, ratio=RANDOM_CROP_RATIOS, interpolation=T.InterpolationMode.BICUBIC)
+        self.alpha_background = alpha_background
+
+    def forward(self, image):
+        if isinstance(image, Image.Image):
+            image = prepare_for_resize(image, self.alpha_background)
+        return super().forward(image)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio=(3/4, 4/3), "
+            f"interpolation={self.interpolation.value}, alpha_background={self.alpha_background})"
+        )
+
+
+class ToRGB:
+    """PIL image -> RGB after the geometry, where OpenAI's pipeline has its convert("RGB"): drops the alpha
+    of the RGBA/LA images `prepare_for_resize` leaves with alpha_background=None, converts L. Any mode is
+    accepted (see `to_rgb`), so that user pipelines built from `.transforms` slices work; alpha is then
+    composited onto `alpha_background` when one is set. The EXIF orientation is not applied again (the
+    first step did, and resized images keep the tag in their info)."""
+
+    def __init__(self, alpha_background: RGB | None = None) -> None:
+        self.alpha_background = alpha_background
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return to_rgb(image, alpha_background=self.alpha_background, exif_orientation=False)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(alpha_background={self.alpha_background})"
+
+
+class ImageTransform(T.Compose):
     """PIL image -> FloatTensor[3, image_size, image_size], normalised; see `image_transform`.
 
-    A plain class (no lambdas, no closures) so it pickles into DataLoader worker processes.
+    A torchvision Compose, like openai/CLIP's preprocess: `.transforms` is the list of steps it runs,
+    [ResizeAnyMode, CenterCrop, ToRGB, ToTensor, Normalize] (OpenAI's order and indices), or with
+    train=True [RandomResizedCropAnyMode, ToRGB, ToTensor, Normalize]. The settings it was built from stay
+    readable as attributes; they describe the steps built at construction, not later edits of the list.
     """
 
     def __init__(
@@ -143,31 +277,16 @@ class ImageTransform:
         self.std = tuple(float(s) for s in std)
         self.resize_scale = (float(resize_scale[0]), float(resize_scale[1]))
         self.alpha_background = alpha_background
+        super().__init__(self._steps())
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = to_rgb(image, alpha_background=self.alpha_background)
+    def _steps(self) -> list:
         n = self.image_size
         if self.train:
-            # RandomResizedCrop's default aspect ratios (3/4, 4/3); torch's global RNG, which the
-            # DataLoader seeds differently in every worker.
-            top, left, height, width = RandomResizedCrop.get_params(image, list(self.resize_scale), [3 / 4, 4 / 3])
-            image = TF.resized_crop(image, top, left, height, width, [n, n], InterpolationMode.BICUBIC)
+            geometry = [RandomResizedCropAnyMode(n, self.resize_scale, self.alpha_background)]
         else:
-            image = TF.resize(image, n, interpolation=InterpolationMode.BICUBIC)  # shorter side -> n
-            image = TF.center_crop(image, [n, n])
-        tensor = TF.to_tensor(image)  # uint8 HWC -> float CHW in [0, 1]
-        return TF.normalize(tensor, self.mean, self.std)
-
-    def __repr__(self) -> str:
-        if self.train:
-            geometry = f"random_resized_crop(scale={self.resize_scale}, bicubic) -> {self.image_size}"
-        else:
-            geometry = f"resize(shorter side -> {self.image_size}, bicubic), center_crop({self.image_size})"
-        alpha = "drop alpha" if self.alpha_background is None else f"alpha onto {self.alpha_background}"
-        return (
-            f"ImageTransform(to_rgb({alpha}), {geometry}, to_tensor, "
-            f"normalize(mean={self.mean}, std={self.std}))"
-        )
+            geometry = [ResizeAnyMode(n, self.alpha_background), T.CenterCrop(n)]
+        # ToTensor: uint8 HWC -> float CHW in [0, 1]
+        return [*geometry, ToRGB(self.alpha_background), T.ToTensor(), T.Normalize(self.mean, self.std)]
 
 
 def image_transform(
@@ -180,10 +299,14 @@ def image_transform(
 ) -> ImageTransform:
     """The preprocessing for a model with `image_size`-pixel inputs: PIL image -> FloatTensor[3, n, n].
 
-    train=False: RGB conversion, bicubic resize of the shorter side to `image_size`, center crop, to
-        tensor, normalise -- numerically identical to openai/CLIP's for RGB images.
-    train=True: RGB conversion, then a bicubic RandomResizedCrop covering `resize_scale` of the area.
-    alpha_background: None (the default) drops transparency like openai/CLIP, so released models see what
-        they were trained on; pass e.g. (255, 255, 255) to composite transparent images onto white.
+    train=False: bicubic resize of the shorter side to `image_size`, center crop, RGB conversion, to
+        tensor, normalise -- openai/CLIP's steps (a torchvision Compose with the same `.transforms` order),
+        numerically identical to its output for RGB, L, RGBA and LA images (without an EXIF orientation).
+    train=True: a bicubic RandomResizedCrop covering `resize_scale` of the area, then the same last steps.
+    alpha_background: None (the default) handles transparency like openai/CLIP, so released models see what
+        they were trained on: the image is resized with its alpha (premultiplied, so where alpha is 0 no
+        colour survives: fully transparent areas come out black once the image is resized), then the alpha
+        is dropped. Pass e.g. (255, 255, 255) to composite transparent images onto white first, as a viewer
+        shows them (and as the training loader, `clip.data`, does).
     """
     return ImageTransform(image_size, train, mean, std, resize_scale, alpha_background)

@@ -12,7 +12,9 @@ import torch
 from PIL import ExifTags, Image
 from torchvision import transforms as T
 
-from clip.preprocess import OPENAI_MEAN, OPENAI_STD, image_transform, to_rgb
+from clip.preprocess import OPENAI_MEAN, OPENAI_STD, image_transform, prepare_for_resize, to_rgb
+
+BICUBIC = T.InterpolationMode.BICUBIC
 
 
 def random_rgb(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -31,6 +33,40 @@ def openai_reference(n: int) -> T.Compose:
             T.Normalize(OPENAI_MEAN, OPENAI_STD),
         ]
     )
+
+
+def composited(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    # The image as a viewer shows it on `background`. (PIL converts premultiplied La only to LA.)
+    rgba = (image.convert("LA") if image.mode == "La" else image).convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
+
+
+def random_rgba(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Random colours; a third of the pixels fully transparent and storing white (as many logo PNGs do),
+    a third opaque, the rest partly transparent."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (height, width, 4), dtype=np.uint8)
+    kind = rng.integers(0, 3, (height, width))
+    pixels[kind == 0] = 255
+    pixels[kind == 0, 3] = 0
+    pixels[kind == 1, 3] = 255
+    return Image.fromarray(pixels, mode="RGBA")
+
+
+def logo(size: int = 64) -> Image.Image:
+    """An opaque red disc on fully transparent pixels that store white."""
+    yy, xx = np.mgrid[:size, :size] + 0.5
+    inside = (xx - size / 2) ** 2 + (yy - size / 2) ** 2 <= (size / 4) ** 2
+    pixels = np.full((size, size, 4), 255, dtype=np.uint8)
+    pixels[..., 3] = np.where(inside, 255, 0)
+    pixels[inside, 1:3] = 0
+    return Image.fromarray(pixels, mode="RGBA")
+
+
+def png_round_trip(image: Image.Image) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return Image.open(io.BytesIO(buffer.getvalue()))
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -163,9 +199,10 @@ def test_rejects_non_images():
 # --------------------------------------------------------------------------------------- image_transform
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L"])
 @pytest.mark.parametrize("size", [(64, 64), (97, 50), (40, 123), (13, 9)])
-def test_matches_openai_reference_on_rgb(size):
-    image = random_rgb(*size, seed=sum(size))
+def test_matches_openai_reference_on_rgb_and_gray(size, mode):
+    image = random_rgb(*size, seed=sum(size)).convert(mode)
     ours = image_transform(32)(image)
     reference = openai_reference(32)(image)
     assert ours.shape == (3, 32, 32) and ours.dtype == torch.float32
@@ -236,10 +273,17 @@ def test_transform_pickles_and_has_readable_repr():
     transform = image_transform(24, train=True)
     restored = pickle.loads(pickle.dumps(transform))
     assert restored.image_size == 24 and restored.train
-    assert "random_resized_crop" in repr(transform)
-    assert "center_crop(24)" in repr(image_transform(24))
+    assert "RandomResizedCropAnyMode(size=(24, 24), scale=(0.9, 1.0)" in repr(transform)
+    evaluation = repr(image_transform(24, alpha_background=(255, 255, 255)))
+    for step in ("ResizeAnyMode(size=24, interpolation=bicubic", "CenterCrop(size=(24, 24))", "ToTensor()"):
+        assert step in evaluation
+    assert "ToRGB(alpha_background=(255, 255, 255))" in evaluation and "Normalize(mean=(0.48145466" in evaluation
     image = random_rgb(30, 30)
     assert torch.equal(pickle.loads(pickle.dumps(image_transform(16)))(image), image_transform(16)(image))
+    torch.manual_seed(0)
+    expected = transform(image)
+    torch.manual_seed(0)
+    assert torch.equal(restored(image), expected)
 
 
 def test_alpha_background_option():
@@ -248,6 +292,160 @@ def test_alpha_background_option():
     assert torch.allclose(dropped[:, 0, 0], torch.tensor([10, 20, 30]) / 255)
     white = image_transform(8, mean=(0, 0, 0), std=(1, 1, 1), alpha_background=(255, 255, 255))(rgba)
     assert torch.allclose(white, torch.ones_like(white))
+
+
+# ------------------------------------------------------------------------ transparency, as openai/CLIP
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "RGBa"])
+@pytest.mark.parametrize("size", [(64, 64), (97, 50), (40, 123), (32, 40)])
+def test_alpha_images_match_openai_reference(size, mode):
+    # OpenAI's pipeline resizes in the image's own mode (premultiplied alpha) and converts afterwards.
+    image = random_rgba(*size, seed=sum(size)).convert(mode)
+    assert torch.equal(image_transform(32)(image), openai_reference(32)(image))
+
+
+def test_logo_corners_are_black_like_openai_or_the_background():
+    image = logo()
+    plain = {"mean": (0, 0, 0), "std": (1, 1, 1)}
+    assert torch.equal(image_transform(32)(image), openai_reference(32)(image))
+    dropped = image_transform(32, **plain)(image)
+    # Where alpha is 0 the premultiplied resize keeps no colour: black corners, as openai/CLIP gives.
+    assert torch.equal(dropped[:, 0, 0], torch.zeros(3))
+    assert torch.allclose(dropped[:, 16, 16], torch.tensor([1.0, 0.0, 0.0]))
+    white = image_transform(32, alpha_background=(255, 255, 255), **plain)(image)
+    assert torch.equal(white[:, 0, 0], torch.ones(3))
+    assert torch.allclose(white[:, 16, 16], torch.tensor([1.0, 0.0, 0.0]))
+    # Converting before the resize (the old order) would have shown the white stored under the corners.
+    assert not torch.equal(dropped, image_transform(32, **plain)(image.convert("RGB")))
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "RGBa", "La", "PA"])
+def test_background_is_composited_before_the_resize(mode):
+    # The image a viewer shows, resized: PIL's premultiplied resize would clip the alpha's overshoot first.
+    image = random_rgba(70, 45, seed=4)
+    image = image.convert("P").convert("PA") if mode == "PA" else image.convert(mode)
+    for background in ((255, 255, 255), (0, 128, 255)):
+        ours = image_transform(32, alpha_background=background)(image)
+        assert torch.equal(ours, openai_reference(32)(composited(image, background)))
+
+
+def test_colour_under_transparent_pixels_does_not_show_once_resized():
+    first = random_rgba(60, 50, seed=5)
+    values = np.array(first)
+    values[values[..., 3] == 0, :3] = (0, 255, 0)  # a different colour stored under the transparent pixels
+    second = Image.fromarray(values, mode="RGBA")
+    for background in (None, (255, 255, 255)):
+        transform = image_transform(24, alpha_background=background)
+        assert torch.equal(transform(first), transform(second))
+
+
+def palette_with_transparency() -> Image.Image:
+    """A 40x30 palette PNG whose index 0 (stored as green) is transparent."""
+    rng = np.random.default_rng(6)
+    palette = Image.fromarray(rng.integers(0, 4, (30, 40), dtype=np.uint8), mode="P")
+    palette.putpalette([0, 255, 0, 255, 0, 0, 0, 0, 255, 250, 250, 250] + [0] * (252 * 3))
+    palette.info["transparency"] = 0
+    loaded = png_round_trip(palette)
+    assert loaded.mode == "P" and loaded.info.get("transparency") == 0
+    return loaded
+
+
+def test_palette_transparency_is_composited_then_resized_bicubic():
+    image = palette_with_transparency()
+    background = (255, 255, 255)
+    ours = image_transform(16, alpha_background=background)(image)
+    assert torch.equal(ours, openai_reference(16)(composited(image, background)))
+    # Without one: the stored colours, as openai/CLIP's convert("RGB") shows them, resized bicubic.
+    assert torch.equal(image_transform(16)(image), openai_reference(16)(image.convert("RGB")))
+
+
+def test_palette_with_alpha_is_resized_as_rgba():
+    # PIL would interpolate "PA"'s palette indices; converted first, it is resized like an RGBA image.
+    image = random_rgba(40, 30, seed=7).convert("P").convert("PA")
+    assert torch.equal(image_transform(16)(image), openai_reference(16)(image.convert("RGBA")))
+    for background in (None, (255, 255, 255)):
+        transform = image_transform(16, alpha_background=background)
+        assert torch.equal(transform(image), transform(image.convert("RGBA")))
+
+
+def test_gray_with_transparent_value():
+    gray = Image.fromarray(np.random.default_rng(8).integers(0, 3, (30, 40), dtype=np.uint8) * 100, mode="L")
+    gray.info["transparency"] = 100
+    loaded = png_round_trip(gray)
+    assert loaded.mode == "L" and "transparency" in loaded.info
+    assert torch.equal(image_transform(16)(loaded), openai_reference(16)(loaded))  # ignored, as by OpenAI
+    background = (0, 0, 255)
+    ours = image_transform(16, alpha_background=background)(loaded)
+    assert torch.equal(ours, openai_reference(16)(composited(loaded, background)))
+
+
+def test_exif_orientation_is_applied_before_the_geometry():
+    image = random_rgba(48, 32, seed=9)
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # rotate 90 degrees clockwise to display
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", exif=exif)
+    loaded = Image.open(io.BytesIO(buffer.getvalue()))
+    upright = image.transpose(Image.Transpose.ROTATE_270)
+    for background in (None, (255, 255, 255)):
+        transform = image_transform(16, alpha_background=background)
+        assert torch.equal(transform(loaded), transform(upright))
+
+
+# ---------------------------------------------------------------- .transforms, as openai/CLIP's Compose
+
+
+def test_is_a_compose_with_openai_steps():
+    transform = image_transform(24)
+    assert isinstance(transform, T.Compose)
+    resize, crop, _, to_tensor, normalize = transform.transforms
+    assert isinstance(resize, T.Resize) and resize.size == 24 and resize.interpolation == BICUBIC
+    assert isinstance(crop, T.CenterCrop) and crop.size == (24, 24)
+    assert isinstance(to_tensor, T.ToTensor)
+    assert isinstance(normalize, T.Normalize)
+    assert tuple(normalize.mean) == OPENAI_MEAN and tuple(normalize.std) == OPENAI_STD
+    crop_step, *rest = image_transform(24, train=True, resize_scale=(0.5, 0.8)).transforms
+    assert isinstance(crop_step, T.RandomResizedCrop) and crop_step.size == (24, 24)
+    assert crop_step.scale == (0.5, 0.8) and crop_step.ratio == (3 / 4, 4 / 3) and crop_step.interpolation == BICUBIC
+    assert [type(step) for step in rest] == [type(step) for step in transform.transforms[2:]]
+
+
+def test_transforms_are_what_runs_and_slice_like_openai():
+    image = random_rgba(50, 40, seed=10)
+    transform = image_transform(24)
+    stepped = image
+    for step in transform.transforms:
+        stepped = step(stepped)
+    assert torch.equal(stepped, transform(image))
+    reference = openai_reference(24).transforms
+    # The first two steps give the cropped PIL image (to look at what the model sees) ...
+    cropped = T.Compose(transform.transforms[:2])(image)
+    assert cropped.size == (24, 24)
+    assert np.array_equal(np.asarray(cropped), np.asarray(T.Compose(reference[:2])(image)))
+    # ... a new geometry in front of the last three is the usual way to add augmentation ...
+    augment = T.RandomResizedCrop(16, interpolation=BICUBIC)
+    torch.manual_seed(0)
+    augmented = T.Compose([augment, *transform.transforms[2:]])(image)
+    torch.manual_seed(0)
+    assert torch.equal(augmented, T.Compose([augment, *reference[2:]])(image))
+    # ... and everything but Normalize gives values in [0, 1]; editing the list changes what runs.
+    unnormalised = T.Compose(transform.transforms[:-1])(image)
+    assert unnormalised.min() >= 0 and unnormalised.max() <= 1
+    transform.transforms[-1] = T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert torch.allclose(transform(image), unnormalised * 2 - 1)
+
+
+def test_steps_pass_through_and_reject_the_right_things():
+    image = random_rgb(20, 10)
+    assert prepare_for_resize(image) is image  # no copy for the common case
+    resize, _, to_rgb_step, _, _ = image_transform(8).transforms
+    assert to_rgb_step(image) is image
+    assert resize(torch.rand(3, 10, 20)).shape == (3, 8, 16)  # tensors go to torchvision's Resize
+    with pytest.raises(TypeError, match="PIL"):
+        prepare_for_resize(np.zeros((2, 2, 3), dtype=np.uint8))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="PIL"):
+        image_transform(8)(torch.rand(3, 10, 20))  # type: ignore[arg-type]
 
 
 def test_bad_arguments():

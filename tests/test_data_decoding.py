@@ -191,6 +191,21 @@ def test_batch_writer_matches_image_transform() -> None:
         assert difference.max() <= one_grey_level and difference.mean() < 1e-4, (width, height)
 
 
+def test_batch_writer_matches_image_transform_on_white_for_transparent_images() -> None:
+    # The loader composites transparency onto white before resizing (upright_rgb), as image_transform does
+    # with alpha_background=white; the default image_transform follows openai/CLIP instead.
+    one_grey_level = 1.01 / (255 * min(OPENAI_STD))
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (90, 120, 4), dtype=np.uint8)
+    pixels[:, :40, 3] = 0  # a hard alpha edge
+    image = Image.fromarray(pixels, mode="RGBA")
+    out = torch.empty(3, 32, 32)
+    BatchImageWriter(32).write(upright_rgb(image, []), center_crop_box(120, 90, 32), out)
+    difference = (out - image_transform(32, alpha_background=(255, 255, 255))(image)).abs()
+    assert difference.max() <= one_grey_level
+    assert (out - image_transform(32)(image)).abs().max() > 10 * one_grey_level
+
+
 def test_random_crop_box_is_seeded_and_inside_the_image() -> None:
     boxes = [random_crop_box(120, 90, np.random.default_rng(seed)) for seed in range(50)]
     assert boxes[3] == random_crop_box(120, 90, np.random.default_rng(3))

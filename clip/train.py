@@ -87,7 +87,7 @@ def contrastive_step(module, images, texts, micro_batches, loss_fn, autocast, ba
         return loss.detach(), metrics
 
     image_chunks, text_chunks = images.chunk(micro_batches), texts.chunk(micro_batches)
-    with torch.no_grad(), autocast():
+    with torch.no_grad(), autocast(), batch_norm_statistics_kept(module):
         cached = [module(i, t)[:2] for i, t in zip(image_chunks, text_chunks)]
     cached_images = torch.cat([c[0] for c in cached])
     cached_texts = torch.cat([c[1] for c in cached])
@@ -103,6 +103,26 @@ def contrastive_step(module, images, texts, micro_batches, loss_fn, autocast, ba
                 )
             backward(loss)
     return loss.detach(), metrics
+
+
+@contextlib.contextmanager
+def batch_norm_statistics_kept(module: nn.Module):
+    """BatchNorm running statistics as they were before the block. The feature-caching pass of gradient
+    accumulation runs every micro-batch once more in training mode; without this, a ResNet's running
+    mean and variance would be updated twice per micro-batch (and the step counter doubled), so the
+    evaluation-mode model would differ from one trained without accumulation."""
+    saved = [
+        (norm, {name: buffer.clone() for name, buffer in norm.named_buffers(recurse=False)})
+        for norm in module.modules()
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.training and norm.track_running_stats
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for norm, buffers in saved:
+                for name, value in buffers.items():
+                    getattr(norm, name).copy_(value)
 
 
 def agree_before_backward(loss: torch.Tensor, stop_requested: bool, dist_info: DistributedInfo) -> tuple[bool, bool]:

@@ -48,6 +48,32 @@ def test_accumulation_equals_the_full_batch(kind, chunk, micro_batches):
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_accumulation_updates_batch_norm_statistics_once_per_micro_batch():
+    # The feature-caching pass runs in training mode too; it must leave a ResNet's running statistics as
+    # they were, so they are updated by the gradient pass only (once per micro-batch, as without caching).
+    tiny_resnet = ModelConfig(
+        embed_dim=32,
+        vision=VisionConfig(kind="resnet", image_size=32, width=8, layers=(1, 1, 1, 1), heads=2),
+        text=TextConfig(context_length=8, vocab_size=100, width=32, layers=1, heads=2),
+    )
+    torch.manual_seed(0)
+    module = ContrastiveModel(CLIP(tiny_resnet), with_logit_bias=False)
+    images = torch.randn(8, 3, 32, 32)
+    texts = torch.randint(1, 99, (8, 8))
+    texts[:, -1] = 99
+    norm = module.clip.visual.bn1  # the stem's first BatchNorm, right after the first convolution
+    start = norm.running_mean.clone()
+    with torch.no_grad():
+        for chunk in images.chunk(2):  # what the two micro-batches' gradient passes do to its statistics
+            norm(module.clip.visual.conv1(chunk))
+    expected_mean = norm.running_mean.clone()
+    norm.running_mean.copy_(start)
+    norm.num_batches_tracked.zero_()
+    contrastive_step(module, images, texts, 2, build_loss(LossConfig()), contextlib.nullcontext, lambda l: l.backward(), False)
+    assert norm.num_batches_tracked.item() == 2
+    torch.testing.assert_close(norm.running_mean, expected_mean)
+
+
 def test_accumulation_differs_from_averaging_small_losses():
     # The naive alternative (mean of per-micro-batch losses) sees fewer negatives: a different loss.
     full_loss, _ = gradients_of(1, "clip")

@@ -17,16 +17,21 @@ log = logging.getLogger(__name__)
 class RunLog:
     """Appends one JSON object per logged step; mirrors scalars to TensorBoard when available."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool, resumed_at: int = 0) -> None:
+        """resumed_at: the step of the checkpoint the run continues from (0 for a fresh start). Records of
+        later steps, logged before an interruption that the checkpoint does not cover, are dropped: those
+        steps run again, and the file and TensorBoard would otherwise show them twice."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.writer = None
+        _drop_records_after(self.path, resumed_at)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 log.info("tensorboard is not installed; metrics go to %s only", self.path)
             else:
-                self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+                # purge_step hides the events of steps >= it that an earlier attempt wrote.
+                self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=resumed_at + 1)
 
     def write(self, record: dict) -> None:
         with self.path.open("a", encoding="utf-8") as file:
@@ -40,6 +45,26 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if _record_step(line) <= step]
+    if len(kept) == len(lines):
+        return
+    log.info("%s: dropping %d records of steps after %d, which run again", path, len(lines) - len(kept), step)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(kept), encoding="utf-8")
+    temporary.replace(path)  # atomic: an interruption now leaves the old file or the new one
+
+
+def _record_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except (ValueError, AttributeError):
+        return math.inf  # the last line, torn by a kill mid-write: dropped
 
 
 def _json_default(value):

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, load_config, to_dict, to_toml
+from .config_io import ConfigError
 from .cuda_backends import configure_cuda_backends
 from .data import build_train_data, counts_line, data_state_for_other_world_size, merge_rank_reports
 from .distributed import DistributedInfo, cleanup_distributed, init_distributed, read_launcher_environment
@@ -195,6 +196,37 @@ def train(config: TrainConfig, stop_at_step: int | None = None) -> dict:
         cleanup_distributed()
 
 
+def check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
+    """Refuses to resume what cannot be (another model, another loss and so other trained parameters); warns
+    about every other setting that differs from the checkpoint's, since the run then continues under them."""
+    if saved["model"] != current["model"]:
+        raise ValueError(f"{run_dir} holds a run of a different model; use a new --output-dir or the same model config")
+    if saved["loss"]["kind"] != current["loss"]["kind"]:
+        raise ValueError(
+            f"{run_dir} was trained with loss.kind={saved['loss']['kind']!r}, not {current['loss']['kind']!r} (their "
+            f"parameters differ); use a new --output-dir or the same loss"
+        )
+    changed = [
+        f"{key}: {before!r} -> {after!r}"
+        for key, before, after in _differences(saved, current)
+        if key != "output_dir"  # a run directory that was moved or copied
+    ]
+    if changed:
+        log.warning("resuming %s with settings that differ from its checkpoint's: %s", run_dir, "; ".join(changed))
+
+
+def _differences(before: dict, after: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    found = []
+    for key in sorted(set(before) | set(after)):
+        name = f"{prefix}{key}"
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += _differences(old, new, name + ".")
+        elif old != new:
+            found.append((name, old, new))
+    return found
+
+
 def check_eval_datasets(eval_config: EvalConfig) -> None:
     """Reads every evaluation dataset's listing (files, classes, captions) once, before training: a wrong
     path or layout then fails in the first minute, not at the first evaluation hours later."""
@@ -216,9 +248,6 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
             f"train.batch_size={config.train.batch_size} is not divisible by "
             f"train.accumulation_steps={config.train.accumulation_steps}"
         )
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(to_dict(config)), encoding="utf-8")
     config_dict = to_dict(config)
 
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
@@ -240,10 +269,7 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
     start_step, data_state, metrics_so_far = 0, None, {}
     state = ckpt.load_latest_checkpoint(run_dir)
     if state is not None:
-        if state["config"]["model"] != config_dict["model"]:
-            raise ValueError(
-                f"{run_dir} holds a run of a different model; use a new --output-dir or the same model config"
-            )
+        check_resumable(state["config"], config_dict, run_dir)
         module.clip.load_state_dict(state["model"])
         if module.logit_bias is not None and "logit_bias" in state.get("loss_parameters", {}):
             module.logit_bias.data.copy_(state["loss_parameters"]["logit_bias"])
@@ -266,6 +292,14 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
         log.info("resumed %s at step %d", run_dir, start_step)
     else:
         torch.manual_seed(config.train.seed + dist_info.rank)  # ranks draw different augmentations
+    already_finished = state is not None and start_step >= config.schedule.steps
+    if already_finished:
+        log.info("%s finished its %d steps already: evaluating only, its checkpoint and config are left as they are",
+                 run_dir, start_step)
+    if dist_info.is_main and not already_finished:
+        # Written after the resume checks: a refused resume leaves the run's recorded config alone.
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(config_dict), encoding="utf-8")
 
     train_module: nn.Module = module
     if dist_info.is_distributed:
@@ -294,7 +328,7 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
     global_batch = config.train.batch_size * dist_info.world_size
     # None where unknown: no MFU then
     peak = peak_flops(device, autocast_dtype or torch.float32, tf32=config.train.tf32)
-    run_log = RunLog(run_dir, config.logging.tensorboard) if dist_info.is_main else None
+    run_log = RunLog(run_dir, config.logging.tensorboard, resumed_at=start_step) if dist_info.is_main else None
     if dist_info.is_main:
         log.info(
             "model: %.2fM parameters; global batch %d (%d ranks x %d, %d micro-batches); %d steps; data: %d samples/epoch",
@@ -307,7 +341,8 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=autocast_dtype)
 
-    saved_at = {"step": None}  # the step of this run's latest checkpoint, the same on every rank
+    # The step of this run's latest checkpoint, the same on every rank; a resumed run's is on disk already.
+    saved_at = {"step": start_step if state is not None else None}
 
     def save(step: int, metrics: dict) -> None:
         # Every rank contributes its RNG state and data position; rank 0 writes the file.
@@ -455,7 +490,7 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
                 last_metrics.update(evaluate(step))
             every = config.checkpoint.every_n_steps
             if (every and step % every == 0 and step < last_step) or (stop_now and step < total_steps):
-                save(step, last_metrics)
+                save(step, {**last_metrics, "nonfinite_steps_total": nonfinite_total})
             if stop_now:
                 last_step = step
                 break
@@ -463,7 +498,7 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
     if progress is not None:
         progress.close()
     finished = step >= total_steps
-    final = dict(last_metrics)
+    final = {**last_metrics, "nonfinite_steps_total": nonfinite_total}
     # Saved before the final evaluation, so that an evaluation that fails (a dataset moved while training
     # ran) costs no trained weights. Decided from this run's own saves, not by looking at the file system:
     # every rank must agree, or the collectives inside save() would pair up with other calls.
@@ -509,7 +544,11 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"output_dir={json.dumps(args.output_dir)}")
-    config = load_config(args.config, overrides, TrainConfig)
+    try:
+        config = load_config(args.config, overrides, TrainConfig)
+    except ConfigError as error:
+        print(f"clip-train: {error}", file=sys.stderr)
+        return 2
     launcher = read_launcher_environment(os.environ)
     rank_zero = launcher is None or launcher.rank == 0
     logging.basicConfig(

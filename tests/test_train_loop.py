@@ -201,6 +201,45 @@ def test_main_exits_75_when_a_signal_stopped_the_run_early(tmp_path, monkeypatch
     assert main(args) == 0
 
 
+def test_rerunning_a_finished_run_with_other_settings_leaves_its_record_alone(tmp_path, caplog):
+    train(tiny_config(tmp_path, "schedule.steps=2", "eval.every_n_steps=0"))
+    checkpoint = ckpt.list_checkpoints(tmp_path)[0][1]
+    recorded = (checkpoint.read_bytes(), (tmp_path / "config.toml").read_text())
+    with caplog.at_level(logging.INFO, logger="clip.train"):
+        results = train(tiny_config(tmp_path, "schedule.steps=2", "eval.every_n_steps=0", "optimizer.lr=5e-4"))
+    assert results["step"] == 2 and "finished its 2 steps already" in caplog.text
+    assert "optimizer.lr: 0.001 -> 0.0005" in caplog.text  # named, though nothing is trained under it
+    assert (checkpoint.read_bytes(), (tmp_path / "config.toml").read_text()) == recorded
+
+
+def test_resuming_with_another_loss_is_refused_by_name_and_keeps_the_config(tmp_path):
+    train(tiny_config(tmp_path), stop_at_step=3)
+    recorded = (tmp_path / "config.toml").read_text()
+    with pytest.raises(ValueError, match="loss.kind='clip', not 'siglip'"):
+        train(tiny_config(tmp_path, "loss.kind=siglip"))
+    assert (tmp_path / "config.toml").read_text() == recorded
+
+
+def test_steps_logged_after_the_last_checkpoint_are_logged_once_after_resuming(tmp_path):
+    # A run killed after step 5 whose last checkpoint is step 3: steps 4-5 run again on resume.
+    extra = ["eval.every_n_steps=0", "checkpoint.every_n_steps=3"]
+    train(tiny_config(tmp_path, *extra), stop_at_step=5)
+    for step, path in ckpt.list_checkpoints(tmp_path):
+        if step > 3:
+            path.unlink()  # as if killed before the save at step 5
+    with (tmp_path / "metrics.jsonl").open("a") as file:
+        file.write('{"step": 6, "loss": 1.')  # and in the middle of writing a record
+    train(tiny_config(tmp_path, *extra))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").open() if '"loss"' in line]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_config_error_is_one_line_and_status_2(tmp_path, capsys):
+    assert main([str(DEMO), "--output-dir", str(tmp_path), "train.batch_sise=8"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("clip-train: ") and "batch_size" in error and "Traceback" not in error
+
+
 def test_resuming_with_another_model_is_refused(tmp_path):
     train(tiny_config(tmp_path), stop_at_step=3)
     with pytest.raises(ValueError, match="different model"):

@@ -5,7 +5,9 @@ A checkpoint is one `torch.save` dict:
    "optimizer": ..., "scaler": ..., "loss_parameters": ..., "rng": per-rank RNG states, "data": per-rank
    data positions, "metrics": last logged metrics}
 It holds only tensors and plain Python values, so it loads with `torch.load(weights_only=True)`.
-Files are `RUN_DIR/checkpoints/step_XXXXXXXX.pt`; the highest step whose file loads is the latest.
+Files are `RUN_DIR/checkpoints/step_XXXXXXXX.pt`; the highest step whose file loads is the latest. They are
+written as `.step_XXXXXXXX.pt.<8 random characters>.tmp` first and renamed into place; a process killed while
+writing leaves that temporary file, which `remove_stray_temporaries` deletes.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import logging
 import os
 import random
 import re
-import tempfile
+import secrets
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,9 @@ import torch
 CHECKPOINT_FORMAT = "clip-pretrain/1"
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
+# save_checkpoint's temporary files. Earlier versions named them with tempfile.mkstemp, whose random part has
+# the same shape (8 characters of a-z, 0-9 and _), so their leftovers match too.
+_TEMPORARY_NAME = re.compile(r"^\.step_\d{8,}\.pt\.[a-z0-9_]{8}\.tmp$")
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +51,19 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+class NoReadableCheckpointError(RuntimeError):
+    """The run directory holds checkpoint files, but none of them can be loaded."""
+
+
 def save_checkpoint(state: dict, run_dir: Path, step: int, keep_last: int) -> Path:
-    """Writes atomically: a temporary file in the same folder, flushed to disk, then renamed into place.
+    """Writes atomically: a temporary file in the same folder, flushed to disk, then renamed into place; then
+    prunes older checkpoints (see `prune_checkpoints`).
 
     An interrupted write leaves at worst a stray temporary file, never a truncated `step_*.pt`.
     """
     final = checkpoint_path(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    handle, temporary = _create_temporary(final)
     try:
         with os.fdopen(handle, "wb") as file:
             torch.save(state, file)
@@ -60,29 +71,124 @@ def save_checkpoint(state: dict, run_dir: Path, step: int, keep_last: int) -> Pa
             os.fsync(file.fileno())
         os.replace(temporary, final)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
-    for _, old in list_checkpoints(run_dir)[max(keep_last, 1) :]:
-        old.unlink(missing_ok=True)
+    prune_checkpoints(run_dir, step, keep_last)
     return final
+
+
+def _create_temporary(final: Path) -> tuple[int, Path]:
+    """Creates and opens an empty temporary file beside `final`: (file descriptor, path).
+
+    Mode 0o666 lets the kernel apply the process umask (and a default ACL of the folder), as for any file a
+    program creates; tempfile.mkstemp's 0o600 made checkpoints unreadable to teammates on a shared cluster.
+    O_EXCL never opens a file that already exists. The name comes from `secrets`, not `random`, whose state
+    is the training's and is saved in the checkpoint.
+    """
+    for _ in range(10):  # 16**8 names: a clash is all but impossible, but costs only another try
+        temporary = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), temporary
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"found no free temporary file name beside {final}")
+
+
+def prune_checkpoints(run_dir: Path, newest_step: int, keep_last: int) -> list[Path]:
+    """Deletes older checkpoints, keeping the one of `newest_step` (just saved) and the `keep_last - 1`
+    newest complete-looking ones below it; returns the deleted paths.
+
+    Only files with a lower step than the one just saved are counted or deleted, and only those that look
+    complete (`_looks_complete`). A run resumes from its newest readable checkpoint, so a file with a
+    higher step is one it could not read (torn, foreign, another format version): counting those made them
+    fill the keep_last places and deleted the new save at once. They are left alone; a save of the same
+    step replaces them. A torn file below is not counted either, or it would take the place of a good one,
+    and is left to be looked at rather than deleted.
+    """
+    older = [path for step, path in list_checkpoints(run_dir) if step < newest_step and _looks_complete(path)]
+    deleted = older[max(keep_last, 1) - 1 :]
+    for path in deleted:
+        path.unlink(missing_ok=True)
+    return deleted
+
+
+def _looks_complete(path: Path) -> bool:
+    """Whether `path` is a whole torch.save archive: it ends with a zip directory naming a data.pkl.
+
+    torch.save writes that directory last, so a truncated file has none. Reads only the end of the file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.rpartition("/")[2] == "data.pkl" for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def remove_stray_temporaries(run_dir: Path) -> list[Path]:
+    """Deletes the temporary files that saves killed mid-write (SIGKILL, a node failure) left in the run's
+    checkpoint folder; returns their paths. Only names of save_checkpoint's temporary-file pattern.
+
+    Call it once, from the process that saves (rank 0), before its first save: a temporary file of a save
+    in progress matches the pattern too, so running it beside a writer would break that save.
+    """
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.iterdir()):
+        if _TEMPORARY_NAME.match(path.name) and path.is_file() and not path.is_symlink():
+            size = path.stat().st_size
+            path.unlink(missing_ok=True)
+            log.info("removed %s (%.1f MB), left by an interrupted checkpoint save", path, size / 1e6)
+            removed.append(path)
+    return removed
 
 
 def read_checkpoint(path: Path) -> dict:
     """Loads one checkpoint without running pickled code; raises if it is truncated or not ours."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a checkpoint written by this trainer")
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a checkpoint written by this trainer")
+    found = state.get("format")
+    if found != CHECKPOINT_FORMAT:
+        what = "no format entry" if found is None else f"format {found!r}"
+        raise ValueError(f"{path} has {what}; this trainer reads checkpoints of format {CHECKPOINT_FORMAT!r}")
     return state
 
 
 def load_latest_checkpoint(run_dir: Path) -> dict | None:
-    """The newest checkpoint that loads; a corrupt or truncated newer one is skipped with a warning."""
+    """The newest checkpoint that loads, or None when the run has no checkpoint files yet.
+
+    A newer file that does not load (torn, foreign, another format version) is skipped with a warning. When
+    there are checkpoint files but none loads, raises NoReadableCheckpointError rather than starting again
+    at step 0: the new run would mix with the old files, and its checkpoints be pruned below them.
+    """
+    failures = []
     for step, path in list_checkpoints(run_dir):
         try:
             return read_checkpoint(path)
         except Exception as error:  # a torn file raises anything from zipfile/pickle/torch
-            log.warning("checkpoint %s (step %d) is unreadable (%s); falling back to an older one", path, step, error)
+            reason = _one_line_reason(error)
+            log.warning("checkpoint %s (step %d) is unreadable and skipped: %s", path, step, reason)
+            failures.append(f"{path.name}: {reason}")
+    if failures:
+        folder = Path(run_dir) / CHECKPOINT_DIR
+        raise NoReadableCheckpointError(
+            f"none of the checkpoints in {folder} can be read, so the run cannot resume:\n  "
+            + "\n  ".join(failures)
+            + f"\nTo start the run over, move them aside (e.g. mv {folder} {folder}.unreadable) or use another "
+            "output directory; to resume, put a readable checkpoint back."
+        )
     return None
+
+
+def _one_line_reason(error: Exception) -> str:
+    """The gist of a loading error: torch's messages run to paragraphs, and the weights-only one names its
+    cause on a later line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    marker = "WeightsUnpickler error:"
+    cause = next((line.split(marker, 1)[1] for line in lines if marker in line), lines[0] if lines else "")
+    first_sentence = cause.strip().split(". ")[0]
+    return f"{type(error).__name__}: {first_sentence}" if first_sentence else type(error).__name__
 
 
 def capture_rng_state() -> dict[str, Any]:

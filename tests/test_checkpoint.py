@@ -1,0 +1,109 @@
+"""clip.checkpoint on its own: no resume from unreadable files, pruning that keeps the new save, leftovers of
+killed saves, and the permissions of the files it writes. (End to end with training: test_train_loop.py.)"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from clip import checkpoint as ckpt
+
+
+def save(run_dir: Path, step: int, keep_last: int = 3) -> Path:
+    return ckpt.save_checkpoint({"format": ckpt.CHECKPOINT_FORMAT, "step": step}, run_dir, step, keep_last)
+
+
+def tear(path: Path) -> None:
+    """Truncates a checkpoint as a disk or network file system fault (or an interrupted copy) would."""
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def steps(run_dir: Path) -> list[int]:
+    return [step for step, _ in ckpt.list_checkpoints(run_dir)]
+
+
+def test_only_unreadable_checkpoints_are_an_error_naming_each_file(tmp_path):
+    # A run without checkpoint files starts fresh; one whose files all fail to load must not, or it would
+    # restart at step 0 beside them (and keep_last pruning kept the old, higher step numbers).
+    assert ckpt.load_latest_checkpoint(tmp_path) is None
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "notes.txt").write_text("not a checkpoint")
+    assert ckpt.load_latest_checkpoint(tmp_path) is None
+    tear(save(tmp_path, 30))
+    torch.save({"step": 20, "model": {}}, ckpt.checkpoint_path(tmp_path, 20))  # no format entry
+    torch.save({"format": "clip-pretrain/0", "step": 10}, ckpt.checkpoint_path(tmp_path, 10))  # another version
+    torch.save({"step": 5, "args": argparse.Namespace(lr=1)}, ckpt.checkpoint_path(tmp_path, 5))  # needs pickled code
+    with pytest.raises(ckpt.NoReadableCheckpointError) as raised:
+        ckpt.load_latest_checkpoint(tmp_path)
+    message = str(raised.value)
+    assert "step_00000030.pt: RuntimeError: PytorchStreamReader failed reading zip archive" in message
+    assert "step_00000020.pt: ValueError:" in message and "has no format entry" in message
+    assert "format 'clip-pretrain/0'; this trainer reads checkpoints of format 'clip-pretrain/1'" in message
+    assert "step_00000005.pt: UnpicklingError:" in message and "argparse.Namespace" in message
+    assert "move them aside" in message
+    assert steps(tmp_path) == [30, 20, 10, 5]  # nothing was deleted
+
+
+def test_pruning_keeps_the_new_save_below_unreadable_checkpoints(tmp_path):
+    # Resumed from step 10 because 30 is torn and 40 is another program's file: the saves of steps 20 and
+    # 25 must not be pruned by the higher numbers they cannot read. Those are left for a save to replace.
+    save(tmp_path, 10)
+    tear(save(tmp_path, 30))
+    torch.save({"weights": torch.zeros(2)}, ckpt.checkpoint_path(tmp_path, 40))
+    save(tmp_path, 20, keep_last=1)
+    assert steps(tmp_path) == [40, 30, 20]
+    save(tmp_path, 25, keep_last=2)
+    assert steps(tmp_path) == [40, 30, 25, 20]
+    assert ckpt.load_latest_checkpoint(tmp_path)["step"] == 25
+
+
+def test_pruning_counts_and_deletes_only_complete_looking_checkpoints(tmp_path):
+    for step in (1, 2, 3):
+        save(tmp_path, step)
+    tear(ckpt.checkpoint_path(tmp_path, 2))  # would otherwise take the place of step 1 or 3
+    save(tmp_path, 4, keep_last=3)
+    assert steps(tmp_path) == [4, 3, 2, 1]  # 4, 3 and 1 are the three kept; the torn 2 is not touched
+    save(tmp_path, 5, keep_last=3)
+    assert steps(tmp_path) == [5, 4, 3, 2]
+
+
+def test_stray_temporary_files_of_killed_saves_are_removed(tmp_path, monkeypatch):
+    # The name save_checkpoint uses, recorded on its way to the rename (a SIGKILL before the rename leaves it).
+    used = []
+    real_replace = os.replace
+    monkeypatch.setattr(ckpt.os, "replace", lambda source, target: used.append(Path(source)) or real_replace(source, target))
+    kept = save(tmp_path, 7)
+    folder = tmp_path / "checkpoints"
+    leftovers = [
+        used[0],
+        folder / ".step_00000009.pt.k3_x9a0q.tmp",  # tempfile.mkstemp's names, from earlier versions
+    ]
+    unrelated = [
+        folder / ".step_00000009.pt.abc.tmp",  # not the random part's length
+        folder / ".step_00000009.pt.abcdefgh.tmp.bak",
+        folder / "step_00000009.pt.abcdefgh.tmp",  # no leading dot
+        folder / "notes.tmp",
+        tmp_path / ".step_00000009.pt.abcdefgh.tmp",  # not in the checkpoint folder
+    ]
+    for path in leftovers + unrelated:
+        path.write_bytes(b"PK\x03\x04 partial")
+    (folder / ".step_00000010.pt.abcdefgh.tmp").mkdir()  # only files are removed
+
+    assert sorted(ckpt.remove_stray_temporaries(tmp_path)) == sorted(leftovers)
+    assert not any(path.exists() for path in leftovers)
+    assert all(path.exists() for path in unrelated) and kept.exists()
+    assert ckpt.remove_stray_temporaries(tmp_path / "no-such-run") == []
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_checkpoints_get_the_permissions_of_a_new_file_under_the_umask(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        path = save(tmp_path, 1)
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == mode

@@ -7,10 +7,30 @@ so the generic TOML loader in `clip.config` can read and type-check them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 Precision = Literal["fp32", "bf16", "fp16"]
+
+
+def require_at_least(minimum: int, **values: int) -> None:
+    """Raises ValueError naming the first of `values` below `minimum` (a 0 batch or chunk size would only
+    fail much later, deep inside a loop, with an unhelpful message)."""
+    for name, value in values.items():
+        if value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def require_unique_names(tables: str, names: Sequence[str]) -> None:
+    """Every dataset's results are keyed by its name, so a repeated name would overwrite another's metrics."""
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(
+            f"the {tables} datasets need unique names (their metrics are keyed by name), but "
+            f"{', '.join(map(repr, repeated))} occurs more than once in {list(names)}; set `name` to tell them apart"
+        )
 
 
 @dataclass
@@ -43,6 +63,14 @@ class ZeroShotDatasetConfig:
     # kind = "synthetic" only: also report accuracy on the colour/shape pairs held out from training.
     heldout_report: bool = True
 
+    def __post_init__(self) -> None:
+        require_at_least(0, max_samples=self.max_samples, seed=self.seed)
+        require_at_least(1, num_samples=self.num_samples, image_size=self.image_size)
+
+    def resolved_name(self) -> str:
+        """The name its metrics are keyed by: `name`, else the kind."""
+        return self.name or self.kind
+
 
 @dataclass
 class RetrievalDatasetConfig:
@@ -64,6 +92,13 @@ class RetrievalDatasetConfig:
     caption_column: str = "caption"
     # Evaluate the first N images (and all of their captions); 0 = all.
     max_images: int = 0
+
+    def __post_init__(self) -> None:
+        require_at_least(0, max_images=self.max_images)
+
+    def resolved_name(self) -> str:
+        """The name its metrics are keyed by: `name`, else the annotation file's stem."""
+        return self.name or Path(self.annotations).stem
 
 
 @dataclass
@@ -87,6 +122,18 @@ class EvalConfig:
     # Image-text retrieval datasets ([[eval.retrieval]] tables).
     retrieval: list[RetrievalDatasetConfig] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        require_at_least(0, every_n_steps=self.every_n_steps, workers=self.workers)
+        require_at_least(
+            1,
+            batch_size=self.batch_size,
+            text_batch_size=self.text_batch_size,
+            retrieval_chunk_size=self.retrieval_chunk_size,
+        )
+        # Metric keys are "zeroshot/<name>/..." and "retrieval/<name>/...": names must differ within a kind.
+        require_unique_names("[[eval.zeroshot]]", [dataset.resolved_name() for dataset in self.zeroshot])
+        require_unique_names("[[eval.retrieval]]", [dataset.resolved_name() for dataset in self.retrieval])
+
 
 @dataclass
 class ZeroShotRunConfig:
@@ -109,3 +156,8 @@ class ZeroShotRunConfig:
     confusion_png: bool = True
     # The datasets, as [[datasets]] tables.
     datasets: list[ZeroShotDatasetConfig] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        require_at_least(0, workers=self.workers)
+        require_at_least(1, batch_size=self.batch_size, text_batch_size=self.text_batch_size)
+        require_unique_names("[[datasets]]", [dataset.resolved_name() for dataset in self.datasets])

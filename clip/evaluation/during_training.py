@@ -3,6 +3,7 @@
 Keys: "zeroshot/<name>/top1", "zeroshot/<name>/top5", "zeroshot/<name>/mean_per_class",
 "zeroshot/<name>/<subset>/top1" (e.g. the synthetic "heldout" pairs), "retrieval/<name>/image_to_text_R@1",
 "retrieval/<name>/text_to_image_R@5", "retrieval/<name>/image_to_text_median_rank", ...
+`EvalConfig` makes sure names are unique within each kind, so no dataset's metrics overwrite another's.
 
 Distributed: when `dist_info.world_size > 1` and torch.distributed is initialised, every rank must call
 `run_evaluations`. Each rank encodes its own slice of the images (and captions); zero-shot counts are
@@ -14,7 +15,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -76,7 +76,7 @@ def run_evaluations(
     with eval_mode(model):
         for dataset_config in eval_config.zeroshot:
             started = time.perf_counter()
-            name = dataset_config.name or dataset_config.kind
+            name = dataset_config.resolved_name()
             data = load_classification_data(dataset_config, transform)
             result = evaluate_zeroshot(
                 model, data.dataset, data.classnames, data.templates, subsets=data.subsets, name=name, **options
@@ -91,7 +91,7 @@ def run_evaluations(
             )
         for dataset_config in eval_config.retrieval:
             started = time.perf_counter()
-            name = dataset_config.name or Path(dataset_config.annotations).stem
+            name = dataset_config.resolved_name()
             data = load_retrieval_data(dataset_config)
             result = evaluate_retrieval(
                 model, data, transform, name=name, chunk_size=eval_config.retrieval_chunk_size, **options

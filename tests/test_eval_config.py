@@ -1,0 +1,69 @@
+"""Evaluation configs are checked when they are built: dataset names that would key the same metrics, and
+sizes that would only fail deep inside an evaluation loop."""
+
+from __future__ import annotations
+
+import pytest
+
+from clip.config import ConfigError, from_dict
+from clip.config_io import load_config
+from clip.evaluation.config import (
+    EvalConfig,
+    RetrievalDatasetConfig,
+    ZeroShotDatasetConfig,
+    ZeroShotRunConfig,
+)
+
+
+def test_zeroshot_names_must_be_unique_after_defaults_apply():
+    # Two unnamed imagefolder datasets are both "imagefolder": their metrics would overwrite each other.
+    with pytest.raises(ValueError, match=r"\[\[eval.zeroshot\]\] datasets need unique names.*'imagefolder'"):
+        EvalConfig(zeroshot=[ZeroShotDatasetConfig(kind="imagefolder"), ZeroShotDatasetConfig(kind="imagefolder")])
+    EvalConfig(
+        zeroshot=[ZeroShotDatasetConfig(kind="imagefolder"), ZeroShotDatasetConfig(name="b", kind="imagefolder")]
+    )
+
+
+def test_retrieval_names_default_to_the_file_stem_and_must_be_unique():
+    same_stem = [
+        RetrievalDatasetConfig(annotations="coco/captions.jsonl"),
+        RetrievalDatasetConfig(annotations="flickr/captions.jsonl"),
+    ]
+    with pytest.raises(ValueError, match=r"\[\[eval.retrieval\]\].*'captions'"):
+        EvalConfig(retrieval=same_stem)
+    # Zero-shot and retrieval metrics have their own key prefixes, so one name may serve both kinds.
+    EvalConfig(zeroshot=[ZeroShotDatasetConfig(name="coco")], retrieval=[RetrievalDatasetConfig(name="coco")])
+
+
+def test_a_training_configs_eval_section_is_checked_when_read():
+    section = {"zeroshot": [{"kind": "synthetic"}, {"kind": "synthetic", "seed": 3}]}
+    with pytest.raises(ConfigError, match="eval: the .* datasets need unique names"):
+        from_dict(EvalConfig, section, "eval")
+
+
+def test_zeroshot_run_config_names_must_be_unique(tmp_path):
+    path = tmp_path / "eval.toml"
+    path.write_text('model = "m"\n[[datasets]]\nkind = "synthetic"\n[[datasets]]\nkind = "synthetic"\n')
+    with pytest.raises(ConfigError, match="unique names"):
+        load_config(path, [], ZeroShotRunConfig)
+    assert len(load_config(path, ["datasets.1.name=other"], ZeroShotRunConfig).datasets) == 2
+
+
+@pytest.mark.parametrize(
+    ("schema", "field", "value", "minimum"),
+    [
+        (EvalConfig, "text_batch_size", 0, 1),
+        (EvalConfig, "batch_size", 0, 1),
+        (EvalConfig, "retrieval_chunk_size", 0, 1),
+        (EvalConfig, "workers", -1, 0),
+        (EvalConfig, "every_n_steps", -5, 0),
+        (ZeroShotRunConfig, "text_batch_size", 0, 1),
+        (ZeroShotRunConfig, "batch_size", -1, 1),
+        (ZeroShotDatasetConfig, "max_samples", -1, 0),
+        (ZeroShotDatasetConfig, "num_samples", 0, 1),
+        (RetrievalDatasetConfig, "max_images", -2, 0),
+    ],
+)
+def test_sizes_out_of_range_are_refused_with_the_fields_name(schema, field, value, minimum):
+    with pytest.raises(ConfigError, match=rf"{schema.__name__}: {field} must be >= {minimum}, got {value}"):
+        from_dict(schema, {field: value})

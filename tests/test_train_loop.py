@@ -349,3 +349,19 @@ def test_compiled_training_runs(tmp_path, monkeypatch, precision):
                                 f"train.precision={precision}", "model.activation=quick_gelu"))  # the demo's is gelu
     assert results["step"] == 3 and math.isfinite(results["loss"])
     assert bool(traced) == (precision == "bf16")  # float32 training runs the MLP as written
+
+
+# ---- checkpoint files that cannot be read ------------------------------------------------------------------
+
+
+def test_a_run_whose_checkpoints_all_fail_to_load_stops_instead_of_restarting_at_step_0(tmp_path):
+    # Every checkpoint truncated (a disk or file system fault, or files of an incompatible version). The run
+    # used to restart at step 0 with warnings only, and keep_last pruning then deleted its new checkpoints,
+    # as the unreadable old ones had the higher step numbers.
+    config = tiny_config(tmp_path, "eval.every_n_steps=0", "checkpoint.keep_last=2")
+    train(config)
+    for _, path in ckpt.list_checkpoints(tmp_path):
+        os.truncate(path, 1000)
+    with pytest.raises(ckpt.NoReadableCheckpointError, match=r"step_00000006\.pt(.|\n)*move them aside"):
+        train(config, stop_at_step=4)
+    assert [(s, p.stat().st_size) for s, p in ckpt.list_checkpoints(tmp_path)] == [(6, 1000), (3, 1000)]

@@ -9,7 +9,9 @@ with a caption file of the same name and the suffix .txt. Output: PREFIX-000000.
 with N samples each (the last one fewer), every sample stored as KEY.jpg|png|webp (the original bytes;
 other formats are converted to PNG), KEY.txt (the caption, UTF-8) and KEY.json (key, caption, source path,
 width, height), as img2dataset lays them out; and sizes.json, the sample
-count of each shard, which the loader needs to plan exact epochs. Samples that cannot be used (missing or
+count of each shard, which the loader needs to plan exact epochs (the entries of other shards in it are kept). An
+output folder that already holds shards of the prefix is refused: shards the new run does not replace would
+stay beside it and be read; --overwrite deletes them first. Samples that cannot be used (missing or
 broken images, empty or non-UTF-8 captions) are skipped and counted by kind, with the same checks as the
 training loader.
 """
@@ -20,6 +22,7 @@ import argparse
 import io
 import json
 import os
+import re
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -75,9 +78,61 @@ def encode_sample(image_path: str, caption: str | None) -> tuple[str, bytes, str
     return extension, data, text, image.size
 
 
-def write_shards(samples: Iterator, output: Path, prefix: str, per_shard: int) -> tuple[dict[str, int], Counter]:
-    """Writes the shards and sizes.json; returns ({shard name: count}, skipped counts by kind)."""
+def shard_name_pattern(prefix: str) -> re.Pattern:
+    """The names write_shards gives: PREFIX-000000.tar, ... (more digits past 999999 shards)."""
+    return re.compile(re.escape(prefix) + r"-\d{6,}\.tar")
+
+
+def existing_shards(output: Path, prefix: str) -> list[Path]:
+    """The shards of this prefix already in `output` (not those of a longer prefix: 'cc-2-000000.tar' is not cc's)."""
+    if not output.is_dir():
+        return []
+    pattern = shard_name_pattern(prefix)
+    return sorted(path for path in output.iterdir() if pattern.fullmatch(path.name))
+
+
+def update_index(output: Path, prefix: str, sizes: dict[str, int]) -> None:
+    """Writes this prefix's shard sizes to sizes.json, replacing its old entries; other shards' entries stay,
+    so that shards of several prefixes can share a folder. An unreadable sizes.json is replaced."""
+    path = output / SIZE_INDEX_NAME
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError):
+        index = None
+    if not isinstance(index, dict):
+        index = {}
+    pattern = shard_name_pattern(prefix)
+    index = {name: count for name, count in index.items() if not pattern.fullmatch(name)} | sizes
+    path.write_text(json.dumps(index, indent=1))
+
+
+def refuse_or_remove_old_shards(output: Path, prefix: str, overwrite: bool) -> None:
+    """Writing beside shards of the same prefix would leave those the new run does not replace (51 samples,
+    then 11: s-000002..7.tar from the first run), and the loader, which counts a shard sizes.json lacks,
+    would read them as data. So they are refused, or deleted with --overwrite: their index entries first,
+    then exactly the PREFIX-NNNNNN.tar files."""
+    old = existing_shards(output, prefix)
+    if not old:
+        return
+    if not overwrite:
+        raise SystemExit(
+            f"{output} already holds {len(old)} shards named {prefix}-NNNNNN.tar ({old[0].name} .. {old[-1].name}): "
+            "the new shards would be mixed with the old ones. Use another output folder or --prefix, or "
+            "--overwrite to delete them first"
+        )
+    update_index(output, prefix, {})
+    for path in old:
+        path.unlink()
+    print(f"deleted {len(old)} old shards {prefix}-NNNNNN.tar from {output}")
+
+
+def write_shards(
+    samples: Iterator, output: Path, prefix: str, per_shard: int, overwrite: bool = False
+) -> tuple[dict[str, int], Counter]:
+    """Writes the shards and sizes.json; returns ({shard name: count}, skipped counts by kind). Shards of
+    the same prefix already in `output` are an error, or deleted first when `overwrite`."""
     webdataset = require_webdataset()
+    refuse_or_remove_old_shards(output, prefix, overwrite)
     output.mkdir(parents=True, exist_ok=True)
     pattern = str(output / f"{prefix.replace('%', '%%')}-%06d.tar")  # a '%' in the prefix is literal
     skipped: Counter = Counter()
@@ -105,7 +160,7 @@ def write_shards(samples: Iterator, output: Path, prefix: str, per_shard: int) -
     sizes = {Path(pattern % k).name: min(per_shard, written - k * per_shard) for k in range(shard_count)}
     if written == 0:
         Path(pattern % 0).unlink(missing_ok=True)  # ShardWriter opens its first shard before any sample
-    (output / SIZE_INDEX_NAME).write_text(json.dumps(sizes, indent=1))
+    update_index(output, prefix, sizes)
     return sizes, skipped
 
 
@@ -133,6 +188,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quoting", choices=QUOTING_CHOICES, default="auto",
                         help="manifest quotes: auto = CSV rules for .csv, none for .tsv; csv for a TSV a CSV writer quoted")
     parser.add_argument(
+        "--overwrite", action="store_true",
+        help="delete the shards of this prefix already in OUTPUT (PREFIX-NNNNNN.tar) and their sizes.json entries first",
+    )
+    parser.add_argument(
         "--index", metavar="PATTERN", help="only write sizes.json for existing shards 'dir/x-{000000..000009}.tar'"
     )
     args = parser.parse_args(argv)
@@ -156,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         samples = manifest_samples(source, args)
     else:
         raise SystemExit(f"{source} is neither a manifest file nor a folder")
-    sizes, skipped = write_shards(samples, Path(args.output), args.prefix, args.samples_per_shard)
+    sizes, skipped = write_shards(samples, Path(args.output), args.prefix, args.samples_per_shard, args.overwrite)
     print(f"wrote {sum(sizes.values())} samples in {len(sizes)} shards to {args.output}")
     if skipped:
         print(f"skipped {sum(skipped.values())}: " + ", ".join(f"{kind} {n}" for kind, n in sorted(skipped.items())))

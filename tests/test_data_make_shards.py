@@ -104,3 +104,31 @@ def test_help_runs_as_a_script() -> None:
     command = [sys.executable, str(SCRIPT), "--help"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0 and "--samples-per-shard" in result.stdout
+
+
+def test_shards_of_the_same_prefix_are_refused_or_replaced_with_overwrite(tmp_path: Path) -> None:
+    # 7 samples in 4 shards, then 3 into the same folder: t-000002.tar and t-000003.tar would stay, and the
+    # loader counts the samples of a shard sizes.json does not list, so training would read the old data.
+    out = tmp_path / "out"
+    first = write_manifest(tmp_path / "first", range(7))
+    second = write_manifest(tmp_path / "second", range(100, 103))
+    assert make_shards_main()([str(first), str(out), "--prefix", "t", "--samples-per-shard", "2"]) == 0
+    # Another prefix may share the folder, even one that starts like it; its sizes.json entries are kept.
+    assert make_shards_main()([str(second), str(out), "--prefix", "t-b", "--samples-per-shard", "2"]) == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+
+    again = [str(second), str(out), "--prefix", "t", "--samples-per-shard", "2"]
+    with pytest.raises(SystemExit, match=r"already holds 4 shards named t-NNNNNN\.tar \(t-000000\.tar \.\. t-000003\.tar\)"):
+        make_shards_main()(again)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+    assert make_shards_main()([*again, "--overwrite"]) == 0
+    assert sorted(path.name for path in out.glob("*.tar")) == [
+        "t-000000.tar", "t-000001.tar", "t-b-000000.tar", "t-b-000001.tar"
+    ]
+    assert json.loads((out / "sizes.json").read_text()) == {
+        "t-000000.tar": 2, "t-000001.tar": 1, "t-b-000000.tar": 2, "t-b-000001.tar": 1
+    }
+    data = build([SourceConfig(kind="shards", path=str(out / "t-{000000..000001}.tar"))], batch_size=3)
+    assert sorted(captions(take(data, 1))) == [caption_of(i) for i in range(100, 103)]
+    data.close()

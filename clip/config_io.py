@@ -181,14 +181,30 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str], schema
     return from_dict(schema, data)
 
 
+# A TOML basic string may not hold a control character raw (tab aside), and a config's strings can hold
+# any (separator = "\t", a name written with an escape): each is escaped, in TOML's short form where it has
+# one, else as \uXXXX.
+_SHORT_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _toml_string(text: str) -> str:
+    def escape(char: str) -> str:
+        if char in _SHORT_ESCAPES:
+            return _SHORT_ESCAPES[char]
+        if char < " " or char == "\x7f":
+            return f"\\u{ord(char):04x}"
+        return char
+
+    return '"' + "".join(map(escape, text)) + '"'
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        return f'"{escaped}"'
+        return _toml_string(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise ConfigError(f"cannot write {value!r} to TOML")

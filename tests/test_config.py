@@ -96,7 +96,7 @@ def test_missing_file_and_bad_toml(tmp_path):
 
 
 def test_toml_round_trip():
-    config = from_dict(Schema, {"section": {"lr": 0.25, "clip_norm": None, "name": 'say "hi"\n'},
+    config = from_dict(Schema, {"section": {"lr": 0.25, "clip_norm": None, "name": 'say "hi"\n\t\r\x01\x7f\\'},
                                 "sources": [{"path": "a"}, {"path": "b", "weight": 0.5}],
                                 "model": {"vision": {"kind": "resnet", "layers": [2, 2, 2, 2], "heads": 4, "width": 32}}})
     text = to_toml(to_dict(config))

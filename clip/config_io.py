@@ -4,6 +4,10 @@ Every config is a tree of plain dataclasses. Values read from a file or the comm
 against the field types; an unknown key is an error that names the closest valid key. The supported field
 types are int, float, str, bool, `X | None`, `Literal[...]`, `list[T]`, `tuple[T, ...]`, unions of those,
 nested dataclasses and lists of dataclasses (TOML arrays of tables).
+
+TOML has no null, so a field whose type allows None takes the string "none" (any case) for None, in a file
+(`grad_clip_norm = "none"`) and in an override (`optimizer.grad_clip_norm=none`); `to_toml` writes None the
+same way, so a written config reads back equal. Such a field therefore cannot hold the string "none" itself.
 """
 
 from __future__ import annotations
@@ -23,6 +27,14 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
+# The string that stands for None, which TOML cannot write (compared case-insensitively).
+NONE_SENTINEL = "none"
+
+
+def _is_none_sentinel(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lower() == NONE_SENTINEL
+
+
 def _closest(key: str, valid: typing.Iterable[str]) -> str:
     match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
     return f" Did you mean {match[0]!r}?" if match else f" Valid keys: {', '.join(sorted(valid))}."
@@ -39,18 +51,21 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
+        if type(None) in args and (value is None or _is_none_sentinel(value)):
+            return None
         errors = []
         # Try the more specific members first so `int | tuple[int, ...]` keeps ints as ints.
         for member in args:
             if member is type(None):
-                if value is None:
-                    return None
                 continue
             try:
                 return _coerce(value, member, where)
             except ConfigError as error:
                 errors.append(str(error))
-        raise ConfigError(f"{where}: {value!r} is not a {' or '.join(_type_name(a) for a in args)}")
+        expected = " or ".join(_type_name(a) for a in args if a is not type(None))
+        if type(None) in args:
+            expected += f' or "{NONE_SENTINEL}"'
+        raise ConfigError(f"{where}: {value!r} is not a {expected}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
@@ -199,6 +214,8 @@ def _toml_string(text: str) -> str:
 
 
 def _toml_value(value: Any) -> str:
+    if value is None:
+        return f'"{NONE_SENTINEL}"'
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -211,12 +228,11 @@ def _toml_value(value: Any) -> str:
 
 
 def to_toml(data: dict, table: str = "") -> str:
-    """Writes nested dicts as TOML. None values are omitted (TOML has no null; the schema default is None)."""
+    """Writes nested dicts as TOML. None is written as the string "none", which `from_dict` reads back as
+    None for a field that allows it (TOML has no null; leaving the key out would read back its default)."""
     lines, tables = [], []
     for key, value in data.items():
         name = f"{table}.{key}" if table else key
-        if value is None:
-            continue
         if isinstance(value, dict):
             tables.append(f"\n[{name}]\n" + to_toml(value, name))
         elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):

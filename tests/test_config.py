@@ -130,3 +130,44 @@ def test_every_recipe_in_configs_loads():
 def test_vision_config_validation():
     with pytest.raises(ValueError, match="multiple"):
         VisionConfig(kind="vit", image_size=225, patch_size=32)
+
+
+# ---- None: the string "none" in files and overrides, and written back by to_toml -------------------------
+
+def test_none_sentinel_in_files_and_overrides(tmp_path):
+    from clip.config import TrainConfig
+
+    path = write(tmp_path, '[optimizer]\ngrad_clip_norm = "none"\n[data]\nmax_image_pixels = "None"\n')
+    config = load_config(path, [], TrainConfig)
+    assert config.optimizer.grad_clip_norm is None and config.data.max_image_pixels is None
+    for text in ("none", "NONE", '"none"', "None"):
+        config = load_config(None, [f"optimizer.grad_clip_norm={text}"], TrainConfig)
+        assert config.optimizer.grad_clip_norm is None, text
+    assert load_config(None, ["section.clip_norm=none"], Schema).section.clip_norm is None
+
+
+def test_none_sentinel_only_where_the_type_allows_none(tmp_path):
+    from clip.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="optimizer.lr: expected a number, got 'none'"):
+        load_config(None, ["optimizer.lr=none"], TrainConfig)
+    # A Literal that has "none" among its choices keeps the string.
+    path = write(tmp_path, '[[data.sources]]\nkind = "manifest"\npath = "x.csv"\nnum_samples = "none"\n')
+    source = load_config(path, ["data.sources.0.quoting=none"], TrainConfig).data.sources[0]
+    assert source.quoting == "none" and source.num_samples is None
+    with pytest.raises(ConfigError, match=r'is not a float or "none"'):
+        load_config(None, ["optimizer.grad_clip_norm=off"], TrainConfig)
+
+
+def test_none_round_trips_through_the_written_config(tmp_path):
+    from clip.config import TrainConfig
+
+    config = load_config(None, ["optimizer.grad_clip_norm=none", "data.max_image_pixels=none", "train.threads=3",
+                                "loss.chunk_size=256"], TrainConfig)
+    text = to_toml(to_dict(config))
+    assert 'grad_clip_norm = "none"' in text and 'max_image_pixels = "none"' in text
+    path = write(tmp_path, text)
+    assert load_config(path, [], TrainConfig) == config
+    # The defaults too: fields whose default is None (train.threads, data.epoch_samples) come back as None.
+    default = TrainConfig()
+    assert load_config(write(tmp_path, to_toml(to_dict(default))), [], TrainConfig) == default

@@ -148,6 +148,28 @@ def _parse_override_value(text: str) -> Any:
         return text
 
 
+def _list_to_override(node: dict, field: dataclasses.Field, name: str, assignment: str) -> list:
+    """The array of tables that an index override changes: the file's, or else a copy of the field's default,
+    put into `node`. A file without the array gets the default list, so an override of one of its elements
+    changes that default element, as overriding a key the file leaves out changes the default value."""
+    if field.name not in node:
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        node[field.name] = to_dict(default)
+    items = node[field.name]
+    if not isinstance(items, list):
+        raise ConfigError(f"override {assignment!r}: {name} is not an array of tables ([[{name}]]) in the config file")
+    return items
+
+
+def _missing_element_message(assignment: str, name: str, index: int, count: int, from_file: bool) -> str:
+    where = "in the config file" if from_file else f"by default (the config file has no [[{name}]] table)"
+    entries = "1 entry" if count == 1 else f"{count} entries"
+    return (
+        f"override {assignment!r}: {name} has {entries} {where}, no index {index}. An override changes an "
+        f"existing element only; to add one, add a [[{name}]] table to the config file"
+    )
+
+
 def apply_override(data: dict, schema: type, assignment: str) -> None:
     """Applies one `section.key=value` override to the nested dict `data`, validating the path."""
     if "=" not in assignment:
@@ -168,10 +190,16 @@ def apply_override(data: dict, schema: type, assignment: str) -> None:
             return
         if typing.get_origin(field_type) is list and keys[depth + 1].isdigit():
             # `eval.zeroshot.0.num_samples=100`: an element of an array of tables, by index.
-            items, index = node.get(key, []), int(keys[depth + 1])
+            name, index = ".".join(keys[: depth + 1]), int(keys[depth + 1])
+            from_file = key in node
+            items = _list_to_override(node, fields[key], name, assignment)
             if index >= len(items):
-                raise ConfigError(f"override {assignment!r}: {key} has {len(items)} entries, no index {index}")
+                raise ConfigError(_missing_element_message(assignment, name, index, len(items), from_file))
             rest = ".".join(keys[depth + 2 :])
+            if not rest:
+                raise ConfigError(
+                    f"override {assignment!r} must name a field of the element: {name}.{index}.<field>=value"
+                )
             apply_override(items[index], typing.get_args(field_type)[0], f"{rest}={text}")
             return
         node = node.setdefault(key, {})

@@ -171,3 +171,37 @@ def test_none_round_trips_through_the_written_config(tmp_path):
     # The defaults too: fields whose default is None (train.threads, data.epoch_samples) come back as None.
     default = TrainConfig()
     assert load_config(write(tmp_path, to_toml(to_dict(default))), [], TrainConfig) == default
+
+
+# ---- overrides of list elements -----------------------------------------------------------------------------
+
+def test_index_override_changes_the_default_list_when_the_file_has_none(tmp_path):
+    from clip.config import TrainConfig
+    from clip.data import DataConfig, SourceConfig
+
+    path = write(tmp_path, "[data]\nworkers = 0\n")  # no [[data.sources]]: the default list applies
+    config = load_config(path, ["data.sources.0.num_samples=500"], TrainConfig)
+    default_source = DataConfig().sources[0]
+    assert config.data.sources == [SourceConfig(kind=default_source.kind, num_samples=500)]
+    assert load_config(path, [], TrainConfig).data.sources == [default_source]  # defaults untouched
+
+
+def test_index_override_beyond_the_list_says_what_to_do(tmp_path):
+    from clip.config import TrainConfig
+
+    no_sources = write(tmp_path, "[data]\nworkers = 0\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(no_sources, ["data.sources.1.num_samples=500"], TrainConfig)
+    message = str(caught.value)
+    assert "data.sources has 1 entry by default (the config file has no [[data.sources]] table), no index 1" in message
+    assert "add a [[data.sources]] table to the config file" in message
+    with pytest.raises(ConfigError, match=r"eval\.zeroshot has 0 entries by default .*no index 0"):
+        load_config(no_sources, ["eval.zeroshot.0.num_samples=10"], TrainConfig)
+    two = write(tmp_path, '[[data.sources]]\nnum_samples = 5\n[[data.sources]]\nnum_samples = 6\n')
+    with pytest.raises(ConfigError, match=r"data\.sources has 2 entries in the config file, no index 2"):
+        load_config(two, ["data.sources.2.weight=2"], TrainConfig)
+    with pytest.raises(ConfigError, match=r"must name a field of the element: data\.sources\.0\.<field>=value"):
+        load_config(two, ["data.sources.0=5"], TrainConfig)
+    not_a_list = write(tmp_path, '[data]\nsources = "foo"\n')
+    with pytest.raises(ConfigError, match=r"data\.sources is not an array of tables"):
+        load_config(not_a_list, ["data.sources.0.weight=2"], TrainConfig)

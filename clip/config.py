@@ -3,15 +3,28 @@
 A recipe file in `configs/` is a complete TOML description of one run (no inheritance); the command line
 can override any field as `section.key=value`. The resolved config is written to the run directory and
 into every checkpoint, so `clip.load(checkpoint)` rebuilds the model without being told its size.
+
+A field typed `X | None` is set to None with the string "none" (`grad_clip_norm = "none"`, or the override
+`optimizer.grad_clip_norm=none`). Every section checks its values' ranges when it is built, so a value that
+cannot work is a ConfigError naming its key before the run starts, not a crash or a silent no-op later.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from .architectures import ModelConfig
-from .config_io import ConfigError, from_dict, load_config, to_dict, to_toml
+from .config_io import (
+    ConfigError,
+    InvalidValue,
+    from_dict,
+    load_config,
+    require,
+    to_dict,
+    to_toml,
+)
 from .data.config import DataConfig
 from .evaluation.config import EvalConfig
 from .loss import LossConfig
@@ -26,8 +39,19 @@ class OptimizerConfig:
     beta1: float = 0.9
     beta2: float = 0.98  # the paper's value: 0.98 rather than 0.999 is more stable at large batch
     eps: float = 1e-6
-    grad_clip_norm: float | None = 1.0  # None disables clipping
+    grad_clip_norm: float | None = 1.0  # "none" (None) disables clipping
     implementation: Literal["auto", "fused", "foreach", "for-loop"] = "auto"  # auto: fused AdamW (CUDA and CPU)
+
+    def __post_init__(self) -> None:
+        require("lr", self.lr, 0 < self.lr < math.inf, "a finite number > 0")
+        require("weight_decay", self.weight_decay, 0 <= self.weight_decay < math.inf, "a finite number >= 0")
+        # AdamW's moment decay rates: 1 would never forget (torch rejects it), < 0 is no average.
+        require("beta1", self.beta1, 0 <= self.beta1 < 1, "in [0, 1)")
+        require("beta2", self.beta2, 0 <= self.beta2 < 1, "in [0, 1)")
+        require("eps", self.eps, 0 < self.eps < math.inf, "a finite number > 0")
+        if self.grad_clip_norm is not None:
+            require("grad_clip_norm", self.grad_clip_norm, 0 < self.grad_clip_norm < math.inf,
+                    'a finite number > 0, or "none" for no clipping')
 
 
 @dataclass
@@ -35,6 +59,13 @@ class ScheduleConfig:
     steps: int = 1000  # optimiser steps in the run
     warmup_steps: int = 100  # linear warmup from 0 to optimizer.lr
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+
+    def __post_init__(self) -> None:
+        # 0 steps would end the run at once, saving an untrained checkpoint as if it had finished.
+        require("steps", self.steps, self.steps >= 1, ">= 1")
+        require("warmup_steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0 (0 = no warmup)")
+        # The floor of the cosine, as a fraction of the peak: above 1 the "decay" would raise the rate.
+        require("min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
 
 
 @dataclass
@@ -47,11 +78,27 @@ class TrainLoopConfig:
     seed: int = 0
     max_consecutive_nonfinite: int = 10  # a run stops after this many non-finite losses in a row
     device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA is available, else cpu
-    threads: int | None = None  # torch intra-op threads on the CPU; None keeps torch's default
+    threads: int | None = None  # torch intra-op threads on the CPU; "none" (None) keeps torch's default
     # CUDA: float32 matrix products on TF32 tensor cores (see clip.cuda_backends). Much faster with
     # precision = "fp32"; under bf16/fp16 autocast it touches only what stays float32, such as the loss's
     # similarity matrix, which it makes less precise for no speed.
     tf32: bool = False
+
+    def __post_init__(self) -> None:
+        require("batch_size", self.batch_size, self.batch_size >= 1, ">= 1")
+        require("accumulation_steps", self.accumulation_steps, self.accumulation_steps >= 1,
+                ">= 1 (1 = no accumulation)")
+        if self.batch_size % self.accumulation_steps:
+            raise InvalidValue(
+                "batch_size",
+                f"must be divisible by accumulation_steps: {self.batch_size} rows do not split into "
+                f"{self.accumulation_steps} equal micro-batches",
+            )
+        # The trainer stops once this many losses in a row are non-finite: 0 would stop at the first one.
+        nonfinite = self.max_consecutive_nonfinite
+        require("max_consecutive_nonfinite", nonfinite, nonfinite >= 1, ">= 1")
+        if self.threads is not None:
+            require("threads", self.threads, self.threads >= 1, '>= 1, or "none" for the default thread count')
 
 
 @dataclass
@@ -61,11 +108,33 @@ class LoggingConfig:
     plot: bool = True  # a loss/accuracy PNG at the end when matplotlib is installed
     progress_bar: bool = True
 
+    def __post_init__(self) -> None:
+        # The trainer logs when step % every_n_steps == 0 (and at the last step), so 0 has no meaning.
+        require("every_n_steps", self.every_n_steps, self.every_n_steps >= 1, ">= 1")
+
 
 @dataclass
 class CheckpointConfig:
     every_n_steps: int = 1000  # 0 = only at the end of the run
     keep_last: int = 3  # older checkpoints are deleted; the latest K stay
+
+    def __post_init__(self) -> None:
+        require("every_n_steps", self.every_n_steps, self.every_n_steps >= 0, ">= 0 (0 = only at the end of the run)")
+        # Resuming needs the latest checkpoint: at least one is always kept.
+        require("keep_last", self.keep_last, self.keep_last >= 1, ">= 1")
+
+
+def check_loss_config(loss: LossConfig) -> None:
+    """The range checks of the [loss] section (`LossConfig` lives with the loss code in clip.loss)."""
+    # The trainer clamps the log-temperature to [0, log(max_logit_scale)]: below 1 that range is empty.
+    # inf is allowed and means no upper limit.
+    require("loss.max_logit_scale", loss.max_logit_scale, loss.max_logit_scale >= 1, ">= 1 (the paper uses 100)")
+    if loss.chunk_size is not None:
+        require("loss.chunk_size", loss.chunk_size, loss.chunk_size >= 1, '>= 1 rows, or "none" for the unchunked loss')
+        if loss.kind != "clip":
+            raise InvalidValue(
+                "loss.chunk_size", f'applies to the CLIP loss only; set it to "none" for kind = {loss.kind!r}'
+            )
 
 
 @dataclass
@@ -80,3 +149,6 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/default"  # the run directory; an existing one is resumed
+
+    def __post_init__(self) -> None:
+        check_loss_config(self.loss)

@@ -8,6 +8,10 @@ nested dataclasses and lists of dataclasses (TOML arrays of tables).
 TOML has no null, so a field whose type allows None takes the string "none" (any case) for None, in a file
 (`grad_clip_norm = "none"`) and in an override (`optimizer.grad_clip_norm=none`); `to_toml` writes None the
 same way, so a written config reads back equal. Such a field therefore cannot hold the string "none" itself.
+
+Range checks live in each config dataclass's `__post_init__`, which raises `InvalidValue` naming the field
+relative to its dataclass; `from_dict` adds the path of the table it was read from, so the message names
+the full dotted key ("optimizer.lr must be a finite number > 0, got 0.0").
 """
 
 from __future__ import annotations
@@ -29,6 +33,26 @@ class ConfigError(ValueError):
 
 # The string that stands for None, which TOML cannot write (compared case-insensitively).
 NONE_SENTINEL = "none"
+
+
+class InvalidValue(ConfigError):
+    """A field value that its config dataclass rejects. `key` is the field's name within that dataclass
+    (or a dotted path below it); `from_dict` re-raises it under the full dotted key of the file."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key, self.problem = key, problem
+        super().__init__(f"{key} {problem}")
+
+    def under(self, where: str) -> InvalidValue:
+        """The same error, with `where` (the path of the enclosing table) in front of its key."""
+        return InvalidValue(f"{where}.{self.key}" if where else self.key, self.problem)
+
+
+def require(key: str, value: Any, ok: bool, rule: str) -> None:
+    """Raises InvalidValue "KEY must be RULE, got VALUE" unless `ok`. Write `ok` so that NaN fails it
+    (`0 < x`, not `not x <= 0`): every comparison with NaN is false."""
+    if not ok:
+        raise InvalidValue(key, f"must be {rule}, got {value!r}")
 
 
 def _is_none_sentinel(value: Any) -> bool:
@@ -120,9 +144,11 @@ def from_dict(schema: type[T], data: dict, where: str = "") -> T:
         kwargs[key] = _coerce(value, hints[key], name)
     try:
         return schema(**kwargs)
+    except InvalidValue as error:
+        raise error.under(where) from None
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as error:
-        if isinstance(error, ConfigError):
-            raise
         raise ConfigError(f"{where or schema.__name__}: {error}") from error
 
 

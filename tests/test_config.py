@@ -132,6 +132,97 @@ def test_vision_config_validation():
         VisionConfig(kind="vit", image_size=225, patch_size=32)
 
 
+# ---- range checks: a value that cannot work is a ConfigError naming its dotted key ----------------------
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["logging.every_n_steps=0"], "logging.every_n_steps must be >= 1, got 0"),
+        (["train.accumulation_steps=0"], "train.accumulation_steps must be >= 1"),
+        (["train.batch_size=0"], "train.batch_size must be >= 1, got 0"),
+        (["train.batch_size=10", "train.accumulation_steps=4"],
+         "train.batch_size must be divisible by accumulation_steps"),
+        (["train.max_consecutive_nonfinite=0"], "train.max_consecutive_nonfinite must be >= 1, got 0"),
+        (["train.threads=0"], "train.threads must be >= 1"),
+        (["loss.max_logit_scale=0"], "loss.max_logit_scale must be >= 1"),
+        (["loss.max_logit_scale=0.5"], "loss.max_logit_scale must be >= 1"),
+        (["loss.max_logit_scale=nan"], "loss.max_logit_scale must be >= 1"),
+        (["loss.chunk_size=0"], "loss.chunk_size must be >= 1"),
+        (["loss.kind=siglip", "loss.chunk_size=64"], "loss.chunk_size applies to the CLIP loss only"),
+        (["schedule.steps=0"], "schedule.steps must be >= 1, got 0"),
+        (["schedule.steps=-1"], "schedule.steps must be >= 1, got -1"),
+        (["schedule.warmup_steps=-1"], "schedule.warmup_steps must be >= 0"),
+        (["schedule.min_lr_ratio=2"], "schedule.min_lr_ratio must be in [0, 1], got 2.0"),
+        (["schedule.min_lr_ratio=-0.1"], "schedule.min_lr_ratio must be in [0, 1]"),
+        (["checkpoint.every_n_steps=-1"], "checkpoint.every_n_steps must be >= 0"),
+        (["checkpoint.keep_last=0"], "checkpoint.keep_last must be >= 1, got 0"),
+        (["optimizer.lr=0"], "optimizer.lr must be a finite number > 0, got 0.0"),
+        (["optimizer.lr=-1e-3"], "optimizer.lr must be a finite number > 0"),
+        (["optimizer.lr=nan"], "optimizer.lr must be a finite number > 0"),
+        (["optimizer.lr=inf"], "optimizer.lr must be a finite number > 0"),
+        (["optimizer.weight_decay=-0.1"], "optimizer.weight_decay must be a finite number >= 0"),
+        (["optimizer.beta1=1"], "optimizer.beta1 must be in [0, 1), got 1.0"),
+        (["optimizer.beta2=-0.5"], "optimizer.beta2 must be in [0, 1)"),
+        (["optimizer.eps=0"], "optimizer.eps must be a finite number > 0"),
+        (["optimizer.grad_clip_norm=0"], "optimizer.grad_clip_norm must be a finite number > 0"),
+        (["optimizer.grad_clip_norm=-1"], "optimizer.grad_clip_norm must be a finite number > 0"),
+        (["data.workers=-1"], "data.workers must be >= 0"),
+        (["data.prefetch_factor=0"], "data.prefetch_factor must be >= 1"),
+        (["data.shuffle_buffer=0"], "data.shuffle_buffer must be >= 1"),
+        (["data.resampled=true", "data.epoch_samples=0"], "data.epoch_samples must be >= 1"),
+        (["data.max_image_pixels=0"], "data.max_image_pixels must be >= 1"),
+        (["data.log_every_s=-1"], "data.log_every_s must be a finite number >= 0"),
+        (["data.worker_timeout_s=inf"], "data.worker_timeout_s must be a finite number >= 0"),
+        (["data.sources=[]"], "data.sources is empty: add at least one [[data.sources]] table"),
+        (["data.sources.0.weight=0"], "data.sources[0].weight must be a finite number > 0, got 0.0"),
+        (["data.sources.0.weight=inf"], "data.sources[0].weight must be a finite number > 0"),
+        (["data.sources.0.num_samples=0"], "data.sources[0].num_samples must be >= 1"),
+        (["data.sources.0.synthetic_image_size=8"], "data.sources[0].synthetic_image_size must be >= 16"),
+        (["data.sources.0.synthetic_seed=-1"], "data.sources[0].synthetic_seed must be >= 0"),
+    ],
+)
+def test_values_out_of_range_are_config_errors_naming_the_key(overrides, message):
+    from clip.config import TrainConfig
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, overrides, TrainConfig)
+    assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_boundary_values_that_mean_something_are_accepted():
+    from clip.config import TrainConfig
+
+    config = load_config(None, [
+        "checkpoint.every_n_steps=0",  # only at the end of the run
+        "schedule.warmup_steps=0", "schedule.min_lr_ratio=1", "schedule.steps=1",
+        "optimizer.beta1=0", "optimizer.weight_decay=0",
+        "loss.max_logit_scale=1", "loss.chunk_size=1",
+        "train.batch_size=1", "train.max_consecutive_nonfinite=1",
+        "data.workers=0", "data.log_every_s=0", "data.worker_timeout_s=0",
+        "data.sources.0.synthetic_image_size=16",
+    ], TrainConfig)
+    assert config.checkpoint.every_n_steps == 0 and config.schedule.min_lr_ratio == 1.0
+    # No upper limit on the temperature: log(inf) is inf, a valid clamp bound.
+    assert load_config(None, ["loss.max_logit_scale=inf"], TrainConfig).loss.max_logit_scale == float("inf")
+
+
+def test_sections_built_in_python_raise_config_errors_too():
+    from clip.config import CheckpointConfig, OptimizerConfig, ScheduleConfig
+    from clip.data import DataConfig, SourceConfig
+
+    with pytest.raises(ConfigError, match=r"^lr must be a finite number > 0, got 0\.0$"):
+        OptimizerConfig(lr=0.0)
+    with pytest.raises(ConfigError, match="min_lr_ratio must be in"):
+        ScheduleConfig(min_lr_ratio=1.5)
+    with pytest.raises(ConfigError, match="keep_last must be >= 1"):
+        CheckpointConfig(keep_last=0)
+    with pytest.raises(ConfigError, match="weight must be a finite number > 0"):
+        SourceConfig(kind="synthetic", num_samples=10, weight=0.0)
+    with pytest.raises(ConfigError, match="workers must be >= 0"):
+        DataConfig(workers=-1)
+    assert isinstance(ConfigError("x"), ValueError)  # callers catching ValueError still see them
+
+
 # ---- None: the string "none" in files and overrides, and written back by to_toml -------------------------
 
 def test_none_sentinel_in_files_and_overrides(tmp_path):

@@ -17,8 +17,11 @@ A TOML example with two sources, the second seen twice per epoch:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
+
+from ..config_io import InvalidValue, require
 
 SourceKind = Literal["synthetic", "manifest", "shards"]
 
@@ -46,16 +49,21 @@ class SourceConfig:
     synthetic_seed: int = 0  # which synthetic world (content), independent of the training seed
 
     def __post_init__(self) -> None:
-        if self.kind not in ("synthetic", "manifest", "shards"):
-            raise ValueError(f"data source kind must be synthetic, manifest or shards, got {self.kind!r}")
+        require("kind", self.kind, self.kind in ("synthetic", "manifest", "shards"), "synthetic, manifest or shards")
         if self.kind != "synthetic" and not self.path:
-            raise ValueError(f"a {self.kind} data source needs a path")
-        if not 0.0 <= self.weight < float("inf"):
-            raise ValueError(f"data source weight must be finite and >= 0, got {self.weight}")
-        if self.num_samples is not None and self.num_samples < 0:
-            raise ValueError(f"num_samples must be >= 0, got {self.num_samples}")
+            raise InvalidValue("path", f"must be set for a {self.kind} source (the manifest file or shard pattern)")
+        # A source of weight 0 would never be read (and all weights 0 leave nothing to draw): leave it out instead.
+        require("weight", self.weight, 0 < self.weight < math.inf, "a finite number > 0")
+        if self.num_samples is not None:
+            require("num_samples", self.num_samples, self.num_samples >= 1, ">= 1")
         if self.kind == "manifest" and self.num_samples is not None:
-            raise ValueError("num_samples is for synthetic and shard sources; a manifest's rows are its samples")
+            raise InvalidValue("num_samples", "is for synthetic and shard sources; a manifest's rows are its samples")
+        if self.synthetic_image_size is not None:
+            # The synthetic renderer needs 16 pixels to draw its shapes (clip.data.synthetic.SyntheticSpec).
+            require("synthetic_image_size", self.synthetic_image_size, self.synthetic_image_size >= 16,
+                    '>= 16, or "none" for the model\'s image size')
+        # It seeds numpy's SeedSequence, which takes non-negative integers only.
+        require("synthetic_seed", self.synthetic_seed, self.synthetic_seed >= 0, ">= 0")
 
 
 def _demo_sources() -> list[SourceConfig]:
@@ -76,7 +84,7 @@ class DataConfig:
     prefetch_factor: int = 2  # batches each worker prepares ahead
     pin_memory: bool = True  # page-locked batches for faster host-to-GPU copies; only used when CUDA is available
     # Images with more pixels than this are skipped as decompression bombs (PIL's default limit, applied in
-    # the data workers only). None disables the check.
+    # the data workers only). None ("none" in TOML) disables the check.
     max_image_pixels: int | None = 89_478_485
     # RandomResizedCrop; off = resize + center crop. Keep it off for synthetic data: its captions name positions.
     augment: bool = False
@@ -87,15 +95,16 @@ class DataConfig:
     worker_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
-        if self.workers < 0:
-            raise ValueError(f"data.workers must be >= 0, got {self.workers}")
-        if self.prefetch_factor < 1:
-            raise ValueError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
-        if self.shuffle_buffer < 1:
-            raise ValueError(f"data.shuffle_buffer must be >= 1 (1 = no shuffling), got {self.shuffle_buffer}")
-        if self.epoch_samples is not None and self.epoch_samples <= 0:
-            raise ValueError(f"data.epoch_samples must be positive, got {self.epoch_samples}")
-        if not 0.0 <= self.worker_timeout_s < float("inf"):
-            raise ValueError(f"data.worker_timeout_s must be finite and >= 0 (0 = no limit), got {self.worker_timeout_s}")
-        if self.max_image_pixels is not None and self.max_image_pixels <= 0:
-            raise ValueError(f"data.max_image_pixels must be positive or None, got {self.max_image_pixels}")
+        if not self.sources:
+            raise InvalidValue("sources", "is empty: add at least one [[data.sources]] table")
+        require("workers", self.workers, self.workers >= 0, ">= 0 (0 = decode in the training process)")
+        require("prefetch_factor", self.prefetch_factor, self.prefetch_factor >= 1, ">= 1")
+        require("shuffle_buffer", self.shuffle_buffer, self.shuffle_buffer >= 1, ">= 1 (1 = no shuffling)")
+        if self.epoch_samples is not None:
+            require("epoch_samples", self.epoch_samples, self.epoch_samples >= 1, '>= 1, or "none"')
+        if self.max_image_pixels is not None:
+            require("max_image_pixels", self.max_image_pixels, self.max_image_pixels >= 1,
+                    '>= 1, or "none" to disable the check')
+        require("log_every_s", self.log_every_s, 0 <= self.log_every_s < math.inf, "a finite number >= 0")
+        require("worker_timeout_s", self.worker_timeout_s, 0 <= self.worker_timeout_s < math.inf,
+                "a finite number >= 0 (0 = no limit)")

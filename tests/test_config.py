@@ -223,6 +223,17 @@ def test_sections_built_in_python_raise_config_errors_too():
     assert isinstance(ConfigError("x"), ValueError)  # callers catching ValueError still see them
 
 
+def test_epoch_samples_without_resampled_is_an_error():
+    from clip.config import TrainConfig
+
+    # The loader sizes only resampled epochs with it; an exact epoch would ignore it without a word.
+    with pytest.raises(ConfigError, match=r"data\.epoch_samples applies only with resampled = true"):
+        load_config(None, ["data.epoch_samples=1000"], TrainConfig)
+    config = load_config(None, ["data.epoch_samples=1000", "data.resampled=true"], TrainConfig)
+    assert config.data.epoch_samples == 1000
+    assert load_config(None, ["data.epoch_samples=none"], TrainConfig).data.epoch_samples is None
+
+
 # ---- None: the string "none" in files and overrides, and written back by to_toml -------------------------
 
 def test_none_sentinel_in_files_and_overrides(tmp_path):

@@ -76,8 +76,8 @@ class DataConfig:
     # Draw sources and shards with replacement by weight (webdataset's "resampled" mode) instead of exact
     # epochs where every sample is seen once: for corpora too big to ever finish an epoch.
     resampled: bool = False
-    # The trainer's epoch length in samples (global over ranks). None = the sum of weight x size over the sources.
-    # With `resampled` it is also the span of one reseeding of the draws; without, data passes stay complete.
+    # resampled only (an error without it): samples drawn per epoch, globally over ranks, and the span of one
+    # reseeding of the draws. None = the sum of weight x size over the sources, the length of an exact epoch.
     epoch_samples: int | None = None
     shuffle_buffer: int = 1000  # each worker permutes its stream in windows of this many samples (shards need it)
     workers: int = 2  # DataLoader worker processes per rank; 0 decodes in the training process
@@ -102,6 +102,15 @@ class DataConfig:
         require("shuffle_buffer", self.shuffle_buffer, self.shuffle_buffer >= 1, ">= 1 (1 = no shuffling)")
         if self.epoch_samples is not None:
             require("epoch_samples", self.epoch_samples, self.epoch_samples >= 1, '>= 1, or "none"')
+            if not self.resampled:
+                # The loader uses it only to size resampled epochs; an exact epoch is always one pass over the
+                # sources (weight x size each), so the setting would be silently ignored.
+                raise InvalidValue(
+                    "epoch_samples",
+                    "applies only with resampled = true (it is the number of samples a resampled epoch draws); "
+                    "an exact epoch is one pass over the sources, weight x size each. Set resampled = true, "
+                    "or remove epoch_samples (or change the sources' weights to change the epoch)",
+                )
         if self.max_image_pixels is not None:
             require("max_image_pixels", self.max_image_pixels, self.max_image_pixels >= 1,
                     '>= 1, or "none" to disable the check')

@@ -1,5 +1,5 @@
-"""Local dataset readers: ImageFolder class names, CIFAR-10/100 pickles (checked against torchvision's own
-reader), the restricted unpickler, and config -> dataset resolution."""
+"""Local dataset readers: ImageFolder class names and split folders, CIFAR-10/100 pickles (checked against
+torchvision's own reader), the restricted unpickler, and config -> dataset resolution."""
 
 from __future__ import annotations
 
@@ -14,9 +14,12 @@ from clip.evaluation.config import ZeroShotDatasetConfig
 from clip.evaluation.datasets import (
     CIFARDataset,
     ImageFolderDataset,
+    classnames_from_folders,
     folder_to_classname,
     load_cifar_pickle,
     load_classification_data,
+    synthetic_split_seed,
+    with_split,
 )
 
 
@@ -28,10 +31,33 @@ def write_image_folder(root: Path, folders: dict[str, int]) -> None:
 
 
 def test_folder_names_become_class_names():
-    assert folder_to_classname("03_red_circle") == "red circle"
     assert folder_to_classname("n01440764") == "n01440764"
     assert folder_to_classname("golden_retriever") == "golden retriever"
-    assert folder_to_classname("2001_a_space_odyssey") == "a space odyssey"  # the documented rule
+    assert folder_to_classname("03_red_circle", numbered=True) == "red circle"
+    # The label prefix goes only when every folder carries it, numbered 0, 1, 2, ... as the library's own
+    # writer (clip.data.synthetic.write_image_folder) names them.
+    assert classnames_from_folders(["00_red_circle", "01_blue_square"]) == ["red circle", "blue square"]
+    assert classnames_from_folders(["2007_Audi_S4", "2012_Audi_S4"]) == ["2007 Audi S4", "2012 Audi S4"]
+    assert classnames_from_folders(["00_red", "blue"]) == ["00 red", "blue"]
+    assert classnames_from_folders(["01_a", "02_b"]) == ["01 a", "02 b"]
+    assert classnames_from_folders(["0_a", "01_b"]) == ["0 a", "01 b"]  # not one zero-padded width
+
+
+def test_the_library_writers_folders_read_back_as_its_class_names(tmp_path):
+    from clip.data.synthetic import SyntheticClassification, write_image_folder
+
+    source = SyntheticClassification(4, image_size=16, seed=0)
+    write_image_folder(source, tmp_path / "shapes")
+    (tmp_path / "shapes" / "classnames.txt").unlink()  # so the names come from the folders
+    assert ImageFolderDataset(tmp_path / "shapes").classes == source.classes
+
+
+def test_classes_that_share_a_name_are_reported(tmp_path, caplog):
+    write_image_folder(tmp_path, {"Audi_S4": 1, "Audi S4": 1})
+    with caplog.at_level("WARNING"):
+        data = load_classification_data(ZeroShotDatasetConfig(kind="imagefolder", root=str(tmp_path)), None)
+    assert data.classnames == ["Audi S4", "Audi S4"]
+    assert "share the name(s) ['Audi S4']" in caplog.text
 
 
 def test_image_folder_labels_follow_sorted_folders(tmp_path):
@@ -79,6 +105,78 @@ def test_image_folder_split_subfolder_and_errors(tmp_path):
     (tmp_path / "broken" / "cat" / "x.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="cannot read image .*x.png"):
         ImageFolderDataset(tmp_path / "broken")[0]
+
+
+def imagefolder(root, split: str, **options) -> ZeroShotDatasetConfig:
+    return ZeroShotDatasetConfig(kind="imagefolder", root=str(root), split=split, **options)
+
+
+def test_a_missing_split_folder_is_an_error_not_the_root(tmp_path):
+    # Class folders directly under the root: asking for split "train" must not read the root (which a
+    # linear probe would then also use as its test split).
+    write_image_folder(tmp_path / "flat", {"cat": 1, "dog": 1})
+    with pytest.raises(
+        FileNotFoundError, match=r"split 'train': no folder .*flat/train; the folders in .* are \['cat', 'dog'\]"
+    ):
+        load_classification_data(imagefolder(tmp_path / "flat", "train"), None)
+    assert load_classification_data(imagefolder(tmp_path / "flat", ""), None).classnames == ["cat", "dog"]
+    # train/ and val/ but no test/: asking for test must not make "train" and "val" two classes.
+    write_image_folder(tmp_path / "splits" / "train", {"cat": 1})
+    write_image_folder(tmp_path / "splits" / "val", {"cat": 1})
+    with pytest.raises(FileNotFoundError, match=r"\['train', 'val'\]"):
+        load_classification_data(imagefolder(tmp_path / "splits", "test"), None)
+    # ... nor when no split is named: folders that are all split names are not classes.
+    with pytest.raises(ValueError, match="look like dataset splits"):
+        load_classification_data(imagefolder(tmp_path / "splits", ""), None)
+    assert len(load_classification_data(imagefolder(tmp_path / "splits", "val"), None).dataset) == 1
+
+
+def test_hidden_files_and_macos_metadata_are_not_images(tmp_path):
+    write_image_folder(tmp_path, {"cat": 2, "dog": 1})
+    (tmp_path / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")
+    (tmp_path / "cat" / ".thumbs").mkdir()
+    (tmp_path / "cat" / ".thumbs" / "0.png").write_bytes(b"junk")
+    (tmp_path / "__MACOSX" / "cat").mkdir(parents=True)
+    (tmp_path / "__MACOSX" / "cat" / "._1.png").write_bytes(b"junk")
+    (tmp_path / ".cache").mkdir()
+    dataset = ImageFolderDataset(tmp_path)
+    assert dataset.classes == ["cat", "dog"]
+    assert [path.name for path, _ in dataset.samples] == ["0.png", "1.png", "0.png"]
+
+
+def test_splits_can_share_one_labelling(tmp_path):
+    write_image_folder(tmp_path, {"ant": 1, "cat": 1})
+    dataset = ImageFolderDataset(tmp_path, class_folders=["ant", "bee", "cat"])
+    assert dataset.classes == ["ant", "bee", "cat"] and [label for _, label in dataset.samples] == [0, 2]
+    with pytest.raises(ValueError, match=r"class folders \['cat'\] that are not among the classes"):
+        ImageFolderDataset(tmp_path, class_folders=["ant", "bee"])
+
+
+def test_max_samples_spreads_over_every_class(tmp_path):
+    write_image_folder(tmp_path, {"a": 4, "b": 4, "c": 4})
+    data = load_classification_data(imagefolder(tmp_path, "", max_samples=3), None)
+    assert [data.dataset[i][1] for i in range(3)] == [0, 1, 2]
+    assert data.dataset.indices == [0, 4, 8]
+
+
+def test_every_synthetic_split_has_its_own_images():
+    base = ZeroShotDatasetConfig(kind="synthetic", num_samples=6, image_size=16, heldout_report=False)
+
+    def pixels(split: str) -> list[bytes]:
+        dataset = load_classification_data(with_split(base, split), None).dataset
+        return [dataset[i][0].tobytes() for i in range(len(dataset))]
+
+    test, default = pixels("test"), pixels("")
+    assert default == test  # no split named: the evaluation images a training run's own evaluation used
+    others = {split: pixels(split) for split in ("train", "val", "validation", "holdout")}
+    for split, images in others.items():
+        assert images != test, split
+        assert sum(a == b for a, b in zip(images, test, strict=True)) == 0, split
+    assert len({tuple(images) for images in others.values()}) == len(others)
+    # Stable: test keeps the seed, train its historical seed + 1, other names a fixed function of the name.
+    assert synthetic_split_seed(5, "test") == synthetic_split_seed(5, "") == 5
+    assert synthetic_split_seed(5, "train") == 6
+    assert synthetic_split_seed(5, "val") == synthetic_split_seed(5, "val") not in (5, 6)
 
 
 def cifar_images(count: int, seed: int) -> tuple[np.ndarray, list[int]]:
@@ -176,8 +274,8 @@ def test_synthetic_config_reports_heldout_pairs_and_its_own_templates():
     assert data.subsets == {"heldout": reference.heldout_class_indices}
     assert data.templates == synthetic.templates()
     assert len(data.dataset) == 4
-    image, label = data.dataset[3]
-    assert label == reference[3][1] and image.size == (32, 32)
+    image, label = data.dataset[3]  # max_samples spreads 4 over 10: images 0, 2, 5, 7
+    assert label == reference[7][1] and image.size == (32, 32)
     other = load_classification_data(
         ZeroShotDatasetConfig(kind="synthetic", heldout_report=False, builtin_templates="simple"), None
     )

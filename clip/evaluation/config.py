@@ -44,17 +44,21 @@ class ZeroShotDatasetConfig:
     kind: Literal["imagefolder", "cifar10", "cifar100", "synthetic"] = "synthetic"
     # Dataset directory. For CIFAR: the folder holding `cifar-10-batches-py/` (or that folder itself).
     root: str = ""
-    # Which split: CIFAR's "test" or "train"; for an imagefolder, `<root>/<split>` is used when it exists.
-    split: str = "test"
+    # Which split. Empty: the evaluation split -- CIFAR's "test", the synthetic "test" images, and for an
+    # imagefolder `root` itself. CIFAR: "test" or "train". imagefolder: the subfolder `<root>/<split>`, which
+    # must exist. synthetic: any name; every name draws its own images ("train" and "val" differ from "test").
+    split: str = ""
     # Class names, one per line or a JSON list; empty: the dataset's own (CIFAR meta, classnames.txt in
-    # the image folder, else folder names with a leading "NN_" removed and "_" read as spaces).
+    # the image folder, else the folder names with "_" read as spaces, and their "00_", "01_", ... label
+    # prefixes removed when every folder is numbered so, as clip.data.synthetic.write_image_folder writes them).
     classnames_file: str = ""
     # Prompt templates with one "{}", one per line or a JSON list; empty: the built-in set
     # (`builtin_templates`), or the synthetic dataset's own templates for kind = "synthetic".
     templates_file: str = ""
     # Which built-in template set to use when no templates_file is given: "default" or "simple".
     builtin_templates: str = "default"
-    # Evaluate at most this many images (the first ones, in dataset order); 0 = all.
+    # Evaluate at most this many images, evenly spaced over the dataset's order (so every class of a sorted
+    # image folder is represented, not just the first); 0 = all.
     max_samples: int = 0
     # kind = "synthetic" only: number of images, their size in pixels, and the generator's seed.
     num_samples: int = 500

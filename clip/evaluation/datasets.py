@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import pickle
 import re
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,14 @@ from .config import ZeroShotDatasetConfig
 from .templates import Template, builtin_templates, load_classnames, load_templates
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
+# Folders that archivers and operating systems add next to the data: macOS zips carry __MACOSX/ with "._x.jpg"
+# resource forks that have an image extension but are not images. (Names starting with "." are left out too.)
+IGNORED_NAMES = frozenset({"__MACOSX"})
+# Folder names that mean "a split of the dataset", not "a class".
+SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing"})
 Transform = Callable[[Image.Image], Any]
+
+logger = logging.getLogger(__name__)
 
 
 def read_image(path: Path) -> Image.Image:
@@ -37,39 +46,113 @@ def read_image(path: Path) -> Image.Image:
         raise ValueError(f"cannot read image {path}: {error}") from error
 
 
-def folder_to_classname(folder: str) -> str:
-    """'03_red_circle' -> 'red circle': drop a numeric ordering prefix, read underscores as spaces."""
-    return re.sub(r"^\d+_", "", folder).replace("_", " ").strip()
+def is_ignored(name: str) -> bool:
+    """Hidden files and folders ("._x.jpg", ".DS_Store", ".git") and archiver metadata (__MACOSX)."""
+    return name.startswith(".") or name in IGNORED_NAMES
+
+
+def list_class_folders(root: Path) -> list[str]:
+    """Names of the class folders directly under `root`, sorted (the label order)."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not is_ignored(p.name))
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files anywhere under `folder`, sorted, leaving out hidden and archiver-metadata paths."""
+    return [
+        path
+        for path in sorted(folder.rglob("*"))
+        if path.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(is_ignored(part) for part in path.relative_to(folder).parts)
+        and path.is_file()
+    ]
+
+
+NUMBERED_FOLDER = re.compile(r"(\d+)_(.+)")
+
+
+def has_numbered_prefixes(folders: Sequence[str]) -> bool:
+    """True when the folders are named like `clip.data.synthetic.write_image_folder` names them: "<label>_<name>"
+    with zero-padded labels 0, 1, 2, ... in sorted order. A number that is part of the name ("2012_Audi_S4")
+    must stay, so any other numbering leaves every name as it is."""
+    matches = [NUMBERED_FOLDER.fullmatch(folder) for folder in folders]
+    if not matches or not all(matches):
+        return False
+    widths = {len(match.group(1)) for match in matches}
+    return len(widths) == 1 and [int(match.group(1)) for match in matches] == list(range(len(folders)))
+
+
+def folder_to_classname(folder: str, numbered: bool = False) -> str:
+    """'red_circle' -> 'red circle' (underscores read as spaces); with `numbered`, '03_red_circle' -> 'red
+    circle' too (the label prefix dropped)."""
+    if numbered:
+        folder = NUMBERED_FOLDER.fullmatch(folder).group(2)
+    return folder.replace("_", " ").strip()
+
+
+def classnames_from_folders(folders: Sequence[str]) -> list[str]:
+    """Readable class names; the "<label>_" prefix is dropped only when every folder carries one."""
+    numbered = has_numbered_prefixes(folders)
+    return [folder_to_classname(folder, numbered) for folder in folders]
+
+
+def warn_about_duplicate_classnames(classnames: Sequence[str], where: str) -> None:
+    """Two classes with the same name get the same prompts, so zero-shot cannot tell them apart."""
+    repeated = sorted({name for name in classnames if classnames.count(name) > 1})
+    if repeated:
+        logger.warning(
+            "%s: several classes share the name(s) %s; zero-shot classification cannot tell them apart "
+            "(set classnames_file to give every class its own name)",
+            where,
+            repeated,
+        )
 
 
 class ImageFolderDataset(Dataset):
     """<root>/<class folder>/**/<image> -> (transform(image), label); label = index of the sorted folder.
 
+    class_folders: the folder names in label order, when they must agree with other splits (e.g. the union
+        of the folders of train and test); a listed folder missing here has no images. Default: the folders
+        under root.
     Class names: `classnames` if given, else <root>/classnames.txt (one per line, in label order) if present,
-    else the folder names through `folder_to_classname`.
+    else the folder names through `classnames_from_folders`. Hidden files and folders and __MACOSX are
+    ignored.
     """
 
-    def __init__(self, root: str | Path, transform: Transform | None = None, classnames: list[str] | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        transform: Transform | None = None,
+        classnames: list[str] | None = None,
+        class_folders: Sequence[str] | None = None,
+    ):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
-        folders = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not folders:
+        present = list_class_folders(self.root)
+        if class_folders is None:
+            class_folders = present
+        unlisted = sorted(set(present) - set(class_folders))
+        if unlisted:
+            raise ValueError(f"{self.root} has class folders {unlisted} that are not among the classes {class_folders}")
+        if not class_folders:
             raise ValueError(f"{self.root} has no class folders (expected <root>/<class>/<image files>)")
+        self.class_folders = list(class_folders)
         self.samples = [
             (path, label)
-            for label, folder in enumerate(folders)
-            for path in sorted(folder.rglob("*"))
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+            for label, folder in enumerate(self.class_folders)
+            if folder in present
+            for path in list_images(self.root / folder)
         ]
         if not self.samples:
             raise ValueError(f"no images with extensions {sorted(IMAGE_EXTENSIONS)} under {self.root}")
         if classnames is None and (self.root / "classnames.txt").is_file():
             classnames = load_classnames(self.root / "classnames.txt")
         if classnames is None:
-            classnames = [folder_to_classname(folder.name) for folder in folders]
-        if len(classnames) != len(folders):
-            raise ValueError(f"{len(classnames)} class names for {len(folders)} class folders in {self.root}")
+            classnames = classnames_from_folders(self.class_folders)
+        if len(classnames) != len(self.class_folders):
+            raise ValueError(
+                f"{len(classnames)} class names for {len(self.class_folders)} class folders in {self.root}"
+            )
         self.classes = list(classnames)
         self.transform = transform
 
@@ -215,18 +298,71 @@ class ClassificationData:
     subsets: dict[str, list[int]] = field(default_factory=dict)
 
 
+def synthetic_split_seed(seed: int, split: str) -> int:
+    """The generator seed of a synthetic split: "test" (and "", the default) keep `seed` itself, the images a
+    training run's own evaluation used; "train" keeps its historical seed + 1; any other name gets a stream
+    of its own from a stable hash of the name (offset past 1, so it never lands on test's or train's)."""
+    if split in ("", "test"):
+        return seed
+    if split == "train":
+        return seed + 1
+    return seed + 2 + zlib.crc32(split.encode("utf-8"))
+
+
 def _synthetic_dataset(config: ZeroShotDatasetConfig) -> tuple[Dataset, list[str], list[str], dict[str, list[int]]]:
     from clip.data import synthetic
 
-    # A different seed for "train", so a linear probe never tests on the images it was fitted on.
-    seed = config.seed + 1 if config.split == "train" else config.seed
+    # Every split its own images, so a linear probe never validates or tests on the images it was fitted on.
+    seed = synthetic_split_seed(config.seed, config.split)
     dataset = synthetic.SyntheticClassification(config.num_samples, config.image_size, seed)
     subsets = {"heldout": list(dataset.heldout_class_indices)} if config.heldout_report else {}
     return dataset, list(dataset.classes), list(synthetic.templates()), subsets
 
 
-def load_classification_data(config: ZeroShotDatasetConfig, transform: Transform | None) -> ClassificationData:
-    """Builds the dataset that `config` describes, with `transform` applied to every image."""
+def split_folder(root: str | Path, split: str) -> Path:
+    """The image folder of `split`: <root>/<split>, which must exist; `root` itself when no split is named.
+
+    Falling back to the root when <root>/<split> is missing would silently evaluate the wrong images (the
+    train images as test, or the split folders as two classes), so that is an error.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    if not split:
+        return root
+    folder = root / split
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"split {split!r}: no folder {folder}; the folders in {root} are {list_class_folders(root)} "
+            f'(set split to one of them, or to "" if {root} itself holds the class folders)'
+        )
+    return folder
+
+
+def refuse_split_folders_as_classes(root: Path) -> None:
+    """A root whose only folders are split names ("train", "test", ...) was meant to be read with a split."""
+    folders = list_class_folders(root)
+    if folders and all(folder.lower() in SPLIT_NAMES for folder in folders):
+        example = "test" if "test" in folders else folders[-1]
+        raise ValueError(
+            f"the class folders of {root} are {folders}, which look like dataset splits, not classes; "
+            f"set split to the one to evaluate (e.g. split = {example!r})"
+        )
+
+
+def evenly_spaced_indices(length: int, count: int) -> list[int]:
+    """`count` distinct indices spread evenly over range(length), always starting at 0 (deterministic)."""
+    return [i * length // count for i in range(count)]
+
+
+def load_classification_data(
+    config: ZeroShotDatasetConfig, transform: Transform | None, class_folders: Sequence[str] | None = None
+) -> ClassificationData:
+    """Builds the dataset that `config` describes, with `transform` applied to every image.
+
+    class_folders: imagefolder only: the class folder names in label order (see `ImageFolderDataset`), so
+    that several splits share one labelling.
+    """
     templates: list[Template] | None = None
     subsets: dict[str, list[int]] = {}
     if config.kind == "synthetic":
@@ -235,16 +371,17 @@ def load_classification_data(config: ZeroShotDatasetConfig, transform: Transform
     elif config.kind in CIFAR_LAYOUTS:
         if not config.root:
             raise ValueError(f"a {config.kind} dataset needs `root`")
-        if config.split not in ("train", "test"):
-            raise ValueError(f"CIFAR splits are 'train' and 'test', got {config.split!r}")
+        if config.split not in ("", "train", "test"):
+            raise ValueError(f"CIFAR splits are 'train' and 'test' (or '' for test), got {config.split!r}")
         dataset = CIFARDataset(config.root, config.kind, train=config.split == "train", transform=transform)
         classnames = dataset.classes
     elif config.kind == "imagefolder":
         if not config.root:
             raise ValueError("an imagefolder dataset needs `root`")
-        root = Path(config.root)
-        root = root / config.split if config.split and (root / config.split).is_dir() else root
-        dataset = ImageFolderDataset(root, transform)
+        folder = split_folder(config.root, config.split)
+        if not config.split:
+            refuse_split_folders_as_classes(folder)
+        dataset = ImageFolderDataset(folder, transform, class_folders=class_folders)
         classnames = dataset.classes
     else:
         raise ValueError(f"unknown dataset kind {config.kind!r}")
@@ -256,12 +393,14 @@ def load_classification_data(config: ZeroShotDatasetConfig, transform: Transform
                 f"{config.classnames_file} has {len(from_file)} class names; the dataset has {len(classnames)} classes"
             )
         classnames = from_file
+    warn_about_duplicate_classnames(classnames, config.resolved_name())
     if config.templates_file:
         templates = load_templates(config.templates_file)
     elif templates is None or config.builtin_templates != "default":
         templates = builtin_templates(config.builtin_templates)
-    if config.max_samples > 0 and config.max_samples < len(dataset):
-        dataset = Subset(dataset, range(config.max_samples))
+    if 0 < config.max_samples < len(dataset):
+        # Spread over the whole dataset: the first N of a sorted image folder would be class 0's images only.
+        dataset = Subset(dataset, evenly_spaced_indices(len(dataset), config.max_samples))
     return ClassificationData(dataset, list(classnames), templates, subsets)
 
 

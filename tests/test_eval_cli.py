@@ -161,6 +161,7 @@ def test_retrieval_command(tmp_path, tiny_checkpoint, datasets):
     result = json.loads((tmp_path / "out" / "retrieval_results.json").read_text())
     assert result["num_images"] == 4 and result["num_texts"] == 8
     assert result["recalls"]["image_to_text_R@10"] == 1.0
+    assert result["ties"] == "pessimistic"  # the default: tied candidates rank above the ground truth
 
 
 def test_linear_probe_command(tmp_path, tiny_checkpoint):

@@ -84,16 +84,34 @@ def test_recall_uses_the_best_of_several_captions():
     # Image 0 has a poor caption (e1) and a perfect one (e0); image 1's only caption prefers image 2.
     texts = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.2, 0.9], [0.0, 0.0, 1.0]])
     caption_image = torch.tensor([0, 0, 1, 2])
-    image_ranks, text_ranks = retrieval_ranks(images, texts, caption_image, chunk_size=2)
+    image_ranks, text_ranks = retrieval_ranks(images, texts, caption_image, chunk_size=2, ties="optimistic")
     # Image 1 scores the texts [1, 0, 0.2, 0]: only caption 0 (image 0's) beats its own 0.2 -> rank 2.
     assert image_ranks.tolist() == [1, 2, 1]
     # Caption 0 (e1) prefers image 1 over its image 0; caption 2 prefers image 2 over its image 1.
     assert text_ranks.tolist() == [2, 1, 2, 1]
     result = summarize_ranks(image_ranks, text_ranks, ks=(1, 2))
-    assert result.recalls["image_to_text_R@1"] == pytest.approx(2 / 3)
-    assert result.recalls["text_to_image_R@1"] == pytest.approx(2 / 4)
+    # Exact fractions as Python floats, not float32 round-offs such as 0.6666666865348816.
+    assert result.recalls["image_to_text_R@1"] == 2 / 3
+    assert result.recalls["text_to_image_R@1"] == 2 / 4
     assert result.recalls["text_to_image_R@2"] == 1.0
     assert result.metrics()["image_to_text_median_rank"] == 1.0
+    assert result.metrics()["text_to_image_mean_rank"] == 6 / 4
+    # Caption 0 scores 0 with both its image 0 and image 2: the default (pessimistic) rule ranks it behind.
+    assert retrieval_ranks(images, texts, caption_image, chunk_size=2)[1].tolist() == [3, 1, 2, 1]
+
+
+def test_a_collapsed_model_gets_no_credit_by_default():
+    # All features equal: every candidate ties with the ground truth. Ranking the truth first among ties
+    # would give this model perfect recall; by default it ranks last.
+    images, texts = torch.ones(6, 4), torch.ones(12, 4)
+    caption_image = torch.arange(6).repeat(2)
+    image_ranks, text_ranks = retrieval_ranks(images, texts, caption_image)
+    result = summarize_ranks(image_ranks, text_ranks, ks=(1, 5))
+    assert result.ties == "pessimistic"
+    assert result.recalls["image_to_text_R@1"] == result.recalls["text_to_image_R@1"] == 0.0
+    assert result.recalls["text_to_image_R@5"] == 0.0  # the truth is 6th of 6 images
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        retrieval_ranks(images, texts, caption_image, chunk_size=0)
 
 
 def write_images(root, count: int) -> list[str]:
@@ -143,6 +161,38 @@ def test_manifest_rows_are_grouped_by_image(tmp_path, suffix):
     assert [p.name for p in data.image_paths] == [names[1], names[0]]
     assert data.captions == ["one", "two", "three"] and data.caption_image == [0, 1, 0]
     assert data.first_images(1).captions == ["one", "three"]
+
+
+def test_a_tsv_caption_may_start_with_a_quote(tmp_path):
+    names = write_images(tmp_path, 3)
+    lines = ["image\tcaption", f'{names[0]}\t"Hello," she said', f"{names[1]}\ta dog", f'{names[2]}\tsay "cheese"']
+    (tmp_path / "m.tsv").write_text("\n".join(lines) + "\n")
+    data = read_caption_manifest(tmp_path / "m.tsv")
+    assert data.captions == ['"Hello," she said', "a dog", 'say "cheese"']
+    assert data.caption_image == [0, 1, 2]
+
+
+def test_a_csv_with_a_byte_order_mark_reads_like_one_without(tmp_path):
+    names = write_images(tmp_path, 2)
+    text = f'image,caption\n{names[0]},a red square\n{names[1]},"a big, red square"\n'
+    (tmp_path / "m.csv").write_text(text, encoding="utf-8-sig")  # as spreadsheet programs save CSV
+    assert read_caption_manifest(tmp_path / "m.csv").captions == ["a red square", "a big, red square"]
+
+
+def test_other_column_names_are_named_in_the_error(tmp_path):
+    names = write_images(tmp_path, 1)
+    (tmp_path / "m.csv").write_text(f"path,text\n{names[0]},a square\n")
+    with pytest.raises(ValueError, match=r"no column 'image'; the columns are \['path', 'text'\]"):
+        read_caption_manifest(tmp_path / "m.csv")
+    assert read_caption_manifest(tmp_path / "m.csv", image_column="path", caption_column="text").captions == [
+        "a square"
+    ]
+    (tmp_path / "m.jsonl").write_text(json.dumps({"file": names[0], "caption": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"row 1 has no 'image'; its keys are \['caption', 'file'\]"):
+        read_caption_manifest(tmp_path / "m.jsonl")
+    (tmp_path / "bad.jsonl").write_text("{not json}\n")
+    with pytest.raises(ValueError, match="line 1 is not valid JSON"):
+        read_caption_manifest(tmp_path / "bad.jsonl")
 
 
 def test_manifest_errors_name_the_row(tmp_path):

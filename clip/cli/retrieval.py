@@ -40,9 +40,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--ties",
-        choices=["optimistic", "pessimistic"],
-        default="optimistic",
-        help="a ground truth tied with other candidates ranks first (optimistic) or last among them",
+        choices=["pessimistic", "optimistic"],
+        default="pessimistic",
+        help="a ground truth tied with other candidates ranks last (pessimistic: a model whose features are "
+        "all equal scores no better than chance) or first (optimistic) among them",
     )
     parser.add_argument("--output-dir", default="retrieval_results")
     return parser.parse_args(argv)

@@ -4,10 +4,12 @@ Ranks are exact and memory is bounded: the similarity matrix is visited one [chu
 time, and for every query we only count the candidates that score above its ground truth.
 
 Rank of the ground truth (1-based), for a query q with ground-truth score g:
-    optimistic (default): 1 + #{non-ground-truth candidates c : s(q, c) >  g}  -- ties favour the truth
-    pessimistic:          1 + #{non-ground-truth candidates c : s(q, c) >= g}  -- ties count against it
-An image query has several true captions; g is the best of their scores (R@K: any true caption in the top K).
-Recall@K is the fraction of queries whose rank is <= K.
+    pessimistic (default): 1 + #{non-ground-truth candidates c : s(q, c) >= g}  -- ties count against it
+    optimistic:            1 + #{non-ground-truth candidates c : s(q, c) >  g}  -- ties favour the truth
+Pessimistic is the default because under the optimistic rule a collapsed model, whose features are all
+equal, ties everything and would score a perfect recall. An image query has several true captions; g is
+the best of their scores (R@K: any true caption in the top K). Recall@K is the fraction of queries whose
+rank is <= K.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import torch
 from torch import nn
@@ -100,20 +102,58 @@ def read_karpathy_json(path: str | Path, image_root: str | Path | None = None, s
     return _grouped(pairs, root)
 
 
+def _read_jsonl_rows(path: Path, file: TextIO) -> list[dict]:
+    rows = []
+    for number, line in enumerate(file, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: line {number} is not valid JSON ({error})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: line {number} is not a JSON object")
+        rows.append(row)
+    return rows
+
+
+def _read_table_rows(path: Path, file: TextIO, columns: Sequence[str]) -> list[dict]:
+    """Rows of a CSV or TSV file with a header; the header must name `columns`."""
+    if path.suffix == ".tsv":
+        # A TSV has no quoting: a caption that starts with '"' is text, not the start of a quoted field that
+        # would run on over the following rows.
+        reader = csv.DictReader(file, delimiter="\t", quoting=csv.QUOTE_NONE)
+    else:
+        reader = csv.DictReader(file)
+    header = reader.fieldnames or []
+    for column in columns:
+        if column not in header:
+            raise ValueError(
+                f"{path}: no column {column!r}; the columns are {header} "
+                f"(name the right ones with image_column / caption_column)"
+            )
+    return list(reader)
+
+
 def read_caption_manifest(
     path: str | Path, image_root: str | Path | None = None, image_column: str = "image", caption_column: str = "caption"
 ) -> RetrievalData:
     """A CSV/TSV (with a header) or JSONL manifest of (image, caption) rows; rows of one image need not be adjacent."""
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
-    with open(path, encoding="utf-8", newline="") as file:
+    # utf-8-sig: spreadsheet programs start their CSV exports with a byte-order mark, which would otherwise
+    # become part of the first column's name.
+    with open(path, encoding="utf-8-sig", newline="") as file:
         if path.suffix in (".jsonl", ".json"):
-            rows = [json.loads(line) for line in file if line.strip()]
+            rows = _read_jsonl_rows(path, file)
         else:
-            rows = list(csv.DictReader(file, delimiter="\t" if path.suffix == ".tsv" else ","))
+            rows = _read_table_rows(path, file, (image_column, caption_column))
     pairs = []
     for number, row in enumerate(rows, start=1):
-        image, caption = row.get(image_column), row.get(caption_column)
+        for column in (image_column, caption_column):
+            if column not in row:
+                raise ValueError(f"{path}: row {number} has no {column!r}; its keys are {sorted(row)}")
+        image, caption = row[image_column], row[caption_column]
         if not image or not caption or not str(caption).strip():
             raise ValueError(f"{path}: row {number} needs non-empty {image_column!r} and {caption_column!r}")
         pairs.append((str(image), str(caption).strip()))
@@ -155,7 +195,7 @@ def retrieval_ranks(
     caption_image: torch.Tensor,
     *,
     chunk_size: int = 4096,
-    ties: Ties = "optimistic",
+    ties: Ties = "pessimistic",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """1-based ranks of the ground truth: (per image query [I] over texts, per text query [T] over images).
 
@@ -164,6 +204,8 @@ def retrieval_ranks(
     """
     if ties not in ("optimistic", "pessimistic"):
         raise ValueError(f"ties must be 'optimistic' or 'pessimistic', got {ties!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     beats = torch.gt if ties == "optimistic" else torch.ge
     device = image_features.device
     caption_image = caption_image.to(device).long()
@@ -216,22 +258,34 @@ def summarize_ranks(
     text_ranks: torch.Tensor,
     ks: Sequence[int] = (1, 5, 10),
     name: str = "",
-    ties: str = "optimistic",
+    ties: str = "pessimistic",
 ) -> RetrievalResult:
+    """Recall@k and median/mean ranks, computed in integers and divided once: exact Python floats (2/3 is
+    0.6666666666666666, not float32's 0.6666666865348816), identical however the ranks were batched."""
+
+    def fraction_within(ranks: torch.Tensor, k: int) -> float:
+        return int((ranks <= k).sum()) / len(ranks)
+
+    def mean(ranks: torch.Tensor) -> float:
+        return int(ranks.sum()) / len(ranks)
+
+    def median(ranks: torch.Tensor) -> float:
+        return float(int(ranks.median()))  # the lower of the two middle ranks for an even count
+
     recalls = {}
     for direction, ranks in (("image_to_text", image_ranks), ("text_to_image", text_ranks)):
         for k in ks:
-            recalls[f"{direction}_R@{k}"] = (ranks <= k).float().mean().item()
+            recalls[f"{direction}_R@{k}"] = fraction_within(ranks, k)
     return RetrievalResult(
         name=name,
         num_images=len(image_ranks),
         num_texts=len(text_ranks),
         ties=ties,
         recalls=recalls,
-        image_to_text_median_rank=image_ranks.float().median().item(),
-        text_to_image_median_rank=text_ranks.float().median().item(),
-        image_to_text_mean_rank=image_ranks.float().mean().item(),
-        text_to_image_mean_rank=text_ranks.float().mean().item(),
+        image_to_text_median_rank=median(image_ranks),
+        text_to_image_median_rank=median(text_ranks),
+        image_to_text_mean_rank=mean(image_ranks),
+        text_to_image_mean_rank=mean(text_ranks),
     )
 
 
@@ -247,7 +301,7 @@ def evaluate_retrieval(
     text_batch_size: int = 256,
     precision: str = "fp32",
     chunk_size: int = 4096,
-    ties: Ties = "optimistic",
+    ties: Ties = "pessimistic",
     ks: Sequence[int] = (1, 5, 10),
     name: str = "",
     dist_info: Any | None = None,

@@ -66,8 +66,10 @@ def load(
         device: where to put the model; default "cuda" when available, else "cpu". On CUDA the weights are
             float16 as in OpenAI's release, elsewhere float32.
         jit: return OpenAI's TorchScript archive itself (`torch.jit.load`), only for a released name or a file
-            whose SHA256 matches a released one. It runs as OpenAI traced it (on CUDA, in float16): it is
-            neither moved to another device's constants nor cast to float32, so use it on a CUDA device.
+            whose SHA256 matches a released one; for any other file this warns and loads its weights as with
+            jit=False (running a file's code is only safe for verified archives). As in openai/CLIP, the
+            archive's device constants (OpenAI traced on "cuda") are pointed at `device`, and on a CPU its
+            float16 casts become float32 casts and its weights float32.
         download_root: the folder for downloaded files; default `clip.download.cache_dir()`.
 
     Returns:
@@ -82,9 +84,14 @@ def load(
         weights = read_weights(path)
     else:
         path = _existing_path(name_or_path)
-        if jit:
-            _require_released_file(path)
+        if jit and _is_released_file(path):
             return _load_jit(path, device)
+        if jit:
+            warnings.warn(
+                f"jit=True runs the TorchScript code stored in a file, which is only done for OpenAI's released "
+                f"archives (verified by SHA256); {path} is not one of them, so its weights are loaded as with "
+                f"jit=False instead.", stacklevel=2,
+            )
         path, weights = read_run_or_file(path)
     model = model_from_weights(weights, str(path))
     model = model.to(device)
@@ -144,20 +151,53 @@ def _existing_path(name_or_path: str | Path) -> Path:
     )
 
 
-def _require_released_file(path: Path) -> None:
-    if path.is_file() and download.sha256_of_file(path) in {release.sha256 for release in RELEASED_WEIGHTS.values()}:
-        return
-    raise ValueError(
-        f"jit=True runs the TorchScript code stored in a file, so it is only allowed for OpenAI's released "
-        f"archives, verified by SHA256; {path} is not one of them. Use jit=False (the default) to load its weights."
-    )
+def _is_released_file(path: Path) -> bool:
+    return path.is_file() and download.sha256_of_file(path) in {release.sha256 for release in RELEASED_WEIGHTS.values()}
 
 
 def _load_jit(path: Path, device: torch.device) -> tuple[nn.Module, ImageTransform]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated in favour of torch.export
         model = torch.jit.load(str(path), map_location=device).eval()
+    retarget_torchscript(model, device)
     return model, image_transform(int(model.input_resolution.item()))
+
+
+# torch's ScalarType codes, as traced graphs store a dtype argument.
+_FLOAT16_CODE, _FLOAT32_CODE = 5, 6
+
+
+def retarget_torchscript(model: torch.jit.ScriptModule, device: torch.device) -> None:
+    """In place: make an archive traced on a GPU in float16 (OpenAI's) run on `device`.
+
+    Tracing records the device of tensors the code creates (`torch.arange(..., device="cuda:0")`) and the
+    dtype of its casts (`.to(float16)`) as constants in every method's graph, so `map_location` alone moves
+    the weights but not those. The device constants are pointed at `device`; on a CPU, where OpenAI's
+    models run in float32, each float16 cast gets a float32 constant of its own (constants are shared
+    between uses, and an int 5 may also be a size) and the weights become float32. Must run before the
+    first call: the interpreter keeps its own optimised copy of each graph from then on.
+    """
+    graphs = [module._c._get_method(name).graph for module in model.modules() for name in module._c._method_names()]
+    for graph in graphs:
+        for node in graph.findAllNodes("prim::Constant"):
+            if node.output().type().kind() == "DeviceObjType" and node.s("value").startswith("cuda"):
+                node.s_("value", str(device))
+    if device.type != "cpu":
+        return
+    for graph in graphs:
+        for cast in graph.findAllNodes("aten::to"):
+            for index, argument in enumerate(list(cast.inputs())[1:], start=1):
+                if _is_int_constant(argument, _FLOAT16_CODE):
+                    float32 = graph.insertConstant(_FLOAT32_CODE)
+                    float32.node().moveBefore(cast)
+                    cast.replaceInput(index, float32)
+    model.float()
+
+
+def _is_int_constant(value: torch._C.Value, expected: int) -> bool:
+    node = value.node()
+    return (node.kind() == "prim::Constant" and node.hasAttribute("value") and node.kindOf("value") == "i"
+            and node.i("value") == expected)
 
 
 def _check_extras(extras: Mapping[str, int], config: ModelConfig, source: str) -> None:

@@ -348,22 +348,46 @@ def test_released_name_is_downloaded_verified_and_loaded(tmp_path: Path, tiny_re
     assert_same_features(model, half_round_trip(original), TINY_RESNET)
 
 
-def test_jit_true_returns_the_verified_torchscript_archive(tmp_path: Path, tiny_release) -> None:
+def traced_on_a_gpu(archive: Path, destination: Path) -> Path:
+    """`archive` as if traced on CUDA, like OpenAI's: the devices its code creates tensors on are "cuda:0"."""
+    with zipfile.ZipFile(archive) as source, zipfile.ZipFile(destination, "w", zipfile.ZIP_STORED) as target:
+        for entry in source.infolist():
+            data = source.read(entry.filename)
+            if entry.filename.endswith(".py"):
+                data = data.replace(b'torch.device("cpu")', b'torch.device("cuda:0")')
+            target.writestr(entry, data)
+    return destination
+
+
+def test_jit_true_runs_the_verified_gpu_traced_archive_on_the_cpu_in_float32(
+    tmp_path: Path, tiny_release, monkeypatch: pytest.MonkeyPatch
+) -> None:
     original, _ = tiny_release
+    served = traced_on_a_gpu(Path(RELEASED_WEIGHTS["RN50"].url.removeprefix("file://")), tmp_path / "RN50-gpu.pt")
+    with zipfile.ZipFile(served) as archive:
+        assert any(b'"cuda:0"' in archive.read(name) for name in archive.namelist() if name.endswith(".py"))
+    digest = hashlib.sha256(served.read_bytes()).hexdigest()
+    monkeypatch.setitem(RELEASED_WEIGHTS, "RN50", ReleasedWeights(url=served.as_uri(), sha256=digest))
     model, preprocess = load("RN50", device="cpu", jit=True, download_root=tmp_path / "cache")
     assert isinstance(model, torch.jit.ScriptModule)
     assert repr(preprocess) == repr(image_transform(64))
-    _, text = inputs_for(TINY_RESNET)
+    images, text = inputs_for(TINY_RESNET)
     text[1, 5], text[1, -1] = 1, TINY_RESNET.text.vocab_size - 1  # one text runs to the end of the context
-    reference = convert_to_half_precision(half_round_trip(original))
+    reference = half_round_trip(original)  # float32 weights, as openai/CLIP's load gives on a CPU
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_text(text), reference.encode_text(text))
+        features = model.encode_text(text), model.encode_image(images)
+        assert [f.dtype for f in features] == [torch.float32, torch.float32]
+        torch.testing.assert_close(features[0], reference.encode_text(text), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(features[1], reference.encode_image(images), rtol=1e-4, atol=1e-5)
+        logits_per_image, _ = model(images, text)
+    assert logits_per_image.dtype == torch.float32
 
 
-def test_jit_true_is_refused_for_files_that_are_not_released(openai_files) -> None:
+def test_jit_true_on_a_file_that_is_not_released_warns_and_loads_its_weights(openai_files) -> None:
     path = openai_files["vit", "archive"]
-    with pytest.raises(ValueError, match=r"jit=True .* only allowed for OpenAI's released archives"):
-        load(path, device="cpu", jit=True)
+    with pytest.warns(UserWarning, match=r"only done for OpenAI's released archives .* as with jit=False"):
+        model, _ = load(path, device="cpu", jit=True)
+    assert isinstance(model, CLIP)
 
 
 def test_unknown_name_suggests_the_closest_released_one() -> None:

@@ -41,6 +41,7 @@ from .weights_file import LoadedWeights, UnsafeFileError, WeightsFileError, read
 
 __all__ = [
     "LoadedWeights",
+    "ModelNotFoundError",
     "UnsafeFileError",
     "WeightsFileError",
     "convert_to_half_precision",
@@ -139,13 +140,18 @@ def convert_to_half_precision(model: nn.Module) -> nn.Module:
     return model
 
 
+class ModelNotFoundError(FileNotFoundError, RuntimeError):
+    """Neither a released name nor an existing path. A FileNotFoundError, and a RuntimeError because that is
+    what openai/CLIP's load raises for an unknown name."""
+
+
 def _existing_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path
     close = difflib.get_close_matches(str(name_or_path), RELEASED_WEIGHTS, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise FileNotFoundError(
+    raise ModelNotFoundError(
         f"{str(name_or_path)!r} is neither a released model nor an existing file or directory.{hint} "
         f"Released models: {', '.join(RELEASED_WEIGHTS)}"
     )

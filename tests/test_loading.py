@@ -391,8 +391,9 @@ def test_jit_true_on_a_file_that_is_not_released_warns_and_loads_its_weights(ope
 
 
 def test_unknown_name_suggests_the_closest_released_one() -> None:
-    with pytest.raises(FileNotFoundError, match=r"Did you mean 'ViT-B/32'"):
+    with pytest.raises(FileNotFoundError, match=r"Did you mean 'ViT-B/32'") as raised:
         load("ViT-B-32", device="cpu")
+    assert isinstance(raised.value, RuntimeError)  # what openai/CLIP's load raises
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from clip.evaluation.config import ZeroShotDatasetConfig
 from clip.evaluation.datasets import (
     CIFARDataset,
     ImageFolderDataset,
+    UnreadableImageError,
     classnames_from_folders,
     folder_to_classname,
     load_cifar_pickle,
@@ -103,7 +104,7 @@ def test_image_folder_split_subfolder_and_errors(tmp_path):
         ImageFolderDataset(tmp_path / "empty")
     (tmp_path / "broken" / "cat").mkdir(parents=True)
     (tmp_path / "broken" / "cat" / "x.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="cannot read image .*x.png"):
+    with pytest.raises(UnreadableImageError, match="cannot read image .*x.png"):
         ImageFolderDataset(tmp_path / "broken")[0]
 
 

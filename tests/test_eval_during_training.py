@@ -1,5 +1,5 @@
 """The trainer's evaluation hook: flat metric keys on a tiny model, mode restored, when to run, and two gloo
-ranks (each encoding a slice) returning the same metrics as one process."""
+ranks (each encoding a slice, unreadable images among them) returning the same metrics as one process."""
 
 from __future__ import annotations
 
@@ -51,14 +51,35 @@ def write_caption_manifest(root: Path, count: int) -> Path:
     return root / "captions.jsonl"
 
 
-def eval_config(manifest: Path) -> EvalConfig:
+def write_data_with_unreadable_images(root: Path) -> Path:
+    """root/folder: an image folder with one unreadable image among 9; root/half_broken.jsonl: 4 images, the
+    last two unreadable, so that the second of two ranks has no readable image at all."""
+    from PIL import Image
+
+    for k, colour in enumerate(["red", "green", "blue"]):
+        (root / "folder" / colour).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (32, 32), (80 * k, 40 * i, 200 - 60 * k)).save(root / "folder" / colour / f"{i}.png")
+    (root / "folder" / "green" / "1.png").write_bytes(b"not a png")
+    with open(root / "half_broken.jsonl", "w") as manifest:
+        for i in range(4):
+            path = root / f"half_broken_{i}.png"
+            if i < 2:
+                Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(path)
+            else:
+                path.write_bytes(b"")
+            manifest.write(json.dumps({"image": path.name, "caption": f"a square of red {60 * i}"}) + "\n")
+    return root
+
+
+def eval_config(manifest: Path, with_unreadable: Path | None = None) -> EvalConfig:
+    zeroshot = [ZeroShotDatasetConfig(name="shapes", kind="synthetic", num_samples=30, image_size=32)]
+    retrieval = [RetrievalDatasetConfig(name="captions", annotations=str(manifest))]
+    if with_unreadable:
+        zeroshot.append(ZeroShotDatasetConfig(name="folder", kind="imagefolder", root=str(with_unreadable / "folder")))
+        retrieval.append(RetrievalDatasetConfig(annotations=str(with_unreadable / "half_broken.jsonl")))
     return EvalConfig(
-        batch_size=5,
-        workers=0,
-        text_batch_size=16,
-        retrieval_chunk_size=3,
-        zeroshot=[ZeroShotDatasetConfig(name="shapes", kind="synthetic", num_samples=30, image_size=32)],
-        retrieval=[RetrievalDatasetConfig(name="captions", annotations=str(manifest))],
+        batch_size=5, workers=0, text_batch_size=16, retrieval_chunk_size=3, zeroshot=zeroshot, retrieval=retrieval
     )
 
 
@@ -78,6 +99,15 @@ def test_run_evaluations_returns_flat_metrics_and_restores_train_mode(tmp_path):
     assert metrics["retrieval/captions/image_to_text_R@10"] == 1.0  # 7 images: everything is in the top 10
 
 
+def test_unreadable_images_are_counted_in_the_metrics(tmp_path):
+    manifest = write_caption_manifest(tmp_path, 7)
+    data = write_data_with_unreadable_images(tmp_path / "more")
+    metrics = run_evaluations(tiny_clip(), eval_config(manifest, data), device="cpu")
+    assert metrics["zeroshot/folder/num_skipped"] == 1.0
+    assert metrics["retrieval/half_broken/num_skipped"] == 2.0
+    assert "zeroshot/shapes/num_skipped" not in metrics and "retrieval/captions/num_skipped" not in metrics
+
+
 def test_evaluation_leaves_the_global_random_generator_alone(tmp_path):
     # An evaluation during training must not shift what the run draws afterwards (exact resume compares a
     # run that evaluated at a step with one that stopped there instead).
@@ -91,9 +121,9 @@ def test_evaluation_leaves_the_global_random_generator_alone(tmp_path):
 
 def test_should_evaluate_schedule():
     config = EvalConfig(every_n_steps=50, zeroshot=[ZeroShotDatasetConfig()])
-    assert [s for s in range(0, 181) if should_evaluate(config, s, 180)] == [50, 100, 150, 180]
+    assert [s for s in range(181) if should_evaluate(config, s, 180)] == [50, 100, 150, 180]
     only_at_end = EvalConfig(every_n_steps=0, zeroshot=[ZeroShotDatasetConfig()])
-    assert [s for s in range(0, 181) if should_evaluate(only_at_end, s, 180)] == [180]
+    assert [s for s in range(181) if should_evaluate(only_at_end, s, 180)] == [180]
     assert not should_evaluate(EvalConfig(every_n_steps=1), 180, 180)  # nothing configured
 
 
@@ -104,7 +134,8 @@ def worker(rank: int, port: int, manifest: str, output: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
     try:
         info = DistributedInfo(rank=rank, world_size=WORLD_SIZE, local_rank=rank, device=torch.device("cpu"))
-        metrics = run_evaluations(tiny_clip(), eval_config(Path(manifest)), device="cpu", dist_info=info)
+        config = eval_config(Path(manifest), Path(output) / "more")
+        metrics = run_evaluations(tiny_clip(), config, device="cpu", dist_info=info)
         Path(output, f"rank{rank}.json").write_text(json.dumps(metrics))
     finally:
         dist.destroy_process_group()
@@ -112,8 +143,10 @@ def worker(rank: int, port: int, manifest: str, output: str) -> None:
 
 def test_two_ranks_return_the_single_process_metrics(tmp_path):
     manifest = write_caption_manifest(tmp_path, 7)
+    write_data_with_unreadable_images(tmp_path / "more")
     spawn_ranks(worker, (free_port(), str(manifest), str(tmp_path)), nprocs=WORLD_SIZE)
-    single = run_evaluations(tiny_clip(), eval_config(manifest), device="cpu")
+    single = run_evaluations(tiny_clip(), eval_config(manifest, tmp_path / "more"), device="cpu")
+    assert single["retrieval/half_broken/num_skipped"] == 2.0  # rank 1's images, all of them
     for rank in range(WORLD_SIZE):
         ranked = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert ranked.keys() == single.keys()

@@ -241,6 +241,44 @@ def test_pipeline_keeps_images_and_captions_aligned(tmp_path):
     result = evaluate_retrieval(
         model, data, red_value, tokenizer=model.tokenize, batch_size=3, text_batch_size=4, chunk_size=2, name="planted"
     )
-    assert result.num_images == count and result.num_texts == len(rows)
+    assert result.num_images == count and result.num_texts == len(rows) and result.num_skipped == 0
     assert all(value == 1.0 for value in result.recalls.values()), result.recalls
     assert set(result.recalls) == {f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)}
+    assert "num_skipped" not in result.metrics()
+
+
+class ConfusedRetrievalModel(PlantedRetrievalModel):
+    """Like the planted model, but caption "item i" prefers image i + 1 to its own image i: removing an
+    image changes the ranks of its neighbours' captions, and a misaligned caption -> image map would show."""
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        own = nn.functional.one_hot(tokens[:, 0], self.size).float()
+        return own + 1.5 * nn.functional.one_hot((tokens[:, 0] + 1) % self.size, self.size).float()
+
+
+def test_unreadable_images_are_left_out_with_their_captions(tmp_path, caplog):
+    count = 6
+    names = write_images(tmp_path, count)
+    rows = [(names[i], f"item {i}") for i in [3, 0, 5, 1, 3, 4, 2, 0]]
+    (tmp_path / "m.csv").write_text("image,caption\n" + "".join(f"{i},{c}\n" for i, c in rows))
+    data = read_caption_manifest(tmp_path / "m.csv")
+    (tmp_path / names[1]).write_bytes(b"truncated garbage")  # image 1 (listed as data.image_paths[3])
+    (tmp_path / names[4]).write_bytes(b"")
+
+    def red_value(image: Image.Image) -> torch.Tensor:
+        return torch.full((3, 2, 2), float(image.getpixel((0, 0))[0]))
+
+    model = ConfusedRetrievalModel(count)
+    options = {"tokenizer": model.tokenize, "text_batch_size": 3, "chunk_size": 2, "ks": (1, 2)}
+    with caplog.at_level("WARNING"):
+        results = [evaluate_retrieval(model, data, red_value, batch_size=b, **options) for b in (1, 2, 4, 6)]
+    assert "skipped 2 unreadable image(s)" in caplog.text
+    # The same as a manifest that never listed the two images, whatever the batch size.
+    kept_rows = [(image, caption) for image, caption in rows if image not in (names[1], names[4])]
+    (tmp_path / "kept.csv").write_text("image,caption\n" + "".join(f"{i},{c}\n" for i, c in kept_rows))
+    expected = evaluate_retrieval(model, read_caption_manifest(tmp_path / "kept.csv"), red_value, **options)
+    for result in results:
+        assert result.num_skipped == 2 and result.num_images == count - 2 and result.num_texts == len(kept_rows)
+        assert result.recalls == expected.recalls
+        assert result.metrics()["num_skipped"] == 2.0
+    assert expected.recalls["text_to_image_R@1"] < 1.0  # the model's confusions are visible in the recalls

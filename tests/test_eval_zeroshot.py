@@ -17,10 +17,12 @@ from clip.architectures import ModelConfig, TextConfig, VisionConfig
 from clip.evaluation import (
     build_zeroshot_classifier,
     evaluate_zeroshot,
+    format_table,
     save_confusion_png,
     zeroshot_classify,
     zeroshot_classify_images,
 )
+from clip.evaluation.datasets import ImageFolderDataset
 from clip.evaluation.templates import DEFAULT_TEMPLATES, load_templates, resolve_templates, validate_template
 
 
@@ -156,6 +158,44 @@ def test_top_k_is_capped_at_the_number_of_classes():
     assert result.top5_k == 2 and result.top5 == 1.0
     assert result.top1 == pytest.approx(1 / 3)
     assert result.confusion_matrix == [[1, 1], [1, 0]]
+
+
+def colour_features(image: Image.Image) -> torch.Tensor:
+    """The planted models' 2-d image features: red and green of the first pixel, centred."""
+    red, green = image.getpixel((0, 0))[:2]
+    return torch.tensor([red - 128.0, green - 128.0])
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path, caplog):
+    model, classnames, templates = planted_two_classes()
+    colours = {"cat": [(255, 255, 0), (255, 0, 0), (0, 0, 0)], "dog": [(0, 0, 0), (0, 255, 0), (255, 255, 0)]}
+    for folder, pixels in colours.items():
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        for i, pixel in enumerate(pixels):
+            Image.new("RGB", (2, 2), pixel).save(tmp_path / "data" / folder / f"{i}.png")
+    clean = evaluate_zeroshot(
+        model, ImageFolderDataset(tmp_path / "data", colour_features), classnames, templates, tokenizer=model.tokenize
+    )
+    (tmp_path / "data" / "cat" / "1b_truncated.png").write_bytes(
+        (tmp_path / "data" / "cat" / "1.png").read_bytes()[:40]
+    )
+    (tmp_path / "data" / "dog" / "0a_text.png").write_text("<html>not found</html>")
+    (tmp_path / "data" / "dog" / "3_empty.png").write_bytes(b"")
+    dataset = ImageFolderDataset(tmp_path / "data", colour_features)
+    assert len(dataset) == 9
+    with caplog.at_level("WARNING"):
+        results = [
+            evaluate_zeroshot(model, dataset, classnames, templates, tokenizer=model.tokenize, batch_size=b, name="d")
+            for b in (1, 2, 3, 9)
+        ]
+    assert "zero-shot d: skipped 3 unreadable image(s)" in caplog.text
+    for result in results:
+        # The same numbers as without the broken files, whatever the batch size.
+        assert result.num_skipped == 3 and result.num_samples == clean.num_samples == 6
+        assert result.confusion_matrix == clean.confusion_matrix and result.top1 == clean.top1
+        assert result.metrics()["num_skipped"] == 3.0 and result.to_dict()["num_skipped"] == 3
+    assert "unreadable images skipped: d: 3" in format_table(results[:1])
+    assert clean.num_skipped == 0 and "num_skipped" not in clean.metrics()
 
 
 def test_labels_outside_the_classes_are_an_error():

@@ -37,13 +37,22 @@ Transform = Callable[[Image.Image], Any]
 logger = logging.getLogger(__name__)
 
 
+class UnreadableImageError(ValueError):
+    """An image file that cannot be decoded; evaluation loaders skip and count these (see features.py)."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"cannot read image {path}: {reason}")
+        self.path = path
+
+
 def read_image(path: Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()  # read now, so the file is closed when we return
             return image
-    except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read image {path}: {error}") from error
+    # Corrupt files surface as any of these, depending on the format plugin and where the data breaks off.
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
+        raise UnreadableImageError(path, str(error) or type(error).__name__) from error
 
 
 def is_ignored(name: str) -> bool:
@@ -115,7 +124,7 @@ class ImageFolderDataset(Dataset):
         under root.
     Class names: `classnames` if given, else <root>/classnames.txt (one per line, in label order) if present,
     else the folder names through `classnames_from_folders`. Hidden files and folders and __MACOSX are
-    ignored.
+    ignored. An unreadable image raises `UnreadableImageError` when its item is read.
     """
 
     def __init__(

@@ -2,7 +2,8 @@
 
 Keys: "zeroshot/<name>/top1", "zeroshot/<name>/top5", "zeroshot/<name>/mean_per_class",
 "zeroshot/<name>/<subset>/top1" (e.g. the synthetic "heldout" pairs), "retrieval/<name>/image_to_text_R@1",
-"retrieval/<name>/text_to_image_R@5", "retrieval/<name>/image_to_text_median_rank", ...
+"retrieval/<name>/text_to_image_R@5", "retrieval/<name>/image_to_text_median_rank", ..., and
+"zeroshot/<name>/num_skipped" (or "retrieval/<name>/num_skipped") when unreadable images were left out.
 `EvalConfig` makes sure names are unique within each kind, so no dataset's metrics overwrite another's.
 
 Distributed: when `dist_info.world_size > 1` and torch.distributed is initialised, every rank must call

@@ -1,16 +1,24 @@
-"""Shared machinery for evaluation: eval mode, autocast, batched feature extraction, sharding over ranks."""
+"""Shared machinery for evaluation: eval mode, autocast, batched feature extraction, sharding over ranks.
+
+Unreadable images: the loaders of `make_loader` leave out every item whose image cannot be decoded (its
+dataset raised `UnreadableImageError`) and pass on why, so one corrupt file costs one image, not the whole
+evaluation. Each image's features depend on that image alone, so leaving some out changes nothing for the
+others, whatever the batch size or the number of ranks.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+
+from .datasets import UnreadableImageError
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +66,59 @@ def autocast(device: torch.device | str, precision: str = "fp32") -> contextlib.
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
+class SkippedImage(NamedTuple):
+    """Stands in for a dataset item whose image could not be read."""
+
+    reason: str
+
+
+class SkipUnreadable(Dataset):
+    """`dataset`, with an item whose image cannot be read replaced by a `SkippedImage` instead of raising
+    (which would end the DataLoader's iteration, and the evaluation with it)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except UnreadableImageError as error:
+            return SkippedImage(str(error))
+
+
+class ReadableBatch(NamedTuple):
+    """A batch without its unreadable items: images (None when none was readable), labels (None when the
+    items carry none), and why each left-out item was unreadable."""
+
+    images: Any
+    labels: Any
+    skipped: list[str]
+
+
+def collate_readable(items: list[Any]) -> ReadableBatch:
+    """Collates the readable items the usual way and keeps the reasons of the `SkippedImage`s."""
+    readable = [item for item in items if not isinstance(item, SkippedImage)]
+    skipped = [item.reason for item in items if isinstance(item, SkippedImage)]
+    if not readable:
+        return ReadableBatch(None, None, skipped)
+    collated = default_collate(readable)
+    if isinstance(collated, list | tuple):
+        return ReadableBatch(collated[0], collated[1] if len(collated) > 1 else None, skipped)
+    return ReadableBatch(collated, None, skipped)
+
+
 def make_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device | str) -> DataLoader:
-    """An ordered (unshuffled) loader; pinned memory only when copying to a GPU."""
+    """An ordered (unshuffled) loader of `ReadableBatch`es (unreadable images left out); pinned memory only
+    when copying to a GPU."""
     return DataLoader(
-        dataset,
+        SkipUnreadable(dataset),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
+        collate_fn=collate_readable,
         pin_memory=torch.device(device).type == "cuda",
         persistent_workers=False,
         # Its own generator: every DataLoader iterator draws a worker seed, which would otherwise come from
@@ -73,14 +127,29 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.d
     )
 
 
-def iterate_batches(data: DataLoader | torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, Any]]:
-    """(images, labels-or-None) from a DataLoader of (images, labels) pairs, or from a stacked image tensor."""
+def log_skipped(what: str, count: int, reasons: Sequence[str]) -> None:
+    """One warning line for the unreadable images an evaluation left out (`reasons`: this rank's)."""
+    if count:
+        example = f"; e.g. {reasons[0]}" if reasons else ""
+        logger.warning("%s: skipped %d unreadable image(s)%s", what, count, example)
+
+
+def iterate_batches(
+    data: DataLoader | torch.Tensor, batch_size: int, skipped: list[str] | None = None
+) -> Iterator[tuple[torch.Tensor, Any]]:
+    """(images, labels-or-None) from a DataLoader of (images, labels) pairs or of `ReadableBatch`es, or from
+    a stacked image tensor. The reasons of the images a `ReadableBatch` left out are appended to `skipped`."""
     if isinstance(data, torch.Tensor):
         for start in range(0, len(data), batch_size):
             yield data[start : start + batch_size], None
         return
     for batch in data:
-        if isinstance(batch, list | tuple):
+        if isinstance(batch, ReadableBatch):
+            if skipped is not None:
+                skipped.extend(batch.skipped)
+            if batch.images is not None:
+                yield batch.images, batch.labels
+        elif isinstance(batch, list | tuple):
             yield batch[0], batch[1] if len(batch) > 1 else None
         else:
             yield batch, None
@@ -94,9 +163,11 @@ def encode_image_batches(
     batch_size: int = 64,
     precision: str = "fp32",
     normalize: bool = True,
+    skipped: list[str] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Yields (float32 features [B, D] on `device`, labels [B] or None) per batch; the caller sets eval mode."""
-    for images, labels in iterate_batches(data, batch_size):
+    """Yields (float32 features [B, D] on `device`, labels [B] or None) per batch; the caller sets eval mode.
+    Why each unreadable image was left out is appended to `skipped` (see `iterate_batches`)."""
+    for images, labels in iterate_batches(data, batch_size, skipped):
         images = images.to(device, non_blocking=True)
         with autocast(device, precision):
             features = model.encode_image(images)
@@ -119,6 +190,8 @@ def encode_texts(
     normalize: bool = True,
 ) -> torch.Tensor:
     """float32 text features [len(texts), D] on `device`, tokenized and encoded `batch_size` at a time."""
+    if batch_size < 1:
+        raise ValueError(f"the text batch size must be >= 1, got {batch_size}")
     context_length = int(model.context_length)
     chunks = []
     for start in range(0, len(texts), batch_size):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .features import encode_image_batches, eval_mode, make_loader, model_device, unwrap_model
+from .features import encode_image_batches, eval_mode, log_skipped, make_loader, model_device, unwrap_model
 
 
 def extract_features(
@@ -32,19 +32,24 @@ def extract_features(
     precision: str = "fp32",
     normalize: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float32 image features [N, D], labels [N]) on the CPU, from the frozen encoder in eval mode."""
+    """(float32 image features [N, D], labels [N]) on the CPU, from the frozen encoder in eval mode.
+
+    Items whose image cannot be read are left out (logged), so N may be less than len(dataset).
+    """
     model = unwrap_model(model)
     device = device or model_device(model)
-    features, labels = [], []
+    features, labels, skipped = [], [], []
     with eval_mode(model):
         loader = make_loader(dataset, batch_size, workers, device)
         for batch_features, batch_labels in encode_image_batches(
-            model, loader, device=device, precision=precision, normalize=normalize
+            model, loader, device=device, precision=precision, normalize=normalize, skipped=skipped
         ):
             features.append(batch_features.cpu())
             labels.append(batch_labels.cpu())
+    log_skipped("feature extraction", len(skipped), skipped)
     if not features:
-        raise ValueError("the dataset is empty")
+        reason = f"none of its {len(skipped)} images is readable" if skipped else "it is empty"
+        raise ValueError(f"no image features to probe: {reason}")
     return torch.cat(features), torch.cat(labels).long()
 
 

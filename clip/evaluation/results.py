@@ -24,6 +24,10 @@ class ClassificationCounts:
         self.k = min(top_k, num_classes)  # top-5 of a 3-class problem is top-3
         self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)  # [true, predicted]
         self.topk_hits = torch.zeros(num_classes, dtype=torch.int64, device=device)  # per true class
+        self.skipped = torch.zeros(1, dtype=torch.int64, device=device)  # unreadable images left out
+
+    def add_skipped(self, count: int) -> None:
+        self.skipped += count
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         labels = labels.to(self.confusion.device).long()
@@ -37,13 +41,14 @@ class ClassificationCounts:
         self.topk_hits += torch.bincount(labels[in_top_k], minlength=self.num_classes)
 
     def as_tensor(self) -> torch.Tensor:
-        """One flat tensor ([C*C confusion | C top-k hits]) for a single all-reduce."""
-        return torch.cat([self.confusion.flatten(), self.topk_hits])
+        """One flat tensor ([C*C confusion | C top-k hits | skipped]) for a single all-reduce."""
+        return torch.cat([self.confusion.flatten(), self.topk_hits, self.skipped])
 
     def load_tensor(self, flat: torch.Tensor) -> None:
         c = self.num_classes
         self.confusion = flat[: c * c].view(c, c).clone()
-        self.topk_hits = flat[c * c :].clone()
+        self.topk_hits = flat[c * c : c * c + c].clone()
+        self.skipped = flat[c * c + c :].clone()
 
 
 @dataclass
@@ -59,7 +64,8 @@ class SubsetResult:
 class ZeroShotResult:
     """Accuracies are fractions in [0, 1]; `top5` is top-min(5, C). per_class_accuracy is None for a class
     without test images; the mean per-class accuracy averages the classes that have images.
-    confusion_matrix[i][j] counts images of class i predicted as class j."""
+    confusion_matrix[i][j] counts images of class i predicted as class j. num_skipped counts the unreadable
+    images left out (not part of num_samples)."""
 
     name: str
     classnames: list[str]
@@ -71,10 +77,14 @@ class ZeroShotResult:
     per_class_accuracy: list[float | None]
     confusion_matrix: list[list[int]]
     subsets: dict[str, SubsetResult] = field(default_factory=dict)
+    num_skipped: int = 0
 
     def metrics(self) -> dict[str, float]:
-        """Flat scalar metrics: top1, top5, mean_per_class, and <subset>/<metric> for each subset."""
+        """Flat scalar metrics: top1, top5, mean_per_class, <subset>/<metric> for each subset, and
+        num_skipped when images were left out (only then, so a clean run logs accuracies alone)."""
         flat = {"top1": self.top1, "top5": self.top5, "mean_per_class": self.mean_per_class_accuracy}
+        if self.num_skipped:
+            flat["num_skipped"] = float(self.num_skipped)
         for subset_name, subset in self.subsets.items():
             flat[f"{subset_name}/top1"] = subset.top1
             flat[f"{subset_name}/top5"] = subset.top5
@@ -128,6 +138,7 @@ def summarize(
         per_class_accuracy=per_class,
         confusion_matrix=counts.confusion.cpu().tolist(),
         subsets=subset_results,
+        num_skipped=int(counts.skipped.sum()),
     )
 
 
@@ -146,6 +157,9 @@ def format_table(results: Sequence[ZeroShotResult]) -> str:
                 f"{label:<28} {s.num_samples:>8} {len(s.class_indices):>8} "
                 f"{100 * s.top1:>7.2f} {100 * s.top5:>7.2f} {100 * s.mean_per_class_accuracy:>8.2f}"
             )
+    skipped = [f"{r.name}: {r.num_skipped}" for r in results if r.num_skipped]
+    if skipped:
+        rows.append(f"unreadable images skipped: {', '.join(skipped)}")
     return "\n".join(rows)
 
 

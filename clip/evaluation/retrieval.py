@@ -10,6 +10,8 @@ Pessimistic is the default because under the optimistic rule a collapsed model, 
 equal, ties everything and would score a perfect recall. An image query has several true captions; g is
 the best of their scores (R@K: any true caption in the top K). Recall@K is the fraction of queries whose
 rank is <= K.
+
+An image that cannot be decoded is left out with its captions and counted in `num_skipped`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from .features import (
     encode_image_batches,
     encode_texts,
     eval_mode,
+    log_skipped,
     make_loader,
     model_device,
     shard,
@@ -233,7 +236,8 @@ def retrieval_ranks(
 
 @dataclass
 class RetrievalResult:
-    """Recalls are fractions in [0, 1], keyed like "image_to_text_R@1"; ranks are 1-based."""
+    """Recalls are fractions in [0, 1], keyed like "image_to_text_R@1"; ranks are 1-based. num_images and
+    num_texts count what was evaluated; num_skipped the unreadable images left out (with their captions)."""
 
     name: str
     num_images: int
@@ -244,10 +248,14 @@ class RetrievalResult:
     text_to_image_median_rank: float
     image_to_text_mean_rank: float
     text_to_image_mean_rank: float
+    num_skipped: int = 0
 
     def metrics(self) -> dict[str, float]:
+        """Recalls and ranks, and num_skipped when images were left out (only then, so a clean run logs
+        recalls alone)."""
         ranks = {k: v for k, v in asdict(self).items() if k.endswith("_rank")}
-        return {**self.recalls, **ranks}
+        skipped = {"num_skipped": float(self.num_skipped)} if self.num_skipped else {}
+        return {**self.recalls, **ranks, **skipped}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -259,6 +267,7 @@ def summarize_ranks(
     ks: Sequence[int] = (1, 5, 10),
     name: str = "",
     ties: str = "pessimistic",
+    num_skipped: int = 0,
 ) -> RetrievalResult:
     """Recall@k and median/mean ranks, computed in integers and divided once: exact Python floats (2/3 is
     0.6666666666666666, not float32's 0.6666666865348816), identical however the ranks were batched."""
@@ -286,7 +295,23 @@ def summarize_ranks(
         text_to_image_median_rank=median(text_ranks),
         image_to_text_mean_rank=mean(image_ranks),
         text_to_image_mean_rank=mean(text_ranks),
+        num_skipped=num_skipped,
     )
+
+
+def drop_unreadable_images(
+    caption_image: torch.Tensor, num_images: int, readable: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(which captions to keep [T] bool, their images' positions among the `readable` image indices).
+
+    `readable` lists the indices of the images that were encoded, in the order of their feature rows; a
+    caption of a left-out image has nothing to be retrieved against, so it is left out too.
+    """
+    position = torch.full((num_images,), -1, dtype=torch.long, device=readable.device)
+    position[readable.long()] = torch.arange(len(readable), device=readable.device)
+    caption_position = position[caption_image.to(readable.device).long()]
+    keep = caption_position >= 0
+    return keep, caption_position[keep]
 
 
 def evaluate_retrieval(
@@ -307,7 +332,8 @@ def evaluate_retrieval(
     dist_info: Any | None = None,
 ) -> RetrievalResult:
     """Encodes every image and caption (each rank a slice when distributed; features are then gathered, so
-    every rank returns the full result) and computes recall@K in both directions."""
+    every rank returns the full result) and computes recall@K in both directions. Unreadable images are
+    left out with their captions and counted."""
     model = unwrap_model(model)
     device = device or model_device(model)
     tokenizer = tokenizer or default_tokenizer()
@@ -316,18 +342,33 @@ def evaluate_retrieval(
         rank, world_size = 0, 1
     images = shard(ImagePathDataset(data.image_paths, transform), rank, world_size)
     captions = data.captions[slice(*shard_bounds(len(data.captions), rank, world_size))]
+    skipped: list[str] = []
     with eval_mode(model):
-        loader = make_loader(images, batch_size, workers, device)
-        image_features = torch.cat(
-            [f for f, _ in encode_image_batches(model, loader, device=device, precision=precision)]
-        )
         text_features = encode_texts(
             model, captions, tokenizer, device=device, batch_size=text_batch_size, precision=precision
         )
-    image_features = all_gather_rows(image_features, world_size)
-    text_features = all_gather_rows(text_features, world_size)
-    caption_image = torch.tensor(data.caption_image)
-    image_ranks, text_ranks = retrieval_ranks(
-        image_features, text_features, caption_image, chunk_size=chunk_size, ties=ties
+        loader = make_loader(images, batch_size, workers, device)
+        encoded = list(encode_image_batches(model, loader, device=device, precision=precision, skipped=skipped))
+    # A rank whose images were all unreadable still takes part in the gathers, with zero rows.
+    image_features = (
+        torch.cat([f for f, _ in encoded]) if encoded else text_features.new_zeros(0, text_features.shape[1])
     )
-    return summarize_ranks(image_ranks.cpu(), text_ranks.cpu(), ks, name, ties)
+    image_index = torch.cat([i for _, i in encoded]) if encoded else torch.zeros(0, dtype=torch.long, device=device)
+    image_features = all_gather_rows(image_features, world_size)
+    image_index = all_gather_rows(image_index.to(image_features.device), world_size)
+    text_features = all_gather_rows(text_features, world_size)
+    num_skipped = len(data.image_paths) - len(image_index)
+    log_skipped(f"retrieval {name or 'dataset'}", num_skipped, skipped)
+    if len(image_index) == 0:
+        raise ValueError(f"retrieval {name or 'dataset'}: none of the {len(data.image_paths)} images is readable")
+    keep_text, caption_image = drop_unreadable_images(
+        torch.tensor(data.caption_image), len(data.image_paths), image_index
+    )
+    image_ranks, text_ranks = retrieval_ranks(
+        image_features,
+        text_features[keep_text.to(text_features.device)],
+        caption_image,
+        chunk_size=chunk_size,
+        ties=ties,
+    )
+    return summarize_ranks(image_ranks.cpu(), text_ranks.cpu(), ks, name, ties, num_skipped)

@@ -23,6 +23,7 @@ from .features import (
     encode_image_batches,
     encode_texts,
     eval_mode,
+    log_skipped,
     make_loader,
     model_device,
     shard,
@@ -133,7 +134,8 @@ def evaluate_zeroshot(
 ) -> ZeroShotResult:
     """Top-1/top-5, per-class and mean per-class accuracy, confusion matrix, and accuracies on `subsets`.
 
-    dataset: (preprocessed image, label) pairs, or a ready DataLoader of batches.
+    dataset: (preprocessed image, label) pairs, or a ready DataLoader of batches. Items whose image cannot be
+        read (`UnreadableImageError`) are left out and counted in `num_skipped`.
     dist_info: with world_size > 1 and torch.distributed initialised, each rank classifies its slice of a
         (map-style) dataset and the counts are all-reduced, so every rank returns the full result.
     """
@@ -154,14 +156,19 @@ def evaluate_zeroshot(
         loader = make_loader(shard(dataset, rank, world_size), batch_size, workers, device)
     classifier = classifier.to(device)
     counts = ClassificationCounts(len(classnames), top_k=5, device=device)
+    skipped: list[str] = []
     with eval_mode(model):
-        for features, labels in encode_image_batches(model, loader, device=device, precision=precision):
+        batches = encode_image_batches(model, loader, device=device, precision=precision, skipped=skipped)
+        for features, labels in batches:
             if labels is None:
                 raise ValueError("evaluate_zeroshot needs labelled data: (image, label) pairs")
             counts.update(features @ classifier, labels)
+    counts.add_skipped(len(skipped))
     if world_size > 1:
         counts.load_tensor(all_reduce_sum(counts.as_tensor(), world_size))
-    return summarize(counts, classnames, subsets, name)
+    result = summarize(counts, classnames, subsets, name)
+    log_skipped(f"zero-shot {name or 'dataset'}", result.num_skipped, skipped)
+    return result
 
 
 def zeroshot_classify_images(

@@ -23,7 +23,13 @@ from clip.evaluation import (
     zeroshot_classify_images,
 )
 from clip.evaluation.datasets import ImageFolderDataset
-from clip.evaluation.templates import DEFAULT_TEMPLATES, load_templates, resolve_templates, validate_template
+from clip.evaluation.templates import (
+    DEFAULT_TEMPLATES,
+    load_classnames,
+    load_templates,
+    resolve_templates,
+    validate_template,
+)
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -160,6 +166,16 @@ def test_top_k_is_capped_at_the_number_of_classes():
     assert result.confusion_matrix == [[1, 1], [1, 0]]
 
 
+def test_the_table_names_the_real_k():
+    model, classnames, templates = planted_two_classes()
+    result = evaluate_zeroshot(model, [(torch.ones(2), 0)], classnames, templates, tokenizer=model.tokenize, name="x")
+    header = format_table([result]).splitlines()[0].split()
+    assert header == ["dataset", "images", "classes", "top1", "top2", "mean/cls"]
+    five = type(result)(**{**result.to_dict(), "name": "y", "top5_k": 5, "subsets": {}})
+    mixed = format_table([result, five])
+    assert mixed.splitlines()[0].split()[4] == "top-k" and "k = min(5, number of classes)" in mixed
+
+
 def colour_features(image: Image.Image) -> torch.Tensor:
     """The planted models' 2-d image features: red and green of the first pixel, centred."""
     red, green = image.getpixel((0, 0))[:2]
@@ -242,6 +258,21 @@ def test_templates_are_checked_and_read_from_files(tmp_path):
     (tmp_path / "bad.txt").write_text("a photo\n")
     with pytest.raises(ValueError, match="exactly one"):
         load_templates(tmp_path / "bad.txt")
+
+
+def test_lines_copied_from_a_python_list_are_unquoted(tmp_path):
+    # What users copy out of the CLIP paper's prompts.md: one quoted string per line, with a comma.
+    (tmp_path / "t.txt").write_text("# CIFAR templates\n    'a photo of a {}.',\n    \"a {}'s photo.\",\n'the {}.'\n")
+    assert load_templates(tmp_path / "t.txt") == ["a photo of a {}.", "a {}'s photo.", "the {}."]
+    (tmp_path / "names.txt").write_text("    \"Cote d'Ivoire\",\n    'colt\\'s foot',\n")
+    assert load_classnames(tmp_path / "names.txt") == ["Cote d'Ivoire", "colt's foot"]
+    # The list's first and last lines copied along: half code, half strings, is refused with the reason.
+    (tmp_path / "code.txt").write_text("templates = [\n    'a photo of a {}.',\n]\n")
+    with pytest.raises(ValueError, match="some lines are quoted Python strings .* and some are not .*templates = "):
+        load_templates(tmp_path / "code.txt")
+    # Plain templates that merely contain quotes are not touched.
+    (tmp_path / "plain.txt").write_text("a \"{}\" sign\n'{}' in quotes, said twice\n")
+    assert load_templates(tmp_path / "plain.txt") == ['a "{}" sign', "'{}' in quotes, said twice"]
 
 
 def tiny_clip() -> nn.Module:

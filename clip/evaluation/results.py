@@ -142,9 +142,17 @@ def summarize(
     )
 
 
+def top_k_label(results: Sequence[ZeroShotResult]) -> str:
+    """The top-k column's heading: "top5", or "top3" when every dataset has 3 classes; "top-k" when the
+    datasets' k differ."""
+    ks = {r.top5_k for r in results}
+    return f"top{ks.pop()}" if len(ks) == 1 else "top-k"
+
+
 def format_table(results: Sequence[ZeroShotResult]) -> str:
     """A plain-text table, one row per dataset and subset, accuracies in percent."""
-    header = f"{'dataset':<28} {'images':>8} {'classes':>8} {'top1':>7} {'top5':>7} {'mean/cls':>8}"
+    top_k = top_k_label(results)
+    header = f"{'dataset':<28} {'images':>8} {'classes':>8} {'top1':>7} {top_k:>7} {'mean/cls':>8}"
     rows = [header, "-" * len(header)]
     for r in results:
         rows.append(
@@ -157,6 +165,8 @@ def format_table(results: Sequence[ZeroShotResult]) -> str:
                 f"{label:<28} {s.num_samples:>8} {len(s.class_indices):>8} "
                 f"{100 * s.top1:>7.2f} {100 * s.top5:>7.2f} {100 * s.mean_per_class_accuracy:>8.2f}"
             )
+    if top_k == "top-k":
+        rows.append("top-k: k = min(5, number of classes) for each dataset")
     skipped = [f"{r.name}: {r.num_skipped}" for r in results if r.num_skipped]
     if skipped:
         rows.append(f"unreadable images skipped: {', '.join(skipped)}")

@@ -7,6 +7,7 @@ numbers, put the paper's templates in a file (a JSON list, or one template per l
 
 from __future__ import annotations
 
+import ast
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -58,8 +59,39 @@ def fill_template(template: Template, classname: str) -> str:
     return template(classname) if callable(template) else template.format(classname)
 
 
+def python_string_literal(line: str) -> str | None:
+    """The string of a line copied from a Python list, such as `'a photo of a {}.',` from the CLIP paper's
+    prompts.md, or None when the line is not one quoted string (with an optional trailing comma)."""
+    text = line.strip().removesuffix(",").rstrip()
+    if len(text) < 2 or text[0] not in "'\"" or text[-1] != text[0]:
+        return None
+    try:
+        value = ast.literal_eval(text)  # literals only, never code; undoes escapes like \'
+    except (ValueError, SyntaxError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def unquote_copied_python_lines(lines: list[str], path: Path) -> list[str]:
+    """Lines that are all quoted Python strings lose their quotes and commas; plain lines stay as they are.
+    A mix (e.g. `templates = [` copied along with the strings) is an error: either reading would give
+    prompts with stray code or quotes in them."""
+    literals = [python_string_literal(line) for line in lines]
+    quoted = [line for line, literal in zip(lines, literals, strict=True) if literal is not None]
+    if not quoted:
+        return lines
+    plain = [line for line, literal in zip(lines, literals, strict=True) if literal is None]
+    if plain:
+        raise ValueError(
+            f"{path}: some lines are quoted Python strings (e.g. {quoted[0]!r}) and some are not (e.g. "
+            f"{plain[0]!r}); write one entry per line without quotes and commas, or a JSON list"
+        )
+    return [literal for literal in literals if literal is not None]
+
+
 def _read_string_list(path: Path, what: str, comments: bool) -> list[str]:
-    """A JSON list of strings, or one string per line (blank lines skipped, and '#' lines if `comments`)."""
+    """A JSON list of strings, or one string per line (blank lines skipped, and '#' lines if `comments`).
+    Lines copied from a Python list (`'a photo of a {}.',`) are read as the strings they quote."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
     text = path.read_text(encoding="utf-8")
@@ -73,13 +105,15 @@ def _read_string_list(path: Path, what: str, comments: bool) -> list[str]:
     else:
         items = [line.strip() for line in text.splitlines()]
         items = [line for line in items if line and not (comments and line.startswith("#"))]
+        items = unquote_copied_python_lines(items, path)
     if not items:
         raise ValueError(f"{path}: no {what} entries found")
     return items
 
 
 def load_templates(path: str | Path) -> list[str]:
-    """Templates from a file: a JSON list, or one template per line ('#' starts a comment line)."""
+    """Templates from a file: a JSON list, or one template per line ('#' starts a comment line); lines
+    copied from a Python list of strings are unquoted."""
     templates = _read_string_list(Path(path), "templates", comments=True)
     for template in templates:
         validate_template(template)

@@ -159,7 +159,7 @@ def test_retrieval_command(tmp_path, tiny_checkpoint, datasets):
     ]
     assert retrieval_cli.main(argv) == 0
     result = json.loads((tmp_path / "out" / "retrieval_results.json").read_text())
-    assert result["num_images"] == 4 and result["num_texts"] == 8
+    assert result["num_images"] == 4 and result["num_texts"] == 8 and result["num_skipped"] == 0
     assert result["recalls"]["image_to_text_R@10"] == 1.0
     assert result["ties"] == "pessimistic"  # the default: tied candidates rank above the ground truth
 
@@ -198,3 +198,81 @@ def test_example_configs_fit_the_schema_and_say_how_to_run_them(path):
     assert first_line.startswith("# python scripts/zeroshot.py configs/eval/" + path.name)
     config = load_config(path, [], ZeroShotRunConfig)
     assert config.model and config.datasets
+
+
+def write_colour_folder(root: Path, counts: dict[str, int], seed: int) -> None:
+    """<root>/<class>/<i>.png: noisy images of one colour per class (red, green, blue), easy to separate."""
+    from PIL import Image
+
+    colours = {"a_red": (220, 20, 20), "b_green": (20, 220, 20), "c_blue": (20, 20, 220)}
+    rng = np.random.default_rng(seed)
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            pixels = np.clip(np.array(colours[name]) + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+
+
+def probe_argv(model: Path, output: Path, *options: str) -> list[str]:
+    common = ["--device", "cpu", "--workers", "0", "--max-iter", "100", "--output-dir", str(output)]
+    return ["--model", str(model), *options, *common]
+
+
+def test_linear_probe_labels_agree_when_a_split_lacks_a_class(tmp_path, tiny_checkpoint, caplog):
+    # test/ has no green folder: numbering each split's own folders would call blue "1" (green) there.
+    write_colour_folder(tmp_path / "data" / "train", {"a_red": 8, "b_green": 8, "c_blue": 8}, seed=0)
+    write_colour_folder(tmp_path / "data" / "test", {"a_red": 4, "c_blue": 4}, seed=1)
+    argv = probe_argv(tiny_checkpoint, tmp_path / "out", "--dataset", "imagefolder", "--root", str(tmp_path / "data"))
+    assert linear_probe_cli.main(argv) == 0
+    result = json.loads((tmp_path / "out" / "linear_probe_results.json").read_text())
+    assert result["num_test"] == 8 and result["test_accuracy"] == 1.0
+    assert result["num_skipped"] == {"train": 0, "test": 0}
+    # The other way round: a class without training images is reported (the probe can never predict it).
+    write_colour_folder(tmp_path / "other" / "train", {"a_red": 8, "c_blue": 8}, seed=0)
+    write_colour_folder(tmp_path / "other" / "test", {"a_red": 4, "b_green": 4, "c_blue": 4}, seed=1)
+    argv = probe_argv(tiny_checkpoint, tmp_path / "out2", "--dataset", "imagefolder", "--root", str(tmp_path / "other"))
+    with caplog.at_level("WARNING"):
+        assert linear_probe_cli.main(argv) == 0
+    assert "1 of 3 classes have no training images, so the probe never predicts them: ['b green']" in caplog.text
+    result = json.loads((tmp_path / "out2" / "linear_probe_results.json").read_text())
+    assert result["test_accuracy"] == pytest.approx(8 / 12)
+
+
+def test_linear_probe_refuses_to_test_on_its_training_images(tmp_path, tiny_checkpoint, capsys):
+    write_colour_folder(tmp_path / "flat", {"a_red": 2, "c_blue": 2}, seed=0)
+    imagefolder = ["--dataset", "imagefolder", "--root", str(tmp_path / "flat")]
+    # No train/ or test/ under the root: an error naming what is there, not the root used for both.
+    assert linear_probe_cli.main(probe_argv(tiny_checkpoint, tmp_path / "out", *imagefolder)) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("clip-linear-probe: split 'train': no folder") and "['a_red', 'c_blue']" in error
+    same = [*imagefolder, "--train-split", "", "--test-split", ""]
+    assert linear_probe_cli.main(probe_argv(tiny_checkpoint, tmp_path / "out", *same)) == 2
+    assert "--train-split '' and --test-split '' are both the folder" in capsys.readouterr().err
+    # Synthetic: a validation split named like the test split is the test images.
+    synthetic = ["--dataset", "synthetic", "--num-samples", "4", "--image-size", "32", "--val-split", "test"]
+    assert linear_probe_cli.main(probe_argv(tiny_checkpoint, tmp_path / "out", *synthetic)) == 2
+    assert (
+        "--test-split 'test' and --val-split 'test' are both the synthetic images of seed 0" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_commands_report_bad_input_in_one_line(tmp_path, tiny_checkpoint, capsys):
+    (tmp_path / "m.csv").write_text("path,text\nx.png,a square\n")
+    argv = ["--model", str(tiny_checkpoint), "--annotations", str(tmp_path / "m.csv"), "--device", "cpu"]
+    assert retrieval_cli.main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"clip-retrieval: {tmp_path / 'm.csv'}: no column 'image'; the columns are ['path', 'text'] "
+        "(name the right ones with image_column / caption_column)"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        retrieval_cli.main([*argv, "--chunk-size", "0"])
+    assert exit_info.value.code == 2 and "--chunk-size: must be >= 1, got 0" in capsys.readouterr().err
+    config = tmp_path / "eval.toml"
+    config.write_text(
+        f'model = "{tiny_checkpoint}"\ndevice = "cpu"\n[[datasets]]\nkind = "imagefolder"\nroot = "{tmp_path}/none"\n'
+    )
+    assert zeroshot_cli.main([str(config), "--output-dir", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith(f"clip-zeroshot: image folder not found: {tmp_path}/none")
+    assert zeroshot_cli.main([str(config), "text_batch_size=0"]) == 2
+    assert "text_batch_size must be >= 1, got 0" in capsys.readouterr().err

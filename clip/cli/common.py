@@ -2,16 +2,52 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+logger = logging.getLogger("clip.cli")
+
+# A bad path, a malformed annotation file, a config value out of range: the commands' inputs fail with these
+# (ConfigError is a ValueError), and a one-line message says more to the user than a traceback.
+USER_ERRORS = (ValueError, OSError)
+
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run_command(prog: str, command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Runs `command(args)`; an input error becomes `prog: message` on stderr and exit status 2 (argparse's
+    status for bad usage). The traceback is still logged at debug level for whoever needs it."""
+    try:
+        return command(args)
+    except USER_ERRORS as error:
+        logger.debug("%s failed", prog, exc_info=True)
+        print(f"{prog}: {error}", file=sys.stderr)
+        return 2
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a batch or chunk size of 0 would only fail deep inside a loop)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (worker counts, "0 = all" limits)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def resolve_device(device: str) -> torch.device:

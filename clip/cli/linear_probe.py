@@ -3,6 +3,10 @@
 Features of the train split (and of a validation split, or a held-out fraction of train) pick the L2
 strength; the probe is refitted on train + validation and scored on the test split. Writes
 linear_probe_results.json to the output directory.
+
+The splits must be different images (the same folder, or the same synthetic seed, for two of them is an
+error), and an imagefolder's splits share one labelling: the union of their class folders, sorted, so a
+class missing from one split does not shift the labels of the others.
 """
 
 from __future__ import annotations
@@ -11,11 +15,27 @@ import argparse
 import logging
 from pathlib import Path
 
+import torch
+
 from clip.evaluation.config import ZeroShotDatasetConfig
-from clip.evaluation.datasets import load_classification_data, with_split
+from clip.evaluation.datasets import (
+    list_class_folders,
+    load_classification_data,
+    split_folder,
+    synthetic_split_seed,
+    with_split,
+)
 from clip.evaluation.linear_probe import extract_features, run_linear_probe
 
-from .common import load_model, resolve_device, setup_logging, write_json
+from .common import (
+    load_model,
+    non_negative_int,
+    positive_int,
+    resolve_device,
+    run_command,
+    setup_logging,
+    write_json,
+)
 
 logger = logging.getLogger("clip.linear_probe")
 
@@ -28,27 +48,71 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-split", default="train")
     parser.add_argument("--test-split", default="test")
     parser.add_argument(
-        "--val-split", default="", help="a validation split (imagefolder); default: hold out --val-fraction of train"
+        "--val-split",
+        default="",
+        help="a validation split (an imagefolder's subfolder, or a synthetic split name); "
+        "default: hold out --val-fraction of train",
     )
     parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0, help="seed of the validation hold-out and of the synthetic data")
-    parser.add_argument("--num-samples", type=int, default=2000, help="synthetic only: images per split")
-    parser.add_argument("--image-size", type=int, default=64, help="synthetic only: rendered image size")
+    parser.add_argument("--num-samples", type=positive_int, default=2000, help="synthetic only: images per split")
+    parser.add_argument("--image-size", type=positive_int, default=64, help="synthetic only: rendered image size")
     parser.add_argument("--standardize", action="store_true", help="z-score the features (the paper did not)")
-    parser.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit")
+    parser.add_argument("--max-iter", type=positive_int, default=1000, help="L-BFGS iterations per fit")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--workers", type=non_negative_int, default=2)
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--output-dir", default="linear_probe_results")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    setup_logging()
-    device = resolve_device(args.device)
-    model, preprocess = load_model(args.model, device)
+def split_images(base: ZeroShotDatasetConfig, split: str) -> str:
+    """What identifies the images of `split`: two splits with the same identity are the same images."""
+    if base.kind == "imagefolder":
+        return f"the folder {split_folder(base.root, split).resolve()}"
+    if base.kind == "synthetic":
+        return f"the synthetic images of seed {synthetic_split_seed(base.seed, split)}"
+    return f"the {base.kind} {split or 'test'} split"
+
+
+def refuse_shared_images(base: ZeroShotDatasetConfig, splits: dict[str, str]) -> None:
+    """A probe fitted, tuned or scored on the images it is tested on would report memorisation as accuracy."""
+    role_of: dict[str, str] = {}
+    for role, split in splits.items():
+        images = split_images(base, split)
+        if images in role_of:
+            other = role_of[images]
+            raise ValueError(
+                f"--{other}-split {splits[other]!r} and --{role}-split {split!r} are both {images}; "
+                "the probe needs different images for each"
+            )
+        role_of[images] = role
+
+
+def shared_class_folders(base: ZeroShotDatasetConfig, splits: dict[str, str]) -> list[str] | None:
+    """For an imagefolder: the sorted union of the splits' class folders, one labelling for all of them."""
+    if base.kind != "imagefolder":
+        return None
+    folders: set[str] = set()
+    for split in splits.values():
+        folders.update(list_class_folders(split_folder(base.root, split)))
+    return sorted(folders)
+
+
+def warn_about_classes_without_training_images(labels: torch.Tensor, classnames: list[str]) -> None:
+    counts = torch.bincount(labels, minlength=len(classnames))
+    missing = [name for name, count in zip(classnames, counts.tolist(), strict=True) if count == 0]
+    if missing:
+        logger.warning(
+            "%d of %d classes have no training images, so the probe never predicts them: %s",
+            len(missing),
+            len(classnames),
+            missing,
+        )
+
+
+def probe(args: argparse.Namespace) -> int:
     base = ZeroShotDatasetConfig(
         kind=args.dataset,
         root=args.root,
@@ -58,10 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         heldout_report=False,
     )
     splits = {"train": args.train_split, "test": args.test_split, **({"val": args.val_split} if args.val_split else {})}
-    features, num_classes = {}, 0
+    refuse_shared_images(base, splits)
+    class_folders = shared_class_folders(base, splits)
+    device = resolve_device(args.device)
+    model, preprocess = load_model(args.model, device)
+    features, skipped, classnames = {}, {}, []
     for role, split in splits.items():
-        data = load_classification_data(with_split(base, split), preprocess)
-        num_classes = max(num_classes, len(data.classnames))
+        data = load_classification_data(with_split(base, split), preprocess, class_folders=class_folders)
+        classnames = data.classnames  # the same for every split: fixed by the dataset kind or `class_folders`
         features[role] = extract_features(
             model,
             data.dataset,
@@ -70,11 +138,13 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             precision=args.precision,
         )
+        skipped[role] = len(data.dataset) - len(features[role][1])
         logger.info("%s split %r: %d images", role, split, len(features[role][1]))
+    warn_about_classes_without_training_images(features["train"][1], classnames)
     result = run_linear_probe(
         features["train"],
         features["test"],
-        num_classes,
+        len(classnames),
         val=features.get("val"),
         val_fraction=args.val_fraction,
         seed=args.seed,
@@ -86,12 +156,20 @@ def main(argv: list[str] | None = None) -> int:
         f"linear probe on {args.dataset}: l2={result.l2:.3g}  val {100 * result.val_accuracy:.2f}%  "
         f"test {100 * result.test_accuracy:.2f}%"
     )
+    if any(skipped.values()):
+        print(f"unreadable images skipped: {', '.join(f'{role} {count}' for role, count in skipped.items())}")
     path = write_json(
         Path(args.output_dir) / "linear_probe_results.json",
-        {"model": args.model, "dataset": args.dataset, **result.to_dict()},
+        {"model": args.model, "dataset": args.dataset, **result.to_dict(), "num_skipped": skipped},
     )
     logger.info("wrote %s", path)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    return run_command("clip-linear-probe", probe, args)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,15 @@ from pathlib import Path
 from clip.evaluation.config import RetrievalDatasetConfig
 from clip.evaluation.retrieval import evaluate_retrieval, load_retrieval_data
 
-from .common import load_model, resolve_device, setup_logging, write_json
+from .common import (
+    load_model,
+    non_negative_int,
+    positive_int,
+    resolve_device,
+    run_command,
+    setup_logging,
+    write_json,
+)
 
 logger = logging.getLogger("clip.retrieval")
 
@@ -29,14 +37,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--split", default="test", help="Karpathy split to evaluate ('' = all images)")
     parser.add_argument("--image-column", default="image", help="manifest column of the image path")
     parser.add_argument("--caption-column", default="caption", help="manifest column of the caption")
-    parser.add_argument("--max-images", type=int, default=0, help="evaluate the first N images only (0 = all)")
+    parser.add_argument(
+        "--max-images", type=non_negative_int, default=0, help="evaluate the first N images only (0 = all)"
+    )
     parser.add_argument("--name", default="", help="name in the output (default: the annotation file's stem)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--workers", type=non_negative_int, default=2)
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument(
-        "--chunk-size", type=int, default=4096, help="rows/columns of the similarity matrix held at once"
+        "--chunk-size", type=positive_int, default=4096, help="rows/columns of the similarity matrix held at once"
     )
     parser.add_argument(
         "--ties",
@@ -49,9 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    setup_logging()
+def evaluate(args: argparse.Namespace) -> int:
     dataset = RetrievalDatasetConfig(
         name=args.name,
         format=args.format,
@@ -62,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         caption_column=args.caption_column,
         max_images=args.max_images,
     )
-    name = args.name or Path(args.annotations).stem
+    name = dataset.resolved_name()
     data = load_retrieval_data(dataset)
     logger.info("%s: %d images, %d captions", name, len(data.image_paths), len(data.captions))
     device = resolve_device(args.device)
@@ -81,9 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     for key, value in result.recalls.items():
         print(f"{name} {key}: {100 * value:.2f}")
+    if result.num_skipped:
+        print(f"{name}: {result.num_skipped} unreadable image(s) skipped, with their captions")
     path = write_json(Path(args.output_dir) / "retrieval_results.json", {"model": args.model, **result.to_dict()})
     logger.info("wrote %s", path)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    return run_command("clip-retrieval", evaluate, args)
 
 
 if __name__ == "__main__":

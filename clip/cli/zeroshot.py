@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-from clip.config import ConfigError, load_config
+from clip.config import load_config
 from clip.evaluation.config import ZeroShotRunConfig
 from clip.evaluation.datasets import load_classification_data
 from clip.evaluation.results import format_table, save_confusion_png
 from clip.evaluation.zeroshot import evaluate_zeroshot
 
-from .common import load_model, resolve_device, setup_logging, write_json
+from .common import load_model, resolve_device, run_command, setup_logging, write_json
 
 logger = logging.getLogger("clip.zeroshot")
 
@@ -37,7 +36,7 @@ def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:
     model, preprocess = load_model(config.model, device)
     results = []
     for dataset_config in config.datasets:
-        name = dataset_config.name or dataset_config.kind
+        name = dataset_config.resolved_name()
         data = load_classification_data(dataset_config, preprocess)
         logger.info(
             "%s: %d images, %d classes, %d templates",
@@ -73,29 +72,22 @@ def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    setup_logging()
-    try:
-        config = load_config(args.config, args.overrides, ZeroShotRunConfig)
-    except ConfigError as error:
-        print(f"clip-zeroshot: {error}", file=sys.stderr)
-        return 2
+def evaluate(args: argparse.Namespace) -> int:
+    """Reads and checks the config (names are unique and sizes in range: `ZeroShotRunConfig`), then runs it."""
+    config = load_config(args.config, args.overrides, ZeroShotRunConfig)
     if not config.model:
-        print(
-            "clip-zeroshot: no model given; set `model = ...` in the config or pass model=NAME_OR_PATH", file=sys.stderr
-        )
-        return 2
+        raise ValueError("no model given; set `model = ...` in the config or pass model=NAME_OR_PATH")
     if not config.datasets:
-        print("clip-zeroshot: the config has no [[datasets]] tables", file=sys.stderr)
-        return 2
-    names = [d.name or d.kind for d in config.datasets]
-    if len(set(names)) != len(names):
-        print(f"clip-zeroshot: dataset names must be unique (set `name`), got {names}", file=sys.stderr)
-        return 2
+        raise ValueError("the config has no [[datasets]] tables")
     output_dir = Path(args.output_dir or config.output_dir or Path("zeroshot_results") / Path(args.config).stem)
     run(config, output_dir)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    return run_command("clip-zeroshot", evaluate, args)
 
 
 if __name__ == "__main__":

@@ -300,6 +300,10 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
         # Written after the resume checks: a refused resume leaves the run's recorded config alone.
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(config_dict), encoding="utf-8")
+    if dist_info.is_main:
+        # A save killed mid-write (SIGKILL, a lost node) leaves its temporary file; none of this run's saves
+        # has started yet, so every such file is a leftover.
+        ckpt.remove_stray_temporaries(run_dir)
 
     train_module: nn.Module = module
     if dist_info.is_distributed:
@@ -558,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         results = train(config)
-    except NonFiniteLossError as error:
+    except (NonFiniteLossError, ckpt.NoReadableCheckpointError) as error:
         log.error("%s", error)
         return 1
     if results.get("step", 0) < config.schedule.steps:  # stopped by a signal, with a checkpoint

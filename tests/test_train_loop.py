@@ -240,6 +240,14 @@ def test_a_config_error_is_one_line_and_status_2(tmp_path, capsys):
     assert error.startswith("clip-train: ") and "batch_size" in error and "Traceback" not in error
 
 
+def test_a_save_killed_mid_write_leaves_no_temporary_file_after_the_next_start(tmp_path):
+    train(tiny_config(tmp_path, "eval.every_n_steps=0"), stop_at_step=3)
+    stray = tmp_path / ckpt.CHECKPOINT_DIR / ".step_00000004.pt.abcd1234.tmp"  # as save_checkpoint names them
+    stray.write_bytes(b"half a checkpoint")
+    train(tiny_config(tmp_path, "eval.every_n_steps=0"), stop_at_step=4)
+    assert not stray.exists()
+
+
 def test_resuming_with_another_model_is_refused(tmp_path):
     train(tiny_config(tmp_path), stop_at_step=3)
     with pytest.raises(ValueError, match="different model"):

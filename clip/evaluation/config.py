@@ -12,24 +12,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from clip.config_io import InvalidValue, require
+
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
 def require_at_least(minimum: int, **values: int) -> None:
-    """Raises ValueError naming the first of `values` below `minimum` (a 0 batch or chunk size would only
-    fail much later, deep inside a loop, with an unhelpful message)."""
+    """Refuses the first of `values` below `minimum`: a 0 batch or chunk size would only fail much later,
+    deep inside a loop, with an unhelpful message. Read through `from_dict`, the error names the full
+    dotted key ("eval.text_batch_size must be >= 1, got 0")."""
     for name, value in values.items():
-        if value < minimum:
-            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        require(name, value, value >= minimum, f">= {minimum}")
 
 
-def require_unique_names(tables: str, names: Sequence[str]) -> None:
+def require_unique_names(key: str, names: Sequence[str]) -> None:
     """Every dataset's results are keyed by its name, so a repeated name would overwrite another's metrics."""
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
-        raise ValueError(
-            f"the {tables} datasets need unique names (their metrics are keyed by name), but "
-            f"{', '.join(map(repr, repeated))} occurs more than once in {list(names)}; set `name` to tell them apart"
+        raise InvalidValue(
+            key,
+            f"needs a unique name per dataset (their metrics are keyed by it), but {', '.join(map(repr, repeated))} "
+            f"occurs more than once in {list(names)}; set `name` to tell them apart",
         )
 
 
@@ -135,8 +138,8 @@ class EvalConfig:
             retrieval_chunk_size=self.retrieval_chunk_size,
         )
         # Metric keys are "zeroshot/<name>/..." and "retrieval/<name>/...": names must differ within a kind.
-        require_unique_names("[[eval.zeroshot]]", [dataset.resolved_name() for dataset in self.zeroshot])
-        require_unique_names("[[eval.retrieval]]", [dataset.resolved_name() for dataset in self.retrieval])
+        require_unique_names("zeroshot", [dataset.resolved_name() for dataset in self.zeroshot])
+        require_unique_names("retrieval", [dataset.resolved_name() for dataset in self.retrieval])
 
 
 @dataclass
@@ -164,4 +167,4 @@ class ZeroShotRunConfig:
     def __post_init__(self) -> None:
         require_at_least(0, workers=self.workers)
         require_at_least(1, batch_size=self.batch_size, text_batch_size=self.text_batch_size)
-        require_unique_names("[[datasets]]", [dataset.resolved_name() for dataset in self.datasets])
+        require_unique_names("datasets", [dataset.resolved_name() for dataset in self.datasets])

@@ -42,6 +42,10 @@ class VisionConfig:
             raise ValueError(f"vision.kind must be 'vit' or 'resnet', got {self.kind!r}")
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
+        depths = self.layers if isinstance(self.layers, tuple) else (self.layers,)
+        _require_positive("vision", image_size=self.image_size, width=self.width, heads=self.heads,
+                          patch_size=self.patch_size, mlp_ratio=self.mlp_ratio)
+        _require_positive("vision", layers=min(depths, default=0))
         if self.kind == "resnet":
             if not (isinstance(self.layers, tuple) and len(self.layers) == 4):
                 raise ValueError(f"a ResNet needs four stage depths in vision.layers, got {self.layers!r}")
@@ -60,6 +64,12 @@ class VisionConfig:
                 raise ValueError(f"vision.width={self.width} is not divisible by vision.heads={self.heads}")
 
 
+def _require_positive(section: str, **values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:  # also catches NaN
+            raise ValueError(f"{section}.{name} must be > 0, got {value!r}")
+
+
 @dataclass(frozen=True)
 class TextConfig:
     """Causal Transformer text encoder over BPE tokens; features are read at the end-of-text token."""
@@ -72,6 +82,10 @@ class TextConfig:
     mlp_ratio: float = 4.0
 
     def __post_init__(self) -> None:
+        _require_positive("text", context_length=self.context_length, vocab_size=self.vocab_size, width=self.width,
+                          layers=self.layers, heads=self.heads, mlp_ratio=self.mlp_ratio)
+        if self.context_length < 2:
+            raise ValueError(f"text.context_length must hold the start and end tokens (>= 2), got {self.context_length}")
         if self.width % self.heads:
             raise ValueError(f"text.width={self.width} is not divisible by text.heads={self.heads}")
 
@@ -85,6 +99,9 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     # OpenAI's released models use QuickGELU (x * sigmoid(1.702 x)); exact GELU is the modern default.
     activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
+
+    def __post_init__(self) -> None:
+        _require_positive("model", embed_dim=self.embed_dim)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

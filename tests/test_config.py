@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -307,3 +309,18 @@ def test_index_override_beyond_the_list_says_what_to_do(tmp_path):
     not_a_list = write(tmp_path, '[data]\nsources = "foo"\n')
     with pytest.raises(ConfigError, match=r"data\.sources is not an array of tables"):
         load_config(not_a_list, ["data.sources.0.weight=2"], TrainConfig)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.vision.heads=0", "vision.heads must be > 0, got 0"),
+    ("model.text.layers=0", "text.layers must be > 0, got 0"),
+    ("model.embed_dim=-1", "embed_dim must be > 0, got -1"),
+    ("model.text.context_length=1", "context_length must hold the start and end tokens"),
+])
+def test_model_sizes_out_of_range_are_config_errors(override, message):
+    # Before: heads=0 raised ZeroDivisionError from inside the config's own checks.
+    from clip.config import TrainConfig, load_config
+
+    demo = Path(__file__).parent.parent / "configs" / "demo.toml"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(demo, [override], TrainConfig)

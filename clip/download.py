@@ -93,7 +93,7 @@ def download(
     # A unique name per attempt, so that several processes (one per GPU) may download at once.
     partial = folder / f".{name}.{uuid.uuid4().hex}.part"
     try:
-        actual = _fetch(url, partial, target, expected, progress, timeout_s)
+        actual = _fetch(url, partial, target, expected, progress, timeout_s, root_given=root is not None)
         if actual != expected:
             raise DownloadError(
                 f"The file downloaded from {url} has SHA256 {actual}, but {expected} was expected; it was not "
@@ -106,10 +106,12 @@ def download(
     return target
 
 
-def _fetch(url: str, partial: Path, target: Path, expected: str, progress: bool, timeout_s: float) -> str:
+def _fetch(
+    url: str, partial: Path, target: Path, expected: str, progress: bool, timeout_s: float, root_given: bool
+) -> str:
     """Stream `url` into `partial` (which must not exist yet) and return the SHA256 of the bytes written.
 
-    `target` and `expected` only serve the error messages.
+    `target`, `expected` and `root_given` (the caller chose the folder) only serve the error messages.
     """
     try:
         response = urllib.request.urlopen(url, timeout=timeout_s)
@@ -118,10 +120,11 @@ def _fetch(url: str, partial: Path, target: Path, expected: str, progress: bool,
         raise DownloadError(message) from error
     except OSError as error:  # URLError, refused connections, timeouts, DNS failures: usually offline
         reason = getattr(error, "reason", None) or error
+        # The cache variable only matters where the caller did not choose the folder (download_root=...).
+        elsewhere = "" if root_given else f" (set {CACHE_DIR_VARIABLE} to use another cache folder)"
         raise DownloadError(
             f"Could not download {url} ({reason}). If this machine is offline, fetch that URL elsewhere and copy "
-            f"the file to {target} (set {CACHE_DIR_VARIABLE} to use another cache folder). It is used once its "
-            f"SHA256 is {expected}."
+            f"the file to {target}{elsewhere}. It is used once its SHA256 is {expected}."
         ) from error
 
     digest = hashlib.sha256()

@@ -33,10 +33,9 @@ from torch import nn
 from . import download
 from .architectures import RELEASED_ARCHITECTURES, ModelConfig
 from .infer_architecture import ArchitectureInferenceError, infer_model_config
-from .model import CLIP
+from .model import CLIP, convert_to_half_precision
 from .preprocess import ImageTransform, image_transform
 from .released import RELEASED_WEIGHTS
-from .transformer import MultiheadSelfAttention
 from .weights_file import LoadedWeights, UnsafeFileError, WeightsFileError, read_run_or_file, read_weights
 
 __all__ = [
@@ -120,24 +119,6 @@ def model_from_weights(weights: LoadedWeights, source: str) -> CLIP:
     _check_fits(expected, state, f"{source} does not fit the {_describe(config)} architecture {origin}")
     model.load_state_dict(state, strict=True)
     return model.eval()
-
-
-def convert_to_half_precision(model: nn.Module) -> nn.Module:
-    """In place: float16 for the weights that OpenAI's release stores in float16 (the matrix multiplies:
-    convolutions, linear layers, attention input projections, `text_projection`, `visual.proj`); embeddings,
-    LayerNorm, BatchNorm and `logit_scale` stay float32. Returns `model`."""
-    for module in model.modules():
-        names: list[str] = []
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
-            names = ["weight", "bias"]
-        elif isinstance(module, MultiheadSelfAttention):
-            names = ["in_proj_weight", "in_proj_bias"]
-        names += ["text_projection", "proj"]
-        for name in names:
-            parameter = getattr(module, name, None)
-            if isinstance(parameter, nn.Parameter):
-                parameter.data = parameter.data.half()
-    return model
 
 
 class ModelNotFoundError(FileNotFoundError, RuntimeError):

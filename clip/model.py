@@ -11,7 +11,7 @@ from torch import nn
 
 from .architectures import ModelConfig, get_architecture
 from .modified_resnet import ModifiedResNet
-from .transformer import LayerNorm, Transformer
+from .transformer import LayerNorm, MultiheadSelfAttention, Transformer
 from .vision_transformer import VisionTransformer
 
 # The CLIP paper initialises the temperature to 0.07, i.e. logit_scale = log(1 / 0.07).
@@ -128,3 +128,35 @@ def create_model(name_or_config: str | ModelConfig | dict) -> CLIP:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def convert_to_half_precision(model: nn.Module) -> nn.Module:
+    """In place: float16 for the weights that OpenAI's release stores in float16 (the matrix multiplies:
+    convolutions, linear layers, attention input projections, `text_projection`, `visual.proj`); embeddings,
+    LayerNorm, BatchNorm and `logit_scale` stay float32. Returns `model`."""
+    for module in model.modules():
+        names: list[str] = []
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            names = ["weight", "bias"]
+        elif isinstance(module, MultiheadSelfAttention):
+            names = ["in_proj_weight", "in_proj_bias"]
+        names += ["text_projection", "proj"]
+        for name in names:
+            parameter = getattr(module, name, None)
+            if isinstance(parameter, nn.Parameter):
+                parameter.data = parameter.data.half()
+    return model
+
+
+# openai/CLIP's name for it (its fp16 fine-tuning recipes call clip.model.convert_weights).
+convert_weights = convert_to_half_precision
+
+
+def build_model(state_dict: dict) -> CLIP:
+    """openai/CLIP's `build_model`: the model that an OpenAI-layout `state_dict` holds (the architecture is
+    inferred from the tensor shapes), in eval mode and, as openai/CLIP returns it, with the float16 weights
+    of OpenAI's release (`convert_weights`); `.float()` it for float32 on a CPU."""
+    from .loading import model_from_weights  # loading builds on this module
+    from .weights_file import weights_from_state_dict
+
+    return convert_weights(model_from_weights(weights_from_state_dict(state_dict), "the state dict given"))

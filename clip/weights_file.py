@@ -208,6 +208,12 @@ def _config_from_checkpoint(config: object, path: Path) -> ModelConfig | None:
         raise WeightsFileError(f"{path}: its config's 'model' entry is not a valid ModelConfig ({error})") from error
 
 
+def weights_from_state_dict(state: Mapping) -> LoadedWeights:
+    """A state dict already in memory, as a file holding it would be read (wrapper prefixes removed,
+    OpenAI's extra integer entries set apart)."""
+    return _weights_from_state_dict(state, None, Path("<state dict>"))
+
+
 def _weights_from_state_dict(state: Mapping, config: ModelConfig | None, path: Path) -> LoadedWeights:
     state = dict(state)
     for prefix in _WRAPPER_PREFIXES:

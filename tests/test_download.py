@@ -151,14 +151,17 @@ def test_http_error_is_reported(server_url: str, tmp_path: Path) -> None:
     assert files_in(tmp_path) == []
 
 
-def test_offline_error_says_where_to_put_the_file(tmp_path: Path) -> None:
+def test_offline_error_says_where_to_put_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     url = closed_port_url()
     with pytest.raises(RuntimeError) as raised:
         download(url, GOOD_SHA256, root=tmp_path, progress=False, timeout_s=5)
     message = str(raised.value)
-    assert url in message and str(tmp_path / "weights.bin") in message
-    assert "CLIP_CACHE_DIR" in message and GOOD_SHA256 in message
+    assert url in message and str(tmp_path / "weights.bin") in message and GOOD_SHA256 in message
+    assert "CLIP_CACHE_DIR" not in message  # the caller chose the folder: the variable would change nothing
     assert files_in(tmp_path) == []
+    monkeypatch.setenv("CLIP_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(RuntimeError, match="set CLIP_CACHE_DIR to use another cache folder"):
+        download(url, GOOD_SHA256, progress=False, timeout_s=5)
 
 
 def test_missing_local_file_is_an_error(tmp_path: Path) -> None:

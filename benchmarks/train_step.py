@@ -143,13 +143,21 @@ def make_step(job: dict, device: torch.device, images: torch.Tensor, texts: torc
 
     clip_norm = job.get("grad_clip_norm")
     if job["library"] == "ours":
-        from clip.train import contrastive_step
+        from clip.distributed import DistributedInfo
+        from clip.train import agree_before_backward, contrastive_step
 
         module, optimizer, loss_fn, logit_scale = build_ours(job["arch"], device, job["optimizer"])
         runner = torch.compile(module) if job["compile"] else module
+        one_process = DistributedInfo(rank=0, world_size=1, local_rank=0, device=device)
+
+        def backward(loss: torch.Tensor) -> None:
+            # As clip.train does: the finite-loss check reads the loss on the host before backward (one
+            # device sync per step), which a bare loss.backward() would leave out of the measurement.
+            agree_before_backward(loss.detach(), False, one_process)
+            loss.backward()
 
         def forward_backward() -> torch.Tensor:
-            loss, _ = contrastive_step(runner, images, texts, 1, loss_fn, autocast, lambda l: l.backward(), False)
+            loss, _ = contrastive_step(runner, images, texts, 1, loss_fn, autocast, backward, False)
             return loss
     else:
         module, optimizer, loss_fn, logit_scale = build_open_clip(job["arch"], device)
@@ -252,13 +260,15 @@ def measure(job: dict) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    losses = [step().item() for _ in range(job["warmup"])]
-    wall_s, cpu_s = common.time_calls(lambda: losses.append(step().item()), job["steps"], device)
+    losses = [step() for _ in range(job["warmup"])]
+    # The losses stay on the device until the timing ends: reading each one would add a host sync per step
+    # that neither library's training loop makes.
+    wall_s, cpu_s = common.time_calls(lambda: losses.append(step()), job["steps"], device)
     result = {
         "samples_per_s": job["batch"] * job["steps"] / wall_s,
         "samples_per_cpu_s": job["batch"] * job["steps"] / cpu_s,
         "step_s": wall_s / job["steps"],
-        "losses": losses,
+        "losses": [loss.item() for loss in losses],
         "text_source": text_source,
         "caption_tokens": common.token_lengths(texts.cpu()),
         "parameters": sum(p.numel() for p in module.parameters()),
@@ -351,27 +361,31 @@ def add_comparisons(row: dict, device: torch.device, precision: str) -> None:
 
 
 def format_rows(rows: list[dict], device_type: str) -> str:
-    memory_label = "training peak GiB" if device_type == "cpu" else "peak GiB"
-    memory_key = "training_peak_gib" if device_type == "cpu" else "peak_gib"
+    on_cpu = device_type == "cpu"
+    memory_label = "training peak GiB" if on_cpu else "peak GiB"
+    memory_key = "training_peak_gib" if on_cpu else "peak_gib"
     table = []
     for row in rows:
         cells = []
         for library in ("ours", "open_clip"):
             result = row["results"].get(library)
             if result is None or "error" in result:
-                cells += [result["error"] if result else "-", "", ""]
+                cells += [result["error"] if result else "-", *[""] * (2 if on_cpu else 1)]
                 continue
             mfu = f" ({result['mfu']:.0%} MFU)" if "mfu" in result else ""
-            cells += [f"{result['samples_per_s']:.2f}{mfu}", f"{result['samples_per_cpu_s']:.2f}", f"{result[memory_key]:.2f}"]
+            cpu_cells = [f"{result['samples_per_cpu_s']:.2f}"] if on_cpu else []
+            cells += [f"{result['samples_per_s']:.2f}{mfu}", *cpu_cells, f"{result[memory_key]:.2f}"]
         speedup = f"{row['speedup']:.2f}x" if row.get("speedup") else "-"
-        speedup_cpu = f"{row['speedup_cpu_time']:.2f}x" if row.get("speedup_cpu_time") else "-"
+        speedup_cpu = [f"{row['speedup_cpu_time']:.2f}x" if row.get("speedup_cpu_time") else "-"] if on_cpu else []
         memory = f"{row['memory_ratio']:.2f}x" if row.get("memory_ratio") else "-"
         table.append([display_name(row["arch"]), row["batch"], row["threads"] or "default", row["precision"],
-                      "yes" if row["compile"] else "no", *cells, speedup, speedup_cpu, memory])
+                      "yes" if row["compile"] else "no", *cells, speedup, *speedup_cpu, memory])
+    # On a GPU the CPU time mostly measures the host waiting for the device: the columns would mislead.
+    cpu_columns = ["samples/CPU-s"] if on_cpu else []
     headers = ["arch", "batch", "threads", "precision", "compile",
-               "ours samples/s", "ours samples/CPU-s", f"ours {memory_label}",
-               "open_clip samples/s", "open_clip samples/CPU-s", f"open_clip {memory_label}",
-               "speed ratio", "CPU-time ratio", "memory ratio"]
+               "ours samples/s", *[f"ours {c}" for c in cpu_columns], f"ours {memory_label}",
+               "open_clip samples/s", *[f"open_clip {c}" for c in cpu_columns], f"open_clip {memory_label}",
+               "speed ratio", *(["CPU-time ratio"] if on_cpu else []), "memory ratio"]
     return common.markdown_table(headers, table)
 
 

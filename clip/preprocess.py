@@ -6,7 +6,9 @@ ToTensor, Normalize(CLIP's mean/std) -- so `preprocess.transforms[-1].mean`, `pr
 or `Compose([RandomResizedCrop(...), *preprocess.transforms[2:]])` work as they do on OpenAI's. The output
 is identical to OpenAI's for RGB and L images, and, with the default alpha_background=None, for RGBA and
 LA images too: those are resized in their own mode (PIL resizes them with premultiplied alpha, so fully
-transparent areas carry no colour) and converted to RGB afterwards, as OpenAI's pipeline does.
+transparent areas come out black) and converted to RGB afterwards, as OpenAI's pipeline does. An image whose
+shorter side already is n is not resized at all (torchvision's Resize returns it as it is, OpenAI's too): its
+transparent areas then show the colour stored under them, often white.
 `train=True` swaps Resize + CenterCrop for a bicubic RandomResizedCrop.
 
 Where we deliberately differ from openai/CLIP (in `prepare_for_resize`, which the first step,
@@ -56,11 +58,19 @@ _STRAIGHT_ALPHA = {"RGBa": "RGBA", "La": "LA", "PA": "RGBA", "P": "RGBA", "L": "
 
 
 def apply_exif_orientation(image: Image.Image) -> Image.Image:
-    """Rotate/flip `image` as its EXIF orientation tag says; the image itself when there is no such tag."""
-    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-    if orientation == 1:
-        return image  # exif_transpose would copy the pixels for nothing
-    return ImageOps.exif_transpose(image)
+    """Rotate/flip `image` as its EXIF orientation tag says; the image itself when there is no such tag, or
+    when its EXIF block cannot be read."""
+    # A damaged EXIF block makes reading it, or exif_transpose's rewriting of it, raise whatever PIL's TIFF tag
+    # code trips on (struct.error, SyntaxError, ValueError, ...) in a file whose pixels decode fine. The pixels
+    # as stored beat a lost image: an exception here would end an evaluation's DataLoader (and leave the other
+    # ranks waiting in a collective), so any error keeps the image as it is.
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+        if orientation == 1:
+            return image  # exif_transpose would copy the pixels for nothing
+        return ImageOps.exif_transpose(image)
+    except Exception:
+        return image
 
 
 def _array_to_l(values: np.ndarray, nominal_max: float | None) -> Image.Image:
@@ -147,7 +157,10 @@ def to_rgb(image: Image.Image, alpha_background: RGB | None = WHITE, exif_orient
     if mode in _INT16_MODES or mode in ("I", "F"):
         return _high_depth_to_l(image).convert("RGB")
     if mode in _ALPHA_MODES or _has_transparency_entry(image):
-        with_alpha = _straight_alpha(image)  # PIL converts La to LA only, and composites straight alpha
+        # PIL converts La to LA only, and composites straight alpha. Without a background the detour through
+        # RGBA/LA gives the pixels a direct convert("RGB") gives, but a palette whose transparency is a byte
+        # string (a PNG tRNS chunk with partial alphas) would make PIL warn on every such image.
+        with_alpha = _straight_alpha(image)
         if alpha_background is None:
             return with_alpha.convert("RGB")
         return _composite(with_alpha, alpha_background)
@@ -188,7 +201,19 @@ def prepare_for_resize(
 # Resize with its `.size`); all are plain picklable objects for DataLoader workers.
 
 
-class ResizeAnyMode(T.Resize):
+class _PreparedForResize:
+    """Mixin for a torchvision geometry transform: a PIL image goes through `prepare_for_resize` (with the
+    subclass's `alpha_background`) before the transform; tensors go to it unchanged."""
+
+    alpha_background: RGB | None
+
+    def forward(self, image):
+        if isinstance(image, Image.Image):
+            image = prepare_for_resize(image, self.alpha_background)
+        return super().forward(image)
+
+
+class ResizeAnyMode(_PreparedForResize, T.Resize):
     """torchvision's bicubic Resize of the shorter side to `size`, for a PIL image of any mode: the image
     first goes through `prepare_for_resize` (EXIF orientation, palette/16-bit/... conversions). Identical to
     Resize(size, bicubic) on RGB, L, RGBA and LA images without an orientation tag."""
@@ -197,11 +222,6 @@ class ResizeAnyMode(T.Resize):
         super().__init__(size, interpolation=T.InterpolationMode.BICUBIC)
         self.alpha_background = alpha_background
 
-    def forward(self, image):
-        if isinstance(image, Image.Image):  # tensors go to torchvision's Resize unchanged
-            image = prepare_for_resize(image, self.alpha_background)
-        return super().forward(image)
-
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(size={self.size}, interpolation={self.interpolation.value}, "
@@ -209,7 +229,7 @@ class ResizeAnyMode(T.Resize):
         )
 
 
-class RandomResizedCropAnyMode(T.RandomResizedCrop):
+class RandomResizedCropAnyMode(_PreparedForResize, T.RandomResizedCrop):
     """torchvision's bicubic RandomResizedCrop to size x size over `scale` of the area (aspect ratios
     3/4..4/3, torch's global RNG, which the DataLoader seeds differently in every worker), after
     `prepare_for_resize` as in `ResizeAnyMode`."""
@@ -217,11 +237,6 @@ class RandomResizedCropAnyMode(T.RandomResizedCrop):
     def __init__(self, size: int, scale: tuple[float, float], alpha_background: RGB | None = None) -> None:
         super().__init__(size, scale=scale, ratio=RANDOM_CROP_RATIOS, interpolation=T.InterpolationMode.BICUBIC)
         self.alpha_background = alpha_background
-
-    def forward(self, image):
-        if isinstance(image, Image.Image):
-            image = prepare_for_resize(image, self.alpha_background)
-        return super().forward(image)
 
     def __repr__(self) -> str:
         return (
@@ -305,8 +320,10 @@ def image_transform(
     train=True: a bicubic RandomResizedCrop covering `resize_scale` of the area, then the same last steps.
     alpha_background: None (the default) handles transparency like openai/CLIP, so released models see what
         they were trained on: the image is resized with its alpha (premultiplied, so where alpha is 0 no
-        colour survives: fully transparent areas come out black once the image is resized), then the alpha
-        is dropped. Pass e.g. (255, 255, 255) to composite transparent images onto white first, as a viewer
-        shows them (and as the training loader, `clip.data`, does).
+        colour survives and fully transparent areas come out black), then the alpha is dropped. An image
+        that needs no resize (train=False and its shorter side already `image_size`; OpenAI's pipeline
+        skips it too) keeps the colour stored under its fully transparent areas. Pass e.g. (255, 255, 255)
+        to composite transparent images onto white first, as a viewer shows them (and as the training
+        loader, `clip.data`, does).
     """
     return ImageTransform(image_size, train, mean, std, resize_scale, alpha_background)

@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 
 import numpy as np
 import pytest
 import torch
-from PIL import ExifTags, Image
+from PIL import ExifTags, Image, ImageOps
 from torchvision import transforms as T
 
-from clip.preprocess import OPENAI_MEAN, OPENAI_STD, image_transform, prepare_for_resize, to_rgb
+from clip.preprocess import (
+    OPENAI_MEAN,
+    OPENAI_STD,
+    apply_exif_orientation,
+    image_transform,
+    prepare_for_resize,
+    to_rgb,
+)
 
 BICUBIC = T.InterpolationMode.BICUBIC
 
@@ -191,6 +199,33 @@ def test_exif_orientation_is_applied():
     assert to_rgb(loaded, exif_orientation=False).size == (4, 2)
 
 
+def jpeg_with_damaged_exif() -> Image.Image:
+    """A 5x3 red JPEG tagged orientation 6 whose EXIF also holds a text value under the SubIFDs tag (330),
+    which must hold offsets: the pixels decode, but exif_transpose's rewriting of the EXIF raises
+    struct.error (a byte flip the reviewer's fuzzing of camera EXIF blocks found)."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    exif[ExifTags.Base.Model] = "EOS"
+    raw = exif.tobytes()
+    model_entry = b"\x01\x10\x00\x02"  # big-endian tag 0x0110 (Model), type 2 (ASCII)
+    assert raw.count(model_entry) == 1
+    damaged = raw.replace(model_entry, b"\x01\x4a\x00\x02")  # tag 0x014a (SubIFDs), still ASCII
+    buffer = io.BytesIO()
+    Image.new("RGB", (5, 3), (200, 10, 10)).save(buffer, format="JPEG", exif=damaged)
+    return Image.open(io.BytesIO(buffer.getvalue()))
+
+
+def test_a_damaged_exif_block_keeps_the_pixels_as_stored():
+    image = jpeg_with_damaged_exif()
+    image.load()
+    with pytest.raises(Exception):  # noqa: B017 -- whatever PIL raises is what apply_exif_orientation catches
+        ImageOps.exif_transpose(image)
+    assert apply_exif_orientation(image) is image
+    assert to_rgb(image).size == (5, 3)
+    for train in (False, True):
+        assert image_transform(8, train=train)(image).shape == (3, 8, 8)
+
+
 def test_rejects_non_images():
     with pytest.raises(TypeError, match="PIL"):
         to_rgb(np.zeros((2, 2, 3), dtype=np.uint8))  # type: ignore[arg-type]
@@ -320,6 +355,38 @@ def test_logo_corners_are_black_like_openai_or_the_background():
     assert not torch.equal(dropped, image_transform(32, **plain)(image.convert("RGB")))
 
 
+def test_an_image_that_needs_no_resize_keeps_the_colour_under_its_transparency():
+    # Shorter side == image_size: torchvision's Resize (OpenAI's too) returns the image untouched, so no
+    # premultiplied resize runs and dropping the alpha shows the white the logo stores there.
+    image = logo(32)
+    plain = {"mean": (0, 0, 0), "std": (1, 1, 1)}
+    out = image_transform(32, **plain)(image)
+    assert torch.equal(image_transform(32)(image), openai_reference(32)(image))
+    assert torch.equal(out[:, 0, 0], torch.ones(3))
+    assert torch.equal(out, image_transform(32, **plain)(image.convert("RGB")))
+
+
+@pytest.mark.parametrize("transparency", [0, bytes([0, 128, 255, 64])], ids=["index", "alpha_bytes"])
+def test_dropping_palette_transparency_gives_convert_rgb_pixels_without_a_warning(transparency):
+    # to_rgb(alpha_background=None) goes through RGBA: the pixels of PIL's convert("RGB"), which would warn
+    # about a palette whose transparency is a byte string.
+    rng = np.random.default_rng(11)
+    palette = Image.fromarray(rng.integers(0, 4, (6, 7), dtype=np.uint8), mode="P")
+    palette.putpalette([0, 255, 0, 255, 0, 0, 0, 0, 255, 250, 250, 250] + [0] * (252 * 3))
+    palette.info["transparency"] = transparency
+    loaded = png_round_trip(palette)
+    grey = png_round_trip(Image.fromarray(np.arange(42, dtype=np.uint8).reshape(6, 7), mode="L"))
+    grey.info["transparency"] = 5
+    for image in (loaded, grey):
+        assert "transparency" in image.info
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = to_rgb(image, alpha_background=None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert np.array_equal(pixels(out), pixels(image.convert("RGB")))
+
+
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "RGBa", "La", "PA"])
 def test_background_is_composited_before_the_resize(mode):
     # The image a viewer shows, resized: PIL's premultiplied resize would clip the alpha's overshoot first.
@@ -442,6 +509,8 @@ def test_steps_pass_through_and_reject_the_right_things():
     resize, _, to_rgb_step, _, _ = image_transform(8).transforms
     assert to_rgb_step(image) is image
     assert resize(torch.rand(3, 10, 20)).shape == (3, 8, 16)  # tensors go to torchvision's Resize
+    crop_step = image_transform(8, train=True).transforms[0]
+    assert crop_step(torch.rand(3, 10, 20)).shape == (3, 8, 8)  # ... and to its RandomResizedCrop
     with pytest.raises(TypeError, match="PIL"):
         prepare_for_resize(np.zeros((2, 2, 3), dtype=np.uint8))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="PIL"):

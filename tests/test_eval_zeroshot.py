@@ -260,6 +260,13 @@ def test_templates_are_checked_and_read_from_files(tmp_path):
         load_templates(tmp_path / "bad.txt")
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_entry(tmp_path):
+    (tmp_path / "names.txt").write_text("\ufefftench\ngoldfish\n", encoding="utf-8")
+    assert load_classnames(tmp_path / "names.txt") == ["tench", "goldfish"]
+    (tmp_path / "t.json").write_text('\ufeff["a photo of a {}."]', encoding="utf-8")
+    assert load_templates(tmp_path / "t.json") == ["a photo of a {}."]
+
+
 def test_lines_copied_from_a_python_list_are_unquoted(tmp_path):
     # What users copy out of the CLIP paper's prompts.md: one quoted string per line, with a comma.
     (tmp_path / "t.txt").write_text("# CIFAR templates\n    'a photo of a {}.',\n    \"a {}'s photo.\",\n'the {}.'\n")

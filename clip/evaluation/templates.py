@@ -94,7 +94,9 @@ def _read_string_list(path: Path, what: str, comments: bool) -> list[str]:
     Lines copied from a Python list (`'a photo of a {}.',`) are read as the strings they quote."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    # utf-8-sig: a byte-order mark (Notepad and spreadsheet exports write one) would otherwise become part of
+    # the first class name ("\ufefftench") or stop a JSON list from parsing.
+    text = path.read_text(encoding="utf-8-sig")
     if path.suffix == ".json" or text.lstrip().startswith("["):
         try:
             items = json.loads(text)

@@ -197,9 +197,23 @@ def test_a_dataset_moved_to_another_folder_still_resumes_exactly(tmp_path: Path,
 
 
 @pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="workers keep torch's signal handling here")
-def test_workers_outlive_a_schedulers_signals_and_stop_on_close(tmp_path: Path) -> None:
+@pytest.mark.parametrize("default_start_method", ["fork", "spawn"])  # Python 3.14's default is forkserver
+def test_workers_outlive_a_schedulers_signals_and_stop_on_close(tmp_path: Path, default_start_method: str) -> None:
     # SLURM's pre-emption signals every process of the job: a worker that died of it would make torch raise
     # "DataLoader worker killed" in the trainer, in the middle of the checkpoint save the signal asked for.
+    # Whatever the process-wide start method, the training workers are forked (a spawned one has threads
+    # that take the signal before it can be shielded).
+    import multiprocessing
+
+    previous = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method(default_start_method, force=True)
+    try:
+        check_workers_outlive_signals(tmp_path)
+    finally:
+        multiprocessing.set_start_method(previous, force=True)
+
+
+def check_workers_outlive_signals(tmp_path: Path) -> None:
     data = build([shards_source(tmp_path, 40, 6)], batch_size=4, workers=2)
     batches = iter(data)
     next(batches)

@@ -36,6 +36,16 @@ STATE_FORMAT = 1
 _FINISHED_EPOCHS_KEPT = 4
 
 
+def signal_safe_worker_options() -> dict:
+    """DataLoader arguments for worker processes that outlive a scheduler's signals (see
+    `shield_worker_from_job_signals`): that function as `worker_init_fn`, and where it can work (Linux),
+    forked workers. A spawned or forkserver-started worker has threads of its own before `worker_init_fn`
+    runs, which would still take the signal, and its parent is not necessarily the training process."""
+    if not hasattr(signal, "sigwaitinfo"):  # macOS, Windows: torch's own handling
+        return {}
+    return {"worker_init_fn": shield_worker_from_job_signals, "multiprocessing_context": "fork"}
+
+
 def shield_worker_from_job_signals(worker_id: int) -> None:
     """Run in each data worker: leave SIGTERM and SIGINT from outside to the training process.
 
@@ -48,8 +58,6 @@ def shield_worker_from_job_signals(worker_id: int) -> None:
     still stop when the loader is closed, and on their own when the training process dies.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if not hasattr(signal, "sigwaitinfo"):  # macOS and Windows: keep torch's handling
-        return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
     threading.Thread(target=_answer_sigterm_from_parent_only, name="sigterm-filter", daemon=True).start()
 
@@ -184,7 +192,7 @@ class TrainData:
             # The loader draws its workers' base seed from this generator instead of torch's global RNG,
             # so creating it does not change the trainer's random numbers. (Our workers use no torch RNG.)
             generator=torch.Generator().manual_seed(self.seed),
-            worker_init_fn=shield_worker_from_job_signals if workers > 0 else None,
+            **(signal_safe_worker_options() if workers > 0 else {}),
         )
         self._loader_iterator = iter(loader)
         self._generation += 1

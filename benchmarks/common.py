@@ -150,7 +150,7 @@ def merges_file_available() -> bool:
 
 
 def caption_token_ids(count: int, seed: int, context_length: int = 77) -> tuple[torch.Tensor, str]:
-    """(LongTensor[count, context_length], how it was made). Realistic captions through `clip.tokenize`
+    """(IntTensor[count, context_length] as clip.tokenize returns, how it was made). Realistic captions through `clip.tokenize`
     when the BPE merges file is cached; otherwise (an offline machine) random ids between the start and
     end tokens with the same length distribution (8-30 tokens), which costs the models the same work."""
     if merges_file_available():
@@ -160,7 +160,7 @@ def caption_token_ids(count: int, seed: int, context_length: int = 77) -> tuple[
         return ids, "clip.tokenize"
     start_token, end_token = 49406, 49407
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(count, context_length, dtype=torch.long)
+    ids = torch.zeros(count, context_length, dtype=torch.int32)
     for row in range(count):
         length = min(int(torch.randint(8, 31, (1,), generator=generator)), context_length)
         ids[row, 0] = start_token

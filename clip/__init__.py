@@ -16,6 +16,9 @@ def available_models() -> list[str]:
     return list(RELEASED_ARCHITECTURES)
 
 
+# openai/CLIP's module layout (`clip.clip.load`, `from clip import clip`); imported last, it uses the above.
+from . import clip  # noqa: E402
+
 __all__ = [
     "CLIP",
     "ModelConfig",

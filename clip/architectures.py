@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .config_io import InvalidValue
+
 # OpenAI's byte-level BPE: 256 byte tokens, each also with an end-of-word form (512), 48,894 merges,
 # and the two special tokens <|startoftext|> and <|endoftext|>: 512 + 48,894 + 2 = 49,408.
 OPENAI_VOCAB_SIZE = 49408
@@ -43,9 +45,9 @@ class VisionConfig:
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
         depths = self.layers if isinstance(self.layers, tuple) else (self.layers,)
-        _require_positive("vision", image_size=self.image_size, width=self.width, heads=self.heads,
+        _require_positive(image_size=self.image_size, width=self.width, heads=self.heads,
                           patch_size=self.patch_size, mlp_ratio=self.mlp_ratio)
-        _require_positive("vision", layers=min(depths, default=0))
+        _require_positive(layers=min(depths, default=0))
         if self.kind == "resnet":
             if not (isinstance(self.layers, tuple) and len(self.layers) == 4):
                 raise ValueError(f"a ResNet needs four stage depths in vision.layers, got {self.layers!r}")
@@ -64,10 +66,11 @@ class VisionConfig:
                 raise ValueError(f"vision.width={self.width} is not divisible by vision.heads={self.heads}")
 
 
-def _require_positive(section: str, **values: float) -> None:
+def _require_positive(**values: float) -> None:
+    """InvalidValue (a ValueError) names the field; a config file's loader puts its dotted path in front."""
     for name, value in values.items():
         if not value > 0:  # also catches NaN
-            raise ValueError(f"{section}.{name} must be > 0, got {value!r}")
+            raise InvalidValue(name, f"must be > 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ class TextConfig:
     mlp_ratio: float = 4.0
 
     def __post_init__(self) -> None:
-        _require_positive("text", context_length=self.context_length, vocab_size=self.vocab_size, width=self.width,
+        _require_positive(context_length=self.context_length, vocab_size=self.vocab_size, width=self.width,
                           layers=self.layers, heads=self.heads, mlp_ratio=self.mlp_ratio)
         if self.context_length < 2:
             raise ValueError(f"text.context_length must hold the start and end tokens (>= 2), got {self.context_length}")
@@ -101,7 +104,7 @@ class ModelConfig:
     activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
 
     def __post_init__(self) -> None:
-        _require_positive("model", embed_dim=self.embed_dim)
+        _require_positive(embed_dim=self.embed_dim)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,16 +1,19 @@
-"""openai/CLIP's module layout, for code written against it: `from clip import clip` followed by
-`clip.load`, `clip.tokenize`, `clip.available_models`, `clip.build_model`, and the two private names that
-prompt-learning code reads, `clip._MODELS` (name -> URL) and `clip._download(url, root)`.
+"""openai/CLIP's module layout, for code written against it: `from clip import clip` (or `clip.clip`)
+followed by `clip.load`, `clip.tokenize`, `clip.available_models`, `clip.build_model`, and the private names
+that prompt-learning code reads: `_MODELS` (name -> URL), `_download(url, root)`, `_transform(n_px)` and
+`_tokenizer` (a SimpleTokenizer, built on first use rather than at import).
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from . import available_models
 from .download import cache_dir, download
 from .loading import load
 from .model import build_model
+from .preprocess import ImageTransform, image_transform
 from .released import RELEASED_WEIGHTS
 from .tokenizer import tokenize
 
@@ -26,3 +29,22 @@ def _download(url: str, root: str | Path | None = None) -> str:
     if sha256 is None:
         raise ValueError(f"{url} is not one of the released models' URLs (clip.clip._MODELS)")
     return str(download(url, sha256, root=root if root is not None else cache_dir()))
+
+
+def _transform(n_px: int) -> ImageTransform:
+    """openai/CLIP's evaluation preprocessing for `n_px`-pixel inputs."""
+    return image_transform(n_px)
+
+
+@functools.lru_cache(maxsize=1)
+def _shared_simple_tokenizer():
+    from .simple_tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer()
+
+
+def __getattr__(name: str):
+    # openai/CLIP builds `_tokenizer` at import; here reading the merges file waits for the first use.
+    if name == "_tokenizer":
+        return _shared_simple_tokenizer()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -77,7 +77,7 @@ class TrainLoopConfig:
     compile: bool = False  # torch.compile the model
     seed: int = 0
     max_consecutive_nonfinite: int = 10  # a run stops after this many non-finite losses in a row
-    device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA is available, else cpu
+    device: str = "auto"  # auto: this process's GPU when CUDA is available (see clip.distributed), else cpu
     threads: int | None = None  # torch intra-op threads on the CPU; "none" (None) keeps torch's default
     # CUDA: float32 matrix products on TF32 tensor cores (see clip.cuda_backends). Much faster with
     # precision = "fp32"; under bf16/fp16 autocast it touches only what stays float32, such as the loss's

@@ -168,7 +168,8 @@ def _select_device(device: str, local_rank: int) -> torch.device:
 def _local_gpu_index(local_rank: int, visible_gpus: int) -> int:
     """One process per GPU. All of a node's GPUs visible to every process (torchrun, plain srun): the
     LOCAL_RANK-th. One GPU visible (SLURM's --gpus-per-task or --gpu-bind, or a per-rank
-    CUDA_VISIBLE_DEVICES): that one, whatever the local rank."""
+    CUDA_VISIBLE_DEVICES): that one, whatever the local rank. (Several processes on a node that has only
+    one GPU would all pick it; NCCL then stops them with "Duplicate GPU detected".)"""
     if visible_gpus == 1:
         return 0
     if local_rank >= visible_gpus:
@@ -182,7 +183,7 @@ def _local_gpu_index(local_rank: int, visible_gpus: int) -> int:
 def init_distributed(backend: str | None = None, device: str = "auto") -> DistributedInfo:
     """Joins the process group the launcher describes and returns this process's place in it.
 
-    device: "auto" (CUDA when available, else CPU), "cpu", "cuda" (cuda:LOCAL_RANK) or an explicit
+    device: "auto" (CUDA when available, else CPU), "cpu", "cuda" (the LOCAL_RANK-th visible GPU, or the only one) or an explicit
     "cuda:N". backend: None picks nccl for CUDA and gloo for CPU. Without launcher variables, or with a
     world of one, no process group is created and `is_distributed` is False.
     """

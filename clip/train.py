@@ -108,22 +108,28 @@ def contrastive_step(module, images, texts, micro_batches, loss_fn, autocast, ba
 
 @contextlib.contextmanager
 def batch_norm_statistics_kept(module: nn.Module):
-    """BatchNorm running statistics as they were before the block. The feature-caching pass of gradient
+    """BatchNorm running statistics left as they are by the block. The feature-caching pass of gradient
     accumulation runs every micro-batch once more in training mode; without this, a ResNet's running
     mean and variance would be updated twice per micro-batch (and the step counter doubled), so the
-    evaluation-mode model would differ from one trained without accumulation."""
-    saved = [
-        (norm, {name: buffer.clone() for name, buffer in norm.named_buffers(recurse=False)})
-        for norm in module.modules()
+    evaluation-mode model would differ from one trained without accumulation.
+
+    A momentum of 0 makes the update `running * 1 + batch * 0`, the running value itself; only the step
+    counter is put back. Nothing is copied back over the buffers: under DDP, the first forward of the block
+    overwrites them with rank 0's, and restoring a copy taken before it would undo that synchronisation."""
+    norms = [
+        norm for norm in module.modules()
         if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.training and norm.track_running_stats
     ]
+    saved = [(norm.momentum, norm.num_batches_tracked.clone()) for norm in norms]
+    for norm in norms:
+        norm.momentum = 0.0
     try:
         yield
     finally:
         with torch.no_grad():
-            for norm, buffers in saved:
-                for name, value in buffers.items():
-                    getattr(norm, name).copy_(value)
+            for norm, (momentum, counter) in zip(norms, saved):
+                norm.momentum = momentum
+                norm.num_batches_tracked.copy_(counter)
 
 
 def agree_before_backward(loss: torch.Tensor, stop_requested: bool, dist_info: DistributedInfo) -> tuple[bool, bool]:
@@ -243,11 +249,6 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
         torch.set_num_threads(config.train.threads)
     if device.type == "cuda":
         configure_cuda_backends(allow_tf32=config.train.tf32)
-    if config.train.batch_size % config.train.accumulation_steps:
-        raise ValueError(
-            f"train.batch_size={config.train.batch_size} is not divisible by "
-            f"train.accumulation_steps={config.train.accumulation_steps}"
-        )
     config_dict = to_dict(config)
 
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
@@ -296,6 +297,7 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
     if already_finished:
         log.info("%s finished its %d steps already: evaluating only, its checkpoint and config are left as they are",
                  run_dir, start_step)
+    check_eval_datasets(config.eval)
     if dist_info.is_main and not already_finished:
         # Written after the resume checks: a refused resume leaves the run's recorded config alone.
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -327,8 +329,6 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
     )
     if data_state is not None:
         data.load_state_dict(data_state)
-    check_eval_datasets(config.eval)
-
     global_batch = config.train.batch_size * dist_info.world_size
     # None where unknown: no MFU then
     peak = peak_flops(device, autocast_dtype or torch.float32, tf32=config.train.tf32)
@@ -502,7 +502,8 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
     if progress is not None:
         progress.close()
     finished = step >= total_steps
-    final = {**last_metrics, "nonfinite_steps_total": nonfinite_total}
+    # The step reached, not the last logged one: `main` tells a finished run from a stopped one by it.
+    final = {**last_metrics, "step": step, "nonfinite_steps_total": nonfinite_total}
     # Saved before the final evaluation, so that an evaluation that fails (a dataset moved while training
     # ran) costs no trained weights. Decided from this run's own saves, not by looking at the file system:
     # every rank must agree, or the collectives inside save() would pair up with other calls.

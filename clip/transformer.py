@@ -165,7 +165,10 @@ class ResidualAttentionBlock(nn.Module):
         # would bypass: only plain, unobserved nn.Linear weights can be scaled like this.
         # The MLP must also still be the three layers it was built with: a swapped activation or an appended
         # module would otherwise be silently skipped.
-        if not (self.quick_gelu and len(self.mlp) == 3 and type(self.mlp.gelu) is QuickGELU):
+        mlp = self.mlp
+        if not (self.quick_gelu and isinstance(mlp, nn.Sequential) and list(mlp._modules) == ["c_fc", "gelu", "c_proj"]):
+            return False
+        if type(mlp.gelu) is not QuickGELU:
             return False
         c_fc, c_proj = self.mlp.c_fc, self.mlp.c_proj
         if not (type(c_fc) is nn.Linear and type(c_proj) is nn.Linear):

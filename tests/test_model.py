@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -208,7 +209,12 @@ def test_a_replaced_activation_or_an_added_layer_is_not_folded_away():
 
     from clip.transformer import QuickGELU
 
-    block.mlp.gelu = QuickGELU()
+    block.mlp = nn.Sequential(block.mlp.c_fc, nn.GELU(), block.mlp.c_proj)  # a whole new MLP: runs as given
+    with torch.no_grad():
+        expected = hidden + block.mlp(block.ln_2(hidden))
+        torch.testing.assert_close(block(x), expected.transpose(0, 1))
+    block.mlp = nn.Sequential(OrderedDict(c_fc=block.mlp[0], gelu=QuickGELU(), c_proj=block.mlp[2]))
+
     silencer = nn.Linear(32, 32)  # an appended layer (say, a pruning mask) that zeroes the MLP's output
     nn.init.zeros_(silencer.weight)
     nn.init.zeros_(silencer.bias)

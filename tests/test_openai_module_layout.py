@@ -25,6 +25,9 @@ def test_from_clip_import_clip():
     assert all(url.startswith("https://") for url in openai_style._MODELS.values())
     with pytest.raises(ValueError, match="not one of the released models"):
         openai_style._download("https://example.com/other.pt")
+    assert clip.clip is openai_style  # reachable after a plain `import clip`, as in openai/CLIP
+    assert repr(openai_style._transform(64)) == repr(clip.image_transform(64))
+    assert openai_style._tokenizer.encode("a cat") == [320, 2368]
 
 
 def test_build_model_and_convert_weights_as_openai_clip():

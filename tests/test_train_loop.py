@@ -199,6 +199,14 @@ def test_main_exits_75_when_a_signal_stopped_the_run_early(tmp_path, monkeypatch
     assert main(args) == STOPPED_EARLY_EXIT_CODE == 75
     monkeypatch.undo()
     assert main(args) == 0
+    # Judged by the step reached, not the last logged one: stopped at step 2 with logging every 10 steps,
+    # then started again as a 2-step run, it is finished (75 would make a job script requeue it forever).
+    other = tmp_path / "other"
+    logged_rarely = [str(DEMO), "--output-dir", str(other), *TINY, "eval.every_n_steps=0", "logging.every_n_steps=10"]
+    signal_at_step(monkeypatch, 2, signal.SIGTERM, "before_forward")
+    assert main(logged_rarely) == 75
+    monkeypatch.undo()
+    assert main([*logged_rarely, "schedule.steps=2"]) == 0
 
 
 def test_rerunning_a_finished_run_with_other_settings_leaves_its_record_alone(tmp_path, caplog):

@@ -74,6 +74,19 @@ def test_accumulation_updates_batch_norm_statistics_once_per_micro_batch():
     torch.testing.assert_close(norm.running_mean, expected_mean)
 
 
+def test_statistics_synchronised_inside_the_caching_pass_are_kept():
+    # Under DDP the caching pass's first forward overwrites every rank's BatchNorm buffers with rank 0's;
+    # restoring a copy taken before it would undo that, leaving each rank with statistics of its own.
+    from clip.train import batch_norm_statistics_kept
+
+    norm = torch.nn.BatchNorm2d(3).train()
+    with torch.no_grad(), batch_norm_statistics_kept(norm):
+        norm.running_mean.fill_(7.0)  # what DDP's buffer broadcast does at the first forward
+        norm(torch.randn(4, 3, 5, 5))
+    assert torch.equal(norm.running_mean, torch.full((3,), 7.0)) and norm.num_batches_tracked.item() == 0
+    assert norm.momentum == 0.1
+
+
 def test_accumulation_differs_from_averaging_small_losses():
     # The naive alternative (mean of per-micro-batch losses) sees fewer negatives: a different loss.
     full_loss, _ = gradients_of(1, "clip")

@@ -4,7 +4,7 @@
                             batch_size=256, rank=rank, world_size=world_size, seed=seed)
     data.load_state_dict(checkpoint["data"][rank])   # optional, before iter()
     batches = iter(data)                              # endless: epochs follow each other seamlessly
-    images, texts = next(batches)                     # FloatTensor[B, 3, H, W], LongTensor[B, context_length]
+    images, texts = next(batches)                     # FloatTensor[B, 3, H, W], IntTensor[B, context_length]
     checkpoint["data"][rank] = data.state_dict()      # the position after the last batch received
     metrics["data"] = data.stats()                    # counts of samples used, skipped and repaired per source
     data.close()                                      # stops the worker processes
@@ -418,7 +418,7 @@ def build_train_data(
     seed: int = 0,
 ) -> TrainData:
     """The training data of one rank; see `TrainData`. `tokenizer(texts, context_length=..., truncate=True)`
-    must return LongTensor[N, context_length] padded with 0 and be picklable (it runs in the workers)."""
+    must return an integer tensor [N, context_length] (int32 from clip's tokenizer) padded with 0 and be picklable (it runs in the workers)."""
     return TrainData(
         config,
         image_size=image_size,

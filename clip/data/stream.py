@@ -88,7 +88,7 @@ def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
 
 
 class SampleStream(IterableDataset):
-    """An endless stream of (images FloatTensor[B, 3, S, S], tokens LongTensor[B, ctx], meta) batches."""
+    """An endless stream of (images FloatTensor[B, 3, S, S], tokens IntTensor[B, ctx], meta) batches."""
 
     def __init__(
         self,

@@ -22,7 +22,7 @@ from .datasets import UnreadableImageError
 
 logger = logging.getLogger(__name__)
 
-# Anything called as tokenizer(texts, context_length=n) -> LongTensor[len(texts), n], like
+# Anything called as tokenizer(texts, context_length=n) -> integer tensor[len(texts), n], like
 # clip.tokenizer.Tokenizer; texts are tokenized at the model's own context length.
 Tokenizer = Callable[..., torch.Tensor]
 
@@ -128,7 +128,8 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.d
 
 
 def log_skipped(what: str, count: int, reasons: Sequence[str]) -> None:
-    """One warning line for the unreadable images an evaluation left out (`reasons`: this rank's)."""
+    """One warning line for the unreadable images an evaluation left out (`reasons`: this rank's). With
+    several ranks, `count` is the global one and only rank 0 calls this, so the line appears once."""
     if count:
         example = f"; e.g. {reasons[0]}" if reasons else ""
         logger.warning("%s: skipped %d unreadable image(s)%s", what, count, example)

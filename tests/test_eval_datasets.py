@@ -3,6 +3,7 @@ torchvision's own reader), the restricted unpickler, and config -> dataset resol
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from pathlib import Path
 
@@ -31,17 +32,36 @@ def write_image_folder(root: Path, folders: dict[str, int]) -> None:
             Image.new("RGB", (8, 6), (10 * k, i, 0)).save(root / folder / f"{i}.png")
 
 
-def test_folder_names_become_class_names():
+def test_folder_names_become_class_names(caplog):
     assert folder_to_classname("n01440764") == "n01440764"
     assert folder_to_classname("golden_retriever") == "golden retriever"
     assert folder_to_classname("03_red_circle", numbered=True) == "red circle"
+    assert folder_to_classname("red_circle", numbered=True) == "red circle"  # no prefix to drop
     # The label prefix goes only when every folder carries it, numbered 0, 1, 2, ... as the library's own
     # writer (clip.data.synthetic.write_image_folder) names them.
-    assert classnames_from_folders(["00_red_circle", "01_blue_square"]) == ["red circle", "blue square"]
-    assert classnames_from_folders(["2007_Audi_S4", "2012_Audi_S4"]) == ["2007 Audi S4", "2012 Audi S4"]
-    assert classnames_from_folders(["00_red", "blue"]) == ["00 red", "blue"]
-    assert classnames_from_folders(["01_a", "02_b"]) == ["01 a", "02 b"]
-    assert classnames_from_folders(["0_a", "01_b"]) == ["0 a", "01 b"]  # not one zero-padded width
+    with caplog.at_level("WARNING"):
+        assert classnames_from_folders(["00_red_circle", "01_blue_square"]) == ["red circle", "blue square"]
+        assert classnames_from_folders(["00_red", "blue"]) == ["00 red", "blue"]
+        assert classnames_from_folders(["0_a", "01_b"]) == ["0 a", "01 b"]  # not one zero-padded width
+    assert not caplog.records
+
+
+@pytest.mark.parametrize(
+    ("folders", "names"),
+    [
+        (["00_a", "01_b", "03_d"], ["00 a", "01 b", "03 d"]),  # "02_c" deleted
+        (["01_a", "02_b"], ["01 a", "02 b"]),
+        (["2007_Audi_S4", "2012_Audi_S4"], ["2007 Audi S4", "2012 Audi S4"]),  # numbers that are names
+    ],
+)
+def test_numbered_folders_not_numbered_0_to_n_keep_their_numbers_with_a_warning(caplog, folders, names):
+    with caplog.at_level("WARNING"):
+        assert classnames_from_folders(folders, warn=False) == names
+    assert not caplog.records
+    with caplog.at_level("WARNING"):
+        assert classnames_from_folders(folders) == names
+    assert "not numbered 0, 1, 2, ... in order (is a folder missing?)" in caplog.text
+    assert f"numbers were kept in the class names ({names[0]!r}, ...)" in caplog.text
 
 
 def test_the_library_writers_folders_read_back_as_its_class_names(tmp_path):
@@ -55,10 +75,27 @@ def test_the_library_writers_folders_read_back_as_its_class_names(tmp_path):
 
 def test_classes_that_share_a_name_are_reported(tmp_path, caplog):
     write_image_folder(tmp_path, {"Audi_S4": 1, "Audi S4": 1})
+    config = ZeroShotDatasetConfig(kind="imagefolder", root=str(tmp_path))
     with caplog.at_level("WARNING"):
-        data = load_classification_data(ZeroShotDatasetConfig(kind="imagefolder", root=str(tmp_path)), None)
+        data = load_classification_data(config, None)
     assert data.classnames == ["Audi S4", "Audi S4"]
     assert "share the name(s) ['Audi S4']" in caplog.text
+
+
+def test_data_warnings_can_be_left_to_another_rank(tmp_path, caplog):
+    # Ranks other than 0 load the same data: warn=False keeps their logs free of the same lines.
+    write_image_folder(tmp_path / "data", {"00_S4": 1, "02_S4": 1, "03_S4": 1})
+    config = ZeroShotDatasetConfig(kind="imagefolder", root=str(tmp_path / "data"))
+    (tmp_path / "names.txt").write_text("a\na\nb\n")
+    named = dataclasses.replace(config, classnames_file=str(tmp_path / "names.txt"))
+    for dataset, warning in [(config, "numbers were kept"), (named, "share the name(s) ['a']")]:
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            load_classification_data(dataset, None, warn=False)
+        assert not caplog.records
+        with caplog.at_level("WARNING"):
+            load_classification_data(dataset, None)
+        assert len(caplog.records) == 1 and warning in caplog.text  # the file's names: no word on the folders
 
 
 def test_image_folder_labels_follow_sorted_folders(tmp_path):

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
-from .config import ZeroShotDatasetConfig
+from .config import ZeroShotDatasetConfig, repeated_names
 from .templates import Template, builtin_templates, load_classnames, load_templates
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
@@ -79,34 +79,49 @@ def list_images(folder: Path) -> list[Path]:
 NUMBERED_FOLDER = re.compile(r"(\d+)_(.+)")
 
 
-def has_numbered_prefixes(folders: Sequence[str]) -> bool:
-    """True when the folders are named like `clip.data.synthetic.write_image_folder` names them: "<label>_<name>"
-    with zero-padded labels 0, 1, 2, ... in sorted order. A number that is part of the name ("2012_Audi_S4")
-    must stay, so any other numbering leaves every name as it is."""
+def folder_numbers(folders: Sequence[str]) -> list[int] | None:
+    """The numbers of folders that are all named "<digits>_<name>" with one digit count ("00_a", "01_b");
+    None when any folder is named otherwise or the digit counts differ."""
     matches = [NUMBERED_FOLDER.fullmatch(folder) for folder in folders]
     if not matches or not all(matches):
-        return False
-    widths = {len(match.group(1)) for match in matches}
-    return len(widths) == 1 and [int(match.group(1)) for match in matches] == list(range(len(folders)))
+        return None
+    if len({len(match.group(1)) for match in matches}) != 1:
+        return None
+    return [int(match.group(1)) for match in matches]
 
 
 def folder_to_classname(folder: str, numbered: bool = False) -> str:
     """'red_circle' -> 'red circle' (underscores read as spaces); with `numbered`, '03_red_circle' -> 'red
-    circle' too (the label prefix dropped)."""
-    if numbered:
-        folder = NUMBERED_FOLDER.fullmatch(folder).group(2)
+    circle' too (the label prefix dropped; a folder without one is read as without `numbered`)."""
+    match = NUMBERED_FOLDER.fullmatch(folder) if numbered else None
+    if match:
+        folder = match.group(2)
     return folder.replace("_", " ").strip()
 
 
-def classnames_from_folders(folders: Sequence[str]) -> list[str]:
-    """Readable class names; the "<label>_" prefix is dropped only when every folder carries one."""
-    numbered = has_numbered_prefixes(folders)
+def classnames_from_folders(folders: Sequence[str], warn: bool = True) -> list[str]:
+    """Readable class names. The "<label>_" prefix is dropped only when the folders are named as
+    `clip.data.synthetic.write_image_folder` names them: every one "<label>_<name>", with zero-padded labels
+    0, 1, 2, ... in sorted order. A number that is part of the name ("2012_Audi_S4") must stay, so any other
+    numbering keeps every name as it is -- with a warning (when `warn`) if all folders are numbered alike,
+    as when one folder of a numbered set is missing: the numbers then end up in the prompts."""
+    numbers = folder_numbers(folders)
+    numbered = numbers == list(range(len(folders)))
+    if warn and numbers is not None and not numbered:
+        logger.warning(
+            "all %d class folders are named '<number>_<name>' (%s, ...) but not numbered 0, 1, 2, ... in "
+            "order (is a folder missing?), so their numbers were kept in the class names (%r, ...); if the "
+            "numbers are labels, list the names in classnames.txt or a classnames_file",
+            len(folders),
+            ", ".join(folders[:3]),
+            folder_to_classname(folders[0]),
+        )
     return [folder_to_classname(folder, numbered) for folder in folders]
 
 
 def warn_about_duplicate_classnames(classnames: Sequence[str], where: str) -> None:
     """Two classes with the same name get the same prompts, so zero-shot cannot tell them apart."""
-    repeated = sorted({name for name in classnames if classnames.count(name) > 1})
+    repeated = repeated_names(classnames)
     if repeated:
         logger.warning(
             "%s: several classes share the name(s) %s; zero-shot classification cannot tell them apart "
@@ -123,8 +138,9 @@ class ImageFolderDataset(Dataset):
         of the folders of train and test); a listed folder missing here has no images. Default: the folders
         under root.
     Class names: `classnames` if given, else <root>/classnames.txt (one per line, in label order) if present,
-    else the folder names through `classnames_from_folders`. Hidden files and folders and __MACOSX are
-    ignored. An unreadable image raises `UnreadableImageError` when its item is read.
+    else the folder names through `classnames_from_folders` (which warns, when `warn`, about numbered folder
+    names it keeps as they are). Hidden files and folders and __MACOSX are ignored. An unreadable image raises
+    `UnreadableImageError` when its item is read.
     """
 
     def __init__(
@@ -133,6 +149,7 @@ class ImageFolderDataset(Dataset):
         transform: Transform | None = None,
         classnames: list[str] | None = None,
         class_folders: Sequence[str] | None = None,
+        warn: bool = True,
     ):
         self.root = Path(root)
         if not self.root.is_dir():
@@ -157,7 +174,7 @@ class ImageFolderDataset(Dataset):
         if classnames is None and (self.root / "classnames.txt").is_file():
             classnames = load_classnames(self.root / "classnames.txt")
         if classnames is None:
-            classnames = classnames_from_folders(self.class_folders)
+            classnames = classnames_from_folders(self.class_folders, warn)
         if len(classnames) != len(self.class_folders):
             raise ValueError(
                 f"{len(classnames)} class names for {len(self.class_folders)} class folders in {self.root}"
@@ -365,12 +382,17 @@ def evenly_spaced_indices(length: int, count: int) -> list[int]:
 
 
 def load_classification_data(
-    config: ZeroShotDatasetConfig, transform: Transform | None, class_folders: Sequence[str] | None = None
+    config: ZeroShotDatasetConfig,
+    transform: Transform | None,
+    class_folders: Sequence[str] | None = None,
+    warn: bool = True,
 ) -> ClassificationData:
     """Builds the dataset that `config` describes, with `transform` applied to every image.
 
     class_folders: imagefolder only: the class folder names in label order (see `ImageFolderDataset`), so
     that several splits share one labelling.
+    warn: log warnings about the class names (shared names, kept folder numbers). Pass False where another
+        process or call reports the same data: on ranks other than 0, for the second split of a dataset.
     """
     templates: list[Template] | None = None
     subsets: dict[str, list[int]] = {}
@@ -390,7 +412,9 @@ def load_classification_data(
         folder = split_folder(config.root, config.split)
         if not config.split:
             refuse_split_folders_as_classes(folder)
-        dataset = ImageFolderDataset(folder, transform, class_folders=class_folders)
+        # A classnames_file replaces the names read from the folders (below): no warning about those then.
+        folder_warnings = warn and not config.classnames_file
+        dataset = ImageFolderDataset(folder, transform, class_folders=class_folders, warn=folder_warnings)
         classnames = dataset.classes
     else:
         raise ValueError(f"unknown dataset kind {config.kind!r}")
@@ -402,7 +426,8 @@ def load_classification_data(
                 f"{config.classnames_file} has {len(from_file)} class names; the dataset has {len(classnames)} classes"
             )
         classnames = from_file
-    warn_about_duplicate_classnames(classnames, config.resolved_name())
+    if warn:
+        warn_about_duplicate_classnames(classnames, config.resolved_name())
     if config.templates_file:
         templates = load_templates(config.templates_file)
     elif templates is None or config.builtin_templates != "default":

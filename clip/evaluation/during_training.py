@@ -23,7 +23,13 @@ from torch import nn
 
 from .config import EvalConfig
 from .datasets import load_classification_data
-from .features import Tokenizer, default_tokenizer, eval_mode, unwrap_model
+from .features import (
+    Tokenizer,
+    default_tokenizer,
+    distributed_world,
+    eval_mode,
+    unwrap_model,
+)
 from .retrieval import evaluate_retrieval, load_retrieval_data
 from .zeroshot import evaluate_zeroshot
 
@@ -74,11 +80,13 @@ def run_evaluations(
         dist_info=dist_info,
     )
     metrics: dict[str, float] = {}
+    rank, _ = distributed_world(dist_info)
     with eval_mode(model):
         for dataset_config in eval_config.zeroshot:
             started = time.perf_counter()
             name = dataset_config.resolved_name()
-            data = load_classification_data(dataset_config, transform)
+            # Every rank loads the same data: rank 0 alone warns about its class names.
+            data = load_classification_data(dataset_config, transform, warn=rank == 0)
             result = evaluate_zeroshot(
                 model, data.dataset, data.classnames, data.templates, subsets=data.subsets, name=name, **options
             )

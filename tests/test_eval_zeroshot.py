@@ -214,6 +214,18 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, caplog):
     assert clean.num_skipped == 0 and "num_skipped" not in clean.metrics()
 
 
+def test_no_readable_image_is_an_error_not_zero_accuracy(tmp_path):
+    model, classnames, templates = planted_two_classes()
+    for folder in classnames:
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        (tmp_path / "data" / folder / "0.png").write_bytes(b"")
+    dataset = ImageFolderDataset(tmp_path / "data", colour_features)
+    with pytest.raises(ValueError, match="zero-shot d: none of its 2 images is readable"):
+        evaluate_zeroshot(model, dataset, classnames, templates, tokenizer=model.tokenize, name="d")
+    with pytest.raises(ValueError, match="zero-shot dataset: no images"):
+        evaluate_zeroshot(model, [], classnames, templates, tokenizer=model.tokenize)
+
+
 def test_labels_outside_the_classes_are_an_error():
     model, classnames, templates = planted_two_classes()
     with pytest.raises(ValueError, match="labels must lie in 0..1"):

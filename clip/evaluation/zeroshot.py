@@ -135,7 +135,8 @@ def evaluate_zeroshot(
     """Top-1/top-5, per-class and mean per-class accuracy, confusion matrix, and accuracies on `subsets`.
 
     dataset: (preprocessed image, label) pairs, or a ready DataLoader of batches. Items whose image cannot be
-        read (`UnreadableImageError`) are left out and counted in `num_skipped`.
+        read (`UnreadableImageError`) are left out and counted in `num_skipped`; ValueError when no image
+        is left.
     dist_info: with world_size > 1 and torch.distributed initialised, each rank classifies its slice of a
         (map-style) dataset and the counts are all-reduced, so every rank returns the full result.
     """
@@ -167,7 +168,14 @@ def evaluate_zeroshot(
     if world_size > 1:
         counts.load_tensor(all_reduce_sum(counts.as_tensor(), world_size))
     result = summarize(counts, classnames, subsets, name)
-    log_skipped(f"zero-shot {name or 'dataset'}", result.num_skipped, skipped)
+    what = f"zero-shot {name or 'dataset'}"
+    if rank == 0:  # the counts are global now: the other ranks would log the same line
+        log_skipped(what, result.num_skipped, skipped)
+    if result.num_samples == 0:
+        # Accuracies of no images would read as 0%. Every rank holds the same all-reduced count, so every rank
+        # raises here and none is left waiting in a later collective.
+        reason = f"none of its {result.num_skipped} images is readable" if result.num_skipped else "no images"
+        raise ValueError(f"{what}: {reason}")
     return result
 
 

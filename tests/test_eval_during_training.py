@@ -4,6 +4,7 @@ ranks (each encoding a slice, unreadable images among them) returning the same m
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -52,8 +53,9 @@ def write_caption_manifest(root: Path, count: int) -> Path:
 
 
 def write_data_with_unreadable_images(root: Path) -> Path:
-    """root/folder: an image folder with one unreadable image among 9; root/half_broken.jsonl: 4 images, the
-    last two unreadable, so that the second of two ranks has no readable image at all."""
+    """root/folder: an image folder with one unreadable image among 9, and names for its classes
+    (folder_names.txt) of which two are the same; root/half_broken.jsonl: 4 images, the last two unreadable,
+    so that the second of two ranks has no readable image at all."""
     from PIL import Image
 
     for k, colour in enumerate(["red", "green", "blue"]):
@@ -61,6 +63,7 @@ def write_data_with_unreadable_images(root: Path) -> Path:
         for i in range(3):
             Image.new("RGB", (32, 32), (80 * k, 40 * i, 200 - 60 * k)).save(root / "folder" / colour / f"{i}.png")
     (root / "folder" / "green" / "1.png").write_bytes(b"not a png")
+    (root / "folder_names.txt").write_text("blue\nred\nred\n")  # for the folders blue, green, red
     with open(root / "half_broken.jsonl", "w") as manifest:
         for i in range(4):
             path = root / f"half_broken_{i}.png"
@@ -76,7 +79,12 @@ def eval_config(manifest: Path, with_unreadable: Path | None = None) -> EvalConf
     zeroshot = [ZeroShotDatasetConfig(name="shapes", kind="synthetic", num_samples=30, image_size=32)]
     retrieval = [RetrievalDatasetConfig(name="captions", annotations=str(manifest))]
     if with_unreadable:
-        zeroshot.append(ZeroShotDatasetConfig(name="folder", kind="imagefolder", root=str(with_unreadable / "folder")))
+        names = str(with_unreadable / "folder_names.txt")
+        zeroshot.append(
+            ZeroShotDatasetConfig(
+                name="folder", kind="imagefolder", root=str(with_unreadable / "folder"), classnames_file=names
+            )
+        )
         retrieval.append(RetrievalDatasetConfig(annotations=str(with_unreadable / "half_broken.jsonl")))
     return EvalConfig(
         batch_size=5, workers=0, text_batch_size=16, retrieval_chunk_size=3, zeroshot=zeroshot, retrieval=retrieval
@@ -127,28 +135,76 @@ def test_should_evaluate_schedule():
     assert not should_evaluate(EvalConfig(every_n_steps=1), 180, 180)  # nothing configured
 
 
+class RecordWarnings(logging.Handler):
+    """Keeps the messages of the warnings logged while it is attached."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def worker(rank: int, port: int, manifest: str, output: str) -> None:
+    """Each rank: the metrics of `eval_config`, the warnings it logged meanwhile, and the error of a zero-shot
+    dataset whose images are all unreadable."""
     from clip.distributed import DistributedInfo
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    warnings = RecordWarnings()
+    logging.getLogger("clip").addHandler(warnings)
     try:
         info = DistributedInfo(rank=rank, world_size=WORLD_SIZE, local_rank=rank, device=torch.device("cpu"))
         config = eval_config(Path(manifest), Path(output) / "more")
         metrics = run_evaluations(tiny_clip(), config, device="cpu", dist_info=info)
-        Path(output, f"rank{rank}.json").write_text(json.dumps(metrics))
+        broken = ZeroShotDatasetConfig(name="broken", kind="imagefolder", root=str(Path(output) / "broken"))
+        try:
+            run_evaluations(tiny_clip(), EvalConfig(workers=0, zeroshot=[broken]), device="cpu", dist_info=info)
+            error = ""
+        except ValueError as raised:
+            error = str(raised)
+        report = {"metrics": metrics, "warnings": warnings.messages, "error": error}
+        Path(output, f"rank{rank}.json").write_text(json.dumps(report))
     finally:
         dist.destroy_process_group()
 
 
-def test_two_ranks_return_the_single_process_metrics(tmp_path):
-    manifest = write_caption_manifest(tmp_path, 7)
-    write_data_with_unreadable_images(tmp_path / "more")
-    spawn_ranks(worker, (free_port(), str(manifest), str(tmp_path)), nprocs=WORLD_SIZE)
-    single = run_evaluations(tiny_clip(), eval_config(manifest, tmp_path / "more"), device="cpu")
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """The data folder and each rank's report (see `worker`)."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    manifest = write_caption_manifest(root, 7)
+    write_data_with_unreadable_images(root / "more")
+    for name in ("a", "b"):  # one unreadable image per class, so each rank has one and skips it
+        (root / "broken" / name).mkdir(parents=True)
+        (root / "broken" / name / "0.png").write_bytes(b"")
+    spawn_ranks(worker, (free_port(), str(manifest), str(root)), nprocs=WORLD_SIZE)
+    return root, [json.loads((root / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
+
+
+def test_two_ranks_return_the_single_process_metrics(two_ranks):
+    root, reports = two_ranks
+    single = run_evaluations(tiny_clip(), eval_config(root / "captions.jsonl", root / "more"), device="cpu")
     assert single["retrieval/half_broken/num_skipped"] == 2.0  # rank 1's images, all of them
-    for rank in range(WORLD_SIZE):
-        ranked = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for report in reports:
+        ranked = report["metrics"]
         assert ranked.keys() == single.keys()
         for key, value in single.items():
             assert ranked[key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_only_rank_0_warns_about_the_data(two_ranks):
+    _, reports = two_ranks
+    first = "\n".join(reports[0]["warnings"])
+    assert "zero-shot folder: skipped 1 unreadable image(s)" in first
+    assert "retrieval half_broken: skipped 2 unreadable image(s)" in first  # all of them rank 1's
+    assert "several classes share the name(s) ['red']" in first
+    assert reports[1]["warnings"] == []
+
+
+def test_every_rank_refuses_a_dataset_without_a_readable_image(two_ranks):
+    # Both ranks raise after the all-reduce, so neither is left waiting in a collective (the spawn would time out).
+    for report in two_ranks[1]:
+        assert report["error"] == "zero-shot broken: none of its 2 images is readable"

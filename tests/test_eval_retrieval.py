@@ -3,6 +3,8 @@ chunks smaller than the data), annotation readers, and the encode -> rank pipeli
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import json
 
 import pytest
@@ -89,7 +91,8 @@ def test_recall_uses_the_best_of_several_captions():
     assert image_ranks.tolist() == [1, 2, 1]
     # Caption 0 (e1) prefers image 1 over its image 0; caption 2 prefers image 2 over its image 1.
     assert text_ranks.tolist() == [2, 1, 2, 1]
-    result = summarize_ranks(image_ranks, text_ranks, ks=(1, 2))
+    result = summarize_ranks(image_ranks, text_ranks, ties="optimistic", ks=(1, 2))
+    assert result.ties == "optimistic"  # the rule the ranks were computed by, not a default of its own
     # Exact fractions as Python floats, not float32 round-offs such as 0.6666666865348816.
     assert result.recalls["image_to_text_R@1"] == 2 / 3
     assert result.recalls["text_to_image_R@1"] == 2 / 4
@@ -106,12 +109,18 @@ def test_a_collapsed_model_gets_no_credit_by_default():
     images, texts = torch.ones(6, 4), torch.ones(12, 4)
     caption_image = torch.arange(6).repeat(2)
     image_ranks, text_ranks = retrieval_ranks(images, texts, caption_image)
-    result = summarize_ranks(image_ranks, text_ranks, ks=(1, 5))
-    assert result.ties == "pessimistic"
+    result = summarize_ranks(image_ranks, text_ranks, ties="pessimistic", ks=(1, 5))
     assert result.recalls["image_to_text_R@1"] == result.recalls["text_to_image_R@1"] == 0.0
     assert result.recalls["text_to_image_R@5"] == 0.0  # the truth is 6th of 6 images
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         retrieval_ranks(images, texts, caption_image, chunk_size=0)
+
+
+def test_the_tie_rule_of_a_summary_must_be_named():
+    # A default here could record "pessimistic" for ranks computed optimistically.
+    ranks = torch.tensor([1, 2])
+    with pytest.raises(TypeError, match="ties"):
+        summarize_ranks(ranks, ranks)  # type: ignore[call-arg]
 
 
 def write_images(root, count: int) -> list[str]:
@@ -172,6 +181,30 @@ def test_a_tsv_caption_may_start_with_a_quote(tmp_path):
     assert data.caption_image == [0, 1, 2]
 
 
+def test_a_tsv_quoted_by_a_csv_writer_is_read_with_quoting_csv(tmp_path):
+    # pandas' and Python's csv writers quote a field that holds a quote, a tab or a line break.
+    (tmp_path / "images").mkdir()
+    names = write_images(tmp_path / "images", 2)
+    captions = ['"Hello," she said', "two\tcolumns\nand two lines"]
+    with open(tmp_path / "m.tsv", "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file, delimiter="\t")
+        writer.writerow(["image", "caption"])
+        writer.writerows(zip(names, captions, strict=True))
+    config = RetrievalDatasetConfig(annotations=str(tmp_path / "m.tsv"), image_root=str(tmp_path / "images"))
+    data = load_retrieval_data(dataclasses.replace(config, quoting="csv"))
+    assert data.captions == captions and data.image_paths == [tmp_path / "images" / name for name in names]
+    # Read as written (the default for tab-separated files), the quoted line break splits a row in two.
+    with pytest.raises(ValueError, match="row 3 needs a non-empty 'image' and 'caption'"):
+        load_retrieval_data(config)
+
+
+def test_manifest_suffixes_are_recognised_in_any_case(tmp_path):
+    names = write_images(tmp_path, 1)
+    (tmp_path / "M.TSV").write_text(f"image\tcaption\n{names[0]}\ta red square\n")
+    data = load_retrieval_data(RetrievalDatasetConfig(annotations=str(tmp_path / "M.TSV")))
+    assert data.captions == ["a red square"]
+
+
 def test_a_csv_with_a_byte_order_mark_reads_like_one_without(tmp_path):
     names = write_images(tmp_path, 2)
     text = f'image,caption\n{names[0]},a red square\n{names[1]},"a big, red square"\n'
@@ -182,24 +215,29 @@ def test_a_csv_with_a_byte_order_mark_reads_like_one_without(tmp_path):
 def test_other_column_names_are_named_in_the_error(tmp_path):
     names = write_images(tmp_path, 1)
     (tmp_path / "m.csv").write_text(f"path,text\n{names[0]},a square\n")
-    with pytest.raises(ValueError, match=r"no column 'image'; the columns are \['path', 'text'\]"):
+    with pytest.raises(ValueError, match=r"no column 'image', 'caption'; the columns are \['path', 'text'\]"):
         read_caption_manifest(tmp_path / "m.csv")
     assert read_caption_manifest(tmp_path / "m.csv", image_column="path", caption_column="text").captions == [
         "a square"
     ]
     (tmp_path / "m.jsonl").write_text(json.dumps({"file": names[0], "caption": "x"}) + "\n")
-    with pytest.raises(ValueError, match=r"row 1 has no 'image'; its keys are \['caption', 'file'\]"):
+    with pytest.raises(ValueError, match=r"no column 'image'; the columns are \['file', 'caption'\]"):
         read_caption_manifest(tmp_path / "m.jsonl")
-    (tmp_path / "bad.jsonl").write_text("{not json}\n")
-    with pytest.raises(ValueError, match="line 1 is not valid JSON"):
+    # The training reader skips an unusable row; an evaluation set must be read whole, so it is an error.
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"image": names[0], "caption": "x"}) + "\n{not json}\n")
+    with pytest.raises(ValueError, match="row 2 needs to be a JSON object with a non-empty 'image' and 'caption'"):
         read_caption_manifest(tmp_path / "bad.jsonl")
 
 
 def test_manifest_errors_name_the_row(tmp_path):
     names = write_images(tmp_path, 1)
     (tmp_path / "m.csv").write_text(f"image,caption\n{names[0]},fine\n{names[0]},\n")
-    with pytest.raises(ValueError, match="row 2"):
+    with pytest.raises(ValueError, match="row 2 needs a non-empty 'image' and 'caption'"):
         read_caption_manifest(tmp_path / "m.csv")
+    # Bytes that are not UTF-8 would reach the tokenizer as lone surrogates: named, not a whole-file decode error.
+    (tmp_path / "m.tsv").write_bytes(f"image\tcaption\n{names[0]}\tfine\n{names[0]}\tcaf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="row 2: the caption is not valid UTF-8"):
+        read_caption_manifest(tmp_path / "m.tsv")
     with pytest.raises(ValueError, match="every image needs at least one caption"):
         RetrievalData([tmp_path / names[0]], [], [])
 

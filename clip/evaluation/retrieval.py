@@ -7,25 +7,28 @@ Rank of the ground truth (1-based), for a query q with ground-truth score g:
     pessimistic (default): 1 + #{non-ground-truth candidates c : s(q, c) >= g}  -- ties count against it
     optimistic:            1 + #{non-ground-truth candidates c : s(q, c) >  g}  -- ties favour the truth
 Pessimistic is the default because under the optimistic rule a collapsed model, whose features are all
-equal, ties everything and would score a perfect recall. An image query has several true captions; g is
-the best of their scores (R@K: any true caption in the top K). Recall@K is the fraction of queries whose
-rank is <= K.
+equal, ties everything and would score a perfect recall. The price: an image query also counts against
+its ground truth another image's caption that repeats a true caption word for word (COCO has a few),
+whenever the two encode to bit-identical features (the same text usually does; batching can change the
+last bits). An image query has several true captions; g is the best of their scores (R@K: any true
+caption in the top K). Recall@K is the fraction of queries whose rank is <= K.
 
 An image that cannot be decoded is left out with its captions and counted in `num_skipped`.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+
+from clip.data.manifest import MANIFEST_SUFFIXES, manifest_rows
 
 from .config import RetrievalDatasetConfig
 from .datasets import read_image
@@ -105,61 +108,37 @@ def read_karpathy_json(path: str | Path, image_root: str | Path | None = None, s
     return _grouped(pairs, root)
 
 
-def _read_jsonl_rows(path: Path, file: TextIO) -> list[dict]:
-    rows = []
-    for number, line in enumerate(file, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: line {number} is not valid JSON ({error})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}: line {number} is not a JSON object")
-        rows.append(row)
-    return rows
-
-
-def _read_table_rows(path: Path, file: TextIO, columns: Sequence[str]) -> list[dict]:
-    """Rows of a CSV or TSV file with a header; the header must name `columns`."""
-    if path.suffix == ".tsv":
-        # A TSV has no quoting: a caption that starts with '"' is text, not the start of a quoted field that
-        # would run on over the following rows.
-        reader = csv.DictReader(file, delimiter="\t", quoting=csv.QUOTE_NONE)
-    else:
-        reader = csv.DictReader(file)
-    header = reader.fieldnames or []
-    for column in columns:
-        if column not in header:
-            raise ValueError(
-                f"{path}: no column {column!r}; the columns are {header} "
-                f"(name the right ones with image_column / caption_column)"
-            )
-    return list(reader)
+def _manifest_pair(
+    path: Path, number: int, row: tuple[str, str] | None, image_column: str, caption_column: str
+) -> tuple[str, str]:
+    """(image path, stripped caption) of manifest row `number`. The training loader skips a row it cannot
+    use; an evaluation set is read whole or not at all, so such a row is an error naming it."""
+    caption = row[1].strip() if row else ""
+    if not caption:
+        needs = "needs to be a JSON object with" if path.suffix.lower() == ".jsonl" else "needs"
+        raise ValueError(f"{path}: row {number} {needs} a non-empty {image_column!r} and {caption_column!r}")
+    try:
+        caption.encode("utf-8")  # the reader keeps undecodable bytes as lone surrogates; the tokenizer cannot
+    except UnicodeEncodeError:
+        raise ValueError(f"{path}: row {number}: the caption is not valid UTF-8: {caption!r}") from None
+    return row[0], caption
 
 
 def read_caption_manifest(
-    path: str | Path, image_root: str | Path | None = None, image_column: str = "image", caption_column: str = "caption"
+    path: str | Path,
+    image_root: str | Path | None = None,
+    image_column: str = "image",
+    caption_column: str = "caption",
+    quoting: str = "auto",
 ) -> RetrievalData:
-    """A CSV/TSV (with a header) or JSONL manifest of (image, caption) rows; rows of one image need not be adjacent."""
+    """A CSV/TSV (with a header) or JSONL manifest of (image, caption) rows; rows of one image need not be
+    adjacent. Read by the training loader's reader (`clip.data.manifest.manifest_rows`), so both take the
+    same files: byte-order marks, any case of suffix, `quoting` ("auto": CSV rules for .csv, none for .tsv;
+    "csv" for a TSV that a CSV writer such as pandas quoted; "none")."""
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
-    # utf-8-sig: spreadsheet programs start their CSV exports with a byte-order mark, which would otherwise
-    # become part of the first column's name.
-    with open(path, encoding="utf-8-sig", newline="") as file:
-        if path.suffix in (".jsonl", ".json"):
-            rows = _read_jsonl_rows(path, file)
-        else:
-            rows = _read_table_rows(path, file, (image_column, caption_column))
-    pairs = []
-    for number, row in enumerate(rows, start=1):
-        for column in (image_column, caption_column):
-            if column not in row:
-                raise ValueError(f"{path}: row {number} has no {column!r}; its keys are {sorted(row)}")
-        image, caption = row[image_column], row[caption_column]
-        if not image or not caption or not str(caption).strip():
-            raise ValueError(f"{path}: row {number} needs non-empty {image_column!r} and {caption_column!r}")
-        pairs.append((str(image), str(caption).strip()))
+    rows = manifest_rows(str(path), image_column, caption_column, quoting=quoting)
+    pairs = [_manifest_pair(path, number, row, image_column, caption_column) for number, row in enumerate(rows, 1)]
     if not pairs:
         raise ValueError(f"{path}: no rows")
     return _grouped(pairs, root)
@@ -170,12 +149,12 @@ def load_retrieval_data(config: RetrievalDatasetConfig) -> RetrievalData:
         raise ValueError("a retrieval dataset needs `annotations`")
     kind = config.format
     if kind == "auto":
-        kind = "manifest" if Path(config.annotations).suffix in (".csv", ".tsv", ".jsonl") else "karpathy"
+        kind = "manifest" if Path(config.annotations).suffix.lower() in MANIFEST_SUFFIXES else "karpathy"
     if kind == "karpathy":
         data = read_karpathy_json(config.annotations, config.image_root or None, config.split)
     else:
         data = read_caption_manifest(
-            config.annotations, config.image_root or None, config.image_column, config.caption_column
+            config.annotations, config.image_root or None, config.image_column, config.caption_column, config.quoting
         )
     return data.first_images(config.max_images) if config.max_images > 0 else data
 
@@ -264,13 +243,17 @@ class RetrievalResult:
 def summarize_ranks(
     image_ranks: torch.Tensor,
     text_ranks: torch.Tensor,
+    *,
+    ties: Ties,
     ks: Sequence[int] = (1, 5, 10),
     name: str = "",
-    ties: str = "pessimistic",
     num_skipped: int = 0,
 ) -> RetrievalResult:
     """Recall@k and median/mean ranks, computed in integers and divided once: exact Python floats (2/3 is
-    0.6666666666666666, not float32's 0.6666666865348816), identical however the ranks were batched."""
+    0.6666666666666666, not float32's 0.6666666865348816), identical however the ranks were batched.
+
+    ties: the rule `retrieval_ranks` ranked by, recorded in the result. Required, so that the recorded rule
+    cannot fall out of step with the one used (`retrieval_ranks` holds the one default)."""
 
     def fraction_within(ranks: torch.Tensor, k: int) -> float:
         return int((ranks <= k).sum()) / len(ranks)
@@ -338,6 +321,7 @@ def evaluate_retrieval(
     device = device or model_device(model)
     tokenizer = tokenizer or default_tokenizer()
     rank, world_size = distributed_world(dist_info)
+    is_first_rank = rank == 0  # kept for logging: the line below makes every rank rank 0 of 1
     if len(data.image_paths) < world_size:  # too small to give every rank a slice: each rank does it all
         rank, world_size = 0, 1
     images = shard(ImagePathDataset(data.image_paths, transform), rank, world_size)
@@ -358,7 +342,8 @@ def evaluate_retrieval(
     image_index = all_gather_rows(image_index.to(image_features.device), world_size)
     text_features = all_gather_rows(text_features, world_size)
     num_skipped = len(data.image_paths) - len(image_index)
-    log_skipped(f"retrieval {name or 'dataset'}", num_skipped, skipped)
+    if is_first_rank:  # the count is global now: the other ranks would log the same line
+        log_skipped(f"retrieval {name or 'dataset'}", num_skipped, skipped)
     if len(image_index) == 0:
         raise ValueError(f"retrieval {name or 'dataset'}: none of the {len(data.image_paths)} images is readable")
     keep_text, caption_image = drop_unreadable_images(
@@ -371,4 +356,4 @@ def evaluate_retrieval(
         chunk_size=chunk_size,
         ties=ties,
     )
-    return summarize_ranks(image_ranks.cpu(), text_ranks.cpu(), ks, name, ties, num_skipped)
+    return summarize_ranks(image_ranks.cpu(), text_ranks.cpu(), ties=ties, ks=ks, name=name, num_skipped=num_skipped)

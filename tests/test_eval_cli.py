@@ -4,6 +4,7 @@ and clip-linear-probe."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import pickle
@@ -261,9 +262,9 @@ def test_commands_report_bad_input_in_one_line(tmp_path, tiny_checkpoint, capsys
     (tmp_path / "m.csv").write_text("path,text\nx.png,a square\n")
     argv = ["--model", str(tiny_checkpoint), "--annotations", str(tmp_path / "m.csv"), "--device", "cpu"]
     assert retrieval_cli.main(argv) == 2
-    assert capsys.readouterr().err.strip() == (
-        f"clip-retrieval: {tmp_path / 'm.csv'}: no column 'image'; the columns are ['path', 'text'] "
-        "(name the right ones with image_column / caption_column)"
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith(
+        f"clip-retrieval: {tmp_path / 'm.csv'}: no column 'image', 'caption'; the columns are ['path', 'text']"
     )
     with pytest.raises(SystemExit) as exit_info:
         retrieval_cli.main([*argv, "--chunk-size", "0"])
@@ -276,3 +277,51 @@ def test_commands_report_bad_input_in_one_line(tmp_path, tiny_checkpoint, capsys
     assert capsys.readouterr().err.startswith(f"clip-zeroshot: image folder not found: {tmp_path}/none")
     assert zeroshot_cli.main([str(config), "text_batch_size=0"]) == 2
     assert "text_batch_size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_clip_debug_adds_the_traceback_to_the_one_line_error(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    config = tmp_path / "eval.toml"
+    config.write_text(f'model = "{tiny_checkpoint}"\n[[datasets]]\nkind = "imagefolder"\nroot = "{tmp_path}/none"\n')
+    message = f"clip-zeroshot: image folder not found: {tmp_path}/none\n"
+    monkeypatch.delenv("CLIP_DEBUG", raising=False)
+    assert zeroshot_cli.main([str(config)]) == 2
+    assert capsys.readouterr().err == message
+    monkeypatch.setenv("CLIP_DEBUG", "1")
+    assert zeroshot_cli.main([str(config)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("Traceback (most recent call last):") and "FileNotFoundError" in error
+    assert error.endswith(message)
+
+
+@pytest.mark.parametrize("command", [zeroshot_cli, retrieval_cli, linear_probe_cli], ids=lambda c: c.__name__)
+def test_help_says_how_to_get_the_traceback(command, capsys):
+    with pytest.raises(SystemExit):
+        command.parse_args(["--help"])
+    assert "set CLIP_DEBUG=1 to print its traceback" in " ".join(capsys.readouterr().out.split())
+
+
+def test_zeroshot_lists_every_dataset_before_loading_the_model(tmp_path, tiny_checkpoint, datasets, monkeypatch):
+    # A missing folder in the last dataset must fail before the first is evaluated (whose results it would lose).
+    config = write_config(tmp_path / "eval.toml", tiny_checkpoint, datasets)
+    config.write_text(config.read_text() + f'\n[[datasets]]\nkind = "imagefolder"\nroot = "{tmp_path}/none"\n')
+
+    def refuse_to_load(*args):
+        pytest.fail("the model was loaded before every dataset was listed")
+
+    monkeypatch.setattr(zeroshot_cli, "load_model", refuse_to_load)
+    assert zeroshot_cli.main([str(config), "--output-dir", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_retrieval_reads_a_pandas_quoted_tsv_with_quoting_csv(tmp_path, tiny_checkpoint, datasets, capsys):
+    images = sorted((datasets / "shapes").rglob("*.png"))[:2]
+    with open(tmp_path / "m.tsv", "w", newline="") as file:  # as pandas' to_csv(sep="\t") writes it
+        writer = csv.writer(file, delimiter="\t")
+        writer.writerow(["image", "caption"])
+        writer.writerows([(images[0], 'a "red" shape'), (images[1], "two\nlines")])
+    argv = ["--model", str(tiny_checkpoint), "--annotations", str(tmp_path / "m.tsv"), "--device", "cpu"]
+    argv += ["--workers", "0", "--image-root", "/", "--output-dir", str(tmp_path / "out")]
+    assert retrieval_cli.main(argv) == 2  # read as written, the quoted line break splits a row
+    assert "row 3 needs a non-empty 'image' and 'caption'" in capsys.readouterr().err
+    assert retrieval_cli.main([*argv, "--quoting", "csv"]) == 0
+    assert json.loads((tmp_path / "out" / "retrieval_results.json").read_text())["num_texts"] == 2

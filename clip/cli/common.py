@@ -5,31 +5,44 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-logger = logging.getLogger("clip.cli")
-
 # A bad path, a malformed annotation file, a config value out of range: the commands' inputs fail with these
-# (ConfigError is a ValueError), and a one-line message says more to the user than a traceback.
+# (ConfigError is a ValueError), and a one-line message says more to the user than a traceback. A bug inside
+# the library, torch or numpy can raise them too, so CLIP_DEBUG brings the traceback back.
 USER_ERRORS = (ValueError, OSError)
+DEBUG_VARIABLE = "CLIP_DEBUG"
+# The commands' --help epilog.
+ERRORS_HELP = (
+    "An input error (a missing file, a malformed annotation file, a value out of range) is reported in one "
+    f"line, with exit status 2; set {DEBUG_VARIABLE}=1 to print its traceback as well."
+)
 
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def debugging() -> bool:
+    """CLIP_DEBUG is set to anything but "" or "0"."""
+    return os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+
+
 def run_command(prog: str, command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Runs `command(args)`; an input error becomes `prog: message` on stderr and exit status 2 (argparse's
-    status for bad usage). The traceback is still logged at debug level for whoever needs it."""
+    status for bad usage), preceded by its traceback when CLIP_DEBUG is set."""
     try:
         return command(args)
     except USER_ERRORS as error:
-        logger.debug("%s failed", prog, exc_info=True)
+        if debugging():
+            traceback.print_exc()
         print(f"{prog}: {error}", file=sys.stderr)
         return 2
 

@@ -28,6 +28,7 @@ from clip.evaluation.datasets import (
 from clip.evaluation.linear_probe import extract_features, run_linear_probe
 
 from .common import (
+    ERRORS_HELP,
     load_model,
     non_negative_int,
     positive_int,
@@ -41,7 +42,7 @@ logger = logging.getLogger("clip.linear_probe")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="clip-linear-probe", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="clip-linear-probe", description=__doc__.split("\n\n")[0], epilog=ERRORS_HELP)
     parser.add_argument("--model", required=True, help="released name, weights/checkpoint file, or run directory")
     parser.add_argument("--dataset", choices=["imagefolder", "cifar10", "cifar100", "synthetic"], required=True)
     parser.add_argument("--root", default="", help="dataset root; an imagefolder root holds <split>/<class>/<image>")
@@ -128,7 +129,10 @@ def probe(args: argparse.Namespace) -> int:
     model, preprocess = load_model(args.model, device)
     features, skipped, classnames = {}, {}, []
     for role, split in splits.items():
-        data = load_classification_data(with_split(base, split), preprocess, class_folders=class_folders)
+        # Every split has the same class names, so their warnings come once, with the first split.
+        data = load_classification_data(
+            with_split(base, split), preprocess, class_folders=class_folders, warn=role == "train"
+        )
         classnames = data.classnames  # the same for every split: fixed by the dataset kind or `class_folders`
         features[role] = extract_features(
             model,

@@ -10,10 +10,12 @@ import argparse
 import logging
 from pathlib import Path
 
+from clip.data.manifest import QUOTING_CHOICES
 from clip.evaluation.config import RetrievalDatasetConfig
 from clip.evaluation.retrieval import evaluate_retrieval, load_retrieval_data
 
 from .common import (
+    ERRORS_HELP,
     load_model,
     non_negative_int,
     positive_int,
@@ -27,7 +29,7 @@ logger = logging.getLogger("clip.retrieval")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="clip-retrieval", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="clip-retrieval", description=__doc__.split("\n\n")[0], epilog=ERRORS_HELP)
     parser.add_argument("--model", required=True, help="released name, weights/checkpoint file, or run directory")
     parser.add_argument("--annotations", required=True, help="Karpathy JSON, or CSV/TSV/JSONL manifest")
     parser.add_argument(
@@ -37,6 +39,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--split", default="test", help="Karpathy split to evaluate ('' = all images)")
     parser.add_argument("--image-column", default="image", help="manifest column of the image path")
     parser.add_argument("--caption-column", default="caption", help="manifest column of the caption")
+    parser.add_argument(
+        "--quoting",
+        choices=QUOTING_CHOICES,
+        default="auto",
+        help="manifest quote handling, as for training manifests: auto = CSV rules for .csv, none for .tsv "
+        "(captions with raw quotes); csv for a TSV written by a CSV writer such as pandas",
+    )
     parser.add_argument(
         "--max-images", type=non_negative_int, default=0, help="evaluate the first N images only (0 = all)"
     )
@@ -53,7 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=["pessimistic", "optimistic"],
         default="pessimistic",
         help="a ground truth tied with other candidates ranks last (pessimistic: a model whose features are "
-        "all equal scores no better than chance) or first (optimistic) among them",
+        "all equal scores no better than chance; another image's word-for-word copy of a true caption counts "
+        "against it) or first (optimistic) among them",
     )
     parser.add_argument("--output-dir", default="retrieval_results")
     return parser.parse_args(argv)
@@ -68,6 +78,7 @@ def evaluate(args: argparse.Namespace) -> int:
         split=args.split,
         image_column=args.image_column,
         caption_column=args.caption_column,
+        quoting=args.quoting,
         max_images=args.max_images,
     )
     name = dataset.resolved_name()

@@ -13,31 +13,49 @@ from pathlib import Path
 
 from clip.config import load_config
 from clip.evaluation.config import ZeroShotRunConfig
-from clip.evaluation.datasets import load_classification_data
+from clip.evaluation.datasets import (
+    ClassificationData,
+    TransformedDataset,
+    load_classification_data,
+)
 from clip.evaluation.results import format_table, save_confusion_png
 from clip.evaluation.zeroshot import evaluate_zeroshot
 
-from .common import load_model, resolve_device, run_command, setup_logging, write_json
+from .common import (
+    ERRORS_HELP,
+    load_model,
+    resolve_device,
+    run_command,
+    setup_logging,
+    write_json,
+)
 
 logger = logging.getLogger("clip.zeroshot")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="clip-zeroshot", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="clip-zeroshot", description=__doc__.split("\n\n")[0], epilog=ERRORS_HELP)
     parser.add_argument("config", help="TOML file (ZeroShotRunConfig): model, device, [[datasets]] tables")
     parser.add_argument("overrides", nargs="*", help="type-checked key=value overrides, e.g. model=runs/tiny")
     parser.add_argument("--output-dir", help="overrides the config's output_dir")
     return parser.parse_intermixed_args(argv)
 
 
+def list_datasets(config: ZeroShotRunConfig) -> dict[str, ClassificationData]:
+    """Every dataset of `config` by name, its images still PIL images (the model's preprocessing is known
+    only once it is loaded). Listing them all first makes a missing folder or a malformed class-name file
+    fail in seconds, before the model is loaded, rather than after the datasets before it were evaluated
+    and with their results lost."""
+    return {dataset.resolved_name(): load_classification_data(dataset, None) for dataset in config.datasets}
+
+
 def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:
     """Evaluates every dataset of `config`; writes results.json and PNGs to `output_dir`; returns the JSON."""
+    datasets = list_datasets(config)
     device = resolve_device(config.device)
     model, preprocess = load_model(config.model, device)
     results = []
-    for dataset_config in config.datasets:
-        name = dataset_config.resolved_name()
-        data = load_classification_data(dataset_config, preprocess)
+    for name, data in datasets.items():
         logger.info(
             "%s: %d images, %d classes, %d templates",
             name,
@@ -47,7 +65,7 @@ def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:
         )
         result = evaluate_zeroshot(
             model,
-            data.dataset,
+            TransformedDataset(data.dataset, preprocess),
             data.classnames,
             data.templates,
             device=device,

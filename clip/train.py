@@ -237,7 +237,7 @@ def check_eval_datasets(eval_config: EvalConfig) -> None:
     """Reads every evaluation dataset's listing (files, classes, captions) once, before training: a wrong
     path or layout then fails in the first minute, not at the first evaluation hours later."""
     for dataset in eval_config.zeroshot:
-        load_classification_data(dataset, transform=None)
+        load_classification_data(dataset, transform=None, warn=False)  # the evaluation warns, on rank 0
     for dataset in eval_config.retrieval:
         load_retrieval_data(dataset)
 

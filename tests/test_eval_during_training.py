@@ -208,3 +208,21 @@ def test_every_rank_refuses_a_dataset_without_a_readable_image(two_ranks):
     # Both ranks raise after the all-reduce, so neither is left waiting in a collective (the spawn would time out).
     for report in two_ranks[1]:
         assert report["error"] == "zero-shot broken: none of its 2 images is readable"
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "sigwaitinfo"), reason="workers keep torch's signal handling here")
+def test_evaluation_workers_outlive_a_schedulers_sigterm():
+    # A pre-emption notice during an evaluation inside training reaches every process of the job: the
+    # evaluation's workers must leave it to the trainer (which checkpoints), not die and take the run along.
+    import subprocess
+    import time
+
+    from clip.evaluation.features import make_loader
+
+    dataset = torch.utils.data.TensorDataset(torch.arange(64).float())
+    loader = iter(make_loader(dataset, batch_size=4, workers=2, device="cpu"))
+    next(loader)
+    for worker in loader._workers:
+        subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)
+    time.sleep(0.5)  # a worker's death would raise here, from torch's SIGCHLD handler
+    assert len(list(loader)) == 15

@@ -18,6 +18,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
+from ..data.loader import signal_safe_worker_options
+
 from .datasets import UnreadableImageError
 
 logger = logging.getLogger(__name__)
@@ -124,6 +126,9 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.d
         # Its own generator: every DataLoader iterator draws a worker seed, which would otherwise come from
         # torch's global generator and make an evaluation during training shift the training run's RNG.
         generator=torch.Generator().manual_seed(0),
+        # A scheduler's SIGTERM during an evaluation inside training must reach the trainer only (which then
+        # checkpoints), not kill these workers and the run with them.
+        **(signal_safe_worker_options() if workers > 0 else {}),
     )
 
 

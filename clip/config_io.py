@@ -201,14 +201,18 @@ def apply_override(data: dict, schema: type, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r} must look like section.key=value")
     path, text = assignment.split("=", 1)
-    keys = path.strip().split(".")
+    _apply_override(data, schema, path.strip().split("."), text, assignment, [])
+
+
+def _apply_override(data: dict, schema: type, keys: list[str], text: str, assignment: str, above: list[str]) -> None:
+    """`keys` below `data` (whose own path in the whole config is `above`, e.g. data.sources.0) take `text`."""
     node, node_schema = data, schema
     for depth, key in enumerate(keys):
         fields = {f.name: f for f in dataclasses.fields(node_schema)} if dataclasses.is_dataclass(node_schema) else {}
         if key not in fields:
-            prefix = ".".join(keys[:depth])
+            prefix = ".".join([*above, *keys[:depth]])
             valid = [f"{prefix}.{name}" if prefix else name for name in fields]
-            full = ".".join(keys[: depth + 1])
+            full = ".".join([*above, *keys[: depth + 1]])
             raise ConfigError(f"unknown config key {full!r} in override {assignment!r}.{_closest(full, valid)}")
         field_type = typing.get_type_hints(node_schema)[key]
         if depth == len(keys) - 1:
@@ -216,17 +220,18 @@ def apply_override(data: dict, schema: type, assignment: str) -> None:
             return
         if typing.get_origin(field_type) is list and keys[depth + 1].isdigit():
             # `eval.zeroshot.0.num_samples=100`: an element of an array of tables, by index.
-            name, index = ".".join(keys[: depth + 1]), int(keys[depth + 1])
+            name, index = ".".join([*above, *keys[: depth + 1]]), int(keys[depth + 1])
             from_file = key in node
             items = _list_to_override(node, fields[key], name, assignment)
             if index >= len(items):
                 raise ConfigError(_missing_element_message(assignment, name, index, len(items), from_file))
-            rest = ".".join(keys[depth + 2 :])
+            rest = keys[depth + 2 :]
             if not rest:
                 raise ConfigError(
                     f"override {assignment!r} must name a field of the element: {name}.{index}.<field>=value"
                 )
-            apply_override(items[index], typing.get_args(field_type)[0], f"{rest}={text}")
+            element_path = [*above, *keys[: depth + 2]]
+            _apply_override(items[index], typing.get_args(field_type)[0], rest, text, assignment, element_path)
             return
         node = node.setdefault(key, {})
         if not isinstance(node, dict):

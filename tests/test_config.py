@@ -58,7 +58,7 @@ def test_file_and_overrides(tmp_path):
     assert config.sources == [Source("a.tar", 0.5)]
     with pytest.raises(ConfigError, match="no index 3"):
         load_config(path, ["sources.3.weight=0.5"], Schema)
-    with pytest.raises(ConfigError, match="Did you mean 'weight'"):
+    with pytest.raises(ConfigError, match="Did you mean 'sources.0.weight'"):
         load_config(path, ["sources.0.wieght=0.5"], Schema)
 
 
@@ -324,3 +324,20 @@ def test_model_sizes_out_of_range_are_config_errors(override, message):
     demo = Path(__file__).parent.parent / "configs" / "demo.toml"
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(demo, [override], TrainConfig)
+
+
+def test_an_unknown_key_inside_a_list_element_is_named_with_its_whole_path():
+    from clip.config import TrainConfig, load_config
+
+    demo = Path(__file__).parent.parent / "configs" / "demo.toml"
+    with pytest.raises(ConfigError, match=re.escape("unknown config key 'data.sources.0.wieght'")) as raised:
+        load_config(demo, ["data.sources.0.wieght=2"], TrainConfig)
+    assert "Did you mean 'data.sources.0.weight'?" in str(raised.value)
+
+
+def test_a_synthetic_source_refuses_a_path_it_would_ignore():
+    from clip.config import TrainConfig, load_config
+
+    demo = Path(__file__).parent.parent / "configs" / "demo.toml"
+    with pytest.raises(ConfigError, match="is not read by a synthetic source"):
+        load_config(demo, ["data.sources.0.path=/data/train.tsv"], TrainConfig)

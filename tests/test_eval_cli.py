@@ -325,3 +325,26 @@ def test_retrieval_reads_a_pandas_quoted_tsv_with_quoting_csv(tmp_path, tiny_che
     assert "row 3 needs a non-empty 'image' and 'caption'" in capsys.readouterr().err
     assert retrieval_cli.main([*argv, "--quoting", "csv"]) == 0
     assert json.loads((tmp_path / "out" / "retrieval_results.json").read_text())["num_texts"] == 2
+
+
+def test_an_offline_download_is_a_one_line_error(capsys):
+    # A released name on a machine without network: the download error's message says what to do.
+    from clip.cli.common import run_command
+    from clip.download import DownloadError
+
+    def offline(args):
+        raise DownloadError("Could not download ViT-B-32.pt; copy it to ~/.cache/clip/ViT-B-32.pt")
+
+    assert run_command("clip-zeroshot", offline, None) == 2
+    assert capsys.readouterr().err.strip() == "clip-zeroshot: Could not download ViT-B-32.pt; copy it to ~/.cache/clip/ViT-B-32.pt"
+
+
+def test_linear_probe_lists_its_data_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    # A released name is a download: a missing CIFAR folder must fail first.
+    def refuse_to_load(*args):
+        pytest.fail("the model was loaded before the data was listed")
+
+    monkeypatch.setattr(linear_probe_cli, "load_model", refuse_to_load)
+    argv = ["--model", "ViT-B/32", "--dataset", "cifar10", "--root", str(tmp_path / "none"), "--device", "cpu"]
+    assert linear_probe_cli.main([*argv, "--output-dir", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith("clip-linear-probe: ")

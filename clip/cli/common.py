@@ -14,10 +14,13 @@ from typing import Any
 
 import torch
 
+from clip.download import DownloadError
+
 # A bad path, a malformed annotation file, a config value out of range: the commands' inputs fail with these
 # (ConfigError is a ValueError), and a one-line message says more to the user than a traceback. A bug inside
 # the library, torch or numpy can raise them too, so CLIP_DEBUG brings the traceback back.
-USER_ERRORS = (ValueError, OSError)
+# DownloadError: a released model's weights could not be fetched (offline); its message says what to do.
+USER_ERRORS = (ValueError, OSError, DownloadError)
 DEBUG_VARIABLE = "CLIP_DEBUG"
 # The commands' --help epilog.
 ERRORS_HELP = (

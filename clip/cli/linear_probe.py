@@ -19,6 +19,7 @@ import torch
 
 from clip.evaluation.config import ZeroShotDatasetConfig
 from clip.evaluation.datasets import (
+    TransformedDataset,
     list_class_folders,
     load_classification_data,
     split_folder,
@@ -125,18 +126,21 @@ def probe(args: argparse.Namespace) -> int:
     splits = {"train": args.train_split, "test": args.test_split, **({"val": args.val_split} if args.val_split else {})}
     refuse_shared_images(base, splits)
     class_folders = shared_class_folders(base, splits)
+    # Every split is listed before the model loads (a download, for a released name): a missing folder or
+    # file fails at once. Every split has the same class names, so their warnings come once, with the first.
+    listed = {
+        role: load_classification_data(with_split(base, split), None, class_folders=class_folders, warn=role == "train")
+        for role, split in splits.items()
+    }
+    classnames = listed["train"].classnames  # the same for every split: fixed by the dataset kind or `class_folders`
     device = resolve_device(args.device)
     model, preprocess = load_model(args.model, device)
-    features, skipped, classnames = {}, {}, []
+    features, skipped = {}, {}
     for role, split in splits.items():
-        # Every split has the same class names, so their warnings come once, with the first split.
-        data = load_classification_data(
-            with_split(base, split), preprocess, class_folders=class_folders, warn=role == "train"
-        )
-        classnames = data.classnames  # the same for every split: fixed by the dataset kind or `class_folders`
+        data = listed[role]
         features[role] = extract_features(
             model,
-            data.dataset,
+            TransformedDataset(data.dataset, preprocess),
             device=device,
             batch_size=args.batch_size,
             workers=args.workers,

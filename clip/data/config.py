@@ -52,6 +52,10 @@ class SourceConfig:
         require("kind", self.kind, self.kind in ("synthetic", "manifest", "shards"), "synthetic, manifest or shards")
         if self.kind != "synthetic" and not self.path:
             raise InvalidValue("path", f"must be set for a {self.kind} source (the manifest file or shard pattern)")
+        if self.kind == "synthetic" and self.path:
+            # It would be ignored: the images are rendered. Most likely a manifest or shards were meant.
+            raise InvalidValue("path", f"is not read by a synthetic source (got {self.path!r}); set kind to "
+                               '"manifest" or "shards" for files')
         # A source of weight 0 would never be read (and all weights 0 leave nothing to draw): leave it out instead.
         require("weight", self.weight, 0 < self.weight < math.inf, "a finite number > 0")
         if self.num_samples is not None:

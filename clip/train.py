@@ -29,8 +29,7 @@ from .config_io import ConfigError
 from .cuda_backends import configure_cuda_backends
 from .data import build_train_data, counts_line, data_state_for_other_world_size, merge_rank_reports
 from .distributed import DistributedInfo, cleanup_distributed, init_distributed, read_launcher_environment
-from .evaluation import EvalConfig, load_classification_data, load_retrieval_data
-from .evaluation.during_training import run_evaluations
+from .evaluation.during_training import check_evaluation_datasets, run_evaluations
 from .loss import (
     SIGLIP_INITIAL_LOGIT_BIAS,
     SIGLIP_INITIAL_LOGIT_SCALE,
@@ -233,15 +232,6 @@ def _differences(before: dict, after: dict, prefix: str = "") -> list[tuple[str,
     return found
 
 
-def check_eval_datasets(eval_config: EvalConfig) -> None:
-    """Reads every evaluation dataset's listing (files, classes, captions) once, before training: a wrong
-    path or layout then fails in the first minute, not at the first evaluation hours later."""
-    for dataset in eval_config.zeroshot:
-        load_classification_data(dataset, transform=None, warn=False)  # the evaluation warns, on rank 0
-    for dataset in eval_config.retrieval:
-        load_retrieval_data(dataset)
-
-
 def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | None) -> dict:
     run_dir = Path(config.output_dir)
     device = dist_info.device
@@ -297,7 +287,7 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
     if already_finished:
         log.info("%s finished its %d steps already: evaluating only, its checkpoint and config are left as they are",
                  run_dir, start_step)
-    check_eval_datasets(config.eval)
+    check_evaluation_datasets(config.eval, warn=dist_info.is_main)
     if dist_info.is_main and not already_finished:
         # Written after the resume checks: a refused resume leaves the run's recorded config alone.
         run_dir.mkdir(parents=True, exist_ok=True)

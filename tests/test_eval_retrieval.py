@@ -205,6 +205,17 @@ def test_manifest_suffixes_are_recognised_in_any_case(tmp_path):
     assert data.captions == ["a red square"]
 
 
+def test_format_manifest_reads_other_suffixes_as_csv_and_names_the_json_case(tmp_path):
+    names = write_images(tmp_path, 1)
+    (tmp_path / "m.txt").write_text(f'image,caption\n{names[0]},"a red, square"\n')
+    config = RetrievalDatasetConfig(annotations=str(tmp_path / "m.txt"), format="manifest")
+    assert load_retrieval_data(config).captions == ["a red, square"]
+    (tmp_path / "m.json").write_text(json.dumps({"image": names[0], "caption": "a red square"}) + "\n")
+    json_config = RetrievalDatasetConfig(annotations=str(tmp_path / "m.json"), format="manifest")
+    with pytest.raises(ValueError, match="rename a JSON-lines manifest to .jsonl"):
+        load_retrieval_data(json_config)
+
+
 def test_a_csv_with_a_byte_order_mark_reads_like_one_without(tmp_path):
     names = write_images(tmp_path, 2)
     text = f'image,caption\n{names[0]},a red square\n{names[1]},"a big, red square"\n'

@@ -319,6 +319,19 @@ def test_a_missing_evaluation_dataset_fails_before_training(tmp_path):
     assert not metrics.exists() or '"loss"' not in metrics.read_text()  # not a single step was spent
 
 
+def test_an_evaluation_dataset_of_unreadable_files_fails_before_training(tmp_path):
+    # Git LFS pointers checked out without LFS: files named .jpg that hold text. Found at the first
+    # evaluation, they would stop the run there (on every rank) and again after every resume.
+    for name in ("cat", "dog"):
+        (tmp_path / "eval" / name).mkdir(parents=True)
+        (tmp_path / "eval" / name / "0.jpg").write_text("version https://git-lfs.github.com/spec/v1\n")
+    overrides = ["eval.zeroshot.0.kind=imagefolder", f"eval.zeroshot.0.root={tmp_path / 'eval'}"]
+    with pytest.raises(ValueError, match="none of the 2 images tried can be read"):
+        train(tiny_config(tmp_path / "run", *overrides))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert not metrics.exists() or '"loss"' not in metrics.read_text()
+
+
 def test_a_failing_final_evaluation_keeps_the_trained_weights(tmp_path, monkeypatch):
     import clip.train as train_module
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .config import EvalConfig
-from .datasets import load_classification_data
+from .datasets import UnreadableImageError, evenly_spaced_indices, load_classification_data, read_image
 from .features import (
     Tokenizer,
     default_tokenizer,
@@ -34,6 +34,37 @@ from .retrieval import evaluate_retrieval, load_retrieval_data
 from .zeroshot import evaluate_zeroshot
 
 logger = logging.getLogger(__name__)
+
+
+# How many images (spread over each dataset) `check_evaluation_datasets` tries before calling it unreadable.
+IMAGES_TRIED = 8
+
+
+def check_evaluation_datasets(eval_config: EvalConfig, warn: bool = True) -> None:
+    """Lists every configured dataset and decodes a few of its images, before training: a wrong path or
+    layout, or a dataset whose files do not decode (Git LFS pointers named .jpg), then fails in the first
+    minute. Found at the first evaluation instead, it would stop the run there and cost the steps since
+    the last checkpoint, and again after every resume."""
+    for dataset in eval_config.zeroshot:
+        data = load_classification_data(dataset, None, warn=warn)
+        _require_a_readable_image(lambda index: data.dataset[index], len(data.dataset), dataset.resolved_name())
+    for dataset in eval_config.retrieval:
+        paths = load_retrieval_data(dataset).image_paths
+        _require_a_readable_image(lambda index: read_image(paths[index]), len(paths), dataset.resolved_name())
+
+
+def _require_a_readable_image(read: Callable[[int], Any], count: int, name: str) -> None:
+    if count == 0:
+        raise ValueError(f"evaluation dataset {name!r} has no images")
+    reasons = []
+    for index in evenly_spaced_indices(count, min(count, IMAGES_TRIED)):
+        try:
+            read(index)
+            return
+        except UnreadableImageError as error:
+            reasons.append(str(error))
+    example = f", e.g. {reasons[0]}" if reasons else ""
+    raise ValueError(f"evaluation dataset {name!r}: none of the {len(reasons)} images tried can be read{example}")
 
 
 def should_evaluate(eval_config: EvalConfig, step: int, total_steps: int) -> bool:

@@ -137,7 +137,12 @@ def read_caption_manifest(
     "csv" for a TSV that a CSV writer such as pandas quoted; "none")."""
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
-    rows = manifest_rows(str(path), image_column, caption_column, quoting=quoting)
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        raise ValueError(f"{path}: a .json file is read as Karpathy's format; rename a JSON-lines manifest to .jsonl")
+    # Other unknown suffixes (.txt, none) are read as comma-separated, as `format = "manifest"` asks.
+    separator = "" if suffix in MANIFEST_SUFFIXES else ","
+    rows = manifest_rows(str(path), image_column, caption_column, separator=separator, quoting=quoting)
     pairs = [_manifest_pair(path, number, row, image_column, caption_column) for number, row in enumerate(rows, 1)]
     if not pairs:
         raise ValueError(f"{path}: no rows")

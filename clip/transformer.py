@@ -10,7 +10,6 @@ the blocks read their outputs). Inside, each block works batch-first: the model'
 transposed view of a batch-first tensor, so the transposes at every boundary are views, never copies.
 """
 
-
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -128,7 +127,6 @@ class ResidualAttentionBlock(nn.Module):
         super().__init__()
         hidden = int(width * mlp_ratio)
         self.causal = causal
-        self.quick_gelu = activation == "quick_gelu"
         self.ln_1 = LayerNorm(width)
         self.attn = MultiheadSelfAttention(width, heads)
         self.ln_2 = LayerNorm(width)
@@ -163,17 +161,16 @@ class ResidualAttentionBlock(nn.Module):
         # weight again, and their features should match OpenAI's to the last bit. Nor are replaced or
         # wrapped layers (adapters), or layers with hooks (attribution tools, pruning), which the folded form
         # would bypass: only plain, unobserved nn.Linear weights can be scaled like this.
-        # The MLP must also still be the three layers it was built with: a swapped activation or an appended
-        # module would otherwise be silently skipped.
+        # The MLP must also still be the three layers it was built with, with QuickGELU (a block built with
+        # exact GELU has nothing to fold): a swapped activation or an appended module would otherwise be
+        # silently skipped.
         mlp = self.mlp
-        if not (self.quick_gelu and isinstance(mlp, nn.Sequential) and list(mlp._modules) == ["c_fc", "gelu", "c_proj"]):
+        if not (isinstance(mlp, nn.Sequential) and list(mlp._modules) == ["c_fc", "gelu", "c_proj"]):
             return False
-        if type(mlp.gelu) is not QuickGELU:
+        c_fc, gelu, c_proj = mlp.c_fc, mlp.gelu, mlp.c_proj
+        if not (type(gelu) is QuickGELU and type(c_fc) is nn.Linear and type(c_proj) is nn.Linear):
             return False
-        c_fc, c_proj = self.mlp.c_fc, self.mlp.c_proj
-        if not (type(c_fc) is nn.Linear and type(c_proj) is nn.Linear):
-            return False
-        if _has_hooks(self.mlp, c_fc, self.mlp.gelu, c_proj):
+        if _has_hooks(mlp, c_fc, gelu, c_proj):
             return False
         if c_fc.weight.dtype != torch.float32:
             return False

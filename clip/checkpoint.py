@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .weights_file import weights_only_refusal
+
 CHECKPOINT_FORMAT = "clip-pretrain/1"
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
@@ -185,8 +187,7 @@ def _one_line_reason(error: Exception) -> str:
     """The gist of a loading error: torch's messages run to paragraphs, and the weights-only one names its
     cause on a later line."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    marker = "WeightsUnpickler error:"
-    cause = next((line.split(marker, 1)[1] for line in lines if marker in line), lines[0] if lines else "")
+    cause = weights_only_refusal(str(error)) or (lines[0] if lines else "")
     first_sentence = cause.strip().split(". ")[0]
     return f"{type(error).__name__}: {first_sentence}" if first_sentence else type(error).__name__
 

@@ -130,16 +130,24 @@ def _torch_load_weights_only(path: Path) -> object:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError, ...
         message = str(error)
-        if "WeightsUnpickler error" in message:  # torch's allowlist refused a global or an opcode
-            reason = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: Please use|\n|$)", message)
-            detail = reason.group(1).strip() if reason else message.splitlines()[0]
+        refusal = weights_only_refusal(message)
+        if refusal is not None:
             raise UnsafeFileError(
                 f"{path} was refused: it holds pickled objects other than tensors and plain Python values, and "
-                f"unpickling them could run code ({detail})"
+                f"unpickling them could run code ({refusal})"
             ) from error
         raise WeightsFileError(
             f"{path} is a damaged or truncated PyTorch file ({type(error).__name__}: {message})"
         ) from error
+
+
+def weights_only_refusal(message: str) -> str | None:
+    """Why torch.load(weights_only=True) refused a file (its allowlist met a global or an opcode), from the
+    error message, whose cause sits on a later line among paragraphs of advice; None for other errors."""
+    if "WeightsUnpickler error" not in message:
+        return None
+    reason = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: Please use|\n|$)", message)
+    return reason.group(1).strip() if reason else message.splitlines()[0]
 
 
 def _check_pytorch_file(path: Path) -> None:

@@ -124,19 +124,6 @@ class CheckpointConfig:
         require("keep_last", self.keep_last, self.keep_last >= 1, ">= 1")
 
 
-def check_loss_config(loss: LossConfig) -> None:
-    """The range checks of the [loss] section (`LossConfig` lives with the loss code in clip.loss)."""
-    # The trainer clamps the log-temperature to [0, log(max_logit_scale)]: below 1 that range is empty.
-    # inf is allowed and means no upper limit.
-    require("loss.max_logit_scale", loss.max_logit_scale, loss.max_logit_scale >= 1, ">= 1 (the paper uses 100)")
-    if loss.chunk_size is not None:
-        require("loss.chunk_size", loss.chunk_size, loss.chunk_size >= 1, '>= 1 rows, or "none" for the unchunked loss')
-        if loss.kind != "clip":
-            raise InvalidValue(
-                "loss.chunk_size", f'applies to the CLIP loss only; set it to "none" for kind = {loss.kind!r}'
-            )
-
-
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -149,6 +136,3 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/default"  # the run directory; an existing one is resumed
-
-    def __post_init__(self) -> None:
-        check_loss_config(self.loss)

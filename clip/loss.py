@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .config_io import InvalidValue, require
 from .distributed import gather_features
 
 # SigLIP (Zhai et al. 2023, section 3.2) starts the temperature at t' = log 10 and the bias at -10, so
@@ -41,6 +42,15 @@ class LossConfig:
     # The paper clips the learned temperature so logits are scaled by at most 100; the trainer clamps
     # logit_scale to log(max_logit_scale) after every optimiser step.
     max_logit_scale: float = 100.0
+
+    def __post_init__(self) -> None:
+        # The trainer clamps the log-temperature to [0, log(max_logit_scale)]: below 1 that range is empty.
+        # inf is allowed and means no upper limit.
+        require("max_logit_scale", self.max_logit_scale, self.max_logit_scale >= 1, ">= 1 (the paper uses 100)")
+        if self.chunk_size is not None:
+            require("chunk_size", self.chunk_size, self.chunk_size >= 1, '>= 1 rows, or "none" for the unchunked loss')
+            if self.kind != "clip":
+                raise InvalidValue("chunk_size", f'applies to the CLIP loss only; set it to "none" for kind = {self.kind!r}')
 
 
 def _as_unit_float32(features: torch.Tensor) -> torch.Tensor:

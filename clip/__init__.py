@@ -17,7 +17,7 @@ def available_models() -> list[str]:
 
 
 # openai/CLIP's module layout (`clip.clip.load`, `from clip import clip`); imported last, it uses the above.
-from . import clip  # noqa: E402
+from . import clip  # noqa: E402, F401
 
 __all__ = [
     "CLIP",

@@ -7,7 +7,6 @@ import json
 import os
 from pathlib import Path
 
-import pytest
 import torch
 
 from clip import checkpoint as ckpt

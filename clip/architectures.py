@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .config_io import InvalidValue
+from .config_io import require
 
 # OpenAI's byte-level BPE: 256 byte tokens, each also with an end-of-word form (512), 48,894 merges,
 # and the two special tokens <|startoftext|> and <|endoftext|>: 512 + 48,894 + 2 = 49,408.
@@ -69,8 +69,7 @@ class VisionConfig:
 def _require_positive(**values: float) -> None:
     """InvalidValue (a ValueError) names the field; a config file's loader puts its dotted path in front."""
     for name, value in values.items():
-        if not value > 0:  # also catches NaN
-            raise InvalidValue(name, f"must be > 0, got {value!r}")
+        require(name, value, value > 0, "> 0")  # `value > 0` is False for NaN too
 
 
 @dataclass(frozen=True)

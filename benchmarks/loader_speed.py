@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from clip.data import DataConfig, SourceConfig, build_train_data
+from clip.data import DataConfig, PixelNormalizer, SourceConfig, build_train_data
 from clip.preprocess import OPENAI_MEAN, OPENAI_STD
 
 WIDTH, HEIGHT = 500, 375
@@ -155,8 +155,12 @@ def run_ours(source: SourceConfig, size: int, workers: int, batch_size: int, num
     config = DataConfig(sources=[source], workers=workers, pin_memory=False)
     data = build_train_data(config, image_size=size, context_length=77, tokenizer=tokenizer,
                             batch_size=batch_size, rank=0, world_size=1, seed=0)
+    # Our workers hand over uint8 pixels, which training normalises on the accelerator; here the main process
+    # does it on the CPU, in the measured time, so both pipelines end with the same normalised float batch.
+    normalize = PixelNormalizer("cpu")
+    batches = ((normalize(images), texts) for images, texts in data)
     try:
-        return measure(iter(data), batch_size, num_batches, lambda: _pids(data._loader_iterator))
+        return measure(batches, batch_size, num_batches, lambda: _pids(data._loader_iterator))
     finally:
         data.close()
 

@@ -27,7 +27,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig, load_config, to_dict, to_toml
 from .config_io import ConfigError
 from .cuda_backends import configure_cuda_backends
-from .data import build_train_data, counts_line, data_state_for_other_world_size, merge_rank_reports
+from .data import PixelNormalizer, build_train_data, counts_line, data_state_for_other_world_size, merge_rank_reports
 from .distributed import DistributedInfo, cleanup_distributed, init_distributed, read_launcher_environment
 from .evaluation.during_training import check_evaluation_datasets, run_evaluations
 from .loss import (
@@ -372,6 +372,7 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
     total_steps = config.schedule.steps
     last_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
     batches = iter(data)
+    normalize_pixels = PixelNormalizer(device)
     progress = None
     if dist_info.is_main and config.logging.progress_bar:
         from tqdm import tqdm
@@ -395,10 +396,11 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
             text_length = trimmed_text_length(texts.argmax(dim=-1), texts.shape[-1])
             if peak is not None:
                 window_flops += global_batch * training_flops_per_sample(config.model, text_length)
-            images = images.to(device, non_blocking=True)
+            images = images.to(device, non_blocking=True)  # uint8 pixels: a quarter of a float batch's bytes
             texts = texts.to(device, non_blocking=True)[:, :text_length]
             if config.model.vision.kind == "resnet" and device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
+                images = images.contiguous(memory_format=torch.channels_last)  # kept by the normalisation
+            images = normalize_pixels(images)
 
             optimizer.zero_grad(set_to_none=True)
             skipped = {"value": False}

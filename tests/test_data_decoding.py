@@ -15,8 +15,8 @@ from test_data_helpers import build, caption_of, captions, image_bytes, take
 
 from clip.data import SourceConfig
 from clip.data.decoding import SkipLog, SkipSample, decode_caption, open_image, pil_pixel_limit, upright_rgb
-from clip.data.transform import BatchImageWriter, center_crop_box, random_crop_box
-from clip.preprocess import OPENAI_STD, image_transform
+from clip.data.transform import BatchImageWriter, PixelNormalizer, center_crop_box, random_crop_box
+from clip.preprocess import OPENAI_MEAN, OPENAI_STD, image_transform
 
 PIXEL_LIMIT = 2000  # the test images are 24 x 20 = 480 pixels
 
@@ -185,9 +185,9 @@ def test_batch_writer_matches_image_transform() -> None:
     rng = np.random.default_rng(0)
     for width, height, size in [(120, 90, 16), (500, 375, 224), (375, 500, 224), (225, 224, 224), (1000, 300, 224)]:
         image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-        out = torch.empty(3, size, size)
-        BatchImageWriter(size).write(image, center_crop_box(width, height, size), out)
-        difference = (out - image_transform(size)(image)).abs()
+        out = torch.empty(1, 3, size, size, dtype=torch.uint8)
+        BatchImageWriter(size).write(image, center_crop_box(width, height, size), out[0])
+        difference = (PixelNormalizer("cpu")(out)[0] - image_transform(size)(image)).abs()
         assert difference.max() <= one_grey_level and difference.mean() < 1e-4, (width, height)
 
 
@@ -199,8 +199,9 @@ def test_batch_writer_matches_image_transform_on_white_for_transparent_images() 
     pixels = rng.integers(0, 256, (90, 120, 4), dtype=np.uint8)
     pixels[:, :40, 3] = 0  # a hard alpha edge
     image = Image.fromarray(pixels, mode="RGBA")
-    out = torch.empty(3, 32, 32)
-    BatchImageWriter(32).write(upright_rgb(image, []), center_crop_box(120, 90, 32), out)
+    out = torch.empty(1, 3, 32, 32, dtype=torch.uint8)
+    BatchImageWriter(32).write(upright_rgb(image, []), center_crop_box(120, 90, 32), out[0])
+    out = PixelNormalizer("cpu")(out)[0]
     difference = (out - image_transform(32, alpha_background=(255, 255, 255))(image)).abs()
     assert difference.max() <= one_grey_level
     assert (out - image_transform(32)(image)).abs().max() > 10 * one_grey_level
@@ -213,3 +214,24 @@ def test_random_crop_box_is_seeded_and_inside_the_image() -> None:
         assert 0 <= left < right <= 120 and 0 <= top < bottom <= 90
         assert 0.9 * 120 * 90 - 200 <= (right - left) * (bottom - top) <= 120 * 90
     assert len(set(boxes)) > 10
+
+
+def test_pixel_normalizer_is_clip_normalisation_keeping_the_memory_format() -> None:
+    pixels = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
+    std = torch.tensor(OPENAI_STD).view(3, 1, 1)
+    normalized = PixelNormalizer("cpu")(pixels)
+    assert normalized.dtype == torch.float32
+    torch.testing.assert_close(normalized, (pixels.float() / 255 - mean) / std, rtol=0, atol=1e-6)
+    channels_last = PixelNormalizer("cpu")(pixels.contiguous(memory_format=torch.channels_last))
+    assert channels_last.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(channels_last, normalized)
+    other = PixelNormalizer("cpu", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))(pixels)
+    torch.testing.assert_close(other, pixels.float() / 255, rtol=0, atol=1e-7)
+
+
+def test_pixel_normalizer_refuses_what_is_not_a_pixel_batch() -> None:
+    with pytest.raises(TypeError, match="uint8 pixels"):
+        PixelNormalizer("cpu")(torch.zeros(2, 3, 8, 8))  # already normalised: would be normalised twice
+    with pytest.raises(TypeError, match="uint8 pixels"):
+        PixelNormalizer("cpu")(torch.zeros(3, 8, 8, dtype=torch.uint8))  # one image, not a batch

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_data_helpers import build, caption_of, captions, take, write_manifest, write_shards
+from test_data_helpers import IMAGE_SIZE, build, caption_of, captions, take, write_manifest, write_shards
 
-from clip.data import SourceConfig
+from clip.data import PixelNormalizer, SourceConfig
 
 
 def shards_source(folder: Path, num_samples: int, per_shard: int, **fields) -> SourceConfig:
@@ -229,3 +229,23 @@ def check_workers_outlive_signals(tmp_path: Path) -> None:
     for worker in workers:
         worker.join(timeout=10)
     assert not any(worker.is_alive() for worker in workers)
+
+
+def test_workers_hand_over_uint8_pixels_the_normalizer_turns_into_clip_input(tmp_path: Path) -> None:
+    # A quarter of a float batch's bytes through shared memory and the host-to-device copy; the trainer
+    # normalises on its device. The workers' shared-memory batches hold the same pixels as the main process's.
+    source = SourceConfig(kind="manifest", path=str(write_manifest(tmp_path / "m", range(8))))
+    pixels_by_caption = {}
+    for workers in (0, 2):
+        data = build([source], batch_size=4, workers=workers)
+        one_epoch = take(data, 2)
+        data.close()
+        for images, texts in one_epoch:
+            assert images.dtype == torch.uint8 and images.shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE)
+        pixels_by_caption[workers] = {c: images[i] for images, texts in one_epoch for i, c in enumerate(texts)}
+    assert pixels_by_caption[0].keys() == pixels_by_caption[2].keys() == {caption_of(i) for i in range(8)}
+    assert all(torch.equal(pixels_by_caption[0][c], pixels_by_caption[2][c]) for c in pixels_by_caption[0])
+    images = torch.stack(list(pixels_by_caption[2].values()))
+    assert images.float().std() > 10  # real pixel values, not a zero-filled buffer
+    normalized = PixelNormalizer("cpu")(images)
+    assert normalized.dtype == torch.float32 and -2.0 < normalized.min() < normalized.max() < 2.7

@@ -146,6 +146,24 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch, 
     assert totals[1] == (1 in poisoned_steps) and totals[3] == 1 and totals[5] == 3
 
 
+def test_the_model_gets_normalised_float_images_from_the_uint8_batches(tmp_path, monkeypatch):
+    import clip.train as train_module
+
+    real, seen = train_module.contrastive_step, []
+
+    def recording(module, images, *args):
+        seen.append(images)
+        return real(module, images, *args)
+
+    monkeypatch.setattr(train_module, "contrastive_step", recording)
+    train(tiny_config(tmp_path, "schedule.steps=2", "eval.every_n_steps=0", "eval.zeroshot=[]"))
+    assert len(seen) == 2
+    for images in seen:
+        assert images.dtype == torch.float32 and images.shape == (8, 3, 32, 32)
+        # CLIP's mean/std put pixels 0..255 in about -1.8..2.2 (not 0..255, not 0..1)
+        assert -1.8 < images.min() < -0.5 and 1.0 < images.max() < 2.2
+
+
 def signal_at_step(monkeypatch, step: int, signum: int = signal.SIGTERM, when: str = "before_forward") -> None:
     """Delivers `signum` to this process during the given step (as SLURM's pre-emption notice or a Ctrl-C
     would arrive): before its forward pass, or after its optimiser step (while its metrics are logged)."""

@@ -4,7 +4,9 @@
                             batch_size=256, rank=rank, world_size=world_size, seed=seed)
     data.load_state_dict(checkpoint["data"][rank])   # optional, before iter()
     batches = iter(data)                              # endless: epochs follow each other seamlessly
-    images, texts = next(batches)                     # FloatTensor[B, 3, H, W], IntTensor[B, context_length]
+    normalize = PixelNormalizer(device)               # uint8 pixels -> the model's float input, on the device
+    images, texts = next(batches)                     # ByteTensor[B, 3, H, W], IntTensor[B, context_length]
+    images = normalize(images.to(device))
     checkpoint["data"][rank] = data.state_dict()      # the position after the last batch received
     metrics["data"] = data.stats()                    # counts of samples used, skipped and repaired per source
     data.close()                                      # stops the worker processes

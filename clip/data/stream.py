@@ -77,18 +77,19 @@ def _count(meta: dict, epoch: int, source: str, field: str, kind: str | None = N
         counts[field][kind] = counts[field].get(kind, 0) + 1
 
 
-def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
-    """In a worker, allocated in shared memory: sending it to the training process then costs no copy."""
+def _pixel_batch(shape: tuple[int, ...]) -> torch.Tensor:
+    """uint8; in a worker, allocated in shared memory: sending it to the training process then costs no copy."""
     if get_worker_info() is None:
-        return torch.empty(shape)
+        return torch.empty(shape, dtype=torch.uint8)
     new_shared = getattr(torch.UntypedStorage, "_new_shared", None)  # what torch's default_collate uses
     if new_shared is None:
-        return torch.empty(shape)
-    return torch.empty(0).set_(new_shared(math.prod(shape) * 4)).view(shape)
+        return torch.empty(shape, dtype=torch.uint8)
+    return torch.empty(0, dtype=torch.uint8).set_(new_shared(math.prod(shape))).view(shape)
 
 
 class SampleStream(IterableDataset):
-    """An endless stream of (images FloatTensor[B, 3, S, S], tokens IntTensor[B, ctx], meta) batches."""
+    """An endless stream of (images ByteTensor[B, 3, S, S], tokens IntTensor[B, ctx], meta) batches; the pixels
+    are normalised by the consumer (`transform.PixelNormalizer`)."""
 
     def __init__(
         self,
@@ -173,7 +174,7 @@ class _BatchBuilder:
 
     def next_batch(self, items: Iterator[_Item]) -> tuple[torch.Tensor, torch.Tensor, dict]:
         s = self.settings
-        images = _batch_tensor((s.batch_size, 3, s.image_size, s.image_size))
+        images = _pixel_batch((s.batch_size, 3, s.image_size, s.image_size))
         texts: list[str] = []
         origins: list[tuple[int, str]] = []  # (epoch, source name) of each sample in the batch
         meta: dict = {"worker": self.worker, "counts": {}}

@@ -13,7 +13,9 @@ the fast way, which `benchmarks/loader_speed.py` measures:
 - JPEGs may be decoded at 1/2, 1/4 or 1/8 scale (`draft`), and images more than 6x larger than the target
   are first shrunk by an integer factor (`reducing_gap`): faster, and slightly different pixels from a
   full-resolution resize of such large images;
-- the uint8 pixels are converted and normalised in place in the batch tensor (no temporaries);
+- the batch holds uint8 pixels, a quarter of a float batch's bytes through shared memory, pinning and
+  the host-to-device copy; `PixelNormalizer` turns them into the model's input where the batch lands
+  (on the accelerator, in training), with the same arithmetic as a normalisation in the workers;
 - the random crop comes from a numpy generator seeded per sample, so augmentations replay exactly after a
   resume and do not touch torch's global RNG.
 Evaluation keeps using `image_transform`.
@@ -81,18 +83,31 @@ def draft_size(image_size: int, augment: bool) -> int:
 
 
 class BatchImageWriter:
-    """Resizes RGB images into rows of a float batch tensor [B, 3, S, S] and normalises them there."""
+    """Resizes RGB images into rows of a uint8 batch tensor [B, 3, S, S]."""
 
-    def __init__(self, image_size: int, mean: tuple[float, ...] = OPENAI_MEAN, std: tuple[float, ...] = OPENAI_STD):
+    def __init__(self, image_size: int):
         self.image_size = image_size
-        # (x / 255 - mean) / std  ==  x * scale + shift, per channel
-        self.scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(3, 1, 1)
-        self.shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(3, 1, 1)
 
     def write(self, image: Image.Image, box: Box, out: torch.Tensor) -> None:
-        """out: FloatTensor[3, S, S] (a row of the batch); image: RGB."""
+        """out: ByteTensor[3, S, S] (a row of the batch); image: RGB."""
         size = self.image_size
         resized = image.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=REDUCING_GAP)
-        pixels = torch.from_numpy(np.array(resized))  # [S, S, 3] uint8 (a writable copy)
-        out.copy_(pixels.permute(2, 0, 1))  # HWC -> CHW, uint8 -> float
-        out.mul_(self.scale).add_(self.shift)
+        out.copy_(torch.from_numpy(np.array(resized)).permute(2, 0, 1))  # [S, S, 3] -> [3, S, S]
+
+
+class PixelNormalizer:
+    """uint8 pixel batches [B, 3, S, S] -> the model's float32 input, (x / 255 - mean) / std per channel,
+    computed on the device the batch is on and in its memory format (channels-last stays channels-last).
+
+    The per-channel constants are made once, on that device: building them per batch would copy from
+    pageable host memory, which waits for the GPU's queue to drain."""
+
+    def __init__(self, device: torch.device | str, mean: tuple[float, ...] = OPENAI_MEAN, std: tuple[float, ...] = OPENAI_STD):
+        # (x / 255 - mean) / std  ==  x * scale + shift, per channel
+        self.scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device).view(3, 1, 1)
+        self.shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(3, 1, 1)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[1] != 3:
+            raise TypeError(f"expected uint8 pixels [B, 3, H, W], got {pixels.dtype} {list(pixels.shape)}")
+        return pixels.to(torch.float32).mul_(self.scale).add_(self.shift)

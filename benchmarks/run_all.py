@@ -193,6 +193,14 @@ def section(title: str, report: dict | None, body) -> list[str]:
     return lines
 
 
+def loader_table(report: dict) -> str:
+    return generic_table(report["rows"]) + (
+        "\n\nEach pipeline ends with the same normalised float batch of 224-pixel images: ours hands over uint8 "
+        "pixels and normalises them in the main process (training does that on its device), inside the "
+        "measured time. Per CPU-second counts the main process and its workers."
+    )
+
+
 def tokenizer_table(report: dict) -> str:
     rows = [{"tokenizer": name, **values} for name, values in report["results"].items()]
     return f"{report['captions']} fresh captions, best of {report['repeats']} runs.\n\n" + generic_table(rows)
@@ -230,7 +238,7 @@ def write_page(path: Path, reports: dict[str, dict], invocation: str, machine: d
     lines += section("Inference", reports.get("inference"), inference_table)
     lines += section("Tokenizer", reports.get("tokenizer"), tokenizer_table)
     lines += section("Contrastive loss memory", reports.get("loss_memory"), loss_table)
-    lines += section("Data loader", reports.get("loader"), lambda r: generic_table(r["rows"]))
+    lines += section("Data loader", reports.get("loader"), loader_table)
     lines += ["## GPU", "", "Not measured on this machine. `bash benchmarks/gpu.sh` (one H200, under 8 minutes) writes "
               "the bf16 training throughput, MFU, a torch.profiler summary and the loss-memory figures to `$OUT`. "
               "On a GPU machine without network access, run `bash benchmarks/gpu_prepare.sh` beforehand where pip "

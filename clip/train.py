@@ -160,12 +160,31 @@ def gather_objects(value, dist_info: DistributedInfo) -> list:
 STOPPED_EARLY_EXIT_CODE = 75
 
 
+class EvaluationInterrupted(Exception):
+    """A signal arrived while an evaluation that may be abandoned was running (see StopRequest.interrupting)."""
+
+
 class StopRequest:
     """Turns SIGTERM (SLURM's pre-emption notice) and Ctrl-C into a checkpoint at the next step boundary."""
 
     def __init__(self) -> None:
         self.requested = False
         self._previous = {}
+        self._interrupting = False
+
+    @contextlib.contextmanager
+    def interrupting(self):
+        """Inside the block a signal (or one that came before it) raises EvaluationInterrupted at once, besides
+        being recorded: an evaluation can take longer than a scheduler's grace period, and abandoning it
+        loses nothing. Only for work without collectives in flight on other ranks -- one process, or after
+        the last checkpoint -- since the other ranks would wait forever in the collective this rank left."""
+        if self.requested:
+            raise EvaluationInterrupted
+        self._interrupting = True
+        try:
+            yield
+        finally:
+            self._interrupting = False
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -176,9 +195,13 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second Ctrl-C stops at once
+        if self.requested and not self._interrupting:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self.requested = True
+        if self._interrupting:
+            self._interrupting = False  # raised once; cleanup code after it keeps running
+            log.warning("received signal %d during an evaluation: abandoning it", signum)
+            raise EvaluationInterrupted
         # Over several processes the ranks agree on it before the next backward pass, so a signal that
         # arrives late in a step is acted on after the following one.
         log.warning("received signal %d: saving a checkpoint after this step or the next, then stopping", signum)
@@ -483,7 +506,13 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
             stop_now = stopping["value"] or (not dist_info.is_distributed and stop.requested)
             evaluate_now = config.eval.every_n_steps and step % config.eval.every_n_steps == 0 and step < total_steps
             if evaluate_now and not stop_now:  # a pre-empted run spends its grace period saving, not evaluating
-                last_metrics.update(evaluate(step))
+                # One process abandons an evaluation a signal arrives in, to save at once; several finish
+                # theirs (each rank's collectives must pair up), then save.
+                try:
+                    with stop.interrupting() if not dist_info.is_distributed else contextlib.nullcontext():
+                        last_metrics.update(evaluate(step))
+                except EvaluationInterrupted:
+                    stop_now = True
             every = config.checkpoint.every_n_steps
             if (every and step % every == 0 and step < last_step) or (stop_now and step < total_steps):
                 save(step, {**last_metrics, "nonfinite_steps_total": nonfinite_total})
@@ -502,7 +531,17 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
     if saved_at["step"] != step:
         save(step, final)
     if finished:
-        final.update(evaluate(step))
+        try:
+            with StopRequest() as stop, stop.interrupting():
+                final.update(evaluate(step))
+        except EvaluationInterrupted:
+            # Nothing is lost (the weights are saved): `main` exits 75, and the run started again only
+            # evaluates. No collective follows, as other ranks may still be inside the evaluation's.
+            log.warning("final evaluation abandoned; the trained weights are saved: run again to evaluate")
+            if run_log is not None:
+                run_log.close()
+            data.close()
+            return {**final, "evaluation_interrupted": True}
     data_totals = merge_rank_reports(gather_objects(data.rank_report(), dist_info))
     if dist_info.is_main:
         log.info("data: %s", data.epoch_summary())  # this rank's, since the run (or resume) started
@@ -558,7 +597,8 @@ def main(argv: list[str] | None = None) -> int:
     except (NonFiniteLossError, ckpt.NoReadableCheckpointError) as error:
         log.error("%s", error)
         return 1
-    if results.get("step", 0) < config.schedule.steps:  # stopped by a signal, with a checkpoint
+    # Stopped by a signal, with a checkpoint: before the last step, or in the final evaluation
+    if results.get("step", 0) < config.schedule.steps or results.get("evaluation_interrupted"):
         return STOPPED_EARLY_EXIT_CODE
     line = headline(results)
     if line and rank_zero:

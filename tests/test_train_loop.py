@@ -227,6 +227,46 @@ def test_main_exits_75_when_a_signal_stopped_the_run_early(tmp_path, monkeypatch
     assert main([*logged_rarely, "schedule.steps=2"]) == 0
 
 
+def signal_during_evaluation(monkeypatch, call: int, signum: int = signal.SIGTERM) -> None:
+    """Delivers `signum` to this process inside the `call`-th evaluation, before it computes anything."""
+    import clip.train as train_module
+
+    real, calls = train_module.run_evaluations, {"n": 0}
+
+    def signalling(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "run_evaluations", signalling)
+
+
+def test_a_signal_in_the_final_evaluation_exits_75_and_the_next_start_evaluates(tmp_path, monkeypatch):
+    # The evaluation may outlast the scheduler's grace period: it is abandoned (the weights are saved already),
+    # the status asks for a requeue, and the requeued run only evaluates.
+    args = [str(DEMO), "--output-dir", str(tmp_path), *TINY, "schedule.steps=2", "eval.every_n_steps=0"]
+    signal_during_evaluation(monkeypatch, 1)
+    assert main(args) == 75
+    monkeypatch.undo()
+    assert ckpt.load_latest_checkpoint(tmp_path)["step"] == 2 and not (tmp_path / "results.json").exists()
+    assert not any("zeroshot/" in line for line in (tmp_path / "metrics.jsonl").open())
+    assert main(args) == 0
+    assert "zeroshot/" in (tmp_path / "results.json").read_text()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+
+
+def test_a_signal_in_an_evaluation_during_training_saves_at_once_and_resumes(tmp_path, monkeypatch):
+    # One process: the evaluation at step 3 is abandoned, step 3 is saved, and the run exits 75.
+    args = [str(DEMO), "--output-dir", str(tmp_path), *TINY, "checkpoint.every_n_steps=0"]
+    signal_during_evaluation(monkeypatch, 1)
+    assert main(args) == 75
+    monkeypatch.undo()
+    assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [3]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["step"] == 6
+
+
 def test_rerunning_a_finished_run_with_other_settings_leaves_its_record_alone(tmp_path, caplog):
     train(tiny_config(tmp_path, "schedule.steps=2", "eval.every_n_steps=0"))
     checkpoint = ckpt.list_checkpoints(tmp_path)[0][1]

@@ -102,7 +102,9 @@ class PixelNormalizer:
     The per-channel constants are made once, on that device: building them per batch would copy from
     pageable host memory, which waits for the GPU's queue to drain."""
 
-    def __init__(self, device: torch.device | str, mean: tuple[float, ...] = OPENAI_MEAN, std: tuple[float, ...] = OPENAI_STD):
+    def __init__(
+        self, device: torch.device | str, mean: tuple[float, ...] = OPENAI_MEAN, std: tuple[float, ...] = OPENAI_STD
+    ):
         # (x / 255 - mean) / std  ==  x * scale + shift, per channel
         self.scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device).view(3, 1, 1)
         self.shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(3, 1, 1)

@@ -341,3 +341,17 @@ def test_a_synthetic_source_refuses_a_path_it_would_ignore():
     demo = Path(__file__).parent.parent / "configs" / "demo.toml"
     with pytest.raises(ConfigError, match="is not read by a synthetic source"):
         load_config(demo, ["data.sources.0.path=/data/train.tsv"], TrainConfig)
+
+
+def test_augment_takes_true_false_or_a_crop_name() -> None:
+    from clip.config import TrainConfig
+
+    demo = Path(__file__).parent.parent / "configs" / "demo.toml"
+    crops = {
+        value: load_config(demo, [f"data.augment={value}"], TrainConfig).data.crop
+        for value in ("false", "true", "random_square_crop", "random_resized_crop")
+    }
+    assert crops == {"false": "center", "true": "random_resized", "random_square_crop": "random_square",
+                     "random_resized_crop": "random_resized"}
+    with pytest.raises(ConfigError, match="data.augment: 'random_crop' is not a bool or one of 'random_square_crop', "):
+        load_config(demo, ["data.augment=random_crop"], TrainConfig)

@@ -15,7 +15,14 @@ from test_data_helpers import build, caption_of, captions, image_bytes, take
 
 from clip.data import SourceConfig
 from clip.data.decoding import SkipLog, SkipSample, decode_caption, open_image, pil_pixel_limit, upright_rgb
-from clip.data.transform import BatchImageWriter, PixelNormalizer, center_crop_box, random_crop_box
+from clip.data.transform import (
+    BatchImageWriter,
+    PixelNormalizer,
+    center_crop_box,
+    draft_size,
+    random_crop_box,
+    random_square_box,
+)
 from clip.preprocess import OPENAI_MEAN, OPENAI_STD, image_transform
 
 PIXEL_LIMIT = 2000  # the test images are 24 x 20 = 480 pixels
@@ -235,3 +242,18 @@ def test_pixel_normalizer_refuses_what_is_not_a_pixel_batch() -> None:
         PixelNormalizer("cpu")(torch.zeros(2, 3, 8, 8))  # already normalised: would be normalised twice
     with pytest.raises(TypeError, match="uint8 pixels"):
         PixelNormalizer("cpu")(torch.zeros(3, 8, 8, dtype=torch.uint8))  # one image, not a batch
+
+
+def test_random_square_box_spans_the_shorter_side_at_a_random_place() -> None:
+    # The CLIP paper's crop: resize the shorter side to the target, take a random target-size square.
+    for width, height in [(120, 90), (90, 120), (64, 64)]:
+        boxes = [random_square_box(width, height, np.random.default_rng(seed)) for seed in range(40)]
+        assert boxes[7] == random_square_box(width, height, np.random.default_rng(7))
+        side = min(width, height)
+        for left, top, right, bottom in boxes:
+            assert right - left == bottom - top == side
+            assert 0 <= left and right <= width and 0 <= top and bottom <= height
+        offsets = {max(left, top) for left, top, _, _ in boxes}
+        assert len(offsets) > 10 if width != height else offsets == {0}
+    # Both crops cover the whole shorter side: JPEGs may be decoded down to the target size itself.
+    assert draft_size(224, "random_square") == draft_size(224, "center") == 224 < draft_size(224, "random_resized")

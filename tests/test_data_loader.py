@@ -51,8 +51,8 @@ def test_same_seed_same_batches_other_seed_other_order(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["manifest", "shards", "both resampled"])
-@pytest.mark.parametrize("augment", [False, True])
-def test_resume_mid_epoch_continues_exactly(tmp_path: Path, kind: str, augment: bool) -> None:
+@pytest.mark.parametrize("augment", [False, True, "random_square_crop"])
+def test_resume_mid_epoch_continues_exactly(tmp_path: Path, kind: str, augment: bool | str) -> None:
     # 23 samples, 2 workers, batches of 4: batches straddle epoch ends; one sample is broken (skipped).
     manifest = write_manifest(tmp_path / "m", range(23))
     (tmp_path / "m" / "images" / "5.jpg").write_bytes(b"not a jpeg")
@@ -249,3 +249,16 @@ def test_workers_hand_over_uint8_pixels_the_normalizer_turns_into_clip_input(tmp
     assert images.float().std() > 10  # real pixel values, not a zero-filled buffer
     normalized = PixelNormalizer("cpu")(images)
     assert normalized.dtype == torch.float32 and -2.0 < normalized.min() < normalized.max() < 2.7
+
+
+@pytest.mark.parametrize(("augment", "varies"), [(False, False), ("random_square_crop", True), (True, True)])
+def test_random_crops_differ_between_epochs_and_the_center_crop_does_not(tmp_path: Path, augment, varies) -> None:
+    # 24x20 images: the paper's square crop can sit at 5 places along the width.
+    source = SourceConfig(kind="manifest", path=str(write_manifest(tmp_path / "m", range(8))))
+    data = build([source], batch_size=4, augment=augment)
+    epochs = [take(data, 2), take(data, 2)]  # take() iterates afresh: the second call reads the next epoch
+    data.close()
+    pixels = [{c: images[i] for images, texts in epoch for i, c in enumerate(texts)} for epoch in epochs]
+    assert pixels[0].keys() == pixels[1].keys()
+    differing = sum(not torch.equal(pixels[0][c], pixels[1][c]) for c in pixels[0])
+    assert (differing >= 4) if varies else (differing == 0)

@@ -90,13 +90,24 @@ class DataConfig:
     # Images with more pixels than this are skipped as decompression bombs (PIL's default limit, applied in
     # the data workers only). None ("none" in TOML) disables the check.
     max_image_pixels: int | None = 89_478_485
-    # RandomResizedCrop; off = resize + center crop. Keep it off for synthetic data: its captions name positions.
-    augment: bool = False
+    # The training crop. false: resize the shorter side and center crop, the same pixels every epoch (keep
+    # it for synthetic data: its captions name positions). "random_square_crop": the CLIP paper's only
+    # augmentation, a square as large as the shorter side at a random place along the longer one.
+    # "random_resized_crop" (or true): RandomResizedCrop over 90-100% of the area with aspect ratios
+    # 3/4..4/3, squeezed to a square, as open_clip trains.
+    augment: bool | Literal["random_square_crop", "random_resized_crop"] = False
     jpeg_draft: bool = True  # let libjpeg decode large JPEGs at 1/2, 1/4 or 1/8 scale when still >= the target size
     log_every_s: float = 60.0  # at most one log line per skip kind per worker in this many seconds
     # A data worker that delivers no batch for this long (a hung network read or pipe: command) stops the run
     # with an error instead of stalling it forever; resume from the last checkpoint. 0 waits forever.
     worker_timeout_s: float = 1800.0
+
+    @property
+    def crop(self) -> Literal["center", "random_square", "random_resized"]:
+        """The crop `augment` asks for."""
+        if self.augment is False:
+            return "center"
+        return "random_square" if self.augment == "random_square_crop" else "random_resized"
 
     def __post_init__(self) -> None:
         if not self.sources:

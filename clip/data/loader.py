@@ -153,7 +153,7 @@ class TrainData:
             image_size=image_size,
             context_length=context_length,
             shuffle_window=config.shuffle_buffer,
-            augment=config.augment,
+            crop=config.crop,
             jpeg_draft=config.jpeg_draft,
             max_image_pixels=config.max_image_pixels,
             log_every_s=config.log_every_s,

@@ -31,7 +31,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .decoding import SkipLog, SkipSample, decode_caption, open_image, pil_pixel_limit, upright_rgb
 from .sampling import Planner, SlotPlan
 from .sources import Source
-from .transform import BatchImageWriter, center_crop_box, draft_size, random_crop_box
+from .transform import BatchImageWriter, center_crop_box, draft_size, random_crop_box, random_square_box
 
 _AUGMENT = 6  # seed purpose of the per-sample crop, distinct from sampling.py's
 
@@ -46,7 +46,7 @@ class StreamSettings:
     image_size: int
     context_length: int
     shuffle_window: int
-    augment: bool
+    crop: str  # "center", "random_square" or "random_resized" (DataConfig.crop)
     jpeg_draft: bool
     max_image_pixels: int | None
     log_every_s: float
@@ -157,7 +157,7 @@ class _BatchBuilder:
         self.settings = stream.settings
         self.worker = worker
         self.writer = BatchImageWriter(self.settings.image_size)
-        self.draft = draft_size(self.settings.image_size, self.settings.augment) if self.settings.jpeg_draft else None
+        self.draft = draft_size(self.settings.image_size, self.settings.crop) if self.settings.jpeg_draft else None
         self.skip_log = SkipLog(self.settings.log_every_s, f"data rank {self.settings.rank} worker {worker}")
         self.misses = 0  # raw items in a row that could not be used
         # A run stops only when no sample can be used at all: more failures in a row than two passes over
@@ -206,11 +206,13 @@ class _BatchBuilder:
             image = open_image(image, self.settings.max_image_pixels, self.draft)
         image = upright_rgb(image, repairs)
         width, height = image.size
-        if self.settings.augment:
-            key = [self.stream.planner.seed, item.epoch, self.settings.rank, self.worker, item.index, _AUGMENT]
-            box = random_crop_box(width, height, np.random.default_rng([k % 2**64 for k in key]))
-        else:
+        if self.settings.crop == "center":
             box = center_crop_box(width, height, self.settings.image_size)
+        else:
+            key = [self.stream.planner.seed, item.epoch, self.settings.rank, self.worker, item.index, _AUGMENT]
+            rng = np.random.default_rng([k % 2**64 for k in key])
+            random_box = random_square_box if self.settings.crop == "random_square" else random_crop_box
+            box = random_box(width, height, rng)
         self.writer.write(image, box, out)
 
     def _skipped(self, source: Source, item: _Item, skip: SkipSample, meta: dict) -> None:

@@ -1,8 +1,8 @@
 """The training-time image transform, written straight into a batch tensor.
 
 Same result as `clip.preprocess.image_transform` (bicubic resize of the shorter side, center crop, CLIP
-mean/std; or a RandomResizedCrop over `resize_scale` of the area with aspect ratios 3/4..4/3) on the RGB
-images it is given. Images with transparency reach it already composited onto white (`decoding.upright_rgb`
+mean/std; or a RandomResizedCrop over `resize_scale` of the area with aspect ratios 3/4..4/3; or the CLIP
+paper's random square crop of the resized image) on the RGB images it is given. Images with transparency reach it already composited onto white (`decoding.upright_rgb`
 converts every mode to RGB before the resize), which is `image_transform(alpha_background=(255, 255, 255))`,
 not the default `image_transform`, whose premultiplied resize and dropped alpha follow openai/CLIP. Computed
 the fast way, which `benchmarks/loader_speed.py` measures:
@@ -74,9 +74,20 @@ def random_crop_box(
     return left, top, left + crop_w, top + crop_h
 
 
-def draft_size(image_size: int, augment: bool) -> int:
-    """The smallest side a JPEG may be decoded at so the crop still has >= image_size pixels a side."""
-    if not augment:
+def random_square_box(width: int, height: int, rng: np.random.Generator) -> Box:
+    """The CLIP paper's crop ("a random square crop from resized images"): the image resized so that its
+    shorter side is the target size, then a target-size square at a random place. In source pixels: a
+    square as large as the shorter side, at a uniformly drawn offset along the longer one."""
+    side = min(width, height)
+    left = int(rng.integers(0, width - side + 1))
+    top = int(rng.integers(0, height - side + 1))
+    return left, top, left + side, top + side
+
+
+def draft_size(image_size: int, crop: str) -> int:
+    """The smallest side a JPEG may be decoded at so the crop ("center", "random_square" or
+    "random_resized") still has >= image_size pixels a side."""
+    if crop != "random_resized":  # both crops span the whole shorter side
         return image_size
     smallest_side = math.sqrt(RESIZE_SCALE[0] * ASPECT_RATIOS[0])  # of the image's side, worst case
     return math.ceil(image_size / smallest_side)

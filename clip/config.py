@@ -35,9 +35,15 @@ __all__ = ["ConfigError", "LossConfig", "TrainConfig", "from_dict", "load_config
 @dataclass
 class OptimizerConfig:
     lr: float = 5e-4  # peak learning rate, reached after warmup
-    weight_decay: float = 0.2  # decoupled (AdamW); not applied to gains, biases, embeddings, logit_scale
+    weight_decay: float = 0.2  # decoupled (AdamW); never applied to gains, biases, the class token, logit_scale
+    # The CLIP paper decays "all weights that are not gains or biases", the token and position embeddings
+    # included, as open_clip does; false leaves the embeddings undecayed (GPT-2's practice, and this
+    # library's only behaviour before the setting existed: its older checkpoints resume with false).
+    decay_embeddings: bool = True
     beta1: float = 0.9
-    beta2: float = 0.98  # the paper's value: 0.98 rather than 0.999 is more stable at large batch
+    # The paper's values for its ViTs (0.98 rather than 0.999 is more stable at large batch); for its
+    # ResNets it used beta2 = 0.999 and eps = 1e-8.
+    beta2: float = 0.98
     eps: float = 1e-6
     grad_clip_norm: float | None = 1.0  # "none" (None) disables clipping
     implementation: Literal["auto", "fused", "foreach", "for-loop"] = "auto"  # auto: fused AdamW (CUDA and CPU)

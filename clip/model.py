@@ -46,7 +46,11 @@ class CLIP(nn.Module):
         self.init_parameters()
 
     def init_parameters(self) -> None:
-        """The CLIP paper's initialisation, written out in one place."""
+        """openai/CLIP's initialisation (from its code: the paper gives none), written out in one place: the
+        text transformer's depth-scaled normal init, the embeddings, projections, attention pool and zeroed
+        last BatchNorm gains as there. Two differences: the ViT's blocks get the same depth-scaled init as
+        the text transformer (openai's code, like open_clip, leaves them at PyTorch's defaults; the scaling
+        keeps a deep residual stream's variance bounded), and linear biases start at zero."""
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         self.transformer.init_parameters()
@@ -114,7 +118,8 @@ def trim_text_batch(text: torch.Tensor) -> torch.Tensor:
 
 
 def create_model(name_or_config: str | ModelConfig | dict) -> CLIP:
-    """An untrained CLIP, initialised as in the paper, from a released architecture's name or a config."""
+    """An untrained CLIP (initialised as `CLIP.init_parameters` says), from a released architecture's name or
+    a config."""
     if isinstance(name_or_config, str):
         config = get_architecture(name_or_config)
     elif isinstance(name_or_config, dict):

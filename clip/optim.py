@@ -10,17 +10,22 @@ from torch import nn
 from .config import OptimizerConfig, ScheduleConfig
 
 
-def is_decayed(name: str, parameter: torch.Tensor) -> bool:
-    """Weight decay applies to matrices and convolution kernels only: not to gains, biases, the token and
-    position embeddings, the class token or the temperature (CLIP paper, appendix; as in GPT-2)."""
+def is_decayed(name: str, parameter: torch.Tensor, decay_embeddings: bool = True) -> bool:
+    """The CLIP paper (section 2.5) decays "all weights that are not gains or biases": every parameter of
+    two or more dimensions, the token and position embeddings included, and none of one dimension (gains,
+    biases, the class token) or none (the temperature). decay_embeddings=False also spares the token and
+    position embeddings, as GPT-2 does."""
     if parameter.ndim < 2:
         return False
+    if decay_embeddings:
+        return True
     return not (name.endswith("embedding") or name.endswith("token_embedding.weight"))
 
 
 def build_optimizer(named_parameters: list[tuple[str, nn.Parameter]], config: OptimizerConfig, device: torch.device) -> torch.optim.AdamW:
-    decay = [p for n, p in named_parameters if p.requires_grad and is_decayed(n, p)]
-    no_decay = [p for n, p in named_parameters if p.requires_grad and not is_decayed(n, p)]
+    decayed = {n for n, p in named_parameters if is_decayed(n, p, config.decay_embeddings)}
+    decay = [p for n, p in named_parameters if p.requires_grad and n in decayed]
+    no_decay = [p for n, p in named_parameters if p.requires_grad and n not in decayed]
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

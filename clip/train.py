@@ -225,10 +225,21 @@ def train(config: TrainConfig, stop_at_step: int | None = None) -> dict:
 
 
 def check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
-    """Refuses to resume what cannot be (another model, another loss and so other trained parameters); warns
-    about every other setting that differs from the checkpoint's, since the run then continues under them."""
+    """Refuses to resume what cannot be (another model, another loss and so other trained parameters, other
+    optimizer parameter groups); warns about every other setting that differs from the checkpoint's, since
+    the run then continues under them."""
+    # Checkpoints from before optimizer.decay_embeddings existed were trained with the embeddings undecayed.
+    saved = {**saved, "optimizer": {"decay_embeddings": False, **saved["optimizer"]}}
     if saved["model"] != current["model"]:
         raise ValueError(f"{run_dir} holds a run of a different model; use a new --output-dir or the same model config")
+    # The checkpoint's optimizer state is laid out by its parameter groups, which this setting changes.
+    saved_decay = saved["optimizer"]["decay_embeddings"]
+    if saved_decay != current["optimizer"]["decay_embeddings"]:
+        raise ValueError(
+            f"{run_dir} was trained with optimizer.decay_embeddings={str(saved_decay).lower()} (its optimizer "
+            f"state is grouped by it); resume with optimizer.decay_embeddings={str(saved_decay).lower()}, or use a "
+            f"new --output-dir"
+        )
     if saved["loss"]["kind"] != current["loss"]["kind"]:
         raise ValueError(
             f"{run_dir} was trained with loss.kind={saved['loss']['kind']!r}, not {current['loss']['kind']!r} (their "

@@ -192,8 +192,8 @@ class Transformer(nn.Module):
         )
 
     def init_parameters(self) -> None:
-        # The CLIP paper's scheme (GPT-2 style): residual output projections are scaled down with depth so the
-        # residual stream's variance stays bounded.
+        # openai/CLIP's scheme for its text transformer (GPT-2 style): residual output projections are scaled
+        # down with depth so the residual stream's variance stays bounded. Biases start at zero.
         attn_std = self.width**-0.5
         proj_std = self.width**-0.5 * (2 * self.layers) ** -0.5
         fc_std = (2 * self.width) ** -0.5

@@ -286,6 +286,28 @@ def test_resuming_with_another_loss_is_refused_by_name_and_keeps_the_config(tmp_
     assert (tmp_path / "config.toml").read_text() == recorded
 
 
+def test_resuming_with_other_weight_decay_groups_is_refused_by_name(tmp_path):
+    # The optimizer state is laid out by its parameter groups: torch's own error would only say that a
+    # group's size does not match.
+    train(tiny_config(tmp_path, "optimizer.decay_embeddings=false", "eval.every_n_steps=0"), stop_at_step=3)
+    with pytest.raises(ValueError, match="resume with optimizer.decay_embeddings=false"):
+        train(tiny_config(tmp_path, "eval.every_n_steps=0"))
+    assert train(tiny_config(tmp_path, "optimizer.decay_embeddings=false", "eval.every_n_steps=0"))["step"] == 6
+
+
+def test_a_checkpoint_from_before_decay_embeddings_existed_resumes_with_it_false(tmp_path, caplog):
+    from clip.config import to_dict
+    from clip.train import check_resumable
+
+    current = to_dict(tiny_config(tmp_path, "optimizer.decay_embeddings=false"))
+    older = {**current, "optimizer": {k: v for k, v in current["optimizer"].items() if k != "decay_embeddings"}}
+    with caplog.at_level(logging.WARNING, logger="clip.train"):
+        check_resumable(older, current, tmp_path)
+    assert "decay_embeddings" not in caplog.text  # nothing changed: it was trained that way
+    with pytest.raises(ValueError, match="trained with optimizer.decay_embeddings=false"):
+        check_resumable(older, to_dict(tiny_config(tmp_path)), tmp_path)
+
+
 def test_steps_logged_after_the_last_checkpoint_are_logged_once_after_resuming(tmp_path):
     # A run killed after step 5 whose last checkpoint is step 3: steps 4-5 run again on resume.
     extra = ["eval.every_n_steps=0", "checkpoint.every_n_steps=3"]

@@ -102,20 +102,34 @@ def test_accumulation_differs_from_averaging_small_losses():
 
 
 def test_weight_decay_groups():
+    # The paper: "all weights that are not gains or biases", embeddings included; GPT-2's practice spares those.
     module = ContrastiveModel(CLIP(TINY_VIT), with_logit_bias=False)
     named = dict(module.named_parameters())
-    decayed = {n for n, p in named.items() if is_decayed(n, p)}
-    assert "clip.visual.conv1.weight" in decayed
-    assert "clip.transformer.resblocks.0.attn.in_proj_weight" in decayed
-    for name in [
-        "clip.logit_scale", "clip.token_embedding.weight", "clip.positional_embedding",
-        "clip.visual.class_embedding", "clip.visual.positional_embedding", "clip.ln_final.weight",
-        "clip.transformer.resblocks.0.mlp.c_fc.bias",
-    ]:
-        assert name not in decayed, name
-    optimizer = build_optimizer(list(named.items()), OptimizerConfig(weight_decay=0.1), torch.device("cpu"))
-    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
-    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(named)
+    embeddings = {"clip.token_embedding.weight", "clip.positional_embedding", "clip.visual.positional_embedding"}
+    never = {"clip.logit_scale", "clip.visual.class_embedding", "clip.ln_final.weight", "clip.visual.ln_pre.bias",
+             "clip.transformer.resblocks.0.mlp.c_fc.bias"}
+    for decay_embeddings in (True, False):
+        decayed = {n for n, p in named.items() if is_decayed(n, p, decay_embeddings)}
+        assert {"clip.visual.conv1.weight", "clip.transformer.resblocks.0.attn.in_proj_weight",
+                "clip.text_projection", "clip.visual.proj"} <= decayed
+        assert not never & decayed
+        assert (embeddings <= decayed) if decay_embeddings else not (embeddings & decayed)
+        config = OptimizerConfig(weight_decay=0.1, decay_embeddings=decay_embeddings)
+        optimizer = build_optimizer(list(named.items()), config, torch.device("cpu"))
+        assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+        assert [len(g["params"]) for g in optimizer.param_groups] == [len(decayed), len(named) - len(decayed)]
+    assert OptimizerConfig().decay_embeddings is True
+
+
+def test_weight_decay_groups_of_a_resnet_decay_the_attention_pool_position_embedding():
+    from clip.architectures import ModelConfig, VisionConfig
+
+    resnet = ModelConfig(embed_dim=16, vision=VisionConfig(kind="resnet", image_size=32, width=8, layers=(1, 1, 1, 1),
+                                                           heads=2), text=TINY_VIT.text)
+    named = dict(CLIP(resnet).named_parameters())
+    assert is_decayed("visual.attnpool.positional_embedding", named["visual.attnpool.positional_embedding"])
+    assert not is_decayed("visual.attnpool.positional_embedding", named["visual.attnpool.positional_embedding"], False)
+    assert not is_decayed("visual.bn1.weight", named["visual.bn1.weight"])
 
 
 def test_learning_rate_schedule():

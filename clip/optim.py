@@ -22,13 +22,25 @@ def is_decayed(name: str, parameter: torch.Tensor, decay_embeddings: bool = True
     return not (name.endswith("embedding") or name.endswith("token_embedding.weight"))
 
 
-def build_optimizer(named_parameters: list[tuple[str, nn.Parameter]], config: OptimizerConfig, device: torch.device) -> torch.optim.AdamW:
-    decayed = {n for n, p in named_parameters if is_decayed(n, p, config.decay_embeddings)}
-    decay = [p for n, p in named_parameters if p.requires_grad and n in decayed]
-    no_decay = [p for n, p in named_parameters if p.requires_grad and n not in decayed]
+def parameter_groups(
+    named_parameters: list[tuple[str, nn.Parameter]], decay_embeddings: bool
+) -> tuple[list[str], list[str]]:
+    """The names of the trainable parameters with weight decay and of those without, in the optimizer's order."""
+    trainable = [(n, p) for n, p in named_parameters if p.requires_grad]
+    return (
+        [n for n, p in trainable if is_decayed(n, p, decay_embeddings)],
+        [n for n, p in trainable if not is_decayed(n, p, decay_embeddings)],
+    )
+
+
+def build_optimizer(
+    named_parameters: list[tuple[str, nn.Parameter]], config: OptimizerConfig, device: torch.device
+) -> torch.optim.AdamW:
+    by_name = dict(named_parameters)
+    decay, no_decay = parameter_groups(named_parameters, config.decay_embeddings)
     groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [by_name[n] for n in decay], "weight_decay": config.weight_decay},
+        {"params": [by_name[n] for n in no_decay], "weight_decay": 0.0},
     ]
     implementation = config.implementation
     if implementation == "auto":
@@ -43,6 +55,34 @@ def build_optimizer(named_parameters: list[tuple[str, nn.Parameter]], config: Op
         "for-loop": {"foreach": False},
     }[implementation]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, **kwargs)
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    saved: dict,
+    named_parameters: list[tuple[str, nn.Parameter]],
+    saved_decay_embeddings: bool,
+    decay_embeddings: bool,
+) -> None:
+    """Loads a checkpoint's per-parameter state (AdamW's moments and step counts) into `optimizer`, which keeps
+    its own parameter groups and hyperparameters.
+
+    torch's `load_state_dict` would also bring back the checkpoint's weight decay, betas and eps, so a
+    resumed run whose config changed them would silently go on with the old ones; and it refuses groups of
+    other sizes, which another `decay_embeddings` makes. The state is matched to parameters by name instead:
+    `saved_decay_embeddings` is the grouping the checkpoint was written under (it fixes its order)."""
+    saved_groups = parameter_groups(named_parameters, saved_decay_embeddings)
+    saved_sizes = [len(group["params"]) for group in saved["param_groups"]]
+    if saved_sizes != [len(names) for names in saved_groups]:
+        raise ValueError(
+            f"the checkpoint's optimizer groups hold {saved_sizes} parameters, but this model grouped with "
+            f"decay_embeddings={saved_decay_embeddings} gives {[len(names) for names in saved_groups]}"
+        )
+    saved_order = [name for names in saved_groups for name in names]
+    current_order = [name for names in parameter_groups(named_parameters, decay_embeddings) for name in names]
+    current_index = {name: i for i, name in enumerate(current_order)}
+    state = {current_index[saved_order[int(i)]]: value for i, value in saved["state"].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
 def match_state_layout_to_parameters(optimizer: torch.optim.Optimizer) -> None:

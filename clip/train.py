@@ -37,7 +37,7 @@ from .loss import (
     contrastive_loss_with_cached_features,
 )
 from .model import CLIP, create_model, trimmed_text_length
-from .optim import build_optimizer, learning_rate, match_state_layout_to_parameters
+from .optim import build_optimizer, learning_rate, load_optimizer_state, match_state_layout_to_parameters
 from .run_log import RunLog, plot_run
 from .throughput import peak_flops, training_flops_per_sample
 from .tokenizer import get_tokenizer
@@ -225,21 +225,11 @@ def train(config: TrainConfig, stop_at_step: int | None = None) -> dict:
 
 
 def check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
-    """Refuses to resume what cannot be (another model, another loss and so other trained parameters, other
-    optimizer parameter groups); warns about every other setting that differs from the checkpoint's, since
-    the run then continues under them."""
-    # Checkpoints from before optimizer.decay_embeddings existed were trained with the embeddings undecayed.
-    saved = {**saved, "optimizer": {"decay_embeddings": False, **saved["optimizer"]}}
+    """Refuses to resume what cannot be (another model, another loss and so other trained parameters); warns
+    about every other setting that differs from the checkpoint's, since the run then continues under them."""
+    saved = with_decay_embeddings(saved)
     if saved["model"] != current["model"]:
         raise ValueError(f"{run_dir} holds a run of a different model; use a new --output-dir or the same model config")
-    # The checkpoint's optimizer state is laid out by its parameter groups, which this setting changes.
-    saved_decay = saved["optimizer"]["decay_embeddings"]
-    if saved_decay != current["optimizer"]["decay_embeddings"]:
-        raise ValueError(
-            f"{run_dir} was trained with optimizer.decay_embeddings={str(saved_decay).lower()} (its optimizer "
-            f"state is grouped by it); resume with optimizer.decay_embeddings={str(saved_decay).lower()}, or use a "
-            f"new --output-dir"
-        )
     if saved["loss"]["kind"] != current["loss"]["kind"]:
         raise ValueError(
             f"{run_dir} was trained with loss.kind={saved['loss']['kind']!r}, not {current['loss']['kind']!r} (their "
@@ -252,6 +242,12 @@ def check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
     ]
     if changed:
         log.warning("resuming %s with settings that differ from its checkpoint's: %s", run_dir, "; ".join(changed))
+
+
+def with_decay_embeddings(saved: dict) -> dict:
+    """A checkpoint's config with optimizer.decay_embeddings, which checkpoints from before the setting lack:
+    they were trained with the embeddings undecayed."""
+    return {**saved, "optimizer": {"decay_embeddings": False, **saved["optimizer"]}}
 
 
 def _differences(before: dict, after: dict, prefix: str = "") -> list[tuple[str, object, object]]:
@@ -298,7 +294,13 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
         module.clip.load_state_dict(state["model"])
         if module.logit_bias is not None and "logit_bias" in state.get("loss_parameters", {}):
             module.logit_bias.data.copy_(state["loss_parameters"]["logit_bias"])
-        optimizer.load_state_dict(state["optimizer"])
+        # This run's groups and hyperparameters, the checkpoint's moments (torch's load_state_dict would
+        # restore the saved weight decay, betas and eps over a changed config's)
+        load_optimizer_state(
+            optimizer, state["optimizer"], list(module.named_parameters()),
+            saved_decay_embeddings=with_decay_embeddings(state["config"])["optimizer"]["decay_embeddings"],
+            decay_embeddings=config.optimizer.decay_embeddings,
+        )
         match_state_layout_to_parameters(optimizer)
         if state["scaler"]:  # empty when the checkpoint's run had no fp16 loss scaling
             scaler.load_state_dict(state["scaler"])

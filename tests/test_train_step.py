@@ -12,7 +12,7 @@ from clip.architectures import ModelConfig, TextConfig, VisionConfig
 from clip.config import LossConfig, OptimizerConfig, ScheduleConfig
 from clip.loss import build_loss
 from clip.model import CLIP
-from clip.optim import build_optimizer, is_decayed, learning_rate
+from clip.optim import build_optimizer, is_decayed, learning_rate, load_optimizer_state
 from clip.train import ContrastiveModel, contrastive_step
 
 TINY_VIT = ModelConfig(
@@ -119,6 +119,30 @@ def test_weight_decay_groups():
         assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
         assert [len(g["params"]) for g in optimizer.param_groups] == [len(decayed), len(named) - len(decayed)]
     assert OptimizerConfig().decay_embeddings is True
+
+
+@pytest.mark.parametrize(("saved_decay", "decay"), [(False, True), (True, True), (True, False)])
+def test_optimizer_state_loads_by_name_under_this_runs_groups_and_hyperparameters(saved_decay, decay):
+    torch.manual_seed(0)
+    named = list(ContrastiveModel(CLIP(TINY_VIT), with_logit_bias=False).named_parameters())
+    saved_config = OptimizerConfig(weight_decay=0.2, beta2=0.98, eps=1e-6, decay_embeddings=saved_decay)
+    saved = build_optimizer(named, saved_config, torch.device("cpu"))
+    for _, parameter in named:
+        parameter.grad = torch.randn_like(parameter)
+    saved.step()
+    checkpoint = saved.state_dict()
+
+    config = OptimizerConfig(weight_decay=0.05, beta2=0.95, eps=1e-8, decay_embeddings=decay)
+    resumed = build_optimizer(named, config, torch.device("cpu"))
+    load_optimizer_state(resumed, checkpoint, named, saved_decay_embeddings=saved_decay, decay_embeddings=decay)
+    # this run's settings, not the checkpoint's (torch's load_state_dict would restore 0.2, 0.98 and 1e-6)
+    assert [(g["weight_decay"], g["betas"], g["eps"]) for g in resumed.param_groups] == [
+        (0.05, (0.9, 0.95), 1e-8), (0.0, (0.9, 0.95), 1e-8)]
+    for _, parameter in named:  # every parameter keeps its own moments, whichever group it is in now
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(resumed.state[parameter][key], saved.state[parameter][key])
+    with pytest.raises(ValueError, match="decay_embeddings"):  # told the wrong grouping of the checkpoint
+        load_optimizer_state(resumed, checkpoint, named, saved_decay_embeddings=not saved_decay, decay_embeddings=decay)
 
 
 def test_weight_decay_groups_of_a_resnet_decay_the_attention_pool_position_embedding():

@@ -146,6 +146,13 @@ def agree_before_backward(loss: torch.Tensor, stop_requested: bool, dist_info: D
     return all_finite == 1.0, none_stopping == 0.0
 
 
+def any_rank(flag: bool, dist_info: DistributedInfo) -> bool:
+    """Whether `flag` is set on some rank (a collective: every rank calls it at the same point)."""
+    value = torch.tensor([float(flag)], device=dist_info.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def gather_objects(value, dist_info: DistributedInfo) -> list:
     if not dist_info.is_distributed:
         return [value]
@@ -160,8 +167,10 @@ def gather_objects(value, dist_info: DistributedInfo) -> list:
 STOPPED_EARLY_EXIT_CODE = 75
 
 
-class EvaluationInterrupted(Exception):
-    """A signal arrived while an evaluation that may be abandoned was running (see StopRequest.interrupting)."""
+class EvaluationInterrupted(BaseException):
+    """A signal arrived while an evaluation that may be abandoned was running (see StopRequest.interrupting).
+    A BaseException, like KeyboardInterrupt: an `except Exception` on the way (an image decoder's fallback)
+    must not swallow it."""
 
 
 class StopRequest:
@@ -176,12 +185,12 @@ class StopRequest:
     def interrupting(self):
         """Inside the block a signal (or one that came before it) raises EvaluationInterrupted at once, besides
         being recorded: an evaluation can take longer than a scheduler's grace period, and abandoning it
-        loses nothing. Only for work without collectives in flight on other ranks -- one process, or after
-        the last checkpoint -- since the other ranks would wait forever in the collective this rank left."""
-        if self.requested:
-            raise EvaluationInterrupted
-        self._interrupting = True
+        loses nothing. For one process only: several ranks would leave each other waiting in the
+        evaluation's collectives."""
+        self._interrupting = True  # before the check: a signal in between then raises from the handler
         try:
+            if self.requested:
+                raise EvaluationInterrupted
             yield
         finally:
             self._interrupting = False
@@ -397,8 +406,13 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
         if dist_info.is_distributed:
             dist.barrier()
 
-    def evaluate(step: int) -> dict:
-        results = run_evaluations(module.clip, config.eval, device=device, tokenizer=tokenizer, step=step, dist_info=dist_info)
+    def evaluate(step: int, interrupted_by: StopRequest | None) -> dict:
+        """The evaluations' results, also logged. With `interrupted_by` (one process only), a signal abandons
+        them by raising EvaluationInterrupted, before anything is written."""
+        with interrupted_by.interrupting() if interrupted_by is not None else contextlib.nullcontext():
+            results = run_evaluations(
+                module.clip, config.eval, device=device, tokenizer=tokenizer, step=step, dist_info=dist_info
+            )
         if results and dist_info.is_main:
             run_log.write({"step": step, **results})
             log.info("step %d evaluation: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
@@ -522,8 +536,7 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
                 # One process abandons an evaluation a signal arrives in, to save at once; several finish
                 # theirs (each rank's collectives must pair up), then save.
                 try:
-                    with stop.interrupting() if not dist_info.is_distributed else contextlib.nullcontext():
-                        last_metrics.update(evaluate(step))
+                    last_metrics.update(evaluate(step, interrupted_by=None if dist_info.is_distributed else stop))
                 except EvaluationInterrupted:
                     stop_now = True
             every = config.checkpoint.every_n_steps
@@ -533,38 +546,38 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
                 last_step = step
                 break
 
-    if progress is not None:
-        progress.close()
-    finished = step >= total_steps
-    # The step reached, not the last logged one: `main` tells a finished run from a stopped one by it.
-    final = {**last_metrics, "step": step, "nonfinite_steps_total": nonfinite_total}
-    # Saved before the final evaluation, so that an evaluation that fails (a dataset moved while training
-    # ran) costs no trained weights. Decided from this run's own saves, not by looking at the file system:
-    # every rank must agree, or the collectives inside save() would pair up with other calls.
-    if saved_at["step"] != step:
-        save(step, final)
-    if finished:
-        try:
-            with StopRequest() as stop, stop.interrupting():
-                final.update(evaluate(step))
-        except EvaluationInterrupted:
-            # Nothing is lost (the weights are saved): `main` exits 75, and the run started again only
-            # evaluates. No collective follows, as other ranks may still be inside the evaluation's.
-            log.warning("final evaluation abandoned; the trained weights are saved: run again to evaluate")
-            if run_log is not None:
-                run_log.close()
-            data.close()
-            return {**final, "evaluation_interrupted": True}
-    data_totals = merge_rank_reports(gather_objects(data.rank_report(), dist_info))
-    if dist_info.is_main:
-        log.info("data: %s", data.epoch_summary())  # this rank's, since the run (or resume) started
-        log.info("data, all %d ranks, whole run: %s", dist_info.world_size, counts_line(data_totals["sources"]))
-        run_log.close()
+        if progress is not None:
+            progress.close()
+        finished = step >= total_steps
+        # The step reached, not the last logged one: `main` tells a finished run from a stopped one by it.
+        final = {**last_metrics, "step": step, "nonfinite_steps_total": nonfinite_total}
+        # Saved before the final evaluation, so that an evaluation that fails (a dataset moved while training
+        # ran) costs no trained weights. Decided from this run's own saves, not by looking at the file system:
+        # every rank must agree, or the collectives inside save() would pair up with other calls.
+        if saved_at["step"] != step:
+            save(step, final)
+        # Still under the same signal handling: a signal from the last step on skips or abandons the final
+        # evaluation (it may outlast the grace period; the weights are saved), `main` exits 75 and the run
+        # started again only evaluates. Several ranks evaluate all or none (their collectives must pair
+        # up): a signal that reached any of them by now skips it, one during it is only recorded.
         if finished:
-            if config.logging.plot:
-                plot_run(run_dir)
-            (run_dir / "results.json").write_text(json.dumps(final, indent=2, default=float), encoding="utf-8")
-    data.close()
+            try:
+                if dist_info.is_distributed and any_rank(stop.requested, dist_info):
+                    raise EvaluationInterrupted
+                final.update(evaluate(step, interrupted_by=None if dist_info.is_distributed else stop))
+            except EvaluationInterrupted:
+                log.warning("final evaluation abandoned; the trained weights are saved: run again to evaluate")
+                final["evaluation_interrupted"] = True
+        data_totals = merge_rank_reports(gather_objects(data.rank_report(), dist_info))
+        if dist_info.is_main:
+            log.info("data: %s", data.epoch_summary())  # this rank's, since the run (or resume) started
+            log.info("data, all %d ranks, whole run: %s", dist_info.world_size, counts_line(data_totals["sources"]))
+            run_log.close()
+            if finished and not final.get("evaluation_interrupted"):
+                if config.logging.plot:
+                    plot_run(run_dir)
+                (run_dir / "results.json").write_text(json.dumps(final, indent=2, default=float), encoding="utf-8")
+        data.close()
     return final
 
 

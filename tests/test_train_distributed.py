@@ -81,3 +81,14 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     assert not (tmp_path / "resumed" / "results.json").exists()
     run_two_ranks(tmp_path / "resumed", extra=extra)
     assert_same_final_weights(tmp_path / "straight", tmp_path / "resumed", step=4)
+
+
+def test_a_signal_to_one_rank_in_the_last_step_skips_the_final_evaluation_on_every_rank(tmp_path):
+    # Ranks evaluate together or not at all (the evaluation's collectives must pair up); the run started
+    # again only evaluates.
+    extra = ["schedule.steps=2", "eval.every_n_steps=0", "checkpoint.every_n_steps=0"]
+    spawn_ranks(_signalled_worker, (2, free_port(), str(tmp_path), extra))
+    assert ckpt.load_latest_checkpoint(tmp_path)["step"] == 2
+    assert not (tmp_path / "results.json").exists()
+    run_two_ranks(tmp_path, extra=extra)
+    assert "zeroshot/" in (tmp_path / "results.json").read_text()

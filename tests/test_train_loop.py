@@ -267,6 +267,39 @@ def test_a_signal_in_an_evaluation_during_training_saves_at_once_and_resumes(tmp
     assert json.loads((tmp_path / "results.json").read_text())["step"] == 6
 
 
+def test_a_signal_in_the_last_step_or_the_final_save_skips_the_final_evaluation(tmp_path, monkeypatch):
+    # Both come before the evaluation, under the same signal handling: it is skipped, the status asks for a
+    # requeue, and the run started again only evaluates.
+    args = [str(DEMO), "--output-dir", str(tmp_path / "step"), *TINY, "schedule.steps=2", "eval.every_n_steps=0"]
+    signal_at_step(monkeypatch, 2, signal.SIGTERM, "before_forward")
+    assert main(args) == 75
+    monkeypatch.undo()
+    assert ckpt.load_latest_checkpoint(tmp_path / "step")["step"] == 2
+    assert not (tmp_path / "step" / "results.json").exists()
+    assert main(args) == 0 and (tmp_path / "step" / "results.json").exists()
+
+    real_save = ckpt.save_checkpoint
+
+    def signalled_save(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # a default handler here would kill the process mid-save
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", signalled_save)
+    args = [str(DEMO), "--output-dir", str(tmp_path / "save"), *TINY, "schedule.steps=2", "eval.every_n_steps=0",
+            "checkpoint.every_n_steps=0"]
+    assert main(args) == 75
+    monkeypatch.undo()
+    assert ckpt.load_latest_checkpoint(tmp_path / "save")["step"] == 2
+    assert main(args) == 0 and (tmp_path / "save" / "results.json").exists()
+
+
+def test_an_evaluation_interruption_is_not_an_ordinary_exception():
+    # An `except Exception` on its way (an image decoder's fallback) must not swallow it.
+    from clip.train import EvaluationInterrupted
+
+    assert issubclass(EvaluationInterrupted, BaseException) and not issubclass(EvaluationInterrupted, Exception)
+
+
 def test_rerunning_a_finished_run_with_other_settings_leaves_its_record_alone(tmp_path, caplog):
     train(tiny_config(tmp_path, "schedule.steps=2", "eval.every_n_steps=0"))
     checkpoint = ckpt.list_checkpoints(tmp_path)[0][1]

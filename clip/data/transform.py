@@ -2,8 +2,8 @@
 
 Same result as `clip.preprocess.image_transform` (bicubic resize of the shorter side, center crop, CLIP
 mean/std; or a RandomResizedCrop over `resize_scale` of the area with aspect ratios 3/4..4/3; or the CLIP
-paper's random square crop of the resized image) on the RGB images it is given. Images with transparency reach it already composited onto white (`decoding.upright_rgb`
-converts every mode to RGB before the resize), which is `image_transform(alpha_background=(255, 255, 255))`,
+paper's random square crop of the resized image) on the RGB images it is given. Images with transparency
+reach it already composited onto white (`decoding.upright_rgb` converts every mode to RGB before the resize), which is `image_transform(alpha_background=(255, 255, 255))`,
 not the default `image_transform`, whose premultiplied resize and dropped alpha follow openai/CLIP. Computed
 the fast way, which `benchmarks/loader_speed.py` measures:
 - the crop box is resized in one PIL call (`resize(box=...)`) instead of resizing the whole image and then
@@ -108,7 +108,8 @@ class BatchImageWriter:
 
 class PixelNormalizer:
     """uint8 pixel batches [B, 3, S, S] -> the model's float32 input, (x / 255 - mean) / std per channel,
-    computed on the device the batch is on and in its memory format (channels-last stays channels-last).
+    computed on the device it was made for (where the batch must be) and in the batch's memory format
+    (channels-last stays channels-last).
 
     The per-channel constants are made once, on that device: building them per batch would copy from
     pageable host memory, which waits for the GPU's queue to drain."""

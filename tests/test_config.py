@@ -355,3 +355,8 @@ def test_augment_takes_true_false_or_a_crop_name() -> None:
                      "random_resized_crop": "random_resized"}
     with pytest.raises(ConfigError, match="data.augment: 'random_crop' is not a bool or one of 'random_square_crop', "):
         load_config(demo, ["data.augment=random_crop"], TrainConfig)
+    from clip.data import DataConfig, SourceConfig
+
+    for wrong in (0, 1, None, "center", "random_square"):  # built in Python, where no type check ran
+        with pytest.raises(ConfigError, match="augment must be true, false"):
+            DataConfig(sources=[SourceConfig(kind="synthetic", num_samples=8)], augment=wrong)

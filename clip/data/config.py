@@ -112,6 +112,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not self.sources:
             raise InvalidValue("sources", "is empty: add at least one [[data.sources]] table")
+        # `is`, not ==: 0 and 1 are not settings (a DataConfig built in Python is not type-checked as TOML is)
+        require("augment", self.augment, self.augment is True or self.augment is False
+                or self.augment in ("random_square_crop", "random_resized_crop"),
+                'true, false, "random_square_crop" or "random_resized_crop"')
         require("workers", self.workers, self.workers >= 0, ">= 0 (0 = decode in the training process)")
         require("prefetch_factor", self.prefetch_factor, self.prefetch_factor >= 1, ">= 1")
         require("shuffle_buffer", self.shuffle_buffer, self.shuffle_buffer >= 1, ">= 1 (1 = no shuffling)")

@@ -73,6 +73,14 @@ class CLIP(nn.Module):
         features = self.visual(image.to(self.dtype))  # N3HW -> N,embed_dim
         return F.normalize(features, dim=-1) if normalize else features
 
+    def encode_image_unprojected(self, image: torch.Tensor) -> torch.Tensor:
+        """The image features the CLIP paper's linear probes use: for a ViT the class token before the linear
+        projection to the embedding space (I_f in the paper's Figure 3, `visual.width` wide); for a ResNet,
+        whose attention pool is its last layer, the embedding itself."""
+        if isinstance(self.visual, VisionTransformer):
+            return self.visual.forward_unprojected(image.to(self.dtype))
+        return self.visual(image.to(self.dtype))
+
     def encode_text(self, text: torch.Tensor, normalize: bool = False, trim: bool = True) -> torch.Tensor:
         """Features of token ids [N, L <= context_length]. `trim=False` runs all L positions as given: for
         callers that cut the batch already (`trim_text_batch` on the host), so that no device-to-host sync

@@ -33,11 +33,14 @@ class VisionTransformer(nn.Module):
         self.transformer.init_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_unprojected(x) @ self.proj  # -> N,output_dim
+
+    def forward_unprojected(self, x: torch.Tensor) -> torch.Tensor:
+        """The class token after the final layer norm, before the projection to the embedding space: N,width."""
         x = self.conv1(x)  # N3HW -> N,width,grid,grid
         x = x.flatten(2).transpose(1, 2)  # -> N,grid*grid,width
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # -> N,1+grid*grid,width
         x = self.ln_pre(x)
         x = self.transformer(x.transpose(0, 1)).transpose(0, 1)  # the blocks take OpenAI's LND layout; views
-        x = self.ln_post(x[:, 0, :])  # the class token -> N,width
-        return x @ self.proj  # -> N,output_dim
+        return self.ln_post(x[:, 0, :])  # the class token -> N,width

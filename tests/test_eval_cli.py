@@ -188,6 +188,13 @@ def test_linear_probe_command(tmp_path, tiny_checkpoint):
     result = json.loads((tmp_path / "out" / "linear_probe_results.json").read_text())
     assert result["num_test"] == 48 and result["num_train"] + result["num_val"] == 48
     assert 0.0 <= result["test_accuracy"] <= 1.0 and 1e-6 <= result["l2"] <= 1e6
+    # the paper's protocol by default: a ViT's features before the projection, the strength chosen by accuracy
+    assert result["features"] == "unprojected" and result["metric"] == "accuracy"
+    assert 0.0 <= result["test_mean_per_class"] <= 1.0
+    argv += ["--features", "embedding", "--metric", "mean_per_class"]
+    assert linear_probe_cli.main(argv) == 0
+    result = json.loads((tmp_path / "out" / "linear_probe_results.json").read_text())
+    assert result["features"] == "embedding" and result["metric"] == "mean_per_class"
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "eval").glob("*.toml")), ids=lambda p: p.name)

@@ -58,7 +58,7 @@ def test_sweep_lands_in_the_planted_window():
     for extreme in (1e-6, 1e6):
         assert fit_logistic_regression(*train, 2, extreme, max_iter=300).accuracy(*test) < 0.7
     l2, sweep = select_l2(train, val, 2, max_iter=300)
-    assert 1e-2 <= l2 <= 3.0, [(p.l2, p.val_accuracy) for p in sweep]
+    assert 2.0 <= l2 <= 600.0, [(p.l2, p.val_accuracy) for p in sweep]  # 1/C, with 200 training examples
     assert len(sweep) > 7  # the refinement evaluated points beyond the coarse grid
     assert fit_logistic_regression(*train, 2, l2, max_iter=300).accuracy(*test) > 0.8
     best = max(sweep, key=lambda p: (p.val_accuracy, -p.val_loss))
@@ -73,7 +73,7 @@ def test_light_regularisation_wins_on_clean_data():
         return features, labels
 
     l2, _ = select_l2(clean(200, 1), clean(200, 2), 2, max_iter=300)
-    assert l2 <= 1e-3
+    assert l2 <= 0.2
     result = run_linear_probe(clean(200, 1), clean(500, 3), 2, val=clean(200, 2), max_iter=300)
     assert result.test_accuracy == 1.0
 
@@ -88,15 +88,42 @@ def test_probe_is_deterministic_and_standardisation_is_optional():
     assert standardized.standardize and standardized.test_accuracy >= 0.9
 
 
-def test_fit_reaches_a_stationary_point():
+def test_fit_reaches_a_stationary_point_of_scikit_learns_objective():
+    # sum of cross-entropies + (l2 / 2) ||W||^2, i.e. LogisticRegression(C=1 / l2): the paper's lambda
     features, labels = gaussian_classes(10, 6, separation=1.0)
-    l2 = 0.1
+    l2 = 4.0
     probe = fit_logistic_regression(features, labels, 4, l2)
     weight = probe.weight.clone().requires_grad_(True)
     bias = probe.bias.clone().requires_grad_(True)
-    loss = nn.functional.cross_entropy(features @ weight.t() + bias, labels) + 0.5 * l2 * weight.pow(2).sum()
-    loss.backward()
-    assert weight.grad.abs().max() < 1e-5 and bias.grad.abs().max() < 1e-5
+    loss = nn.functional.cross_entropy(features @ weight.t() + bias, labels, reduction="sum")
+    (loss + 0.5 * l2 * weight.pow(2).sum()).backward()
+    assert weight.grad.abs().max() < 1e-4 and bias.grad.abs().max() < 1e-4
+    # the same C on twice the data (each example twice) is the same classifier: per-example strength halves
+    doubled = fit_logistic_regression(features.repeat(2, 1), labels.repeat(2), 4, 2 * l2)
+    torch.testing.assert_close(doubled.weight, probe.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_mean_per_class_accuracy_is_reported_and_can_choose_the_strength():
+    from clip.evaluation.linear_probe import SweepPoint
+
+    # A majority-class answer (90% of the examples) against a useful classifier: each metric prefers its own.
+    majority, useful = SweepPoint(1e4, 0.90, 0.50, 0.3), SweepPoint(1.0, 0.85, 0.80, 0.4)
+    assert max([majority, useful], key=lambda p: p.key("accuracy")) is majority
+    assert max([majority, useful], key=lambda p: p.key("mean_per_class")) is useful
+
+    def imbalanced(seed):  # 90 of class 0, 10 of class 1
+        labels = torch.cat([torch.zeros(90), torch.ones(10)]).long()
+        noise = torch.randn(100, 1, generator=torch.Generator().manual_seed(seed))
+        return (2.0 * labels[:, None] + 0.8 * noise).double(), labels
+
+    result = run_linear_probe(imbalanced(1), imbalanced(2), 2, val=imbalanced(3), max_iter=200, metric="mean_per_class")
+    assert result.metric == "mean_per_class"
+    chosen = next(point for point in result.sweep if point.l2 == result.l2)
+    assert chosen.key("mean_per_class") == max(point.key("mean_per_class") for point in result.sweep)
+    # class 1's accuracy weighs as much as class 0's: below the plain accuracy, which the majority dominates
+    assert 0.5 < result.test_mean_per_class < result.test_accuracy <= 1.0
+    with pytest.raises(ValueError, match="metric"):
+        run_linear_probe(imbalanced(1), imbalanced(2), 2, metric="top5")
 
 
 def test_validation_split_is_seeded_and_disjoint():
@@ -128,3 +155,25 @@ def test_features_come_from_the_frozen_encoder_in_eval_mode():
     assert model.modes == [(False, False)] * 3 and model.training
     expected = model.linear(torch.stack([x for x, _ in dataset])).detach()
     torch.testing.assert_close(features, expected)
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_unprojected_features_are_a_vits_class_token_before_its_projection(kind):
+    from clip.architectures import ModelConfig, TextConfig, VisionConfig
+    from clip.model import CLIP
+
+    vision = (VisionConfig(kind="vit", image_size=16, patch_size=8, width=24, layers=1, heads=2) if kind == "vit"
+              else VisionConfig(kind="resnet", image_size=32, width=8, layers=(1, 1, 1, 1), heads=2))
+    torch.manual_seed(0)
+    model = CLIP(ModelConfig(embed_dim=16, vision=vision, text=TextConfig(context_length=8, vocab_size=50, width=16,
+                                                                         layers=1, heads=2))).eval()
+    size = vision.image_size
+    dataset = [(torch.randn(3, size, size), i % 2) for i in range(5)]
+    unprojected, _ = extract_features(model, dataset, batch_size=2, unprojected=True)
+    embedding, _ = extract_features(model, dataset, batch_size=2)
+    assert embedding.shape == (5, 16)
+    if kind == "vit":  # the paper's I_f: `width` wide, and the embedding is its projection
+        assert unprojected.shape == (5, 24)
+        torch.testing.assert_close(unprojected @ model.visual.proj.detach(), embedding)
+    else:  # the attention pool is a ResNet's last layer: its output is both
+        torch.testing.assert_close(unprojected, embedding)

@@ -60,6 +60,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=positive_int, default=2000, help="synthetic only: images per split")
     parser.add_argument("--image-size", type=positive_int, default=64, help="synthetic only: rendered image size")
     parser.add_argument("--standardize", action="store_true", help="z-score the features (the paper did not)")
+    parser.add_argument(
+        "--features", choices=["unprojected", "embedding"], default="unprojected",
+        help="a ViT's class token before the projection to the embedding space (the paper's probe features; "
+        "default), or the embedding encode_image returns. Both are the embedding for a ResNet",
+    )
+    parser.add_argument(
+        "--metric", choices=["accuracy", "mean_per_class"], default="accuracy",
+        help="what chooses the L2 strength on the validation split (the paper reports mean per-class accuracy "
+        "for e.g. Aircraft, Pets, Caltech-101, Flowers); both are reported",
+    )
     parser.add_argument("--max-iter", type=positive_int, default=1000, help="L-BFGS iterations per fit")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=positive_int, default=64)
@@ -145,6 +155,7 @@ def probe(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             workers=args.workers,
             precision=args.precision,
+            unprojected=args.features == "unprojected",
         )
         skipped[role] = len(data.dataset) - len(features[role][1])
         logger.info("%s split %r: %d images", role, split, len(features[role][1]))
@@ -158,17 +169,20 @@ def probe(args: argparse.Namespace) -> int:
         seed=args.seed,
         standardize=args.standardize,
         device=device,
+        metric=args.metric,
         max_iter=args.max_iter,
     )
     print(
-        f"linear probe on {args.dataset}: l2={result.l2:.3g}  val {100 * result.val_accuracy:.2f}%  "
-        f"test {100 * result.test_accuracy:.2f}%"
+        f"linear probe on {args.dataset} ({args.features} features): l2={result.l2:.3g} (1/C), chosen by "
+        f"{args.metric}  val {100 * result.val_accuracy:.2f}%  test {100 * result.test_accuracy:.2f}%, "
+        f"mean per class {100 * result.test_mean_per_class:.2f}%"
     )
     if any(skipped.values()):
         print(f"unreadable images skipped: {', '.join(f'{role} {count}' for role, count in skipped.items())}")
     path = write_json(
         Path(args.output_dir) / "linear_probe_results.json",
-        {"model": args.model, "dataset": args.dataset, **result.to_dict(), "num_skipped": skipped},
+        {"model": args.model, "dataset": args.dataset, "features": args.features, **result.to_dict(),
+         "num_skipped": skipped},
     )
     logger.info("wrote %s", path)
     return 0

@@ -170,13 +170,21 @@ def encode_image_batches(
     precision: str = "fp32",
     normalize: bool = True,
     skipped: list[str] | None = None,
+    unprojected: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Yields (float32 features [B, D] on `device`, labels [B] or None) per batch; the caller sets eval mode.
-    Why each unreadable image was left out is appended to `skipped` (see `iterate_batches`)."""
+    Why each unreadable image was left out is appended to `skipped` (see `iterate_batches`).
+    unprojected: `encode_image_unprojected`'s features (a ViT's before its projection) instead of the embedding."""
+    if unprojected and not hasattr(model, "encode_image_unprojected"):
+        raise TypeError(
+            f"features before the projection need a model built by this library (clip.load with jit=False), "
+            f"not a {type(model).__name__}"
+        )
+    encode = model.encode_image_unprojected if unprojected else model.encode_image
     for images, labels in iterate_batches(data, batch_size, skipped):
         images = images.to(device, non_blocking=True)
         with autocast(device, precision):
-            features = model.encode_image(images)
+            features = encode(images)
         features = features.float()
         if normalize:
             features = nn.functional.normalize(features, dim=-1)

@@ -1,12 +1,16 @@
 """Linear probe: multinomial logistic regression on frozen image features, as in the CLIP paper.
 
-The classifier minimises   mean cross-entropy + (l2 / 2) * ||W||^2   (the bias is not penalised) with
-full-batch L-BFGS and a strong-Wolfe line search, from zeros, so a fit is deterministic. In scikit-learn's
-terms (0.5 ||W||^2 + C * sum of cross-entropies) this is l2 = 1 / (C * N).
+The classifier minimises   sum of cross-entropies + (l2 / 2) * ||W||^2   (the bias is not penalised), i.e.
+scikit-learn's LogisticRegression objective with l2 = 1 / C, which the paper used; it is computed as the mean
+cross-entropy + (l2 / 2N) ||W||^2, the same minimum. Full-batch L-BFGS with a strong-Wolfe line search,
+from zeros, so a fit is deterministic (torch's L-BFGS in the features' dtype, not SciPy's in float64).
 
-The L2 strength is chosen on a validation split: a log-spaced sweep over [1e-6, 1e6], then a few rounds of
-halving the step around the best value (the paper's "parametric binary search"), ranking by validation
-accuracy and breaking ties by validation loss. The probe is then refitted on train + validation.
+The L2 strength is chosen on a validation split as in the paper: a log-spaced sweep over [1e-6, 1e6], then
+a few rounds of halving the step around the best value (its "parametric binary search"), ranking by the
+validation metric (accuracy, or mean per-class accuracy as the paper reports for some datasets) and
+breaking ties by validation loss. The probe is then refitted on train + validation with that strength.
+The paper probes a ViT's features before the projection to the embedding space (`extract_features(...,
+unprojected=True)`).
 """
 
 from __future__ import annotations
@@ -31,9 +35,12 @@ def extract_features(
     workers: int = 0,
     precision: str = "fp32",
     normalize: bool = False,
+    unprojected: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(float32 image features [N, D], labels [N]) on the CPU, from the frozen encoder in eval mode.
 
+    unprojected: a ViT's class token before the projection to the embedding space (the paper's probe
+    features; `CLIP.encode_image_unprojected`) instead of the embedding.
     Items whose image cannot be read are left out (logged), so N may be less than len(dataset).
     """
     model = unwrap_model(model)
@@ -42,7 +49,8 @@ def extract_features(
     with eval_mode(model):
         loader = make_loader(dataset, batch_size, workers, device)
         for batch_features, batch_labels in encode_image_batches(
-            model, loader, device=device, precision=precision, normalize=normalize, skipped=skipped
+            model, loader, device=device, precision=precision, normalize=normalize, skipped=skipped,
+            unprojected=unprojected,
         ):
             features.append(batch_features.cpu())
             labels.append(batch_labels.cpu())
@@ -64,6 +72,20 @@ class LogisticRegression:
     def accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
         return (self.logits(features).argmax(dim=1).cpu() == labels.cpu()).float().mean().item()
 
+    def mean_per_class_accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
+        """The accuracy of each class that has examples here, averaged over those classes."""
+        labels = labels.cpu()
+        correct = (self.logits(features).argmax(dim=1).cpu() == labels).float()
+        classes = labels.unique()
+        return torch.stack([correct[labels == c].mean() for c in classes]).mean().item()
+
+    def score(self, features: torch.Tensor, labels: torch.Tensor, metric: str) -> float:
+        if metric == "accuracy":
+            return self.accuracy(features, labels)
+        if metric == "mean_per_class":
+            return self.mean_per_class_accuracy(features, labels)
+        raise ValueError(f"metric must be 'accuracy' or 'mean_per_class', got {metric!r}")
+
     def loss(self, features: torch.Tensor, labels: torch.Tensor) -> float:
         return nn.functional.cross_entropy(self.logits(features), labels.to(self.weight.device)).item()
 
@@ -71,7 +93,8 @@ class LogisticRegression:
 def fit_logistic_regression(
     features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float, *, max_iter: int = 1000
 ) -> LogisticRegression:
-    """Full-batch L-BFGS on mean cross-entropy + (l2 / 2) ||W||^2, on the features' device and dtype."""
+    """Full-batch L-BFGS on sum of cross-entropies + (l2 / 2) ||W||^2 (scikit-learn's objective with
+    l2 = 1 / C), on the features' device and dtype."""
     if features.ndim != 2 or len(features) != len(labels):
         raise ValueError(f"need features [N, D] and labels [N], got {tuple(features.shape)} and {tuple(labels.shape)}")
     labels = labels.to(features.device).long()
@@ -79,10 +102,15 @@ def fit_logistic_regression(
         num_classes, features.shape[1], dtype=features.dtype, device=features.device, requires_grad=True
     )
     bias = torch.zeros(num_classes, dtype=features.dtype, device=features.device, requires_grad=True)
+    # Scaled by the number of examples: the mean keeps the loss and gradients O(1) for the tolerances.
+    per_example_l2 = l2 / len(labels)
     optimizer = torch.optim.LBFGS(
         [weight, bias],
         lr=1.0,
         max_iter=max_iter,
+        # Line searches take several evaluations per iteration; torch's default (1.25 x max_iter) could end
+        # the fit well before max_iter iterations.
+        max_eval=4 * max_iter,
         history_size=20,
         tolerance_grad=1e-7,
         tolerance_change=1e-10,
@@ -91,7 +119,8 @@ def fit_logistic_regression(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(features @ weight.t() + bias, labels) + 0.5 * l2 * weight.pow(2).sum()
+        loss = nn.functional.cross_entropy(features @ weight.t() + bias, labels)
+        loss = loss + 0.5 * per_example_l2 * weight.pow(2).sum()
         loss.backward()
         return loss
 
@@ -104,7 +133,12 @@ def fit_logistic_regression(
 class SweepPoint:
     l2: float
     val_accuracy: float
+    val_mean_per_class: float
     val_loss: float
+
+    def key(self, metric: str) -> tuple[float, float]:
+        """Larger is better: the validation metric, then the lower validation loss."""
+        return (self.val_accuracy if metric == "accuracy" else self.val_mean_per_class, -self.val_loss)
 
 
 def select_l2(
@@ -117,8 +151,12 @@ def select_l2(
     coarse_points: int = 7,
     refine_steps: int = 4,
     max_iter: int = 1000,
+    metric: str = "accuracy",
 ) -> tuple[float, list[SweepPoint]]:
-    """The L2 strength with the best validation (accuracy, -loss), and every point evaluated (in order)."""
+    """The L2 strength with the best validation (metric, -loss), and every point evaluated (in order).
+    metric: "accuracy" or "mean_per_class"."""
+    if metric not in ("accuracy", "mean_per_class"):
+        raise ValueError(f"metric must be 'accuracy' or 'mean_per_class', got {metric!r}")
     log_low, log_high = math.log10(low), math.log10(high)
     evaluated: dict[float, SweepPoint] = {}
 
@@ -126,10 +164,12 @@ def select_l2(
         log_l2 = round(min(max(log_l2, log_low), log_high), 6)
         if log_l2 not in evaluated:
             probe = fit_logistic_regression(*train, num_classes, 10.0**log_l2, max_iter=max_iter)
-            evaluated[log_l2] = SweepPoint(10.0**log_l2, probe.accuracy(*val), probe.loss(*val))
+            evaluated[log_l2] = SweepPoint(
+                10.0**log_l2, probe.accuracy(*val), probe.mean_per_class_accuracy(*val), probe.loss(*val)
+            )
 
     def best() -> float:
-        return max(evaluated, key=lambda k: (evaluated[k].val_accuracy, -evaluated[k].val_loss))
+        return max(evaluated, key=lambda k: evaluated[k].key(metric))
 
     step = (log_high - log_low) / max(coarse_points - 1, 1)
     for i in range(coarse_points):
@@ -144,10 +184,13 @@ def select_l2(
 
 @dataclass
 class LinearProbeResult:
-    l2: float
+    l2: float  # scikit-learn's 1 / C
+    metric: str  # what chose l2: "accuracy" or "mean_per_class"
     train_accuracy: float  # on train + validation, after the refit
     val_accuracy: float  # of the chosen l2, fitted on train only
+    val_mean_per_class: float
     test_accuracy: float
+    test_mean_per_class: float
     num_train: int
     num_val: int
     num_test: int
@@ -188,9 +231,11 @@ def run_linear_probe(
     seed: int = 0,
     standardize: bool = False,
     device: torch.device | str | None = None,
+    metric: str = "accuracy",
     **sweep_options: Any,
 ) -> LinearProbeResult:
-    """Chooses l2 on `val` (or a held-out `val_fraction` of `train`), refits on train + val, scores `test`.
+    """Chooses l2 on `val` (or a held-out `val_fraction` of `train`) by `metric` ("accuracy" or
+    "mean_per_class"), refits on train + val, scores `test` (both metrics are reported).
 
     standardize: z-score features with statistics of the data being fitted (the paper did not).
     device: where to fit (a GPU makes full-batch L-BFGS on large feature sets fast); default: where they are.
@@ -207,7 +252,8 @@ def run_linear_probe(
 
     stats = _standardizer(train[0]) if standardize else None
     l2, sweep = select_l2(
-        (scaled(train[0], stats), train[1]), (scaled(val[0], stats), val[1]), num_classes, **sweep_options
+        (scaled(train[0], stats), train[1]), (scaled(val[0], stats), val[1]), num_classes, metric=metric,
+        **sweep_options,
     )
     chosen = next(point for point in sweep if point.l2 == l2)
     full_x, full_y = torch.cat([train[0], val[0]]), torch.cat([train[1], val[1]])
@@ -215,11 +261,15 @@ def run_linear_probe(
     probe = fit_logistic_regression(
         scaled(full_x, stats), full_y, num_classes, l2, max_iter=sweep_options.get("max_iter", 1000)
     )
+    test_x = scaled(test[0].to(full_x.device), stats)
     return LinearProbeResult(
         l2=l2,
+        metric=metric,
         train_accuracy=probe.accuracy(scaled(full_x, stats), full_y),
         val_accuracy=chosen.val_accuracy,
-        test_accuracy=probe.accuracy(scaled(test[0].to(full_x.device), stats), test[1]),
+        val_mean_per_class=chosen.val_mean_per_class,
+        test_accuracy=probe.accuracy(test_x, test[1]),
+        test_mean_per_class=probe.mean_per_class_accuracy(test_x, test[1]),
         num_train=len(train[1]),
         num_val=len(val[1]),
         num_test=len(test[1]),

@@ -172,6 +172,20 @@ def test_manifest_rows_are_grouped_by_image(tmp_path, suffix):
     assert data.first_images(1).captions == ["one", "three"]
 
 
+def test_a_caption_template_wraps_every_caption_as_the_paper_did(tmp_path):
+    from clip.config_io import ConfigError
+
+    names = write_images(tmp_path, 2)
+    (tmp_path / "m.csv").write_text(f"image,caption\n{names[0]},a dog on {{grass}}\n{names[1]},two cats\n")
+    config = RetrievalDatasetConfig(annotations=str(tmp_path / "m.csv"), caption_template="a photo of {}")
+    data = load_retrieval_data(config)
+    assert data.captions == ["a photo of a dog on {grass}", "a photo of two cats"]  # braces in captions stay
+    assert load_retrieval_data(dataclasses.replace(config, caption_template="")).captions[1] == "two cats"
+    for wrong in ("a photo of", "{} and {}"):
+        with pytest.raises(ConfigError, match="caption_template"):
+            RetrievalDatasetConfig(annotations="m.csv", caption_template=wrong)
+
+
 def test_a_tsv_caption_may_start_with_a_quote(tmp_path):
     names = write_images(tmp_path, 3)
     lines = ["image\tcaption", f'{names[0]}\t"Hello," she said', f"{names[1]}\ta dog", f'{names[2]}\tsay "cheese"']

@@ -65,6 +65,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "all equal scores no better than chance; another image's word-for-word copy of a true caption counts "
         "against it) or first (optimistic) among them",
     )
+    parser.add_argument(
+        "--caption-template", default="",
+        help='put each caption in place of "{}" before encoding, e.g. "a photo of {}" as the paper did for '
+        "Flickr30k and MSCOCO (default: the captions as written)",
+    )
     parser.add_argument("--output-dir", default="retrieval_results")
     return parser.parse_args(argv)
 
@@ -80,6 +85,7 @@ def evaluate(args: argparse.Namespace) -> int:
         caption_column=args.caption_column,
         quoting=args.quoting,
         max_images=args.max_images,
+        caption_template=args.caption_template,
     )
     name = dataset.resolved_name()
     data = load_retrieval_data(dataset)

@@ -161,6 +161,10 @@ def load_retrieval_data(config: RetrievalDatasetConfig) -> RetrievalData:
         data = read_caption_manifest(
             config.annotations, config.image_root or None, config.image_column, config.caption_column, config.quoting
         )
+    if config.caption_template:
+        data = RetrievalData(
+            data.image_paths, [config.caption_template.replace("{}", c) for c in data.captions], data.caption_image
+        )
     return data.first_images(config.max_images) if config.max_images > 0 else data
 
 

@@ -82,6 +82,10 @@ class TrainLoopConfig:
     grad_checkpointing: bool = False  # recompute transformer blocks in backward to save activation memory
     compile: bool = False  # torch.compile the model
     seed: int = 0
+    # Fine-tuning: the weights a new run starts from instead of a random initialisation -- a released name
+    # ("ViT-B/32"), a weights file or another run's directory; [model] must be their architecture. A run
+    # that resumes from its own checkpoint does not read them. "none" (None): from scratch.
+    init_weights: str | None = None
     max_consecutive_nonfinite: int = 10  # a run stops after this many non-finite losses in a row
     device: str = "auto"  # auto: this process's GPU when CUDA is available (see clip.distributed), else cpu
     threads: int | None = None  # torch intra-op threads on the CPU; "none" (None) keeps torch's default

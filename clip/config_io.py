@@ -167,6 +167,19 @@ def to_dict(config: Any) -> dict:
     return plain(config)
 
 
+def differences(before: dict, after: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, before, after) for every value that differs between two nested config dicts."""
+    found = []
+    for key in sorted(set(before) | set(after)):
+        name = f"{prefix}{key}"
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += differences(old, new, name + ".")
+        elif old != new:
+            found.append((name, old, new))
+    return found
+
+
 def _parse_override_value(text: str) -> Any:
     # An override's value is read as a TOML value (numbers, booleans, lists, quoted strings); anything
     # that is not valid TOML is taken as a bare string, so `data.path=/tmp/x.csv` needs no quotes.

@@ -32,6 +32,7 @@ from torch import nn
 
 from . import download
 from .architectures import RELEASED_ARCHITECTURES, ModelConfig
+from .config_io import differences
 from .infer_architecture import ArchitectureInferenceError, infer_model_config
 from .model import CLIP, convert_to_half_precision
 from .preprocess import ImageTransform, image_transform
@@ -98,6 +99,50 @@ def load(
     if device.type == "cuda":
         convert_to_half_precision(model)
     return model, image_transform(model.visual.input_resolution)
+
+
+def load_weights_into(model: CLIP, name_or_path: str, download_root: str | Path | None = None) -> Path:
+    """Copies the weights of a released model (downloaded and checked against its SHA256), a weights file or
+    a run directory's newest checkpoint into `model`, whose architecture must be theirs: the start of a
+    fine-tuning run (`train.init_weights`). Returns the file read. Nothing pickled is run.
+
+    A file that records its architecture (a checkpoint of this library) must match `model.config` in every
+    field. Tensor shapes do not show head counts or the activation, so for a plain state dict (OpenAI's
+    files) those are the configured ones, and every tensor must have the configured model's shape."""
+    if name_or_path in RELEASED_WEIGHTS:
+        release = RELEASED_WEIGHTS[name_or_path]
+        path = download.download(release.url, release.sha256, root=download_root)
+        weights = read_weights(path)
+    else:
+        path, weights = read_run_or_file(_existing_path(name_or_path))
+    state = dict(weights.state_dict)
+    theirs, not_in_shapes = weights.model_config, set()
+    if theirs is None:
+        not_in_shapes = {"activation", "vision.heads", "text.heads"}
+        try:
+            theirs = infer_model_config(state)
+        except ArchitectureInferenceError:
+            theirs = None  # widths OpenAI's convention cannot split into heads: the shape check below decides
+    if theirs is not None:
+        mismatched = [
+            (key, a, b)
+            for key, a, b in differences(theirs.to_dict(), model.config.to_dict())
+            if key not in not_in_shapes
+        ]
+        if mismatched:
+            raise WeightsFileError(
+                f"{path} holds a model whose architecture differs from the configured one: "
+                + "; ".join(f"model.{key}: {a!r} there, {b!r} here" for key, a, b in mismatched)
+                + ". Set the [model] section to the weights' architecture."
+            )
+    _check_extras(weights.extras, model.config, str(path))
+    expected = model.state_dict()
+    for name, value in expected.items():  # older files have no BatchNorm step counters
+        if name.endswith("num_batches_tracked") and name not in state:
+            state[name] = torch.zeros_like(value, device="cpu")
+    _check_fits(expected, state, f"{path} does not fit the configured {_describe(model.config)}")
+    model.load_state_dict(state, strict=True)
+    return path
 
 
 def model_from_weights(weights: LoadedWeights, source: str) -> CLIP:

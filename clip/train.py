@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, load_config, to_dict, to_toml
-from .config_io import ConfigError
+from .config_io import ConfigError, differences
 from .cuda_backends import configure_cuda_backends
 from .data import PixelNormalizer, build_train_data, counts_line, data_state_for_other_world_size, merge_rank_reports
 from .distributed import DistributedInfo, cleanup_distributed, init_distributed, read_launcher_environment
@@ -36,11 +36,13 @@ from .loss import (
     build_loss,
     contrastive_loss_with_cached_features,
 )
+from .loading import ModelNotFoundError, load_weights_into
 from .model import CLIP, create_model, trimmed_text_length
 from .optim import build_optimizer, learning_rate, load_optimizer_state, match_state_layout_to_parameters
 from .run_log import RunLog, plot_run
 from .throughput import peak_flops, training_flops_per_sample
 from .tokenizer import get_tokenizer
+from .weights_file import WeightsFileError
 
 log = logging.getLogger("clip.train")
 
@@ -246,7 +248,7 @@ def check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
         )
     changed = [
         f"{key}: {before!r} -> {after!r}"
-        for key, before, after in _differences(saved, current)
+        for key, before, after in differences(saved, current)
         if key != "output_dir"  # a run directory that was moved or copied
     ]
     if changed:
@@ -257,18 +259,6 @@ def with_decay_embeddings(saved: dict) -> dict:
     """A checkpoint's config with optimizer.decay_embeddings, which checkpoints from before the setting lack:
     they were trained with the embeddings undecayed."""
     return {**saved, "optimizer": {"decay_embeddings": False, **saved["optimizer"]}}
-
-
-def _differences(before: dict, after: dict, prefix: str = "") -> list[tuple[str, object, object]]:
-    found = []
-    for key in sorted(set(before) | set(after)):
-        name = f"{prefix}{key}"
-        old, new = before.get(key), after.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            found += _differences(old, new, name + ".")
-        elif old != new:
-            found.append((name, old, new))
-    return found
 
 
 def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | None) -> dict:
@@ -327,6 +317,14 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
             data_state = data_state_for_other_world_size(state["data"], dist_info.rank)
         log.info("resumed %s at step %d", run_dir, start_step)
     else:
+        if config.train.init_weights is not None:
+            # Copied into the parameters in place: the optimizer's references stay valid. The SigLIP loss
+            # starts from its own temperature (set above), not the loaded one.
+            path = load_weights_into(module.clip, config.train.init_weights)
+            if config.loss.kind == "siglip":
+                with torch.no_grad():
+                    module.clip.logit_scale.fill_(SIGLIP_INITIAL_LOGIT_SCALE)
+            log.info("initialised from %s", path)
         torch.manual_seed(config.train.seed + dist_info.rank)  # ranks draw different augmentations
     already_finished = state is not None and start_step >= config.schedule.steps
     if already_finished:
@@ -620,8 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         results = train(config)
-    except (NonFiniteLossError, ckpt.NoReadableCheckpointError) as error:
-        log.error("%s", error)
+    except (NonFiniteLossError, ckpt.NoReadableCheckpointError, WeightsFileError, ModelNotFoundError) as error:
+        log.error("%s", error)  # the last two: train.init_weights names nothing loadable
         return 1
     # Stopped by a signal, with a checkpoint: before the last step, or in the final evaluation
     if results.get("step", 0) < config.schedule.steps or results.get("evaluation_interrupted"):

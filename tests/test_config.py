@@ -10,7 +10,7 @@ from typing import Literal
 
 import pytest
 
-from clip.architectures import ModelConfig, VisionConfig
+from clip.architectures import RELEASED_ARCHITECTURES, ModelConfig, VisionConfig
 from clip.config_io import ConfigError, from_dict, load_config, to_dict, to_toml
 
 
@@ -126,7 +126,9 @@ def test_every_recipe_in_configs_loads():
     for recipe in recipes:
         first_line = recipe.read_text().splitlines()[0]
         assert first_line.startswith("#") and "train.py" in first_line, f"{recipe} must start with its command"
-        load_config(recipe, [], TrainConfig)
+        config = load_config(recipe, [], TrainConfig)
+        if config.train.init_weights in RELEASED_ARCHITECTURES:  # a fine-tuning recipe states that architecture
+            assert config.model == RELEASED_ARCHITECTURES[config.train.init_weights], recipe
 
 
 def test_vision_config_validation():

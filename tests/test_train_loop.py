@@ -339,6 +339,67 @@ def test_a_checkpoint_from_before_decay_embeddings_existed_counts_as_false(tmp_p
     assert "decay_embeddings" not in caplog.text  # nothing changed: it was trained that way
 
 
+def initial_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The model a run starts from: its step-0 checkpoint (stop_at_step=0 saves before any step)."""
+    return ckpt.read_checkpoint(ckpt.list_checkpoints(run_dir)[-1][1])["model"]
+
+
+def test_fine_tuning_starts_from_another_runs_weights_and_resumes_from_its_own(tmp_path):
+    train(tiny_config(tmp_path / "pretrained", "schedule.steps=2", "eval.every_n_steps=0"))
+    pretrained = final_weights(tmp_path / "pretrained")
+    tuned = tmp_path / "tuned"
+    extra = [f"train.init_weights={tmp_path / 'pretrained'}", "eval.every_n_steps=0", "train.seed=7"]
+    train(tiny_config(tuned, *extra), stop_at_step=0)
+    start = initial_weights(tuned)
+    assert start.keys() == pretrained.keys()
+    assert all(torch.equal(start[name], pretrained[name]) for name in pretrained)
+    # A resume reads its own checkpoint, never the initial weights again (they may be gone by then).
+    (tmp_path / "pretrained" / "checkpoints").rename(tmp_path / "moved")
+    assert train(tiny_config(tuned, *extra))["step"] == 6
+
+
+WIDE = ["model.vision.width=64", "model.vision.heads=1", "model.text.width=64", "model.text.heads=1"]
+
+
+@pytest.mark.parametrize("widths", [WIDE, []], ids=["inferable", "narrow"])
+def test_fine_tuning_from_a_weights_file_in_openais_layout(tmp_path, monkeypatch, widths):
+    # A plain state dict records no architecture: heads and activation are the configured ones, the rest must
+    # fit (compared field by field where OpenAI's one-head-per-64-channels convention reads the shapes).
+    source = clip.create_model(tiny_config(tmp_path / "unused", *widths).model)
+    torch.save(source.state_dict(), tmp_path / "weights.pt")
+    config = tiny_config(tmp_path / "run", *widths, f"train.init_weights={tmp_path / 'weights.pt'}")
+    train(config, stop_at_step=0)
+    start = initial_weights(tmp_path / "run")
+    assert all(torch.equal(start[name], value) for name, value in source.state_dict().items())
+    # A released name is downloaded (here from a file:// URL) and checked against its SHA256 first.
+    import hashlib
+
+    from clip.released import RELEASED_WEIGHTS, ReleasedWeights
+
+    digest = hashlib.sha256((tmp_path / "weights.pt").read_bytes()).hexdigest()
+    monkeypatch.setitem(RELEASED_WEIGHTS, "RN50", ReleasedWeights(url=(tmp_path / "weights.pt").as_uri(), sha256=digest))
+    monkeypatch.setenv("CLIP_CACHE_DIR", str(tmp_path / "cache"))
+    train(tiny_config(tmp_path / "released", *widths, "train.init_weights=RN50"), stop_at_step=0)
+    assert (tmp_path / "cache" / "weights.pt").exists()
+    assert all(torch.equal(initial_weights(tmp_path / "released")[n], v) for n, v in source.state_dict().items())
+    # A narrow plain file of other shapes fails on them
+    other = clip.create_model(tiny_config(tmp_path / "unused", *widths, "model.embed_dim=16").model)
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    with pytest.raises(clip.weights_file.WeightsFileError, match="embed_dim|text_projection"):
+        train(tiny_config(tmp_path / "mismatch", *widths, f"train.init_weights={tmp_path / 'other.pt'}"))
+
+
+def test_fine_tuning_weights_of_another_architecture_are_refused_by_name(tmp_path):
+    source = clip.create_model(tiny_config(tmp_path / "unused", *WIDE).model)
+    torch.save(source.state_dict(), tmp_path / "weights.pt")
+    overrides = [*WIDE, "model.vision.layers=2", f"train.init_weights={tmp_path / 'weights.pt'}"]
+    with pytest.raises(clip.weights_file.WeightsFileError, match="model.vision.layers: 1 there, 2 here"):
+        train(tiny_config(tmp_path / "run", *overrides))
+    args = [str(DEMO), "--output-dir", str(tmp_path / "run"), *TINY, *overrides]
+    assert main(args) == 1  # one error line, no traceback
+    assert main([*args[:-1], "train.init_weights=ViT-B/33"]) == 1  # not a released name, not a file
+
+
 def test_steps_logged_after_the_last_checkpoint_are_logged_once_after_resuming(tmp_path):
     # A run killed after step 5 whose last checkpoint is step 3: steps 4-5 run again on resume.
     extra = ["eval.every_n_steps=0", "checkpoint.every_n_steps=3"]

@@ -57,12 +57,19 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, **kwargs)
 
 
+def optimizer_parameter_names(named_parameters: list[tuple[str, nn.Parameter]], decay_embeddings: bool) -> list[str]:
+    """The name of each parameter in the order of the optimizer's state dict (its groups, one after the
+    other): saved beside that state, so that a resume matches it to parameters by name."""
+    return [name for names in parameter_groups(named_parameters, decay_embeddings) for name in names]
+
+
 def load_optimizer_state(
     optimizer: torch.optim.Optimizer,
     saved: dict,
     named_parameters: list[tuple[str, nn.Parameter]],
-    saved_decay_embeddings: bool,
+    saved_names: list[str] | None,
     decay_embeddings: bool,
+    saved_decay_embeddings: bool = False,
 ) -> None:
     """Loads a checkpoint's per-parameter state (AdamW's moments and step counts) into `optimizer`, which keeps
     its own parameter groups and hyperparameters.
@@ -70,18 +77,31 @@ def load_optimizer_state(
     torch's `load_state_dict` would also bring back the checkpoint's weight decay, betas and eps, so a
     resumed run whose config changed them would silently go on with the old ones; and it refuses groups of
     other sizes, which another `decay_embeddings` makes. The state is matched to parameters by name instead:
-    `saved_decay_embeddings` is the grouping the checkpoint was written under (it fixes its order)."""
-    saved_groups = parameter_groups(named_parameters, saved_decay_embeddings)
-    saved_sizes = [len(group["params"]) for group in saved["param_groups"]]
-    if saved_sizes != [len(names) for names in saved_groups]:
-        raise ValueError(
-            f"the checkpoint's optimizer groups hold {saved_sizes} parameters, but this model grouped with "
-            f"decay_embeddings={saved_decay_embeddings} gives {[len(names) for names in saved_groups]}"
-        )
-    saved_order = [name for names in saved_groups for name in names]
-    current_order = [name for names in parameter_groups(named_parameters, decay_embeddings) for name in names]
-    current_index = {name: i for i, name in enumerate(current_order)}
-    state = {current_index[saved_order[int(i)]]: value for i, value in saved["state"].items()}
+    `saved_names` as saved with it (`optimizer_parameter_names`), or for a checkpoint from before those were
+    saved, the order its grouping gives (`saved_decay_embeddings`, as the checkpoint's config says)."""
+    if saved_names is None:
+        saved_groups = parameter_groups(named_parameters, saved_decay_embeddings)
+        saved_sizes = [len(group["params"]) for group in saved["param_groups"]]
+        if saved_sizes != [len(names) for names in saved_groups]:
+            raise ValueError(
+                f"the checkpoint's optimizer groups hold {saved_sizes} parameters, but this model grouped with "
+                f"decay_embeddings={saved_decay_embeddings} gives {[len(names) for names in saved_groups]}"
+            )
+        saved_names = [name for names in saved_groups for name in names]
+    parameters = dict(named_parameters)
+    current_index = {name: i for i, name in enumerate(optimizer_parameter_names(named_parameters, decay_embeddings))}
+    state = {}
+    for index, value in saved["state"].items():
+        name = saved_names[int(index)]
+        if name not in current_index:
+            raise ValueError(f"the checkpoint's optimizer has state for {name!r}, which this model does not train")
+        for key, tensor in value.items():  # moments are parameter-shaped; step counts are scalars
+            if isinstance(tensor, torch.Tensor) and tensor.dim() and tensor.shape != parameters[name].shape:
+                raise ValueError(
+                    f"the checkpoint's optimizer state {key!r} of {name!r} has shape {tuple(tensor.shape)}, the "
+                    f"parameter {tuple(parameters[name].shape)}"
+                )
+        state[current_index[name]] = value
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 

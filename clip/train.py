@@ -38,7 +38,13 @@ from .loss import (
 )
 from .loading import ModelNotFoundError, load_weights_into
 from .model import CLIP, create_model, trimmed_text_length
-from .optim import build_optimizer, learning_rate, load_optimizer_state, match_state_layout_to_parameters
+from .optim import (
+    build_optimizer,
+    learning_rate,
+    load_optimizer_state,
+    match_state_layout_to_parameters,
+    optimizer_parameter_names,
+)
 from .run_log import RunLog, plot_run
 from .throughput import peak_flops, training_flops_per_sample
 from .tokenizer import get_tokenizer
@@ -169,6 +175,10 @@ def gather_objects(value, dist_info: DistributedInfo) -> list:
 STOPPED_EARLY_EXIT_CODE = 75
 
 
+class ResumeRefused(ValueError):
+    """The run directory holds a run this config cannot continue (another model or loss)."""
+
+
 class EvaluationInterrupted(BaseException):
     """A signal arrived while an evaluation that may be abandoned was running (see StopRequest.interrupting).
     A BaseException, like KeyboardInterrupt: an `except Exception` on the way (an image decoder's fallback)
@@ -215,7 +225,7 @@ class StopRequest:
             raise EvaluationInterrupted
         # Over several processes the ranks agree on it before the next backward pass, so a signal that
         # arrives late in a step is acted on after the following one.
-        log.warning("received signal %d: saving a checkpoint after this step or the next, then stopping", signum)
+        log.warning("received signal %d: stopping at the next safe point, with a checkpoint", signum)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -240,9 +250,11 @@ def check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
     about every other setting that differs from the checkpoint's, since the run then continues under them."""
     saved = with_decay_embeddings(saved)
     if saved["model"] != current["model"]:
-        raise ValueError(f"{run_dir} holds a run of a different model; use a new --output-dir or the same model config")
+        raise ResumeRefused(
+            f"{run_dir} holds a run of a different model; use a new --output-dir or the same model config"
+        )
     if saved["loss"]["kind"] != current["loss"]["kind"]:
-        raise ValueError(
+        raise ResumeRefused(
             f"{run_dir} was trained with loss.kind={saved['loss']['kind']!r}, not {current['loss']['kind']!r} (their "
             f"parameters differ); use a new --output-dir or the same loss"
         )
@@ -297,8 +309,9 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
         # restore the saved weight decay, betas and eps over a changed config's)
         load_optimizer_state(
             optimizer, state["optimizer"], list(module.named_parameters()),
-            saved_decay_embeddings=with_decay_embeddings(state["config"])["optimizer"]["decay_embeddings"],
+            saved_names=state.get("optimizer_parameter_names"),  # absent from checkpoints of before 2026-11-30
             decay_embeddings=config.optimizer.decay_embeddings,
+            saved_decay_embeddings=with_decay_embeddings(state["config"])["optimizer"]["decay_embeddings"],
         )
         match_state_layout_to_parameters(optimizer)
         if state["scaler"]:  # empty when the checkpoint's run had no fp16 loss scaling
@@ -393,6 +406,9 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
                 "model": module.clip.state_dict(),
                 "config": config_dict,
                 "optimizer": optimizer.state_dict(),
+                "optimizer_parameter_names": optimizer_parameter_names(
+                    list(module.named_parameters()), config.optimizer.decay_embeddings
+                ),
                 "scaler": scaler.state_dict(),
                 "loss_parameters": {} if module.logit_bias is None else {"logit_bias": module.logit_bias.detach()},
                 "rng": rng_states,
@@ -618,8 +634,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         results = train(config)
-    except (NonFiniteLossError, ckpt.NoReadableCheckpointError, WeightsFileError, ModelNotFoundError) as error:
-        log.error("%s", error)  # the last two: train.init_weights names nothing loadable
+    except (
+        NonFiniteLossError, ckpt.NoReadableCheckpointError, ResumeRefused,
+        WeightsFileError, ModelNotFoundError,  # train.init_weights names nothing loadable
+    ) as error:
+        log.error("%s", error)
         return 1
     # Stopped by a signal, with a checkpoint: before the last step, or in the final evaluation
     if results.get("step", 0) < config.schedule.steps or results.get("evaluation_interrupted"):

@@ -428,10 +428,12 @@ def test_a_save_killed_mid_write_leaves_no_temporary_file_after_the_next_start(t
     assert not stray.exists()
 
 
-def test_resuming_with_another_model_is_refused(tmp_path):
+def test_resuming_with_another_model_is_refused(tmp_path, capsys):
     train(tiny_config(tmp_path), stop_at_step=3)
     with pytest.raises(ValueError, match="different model"):
         train(tiny_config(tmp_path, "model.embed_dim=48"))
+    # from the command line: one error line and status 1, no traceback
+    assert main([str(DEMO), "--output-dir", str(tmp_path), *TINY, "model.embed_dim=48"]) == 1
 
 
 def test_mfu_is_logged_when_the_peak_is_known(tmp_path, monkeypatch):

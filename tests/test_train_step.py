@@ -12,7 +12,7 @@ from clip.architectures import ModelConfig, TextConfig, VisionConfig
 from clip.config import LossConfig, OptimizerConfig, ScheduleConfig
 from clip.loss import build_loss
 from clip.model import CLIP
-from clip.optim import build_optimizer, is_decayed, learning_rate, load_optimizer_state
+from clip.optim import build_optimizer, is_decayed, learning_rate, load_optimizer_state, optimizer_parameter_names
 from clip.train import ContrastiveModel, contrastive_step
 
 TINY_VIT = ModelConfig(
@@ -132,17 +132,27 @@ def test_optimizer_state_loads_by_name_under_this_runs_groups_and_hyperparameter
     saved.step()
     checkpoint = saved.state_dict()
 
+    names = optimizer_parameter_names(named, saved_decay)  # saved beside the state since 2026-11-30
     config = OptimizerConfig(weight_decay=0.05, beta2=0.95, eps=1e-8, decay_embeddings=decay)
-    resumed = build_optimizer(named, config, torch.device("cpu"))
-    load_optimizer_state(resumed, checkpoint, named, saved_decay_embeddings=saved_decay, decay_embeddings=decay)
-    # this run's settings, not the checkpoint's (torch's load_state_dict would restore 0.2, 0.98 and 1e-6)
-    assert [(g["weight_decay"], g["betas"], g["eps"]) for g in resumed.param_groups] == [
-        (0.05, (0.9, 0.95), 1e-8), (0.0, (0.9, 0.95), 1e-8)]
-    for _, parameter in named:  # every parameter keeps its own moments, whichever group it is in now
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(resumed.state[parameter][key], saved.state[parameter][key])
-    with pytest.raises(ValueError, match="decay_embeddings"):  # told the wrong grouping of the checkpoint
-        load_optimizer_state(resumed, checkpoint, named, saved_decay_embeddings=not saved_decay, decay_embeddings=decay)
+    for saved_names in (names, None):  # None: an older checkpoint, whose order its grouping gives
+        resumed = build_optimizer(named, config, torch.device("cpu"))
+        load_optimizer_state(resumed, checkpoint, named, saved_names, decay, saved_decay_embeddings=saved_decay)
+        # this run's settings, not the checkpoint's (torch's load_state_dict would restore 0.2, 0.98 and 1e-6)
+        assert [(g["weight_decay"], g["betas"], g["eps"]) for g in resumed.param_groups] == [
+            (0.05, (0.9, 0.95), 1e-8), (0.0, (0.9, 0.95), 1e-8)]
+        for _, parameter in named:  # every parameter keeps its own moments, whichever group it is in now
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(resumed.state[parameter][key], saved.state[parameter][key])
+    with pytest.raises(ValueError, match="decay_embeddings"):  # told the wrong grouping of an older checkpoint
+        load_optimizer_state(resumed, checkpoint, named, None, decay, saved_decay_embeddings=not saved_decay)
+    # Names that do not fit: moments of another shape, or of a parameter this model does not have
+    shapes = {name: parameter.shape for name, parameter in named}
+    first, other = names[0], next(n for n in names if shapes[n] != shapes[names[0]])
+    swapped = [other if n == first else first if n == other else n for n in names]
+    with pytest.raises(ValueError, match="has shape"):
+        load_optimizer_state(resumed, checkpoint, named, swapped, decay)
+    with pytest.raises(ValueError, match="does not train"):
+        load_optimizer_state(resumed, checkpoint, named, ["gone", *names[1:]], decay)
 
 
 def test_weight_decay_groups_of_a_resnet_decay_the_attention_pool_position_embedding():

@@ -77,9 +77,12 @@ class CLIP(nn.Module):
         """The image features the CLIP paper's linear probes use: for a ViT the class token before the linear
         projection to the embedding space (I_f in the paper's Figure 3, `visual.width` wide); for a ResNet,
         whose attention pool is its last layer, the embedding itself."""
-        if isinstance(self.visual, VisionTransformer):
-            return self.visual.forward_unprojected(image.to(self.dtype))
-        return self.visual(image.to(self.dtype))
+        visual = getattr(self.visual, "_orig_mod", self.visual)  # the tower itself under torch.compile
+        if isinstance(visual, VisionTransformer):  # (forward hooks on `visual` do not run on this path)
+            return visual.forward_unprojected(image.to(self.dtype))
+        if isinstance(visual, ModifiedResNet):
+            return self.visual(image.to(self.dtype))
+        raise TypeError(f"no features before the projection for an image tower of type {type(visual).__name__}")
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False, trim: bool = True) -> torch.Tensor:
         """Features of token ids [N, L <= context_length]. `trim=False` runs all L positions as given: for

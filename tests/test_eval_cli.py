@@ -163,6 +163,7 @@ def test_retrieval_command(tmp_path, tiny_checkpoint, datasets):
     assert result["num_images"] == 4 and result["num_texts"] == 8 and result["num_skipped"] == 0
     assert result["recalls"]["image_to_text_R@10"] == 1.0
     assert result["ties"] == "pessimistic"  # the default: tied candidates rank above the ground truth
+    assert result["caption_template"] == ""  # recorded: the paper's figures used "a photo of {}"
 
 
 def test_linear_probe_command(tmp_path, tiny_checkpoint):

@@ -172,9 +172,10 @@ def probe(args: argparse.Namespace) -> int:
         metric=args.metric,
         max_iter=args.max_iter,
     )
+    val = result.val_accuracy if args.metric == "accuracy" else result.val_mean_per_class
     print(
-        f"linear probe on {args.dataset} ({args.features} features): l2={result.l2:.3g} (1/C), chosen by "
-        f"{args.metric}  val {100 * result.val_accuracy:.2f}%  test {100 * result.test_accuracy:.2f}%, "
+        f"linear probe on {args.dataset} ({args.features} features): l2={result.l2:.3g} (1/C) chosen by "
+        f"{args.metric} (val {100 * val:.2f}%); test accuracy {100 * result.test_accuracy:.2f}%, "
         f"mean per class {100 * result.test_mean_per_class:.2f}%"
     )
     if any(skipped.values()):

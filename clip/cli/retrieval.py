@@ -108,7 +108,10 @@ def evaluate(args: argparse.Namespace) -> int:
         print(f"{name} {key}: {100 * value:.2f}")
     if result.num_skipped:
         print(f"{name}: {result.num_skipped} unreadable image(s) skipped, with their captions")
-    path = write_json(Path(args.output_dir) / "retrieval_results.json", {"model": args.model, **result.to_dict()})
+    path = write_json(
+        Path(args.output_dir) / "retrieval_results.json",
+        {"model": args.model, "caption_template": args.caption_template, **result.to_dict()},
+    )
     logger.info("wrote %s", path)
     return 0
 

@@ -75,9 +75,11 @@ class LogisticRegression:
     def mean_per_class_accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
         """The accuracy of each class that has examples here, averaged over those classes."""
         labels = labels.cpu()
-        correct = (self.logits(features).argmax(dim=1).cpu() == labels).float()
-        classes = labels.unique()
-        return torch.stack([correct[labels == c].mean() for c in classes]).mean().item()
+        correct = (self.logits(features).argmax(dim=1).cpu() == labels).double()
+        per_class_correct = torch.bincount(labels, weights=correct)
+        per_class_count = torch.bincount(labels)
+        present = per_class_count > 0
+        return (per_class_correct[present] / per_class_count[present]).mean().item()
 
     def score(self, features: torch.Tensor, labels: torch.Tensor, metric: str) -> float:
         if metric == "accuracy":
@@ -184,18 +186,18 @@ def select_l2(
 
 @dataclass
 class LinearProbeResult:
-    l2: float  # scikit-learn's 1 / C
-    metric: str  # what chose l2: "accuracy" or "mean_per_class"
+    l2: float  # the L2 strength lambda = scikit-learn's 1 / C (the paper's; before 2026-11-30: per example)
     train_accuracy: float  # on train + validation, after the refit
     val_accuracy: float  # of the chosen l2, fitted on train only
-    val_mean_per_class: float
     test_accuracy: float
-    test_mean_per_class: float
     num_train: int
     num_val: int
     num_test: int
     standardize: bool
     sweep: list[SweepPoint] = field(default_factory=list)
+    metric: str = "accuracy"  # what chose l2: "accuracy" or "mean_per_class"
+    val_mean_per_class: float = 0.0
+    test_mean_per_class: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

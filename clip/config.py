@@ -86,6 +86,11 @@ class TrainLoopConfig:
     # ("ViT-B/32"), a weights file or another run's directory; [model] must be their architecture. A run
     # that resumes from its own checkpoint does not read them. "none" (None): from scratch.
     init_weights: str | None = None
+    # LiT-style tuning: a locked tower keeps its weights (no gradients, no optimizer state, no activations kept
+    # for a backward pass, BatchNorm statistics frozen) while the other learns to match it -- e.g. a released
+    # image tower (init_weights) with lock_image = true. Not both: only the temperature would be left.
+    lock_image: bool = False
+    lock_text: bool = False
     max_consecutive_nonfinite: int = 10  # a run stops after this many non-finite losses in a row
     device: str = "auto"  # auto: this process's GPU when CUDA is available (see clip.distributed), else cpu
     threads: int | None = None  # torch intra-op threads on the CPU; "none" (None) keeps torch's default
@@ -109,6 +114,8 @@ class TrainLoopConfig:
         require("max_consecutive_nonfinite", nonfinite, nonfinite >= 1, ">= 1")
         if self.threads is not None:
             require("threads", self.threads, self.threads >= 1, '>= 1, or "none" for the default thread count')
+        if self.lock_image and self.lock_text:
+            raise InvalidValue("lock_text", "cannot be true with lock_image: nothing but the temperature would train")
 
 
 @dataclass

@@ -59,6 +59,23 @@ class CLIP(nn.Module):
         with torch.no_grad():
             self.logit_scale.fill_(INITIAL_LOGIT_SCALE)
 
+    def text_tower(self) -> list[nn.Module]:
+        """The modules of the text encoder (the image encoder is `visual`); logit_scale belongs to neither."""
+        return [self.token_embedding, self.transformer, self.ln_final]
+
+    def text_tower_parameters(self) -> list[nn.Parameter]:
+        modules = (p for m in self.text_tower() for p in m.parameters())
+        return [*modules, self.positional_embedding, self.text_projection]
+
+    def lock(self, image: bool = False, text: bool = False) -> None:
+        """Freezes (True) or unfreezes (False) each tower's parameters (LiT, "locked-image tuning": a locked
+        tower gets no gradients, no optimizer state and keeps no activations for a backward pass). The
+        trainer also keeps a locked tower in eval mode, so a ResNet's BatchNorm statistics stay as loaded."""
+        for parameter in self.visual.parameters():
+            parameter.requires_grad_(not image)
+        for parameter in self.text_tower_parameters():
+            parameter.requires_grad_(not text)
+
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the weights (float16 for OpenAI's checkpoints on a GPU, float32 otherwise)."""

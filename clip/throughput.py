@@ -54,11 +54,15 @@ def text_forward_flops(config: ModelConfig, length: int) -> int:
     return _forward_flops(config, lambda model: model.encode_text(torch.zeros(1, length, dtype=torch.long)))
 
 
-def training_flops_per_sample(config: ModelConfig, text_length: int | None = None) -> float:
+def training_flops_per_sample(
+    config: ModelConfig, text_length: int | None = None, lock_image: bool = False, lock_text: bool = False
+) -> float:
     """FLOPs of one image-text pair through forward and backward; the text at `text_length` tokens
-    (default: the full context)."""
+    (default: the full context). A locked tower (`CLIP.lock`) runs forward only."""
     length = config.text.context_length if text_length is None else text_length
-    return TRAINING_FLOPS_PER_FORWARD_FLOP * (image_forward_flops(config) + text_forward_flops(config, length))
+    image_factor = 1.0 if lock_image else TRAINING_FLOPS_PER_FORWARD_FLOP
+    text_factor = 1.0 if lock_text else TRAINING_FLOPS_PER_FORWARD_FLOP
+    return image_factor * image_forward_flops(config) + text_factor * text_forward_flops(config, length)
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, tf32: bool = False) -> float | None:

@@ -288,6 +288,7 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
         with torch.no_grad():
             clip_model.logit_scale.fill_(SIGLIP_INITIAL_LOGIT_SCALE)
     clip_model.set_grad_checkpointing(config.train.grad_checkpointing)
+    clip_model.lock(image=config.train.lock_image, text=config.train.lock_text)  # before the optimizer sees them
     module = ContrastiveModel(clip_model, with_logit_bias=config.loss.kind == "siglip", trim_text=False).to(device)
     if config.model.vision.kind == "resnet" and device.type == "cuda":
         module = module.to(memory_format=torch.channels_last)  # cuDNN's fastest layout for convolutions
@@ -447,7 +448,16 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
     last_metrics = dict(metrics_so_far)
     window_start, window_samples, window_flops = time.perf_counter(), 0, 0.0
     step = start_step
-    train_module.train()
+    def training_mode() -> None:
+        # A locked tower stays in eval mode: a ResNet's BatchNorm keeps its (loaded) running statistics
+        train_module.train()
+        if config.train.lock_image:
+            module.clip.visual.eval()
+        if config.train.lock_text:
+            for tower_module in module.clip.text_tower():
+                tower_module.eval()
+
+    training_mode()
     with StopRequest() as stop:
         while step < last_step:
             lr = learning_rate(step, config.optimizer.lr, config.schedule)
@@ -459,7 +469,9 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
             # the copy, so the copy stays an asynchronous one from the loader's pinned memory.
             text_length = trimmed_text_length(texts.argmax(dim=-1), texts.shape[-1])
             if peak is not None:
-                window_flops += global_batch * training_flops_per_sample(config.model, text_length)
+                window_flops += global_batch * training_flops_per_sample(
+                    config.model, text_length, config.train.lock_image, config.train.lock_text
+                )
             images = images.to(device, non_blocking=True)  # uint8 pixels: a quarter of a float batch's bytes
             texts = texts.to(device, non_blocking=True)[:, :text_length]
             if config.model.vision.kind == "resnet" and device.type == "cuda":
@@ -553,6 +565,7 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
                     last_metrics.update(evaluate(step, interrupted_by=None if dist_info.is_distributed else stop))
                 except EvaluationInterrupted:
                     stop_now = True
+                training_mode()  # the evaluation put every module back in training mode
             every = config.checkpoint.every_n_steps
             if (every and step % every == 0 and step < last_step) or (stop_now and step < total_steps):
                 save(step, {**last_metrics, "nonfinite_steps_total": nonfinite_total})

@@ -400,6 +400,40 @@ def test_fine_tuning_weights_of_another_architecture_are_refused_by_name(tmp_pat
     assert main([*args[:-1], "train.init_weights=ViT-B/33"]) == 1  # not a released name, not a file
 
 
+RESNET = ["model.vision.kind=resnet", "model.vision.width=8", "model.vision.layers=[1, 1, 1, 1]",
+          "model.vision.heads=2"]
+
+
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_a_locked_tower_keeps_its_weights_and_statistics_while_the_other_learns(tmp_path, tower):
+    # LiT: a ResNet image tower (with BatchNorm) or the text tower locked; evaluations every 3 steps put the
+    # model through eval mode and back, which must leave the locked tower's statistics alone.
+    extra = [*RESNET, f"train.lock_{tower}=true", "schedule.steps=6"]
+    train(tiny_config(tmp_path, *extra), stop_at_step=0)
+    start = initial_weights(tmp_path)
+    train(tiny_config(tmp_path, *extra))
+    state = ckpt.load_latest_checkpoint(tmp_path)
+    end = state["model"]
+    locked = (lambda name: name.startswith("visual.")) if tower == "image" else (
+        lambda name: not name.startswith("visual.") and name != "logit_scale")
+    assert any(locked(name) and "running_mean" in name for name in end) or tower == "text"
+    for name, value in end.items():
+        if locked(name):  # weights and BatchNorm buffers as they started
+            assert torch.equal(value, start[name]), name
+    moved = [name for name, value in end.items() if not locked(name) and not torch.equal(value, start[name])]
+    assert any(name.startswith("visual.") != (tower == "image") for name in moved)
+    # the optimizer holds state for the trained parameters only
+    names = state["optimizer_parameter_names"]
+    assert names and not any(locked(name.removeprefix("clip.")) for name in names)
+
+
+def test_both_towers_locked_is_refused(tmp_path):
+    from clip.config_io import ConfigError
+
+    with pytest.raises(ConfigError, match="lock_text"):
+        tiny_config(tmp_path, "train.lock_image=true", "train.lock_text=true")
+
+
 def test_steps_logged_after_the_last_checkpoint_are_logged_once_after_resuming(tmp_path):
     # A run killed after step 5 whose last checkpoint is step 3: steps 4-5 run again on resume.
     extra = ["eval.every_n_steps=0", "checkpoint.every_n_steps=3"]
@@ -448,6 +482,13 @@ def test_mfu_is_logged_when_the_peak_is_known(tmp_path, monkeypatch):
     assert training_flops_per_sample(config.model, 8) < training_flops_per_sample(config.model)
     expected_max = training_flops_per_sample(config.model) * record["samples_per_s"] / 1e12
     assert 0 < record["mfu"] <= expected_max * (1 + 1e-9)  # equal when every batch ran the full context
+    # a locked tower runs forward only: a third of its training FLOPs
+    from clip.throughput import image_forward_flops, text_forward_flops
+
+    image, text = image_forward_flops(config.model), text_forward_flops(config.model, 8)
+    assert training_flops_per_sample(config.model, 8) == 3 * (image + text)
+    assert training_flops_per_sample(config.model, 8, lock_image=True) == image + 3 * text
+    assert training_flops_per_sample(config.model, 8, lock_text=True) == 3 * image + text
 
 
 def test_tensorboard_events_and_training_plot(tmp_path):

@@ -70,7 +70,7 @@ def load_optimizer_state(
     saved_names: list[str] | None,
     decay_embeddings: bool,
     saved_decay_embeddings: bool = False,
-) -> None:
+) -> list[str]:
     """Loads a checkpoint's per-parameter state (AdamW's moments and step counts) into `optimizer`, which keeps
     its own parameter groups and hyperparameters.
 
@@ -78,7 +78,10 @@ def load_optimizer_state(
     resumed run whose config changed them would silently go on with the old ones; and it refuses groups of
     other sizes, which another `decay_embeddings` makes. The state is matched to parameters by name instead:
     `saved_names` as saved with it (`optimizer_parameter_names`), or for a checkpoint from before those were
-    saved, the order its grouping gives (`saved_decay_embeddings`, as the checkpoint's config says)."""
+    saved, the order its grouping gives (`saved_decay_embeddings`, as the checkpoint's config says).
+
+    Returns the names whose saved state was left out: parameters this run does not train (a tower locked
+    since). A parameter without saved state (unlocked since) starts with fresh moments."""
     if saved_names is None:
         saved_groups = parameter_groups(named_parameters, saved_decay_embeddings)
         saved_sizes = [len(group["params"]) for group in saved["param_groups"]]
@@ -90,11 +93,12 @@ def load_optimizer_state(
         saved_names = [name for names in saved_groups for name in names]
     parameters = dict(named_parameters)
     current_index = {name: i for i, name in enumerate(optimizer_parameter_names(named_parameters, decay_embeddings))}
-    state = {}
+    state, left_out = {}, []
     for index, value in saved["state"].items():
         name = saved_names[int(index)]
         if name not in current_index:
-            raise ValueError(f"the checkpoint's optimizer has state for {name!r}, which this model does not train")
+            left_out.append(name)
+            continue
         for key, tensor in value.items():  # moments are parameter-shaped; step counts are scalars
             if isinstance(tensor, torch.Tensor) and tensor.dim() and tensor.shape != parameters[name].shape:
                 raise ValueError(
@@ -103,6 +107,7 @@ def load_optimizer_state(
                 )
         state[current_index[name]] = value
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    return left_out
 
 
 def match_state_layout_to_parameters(optimizer: torch.optim.Optimizer) -> None:

@@ -308,12 +308,14 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
             module.logit_bias.data.copy_(state["loss_parameters"]["logit_bias"])
         # This run's groups and hyperparameters, the checkpoint's moments (torch's load_state_dict would
         # restore the saved weight decay, betas and eps over a changed config's)
-        load_optimizer_state(
+        left_out = load_optimizer_state(
             optimizer, state["optimizer"], list(module.named_parameters()),
             saved_names=state.get("optimizer_parameter_names"),  # absent from checkpoints of before 2026-11-30
             decay_embeddings=config.optimizer.decay_embeddings,
             saved_decay_embeddings=with_decay_embeddings(state["config"])["optimizer"]["decay_embeddings"],
         )
+        if left_out:
+            log.warning("optimizer state of %d parameters this run does not train (locked) left out", len(left_out))
         match_state_layout_to_parameters(optimizer)
         if state["scaler"]:  # empty when the checkpoint's run had no fp16 loss scaling
             scaler.load_state_dict(state["scaler"])

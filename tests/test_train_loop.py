@@ -427,6 +427,14 @@ def test_a_locked_tower_keeps_its_weights_and_statistics_while_the_other_learns(
     assert names and not any(locked(name.removeprefix("clip.")) for name in names)
 
 
+def test_a_run_may_lock_or_unlock_a_tower_when_it_resumes(tmp_path, caplog):
+    train(tiny_config(tmp_path, "eval.every_n_steps=0"), stop_at_step=3)
+    with caplog.at_level(logging.WARNING, logger="clip.train"):
+        train(tiny_config(tmp_path, "eval.every_n_steps=0", "train.lock_image=true", "schedule.steps=4"))
+    assert "train.lock_image: False -> True" in caplog.text and "left out" in caplog.text
+    assert train(tiny_config(tmp_path, "eval.every_n_steps=0", "schedule.steps=5"))["step"] == 5  # unlocked again
+
+
 def test_both_towers_locked_is_refused(tmp_path):
     from clip.config_io import ConfigError
 

@@ -151,8 +151,8 @@ def test_optimizer_state_loads_by_name_under_this_runs_groups_and_hyperparameter
     swapped = [other if n == first else first if n == other else n for n in names]
     with pytest.raises(ValueError, match="has shape"):
         load_optimizer_state(resumed, checkpoint, named, swapped, decay)
-    with pytest.raises(ValueError, match="does not train"):
-        load_optimizer_state(resumed, checkpoint, named, ["gone", *names[1:]], decay)
+    # state of a parameter this run does not train (a tower locked since) is left out, and said
+    assert load_optimizer_state(resumed, checkpoint, named, ["gone", *names[1:]], decay) == ["gone"]
 
 
 def test_weight_decay_groups_of_a_resnet_decay_the_attention_pool_position_embedding():

@@ -23,10 +23,12 @@ def is_decayed(name: str, parameter: torch.Tensor, decay_embeddings: bool = True
 
 
 def parameter_groups(
-    named_parameters: list[tuple[str, nn.Parameter]], decay_embeddings: bool
+    named_parameters: list[tuple[str, nn.Parameter]], decay_embeddings: bool, include_frozen: bool = False
 ) -> tuple[list[str], list[str]]:
-    """The names of the trainable parameters with weight decay and of those without, in the optimizer's order."""
-    trainable = [(n, p) for n, p in named_parameters if p.requires_grad]
+    """The names of the trainable parameters with weight decay and of those without, in the optimizer's order.
+    include_frozen: count every parameter as trainable (the layout of checkpoints from before towers could
+    be locked)."""
+    trainable = [(n, p) for n, p in named_parameters if p.requires_grad or include_frozen]
     return (
         [n for n, p in trainable if is_decayed(n, p, decay_embeddings)],
         [n for n, p in trainable if not is_decayed(n, p, decay_embeddings)],
@@ -83,7 +85,7 @@ def load_optimizer_state(
     Returns the names whose saved state was left out: parameters this run does not train (a tower locked
     since). A parameter without saved state (unlocked since) starts with fresh moments."""
     if saved_names is None:
-        saved_groups = parameter_groups(named_parameters, saved_decay_embeddings)
+        saved_groups = parameter_groups(named_parameters, saved_decay_embeddings, include_frozen=True)
         saved_sizes = [len(group["params"]) for group in saved["param_groups"]]
         if saved_sizes != [len(names) for names in saved_groups]:
             raise ValueError(

@@ -153,6 +153,16 @@ def test_optimizer_state_loads_by_name_under_this_runs_groups_and_hyperparameter
         load_optimizer_state(resumed, checkpoint, named, swapped, decay)
     # state of a parameter this run does not train (a tower locked since) is left out, and said
     assert load_optimizer_state(resumed, checkpoint, named, ["gone", *names[1:]], decay) == ["gone"]
+    # an older checkpoint (no names, every parameter trained) resumed with the text tower locked
+    text = {n for n, _ in named if n.startswith("clip.") and not n.startswith("clip.visual.") and "logit" not in n}
+    for name, parameter in named:
+        parameter.requires_grad_(name not in text)
+    locked = build_optimizer(named, config, torch.device("cpu"))
+    left_out = load_optimizer_state(locked, checkpoint, named, None, decay, saved_decay_embeddings=saved_decay)
+    assert set(left_out) == text
+    for name, parameter in named:
+        if name not in text:
+            assert torch.equal(locked.state[parameter]["exp_avg"], saved.state[parameter]["exp_avg"]), name
 
 
 def test_weight_decay_groups_of_a_resnet_decay_the_attention_pool_position_embedding():

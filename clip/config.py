@@ -124,6 +124,11 @@ class LoggingConfig:
     tensorboard: bool = True  # write TensorBoard events when the tensorboard package is installed
     plot: bool = True  # a loss/accuracy PNG at the end when matplotlib is installed
     progress_bar: bool = True
+    # Weights & Biases (pip install wandb; `wandb login`, or WANDB_MODE=offline): the same metrics as
+    # metrics.jsonl, in one W&B run per run directory that a resumed run continues.
+    wandb: bool = False
+    wandb_project: str = "clip"
+    wandb_entity: str | None = None  # a W&B user or team; "none": your default entity
 
     def __post_init__(self) -> None:
         # The trainer logs when step % every_n_steps == 0 (and at the last step), so 0 has no meaning.

@@ -1,7 +1,8 @@
-"""What a training run writes beside its checkpoints: `metrics.jsonl`, TensorBoard events, a final plot.
+"""What a training run writes beside its checkpoints: `metrics.jsonl`, TensorBoard events, Weights & Biases,
+a final plot.
 
 TensorBoard and matplotlib are optional: each is used when importable and skipped with one log line
-otherwise.
+otherwise. W&B is used only when asked for (`logging.wandb`), and then its absence is an error.
 """
 
 from __future__ import annotations
@@ -9,20 +10,58 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 
-class RunLog:
-    """Appends one JSON object per logged step; mirrors scalars to TensorBoard when available."""
+class MissingDependency(RuntimeError):
+    """A setting asks for a package that is not installed."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, resumed_at: int = 0) -> None:
+
+WANDB_RUN_ID_FILE = "wandb_run_id"
+
+
+def require_wandb():
+    """The wandb module, or MissingDependency (checked by every rank before a run starts, so that no rank
+    goes ahead into collectives that the rank which would log never joins)."""
+    try:
+        import wandb
+    except ImportError as error:
+        raise MissingDependency(
+            "logging.wandb = true needs the wandb package: pip install wandb (then `wandb login`, or "
+            "WANDB_MODE=offline)"
+        ) from error
+    return wandb
+
+
+def start_wandb(run_dir: Path, project: str, entity: str | None, config: dict):
+    """A W&B run for this run directory: the same W&B run again when the directory is resumed (its id is kept
+    in RUN_DIR/wandb_run_id), named after the directory, with the resolved config. Steps a resumed run logs
+    again are below W&B's last step, which W&B ignores (with a warning of its own)."""
+    wandb = require_wandb()
+    id_file = Path(run_dir) / WANDB_RUN_ID_FILE
+    # W&B ids are short lowercase alphanumerics; made here, not by a wandb helper that versions have renamed
+    run_id = id_file.read_text(encoding="utf-8").strip() if id_file.exists() else secrets.token_hex(4)
+    id_file.write_text(run_id + "\n", encoding="utf-8")
+    return wandb.init(
+        project=project, entity=entity, id=run_id, resume="allow", name=Path(run_dir).name, dir=str(run_dir),
+        config=config,
+    )
+
+
+class RunLog:
+    """Appends one JSON object per logged step; mirrors scalars to TensorBoard when available, and to a W&B
+    run when given one (`start_wandb`)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, resumed_at: int = 0, wandb_run=None) -> None:
         """resumed_at: the step of the checkpoint the run continues from (0 for a fresh start). Records of
         later steps, logged before an interruption that the checkpoint does not cover, are dropped: those
         steps run again, and the file and TensorBoard would otherwise show them twice."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.writer = None
+        self.wandb_run = wandb_run
         _drop_records_after(self.path, resumed_at)
         if tensorboard:
             try:
@@ -36,15 +75,23 @@ class RunLog:
     def write(self, record: dict) -> None:
         with self.path.open("a", encoding="utf-8") as file:
             file.write(json.dumps(record, default=_json_default) + "\n")
+        step = record.get("step", 0)
+        scalars = {
+            key: value for key, value in _flatten(record).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step"
+            and math.isfinite(value)
+        }
         if self.writer is not None:
-            step = record.get("step", 0)
-            for key, value in _flatten(record).items():
-                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
-                    self.writer.add_scalar(key, value, step)
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+        if self.wandb_run is not None:
+            self.wandb_run.log(scalars, step=step)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
 
 
 def _drop_records_after(path: Path, step: int) -> None:

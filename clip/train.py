@@ -45,7 +45,7 @@ from .optim import (
     match_state_layout_to_parameters,
     optimizer_parameter_names,
 )
-from .run_log import RunLog, plot_run
+from .run_log import MissingDependency, RunLog, plot_run, require_wandb, start_wandb
 from .throughput import peak_flops, training_flops_per_sample
 from .tokenizer import get_tokenizer
 from .weights_file import WeightsFileError
@@ -276,6 +276,8 @@ def with_decay_embeddings(saved: dict) -> dict:
 def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | None) -> dict:
     run_dir = Path(config.output_dir)
     device = dist_info.device
+    if config.logging.wandb:
+        require_wandb()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     if device.type == "cuda":
@@ -381,7 +383,12 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
     global_batch = config.train.batch_size * dist_info.world_size
     # None where unknown: no MFU then
     peak = peak_flops(device, autocast_dtype or torch.float32, tf32=config.train.tf32)
-    run_log = RunLog(run_dir, config.logging.tensorboard, resumed_at=start_step) if dist_info.is_main else None
+    run_log = None
+    if dist_info.is_main:
+        wandb_run = None
+        if config.logging.wandb:
+            wandb_run = start_wandb(run_dir, config.logging.wandb_project, config.logging.wandb_entity, config_dict)
+        run_log = RunLog(run_dir, config.logging.tensorboard, resumed_at=start_step, wandb_run=wandb_run)
     if dist_info.is_main:
         log.info(
             "model: %.2fM parameters; global batch %d (%d ranks x %d, %d micro-batches); %d steps; data: %d samples/epoch",
@@ -650,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = train(config)
     except (
-        NonFiniteLossError, ckpt.NoReadableCheckpointError, ResumeRefused,
+        NonFiniteLossError, ckpt.NoReadableCheckpointError, ResumeRefused, MissingDependency,
         WeightsFileError, ModelNotFoundError,  # train.init_weights names nothing loadable
     ) as error:
         log.error("%s", error)

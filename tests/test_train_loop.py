@@ -499,6 +499,48 @@ def test_mfu_is_logged_when_the_peak_is_known(tmp_path, monkeypatch):
     assert training_flops_per_sample(config.model, 8, lock_text=True) == 3 * image + text
 
 
+class FakeWandb:
+    """What the trainer asks of the wandb package (init, Run.log, Run.finish), recorded. The real package
+    (wandb 0.31, WANDB_MODE=offline) ran the same calls when this was written; it is not a test dependency."""
+
+    def __init__(self) -> None:
+        self.inits, self.logged, self.finished = [], [], 0
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return self
+
+    def log(self, data: dict, step: int) -> None:
+        self.logged.append((step, data))
+
+    def finish(self) -> None:
+        self.finished += 1
+
+
+def test_weights_and_biases_gets_the_metrics_and_a_resumed_run_continues_its_run(tmp_path, monkeypatch):
+    import sys
+
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    extra = ["logging.wandb=true", "logging.wandb_project=tests", "schedule.steps=4", "eval.every_n_steps=2"]
+    train(tiny_config(tmp_path, *extra), stop_at_step=2)
+    train(tiny_config(tmp_path, *extra))
+    first, second = fake.inits
+    assert first["id"] == second["id"] == (tmp_path / "wandb_run_id").read_text().strip()
+    assert first["resume"] == "allow" and first["project"] == "tests" and first["name"] == tmp_path.name
+    assert first["config"]["train"]["batch_size"] == 8 and fake.finished == 2
+    steps = [step for step, _ in fake.logged]
+    assert steps == sorted(steps) and steps[-1] == 4
+    last = [data for step, data in fake.logged if step == 4]
+    assert any("loss" in data for data in last) and any("zeroshot/synthetic/top1" in data for data in last)
+    assert all(isinstance(v, (int, float)) for _, data in fake.logged for v in data.values())
+    # Without the package: one error line before training starts
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    args = [str(DEMO), "--output-dir", str(tmp_path / "other"), *TINY, "logging.wandb=true"]
+    assert main(args) == 1
+    assert not (tmp_path / "other" / "checkpoints").exists()
+
+
 def test_tensorboard_events_and_training_plot(tmp_path):
     pytest.importorskip("tensorboard")
     pytest.importorskip("matplotlib")

@@ -117,12 +117,16 @@ def load_weights_into(model: CLIP, name_or_path: str, download_root: str | Path 
         path, weights = read_run_or_file(_existing_path(name_or_path))
     state = dict(weights.state_dict)
     theirs, not_in_shapes = weights.model_config, set()
-    if theirs is None:
+    if name_or_path in RELEASED_WEIGHTS:
+        theirs = RELEASED_ARCHITECTURES[name_or_path]  # known exactly, heads and activation included
+    elif theirs is None:
         not_in_shapes = {"activation", "vision.heads", "text.heads"}
         try:
             theirs = infer_model_config(state)
         except ArchitectureInferenceError:
             theirs = None  # widths OpenAI's convention cannot split into heads: the shape check below decides
+        if theirs is not None and theirs.vision.kind == "resnet":
+            not_in_shapes |= {"vision.patch_size", "vision.mlp_ratio"}  # ViT settings a ResNet ignores
     if theirs is not None:
         mismatched = [
             (key, a, b)

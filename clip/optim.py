@@ -98,7 +98,9 @@ def load_optimizer_state(
     state, left_out = {}, []
     for index, value in saved["state"].items():
         name = saved_names[int(index)]
-        if name not in current_index:
+        if name not in parameters:
+            raise ValueError(f"the checkpoint's optimizer has state for {name!r}, which this model does not have")
+        if name not in current_index:  # a parameter this run does not train
             left_out.append(name)
             continue
         for key, tensor in value.items():  # moments are parameter-shaped; step counts are scalars

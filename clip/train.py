@@ -24,9 +24,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
-from .config import TrainConfig, load_config, to_dict, to_toml
+from .config import TrainConfig, from_dict, load_config, to_dict, to_toml
 from .config_io import ConfigError, differences
 from .cuda_backends import configure_cuda_backends
+from .download import DownloadError
 from .data import PixelNormalizer, build_train_data, counts_line, data_state_for_other_world_size, merge_rank_reports
 from .distributed import DistributedInfo, cleanup_distributed, init_distributed, read_launcher_environment
 from .evaluation.during_training import check_evaluation_datasets, run_evaluations
@@ -249,6 +250,10 @@ def check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
     """Refuses to resume what cannot be (another model, another loss and so other trained parameters); warns
     about every other setting that differs from the checkpoint's, since the run then continues under them."""
     saved = with_decay_embeddings(saved)
+    try:  # settings newer than the checkpoint take their defaults, so that they are not reported as changed
+        saved = to_dict(from_dict(TrainConfig, saved))
+    except ConfigError:
+        pass  # a config this version cannot read as such (a setting since removed): compared as written
     if saved["model"] != current["model"]:
         raise ResumeRefused(
             f"{run_dir} holds a run of a different model; use a new --output-dir or the same model config"
@@ -258,10 +263,11 @@ def check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
             f"{run_dir} was trained with loss.kind={saved['loss']['kind']!r}, not {current['loss']['kind']!r} (their "
             f"parameters differ); use a new --output-dir or the same loss"
         )
+    # Not settings a resumed run goes on under: a run directory moved or copied; the initial weights, which
+    # only a new run reads
+    not_applied = ("output_dir", "train.init_weights")
     changed = [
-        f"{key}: {before!r} -> {after!r}"
-        for key, before, after in differences(saved, current)
-        if key != "output_dir"  # a run directory that was moved or copied
+        f"{key}: {before!r} -> {after!r}" for key, before, after in differences(saved, current) if key not in not_applied
     ]
     if changed:
         log.warning("resuming %s with settings that differ from its checkpoint's: %s", run_dir, "; ".join(changed))
@@ -310,12 +316,15 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
             module.logit_bias.data.copy_(state["loss_parameters"]["logit_bias"])
         # This run's groups and hyperparameters, the checkpoint's moments (torch's load_state_dict would
         # restore the saved weight decay, betas and eps over a changed config's)
-        left_out = load_optimizer_state(
-            optimizer, state["optimizer"], list(module.named_parameters()),
-            saved_names=state.get("optimizer_parameter_names"),  # absent from checkpoints of before 2026-11-30
-            decay_embeddings=config.optimizer.decay_embeddings,
-            saved_decay_embeddings=with_decay_embeddings(state["config"])["optimizer"]["decay_embeddings"],
-        )
+        try:
+            left_out = load_optimizer_state(
+                optimizer, state["optimizer"], list(module.named_parameters()),
+                saved_names=state.get("optimizer_parameter_names"),  # absent from checkpoints before 2026-11-30
+                decay_embeddings=config.optimizer.decay_embeddings,
+                saved_decay_embeddings=with_decay_embeddings(state["config"])["optimizer"]["decay_embeddings"],
+            )
+        except ValueError as error:
+            raise ResumeRefused(f"{run_dir}: {error}") from error
         if left_out:
             log.warning("optimizer state of %d parameters this run does not train (locked) left out", len(left_out))
         match_state_layout_to_parameters(optimizer)
@@ -338,7 +347,12 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
         if config.train.init_weights is not None:
             # Copied into the parameters in place: the optimizer's references stay valid. The SigLIP loss
             # starts from its own temperature (set above), not the loaded one.
+            # Rank 0 first: a released model is then downloaded once (per file system), not by every rank
+            if dist_info.is_distributed and dist_info.rank != 0:
+                dist.barrier()
             path = load_weights_into(module.clip, config.train.init_weights)
+            if dist_info.is_distributed and dist_info.rank == 0:
+                dist.barrier()
             if config.loss.kind == "siglip":
                 with torch.no_grad():
                     module.clip.logit_scale.fill_(SIGLIP_INITIAL_LOGIT_SCALE)
@@ -658,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
         results = train(config)
     except (
         NonFiniteLossError, ckpt.NoReadableCheckpointError, ResumeRefused, MissingDependency,
-        WeightsFileError, ModelNotFoundError,  # train.init_weights names nothing loadable
+        WeightsFileError, ModelNotFoundError, DownloadError,  # train.init_weights names nothing loadable
     ) as error:
         log.error("%s", error)
         return 1

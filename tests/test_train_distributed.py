@@ -92,3 +92,14 @@ def test_a_signal_to_one_rank_in_the_last_step_skips_the_final_evaluation_on_eve
     assert not (tmp_path / "results.json").exists()
     run_two_ranks(tmp_path, extra=extra)
     assert "zeroshot/" in (tmp_path / "results.json").read_text()
+
+
+def test_two_ranks_fine_tune_from_another_run(tmp_path):
+    # Rank 0 reads the initial weights first, the other rank after a barrier: no deadlock, the same start.
+    run_two_ranks(tmp_path / "pretrained", extra=["eval.every_n_steps=0", "schedule.steps=2"])
+    extra = ["eval.every_n_steps=0", "schedule.steps=2", f"train.init_weights={tmp_path / 'pretrained'}"]
+    run_two_ranks(tmp_path / "tuned", stop_at_step=0, extra=extra)
+    start = ckpt.load_latest_checkpoint(tmp_path / "tuned")
+    pretrained = ckpt.load_latest_checkpoint(tmp_path / "pretrained")
+    assert start["step"] == 0
+    assert all(torch.equal(start["model"][name], value) for name, value in pretrained["model"].items())

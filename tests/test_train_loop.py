@@ -333,10 +333,15 @@ def test_a_checkpoint_from_before_decay_embeddings_existed_counts_as_false(tmp_p
     from clip.train import check_resumable
 
     current = to_dict(tiny_config(tmp_path, "optimizer.decay_embeddings=false"))
-    older = {**current, "optimizer": {k: v for k, v in current["optimizer"].items() if k != "decay_embeddings"}}
+    older = {**current, "optimizer": {k: v for k, v in current["optimizer"].items() if k != "decay_embeddings"},
+             "train": {k: v for k, v in current["train"].items() if k not in ("lock_image", "lock_text")}}
     with caplog.at_level(logging.WARNING, logger="clip.train"):
         check_resumable(older, current, tmp_path)
-    assert "decay_embeddings" not in caplog.text  # nothing changed: it was trained that way
+    # nothing changed: it was trained that way, and settings newer than it are at their defaults
+    assert "differ" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="clip.train"):  # the initial weights: only a new run reads them
+        check_resumable(current, {**current, "train": {**current["train"], "init_weights": "ViT-B/32"}}, tmp_path)
+    assert "differ" not in caplog.text
 
 
 def initial_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -376,12 +381,23 @@ def test_fine_tuning_from_a_weights_file_in_openais_layout(tmp_path, monkeypatch
 
     from clip.released import RELEASED_WEIGHTS, ReleasedWeights
 
+    from clip.architectures import RELEASED_ARCHITECTURES
+
     digest = hashlib.sha256((tmp_path / "weights.pt").read_bytes()).hexdigest()
     monkeypatch.setitem(RELEASED_WEIGHTS, "RN50", ReleasedWeights(url=(tmp_path / "weights.pt").as_uri(), sha256=digest))
+    monkeypatch.setitem(RELEASED_ARCHITECTURES, "RN50", source.config)
     monkeypatch.setenv("CLIP_CACHE_DIR", str(tmp_path / "cache"))
     train(tiny_config(tmp_path / "released", *widths, "train.init_weights=RN50"), stop_at_step=0)
     assert (tmp_path / "cache" / "weights.pt").exists()
     assert all(torch.equal(initial_weights(tmp_path / "released")[n], v) for n, v in source.state_dict().items())
+    # A released model's architecture is known whole: another activation is refused, not loaded silently
+    with pytest.raises(clip.weights_file.WeightsFileError, match="model.activation: 'gelu' there, 'quick_gelu' here"):
+        train(tiny_config(tmp_path / "act", *widths, "model.activation=quick_gelu", "train.init_weights=RN50"))
+    # A download that fails (here: the file no longer matches its SHA256) is one error line, status 1
+    monkeypatch.setitem(RELEASED_WEIGHTS, "RN50", ReleasedWeights(url=(tmp_path / "weights.pt").as_uri(), sha256="0" * 64))
+    args = [str(DEMO), "--output-dir", str(tmp_path / "bad"), *TINY, *widths, "train.init_weights=RN50"]
+    with pytest.warns(UserWarning, match="downloading it again"):  # the cached copy no longer matches either
+        assert main(args) == 1
     # A narrow plain file of other shapes fails on them
     other = clip.create_model(tiny_config(tmp_path / "unused", *widths, "model.embed_dim=16").model)
     torch.save(other.state_dict(), tmp_path / "other.pt")

@@ -38,11 +38,11 @@ def _signalled_worker(rank: int, world_size: int, port: int, run_dir: str, extra
     real_step = train_module.contrastive_step
     calls = {"n": 0}
 
-    def signalled_step(*args):
+    def signalled_step(*args, **kwargs):
         calls["n"] += 1
         if rank == 1 and calls["n"] == 2:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(*args)
+        return real_step(*args, **kwargs)
 
     train_module.contrastive_step = signalled_step
     _worker(rank, world_size, port, run_dir, None, extra)

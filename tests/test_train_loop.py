@@ -151,9 +151,9 @@ def test_the_model_gets_normalised_float_images_from_the_uint8_batches(tmp_path,
 
     real, seen = train_module.contrastive_step, []
 
-    def recording(module, images, *args):
+    def recording(module, images, *args, **kwargs):
         seen.append(images)
-        return real(module, images, *args)
+        return real(module, images, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "contrastive_step", recording)
     train(tiny_config(tmp_path, "schedule.steps=2", "eval.every_n_steps=0", "eval.zeroshot=[]"))
@@ -173,11 +173,11 @@ def signal_at_step(monkeypatch, step: int, signum: int = signal.SIGTERM, when: s
     real = getattr(train_module, name)
     calls = {"n": 0}
 
-    def signalling(*args):
+    def signalling(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == step:
             os.kill(os.getpid(), signum)
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(train_module, name, signalling)
 

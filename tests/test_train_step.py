@@ -48,6 +48,36 @@ def test_accumulation_equals_the_full_batch(kind, chunk, micro_batches):
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_accumulation_reuses_a_locked_towers_cached_features(tower):
+    # The caching pass's features of a locked tower are what its gradient pass would compute: reused, the
+    # tower runs once per micro-batch instead of twice, with the same gradients for the other tower.
+    def run(reuse: bool):
+        torch.manual_seed(0)
+        module = ContrastiveModel(CLIP(TINY_VIT), with_logit_bias=False).double()
+        module.clip.lock(image=tower == "image", text=tower == "text")
+        for locked_module in [module.clip.visual] if tower == "image" else module.clip.text_tower():
+            locked_module.eval()  # as the trainer keeps a locked tower
+        calls = {"n": 0}
+        hooked = module.clip.visual if tower == "image" else module.clip.transformer
+        hooked.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+        generator = torch.Generator().manual_seed(1)
+        images = torch.randn(12, 3, 16, 16, generator=generator, dtype=torch.float64)
+        texts = torch.randint(1, 99, (12, 8), generator=generator)
+        texts[:, -1] = 99
+        locked = (tower == "image", tower == "text") if reuse else (False, False)
+        contrastive_step(module, images, texts, 3, build_loss(LossConfig()), contextlib.nullcontext,
+                         lambda l: l.backward(), False, locked=locked)
+        return calls["n"], {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+    (reused_calls, reused), (recomputed_calls, recomputed) = run(True), run(False)
+    assert (reused_calls, recomputed_calls) == (3, 6)
+    assert reused.keys() == recomputed.keys() and reused
+    assert not any(name.startswith("clip.visual.") == (tower == "image") for name in reused if "logit" not in name)
+    for name, grad in recomputed.items():
+        torch.testing.assert_close(reused[name], grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
 def test_accumulation_updates_batch_norm_statistics_once_per_micro_batch():
     # The feature-caching pass runs in training mode too; it must leave a ResNet's running statistics as
     # they were, so they are updated by the gradient pass only (once per micro-batch, as without caching).

@@ -44,9 +44,15 @@ def _forward_flops(config: ModelConfig, run) -> int:
 
 
 @lru_cache(maxsize=64)
-def image_forward_flops(config: ModelConfig) -> int:
+def image_forward_flops(config: ModelConfig, patch_dropout: float = 0.0) -> int:
+    """With patch dropout (a ViT in training), counted at the number of patches the transformer sees."""
     size = config.vision.image_size
-    return _forward_flops(config, lambda model: model.encode_image(torch.empty(1, 3, size, size)))
+
+    def run(model: CLIP) -> None:
+        model.visual.patch_dropout = patch_dropout
+        model.encode_image(torch.empty(1, 3, size, size))  # in training mode, as a new module is
+
+    return _forward_flops(config, run)
 
 
 @lru_cache(maxsize=256)
@@ -55,14 +61,20 @@ def text_forward_flops(config: ModelConfig, length: int) -> int:
 
 
 def training_flops_per_sample(
-    config: ModelConfig, text_length: int | None = None, lock_image: bool = False, lock_text: bool = False
+    config: ModelConfig,
+    text_length: int | None = None,
+    lock_image: bool = False,
+    lock_text: bool = False,
+    patch_dropout: float = 0.0,
 ) -> float:
     """FLOPs of one image-text pair through forward and backward; the text at `text_length` tokens
-    (default: the full context). A locked tower (`CLIP.lock`) runs forward only."""
+    (default: the full context), the image at the patches patch dropout keeps. A locked tower
+    (`CLIP.lock`) runs forward only."""
     length = config.text.context_length if text_length is None else text_length
     image_factor = 1.0 if lock_image else TRAINING_FLOPS_PER_FORWARD_FLOP
     text_factor = 1.0 if lock_text else TRAINING_FLOPS_PER_FORWARD_FLOP
-    return image_factor * image_forward_flops(config) + text_factor * text_forward_flops(config, length)
+    image = image_forward_flops(config, patch_dropout)
+    return image_factor * image + text_factor * text_forward_flops(config, length)
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, tf32: bool = False) -> float | None:

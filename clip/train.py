@@ -109,8 +109,15 @@ def contrastive_step(
         return loss.detach(), metrics
 
     image_chunks, text_chunks = images.chunk(micro_batches), texts.chunk(micro_batches)
+    # Each micro-batch's gradient pass replays the random numbers its caching pass drew (patch dropout's
+    # masks), so that both passes compute the same features: otherwise the cached negatives would come from
+    # other masks, and the sum of the passes' gradients would not be the full batch's.
+    rng_states = []
+    cached = []
     with torch.no_grad(), autocast(), batch_norm_statistics_kept(module):
-        cached = [module(i, t)[:2] for i, t in zip(image_chunks, text_chunks)]
+        for image_chunk, text_chunk in zip(image_chunks, text_chunks):
+            rng_states.append(_rng_state(images.device))
+            cached.append(module(image_chunk, text_chunk)[:2])
     cached_images = torch.cat([c[0] for c in cached])
     cached_texts = torch.cat([c[1] for c in cached])
     for index, (image_chunk, text_chunk) in enumerate(zip(image_chunks, text_chunks)):
@@ -122,13 +129,29 @@ def contrastive_step(
         # Why no_sync(): DDP would otherwise all-reduce gradients after every micro-batch.
         sync_context = contextlib.nullcontext() if last or not is_ddp else module.no_sync()
         with sync_context:
-            with autocast():
+            with autocast(), _replayed_rng(rng_states[index], images.device):
                 image_features, text_features, logit_scale, logit_bias = module(image_chunk, text_chunk, **reused)
                 loss, metrics = contrastive_loss_with_cached_features(
                     loss_fn, cached_images, cached_texts, image_features, text_features, index, logit_scale, logit_bias
                 )
             backward(loss)
     return loss.detach(), metrics
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda_state
+
+
+@contextlib.contextmanager
+def _replayed_rng(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device):
+    """torch's generators (CPU, and `device`'s) set to `state` inside the block, and back as they were after."""
+    cpu_state, cuda_state = state
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, device)
+        yield
 
 
 @contextlib.contextmanager
@@ -314,6 +337,8 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
             clip_model.logit_scale.fill_(SIGLIP_INITIAL_LOGIT_SCALE)
     clip_model.set_grad_checkpointing(config.train.grad_checkpointing)
     clip_model.lock(image=config.train.lock_image, text=config.train.lock_text)  # before the optimizer sees them
+    if config.train.patch_dropout:
+        clip_model.visual.patch_dropout = config.train.patch_dropout  # a ViT's (checked by TrainConfig)
     module = ContrastiveModel(clip_model, with_logit_bias=config.loss.kind == "siglip", trim_text=False).to(device)
     if config.model.vision.kind == "resnet" and device.type == "cuda":
         module = module.to(memory_format=torch.channels_last)  # cuDNN's fastest layout for convolutions
@@ -510,7 +535,8 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
             text_length = trimmed_text_length(texts.argmax(dim=-1), texts.shape[-1])
             if peak is not None:
                 window_flops += global_batch * training_flops_per_sample(
-                    config.model, text_length, config.train.lock_image, config.train.lock_text
+                    config.model, text_length, config.train.lock_image, config.train.lock_text,
+                    config.train.patch_dropout,
                 )
             images = images.to(device, non_blocking=True)  # uint8 pixels: a quarter of a float batch's bytes
             texts = texts.to(device, non_blocking=True)[:, :text_length]

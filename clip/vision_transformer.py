@@ -24,6 +24,9 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(width, config.layers, config.heads, config.mlp_ratio, activation, causal=False)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(torch.empty(width, output_dim))
+        # Patch dropout (FLIP): in training mode, the fraction of patch tokens left out of the transformer, a
+        # new random subset per image; the class token always stays. Set by the trainer (train.patch_dropout).
+        self.patch_dropout = 0.0
 
     def init_parameters(self) -> None:
         scale = self.class_embedding.shape[0] ** -0.5
@@ -41,6 +44,22 @@ class VisionTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # -> N,grid*grid,width
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # -> N,1+grid*grid,width
+        if self.training and self.patch_dropout > 0:
+            x = keep_random_patches(x, self.patch_dropout)  # -> N,1+kept,width
         x = self.ln_pre(x)
         x = self.transformer(x.transpose(0, 1)).transpose(0, 1)  # the blocks take OpenAI's LND layout; views
         return self.ln_post(x[:, 0, :])  # the class token -> N,width
+
+
+def kept_patch_count(num_patches: int, patch_dropout: float) -> int:
+    return max(1, int(num_patches * (1.0 - patch_dropout)))
+
+
+def keep_random_patches(x: torch.Tensor, patch_dropout: float) -> torch.Tensor:
+    """x: N,1+P,width (class token first) -> N,1+K,width with K = kept_patch_count(P) patches per row, drawn
+    without replacement from torch's generator on x's device (in their original order)."""
+    n, length, width = x.shape
+    kept = kept_patch_count(length - 1, patch_dropout)
+    order = torch.rand(n, length - 1, device=x.device).argsort(dim=1)[:, :kept].sort(dim=1).values
+    patches = x[:, 1:].gather(1, order.unsqueeze(-1).expand(n, kept, width))
+    return torch.cat([x[:, :1], patches], dim=1)

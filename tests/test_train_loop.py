@@ -54,11 +54,14 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return ckpt.read_checkpoint(ckpt.list_checkpoints(run_dir)[0][1])["model"]
 
 
-def test_resume_continues_exactly(tmp_path):
-    train(tiny_config(tmp_path / "straight"))
-    train(tiny_config(tmp_path / "resumed"), stop_at_step=3)
+@pytest.mark.parametrize("extra", [[], ["train.patch_dropout=0.5", "train.accumulation_steps=2"]],
+                         ids=["plain", "patch_dropout"])
+def test_resume_continues_exactly(tmp_path, extra):
+    # With patch dropout the masks come from torch's generator, whose state the checkpoint restores.
+    train(tiny_config(tmp_path / "straight", *extra))
+    train(tiny_config(tmp_path / "resumed", *extra), stop_at_step=3)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "resumed")] == [3]
-    train(tiny_config(tmp_path / "resumed"))
+    train(tiny_config(tmp_path / "resumed", *extra))
     straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
     assert straight.keys() == resumed.keys()
     for name in straight:

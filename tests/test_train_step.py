@@ -78,6 +78,66 @@ def test_accumulation_reuses_a_locked_towers_cached_features(tower):
         torch.testing.assert_close(reused[name], grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
+def test_patch_dropout_keeps_a_random_subset_of_patches_in_training_only():
+    from clip.vision_transformer import kept_patch_count
+
+    torch.manual_seed(0)
+    visual = CLIP(TINY_VIT).visual  # 16 px, patch 8: 4 patches + the class token
+    images = torch.randn(3, 3, 16, 16)
+    lengths = []
+    visual.transformer.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[0]))  # LND
+    visual.eval()
+    reference = visual(images)
+    visual.patch_dropout = 0.5
+    torch.testing.assert_close(visual(images), reference)  # evaluation sees every patch
+    visual.train()
+    torch.manual_seed(1)
+    first = visual(images)
+    torch.manual_seed(1)
+    again = visual(images)
+    assert lengths == [5, 5, 3, 3] and kept_patch_count(4, 0.5) == 2 and kept_patch_count(4, 0.99) == 1
+    torch.testing.assert_close(first, again)  # the masks come from torch's generator
+    assert not torch.allclose(first, reference)
+    visual.patch_dropout = 0.0
+    torch.testing.assert_close(visual(images), reference)  # off: a ViT without dropout trains as it evaluates
+
+
+def test_accumulation_replays_patch_dropout_masks_in_the_gradient_pass():
+    # The caching pass and each micro-batch's gradient pass must compute the same image features, masks
+    # included: otherwise the cached negatives and the recomputed rows would disagree.
+    torch.manual_seed(0)
+    module = ContrastiveModel(CLIP(TINY_VIT), with_logit_bias=False).double()
+    module.clip.visual.patch_dropout = 0.5
+    outputs = []
+    module.clip.visual.register_forward_hook(lambda module, args, output: outputs.append(output.detach().clone()))
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(12, 3, 16, 16, generator=generator, dtype=torch.float64)
+    texts = torch.randint(1, 99, (12, 8), generator=generator)
+    texts[:, -1] = 99
+    contrastive_step(module, images, texts, 3, build_loss(LossConfig()), contextlib.nullcontext,
+                     lambda l: l.backward(), False)
+    cached, recomputed = outputs[:3], outputs[3:]
+    for index in range(3):
+        torch.testing.assert_close(recomputed[index], cached[index], rtol=0, atol=0)
+    assert not torch.equal(cached[0], cached[1])
+
+
+def test_patch_dropout_is_a_vit_setting_and_counts_fewer_flops():
+    from clip.architectures import get_architecture
+    from clip.config import TrainConfig, from_dict
+    from clip.config_io import ConfigError
+    from clip.throughput import image_forward_flops, training_flops_per_sample
+
+    with pytest.raises(ConfigError, match="train.patch_dropout"):
+        from_dict(TrainConfig, {"model": {"vision": {"kind": "resnet", "layers": [3, 4, 6, 3], "width": 64, "heads": 32}},
+                                "train": {"patch_dropout": 0.5}})
+    with pytest.raises(ConfigError, match="patch_dropout"):
+        from_dict(TrainConfig, {"train": {"patch_dropout": 1.0}})
+    config = get_architecture("ViT-B/16")  # 196 patches: 98 kept at 0.5
+    assert image_forward_flops(config, 0.5) < 0.51 * image_forward_flops(config)
+    assert training_flops_per_sample(config, 20, patch_dropout=0.5) < training_flops_per_sample(config, 20)
+
+
 def test_accumulation_updates_batch_norm_statistics_once_per_micro_batch():
     # The feature-caching pass runs in training mode too; it must leave a ResNet's running statistics as
     # they were, so they are updated by the gradient pass only (once per micro-batch, as without caching).

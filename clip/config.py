@@ -168,3 +168,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.train.patch_dropout and self.model.vision.kind != "vit":
             raise InvalidValue("train.patch_dropout", "applies to ViT image towers only (model.vision.kind = \"vit\")")
+        if self.train.patch_dropout and self.train.lock_image:
+            # A locked tower runs in eval mode, where every patch is seen: the setting would do nothing
+            raise InvalidValue("train.patch_dropout", "has no effect on a locked image tower (train.lock_image)")

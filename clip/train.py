@@ -98,8 +98,9 @@ def contrastive_step(
     features are first computed without gradients and cached; then each micro-batch is recomputed with
     gradients and its rows take part in the full-batch loss with the others' cached features as constant
     negatives. Summing the k backward passes gives exactly the full batch's gradient (see
-    `contrastive_loss_with_cached_features`). locked: (image, text) towers that are locked (`CLIP.lock`):
-    their cached features are the ones the gradient pass would compute, so they are reused, not recomputed.
+    `contrastive_loss_with_cached_features`). locked: (image, text) towers that are locked (`CLIP.lock`)
+    and in eval mode, as the trainer keeps them: their cached features are the ones the gradient pass would
+    compute, so they are reused, not recomputed.
     """
     if micro_batches == 1:
         with autocast():
@@ -114,9 +115,10 @@ def contrastive_step(
     # other masks, and the sum of the passes' gradients would not be the full batch's.
     rng_states = []
     cached = []
+    device = next(module.parameters()).device  # where the model draws its random numbers
     with torch.no_grad(), autocast(), batch_norm_statistics_kept(module):
         for image_chunk, text_chunk in zip(image_chunks, text_chunks):
-            rng_states.append(_rng_state(images.device))
+            rng_states.append(_rng_state(device))
             cached.append(module(image_chunk, text_chunk)[:2])
     cached_images = torch.cat([c[0] for c in cached])
     cached_texts = torch.cat([c[1] for c in cached])
@@ -129,7 +131,7 @@ def contrastive_step(
         # Why no_sync(): DDP would otherwise all-reduce gradients after every micro-batch.
         sync_context = contextlib.nullcontext() if last or not is_ddp else module.no_sync()
         with sync_context:
-            with autocast(), _replayed_rng(rng_states[index], images.device):
+            with autocast(), _replayed_rng(rng_states[index], device):
                 image_features, text_features, logit_scale, logit_bias = module(image_chunk, text_chunk, **reused)
                 loss, metrics = contrastive_loss_with_cached_features(
                     loss_fn, cached_images, cached_texts, image_features, text_features, index, logit_scale, logit_bias

@@ -133,6 +133,8 @@ def test_patch_dropout_is_a_vit_setting_and_counts_fewer_flops():
                                 "train": {"patch_dropout": 0.5}})
     with pytest.raises(ConfigError, match="patch_dropout"):
         from_dict(TrainConfig, {"train": {"patch_dropout": 1.0}})
+    with pytest.raises(ConfigError, match="locked image tower"):  # kept in eval mode: nothing would be dropped
+        from_dict(TrainConfig, {"train": {"patch_dropout": 0.5, "lock_image": True}})
     config = get_architecture("ViT-B/16")  # 196 patches: 98 kept at 0.5
     assert image_forward_flops(config, 0.5) < 0.51 * image_forward_flops(config)
     assert training_flops_per_sample(config, 20, patch_dropout=0.5) < training_flops_per_sample(config, 20)

@@ -4,7 +4,9 @@
 #      open_clip in the same run (eager), with a torch.profiler summary of each library's first run;
 #   2. ViT-B/16 training again under torch.compile, both libraries;
 #   3. as time allows: the contrastive loss's memory and exactness at global batch 4k / 32k / 64k (already
-#      measured on the CPU), and inference throughput.
+#      measured on the CPU), and inference throughput;
+#   4. correctness checks of GPU-only paths (benchmarks/gpu_checks.py, under a minute): patch dropout's RNG
+#      replay under gradient accumulation and torch.compile, uint8 normalisation on the device.
 #
 #     bash benchmarks/gpu_prepare.sh         # first, where pip reaches a registry: fills .gpu_carry/
 #     bash benchmarks/gpu.sh                 # on the GPU machine, with .gpu_carry/ beside; results in ./gpu_results
@@ -12,7 +14,7 @@
 #     DRY_RUN=cpu bash benchmarks/gpu.sh     # the same steps on the CPU with tiny models: checks the script only
 #
 # Writes $OUT/{gpu.log, train_step.json, profile.txt, train_step_compile.json, loss_memory.json,
-# inference.json, gpu_results.md}: seven files (gpu.log starts with the set-up and the machine's
+# inference.json, checks.json, gpu_results.md}: eight files (gpu.log starts with the set-up and the machine's
 # description). Runs from a checkout without installing the package. Of the wheels in .gpu_carry/wheels
 # (ftfy, which our tokenizer imports, and open_clip_torch), those whose package does not import here are
 # installed into a temporary folder first; without open_clip its rows are skipped with a message. Captions
@@ -153,6 +155,10 @@ run_step "loss memory" 90 \
 run_step "inference" 60 \
     "$PYTHON" benchmarks/inference.py --device "$DEVICE" --archs "$VIT" "$RESNET" --image-batch "$BATCH" \
     --text-batch "$TEXT_BATCH" --threads 0 --repeats 10 $INFERENCE_FLAGS --json "$OUT/inference.json"
+
+# 4. Correctness of what only a GPU runs (a failed check is reported as FAILED, and its numbers are in the JSON).
+run_step "correctness checks" 90 \
+    "$PYTHON" benchmarks/gpu_checks.py --device "$DEVICE" --json "$OUT/checks.json"
 
 say "writing $OUT/gpu_results.md"
 "$PYTHON" benchmarks/run_all.py --gpu-page "$OUT" || say "FAILED to write the summary page"

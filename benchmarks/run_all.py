@@ -240,7 +240,7 @@ def write_page(path: Path, reports: dict[str, dict], invocation: str, machine: d
     lines += section("Contrastive loss memory", reports.get("loss_memory"), loss_table)
     lines += section("Data loader", reports.get("loader"), loader_table)
     lines += ["## GPU", "", "Not measured on this machine. `bash benchmarks/gpu.sh` (one H200, under 8 minutes) writes "
-              "the bf16 training throughput, MFU, a torch.profiler summary and the loss-memory figures to `$OUT`. "
+              "the bf16 training throughput, MFU, a torch.profiler summary, the loss-memory figures and correctness checks of GPU-only paths to `$OUT`. "
               "On a GPU machine without network access, run `bash benchmarks/gpu_prepare.sh` beforehand where pip "
               "works and send `.gpu_carry/` along: it holds the wheels that machine lacks (ftfy, open_clip_torch) "
               "and the BPE merges file. `DRY_RUN=cpu bash benchmarks/gpu.sh` runs the same steps with tiny models "
@@ -304,7 +304,15 @@ def write_gpu_page(folder: Path) -> None:
                               ("Contrastive loss memory", "loss_memory", loss_table),
                               ("Inference", "inference", inference_table)):
         lines += section(title, reports[name] or None, body)
+    lines += section("Correctness checks", load("checks") or None, checks_table)
     (folder / "gpu_results.md").write_text("\n".join(lines))
+
+
+def checks_table(report: dict) -> str:
+    rows = [
+        [name, "ok" if result.get("ok") else "FAILED", json.dumps(result)] for name, result in report["checks"].items()
+    ]
+    return common.markdown_table(["check", "status", "details"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:

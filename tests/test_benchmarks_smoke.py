@@ -163,12 +163,14 @@ def test_gpu_script_runs_every_step_in_its_cpu_dry_run(tmp_path):
     assert "FAILED" not in log and "TIMEOUT" not in log and "SKIP" not in log, log[-3000:]
     assert "ftfy-0.0" not in log and "unknown-0.0" not in log and "WARNING" not in log  # only what is missing
     assert "captions: clip.tokenize" in log
-    for name in ("train_step.json", "loss_memory.json", "train_step_compile.json", "inference.json"):
+    for name in ("train_step.json", "loss_memory.json", "train_step_compile.json", "inference.json", "checks.json"):
         assert json.loads((out / name).read_text()), name
+    assert all(check["ok"] for check in json.loads((out / "checks.json").read_text())["checks"].values())
     profile = (out / "profile.txt").read_text()
     assert profile.count("== ours:") == 2 and "Self CPU" in profile
     page = (out / "gpu_results.md").read_text()
     assert "## Training step, eager" in page and "## Contrastive loss memory" in page and "Not run" not in page
+    assert "## Correctness checks" in page and "FAILED" not in page
 
 
 def _has_open_clip() -> bool:

@@ -37,7 +37,7 @@ def replayed_patch_dropout(device: torch.device, compile: bool) -> dict:
     """The largest |recomputed - cached| image feature over three micro-batches (0 when the replay holds)."""
     torch.manual_seed(0)
     module = train_module.ContrastiveModel(CLIP(TINY_VIT), with_logit_bias=False).to(device)
-    module.clip.visual.patch_dropout = 0.5
+    module.clip.set_patch_dropout(0.5)
     runner = torch.compile(module) if compile else module
     pairs = []
     real = train_module.contrastive_loss_with_cached_features

@@ -11,6 +11,8 @@ Pipelines, each producing normalised FloatTensor[B, 3, 224, 224] batches:
   CenterCrop(224), ToTensor, Normalize -- in a torch DataLoader with the default collate;
 - ours (shards) / ours (manifest): `clip.data.build_train_data` on the shards / the manifest, which also
   tokenises the captions in the workers (with the real BPE tokenizer when its merges file is available).
+  Its workers hand over uint8 pixels, which training normalises on its device; here the main process
+  normalises them on the CPU (`clip.data.PixelNormalizer`) inside the measured time.
 Measured after the first batch (worker start-up excluded): images per wall-clock second, also divided by
 the number of workers (with workers=0 everything runs in this process: one core, no inter-process
 transfer); and images per CPU-second consumed by the training process and its workers together, which

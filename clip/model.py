@@ -81,9 +81,18 @@ class CLIP(nn.Module):
         """The dtype of the weights (float16 for OpenAI's checkpoints on a GPU, float32 otherwise)."""
         return self.text_projection.dtype
 
+    def set_patch_dropout(self, fraction: float) -> None:
+        """Patch dropout (FLIP) for a ViT image tower: in training mode, this fraction of each image's patch
+        tokens is left out (a new random subset each time); 0 turns it off."""
+        if self.config.vision.kind != "vit":
+            raise ValueError("patch dropout applies to ViT image towers only")
+        if not 0 <= fraction < 1:
+            raise ValueError(f"patch dropout must be in [0, 1), got {fraction}")
+        self.visual.patch_dropout = fraction
+
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         self.transformer.grad_checkpointing = enabled
-        if isinstance(self.visual, VisionTransformer):
+        if self.config.vision.kind == "vit":
             self.visual.transformer.grad_checkpointing = enabled
 
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
@@ -94,12 +103,9 @@ class CLIP(nn.Module):
         """The image features the CLIP paper's linear probes use: for a ViT the class token before the linear
         projection to the embedding space (I_f in the paper's Figure 3, `visual.width` wide); for a ResNet,
         whose attention pool is its last layer, the embedding itself."""
-        visual = getattr(self.visual, "_orig_mod", self.visual)  # the tower itself under torch.compile
-        if isinstance(visual, VisionTransformer):  # (forward hooks on `visual` do not run on this path)
-            return visual.forward_unprojected(image.to(self.dtype))
-        if isinstance(visual, ModifiedResNet):
-            return self.visual(image.to(self.dtype))
-        raise TypeError(f"no features before the projection for an image tower of type {type(visual).__name__}")
+        if self.config.vision.kind == "vit":  # (forward hooks on `visual` do not run on this path)
+            return self.visual.forward_unprojected(image.to(self.dtype))
+        return self.visual(image.to(self.dtype))
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False, trim: bool = True) -> torch.Tensor:
         """Features of token ids [N, L <= context_length]. `trim=False` runs all L positions as given: for

@@ -10,7 +10,7 @@ from torch import nn
 from .config import OptimizerConfig, ScheduleConfig
 
 
-def is_decayed(name: str, parameter: torch.Tensor, decay_embeddings: bool = True) -> bool:
+def is_decayed(name: str, parameter: torch.Tensor, decay_embeddings: bool) -> bool:
     """The CLIP paper (section 2.5) decays "all weights that are not gains or biases": every parameter of
     two or more dimensions, the token and position embeddings included, and none of one dimension (gains,
     biases, the class token) or none (the temperature). decay_embeddings=False also spares the token and
@@ -71,7 +71,7 @@ def load_optimizer_state(
     named_parameters: list[tuple[str, nn.Parameter]],
     saved_names: list[str] | None,
     decay_embeddings: bool,
-    saved_decay_embeddings: bool = False,
+    saved_decay_embeddings: bool,
 ) -> list[str]:
     """Loads a checkpoint's per-parameter state (AdamW's moments and step counts) into `optimizer`, which keeps
     its own parameter groups and hyperparameters.
@@ -111,11 +111,13 @@ def load_optimizer_state(
                 )
         state[current_index[name]] = value
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    match_state_layout_to_parameters(optimizer)
     return left_out
 
 
 def match_state_layout_to_parameters(optimizer: torch.optim.Optimizer) -> None:
-    """After `load_state_dict`: give every parameter-shaped state tensor its parameter's memory layout.
+    """After loading optimizer state (`load_optimizer_state` does this): give every parameter-shaped state
+    tensor its parameter's memory layout.
 
     torch.save keeps strides, so AdamW moments saved by a channels-last run (ResNets on a GPU) come back
     channels-last, and those saved on the CPU come back contiguous. The fused kernels take a parameter and

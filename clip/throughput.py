@@ -49,7 +49,8 @@ def image_forward_flops(config: ModelConfig, patch_dropout: float = 0.0) -> int:
     size = config.vision.image_size
 
     def run(model: CLIP) -> None:
-        model.visual.patch_dropout = patch_dropout
+        if patch_dropout:
+            model.set_patch_dropout(patch_dropout)
         model.encode_image(torch.empty(1, 3, size, size))  # in training mode, as a new module is
 
     return _forward_flops(config, run)

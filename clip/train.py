@@ -43,7 +43,6 @@ from .optim import (
     build_optimizer,
     learning_rate,
     load_optimizer_state,
-    match_state_layout_to_parameters,
     optimizer_parameter_names,
 )
 from .run_log import MissingDependency, RunLog, plot_run, require_wandb, start_wandb
@@ -268,7 +267,7 @@ class StopRequest:
             raise EvaluationInterrupted
         # Over several processes the ranks agree on it before the next backward pass, so a signal that
         # arrives late in a step is acted on after the following one.
-        log.warning("received signal %d: stopping at the next safe point, with a checkpoint", signum)
+        log.warning("received signal %d: stopping at the next safe point (the weights are saved first)", signum)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -340,7 +339,7 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
     clip_model.set_grad_checkpointing(config.train.grad_checkpointing)
     clip_model.lock(image=config.train.lock_image, text=config.train.lock_text)  # before the optimizer sees them
     if config.train.patch_dropout:
-        clip_model.visual.patch_dropout = config.train.patch_dropout  # a ViT's (checked by TrainConfig)
+        clip_model.set_patch_dropout(config.train.patch_dropout)
     module = ContrastiveModel(clip_model, with_logit_bias=config.loss.kind == "siglip", trim_text=False).to(device)
     if config.model.vision.kind == "resnet" and device.type == "cuda":
         module = module.to(memory_format=torch.channels_last)  # cuDNN's fastest layout for convolutions
@@ -371,7 +370,6 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
             raise ResumeRefused(f"{run_dir}: {error}") from error
         if left_out:
             log.warning("optimizer state of %d parameters this run does not train (locked) left out", len(left_out))
-        match_state_layout_to_parameters(optimizer)
         if state["scaler"]:  # empty when the checkpoint's run had no fp16 loss scaling
             scaler.load_state_dict(state["scaler"])
         start_step = state["step"]
@@ -389,19 +387,24 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
         log.info("resumed %s at step %d", run_dir, start_step)
     else:
         if config.train.init_weights is not None:
-            # Copied into the parameters in place: the optimizer's references stay valid. The SigLIP loss
-            # starts from its own temperature (set above), not the loaded one.
-            # Rank 0 first: a released model is then downloaded once (per file system), not by every rank
-            if dist_info.is_distributed and dist_info.rank != 0:
-                dist.barrier()
-            path = load_weights_into(module.clip, config.train.init_weights)
-            if dist_info.is_distributed and dist_info.rank == 0:
-                dist.barrier()
-            if config.loss.kind == "siglip":
+            # Rank 0 alone reads them (one download, one copy in memory): DDP's constructor gives every rank
+            # rank 0's parameters. Copied in place, so the optimizer's references stay valid. The ranks agree
+            # on a failure, or the others would wait for rank 0 in that constructor until it timed out.
+            failure = None
+            if dist_info.is_main:
+                try:
+                    log.info("initialised from %s", load_weights_into(module.clip, config.train.init_weights))
+                except Exception as error:  # re-raised below, after the ranks agree
+                    failure = error
+            if dist_info.is_distributed and any_rank(failure is not None, dist_info) and failure is None:
+                raise WeightsFileError("rank 0 could not read train.init_weights (its log says why)")
+            if failure is not None:
+                raise failure
+            if config.loss.kind == "siglip":  # SigLIP starts from its own temperature, not the loaded one
                 with torch.no_grad():
                     module.clip.logit_scale.fill_(SIGLIP_INITIAL_LOGIT_SCALE)
-            log.info("initialised from %s", path)
-        torch.manual_seed(config.train.seed + dist_info.rank)  # ranks draw different augmentations
+        # Ranks draw different random numbers (patch dropout's masks; the data's crops have seeds of their own)
+        torch.manual_seed(config.train.seed + dist_info.rank)
     already_finished = state is not None and start_step >= config.schedule.steps
     if already_finished:
         log.info("%s finished its %d steps already: evaluating only, its checkpoint and config are left as they are",
@@ -526,6 +529,8 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
 
     training_mode()
     with StopRequest() as stop:
+        # One process abandons an evaluation a signal arrives in; several ranks finish it (collectives pair up)
+        abandons_evaluations = None if dist_info.is_distributed else stop
         while step < last_step:
             lr = learning_rate(step, config.optimizer.lr, config.schedule)
             for group in optimizer.param_groups:
@@ -626,11 +631,14 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
             # One process needs no agreement: a signal that came after this step's backward pass counts now.
             stop_now = stopping["value"] or (not dist_info.is_distributed and stop.requested)
             evaluate_now = config.eval.every_n_steps and step % config.eval.every_n_steps == 0 and step < total_steps
+            if evaluate_now and not stop_now and dist_info.is_distributed:
+                # A signal that came after this step's agreement: every rank skips the evaluation together
+                stop_now = any_rank(stop.requested, dist_info)
             if evaluate_now and not stop_now:  # a pre-empted run spends its grace period saving, not evaluating
                 # One process abandons an evaluation a signal arrives in, to save at once; several finish
                 # theirs (each rank's collectives must pair up), then save.
                 try:
-                    last_metrics.update(evaluate(step, interrupted_by=None if dist_info.is_distributed else stop))
+                    last_metrics.update(evaluate(step, interrupted_by=abandons_evaluations))
                 except EvaluationInterrupted:
                     stop_now = True
                 training_mode()  # the evaluation put every module back in training mode
@@ -659,7 +667,7 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
             try:
                 if dist_info.is_distributed and any_rank(stop.requested, dist_info):
                     raise EvaluationInterrupted
-                final.update(evaluate(step, interrupted_by=None if dist_info.is_distributed else stop))
+                final.update(evaluate(step, interrupted_by=abandons_evaluations))
             except EvaluationInterrupted:
                 log.warning("final evaluation abandoned; the trained weights are saved: run again to evaluate")
                 final["evaluation_interrupted"] = True
@@ -679,7 +687,7 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="clip-train",
-        description="Pre-train a CLIP model. An existing run directory is resumed from its latest checkpoint.",
+        description="Pre-train or fine-tune a CLIP model. An existing run directory is resumed from its latest checkpoint.",
     )
     parser.add_argument("config", help="a TOML recipe, e.g. configs/demo.toml")
     parser.add_argument("--output-dir", help="the run directory (overrides output_dir in the config)")

@@ -25,7 +25,7 @@ class VisionTransformer(nn.Module):
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(torch.empty(width, output_dim))
         # Patch dropout (FLIP): in training mode, the fraction of patch tokens left out of the transformer, a
-        # new random subset per image; the class token always stays. Set by the trainer (train.patch_dropout).
+        # new random subset per image; the class token always stays. Set through CLIP.set_patch_dropout.
         self.patch_dropout = 0.0
 
     def init_parameters(self) -> None:

@@ -1,4 +1,4 @@
-"""Pre-train a CLIP model from a TOML recipe: `python scripts/train.py configs/demo.toml [key=value ...]`."""
+"""Pre-train or fine-tune a CLIP model from a TOML recipe: `python scripts/train.py configs/demo.toml [key=value ...]`."""
 
 import sys
 

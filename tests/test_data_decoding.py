@@ -20,7 +20,7 @@ from clip.data.transform import (
     PixelNormalizer,
     center_crop_box,
     draft_size,
-    random_crop_box,
+    random_resized_crop_box,
     random_square_box,
 )
 from clip.preprocess import OPENAI_MEAN, OPENAI_STD, image_transform
@@ -214,9 +214,9 @@ def test_batch_writer_matches_image_transform_on_white_for_transparent_images() 
     assert (out - image_transform(32)(image)).abs().max() > 10 * one_grey_level
 
 
-def test_random_crop_box_is_seeded_and_inside_the_image() -> None:
-    boxes = [random_crop_box(120, 90, np.random.default_rng(seed)) for seed in range(50)]
-    assert boxes[3] == random_crop_box(120, 90, np.random.default_rng(3))
+def test_random_resized_crop_box_is_seeded_and_inside_the_image() -> None:
+    boxes = [random_resized_crop_box(120, 90, np.random.default_rng(seed)) for seed in range(50)]
+    assert boxes[3] == random_resized_crop_box(120, 90, np.random.default_rng(3))
     for left, top, right, bottom in boxes:
         assert 0 <= left < right <= 120 and 0 <= top < bottom <= 90
         assert 0.9 * 120 * 90 - 200 <= (right - left) * (bottom - top) <= 120 * 90

@@ -95,7 +95,7 @@ def test_a_signal_to_one_rank_in_the_last_step_skips_the_final_evaluation_on_eve
 
 
 def test_two_ranks_fine_tune_from_another_run(tmp_path):
-    # Rank 0 reads the initial weights first, the other rank after a barrier: no deadlock, the same start.
+    # Rank 0 alone reads the initial weights; DDP's constructor gives them to the other rank.
     run_two_ranks(tmp_path / "pretrained", extra=["eval.every_n_steps=0", "schedule.steps=2"])
     extra = ["eval.every_n_steps=0", "schedule.steps=2", f"train.init_weights={tmp_path / 'pretrained'}"]
     run_two_ranks(tmp_path / "tuned", stop_at_step=0, extra=extra)
@@ -103,3 +103,31 @@ def test_two_ranks_fine_tune_from_another_run(tmp_path):
     pretrained = ckpt.load_latest_checkpoint(tmp_path / "pretrained")
     assert start["step"] == 0
     assert all(torch.equal(start["model"][name], value) for name, value in pretrained["model"].items())
+
+
+def _signalled_after_step_worker(rank: int, world_size: int, port: int, run_dir: str, extra) -> None:
+    # Rank 1 is signalled while step 3 is logged: after that step's backward-pass agreement.
+    import signal
+
+    import clip.train as train_module
+
+    real = train_module.merge_rank_reports
+    calls = {"n": 0}
+
+    def signalling(*args, **kwargs):
+        calls["n"] += 1
+        if rank == 1 and calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    train_module.merge_rank_reports = signalling
+    _worker(rank, world_size, port, run_dir, None, extra)
+
+
+def test_a_signal_after_the_agreement_skips_that_steps_evaluation_on_every_rank(tmp_path):
+    # The evaluation due at step 3 would run into the grace period: the ranks agree to save instead.
+    extra = ["eval.every_n_steps=3", "schedule.steps=6", "checkpoint.every_n_steps=0"]
+    spawn_ranks(_signalled_after_step_worker, (2, free_port(), str(tmp_path), extra))
+    assert ckpt.load_latest_checkpoint(tmp_path)["step"] == 3
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert not any(key.startswith("zeroshot/") for record in records for key in record)

@@ -82,13 +82,14 @@ def test_patch_dropout_keeps_a_random_subset_of_patches_in_training_only():
     from clip.vision_transformer import kept_patch_count
 
     torch.manual_seed(0)
-    visual = CLIP(TINY_VIT).visual  # 16 px, patch 8: 4 patches + the class token
+    model = CLIP(TINY_VIT)
+    visual = model.visual  # 16 px, patch 8: 4 patches + the class token
     images = torch.randn(3, 3, 16, 16)
     lengths = []
     visual.transformer.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[0]))  # LND
     visual.eval()
     reference = visual(images)
-    visual.patch_dropout = 0.5
+    model.set_patch_dropout(0.5)
     torch.testing.assert_close(visual(images), reference)  # evaluation sees every patch
     visual.train()
     torch.manual_seed(1)
@@ -98,8 +99,14 @@ def test_patch_dropout_keeps_a_random_subset_of_patches_in_training_only():
     assert lengths == [5, 5, 3, 3] and kept_patch_count(4, 0.5) == 2 and kept_patch_count(4, 0.99) == 1
     torch.testing.assert_close(first, again)  # the masks come from torch's generator
     assert not torch.allclose(first, reference)
-    visual.patch_dropout = 0.0
+    model.set_patch_dropout(0.0)
     torch.testing.assert_close(visual(images), reference)  # off: a ViT without dropout trains as it evaluates
+    with pytest.raises(ValueError, match="in \\[0, 1\\)"):
+        model.set_patch_dropout(1.0)
+    resnet = ModelConfig(embed_dim=32, vision=VisionConfig(kind="resnet", image_size=32, width=8, layers=(1, 1, 1, 1),
+                                                           heads=2), text=TINY_VIT.text)
+    with pytest.raises(ValueError, match="ViT image towers only"):
+        CLIP(resnet).set_patch_dropout(0.5)
 
 
 def test_accumulation_replays_patch_dropout_masks_in_the_gradient_pass():
@@ -107,7 +114,7 @@ def test_accumulation_replays_patch_dropout_masks_in_the_gradient_pass():
     # included: otherwise the cached negatives and the recomputed rows would disagree.
     torch.manual_seed(0)
     module = ContrastiveModel(CLIP(TINY_VIT), with_logit_bias=False).double()
-    module.clip.visual.patch_dropout = 0.5
+    module.clip.set_patch_dropout(0.5)
     outputs = []
     module.clip.visual.register_forward_hook(lambda module, args, output: outputs.append(output.detach().clone()))
     generator = torch.Generator().manual_seed(1)
@@ -242,9 +249,9 @@ def test_optimizer_state_loads_by_name_under_this_runs_groups_and_hyperparameter
     first, other = names[0], next(n for n in names if shapes[n] != shapes[names[0]])
     swapped = [other if n == first else first if n == other else n for n in names]
     with pytest.raises(ValueError, match="has shape"):
-        load_optimizer_state(resumed, checkpoint, named, swapped, decay)
+        load_optimizer_state(resumed, checkpoint, named, swapped, decay, saved_decay_embeddings=saved_decay)
     with pytest.raises(ValueError, match="does not have"):  # a name this model does not have at all
-        load_optimizer_state(resumed, checkpoint, named, ["gone", *names[1:]], decay)
+        load_optimizer_state(resumed, checkpoint, named, ["gone", *names[1:]], decay, saved_decay_embeddings=saved_decay)
     # an older checkpoint (no names, every parameter trained) resumed with the text tower locked
     text = {n for n, _ in named if n.startswith("clip.") and not n.startswith("clip.visual.") and "logit" not in n}
     for name, parameter in named:
@@ -263,9 +270,10 @@ def test_weight_decay_groups_of_a_resnet_decay_the_attention_pool_position_embed
     resnet = ModelConfig(embed_dim=16, vision=VisionConfig(kind="resnet", image_size=32, width=8, layers=(1, 1, 1, 1),
                                                            heads=2), text=TINY_VIT.text)
     named = dict(CLIP(resnet).named_parameters())
-    assert is_decayed("visual.attnpool.positional_embedding", named["visual.attnpool.positional_embedding"])
-    assert not is_decayed("visual.attnpool.positional_embedding", named["visual.attnpool.positional_embedding"], False)
-    assert not is_decayed("visual.bn1.weight", named["visual.bn1.weight"])
+    position = named["visual.attnpool.positional_embedding"]
+    assert is_decayed("visual.attnpool.positional_embedding", position, decay_embeddings=True)
+    assert not is_decayed("visual.attnpool.positional_embedding", position, decay_embeddings=False)
+    assert not is_decayed("visual.bn1.weight", named["visual.bn1.weight"], decay_embeddings=True)
 
 
 def test_learning_rate_schedule():

@@ -26,7 +26,7 @@ from clip.evaluation.datasets import (
     synthetic_split_seed,
     with_split,
 )
-from clip.evaluation.linear_probe import extract_features, run_linear_probe
+from clip.evaluation.linear_probe import VALIDATION_FIELD, extract_features, run_linear_probe
 
 from .common import (
     ERRORS_HELP,
@@ -172,7 +172,7 @@ def probe(args: argparse.Namespace) -> int:
         metric=args.metric,
         max_iter=args.max_iter,
     )
-    val = result.val_accuracy if args.metric == "accuracy" else result.val_mean_per_class
+    val = getattr(result, VALIDATION_FIELD[args.metric])
     print(
         f"linear probe on {args.dataset} ({args.features} features): l2={result.l2:.3g} (1/C) chosen by "
         f"{args.metric} (val {100 * val:.2f}%); test accuracy {100 * result.test_accuracy:.2f}%, "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Literal
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +32,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .decoding import SkipLog, SkipSample, decode_caption, open_image, pil_pixel_limit, upright_rgb
 from .sampling import Planner, SlotPlan
 from .sources import Source
-from .transform import BatchImageWriter, center_crop_box, draft_size, random_crop_box, random_square_box
+from .transform import BatchImageWriter, center_crop_box, draft_size, random_resized_crop_box, random_square_box
 
 _AUGMENT = 6  # seed purpose of the per-sample crop, distinct from sampling.py's
 
@@ -46,7 +47,7 @@ class StreamSettings:
     image_size: int
     context_length: int
     shuffle_window: int
-    crop: str  # "center", "random_square" or "random_resized" (DataConfig.crop)
+    crop: Literal["center", "random_square", "random_resized"]  # DataConfig.crop
     jpeg_draft: bool
     max_image_pixels: int | None
     log_every_s: float
@@ -211,7 +212,7 @@ class _BatchBuilder:
         else:
             key = [self.stream.planner.seed, item.epoch, self.settings.rank, self.worker, item.index, _AUGMENT]
             rng = np.random.default_rng([k % 2**64 for k in key])
-            random_box = random_square_box if self.settings.crop == "random_square" else random_crop_box
+            random_box = random_square_box if self.settings.crop == "random_square" else random_resized_crop_box
             box = random_box(width, height, rng)
         self.writer.write(image, box, out)
 

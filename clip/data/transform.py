@@ -3,9 +3,10 @@
 Same result as `clip.preprocess.image_transform` (bicubic resize of the shorter side, center crop, CLIP
 mean/std; or a RandomResizedCrop over `resize_scale` of the area with aspect ratios 3/4..4/3; or the CLIP
 paper's random square crop of the resized image) on the RGB images it is given. Images with transparency
-reach it already composited onto white (`decoding.upright_rgb` converts every mode to RGB before the resize), which is `image_transform(alpha_background=(255, 255, 255))`,
-not the default `image_transform`, whose premultiplied resize and dropped alpha follow openai/CLIP. Computed
-the fast way, which `benchmarks/loader_speed.py` measures:
+reach it already composited onto white (`decoding.upright_rgb` converts every mode to RGB before the
+resize), which is `image_transform(alpha_background=(255, 255, 255))`, not the default `image_transform`,
+whose premultiplied resize and dropped alpha follow openai/CLIP. Computed the fast way, which
+`benchmarks/loader_speed.py` measures:
 - the crop box is resized in one PIL call (`resize(box=...)`) instead of resizing the whole image and then
   cropping it, so the pixels the crop throws away are never interpolated. For the center crop the box is
   the one image_transform ends up showing (`center_crop_box`): the output differs from image_transform's by
@@ -52,7 +53,7 @@ def center_crop_box(width: int, height: int, size: int) -> Box:
     return left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y
 
 
-def random_crop_box(
+def random_resized_crop_box(
     width: int, height: int, rng: np.random.Generator, scale: tuple[float, float] = RESIZE_SCALE
 ) -> Box:
     """A RandomResizedCrop box: area fraction uniform in `scale`, aspect ratio log-uniform in 3/4..4/3;

@@ -9,8 +9,9 @@ The L2 strength is chosen on a validation split as in the paper: a log-spaced sw
 a few rounds of halving the step around the best value (its "parametric binary search"), ranking by the
 validation metric (accuracy, or mean per-class accuracy as the paper reports for some datasets) and
 breaking ties by validation loss. The probe is then refitted on train + validation with that strength.
-The paper probes a ViT's features before the projection to the embedding space (`extract_features(...,
-unprojected=True)`).
+The paper probes a ViT's features before the projection to the embedding space: `extract_features(...,
+unprojected=True)`, which the command line (`clip-linear-probe`) uses by default; the function's default is
+`encode_image`'s embedding, which any CLIP-like model has.
 """
 
 from __future__ import annotations
@@ -81,13 +82,6 @@ class LogisticRegression:
         present = per_class_count > 0
         return (per_class_correct[present] / per_class_count[present]).mean().item()
 
-    def score(self, features: torch.Tensor, labels: torch.Tensor, metric: str) -> float:
-        if metric == "accuracy":
-            return self.accuracy(features, labels)
-        if metric == "mean_per_class":
-            return self.mean_per_class_accuracy(features, labels)
-        raise ValueError(f"metric must be 'accuracy' or 'mean_per_class', got {metric!r}")
-
     def loss(self, features: torch.Tensor, labels: torch.Tensor) -> float:
         return nn.functional.cross_entropy(self.logits(features), labels.to(self.weight.device)).item()
 
@@ -140,7 +134,11 @@ class SweepPoint:
 
     def key(self, metric: str) -> tuple[float, float]:
         """Larger is better: the validation metric, then the lower validation loss."""
-        return (self.val_accuracy if metric == "accuracy" else self.val_mean_per_class, -self.val_loss)
+        return (getattr(self, VALIDATION_FIELD[metric]), -self.val_loss)
+
+
+# The metrics that may choose the L2 strength, and the validation field each one reads
+VALIDATION_FIELD = {"accuracy": "val_accuracy", "mean_per_class": "val_mean_per_class"}
 
 
 def select_l2(
@@ -157,7 +155,7 @@ def select_l2(
 ) -> tuple[float, list[SweepPoint]]:
     """The L2 strength with the best validation (metric, -loss), and every point evaluated (in order).
     metric: "accuracy" or "mean_per_class"."""
-    if metric not in ("accuracy", "mean_per_class"):
+    if metric not in VALIDATION_FIELD:
         raise ValueError(f"metric must be 'accuracy' or 'mean_per_class', got {metric!r}")
     log_low, log_high = math.log10(low), math.log10(high)
     evaluated: dict[float, SweepPoint] = {}

@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-import clip.train as train_module
+import clip.train_step as train_module
 from clip.architectures import ModelConfig, TextConfig, VisionConfig
 from clip.data import PixelNormalizer
 from clip.loss import LossConfig, build_loss

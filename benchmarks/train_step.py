@@ -104,7 +104,7 @@ def build_ours(arch: str, device: torch.device, optimizer_implementation: str):
     from clip.loss import build_loss
     from clip.model import create_model
     from clip.optim import build_optimizer
-    from clip.train import ContrastiveModel
+    from clip.train_step import ContrastiveModel
 
     clip_model = create_model(model_config(arch))
     module = ContrastiveModel(clip_model, with_logit_bias=False, trim_text=False).to(device)  # as clip.train
@@ -144,7 +144,8 @@ def make_step(job: dict, device: torch.device, images: torch.Tensor, texts: torc
     clip_norm = job.get("grad_clip_norm")
     if job["library"] == "ours":
         from clip.distributed import DistributedInfo
-        from clip.train import agree_before_backward, contrastive_step
+        from clip.distributed import agree_before_backward
+        from clip.train_step import contrastive_step
 
         module, optimizer, loss_fn, logit_scale = build_ours(job["arch"], device, job["optimizer"])
         runner = torch.compile(module) if job["compile"] else module

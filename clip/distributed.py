@@ -276,3 +276,33 @@ def gather_features(features: torch.Tensor, group: dist.ProcessGroup | None = No
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return features
     return _AllGatherWithGradient.apply(features, group)
+
+
+def agree_before_backward(loss: torch.Tensor, stop_requested: bool, dist_info: DistributedInfo) -> tuple[bool, bool]:
+    """(every rank's loss is finite, some rank was asked to stop), from one collective and one device sync.
+
+    Every rank must skip a non-finite step together, or DDP's collectives would hang; and ranks receive a
+    stop signal up to a step apart, but must stop after the same step. Both questions share one all-reduce
+    (MIN over [finite, not stopping]), so a step waits on the other ranks once, not twice."""
+    loss = loss.reshape(())  # a scalar: anything else is a bug upstream, and must not read as "not finite"
+    flags = torch.stack([torch.isfinite(loss), torch.full_like(loss, not stop_requested, dtype=torch.bool)])
+    flags = flags.to(torch.float32)
+    if dist_info.is_distributed:
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    all_finite, none_stopping = flags.tolist()
+    return all_finite == 1.0, none_stopping == 0.0
+
+
+def any_rank(flag: bool, dist_info: DistributedInfo) -> bool:
+    """Whether `flag` is set on some rank (a collective: every rank calls it at the same point)."""
+    value = torch.tensor([float(flag)], device=dist_info.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def gather_objects(value, dist_info: DistributedInfo) -> list:
+    if not dist_info.is_distributed:
+        return [value]
+    gathered = [None] * dist_info.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered

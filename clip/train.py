@@ -1,5 +1,6 @@
-"""The training loop, read top to bottom: setup, resume, the step (with exact contrastive gradient
-accumulation), logging, evaluation and checkpoints.
+"""The training loop, read top to bottom: setup, resume, the steps, logging, evaluation and checkpoints. One
+step's passes (exact contrastive gradient accumulation) are `clip.train_step`'s, stopping on a signal
+`clip.stopping`'s, what a checkpoint allows a new start to do `clip.resume`'s.
 
     python scripts/train.py CONFIG [--output-dir DIR] [section.key=value ...]
     torchrun --nproc-per-node 8 scripts/train.py CONFIG ...      (or under SLURM: srun python scripts/train.py ...)
@@ -13,7 +14,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -24,30 +24,31 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
-from .config import TrainConfig, from_dict, load_config, to_dict, to_toml
-from .config_io import ConfigError, differences
+from .config import TrainConfig, load_config, to_dict, to_toml
+from .config_io import ConfigError
 from .cuda_backends import configure_cuda_backends
-from .download import DownloadError
 from .data import PixelNormalizer, build_train_data, counts_line, data_state_for_other_world_size, merge_rank_reports
-from .distributed import DistributedInfo, cleanup_distributed, init_distributed, read_launcher_environment
+from .distributed import (
+    DistributedInfo,
+    agree_before_backward,
+    any_rank,
+    cleanup_distributed,
+    gather_objects,
+    init_distributed,
+    read_launcher_environment,
+)
+from .download import DownloadError
 from .evaluation.during_training import check_evaluation_datasets, run_evaluations
-from .loss import (
-    SIGLIP_INITIAL_LOGIT_BIAS,
-    SIGLIP_INITIAL_LOGIT_SCALE,
-    build_loss,
-    contrastive_loss_with_cached_features,
-)
 from .loading import ModelNotFoundError, load_weights_into
-from .model import CLIP, create_model, trimmed_text_length
-from .optim import (
-    build_optimizer,
-    learning_rate,
-    load_optimizer_state,
-    optimizer_parameter_names,
-)
+from .loss import SIGLIP_INITIAL_LOGIT_SCALE, build_loss
+from .model import create_model, trimmed_text_length
+from .optim import build_optimizer, learning_rate, load_optimizer_state, optimizer_parameter_names
+from .resume import ResumeRefused, check_resumable, with_decay_embeddings
 from .run_log import MissingDependency, RunLog, plot_run, require_wandb, start_wandb
+from .stopping import STOPPED_EARLY_EXIT_CODE, EvaluationInterrupted, StopRequest
 from .throughput import peak_flops, training_flops_per_sample
 from .tokenizer import get_tokenizer
+from .train_step import ContrastiveModel, contrastive_step
 from .weights_file import WeightsFileError
 
 log = logging.getLogger("clip.train")
@@ -57,221 +58,6 @@ AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-class ContrastiveModel(nn.Module):
-    """What DDP wraps: CLIP plus the loss's own learnable parameters (SigLIP's bias). Its forward returns
-    everything the loss needs, so every trained parameter is reached through DDP's forward."""
-
-    def __init__(self, clip: CLIP, with_logit_bias: bool, trim_text: bool = True) -> None:
-        super().__init__()
-        self.clip = clip
-        self.logit_bias = nn.Parameter(torch.tensor(SIGLIP_INITIAL_LOGIT_BIAS)) if with_logit_bias else None
-        # False when the caller cuts each text batch itself, at a length read on the host (as the trainer does)
-        self.trim_text = trim_text
-
-    def forward(
-        self,
-        images: torch.Tensor,
-        texts: torch.Tensor,
-        image_features: torch.Tensor | None = None,
-        text_features: torch.Tensor | None = None,
-    ):
-        """image_features / text_features: a locked tower's features of this very batch, computed already
-        (gradient accumulation's caching pass): that tower is then not run again."""
-        # Text first: measured on the CPU, RN50 at batch 16 peaks ~90 MB lower this way (3.28 vs 3.37 GiB
-        # resident, fp32), ViT-B/32 within noise; the features and gradients are the same either way.
-        if text_features is None:
-            text_features = self.clip.encode_text(texts, normalize=True, trim=self.trim_text)  # NL -> N,D
-        if image_features is None:
-            image_features = self.clip.encode_image(images, normalize=True)  # N3HW -> N,D
-        return image_features, text_features, self.clip.logit_scale, self.logit_bias
-
-
-def contrastive_step(
-    module, images, texts, micro_batches, loss_fn, autocast, backward, is_ddp, locked=(False, False)
-):
-    """One optimiser step's forward and backward passes; returns (loss, metrics).
-
-    With k micro-batches the loss is still the whole batch's contrastive loss: every micro-batch's
-    features are first computed without gradients and cached; then each micro-batch is recomputed with
-    gradients and its rows take part in the full-batch loss with the others' cached features as constant
-    negatives. Summing the k backward passes gives exactly the full batch's gradient (see
-    `contrastive_loss_with_cached_features`). locked: (image, text) towers that are locked (`CLIP.lock`)
-    and in eval mode, as the trainer keeps them: their cached features are the ones the gradient pass would
-    compute, so they are reused, not recomputed.
-    """
-    if micro_batches == 1:
-        with autocast():
-            image_features, text_features, logit_scale, logit_bias = module(images, texts)
-            loss, metrics = loss_fn(image_features, text_features, logit_scale, logit_bias)
-        backward(loss)
-        return loss.detach(), metrics
-
-    image_chunks, text_chunks = images.chunk(micro_batches), texts.chunk(micro_batches)
-    # Each micro-batch's gradient pass replays the random numbers its caching pass drew (patch dropout's
-    # masks), so that both passes compute the same features: otherwise the cached negatives would come from
-    # other masks, and the sum of the passes' gradients would not be the full batch's.
-    rng_states = []
-    cached = []
-    device = next(module.parameters()).device  # where the model draws its random numbers
-    with torch.no_grad(), autocast(), batch_norm_statistics_kept(module):
-        for image_chunk, text_chunk in zip(image_chunks, text_chunks):
-            rng_states.append(_rng_state(device))
-            cached.append(module(image_chunk, text_chunk)[:2])
-    cached_images = torch.cat([c[0] for c in cached])
-    cached_texts = torch.cat([c[1] for c in cached])
-    for index, (image_chunk, text_chunk) in enumerate(zip(image_chunks, text_chunks)):
-        last = index == micro_batches - 1
-        reused = {
-            "image_features": cached[index][0] if locked[0] else None,
-            "text_features": cached[index][1] if locked[1] else None,
-        }
-        # Why no_sync(): DDP would otherwise all-reduce gradients after every micro-batch.
-        sync_context = contextlib.nullcontext() if last or not is_ddp else module.no_sync()
-        with sync_context:
-            with autocast(), _replayed_rng(rng_states[index], device):
-                image_features, text_features, logit_scale, logit_bias = module(image_chunk, text_chunk, **reused)
-                loss, metrics = contrastive_loss_with_cached_features(
-                    loss_fn, cached_images, cached_texts, image_features, text_features, index, logit_scale, logit_bias
-                )
-            backward(loss)
-    return loss.detach(), metrics
-
-
-def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda_state
-
-
-@contextlib.contextmanager
-def _replayed_rng(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device):
-    """torch's generators (CPU, and `device`'s) set to `state` inside the block, and back as they were after."""
-    cpu_state, cuda_state = state
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.set_rng_state(cpu_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state(cuda_state, device)
-        yield
-
-
-@contextlib.contextmanager
-def batch_norm_statistics_kept(module: nn.Module):
-    """BatchNorm running statistics left as they are by the block. The feature-caching pass of gradient
-    accumulation runs every micro-batch once more in training mode; without this, a ResNet's running
-    mean and variance would be updated twice per micro-batch (and the step counter doubled), so the
-    evaluation-mode model would differ from one trained without accumulation.
-
-    A momentum of 0 makes the update `running * 1 + batch * 0`, the running value itself; only the step
-    counter is put back. Nothing is copied back over the buffers: under DDP, the first forward of the block
-    overwrites them with rank 0's, and restoring a copy taken before it would undo that synchronisation."""
-    norms = [
-        norm for norm in module.modules()
-        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.training and norm.track_running_stats
-    ]
-    saved = [(norm.momentum, norm.num_batches_tracked.clone()) for norm in norms]
-    for norm in norms:
-        norm.momentum = 0.0
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for norm, (momentum, counter) in zip(norms, saved):
-                norm.momentum = momentum
-                norm.num_batches_tracked.copy_(counter)
-
-
-def agree_before_backward(loss: torch.Tensor, stop_requested: bool, dist_info: DistributedInfo) -> tuple[bool, bool]:
-    """(every rank's loss is finite, some rank was asked to stop), from one collective and one device sync.
-
-    Every rank must skip a non-finite step together, or DDP's collectives would hang; and ranks receive a
-    stop signal up to a step apart, but must stop after the same step. Both questions share one all-reduce
-    (MIN over [finite, not stopping]), so a step waits on the other ranks once, not twice."""
-    loss = loss.reshape(())  # a scalar: anything else is a bug upstream, and must not read as "not finite"
-    flags = torch.stack([torch.isfinite(loss), torch.full_like(loss, not stop_requested, dtype=torch.bool)])
-    flags = flags.to(torch.float32)
-    if dist_info.is_distributed:
-        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-    all_finite, none_stopping = flags.tolist()
-    return all_finite == 1.0, none_stopping == 0.0
-
-
-def any_rank(flag: bool, dist_info: DistributedInfo) -> bool:
-    """Whether `flag` is set on some rank (a collective: every rank calls it at the same point)."""
-    value = torch.tensor([float(flag)], device=dist_info.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-def gather_objects(value, dist_info: DistributedInfo) -> list:
-    if not dist_info.is_distributed:
-        return [value]
-    gathered = [None] * dist_info.world_size
-    dist.all_gather_object(gathered, value)
-    return gathered
-
-
-# What `main` returns when a signal stopped the run before its last step, after a checkpoint: sysexits'
-# EX_TEMPFAIL ("try again later"), so that a job script can tell "run again to continue"
-# (scripts/slurm_train.sbatch requeues itself) from success and from failure.
-STOPPED_EARLY_EXIT_CODE = 75
-
-
-class ResumeRefused(ValueError):
-    """The run directory holds a run this config cannot continue (another model or loss)."""
-
-
-class EvaluationInterrupted(BaseException):
-    """A signal arrived while an evaluation that may be abandoned was running (see StopRequest.interrupting).
-    A BaseException, like KeyboardInterrupt: an `except Exception` on the way (an image decoder's fallback)
-    must not swallow it."""
-
-
-class StopRequest:
-    """Turns SIGTERM (SLURM's pre-emption notice) and Ctrl-C into a checkpoint at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = {}
-        self._interrupting = False
-
-    @contextlib.contextmanager
-    def interrupting(self):
-        """Inside the block a signal (or one that came before it) raises EvaluationInterrupted at once, besides
-        being recorded: an evaluation can take longer than a scheduler's grace period, and abandoning it
-        loses nothing. For one process only: several ranks would leave each other waiting in the
-        evaluation's collectives."""
-        self._interrupting = True  # before the check: a signal in between then raises from the handler
-        try:
-            if self.requested:
-                raise EvaluationInterrupted
-            yield
-        finally:
-            self._interrupting = False
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested and not self._interrupting:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.requested = True
-        if self._interrupting:
-            self._interrupting = False  # raised once; cleanup code after it keeps running
-            log.warning("received signal %d during an evaluation: abandoning it", signum)
-            raise EvaluationInterrupted
-        # Over several processes the ranks agree on it before the next backward pass, so a signal that
-        # arrives late in a step is acted on after the following one.
-        log.warning("received signal %d: stopping at the next safe point (the weights are saved first)", signum)
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def train(config: TrainConfig, stop_at_step: int | None = None) -> dict:
@@ -285,39 +71,6 @@ def train(config: TrainConfig, stop_at_step: int | None = None) -> dict:
         return _train(config, dist_info, stop_at_step)
     finally:
         cleanup_distributed()
-
-
-def check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
-    """Refuses to resume what cannot be (another model, another loss and so other trained parameters); warns
-    about every other setting that differs from the checkpoint's, since the run then continues under them."""
-    saved = with_decay_embeddings(saved)
-    try:  # settings newer than the checkpoint take their defaults, so that they are not reported as changed
-        saved = to_dict(from_dict(TrainConfig, saved))
-    except ConfigError:
-        pass  # a config this version cannot read as such (a setting since removed): compared as written
-    if saved["model"] != current["model"]:
-        raise ResumeRefused(
-            f"{run_dir} holds a run of a different model; use a new --output-dir or the same model config"
-        )
-    if saved["loss"]["kind"] != current["loss"]["kind"]:
-        raise ResumeRefused(
-            f"{run_dir} was trained with loss.kind={saved['loss']['kind']!r}, not {current['loss']['kind']!r} (their "
-            f"parameters differ); use a new --output-dir or the same loss"
-        )
-    # Not settings a resumed run goes on under: a run directory moved or copied; the initial weights, which
-    # only a new run reads
-    not_applied = ("output_dir", "train.init_weights")
-    changed = [
-        f"{key}: {before!r} -> {after!r}" for key, before, after in differences(saved, current) if key not in not_applied
-    ]
-    if changed:
-        log.warning("resuming %s with settings that differ from its checkpoint's: %s", run_dir, "; ".join(changed))
-
-
-def with_decay_embeddings(saved: dict) -> dict:
-    """A checkpoint's config with optimizer.decay_embeddings, which checkpoints from before the setting lack:
-    they were trained with the embeddings undecayed."""
-    return {**saved, "optimizer": {"decay_embeddings": False, **saved["optimizer"]}}
 
 
 def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | None) -> dict:

@@ -213,7 +213,7 @@ def test_main_prints_the_headline_last(tmp_path, capsys):
 
 def test_main_exits_75_when_a_signal_stopped_the_run_early(tmp_path, monkeypatch, capsys):
     # 75 (EX_TEMPFAIL) tells a job script "checkpointed, run again to continue": slurm_train.sbatch requeues.
-    from clip.train import STOPPED_EARLY_EXIT_CODE
+    from clip.stopping import STOPPED_EARLY_EXIT_CODE
 
     signal_at_step(monkeypatch, 2, signal.SIGTERM, "before_forward")
     args = [str(DEMO), "--output-dir", str(tmp_path), *TINY, "eval.every_n_steps=0"]
@@ -345,16 +345,16 @@ def test_resuming_with_the_embeddings_decayed_regroups_the_optimizer_state(tmp_p
 
 def test_a_checkpoint_from_before_decay_embeddings_existed_counts_as_false(tmp_path, caplog):
     from clip.config import to_dict
-    from clip.train import check_resumable
+    from clip.resume import check_resumable
 
     current = to_dict(tiny_config(tmp_path, "optimizer.decay_embeddings=false"))
     older = {**current, "optimizer": {k: v for k, v in current["optimizer"].items() if k != "decay_embeddings"},
              "train": {k: v for k, v in current["train"].items() if k not in ("lock_image", "lock_text")}}
-    with caplog.at_level(logging.WARNING, logger="clip.train"):
+    with caplog.at_level(logging.WARNING, logger="clip.resume"):
         check_resumable(older, current, tmp_path)
     # nothing changed: it was trained that way, and settings newer than it are at their defaults
     assert "differ" not in caplog.text
-    with caplog.at_level(logging.WARNING, logger="clip.train"):  # the initial weights: only a new run reads them
+    with caplog.at_level(logging.WARNING, logger="clip.resume"):  # the initial weights: only a new run reads them
         check_resumable(current, {**current, "train": {**current["train"], "init_weights": "ViT-B/32"}}, tmp_path)
     assert "differ" not in caplog.text
 

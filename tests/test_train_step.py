@@ -13,7 +13,7 @@ from clip.config import LossConfig, OptimizerConfig, ScheduleConfig
 from clip.loss import build_loss
 from clip.model import CLIP
 from clip.optim import build_optimizer, is_decayed, learning_rate, load_optimizer_state, optimizer_parameter_names
-from clip.train import ContrastiveModel, contrastive_step
+from clip.train_step import ContrastiveModel, contrastive_step
 
 TINY_VIT = ModelConfig(
     embed_dim=32,
@@ -176,7 +176,7 @@ def test_accumulation_updates_batch_norm_statistics_once_per_micro_batch():
 def test_statistics_synchronised_inside_the_caching_pass_are_kept():
     # Under DDP the caching pass's first forward overwrites every rank's BatchNorm buffers with rank 0's;
     # restoring a copy taken before it would undo that, leaving each rank with statistics of its own.
-    from clip.train import batch_norm_statistics_kept
+    from clip.train_step import batch_norm_statistics_kept
 
     norm = torch.nn.BatchNorm2d(3).train()
     with torch.no_grad(), batch_norm_statistics_kept(norm):

@@ -1,0 +1,49 @@
+"""What a run directory's checkpoint allows a new start to do: continue (with every changed setting named),
+or refuse (another model or loss)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .config import TrainConfig, from_dict, to_dict
+from .config_io import ConfigError, differences
+
+log = logging.getLogger(__name__)
+
+
+class ResumeRefused(ValueError):
+    """The run directory holds a run this config cannot continue (another model or loss)."""
+
+
+def check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
+    """Refuses to resume what cannot be (another model, another loss and so other trained parameters); warns
+    about every other setting that differs from the checkpoint's, since the run then continues under them."""
+    saved = with_decay_embeddings(saved)
+    try:  # settings newer than the checkpoint take their defaults, so that they are not reported as changed
+        saved = to_dict(from_dict(TrainConfig, saved))
+    except ConfigError:
+        pass  # a config this version cannot read as such (a setting since removed): compared as written
+    if saved["model"] != current["model"]:
+        raise ResumeRefused(
+            f"{run_dir} holds a run of a different model; use a new --output-dir or the same model config"
+        )
+    if saved["loss"]["kind"] != current["loss"]["kind"]:
+        raise ResumeRefused(
+            f"{run_dir} was trained with loss.kind={saved['loss']['kind']!r}, not {current['loss']['kind']!r} (their "
+            f"parameters differ); use a new --output-dir or the same loss"
+        )
+    # Not settings a resumed run goes on under: a run directory moved or copied; the initial weights, which
+    # only a new run reads
+    not_applied = ("output_dir", "train.init_weights")
+    changed = [
+        f"{key}: {before!r} -> {after!r}" for key, before, after in differences(saved, current) if key not in not_applied
+    ]
+    if changed:
+        log.warning("resuming %s with settings that differ from its checkpoint's: %s", run_dir, "; ".join(changed))
+
+
+def with_decay_embeddings(saved: dict) -> dict:
+    """A checkpoint's config with optimizer.decay_embeddings, which checkpoints from before the setting lack:
+    they were trained with the embeddings undecayed."""
+    return {**saved, "optimizer": {"decay_embeddings": False, **saved["optimizer"]}}

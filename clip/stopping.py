@@ -1,0 +1,69 @@
+"""Stopping a run on a scheduler's signal: a checkpoint at the next step boundary the ranks agree on, an
+evaluation abandoned where that is safe, and the exit status that tells a job script to run it again."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+
+log = logging.getLogger(__name__)
+
+
+# What `main` returns when a signal stopped the run before its last step, after a checkpoint: sysexits'
+# EX_TEMPFAIL ("try again later"), so that a job script can tell "run again to continue"
+# (scripts/slurm_train.sbatch requeues itself) from success and from failure.
+STOPPED_EARLY_EXIT_CODE = 75
+
+
+class EvaluationInterrupted(BaseException):
+    """A signal arrived while an evaluation that may be abandoned was running (see StopRequest.interrupting).
+    A BaseException, like KeyboardInterrupt: an `except Exception` on the way (an image decoder's fallback)
+    must not swallow it."""
+
+
+class StopRequest:
+    """Turns SIGTERM (SLURM's pre-emption notice) and Ctrl-C into a checkpoint at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+        self._interrupting = False
+
+    @contextlib.contextmanager
+    def interrupting(self):
+        """Inside the block a signal (or one that came before it) raises EvaluationInterrupted at once, besides
+        being recorded: an evaluation can take longer than a scheduler's grace period, and abandoning it
+        loses nothing. For one process only: several ranks would leave each other waiting in the
+        evaluation's collectives."""
+        self._interrupting = True  # before the check: a signal in between then raises from the handler
+        try:
+            if self.requested:
+                raise EvaluationInterrupted
+            yield
+        finally:
+            self._interrupting = False
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and not self._interrupting:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+        if self._interrupting:
+            self._interrupting = False  # raised once; cleanup code after it keeps running
+            log.warning("received signal %d during an evaluation: abandoning it", signum)
+            raise EvaluationInterrupted
+        # Over several processes the ranks agree on it before the next backward pass, so a signal that
+        # arrives late in a step is acted on after the following one.
+        log.warning("received signal %d: stopping at the next safe point (the weights are saved first)", signum)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -115,14 +115,13 @@ def load_weights_into(model: CLIP, name_or_path: str, download_root: str | Path 
         weights = read_weights(path)
     else:
         path, weights = read_run_or_file(_existing_path(name_or_path))
-    state = dict(weights.state_dict)
     theirs, not_in_shapes = weights.model_config, set()
     if name_or_path in RELEASED_WEIGHTS:
         theirs = RELEASED_ARCHITECTURES[name_or_path]  # known exactly, heads and activation included
     elif theirs is None:
         not_in_shapes = {"activation", "vision.heads", "text.heads"}
         try:
-            theirs = infer_model_config(state)
+            theirs = infer_model_config(weights.state_dict)
         except ArchitectureInferenceError:
             theirs = None  # widths OpenAI's convention cannot split into heads: the shape check below decides
         if theirs is not None and theirs.vision.kind == "resnet":
@@ -139,35 +138,34 @@ def load_weights_into(model: CLIP, name_or_path: str, download_root: str | Path 
                 + "; ".join(f"model.{key}: {a!r} there, {b!r} here" for key, a, b in mismatched)
                 + ". Set the [model] section to the weights' architecture."
             )
-    _check_extras(weights.extras, model.config, str(path))
-    expected = model.state_dict()
-    for name, value in expected.items():  # older files have no BatchNorm step counters
-        if name.endswith("num_batches_tracked") and name not in state:
-            state[name] = torch.zeros_like(value, device="cpu")
-    _check_fits(expected, state, f"{path} does not fit the configured {_describe(model.config)}")
-    model.load_state_dict(state, strict=True)
+    _load_checked(model, weights, f"{path} does not fit the configured {_describe(model.config)}", str(path))
     return path
 
 
 def model_from_weights(weights: LoadedWeights, source: str) -> CLIP:
     """A float32 CPU model in eval mode holding `weights`; `source` names the file in error messages."""
-    state = dict(weights.state_dict)
     if weights.model_config is not None:
         config, origin = weights.model_config, "recorded in its config"
     else:
         try:
-            config, origin = infer_model_config(state), "inferred from its tensor shapes"
+            config, origin = infer_model_config(weights.state_dict), "inferred from its tensor shapes"
         except ArchitectureInferenceError as error:
             raise WeightsFileError(f"{source} does not hold CLIP weights in OpenAI's layout: {error}") from error
-    _check_extras(weights.extras, config, source)
     model = _empty_model(config)
+    _load_checked(model, weights, f"{source} does not fit the {_describe(config)} architecture {origin}", source)
+    return model.eval()
+
+
+def _load_checked(model: CLIP, weights: LoadedWeights, misfit_headline: str, source: str) -> None:
+    """`weights` into `model`, after checking OpenAI's extra entries and every tensor's name and shape."""
+    _check_extras(weights.extras, model.config, source)
+    state = dict(weights.state_dict)
     expected = model.state_dict()
-    for name, value in expected.items():  # older files have no BatchNorm step counters; they are unused in eval
+    for name, value in expected.items():  # older files have no BatchNorm step counters
         if name.endswith("num_batches_tracked") and name not in state:
             state[name] = torch.zeros_like(value, device="cpu")
-    _check_fits(expected, state, f"{source} does not fit the {_describe(config)} architecture {origin}")
+    _check_fits(expected, state, misfit_headline)
     model.load_state_dict(state, strict=True)
-    return model.eval()
 
 
 class ModelNotFoundError(FileNotFoundError, RuntimeError):

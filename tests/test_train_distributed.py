@@ -29,22 +29,25 @@ def run_two_ranks(run_dir: Path, stop_at_step=None, extra=()) -> None:
     spawn_ranks(_worker, (2, free_port(), str(run_dir), stop_at_step, list(extra)))
 
 
-def _signalled_worker(rank: int, world_size: int, port: int, run_dir: str, extra) -> None:
-    # Only rank 1 is signalled, during its second step: both ranks must still stop after the same step.
+def _signalled_worker(
+    rank: int, world_size: int, port: int, run_dir: str, extra, patched: str = "contrastive_step", call: int = 2
+) -> None:
+    # Only rank 1 is signalled, at its `call`-th call of clip.train's `patched` (by default during its second
+    # step, before the forward pass): every rank must still stop after the same step.
     import signal
 
     import clip.train as train_module
 
-    real_step = train_module.contrastive_step
+    real = getattr(train_module, patched)
     calls = {"n": 0}
 
-    def signalled_step(*args, **kwargs):
+    def signalling(*args, **kwargs):
         calls["n"] += 1
-        if rank == 1 and calls["n"] == 2:
+        if rank == 1 and calls["n"] == call:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(*args, **kwargs)
+        return real(*args, **kwargs)
 
-    train_module.contrastive_step = signalled_step
+    setattr(train_module, patched, signalling)
     _worker(rank, world_size, port, run_dir, None, extra)
 
 
@@ -105,29 +108,11 @@ def test_two_ranks_fine_tune_from_another_run(tmp_path):
     assert all(torch.equal(start["model"][name], value) for name, value in pretrained["model"].items())
 
 
-def _signalled_after_step_worker(rank: int, world_size: int, port: int, run_dir: str, extra) -> None:
-    # Rank 1 is signalled while step 3 is logged: after that step's backward-pass agreement.
-    import signal
-
-    import clip.train as train_module
-
-    real = train_module.merge_rank_reports
-    calls = {"n": 0}
-
-    def signalling(*args, **kwargs):
-        calls["n"] += 1
-        if rank == 1 and calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-
-    train_module.merge_rank_reports = signalling
-    _worker(rank, world_size, port, run_dir, None, extra)
-
-
 def test_a_signal_after_the_agreement_skips_that_steps_evaluation_on_every_rank(tmp_path):
     # The evaluation due at step 3 would run into the grace period: the ranks agree to save instead.
     extra = ["eval.every_n_steps=3", "schedule.steps=6", "checkpoint.every_n_steps=0"]
-    spawn_ranks(_signalled_after_step_worker, (2, free_port(), str(tmp_path), extra))
+    # merge_rank_reports runs while a step is logged (every step here): after that step's agreement
+    spawn_ranks(_signalled_worker, (2, free_port(), str(tmp_path), extra, "merge_rank_reports", 3))
     assert ckpt.load_latest_checkpoint(tmp_path)["step"] == 3
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
     assert not any(key.startswith("zeroshot/") for record in records for key in record)

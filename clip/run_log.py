@@ -55,14 +55,18 @@ class RunLog:
     """Appends one JSON object per logged step; mirrors scalars to TensorBoard when available, and to a W&B
     run when given one (`start_wandb`)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, resumed_at: int = 0, wandb_run=None) -> None:
+    def __init__(
+        self, run_dir: Path, tensorboard: bool, resumed_at: int = 0, wandb_run=None, reevaluated: bool = False
+    ) -> None:
         """resumed_at: the step of the checkpoint the run continues from (0 for a fresh start). Records of
         later steps, logged before an interruption that the checkpoint does not cover, are dropped: those
-        steps run again, and the file and TensorBoard would otherwise show them twice."""
+        steps run again, and the file and TensorBoard would otherwise show them twice. reevaluated: a
+        finished run started again, which only evaluates: its evaluation records at `resumed_at` are dropped
+        too (the training record of that step stays)."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.writer = None
         self.wandb_run = wandb_run
-        _drop_records_after(self.path, resumed_at)
+        _drop_records_after(self.path, resumed_at, drop_evaluations_at_step=reevaluated)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -94,14 +98,21 @@ class RunLog:
             self.wandb_run.finish()
 
 
-def _drop_records_after(path: Path, step: int) -> None:
+def _drop_records_after(path: Path, step: int, drop_evaluations_at_step: bool = False) -> None:
     if not path.exists():
         return
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = [line for line in lines if _record_step(line) <= step]
+
+    def kept_line(line: str) -> bool:
+        record_step = _record_step(line)
+        if drop_evaluations_at_step and record_step == step:
+            return "loss" in json.loads(line)  # a training record (an evaluation record has no loss)
+        return record_step <= step
+
+    kept = [line for line in lines if kept_line(line)]
     if len(kept) == len(lines):
         return
-    log.info("%s: dropping %d records of steps after %d, which run again", path, len(lines) - len(kept), step)
+    log.info("%s: dropping %d records from step %d on, which are logged again", path, len(lines) - len(kept), step)
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text("".join(kept), encoding="utf-8")
     temporary.replace(path)  # atomic: an interruption now leaves the old file or the new one

@@ -202,7 +202,10 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
         wandb_run = None
         if config.logging.wandb:
             wandb_run = start_wandb(run_dir, config.logging.wandb_project, config.logging.wandb_entity, config_dict)
-        run_log = RunLog(run_dir, config.logging.tensorboard, resumed_at=start_step, wandb_run=wandb_run)
+        run_log = RunLog(
+            run_dir, config.logging.tensorboard, resumed_at=start_step, wandb_run=wandb_run,
+            reevaluated=already_finished,  # its final evaluation runs again: the new record replaces the old
+        )
     if dist_info.is_main:
         log.info(
             "model: %.2fM parameters; global batch %d (%d ranks x %d, %d micro-batches); %d steps; data: %d samples/epoch",
@@ -321,7 +324,7 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
 
             loss, loss_metrics = contrastive_step(
                 train_module, images, texts, config.train.accumulation_steps, loss_fn, autocast, backward,
-                dist_info.is_distributed, locked=(config.train.lock_image, config.train.lock_text),
+                dist_info.is_distributed, locked_image=config.train.lock_image, locked_text=config.train.lock_text,
             )
             step += 1
             if skipped["value"]:

@@ -42,7 +42,8 @@ class ContrastiveModel(nn.Module):
 
 
 def contrastive_step(
-    module, images, texts, micro_batches, loss_fn, autocast, backward, is_ddp, locked=(False, False)
+    module, images, texts, micro_batches, loss_fn, autocast, backward, is_ddp,
+    locked_image: bool = False, locked_text: bool = False,
 ):
     """One optimiser step's forward and backward passes; returns (loss, metrics).
 
@@ -50,8 +51,8 @@ def contrastive_step(
     features are first computed without gradients and cached; then each micro-batch is recomputed with
     gradients and its rows take part in the full-batch loss with the others' cached features as constant
     negatives. Summing the k backward passes gives exactly the full batch's gradient (see
-    `contrastive_loss_with_cached_features`). locked: (image, text) towers that are locked (`CLIP.lock`)
-    and in eval mode, as the trainer keeps them: their cached features are the ones the gradient pass would
+    `contrastive_loss_with_cached_features`). locked_image / locked_text: that tower is locked (`CLIP.lock`)
+    and in eval mode, as the trainer keeps it: its cached features are the ones the gradient pass would
     compute, so they are reused, not recomputed.
     """
     if micro_batches == 1:
@@ -77,8 +78,8 @@ def contrastive_step(
     for index, (image_chunk, text_chunk) in enumerate(zip(image_chunks, text_chunks)):
         last = index == micro_batches - 1
         reused = {
-            "image_features": cached[index][0] if locked[0] else None,
-            "text_features": cached[index][1] if locked[1] else None,
+            "image_features": cached[index][0] if locked_image else None,
+            "text_features": cached[index][1] if locked_text else None,
         }
         # Why no_sync(): DDP would otherwise all-reduce gradients after every micro-batch.
         sync_context = contextlib.nullcontext() if last or not is_ddp else module.no_sync()

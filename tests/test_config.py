@@ -355,6 +355,8 @@ def test_augment_takes_true_false_or_a_crop_name() -> None:
     }
     assert crops == {"false": "center", "true": "random_resized", "random_square_crop": "random_square",
                      "random_resized_crop": "random_resized"}
+    # true is stored by the crop's name: config.toml and resume comparisons see one spelling
+    assert load_config(demo, ["data.augment=true"], TrainConfig).data.augment == "random_resized_crop"
     with pytest.raises(ConfigError, match="data.augment: 'random_crop' is not a bool or one of 'random_square_crop', "):
         load_config(demo, ["data.augment=random_crop"], TrainConfig)
     from clip.data import DataConfig, SourceConfig

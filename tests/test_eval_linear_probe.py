@@ -107,7 +107,8 @@ def test_mean_per_class_accuracy_is_reported_and_can_choose_the_strength():
     from clip.evaluation.linear_probe import SweepPoint
 
     # A majority-class answer (90% of the examples) against a useful classifier: each metric prefers its own.
-    majority, useful = SweepPoint(1e4, 0.90, 0.50, 0.3), SweepPoint(1.0, 0.85, 0.80, 0.4)
+    majority = SweepPoint(1e4, val_accuracy=0.90, val_loss=0.3, val_mean_per_class=0.50)
+    useful = SweepPoint(1.0, val_accuracy=0.85, val_loss=0.4, val_mean_per_class=0.80)
     assert max([majority, useful], key=lambda p: p.key("accuracy")) is majority
     assert max([majority, useful], key=lambda p: p.key("mean_per_class")) is useful
 

@@ -315,6 +315,16 @@ def test_an_evaluation_interruption_passes_an_except_exception_on_its_way(tmp_pa
     assert main(args) == 75 and not (tmp_path / "results.json").exists()
 
 
+def test_evaluating_a_finished_run_again_replaces_its_final_evaluation_record(tmp_path):
+    config = tiny_config(tmp_path, "schedule.steps=2", "eval.every_n_steps=0")
+    train(config)
+    train(config)  # finished: only evaluates
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    evaluations = [r for r in records if any(key.startswith("zeroshot/") for key in r)]
+    assert [r["step"] for r in evaluations] == [2]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]  # the training records stay
+
+
 def test_rerunning_a_finished_run_with_other_settings_leaves_its_record_alone(tmp_path, caplog):
     train(tiny_config(tmp_path, "schedule.steps=2", "eval.every_n_steps=0"))
     checkpoint = ckpt.list_checkpoints(tmp_path)[0][1]

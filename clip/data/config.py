@@ -116,6 +116,8 @@ class DataConfig:
         require("augment", self.augment, self.augment is True or self.augment is False
                 or self.augment in ("random_square_crop", "random_resized_crop"),
                 'true, false, "random_square_crop" or "random_resized_crop"')
+        if self.augment is True:  # one spelling of each crop, so that a resume does not report a change
+            self.augment = "random_resized_crop"
         require("workers", self.workers, self.workers >= 0, ">= 0 (0 = decode in the training process)")
         require("prefetch_factor", self.prefetch_factor, self.prefetch_factor >= 1, ">= 1")
         require("shuffle_buffer", self.shuffle_buffer, self.shuffle_buffer >= 1, ">= 1 (1 = no shuffling)")

@@ -129,8 +129,8 @@ def fit_logistic_regression(
 class SweepPoint:
     l2: float
     val_accuracy: float
-    val_mean_per_class: float
     val_loss: float
+    val_mean_per_class: float
 
     def key(self, metric: str) -> tuple[float, float]:
         """Larger is better: the validation metric, then the lower validation loss."""
@@ -165,7 +165,7 @@ def select_l2(
         if log_l2 not in evaluated:
             probe = fit_logistic_regression(*train, num_classes, 10.0**log_l2, max_iter=max_iter)
             evaluated[log_l2] = SweepPoint(
-                10.0**log_l2, probe.accuracy(*val), probe.mean_per_class_accuracy(*val), probe.loss(*val)
+                10.0**log_l2, probe.accuracy(*val), probe.loss(*val), probe.mean_per_class_accuracy(*val)
             )
 
     def best() -> float:

@@ -86,9 +86,6 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
 
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
     clip_model = create_model(config.model)
-    if config.loss.kind == "siglip":
-        with torch.no_grad():
-            clip_model.logit_scale.fill_(SIGLIP_INITIAL_LOGIT_SCALE)
     clip_model.set_grad_checkpointing(config.train.grad_checkpointing)
     clip_model.lock(image=config.train.lock_image, text=config.train.lock_text)  # before the optimizer sees them
     if config.train.patch_dropout:
@@ -97,6 +94,8 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
     if config.model.vision.kind == "resnet" and device.type == "cuda":
         module = module.to(memory_format=torch.channels_last)  # cuDNN's fastest layout for convolutions
     optimizer = build_optimizer(list(module.named_parameters()), config.optimizer, device)
+    # Saved beside the optimizer state; fixed for the run (groups and locks do not change while it trains)
+    optimizer_names = optimizer_parameter_names(list(module.named_parameters()), config.optimizer.decay_embeddings)
     autocast_dtype = AUTOCAST_DTYPES[config.train.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=config.train.precision == "fp16")
     loss_fn = build_loss(config.loss, distributed=dist_info.is_distributed)
@@ -153,9 +152,9 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
                 raise WeightsFileError("rank 0 could not read train.init_weights (its log says why)")
             if failure is not None:
                 raise failure
-            if config.loss.kind == "siglip":  # SigLIP starts from its own temperature, not the loaded one
-                with torch.no_grad():
-                    module.clip.logit_scale.fill_(SIGLIP_INITIAL_LOGIT_SCALE)
+        if config.loss.kind == "siglip":  # SigLIP starts from its own temperature, also over loaded weights
+            with torch.no_grad():
+                module.clip.logit_scale.fill_(SIGLIP_INITIAL_LOGIT_SCALE)
         # Ranks draw different random numbers (patch dropout's masks; the data's crops have seeds of their own)
         torch.manual_seed(config.train.seed + dist_info.rank)
     already_finished = state is not None and start_step >= config.schedule.steps
@@ -233,9 +232,7 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
                 "model": module.clip.state_dict(),
                 "config": config_dict,
                 "optimizer": optimizer.state_dict(),
-                "optimizer_parameter_names": optimizer_parameter_names(
-                    list(module.named_parameters()), config.optimizer.decay_embeddings
-                ),
+                "optimizer_parameter_names": optimizer_names,
                 "scaler": scaler.state_dict(),
                 "loss_parameters": {} if module.logit_bias is None else {"logit_bias": module.logit_bias.detach()},
                 "rng": rng_states,
@@ -274,6 +271,7 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
     last_metrics = dict(metrics_so_far)
     window_start, window_samples, window_flops = time.perf_counter(), 0, 0.0
     step = start_step
+
     def training_mode() -> None:
         # A locked tower stays in eval mode: a ResNet's BatchNorm keeps its (loaded) running statistics
         train_module.train()

@@ -388,6 +388,15 @@ def test_fine_tuning_starts_from_another_runs_weights_and_resumes_from_its_own(t
     assert train(tiny_config(tuned, *extra))["step"] == 6
 
 
+def test_a_siglip_run_starts_from_siglips_temperature_also_over_loaded_weights(tmp_path):
+    from clip.loss import SIGLIP_INITIAL_LOGIT_SCALE
+
+    train(tiny_config(tmp_path / "pretrained", "schedule.steps=2", "eval.every_n_steps=0"))
+    for run, extra in (("fresh", []), ("tuned", [f"train.init_weights={tmp_path / 'pretrained'}"])):
+        train(tiny_config(tmp_path / run, "loss.kind=siglip", "eval.every_n_steps=0", *extra), stop_at_step=0)
+        assert initial_weights(tmp_path / run)["logit_scale"].item() == pytest.approx(SIGLIP_INITIAL_LOGIT_SCALE)
+
+
 WIDE = ["model.vision.width=64", "model.vision.heads=1", "model.text.width=64", "model.text.heads=1"]
 
 

@@ -77,23 +77,16 @@ def load(
         (model in eval mode, preprocess: PIL image -> FloatTensor[3, n, n] for the model's input size).
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if isinstance(name_or_path, str) and name_or_path in RELEASED_WEIGHTS:
-        release = RELEASED_WEIGHTS[name_or_path]
-        path = download.download(release.url, release.sha256, root=download_root)
-        if jit:
-            return _load_jit(path, device)
-        weights = read_weights(path)
-    else:
-        path = _existing_path(name_or_path)
-        if jit and _is_released_file(path):
-            return _load_jit(path, device)
-        if jit:
-            warnings.warn(
-                f"jit=True runs the TorchScript code stored in a file, which is only done for OpenAI's released "
-                f"archives (verified by SHA256); {path} is not one of them, so its weights are loaded as with "
-                f"jit=False instead.", stacklevel=2,
-            )
-        path, weights = read_run_or_file(path)
+    path, released = _resolve(name_or_path, download_root)
+    if jit and (released or _is_released_file(path)):
+        return _load_jit(path, device)
+    if jit:
+        warnings.warn(
+            f"jit=True runs the TorchScript code stored in a file, which is only done for OpenAI's released "
+            f"archives (verified by SHA256); {path} is not one of them, so its weights are loaded as with "
+            f"jit=False instead.", stacklevel=2,
+        )
+    path, weights = read_run_or_file(path)
     model = model_from_weights(weights, str(path))
     model = model.to(device)
     if device.type == "cuda":
@@ -109,14 +102,10 @@ def load_weights_into(model: CLIP, name_or_path: str, download_root: str | Path 
     A file that records its architecture (a checkpoint of this library) must match `model.config` in every
     field. Tensor shapes do not show head counts or the activation, so for a plain state dict (OpenAI's
     files) those are the configured ones, and every tensor must have the configured model's shape."""
-    if name_or_path in RELEASED_WEIGHTS:
-        release = RELEASED_WEIGHTS[name_or_path]
-        path = download.download(release.url, release.sha256, root=download_root)
-        weights = read_weights(path)
-    else:
-        path, weights = read_run_or_file(_existing_path(name_or_path))
+    path, released = _resolve(name_or_path, download_root)
+    path, weights = read_run_or_file(path)
     theirs, not_in_shapes = weights.model_config, set()
-    if name_or_path in RELEASED_WEIGHTS:
+    if released:
         theirs = RELEASED_ARCHITECTURES[name_or_path]  # known exactly, heads and activation included
     elif theirs is None:
         not_in_shapes = {"activation", "vision.heads", "text.heads"}
@@ -171,6 +160,15 @@ def _load_checked(model: CLIP, weights: LoadedWeights, misfit_headline: str, sou
 class ModelNotFoundError(FileNotFoundError, RuntimeError):
     """Neither a released name nor an existing path. A FileNotFoundError, and a RuntimeError because that is
     what openai/CLIP's load raises for an unknown name."""
+
+
+def _resolve(name_or_path: str | Path, download_root: str | Path | None) -> tuple[Path, bool]:
+    """(the file or run directory a name or path stands for, whether it names a released model): a released
+    model is downloaded into the cache (or found there) and checked against its SHA256."""
+    if isinstance(name_or_path, str) and name_or_path in RELEASED_WEIGHTS:
+        release = RELEASED_WEIGHTS[name_or_path]
+        return download.download(release.url, release.sha256, root=download_root), True
+    return _existing_path(name_or_path), False
 
 
 def _existing_path(name_or_path: str | Path) -> Path:

@@ -272,16 +272,14 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
     window_start, window_samples, window_flops = time.perf_counter(), 0, 0.0
     step = start_step
 
-    def training_mode() -> None:
-        # A locked tower stays in eval mode: a ResNet's BatchNorm keeps its (loaded) running statistics
-        train_module.train()
-        if config.train.lock_image:
-            module.clip.visual.eval()
-        if config.train.lock_text:
-            for tower_module in module.clip.text_tower():
-                tower_module.eval()
-
-    training_mode()
+    # A locked tower stays in eval mode (evaluations restore each module's own mode): a ResNet's BatchNorm
+    # keeps its (loaded) running statistics
+    train_module.train()
+    if config.train.lock_image:
+        module.clip.visual.eval()
+    if config.train.lock_text:
+        for tower_module in module.clip.text_tower():
+            tower_module.eval()
     with StopRequest() as stop:
         # One process abandons an evaluation a signal arrives in; several ranks finish it (collectives pair up)
         abandons_evaluations = None if dist_info.is_distributed else stop
@@ -395,7 +393,6 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
                     last_metrics.update(evaluate(step, interrupted_by=abandons_evaluations))
                 except EvaluationInterrupted:
                     stop_now = True
-                training_mode()  # the evaluation put every module back in training mode
             every = config.checkpoint.every_n_steps
             if (every and step % every == 0 and step < last_step) or (stop_now and step < total_steps):
                 save(step, {**last_metrics, "nonfinite_steps_total": nonfinite_total})

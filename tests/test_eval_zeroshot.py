@@ -113,6 +113,19 @@ def test_model_is_evaluated_in_eval_mode_without_grad_and_restored():
     assert model.training
 
 
+def test_eval_mode_restores_each_submodules_own_mode():
+    # A part kept in eval mode inside a training model (a locked tower) stays in eval mode afterwards.
+    from torch import nn
+
+    from clip.evaluation.features import eval_mode
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).train()
+    model[1].eval()
+    with eval_mode(model):
+        assert not model.training and not model[0].training
+    assert model.training and model[0].training and not model[1].training
+
+
 def brute_force_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, k: int):
     top1 = (logits.argmax(1) == labels).float().mean().item()
     ranked = logits.argsort(dim=1, descending=True)[:, :k]

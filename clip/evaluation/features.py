@@ -49,14 +49,17 @@ def model_device(model: nn.Module) -> torch.device:
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Puts the model in eval mode without gradients, and restores its train/eval state afterwards."""
-    was_training = model.training
+    """Puts the model in eval mode without gradients, and restores every submodule's own train/eval state
+    afterwards (not `model.train()`, which would also put back into training mode a part kept in eval
+    mode on purpose, such as a locked tower whose BatchNorm statistics must not move)."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
             yield model
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def autocast(device: torch.device | str, precision: str = "fp32") -> contextlib.AbstractContextManager:

@@ -35,7 +35,8 @@ class StopRequest:
         """Inside the block a signal (or one that came before it) raises EvaluationInterrupted at once, besides
         being recorded: an evaluation can take longer than a scheduler's grace period, and abandoning it
         loses nothing. For one process only: several ranks would leave each other waiting in the
-        evaluation's collectives."""
+        evaluation's collectives, so they abandon one together at its stop checks instead (an agreement
+        every few batches, `clip.evaluation.features.with_stop_checks`)."""
         self._interrupting = True  # before the check: a signal in between then raises from the handler
         try:
             if self.requested:

@@ -244,12 +244,23 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
         if dist_info.is_distributed:
             dist.barrier()
 
-    def evaluate(step: int, interrupted_by: StopRequest | None) -> dict:
-        """The evaluations' results, also logged. With `interrupted_by` (one process only), a signal abandons
-        them by raising EvaluationInterrupted, before anything is written."""
-        with interrupted_by.interrupting() if interrupted_by is not None else contextlib.nullcontext():
+    def evaluate(step: int, stop: StopRequest) -> dict:
+        """The evaluations' results, also logged. A signal (also one before them) abandons them by raising
+        EvaluationInterrupted before anything is written: in one process at once, from the signal handler;
+        several ranks together, at the evaluation's next stop check after any of them was signalled (an
+        all-reduce every few batches, at the same batches on every rank, so their collectives pair up)."""
+        if dist_info.is_distributed:
+            def abandon_if_some_rank_was_signalled() -> None:
+                if any_rank(stop.requested, dist_info):
+                    raise EvaluationInterrupted
+
+            interrupting, stop_check = contextlib.nullcontext(), abandon_if_some_rank_was_signalled
+        else:
+            interrupting, stop_check = stop.interrupting(), None
+        with interrupting:
             results = run_evaluations(
-                module.clip, config.eval, device=device, tokenizer=tokenizer, step=step, dist_info=dist_info
+                module.clip, config.eval, device=device, tokenizer=tokenizer, step=step, dist_info=dist_info,
+                stop_check=stop_check,
             )
         if results and dist_info.is_main:
             run_log.write({"step": step, **results})
@@ -281,8 +292,6 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
         for tower_module in module.clip.text_tower():
             tower_module.eval()
     with StopRequest() as stop:
-        # One process abandons an evaluation a signal arrives in; several ranks finish it (collectives pair up)
-        abandons_evaluations = None if dist_info.is_distributed else stop
         while step < last_step:
             lr = learning_rate(step, config.optimizer.lr, config.schedule)
             for group in optimizer.param_groups:
@@ -383,14 +392,11 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
             # One process needs no agreement: a signal that came after this step's backward pass counts now.
             stop_now = stopping["value"] or (not dist_info.is_distributed and stop.requested)
             evaluate_now = config.eval.every_n_steps and step % config.eval.every_n_steps == 0 and step < total_steps
-            if evaluate_now and not stop_now and dist_info.is_distributed:
-                # A signal that came after this step's agreement: every rank skips the evaluation together
-                stop_now = any_rank(stop.requested, dist_info)
-            if evaluate_now and not stop_now:  # a pre-empted run spends its grace period saving, not evaluating
-                # One process abandons an evaluation a signal arrives in, to save at once; several finish
-                # theirs (each rank's collectives must pair up), then save.
+            if evaluate_now and not stop_now:
+                # A pre-empted run spends its grace period saving, not evaluating: a signal (also one after this
+                # step's agreement) abandons the evaluation, and the run saves and stops.
                 try:
-                    last_metrics.update(evaluate(step, interrupted_by=abandons_evaluations))
+                    last_metrics.update(evaluate(step, stop))
                 except EvaluationInterrupted:
                     stop_now = True
             every = config.checkpoint.every_n_steps
@@ -410,15 +416,12 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
         # every rank must agree, or the collectives inside save() would pair up with other calls.
         if saved_at["step"] != step:
             save(step, final)
-        # Still under the same signal handling: a signal from the last step on skips or abandons the final
-        # evaluation (it may outlast the grace period; the weights are saved), `main` exits 75 and the run
-        # started again only evaluates. Several ranks evaluate all or none (their collectives must pair
-        # up): a signal that reached any of them by now skips it, one during it is only recorded.
+        # Still under the same signal handling: a signal from the last step on abandons the final evaluation
+        # (it may outlast the grace period; the weights are saved), `main` exits 75 and the run started again
+        # only evaluates.
         if finished:
             try:
-                if dist_info.is_distributed and any_rank(stop.requested, dist_info):
-                    raise EvaluationInterrupted
-                final.update(evaluate(step, interrupted_by=abandons_evaluations))
+                final.update(evaluate(step, stop))
             except EvaluationInterrupted:
                 log.warning("final evaluation abandoned; the trained weights are saved: run again to evaluate")
                 final["evaluation_interrupted"] = True

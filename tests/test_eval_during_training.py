@@ -3,8 +3,10 @@ ranks (each encoding a slice, unreadable images among them) returning the same m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -165,7 +167,16 @@ def worker(rank: int, port: int, manifest: str, output: str) -> None:
             error = ""
         except ValueError as raised:
             error = str(raised)
-        report = {"metrics": metrics, "warnings": warnings.messages, "error": error}
+        # Stop checks: the same number on every rank, though the ranks' slices differ (9 images: 4 and 5).
+        from clip.evaluation import features
+
+        features.BATCHES_BETWEEN_STOP_CHECKS = 2  # this process only: several check points in tiny datasets
+        stop_checks = []
+        single_image_batches = dataclasses.replace(config, batch_size=1)
+        run_evaluations(
+            tiny_clip(), single_image_batches, device="cpu", dist_info=info, stop_check=lambda: stop_checks.append(1)
+        )
+        report = {"metrics": metrics, "warnings": warnings.messages, "error": error, "stop_checks": len(stop_checks)}
         Path(output, f"rank{rank}.json").write_text(json.dumps(report))
     finally:
         dist.destroy_process_group()
@@ -202,6 +213,45 @@ def test_only_rank_0_warns_about_the_data(two_ranks):
     assert "retrieval half_broken: skipped 2 unreadable image(s)" in first  # all of them rank 1's
     assert "several classes share the name(s) ['red']" in first
     assert reports[1]["warnings"] == []
+
+
+def test_every_rank_makes_the_same_stop_checks(two_ranks):
+    # Each stop check is a collective in training: a rank with one more batch must not make one more check.
+    first, second = (report["stop_checks"] for report in two_ranks[1])
+    assert first == second > 4  # 4 datasets: one check before each, and more inside
+
+
+def test_a_stop_check_abandons_the_evaluation_and_restores_the_mode(tmp_path):
+    class Abandon(Exception):
+        pass
+
+    calls = []
+
+    def stop_at_the_second_call():
+        calls.append(1)
+        if len(calls) == 2:
+            raise Abandon
+
+    model = tiny_clip().train()
+    config = eval_config(write_caption_manifest(tmp_path, 3))
+    with pytest.raises(Abandon):
+        run_evaluations(model, dataclasses.replace(config, batch_size=1), device="cpu", stop_check=stop_at_the_second_call)
+    assert len(calls) == 2 and model.training  # the first check is before the first dataset, the second inside it
+
+
+def test_stop_check_points_are_the_batches_every_rank_has():
+    from clip.evaluation.features import batches_on_every_rank, shard_bounds, with_stop_checks
+
+    for length in range(0, 40):
+        for world_size in (1, 2, 3, 4):
+            for batch_size in (1, 3, 8):
+                slices = [shard_bounds(length, rank, world_size) for rank in range(world_size)]
+                fewest = min(math.ceil((stop - start) / batch_size) for start, stop in slices)
+                assert batches_on_every_rank(length, world_size, batch_size) == fewest
+    for checked, expected_calls in ((21, 2), (20, 1), (math.inf, 2)):
+        calls = []
+        assert list(with_stop_checks(range(25), lambda: calls.append(1), checked)) == list(range(25))
+        assert len(calls) == expected_calls  # before items 10 and 20 of those checked; none before the first
 
 
 def test_every_rank_refuses_a_dataset_without_a_readable_image(two_ranks):

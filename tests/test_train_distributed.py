@@ -51,6 +51,26 @@ def _signalled_worker(
     _worker(rank, world_size, port, run_dir, None, extra)
 
 
+def _signalled_in_evaluation_worker(rank: int, world_size: int, port: int, run_dir: str, extra) -> None:
+    # Only rank 1 is signalled, after the first image batch of its first zero-shot evaluation.
+    import signal
+
+    import clip.evaluation.zeroshot as zeroshot
+
+    real = zeroshot.encode_image_batches
+    sent = {"done": False}
+
+    def signalling(*args, **kwargs):
+        for batch in real(*args, **kwargs):
+            yield batch
+            if rank == 1 and not sent["done"]:
+                sent["done"] = True
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    zeroshot.encode_image_batches = signalling
+    _worker(rank, world_size, port, run_dir, None, extra)
+
+
 def assert_same_final_weights(straight_dir: Path, resumed_dir: Path, step: int) -> None:
     straight = ckpt.load_latest_checkpoint(straight_dir)
     resumed = ckpt.load_latest_checkpoint(resumed_dir)
@@ -116,3 +136,22 @@ def test_a_signal_after_the_agreement_skips_that_steps_evaluation_on_every_rank(
     assert ckpt.load_latest_checkpoint(tmp_path)["step"] == 3
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
     assert not any(key.startswith("zeroshot/") for record in records for key in record)
+
+
+def test_a_signal_to_one_rank_during_an_evaluation_abandons_it_on_every_rank(tmp_path):
+    # 96 images at 2 per batch: 24 batches per rank, checks before the 10th and 20th. Both ranks abandon the
+    # step-3 evaluation at the first check, save and stop; without the checks they would finish it first.
+    extra = ["eval.every_n_steps=3", "eval.batch_size=2", "schedule.steps=6", "checkpoint.every_n_steps=0"]
+    spawn_ranks(_signalled_in_evaluation_worker, (2, free_port(), str(tmp_path / "mid"), extra))
+    state = ckpt.load_latest_checkpoint(tmp_path / "mid")
+    assert state["step"] == 3 and len(state["data"]) == 2  # saved by both ranks together
+    records = [json.loads(line) for line in (tmp_path / "mid" / "metrics.jsonl").open()]
+    assert not any(key.startswith("zeroshot/") for record in records for key in record)
+
+    # The final evaluation likewise: the weights are saved, results.json is not written, a rerun evaluates.
+    extra = ["eval.every_n_steps=0", "eval.batch_size=2", "schedule.steps=2", "checkpoint.every_n_steps=0"]
+    spawn_ranks(_signalled_in_evaluation_worker, (2, free_port(), str(tmp_path / "final"), extra))
+    assert ckpt.load_latest_checkpoint(tmp_path / "final")["step"] == 2
+    assert not (tmp_path / "final" / "results.json").exists()
+    run_two_ranks(tmp_path / "final", extra=extra)
+    assert "zeroshot/" in (tmp_path / "final" / "results.json").read_text()

@@ -24,6 +24,7 @@ from torch import nn
 from .config import EvalConfig
 from .datasets import UnreadableImageError, evenly_spaced_indices, load_classification_data, read_image
 from .features import (
+    StopCheck,
     Tokenizer,
     default_tokenizer,
     distributed_world,
@@ -91,12 +92,15 @@ def run_evaluations(
     step: int | None = None,
     dist_info: Any | None = None,
     transform: Callable | None = None,
+    stop_check: StopCheck | None = None,
 ) -> dict[str, float]:
     """Runs every dataset in `eval_config`; returns flat float metrics (see the module docstring).
 
     The model (DDP/compiled wrappers are unwrapped) is evaluated in eval mode without gradients and put
     back in its previous mode. `transform` defaults to the eval preprocessing at the model's resolution;
-    `tokenizer` to the BPE tokenizer at the model's context length.
+    `tokenizer` to the BPE tokenizer at the model's context length. `stop_check` is called before each
+    dataset and every few batches inside it, at the same points on every rank; what it raises abandons
+    the evaluations (the trainer's, when a signal reached some rank).
     """
     model = unwrap_model(model)
     transform = transform or _image_transform(model)
@@ -109,11 +113,14 @@ def run_evaluations(
         text_batch_size=eval_config.text_batch_size,
         precision=eval_config.precision,
         dist_info=dist_info,
+        stop_check=stop_check,
     )
     metrics: dict[str, float] = {}
     rank, _ = distributed_world(dist_info)
     with eval_mode(model):
         for dataset_config in eval_config.zeroshot:
+            if stop_check is not None:
+                stop_check()
             started = time.perf_counter()
             name = dataset_config.resolved_name()
             # Every rank loads the same data: rank 0 alone warns about its class names.
@@ -130,6 +137,8 @@ def run_evaluations(
                 time.perf_counter() - started,
             )
         for dataset_config in eval_config.retrieval:
+            if stop_check is not None:
+                stop_check()
             started = time.perf_counter()
             name = dataset_config.resolved_name()
             data = load_retrieval_data(dataset_config)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,16 @@ logger = logging.getLogger(__name__)
 Tokenizer = Callable[..., torch.Tensor]
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Abandons an evaluation by raising (the trainer's, when a signal reached some rank). Under several ranks it
+# is a collective, so it is only called where every rank calls it: see `with_stop_checks`.
+StopCheck = Callable[[], None]
+
+# Batches between two stop checks: each costs one small all-reduce and a wait for the GPU, and a signal
+# waits at most this many batches (a few seconds of a scheduler's grace period).
+BATCHES_BETWEEN_STOP_CHECKS = 10
+
+T = TypeVar("T")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -143,8 +154,23 @@ def log_skipped(what: str, count: int, reasons: Sequence[str]) -> None:
         logger.warning("%s: skipped %d unreadable image(s)%s", what, count, example)
 
 
+def with_stop_checks(items: Iterable[T], stop_check: StopCheck | None, checked: float) -> Iterator[T]:
+    """`items`, calling `stop_check` before every BATCHES_BETWEEN_STOP_CHECKS-th of the first `checked` ones
+    (not before the first: the caller checks before it starts). `checked` is how many items every rank has,
+    so that every rank makes the same calls even when the ranks' slices differ by a batch."""
+    for index, item in enumerate(items):
+        if stop_check is not None and 0 < index < checked and index % BATCHES_BETWEEN_STOP_CHECKS == 0:
+            stop_check()
+        yield item
+
+
+def batches_on_every_rank(length: int, world_size: int, batch_size: int) -> int:
+    """How many batches of `batch_size` the smallest of `shard`'s slices of `length` items makes."""
+    return math.ceil(length // world_size / batch_size)
+
+
 def iterate_batches(
-    data: DataLoader | torch.Tensor, batch_size: int, skipped: list[str] | None = None
+    data: Iterable | torch.Tensor, batch_size: int, skipped: list[str] | None = None
 ) -> Iterator[tuple[torch.Tensor, Any]]:
     """(images, labels-or-None) from a DataLoader of (images, labels) pairs or of `ReadableBatch`es, or from
     a stacked image tensor. The reasons of the images a `ReadableBatch` left out are appended to `skipped`."""
@@ -166,7 +192,7 @@ def iterate_batches(
 
 def encode_image_batches(
     model: nn.Module,
-    data: DataLoader | torch.Tensor,
+    data: Iterable | torch.Tensor,
     *,
     device: torch.device | str,
     batch_size: int = 64,

@@ -33,8 +33,10 @@ from clip.data.manifest import MANIFEST_SUFFIXES, manifest_rows
 from .config import RetrievalDatasetConfig
 from .datasets import read_image
 from .features import (
+    StopCheck,
     Tokenizer,
     all_gather_rows,
+    batches_on_every_rank,
     default_tokenizer,
     distributed_world,
     encode_image_batches,
@@ -46,6 +48,7 @@ from .features import (
     shard,
     shard_bounds,
     unwrap_model,
+    with_stop_checks,
 )
 
 Ties = Literal["optimistic", "pessimistic"]
@@ -322,10 +325,12 @@ def evaluate_retrieval(
     ks: Sequence[int] = (1, 5, 10),
     name: str = "",
     dist_info: Any | None = None,
+    stop_check: StopCheck | None = None,
 ) -> RetrievalResult:
     """Encodes every image and caption (each rank a slice when distributed; features are then gathered, so
     every rank returns the full result) and computes recall@K in both directions. Unreadable images are
-    left out with their captions and counted."""
+    left out with their captions and counted. `stop_check` is called between the captions and the images
+    and every few image batches, as in `evaluate_zeroshot`."""
     model = unwrap_model(model)
     device = device or model_device(model)
     tokenizer = tokenizer or default_tokenizer()
@@ -340,7 +345,10 @@ def evaluate_retrieval(
         text_features = encode_texts(
             model, captions, tokenizer, device=device, batch_size=text_batch_size, precision=precision
         )
+        if stop_check is not None:
+            stop_check()
         loader = make_loader(images, batch_size, workers, device)
+        loader = with_stop_checks(loader, stop_check, batches_on_every_rank(len(data.image_paths), world_size, batch_size))
         encoded = list(encode_image_batches(model, loader, device=device, precision=precision, skipped=skipped))
     # A rank whose images were all unreadable still takes part in the gathers, with zero rows.
     image_features = (

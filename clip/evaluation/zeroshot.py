@@ -6,6 +6,7 @@ embeddings are averaged over the templates, and the mean is normalised again.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,8 +17,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .features import (
+    StopCheck,
     Tokenizer,
     all_reduce_sum,
+    batches_on_every_rank,
     default_tokenizer,
     distributed_world,
     encode_image_batches,
@@ -28,6 +31,7 @@ from .features import (
     model_device,
     shard,
     unwrap_model,
+    with_stop_checks,
 )
 from .results import ClassificationCounts, ZeroShotResult, summarize
 from .templates import Template, fill_template, resolve_templates
@@ -42,6 +46,7 @@ def build_zeroshot_classifier(
     device: torch.device | str | None = None,
     batch_size: int = 256,
     precision: str = "fp32",
+    stop_check: StopCheck | None = None,
 ) -> torch.Tensor:
     """Zero-shot weights [D, C] (float32, unit columns): column c is class c's prompt-ensemble embedding.
 
@@ -49,6 +54,7 @@ def build_zeroshot_classifier(
         path, or None for the default set.
     batch_size: prompts per text-encoder call; classes are processed a group at a time, so memory stays
         bounded by the batch and the [D, C] result, whatever the number of classes and templates.
+    stop_check: called between groups (see `with_stop_checks`; every rank builds the whole classifier).
     """
     model = unwrap_model(model)
     if not classnames:
@@ -57,9 +63,10 @@ def build_zeroshot_classifier(
     device = device or model_device(model)
     tokenizer = tokenizer or default_tokenizer()
     classes_per_group = max(1, batch_size // len(templates))
+    group_starts = range(0, len(classnames), classes_per_group)
     columns = []
     with eval_mode(model):
-        for start in range(0, len(classnames), classes_per_group):
+        for start in with_stop_checks(group_starts, stop_check, len(group_starts)):
             group = classnames[start : start + classes_per_group]
             prompts = [fill_template(template, name) for name in group for template in templates]
             embeddings = encode_texts(
@@ -131,6 +138,7 @@ def evaluate_zeroshot(
     name: str = "",
     classifier: torch.Tensor | None = None,
     dist_info: Any | None = None,
+    stop_check: StopCheck | None = None,
 ) -> ZeroShotResult:
     """Top-1/top-5, per-class and mean per-class accuracy, confusion matrix, and accuracies on `subsets`.
 
@@ -139,12 +147,15 @@ def evaluate_zeroshot(
         is left.
     dist_info: with world_size > 1 and torch.distributed initialised, each rank classifies its slice of a
         (map-style) dataset and the counts are all-reduced, so every rank returns the full result.
+    stop_check: called every few batches, at the same batches on every rank (see `with_stop_checks`); what
+        it raises abandons the evaluation. The trainer's ends an evaluation a signal came in.
     """
     model = unwrap_model(model)
     device = device or model_device(model)
     if classifier is None:
         classifier = build_zeroshot_classifier(
-            model, classnames, templates, tokenizer, device=device, batch_size=text_batch_size, precision=precision
+            model, classnames, templates, tokenizer, device=device, batch_size=text_batch_size, precision=precision,
+            stop_check=stop_check,
         )
     if classifier.shape[1] != len(classnames):
         raise ValueError(f"classifier has {classifier.shape[1]} classes, but {len(classnames)} class names were given")
@@ -152,9 +163,11 @@ def evaluate_zeroshot(
     if isinstance(dataset, DataLoader):
         if world_size > 1:
             raise ValueError("pass a Dataset, not a DataLoader, to shard evaluation across ranks")
-        loader = dataset
+        loader, checked_batches = dataset, math.inf  # one process: any batch may be a check point
     else:
         loader = make_loader(shard(dataset, rank, world_size), batch_size, workers, device)
+        checked_batches = batches_on_every_rank(len(dataset), world_size, batch_size)
+    loader = with_stop_checks(loader, stop_check, checked_batches)
     classifier = classifier.to(device)
     counts = ClassificationCounts(len(classnames), top_k=5, device=device)
     skipped: list[str] = []

@@ -10,8 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .architectures import ModelConfig, get_architecture
-from .modified_resnet import ModifiedResNet
-from .transformer import LayerNorm, MultiheadSelfAttention, Transformer
+# The building blocks under openai/CLIP's names in its `clip.model`, for code that imports them from there
+from .modified_resnet import AttentionPool2d, Bottleneck, ModifiedResNet  # noqa: F401
+from .transformer import (  # noqa: F401
+    LayerNorm,
+    MultiheadSelfAttention,
+    QuickGELU,
+    ResidualAttentionBlock,
+    Transformer,
+    causal_mask,
+)
 from .vision_transformer import VisionTransformer
 
 # The CLIP paper initialises the temperature to 0.07, i.e. logit_scale = log(1 / 0.07).
@@ -38,7 +46,10 @@ class CLIP(nn.Module):
 
         self.token_embedding = nn.Embedding(text.vocab_size, text.width)
         self.positional_embedding = nn.Parameter(torch.empty(text.context_length, text.width))
-        self.transformer = Transformer(text.width, text.layers, text.heads, text.mlp_ratio, config.activation, causal=True)
+        self.transformer = Transformer(
+            text.width, text.layers, text.heads, self.build_attention_mask(),
+            mlp_ratio=text.mlp_ratio, activation=config.activation, causal=True,
+        )
         self.ln_final = LayerNorm(text.width)
         self.text_projection = nn.Parameter(torch.empty(text.width, config.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(INITIAL_LOGIT_SCALE))
@@ -59,6 +70,12 @@ class CLIP(nn.Module):
         with torch.no_grad():
             self.logit_scale.fill_(INITIAL_LOGIT_SCALE)
 
+    initialize_parameters = init_parameters  # openai/CLIP's name
+
+    def build_attention_mask(self) -> torch.Tensor:
+        """openai/CLIP's: the text encoder's causal mask over the context, -inf above the diagonal."""
+        return causal_mask(self.context_length)
+
     def text_tower(self) -> list[nn.Module]:
         """The modules of the text encoder (the image encoder is `visual`); logit_scale belongs to neither."""
         return [self.token_embedding, self.transformer, self.ln_final]
@@ -78,8 +95,9 @@ class CLIP(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype of the weights (float16 for OpenAI's checkpoints on a GPU, float32 otherwise)."""
-        return self.text_projection.dtype
+        """The dtype of the image encoder's weights (float16 for OpenAI's checkpoints on a GPU, float32
+        otherwise); images are cast to it, as openai/CLIP does."""
+        return self.visual.conv1.weight.dtype
 
     def set_patch_dropout(self, fraction: float) -> None:
         """Patch dropout (FLIP) for a ViT image tower: in training mode, this fraction of each image's patch
@@ -110,7 +128,9 @@ class CLIP(nn.Module):
     def encode_text(self, text: torch.Tensor, normalize: bool = False, trim: bool = True) -> torch.Tensor:
         """Features of token ids [N, L <= context_length]. `trim=False` runs all L positions as given: for
         callers that cut the batch already (`trim_text_batch` on the host), so that no device-to-host sync
-        (reading the longest caption's length off the GPU) interrupts the forward pass."""
+        (reading the longest caption's length off the GPU) interrupts the forward pass, and for hooks that
+        should see every position of the context, as in openai/CLIP. A traced model (torch.jit.trace, ONNX
+        export) keeps every position: a length read from one example would be fixed in the trace."""
         if text.shape[-1] > self.context_length:
             raise ValueError(f"text has {text.shape[-1]} tokens; this model's context length is {self.context_length}")
         # Features are read at the end-of-text token, which has the largest id in the vocabulary.
@@ -120,13 +140,15 @@ class CLIP(nn.Module):
         # captions are usually far shorter than the context. The length is rounded up to a multiple of 8
         # to keep matrix shapes friendly and limit how many shapes torch.compile sees.
         # Meta tensors (FLOP counting) have no values and an empty batch no longest caption: both keep their length.
-        if trim and not text.is_meta and text.shape[0] > 0:
+        if trim and not _tracing() and not text.is_meta and text.shape[0] > 0:
             text = text[:, : trimmed_text_length(eot, text.shape[-1])]
         length = text.shape[-1]
-        x = self.token_embedding(text).to(self.dtype)  # NL -> NLD
-        x = x + self.positional_embedding[:length].to(self.dtype)
-        x = self.transformer(x.transpose(0, 1)).transpose(0, 1)  # the blocks take OpenAI's LND layout; views
-        x = self.ln_final(x)
+        dtype = self.text_projection.dtype
+        # Embedded straight into the transformer's sequence-first layout (LND), with no copy to transpose
+        x = self.token_embedding(text.t()).to(dtype)  # LN -> LND
+        x = x + self.positional_embedding[:length, None].to(dtype)
+        x = self.transformer(x)
+        x = self.ln_final(x.transpose(0, 1))  # -> NLD, the layout OpenAI's ln_final sees
         x = x[torch.arange(x.shape[0], device=x.device), eot]  # -> N,width
         features = x @ self.text_projection  # -> N,embed_dim
         return F.normalize(features, dim=-1) if normalize else features
@@ -137,6 +159,11 @@ class CLIP(nn.Module):
         text_features = self.encode_text(text, normalize=True)
         logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
         return logits_per_image, logits_per_image.t()
+
+
+def _tracing() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return torch.jit.is_tracing() or (is_exporting is not None and is_exporting())
 
 
 def trimmed_text_length(eot_positions: torch.Tensor, context_length: int) -> int:

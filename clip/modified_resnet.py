@@ -23,13 +23,17 @@ class Bottleneck(nn.Module):
     def __init__(self, in_channels: int, planes: int, stride: int) -> None:
         super().__init__()
         out_channels = planes * self.expansion
+        self.stride = stride
         self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
+        self.relu2 = nn.ReLU(inplace=True)
         self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
         self.conv3 = nn.Conv2d(planes, out_channels, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_channels)
+        self.relu3 = nn.ReLU(inplace=True)  # after the residual add
         self.downsample = None
         if stride > 1 or in_channels != out_channels:
             # Named "-1", "0", "1" so that OpenAI's `downsample.0.weight` / `downsample.1.*` keys line up. At
@@ -47,13 +51,14 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # In-place ReLU and residual add: BatchNorm's backward reads its input, never its output, so
-        # overwriting the output saves one feature-map-sized allocation per activation.
+        # overwriting the output saves one feature-map-sized allocation per activation. The ReLUs are modules
+        # named as OpenAI's (relu1-3), for hooks (class-activation maps).
         identity = x if self.downsample is None else self.downsample(x)
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(self.avgpool(out)))
         out += identity
-        return F.relu(out, inplace=True)
+        return self.relu3(out)
 
 
 class AttentionPool2d(nn.Module):
@@ -61,7 +66,7 @@ class AttentionPool2d(nn.Module):
 
     def __init__(self, spatial_dim: int, embed_dim: int, heads: int, output_dim: int) -> None:
         super().__init__()
-        self.heads = heads
+        self.num_heads = heads  # OpenAI's name
         self.positional_embedding = nn.Parameter(torch.empty(spatial_dim * spatial_dim + 1, embed_dim))
         self.q_proj = nn.Linear(embed_dim, embed_dim)
         self.k_proj = nn.Linear(embed_dim, embed_dim)
@@ -80,10 +85,10 @@ class AttentionPool2d(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # NCHW -> N,HW,C
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # -> N,1+HW,C
         x = x + self.positional_embedding.to(x.dtype)
-        head_dim = c // self.heads
+        head_dim = c // self.num_heads
 
         def split_heads(t: torch.Tensor) -> torch.Tensor:  # N,L,C -> N,heads,L,head_dim
-            return t.view(n, -1, self.heads, head_dim).transpose(1, 2)
+            return t.view(n, -1, self.num_heads, head_dim).transpose(1, 2)
 
         q = split_heads(self.q_proj(x[:, :1]))
         k = split_heads(self.k_proj(x))
@@ -106,6 +111,7 @@ class ModifiedResNet(nn.Module):
         self.bn2 = nn.BatchNorm2d(width // 2)
         self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(width)
+        self.relu1, self.relu2, self.relu3 = nn.ReLU(inplace=True), nn.ReLU(inplace=True), nn.ReLU(inplace=True)
         self.avgpool = nn.AvgPool2d(2)
 
         self._in_channels = width
@@ -131,9 +137,10 @@ class ModifiedResNet(nn.Module):
                 nn.init.zeros_(block.bn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)), inplace=True)  # N3HW -> N,width/2,H/2,W/2
-        x = F.relu(self.bn2(self.conv2(x)), inplace=True)
-        x = F.relu(self.bn3(self.conv3(x)), inplace=True)
+        x = x.to(self.conv1.weight.dtype)  # as OpenAI's: float32 images into a half-precision model
+        x = self.relu1(self.bn1(self.conv1(x)))  # N3HW -> N,width/2,H/2,W/2
+        x = self.relu2(self.bn2(self.conv2(x)))
+        x = self.relu3(self.bn3(self.conv3(x)))
         x = self.avgpool(x)  # -> N,width,H/4,W/4
         x = self.layer1(x)
         x = self.layer2(x)  # -> H/8

@@ -2,12 +2,15 @@
 
 Parameter names follow OpenAI's checkpoints (`attn.in_proj_weight`, `mlp.c_fc`, `ln_1`, ...) so released
 state dicts load with `strict=True`. Attention runs through `scaled_dot_product_attention` with one fused
-QKV projection, on batch-first tensors (N, L, D).
+QKV projection.
 
-`Transformer` and `ResidualAttentionBlock` take and return OpenAI's sequence-first layout (L, N, D), as code
-written for openai/CLIP expects (prompt learners run `model.transformer` on their own embeddings; hooks on
-the blocks read their outputs). Inside, each block works batch-first: the model's own callers hand in a
-transposed view of a batch-first tensor, so the transposes at every boundary are views, never copies.
+The modules work as openai/CLIP's do, for code written against them: tensors are sequence-first (L, N, D)
+throughout (prompt learners run `model.transformer` on their own embeddings; hooks on a block or inside it,
+on `ln_1`, `attn`, `mlp.c_fc`, see OpenAI's shapes); `attn` is called like `nn.MultiheadAttention` and
+returns its (output, weights) pair, so attention maps come from `need_weights=True`; a block's
+`attention(x)` is the method that tools for dense features and attention maps replace. The layout costs
+nothing: every matrix product sees the same (L * N, D) rows either way, and the attention kernels take
+the heads in any order of strides.
 """
 
 from __future__ import annotations
@@ -95,37 +98,113 @@ def make_activation(name: str) -> nn.Module:
     return activations[name]()
 
 
+def causal_mask(length: int) -> torch.Tensor:
+    """OpenAI's additive causal mask [length, length]: -inf above the diagonal (a position attends to itself
+    and earlier ones), 0 elsewhere."""
+    return torch.full((length, length), float("-inf")).triu_(1)
+
+
 class MultiheadSelfAttention(nn.Module):
-    """Self-attention with a fused QKV projection; same parameters as `nn.MultiheadAttention`."""
+    """Self-attention with a fused QKV projection, with `nn.MultiheadAttention`'s parameters, attributes and
+    call (`attn(x, x, x, need_weights=False, attn_mask=mask)` -> (output, weights or None), sequence-first),
+    for self-attention: key and value must be the query itself."""
+
+    batch_first = False  # attributes of nn.MultiheadAttention that code written for it reads
+    dropout = 0.0
+    bias_k = bias_v = None
+    add_zero_attn = False
+    _qkv_same_embed_dim = True
 
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} is not divisible by {heads} heads")
-        self.heads = heads
+        self.embed_dim = width
+        self.num_heads = heads
+        self.head_dim = width // heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
-        n, length, width = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # NLD -> NL(3D)
-        qkv = qkv.view(n, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)  # -> 3,N,H,L,d
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """query: (L, N, D). attn_mask: (L, L) or (N * heads, L, L), additive floats or booleans (True: not
+        attended), as nn.MultiheadAttention's; a larger square mask (OpenAI's context-sized one for a shorter
+        sequence) is cut to L. is_causal: the mask is the causal one, and the causal kernel runs instead
+        (None is accepted as well). need_weights: also return the attention weights, (N, L, L) averaged over
+        the heads or (N, heads, L, L); they are computed explicitly, so the fast kernels are not used."""
+        if (key is not None and key is not query) or (value is not None and value is not query):
+            raise NotImplementedError("this attention is self-attention only: pass the query as key and value")
+        length, n, width = query.shape
+        qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)  # LND -> LN(3D)
+        qkv = qkv.view(length, n, 3, self.num_heads, self.head_dim).permute(2, 1, 3, 0, 4)  # -> 3,N,H,L,d
         # unbind, not qkv[0], qkv[1], qkv[2]: its backward stacks the three gradients in one pass, where three
         # indexings would each fill a zero tensor the size of qkv and then add them up (same values).
         q, k, v = qkv.unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # N,H,L,d
-        out = out.transpose(1, 2).reshape(n, length, width)  # -> NLD
-        return self.out_proj(out)
+        mask = None if is_causal else self._additive_mask(attn_mask, key_padding_mask, length, n, q.dtype, q.device)
+        if need_weights:
+            scores = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)  # N,H,L,L
+            if is_causal:
+                mask = causal_mask(length).to(q.device, q.dtype)
+            weights = (scores if mask is None else scores + mask).softmax(dim=-1)
+            out = weights @ v
+        else:
+            weights = None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+        out = out.permute(2, 0, 1, 3).reshape(length, n, width)  # N,H,L,d -> LND
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
+        return self.out_proj(out), weights
+
+    def _additive_mask(
+        self, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, length: int, n: int,
+        dtype: torch.dtype, device: torch.device,
+    ) -> torch.Tensor | None:
+        """attn_mask and key_padding_mask as one additive mask broadcastable to (N, H, L, L), or None."""
+        mask = None
+        if attn_mask is not None:
+            if attn_mask.shape[-1] > length and attn_mask.shape[-2] == attn_mask.shape[-1]:
+                attn_mask = attn_mask[..., :length, :length]
+            mask = _as_additive(attn_mask, dtype, device)
+            if mask.dim() == 3:  # (N * heads, L, L), as nn.MultiheadAttention takes it
+                mask = mask.view(n, self.num_heads, length, length)
+        if key_padding_mask is not None:  # (N, L): True (or -inf) for keys to leave out
+            padding = _as_additive(key_padding_mask, dtype, device).view(n, 1, 1, length)
+            mask = padding if mask is None else mask + padding
+        return mask
+
+
+def _as_additive(mask: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(mask.to(device), float("-inf"))
+    return mask.to(device=device, dtype=dtype)
 
 
 class ResidualAttentionBlock(nn.Module):
-    """Pre-LN block: x + attn(ln_1(x)), then + mlp(ln_2(x)). `causal=True` lets each position attend only to
-    itself and earlier positions (the text encoder's mask)."""
+    """Pre-LN block on (L, N, D): x + attention(ln_1(x)), then + mlp(ln_2(x)).
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, activation: str, causal: bool = False) -> None:
+    attn_mask: OpenAI's additive mask, or None. causal: declares it the causal mask (the text encoder's; each
+    position attends to itself and earlier ones), so the causal attention kernel runs and the mask itself
+    is only there for code that reads it (`attention` replaced by OpenAI-style code)."""
+
+    def __init__(
+        self, width: int, heads: int, attn_mask: torch.Tensor | None = None, *, mlp_ratio: float = 4.0,
+        activation: str = "quick_gelu", causal: bool = False,
+    ) -> None:
         super().__init__()
+        if causal and attn_mask is None:
+            raise ValueError("a causal block needs its attn_mask (causal_mask(context_length))")
         hidden = int(width * mlp_ratio)
+        self.attn_mask = attn_mask  # a plain attribute, as OpenAI's: not in the state dict
         self.causal = causal
         self.ln_1 = LayerNorm(width)
         self.attn = MultiheadSelfAttention(width, heads)
@@ -140,11 +219,13 @@ class ResidualAttentionBlock(nn.Module):
             )
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: LND, as OpenAI's blocks
-        x = x.transpose(0, 1)  # -> NLD; contiguous again when x is the view the model's own callers pass
-        x = x + self.attn(self.ln_1(x), self.causal)
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, need_weights=False, attn_mask=self.attn_mask, is_causal=self.causal)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: LND
+        x = x + self.attention(self.ln_1(x))
         x = x + self.feed_forward(self.ln_2(x))
-        return x.transpose(0, 1)
+        return x
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._folds_quick_gelu(x):
@@ -178,17 +259,23 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of residual attention blocks on (L, N, D) tensors; `causal=True` (the text encoder) lets each
-    position attend only to itself and earlier positions."""
+    """A stack of residual attention blocks on (L, N, D) tensors, built as openai/CLIP's
+    (`Transformer(width, layers, heads, attn_mask)`); see `ResidualAttentionBlock` for the rest."""
 
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, activation: str, causal: bool) -> None:
+    def __init__(
+        self, width: int, layers: int, heads: int, attn_mask: torch.Tensor | None = None, *,
+        mlp_ratio: float = 4.0, activation: str = "quick_gelu", causal: bool = False,
+    ) -> None:
         super().__init__()
         self.width = width
         self.layers = layers
         # Trades compute for memory: each block's activations are recomputed in the backward pass.
         self.grad_checkpointing = False
         self.resblocks = nn.Sequential(
-            *[ResidualAttentionBlock(width, heads, mlp_ratio, activation, causal) for _ in range(layers)]
+            *[
+                ResidualAttentionBlock(width, heads, attn_mask, mlp_ratio=mlp_ratio, activation=activation, causal=causal)
+                for _ in range(layers)
+            ]
         )
 
     def init_parameters(self) -> None:

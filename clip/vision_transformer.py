@@ -21,7 +21,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(torch.empty(width))
         self.positional_embedding = nn.Parameter(torch.empty(grid * grid + 1, width))
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, config.layers, config.heads, config.mlp_ratio, activation, causal=False)
+        self.transformer = Transformer(width, config.layers, config.heads, mlp_ratio=config.mlp_ratio, activation=activation)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(torch.empty(width, output_dim))
         # Patch dropout (FLIP): in training mode, the fraction of patch tokens left out of the transformer, a
@@ -36,7 +36,9 @@ class VisionTransformer(nn.Module):
         self.transformer.init_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_unprojected(x) @ self.proj  # -> N,output_dim
+        x = self.forward_unprojected(x)
+        # `visual.proj = None` leaves the projection out, as in openai/CLIP (a common way to get these features)
+        return x if self.proj is None else x @ self.proj  # -> N,output_dim
 
     def forward_unprojected(self, x: torch.Tensor) -> torch.Tensor:
         """The class token after the final layer norm, before the projection to the embedding space: N,width."""
@@ -47,8 +49,9 @@ class VisionTransformer(nn.Module):
         if self.training and self.patch_dropout > 0:
             x = keep_random_patches(x, self.patch_dropout)  # -> N,1+kept,width
         x = self.ln_pre(x)
-        x = self.transformer(x.transpose(0, 1)).transpose(0, 1)  # the blocks take OpenAI's LND layout; views
-        return self.ln_post(x[:, 0, :])  # the class token -> N,width
+        # The blocks work sequence-first (LND), as OpenAI's: one copy into that layout
+        x = self.transformer(x.transpose(0, 1).contiguous())
+        return self.ln_post(x[0])  # the class token -> N,width
 
 
 def kept_patch_count(num_patches: int, patch_dropout: float) -> int:

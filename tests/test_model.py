@@ -154,7 +154,7 @@ def test_blocks_fold_quick_gelu_where_it_keeps_no_extra_weight_copies(monkeypatc
     original = transformer_module.quick_gelu_mlp
     monkeypatch.setattr(transformer_module, "quick_gelu_mlp", lambda *a: folded_calls.append(1) or original(*a))
     torch.manual_seed(0)
-    block = transformer_module.ResidualAttentionBlock(32, 2, 4.0, "quick_gelu")
+    block = transformer_module.ResidualAttentionBlock(32, 2, activation="quick_gelu")
     torch.nn.init.normal_(block.attn.in_proj_weight, std=0.2)  # created empty; Transformer initialises it
     x = torch.randn(2, 5, 32)  # L, N, D
 
@@ -177,10 +177,10 @@ def test_blocks_fold_quick_gelu_where_it_keeps_no_extra_weight_copies(monkeypatc
     handle = block.mlp.c_fc.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
     block.eval()(x)
     handle.remove()
-    assert len(folded_calls) == 2 and seen == [(5, 2, 128)]  # batch-first inside the block
+    assert len(folded_calls) == 2 and seen == [(2, 5, 128)]  # the layout the block was given (L, N), as OpenAI's
     block.train()
 
-    gelu_block = transformer_module.ResidualAttentionBlock(32, 2, 4.0, "gelu").eval()
+    gelu_block = transformer_module.ResidualAttentionBlock(32, 2, activation="gelu").eval()
     torch.nn.init.normal_(gelu_block.attn.in_proj_weight, std=0.2)
     with torch.no_grad():
         gelu_block(x)
@@ -195,7 +195,7 @@ def test_a_replaced_activation_or_an_added_layer_is_not_folded_away():
     from clip.transformer import ResidualAttentionBlock
 
     torch.manual_seed(0)
-    block = ResidualAttentionBlock(32, 2, 4.0, "quick_gelu").eval()
+    block = ResidualAttentionBlock(32, 2, activation="quick_gelu").eval()
     torch.nn.init.normal_(block.attn.in_proj_weight, std=0.2)
     x = torch.randn(2, 5, 32)
     with torch.no_grad():
@@ -203,16 +203,16 @@ def test_a_replaced_activation_or_an_added_layer_is_not_folded_away():
         block.mlp.gelu = nn.ReLU()  # an ablation: the block must run the ReLU, not the folded QuickGELU
         relu = block(x)
     assert not torch.allclose(relu, folded, atol=1e-3)
-    hidden = x.transpose(0, 1) + block.attn(block.ln_1(x.transpose(0, 1)), False)
+    hidden = x + block.attention(block.ln_1(x))
     expected = hidden + block.mlp.c_proj(torch.relu(block.mlp.c_fc(block.ln_2(hidden))))
-    torch.testing.assert_close(relu, expected.transpose(0, 1))
+    torch.testing.assert_close(relu, expected)
 
     from clip.transformer import QuickGELU
 
     block.mlp = nn.Sequential(block.mlp.c_fc, nn.GELU(), block.mlp.c_proj)  # a whole new MLP: runs as given
     with torch.no_grad():
         expected = hidden + block.mlp(block.ln_2(hidden))
-        torch.testing.assert_close(block(x), expected.transpose(0, 1))
+        torch.testing.assert_close(block(x), expected)
     block.mlp = nn.Sequential(OrderedDict(c_fc=block.mlp[0], gelu=QuickGELU(), c_proj=block.mlp[2]))
 
     silencer = nn.Linear(32, 32)  # an appended layer (say, a pruning mask) that zeroes the MLP's output
@@ -220,8 +220,8 @@ def test_a_replaced_activation_or_an_added_layer_is_not_folded_away():
     nn.init.zeros_(silencer.bias)
     block.mlp.append(silencer)
     with torch.no_grad():
-        attention_only = x.transpose(0, 1) + block.attn(block.ln_1(x.transpose(0, 1)), False)
-        torch.testing.assert_close(block(x), attention_only.transpose(0, 1))
+        attention_only = x + block.attention(block.ln_1(x))
+        torch.testing.assert_close(block(x), attention_only)
 
 
 def test_blocks_and_transformer_take_openai_sequence_first_layout():

@@ -52,3 +52,138 @@ def test_simple_tokenizer_as_openai_clip():
     assert tokenizer.encoder["<|startoftext|>"] == 49406 and tokenizer.decoder[49407] == "<|endoftext|>"
     framed = [49406, *ids, 49407]
     assert tokenizer.decode(framed) == "<|startoftext|>a photo of a cat <|endoftext|>"
+
+
+def test_hooks_inside_the_blocks_see_openai_shapes():
+    # Attention-map and dense-feature tools hook ln_1, attn and the MLP of OpenAI's blocks, which run
+    # sequence-first (L, N, D); `attn` returns nn.MultiheadAttention's (output, weights) pair.
+    torch.manual_seed(0)
+    model = clip.create_model(TINY).eval()
+    seen = {}
+
+    def record(name):
+        def hook(module, args, out):  # returns None: a hook's return value would replace the output
+            seen.setdefault(name, out if isinstance(out, tuple) else out.shape)
+
+        return hook
+
+    text_block, image_block = model.transformer.resblocks[0], model.visual.transformer.resblocks[0]
+    for name, module in [("ln_1", text_block.ln_1), ("c_fc", text_block.mlp.c_fc), ("ln_final", model.ln_final),
+                         ("text_attn", text_block.attn), ("image_attn", image_block.attn),
+                         ("image_c_fc", image_block.mlp.c_fc), ("ln_post", model.visual.ln_post)]:
+        module.register_forward_hook(record(name))
+    with torch.no_grad():
+        model.encode_text(clip.tokenize(["a cat", "a photo of a dog"]), trim=False)  # all 77 positions
+        model.encode_image(torch.randn(3, 3, 32, 32))
+    assert seen["ln_1"] == (77, 2, 64) and seen["c_fc"] == (77, 2, 256) and seen["ln_final"] == (2, 77, 64)
+    assert seen["text_attn"][0].shape == (77, 2, 64) and seen["text_attn"][1] is None
+    assert seen["image_attn"][0].shape == (5, 3, 64) and seen["image_c_fc"] == (5, 3, 256)  # 4 patches + class
+    assert seen["ln_post"] == (3, 64)
+
+
+def test_attention_is_called_and_answers_like_nn_multihead_attention():
+    from clip.transformer import MultiheadSelfAttention, causal_mask
+
+    torch.manual_seed(0)
+    ours = MultiheadSelfAttention(32, 4)
+    torch.nn.init.normal_(ours.in_proj_weight, std=0.2)
+    reference = torch.nn.MultiheadAttention(32, 4)
+    reference.load_state_dict(ours.state_dict())
+    assert (ours.embed_dim, ours.num_heads, ours.head_dim, ours.batch_first) == (32, 4, 8, False)
+    x = torch.randn(7, 3, 32)  # L, N, D
+    padding = torch.tensor([[False] * 7, [False] * 5 + [True] * 2, [False] * 6 + [True]])
+    boolean = torch.rand(7, 7) > 0.7
+    boolean.fill_diagonal_(False)  # every query keeps a key
+    cases = [
+        {},
+        {"attn_mask": causal_mask(7)},
+        {"attn_mask": boolean},
+        {"key_padding_mask": padding},
+        {"attn_mask": causal_mask(7), "key_padding_mask": padding},
+        {"need_weights": True, "average_attn_weights": False, "attn_mask": causal_mask(7)},
+    ]
+    for kwargs in cases:
+        expected_out, expected_weights = reference(x, x, x, **{"need_weights": False, **kwargs})
+        out, weights = ours(x, x, x, **{"need_weights": False, **kwargs})
+        torch.testing.assert_close(out, expected_out, msg=str(kwargs))
+        if expected_weights is None:
+            assert weights is None
+        else:
+            torch.testing.assert_close(weights, expected_weights, msg=str(kwargs))
+    out, weights = ours(x, x, x)  # nn.MultiheadAttention's default: the weights averaged over the heads
+    expected_out, expected_weights = reference(x, x, x)
+    torch.testing.assert_close(out, expected_out)
+    torch.testing.assert_close(weights, expected_weights)
+    # OpenAI's context-sized mask on a shorter sequence is cut; is_causal takes the causal kernel
+    expected_out, _ = reference(x, x, x, need_weights=False, attn_mask=causal_mask(7))
+    torch.testing.assert_close(ours(x, x, x, need_weights=False, attn_mask=causal_mask(77))[0], expected_out)
+    torch.testing.assert_close(ours(x, None, None, need_weights=False, is_causal=True)[0], expected_out)
+    with pytest.raises(NotImplementedError, match="self-attention only"):
+        ours(x, torch.randn(7, 3, 32), torch.randn(7, 3, 32))
+
+
+def test_replacing_a_blocks_attention_method_takes_effect():
+    # Dense-prediction and attention-map tools replace ResidualAttentionBlock.attention, as in openai/CLIP.
+    torch.manual_seed(0)
+    model = clip.create_model(TINY).eval()
+    images, texts = torch.randn(2, 3, 32, 32), clip.tokenize(["a cat", "a dog"])
+    with torch.no_grad():
+        before = model.encode_image(images), model.encode_text(texts)
+    maps = []
+    for block in (model.visual.transformer.resblocks[-1], model.transformer.resblocks[-1]):
+        def attention(x, block=block):  # OpenAI's own method, with the weights kept
+            out, weights = block.attn(x, x, x, need_weights=True, attn_mask=block.attn_mask)
+            maps.append(weights.shape)
+            return out
+
+        block.attention = attention
+    with torch.no_grad():
+        after = model.encode_image(images), model.encode_text(texts)
+    assert maps == [(2, 5, 5), (2, 8, 8)]  # the text cut after its last end token, and the mask with it
+    for old, new in zip(before, after, strict=True):
+        torch.testing.assert_close(new, old)
+
+
+def test_openai_style_module_surgery():
+    torch.manual_seed(0)
+    model = clip.create_model(TINY).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        unprojected = model.encode_image_unprojected(images)
+        model.visual.proj = None  # openai/CLIP code gets the class token's features this way
+        torch.testing.assert_close(model.encode_image(images), unprojected)
+    assert torch.equal(model.build_attention_mask(), torch.full((77, 77), float("-inf")).triu(1))
+    assert model.initialize_parameters.__func__ is clip.model.CLIP.init_parameters
+    for name in ("QuickGELU", "ResidualAttentionBlock", "Transformer", "VisionTransformer", "ModifiedResNet",
+                 "AttentionPool2d", "Bottleneck", "LayerNorm", "CLIP"):
+        assert hasattr(clip.model, name), name
+
+
+def test_resnet_modules_and_dtype_as_openai_clip():
+    resnet = ModelConfig(
+        embed_dim=16,
+        vision=VisionConfig(kind="resnet", image_size=64, width=16, layers=(1, 1, 1, 1), heads=2),
+        text=TextConfig(context_length=77, vocab_size=49408, width=32, layers=1, heads=2),
+    )
+    torch.manual_seed(0)
+    model = clip.create_model(resnet).eval()
+    block = model.visual.layer2[0]
+    assert block.stride == 2 and model.visual.attnpool.num_heads == 2
+    fired = []
+    block.relu3.register_forward_hook(lambda module, args, out: fired.append(out.shape) and None)
+    model.visual.relu1.register_forward_hook(lambda module, args, out: fired.append(out.shape) and None)
+    model.visual.to(torch.bfloat16)  # the image tower alone in half precision: images follow its dtype
+    assert model.dtype == torch.bfloat16
+    with torch.no_grad():
+        features = model.visual(torch.randn(2, 3, 64, 64))  # float32 images, cast as openai/CLIP's ResNet does
+    assert features.dtype == torch.bfloat16 and fired == [(2, 8, 32, 32), (2, 128, 8, 8)]
+
+
+def test_a_traced_text_encoder_keeps_every_position():
+    # A length read from the example would be fixed in the trace, and wrong for a longer caption.
+    torch.manual_seed(0)
+    model = clip.create_model(TINY).eval()
+    short, long = clip.tokenize(["a cat"]), clip.tokenize(["a photo of " + "a very big cat " * 8])
+    with torch.no_grad():
+        traced = torch.jit.trace_module(model, {"encode_text": short}, check_trace=False)
+        torch.testing.assert_close(traced.encode_text(long), model.encode_text(long))

@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
+from .cli.common import USER_ERRORS, debugging
 from .config import TrainConfig, load_config, to_dict, to_toml
 from .config_io import ConfigError
 from .cuda_backends import configure_cuda_backends
@@ -60,20 +62,40 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class BadTrainingInput(ValueError):
+    """A training or evaluation dataset that cannot be used (a missing manifest or folder, wrong columns, a
+    malformed file, shards without a sample count), found before the first step: `main` reports it in one
+    line, as a bad config. The error that the reading raised is its __cause__."""
+
+
+@contextlib.contextmanager
+def bad_input_reported_as(error_type: type[Exception]):
+    """Turns the errors that reading the user's files raises (`clip.cli.common.USER_ERRORS`) into
+    `error_type`, the original chained for CLIP_DEBUG's traceback."""
+    try:
+        yield
+    except USER_ERRORS as error:
+        raise error_type(str(error)) from error
+
+
 def train(config: TrainConfig, stop_at_step: int | None = None) -> dict:
     """Runs (or resumes) the run described by `config`; returns the final metrics.
 
     stop_at_step: stop after this many steps as if interrupted (checkpoint, then return); for tests.
     """
     # ---- setup ----------------------------------------------------------------------------------------
-    dist_info = init_distributed(device=config.train.device)
-    try:
-        return _train(config, dist_info, stop_at_step)
-    finally:
-        cleanup_distributed()
+    # Signals are caught from the start: one during the setup (a rendezvous, a download, a resume's reads)
+    # stops the run after its first step, with a checkpoint and the status that requeues it, where the
+    # default handler would end it with nothing saved and a status the job script takes for a failure.
+    with StopRequest() as stop:
+        dist_info = init_distributed(device=config.train.device)
+        try:
+            return _train(config, dist_info, stop_at_step, stop)
+        finally:
+            cleanup_distributed()
 
 
-def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | None) -> dict:
+def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | None, stop: StopRequest) -> dict:
     run_dir = Path(config.output_dir)
     device = dist_info.device
     if config.logging.wandb:
@@ -161,7 +183,8 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
     if already_finished:
         log.info("%s finished its %d steps already: evaluating only, its checkpoint and config are left as they are",
                  run_dir, start_step)
-    check_evaluation_datasets(config.eval, warn=dist_info.is_main)
+    with bad_input_reported_as(BadTrainingInput):
+        check_evaluation_datasets(config.eval, warn=dist_info.is_main)
     if dist_info.is_main and not already_finished:
         # Written after the resume checks: a refused resume leaves the run's recorded config alone.
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -181,16 +204,17 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
         train_module = torch.compile(train_module)
 
     tokenizer = get_tokenizer()
-    data = build_train_data(
-        config.data,
-        image_size=config.model.vision.image_size,
-        context_length=config.model.text.context_length,
-        tokenizer=tokenizer,
-        batch_size=config.train.batch_size,
-        rank=dist_info.rank,
-        world_size=dist_info.world_size,
-        seed=config.train.seed,
-    )
+    with bad_input_reported_as(BadTrainingInput):
+        data = build_train_data(
+            config.data,
+            image_size=config.model.vision.image_size,
+            context_length=config.model.text.context_length,
+            tokenizer=tokenizer,
+            batch_size=config.train.batch_size,
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
+            seed=config.train.seed,
+        )
     if data_state is not None:
         data.load_state_dict(data_state)
     global_batch = config.train.batch_size * dist_info.world_size
@@ -291,150 +315,149 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
     if config.train.lock_text:
         for tower_module in module.clip.text_tower():
             tower_module.eval()
-    with StopRequest() as stop:
-        while step < last_step:
-            lr = learning_rate(step, config.optimizer.lr, config.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images, texts = next(batches)
-            # The texts are cut after the batch's last end-of-text token, a position read here on the host
-            # where it costs no GPU sync (the model is built with trim_text=False). The cut is taken after
-            # the copy, so the copy stays an asynchronous one from the loader's pinned memory.
-            text_length = trimmed_text_length(texts.argmax(dim=-1), texts.shape[-1])
-            if peak is not None:
-                window_flops += global_batch * training_flops_per_sample(
-                    config.model, text_length, config.train.lock_image, config.train.lock_text,
-                    config.train.patch_dropout,
-                )
-            images = images.to(device, non_blocking=True)  # uint8 pixels: a quarter of a float batch's bytes
-            texts = texts.to(device, non_blocking=True)[:, :text_length]
-            if config.model.vision.kind == "resnet" and device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)  # kept by the normalisation
-            images = normalize_pixels(images)
-
-            optimizer.zero_grad(set_to_none=True)
-            skipped = {"value": False}
-            stopping = {"value": False}  # some rank was signalled: checkpoint after this step, then stop
-            grad_norm = None  # set when the step is taken and gradients are clipped
-
-            def backward(loss: torch.Tensor) -> None:
-                # A non-finite loss is checked before any gradient exists, on all ranks together (every
-                # rank calls this equally often, so the collective inside always pairs up).
-                finite, stop_agreed = agree_before_backward(loss.detach(), stop.requested, dist_info)
-                stopping["value"] |= stop_agreed
-                if skipped["value"] or not finite:
-                    skipped["value"] = True
-                    return
-                scaler.scale(loss).backward()
-
-            loss, loss_metrics = contrastive_step(
-                train_module, images, texts, config.train.accumulation_steps, loss_fn, autocast, backward,
-                dist_info.is_distributed, locked_image=config.train.lock_image, locked_text=config.train.lock_text,
+    while step < last_step:
+        lr = learning_rate(step, config.optimizer.lr, config.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images, texts = next(batches)
+        # The texts are cut after the batch's last end-of-text token, a position read here on the host
+        # where it costs no GPU sync (the model is built with trim_text=False). The cut is taken after
+        # the copy, so the copy stays an asynchronous one from the loader's pinned memory.
+        text_length = trimmed_text_length(texts.argmax(dim=-1), texts.shape[-1])
+        if peak is not None:
+            window_flops += global_batch * training_flops_per_sample(
+                config.model, text_length, config.train.lock_image, config.train.lock_text,
+                config.train.patch_dropout,
             )
-            step += 1
-            if skipped["value"]:
-                optimizer.zero_grad(set_to_none=True)
-                nonfinite_total += 1
-                nonfinite_in_a_row += 1
-                log.warning("step %d: non-finite loss (%s); step skipped (%d in a row)", step, loss.item(), nonfinite_in_a_row)
-                if nonfinite_in_a_row >= config.train.max_consecutive_nonfinite:
-                    raise NonFiniteLossError(
-                        f"{nonfinite_in_a_row} non-finite losses in a row at step {step}; stopping. The last good "
-                        f"checkpoint in {run_dir / ckpt.CHECKPOINT_DIR} is kept. Try a lower optimizer.lr, "
-                        f"precision=bf16 instead of fp16, or a smaller loss.max_logit_scale."
+        images = images.to(device, non_blocking=True)  # uint8 pixels: a quarter of a float batch's bytes
+        texts = texts.to(device, non_blocking=True)[:, :text_length]
+        if config.model.vision.kind == "resnet" and device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)  # kept by the normalisation
+        images = normalize_pixels(images)
+
+        optimizer.zero_grad(set_to_none=True)
+        skipped = {"value": False}
+        stopping = {"value": False}  # some rank was signalled: checkpoint after this step, then stop
+        grad_norm = None  # set when the step is taken and gradients are clipped
+
+        def backward(loss: torch.Tensor) -> None:
+            # A non-finite loss is checked before any gradient exists, on all ranks together (every
+            # rank calls this equally often, so the collective inside always pairs up).
+            finite, stop_agreed = agree_before_backward(loss.detach(), stop.requested, dist_info)
+            stopping["value"] |= stop_agreed
+            if skipped["value"] or not finite:
+                skipped["value"] = True
+                return
+            scaler.scale(loss).backward()
+
+        loss, loss_metrics = contrastive_step(
+            train_module, images, texts, config.train.accumulation_steps, loss_fn, autocast, backward,
+            dist_info.is_distributed, locked_image=config.train.lock_image, locked_text=config.train.lock_text,
+        )
+        step += 1
+        if skipped["value"]:
+            optimizer.zero_grad(set_to_none=True)
+            nonfinite_total += 1
+            nonfinite_in_a_row += 1
+            log.warning("step %d: non-finite loss (%s); step skipped (%d in a row)", step, loss.item(), nonfinite_in_a_row)
+            if nonfinite_in_a_row >= config.train.max_consecutive_nonfinite:
+                raise NonFiniteLossError(
+                    f"{nonfinite_in_a_row} non-finite losses in a row at step {step}; stopping. The last good "
+                    f"checkpoint in {run_dir / ckpt.CHECKPOINT_DIR} is kept. Try a lower optimizer.lr, "
+                    f"precision=bf16 instead of fp16, or a smaller loss.max_logit_scale."
+                )
+        else:
+            nonfinite_in_a_row = 0
+            scaler.unscale_(optimizer)
+            if config.optimizer.grad_clip_norm is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), config.optimizer.grad_clip_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            with torch.no_grad():
+                # The paper clips the temperature so the logits are scaled by at most 100.
+                module.clip.logit_scale.clamp_(0, max_log_scale)
+        window_samples += global_batch
+
+        if step % config.logging.every_n_steps == 0 or step == last_step:
+            if device.type == "cuda":
+                # The host runs ahead of the GPU: without waiting, the window would end before its last
+                # steps' kernels ran, and throughput and MFU would read too high.
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - window_start
+            samples_per_s = window_samples / max(elapsed, 1e-9)
+            last_metrics = {
+                "step": step,
+                "loss": loss.item(),  # replaced below by the loss averaged over ranks
+                "lr": lr,
+                "logit_scale": module.clip.logit_scale.exp().item(),
+                "samples_per_s": samples_per_s,
+                "images_per_s_per_accelerator": samples_per_s / dist_info.world_size,
+                "nonfinite_steps_total": nonfinite_total,
+                **{k: float(v) for k, v in loss_metrics.items()},
+            }
+            if grad_norm is not None and not skipped["value"]:
+                last_metrics["grad_norm"] = float(grad_norm)
+            if peak is not None:
+                last_metrics["mfu"] = window_flops / max(elapsed, 1e-9) / dist_info.world_size / peak
+            # Every rank's data counts, summed (a collective: all ranks log at the same steps).
+            data_stats = merge_rank_reports(gather_objects(data.rank_report(), dist_info))
+            if dist_info.is_main:
+                run_log.write({**last_metrics, "data": data_stats})
+                if progress is not None:
+                    progress.set_postfix(
+                        loss=f"{last_metrics['loss']:.3f}", lr=f"{lr:.2e}",
+                        scale=f"{last_metrics['logit_scale']:.1f}", samples_s=f"{samples_per_s:.0f}",
                     )
-            else:
-                nonfinite_in_a_row = 0
-                scaler.unscale_(optimizer)
-                if config.optimizer.grad_clip_norm is not None:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), config.optimizer.grad_clip_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                with torch.no_grad():
-                    # The paper clips the temperature so the logits are scaled by at most 100.
-                    module.clip.logit_scale.clamp_(0, max_log_scale)
-            window_samples += global_batch
-
-            if step % config.logging.every_n_steps == 0 or step == last_step:
-                if device.type == "cuda":
-                    # The host runs ahead of the GPU: without waiting, the window would end before its last
-                    # steps' kernels ran, and throughput and MFU would read too high.
-                    torch.cuda.synchronize(device)
-                elapsed = time.perf_counter() - window_start
-                samples_per_s = window_samples / max(elapsed, 1e-9)
-                last_metrics = {
-                    "step": step,
-                    "loss": loss.item(),  # replaced below by the loss averaged over ranks
-                    "lr": lr,
-                    "logit_scale": module.clip.logit_scale.exp().item(),
-                    "samples_per_s": samples_per_s,
-                    "images_per_s_per_accelerator": samples_per_s / dist_info.world_size,
-                    "nonfinite_steps_total": nonfinite_total,
-                    **{k: float(v) for k, v in loss_metrics.items()},
-                }
-                if grad_norm is not None and not skipped["value"]:
-                    last_metrics["grad_norm"] = float(grad_norm)
-                if peak is not None:
-                    last_metrics["mfu"] = window_flops / max(elapsed, 1e-9) / dist_info.world_size / peak
-                # Every rank's data counts, summed (a collective: all ranks log at the same steps).
-                data_stats = merge_rank_reports(gather_objects(data.rank_report(), dist_info))
-                if dist_info.is_main:
-                    run_log.write({**last_metrics, "data": data_stats})
-                    if progress is not None:
-                        progress.set_postfix(
-                            loss=f"{last_metrics['loss']:.3f}", lr=f"{lr:.2e}",
-                            scale=f"{last_metrics['logit_scale']:.1f}", samples_s=f"{samples_per_s:.0f}",
-                        )
-                window_start, window_samples, window_flops = time.perf_counter(), 0, 0.0
-            if progress is not None:
-                progress.update(1)
-
-            # One process needs no agreement: a signal that came after this step's backward pass counts now.
-            stop_now = stopping["value"] or (not dist_info.is_distributed and stop.requested)
-            evaluate_now = config.eval.every_n_steps and step % config.eval.every_n_steps == 0 and step < total_steps
-            if evaluate_now and not stop_now:
-                # A pre-empted run spends its grace period saving, not evaluating: a signal (also one after this
-                # step's agreement) abandons the evaluation, and the run saves and stops.
-                try:
-                    last_metrics.update(evaluate(step, stop))
-                except EvaluationInterrupted:
-                    stop_now = True
-            every = config.checkpoint.every_n_steps
-            if (every and step % every == 0 and step < last_step) or (stop_now and step < total_steps):
-                save(step, {**last_metrics, "nonfinite_steps_total": nonfinite_total})
-            if stop_now:
-                last_step = step
-                break
-
+            window_start, window_samples, window_flops = time.perf_counter(), 0, 0.0
         if progress is not None:
-            progress.close()
-        finished = step >= total_steps
-        # The step reached, not the last logged one: `main` tells a finished run from a stopped one by it.
-        final = {**last_metrics, "step": step, "nonfinite_steps_total": nonfinite_total}
-        # Saved before the final evaluation, so that an evaluation that fails (a dataset moved while training
-        # ran) costs no trained weights. Decided from this run's own saves, not by looking at the file system:
-        # every rank must agree, or the collectives inside save() would pair up with other calls.
-        if saved_at["step"] != step:
-            save(step, final)
-        # Still under the same signal handling: a signal from the last step on abandons the final evaluation
-        # (it may outlast the grace period; the weights are saved), `main` exits 75 and the run started again
-        # only evaluates.
-        if finished:
+            progress.update(1)
+
+        # One process needs no agreement: a signal that came after this step's backward pass counts now.
+        stop_now = stopping["value"] or (not dist_info.is_distributed and stop.requested)
+        evaluate_now = config.eval.every_n_steps and step % config.eval.every_n_steps == 0 and step < total_steps
+        if evaluate_now and not stop_now:
+            # A pre-empted run spends its grace period saving, not evaluating: a signal (also one after this
+            # step's agreement) abandons the evaluation, and the run saves and stops.
             try:
-                final.update(evaluate(step, stop))
+                last_metrics.update(evaluate(step, stop))
             except EvaluationInterrupted:
-                log.warning("final evaluation abandoned; the trained weights are saved: run again to evaluate")
-                final["evaluation_interrupted"] = True
-        data_totals = merge_rank_reports(gather_objects(data.rank_report(), dist_info))
-        if dist_info.is_main:
-            log.info("data: %s", data.epoch_summary())  # this rank's, since the run (or resume) started
-            log.info("data, all %d ranks, whole run: %s", dist_info.world_size, counts_line(data_totals["sources"]))
-            run_log.close()
-            if finished and not final.get("evaluation_interrupted"):
-                if config.logging.plot:
-                    plot_run(run_dir)
-                (run_dir / "results.json").write_text(json.dumps(final, indent=2, default=float), encoding="utf-8")
-        data.close()
+                stop_now = True
+        every = config.checkpoint.every_n_steps
+        if (every and step % every == 0 and step < last_step) or (stop_now and step < total_steps):
+            save(step, {**last_metrics, "nonfinite_steps_total": nonfinite_total})
+        if stop_now:
+            last_step = step
+            break
+
+    if progress is not None:
+        progress.close()
+    finished = step >= total_steps
+    # The step reached, not the last logged one: `main` tells a finished run from a stopped one by it.
+    final = {**last_metrics, "step": step, "nonfinite_steps_total": nonfinite_total}
+    # Saved before the final evaluation, so that an evaluation that fails (a dataset moved while training
+    # ran) costs no trained weights. Decided from this run's own saves, not by looking at the file system:
+    # every rank must agree, or the collectives inside save() would pair up with other calls.
+    if saved_at["step"] != step:
+        save(step, final)
+    # Still under the same signal handling: a signal from the last step on abandons the final evaluation
+    # (it may outlast the grace period; the weights are saved), `main` exits 75 and the run started again
+    # only evaluates.
+    if finished:
+        try:
+            final.update(evaluate(step, stop))
+        except EvaluationInterrupted:
+            log.warning("final evaluation abandoned; the trained weights are saved: run again to evaluate")
+            final["evaluation_interrupted"] = True
+    data_totals = merge_rank_reports(gather_objects(data.rank_report(), dist_info))
+    if dist_info.is_main:
+        log.info("data: %s", data.epoch_summary())  # this rank's, since the run (or resume) started
+        log.info("data, all %d ranks, whole run: %s", dist_info.world_size, counts_line(data_totals["sources"]))
+        run_log.close()
+        if finished and not final.get("evaluation_interrupted"):
+            if config.logging.plot:
+                plot_run(run_dir)
+            (run_dir / "results.json").write_text(json.dumps(final, indent=2, default=float), encoding="utf-8")
+    data.close()
     return final
 
 
@@ -477,6 +500,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         results = train(config)
+    except BadTrainingInput as error:
+        if debugging():
+            traceback.print_exception(error.__cause__ or error)
+        print(f"clip-train: {error}", file=sys.stderr)
+        return 2
     except (
         NonFiniteLossError, ckpt.NoReadableCheckpointError, ResumeRefused, MissingDependency,
         WeightsFileError, ModelNotFoundError, DownloadError,  # train.init_weights names nothing loadable

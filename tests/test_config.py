@@ -210,6 +210,17 @@ def test_boundary_values_that_mean_something_are_accepted():
     assert load_config(None, ["loss.max_logit_scale=inf"], TrainConfig).loss.max_logit_scale == float("inf")
 
 
+def test_an_override_makes_the_default_source_a_manifest_without_a_synthetic_sample_count(tmp_path):
+    from clip.config import TrainConfig
+    from clip.data.config import DEFAULT_SYNTHETIC_SAMPLES
+    from clip.data.sources import SyntheticSource
+
+    source = load_config(None, ["data.sources.0.kind=manifest", "data.sources.0.path=x.csv"], TrainConfig).data.sources[0]
+    assert (source.kind, source.path, source.num_samples) == ("manifest", "x.csv", None)
+    default = load_config(None, [], TrainConfig).data.sources[0]
+    assert SyntheticSource("demo", default, image_size=32).num_samples == DEFAULT_SYNTHETIC_SAMPLES
+
+
 def test_sections_built_in_python_raise_config_errors_too():
     from clip.config import CheckpointConfig, OptimizerConfig, ScheduleConfig
     from clip.data import DataConfig, SourceConfig

@@ -28,6 +28,17 @@ def test_csv_quoted_fields_hold_commas_and_quotes(tmp_path: Path) -> None:
     assert captions_of(path) == ["red, green and blue", 'a "quoted" word']
 
 
+def test_a_csv_quote_that_never_closes_is_an_error_not_a_swallowed_file(tmp_path: Path) -> None:
+    # Python's csv reader would take every later row into the open field and report one row, no error.
+    path = tmp_path / "train.csv"
+    rows = ['0.jpg,"a good one"', '1.jpg,"the unclosed one', *(f"{i}.jpg,caption {i}" for i in range(2, 40))]
+    path.write_text("image,caption\n" + "\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=r"train\.csv, the record from line 3: unexpected end of data"):
+        read_manifest(str(path))
+    path.write_text('image,caption\n0.jpg,"a multi-line\ncaption"\n1.jpg,plain\n')  # quoted newlines stay valid
+    assert captions_of(path) == ["a multi-line\ncaption", "plain"]
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
 def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path: Path, suffix: str) -> None:
     path = tmp_path / f"train{suffix}"

@@ -230,6 +230,22 @@ def test_main_exits_75_when_a_signal_stopped_the_run_early(tmp_path, monkeypatch
     assert main([*logged_rarely, "schedule.steps=2"]) == 0
 
 
+def test_a_signal_during_the_setup_saves_after_the_first_step_and_exits_75(tmp_path, monkeypatch):
+    # SLURM may pre-empt a requeued job while it starts (reading its checkpoint, building its data): the
+    # default handler would end it with status 143, which the job script takes for a failure.
+    import clip.train as train_module
+
+    real = train_module.build_train_data
+
+    def signalled_while_building(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "build_train_data", signalled_while_building)
+    assert main([str(DEMO), "--output-dir", str(tmp_path), *TINY, "eval.every_n_steps=0"]) == 75
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1]
+
+
 def signal_during_evaluation(monkeypatch, call: int, signum: int = signal.SIGTERM) -> None:
     """Delivers `signum` to this process inside the `call`-th evaluation, before it computes anything."""
     import clip.train as train_module
@@ -512,6 +528,17 @@ def test_a_config_error_is_one_line_and_status_2(tmp_path, capsys):
     assert error.startswith("clip-train: ") and "batch_size" in error and "Traceback" not in error
 
 
+def test_unusable_data_is_one_line_and_status_2(tmp_path, capsys):
+    missing = tmp_path / "nowhere.csv"
+    data = ["data.sources.0.kind=manifest", f"data.sources.0.path={missing}", "data.sources.0.num_samples=none"]
+    assert main([str(DEMO), "--output-dir", str(tmp_path / "run"), *TINY, *data]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"clip-train: manifest {missing} does not exist"
+    evaluation = ["eval.zeroshot.0.kind=imagefolder", f"eval.zeroshot.0.root={tmp_path / 'no_images'}"]
+    assert main([str(DEMO), "--output-dir", str(tmp_path / "run"), *TINY, *evaluation]) == 2
+    assert capsys.readouterr().err.startswith("clip-train: ")
+
+
 def test_a_save_killed_mid_write_leaves_no_temporary_file_after_the_next_start(tmp_path):
     train(tiny_config(tmp_path, "eval.every_n_steps=0"), stop_at_step=3)
     stray = tmp_path / ckpt.CHECKPOINT_DIR / ".step_00000004.pt.abcd1234.tmp"  # as save_checkpoint names them
@@ -628,8 +655,11 @@ def test_switching_to_fp16_on_resume_starts_a_fresh_loss_scale(tmp_path):
 
 
 def test_a_missing_evaluation_dataset_fails_before_training(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    from clip.train import BadTrainingInput
+
+    with pytest.raises(BadTrainingInput) as raised:
         train(tiny_config(tmp_path, "eval.zeroshot.0.kind=imagefolder", f"eval.zeroshot.0.root={tmp_path / 'nowhere'}"))
+    assert isinstance(raised.value.__cause__, FileNotFoundError)
     metrics = tmp_path / "metrics.jsonl"
     assert not metrics.exists() or '"loss"' not in metrics.read_text()  # not a single step was spent
 

@@ -41,8 +41,9 @@ class SourceConfig:
     # Manifest quote handling: "auto" = CSV quoting rules for .csv, none for tab-separated files (whose captions
     # hold raw '"'); "csv" for a TSV written by a CSV writer (pandas); "none" to read every field as written.
     quoting: Literal["auto", "none", "csv"] = "auto"
-    # synthetic: the number of samples (required). shards: the total sample count, spread evenly over the shards,
-    # used instead of the size index (sizes.json or img2dataset's *_stats.json) -- for shards without one.
+    # synthetic: the number of samples (None = DEFAULT_SYNTHETIC_SAMPLES). shards: the total sample count, spread
+    # evenly over the shards, used instead of the size index (sizes.json or img2dataset's *_stats.json) -- for
+    # shards without one.
     num_samples: int | None = None
     size_index: str = ""  # shards: path/URL of a sizes.json {shard file name: count}; "" = look beside the shards
     synthetic_image_size: int | None = None  # side of the rendered images; None = the model's image size
@@ -70,8 +71,14 @@ class SourceConfig:
         require("synthetic_seed", self.synthetic_seed, self.synthetic_seed >= 0, ">= 0")
 
 
+# A synthetic source's size when its num_samples is left unset. A default of the source kind, not a value in
+# the default source list: `data.sources.0.kind=manifest` on a file without [[data.sources]] turns that
+# default element into a manifest, which must not inherit a synthetic sample count.
+DEFAULT_SYNTHETIC_SAMPLES = 10_000
+
+
 def _demo_sources() -> list[SourceConfig]:
-    return [SourceConfig(kind="synthetic", num_samples=10_000)]
+    return [SourceConfig(kind="synthetic")]
 
 
 @dataclass

@@ -77,16 +77,23 @@ def _delimited_rows(
     csv_quoting = csv.QUOTE_NONE if quoting == "none" else csv.QUOTE_MINIMAL
     # utf-8-sig: a byte-order mark (as spreadsheet programs write) is not part of the first column's name.
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as file:
-        reader = csv.DictReader(file, delimiter=separator, quoting=csv_quoting)
+        # strict: a quoted field that is never closed is an error. Otherwise the reader takes everything up to
+        # the end of the file as that one field, and every row after a stray quote is gone without a word.
+        reader = csv.DictReader(file, delimiter=separator, quoting=csv_quoting, strict=True)
         available = list(reader.fieldnames or [])
         if image_column not in available or caption_column not in available:
             raise _missing_columns_error(path, [image_column, caption_column], available)
+        record_start = reader.line_num + 1
         try:
             for row in reader:
                 image, caption = row.get(image_column), row.get(caption_column)
                 yield (image, caption) if image and caption is not None else None
-        except csv.Error as error:  # e.g. an unclosed quote swallowing the rest of the file
-            raise ValueError(f"{path}, line {reader.line_num}: {error}") from error
+                record_start = reader.line_num + 1
+        except csv.Error as error:
+            raise ValueError(
+                f"{path}, the record from line {record_start}: {error}. A field that opens with a double quote "
+                'must close it (write a quote inside one as ""), or set quoting = "none" to read quotes as text'
+            ) from error
 
 
 def _jsonl_rows(path: str, image_column: str, caption_column: str) -> Iterator[tuple | None]:

@@ -356,3 +356,61 @@ def test_linear_probe_lists_its_data_before_loading_the_model(tmp_path, monkeypa
     argv = ["--model", "ViT-B/32", "--dataset", "cifar10", "--root", str(tmp_path / "none"), "--device", "cpu"]
     assert linear_probe_cli.main([*argv, "--output-dir", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.startswith("clip-linear-probe: ")
+
+
+def device_argv(command, tmp_path: Path, model: Path, data: Path, device: str) -> list[str]:
+    """Arguments that would run `command` on `device`, with valid data (so only the device can fail)."""
+    if command is zeroshot_cli:
+        config = write_config(tmp_path / "eval.toml", model, data)
+        return [str(config), f"device={device}", "--output-dir", str(tmp_path / "out")]
+    if command is retrieval_cli:
+        images = sorted((data / "shapes").rglob("*.png"))[:2]
+        (tmp_path / "m.csv").write_text("image,caption\n" + "".join(f"{path},a shape\n" for path in images))
+        return ["--model", str(model), "--annotations", str(tmp_path / "m.csv"), "--image-root", "/",
+                "--device", device, "--output-dir", str(tmp_path / "out")]
+    synthetic = ["--dataset", "synthetic", "--num-samples", "4", "--image-size", "32"]
+    return ["--model", str(model), *synthetic, "--device", device, "--output-dir", str(tmp_path / "out")]
+
+
+@pytest.mark.parametrize("command", [zeroshot_cli, retrieval_cli, linear_probe_cli], ids=lambda c: c.__name__)
+def test_an_unavailable_or_unknown_device_is_a_one_line_error_before_the_model_loads(
+    command, tmp_path, tiny_checkpoint, datasets, monkeypatch, capsys
+):
+    def refuse_to_load(*args):
+        pytest.fail("the model was loaded before the device was checked")
+
+    monkeypatch.setattr(command, "load_model", refuse_to_load)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    prog = command.__name__.rsplit(".", 1)[1].replace("_", "-")
+    assert command.main(device_argv(command, tmp_path, tiny_checkpoint, datasets, "cuda")) == 2
+    assert capsys.readouterr().err == (
+        f"clip-{prog}: device 'cuda' is not available on this machine (torch.cuda.is_available() is False)\n"
+    )
+    assert command.main(device_argv(command, tmp_path, tiny_checkpoint, datasets, "gpu")) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith(f"clip-{prog}: device 'gpu' is not a torch device")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_validation_hold_out_that_leaves_no_training_images_is_a_one_line_error(
+    tmp_path, tiny_checkpoint, monkeypatch, capsys
+):
+    def refuse_to_load(*args):
+        pytest.fail("the model was loaded before the hold-out was checked")
+
+    monkeypatch.setattr(linear_probe_cli, "load_model", refuse_to_load)
+    synthetic = ["--dataset", "synthetic", "--image-size", "32"]
+    argv = probe_argv(tiny_checkpoint, tmp_path / "out", *synthetic, "--num-samples", "12", "--val-fraction", "0.99")
+    assert linear_probe_cli.main(argv) == 2
+    assert capsys.readouterr().err == (
+        "clip-linear-probe: --train-split 'train' (--val-fraction 0.99): holding out 12 of 12 training example(s) "
+        "for validation (fraction 0.99) leaves none to fit the probe on; use more training data, a smaller "
+        "validation fraction or a separate validation split\n"
+    )
+    assert linear_probe_cli.main(probe_argv(tiny_checkpoint, tmp_path / "out", *synthetic, "--num-samples", "1")) == 2
+    assert "holding out 1 of 1 training example(s)" in capsys.readouterr().err
+    for fraction in ("0", "1", "1.5", "-0.2"):  # refused by the argument parser, before any data is read
+        with pytest.raises(SystemExit) as exit_info:
+            linear_probe_cli.main(probe_argv(tiny_checkpoint, tmp_path / "out", *synthetic, "--val-fraction", fraction))
+        assert exit_info.value.code == 2
+        assert "--val-fraction: must be between 0 and 1 (exclusive)" in capsys.readouterr().err

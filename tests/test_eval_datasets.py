@@ -197,6 +197,15 @@ def test_max_samples_spreads_over_every_class(tmp_path):
     assert data.dataset.indices == [0, 4, 8]
 
 
+def test_max_samples_of_the_synthetic_set_covers_every_class():
+    # Its labels cycle through the 48 classes item by item: every 9.6th of 960 items would hold 5 classes only.
+    config = ZeroShotDatasetConfig(kind="synthetic", num_samples=960, image_size=16, max_samples=100)
+    data = load_classification_data(config, None)
+    labels = [data.dataset[i][1] for i in range(len(data.dataset))]
+    assert len(labels) == 100 and set(labels) == set(range(len(data.classnames))) and len(data.classnames) == 48
+    assert data.dataset.indices == load_classification_data(config, None).dataset.indices  # the same on every rank
+
+
 def test_every_synthetic_split_has_its_own_images():
     base = ZeroShotDatasetConfig(kind="synthetic", num_samples=6, image_size=16, heldout_report=False)
 
@@ -312,8 +321,8 @@ def test_synthetic_config_reports_heldout_pairs_and_its_own_templates():
     assert data.subsets == {"heldout": reference.heldout_class_indices}
     assert data.templates == synthetic.templates()
     assert len(data.dataset) == 4
-    image, label = data.dataset[3]  # max_samples spreads 4 over 10: images 0, 2, 5, 7
-    assert label == reference[7][1] and image.size == (32, 32)
+    image, label = data.dataset[3]  # max_samples keeps the first 4 synthetic images (see below)
+    assert label == reference[3][1] and image.size == (32, 32)
     other = load_classification_data(
         ZeroShotDatasetConfig(kind="synthetic", heldout_report=False, builtin_templates="simple"), None
     )

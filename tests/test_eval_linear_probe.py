@@ -3,6 +3,8 @@ too little and too much regularisation fail there), determinism, and feature ext
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -178,3 +180,23 @@ def test_unprojected_features_are_a_vits_class_token_before_its_projection(kind)
         torch.testing.assert_close(unprojected @ model.visual.proj.detach(), embedding)
     else:  # the attention pool is a ResNet's last layer: its output is both
         torch.testing.assert_close(unprojected, embedding)
+
+
+@pytest.mark.parametrize(("num_train", "fraction"), [(1, 0.2), (12, 0.99)])
+def test_a_hold_out_that_leaves_no_training_example_is_a_clear_error(num_train, fraction):
+    train = gaussian_classes(num_train, seed=0, num_classes=1)
+    test = gaussian_classes(2, seed=1, num_classes=1)
+    with pytest.raises(ValueError, match=rf"holding out {num_train} of {num_train} training example\(s\)"):
+        run_linear_probe(train, test, 1, val_fraction=fraction)
+    with pytest.raises(ValueError, match="no training examples"):
+        fit_logistic_regression(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long), 2, 1.0)
+
+
+def test_standardising_a_single_training_example_is_safe():
+    # A sample std of one example is NaN; a constant column's is 0: neither may reach the fit.
+    train = (torch.tensor([[1.0, 5.0]], dtype=torch.float64), torch.tensor([0]))
+    val = (torch.tensor([[-1.0, 5.0]], dtype=torch.float64), torch.tensor([1]))
+    test = (torch.tensor([[2.0, 5.0], [-2.0, 5.0]], dtype=torch.float64), torch.tensor([0, 1]))
+    result = run_linear_probe(train, test, 2, val=val, standardize=True, coarse_points=3, refine_steps=0, max_iter=50)
+    assert all(math.isfinite(point.val_loss) for point in result.sweep)
+    assert result.test_accuracy == 1.0

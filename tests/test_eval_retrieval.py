@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -154,6 +155,48 @@ def test_karpathy_json_groups_captions_and_filters_the_split(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps({"images": entries}))
     with pytest.raises(FileNotFoundError, match="1 of 2 images not found"):
         read_karpathy_json(tmp_path / "dataset.json")
+
+
+def karpathy_entry(**fields) -> dict:
+    return {"filename": "x.png", "split": "test", "sentences": [{"raw": "a red"}], **fields}
+
+
+NO_RAW = "image #1, sentence #0 needs a non-empty 'raw' caption"
+NO_SENTENCES = "image #1: 'sentences' must be a non-empty list"
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (karpathy_entry(sentences=[{"text": "a"}]), NO_RAW),
+        (karpathy_entry(sentences=[{"raw": None}]), NO_RAW),
+        (karpathy_entry(sentences=["a red"]), NO_RAW),
+        (karpathy_entry(sentences=[{"raw": " \t"}]), NO_RAW),  # blank: refused as a manifest's empty caption is
+        (karpathy_entry(sentences="red"), NO_SENTENCES),
+        ({"filename": "x.png", "split": "test"}, NO_SENTENCES),
+        (karpathy_entry(filename=7), "image #1 needs a non-empty 'filename' string"),
+        (karpathy_entry(filepath=None), "image #1 needs a non-empty 'filename' string (and 'filepath'"),
+        (karpathy_entry(sentences=[{"raw": "\ud800"}]), "image #1, sentence #0: the caption is not valid UTF-8"),
+        ("x.png", "image #1 must be a JSON object"),
+    ],
+)
+def test_malformed_karpathy_entries_are_errors_naming_the_file_and_entry(tmp_path, entry, message):
+    names = write_images(tmp_path, 1)
+    good = {"filename": names[0], "split": "test", "sentences": [{"raw": "a red"}]}
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps({"images": [good, entry]}))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: {re.escape(message)}"):
+        read_karpathy_json(path)
+
+
+def test_a_karpathy_file_that_is_not_utf8_json_is_named(tmp_path):
+    path = tmp_path / "dataset.json"
+    path.write_text('{"images": [')
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: not valid JSON"):
+        read_karpathy_json(path)
+    path.write_bytes('{"images": [{"filename": "caf\xe9.png"}]}'.encode("latin-1"))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: not UTF-8 text"):
+        read_karpathy_json(path)
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])

@@ -329,6 +329,15 @@ def test_notebook_helper_on_a_tiny_model():
     assert names == [classnames[i] for i in probabilities.argmax(1).tolist()]
 
 
+def test_a_single_template_string_and_no_images_are_clear_errors():
+    from clip.preprocess import image_transform
+
+    with pytest.raises(ValueError, match=r"pass a single template as a list: \['a photo of a \{\}\.'\]"):
+        resolve_templates("a photo of a {}.")
+    with pytest.raises(ValueError, match="no images"):
+        zeroshot_classify_images(tiny_clip(), image_transform(32), [], ["cat", "dog"])
+
+
 def test_prompts_longer_than_the_context_are_truncated_with_a_warning(caplog):
     model = tiny_clip()
     long_template = "a photo of a " + "very " * 40 + "small {}."  # 40+ tokens; the context holds 32

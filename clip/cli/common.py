@@ -66,10 +66,29 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
+def resolve_device(name: str) -> torch.device:
+    """"auto" (CUDA when available, else the CPU) or a torch device string that this machine has; anything
+    else is a ValueError, so a typo or a missing GPU is one line before the model loads, not torch's
+    traceback from the first tensor moved there."""
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a torch device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {name!r} is not available on this machine (torch.cuda.is_available() is False)"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {name!r} is not available on this machine: it has {count} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(
+            f"device {name!r} is not available on this machine (torch.backends.mps.is_available() is False)"
+        )
+    return device
 
 
 def load_model(name_or_path: str, device: torch.device) -> tuple[torch.nn.Module, Any]:

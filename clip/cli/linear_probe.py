@@ -26,7 +26,12 @@ from clip.evaluation.datasets import (
     synthetic_split_seed,
     with_split,
 )
-from clip.evaluation.linear_probe import VALIDATION_FIELD, extract_features, run_linear_probe
+from clip.evaluation.linear_probe import (
+    VALIDATION_FIELD,
+    extract_features,
+    run_linear_probe,
+    validation_count,
+)
 
 from .common import (
     ERRORS_HELP,
@@ -42,6 +47,15 @@ from .common import (
 logger = logging.getLogger("clip.linear_probe")
 
 
+def open_fraction(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1 (checked before the model loads and features are
+    extracted, which can take hours)."""
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="clip-linear-probe", description=__doc__.split("\n\n")[0], epilog=ERRORS_HELP)
     parser.add_argument("--model", required=True, help="released name, weights/checkpoint file, or run directory")
@@ -55,7 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a validation split (an imagefolder's subfolder, or a synthetic split name); "
         "default: hold out --val-fraction of train",
     )
-    parser.add_argument("--val-fraction", type=float, default=0.2)
+    parser.add_argument(
+        "--val-fraction", type=open_fraction, default=0.2, help="the share of train held out without --val-split"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the validation hold-out and of the synthetic data")
     parser.add_argument("--num-samples", type=positive_int, default=2000, help="synthetic only: images per split")
     parser.add_argument("--image-size", type=positive_int, default=64, help="synthetic only: rendered image size")
@@ -112,6 +128,14 @@ def shared_class_folders(base: ZeroShotDatasetConfig, splits: dict[str, str]) ->
     return sorted(folders)
 
 
+def check_validation_hold_out(train_split: str, num_train: int, val_fraction: float) -> None:
+    """Without --val-split, the hold-out must leave training images: a ValueError naming the split otherwise."""
+    try:
+        validation_count(num_train, val_fraction)
+    except ValueError as error:
+        raise ValueError(f"--train-split {train_split!r} (--val-fraction {val_fraction}): {error}") from None
+
+
 def warn_about_classes_without_training_images(labels: torch.Tensor, classnames: list[str]) -> None:
     counts = torch.bincount(labels, minlength=len(classnames))
     missing = [name for name, count in zip(classnames, counts.tolist(), strict=True) if count == 0]
@@ -125,6 +149,7 @@ def warn_about_classes_without_training_images(labels: torch.Tensor, classnames:
 
 
 def probe(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
     base = ZeroShotDatasetConfig(
         kind=args.dataset,
         root=args.root,
@@ -143,7 +168,8 @@ def probe(args: argparse.Namespace) -> int:
         for role, split in splits.items()
     }
     classnames = listed["train"].classnames  # the same for every split: fixed by the dataset kind or `class_folders`
-    device = resolve_device(args.device)
+    if not args.val_split:
+        check_validation_hold_out(args.train_split, len(listed["train"].dataset), args.val_fraction)
     model, preprocess = load_model(args.model, device)
     features, skipped = {}, {}
     for role, split in splits.items():
@@ -159,6 +185,8 @@ def probe(args: argparse.Namespace) -> int:
         )
         skipped[role] = len(data.dataset) - len(features[role][1])
         logger.info("%s split %r: %d images", role, split, len(features[role][1]))
+    if not args.val_split:  # again: unreadable images may have left fewer
+        check_validation_hold_out(args.train_split, len(features["train"][1]), args.val_fraction)
     warn_about_classes_without_training_images(features["train"][1], classnames)
     result = run_linear_probe(
         features["train"],

@@ -75,6 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def evaluate(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
     dataset = RetrievalDatasetConfig(
         name=args.name,
         format=args.format,
@@ -90,7 +91,6 @@ def evaluate(args: argparse.Namespace) -> int:
     name = dataset.resolved_name()
     data = load_retrieval_data(dataset)
     logger.info("%s: %d images, %d captions", name, len(data.image_paths), len(data.captions))
-    device = resolve_device(args.device)
     model, preprocess = load_model(args.model, device)
     result = evaluate_retrieval(
         model,

@@ -51,8 +51,8 @@ def list_datasets(config: ZeroShotRunConfig) -> dict[str, ClassificationData]:
 
 def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:
     """Evaluates every dataset of `config`; writes results.json and PNGs to `output_dir`; returns the JSON."""
-    datasets = list_datasets(config)
     device = resolve_device(config.device)
+    datasets = list_datasets(config)
     model, preprocess = load_model(config.model, device)
     results = []
     for name, data in datasets.items():

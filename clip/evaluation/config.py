@@ -68,7 +68,8 @@ class ZeroShotDatasetConfig:
     # Which built-in template set to use when no templates_file is given: "default" or "simple".
     builtin_templates: str = "default"
     # Evaluate at most this many images, evenly spaced over the dataset's order (so every class of a sorted
-    # image folder is represented, not just the first); 0 = all.
+    # image folder is represented, not just the first; the synthetic set, which cycles through its classes,
+    # gives its first N); 0 = all.
     max_samples: int = 0
     # kind = "synthetic" only: number of images, their size in pixels, and the generator's seed.
     num_samples: int = 500

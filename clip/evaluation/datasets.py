@@ -381,6 +381,18 @@ def evenly_spaced_indices(length: int, count: int) -> list[int]:
     return [i * length // count for i in range(count)]
 
 
+def subsample_indices(kind: str, length: int, count: int) -> list[int]:
+    """The `count` items of a dataset of `kind` that `max_samples` keeps, chosen so that classes of similar size
+    are all represented once `count` reaches the number of classes; a fixed function of its arguments, so
+    every rank keeps the same items."""
+    if kind == "synthetic":
+        # Its labels cycle through the classes item by item, so evenly spaced indices alias onto a few classes
+        # (100 of 960 items, every 9.6th, hold 5 of the 48 classes); its first `count` items go round them all.
+        return list(range(count))
+    # Spread over the whole dataset: the first N of a sorted image folder would be class 0's images only.
+    return evenly_spaced_indices(length, count)
+
+
 def load_classification_data(
     config: ZeroShotDatasetConfig,
     transform: Transform | None,
@@ -433,8 +445,7 @@ def load_classification_data(
     elif templates is None or config.builtin_templates != "default":
         templates = builtin_templates(config.builtin_templates)
     if 0 < config.max_samples < len(dataset):
-        # Spread over the whole dataset: the first N of a sorted image folder would be class 0's images only.
-        dataset = Subset(dataset, evenly_spaced_indices(len(dataset), config.max_samples))
+        dataset = Subset(dataset, subsample_indices(config.kind, len(dataset), config.max_samples))
     return ClassificationData(dataset, list(classnames), templates, subsets)
 
 

@@ -93,6 +93,8 @@ def fit_logistic_regression(
     l2 = 1 / C), on the features' device and dtype."""
     if features.ndim != 2 or len(features) != len(labels):
         raise ValueError(f"need features [N, D] and labels [N], got {tuple(features.shape)} and {tuple(labels.shape)}")
+    if len(labels) == 0:  # the L2 term is scaled by 1 / N below
+        raise ValueError("no training examples to fit the probe on")
     labels = labels.to(features.device).long()
     weight = torch.zeros(
         num_classes, features.shape[1], dtype=features.dtype, device=features.device, requires_grad=True
@@ -201,14 +203,27 @@ class LinearProbeResult:
         return asdict(self)
 
 
+def validation_count(num_examples: int, fraction: float) -> int:
+    """How many of `num_examples` training examples `split_validation` holds out: at least 1, and it must leave
+    at least 1 to fit on (a ValueError that gives the counts otherwise)."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {fraction}")
+    n_val = max(1, round(fraction * num_examples))
+    if n_val >= num_examples:
+        raise ValueError(
+            f"holding out {n_val} of {num_examples} training example(s) for validation (fraction {fraction}) "
+            "leaves none to fit the probe on; use more training data, a smaller validation fraction or a "
+            "separate validation split"
+        )
+    return n_val
+
+
 def split_validation(
     features: torch.Tensor, labels: torch.Tensor, fraction: float, seed: int
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """A seeded random (train, validation) split holding out `fraction` of the rows."""
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {fraction}")
+    n_val = validation_count(len(labels), fraction)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, round(fraction * len(labels)))
     val, train = order[:n_val].to(features.device), order[n_val:].to(features.device)
     return (features[train], labels[train]), (features[val], labels[val])
 
@@ -218,7 +233,11 @@ def _to(split: tuple[torch.Tensor, torch.Tensor], device: torch.device | str) ->
 
 
 def _standardizer(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return features.mean(dim=0), features.std(dim=0).clamp(min=1e-6)
+    """(mean, std) of every feature column. A column without a measurable spread -- constant, or of a single
+    example, whose sample std is undefined (NaN) -- is only centred (std 1): dividing by ~0 would blow up its
+    test values, and a NaN would stop the fit."""
+    std = features.std(dim=0) if len(features) > 1 else torch.zeros_like(features[0])
+    return features.mean(dim=0), torch.where(std > 0, std.clamp(min=1e-6), torch.ones_like(std))
 
 
 def run_linear_probe(
@@ -246,6 +265,8 @@ def run_linear_probe(
         val = None if val is None else _to(val, device)
     if val is None:
         train, val = split_validation(*train, val_fraction, seed)
+    if len(val[1]) == 0:  # every validation score would be a mean over nothing
+        raise ValueError("the validation split has no examples")
 
     def scaled(x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         return x if stats is None else (x - stats[0]) / stats[1]

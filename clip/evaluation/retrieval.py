@@ -91,21 +91,62 @@ def _grouped(pairs: Sequence[tuple[str, str]], image_root: Path) -> RetrievalDat
     return RetrievalData(paths, captions, caption_image)
 
 
+def _read_json_file(path: Path) -> Any:
+    """A JSON file's content; a file that is not UTF-8 JSON is a ValueError naming it (a byte-order mark is
+    allowed, as in the manifests)."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+
+
+def _karpathy_captions(path: Path, number: int, sentences: Any) -> list[str]:
+    """The stripped "raw" captions of image #`number`. As in a manifest, a caption that is missing, not a
+    string or blank is an error naming it: an evaluation set is read whole or not at all."""
+    if not isinstance(sentences, list) or not sentences:
+        raise ValueError(f"{path}: image #{number}: 'sentences' must be a non-empty list, got {sentences!r}")
+    captions = []
+    for position, sentence in enumerate(sentences):
+        raw = sentence.get("raw") if isinstance(sentence, dict) else None
+        caption = raw.strip() if isinstance(raw, str) else ""
+        if not caption:
+            raise ValueError(
+                f"{path}: image #{number}, sentence #{position} needs a non-empty 'raw' caption, got {sentence!r}"
+            )
+        try:
+            caption.encode("utf-8")  # JSON may escape lone surrogates ("\ud800"); the tokenizer cannot take them
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"{path}: image #{number}, sentence #{position}: the caption is not valid UTF-8: {caption!r}"
+            ) from None
+        captions.append(caption)
+    return captions
+
+
 def read_karpathy_json(path: str | Path, image_root: str | Path | None = None, split: str = "test") -> RetrievalData:
-    """Karpathy-style split file: {"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}]}]}."""
+    """Karpathy-style split file: {"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}]}]}.
+    Entries are numbered from 0 in errors ("image #3, sentence #1")."""
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
-    content = json.loads(path.read_text(encoding="utf-8"))
+    content = _read_json_file(path)
     if not isinstance(content, dict) or not isinstance(content.get("images"), list):
         raise ValueError(f"{path}: expected a JSON object with an 'images' list")
     pairs = []
     for number, entry in enumerate(content["images"]):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: image #{number} must be a JSON object, got {entry!r}")
         if split and entry.get("split") != split:
             continue
-        if "filename" not in entry or not entry.get("sentences"):
-            raise ValueError(f"{path}: image #{number} needs 'filename' and a non-empty 'sentences' list")
-        image = str(Path(entry.get("filepath", "")) / entry["filename"])
-        pairs.extend((image, sentence["raw"].strip()) for sentence in entry["sentences"])
+        filename, filepath = entry.get("filename"), entry.get("filepath", "")
+        if not isinstance(filename, str) or not filename or not isinstance(filepath, str):
+            raise ValueError(
+                f"{path}: image #{number} needs a non-empty 'filename' string (and 'filepath', if given, a "
+                f"string), got filename {filename!r}, filepath {filepath!r}"
+            )
+        image = str(Path(filepath) / filename)
+        pairs.extend((image, caption) for caption in _karpathy_captions(path, number, entry.get("sentences")))
     if not pairs:
         raise ValueError(f"{path}: no images in split {split!r}")
     return _grouped(pairs, root)

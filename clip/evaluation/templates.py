@@ -133,6 +133,12 @@ def resolve_templates(templates: Sequence[Template] | str | Path | None) -> list
         return builtin_templates("default")
     if isinstance(templates, str) and templates in BUILTIN_TEMPLATE_SETS:
         return builtin_templates(templates)
+    if isinstance(templates, str) and "{}" in templates and not Path(templates).is_file():
+        # A template, not a path: read as a file name it would fail as "templates file not found".
+        raise ValueError(
+            f"templates={templates!r} looks like a single template, not a file or a built-in set's name; "
+            f"pass a single template as a list: [{templates!r}]"
+        )
     if isinstance(templates, str | Path):
         return load_templates(templates)
     resolved = list(templates)

@@ -203,6 +203,8 @@ def zeroshot_classify_images(
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, list[str]]:
     """For notebooks: PIL images -> (probabilities [N, C] on the CPU, predicted class name per image)."""
+    if len(images) == 0:
+        raise ValueError("no images to classify")
     model = unwrap_model(model)
     device = device or model_device(model)
     classifier = build_zeroshot_classifier(model, classnames, templates, tokenizer, device=device)

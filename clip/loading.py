@@ -35,7 +35,7 @@ from .architectures import RELEASED_ARCHITECTURES, ModelConfig
 from .config_io import differences
 from .infer_architecture import ArchitectureInferenceError, infer_model_config
 from .model import CLIP, convert_to_half_precision
-from .preprocess import ImageTransform, image_transform
+from .preprocess import TRAINING_ALPHA_BACKGROUND, ImageTransform, image_transform
 from .released import RELEASED_WEIGHTS
 from .weights_file import LoadedWeights, UnsafeFileError, WeightsFileError, read_run_or_file, read_weights
 
@@ -91,7 +91,12 @@ def load(
     model = model.to(device)
     if device.type == "cuda":
         convert_to_half_precision(model)
-    return model, image_transform(model.visual.input_resolution)
+    # A model this library's trainer wrote (its checkpoints carry their config) saw transparent images
+    # composited onto the training loader's background; OpenAI's, and any other weights, saw them resized
+    # with their alpha, then the alpha dropped (image_transform's default). Each gets the images it knows.
+    trained_here = weights.model_config is not None
+    alpha_background = TRAINING_ALPHA_BACKGROUND if trained_here else None
+    return model, image_transform(model.visual.input_resolution, alpha_background=alpha_background)
 
 
 def load_weights_into(model: CLIP, name_or_path: str, download_root: str | Path | None = None) -> Path:

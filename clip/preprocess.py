@@ -45,6 +45,10 @@ RANDOM_CROP_RATIOS = (3 / 4, 4 / 3)
 
 WHITE = (255, 255, 255)
 RGB = tuple[int, int, int]
+# What the training loader (clip.data) composites transparent images onto: they are mostly logos and product
+# shots made for a white page. A model trained here is evaluated and loaded (clip.load of a trainer
+# checkpoint) with the same background, so it sees transparent images as it saw them in training.
+TRAINING_ALPHA_BACKGROUND = WHITE
 
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _INT16_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I;16S"}

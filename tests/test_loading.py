@@ -288,6 +288,30 @@ def test_trainer_checkpoint_rebuilds_the_architecture_from_its_config(tmp_path: 
     assert_same_features(model, original, CUSTOM_HEADS, atol=0)
 
 
+def test_transparent_images_are_preprocessed_as_the_model_saw_them_in_training(tmp_path: Path) -> None:
+    # The training loader composites transparency onto white; OpenAI's preprocessing resizes with the alpha and
+    # drops it (transparent areas turn black). A model trained here is loaded with the former.
+    from PIL import Image
+
+    from clip.data.decoding import upright_rgb
+    from clip.evaluation.during_training import _image_transform
+    from clip.preprocess import image_transform
+
+    logo = Image.new("RGBA", (96, 96), (0, 0, 0, 0))  # transparent black, a red opaque square in the middle
+    logo.paste((200, 0, 0, 255), (32, 32, 64, 64))
+    original = tiny_model(TINY_VIT)
+    size = TINY_VIT.vision.image_size
+    as_trained = image_transform(size)(upright_rgb(logo, []))  # what the training loader decodes, resized
+    torch.save(trainer_checkpoint(original, 7), tmp_path / "ckpt.pt")
+    _, preprocess = load(tmp_path / "ckpt.pt", device="cpu")
+    torch.testing.assert_close(preprocess(logo), as_trained, atol=0.02, rtol=0)
+    torch.testing.assert_close(_image_transform(original)(logo), as_trained, atol=0.02, rtol=0)
+    torch.save(original.state_dict(), tmp_path / "plain.pt")  # not known to be trained here: OpenAI's handling
+    _, preprocess = load(tmp_path / "plain.pt", device="cpu")
+    assert torch.equal(preprocess(logo), image_transform(size)(logo))
+    assert preprocess(logo)[:, 0, 0].tolist() != pytest.approx(as_trained[:, 0, 0].tolist(), abs=0.5)
+
+
 def test_run_directory_loads_the_newest_readable_checkpoint(tmp_path: Path) -> None:
     folder = tmp_path / "run" / "checkpoints"
     folder.mkdir(parents=True)

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 
 from PIL import Image, UnidentifiedImageError
 
-from ..preprocess import apply_exif_orientation, to_rgb
+from ..preprocess import TRAINING_ALPHA_BACKGROUND, apply_exif_orientation, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,8 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 # Pillows register them as "MPO" too); names this Pillow does not register are left out (see _formats).
 DECODED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 CAPTION_EXTENSIONS = ("txt",)
-# Composite transparent pixels onto white: transparent images are mostly logos and product shots made for
-# a white page. (The evaluation transform drops alpha like openai/CLIP; training sees what a viewer shows.)
-ALPHA_BACKGROUND = (255, 255, 255)
+# Transparent pixels are composited onto this (see clip.preprocess.TRAINING_ALPHA_BACKGROUND).
+ALPHA_BACKGROUND = TRAINING_ALPHA_BACKGROUND
 
 
 def _formats() -> tuple[str, ...]:

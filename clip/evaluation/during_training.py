@@ -78,9 +78,10 @@ def should_evaluate(eval_config: EvalConfig, step: int, total_steps: int) -> boo
 
 
 def _image_transform(model: nn.Module) -> Callable:
-    from clip.preprocess import image_transform
+    from clip.preprocess import TRAINING_ALPHA_BACKGROUND, image_transform
 
-    return image_transform(int(model.visual.input_resolution), train=False)
+    # The model in training sees transparent images composited as the training loader composites them
+    return image_transform(int(model.visual.input_resolution), train=False, alpha_background=TRAINING_ALPHA_BACKGROUND)
 
 
 def run_evaluations(
@@ -97,7 +98,8 @@ def run_evaluations(
     """Runs every dataset in `eval_config`; returns flat float metrics (see the module docstring).
 
     The model (DDP/compiled wrappers are unwrapped) is evaluated in eval mode without gradients and put
-    back in its previous mode. `transform` defaults to the eval preprocessing at the model's resolution;
+    back in its previous mode. `transform` defaults to the eval preprocessing at the model's resolution, with
+    transparent images composited as the training loader does (`TRAINING_ALPHA_BACKGROUND`);
     `tokenizer` to the BPE tokenizer at the model's context length. `stop_check` is called before each
     dataset and every few batches inside it, at the same points on every rank; what it raises abandons
     the evaluations (the trainer's, when a signal reached some rank).

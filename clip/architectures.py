@@ -152,6 +152,32 @@ RELEASED_ARCHITECTURES: dict[str, ModelConfig] = {
 }
 
 
+def openai_model_config(
+    embed_dim: int,
+    image_resolution: int,
+    vision_layers: int | tuple[int, int, int, int],
+    vision_width: int,
+    vision_patch_size: int | None,
+    context_length: int,
+    vocab_size: int,
+    transformer_width: int,
+    transformer_heads: int,
+    transformer_layers: int,
+) -> ModelConfig:
+    """The architecture that openai/CLIP's `CLIP(...)` constructor builds from these arguments: a ResNet when
+    `vision_layers` is a sequence of four stage depths, else a ViT; vision heads by OpenAI's convention (one
+    per 64 channels of the ViT width, or of the ResNet's width * 32 final stage); QuickGELU."""
+    if isinstance(vision_layers, (tuple, list)):
+        vision = VisionConfig(kind="resnet", image_size=image_resolution, width=vision_width,
+                              layers=tuple(vision_layers), heads=vision_width * 32 // 64)
+    else:
+        vision = VisionConfig(kind="vit", image_size=image_resolution, width=vision_width, layers=vision_layers,
+                              heads=vision_width // 64, patch_size=vision_patch_size)
+    text = TextConfig(context_length=context_length, vocab_size=vocab_size, width=transformer_width,
+                      heads=transformer_heads, layers=transformer_layers)
+    return ModelConfig(embed_dim=embed_dim, vision=vision, text=text, activation="quick_gelu")
+
+
 def get_architecture(name: str) -> ModelConfig:
     try:
         return RELEASED_ARCHITECTURES[name]

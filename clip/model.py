@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architectures import ModelConfig, get_architecture
+from .architectures import ModelConfig, get_architecture, openai_model_config
 # The building blocks under openai/CLIP's names in its `clip.model`, for code that imports them from there
 from .modified_resnet import AttentionPool2d, Bottleneck, ModifiedResNet  # noqa: F401
 from .transformer import (  # noqa: F401
@@ -35,8 +35,17 @@ def build_vision_tower(config: ModelConfig) -> nn.Module:
 
 
 class CLIP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """`CLIP(config)`, or `CLIP(embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
+    context_length, vocab_size, transformer_width, transformer_heads, transformer_layers)` as openai/CLIP's
+    constructor is called (see `clip.architectures.openai_model_config`)."""
+
+    def __init__(self, config: ModelConfig | int | None = None, *openai_arguments, **openai_keyword_arguments) -> None:
         super().__init__()
+        if not isinstance(config, ModelConfig):  # openai/CLIP's arguments, the first (embed_dim) maybe by name
+            leading = () if config is None else (config,)
+            config = openai_model_config(*leading, *openai_arguments, **openai_keyword_arguments)
+        elif openai_arguments or openai_keyword_arguments:
+            raise TypeError("CLIP takes a ModelConfig alone, or openai/CLIP's ten architecture arguments")
         self.config = config
         text = config.text
         self.context_length = text.context_length

@@ -97,10 +97,19 @@ def read_merges(path: str | Path) -> list[tuple[str, str]]:
     return merges  # type: ignore[return-value]
 
 
+def basic_clean(text: str) -> str:
+    """ftfy's fixes, then HTML entities unescaped twice (doubly escaped web text), stripped."""
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
+def whitespace_clean(text: str) -> str:
+    """Every run of whitespace as one space, stripped."""
+    return _WHITESPACE_RUN.sub(" ", text).strip()
+
+
 def clean_text(text: str) -> str:
-    """OpenAI's normalisation: ftfy, HTML entities (twice, for doubly escaped text), whitespace, lower case."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return _WHITESPACE_RUN.sub(" ", text).strip().lower()
+    """OpenAI's normalisation: `basic_clean`, `whitespace_clean`, lower case."""
+    return whitespace_clean(basic_clean(text)).lower()
 
 
 def _needs_full_cleaning(text: str) -> bool:

@@ -187,3 +187,27 @@ def test_a_traced_text_encoder_keeps_every_position():
     with torch.no_grad():
         traced = torch.jit.trace_module(model, {"encode_text": short}, check_trace=False)
         torch.testing.assert_close(traced.encode_text(long), model.encode_text(long))
+
+
+def test_clip_is_built_from_openai_constructor_arguments():
+    vit = clip.model.CLIP(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12)  # ViT-B/32, as openai/CLIP builds it
+    assert vit.config == clip.architectures.get_architecture("ViT-B/32")
+    resnet = clip.model.CLIP(
+        embed_dim=1024, image_resolution=224, vision_layers=(3, 4, 6, 3), vision_width=64, vision_patch_size=None,
+        context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12,
+    )
+    assert resnet.config == clip.architectures.get_architecture("RN50")
+
+
+def test_simple_tokenizer_internals_as_openai_clip():
+    from clip.simple_tokenizer import SimpleTokenizer, basic_clean, bytes_to_unicode, get_pairs, whitespace_clean
+
+    tokenizer = SimpleTokenizer()
+    assert tokenizer.byte_decoder[tokenizer.byte_encoder[32]] == 32 and bytes_to_unicode()[32] == "Ġ"
+    assert get_pairs(("a", "b", "c")) == {("a", "b"), ("b", "c")}
+    assert whitespace_clean(basic_clean("  a &amp;amp;\n b ")) == "a & b"
+    assert tokenizer.bpe_ranks[tokenizer.merges[0]] == 0 and tokenizer.cache["<|endoftext|>"] == "<|endoftext|>"
+    for text in ["photograph", "tokenizers", "a", "zzqxj", "naïve", "日本"]:
+        pieces = tokenizer.pat.findall(text)
+        symbols = [s for piece in pieces for s in tokenizer.bpe("".join(tokenizer.byte_encoder[b] for b in piece.encode())).split()]
+        assert [tokenizer.encoder[s] for s in symbols] == tokenizer.encode(text), text

@@ -78,6 +78,22 @@ def bad_input_reported_as(error_type: type[Exception]):
         raise error_type(str(error)) from error
 
 
+def warn_about_unlikely_settings(
+    config: TrainConfig, global_batch: int, samples_per_epoch: int, resumed: bool, saved_init_weights: str | None
+) -> None:
+    """Settings that run but are most likely not what was meant, each named in a warning."""
+    schedule = config.schedule
+    if schedule.warmup_steps >= schedule.steps:
+        log.warning("schedule.warmup_steps (%d) >= schedule.steps (%d): the learning rate never reaches "
+                    "optimizer.lr", schedule.warmup_steps, schedule.steps)
+    if samples_per_epoch < global_batch:
+        log.warning("an epoch holds %d samples, fewer than the global batch of %d: each batch repeats pairs, whose "
+                    "copies are then each other's negatives", samples_per_epoch, global_batch)
+    if resumed and config.train.init_weights not in (None, saved_init_weights):  # the same ones: a requeue
+        log.warning("train.init_weights changed to %s, which is not read: a resumed run continues from its own "
+                    "checkpoint (a new --output-dir starts from them)", config.train.init_weights)
+
+
 def train(config: TrainConfig, stop_at_step: int | None = None) -> dict:
     """Runs (or resumes) the run described by `config`; returns the final metrics.
 
@@ -235,6 +251,8 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
             sum(p.numel() for p in module.parameters()) / 1e6, global_batch, dist_info.world_size,
             config.train.batch_size, config.train.accumulation_steps, config.schedule.steps, data.samples_per_epoch,
         )
+        saved_init_weights = state["config"].get("train", {}).get("init_weights") if state is not None else None
+        warn_about_unlikely_settings(config, global_batch, data.samples_per_epoch, state is not None, saved_init_weights)
 
     def autocast():
         if autocast_dtype is None:

@@ -539,6 +539,16 @@ def test_unusable_data_is_one_line_and_status_2(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("clip-train: ")
 
 
+def test_settings_that_are_likely_mistakes_are_named(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="clip.train"):
+        train(tiny_config(tmp_path, "schedule.warmup_steps=6", "eval.every_n_steps=0", "data.sources.0.num_samples=4"))
+        assert "warmup_steps (6) >= schedule.steps (6)" in caplog.text
+        assert "an epoch holds 4 samples, fewer than the global batch of 8" in caplog.text
+        caplog.clear()
+        train(tiny_config(tmp_path, "schedule.steps=7", "eval.every_n_steps=0", f"train.init_weights={tmp_path}"))
+        assert "train.init_weights changed to" in caplog.text
+
+
 def test_a_save_killed_mid_write_leaves_no_temporary_file_after_the_next_start(tmp_path):
     train(tiny_config(tmp_path, "eval.every_n_steps=0"), stop_at_step=3)
     stray = tmp_path / ckpt.CHECKPOINT_DIR / ".step_00000004.pt.abcd1234.tmp"  # as save_checkpoint names them

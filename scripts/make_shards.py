@@ -78,6 +78,9 @@ def encode_sample(image_path: str, caption: str | None) -> tuple[str, bytes, str
     return extension, data, text, image.size
 
 
+PARTIAL_SUFFIX = ".partial"
+
+
 def shard_name_pattern(prefix: str) -> re.Pattern:
     """The names write_shards gives: PREFIX-000000.tar, ... (more digits past 999999 shards)."""
     return re.compile(re.escape(prefix) + r"-\d{6,}\.tar")
@@ -135,11 +138,17 @@ def write_shards(
     refuse_or_remove_old_shards(output, prefix, overwrite)
     output.mkdir(parents=True, exist_ok=True)
     pattern = str(output / f"{prefix.replace('%', '%%')}-%06d.tar")  # a '%' in the prefix is literal
+    # Each shard is written as NAME.tar.partial and renamed when complete: an interrupted run leaves no torn
+    # NAME.tar that a later --index or a training run would take for a shard.
+    partial = re.compile(re.escape(prefix) + r"-\d{6,}\.tar" + re.escape(PARTIAL_SUFFIX))
+    for leftover in (path for path in output.iterdir() if partial.fullmatch(path.name)):
+        leftover.unlink()  # an interrupted earlier run's
     skipped: Counter = Counter()
     written = 0
     # maxcount splits exactly every `per_shard` samples; a fixed mtime makes the tars reproducible.
     writer = webdataset.ShardWriter(
-        pattern, maxcount=per_shard, maxsize=float("inf"), verbose=0, encoder=False, mtime=0
+        pattern + PARTIAL_SUFFIX, maxcount=per_shard, maxsize=float("inf"), verbose=0, encoder=False, mtime=0,
+        post=lambda name: os.replace(name, name.removesuffix(PARTIAL_SUFFIX)),
     )
     with writer as sink:
         for sample in samples:

@@ -132,3 +132,27 @@ def test_shards_of_the_same_prefix_are_refused_or_replaced_with_overwrite(tmp_pa
     data = build([SourceConfig(kind="shards", path=str(out / "t-{000000..000001}.tar"))], batch_size=3)
     assert sorted(captions(take(data, 1))) == [caption_of(i) for i in range(100, 103)]
     data.close()
+
+
+def test_a_shard_is_named_a_shard_only_once_complete(tmp_path: Path) -> None:
+    # A run killed mid-shard (SIGKILL, a lost node) must leave no torn PREFIX-NNNNNN.tar behind: --index and the
+    # loader would take it for a shard. An earlier run's leftover partial file is removed.
+    spec = importlib.util.spec_from_file_location("make_shards", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    manifest = write_manifest(tmp_path / "src", range(5), "train.csv")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "t-000007.tar.partial").write_bytes(b"torn")
+    seen = []
+    real = module.encode_sample
+
+    def looking(*args):
+        seen.append(sorted(path.name for path in out.iterdir()))
+        return real(*args)
+
+    module.encode_sample = looking
+    assert module.main([str(manifest), str(out), "--prefix", "t", "--samples-per-shard", "2"]) == 0
+    assert seen[0] == ["t-000000.tar.partial"]  # the leftover is gone; the shard being written is partial
+    assert seen[3] == ["t-000000.tar", "t-000001.tar.partial"]
+    assert sorted(path.name for path in out.iterdir()) == ["sizes.json", "t-000000.tar", "t-000001.tar", "t-000002.tar"]

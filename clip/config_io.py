@@ -175,9 +175,18 @@ def differences(before: dict, after: dict, prefix: str = "") -> list[tuple[str, 
         old, new = before.get(key), after.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
             found += differences(old, new, name + ".")
+        elif _tables(old) and _tables(new) and len(old) == len(new):
+            # Arrays of tables ([[data.sources]]) element by element, named as overrides name them: one changed
+            # weight is "data.sources.0.weight", not the whole list twice
+            for index, (old_table, new_table) in enumerate(zip(old, new, strict=True)):
+                found += differences(old_table, new_table, f"{name}.{index}.")
         elif old != new:
             found.append((name, old, new))
     return found
+
+
+def _tables(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, dict) for item in value)
 
 
 def _parse_override_value(text: str) -> Any:

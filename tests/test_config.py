@@ -375,3 +375,13 @@ def test_augment_takes_true_false_or_a_crop_name() -> None:
     for wrong in (0, 1, None, "center", "random_square"):  # built in Python, where no type check ran
         with pytest.raises(ConfigError, match="augment must be true, false"):
             DataConfig(sources=[SourceConfig(kind="synthetic", num_samples=8)], augment=wrong)
+
+
+def test_differences_name_the_element_of_an_array_of_tables_that_changed():
+    from clip.config_io import differences
+
+    before = {"data": {"sources": [{"path": "a.tar", "weight": 1.0}, {"path": "b.csv", "weight": 1.0}]}, "x": [1, 2]}
+    after = {"data": {"sources": [{"path": "a.tar", "weight": 1.0}, {"path": "b.csv", "weight": 2.0}]}, "x": [1, 3]}
+    assert differences(before, after) == [("data.sources.1.weight", 1.0, 2.0), ("x", [1, 2], [1, 3])]
+    fewer = {"data": {"sources": before["data"]["sources"][:1]}, "x": [1, 2]}
+    assert differences(before, fewer) == [("data.sources", before["data"]["sources"], fewer["data"]["sources"])]

@@ -262,8 +262,9 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
     # The step of this run's latest checkpoint, the same on every rank; a resumed run's is on disk already.
     saved_at = {"step": start_step if state is not None else None}
 
-    def save(step: int, metrics: dict) -> None:
-        # Every rank contributes its RNG state and data position; rank 0 writes the file.
+    def save(step: int, metrics: dict, evaluation_owed: bool = False) -> None:
+        # Every rank contributes its RNG state and data position; rank 0 writes the file. evaluation_owed: this
+        # step's periodic evaluation was skipped or abandoned for a signal; the resumed run makes it up.
         saved_at["step"] = step
         rng_states = gather_objects(ckpt.capture_rng_state(), dist_info)
         data_states = gather_objects(data.state_dict(), dist_info)
@@ -280,6 +281,7 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
                 "rng": rng_states,
                 "data": data_states,
                 "metrics": metrics,
+                "evaluation_owed": evaluation_owed,
             }
             path = ckpt.save_checkpoint(state, run_dir, step, config.checkpoint.keep_last)
             log.info("saved %s", path)
@@ -333,6 +335,13 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
     if config.train.lock_text:
         for tower_module in module.clip.text_tower():
             tower_module.eval()
+    if state is not None and state.get("evaluation_owed") and start_step < last_step:
+        # The evaluation of this checkpoint's step, skipped or abandoned when the run was stopped: made up
+        # first, so that the run's evaluation record has no gap (evaluations leave the RNG and data alone).
+        try:
+            last_metrics.update(evaluate(start_step, stop))
+        except EvaluationInterrupted:  # stopped again: the checkpoint still owes it
+            last_step = start_step
     while step < last_step:
         lr = learning_rate(step, config.optimizer.lr, config.schedule)
         for group in optimizer.param_groups:
@@ -442,7 +451,9 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
                 stop_now = True
         every = config.checkpoint.every_n_steps
         if (every and step % every == 0 and step < last_step) or (stop_now and step < total_steps):
-            save(step, {**last_metrics, "nonfinite_steps_total": nonfinite_total})
+            # A periodic evaluation due now was skipped or abandoned only if the run is stopping
+            owed = bool(evaluate_now) and stop_now
+            save(step, {**last_metrics, "nonfinite_steps_total": nonfinite_total}, evaluation_owed=owed)
         if stop_now:
             last_step = step
             break

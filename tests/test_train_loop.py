@@ -188,7 +188,8 @@ def signal_at_step(monkeypatch, step: int, signum: int = signal.SIGTERM, when: s
 @pytest.mark.parametrize(("signum", "when"), [(signal.SIGTERM, "before_forward"), (signal.SIGINT, "before_forward"),
                                               (signal.SIGTERM, "after_optimizer")])
 def test_a_signal_checkpoints_after_the_current_step_and_the_run_resumes_exactly(tmp_path, monkeypatch, signum, when):
-    # Evaluation every 2 steps: the stopping step (4) skips its evaluation and only saves.
+    # Evaluation every 2 steps: the stopping step (4) skips its evaluation and only saves; the resumed run
+    # makes it up before its first step.
     extra = ["eval.every_n_steps=2", "checkpoint.every_n_steps=0"]  # checkpoints only at the end, or when stopped
     train(tiny_config(tmp_path / "straight", *extra))
     handler_before = signal.getsignal(signum)
@@ -204,6 +205,13 @@ def test_a_signal_checkpoints_after_the_current_step_and_the_run_resumes_exactly
     straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
+    # The skipped step-4 evaluation is made up when the run resumes: the same records as the straight run's
+    def evaluations(run):
+        records = map(json.loads, (tmp_path / run / "metrics.jsonl").open())
+        return [{k: v for k, v in r.items() if k.startswith("zeroshot/")} | {"step": r["step"]}
+                for r in records if any(k.startswith("zeroshot/") for k in r)]
+    assert [r["step"] for r in evaluations("resumed")] == [2, 4, 6]
+    assert evaluations("resumed") == evaluations("straight")
 
 
 def test_main_prints_the_headline_last(tmp_path, capsys):
@@ -282,8 +290,16 @@ def test_a_signal_in_an_evaluation_during_training_saves_at_once_and_resumes(tmp
     assert main(args) == 75
     monkeypatch.undo()
     assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [3]
+    # Stopped again in the made-up step-3 evaluation, before any step: nothing is saved, it is still owed
+    signal_during_evaluation(monkeypatch, 1)
+    assert main(args) == 75
+    monkeypatch.undo()
+    assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [3]
+    assert ckpt.load_latest_checkpoint(tmp_path)["evaluation_owed"]
     assert main(args) == 0
     assert json.loads((tmp_path / "results.json").read_text())["step"] == 6
+    evaluated = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").open() if "zeroshot/" in line]
+    assert evaluated == [3, 6]  # the abandoned evaluation, made up on resuming
 
 
 def test_a_signal_in_the_last_step_or_the_final_save_skips_the_final_evaluation(tmp_path, monkeypatch):

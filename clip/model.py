@@ -153,11 +153,11 @@ class CLIP(nn.Module):
             text = text[:, : trimmed_text_length(eot, text.shape[-1])]
         length = text.shape[-1]
         dtype = self.text_projection.dtype
-        # Embedded straight into the transformer's sequence-first layout (LND), with no copy to transpose
-        x = self.token_embedding(text.t()).to(dtype)  # LN -> LND
-        x = x + self.positional_embedding[:length, None].to(dtype)
-        x = self.transformer(x)
-        x = self.ln_final(x.transpose(0, 1))  # -> NLD, the layout OpenAI's ln_final sees
+        x = self.token_embedding(text).to(dtype)  # NL -> NLD
+        x = x + self.positional_embedding[:length].to(dtype)
+        # The blocks take OpenAI's LND shape; a view of the batch-major tensor (see clip.transformer), no copy
+        x = self.transformer(x.transpose(0, 1)).transpose(0, 1)  # -> NLD, as OpenAI's ln_final sees it
+        x = self.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot]  # -> N,width
         features = x @ self.text_projection  # -> N,embed_dim
         return F.normalize(features, dim=-1) if normalize else features

@@ -5,12 +5,19 @@ state dicts load with `strict=True`. Attention runs through `scaled_dot_product_
 QKV projection.
 
 The modules work as openai/CLIP's do, for code written against them: tensors are sequence-first (L, N, D)
-throughout (prompt learners run `model.transformer` on their own embeddings; hooks on a block or inside it,
-on `ln_1`, `attn`, `mlp.c_fc`, see OpenAI's shapes); `attn` is called like `nn.MultiheadAttention` and
-returns its (output, weights) pair, so attention maps come from `need_weights=True`; a block's
-`attention(x)` is the method that tools for dense features and attention maps replace. The layout costs
-nothing: every matrix product sees the same (L * N, D) rows either way, and the attention kernels take
-the heads in any order of strides.
+at every module boundary (prompt learners run `model.transformer` on their own embeddings; hooks on a block
+or inside it, on `ln_1`, `attn`, `mlp.c_fc`, see OpenAI's shapes); `attn` is called like
+`nn.MultiheadAttention` and returns its (output, weights) pair, so attention maps come from
+`need_weights=True`; a block's `attention(x)` is the method that tools for dense features and attention
+maps replace.
+
+In memory, the model's own callers keep the residual stream batch-major, as the attention kernels want it:
+they hand the blocks (L, N, D) views of contiguous (N, L, D) tensors (`batch_major_memory`), and each module
+works on the contiguous tensor behind such a view and returns a view again, so no layout copy is made in
+the forward or the backward pass. (Sequence-major memory would cost the attention a copy of its output
+forward and of its gradient backward, in every block.) A contiguous (L, N, D) tensor, as code written for
+openai/CLIP passes it, works too, with those copies. The MLP of a block with hooks on it runs on the view as
+given (a copy), so that its hooks see OpenAI's shapes as well.
 """
 
 from __future__ import annotations
@@ -24,10 +31,18 @@ from torch.nn.modules import module as module_internals  # where torch keeps the
 from torch.utils.checkpoint import checkpoint
 
 
+def batch_major_memory(x: torch.Tensor) -> bool:
+    """Whether an (L, N, D) tensor is the transposed view of a contiguous (N, L, D) one, the layout the model's
+    own callers hand the blocks (see the module docstring). Work on it runs on `x.transpose(0, 1)`."""
+    return x.dim() == 3 and not x.is_contiguous() and x.transpose(0, 1).is_contiguous()
+
+
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 and cast back, so half-precision weights (OpenAI's GPU default) stay stable."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if batch_major_memory(x):  # it normalises each row: on the contiguous tensor behind the view, no copy
+            return self.forward(x.transpose(0, 1)).transpose(0, 1)
         if x.dtype == torch.float32:
             return super().forward(x)
         if self._half_input_under_autocast(x):
@@ -145,25 +160,37 @@ class MultiheadSelfAttention(nn.Module):
         if (key is not None and key is not query) or (value is not None and value is not query):
             raise NotImplementedError("this attention is self-attention only: pass the query as key and value")
         length, n, width = query.shape
-        qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)  # LND -> LN(3D)
-        qkv = qkv.view(length, n, 3, self.num_heads, self.head_dim).permute(2, 1, 3, 0, 4)  # -> 3,N,H,L,d
+        heads, head_dim = self.num_heads, self.head_dim
+        batch_major = batch_major_memory(query)
+        if batch_major:  # the model's own layout: the heads come out of the contiguous NLD tensor as views
+            qkv = F.linear(query.transpose(0, 1), self.in_proj_weight, self.in_proj_bias)  # -> NL(3D)
+            qkv = qkv.view(n, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)  # -> 3,N,H,L,d
+        else:
+            qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)  # -> LN(3D)
+            qkv = qkv.view(length, n, 3, heads, head_dim).permute(2, 1, 3, 0, 4)  # -> 3,N,H,L,d
         # unbind, not qkv[0], qkv[1], qkv[2]: its backward stacks the three gradients in one pass, where three
         # indexings would each fill a zero tensor the size of qkv and then add them up (same values).
         q, k, v = qkv.unbind(0)
-        mask = None if is_causal else self._additive_mask(attn_mask, key_padding_mask, length, n, q.dtype, q.device)
+        # The causal kernel needs no mask, unless padding is to be left out as well
+        causal_kernel = is_causal and key_padding_mask is None
+        if is_causal and not causal_kernel:
+            attn_mask = causal_mask(length)  # what is_causal declares attn_mask to be
+        mask = None if causal_kernel else self._additive_mask(attn_mask, key_padding_mask, length, n, q.dtype, q.device)
         if need_weights:
-            scores = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)  # N,H,L,L
-            if is_causal:
+            scores = (q * head_dim**-0.5) @ k.transpose(-2, -1)  # N,H,L,L
+            if causal_kernel:
                 mask = causal_mask(length).to(q.device, q.dtype)
             weights = (scores if mask is None else scores + mask).softmax(dim=-1)
             out = weights @ v
         else:
             weights = None
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
-        out = out.permute(2, 0, 1, 3).reshape(length, n, width)  # N,H,L,d -> LND
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal_kernel)
         if weights is not None and average_attn_weights:
             weights = weights.mean(dim=1)
-        return self.out_proj(out), weights
+        if batch_major and not _has_hooks(self.out_proj):
+            # N,H,L,d -> NLD is a view of the kernel's output; the result goes back as an LND view
+            return self.out_proj(out.transpose(1, 2).reshape(n, length, width)).transpose(0, 1), weights
+        return self.out_proj(out.permute(2, 0, 1, 3).reshape(length, n, width)), weights  # -> LND (a copy)
 
     def _additive_mask(
         self, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, length: int, n: int,
@@ -228,6 +255,13 @@ class ResidualAttentionBlock(nn.Module):
         return x
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if batch_major_memory(x) and not _has_hooks(self.mlp, *self.mlp.modules()):
+            # Row by row: on the contiguous tensor behind the view (hooks would see it batch-first, so an
+            # observed MLP runs on the view as given, in OpenAI's shapes, at the cost of a copy)
+            return self._mlp(x.transpose(0, 1)).transpose(0, 1)
+        return self._mlp(x)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         if self._folds_quick_gelu(x):
             return quick_gelu_mlp(x, self.mlp.c_fc, self.mlp.c_proj)
         return self.mlp(x)

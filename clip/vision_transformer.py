@@ -49,9 +49,9 @@ class VisionTransformer(nn.Module):
         if self.training and self.patch_dropout > 0:
             x = keep_random_patches(x, self.patch_dropout)  # -> N,1+kept,width
         x = self.ln_pre(x)
-        # The blocks work sequence-first (LND), as OpenAI's: one copy into that layout
-        x = self.transformer(x.transpose(0, 1).contiguous())
-        return self.ln_post(x[0])  # the class token -> N,width
+        # The blocks take OpenAI's LND shape; a view of the batch-major tensor (see clip.transformer), no copy
+        x = self.transformer(x.transpose(0, 1)).transpose(0, 1)
+        return self.ln_post(x[:, 0, :])  # the class token -> N,width
 
 
 def kept_patch_count(num_patches: int, patch_dropout: float) -> int:

@@ -101,10 +101,14 @@ def test_attention_is_called_and_answers_like_nn_multihead_attention():
         {"key_padding_mask": padding},
         {"attn_mask": causal_mask(7), "key_padding_mask": padding},
         {"need_weights": True, "average_attn_weights": False, "attn_mask": causal_mask(7)},
+        {"attn_mask": causal_mask(7), "is_causal": True, "key_padding_mask": padding},
+        {"attn_mask": causal_mask(7), "is_causal": True, "key_padding_mask": padding, "need_weights": True},
     ]
+    batch_major = x.transpose(0, 1).contiguous().transpose(0, 1)  # the model's own layout: same answers
     for kwargs in cases:
         expected_out, expected_weights = reference(x, x, x, **{"need_weights": False, **kwargs})
         out, weights = ours(x, x, x, **{"need_weights": False, **kwargs})
+        torch.testing.assert_close(ours(batch_major, **{"need_weights": False, **kwargs})[0], out)
         torch.testing.assert_close(out, expected_out, msg=str(kwargs))
         if expected_weights is None:
             assert weights is None
@@ -211,3 +215,26 @@ def test_simple_tokenizer_internals_as_openai_clip():
         pieces = tokenizer.pat.findall(text)
         symbols = [s for piece in pieces for s in tokenizer.bpe("".join(tokenizer.byte_encoder[b] for b in piece.encode())).split()]
         assert [tokenizer.encoder[s] for s in symbols] == tokenizer.encode(text), text
+
+
+def test_the_models_batch_major_memory_saves_the_layout_copies():
+    # The model's own callers hand the blocks (L, N, D) views of batch-major tensors: the attention's output
+    # and its gradient then need no layout copy, which a sequence-major tensor costs in every block.
+    from torch.profiler import ProfilerActivity, profile
+
+    from clip.transformer import ResidualAttentionBlock, causal_mask
+
+    def copies_and_output(x):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = block(x)
+            out.sum().backward()
+        return sum(e.name in ("aten::contiguous", "aten::clone", "aten::copy_") for e in prof.events()), out
+
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(64, 4, causal_mask(9), causal=True).train()
+    torch.nn.init.normal_(block.attn.in_proj_weight, std=0.1)
+    x = torch.randn(3, 9, 64)
+    batch_major, out = copies_and_output(x.clone().requires_grad_().transpose(0, 1))
+    sequence_major, reference = copies_and_output(x.transpose(0, 1).contiguous().requires_grad_())
+    assert batch_major < sequence_major and out.transpose(0, 1).is_contiguous()  # it stays batch-major
+    torch.testing.assert_close(out, reference)

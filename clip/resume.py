@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .config import TrainConfig, from_dict, to_dict
 from .config_io import ConfigError, differences
+from .data.config import DEFAULT_SYNTHETIC_SAMPLES
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,8 @@ def check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
         saved = to_dict(from_dict(TrainConfig, saved))
     except ConfigError:
         pass  # a config this version cannot read as such (a setting since removed): compared as written
+    # A synthetic source's unset size is DEFAULT_SYNTHETIC_SAMPLES (written out in checkpoints before 2026-11-30)
+    saved, current = with_synthetic_sizes(saved), with_synthetic_sizes(current)
     if saved["model"] != current["model"]:
         raise ResumeRefused(
             f"{run_dir} holds a run of a different model; use a new --output-dir or the same model config"
@@ -47,3 +50,18 @@ def with_decay_embeddings(saved: dict) -> dict:
     """A checkpoint's config with optimizer.decay_embeddings, which checkpoints from before the setting lack:
     they were trained with the embeddings undecayed."""
     return {**saved, "optimizer": {"decay_embeddings": False, **saved["optimizer"]}}
+
+
+def with_synthetic_sizes(config: dict) -> dict:
+    """`config` with every synthetic source's num_samples as the source reads it: DEFAULT_SYNTHETIC_SAMPLES when
+    unset, so that the default written out and the default left unset compare equal."""
+    data = config.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("sources"), list):
+        return config
+    sources = [
+        {**source, "num_samples": DEFAULT_SYNTHETIC_SAMPLES}
+        if isinstance(source, dict) and source.get("kind") == "synthetic" and source.get("num_samples") is None
+        else source
+        for source in data["sources"]
+    ]
+    return {**config, "data": {**data, "sources": sources}}

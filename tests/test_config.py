@@ -385,3 +385,22 @@ def test_differences_name_the_element_of_an_array_of_tables_that_changed():
     assert differences(before, after) == [("data.sources.1.weight", 1.0, 2.0), ("x", [1, 2], [1, 3])]
     fewer = {"data": {"sources": before["data"]["sources"][:1]}, "x": [1, 2]}
     assert differences(before, fewer) == [("data.sources", before["data"]["sources"], fewer["data"]["sources"])]
+
+
+def test_a_checkpoint_with_the_default_synthetic_size_written_out_resumes_without_a_warning(caplog):
+    import copy
+    import logging
+    from pathlib import Path
+
+    from clip.config import TrainConfig, to_dict
+    from clip.resume import check_resumable
+
+    current = to_dict(TrainConfig())
+    saved = copy.deepcopy(current)
+    saved["data"]["sources"][0]["num_samples"] = 10_000  # as checkpoints before the default was left unset
+    with caplog.at_level(logging.WARNING):
+        check_resumable(saved, current, Path("runs/x"))
+        assert caplog.text == ""
+        saved["data"]["sources"][0]["num_samples"] = 20_000
+        check_resumable(saved, current, Path("runs/x"))
+    assert "data.sources.0.num_samples: 20000 -> 10000" in caplog.text

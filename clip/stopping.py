@@ -22,28 +22,36 @@ class EvaluationInterrupted(BaseException):
     must not swallow it."""
 
 
+class SetupInterrupted(BaseException):
+    """A signal arrived while the run was starting (a rendezvous, a download, reading a checkpoint): nothing
+    is trained yet, so the start is abandoned at once, with the status that asks for a rerun."""
+
+
 class StopRequest:
     """Turns SIGTERM (SLURM's pre-emption notice) and Ctrl-C into a checkpoint at the next step boundary."""
 
     def __init__(self) -> None:
         self.requested = False
         self._previous = {}
-        self._interrupting = False
+        self._abandoning: type[BaseException] | None = None  # while set, a signal raises it at once
 
     @contextlib.contextmanager
-    def interrupting(self):
-        """Inside the block a signal (or one that came before it) raises EvaluationInterrupted at once, besides
-        being recorded: an evaluation can take longer than a scheduler's grace period, and abandoning it
-        loses nothing. For one process only: several ranks would leave each other waiting in the
-        evaluation's collectives, so they abandon one together at its stop checks instead (an agreement
-        every few batches, `clip.evaluation.features.with_stop_checks`)."""
-        self._interrupting = True  # before the check: a signal in between then raises from the handler
+    def interrupting(self, exception: type[BaseException] = EvaluationInterrupted):
+        """Inside the block a signal (or one that came before it) raises `exception` at once, besides being
+        recorded: for work that abandoning loses nothing of. An evaluation (EvaluationInterrupted) can take
+        longer than a scheduler's grace period; for one process only: several ranks would leave each other
+        waiting in the evaluation's collectives, so they abandon one together at its stop checks instead (an
+        agreement every few batches, `clip.evaluation.features.with_stop_checks`). The start of a run
+        (SetupInterrupted), on every rank: nothing is trained yet, and a rank blocked in a rendezvous or a
+        download would otherwise only stop when the scheduler kills it."""
+        previous = self._abandoning
+        self._abandoning = exception  # before the check: a signal in between then raises from the handler
         try:
             if self.requested:
-                raise EvaluationInterrupted
+                raise exception
             yield
         finally:
-            self._interrupting = False
+            self._abandoning = previous
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -54,13 +62,14 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested and not self._interrupting:  # a second Ctrl-C stops at once
+        if self.requested and self._abandoning is None:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self.requested = True
-        if self._interrupting:
-            self._interrupting = False  # raised once; cleanup code after it keeps running
-            log.warning("received signal %d during an evaluation: abandoning it", signum)
-            raise EvaluationInterrupted
+        if self._abandoning is not None:
+            exception, self._abandoning = self._abandoning, None  # raised once; cleanup code after it keeps running
+            log.warning("received signal %d: abandoning the %s", signum,
+                        "start of the run" if exception is SetupInterrupted else "evaluation")
+            raise exception
         # Over several processes the ranks agree on it before the next backward pass, so a signal that
         # arrives late in a step is acted on after the following one.
         log.warning("received signal %d: stopping at the next safe point (the weights are saved first)", signum)

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,7 +48,7 @@ from .model import create_model, trimmed_text_length
 from .optim import build_optimizer, learning_rate, load_optimizer_state, optimizer_parameter_names
 from .resume import ResumeRefused, check_resumable, with_decay_embeddings
 from .run_log import MissingDependency, RunLog, plot_run, require_wandb, start_wandb
-from .stopping import STOPPED_EARLY_EXIT_CODE, EvaluationInterrupted, StopRequest
+from .stopping import STOPPED_EARLY_EXIT_CODE, EvaluationInterrupted, SetupInterrupted, StopRequest
 from .throughput import peak_flops, training_flops_per_sample
 from .tokenizer import get_tokenizer
 from .train_step import ContrastiveModel, contrastive_step
@@ -100,18 +101,22 @@ def train(config: TrainConfig, stop_at_step: int | None = None) -> dict:
     stop_at_step: stop after this many steps as if interrupted (checkpoint, then return); for tests.
     """
     # ---- setup ----------------------------------------------------------------------------------------
-    # Signals are caught from the start: one during the setup (a rendezvous, a download, a resume's reads)
-    # stops the run after its first step, with a checkpoint and the status that requeues it, where the
-    # default handler would end it with nothing saved and a status the job script takes for a failure.
-    with StopRequest() as stop:
+    # Signals are caught from the start. One during the setup (a rendezvous, a download, a resume's reads)
+    # abandons it at once with SetupInterrupted, which `main` turns into the status that requeues the run:
+    # the default handler would end it with a status the job script takes for a failure.
+    with StopRequest() as stop, contextlib.ExitStack() as setup:
+        setup.enter_context(stop.interrupting(SetupInterrupted))
         dist_info = init_distributed(device=config.train.device)
         try:
-            return _train(config, dist_info, stop_at_step, stop)
+            return _train(config, dist_info, stop_at_step, stop, end_setup=setup.close)
         finally:
             cleanup_distributed()
 
 
-def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | None, stop: StopRequest) -> dict:
+def _train(
+    config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | None, stop: StopRequest,
+    end_setup: Callable[[], None],
+) -> dict:
     run_dir = Path(config.output_dir)
     device = dist_info.device
     if config.logging.wandb:
@@ -335,6 +340,7 @@ def _train(config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | 
     if config.train.lock_text:
         for tower_module in module.clip.text_tower():
             tower_module.eval()
+    end_setup()  # from here a signal stops the run at the next step boundary, with a checkpoint
     if state is not None and state.get("evaluation_owed") and start_step < last_step:
         # The evaluation of this checkpoint's step, skipped or abandoned when the run was stopped: made up
         # first, so that the run's evaluation record has no gap (evaluations leave the RNG and data alone).
@@ -529,6 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         results = train(config)
+    except SetupInterrupted:
+        log.warning("stopped while starting, before any step: run again to start")
+        return STOPPED_EARLY_EXIT_CODE
     except BadTrainingInput as error:
         if debugging():
             traceback.print_exception(error.__cause__ or error)

@@ -238,20 +238,27 @@ def test_main_exits_75_when_a_signal_stopped_the_run_early(tmp_path, monkeypatch
     assert main([*logged_rarely, "schedule.steps=2"]) == 0
 
 
-def test_a_signal_during_the_setup_saves_after_the_first_step_and_exits_75(tmp_path, monkeypatch):
+def test_a_signal_during_the_setup_abandons_it_and_exits_75(tmp_path, monkeypatch):
     # SLURM may pre-empt a requeued job while it starts (reading its checkpoint, building its data): the
-    # default handler would end it with status 143, which the job script takes for a failure.
+    # default handler would end it with status 143, which the job script takes for a failure. Nothing is
+    # trained yet, so the start is abandoned at once (a rank blocked in a rendezvous stops too).
     import clip.train as train_module
 
-    real = train_module.build_train_data
+    real, reached = train_module.build_train_data, []
 
     def signalled_while_building(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
+        reached.append("after the signal")
         return real(*args, **kwargs)
 
+    args = [str(DEMO), "--output-dir", str(tmp_path), *TINY, "eval.every_n_steps=0"]
+    train(tiny_config(tmp_path, "eval.every_n_steps=0"), stop_at_step=3)
     monkeypatch.setattr(train_module, "build_train_data", signalled_while_building)
-    assert main([str(DEMO), "--output-dir", str(tmp_path), *TINY, "eval.every_n_steps=0"]) == 75
-    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1]
+    assert main(args) == 75 and reached == []  # raised from the handler, in the middle of the setup
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [3]  # the resumed run's checkpoint, untouched
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    monkeypatch.undo()
+    assert main(args) == 0
 
 
 def signal_during_evaluation(monkeypatch, call: int, signum: int = signal.SIGTERM) -> None:

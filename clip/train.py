@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
-from .cli.common import USER_ERRORS, debugging
+from .cli.common import debugging
 from .config import TrainConfig, load_config, to_dict, to_toml
 from .config_io import ConfigError
 from .cuda_backends import configure_cuda_backends
@@ -69,13 +69,18 @@ class BadTrainingInput(ValueError):
     line, as a bad config. The error that the reading raised is its __cause__."""
 
 
+# What reading the user's data raises for a wrong path or content. Not every OSError: a connection reset
+# or a timeout on an object store is no bad input, and keeps its traceback (a rerun may well succeed).
+TRAINING_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
 @contextlib.contextmanager
 def bad_input_reported_as(error_type: type[Exception]):
-    """Turns the errors that reading the user's files raises (`clip.cli.common.USER_ERRORS`) into
-    `error_type`, the original chained for CLIP_DEBUG's traceback."""
+    """Turns the errors that a wrong path or file raises (TRAINING_INPUT_ERRORS) into `error_type`, the
+    original chained for CLIP_DEBUG's traceback."""
     try:
         yield
-    except USER_ERRORS as error:
+    except TRAINING_INPUT_ERRORS as error:
         raise error_type(str(error)) from error
 
 

@@ -37,6 +37,10 @@ def test_a_csv_quote_that_never_closes_is_an_error_not_a_swallowed_file(tmp_path
         read_manifest(str(path))
     path.write_text('image,caption\n0.jpg,"a multi-line\ncaption"\n1.jpg,plain\n')  # quoted newlines stay valid
     assert captions_of(path) == ["a multi-line\ncaption", "plain"]
+    # Quoting broken within a row spoils that row only: counted as bad, the next line read on
+    path.write_text('image,caption\n0.jpg,good\n1.jpg,"5" screen" TV\n"2.jpg" ,"cap"\n3.jpg,fine\n')
+    manifest = read_manifest(str(path))
+    assert captions_of(path) == ["good", "fine"] and manifest.bad_rows == 2
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])

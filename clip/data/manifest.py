@@ -79,21 +79,29 @@ def _delimited_rows(
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as file:
         # strict: a quoted field that is never closed is an error. Otherwise the reader takes everything up to
         # the end of the file as that one field, and every row after a stray quote is gone without a word.
+        # Other malformed quoting (`"5" screen" TV`) spoils one row only: it is counted as a bad row, and the
+        # reader goes on with the next line.
         reader = csv.DictReader(file, delimiter=separator, quoting=csv_quoting, strict=True)
         available = list(reader.fieldnames or [])
         if image_column not in available or caption_column not in available:
             raise _missing_columns_error(path, [image_column, caption_column], available)
-        record_start = reader.line_num + 1
-        try:
-            for row in reader:
-                image, caption = row.get(image_column), row.get(caption_column)
-                yield (image, caption) if image and caption is not None else None
-                record_start = reader.line_num + 1
-        except csv.Error as error:
-            raise ValueError(
-                f"{path}, the record from line {record_start}: {error}. A field that opens with a double quote "
-                'must close it (write a quote inside one as ""), or set quoting = "none" to read quotes as text'
-            ) from error
+        while True:
+            record_start = reader.line_num + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as error:
+                if "end of data" not in str(error):  # CPython's words for a quote still open at the end
+                    yield None
+                    continue
+                raise ValueError(
+                    f"{path}, the record from line {record_start}: {error}. A field that opens with a double "
+                    'quote must close it (write a quote inside one as ""), or set quoting = "none" to read '
+                    "quotes as text"
+                ) from error
+            image, caption = row.get(image_column), row.get(caption_column)
+            yield (image, caption) if image and caption is not None else None
 
 
 def _jsonl_rows(path: str, image_column: str, caption_column: str) -> Iterator[tuple | None]:

@@ -19,6 +19,7 @@ from .transformer import (  # noqa: F401
     ResidualAttentionBlock,
     Transformer,
     causal_mask,
+    has_hooks,
 )
 from .vision_transformer import VisionTransformer
 
@@ -137,9 +138,9 @@ class CLIP(nn.Module):
     def encode_text(self, text: torch.Tensor, normalize: bool = False, trim: bool = True) -> torch.Tensor:
         """Features of token ids [N, L <= context_length]. `trim=False` runs all L positions as given: for
         callers that cut the batch already (`trim_text_batch` on the host), so that no device-to-host sync
-        (reading the longest caption's length off the GPU) interrupts the forward pass, and for hooks that
-        should see every position of the context, as in openai/CLIP. A traced model (torch.jit.trace, ONNX
-        export) keeps every position: a length read from one example would be fixed in the trace."""
+        (reading the longest caption's length off the GPU) interrupts the forward pass. A text tower with hooks
+        on it keeps every position of the context, so that they see openai/CLIP's shapes, and so does a traced
+        model (torch.jit.trace, ONNX export): a length read from one example would be fixed in the trace."""
         if text.shape[-1] > self.context_length:
             raise ValueError(f"text has {text.shape[-1]} tokens; this model's context length is {self.context_length}")
         # Features are read at the end-of-text token, which has the largest id in the vocabulary.
@@ -149,7 +150,7 @@ class CLIP(nn.Module):
         # captions are usually far shorter than the context. The length is rounded up to a multiple of 8
         # to keep matrix shapes friendly and limit how many shapes torch.compile sees.
         # Meta tensors (FLOP counting) have no values and an empty batch no longest caption: both keep their length.
-        if trim and not _tracing() and not text.is_meta and text.shape[0] > 0:
+        if trim and not _tracing() and not self._text_tower_observed() and not text.is_meta and text.shape[0] > 0:
             text = text[:, : trimmed_text_length(eot, text.shape[-1])]
         length = text.shape[-1]
         dtype = self.text_projection.dtype
@@ -168,6 +169,10 @@ class CLIP(nn.Module):
         text_features = self.encode_text(text, normalize=True)
         logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
         return logits_per_image, logits_per_image.t()
+
+
+    def _text_tower_observed(self) -> bool:
+        return has_hooks(*(module for tower in self.text_tower() for module in tower.modules()))
 
 
 def _tracing() -> bool:

@@ -96,7 +96,7 @@ def quick_gelu_mlp(x: torch.Tensor, c_fc: nn.Linear, c_proj: nn.Linear) -> torch
     return F.linear(hidden, c_proj.weight * (1 / QUICK_GELU_SCALE), c_proj.bias)
 
 
-def _has_hooks(*modules: nn.Module) -> bool:
+def has_hooks(*modules: nn.Module) -> bool:
     """Whether a forward or backward hook would run for any of `modules` (their own or global ones)."""
     global_hooks = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                     "_global_backward_pre_hooks")
@@ -187,7 +187,7 @@ class MultiheadSelfAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal_kernel)
         if weights is not None and average_attn_weights:
             weights = weights.mean(dim=1)
-        if batch_major and not _has_hooks(self.out_proj):
+        if batch_major and not has_hooks(self.out_proj):
             # N,H,L,d -> NLD is a view of the kernel's output; the result goes back as an LND view
             return self.out_proj(out.transpose(1, 2).reshape(n, length, width)).transpose(0, 1), weights
         return self.out_proj(out.permute(2, 0, 1, 3).reshape(length, n, width)), weights  # -> LND (a copy)
@@ -255,7 +255,7 @@ class ResidualAttentionBlock(nn.Module):
         return x
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if batch_major_memory(x) and not _has_hooks(self.mlp, *self.mlp.modules()):
+        if batch_major_memory(x) and not has_hooks(self.mlp, *self.mlp.modules()):
             # Row by row: on the contiguous tensor behind the view (hooks would see it batch-first, so an
             # observed MLP runs on the view as given, in OpenAI's shapes, at the cost of a copy)
             return self._mlp(x.transpose(0, 1)).transpose(0, 1)
@@ -285,7 +285,7 @@ class ResidualAttentionBlock(nn.Module):
         c_fc, gelu, c_proj = mlp.c_fc, mlp.gelu, mlp.c_proj
         if not (type(gelu) is QuickGELU and type(c_fc) is nn.Linear and type(c_proj) is nn.Linear):
             return False
-        if _has_hooks(mlp, c_fc, gelu, c_proj):
+        if has_hooks(mlp, c_fc, gelu, c_proj):
             return False
         if c_fc.weight.dtype != torch.float32:
             return False

@@ -200,3 +200,13 @@ def test_standardising_a_single_training_example_is_safe():
     result = run_linear_probe(train, test, 2, val=val, standardize=True, coarse_points=3, refine_steps=0, max_iter=50)
     assert all(math.isfinite(point.val_loss) for point in result.sweep)
     assert result.test_accuracy == 1.0
+
+
+def test_a_constant_column_with_rounding_noise_is_only_centred():
+    from clip.evaluation.linear_probe import _standardizer
+
+    column = torch.full((7,), 0.1, dtype=torch.float32) + torch.tensor([0, 1, 0, 0, 1, 0, 0]) * 1e-8  # rounding
+    features = torch.stack([column, torch.arange(7.0)], dim=1)
+    mean, std = _standardizer(features)
+    assert std[0] == 1.0 and std[1] == pytest.approx(torch.arange(7.0).std().item())
+    assert ((features - mean) / std)[:, 0].abs().max() < 1e-6  # not blown up to ~1 by a 1e-8 spread

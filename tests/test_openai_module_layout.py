@@ -73,7 +73,7 @@ def test_hooks_inside_the_blocks_see_openai_shapes():
                          ("image_c_fc", image_block.mlp.c_fc), ("ln_post", model.visual.ln_post)]:
         module.register_forward_hook(record(name))
     with torch.no_grad():
-        model.encode_text(clip.tokenize(["a cat", "a photo of a dog"]), trim=False)  # all 77 positions
+        model.encode_text(clip.tokenize(["a cat", "a photo of a dog"]))  # hooked: all 77 positions, not cut
         model.encode_image(torch.randn(3, 3, 32, 32))
     assert seen["ln_1"] == (77, 2, 64) and seen["c_fc"] == (77, 2, 256) and seen["ln_final"] == (2, 77, 64)
     assert seen["text_attn"][0].shape == (77, 2, 64) and seen["text_attn"][1] is None

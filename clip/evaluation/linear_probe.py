@@ -232,12 +232,19 @@ def _to(split: tuple[torch.Tensor, torch.Tensor], device: torch.device | str) ->
     return split[0].to(device), split[1].to(device)
 
 
+# A feature column whose std is below this fraction of its magnitude (plus 1) counts as constant.
+CONSTANT_RELATIVE_SPREAD = 1e-6
+
+
 def _standardizer(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) of every feature column. A column without a measurable spread -- constant, or of a single
-    example, whose sample std is undefined (NaN) -- is only centred (std 1): dividing by ~0 would blow up its
-    test values, and a NaN would stop the fit."""
+    """(mean, std) of every feature column. A column without a measurable spread -- constant (its std then
+    only float rounding: 7e-9 for a float32 column of 0.1), or of a single example, whose sample std is
+    undefined (NaN) -- is only centred (std 1): dividing by ~0 would blow up its test values, and a NaN would
+    stop the fit."""
+    mean = features.mean(dim=0)
     std = features.std(dim=0) if len(features) > 1 else torch.zeros_like(features[0])
-    return features.mean(dim=0), torch.where(std > 0, std.clamp(min=1e-6), torch.ones_like(std))
+    measurable = std > CONSTANT_RELATIVE_SPREAD * (mean.abs() + 1)
+    return mean, torch.where(measurable, std, torch.ones_like(std))
 
 
 def run_linear_probe(

@@ -19,7 +19,7 @@ from .transformer import (  # noqa: F401
     ResidualAttentionBlock,
     Transformer,
     causal_mask,
-    has_hooks,
+    runs_as_openai,
 )
 from .vision_transformer import VisionTransformer
 
@@ -138,9 +138,10 @@ class CLIP(nn.Module):
     def encode_text(self, text: torch.Tensor, normalize: bool = False, trim: bool = True) -> torch.Tensor:
         """Features of token ids [N, L <= context_length]. `trim=False` runs all L positions as given: for
         callers that cut the batch already (`trim_text_batch` on the host), so that no device-to-host sync
-        (reading the longest caption's length off the GPU) interrupts the forward pass. A text tower with hooks
-        on it keeps every position of the context, so that they see openai/CLIP's shapes, and so does a traced
-        model (torch.jit.trace, ONNX export): a length read from one example would be fixed in the trace."""
+        (reading the longest caption's length off the GPU) interrupts the forward pass. A text tower that
+        outside code watches or changes (`clip.transformer.runs_as_openai`: hooks, replaced attention
+        methods) keeps every position of the context, as openai/CLIP's, and so does a traced model
+        (torch.jit.trace, ONNX export): a length read from one example would be fixed in the trace."""
         if text.shape[-1] > self.context_length:
             raise ValueError(f"text has {text.shape[-1]} tokens; this model's context length is {self.context_length}")
         # Features are read at the end-of-text token, which has the largest id in the vocabulary.
@@ -150,15 +151,18 @@ class CLIP(nn.Module):
         # captions are usually far shorter than the context. The length is rounded up to a multiple of 8
         # to keep matrix shapes friendly and limit how many shapes torch.compile sees.
         # Meta tensors (FLOP counting) have no values and an empty batch no longest caption: both keep their length.
-        if trim and not _tracing() and not self._text_tower_observed() and not text.is_meta and text.shape[0] > 0:
+        as_openai = runs_as_openai(self.transformer, self.token_embedding, self.ln_final)
+        if trim and not _tracing() and not as_openai and not text.is_meta and text.shape[0] > 0:
             text = text[:, : trimmed_text_length(eot, text.shape[-1])]
         length = text.shape[-1]
         dtype = self.text_projection.dtype
         x = self.token_embedding(text).to(dtype)  # NL -> NLD
         x = x + self.positional_embedding[:length].to(dtype)
-        # The blocks take OpenAI's LND shape; a view of the batch-major tensor (see clip.transformer), no copy
-        x = self.transformer(x.transpose(0, 1)).transpose(0, 1)  # -> NLD, as OpenAI's ln_final sees it
-        x = self.ln_final(x)
+        # The blocks take OpenAI's LND shape: a view of the batch-major tensor (see clip.transformer), no copy;
+        # a contiguous one, as OpenAI's, for code that watches or changes them
+        x = x.transpose(0, 1)
+        x = self.transformer(x.contiguous() if as_openai else x).transpose(0, 1)  # -> NLD, as ln_final sees it
+        x = self.ln_final(x.contiguous() if as_openai else x)
         x = x[torch.arange(x.shape[0], device=x.device), eot]  # -> N,width
         features = x @ self.text_projection  # -> N,embed_dim
         return F.normalize(features, dim=-1) if normalize else features
@@ -170,9 +174,6 @@ class CLIP(nn.Module):
         logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
         return logits_per_image, logits_per_image.t()
 
-
-    def _text_tower_observed(self) -> bool:
-        return has_hooks(*(module for tower in self.text_tower() for module in tower.modules()))
 
 
 def _tracing() -> bool:

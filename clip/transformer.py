@@ -247,7 +247,12 @@ class ResidualAttentionBlock(nn.Module):
         )
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attn(x, x, x, need_weights=False, attn_mask=self.attn_mask, is_causal=self.causal)[0]
+        if type(self.attn) is MultiheadSelfAttention:
+            return self.attn(x, x, x, need_weights=False, attn_mask=self.attn_mask, is_causal=self.causal)[0]
+        # A replaced attention module (nn.MultiheadAttention, an attention-map recorder) is called as OpenAI's
+        # blocks call theirs, with the mask on x's device and dtype
+        mask = None if self.attn_mask is None else self.attn_mask.to(dtype=x.dtype, device=x.device)
+        return self.attn(x, x, x, need_weights=False, attn_mask=mask)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: LND
         x = x + self.attention(self.ln_1(x))
@@ -290,6 +295,28 @@ class ResidualAttentionBlock(nn.Module):
         if c_fc.weight.dtype != torch.float32:
             return False
         return not self.training or autocast_enabled_for(x)
+
+
+_OWN_BLOCK_METHODS = (ResidualAttentionBlock.attention, ResidualAttentionBlock.forward)
+
+
+def runs_as_openai(transformer: nn.Module, *around: nn.Module) -> bool:
+    """Whether code from outside watches or changes `transformer` (or the modules `around` it): a hook on any
+    of their modules, a block whose `attention` or `forward` method was replaced (on the block or its
+    class), a replaced `attn` module or block. The model then runs that tower exactly as openai/CLIP's does
+    -- contiguous sequence-first tensors, every text position -- since such code may rely on any of it
+    (`.view` on a block's tensors, OpenAI's 77 x 77 mask added to its own scores), at the cost of the layout
+    copies and the text trimming it otherwise saves."""
+    if has_hooks(*transformer.modules(), *(module for outer in around for module in outer.modules())):
+        return True
+    for block in getattr(transformer, "resblocks", ()):
+        if not isinstance(block, ResidualAttentionBlock) or type(block.attn) is not MultiheadSelfAttention:
+            return True
+        if "attention" in vars(block) or "forward" in vars(block):
+            return True
+        if (type(block).attention, type(block).forward) != _OWN_BLOCK_METHODS:
+            return True
+    return False
 
 
 class Transformer(nn.Module):

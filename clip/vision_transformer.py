@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .architectures import VisionConfig
-from .transformer import LayerNorm, Transformer
+from .transformer import LayerNorm, Transformer, runs_as_openai
 
 
 class VisionTransformer(nn.Module):
@@ -49,8 +49,10 @@ class VisionTransformer(nn.Module):
         if self.training and self.patch_dropout > 0:
             x = keep_random_patches(x, self.patch_dropout)  # -> N,1+kept,width
         x = self.ln_pre(x)
-        # The blocks take OpenAI's LND shape; a view of the batch-major tensor (see clip.transformer), no copy
-        x = self.transformer(x.transpose(0, 1)).transpose(0, 1)
+        # The blocks take OpenAI's LND shape: a view of the batch-major tensor (see clip.transformer), no copy;
+        # a contiguous one, as OpenAI's, for code that watches or changes them
+        x = x.transpose(0, 1)
+        x = self.transformer(x.contiguous() if runs_as_openai(self.transformer) else x).transpose(0, 1)
         return self.ln_post(x[:, 0, :])  # the class token -> N,width
 
 

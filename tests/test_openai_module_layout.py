@@ -63,6 +63,8 @@ def test_hooks_inside_the_blocks_see_openai_shapes():
 
     def record(name):
         def hook(module, args, out):  # returns None: a hook's return value would replace the output
+            if not isinstance(out, tuple):
+                out.view(-1, out.shape[-1])  # contiguous, as OpenAI's: hooks may .view() them
             seen.setdefault(name, out if isinstance(out, tuple) else out.shape)
 
         return hook
@@ -127,7 +129,9 @@ def test_attention_is_called_and_answers_like_nn_multihead_attention():
 
 
 def test_replacing_a_blocks_attention_method_takes_effect():
-    # Dense-prediction and attention-map tools replace ResidualAttentionBlock.attention, as in openai/CLIP.
+    # Dense-prediction and attention-map tools replace ResidualAttentionBlock.attention, as in openai/CLIP, with
+    # code that relies on OpenAI's tensors: contiguous (L, N, D) ones (`.view`) and the whole 77-token context
+    # (OpenAI's 77 x 77 mask added to their own scores). The model then runs those towers as OpenAI's does.
     torch.manual_seed(0)
     model = clip.create_model(TINY).eval()
     images, texts = torch.randn(2, 3, 32, 32), clip.tokenize(["a cat", "a dog"])
@@ -135,17 +139,38 @@ def test_replacing_a_blocks_attention_method_takes_effect():
         before = model.encode_image(images), model.encode_text(texts)
     maps = []
     for block in (model.visual.transformer.resblocks[-1], model.transformer.resblocks[-1]):
-        def attention(x, block=block):  # OpenAI's own method, with the weights kept
-            out, weights = block.attn(x, x, x, need_weights=True, attn_mask=block.attn_mask)
+        def attention(x, block=block):  # OpenAI-style code: its own scores, the weights kept
+            length, n, width = x.shape
+            heads = block.attn.num_heads
+            q, k, v = torch.nn.functional.linear(x, block.attn.in_proj_weight, block.attn.in_proj_bias).chunk(3, -1)
+            q, k, v = (t.view(length, n * heads, -1).transpose(0, 1) for t in (q, k, v))  # .view: contiguous x
+            scores = q @ k.transpose(1, 2) * (width // heads) ** -0.5
+            if block.attn_mask is not None:
+                scores = scores + block.attn_mask  # OpenAI's [77, 77] mask
+            weights = scores.softmax(dim=-1)
             maps.append(weights.shape)
-            return out
+            out = (weights @ v).transpose(0, 1).reshape(length, n, width)
+            return block.attn.out_proj(out)
 
         block.attention = attention
     with torch.no_grad():
         after = model.encode_image(images), model.encode_text(texts)
-    assert maps == [(2, 5, 5), (2, 8, 8)]  # the text cut after its last end token, and the mask with it
+    assert maps == [(2, 5, 5), (2, 77, 77)]  # batch x heads (1), the image's 5 tokens, all 77 text positions
     for old, new in zip(before, after, strict=True):
         torch.testing.assert_close(new, old)
+
+
+def test_a_replaced_attention_module_is_called_as_openai_calls_it():
+    torch.manual_seed(0)
+    model = clip.create_model(TINY).eval()
+    texts = clip.tokenize(["a cat", "a photo of a dog"])
+    with torch.no_grad():
+        before = model.encode_text(texts)
+        for block in model.transformer.resblocks:
+            replacement = torch.nn.MultiheadAttention(64, block.attn.num_heads)
+            replacement.load_state_dict(block.attn.state_dict())
+            block.attn = replacement  # OpenAI's own module: no is_causal keyword, a float mask on the CPU
+        torch.testing.assert_close(model.encode_text(texts), before, atol=1e-5, rtol=1e-5)
 
 
 def test_openai_style_module_surgery():

@@ -112,7 +112,7 @@ def _drop_records_after(path: Path, step: int, drop_evaluations_at_step: bool = 
     kept = [line for line in lines if kept_line(line)]
     if len(kept) == len(lines):
         return
-    log.info("%s: dropping %d records from step %d on, which are logged again", path, len(lines) - len(kept), step)
+    log.info("%s: dropping %d records of the steps after %d, which are logged again", path, len(lines) - len(kept), step)
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text("".join(kept), encoding="utf-8")
     temporary.replace(path)  # atomic: an interruption now leaves the old file or the new one

@@ -525,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = list(args.overrides)
     if args.output_dir:
+        if any(override.strip().startswith("output_dir=") for override in overrides):
+            print("clip-train: both --output-dir and an output_dir= override given; --output-dir is used",
+                  file=sys.stderr)
         overrides.append(f"output_dir={json.dumps(args.output_dir)}")
     try:
         config = load_config(args.config, overrides, TrainConfig)

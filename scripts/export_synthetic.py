@@ -3,7 +3,7 @@
     python scripts/export_synthetic.py runs/demo/heldout_images --num-samples 960 --image-size 32 --seed 1
 
 The defaults are those of the demo's own evaluation (configs/demo.toml, [[eval.zeroshot]]), so
-`python scripts/zeroshot.py configs/eval/zeroshot_demo.toml` on the written folder reports the same
+`python scripts/zeroshot.py configs/eval/zeroshot_demo_folder.toml` on the written folder reports the same
 accuracy as the training run. Writes OUT/<label>_<class>/<index>.png, OUT/classnames.txt (label order)
 and OUT/templates.txt (the synthetic world's prompt templates).
 """
@@ -25,7 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="which images: the seed of the classification stream")
     args = parser.parse_args(argv)
     dataset = synthetic.SyntheticClassification(args.num_samples, args.image_size, args.seed)
-    root = synthetic.write_image_folder(dataset, args.output_dir)
+    try:
+        root = synthetic.write_image_folder(dataset, args.output_dir)
+    except FileExistsError as error:  # a folder holding other files: one line, as argparse reports bad usage
+        print(f"export_synthetic: {error}", file=sys.stderr)
+        return 2
     (root / "templates.txt").write_text("".join(t + "\n" for t in synthetic.templates()), encoding="utf-8")
     print(f"wrote {len(dataset)} images of {len(dataset.classes)} classes to {root}")
     return 0

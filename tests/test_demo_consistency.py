@@ -30,6 +30,7 @@ def test_zeroshot_cli_reproduces_the_runs_evaluation(tmp_path):
 
     folder = tmp_path / "run" / "heldout_images"
     assert export_synthetic.main([str(folder), "--num-samples", "96", "--image-size", "32", "--seed", "1"]) == 0
+    assert export_synthetic.main([str(folder)]) == 2  # a folder that holds files: one line, not a traceback
     folder_config = [
         f"model={run}", "device=cpu", "workers=0",
         f"datasets.0.root={folder}", f"datasets.0.templates_file={folder / 'templates.txt'}",

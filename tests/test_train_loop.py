@@ -772,3 +772,11 @@ def test_a_run_whose_checkpoints_all_fail_to_load_stops_instead_of_restarting_at
     with pytest.raises(ckpt.NoReadableCheckpointError, match=r"step_00000006\.pt(.|\n)*move them aside"):
         train(config, stop_at_step=4)
     assert [(s, p.stat().st_size) for s, p in ckpt.list_checkpoints(tmp_path)] == [(6, 1000), (3, 1000)]
+
+
+def test_both_output_dir_forms_given_say_which_is_used(tmp_path, capsys):
+    args = [str(DEMO), "--output-dir", str(tmp_path / "a"), *TINY, "schedule.steps=1", "eval.every_n_steps=0",
+            f"output_dir={tmp_path / 'b'}"]
+    assert main(args) == 0
+    assert "--output-dir is used" in capsys.readouterr().err
+    assert (tmp_path / "a" / "config.toml").exists() and not (tmp_path / "b").exists()

@@ -96,11 +96,12 @@ def quick_gelu_mlp(x: torch.Tensor, c_fc: nn.Linear, c_proj: nn.Linear) -> torch
     return F.linear(hidden, c_proj.weight * (1 / QUICK_GELU_SCALE), c_proj.bias)
 
 
-def has_hooks(*modules: nn.Module) -> bool:
-    """Whether a forward or backward hook would run for any of `modules` (their own or global ones)."""
+def has_hooks(*modules: nn.Module, count_global: bool = True) -> bool:
+    """Whether a forward or backward hook would run for any of `modules`: their own, or (`count_global`) one
+    registered for every module (torch.nn.modules.module.register_module_forward_hook and kin)."""
     global_hooks = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                     "_global_backward_pre_hooks")
-    if any(getattr(module_internals, name, None) for name in global_hooks):
+    if count_global and any(getattr(module_internals, name, None) for name in global_hooks):
         return True
     own_hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
     return any(getattr(m, name, None) for m in modules for name in own_hooks)
@@ -302,12 +303,15 @@ _OWN_BLOCK_METHODS = (ResidualAttentionBlock.attention, ResidualAttentionBlock.f
 
 def runs_as_openai(transformer: nn.Module, *around: nn.Module) -> bool:
     """Whether code from outside watches or changes `transformer` (or the modules `around` it): a hook on any
-    of their modules, a block whose `attention` or `forward` method was replaced (on the block or its
+    of their modules (not one for every module), a block whose `attention` or `forward` method was replaced (on the block or its
     class), a replaced `attn` module or block. The model then runs that tower exactly as openai/CLIP's does
     -- contiguous sequence-first tensors, every text position -- since such code may rely on any of it
     (`.view` on a block's tensors, OpenAI's 77 x 77 mask added to its own scores), at the cost of the layout
     copies and the text trimming it otherwise saves."""
-    if has_hooks(*transformer.modules(), *(module for outer in around for module in outer.modules())):
+    # Hooks on these modules themselves: hooks registered for every module belong to tools that watch the
+    # whole program (FlopCounterMode's module tracker, memory trackers), which must see it run as it does
+    modules = (*transformer.modules(), *(module for outer in around for module in outer.modules()))
+    if has_hooks(*modules, count_global=False):
         return True
     for block in getattr(transformer, "resblocks", ()):
         if not isinstance(block, ResidualAttentionBlock) or type(block.attn) is not MultiheadSelfAttention:

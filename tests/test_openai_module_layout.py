@@ -263,3 +263,18 @@ def test_the_models_batch_major_memory_saves_the_layout_copies():
     sequence_major, reference = copies_and_output(x.transpose(0, 1).contiguous().requires_grad_())
     assert batch_major < sequence_major and out.transpose(0, 1).is_contiguous()  # it stays batch-major
     torch.testing.assert_close(out, reference)
+
+
+def test_tools_that_hook_every_module_see_the_model_run_as_it_does():
+    # FlopCounterMode registers hooks for every module (its module tracker): counting must see the text cut
+    # after its last end token, as the model runs it, not OpenAI's 77 positions.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = clip.create_model(TINY).eval()
+    short = clip.tokenize(["a cat"])
+    with FlopCounterMode(display=False) as counted:
+        model.encode_text(short)
+    with FlopCounterMode(display=False) as whole_context:
+        model.encode_text(short, trim=False)
+    assert counted.get_total_flops() < whole_context.get_total_flops() / 4

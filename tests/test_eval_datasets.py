@@ -182,6 +182,26 @@ def test_hidden_files_and_macos_metadata_are_not_images(tmp_path):
     assert [path.name for path, _ in dataset.samples] == ["0.png", "1.png", "0.png"]
 
 
+def test_linked_folders_are_followed_once(tmp_path):
+    # A class assembled from links to other folders, as torchvision's ImageFolder reads it; a link back to
+    # an ancestor must not loop.
+    write_image_folder(tmp_path / "data", {"cat": 2, "dog": 1})
+    write_image_folder(tmp_path / "elsewhere", {"more_cats": 3})
+    (tmp_path / "data" / "cat" / "linked").symlink_to(tmp_path / "elsewhere" / "more_cats", target_is_directory=True)
+    (tmp_path / "data" / "dog" / "loop").symlink_to(tmp_path / "data" / "dog", target_is_directory=True)
+    dataset = ImageFolderDataset(tmp_path / "data")
+    assert [label for _, label in dataset.samples] == [0] * 5 + [1]
+
+
+def test_a_classnames_file_beside_the_split_folders_names_the_classes_of_each(tmp_path):
+    write_image_folder(tmp_path / "val", {"n01": 1, "n02": 1})
+    (tmp_path / "classnames.txt").write_text("goldfish\ngreat white shark\n")
+    config = ZeroShotDatasetConfig(name="in", kind="imagefolder", root=str(tmp_path), split="val")
+    assert load_classification_data(config, None).classnames == ["goldfish", "great white shark"]
+    (tmp_path / "val" / "classnames.txt").write_text("fish\nshark\n")  # the split's own comes first
+    assert load_classification_data(config, None).classnames == ["fish", "shark"]
+
+
 def test_splits_can_share_one_labelling(tmp_path):
     write_image_folder(tmp_path, {"ant": 1, "cat": 1})
     dataset = ImageFolderDataset(tmp_path, class_folders=["ant", "bee", "cat"])

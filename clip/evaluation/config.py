@@ -59,7 +59,7 @@ class ZeroShotDatasetConfig:
     # must exist. synthetic: any name; every name draws its own images ("train" and "val" differ from "test").
     split: str = ""
     # Class names, one per line or a JSON list; empty: the dataset's own (CIFAR meta, classnames.txt in
-    # the image folder, else the folder names with "_" read as spaces, and their "00_", "01_", ... label
+    # the image folder or beside its split folders, else the folder names with "_" read as spaces, and their "00_", "01_", ... label
     # prefixes removed when every folder is numbered so, as clip.data.synthetic.write_image_folder writes them).
     classnames_file: str = ""
     # Prompt templates with one "{}", one per line or a JSON list; empty: the built-in set

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import os
 import pickle
 import re
 import zlib
@@ -66,14 +67,22 @@ def list_class_folders(root: Path) -> list[str]:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files anywhere under `folder`, sorted, leaving out hidden and archiver-metadata paths."""
-    return [
-        path
-        for path in sorted(folder.rglob("*"))
-        if path.suffix.lower() in IMAGE_EXTENSIONS
-        and not any(is_ignored(part) for part in path.relative_to(folder).parts)
-        and path.is_file()
-    ]
+    """Image files anywhere under `folder`, sorted, leaving out hidden and archiver-metadata paths. Symbolic
+    links to folders are followed, as torchvision's ImageFolder follows them (a class assembled from links
+    to other folders is common), each real folder once, so a link to an ancestor cannot loop."""
+    images, visited = [], set()
+    for directory, subdirectories, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in visited:
+            subdirectories.clear()
+            continue
+        visited.add(real)
+        subdirectories[:] = [name for name in subdirectories if not is_ignored(name)]
+        for name in files:
+            path = Path(directory, name)
+            if path.suffix.lower() in IMAGE_EXTENSIONS and not is_ignored(name) and path.is_file():
+                images.append(path)
+    return sorted(images)
 
 
 NUMBERED_FOLDER = re.compile(r"(\d+)_(.+)")
@@ -426,7 +435,13 @@ def load_classification_data(
             refuse_split_folders_as_classes(folder)
         # A classnames_file replaces the names read from the folders (below): no warning about those then.
         folder_warnings = warn and not config.classnames_file
-        dataset = ImageFolderDataset(folder, transform, class_folders=class_folders, warn=folder_warnings)
+        # A split's own classnames.txt, else one beside the splits (<root>/classnames.txt, shared by them)
+        shared_names = Path(config.root) / "classnames.txt"
+        use_shared = config.split and not (folder / "classnames.txt").is_file() and shared_names.is_file()
+        dataset = ImageFolderDataset(
+            folder, transform, classnames=load_classnames(shared_names) if use_shared else None,
+            class_folders=class_folders, warn=folder_warnings,
+        )
         classnames = dataset.classes
     else:
         raise ValueError(f"unknown dataset kind {config.kind!r}")

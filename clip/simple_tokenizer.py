@@ -2,8 +2,7 @@
 attributes (`encoder`, `decoder`, `byte_encoder`, `byte_decoder`, `bpe_ranks`, `cache`, `pat`) and methods
 (`encode`, `decode`, `bpe`), and the module's helpers (`default_bpe`, `bytes_to_unicode`, `get_pairs`,
 `basic_clean`, `whitespace_clean`). Prompt learners use `SimpleTokenizer().encode(name)` to count a class
-name's tokens; captioning code decodes with `byte_decoder`. The same BPE as `clip.tokenizer`, whose fast
-encoder `encode` runs; `bpe` is the plain merge loop, for code that calls it on single words.
+name's tokens; captioning code decodes with `byte_decoder`. The same BPE as `clip.tokenizer`.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from pathlib import Path
 from .download import download
 from .tokenizer import (
     END_OF_TEXT,
-    END_OF_WORD,
     MERGES_SHA256,
     MERGES_URL,
     START_OF_TEXT,
@@ -40,7 +38,8 @@ def get_pairs(word: Sequence[str]) -> set[tuple[str, str]]:
 class SimpleTokenizer(Tokenizer):
     """`encode(text)` -> ids without start and end tokens; `decode(ids)` -> text with the special tokens
     spelled out, as openai/CLIP's does; `bpe(token)` -> the token's BPE symbols joined by spaces, the last
-    one marked with "</w>" (token: a pre-tokenised piece in `byte_encoder`'s characters)."""
+    one marked with "</w>" (token: a pre-tokenised piece in `byte_encoder`'s characters), by the same merge
+    loop as `encode`."""
 
     def __init__(self, bpe_path: str | Path | None = None) -> None:
         super().__init__(bpe_path)
@@ -52,24 +51,10 @@ class SimpleTokenizer(Tokenizer):
         self.pat = self._piece_pattern
 
     def bpe(self, token: str) -> str:
-        if token in self.cache:
-            return self.cache[token]
-        word = (*token[:-1], token[-1] + END_OF_WORD)
-        while len(word) > 1:
-            # The pair that was merged earliest in training merges first, everywhere it occurs in the word
-            best = min(get_pairs(word), key=lambda pair: self.bpe_ranks.get(pair, len(self.bpe_ranks)))
-            if best not in self.bpe_ranks:
-                break
-            merged, index = [], 0
-            while index < len(word):
-                if index + 1 < len(word) and (word[index], word[index + 1]) == best:
-                    merged.append(word[index] + word[index + 1])
-                    index += 2
-                else:
-                    merged.append(word[index])
-                    index += 1
-            word = tuple(merged)
-        self.cache[token] = " ".join(word)
+        if token not in self.cache:
+            # The fast encoder's merge loop, on the ids of the bytes that the token's characters stand for
+            byte_ids = bytes(self.byte_decoder[char] for char in token).translate(self._byte_ids)
+            self.cache[token] = " ".join(self.vocab[token_id] for token_id in self._merge_ids(list(byte_ids)))
         return self.cache[token]
 
     def decode(self, tokens: Sequence[int], skip_special_tokens: bool = False) -> str:

@@ -229,14 +229,27 @@ def test_clip_is_built_from_openai_constructor_arguments():
 
 
 def test_simple_tokenizer_internals_as_openai_clip():
-    from clip.simple_tokenizer import SimpleTokenizer, basic_clean, bytes_to_unicode, get_pairs, whitespace_clean
+    from clip.simple_tokenizer import (
+        SimpleTokenizer,
+        basic_clean,
+        bytes_to_unicode,
+        default_bpe,
+        get_pairs,
+        whitespace_clean,
+    )
 
     tokenizer = SimpleTokenizer()
     assert tokenizer.byte_decoder[tokenizer.byte_encoder[32]] == 32 and bytes_to_unicode()[32] == "Ġ"
     assert get_pairs(("a", "b", "c")) == {("a", "b"), ("b", "c")}
     assert whitespace_clean(basic_clean("  a &amp;amp;\n b ")) == "a & b"
     assert tokenizer.bpe_ranks[tokenizer.merges[0]] == 0 and tokenizer.cache["<|endoftext|>"] == "<|endoftext|>"
+    from reference_tokenizer import ReferenceTokenizer  # the plain merge loop, written from the algorithm
+
+    reference = ReferenceTokenizer(default_bpe())
     for text in ["photograph", "tokenizers", "a", "zzqxj", "naïve", "日本"]:
+        for piece in tokenizer.pat.findall(text):
+            spelled = "".join(tokenizer.byte_encoder[b] for b in piece.encode())
+            assert tokenizer.bpe(spelled) == reference.bpe(spelled), piece
         pieces = tokenizer.pat.findall(text)
         symbols = [s for piece in pieces for s in tokenizer.bpe("".join(tokenizer.byte_encoder[b] for b in piece.encode())).split()]
         assert [tokenizer.encoder[s] for s in symbols] == tokenizer.encode(text), text

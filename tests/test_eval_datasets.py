@@ -327,6 +327,9 @@ def test_cifar_format_errors_are_clear(tmp_path):
     (folder / "test_batch").write_bytes(pickle.dumps({"data": np.zeros((2, 10), np.uint8), "labels": [0, 1]}))
     with pytest.raises(ValueError, match=r"shape \[N, 3072\]"):
         CIFARDataset(tmp_path, "cifar10")
+    (folder / "test_batch").write_bytes(pickle.dumps({"data": np.full((2, 3072), 0.5), "labels": [0, 1]}))
+    with pytest.raises(ValueError, match=r"uint8 array .* got a float64 array of shape \[2, 3072\]"):
+        CIFARDataset(tmp_path, "cifar10")  # floats in [0, 1] would have become black images
     with pytest.raises(FileNotFoundError, match="data_batch_1"):
         CIFARDataset(tmp_path / "nowhere", "cifar10", train=True)
 

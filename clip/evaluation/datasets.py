@@ -282,11 +282,13 @@ class CIFARDataset(Dataset):
         for name in layout.train_files if train else layout.test_files:
             batch = load_cifar_pickle(folder / name)
             data, batch_labels = batch.get("data"), batch.get(layout.labels_key)
-            if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-                raise ValueError(f"{folder / name}: 'data' must be a uint8 array of shape [N, 3072]")
+            # Pixel values in another dtype (floats in [0, 1], say) would be cast to near-black images silently
+            if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+                found = f"{data.dtype} array of shape {list(data.shape)}" if isinstance(data, np.ndarray) else type(data).__name__
+                raise ValueError(f"{folder / name}: 'data' must be a uint8 array of shape [N, 3072], got a {found}")
             if batch_labels is None or len(batch_labels) != len(data):
                 raise ValueError(f"{folder / name}: '{layout.labels_key}' must hold one label per image")
-            images.append(data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
             labels.extend(int(label) for label in batch_labels)
         names = load_cifar_pickle(folder / layout.meta_file).get(layout.names_key)
         if not names:

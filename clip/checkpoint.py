@@ -2,8 +2,9 @@
 
 A checkpoint is one `torch.save` dict:
   {"format": CHECKPOINT_FORMAT, "step": int, "model": CLIP state dict, "config": resolved TrainConfig dict,
-   "optimizer": ..., "scaler": ..., "loss_parameters": ..., "rng": per-rank RNG states, "data": per-rank
-   data positions, "metrics": last logged metrics}
+   "optimizer": ..., "optimizer_parameter_names": the parameter of each optimizer state entry, "scaler": ...,
+   "loss_parameters": ..., "rng": per-rank RNG states, "data": per-rank data positions, "metrics": last
+   logged metrics, "evaluation_owed": the step's evaluation was skipped for a signal (made up on resume)}
 It holds only tensors and plain Python values, so it loads with `torch.load(weights_only=True)`.
 Files are `RUN_DIR/checkpoints/step_XXXXXXXX.pt`; the highest step whose file loads is the latest. They are
 written as `.step_XXXXXXXX.pt.<8 random characters>.tmp` first and renamed into place; a process killed while

@@ -106,7 +106,8 @@ def train(config: TrainConfig, stop_at_step: int | None = None) -> dict:
     stop_at_step: stop after this many steps as if interrupted (checkpoint, then return); for tests.
     """
     # ---- setup ----------------------------------------------------------------------------------------
-    # Signals are caught from the start. One during the setup (a rendezvous, a download, a resume's reads)
+    # Signals are caught from here on (before, while Python imports torch, the default handler still ends the
+    # process). One during the setup (a rendezvous, a download, a resume's reads)
     # abandons it at once with SetupInterrupted, which `main` turns into the status that requeues the run:
     # the default handler would end it with a status the job script takes for a failure.
     with StopRequest() as stop, contextlib.ExitStack() as setup:

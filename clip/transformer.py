@@ -116,8 +116,9 @@ def make_activation(name: str) -> nn.Module:
 
 def causal_mask(length: int) -> torch.Tensor:
     """OpenAI's additive causal mask [length, length]: -inf above the diagonal (a position attends to itself
-    and earlier ones), 0 elsewhere."""
-    return torch.full((length, length), float("-inf")).triu_(1)
+    and earlier ones), 0 elsewhere. Always made on the CPU, as OpenAI's (code that reads it moves it), also
+    when the model is built on the meta device (`clip.load` does), where it would stay unreadable."""
+    return torch.full((length, length), float("-inf"), device="cpu").triu_(1)
 
 
 class MultiheadSelfAttention(nn.Module):

@@ -160,9 +160,13 @@ def test_replacing_a_blocks_attention_method_takes_effect():
         torch.testing.assert_close(new, old)
 
 
-def test_a_replaced_attention_module_is_called_as_openai_calls_it():
+@pytest.mark.parametrize("built_by", ["create_model", "clip.load"])
+def test_a_replaced_attention_module_is_called_as_openai_calls_it(tmp_path, built_by):
     torch.manual_seed(0)
     model = clip.create_model(TINY).eval()
+    if built_by == "clip.load":  # built on the meta device, then loaded: its mask must still be readable
+        torch.save(model.state_dict(), tmp_path / "weights.pt")
+        model, _ = clip.load(str(tmp_path / "weights.pt"), device="cpu")
     texts = clip.tokenize(["a cat", "a photo of a dog"])
     with torch.no_grad():
         before = model.encode_text(texts)

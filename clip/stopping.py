@@ -62,8 +62,12 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested and self._abandoning is None:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
+        # A second Ctrl-C stops at once. Not a second SIGTERM: under srun every process of the step gets it,
+        # and torchrun forwards its own copy to its workers, so one pre-emption can arrive twice.
+        if self.requested and self._abandoning is None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.requested = True
         if self._abandoning is not None:
             exception, self._abandoning = self._abandoning, None  # raised once; cleanup code after it keeps running

@@ -106,17 +106,19 @@ def train(config: TrainConfig, stop_at_step: int | None = None) -> dict:
     stop_at_step: stop after this many steps as if interrupted (checkpoint, then return); for tests.
     """
     # ---- setup ----------------------------------------------------------------------------------------
-    # Signals are caught from here on (before, while Python imports torch, the default handler still ends the
-    # process). One during the setup (a rendezvous, a download, a resume's reads)
-    # abandons it at once with SetupInterrupted, which `main` turns into the status that requeues the run:
-    # the default handler would end it with a status the job script takes for a failure.
-    with StopRequest() as stop, contextlib.ExitStack() as setup:
-        setup.enter_context(stop.interrupting(SetupInterrupted))
-        dist_info = init_distributed(device=config.train.device)
-        try:
+    # The ranks meet under the default signal handling: blocked in init_process_group's C++ rendezvous, a
+    # process never runs a Python handler, so a caught signal would leave it waiting out the rendezvous
+    # timeout; the default action ends it at once.
+    dist_info = init_distributed(device=config.train.device)
+    try:
+        # Signals are caught from here on. One during the rest of the setup (a download, a resume's reads)
+        # abandons it at once with SetupInterrupted, which `main` turns into the status that requeues the
+        # run: the default handler would end it with a status the job script takes for a failure.
+        with StopRequest() as stop, contextlib.ExitStack() as setup:
+            setup.enter_context(stop.interrupting(SetupInterrupted))
             return _train(config, dist_info, stop_at_step, stop, end_setup=setup.close)
-        finally:
-            cleanup_distributed()
+    finally:
+        cleanup_distributed()
 
 
 def _train(

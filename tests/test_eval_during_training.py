@@ -276,3 +276,26 @@ def test_evaluation_workers_outlive_a_schedulers_sigterm():
         subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)
     time.sleep(0.5)  # a worker's death would raise here, from torch's SIGCHLD handler
     assert len(list(loader)) == 15
+
+
+def _report_signal_mask(connection) -> None:
+    connection.send(sorted(int(s) for s in __import__("signal").pthread_sigmask(__import__("signal").SIG_BLOCK, [])))
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "sigwaitinfo"), reason="workers keep torch's signal handling here")
+def test_workers_hold_job_signals_from_their_first_instruction():
+    # Between the fork and worker_init_fn, torch's own worker handler would die of a scheduler's SIGTERM;
+    # the worker is forked with the job's signals blocked instead, and the parent's mask is left as it was.
+    import multiprocessing
+    import signal
+
+    from clip.data.loader import ForkWithJobSignalsHeld
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    receiving, sending = multiprocessing.Pipe(duplex=False)
+    process = ForkWithJobSignalsHeld().Process(target=_report_signal_mask, args=(sending,))
+    process.start()
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+    assert {int(signal.SIGTERM), int(signal.SIGINT)} <= set(receiving.recv())
+    process.join(timeout=30)
+    assert process.exitcode == 0

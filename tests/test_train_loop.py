@@ -780,3 +780,19 @@ def test_both_output_dir_forms_given_say_which_is_used(tmp_path, capsys):
     assert main(args) == 0
     assert "--output-dir is used" in capsys.readouterr().err
     assert (tmp_path / "a" / "config.toml").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_second_sigterm_is_the_same_request_but_a_second_ctrl_c_stops_at_once():
+    # Under srun every process gets the pre-emption's SIGTERM, and torchrun forwards its own copy to its
+    # workers: one pre-emption can arrive twice, and must still end in a checkpoint.
+    from clip.stopping import StopRequest
+
+    with StopRequest() as stop:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        except KeyboardInterrupt:
+            pytest.fail("a second SIGTERM was taken for a second Ctrl-C")
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import multiprocessing.context
 import os
 import signal
 import threading
@@ -45,7 +46,29 @@ def signal_safe_worker_options() -> dict:
     runs, which would still take the signal, and its parent is not necessarily the training process."""
     if not hasattr(signal, "sigwaitinfo"):  # macOS, Windows: torch's own handling
         return {}
-    return {"worker_init_fn": shield_worker_from_job_signals, "multiprocessing_context": "fork"}
+    return {"worker_init_fn": shield_worker_from_job_signals, "multiprocessing_context": ForkWithJobSignalsHeld()}
+
+
+JOB_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+class _ForkProcessWithJobSignalsHeld(multiprocessing.context.ForkProcess):
+    def start(self) -> None:
+        # Forked with the job's signals blocked, so the child holds one that arrives before its
+        # worker_init_fn installs the shield (torch's own worker handler would die of it), and the shield then
+        # takes it. The parent's mask is restored at once: a signal meant for it is delivered then.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class ForkWithJobSignalsHeld(multiprocessing.context.ForkContext):
+    """The fork start method, with SIGTERM and SIGINT blocked in a new worker from its first instruction
+    until `shield_worker_from_job_signals` has taken them over (a scheduler's signal in between killed it)."""
+
+    Process = _ForkProcessWithJobSignalsHeld
 
 
 def shield_worker_from_job_signals(worker_id: int) -> None:
@@ -60,6 +83,7 @@ def shield_worker_from_job_signals(worker_id: int) -> None:
     still stop when the loader is closed, and on their own when the training process dies.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # held since the fork; one pending is dropped
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
     threading.Thread(target=_answer_sigterm_from_parent_only, name="sigterm-filter", daemon=True).start()
 

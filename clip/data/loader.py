@@ -51,24 +51,24 @@ def signal_safe_worker_options() -> dict:
 
 JOB_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
+if hasattr(signal, "sigwaitinfo"):  # Linux, where the shield works (there is no fork context on Windows)
 
-class _ForkProcessWithJobSignalsHeld(multiprocessing.context.ForkProcess):
-    def start(self) -> None:
-        # Forked with the job's signals blocked, so the child holds one that arrives before its
-        # worker_init_fn installs the shield (torch's own worker handler would die of it), and the shield then
-        # takes it. The parent's mask is restored at once: a signal meant for it is delivered then.
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
-        try:
-            super().start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    class _ForkProcessWithJobSignalsHeld(multiprocessing.context.ForkProcess):
+        def start(self) -> None:
+            # Forked with the job's signals blocked, so the child holds one that arrives before its
+            # worker_init_fn installs the shield (torch's own worker handler would die of it), and the shield
+            # then takes it. The parent's mask is restored at once: a signal meant for it is delivered then.
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
+            try:
+                super().start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
+    class ForkWithJobSignalsHeld(multiprocessing.context.ForkContext):
+        """The fork start method, with SIGTERM and SIGINT blocked in a new worker from its first instruction
+        until `shield_worker_from_job_signals` has taken them over (a scheduler's signal in between killed it)."""
 
-class ForkWithJobSignalsHeld(multiprocessing.context.ForkContext):
-    """The fork start method, with SIGTERM and SIGINT blocked in a new worker from its first instruction
-    until `shield_worker_from_job_signals` has taken them over (a scheduler's signal in between killed it)."""
-
-    Process = _ForkProcessWithJobSignalsHeld
+        Process = _ForkProcessWithJobSignalsHeld
 
 
 def shield_worker_from_job_signals(worker_id: int) -> None:

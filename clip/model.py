@@ -175,7 +175,6 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.t()
 
 
-
 def _tracing() -> bool:
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     return torch.jit.is_tracing() or (is_exporting is not None and is_exporting())

@@ -262,18 +262,19 @@ class ResidualAttentionBlock(nn.Module):
         return x
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if batch_major_memory(x) and not has_hooks(self.mlp, *self.mlp.modules()):
+        observed = has_hooks(*self.mlp.modules())  # the MLP and its layers: asked once per call
+        if batch_major_memory(x) and not observed:
             # Row by row: on the contiguous tensor behind the view (hooks would see it batch-first, so an
             # observed MLP runs on the view as given, in OpenAI's shapes, at the cost of a copy)
-            return self._mlp(x.transpose(0, 1)).transpose(0, 1)
-        return self._mlp(x)
+            return self._mlp(x.transpose(0, 1), observed).transpose(0, 1)
+        return self._mlp(x, observed)
 
-    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        if self._folds_quick_gelu(x):
+    def _mlp(self, x: torch.Tensor, observed: bool) -> torch.Tensor:
+        if self._folds_quick_gelu(x, observed):
             return quick_gelu_mlp(x, self.mlp.c_fc, self.mlp.c_proj)
         return self.mlp(x)
 
-    def _folds_quick_gelu(self, x: torch.Tensor) -> bool:
+    def _folds_quick_gelu(self, x: torch.Tensor, observed: bool) -> bool:
         # The folded form's one cost: for backward, each linear keeps its scaled weight instead of the
         # parameter itself, a weight-sized copy. Under autocast a (half-precision) copy is kept either way,
         # and in eval mode (inference) nothing is usually kept; float32 training would pay (~0.3 GB for
@@ -282,7 +283,8 @@ class ResidualAttentionBlock(nn.Module):
         # Half-precision weights (OpenAI's models on a GPU) are not folded either: scaling them rounds each
         # weight again, and their features should match OpenAI's to the last bit. Nor are replaced or
         # wrapped layers (adapters), or layers with hooks (attribution tools, pruning), which the folded form
-        # would bypass: only plain, unobserved nn.Linear weights can be scaled like this.
+        # would bypass (`observed`: hooks on the MLP or its layers): only plain, unobserved nn.Linear weights
+        # can be scaled like this.
         # The MLP must also still be the three layers it was built with, with QuickGELU (a block built with
         # exact GELU has nothing to fold): a swapped activation or an appended module would otherwise be
         # silently skipped.
@@ -292,7 +294,7 @@ class ResidualAttentionBlock(nn.Module):
         c_fc, gelu, c_proj = mlp.c_fc, mlp.gelu, mlp.c_proj
         if not (type(gelu) is QuickGELU and type(c_fc) is nn.Linear and type(c_proj) is nn.Linear):
             return False
-        if has_hooks(mlp, c_fc, gelu, c_proj):
+        if observed:
             return False
         if c_fc.weight.dtype != torch.float32:
             return False
@@ -304,11 +306,11 @@ _OWN_BLOCK_METHODS = (ResidualAttentionBlock.attention, ResidualAttentionBlock.f
 
 def runs_as_openai(transformer: nn.Module, *around: nn.Module) -> bool:
     """Whether code from outside watches or changes `transformer` (or the modules `around` it): a hook on any
-    of their modules (not one for every module), a block whose `attention` or `forward` method was replaced (on the block or its
-    class), a replaced `attn` module or block. The model then runs that tower exactly as openai/CLIP's does
-    -- contiguous sequence-first tensors, every text position -- since such code may rely on any of it
-    (`.view` on a block's tensors, OpenAI's 77 x 77 mask added to its own scores), at the cost of the layout
-    copies and the text trimming it otherwise saves."""
+    of their modules (not one registered for every module), a block whose `attention` or `forward` method was
+    replaced (on the block or its class), a replaced `attn` module or block. The model then runs that tower
+    exactly as openai/CLIP's does -- contiguous sequence-first tensors, every text position -- since such code
+    may rely on any of it (`.view` on a block's tensors, OpenAI's 77 x 77 mask added to its own scores), at
+    the cost of the layout copies and the text trimming it otherwise saves."""
     # Hooks on these modules themselves: hooks registered for every module belong to tools that watch the
     # whole program (FlopCounterMode's module tracker, memory trackers), which must see it run as it does
     modules = (*transformer.modules(), *(module for outer in around for module in outer.modules()))
@@ -339,7 +341,9 @@ class Transformer(nn.Module):
         self.grad_checkpointing = False
         self.resblocks = nn.Sequential(
             *[
-                ResidualAttentionBlock(width, heads, attn_mask, mlp_ratio=mlp_ratio, activation=activation, causal=causal)
+                ResidualAttentionBlock(
+                    width, heads, attn_mask, mlp_ratio=mlp_ratio, activation=activation, causal=causal
+                )
                 for _ in range(layers)
             ]
         )

@@ -85,9 +85,10 @@ def bad_input_reported_as(error_type: type[Exception]):
 
 
 def warn_about_unlikely_settings(
-    config: TrainConfig, global_batch: int, samples_per_epoch: int, resumed: bool, saved_init_weights: str | None
+    config: TrainConfig, global_batch: int, samples_per_epoch: int, saved_config: dict | None
 ) -> None:
-    """Settings that run but are most likely not what was meant, each named in a warning."""
+    """Settings that run but are most likely not what was meant, each named in a warning. saved_config: the
+    resumed checkpoint's, None for a new run."""
     schedule = config.schedule
     if schedule.warmup_steps >= schedule.steps:
         log.warning("schedule.warmup_steps (%d) >= schedule.steps (%d): the learning rate never reaches "
@@ -95,7 +96,8 @@ def warn_about_unlikely_settings(
     if samples_per_epoch < global_batch:
         log.warning("an epoch holds %d samples, fewer than the global batch of %d: each batch repeats pairs, whose "
                     "copies are then each other's negatives", samples_per_epoch, global_batch)
-    if resumed and config.train.init_weights not in (None, saved_init_weights):  # the same ones: a requeue
+    saved_init_weights = saved_config.get("train", {}).get("init_weights") if saved_config is not None else None
+    if saved_config is not None and config.train.init_weights not in (None, saved_init_weights):  # same: a requeue
         log.warning("train.init_weights changed to %s, which is not read: a resumed run continues from its own "
                     "checkpoint (a new --output-dir starts from them)", config.train.init_weights)
 
@@ -258,14 +260,14 @@ def _train(
             run_dir, config.logging.tensorboard, resumed_at=start_step, wandb_run=wandb_run,
             reevaluated=already_finished,  # its final evaluation runs again: the new record replaces the old
         )
-    if dist_info.is_main:
         log.info(
             "model: %.2fM parameters; global batch %d (%d ranks x %d, %d micro-batches); %d steps; data: %d samples/epoch",
             sum(p.numel() for p in module.parameters()) / 1e6, global_batch, dist_info.world_size,
             config.train.batch_size, config.train.accumulation_steps, config.schedule.steps, data.samples_per_epoch,
         )
-        saved_init_weights = state["config"].get("train", {}).get("init_weights") if state is not None else None
-        warn_about_unlikely_settings(config, global_batch, data.samples_per_epoch, state is not None, saved_init_weights)
+        warn_about_unlikely_settings(
+            config, global_batch, data.samples_per_epoch, state["config"] if state is not None else None
+        )
 
     def autocast():
         if autocast_dtype is None:
@@ -301,7 +303,7 @@ def _train(
         if dist_info.is_distributed:
             dist.barrier()
 
-    def evaluate(step: int, stop: StopRequest) -> dict:
+    def evaluate(step: int) -> dict:
         """The evaluations' results, also logged. A signal (also one before them) abandons them by raising
         EvaluationInterrupted before anything is written: in one process at once, from the signal handler;
         several ranks together, at the evaluation's next stop check after any of them was signalled (an
@@ -353,7 +355,7 @@ def _train(
         # The evaluation of this checkpoint's step, skipped or abandoned when the run was stopped: made up
         # first, so that the run's evaluation record has no gap (evaluations leave the RNG and data alone).
         try:
-            last_metrics.update(evaluate(start_step, stop))
+            last_metrics.update(evaluate(start_step))
         except EvaluationInterrupted:  # stopped again: the checkpoint still owes it
             last_step = start_step
     while step < last_step:
@@ -460,7 +462,7 @@ def _train(
             # A pre-empted run spends its grace period saving, not evaluating: a signal (also one after this
             # step's agreement) abandons the evaluation, and the run saves and stops.
             try:
-                last_metrics.update(evaluate(step, stop))
+                last_metrics.update(evaluate(step))
             except EvaluationInterrupted:
                 stop_now = True
         every = config.checkpoint.every_n_steps
@@ -487,7 +489,7 @@ def _train(
     # only evaluates.
     if finished:
         try:
-            final.update(evaluate(step, stop))
+            final.update(evaluate(step))
         except EvaluationInterrupted:
             log.warning("final evaluation abandoned; the trained weights are saved: run again to evaluate")
             final["evaluation_interrupted"] = True

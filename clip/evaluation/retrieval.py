@@ -91,6 +91,16 @@ def _grouped(pairs: Sequence[tuple[str, str]], image_root: Path) -> RetrievalDat
     return RetrievalData(paths, captions, caption_image)
 
 
+def _utf8_caption(caption: str, where: str) -> str:
+    """`caption`, or a ValueError naming `where` when it holds lone surrogates, which the tokenizer cannot take
+    (undecodable bytes kept by the manifest reader, escapes like "\\ud800" in JSON)."""
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{where}: the caption is not valid UTF-8: {caption!r}") from None
+    return caption
+
+
 def _read_json_file(path: Path) -> Any:
     """A JSON file's content; a file that is not UTF-8 JSON is a ValueError naming it (a byte-order mark is
     allowed, as in the manifests)."""
@@ -115,13 +125,7 @@ def _karpathy_captions(path: Path, number: int, sentences: Any) -> list[str]:
             raise ValueError(
                 f"{path}: image #{number}, sentence #{position} needs a non-empty 'raw' caption, got {sentence!r}"
             )
-        try:
-            caption.encode("utf-8")  # JSON may escape lone surrogates ("\ud800"); the tokenizer cannot take them
-        except UnicodeEncodeError:
-            raise ValueError(
-                f"{path}: image #{number}, sentence #{position}: the caption is not valid UTF-8: {caption!r}"
-            ) from None
-        captions.append(caption)
+        captions.append(_utf8_caption(caption, f"{path}: image #{number}, sentence #{position}"))
     return captions
 
 
@@ -161,11 +165,7 @@ def _manifest_pair(
     if not caption:
         needs = "needs to be a JSON object with" if path.suffix.lower() == ".jsonl" else "needs"
         raise ValueError(f"{path}: row {number} {needs} a non-empty {image_column!r} and {caption_column!r}")
-    try:
-        caption.encode("utf-8")  # the reader keeps undecodable bytes as lone surrogates; the tokenizer cannot
-    except UnicodeEncodeError:
-        raise ValueError(f"{path}: row {number}: the caption is not valid UTF-8: {caption!r}") from None
-    return row[0], caption
+    return row[0], _utf8_caption(caption, f"{path}: row {number}")
 
 
 def read_caption_manifest(
@@ -389,7 +389,8 @@ def evaluate_retrieval(
         if stop_check is not None:
             stop_check()
         loader = make_loader(images, batch_size, workers, device)
-        loader = with_stop_checks(loader, stop_check, batches_on_every_rank(len(data.image_paths), world_size, batch_size))
+        checked_batches = batches_on_every_rank(len(data.image_paths), world_size, batch_size)
+        loader = with_stop_checks(loader, stop_check, checked_batches)
         encoded = list(encode_image_batches(model, loader, device=device, precision=precision, skipped=skipped))
     # A rank whose images were all unreadable still takes part in the gathers, with zero rows.
     image_features = (

@@ -81,16 +81,17 @@ def encode_sample(image_path: str, caption: str | None) -> tuple[str, bytes, str
 PARTIAL_SUFFIX = ".partial"
 
 
-def shard_name_pattern(prefix: str) -> re.Pattern:
-    """The names write_shards gives: PREFIX-000000.tar, ... (more digits past 999999 shards)."""
-    return re.compile(re.escape(prefix) + r"-\d{6,}\.tar")
+def shard_name_pattern(prefix: str, suffix: str = "") -> re.Pattern:
+    """The names write_shards gives: PREFIX-000000.tar, ... (more digits past 999999 shards), + `suffix`."""
+    return re.compile(re.escape(prefix) + r"-\d{6,}\.tar" + re.escape(suffix))
 
 
-def existing_shards(output: Path, prefix: str) -> list[Path]:
-    """The shards of this prefix already in `output` (not those of a longer prefix: 'cc-2-000000.tar' is not cc's)."""
+def existing_shards(output: Path, prefix: str, suffix: str = "") -> list[Path]:
+    """The shards of this prefix already in `output` (not those of a longer prefix: 'cc-2-000000.tar' is not cc's);
+    with `suffix`, the files of that name (PARTIAL_SUFFIX: shards an interrupted run did not finish)."""
     if not output.is_dir():
         return []
-    pattern = shard_name_pattern(prefix)
+    pattern = shard_name_pattern(prefix, suffix)
     return sorted(path for path in output.iterdir() if pattern.fullmatch(path.name))
 
 
@@ -140,8 +141,7 @@ def write_shards(
     pattern = str(output / f"{prefix.replace('%', '%%')}-%06d.tar")  # a '%' in the prefix is literal
     # Each shard is written as NAME.tar.partial and renamed when complete: an interrupted run leaves no torn
     # NAME.tar that a later --index or a training run would take for a shard.
-    partial = re.compile(re.escape(prefix) + r"-\d{6,}\.tar" + re.escape(PARTIAL_SUFFIX))
-    for leftover in (path for path in output.iterdir() if partial.fullmatch(path.name)):
+    for leftover in existing_shards(output, prefix, PARTIAL_SUFFIX):
         leftover.unlink()  # an interrupted earlier run's
     skipped: Counter = Counter()
     written = 0

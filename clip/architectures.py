@@ -118,40 +118,6 @@ class ModelConfig:
         )
 
 
-def _resnet(embed_dim: int, image_size: int, layers: tuple[int, ...], width: int, text_width: int) -> ModelConfig:
-    # OpenAI's ResNets use one attention-pool head per 64 channels of the final (width * 32)-wide stage,
-    # and one text head per 64 channels of the text width.
-    return ModelConfig(
-        embed_dim=embed_dim,
-        vision=VisionConfig(kind="resnet", image_size=image_size, width=width, layers=layers, heads=width * 32 // 64),
-        text=TextConfig(width=text_width, heads=text_width // 64, layers=12),
-    )
-
-
-def _vit(
-    embed_dim: int, image_size: int, patch: int, width: int, layers: int, heads: int, text_width: int
-) -> ModelConfig:
-    return ModelConfig(
-        embed_dim=embed_dim,
-        vision=VisionConfig(kind="vit", image_size=image_size, width=width, layers=layers, heads=heads, patch_size=patch),
-        text=TextConfig(width=text_width, heads=text_width // 64, layers=12),
-    )
-
-
-# name -> architecture of OpenAI's released checkpoints (the CLIP paper, Tables 19 and 20).
-RELEASED_ARCHITECTURES: dict[str, ModelConfig] = {
-    "RN50": _resnet(1024, 224, (3, 4, 6, 3), 64, 512),
-    "RN101": _resnet(512, 224, (3, 4, 23, 3), 64, 512),
-    "RN50x4": _resnet(640, 288, (4, 6, 10, 6), 80, 640),
-    "RN50x16": _resnet(768, 384, (6, 8, 18, 8), 96, 768),
-    "RN50x64": _resnet(1024, 448, (3, 15, 36, 10), 128, 1024),
-    "ViT-B/32": _vit(512, 224, 32, 768, 12, 12, 512),
-    "ViT-B/16": _vit(512, 224, 16, 768, 12, 12, 512),
-    "ViT-L/14": _vit(768, 224, 14, 1024, 24, 16, 768),
-    "ViT-L/14@336px": _vit(768, 336, 14, 1024, 24, 16, 768),
-}
-
-
 def openai_model_config(
     embed_dim: int,
     image_resolution: int,
@@ -176,6 +142,30 @@ def openai_model_config(
     text = TextConfig(context_length=context_length, vocab_size=vocab_size, width=transformer_width,
                       heads=transformer_heads, layers=transformer_layers)
     return ModelConfig(embed_dim=embed_dim, vision=vision, text=text, activation="quick_gelu")
+
+
+def _released(
+    embed_dim: int, image_size: int, vision_layers: int | tuple[int, ...], width: int, patch: int | None,
+    text_width: int,
+) -> ModelConfig:
+    # OpenAI's constructor arguments, with the released models' 12-layer text transformer (one head per 64
+    # channels) over the 77-token context and 49408-token vocabulary
+    return openai_model_config(embed_dim, image_size, vision_layers, width, patch, OPENAI_CONTEXT_LENGTH,
+                               OPENAI_VOCAB_SIZE, text_width, text_width // 64, 12)
+
+
+# name -> architecture of OpenAI's released checkpoints (the CLIP paper, Tables 19 and 20).
+RELEASED_ARCHITECTURES: dict[str, ModelConfig] = {
+    "RN50": _released(1024, 224, (3, 4, 6, 3), 64, None, 512),
+    "RN101": _released(512, 224, (3, 4, 23, 3), 64, None, 512),
+    "RN50x4": _released(640, 288, (4, 6, 10, 6), 80, None, 640),
+    "RN50x16": _released(768, 384, (6, 8, 18, 8), 96, None, 768),
+    "RN50x64": _released(1024, 448, (3, 15, 36, 10), 128, None, 1024),
+    "ViT-B/32": _released(512, 224, 12, 768, 32, 512),
+    "ViT-B/16": _released(512, 224, 12, 768, 16, 512),
+    "ViT-L/14": _released(768, 224, 24, 1024, 14, 768),
+    "ViT-L/14@336px": _released(768, 336, 24, 1024, 14, 768),
+}
 
 
 def get_architecture(name: str) -> ModelConfig:

@@ -23,7 +23,7 @@ class EvaluationInterrupted(BaseException):
 
 
 class SetupInterrupted(BaseException):
-    """A signal arrived while the run was starting (a rendezvous, a download, reading a checkpoint): nothing
+    """A signal arrived while the run was starting (a download, reading a checkpoint, building the data): nothing
     is trained yet, so the start is abandoned at once, with the status that asks for a rerun."""
 
 
@@ -42,8 +42,8 @@ class StopRequest:
         longer than a scheduler's grace period; for one process only: several ranks would leave each other
         waiting in the evaluation's collectives, so they abandon one together at its stop checks instead (an
         agreement every few batches, `clip.evaluation.features.with_stop_checks`). The start of a run
-        (SetupInterrupted), on every rank: nothing is trained yet, and a rank blocked in a rendezvous or a
-        download would otherwise only stop when the scheduler kills it."""
+        (SetupInterrupted), on every rank, once the ranks have met: nothing is trained yet, and a rank in a
+        long download would otherwise only stop when the scheduler kills it."""
         previous = self._abandoning
         self._abandoning = exception  # before the check: a signal in between then raises from the handler
         try:

@@ -37,8 +37,6 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 # Pillows register them as "MPO" too); names this Pillow does not register are left out (see _formats).
 DECODED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 CAPTION_EXTENSIONS = ("txt",)
-# Transparent pixels are composited onto this (see clip.preprocess.TRAINING_ALPHA_BACKGROUND).
-ALPHA_BACKGROUND = TRAINING_ALPHA_BACKGROUND
 
 
 def _formats() -> tuple[str, ...]:
@@ -118,7 +116,8 @@ def upright_rgb(image: Image.Image, repairs: list[str]) -> Image.Image:
     if rotated.mode != "RGB":
         repairs.append("converted_to_rgb")
         try:
-            rotated = to_rgb(rotated, alpha_background=ALPHA_BACKGROUND, exif_orientation=False)
+            # onto the background that evaluation and clip.load use for models trained here too
+            rotated = to_rgb(rotated, alpha_background=TRAINING_ALPHA_BACKGROUND, exif_orientation=False)
         except Exception as error:
             raise SkipSample("corrupt_image", f"cannot convert mode {rotated.mode}: {error}") from None
     return rotated

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .config import TrainConfig, from_dict, to_dict
 from .config_io import ConfigError, differences
-from .data.config import DEFAULT_SYNTHETIC_SAMPLES
+from .data.config import synthetic_sample_count
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
         saved = to_dict(from_dict(TrainConfig, saved))
     except ConfigError:
         pass  # a config this version cannot read as such (a setting since removed): compared as written
-    # A synthetic source's unset size is DEFAULT_SYNTHETIC_SAMPLES (written out in checkpoints before 2026-11-30)
+    # A synthetic source's size as it renders it (checkpoints before 2026-11-30 wrote the default out)
     saved, current = with_synthetic_sizes(saved), with_synthetic_sizes(current)
     if saved["model"] != current["model"]:
         raise ResumeRefused(
@@ -53,14 +53,14 @@ def with_decay_embeddings(saved: dict) -> dict:
 
 
 def with_synthetic_sizes(config: dict) -> dict:
-    """`config` with every synthetic source's num_samples as the source reads it: DEFAULT_SYNTHETIC_SAMPLES when
-    unset, so that the default written out and the default left unset compare equal."""
+    """`config` with every synthetic source's num_samples as the source reads it (`synthetic_sample_count`), so
+    that the default written out and the default left unset compare equal."""
     data = config.get("data")
     if not isinstance(data, dict) or not isinstance(data.get("sources"), list):
         return config
     sources = [
-        {**source, "num_samples": DEFAULT_SYNTHETIC_SAMPLES}
-        if isinstance(source, dict) and source.get("kind") == "synthetic" and source.get("num_samples") is None
+        {**source, "num_samples": synthetic_sample_count(source.get("num_samples"))}
+        if isinstance(source, dict) and source.get("kind") == "synthetic"
         else source
         for source in data["sources"]
     ]

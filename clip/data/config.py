@@ -77,6 +77,11 @@ class SourceConfig:
 DEFAULT_SYNTHETIC_SAMPLES = 10_000
 
 
+def synthetic_sample_count(num_samples: int | None) -> int:
+    """How many samples a synthetic source with this `num_samples` setting renders."""
+    return DEFAULT_SYNTHETIC_SAMPLES if num_samples is None else num_samples
+
+
 def _demo_sources() -> list[SourceConfig]:
     return [SourceConfig(kind="synthetic")]
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from .config import DEFAULT_SYNTHETIC_SAMPLES, SourceConfig
+from .config import SourceConfig, synthetic_sample_count
 from .decoding import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, SkipSample, find_member
 from .manifest import read_manifest
 from .sampling import SlotPlan, SourceLayout
@@ -31,7 +31,7 @@ class SyntheticSource:
 
     def __init__(self, name: str, config: SourceConfig, image_size: int) -> None:
         self.name = name
-        self.num_samples = DEFAULT_SYNTHETIC_SAMPLES if config.num_samples is None else config.num_samples
+        self.num_samples = synthetic_sample_count(config.num_samples)
         self.image_size = config.synthetic_image_size or image_size
         self.seed = config.synthetic_seed
         self.layout = SourceLayout(self.num_samples, config.weight)

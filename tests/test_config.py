@@ -131,6 +131,37 @@ def test_every_recipe_in_configs_loads():
             assert config.model == RELEASED_ARCHITECTURES[config.train.init_weights], recipe
 
 
+# The paper's recipes: the released architecture each trains from scratch, and the paper's learning rate,
+# Adam beta2 and epsilon for it (Tables 19 and 20; ResNets and ViTs differ in the Adam settings).
+PAPER_RECIPES = {
+    "rn50_paper.toml": ("RN50", 5e-4, 0.999, 1e-8),
+    "vit_b32_paper.toml": ("ViT-B/32", 5e-4, 0.98, 1e-6),
+    "vit_b16_paper.toml": ("ViT-B/16", 5e-4, 0.98, 1e-6),
+    "vit_l14_paper.toml": ("ViT-L/14", 4e-4, 0.98, 1e-6),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(PAPER_RECIPES))
+def test_a_paper_recipe_trains_its_released_architecture_with_the_papers_settings(recipe):
+    from pathlib import Path
+
+    from clip.config import TrainConfig
+
+    name, lr, beta2, eps = PAPER_RECIPES[recipe]
+    path = Path(__file__).parent.parent / "configs" / recipe
+    config = load_config(path, [], TrainConfig)
+    assert config.model == RELEASED_ARCHITECTURES[name]
+    assert config.train.init_weights is None  # from scratch
+    optimizer = config.optimizer
+    assert (optimizer.lr, optimizer.beta2, optimizer.eps, optimizer.weight_decay) == (lr, beta2, eps, 0.2)
+    assert (optimizer.beta1, optimizer.grad_clip_norm, optimizer.decay_embeddings) == (0.9, None, True)
+    # 32 epochs of 400M pairs at a global batch of 32,768 on the 32 x 8 GPUs of the first line's command
+    assert config.train.batch_size * 32 * 8 == 32_768
+    assert config.schedule.steps == 32 * 400_000_000 // 32_768 and config.schedule.warmup_steps == 2_000
+    assert config.loss.max_logit_scale == 100.0
+    assert "--nnodes 32 --nproc-per-node 8" in path.read_text().splitlines()[0]
+
+
 def test_vision_config_validation():
     with pytest.raises(ValueError, match="multiple"):
         VisionConfig(kind="vit", image_size=225, patch_size=32)

@@ -350,3 +350,23 @@ def test_synthetic_config_reports_heldout_pairs_and_its_own_templates():
         ZeroShotDatasetConfig(kind="synthetic", heldout_report=False, builtin_templates="simple"), None
     )
     assert other.subsets == {} and other.templates == ["a photo of a {}."]
+
+
+def test_synthetic_only_settings_on_another_kind_are_named_as_ignored(tmp_path, caplog):
+    # num_samples on an image folder looked like a limit and silently evaluated every image.
+    write_image_folder(tmp_path / "data", {"cat": 3, "dog": 3})
+    folder = ZeroShotDatasetConfig(kind="imagefolder", root=str(tmp_path / "data"), name="pets")
+    with caplog.at_level("WARNING"):
+        assert len(load_classification_data(folder, None).dataset) == 6
+    assert not caplog.records
+    limited = dataclasses.replace(folder, num_samples=2, seed=3)
+    with caplog.at_level("WARNING"):
+        assert len(load_classification_data(limited, None).dataset) == 6  # still every image: only a warning
+    assert len(caplog.records) == 1
+    assert ("zero-shot dataset 'pets': num_samples, seed are read by kind = \"synthetic\" only and ignored for "
+            "imagefolder (max_samples limits how many images are evaluated)") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_classification_data(limited, None, warn=False)  # another rank reports it
+        load_classification_data(ZeroShotDatasetConfig(kind="synthetic", num_samples=24, seed=3), None)
+    assert not caplog.records

@@ -404,6 +404,27 @@ def subsample_indices(kind: str, length: int, count: int) -> list[int]:
     return evenly_spaced_indices(length, count)
 
 
+# The settings only kind = "synthetic" reads: set on another kind they change nothing (num_samples does not
+# limit an image folder's images; max_samples does).
+SYNTHETIC_ONLY_SETTINGS = ("num_samples", "image_size", "seed", "heldout_report")
+
+
+def warn_about_synthetic_settings_on_other_kinds(config: ZeroShotDatasetConfig) -> None:
+    """Names the synthetic-only settings a dataset of another kind sets away from their defaults. A warning,
+    not an error: turning a config's synthetic evaluation into a real one by overrides
+    (`eval.zeroshot.0.kind=imagefolder eval.zeroshot.0.root=...`) leaves them set and must still run."""
+    if config.kind == "synthetic":
+        return
+    defaults = ZeroShotDatasetConfig()
+    changed = [name for name in SYNTHETIC_ONLY_SETTINGS if getattr(config, name) != getattr(defaults, name)]
+    if changed:
+        logger.warning(
+            "zero-shot dataset %r: %s %s read by kind = \"synthetic\" only and ignored for %s%s",
+            config.resolved_name(), ", ".join(changed), "is" if len(changed) == 1 else "are", config.kind,
+            " (max_samples limits how many images are evaluated)" if "num_samples" in changed else "",
+        )
+
+
 def load_classification_data(
     config: ZeroShotDatasetConfig,
     transform: Transform | None,
@@ -414,11 +435,13 @@ def load_classification_data(
 
     class_folders: imagefolder only: the class folder names in label order (see `ImageFolderDataset`), so
     that several splits share one labelling.
-    warn: log warnings about the class names (shared names, kept folder numbers). Pass False where another
-        process or call reports the same data: on ranks other than 0, for the second split of a dataset.
+    warn: log warnings about the class names (shared names, kept folder numbers) and about synthetic-only
+        settings on another kind. Pass False where another process or call reports the same data: on ranks other than 0, for the second split of a dataset.
     """
     templates: list[Template] | None = None
     subsets: dict[str, list[int]] = {}
+    if warn:
+        warn_about_synthetic_settings_on_other_kinds(config)
     if config.kind == "synthetic":
         base, classnames, templates, subsets = _synthetic_dataset(config)
         dataset: Dataset = TransformedDataset(base, transform)

@@ -146,10 +146,19 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.d
     )
 
 
-def log_skipped(what: str, count: int, reasons: Sequence[str]) -> None:
-    """One warning line for the unreadable images an evaluation left out (`reasons`: this rank's). With
-    several ranks, `count` is the global one and only rank 0 calls this, so the line appears once."""
-    if count:
+def log_skipped(what: str, count: int, reasons: Sequence[str], rank: int = 0, world_size: int = 1) -> None:
+    """One warning line, from rank 0, for the unreadable images an evaluation left out, with one example.
+
+    count: the global count, the same on every rank. reasons: this rank's. With several ranks every rank
+    calls this: when some image was skipped (every rank knows it from `count`), the ranks gather one reason
+    each, so that the example may come from whichever rank met one -- all of them can be another rank's."""
+    if not count:
+        return
+    if world_size > 1:
+        examples: list[str | None] = [None] * world_size
+        dist.all_gather_object(examples, reasons[0] if reasons else None)
+        reasons = [reason for reason in examples if reason is not None]
+    if rank == 0:
         example = f"; e.g. {reasons[0]}" if reasons else ""
         logger.warning("%s: skipped %d unreadable image(s)%s", what, count, example)
 

@@ -376,7 +376,7 @@ def evaluate_retrieval(
     device = device or model_device(model)
     tokenizer = tokenizer or default_tokenizer()
     rank, world_size = distributed_world(dist_info)
-    is_first_rank = rank == 0  # kept for logging: the line below makes every rank rank 0 of 1
+    logging_rank = rank  # kept for logging: the line below makes every rank rank 0 of 1
     if len(data.image_paths) < world_size:  # too small to give every rank a slice: each rank does it all
         rank, world_size = 0, 1
     images = shard(ImagePathDataset(data.image_paths, transform), rank, world_size)
@@ -401,8 +401,8 @@ def evaluate_retrieval(
     image_index = all_gather_rows(image_index.to(image_features.device), world_size)
     text_features = all_gather_rows(text_features, world_size)
     num_skipped = len(data.image_paths) - len(image_index)
-    if is_first_rank:  # the count is global now: the other ranks would log the same line
-        log_skipped(f"retrieval {name or 'dataset'}", num_skipped, skipped)
+    # The count is global now; a dataset every rank did whole (world_size 1 here) has every reason on each rank.
+    log_skipped(f"retrieval {name or 'dataset'}", num_skipped, skipped, logging_rank, world_size)
     if len(image_index) == 0:
         raise ValueError(f"retrieval {name or 'dataset'}: none of the {len(data.image_paths)} images is readable")
     keep_text, caption_image = drop_unreadable_images(

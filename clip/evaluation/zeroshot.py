@@ -182,8 +182,7 @@ def evaluate_zeroshot(
         counts.load_tensor(all_reduce_sum(counts.as_tensor(), world_size))
     result = summarize(counts, classnames, subsets, name)
     what = f"zero-shot {name or 'dataset'}"
-    if rank == 0:  # the counts are global now: the other ranks would log the same line
-        log_skipped(what, result.num_skipped, skipped)
+    log_skipped(what, result.num_skipped, skipped, rank, world_size)  # the count is global now
     if result.num_samples == 0:
         # Accuracies of no images would read as 0%. Every rank holds the same all-reduced count, so every rank
         # raises here and none is left waiting in a later collective.

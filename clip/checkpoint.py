@@ -210,6 +210,17 @@ def capture_rng_state() -> dict[str, Any]:
     return state
 
 
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of rank `rank`'s torch generators where a run starts at `step` with no saved state for them.
+
+    A new run: seed + rank, so that the ranks draw different numbers (patch dropout's masks). A resume
+    from a checkpoint of another number of ranks, or a CPU run's (which saved no CUDA state): mixed with
+    the step as well, or every rank would draw alike again and replay the numbers the run began with."""
+    if step == 0:
+        return seed + rank
+    return int(np.random.SeedSequence([seed % 2**64, rank, step]).generate_state(1, np.uint64)[0])
+
+
 def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
     np.random.set_state(

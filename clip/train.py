@@ -179,13 +179,17 @@ def _train(
             scaler.load_state_dict(state["scaler"])
         start_step = state["step"]
         metrics_so_far = state.get("metrics", {})
+        fresh_seed = ckpt.rank_seed(config.train.seed, dist_info.rank, start_step)
         if len(state["rng"]) == dist_info.world_size:
             ckpt.restore_rng_state(state["rng"][dist_info.rank])
+            if device.type == "cuda" and "cuda" not in state["rng"][dist_info.rank]:  # a CPU run's checkpoint
+                torch.cuda.manual_seed(fresh_seed)
             data_state = state["data"][dist_info.rank]
         else:
+            torch.manual_seed(fresh_seed)
             # The data loader then restarts the earliest epoch still in progress (with its own warning).
             log.warning(
-                "checkpoint was written by %d ranks, this run has %d: RNG states are not restored and the "
+                "checkpoint was written by %d ranks, this run has %d: RNG states are seeded afresh and the "
                 "data position is approximate", len(state["rng"]), dist_info.world_size,
             )
             data_state = data_state_for_other_world_size(state["data"], dist_info.rank)
@@ -209,7 +213,7 @@ def _train(
             with torch.no_grad():
                 module.clip.logit_scale.fill_(SIGLIP_INITIAL_LOGIT_SCALE)
         # Ranks draw different random numbers (patch dropout's masks; the data's crops have seeds of their own)
-        torch.manual_seed(config.train.seed + dist_info.rank)
+        torch.manual_seed(ckpt.rank_seed(config.train.seed, dist_info.rank))
     already_finished = state is not None and start_step >= config.schedule.steps
     if already_finished:
         log.info("%s finished its %d steps already: evaluating only, its checkpoint and config are left as they are",

@@ -72,6 +72,32 @@ def test_resume_continues_exactly(tmp_path, extra):
     assert losses("straight") == losses("resumed")
 
 
+def test_generator_seeds_differ_by_rank_and_by_the_step_a_run_resumes_at():
+    assert [ckpt.rank_seed(7, rank) for rank in range(3)] == [7, 8, 9]  # a new run's, as before
+    resumed = {ckpt.rank_seed(7, rank, step) for rank in range(4) for step in (3, 6, 1000)}
+    assert len(resumed) == 12 and not resumed & {7, 8, 9, 10}
+    assert ckpt.rank_seed(7, 1, 3) == ckpt.rank_seed(7, 1, 3)  # reproducible
+    torch.manual_seed(ckpt.rank_seed(-1, 0, 3))  # a negative train.seed is a valid torch seed too
+
+
+def test_a_checkpoint_of_another_rank_count_seeds_the_generators_afresh(tmp_path, monkeypatch, caplog):
+    # Its RNG states belong to other ranks. They were left as the model's initialisation had set them:
+    # train.seed on every rank, so the ranks drew the same patch-dropout masks, the ones the run began with.
+    extra = ("train.patch_dropout=0.5", "eval.every_n_steps=0")
+    train(tiny_config(tmp_path, *extra), stop_at_step=3)
+    path = ckpt.list_checkpoints(tmp_path)[0][1]
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state["rng"], state["data"] = state["rng"] * 2, state["data"] * 2  # as if written by 2 ranks
+    torch.save(state, path)
+    seeds = []
+    real_manual_seed = torch.manual_seed
+    monkeypatch.setattr(torch, "manual_seed", lambda seed: (seeds.append(seed), real_manual_seed(seed))[1])
+    with caplog.at_level("WARNING"):
+        train(tiny_config(tmp_path, *extra))
+    assert "checkpoint was written by 2 ranks, this run has 1: RNG states are seeded afresh" in caplog.text
+    assert seeds[-1] == ckpt.rank_seed(0, 0, 3) != 0
+
+
 def test_run_writes_results_metrics_config_and_loads_with_clip_load(tmp_path):
     results = train(tiny_config(tmp_path))
     assert (tmp_path / "config.toml").exists()

@@ -61,8 +61,16 @@ def replayed_patch_dropout(device: torch.device, compile: bool) -> dict:
     finally:
         train_module.contrastive_loss_with_cached_features = real
     difference = max((cached.float() - recomputed.float()).abs().max().item() for cached, recomputed in pairs)
-    masks_differ = not torch.equal(pairs[0][0], pairs[1][0])
-    return {"max_difference": difference, "micro_batches": len(pairs), "ok": difference == 0.0 and masks_differ}
+    # Not a vacuous match: the same images encoded twice without the replay keep different patches.
+    with torch.no_grad():
+        masks_are_random = not torch.equal(module.clip.encode_image(images[:4]), module.clip.encode_image(images[:4]))
+    # Eager: the very same kernels, so bit for bit. Compiled: the caching pass (no grad) and the gradient pass
+    # are different graphs, whose fusions may round differently; a wrong mask moves features by far more.
+    tolerance = 1e-4 if compile else 0.0
+    return {
+        "max_difference": difference, "tolerance": tolerance, "micro_batches": len(pairs),
+        "masks_are_random": masks_are_random, "ok": difference <= tolerance and masks_are_random,
+    }
 
 
 def normalizer_on_device(device: torch.device) -> dict:

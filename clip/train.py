@@ -17,7 +17,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -100,6 +100,13 @@ def warn_about_unlikely_settings(
     if saved_config is not None and config.train.init_weights not in (None, saved_init_weights):  # same: a requeue
         log.warning("train.init_weights changed to %s, which is not read: a resumed run continues from its own "
                     "checkpoint (a new --output-dir starts from them)", config.train.init_weights)
+
+
+def wait_for_device(device: torch.device) -> float:
+    """time.perf_counter() once `device` has run all it was given: CUDA kernels run behind the host."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def train(config: TrainConfig, stop_at_step: int | None = None) -> dict:
@@ -281,7 +288,21 @@ def _train(
     # The step of this run's latest checkpoint, the same on every rank; a resumed run's is on disk already.
     saved_at = {"step": start_step if state is not None else None}
 
+    # Seconds spent saving and evaluating in the current logging window: left out of its throughput and MFU,
+    # which measure training (an ImageNet evaluation would otherwise halve the next logged samples_per_s).
+    paused_s = {"value": 0.0}
+
+    @contextlib.contextmanager
+    def not_training() -> Iterator[None]:
+        started = wait_for_device(device)  # the training kernels queued before it are training time
+        yield
+        paused_s["value"] += wait_for_device(device) - started
+
     def save(step: int, metrics: dict, evaluation_owed: bool = False) -> None:
+        with not_training():
+            _save(step, metrics, evaluation_owed)
+
+    def _save(step: int, metrics: dict, evaluation_owed: bool) -> None:
         # Every rank contributes its RNG state and data position; rank 0 writes the file. evaluation_owed: this
         # step's periodic evaluation was skipped or abandoned for a signal; the resumed run makes it up.
         saved_at["step"] = step
@@ -320,7 +341,7 @@ def _train(
             interrupting, stop_check = contextlib.nullcontext(), abandon_if_some_rank_was_signalled
         else:
             interrupting, stop_check = stop.interrupting(), None
-        with interrupting:
+        with interrupting, not_training():
             results = run_evaluations(
                 module.clip, config.eval, device=device, tokenizer=tokenizer, step=step, dist_info=dist_info,
                 stop_check=stop_check,
@@ -426,11 +447,9 @@ def _train(
         window_samples += global_batch
 
         if step % config.logging.every_n_steps == 0 or step == last_step:
-            if device.type == "cuda":
-                # The host runs ahead of the GPU: without waiting, the window would end before its last
-                # steps' kernels ran, and throughput and MFU would read too high.
-                torch.cuda.synchronize(device)
-            elapsed = time.perf_counter() - window_start
+            # The host runs ahead of the GPU: without waiting, the window would end before its last steps'
+            # kernels ran, and throughput and MFU would read too high.
+            elapsed = wait_for_device(device) - window_start - paused_s["value"]
             samples_per_s = window_samples / max(elapsed, 1e-9)
             last_metrics = {
                 "step": step,
@@ -456,6 +475,7 @@ def _train(
                         scale=f"{last_metrics['logit_scale']:.1f}", samples_s=f"{samples_per_s:.0f}",
                     )
             window_start, window_samples, window_flops = time.perf_counter(), 0, 0.0
+            paused_s["value"] = 0.0
         if progress is not None:
             progress.update(1)
 

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -180,6 +181,14 @@ def _local_gpu_index(local_rank: int, visible_gpus: int) -> int:
     return local_rank
 
 
+# How long a rank waits in a collective (and at the rendezvous) for the others. NCCL's own default is 10
+# minutes; ranks wait longer than that, at full health, while rank 0 alone downloads train.init_weights (a
+# released ViT-L/14 is 890 MB) or writes a checkpoint of a large model and its optimizer state to a slow
+# shared file system, and while the nodes of a large job start. A crashed rank does not leave the others
+# waiting this long: torchrun and the SLURM script (srun --wait) end them.
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+
+
 def init_distributed(backend: str | None = None, device: str = "auto") -> DistributedInfo:
     """Joins the process group the launcher describes and returns this process's place in it.
 
@@ -203,6 +212,7 @@ def init_distributed(backend: str | None = None, device: str = "auto") -> Distri
         rank=launch.rank,
         world_size=launch.world_size,
         device_id=selected if selected.type == "cuda" else None,
+        timeout=COLLECTIVE_TIMEOUT,
     )
     return DistributedInfo(
         rank=launch.rank, world_size=launch.world_size, local_rank=launch.local_rank, device=selected

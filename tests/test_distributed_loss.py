@@ -97,6 +97,25 @@ def test_no_launcher_means_one_process(monkeypatch):
     assert gather_features(features) is features
 
 
+def test_ranks_wait_for_each_other_longer_than_nccls_default(monkeypatch):
+    # NCCL's 10 minutes ended healthy runs whose rank 0 alone was downloading the initial weights.
+    from datetime import timedelta
+
+    from clip import distributed
+
+    joined = {}
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kwargs: joined.update(kwargs))
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    info = init_distributed(device="cpu")
+    assert (info.rank, info.world_size) == (1, 2)
+    assert joined["timeout"] == distributed.COLLECTIVE_TIMEOUT == timedelta(minutes=30)
+    assert joined["backend"] == "gloo" and joined["init_method"] == "tcp://127.0.0.1:29500"
+
+
 class TinyTwoTower(nn.Module):
     """Two linear encoders with CLIP's or SigLIP's logit parameters."""
 

@@ -6,6 +6,9 @@ rather than setting them in several places.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 
@@ -31,3 +34,22 @@ def configure_cuda_backends(allow_tf32: bool) -> None:
 def has_precision_api() -> bool:
     """torch >= 2.9: per-backend `fp32_precision` switches ("ieee" / "tf32") replace `allow_tf32`."""
     return hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv")
+
+
+@contextlib.contextmanager
+def ieee_float32_matmul() -> Iterator[None]:
+    """Float32 matrix products in full IEEE precision inside the block, whatever the process chose (TF32 for
+    training): for work that compares a product's entries with values computed another way."""
+    if has_precision_api():
+        before = torch.backends.cuda.matmul.fp32_precision
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+    else:
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        if has_precision_api():
+            torch.backends.cuda.matmul.fp32_precision = before
+        else:
+            torch.backends.cuda.matmul.allow_tf32 = before

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clip.cuda_backends import configure_cuda_backends, has_precision_api
+from clip.cuda_backends import configure_cuda_backends, has_precision_api, ieee_float32_matmul
 from clip.throughput import peak_flops
 
 
@@ -50,6 +50,33 @@ def test_configure_does_not_mix_with_the_new_precision_api(restore_backends):
     assert torch.backends.cuda.matmul.fp32_precision == "ieee"
     assert torch.backends.cudnn.conv.fp32_precision == "ieee"
     torch.backends.cuda.matmul.allow_tf32  # raises RuntimeError if the two APIs were mixed
+
+
+def test_retrieval_scores_run_in_ieee_float32_inside_a_tf32_run(restore_backends, monkeypatch):
+    # Retrieval compares its score blocks (matmuls) with exactly computed true-pair scores: TF32's error in
+    # the blocks would reorder near ties under train.tf32 = true.
+    from clip.evaluation import retrieval
+
+    configure_cuda_backends(allow_tf32=True)
+    seen = []
+    with ieee_float32_matmul():
+        seen.append(tf32_switches()[0])
+        with pytest.raises(KeyError), ieee_float32_matmul():
+            raise KeyError  # restored also when the block fails
+        seen.append(tf32_switches()[0])
+    assert seen == [False, False] and tf32_switches() == (True, True)
+
+    real_matmul = torch.Tensor.__matmul__
+
+    def recording_matmul(left, right):
+        seen.append(tf32_switches()[0])
+        return real_matmul(left, right)
+
+    seen.clear()
+    monkeypatch.setattr(torch.Tensor, "__matmul__", recording_matmul)
+    features = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    retrieval.retrieval_ranks(features, features, torch.arange(4), chunk_size=2)
+    assert seen == [False] * 4 and tf32_switches() == (True, True)
 
 
 def test_peak_flops_follows_dtype_and_tf32(monkeypatch):

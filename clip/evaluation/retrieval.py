@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from clip.cuda_backends import ieee_float32_matmul
 from clip.data.manifest import MANIFEST_SUFFIXES, manifest_rows
 
 from .config import RetrievalDatasetConfig
@@ -250,19 +251,22 @@ def retrieval_ranks(
     best_truth.scatter_reduce_(0, caption_image, truth, reduce="amax")  # I: best true caption per image
     texts_above = torch.zeros(num_texts, dtype=torch.long, device=device)
     images_above = torch.zeros(num_images, dtype=torch.long, device=device)
-    for t0 in range(0, num_texts, chunk_size):
-        t1 = min(t0 + chunk_size, num_texts)
-        rows = torch.arange(t1 - t0, device=device)
-        for i0 in range(0, num_images, chunk_size):
-            i1 = min(i0 + chunk_size, num_images)
-            scores = text_features[t0:t1] @ image_features[i0:i1].t()  # t, i
-            # Ground-truth pairs never compete: -inf loses to any finite score, under either tie rule. (This
-            # also keeps a pair's score, rounded differently here than in `truth`, from beating itself.)
-            columns = caption_image[t0:t1] - i0
-            inside = (columns >= 0) & (columns < i1 - i0)
-            scores[rows[inside], columns[inside]] = float("-inf")
-            texts_above[t0:t1] += beats(scores, truth[t0:t1, None]).sum(dim=1)
-            images_above[i0:i1] += beats(scores, best_truth[None, i0:i1]).sum(dim=0)
+    # Full float32 even where training chose TF32 (train.tf32): its 1e-3 relative error in `scores`, set
+    # against the exact `truth`, would reorder near ties.
+    with ieee_float32_matmul():
+        for t0 in range(0, num_texts, chunk_size):
+            t1 = min(t0 + chunk_size, num_texts)
+            rows = torch.arange(t1 - t0, device=device)
+            for i0 in range(0, num_images, chunk_size):
+                i1 = min(i0 + chunk_size, num_images)
+                scores = text_features[t0:t1] @ image_features[i0:i1].t()  # t, i
+                # Ground-truth pairs never compete: -inf loses to any finite score, under either tie rule. (This
+                # also keeps a pair's score, rounded differently here than in `truth`, from beating itself.)
+                columns = caption_image[t0:t1] - i0
+                inside = (columns >= 0) & (columns < i1 - i0)
+                scores[rows[inside], columns[inside]] = float("-inf")
+                texts_above[t0:t1] += beats(scores, truth[t0:t1, None]).sum(dim=1)
+                images_above[i0:i1] += beats(scores, best_truth[None, i0:i1]).sum(dim=0)
     return images_above + 1, texts_above + 1
 
 

@@ -10,12 +10,25 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .config_io import require
+from .config_io import differences, require
 
 # OpenAI's byte-level BPE: 256 byte tokens, each also with an end-of-word form (512), 48,894 merges,
 # and the two special tokens <|startoftext|> and <|endoftext|>: 512 + 48,894 + 2 = 49,408.
 OPENAI_VOCAB_SIZE = 49408
 OPENAI_CONTEXT_LENGTH = 77
+
+
+# The vision settings only a ViT reads: two ResNet towers that differ in them are the same model.
+VIT_ONLY_SETTINGS = ("patch_size", "mlp_ratio")
+
+
+def architecture_differences(theirs: dict, ours: dict) -> list[tuple[str, object, object]]:
+    """(dotted key under `model.`, theirs, ours) for every setting in which two `ModelConfig.to_dict()`s
+    describe different models, leaving out the ViT settings of two ResNets."""
+    found = differences(theirs, ours)
+    if theirs.get("vision", {}).get("kind") == ours.get("vision", {}).get("kind") == "resnet":
+        found = [d for d in found if d[0] not in {f"vision.{name}" for name in VIT_ONLY_SETTINGS}]
+    return found
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,7 @@ import torch
 from torch import nn
 
 from . import download
-from .architectures import RELEASED_ARCHITECTURES, ModelConfig
-from .config_io import differences
+from .architectures import RELEASED_ARCHITECTURES, ModelConfig, architecture_differences
 from .infer_architecture import ArchitectureInferenceError, infer_model_config
 from .model import CLIP, convert_to_half_precision
 from .preprocess import TRAINING_ALPHA_BACKGROUND, ImageTransform, image_transform
@@ -118,12 +117,10 @@ def load_weights_into(model: CLIP, name_or_path: str, download_root: str | Path 
             theirs = infer_model_config(weights.state_dict)
         except ArchitectureInferenceError:
             theirs = None  # widths OpenAI's convention cannot split into heads: the shape check below decides
-        if theirs is not None and theirs.vision.kind == "resnet":
-            not_in_shapes |= {"vision.patch_size", "vision.mlp_ratio"}  # ViT settings a ResNet ignores
     if theirs is not None:
         mismatched = [
             (key, a, b)
-            for key, a, b in differences(theirs.to_dict(), model.config.to_dict())
+            for key, a, b in architecture_differences(theirs.to_dict(), model.config.to_dict())
             if key not in not_in_shapes
         ]
         if mismatched:

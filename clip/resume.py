@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .architectures import architecture_differences
 from .config import TrainConfig, from_dict, to_dict
 from .config_io import ConfigError, differences
 from .data.config import synthetic_sample_count
@@ -27,9 +28,12 @@ def check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
         pass  # a config this version cannot read as such (a setting since removed): compared as written
     # A synthetic source's size as it renders it (checkpoints before 2026-11-30 wrote the default out)
     saved, current = with_synthetic_sizes(saved), with_synthetic_sizes(current)
-    if saved["model"] != current["model"]:
+    other_model = architecture_differences(saved["model"], current["model"])
+    if other_model:
         raise ResumeRefused(
-            f"{run_dir} holds a run of a different model; use a new --output-dir or the same model config"
+            f"{run_dir} holds a run of a different model ("
+            + "; ".join(f"model.{key}: {there!r} there, {here!r} here" for key, there, here in other_model)
+            + "); use a new --output-dir or the same model config"
         )
     if saved["loss"]["kind"] != current["loss"]["kind"]:
         raise ResumeRefused(

@@ -575,14 +575,16 @@ def main(argv: list[str] | None = None) -> int:
     except SetupInterrupted:
         log.warning("stopped while starting, before any step: run again to start")
         return STOPPED_EARLY_EXIT_CODE
-    except BadTrainingInput as error:
+    # Bad input, as a bad config: data that cannot be used, a run directory the config cannot continue,
+    # train.init_weights naming no weights or weights of another architecture
+    except (BadTrainingInput, ResumeRefused, WeightsFileError, ModelNotFoundError) as error:
         if debugging():
             traceback.print_exception(error.__cause__ or error)
         print(f"clip-train: {error}", file=sys.stderr)
         return 2
     except (
-        NonFiniteLossError, ckpt.NoReadableCheckpointError, ResumeRefused, MissingDependency,
-        WeightsFileError, ModelNotFoundError, DownloadError,  # train.init_weights names nothing loadable
+        NonFiniteLossError, ckpt.NoReadableCheckpointError, MissingDependency,
+        DownloadError,  # train.init_weights could not be fetched (network, or a file that fails its SHA256)
     ) as error:
         log.error("%s", error)
         return 1

@@ -531,15 +531,19 @@ def test_fine_tuning_from_a_weights_file_in_openais_layout(tmp_path, monkeypatch
         train(tiny_config(tmp_path / "mismatch", *widths, f"train.init_weights={tmp_path / 'other.pt'}"))
 
 
-def test_fine_tuning_weights_of_another_architecture_are_refused_by_name(tmp_path):
+def test_fine_tuning_weights_of_another_architecture_are_refused_by_name(tmp_path, capsys):
     source = clip.create_model(tiny_config(tmp_path / "unused", *WIDE).model)
     torch.save(source.state_dict(), tmp_path / "weights.pt")
     overrides = [*WIDE, "model.vision.layers=2", f"train.init_weights={tmp_path / 'weights.pt'}"]
     with pytest.raises(clip.weights_file.WeightsFileError, match="model.vision.layers: 1 there, 2 here"):
         train(tiny_config(tmp_path / "run", *overrides))
     args = [str(DEMO), "--output-dir", str(tmp_path / "run"), *TINY, *overrides]
-    assert main(args) == 1  # one error line, no traceback
-    assert main([*args[:-1], "train.init_weights=ViT-B/33"]) == 1  # not a released name, not a file
+    capsys.readouterr()
+    assert main(args) == 2  # bad input: one error line, no traceback
+    assert main([*args[:-1], "train.init_weights=ViT-B/33"]) == 2  # not a released name, not a file
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 2 and all(line.startswith("clip-train: ") for line in errors), errors
+    assert "model.vision.layers: 1 there, 2 here" in errors[0] and "ViT-B/33" in errors[1]
 
 
 RESNET = ["model.vision.kind=resnet", "model.vision.width=8", "model.vision.layers=[1, 1, 1, 1]",
@@ -633,12 +637,25 @@ def test_a_save_killed_mid_write_leaves_no_temporary_file_after_the_next_start(t
     assert not stray.exists()
 
 
-def test_resuming_with_another_model_is_refused(tmp_path, capsys):
+def test_resuming_with_another_model_is_refused_naming_what_differs(tmp_path, capsys):
     train(tiny_config(tmp_path), stop_at_step=3)
-    with pytest.raises(ValueError, match="different model"):
-        train(tiny_config(tmp_path, "model.embed_dim=48"))
-    # from the command line: one error line and status 1, no traceback
-    assert main([str(DEMO), "--output-dir", str(tmp_path), *TINY, "model.embed_dim=48"]) == 1
+    with pytest.raises(ValueError, match=r"different model \(model.activation: 'gelu' there, 'quick_gelu' here; "
+                                         r"model.embed_dim: 32 there, 48 here\)"):
+        train(tiny_config(tmp_path, "model.embed_dim=48", "model.activation=quick_gelu"))
+    # from the command line: one error line and status 2 (a config that does not fit the run), no traceback
+    capsys.readouterr()
+    assert main([str(DEMO), "--output-dir", str(tmp_path), *TINY, "model.embed_dim=48"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("clip-train: ") and error.count("\n") == 1 and "model.embed_dim: 32 there, 48 here" in error
+
+
+def test_a_resnet_run_resumes_with_vit_only_settings_changed(tmp_path, caplog):
+    # patch_size and mlp_ratio do not shape a ResNet: the same model, resumed (the change is reported).
+    train(tiny_config(tmp_path, *RESNET), stop_at_step=2)
+    with caplog.at_level("WARNING"):
+        train(tiny_config(tmp_path, *RESNET, "model.vision.patch_size=16", "schedule.steps=3"))
+    assert ckpt.list_checkpoints(tmp_path)[0][0] == 3
+    assert "model.vision.patch_size: 8 -> 16" in caplog.text
 
 
 def test_mfu_is_logged_when_the_peak_is_known(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .architectures import ModelConfig
+from .architectures import OPENAI_VOCAB_SIZE, ModelConfig
 from .config_io import (
     ConfigError,
     InvalidValue,
@@ -166,6 +166,17 @@ class TrainConfig:
     output_dir: str = "runs/default"  # the run directory; an existing one is resumed
 
     def __post_init__(self) -> None:
+        if self.model.text.vocab_size < OPENAI_VOCAB_SIZE:
+            # The trainer tokenizes with OpenAI's BPE: an id past the embedding table fails in the first step.
+            raise InvalidValue("model.text.vocab_size", f"must be >= {OPENAI_VOCAB_SIZE} (the BPE tokenizer's ids "
+                               f"go up to {OPENAI_VOCAB_SIZE - 1}), got {self.model.text.vocab_size}")
+        for index, source in enumerate(self.data.sources):
+            if source.kind == "synthetic" and source.synthetic_image_size is None and self.model.vision.image_size < 16:
+                raise InvalidValue(
+                    f"data.sources.{index}.synthetic_image_size",
+                    f"must be set to 16 or more for model.vision.image_size={self.model.vision.image_size}: the "
+                    "synthetic images need 16 pixels to draw their shapes (they are resized to the model's size)",
+                )
         if self.train.patch_dropout and self.model.vision.kind != "vit":
             raise InvalidValue("train.patch_dropout", "applies to ViT image towers only (model.vision.kind = \"vit\")")
         if self.train.patch_dropout and self.train.lock_image:

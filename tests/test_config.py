@@ -173,6 +173,11 @@ def test_vision_config_validation():
     "overrides, message",
     [
         (["logging.every_n_steps=0"], "logging.every_n_steps must be >= 1, got 0"),
+        # Ids of the BPE tokenizer past the embedding table: an IndexError in the first step, before
+        (["model.text.vocab_size=1000"], "model.text.vocab_size must be >= 49408 (the BPE tokenizer's ids go up to"),
+        # The synthetic renderer's minimum: a traceback from inside the data loader, before
+        (["model.vision.image_size=12", "model.vision.patch_size=4"],
+         "data.sources.0.synthetic_image_size must be set to 16 or more for model.vision.image_size=12"),
         (["train.accumulation_steps=0"], "train.accumulation_steps must be >= 1"),
         (["train.batch_size=0"], "train.batch_size must be >= 1, got 0"),
         (["train.batch_size=10", "train.accumulation_steps=4"],

@@ -142,6 +142,16 @@ def model_from_weights(weights: LoadedWeights, source: str) -> CLIP:
             config, origin = infer_model_config(weights.state_dict), "inferred from its tensor shapes"
         except ArchitectureInferenceError as error:
             raise WeightsFileError(f"{source} does not hold CLIP weights in OpenAI's layout: {error}") from error
+        if config not in RELEASED_ARCHITECTURES.values():
+            # OpenAI's conventions hold for its releases; a model of other sizes may well have been trained
+            # with other heads or activation, and would then load without error but compute other features.
+            warnings.warn(
+                f"{source} records no architecture, and the tensor shapes do not give the attention heads or "
+                f"the activation: loaded with OpenAI's conventions ({config.vision.heads} image and "
+                f"{config.text.heads} text heads, {config.activation}). If the model was trained with others, "
+                f"its outputs differ: load its training run's directory or checkpoint, which record them, or "
+                f"clip.create_model(its config) and load_state_dict.", stacklevel=3,
+            )
     model = _empty_model(config)
     _load_checked(model, weights, f"{source} does not fit the {_describe(config)} architecture {origin}", source)
     return model.eval()

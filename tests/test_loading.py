@@ -288,6 +288,24 @@ def test_trainer_checkpoint_rebuilds_the_architecture_from_its_config(tmp_path: 
     assert_same_features(model, original, CUSTOM_HEADS, atol=0)
 
 
+def test_a_bare_state_dict_of_unreleased_sizes_warns_that_heads_and_activation_are_guessed(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # torch.save(model.state_dict()) of a model trained here: OpenAI's conventions (width / 64 heads, QuickGELU)
+    # rebuilt it with 1 text head and QuickGELU, silently, and its features came out different.
+    original = tiny_model(CUSTOM_HEADS)
+    torch.save(original.state_dict(), tmp_path / "bare.pt")
+    with pytest.warns(UserWarning, match=r"records no architecture.*\(1 image and 1 text heads, quick_gelu\).*"
+                                         r"load its training run's directory or checkpoint"):
+        model, _ = load(tmp_path / "bare.pt", device="cpu")
+    assert (model.config.text.heads, model.config.activation) == (1, "quick_gelu")  # the guess it warns of
+    # Sizes of a released architecture: OpenAI's conventions are that architecture's, nothing is guessed
+    monkeypatch.setitem(RELEASED_ARCHITECTURES, "tiny", model.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load(tmp_path / "bare.pt", device="cpu")
+
+
 def test_transparent_images_are_preprocessed_as_the_model_saw_them_in_training(tmp_path: Path) -> None:
     # The training loader composites transparency onto white; OpenAI's preprocessing resizes with the alpha and
     # drops it (transparent areas turn black). A model trained here is loaded with the former.

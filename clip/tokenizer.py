@@ -311,7 +311,7 @@ class Tokenizer:
         for index, row in enumerate(rows):
             if len(row) > max_text_tokens:
                 if not truncate:
-                    raise TextTooLongError(_too_long_message(texts[index], len(row) + 2, context_length))
+                    raise TextTooLongError(texts[index], len(row) + 2, context_length)
                 rows[index] = row[:max_text_tokens]
         # int32 like openai/CLIP's tokenize (ids are below 49408); embeddings take either index type.
         tokens = np.zeros((len(rows), context_length), dtype=np.int32)
@@ -328,7 +328,16 @@ class Tokenizer:
 
 class TextTooLongError(ValueError, RuntimeError):
     """A text has more tokens than the context holds. A ValueError, and a RuntimeError because that is what
-    openai/CLIP's tokenize raises (code catches it to retry with truncate=True)."""
+    openai/CLIP's tokenize raises (code catches it to retry with truncate=True). `reason`: the message
+    without its advice to the caller, for code that truncates by itself."""
+
+    def __init__(self, text: str, num_tokens: int, context_length: int) -> None:
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        self.reason = (
+            f"Text {shown!r} is {num_tokens} tokens long (with the start and end tokens), more than "
+            f"context_length={context_length}"
+        )
+        super().__init__(f"{self.reason}; pass truncate=True to cut it to fit.")
 
 
 def _as_text_list(texts: str | Iterable[str]) -> list[str]:
@@ -350,12 +359,6 @@ def _as_token_id(token_id: object, vocab_size: int) -> int:
     raise ValueError(f"{token_id!r} is not a token id (ids are ints in [0, {vocab_size}))")
 
 
-def _too_long_message(text: str, num_tokens: int, context_length: int) -> str:
-    shown = text if len(text) <= 60 else text[:57] + "..."
-    return (
-        f"Text {shown!r} is {num_tokens} tokens long (with the start and end tokens), more than "
-        f"context_length={context_length}; pass truncate=True to cut it to fit."
-    )
 
 
 @functools.lru_cache(maxsize=1)

@@ -344,4 +344,5 @@ def test_prompts_longer_than_the_context_are_truncated_with_a_warning(caplog):
     with caplog.at_level("WARNING"):
         weights = build_zeroshot_classifier(model, ["cat", "dog"], [long_template, "a {}."])
     assert weights.shape == (16, 2) and torch.isfinite(weights).all()
-    assert "Truncating prompts to 32 tokens" in caplog.text
+    assert "more than context_length=32: this batch's texts are cut to 32 tokens (the end token kept)" in caplog.text
+    assert "truncate=True" not in caplog.text  # advice to a Python caller, which an evaluation's user is not

@@ -253,7 +253,8 @@ def encode_texts(
         except ValueError as error:
             # A prompt longer than a small model's context: evaluate it cut (keeping the end token) rather
             # than abort a training run at its evaluation step.
-            logger.warning("%s Truncating prompts to %d tokens.", error, context_length)
+            logger.warning("%s: this batch's texts are cut to %d tokens (the end token kept)",
+                           getattr(error, "reason", error), context_length)
             tokens = tokenizer(batch, context_length=context_length, truncate=True)
         tokens = tokens.to(device)
         with autocast(device, precision):

@@ -142,8 +142,16 @@ class CLIP(nn.Module):
         outside code watches or changes (`clip.transformer.runs_as_openai`: hooks, replaced attention
         methods) keeps every position of the context, as openai/CLIP's, and so does a traced model
         (torch.jit.trace, ONNX export): a length read from one example would be fixed in the trace."""
-        if text.shape[-1] > self.context_length:
-            raise ValueError(f"text has {text.shape[-1]} tokens; this model's context length is {self.context_length}")
+        context = self.context_length
+        if text.shape[-1] > context:
+            # Only padding past the context (clip.tokenize's default 77 positions, for a model of a shorter
+            # context) is dropped; texts that do not fit are an error, not silently cut.
+            if text.is_meta or bool(text[:, context:].any()):
+                raise ValueError(
+                    f"text has {text.shape[-1]} tokens, more than this model's context length {context}: tokenize "
+                    f"with clip.tokenize(texts, context_length=model.context_length) (truncate=True cuts long texts)"
+                )
+            text = text[:, :context]
         # Features are read at the end-of-text token, which has the largest id in the vocabulary.
         eot = text.argmax(dim=-1)
         # Attention is causal, so positions after a sequence's end-of-text token never influence its

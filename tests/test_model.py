@@ -78,10 +78,18 @@ def test_trimming_on_the_host_gives_the_same_features():
     assert model.encode_text(texts, trim=False).shape == (3, model.config.embed_dim)  # all 20 positions run
 
 
-def test_over_long_text_is_a_clear_error():
-    model = CLIP(TINY["vit"])
-    with pytest.raises(ValueError, match="context length is 20"):
-        model.encode_text(torch.zeros(1, 21, dtype=torch.long))
+def test_over_long_text_is_a_clear_error_and_padding_past_the_context_is_dropped():
+    model = CLIP(TINY["vit"]).eval()
+    texts = torch.zeros(2, 77, dtype=torch.long)  # clip.tokenize's default length, for a context of 20
+    texts[0, :4] = torch.tensor([47, 3, 5, 49])
+    texts[1, :20] = torch.arange(1, 21) % 49
+    texts[1, 19] = 49  # its end token in the context's last position
+    with torch.no_grad():
+        assert torch.equal(model.encode_text(texts), model.encode_text(texts[:, :20]))
+    texts[1, 20] = 7  # a token past the context: the text does not fit
+    with pytest.raises(ValueError, match=r"text has 77 tokens, more than this model's context length 20: tokenize "
+                                         r"with clip.tokenize\(texts, context_length=model.context_length\)"):
+        model.encode_text(texts)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

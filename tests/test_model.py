@@ -92,6 +92,19 @@ def test_over_long_text_is_a_clear_error_and_padding_past_the_context_is_dropped
         model.encode_text(texts)
 
 
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_images_of_another_size_are_a_clear_error(kind):
+    # They failed on the positional embedding: "The size of tensor a (785) must match ... (37)".
+    model = CLIP(TINY[kind])
+    size = model.visual.input_resolution
+    for shape in [(1, 3, size * 2, size * 2), (1, 3, size, size + 32), (3, size, size)]:
+        with pytest.raises(ValueError, match=rf"this model takes \[N, 3, {size}, {size}\] "
+                                             rf"\(model.visual.input_resolution = {size}\): resize them"):
+            model.encode_image(torch.randn(shape))
+        with pytest.raises(ValueError, match="resize them"):
+            model.encode_image_unprojected(torch.randn(shape))
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)

@@ -67,7 +67,13 @@ def _closest(key: str, valid: typing.Iterable[str]) -> str:
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (list, tuple):
+        return "list (written [a, b, ...])"  # as a TOML value and in an override
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _with_article(name: str) -> str:
+    return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -91,7 +97,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         expected = " or ".join(_type_name(a) for a in args if a is not type(None))
         if type(None) in args:
             expected += f' or "{NONE_SENTINEL}"'
-        raise ConfigError(f"{where}: {value!r} is not a {expected}")
+        raise ConfigError(f"{where}: {value!r} is not {_with_article(expected)}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in args)}")

@@ -375,6 +375,15 @@ def test_model_sizes_out_of_range_are_config_errors(override, message):
         load_config(demo, [override], TrainConfig)
 
 
+def test_a_value_of_neither_type_of_a_union_names_both_in_plain_words():
+    from clip.config import TrainConfig, load_config
+
+    demo = Path(__file__).parent.parent / "configs" / "demo.toml"
+    with pytest.raises(ConfigError, match=re.escape("model.vision.layers: '1,1,1,1' is not an int or list "
+                                                    "(written [a, b, ...])")):
+        load_config(demo, ["model.vision.layers=1,1,1,1"], TrainConfig)
+
+
 def test_an_unknown_key_inside_a_list_element_is_named_with_its_whole_path():
     from clip.config import TrainConfig, load_config
 

@@ -154,6 +154,8 @@ def model_from_weights(weights: LoadedWeights, source: str) -> CLIP:
             )
     model = _empty_model(config)
     _load_checked(model, weights, f"{source} does not fit the {_describe(config)} architecture {origin}", source)
+    if weights.logit_bias is not None:
+        model.logit_bias = weights.logit_bias.clone()
     return model.eval()
 
 

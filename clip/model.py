@@ -63,6 +63,11 @@ class CLIP(nn.Module):
         self.ln_final = LayerNorm(text.width)
         self.text_projection = nn.Parameter(torch.empty(text.width, config.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(INITIAL_LOGIT_SCALE))
+        # A SigLIP-trained model's learned bias (its loss's parameter, not a weight of the towers): set by
+        # clip.load from such a run's checkpoint, then added to the logits `forward` returns, so that their
+        # sigmoid is the model's match probability. None for a model trained with the CLIP loss. Moves with
+        # the model; not part of the state dict, which keeps OpenAI's keys.
+        self.register_buffer("logit_bias", None, persistent=False)
 
         self.init_parameters()
 
@@ -187,10 +192,14 @@ class CLIP(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (logits_per_image [N_image, N_text], logits_per_text [N_text, N_image])."""
+        """Returns (logits_per_image [N_image, N_text], logits_per_text [N_text, N_image]): the cosine
+        similarities times exp(logit_scale), plus `logit_bias` for a SigLIP model (a constant, which changes
+        no softmax or ranking over them)."""
         image_features = self.encode_image(image, normalize=True)
         text_features = self.encode_text(text, normalize=True)
         logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
+        if self.logit_bias is not None:
+            logits_per_image = logits_per_image + self.logit_bias
         return logits_per_image, logits_per_image.t()
 
 

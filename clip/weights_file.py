@@ -57,6 +57,8 @@ class LoadedWeights:
     state_dict: dict[str, torch.Tensor]
     model_config: ModelConfig | None = None
     extras: dict[str, int] = field(default_factory=dict)
+    # A SigLIP run's learned logit bias (its checkpoint's loss_parameters), a scalar tensor; None otherwise.
+    logit_bias: torch.Tensor | None = None
 
 
 def read_weights(path: str | Path) -> LoadedWeights:
@@ -193,7 +195,12 @@ def _weights_from_object(loaded: object, path: Path) -> LoadedWeights:
         return _weights_from_state_dict(loaded, None, path)
     for key in ("model", "state_dict"):
         if isinstance(loaded.get(key), Mapping) and _is_state_dict(loaded[key]):
-            return _weights_from_state_dict(loaded[key], _config_from_checkpoint(loaded.get("config"), path), path)
+            weights = _weights_from_state_dict(loaded[key], _config_from_checkpoint(loaded.get("config"), path), path)
+            loss_parameters = loaded.get("loss_parameters")
+            bias = loss_parameters.get("logit_bias") if isinstance(loss_parameters, Mapping) else None
+            if isinstance(bias, torch.Tensor) and bias.numel() == 1:
+                weights.logit_bias = bias.detach().float().reshape(())
+            return weights
     raise WeightsFileError(
         f"{path} holds a dict without model weights (keys: {_sample(loaded)}); expected a state dict (name -> "
         f"tensor) or a checkpoint with a 'model' entry"

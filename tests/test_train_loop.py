@@ -489,6 +489,26 @@ def test_a_siglip_run_starts_from_siglips_temperature_also_over_loaded_weights(t
         assert initial_weights(tmp_path / run)["logit_scale"].item() == pytest.approx(SIGLIP_INITIAL_LOGIT_SCALE)
 
 
+def test_a_siglip_run_loads_with_its_learned_bias_in_the_logits(tmp_path):
+    # The bias is the loss's parameter, saved beside the weights: clip.load dropped it, so the sigmoid of the
+    # logits was no match probability.
+    from clip.loss import SIGLIP_INITIAL_LOGIT_BIAS
+
+    train(tiny_config(tmp_path / "siglip", "loss.kind=siglip", "eval.every_n_steps=0", "schedule.steps=2"))
+    saved = ckpt.read_checkpoint(ckpt.list_checkpoints(tmp_path / "siglip")[0][1])["loss_parameters"]["logit_bias"]
+    model, preprocess = clip.load(tmp_path / "siglip", device="cpu")
+    assert model.logit_bias.item() == saved.item() != 0 and abs(saved.item() - SIGLIP_INITIAL_LOGIT_BIAS) < 1
+    assert "logit_bias" not in model.state_dict()  # the state dict keeps OpenAI's keys
+    images = torch.rand(2, 3, 32, 32)
+    texts = clip.tokenize(["a red circle", "a blue square"], context_length=model.context_length)
+    with torch.no_grad():
+        logits, _ = model(images, texts)
+        cosine = model.encode_image(images, normalize=True) @ model.encode_text(texts, normalize=True).t()
+    torch.testing.assert_close(logits, model.logit_scale.exp() * cosine + saved)
+    train(tiny_config(tmp_path / "clip", "eval.every_n_steps=0", "schedule.steps=1"))
+    assert clip.load(tmp_path / "clip", device="cpu")[0].logit_bias is None  # the CLIP loss has none
+
+
 WIDE = ["model.vision.width=64", "model.vision.heads=1", "model.text.width=64", "model.text.heads=1"]
 
 

@@ -359,8 +359,6 @@ def _as_token_id(token_id: object, vocab_size: int) -> int:
     raise ValueError(f"{token_id!r} is not a token id (ids are ints in [0, {vocab_size}))")
 
 
-
-
 @functools.lru_cache(maxsize=1)
 def get_tokenizer() -> Tokenizer:
     """The shared tokenizer with OpenAI's merges, built on first use (downloading the merges if needed)."""

@@ -436,7 +436,8 @@ def load_classification_data(
     class_folders: imagefolder only: the class folder names in label order (see `ImageFolderDataset`), so
     that several splits share one labelling.
     warn: log warnings about the class names (shared names, kept folder numbers) and about synthetic-only
-        settings on another kind. Pass False where another process or call reports the same data: on ranks other than 0, for the second split of a dataset.
+        settings on another kind. Pass False where another process or call reports the same data: on ranks
+        other than 0, for the second split of a dataset.
     """
     templates: list[Template] | None = None
     subsets: dict[str, list[int]] = {}

@@ -150,7 +150,7 @@ def write_shards(
         pattern + PARTIAL_SUFFIX, maxcount=per_shard, maxsize=float("inf"), verbose=0, encoder=False, mtime=0,
         post=lambda name: os.replace(name, name.removesuffix(PARTIAL_SUFFIX)),
     )
-    with writer as sink:
+    try:
         for sample in samples:
             if sample is None:
                 skipped["bad_manifest_row"] += 1
@@ -163,14 +163,35 @@ def write_shards(
                 continue
             key = f"{written:09d}"
             info = {"key": key, "caption": text, "path": image_path, "width": width, "height": height, **extra}
-            sink.write({"__key__": key, extension: data, "txt": text.encode(), "json": json.dumps(info).encode()})
+            writer.write({"__key__": key, extension: data, "txt": text.encode(), "json": json.dumps(info).encode()})
             written += 1
+    except BaseException:  # Ctrl-C, or an error (a manifest without the named columns...)
+        keep_finished_shards(writer, output, prefix, per_shard, written)
+        raise
+    writer.close()  # renames the last shard into place
     shard_count = -(-written // per_shard)
     sizes = {Path(pattern % k).name: min(per_shard, written - k * per_shard) for k in range(shard_count)}
     if written == 0:
         Path(pattern % 0).unlink(missing_ok=True)  # ShardWriter opens its first shard before any sample
     update_index(output, prefix, sizes)
     return sizes, skipped
+
+
+def keep_finished_shards(writer, output: Path, prefix: str, per_shard: int, written: int) -> None:
+    """After an interruption or an error: the shard being written is closed without its rename and removed
+    (ShardWriter's own close would have renamed it into place, torn); the shards finished before it stay, with
+    their sizes.json entries, to be used as they are or replaced with --overwrite. Says so on stderr."""
+    torn = writer.fname if writer.tarstream is not None and writer.count < per_shard else None
+    if torn is not None:
+        writer.post = None
+    writer.close()
+    if torn is not None:
+        Path(torn).unlink(missing_ok=True)
+    finished = existing_shards(output, prefix)
+    update_index(output, prefix, {path.name: per_shard for path in finished})
+    print(f"make_shards: stopped after {written} samples; {len(finished)} finished shards of {per_shard} kept in "
+          f"{output} with their sizes.json entries{', the unfinished one removed' if torn else ''} (--overwrite "
+          "starts over)", file=sys.stderr)
 
 
 def write_index(pattern: str) -> dict[str, int]:

@@ -156,3 +156,44 @@ def test_a_shard_is_named_a_shard_only_once_complete(tmp_path: Path) -> None:
     assert seen[0] == ["t-000000.tar.partial"]  # the leftover is gone; the shard being written is partial
     assert seen[3] == ["t-000000.tar", "t-000001.tar.partial"]
     assert sorted(path.name for path in out.iterdir()) == ["sizes.json", "t-000000.tar", "t-000001.tar", "t-000002.tar"]
+
+
+@pytest.mark.parametrize("stopped_by", [KeyboardInterrupt, RuntimeError])
+def test_an_interrupted_or_failing_run_keeps_its_finished_shards_and_no_torn_one(tmp_path: Path, capsys, stopped_by):
+    # Ctrl-C or an error inside the writer's block ran its close, which renamed the shard being written into
+    # place: a torn PREFIX-NNNNNN.tar, without a sizes.json, that the loader read as data.
+    spec = importlib.util.spec_from_file_location("make_shards", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    manifest = write_manifest(tmp_path / "src", range(7), "train.csv")
+    out = tmp_path / "out"
+    real, calls = module.encode_sample, []
+
+    def stopping_at_the_sixth(*args):
+        calls.append(1)
+        if len(calls) == 6:
+            raise stopped_by("stopped")
+        return real(*args)
+
+    module.encode_sample = stopping_at_the_sixth
+    with pytest.raises(stopped_by):
+        module.main([str(manifest), str(out), "--prefix", "t", "--samples-per-shard", "2"])
+    # samples 0-4 written: two finished shards, the third (1 of 2 samples) torn and removed
+    assert sorted(path.name for path in out.iterdir()) == ["sizes.json", "t-000000.tar", "t-000001.tar"]
+    assert json.loads((out / "sizes.json").read_text()) == {"t-000000.tar": 2, "t-000001.tar": 2}
+    assert "stopped after 5 samples; 2 finished shards of 2 kept" in capsys.readouterr().err
+    train = build([SourceConfig(kind="shards", path=str(out / "t-{000000..000001}.tar"))], batch_size=4)
+    assert sorted(captions(take(train, 1))) == [caption_of(i) for i in range(4)]
+
+
+def test_a_manifest_without_the_named_columns_leaves_no_empty_shard(tmp_path: Path) -> None:
+    # The writer opens its first shard before the first row is read: the error renamed an empty shard into
+    # place, and the corrected command was then refused ("already holds 1 shards").
+    manifest = write_manifest(tmp_path / "src", range(3), "train.tsv")
+    out = tmp_path / "out"
+    main = make_shards_main()
+    with pytest.raises(Exception, match="column"):
+        main([str(manifest), str(out), "--caption-column", "text"])
+    assert [path.name for path in out.iterdir() if path.suffix == ".tar"] == []
+    assert main([str(manifest), str(out)]) == 0
+

@@ -195,14 +195,38 @@ def keep_finished_shards(writer, output: Path, prefix: str, per_shard: int, writ
 
 
 def write_index(pattern: str) -> dict[str, int]:
-    """Counts the samples of existing shards (tar headers only) and writes sizes.json beside them."""
+    """Counts the samples of existing shards (tar headers only) and writes sizes.json beside them. A shard that
+    is missing, unreadable or cut short is named, and no index is written: counting what a cut-off shard
+    still holds would make the damage look like a complete, smaller shard."""
     urls = expand_shard_pattern(pattern)
     folders = {str(Path(url).parent) for url in urls}
     if len(folders) != 1:
         raise SystemExit(f"--index: the shards must be in one local folder, got {sorted(folders)}")
-    sizes = {Path(url).name: count_tar_samples(url) for url in urls}
+    sizes, bad = {}, []
+    for url in urls:
+        try:
+            if not ends_with_end_of_archive(Path(url)):
+                bad.append(f"{url}: cut short (it lacks a tar's closing zero blocks)")
+                continue
+            sizes[Path(url).name] = count_tar_samples(url)
+        except Exception as error:  # FileNotFoundError, tarfile.ReadError...
+            bad.append(f"{url}: {type(error).__name__}: {error}")
+    if bad:
+        raise SystemExit(f"--index: {len(bad)} of {len(urls)} shards cannot be indexed, no sizes.json written "
+                         "(remove or rewrite them, or leave them out of the pattern):\n  " + "\n  ".join(bad))
     (Path(folders.pop()) / SIZE_INDEX_NAME).write_text(json.dumps(sizes, indent=1))
     return sizes
+
+
+def ends_with_end_of_archive(path: Path) -> bool:
+    """Whether the file ends in a tar's end-of-archive marker (two 512-byte zero blocks, which every tar writer
+    appends). Python's tarfile reads a file cut at a member boundary as a complete archive of fewer members."""
+    size = path.stat().st_size
+    if size < 1024:
+        return False
+    with path.open("rb") as file:
+        file.seek(size - 1024)
+        return not any(file.read(1024))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

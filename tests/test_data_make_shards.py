@@ -99,6 +99,28 @@ def test_index_only_rewrites_sizes(tmp_path: Path) -> None:
     }
 
 
+def test_index_names_shards_cut_short_or_unreadable_and_writes_nothing(tmp_path: Path) -> None:
+    # A shard cut at a member boundary reads as a complete tar of fewer samples: --index wrote that smaller
+    # count, and the damage disappeared. A file that is no tar was a raw tarfile traceback naming no shard.
+    manifest = write_manifest(tmp_path / "src", range(9))
+    out = tmp_path / "out"
+    make_shards_main()([str(manifest), str(out), "--samples-per-shard", "3"])
+    (out / "sizes.json").unlink()
+    shard = out / "shard-000001.tar"
+    with tarfile.open(shard) as tar:
+        second_member = tar.getmembers()[1].offset  # a header boundary inside the first sample
+    shard.write_bytes(shard.read_bytes()[:second_member])
+    (out / "shard-000002.tar").write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(SystemExit) as stopped:
+        make_shards_main()(["--index", str(out / "shard-{000000..000003}.tar")])
+    message = str(stopped.value)
+    assert message.startswith("--index: 3 of 4 shards cannot be indexed, no sizes.json written")
+    assert "shard-000001.tar: cut short (it lacks a tar's closing zero blocks)" in message
+    assert "shard-000002.tar: cut short" in message  # no tar ends that way either
+    assert "shard-000003.tar: FileNotFoundError" in message
+    assert "shard-000000.tar" not in message and not (out / "sizes.json").exists()
+
+
 def test_help_runs_as_a_script() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     command = [sys.executable, str(SCRIPT), "--help"]

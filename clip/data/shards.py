@@ -272,7 +272,7 @@ def read_shard_range(
     could not deliver (the shard is missing, unreadable from some point on, or shorter than its index says).
     With `on_longer` (for a range that ends where the size index says the shard ends), one more sample is
     looked for, and `on_longer(url)` called if the shard has it: samples past the index are never planned."""
-    delivered, kind, detail = 0, "shard_too_short", "fewer samples than the size index says"
+    delivered, kind, detail = 0, "shard_too_short", "fewer samples than the size index says (a wrong index, or a file cut short)"
     if count <= 0:
         return
     samples = iterate_tar_samples(url, skip=start)

@@ -47,6 +47,23 @@ def test_sizes_from_index_img2dataset_stats_counting_or_num_samples(tmp_path: Pa
         shard_sizes(urls, size_index=str(tmp_path / "nope.json"))
 
 
+def test_a_missing_shard_without_a_count_or_a_malformed_index_is_named_as_such(tmp_path: Path) -> None:
+    # Both read "no sample count for shard ...", whose advice (num_samples, --index) did not help; a malformed
+    # sizes.json was ignored without a word, leaving every shard to be read for its count.
+    pattern = write_shards(tmp_path, 8, 4)
+    (tmp_path / "sizes.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"shard .*s-000002.tar does not exist: check the source's path"):
+        shard_sizes(expand_shard_pattern(pattern.replace("000001}", "000002}")))  # one past the last
+    with pytest.raises(FileNotFoundError, match=r"takes \{000000..000099\} ranges, not wildcards"):
+        shard_sizes([str(tmp_path / "*.tar")])
+    (tmp_path / "sizes.json").write_text('{"s-000000.tar": 4,')  # cut off
+    with pytest.raises(ValueError, match=r"sizes.json is not a JSON object of shard file names and sample counts"):
+        shard_sizes(expand_shard_pattern(pattern))
+    (tmp_path / "sizes.json").write_text("[4, 4]")
+    with pytest.raises(ValueError, match="is not a JSON object"):
+        shard_sizes(expand_shard_pattern(pattern))
+
+
 def test_num_samples_that_disagrees_with_the_size_index_is_warned_about(tmp_path: Path, caplog) -> None:
     urls = expand_shard_pattern(write_shards(tmp_path, 11, 4))
     with caplog.at_level("WARNING", logger="clip.data.shards"):

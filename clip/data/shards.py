@@ -117,6 +117,20 @@ def _read_json(url: str) -> Any | None:
         return None
 
 
+def _read_size_index(url: str) -> dict | None:
+    """A sizes.json's {shard: count}; None when there is none. One that exists but is no such JSON object is an
+    error: ignored, it left every shard to be counted by reading it, or the source unusable, without a word."""
+    if _is_local(url) and not Path(url).is_file():
+        return None
+    index = _read_json(url)
+    if index is None and not _is_local(url):
+        return None  # a remote index that cannot be fetched: as if there were none
+    if not isinstance(index, dict):
+        raise ValueError(f"the shard size index {url} is not a JSON object of shard file names and sample counts "
+                         "(rewrite it: python scripts/make_shards.py --index '<pattern>')")
+    return index
+
+
 def _img2dataset_count(url: str) -> int | None:
     """img2dataset writes 00012.tar beside 00012_stats.json with the number written in "successes"."""
     folder = _shard_folder(url)
@@ -157,7 +171,7 @@ class _SizeIndexes:
             index = self.given
         else:
             if location not in self.by_folder:
-                self.by_folder[location] = _read_json(location)
+                self.by_folder[location] = _read_size_index(location)
             index = self.by_folder[location]
         if not isinstance(index, dict):
             return None
@@ -184,7 +198,10 @@ def shard_sizes(urls: list[str], size_index: str = "", num_samples: int | None =
         count = indexes.count(url)
         if count is None:
             count = _img2dataset_count(url)
-        if count is None and _is_local(url) and Path(url).is_file():
+        if count is None and _is_local(url):
+            if not Path(url).is_file():
+                wildcards = " (the path takes {000000..000099} ranges, not wildcards)" if set(url) & set("*?[") else ""
+                raise FileNotFoundError(f"shard {url} does not exist{wildcards}: check the source's path pattern")
             log.info("no size index entry for %s: counting its samples", url)
             count = count_tar_samples(url)
         if count is None:
@@ -193,7 +210,8 @@ def shard_sizes(urls: list[str], size_index: str = "", num_samples: int | None =
                 else "write a sizes.json beside the shards (python scripts/make_shards.py --index '<pattern>') "
                 "or point size_index at one"
             )
-            raise ValueError(f"no sample count for shard {url}: {where}, or set num_samples for the source")
+            raise ValueError(f"no sample count for shard {url}: {where}, or set num_samples for the source (spread "
+                             "evenly over the shards: for shards of equal size)")
         sizes.append(int(count))
     return np.array(sizes, dtype=np.int64)
 

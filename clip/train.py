@@ -31,6 +31,7 @@ from .config import TrainConfig, load_config, to_dict, to_toml
 from .config_io import ConfigError
 from .cuda_backends import configure_cuda_backends
 from .data import PixelNormalizer, build_train_data, counts_line, data_state_for_other_world_size, merge_rank_reports
+from .data.stream import UnusableData
 from .distributed import (
     DistributedInfo,
     agree_before_backward,
@@ -577,10 +578,10 @@ def main(argv: list[str] | None = None) -> int:
         return STOPPED_EARLY_EXIT_CODE
     # Bad input, as a bad config: data that cannot be used, a run directory the config cannot continue,
     # train.init_weights naming no weights or weights of another architecture
-    except (BadTrainingInput, ResumeRefused, WeightsFileError, ModelNotFoundError) as error:
+    except (BadTrainingInput, ResumeRefused, WeightsFileError, ModelNotFoundError, UnusableData) as error:
         if debugging():
             traceback.print_exception(error.__cause__ or error)
-        print(f"clip-train: {error}", file=sys.stderr)
+        print(f"clip-train: {error.without_traceback() if isinstance(error, UnusableData) else error}", file=sys.stderr)
         return 2
     except (
         NonFiniteLossError, ckpt.NoReadableCheckpointError, MissingDependency,

@@ -185,7 +185,8 @@ def test_data_with_no_usable_sample_stops_with_a_clear_error(tmp_path: Path) -> 
     for shard in (tmp_path / "gone").glob("*.tar"):
         shard.unlink()
     data = build([SourceConfig(kind="shards", path=pattern)])
-    with pytest.raises(RuntimeError, match="none of the first 1101 samples could be used -- check the source's path"):
+    with pytest.raises(RuntimeError, match=r"none of the first 1101 samples could be used \(missing_shard 1101\) -- "
+                                           "check the shard path pattern"):
         take(data, 1)
 
 
@@ -243,3 +244,27 @@ def test_a_shard_cut_inside_its_last_sample_is_not_called_longer(tmp_path: Path)
     items = list(read_shard_range(url, 0, 3, on_longer=calls.append))
     assert [sorted(k for k in item if not k.startswith("__")) for item in items][2] == ["jpg", "txt"]
     assert len(items) == 3 and calls == []  # the read error after the last planned sample is not "more samples"
+
+
+def test_captions_from_a_field_of_the_json_member(tmp_path: Path) -> None:
+    # caption_column = "json" fed the whole metadata text ('{"key": ..., "caption": ...}') as the caption;
+    # shards whose captions are in the .json only (no .txt) could not be used at all.
+    from test_data_helpers import _add_member, image_bytes
+
+    (tmp_path / "json_only").mkdir()
+    with tarfile.open(tmp_path / "json_only" / "s-000000.tar", "w") as tar:
+        for i in range(4):
+            _add_member(tar, f"{i:09d}.jpg", image_bytes(i, "JPEG"))
+            metadata = {"key": f"{i:09d}", "caption": caption_of(i), "title": f"title {i}", "status": "success"}
+            _add_member(tar, f"{i:09d}.json", json.dumps(metadata).encode())
+    pattern = str(tmp_path / "json_only" / "s-{000000..000000}.tar")
+    for caption_column, expected in [("caption", caption_of), ("json", caption_of), ("json:title", "title {}".format)]:
+        batch = take(build([SourceConfig(kind="shards", path=pattern, caption_column=caption_column)]), 1)
+        assert sorted(captions(batch)) == sorted(expected(i) for i in range(4)), caption_column
+    # The .txt keeps precedence where there is one; "json" asks for the .json's field
+    both = write_shards(tmp_path / "both", 4, 4)  # .txt "sample 0000i", .json {"i": i} (no caption field)
+    assert sorted(captions(take(build([SourceConfig(kind="shards", path=both)]), 1))) == [caption_of(i) for i in range(4)]
+    data = build([SourceConfig(kind="shards", path=both, caption_column="json")], batch_size=2)
+    with pytest.raises(RuntimeError, match="no text 'caption' in its json"):
+        take(data, 1)
+

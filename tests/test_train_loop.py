@@ -639,6 +639,24 @@ def test_unusable_data_is_one_line_and_status_2(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("clip-train: ")
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_data_whose_samples_all_fail_is_one_line_with_a_hint_and_status_2(tmp_path, capsys, workers):
+    # Found by the loader once training runs (in a worker process, or in this one): it was ~40 lines of
+    # traceback and a dump of counts, status 1, with a hint that missed the usual cause.
+    from test_data_helpers import write_manifest
+
+    manifest = write_manifest(tmp_path / "data", range(12))
+    for image in (tmp_path / "data" / "images").iterdir():
+        image.unlink()
+    data = ["data.sources.0.kind=manifest", f"data.sources.0.path={manifest}", "data.sources.0.num_samples=none",
+            f"data.workers={workers}", "eval.every_n_steps=0"]
+    assert main([str(DEMO), "--output-dir", str(tmp_path / "run"), *TINY, *data]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("clip-train: data rank 0 worker 0: none of the first ")
+    assert "samples could be used (missing_file " in errors[0]
+    assert "a manifest's image paths are read relative to the manifest's own folder" in errors[0]
+
+
 def test_settings_that_are_likely_mistakes_are_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="clip.train"):
         train(tiny_config(tmp_path, "schedule.warmup_steps=6", "eval.every_n_steps=0", "data.sources.0.num_samples=4"))

@@ -36,7 +36,10 @@ class SourceConfig:
     # (2.0 = every sample twice, 0.5 = half of them, the other half next epoch); with `resampled`, the expected rate.
     weight: float = 1.0
     image_column: str = "image"  # manifest column with the image path; for shards, a member extension tried first
-    caption_column: str = "caption"  # manifest column with the caption; for shards, tried before "txt"
+    # Manifest column with the caption. Shards: a member extension tried before "txt", or "json" / "json:FIELD"
+    # for a field of each sample's .json ("caption" by default; img2dataset's .json holds one, which is also
+    # read when a sample has no .txt).
+    caption_column: str = "caption"
     separator: str = ""  # manifest field separator; "" = from the suffix (.csv ",", .tsv "\t"); unused for .jsonl
     # Manifest quote handling: "auto" = CSV quoting rules for .csv, none for tab-separated files (whose captions
     # hold raw '"'); "csv" for a TSV written by a CSV writer (pandas); "none" to read every field as written.

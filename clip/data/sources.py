@@ -9,6 +9,7 @@ only read once they are needed.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -117,7 +118,13 @@ class ShardSource:
         self.sizes = shard_sizes(self.urls, config.size_index, config.num_samples)
         self.layout = SourceLayout(int(self.sizes.sum()), config.weight, self.sizes)
         self.image_key = config.image_column
-        self.caption_key = config.caption_column
+        # caption_column = "json" or "json:FIELD": a field of each sample's .json member (img2dataset's
+        # metadata, whose "caption" field holds the caption), not the member's raw text.
+        member, _, field = config.caption_column.partition(":")
+        if member == "json":
+            self.caption_key, self.caption_json_field = None, field or "caption"
+        else:
+            self.caption_key, self.caption_json_field = config.caption_column, None
         self._reported_longer: set[str] = set()  # shards found longer than the index, warned about once
 
     def fingerprint(self) -> str:
@@ -158,12 +165,20 @@ class ShardSource:
             return sample.url
         return f"{sample.get('__url__')}:{sample.get('__key__')}"
 
-    def caption(self, sample: dict | MissingSample) -> bytes:
+    def caption(self, sample: dict | MissingSample) -> bytes | str:
         if isinstance(sample, MissingSample):
             raise SkipSample(sample.kind, sample.detail)
-        caption = find_member(sample, self.caption_key, CAPTION_EXTENSIONS)
+        if self.caption_json_field is None:
+            caption = find_member(sample, self.caption_key, CAPTION_EXTENSIONS)
+            if caption is not None:
+                return caption
+        # The caption field of the .json member: asked for, or (img2dataset's layout) when there is no .txt
+        caption = json_field(sample.get("json"), self.caption_json_field or "caption")
         if caption is None:
-            raise SkipSample("missing_caption", f"members: {sorted(k for k in sample if not k.startswith('__'))}")
+            members = sorted(k for k in sample if not k.startswith("__"))
+            raise SkipSample("missing_caption", f"members: {members}" + (
+                f", no text {self.caption_json_field!r} in its json" if self.caption_json_field else ""
+            ))
         return caption
 
     def image(self, sample: dict) -> bytes:
@@ -171,6 +186,18 @@ class ShardSource:
         if data is None:
             raise SkipSample("missing_image", f"members: {sorted(k for k in sample if not k.startswith('__'))}")
         return data
+
+
+def json_field(member: object, field: str) -> str | None:
+    """The text of `field` in a shard sample's .json member (bytes), or None when there is none."""
+    if not isinstance(member, bytes):
+        return None
+    try:
+        value = json.loads(member)
+    except ValueError:  # not JSON, or not UTF-8
+        return None
+    text = value.get(field) if isinstance(value, dict) else None
+    return text if isinstance(text, str) else None
 
 
 Source = SyntheticSource | ManifestSource | ShardSource

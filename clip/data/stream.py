@@ -36,6 +36,43 @@ from .transform import BatchImageWriter, center_crop_box, draft_size, random_res
 
 _AUGMENT = 6  # seed purpose of the per-sample crop, distinct from sampling.py's
 
+
+class UnusableData(RuntimeError):
+    """The data yields no usable sample: found in a loader worker, but bad input all the same, which the
+    trainer reports in one line. Raised in a DataLoader worker, it reaches the main process as this type
+    (torch re-raises a worker's error by its type, the worker's traceback put in front of the message)."""
+
+    def without_traceback(self) -> str:
+        """The message alone, also of an error re-raised from a DataLoader worker. (Not named `message`: torch
+        re-raises an exception type with that attribute as type(message=...).)"""
+        text = str(self)
+        marker = f"{type(self).__name__}: "
+        return text.rsplit(marker, 1)[-1].strip() if "Original Traceback" in text and marker in text else text
+
+
+# What to check when a source's samples are all skipped for one reason.
+SKIP_HINTS = {
+    "missing_file": "a manifest's image paths are read relative to the manifest's own folder, or are absolute",
+    "missing_caption": 'a shard sample\'s caption is its .txt member, or the member caption_column names ("json" '
+                       "for the caption field of its .json)",
+    "missing_image": "a shard sample's image is the member image_column names, or one with an image extension",
+    "bad_utf8": "captions must be UTF-8 (a manifest in another encoding needs converting)",
+    "empty_caption": "check the source's caption column",
+    "missing_shard": "check the shard path pattern",
+    "shard_read_error": "check that the shards are readable tar files",
+}
+DEFAULT_SKIP_HINT = "check the source's path and image/caption columns"
+
+
+def _skipped_kinds(counts: dict) -> str:
+    """"missing_file 221" from a batch's per-epoch, per-source counts (the samples skipped, by kind)."""
+    kinds: dict[str, int] = {}
+    for per_source in counts.values():
+        for source_counts in per_source.values():
+            for kind, count in source_counts.get("skipped", {}).items():
+                kinds[kind] = kinds.get(kind, 0) + count
+    return ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items())) or "none skipped"
+
 # (epoch, items of that epoch consumed); (e + 1, 0) once epoch e is done.
 Position = tuple[int, int]
 
@@ -222,16 +259,16 @@ class _BatchBuilder:
         self.skip_log.record(skip.kind, source.name, source.describe(item.raw), skip.detail)
         self.misses += 1
         if self.used == 0 and self.misses > self.first_use_limit:
-            raise RuntimeError(
+            raise UnusableData(
                 f"data rank {self.settings.rank} worker {self.worker}: none of the first {self.misses} samples could "
-                f"be used -- check the source's path and image/caption columns; the latest: "
-                f"{source.describe(item.raw)}: {skip}. Counts of the current batch: {meta['counts']}"
+                f"be used ({_skipped_kinds(meta['counts'])}) -- {SKIP_HINTS.get(skip.kind, DEFAULT_SKIP_HINT)}; "
+                f"the latest: {source.describe(item.raw)}: {skip}"
             )
         if self.misses > self.miss_limit:
-            raise RuntimeError(
+            raise UnusableData(
                 f"data rank {self.settings.rank} worker {self.worker}: {self.misses} samples in a row could not be "
-                f"used (more than two passes over all the data); the latest: {source.describe(item.raw)}: {skip}. "
-                f"Counts of the current batch: {meta['counts']}"
+                f"used (more than two passes over all the data; {_skipped_kinds(meta['counts'])}) -- "
+                f"{SKIP_HINTS.get(skip.kind, DEFAULT_SKIP_HINT)}; the latest: {source.describe(item.raw)}: {skip}"
             )
 
     def _tokenize(self, texts: list[str], origins: list[tuple[int, str]], meta: dict) -> torch.Tensor:

@@ -116,6 +116,27 @@ def test_several_sources_with_weights(tmp_path: Path) -> None:
     data.close()
 
 
+def test_a_source_none_of_whose_samples_can_be_used_stops_a_mix(tmp_path: Path) -> None:
+    # Its failures were hidden by the other sources' samples: the run went on with a silently changed mix,
+    # one warning a minute. Dirty sources that deliver some samples go on.
+    good = write_manifest(tmp_path / "good", range(40))
+    bad = write_manifest(tmp_path / "bad", range(100, 120))
+    for image in (tmp_path / "bad" / "images").iterdir():
+        image.unlink()
+    dirty = write_manifest(tmp_path / "dirty", range(200, 220))
+    for i in range(200, 220, 2):
+        (tmp_path / "dirty" / "images" / f"{i}.jpg").unlink()
+    mixed = [SourceConfig(kind="manifest", path=str(good), name="good"),
+             SourceConfig(kind="manifest", path=str(dirty), name="dirty")]
+    assert len(take(build(mixed, batch_size=10), 20)) == 20  # 5 epochs, half of "dirty" skipped each
+    data = build([*mixed, SourceConfig(kind="manifest", path=str(bad), name="bad")], batch_size=10)
+    with pytest.raises(RuntimeError, match=r"source bad: none of its first 141 samples could be used \(missing_file "
+                                           r"141\), while other sources' could -- a manifest's image paths are read "
+                                           r"relative to the manifest's own folder"):
+        take(data, 40)
+    data.close()
+
+
 def test_resampled_mode_follows_the_weights(tmp_path: Path) -> None:
     sources = [
         SourceConfig(kind="shards", path=write_shards(tmp_path / "a", 20, 5), name="a", weight=3.0),

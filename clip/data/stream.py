@@ -209,6 +209,12 @@ class _BatchBuilder:
         # take long enough to look like a hang. Dirty data with some usable samples never reaches this.
         self.first_use_limit = min(self.miss_limit, 10 * largest_shard + 1000)
         self.used = 0  # samples this worker has put in batches
+        # The same for one source of several, whose failures the others' samples hide from the limits above
+        # (a source of bad paths in a mix would change the mix silently, for the whole run): a source none of
+        # whose samples this worker could use after two of its passes (or ten of its shards) is unusable.
+        self.source_limits = [min(self.first_use_limit, 2 * source.size + 100) for source in stream.planner.sources]
+        self.source_used: set[int] = set()  # sources this worker has put a sample of in a batch
+        self.source_misses: dict[int, dict[str, int]] = {}  # skips by kind, of sources not in source_used
 
     def next_batch(self, items: Iterator[_Item]) -> tuple[torch.Tensor, torch.Tensor, dict]:
         s = self.settings
@@ -229,6 +235,7 @@ class _BatchBuilder:
                     continue
                 self.misses = 0
                 self.used += 1
+                self.source_used.add(item.source)
                 texts.append(caption)
                 origins.append((item.epoch, source.name))
                 _count(meta, item.epoch, source.name, "samples")
@@ -264,6 +271,17 @@ class _BatchBuilder:
                 f"be used ({_skipped_kinds(meta['counts'])}) -- {SKIP_HINTS.get(skip.kind, DEFAULT_SKIP_HINT)}; "
                 f"the latest: {source.describe(item.raw)}: {skip}"
             )
+        if item.source not in self.source_used:
+            kinds = self.source_misses.setdefault(item.source, {})
+            kinds[skip.kind] = kinds.get(skip.kind, 0) + 1
+            misses = sum(kinds.values())
+            if self.used and misses > self.source_limits[item.source]:  # (no source delivered: the limits below)
+                counted = ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items()))
+                raise UnusableData(
+                    f"data rank {self.settings.rank} worker {self.worker}: source {source.name}: none of its first "
+                    f"{misses} samples could be used ({counted}), while other sources' could -- "
+                    f"{SKIP_HINTS.get(skip.kind, DEFAULT_SKIP_HINT)}; the latest: {source.describe(item.raw)}: {skip}"
+                )
         if self.misses > self.miss_limit:
             raise UnusableData(
                 f"data rank {self.settings.rank} worker {self.worker}: {self.misses} samples in a row could not be "

@@ -88,6 +88,23 @@ def test_rows_dropped_while_reading_are_reported_in_the_stats(tmp_path: Path) ->
     data.close()
 
 
+def test_a_manifest_without_samples_is_an_error_naming_it(tmp_path: Path) -> None:
+    # Alone it failed on the loader workers ("lower data.workers", even at 1); beside other sources nothing
+    # was said at all.
+    from test_data_helpers import build, write_manifest
+
+    from clip.data import SourceConfig
+
+    good = write_manifest(tmp_path / "good", range(8))
+    header_only = tmp_path / "empty.csv"
+    header_only.write_text("image,caption\n")
+    all_bad = tmp_path / "bad.csv"
+    all_bad.write_text("image,caption\n,no image path\n,nor here\n")
+    for path, why in [(header_only, "it has a header and no rows"), (all_bad, "all 2 of its rows are malformed")]:
+        with pytest.raises(ValueError, match=f"data source 1:manifest: manifest {path} has no samples: {why}"):
+            build([SourceConfig(kind="manifest", path=str(good)), SourceConfig(kind="manifest", path=str(path))])
+
+
 def test_a_tsv_quoted_by_a_csv_writer_reads_with_csv_quoting(tmp_path: Path) -> None:
     import csv
 

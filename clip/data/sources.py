@@ -71,6 +71,10 @@ class ManifestSource:
         self.manifest = read_manifest(
             config.path, config.image_column, config.caption_column, config.separator, config.quoting
         )
+        if len(self.manifest) == 0:  # alone, the planner's error blamed the workers; in a mix, nothing was said
+            dropped = self.manifest.bad_rows
+            why = f"all {dropped} of its rows are malformed" if dropped else "it has a header and no rows"
+            raise ValueError(f"data source {name}: manifest {config.path} has no samples: {why}")
         self.layout = SourceLayout(len(self.manifest), config.weight)
         self._fingerprint: str | None = None
 

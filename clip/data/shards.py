@@ -12,6 +12,7 @@ webdataset is an optional dependency (the `shards` extra); it is imported only w
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import posixpath
@@ -267,11 +268,21 @@ def iterate_tar_samples(url: str, skip: int = 0) -> Iterator[dict]:
     errors: list[Exception] = []
     stream = open_url(url)
     try:
-        yield from group_by_keys(_members(url, stream, _SkipFirstSamples(skip), errors))
+        yield from group_by_keys(_members(url, stream, _SkipFirstSamples(skip), errors), handler=functools.partial(_keep_first_member, url))
     finally:
         _close_quietly(stream)
     if errors:
         raise errors[0]
+
+
+def _keep_first_member(url: str, error: Exception) -> bool:
+    """group_by_keys' error handler: a member name that repeats within a sample ("x.jpg" twice, or "x.jpg" and
+    "x.JPG") is left out and the first kept, with a warning; raised, it ended the shard there, every later
+    sample counted as unreadable. Anything else is raised as before."""
+    if isinstance(error, ValueError) and error.args and "duplicate file name" in str(error.args[0]):
+        log.warning("shard %s: %s; the first member of that name is used", url, error.args[0])
+        return True
+    raise error
 
 
 @dataclass

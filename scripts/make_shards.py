@@ -37,13 +37,17 @@ KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as they a
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's default decompression-bomb limit, as the loader's default
 
 
-def folder_samples(root: Path) -> Iterator[tuple[str, str | None, dict]]:
-    """(image path, caption or None when x.txt is missing, extra fields) for every image under root."""
+def folder_samples(root: Path) -> Iterator[tuple[str, str | None, dict] | SkipSample]:
+    """(image path, caption or None when x.txt is missing, extra fields) for every image under root, and a
+    SkipSample("missing_image") for every x.txt without an image of its name (counted, not silently left out)."""
     suffixes = {"." + extension for extension in IMAGE_EXTENSIONS}
     for folder, subfolders, files in os.walk(root):
         subfolders.sort()
+        images = {Path(name).stem for name in files if Path(name).suffix.lower() in suffixes}
         for name in sorted(files):
             path = Path(folder, name)
+            if path.suffix == ".txt" and path.stem not in images:
+                yield SkipSample("missing_image", str(path))
             if path.suffix.lower() not in suffixes:
                 continue
             caption_path = path.with_suffix(".txt")
@@ -154,6 +158,9 @@ def write_shards(
         for sample in samples:
             if sample is None:
                 skipped["bad_manifest_row"] += 1
+                continue
+            if isinstance(sample, SkipSample):
+                skipped[sample.kind] += 1
                 continue
             image_path, caption, extra = sample
             try:
@@ -271,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{source} is neither a manifest file nor a folder")
     sizes, skipped = write_shards(samples, Path(args.output), args.prefix, args.samples_per_shard, args.overwrite)
     print(f"wrote {sum(sizes.values())} samples in {len(sizes)} shards to {args.output}")
+    if sizes:
+        pattern = Path(args.output).resolve() / f"{args.prefix}-{{000000..{len(sizes) - 1:06d}}}.tar"
+        print(f'for a [[data.sources]] table: kind = "shards", path = "{pattern}"')
     if skipped:
         print(f"skipped {sum(skipped.values())}: " + ", ".join(f"{kind} {n}" for kind, n in sorted(skipped.items())))
     return 0

@@ -65,9 +65,14 @@ def test_image_folder_with_caption_files(tmp_path: Path, capsys: pytest.CaptureF
         (folder / f"{i}.jpg").write_bytes(image_bytes(i))
         if i != 2:
             (folder / f"{i}.txt").write_text(caption_of(i))
+    (tmp_path / "photos" / "album0" / "9.txt").write_text("a caption whose image is missing")
     assert make_shards_main()([str(tmp_path / "photos"), str(tmp_path / "out")]) == 0
-    assert "missing_caption 1" in capsys.readouterr().out
-    data = build([SourceConfig(kind="shards", path=str(tmp_path / "out" / "shard-{000000..000000}.tar"))], batch_size=3)
+    printed = capsys.readouterr().out
+    assert "skipped 2: missing_caption 1, missing_image 1" in printed  # a caption file alone is counted too
+    # and the path pattern to paste into a config
+    pattern = str((tmp_path / "out").resolve() / "shard-{000000..000000}.tar")
+    assert f'for a [[data.sources]] table: kind = "shards", path = "{pattern}"' in printed
+    data = build([SourceConfig(kind="shards", path=pattern)], batch_size=3)
     assert sorted(captions(take(data, 1))) == [caption_of(i) for i in (0, 1, 3)]
     data.close()
 

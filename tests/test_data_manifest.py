@@ -57,6 +57,17 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path: Path, suffi
     assert manifest.image_path(0).endswith("0.jpg")
 
 
+@pytest.mark.parametrize("suffix", [".tsv", ".csv", ".jsonl"])
+def test_a_utf16_manifest_is_named_as_such(tmp_path: Path, suffix: str) -> None:
+    # Excel's "Unicode text" export: read as UTF-8, its header was '\udcff\udcfei\x00m...', and the error
+    # asked for other column names.
+    path = tmp_path / f"train{suffix}"
+    text = '{"image": "a.jpg", "caption": "a cat"}\n' if suffix == ".jsonl" else "image\tcaption\na.jpg\ta cat\n"
+    path.write_bytes(text.encode("utf-16"))  # with its byte-order mark, as such exports write it
+    with pytest.raises(ValueError, match=r"is UTF-16 encoded .* save it as UTF-8"):
+        captions_of(path)
+
+
 def test_jsonl_columns_are_checked_on_the_first_record_even_after_blank_lines(tmp_path: Path) -> None:
     path = tmp_path / "train.jsonl"
     path.write_text("\n\n" + json.dumps({"url": "0.jpg", "text": "a caption"}) + "\n")

@@ -79,6 +79,16 @@ class VisionConfig:
                 raise ValueError(f"vision.width={self.width} is not divisible by vision.heads={self.heads}")
 
 
+def wrong_image_size(image_shape: tuple[int, ...], image_size: int) -> ValueError:
+    """The error for images whose size does not give the tower's grid of positions (raised where it would
+    otherwise fail, on the positional embedding, with a shape mismatch that does not say what was wrong).
+    Sizes that give the same grid (a 230-pixel image for a 224-pixel ViT-B/32) run, as in openai/CLIP."""
+    return ValueError(
+        f"images of shape {tuple(image_shape)}; this model takes [N, 3, {image_size}, {image_size}] "
+        f"(model.visual.input_resolution = {image_size}): resize them, e.g. with the preprocess clip.load returns"
+    )
+
+
 def _require_positive(**values: float) -> None:
     """InvalidValue (a ValueError) names the field; a config file's loader puts its dotted path in front."""
     for name, value in values.items():

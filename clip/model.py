@@ -129,27 +129,16 @@ class CLIP(nn.Module):
             self.visual.transformer.grad_checkpointing = enabled
 
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        features = self.visual(self._model_input(image))  # N3HW -> N,embed_dim
+        features = self.visual(image.to(self.dtype))  # N3HW -> N,embed_dim
         return F.normalize(features, dim=-1) if normalize else features
-
-    def _model_input(self, image: torch.Tensor) -> torch.Tensor:
-        """`image` in the model's dtype, after checking its size: another size fails deep in the tower, on the
-        positional embedding, with a shape error that does not say what was wrong."""
-        size = self.visual.input_resolution
-        if image.dim() != 4 or tuple(image.shape[-2:]) != (size, size):
-            raise ValueError(
-                f"images of shape {tuple(image.shape)}; this model takes [N, 3, {size}, {size}] "
-                f"(model.visual.input_resolution = {size}): resize them, e.g. with the preprocess clip.load returns"
-            )
-        return image.to(self.dtype)
 
     def encode_image_unprojected(self, image: torch.Tensor) -> torch.Tensor:
         """The image features the CLIP paper's linear probes use: for a ViT the class token before the linear
         projection to the embedding space (I_f in the paper's Figure 3, `visual.width` wide); for a ResNet,
         whose attention pool is its last layer, the embedding itself."""
         if self.config.vision.kind == "vit":  # (forward hooks on `visual` do not run on this path)
-            return self.visual.forward_unprojected(self._model_input(image))
-        return self.visual(self._model_input(image))
+            return self.visual.forward_unprojected(image.to(self.dtype))
+        return self.visual(image.to(self.dtype))
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False, trim: bool = True) -> torch.Tensor:
         """Features of token ids [N, L <= context_length]. `trim=False` runs all L positions as given: for

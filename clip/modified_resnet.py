@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architectures import VisionConfig
+from .architectures import VisionConfig, wrong_image_size
 
 
 class Bottleneck(nn.Module):
@@ -137,6 +137,7 @@ class ModifiedResNet(nn.Module):
                 nn.init.zeros_(block.bn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        image_shape = x.shape
         x = x.to(self.conv1.weight.dtype)  # as OpenAI's: float32 images into a half-precision model
         x = self.relu1(self.bn1(self.conv1(x)))  # N3HW -> N,width/2,H/2,W/2
         x = self.relu2(self.bn2(self.conv2(x)))
@@ -146,4 +147,6 @@ class ModifiedResNet(nn.Module):
         x = self.layer2(x)  # -> H/8
         x = self.layer3(x)  # -> H/16
         x = self.layer4(x)  # -> N,width*32,H/32,W/32
+        if x.shape[-2] * x.shape[-1] + 1 != self.attnpool.positional_embedding.shape[0]:
+            raise wrong_image_size(image_shape, self.input_resolution)
         return self.attnpool(x)  # -> N,output_dim

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .architectures import VisionConfig
+from .architectures import VisionConfig, wrong_image_size
 from .transformer import LayerNorm, Transformer, runs_as_openai
 
 
@@ -42,8 +42,11 @@ class VisionTransformer(nn.Module):
 
     def forward_unprojected(self, x: torch.Tensor) -> torch.Tensor:
         """The class token after the final layer norm, before the projection to the embedding space: N,width."""
+        image_shape = x.shape
         x = self.conv1(x)  # N3HW -> N,width,grid,grid
         x = x.flatten(2).transpose(1, 2)  # -> N,grid*grid,width
+        if x.shape[1] + 1 != self.positional_embedding.shape[0]:
+            raise wrong_image_size(image_shape, self.input_resolution)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # -> N,1+grid*grid,width
         if self.training and self.patch_dropout > 0:

@@ -95,14 +95,17 @@ def test_over_long_text_is_a_clear_error_and_padding_past_the_context_is_dropped
 @pytest.mark.parametrize("kind", ["vit", "resnet"])
 def test_images_of_another_size_are_a_clear_error(kind):
     # They failed on the positional embedding: "The size of tensor a (785) must match ... (37)".
-    model = CLIP(TINY[kind])
+    model = CLIP(TINY[kind]).eval()
     size = model.visual.input_resolution
-    for shape in [(1, 3, size * 2, size * 2), (1, 3, size, size + 32), (3, size, size)]:
+    for shape in [(1, 3, size * 2, size * 2), (1, 3, size, size + 32), (1, 3, size // 2, size // 2)]:
         with pytest.raises(ValueError, match=rf"this model takes \[N, 3, {size}, {size}\] "
                                              rf"\(model.visual.input_resolution = {size}\): resize them"):
             model.encode_image(torch.randn(shape))
         with pytest.raises(ValueError, match="resize them"):
             model.encode_image_unprojected(torch.randn(shape))
+    # A size that gives the same grid of positions runs, as in openai/CLIP (the convolutions drop the rest)
+    with torch.no_grad():
+        assert model.encode_image(torch.randn(1, 3, size + 5, size + 5)).shape == (1, TINY[kind].embed_dim)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -212,7 +212,7 @@ def write_index(pattern: str) -> dict[str, int]:
     sizes, bad = {}, []
     for url in urls:
         try:
-            if not ends_with_end_of_archive(Path(url)):
+            if Path(url).suffix == ".tar" and not ends_with_end_of_archive(Path(url)):  # (compressed: gzip checks)
                 bad.append(f"{url}: cut short (it lacks a tar's closing zero blocks)")
                 continue
             sizes[Path(url).name] = count_tar_samples(url)

@@ -124,6 +124,18 @@ def test_index_names_shards_cut_short_or_unreadable_and_writes_nothing(tmp_path:
     assert "shard-000002.tar: cut short" in message  # no tar ends that way either
     assert "shard-000003.tar: FileNotFoundError" in message
     assert "shard-000000.tar" not in message and not (out / "sizes.json").exists()
+    # Compressed shards end in gzip's trailer, not in zero blocks: indexed (a cut one fails gzip's own check)
+    import gzip
+
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    (packed / "s-000000.tar.gz").write_bytes(gzip.compress((out / "shard-000000.tar").read_bytes()))
+    cut = gzip.compress((out / "shard-000000.tar").read_bytes())
+    (packed / "s-000001.tar.gz").write_bytes(cut[: len(cut) // 2])
+    with pytest.raises(SystemExit, match=r"(?s)1 of 2 shards cannot be indexed.*s-000001.tar.gz: (ReadError|EOFError)"):
+        make_shards_main()(["--index", str(packed / "s-{000000..000001}.tar.gz")])
+    assert make_shards_main()(["--index", str(packed / "s-{000000..000000}.tar.gz")]) == 0
+    assert json.loads((packed / "sizes.json").read_text()) == {"s-000000.tar.gz": 3}
 
 
 def test_help_runs_as_a_script() -> None:

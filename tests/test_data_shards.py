@@ -62,6 +62,7 @@ def test_a_missing_shard_without_a_count_or_a_malformed_index_is_named_as_such(t
     (tmp_path / "sizes.json").write_text("[4, 4]")
     with pytest.raises(ValueError, match="is not a JSON object"):
         shard_sizes(expand_shard_pattern(pattern))
+    assert shard_sizes(expand_shard_pattern(pattern), num_samples=8).tolist() == [4, 4]  # num_samples wins, as ever
 
 
 def test_num_samples_that_disagrees_with_the_size_index_is_warned_about(tmp_path: Path, caplog) -> None:

@@ -185,7 +185,10 @@ def shard_sizes(urls: list[str], size_index: str = "", num_samples: int | None =
     sizes.json beside each shard, img2dataset's per-shard *_stats.json, or counting a local tar."""
     indexes = _SizeIndexes(size_index)
     if num_samples is not None:
-        indexed = [indexes.count(url) for url in urls]
+        try:
+            indexed = [indexes.count(url) for url in urls]
+        except ValueError:  # a malformed sizes.json beside them: num_samples is what counts
+            indexed = [None]
         if all(count is not None for count in indexed) and sum(indexed) != num_samples:
             # Typically a num_samples left over from another source kind: the shards would be read as if
             # they held other counts, and every planned sample they lack is skipped as shard_too_short.

@@ -311,7 +311,7 @@ class Tokenizer:
         for index, row in enumerate(rows):
             if len(row) > max_text_tokens:
                 if not truncate:
-                    raise TextTooLongError(texts[index], len(row) + 2, context_length)
+                    raise TextTooLongError.of(texts[index], len(row) + 2, context_length)
                 rows[index] = row[:max_text_tokens]
         # int32 like openai/CLIP's tokenize (ids are below 49408); embeddings take either index type.
         tokens = np.zeros((len(rows), context_length), dtype=np.int32)
@@ -331,13 +331,21 @@ class TextTooLongError(ValueError, RuntimeError):
     openai/CLIP's tokenize raises (code catches it to retry with truncate=True). `reason`: the message
     without its advice to the caller, for code that truncates by itself."""
 
-    def __init__(self, text: str, num_tokens: int, context_length: int) -> None:
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = message if reason is None else reason
+
+    def __reduce__(self):  # pickled across DataLoader workers: rebuilt with its reason
+        return type(self), (str(self.args[0]), self.reason)
+
+    @classmethod
+    def of(cls, text: str, num_tokens: int, context_length: int) -> TextTooLongError:
         shown = text if len(text) <= 60 else text[:57] + "..."
-        self.reason = (
+        reason = (
             f"Text {shown!r} is {num_tokens} tokens long (with the start and end tokens), more than "
             f"context_length={context_length}"
         )
-        super().__init__(f"{self.reason}; pass truncate=True to cut it to fit.")
+        return cls(f"{reason}; pass truncate=True to cut it to fit.", reason)
 
 
 def _as_text_list(texts: str | Iterable[str]) -> list[str]:

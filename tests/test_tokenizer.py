@@ -304,6 +304,12 @@ def test_too_long_text_raises_with_details(tokenizer: Tokenizer) -> None:
     message = str(raised.value)
     assert "a photo of a cat a photo" in message and "..." in message  # the text, shortened
     assert "152 tokens" in message and "context_length=77" in message and "truncate=True" in message
+    # Raised in a DataLoader worker, it is pickled to the main process: the same type, message and reason
+    import pickle
+
+    copied = pickle.loads(pickle.dumps(raised.value))
+    assert type(copied) is type(raised.value) and str(copied) == message
+    assert copied.reason == raised.value.reason and "truncate=True" not in copied.reason
 
 
 def test_truncation_keeps_end_token_last(tokenizer: Tokenizer, reference) -> None:

@@ -135,6 +135,11 @@ def test_a_source_none_of_whose_samples_can_be_used_stops_a_mix(tmp_path: Path) 
                                            r"relative to the manifest's own folder"):
         take(data, 40)
     data.close()
+    # With more slots each sees its share of the source: two epochs of it (5 rows of 20 at 4 ranks) decide
+    data = build([*mixed, SourceConfig(kind="manifest", path=str(bad), name="bad")], batch_size=5, world_size=4)
+    with pytest.raises(RuntimeError, match=r"source bad: none of its first 111 samples could be used"):
+        take(data, 200)
+    data.close()
 
 
 def test_resampled_mode_follows_the_weights(tmp_path: Path) -> None:

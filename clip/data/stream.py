@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .decoding import SkipLog, SkipSample, decode_caption, open_image, pil_pixel_limit, upright_rgb
-from .sampling import Planner, SlotPlan
+from .sampling import Planner, SlotPlan, SourceLayout
 from .sources import Source
 from .transform import BatchImageWriter, center_crop_box, draft_size, random_resized_crop_box, random_square_box
 
@@ -62,6 +62,10 @@ SKIP_HINTS = {
     "shard_read_error": "check that the shards are readable tar files",
 }
 DEFAULT_SKIP_HINT = "check the source's path and image/caption columns"
+
+
+def _largest_shard(source: SourceLayout) -> int:
+    return int(source.shard_sizes.max()) if source.shard_sizes is not None and len(source.shard_sizes) else 0
 
 
 def _skipped_kinds(counts: dict) -> str:
@@ -211,8 +215,13 @@ class _BatchBuilder:
         self.used = 0  # samples this worker has put in batches
         # The same for one source of several, whose failures the others' samples hide from the limits above
         # (a source of bad paths in a mix would change the mix silently, for the whole run): a source none of
-        # whose samples this worker could use after two of its passes (or ten of its shards) is unusable.
-        self.source_limits = [min(self.first_use_limit, 2 * source.size + 100) for source in stream.planner.sources]
+        # whose samples this worker could use in two epochs' worth of its share of them is unusable. (Two of
+        # its largest shards, if more: a missing shard alone can cost a worker that many in a row.)
+        slots = stream.planner.slots
+        self.source_limits = [
+            min(self.first_use_limit, 2 * max(-(-source.samples_per_epoch // slots), _largest_shard(source)) + 100)
+            for source in stream.planner.sources
+        ]
         self.source_used: set[int] = set()  # sources this worker has put a sample of in a batch
         self.source_misses: dict[int, dict[str, int]] = {}  # skips by kind, of sources not in source_used
 

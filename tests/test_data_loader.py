@@ -120,7 +120,7 @@ def test_a_source_none_of_whose_samples_can_be_used_stops_a_mix(tmp_path: Path) 
     # Its failures were hidden by the other sources' samples: the run went on with a silently changed mix,
     # one warning a minute. Dirty sources that deliver some samples go on.
     good = write_manifest(tmp_path / "good", range(40))
-    bad = write_manifest(tmp_path / "bad", range(100, 120))
+    bad = write_manifest(tmp_path / "bad", range(1000, 1600))
     for image in (tmp_path / "bad" / "images").iterdir():
         image.unlink()
     dirty = write_manifest(tmp_path / "dirty", range(200, 220))
@@ -130,15 +130,16 @@ def test_a_source_none_of_whose_samples_can_be_used_stops_a_mix(tmp_path: Path) 
              SourceConfig(kind="manifest", path=str(dirty), name="dirty")]
     assert len(take(build(mixed, batch_size=10), 20)) == 20  # 5 epochs, half of "dirty" skipped each
     data = build([*mixed, SourceConfig(kind="manifest", path=str(bad), name="bad")], batch_size=10)
-    with pytest.raises(RuntimeError, match=r"source bad: none of its first 141 samples could be used \(missing_file "
-                                           r"141\), while other sources' could -- a manifest's image paths are read "
+    with pytest.raises(RuntimeError, match=r"source bad: none of its first 1001 samples could be used \(missing_file "
+                                           r"1001\), while other sources' could -- a manifest's image paths are read "
                                            r"relative to the manifest's own folder"):
-        take(data, 40)
+        take(data, 400)
     data.close()
-    # With more slots each sees its share of the source: two epochs of it (5 rows of 20 at 4 ranks) decide
+    # With more slots each sees its share of the source (150 of its 600 rows an epoch at 4 ranks), and the
+    # limit is its own: two epochs of its share, but not fewer than 1000 rows
     data = build([*mixed, SourceConfig(kind="manifest", path=str(bad), name="bad")], batch_size=5, world_size=4)
-    with pytest.raises(RuntimeError, match=r"source bad: none of its first 111 samples could be used"):
-        take(data, 200)
+    with pytest.raises(RuntimeError, match=r"source bad: none of its first 1001 samples could be used"):
+        take(data, 400)
     data.close()
 
 

@@ -215,11 +215,12 @@ class _BatchBuilder:
         self.used = 0  # samples this worker has put in batches
         # The same for one source of several, whose failures the others' samples hide from the limits above
         # (a source of bad paths in a mix would change the mix silently, for the whole run): a source none of
-        # whose samples this worker could use in two epochs' worth of its share of them is unusable. (Two of
-        # its largest shards, if more: a missing shard alone can cost a worker that many in a row.)
+        # whose samples this worker could use in two epochs of its share of them is unusable -- but, as above,
+        # not before ten of its shards' worth (or 1000 rows): a run of missing shards is dirt, not a broken source.
         slots = stream.planner.slots
         self.source_limits = [
-            min(self.first_use_limit, 2 * max(-(-source.samples_per_epoch // slots), _largest_shard(source)) + 100)
+            min(self.first_use_limit,
+                max(2 * -(-source.samples_per_epoch // slots) + 100, 10 * _largest_shard(source) + 1000))
             for source in stream.planner.sources
         ]
         self.source_used: set[int] = set()  # sources this worker has put a sample of in a batch

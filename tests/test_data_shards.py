@@ -15,7 +15,7 @@ import pytest
 from test_data_helpers import build, caption_of, captions, take, write_shards
 
 from clip.data import SourceConfig
-from clip.data.shards import expand_shard_pattern, read_shard_range, shard_name, shard_sizes
+from clip.data.shards import expand_shard_pattern, iterate_tar_samples, read_shard_range, shard_name, shard_sizes
 
 
 def test_brace_patterns_and_shard_names() -> None:
@@ -264,7 +264,8 @@ def test_captions_from_a_field_of_the_json_member(tmp_path: Path) -> None:
         assert sorted(captions(batch)) == sorted(expected(i) for i in range(4)), caption_column
     # The .txt keeps precedence where there is one; "json" asks for the .json's field
     both = write_shards(tmp_path / "both", 4, 4)  # .txt "sample 0000i", .json {"i": i} (no caption field)
-    assert sorted(captions(take(build([SourceConfig(kind="shards", path=both)]), 1))) == [caption_of(i) for i in range(4)]
+    from_txt = take(build([SourceConfig(kind="shards", path=both)]), 1)
+    assert sorted(captions(from_txt)) == [caption_of(i) for i in range(4)]
     data = build([SourceConfig(kind="shards", path=both, caption_column="json")], batch_size=2)
     with pytest.raises(RuntimeError, match="no text 'caption' in its json"):
         take(data, 1)
@@ -283,8 +284,11 @@ def test_a_repeated_member_name_keeps_the_first_and_loses_no_other_sample(tmp_pa
             _add_member(tar, f"{i:09d}.txt", caption_of(i).encode())
     (tmp_path / "sizes.json").write_text(json.dumps({"s-000000.tar": 20}))
     data = build([SourceConfig(kind="shards", path=str(tmp_path / "s-000000.tar"), name="s")], batch_size=20)
-    with caplog.at_level("WARNING", logger="clip.data.shards"):
-        assert sorted(captions(take(data, 1))) == [caption_of(i) for i in range(20)]
-    assert "duplicate file name" in caplog.text and "the first member of that name is used" in caplog.text
+    with caplog.at_level("WARNING", logger="clip.data"):
+        assert sorted(captions(take(data, 3))) == sorted(caption_of(i) for i in range(20) for _ in range(3))
+    warnings = [r.getMessage() for r in caplog.records if "duplicate file name" in r.getMessage()]
+    assert len(warnings) == 1 and "the first member of that name is used" in warnings[0]  # once per shard
     assert data.stats()["sources"]["s"]["skipped"] == {}
+    first = next(s for s in iterate_tar_samples(str(tmp_path / "s-000000.tar")) if s["__key__"] == f"{5:09d}")
+    assert first["jpg"] == image_bytes(5, "JPEG")  # the first member of the name, not the repeat
 

@@ -262,30 +262,39 @@ def _members(url: str, stream: IO[bytes], select_files: Any, errors: list[Except
         errors.append(error)
 
 
-def iterate_tar_samples(url: str, skip: int = 0) -> Iterator[dict]:
+def iterate_tar_samples(
+    url: str, skip: int = 0, on_repeated_member: Callable[[str, str], None] | None = None
+) -> Iterator[dict]:
     """Samples {"__key__": ..., ext: bytes, ...} of one shard, after skipping `skip` samples unread. A read
-    error is raised after the samples read before it (the last of which may lack members)."""
+    error is raised after the samples read before it (the last of which may lack members). A member name that
+    repeats within a sample keeps its first member; `on_repeated_member(url, what)` is told (default: a
+    warning)."""
     require_webdataset()
     from webdataset.tariterators import group_by_keys
 
     errors: list[Exception] = []
     stream = open_url(url)
+    handler = functools.partial(_keep_first_member, url, on_repeated_member or _warn_repeated_member)
     try:
-        yield from group_by_keys(_members(url, stream, _SkipFirstSamples(skip), errors), handler=functools.partial(_keep_first_member, url))
+        yield from group_by_keys(_members(url, stream, _SkipFirstSamples(skip), errors), handler=handler)
     finally:
         _close_quietly(stream)
     if errors:
         raise errors[0]
 
 
-def _keep_first_member(url: str, error: Exception) -> bool:
+def _keep_first_member(url: str, report: Callable[[str, str], None], error: Exception) -> bool:
     """group_by_keys' error handler: a member name that repeats within a sample ("x.jpg" twice, or "x.jpg" and
-    "x.JPG") is left out and the first kept, with a warning; raised, it ended the shard there, every later
-    sample counted as unreadable. Anything else is raised as before."""
+    "x.JPG") is left out and the first kept; raised, it ended the shard there, every later sample counted as
+    unreadable. Anything else is raised as before."""
     if isinstance(error, ValueError) and error.args and "duplicate file name" in str(error.args[0]):
-        log.warning("shard %s: %s; the first member of that name is used", url, error.args[0])
+        report(url, str(error.args[0]))
         return True
     raise error
+
+
+def _warn_repeated_member(url: str, what: str) -> None:
+    log.warning("shard %s: %s; the first member of that name is used", url, what)
 
 
 @dataclass
@@ -298,16 +307,18 @@ class MissingSample:
 
 
 def read_shard_range(
-    url: str, start: int, count: int, on_longer: Callable[[str], None] | None = None
+    url: str, start: int, count: int, on_longer: Callable[[str], None] | None = None,
+    on_repeated_member: Callable[[str, str], None] | None = None,
 ) -> Iterator[dict | MissingSample]:
     """Exactly `count` items: samples start..start+count-1 of the shard, and a MissingSample for each one it
     could not deliver (the shard is missing, unreadable from some point on, or shorter than its index says).
     With `on_longer` (for a range that ends where the size index says the shard ends), one more sample is
     looked for, and `on_longer(url)` called if the shard has it: samples past the index are never planned."""
-    delivered, kind, detail = 0, "shard_too_short", "fewer samples than the size index says (a wrong index, or a file cut short)"
+    delivered, kind = 0, "shard_too_short"
+    detail = "fewer samples than the size index says (a wrong index, or a file cut short)"
     if count <= 0:
         return
-    samples = iterate_tar_samples(url, skip=start)
+    samples = iterate_tar_samples(url, skip=start, on_repeated_member=on_repeated_member)
     try:
         for sample in samples:
             delivered += 1

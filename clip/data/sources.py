@@ -130,6 +130,7 @@ class ShardSource:
         else:
             self.caption_key, self.caption_json_field = config.caption_column, None
         self._reported_longer: set[str] = set()  # shards found longer than the index, warned about once
+        self._reported_repeats: set[str] = set()  # shards with a member name repeated in a sample, likewise
 
     def fingerprint(self) -> str:
         # Shard file names (in order) and sizes, not their folders or URLs: moving the shards to another disk
@@ -145,7 +146,8 @@ class ShardSource:
                 continue
             at_end = stop == int(self.sizes[shard])
             yield from read_shard_range(
-                self.urls[shard], start + skip, stop - start - skip, self._report_longer if at_end else None
+                self.urls[shard], start + skip, stop - start - skip, self._report_longer if at_end else None,
+                self._report_repeated_member,
             )
             skip = 0
 
@@ -163,6 +165,13 @@ class ShardSource:
             )
         elif len(self._reported_longer) == LONGER_SHARDS_NAMED + 1:
             log.warning("data source %s: more shards hold more samples than planned; not naming them any more", self.name)
+
+    def _report_repeated_member(self, url: str, what: str) -> None:
+        # Once per shard in this worker: it repeats at every pass, and in every sample that has one.
+        if url not in self._reported_repeats:
+            self._reported_repeats.add(url)
+            log.warning("data source %s: shard %s: %s; the first member of that name is used (not named again "
+                        "for this shard)", self.name, url, what)
 
     def describe(self, sample: dict | MissingSample) -> str:
         if isinstance(sample, MissingSample):

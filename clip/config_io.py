@@ -68,7 +68,9 @@ def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) in (list, tuple):
-        return "list (written [a, b, ...])"  # as a TOML value and in an override
+        items = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        of = f" of {_type_name(items[0])}" if len(set(items)) == 1 else ""
+        return f"list{of} (written [a, b, ...])"  # as a TOML value and in an override
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

@@ -40,16 +40,11 @@ def has_precision_api() -> bool:
 def ieee_float32_matmul() -> Iterator[None]:
     """Float32 matrix products in full IEEE precision inside the block, whatever the process chose (TF32 for
     training): for work that compares a product's entries with values computed another way."""
-    if has_precision_api():
-        before = torch.backends.cuda.matmul.fp32_precision
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
-    else:
-        before = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
+    matmul = torch.backends.cuda.matmul
+    switch, ieee = ("fp32_precision", "ieee") if has_precision_api() else ("allow_tf32", False)
+    before = getattr(matmul, switch)
+    setattr(matmul, switch, ieee)
     try:
         yield
     finally:
-        if has_precision_api():
-            torch.backends.cuda.matmul.fp32_precision = before
-        else:
-            torch.backends.cuda.matmul.allow_tf32 = before
+        setattr(matmul, switch, before)

@@ -141,7 +141,8 @@ class CLIP(nn.Module):
         return self.visual(image.to(self.dtype))
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False, trim: bool = True) -> torch.Tensor:
-        """Features of token ids [N, L <= context_length]. `trim=False` runs all L positions as given: for
+        """Features of token ids [N, L] (L <= context_length, or longer with padding only past the context, as
+        clip.tokenize's default 77 gives a model of a shorter one). `trim=False` runs all L positions as given: for
         callers that cut the batch already (`trim_text_batch` on the host), so that no device-to-host sync
         (reading the longest caption's length off the GPU) interrupts the forward pass. A text tower that
         outside code watches or changes (`clip.transformer.runs_as_openai`: hooks, replaced attention

@@ -196,9 +196,13 @@ def keep_finished_shards(writer, output: Path, prefix: str, per_shard: int, writ
         Path(torn).unlink(missing_ok=True)
     finished = existing_shards(output, prefix)
     update_index(output, prefix, {path.name: per_shard for path in finished})
-    print(f"make_shards: stopped after {written} samples; {len(finished)} finished shards of {per_shard} kept in "
-          f"{output} with their sizes.json entries{', the unfinished one removed' if torn else ''} (--overwrite "
-          "starts over)", file=sys.stderr)
+    if finished:
+        print(f"make_shards: stopped after {written} samples; {len(finished)} finished shards of {per_shard} kept in "
+              f"{output} with their sizes.json entries{', the unfinished one removed' if torn else ''} (--overwrite "
+              "starts over)", file=sys.stderr)
+    else:
+        print(f"make_shards: stopped after {written} samples, before a shard was finished: none written",
+              file=sys.stderr)
 
 
 def write_index(pattern: str) -> dict[str, int]:

@@ -379,7 +379,7 @@ def test_a_value_of_neither_type_of_a_union_names_both_in_plain_words():
     from clip.config import TrainConfig, load_config
 
     demo = Path(__file__).parent.parent / "configs" / "demo.toml"
-    with pytest.raises(ConfigError, match=re.escape("model.vision.layers: '1,1,1,1' is not an int or list "
+    with pytest.raises(ConfigError, match=re.escape("model.vision.layers: '1,1,1,1' is not an int or list of int "
                                                     "(written [a, b, ...])")):
         load_config(demo, ["model.vision.layers=1,1,1,1"], TrainConfig)
 

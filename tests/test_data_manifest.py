@@ -57,14 +57,15 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path: Path, suffi
     assert manifest.image_path(0).endswith("0.jpg")
 
 
-@pytest.mark.parametrize("suffix", [".tsv", ".csv", ".jsonl"])
-def test_a_utf16_manifest_is_named_as_such(tmp_path: Path, suffix: str) -> None:
+@pytest.mark.parametrize("suffix, encoding", [(".tsv", "utf-16"), (".csv", "utf-16"), (".jsonl", "utf-16"),
+                                             (".tsv", "utf-32")])
+def test_a_utf16_manifest_is_named_as_such(tmp_path: Path, suffix: str, encoding: str) -> None:
     # Excel's "Unicode text" export: read as UTF-8, its header was '\udcff\udcfei\x00m...', and the error
     # asked for other column names.
     path = tmp_path / f"train{suffix}"
     text = '{"image": "a.jpg", "caption": "a cat"}\n' if suffix == ".jsonl" else "image\tcaption\na.jpg\ta cat\n"
-    path.write_bytes(text.encode("utf-16"))  # with its byte-order mark, as such exports write it
-    with pytest.raises(ValueError, match=r"is UTF-16 encoded .* save it as UTF-8"):
+    path.write_bytes(text.encode(encoding))  # with its byte-order mark, as such exports write it
+    with pytest.raises(ValueError, match=rf"is {encoding.upper()} encoded .* save it as UTF-8"):
         captions_of(path)
 
 

@@ -269,6 +269,11 @@ def test_captions_from_a_field_of_the_json_member(tmp_path: Path) -> None:
     data = build([SourceConfig(kind="shards", path=both, caption_column="json")], batch_size=2)
     with pytest.raises(RuntimeError, match="no text 'caption' in its json"):
         take(data, 1)
+    from clip.data.decoding import SkipSample
+    from clip.data.sources import json_field
+
+    with pytest.raises(SkipSample, match="bad_utf8"):  # as a .txt caption that is not UTF-8
+        json_field(b'{"caption": "caf\xe9"}', "caption")
 
 
 def test_a_repeated_member_name_keeps_the_first_and_loses_no_other_sample(tmp_path: Path, caplog) -> None:

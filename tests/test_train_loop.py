@@ -122,7 +122,8 @@ def test_logged_throughput_leaves_out_the_time_spent_evaluating_and_saving(tmp_p
     train(tiny_config(tmp_path, "schedule.steps=5"))  # evaluates and saves at step 3, logs every step
     records = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").open()) if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and offset[0] >= 2000.0
-    assert all(r["samples_per_s"] > 1.0 for r in records), [r["samples_per_s"] for r in records]
+    # neither the fake 1000 s counted, nor more than was spent taken off (a window clamped at ~0 s)
+    assert all(1.0 < r["samples_per_s"] < 1e6 for r in records), [r["samples_per_s"] for r in records]
 
 
 def test_run_writes_results_metrics_config_and_loads_with_clip_load(tmp_path):

@@ -67,10 +67,12 @@ def refuse_utf16(path: str) -> None:
     """A UTF-16 file (what spreadsheet programs write as "Unicode text") is named as such: read as UTF-8, its
     header came out as '\udcff\udcfei\x00m...' and the error asked for other column names."""
     with open(path, "rb") as file:
-        start = file.read(2)
-    if start in (b"\xff\xfe", b"\xfe\xff"):
-        raise ValueError(f"{path} is UTF-16 encoded (it starts with a UTF-16 byte-order mark); manifests are read "
-                         "as UTF-8: save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
+        start = file.read(4)
+    encoding = ("UTF-32" if start in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")
+                else "UTF-16" if start[:2] in (b"\xff\xfe", b"\xfe\xff") else None)
+    if encoding is not None:
+        raise ValueError(f"{path} is {encoding} encoded (it starts with a {encoding} byte-order mark); manifests are "
+                         f"read as UTF-8: save it as UTF-8 (e.g. iconv -f {encoding} -t UTF-8)")
 
 
 def _delimited_rows(

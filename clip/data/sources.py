@@ -202,12 +202,15 @@ class ShardSource:
 
 
 def json_field(member: object, field: str) -> str | None:
-    """The text of `field` in a shard sample's .json member (bytes), or None when there is none."""
+    """The text of `field` in a shard sample's .json member (bytes), or None when there is none; SkipSample
+    bad_utf8 for a member that is not UTF-8, as for a .txt caption."""
     if not isinstance(member, bytes):
         return None
     try:
-        value = json.loads(member)
-    except ValueError:  # not JSON, or not UTF-8
+        value = json.loads(member.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise SkipSample("bad_utf8", f"its .json: {error}") from None
+    except ValueError:  # not JSON
         return None
     text = value.get(field) if isinstance(value, dict) else None
     return text if isinstance(text, str) else None

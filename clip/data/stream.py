@@ -75,6 +75,10 @@ def _skipped_kinds(counts: dict) -> str:
         for source_counts in per_source.values():
             for kind, count in source_counts.get("skipped", {}).items():
                 kinds[kind] = kinds.get(kind, 0) + count
+    return _kinds_line(kinds)
+
+
+def _kinds_line(kinds: dict[str, int]) -> str:
     return ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items())) or "none skipped"
 
 # (epoch, items of that epoch consumed); (e + 1, 0) once epoch e is done.
@@ -286,10 +290,9 @@ class _BatchBuilder:
             kinds[skip.kind] = kinds.get(skip.kind, 0) + 1
             misses = sum(kinds.values())
             if self.used and misses > self.source_limits[item.source]:  # (no source delivered: the limits below)
-                counted = ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items()))
                 raise UnusableData(
                     f"data rank {self.settings.rank} worker {self.worker}: source {source.name}: none of its first "
-                    f"{misses} samples could be used ({counted}), while other sources' could -- "
+                    f"{misses} samples could be used ({_kinds_line(kinds)}), while other sources' could -- "
                     f"{SKIP_HINTS.get(skip.kind, DEFAULT_SKIP_HINT)}; the latest: {source.describe(item.raw)}: {skip}"
                 )
         if self.misses > self.miss_limit:

@@ -196,9 +196,12 @@ def _train(
         else:
             torch.manual_seed(fresh_seed)
             # The data loader then restarts the earliest epoch still in progress (with its own warning).
+            saved_ranks = len(state["rng"])
+            saved_batch = state["config"]["train"]["batch_size"] * saved_ranks  # batch_size is per rank
             log.warning(
-                "checkpoint was written by %d ranks, this run has %d: RNG states are seeded afresh and the "
-                "data position is approximate", len(state["rng"]), dist_info.world_size,
+                "checkpoint was written by %d ranks, this run has %d: the global batch is %d, not %d (at the "
+                "learning rate as set), RNG states are seeded afresh and the data position is approximate",
+                saved_ranks, dist_info.world_size, config.train.batch_size * dist_info.world_size, saved_batch,
             )
             data_state = data_state_for_other_world_size(state["data"], dist_info.rank)
         log.info("resumed %s at step %d", run_dir, start_step)
@@ -345,7 +348,7 @@ def _train(
         with interrupting, not_training():
             results = run_evaluations(
                 module.clip, config.eval, device=device, tokenizer=tokenizer, step=step, dist_info=dist_info,
-                stop_check=stop_check,
+                stop_check=stop_check, warn_about_data=False,  # said once, by check_evaluation_datasets
             )
         if results and dist_info.is_main:
             run_log.write({"step": step, **results})
@@ -384,6 +387,8 @@ def _train(
             last_metrics.update(evaluate(start_step))
         except EvaluationInterrupted:  # stopped again: the checkpoint still owes it
             last_step = start_step
+            if dist_info.is_main:
+                log.warning("step %d evaluation abandoned again to stop: still owed", start_step)
     while step < last_step:
         lr = learning_rate(step, config.optimizer.lr, config.schedule)
         for group in optimizer.param_groups:
@@ -490,6 +495,8 @@ def _train(
                 last_metrics.update(evaluate(step))
             except EvaluationInterrupted:
                 stop_now = True
+                if dist_info.is_main:
+                    log.warning("step %d evaluation abandoned to stop: the resumed run makes it up first", step)
         every = config.checkpoint.every_n_steps
         if (every and step % every == 0 and step < last_step) or (stop_now and step < total_steps):
             # A periodic evaluation due now was skipped or abandoned only if the run is stopping

@@ -94,7 +94,9 @@ def test_a_checkpoint_of_another_rank_count_seeds_the_generators_afresh(tmp_path
     monkeypatch.setattr(torch, "manual_seed", lambda seed: (seeds.append(seed), real_manual_seed(seed))[1])
     with caplog.at_level("WARNING"):
         train(tiny_config(tmp_path, *extra))
-    assert "checkpoint was written by 2 ranks, this run has 1: RNG states are seeded afresh" in caplog.text
+    # the warning also says that the global batch changed with the number of ranks (batch_size is per rank)
+    assert ("checkpoint was written by 2 ranks, this run has 1: the global batch is 8, not 16 (at the learning rate "
+            "as set), RNG states are seeded afresh") in caplog.text
     assert seeds[-1] == ckpt.rank_seed(0, 0, 3) != 0
 
 
@@ -344,16 +346,20 @@ def test_a_signal_in_the_final_evaluation_exits_75_and_the_next_start_evaluates(
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
 
 
-def test_a_signal_in_an_evaluation_during_training_saves_at_once_and_resumes(tmp_path, monkeypatch):
+def test_a_signal_in_an_evaluation_during_training_saves_at_once_and_resumes(tmp_path, monkeypatch, caplog):
     # One process: the evaluation at step 3 is abandoned, step 3 is saved, and the run exits 75.
     args = [str(DEMO), "--output-dir", str(tmp_path), *TINY, "checkpoint.every_n_steps=0"]
     signal_during_evaluation(monkeypatch, 1)
-    assert main(args) == 75
+    with caplog.at_level("WARNING", logger="clip.train"):
+        assert main(args) == 75
+    assert "step 3 evaluation abandoned to stop: the resumed run makes it up first" in caplog.text
     monkeypatch.undo()
     assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [3]
     # Stopped again in the made-up step-3 evaluation, before any step: nothing is saved, it is still owed
     signal_during_evaluation(monkeypatch, 1)
-    assert main(args) == 75
+    with caplog.at_level("WARNING", logger="clip.train"):
+        assert main(args) == 75
+    assert "step 3 evaluation abandoned again to stop: still owed" in caplog.text
     monkeypatch.undo()
     assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [3]
     assert ckpt.load_latest_checkpoint(tmp_path)["evaluation_owed"]
@@ -656,6 +662,20 @@ def test_data_whose_samples_all_fail_is_one_line_with_a_hint_and_status_2(tmp_pa
     assert len(errors) == 1 and errors[0].startswith("clip-train: data rank 0 worker 0: none of the first ")
     assert "samples could be used (missing_file " in errors[0]
     assert "a manifest's image paths are read relative to the manifest's own folder" in errors[0]
+
+
+def test_what_is_odd_about_the_evaluation_data_is_said_once_not_at_every_evaluation(tmp_path, caplog):
+    # The demo's synthetic evaluation turned into an image folder by overrides keeps its synthetic settings
+    # (ignored, with a warning): said when the datasets are checked before the first step, not 3 times more.
+    from test_eval_datasets import write_image_folder
+
+    write_image_folder(tmp_path / "folder", {"red": 2, "blue": 2})
+    evaluation = ["eval.zeroshot.0.kind=imagefolder", f"eval.zeroshot.0.root={tmp_path / 'folder'}"]
+    with caplog.at_level("WARNING"):
+        train(tiny_config(tmp_path / "run", *evaluation))  # evaluates at steps 3 and 6
+    evaluated = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").open() if "zeroshot/" in line]
+    assert evaluated == [3, 6]
+    assert caplog.text.count("read by kind = \"synthetic\" only and ignored for imagefolder") == 1
 
 
 def test_settings_that_are_likely_mistakes_are_named(tmp_path, caplog):

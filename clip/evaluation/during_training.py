@@ -94,6 +94,7 @@ def run_evaluations(
     dist_info: Any | None = None,
     transform: Callable | None = None,
     stop_check: StopCheck | None = None,
+    warn_about_data: bool = True,
 ) -> dict[str, float]:
     """Runs every dataset in `eval_config`; returns flat float metrics (see the module docstring).
 
@@ -102,7 +103,9 @@ def run_evaluations(
     transparent images composited as the training loader does (`TRAINING_ALPHA_BACKGROUND`);
     `tokenizer` to the BPE tokenizer at the model's context length. `stop_check` is called before each
     dataset and every few batches inside it, at the same points on every rank; what it raises abandons
-    the evaluations (the trainer's, when a signal reached some rank).
+    the evaluations (the trainer's, when a signal reached some rank). `warn_about_data`: log (from rank 0)
+    what is odd about the datasets (shared class names, ignored settings); the trainer says it once, when it
+    checks them before its first step, not at every evaluation.
     """
     model = unwrap_model(model)
     transform = transform or _image_transform(model)
@@ -125,8 +128,8 @@ def run_evaluations(
                 stop_check()
             started = time.perf_counter()
             name = dataset_config.resolved_name()
-            # Every rank loads the same data: rank 0 alone warns about its class names.
-            data = load_classification_data(dataset_config, transform, warn=rank == 0)
+            # Every rank loads the same data: rank 0 alone warns about it.
+            data = load_classification_data(dataset_config, transform, warn=warn_about_data and rank == 0)
             result = evaluate_zeroshot(
                 model, data.dataset, data.classnames, data.templates, subsets=data.subsets, name=name, **options
             )

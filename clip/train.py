@@ -1,22 +1,17 @@
 """The training loop, read top to bottom: setup, resume, the steps, logging, evaluation and checkpoints. One
 step's passes (exact contrastive gradient accumulation) are `clip.train_step`'s, stopping on a signal
-`clip.stopping`'s, what a checkpoint allows a new start to do `clip.resume`'s.
-
-    python scripts/train.py CONFIG [--output-dir DIR] [section.key=value ...]
-    torchrun --nproc-per-node 8 scripts/train.py CONFIG ...      (or under SLURM: srun python scripts/train.py ...)
+`clip.stopping`'s, what a checkpoint allows a new start to do `clip.resume`'s, the command line and its exit
+statuses `clip.cli.train`'s.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
 import math
-import os
 import sys
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,12 +21,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
-from .cli.common import debugging
-from .config import TrainConfig, load_config, to_dict, to_toml
-from .config_io import ConfigError
+from .config import TrainConfig, to_dict, to_toml
 from .cuda_backends import configure_cuda_backends
 from .data import PixelNormalizer, build_train_data, counts_line, data_state_for_other_world_size, merge_rank_reports
-from .data.stream import UnusableData
 from .distributed import (
     DistributedInfo,
     agree_before_backward,
@@ -39,17 +31,15 @@ from .distributed import (
     cleanup_distributed,
     gather_objects,
     init_distributed,
-    read_launcher_environment,
 )
-from .download import DownloadError
 from .evaluation.during_training import check_evaluation_datasets, run_evaluations
-from .loading import ModelNotFoundError, load_weights_into
+from .loading import load_weights_into
 from .loss import SIGLIP_INITIAL_LOGIT_SCALE, build_loss
 from .model import create_model, trimmed_text_length
 from .optim import build_optimizer, learning_rate, load_optimizer_state, optimizer_parameter_names
 from .resume import ResumeRefused, check_resumable, with_decay_embeddings
-from .run_log import MissingDependency, RunLog, plot_run, require_wandb, start_wandb
-from .stopping import STOPPED_EARLY_EXIT_CODE, EvaluationInterrupted, SetupInterrupted, StopRequest
+from .run_log import RunLog, plot_run, require_wandb, start_wandb
+from .stopping import EvaluationInterrupted, SetupInterrupted, StopRequest
 from .throughput import peak_flops, training_flops_per_sample
 from .tokenizer import get_tokenizer
 from .train_step import ContrastiveModel, contrastive_step
@@ -536,74 +526,3 @@ def _train(
             (run_dir / "results.json").write_text(json.dumps(final, indent=2, default=float), encoding="utf-8")
     data.close()
     return final
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="clip-train",
-        description="Pre-train or fine-tune a CLIP model. An existing run directory is resumed from its latest checkpoint.",
-    )
-    parser.add_argument("config", help="a TOML recipe, e.g. configs/demo.toml")
-    parser.add_argument("--output-dir", help="the run directory (overrides output_dir in the config)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="type-checked config overrides")
-    # intermixed: `--output-dir` may come after the positional overrides as well as before them
-    return parser.parse_intermixed_args(argv)
-
-
-def headline(results: dict) -> str | None:
-    """The first zero-shot top-1 figure, for the last line of the demo's output."""
-    for key, value in results.items():
-        if key.startswith("zeroshot/") and key.endswith("/top1"):
-            return f"zero-shot top-1: {100 * value:.1f}%"
-    return None
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    overrides = list(args.overrides)
-    if args.output_dir:
-        if any(override.strip().startswith("output_dir=") for override in overrides):
-            print("clip-train: both --output-dir and an output_dir= override given; --output-dir is used",
-                  file=sys.stderr)
-        overrides.append(f"output_dir={json.dumps(args.output_dir)}")
-    try:
-        config = load_config(args.config, overrides, TrainConfig)
-    except ConfigError as error:
-        print(f"clip-train: {error}", file=sys.stderr)
-        return 2
-    launcher = read_launcher_environment(os.environ)
-    rank_zero = launcher is None or launcher.rank == 0
-    logging.basicConfig(
-        level=logging.INFO if rank_zero else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    try:
-        results = train(config)
-    except SetupInterrupted:
-        log.warning("stopped while starting, before any step: run again to start")
-        return STOPPED_EARLY_EXIT_CODE
-    # Bad input, as a bad config: data that cannot be used, a run directory the config cannot continue,
-    # train.init_weights naming no weights or weights of another architecture
-    except (BadTrainingInput, ResumeRefused, WeightsFileError, ModelNotFoundError, UnusableData) as error:
-        if debugging():
-            traceback.print_exception(error.__cause__ or error)
-        print(f"clip-train: {error.without_traceback() if isinstance(error, UnusableData) else error}", file=sys.stderr)
-        return 2
-    except (
-        NonFiniteLossError, ckpt.NoReadableCheckpointError, MissingDependency,
-        DownloadError,  # train.init_weights could not be fetched (network, or a file that fails its SHA256)
-    ) as error:
-        log.error("%s", error)
-        return 1
-    # Stopped by a signal, with a checkpoint: before the last step, or in the final evaluation
-    if results.get("step", 0) < config.schedule.steps or results.get("evaluation_interrupted"):
-        return STOPPED_EARLY_EXIT_CODE
-    line = headline(results)
-    if line and rank_zero:
-        print(line)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

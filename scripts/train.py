@@ -2,7 +2,7 @@
 
 import sys
 
-from clip.train import main
+from clip.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

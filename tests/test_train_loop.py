@@ -16,7 +16,8 @@ import torch
 import clip
 from clip import checkpoint as ckpt
 from clip.config import TrainConfig, load_config
-from clip.train import NonFiniteLossError, headline, main, train
+from clip.cli.train import headline, main
+from clip.train import NonFiniteLossError, train
 
 DEMO = Path(__file__).parent.parent / "configs" / "demo.toml"
 

@@ -1,0 +1,105 @@
+"""`clip-train CONFIG [--output-dir DIR] [section.key=value ...]`: pre-train or fine-tune a CLIP model from a TOML
+recipe (`clip.train` runs it). What a run's exit status means: 0 finished; 2 bad input, one line on stderr
+(a config error, data that cannot be used, a run directory the config cannot continue, init weights that
+name nothing loadable); 75 stopped early with a checkpoint, run again to continue; 1 anything else.
+
+    python scripts/train.py CONFIG [--output-dir DIR] [section.key=value ...]
+    torchrun --nproc-per-node 8 scripts/train.py CONFIG ...      (or under SLURM: srun python scripts/train.py ...)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+
+from .. import checkpoint as ckpt
+from ..config import TrainConfig, load_config
+from ..config_io import ConfigError
+from ..data.stream import UnusableData
+from ..distributed import read_launcher_environment
+from ..download import DownloadError
+from ..loading import ModelNotFoundError
+from ..resume import ResumeRefused
+from ..run_log import MissingDependency
+from ..stopping import STOPPED_EARLY_EXIT_CODE, SetupInterrupted
+from ..train import BadTrainingInput, NonFiniteLossError, train
+from ..weights_file import WeightsFileError
+from .common import debugging
+
+log = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="clip-train",
+        description="Pre-train or fine-tune a CLIP model. An existing run directory is resumed from its latest checkpoint.",
+    )
+    parser.add_argument("config", help="a TOML recipe, e.g. configs/demo.toml")
+    parser.add_argument("--output-dir", help="the run directory (overrides output_dir in the config)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="type-checked config overrides")
+    # intermixed: `--output-dir` may come after the positional overrides as well as before them
+    return parser.parse_intermixed_args(argv)
+
+
+def headline(results: dict) -> str | None:
+    """The first zero-shot top-1 figure, for the last line of the demo's output."""
+    for key, value in results.items():
+        if key.startswith("zeroshot/") and key.endswith("/top1"):
+            return f"zero-shot top-1: {100 * value:.1f}%"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.output_dir:
+        if any(override.strip().startswith("output_dir=") for override in overrides):
+            print("clip-train: both --output-dir and an output_dir= override given; --output-dir is used",
+                  file=sys.stderr)
+        overrides.append(f"output_dir={json.dumps(args.output_dir)}")
+    try:
+        config = load_config(args.config, overrides, TrainConfig)
+    except ConfigError as error:
+        print(f"clip-train: {error}", file=sys.stderr)
+        return 2
+    launcher = read_launcher_environment(os.environ)
+    rank_zero = launcher is None or launcher.rank == 0
+    logging.basicConfig(
+        level=logging.INFO if rank_zero else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        results = train(config)
+    except SetupInterrupted:
+        log.warning("stopped while starting, before any step: run again to start")
+        return STOPPED_EARLY_EXIT_CODE
+    # Bad input, as a bad config: data that cannot be used, a run directory the config cannot continue,
+    # train.init_weights naming no weights or weights of another architecture
+    except (BadTrainingInput, ResumeRefused, WeightsFileError, ModelNotFoundError, UnusableData) as error:
+        if debugging():
+            traceback.print_exception(error.__cause__ or error)
+        message = error.without_traceback() if isinstance(error, UnusableData) else str(error)
+        print(f"clip-train: {message}", file=sys.stderr)
+        return 2
+    except (
+        NonFiniteLossError, ckpt.NoReadableCheckpointError, MissingDependency,
+        DownloadError,  # train.init_weights could not be fetched (network, or a file that fails its SHA256)
+    ) as error:
+        log.error("%s", error)
+        return 1
+    # Stopped by a signal, with a checkpoint: before the last step, or in the final evaluation
+    if results.get("step", 0) < config.schedule.steps or results.get("evaluation_interrupted"):
+        return STOPPED_EARLY_EXIT_CODE
+    line = headline(results)
+    if line and rank_zero:
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,8 +18,9 @@ OPENAI_VOCAB_SIZE = 49408
 OPENAI_CONTEXT_LENGTH = 77
 
 
-# The vision settings only a ViT reads: two ResNet towers that differ in them are the same model.
-VIT_ONLY_SETTINGS = ("patch_size", "mlp_ratio")
+# The vision settings only a ViT reads (dotted keys under `model.`): two ResNet towers that differ in them are
+# the same model.
+VIT_ONLY_SETTINGS = frozenset({"vision.patch_size", "vision.mlp_ratio"})
 
 
 def architecture_differences(theirs: dict, ours: dict) -> list[tuple[str, object, object]]:
@@ -27,7 +28,7 @@ def architecture_differences(theirs: dict, ours: dict) -> list[tuple[str, object
     describe different models, leaving out the ViT settings of two ResNets."""
     found = differences(theirs, ours)
     if theirs.get("vision", {}).get("kind") == ours.get("vision", {}).get("kind") == "resnet":
-        found = [d for d in found if d[0] not in {f"vision.{name}" for name in VIT_ONLY_SETTINGS}]
+        found = [d for d in found if d[0] not in VIT_ONLY_SETTINGS]
     return found
 
 

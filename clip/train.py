@@ -293,34 +293,33 @@ def _train(
         paused_s["value"] += wait_for_device(device) - started
 
     def save(step: int, metrics: dict, evaluation_owed: bool = False) -> None:
-        with not_training():
-            _save(step, metrics, evaluation_owed)
-
-    def _save(step: int, metrics: dict, evaluation_owed: bool) -> None:
         # Every rank contributes its RNG state and data position; rank 0 writes the file. evaluation_owed: this
         # step's periodic evaluation was skipped or abandoned for a signal; the resumed run makes it up.
-        saved_at["step"] = step
-        rng_states = gather_objects(ckpt.capture_rng_state(), dist_info)
-        data_states = gather_objects(data.state_dict(), dist_info)
-        if dist_info.is_main:
-            state = {
-                "format": ckpt.CHECKPOINT_FORMAT,
-                "step": step,
-                "model": module.clip.state_dict(),
-                "config": config_dict,
-                "optimizer": optimizer.state_dict(),
-                "optimizer_parameter_names": optimizer_names,
-                "scaler": scaler.state_dict(),
-                "loss_parameters": {} if module.logit_bias is None else {"logit_bias": module.logit_bias.detach()},
-                "rng": rng_states,
-                "data": data_states,
-                "metrics": metrics,
-                "evaluation_owed": evaluation_owed,
-            }
-            path = ckpt.save_checkpoint(state, run_dir, step, config.checkpoint.keep_last)
-            log.info("saved %s", path)
-        if dist_info.is_distributed:
-            dist.barrier()
+        with not_training():
+            saved_at["step"] = step
+            rng_states = gather_objects(ckpt.capture_rng_state(), dist_info)
+            data_states = gather_objects(data.state_dict(), dist_info)
+            if dist_info.is_main:
+                state = {
+                    "format": ckpt.CHECKPOINT_FORMAT,
+                    "step": step,
+                    "model": module.clip.state_dict(),
+                    "config": config_dict,
+                    "optimizer": optimizer.state_dict(),
+                    "optimizer_parameter_names": optimizer_names,
+                    "scaler": scaler.state_dict(),
+                    "loss_parameters": (
+                        {} if module.logit_bias is None else {"logit_bias": module.logit_bias.detach()}
+                    ),
+                    "rng": rng_states,
+                    "data": data_states,
+                    "metrics": metrics,
+                    "evaluation_owed": evaluation_owed,
+                }
+                path = ckpt.save_checkpoint(state, run_dir, step, config.checkpoint.keep_last)
+                log.info("saved %s", path)
+            if dist_info.is_distributed:
+                dist.barrier()
 
     def evaluate(step: int) -> dict:
         """The evaluations' results, also logged. A signal (also one before them) abandons them by raising

@@ -63,8 +63,8 @@ def _missing_columns_error(path: str, wanted: list[str], available: list[str]) -
 QUOTING_CHOICES = ("auto", "none", "csv")
 
 
-def refuse_utf16(path: str) -> None:
-    """A UTF-16 file (what spreadsheet programs write as "Unicode text") is named as such: read as UTF-8, its
+def refuse_utf16_or_32(path: str) -> None:
+    """A UTF-16 or UTF-32 file (what spreadsheet programs write as "Unicode text") is named as such: read as UTF-8, its
     header came out as '\udcff\udcfei\x00m...' and the error asked for other column names."""
     with open(path, "rb") as file:
         start = file.read(4)
@@ -87,7 +87,7 @@ def _delimited_rows(
     if quoting == "auto":
         quoting = "none" if separator == "\t" else "csv"
     csv_quoting = csv.QUOTE_NONE if quoting == "none" else csv.QUOTE_MINIMAL
-    refuse_utf16(path)
+    refuse_utf16_or_32(path)
     # utf-8-sig: a byte-order mark (as spreadsheet programs write) is not part of the first column's name.
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as file:
         # strict: a quoted field that is never closed is an error. Otherwise the reader takes everything up to
@@ -119,7 +119,7 @@ def _delimited_rows(
 
 def _jsonl_rows(path: str, image_column: str, caption_column: str) -> Iterator[tuple | None]:
     checked_columns = False
-    refuse_utf16(path)
+    refuse_utf16_or_32(path)
     with open(path, "rb") as file:
         for number, line in enumerate(file, start=1):
             if number == 1 and line.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark

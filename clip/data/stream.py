@@ -209,8 +209,7 @@ class _BatchBuilder:
         # A run stops only when no sample can be used at all: more failures in a row than two passes over
         # every source (or two of the largest shard, which a missing shard costs a slot at once) means the
         # data is unusable, not dirty. A limit per slot would trip on one missing shard with many slots.
-        shard_sizes = [s.shard_sizes for s in stream.planner.sources if s.shard_sizes is not None and len(s.shard_sizes)]
-        largest_shard = max((int(sizes.max()) for sizes in shard_sizes), default=0)
+        largest_shard = max((_largest_shard(source) for source in stream.planner.sources), default=0)
         self.miss_limit = 2 * max(stream.planner.samples_per_pass, largest_shard, 1) + 100
         # Broken settings (a wrong image column, a wrong path) make every sample unusable from the start: said
         # after ten shards' worth of failures (or 1000 rows) instead of two whole passes, which at scale would
@@ -280,27 +279,31 @@ class _BatchBuilder:
         self.skip_log.record(skip.kind, source.name, source.describe(item.raw), skip.detail)
         self.misses += 1
         if self.used == 0 and self.misses > self.first_use_limit:
-            raise UnusableData(
-                f"data rank {self.settings.rank} worker {self.worker}: none of the first {self.misses} samples could "
-                f"be used ({_skipped_kinds(meta['counts'])}) -- {SKIP_HINTS.get(skip.kind, DEFAULT_SKIP_HINT)}; "
-                f"the latest: {source.describe(item.raw)}: {skip}"
+            raise self._unusable(
+                f"none of the first {self.misses} samples could be used ({_skipped_kinds(meta['counts'])})",
+                source, item, skip,
             )
         if item.source not in self.source_used:
             kinds = self.source_misses.setdefault(item.source, {})
             kinds[skip.kind] = kinds.get(skip.kind, 0) + 1
             misses = sum(kinds.values())
             if self.used and misses > self.source_limits[item.source]:  # (no source delivered: the limits below)
-                raise UnusableData(
-                    f"data rank {self.settings.rank} worker {self.worker}: source {source.name}: none of its first "
-                    f"{misses} samples could be used ({_kinds_line(kinds)}), while other sources' could -- "
-                    f"{SKIP_HINTS.get(skip.kind, DEFAULT_SKIP_HINT)}; the latest: {source.describe(item.raw)}: {skip}"
+                raise self._unusable(
+                    f"source {source.name}: none of its first {misses} samples could be used ({_kinds_line(kinds)}), "
+                    "while other sources' could", source, item, skip,
                 )
         if self.misses > self.miss_limit:
-            raise UnusableData(
-                f"data rank {self.settings.rank} worker {self.worker}: {self.misses} samples in a row could not be "
-                f"used (more than two passes over all the data; {_skipped_kinds(meta['counts'])}) -- "
-                f"{SKIP_HINTS.get(skip.kind, DEFAULT_SKIP_HINT)}; the latest: {source.describe(item.raw)}: {skip}"
+            raise self._unusable(
+                f"{self.misses} samples in a row could not be used (more than two passes over all the data; "
+                f"{_skipped_kinds(meta['counts'])})", source, item, skip,
             )
+
+    def _unusable(self, problem: str, source: Source, item: _Item, skip: SkipSample) -> UnusableData:
+        """The error that stops the run: where, the problem, what to check for the latest skip's kind, and it."""
+        return UnusableData(
+            f"data rank {self.settings.rank} worker {self.worker}: {problem} -- "
+            f"{SKIP_HINTS.get(skip.kind, DEFAULT_SKIP_HINT)}; the latest: {source.describe(item.raw)}: {skip}"
+        )
 
     def _tokenize(self, texts: list[str], origins: list[tuple[int, str]], meta: dict) -> torch.Tensor:
         """Token ids cut to the context length; cut captions are counted as caption_truncated per source."""

@@ -158,10 +158,11 @@ def read_checkpoint(path: Path) -> dict:
     return state
 
 
-def load_latest_checkpoint(run_dir: Path) -> dict | None:
+def load_latest_checkpoint(run_dir: Path, warn: bool = True) -> dict | None:
     """The newest checkpoint that loads, or None when the run has no checkpoint files yet.
 
-    A newer file that does not load (torn, foreign, another format version) is skipped with a warning. When
+    A newer file that does not load (torn, foreign, another format version) is skipped, with a warning if
+    `warn`. When
     there are checkpoint files but none loads, raises NoReadableCheckpointError rather than starting again
     at step 0: the new run would mix with the old files, and its checkpoints be pruned below them.
     """
@@ -171,7 +172,8 @@ def load_latest_checkpoint(run_dir: Path) -> dict | None:
             return read_checkpoint(path)
         except Exception as error:  # a torn file raises anything from zipfile/pickle/torch
             reason = _one_line_reason(error)
-            log.warning("checkpoint %s (step %d) is unreadable and skipped: %s", path, step, reason)
+            if warn:
+                log.warning("checkpoint %s (step %d) is unreadable and skipped: %s", path, step, reason)
             failures.append(f"{path.name}: {reason}")
     if failures:
         folder = Path(run_dir) / CHECKPOINT_DIR

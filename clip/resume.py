@@ -18,9 +18,10 @@ class ResumeRefused(ValueError):
     """The run directory holds a run this config cannot continue (another model or loss)."""
 
 
-def check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
+def check_resumable(saved: dict, current: dict, run_dir: Path, warn: bool = True) -> None:
     """Refuses to resume what cannot be (another model, another loss and so other trained parameters); warns
-    about every other setting that differs from the checkpoint's, since the run then continues under them."""
+    (if `warn`) about every other setting that differs from the checkpoint's, since the run then continues
+    under them."""
     saved = with_decay_embeddings(saved)
     try:  # settings newer than the checkpoint take their defaults, so that they are not reported as changed
         saved = to_dict(from_dict(TrainConfig, saved))
@@ -46,7 +47,7 @@ def check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
     changed = [
         f"{key}: {before!r} -> {after!r}" for key, before, after in differences(saved, current) if key not in not_applied
     ]
-    if changed:
+    if changed and warn:
         log.warning("resuming %s with settings that differ from its checkpoint's: %s", run_dir, "; ".join(changed))
 
 

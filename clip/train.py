@@ -154,9 +154,10 @@ def _train(
 
     # ---- resume -----------------------------------------------------------------------------------------
     start_step, data_state, metrics_so_far = 0, None, {}
-    state = ckpt.load_latest_checkpoint(run_dir)
+    # Warnings that every rank would give alike are given by rank 0 (from here to the end of the run)
+    state = ckpt.load_latest_checkpoint(run_dir, warn=dist_info.is_main)
     if state is not None:
-        check_resumable(state["config"], config_dict, run_dir)
+        check_resumable(state["config"], config_dict, run_dir, warn=dist_info.is_main)
         module.clip.load_state_dict(state["model"])
         if module.logit_bias is not None and "logit_bias" in state.get("loss_parameters", {}):
             module.logit_bias.data.copy_(state["loss_parameters"]["logit_bias"])
@@ -171,7 +172,7 @@ def _train(
             )
         except ValueError as error:
             raise ResumeRefused(f"{run_dir}: {error}") from error
-        if left_out:
+        if left_out and dist_info.is_main:
             log.warning("optimizer state of %d parameters this run does not train (locked) left out", len(left_out))
         if state["scaler"]:  # empty when the checkpoint's run had no fp16 loss scaling
             scaler.load_state_dict(state["scaler"])
@@ -188,11 +189,12 @@ def _train(
             # The data loader then restarts the earliest epoch still in progress (with its own warning).
             saved_ranks = len(state["rng"])
             saved_batch = state["config"]["train"]["batch_size"] * saved_ranks  # batch_size is per rank
-            log.warning(
-                "checkpoint was written by %d ranks, this run has %d: the global batch is %d, not %d (at the "
-                "learning rate as set), RNG states are seeded afresh and the data position is approximate",
-                saved_ranks, dist_info.world_size, config.train.batch_size * dist_info.world_size, saved_batch,
-            )
+            if dist_info.is_main:
+                log.warning(
+                    "checkpoint was written by %d ranks, this run has %d: the global batch is %d, not %d (at the "
+                    "learning rate as set), RNG states are seeded afresh and the data position is approximate",
+                    saved_ranks, dist_info.world_size, config.train.batch_size * dist_info.world_size, saved_batch,
+                )
             data_state = data_state_for_other_world_size(state["data"], dist_info.rank)
         log.info("resumed %s at step %d", run_dir, start_step)
     else:
@@ -422,7 +424,9 @@ def _train(
             optimizer.zero_grad(set_to_none=True)
             nonfinite_total += 1
             nonfinite_in_a_row += 1
-            log.warning("step %d: non-finite loss (%s); step skipped (%d in a row)", step, loss.item(), nonfinite_in_a_row)
+            if dist_info.is_main:  # the ranks skip together (agree_before_backward)
+                log.warning("step %d: non-finite loss (%s); step skipped (%d in a row)", step, loss.item(),
+                            nonfinite_in_a_row)
             if nonfinite_in_a_row >= config.train.max_consecutive_nonfinite:
                 raise NonFiniteLossError(
                     f"{nonfinite_in_a_row} non-finite losses in a row at step {step}; stopping. The last good "
@@ -512,7 +516,8 @@ def _train(
         try:
             final.update(evaluate(step))
         except EvaluationInterrupted:
-            log.warning("final evaluation abandoned; the trained weights are saved: run again to evaluate")
+            if dist_info.is_main:
+                log.warning("final evaluation abandoned; the trained weights are saved: run again to evaluate")
             final["evaluation_interrupted"] = True
     data_totals = merge_rank_reports(gather_objects(data.rank_report(), dist_info))
     if dist_info.is_main:

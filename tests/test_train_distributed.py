@@ -71,6 +71,16 @@ def _signalled_in_evaluation_worker(rank: int, world_size: int, port: int, run_d
     _worker(rank, world_size, port, run_dir, None, extra)
 
 
+def _logging_worker(rank: int, world_size: int, port: int, run_dir: str, extra) -> None:
+    # Each rank's warnings, into a file of its own beside the run directory
+    import logging
+
+    handler = logging.FileHandler(Path(run_dir).parent / f"rank{rank}.log")
+    handler.setLevel(logging.WARNING)
+    logging.getLogger("clip").addHandler(handler)
+    _worker(rank, world_size, port, run_dir, None, extra)
+
+
 def assert_same_final_weights(straight_dir: Path, resumed_dir: Path, step: int) -> None:
     straight = ckpt.load_latest_checkpoint(straight_dir)
     resumed = ckpt.load_latest_checkpoint(resumed_dir)
@@ -155,3 +165,16 @@ def test_a_signal_to_one_rank_during_an_evaluation_abandons_it_on_every_rank(tmp
     assert not (tmp_path / "final" / "results.json").exists()
     run_two_ranks(tmp_path / "final", extra=extra)
     assert "zeroshot/" in (tmp_path / "final" / "results.json").read_text()
+
+
+def test_warnings_every_rank_would_give_alike_are_given_by_rank_0_alone(tmp_path):
+    # A resume under changed settings, past a torn newer checkpoint, with non-finite losses: each was said
+    # once per rank, hundreds of times over in a cluster job.
+    extra = ["eval.every_n_steps=0", "schedule.steps=4", "checkpoint.every_n_steps=2"]
+    run_two_ranks(tmp_path / "run", stop_at_step=2, extra=extra)
+    (tmp_path / "run" / ckpt.CHECKPOINT_DIR / "step_00000003.pt").write_bytes(b"torn")
+    changed = [*extra, "logging.every_n_steps=2", "optimizer.lr=1e30", "train.max_consecutive_nonfinite=100"]
+    spawn_ranks(_logging_worker, (2, free_port(), str(tmp_path / "run"), changed))
+    rank0, rank1 = ((tmp_path / f"rank{rank}.log").read_text() for rank in (0, 1))
+    for warning in ("is unreadable and skipped", "settings that differ from its checkpoint's", "non-finite loss"):
+        assert warning in rank0 and warning not in rank1, warning

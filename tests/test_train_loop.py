@@ -636,6 +636,39 @@ def test_a_config_error_is_one_line_and_status_2(tmp_path, capsys):
     assert error.startswith("clip-train: ") and "batch_size" in error and "Traceback" not in error
 
 
+def launched_as_rank(monkeypatch, rank: int) -> None:
+    for name, value in {"RANK": rank, "WORLD_SIZE": 2, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": 29500}.items():
+        monkeypatch.setenv(name, str(value))
+
+
+def test_a_config_error_under_a_launcher_is_said_by_rank_0_alone(tmp_path, monkeypatch, capsys):
+    # Every rank reads the same config: a 256-process job printed the same line 256 times.
+    launched_as_rank(monkeypatch, 1)
+    assert main([str(DEMO), "--output-dir", str(tmp_path), "train.batch_sise=8"]) == 2
+    assert capsys.readouterr().err == ""
+    launched_as_rank(monkeypatch, 0)
+    assert main([str(DEMO), "--output-dir", str(tmp_path), "train.batch_sise=8"]) == 2
+    assert capsys.readouterr().err.startswith("clip-train: ")
+
+
+def test_other_ranks_name_themselves_in_their_log_lines_and_errors():
+    from clip.cli.train import log_format, program_name
+    from clip.distributed import read_launcher_environment
+
+    def launcher(rank):
+        return read_launcher_environment({"RANK": str(rank), "WORLD_SIZE": "4", "LOCAL_RANK": str(rank),
+                                          "MASTER_ADDR": "h", "MASTER_PORT": "1"})
+
+    record = logging.LogRecord("clip.data", logging.WARNING, __file__, 1, "shard %s is short", ("a.tar",), None)
+    lines = {rank: logging.Formatter(log_format(launcher(rank))).format(record) for rank in (0, 3)}
+    assert lines[0].endswith(" WARNING clip.data: shard a.tar is short")
+    assert lines[3].endswith(" WARNING rank 3 clip.data: shard a.tar is short")
+    assert logging.Formatter(log_format(None)).format(record) == lines[0]
+    assert [program_name(launcher(3)), program_name(launcher(0)), program_name(None)] == [
+        "clip-train (rank 3)", "clip-train", "clip-train"]
+
+
 def test_unusable_data_is_one_line_and_status_2(tmp_path, capsys):
     missing = tmp_path / "nowhere.csv"
     data = ["data.sources.0.kind=manifest", f"data.sources.0.path={missing}", "data.sources.0.num_samples=none"]

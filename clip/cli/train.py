@@ -20,7 +20,7 @@ from .. import checkpoint as ckpt
 from ..config import TrainConfig, load_config
 from ..config_io import ConfigError
 from ..data.stream import UnusableData
-from ..distributed import read_launcher_environment
+from ..distributed import LauncherEnvironment, read_launcher_environment
 from ..download import DownloadError
 from ..loading import ModelNotFoundError
 from ..resume import ResumeRefused
@@ -53,6 +53,19 @@ def headline(results: dict) -> str | None:
     return None
 
 
+def log_format(launcher: LauncherEnvironment | None) -> str:
+    """Log lines of ranks other than 0 (which log warnings and errors only) name their rank: a shard or a
+    signal one rank reports is then found on its node."""
+    where = "" if launcher is None or launcher.rank == 0 else f"rank {launcher.rank} "
+    return f"%(asctime)s %(levelname)s {where}%(name)s: %(message)s"
+
+
+def program_name(launcher: LauncherEnvironment | None) -> str:
+    """How a bad-input error line starts: other ranks' say which they are (each rank reads its own part of
+    the data, so their errors may differ from rank 0's)."""
+    return "clip-train" if launcher is None or launcher.rank == 0 else f"clip-train (rank {launcher.rank})"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = list(args.overrides)
@@ -61,17 +74,18 @@ def main(argv: list[str] | None = None) -> int:
             print("clip-train: both --output-dir and an output_dir= override given; --output-dir is used",
                   file=sys.stderr)
         overrides.append(f"output_dir={json.dumps(args.output_dir)}")
+    launcher = read_launcher_environment(os.environ)
+    rank_zero = launcher is None or launcher.rank == 0
     try:
         config = load_config(args.config, overrides, TrainConfig)
     except ConfigError as error:
-        print(f"clip-train: {error}", file=sys.stderr)
+        # Every rank reads the same file and overrides: rank 0 alone says what is wrong, not each of the
+        # hundreds of processes of a cluster job
+        if rank_zero:
+            print(f"clip-train: {error}", file=sys.stderr)
         return 2
-    launcher = read_launcher_environment(os.environ)
-    rank_zero = launcher is None or launcher.rank == 0
     logging.basicConfig(
-        level=logging.INFO if rank_zero else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
+        level=logging.INFO if rank_zero else logging.WARNING, format=log_format(launcher), datefmt="%H:%M:%S"
     )
     try:
         results = train(config)
@@ -84,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if debugging():
             traceback.print_exception(error.__cause__ or error)
         message = error.without_traceback() if isinstance(error, UnusableData) else str(error)
-        print(f"clip-train: {message}", file=sys.stderr)
+        print(f"{program_name(launcher)}: {message}", file=sys.stderr)
         return 2
     except (
         NonFiniteLossError, ckpt.NoReadableCheckpointError, MissingDependency,

@@ -1,15 +1,23 @@
 """What a run directory's checkpoint allows a new start to do: continue (with every changed setting named),
-or refuse (another model or loss)."""
+or refuse (another model or loss); and the continuing itself, `restore_training_state`."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
+import torch
+
+from . import checkpoint as ckpt
 from .architectures import architecture_differences
 from .config import TrainConfig, from_dict, to_dict
 from .config_io import ConfigError, differences
+from .data import data_state_for_other_world_size
 from .data.config import synthetic_sample_count
+from .distributed import DistributedInfo
+from .optim import load_optimizer_state
+from .train_step import ContrastiveModel
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +57,61 @@ def check_resumable(saved: dict, current: dict, run_dir: Path, warn: bool = True
     ]
     if changed and warn:
         log.warning("resuming %s with settings that differ from its checkpoint's: %s", run_dir, "; ".join(changed))
+
+
+class ResumePoint(NamedTuple):
+    step: int
+    data_state: dict  # this rank's data position, for TrainData.load_state_dict
+    metrics: dict  # the last logged metrics, as saved
+
+
+def restore_training_state(
+    state: dict, config: TrainConfig, run_dir: Path, *, module: ContrastiveModel, optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler, dist_info: DistributedInfo,
+) -> ResumePoint:
+    """Puts a checkpoint's weights, optimizer moments, loss scale and this rank's random generators into
+    the run (after `check_resumable`); returns where it continues. Warnings are given by rank 0 alone: every
+    rank would give them alike."""
+    check_resumable(state["config"], to_dict(config), run_dir, warn=dist_info.is_main)
+    module.clip.load_state_dict(state["model"])
+    if module.logit_bias is not None and "logit_bias" in state.get("loss_parameters", {}):
+        module.logit_bias.data.copy_(state["loss_parameters"]["logit_bias"])
+    # This run's groups and hyperparameters, the checkpoint's moments (torch's load_state_dict would
+    # restore the saved weight decay, betas and eps over a changed config's)
+    try:
+        left_out = load_optimizer_state(
+            optimizer, state["optimizer"], list(module.named_parameters()),
+            saved_names=state.get("optimizer_parameter_names"),  # absent from checkpoints before 2026-11-30
+            decay_embeddings=config.optimizer.decay_embeddings,
+            saved_decay_embeddings=with_decay_embeddings(state["config"])["optimizer"]["decay_embeddings"],
+        )
+    except ValueError as error:
+        raise ResumeRefused(f"{run_dir}: {error}") from error
+    if left_out and dist_info.is_main:
+        log.warning("optimizer state of %d parameters this run does not train (locked) left out", len(left_out))
+    if state["scaler"]:  # empty when the checkpoint's run had no fp16 loss scaling
+        scaler.load_state_dict(state["scaler"])
+    step = state["step"]
+    fresh_seed = ckpt.rank_seed(config.train.seed, dist_info.rank, step)
+    if len(state["rng"]) == dist_info.world_size:
+        ckpt.restore_rng_state(state["rng"][dist_info.rank])
+        if dist_info.device.type == "cuda" and "cuda" not in state["rng"][dist_info.rank]:  # a CPU run's checkpoint
+            torch.cuda.manual_seed(fresh_seed)
+        data_state = state["data"][dist_info.rank]
+    else:
+        torch.manual_seed(fresh_seed)
+        # The data loader then restarts the earliest epoch still in progress (with its own warning).
+        saved_ranks = len(state["rng"])
+        saved_batch = state["config"]["train"]["batch_size"] * saved_ranks  # batch_size is per rank
+        if dist_info.is_main:
+            log.warning(
+                "checkpoint was written by %d ranks, this run has %d: the global batch is %d, not %d (at the "
+                "learning rate as set), RNG states are seeded afresh and the data position is approximate",
+                saved_ranks, dist_info.world_size, config.train.batch_size * dist_info.world_size, saved_batch,
+            )
+        data_state = data_state_for_other_world_size(state["data"], dist_info.rank)
+    log.info("resumed %s at step %d", run_dir, step)
+    return ResumePoint(step, data_state, state.get("metrics", {}))
 
 
 def with_decay_embeddings(saved: dict) -> dict:

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoint as ckpt
 from .config import TrainConfig, to_dict, to_toml
 from .cuda_backends import configure_cuda_backends
-from .data import PixelNormalizer, build_train_data, counts_line, data_state_for_other_world_size, merge_rank_reports
+from .data import PixelNormalizer, build_train_data, counts_line, merge_rank_reports
 from .distributed import (
     DistributedInfo,
     agree_before_backward,
@@ -36,8 +36,8 @@ from .evaluation.during_training import check_evaluation_datasets, run_evaluatio
 from .loading import load_weights_into
 from .loss import SIGLIP_INITIAL_LOGIT_SCALE, build_loss
 from .model import create_model, trimmed_text_length
-from .optim import build_optimizer, learning_rate, load_optimizer_state, optimizer_parameter_names
-from .resume import ResumeRefused, check_resumable, with_decay_embeddings
+from .optim import build_optimizer, learning_rate, optimizer_parameter_names
+from .resume import restore_training_state
 from .run_log import RunLog, plot_run, require_wandb, start_wandb
 from .stopping import EvaluationInterrupted, SetupInterrupted, StopRequest
 from .throughput import peak_flops, training_flops_per_sample
@@ -91,6 +91,30 @@ def warn_about_unlikely_settings(
     if saved_config is not None and config.train.init_weights not in (None, saved_init_weights):  # same: a requeue
         log.warning("train.init_weights changed to %s, which is not read: a resumed run continues from its own "
                     "checkpoint (a new --output-dir starts from them)", config.train.init_weights)
+
+
+def start_new_run(module: ContrastiveModel, config: TrainConfig, dist_info: DistributedInfo) -> None:
+    """A run without a checkpoint: the initial weights (train.init_weights) and temperature, and each rank's
+    random numbers."""
+    if config.train.init_weights is not None:
+        # Rank 0 alone reads them (one download, one copy in memory): DDP's constructor gives every rank
+        # rank 0's parameters. Copied in place, so the optimizer's references stay valid. The ranks agree
+        # on a failure, or the others would wait for rank 0 in that constructor until it timed out.
+        failure = None
+        if dist_info.is_main:
+            try:
+                log.info("initialised from %s", load_weights_into(module.clip, config.train.init_weights))
+            except Exception as error:  # re-raised below, after the ranks agree
+                failure = error
+        if dist_info.is_distributed and any_rank(failure is not None, dist_info) and failure is None:
+            raise WeightsFileError("rank 0 could not read train.init_weights (its log says why)")
+        if failure is not None:
+            raise failure
+    if config.loss.kind == "siglip":  # SigLIP starts from its own temperature, also over loaded weights
+        with torch.no_grad():
+            module.clip.logit_scale.fill_(SIGLIP_INITIAL_LOGIT_SCALE)
+    # Ranks draw different random numbers (patch dropout's masks; the data's crops have seeds of their own)
+    torch.manual_seed(ckpt.rank_seed(config.train.seed, dist_info.rank))
 
 
 def wait_for_device(device: torch.device) -> float:
@@ -153,70 +177,15 @@ def _train(
     max_log_scale = math.log(config.loss.max_logit_scale)
 
     # ---- resume -----------------------------------------------------------------------------------------
-    start_step, data_state, metrics_so_far = 0, None, {}
     # Warnings that every rank would give alike are given by rank 0 (from here to the end of the run)
     state = ckpt.load_latest_checkpoint(run_dir, warn=dist_info.is_main)
     if state is not None:
-        check_resumable(state["config"], config_dict, run_dir, warn=dist_info.is_main)
-        module.clip.load_state_dict(state["model"])
-        if module.logit_bias is not None and "logit_bias" in state.get("loss_parameters", {}):
-            module.logit_bias.data.copy_(state["loss_parameters"]["logit_bias"])
-        # This run's groups and hyperparameters, the checkpoint's moments (torch's load_state_dict would
-        # restore the saved weight decay, betas and eps over a changed config's)
-        try:
-            left_out = load_optimizer_state(
-                optimizer, state["optimizer"], list(module.named_parameters()),
-                saved_names=state.get("optimizer_parameter_names"),  # absent from checkpoints before 2026-11-30
-                decay_embeddings=config.optimizer.decay_embeddings,
-                saved_decay_embeddings=with_decay_embeddings(state["config"])["optimizer"]["decay_embeddings"],
-            )
-        except ValueError as error:
-            raise ResumeRefused(f"{run_dir}: {error}") from error
-        if left_out and dist_info.is_main:
-            log.warning("optimizer state of %d parameters this run does not train (locked) left out", len(left_out))
-        if state["scaler"]:  # empty when the checkpoint's run had no fp16 loss scaling
-            scaler.load_state_dict(state["scaler"])
-        start_step = state["step"]
-        metrics_so_far = state.get("metrics", {})
-        fresh_seed = ckpt.rank_seed(config.train.seed, dist_info.rank, start_step)
-        if len(state["rng"]) == dist_info.world_size:
-            ckpt.restore_rng_state(state["rng"][dist_info.rank])
-            if device.type == "cuda" and "cuda" not in state["rng"][dist_info.rank]:  # a CPU run's checkpoint
-                torch.cuda.manual_seed(fresh_seed)
-            data_state = state["data"][dist_info.rank]
-        else:
-            torch.manual_seed(fresh_seed)
-            # The data loader then restarts the earliest epoch still in progress (with its own warning).
-            saved_ranks = len(state["rng"])
-            saved_batch = state["config"]["train"]["batch_size"] * saved_ranks  # batch_size is per rank
-            if dist_info.is_main:
-                log.warning(
-                    "checkpoint was written by %d ranks, this run has %d: the global batch is %d, not %d (at the "
-                    "learning rate as set), RNG states are seeded afresh and the data position is approximate",
-                    saved_ranks, dist_info.world_size, config.train.batch_size * dist_info.world_size, saved_batch,
-                )
-            data_state = data_state_for_other_world_size(state["data"], dist_info.rank)
-        log.info("resumed %s at step %d", run_dir, start_step)
+        start_step, data_state, metrics_so_far = restore_training_state(
+            state, config, run_dir, module=module, optimizer=optimizer, scaler=scaler, dist_info=dist_info,
+        )
     else:
-        if config.train.init_weights is not None:
-            # Rank 0 alone reads them (one download, one copy in memory): DDP's constructor gives every rank
-            # rank 0's parameters. Copied in place, so the optimizer's references stay valid. The ranks agree
-            # on a failure, or the others would wait for rank 0 in that constructor until it timed out.
-            failure = None
-            if dist_info.is_main:
-                try:
-                    log.info("initialised from %s", load_weights_into(module.clip, config.train.init_weights))
-                except Exception as error:  # re-raised below, after the ranks agree
-                    failure = error
-            if dist_info.is_distributed and any_rank(failure is not None, dist_info) and failure is None:
-                raise WeightsFileError("rank 0 could not read train.init_weights (its log says why)")
-            if failure is not None:
-                raise failure
-        if config.loss.kind == "siglip":  # SigLIP starts from its own temperature, also over loaded weights
-            with torch.no_grad():
-                module.clip.logit_scale.fill_(SIGLIP_INITIAL_LOGIT_SCALE)
-        # Ranks draw different random numbers (patch dropout's masks; the data's crops have seeds of their own)
-        torch.manual_seed(ckpt.rank_seed(config.train.seed, dist_info.rank))
+        start_step, data_state, metrics_so_far = 0, None, {}
+        start_new_run(module, config, dist_info)
     already_finished = state is not None and start_step >= config.schedule.steps
     if already_finished:
         log.info("%s finished its %d steps already: evaluating only, its checkpoint and config are left as they are",

@@ -117,6 +117,17 @@ def start_new_run(module: ContrastiveModel, config: TrainConfig, dist_info: Dist
     torch.manual_seed(ckpt.rank_seed(config.train.seed, dist_info.rank))
 
 
+def gradient_norm(module: nn.Module, clip_to: float | None) -> torch.Tensor:
+    """The total L2 norm of the gradients (a tensor on their device: reading it waits for the backward pass),
+    clipped to `clip_to` unless None."""
+    if clip_to is not None:
+        return torch.nn.utils.clip_grad_norm_(module.parameters(), clip_to)
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.nn.utils.clip_grad_norm_(module.parameters(), math.inf)  # scales by 1
+
+
 def wait_for_device(device: torch.device) -> float:
     """time.perf_counter() once `device` has run all it was given: CUDA kernels run behind the host."""
     if device.type == "cuda":
@@ -372,7 +383,7 @@ def _train(
         optimizer.zero_grad(set_to_none=True)
         skipped = {"value": False}
         stopping = {"value": False}  # some rank was signalled: checkpoint after this step, then stop
-        grad_norm = None  # set when the step is taken and gradients are clipped
+        grad_norm = None  # set when the loss is finite
 
         def backward(loss: torch.Tensor) -> None:
             # A non-finite loss is checked before any gradient exists, on all ranks together (every
@@ -389,24 +400,34 @@ def _train(
             dist_info.is_distributed, locked_image=config.train.lock_image, locked_text=config.train.lock_text,
         )
         step += 1
+        what_failed = "loss"
+        if not skipped["value"]:
+            scaler.unscale_(optimizer)
+            grad_norm = gradient_norm(module, config.optimizer.grad_clip_norm)
+            # A finite loss can still give non-finite gradients, and one such step turns every weight it
+            # touches into NaN. Every rank has the same all-reduced gradients, so they all decide alike. Under
+            # fp16 the gradient scaler skips these steps itself, a routine part of finding its scale.
+            if not scaler.is_enabled() and not torch.isfinite(grad_norm).item():
+                skipped["value"], what_failed = True, "gradients"
         if skipped["value"]:
             optimizer.zero_grad(set_to_none=True)
             nonfinite_total += 1
             nonfinite_in_a_row += 1
-            if dist_info.is_main:  # the ranks skip together (agree_before_backward)
-                log.warning("step %d: non-finite loss (%s); step skipped (%d in a row)", step, loss.item(),
-                            nonfinite_in_a_row)
+            if dist_info.is_main:  # the ranks skip together (agree_before_backward, or alike gradients)
+                log.warning("step %d: non-finite %s (loss %s); step skipped (%d in a row)", step, what_failed,
+                            loss.item(), nonfinite_in_a_row)
             if nonfinite_in_a_row >= config.train.max_consecutive_nonfinite:
+                # No periodic checkpoint is written during such a run of steps (see below), so the latest one
+                # holds the weights from before it
+                kept = (f"the latest checkpoint, {ckpt.checkpoint_path(run_dir, saved_at['step'])}, is from before "
+                        f"them and kept" if saved_at["step"] is not None else "no checkpoint was written before them")
                 raise NonFiniteLossError(
-                    f"{nonfinite_in_a_row} non-finite losses in a row at step {step}; stopping. The last good "
-                    f"checkpoint in {run_dir / ckpt.CHECKPOINT_DIR} is kept. Try a lower optimizer.lr, "
-                    f"precision=bf16 instead of fp16, or a smaller loss.max_logit_scale."
+                    f"{nonfinite_in_a_row} non-finite losses or gradients in a row at step {step}; stopping: "
+                    f"{kept}. Try a lower optimizer.lr, precision=bf16 instead of fp16, or a smaller "
+                    f"loss.max_logit_scale."
                 )
         else:
             nonfinite_in_a_row = 0
-            scaler.unscale_(optimizer)
-            if config.optimizer.grad_clip_norm is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), config.optimizer.grad_clip_norm)
             scaler.step(optimizer)
             scaler.update()
             with torch.no_grad():
@@ -430,7 +451,7 @@ def _train(
                 **{k: float(v) for k, v in loss_metrics.items()},
             }
             if grad_norm is not None and not skipped["value"]:
-                last_metrics["grad_norm"] = float(grad_norm)
+                last_metrics["grad_norm"] = float(grad_norm)  # before clipping
             if peak is not None:
                 last_metrics["mfu"] = window_flops / max(elapsed, 1e-9) / dist_info.world_size / peak
             # Every rank's data counts, summed (a collective: all ranks log at the same steps).
@@ -460,7 +481,10 @@ def _train(
                 if dist_info.is_main:
                     log.warning("step %d evaluation abandoned to stop: the resumed run makes it up first", step)
         every = config.checkpoint.every_n_steps
-        if (every and step % every == 0 and step < last_step) or (stop_now and step < total_steps):
+        # Not while the losses are non-finite: the weights have not changed since they began, and each save
+        # would prune an older checkpoint until only copies from that run of steps were left.
+        periodic = every and step % every == 0 and step < last_step and nonfinite_in_a_row == 0
+        if periodic or (stop_now and step < total_steps):
             # A periodic evaluation due now was skipped or abandoned only if the run is stopping
             owed = bool(evaluate_now) and stop_now
             save(step, {**last_metrics, "nonfinite_steps_total": nonfinite_total}, evaluation_owed=owed)

@@ -172,13 +172,12 @@ def test_keep_last(tmp_path):
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [5, 4]
 
 
-@pytest.mark.parametrize("poisoned_steps", [{2, 4, 5, 6}, {1, 4, 5, 6}])  # the first step too: nothing logged yet
-def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch, poisoned_steps):
+def poison_loss(monkeypatch, steps: set[int], gradients_only: bool = False) -> None:
+    """Makes clip.train's loss NaN at the given steps (counted as calls; one micro-batch per step), or, with
+    gradients_only, keeps it finite but gives its gradients NaN: sqrt(|x - x|) is 0 with an infinite slope."""
     import clip.train as train_module
 
-    real_build_loss = train_module.build_loss
-    # one isolated, then three in a row
-    calls = {"n": 0}
+    real_build_loss, calls = train_module.build_loss, {"n": 0}
 
     def poisoned_build_loss(config, distributed=False):
         loss_fn = real_build_loss(config, distributed=distributed)
@@ -186,16 +185,24 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch, 
         def wrapped(*args):
             calls["n"] += 1
             loss, metrics = loss_fn(*args)
-            return (loss * float("nan"), metrics) if calls["n"] in poisoned_steps else (loss, metrics)
+            if calls["n"] in steps:
+                features = args[0]
+                loss = loss + torch.sqrt((features - features.detach()).abs().sum()) if gradients_only else loss * float("nan")
+            return loss, metrics
 
         return wrapped
 
     monkeypatch.setattr(train_module, "build_loss", poisoned_build_loss)
+
+
+@pytest.mark.parametrize("poisoned_steps", [{2, 4, 5, 6}, {1, 4, 5, 6}])  # the first step too: nothing logged yet
+def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch, poisoned_steps):
+    poison_loss(monkeypatch, poisoned_steps)  # one isolated, then three in a row
     config = tiny_config(
         tmp_path, "schedule.steps=10", "train.max_consecutive_nonfinite=3", "eval.every_n_steps=0",
         "optimizer.grad_clip_norm=1.0",
     )
-    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row at step 6"):
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses or gradients in a row at step 6"):
         train(config)
     # the last good checkpoint (step 3) is kept, and its weights are finite
     state = ckpt.load_latest_checkpoint(tmp_path)
@@ -204,6 +211,27 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch, 
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
     totals = {r["step"]: r["nonfinite_steps_total"] for r in records if "loss" in r}
     assert totals[1] == (1 in poisoned_steps) and totals[3] == 1 and totals[5] == 3
+
+
+def test_non_finite_gradients_of_a_finite_loss_skip_the_step(tmp_path, monkeypatch, caplog):
+    # The loss alone was checked: a step with NaN gradients was taken and made the weights NaN for good.
+    poison_loss(monkeypatch, {2}, gradients_only=True)
+    with caplog.at_level(logging.WARNING):
+        results = train(tiny_config(tmp_path, "schedule.steps=3", "eval.every_n_steps=0", "optimizer.grad_clip_norm=none"))
+    assert "step 2: non-finite gradients (loss " in caplog.text
+    assert results["nonfinite_steps_total"] == 1 and math.isfinite(results["loss"])
+    assert all(torch.isfinite(t).all() for t in final_weights(tmp_path).values() if t.is_floating_point())
+
+
+def test_no_periodic_checkpoint_is_written_while_the_losses_are_non_finite(tmp_path, monkeypatch):
+    # Each such save pruned an older checkpoint, until only copies from the bad steps were left, and the error
+    # said that a good one was kept.
+    poison_loss(monkeypatch, set(range(3, 9)))
+    config = tiny_config(tmp_path, "schedule.steps=10", "train.max_consecutive_nonfinite=6", "eval.every_n_steps=0",
+                         "checkpoint.every_n_steps=2", "checkpoint.keep_last=2")
+    with pytest.raises(NonFiniteLossError, match=r"the latest checkpoint, .*step_00000002\.pt, is from before them"):
+        train(config)
+    assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [2]
 
 
 def test_the_model_gets_normalised_float_images_from_the_uint8_batches(tmp_path, monkeypatch):

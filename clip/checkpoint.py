@@ -147,7 +147,8 @@ def remove_stray_temporaries(run_dir: Path) -> list[Path]:
 
 
 def read_checkpoint(path: Path) -> dict:
-    """Loads one checkpoint without running pickled code; raises if it is truncated or not ours."""
+    """Loads one checkpoint without running pickled code; raises if it is truncated, damaged, not ours, or
+    holds non-finite weights (none of which a run can continue from)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a checkpoint written by this trainer")
@@ -155,6 +156,18 @@ def read_checkpoint(path: Path) -> dict:
     if found != CHECKPOINT_FORMAT:
         what = "no format entry" if found is None else f"format {found!r}"
         raise ValueError(f"{path} has {what}; this trainer reads checkpoints of format {CHECKPOINT_FORMAT!r}")
+    # torch.load does not check the CRC-32 that the archive stores for each member: a file changed on disk
+    # after its save (a bad sector, a faulty copy) loaded as if whole, with garbage or NaN among its weights.
+    # Reading it once more costs about a second per GB, once per resume.
+    with zipfile.ZipFile(path) as archive:
+        damaged = archive.testzip()
+    if damaged is not None:
+        raise ValueError(f"{path} is damaged: its member {damaged} does not match the checksum saved with it")
+    nonfinite = [name for name, tensor in state.get("model", {}).items()
+                 if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if nonfinite:
+        raise ValueError(f"{path} holds non-finite weights ({', '.join(nonfinite[:3])}"
+                         f"{', ...' if len(nonfinite) > 3 else ''})")
     return state
 
 

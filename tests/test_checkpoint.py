@@ -48,6 +48,31 @@ def test_only_unreadable_checkpoints_are_an_error_naming_each_file(tmp_path):
     assert steps(tmp_path) == [30, 20, 10, 5]  # nothing was deleted
 
 
+def test_a_checkpoint_damaged_after_its_save_or_with_non_finite_weights_is_skipped(tmp_path, caplog):
+    # torch.load reads a file whose bytes changed on disk without complaint: a run resumed from garbage.
+    weights = torch.arange(1000, dtype=torch.float32)
+    for step in (10, 20):
+        ckpt.save_checkpoint({"format": ckpt.CHECKPOINT_FORMAT, "step": step, "model": {"w": weights}},
+                             tmp_path, step, keep_last=3)
+    path = ckpt.checkpoint_path(tmp_path, 20)
+    data = bytearray(path.read_bytes())
+    at = data.find(weights.numpy().tobytes()[:64])
+    data[at + 400 : at + 404] = torch.tensor([12345.0]).numpy().tobytes()  # a finite, wrong weight
+    path.write_bytes(bytes(data))
+    assert torch.load(path, weights_only=True)["model"]["w"][100] == 12345.0  # torch itself does not notice
+    with caplog.at_level("WARNING"):
+        assert ckpt.load_latest_checkpoint(tmp_path)["step"] == 10
+    assert "step_00000020.pt is damaged: its member" in caplog.text and "does not match the checksum" in caplog.text
+
+    poisoned = weights.clone()
+    poisoned[5] = float("nan")
+    ckpt.save_checkpoint({"format": ckpt.CHECKPOINT_FORMAT, "step": 30, "model": {"w": poisoned, "n": torch.ones(1)}},
+                         tmp_path, 30, keep_last=3)
+    with caplog.at_level("WARNING"):
+        assert ckpt.load_latest_checkpoint(tmp_path)["step"] == 10
+    assert "step_00000030.pt holds non-finite weights (w)" in caplog.text
+
+
 def test_pruning_keeps_the_new_save_below_unreadable_checkpoints(tmp_path):
     # Resumed from step 10 because 30 is torn and 40 is another program's file: the saves of steps 20 and
     # 25 must not be pruned by the higher numbers they cannot read. Those are left for a save to replace.

@@ -38,6 +38,7 @@ from .loss import SIGLIP_INITIAL_LOGIT_SCALE, build_loss
 from .model import create_model, trimmed_text_length
 from .optim import build_optimizer, learning_rate, optimizer_parameter_names
 from .resume import restore_training_state
+from .run_lock import RunDirectoryInUse, locked_run_directory
 from .run_log import RunLog, plot_run, require_wandb, start_wandb
 from .stopping import EvaluationInterrupted, SetupInterrupted, StopRequest
 from .throughput import peak_flops, training_flops_per_sample
@@ -91,6 +92,25 @@ def warn_about_unlikely_settings(
     if saved_config is not None and config.train.init_weights not in (None, saved_init_weights):  # same: a requeue
         log.warning("train.init_weights changed to %s, which is not read: a resumed run continues from its own "
                     "checkpoint (a new --output-dir starts from them)", config.train.init_weights)
+
+
+@contextlib.contextmanager
+def run_directory_held(run_dir: Path, dist_info: DistributedInfo) -> Iterator[None]:
+    """Rank 0 holds the run directory's lock (`clip.run_lock`) while the run lives. The ranks agree on a
+    refusal, or the others would wait for rank 0 in their next collective until it timed out."""
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if dist_info.is_main:
+            try:
+                with bad_input_reported_as(BadTrainingInput):  # an output_dir that cannot be created
+                    held.enter_context(locked_run_directory(run_dir))
+            except (RunDirectoryInUse, BadTrainingInput) as error:  # re-raised below, after the ranks agree
+                refusal = error
+        if dist_info.is_distributed and any_rank(refusal is not None, dist_info) and refusal is None:
+            raise RunDirectoryInUse(f"rank 0 could not take {run_dir} (its error says why)")
+        if refusal is not None:
+            raise refusal
+        yield
 
 
 def start_new_run(module: ContrastiveModel, config: TrainConfig, dist_info: DistributedInfo) -> None:
@@ -151,7 +171,8 @@ def train(config: TrainConfig, stop_at_step: int | None = None) -> dict:
         # run: the default handler would end it with a status the job script takes for a failure.
         with StopRequest() as stop, contextlib.ExitStack() as setup:
             setup.enter_context(stop.interrupting(SetupInterrupted))
-            return _train(config, dist_info, stop_at_step, stop, end_setup=setup.close)
+            with run_directory_held(Path(config.output_dir), dist_info):
+                return _train(config, dist_info, stop_at_step, stop, end_setup=setup.close)
     finally:
         cleanup_distributed()
 

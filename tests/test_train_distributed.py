@@ -81,6 +81,15 @@ def _logging_worker(rank: int, world_size: int, port: int, run_dir: str, extra) 
     _worker(rank, world_size, port, run_dir, None, extra)
 
 
+def _refused_worker(rank: int, world_size: int, port: int, run_dir: str, extra) -> None:
+    from clip.run_lock import RunDirectoryInUse
+
+    try:
+        _worker(rank, world_size, port, run_dir, None, extra)
+    except RunDirectoryInUse as error:
+        (Path(run_dir).parent / f"refused{rank}").write_text(str(error))
+
+
 def assert_same_final_weights(straight_dir: Path, resumed_dir: Path, step: int) -> None:
     straight = ckpt.load_latest_checkpoint(straight_dir)
     resumed = ckpt.load_latest_checkpoint(resumed_dir)
@@ -178,3 +187,13 @@ def test_warnings_every_rank_would_give_alike_are_given_by_rank_0_alone(tmp_path
     rank0, rank1 = ((tmp_path / f"rank{rank}.log").read_text() for rank in (0, 1))
     for warning in ("is unreadable and skipped", "settings that differ from its checkpoint's", "non-finite loss"):
         assert warning in rank0 and warning not in rank1, warning
+
+
+def test_a_run_directory_in_use_stops_every_rank_at_once(tmp_path):
+    # Rank 0 alone takes the lock; without agreeing, rank 1 would wait for it in the next collective.
+    from clip.run_lock import locked_run_directory
+
+    with locked_run_directory(tmp_path / "run"):
+        spawn_ranks(_refused_worker, (2, free_port(), str(tmp_path / "run"), ["eval.every_n_steps=0"]), timeout_s=120)
+    assert "is in use by another run (host " in (tmp_path / "refused0").read_text()
+    assert "rank 0 could not take" in (tmp_path / "refused1").read_text()

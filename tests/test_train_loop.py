@@ -697,6 +697,27 @@ def test_other_ranks_name_themselves_in_their_log_lines_and_errors():
         "clip-train (rank 3)", "clip-train", "clip-train"]
 
 
+def test_a_run_directory_in_use_by_another_run_is_refused_naming_it(tmp_path, capsys):
+    # A second run in the same directory resumed from the first's checkpoint, wrote its metrics twice, and
+    # removed its half-written checkpoint as a leftover (the first then died renaming it into place).
+    from clip.run_lock import locked_run_directory
+
+    with locked_run_directory(tmp_path / "run"):  # as the other run holds it (flock: per open file)
+        assert main([str(DEMO), "--output-dir", str(tmp_path / "run"), *TINY]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith(f"clip-train: {tmp_path / 'run'} is in use by another run (host ")
+        assert f"pid {os.getpid()}, since " in error and "\n" not in error
+        assert not (tmp_path / "run" / "config.toml").exists()
+    assert main([str(DEMO), "--output-dir", str(tmp_path / "run"), *TINY, "schedule.steps=1"]) == 0  # released
+
+
+def test_an_output_dir_that_cannot_be_created_is_one_line_and_status_2(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main([str(DEMO), "--output-dir", str(tmp_path / "file" / "run"), *TINY]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("clip-train: ") and "Not a directory" in error and "\n" not in error
+
+
 def test_unusable_data_is_one_line_and_status_2(tmp_path, capsys):
     missing = tmp_path / "nowhere.csv"
     data = ["data.sources.0.kind=manifest", f"data.sources.0.path={missing}", "data.sources.0.num_samples=none"]

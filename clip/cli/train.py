@@ -1,7 +1,7 @@
 """`clip-train CONFIG [--output-dir DIR] [section.key=value ...]`: pre-train or fine-tune a CLIP model from a TOML
 recipe (`clip.train` runs it). What a run's exit status means: 0 finished; 2 bad input, one line on stderr
-(a config error, data that cannot be used, a run directory the config cannot continue, init weights that
-name nothing loadable); 75 stopped early with a checkpoint, run again to continue; 1 anything else.
+(a config error, data that cannot be used, a run directory the config cannot continue or another run is
+using, init weights that name nothing loadable); 75 stopped early with a checkpoint, run again to continue; 1 anything else.
 
     python scripts/train.py CONFIG [--output-dir DIR] [section.key=value ...]
     torchrun --nproc-per-node 8 scripts/train.py CONFIG ...      (or under SLURM: srun python scripts/train.py ...)
@@ -24,6 +24,7 @@ from ..distributed import LauncherEnvironment, read_launcher_environment
 from ..download import DownloadError
 from ..loading import ModelNotFoundError
 from ..resume import ResumeRefused
+from ..run_lock import RunDirectoryInUse
 from ..run_log import MissingDependency
 from ..stopping import STOPPED_EARLY_EXIT_CODE, SetupInterrupted
 from ..train import BadTrainingInput, NonFiniteLossError, train
@@ -92,9 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     except SetupInterrupted:
         log.warning("stopped while starting, before any step: run again to start")
         return STOPPED_EARLY_EXIT_CODE
-    # Bad input, as a bad config: data that cannot be used, a run directory the config cannot continue,
+    # Bad input, as a bad config: data that cannot be used, a run directory the config cannot continue (or
+    # that another run is using),
     # train.init_weights naming no weights or weights of another architecture
-    except (BadTrainingInput, ResumeRefused, WeightsFileError, ModelNotFoundError, UnusableData) as error:
+    except (
+        BadTrainingInput, ResumeRefused, RunDirectoryInUse, WeightsFileError, ModelNotFoundError, UnusableData,
+    ) as error:
         if debugging():
             traceback.print_exception(error.__cause__ or error)
         message = error.without_traceback() if isinstance(error, UnusableData) else str(error)

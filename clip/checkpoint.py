@@ -58,6 +58,10 @@ class NoReadableCheckpointError(RuntimeError):
     """The run directory holds checkpoint files, but none of them can be loaded."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a quota); nothing of it is left behind."""
+
+
 def save_checkpoint(state: dict, run_dir: Path, step: int, keep_last: int) -> Path:
     """Writes atomically: a temporary file in the same folder, flushed to disk, then renamed into place; then
     prunes older checkpoints (see `prune_checkpoints`).
@@ -73,11 +77,42 @@ def save_checkpoint(state: dict, run_dir: Path, step: int, keep_last: int) -> Pa
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, final)
-    except BaseException:
+    except BaseException as error:
         temporary.unlink(missing_ok=True)
+        cause = _os_error_in(error)
+        if cause is not None:  # a full disk, a quota: torch.save reports it as an "enforce fail" RuntimeError
+            raise CheckpointWriteError(
+                f"could not write {final}: {cause.strerror or cause} (errno {cause.errno}); the checkpoints "
+                f"saved before it are kept"
+            ) from error
         raise
+    _sync_directory(final.parent)  # the rename itself on disk before older checkpoints are deleted
     prune_checkpoints(run_dir, step, keep_last)
     return final
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """The OSError an exception was raised from, or is, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _sync_directory(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform or file system that cannot open folders: nothing more to do
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass  # some file systems refuse fsync on a folder; their renames are durable by other means
+    finally:
+        os.close(descriptor)
 
 
 def _create_temporary(final: Path) -> tuple[int, Path]:

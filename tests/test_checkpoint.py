@@ -4,6 +4,7 @@ killed saves, and the permissions of the files it writes. (End to end with train
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 from pathlib import Path
 
@@ -71,6 +72,27 @@ def test_a_checkpoint_damaged_after_its_save_or_with_non_finite_weights_is_skipp
     with caplog.at_level("WARNING"):
         assert ckpt.load_latest_checkpoint(tmp_path)["step"] == 10
     assert "step_00000030.pt holds non-finite weights (w)" in caplog.text
+
+
+def test_a_save_that_runs_out_of_disk_says_so_in_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    # torch.save's own error was "[enforce fail at inline_container.cc:672] unexpected pos", the cause
+    # (a full disk, a quota, ulimit -f) only further up the chained traceback.
+    save(tmp_path, 10)
+    real_save = torch.save
+
+    def disk_full(state, file):
+        real_save(state, file)
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as cause:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0") from cause
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(ckpt.CheckpointWriteError) as raised:
+        save(tmp_path, 20)
+    assert str(raised.value) == (f"could not write {ckpt.checkpoint_path(tmp_path, 20)}: No space left on device "
+                                 f"(errno {errno.ENOSPC}); the checkpoints saved before it are kept")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000010.pt"]
 
 
 def test_pruning_keeps_the_new_save_below_unreadable_checkpoints(tmp_path):

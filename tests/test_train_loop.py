@@ -711,6 +711,17 @@ def test_a_run_directory_in_use_by_another_run_is_refused_naming_it(tmp_path, ca
     assert main([str(DEMO), "--output-dir", str(tmp_path / "run"), *TINY, "schedule.steps=1"]) == 0  # released
 
 
+def test_a_checkpoint_that_cannot_be_written_is_one_error_line_and_status_1(tmp_path, monkeypatch, capsys, caplog):
+    def full_disk(state, run_dir, step, keep_last):
+        raise ckpt.CheckpointWriteError(f"could not write step {step}: No space left on device (errno 28)")
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", full_disk)
+    with caplog.at_level(logging.ERROR):
+        assert main([str(DEMO), "--output-dir", str(tmp_path), *TINY, "eval.every_n_steps=0"]) == 1
+    assert "could not write step 3: No space left on device (errno 28)" in caplog.text
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_an_output_dir_that_cannot_be_created_is_one_line_and_status_2(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main([str(DEMO), "--output-dir", str(tmp_path / "file" / "run"), *TINY]) == 2

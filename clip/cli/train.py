@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{program_name(launcher)}: {message}", file=sys.stderr)
         return 2
     except (
-        NonFiniteLossError, ckpt.NoReadableCheckpointError, MissingDependency,
+        NonFiniteLossError, ckpt.NoReadableCheckpointError, ckpt.CheckpointWriteError, MissingDependency,
         DownloadError,  # train.init_weights could not be fetched (network, or a file that fails its SHA256)
     ) as error:
         log.error("%s", error)

@@ -4,6 +4,7 @@ or refuse (another model or loss); and the continuing itself, `restore_training_
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -16,7 +17,7 @@ from .config_io import ConfigError, differences
 from .data import data_state_for_other_world_size
 from .data.config import synthetic_sample_count
 from .distributed import DistributedInfo
-from .optim import load_optimizer_state
+from .optim import learning_rate, load_optimizer_state
 from .train_step import ContrastiveModel
 
 log = logging.getLogger(__name__)
@@ -110,8 +111,25 @@ def restore_training_state(
                 saved_ranks, dist_info.world_size, config.train.batch_size * dist_info.world_size, saved_batch,
             )
         data_state = data_state_for_other_world_size(state["data"], dist_info.rank)
+    jump = learning_rate_jump(state["config"], config, step)
+    if jump is not None and dist_info.is_main:
+        log.warning("the learning rate of step %d is %.3g under this config's schedule, %.3g under the checkpoint's: "
+                    "it jumps there", step + 1, jump[1], jump[0])
     log.info("resumed %s at step %d", run_dir, step)
     return ResumePoint(step, data_state, state.get("metrics", {}))
+
+
+def learning_rate_jump(saved: dict, config: TrainConfig, step: int) -> tuple[float, float] | None:
+    """(the checkpoint's, this config's) learning rate for the step after `step` when they differ: extending a
+    finished run (more schedule.steps) goes from the end of its cosine back up near the peak. None when they
+    agree or the checkpoint's config cannot be read as such."""
+    try:
+        saved_config = from_dict(TrainConfig, with_decay_embeddings(saved))
+    except ConfigError:
+        return None
+    before = learning_rate(step, saved_config.optimizer.lr, saved_config.schedule)
+    after = learning_rate(step, config.optimizer.lr, config.schedule)
+    return None if math.isclose(before, after, rel_tol=1e-6, abs_tol=0.0) else (before, after)
 
 
 def with_decay_embeddings(saved: dict) -> dict:

@@ -228,6 +228,13 @@ def _train(
         # Written after the resume checks: a refused resume leaves the run's recorded config alone.
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(config_dict), encoding="utf-8")
+        earlier_results = run_dir / "results.json"
+        if state is not None and earlier_results.exists():
+            # A finished run extended (more schedule.steps): results.json would say "finished" until the
+            # extension finishes, with the earlier step's figures
+            kept = earlier_results.with_name(f"results_step_{start_step}.json")
+            earlier_results.replace(kept)
+            log.info("the results of the run's end at step %d are now %s", start_step, kept)
     if dist_info.is_main:
         # A save killed mid-write (SIGKILL, a lost node) leaves its temporary file; none of this run's saves
         # has started yet, so every such file is a leftover.

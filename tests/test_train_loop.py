@@ -17,6 +17,7 @@ import clip
 from clip import checkpoint as ckpt
 from clip.config import TrainConfig, load_config
 from clip.cli.train import headline, main
+from clip.optim import learning_rate
 from clip.train import NonFiniteLossError, train
 
 DEMO = Path(__file__).parent.parent / "configs" / "demo.toml"
@@ -780,6 +781,25 @@ def test_settings_that_are_likely_mistakes_are_named(tmp_path, caplog):
         caplog.clear()
         train(tiny_config(tmp_path, "schedule.steps=7", "eval.every_n_steps=0", f"train.init_weights={tmp_path}"))
         assert "train.init_weights changed to" in caplog.text
+
+
+def test_extending_a_finished_run_names_the_learning_rate_jump_and_keeps_its_results_aside(tmp_path, caplog):
+    # The cosine restarts from near the peak with only "schedule.steps: 6 -> 12" said, and results.json kept
+    # saying the run had finished at step 6 while the extension ran (or after it was stopped).
+    train(tiny_config(tmp_path, "eval.every_n_steps=0"), stop_at_step=3)
+    with caplog.at_level(logging.WARNING):
+        train(tiny_config(tmp_path, "eval.every_n_steps=0"))
+    assert "learning rate" not in caplog.text  # the same schedule: no jump
+    finished = json.loads((tmp_path / "results.json").read_text())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        train(tiny_config(tmp_path, "eval.every_n_steps=0", "schedule.steps=12"), stop_at_step=8)
+    saved_lr = learning_rate(6, 1e-3, tiny_config(tmp_path).schedule)  # the demo's optimizer.lr
+    extended_lr = learning_rate(6, 1e-3, tiny_config(tmp_path, "schedule.steps=12").schedule)
+    assert (f"the learning rate of step 7 is {extended_lr:.3g} under this config's schedule, {saved_lr:.3g} under "
+            "the checkpoint's: it jumps there") in caplog.text
+    assert not (tmp_path / "results.json").exists()
+    assert json.loads((tmp_path / "results_step_6.json").read_text()) == finished
 
 
 def test_a_save_killed_mid_write_leaves_no_temporary_file_after_the_next_start(tmp_path):

@@ -671,6 +671,20 @@ def launched_as_rank(monkeypatch, rank: int) -> None:
         monkeypatch.setenv(name, str(value))
 
 
+def test_the_run_directory_keeps_the_log_of_every_start(tmp_path, caplog):
+    # What happened to a run (resumes, signals, changed settings) was only in the scheduler's output files.
+    args = [str(DEMO), "--output-dir", str(tmp_path), *TINY, "eval.every_n_steps=0"]
+    with caplog.at_level(logging.INFO):
+        assert main([*args, "schedule.steps=3"]) == 0
+        assert main([*args, "schedule.steps=4"]) == 0
+    lines = (tmp_path / "train.log").read_text().splitlines()
+    assert any("INFO clip.train: model: " in line for line in lines)
+    assert any("WARNING clip.resume: resuming " in line and "schedule.steps: 3 -> 4" in line for line in lines)
+    assert lines.index(next(line for line in lines if "saved " in line and "step_00000004.pt" in line)) > 0
+    # main's handler is gone once it returns (in-process callers do not gather one per call)
+    assert not [h for h in logging.getLogger().handlers if str(tmp_path) in getattr(h, "baseFilename", "")]
+
+
 def test_a_config_error_under_a_launcher_is_said_by_rank_0_alone(tmp_path, monkeypatch, capsys):
     # Every rank reads the same config: a 256-process job printed the same line 256 times.
     launched_as_rank(monkeypatch, 1)

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import traceback
+from pathlib import Path
 
 from .. import checkpoint as ckpt
 from ..config import TrainConfig, load_config
@@ -67,6 +68,20 @@ def program_name(launcher: LauncherEnvironment | None) -> str:
     return "clip-train" if launcher is None or launcher.rank == 0 else f"clip-train (rank {launcher.rank})"
 
 
+def keep_log_in(run_dir: Path) -> logging.Handler | None:
+    """Appends rank 0's log to RUN_DIR/train.log as well: what happened to a run (resumes, signals, skipped
+    checkpoints, changed settings) stays beside it, not only in a scheduler's output file. Dated in full,
+    since a run spans days and restarts."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(run_dir / "train.log", mode="a", encoding="utf-8")
+    except OSError:
+        return None  # an output_dir that cannot be written: the run itself reports it (status 2)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = list(args.overrides)
@@ -88,10 +103,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if rank_zero else logging.WARNING, format=log_format(launcher), datefmt="%H:%M:%S"
     )
+    log_file = keep_log_in(Path(config.output_dir)) if rank_zero else None
+    try:
+        return run(config, launcher)
+    finally:
+        if log_file is not None:
+            logging.getLogger().removeHandler(log_file)
+            log_file.close()
+
+
+def run(config: TrainConfig, launcher: LauncherEnvironment | None) -> int:
+    """Trains; the exit status, with bad input and known failures said in one line."""
     try:
         results = train(config)
     except SetupInterrupted:
-        log.warning("stopped while starting, before any step: run again to start")
+        log.warning("stopped while starting, before training a step: run it again")
         return STOPPED_EARLY_EXIT_CODE
     # Bad input, as a bad config: data that cannot be used, a run directory the config cannot continue (or
     # that another run is using),
@@ -114,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if results.get("step", 0) < config.schedule.steps or results.get("evaluation_interrupted"):
         return STOPPED_EARLY_EXIT_CODE
     line = headline(results)
-    if line and rank_zero:
+    if line and (launcher is None or launcher.rank == 0):
         print(line)
     return 0
 

@@ -55,8 +55,8 @@ def original_bytes(text: str) -> bytes:
 def _missing_columns_error(path: str, wanted: list[str], available: list[str]) -> ValueError:
     return ValueError(
         f"{path}: no column {', '.join(repr(w) for w in wanted if w not in available)}; the columns are "
-        f"{available}. Set image_column / caption_column (in a [[data.sources]] or [[eval.retrieval]] table, or "
-        f"clip-retrieval's --image-column / --caption-column)."
+        f"{available}. Set image_column / caption_column (in a [[data.sources]] or [[eval.retrieval]] table), or "
+        f"--image-column / --caption-column (clip-retrieval, make_shards.py)."
     )
 
 

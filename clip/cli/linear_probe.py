@@ -150,14 +150,13 @@ def warn_about_classes_without_training_images(labels: torch.Tensor, classnames:
 
 def probe(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    base = ZeroShotDatasetConfig(
-        kind=args.dataset,
-        root=args.root,
-        num_samples=args.num_samples,
-        image_size=args.image_size,
-        seed=args.seed,
-        heldout_report=False,
+    # The synthetic-only options go to a synthetic dataset alone: their defaults differ from the config's, so
+    # every other dataset was warned that they were set and ignored
+    synthetic = (
+        {"num_samples": args.num_samples, "image_size": args.image_size, "seed": args.seed, "heldout_report": False}
+        if args.dataset == "synthetic" else {}
     )
+    base = ZeroShotDatasetConfig(kind=args.dataset, root=args.root, **synthetic)
     splits = {"train": args.train_split, "test": args.test_split, **({"val": args.val_split} if args.val_split else {})}
     refuse_shared_images(base, splits)
     class_folders = shared_class_folders(base, splits)

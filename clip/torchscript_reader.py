@@ -25,7 +25,7 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, BinaryIO, Self
 
 import torch
 
@@ -142,7 +142,8 @@ def read_torchscript_weights(path: str | Path) -> tuple[dict[str, torch.Tensor],
 
 def _unpickle_data(archive: zipfile.ZipFile, root: str, path: Path) -> Any:
     try:
-        return _WeightsUnpickler(archive, root, path).load()
+        with archive.open(f"{root}/data.pkl") as data:
+            return _WeightsUnpickler(data, archive, root, path).load()
     except TorchScriptReadError:
         raise
     except Exception as error:  # a malformed pickle can raise nearly anything (KeyError, TypeError, ...)
@@ -158,8 +159,8 @@ def _check_byte_order(archive: zipfile.ZipFile, root: str, path: Path) -> None:
 
 
 class _WeightsUnpickler(pickle.Unpickler):
-    def __init__(self, archive: zipfile.ZipFile, root: str, path: Path) -> None:
-        super().__init__(archive.open(f"{root}/data.pkl"))
+    def __init__(self, data: BinaryIO, archive: zipfile.ZipFile, root: str, path: Path) -> None:
+        super().__init__(data)
         self.archive = archive
         self.root = root
         self.path = path

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import pickle
 import warnings
 import zipfile
@@ -460,11 +461,45 @@ def test_pickle_that_would_run_code_is_refused(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+class RunsShell:
+    """Unpickling this calls os.system, of a module torch's allowlist blocks outright: its refusal is worded
+    otherwise than for other globals, and was reported as "a damaged or truncated PyTorch file" followed by
+    torch's advice to load it with weights_only=False (which would run it)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {str(self.marker)!r}",))
+
+
+def test_pickle_of_a_blocked_module_is_refused_as_unsafe_without_torchs_advice(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    torch.save({"visual.proj": torch.zeros(2, 2), "payload": RunsShell(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(UnsafeFileError, match=r"evil\.pt was refused.*could run code.*unsupported GLOBAL") as raised:
+        load(tmp_path / "evil.pt", device="cpu")
+    assert "weights_only" not in str(raised.value) and "damaged" not in str(raised.value)
+    assert not marker.exists()
+
+
 def _replace_data_pkl(archive: Path, destination: Path, data: bytes) -> Path:
     with zipfile.ZipFile(archive) as source, zipfile.ZipFile(destination, "w") as target:
         for info in source.infolist():
             target.writestr(info, data if info.filename.endswith("/data.pkl") else source.read(info))
     return destination
+
+
+def test_reading_a_torchscript_archive_leaves_no_file_open(openai_files, monkeypatch) -> None:
+    # data.pkl's handle was left to the garbage collector (a ResourceWarning under -W error)
+    opened, real_open = [], zipfile.ZipFile.open
+
+    def recording_open(self, *args, **kwargs):
+        opened.append(real_open(self, *args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", recording_open)
+    load(openai_files["vit", "archive"], device="cpu")
+    assert opened and all(member.closed for member in opened)
 
 
 def test_torchscript_archive_with_a_foreign_global_is_refused(tmp_path: Path, openai_files) -> None:

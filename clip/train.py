@@ -476,7 +476,9 @@ def _train(
                 "samples_per_s": samples_per_s,
                 "images_per_s_per_accelerator": samples_per_s / dist_info.world_size,
                 "nonfinite_steps_total": nonfinite_total,
-                **{k: float(v) for k, v in loss_metrics.items()},
+                # logit_scale_exp left out: it is the logit_scale above as this step's loss used it, before the
+                # update (two near-equal figures under two names)
+                **{k: float(v) for k, v in loss_metrics.items() if k != "logit_scale_exp"},
             }
             if grad_norm is not None and not skipped["value"]:
                 last_metrics["grad_norm"] = float(grad_norm)  # before clipping

@@ -212,6 +212,8 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch, 
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
     totals = {r["step"]: r["nonfinite_steps_total"] for r in records if "loss" in r}
     assert totals[1] == (1 in poisoned_steps) and totals[3] == 1 and totals[5] == 3
+    logged = [r for r in records if "loss" in r]
+    assert all("logit_scale" in r and "logit_scale_exp" not in r for r in logged)  # one name for the figure
 
 
 def test_non_finite_gradients_of_a_finite_loss_skip_the_step(tmp_path, monkeypatch, caplog):

@@ -482,6 +482,8 @@ def _train(
             }
             if grad_norm is not None and not skipped["value"]:
                 last_metrics["grad_norm"] = float(grad_norm)  # before clipping
+            if scaler.is_enabled():  # fp16: a scale that keeps falling means gradients keep overflowing
+                last_metrics["loss_scale"] = scaler.get_scale()
             if peak is not None:
                 last_metrics["mfu"] = window_flops / max(elapsed, 1e-9) / dist_info.world_size / peak
             # Every rank's data counts, summed (a collective: all ranks log at the same steps).

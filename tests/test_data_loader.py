@@ -93,6 +93,9 @@ def test_resume_under_another_layout_restarts_the_epoch(tmp_path: Path, caplog: 
     with caplog.at_level(logging.WARNING):
         other.load_state_dict(state)
     assert "workers" in caplog.text
+    # how much is read twice is said: 28 samples into epochs of 20, all of its 8 from epoch 1 read again
+    assert sorted(epoch for epoch, _ in state["positions"]) == [1, 1]
+    assert "restarting epoch 1 from its beginning: at least 8 samples of it that the saved rank 0 had read" in caplog.text
     assert other.state_dict()["positions"] == [[1, 0]]
 
 

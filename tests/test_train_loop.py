@@ -944,6 +944,9 @@ def test_switching_to_fp16_on_resume_starts_a_fresh_loss_scale(tmp_path):
     train(tiny_config(tmp_path, "schedule.steps=4", "eval.every_n_steps=0", "train.precision=bf16"), stop_at_step=2)
     results = train(tiny_config(tmp_path, "schedule.steps=4", "eval.every_n_steps=0", "train.precision=fp16"))
     assert results["step"] == 4 and ckpt.load_latest_checkpoint(tmp_path)["scaler"]["scale"] > 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open() if '"loss"' in line]
+    assert [("loss_scale" in r) for r in records] == [False, False, True, True]  # logged under fp16 only
+    assert records[-1]["loss_scale"] == ckpt.load_latest_checkpoint(tmp_path)["scaler"]["scale"]
 
 
 def test_a_missing_evaluation_dataset_fails_before_training(tmp_path):

@@ -325,9 +325,12 @@ class TrainData:
         else:
             changed = sorted(key for key in layout if saved_layout.get(key) != layout[key])
             epoch = min(epoch for epoch, _ in positions)
+            # Slots already past that epoch read their whole share of it, which the state does not record
+            reread = sum(offset for slot_epoch, offset in positions if slot_epoch == epoch)
             log.warning(
-                "data: the saved position was for another layout (%s changed); restarting epoch %d from its beginning",
-                ", ".join(changed), epoch,
+                "data: the saved position was for another layout (%s changed); restarting epoch %d from its "
+                "beginning: at least %d samples of it that the saved rank %d had read are read again",
+                ", ".join(changed), epoch, reread, saved_layout.get("rank", 0),
             )
             self._positions, self._next_worker = [(epoch, 0)] * self.slots_per_rank, 0
         self._batches = state["batches"]

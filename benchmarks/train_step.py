@@ -145,6 +145,7 @@ def make_step(job: dict, device: torch.device, images: torch.Tensor, texts: torc
     if job["library"] == "ours":
         from clip.distributed import DistributedInfo
         from clip.distributed import agree_before_backward
+        from clip.train import gradient_norm
         from clip.train_step import contrastive_step
 
         module, optimizer, loss_fn, logit_scale = build_ours(job["arch"], device, job["optimizer"])
@@ -174,7 +175,11 @@ def make_step(job: dict, device: torch.device, images: torch.Tensor, texts: torc
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         loss = forward_backward()
-        if clip_norm is not None:
+        if job["library"] == "ours":
+            # As clip.train does: the gradient norm (clipped or not) is read on the host, to skip a step whose
+            # gradients are not finite (a second device sync per step)
+            bool(torch.isfinite(gradient_norm(module, clip_norm)))
+        elif clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(module.parameters(), clip_norm)
         optimizer.step()
         with torch.no_grad():

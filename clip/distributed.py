@@ -310,6 +310,15 @@ def any_rank(flag: bool, dist_info: DistributedInfo) -> bool:
     return bool(value.item())
 
 
+def from_rank_zero(value, dist_info: DistributedInfo):
+    """Rank 0's `value` (picklable) on every rank (a collective: every rank calls it at the same point)."""
+    if not dist_info.is_distributed:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0, device=dist_info.device)
+    return holder[0]
+
+
 def gather_objects(value, dist_info: DistributedInfo) -> list:
     if not dist_info.is_distributed:
         return [value]

@@ -16,7 +16,7 @@ from .config import TrainConfig, from_dict, to_dict
 from .config_io import ConfigError, differences
 from .data import data_state_for_other_world_size
 from .data.config import synthetic_sample_count
-from .distributed import DistributedInfo
+from .distributed import DistributedInfo, any_rank, from_rank_zero
 from .optim import learning_rate, load_optimizer_state
 from .train_step import ContrastiveModel
 
@@ -58,6 +58,39 @@ def check_resumable(saved: dict, current: dict, run_dir: Path, warn: bool = True
     ]
     if changed and warn:
         log.warning("resuming %s with settings that differ from its checkpoint's: %s", run_dir, "; ".join(changed))
+
+
+def checkpoint_to_resume(run_dir: Path, dist_info: DistributedInfo) -> dict | None:
+    """The run's latest readable checkpoint (see `checkpoint.load_latest_checkpoint`), None for a new run.
+
+    Rank 0 chooses and verifies it, and the other ranks load that file: choosing each for themselves, a
+    rank that saw a file differently (a read error, a file system's stale view) would resume from another
+    step than the rest and pair its collectives with theirs wrongly; and every rank would read every file
+    twice. The ranks agree on a failure."""
+    failure, state = None, None
+    if dist_info.is_main:
+        try:
+            state = ckpt.load_latest_checkpoint(run_dir)
+        except ckpt.NoReadableCheckpointError as error:
+            failure = error
+        chosen = "none readable" if failure is not None else (None if state is None else state["step"])
+    chosen = from_rank_zero(chosen if dist_info.is_main else None, dist_info)
+    if failure is not None:
+        raise failure
+    if chosen == "none readable":
+        raise ckpt.NoReadableCheckpointError(f"rank 0 found no readable checkpoint in {run_dir} (its log says why)")
+    if not dist_info.is_main and chosen is not None:
+        path = ckpt.checkpoint_path(run_dir, chosen)
+        try:
+            state = ckpt.read_checkpoint(path, verify=False)  # verified by rank 0
+        except Exception as error:  # re-raised below, after the ranks agree
+            failure = ckpt.NoReadableCheckpointError(f"rank {dist_info.rank} could not read {path}, which rank 0 "
+                                                     f"resumes from: {error}")
+    if chosen is not None and dist_info.is_distributed and any_rank(failure is not None, dist_info) and failure is None:
+        raise ckpt.NoReadableCheckpointError(f"a rank could not read the step {chosen} checkpoint (its log says why)")
+    if failure is not None:
+        raise failure
+    return state
 
 
 class ResumePoint(NamedTuple):

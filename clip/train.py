@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -37,7 +36,7 @@ from .loading import load_weights_into
 from .loss import SIGLIP_INITIAL_LOGIT_SCALE, build_loss
 from .model import create_model, trimmed_text_length
 from .optim import build_optimizer, learning_rate, optimizer_parameter_names
-from .resume import restore_training_state
+from .resume import checkpoint_to_resume, restore_training_state
 from .run_lock import RunDirectoryInUse, locked_run_directory
 from .run_log import RunLog, plot_run, require_wandb, start_wandb
 from .stopping import EvaluationInterrupted, SetupInterrupted, StopRequest
@@ -102,10 +101,12 @@ def run_directory_held(run_dir: Path, dist_info: DistributedInfo) -> Iterator[No
         refusal = None
         if dist_info.is_main:
             try:
-                with bad_input_reported_as(BadTrainingInput):  # an output_dir that cannot be created
-                    held.enter_context(locked_run_directory(run_dir))
-            except (RunDirectoryInUse, BadTrainingInput) as error:  # re-raised below, after the ranks agree
+                held.enter_context(locked_run_directory(run_dir))
+            except RunDirectoryInUse as error:  # re-raised below, after the ranks agree
                 refusal = error
+            except OSError as error:  # an output_dir that cannot be created or written: a file, read-only, full
+                refusal = BadTrainingInput(f"cannot use {run_dir} as the run directory: {error}")
+                refusal.__cause__ = error
         if dist_info.is_distributed and any_rank(refusal is not None, dist_info) and refusal is None:
             raise RunDirectoryInUse(f"rank 0 could not take {run_dir} (its error says why)")
         if refusal is not None:
@@ -171,15 +172,17 @@ def train(config: TrainConfig, stop_at_step: int | None = None) -> dict:
         # run: the default handler would end it with a status the job script takes for a failure.
         with StopRequest() as stop, contextlib.ExitStack() as setup:
             setup.enter_context(stop.interrupting(SetupInterrupted))
-            with run_directory_held(Path(config.output_dir), dist_info):
-                return _train(config, dist_info, stop_at_step, stop, end_setup=setup.close)
+            # `on_exit` closes what the run opens (the data loader's workers) however it ends: a run that
+            # raised in a notebook left its workers behind
+            with run_directory_held(Path(config.output_dir), dist_info), contextlib.ExitStack() as on_exit:
+                return _train(config, dist_info, stop_at_step, stop, end_setup=setup.close, on_exit=on_exit)
     finally:
         cleanup_distributed()
 
 
 def _train(
     config: TrainConfig, dist_info: DistributedInfo, stop_at_step: int | None, stop: StopRequest,
-    end_setup: Callable[[], None],
+    end_setup: Callable[[], None], on_exit: contextlib.ExitStack,
 ) -> dict:
     run_dir = Path(config.output_dir)
     device = dist_info.device
@@ -210,7 +213,7 @@ def _train(
 
     # ---- resume -----------------------------------------------------------------------------------------
     # Warnings that every rank would give alike are given by rank 0 (from here to the end of the run)
-    state = ckpt.load_latest_checkpoint(run_dir, warn=dist_info.is_main)
+    state = checkpoint_to_resume(run_dir, dist_info)
     if state is not None:
         start_step, data_state, metrics_so_far = restore_training_state(
             state, config, run_dir, module=module, optimizer=optimizer, scaler=scaler, dist_info=dist_info,
@@ -261,6 +264,7 @@ def _train(
             world_size=dist_info.world_size,
             seed=config.train.seed,
         )
+    on_exit.callback(data.close)
     if data_state is not None:
         data.load_state_dict(data_state)
     global_batch = config.train.batch_size * dist_info.world_size
@@ -307,6 +311,7 @@ def _train(
         # step's periodic evaluation was skipped or abandoned for a signal; the resumed run makes it up.
         with not_training():
             saved_at["step"] = step
+            failure = None
             rng_states = gather_objects(ckpt.capture_rng_state(), dist_info)
             data_states = gather_objects(data.state_dict(), dist_info)
             if dist_info.is_main:
@@ -326,10 +331,16 @@ def _train(
                     "metrics": metrics,
                     "evaluation_owed": evaluation_owed,
                 }
-                path = ckpt.save_checkpoint(state, run_dir, step, config.checkpoint.keep_last)
-                log.info("saved %s", path)
-            if dist_info.is_distributed:
-                dist.barrier()
+                try:
+                    log.info("saved %s", ckpt.save_checkpoint(state, run_dir, step, config.checkpoint.keep_last))
+                except ckpt.CheckpointWriteError as error:  # re-raised below, after the ranks agree
+                    failure = error
+            # Every rank waits for the file (and hears of a failure, or it would wait for rank 0 in its next
+            # collective until that timed out)
+            if dist_info.is_distributed and any_rank(failure is not None, dist_info) and failure is None:
+                raise ckpt.CheckpointWriteError(f"rank 0 could not write the step {step} checkpoint (its log says why)")
+            if failure is not None:
+                raise failure
 
     def evaluate(step: int) -> dict:
         """The evaluations' results, also logged. A signal (also one before them) abandons them by raising
@@ -553,5 +564,4 @@ def _train(
             if config.logging.plot:
                 plot_run(run_dir)
             (run_dir / "results.json").write_text(json.dumps(final, indent=2, default=float), encoding="utf-8")
-    data.close()
     return final

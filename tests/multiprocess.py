@@ -1,9 +1,15 @@
-"""Starting several gloo ranks inside a test: a free port to meet on, and mp.spawn with a deadline."""
+"""Starting several gloo ranks inside a test: a free port to meet on, and mp.spawn with a deadline; and
+another process holding a run directory's lock."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
@@ -25,3 +31,26 @@ def spawn_ranks(worker, args: tuple, nprocs: int = 2, timeout_s: float = 300.0) 
             for process in context.processes:
                 process.kill()
             pytest.fail(f"the {nprocs} ranks did not finish within {timeout_s:.0f} s")
+
+
+HOLD_LOCK = """
+import sys
+from clip.run_lock import locked_run_directory
+with locked_run_directory(sys.argv[1]):
+    print("locked", flush=True)
+    sys.stdin.readline()
+"""
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(run_dir: Path) -> Iterator[int]:
+    """Another process holds `run_dir`'s lock for the block (a POSIX lock never conflicts with its own
+    process's); yields its pid."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder.pid
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)

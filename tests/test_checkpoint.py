@@ -95,6 +95,18 @@ def test_a_save_that_runs_out_of_disk_says_so_in_one_line_and_leaves_nothing(tmp
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000010.pt"]
 
 
+def test_a_checkpoint_saved_without_checksums_is_read(tmp_path):
+    # torch writes CRC 0 for every member when told not to compute them (faster saves of large files);
+    # every such checkpoint was refused as damaged.
+    torch.serialization.set_crc32_options(False)
+    try:
+        ckpt.save_checkpoint({"format": ckpt.CHECKPOINT_FORMAT, "step": 10, "model": {"w": torch.ones(100)}},
+                             tmp_path, 10, keep_last=3)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert ckpt.load_latest_checkpoint(tmp_path)["step"] == 10
+
+
 def test_pruning_keeps_the_new_save_below_unreadable_checkpoints(tmp_path):
     # Resumed from step 10 because 30 is torn and 40 is another program's file: the saves of steps 20 and
     # 25 must not be pruned by the higher numbers they cannot read. Those are left for a save to replace.

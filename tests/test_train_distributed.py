@@ -81,13 +81,20 @@ def _logging_worker(rank: int, world_size: int, port: int, run_dir: str, extra) 
     _worker(rank, world_size, port, run_dir, None, extra)
 
 
-def _refused_worker(rank: int, world_size: int, port: int, run_dir: str, extra) -> None:
+def _refused_worker(rank: int, world_size: int, port: int, run_dir: str, extra, full_disk_on_rank_0=False) -> None:
+    # What each rank raised, into a file of its own beside the run directory: every rank must raise, none wait.
+    from clip import checkpoint
     from clip.run_lock import RunDirectoryInUse
 
+    if full_disk_on_rank_0 and rank == 0:
+        def full_disk(*args, **kwargs):
+            raise checkpoint.CheckpointWriteError("could not write: No space left on device (errno 28)")
+
+        checkpoint.save_checkpoint = full_disk
     try:
         _worker(rank, world_size, port, run_dir, None, extra)
-    except RunDirectoryInUse as error:
-        (Path(run_dir).parent / f"refused{rank}").write_text(str(error))
+    except (RunDirectoryInUse, checkpoint.NoReadableCheckpointError, checkpoint.CheckpointWriteError) as error:
+        (Path(run_dir).parent / f"refused{rank}").write_text(f"{type(error).__name__}: {error}")
 
 
 def assert_same_final_weights(straight_dir: Path, resumed_dir: Path, step: int) -> None:
@@ -191,9 +198,25 @@ def test_warnings_every_rank_would_give_alike_are_given_by_rank_0_alone(tmp_path
 
 def test_a_run_directory_in_use_stops_every_rank_at_once(tmp_path):
     # Rank 0 alone takes the lock; without agreeing, rank 1 would wait for it in the next collective.
-    from clip.run_lock import locked_run_directory
+    from multiprocess import lock_held_by_another_process
 
-    with locked_run_directory(tmp_path / "run"):
+    with lock_held_by_another_process(tmp_path / "run"):
         spawn_ranks(_refused_worker, (2, free_port(), str(tmp_path / "run"), ["eval.every_n_steps=0"]), timeout_s=120)
     assert "is in use by another run (host " in (tmp_path / "refused0").read_text()
     assert "rank 0 could not take" in (tmp_path / "refused1").read_text()
+
+
+def test_when_rank_0_finds_no_readable_checkpoint_or_cannot_save_every_rank_stops(tmp_path):
+    # Rank 0 alone chooses (and verifies) the checkpoint to resume from, and alone writes them: the others
+    # hear of its failure instead of waiting for it in their next collective.
+    extra = ["eval.every_n_steps=0", "schedule.steps=2", "checkpoint.every_n_steps=1"]
+    run_two_ranks(tmp_path / "run", extra=extra, stop_at_step=1)
+    for _, path in ckpt.list_checkpoints(tmp_path / "run"):
+        path.write_bytes(path.read_bytes()[:100])  # torn
+    spawn_ranks(_refused_worker, (2, free_port(), str(tmp_path / "run"), extra), timeout_s=120)
+    assert "NoReadableCheckpointError: none of the checkpoints" in (tmp_path / "refused0").read_text()
+    assert "NoReadableCheckpointError: rank 0 found no readable checkpoint" in (tmp_path / "refused1").read_text()
+
+    spawn_ranks(_refused_worker, (2, free_port(), str(tmp_path / "full"), extra, True), timeout_s=120)
+    assert "No space left on device" in (tmp_path / "refused0").read_text()
+    assert "rank 0 could not write the step 1 checkpoint" in (tmp_path / "refused1").read_text()

@@ -8,6 +8,8 @@ import logging
 import math
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -224,6 +226,17 @@ def test_non_finite_gradients_of_a_finite_loss_skip_the_step(tmp_path, monkeypat
     assert "step 2: non-finite gradients (loss " in caplog.text
     assert results["nonfinite_steps_total"] == 1 and math.isfinite(results["loss"])
     assert all(torch.isfinite(t).all() for t in final_weights(tmp_path).values() if t.is_floating_point())
+
+
+def test_a_run_that_raises_stops_its_data_workers(tmp_path, monkeypatch):
+    # They were stopped at the end of a run that finished only: in a notebook, a failed run left them running.
+    import multiprocessing
+
+    poison_loss(monkeypatch, {1, 2})
+    config = tiny_config(tmp_path, "train.max_consecutive_nonfinite=2", "eval.every_n_steps=0", "data.workers=1")
+    with pytest.raises(NonFiniteLossError):
+        train(config)
+    assert multiprocessing.active_children() == []
 
 
 def test_no_periodic_checkpoint_is_written_while_the_losses_are_non_finite(tmp_path, monkeypatch):
@@ -695,6 +708,10 @@ def test_a_config_error_under_a_launcher_is_said_by_rank_0_alone(tmp_path, monke
     launched_as_rank(monkeypatch, 0)
     assert main([str(DEMO), "--output-dir", str(tmp_path), "train.batch_sise=8"]) == 2
     assert capsys.readouterr().err.startswith("clip-train: ")
+    # A config file that only rank 0's node has: the other rank says so itself, or nobody would
+    launched_as_rank(monkeypatch, 1)
+    assert main([str(tmp_path / "on_another_node.toml")]) == 2
+    assert capsys.readouterr().err.startswith("clip-train (rank 1): config file ")
 
 
 def test_other_ranks_name_themselves_in_their_log_lines_and_errors():
@@ -717,15 +734,45 @@ def test_other_ranks_name_themselves_in_their_log_lines_and_errors():
 def test_a_run_directory_in_use_by_another_run_is_refused_naming_it(tmp_path, capsys):
     # A second run in the same directory resumed from the first's checkpoint, wrote its metrics twice, and
     # removed its half-written checkpoint as a leftover (the first then died renaming it into place).
-    from clip.run_lock import locked_run_directory
+    from multiprocess import lock_held_by_another_process
 
-    with locked_run_directory(tmp_path / "run"):  # as the other run holds it (flock: per open file)
+    with lock_held_by_another_process(tmp_path / "run") as holder:
         assert main([str(DEMO), "--output-dir", str(tmp_path / "run"), *TINY]) == 2
         error = capsys.readouterr().err.strip()
         assert error.startswith(f"clip-train: {tmp_path / 'run'} is in use by another run (host ")
-        assert f"pid {os.getpid()}, since " in error and "\n" not in error
+        assert f"pid {holder}, since " in error and "\n" not in error
         assert not (tmp_path / "run" / "config.toml").exists()
     assert main([str(DEMO), "--output-dir", str(tmp_path / "run"), *TINY, "schedule.steps=1"]) == 0  # released
+
+
+def test_the_lock_ends_with_the_process_that_took_it_not_with_its_children(tmp_path):
+    # The data loader's workers are forked children: a lock they inherited (flock's) outlived a killed run
+    # by as long as they took to exit, and its restart was refused naming the dead process.
+    from clip.run_lock import locked_run_directory
+
+    script = ("import os, sys, time\nfrom clip.run_lock import locked_run_directory\n"
+              "with locked_run_directory(sys.argv[1]):\n"
+              "    child = os.fork()\n"
+              "    if child == 0:\n        os.close(1)\n        os.close(2)\n        time.sleep(60)\n        os._exit(0)\n"
+              "    print(child, flush=True)\n    os._exit(0)\n")
+    parent = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    child = int(parent.stdout)
+    try:
+        os.kill(child, 0)  # still running, its parent gone
+        with locked_run_directory(tmp_path):
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("kind", ["inside_a_file", "a_file"])
+def test_an_output_dir_that_cannot_be_created_is_one_line_and_status_2(tmp_path, capsys, kind):
+    (tmp_path / "file").write_text("")
+    output_dir = tmp_path / "file" / "run" if kind == "inside_a_file" else tmp_path / "file"
+    assert main([str(DEMO), "--output-dir", str(output_dir), *TINY]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"clip-train: cannot use {output_dir} as the run directory: ") and "\n" not in error
+    assert ("Not a directory" if kind == "inside_a_file" else "File exists") in error
 
 
 def test_a_checkpoint_that_cannot_be_written_is_one_error_line_and_status_1(tmp_path, monkeypatch, capsys, caplog):
@@ -737,13 +784,6 @@ def test_a_checkpoint_that_cannot_be_written_is_one_error_line_and_status_1(tmp_
         assert main([str(DEMO), "--output-dir", str(tmp_path), *TINY, "eval.every_n_steps=0"]) == 1
     assert "could not write step 3: No space left on device (errno 28)" in caplog.text
     assert "Traceback" not in capsys.readouterr().err
-
-
-def test_an_output_dir_that_cannot_be_created_is_one_line_and_status_2(tmp_path, capsys):
-    (tmp_path / "file").write_text("")
-    assert main([str(DEMO), "--output-dir", str(tmp_path / "file" / "run"), *TINY]) == 2
-    error = capsys.readouterr().err.strip()
-    assert error.startswith("clip-train: ") and "Not a directory" in error and "\n" not in error
 
 
 def test_unusable_data_is_one_line_and_status_2(tmp_path, capsys):

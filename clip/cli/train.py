@@ -1,7 +1,8 @@
 """`clip-train CONFIG [--output-dir DIR] [section.key=value ...]`: pre-train or fine-tune a CLIP model from a TOML
 recipe (`clip.train` runs it). What a run's exit status means: 0 finished; 2 bad input, one line on stderr
 (a config error, data that cannot be used, a run directory the config cannot continue or another run is
-using, init weights that name nothing loadable); 75 stopped early with a checkpoint, run again to continue; 1 anything else.
+using, init weights that name nothing loadable); 75 stopped early with a checkpoint, run again to continue;
+1 anything else.
 
     python scripts/train.py CONFIG [--output-dir DIR] [section.key=value ...]
     torchrun --nproc-per-node 8 scripts/train.py CONFIG ...      (or under SLURM: srun python scripts/train.py ...)
@@ -96,9 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, overrides, TrainConfig)
     except ConfigError as error:
         # Every rank reads the same file and overrides: rank 0 alone says what is wrong, not each of the
-        # hundreds of processes of a cluster job
-        if rank_zero:
-            print(f"clip-train: {error}", file=sys.stderr)
+        # hundreds of processes of a cluster job. Unless this rank cannot read the file (a path that exists on
+        # rank 0's node only): then rank 0 would be waiting for it, and it alone can say why.
+        if rank_zero or not os.access(args.config, os.R_OK):
+            print(f"{program_name(launcher)}: {error}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=logging.INFO if rank_zero else logging.WARNING, format=log_format(launcher), datefmt="%H:%M:%S"

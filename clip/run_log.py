@@ -78,7 +78,9 @@ class RunLog:
 
     def write(self, record: dict) -> None:
         with self.path.open("a", encoding="utf-8") as file:
-            file.write(json.dumps(record, default=_json_default) + "\n")
+            # Strict JSON (allow_nan=False): a non-finite figure, such as a skipped step's loss, is null; NaN
+            # and Infinity are Python's extensions, which jq, JavaScript and many readers refuse
+            file.write(json.dumps(_finite_or_null(record), default=_json_default, allow_nan=False) + "\n")
         step = record.get("step", 0)
         scalars = {
             key: value for key, value in _flatten(record).items()
@@ -129,6 +131,18 @@ def _json_default(value):
     if hasattr(value, "item"):
         return value.item()
     return str(value)
+
+
+def _finite_or_null(value):
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # a 0-d tensor or NumPy scalar
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _flatten(record: dict, prefix: str = "") -> dict:

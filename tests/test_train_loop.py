@@ -239,6 +239,22 @@ def test_a_run_that_raises_stops_its_data_workers(tmp_path, monkeypatch):
     assert multiprocessing.active_children() == []
 
 
+def test_metrics_jsonl_is_strict_json_with_null_for_non_finite_figures(tmp_path):
+    # Python's NaN and Infinity extensions (a diverged step's loss or gradient norm) are refused by jq,
+    # JavaScript and many readers of JSON lines
+    from clip.run_log import RunLog
+
+    run_log = RunLog(tmp_path, tensorboard=False, resumed_at=0)
+    run_log.write({"step": 1, "loss": float("nan"), "grad_norm": torch.tensor(float("inf")), "data": {"x": [1.5, -math.inf]}})
+    run_log.close()
+
+    def refuse(constant):
+        raise ValueError(f"{constant} in metrics.jsonl")
+
+    record = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=refuse)
+    assert record == {"step": 1, "loss": None, "grad_norm": None, "data": {"x": [1.5, None]}}
+
+
 def test_no_periodic_checkpoint_is_written_while_the_losses_are_non_finite(tmp_path, monkeypatch):
     # Each such save pruned an older checkpoint, until only copies from the bad steps were left, and the error
     # said that a good one was kept.

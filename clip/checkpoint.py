@@ -69,16 +69,18 @@ def save_checkpoint(state: dict, run_dir: Path, step: int, keep_last: int) -> Pa
     An interrupted write leaves at worst a stray temporary file, never a truncated `step_*.pt`.
     """
     final = checkpoint_path(run_dir, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = _create_temporary(final)
+    temporary = None
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = _create_temporary(final)  # an inode quota or a read-only mount fails here
         with os.fdopen(handle, "wb") as file:
             torch.save(state, file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, final)
     except BaseException as error:
-        temporary.unlink(missing_ok=True)
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
         cause = _os_error_in(error)
         if cause is not None:  # a full disk, a quota: torch.save reports it as an "enforce fail" RuntimeError
             raise CheckpointWriteError(
@@ -146,7 +148,10 @@ def prune_checkpoints(run_dir: Path, newest_step: int, keep_last: int) -> list[P
     older = [path for step, path in list_checkpoints(run_dir) if step < newest_step and _looks_complete(path)]
     deleted = older[max(keep_last, 1) - 1 :]
     for path in deleted:
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as error:  # the new checkpoint is saved: an old one left behind costs only disk space
+            log.warning("could not delete the older checkpoint %s: %s", path, error)
     return deleted
 
 
@@ -226,17 +231,24 @@ def _member_failing_its_checksum(path: Path) -> str | None:
 
 
 def load_latest_checkpoint(run_dir: Path) -> dict | None:
-    """The newest checkpoint that loads, or None when the run has no checkpoint files yet.
+    """The newest checkpoint that loads, or None when the run has no checkpoint files yet; see
+    `latest_readable_checkpoint`."""
+    found = latest_readable_checkpoint(run_dir)
+    return None if found is None else found[1]
+
+
+def latest_readable_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
+    """(path, state) of the newest checkpoint that loads, or None when the run has no checkpoint files yet.
 
     A newer file that does not load (torn, damaged, foreign, another format version, non-finite weights) is
-    skipped with a warning. When
-    there are checkpoint files but none loads, raises NoReadableCheckpointError rather than starting again
-    at step 0: the new run would mix with the old files, and its checkpoints be pruned below them.
+    skipped with a warning. When there are checkpoint files but none loads, raises NoReadableCheckpointError
+    rather than starting again at step 0: the new run would mix with the old files, and its checkpoints be
+    pruned below them.
     """
     failures = []
     for step, path in list_checkpoints(run_dir):
         try:
-            return read_checkpoint(path)
+            return path, read_checkpoint(path)
         except Exception as error:  # a torn file raises anything from zipfile/pickle/torch
             reason = _one_line_reason(error)
             log.warning("checkpoint %s (step %d) is unreadable and skipped: %s", path, step, reason)

@@ -61,36 +61,44 @@ def check_resumable(saved: dict, current: dict, run_dir: Path, warn: bool = True
 
 
 def checkpoint_to_resume(run_dir: Path, dist_info: DistributedInfo) -> dict | None:
-    """The run's latest readable checkpoint (see `checkpoint.load_latest_checkpoint`), None for a new run.
+    """The run's latest readable checkpoint (see `checkpoint.latest_readable_checkpoint`), None for a new run.
 
     Rank 0 chooses and verifies it, and the other ranks load that file: choosing each for themselves, a
     rank that saw a file differently (a read error, a file system's stale view) would resume from another
     step than the rest and pair its collectives with theirs wrongly; and every rank would read every file
-    twice. The ranks agree on a failure."""
-    failure, state = None, None
+    twice. The ranks agree on any failure, or the others would wait for rank 0 until a timeout."""
+    failure, state, chosen = None, None, None
     if dist_info.is_main:
         try:
-            state = ckpt.load_latest_checkpoint(run_dir)
-        except ckpt.NoReadableCheckpointError as error:
-            failure = error
-        chosen = "none readable" if failure is not None else (None if state is None else state["step"])
-    chosen = from_rank_zero(chosen if dist_info.is_main else None, dist_info)
+            found = ckpt.latest_readable_checkpoint(run_dir)
+        except Exception as error:  # re-raised below, once every rank knows
+            failure, chosen = error, FAILED
+        else:
+            if found is not None:
+                path, state = found
+                chosen = path.name
+    chosen = from_rank_zero(chosen, dist_info)
     if failure is not None:
         raise failure
-    if chosen == "none readable":
-        raise ckpt.NoReadableCheckpointError(f"rank 0 found no readable checkpoint in {run_dir} (its log says why)")
+    if chosen == FAILED:
+        raise ckpt.NoReadableCheckpointError(f"rank 0 could not resume from {run_dir} (its log says why)")
     if not dist_info.is_main and chosen is not None:
-        path = ckpt.checkpoint_path(run_dir, chosen)
+        path = Path(run_dir) / ckpt.CHECKPOINT_DIR / chosen
         try:
             state = ckpt.read_checkpoint(path, verify=False)  # verified by rank 0
         except Exception as error:  # re-raised below, after the ranks agree
             failure = ckpt.NoReadableCheckpointError(f"rank {dist_info.rank} could not read {path}, which rank 0 "
                                                      f"resumes from: {error}")
-    if chosen is not None and dist_info.is_distributed and any_rank(failure is not None, dist_info) and failure is None:
-        raise ckpt.NoReadableCheckpointError(f"a rank could not read the step {chosen} checkpoint (its log says why)")
+    if chosen is not None and dist_info.is_distributed:
+        if any_rank(failure is not None, dist_info) and failure is None:
+            raise ckpt.NoReadableCheckpointError(f"a rank could not read checkpoint {chosen} (its log says why)")
     if failure is not None:
         raise failure
     return state
+
+
+# What rank 0 sends the others when it could not choose a checkpoint (no file name has this form)
+FAILED = "/failed"
 
 
 class ResumePoint(NamedTuple):

@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,23 +35,39 @@ class RunDirectoryInUse(RuntimeError):
     """Another process holds the run directory's lock."""
 
 
+# The run directories this process holds, by (device, inode) of their folder. A POSIX lock belongs to a
+# process, so the kernel never refuses a second train() of the same process (a notebook's thread), and that
+# one's end, closing the file, would release the first one's lock: the process keeps its own account.
+_HELD_HERE: set[tuple[int, int]] = set()
+_HELD_HERE_GUARD = threading.Lock()
+
+
 @contextlib.contextmanager
 def locked_run_directory(run_dir: Path) -> Iterator[None]:
     """Creates `run_dir` if needed and holds its lock until the block ends; raises RunDirectoryInUse, naming
-    the holder, when another process has it. On a file system without locks (some network mounts), warns and
-    goes on unlocked. A POSIX lock belongs to the process: a second call in the same process is not refused,
-and its end releases the first call's lock too."""
+    the holder, when another process or another run of this one has it. On a file system without locks
+    (some network mounts), warns and goes on unlocked."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_NAME
-    with open(path, "a+", encoding="utf-8") as file:
-        locked = _try_lock(file, path)
-        if locked:
-            # Whom a refused run names: the lock's holder, not whoever last wrote the file
-            file.truncate(0)
-            file.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            file.flush()
-        yield  # closing the file releases the lock
+    folder = run_dir.stat()
+    key = (folder.st_dev, folder.st_ino)
+    with _HELD_HERE_GUARD:
+        if key in _HELD_HERE:
+            raise RunDirectoryInUse(f"{run_dir} is in use by another run of this process (pid {os.getpid()}); "
+                                    f"wait for it to end, or use another --output-dir")
+        _HELD_HERE.add(key)
+    try:
+        with open(run_dir / LOCK_NAME, "a+", encoding="utf-8", errors="replace") as file:
+            if _try_lock(file, run_dir / LOCK_NAME):
+                # Whom a refused run names: the lock's holder, not whoever last wrote the file
+                file.truncate(0)
+                file.write(f"host {socket.gethostname()}, pid {os.getpid()}, "
+                           f"since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+                file.flush()
+            yield  # closing the file releases the lock
+    finally:
+        with _HELD_HERE_GUARD:
+            _HELD_HERE.discard(key)
 
 
 def _try_lock(file: IO[str], path: Path) -> bool:

@@ -333,7 +333,7 @@ def _train(
                 }
                 try:
                     log.info("saved %s", ckpt.save_checkpoint(state, run_dir, step, config.checkpoint.keep_last))
-                except ckpt.CheckpointWriteError as error:  # re-raised below, after the ranks agree
+                except Exception as error:  # re-raised below, after the ranks agree
                     failure = error
             # Every rank waits for the file (and hears of a failure, or it would wait for rank 0 in its next
             # collective until that timed out)

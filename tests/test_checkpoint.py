@@ -95,6 +95,17 @@ def test_a_save_that_runs_out_of_disk_says_so_in_one_line_and_leaves_nothing(tmp
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000010.pt"]
 
 
+def test_a_checkpoint_file_that_cannot_be_created_is_a_write_error(tmp_path, monkeypatch):
+    # An inode quota or a read-only mount fails at the file's creation, before torch.save: that OSError
+    # escaped the one-line error (and, under DDP, the ranks' agreement)
+    def quota(final):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded", str(final))
+
+    monkeypatch.setattr(ckpt, "_create_temporary", quota)
+    with pytest.raises(ckpt.CheckpointWriteError, match=r"could not write .*step_00000010\.pt: Disk quota exceeded"):
+        save(tmp_path, 10)
+
+
 def test_a_checkpoint_saved_without_checksums_is_read(tmp_path):
     # torch writes CRC 0 for every member when told not to compute them (faster saves of large files);
     # every such checkpoint was refused as damaged.

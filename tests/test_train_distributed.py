@@ -81,19 +81,23 @@ def _logging_worker(rank: int, world_size: int, port: int, run_dir: str, extra) 
     _worker(rank, world_size, port, run_dir, None, extra)
 
 
-def _refused_worker(rank: int, world_size: int, port: int, run_dir: str, extra, full_disk_on_rank_0=False) -> None:
+def _refused_worker(rank: int, world_size: int, port: int, run_dir: str, extra, sabotage: str = "") -> None:
     # What each rank raised, into a file of its own beside the run directory: every rank must raise, none wait.
+    # sabotage: "full_disk" (rank 0's saves fail) or "unlistable" (rank 0 cannot list the checkpoints)
     from clip import checkpoint
     from clip.run_lock import RunDirectoryInUse
 
-    if full_disk_on_rank_0 and rank == 0:
-        def full_disk(*args, **kwargs):
-            raise checkpoint.CheckpointWriteError("could not write: No space left on device (errno 28)")
+    if rank == 0 and sabotage:
+        def fail(*args, **kwargs):
+            if sabotage == "full_disk":
+                raise checkpoint.CheckpointWriteError("could not write: No space left on device (errno 28)")
+            raise PermissionError(13, "Permission denied", run_dir)
 
-        checkpoint.save_checkpoint = full_disk
+        setattr(checkpoint, {"full_disk": "save_checkpoint", "unlistable": "list_checkpoints"}[sabotage], fail)
     try:
         _worker(rank, world_size, port, run_dir, None, extra)
-    except (RunDirectoryInUse, checkpoint.NoReadableCheckpointError, checkpoint.CheckpointWriteError) as error:
+    except (RunDirectoryInUse, checkpoint.NoReadableCheckpointError, checkpoint.CheckpointWriteError,
+            PermissionError) as error:
         (Path(run_dir).parent / f"refused{rank}").write_text(f"{type(error).__name__}: {error}")
 
 
@@ -215,8 +219,13 @@ def test_when_rank_0_finds_no_readable_checkpoint_or_cannot_save_every_rank_stop
         path.write_bytes(path.read_bytes()[:100])  # torn
     spawn_ranks(_refused_worker, (2, free_port(), str(tmp_path / "run"), extra), timeout_s=120)
     assert "NoReadableCheckpointError: none of the checkpoints" in (tmp_path / "refused0").read_text()
-    assert "NoReadableCheckpointError: rank 0 found no readable checkpoint" in (tmp_path / "refused1").read_text()
+    assert "NoReadableCheckpointError: rank 0 could not resume from" in (tmp_path / "refused1").read_text()
 
-    spawn_ranks(_refused_worker, (2, free_port(), str(tmp_path / "full"), extra, True), timeout_s=120)
+    spawn_ranks(_refused_worker, (2, free_port(), str(tmp_path / "full"), extra, "full_disk"), timeout_s=120)
     assert "No space left on device" in (tmp_path / "refused0").read_text()
     assert "rank 0 could not write the step 1 checkpoint" in (tmp_path / "refused1").read_text()
+
+    # Any error of rank 0's choice, not only "none readable": rank 1 waited in the broadcast
+    spawn_ranks(_refused_worker, (2, free_port(), str(tmp_path / "run"), extra, "unlistable"), timeout_s=120)
+    assert "PermissionError: [Errno 13] Permission denied" in (tmp_path / "refused0").read_text()
+    assert "rank 0 could not resume from" in (tmp_path / "refused1").read_text()

@@ -234,9 +234,11 @@ def test_a_run_that_raises_stops_its_data_workers(tmp_path, monkeypatch):
 
     poison_loss(monkeypatch, {1, 2})
     config = tiny_config(tmp_path, "train.max_consecutive_nonfinite=2", "eval.every_n_steps=0", "data.workers=1")
-    with pytest.raises(NonFiniteLossError):
+    with pytest.raises(NonFiniteLossError) as raised:
         train(config)
-    assert multiprocessing.active_children() == []
+    # checked while the exception (and so the frames that hold the loader) is still referenced, as a
+    # notebook's sys.last_traceback keeps it: otherwise the garbage collector stops the workers anyway
+    assert raised.value is not None and multiprocessing.active_children() == []
 
 
 def test_metrics_jsonl_is_strict_json_with_null_for_non_finite_figures(tmp_path):
@@ -759,6 +761,23 @@ def test_a_run_directory_in_use_by_another_run_is_refused_naming_it(tmp_path, ca
         assert f"pid {holder}, since " in error and "\n" not in error
         assert not (tmp_path / "run" / "config.toml").exists()
     assert main([str(DEMO), "--output-dir", str(tmp_path / "run"), *TINY, "schedule.steps=1"]) == 0  # released
+
+
+def test_a_second_run_in_the_same_process_is_refused_and_leaves_the_first_locked(tmp_path):
+    # A POSIX lock never conflicts with its own process: a notebook's second train() on the directory was
+    # let in, and its end released the first one's lock.
+    from multiprocess import HOLD_LOCK
+    from clip.run_lock import RunDirectoryInUse, locked_run_directory
+
+    with locked_run_directory(tmp_path):
+        with pytest.raises(RunDirectoryInUse, match=f"in use by another run of this process \\(pid {os.getpid()}\\)"):
+            with locked_run_directory(tmp_path):
+                pass
+        other = subprocess.run([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], input="", capture_output=True,
+                               text=True, timeout=60)
+        assert "RunDirectoryInUse" in other.stderr  # still held against other processes
+    with locked_run_directory(tmp_path):  # released at the end
+        pass
 
 
 def test_the_lock_ends_with_the_process_that_took_it_not_with_its_children(tmp_path):

@@ -142,7 +142,16 @@ def model_from_weights(weights: LoadedWeights, source: str) -> CLIP:
             config, origin = infer_model_config(weights.state_dict), "inferred from its tensor shapes"
         except ArchitectureInferenceError as error:
             raise WeightsFileError(f"{source} does not hold CLIP weights in OpenAI's layout: {error}") from error
-        if config not in RELEASED_ARCHITECTURES.values():
+        if weights.from_open_clip_training:
+            # Released sizes or not: open_clip's GELU models have OpenAI's shapes, and load without error
+            warnings.warn(
+                f"{source} is an open_clip training checkpoint, which records no architecture: loaded with "
+                f"OpenAI's conventions ({config.vision.heads} image and {config.text.heads} text heads, "
+                f"{config.activation}). open_clip's models without '-quickgelu' in their name (most of those "
+                f"trained on LAION) use GELU, and compute other features this way: build those with "
+                f"clip.create_model(its config, activation 'gelu') and load_state_dict.", stacklevel=3,
+            )
+        elif config not in RELEASED_ARCHITECTURES.values():
             # OpenAI's conventions hold for its releases; a model of other sizes may well have been trained
             # with other heads or activation, and would then load without error but compute other features.
             warnings.warn(

@@ -59,6 +59,9 @@ class LoadedWeights:
     extras: dict[str, int] = field(default_factory=dict)
     # A SigLIP run's learned logit bias (its checkpoint's loss_parameters), a scalar tensor; None otherwise.
     logit_bias: torch.Tensor | None = None
+    # An open_clip training checkpoint ({"epoch", "state_dict", ...}): it records no activation, and
+    # open_clip trains most of its models (those without "-quickgelu" in their name) with GELU
+    from_open_clip_training: bool = False
 
 
 def read_weights(path: str | Path) -> LoadedWeights:
@@ -198,6 +201,7 @@ def _weights_from_object(loaded: object, path: Path) -> LoadedWeights:
     for key in ("model", "state_dict"):
         if isinstance(loaded.get(key), Mapping) and _is_state_dict(loaded[key]):
             weights = _weights_from_state_dict(loaded[key], _config_from_checkpoint(loaded.get("config"), path), path)
+            weights.from_open_clip_training = key == "state_dict" and "epoch" in loaded and "config" not in loaded
             loss_parameters = loaded.get("loss_parameters")
             bias = loss_parameters.get("logit_bias") if isinstance(loss_parameters, Mapping) else None
             if isinstance(bias, torch.Tensor) and bias.numel() == 1:

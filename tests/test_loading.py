@@ -264,6 +264,17 @@ def test_wrapper_prefixes_are_stripped(tmp_path: Path) -> None:
     assert_same_features(model, original, TINY_VIT, atol=0)
 
 
+def test_an_open_clip_training_checkpoint_loads_with_a_warning_about_its_activation(tmp_path: Path) -> None:
+    # open_clip's epoch_N.pt: {"epoch", "name", "state_dict" with DDP's prefix, "optimizer"}. Its GELU models
+    # (most LAION-trained ones) have OpenAI's shapes, so they loaded as QuickGELU without a word.
+    original = tiny_model(TINY_VIT)
+    state = {f"module.{key}": value for key, value in original.state_dict().items()}
+    torch.save({"epoch": 32, "name": "laion-run", "state_dict": state, "optimizer": {}}, tmp_path / "epoch_32.pt")
+    with pytest.warns(UserWarning, match=r"epoch_32\.pt is an open_clip training checkpoint.*'-quickgelu'.*GELU"):
+        model, _ = load(tmp_path / "epoch_32.pt", device="cpu")
+    assert_same_features(model, original, TINY_VIT, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints written by the trainer, and run directories
 

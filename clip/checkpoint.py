@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .weights_file import weights_only_refusal
+from .weights_file import damaged_archive_member, weights_only_refusal
 
 CHECKPOINT_FORMAT = "clip-pretrain/1"
 CHECKPOINT_DIR = "checkpoints"
@@ -198,7 +198,7 @@ def read_checkpoint(path: Path, verify: bool = True) -> dict:
         raise ValueError(f"{path} has {what}; this trainer reads checkpoints of format {CHECKPOINT_FORMAT!r}")
     if not verify:
         return state
-    damaged = _member_failing_its_checksum(path)
+    damaged = damaged_archive_member(path)
     if damaged is not None:
         raise ValueError(f"{path} is damaged: its member {damaged} does not match the checksum saved with it")
     nonfinite = [name for name, tensor in state.get("model", {}).items()
@@ -207,27 +207,6 @@ def read_checkpoint(path: Path, verify: bool = True) -> dict:
         raise ValueError(f"{path} holds non-finite weights ({', '.join(nonfinite[:3])}"
                          f"{', ...' if len(nonfinite) > 3 else ''})")
     return state
-
-
-def _member_failing_its_checksum(path: Path) -> str | None:
-    """The first archive member whose bytes do not match their stored CRC-32, or None.
-
-    torch.load does not check them: a file changed on disk after its save (a bad sector, a faulty copy)
-    loaded as if whole, with garbage or NaN among its weights. Reading it once more costs well under a
-    second per GB, once per resume. A member stored with CRC 0 is not checked: torch writes 0 for every
-    member when its CRC computation is turned off (torch.serialization.set_crc32_options(False)), to save
-    large checkpoints faster."""
-    with zipfile.ZipFile(path) as archive:
-        for info in archive.infolist():
-            if info.CRC == 0 and info.file_size > 0:
-                continue
-            try:
-                with archive.open(info) as member:  # zipfile compares the CRC once the member is read through
-                    while member.read(1 << 24):
-                        pass
-            except zipfile.BadZipFile:
-                return info.filename
-    return None
 
 
 def load_latest_checkpoint(run_dir: Path) -> dict | None:

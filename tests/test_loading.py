@@ -264,6 +264,27 @@ def test_wrapper_prefixes_are_stripped(tmp_path: Path) -> None:
     assert_same_features(model, original, TINY_VIT, atol=0)
 
 
+def test_a_file_damaged_since_its_save_is_refused_and_a_run_directory_falls_back(tmp_path: Path) -> None:
+    # torch.load reads changed bytes without complaint: an evaluation would have scored garbage weights
+    original = tiny_model(TINY_VIT)
+    path = tmp_path / "weights.pt"
+    torch.save(original.state_dict(), path)
+    data = bytearray(path.read_bytes())
+    weight = original.state_dict()["visual.proj"].numpy().tobytes()
+    at = data.find(weight[:64])
+    data[at + 8 : at + 12] = torch.tensor([12345.0]).numpy().tobytes()
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsFileError, match=r"weights\.pt is damaged: its member .* does not match the checksum"):
+        load(path, device="cpu")
+    # in a run directory, the newest checkpoint damaged: the one before it is loaded, with a warning
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    torch.save(original.state_dict(), tmp_path / "run" / "checkpoints" / "step_00000001.pt")
+    path.rename(tmp_path / "run" / "checkpoints" / "step_00000002.pt")
+    with pytest.warns(UserWarning, match=r"skipping unreadable checkpoint .*step_00000002\.pt: .* is damaged"):
+        model, _ = load(tmp_path / "run", device="cpu")
+    assert_same_features(model, original, TINY_VIT, atol=0)
+
+
 def test_an_open_clip_training_checkpoint_loads_with_a_warning_about_its_activation(tmp_path: Path) -> None:
     # open_clip's epoch_N.pt: {"epoch", "name", "state_dict" with DDP's prefix, "optimizer"}. Its GELU models
     # (most LAION-trained ones) have OpenAI's shapes, so they loaded as QuickGELU without a word.

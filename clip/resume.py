@@ -82,6 +82,11 @@ def checkpoint_to_resume(run_dir: Path, dist_info: DistributedInfo) -> dict | No
         raise failure
     if chosen == FAILED:
         raise ckpt.NoReadableCheckpointError(f"rank 0 could not resume from {run_dir} (its log says why)")
+    if chosen is None and not dist_info.is_main and ckpt.list_checkpoints(run_dir):
+        # Every rank starts afresh together (rank 0 decides); a run directory on storage local to each node
+        # would otherwise restart a run without a word
+        log.warning("rank %d sees checkpoints in %s that rank 0 does not: the run starts from step 0 (is "
+                    "output_dir on storage that every node shares?)", dist_info.rank, run_dir)
     if not dist_info.is_main and chosen is not None:
         path = Path(run_dir) / ckpt.CHECKPOINT_DIR / chosen
         try:

@@ -106,6 +106,19 @@ def test_a_checkpoint_file_that_cannot_be_created_is_a_write_error(tmp_path, mon
         save(tmp_path, 10)
 
 
+def test_a_rank_that_sees_checkpoints_rank_0_does_not_says_so(tmp_path, monkeypatch, caplog):
+    # A node-local output_dir: rank 0 found none, so every rank starts afresh together, which rank 1 names.
+    import clip.resume as resume
+    from clip.distributed import DistributedInfo
+
+    save(tmp_path, 10)
+    monkeypatch.setattr(resume, "from_rank_zero", lambda value, dist_info: None)  # rank 0's choice: no checkpoint
+    rank_1 = DistributedInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
+    with caplog.at_level("WARNING"):
+        assert resume.checkpoint_to_resume(tmp_path, rank_1) is None
+    assert "rank 1 sees checkpoints in" in caplog.text and "the run starts from step 0" in caplog.text
+
+
 def test_a_checkpoint_saved_without_checksums_is_read(tmp_path):
     # torch writes CRC 0 for every member when told not to compute them (faster saves of large files);
     # every such checkpoint was refused as damaged.

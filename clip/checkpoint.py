@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .weights_file import damaged_archive_member, weights_only_refusal
+from .weights_file import archive_damage, weights_only_refusal
 
 CHECKPOINT_FORMAT = "clip-pretrain/1"
 CHECKPOINT_DIR = "checkpoints"
@@ -198,9 +198,9 @@ def read_checkpoint(path: Path, verify: bool = True) -> dict:
         raise ValueError(f"{path} has {what}; this trainer reads checkpoints of format {CHECKPOINT_FORMAT!r}")
     if not verify:
         return state
-    damaged = damaged_archive_member(path)
-    if damaged is not None:
-        raise ValueError(f"{path} is damaged: its member {damaged} does not match the checksum saved with it")
+    damage = archive_damage(path)
+    if damage is not None:
+        raise ValueError(damage)
     nonfinite = [name for name, tensor in state.get("model", {}).items()
                  if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
     if nonfinite:

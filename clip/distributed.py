@@ -310,6 +310,16 @@ def any_rank(flag: bool, dist_info: DistributedInfo) -> bool:
     return bool(value.item())
 
 
+def raise_on_every_rank(failure: BaseException | None, dist_info: DistributedInfo, elsewhere: BaseException) -> None:
+    """Raises on every rank when some rank failed: its own `failure` where it has one, else `elsewhere`
+    (which names the failing rank's log). Every rank calls this at the same point (a collective), so that
+    none is left waiting for a failed one in its next collective until that times out."""
+    if dist_info.is_distributed and any_rank(failure is not None, dist_info) and failure is None:
+        raise elsewhere
+    if failure is not None:
+        raise failure
+
+
 def from_rank_zero(value, dist_info: DistributedInfo):
     """Rank 0's `value` (picklable) on every rank (a collective: every rank calls it at the same point)."""
     if not dist_info.is_distributed:

@@ -142,24 +142,24 @@ def model_from_weights(weights: LoadedWeights, source: str) -> CLIP:
             config, origin = infer_model_config(weights.state_dict), "inferred from its tensor shapes"
         except ArchitectureInferenceError as error:
             raise WeightsFileError(f"{source} does not hold CLIP weights in OpenAI's layout: {error}") from error
+        conventions = (f"loaded with OpenAI's conventions ({config.vision.heads} image and {config.text.heads} "
+                       f"text heads, {config.activation})")
         if weights.from_open_clip_training:
             # Released sizes or not: open_clip's GELU models have OpenAI's shapes, and load without error
             warnings.warn(
-                f"{source} is an open_clip training checkpoint, which records no architecture: loaded with "
-                f"OpenAI's conventions ({config.vision.heads} image and {config.text.heads} text heads, "
-                f"{config.activation}). open_clip's models without '-quickgelu' in their name (most of those "
-                f"trained on LAION) use GELU, and compute other features this way: build those with "
-                f"clip.create_model(its config, activation 'gelu') and load_state_dict.", stacklevel=3,
+                f"{source} is an open_clip training checkpoint, which records no architecture: {conventions}. "
+                f"open_clip's models without '-quickgelu' in their name (most of those trained on LAION) use "
+                f"GELU, and compute other features this way: build those with clip.create_model(its config, "
+                f"activation 'gelu') and load_state_dict.", stacklevel=3,
             )
         elif config not in RELEASED_ARCHITECTURES.values():
             # OpenAI's conventions hold for its releases; a model of other sizes may well have been trained
             # with other heads or activation, and would then load without error but compute other features.
             warnings.warn(
                 f"{source} records no architecture, and the tensor shapes do not give the attention heads or "
-                f"the activation: loaded with OpenAI's conventions ({config.vision.heads} image and "
-                f"{config.text.heads} text heads, {config.activation}). If the model was trained with others, "
-                f"its outputs differ: load its training run's directory or checkpoint, which record them, or "
-                f"clip.create_model(its config) and load_state_dict.", stacklevel=3,
+                f"the activation: {conventions}. If the model was trained with others, its outputs differ: load "
+                f"its training run's directory or checkpoint, which record them, or clip.create_model(its "
+                f"config) and load_state_dict.", stacklevel=3,
             )
     model = _empty_model(config)
     _load_checked(model, weights, f"{source} does not fit the {_describe(config)} architecture {origin}", source)

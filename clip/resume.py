@@ -16,7 +16,7 @@ from .config import TrainConfig, from_dict, to_dict
 from .config_io import ConfigError, differences
 from .data import data_state_for_other_world_size
 from .data.config import synthetic_sample_count
-from .distributed import DistributedInfo, any_rank, from_rank_zero
+from .distributed import DistributedInfo, from_rank_zero, raise_on_every_rank
 from .optim import learning_rate, load_optimizer_state
 from .train_step import ContrastiveModel
 
@@ -94,11 +94,9 @@ def checkpoint_to_resume(run_dir: Path, dist_info: DistributedInfo) -> dict | No
         except Exception as error:  # re-raised below, after the ranks agree
             failure = ckpt.NoReadableCheckpointError(f"rank {dist_info.rank} could not read {path}, which rank 0 "
                                                      f"resumes from: {error}")
-    if chosen is not None and dist_info.is_distributed:
-        if any_rank(failure is not None, dist_info) and failure is None:
-            raise ckpt.NoReadableCheckpointError(f"a rank could not read checkpoint {chosen} (its log says why)")
-    if failure is not None:
-        raise failure
+    if chosen is not None:
+        raise_on_every_rank(failure, dist_info, ckpt.NoReadableCheckpointError(
+            f"a rank could not read checkpoint {chosen} (its log says why)"))
     return state
 
 

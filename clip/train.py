@@ -30,6 +30,7 @@ from .distributed import (
     cleanup_distributed,
     gather_objects,
     init_distributed,
+    raise_on_every_rank,
 )
 from .evaluation.during_training import check_evaluation_datasets, run_evaluations
 from .loading import load_weights_into
@@ -107,10 +108,9 @@ def run_directory_held(run_dir: Path, dist_info: DistributedInfo) -> Iterator[No
             except OSError as error:  # an output_dir that cannot be created or written: a file, read-only, full
                 refusal = BadTrainingInput(f"cannot use {run_dir} as the run directory: {error}")
                 refusal.__cause__ = error
-        if dist_info.is_distributed and any_rank(refusal is not None, dist_info) and refusal is None:
-            raise RunDirectoryInUse(f"rank 0 could not take {run_dir} (its error says why)")
-        if refusal is not None:
-            raise refusal
+        raise_on_every_rank(refusal, dist_info, RunDirectoryInUse(
+            f"rank 0 could not take {run_dir} (its error says why)"
+        ))
         yield
 
 
@@ -127,10 +127,9 @@ def start_new_run(module: ContrastiveModel, config: TrainConfig, dist_info: Dist
                 log.info("initialised from %s", load_weights_into(module.clip, config.train.init_weights))
             except Exception as error:  # re-raised below, after the ranks agree
                 failure = error
-        if dist_info.is_distributed and any_rank(failure is not None, dist_info) and failure is None:
-            raise WeightsFileError("rank 0 could not read train.init_weights (its log says why)")
-        if failure is not None:
-            raise failure
+        raise_on_every_rank(
+            failure, dist_info, WeightsFileError("rank 0 could not read train.init_weights (its log says why)")
+        )
     if config.loss.kind == "siglip":  # SigLIP starts from its own temperature, also over loaded weights
         with torch.no_grad():
             module.clip.logit_scale.fill_(SIGLIP_INITIAL_LOGIT_SCALE)
@@ -335,12 +334,9 @@ def _train(
                     log.info("saved %s", ckpt.save_checkpoint(state, run_dir, step, config.checkpoint.keep_last))
                 except Exception as error:  # re-raised below, after the ranks agree
                     failure = error
-            # Every rank waits for the file (and hears of a failure, or it would wait for rank 0 in its next
-            # collective until that timed out)
-            if dist_info.is_distributed and any_rank(failure is not None, dist_info) and failure is None:
-                raise ckpt.CheckpointWriteError(f"rank 0 could not write the step {step} checkpoint (its log says why)")
-            if failure is not None:
-                raise failure
+            # Every rank waits here for the file, and hears of a failure
+            raise_on_every_rank(failure, dist_info, ckpt.CheckpointWriteError(
+                f"rank 0 could not write the step {step} checkpoint (its log says why)"))
 
     def evaluate(step: int) -> dict:
         """The evaluations' results, also logged. A signal (also one before them) abandons them by raising

@@ -144,17 +144,15 @@ def _torch_load_weights_only(path: Path) -> object:
         raise WeightsFileError(
             f"{path} is a damaged or truncated PyTorch file ({type(error).__name__}: {message})"
         ) from error
-    if zipfile.is_zipfile(path):
-        damaged = damaged_archive_member(path)
-        if damaged is not None:
-            raise WeightsFileError(
-                f"{path} is damaged: its member {damaged} does not match the checksum saved with it"
-            )
+    damage = archive_damage(path) if zipfile.is_zipfile(path) else None
+    if damage is not None:
+        raise WeightsFileError(damage)
     return loaded
 
 
-def damaged_archive_member(path: Path) -> str | None:
-    """The first archive member whose bytes do not match their stored CRC-32, or None.
+def archive_damage(path: Path) -> str | None:
+    """What is damaged in a zip archive (torch.save's format): the first member whose bytes do not match
+    their stored CRC-32, said in a sentence; None when every member matches.
 
     torch.load does not check them: a file changed on disk after its save (a bad sector, a faulty copy)
     loaded as if whole, with garbage or NaN among its weights. Reading it once more costs well under a
@@ -170,7 +168,7 @@ def damaged_archive_member(path: Path) -> str | None:
                     while member.read(1 << 24):
                         pass
             except zipfile.BadZipFile:
-                return info.filename
+                return f"{path} is damaged: its member {info.filename} does not match the checksum saved with it"
     return None
 
 

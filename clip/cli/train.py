@@ -78,7 +78,7 @@ def keep_log_in(run_dir: Path) -> logging.Handler | None:
         handler = logging.FileHandler(run_dir / "train.log", mode="a", encoding="utf-8")
     except OSError:
         return None  # an output_dir that cannot be written: the run itself reports it (status 2)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(log_format(None)))  # rank 0's lines, with the date
     logging.getLogger().addHandler(handler)
     return handler
 

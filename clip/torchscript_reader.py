@@ -24,6 +24,7 @@ import collections
 import pickle
 import re
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, BinaryIO, Self
 
@@ -44,6 +45,14 @@ _STORAGE_DTYPES: dict[str, torch.dtype] = {
 # Keys of `data/` records are short decimal (or hex) strings; anything else could name another record.
 _RECORD_KEY = re.compile(r"[0-9A-Za-z_]{1,32}")
 _MAX_OBJECT_DEPTH = 64
+# What zipfile raises for a damaged member: a bad CRC, a corrupt deflate stream (zlib.error), an encryption
+# flag (RuntimeError), an unknown compression method (NotImplementedError), a member cut short (EOFError).
+ZIP_MEMBER_ERRORS = (zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, OSError, EOFError)
+# TorchScript prints each class as `class Name(...):` and its declarations on one line each.
+_CLASS_LINE = re.compile(r"class (\w+)\b")
+_DECLARATION = re.compile(r"[ \t]+(__parameters__|__buffers__) = \[([^\]]*)\][ \t]*")
+# A module's code file is a few KB; the cap bounds what a small compressed member can expand to.
+_MAX_CODE_BYTES = 64 << 20
 
 
 class TorchScriptReadError(ValueError):
@@ -115,8 +124,8 @@ def is_torchscript_archive(path: str | Path) -> bool:
 
 
 def _archive_root(names: list[str]) -> str | None:
-    roots = [name[: -len("/data.pkl")] for name in names if name.endswith("/data.pkl") and name.count("/") == 1]
-    return roots[0] if len(roots) == 1 else None
+    roots = {name[: -len("/data.pkl")] for name in names if name.endswith("/data.pkl") and name.count("/") == 1}
+    return next(iter(roots)) if len(roots) == 1 else None
 
 
 def read_torchscript_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -125,7 +134,11 @@ def read_torchscript_weights(path: str | Path) -> tuple[dict[str, torch.Tensor],
     path = Path(path)
     try:
         with zipfile.ZipFile(path) as archive:
-            root = _archive_root(archive.namelist())
+            names = archive.namelist()
+            root = _archive_root(names)
+            if len(set(names)) != len(names):  # zipfile reads the last of equal names, torch the first
+                duplicate = next(name for name in names if names.count(name) > 1)
+                raise TorchScriptReadError(f"{path} is a damaged archive: it holds two members named {duplicate}")
             if root is None:
                 raise TorchScriptReadError(f"{path} is a zip file but not a TorchScript archive (no */data.pkl)")
             _check_byte_order(archive, root, path)
@@ -134,9 +147,11 @@ def read_torchscript_weights(path: str | Path) -> tuple[dict[str, torch.Tensor],
                 raise TorchScriptReadError(f"{path}: data.pkl holds a {type(top).__name__}, not a TorchScript module")
             weights: dict[str, torch.Tensor] = {}
             dropped: list[str] = []
-            _collect_tensors(top, "", _DeclaredWeights(archive, root), weights, dropped, set(), 0)
-    except (zipfile.BadZipFile, OSError, EOFError) as error:
-        raise TorchScriptReadError(f"{path} is a damaged or truncated TorchScript archive ({error})") from error
+            _collect_tensors(top, "", _DeclaredWeights(archive, root, path), weights, dropped, set(), 0)
+    except ZIP_MEMBER_ERRORS as error:
+        raise TorchScriptReadError(
+            f"{path} is a damaged or truncated TorchScript archive ({type(error).__name__}: {error})"
+        ) from error
     return weights, dropped
 
 
@@ -144,8 +159,8 @@ def _unpickle_data(archive: zipfile.ZipFile, root: str, path: Path) -> Any:
     try:
         with archive.open(f"{root}/data.pkl") as data:
             return _WeightsUnpickler(data, archive, root, path).load()
-    except TorchScriptReadError:
-        raise
+    except (TorchScriptReadError, *ZIP_MEMBER_ERRORS):
+        raise  # a storage record's damage: named as the archive's, not data.pkl's
     except Exception as error:  # a malformed pickle can raise nearly anything (KeyError, TypeError, ...)
         raise TorchScriptReadError(f"{path}: its data.pkl is damaged ({type(error).__name__}: {error})") from error
 
@@ -164,6 +179,7 @@ class _WeightsUnpickler(pickle.Unpickler):
         self.archive = archive
         self.root = root
         self.path = path
+        self.file_size = path.stat().st_size
         self.storages: dict[str, torch.Tensor] = {}
         self.script_classes: dict[str, type] = {}
 
@@ -214,11 +230,36 @@ class _WeightsUnpickler(pickle.Unpickler):
             )
         if numel == 0:
             return torch.empty(0, dtype=dtype)
-        buffer = bytearray(info.file_size)  # read straight into the tensor's memory, no intermediate bytes
-        with self.archive.open(info) as record_file:
-            if record_file.readinto(buffer) != info.file_size:
-                raise TorchScriptReadError(f"{self.path}: record {record} is shorter than its zip entry says")
+        buffer = self._record_bytes(info)
         return torch.frombuffer(buffer, dtype=dtype)
+
+    def _record_bytes(self, info: zipfile.ZipInfo) -> bytearray:
+        """A record's bytes. The sizes in the zip's directory are the file's word: a stored record must fit in
+        the file before its memory is allocated (a 1 KB file declaring a 2 GB record made us allocate 2 GB),
+        and a compressed one grows with what it actually decompresses to."""
+        if info.compress_type == zipfile.ZIP_STORED:
+            if info.compress_size != info.file_size or info.header_offset + info.file_size > self.file_size:
+                raise TorchScriptReadError(
+                    f"{self.path}: record {info.filename} declares {info.file_size} bytes, more than the file "
+                    f"holds ({self.file_size} bytes): it is truncated or damaged"
+                )
+            buffer = bytearray(info.file_size)  # read straight into the tensor's memory, no intermediate bytes
+            with self.archive.open(info) as record_file:
+                if record_file.readinto(buffer) != info.file_size:
+                    raise TorchScriptReadError(f"{self.path}: record {info.filename} is shorter than its zip entry says")
+            return buffer
+        if info.compress_type != zipfile.ZIP_DEFLATED:  # torch writes records stored, and reads only deflate
+            raise TorchScriptReadError(
+                f"{self.path}: record {info.filename} uses zip compression method {info.compress_type}; "
+                f"TorchScript archives store their records uncompressed or deflated"
+            )
+        buffer = bytearray()
+        with self.archive.open(info) as record_file:  # zipfile stops at the declared size and checks the CRC
+            while chunk := record_file.read(1 << 24):
+                buffer += chunk
+        if len(buffer) != info.file_size:
+            raise TorchScriptReadError(f"{self.path}: record {info.filename} is shorter than its zip entry says")
+        return buffer
 
     def _rebuild_tensor(self, storage: Any, offset: Any, size: Any, stride: Any, *_ignored: Any) -> torch.Tensor:
         # The trailing arguments (requires_grad, backward hooks, metadata) do not matter for loading weights.
@@ -233,41 +274,59 @@ class _WeightsUnpickler(pickle.Unpickler):
 
 
 class _DeclaredWeights:
-    """Parameter and buffer names per TorchScript class, read as text from the archive's `code/` files."""
+    """Parameter and buffer names per TorchScript class, read as text from the archive's `code/` files.
 
-    _LIST = r"\[([^\]]*)\]"
+    Each file is read and parsed once, line by line: the time is linear in its length however it is laid
+    out (multi-line regular expressions over a class body took time quadratic in its length, and each class
+    re-read its file: a 2 KB archive of blank lines kept the loader busy for hours)."""
 
-    def __init__(self, archive: zipfile.ZipFile, root: str) -> None:
+    def __init__(self, archive: zipfile.ZipFile, root: str, path: Path) -> None:
         self.archive = archive
         self.root = root
-        self.cache: dict[str, set[str] | None] = {}
+        self.path = path
+        self.files: dict[str, dict[str, set[str] | None]] = {}
 
     def names(self, qualified_name: str) -> set[str] | None:
         """The class's parameters and buffers, or None when its declaration cannot be found."""
-        if qualified_name not in self.cache:
-            self.cache[qualified_name] = self._parse(qualified_name)
-        return self.cache[qualified_name]
-
-    def _parse(self, qualified_name: str) -> set[str] | None:
         module, _, class_name = qualified_name.rpartition(".")
         source_name = f"{self.root}/code/{module.replace('.', '/')}.py"
+        if source_name not in self.files:
+            self.files[source_name] = self._parse_file(source_name)
+        return self.files[source_name].get(class_name)
+
+    def _parse_file(self, source_name: str) -> dict[str, set[str] | None]:
         try:
-            source = self.archive.read(source_name).decode("utf-8", "replace")
+            info = self.archive.getinfo(source_name)
         except KeyError:
-            return None
-        # The class body runs from its `class` line to the next top-level statement.
-        match = re.search(rf"^class {re.escape(class_name)}\b.*?:\n((?:[ \t]+.*\n?|\n)*)", source, re.MULTILINE)
-        if match is None:
-            return None
-        body = match.group(1)
-        parameters = re.search(rf"^\s+__parameters__ = {self._LIST}", body, re.MULTILINE)
-        if parameters is None:
-            return None
-        names = set(re.findall(r'"([^"]*)"', parameters.group(1)))
-        buffers = re.search(rf"^\s+__buffers__ = {self._LIST}", body, re.MULTILINE)
-        if buffers is None:
-            return None  # an archive format without buffer declarations: keep every tensor attribute
-        return names | set(re.findall(r'"([^"]*)"', buffers.group(1)))
+            return {}
+        if info.file_size > _MAX_CODE_BYTES:
+            raise TorchScriptReadError(
+                f"{self.path}: its code file {source_name} declares {info.file_size} bytes, far more than a "
+                f"TorchScript module's code takes (at most {_MAX_CODE_BYTES})"
+            )
+        source = self.archive.read(info).decode("utf-8", "replace")
+        classes: dict[str, set[str] | None] = {}
+        current: str | None = None  # the class whose body the lines belong to
+        declared: dict[str, set[str]] = {}
+        for line in source.splitlines():
+            if line[:1] not in ("", " ", "\t"):  # a top-level statement ends the class body
+                if current is not None:
+                    classes.setdefault(current, _weight_names(declared))
+                header = _CLASS_LINE.match(line)
+                current, declared = (header.group(1) if header else None), {}
+                continue
+            declaration = _DECLARATION.fullmatch(line)
+            if current is not None and declaration is not None:
+                declared.setdefault(declaration.group(1), set(re.findall(r'"([^"]*)"', declaration.group(2))))
+        if current is not None:
+            classes.setdefault(current, _weight_names(declared))
+        return classes
+
+
+def _weight_names(declared: dict[str, set[str]]) -> set[str] | None:
+    if "__parameters__" not in declared or "__buffers__" not in declared:
+        return None  # an archive format without these declarations: keep every tensor attribute
+    return declared["__parameters__"] | declared["__buffers__"]
 
 
 def _collect_tensors(

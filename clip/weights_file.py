@@ -22,6 +22,7 @@ import torch
 
 from .architectures import ModelConfig
 from .torchscript_reader import (
+    ZIP_MEMBER_ERRORS,
     TorchScriptReadError,
     UnsafeArchiveError,
     is_torchscript_archive,
@@ -67,6 +68,8 @@ class LoadedWeights:
 def read_weights(path: str | Path) -> LoadedWeights:
     """Read a TorchScript archive or a `torch.save` file without running code stored in it."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO or a device: opening it to look inside could block forever
+        raise WeightsFileError(f"{path} is not a regular file")
     if is_torchscript_archive(path):
         try:
             tensors, _non_weight_attributes = read_torchscript_weights(path)
@@ -169,6 +172,8 @@ def archive_damage(path: Path) -> str | None:
                         pass
             except zipfile.BadZipFile:
                 return f"{path} is damaged: its member {info.filename} does not match the checksum saved with it"
+            except ZIP_MEMBER_ERRORS as error:  # a corrupt deflate stream, an encryption flag, ...
+                return f"{path} is damaged: its member {info.filename} cannot be read ({type(error).__name__}: {error})"
     return None
 
 

@@ -1,0 +1,294 @@
+"""Adversarial inputs to every reader of files and strings the library did not write: weights files
+(hand-built TorchScript archives and torch.save zips), downloads, config files, text, and evaluation images.
+Each must be refused with a one-line error naming the file (or skipped and counted), never run code,
+hang, or allocate what a file merely declares."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import threading
+import tracemalloc
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from clip.weights_file import UnsafeFileError, WeightsFileError, read_weights
+
+# ---------------------------------------------------------------------------------------------------------
+# Hand-built TorchScript archives: the layout torch.jit.save writes, without tracing anything
+
+ROOT = "m"
+CODE = 'class M(Module):\n  __parameters__ = ["w", ]\n  __buffers__ = []\n  w : Tensor\n  training : bool\n'
+
+
+def _literal(value: object) -> bytes:
+    """The protocol-2 opcodes that push `value` (without the PROTO header and STOP)."""
+    return pickle.dumps(value, protocol=2)[2:-1]
+
+
+def module_pickle(
+    numel: int = 6, offset: int = 0, size: tuple = (2, 3), stride: tuple = (3, 1), dtype: str = "FloatStorage"
+) -> bytes:
+    """data.pkl of a TorchScript module `__torch__.M` whose one parameter `w` views storage record 0."""
+    tensor = (
+        b"ctorch._utils\n_rebuild_tensor_v2\n(("
+        + _literal("storage") + b"ctorch\n" + dtype.encode() + b"\n" + _literal("0") + _literal("cpu")
+        + _literal(numel) + b"tQ" + _literal(offset) + _literal(size) + _literal(stride)
+        + b"\x89ccollections\nOrderedDict\n)RtR"
+    )
+    return b"\x80\x02c__torch__\nM\n)\x81}(" + _literal("w") + tensor + b"ub."
+
+
+def write_archive(
+    path: Path,
+    data_pkl: bytes | None = None,
+    record: bytes = bytes(24),
+    code: str = CODE,
+    compression: int = zipfile.ZIP_STORED,
+    extra: tuple[tuple[str, bytes], ...] = (),
+) -> Path:
+    with zipfile.ZipFile(path, "w", compression=compression) as archive:
+        archive.writestr(f"{ROOT}/data.pkl", module_pickle() if data_pkl is None else data_pkl)
+        archive.writestr(f"{ROOT}/code/__torch__.py", code)
+        archive.writestr(f"{ROOT}/data/0", record)
+        archive.writestr(f"{ROOT}/byteorder", b"little")
+        for name, data in extra:
+            archive.writestr(name, data)
+    return path
+
+
+def set_central_directory(path: Path, member: str, offset: int, fmt: str, value: int) -> None:
+    """Overwrite one field of `member`'s central-directory entry (offsets as in the zip specification)."""
+    data = bytearray(path.read_bytes())
+    position = data.find(b"PK\x01\x02")
+    while position >= 0:
+        name_length = struct.unpack_from("<H", data, position + 28)[0]
+        if data[position + 46 : position + 46 + name_length] == member.encode():
+            struct.pack_into(fmt, data, position + offset, value)
+            path.write_bytes(bytes(data))
+            return
+        position = data.find(b"PK\x01\x02", position + 4)
+    raise AssertionError(f"{member} not in {path}")
+
+
+def member_data_offset(path: Path, member: str) -> tuple[int, int]:
+    """(offset of the member's bytes in the file, their stored length)."""
+    data = path.read_bytes()
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(member)
+    name_length, extra_length = struct.unpack_from("<HH", data, info.header_offset + 26)
+    return info.header_offset + 30 + name_length + extra_length, info.compress_size
+
+
+def test_hand_built_archive_reads(tmp_path: Path) -> None:
+    weights = read_weights(write_archive(tmp_path / "m.pt", record=torch.arange(6.0).numpy().tobytes()))
+    assert torch.equal(weights.state_dict["w"], torch.arange(6.0).reshape(2, 3))
+
+
+def test_a_record_declaring_more_bytes_than_the_file_holds_is_refused_before_allocating(tmp_path: Path) -> None:
+    # A 1 KB file whose zip directory (and data.pkl) declare a 256 MB record: the reader allocated it all
+    # (bytearray of the declared size) before finding the record short.
+    numel = 64 << 20
+    path = write_archive(tmp_path / "bomb.pt", data_pkl=module_pickle(numel=numel))
+    set_central_directory(path, f"{ROOT}/data/0", 20, "<I", numel * 4)  # compressed size
+    set_central_directory(path, f"{ROOT}/data/0", 24, "<I", numel * 4)  # uncompressed size
+    tracemalloc.start()
+    try:
+        with pytest.raises(WeightsFileError, match=r"bomb\.pt: record m/data/0 declares 268435456 bytes, more than"):
+            read_weights(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20
+
+
+def test_a_deflated_record_is_read(tmp_path: Path) -> None:
+    values = torch.arange(6.0)
+    path = write_archive(tmp_path / "rezipped.pt", record=values.numpy().tobytes(), compression=zipfile.ZIP_DEFLATED)
+    assert torch.equal(read_weights(path).state_dict["w"].flatten(), values)
+
+
+_LINEAR_PARSE_SCRIPT = """
+import sys, zipfile
+from clip.torchscript_reader import read_torchscript_weights
+weights, _ = read_torchscript_weights(sys.argv[1])
+print(sorted(weights))
+"""
+
+
+def test_a_code_file_of_blank_lines_does_not_stall_the_reader(tmp_path: Path) -> None:
+    # The class-body patterns crossed lines (`^\\s+__parameters__`): time quadratic in the body's length. This
+    # 3 KB archive (2 MB of blank lines once inflated) took hours; the timeout only detects such a stall.
+    code = "class M(Module):\n" + " \n" * 1_000_000
+    path = write_archive(tmp_path / "blank.pt", code=code, compression=zipfile.ZIP_DEFLATED)
+    assert path.stat().st_size < 10_000
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    result = subprocess.run(
+        [sys.executable, "-c", _LINEAR_PARSE_SCRIPT, str(path)], capture_output=True, text=True, timeout=240, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['w']"
+
+
+def test_declarations_are_read_per_class_of_a_shared_code_file(tmp_path: Path) -> None:
+    code = (
+        'class Other(Module):\n  __parameters__ = []\n  __buffers__ = []\n'
+        'class M(Module):\n  __parameters__ = ["w", ]\n  __buffers__ = []\n  w : Tensor\n'
+    )
+    extra_attribute = module_pickle()[:-3] + _literal("mask") + b"ctorch._utils\n_rebuild_tensor_v2\n(("
+    extra_attribute += _literal("storage") + b"ctorch\nFloatStorage\n" + _literal("0") + _literal("cpu")
+    extra_attribute += _literal(6) + b"tQ" + _literal(0) + _literal((6,)) + _literal((1,))
+    extra_attribute += b"\x89ccollections\nOrderedDict\n)RtRub."
+    path = write_archive(tmp_path / "m.pt", data_pkl=extra_attribute, code=code)
+    assert set(read_weights(path).state_dict) == {"w"}  # `mask` is no parameter or buffer of M
+
+
+def _corrupt_deflated_code(path: Path) -> None:
+    start, length = member_data_offset(path, f"{ROOT}/code/__torch__.py")
+    data = bytearray(path.read_bytes())
+    for index in range(start, start + length):
+        data[index] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def _flag_encrypted(path: Path) -> None:
+    set_central_directory(path, f"{ROOT}/byteorder", 8, "<H", 1)
+
+
+def _unknown_compression(path: Path) -> None:
+    set_central_directory(path, f"{ROOT}/byteorder", 10, "<H", 99)
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (_corrupt_deflated_code, r"damaged or truncated TorchScript archive \(error: Error -3 while decompressing"),
+        (_flag_encrypted, r"damaged or truncated TorchScript archive \(RuntimeError: File 'm/byteorder' is encrypted"),
+        (_unknown_compression, r"damaged or truncated TorchScript archive \(NotImplementedError: That compression"),
+    ],
+)
+def test_a_damaged_zip_member_is_named_not_a_raw_zipfile_error(tmp_path: Path, damage, expected: str) -> None:
+    # zlib.error, RuntimeError and NotImplementedError escaped as tracebacks from inside zipfile
+    path = write_archive(tmp_path / "damaged.pt", compression=zipfile.ZIP_DEFLATED)
+    damage(path)
+    with pytest.raises(WeightsFileError, match=r"damaged\.pt is a " + expected):
+        read_weights(path)
+
+
+def test_a_bad_record_checksum_is_named_as_the_records_not_data_pkls(tmp_path: Path) -> None:
+    path = write_archive(tmp_path / "flipped.pt")
+    start, _ = member_data_offset(path, f"{ROOT}/data/0")
+    data = bytearray(path.read_bytes())
+    data[start] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsFileError, match=r"flipped\.pt is a damaged .*Bad CRC-32 for file 'm/data/0'"):
+        read_weights(path)
+
+
+@pytest.mark.parametrize("member", [f"{ROOT}/data.pkl", f"{ROOT}/data/0"])
+@pytest.mark.filterwarnings("ignore:Duplicate name")
+def test_an_archive_with_two_members_of_one_name_is_refused(tmp_path: Path, member: str) -> None:
+    # zipfile reads the last of them and torch the first; with two data.pkl the file was not even recognised
+    # as TorchScript, and torch.load's refusal advised weights_only=False, which would run its code
+    path = write_archive(tmp_path / "twice.pt", extra=((member, b"\x80\x02K\x01."),))
+    with pytest.raises(WeightsFileError, match=rf"twice\.pt is a damaged archive: it holds two members named {member}"):
+        read_weights(path)
+
+
+def test_a_deflate_damaged_torch_save_member_is_named(tmp_path: Path) -> None:
+    # torch.load read it; the checksum pass after it raised zlib.error from inside zipfile
+    torch.save({"w": torch.zeros(64)}, tmp_path / "plain.pt")
+    path = tmp_path / "rezipped.pt"
+    with zipfile.ZipFile(tmp_path / "plain.pt") as source, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info))
+        record = next(name for name in source.namelist() if name.endswith("/data/0"))
+    start, length = member_data_offset(path, record)
+    data = bytearray(path.read_bytes())
+    for index in range(start, start + length):
+        data[index] ^= 0x5A
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsFileError, match=r"rezipped\.pt is (damaged: its member .*/data/0 cannot be read|a damaged)"):
+        read_weights(path)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_named_pipe_is_refused_without_blocking(tmp_path: Path) -> None:
+    # zipfile.is_zipfile opened it and waited for a writer forever
+    fifo = tmp_path / "weights.pt"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | None] = []
+
+    def read() -> None:
+        try:
+            read_weights(fifo)
+            outcome.append(None)
+        except BaseException as error:  # noqa: BLE001 - handed to the test thread
+            outcome.append(error)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    if reader.is_alive():
+        with open(fifo, "wb"):  # unblock the reader so that the thread ends
+            pass
+        pytest.fail("reading a named pipe blocked")
+    assert isinstance(outcome[0], WeightsFileError) and "is not a regular file" in str(outcome[0])
+
+
+# Every pickle opcode that can import or call, each aimed at creating a marker file
+def _payloads(marker: Path) -> dict[str, bytes]:
+    command = _literal(f"touch {marker}")
+    argv = _literal(["touch", str(marker)])
+    return {
+        "GLOBAL+REDUCE": b"\x80\x02cos\nsystem\n(" + command + b"tR.",
+        "STACK_GLOBAL": b"\x80\x04" + _literal("os") + _literal("system") + b"\x93(" + command + b"tR.",
+        "STACK_GLOBAL attribute path": b"\x80\x04" + _literal("torch._utils")
+        + _literal("_rebuild_tensor_v2.__globals__") + b"\x93.",
+        "INST": b"(" + command + b"ios\nsystem\n.",
+        "OBJ": b"\x80\x02(cos\nsystem\n" + command + b"o.",
+        "NEWOBJ": b"\x80\x02csubprocess\nPopen\n(" + argv + b"t\x81.",
+        "NEWOBJ_EX": b"\x80\x04csubprocess\nPopen\n(" + argv + b"t}\x92.",
+        "BUILD": b"\x80\x02cbuiltins\nexec\n" + _literal(f"open({str(marker)!r}, 'w')") + b"b.",
+        "BUILD on an allowed function": b"\x80\x02ctorch.jit._pickle\nbuild_intlist\nN}" + _literal("__code__")
+        + b"Ns\x86b.",
+        "EXT1": b"\x80\x02\x82\x01.",
+        "PERSID": b"Pstorage\n.",
+        "BINPERSID": b"\x80\x02(" + _literal("storage") + b"NNNNtQ.",
+    }
+
+
+@pytest.mark.parametrize("opcode", list(_payloads(Path("x"))))
+def test_no_pickle_opcode_in_data_pkl_runs_code(tmp_path: Path, opcode: str) -> None:
+    marker = tmp_path / "marker"
+    path = write_archive(tmp_path / "evil.pt", data_pkl=_payloads(marker)[opcode])
+    with pytest.raises(WeightsFileError, match=r"evil\.pt") as raised:
+        read_weights(path)
+    assert not marker.exists()
+    assert "\n" not in str(raised.value)
+    if opcode in ("GLOBAL+REDUCE", "STACK_GLOBAL", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "BUILD"):
+        assert isinstance(raised.value, UnsafeFileError)
+
+
+@pytest.mark.parametrize(
+    ("view", "expected"),
+    [
+        ({"size": (3, 3)}, "out of bounds for storage"),
+        ({"offset": 4}, "out of bounds for storage"),
+        ({"offset": 5, "stride": (-3, 1)}, "Negative strides"),
+        ({"offset": -1}, "invalid storage offset"),
+        ({"size": (2**62, 4), "stride": (1, 1)}, "overflow"),
+        ({"numel": 2**40}, "holds 24 bytes, but data.pkl describes 1099511627776 elements"),
+        ({"dtype": "ComplexFloatStorage"}, "not on the allowlist"),
+    ],
+)
+def test_a_tensor_view_outside_its_storage_is_refused(tmp_path: Path, view: dict, expected: str) -> None:
+    path = write_archive(tmp_path / "view.pt", data_pkl=module_pickle(**view))
+    with pytest.raises(WeightsFileError, match=rf"view\.pt.*{expected}"):
+        read_weights(path)

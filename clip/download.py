@@ -74,7 +74,7 @@ def download(
         raise ValueError(f"sha256 must be 64 hexadecimal characters, got {sha256!r}")
     folder = Path(root).expanduser() if root is not None else cache_dir()
     name = filename or Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
-    if name in ("", ".", ".."):
+    if name in ("", ".", "..") or "\x00" in name or "/" in name:
         raise ValueError(f"Cannot tell a file name from the URL {url!r}; pass filename=...")
     target = folder / name
 
@@ -89,7 +89,10 @@ def download(
             stacklevel=2,
         )
 
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # mkdir's own message names only the path: "[Errno 17] File exists"
+        raise DownloadError(f"Cannot download into {folder}: it exists and is not a folder") from None
     # A unique name per attempt, so that several processes (one per GPU) may download at once.
     partial = folder / f".{name}.{uuid.uuid4().hex}.part"
     try:

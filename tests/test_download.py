@@ -198,3 +198,16 @@ def test_bad_arguments(tmp_path: Path, source_file: Path) -> None:
     (tmp_path / "weights.bin").mkdir()
     with pytest.raises(DownloadError, match="not a regular file"):
         download(source_file.as_uri(), GOOD_SHA256, root=tmp_path)
+
+
+def test_a_null_byte_in_the_url_name_is_a_clear_error(tmp_path: Path) -> None:
+    # Path.exists raised a bare "embedded null byte"
+    with pytest.raises(ValueError, match="Cannot tell a file name from the URL"):
+        download("http://127.0.0.1/a%00b.pt", GOOD_SHA256, root=tmp_path)
+
+
+def test_a_root_that_is_a_file_is_a_clear_error(tmp_path: Path, source_file: Path) -> None:
+    # mkdir's FileExistsError said only "[Errno 17] File exists: '...'"
+    (tmp_path / "cache").write_text("not a folder")
+    with pytest.raises(DownloadError, match=r"Cannot download into .*cache: it exists and is not a folder"):
+        download(source_file.as_uri(), GOOD_SHA256, root=tmp_path / "cache")

@@ -52,7 +52,17 @@ def require(key: str, value: Any, ok: bool, rule: str) -> None:
     """Raises InvalidValue "KEY must be RULE, got VALUE" unless `ok`. Write `ok` so that NaN fails it
     (`0 < x`, not `not x <= 0`): every comparison with NaN is false."""
     if not ok:
-        raise InvalidValue(key, f"must be {rule}, got {value!r}")
+        raise InvalidValue(key, f"must be {rule}, got {_short(value)}")
+
+
+_INT64_LIMIT = 1 << 63
+_SHOWN_CHARACTERS = 60
+
+
+def _short(value: Any) -> str:
+    """repr(value), cut to a readable length (a value may be a 400-digit number or a long string)."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARACTERS else f"{text[:_SHOWN_CHARACTERS]}... ({len(text)} characters)"
 
 
 def _is_none_sentinel(value: Any) -> bool:
@@ -99,14 +109,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         expected = " or ".join(_type_name(a) for a in args if a is not type(None))
         if type(None) in args:
             expected += f' or "{NONE_SENTINEL}"'
-        raise ConfigError(f"{where}: {value!r} is not {_with_article(expected)}")
+        raise ConfigError(f"{where}: {_short(value)} is not {_with_article(expected)}")
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
+            raise ConfigError(f"{where}: {_short(value)} is not one of {', '.join(repr(a) for a in args)}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {_short(value)}")
         if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
             if len(value) != len(args):
                 raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
@@ -118,24 +128,29 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(f"{where}: expected a table of {tp.__name__} fields, got {_short(value)}")
         return from_dict(tp, value, where)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}: expected true or false, got {_short(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -_INT64_LIMIT <= value < _INT64_LIMIT:  # TOML's integers are 64-bit; Python's parser's are not
+                raise ConfigError(f"{where}: {_short(value)} is too large (integers must fit in 64 bits)")
             return value
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        raise ConfigError(f"{where}: expected an integer, got {_short(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+            try:
+                return float(value)
+            except OverflowError:  # an integer beyond float's range
+                raise ConfigError(f"{where}: {_short(value)} is too large for a number") from None
+        raise ConfigError(f"{where}: expected a number, got {_short(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
+        raise ConfigError(f"{where}: expected a string, got {_short(value)}")
     raise ConfigError(f"{where}: unsupported field type {tp!r}")
 
 
@@ -204,6 +219,8 @@ def _parse_override_value(text: str) -> Any:
         return tomllib.loads(f"value = {text}")["value"]
     except tomllib.TOMLDecodeError:
         return text
+    except RecursionError:  # tomllib parses nested arrays recursively
+        raise ConfigError(f"override value {_short(text)} nests lists or tables too deeply") from None
 
 
 def _list_to_override(node: dict, field: dataclasses.Field, name: str, assignment: str) -> list:
@@ -275,16 +292,33 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str], schema
     """Reads a TOML file (or nothing) into `schema`, then applies `a.b=value` overrides; all type-checked."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"{path}: not valid TOML: {error}") from error
+        data = _read_toml(Path(path))
     for assignment in overrides:
         apply_override(data, schema, assignment)
     return from_dict(schema, data)
+
+
+def _read_toml(path: Path) -> dict:
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory")
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark (Windows editors) is no TOML error
+    except OSError as error:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {error.strerror or error}") from error
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: not valid TOML: TOML files are UTF-8, but byte {error.start} (line {line}) is "
+            f"0x{error.object[error.start]:02x}; save the file as UTF-8"
+        ) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from error
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise ConfigError(f"{path}: not valid TOML: its arrays or inline tables nest too deeply") from None
 
 
 # A TOML basic string may not hold a control character raw (tab aside), and a config's strings can hold

@@ -449,3 +449,47 @@ def test_a_checkpoint_with_the_default_synthetic_size_written_out_resumes_withou
         saved["data"]["sources"][0]["num_samples"] = 20_000
         check_resumable(saved, current, Path("runs/x"))
     assert "data.sources.0.num_samples: 20000 -> 10000" in caplog.text
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error_naming_the_byte(tmp_path):
+    # read_text raised a bare UnicodeDecodeError
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('[section]\nname = "caf\u00e9"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.toml: not valid TOML: TOML files are UTF-8, but byte 21 \(line 2\) is 0xe9"):
+        load_config(path, [], Schema)
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf[section]\nsteps = 3\n")
+    assert load_config(path, [], Schema).section.steps == 3
+
+
+def test_a_directory_is_named_as_such(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path, [], Schema)
+
+
+def test_deeply_nested_values_are_config_errors_not_recursion_errors(tmp_path):
+    nested = "[" * 5000 + "]" * 5000
+    path = write(tmp_path, f"[section]\nbetas = {nested}\n")
+    with pytest.raises(ConfigError, match="nest too deeply"):
+        load_config(path, [], Schema)
+    with pytest.raises(ConfigError, match=r"override value '\[\[\[.*\.\.\. \(10002 characters\) nests .* too deeply"):
+        load_config(None, [f"section.betas={nested}"], Schema)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("section.lr=" + "9" * 400, r"section\.lr: 9{60}\.\.\. \(400 characters\) is too large for a number"),
+        ("section.steps=" + "9" * 25, r"section\.steps: 9{25} is too large \(integers must fit in 64 bits\)"),
+        ("section.steps=-9223372036854775809", r"too large \(integers must fit in 64 bits\)"),
+    ],
+    ids=["float", "int", "negative int"],
+)
+def test_numbers_beyond_64_bits_are_config_errors(override, message):
+    # float(10**400) raised a bare OverflowError; 25-digit integers were accepted and failed later, deep in torch
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override], Schema)
+    assert load_config(None, ["section.steps=9223372036854775807"], Schema).section.steps == 2**63 - 1

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import heapq
 import html
 import itertools
 import operator
@@ -68,6 +69,8 @@ _UNSAFE_ASCII = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]|&(?=[^ \t\n])")
 _WHITESPACE_RUN = regex.compile(r"\s+")  # OpenAI collapses whitespace with `regex`'s idea of \s
 # Longer chunks and pieces are rare enough that caching them would only cost memory.
 MAX_CACHED_CHARS = 64
+# Pieces with more byte tokens than this are merged with a heap (time n log n) rather than by rescanning.
+LONG_PIECE_IDS = 128
 DEFAULT_CACHE_ENTRIES = 100_000
 
 
@@ -178,6 +181,8 @@ class Tokenizer:
             left, right = divmod(key, self.vocab_size)
             if left < NUM_BYTE_TOKENS and right < 2 * NUM_BYTE_TOKENS:
                 self._byte_pair_ranks[left * 2 * NUM_BYTE_TOKENS + right] = rank
+        # The (left id, right id) of each merge, by rank, for _merge_long_piece.
+        self.merge_pair_ids = [(encoder[left], encoder[right]) for left, right in self.merges]
         # For decoding: token characters back to the bytes they stand for (as Latin-1 characters).
         self._byte_unspelling = str.maketrans({char: chr(byte) for byte, char in byte_alphabet.items()})
 
@@ -246,6 +251,8 @@ class Tokenizer:
         recomputed after every merge, which roughly halves the cost of a new word.
         """
         ids[-1] += NUM_BYTE_TOKENS  # the '</w>' twin of a byte token
+        if len(ids) > LONG_PIECE_IDS:
+            return self._merge_long_piece(ids)
         row = 2 * NUM_BYTE_TOKENS
         byte_pair_ranks = self._byte_pair_ranks
         pair_ranks = [byte_pair_ranks[left * row + right] for left, right in zip(ids, ids[1:])]
@@ -270,6 +277,51 @@ class Tokenizer:
                 if position < len(pair_ranks):
                     pair_ranks[position] = ranks.get(merged * vocab_size + ids[position + 1], no_merge)
         return ids
+
+    def _merge_long_piece(self, ids: list[int]) -> list[int]:
+        """`_merge_ids` for a long piece, in O(n log n): each merge of `_merge_ids` costs time linear in the
+        piece, and a 1 MB word without spaces (a base64 blob in a caption) took hours, truncate=True or not.
+
+        The same merges in the same order: a heap of (rank, position) of adjacent pairs, and a linked list of
+        the tokens. A round takes every queued occurrence of the lowest rank and merges them from the left,
+        skipping those an earlier merge of the round used up (as OpenAI's pass does); pairs that the merges
+        create wait in the heap for later rounds."""
+        count = len(ids)
+        next_of = list(range(1, count + 1))  # position -> position of the next live token (count: none)
+        previous_of = list(range(-1, count - 1))
+        alive = [True] * count
+        ranks, vocab_size, no_merge = self._pair_ranks, self.vocab_size, NUM_MERGES
+        heap = [
+            (rank, position)
+            for position in range(count - 1)
+            if (rank := ranks.get(ids[position] * vocab_size + ids[position + 1], no_merge)) != no_merge
+        ]
+        heapq.heapify(heap)
+        while heap:
+            rank = heap[0][0]
+            round_positions = []
+            while heap and heap[0][0] == rank:
+                round_positions.append(heapq.heappop(heap)[1])
+            merged = FIRST_MERGE_ID + rank
+            left_id, right_id = self.merge_pair_ids[rank]
+            for position in round_positions:  # in increasing order: popped from a heap of (rank, position)
+                following = next_of[position]
+                if not alive[position] or following == count or ids[position] != left_id or ids[following] != right_id:
+                    continue  # an earlier merge used one of its tokens up
+                ids[position] = merged
+                alive[following] = False
+                next_of[position] = next_of[following]
+                if next_of[position] < count:
+                    previous_of[next_of[position]] = position
+                    pair_rank = ranks.get(merged * vocab_size + ids[next_of[position]], no_merge)
+                    if pair_rank != no_merge:
+                        heapq.heappush(heap, (pair_rank, position))
+                before = previous_of[position]
+                if before >= 0:
+                    pair_rank = ranks.get(ids[before] * vocab_size + merged, no_merge)
+                    if pair_rank != no_merge:
+                        heapq.heappush(heap, (pair_rank, before))
+        return [token_id for token_id, live in zip(ids, alive) if live]
 
     def decode(self, ids: Sequence[int] | torch.Tensor | np.ndarray, skip_special_tokens: bool = True) -> str:
         """Text of token ids; like OpenAI's, every word-final token ends in a space ("a photo " for "a photo").

@@ -7,10 +7,12 @@ import gzip
 import html
 import importlib
 import importlib.util
+import os
 import pickle
 import random
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -413,3 +415,35 @@ def test_import_reads_nothing(monkeypatch, tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(RuntimeError, match="no downloads"):
         fresh.tokenize("a photo of a cat")
+
+
+def test_long_pieces_match_reference(tokenizer: Tokenizer, reference) -> None:
+    # Pieces above LONG_PIECE_IDS byte tokens take the heap-based merge; the same merges in the same order
+    generator = random.Random(0)
+    words = [unit * repeats for unit in ["a", "ab", "lol", "é", "猫", "hello", "aab"] for repeats in (70, 131, 300)]
+    for alphabet in ["ab", "abcdefgh", "thequickbrownfoxjumps", "éèü中"]:
+        words += ["".join(generator.choice(alphabet) for _ in range(generator.randint(129, 600))) for _ in range(8)]
+    for word in words:
+        assert tokenizer.encode(word) == reference.encode(word), word[:40]
+
+
+_MEGABYTE_WORD_SCRIPT = """
+import sys
+from clip.tokenizer import Tokenizer
+tokenizer = Tokenizer(sys.argv[1])
+row = tokenizer("\\u00e9" * 500_000, truncate=True)
+print(row.shape[1], int((row[0] != 0).sum()))
+"""
+
+
+def test_a_megabyte_word_is_tokenized_without_stalling(merges_path: Path) -> None:
+    # BPE rescanned the whole piece for every merge: a 1 MB word (a base64 blob in a web caption) took hours,
+    # also with truncate=True, which cuts the tokens only after encoding all of them. The timeout only
+    # detects such a stall.
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    result = subprocess.run(
+        [sys.executable, "-c", _MEGABYTE_WORD_SCRIPT, str(merges_path)],
+        capture_output=True, text=True, timeout=240, env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["77", "77"]

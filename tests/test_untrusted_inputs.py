@@ -292,3 +292,65 @@ def test_a_tensor_view_outside_its_storage_is_refused(tmp_path: Path, view: dict
     path = write_archive(tmp_path / "view.pt", data_pkl=module_pickle(**view))
     with pytest.raises(WeightsFileError, match=rf"view\.pt.*{expected}"):
         read_weights(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Zero-shot templates and class names, retrieval annotations, evaluation images
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["a {:>9999999999} photo", "a {0.__class__.__init__.__globals__} photo", "a {0!r} photo", "a {0[0]} photo"],
+    ids=["huge width", "attribute access", "conversion", "index"],
+)
+def test_a_template_field_other_than_a_plain_placeholder_is_refused(tmp_path: Path, template: str) -> None:
+    # Format specs ran: "{:>9999999999}" raised MemoryError (a smaller width made every prompt gigabytes long)
+    # and attribute access raised AttributeError, both bare, from the templates file's check
+    from clip.evaluation.templates import load_templates
+
+    (tmp_path / "templates.txt").write_text(f"a photo of a {{}}.\n{template}\n")
+    with pytest.raises(ValueError, match=r"must be a plain '\{\}' for the class name"):
+        load_templates(tmp_path / "templates.txt")
+
+
+def test_templates_and_class_names_in_other_encodings(tmp_path: Path) -> None:
+    # A Latin-1 file raised UnicodeDecodeError without the file's name; Windows' UTF-16 "Unicode" was unreadable
+    from clip.evaluation.templates import load_classnames, load_templates
+
+    (tmp_path / "latin1.txt").write_bytes("tench\ncaf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.txt is not UTF-8 text: byte 9 \(line 2\) is 0xe9"):
+        load_classnames(tmp_path / "latin1.txt")
+    (tmp_path / "utf16.txt").write_text("a photo of a {}.\nart of the {}\n", encoding="utf-16")
+    assert load_templates(tmp_path / "utf16.txt") == ["a photo of a {}.", "art of the {}"]
+
+
+def test_deeply_nested_json_is_a_value_error_naming_the_file(tmp_path: Path) -> None:
+    # json's RecursionError escaped from the templates, class names and Karpathy-annotation readers
+    from clip.evaluation.retrieval import read_karpathy_json
+    from clip.evaluation.templates import load_classnames
+
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"deep\.json: not valid JSON \(its arrays nest too deeply\)"):
+        load_classnames(tmp_path / "deep.json")
+    with pytest.raises(ValueError, match=r"deep\.json: not valid JSON \(its arrays or objects nest too deeply\)"):
+        read_karpathy_json(tmp_path / "deep.json")
+
+
+def test_an_image_above_pils_pixel_limit_is_a_counted_skip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # PIL only warns between MAX_IMAGE_PIXELS and twice that, and decoded the image (150 megapixels: seconds
+    # and 450 MB as RGB per loader worker); the limit is lowered here to keep the test small
+    from PIL import Image
+
+    from clip.evaluation.datasets import ImageFolderDataset, UnreadableImageError
+    from clip.evaluation.features import SkipUnreadable, SkippedImage
+
+    for name, size in (("small", (8, 8)), ("large", (150, 100))):
+        (tmp_path / "cat").mkdir(exist_ok=True)
+        Image.new("RGB", size).save(tmp_path / "cat" / f"{name}.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # large: 15 000 pixels, below twice the limit
+    dataset = ImageFolderDataset(tmp_path, warn=False)
+    items = [SkipUnreadable(dataset)[index] for index in range(len(dataset))]
+    skipped = [item for item in items if isinstance(item, SkippedImage)]
+    assert len(skipped) == 1 and "150x100 pixels is more than PIL.Image.MAX_IMAGE_PIXELS (10000)" in skipped[0].reason
+    with pytest.raises(UnreadableImageError):
+        dataset[[path.name for path, _ in dataset.samples].index("large.png")]

@@ -48,12 +48,26 @@ class UnreadableImageError(ValueError):
 
 def read_image(path: Path) -> Image.Image:
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as image:  # reads the header only
+            _refuse_decompression_bomb(image, path)
             image.load()  # read now, so the file is closed when we return
             return image
     # Corrupt files surface as any of these, depending on the format plugin and where the data breaks off.
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
         raise UnreadableImageError(path, str(error) or type(error).__name__) from error
+
+
+def _refuse_decompression_bomb(image: Image.Image, path: Path) -> None:
+    """PIL refuses images of more than twice Image.MAX_IMAGE_PIXELS, and only warns between once and twice:
+    a 150-megapixel PNG of a few hundred KB was decoded (seconds, and 450 MB as RGB in each loader worker),
+    its warning lost in a worker's output. Evaluation images are far smaller: above the limit is a skip."""
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = image.size
+    if limit is not None and width * height > limit:
+        raise UnreadableImageError(
+            path, f"{width}x{height} pixels is more than PIL.Image.MAX_IMAGE_PIXELS ({limit}): a decompression "
+            f"bomb, or an image far larger than evaluation needs"
+        )
 
 
 def is_ignored(name: str) -> bool:

@@ -111,6 +111,8 @@ def _read_json_file(path: Path) -> Any:
         raise ValueError(f"{path}: not UTF-8 text ({error})") from None
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
+    except RecursionError:  # json parses nested arrays and objects recursively
+        raise ValueError(f"{path}: not valid JSON (its arrays or objects nest too deeply)") from None
 
 
 def _karpathy_captions(path: Path, number: int, sentences: Any) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import string
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -46,13 +47,26 @@ def builtin_templates(name: str = "default") -> list[str]:
 
 
 def validate_template(template: str) -> None:
-    """A template must take the class name through exactly one "{}" (and no other replacement field)."""
+    """A template must take the class name through exactly one plain "{}" (or "{0}"), and no other
+    replacement field. Format specs, conversions and attribute or index access are refused: a templates file
+    is read from disk, and "{:>9999999999}" made every prompt 10 GB long (a MemoryError), "{0.__class__}"
+    reaches into the class name's object."""
+    if not isinstance(template, str):
+        raise ValueError(f"template {template!r} is a {type(template).__name__}, not a string")
     try:
-        filled = template.format("\0")
-    except (IndexError, KeyError, ValueError) as error:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as error:
         raise ValueError(f"template {template!r} is not a format string with one '{{}}': {error}") from None
-    if filled.count("\0") != 1:
+    if len(fields) != 1:
         raise ValueError(f"template {template!r} must contain exactly one '{{}}' for the class name")
+    name, spec, conversion = fields[0]
+    if name not in ("", "0") or spec or conversion:
+        field = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        raise ValueError(
+            f"template {template!r} is not a format string with one '{{}}': its field {field!r} must be a plain "
+            f"'{{}}' for the class name"
+        )
 
 
 def fill_template(template: Template, classname: str) -> str:
@@ -89,19 +103,38 @@ def unquote_copied_python_lines(lines: list[str], path: Path) -> list[str]:
     return [literal for literal in literals if literal is not None]
 
 
+def _decode_text(data: bytes, path: Path) -> str:
+    """UTF-8 (a byte-order mark dropped: Notepad and spreadsheet exports write one, and it would become part
+    of the first class name or stop a JSON list from parsing), or UTF-16 with its byte-order mark (Windows'
+    "Unicode" text); anything else is an error that names the file and the byte."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError:
+            pass  # not UTF-16 after all: reported as not UTF-8 below
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path} is not UTF-8 text: byte {error.start} (line {line}) is 0x{data[error.start]:02x}; save it "
+            f"as UTF-8"
+        ) from None
+
+
 def _read_string_list(path: Path, what: str, comments: bool) -> list[str]:
     """A JSON list of strings, or one string per line (blank lines skipped, and '#' lines if `comments`).
     Lines copied from a Python list (`'a photo of a {}.',`) are read as the strings they quote."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
-    # utf-8-sig: a byte-order mark (Notepad and spreadsheet exports write one) would otherwise become part of
-    # the first class name ("\ufefftench") or stop a JSON list from parsing.
-    text = path.read_text(encoding="utf-8-sig")
+    text = _decode_text(path.read_bytes(), path)
     if path.suffix == ".json" or text.lstrip().startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}: not valid JSON ({error})") from None
+        except RecursionError:  # json parses nested arrays recursively
+            raise ValueError(f"{path}: not valid JSON (its arrays nest too deeply)") from None
         if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
             raise ValueError(f"{path}: expected a JSON list of strings")
     else:

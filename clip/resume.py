@@ -14,7 +14,7 @@ from . import checkpoint as ckpt
 from .architectures import architecture_differences
 from .config import TrainConfig, from_dict, to_dict
 from .config_io import ConfigError, differences
-from .data import data_state_for_other_world_size
+from .data import data_state_for_other_world_size, data_state_for_rank
 from .data.config import synthetic_sample_count
 from .distributed import DistributedInfo, from_rank_zero, raise_on_every_rank
 from .optim import learning_rate, load_optimizer_state
@@ -142,16 +142,16 @@ def restore_training_state(
         ckpt.restore_rng_state(state["rng"][dist_info.rank])
         if dist_info.device.type == "cuda" and "cuda" not in state["rng"][dist_info.rank]:  # a CPU run's checkpoint
             torch.cuda.manual_seed(fresh_seed)
-        data_state = state["data"][dist_info.rank]
+        data_state = data_state_for_rank(state["data"], dist_info.rank)  # with every rank's data position
     else:
         torch.manual_seed(fresh_seed)
-        # The data loader then restarts the earliest epoch still in progress (with its own warning).
+        # The data loader continues the epochs in progress under this layout (its own warning says how).
         saved_ranks = len(state["rng"])
         saved_batch = state["config"]["train"]["batch_size"] * saved_ranks  # batch_size is per rank
         if dist_info.is_main:
             log.warning(
                 "checkpoint was written by %d ranks, this run has %d: the global batch is %d, not %d (at the "
-                "learning rate as set), RNG states are seeded afresh and the data position is approximate",
+                "learning rate as set), RNG states are seeded afresh",
                 saved_ranks, dist_info.world_size, config.train.batch_size * dist_info.world_size, saved_batch,
             )
         data_state = data_state_for_other_world_size(state["data"], dist_info.rank)

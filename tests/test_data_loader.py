@@ -83,20 +83,30 @@ def test_resume_mid_epoch_continues_exactly(tmp_path: Path, kind: str, augment: 
     resumed.close()
 
 
-def test_resume_under_another_layout_restarts_the_epoch(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_resume_under_another_layout_continues_the_epoch_or_restarts_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     source = shards_source(tmp_path, 20, 5)
     data = build([source], batch_size=4, workers=2)
-    take(data, 7)  # into epoch 1
+    take(data, 7)  # 28 samples into epochs of 20: both workers in epoch 1, 8 of it read
     state = data.state_dict()
     data.close()
+    assert sorted(epoch for epoch, _ in state["positions"]) == [1, 1]
+    # Other workers: a one-rank state holds every slot's position, so the epoch goes on (tests/test_data_elastic.py)
     other = build([source], batch_size=4, workers=1)
     with caplog.at_level(logging.WARNING):
         other.load_state_dict(state)
-    assert "workers" in caplog.text
-    # how much is read twice is said: 28 samples into epochs of 20, all of its 8 from epoch 1 read again
-    assert sorted(epoch for epoch, _ in state["positions"]) == [1, 1]
-    assert "restarting epoch 1 from its beginning: at least 8 samples of it that the saved rank 0 had read" in caplog.text
-    assert other.state_dict()["positions"] == [[1, 0]]
+    assert "(workers changed); continuing epoch 1 under the new layout: 12 samples of epoch 1 left, none read " \
+           "twice" in caplog.text
+    assert other.state_dict()["positions"] == [[1, 0]] and other.state_dict()["handovers"]
+    # Another seed plans other samples: the epoch restarts, and how much is read twice is said
+    caplog.clear()
+    reseeded = build([source], batch_size=4, workers=2, seed=1)
+    with caplog.at_level(logging.WARNING):
+        reseeded.load_state_dict(state)
+    assert "seed changed; other samples are planned); restarting epoch 1 from its beginning: at least 8 samples of " \
+           "it that the saved rank 0 had read" in caplog.text
+    assert reseeded.state_dict()["positions"] == [[1, 0], [1, 0]]
 
 
 def test_several_sources_with_weights(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
     data = build_train_data(config.data, image_size=224, context_length=77, tokenizer=get_tokenizer(),
                             batch_size=256, rank=rank, world_size=world_size, seed=seed)
-    data.load_state_dict(checkpoint["data"][rank])   # optional, before iter()
+    data.load_state_dict(data_state_for_rank(checkpoint["data"], rank))  # optional, before iter()
     batches = iter(data)                              # endless: epochs follow each other seamlessly
     normalize = PixelNormalizer(device)               # uint8 pixels -> the model's float input, on the device
     images, texts = next(batches)                     # ByteTensor[B, 3, H, W], IntTensor[B, context_length]
@@ -11,12 +11,15 @@
     metrics["data"] = data.stats()                    # counts of samples used, skipped and repaired per source
     data.close()                                      # stops the worker processes
 
-All counts and positions are this rank's; each rank saves and restores its own state.
+All counts and positions are this rank's; each rank saves its own state. A resume under another world size
+or number of workers continues the epochs in progress from every saved rank's positions
+(`data_state_for_rank`, `data_state_for_other_world_size`; see `handover.py`).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import multiprocessing.context
@@ -29,13 +32,19 @@ import torch
 from torch.utils.data import DataLoader
 
 from .config import DataConfig
+from .handover import MAX_HANDOVERS, Handover, SlotLayout, SlotStreams, needed_handovers, resampled_positions
+from .rank_states import add_source_counts, every_slot_position
 from .sampling import PLAN_VERSION, Planner
 from .sources import ManifestSource, Source, build_source
 from .stream import Position, SampleStream, StreamSettings, empty_counts
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = 1
+# 2: positions may refer to transition streams after an elastic resume ("handovers"); 1 is read as well.
+STATE_FORMAT = 2
+_READABLE_FORMATS = (1, 2)
+# What the plans depend on besides the slot layout: under another of these, saved positions mean nothing.
+_PLAN_KEYS = ("plan_version", "seed", "resampled", "epoch_samples", "sources")
 _FINISHED_EPOCHS_KEPT = 4
 
 
@@ -93,18 +102,6 @@ def _answer_sigterm_from_parent_only() -> None:
         sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
         if sender == os.getppid():
             os._exit(0)  # as torch's worker handler does when its parent terminates it
-
-
-def _add(into: dict, counts: dict) -> None:
-    for kind, amount in counts.items():
-        into[kind] = into.get(kind, 0) + amount
-
-
-def _add_source_counts(into: dict, counts: dict) -> None:
-    """Adds one source's {"samples", "skipped", "repaired"} counts to another's."""
-    into["samples"] += counts["samples"]
-    for field in ("skipped", "repaired"):
-        _add(into[field], counts[field])
 
 
 def counts_line(counts: dict, before: dict | None = None) -> str:
@@ -189,6 +186,8 @@ class TrainData:
             if isinstance(source, ManifestSource) and source.manifest.bad_rows
         }
         self._positions: list[Position] = [(0, 0)] * self.slots_per_rank
+        # The layouts earlier resumes left while epochs were in progress (see handover.py), oldest first
+        self._handovers: tuple[Handover, ...] = ()
         self._next_worker = 0
         self._batches = 0
         self._counts = {name: empty_counts() for name in names}
@@ -205,7 +204,8 @@ class TrainData:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._stop_workers()
         stream = SampleStream(
-            self.sources, self.planner, self.settings, self.tokenizer, self._positions, rotation=self._next_worker
+            self.sources, self.planner, self.settings, self.tokenizer, self._positions, rotation=self._next_worker,
+            handovers=self._handovers,
         )
         workers = self.config.workers
         loader = DataLoader(
@@ -254,8 +254,8 @@ class TrainData:
             if epoch not in self._open_epochs:
                 self._open_epochs[epoch] = self._no_counts()
             for name, counts in sources.items():
-                _add_source_counts(self._counts[name], counts)
-                _add_source_counts(self._open_epochs[epoch][name], counts)
+                add_source_counts(self._counts[name], counts)
+                add_source_counts(self._open_epochs[epoch][name], counts)
         for epoch in range(epoch_before, self.epoch):  # every worker of this rank has finished these data epochs
             sources = self._open_epochs.pop(epoch) if epoch in self._open_epochs else self._no_counts()
             self._finished_epochs[epoch] = sources
@@ -306,39 +306,111 @@ class TrainData:
             "counts": copy.deepcopy(self._counts),
             "open_epochs": [[epoch, copy.deepcopy(counts)] for epoch, counts in sorted(self._open_epochs.items())],
             "finished_epochs": [[epoch, copy.deepcopy(c)] for epoch, c in sorted(self._finished_epochs.items())],
+            "handovers": [handover.to_state() for handover in needed_handovers(self._handovers, self.epoch)],
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from `state_dict()`'s output. With the same layout the following batches are exactly the
-        ones the saved run would have produced. Otherwise (other world size, workers, seed or sources) every
-        worker restarts at the beginning of the earliest epoch in progress, with a warning."""
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"unknown data state format {state.get('format')!r} (expected {STATE_FORMAT})")
+        ones the saved run would have produced.
+
+        Under another world size, number of workers or shuffle_buffer, exact epochs continue: the samples the
+        saved slots had not read of the epochs in progress are divided among this layout's slots, each read
+        once, then this layout's own plans follow (see `handover.py`). That needs every saved slot's position:
+        a state from `data_state_for_other_world_size` or `data_state_for_rank` (the trainer's resume), or a
+        single rank's. Resampled epochs continue at the saved slots' average fraction of their epoch. Without
+        the positions, or under another seed or sources, every worker restarts at the beginning of the
+        earliest epoch in progress, with a warning."""
+        if state.get("format") not in _READABLE_FORMATS:
+            raise ValueError(f"unknown data state format {state.get('format')!r} (expected one of {_READABLE_FORMATS})")
         self._stop_workers()
         saved_layout, layout = state["layout"], self._layout()
-        positions = [tuple(position) for position in state["positions"]]
-        self._open_epochs = {}
+        handovers = tuple(Handover.from_state(handover) for handover in state.get("handovers", []))
+        # States saved before per-epoch counts existed lack these; epoch summaries then start afresh.
+        self._open_epochs = {int(epoch): copy.deepcopy(counts) for epoch, counts in state.get("open_epochs", [])}
+        self._finished_epochs = {int(epoch): copy.deepcopy(c) for epoch, c in state.get("finished_epochs", [])}
         if saved_layout == layout:
-            self._positions, self._next_worker = positions, state["next_worker"]
-            # States saved before per-epoch counts existed lack these; epoch summaries then start afresh.
-            self._open_epochs = {int(epoch): copy.deepcopy(counts) for epoch, counts in state.get("open_epochs", [])}
+            self._positions = [tuple(position) for position in state["positions"]]
+            self._next_worker, self._handovers = state["next_worker"], handovers
         else:
-            changed = sorted(key for key in layout if saved_layout.get(key) != layout[key])
-            epoch = min(epoch for epoch, _ in positions)
-            # Slots already past that epoch read their whole share of it, which the state does not record
-            reread = sum(offset for slot_epoch, offset in positions if slot_epoch == epoch)
-            log.warning(
-                "data: the saved position was for another layout (%s changed); restarting epoch %d from its "
-                "beginning: at least %d samples of it that the saved rank %d had read are read again",
-                ", ".join(changed), epoch, reread, saved_layout.get("rank", 0),
-            )
-            self._positions, self._next_worker = [(epoch, 0)] * self.slots_per_rank, 0
+            why_not = self._continue_under_this_layout(state, handovers)
+            if why_not is None:
+                self._reopen_epochs_in_progress()
+            else:
+                self._restart_earliest_epoch(state, why_not)
         self._batches = state["batches"]
         for name, counts in state["counts"].items():
             if name in self._counts:
                 self._counts[name] = copy.deepcopy(counts)
-        self._finished_epochs = {int(epoch): copy.deepcopy(c) for epoch, c in state.get("finished_epochs", [])}
         self._summary_mark = (self.epoch, copy.deepcopy(self._counts))
+
+    def _slot_layout(self) -> SlotLayout:
+        return SlotLayout(self.world_size, self.slots_per_rank, self.config.shuffle_buffer)
+
+    def _continue_under_this_layout(self, state: dict, handovers: tuple[Handover, ...]) -> str | None:
+        """Sets the positions that continue the saved epochs under this layout; where it cannot, says why."""
+        saved_layout, layout = state["layout"], self._layout()
+        if any(saved_layout.get(key) != layout[key] for key in _PLAN_KEYS):
+            return "other samples are planned"
+        saved = SlotLayout(saved_layout["world_size"], saved_layout["workers"], saved_layout["shuffle_buffer"])
+        everyone = every_slot_position(state)
+        # (not the rank: every rank of another world size loads rank 0's state, with everyone's positions)
+        changed = ", ".join(sorted(key for key in layout if key != "rank" and saved_layout.get(key) != layout[key]))
+        if self.config.resampled:
+            first_slot = saved_layout.get("rank", 0) * saved.workers
+            saved_slots = list(range(saved.slots)) if everyone else list(range(first_slot, first_slot + saved.workers))
+            saved_planner = dataclasses.replace(self.planner, world_size=saved.world_size, workers_per_rank=saved.workers)
+            slots = range(self.rank * self.slots_per_rank, (self.rank + 1) * self.slots_per_rank)
+            self._positions = resampled_positions(everyone or [tuple(p) for p in state["positions"]], saved_slots,
+                                                  saved_planner, self.planner, list(slots))
+            self._next_worker, self._handovers = 0, ()
+            log.warning("data: the saved position was for another layout (%s changed); continuing the resampled "
+                        "epochs at the saved workers' average progress, epoch %d", changed, self.epoch)
+            return None
+        if everyone is None:
+            return "the state lacks the other saved ranks' positions"
+        handover = Handover(saved, tuple(everyone))
+        chain = needed_handovers(handovers + (handover,), handover.first_epoch)
+        if len(chain) > MAX_HANDOVERS:
+            return f"{len(chain)} layout changes within the epochs in progress are more than the {MAX_HANDOVERS} followed"
+        self._handovers, self._next_worker = chain, 0
+        self._positions = [(handover.first_epoch, 0)] * self.slots_per_rank
+        if not chain:  # every saved slot had just finished the same epoch
+            log.warning("data: the saved position was for another layout (%s changed); continuing at the beginning "
+                        "of epoch %d under the new layout, none read twice", changed, handover.first_epoch)
+            return None
+        streams = SlotStreams(self.sources, self.planner, self._slot_layout(), chain)
+        left = {epoch: int(streams.remainders(len(chain) - 1, epoch).sum())
+                for epoch in range(handover.first_epoch, streams.ends[-1])}
+        log.warning(
+            "data: the saved position was for another layout (%s changed); continuing %s under the new layout: %s "
+            "left, none read twice", changed, _epochs_named(list(left)), ", ".join(
+                f"{count} samples of epoch {epoch}" for epoch, count in left.items()),
+        )
+        return None
+
+    def _reopen_epochs_in_progress(self) -> None:
+        """Epochs this rank had finished that other ranks had not are continued by this layout's slots: their
+        counts so far go back into the open epochs, so that the epoch's count summed over ranks stays exact."""
+        for epoch in [epoch for epoch in self._finished_epochs if epoch >= self.epoch]:
+            sources = self._finished_epochs.pop(epoch)
+            into = self._open_epochs.setdefault(epoch, self._no_counts())
+            for name, counts in sources.items():
+                add_source_counts(into.setdefault(name, empty_counts()), counts)
+
+    def _restart_earliest_epoch(self, state: dict, why: str) -> None:
+        saved_layout, layout = state["layout"], self._layout()
+        positions = [tuple(position) for position in state["positions"]]
+        changed = sorted(key for key in layout if saved_layout.get(key) != layout[key])
+        epoch = min(epoch for epoch, _ in positions)
+        # Slots already past that epoch read their whole share of it, which the state does not record
+        reread = sum(offset for slot_epoch, offset in positions if slot_epoch == epoch)
+        log.warning(
+            "data: the saved position was for another layout (%s changed; %s); restarting epoch %d from its "
+            "beginning: at least %d samples of it that the saved rank %d had read are read again",
+            ", ".join(changed), why, epoch, reread, saved_layout.get("rank", 0),
+        )
+        self._positions, self._next_worker, self._handovers = [(epoch, 0)] * self.slots_per_rank, 0, ()
+        self._open_epochs = {}
 
     # ---- reporting -----------------------------------------------------------------------------------
     @property
@@ -381,58 +453,8 @@ class TrainData:
         return f"data rank {self.rank}, {epochs}: " + counts_line(self._counts, before)
 
 
-def _summed_sources(per_rank: list[dict]) -> dict:
-    total: dict = {}
-    for sources in per_rank:
-        for name, counts in sources.items():
-            _add_source_counts(total.setdefault(name, empty_counts()), counts)
-    return total
-
-
-def _finished_by_all(finished_per_rank: list[dict[int, dict]]) -> dict[int, dict]:
-    """{epoch: counts summed over ranks} for the data epochs that every rank has finished."""
-    common = set.intersection(*map(set, finished_per_rank)) if finished_per_rank else set()
-    return {epoch: _summed_sources([finished[epoch] for finished in finished_per_rank]) for epoch in sorted(common)}
-
-
-def merge_rank_reports(reports: list[dict]) -> dict:
-    """All ranks' `rank_report()`s as one `stats()`-shaped dict for the whole run: counts summed over ranks,
-    `epoch` the earliest any rank is in, and `finished_epoch` the latest data epoch every rank has finished
-    (ranks finish it a batch or so apart), with its exact counts summed over ranks."""
-    stats = [report["stats"] for report in reports]
-    sources = _summed_sources([s["sources"] for s in stats])
-    by_all = _finished_by_all([report["finished_epochs"] for report in reports])
-    finished = None
-    if by_all:
-        epoch = max(by_all)
-        finished = {"epoch": epoch, "sources": by_all[epoch]}
-    return {
-        "epoch": min(s["epoch"] for s in stats),
-        "batches": sum(s["batches"] for s in stats),
-        "samples": sum(s["samples"] for s in stats),
-        "skipped": sum(s["skipped"] for s in stats),
-        "sources": sources,
-        "finished_epoch": finished,
-        "manifest_rows_dropped": stats[0].get("manifest_rows_dropped", {}),  # every rank reads the same files
-        "ranks": len(reports),
-    }
-
-
-def data_state_for_other_world_size(states: list[dict], rank: int) -> dict:
-    """The state to resume rank `rank` from when the checkpoint's ranks (`states`, one per saved rank) differ
-    from this run's. Positions cannot carry over (the loader restarts the earliest epoch in progress), and the
-    run-wide counts must not be multiplied: rank 0 takes the sum of every saved rank's counts, others none."""
-    state = copy.deepcopy(states[0])
-    empty = {name: empty_counts() for name in state["counts"]}
-    if rank == 0:
-        state["counts"] = _summed_sources([saved["counts"] for saved in states])
-        state["batches"] = sum(saved["batches"] for saved in states)
-        finished = _finished_by_all([{int(e): c for e, c in saved.get("finished_epochs", [])} for saved in states])
-        state["finished_epochs"] = [[epoch, counts] for epoch, counts in finished.items()]
-    else:
-        state.update(counts=empty, batches=0, finished_epochs=[])
-    state["open_epochs"] = []
-    return state
+def _epochs_named(epochs: list[int]) -> str:
+    return f"epoch {epochs[0]}" if len(epochs) == 1 else f"epochs {epochs[0]}-{epochs[-1]}"
 
 
 def build_train_data(

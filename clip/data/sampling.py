@@ -20,6 +20,9 @@ in consecutive windows of `shuffle_buffer` items (`window_permutation`). Unlike 
 a window permutation is known without reading the data, so a worker resumes at any position by skipping
 whole windows unread (see `stream.py`).
 
+A run resumed under another world size or number of workers finishes the epochs in progress from the
+old slots' plans before the new layout's plans take over (`handover.py`).
+
 All randomness comes from numpy generators seeded with integer tuples (seed, epoch, ..., purpose), never from
 global state, so every process computes the same plan.
 """

@@ -1,7 +1,8 @@
 """The data worker: turns its slot's planned raw items into full batches, forever.
 
 Each DataLoader worker of a rank plays one slot (see `sampling.py`) and walks the concatenation of its
-epochs' plans: epoch e's raw items in window-shuffled order, then epoch e+1's, and so on, without a seam
+epochs' plans: epoch e's raw items in window-shuffled order, then epoch e+1's, and so on (after a resume under
+another layout, first its share of what the old slots left of the epochs in progress: `handover.py`), without a seam
 (the last batch of an epoch is completed with the first samples of the next, so no sample is dropped and
 every batch is full). A raw item that cannot be used is skipped and counted; the next good item takes its
 place in the batch, so a batch of B samples may consume more than B raw items.
@@ -30,7 +31,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .decoding import SkipLog, SkipSample, decode_caption, open_image, pil_pixel_limit, upright_rgb
-from .sampling import Planner, SlotPlan, SourceLayout
+from .handover import Handover, SlotLayout, SlotStreams
+from .sampling import Planner, SourceLayout
 from .sources import Source
 from .transform import BatchImageWriter, center_crop_box, draft_size, random_resized_crop_box, random_square_box
 
@@ -145,6 +147,7 @@ class SampleStream(IterableDataset):
         tokenizer: object,
         start_positions: list[Position],
         rotation: int = 0,
+        handovers: tuple[Handover, ...] = (),
     ) -> None:
         self.sources = sources
         self.planner = planner
@@ -152,6 +155,7 @@ class SampleStream(IterableDataset):
         self.tokenizer = tokenizer
         self.start_positions = list(start_positions)
         self.rotation = rotation
+        self.handovers = handovers  # the layouts a resume left while their epochs were in progress
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
         info = get_worker_info()
@@ -163,36 +167,21 @@ class SampleStream(IterableDataset):
 
     def _items(self, worker: int, epoch: int, offset: int) -> Iterator[_Item]:
         rank, empty_epochs = self.settings.rank, 0
+        layout = SlotLayout(self.planner.world_size, self.planner.workers_per_rank, self.settings.shuffle_window)
+        streams = SlotStreams(self.sources, self.planner, layout, self.handovers)
+        slot = rank * self.planner.workers_per_rank + worker
         while True:
-            plan = self.planner.plan(epoch, rank, worker)
-            length = len(plan)
+            length, items = streams.epoch_stream(slot, epoch, offset)
             # A slot can draw no sample in an epoch when sources are smaller than the number of slots; the
             # rotation of ranges gives it some within `slots` epochs whenever the epoch has >= slots samples.
             empty_epochs = empty_epochs + 1 if length == 0 else 0
             if empty_epochs > self.planner.slots:
                 raise RuntimeError(f"data rank {rank} worker {worker}: no sample planned in {empty_epochs} epochs")
-            for source, raw in self._epoch_items(plan, epoch, worker, offset):
+            for source, raw in items:
                 offset += 1
                 position = (epoch + 1, 0) if offset == length else (epoch, offset)
                 yield _Item(epoch, offset - 1, position, length, source, raw)
             epoch, offset = epoch + 1, 0
-
-    def _epoch_items(self, plan: SlotPlan, epoch: int, worker: int, start: int) -> Iterator[tuple[int, object]]:
-        """The plan's raw items in emission order from position `start`. Windows before the one holding
-        `start` are skipped without reading anything; each source's cursor starts after its items in them."""
-        window, labels = self.settings.shuffle_window, plan.labels
-        first_window = start // window
-        begin = first_window * window
-        cursors = {
-            int(index): self.sources[index].items(plan, int(index), int(np.count_nonzero(labels[:begin] == index)))
-            for index in np.unique(labels)
-        }
-        for number in range(first_window, math.ceil(len(labels) / window)):
-            block_labels = labels[number * window : (number + 1) * window].tolist()
-            block = [(label, next(cursors[label])) for label in block_labels]
-            order = self.planner.window_permutation(epoch, self.settings.rank, worker, number, len(block))
-            for j in order[start - begin if number == first_window else 0 :]:
-                yield block[j]
 
 
 class _BatchBuilder:

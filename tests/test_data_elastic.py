@@ -1,0 +1,300 @@
+"""Elastic resumes: a run continued under another world size or number of data workers finishes the epochs in
+progress with every sample read exactly once over the layouts (clip/data/handover.py), resumes exactly again
+within such a transition, and then follows the new layout's own plans."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from test_data_helpers import build, captions, take, write_manifest, write_shards
+
+from clip.data import SourceConfig, data_state_for_other_world_size, data_state_for_rank, merge_rank_reports
+from clip.data.stream import SampleStream
+
+# (world_size, workers) before and after
+LAYOUT_CHANGES = {
+    "2->1 ranks": ((2, 1), (1, 1)),
+    "1->2 ranks": ((1, 1), (2, 1)),
+    "2->3 ranks": ((2, 1), (3, 1)),
+    "0->2 workers": ((1, 0), (1, 2)),
+    "2->1 workers": ((2, 2), (2, 1)),
+}
+
+
+def mixed_sources(tmp_path: Path) -> list[SourceConfig]:
+    """Rows with weight 2 and shards (of 4, split across slots) with weight 0.5: an epoch of 26 + 8 samples."""
+    manifest = write_manifest(tmp_path / "m", range(100, 113))
+    return [
+        SourceConfig(kind="manifest", path=str(manifest), name="rows", weight=2.0),
+        SourceConfig(kind="shards", path=write_shards(tmp_path / "s", 17, 4), name="shards", weight=0.5),
+    ]
+
+
+SETTINGS = dict(batch_size=3, shuffle_buffer=3, prefetch_factor=2)
+# Batches per rank, by world size: into epoch 1 (34 samples an epoch); of two ranks, rank 1 into epoch 2
+BATCHES = {1: [17], 2: [8, 12]}
+
+
+def run(sources, world_size: int, workers: int, rank: int, state: dict | None = None):
+    data = build(sources, rank=rank, world_size=world_size, workers=workers, **SETTINGS)
+    if state is not None:
+        data.load_state_dict(state)
+    return data
+
+
+def items_between(data, stop_positions: list | None = None, before_epoch: int | None = None) -> list:
+    """(epoch, sample) of every item `data`'s workers read from their current positions up to the given
+    positions (exclusive of nothing: the item that brings a worker there is included) or up to an epoch."""
+    stream = SampleStream(data.sources, data.planner, data.settings, data.tokenizer, data._positions,
+                          handovers=data._handovers)
+    read = []
+    for worker, start in enumerate(data._positions):
+        stop = tuple(stop_positions[worker]) if stop_positions is not None else None
+        if stop is not None and tuple(start) == stop:
+            continue
+        for item in stream._items(worker, *start):
+            if before_epoch is not None and item.epoch >= before_epoch:
+                break
+            source = data.sources[item.source]
+            read.append((item.epoch, f"{source.name}:{source.describe(item.raw)}"))
+            if stop is not None and item.position == stop:
+                break
+    return read
+
+
+def epoch_reference(sources, epochs: int) -> list:
+    """Every item of the first `epochs` epochs, as one uninterrupted rank with one worker reads them."""
+    return items_between(run(sources, 1, 0, 0), before_epoch=epochs)
+
+
+def phase(sources, layout: tuple[int, int], states: list[dict] | None, batches: list[int]) -> tuple[list, list]:
+    """Runs every rank of `layout` (from the saved `states`, if any) for its number of batches; returns the
+    items each read, and their states."""
+    world_size, workers = layout
+    read, saved = [], []
+    for rank in range(world_size):
+        state = None if states is None else to_resume(states, rank, world_size)
+        data = run(sources, world_size, workers, rank, state)
+        start = run(sources, world_size, workers, rank, state)  # an untouched copy, to list what was read
+        take(data, batches[rank])
+        saved.append(data.state_dict())
+        data.close()
+        read += items_between(start, stop_positions=saved[-1]["positions"])
+    return read, saved
+
+
+def to_resume(states: list[dict], rank: int, world_size: int) -> dict:
+    """What the trainer's resume hands the loader (clip/resume.py)."""
+    if len(states) == world_size:
+        return data_state_for_rank(states, rank)
+    return data_state_for_other_world_size(states, rank)
+
+
+def finish(sources, layout: tuple[int, int], states: list[dict], before_epoch: int) -> list:
+    world_size, workers = layout
+    read = []
+    for rank in range(world_size):
+        read += items_between(run(sources, world_size, workers, rank, to_resume(states, rank, world_size)),
+                              before_epoch=before_epoch)
+    return read
+
+
+def assert_each_epoch_read_once(read: list, reference: list, epochs: int) -> None:
+    for epoch in range(epochs):
+        got = Counter(sample for e, sample in read if e == epoch)
+        expected = Counter(sample for e, sample in reference if e == epoch)
+        assert got == expected, f"epoch {epoch}: twice {got - expected}, missing {expected - got}"
+
+
+@pytest.mark.parametrize("change", list(LAYOUT_CHANGES))
+def test_an_epoch_in_progress_is_finished_under_the_new_layout_each_sample_once(tmp_path: Path, change: str) -> None:
+    sources = mixed_sources(tmp_path)
+    before, after = LAYOUT_CHANGES[change]
+    first_read, states = phase(sources, before, None, batches=BATCHES[before[0]])
+    assert 1 in {position[0] for state in states for position in state["positions"]}
+    second_read = finish(sources, after, states, before_epoch=4)
+    assert_each_epoch_read_once(first_read + second_read, epoch_reference(sources, 4), epochs=4)
+
+
+@pytest.mark.parametrize("change", ["2->3 ranks", "2->1 workers", "0->2 workers"])
+def test_the_epoch_after_the_transition_is_the_new_layouts_own_plan(tmp_path: Path, change: str) -> None:
+    sources = mixed_sources(tmp_path)
+    before, (world_size, workers) = LAYOUT_CHANGES[change]
+    _, states = phase(sources, before, None, batches=BATCHES[before[0]])
+    for rank in range(world_size):
+        resumed = run(sources, world_size, workers, rank, to_resume(states, rank, world_size))
+        end = max(epoch + (offset > 0) for state in states for epoch, offset in state["positions"])
+        resumed_items = [item for item in items_between(resumed, before_epoch=end + 1) if item[0] == end]
+        fresh = run(sources, world_size, workers, rank)
+        fresh._positions = [(end, 0)] * len(fresh._positions)
+        assert resumed_items == items_between(fresh, before_epoch=end + 1)
+
+
+def test_a_second_resume_in_the_transition_under_the_same_layout_gives_the_same_batches(tmp_path: Path) -> None:
+    sources = mixed_sources(tmp_path)
+    _, states = phase(sources, (2, 1), None, batches=BATCHES[2])
+    for rank in range(3):
+        state = data_state_for_other_world_size(states, rank)
+        uninterrupted = run(sources, 3, 2, rank, state)
+        expected = take(uninterrupted, 6)
+        uninterrupted.close()
+        first = run(sources, 3, 2, rank, state)
+        head = take(first, 2)
+        again = first.state_dict()
+        assert again["handovers"], "still in the transition"
+        first.close()
+        resumed = run(sources, 3, 2, rank, again)
+        tail = take(resumed, 4)
+        resumed.close()
+        assert captions(head + tail) == captions(expected)
+        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(head + tail, expected))
+
+
+@pytest.mark.parametrize("layouts", [((2, 1), (3, 1), (1, 2)), ((1, 2), (2, 1), (2, 2)), ((2, 1), (1, 1), (2, 1))])
+def test_another_layout_change_within_the_transition_still_reads_each_sample_once(tmp_path: Path, layouts) -> None:
+    sources = mixed_sources(tmp_path)
+    first, second, third = layouts
+    read, states = phase(sources, first, None, batches=BATCHES[first[0]])
+    more, states = phase(sources, second, states, batches=[2, 1, 3][: second[0]])
+    assert any(state["handovers"] for state in states), "interrupted within the transition"
+    read += more + finish(sources, third, states, before_epoch=3)
+    assert_each_epoch_read_once(read, epoch_reference(sources, 3), epochs=3)
+
+
+def test_the_layout_change_is_said_and_counts_stay_exact(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    sources = mixed_sources(tmp_path)
+    _, states = phase(sources, (2, 1), None, batches=BATCHES[2])
+    reports = []
+    with caplog.at_level(logging.WARNING):
+        for rank in range(3):
+            data = run(sources, 3, 1, rank, data_state_for_other_world_size(states, rank))
+            take(data, 12)  # well past epoch 1 on every rank
+            reports.append(data.rank_report())
+            data.close()
+    # 20 and 36 batches of 3 into epochs of 34: epoch 1 and 2 in progress
+    assert "continuing epochs 1-2 under the new layout: 10 samples of epoch 1, 32 samples of epoch 2 left, none " \
+           "read twice" in caplog.text
+    assert "read again" not in caplog.text and "rank," not in caplog.text
+    for epoch in (1, 2, 3):  # summed over the new ranks, each epoch's counts are whole
+        for name, samples in (("rows", 26), ("shards", 8)):
+            assert sum(r["finished_epochs"][epoch][name]["samples"] for r in reports) == samples, (epoch, name)
+    assert merge_rank_reports(reports)["finished_epoch"]["epoch"] == 3
+    assert merge_rank_reports(reports)["samples"] == (8 + 12) * 3 + 3 * 12 * 3
+
+
+def test_old_states_still_load(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A state as the previous version saved it: format 1, no handovers, no other ranks' positions
+    sources = mixed_sources(tmp_path)
+    read, states = phase(sources, (2, 1), None, batches=BATCHES[2])
+    old = [{key: value for key, value in state.items() if key != "handovers"} | {"format": 1} for state in states]
+    # the same layout: exact, as before
+    expected = take(run(sources, 2, 1, 1), 15)  # rank 1 had taken 12 batches
+    assert captions(take(run(sources, 2, 1, 1, old[1]), 3)) == captions(expected[12:])
+    # another layout, with every rank's state at hand: continued
+    read += finish(sources, (1, 2), old, before_epoch=3)
+    assert_each_epoch_read_once(read, epoch_reference(sources, 3), epochs=3)
+    # one rank's state alone under another layout: restarted, as before, with the reason said
+    with caplog.at_level(logging.WARNING):
+        lone = run(sources, 1, 1, 0, old[1])
+    assert "lacks the other saved ranks' positions" in caplog.text and "read again" in caplog.text
+    assert lone.state_dict()["positions"] == [[2, 0]]  # saved rank 1 was in epoch 2
+
+
+def test_resampled_epochs_continue_at_the_same_progress(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    sources = mixed_sources(tmp_path)
+    settings = dict(resampled=True, epoch_samples=40)
+    states = []
+    for rank in range(2):
+        data = build(sources, rank=rank, world_size=2, workers=1, **SETTINGS, **settings)
+        take(data, 10)  # 30 of 20 samples per rank: half of epoch 1
+        states.append(data.state_dict())
+        data.close()
+    with caplog.at_level(logging.WARNING):
+        data = build(sources, world_size=1, workers=2, **SETTINGS, **settings)
+        data.load_state_dict(data_state_for_other_world_size(states, 0))
+    assert "continuing the resampled epochs" in caplog.text
+    assert data.state_dict()["positions"] == [[1, 10], [1, 10]]
+
+
+def test_a_layout_change_at_an_epoch_boundary_starts_the_new_layouts_plan(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sources = mixed_sources(tmp_path)
+    first = build(sources, batch_size=2, workers=0)
+    take(first, 17)  # exactly epoch 0's 34 samples
+    state = first.state_dict()
+    first.close()
+    assert state["positions"] == [[1, 0]]
+    with caplog.at_level(logging.WARNING):
+        resumed = run(sources, 1, 2, 0, state)
+    assert "continuing at the beginning of epoch 1 under the new layout" in caplog.text
+    assert resumed.state_dict()["positions"] == [[1, 0], [1, 0]] and resumed.state_dict()["handovers"] == []
+    fresh = run(sources, 1, 2, 0)
+    fresh._positions = [(1, 0), (1, 0)]
+    assert items_between(resumed, before_epoch=2) == items_between(fresh, before_epoch=2)
+
+
+class _RowItems:
+    def items(self, plan, index: int, skip: int):
+        return ((index, int(row)) for row in plan.rows[index][skip:])
+
+
+class _ShardItems:
+    def items(self, plan, index: int, skip: int):
+        samples = [(index, shard, i) for shard, start, stop in plan.segments[index] for i in range(start, stop)]
+        return iter(samples[skip:])
+
+
+def test_chains_of_random_layout_changes_read_each_sample_once() -> None:
+    # The planner alone (items named, never read): random layouts (ranks, workers, shuffle_buffer), each left
+    # after its slots read a random number of items, up to four changes in the epochs in progress.
+    import itertools
+    import random
+
+    import numpy as np
+
+    from clip.data.handover import Handover, SlotLayout, SlotStreams, needed_handovers
+    from clip.data.sampling import Planner, SourceLayout
+
+    rng = random.Random(0)
+    for trial in range(40):
+        sizes = np.array([rng.randint(1, 7) for _ in range(rng.randint(1, 6))], dtype=np.int64)
+        planner = Planner((SourceLayout(rng.randint(5, 40), rng.choice([0.5, 1.0, 2.0])),
+                           SourceLayout(int(sizes.sum()), rng.choice([0.5, 1.0, 2.0]), sizes)), seed=trial,
+                          world_size=1, workers_per_rank=1)
+        sources, total = [_RowItems(), _ShardItems()], planner.samples_per_pass
+        layouts = []
+        for _ in range(5):  # no more slots than samples in an epoch (the loader refuses that)
+            world_size = rng.randint(1, min(4, total))
+            layouts.append(SlotLayout(world_size, rng.randint(1, max(1, min(3, total // world_size))), rng.randint(1, 6)))
+        chain, read, starts = (), [], [(0, 0)] * layouts[0].slots
+        for layout, following in itertools.pairwise(layouts):
+            streams, positions = SlotStreams(sources, planner, layout, chain), []
+            for slot, (epoch, offset) in enumerate(starts):
+                steps = rng.randint(0, total)
+                while steps:
+                    length, items = streams.epoch_stream(slot, epoch, offset)
+                    taken = list(itertools.islice(items, steps))
+                    read += [(epoch, item) for item in taken]
+                    steps, offset = steps - len(taken), offset + len(taken)
+                    if offset == length:
+                        epoch, offset = epoch + 1, 0
+                positions.append((epoch, offset))
+            handover = Handover(layout, tuple(positions))
+            chain = needed_handovers(chain + (handover,), handover.first_epoch)
+            starts = [(handover.first_epoch, 0)] * following.slots
+        streams, end = SlotStreams(sources, planner, layouts[-1], chain), max(e for e, _ in read or [(0, 0)]) + 2
+        for slot, (first, _) in enumerate(starts):
+            for epoch in range(first, end):
+                length, items = streams.epoch_stream(slot, epoch, 0)
+                items = list(items)
+                assert len(items) == length
+                read += [(epoch, item) for item in items]
+        reference = SlotStreams(sources, planner, SlotLayout(1, 1, 1))
+        for epoch in range(end):
+            expected = Counter(reference.epoch_stream(0, epoch, 0)[1])
+            assert Counter(item for e, item in read if e == epoch) == expected, (trial, epoch)

@@ -40,7 +40,7 @@ class LossConfig:
     # whole [B, N] logit matrix at once. 512 keeps batch 32768 x width 512 under 0.6 GiB.
     chunk_size: int | None = None
     # The paper clips the learned temperature so logits are scaled by at most 100; the trainer clamps
-    # logit_scale to log(max_logit_scale) after every optimiser step.
+    # logit_scale to log(max_logit_scale) before the first step and after every optimiser step.
     max_logit_scale: float = 100.0
 
     def __post_init__(self) -> None:
@@ -55,7 +55,8 @@ class LossConfig:
 
 def _as_unit_float32(features: torch.Tensor) -> torch.Tensor:
     # float32 even under autocast: exp() of logits up to 100 and sums over 10^5 columns need the range.
-    return F.normalize(features.float(), dim=-1)
+    # float64 features stay float64 (gradient checks, float64 references): float32 would be a silent downcast.
+    return F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=-1)
 
 
 def _check_inputs(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> None:
@@ -140,7 +141,7 @@ def _clip_loss_terms(
         batch = images.shape[0]
         # Row i of this rank is row rank*B + i of the global batch; its matching pair sits in that column.
         labels = torch.arange(batch, device=images.device) + _rank(distributed, group) * batch
-        scale = logit_scale.float().exp()
+        scale = logit_scale.to(images.dtype).exp()
 
         if chunk_size is None:
             logits_per_image = scale * (images @ all_texts.t())  # [B, N]
@@ -194,7 +195,7 @@ def _sigmoid_loss_terms(
         all_texts = gather_features(texts, group) if distributed else texts  # [N, D]
         batch = images.shape[0]
         offset = _rank(distributed, group) * batch
-        logits = logit_scale.float().exp() * (images @ all_texts.t()) + logit_bias.float()  # [B, N]
+        logits = logit_scale.to(images.dtype).exp() * (images @ all_texts.t()) + logit_bias.to(images.dtype)  # [B, N]
         signs = torch.full_like(logits, -1.0)
         signs.diagonal(offset=offset).fill_(1.0)  # pair (i, offset + i) matches
         # SigLIP normalises the sum over all N^2 pairs by N; per rank that is the sum over B rows divided by

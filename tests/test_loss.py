@@ -207,3 +207,21 @@ def test_loss_stays_float32_under_autocast(chunk_size):
     # Only the rounding of the inputs to bfloat16 differs, not the precision of the logits.
     reference = naive_clip_loss(image.bfloat16().float(), text.bfloat16().float(), logit_scale)
     torch.testing.assert_close(loss.double(), reference, **TOLERANCE)
+
+
+@pytest.mark.parametrize("loss", ["clip", "clip_chunked", "siglip"])
+def test_float64_features_keep_float64_and_pass_a_gradient_check(loss):
+    # The losses cast features to float32 for range under autocast; float64 ones were cast down too, so a
+    # float64 model's loss (and every gradient check of it, the chunked backward's included) was float32.
+    generator = torch.Generator().manual_seed(3)
+    image = torch.randn(6, 5, dtype=torch.float64, generator=generator, requires_grad=True)
+    text = torch.randn(6, 5, dtype=torch.float64, generator=generator, requires_grad=True)
+    logit_scale = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    logit_bias = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
+    functions = {
+        "clip": lambda i, t, s, b: contrastive_loss(i, t, s),
+        "clip_chunked": lambda i, t, s, b: contrastive_loss(i, t, s, chunk_size=4),
+        "siglip": sigmoid_loss,
+    }
+    assert functions[loss](image, text, logit_scale, logit_bias).dtype == torch.float64
+    assert torch.autograd.gradcheck(functions[loss], (image, text, logit_scale, logit_bias))

@@ -161,7 +161,7 @@ def model_from_weights(weights: LoadedWeights, source: str) -> CLIP:
                 f"its training run's directory or checkpoint, which record them, or clip.create_model(its "
                 f"config) and load_state_dict.", stacklevel=3,
             )
-    model = _empty_model(config)
+    model = _empty_model(config, weights, f"{source} does not fit the {_describe(config)} architecture {origin}", source)
     _load_checked(model, weights, f"{source} does not fit the {_describe(config)} architecture {origin}", source)
     if weights.logit_bias is not None:
         model.logit_bias = weights.logit_bias.clone()
@@ -170,14 +170,21 @@ def model_from_weights(weights: LoadedWeights, source: str) -> CLIP:
 
 def _load_checked(model: CLIP, weights: LoadedWeights, misfit_headline: str, source: str) -> None:
     """`weights` into `model`, after checking OpenAI's extra entries and every tensor's name and shape."""
+    state = _checked_state(model, weights, misfit_headline, source)
+    model.load_state_dict(state, strict=True)
+
+
+def _checked_state(model: CLIP, weights: LoadedWeights, misfit_headline: str, source: str) -> dict:
+    """The state dict to load into `model` (a `meta` one will do): OpenAI's extra entries and every tensor's
+    name and shape checked, BatchNorm step counters added where older files have none."""
     _check_extras(weights.extras, model.config, source)
     state = dict(weights.state_dict)
     expected = model.state_dict()
     for name, value in expected.items():  # older files have no BatchNorm step counters
         if name.endswith("num_batches_tracked") and name not in state:
-            state[name] = torch.zeros_like(value, device="cpu")
+            state[name] = torch.zeros(value.shape, dtype=value.dtype)
     _check_fits(expected, state, misfit_headline)
-    model.load_state_dict(state, strict=True)
+    return state
 
 
 class ModelNotFoundError(FileNotFoundError, RuntimeError):
@@ -268,11 +275,14 @@ def _check_extras(extras: Mapping[str, int], config: ModelConfig, source: str) -
             )
 
 
-def _empty_model(config: ModelConfig) -> CLIP:
+def _empty_model(config: ModelConfig, weights: LoadedWeights, misfit_headline: str, source: str) -> CLIP:
     """A CPU model with uninitialised weights (every one is overwritten by the strict load); building on the
-    `meta` device skips the random initialisation, seconds for the large models."""
+    `meta` device skips the random initialisation, seconds for the large models. The weights are checked
+    against the `meta` model first: a 2 KB checkpoint whose config names a huge model had its memory
+    allocated before its missing tensors were found."""
     with torch.device("meta"):
         model = CLIP(config)
+    _checked_state(model, weights, misfit_headline, source)
     persistent = set(model.state_dict())
     if any(name not in persistent for name, _ in model.named_buffers()):
         return CLIP(config)  # a non-persistent buffer is in no file: let __init__ compute it

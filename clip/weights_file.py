@@ -274,7 +274,27 @@ def _weights_from_state_dict(state: Mapping, config: ModelConfig | None, path: P
     extras = {key: int(state.pop(key)) for key in EXTRA_ENTRIES if key in state}
     # Constant attention masks are not weights; some exporters keep them as attributes.
     state = {key: value for key, value in state.items() if key.rsplit(".", 1)[-1] != "attn_mask"}
+    _check_backed_by_storage(state, path)
     return LoadedWeights(state_dict=state, model_config=config, extras=extras)
+
+
+def _check_backed_by_storage(state: Mapping, path: Path) -> None:
+    """Refuses tensors whose elements outnumber the bytes stored for them: views that repeat their storage
+    (stride 0, overlapping strides). Both formats keep such views as they are, and a 97 KB file of them
+    loaded as a 577 MB model (any size, with a larger architecture). A tensor saved under two names (tied
+    weights) counts once."""
+    views = {
+        (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride()): value
+        for value in state.values()
+        if isinstance(value, torch.Tensor)
+    }
+    declared = sum(view.numel() * view.element_size() for view in views.values())
+    held = sum({view.untyped_storage().data_ptr(): view.untyped_storage().nbytes() for view in views.values()}.values())
+    if declared > held:
+        raise WeightsFileError(
+            f"{path}: its tensors declare {declared} bytes but store {held}: views that repeat their data (stride "
+            f"0 or overlapping), which loading would expand to their full size; not weights a model was saved with"
+        )
 
 
 def _sample(mapping: Mapping, count: int = _SHOWN_KEYS) -> str:

@@ -354,3 +354,46 @@ def test_an_image_above_pils_pixel_limit_is_a_counted_skip(tmp_path: Path, monke
     assert len(skipped) == 1 and "150x100 pixels is more than PIL.Image.MAX_IMAGE_PIXELS (10000)" in skipped[0].reason
     with pytest.raises(UnreadableImageError):
         dataset[[path.name for path, _ in dataset.samples].index("large.png")]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weights that declare more than they hold
+
+
+def test_torch_save_views_that_repeat_their_storage_are_refused(tmp_path: Path) -> None:
+    # torch.save keeps a stride-0 view as it is: this 1 KB file declared a 4 MB tensor, and a whole
+    # architecture of such views (97 KB) loaded as a 577 MB model
+    torch.save({"visual.proj": torch.zeros(()).expand(1000, 1000)}, tmp_path / "views.pt")
+    with pytest.raises(WeightsFileError, match=r"views\.pt: its tensors declare 4000000 bytes but store 4: views"):
+        read_weights(tmp_path / "views.pt")
+
+
+def test_torchscript_views_that_repeat_their_storage_are_refused(tmp_path: Path) -> None:
+    path = write_archive(tmp_path / "views.pt", data_pkl=module_pickle(size=(1000, 1000), stride=(0, 0)))
+    with pytest.raises(WeightsFileError, match=r"declare 4000000 bytes but store 24"):
+        read_weights(path)
+
+
+def test_a_tensor_saved_under_two_names_still_reads(tmp_path: Path) -> None:
+    shared = torch.arange(6.0)
+    torch.save({"a": shared, "b": shared, "c": torch.ones(2)}, tmp_path / "tied.pt")
+    assert set(read_weights(tmp_path / "tied.pt").state_dict) == {"a", "b", "c"}
+
+
+def test_a_checkpoint_naming_a_model_it_does_not_hold_is_refused_before_allocating(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A 2 KB file whose config names ViT-L/14 had the model's memory allocated before its missing tensors
+    # were found (any size: the config is the file's word)
+    from clip.architectures import RELEASED_ARCHITECTURES
+    from clip.loading import load
+    from clip.model import CLIP
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("the model was allocated before the weights were checked")
+
+    monkeypatch.setattr(CLIP, "to_empty", refuse)
+    config = RELEASED_ARCHITECTURES["ViT-L/14"].to_dict()
+    torch.save({"model": {"visual.proj": torch.zeros(2, 2)}, "config": {"model": config}}, tmp_path / "small.pt")
+    with pytest.raises(WeightsFileError, match=r"(?s)small\.pt does not fit the ViT-L/14 .*missing \(445\)"):
+        load(tmp_path / "small.pt", device="cpu")

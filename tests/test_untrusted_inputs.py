@@ -397,3 +397,23 @@ def test_a_checkpoint_naming_a_model_it_does_not_hold_is_refused_before_allocati
     torch.save({"model": {"visual.proj": torch.zeros(2, 2)}, "config": {"model": config}}, tmp_path / "small.pt")
     with pytest.raises(WeightsFileError, match=r"(?s)small\.pt does not fit the ViT-L/14 .*missing \(445\)"):
         load(tmp_path / "small.pt", device="cpu")
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symbolic links")
+def test_a_link_to_an_ancestor_folder_does_not_relabel_other_classes(tmp_path: Path) -> None:
+    # dog/up -> the dataset root: the walk went up and through cat/, and cat's image was read as a dog
+    from PIL import Image
+
+    from clip.evaluation.datasets import ImageFolderDataset
+
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "only.png")
+    os.symlink("..", tmp_path / "dog" / "up")
+    os.symlink("a.png", tmp_path / "cat" / "b.png")  # a loop of file links: no image, no error
+    os.symlink("b.png", tmp_path / "cat" / "a.png")
+    dataset = ImageFolderDataset(tmp_path, warn=False)
+    assert [(path.relative_to(tmp_path).as_posix(), label) for path, label in dataset.samples] == [
+        ("cat/only.png", 0),
+        ("dog/only.png", 1),
+    ]

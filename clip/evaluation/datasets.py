@@ -83,11 +83,14 @@ def list_class_folders(root: Path) -> list[str]:
 def list_images(folder: Path) -> list[Path]:
     """Image files anywhere under `folder`, sorted, leaving out hidden and archiver-metadata paths. Symbolic
     links to folders are followed, as torchvision's ImageFolder follows them (a class assembled from links
-    to other folders is common), each real folder once, so a link to an ancestor cannot loop."""
+    to other folders is common), each real folder once, so a link to an ancestor cannot loop. A link to an
+    ancestor of `folder` is not followed at all: it led into the dataset root, and from there into the other
+    classes' folders, whose images were then read as this class's."""
     images, visited = [], set()
+    top = os.path.realpath(folder)
     for directory, subdirectories, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(directory)
-        if real in visited:
+        if real in visited or (real != top and top.startswith(os.path.join(real, ""))):
             subdirectories.clear()
             continue
         visited.add(real)

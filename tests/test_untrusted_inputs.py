@@ -417,3 +417,13 @@ def test_a_link_to_an_ancestor_folder_does_not_relabel_other_classes(tmp_path: P
         ("cat/only.png", 0),
         ("dog/only.png", 1),
     ]
+
+
+def test_a_cifar_pickle_declaring_a_terabyte_array_is_a_value_error(tmp_path: Path) -> None:
+    # numpy's _reconstruct allocates the declared shape before any data is read: a bare MemoryError escaped
+    from clip.evaluation.datasets import load_cifar_pickle
+
+    header = b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\n" + _literal((10**13,)) + _literal(b"b")
+    (tmp_path / "test_batch").write_bytes(b"\x80\x02" + header + b"tR.")
+    with pytest.raises(ValueError, match=r"test_batch is not a CIFAR pickle: Unable to allocate"):
+        load_cifar_pickle(tmp_path / "test_batch")

@@ -251,8 +251,10 @@ def load_cifar_pickle(path: Path) -> dict[str, Any]:
     with open(path, "rb") as file:
         try:
             content = _RestrictedUnpickler(file, encoding="latin1").load()
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
-            raise ValueError(f"{path} is not a CIFAR pickle: {error}") from error
+        # A malformed pickle raises nearly anything: UnpicklingError, EOFError, ValueError, TypeError, and
+        # MemoryError for an array header declaring terabytes (numpy allocates it before the data is read)
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, MemoryError, RecursionError) as error:
+            raise ValueError(f"{path} is not a CIFAR pickle: {error or type(error).__name__}") from error
     if not isinstance(content, dict):
         raise ValueError(f"{path}: expected a dict, got {type(content).__name__}")
     return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in content.items()}

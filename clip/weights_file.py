@@ -96,7 +96,7 @@ def read_run_or_file(path: Path) -> tuple[Path, LoadedWeights]:
     for candidate in candidates:
         try:
             return candidate, read_weights(candidate)
-        except (WeightsFileError, FileNotFoundError) as error:
+        except (WeightsFileError, OSError) as error:  # OSError: a name `latest` gives that is too long, ...
             warnings.warn(f"skipping unreadable checkpoint {candidate}: {error}", stacklevel=3)
             failures.append(f"{candidate.name}: {error}")
     raise WeightsFileError(f"no checkpoint in {path} could be read:\n  " + "\n  ".join(failures))
@@ -127,9 +127,12 @@ def _pointer_target(pointer: Path) -> Path:
     if pointer.is_symlink() or pointer.stat().st_size > _MAX_POINTER_BYTES:
         return pointer.resolve()
     try:
-        return pointer.parent / pointer.read_text(encoding="utf-8").strip()
+        name = pointer.read_text(encoding="utf-8").strip()
     except UnicodeDecodeError:
         return pointer
+    if not name or "\x00" in name:  # no file's name (a null byte made every path call raise ValueError)
+        return pointer
+    return pointer.parent / name
 
 
 def _torch_load_weights_only(path: Path) -> object:

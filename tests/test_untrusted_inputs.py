@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import tracemalloc
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -427,3 +428,20 @@ def test_a_cifar_pickle_declaring_a_terabyte_array_is_a_value_error(tmp_path: Pa
     (tmp_path / "test_batch").write_bytes(b"\x80\x02" + header + b"tR.")
     with pytest.raises(ValueError, match=r"test_batch is not a CIFAR pickle: Unable to allocate"):
         load_cifar_pickle(tmp_path / "test_batch")
+
+
+@pytest.mark.parametrize("pointer", [b"step\x00.pt", b"x" * 4000], ids=["null byte", "name too long"])
+def test_a_latest_pointer_naming_no_possible_file_falls_back_to_the_newest_checkpoint(
+    tmp_path: Path, pointer: bytes
+) -> None:
+    # A null byte raised a bare ValueError ("embedded null byte") and a 4000-character name an OSError
+    # (ENAMETOOLONG) out of clip.load of the run directory, instead of trying the next checkpoint
+    from clip.weights_file import read_run_or_file
+
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"w": torch.zeros(2)}, tmp_path / "checkpoints" / "step_00000010.pt")
+    (tmp_path / "checkpoints" / "latest").write_bytes(pointer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path, _ = read_run_or_file(tmp_path)
+    assert path.name == "step_00000010.pt"

@@ -184,7 +184,7 @@ def weights_only_refusal(message: str) -> str | None:
     """Why torch.load(weights_only=True) refused a file (its allowlist met a global or an opcode), from the
     error message, whose cause sits on a later line among paragraphs of advice; None for other errors."""
     if "WeightsUnpickler error" in message:
-        reason = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: Please use|\n|$)", message)
+        reason = re.search(r"WeightsUnpickler error:\s*([^\n]*?)(?: Please use|\n|$)", message)
         return reason.group(1).strip() if reason else message.splitlines()[0]
     # A global of a module torch blocks outright (os, subprocess, ...) is worded without that marker
     blocked = re.search(r"Trying to load unsupported GLOBAL [^\n]*", message)

@@ -445,3 +445,19 @@ def test_a_latest_pointer_naming_no_possible_file_falls_back_to_the_newest_check
         warnings.simplefilter("ignore")
         path, _ = read_run_or_file(tmp_path)
     assert path.name == "step_00000010.pt"
+
+
+@pytest.mark.parametrize("opcode", ["STACK_GLOBAL", "INST", "NEWOBJ_EX", "EXT1"])
+def test_a_torch_save_file_refused_for_an_opcode_says_which(tmp_path: Path, opcode: str) -> None:
+    # torch puts the reason on a later line after "WeightsUnpickler error:", and the refusal read "could run
+    # code ()": the reason was empty
+    marker = tmp_path / "marker"
+    torch.save({"w": torch.zeros(2)}, tmp_path / "plain.pt")
+    path = tmp_path / "evil.pt"
+    with zipfile.ZipFile(tmp_path / "plain.pt") as source, zipfile.ZipFile(path, "w") as target:
+        for info in source.infolist():
+            data = _payloads(marker)[opcode] if info.filename.endswith("/data.pkl") else source.read(info)
+            target.writestr(info.filename, data)
+    with pytest.raises(UnsafeFileError, match=r"evil\.pt was refused.*could run code \((Unsupported operand \d+|.*Popen)"):
+        read_weights(path)
+    assert not marker.exists()

@@ -77,7 +77,12 @@ class ScheduleConfig:
 @dataclass
 class TrainLoopConfig:
     batch_size: int = 256  # per rank and per optimiser step; global batch = batch_size * world size
-    accumulation_steps: int = 1  # micro-batches per step; the loss is the full batch's contrastive loss
+    # Micro-batches per step; the loss is the full batch's contrastive loss, every row against all the batch's
+    # negatives, and the gradients are those of one pass (clip.train_step). A ResNet's BatchNorm is the
+    # exception: it normalises each micro-batch (as each rank's rows) with that micro-batch's statistics, and
+    # updates its running ones once per micro-batch, so its features depend on the split, as they would
+    # with a smaller batch.
+    accumulation_steps: int = 1
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 adds a gradient scaler
     grad_checkpointing: bool = False  # recompute transformer blocks in backward to save activation memory
     compile: bool = False  # torch.compile the model

@@ -88,6 +88,10 @@ def warn_about_unlikely_settings(
     if samples_per_epoch < global_batch:
         log.warning("an epoch holds %d samples, fewer than the global batch of %d: each batch repeats pairs, whose "
                     "copies are then each other's negatives", samples_per_epoch, global_batch)
+    locked = [f"train.lock_{tower}" for tower in ("image", "text") if getattr(config.train, f"lock_{tower}")]
+    if locked and saved_config is None and config.train.init_weights is None:
+        log.warning("%s without train.init_weights: the locked tower keeps its random initialisation (LiT locks a "
+                    "pretrained one)", locked[0])
     saved_init_weights = saved_config.get("train", {}).get("init_weights") if saved_config is not None else None
     if saved_config is not None and config.train.init_weights not in (None, saved_init_weights):  # same: a requeue
         log.warning("train.init_weights changed to %s, which is not read: a resumed run continues from its own "
@@ -221,6 +225,12 @@ def _train(
         start_step, data_state, metrics_so_far = 0, None, {}
         start_new_run(module, config, dist_info)
     already_finished = state is not None and start_step >= config.schedule.steps
+    if not already_finished:
+        # The temperature's bound holds from the first step on, not only after the first update: a new run's
+        # initial value (1 / 0.07, SigLIP's 10, loaded weights' 100) or a checkpoint's may exceed a lower
+        # loss.max_logit_scale. Clamped again after every step (below).
+        with torch.no_grad():
+            module.clip.logit_scale.clamp_(0, max_log_scale)
     if already_finished:
         log.info("%s finished its %d steps already: evaluating only, its checkpoint and config are left as they are",
                  run_dir, start_step)

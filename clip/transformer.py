@@ -54,9 +54,12 @@ class LayerNorm(nn.LayerNorm):
                 weight = None if self.weight is None else self.weight.to(x.dtype)
                 bias = None if self.bias is None else self.bias.to(x.dtype)
                 return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+        # At least float32: half precision is computed in float32, float64 (reference computations, gradient
+        # checks) stays float64 rather than being rounded to float32 at every LayerNorm.
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        weight = None if self.weight is None else self.weight.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
     def _half_input_under_autocast(self, x: torch.Tensor) -> bool:
         if self.weight is not None and self.weight.dtype != torch.float32:

@@ -395,9 +395,32 @@ def test_a_checkpoint_naming_a_model_it_does_not_hold_is_refused_before_allocati
 
     monkeypatch.setattr(CLIP, "to_empty", refuse)
     config = RELEASED_ARCHITECTURES["ViT-L/14"].to_dict()
-    torch.save({"model": {"visual.proj": torch.zeros(2, 2)}, "config": {"model": config}}, tmp_path / "small.pt")
-    with pytest.raises(WeightsFileError, match=r"(?s)small\.pt does not fit the ViT-L/14 .*missing \(445\)"):
+    # One entry of each stack's last block: past the block check, the meta model's shapes refuse the rest
+    held = {"visual.proj": torch.zeros(2, 2), "visual.transformer.resblocks.23.ln_1.weight": torch.zeros(1),
+            "transformer.resblocks.11.ln_1.weight": torch.zeros(1)}
+    torch.save({"model": held, "config": {"model": config}}, tmp_path / "small.pt")
+    with pytest.raises(WeightsFileError, match=r"(?s)small\.pt does not fit the ViT-L/14 .*missing \(443\)"):
         load(tmp_path / "small.pt", device="cpu")
+
+
+def test_a_checkpoint_whose_config_has_more_blocks_than_entries_is_refused_before_building(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Even on the meta device every block is Python objects: a 2 KB checkpoint whose config said 200000
+    # text layers took 5 minutes and 7.7 GB before its missing tensors were named
+    from clip.architectures import RELEASED_ARCHITECTURES
+    from clip.loading import load
+    from clip.model import CLIP
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a model was built before the weights were checked")
+
+    monkeypatch.setattr(CLIP, "__init__", refuse)
+    config = RELEASED_ARCHITECTURES["RN50"].to_dict()
+    config["text"]["layers"] = 200_000
+    torch.save({"model": {"visual.proj": torch.zeros(2, 2)}, "config": {"model": config}}, tmp_path / "deep.pt")
+    with pytest.raises(WeightsFileError, match=r"missing: every entry of transformer\.resblocks\.199999\.\*"):
+        load(tmp_path / "deep.pt", device="cpu")
 
 
 @pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symbolic links")

@@ -484,3 +484,16 @@ def test_a_torch_save_file_refused_for_an_opcode_says_which(tmp_path: Path, opco
     with pytest.raises(UnsafeFileError, match=r"evil\.pt was refused.*could run code \((Unsupported operand \d+|.*Popen)"):
         read_weights(path)
     assert not marker.exists()
+
+
+def test_a_json_integer_beyond_pythons_digit_limit_names_the_file(tmp_path: Path) -> None:
+    # json raises a plain ValueError (not JSONDecodeError) for it, which escaped without the file's name
+    from clip.evaluation.retrieval import read_karpathy_json
+    from clip.evaluation.templates import load_templates
+
+    (tmp_path / "big.json").write_text('{"images": [], "imgid": ' + "9" * 5000 + "}")
+    with pytest.raises(ValueError, match=r"big\.json: not valid JSON \(Exceeds the limit"):
+        read_karpathy_json(tmp_path / "big.json")
+    (tmp_path / "templates.json").write_text('["a {}.", ' + "9" * 5000 + "]")
+    with pytest.raises(ValueError, match=r"templates\.json: not valid JSON \(Exceeds the limit"):
+        load_templates(tmp_path / "templates.json")

@@ -109,7 +109,7 @@ def _read_json_file(path: Path) -> Any:
         return json.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: not UTF-8 text ({error})") from None
-    except json.JSONDecodeError as error:
+    except ValueError as error:  # JSONDecodeError, and an integer of more than 4300 digits
         raise ValueError(f"{path}: not valid JSON ({error})") from None
     except RecursionError:  # json parses nested arrays and objects recursively
         raise ValueError(f"{path}: not valid JSON (its arrays or objects nest too deeply)") from None

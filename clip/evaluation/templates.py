@@ -131,7 +131,7 @@ def _read_string_list(path: Path, what: str, comments: bool) -> list[str]:
     if path.suffix == ".json" or text.lstrip().startswith("["):
         try:
             items = json.loads(text)
-        except json.JSONDecodeError as error:
+        except ValueError as error:  # JSONDecodeError, and an integer of more than 4300 digits
             raise ValueError(f"{path}: not valid JSON ({error})") from None
         except RecursionError:  # json parses nested arrays recursively
             raise ValueError(f"{path}: not valid JSON (its arrays nest too deeply)") from None

@@ -350,9 +350,13 @@ def test_an_image_above_pils_pixel_limit_is_a_counted_skip(tmp_path: Path, monke
         Image.new("RGB", size).save(tmp_path / "cat" / f"{name}.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # large: 15 000 pixels, below twice the limit
     dataset = ImageFolderDataset(tmp_path, warn=False)
-    items = [SkipUnreadable(dataset)[index] for index in range(len(dataset))]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = [SkipUnreadable(dataset)[index] for index in range(len(dataset))]
+    assert not [warning for warning in caught if issubclass(warning.category, Image.DecompressionBombWarning)]
     skipped = [item for item in items if isinstance(item, SkippedImage)]
     assert len(skipped) == 1 and "150x100 pixels is more than PIL.Image.MAX_IMAGE_PIXELS (10000)" in skipped[0].reason
+    assert skipped[0].reason.count("cannot read image") == 1
     with pytest.raises(UnreadableImageError):
         dataset[[path.name for path, _ in dataset.samples].index("large.png")]
 
@@ -497,3 +501,23 @@ def test_a_json_integer_beyond_pythons_digit_limit_names_the_file(tmp_path: Path
     (tmp_path / "templates.json").write_text('["a {}.", ' + "9" * 5000 + "]")
     with pytest.raises(ValueError, match=r"templates\.json: not valid JSON \(Exceeds the limit"):
         load_templates(tmp_path / "templates.json")
+
+
+def test_a_model_with_a_smaller_vocabulary_than_the_tokenizer_is_a_clear_error() -> None:
+    # A tiny model (vocabulary 120) evaluated with the BPE tokenizer failed inside its token embedding with
+    # torch's "IndexError: index out of range in self", a traceback out of clip-zeroshot
+    from torch import nn
+
+    from clip.evaluation.features import encode_texts
+
+    class SmallVocabulary(nn.Module):
+        context_length, vocab_size = 8, 120
+
+        def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+            return nn.functional.embedding(tokens, torch.zeros(self.vocab_size, 4))
+
+    def tokenizer(texts, context_length, truncate=False):
+        return torch.full((len(texts), context_length), 49407)
+
+    with pytest.raises(ValueError, match=r"token id 49407, but the model's vocabulary has 120 tokens"):
+        encode_texts(SmallVocabulary(), ["a photo of a cat."], tokenizer, device="cpu")

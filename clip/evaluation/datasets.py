@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import re
+import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,10 +49,15 @@ class UnreadableImageError(ValueError):
 
 def read_image(path: Path) -> Image.Image:
     try:
-        with Image.open(path) as image:  # reads the header only
+        with warnings.catch_warnings():  # the size is refused below, with the file's name, not warned about
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)  # reads the header only
+        with opened as image:
             _refuse_decompression_bomb(image, path)
             image.load()  # read now, so the file is closed when we return
             return image
+    except UnreadableImageError:
+        raise
     # Corrupt files surface as any of these, depending on the format plugin and where the data breaks off.
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
         raise UnreadableImageError(path, str(error) or type(error).__name__) from error

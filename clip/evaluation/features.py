@@ -256,6 +256,7 @@ def encode_texts(
             logger.warning("%s: this batch's texts are cut to %d tokens (the end token kept)",
                            getattr(error, "reason", error), context_length)
             tokens = tokenizer(batch, context_length=context_length, truncate=True)
+        _check_vocabulary(tokens, model)
         tokens = tokens.to(device)
         with autocast(device, precision):
             features = model.encode_text(tokens)
@@ -264,6 +265,17 @@ def encode_texts(
     if not chunks:
         raise ValueError("no texts to encode")
     return torch.cat(chunks)
+
+
+def _check_vocabulary(tokens: torch.Tensor, model: nn.Module) -> None:
+    """A model trained with a smaller vocabulary than the tokenizer's (a tiny test model, another tokenizer)
+    failed inside its token embedding with torch's "IndexError: index out of range in self"."""
+    vocab_size = getattr(model, "vocab_size", None)
+    if isinstance(vocab_size, int) and tokens.numel() and int(tokens.max()) >= vocab_size:
+        raise ValueError(
+            f"the tokenizer gives token id {int(tokens.max())}, but the model's vocabulary has {vocab_size} "
+            f"tokens: it was trained with another tokenizer than the one evaluating it"
+        )
 
 
 def default_tokenizer() -> Tokenizer:

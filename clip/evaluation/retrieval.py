@@ -18,6 +18,7 @@ An image that cannot be decoded is left out with its captions and counted in `nu
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -166,8 +167,16 @@ def _manifest_pair(
     use; an evaluation set is read whole or not at all, so such a row is an error naming it."""
     caption = row[1].strip() if row else ""
     if not caption:
-        needs = "needs to be a JSON object with" if path.suffix.lower() == ".jsonl" else "needs"
-        raise ValueError(f"{path}: row {number} {needs} a non-empty {image_column!r} and {caption_column!r}")
+        jsonl = path.suffix.lower() == ".jsonl"
+        needs = "needs to be a JSON object with" if jsonl else "needs"
+        # The reader hands over no reason for a row it could not split: a 300 KB caption read as an empty one
+        malformed = "" if row or jsonl else (
+            f" (or it is malformed: an unbalanced quote, or a field longer than the {csv.field_size_limit()} "
+            f"characters Python's csv reader takes)"
+        )
+        raise ValueError(
+            f"{path}: row {number} {needs} a non-empty {image_column!r} and {caption_column!r}{malformed}"
+        )
     return row[0], _utf8_caption(caption, f"{path}: row {number}")
 
 

@@ -25,6 +25,7 @@ import html
 import itertools
 import operator
 import re
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from pathlib import Path
@@ -92,8 +93,11 @@ def read_merges(path: str | Path) -> list[tuple[str, str]]:
     """The merges in rank order from a gzipped merges file (one 'left right' pair a line after a header)."""
     # Only the first fifth of the file is used; stop decompressing there. Lines end at "\n" only, as in OpenAI's
     # reader (universal newlines would also break lines at a lone "\r").
-    with gzip.open(path, "rt", encoding="utf-8", newline="\n") as file:
-        lines = list(itertools.islice(file, MERGES_HEADER_LINES + NUM_MERGES))
+    try:
+        with gzip.open(path, "rt", encoding="utf-8", newline="\n") as file:
+            lines = list(itertools.islice(file, MERGES_HEADER_LINES + NUM_MERGES))
+    except (gzip.BadGzipFile, EOFError, zlib.error, UnicodeDecodeError) as error:  # a file other than OpenAI's
+        raise ValueError(f"{path} is not a CLIP merges file (a gzipped UTF-8 text file): {error}") from None
     merges = [tuple(line.split()) for line in lines[MERGES_HEADER_LINES:]]
     if len(merges) != NUM_MERGES or any(len(pair) != 2 for pair in merges):
         raise ValueError(f"{path} is not a CLIP merges file: expected {NUM_MERGES} lines of 'left right' pairs")
@@ -151,6 +155,10 @@ class Tokenizer:
         self.encoder: dict[str, int] = {token: token_id for token_id, token in enumerate(vocab)}
         if len(self.encoder) != len(vocab):
             raise ValueError(f"{merges_path} is not a CLIP merges file: some merges give the same token")
+        unknown = next((pair for pair in self.merges if pair[0] not in self.encoder or pair[1] not in self.encoder), None)
+        if unknown is not None:  # each side of a merge is a byte token or an earlier merge's token
+            raise ValueError(f"{merges_path} is not a CLIP merges file: the merge {' '.join(unknown)!r} joins tokens "
+                             f"that no byte or merge gives")
         self.vocab_size = len(vocab)
         self.sot_token_id = self.encoder[START_OF_TEXT]
         self.eot_token_id = self.encoder[END_OF_TEXT]

@@ -447,3 +447,19 @@ def test_a_megabyte_word_is_tokenized_without_stalling(merges_path: Path) -> Non
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["77", "77"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"#version: 0.2\ni n\n", gzip.compress(b"#version: 0.2\n" * 1000)[:30],
+     gzip.compress(b"#version: 0.2\n" + b"\xe9 n\n" * NUM_MERGES),
+     gzip.compress(b"#version: 0.2\n" + b"".join(b"q%d r%d\n" % (i, i) for i in range(NUM_MERGES)))],
+    ids=["not gzipped", "truncated", "not UTF-8", "unknown tokens"],
+)
+def test_a_merges_file_of_another_kind_is_a_value_error_naming_it(tmp_path: Path, content: bytes) -> None:
+    # BadGzipFile, EOFError and UnicodeDecodeError escaped without the file's name, and merges of tokens that
+    # no byte or earlier merge gives a KeyError
+    path = tmp_path / "merges.txt.gz"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"merges\.txt\.gz is not a CLIP merges file"):
+        Tokenizer(path)

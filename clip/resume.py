@@ -117,6 +117,12 @@ def restore_training_state(
     """Puts a checkpoint's weights, optimizer moments, loss scale and this rank's random generators into
     the run (after `check_resumable`); returns where it continues. Warnings are given by rank 0 alone: every
     rank would give them alike."""
+    problems = incomplete_entries(state)
+    if problems:  # every rank reads the same file, so every rank refuses alike
+        raise ResumeRefused(
+            f"{run_dir}: the checkpoint of step {state.get('step')!r} it would resume from is not a whole "
+            f"checkpoint of this trainer ({'; '.join(problems)}); move it aside to resume from an earlier one"
+        )
     check_resumable(state["config"], to_dict(config), run_dir, warn=dist_info.is_main)
     module.clip.load_state_dict(state["model"])
     if module.logit_bias is not None and "logit_bias" in state.get("loss_parameters", {}):
@@ -161,6 +167,27 @@ def restore_training_state(
                     "it jumps there", step + 1, jump[1], jump[0])
     log.info("resumed %s at step %d", run_dir, step)
     return ResumePoint(step, data_state, state.get("metrics", {}))
+
+
+# What restore_training_state reads, and the type it must have: a checkpoint with the format marker but
+# without these (hand-made, or damaged by another program) stopped resuming with a KeyError traceback
+_RESUMED_ENTRIES = {"step": int, "model": dict, "config": dict, "optimizer": dict, "scaler": dict, "rng": list,
+                    "data": list}
+_RESUMED_CONFIG_SECTIONS = ("model", "loss", "optimizer", "train")
+
+
+def incomplete_entries(state: dict) -> list[str]:
+    """What a checkpoint lacks for a resume, said in words; empty for a whole one."""
+    problems = [
+        f"{key!r} {'missing' if key not in state else f'is of type {type(state[key]).__name__}, not {kind.__name__}'}"
+        for key, kind in _RESUMED_ENTRIES.items()
+        if not isinstance(state.get(key), kind) or (kind is int and isinstance(state.get(key), bool))
+    ]
+    config = state.get("config")
+    if isinstance(config, dict):
+        problems += [f"config section {section!r} missing" for section in _RESUMED_CONFIG_SECTIONS
+                     if not isinstance(config.get(section), dict)]
+    return problems
 
 
 def learning_rate_jump(saved: dict, config: TrainConfig, step: int) -> tuple[float, float] | None:

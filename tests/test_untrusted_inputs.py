@@ -534,3 +534,25 @@ def test_a_manifest_row_longer_than_csvs_field_limit_is_not_called_empty(tmp_pat
     (tmp_path / "pairs.tsv").write_text(f"image\tcaption\na.png\ta cat\nb.png\t{long_caption}\n")
     with pytest.raises(ValueError, match=r"row 2 needs a non-empty .* \(or it is malformed: .* longer than the \d+"):
         read_caption_manifest(tmp_path / "pairs.tsv")
+
+
+def test_a_checkpoint_with_the_format_marker_but_not_its_entries_is_refused_in_one_line() -> None:
+    # restore_training_state read state["config"] first: a KeyError traceback out of clip-train
+    from clip.resume import incomplete_entries
+
+    whole_config = {"model": {}, "loss": {}, "optimizer": {}, "train": {}}
+    whole = {"step": 5, "model": {}, "config": whole_config, "optimizer": {}, "scaler": {}, "rng": [], "data": []}
+    assert incomplete_entries(whole) == []
+    assert incomplete_entries({"format": "clip-pretrain/1", "step": 5, "model": {"w": torch.zeros(2)}}) == [
+        "'config' missing", "'optimizer' missing", "'scaler' missing", "'rng' missing", "'data' missing"]
+    assert incomplete_entries({**whole, "step": True, "rng": {}, "config": {"model": {}}}) == [
+        "'step' is of type bool, not int", "'rng' is of type dict, not list", "config section 'loss' missing",
+        "config section 'optimizer' missing", "config section 'train' missing"]
+
+
+def test_clip_train_refuses_an_incomplete_checkpoint_in_one_line(tmp_path: Path) -> None:
+    from clip.resume import ResumeRefused, restore_training_state
+
+    with pytest.raises(ResumeRefused, match=r"the checkpoint of step 5 .* \('config' missing; 'optimizer' missing"):
+        restore_training_state({"format": "clip-pretrain/1", "step": 5, "model": {}}, None, tmp_path, module=None,
+                               optimizer=None, scaler=None, dist_info=None)

@@ -556,3 +556,19 @@ def test_clip_train_refuses_an_incomplete_checkpoint_in_one_line(tmp_path: Path)
     with pytest.raises(ResumeRefused, match=r"the checkpoint of step 5 .* \('config' missing; 'optimizer' missing"):
         restore_training_state({"format": "clip-pretrain/1", "step": 5, "model": {}}, None, tmp_path, module=None,
                                optimizer=None, scaler=None, dist_info=None)
+
+
+def test_a_confusion_plot_that_cannot_be_drawn_or_written_does_not_end_the_evaluation(tmp_path: Path) -> None:
+    # A class name such as '$x^{$' is matplotlib math and failed to parse (ValueError), and an output folder
+    # that cannot be created raised: either ended clip-zeroshot right after a dataset's evaluation
+    pytest.importorskip("matplotlib")
+    from clip.evaluation.results import ClassificationCounts, save_confusion_png, summarize
+
+    counts = ClassificationCounts(2)
+    counts.update(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1]))
+    result = summarize(counts, ["$x^{$", "$\\undefinedcommand$"], name="prices in $")
+    assert save_confusion_png(result, tmp_path / "confusion.png") == tmp_path / "confusion.png"
+    (tmp_path / "a_file").write_text("")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert save_confusion_png(result, tmp_path / "a_file" / "confusion.png") is None

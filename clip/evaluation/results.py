@@ -174,13 +174,31 @@ def format_table(results: Sequence[ZeroShotResult]) -> str:
 
 
 def save_confusion_png(result: ZeroShotResult, path: str | Path, max_labelled_classes: int = 50) -> Path | None:
-    """Row-normalised confusion matrix as a PNG; returns None (and logs why) when matplotlib is missing."""
+    """Row-normalised confusion matrix as a PNG; returns None (and logs why) when matplotlib is missing or the
+    file cannot be written. A plot is a by-product: its failure (a folder that cannot be created) came right
+    after the dataset's evaluation and ended the run there, before the other datasets and results.json."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         logger.info("matplotlib is not installed; skipping the confusion-matrix plot for %s", result.name)
         return None
+    try:
+        return _draw_confusion(result, Path(path), max_labelled_classes, Figure, FigureCanvasAgg)
+    except (OSError, ValueError, RuntimeError) as error:
+        logger.warning("could not write the confusion-matrix plot %s: %s", path, error)
+        return None
+
+
+def _plain_label(text: str) -> str:
+    """`text` as matplotlib shows it literally: '$' starts its math mode, and a class name such as '$5 bill'
+    or '$x^{$' failed to parse (ValueError) when the figure was drawn."""
+    return text.replace("$", r"\$")
+
+
+def _draw_confusion(
+    result: ZeroShotResult, path: Path, max_labelled_classes: int, Figure: type, FigureCanvasAgg: type
+) -> Path:
     confusion = torch.tensor(result.confusion_matrix, dtype=torch.float64)
     rates = confusion / confusion.sum(dim=1, keepdim=True).clamp(min=1)
     num_classes = len(result.classnames)
@@ -192,13 +210,13 @@ def save_confusion_png(result: ZeroShotResult, path: str | Path, max_labelled_cl
     image = axes.imshow(rates.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
     figure.colorbar(image, ax=axes, fraction=0.046)
     if num_classes <= max_labelled_classes:  # beyond this, tick labels are unreadable
-        axes.set_xticks(range(num_classes), result.classnames, rotation=90, fontsize=7)
-        axes.set_yticks(range(num_classes), result.classnames, fontsize=7)
+        labels = [_plain_label(name) for name in result.classnames]
+        axes.set_xticks(range(num_classes), labels, rotation=90, fontsize=7)
+        axes.set_yticks(range(num_classes), labels, fontsize=7)
     axes.set_xlabel("predicted class")
     axes.set_ylabel("true class")
-    axes.set_title(f"{result.name}: top-1 {100 * result.top1:.2f}%")
+    axes.set_title(f"{_plain_label(result.name)}: top-1 {100 * result.top1:.2f}%")
     figure.tight_layout()
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     return path

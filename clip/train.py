@@ -7,11 +7,13 @@ statuses `clip.cli.train`'s.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -179,8 +181,22 @@ def train(config: TrainConfig, stop_at_step: int | None = None) -> dict:
             # raised in a notebook left its workers behind
             with run_directory_held(Path(config.output_dir), dist_info), contextlib.ExitStack() as on_exit:
                 return _train(config, dist_info, stop_at_step, stop, end_setup=setup.close, on_exit=on_exit)
+    except BaseException as error:
+        if dist_info.is_distributed:
+            release_run_objects(error)
+        raise
     finally:
         cleanup_distributed()
+
+
+def release_run_objects(error: BaseException) -> None:
+    """Frees what the failed run's frames hold (the DDP module, which holds the process group) before the
+    process group is destroyed. The exception's traceback keeps those frames alive, often through a reference
+    cycle, so they were freed only at interpreter exit, after the process group, where gloo's threads
+    sometimes aborted the process (SIGABRT, "terminate called without an active exception") instead of its
+    exit status reporting the error. The traceback keeps its lines; only the frames' local variables go."""
+    traceback.clear_frames(error.__traceback__)  # skips frames still running (this call's callers)
+    gc.collect()
 
 
 def _train(

@@ -99,6 +99,15 @@ def _refused_worker(rank: int, world_size: int, port: int, run_dir: str, extra, 
     except (RunDirectoryInUse, checkpoint.NoReadableCheckpointError, checkpoint.CheckpointWriteError,
             PermissionError) as error:
         (Path(run_dir).parent / f"refused{rank}").write_text(f"{type(error).__name__}: {error}")
+    # The run's DDP module (which holds the process group) is gone once train() has raised: kept alive by the
+    # exception's frames, it was destroyed at interpreter exit, after its process group, where gloo's threads
+    # sometimes aborted the process (SIGABRT, "terminate called without an active exception").
+    import gc
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    alive = [o for o in gc.get_objects() if isinstance(o, DistributedDataParallel)]
+    (Path(run_dir).parent / f"ddp_alive{rank}").write_text(str(len(alive)))
 
 
 def assert_same_final_weights(straight_dir: Path, resumed_dir: Path, step: int) -> None:
@@ -224,6 +233,7 @@ def test_when_rank_0_finds_no_readable_checkpoint_or_cannot_save_every_rank_stop
     spawn_ranks(_refused_worker, (2, free_port(), str(tmp_path / "full"), extra, "full_disk"), timeout_s=120)
     assert "No space left on device" in (tmp_path / "refused0").read_text()
     assert "rank 0 could not write the step 1 checkpoint" in (tmp_path / "refused1").read_text()
+    assert (tmp_path / "ddp_alive0").read_text() == (tmp_path / "ddp_alive1").read_text() == "0"
 
     # Any error of rank 0's choice, not only "none readable": rank 1 waited in the broadcast
     spawn_ranks(_refused_worker, (2, free_port(), str(tmp_path / "run"), extra, "unlistable"), timeout_s=120)

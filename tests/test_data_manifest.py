@@ -128,3 +128,12 @@ def test_a_tsv_quoted_by_a_csv_writer_reads_with_csv_quoting(tmp_path: Path) -> 
         writer.writerows([f"{i}.jpg", caption] for i, caption in enumerate(rows))
     assert captions_of(path, quoting="csv") == rows
     assert captions_of(path) != rows  # "auto" reads TSV fields as written
+
+
+def test_a_jsonl_row_nested_too_deep_for_the_json_reader_is_a_bad_row_not_the_manifest(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    deep = "[" * 100_000 + "]" * 100_000  # json raises RecursionError, not JSONDecodeError, on this
+    rows = [json.dumps({"image": "0.jpg", "caption": "before"}), deep, json.dumps({"image": "1.jpg", "caption": "after"})]
+    path.write_text("\n".join(rows) + "\n")
+    manifest = read_manifest(str(path))
+    assert captions_of(path) == ["before", "after"] and manifest.bad_rows == 1

@@ -128,7 +128,7 @@ def _jsonl_rows(path: str, image_column: str, caption_column: str) -> Iterator[t
                 continue
             try:
                 record = json.loads(line.decode("utf-8", "surrogateescape"))
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # RecursionError: a row nested thousands deep
                 yield None
                 continue
             if not isinstance(record, dict):

@@ -417,3 +417,20 @@ def test_a_validation_hold_out_that_leaves_no_training_images_is_a_one_line_erro
             linear_probe_cli.main(probe_argv(tiny_checkpoint, tmp_path / "out", *synthetic, "--val-fraction", fraction))
         assert exit_info.value.code == 2
         assert "--val-fraction: must be between 0 and 1 (exclusive)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [zeroshot_cli, retrieval_cli, linear_probe_cli], ids=lambda c: c.__name__)
+def test_an_output_folder_that_cannot_be_written_is_a_one_line_error_before_the_model_loads(
+    command, tmp_path, tiny_checkpoint, datasets, monkeypatch, capsys
+):
+    # Found only when the results were written, it lost the whole evaluation's work
+    def refuse_to_load(*args):
+        pytest.fail("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(command, "load_model", refuse_to_load)
+    argv = device_argv(command, tmp_path, tiny_checkpoint, datasets, "cpu")
+    (tmp_path / "out").write_text("a file where the results folder should be")
+    prog = command.__name__.rsplit(".", 1)[1].replace("_", "-")
+    assert command.main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith(f"clip-{prog}: cannot write results to {tmp_path / 'out'}: ")

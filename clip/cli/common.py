@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -96,6 +97,19 @@ def load_model(name_or_path: str, device: torch.device) -> tuple[torch.nn.Module
     from clip.loading import load
 
     return load(name_or_path, device=device)
+
+
+def writable_output_dir(path: Path) -> Path:
+    """Creates `path` and checks that files can be written in it, once an evaluation's inputs are checked and
+    before its model loads: found only when its results were written, a folder that is a file or read-only
+    lost the whole evaluation's work."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise OSError(f"cannot write results to {path}: {error.strerror or error}") from error
+    return path
 
 
 def write_json(path: Path, content: Any) -> Path:

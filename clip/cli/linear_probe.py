@@ -41,6 +41,7 @@ from .common import (
     resolve_device,
     run_command,
     setup_logging,
+    writable_output_dir,
     write_json,
 )
 
@@ -169,6 +170,7 @@ def probe(args: argparse.Namespace) -> int:
     classnames = listed["train"].classnames  # the same for every split: fixed by the dataset kind or `class_folders`
     if not args.val_split:
         check_validation_hold_out(args.train_split, len(listed["train"].dataset), args.val_fraction)
+    output_dir = writable_output_dir(Path(args.output_dir))
     model, preprocess = load_model(args.model, device)
     features, skipped = {}, {}
     for role, split in splits.items():
@@ -208,7 +210,7 @@ def probe(args: argparse.Namespace) -> int:
     if any(skipped.values()):
         print(f"unreadable images skipped: {', '.join(f'{role} {count}' for role, count in skipped.items())}")
     path = write_json(
-        Path(args.output_dir) / "linear_probe_results.json",
+        output_dir / "linear_probe_results.json",
         {"model": args.model, "dataset": args.dataset, "features": args.features, **result.to_dict(),
          "num_skipped": skipped},
     )

@@ -22,6 +22,7 @@ from .common import (
     resolve_device,
     run_command,
     setup_logging,
+    writable_output_dir,
     write_json,
 )
 
@@ -91,6 +92,7 @@ def evaluate(args: argparse.Namespace) -> int:
     name = dataset.resolved_name()
     data = load_retrieval_data(dataset)
     logger.info("%s: %d images, %d captions", name, len(data.image_paths), len(data.captions))
+    output_dir = writable_output_dir(Path(args.output_dir))
     model, preprocess = load_model(args.model, device)
     result = evaluate_retrieval(
         model,
@@ -109,7 +111,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if result.num_skipped:
         print(f"{name}: {result.num_skipped} unreadable image(s) skipped, with their captions")
     path = write_json(
-        Path(args.output_dir) / "retrieval_results.json",
+        output_dir / "retrieval_results.json",
         {"model": args.model, "caption_template": args.caption_template, **result.to_dict()},
     )
     logger.info("wrote %s", path)

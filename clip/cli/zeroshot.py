@@ -27,6 +27,7 @@ from .common import (
     resolve_device,
     run_command,
     setup_logging,
+    writable_output_dir,
     write_json,
 )
 
@@ -53,6 +54,7 @@ def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:
     """Evaluates every dataset of `config`; writes results.json and PNGs to `output_dir`; returns the JSON."""
     device = resolve_device(config.device)
     datasets = list_datasets(config)
+    writable_output_dir(output_dir)
     model, preprocess = load_model(config.model, device)
     results = []
     for name, data in datasets.items():

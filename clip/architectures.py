@@ -7,6 +7,7 @@ A model is fully described by a `ModelConfig`; `clip.create_model` builds one fr
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -93,7 +94,8 @@ def wrong_image_size(image_shape: tuple[int, ...], image_size: int) -> ValueErro
 def _require_positive(**values: float) -> None:
     """InvalidValue (a ValueError) names the field; a config file's loader puts its dotted path in front."""
     for name, value in values.items():
-        require(name, value, value > 0, "> 0")  # `value > 0` is False for NaN too
+        # False for NaN too; inf (a ratio) would fail in the model's construction with OverflowError
+        require(name, value, 0 < value < math.inf, "> 0" if isinstance(value, int) else "a finite number > 0")
 
 
 @dataclass(frozen=True)

@@ -365,6 +365,9 @@ def test_index_override_beyond_the_list_says_what_to_do(tmp_path):
     ("model.text.layers=0", "text.layers must be > 0, got 0"),
     ("model.embed_dim=-1", "embed_dim must be > 0, got -1"),
     ("model.text.context_length=1", "context_length must hold the start and end tokens"),
+    # inf was accepted, then failed building the model with OverflowError
+    ("model.vision.mlp_ratio=inf", "vision.mlp_ratio must be a finite number > 0, got inf"),
+    ("model.text.mlp_ratio=inf", "text.mlp_ratio must be a finite number > 0, got inf"),
 ])
 def test_model_sizes_out_of_range_are_config_errors(override, message):
     # Before: heads=0 raised ZeroDivisionError from inside the config's own checks.

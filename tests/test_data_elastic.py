@@ -179,6 +179,8 @@ def test_the_layout_change_is_said_and_counts_stay_exact(tmp_path: Path, caplog:
     assert "continuing epochs 1-2 under the new layout: 10 samples of epoch 1, 32 samples of epoch 2 left, none " \
            "read twice" in caplog.text
     assert "read again" not in caplog.text and "rank," not in caplog.text
+    # Every rank would say the same: a warning from rank 0 alone
+    assert sum("under the new layout" in record.getMessage() for record in caplog.records) == 1
     for epoch in (1, 2, 3):  # summed over the new ranks, each epoch's counts are whole
         for name, samples in (("rows", 26), ("shards", 8)):
             assert sum(r["finished_epochs"][epoch][name]["samples"] for r in reports) == samples, (epoch, name)

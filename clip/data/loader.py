@@ -363,7 +363,7 @@ class TrainData:
             self._positions = resampled_positions(everyone or [tuple(p) for p in state["positions"]], saved_slots,
                                                   saved_planner, self.planner, list(slots))
             self._next_worker, self._handovers = 0, ()
-            log.warning("data: the saved position was for another layout (%s changed); continuing the resampled "
+            log.log(self._said_once, "data: the saved position was for another layout (%s changed); continuing the resampled "
                         "epochs at the saved workers' average progress, epoch %d", changed, self.epoch)
             return None
         if everyone is None:
@@ -375,18 +375,24 @@ class TrainData:
         self._handovers, self._next_worker = chain, 0
         self._positions = [(handover.first_epoch, 0)] * self.slots_per_rank
         if not chain:  # every saved slot had just finished the same epoch
-            log.warning("data: the saved position was for another layout (%s changed); continuing at the beginning "
+            log.log(self._said_once, "data: the saved position was for another layout (%s changed); continuing at the beginning "
                         "of epoch %d under the new layout, none read twice", changed, handover.first_epoch)
             return None
         streams = SlotStreams(self.sources, self.planner, self._slot_layout(), chain)
         left = {epoch: int(streams.remainders(len(chain) - 1, epoch).sum())
                 for epoch in range(handover.first_epoch, streams.ends[-1])}
-        log.warning(
+        log.log(
+            self._said_once,
             "data: the saved position was for another layout (%s changed); continuing %s under the new layout: %s "
             "left, none read twice", changed, _epochs_named(list(left)), ", ".join(
                 f"{count} samples of epoch {epoch}" for epoch, count in left.items()),
         )
         return None
+
+    @property
+    def _said_once(self) -> int:
+        """The level of a line every rank would log alike: a warning from rank 0, INFO from the others."""
+        return logging.WARNING if self.rank == 0 else logging.INFO
 
     def _reopen_epochs_in_progress(self) -> None:
         """Epochs this rank had finished that other ranks had not are continued by this layout's slots: their
@@ -400,7 +406,8 @@ class TrainData:
     def _restart_earliest_epoch(self, state: dict, why: str) -> None:
         saved_layout, layout = state["layout"], self._layout()
         positions = [tuple(position) for position in state["positions"]]
-        changed = sorted(key for key in layout if saved_layout.get(key) != layout[key])
+        # (not the rank: every rank of another world size loads rank 0's state)
+        changed = sorted(key for key in layout if key != "rank" and saved_layout.get(key) != layout[key])
         epoch = min(epoch for epoch, _ in positions)
         # Slots already past that epoch read their whole share of it, which the state does not record
         reread = sum(offset for slot_epoch, offset in positions if slot_epoch == epoch)

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoint as ckpt
 from .config import TrainConfig, to_dict, to_toml
 from .cuda_backends import configure_cuda_backends
-from .data import PixelNormalizer, build_train_data, counts_line, merge_rank_reports
+from .data import PixelNormalizer, build_train_data, counts_line, merge_rank_reports, states_to_save
 from .distributed import (
     DistributedInfo,
     agree_before_backward,
@@ -194,8 +194,16 @@ def release_run_objects(error: BaseException) -> None:
     process group is destroyed. The exception's traceback keeps those frames alive, often through a reference
     cycle, so they were freed only at interpreter exit, after the process group, where gloo's threads
     sometimes aborted the process (SIGABRT, "terminate called without an active exception") instead of its
-    exit status reporting the error. The traceback keeps its lines; only the frames' local variables go."""
-    traceback.clear_frames(error.__traceback__)  # skips frames still running (this call's callers)
+    exit status reporting the error. The traceback keeps its lines; only the frames' local variables go. The
+    errors it chains (`raise ... from`, or one raised while another was handled) hold frames of their own."""
+    pending, seen = [error], set()
+    while pending:
+        chained = pending.pop()
+        if chained is None or id(chained) in seen:
+            continue
+        seen.add(id(chained))
+        traceback.clear_frames(chained.__traceback__)  # skips frames still running (this call's callers)
+        pending += [chained.__cause__, chained.__context__]
     gc.collect()
 
 
@@ -352,7 +360,7 @@ def _train(
                         {} if module.logit_bias is None else {"logit_bias": module.logit_bias.detach()}
                     ),
                     "rng": rng_states,
-                    "data": data_states,
+                    "data": states_to_save(data_states),
                     "metrics": metrics,
                     "evaluation_owed": evaluation_owed,
                 }

@@ -83,6 +83,18 @@ def _with_every_slot_position(state: dict, states: list[dict]) -> dict:
     return state
 
 
+def states_to_save(states: list[dict]) -> list[dict]:
+    """Every rank's data state (one per rank, in rank order) as a checkpoint keeps them: the chain of
+    handovers once, in the state of a rank with the longest (the resume helpers below give every rank that
+    one). Every rank's copy of it, each listing every slot of the layouts left, grew with the square of the
+    number of ranks: about 1 GB per checkpoint at 1024 ranks of 8 workers after 8 layout changes."""
+    if not states:
+        return states
+    longest = max(range(len(states)), key=lambda rank: len(states[rank].get("handovers", [])))
+    return [state if rank == longest or "handovers" not in state else {**state, "handovers": []}
+            for rank, state in enumerate(states)]
+
+
 def data_state_for_rank(states: list[dict], rank: int) -> dict:
     """The state to resume rank `rank` from when the checkpoint has as many ranks as this run (`states`, one
     per saved rank): its own, with every saved rank's positions, which a resume under another number of

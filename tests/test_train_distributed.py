@@ -239,3 +239,34 @@ def test_when_rank_0_finds_no_readable_checkpoint_or_cannot_save_every_rank_stop
     spawn_ranks(_refused_worker, (2, free_port(), str(tmp_path / "run"), extra, "unlistable"), timeout_s=120)
     assert "PermissionError: [Errno 13] Permission denied" in (tmp_path / "refused0").read_text()
     assert "rank 0 could not resume from" in (tmp_path / "refused1").read_text()
+
+
+def test_a_failed_runs_frames_are_released_also_through_chained_errors():
+    # What the frames of a failed run hold (its DDP module and so the process group) must be freed before the
+    # process group is destroyed, also where an error was raised `from` another or while handling one.
+    import weakref
+
+    from clip.train import release_run_objects
+
+    class Held:
+        pass
+
+    def fails_with(kind: str, refs: list):
+        held = Held()  # kept alive by this frame, as _train's locals are
+        refs.append(weakref.ref(held))
+        if kind == "cause":
+            try:
+                raise KeyError("inner")
+            except KeyError as inner:
+                raise ValueError("outer") from inner
+        raise RuntimeError("plain")
+
+    for kind in ("cause", "plain"):
+        refs = []
+        try:
+            fails_with(kind, refs)
+        except Exception as error:
+            if kind == "cause":  # the frame is then reachable through the cause's traceback only
+                error.__traceback__.tb_next = None
+            release_run_objects(error)
+            assert refs[0]() is None, kind

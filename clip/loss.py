@@ -53,7 +53,7 @@ class LossConfig:
                 raise InvalidValue("chunk_size", f'applies to the CLIP loss only; set it to "none" for kind = {self.kind!r}')
 
 
-def _as_unit_float32(features: torch.Tensor) -> torch.Tensor:
+def _as_unit_at_least_float32(features: torch.Tensor) -> torch.Tensor:
     # float32 even under autocast: exp() of logits up to 100 and sums over 10^5 columns need the range.
     # float64 features stay float64 (gradient checks, float64 references): float32 would be a silent downcast.
     return F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=-1)
@@ -132,10 +132,10 @@ def _clip_loss_terms(
     _check_inputs(image_features, text_features, logit_scale)
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive number of rows or None, got {chunk_size}")
-    # Autocast off: the logits and their exp() stay float32 (see _as_unit_float32).
+    # Autocast off: the logits and their exp() stay float32 (see _as_unit_at_least_float32).
     with torch.autocast(image_features.device.type, enabled=False):
-        images = _as_unit_float32(image_features)  # [B, D]
-        texts = _as_unit_float32(text_features)  # [B, D]
+        images = _as_unit_at_least_float32(image_features)  # [B, D]
+        texts = _as_unit_at_least_float32(text_features)  # [B, D]
         all_images = gather_features(images, group) if distributed else images  # [N, D]
         all_texts = gather_features(texts, group) if distributed else texts  # [N, D]
         batch = images.shape[0]
@@ -188,10 +188,10 @@ def _sigmoid_loss_terms(
     """(this rank's loss, image->text hits [B])."""
     _check_inputs(image_features, text_features, logit_scale)
     with torch.autocast(image_features.device.type, enabled=False):
-        images = _as_unit_float32(image_features)  # [B, D]
+        images = _as_unit_at_least_float32(image_features)  # [B, D]
         # Every pair (i, j) is its own binary problem, so rows split across ranks without any coupling:
         # each rank scores its images against all texts and the ranks' rows together cover the N x N pairs.
-        texts = _as_unit_float32(text_features)  # [B, D]
+        texts = _as_unit_at_least_float32(text_features)  # [B, D]
         all_texts = gather_features(texts, group) if distributed else texts  # [N, D]
         batch = images.shape[0]
         offset = _rank(distributed, group) * batch

@@ -45,6 +45,9 @@ STATE_FORMAT = 2
 _READABLE_FORMATS = (1, 2)
 # What the plans depend on besides the slot layout: under another of these, saved positions mean nothing.
 _PLAN_KEYS = ("plan_version", "seed", "resampled", "epoch_samples", "sources")
+# A resume under another world size sums the saved ranks' counts of the epochs in progress, finished ones
+# included: exact while the ranks are fewer than this many data epochs apart (DDP's ranks step together, so
+# they are at most about one apart)
 _FINISHED_EPOCHS_KEPT = 4
 
 

@@ -36,7 +36,14 @@ from .infer_architecture import ArchitectureInferenceError, infer_model_config
 from .model import CLIP, convert_to_half_precision
 from .preprocess import TRAINING_ALPHA_BACKGROUND, ImageTransform, image_transform
 from .released import RELEASED_WEIGHTS
-from .weights_file import LoadedWeights, UnsafeFileError, WeightsFileError, read_run_or_file, read_weights
+from .weights_file import (
+    LoadedWeights,
+    UnsafeFileError,
+    WeightsFileError,
+    check_backed_by_storage,
+    read_run_or_file,
+    read_weights,
+)
 
 __all__ = [
     "LoadedWeights",
@@ -176,7 +183,8 @@ def _load_checked(model: CLIP, weights: LoadedWeights, misfit_headline: str, sou
 
 def _checked_state(model: CLIP, weights: LoadedWeights, misfit_headline: str, source: str) -> dict:
     """The state dict to load into `model` (a `meta` one will do): OpenAI's extra entries and every tensor's
-    name and shape checked, BatchNorm step counters added where older files have none."""
+    name and shape checked, and that its tensors store what they declare; BatchNorm step counters added where
+    older files have none."""
     _check_extras(weights.extras, model.config, source)
     state = dict(weights.state_dict)
     expected = model.state_dict()
@@ -184,6 +192,7 @@ def _checked_state(model: CLIP, weights: LoadedWeights, misfit_headline: str, so
         if name.endswith("num_batches_tracked") and name not in state:
             state[name] = torch.zeros(value.shape, dtype=value.dtype)
     _check_fits(expected, state, misfit_headline)
+    check_backed_by_storage(state, expected, source)
     return state
 
 

@@ -277,26 +277,44 @@ def _weights_from_state_dict(state: Mapping, config: ModelConfig | None, path: P
     extras = {key: int(state.pop(key)) for key in EXTRA_ENTRIES if key in state}
     # Constant attention masks are not weights; some exporters keep them as attributes.
     state = {key: value for key, value in state.items() if key.rsplit(".", 1)[-1] != "attn_mask"}
-    _check_backed_by_storage(state, path)
     return LoadedWeights(state_dict=state, model_config=config, extras=extras)
 
 
-def _check_backed_by_storage(state: Mapping, path: Path) -> None:
-    """Refuses tensors whose elements outnumber the bytes stored for them: views that repeat their storage
-    (stride 0, overlapping strides). Both formats keep such views as they are, and a 97 KB file of them
-    loaded as a 577 MB model (any size, with a larger architecture). A tensor saved under two names (tied
-    weights) counts once."""
-    views = {
-        (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride()): value
-        for value in state.values()
-        if isinstance(value, torch.Tensor)
-    }
-    declared = sum(view.numel() * view.element_size() for view in views.values())
-    held = sum({view.untyped_storage().data_ptr(): view.untyped_storage().nbytes() for view in views.values()}.values())
-    if declared > held:
+def _overlaps_itself(tensor: torch.Tensor) -> bool:
+    """Whether two elements of `tensor` share memory (a stride of 0, or strides that overlap)."""
+    extent = 0  # the farthest element reached by the dimensions of smaller strides
+    dimensions = sorted(((size, stride) for size, stride in zip(tensor.shape, tensor.stride()) if size > 1),
+                        key=lambda dimension: dimension[1])
+    for size, stride in dimensions:
+        if stride <= extent:
+            return True
+        extent += stride * (size - 1)
+    return False
+
+
+def check_backed_by_storage(state: Mapping[str, torch.Tensor], keys, source: str) -> None:
+    """Refuses weights that declare more than they store, counting the model's own entries (`keys`, after
+    their names and shapes are checked): a tensor whose elements repeat their memory (stride 0, overlapping
+    strides), and entries that share one another's memory. torch.save and TorchScript archives keep such
+    views as they are, so a 97 KB file of them loaded as a 577 MB model, or a file of one block whose
+    entries for every other block are that block's tensors, as a model of any depth. A CLIP model ties none of
+    its weights; extra entries that are views (a transposed copy under another name) are refused by name."""
+    declared, held = 0, {}
+    for key in keys:
+        tensor = state[key]
+        storage = tensor.untyped_storage()
+        if tensor.numel() > 1 and _overlaps_itself(tensor):
+            raise WeightsFileError(
+                f"{source}: {key} repeats its data (a stride of 0 or overlapping strides): loading would expand "
+                f"it to {tensor.numel() * tensor.element_size()} bytes; not weights a model was saved with"
+            )
+        declared += tensor.numel() * tensor.element_size()
+        held[storage.data_ptr()] = storage.nbytes()
+    if declared > sum(held.values()):
         raise WeightsFileError(
-            f"{path}: its tensors declare {declared} bytes but store {held}: views that repeat their data (stride "
-            f"0 or overlapping), which loading would expand to their full size; not weights a model was saved with"
+            f"{source}: the model's tensors share their data ({declared} bytes declared, {sum(held.values())} "
+            f"stored): one entry's memory under several names, which loading would copy to each; not weights a "
+            f"model was saved with"
         )
 
 

@@ -365,18 +365,70 @@ def test_an_image_above_pils_pixel_limit_is_a_counted_skip(tmp_path: Path, monke
 # Weights that declare more than they hold
 
 
+def _tiny_checkpoint(tmp_path: Path, name: str, change) -> Path:
+    """A checkpoint of a tiny ViT as the trainer writes one, its state dict passed through `change` first."""
+    from clip.architectures import ModelConfig, TextConfig, VisionConfig
+    from clip.model import CLIP
+
+    config = ModelConfig(
+        embed_dim=32, vision=VisionConfig(kind="vit", image_size=32, width=64, layers=2, heads=1, patch_size=16),
+        text=TextConfig(context_length=16, vocab_size=120, width=64, heads=1, layers=2),
+    )
+    state = dict(CLIP(config).state_dict())
+    change(state)
+    torch.save({"model": state, "config": {"model": config.to_dict()}}, tmp_path / name)
+    return tmp_path / name
+
+
 def test_torch_save_views_that_repeat_their_storage_are_refused(tmp_path: Path) -> None:
-    # torch.save keeps a stride-0 view as it is: this 1 KB file declared a 4 MB tensor, and a whole
-    # architecture of such views (97 KB) loaded as a 577 MB model
-    torch.save({"visual.proj": torch.zeros(()).expand(1000, 1000)}, tmp_path / "views.pt")
-    with pytest.raises(WeightsFileError, match=r"views\.pt: its tensors declare 4000000 bytes but store 4: views"):
-        read_weights(tmp_path / "views.pt")
+    # torch.save keeps a stride-0 view as it is: a whole architecture of such views (97 KB) loaded as a
+    # 577 MB model
+    from clip.loading import load
+
+    def expand(state):
+        state["visual.proj"] = torch.zeros(()).expand(state["visual.proj"].shape)
+
+    with pytest.raises(WeightsFileError, match=r"views\.pt: visual\.proj repeats its data \(a stride of 0"):
+        load(_tiny_checkpoint(tmp_path, "views.pt", expand), device="cpu")
+
+
+def test_blocks_that_are_one_blocks_tensors_are_refused(tmp_path: Path) -> None:
+    # Every block's entries naming block 0's tensors: a file of one block loaded as a model of any depth
+    from clip.loading import load
+
+    def alias(state):
+        for key in [key for key in state if key.startswith("transformer.resblocks.1.")]:
+            state[key] = state[key.replace(".1.", ".0.", 1)]
+
+    with pytest.raises(WeightsFileError, match=r"aliased\.pt: the model's tensors share their data"):
+        load(_tiny_checkpoint(tmp_path, "aliased.pt", alias), device="cpu")
+
+
+def test_views_of_the_models_own_tensors_are_not_called_hostile(tmp_path: Path) -> None:
+    # A transposed or sliced copy under another name is an extra entry, named as one; a non-contiguous weight
+    # of the model's own loads
+    from clip.loading import load
+
+    def transposed_extra(state):
+        state["text_projection_T"] = state["text_projection"].t()
+
+    with pytest.raises(WeightsFileError, match=r"unexpected \(1\): text_projection_T"):
+        load(_tiny_checkpoint(tmp_path, "extra.pt", transposed_extra), device="cpu")
+
+    def non_contiguous(state):
+        state["text_projection"] = state["text_projection"].t().contiguous().t()
+
+    model, _ = load(_tiny_checkpoint(tmp_path, "strided.pt", non_contiguous), device="cpu")
+    assert model.text_projection.shape == (64, 32)
 
 
 def test_torchscript_views_that_repeat_their_storage_are_refused(tmp_path: Path) -> None:
+    from clip.weights_file import check_backed_by_storage
+
     path = write_archive(tmp_path / "views.pt", data_pkl=module_pickle(size=(1000, 1000), stride=(0, 0)))
-    with pytest.raises(WeightsFileError, match=r"declare 4000000 bytes but store 24"):
-        read_weights(path)
+    state = read_weights(path).state_dict
+    with pytest.raises(WeightsFileError, match=r"repeats its data"):
+        check_backed_by_storage(state, list(state), str(path))
 
 
 def test_a_tensor_saved_under_two_names_still_reads(tmp_path: Path) -> None:

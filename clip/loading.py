@@ -168,8 +168,9 @@ def model_from_weights(weights: LoadedWeights, source: str) -> CLIP:
                 f"its training run's directory or checkpoint, which record them, or clip.create_model(its "
                 f"config) and load_state_dict.", stacklevel=3,
             )
-    model = _empty_model(config, weights, f"{source} does not fit the {_describe(config)} architecture {origin}", source)
-    _load_checked(model, weights, f"{source} does not fit the {_describe(config)} architecture {origin}", source)
+    model, state = _empty_model(config, weights, f"{source} does not fit the {_describe(config)} architecture {origin}",
+                                source)
+    model.load_state_dict(state, strict=True)
     if weights.logit_bias is not None:
         model.logit_bias = weights.logit_bias.clone()
     return model.eval()
@@ -284,19 +285,21 @@ def _check_extras(extras: Mapping[str, int], config: ModelConfig, source: str) -
             )
 
 
-def _empty_model(config: ModelConfig, weights: LoadedWeights, misfit_headline: str, source: str) -> CLIP:
-    """A CPU model with uninitialised weights (every one is overwritten by the strict load); building on the
-    `meta` device skips the random initialisation, seconds for the large models. The weights are checked
-    against the `meta` model first: a 2 KB checkpoint whose config names a huge model had its memory
-    allocated before its missing tensors were found."""
+def _empty_model(
+    config: ModelConfig, weights: LoadedWeights, misfit_headline: str, source: str
+) -> tuple[CLIP, dict[str, torch.Tensor]]:
+    """A CPU model with uninitialised weights, and the checked state dict (`_checked_state`) that overwrites
+    every one of them in a strict load; building on the `meta` device skips the random initialisation,
+    seconds for the large models. The weights are checked against the `meta` model first: a 2 KB checkpoint
+    whose config names a huge model had its memory allocated before its missing tensors were found."""
     _check_last_blocks(config, weights.state_dict, misfit_headline)
     with torch.device("meta"):
         model = CLIP(config)
-    _checked_state(model, weights, misfit_headline, source)
+    state = _checked_state(model, weights, misfit_headline, source)
     persistent = set(model.state_dict())
     if any(name not in persistent for name, _ in model.named_buffers()):
-        return CLIP(config)  # a non-persistent buffer is in no file: let __init__ compute it
-    return model.to_empty(device="cpu")
+        return CLIP(config), state  # a non-persistent buffer is in no file: let __init__ compute it
+    return model.to_empty(device="cpu"), state
 
 
 def _check_last_blocks(config: ModelConfig, state: Mapping[str, torch.Tensor], headline: str) -> None:

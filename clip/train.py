@@ -24,7 +24,13 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoint as ckpt
 from .config import TrainConfig, to_dict, to_toml
 from .cuda_backends import configure_cuda_backends
-from .data import PixelNormalizer, build_train_data, counts_line, merge_rank_reports, states_to_save
+from .data import (
+    PixelNormalizer,
+    build_train_data,
+    counts_line,
+    merge_rank_reports,
+    states_to_save,
+)
 from .distributed import (
     DistributedInfo,
     agree_before_backward,

@@ -32,7 +32,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from .config import DataConfig
-from .handover import MAX_HANDOVERS, Handover, SlotLayout, SlotStreams, needed_handovers, resampled_positions
+from .handover import (
+    MAX_HANDOVERS,
+    Handover,
+    SlotLayout,
+    SlotStreams,
+    needed_handovers,
+    resampled_positions,
+)
 from .rank_states import add_source_counts, every_slot_position
 from .sampling import PLAN_VERSION, Planner
 from .sources import ManifestSource, Source, build_source
@@ -49,6 +56,8 @@ _PLAN_KEYS = ("plan_version", "seed", "resampled", "epoch_samples", "sources")
 # included: exact while the ranks are fewer than this many data epochs apart (DDP's ranks step together, so
 # they are at most about one apart)
 _FINISHED_EPOCHS_KEPT = 4
+# How every line on a resume under another layout begins; its %s is the settings that changed
+_OTHER_LAYOUT = "data: the saved position was for another layout (%s changed"
 
 
 def signal_safe_worker_options() -> dict:
@@ -356,39 +365,39 @@ class TrainData:
             return "other samples are planned"
         saved = SlotLayout(saved_layout["world_size"], saved_layout["workers"], saved_layout["shuffle_buffer"])
         everyone = every_slot_position(state)
-        # (not the rank: every rank of another world size loads rank 0's state, with everyone's positions)
-        changed = ", ".join(sorted(key for key in layout if key != "rank" and saved_layout.get(key) != layout[key]))
+        changed = self._changed_settings(saved_layout)
         if self.config.resampled:
             first_slot = saved_layout.get("rank", 0) * saved.workers
             saved_slots = list(range(saved.slots)) if everyone else list(range(first_slot, first_slot + saved.workers))
-            saved_planner = dataclasses.replace(self.planner, world_size=saved.world_size, workers_per_rank=saved.workers)
+            saved_planner = dataclasses.replace(self.planner, world_size=saved.world_size,
+                                                workers_per_rank=saved.workers)
             slots = range(self.rank * self.slots_per_rank, (self.rank + 1) * self.slots_per_rank)
             self._positions = resampled_positions(everyone or [tuple(p) for p in state["positions"]], saved_slots,
                                                   saved_planner, self.planner, list(slots))
             self._next_worker, self._handovers = 0, ()
-            log.log(self._said_once, "data: the saved position was for another layout (%s changed); continuing the resampled "
-                        "epochs at the saved workers' average progress, epoch %d", changed, self.epoch)
+            log.log(self._said_once, f"{_OTHER_LAYOUT}); continuing the resampled epochs at the saved workers' "
+                    "average progress, epoch %d", changed, self.epoch)
             return None
         if everyone is None:
             return "the state lacks the other saved ranks' positions"
         handover = Handover(saved, tuple(everyone))
         chain = needed_handovers(handovers + (handover,), handover.first_epoch)
         if len(chain) > MAX_HANDOVERS:
-            return f"{len(chain)} layout changes within the epochs in progress are more than the {MAX_HANDOVERS} followed"
+            return (f"{len(chain)} layout changes within the epochs in progress are more than the {MAX_HANDOVERS} "
+                    f"followed")
         self._handovers, self._next_worker = chain, 0
         self._positions = [(handover.first_epoch, 0)] * self.slots_per_rank
         if not chain:  # every saved slot had just finished the same epoch
-            log.log(self._said_once, "data: the saved position was for another layout (%s changed); continuing at the beginning "
-                        "of epoch %d under the new layout, none read twice", changed, handover.first_epoch)
+            log.log(self._said_once, f"{_OTHER_LAYOUT}); continuing at the beginning of epoch %d under the new "
+                    "layout, none read twice", changed, handover.first_epoch)
             return None
         streams = SlotStreams(self.sources, self.planner, self._slot_layout(), chain)
         left = {epoch: int(streams.remainders(len(chain) - 1, epoch).sum())
                 for epoch in range(handover.first_epoch, streams.ends[-1])}
         log.log(
             self._said_once,
-            "data: the saved position was for another layout (%s changed); continuing %s under the new layout: %s "
-            "left, none read twice", changed, _epochs_named(list(left)), ", ".join(
-                f"{count} samples of epoch {epoch}" for epoch, count in left.items()),
+            f"{_OTHER_LAYOUT}); continuing %s under the new layout: %s left, none read twice", changed,
+            _epochs_named(list(left)), ", ".join(f"{count} samples of epoch {epoch}" for epoch, count in left.items()),
         )
         return None
 
@@ -406,18 +415,22 @@ class TrainData:
             for name, counts in sources.items():
                 add_source_counts(into.setdefault(name, empty_counts()), counts)
 
+    def _changed_settings(self, saved_layout: dict) -> str:
+        """The layout settings that differ from the saved state's, for the log. Not the rank: every rank of
+        another world size loads rank 0's state, with everyone's positions."""
+        layout = self._layout()
+        return ", ".join(sorted(key for key in layout if key != "rank" and saved_layout.get(key) != layout[key]))
+
     def _restart_earliest_epoch(self, state: dict, why: str) -> None:
-        saved_layout, layout = state["layout"], self._layout()
+        saved_layout = state["layout"]
         positions = [tuple(position) for position in state["positions"]]
-        # (not the rank: every rank of another world size loads rank 0's state)
-        changed = sorted(key for key in layout if key != "rank" and saved_layout.get(key) != layout[key])
         epoch = min(epoch for epoch, _ in positions)
         # Slots already past that epoch read their whole share of it, which the state does not record
         reread = sum(offset for slot_epoch, offset in positions if slot_epoch == epoch)
         log.warning(
-            "data: the saved position was for another layout (%s changed; %s); restarting epoch %d from its "
-            "beginning: at least %d samples of it that the saved rank %d had read are read again",
-            ", ".join(changed), why, epoch, reread, saved_layout.get("rank", 0),
+            f"{_OTHER_LAYOUT}; %s); restarting epoch %d from its beginning: at least %d samples of it that the "
+            "saved rank %d had read are read again",
+            self._changed_settings(saved_layout), why, epoch, reread, saved_layout.get("rank", 0),
         )
         self._positions, self._next_worker, self._handovers = [(epoch, 0)] * self.slots_per_rank, 0, ()
         self._open_epochs = {}

@@ -298,6 +298,13 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str], schema
     return from_dict(schema, data)
 
 
+def where_not_utf8(error: UnicodeDecodeError) -> str:
+    """Where a file's bytes stop being UTF-8, as 'byte N (line L) is 0xNN': enough to find it in an editor."""
+    data, start = error.object, error.start
+    line = data[:start].count(b"\n") + 1
+    return f"byte {start} (line {line}) is 0x{data[start]:02x}"
+
+
 def _read_toml(path: Path) -> dict:
     if path.is_dir():
         raise ConfigError(f"config file {str(path)!r} is a directory")
@@ -308,10 +315,8 @@ def _read_toml(path: Path) -> dict:
     except OSError as error:
         raise ConfigError(f"config file {str(path)!r} cannot be read: {error.strerror or error}") from error
     except UnicodeDecodeError as error:
-        line = path.read_bytes()[: error.start].count(b"\n") + 1
         raise ConfigError(
-            f"{path}: not valid TOML: TOML files are UTF-8, but byte {error.start} (line {line}) is "
-            f"0x{error.object[error.start]:02x}; save the file as UTF-8"
+            f"{path}: not valid TOML: TOML files are UTF-8, but {where_not_utf8(error)}; save the file as UTF-8"
         ) from None
     try:
         return tomllib.loads(text)

@@ -13,6 +13,8 @@ import string
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from clip.config_io import where_not_utf8
+
 Template = str | Callable[[str], str]
 
 # Varied phrasings (medium, quality, framing) so that averaging the class embeddings over them smooths out
@@ -115,11 +117,7 @@ def _decode_text(data: bytes, path: Path) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        raise ValueError(
-            f"{path} is not UTF-8 text: byte {error.start} (line {line}) is 0x{data[error.start]:02x}; save it "
-            f"as UTF-8"
-        ) from None
+        raise ValueError(f"{path} is not UTF-8 text: {where_not_utf8(error)}; save it as UTF-8") from None
 
 
 def _read_string_list(path: Path, what: str, comments: bool) -> list[str]:

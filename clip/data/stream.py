@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .decoding import SkipLog, SkipSample, decode_caption, open_image, pil_pixel_limit, upright_rgb
-from .handover import Handover, SlotLayout, SlotStreams
+from .handover import Handover, Position, SlotLayout, SlotStreams
 from .sampling import Planner, SourceLayout
 from .sources import Source
 from .transform import BatchImageWriter, center_crop_box, draft_size, random_resized_crop_box, random_square_box
@@ -82,9 +82,6 @@ def _skipped_kinds(counts: dict) -> str:
 
 def _kinds_line(kinds: dict[str, int]) -> str:
     return ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items())) or "none skipped"
-
-# (epoch, items of that epoch consumed); (e + 1, 0) once epoch e is done.
-Position = tuple[int, int]
 
 
 @dataclass(frozen=True)

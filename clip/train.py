@@ -160,6 +160,13 @@ def gradient_norm(module: nn.Module, clip_to: float | None) -> torch.Tensor:
     return torch.nn.utils.clip_grad_norm_(module.parameters(), math.inf)  # scales by 1
 
 
+def bound_temperature(clip_model: nn.Module, max_log_scale: float) -> None:
+    """The paper clips the learned temperature so that the logits are scaled by at most 100
+    (loss.max_logit_scale; `max_log_scale` is its log)."""
+    with torch.no_grad():
+        clip_model.logit_scale.clamp_(0, max_log_scale)
+
+
 def wait_for_device(device: torch.device) -> float:
     """time.perf_counter() once `device` has run all it was given: CUDA kernels run behind the host."""
     if device.type == "cuda":
@@ -255,15 +262,14 @@ def _train(
         start_step, data_state, metrics_so_far = 0, None, {}
         start_new_run(module, config, dist_info)
     already_finished = state is not None and start_step >= config.schedule.steps
-    if not already_finished:
-        # The temperature's bound holds from the first step on, not only after the first update: a new run's
-        # initial value (1 / 0.07, SigLIP's 10, loaded weights' 100) or a checkpoint's may exceed a lower
-        # loss.max_logit_scale. Clamped again after every step (below).
-        with torch.no_grad():
-            module.clip.logit_scale.clamp_(0, max_log_scale)
     if already_finished:
         log.info("%s finished its %d steps already: evaluating only, its checkpoint and config are left as they are",
                  run_dir, start_step)
+    else:
+        # The temperature's bound holds from the first step on, not only after the first update: a new run's
+        # initial value (1 / 0.07, SigLIP's 10, loaded weights' 100) or a checkpoint's may exceed a lower
+        # loss.max_logit_scale. Bound again after every step (below).
+        bound_temperature(module.clip, max_log_scale)
     with bad_input_reported_as(BadTrainingInput):
         check_evaluation_datasets(config.eval, warn=dist_info.is_main)
     if dist_info.is_main and not already_finished:
@@ -505,9 +511,7 @@ def _train(
             nonfinite_in_a_row = 0
             scaler.step(optimizer)
             scaler.update()
-            with torch.no_grad():
-                # The paper clips the temperature so the logits are scaled by at most 100.
-                module.clip.logit_scale.clamp_(0, max_log_scale)
+            bound_temperature(module.clip, max_log_scale)
         window_samples += global_batch
 
         if step % config.logging.every_n_steps == 0 or step == last_step:

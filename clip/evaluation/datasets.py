@@ -1,154 +1,60 @@
 """Classification datasets read from a local root; nothing here downloads.
 
-- `ImageFolderDataset`: <root>/<class folder>/**/<image>, labels in sorted folder order.
-- `CIFARDataset`: CIFAR-10/100 in torchvision's on-disk pickle format, read with a restricted unpickler.
+`load_classification_data` turns a `ZeroShotDatasetConfig` into images, class names, templates and subsets,
+from one of
+- `ImageFolderDataset` (image_folder.py): <root>/<class folder>/**/<image>, labels in sorted folder order.
+- `CIFARDataset` (cifar.py): CIFAR-10/100 in torchvision's on-disk pickle format, read with a restricted unpickler.
 - the synthetic shapes dataset of `clip.data.synthetic`.
-`load_classification_data` turns a `ZeroShotDatasetConfig` into images, class names, templates and subsets.
+Reading one image file (`read_image`, `UnreadableImageError`) is in image_files.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
-import os
-import pickle
-import re
-import warnings
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
 from torch.utils.data import Dataset, Subset
 
+from .cifar import CIFAR_LAYOUTS, CIFARDataset, load_cifar_pickle
 from .config import ZeroShotDatasetConfig, repeated_names
+from .image_files import Transform, UnreadableImageError, read_image
+from .image_folder import (
+    ImageFolderDataset,
+    classnames_from_folders,
+    folder_to_classname,
+    list_class_folders,
+    refuse_split_folders_as_classes,
+    split_folder,
+)
 from .templates import Template, builtin_templates, load_classnames, load_templates
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
-# Folders that archivers and operating systems add next to the data: macOS zips carry __MACOSX/ with "._x.jpg"
-# resource forks that have an image extension but are not images. (Names starting with "." are left out too.)
-IGNORED_NAMES = frozenset({"__MACOSX"})
-# Folder names that mean "a split of the dataset", not "a class".
-SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing"})
-Transform = Callable[[Image.Image], Any]
+# What other modules import from here: the names defined below, and those of the dataset kinds and of image
+# reading, which live in the modules named in the docstring.
+__all__ = [
+    "CIFARDataset",
+    "ClassificationData",
+    "ImageFolderDataset",
+    "TransformedDataset",
+    "UnreadableImageError",
+    "classnames_from_folders",
+    "evenly_spaced_indices",
+    "folder_to_classname",
+    "list_class_folders",
+    "load_cifar_pickle",
+    "load_classification_data",
+    "read_image",
+    "split_folder",
+    "synthetic_split_seed",
+    "warn_about_duplicate_classnames",
+    "with_split",
+]
 
 logger = logging.getLogger(__name__)
-
-
-class UnreadableImageError(ValueError):
-    """An image file that cannot be decoded; evaluation loaders skip and count these (see features.py)."""
-
-    def __init__(self, path: Path, reason: str):
-        super().__init__(f"cannot read image {path}: {reason}")
-        self.path = path
-
-
-def read_image(path: Path) -> Image.Image:
-    try:
-        with warnings.catch_warnings():  # the size is refused below, with the file's name, not warned about
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(path)  # reads the header only
-        with opened as image:
-            _refuse_decompression_bomb(image, path)
-            image.load()  # read now, so the file is closed when we return
-            return image
-    except UnreadableImageError:
-        raise
-    # Corrupt files surface as any of these, depending on the format plugin and where the data breaks off.
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
-        raise UnreadableImageError(path, str(error) or type(error).__name__) from error
-
-
-def _refuse_decompression_bomb(image: Image.Image, path: Path) -> None:
-    """PIL refuses images of more than twice Image.MAX_IMAGE_PIXELS, and only warns between once and twice:
-    a 150-megapixel PNG of a few hundred KB was decoded (seconds, and 450 MB as RGB in each loader worker),
-    its warning lost in a worker's output. Evaluation images are far smaller: above the limit is a skip."""
-    limit = Image.MAX_IMAGE_PIXELS
-    width, height = image.size
-    if limit is not None and width * height > limit:
-        raise UnreadableImageError(
-            path, f"{width}x{height} pixels is more than PIL.Image.MAX_IMAGE_PIXELS ({limit}): a decompression "
-            f"bomb, or an image far larger than evaluation needs"
-        )
-
-
-def is_ignored(name: str) -> bool:
-    """Hidden files and folders ("._x.jpg", ".DS_Store", ".git") and archiver metadata (__MACOSX)."""
-    return name.startswith(".") or name in IGNORED_NAMES
-
-
-def list_class_folders(root: Path) -> list[str]:
-    """Names of the class folders directly under `root`, sorted (the label order)."""
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not is_ignored(p.name))
-
-
-def list_images(folder: Path) -> list[Path]:
-    """Image files anywhere under `folder`, sorted, leaving out hidden and archiver-metadata paths. Symbolic
-    links to folders are followed, as torchvision's ImageFolder follows them (a class assembled from links
-    to other folders is common), each real folder once, so a link to an ancestor cannot loop. A link to an
-    ancestor of `folder` is not followed at all: it led into the dataset root, and from there into the other
-    classes' folders, whose images were then read as this class's."""
-    images, visited = [], set()
-    top = os.path.realpath(folder)
-    for directory, subdirectories, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(directory)
-        if real in visited or (real != top and top.startswith(os.path.join(real, ""))):
-            subdirectories.clear()
-            continue
-        visited.add(real)
-        subdirectories[:] = [name for name in subdirectories if not is_ignored(name)]
-        for name in files:
-            path = Path(directory, name)
-            if path.suffix.lower() in IMAGE_EXTENSIONS and not is_ignored(name) and path.is_file():
-                images.append(path)
-    return sorted(images)
-
-
-NUMBERED_FOLDER = re.compile(r"(\d+)_(.+)")
-
-
-def folder_numbers(folders: Sequence[str]) -> list[int] | None:
-    """The numbers of folders that are all named "<digits>_<name>" with one digit count ("00_a", "01_b");
-    None when any folder is named otherwise or the digit counts differ."""
-    matches = [NUMBERED_FOLDER.fullmatch(folder) for folder in folders]
-    if not matches or not all(matches):
-        return None
-    if len({len(match.group(1)) for match in matches}) != 1:
-        return None
-    return [int(match.group(1)) for match in matches]
-
-
-def folder_to_classname(folder: str, numbered: bool = False) -> str:
-    """'red_circle' -> 'red circle' (underscores read as spaces); with `numbered`, '03_red_circle' -> 'red
-    circle' too (the label prefix dropped; a folder without one is read as without `numbered`)."""
-    match = NUMBERED_FOLDER.fullmatch(folder) if numbered else None
-    if match:
-        folder = match.group(2)
-    return folder.replace("_", " ").strip()
-
-
-def classnames_from_folders(folders: Sequence[str], warn: bool = True) -> list[str]:
-    """Readable class names. The "<label>_" prefix is dropped only when the folders are named as
-    `clip.data.synthetic.write_image_folder` names them: every one "<label>_<name>", with zero-padded labels
-    0, 1, 2, ... in sorted order. A number that is part of the name ("2012_Audi_S4") must stay, so any other
-    numbering keeps every name as it is -- with a warning (when `warn`) if all folders are numbered alike,
-    as when one folder of a numbered set is missing: the numbers then end up in the prompts."""
-    numbers = folder_numbers(folders)
-    numbered = numbers == list(range(len(folders)))
-    if warn and numbers is not None and not numbered:
-        logger.warning(
-            "all %d class folders are named '<number>_<name>' (%s, ...) but not numbered 0, 1, 2, ... in "
-            "order (is a folder missing?), so their numbers were kept in the class names (%r, ...); if the "
-            "numbers are labels, list the names in classnames.txt or a classnames_file",
-            len(folders),
-            ", ".join(folders[:3]),
-            folder_to_classname(folders[0]),
-        )
-    return [folder_to_classname(folder, numbered) for folder in folders]
 
 
 def warn_about_duplicate_classnames(classnames: Sequence[str], where: str) -> None:
@@ -161,177 +67,6 @@ def warn_about_duplicate_classnames(classnames: Sequence[str], where: str) -> No
             where,
             repeated,
         )
-
-
-class ImageFolderDataset(Dataset):
-    """<root>/<class folder>/**/<image> -> (transform(image), label); label = index of the sorted folder.
-
-    class_folders: the folder names in label order, when they must agree with other splits (e.g. the union
-        of the folders of train and test); a listed folder missing here has no images. Default: the folders
-        under root.
-    Class names: `classnames` if given, else <root>/classnames.txt (one per line, in label order) if present,
-    else the folder names through `classnames_from_folders` (which warns, when `warn`, about numbered folder
-    names it keeps as they are). Hidden files and folders and __MACOSX are ignored. An unreadable image raises
-    `UnreadableImageError` when its item is read.
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        transform: Transform | None = None,
-        classnames: list[str] | None = None,
-        class_folders: Sequence[str] | None = None,
-        warn: bool = True,
-    ):
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.root}")
-        present = list_class_folders(self.root)
-        if class_folders is None:
-            class_folders = present
-        unlisted = sorted(set(present) - set(class_folders))
-        if unlisted:
-            raise ValueError(f"{self.root} has class folders {unlisted} that are not among the classes {class_folders}")
-        if not class_folders:
-            raise ValueError(f"{self.root} has no class folders (expected <root>/<class>/<image files>)")
-        self.class_folders = list(class_folders)
-        self.samples = [
-            (path, label)
-            for label, folder in enumerate(self.class_folders)
-            if folder in present
-            for path in list_images(self.root / folder)
-        ]
-        if not self.samples:
-            raise ValueError(f"no images with extensions {sorted(IMAGE_EXTENSIONS)} under {self.root}")
-        if classnames is None and (self.root / "classnames.txt").is_file():
-            classnames = load_classnames(self.root / "classnames.txt")
-        if classnames is None:
-            classnames = classnames_from_folders(self.class_folders, warn)
-        if len(classnames) != len(self.class_folders):
-            raise ValueError(
-                f"{len(classnames)} class names for {len(self.class_folders)} class folders in {self.root}"
-            )
-        self.classes = list(classnames)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        path, label = self.samples[index]
-        image = read_image(path)
-        return (self.transform(image) if self.transform else image), label
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles only what CIFAR's files contain (dicts, lists, strings, numbers, numpy uint8 arrays).
-
-    A pickle can run arbitrary code through `find_class`; refusing every other global makes reading a
-    downloaded file safe.
-    """
-
-    ALLOWED = {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: not part of the CIFAR format")
-        if name == "_reconstruct":  # numpy 2 renamed numpy.core to numpy._core; avoid its deprecation shim
-            for candidate in ("numpy._core.multiarray", "numpy.core.multiarray"):
-                try:
-                    return getattr(importlib.import_module(candidate), name)
-                except ImportError:
-                    continue
-        return super().find_class(module, name)
-
-
-def load_cifar_pickle(path: Path) -> dict[str, Any]:
-    """One CIFAR batch or meta file as a dict with str keys (the files are Python 2 pickles: latin-1)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"CIFAR file not found: {path}")
-    with open(path, "rb") as file:
-        try:
-            content = _RestrictedUnpickler(file, encoding="latin1").load()
-        # A malformed pickle raises nearly anything: UnpicklingError, EOFError, ValueError, TypeError, and
-        # MemoryError for an array header declaring terabytes (numpy allocates it before the data is read)
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, MemoryError, RecursionError) as error:
-            raise ValueError(f"{path} is not a CIFAR pickle: {error or type(error).__name__}") from error
-    if not isinstance(content, dict):
-        raise ValueError(f"{path}: expected a dict, got {type(content).__name__}")
-    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in content.items()}
-
-
-@dataclass(frozen=True)
-class CIFARLayout:
-    folder: str
-    train_files: tuple[str, ...]
-    test_files: tuple[str, ...]
-    meta_file: str
-    labels_key: str
-    names_key: str
-
-
-CIFAR_LAYOUTS = {
-    "cifar10": CIFARLayout(
-        "cifar-10-batches-py",
-        tuple(f"data_batch_{i}" for i in range(1, 6)),
-        ("test_batch",),
-        "batches.meta",
-        "labels",
-        "label_names",
-    ),
-    "cifar100": CIFARLayout("cifar-100-python", ("train",), ("test",), "meta", "fine_labels", "fine_label_names"),
-}
-
-
-class CIFARDataset(Dataset):
-    """CIFAR-10 or CIFAR-100 from torchvision's on-disk layout, without torchvision's download/md5 logic.
-
-    `root` may be the folder holding `cifar-10-batches-py/` (`cifar-100-python/`) or that folder itself.
-    """
-
-    def __init__(
-        self, root: str | Path, kind: str = "cifar10", train: bool = False, transform: Transform | None = None
-    ):
-        if kind not in CIFAR_LAYOUTS:
-            raise ValueError(f"kind must be one of {sorted(CIFAR_LAYOUTS)}, got {kind!r}")
-        layout = CIFAR_LAYOUTS[kind]
-        folder = Path(root) / layout.folder
-        folder = folder if folder.is_dir() else Path(root)
-        images, labels = [], []
-        for name in layout.train_files if train else layout.test_files:
-            batch = load_cifar_pickle(folder / name)
-            data, batch_labels = batch.get("data"), batch.get(layout.labels_key)
-            # Pixel values in another dtype (floats in [0, 1], say) would be cast to near-black images silently
-            if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-                found = f"{data.dtype} array of shape {list(data.shape)}" if isinstance(data, np.ndarray) else type(data).__name__
-                raise ValueError(f"{folder / name}: 'data' must be a uint8 array of shape [N, 3072], got a {found}")
-            if batch_labels is None or len(batch_labels) != len(data):
-                raise ValueError(f"{folder / name}: '{layout.labels_key}' must hold one label per image")
-            images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            labels.extend(int(label) for label in batch_labels)
-        names = load_cifar_pickle(folder / layout.meta_file).get(layout.names_key)
-        if not names:
-            raise ValueError(f"{folder / layout.meta_file} has no '{layout.names_key}'")
-        # CIFAR-100 names are identifiers ("aquarium_fish"); prompts read better with spaces.
-        self.classes = [(n.decode() if isinstance(n, bytes) else n).replace("_", " ") for n in names]
-        if labels and not 0 <= min(labels) <= max(labels) < len(self.classes):
-            raise ValueError(f"{folder}: labels outside 0..{len(self.classes) - 1}")
-        self.images = np.ascontiguousarray(np.concatenate(images))  # N, 32, 32, 3 (HWC, RGB)
-        self.labels = labels
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = Image.fromarray(self.images[index])
-        return (self.transform(image) if self.transform else image), self.labels[index]
 
 
 class TransformedDataset(Dataset):
@@ -379,37 +114,6 @@ def _synthetic_dataset(config: ZeroShotDatasetConfig) -> tuple[Dataset, list[str
     dataset = synthetic.SyntheticClassification(config.num_samples, config.image_size, seed)
     subsets = {"heldout": list(dataset.heldout_class_indices)} if config.heldout_report else {}
     return dataset, list(dataset.classes), list(synthetic.templates()), subsets
-
-
-def split_folder(root: str | Path, split: str) -> Path:
-    """The image folder of `split`: <root>/<split>, which must exist; `root` itself when no split is named.
-
-    Falling back to the root when <root>/<split> is missing would silently evaluate the wrong images (the
-    train images as test, or the split folders as two classes), so that is an error.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
-    if not split:
-        return root
-    folder = root / split
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"split {split!r}: no folder {folder}; the folders in {root} are {list_class_folders(root)} "
-            f'(set split to one of them, or to "" if {root} itself holds the class folders)'
-        )
-    return folder
-
-
-def refuse_split_folders_as_classes(root: Path) -> None:
-    """A root whose only folders are split names ("train", "test", ...) was meant to be read with a split."""
-    folders = list_class_folders(root)
-    if folders and all(folder.lower() in SPLIT_NAMES for folder in folders):
-        example = "test" if "test" in folders else folders[-1]
-        raise ValueError(
-            f"the class folders of {root} are {folders}, which look like dataset splits, not classes; "
-            f"set split to the one to evaluate (e.g. split = {example!r})"
-        )
 
 
 def evenly_spaced_indices(length: int, count: int) -> list[int]:

@@ -1,0 +1,51 @@
+"""Reading one evaluation image from disk: `read_image`, and `UnreadableImageError` for a file it cannot
+decode, which the evaluation loaders skip and count (see features.py). Shared by the classification
+datasets and by retrieval."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+Transform = Callable[[Image.Image], Any]
+
+
+class UnreadableImageError(ValueError):
+    """An image file that cannot be decoded; evaluation loaders skip and count these (see features.py)."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"cannot read image {path}: {reason}")
+        self.path = path
+
+
+def read_image(path: Path) -> Image.Image:
+    try:
+        with warnings.catch_warnings():  # the size is refused below, with the file's name, not warned about
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)  # reads the header only
+        with opened as image:
+            _refuse_decompression_bomb(image, path)
+            image.load()  # read now, so the file is closed when we return
+            return image
+    except UnreadableImageError:
+        raise
+    # Corrupt files surface as any of these, depending on the format plugin and where the data breaks off.
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
+        raise UnreadableImageError(path, str(error) or type(error).__name__) from error
+
+
+def _refuse_decompression_bomb(image: Image.Image, path: Path) -> None:
+    """PIL refuses images of more than twice Image.MAX_IMAGE_PIXELS, and only warns between once and twice:
+    a 150-megapixel PNG of a few hundred KB was decoded (seconds, and 450 MB as RGB in each loader worker),
+    its warning lost in a worker's output. Evaluation images are far smaller: above the limit is a skip."""
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = image.size
+    if limit is not None and width * height > limit:
+        raise UnreadableImageError(
+            path, f"{width}x{height} pixels is more than PIL.Image.MAX_IMAGE_PIXELS ({limit}): a decompression "
+            f"bomb, or an image far larger than evaluation needs"
+        )

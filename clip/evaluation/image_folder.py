@@ -1,0 +1,195 @@
+"""A classification dataset stored as a folder of images: <root>/<class folder>/**/<image>.
+
+`ImageFolderDataset` labels images by their class folder in sorted order; the helpers here list the class
+folders and images (leaving out hidden files and archiver metadata), turn folder names into class names,
+and find the folder of a split (<root>/<split>).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from .image_files import Transform, read_image
+from .templates import load_classnames
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
+# Folders that archivers and operating systems add next to the data: macOS zips carry __MACOSX/ with "._x.jpg"
+# resource forks that have an image extension but are not images. (Names starting with "." are left out too.)
+IGNORED_NAMES = frozenset({"__MACOSX"})
+# Folder names that mean "a split of the dataset", not "a class".
+SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing"})
+
+logger = logging.getLogger(__name__)
+
+
+def is_ignored(name: str) -> bool:
+    """Hidden files and folders ("._x.jpg", ".DS_Store", ".git") and archiver metadata (__MACOSX)."""
+    return name.startswith(".") or name in IGNORED_NAMES
+
+
+def list_class_folders(root: Path) -> list[str]:
+    """Names of the class folders directly under `root`, sorted (the label order)."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not is_ignored(p.name))
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files anywhere under `folder`, sorted, leaving out hidden and archiver-metadata paths. Symbolic
+    links to folders are followed, as torchvision's ImageFolder follows them (a class assembled from links
+    to other folders is common), each real folder once, so a link to an ancestor cannot loop. A link to an
+    ancestor of `folder` is not followed at all: it led into the dataset root, and from there into the other
+    classes' folders, whose images were then read as this class's."""
+    images, visited = [], set()
+    top = os.path.realpath(folder)
+    for directory, subdirectories, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in visited or (real != top and top.startswith(os.path.join(real, ""))):
+            subdirectories.clear()
+            continue
+        visited.add(real)
+        subdirectories[:] = [name for name in subdirectories if not is_ignored(name)]
+        for name in files:
+            path = Path(directory, name)
+            if path.suffix.lower() in IMAGE_EXTENSIONS and not is_ignored(name) and path.is_file():
+                images.append(path)
+    return sorted(images)
+
+
+NUMBERED_FOLDER = re.compile(r"(\d+)_(.+)")
+
+
+def folder_numbers(folders: Sequence[str]) -> list[int] | None:
+    """The numbers of folders that are all named "<digits>_<name>" with one digit count ("00_a", "01_b");
+    None when any folder is named otherwise or the digit counts differ."""
+    matches = [NUMBERED_FOLDER.fullmatch(folder) for folder in folders]
+    if not matches or not all(matches):
+        return None
+    if len({len(match.group(1)) for match in matches}) != 1:
+        return None
+    return [int(match.group(1)) for match in matches]
+
+
+def folder_to_classname(folder: str, numbered: bool = False) -> str:
+    """'red_circle' -> 'red circle' (underscores read as spaces); with `numbered`, '03_red_circle' -> 'red
+    circle' too (the label prefix dropped; a folder without one is read as without `numbered`)."""
+    match = NUMBERED_FOLDER.fullmatch(folder) if numbered else None
+    if match:
+        folder = match.group(2)
+    return folder.replace("_", " ").strip()
+
+
+def classnames_from_folders(folders: Sequence[str], warn: bool = True) -> list[str]:
+    """Readable class names. The "<label>_" prefix is dropped only when the folders are named as
+    `clip.data.synthetic.write_image_folder` names them: every one "<label>_<name>", with zero-padded labels
+    0, 1, 2, ... in sorted order. A number that is part of the name ("2012_Audi_S4") must stay, so any other
+    numbering keeps every name as it is -- with a warning (when `warn`) if all folders are numbered alike,
+    as when one folder of a numbered set is missing: the numbers then end up in the prompts."""
+    numbers = folder_numbers(folders)
+    numbered = numbers == list(range(len(folders)))
+    if warn and numbers is not None and not numbered:
+        logger.warning(
+            "all %d class folders are named '<number>_<name>' (%s, ...) but not numbered 0, 1, 2, ... in "
+            "order (is a folder missing?), so their numbers were kept in the class names (%r, ...); if the "
+            "numbers are labels, list the names in classnames.txt or a classnames_file",
+            len(folders),
+            ", ".join(folders[:3]),
+            folder_to_classname(folders[0]),
+        )
+    return [folder_to_classname(folder, numbered) for folder in folders]
+
+
+class ImageFolderDataset(Dataset):
+    """<root>/<class folder>/**/<image> -> (transform(image), label); label = index of the sorted folder.
+
+    class_folders: the folder names in label order, when they must agree with other splits (e.g. the union
+        of the folders of train and test); a listed folder missing here has no images. Default: the folders
+        under root.
+    Class names: `classnames` if given, else <root>/classnames.txt (one per line, in label order) if present,
+    else the folder names through `classnames_from_folders` (which warns, when `warn`, about numbered folder
+    names it keeps as they are). Hidden files and folders and __MACOSX are ignored. An unreadable image raises
+    `UnreadableImageError` when its item is read.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        transform: Transform | None = None,
+        classnames: list[str] | None = None,
+        class_folders: Sequence[str] | None = None,
+        warn: bool = True,
+    ):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root}")
+        present = list_class_folders(self.root)
+        if class_folders is None:
+            class_folders = present
+        unlisted = sorted(set(present) - set(class_folders))
+        if unlisted:
+            raise ValueError(f"{self.root} has class folders {unlisted} that are not among the classes {class_folders}")
+        if not class_folders:
+            raise ValueError(f"{self.root} has no class folders (expected <root>/<class>/<image files>)")
+        self.class_folders = list(class_folders)
+        self.samples = [
+            (path, label)
+            for label, folder in enumerate(self.class_folders)
+            if folder in present
+            for path in list_images(self.root / folder)
+        ]
+        if not self.samples:
+            raise ValueError(f"no images with extensions {sorted(IMAGE_EXTENSIONS)} under {self.root}")
+        if classnames is None and (self.root / "classnames.txt").is_file():
+            classnames = load_classnames(self.root / "classnames.txt")
+        if classnames is None:
+            classnames = classnames_from_folders(self.class_folders, warn)
+        if len(classnames) != len(self.class_folders):
+            raise ValueError(
+                f"{len(classnames)} class names for {len(self.class_folders)} class folders in {self.root}"
+            )
+        self.classes = list(classnames)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, label = self.samples[index]
+        image = read_image(path)
+        return (self.transform(image) if self.transform else image), label
+
+
+def split_folder(root: str | Path, split: str) -> Path:
+    """The image folder of `split`: <root>/<split>, which must exist; `root` itself when no split is named.
+
+    Falling back to the root when <root>/<split> is missing would silently evaluate the wrong images (the
+    train images as test, or the split folders as two classes), so that is an error.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    if not split:
+        return root
+    folder = root / split
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"split {split!r}: no folder {folder}; the folders in {root} are {list_class_folders(root)} "
+            f'(set split to one of them, or to "" if {root} itself holds the class folders)'
+        )
+    return folder
+
+
+def refuse_split_folders_as_classes(root: Path) -> None:
+    """A root whose only folders are split names ("train", "test", ...) was meant to be read with a split."""
+    folders = list_class_folders(root)
+    if folders and all(folder.lower() in SPLIT_NAMES for folder in folders):
+        example = "test" if "test" in folders else folders[-1]
+        raise ValueError(
+            f"the class folders of {root} are {folders}, which look like dataset splits, not classes; "
+            f"set split to the one to evaluate (e.g. split = {example!r})"
+        )

@@ -146,22 +146,26 @@ def make_step(job: dict, device: torch.device, images: torch.Tensor, texts: torc
     clip_norm = job.get("grad_clip_norm")
     if job["library"] == "ours":
         from clip.distributed import DistributedInfo
-        from clip.distributed import agree_before_backward
+        from clip.distributed import agree_after_backward
         from clip.train import gradient_norm
         from clip.train_step import contrastive_step
 
         module, optimizer, loss_fn, logit_scale = build_ours(job["arch"], device, job["optimizer"])
         runner = torch.compile(module) if job["compile"] else module
         one_process = DistributedInfo(rank=0, world_size=1, local_rank=0, device=device)
+        losses_finite = []
 
         def backward(loss: torch.Tensor) -> None:
-            # As clip.train does: the finite-loss check reads the loss on the host before backward (one
-            # device sync per step), which a bare loss.backward() would leave out of the measurement.
-            agree_before_backward(loss.detach(), False, one_process)
+            losses_finite.append(torch.isfinite(loss.detach()))
             loss.backward()
 
         def forward_backward() -> torch.Tensor:
+            losses_finite.clear()
             loss, _ = contrastive_step(runner, images, texts, 1, loss_fn, autocast, backward, False)
+            # As clip.train does: the losses' and the gradient norm's finiteness (clipped or not) are read on
+            # the host after the backward pass, to skip a non-finite step (the step's one device sync)
+            grad_norm = gradient_norm(module, clip_norm)
+            agree_after_backward(torch.stack(losses_finite).all(), grad_norm, False, one_process)
             return loss
     else:
         module, optimizer, loss_fn, logit_scale = build_open_clip(job["arch"], device)
@@ -177,11 +181,7 @@ def make_step(job: dict, device: torch.device, images: torch.Tensor, texts: torc
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         loss = forward_backward()
-        if job["library"] == "ours":
-            # As clip.train does: the gradient norm (clipped or not) is read on the host, to skip a step whose
-            # gradients are not finite (a second device sync per step)
-            bool(torch.isfinite(gradient_norm(module, clip_norm)))
-        elif clip_norm is not None:
+        if job["library"] != "ours" and clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(module.parameters(), clip_norm)
         optimizer.step()
         with torch.no_grad():

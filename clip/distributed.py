@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -288,19 +289,35 @@ def gather_features(features: torch.Tensor, group: dist.ProcessGroup | None = No
     return _AllGatherWithGradient.apply(features, group)
 
 
-def agree_before_backward(loss: torch.Tensor, stop_requested: bool, dist_info: DistributedInfo) -> tuple[bool, bool]:
-    """(every rank's loss is finite, some rank was asked to stop), from one collective and one device sync.
+class StepAgreement(NamedTuple):
+    """What every rank decides alike after a step's backward passes."""
 
-    Every rank must skip a non-finite step together, or DDP's collectives would hang; and ranks receive a
+    losses_finite: bool  # every rank's loss, of every micro-batch, was finite
+    gradients_finite: bool  # the gradient norm is finite (always True when none was given)
+    stop: bool  # some rank was asked to stop: checkpoint after this step
+
+
+def agree_after_backward(
+    losses_finite: torch.Tensor, grad_norm: torch.Tensor | None, stop_requested: bool, dist_info: DistributedInfo,
+) -> StepAgreement:
+    """The step's verdict, from one collective and the step's only device sync.
+
+    Every rank must skip a non-finite step together, or the ranks' weights would part; and ranks receive a
     stop signal up to a step apart, but must stop after the same step. Both questions share one all-reduce
-    (MIN over [finite, not stopping]), so a step waits on the other ranks once, not twice."""
-    loss = loss.reshape(())  # a scalar: anything else is a bug upstream, and must not read as "not finite"
-    flags = torch.stack([torch.isfinite(loss), torch.full_like(loss, not stop_requested, dtype=torch.bool)])
-    flags = flags.to(torch.float32)
+    (MIN over [losses finite, gradients finite, not stopping]) after the backward passes, so the host waits
+    for the device once per step: reading the loss before its backward pass would leave the device idle
+    while the host launches that pass, once per micro-batch. The backward passes of a non-finite loss ran
+    (on every rank alike, so DDP's all-reduces pair up); the caller drops their gradients.
+    `losses_finite` is a boolean scalar on the device; `grad_norm` the (all-reduced, so rank-independent)
+    gradient norm, or None where something else judges the gradients (fp16's gradient scaler)."""
+    losses_finite = losses_finite.reshape(())  # a scalar: anything else is a bug upstream
+    gradients_finite = torch.ones_like(losses_finite) if grad_norm is None else torch.isfinite(grad_norm.reshape(()))
+    not_stopping = torch.full_like(losses_finite, not stop_requested, dtype=torch.bool)
+    flags = torch.stack([losses_finite, gradients_finite.to(losses_finite.device), not_stopping]).to(torch.float32)
     if dist_info.is_distributed:
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-    all_finite, none_stopping = flags.tolist()
-    return all_finite == 1.0, none_stopping == 0.0
+    all_losses_finite, all_gradients_finite, none_stopping = flags.tolist()
+    return StepAgreement(all_losses_finite == 1.0, all_gradients_finite == 1.0, none_stopping == 0.0)
 
 
 def any_rank(flag: bool, dist_info: DistributedInfo) -> bool:

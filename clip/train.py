@@ -33,7 +33,7 @@ from .data import (
 )
 from .distributed import (
     DistributedInfo,
-    agree_before_backward,
+    agree_after_backward,
     any_rank,
     cleanup_distributed,
     gather_objects,
@@ -462,18 +462,12 @@ def _train(
         images = normalize_pixels(images)
 
         optimizer.zero_grad(set_to_none=True)
-        skipped = {"value": False}
-        stopping = {"value": False}  # some rank was signalled: checkpoint after this step, then stop
-        grad_norm = None  # set when the loss is finite
+        losses_finite = []  # one flag per micro-batch, on the device: read once, after the backward passes
 
         def backward(loss: torch.Tensor) -> None:
-            # A non-finite loss is checked before any gradient exists, on all ranks together (every
-            # rank calls this equally often, so the collective inside always pairs up).
-            finite, stop_agreed = agree_before_backward(loss.detach(), stop.requested, dist_info)
-            stopping["value"] |= stop_agreed
-            if skipped["value"] or not finite:
-                skipped["value"] = True
-                return
+            # Every micro-batch's backward pass runs, its loss finite or not (so every rank runs as many, and
+            # DDP's all-reduces pair up); a non-finite step's gradients are dropped below.
+            losses_finite.append(torch.isfinite(loss.detach()))
             scaler.scale(loss).backward()
 
         loss, loss_metrics = contrastive_step(
@@ -481,20 +475,23 @@ def _train(
             dist_info.is_distributed, locked_image=config.train.lock_image, locked_text=config.train.lock_text,
         )
         step += 1
-        what_failed = "loss"
-        if not skipped["value"]:
+        # A finite loss can still give non-finite gradients, and one such step turns every weight it touches
+        # into NaN: the gradient norm is judged in the same read as the losses (every rank has the same
+        # all-reduced gradients). Under fp16 the gradient scaler judges them itself (skipping such steps is a
+        # routine part of finding its scale), and unscaling commits it to this step: the norm comes after.
+        grad_norm = None if scaler.is_enabled() else gradient_norm(module, config.optimizer.grad_clip_norm)
+        agreed = agree_after_backward(torch.stack(losses_finite).all(), grad_norm, stop.requested, dist_info)
+        stopping = agreed.stop  # some rank was signalled: checkpoint after this step, then stop
+        skipped = not (agreed.losses_finite and agreed.gradients_finite)
+        what_failed = "loss" if not agreed.losses_finite else "gradients"
+        if not skipped and scaler.is_enabled():
             scaler.unscale_(optimizer)
             grad_norm = gradient_norm(module, config.optimizer.grad_clip_norm)
-            # A finite loss can still give non-finite gradients, and one such step turns every weight it
-            # touches into NaN. Every rank has the same all-reduced gradients, so they all decide alike. Under
-            # fp16 the gradient scaler skips these steps itself, a routine part of finding its scale.
-            if not scaler.is_enabled() and not torch.isfinite(grad_norm).item():
-                skipped["value"], what_failed = True, "gradients"
-        if skipped["value"]:
+        if skipped:
             optimizer.zero_grad(set_to_none=True)
             nonfinite_total += 1
             nonfinite_in_a_row += 1
-            if dist_info.is_main:  # the ranks skip together (agree_before_backward, or alike gradients)
+            if dist_info.is_main:  # the ranks skip together (agree_after_backward)
                 log.warning("step %d: non-finite %s (loss %s); step skipped (%d in a row)", step, what_failed,
                             loss.item(), nonfinite_in_a_row)
             if nonfinite_in_a_row >= config.train.max_consecutive_nonfinite:
@@ -531,7 +528,7 @@ def _train(
                 # update (two near-equal figures under two names)
                 **{k: float(v) for k, v in loss_metrics.items() if k != "logit_scale_exp"},
             }
-            if grad_norm is not None and not skipped["value"]:
+            if grad_norm is not None and not skipped:
                 last_metrics["grad_norm"] = float(grad_norm)  # before clipping
             if scaler.is_enabled():  # fp16: a scale that keeps falling means gradients keep overflowing
                 last_metrics["loss_scale"] = scaler.get_scale()
@@ -552,7 +549,7 @@ def _train(
             progress.update(1)
 
         # One process needs no agreement: a signal that came after this step's backward pass counts now.
-        stop_now = stopping["value"] or (not dist_info.is_distributed and stop.requested)
+        stop_now = stopping or (not dist_info.is_distributed and stop.requested)
         evaluate_now = config.eval.every_n_steps and step % config.eval.every_n_steps == 0 and step < total_steps
         if evaluate_now and not stop_now:
             # A pre-empted run spends its grace period saving, not evaluating: a signal (also one after this

@@ -228,6 +228,62 @@ def test_non_finite_gradients_of_a_finite_loss_skip_the_step(tmp_path, monkeypat
     assert all(torch.isfinite(t).all() for t in final_weights(tmp_path).values() if t.is_floating_point())
 
 
+def test_the_step_is_judged_once_after_all_its_backward_passes(tmp_path, monkeypatch):
+    # The host read the loss before every micro-batch's backward pass (k + 1 device syncs per step: the GPU
+    # idled while each backward pass was launched); the losses and the gradients are now judged together,
+    # once per step, when every micro-batch's gradients exist.
+    import clip.train as train_module
+
+    real, seen = train_module.agree_after_backward, []
+
+    def recording(losses_finite, grad_norm, stop_requested, dist_info):
+        have_gradients = any(p.grad is not None for p in trained["module"].parameters())
+        seen.append((have_gradients, grad_norm is not None))
+        return real(losses_finite, grad_norm, stop_requested, dist_info)
+
+    real_step, trained = train_module.contrastive_step, {}
+
+    def keeping_module(module, *args, **kwargs):
+        trained["module"] = module
+        return real_step(module, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "agree_after_backward", recording)
+    monkeypatch.setattr(train_module, "contrastive_step", keeping_module)
+    train(tiny_config(tmp_path, "schedule.steps=3", "eval.every_n_steps=0", "train.accumulation_steps=2"))
+    assert seen == [(True, True)] * 3
+
+
+def test_a_non_finite_loss_in_one_micro_batch_skips_the_whole_step(tmp_path, monkeypatch, caplog):
+    # Accumulation of 2: the loss of step 2's first micro-batch (the third loss computed) is NaN, its second
+    # one finite; no gradient of that step may reach the weights.
+    poison_loss(monkeypatch, {3})
+    with caplog.at_level(logging.WARNING):
+        results = train(tiny_config(tmp_path, "schedule.steps=3", "eval.every_n_steps=0",
+                                    "train.accumulation_steps=2", "optimizer.grad_clip_norm=none"))
+    assert "step 2: non-finite loss (loss " in caplog.text
+    assert results["nonfinite_steps_total"] == 1
+    assert all(torch.isfinite(t).all() for t in final_weights(tmp_path).values() if t.is_floating_point())
+
+
+def test_fp16_skips_a_non_finite_loss_without_touching_the_loss_scale(tmp_path, monkeypatch, caplog):
+    # Its backward pass runs (the verdict comes after it), but the gradient scaler is not told of the step:
+    # its scale stays, and the next step unscales and steps as usual.
+    extra = ["train.precision=fp16", "schedule.steps=3", "eval.every_n_steps=0", "eval.zeroshot=[]",
+             "logging.every_n_steps=1"]
+    train(tiny_config(tmp_path / "clean", *extra))
+    poison_loss(monkeypatch, {2})
+    with caplog.at_level(logging.WARNING):
+        results = train(tiny_config(tmp_path / "poisoned", *extra))
+    assert "step 2: non-finite loss (loss " in caplog.text and results["nonfinite_steps_total"] == 1
+
+    def records(run):
+        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").open() if '"loss"' in line]
+
+    assert [r["loss_scale"] for r in records("poisoned")] == [r["loss_scale"] for r in records("clean")]
+    assert ["grad_norm" in r for r in records("poisoned")] == [True, False, True]  # none for the skipped step
+    assert all(torch.isfinite(t).all() for t in final_weights(tmp_path / "poisoned").values() if t.is_floating_point())
+
+
 def test_a_run_that_raises_stops_its_data_workers(tmp_path, monkeypatch):
     # They were stopped at the end of a run that finished only: in a notebook, a failed run left them running.
     import multiprocessing

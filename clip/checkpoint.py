@@ -6,9 +6,10 @@ A checkpoint is one `torch.save` dict:
    "loss_parameters": ..., "rng": per-rank RNG states, "data": per-rank data positions, "metrics": last
    logged metrics, "evaluation_owed": the step's evaluation was skipped for a signal (made up on resume)}
 It holds only tensors and plain Python values, so it loads with `torch.load(weights_only=True)`.
-Files are `RUN_DIR/checkpoints/step_XXXXXXXX.pt`; the highest step whose file loads is the latest. They are
-written as `.step_XXXXXXXX.pt.<8 random characters>.tmp` first and renamed into place; a process killed while
-writing leaves that temporary file, which `remove_stray_temporaries` deletes.
+Files are `RUN_DIR/checkpoints/step_XXXXXXXX.pt`; the highest step whose file loads is the latest (a symlink to
+a checkpoint counts; a FIFO, folder or device of that name is skipped as unreadable, and never waited on). They
+are written as `.step_XXXXXXXX.pt.<8 random characters>.tmp` first and renamed into place; a process killed
+while writing leaves that temporary file, which `remove_stray_temporaries` deletes.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import os
 import random
 import re
 import secrets
+import stat
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -160,10 +162,35 @@ def _looks_complete(path: Path) -> bool:
 
     torch.save writes that directory last, so a truncated file has none. Reads only the end of the file."""
     try:
-        with zipfile.ZipFile(path) as archive:
+        with _open_regular_file(path) as file, zipfile.ZipFile(file) as archive:
             return any(name.rpartition("/")[2] == "data.pkl" for name in archive.namelist())
-    except (OSError, zipfile.BadZipFile):
+    except (OSError, ValueError, zipfile.BadZipFile):  # ValueError: not a regular file
         return False
+
+
+def _open_regular_file(path: Path) -> BinaryIO:
+    """Opens `path` (or the file a symlink names) for reading; raises ValueError, saying what it is, when it is
+    not a regular file.
+
+    A FIFO (named pipe) of a checkpoint's name blocked a resume, and pruning, forever: opening one for reading
+    waits for a writer. O_NONBLOCK opens it at once; the type is then read from the opened file itself, not
+    from the name beforehand, so what is read is what was checked."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"{path} is {_kind_of_file(mode)}, not a regular file")
+        os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def _kind_of_file(mode: int) -> str:
+    kinds = {stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISDIR: "a folder", stat.S_ISSOCK: "a socket",
+             stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
+    return next((kind for test, kind in kinds.items() if test(mode)), f"of file type {stat.S_IFMT(mode):o}")
 
 
 def remove_stray_temporaries(run_dir: Path) -> list[Path]:
@@ -188,8 +215,10 @@ def remove_stray_temporaries(run_dir: Path) -> list[Path]:
 
 def read_checkpoint(path: Path, verify: bool = True) -> dict:
     """Loads one checkpoint without running pickled code; raises if it is truncated, not ours, or (if
-    `verify`) damaged or holding non-finite weights (none of which a run can continue from)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    `verify`) damaged or holding non-finite weights (none of which a run can continue from); also if it is
+    not a regular file (see `_open_regular_file`)."""
+    with _open_regular_file(path) as file:
+        state = torch.load(file, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a checkpoint written by this trainer")
     found = state.get("format")
@@ -219,10 +248,10 @@ def load_latest_checkpoint(run_dir: Path) -> dict | None:
 def latest_readable_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
     """(path, state) of the newest checkpoint that loads, or None when the run has no checkpoint files yet.
 
-    A newer file that does not load (torn, damaged, foreign, another format version, non-finite weights) is
-    skipped with a warning. When there are checkpoint files but none loads, raises NoReadableCheckpointError
-    rather than starting again at step 0: the new run would mix with the old files, and its checkpoints be
-    pruned below them.
+    A newer file that does not load (torn, damaged, foreign, another format version, non-finite weights, not a
+    regular file) is skipped with a warning. When there are checkpoint files but none loads, raises
+    NoReadableCheckpointError rather than starting again at step 0: the new run would mix with the old files,
+    and its checkpoints be pruned below them.
     """
     failures = []
     for step, path in list_checkpoints(run_dir):

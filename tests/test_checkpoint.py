@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -190,3 +192,63 @@ def test_checkpoints_get_the_permissions_of_a_new_file_under_the_umask(tmp_path,
     finally:
         os.umask(previous)
     assert path.stat().st_mode & 0o777 == mode
+
+
+def finishes_within(call, fifo: Path, seconds: float = 20.0):
+    """call()'s result, or a test failure if it is still running after `seconds` (waiting on `fifo`): the
+    FIFO is then opened for writing and closed, so the waiting reader sees an end and the thread ends."""
+    outcome = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = call()
+        except BaseException as error:  # re-raised in the test's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        thread.join(seconds)
+        pytest.fail(f"still waiting on {fifo.name} after {seconds} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def test_a_fifo_named_like_a_checkpoint_is_skipped_with_a_warning_not_waited_on(tmp_path, caplog):
+    # Opening a FIFO for reading waits for a writer: a resume (and the pruning after a save) hung forever.
+    elsewhere = tmp_path / "elsewhere"
+    ckpt.save_checkpoint({"format": ckpt.CHECKPOINT_FORMAT, "step": 5}, elsewhere, 5, keep_last=3)
+    save(tmp_path, 10)
+    fifo = ckpt.checkpoint_path(tmp_path, 20)
+    os.mkfifo(fifo)
+    ckpt.checkpoint_path(tmp_path, 30).symlink_to(fifo)  # a symlink to a FIFO is no regular file either
+    ckpt.checkpoint_path(tmp_path, 40).mkdir()
+    with caplog.at_level("WARNING"):
+        path, state = finishes_within(lambda: ckpt.latest_readable_checkpoint(tmp_path), fifo)
+    assert path == ckpt.checkpoint_path(tmp_path, 10) and state["step"] == 10
+    assert f"{fifo} is a FIFO (named pipe), not a regular file" in caplog.text
+    assert f"{ckpt.checkpoint_path(tmp_path, 30)} is a FIFO (named pipe), not a regular file" in caplog.text
+    assert f"{ckpt.checkpoint_path(tmp_path, 40)} is a folder, not a regular file" in caplog.text
+
+    # Pruning below the FIFO neither waits on it nor counts or deletes it: keep_last=1 deletes only step 10.
+    finishes_within(lambda: save(tmp_path, 25, keep_last=1), fifo)
+    assert steps(tmp_path) == [40, 30, 25, 20] and stat.S_ISFIFO(fifo.lstat().st_mode)
+
+    # A symlink to a regular checkpoint is read as before.
+    ckpt.checkpoint_path(tmp_path, 50).symlink_to(ckpt.checkpoint_path(elsewhere, 5))
+    assert finishes_within(lambda: ckpt.load_latest_checkpoint(tmp_path), fifo)["step"] == 5
+
+
+def test_a_run_whose_only_checkpoint_is_a_fifo_cannot_resume_and_is_told_why(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    fifo = ckpt.checkpoint_path(tmp_path, 20)
+    os.mkfifo(fifo)
+    with pytest.raises(ckpt.NoReadableCheckpointError, match=r"step_00000020\.pt: ValueError: .* is a FIFO"):
+        finishes_within(lambda: ckpt.latest_readable_checkpoint(tmp_path), fifo)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)

@@ -14,6 +14,8 @@
 All counts and positions are this rank's; each rank saves its own state. A resume under another world size
 or number of workers continues the epochs in progress from every saved rank's positions
 (`data_state_for_rank`, `data_state_for_other_world_size`; see `handover.py`).
+The counts are kept in `epoch_counts.py`; the workers' handling of a scheduler's signals is in
+`worker_signals.py`.
 """
 
 from __future__ import annotations
@@ -22,16 +24,14 @@ import copy
 import dataclasses
 import logging
 import math
-import multiprocessing.context
-import os
 import signal
-import threading
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader
 
 from .config import DataConfig
+from .epoch_counts import EpochCounts, counts_line
 from .handover import (
     MAX_HANDOVERS,
     Handover,
@@ -40,10 +40,14 @@ from .handover import (
     needed_handovers,
     resampled_positions,
 )
-from .rank_states import add_source_counts, every_slot_position
+from .rank_states import every_slot_position
 from .sampling import PLAN_VERSION, Planner
 from .sources import ManifestSource, Source, build_source
-from .stream import Position, SampleStream, StreamSettings, empty_counts
+from .stream import Position, SampleStream, StreamSettings
+from .worker_signals import signal_safe_worker_options
+
+if hasattr(signal, "sigwaitinfo"):  # where worker_signals defines it; importable from here as before
+    from .worker_signals import ForkWithJobSignalsHeld as ForkWithJobSignalsHeld
 
 log = logging.getLogger(__name__)
 
@@ -52,83 +56,8 @@ STATE_FORMAT = 2
 _READABLE_FORMATS = (1, 2)
 # What the plans depend on besides the slot layout: under another of these, saved positions mean nothing.
 _PLAN_KEYS = ("plan_version", "seed", "resampled", "epoch_samples", "sources")
-# A resume under another world size sums the saved ranks' counts of the epochs in progress, finished ones
-# included: exact while the ranks are fewer than this many data epochs apart (DDP's ranks step together, so
-# they are at most about one apart)
-_FINISHED_EPOCHS_KEPT = 4
 # How every line on a resume under another layout begins; its %s is the settings that changed
 _OTHER_LAYOUT = "data: the saved position was for another layout (%s changed"
-
-
-def signal_safe_worker_options() -> dict:
-    """DataLoader arguments for worker processes that outlive a scheduler's signals (see
-    `shield_worker_from_job_signals`): that function as `worker_init_fn`, and where it can work (Linux),
-    forked workers. A spawned or forkserver-started worker has threads of its own before `worker_init_fn`
-    runs, which would still take the signal, and its parent is not necessarily the training process."""
-    if not hasattr(signal, "sigwaitinfo"):  # macOS, Windows: torch's own handling
-        return {}
-    return {"worker_init_fn": shield_worker_from_job_signals, "multiprocessing_context": ForkWithJobSignalsHeld()}
-
-
-JOB_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-
-if hasattr(signal, "sigwaitinfo"):  # Linux, where the shield works (there is no fork context on Windows)
-
-    class _ForkProcessWithJobSignalsHeld(multiprocessing.context.ForkProcess):
-        def start(self) -> None:
-            # Forked with the job's signals blocked, so the child holds one that arrives before its
-            # worker_init_fn installs the shield (torch's own worker handler would die of it), and the shield
-            # then takes it. The parent's mask is restored at once: a signal meant for it is delivered then.
-            previous = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
-            try:
-                super().start()
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-    class ForkWithJobSignalsHeld(multiprocessing.context.ForkContext):
-        """The fork start method, with SIGTERM and SIGINT blocked in a new worker from its first instruction
-        until `shield_worker_from_job_signals` has taken them over (a scheduler's signal in between killed it)."""
-
-        Process = _ForkProcessWithJobSignalsHeld
-
-
-def shield_worker_from_job_signals(worker_id: int) -> None:
-    """Run in each data worker: leave SIGTERM and SIGINT from outside to the training process.
-
-    A scheduler stops a job by signalling every process in it (SLURM's pre-emption and time limit send
-    SIGTERM to the whole step; Ctrl-C sends SIGINT to the terminal's process group). A worker that dies of
-    it makes torch raise "DataLoader worker ... killed by signal" in the training process, at whatever line
-    runs then -- typically inside the checkpoint save the same signal asked for. So workers ignore SIGINT,
-    and answer SIGTERM only from their parent (torch's own shutdown of a worker that does not stop in time):
-    a thread waits for the signal and exits the worker if the parent sent it, ignores it otherwise. Workers
-    still stop when the loader is closed, and on their own when the training process dies.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # held since the fork; one pending is dropped
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
-    threading.Thread(target=_answer_sigterm_from_parent_only, name="sigterm-filter", daemon=True).start()
-
-
-def _answer_sigterm_from_parent_only() -> None:
-    while True:
-        sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
-        if sender == os.getppid():
-            os._exit(0)  # as torch's worker handler does when its parent terminates it
-
-
-def counts_line(counts: dict, before: dict | None = None) -> str:
-    """'name: N samples, skipped K (kind k, ...), repaired ...' per source, for counts minus `before`."""
-    parts = []
-    for name, now in counts.items():
-        then = (before or {}).get(name, empty_counts())
-        line = f"{name}: {now['samples'] - then['samples']} samples"
-        for field in ("skipped", "repaired"):
-            delta = {k: v - then[field].get(k, 0) for k, v in sorted(now[field].items())}
-            delta = {k: v for k, v in delta.items() if v}
-            if delta:
-                line += f", {field} {sum(delta.values())} ({', '.join(f'{k} {v}' for k, v in delta.items())})"
-        parts.append(line)
-    return "; ".join(parts)
 
 
 class TrainData:
@@ -202,12 +131,9 @@ class TrainData:
         self._handovers: tuple[Handover, ...] = ()
         self._next_worker = 0
         self._batches = 0
-        self._counts = {name: empty_counts() for name in names}
-        self._summary_mark = (0, copy.deepcopy(self._counts))  # (epoch, counts) at the last epoch_summary()
-        # Counts of the data epochs some worker of this rank is still in, {epoch: {source: counts}}, and the
-        # exact counts of the last data epoch every worker finished: {"epoch": e, "sources": {...}} or None.
-        self._open_epochs: dict[int, dict] = {}
-        self._finished_epochs: dict[int, dict] = {}  # the last few, for merging ranks that finish at different steps
+        # Samples used, skipped and repaired per source: since the start, and by data epoch
+        self._counts = EpochCounts(names)
+        self._summary_mark = (0, copy.deepcopy(self._counts.total))  # (epoch, counts) at the last epoch_summary()
         self._loader_iterator: Iterator | None = None
         self._generation = 0  # bumped by every iter() and close(); older batch generators stop
         self._warned_order = False
@@ -262,24 +188,13 @@ class TrainData:
         self._positions[worker] = tuple(meta["position"])
         self._next_worker = (worker + 1) % self.slots_per_rank
         self._batches += 1
-        for epoch, sources in meta["counts"].items():
-            if epoch not in self._open_epochs:
-                self._open_epochs[epoch] = self._no_counts()
-            for name, counts in sources.items():
-                add_source_counts(self._counts[name], counts)
-                add_source_counts(self._open_epochs[epoch][name], counts)
+        self._counts.add(meta["counts"])
         for epoch in range(epoch_before, self.epoch):  # every worker of this rank has finished these data epochs
-            sources = self._open_epochs.pop(epoch) if epoch in self._open_epochs else self._no_counts()
-            self._finished_epochs[epoch] = sources
-            for old_epoch in sorted(self._finished_epochs)[:-_FINISHED_EPOCHS_KEPT]:
-                del self._finished_epochs[old_epoch]
+            sources = self._counts.finish(epoch)
             log.log(
                 logging.INFO if self.rank == 0 else logging.DEBUG,
                 "data rank %d, epoch %d done: %s", self.rank, epoch, counts_line(sources),
             )
-
-    def _no_counts(self) -> dict:
-        return {name: empty_counts() for name in self._counts}
 
     def _stop_workers(self) -> None:
         self._generation += 1
@@ -315,9 +230,7 @@ class TrainData:
             "positions": [list(position) for position in self._positions],
             "next_worker": self._next_worker,
             "batches": self._batches,
-            "counts": copy.deepcopy(self._counts),
-            "open_epochs": [[epoch, copy.deepcopy(counts)] for epoch, counts in sorted(self._open_epochs.items())],
-            "finished_epochs": [[epoch, copy.deepcopy(c)] for epoch, c in sorted(self._finished_epochs.items())],
+            **self._counts.state_dict(),  # "counts", "open_epochs", "finished_epochs"
             "handovers": [handover.to_state() for handover in needed_handovers(self._handovers, self.epoch)],
         }
 
@@ -337,23 +250,18 @@ class TrainData:
         self._stop_workers()
         saved_layout, layout = state["layout"], self._layout()
         handovers = tuple(Handover.from_state(handover) for handover in state.get("handovers", []))
-        # States saved before per-epoch counts existed lack these; epoch summaries then start afresh.
-        self._open_epochs = {int(epoch): copy.deepcopy(counts) for epoch, counts in state.get("open_epochs", [])}
-        self._finished_epochs = {int(epoch): copy.deepcopy(c) for epoch, c in state.get("finished_epochs", [])}
+        self._counts.load_state_dict(state)  # before the positions, which may reopen finished epochs
         if saved_layout == layout:
             self._positions = [tuple(position) for position in state["positions"]]
             self._next_worker, self._handovers = state["next_worker"], handovers
         else:
             why_not = self._continue_under_this_layout(state, handovers)
             if why_not is None:
-                self._reopen_epochs_in_progress()
+                self._counts.reopen(self.epoch)
             else:
                 self._restart_earliest_epoch(state, why_not)
         self._batches = state["batches"]
-        for name, counts in state["counts"].items():
-            if name in self._counts:
-                self._counts[name] = copy.deepcopy(counts)
-        self._summary_mark = (self.epoch, copy.deepcopy(self._counts))
+        self._summary_mark = (self.epoch, copy.deepcopy(self._counts.total))
 
     def _slot_layout(self) -> SlotLayout:
         return SlotLayout(self.world_size, self.slots_per_rank, self.config.shuffle_buffer)
@@ -406,15 +314,6 @@ class TrainData:
         """The level of a line every rank would log alike: a warning from rank 0, INFO from the others."""
         return logging.WARNING if self.rank == 0 else logging.INFO
 
-    def _reopen_epochs_in_progress(self) -> None:
-        """Epochs this rank had finished that other ranks had not are continued by this layout's slots: their
-        counts so far go back into the open epochs, so that the epoch's count summed over ranks stays exact."""
-        for epoch in [epoch for epoch in self._finished_epochs if epoch >= self.epoch]:
-            sources = self._finished_epochs.pop(epoch)
-            into = self._open_epochs.setdefault(epoch, self._no_counts())
-            for name, counts in sources.items():
-                add_source_counts(into.setdefault(name, empty_counts()), counts)
-
     def _changed_settings(self, saved_layout: dict) -> str:
         """The layout settings that differ from the saved state's, for the log. Not the rank: every rank of
         another world size loads rank 0's state, with everyone's positions."""
@@ -433,7 +332,7 @@ class TrainData:
             self._changed_settings(saved_layout), why, epoch, reread, saved_layout.get("rank", 0),
         )
         self._positions, self._next_worker, self._handovers = [(epoch, 0)] * self.slots_per_rank, 0, ()
-        self._open_epochs = {}
+        self._counts.open = {}
 
     # ---- reporting -----------------------------------------------------------------------------------
     @property
@@ -444,26 +343,20 @@ class TrainData:
     def stats(self) -> dict:
         """This rank's counts since the start of training (kept across resumes), JSON-ready, and under
         "finished_epoch" the exact counts of the last data epoch all its workers finished (None before)."""
-        sources = copy.deepcopy(self._counts)
+        sources = copy.deepcopy(self._counts.total)
         return {
             "epoch": self.epoch,
             "batches": self._batches,
             "samples": sum(counts["samples"] for counts in sources.values()),
             "skipped": sum(sum(counts["skipped"].values()) for counts in sources.values()),
             "sources": sources,
-            "finished_epoch": self._latest_finished_epoch(),
+            "finished_epoch": self._counts.latest_finished(),
             "manifest_rows_dropped": dict(self._rows_dropped),
         }
 
-    def _latest_finished_epoch(self) -> dict | None:
-        if not self._finished_epochs:
-            return None
-        epoch = max(self._finished_epochs)
-        return {"epoch": epoch, "sources": copy.deepcopy(self._finished_epochs[epoch])}
-
     def rank_report(self) -> dict:
         """What `merge_rank_reports` needs from this rank: `stats()` and the last few finished epochs' counts."""
-        return {"stats": self.stats(), "finished_epochs": copy.deepcopy(self._finished_epochs)}
+        return {"stats": self.stats(), "finished_epochs": copy.deepcopy(self._counts.finished)}
 
     def epoch_summary(self) -> str:
         """One line on what happened since the previous call (or the start): samples, skips and repairs by
@@ -471,9 +364,9 @@ class TrainData:
         epochs. (Independently of these calls, each data epoch's exact counts are logged -- INFO on rank 0 --
         once every worker has finished it.)"""
         since_epoch, before = self._summary_mark
-        self._summary_mark = (self.epoch, copy.deepcopy(self._counts))
+        self._summary_mark = (self.epoch, copy.deepcopy(self._counts.total))
         epochs = f"epoch {since_epoch}" + (f"-{self.epoch}" if self.epoch != since_epoch else "")
-        return f"data rank {self.rank}, {epochs}: " + counts_line(self._counts, before)
+        return f"data rank {self.rank}, {epochs}: " + counts_line(self._counts.total, before)
 
 
 def _epochs_named(epochs: list[int]) -> str:

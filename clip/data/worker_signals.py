@@ -1,0 +1,66 @@
+"""DataLoader worker processes that leave a scheduler's SIGTERM and SIGINT to the training process:
+`signal_safe_worker_options()` gives the DataLoader arguments, for the training data (loader.py) and for
+the evaluation loaders (clip.evaluation.features)."""
+
+from __future__ import annotations
+
+import multiprocessing.context
+import os
+import signal
+import threading
+
+
+def signal_safe_worker_options() -> dict:
+    """DataLoader arguments for worker processes that outlive a scheduler's signals (see
+    `shield_worker_from_job_signals`): that function as `worker_init_fn`, and where it can work (Linux),
+    forked workers. A spawned or forkserver-started worker has threads of its own before `worker_init_fn`
+    runs, which would still take the signal, and its parent is not necessarily the training process."""
+    if not hasattr(signal, "sigwaitinfo"):  # macOS, Windows: torch's own handling
+        return {}
+    return {"worker_init_fn": shield_worker_from_job_signals, "multiprocessing_context": ForkWithJobSignalsHeld()}
+
+
+JOB_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+if hasattr(signal, "sigwaitinfo"):  # Linux, where the shield works (there is no fork context on Windows)
+
+    class _ForkProcessWithJobSignalsHeld(multiprocessing.context.ForkProcess):
+        def start(self) -> None:
+            # Forked with the job's signals blocked, so the child holds one that arrives before its
+            # worker_init_fn installs the shield (torch's own worker handler would die of it), and the shield
+            # then takes it. The parent's mask is restored at once: a signal meant for it is delivered then.
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
+            try:
+                super().start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    class ForkWithJobSignalsHeld(multiprocessing.context.ForkContext):
+        """The fork start method, with SIGTERM and SIGINT blocked in a new worker from its first instruction
+        until `shield_worker_from_job_signals` has taken them over (a scheduler's signal in between killed it)."""
+
+        Process = _ForkProcessWithJobSignalsHeld
+
+
+def shield_worker_from_job_signals(worker_id: int) -> None:
+    """Run in each data worker: leave SIGTERM and SIGINT from outside to the training process.
+
+    A scheduler stops a job by signalling every process in it (SLURM's pre-emption and time limit send
+    SIGTERM to the whole step; Ctrl-C sends SIGINT to the terminal's process group). A worker that dies of
+    it makes torch raise "DataLoader worker ... killed by signal" in the training process, at whatever line
+    runs then -- typically inside the checkpoint save the same signal asked for. So workers ignore SIGINT,
+    and answer SIGTERM only from their parent (torch's own shutdown of a worker that does not stop in time):
+    a thread waits for the signal and exits the worker if the parent sent it, ignores it otherwise. Workers
+    still stop when the loader is closed, and on their own when the training process dies.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # held since the fork; one pending is dropped
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+    threading.Thread(target=_answer_sigterm_from_parent_only, name="sigterm-filter", daemon=True).start()
+
+
+def _answer_sigterm_from_parent_only() -> None:
+    while True:
+        sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
+        if sender == os.getppid():
+            os._exit(0)  # as torch's worker handler does when its parent terminates it

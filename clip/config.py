@@ -64,14 +64,30 @@ class OptimizerConfig:
 class ScheduleConfig:
     steps: int = 1000  # optimiser steps in the run
     warmup_steps: int = 100  # linear warmup from 0 to optimizer.lr
-    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    # After the warmup: "cosine" decays to lr * min_lr_ratio at `steps` (the paper's schedule); "constant"
+    # holds lr; "constant_cooldown" holds lr, then decays linearly to lr * min_lr_ratio over the last
+    # `cooldown_steps` (warmup-stable-decay). A constant rate lets a run be extended (more `steps`) without the
+    # rate jumping: the cosine of a longer run is higher at every step, the constant part the same.
+    kind: Literal["cosine", "constant", "constant_cooldown"] = "cosine"
+    cooldown_steps: int = 0  # constant_cooldown only: the final steps of linear decay
+    min_lr_ratio: float = 0.0  # the decay's floor (cosine, constant_cooldown), as a fraction of lr
 
     def __post_init__(self) -> None:
         # 0 steps would end the run at once, saving an untrained checkpoint as if it had finished.
         require("steps", self.steps, self.steps >= 1, ">= 1")
         require("warmup_steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0 (0 = no warmup)")
-        # The floor of the cosine, as a fraction of the peak: above 1 the "decay" would raise the rate.
+        # The floor of the decay, as a fraction of the peak: above 1 the "decay" would raise the rate.
         require("min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
+        # Settings that the chosen kind would ignore are errors: a cooldown or floor asked for and silently
+        # not applied would only show at the end of a long run.
+        if self.kind == "constant_cooldown":
+            room = self.steps - self.warmup_steps
+            require("cooldown_steps", self.cooldown_steps, 1 <= self.cooldown_steps <= room,
+                    f"in [1, steps - warmup_steps = {room}] with kind = \"constant_cooldown\"")
+        elif self.cooldown_steps != 0:
+            raise InvalidValue("cooldown_steps", f'is used only with kind = "constant_cooldown", not {self.kind!r}')
+        if self.kind == "constant" and self.min_lr_ratio != 0.0:
+            raise InvalidValue("min_lr_ratio", 'is not used with kind = "constant" (the rate never decays)')
 
 
 @dataclass

@@ -194,6 +194,12 @@ def test_vision_config_validation():
         (["schedule.warmup_steps=-1"], "schedule.warmup_steps must be >= 0"),
         (["schedule.min_lr_ratio=2"], "schedule.min_lr_ratio must be in [0, 1], got 2.0"),
         (["schedule.min_lr_ratio=-0.1"], "schedule.min_lr_ratio must be in [0, 1]"),
+        (["schedule.kind=linear"], "schedule.kind"),
+        (["schedule.cooldown_steps=10"], 'schedule.cooldown_steps is used only with kind = "constant_cooldown"'),
+        (["schedule.kind=constant_cooldown"], "schedule.cooldown_steps must be in [1, steps - warmup_steps = "),
+        (["schedule.kind=constant_cooldown", "schedule.steps=100", "schedule.warmup_steps=10",
+          "schedule.cooldown_steps=91"], "schedule.cooldown_steps must be in [1, steps - warmup_steps = 90]"),
+        (["schedule.kind=constant", "schedule.min_lr_ratio=0.1"], 'schedule.min_lr_ratio is not used with kind = "constant"'),
         (["checkpoint.every_n_steps=-1"], "checkpoint.every_n_steps must be >= 0"),
         (["checkpoint.keep_last=0"], "checkpoint.keep_last must be >= 1, got 0"),
         (["optimizer.lr=0"], "optimizer.lr must be a finite number > 0, got 0.0"),
@@ -496,3 +502,20 @@ def test_numbers_beyond_64_bits_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override], Schema)
     assert load_config(None, ["section.steps=9223372036854775807"], Schema).section.steps == 2**63 - 1
+
+
+def test_the_schedule_kinds_give_the_rates_they_describe():
+    from clip.config import ScheduleConfig
+    from clip.optim import learning_rate
+
+    def rates(**schedule):
+        return [learning_rate(step, 2.0, ScheduleConfig(steps=10, warmup_steps=2, **schedule)) for step in range(12)]
+
+    warmup = [1.0, 2.0]
+    assert rates(kind="constant") == warmup + [2.0] * 10  # also past the end
+    # held until the last 4 steps, then down in equal steps to the floor (0.2 = 2.0 x 0.1), reached at `steps`
+    cooldown = rates(kind="constant_cooldown", cooldown_steps=4, min_lr_ratio=0.1)
+    assert cooldown == pytest.approx(warmup + [2.0] * 5 + [1.55, 1.1, 0.65, 0.2, 0.2])
+    assert rates(kind="constant_cooldown", cooldown_steps=8)[2] == 2.0  # the whole run after warmup decays
+    cosine = rates()  # the default: half-way through the decay (step 6 of 2..10) at half the peak
+    assert cosine[:3] == warmup + [2.0] and cosine[6] == pytest.approx(1.0) and cosine[-1] == 0.0

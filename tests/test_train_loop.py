@@ -949,6 +949,19 @@ def test_extending_a_finished_run_names_the_learning_rate_jump_and_keeps_its_res
     assert json.loads((tmp_path / "results_step_6.json").read_text()) == finished
 
 
+def test_a_constant_rate_run_extended_before_its_cooldown_continues_without_a_jump(tmp_path, caplog):
+    # The point of warmup-stable-decay: more steps move the cooldown later, and the steps run so far keep
+    # their rate (the cosine of a longer run would be higher at every step).
+    schedule = ["eval.every_n_steps=0", "eval.zeroshot=[]", "logging.every_n_steps=1", "schedule.warmup_steps=2",
+                "schedule.kind=constant_cooldown", "schedule.cooldown_steps=2", "schedule.min_lr_ratio=0.5"]
+    train(tiny_config(tmp_path, *schedule, "schedule.steps=6"), stop_at_step=3)
+    with caplog.at_level(logging.WARNING):
+        train(tiny_config(tmp_path, *schedule, "schedule.steps=8"))
+    assert "schedule.steps" in caplog.text and "learning rate" not in caplog.text
+    logged = [json.loads(line)["lr"] / 1e-3 for line in (tmp_path / "metrics.jsonl").open() if '"lr"' in line]
+    assert logged == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75])  # steps 1..8 (the demo's lr 1e-3)
+
+
 def test_a_save_killed_mid_write_leaves_no_temporary_file_after_the_next_start(tmp_path):
     train(tiny_config(tmp_path, "eval.every_n_steps=0"), stop_at_step=3)
     stray = tmp_path / ckpt.CHECKPOINT_DIR / ".step_00000004.pt.abcd1234.tmp"  # as save_checkpoint names them

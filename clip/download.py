@@ -2,29 +2,54 @@
 
 The cache folder is $CLIP_CACHE_DIR, or ~/.cache/clip when that is unset. A download is written to a temporary
 file beside its destination and moved into place only after its checksum matches, so an interrupted or corrupt
-download never sits at the final path where the next run would trust it.
+download never sits at the final path where the next run would trust it. Each attempt has its own temporary
+(partial) file, so that several processes may download the same file at once; those that killed attempts left
+behind are removed by a later download of that file (`_remove_stale_partials`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import http.client
+import logging
 import os
 import re
+import stat
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import urllib.response
 import uuid
 import warnings
 from pathlib import Path
 
 from tqdm import tqdm
 
+try:
+    import fcntl
+except ImportError:  # not on Windows
+    fcntl = None
+
 CACHE_DIR_VARIABLE = "CLIP_CACHE_DIR"
 DEFAULT_CACHE_DIR = Path("~/.cache/clip")
 # Big enough that Python overhead per chunk is negligible, small enough for a smooth progress bar.
 CHUNK_BYTES = 1 << 20
 _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+# The largest download accepted unless the caller says otherwise. OpenAI's largest released weights (RN50x64)
+# are about 1.3 GB; 4 GiB is three times that, while a server that streams without end (or announces
+# terabytes) is stopped there instead of filling the disk.
+DEFAULT_MAX_BYTES = 4 << 30
+# A partial file nobody has written to for this long, and whose writer holds no lock on it, was left by a
+# killed download. A live download writes once per chunk (1 MiB): one silent for an hour gets under 300 bytes
+# a second, and would take 50 days for RN50x64.
+STALE_PARTIAL_AGE_S = 3600.0
+_PARTIAL_ID_PATTERN = re.compile(r"[0-9a-f]{32}")  # uuid4().hex
+
+# What urlopen returns: for http(s) URLs, and for file:// (and ftp) ones
+Response = http.client.HTTPResponse | urllib.response.addinfourl
+
+log = logging.getLogger(__name__)
 
 
 class DownloadError(RuntimeError):
@@ -53,6 +78,7 @@ def download(
     filename: str | None = None,
     progress: bool = True,
     timeout_s: float = 60.0,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Path:
     """Return the local path of `url`'s file in `root` (default: `cache_dir()`), downloading it if needed.
 
@@ -64,19 +90,26 @@ def download(
         filename: the name inside `root`; default: the last component of the URL's path.
         progress: show a tqdm progress bar (bytes) while downloading.
         timeout_s: seconds to wait for the server to connect or to send more data.
+        max_bytes: the largest file accepted (default 4 GiB, three times OpenAI's largest release): a server
+            that announces more (Content-Length) is refused before anything is written, and one that sends
+            more is stopped there, so that an endless stream cannot fill the disk.
 
     Raises:
         DownloadError (a RuntimeError): the URL cannot be reached (e.g. offline; the message says where to
-            place the file by hand), the transfer broke off, or the downloaded bytes have the wrong SHA256.
+            place the file by hand), the transfer broke off, the file is larger than `max_bytes`, or the
+            downloaded bytes have the wrong SHA256.
     """
     expected = sha256.strip().lower()
     if not _SHA256_PATTERN.fullmatch(expected):
         raise ValueError(f"sha256 must be 64 hexadecimal characters, got {sha256!r}")
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+        raise ValueError(f"max_bytes must be a positive number of bytes, got {max_bytes!r}")
     folder = Path(root).expanduser() if root is not None else cache_dir()
     name = filename or Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
     if name in ("", ".", "..") or "\x00" in name or "/" in name:
         raise ValueError(f"Cannot tell a file name from the URL {url!r}; pass filename=...")
     target = folder / name
+    _remove_stale_partials(folder, name)
 
     if target.exists():
         if not target.is_file():
@@ -96,7 +129,9 @@ def download(
     # A unique name per attempt, so that several processes (one per GPU) may download at once.
     partial = folder / f".{name}.{uuid.uuid4().hex}.part"
     try:
-        actual = _fetch(url, partial, target, expected, progress, timeout_s, root_given=root is not None)
+        response = _open_url(url, target, expected, timeout_s, root_given=root is not None)
+        with response:
+            actual = _fetch(response, url, partial, target.name, progress, max_bytes)
         if actual != expected:
             raise DownloadError(
                 f"The file downloaded from {url} has SHA256 {actual}, but {expected} was expected; it was not "
@@ -109,15 +144,12 @@ def download(
     return target
 
 
-def _fetch(
-    url: str, partial: Path, target: Path, expected: str, progress: bool, timeout_s: float, root_given: bool
-) -> str:
-    """Stream `url` into `partial` (which must not exist yet) and return the SHA256 of the bytes written.
+def _open_url(url: str, target: Path, expected: str, timeout_s: float, root_given: bool) -> Response:
+    """The server's response to a request for `url`, or a DownloadError saying why there is none.
 
-    `target`, `expected` and `root_given` (the caller chose the folder) only serve the error messages.
-    """
+    `target`, `expected` and `root_given` (the caller chose the folder) only serve the error messages."""
     try:
-        response = urllib.request.urlopen(url, timeout=timeout_s)
+        return urllib.request.urlopen(url, timeout=timeout_s)
     except urllib.error.HTTPError as error:
         message = f"Downloading {url} failed: the server answered HTTP {error.code} {error.reason}"
         raise DownloadError(message) from error
@@ -130,20 +162,29 @@ def _fetch(
             f"the file to {target}{elsewhere}. It is used once its SHA256 is {expected}."
         ) from error
 
+
+def _fetch(response: Response, url: str, partial: Path, label: str, progress: bool, max_bytes: int) -> str:
+    """Stream `response` into `partial` (which must not exist yet) and return the SHA256 of the bytes written.
+
+    Refuses more than `max_bytes`, announced or received; `label` names the progress bar."""
+    length_header = response.headers.get("Content-Length")
+    expected_bytes = int(length_header) if length_header and length_header.isdigit() else None
+    if expected_bytes is not None and expected_bytes > max_bytes:
+        raise DownloadError(_too_large(url, f"the server announced {expected_bytes:,} bytes", max_bytes))
     digest = hashlib.sha256()
     received = 0
-    with response, open(partial, "xb") as file:
-        length_header = response.headers.get("Content-Length")
-        expected_bytes = int(length_header) if length_header and length_header.isdigit() else None
-        bar = tqdm(
-            total=expected_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=target.name, disable=not progress
-        )
+    with open(partial, "xb") as file:
+        _mark_in_use(file.fileno())
+        bar = tqdm(total=expected_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=label, disable=not progress)
         with bar:
             try:
                 while chunk := response.read(CHUNK_BYTES):
+                    received += len(chunk)
+                    if received > max_bytes:  # only without a Content-Length: http.client reads no more than it
+                        sent = f"the server sent more than {max_bytes:,} bytes"
+                        raise DownloadError(_too_large(url, sent, max_bytes))
                     file.write(chunk)
                     digest.update(chunk)
-                    received += len(chunk)
                     bar.update(len(chunk))
             except (OSError, http.client.HTTPException) as error:  # reset connection, timeout, bad chunking
                 message = f"Downloading {url} broke off after {received} bytes ({error}); try again"
@@ -157,3 +198,72 @@ def _fetch(
             f"removed. Try again."
         )
     return digest.hexdigest()
+
+
+def _too_large(url: str, what: str, max_bytes: int) -> str:
+    return (
+        f"Downloading {url} was stopped: {what}, more than max_bytes={max_bytes:,}. No released CLIP file is "
+        f"that large (the largest, RN50x64, is about 1.3 GB); nothing was kept. If this file really is larger, "
+        f"pass a larger max_bytes."
+    )
+
+
+def _mark_in_use(descriptor: int) -> None:
+    """Takes an exclusive flock on a partial file while it is written. The kernel drops it when the writer
+    ends, however it ends (SIGKILL included): `_remove_stale_partials` leaves a locked partial file alone."""
+    if fcntl is None:
+        return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pass  # a file system without locks: the partial file's age alone protects it
+
+
+def _remove_stale_partials(folder: Path, name: str) -> list[Path]:
+    """Deletes the partial files of `name` in `folder` that killed downloads (SIGKILL, a node failure) left;
+    returns their paths.
+
+    Every attempt writes a partial file of its own name, which no later attempt reuses: each killed one left
+    up to gigabytes behind for good. A partial file is a dead download's when nobody holds its lock (see
+    `_mark_in_use`) and it has not been written to for STALE_PARTIAL_AGE_S. The age as well, because on some
+    shared file systems a lock is seen on its own node only (NFS mounted nolock, Lustre with localflock): a
+    download on another node would look dead. Two downloads at once thus never remove each other's file."""
+    prefix, suffix = f".{name}.", ".part"
+    try:
+        entries = [entry for entry in folder.iterdir() if entry.name.startswith(prefix) and entry.name.endswith(suffix)]
+    except OSError:  # no folder yet (or one that cannot be listed, which the download itself will report)
+        return []
+    removed = []
+    for path in entries:
+        if not _PARTIAL_ID_PATTERN.fullmatch(path.name[len(prefix) : -len(suffix)]):
+            continue
+        try:
+            # O_NONBLOCK: a FIFO of that name must not block the download; O_NOFOLLOW: a symlink is not ours
+            descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:  # removed meanwhile by another download, or not a file we wrote
+            continue
+        try:
+            info = os.fstat(descriptor)
+            if stat.S_ISREG(info.st_mode) and time.time() - info.st_mtime >= STALE_PARTIAL_AGE_S:
+                if not _locked_elsewhere(descriptor):
+                    path.unlink(missing_ok=True)
+                    log.info("removed %s (%.1f MB), left by an interrupted download", path, info.st_size / 1e6)
+                    removed.append(path)
+        except OSError as error:  # a read-only cache folder: the partial file costs only disk space
+            log.warning("could not remove %s, left by an interrupted download: %s", path, error)
+        finally:
+            os.close(descriptor)
+    return removed
+
+
+def _locked_elsewhere(descriptor: int) -> bool:
+    """Whether another open file holds a lock on this file: a live download's partial file."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the descriptor is closed
+    except BlockingIOError:
+        return True
+    except OSError:  # a file system without locks: the age alone decides
+        return False
+    return False

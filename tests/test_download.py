@@ -4,10 +4,16 @@ loopback HTTP server; nothing leaves the machine."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import http.server
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,10 +25,14 @@ from clip.download import DownloadError, cache_dir, download, sha256_of_file
 GOOD_BYTES = bytes(range(256)) * 4096 + b"tail"  # 1 MiB + 4 bytes: more than one read chunk
 GOOD_SHA256 = hashlib.sha256(GOOD_BYTES).hexdigest()
 BAD_BYTES = b"not the file you are looking for"
+# What /endless.bin sends at most, so that a download without a size bound still ends (and fails its checksum)
+ENDLESS_SAFETY_CAP = 64 << 20
 
 
 class FileServer(http.server.BaseHTTPRequestHandler):
-    """Serves /good.bin, /bad.bin, /short.bin (body ends early), /unsized.bin (no Content-Length); else 404."""
+    """Serves /good.bin, /bad.bin, /short.bin (body ends early), /unsized.bin (no Content-Length), /endless.bin
+    (no Content-Length, bytes until the client hangs up), /huge.bin (announces 1 TiB), /stalled.bin (sends a
+    little, then nothing for a minute); else 404."""
 
     def do_GET(self) -> None:
         if self.path == "/good.bin":
@@ -33,6 +43,12 @@ class FileServer(http.server.BaseHTTPRequestHandler):
             self._send(GOOD_BYTES[:1000], len(GOOD_BYTES))  # the connection closes after 1000 bytes
         elif self.path == "/unsized.bin":
             self._send(GOOD_BYTES, None)
+        elif self.path == "/endless.bin":
+            self._send_endless()
+        elif self.path == "/huge.bin":
+            self._send(GOOD_BYTES[:1000], 1 << 40)
+        elif self.path.startswith("/stalled/"):
+            self._send_stalled()
         else:
             self.send_error(404)
 
@@ -42,6 +58,26 @@ class FileServer(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(announced_length))
         self.end_headers()
         self.wfile.write(body)
+        self.close_connection = True
+
+    def _send_endless(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+        block = bytes(1 << 20)
+        try:
+            for _ in range(ENDLESS_SAFETY_CAP // len(block)):
+                self.wfile.write(block)
+        except OSError:  # the client stopped reading and hung up
+            pass
+        self.close_connection = True
+
+    def _send_stalled(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(GOOD_BYTES)))
+        self.end_headers()
+        self.wfile.write(GOOD_BYTES[:1000])
+        self.wfile.flush()
+        time.sleep(60)  # a daemon thread: the test ends without waiting for it
         self.close_connection = True
 
     def log_message(self, *args) -> None:  # keep test output clean
@@ -211,3 +247,117 @@ def test_a_root_that_is_a_file_is_a_clear_error(tmp_path: Path, source_file: Pat
     (tmp_path / "cache").write_text("not a folder")
     with pytest.raises(DownloadError, match=r"Cannot download into .*cache: it exists and is not a folder"):
         download(source_file.as_uri(), GOOD_SHA256, root=tmp_path / "cache")
+
+
+def test_a_server_that_streams_without_end_is_stopped_at_max_bytes(server_url: str, tmp_path: Path) -> None:
+    # Without a bound, a server that never stops (no Content-Length) filled the disk.
+    with pytest.raises(DownloadError, match=r"the server sent more than 2,097,152 bytes, more than max_bytes="):
+        download(f"{server_url}/endless.bin", GOOD_SHA256, root=tmp_path, progress=False, max_bytes=2 << 20)
+    assert files_in(tmp_path) == []
+
+
+def test_a_length_announced_beyond_the_default_bound_is_refused_before_any_byte(server_url: str, tmp_path: Path):
+    with pytest.raises(DownloadError) as raised:
+        download(f"{server_url}/huge.bin", GOOD_SHA256, root=tmp_path, progress=False)
+    message = str(raised.value)
+    assert "the server announced 1,099,511,627,776 bytes, more than max_bytes=4,294,967,296" in message
+    assert "RN50x64" in message and "pass a larger max_bytes" in message
+    assert files_in(tmp_path) == []
+
+
+@pytest.mark.parametrize("path", ["/good.bin", "/unsized.bin"])
+def test_max_bytes_admits_a_file_of_exactly_that_size(server_url: str, tmp_path: Path, path: str) -> None:
+    with pytest.raises(DownloadError, match="more than max_bytes=1,048,579"):
+        download(f"{server_url}{path}", GOOD_SHA256, root=tmp_path, progress=False, max_bytes=len(GOOD_BYTES) - 1)
+    assert files_in(tmp_path) == []
+    fetched = download(f"{server_url}{path}", GOOD_SHA256, root=tmp_path, progress=False, max_bytes=len(GOOD_BYTES))
+    assert fetched.read_bytes() == GOOD_BYTES
+
+
+def test_a_file_url_is_bounded_too(tmp_path: Path, source_file: Path) -> None:
+    with pytest.raises(DownloadError, match="announced 1,048,580 bytes, more than max_bytes=1,000"):
+        download(source_file.as_uri(), GOOD_SHA256, root=tmp_path / "cache", progress=False, max_bytes=1000)
+    assert files_in(tmp_path / "cache") == []
+
+
+@pytest.mark.parametrize("max_bytes", [0, -1, True, 1.5, "4GiB"])
+def test_max_bytes_must_be_a_positive_integer(tmp_path: Path, source_file: Path, max_bytes) -> None:
+    with pytest.raises(ValueError, match="max_bytes must be a positive number of bytes"):
+        download(source_file.as_uri(), GOOD_SHA256, root=tmp_path, max_bytes=max_bytes)
+
+
+def partial_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob(".*.part"))
+
+
+def age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def start_download_in_a_process(url: str, root: Path) -> subprocess.Popen:
+    """A download of `url` into `root` by another process, once its partial file exists (and is locked).
+
+    download.py is loaded from its file, not through the package, to spare the child importing torch."""
+    program = (
+        "import importlib.util, sys\n"
+        "spec = importlib.util.spec_from_file_location('download', sys.argv[1])\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "module.download(sys.argv[2], sys.argv[3], root=sys.argv[4], progress=False, timeout_s=300)\n"
+    )
+    environment = {key: value for key, value in os.environ.items() if "proxy" not in key.lower()}
+    child = subprocess.Popen([sys.executable, "-c", program, clip.download.__file__, url, GOOD_SHA256, str(root)],
+                             env=environment, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not partial_files(root):
+        if child.poll() is not None or time.monotonic() > deadline:
+            child.kill()
+            pytest.fail(f"the child download never created its partial file (exit status {child.poll()})")
+        time.sleep(0.05)
+    time.sleep(0.5)  # its lock is taken right after the file is created
+    return child
+
+
+def test_partial_files_of_killed_downloads_are_removed_by_the_next_download_of_that_file(
+    server_url: str, tmp_path: Path, source_file: Path
+) -> None:
+    # Every attempt writes its own `.NAME.<random>.part`, which no later attempt reused: each download killed
+    # by SIGKILL (OOM killer, scancel, a pre-empted node) left up to 1.3 GB in the cache for good.
+    cache = tmp_path / "cache"
+    child = start_download_in_a_process(f"{server_url}/stalled/weights.bin", cache)
+    try:
+        [live] = partial_files(cache)
+        age(live, 2 * clip.download.STALE_PARTIAL_AGE_S)  # a live download silent that long still holds its lock
+        download(source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
+        assert partial_files(cache) == [live]
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert partial_files(cache) == [live]  # what the killed download left
+
+    young = cache / f".weights.bin.{'a' * 32}.part"  # maybe another node's live download (its lock unseen here)
+    young.write_bytes(b"young")
+    age(young, clip.download.STALE_PARTIAL_AGE_S - 60)
+    unrelated = [cache / f".other.bin.{'b' * 32}.part", cache / ".weights.bin.abc.part", cache / "weights.bin.part"]
+    for path in unrelated:
+        path.write_bytes(b"not ours to delete")
+        age(path, 2 * clip.download.STALE_PARTIAL_AGE_S)
+    assert download(source_file.as_uri(), GOOD_SHA256, root=cache, progress=False).read_bytes() == GOOD_BYTES
+    assert not live.exists()  # removed even though the file was in the cache already
+    assert young.exists() and all(path.exists() for path in unrelated)
+
+
+def test_a_stale_partial_file_that_another_download_holds_is_kept(tmp_path: Path, source_file: Path) -> None:
+    # The same rule within one process (two threads): a lock is held per open file, not per process.
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    held = cache / f".weights.bin.{'c' * 32}.part"
+    held.write_bytes(b"partial")
+    age(held, 2 * clip.download.STALE_PARTIAL_AGE_S)
+    with open(held, "rb") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        download(source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
+        assert held.exists()
+    download(source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
+    assert not held.exists() and files_in(cache) == ["weights.bin"]

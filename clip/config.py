@@ -113,6 +113,11 @@ class TrainLoopConfig:
     # image tower (init_weights) with lock_image = true. Not both: only the temperature would be left.
     lock_image: bool = False
     lock_text: bool = False
+    # A locked tower's last N layers still train, with what follows them (open_clip's "unlocked groups"): its
+    # last N transformer blocks, final LayerNorm and projection; for a ResNet its last N of 4 stages (layer4
+    # first) and attention pool, whose BatchNorm statistics then update. 0: the whole tower is locked.
+    lock_image_unlocked_layers: int = 0
+    lock_text_unlocked_layers: int = 0
     # Patch dropout (FLIP, Li et al. 2023): a ViT sees this fraction of each image's patches less while it
     # trains -- a new random subset per image and step; evaluations see all. About 1 / (1 - p) times less
     # image-tower compute; FLIP trained at 0.5 and finished unmasked. 0 = off.
@@ -141,8 +146,15 @@ class TrainLoopConfig:
         if self.threads is not None:
             require("threads", self.threads, self.threads >= 1, '>= 1, or "none" for the default thread count')
         require("patch_dropout", self.patch_dropout, 0 <= self.patch_dropout < 1, "in [0, 1)")
-        if self.lock_image and self.lock_text:
-            raise InvalidValue("lock_text", "cannot be true with lock_image: nothing but the temperature would train")
+        for tower in ("image", "text"):
+            key, layers = f"lock_{tower}_unlocked_layers", getattr(self, f"lock_{tower}_unlocked_layers")
+            require(key, layers, layers >= 0, ">= 0 (0: the whole tower is locked)")
+            if layers and not getattr(self, f"lock_{tower}"):
+                raise InvalidValue(key, f"applies to a locked tower only (lock_{tower} = true): this one trains whole")
+        unlocked = self.lock_image_unlocked_layers or self.lock_text_unlocked_layers
+        if self.lock_image and self.lock_text and not unlocked:
+            raise InvalidValue("lock_text", "cannot be true with lock_image: nothing but the temperature would "
+                               "train (unless lock_image_unlocked_layers or lock_text_unlocked_layers leaves layers)")
 
 
 @dataclass
@@ -200,6 +212,14 @@ class TrainConfig:
                 )
         if self.train.patch_dropout and self.model.vision.kind != "vit":
             raise InvalidValue("train.patch_dropout", "applies to ViT image towers only (model.vision.kind = \"vit\")")
+        vision = self.model.vision
+        image_depth = len(vision.layers) if isinstance(vision.layers, tuple) else vision.layers
+        for tower, depth in (("image", image_depth), ("text", self.model.text.layers)):
+            layers = getattr(self.train, f"lock_{tower}_unlocked_layers")
+            if layers > depth:
+                unit = "stages" if tower == "image" and vision.kind == "resnet" else "layers"
+                raise InvalidValue(f"train.lock_{tower}_unlocked_layers",
+                                   f"must be at most the {tower} tower's {depth} {unit}, got {layers}")
         if self.train.patch_dropout and self.train.lock_image:
             # A locked tower runs in eval mode, where every patch is seen: the setting would do nothing
             raise InvalidValue("train.patch_dropout", "has no effect on a locked image tower (train.lock_image)")

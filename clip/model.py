@@ -99,14 +99,40 @@ class CLIP(nn.Module):
         modules = (p for m in self.text_tower() for p in m.parameters())
         return [*modules, self.positional_embedding, self.text_projection]
 
-    def lock(self, image: bool = False, text: bool = False) -> None:
+    def lock(
+        self, image: bool = False, text: bool = False, image_unlocked_layers: int = 0, text_unlocked_layers: int = 0,
+    ) -> None:
         """Freezes (True) or unfreezes (False) each tower's parameters (LiT, "locked-image tuning": a locked
         tower gets no gradients, no optimizer state and keeps no activations for a backward pass). The
-        trainer also keeps a locked tower in eval mode, so a ResNet's BatchNorm statistics stay as loaded."""
+        trainer also keeps a locked tower in eval mode, so a ResNet's BatchNorm statistics stay as loaded.
+        *_unlocked_layers: a locked tower's top (`tower_top`) that still trains (0: none)."""
         for parameter in self.visual.parameters():
             parameter.requires_grad_(not image)
         for parameter in self.text_tower_parameters():
             parameter.requires_grad_(not text)
+        for locked, tower, layers in ((image, "image", image_unlocked_layers), (text, "text", text_unlocked_layers)):
+            modules, parameters = self.tower_top(tower, layers if locked else 0)
+            for parameter in [*(p for m in modules for p in m.parameters()), *parameters]:
+                parameter.requires_grad_(True)
+
+    def tower_top(self, tower: str, layers: int) -> tuple[list[nn.Module], list[nn.Parameter]]:
+        """A tower's last `layers` layers and what follows them -- (modules, parameters outside them): for a
+        transformer its last blocks, final LayerNorm and projection; for the ResNet its last stages (layer4
+        first) and attention pool. What a partly locked tower trains (open_clip's "unlocked groups"); the
+        stem, embeddings and lower layers stay locked. 0 layers: nothing."""
+        visual = self.visual
+        if tower == "image" and self.config.vision.kind == "resnet":
+            stages = [visual.layer1, visual.layer2, visual.layer3, visual.layer4]
+            stack, after, parameters = stages, [visual.attnpool], []
+        elif tower == "image":
+            stack, after, parameters = list(visual.transformer.resblocks), [visual.ln_post], [visual.proj]
+        elif tower == "text":
+            stack, after, parameters = list(self.transformer.resblocks), [self.ln_final], [self.text_projection]
+        else:
+            raise ValueError(f'tower must be "image" or "text", got {tower!r}')
+        if not 0 <= layers <= len(stack):
+            raise ValueError(f"the {tower} tower has {len(stack)} layers; {layers} cannot be unlocked")
+        return ([*stack[-layers:], *after], parameters) if layers else ([], [])
 
     @property
     def dtype(self) -> torch.dtype:

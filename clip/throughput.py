@@ -31,16 +31,36 @@ PEAK_FLOPS_BY_DEVICE: tuple[tuple[str, dict], ...] = (
 )
 # A backward pass costs about twice the forward (gradients with respect to inputs and to weights).
 TRAINING_FLOPS_PER_FORWARD_FLOP = 3.0
+# Images are counted two at a time (FLOPs grow linearly with the batch): BatchNorm in training mode refuses a
+# batch of one image where a stage's output is 1 x 1 pixels (a 32-pixel ResNet's last stage).
+IMAGES_COUNTED = 2
 
 
-def _forward_flops(config: ModelConfig, run) -> int:
+def _forward_flops(config: ModelConfig, run, samples: int = 1, top: tuple[str, int] | None = None) -> int:
+    """The FLOPs per sample of `run(model)` on `samples` samples; with `top` = (tower, layers), only those of that
+    tower's top (`CLIP.tower_top`)."""
     # Counted on the meta device: nothing is allocated or computed.
     with torch.device("meta"):
         model = CLIP(config)
     counter = FlopCounterMode(display=False)
+    modules, projections = model.tower_top(*top) if top is not None else ([], [])
+    # The count's growth while each module of the top runs; the projection (a bare matrix product) is added
+    within, started = [0], {}
+
+    def enter(module, args) -> None:
+        started[module] = counter.get_total_flops()
+
+    def leave(module, args, output) -> None:
+        within[0] += counter.get_total_flops() - started[module]
+
+    hooks = [*(m.register_forward_pre_hook(enter) for m in modules), *(m.register_forward_hook(leave) for m in modules)]
     with counter, torch.device("meta"):
         run(model)
-    return counter.get_total_flops()
+    for hook in hooks:
+        hook.remove()
+    if top is None:
+        return counter.get_total_flops() // samples
+    return within[0] // samples + sum(2 * projection.shape[0] * projection.shape[1] for projection in projections)
 
 
 @lru_cache(maxsize=64)
@@ -51,14 +71,27 @@ def image_forward_flops(config: ModelConfig, patch_dropout: float = 0.0) -> int:
     def run(model: CLIP) -> None:
         if patch_dropout:
             model.set_patch_dropout(patch_dropout)
-        model.encode_image(torch.empty(1, 3, size, size))  # in training mode, as a new module is
+        model.encode_image(torch.empty(IMAGES_COUNTED, 3, size, size))  # in training mode, as a new module is
 
-    return _forward_flops(config, run)
+    return _forward_flops(config, run, IMAGES_COUNTED)
+
+
+@lru_cache(maxsize=64)
+def image_top_forward_flops(config: ModelConfig, layers: int) -> int:
+    """The forward FLOPs of the image tower's top `layers` (`CLIP.tower_top`), at every patch."""
+    size = config.vision.image_size
+
+    def run(model: CLIP) -> None:
+        model.encode_image(torch.empty(IMAGES_COUNTED, 3, size, size))
+
+    return _forward_flops(config, run, IMAGES_COUNTED, ("image", layers))
 
 
 @lru_cache(maxsize=256)
-def text_forward_flops(config: ModelConfig, length: int) -> int:
-    return _forward_flops(config, lambda model: model.encode_text(torch.zeros(1, length, dtype=torch.long)))
+def text_forward_flops(config: ModelConfig, length: int, top_layers: int | None = None) -> int:
+    """With `top_layers`, only those of the text tower's top (`CLIP.tower_top`)."""
+    top = None if top_layers is None else ("text", top_layers)
+    return _forward_flops(config, lambda model: model.encode_text(torch.zeros(1, length, dtype=torch.long)), 1, top)
 
 
 def training_flops_per_sample(
@@ -67,15 +100,25 @@ def training_flops_per_sample(
     lock_image: bool = False,
     lock_text: bool = False,
     patch_dropout: float = 0.0,
+    image_unlocked_layers: int = 0,
+    text_unlocked_layers: int = 0,
 ) -> float:
     """FLOPs of one image-text pair through forward and backward; the text at `text_length` tokens
     (default: the full context), the image at the patches patch dropout keeps. A locked tower
-    (`CLIP.lock`) runs forward only."""
+    (`CLIP.lock`) runs forward only, and the backward pass of its unlocked top (*_unlocked_layers)."""
     length = config.text.context_length if text_length is None else text_length
-    image_factor = 1.0 if lock_image else TRAINING_FLOPS_PER_FORWARD_FLOP
-    text_factor = 1.0 if lock_text else TRAINING_FLOPS_PER_FORWARD_FLOP
+    backward_factor = TRAINING_FLOPS_PER_FORWARD_FLOP - 1.0
     image = image_forward_flops(config, patch_dropout)
-    return image_factor * image + text_factor * text_forward_flops(config, length)
+    if not lock_image:
+        image *= TRAINING_FLOPS_PER_FORWARD_FLOP
+    elif image_unlocked_layers:
+        image += backward_factor * image_top_forward_flops(config, image_unlocked_layers)
+    text = text_forward_flops(config, length)
+    if not lock_text:
+        text *= TRAINING_FLOPS_PER_FORWARD_FLOP
+    elif text_unlocked_layers:
+        text += backward_factor * text_forward_flops(config, length, text_unlocked_layers)
+    return image + text
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, tf32: bool = False) -> float | None:

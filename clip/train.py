@@ -237,7 +237,11 @@ def _train(
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
     clip_model = create_model(config.model)
     clip_model.set_grad_checkpointing(config.train.grad_checkpointing)
-    clip_model.lock(image=config.train.lock_image, text=config.train.lock_text)  # before the optimizer sees them
+    clip_model.lock(  # before the optimizer sees them
+        image=config.train.lock_image, text=config.train.lock_text,
+        image_unlocked_layers=config.train.lock_image_unlocked_layers,
+        text_unlocked_layers=config.train.lock_text_unlocked_layers,
+    )
     if config.train.patch_dropout:
         clip_model.set_patch_dropout(config.train.patch_dropout)
     module = ContrastiveModel(clip_model, with_logit_bias=config.loss.kind == "siglip", trim_text=False).to(device)
@@ -424,13 +428,21 @@ def _train(
     step = start_step
 
     # A locked tower stays in eval mode (evaluations restore each module's own mode): a ResNet's BatchNorm
-    # keeps its (loaded) running statistics
+    # keeps its (loaded) running statistics; the top of a partly locked one trains
     train_module.train()
     if config.train.lock_image:
         module.clip.visual.eval()
     if config.train.lock_text:
         for tower_module in module.clip.text_tower():
             tower_module.eval()
+    for tower in ("image", "text"):
+        for tower_module in module.clip.tower_top(tower, getattr(config.train, f"lock_{tower}_unlocked_layers"))[0]:
+            tower_module.train()
+    # A tower locked whole computes the same features in accumulation's caching and gradient passes: reused
+    locked_whole = {
+        tower: getattr(config.train, f"lock_{tower}") and not getattr(config.train, f"lock_{tower}_unlocked_layers")
+        for tower in ("image", "text")
+    }
     end_setup()  # from here a signal stops the run at the next step boundary, with a checkpoint
     if state is not None and state.get("evaluation_owed") and start_step < last_step:
         # The evaluation of this checkpoint's step, skipped or abandoned when the run was stopped: made up
@@ -453,7 +465,8 @@ def _train(
         if peak is not None:
             window_flops += global_batch * training_flops_per_sample(
                 config.model, text_length, config.train.lock_image, config.train.lock_text,
-                config.train.patch_dropout,
+                config.train.patch_dropout, config.train.lock_image_unlocked_layers,
+                config.train.lock_text_unlocked_layers,
             )
         images = images.to(device, non_blocking=True)  # uint8 pixels: a quarter of a float batch's bytes
         texts = texts.to(device, non_blocking=True)[:, :text_length]
@@ -472,7 +485,7 @@ def _train(
 
         loss, loss_metrics = contrastive_step(
             train_module, images, texts, config.train.accumulation_steps, loss_fn, autocast, backward,
-            dist_info.is_distributed, locked_image=config.train.lock_image, locked_text=config.train.lock_text,
+            dist_info.is_distributed, locked_image=locked_whole["image"], locked_text=locked_whole["text"],
         )
         step += 1
         # A finite loss can still give non-finite gradients, and one such step turns every weight it touches

@@ -6,7 +6,8 @@ weighted resampling, skips and counts bad samples, and resumes exactly from `sta
 """
 
 from .config import DataConfig, SourceConfig
-from .loader import TrainData, build_train_data, counts_line
+from .epoch_counts import counts_line
+from .loader import TrainData, build_train_data
 from .rank_states import data_state_for_other_world_size, data_state_for_rank, merge_rank_reports, states_to_save
 from .transform import PixelNormalizer
 

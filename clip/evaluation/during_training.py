@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .config import EvalConfig
-from .datasets import UnreadableImageError, evenly_spaced_indices, load_classification_data, read_image
+from .datasets import evenly_spaced_indices, load_classification_data
 from .features import (
     StopCheck,
     Tokenizer,
@@ -31,6 +31,7 @@ from .features import (
     eval_mode,
     unwrap_model,
 )
+from .image_files import UnreadableImageError, read_image
 from .retrieval import evaluate_retrieval, load_retrieval_data
 from .zeroshot import evaluate_zeroshot
 

@@ -19,9 +19,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
-from ..data.loader import signal_safe_worker_options
-
-from .datasets import UnreadableImageError
+from ..data.worker_signals import signal_safe_worker_options
+from .image_files import UnreadableImageError
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,6 @@ from clip.cuda_backends import ieee_float32_matmul
 from clip.data.manifest import MANIFEST_SUFFIXES, manifest_rows
 
 from .config import RetrievalDatasetConfig
-from .datasets import read_image
 from .features import (
     StopCheck,
     Tokenizer,
@@ -52,6 +51,7 @@ from .features import (
     unwrap_model,
     with_stop_checks,
 )
+from .image_files import read_image
 
 Ties = Literal["optimistic", "pessimistic"]
 

@@ -10,26 +10,23 @@ from clip.throughput import peak_flops
 
 
 def tf32_switches() -> tuple[bool, bool]:
-    """(matmul, convolution) TF32 as they stand, read through the API the code under test sets."""
+    """(matmul, convolution) TF32 as they stand, read through the older getters (which torch.compile's
+    inductor reads; they raise once the two APIs were mixed) and, where torch has them, the per-backend ones,
+    which must agree."""
+    switches = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    assert (torch.get_float32_matmul_precision() != "highest") == switches[0]
     if has_precision_api():
-        return (torch.backends.cuda.matmul.fp32_precision == "tf32",
-                torch.backends.cudnn.conv.fp32_precision == "tf32")
-    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        assert (torch.backends.cuda.matmul.fp32_precision == "tf32",
+                torch.backends.cudnn.conv.fp32_precision == "tf32") == switches
+    return switches
 
 
 @pytest.fixture()
 def restore_backends():
-    if has_precision_api():
-        saved = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
-    else:
-        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    benchmark = torch.backends.cudnn.benchmark
+    saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
     yield
-    if has_precision_api():
-        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
-    else:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-    torch.backends.cudnn.benchmark = benchmark
+    torch.set_float32_matmul_precision(saved[0])
+    torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved[1:]
 
 
 @pytest.mark.parametrize("allow_tf32", [True, False])
@@ -41,15 +38,30 @@ def test_configure_sets_tf32_both_ways_and_autotunes_convolutions(restore_backen
     assert torch.backends.cudnn.benchmark is True
 
 
-@pytest.mark.skipif(not has_precision_api(), reason="torch < 2.9 has only the legacy allow_tf32 switches")
-def test_configure_does_not_mix_with_the_new_precision_api(restore_backends):
-    # A script (or another library) that chose TF32 through the new API: torch raises on reading the
-    # legacy switch once both were used, so the trainer must not touch the legacy one.
+@pytest.mark.skipif(not has_precision_api(), reason="torch < 2.9 has only the whole-process switches")
+@pytest.mark.parametrize("allow_tf32", [True, False])
+def test_every_getter_reads_after_configure_also_when_a_script_used_the_per_backend_switches(
+    restore_backends, allow_tf32
+):
+    # The trainer wrote the per-backend switches: the older getters then raised, and torch.compile's inductor
+    # reads them (torch 2.9 to 2.13 on every CUDA compile: "mix of the legacy and new APIs").
+    torch.backends.cuda.matmul.fp32_precision = "ieee" if allow_tf32 else "tf32"  # a script's own choice
+    torch.backends.cudnn.conv.fp32_precision = "ieee" if allow_tf32 else "tf32"
+    configure_cuda_backends(allow_tf32=allow_tf32)
+    assert tf32_switches() == (allow_tf32, allow_tf32)  # raises if any getter does
+    with ieee_float32_matmul():
+        assert tf32_switches()[0] is False
+    assert tf32_switches() == (allow_tf32, allow_tf32)
+
+
+@pytest.mark.skipif(not has_precision_api(), reason="torch < 2.9 has only the whole-process switches")
+def test_ieee_blocks_restore_a_precision_chosen_through_the_per_backend_switch(restore_backends):
+    # After such a write the whole-process getter still names the value from before it.
+    torch.set_float32_matmul_precision("highest")
     torch.backends.cuda.matmul.fp32_precision = "tf32"
-    configure_cuda_backends(allow_tf32=False)
-    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
-    assert torch.backends.cudnn.conv.fp32_precision == "ieee"
-    torch.backends.cuda.matmul.allow_tf32  # raises RuntimeError if the two APIs were mixed
+    with ieee_float32_matmul():
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
 
 
 def test_retrieval_scores_run_in_ieee_float32_inside_a_tf32_run(restore_backends, monkeypatch):

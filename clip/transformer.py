@@ -369,7 +369,8 @@ class Transformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: LND, as OpenAI's Transformer
         for block in self.resblocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            # Each block's own mode: a partly locked tower trains its top blocks, the others stay in eval mode
+            if self.grad_checkpointing and block.training and torch.is_grad_enabled():
                 # Non-reentrant checkpointing recomputes exactly one block and works with autocast and DDP.
                 x = checkpoint(block, x, use_reentrant=False)
             else:

@@ -157,3 +157,20 @@ def test_a_resume_that_unlocks_another_stage_trains_it_with_fresh_moments(tmp_pa
 
     assert adam_steps("clip.visual.layer3.0.conv1.weight") == 2 and adam_steps("clip.visual.layer4.0.conv1.weight") == 4
     assert not any(name.startswith("clip.visual.layer2.") for name in names)
+
+
+def test_gradient_checkpointing_reaches_the_unlocked_blocks_of_a_partly_locked_tower(tmp_path, monkeypatch):
+    # The tower's Transformer is in eval mode (locked), its top blocks in training mode: checkpointing looked at
+    # the Transformer's mode and so never ran for them.
+    import clip.transformer as transformer
+
+    real, checkpointed = transformer.checkpoint, []
+
+    def counting(block, *args, **kwargs):
+        checkpointed.append(block)
+        return real(block, *args, **kwargs)
+
+    monkeypatch.setattr(transformer, "checkpoint", counting)
+    train(tiny_config(tmp_path, "train.lock_text=true", "train.lock_text_unlocked_layers=1", "schedule.steps=1",
+                      "train.grad_checkpointing=true"))
+    assert len(checkpointed) == 1 and checkpointed[0].training  # the text tower's last block, once

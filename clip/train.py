@@ -51,7 +51,7 @@ from .run_log import RunLog, plot_run, require_wandb, start_wandb
 from .stopping import EvaluationInterrupted, SetupInterrupted, StopRequest
 from .throughput import peak_flops, training_flops_per_sample
 from .tokenizer import get_tokenizer
-from .train_step import ContrastiveModel, contrastive_step
+from .train_step import BatchNormSnapshot, ContrastiveModel, contrastive_step
 from .weights_file import WeightsFileError
 
 log = logging.getLogger("clip.train")
@@ -438,6 +438,7 @@ def _train(
     for tower in ("image", "text"):
         for tower_module in module.clip.tower_top(tower, getattr(config.train, f"lock_{tower}_unlocked_layers"))[0]:
             tower_module.train()
+    batch_norm_statistics = BatchNormSnapshot(module)  # those that train: put back when a step is skipped
     # A tower locked whole computes the same features in accumulation's caching and gradient passes: reused
     locked_whole = {
         tower: getattr(config.train, f"lock_{tower}") and not getattr(config.train, f"lock_{tower}_unlocked_layers")
@@ -474,6 +475,7 @@ def _train(
             images = images.contiguous(memory_format=torch.channels_last)  # kept by the normalisation
         images = normalize_pixels(images)
 
+        batch_norm_statistics.take()
         optimizer.zero_grad(set_to_none=True)
         losses_finite = []  # one flag per micro-batch, on the device: read once, after the backward passes
 
@@ -502,6 +504,7 @@ def _train(
             grad_norm = gradient_norm(module, config.optimizer.grad_clip_norm)
         if skipped:
             optimizer.zero_grad(set_to_none=True)
+            batch_norm_statistics.restore()
             nonfinite_total += 1
             nonfinite_in_a_row += 1
             if dist_info.is_main:  # the ranks skip together (agree_after_backward)

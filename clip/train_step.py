@@ -133,3 +133,27 @@ def batch_norm_statistics_kept(module: nn.Module):
             for norm, (momentum, counter) in zip(norms, saved):
                 norm.momentum = momentum
                 norm.num_batches_tracked.copy_(counter)
+
+
+class BatchNormSnapshot:
+    """The running statistics of a module's BatchNorm layers that are in training mode, copied at the start of
+    each step, so that a step skipped for being non-finite can put them back. The forward pass updates them
+    before the loss exists: activations with inf or NaN (an fp16 overflow) would leave them NaN for good, and
+    every later checkpoint refused as non-finite. Nothing to do for a model without BatchNorm (the ViTs)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.buffers = [
+            buffer
+            for norm in module.modules()
+            if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.training and norm.track_running_stats
+            for buffer in (norm.running_mean, norm.running_var, norm.num_batches_tracked)
+        ]
+        self.saved = [buffer.clone() for buffer in self.buffers]
+
+    def take(self) -> None:
+        if self.buffers:  # one multi-tensor copy on the device, no sync
+            torch._foreach_copy_(self.saved, self.buffers)
+
+    def restore(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.buffers, self.saved)

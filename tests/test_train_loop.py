@@ -284,6 +284,35 @@ def test_fp16_skips_a_non_finite_loss_without_touching_the_loss_scale(tmp_path, 
     assert all(torch.isfinite(t).all() for t in final_weights(tmp_path / "poisoned").values() if t.is_floating_point())
 
 
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_a_skipped_step_leaves_batch_norm_statistics_as_they_were(tmp_path, monkeypatch, caplog, accumulation):
+    # An image with an inf pixel (fp16 activations overflowing, on a GPU) made a ResNet's running statistics
+    # NaN in the forward pass, before the loss was judged: the step was skipped, but every later checkpoint
+    # held NaN buffers and was refused, and pruning deleted the good ones until the run could not resume.
+    import clip.train as train_module
+
+    real, calls = train_module.contrastive_step, {"n": 0}
+
+    def inf_in_step_2(module, images, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            images = images.clone()
+            images[0, 0, 0, 0] = float("inf")
+        return real(module, images, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "contrastive_step", inf_in_step_2)
+    resnet = ["model.vision.kind=resnet", "model.vision.layers=[1,1,1,1]", "model.vision.width=8"]
+    extra = [*resnet, "schedule.steps=3", "eval.every_n_steps=0", "eval.zeroshot=[]", "checkpoint.every_n_steps=1",
+             f"train.accumulation_steps={accumulation}"]
+    with caplog.at_level(logging.WARNING):
+        results = train(tiny_config(tmp_path, *extra))
+    assert "step 2: non-finite loss" in caplog.text and results["nonfinite_steps_total"] == 1
+    state = ckpt.load_latest_checkpoint(tmp_path)  # refused (non-finite weights) before the fix
+    assert state["step"] == 3
+    # the skipped step's updates of the statistics were undone, its step counter too: 2 steps' micro-batches
+    assert state["model"]["visual.layer4.0.bn1.num_batches_tracked"].item() == 2 * accumulation
+
+
 def test_a_run_that_raises_stops_its_data_workers(tmp_path, monkeypatch):
     # They were stopped at the end of a run that finished only: in a notebook, a failed run left them running.
     import multiprocessing

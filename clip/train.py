@@ -258,14 +258,20 @@ def _train(
     # ---- resume -----------------------------------------------------------------------------------------
     # Warnings that every rank would give alike are given by rank 0 (from here to the end of the run)
     state = checkpoint_to_resume(run_dir, dist_info)
-    if state is not None:
+    resumed = state is not None
+    saved_config = state["config"] if resumed else None
+    evaluation_owed = resumed and bool(state.get("evaluation_owed"))
+    if resumed:
         start_step, data_state, metrics_so_far = restore_training_state(
             state, config, run_dir, module=module, optimizer=optimizer, scaler=scaler, dist_info=dist_info,
         )
     else:
         start_step, data_state, metrics_so_far = 0, None, {}
         start_new_run(module, config, dist_info)
-    already_finished = state is not None and start_step >= config.schedule.steps
+    # Copied into the run's own tensors by now: kept, the checkpoint's CPU copy of the weights and optimizer
+    # moments (5 GB for ViT-L/14) would stay in every rank's memory for the whole run.
+    del state
+    already_finished = resumed and start_step >= config.schedule.steps
     if already_finished:
         log.info("%s finished its %d steps already: evaluating only, its checkpoint and config are left as they are",
                  run_dir, start_step)
@@ -281,7 +287,7 @@ def _train(
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(config_dict), encoding="utf-8")
         earlier_results = run_dir / "results.json"
-        if state is not None and earlier_results.exists():
+        if resumed and earlier_results.exists():
             # A finished run extended (more schedule.steps): results.json would say "finished" until the
             # extension finishes, with the earlier step's figures
             kept = earlier_results.with_name(f"results_step_{start_step}.json")
@@ -334,7 +340,7 @@ def _train(
             config.train.batch_size, config.train.accumulation_steps, config.schedule.steps, data.samples_per_epoch,
         )
         warn_about_unlikely_settings(
-            config, global_batch, data.samples_per_epoch, state["config"] if state is not None else None
+            config, global_batch, data.samples_per_epoch, saved_config
         )
 
     def autocast():
@@ -343,7 +349,7 @@ def _train(
         return torch.autocast(device.type, dtype=autocast_dtype)
 
     # The step of this run's latest checkpoint, the same on every rank; a resumed run's is on disk already.
-    saved_at = {"step": start_step if state is not None else None}
+    saved_at = {"step": start_step if resumed else None}
 
     # Seconds spent saving and evaluating in the current logging window: left out of its throughput and MFU,
     # which measure training (an ImageNet evaluation would otherwise halve the next logged samples_per_s).
@@ -445,7 +451,7 @@ def _train(
         for tower in ("image", "text")
     }
     end_setup()  # from here a signal stops the run at the next step boundary, with a checkpoint
-    if state is not None and state.get("evaluation_owed") and start_step < last_step:
+    if evaluation_owed and start_step < last_step:
         # The evaluation of this checkpoint's step, skipped or abandoned when the run was stopped: made up
         # first, so that the run's evaluation record has no gap (evaluations leave the RNG and data alone).
         try:

@@ -991,6 +991,34 @@ def test_a_constant_rate_run_extended_before_its_cooldown_continues_without_a_ju
     assert logged == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75])  # steps 1..8 (the demo's lr 1e-3)
 
 
+def test_a_resumed_run_lets_go_of_its_checkpoints_weights(tmp_path, monkeypatch):
+    # The checkpoint read to resume stayed referenced for the whole run: a CPU copy of every weight (and, on a
+    # GPU, of the optimizer's moments) on every rank, 5 GB for ViT-L/14.
+    import gc
+    import weakref
+
+    import clip.train as train_module
+
+    train(tiny_config(tmp_path, "eval.every_n_steps=0"), stop_at_step=2)
+    real_restore, real_step, alive = train_module.restore_training_state, train_module.contrastive_step, []
+
+    def watching_restore(state, *args, **kwargs):
+        watched = [weakref.ref(tensor) for tensor in state["model"].values()]
+        result = real_restore(state, *args, **kwargs)
+        alive.append(lambda: sum(ref() is not None for ref in watched))
+        return result
+
+    def counting_step(*args, **kwargs):
+        gc.collect()
+        alive.append(alive[0]())
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "restore_training_state", watching_restore)
+    monkeypatch.setattr(train_module, "contrastive_step", counting_step)
+    train(tiny_config(tmp_path, "eval.every_n_steps=0"))
+    assert alive[1:] == [0] * 4  # steps 3..6: none of the checkpoint's weight tensors is alive
+
+
 def test_a_save_killed_mid_write_leaves_no_temporary_file_after_the_next_start(tmp_path):
     train(tiny_config(tmp_path, "eval.every_n_steps=0"), stop_at_step=3)
     stray = tmp_path / ckpt.CHECKPOINT_DIR / ".step_00000004.pt.abcd1234.tmp"  # as save_checkpoint names them

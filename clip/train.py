@@ -431,6 +431,7 @@ def _train(
     nonfinite_in_a_row = 0
     last_metrics = dict(metrics_so_far)
     window_start, window_samples, window_flops = time.perf_counter(), 0, 0.0
+    window_data_wait = 0.0  # host seconds spent waiting for the data loader's next batch in the window
     step = start_step
 
     # A locked tower stays in eval mode (evaluations restore each module's own mode): a ResNet's BatchNorm
@@ -464,7 +465,9 @@ def _train(
         lr = learning_rate(step, config.optimizer.lr, config.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        waiting_since = time.perf_counter()
         images, texts = next(batches)
+        window_data_wait += time.perf_counter() - waiting_since
         # The texts are cut after the batch's last end-of-text token, a position read here on the host
         # where it costs no GPU sync (the model is built with trim_text=False). The cut is taken after
         # the copy, so the copy stays an asynchronous one from the loader's pinned memory.
@@ -544,6 +547,8 @@ def _train(
                 "lr": lr,
                 "logit_scale": module.clip.logit_scale.exp().item(),
                 "samples_per_s": samples_per_s,
+                # Near 0 when the loader keeps up; a data-bound run's steps wait (more data.workers, faster storage)
+                "data_wait_fraction": min(window_data_wait / max(elapsed, 1e-9), 1.0),
                 "images_per_s_per_accelerator": samples_per_s / dist_info.world_size,
                 "nonfinite_steps_total": nonfinite_total,
                 # logit_scale_exp left out: it is the logit_scale above as this step's loss used it, before the
@@ -566,7 +571,7 @@ def _train(
                         scale=f"{last_metrics['logit_scale']:.1f}", samples_s=f"{samples_per_s:.0f}",
                     )
             window_start, window_samples, window_flops = time.perf_counter(), 0, 0.0
-            paused_s["value"] = 0.0
+            window_data_wait, paused_s["value"] = 0.0, 0.0
         if progress is not None:
             progress.update(1)
 

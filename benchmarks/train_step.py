@@ -10,8 +10,8 @@ training script does it:
   ours:      ContrastiveModel + build_loss(LossConfig()) + build_optimizer (implementation "auto"), driven
              by clip.train.contrastive_step; as clip.train does, a ResNet runs channels-last on CUDA and the
              captions are cut after the batch's last end-of-text token on the host (no device sync); the
-             loss (before backward) and the gradient norm (after it) are read on the host to skip a
-             non-finite step (two device syncs per step).
+             losses' and the gradient norm's finiteness are read on the host after the backward pass, to
+             skip a non-finite step (one device sync per step).
   open_clip: open_clip.create_model("<arch>-quickgelu") (OpenAI's QuickGELU settings) + open_clip.loss.ClipLoss
              + torch.optim.AdamW with open_clip's weight-decay groups and torch's default implementation
              (the for-loop one on the CPU, foreach on CUDA).

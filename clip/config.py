@@ -65,8 +65,8 @@ class ScheduleConfig:
     steps: int = 1000  # optimiser steps in the run
     warmup_steps: int = 100  # linear warmup from 0 to optimizer.lr
     # After the warmup: "cosine" decays to lr * min_lr_ratio at `steps` (the paper's schedule); "constant"
-    # holds lr; "constant_cooldown" holds lr, then decays linearly to lr * min_lr_ratio over the last
-    # `cooldown_steps` (warmup-stable-decay). A constant rate lets a run be extended (more `steps`) without the
+    # holds lr; "constant_cooldown" holds lr, then decays linearly over the last `cooldown_steps`, towards
+    # lr * min_lr_ratio at `steps` (warmup-stable-decay). A constant rate lets a run be extended (more `steps`) without the
     # rate jumping: the cosine of a longer run is higher at every step, the constant part the same.
     kind: Literal["cosine", "constant", "constant_cooldown"] = "cosine"
     cooldown_steps: int = 0  # constant_cooldown only: the final steps of linear decay
@@ -78,6 +78,8 @@ class ScheduleConfig:
         require("warmup_steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0 (0 = no warmup)")
         # The floor of the decay, as a fraction of the peak: above 1 the "decay" would raise the rate.
         require("min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
+        kinds = ("cosine", "constant", "constant_cooldown")  # also when built in Python, not read from a file
+        require("kind", self.kind, self.kind in kinds, f"one of {', '.join(map(repr, kinds))}")
         # Settings that the chosen kind would ignore are errors: a cooldown or floor asked for and silently
         # not applied would only show at the end of a long run.
         if self.kind == "constant_cooldown":
@@ -113,9 +115,10 @@ class TrainLoopConfig:
     # image tower (init_weights) with lock_image = true. Not both: only the temperature would be left.
     lock_image: bool = False
     lock_text: bool = False
-    # A locked tower's last N layers still train, with what follows them (open_clip's "unlocked groups"): its
-    # last N transformer blocks, final LayerNorm and projection; for a ResNet its last N of 4 stages (layer4
-    # first) and attention pool, whose BatchNorm statistics then update. 0: the whole tower is locked.
+    # A locked tower's last N layers still train, with what follows them: its last N transformer blocks, final
+    # LayerNorm and projection (open_clip's --lock-*-unlocked-groups N + 1: it counts the projection as a group
+    # of its own); for a ResNet its last N of 4 stages (layer4 first) and attention pool, whose BatchNorm
+    # statistics then update. 0: the whole tower is locked.
     lock_image_unlocked_layers: int = 0
     lock_text_unlocked_layers: int = 0
     # Patch dropout (FLIP, Li et al. 2023): a ViT sees this fraction of each image's patches less while it

@@ -111,15 +111,18 @@ class CLIP(nn.Module):
         for parameter in self.text_tower_parameters():
             parameter.requires_grad_(not text)
         for locked, tower, layers in ((image, "image", image_unlocked_layers), (text, "text", text_unlocked_layers)):
-            modules, parameters = self.tower_top(tower, layers if locked else 0)
+            if layers and not locked:
+                raise ValueError(f"{tower}_unlocked_layers={layers} applies to a locked tower ({tower}=True) only")
+            modules, parameters = self.tower_top(tower, layers)
             for parameter in [*(p for m in modules for p in m.parameters()), *parameters]:
                 parameter.requires_grad_(True)
 
     def tower_top(self, tower: str, layers: int) -> tuple[list[nn.Module], list[nn.Parameter]]:
         """A tower's last `layers` layers and what follows them -- (modules, parameters outside them): for a
         transformer its last blocks, final LayerNorm and projection; for the ResNet its last stages (layer4
-        first) and attention pool. What a partly locked tower trains (open_clip's "unlocked groups"); the
-        stem, embeddings and lower layers stay locked. 0 layers: nothing."""
+        first) and attention pool. What a partly locked tower trains (open_clip's unlocked groups count the
+        projection as one of its own: its N + 1); the stem, embeddings and lower layers stay locked. 0 layers:
+        nothing. A projection set to None (for unprojected features) is left out."""
         visual = self.visual
         if tower == "image" and self.config.vision.kind == "resnet":
             stages = [visual.layer1, visual.layer2, visual.layer3, visual.layer4]
@@ -132,6 +135,7 @@ class CLIP(nn.Module):
             raise ValueError(f'tower must be "image" or "text", got {tower!r}')
         if not 0 <= layers <= len(stack):
             raise ValueError(f"the {tower} tower has {len(stack)} layers; {layers} cannot be unlocked")
+        parameters = [parameter for parameter in parameters if parameter is not None]
         return ([*stack[-layers:], *after], parameters) if layers else ([], [])
 
     @property

@@ -136,9 +136,9 @@ def match_state_layout_to_parameters(optimizer: torch.optim.Optimizer) -> None:
 def learning_rate(step: int, peak: float, schedule: ScheduleConfig) -> float:
     """The rate of step `step` (0-based): linear warmup to `peak` over `warmup_steps`, then the schedule's
     kind: a cosine from `peak` to `peak * min_lr_ratio` at `steps`; a constant `peak`; or a constant `peak`,
-    then over the last `cooldown_steps` a linear decay that reaches `peak * min_lr_ratio` at `steps`. Like the
-    cosine, it reaches the floor only after the run's last step (which is not taken at a rate of 0), and stays
-    there past `steps`."""
+    then the last `cooldown_steps` in equal decrements on a line that reaches `peak * min_lr_ratio` at
+    `steps`: every cooldown step is below the peak, and, as with the cosine, the floor comes only after the
+    run's last step (which is not taken at a rate of 0); past `steps` the rate stays there."""
     if step < schedule.warmup_steps:
         return peak * (step + 1) / schedule.warmup_steps
     floor = peak * schedule.min_lr_ratio
@@ -146,8 +146,10 @@ def learning_rate(step: int, peak: float, schedule: ScheduleConfig) -> float:
         return peak
     if schedule.kind == "constant_cooldown":
         cooldown_start = schedule.steps - schedule.cooldown_steps
-        progress = min(max(step - cooldown_start, 0) / schedule.cooldown_steps, 1.0)
+        progress = min(max(step + 1 - cooldown_start, 0) / (schedule.cooldown_steps + 1), 1.0)
         return peak - (peak - floor) * progress
+    if schedule.kind != "cosine":
+        raise ValueError(f"unknown schedule kind {schedule.kind!r}")
     decay_steps = max(schedule.steps - schedule.warmup_steps, 1)
     progress = min((step - schedule.warmup_steps) / decay_steps, 1.0)
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

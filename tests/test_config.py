@@ -520,9 +520,13 @@ def test_the_schedule_kinds_give_the_rates_they_describe():
 
     warmup = [1.0, 2.0]
     assert rates(kind="constant") == warmup + [2.0] * 10  # also past the end
-    # held until the last 4 steps, then down in equal steps to the floor (0.2 = 2.0 x 0.1), reached at `steps`
+    # held until the last 4 steps, each of them lower, in equal steps towards the floor (0.2 = 2.0 x 0.1),
+    # which comes at `steps`
     cooldown = rates(kind="constant_cooldown", cooldown_steps=4, min_lr_ratio=0.1)
-    assert cooldown == pytest.approx(warmup + [2.0] * 5 + [1.55, 1.1, 0.65, 0.2, 0.2])
-    assert rates(kind="constant_cooldown", cooldown_steps=8)[2] == 2.0  # the whole run after warmup decays
+    assert cooldown == pytest.approx(warmup + [2.0] * 4 + [1.64, 1.28, 0.92, 0.56, 0.2, 0.2])
+    assert rates(kind="constant_cooldown", cooldown_steps=1)[-3:] == pytest.approx([1.0, 0.0, 0.0])  # one step: half
+    assert rates(kind="constant_cooldown", cooldown_steps=8)[2] < 2.0  # the whole run after warmup decays
+    with pytest.raises(ConfigError, match="kind must be one of 'cosine', 'constant', 'constant_cooldown'"):
+        ScheduleConfig(kind="constnat")  # built in Python: no file's type check
     cosine = rates()  # the default: half-way through the decay (step 6 of 2..10) at half the peak
     assert cosine[:3] == warmup + [2.0] and cosine[6] == pytest.approx(1.0) and cosine[-1] == 0.0

@@ -54,6 +54,12 @@ def test_the_unlocked_top_of_each_tower_is_its_last_layers_and_what_follows():
 
     vit.lock(image=True)  # 0 unlocked layers: the whole tower
     assert not any(n.startswith("visual.") for n in trainable(vit))
+    with pytest.raises(ValueError, match="text_unlocked_layers=1 applies to a locked tower"):
+        vit.lock(image=True, text_unlocked_layers=1)
+    vit.visual.proj = None  # as for unprojected features
+    vit.lock(image=True, image_unlocked_layers=1)
+    assert {n for n in trainable(vit) if n.startswith("visual.")} == {
+        n for n, _ in vit.named_parameters() if n.startswith(("visual.transformer.resblocks.2.", "visual.ln_post."))}
     with pytest.raises(ValueError, match="the image tower has 4 layers; 5 cannot be unlocked"):
         resnet.tower_top("image", 5)
     with pytest.raises(ValueError, match='tower must be "image" or "text"'):

@@ -988,7 +988,7 @@ def test_a_constant_rate_run_extended_before_its_cooldown_continues_without_a_ju
         train(tiny_config(tmp_path, *schedule, "schedule.steps=8"))
     assert "schedule.steps" in caplog.text and "learning rate" not in caplog.text
     logged = [json.loads(line)["lr"] / 1e-3 for line in (tmp_path / "metrics.jsonl").open() if '"lr"' in line]
-    assert logged == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75])  # steps 1..8 (the demo's lr 1e-3)
+    assert logged == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 5 / 6, 4 / 6])  # steps 1..8 (the demo's lr 1e-3)
 
 
 def test_a_resumed_run_lets_go_of_its_checkpoints_weights(tmp_path, monkeypatch):

@@ -320,6 +320,15 @@ def agree_after_backward(
     return StepAgreement(all_losses_finite == 1.0, all_gradients_finite == 1.0, none_stopping == 0.0)
 
 
+def broadcast_buffers_from_rank_zero(module: torch.nn.Module) -> None:
+    """Every rank's module buffers set to rank 0's (a collective: every rank calls it at the same point). DDP
+    gives every rank rank 0's buffers at the start of each forward pass, after which each rank updates them
+    with its own batch: a ResNet's BatchNorm statistics differ between ranks after a step, and an evaluation
+    that each rank runs on its share of the data would use several models, none of them the one saved."""
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def any_rank(flag: bool, dist_info: DistributedInfo) -> bool:
     """Whether `flag` is set on some rank (a collective: every rank calls it at the same point)."""
     value = torch.tensor([float(flag)], device=dist_info.device)

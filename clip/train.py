@@ -35,6 +35,7 @@ from .distributed import (
     DistributedInfo,
     agree_after_backward,
     any_rank,
+    broadcast_buffers_from_rank_zero,
     cleanup_distributed,
     gather_objects,
     init_distributed,
@@ -407,6 +408,8 @@ def _train(
             interrupting, stop_check = contextlib.nullcontext(), abandon_if_some_rank_was_signalled
         else:
             interrupting, stop_check = stop.interrupting(), None
+        if dist_info.is_distributed:
+            broadcast_buffers_from_rank_zero(module)  # the model evaluated is the one rank 0 saves
         with interrupting, not_training():
             results = run_evaluations(
                 module.clip, config.eval, device=device, tokenizer=tokenizer, step=step, dist_info=dist_info,

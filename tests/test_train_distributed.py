@@ -270,3 +270,34 @@ def test_a_failed_runs_frames_are_released_also_through_chained_errors():
                 error.__traceback__.tb_next = None
             release_run_objects(error)
             assert refs[0]() is None, kind
+
+
+def _buffers_at_evaluation_worker(rank: int, world_size: int, port: int, run_dir: str, extra) -> None:
+    import clip.train as train_module
+
+    real = train_module.run_evaluations
+
+    def recording(model, *args, **kwargs):
+        buffers = {name: buffer.clone() for name, buffer in model.named_buffers() if "running" in name}
+        torch.save(buffers, Path(run_dir) / f"buffers_rank{rank}_{kwargs['step']}.pt")
+        return real(model, *args, **kwargs)
+
+    train_module.run_evaluations = recording
+    _worker(rank, world_size, port, run_dir, None, extra)
+
+
+def test_ranks_evaluate_with_rank_zeros_batch_norm_statistics(tmp_path):
+    # Each rank updates its BatchNorm statistics with its own batch after DDP's broadcast at the start of the
+    # forward pass: every rank evaluated its share of the images with other statistics, none of them the saved
+    # model's.
+    extra = ["model.vision.kind=resnet", "model.vision.layers=[1,1,1,1]", "model.vision.width=8",
+             "schedule.steps=2", "eval.every_n_steps=1", "checkpoint.every_n_steps=1"]
+    spawn_ranks(_buffers_at_evaluation_worker, (2, free_port(), str(tmp_path), extra))
+    saved = ckpt.read_checkpoint(ckpt.checkpoint_path(tmp_path, 1))["model"]
+    for step in (1, 2):
+        rank0, rank1 = (torch.load(tmp_path / f"buffers_rank{r}_{step}.pt") for r in (0, 1))
+        assert rank0.keys() == rank1.keys() and len(rank0) > 0
+        for name in rank0:
+            assert torch.equal(rank0[name], rank1[name]), (step, name)
+    for name, value in torch.load(tmp_path / "buffers_rank1_1.pt").items():
+        assert torch.equal(value, saved[name]), name  # the model saved at step 1

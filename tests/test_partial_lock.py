@@ -72,7 +72,7 @@ def tiny_config(run_dir: Path, *extra: str) -> TrainConfig:
         "model.vision.heads=2", "model.vision.image_size=32", "model.text.width=16", "model.text.layers=2",
         "model.text.heads=2", "train.batch_size=8", "schedule.steps=2", "schedule.warmup_steps=1", "optimizer.lr=1e-2",
         "checkpoint.every_n_steps=0", "logging.progress_bar=false", "logging.tensorboard=false", "logging.plot=false",
-        "data.workers=0", "eval.every_n_steps=0", "eval.zeroshot=[]", f"output_dir={run_dir}",
+        "data.workers=0", "eval.every_n_steps=0", "eval.zeroshot=[]", "train.device=cpu", f"output_dir={run_dir}",
     ]
     return load_config(DEMO, [*base, *extra], TrainConfig)
 

@@ -44,6 +44,7 @@ BASE = [
     "model.text.heads=2", "train.batch_size=8", "schedule.steps=2", "schedule.warmup_steps=1",
     "optimizer.lr=1e-3", "checkpoint.every_n_steps=0", "logging.every_n_steps=1", "logging.progress_bar=false",
     "logging.tensorboard=false", "logging.plot=false", "data.workers=0", "eval.every_n_steps=0",
+    "train.device=cpu",  # also on a machine with a GPU: these tests compare runs bit for bit
 ]
 RESNET = ["model.vision.kind=resnet", "model.vision.layers=[1,1,1,1]", "model.vision.width=8", "model.vision.heads=2"]
 

@@ -24,7 +24,8 @@ def configure_cuda_backends(allow_tf32: bool) -> None:
     # them (torch 2.9 to 2.13 on every CUDA compile, later versions' autotune caches: pytorch/pytorch#166387).
     # Written through these setters, the old and the new getters all read consistently, also after a script
     # or another library used the new ones.
-    torch.set_float32_matmul_precision("high" if allow_tf32 else "highest")
+    with _unset_cpu_matmul_precision_kept():
+        torch.set_float32_matmul_precision("high" if allow_tf32 else "highest")
     torch.backends.cudnn.allow_tf32 = allow_tf32
     torch.backends.cudnn.benchmark = True
 
@@ -38,20 +39,44 @@ def has_precision_api() -> bool:
 def ieee_float32_matmul() -> Iterator[None]:
     """Float32 matrix products in full IEEE precision inside the block, whatever the process chose (TF32 for
     training): for work that compares a product's entries with values computed another way. Through the
-    whole-process setter, for the reason `configure_cuda_backends` gives."""
-    before = float32_matmul_precision()
+    whole-process setter, for the reason `configure_cuda_backends` gives; afterwards every switch is as it
+    was, the per-backend ones included (the whole-process getter does not see what they were set to)."""
+    switches = _per_backend_matmul_switches()
+    per_backend = [switch.fp32_precision for switch in switches]
+    try:
+        before = torch.get_float32_matmul_precision()
+    except RuntimeError:  # a script mixed the two APIs: the per-backend values are what the kernels use
+        before = "high" if torch.backends.cuda.matmul.fp32_precision == "tf32" else "highest"
     torch.set_float32_matmul_precision("highest")
     try:
         yield
     finally:
         torch.set_float32_matmul_precision(before)
+        _write_back(switches, per_backend)
 
 
-def float32_matmul_precision() -> str:
-    """The float32 matrix-product precision in force, named as `torch.set_float32_matmul_precision` takes it.
-    Where torch has per-backend switches, CUDA's is read: after a script wrote it, the whole-process getter can
-    still name the value from before."""
-    by_backend_name = {"ieee": "highest", "tf32": "high", "bf16": "medium"}
-    if has_precision_api() and torch.backends.cuda.matmul.fp32_precision in by_backend_name:
-        return by_backend_name[torch.backends.cuda.matmul.fp32_precision]
-    return torch.get_float32_matmul_precision()
+@contextlib.contextmanager
+def _unset_cpu_matmul_precision_kept() -> Iterator[None]:
+    """The whole-process setter also writes the CPU's (oneDNN) switch: TF32 for CUDA would make the host's
+    float32 matmuls TF32 too where oneDNN can. An unset CPU switch ("none", the default) is put back; one a
+    script set is left as the setter wrote it, since a CPU value of its own beside CUDA's makes the
+    whole-process getter (which inductor reads) raise."""
+    switches = [switch for switch in _per_backend_matmul_switches() if switch is not torch.backends.cuda.matmul]
+    unset = [switch for switch in switches if switch.fp32_precision == "none"]
+    yield
+    _write_back(unset, ["none"] * len(unset))
+
+
+def _per_backend_matmul_switches() -> list:
+    """torch >= 2.9's float32 matmul switches of CUDA and of the CPU (oneDNN): the whole-process setter writes
+    both (torch 2.14: "high" makes CPU matmuls TF32 where oneDNN can, "medium" bf16)."""
+    if not has_precision_api():
+        return []
+    mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    return [torch.backends.cuda.matmul, *([mkldnn] if hasattr(mkldnn, "fp32_precision") else [])]
+
+
+def _write_back(switches: list, values: list[str]) -> None:
+    for switch, value in zip(switches, values):
+        if switch.fp32_precision != value:  # written only where it changed: each write is a "new API" use
+            switch.fp32_precision = value

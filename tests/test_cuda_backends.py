@@ -21,12 +21,24 @@ def tf32_switches() -> tuple[bool, bool]:
     return switches
 
 
+def per_backend_matmul() -> dict[str, str]:
+    """torch >= 2.9's per-backend float32 matmul switches (CUDA's, the CPU's), empty before."""
+    if not has_precision_api():
+        return {}
+    return {"cuda": torch.backends.cuda.matmul.fp32_precision, "cpu": torch.backends.mkldnn.matmul.fp32_precision}
+
+
 @pytest.fixture()
 def restore_backends():
     saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    switches = per_backend_matmul()
     yield
     torch.set_float32_matmul_precision(saved[0])
     torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved[1:]
+    for name, value in switches.items():
+        backend = torch.backends.cuda if name == "cuda" else torch.backends.mkldnn
+        if backend.matmul.fp32_precision != value:
+            backend.matmul.fp32_precision = value
 
 
 @pytest.mark.parametrize("allow_tf32", [True, False])
@@ -62,6 +74,32 @@ def test_ieee_blocks_restore_a_precision_chosen_through_the_per_backend_switch(r
     with ieee_float32_matmul():
         assert torch.backends.cuda.matmul.fp32_precision == "ieee"
     assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
+@pytest.mark.skipif(not has_precision_api(), reason="torch < 2.9 has only the whole-process switches")
+@pytest.mark.parametrize("choice", ["cpu_bf16", "medium", "cuda_tf32"])
+def test_ieee_blocks_put_every_switch_back_and_never_raise(restore_backends, choice):
+    # A CPU user's bf16 matmuls (oneDNN's switch, set through the per-backend API) made the block raise on
+    # reading the whole-process value; "medium" came back as "high" (the CPU switch from bf16 to TF32).
+    if choice == "cpu_bf16":
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    elif choice == "medium":
+        torch.set_float32_matmul_precision("medium")
+    else:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    before = per_backend_matmul()
+    with ieee_float32_matmul():
+        assert per_backend_matmul() == {"cuda": "ieee", "cpu": "ieee"}
+    assert per_backend_matmul() == before
+
+
+@pytest.mark.skipif(not has_precision_api(), reason="torch < 2.9 has only the whole-process switches")
+def test_tf32_for_cuda_leaves_an_unset_cpu_matmul_switch_unset(restore_backends):
+    # torch's whole-process setter also turns the CPU's (oneDNN) float32 matmuls to TF32
+    assert torch.backends.mkldnn.matmul.fp32_precision == "none"
+    configure_cuda_backends(allow_tf32=True)
+    assert torch.backends.mkldnn.matmul.fp32_precision == "none"
+    assert tf32_switches() == (True, True)  # and every getter reads
 
 
 def test_retrieval_scores_run_in_ieee_float32_inside_a_tf32_run(restore_backends, monkeypatch):

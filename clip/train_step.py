@@ -139,7 +139,8 @@ class BatchNormSnapshot:
     """The running statistics of a module's BatchNorm layers that are in training mode, copied at the start of
     each step, so that a step skipped for being non-finite can put them back. The forward pass updates them
     before the loss exists: activations with inf or NaN (an fp16 overflow) would leave them NaN for good, and
-    every later checkpoint refused as non-finite. Nothing to do for a model without BatchNorm (the ViTs)."""
+    every later checkpoint refused as non-finite. Nothing to do for a model without BatchNorm (the ViTs). The
+    buffers are the module's own tensors when this is built: built after the model is placed and loaded."""
 
     def __init__(self, module: nn.Module) -> None:
         self.buffers = [
@@ -148,12 +149,17 @@ class BatchNormSnapshot:
             if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.training and norm.track_running_stats
             for buffer in (norm.running_mean, norm.running_var, norm.num_batches_tracked)
         ]
-        self.saved = [buffer.clone() for buffer in self.buffers]
+        # Grouped by dtype (float statistics, int64 counters): a multi-tensor copy of one dtype is one kernel
+        # on CUDA, a mixed list falls back to one copy per tensor
+        self.groups = [
+            ([b for b in self.buffers if b.dtype == dtype], [b.clone() for b in self.buffers if b.dtype == dtype])
+            for dtype in dict.fromkeys(buffer.dtype for buffer in self.buffers)
+        ]
 
     def take(self) -> None:
-        if self.buffers:  # one multi-tensor copy on the device, no sync
-            torch._foreach_copy_(self.saved, self.buffers)
+        for buffers, saved in self.groups:  # no sync
+            torch._foreach_copy_(saved, buffers)
 
     def restore(self) -> None:
-        if self.buffers:
-            torch._foreach_copy_(self.buffers, self.saved)
+        for buffers, saved in self.groups:
+            torch._foreach_copy_(buffers, saved)

@@ -550,7 +550,9 @@ def _train(
                 "lr": lr,
                 "logit_scale": module.clip.logit_scale.exp().item(),
                 "samples_per_s": samples_per_s,
-                # Near 0 when the loader keeps up; a data-bound run's steps wait (more data.workers, faster storage)
+                # The most any rank waited, of its window (below); near 0 when the loaders keep up: a data-bound
+                # run's steps wait (more data.workers, faster storage). A slow rank makes the others wait in the
+                # all-reduce instead, so rank 0's own figure would read low.
                 "data_wait_fraction": min(window_data_wait / max(elapsed, 1e-9), 1.0),
                 "images_per_s_per_accelerator": samples_per_s / dist_info.world_size,
                 "nonfinite_steps_total": nonfinite_total,
@@ -564,8 +566,10 @@ def _train(
                 last_metrics["loss_scale"] = scaler.get_scale()
             if peak is not None:
                 last_metrics["mfu"] = window_flops / max(elapsed, 1e-9) / dist_info.world_size / peak
-            # Every rank's data counts, summed (a collective: all ranks log at the same steps).
-            data_stats = merge_rank_reports(gather_objects(data.rank_report(), dist_info))
+            # Every rank's data counts, summed, and its wait (a collective: all ranks log at the same steps).
+            reports = gather_objects((data.rank_report(), last_metrics["data_wait_fraction"]), dist_info)
+            data_stats = merge_rank_reports([report for report, _ in reports])
+            last_metrics["data_wait_fraction"] = max(wait for _, wait in reports)
             if dist_info.is_main:
                 run_log.write({**last_metrics, "data": data_stats})
                 if progress is not None:

@@ -301,3 +301,37 @@ def test_ranks_evaluate_with_rank_zeros_batch_norm_statistics(tmp_path):
             assert torch.equal(rank0[name], rank1[name]), (step, name)
     for name, value in torch.load(tmp_path / "buffers_rank1_1.pt").items():
         assert torch.equal(value, saved[name]), name  # the model saved at step 1
+
+
+def _one_slow_loader_worker(rank: int, world_size: int, port: int, run_dir: str, extra) -> None:
+    # Rank 1's loader takes 10 s of a replaced clock per batch; everything else counts for almost nothing.
+    import time
+    import types
+
+    import clip.train as train_module
+
+    real_build, waited = train_module.build_train_data, {"s": 0.0}
+
+    class SlowData:
+        def __init__(self, data):
+            self.data = data
+
+        def __getattr__(self, name):
+            return getattr(self.data, name)
+
+        def __iter__(self):
+            for batch in self.data:
+                waited["s"] += 10.0 if rank == 1 else 0.0
+                yield batch
+
+    train_module.time = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() * 1e-3 + waited["s"])
+    train_module.build_train_data = lambda *args, **kwargs: SlowData(real_build(*args, **kwargs))
+    _worker(rank, world_size, port, run_dir, None, extra)
+
+
+def test_the_logged_data_wait_is_the_slowest_ranks(tmp_path):
+    # Rank 0 logs; a rank whose loader is slow makes rank 0 wait in the all-reduce, not for its data.
+    extra = ["schedule.steps=2", "eval.every_n_steps=0", "eval.zeroshot=[]", "logging.every_n_steps=2"]
+    spawn_ranks(_one_slow_loader_worker, (2, free_port(), str(tmp_path), extra))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open() if '"loss"' in line]
+    assert len(records) == 1 and records[0]["data_wait_fraction"] > 0.95

@@ -13,7 +13,7 @@ from clip import checkpoint as ckpt
 from clip.train import train
 
 from multiprocess import free_port, spawn_ranks
-from test_train_loop import tiny_config
+from test_train_loop import slow_the_loader, tiny_config
 
 
 def _worker(rank: int, world_size: int, port: int, run_dir: str, stop_at_step, extra) -> None:
@@ -304,28 +304,7 @@ def test_ranks_evaluate_with_rank_zeros_batch_norm_statistics(tmp_path):
 
 
 def _one_slow_loader_worker(rank: int, world_size: int, port: int, run_dir: str, extra) -> None:
-    # Rank 1's loader takes 10 s of a replaced clock per batch; everything else counts for almost nothing.
-    import time
-    import types
-
-    import clip.train as train_module
-
-    real_build, waited = train_module.build_train_data, {"s": 0.0}
-
-    class SlowData:
-        def __init__(self, data):
-            self.data = data
-
-        def __getattr__(self, name):
-            return getattr(self.data, name)
-
-        def __iter__(self):
-            for batch in self.data:
-                waited["s"] += 10.0 if rank == 1 else 0.0
-                yield batch
-
-    train_module.time = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() * 1e-3 + waited["s"])
-    train_module.build_train_data = lambda *args, **kwargs: SlowData(real_build(*args, **kwargs))
+    slow_the_loader(setattr, 10.0 if rank == 1 else 0.0)  # rank 1's loader only
     _worker(rank, world_size, port, run_dir, None, extra)
 
 

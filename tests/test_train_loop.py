@@ -1020,17 +1020,16 @@ def test_a_resumed_run_lets_go_of_its_checkpoints_weights(tmp_path, monkeypatch)
     assert alive[1:] == [0] * 4  # steps 3..6: none of the checkpoint's weight tensors is alive
 
 
-def test_the_metrics_say_how_much_of_the_time_went_to_waiting_for_data(tmp_path, monkeypatch):
-    # A data-bound run showed only a low samples/s and MFU, with nothing saying why. The trainer's clock is
-    # replaced: each batch costs the loader 10 s of it, everything else a thousandth of the real time it takes
-    # (so that a busy machine's slow steps do not count).
+def slow_the_loader(set_attribute, seconds_per_batch: float) -> None:
+    """Replaces clip.train's clock: each batch costs the data loader `seconds_per_batch` of it, everything else
+    a thousandth of the real time it takes (so that a busy machine's slow steps do not count).
+    `set_attribute(obj, name, value)`: monkeypatch.setattr, or setattr in a process of its own."""
     import time
     import types
 
     import clip.train as train_module
 
     real_build, waited = train_module.build_train_data, {"s": 0.0}
-    clock = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() * 1e-3 + waited["s"])
 
     class SlowData:
         def __init__(self, data):
@@ -1041,13 +1040,19 @@ def test_the_metrics_say_how_much_of_the_time_went_to_waiting_for_data(tmp_path,
 
         def __iter__(self):
             for batch in self.data:
-                waited["s"] += 10.0
+                waited["s"] += seconds_per_batch
                 yield batch
 
-    extra = ["schedule.steps=4", "eval.every_n_steps=0", "eval.zeroshot=[]", "logging.every_n_steps=2"]
-    monkeypatch.setattr(train_module, "time", clock)
-    monkeypatch.setattr(train_module, "build_train_data", lambda *args, **kwargs: SlowData(real_build(*args, **kwargs)))
-    train(tiny_config(tmp_path, *extra))
+    clock = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() * 1e-3 + waited["s"])
+    set_attribute(train_module, "time", clock)
+    set_attribute(train_module, "build_train_data", lambda *args, **kwargs: SlowData(real_build(*args, **kwargs)))
+
+
+def test_the_metrics_say_how_much_of_the_time_went_to_waiting_for_data(tmp_path, monkeypatch):
+    # A data-bound run showed only a low samples/s and MFU, with nothing saying why.
+    slow_the_loader(monkeypatch.setattr, 10.0)
+    train(tiny_config(tmp_path, "schedule.steps=4", "eval.every_n_steps=0", "eval.zeroshot=[]",
+                      "logging.every_n_steps=2"))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open() if '"loss"' in line]
     assert [r["step"] for r in records] == [2, 4] and all(0.95 < r["data_wait_fraction"] <= 1.0 for r in records), records
     assert all(r["samples_per_s"] < 8 / 10 for r in records)  # batch 8 per 10 s: the throughput counts the wait

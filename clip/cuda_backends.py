@@ -27,6 +27,12 @@ def configure_cuda_backends(allow_tf32: bool) -> None:
     with _unset_cpu_matmul_precision_kept():
         torch.set_float32_matmul_precision("high" if allow_tf32 else "highest")
     torch.backends.cudnn.allow_tf32 = allow_tf32
+    if has_precision_api() and not allow_tf32:
+        # False writes "none" to cuDNN's own switches, which then inherit torch.backends.fp32_precision: a
+        # script's "tf32" there would make convolutions TF32 and the getter above raise
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        if hasattr(torch.backends.cudnn, "rnn"):
+            torch.backends.cudnn.rnn.fp32_precision = "ieee"
     torch.backends.cudnn.benchmark = True
 
 
@@ -58,13 +64,13 @@ def ieee_float32_matmul() -> Iterator[None]:
 @contextlib.contextmanager
 def _unset_cpu_matmul_precision_kept() -> Iterator[None]:
     """The whole-process setter also writes the CPU's (oneDNN) switch: TF32 for CUDA would make the host's
-    float32 matmuls TF32 too where oneDNN can. An unset CPU switch ("none", the default) is put back; one a
-    script set is left as the setter wrote it, since a CPU value of its own beside CUDA's makes the
-    whole-process getter (which inductor reads) raise."""
+    float32 matmuls TF32 too where oneDNN can. A CPU switch unset ("none", the default) or at full precision
+    ("ieee") is put back; a reduced one a script chose (bf16, tf32) is left as the setter wrote it, since it
+    would not match CUDA's choice and the whole-process getter (which inductor reads) would raise."""
     switches = [switch for switch in _per_backend_matmul_switches() if switch is not torch.backends.cuda.matmul]
-    unset = [switch for switch in switches if switch.fp32_precision == "none"]
+    kept = [(switch, switch.fp32_precision) for switch in switches if switch.fp32_precision in ("none", "ieee")]
     yield
-    _write_back(unset, ["none"] * len(unset))
+    _write_back([switch for switch, _ in kept], [value for _, value in kept])
 
 
 def _per_backend_matmul_switches() -> list:

@@ -28,17 +28,26 @@ def per_backend_matmul() -> dict[str, str]:
     return {"cuda": torch.backends.cuda.matmul.fp32_precision, "cpu": torch.backends.mkldnn.matmul.fp32_precision}
 
 
+def per_backend_switches() -> list[tuple[object, str]]:
+    """(switch object, value) of every per-backend fp32_precision switch a test may write, the generic one first."""
+    if not has_precision_api():
+        return []
+    backends = torch.backends
+    objects = [backends, backends.cuda.matmul, backends.mkldnn.matmul, backends.cudnn.conv,
+               *([backends.cudnn.rnn] if hasattr(backends.cudnn, "rnn") else [])]
+    return [(switch, switch.fp32_precision) for switch in objects]
+
+
 @pytest.fixture()
 def restore_backends():
     saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
-    switches = per_backend_matmul()
+    switches = per_backend_switches()
     yield
     torch.set_float32_matmul_precision(saved[0])
     torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved[1:]
-    for name, value in switches.items():
-        backend = torch.backends.cuda if name == "cuda" else torch.backends.mkldnn
-        if backend.matmul.fp32_precision != value:
-            backend.matmul.fp32_precision = value
+    for switch, value in switches:
+        if switch.fp32_precision != value:
+            switch.fp32_precision = value
 
 
 @pytest.mark.parametrize("allow_tf32", [True, False])
@@ -94,12 +103,23 @@ def test_ieee_blocks_put_every_switch_back_and_never_raise(restore_backends, cho
 
 
 @pytest.mark.skipif(not has_precision_api(), reason="torch < 2.9 has only the whole-process switches")
-def test_tf32_for_cuda_leaves_an_unset_cpu_matmul_switch_unset(restore_backends):
+@pytest.mark.parametrize("cpu", ["none", "ieee"])
+def test_tf32_for_cuda_leaves_an_unset_or_full_precision_cpu_matmul_switch(restore_backends, cpu):
     # torch's whole-process setter also turns the CPU's (oneDNN) float32 matmuls to TF32
-    assert torch.backends.mkldnn.matmul.fp32_precision == "none"
+    if cpu != "none":
+        torch.backends.mkldnn.matmul.fp32_precision = cpu
     configure_cuda_backends(allow_tf32=True)
-    assert torch.backends.mkldnn.matmul.fp32_precision == "none"
+    assert torch.backends.mkldnn.matmul.fp32_precision == cpu
     assert tf32_switches() == (True, True)  # and every getter reads
+
+
+@pytest.mark.skipif(not has_precision_api(), reason="torch < 2.9 has only the whole-process switches")
+def test_tf32_off_holds_for_convolutions_after_a_script_chose_tf32_for_every_backend(restore_backends):
+    # cudnn.allow_tf32 = False writes "none" to cuDNN's switch, which then inherited the generic "tf32": the
+    # convolutions stayed TF32, and reading cudnn.allow_tf32 (inductor does) raised.
+    torch.backends.fp32_precision = "tf32"
+    configure_cuda_backends(allow_tf32=False)
+    assert tf32_switches() == (False, False)
 
 
 def test_retrieval_scores_run_in_ieee_float32_inside_a_tf32_run(restore_backends, monkeypatch):

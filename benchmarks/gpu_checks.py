@@ -96,7 +96,7 @@ TRAINER_BASE = [
     "model.embed_dim=32", "model.vision.image_size=32", "model.vision.patch_size=8", "model.vision.width=64",
     "model.vision.layers=2", "model.vision.heads=2", "model.text.width=64", "model.text.layers=2",
     "model.text.heads=2", "train.batch_size=16", "schedule.steps=4", "schedule.warmup_steps=1",
-    "checkpoint.every_n_steps=2", "logging.every_n_steps=1", "logging.progress_bar=false",
+    "checkpoint.every_n_steps=2", "checkpoint.keep_last=3", "logging.every_n_steps=1", "logging.progress_bar=false",
     "logging.tensorboard=false", "logging.plot=false", "data.workers=1", "eval.every_n_steps=0", "eval.zeroshot=[]",
 ]
 RESNET = ["model.vision.kind=resnet", "model.vision.layers=[1,1,1,1]", "model.vision.width=16"]
@@ -139,13 +139,15 @@ class TrainerRuns:
     def resume_matches_straight_run(self) -> dict:
         """A run stopped at step 2 and resumed against an uninterrupted one, measured against what steps 3 and
         4 changed: GPU kernels are not bitwise reproducible, but a resume that lost its state (weights, moments,
-        RNG, data position) differs by about as much as those steps' updates."""
+        RNG, data position) differs by about as much as those steps' updates, a correct one by about the
+        run-to-run noise of two uninterrupted runs."""
         from pathlib import Path
 
         from clip import checkpoint as ckpt
 
         extra = ["train.precision=bf16", "train.accumulation_steps=2", "train.patch_dropout=0.5"]
         self.run("straight", extra)
+        self.run("straight_again", extra)
         self.run("resumed", extra, stop_at_step=2)
         self.run("resumed", extra)
 
@@ -153,12 +155,19 @@ class TrainerRuns:
             state = ckpt.read_checkpoint(ckpt.checkpoint_path(Path(self.folder) / run, step))["model"]
             return {k: v.float() for k, v in state.items() if v.is_floating_point()}
 
-        straight, at_step_2, resumed = weights("straight", 4), weights("straight", 2), weights("resumed", 4)
-        difference = max((straight[k] - resumed[k]).abs().max().item() for k in straight)
-        update = max((straight[k] - at_step_2[k]).abs().max().item() for k in straight)
-        tolerance = 0.0 if self.device.type == "cpu" else 0.1 * update  # the CPU: bit for bit
-        return {"ok": update > 0 and difference <= tolerance, "max_difference": difference,
-                "update_in_steps_3_and_4": update, "tolerance": tolerance}
+        def largest_difference(a: dict, b: dict) -> float:
+            return max((a[k] - b[k]).abs().max().item() for k in a)
+
+        straight, at_step_2 = weights("straight", 4), weights("straight", 2)
+        difference = largest_difference(straight, weights("resumed", 4))
+        update = largest_difference(straight, at_step_2)
+        # Two uninterrupted runs differ by the kernels' own run-to-run noise (cuDNN's chosen algorithms, atomic
+        # adds; AdamW can turn a near-zero gradient's noise into a whole step): the resume may differ by a few
+        # times that, and a resume that lost its state by about the last steps' update, far more.
+        noise = largest_difference(straight, weights("straight_again", 4))
+        tolerance = 4 * noise  # bit for bit where the kernels are deterministic (the CPU)
+        return {"ok": update > 10 * noise and difference <= tolerance, "max_difference": difference,
+                "run_to_run_noise": noise, "update_in_steps_3_and_4": update, "tolerance": tolerance}
 
 
 def trainer_checks(device: torch.device, compile: bool, folder: str) -> dict:
@@ -171,9 +180,11 @@ def trainer_checks(device: torch.device, compile: bool, folder: str) -> dict:
     checks = {f"trainer_{name}": (lambda name=name: runs.case(name))
               for name, extra in TRAINER_CASES.items() if "train.compile=true" not in extra}
     checks["trainer_resume_matches_straight_run"] = runs.resume_matches_straight_run
-    if device.type == "cuda" and compile:
-        checks.update({f"trainer_{name}": (lambda name=name: runs.case(name))
-                       for name, extra in TRAINER_CASES.items() if "train.compile=true" in extra})
+    for name, extra in TRAINER_CASES.items():
+        if "train.compile=true" in extra:
+            skipped = {"ok": True, "skipped": "CUDA with torch.compile only"}
+            run_it = device.type == "cuda" and compile
+            checks[f"trainer_{name}"] = (lambda name=name: runs.case(name)) if run_it else (lambda s=skipped: s)
     return checks
 
 
@@ -188,10 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     checks = {
         "patch_dropout_replay_eager": lambda: replayed_patch_dropout(device, compile=False),
         "normalizer": lambda: normalizer_on_device(device),
-        **trainer_checks(device, not args.no_compile, folder.name),
     }
-    if not args.no_compile:  # a compile takes longest: after the eager checks
+    if not args.no_compile:  # before the trainer runs: their TF32 case leaves TF32 on for the process
         checks["patch_dropout_replay_compiled"] = lambda: replayed_patch_dropout(device, compile=True)
+    checks.update(trainer_checks(device, not args.no_compile, folder.name))
     results = {}
     with folder:
         for name, check in checks.items():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from .architectures import OPENAI_VOCAB_SIZE, ModelConfig
 from .config_io import (
@@ -60,15 +60,19 @@ class OptimizerConfig:
                     'a finite number > 0, or "none" for no clipping')
 
 
+ScheduleKind = Literal["cosine", "constant", "constant_cooldown"]
+
+
 @dataclass
 class ScheduleConfig:
     steps: int = 1000  # optimiser steps in the run
     warmup_steps: int = 100  # linear warmup from 0 to optimizer.lr
     # After the warmup: "cosine" decays to lr * min_lr_ratio at `steps` (the paper's schedule); "constant"
     # holds lr; "constant_cooldown" holds lr, then decays linearly over the last `cooldown_steps`, towards
-    # lr * min_lr_ratio at `steps` (warmup-stable-decay). A constant rate lets a run be extended (more `steps`) without the
-    # rate jumping: the cosine of a longer run is higher at every step, the constant part the same.
-    kind: Literal["cosine", "constant", "constant_cooldown"] = "cosine"
+    # lr * min_lr_ratio at `steps` (warmup-stable-decay). A constant rate lets a run be extended (more
+    # `steps`) without the rate jumping: the cosine of a longer run is higher at every step, the constant part
+    # the same.
+    kind: ScheduleKind = "cosine"
     cooldown_steps: int = 0  # constant_cooldown only: the final steps of linear decay
     min_lr_ratio: float = 0.0  # the decay's floor (cosine, constant_cooldown), as a fraction of lr
 
@@ -78,7 +82,7 @@ class ScheduleConfig:
         require("warmup_steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0 (0 = no warmup)")
         # The floor of the decay, as a fraction of the peak: above 1 the "decay" would raise the rate.
         require("min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
-        kinds = ("cosine", "constant", "constant_cooldown")  # also when built in Python, not read from a file
+        kinds = get_args(ScheduleKind)  # checked also when built in Python, not read from a file
         require("kind", self.kind, self.kind in kinds, f"one of {', '.join(map(repr, kinds))}")
         # Settings that the chosen kind would ignore are errors: a cooldown or floor asked for and silently
         # not applied would only show at the end of a long run.

@@ -109,6 +109,15 @@ def _replayed_rng(state: tuple[torch.Tensor, torch.Tensor | None], device: torch
         yield
 
 
+def batch_norms_updating_statistics(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of `module` whose forward pass updates their running statistics (in training
+    mode, tracking them)."""
+    return [
+        norm for norm in module.modules()
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.training and norm.track_running_stats
+    ]
+
+
 @contextlib.contextmanager
 def batch_norm_statistics_kept(module: nn.Module):
     """BatchNorm running statistics left as they are by the block. The feature-caching pass of gradient
@@ -119,10 +128,7 @@ def batch_norm_statistics_kept(module: nn.Module):
     A momentum of 0 makes the update `running * 1 + batch * 0`, the running value itself; only the step
     counter is put back. Nothing is copied back over the buffers: under DDP, the first forward of the block
     overwrites them with rank 0's, and restoring a copy taken before it would undo that synchronisation."""
-    norms = [
-        norm for norm in module.modules()
-        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.training and norm.track_running_stats
-    ]
+    norms = batch_norms_updating_statistics(module)
     saved = [(norm.momentum, norm.num_batches_tracked.clone()) for norm in norms]
     for norm in norms:
         norm.momentum = 0.0
@@ -143,18 +149,12 @@ class BatchNormSnapshot:
     buffers are the module's own tensors when this is built: built after the model is placed and loaded."""
 
     def __init__(self, module: nn.Module) -> None:
-        self.buffers = [
-            buffer
-            for norm in module.modules()
-            if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.training and norm.track_running_stats
-            for buffer in (norm.running_mean, norm.running_var, norm.num_batches_tracked)
-        ]
+        norms = batch_norms_updating_statistics(module)
         # Grouped by dtype (float statistics, int64 counters): a multi-tensor copy of one dtype is one kernel
         # on CUDA, a mixed list falls back to one copy per tensor
-        self.groups = [
-            ([b for b in self.buffers if b.dtype == dtype], [b.clone() for b in self.buffers if b.dtype == dtype])
-            for dtype in dict.fromkeys(buffer.dtype for buffer in self.buffers)
-        ]
+        groups = {"float": [n.running_mean for n in norms] + [n.running_var for n in norms],
+                  "counters": [n.num_batches_tracked for n in norms]}
+        self.groups = [(buffers, [b.clone() for b in buffers]) for buffers in groups.values() if buffers]
 
     def take(self) -> None:
         for buffers, saved in self.groups:  # no sync

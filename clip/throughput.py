@@ -64,8 +64,9 @@ def _forward_flops(config: ModelConfig, run, samples: int = 1, top: tuple[str, i
 
 
 @lru_cache(maxsize=64)
-def image_forward_flops(config: ModelConfig, patch_dropout: float = 0.0) -> int:
-    """With patch dropout (a ViT in training), counted at the number of patches the transformer sees."""
+def image_forward_flops(config: ModelConfig, patch_dropout: float = 0.0, top_layers: int | None = None) -> int:
+    """With patch dropout (a ViT in training), counted at the number of patches the transformer sees. With
+    `top_layers`, only those of the image tower's top (`CLIP.tower_top`)."""
     size = config.vision.image_size
 
     def run(model: CLIP) -> None:
@@ -73,18 +74,8 @@ def image_forward_flops(config: ModelConfig, patch_dropout: float = 0.0) -> int:
             model.set_patch_dropout(patch_dropout)
         model.encode_image(torch.empty(IMAGES_COUNTED, 3, size, size))  # in training mode, as a new module is
 
-    return _forward_flops(config, run, IMAGES_COUNTED)
-
-
-@lru_cache(maxsize=64)
-def image_top_forward_flops(config: ModelConfig, layers: int) -> int:
-    """The forward FLOPs of the image tower's top `layers` (`CLIP.tower_top`), at every patch."""
-    size = config.vision.image_size
-
-    def run(model: CLIP) -> None:
-        model.encode_image(torch.empty(IMAGES_COUNTED, 3, size, size))
-
-    return _forward_flops(config, run, IMAGES_COUNTED, ("image", layers))
+    top = None if top_layers is None else ("image", top_layers)
+    return _forward_flops(config, run, IMAGES_COUNTED, top)
 
 
 @lru_cache(maxsize=256)
@@ -112,7 +103,7 @@ def training_flops_per_sample(
     if not lock_image:
         image *= TRAINING_FLOPS_PER_FORWARD_FLOP
     elif image_unlocked_layers:
-        image += backward_factor * image_top_forward_flops(config, image_unlocked_layers)
+        image += backward_factor * image_forward_flops(config, top_layers=image_unlocked_layers)
     text = text_forward_flops(config, length)
     if not lock_text:
         text *= TRAINING_FLOPS_PER_FORWARD_FLOP

@@ -14,7 +14,7 @@ from clip.architectures import ModelConfig, TextConfig, VisionConfig
 from clip.config import LossConfig, TrainConfig, load_config
 from clip.loss import build_loss
 from clip.model import CLIP
-from clip.throughput import image_forward_flops, image_top_forward_flops, text_forward_flops, training_flops_per_sample
+from clip.throughput import image_forward_flops, text_forward_flops, training_flops_per_sample
 from clip.train import train
 from clip.train_step import ContrastiveModel, contrastive_step
 
@@ -131,7 +131,7 @@ def test_accumulation_over_a_partly_locked_tower_gives_the_full_batchs_gradients
 def test_the_mfu_counts_a_backward_pass_through_the_unlocked_top_only(config):
     depth = 4 if config.vision.kind == "resnet" else config.vision.layers
     image = image_forward_flops(config)
-    tops = [image_top_forward_flops(config, layers) for layers in range(depth + 1)]
+    tops = [image_forward_flops(config, top_layers=layers) for layers in range(depth + 1)]
     assert tops[0] == 0 and all(a < b for a, b in zip(tops, tops[1:])) and tops[-1] < image  # the stem stays locked
     locked = training_flops_per_sample(config, 8, lock_image=True)
     assert training_flops_per_sample(config, 8, lock_image=True, image_unlocked_layers=1) == locked + 2 * tops[1]

@@ -66,6 +66,8 @@ SKIPPED = {
     "bigbomb.png": (encoded(rgb_image((70, 70)), "PNG"), b"a fine caption", "decompression_bomb"),  # > 2x limit
     "nocaption.jpg": (image_bytes(98), b"   ", "empty_caption"),
     "badutf8.jpg": (image_bytes(97), b"caf\xe9 au lait", "bad_utf8"),
+    # A NUL byte in a path (a row torn by a crash mid-append): open() raises ValueError, not OSError
+    "nul\x00.jpg": (None, b"a fine caption", "unreadable_file"),
 }
 
 

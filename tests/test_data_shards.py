@@ -274,6 +274,8 @@ def test_captions_from_a_field_of_the_json_member(tmp_path: Path) -> None:
 
     with pytest.raises(SkipSample, match="bad_utf8"):  # as a .txt caption that is not UTF-8
         json_field(b'{"caption": "caf\xe9"}', "caption")
+    # Nested deeper than json's recursive parser goes: no caption, not a RecursionError that ends the run
+    assert json_field(b"[" * 50_000, "caption") is None
 
 
 def test_a_repeated_member_name_keeps_the_first_and_loses_no_other_sample(tmp_path: Path, caplog) -> None:

@@ -103,6 +103,8 @@ class ManifestSource:
             raise SkipSample("missing_file", str(error)) from None
         except OSError as error:
             raise SkipSample("unreadable_file", str(error)) from None
+        except ValueError as error:  # a path with a NUL byte in it (a manifest row torn by a crash mid-append)
+            raise SkipSample("unreadable_file", f"{path!r}: {error}") from None
 
 
 LONGER_SHARDS_NAMED = 5  # per data worker; see ShardSource._report_longer
@@ -210,7 +212,7 @@ def json_field(member: object, field: str) -> str | None:
         value = json.loads(member.decode("utf-8"))
     except UnicodeDecodeError as error:
         raise SkipSample("bad_utf8", f"its .json: {error}") from None
-    except ValueError:  # not JSON
+    except (ValueError, RecursionError):  # not JSON, or nested too deep for json's recursive parser
         return None
     text = value.get(field) if isinstance(value, dict) else None
     return text if isinstance(text, str) else None

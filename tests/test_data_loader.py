@@ -129,6 +129,27 @@ def test_several_sources_with_weights(tmp_path: Path) -> None:
     data.close()
 
 
+def test_a_weight_that_rounds_a_source_away_is_refused_and_a_skewed_one_said(tmp_path: Path, caplog) -> None:
+    # An exact epoch reads round(weight x size) samples of a source: 4 rows at weight 0.1 rounded to none, and
+    # the source was silently never read, epoch after epoch (as a weight of 0, which the config refuses)
+    big, small = write_manifest(tmp_path / "big", range(40)), write_manifest(tmp_path / "small", range(100, 105))
+    mix = [SourceConfig(kind="manifest", path=str(big), name="big"),
+           SourceConfig(kind="manifest", path=str(small), name="small", weight=0.05)]
+    with pytest.raises(ValueError, match=r"data source small: weight x size = 0.05 x 5 = 0.25 rounds to 0 samples per "
+                                         r"epoch, so it would never be read: raise its weight to at least 0.1"):
+        build(mix, batch_size=4)
+    # 5 x 0.5 = 2.5 is read as 2 per epoch: said, 20% fewer. 5 x 0.4 = 2 exactly, or draws by weight: nothing said
+    with caplog.at_level(logging.WARNING, logger="clip.data"):
+        build([mix[0], SourceConfig(kind="manifest", path=str(small), name="small", weight=0.5)], batch_size=4).close()
+    assert "data source small: weight x size = 2.5 is read as 2 samples per exact epoch (-20% of what its weight " \
+           "asks; data.resampled = true draws by weight)" in caplog.text and "source big" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="clip.data"):
+        build([mix[0], SourceConfig(kind="manifest", path=str(small), name="small", weight=0.4)], batch_size=4).close()
+        build(mix, batch_size=4, resampled=True, epoch_samples=40).close()
+    assert "weight x size" not in caplog.text
+
+
 def test_a_source_none_of_whose_samples_can_be_used_stops_a_mix(tmp_path: Path) -> None:
     # Its failures were hidden by the other sources' samples: the run went on with a silently changed mix,
     # one warning a minute. Dirty sources that deliver some samples go on.

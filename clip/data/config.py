@@ -33,7 +33,8 @@ class SourceConfig:
     path: str = ""
     name: str = ""  # label in stats() and logs; "" = "<index>:<kind>"
     # Per-sample rate relative to the other sources: each epoch draws weight x size samples from this source
-    # (2.0 = every sample twice, 0.5 = half of them, the other half next epoch); with `resampled`, the expected rate.
+    # (2.0 = every sample twice, 0.5 = half of them, the other half next epoch; round(weight x size) of them, so a
+    # source that rounds to none is refused); with `resampled`, the expected rate.
     weight: float = 1.0
     image_column: str = "image"  # manifest column with the image path; for shards, a member extension tried first
     # Manifest column with the caption. Shards: a member extension tried before "txt", or "json" / "json:FIELD"

@@ -98,6 +98,8 @@ class TrainData:
             resampled=config.resampled,
             epoch_samples=config.epoch_samples if config.resampled else None,
         )
+        if not config.resampled:
+            self._check_rounded_weights()
         planned = self.planner.samples_per_pass
         if planned < self.planner.slots:
             raise ValueError(
@@ -313,6 +315,23 @@ class TrainData:
     def _said_once(self) -> int:
         """The level of a line every rank would log alike: a warning from rank 0, INFO from the others."""
         return logging.WARNING if self.rank == 0 else logging.INFO
+
+    def _check_rounded_weights(self) -> None:
+        """An exact epoch reads round(weight x size) samples of each source: refuses a source that rounds to
+        none (never read, like a weight of 0), and says when the rounding moves a source's share by over 1%
+        (weight x size = 2.5 reads 2 per epoch). Only small sources are affected."""
+        for source in self.sources:
+            asked, read = source.layout.weight * source.layout.size, source.layout.samples_per_epoch
+            if read == 0:
+                raise ValueError(
+                    f"data source {source.name}: weight x size = {source.layout.weight:g} x {source.layout.size} = "
+                    f"{asked:.3g} rounds to 0 samples per epoch, so it would never be read: raise its weight to at "
+                    f"least {0.5 / source.layout.size:.3g}, or set data.resampled = true (draws by weight)"
+                )
+            if abs(read - asked) > 0.01 * asked:
+                log.log(self._said_once, "data source %s: weight x size = %.3g is read as %d samples per exact epoch "
+                        "(%+.0f%% of what its weight asks; data.resampled = true draws by weight)",
+                        source.name, asked, read, 100 * (read - asked) / asked)
 
     def _changed_settings(self, saved_layout: dict) -> str:
         """The layout settings that differ from the saved state's, for the log. Not the rank: every rank of

@@ -14,6 +14,7 @@ while writing leaves that temporary file, which `remove_stray_temporaries` delet
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -54,6 +55,16 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
         if match:
             found.append((int(match.group(1)), path))
     return sorted(found, reverse=True)
+
+
+# Errors of reading a file that say nothing about its contents: the read may succeed when tried again (or with
+# other permissions), so the file is not judged unreadable.
+_STORAGE_ERRORS = frozenset(
+    getattr(errno, name) for name in ("EIO", "ESTALE", "ETIMEDOUT", "EACCES", "EPERM", "ENOTCONN", "EHOSTDOWN",
+                                      "EHOSTUNREACH", "ECONNRESET", "ECONNABORTED", "EREMOTEIO", "ENOLINK", "EBUSY",
+                                      "EAGAIN", "EINTR", "ENOMEM", "ENFILE", "EMFILE")
+    if hasattr(errno, name)
+)
 
 
 class NoReadableCheckpointError(RuntimeError):
@@ -251,13 +262,23 @@ def latest_readable_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
     A newer file that does not load (torn, damaged, foreign, another format version, non-finite weights, not a
     regular file) is skipped with a warning. When there are checkpoint files but none loads, raises
     NoReadableCheckpointError rather than starting again at step 0: the new run would mix with the old files,
-    and its checkpoints be pruned below them.
+    and its checkpoints be pruned below them. So does a read that the storage fails (`_STORAGE_ERRORS`), which
+    judges nothing about the file.
     """
     failures = []
     for step, path in list_checkpoints(run_dir):
         try:
             return path, read_checkpoint(path)
         except Exception as error:  # a torn file raises anything from zipfile/pickle/torch
+            if isinstance(error, OSError) and error.errno in _STORAGE_ERRORS:
+                # The storage failed, not the file (a network file system's EIO or ESTALE, a permission): skipping
+                # it would resume from an older checkpoint, lose the steps since, and later overwrite this file.
+                raise NoReadableCheckpointError(
+                    f"could not read {path} (step {step}): {_one_line_reason(error)} -- a storage error, not a "
+                    f"damaged file, so the run does not fall back to an older checkpoint (losing the steps since). "
+                    f"Run again once the file can be read; to resume from the previous checkpoint instead, move this "
+                    f"one aside."
+                ) from error
             reason = _one_line_reason(error)
             log.warning("checkpoint %s (step %d) is unreadable and skipped: %s", path, step, reason)
             failures.append(f"{path.name}: {reason}")

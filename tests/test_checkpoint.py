@@ -76,6 +76,34 @@ def test_a_checkpoint_damaged_after_its_save_or_with_non_finite_weights_is_skipp
     assert "step_00000030.pt holds non-finite weights (w)" in caplog.text
 
 
+def test_a_storage_error_on_the_newest_checkpoint_stops_the_resume_instead_of_rewinding_it(tmp_path, monkeypatch, caplog):
+    # An EIO or ESTALE from a network file system was taken for a damaged file: the run resumed a checkpoint
+    # interval back, and its next save overwrote the good newer file. Errors of the contents still skip.
+    for step in (10, 20):
+        ckpt.save_checkpoint({"format": ckpt.CHECKPOINT_FORMAT, "step": step, "model": {}}, tmp_path, step, keep_last=3)
+    read = ckpt.read_checkpoint
+
+    def failing_on(code: int):
+        def read_or_fail(path, verify=True):
+            if path == ckpt.checkpoint_path(tmp_path, 20):
+                raise OSError(code, os.strerror(code))
+            return read(path, verify)
+        return read_or_fail
+
+    for code in (errno.EIO, errno.ESTALE, errno.EACCES):
+        monkeypatch.setattr(ckpt, "read_checkpoint", failing_on(code))
+        with pytest.raises(ckpt.NoReadableCheckpointError) as raised:
+            ckpt.latest_readable_checkpoint(tmp_path)
+        assert f"could not read {ckpt.checkpoint_path(tmp_path, 20)} (step 20): " in str(raised.value)
+        assert "a storage error, not a damaged file" in str(raised.value) and "move this one aside" in str(raised.value)
+    # torch seeking before the start of a torn file raises EINVAL: that file is skipped, as before
+    monkeypatch.setattr(ckpt, "read_checkpoint", failing_on(errno.EINVAL))
+    with caplog.at_level("WARNING"):
+        assert ckpt.latest_readable_checkpoint(tmp_path)[1]["step"] == 10
+    assert "step_00000020.pt (step 20) is unreadable and skipped: OSError" in caplog.text
+    assert steps(tmp_path) == [20, 10]
+
+
 def test_a_save_that_runs_out_of_disk_says_so_in_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     # torch.save's own error was "[enforce fail at inline_container.cc:672] unexpected pos", the cause
     # (a full disk, a quota, ulimit -f) only further up the chained traceback.

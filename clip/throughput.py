@@ -8,6 +8,7 @@ full context, which would overstate it.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 
 import torch
@@ -24,6 +25,7 @@ _BF16 = (torch.bfloat16, torch.float16)
 PEAK_FLOPS_BY_DEVICE: tuple[tuple[str, dict], ...] = (
     ("H200 NVL", {_BF16: 835e12, "tf32": 418e12, torch.float32: 60e12}),
     ("H200", {_BF16: 989e12, "tf32": 494e12, torch.float32: 67e12}),
+    ("GH200", {_BF16: 989e12, "tf32": 494e12, torch.float32: 67e12}),  # Grace Hopper: an H100/H200-class GPU
     ("H100 NVL", {_BF16: 835e12, "tf32": 418e12, torch.float32: 60e12}),
     ("H100 PCIe", {_BF16: 756e12, "tf32": 378e12, torch.float32: 51e12}),
     ("H100", {_BF16: 989e12, "tf32": 494e12, torch.float32: 67e12}),
@@ -118,7 +120,9 @@ def peak_flops(device: torch.device, dtype: torch.dtype, tf32: bool = False) -> 
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    peaks = next((peaks for model_name, peaks in PEAK_FLOPS_BY_DEVICE if model_name in name), None)
+    # Whole words: "A100" is in "NVIDIA RTX A1000" too, a card of a small fraction of its throughput
+    peaks = next((peaks for model_name, peaks in PEAK_FLOPS_BY_DEVICE
+                  if re.search(rf"\b{re.escape(model_name)}\b", name)), None)
     if peaks is None:
         return None
     if dtype in _BF16:

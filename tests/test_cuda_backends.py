@@ -164,6 +164,12 @@ def test_peak_flops_follows_dtype_and_tf32(monkeypatch):
     assert peak_flops(cuda, torch.bfloat16) == 989e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200 NVL")
     assert peak_flops(cuda, torch.bfloat16) == 835e12
+    # Whole model names: "A100" is also in the name of the RTX A1000, which an A100's peak made read ~10x too low
+    for name, bf16_peak in [("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12),
+                            ("NVIDIA RTX A1000", None), ("NVIDIA RTX A1000 6GB Laptop GPU", None),
+                            ("NVIDIA GH200 480GB", 989e12)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        assert peak_flops(cuda, torch.bfloat16) == bf16_peak, name
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
     assert peak_flops(cuda, torch.bfloat16) is None and peak_flops(cuda, torch.float32, tf32=True) is None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import re
 
 import pytest
@@ -117,6 +118,41 @@ def test_a_collapsed_model_gets_no_credit_by_default():
         retrieval_ranks(images, texts, caption_image, chunk_size=0)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_a_collapsed_model_gets_no_credit_whatever_the_rounding(seed):
+    # One random unit vector for everything: the ground truth's score (an elementwise product) and the block
+    # product's rounded differently in the last bit about a third of the time, and the truth then won every
+    # comparison -- recall 1.0 for a collapsed model under the default rule.
+    vector = torch.nn.functional.normalize(torch.randn(512, generator=torch.Generator().manual_seed(seed)), dim=0)
+    images, texts = vector.expand(50, -1).clone(), vector.expand(250, -1).clone()
+    caption_image = torch.arange(50).repeat_interleave(5)
+    for chunk_size in (7, 4096):
+        image_ranks, text_ranks = retrieval_ranks(images, texts, caption_image, chunk_size=chunk_size)
+        assert image_ranks.tolist() == [246] * 50 and text_ranks.tolist() == [50] * 250  # last of all
+        optimistic = retrieval_ranks(images, texts, caption_image, chunk_size=chunk_size, ties="optimistic")
+        assert [ranks.unique().tolist() for ranks in optimistic] == [[1], [1]]
+    # A tie is closer than a millionth of the largest score: 1e-5 below the truth is not one, 1e-7 is
+    for gap, pessimistic_rank in ((1e-5, 1), (1e-7, 2)):
+        angle = math.acos(1 - gap)
+        images = torch.tensor([[1.0, 0.0], [math.cos(angle), math.sin(angle)]])
+        _, text_ranks = retrieval_ranks(images, torch.tensor([[1.0, 0.0]]), torch.tensor([0]))
+        assert text_ranks.tolist() == [pessimistic_rank], gap
+
+
+def test_non_finite_features_are_refused_not_ranked_first():
+    # Every comparison with NaN is false: a NaN truth was beaten by nothing and ranked 1st, all-NaN features
+    # scored a perfect recall
+    images, texts = torch.eye(3), torch.eye(3)
+    for broken, what in ((images, "image"), (texts, "text")):
+        bad = broken.clone()
+        bad[1, 0] = float("nan")
+        arguments = (bad, texts) if what == "image" else (images, bad)
+        with pytest.raises(ValueError, match=rf"1 of 3 {what} features are NaN or inf, which no ranking can use"):
+            retrieval_ranks(*arguments, torch.arange(3))
+    with pytest.raises(ValueError, match="3 of 3 image features are NaN or inf"):
+        retrieval_ranks(torch.full((3, 3), float("inf")), texts, torch.arange(3))
+
+
 def test_the_tie_rule_of_a_summary_must_be_named():
     # A default here could record "pessimistic" for ranks computed optimistically.
     ranks = torch.tensor([1, 2])
@@ -213,6 +249,12 @@ def test_manifest_rows_are_grouped_by_image(tmp_path, suffix):
     assert [p.name for p in data.image_paths] == [names[1], names[0]]
     assert data.captions == ["one", "two", "three"] and data.caption_image == [0, 1, 0]
     assert data.first_images(1).captions == ["one", "three"]
+    # One file under several spellings is one image, not two that tie with each other
+    (tmp_path / "sub").mkdir(exist_ok=True)
+    (tmp_path / "spelled.csv").write_text(f"image,caption\n{names[0]},a\n./{names[0]},b\nsub/../{names[0]},c\n"
+                                          f"{names[1]},d\n")
+    data = load_retrieval_data(RetrievalDatasetConfig(annotations=str(tmp_path / "spelled.csv")))
+    assert [p.name for p in data.image_paths] == names and data.caption_image == [0, 0, 0, 1]
 
 
 def test_a_caption_template_wraps_every_caption_as_the_paper_did(tmp_path):

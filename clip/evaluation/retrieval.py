@@ -9,9 +9,13 @@ Rank of the ground truth (1-based), for a query q with ground-truth score g:
 Pessimistic is the default because under the optimistic rule a collapsed model, whose features are all
 equal, ties everything and would score a perfect recall. The price: an image query also counts against
 its ground truth another image's caption that repeats a true caption word for word (COCO has a few),
-whenever the two encode to bit-identical features (the same text usually does; batching can change the
-last bits). An image query has several true captions; g is the best of their scores (R@K: any true
-caption in the top K). Recall@K is the fraction of queries whose rank is <= K.
+whenever the two encode to near-identical features. "Equal" is within `TIE_TOLERANCE`: the scores are
+computed in float64, and two that differ by less than a millionth of the largest possible score (float32
+features carry no more precision than that) are a tie -- an exact comparison let a collapsed model's truth
+win by a last-bit rounding difference between two computations of the same dot product. An image query has
+several true captions; g is the best of their scores (R@K: any true caption in the top K). Recall@K is the
+fraction of queries whose rank is <= K. Non-finite features are refused: every comparison with NaN is
+false, which ranked each NaN truth first.
 
 An image that cannot be decoded is left out with its captions and counted in `num_skipped`.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,6 +59,8 @@ from .features import (
 from .image_files import read_image
 
 Ties = Literal["optimistic", "pessimistic"]
+# Scores closer than this fraction of the largest possible one (|text| x the largest |image|) are a tie.
+TIE_TOLERANCE = 1e-6
 
 
 @dataclass
@@ -80,12 +87,13 @@ class RetrievalData:
 
 
 def _grouped(pairs: Sequence[tuple[str, str]], image_root: Path) -> RetrievalData:
-    """(image path, caption) pairs -> RetrievalData; images in order of first appearance."""
+    """(image path, caption) pairs -> RetrievalData; images in order of first appearance. Paths are grouped as
+    spelled out in full ("a.png", "./a.png" and "x/../a.png" are one image: as two, each was the other's tie)."""
     index_of: dict[str, int] = {}
     captions, caption_image = [], []
     for image, caption in pairs:
         captions.append(caption)
-        caption_image.append(index_of.setdefault(image, len(index_of)))
+        caption_image.append(index_of.setdefault(os.path.normpath(image), len(index_of)))
     paths = [image_root / image for image in index_of]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
@@ -246,24 +254,41 @@ def retrieval_ranks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """1-based ranks of the ground truth: (per image query [I] over texts, per text query [T] over images).
 
-    Scores are dot products (pass normalised features for cosine similarity). Memory: one
-    [chunk_size x chunk_size] block of scores plus O(I + T) counters.
+    Scores are dot products (pass normalised features for cosine similarity), compared within `TIE_TOLERANCE`.
+    Memory: one [chunk_size x chunk_size] float64 block of scores, float64 copies of the features and O(I + T)
+    counters. Non-finite features are a ValueError.
     """
     if ties not in ("optimistic", "pessimistic"):
         raise ValueError(f"ties must be 'optimistic' or 'pessimistic', got {ties!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    beats = torch.gt if ties == "optimistic" else torch.ge
+    for what, features in (("image", image_features), ("text", text_features)):
+        broken = int((~torch.isfinite(features).all(dim=-1)).sum())
+        if broken:
+            raise ValueError(
+                f"{broken} of {features.shape[0]} {what} features are NaN or inf, which no ranking can use: a model "
+                f"whose weights are non-finite, or activations beyond float16's range (evaluate with precision fp32)"
+            )
     device = image_features.device
+    # float64 where the device has it (not MPS), so that the products add no rounding of their own
+    precise = torch.float32 if device.type == "mps" else torch.float64
+    image_features, text_features = image_features.to(precise), text_features.to(precise)
     caption_image = caption_image.to(device).long()
     num_images, num_texts = image_features.shape[0], text_features.shape[0]
     truth = (text_features * image_features[caption_image]).sum(dim=-1)  # T: score of each caption's image
     best_truth = torch.full((num_images,), float("-inf"), device=device, dtype=truth.dtype)
     best_truth.scatter_reduce_(0, caption_image, truth, reduce="amax")  # I: best true caption per image
+    # A candidate beats a ground truth g when its score is >= g - tolerance (pessimistic: ties count against
+    # the truth) or > g + tolerance (optimistic); the tolerance scales with the largest score the query can get.
+    image_norms, text_norms = image_features.norm(dim=-1), text_features.norm(dim=-1)
+    text_tolerance = TIE_TOLERANCE * text_norms * (image_norms.max() if num_images else 0.0)
+    image_tolerance = TIE_TOLERANCE * image_norms * (text_norms.max() if num_texts else 0.0)
+    sign = -1.0 if ties == "pessimistic" else 1.0
+    text_bar, image_bar = truth + sign * text_tolerance, best_truth + sign * image_tolerance
+    beats = torch.gt if ties == "optimistic" else torch.ge
     texts_above = torch.zeros(num_texts, dtype=torch.long, device=device)
     images_above = torch.zeros(num_images, dtype=torch.long, device=device)
-    # Full float32 even where training chose TF32 (train.tf32): its 1e-3 relative error in `scores`, set
-    # against the exact `truth`, would reorder near ties.
+    # Full float32 even where training chose TF32 (train.tf32), should the products run in float32 (MPS)
     with ieee_float32_matmul():
         for t0 in range(0, num_texts, chunk_size):
             t1 = min(t0 + chunk_size, num_texts)
@@ -271,13 +296,12 @@ def retrieval_ranks(
             for i0 in range(0, num_images, chunk_size):
                 i1 = min(i0 + chunk_size, num_images)
                 scores = text_features[t0:t1] @ image_features[i0:i1].t()  # t, i
-                # Ground-truth pairs never compete: -inf loses to any finite score, under either tie rule. (This
-                # also keeps a pair's score, rounded differently here than in `truth`, from beating itself.)
+                # Ground-truth pairs never compete: -inf loses to any finite score, under either tie rule
                 columns = caption_image[t0:t1] - i0
                 inside = (columns >= 0) & (columns < i1 - i0)
                 scores[rows[inside], columns[inside]] = float("-inf")
-                texts_above[t0:t1] += beats(scores, truth[t0:t1, None]).sum(dim=1)
-                images_above[i0:i1] += beats(scores, best_truth[None, i0:i1]).sum(dim=0)
+                texts_above[t0:t1] += beats(scores, text_bar[t0:t1, None]).sum(dim=1)
+                images_above[i0:i1] += beats(scores, image_bar[None, i0:i1]).sum(dim=0)
     return images_above + 1, texts_above + 1
 
 

@@ -118,6 +118,21 @@ def test_unreadable_images_are_counted_in_the_metrics(tmp_path):
     assert "zeroshot/shapes/num_skipped" not in metrics and "retrieval/captions/num_skipped" not in metrics
 
 
+def test_a_model_with_non_finite_features_records_nan_with_a_warning_not_an_error(tmp_path, caplog):
+    # A diverged run (finite weights of 1e30, say) gives inf features: evaluated, NaN predictions scored as
+    # class 0 and NaN truths as rank 1; refused, the error would stop the run at an evaluation
+    model = tiny_clip()
+    with torch.no_grad():
+        model.visual.proj.fill_(float("nan"))
+    with caplog.at_level(logging.WARNING):
+        metrics = run_evaluations(model, eval_config(write_caption_manifest(tmp_path, 7)), device="cpu", step=10)
+    assert set(metrics) == {"zeroshot/shapes/top1", "retrieval/captions/image_to_text_R@1",
+                            "retrieval/captions/text_to_image_R@1"}
+    assert all(math.isnan(value) for value in metrics.values())
+    assert "step 10: 30 of 30 zero-shot shapes image features are NaN or inf" in caplog.text
+    assert "step 10: 7 of 7 retrieval captions image features are NaN or inf" in caplog.text and "recorded as NaN" in caplog.text
+
+
 def test_evaluation_leaves_the_global_random_generator_alone(tmp_path):
     # An evaluation during training must not shift what the run draws afterwards (exact resume compares a
     # run that evaluated at a step with one that stopped there instead).

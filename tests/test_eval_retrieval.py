@@ -147,7 +147,7 @@ def test_non_finite_features_are_refused_not_ranked_first():
         bad = broken.clone()
         bad[1, 0] = float("nan")
         arguments = (bad, texts) if what == "image" else (images, bad)
-        with pytest.raises(ValueError, match=rf"1 of 3 {what} features are NaN or inf, which no ranking can use"):
+        with pytest.raises(ValueError, match=rf"1 of 3 {what} features are NaN or inf, which no evaluation can use"):
             retrieval_ranks(*arguments, torch.arange(3))
     with pytest.raises(ValueError, match="3 of 3 image features are NaN or inf"):
         retrieval_ranks(torch.full((3, 3), float("inf")), texts, torch.arange(3))

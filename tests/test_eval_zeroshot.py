@@ -239,6 +239,19 @@ def test_no_readable_image_is_an_error_not_zero_accuracy(tmp_path):
         evaluate_zeroshot(model, [], classnames, templates, tokenizer=model.tokenize)
 
 
+def test_non_finite_features_are_an_error_not_a_prediction():
+    # argmax takes NaN for the largest value: a NaN image was "predicted" as its first NaN class, and an
+    # all-NaN model scored whatever share of images class 0 had
+    model, classnames, templates = planted_two_classes()
+    images = [(torch.tensor([1.0, 0.0]), 0), (torch.tensor([float("nan"), 0.0]), 0), (torch.tensor([0.0, -1.0]), 1)]
+    with pytest.raises(ValueError, match="1 of 3 zero-shot d image features are NaN or inf, which no evaluation can "
+                                         "use: a model whose weights are non-finite"):
+        evaluate_zeroshot(model, images, classnames, templates, tokenizer=model.tokenize, name="d")
+    model.vectors[4, 1] = float("inf")  # "the dog!": the dog's prompt ensemble
+    with pytest.raises(ValueError, match=r"1 of 2 class \(prompt ensemble\) features are NaN or inf"):
+        evaluate_zeroshot(model, images[:1], classnames, templates, tokenizer=model.tokenize)
+
+
 def test_labels_outside_the_classes_are_an_error():
     model, classnames, templates = planted_two_classes()
     with pytest.raises(ValueError, match="labels must lie in 0..1"):

@@ -3,7 +3,9 @@
 Keys: "zeroshot/<name>/top1", "zeroshot/<name>/top5", "zeroshot/<name>/mean_per_class",
 "zeroshot/<name>/<subset>/top1" (e.g. the synthetic "heldout" pairs), "retrieval/<name>/image_to_text_R@1",
 "retrieval/<name>/text_to_image_R@5", "retrieval/<name>/image_to_text_median_rank", ..., and
-"zeroshot/<name>/num_skipped" (or "retrieval/<name>/num_skipped") when unreadable images were left out.
+"zeroshot/<name>/num_skipped" (or "retrieval/<name>/num_skipped") when unreadable images were left out. A
+model that gives NaN or inf features (a diverged run) records NaN for a dataset's top1, or both R@1, with a
+warning, instead of stopping the run.
 `EvalConfig` makes sure names are unique within each kind, so no dataset's metrics overwrite another's.
 
 Distributed: when `dist_info.world_size > 1` and torch.distributed is initialised, every rank must call
@@ -24,6 +26,7 @@ from torch import nn
 from .config import EvalConfig
 from .datasets import evenly_spaced_indices, load_classification_data
 from .features import (
+    NonFiniteFeaturesError,
     StopCheck,
     Tokenizer,
     default_tokenizer,
@@ -131,9 +134,13 @@ def run_evaluations(
             name = dataset_config.resolved_name()
             # Every rank loads the same data: rank 0 alone warns about it.
             data = load_classification_data(dataset_config, transform, warn=warn_about_data and rank == 0)
-            result = evaluate_zeroshot(
-                model, data.dataset, data.classnames, data.templates, subsets=data.subsets, name=name, **options
-            )
+            try:
+                result = evaluate_zeroshot(
+                    model, data.dataset, data.classnames, data.templates, subsets=data.subsets, name=name, **options
+                )
+            except NonFiniteFeaturesError as error:  # every rank raises alike (the counts are all-reduced)
+                metrics[f"zeroshot/{name}/top1"] = _recorded_as_nan(error, step, rank)
+                continue
             metrics.update({f"zeroshot/{name}/{key}": value for key, value in result.metrics().items()})
             logger.info(
                 "step %s zero-shot %s: top-1 %.2f%% (%.1fs)",
@@ -148,9 +155,14 @@ def run_evaluations(
             started = time.perf_counter()
             name = dataset_config.resolved_name()
             data = load_retrieval_data(dataset_config)
-            result = evaluate_retrieval(
-                model, data, transform, name=name, chunk_size=eval_config.retrieval_chunk_size, **options
-            )
+            try:
+                result = evaluate_retrieval(
+                    model, data, transform, name=name, chunk_size=eval_config.retrieval_chunk_size, **options
+                )
+            except NonFiniteFeaturesError as error:  # every rank raises alike (the features are all-gathered)
+                nan = _recorded_as_nan(error, step, rank)
+                metrics.update({f"retrieval/{name}/image_to_text_R@1": nan, f"retrieval/{name}/text_to_image_R@1": nan})
+                continue
             metrics.update({f"retrieval/{name}/{key}": value for key, value in result.metrics().items()})
             logger.info(
                 "step %s retrieval %s: image->text R@1 %.2f%%, text->image R@1 %.2f%% (%.1fs)",
@@ -161,3 +173,12 @@ def run_evaluations(
                 time.perf_counter() - started,
             )
     return metrics
+
+
+def _recorded_as_nan(error: NonFiniteFeaturesError, step: int | None, rank: int) -> float:
+    """NaN for a dataset the model gave non-finite features on, said once (rank 0): a diverged model's
+    evaluation is no reason to stop the run, whose own checks decide about its losses."""
+    if rank == 0:
+        logger.warning("step %s: %s; recorded as NaN", step, error)
+    return float("nan")
+

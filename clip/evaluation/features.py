@@ -230,6 +230,25 @@ def encode_image_batches(
         yield features, labels
 
 
+def nonfinite_rows(features: torch.Tensor) -> torch.Tensor:
+    """How many rows of `features` hold a NaN or inf, as a tensor on their device (no host sync)."""
+    return (~torch.isfinite(features).all(dim=-1)).sum()
+
+
+class NonFiniteFeaturesError(ValueError):
+    """A model gave NaN or inf features: an evaluation of them would be noise dressed as results."""
+
+
+def refuse_nonfinite(count: int, total: int, what: str) -> None:
+    """NonFiniteFeaturesError when `count` of `total` features are non-finite: every comparison with NaN is false,
+    and an argmax takes it for the largest, so rankings and predictions of them would be meaningless."""
+    if count:
+        raise NonFiniteFeaturesError(
+            f"{count} of {total} {what} features are NaN or inf, which no evaluation can use: a model whose weights "
+            f"are non-finite, or activations beyond float16's range (evaluate with precision fp32)"
+        )
+
+
 def encode_texts(
     model: nn.Module,
     texts: Sequence[str],

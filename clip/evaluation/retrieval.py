@@ -51,6 +51,8 @@ from .features import (
     log_skipped,
     make_loader,
     model_device,
+    nonfinite_rows,
+    refuse_nonfinite,
     shard,
     shard_bounds,
     unwrap_model,
@@ -263,12 +265,7 @@ def retrieval_ranks(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     for what, features in (("image", image_features), ("text", text_features)):
-        broken = int((~torch.isfinite(features).all(dim=-1)).sum())
-        if broken:
-            raise ValueError(
-                f"{broken} of {features.shape[0]} {what} features are NaN or inf, which no ranking can use: a model "
-                f"whose weights are non-finite, or activations beyond float16's range (evaluate with precision fp32)"
-            )
+        refuse_nonfinite(int(nonfinite_rows(features)), features.shape[0], what)
     device = image_features.device
     # float64 where the device has it (not MPS), so that the products add no rounding of their own
     precise = torch.float32 if device.type == "mps" else torch.float64
@@ -447,6 +444,8 @@ def evaluate_retrieval(
     keep_text, caption_image = drop_unreadable_images(
         torch.tensor(data.caption_image), len(data.image_paths), image_index
     )
+    for what, features in (("image", image_features), ("caption", text_features[keep_text.to(text_features.device)])):
+        refuse_nonfinite(int(nonfinite_rows(features)), features.shape[0], f"retrieval {name or 'dataset'} {what}")
     image_ranks, text_ranks = retrieval_ranks(
         image_features,
         text_features[keep_text.to(text_features.device)],

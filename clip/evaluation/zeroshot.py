@@ -29,6 +29,8 @@ from .features import (
     log_skipped,
     make_loader,
     model_device,
+    nonfinite_rows,
+    refuse_nonfinite,
     shard,
     unwrap_model,
     with_stop_checks,
@@ -74,7 +76,9 @@ def build_zeroshot_classifier(
             )  # [G*T, D], unit rows
             class_means = embeddings.view(len(group), len(templates), -1).mean(dim=1)  # -> G, D
             columns.append(nn.functional.normalize(class_means, dim=-1))
-    return torch.cat(columns).t().contiguous()  # C, D -> D, C
+    classifier = torch.cat(columns)
+    refuse_nonfinite(int(nonfinite_rows(classifier)), len(classnames), "class (prompt ensemble)")
+    return classifier.t().contiguous()  # C, D -> D, C
 
 
 def _logit_scale(model: nn.Module) -> float:
@@ -171,15 +175,20 @@ def evaluate_zeroshot(
     classifier = classifier.to(device)
     counts = ClassificationCounts(len(classnames), top_k=5, device=device)
     skipped: list[str] = []
+    nonfinite = torch.zeros((), dtype=torch.long, device=device)  # image rows, counted on the device: no sync
     with eval_mode(model):
         batches = encode_image_batches(model, loader, device=device, precision=precision, skipped=skipped)
         for features, labels in batches:
             if labels is None:
                 raise ValueError("evaluate_zeroshot needs labelled data: (image, label) pairs")
+            nonfinite += nonfinite_rows(features)
             counts.update(features @ classifier, labels)
     counts.add_skipped(len(skipped))
     if world_size > 1:
         counts.load_tensor(all_reduce_sum(counts.as_tensor(), world_size))
+        nonfinite = all_reduce_sum(nonfinite, world_size)
+    # Every rank holds the same all-reduced counts, so every rank raises alike
+    refuse_nonfinite(int(nonfinite), int(counts.confusion.sum()), f"zero-shot {name or 'dataset'} image")
     result = summarize(counts, classnames, subsets, name)
     what = f"zero-shot {name or 'dataset'}"
     log_skipped(what, result.num_skipped, skipped, rank, world_size)  # the count is global now

@@ -101,6 +101,13 @@ def test_repeated_names_are_found_with_a_linear_number_of_comparisons(caplog):
         warn_about_duplicate_classnames([*names, CountedName("class 7")], "big")
     assert CountedName.comparisons < 5 * len(names)  # quadratic counting: ~250,000
     assert "share the name(s) ['class 7']" in caplog.text
+    assert "differ only in case" not in caplog.text  # exact repeats are said once, above
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        warn_about_duplicate_classnames(["Apple", "apple", "red  fox", "red fox", "pear"], "fruit")
+    assert "fruit: class names that differ only in case or spacing give the same prompts (the tokenizer " \
+           "lowercases and collapses spaces), so zero-shot classification cannot tell them apart: 'Apple' = 'apple', " \
+           "'red  fox' = 'red fox'" in caplog.text and "share the name" not in caplog.text
 
 
 def test_retrieval_quoting_takes_the_training_sources_values():

@@ -182,6 +182,15 @@ def test_hidden_files_and_macos_metadata_are_not_images(tmp_path):
     assert [path.name for path, _ in dataset.samples] == ["0.png", "1.png", "0.png"]
 
 
+def test_netpbm_greyscale_images_are_images(tmp_path):
+    # torchvision's ImageFolder reads .pgm; a class of .pgm files alone was dropped without a word
+    write_image_folder(tmp_path, {"cat": 1})
+    (tmp_path / "dog").mkdir()
+    Image.new("L", (8, 8), 90).save(tmp_path / "dog" / "0.pgm")
+    dataset = ImageFolderDataset(tmp_path)
+    assert dataset.classes == ["cat", "dog"] and [path.name for path, _ in dataset.samples] == ["0.png", "0.pgm"]
+
+
 def test_linked_folders_are_followed_once(tmp_path):
     # A class assembled from links to other folders, as torchvision's ImageFolder reads it; a link back to
     # an ancestor must not loop.

@@ -67,6 +67,19 @@ def warn_about_duplicate_classnames(classnames: Sequence[str], where: str) -> No
             where,
             repeated,
         )
+    # The tokenizer lowercases and collapses whitespace: "Apple" and "apple ", or "red  fox" and "red fox", give
+    # the same prompts as surely as a repeated name
+    spellings: dict[str, set[str]] = {}
+    for name in classnames:
+        spellings.setdefault(" ".join(name.lower().split()), set()).add(name)
+    alike = sorted(" = ".join(repr(name) for name in sorted(group)) for group in spellings.values() if len(group) > 1)
+    if alike:
+        logger.warning(
+            "%s: class names that differ only in case or spacing give the same prompts (the tokenizer lowercases "
+            "and collapses spaces), so zero-shot classification cannot tell them apart: %s",
+            where,
+            ", ".join(alike[:10]) + (f" and {len(alike) - 10} more" if len(alike) > 10 else ""),
+        )
 
 
 class TransformedDataset(Dataset):

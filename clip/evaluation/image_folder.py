@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from .image_files import Transform, read_image
 from .templates import load_classnames
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 # Folders that archivers and operating systems add next to the data: macOS zips carry __MACOSX/ with "._x.jpg"
 # resource forks that have an image extension but are not images. (Names starting with "." are left out too.)
 IGNORED_NAMES = frozenset({"__MACOSX"})

@@ -183,8 +183,10 @@ class CLIP(nn.Module):
             # Only padding past the context (clip.tokenize's default 77 positions, for a model of a shorter
             # context) is dropped; texts that do not fit are an error, not silently cut.
             if text.is_meta or bool(text[:, context:].any()):
+                # The longest text's own length (up to its last non-padding id), not the tensor's width
+                longest = text.shape[-1] if text.is_meta else int(text.ne(0).nonzero()[:, -1].max()) + 1
                 raise ValueError(
-                    f"text has {text.shape[-1]} tokens, more than this model's context length {context}: tokenize "
+                    f"text has {longest} tokens, more than this model's context length {context}: tokenize "
                     f"with clip.tokenize(texts, context_length=model.context_length) (truncate=True cuts long texts)"
                 )
             text = text[:, :context]

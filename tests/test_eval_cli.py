@@ -256,7 +256,9 @@ def test_linear_probe_refuses_to_test_on_its_training_images(tmp_path, tiny_chec
     # No train/ or test/ under the root: an error naming what is there, not the root used for both.
     assert linear_probe_cli.main(probe_argv(tiny_checkpoint, tmp_path / "out", *imagefolder)) == 2
     error = capsys.readouterr().err
-    assert error.startswith("clip-linear-probe: split 'train': no folder") and "['a_red', 'c_blue']" in error
+    # named by this command's option, not the dataset setting's name
+    assert error.startswith("clip-linear-probe: --train-split: split 'train': no folder") and "['a_red', 'c_blue']" in error
+    assert "(the split must be one of them" in error
     same = [*imagefolder, "--train-split", "", "--test-split", ""]
     assert linear_probe_cli.main(probe_argv(tiny_checkpoint, tmp_path / "out", *same)) == 2
     assert "--train-split '' and --test-split '' are both the folder" in capsys.readouterr().err

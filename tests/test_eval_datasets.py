@@ -331,6 +331,17 @@ def test_cifar_unpickler_refuses_anything_but_the_format(tmp_path):
     assert not marker.exists()
 
 
+def test_missing_cifar_files_name_both_places_looked_in(tmp_path):
+    # The error named only root/test_batch, while the config's comment says the files go in
+    # root/cifar-10-batches-py/: it pointed at the wrong place
+    with pytest.raises(FileNotFoundError, match=rf"cifar10 not found: neither {tmp_path}/cifar-10-batches-py/test_batch "
+                                                rf"nor {tmp_path}/test_batch exists \(root {tmp_path} must hold "
+                                                r"torchvision's cifar-10-batches-py/ folder, or be that folder\)"):
+        CIFARDataset(tmp_path, "cifar10")
+    with pytest.raises(FileNotFoundError, match="cifar-100-python/train nor"):
+        CIFARDataset(tmp_path, "cifar100", train=True)
+
+
 def test_cifar_format_errors_are_clear(tmp_path):
     folder = write_cifar10(tmp_path)
     (folder / "test_batch").write_bytes(pickle.dumps({"data": np.zeros((2, 10), np.uint8), "labels": [0, 1]}))

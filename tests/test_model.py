@@ -87,7 +87,8 @@ def test_over_long_text_is_a_clear_error_and_padding_past_the_context_is_dropped
     with torch.no_grad():
         assert torch.equal(model.encode_text(texts), model.encode_text(texts[:, :20]))
     texts[1, 20] = 7  # a token past the context: the text does not fit
-    with pytest.raises(ValueError, match=r"text has 77 tokens, more than this model's context length 20: tokenize "
+    # The text's own length (21: up to that token), not the tensor's 77 positions of width
+    with pytest.raises(ValueError, match=r"text has 21 tokens, more than this model's context length 20: tokenize "
                                          r"with clip.tokenize\(texts, context_length=model.context_length\)"):
         model.encode_text(texts)
 

@@ -26,6 +26,7 @@ from clip.evaluation.datasets import (
     synthetic_split_seed,
     with_split,
 )
+from clip.evaluation.image_folder import MissingSplitError
 from clip.evaluation.linear_probe import (
     VALIDATION_FIELD,
     extract_features,
@@ -159,14 +160,18 @@ def probe(args: argparse.Namespace) -> int:
     )
     base = ZeroShotDatasetConfig(kind=args.dataset, root=args.root, **synthetic)
     splits = {"train": args.train_split, "test": args.test_split, **({"val": args.val_split} if args.val_split else {})}
-    refuse_shared_images(base, splits)
-    class_folders = shared_class_folders(base, splits)
-    # Every split is listed before the model loads (a download, for a released name): a missing folder or
-    # file fails at once. Every split has the same class names, so their warnings come once, with the first.
-    listed = {
-        role: load_classification_data(with_split(base, split), None, class_folders=class_folders, warn=role == "train")
-        for role, split in splits.items()
-    }
+    try:
+        refuse_shared_images(base, splits)
+        class_folders = shared_class_folders(base, splits)
+        # Every split is listed before the model loads (a download, for a released name): a missing folder or
+        # file fails at once. Every split has the same class names, so their warnings come once, with the first.
+        listed = {
+            role: load_classification_data(with_split(base, split), None, class_folders=class_folders, warn=role == "train")
+            for role, split in splits.items()
+        }
+    except MissingSplitError as error:  # named by this command's options, not the dataset setting's name "split"
+        options = " and ".join(f"--{role}-split" for role, split in splits.items() if split == error.split)
+        raise FileNotFoundError(f"{options}: {error}") from None
     classnames = listed["train"].classnames  # the same for every split: fixed by the dataset kind or `class_folders`
     if not args.val_split:
         check_validation_hold_out(args.train_split, len(listed["train"].dataset), args.val_fraction)

@@ -96,6 +96,12 @@ class CIFARDataset(Dataset):
         layout = CIFAR_LAYOUTS[kind]
         folder = Path(root) / layout.folder
         folder = folder if folder.is_dir() else Path(root)
+        first = folder / (layout.train_files if train else layout.test_files)[0]
+        if not first.is_file():  # named with both places looked in: the error named only the second
+            raise FileNotFoundError(
+                f"{kind} not found: neither {Path(root) / layout.folder / first.name} nor {Path(root) / first.name} "
+                f"exists (root {root} must hold torchvision's {layout.folder}/ folder, or be that folder)"
+            )
         images, labels = [], []
         for name in layout.train_files if train else layout.test_files:
             batch = load_cifar_pickle(folder / name)

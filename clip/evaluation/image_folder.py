@@ -164,6 +164,14 @@ class ImageFolderDataset(Dataset):
         return (self.transform(image) if self.transform else image), label
 
 
+class MissingSplitError(FileNotFoundError):
+    """A split folder that is not there; `split` names it, for commands whose option for it has another name."""
+
+    def __init__(self, split: str, message: str) -> None:
+        super().__init__(message)
+        self.split = split
+
+
 def split_folder(root: str | Path, split: str) -> Path:
     """The image folder of `split`: <root>/<split>, which must exist; `root` itself when no split is named.
 
@@ -177,9 +185,10 @@ def split_folder(root: str | Path, split: str) -> Path:
         return root
     folder = root / split
     if not folder.is_dir():
-        raise FileNotFoundError(
+        raise MissingSplitError(
+            split,
             f"split {split!r}: no folder {folder}; the folders in {root} are {list_class_folders(root)} "
-            f'(set split to one of them, or to "" if {root} itself holds the class folders)'
+            f'(the split must be one of them, or "" if {root} itself holds the class folders)'
         )
     return folder
 

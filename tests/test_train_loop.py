@@ -431,6 +431,9 @@ def test_main_exits_75_when_a_signal_stopped_the_run_early(tmp_path, monkeypatch
     signal_at_step(monkeypatch, 2, signal.SIGTERM, "before_forward")
     args = [str(DEMO), "--output-dir", str(tmp_path), *TINY, "eval.every_n_steps=0"]
     assert main(args) == STOPPED_EARLY_EXIT_CODE == 75
+    # Said in words too: the status alone tells only those who know what 75 means
+    assert f"stopped at step 2 of 6, with a checkpoint in {tmp_path}: run the same command again to continue " \
+           "(exit status 75)" in (tmp_path / "train.log").read_text()
     monkeypatch.undo()
     assert main(args) == 0
     # Judged by the step reached, not the last logged one: stopped at step 2 with logging every 10 steps,

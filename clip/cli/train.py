@@ -140,6 +140,11 @@ def run(config: TrainConfig, launcher: LauncherEnvironment | None) -> int:
         return 1
     # Stopped by a signal, with a checkpoint: before the last step, or in the final evaluation
     if results.get("step", 0) < config.schedule.steps or results.get("evaluation_interrupted"):
+        if launcher is None or launcher.rank == 0:  # the status alone (75) says it only to those who know it
+            what = ("the final evaluation was abandoned" if results.get("step", 0) >= config.schedule.steps
+                    else f"stopped at step {results.get('step', 0)} of {config.schedule.steps}")
+            log.warning("%s, with a checkpoint in %s: run the same command again to continue (exit status %d)",
+                        what, config.output_dir, STOPPED_EARLY_EXIT_CODE)
         return STOPPED_EARLY_EXIT_CODE
     line = headline(results)
     if line and (launcher is None or launcher.rank == 0):

@@ -337,6 +337,25 @@ def test_deeply_nested_json_is_a_value_error_naming_the_file(tmp_path: Path) -> 
         read_karpathy_json(tmp_path / "deep.json")
 
 
+def test_a_hairline_image_is_a_counted_skip_not_gigabytes_of_resize(tmp_path: Path) -> None:
+    # 1 x 8000 pixels is a tiny file, but the preprocessing resizes its shorter side to 224: 1.6 GB and seconds,
+    # and a loader worker killed for memory ended the whole evaluation
+    from PIL import Image
+
+    from clip.evaluation.datasets import ImageFolderDataset
+    from clip.evaluation.features import SkipUnreadable, SkippedImage
+
+    (tmp_path / "cat").mkdir()
+    for name, size in (("wide", (8000, 1)), ("tall", (3, 400)), ("panorama", (1000, 100))):
+        Image.new("RGB", size).save(tmp_path / "cat" / f"{name}.png")
+    dataset = ImageFolderDataset(tmp_path, warn=False)
+    items = {path.name: SkipUnreadable(dataset)[index] for index, (path, _) in enumerate(dataset.samples)}
+    assert not isinstance(items["panorama.png"], SkippedImage)  # 10:1 is an image
+    for name, size in (("wide.png", "8000x1"), ("tall.png", "3x400")):
+        assert isinstance(items[name], SkippedImage)
+        assert f"{size} pixels is more than 100:1, which resizing its shorter side" in items[name].reason
+
+
 def test_an_image_above_pils_pixel_limit_is_a_counted_skip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # PIL only warns between MAX_IMAGE_PIXELS and twice that, and decoded the image (150 megapixels: seconds
     # and 450 MB as RGB per loader worker); the limit is lowered here to keep the test small

@@ -12,6 +12,8 @@ from typing import Any
 from PIL import Image
 
 Transform = Callable[[Image.Image], Any]
+# Longer side over shorter side beyond which an evaluation image is skipped (panoramas are ~10:1)
+MAX_ASPECT_RATIO = 100
 
 
 class UnreadableImageError(ValueError):
@@ -48,4 +50,11 @@ def _refuse_decompression_bomb(image: Image.Image, path: Path) -> None:
         raise UnreadableImageError(
             path, f"{width}x{height} pixels is more than PIL.Image.MAX_IMAGE_PIXELS ({limit}): a decompression "
             f"bomb, or an image far larger than evaluation needs"
+        )
+    # The preprocessing resizes the shorter side to the model's resolution, the longer one in proportion: a
+    # 1 x 8000 image of a few bytes became 224 x 1,792,000 pixels (1.6 GB, seconds), one of 1 x 100,000 ~20 GB
+    if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+        raise UnreadableImageError(
+            path, f"{width}x{height} pixels is more than {MAX_ASPECT_RATIO}:1, which resizing its shorter side to "
+            f"the model's resolution would blow up to gigabytes"
         )

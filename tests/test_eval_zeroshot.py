@@ -170,6 +170,23 @@ def test_metrics_match_a_direct_computation_on_planted_features():
     assert json.loads(json.dumps(result.to_dict()))["confusion_matrix"] == confusion.tolist()
 
 
+def test_a_subset_without_images_has_no_accuracies_not_zero(caplog):
+    # With a few evaluation images a subset can have none: it reported 0% top-1, like a model that got all wrong
+    model, _, _ = planted_two_classes()
+    classifier = torch.eye(3)
+    dataset = [(torch.tensor([1.0, 0.0, 0.0]), 0), (torch.tensor([0.0, 1.0, 0.0]), 1)]
+    with caplog.at_level("WARNING"):
+        result = evaluate_zeroshot(model, dataset, ["a", "b", "c"], classifier=classifier,
+                                   subsets={"seen": [0, 1], "unseen": [2]}, name="few")
+    unseen = result.subsets["unseen"]
+    assert unseen.num_samples == 0 and unseen.top1 is None and unseen.mean_per_class_accuracy is None
+    assert "few: subset unseen has no images; its accuracies are left out" in caplog.text
+    assert "unseen/top1" not in result.metrics() and result.metrics()["seen/top1"] == 1.0
+    assert json.loads(json.dumps(result.to_dict()))["subsets"]["unseen"]["top1"] is None
+    row = [line for line in format_table([result]).splitlines() if "few/unseen" in line][0]
+    assert row.split()[1:] == ["0", "1", "-", "-", "-"]
+
+
 def test_top_k_is_capped_at_the_number_of_classes():
     model, classnames, templates = planted_two_classes()
     dataset = [(torch.tensor([1.0, 1.0]), 0), (torch.tensor([-1.0, -1.0]), 0), (torch.tensor([1.0, 0.5]), 1)]

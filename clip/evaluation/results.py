@@ -53,11 +53,13 @@ class ClassificationCounts:
 
 @dataclass
 class SubsetResult:
+    """Accuracies over the images of some classes; None when none of them has an image (not 0%)."""
+
     class_indices: list[int]
     num_samples: int
-    top1: float
-    top5: float
-    mean_per_class_accuracy: float
+    top1: float | None
+    top5: float | None
+    mean_per_class_accuracy: float | None
 
 
 @dataclass
@@ -80,12 +82,14 @@ class ZeroShotResult:
     num_skipped: int = 0
 
     def metrics(self) -> dict[str, float]:
-        """Flat scalar metrics: top1, top5, mean_per_class, <subset>/<metric> for each subset, and
+        """Flat scalar metrics: top1, top5, mean_per_class, <subset>/<metric> for each subset that has images, and
         num_skipped when images were left out (only then, so a clean run logs accuracies alone)."""
         flat = {"top1": self.top1, "top5": self.top5, "mean_per_class": self.mean_per_class_accuracy}
         if self.num_skipped:
             flat["num_skipped"] = float(self.num_skipped)
         for subset_name, subset in self.subsets.items():
+            if not subset.num_samples:
+                continue
             flat[f"{subset_name}/top1"] = subset.top1
             flat[f"{subset_name}/top5"] = subset.top5
             flat[f"{subset_name}/mean_per_class"] = subset.mean_per_class_accuracy
@@ -126,6 +130,9 @@ def summarize(
         if any(not 0 <= c < counts.num_classes for c in class_indices):
             raise ValueError(f"subset {subset_name!r} names classes outside 0..{counts.num_classes - 1}")
         sn, s1, sk, smean, _ = _accuracies(counts, class_indices)
+        if sn == 0:  # a few evaluation images (max_samples) can miss every class of a subset
+            logger.warning("%s: subset %s has no images; its accuracies are left out", name or "dataset", subset_name)
+            s1 = sk = smean = None
         subset_results[subset_name] = SubsetResult(list(class_indices), sn, s1, sk, smean)
     return ZeroShotResult(
         name=name,
@@ -161,6 +168,9 @@ def format_table(results: Sequence[ZeroShotResult]) -> str:
         )
         for subset_name, s in r.subsets.items():
             label = f"  {r.name}/{subset_name}"
+            if not s.num_samples:
+                rows.append(f"{label:<28} {0:>8} {len(s.class_indices):>8} {'-':>7} {'-':>7} {'-':>8}")
+                continue
             rows.append(
                 f"{label:<28} {s.num_samples:>8} {len(s.class_indices):>8} "
                 f"{100 * s.top1:>7.2f} {100 * s.top5:>7.2f} {100 * s.mean_per_class_accuracy:>8.2f}"

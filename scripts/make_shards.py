@@ -201,8 +201,9 @@ def keep_finished_shards(writer, output: Path, prefix: str, per_shard: int, writ
               f"{output} with their sizes.json entries{', the unfinished one removed' if torn else ''} (--overwrite "
               "starts over)", file=sys.stderr)
     else:
-        print(f"make_shards: stopped after {written} samples, before a shard was finished: none written",
-              file=sys.stderr)
+        if written:  # an error before the first sample (a missing column) says so itself
+            print(f"make_shards: stopped after {written} samples, before a shard was finished: none written",
+                  file=sys.stderr)
 
 
 def write_index(pattern: str) -> dict[str, int]:
@@ -294,5 +295,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run(argv: list[str] | None = None) -> int:
+    """`main` with the exit status of the library's other commands: 2 for bad input, said in one line."""
+    try:
+        return main(argv)
+    except SystemExit as refused:
+        if not isinstance(refused.code, str):  # argparse's own exits, and main's statuses
+            raise
+        print(refused.code, file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

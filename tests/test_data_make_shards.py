@@ -143,6 +143,10 @@ def test_help_runs_as_a_script() -> None:
     command = [sys.executable, str(SCRIPT), "--help"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0 and "--samples-per-shard" in result.stdout
+    # Bad input exits 2, as clip-train and the evaluation commands do (it was 1, the status of a failure)
+    result = subprocess.run([sys.executable, str(SCRIPT), "/nonexistent/captions.tsv", "out"], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert result.returncode == 2 and result.stderr == "/nonexistent/captions.tsv is neither a manifest file nor a folder\n"
 
 
 def test_shards_of_the_same_prefix_are_refused_or_replaced_with_overwrite(tmp_path: Path) -> None:

@@ -70,8 +70,17 @@ def _is_none_sentinel(value: Any) -> bool:
 
 
 def _closest(key: str, valid: typing.Iterable[str]) -> str:
-    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    return f" Did you mean {match[0]!r}?" if match else f" Valid keys: {', '.join(sorted(valid))}."
+    """A suggestion among the keys beside `key` (the same dotted parent), compared by their last part: whole
+    dotted names all share their prefix, so "eval.retrieval.0.path" was closest to "eval.retrieval.0.split"."""
+    parent, _, leaf = key.rpartition(".")
+    siblings = {name.rpartition(".")[2]: name for name in valid if name.rpartition(".")[0] == parent}
+    if not siblings:
+        match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+        return f" Did you mean {match[0]!r}?" if match else f" Valid keys: {', '.join(sorted(valid))}."
+    match = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.5)
+    if match:
+        return f" Did you mean {siblings[match[0]]!r}?"
+    return f" Valid keys{f' in {parent}' if parent else ''}: {', '.join(sorted(siblings))}."
 
 
 def _type_name(tp: Any) -> str:

@@ -407,6 +407,13 @@ def test_an_unknown_key_inside_a_list_element_is_named_with_its_whole_path():
     with pytest.raises(ConfigError, match=re.escape("unknown config key 'data.sources.0.wieght'")) as raised:
         load_config(demo, ["data.sources.0.wieght=2"], TrainConfig)
     assert "Did you mean 'data.sources.0.weight'?" in str(raised.value)
+    # Judged by the key's last part among its siblings: the whole dotted names share their prefix, so any
+    # sibling looked close ('data.sources.0.file' got 'data.sources.0.name'; 'eval.retrieval.0.path' got 'split')
+    with pytest.raises(ConfigError) as raised:
+        load_config(demo, ["data.sources.0.file=x"], TrainConfig)
+    assert str(raised.value).endswith("Valid keys in data.sources.0: caption_column, image_column, kind, name, "
+                                      "num_samples, path, quoting, separator, size_index, synthetic_image_size, "
+                                      "synthetic_seed, weight.")
 
 
 def test_a_synthetic_source_refuses_a_path_it_would_ignore():

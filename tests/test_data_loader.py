@@ -136,8 +136,10 @@ def test_a_weight_that_rounds_a_source_away_is_refused_and_a_skewed_one_said(tmp
     mix = [SourceConfig(kind="manifest", path=str(big), name="big"),
            SourceConfig(kind="manifest", path=str(small), name="small", weight=0.05)]
     with pytest.raises(ValueError, match=r"data source small: weight x size = 0.05 x 5 = 0.25 rounds to 0 samples per "
-                                         r"epoch, so it would never be read: raise its weight to at least 0.1"):
+                                         r"epoch, so it would never be read: raise its weight to at least 0.2"):
         build(mix, batch_size=4)
+    # The weight it names reads the source (0.1 x 5 = 0.5 rounds, half to even, to 0 again)
+    build([mix[0], SourceConfig(kind="manifest", path=str(small), name="small", weight=0.2)], batch_size=4).close()
     # 5 x 0.5 = 2.5 is read as 2 per epoch: said, 20% fewer. 5 x 0.4 = 2 exactly, or draws by weight: nothing said
     with caplog.at_level(logging.WARNING, logger="clip.data"):
         build([mix[0], SourceConfig(kind="manifest", path=str(small), name="small", weight=0.5)], batch_size=4).close()

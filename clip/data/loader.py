@@ -322,11 +322,14 @@ class TrainData:
         (weight x size = 2.5 reads 2 per epoch). Only small sources are affected."""
         for source in self.sources:
             asked, read = source.layout.weight * source.layout.size, source.layout.samples_per_epoch
+            if source.layout.size == 0:  # nothing to read at any weight (shards that hold no sample)
+                continue
             if read == 0:
+                # 1 / size: one sample an epoch (0.5 / size would round, half to even, to none again)
                 raise ValueError(
                     f"data source {source.name}: weight x size = {source.layout.weight:g} x {source.layout.size} = "
                     f"{asked:.3g} rounds to 0 samples per epoch, so it would never be read: raise its weight to at "
-                    f"least {0.5 / source.layout.size:.3g}, or set data.resampled = true (draws by weight)"
+                    f"least {1 / source.layout.size:.3g}, or set data.resampled = true (draws by weight)"
                 )
             if abs(read - asked) > 0.01 * asked:
                 log.log(self._said_once, "data source %s: weight x size = %.3g is read as %d samples per exact epoch "

@@ -14,7 +14,6 @@ while writing leaves that temporary file, which `remove_stray_temporaries` delet
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import random
@@ -28,7 +27,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from .weights_file import archive_damage, weights_only_refusal
+from .weights_file import archive_damage, is_storage_error, weights_only_refusal
 
 CHECKPOINT_FORMAT = "clip-pretrain/1"
 CHECKPOINT_DIR = "checkpoints"
@@ -55,16 +54,6 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
         if match:
             found.append((int(match.group(1)), path))
     return sorted(found, reverse=True)
-
-
-# Errors of reading a file that say nothing about its contents: the read may succeed when tried again (or with
-# other permissions), so the file is not judged unreadable.
-_STORAGE_ERRORS = frozenset(
-    getattr(errno, name) for name in ("EIO", "ESTALE", "ETIMEDOUT", "EACCES", "EPERM", "ENOTCONN", "EHOSTDOWN",
-                                      "EHOSTUNREACH", "ECONNRESET", "ECONNABORTED", "EREMOTEIO", "ENOLINK", "EBUSY",
-                                      "EAGAIN", "EINTR", "ENOMEM", "ENFILE", "EMFILE")
-    if hasattr(errno, name)
-)
 
 
 class NoReadableCheckpointError(RuntimeError):
@@ -262,15 +251,15 @@ def latest_readable_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
     A newer file that does not load (torn, damaged, foreign, another format version, non-finite weights, not a
     regular file) is skipped with a warning. When there are checkpoint files but none loads, raises
     NoReadableCheckpointError rather than starting again at step 0: the new run would mix with the old files,
-    and its checkpoints be pruned below them. So does a read that the storage fails (`_STORAGE_ERRORS`), which
-    judges nothing about the file.
+    and its checkpoints be pruned below them. So does a read that the storage fails, which
+    judges nothing about the file (`is_storage_error`).
     """
     failures = []
     for step, path in list_checkpoints(run_dir):
         try:
             return path, read_checkpoint(path)
         except Exception as error:  # a torn file raises anything from zipfile/pickle/torch
-            if isinstance(error, OSError) and error.errno in _STORAGE_ERRORS:
+            if is_storage_error(error):
                 # The storage failed, not the file (a network file system's EIO or ESTALE, a permission): skipping
                 # it would resume from an older checkpoint, lose the steps since, and later overwrite this file.
                 raise NoReadableCheckpointError(

@@ -11,6 +11,7 @@ architecture when the file records one (our trainer's checkpoints), and OpenAI's
 
 from __future__ import annotations
 
+import errno
 import re
 import warnings
 import zipfile
@@ -156,6 +157,22 @@ def _torch_load_weights_only(path: Path) -> object:
     return loaded
 
 
+# Errors of reading a file that say nothing about its contents: the read may succeed when tried again (or with
+# other permissions), so the file is not to be judged damaged by them.
+_STORAGE_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("EIO", "ESTALE", "ETIMEDOUT", "EACCES", "EPERM", "ENOTCONN", "EHOSTDOWN",
+                                      "EHOSTUNREACH", "ECONNRESET", "ECONNABORTED", "EREMOTEIO", "ENOLINK", "EBUSY",
+                                      "EAGAIN", "EINTR", "ENOMEM", "ENFILE", "EMFILE")
+    if hasattr(errno, name)
+)
+
+
+def is_storage_error(error: BaseException) -> bool:
+    """Whether reading failed in the storage (a network file system's EIO or ESTALE, a permission), not in the
+    file: a torn file's own OSError (EINVAL from a seek before its start) is not one."""
+    return isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS
+
+
 def archive_damage(path: Path) -> str | None:
     """What is damaged in a zip archive (torch.save's format): the first member whose bytes do not match
     their stored CRC-32, said in a sentence; None when every member matches.
@@ -176,6 +193,8 @@ def archive_damage(path: Path) -> str | None:
             except zipfile.BadZipFile:
                 return f"{path} is damaged: its member {info.filename} does not match the checksum saved with it"
             except ZIP_MEMBER_ERRORS as error:  # a corrupt deflate stream, an encryption flag, ...
+                if is_storage_error(error):  # says nothing about the bytes: the caller decides what to do
+                    raise
                 return f"{path} is damaged: its member {info.filename} cannot be read ({type(error).__name__}: {error})"
     return None
 

@@ -102,6 +102,24 @@ def test_a_storage_error_on_the_newest_checkpoint_stops_the_resume_instead_of_re
         assert ckpt.latest_readable_checkpoint(tmp_path)[1]["step"] == 10
     assert "step_00000020.pt (step 20) is unreadable and skipped: OSError" in caplog.text
     assert steps(tmp_path) == [20, 10]
+    monkeypatch.undo()
+    # The same in the checksum pass over the real file, which reads the whole archive once more: an EIO there
+    # was reported as damage ("its member ... cannot be read"), and the run fell back a checkpoint
+    import zipfile
+
+    opened = zipfile.ZipFile.open
+    newest = str(ckpt.checkpoint_path(tmp_path, 20))
+
+    def open_failing_on_the_newest(self, name, *args, **kwargs):
+        member = opened(self, name, *args, **kwargs)
+        if self.filename == newest:
+            member.read = lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, os.strerror(errno.EIO)))
+        return member
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", open_failing_on_the_newest)
+    with pytest.raises(ckpt.NoReadableCheckpointError, match=r"step_00000020.pt \(step 20\): OSError: \[Errno 5\] "
+                                                             r"Input/output error -- a storage error"):
+        ckpt.latest_readable_checkpoint(tmp_path)
 
 
 def test_a_save_that_runs_out_of_disk_says_so_in_one_line_and_leaves_nothing(tmp_path, monkeypatch):

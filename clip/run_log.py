@@ -80,7 +80,7 @@ class RunLog:
         with self.path.open("a", encoding="utf-8") as file:
             # Strict JSON (allow_nan=False): a non-finite figure, such as a skipped step's loss, is null; NaN
             # and Infinity are Python's extensions, which jq, JavaScript and many readers refuse
-            file.write(json.dumps(_finite_or_null(record), default=_json_default, allow_nan=False) + "\n")
+            file.write(strict_json(record) + "\n")
         step = record.get("step", 0)
         scalars = {
             key: value for key, value in _flatten(record).items()
@@ -125,6 +125,12 @@ def _record_step(line: str) -> float:
         return json.loads(line).get("step", 0)
     except (ValueError, AttributeError):
         return math.inf  # the last line, torn by a kill mid-write: dropped
+
+
+def strict_json(record: dict, indent: int | None = None) -> str:
+    """`record` as strict JSON: a non-finite figure is null (a bare NaN is no JSON: jq and JavaScript refuse it),
+    tensors and NumPy scalars are plain numbers."""
+    return json.dumps(_finite_or_null(record), default=_json_default, allow_nan=False, indent=indent)
 
 
 def _json_default(value):

@@ -343,6 +343,20 @@ def test_metrics_jsonl_is_strict_json_with_null_for_non_finite_figures(tmp_path)
     assert record == {"step": 1, "loss": None, "grad_norm": None, "data": {"x": [1.5, None]}}
 
 
+def test_results_json_is_strict_json_too(tmp_path, monkeypatch):
+    # A diverged model's final evaluation records NaN: results.json held a bare NaN, which jq refuses
+    import clip.train as train_module
+
+    monkeypatch.setattr(train_module, "run_evaluations", lambda *args, **kwargs: {"zeroshot/shapes/top1": float("nan")})
+    train(tiny_config(tmp_path, "schedule.steps=2", "checkpoint.every_n_steps=0"))
+
+    def refuse(constant):
+        raise ValueError(f"{constant} in results.json")
+
+    results = json.loads((tmp_path / "results.json").read_text(), parse_constant=refuse)
+    assert results["zeroshot/shapes/top1"] is None and results["step"] == 2
+
+
 def test_no_periodic_checkpoint_is_written_while_the_losses_are_non_finite(tmp_path, monkeypatch):
     # Each such save pruned an older checkpoint, until only copies from the bad steps were left, and the error
     # said that a good one was kept.

@@ -185,6 +185,15 @@ def test_a_subset_without_images_has_no_accuracies_not_zero(caplog):
     assert json.loads(json.dumps(result.to_dict()))["subsets"]["unseen"]["top1"] is None
     row = [line for line in format_table([result]).splitlines() if "few/unseen" in line][0]
     assert row.split()[1:] == ["0", "1", "-", "-", "-"]
+    # Every rank summarises the all-reduced counts alike: rank 0 alone says it (warn=False elsewhere)
+    from clip.evaluation.results import ClassificationCounts, summarize
+
+    caplog.clear()
+    counts = ClassificationCounts(3)
+    counts.update(torch.eye(3)[:2], torch.tensor([0, 1]))
+    with caplog.at_level("WARNING"):
+        quiet = summarize(counts, ["a", "b", "c"], {"unseen": [2]}, "few", warn=False)
+    assert quiet.subsets["unseen"].top1 is None and caplog.text == ""
 
 
 def test_top_k_is_capped_at_the_number_of_classes():

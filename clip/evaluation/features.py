@@ -239,6 +239,11 @@ class NonFiniteFeaturesError(ValueError):
     """A model gave NaN or inf features: an evaluation of them would be noise dressed as results."""
 
 
+def refuse_nonfinite_features(features: torch.Tensor, what: str) -> None:
+    """`refuse_nonfinite` of the rows of `features` (one host sync)."""
+    refuse_nonfinite(int(nonfinite_rows(features)), features.shape[0], what)
+
+
 def refuse_nonfinite(count: int, total: int, what: str) -> None:
     """NonFiniteFeaturesError when `count` of `total` features are non-finite: every comparison with NaN is false,
     and an argmax takes it for the largest, so rankings and predictions of them would be meaningless."""

@@ -122,8 +122,10 @@ def _accuracies(counts: ClassificationCounts, classes: Sequence[int]) -> tuple[i
 
 
 def summarize(
-    counts: ClassificationCounts, classnames: Sequence[str], subsets: dict[str, list[int]] | None = None, name: str = ""
+    counts: ClassificationCounts, classnames: Sequence[str], subsets: dict[str, list[int]] | None = None, name: str = "",
+    warn: bool = True,
 ) -> ZeroShotResult:
+    """warn: say which subsets have no images (the caller's rank 0 alone, where every rank summarises alike)."""
     n, top1, top_k, mean_per_class, per_class = _accuracies(counts, range(counts.num_classes))
     subset_results = {}
     for subset_name, class_indices in (subsets or {}).items():
@@ -131,7 +133,9 @@ def summarize(
             raise ValueError(f"subset {subset_name!r} names classes outside 0..{counts.num_classes - 1}")
         sn, s1, sk, smean, _ = _accuracies(counts, class_indices)
         if sn == 0:  # a few evaluation images (max_samples) can miss every class of a subset
-            logger.warning("%s: subset %s has no images; its accuracies are left out", name or "dataset", subset_name)
+            if warn:
+                logger.warning("%s: subset %s has no images; its accuracies are left out", name or "dataset",
+                               subset_name)
             s1 = sk = smean = None
         subset_results[subset_name] = SubsetResult(list(class_indices), sn, s1, sk, smean)
     return ZeroShotResult(

@@ -51,8 +51,7 @@ from .features import (
     log_skipped,
     make_loader,
     model_device,
-    nonfinite_rows,
-    refuse_nonfinite,
+    refuse_nonfinite_features,
     shard,
     shard_bounds,
     unwrap_model,
@@ -265,7 +264,7 @@ def retrieval_ranks(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     for what, features in (("image", image_features), ("text", text_features)):
-        refuse_nonfinite(int(nonfinite_rows(features)), features.shape[0], what)
+        refuse_nonfinite_features(features, what)
     device = image_features.device
     # float64 where the device has it (not MPS), so that the products add no rounding of their own
     precise = torch.float32 if device.type == "mps" else torch.float64
@@ -444,11 +443,12 @@ def evaluate_retrieval(
     keep_text, caption_image = drop_unreadable_images(
         torch.tensor(data.caption_image), len(data.image_paths), image_index
     )
-    for what, features in (("image", image_features), ("caption", text_features[keep_text.to(text_features.device)])):
-        refuse_nonfinite(int(nonfinite_rows(features)), features.shape[0], f"retrieval {name or 'dataset'} {what}")
+    text_features = text_features[keep_text.to(text_features.device)]  # the captions of readable images
+    for what, features in (("image", image_features), ("caption", text_features)):
+        refuse_nonfinite_features(features, f"retrieval {name or 'dataset'} {what}")  # named here, with the dataset
     image_ranks, text_ranks = retrieval_ranks(
         image_features,
-        text_features[keep_text.to(text_features.device)],
+        text_features,
         caption_image,
         chunk_size=chunk_size,
         ties=ties,

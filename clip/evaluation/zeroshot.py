@@ -31,6 +31,7 @@ from .features import (
     model_device,
     nonfinite_rows,
     refuse_nonfinite,
+    refuse_nonfinite_features,
     shard,
     unwrap_model,
     with_stop_checks,
@@ -77,7 +78,7 @@ def build_zeroshot_classifier(
             class_means = embeddings.view(len(group), len(templates), -1).mean(dim=1)  # -> G, D
             columns.append(nn.functional.normalize(class_means, dim=-1))
     classifier = torch.cat(columns)
-    refuse_nonfinite(int(nonfinite_rows(classifier)), len(classnames), "class (prompt ensemble)")
+    refuse_nonfinite_features(classifier, "class (prompt ensemble)")
     return classifier.t().contiguous()  # C, D -> D, C
 
 
@@ -189,7 +190,7 @@ def evaluate_zeroshot(
         nonfinite = all_reduce_sum(nonfinite, world_size)
     # Every rank holds the same all-reduced counts, so every rank raises alike
     refuse_nonfinite(int(nonfinite), int(counts.confusion.sum()), f"zero-shot {name or 'dataset'} image")
-    result = summarize(counts, classnames, subsets, name)
+    result = summarize(counts, classnames, subsets, name, warn=rank == 0)
     what = f"zero-shot {name or 'dataset'}"
     log_skipped(what, result.num_skipped, skipped, rank, world_size)  # the count is global now
     if result.num_samples == 0:

@@ -340,6 +340,9 @@ def test_missing_cifar_files_name_both_places_looked_in(tmp_path):
         CIFARDataset(tmp_path, "cifar10")
     with pytest.raises(FileNotFoundError, match="cifar-100-python/train nor"):
         CIFARDataset(tmp_path, "cifar100", train=True)
+    (tmp_path / "cifar-10-batches-py").mkdir()  # the folder is there, without the file: that is the place named
+    with pytest.raises(FileNotFoundError, match=rf"cifar10 not found: no {tmp_path}/cifar-10-batches-py/test_batch \("):
+        CIFARDataset(tmp_path, "cifar10")
 
 
 def test_cifar_format_errors_are_clear(tmp_path):

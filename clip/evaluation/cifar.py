@@ -97,10 +97,12 @@ class CIFARDataset(Dataset):
         folder = Path(root) / layout.folder
         folder = folder if folder.is_dir() else Path(root)
         first = folder / (layout.train_files if train else layout.test_files)[0]
-        if not first.is_file():  # named with both places looked in: the error named only the second
+        if not first.is_file():  # named with where it was looked for: the error named only root/test_batch
+            where = (f"no {first}" if folder != Path(root) else
+                     f"neither {Path(root) / layout.folder / first.name} nor {first} exists")
             raise FileNotFoundError(
-                f"{kind} not found: neither {Path(root) / layout.folder / first.name} nor {Path(root) / first.name} "
-                f"exists (root {root} must hold torchvision's {layout.folder}/ folder, or be that folder)"
+                f"{kind} not found: {where} (root {root} must hold torchvision's {layout.folder}/ folder, or be that "
+                f"folder)"
             )
         images, labels = [], []
         for name in layout.train_files if train else layout.test_files:

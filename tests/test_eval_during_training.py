@@ -191,7 +191,16 @@ def worker(rank: int, port: int, manifest: str, output: str) -> None:
         run_evaluations(
             tiny_clip(), single_image_batches, device="cpu", dist_info=info, stop_check=lambda: stop_checks.append(1)
         )
-        report = {"metrics": metrics, "warnings": warnings.messages, "error": error, "stop_checks": len(stop_checks)}
+        # One rank alone gets non-finite class embeddings: it raised while building the classifier, and the other
+        # waited for it in the counts' all-reduce. Judged after that all-reduce, both record NaN alike.
+        lopsided = tiny_clip()
+        if rank == 1:
+            with torch.no_grad():
+                lopsided.token_embedding.weight.fill_(float("nan"))
+        shapes_only = EvalConfig(workers=0, zeroshot=config.zeroshot[:1])
+        lopsided_metrics = run_evaluations(lopsided, shapes_only, device="cpu", dist_info=info)
+        report = {"metrics": metrics, "warnings": warnings.messages, "error": error, "stop_checks": len(stop_checks),
+                  "lopsided": {key: str(value) for key, value in lopsided_metrics.items()}}
         Path(output, f"rank{rank}.json").write_text(json.dumps(report))
     finally:
         dist.destroy_process_group()
@@ -219,6 +228,11 @@ def test_two_ranks_return_the_single_process_metrics(two_ranks):
         assert ranked.keys() == single.keys()
         for key, value in single.items():
             assert ranked[key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_a_classifier_non_finite_on_one_rank_is_judged_on_every_rank_alike(two_ranks):
+    _, reports = two_ranks
+    assert [report["lopsided"] for report in reports] == [{"zeroshot/shapes/top1": "nan"}] * WORLD_SIZE
 
 
 def test_only_rank_0_warns_about_the_data(two_ranks):

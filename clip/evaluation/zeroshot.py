@@ -40,6 +40,9 @@ from .results import ClassificationCounts, ZeroShotResult, summarize
 from .templates import Template, fill_template, resolve_templates
 
 
+CLASS_EMBEDDINGS = "class (prompt ensemble)"
+
+
 def build_zeroshot_classifier(
     model: nn.Module,
     classnames: Sequence[str],
@@ -50,8 +53,10 @@ def build_zeroshot_classifier(
     batch_size: int = 256,
     precision: str = "fp32",
     stop_check: StopCheck | None = None,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Zero-shot weights [D, C] (float32, unit columns): column c is class c's prompt-ensemble embedding.
+    NonFiniteFeaturesError for NaN or inf embeddings, unless `check_finite` is False (the caller's to count).
 
     templates: format strings with one "{}", callables classname -> prompt, a built-in set's name, a file
         path, or None for the default set.
@@ -78,7 +83,8 @@ def build_zeroshot_classifier(
             class_means = embeddings.view(len(group), len(templates), -1).mean(dim=1)  # -> G, D
             columns.append(nn.functional.normalize(class_means, dim=-1))
     classifier = torch.cat(columns)
-    refuse_nonfinite_features(classifier, "class (prompt ensemble)")
+    if check_finite:
+        refuse_nonfinite_features(classifier, CLASS_EMBEDDINGS)
     return classifier.t().contiguous()  # C, D -> D, C
 
 
@@ -158,9 +164,11 @@ def evaluate_zeroshot(
     model = unwrap_model(model)
     device = device or model_device(model)
     if classifier is None:
+        # Judged below with the images' count, after the all-reduce: a rank whose classifier alone were non-finite
+        # must not raise here while the others wait for it in a collective
         classifier = build_zeroshot_classifier(
             model, classnames, templates, tokenizer, device=device, batch_size=text_batch_size, precision=precision,
-            stop_check=stop_check,
+            stop_check=stop_check, check_finite=False,
         )
     if classifier.shape[1] != len(classnames):
         raise ValueError(f"classifier has {classifier.shape[1]} classes, but {len(classnames)} class names were given")
@@ -176,20 +184,24 @@ def evaluate_zeroshot(
     classifier = classifier.to(device)
     counts = ClassificationCounts(len(classnames), top_k=5, device=device)
     skipped: list[str] = []
-    nonfinite = torch.zeros((), dtype=torch.long, device=device)  # image rows, counted on the device: no sync
+    # Non-finite [image rows, class embeddings], counted on the device (no sync), all-reduced with the counts
+    nonfinite = torch.stack([torch.zeros((), dtype=torch.long, device=device), nonfinite_rows(classifier.t())])
     with eval_mode(model):
         batches = encode_image_batches(model, loader, device=device, precision=precision, skipped=skipped)
         for features, labels in batches:
             if labels is None:
                 raise ValueError("evaluate_zeroshot needs labelled data: (image, label) pairs")
-            nonfinite += nonfinite_rows(features)
+            nonfinite[0] += nonfinite_rows(features)
             counts.update(features @ classifier, labels)
     counts.add_skipped(len(skipped))
     if world_size > 1:
-        counts.load_tensor(all_reduce_sum(counts.as_tensor(), world_size))
-        nonfinite = all_reduce_sum(nonfinite, world_size)
+        reduced = all_reduce_sum(torch.cat([counts.as_tensor(), nonfinite]), world_size)
+        counts.load_tensor(reduced[:-2])
+        nonfinite = reduced[-2:]
     # Every rank holds the same all-reduced counts, so every rank raises alike
-    refuse_nonfinite(int(nonfinite), int(counts.confusion.sum()), f"zero-shot {name or 'dataset'} image")
+    # (each rank built the whole classifier: the sum counts a class once per rank that got it wrong)
+    refuse_nonfinite(min(int(nonfinite[1]), len(classnames)), len(classnames), CLASS_EMBEDDINGS)
+    refuse_nonfinite(int(nonfinite[0]), int(counts.confusion.sum()), f"zero-shot {name or 'dataset'} image")
     result = summarize(counts, classnames, subsets, name, warn=rank == 0)
     what = f"zero-shot {name or 'dataset'}"
     log_skipped(what, result.num_skipped, skipped, rank, world_size)  # the count is global now

@@ -436,3 +436,36 @@ def test_an_output_folder_that_cannot_be_written_is_a_one_line_error_before_the_
     assert command.main(argv) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith(f"clip-{prog}: cannot write results to {tmp_path / 'out'}: ")
+
+
+def test_results_json_is_strict_and_replaces_the_old_file_whole(tmp_path, monkeypatch):
+    import builtins
+    import io
+
+    from clip.cli.common import write_json
+
+    path = write_json(tmp_path / "results.json", {"top1": float("nan"), "l2": 1.0})
+    assert json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(name)) == {"top1": None, "l2": 1.0}
+
+    real_open, opened = io.open, []
+
+    class FullDisk(io.StringIO):  # writes a part, then the disk is full
+        def write(self, text):
+            opened[-1].write(text[:5])
+            raise OSError(28, "No space left on device")
+
+    def open_on_full_disk(file, mode="r", *args, **kwargs):
+        if "w" not in mode:
+            return real_open(file, mode, *args, **kwargs)
+        opened.append(real_open(file, mode, *args, **kwargs))
+        return FullDisk()
+
+    monkeypatch.setattr(builtins, "open", open_on_full_disk)
+    monkeypatch.setattr(io, "open", open_on_full_disk)
+    with pytest.raises(OSError):
+        write_json(path, {"top1": 0.5})
+    monkeypatch.undo()
+    opened[-1].close()
+    assert json.loads(path.read_text()) == {"top1": None, "l2": 1.0}  # the old results, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temporary file left
+

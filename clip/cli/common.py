@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import logging
 import os
 import sys
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from clip.download import DownloadError
+from clip.run_log import strict_json
 
 # A bad path, a malformed annotation file, a config value out of range: the commands' inputs fail with these
 # (ConfigError is a ValueError), and a one-line message says more to the user than a traceback. A bug inside
@@ -113,6 +114,19 @@ def writable_output_dir(path: Path) -> Path:
 
 
 def write_json(path: Path, content: Any) -> Path:
+    """Writes `content` as strict JSON (a non-finite figure is null, as in the trainer's results.json) through a
+    temporary file renamed into place: `write_text` truncated the file first, so a full disk or a kill during
+    the write left a torn file in place of the previous results."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(content, indent=2))
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not mkstemp's: its files are private (0600)
+    try:
+        with open(temporary, "w", encoding="utf-8") as file:
+            file.write(strict_json(content, indent=2))
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
     return path

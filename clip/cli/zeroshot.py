@@ -79,15 +79,18 @@ def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:
             name=name,
         )
         results.append(result)
+        logger.info("%s: top-1 %.2f%%", name, 100 * result.top1)
+        # Written after every dataset: a failure or Ctrl-C in a later one (hours into a long config) lost the
+        # results of all those before it
+        summary = {
+            "model": config.model,
+            "metrics": {r.name: r.metrics() for r in results},
+            "results": {r.name: r.to_dict() for r in results},
+        }
+        path = write_json(output_dir / "results.json", summary)
         if config.confusion_png:
             save_confusion_png(result, output_dir / f"confusion_{name}.png")
     print(format_table(results))
-    summary = {
-        "model": config.model,
-        "metrics": {r.name: r.metrics() for r in results},
-        "results": {r.name: r.to_dict() for r in results},
-    }
-    path = write_json(output_dir / "results.json", summary)
     logger.info("wrote %s", path)
     return summary
 

@@ -210,3 +210,22 @@ def test_a_constant_column_with_rounding_noise_is_only_centred():
     mean, std = _standardizer(features)
     assert std[0] == 1.0 and std[1] == pytest.approx(torch.arange(7.0).std().item())
     assert ((features - mean) / std)[:, 0].abs().max() < 1e-6  # not blown up to ~1 by a 1e-8 spread
+
+
+class NaNEncoder(RecordingEncoder):
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = super().encode_image(images)
+        return torch.where(images[:, :1] > 0, float("nan"), features)  # a diverged model, an fp16 overflow
+
+
+def test_nonfinite_features_are_refused_not_fitted():
+    from clip.evaluation.features import NonFiniteFeaturesError
+
+    # A NaN training feature: a RuntimeError from inside torch's L-BFGS; a NaN test feature: scored as a prediction
+    dataset = [(torch.full((3,), 1.0 if i == 4 else -1.0), i % 2) for i in range(7)]
+    with pytest.raises(NonFiniteFeaturesError, match="1 of 7 linear-probe image features are NaN or inf"):
+        extract_features(NaNEncoder(), dataset, batch_size=3)
+    train, test = gaussian_classes(10, 1), gaussian_classes(10, 2)
+    test[0][3, 0] = float("inf")
+    with pytest.raises(NonFiniteFeaturesError, match="1 of 40 linear-probe test features"):
+        run_linear_probe(train, test, 4, coarse_points=3, refine_steps=0, max_iter=20)

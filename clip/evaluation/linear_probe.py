@@ -24,7 +24,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .features import encode_image_batches, eval_mode, log_skipped, make_loader, model_device, unwrap_model
+from .features import (
+    encode_image_batches,
+    eval_mode,
+    log_skipped,
+    make_loader,
+    model_device,
+    refuse_nonfinite_features,
+    unwrap_model,
+)
 
 
 def extract_features(
@@ -42,7 +50,8 @@ def extract_features(
 
     unprojected: a ViT's class token before the projection to the embedding space (the paper's probe
     features; `CLIP.encode_image_unprojected`) instead of the embedding.
-    Items whose image cannot be read are left out (logged), so N may be less than len(dataset).
+    Items whose image cannot be read are left out (logged), so N may be less than len(dataset). NaN or inf
+    features (a diverged model, float16 overflow) are a `NonFiniteFeaturesError`.
     """
     model = unwrap_model(model)
     device = device or model_device(model)
@@ -59,7 +68,11 @@ def extract_features(
     if not features:
         reason = f"none of its {len(skipped)} images is readable" if skipped else "it is empty"
         raise ValueError(f"no image features to probe: {reason}")
-    return torch.cat(features), torch.cat(labels).long()
+    features = torch.cat(features)
+    # A NaN training feature made L-BFGS fail with a RuntimeError deep inside torch; a NaN test feature was
+    # scored as a prediction (argmax takes NaN for the largest)
+    refuse_nonfinite_features(features, "linear-probe image")
+    return features, torch.cat(labels).long()
 
 
 @dataclass
@@ -267,6 +280,9 @@ def run_linear_probe(
     device: where to fit (a GPU makes full-batch L-BFGS on large feature sets fast); default: where they are.
     sweep_options: passed to `select_l2` (low, high, coarse_points, refine_steps, max_iter).
     """
+    for what, split in (("train", train), ("test", test), ("validation", val)):
+        if split is not None:
+            refuse_nonfinite_features(split[0], f"linear-probe {what}")
     if device is not None:
         train, test = _to(train, device), _to(test, device)
         val = None if val is None else _to(val, device)

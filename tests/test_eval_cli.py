@@ -484,3 +484,15 @@ def test_zeroshot_keeps_the_results_of_the_datasets_before_a_failure(tmp_path, t
         zeroshot_cli.main([str(config), "confusion_png=false", "--output-dir", str(tmp_path / "out")])
     summary = json.loads((tmp_path / "out" / "results.json").read_text())
     assert list(summary["results"]) == ["shapes", "cifar10"] and set(summary["metrics"]) == {"shapes", "cifar10"}
+
+
+def test_a_class_with_validation_images_alone_is_not_said_to_be_never_predicted(tmp_path, tiny_checkpoint, caplog):
+    # The probe is refitted on train + validation, so it predicts blue, which only val/ has
+    write_colour_folder(tmp_path / "data" / "train", {"a_red": 6, "b_green": 6}, seed=0)
+    write_colour_folder(tmp_path / "data" / "val", {"a_red": 3, "b_green": 3, "c_blue": 3}, seed=1)
+    write_colour_folder(tmp_path / "data" / "test", {"a_red": 3, "b_green": 3, "c_blue": 3}, seed=2)
+    options = ["--dataset", "imagefolder", "--root", str(tmp_path / "data"), "--val-split", "val"]
+    with caplog.at_level("WARNING"):
+        assert linear_probe_cli.main(probe_argv(tiny_checkpoint, tmp_path / "out", *options)) == 0
+    assert "no training images" not in caplog.text
+    assert json.loads((tmp_path / "out" / "linear_probe_results.json").read_text())["test_accuracy"] == 1.0

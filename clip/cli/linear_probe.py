@@ -139,6 +139,7 @@ def check_validation_hold_out(train_split: str, num_train: int, val_fraction: fl
 
 
 def warn_about_classes_without_training_images(labels: torch.Tensor, classnames: list[str]) -> None:
+    """labels: those of every image the final probe is fitted on (train, and a --val-split's)."""
     counts = torch.bincount(labels, minlength=len(classnames))
     missing = [name for name, count in zip(classnames, counts.tolist(), strict=True) if count == 0]
     if missing:
@@ -193,7 +194,9 @@ def probe(args: argparse.Namespace) -> int:
         logger.info("%s split %r: %d images", role, split, len(features[role][1]))
     if not args.val_split:  # again: unreadable images may have left fewer
         check_validation_hold_out(args.train_split, len(features["train"][1]), args.val_fraction)
-    warn_about_classes_without_training_images(features["train"][1], classnames)
+    # The probe is refitted on train + validation: a class with validation images alone is still predicted
+    fitted = [features[role][1] for role in ("train", "val") if role in features]
+    warn_about_classes_without_training_images(torch.cat(fitted), classnames)
     result = run_linear_probe(
         features["train"],
         features["test"],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -97,12 +96,6 @@ class ZeroShotResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    def save_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
-        return path
 
 
 def _accuracies(counts: ClassificationCounts, classes: Sequence[int]) -> tuple[int, float, float, float, list]:

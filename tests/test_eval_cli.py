@@ -419,6 +419,13 @@ def test_a_validation_hold_out_that_leaves_no_training_images_is_a_one_line_erro
             linear_probe_cli.main(probe_argv(tiny_checkpoint, tmp_path / "out", *synthetic, "--val-fraction", fraction))
         assert exit_info.value.code == 2
         assert "--val-fraction: must be between 0 and 1 (exclusive)" in capsys.readouterr().err
+    # With a validation split nothing of train is held out: the fraction would be ignored without a word
+    with pytest.raises(SystemExit) as exit_info:
+        linear_probe_cli.main(
+            probe_argv(tiny_checkpoint, tmp_path / "out", *synthetic, "--val-split", "val", "--val-fraction", "0.3")
+        )
+    assert exit_info.value.code == 2
+    assert "--val-fraction holds out part of train, which --val-split replaces" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", [zeroshot_cli, retrieval_cli, linear_probe_cli], ids=lambda c: c.__name__)

@@ -139,6 +139,25 @@ def test_validation_split_is_seeded_and_disjoint():
         split_validation(features, labels, 1.0, seed=0)
 
 
+def test_the_validation_hold_out_takes_each_class_in_proportion_and_leaves_every_class_a_training_row():
+    # Three classes of 20: a plain random quarter rarely held out exactly 5 of each
+    labels = torch.arange(3).repeat_interleave(20)
+    for seed in range(5):
+        (_, train_labels), (_, val_labels) = split_validation(labels[:, None].float(), labels, 0.25, seed=seed)
+        assert torch.bincount(val_labels, minlength=3).tolist() == [5, 5, 5]
+        assert torch.bincount(train_labels, minlength=3).tolist() == [15, 15, 15]
+    # A class of two rows beside one of 40 keeps a training row; held out at random, both of its rows went to
+    # validation for some seeds, and the final probe was refitted without the sweep ever fitting it
+    labels = torch.cat([torch.zeros(40, dtype=torch.long), torch.ones(2, dtype=torch.long)])
+    for seed in range(40):
+        (_, train_labels), (_, val_labels) = split_validation(labels[:, None].float(), labels, 0.25, seed=seed)
+        assert len(val_labels) == 10 and torch.bincount(train_labels, minlength=2).min() >= 1
+    # Singleton classes stay in training while any class can spare a row
+    labels = torch.tensor([0, 1, 2, 3, 3, 3, 3])
+    (_, train_labels), (_, val_labels) = split_validation(labels[:, None].float(), labels, 0.3, seed=0)
+    assert val_labels.tolist() == [3, 3] and sorted(train_labels.tolist()) == [0, 1, 2, 3, 3]
+
+
 class RecordingEncoder(nn.Module):
     def __init__(self):
         super().__init__()

@@ -58,6 +58,9 @@ def open_fraction(text: str) -> float:
     return value
 
 
+DEFAULT_VAL_FRACTION = 0.2
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="clip-linear-probe", description=__doc__.split("\n\n")[0], epilog=ERRORS_HELP)
     parser.add_argument("--model", required=True, help="released name, weights/checkpoint file, or run directory")
@@ -69,10 +72,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--val-split",
         default="",
         help="a validation split (an imagefolder's subfolder, or a synthetic split name); "
-        "default: hold out --val-fraction of train",
+        "default: hold out --val-fraction of train (stratified by class)",
     )
     parser.add_argument(
-        "--val-fraction", type=open_fraction, default=0.2, help="the share of train held out without --val-split"
+        "--val-fraction",
+        type=open_fraction,
+        default=None,
+        help=f"the share of train held out without --val-split (default {DEFAULT_VAL_FRACTION})",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the validation hold-out and of the synthetic data")
     parser.add_argument("--num-samples", type=positive_int, default=2000, help="synthetic only: images per split")
@@ -94,7 +100,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=non_negative_int, default=2)
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--output-dir", default="linear_probe_results")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.val_split and args.val_fraction is not None:  # it would be ignored: the split is the validation
+        parser.error("--val-fraction holds out part of train, which --val-split replaces: give one of them")
+    if args.val_fraction is None:
+        args.val_fraction = DEFAULT_VAL_FRACTION
+    return args
 
 
 def split_images(base: ZeroShotDatasetConfig, split: str) -> str:

@@ -234,10 +234,26 @@ def validation_count(num_examples: int, fraction: float) -> int:
 def split_validation(
     features: torch.Tensor, labels: torch.Tensor, fraction: float, seed: int
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """A seeded random (train, validation) split holding out `fraction` of the rows."""
+    """A seeded (train, validation) split holding out `fraction` of the rows, stratified by class: each class
+    gives the validation set its share of the rows (within one), and keeps a training row while any class can
+    spare one. A plain random hold-out could take a rare class's every row, so the strength sweep never fitted
+    it, or none of them, so the sweep never scored it."""
     n_val = validation_count(len(labels), fraction)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    val, train = order[:n_val].to(features.device), order[n_val:].to(features.device)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=generator)
+    cpu_labels = labels.cpu()[order]
+    # Each row's place within its class (in the shuffled order), as a fraction of the class: holding out the
+    # n_val rows of smallest place takes every class's rows in proportion. A class's last row goes last.
+    by_class = torch.argsort(cpu_labels, stable=True)
+    class_sizes = torch.bincount(cpu_labels)
+    starts = torch.cumsum(class_sizes, 0) - class_sizes
+    place_in_class = torch.empty(len(labels), dtype=torch.float64)
+    index_in_class = torch.arange(len(labels)) - starts[cpu_labels[by_class]]
+    size = class_sizes[cpu_labels[by_class]].double()
+    place_in_class[by_class] = torch.where(index_in_class == size - 1, torch.inf, (index_in_class + 0.5) / size)
+    # Ties (classes of one size) are broken by the shuffled order, so which class gives the odd row is seeded
+    ranked = order[torch.argsort(place_in_class, stable=True)]
+    val, train = ranked[:n_val].to(features.device), ranked[n_val:].to(features.device)
     return (features[train], labels[train]), (features[val], labels[val])
 
 

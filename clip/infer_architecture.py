@@ -108,13 +108,16 @@ def _shape(state_dict: Mapping[str, torch.Tensor], key: str, ndim: int) -> tuple
 def _count_blocks(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
     """Number of consecutive numbered blocks `prefix.0`, `prefix.1`, ... present in the keys."""
     pattern = re.compile(rf"{re.escape(prefix)}\.(\d+)\.")
-    indices = {int(match.group(1)) for key in state_dict if (match := pattern.match(key))}
-    if not indices:
+    # Compared as strings: a key's index is the file's word, and int() of 5000 digits raises a ValueError
+    numbers = {match.group(1) for key in state_dict if (match := pattern.match(key))}
+    if not numbers:
         raise ArchitectureInferenceError(f"the state dict has no {prefix}.0.* entries")
-    if indices != set(range(len(indices))):
-        missing = sorted(set(range(max(indices) + 1)) - indices)
-        raise ArchitectureInferenceError(f"{prefix} has blocks up to {max(indices)} but lacks block(s) {missing[:5]}")
-    return len(indices)
+    if numbers != {str(index) for index in range(len(numbers))}:
+        # The first five absent indices are below len + 5; listing every index up to the largest one built
+        # a set of 10**11 indices for a 1 KB file with one key of block 99999999999
+        missing = [index for index in range(len(numbers) + 5) if str(index) not in numbers][:5]
+        raise ArchitectureInferenceError(f"{prefix} has {len(numbers)} numbered blocks but lacks block(s) {missing}")
+    return len(numbers)
 
 
 def _heads(width: int, source: str) -> int:

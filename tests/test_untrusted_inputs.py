@@ -498,6 +498,30 @@ def test_a_checkpoint_whose_config_has_more_blocks_than_entries_is_refused_befor
         load(tmp_path / "deep.pt", device="cpu")
 
 
+@pytest.mark.parametrize("index", ["1000000", "9" * 5000], ids=["a million", "5000 digits"])
+def test_a_block_index_far_beyond_the_blocks_present_is_named_without_listing_every_gap(
+    tmp_path: Path, index: str
+) -> None:
+    # The gaps up to the largest index were all listed first: one key of block 99999999999 in a 1 KB file
+    # stalled the loader while memory ran out, and 5000 digits raised int()'s bare ValueError
+    from clip.loading import load
+
+    state = {"visual.proj": torch.zeros(8, 4), "visual.conv1.weight": torch.zeros(64, 3, 32, 32),
+             "visual.positional_embedding": torch.zeros(50, 64),
+             "visual.transformer.resblocks.0.mlp.c_fc.weight": torch.zeros(256, 64),
+             f"visual.transformer.resblocks.{index}.ln_1.weight": torch.zeros(1)}
+    torch.save(state, tmp_path / "gaps.pt")
+    tracemalloc.start()
+    try:
+        with pytest.raises(WeightsFileError, match=r"gaps\.pt .*resblocks has 2 numbered blocks but lacks block\(s\) "
+                                                   r"\[1, 2, 3, 4, 5\]"):
+            load(tmp_path / "gaps.pt", device="cpu")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+
+
 @pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symbolic links")
 def test_a_link_to_an_ancestor_folder_does_not_relabel_other_classes(tmp_path: Path) -> None:
     # dog/up -> the dataset root: the walk went up and through cat/, and cat's image was read as a dog

@@ -326,13 +326,34 @@ def _check_fits(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.
         for key, value in expected.items()
         if key in found and tuple(found[key].shape) != tuple(value.shape)
     ]
+    not_weights = [
+        f"{key}: {problem}" for key, value in expected.items() if key in found
+        if (problem := _not_weights(value, found[key])) is not None
+    ]
     problems = [
         f"{label} ({len(items)}): {', '.join(items[:_SHOWN_KEYS])}{', ...' if len(items) > _SHOWN_KEYS else ''}"
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape),
+                             ("not loadable as weights", not_weights))
         if items
     ]
     if problems:
         raise WeightsFileError(headline + ":\n  " + "\n  ".join(problems))
+
+
+def _not_weights(expected: torch.Tensor, found: torch.Tensor) -> str | None:
+    """Why `found` cannot stand for a weight like `expected`, or None. load_state_dict cast an integer, boolean
+    or complex tensor into a float parameter without a word (a complex one losing its imaginary part), and
+    refused a sparse, quantized or meta tensor (the state_dict of a model not yet materialised) with a
+    traceback from deep in torch."""
+    if found.layout != torch.strided:
+        return f"a {str(found.layout).removeprefix('torch.')} tensor, not a dense one"
+    if found.is_quantized:
+        return f"a quantized tensor ({found.dtype})"
+    if found.is_meta:
+        return "a meta tensor, which holds no values"
+    if expected.is_floating_point() and not found.is_floating_point():
+        return f"{str(found.dtype).removeprefix('torch.')} values, not floating point"
+    return None
 
 
 def _describe(config: ModelConfig) -> str:

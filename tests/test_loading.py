@@ -626,6 +626,31 @@ def test_missing_unexpected_and_misshapen_entries_are_listed(tmp_path: Path) -> 
     assert len(message.splitlines()) == 4
 
 
+@pytest.mark.parametrize(
+    "make_entry, expected",
+    [
+        (lambda: torch.zeros(64, dtype=torch.int64), "int64 values, not floating point"),
+        (lambda: torch.ones(64, dtype=torch.complex64), "complex64 values, not floating point"),
+        (lambda: torch.zeros(64, dtype=torch.bool), "bool values, not floating point"),
+        (lambda: torch.ones(64).to_sparse(), "a sparse_coo tensor, not a dense one"),
+        (lambda: torch.quantize_per_tensor(torch.ones(64), 0.1, 0, torch.qint8), r"a quantized tensor \(torch.qint8\)"),
+        (lambda: torch.empty(64, device="meta"), "a meta tensor, which holds no values"),
+    ],
+    ids=["int64", "complex", "bool", "sparse", "quantized", "meta"],
+)
+def test_an_entry_that_is_no_float_weight_is_named(tmp_path: Path, make_entry, expected: str) -> None:
+    # load_state_dict cast integers, booleans and complex numbers into the float parameter without a word, and
+    # met the others with torch's own error (a meta one from a state_dict saved before it was materialised)
+    state = openai_state_dict(tiny_model(TINY_VIT))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates creating quantized tensors
+        state["ln_final.weight"] = make_entry()
+    torch.save(state, tmp_path / "odd.pt")
+    with pytest.raises(WeightsFileError, match=rf"odd\.pt does not fit .*\n  not loadable as weights \(1\): "
+                                               rf"ln_final\.weight: {expected}$"):
+        load(tmp_path / "odd.pt", device="cpu")
+
+
 def test_extra_entry_that_contradicts_the_weights_is_an_error(tmp_path: Path) -> None:
     state = openai_state_dict(tiny_model(TINY_VIT)) | {"input_resolution": torch.tensor(224)}
     torch.save(state, tmp_path / "model.pt")

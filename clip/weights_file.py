@@ -269,7 +269,8 @@ def _weights_from_object(loaded: object, path: Path) -> LoadedWeights:
 def _is_state_dict(candidate: Mapping) -> bool:
     tensors = [value for value in candidate.values() if isinstance(value, torch.Tensor)]
     others = [key for key, value in candidate.items() if not isinstance(value, torch.Tensor)]
-    return bool(tensors) and all(key in EXTRA_ENTRIES and isinstance(candidate[key], int) for key in others)
+    return (bool(tensors) and all(isinstance(key, str) for key in candidate)  # {0: tensor}: no parameter's name
+            and all(key in EXTRA_ENTRIES and isinstance(candidate[key], int) for key in others))
 
 
 def _config_from_checkpoint(config: object, path: Path) -> ModelConfig | None:
@@ -293,10 +294,22 @@ def _weights_from_state_dict(state: Mapping, config: ModelConfig | None, path: P
     for prefix in _WRAPPER_PREFIXES:
         if state and all(key.startswith(prefix) for key in state):
             state = {key[len(prefix) :]: value for key, value in state.items()}
-    extras = {key: int(state.pop(key)) for key in EXTRA_ENTRIES if key in state}
+    extras = {key: _extra_entry(key, state.pop(key), path) for key in EXTRA_ENTRIES if key in state}
     # Constant attention masks are not weights; some exporters keep them as attributes.
     state = {key: value for key, value in state.items() if key.rsplit(".", 1)[-1] != "attn_mask"}
     return LoadedWeights(state_dict=state, model_config=config, extras=extras)
+
+
+def _extra_entry(key: str, value: object, path: Path) -> int:
+    """One of OpenAI's extra entries as the whole number it must be (a 0-d integer tensor in OpenAI's files);
+    int() of any other tensor raised torch's ValueError, naming neither the file nor the entry."""
+    number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta else value
+    if isinstance(number, float) and number.is_integer():
+        number = int(number)
+    if isinstance(number, int):
+        return number
+    what = f"a tensor of shape {tuple(number.shape)}" if isinstance(number, torch.Tensor) else repr(number)
+    raise WeightsFileError(f"{path}: its {key} entry is {what:.80}, not a whole number")
 
 
 def _overlaps_itself(tensor: torch.Tensor) -> bool:

@@ -658,6 +658,25 @@ def test_extra_entry_that_contradicts_the_weights_is_an_error(tmp_path: Path) ->
         load(tmp_path / "model.pt", device="cpu")
 
 
+@pytest.mark.parametrize(
+    "extra, expected",
+    [(torch.tensor([32, 32]), r"a tensor of shape \(2,\)"), (torch.tensor(float("nan")), "nan")],
+    ids=["two values", "nan"],
+)
+def test_an_extra_entry_that_is_no_whole_number_is_named(tmp_path: Path, extra: torch.Tensor, expected: str) -> None:
+    # int() of it raised torch's ValueError, naming neither the file nor the entry
+    state = openai_state_dict(tiny_model(TINY_VIT)) | {"input_resolution": extra}
+    torch.save(state, tmp_path / "model.pt")
+    with pytest.raises(WeightsFileError, match=rf"model\.pt: its input_resolution entry is {expected}, not a whole"):
+        load(tmp_path / "model.pt", device="cpu")
+
+
+def test_a_dict_of_tensors_under_other_keys_than_names_is_named(tmp_path: Path) -> None:
+    torch.save({0: torch.zeros(2), 1: torch.zeros(2)}, tmp_path / "numbered.pt")
+    with pytest.raises(WeightsFileError, match=r"numbered\.pt holds a dict without model weights \(keys: 0, 1\)"):
+        load(tmp_path / "numbered.pt", device="cpu")
+
+
 def test_inference_refuses_widths_outside_the_released_head_convention() -> None:
     config = ModelConfig(
         embed_dim=16,

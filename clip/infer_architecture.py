@@ -35,6 +35,15 @@ class ArchitectureInferenceError(ValueError):
 def infer_model_config(state_dict: Mapping[str, torch.Tensor]) -> ModelConfig:
     """The architecture whose `CLIP(config).state_dict()` has these keys and shapes (see the module doc for
     the two conventions assumed). Works on tensors of any device, `meta` included."""
+    try:
+        return _infer_model_config(state_dict)
+    except ArchitectureInferenceError:
+        raise
+    except ValueError as error:  # shapes no config admits (a context of 1): the config's own words, as ours
+        raise ArchitectureInferenceError(f"its tensor shapes give no valid architecture: {error}") from error
+
+
+def _infer_model_config(state_dict: Mapping[str, torch.Tensor]) -> ModelConfig:
     if VIT_MARKER in state_dict:
         vision = _infer_vit(state_dict)
     elif RESNET_MARKER in state_dict:
@@ -102,6 +111,8 @@ def _shape(state_dict: Mapping[str, torch.Tensor], key: str, ndim: int) -> tuple
     if not isinstance(value, torch.Tensor) or value.ndim != ndim:
         found = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise ArchitectureInferenceError(f"{key!r} should be a {ndim}-d tensor, found {found}")
+    if 0 in value.shape:  # a width of 0 divided by zero in the head count
+        raise ArchitectureInferenceError(f"{key!r} is empty (shape {tuple(value.shape)})")
     return tuple(value.shape)
 
 

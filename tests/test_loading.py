@@ -677,6 +677,25 @@ def test_a_dict_of_tensors_under_other_keys_than_names_is_named(tmp_path: Path) 
         load(tmp_path / "numbered.pt", device="cpu")
 
 
+@pytest.mark.parametrize(
+    "entry, shape, expected",
+    [
+        ("positional_embedding", (1, 64), r"its tensor shapes give no valid architecture: text\.context_length must"),
+        ("positional_embedding", (16, 0), r"'positional_embedding' is empty \(shape \(16, 0\)\)"),
+        ("visual.conv1.weight", (0, 3, 8, 8), r"'visual\.conv1\.weight' is empty"),
+    ],
+    ids=["context of 1", "text width 0", "image width 0"],
+)
+def test_shapes_that_give_no_valid_architecture_are_named_with_the_file(
+    tmp_path: Path, entry: str, shape: tuple, expected: str
+) -> None:
+    # The config's own ValueError, or a ZeroDivisionError from the head count, escaped without the file's name
+    state = openai_state_dict(tiny_model(TINY_VIT)) | {entry: torch.zeros(shape)}
+    torch.save(state, tmp_path / "odd.pt")
+    with pytest.raises(WeightsFileError, match=rf"odd\.pt does not hold CLIP weights in OpenAI's layout: {expected}"):
+        load(tmp_path / "odd.pt", device="cpu")
+
+
 def test_inference_refuses_widths_outside_the_released_head_convention() -> None:
     config = ModelConfig(
         embed_dim=16,

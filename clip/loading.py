@@ -293,8 +293,13 @@ def _empty_model(
     seconds for the large models. The weights are checked against the `meta` model first: a 2 KB checkpoint
     whose config names a huge model had its memory allocated before its missing tensors were found."""
     _check_last_blocks(config, weights.state_dict, misfit_headline)
-    with torch.device("meta"):
-        model = CLIP(config)
+    try:
+        with torch.device("meta"):
+            model = CLIP(config)
+    except (ValueError, TypeError) as error:  # a recorded config no model has: activation "relu", a width of 64.0
+        raise WeightsFileError(
+            f"{source}: the architecture recorded in its config cannot be built ({error})"
+        ) from error
     state = _checked_state(model, weights, misfit_headline, source)
     persistent = set(model.state_dict())
     if any(name not in persistent for name, _ in model.named_buffers()):

@@ -696,6 +696,27 @@ def test_shapes_that_give_no_valid_architecture_are_named_with_the_file(
         load(tmp_path / "odd.pt", device="cpu")
 
 
+@pytest.mark.parametrize(
+    "section, key, value, expected",
+    [
+        (None, "activation", "relu", r"activation must be one of \['gelu', 'quick_gelu'\], got 'relu'"),
+        ("text", "width", 64.0, r"empty\(\)"),
+    ],
+    ids=["unknown activation", "float width"],
+)
+def test_a_recorded_config_that_no_model_has_is_named_with_the_file(
+    tmp_path: Path, section: str | None, key: str, value: object, expected: str
+) -> None:
+    # The model's construction raised its ValueError (or torch's TypeError) without the file's name
+    model = tiny_model(TINY_VIT)
+    config = model.config.to_dict()
+    (config if section is None else config[section])[key] = value
+    torch.save({"model": model.state_dict(), "config": {"model": config}}, tmp_path / "odd.pt")
+    with pytest.raises(WeightsFileError, match=rf"odd\.pt: the architecture recorded in its config cannot be built "
+                                               rf"\(.*{expected}"):
+        load(tmp_path / "odd.pt", device="cpu")
+
+
 def test_inference_refuses_widths_outside_the_released_head_convention() -> None:
     config = ModelConfig(
         embed_dim=16,

@@ -217,6 +217,8 @@ def _existing_path(name_or_path: str | Path) -> Path:
         return path
     close = difflib.get_close_matches(str(name_or_path), RELEASED_WEIGHTS, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
+    if str(name_or_path) in RELEASED_WEIGHTS:  # a Path is a path: Path("RN50") was asked "Did you mean 'RN50'?"
+        hint = f" To load the released model {str(name_or_path)!r}, pass its name as a str, not a Path."
     raise ModelNotFoundError(
         f"{str(name_or_path)!r} is neither a released model nor an existing file or directory.{hint} "
         f"Released models: {', '.join(RELEASED_WEIGHTS)}"

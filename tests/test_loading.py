@@ -471,6 +471,13 @@ def test_unknown_name_suggests_the_closest_released_one() -> None:
     assert isinstance(raised.value, RuntimeError)  # what openai/CLIP's load raises
 
 
+def test_a_released_name_given_as_a_path_is_told_to_be_a_str(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A Path is looked for as a file; the hint was "Did you mean 'RN50'?" for Path("RN50")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"To load the released model 'RN50', pass its name as a str, not"):
+        load(Path("RN50"), device="cpu")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Files that would run code are refused
 

@@ -226,7 +226,8 @@ class ResidualAttentionBlock(nn.Module):
 
     attn_mask: OpenAI's additive mask, or None. causal: declares it the causal mask (the text encoder's; each
     position attends to itself and earlier ones), so the causal attention kernel runs and the mask itself
-    is only there for code that reads it (`attention` replaced by OpenAI-style code)."""
+    is only there for code that reads it (`attention` replaced by OpenAI-style code); a mask set in its place
+    (None for bidirectional attention, as some prompt learners do) is applied as given, as in openai/CLIP."""
 
     def __init__(
         self, width: int, heads: int, attn_mask: torch.Tensor | None = None, *, mlp_ratio: float = 4.0,
@@ -238,6 +239,9 @@ class ResidualAttentionBlock(nn.Module):
         hidden = int(width * mlp_ratio)
         self.attn_mask = attn_mask  # a plain attribute, as OpenAI's: not in the state dict
         self.causal = causal
+        # The causal kernel stands for this mask only: code written for openai/CLIP that sets its own
+        # attn_mask (None for bidirectional text attention, a custom one) gets that mask applied instead.
+        self._built_attn_mask = attn_mask
         self.ln_1 = LayerNorm(width)
         self.attn = MultiheadSelfAttention(width, heads)
         self.ln_2 = LayerNorm(width)
@@ -253,7 +257,8 @@ class ResidualAttentionBlock(nn.Module):
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         if type(self.attn) is MultiheadSelfAttention:
-            return self.attn(x, x, x, need_weights=False, attn_mask=self.attn_mask, is_causal=self.causal)[0]
+            is_causal = self.causal and not attn_mask_replaced(self)
+            return self.attn(x, x, x, need_weights=False, attn_mask=self.attn_mask, is_causal=is_causal)[0]
         # A replaced attention module (nn.MultiheadAttention, an attention-map recorder) is called as OpenAI's
         # blocks call theirs, with the mask on x's device and dtype
         mask = None if self.attn_mask is None else self.attn_mask.to(dtype=x.dtype, device=x.device)
@@ -307,10 +312,16 @@ class ResidualAttentionBlock(nn.Module):
 _OWN_BLOCK_METHODS = (ResidualAttentionBlock.attention, ResidualAttentionBlock.forward)
 
 
+def attn_mask_replaced(block: ResidualAttentionBlock) -> bool:
+    """Whether outside code set a causal block's `attn_mask` to another one than it was built with."""
+    return block.causal and block.attn_mask is not getattr(block, "_built_attn_mask", None)
+
+
 def runs_as_openai(transformer: nn.Module, *around: nn.Module) -> bool:
     """Whether code from outside watches or changes `transformer` (or the modules `around` it): a hook on any
     of their modules (not one registered for every module), a block whose `attention` or `forward` method was
-    replaced (on the block or its class), a replaced `attn` module or block. The model then runs that tower
+    replaced (on the block or its class), a replaced `attn` module or block, or a causal block's replaced
+    `attn_mask`. The model then runs that tower
     exactly as openai/CLIP's does -- contiguous sequence-first tensors, every text position -- since such code
     may rely on any of it (`.view` on a block's tensors, OpenAI's 77 x 77 mask added to its own scores), at
     the cost of the layout copies and the text trimming it otherwise saves."""
@@ -322,8 +333,8 @@ def runs_as_openai(transformer: nn.Module, *around: nn.Module) -> bool:
     for block in getattr(transformer, "resblocks", ()):
         if not isinstance(block, ResidualAttentionBlock) or type(block.attn) is not MultiheadSelfAttention:
             return True
-        if "attention" in vars(block) or "forward" in vars(block):
-            return True
+        if "attention" in vars(block) or "forward" in vars(block) or attn_mask_replaced(block):
+            return True  # (with another mask than the causal one, positions past the end of text count)
         if (type(block).attention, type(block).forward) != _OWN_BLOCK_METHODS:
             return True
     return False

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from openai_layout import openai_state_dict
@@ -176,6 +178,27 @@ def test_a_replaced_attention_module_is_called_as_openai_calls_it(tmp_path, buil
             block.attn = replacement  # OpenAI's own module: no is_causal keyword, a float mask on the CPU
         torch.testing.assert_close(model.encode_text(texts), before, atol=1e-5, rtol=1e-5)
 
+
+
+@pytest.mark.parametrize("mask", ["none", "custom"])
+def test_a_text_attn_mask_set_by_outside_code_is_applied(mask):
+    # As in openai/CLIP, a block applies whatever attn_mask it holds: prompt learners set None for
+    # bidirectional text attention. Then padding past the end of text counts, so all 77 positions run.
+    torch.manual_seed(0)
+    model = clip.create_model(TINY).eval()
+    texts = clip.tokenize(["a cat", "a photo of a dog"])
+    new_mask = None if mask == "none" else torch.randn(77, 77)
+    with torch.no_grad():
+        causal = model.encode_text(texts)
+        reference = copy.deepcopy(model)
+        for ours, theirs in zip(model.transformer.resblocks, reference.transformer.resblocks, strict=True):
+            ours.attn_mask = theirs.attn_mask = new_mask
+            replacement = torch.nn.MultiheadAttention(64, theirs.attn.num_heads)
+            replacement.load_state_dict(theirs.attn.state_dict())
+            theirs.attn = replacement  # OpenAI's module, called with the block's mask
+        expected = reference.encode_text(texts)
+        assert not torch.allclose(expected, causal, atol=1e-3)
+        torch.testing.assert_close(model.encode_text(texts), expected, atol=1e-5, rtol=1e-5)
 
 def test_openai_style_module_surgery():
     torch.manual_seed(0)

@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +35,16 @@ def test_from_clip_import_clip():
     assert repr(openai_style._transform(64)) == repr(clip.image_transform(64))
     assert openai_style._tokenizer.encode("a cat") == [320, 2368]
 
+
+
+def test_openai_submodules_are_attributes_after_a_plain_import_clip():
+    # A fresh interpreter: in this one, other tests have imported the submodules already
+    code = "import clip; print(clip.simple_tokenizer.SimpleTokenizer, clip.model.build_model, clip.clip.load)"
+    root = Path(__file__).resolve().parents[1]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    finished = subprocess.run([sys.executable, "-c", code], cwd=root, env=environment, capture_output=True,
+                              text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
 
 def test_build_model_and_convert_weights_as_openai_clip():
     from clip.model import build_model, convert_weights

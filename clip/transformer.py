@@ -145,6 +145,10 @@ class MultiheadSelfAttention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
+        # nn.MultiheadAttention's initialisation, so that a block or Transformer built on its own (as code written
+        # for openai/CLIP builds extra layers) starts from usable weights; CLIP.init_parameters then sets its own.
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
 
     def forward(
         self,

@@ -214,6 +214,20 @@ def test_a_text_attn_mask_set_by_outside_code_is_applied(mask):
         assert not torch.allclose(expected, causal, atol=1e-3)
         torch.testing.assert_close(model.encode_text(texts), expected, atol=1e-5, rtol=1e-5)
 
+
+def test_a_transformer_built_on_its_own_starts_from_initialised_weights():
+    # Code written for openai/CLIP builds extra layers from clip.model.Transformer; its attention must start
+    # as nn.MultiheadAttention's does, not from uninitialised memory
+    torch.manual_seed(0)
+    transformer = clip.model.Transformer(64, 2, 4)
+    reference = torch.nn.MultiheadAttention(64, 4)
+    for block in transformer.resblocks:
+        weight = block.attn.in_proj_weight
+        assert weight.abs().max() <= reference.in_proj_weight.abs().max() * 1.5
+        assert weight.std() > reference.in_proj_weight.std() / 2
+        assert not block.attn.in_proj_bias.any() and not block.attn.out_proj.bias.any()
+    assert torch.isfinite(transformer(torch.randn(5, 2, 64))).all()
+
 def test_openai_style_module_surgery():
     torch.manual_seed(0)
     model = clip.create_model(TINY).eval()

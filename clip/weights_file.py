@@ -67,8 +67,22 @@ class LoadedWeights:
 
 
 def read_weights(path: str | Path) -> LoadedWeights:
-    """Read a TorchScript archive or a `torch.save` file without running code stored in it."""
+    """Read a TorchScript archive or a `torch.save` file without running code stored in it. A read that the
+    storage fails (`is_storage_error`) is a WeightsFileError that says so, not that the file is damaged."""
     path = Path(path)
+    try:
+        return _read_weights(path)
+    except Exception as error:
+        cause = storage_error_in(error)
+        if cause is None:
+            raise
+        raise WeightsFileError(
+            f"could not read {path}: {type(cause).__name__}: {cause} -- the storage failed the read (a network file "
+            f"system, a permission), not a sign of a damaged file"
+        ) from error
+
+
+def _read_weights(path: Path) -> LoadedWeights:
     if path.exists() and not path.is_file():  # a FIFO or a device: opening it to look inside could block forever
         raise WeightsFileError(f"{path} is not a regular file")
     if is_torchscript_archive(path):
@@ -84,7 +98,9 @@ def read_weights(path: str | Path) -> LoadedWeights:
 
 def read_run_or_file(path: Path) -> tuple[Path, LoadedWeights]:
     """For a file: its weights. For a run directory: its newest checkpoint that reads; a torn newer file
-    (a crash while writing) is skipped with a warning."""
+    (a crash while writing) is skipped with a warning. A newer file that the storage fails to read (EIO,
+    ESTALE, a permission) is an error, not skipped: its weights may be whole, and an older checkpoint in their
+    place would be used without anyone asking for it (fine-tuning from older weights)."""
     if not path.is_dir():
         return path, read_weights(path)
     candidates = checkpoint_candidates(path)
@@ -98,6 +114,13 @@ def read_run_or_file(path: Path) -> tuple[Path, LoadedWeights]:
         try:
             return candidate, read_weights(candidate)
         except (WeightsFileError, OSError) as error:  # OSError: a name `latest` gives that is too long, ...
+            cause = storage_error_in(error)
+            if cause is not None:
+                raise WeightsFileError(
+                    f"could not read {candidate}, the newest checkpoint of {path}: {type(cause).__name__}: {cause} "
+                    f"-- a storage error, not a damaged file, so no older checkpoint is used in its place. Try again "
+                    f"once the file can be read; to use an older checkpoint, name its file instead of the run."
+                ) from error
             warnings.warn(f"skipping unreadable checkpoint {candidate}: {error}", stacklevel=3)
             failures.append(f"{candidate.name}: {error}")
     raise WeightsFileError(f"no checkpoint in {path} could be read:\n  " + "\n  ".join(failures))
@@ -170,7 +193,19 @@ _STORAGE_ERRNOS = frozenset(
 def is_storage_error(error: BaseException) -> bool:
     """Whether reading failed in the storage (a network file system's EIO or ESTALE, a permission), not in the
     file: a torn file's own OSError (EINVAL from a seek before its start) is not one."""
-    return isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS
+    return storage_error_in(error) is not None
+
+
+def storage_error_in(error: BaseException) -> OSError | None:
+    """The storage's OSError (see `is_storage_error`) that `error` is or was raised from (a reader's RuntimeError
+    wrapping it, this module's WeightsFileError naming the file); None when there is none."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return None
 
 
 def archive_damage(path: Path) -> str | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import os
 import pickle
 import warnings
@@ -283,6 +284,84 @@ def test_a_file_damaged_since_its_save_is_refused_and_a_run_directory_falls_back
     with pytest.warns(UserWarning, match=r"skipping unreadable checkpoint .*step_00000002\.pt: .* is damaged"):
         model, _ = load(tmp_path / "run", device="cpu")
     assert_same_features(model, original, TINY_VIT, atol=0)
+
+
+def test_a_storage_error_on_the_newest_checkpoint_of_a_run_directory_stops_instead_of_falling_back(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # An EIO or ESTALE of a network file system, or a permission, was taken for a damaged file: clip.load, and
+    # train.init_weights (fine-tuning from another run), quietly used the checkpoint before it, with a warning.
+    import builtins
+    import errno
+
+    import clip.weights_file
+
+    older, newer = tiny_model(TINY_VIT, seed=0), tiny_model(TINY_VIT, seed=1)
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(older.state_dict(), tmp_path / "checkpoints" / "step_00000001.pt")
+    newest = tmp_path / "checkpoints" / "step_00000002.pt"
+    torch.save(newer.state_dict(), newest)
+    real_open = builtins.open
+
+    class FailingReads(io.FileIO):  # the first bytes read; the storage fails the rest (torch.load's reads too)
+        def readinto(self, buffer):
+            if self.tell() >= 64:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            return super().readinto(buffer)
+
+        def read(self, size=-1):
+            if self.tell() >= 64:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            return super().read(size if size is None or size < 0 else min(size, 64 - self.tell()))
+
+    def open_eio(file, mode="r", *args, **kwargs):
+        if str(file) == str(newest) and "b" in mode:
+            return io.BufferedReader(FailingReads(file, "rb"))
+        return real_open(file, mode, *args, **kwargs)
+
+    def open_denied(file, mode="r", *args, **kwargs):  # chmod 000 as a user other than root
+        if str(file) == str(newest):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    real_load = torch.load
+
+    def load_wrapped_stale(file, *args, **kwargs):  # torch's reader wrapping the OSError in a RuntimeError
+        if str(file) == str(newest):
+            try:
+                raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+            except OSError as error:
+                raise RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory") from error
+        return real_load(file, *args, **kwargs)
+
+    failures = [(builtins, "open", open_eio, "Input/output error"),
+                (builtins, "open", open_denied, "Permission denied"),
+                (clip.weights_file.torch, "load", load_wrapped_stale, "Stale file handle")]
+    for owner, name, replacement, reason in failures:
+        monkeypatch.setattr(owner, name, replacement)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing is skipped with a warning
+            with pytest.raises(WeightsFileError, match=rf"could not read .*step_00000002\.pt, the newest checkpoint of "
+                                                       rf".*{reason}.* a storage error, not a damaged file"):
+                load(tmp_path, device="cpu")
+            with pytest.raises(WeightsFileError, match=rf"step_00000002\.pt, the newest checkpoint.*{reason}"):
+                clip.loading.load_weights_into(tiny_model(TINY_VIT, seed=2), str(tmp_path))
+        # the file named alone: said to be the storage's failure, not damage
+        with pytest.raises(WeightsFileError, match=rf"could not read .*step_00000002\.pt: .*{reason}.* the storage "
+                                                   rf"failed the read"):
+            load(newest, device="cpu")
+        monkeypatch.undo()
+    # a torn file's own OSError (EINVAL from a seek before its start) still falls back, with a warning
+    def load_torn(file, *args, **kwargs):
+        if str(file) == str(newest):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_load(file, *args, **kwargs)
+
+    monkeypatch.setattr(clip.weights_file.torch, "load", load_torn)
+    with pytest.warns(UserWarning, match=r"skipping unreadable checkpoint .*step_00000002\.pt: .* damaged or truncated"):
+        model, _ = load(tmp_path, device="cpu")
+    monkeypatch.undo()
+    assert_same_features(model, older, TINY_VIT, atol=0)
 
 
 def test_an_open_clip_training_checkpoint_loads_with_a_warning_about_its_activation(tmp_path: Path) -> None:

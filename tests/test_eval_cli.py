@@ -352,6 +352,24 @@ def test_an_offline_download_is_a_one_line_error(capsys):
     assert capsys.readouterr().err.strip() == "clip-zeroshot: Could not download ViT-B-32.pt; copy it to ~/.cache/clip/ViT-B-32.pt"
 
 
+def test_a_dataset_of_one_class_is_a_one_line_error_before_the_model_loads(tmp_path, tiny_checkpoint, monkeypatch,
+                                                                          capsys):
+    # With one class every prediction is right: the probe reported 100% accuracy without a word
+    def refuse_to_load(*args):
+        pytest.fail("the model was loaded before the classes were counted")
+
+    write_colour_folder(tmp_path / "data" / "train", {"a_red": 4}, seed=0)
+    write_colour_folder(tmp_path / "data" / "test", {"a_red": 2}, seed=1)
+    monkeypatch.setattr(linear_probe_cli, "load_model", refuse_to_load)
+    argv = probe_argv(tiny_checkpoint, tmp_path / "out", "--dataset", "imagefolder", "--root", str(tmp_path / "data"))
+    assert linear_probe_cli.main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"clip-linear-probe: --root {tmp_path / 'data'}: the splits hold 1 class (a_red); a linear probe needs at "
+        "least 2 classes to tell apart\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_linear_probe_lists_its_data_before_loading_the_model(tmp_path, monkeypatch, capsys):
     # A released name is a download: a missing CIFAR folder must fail first.
     def refuse_to_load(*args):

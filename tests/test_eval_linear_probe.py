@@ -206,9 +206,16 @@ def test_a_hold_out_that_leaves_no_training_example_is_a_clear_error(num_train, 
     train = gaussian_classes(num_train, seed=0, num_classes=1)
     test = gaussian_classes(2, seed=1, num_classes=1)
     with pytest.raises(ValueError, match=rf"holding out {num_train} of {num_train} training example\(s\)"):
-        run_linear_probe(train, test, 1, val_fraction=fraction)
+        run_linear_probe(train, test, 2, val_fraction=fraction)
     with pytest.raises(ValueError, match="no training examples"):
         fit_logistic_regression(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long), 2, 1.0)
+
+
+def test_a_single_class_is_refused():
+    # With one class every prediction is right: the probe reported 100% accuracy, whatever the features
+    train, test = gaussian_classes(10, seed=0, num_classes=1), gaussian_classes(4, seed=1, num_classes=1)
+    with pytest.raises(ValueError, match="a linear probe needs at least 2 classes to tell apart, got 1"):
+        run_linear_probe(train, test, 1, coarse_points=3, refine_steps=0, max_iter=20)
 
 
 def test_standardising_a_single_training_example_is_safe():

@@ -185,6 +185,11 @@ def probe(args: argparse.Namespace) -> int:
         options = " and ".join(f"--{role}-split" for role, split in splits.items() if split == error.split)
         raise FileNotFoundError(f"{options}: {error}") from None
     classnames = listed["train"].classnames  # the same for every split: fixed by the dataset kind or `class_folders`
+    if len(classnames) < 2:  # one class: every prediction is right, 100% whatever the features
+        raise ValueError(
+            f"--root {args.root}: the splits hold {len(classnames)} class ({', '.join(class_folders or classnames)}); "
+            f"a linear probe needs at least 2 classes to tell apart"
+        )
     if not args.val_split:
         check_validation_hold_out(args.train_split, len(listed["train"].dataset), args.val_fraction)
     output_dir = writable_output_dir(Path(args.output_dir))

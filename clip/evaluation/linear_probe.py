@@ -296,6 +296,8 @@ def run_linear_probe(
     device: where to fit (a GPU makes full-batch L-BFGS on large feature sets fast); default: where they are.
     sweep_options: passed to `select_l2` (low, high, coarse_points, refine_steps, max_iter).
     """
+    if num_classes < 2:  # one class: every prediction is right, 100% whatever the features
+        raise ValueError(f"a linear probe needs at least 2 classes to tell apart, got {num_classes}")
     for what, split in (("train", train), ("test", test), ("validation", val)):
         if split is not None:
             refuse_nonfinite_features(split[0], f"linear-probe {what}")

@@ -23,6 +23,7 @@ from clip.evaluation import (
     zeroshot_classify_images,
 )
 from clip.evaluation.datasets import ImageFolderDataset
+from clip.evaluation.features import NonFiniteFeaturesError
 from clip.evaluation.templates import (
     DEFAULT_TEMPLATES,
     load_classnames,
@@ -276,6 +277,28 @@ def test_non_finite_features_are_an_error_not_a_prediction():
     model.vectors[4, 1] = float("inf")  # "the dog!": the dog's prompt ensemble
     with pytest.raises(ValueError, match=r"1 of 2 class \(prompt ensemble\) features are NaN or inf"):
         evaluate_zeroshot(model, images[:1], classnames, templates, tokenizer=model.tokenize)
+
+
+def test_the_advice_for_non_finite_features_fits_the_models_dtype_and_the_precision():
+    # "evaluate with precision fp32" was given to every model: clip.load's float16 weights on CUDA overflow
+    # under any precision setting (fp32 being no autocast), and fp32 was often the precision already in use
+    model, classnames, templates = planted_two_classes()
+    images = [(torch.tensor([float("inf"), 0.0]), 0)]
+
+    def error(precision: str) -> str:
+        with pytest.raises(NonFiniteFeaturesError) as raised:
+            evaluate_zeroshot(model, images, classnames, templates, tokenizer=model.tokenize, precision=precision)
+        return str(raised.value)
+
+    assert error("fp16").endswith("activations beyond float16's range (evaluate with precision fp32)")
+    for precision in ("fp32", "bf16"):
+        assert error(precision).endswith(": a model whose weights are non-finite or too large (a diverged run)")
+    model.half()  # as clip.load gives on CUDA
+    for precision in ("fp32", "bf16", "fp16"):
+        assert error(precision).endswith(
+            "activations beyond the range of its float16 weights (clip.load's on CUDA): evaluate float32 weights, "
+            "model.float() (the commands: on device cpu)"
+        )
 
 
 def test_labels_outside_the_classes_are_an_error():

@@ -239,18 +239,36 @@ class NonFiniteFeaturesError(ValueError):
     """A model gave NaN or inf features: an evaluation of them would be noise dressed as results."""
 
 
-def refuse_nonfinite_features(features: torch.Tensor, what: str) -> None:
+def nonfinite_causes(model: nn.Module | None = None, precision: str | None = None) -> str:
+    """What makes features NaN or inf, and what to try, for the model and the autocast precision that gave
+    them (None: not known, for features computed elsewhere)."""
+    parameters = model.parameters() if isinstance(model, nn.Module) else ()
+    weights = next((parameter.dtype for parameter in parameters if parameter.is_floating_point()), None)
+    if weights == torch.float16:  # clip.load's on CUDA, as openai/CLIP's: no precision setting computes in float32
+        return ("a model whose weights are non-finite, or activations beyond the range of its float16 weights "
+                "(clip.load's on CUDA): evaluate float32 weights, model.float() (the commands: on device cpu)")
+    if precision == "fp16":
+        return ("a model whose weights are non-finite, or activations beyond float16's range (evaluate with "
+                "precision fp32)")
+    if precision is None or weights is None:
+        return ("a model whose weights are non-finite, or activations beyond float16's range (precision fp16, or "
+                "float16 weights as clip.load gives on CUDA)")
+    return "a model whose weights are non-finite or too large (a diverged run)"
+
+
+def refuse_nonfinite_features(features: torch.Tensor, what: str, causes: str | None = None) -> None:
     """`refuse_nonfinite` of the rows of `features` (one host sync)."""
-    refuse_nonfinite(int(nonfinite_rows(features)), features.shape[0], what)
+    refuse_nonfinite(int(nonfinite_rows(features)), features.shape[0], what, causes)
 
 
-def refuse_nonfinite(count: int, total: int, what: str) -> None:
+def refuse_nonfinite(count: int, total: int, what: str, causes: str | None = None) -> None:
     """NonFiniteFeaturesError when `count` of `total` features are non-finite: every comparison with NaN is false,
-    and an argmax takes it for the largest, so rankings and predictions of them would be meaningless."""
+    and an argmax takes it for the largest, so rankings and predictions of them would be meaningless.
+    causes: `nonfinite_causes` of the model and precision that gave them, when the caller knows them."""
     if count:
         raise NonFiniteFeaturesError(
-            f"{count} of {total} {what} features are NaN or inf, which no evaluation can use: a model whose weights "
-            f"are non-finite, or activations beyond float16's range (evaluate with precision fp32)"
+            f"{count} of {total} {what} features are NaN or inf, which no evaluation can use: "
+            f"{causes or nonfinite_causes()}"
         )
 
 

@@ -30,6 +30,7 @@ from .features import (
     log_skipped,
     make_loader,
     model_device,
+    nonfinite_causes,
     refuse_nonfinite_features,
     unwrap_model,
 )
@@ -71,7 +72,7 @@ def extract_features(
     features = torch.cat(features)
     # A NaN training feature made L-BFGS fail with a RuntimeError deep inside torch; a NaN test feature was
     # scored as a prediction (argmax takes NaN for the largest)
-    refuse_nonfinite_features(features, "linear-probe image")
+    refuse_nonfinite_features(features, "linear-probe image", nonfinite_causes(model, precision))
     return features, torch.cat(labels).long()
 
 

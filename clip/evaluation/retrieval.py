@@ -51,6 +51,7 @@ from .features import (
     log_skipped,
     make_loader,
     model_device,
+    nonfinite_causes,
     refuse_nonfinite_features,
     shard,
     shard_bounds,
@@ -445,7 +446,8 @@ def evaluate_retrieval(
     )
     text_features = text_features[keep_text.to(text_features.device)]  # the captions of readable images
     for what, features in (("image", image_features), ("caption", text_features)):
-        refuse_nonfinite_features(features, f"retrieval {name or 'dataset'} {what}")  # named here, with the dataset
+        # named here, with the dataset and what gave the features
+        refuse_nonfinite_features(features, f"retrieval {name or 'dataset'} {what}", nonfinite_causes(model, precision))
     image_ranks, text_ranks = retrieval_ranks(
         image_features,
         text_features,

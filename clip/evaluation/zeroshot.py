@@ -29,6 +29,7 @@ from .features import (
     log_skipped,
     make_loader,
     model_device,
+    nonfinite_causes,
     nonfinite_rows,
     refuse_nonfinite,
     refuse_nonfinite_features,
@@ -84,7 +85,7 @@ def build_zeroshot_classifier(
             columns.append(nn.functional.normalize(class_means, dim=-1))
     classifier = torch.cat(columns)
     if check_finite:
-        refuse_nonfinite_features(classifier, CLASS_EMBEDDINGS)
+        refuse_nonfinite_features(classifier, CLASS_EMBEDDINGS, nonfinite_causes(model, precision))
     return classifier.t().contiguous()  # C, D -> D, C
 
 
@@ -200,8 +201,9 @@ def evaluate_zeroshot(
         nonfinite = reduced[-2:]
     # Every rank holds the same all-reduced counts, so every rank raises alike
     # (each rank built the whole classifier: the sum counts a class once per rank that got it wrong)
-    refuse_nonfinite(min(int(nonfinite[1]), len(classnames)), len(classnames), CLASS_EMBEDDINGS)
-    refuse_nonfinite(int(nonfinite[0]), int(counts.confusion.sum()), f"zero-shot {name or 'dataset'} image")
+    causes = nonfinite_causes(model, precision)
+    refuse_nonfinite(min(int(nonfinite[1]), len(classnames)), len(classnames), CLASS_EMBEDDINGS, causes)
+    refuse_nonfinite(int(nonfinite[0]), int(counts.confusion.sum()), f"zero-shot {name or 'dataset'} image", causes)
     result = summarize(counts, classnames, subsets, name, warn=rank == 0)
     what = f"zero-shot {name or 'dataset'}"
     log_skipped(what, result.num_skipped, skipped, rank, world_size)  # the count is global now

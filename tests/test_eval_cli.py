@@ -92,6 +92,23 @@ image_size = 32
     return path
 
 
+def test_the_commands_evaluate_float32_weights_where_clip_load_gives_float16(tiny_checkpoint, monkeypatch):
+    # clip.load returns float16 weights on CUDA; the commands' precision (default fp32) is an autocast over
+    # float32 weights, as in evaluation during training. Here the CPU stands in: clip.load is made to halve.
+    from clip import loading
+    from clip.cli.common import load_model
+
+    real_load = loading.load
+
+    def load_as_on_cuda(*args, **kwargs):
+        model, preprocess = real_load(*args, **kwargs)
+        return model.half(), preprocess
+
+    monkeypatch.setattr(loading, "load", load_as_on_cuda)
+    model, _ = load_model(str(tiny_checkpoint), torch.device("cpu"))
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
+
+
 def test_zeroshot_command_end_to_end(tmp_path, tiny_checkpoint, datasets, capsys):
     config = write_config(tmp_path / "eval.toml", tiny_checkpoint, datasets)
     assert zeroshot_cli.main([str(config), "batch_size=3", "--output-dir", str(tmp_path / "out")]) == 0

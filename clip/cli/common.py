@@ -94,10 +94,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_model(name_or_path: str, device: torch.device) -> tuple[torch.nn.Module, Any]:
-    """(model, eval preprocessing) through `clip.load`: a released name, a file or a training run directory."""
+    """(model with float32 weights, eval preprocessing) through `clip.load`: a released name, a file or a training
+    run directory. The commands' `precision` is the autocast of float32 weights, as in evaluation during
+    training; clip.load's float16 weights on CUDA made "fp32" (the default) compute in float16, and could make
+    a run's own checkpoint score differently from its evaluation during training."""
     from clip.loading import load
 
-    return load(name_or_path, device=device)
+    model, preprocess = load(name_or_path, device=device)
+    return model.float(), preprocess
 
 
 def writable_output_dir(path: Path) -> Path:

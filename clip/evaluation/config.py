@@ -171,7 +171,8 @@ class ZeroShotRunConfig:
     # Images per forward pass, and DataLoader worker processes.
     batch_size: int = 64
     workers: int = 2
-    # Autocast dtype for the encoders ("fp32" = no autocast).
+    # Autocast dtype for the encoders ("fp32" = no autocast), over float32 weights (also on CUDA, where
+    # clip.load's are float16).
     precision: Precision = "fp32"
     # Prompts encoded per forward pass when building the classifiers.
     text_batch_size: int = 256

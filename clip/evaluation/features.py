@@ -244,9 +244,9 @@ def nonfinite_causes(model: nn.Module | None = None, precision: str | None = Non
     them (None: not known, for features computed elsewhere)."""
     parameters = model.parameters() if isinstance(model, nn.Module) else ()
     weights = next((parameter.dtype for parameter in parameters if parameter.is_floating_point()), None)
-    if weights == torch.float16:  # clip.load's on CUDA, as openai/CLIP's: no precision setting computes in float32
+    if weights == torch.float16:  # clip.load's on CUDA, as openai/CLIP's: no autocast setting computes in float32
         return ("a model whose weights are non-finite, or activations beyond the range of its float16 weights "
-                "(clip.load's on CUDA): evaluate float32 weights, model.float() (the commands: on device cpu)")
+                "(clip.load's on CUDA): evaluate float32 weights, model.float()")
     if precision == "fp16":
         return ("a model whose weights are non-finite, or activations beyond float16's range (evaluate with "
                 "precision fp32)")

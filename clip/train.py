@@ -229,6 +229,8 @@ def _train(
     if config.logging.wandb:
         require_wandb()
     if config.train.threads:
+        # The process's setting: put back when the run ends, for the notebook or test that called train()
+        on_exit.callback(torch.set_num_threads, torch.get_num_threads())
         torch.set_num_threads(config.train.threads)
     if device.type == "cuda":
         configure_cuda_backends(allow_tf32=config.train.tf32)

@@ -166,19 +166,24 @@ def gradients(module: ContrastiveModel, images, texts, micro_batches: int, loss:
 
 @pytest.mark.parametrize(("kind", "lock"), [("clip", None), ("siglip", "image")])
 def test_bf16_accumulation_matches_the_full_batch_within_bf16_rounding(kind, lock):
-    # Measured: bf16 itself is ~4e-2 (relative) from float32 on these gradients; accumulation adds ~1e-3.
+    # Judged against float32's gradients: accumulated bf16 must be no farther from them than one full bf16
+    # batch is (measured: up to 1.15x; bf16 itself is up to ~5e-2 relative from float32 here). Accumulated and
+    # full bf16 gradients compared with each other differ by up to ~2e-2, by the thread count (reduction order).
     images, texts = batch(16, 16)
 
     def bf16():
         return torch.autocast("cpu", dtype=torch.bfloat16)
 
-    full = gradients(locked_module(TINY_VIT, lock, kind), images, texts, 1, LossConfig(kind=kind), lock, bf16)
-    accumulated = gradients(locked_module(TINY_VIT, lock, kind), images, texts, 4, LossConfig(kind=kind), lock, bf16)
-    assert full.keys() == accumulated.keys() and "clip.logit_scale" in full
+    def grads(micro_batches: int, autocast):
+        return gradients(locked_module(TINY_VIT, lock, kind), images, texts, micro_batches, LossConfig(kind=kind), lock,
+                         autocast)
+
+    reference, full, accumulated = grads(1, contextlib.nullcontext), grads(1, bf16), grads(4, bf16)
+    assert full.keys() == accumulated.keys() == reference.keys() and "clip.logit_scale" in full
     assert not any(n.startswith("clip.visual.") for n in full) or lock != "image"
-    for name, grad in full.items():
-        error = (accumulated[name] - grad).norm() / grad.norm().clamp_min(1e-12)
-        assert error < 2e-2, (name, error.item())
+    for name, grad in reference.items():
+        bf16_rounding = torch.maximum((full[name] - grad).norm(), 1e-3 * grad.norm())
+        assert (accumulated[name] - grad).norm() <= 1.5 * bf16_rounding, name
 
 
 def test_a_locked_resnet_keeps_weights_statistics_and_eval_mode_under_bf16_accumulation():

@@ -59,6 +59,17 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return ckpt.read_checkpoint(ckpt.list_checkpoints(run_dir)[0][1])["model"]
 
 
+def test_a_runs_thread_count_is_the_process_setting_again_once_it_ends(tmp_path):
+    # train.threads sets torch's process-wide count: a notebook (or a later test) that called train() kept it
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        train(tiny_config(tmp_path, "train.threads=1", "eval.every_n_steps=0", "schedule.steps=1"))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("extra", [[], ["train.patch_dropout=0.5", "train.accumulation_steps=2"]],
                          ids=["plain", "patch_dropout"])
 def test_resume_continues_exactly(tmp_path, extra):

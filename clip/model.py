@@ -29,10 +29,12 @@ TEXT_LENGTH_MULTIPLE = 8
 
 
 def build_vision_tower(config: ModelConfig) -> nn.Module:
+    """The image encoder, its embeddings left for `CLIP.init_parameters` (so that a seeded model's weights
+    come from the same random draws as they always have)."""
     vision = config.vision
     if vision.kind == "resnet":
-        return ModifiedResNet(vision, config.embed_dim)
-    return VisionTransformer(vision, config.embed_dim, config.activation)
+        return ModifiedResNet(vision, config.embed_dim, initialise=False)
+    return VisionTransformer(vision, config.embed_dim, config.activation, initialise=False)
 
 
 class CLIP(nn.Module):

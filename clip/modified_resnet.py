@@ -15,13 +15,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from .architectures import VisionConfig, wrong_image_size
+from .transformer import renamed_argument
 
 
 class Bottleneck(nn.Module):
+    """A residual block of 1x1, 3x3, 1x1 convolutions, `planes * 4` channels out; openai/CLIP's call
+    `Bottleneck(inplanes, planes, stride=1)` works as well."""
+
     expansion = 4
 
-    def __init__(self, in_channels: int, planes: int, stride: int) -> None:
+    def __init__(
+        self, in_channels: int | None = None, planes: int | None = None, stride: int = 1, *,
+        inplanes: int | None = None,
+    ) -> None:
         super().__init__()
+        in_channels = renamed_argument("in_channels", in_channels, "inplanes", inplanes)
+        if planes is None:
+            raise TypeError("Bottleneck() missing required argument: 'planes'")
         out_channels = planes * self.expansion
         self.stride = stride
         self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
@@ -62,20 +72,38 @@ class Bottleneck(nn.Module):
 
 
 class AttentionPool2d(nn.Module):
-    """Multi-head attention whose single query is the mean of the feature map (plus a position embedding)."""
+    """Multi-head attention whose single query is the mean of the feature map (plus a position embedding).
 
-    def __init__(self, spatial_dim: int, embed_dim: int, heads: int, output_dim: int) -> None:
+    `AttentionPool2d(spatial_dim, embed_dim, heads, output_dim)`; openai/CLIP's names `spacial_dim` and
+    `num_heads` work as well, and output_dim defaults to embed_dim as there. initialise: draw the position
+    embedding (N(0, embed_dim**-0.5), as openai/CLIP does; the projections start from nn.Linear's
+    initialisation); False leaves it `torch.empty`, for `CLIP`, whose `init_parameters` sets it."""
+
+    def __init__(
+        self, spatial_dim: int | None = None, embed_dim: int | None = None, heads: int | None = None,
+        output_dim: int | None = None, *, spacial_dim: int | None = None, num_heads: int | None = None,
+        initialise: bool = True,
+    ) -> None:
         super().__init__()
+        spatial_dim = renamed_argument("spatial_dim", spatial_dim, "spacial_dim", spacial_dim)
+        heads = renamed_argument("heads", heads, "num_heads", num_heads)
+        if embed_dim is None:
+            raise TypeError("AttentionPool2d() missing required argument: 'embed_dim'")
         self.num_heads = heads  # OpenAI's name
         self.positional_embedding = nn.Parameter(torch.empty(spatial_dim * spatial_dim + 1, embed_dim))
         self.q_proj = nn.Linear(embed_dim, embed_dim)
         self.k_proj = nn.Linear(embed_dim, embed_dim)
         self.v_proj = nn.Linear(embed_dim, embed_dim)
-        self.c_proj = nn.Linear(embed_dim, output_dim)
+        self.c_proj = nn.Linear(embed_dim, output_dim or embed_dim)
+        if initialise:
+            self.init_positional_embedding()
+
+    def init_positional_embedding(self) -> None:
+        nn.init.normal_(self.positional_embedding, std=self.c_proj.in_features**-0.5)
 
     def init_parameters(self) -> None:
         std = self.c_proj.in_features**-0.5
-        nn.init.normal_(self.positional_embedding, std=std)
+        self.init_positional_embedding()
         for linear in (self.q_proj, self.k_proj, self.v_proj, self.c_proj):
             nn.init.normal_(linear.weight, std=std)
             nn.init.zeros_(linear.bias)
@@ -99,8 +127,21 @@ class AttentionPool2d(nn.Module):
 
 
 class ModifiedResNet(nn.Module):
-    def __init__(self, config: VisionConfig, output_dim: int) -> None:
+    """`ModifiedResNet(config, output_dim)`, or `ModifiedResNet(layers, output_dim, heads, input_resolution=224,
+    width=64)` as openai/CLIP's is called (see `openai_resnet_config`). initialise: False leaves the attention
+    pool's position embedding `torch.empty` (see `AttentionPool2d`), for `CLIP`, whose `init_parameters` sets
+    it; every other weight starts from its module's own initialisation."""
+
+    def __init__(
+        self, config: VisionConfig | tuple[int, int, int, int] | None = None, *arguments, initialise: bool = True,
+        **keyword_arguments,
+    ) -> None:
         super().__init__()
+        if isinstance(config, VisionConfig):
+            output_dim = _resnet_arguments(*arguments, **keyword_arguments)
+        else:  # openai/CLIP's arguments, the first (layers) maybe by name
+            leading = () if config is None else (config,)
+            config, output_dim = openai_resnet_config(*leading, *arguments, **keyword_arguments)
         self.input_resolution = config.image_size
         self.output_dim = output_dim
         width = config.width
@@ -121,7 +162,8 @@ class ModifiedResNet(nn.Module):
         self.layer4 = self._make_stage(width * 8, config.layers[3], stride=2)
 
         embed_dim = width * 32  # the final stage's channels: width * 8 planes * expansion 4
-        self.attnpool = AttentionPool2d(config.image_size // 32, embed_dim, config.heads, output_dim)
+        self.attnpool = AttentionPool2d(config.image_size // 32, embed_dim, config.heads, output_dim,
+                                        initialise=initialise)
 
     def _make_stage(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         layers = [Bottleneck(self._in_channels, planes, stride)]
@@ -150,3 +192,16 @@ class ModifiedResNet(nn.Module):
         if x.shape[-2] * x.shape[-1] + 1 != self.attnpool.positional_embedding.shape[0]:
             raise wrong_image_size(image_shape, self.input_resolution)
         return self.attnpool(x)  # -> N,output_dim
+
+
+def openai_resnet_config(
+    layers: tuple[int, int, int, int], output_dim: int, heads: int, input_resolution: int = 224, width: int = 64,
+) -> tuple[VisionConfig, int]:
+    """The tower (and its output width) that openai/CLIP's `ModifiedResNet(...)` builds from these arguments."""
+    config = VisionConfig(kind="resnet", image_size=input_resolution, width=width, layers=layers, heads=heads)
+    return config, output_dim
+
+
+def _resnet_arguments(output_dim: int) -> int:
+    """This library's arguments after the config (a function, so that Python checks the call)."""
+    return output_dim

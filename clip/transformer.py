@@ -117,6 +117,16 @@ def make_activation(name: str) -> nn.Module:
     return activations[name]()
 
 
+def renamed_argument(name: str, value: object, openai_name: str, openai_value: object) -> object:
+    """An argument that openai/CLIP's constructor names differently (`n_head` for `heads`): given once,
+    by either name."""
+    if value is not None and openai_value is not None:
+        raise TypeError(f"got both {name!r} and {openai_name!r}, openai/CLIP's name for it")
+    if value is None and openai_value is None:
+        raise TypeError(f"missing required argument {name!r} (or {openai_name!r}, openai/CLIP's name for it)")
+    return value if openai_value is None else openai_value
+
+
 def causal_mask(length: int) -> torch.Tensor:
     """OpenAI's additive causal mask [length, length]: -inf above the diagonal (a position attends to itself
     and earlier ones), 0 elsewhere. Always made on the CPU, as OpenAI's (code that reads it moves it), also
@@ -234,10 +244,13 @@ class ResidualAttentionBlock(nn.Module):
     (None for bidirectional attention, as some prompt learners do) is applied as given, as in openai/CLIP."""
 
     def __init__(
-        self, width: int, heads: int, attn_mask: torch.Tensor | None = None, *, mlp_ratio: float = 4.0,
-        activation: str = "quick_gelu", causal: bool = False,
+        self, width: int | None = None, heads: int | None = None, attn_mask: torch.Tensor | None = None, *,
+        mlp_ratio: float = 4.0, activation: str = "quick_gelu", causal: bool = False, d_model: int | None = None,
+        n_head: int | None = None,
     ) -> None:
         super().__init__()
+        width = renamed_argument("width", width, "d_model", d_model)
+        heads = renamed_argument("heads", heads, "n_head", n_head)
         if causal and attn_mask is None:
             raise ValueError("a causal block needs its attn_mask (causal_mask(context_length))")
         hidden = int(width * mlp_ratio)

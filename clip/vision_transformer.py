@@ -11,8 +11,24 @@ from .transformer import LayerNorm, Transformer, runs_as_openai
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, config: VisionConfig, output_dim: int, activation: str) -> None:
+    """`VisionTransformer(config, output_dim, activation)`, or `VisionTransformer(input_resolution, patch_size,
+    width, layers, heads, output_dim)` as openai/CLIP's is called (QuickGELU; see `openai_vision_config`).
+
+    initialise: draw the class and position embeddings and the projection (N(0, width**-0.5), as openai/CLIP
+    does); the rest starts from its modules' own initialisation. False leaves those three as `torch.empty`,
+    for a caller that initialises them itself: `CLIP`, whose `init_parameters` sets every weight and whose
+    seeded draws stay as they were."""
+
+    def __init__(
+        self, config: VisionConfig | int | None = None, *arguments, initialise: bool = True, **keyword_arguments,
+    ) -> None:
         super().__init__()
+        if isinstance(config, VisionConfig):
+            output_dim, activation = _vision_transformer_arguments(*arguments, **keyword_arguments)
+        else:  # openai/CLIP's arguments, the first (input_resolution) maybe by name
+            leading = () if config is None else (config,)
+            config, output_dim = openai_vision_config(*leading, *arguments, **keyword_arguments)
+            activation = "quick_gelu"
         self.input_resolution = config.image_size
         self.output_dim = output_dim
         width = config.width
@@ -27,12 +43,18 @@ class VisionTransformer(nn.Module):
         # Patch dropout (FLIP): in training mode, the fraction of patch tokens left out of the transformer, a
         # new random subset per image; the class token always stays. Set through CLIP.set_patch_dropout.
         self.patch_dropout = 0.0
+        if initialise:
+            self.init_embeddings()
 
-    def init_parameters(self) -> None:
+    def init_embeddings(self) -> None:
+        """The class and position embeddings and the projection: N(0, width**-0.5)."""
         scale = self.class_embedding.shape[0] ** -0.5
         nn.init.normal_(self.class_embedding, std=scale)
         nn.init.normal_(self.positional_embedding, std=scale)
         nn.init.normal_(self.proj, std=scale)
+
+    def init_parameters(self) -> None:
+        self.init_embeddings()
         self.transformer.init_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,6 +79,20 @@ class VisionTransformer(nn.Module):
         x = x.transpose(0, 1)
         x = self.transformer(x.contiguous() if runs_as_openai(self.transformer) else x).transpose(0, 1)
         return self.ln_post(x[:, 0, :])  # the class token -> N,width
+
+
+def openai_vision_config(
+    input_resolution: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int,
+) -> tuple[VisionConfig, int]:
+    """The tower (and its output width) that openai/CLIP's `VisionTransformer(...)` builds from these arguments."""
+    config = VisionConfig(kind="vit", image_size=input_resolution, patch_size=patch_size, width=width,
+                          layers=layers, heads=heads)
+    return config, output_dim
+
+
+def _vision_transformer_arguments(output_dim: int, activation: str) -> tuple[int, str]:
+    """This library's arguments after the config (a function, so that Python checks the call)."""
+    return output_dim, activation
 
 
 def kept_patch_count(num_patches: int, patch_dropout: float) -> int:

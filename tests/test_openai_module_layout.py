@@ -346,3 +346,92 @@ def test_tools_that_hook_every_module_see_the_model_run_as_it_does():
     with FlopCounterMode(display=False) as whole_context:
         model.encode_text(short, trim=False)
     assert counted.get_total_flops() < whole_context.get_total_flops() / 4
+
+
+def test_image_modules_are_built_from_openai_constructor_arguments():
+    # Code written for openai/CLIP builds these directly, by position or by its names; ours keep working too
+    from clip.model import (
+        AttentionPool2d,
+        Bottleneck,
+        ModifiedResNet,
+        ResidualAttentionBlock,
+        VisionTransformer,
+    )
+
+    vit = VisionTransformer(input_resolution=32, patch_size=16, width=64, layers=1, heads=1, output_dim=16)
+    assert (vit.input_resolution, vit.output_dim, vit.proj.shape) == (32, 16, (64, 16))
+    vit.load_state_dict(clip.create_model(TINY).visual.state_dict())  # openai's layout, strictly
+    VisionTransformer(32, 16, 64, 1, 1, 16).load_state_dict(vit.state_dict())
+    assert VisionTransformer(TINY.vision, 16, "gelu").transformer.resblocks[0].mlp.gelu.__class__ is torch.nn.GELU
+    assert isinstance(vit.transformer.resblocks[0].mlp.gelu, clip.model.QuickGELU)
+
+    resnet_config = VisionConfig(kind="resnet", image_size=64, width=16, layers=(1, 2, 1, 1), heads=2)
+    resnet = ModifiedResNet(layers=(1, 2, 1, 1), output_dim=16, heads=2, input_resolution=64, width=16)
+    ModifiedResNet(resnet_config, 16).load_state_dict(resnet.state_dict())
+    ModifiedResNet([1, 2, 1, 1], 16, 2, 64, 16).load_state_dict(resnet.state_dict())
+    assert ModifiedResNet((1, 1, 1, 1), 1024, 32).input_resolution == 224  # openai's defaults: 224 px, width 64
+    with torch.no_grad():
+        assert resnet.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 16)
+
+    pool = AttentionPool2d(spacial_dim=2, embed_dim=64, num_heads=4)  # output_dim=None: embed_dim wide
+    assert pool.c_proj.out_features == 64 and pool.num_heads == 4 and pool.positional_embedding.shape == (5, 64)
+    assert AttentionPool2d(2, 64, 4, 8).c_proj.out_features == 8
+    assert AttentionPool2d(spatial_dim=2, embed_dim=64, heads=4, output_dim=8).num_heads == 4
+    with pytest.raises(TypeError, match="both 'heads' and 'num_heads'"):
+        AttentionPool2d(2, 64, 4, num_heads=4)
+
+    block = Bottleneck(64, 16)  # openai's default stride of 1
+    assert block.stride == 1 and block.downsample is None
+    assert Bottleneck(inplanes=32, planes=16, stride=2).downsample[0].kernel_size == 2
+    attention_block = ResidualAttentionBlock(d_model=64, n_head=4, attn_mask=None)
+    assert attention_block.attn.num_heads == 4 and attention_block.mlp.c_fc.out_features == 256
+    with pytest.raises(TypeError, match="missing required argument 'heads'"):
+        ResidualAttentionBlock(64)
+
+
+@pytest.mark.parametrize("signature", ["openai", "ours"])
+def test_modules_built_on_their_own_start_from_initialised_weights(monkeypatch, signature):
+    # torch.empty that leaves NaN, so a parameter that is never initialised cannot pass for one by chance
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        tensor = empty(*args, **kwargs)
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    model = clip.model
+    resnet_config = VisionConfig(kind="resnet", image_size=64, width=16, layers=(1, 1, 1, 1), heads=2)
+    if signature == "openai":
+        towers = [model.VisionTransformer(32, 16, 64, 1, 1, 16), model.ModifiedResNet((1, 1, 1, 1), 16, 2, 64, 16),
+                  model.CLIP(16, 32, 1, 64, 16, 77, 49408, 64, 1, 1)]
+    else:
+        towers = [model.VisionTransformer(TINY.vision, 16, "quick_gelu"), model.ModifiedResNet(resnet_config, 16),
+                  model.CLIP(TINY)]
+    modules = [*towers, model.AttentionPool2d(2, 64, 4, 16), model.Bottleneck(32, 16, 2), model.LayerNorm(64),
+               model.QuickGELU(), model.ResidualAttentionBlock(64, 4), model.Transformer(64, 2, 4)]
+    for module in modules:
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            assert torch.isfinite(tensor).all(), f"{type(module).__name__}.{name}"
+    with torch.no_grad():
+        assert torch.isfinite(towers[0](torch.randn(2, 3, 32, 32))).all()
+        assert torch.isfinite(towers[1].eval()(torch.randn(2, 3, 64, 64))).all()
+        assert torch.isfinite(modules[3](torch.randn(2, 64, 2, 2))).all()
+
+
+def test_clip_draws_each_towers_embeddings_once(monkeypatch):
+    # A seeded CLIP keeps its weights: its towers leave the embeddings to CLIP.init_parameters, so building
+    # them inside CLIP draws no extra random numbers (which would shift every draw after them)
+    from clip.model import AttentionPool2d, VisionTransformer
+
+    calls = []
+    for cls, name in [(VisionTransformer, "init_embeddings"), (AttentionPool2d, "init_positional_embedding")]:
+        original = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda self, original=original: calls.append(type(self)) or original(self))
+    resnet = ModelConfig(
+        embed_dim=16,
+        vision=VisionConfig(kind="resnet", image_size=64, width=16, layers=(1, 1, 1, 1), heads=2),
+        text=TextConfig(context_length=77, vocab_size=49408, width=32, layers=1, heads=2),
+    )
+    clip.create_model(TINY)
+    clip.model.CLIP(resnet)
+    assert calls == [VisionTransformer, AttentionPool2d]

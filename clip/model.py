@@ -29,8 +29,8 @@ TEXT_LENGTH_MULTIPLE = 8
 
 
 def build_vision_tower(config: ModelConfig) -> nn.Module:
-    """The image encoder, its embeddings left for `CLIP.init_parameters` (so that a seeded model's weights
-    come from the same random draws as they always have)."""
+    """The image encoder, its embeddings and attention left for `CLIP.init_parameters` (so that a seeded
+    model's weights come from the same random draws as they always have)."""
     vision = config.vision
     if vision.kind == "resnet":
         return ModifiedResNet(vision, config.embed_dim, initialise=False)
@@ -60,7 +60,7 @@ class CLIP(nn.Module):
         self.positional_embedding = nn.Parameter(torch.empty(text.context_length, text.width))
         self.transformer = Transformer(
             text.width, text.layers, text.heads, self.build_attention_mask(),
-            mlp_ratio=text.mlp_ratio, activation=config.activation, causal=True,
+            mlp_ratio=text.mlp_ratio, activation=config.activation, causal=True, initialise=False,
         )
         self.ln_final = LayerNorm(text.width)
         self.text_projection = nn.Parameter(torch.empty(text.width, config.embed_dim))

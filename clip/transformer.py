@@ -145,7 +145,7 @@ class MultiheadSelfAttention(nn.Module):
     add_zero_attn = False
     _qkv_same_embed_dim = True
 
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(self, width: int, heads: int, *, initialise: bool = True) -> None:
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} is not divisible by {heads} heads")
@@ -156,9 +156,11 @@ class MultiheadSelfAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
         # nn.MultiheadAttention's initialisation, so that a block or Transformer built on its own (as code written
-        # for openai/CLIP builds extra layers) starts from usable weights; CLIP.init_parameters then sets its own.
-        nn.init.xavier_uniform_(self.in_proj_weight)
-        nn.init.zeros_(self.out_proj.bias)
+        # for openai/CLIP builds extra layers) starts from usable weights. CLIP sets its own in init_parameters
+        # and builds its blocks with initialise=False, so that a seeded model draws what it always has.
+        if initialise:
+            nn.init.xavier_uniform_(self.in_proj_weight)
+            nn.init.zeros_(self.out_proj.bias)
 
     def forward(
         self,
@@ -245,8 +247,8 @@ class ResidualAttentionBlock(nn.Module):
 
     def __init__(
         self, width: int | None = None, heads: int | None = None, attn_mask: torch.Tensor | None = None, *,
-        mlp_ratio: float = 4.0, activation: str = "quick_gelu", causal: bool = False, d_model: int | None = None,
-        n_head: int | None = None,
+        mlp_ratio: float = 4.0, activation: str = "quick_gelu", causal: bool = False, initialise: bool = True,
+        d_model: int | None = None, n_head: int | None = None,
     ) -> None:
         super().__init__()
         width = renamed_argument("width", width, "d_model", d_model)
@@ -260,7 +262,7 @@ class ResidualAttentionBlock(nn.Module):
         # attn_mask (None for bidirectional text attention, a custom one) gets that mask applied instead.
         self._built_attn_mask = attn_mask
         self.ln_1 = LayerNorm(width)
-        self.attn = MultiheadSelfAttention(width, heads)
+        self.attn = MultiheadSelfAttention(width, heads, initialise=initialise)
         self.ln_2 = LayerNorm(width)
         self.mlp = nn.Sequential(
             OrderedDict(
@@ -363,7 +365,7 @@ class Transformer(nn.Module):
 
     def __init__(
         self, width: int, layers: int, heads: int, attn_mask: torch.Tensor | None = None, *,
-        mlp_ratio: float = 4.0, activation: str = "quick_gelu", causal: bool = False,
+        mlp_ratio: float = 4.0, activation: str = "quick_gelu", causal: bool = False, initialise: bool = True,
     ) -> None:
         super().__init__()
         self.width = width
@@ -373,7 +375,8 @@ class Transformer(nn.Module):
         self.resblocks = nn.Sequential(
             *[
                 ResidualAttentionBlock(
-                    width, heads, attn_mask, mlp_ratio=mlp_ratio, activation=activation, causal=causal
+                    width, heads, attn_mask, mlp_ratio=mlp_ratio, activation=activation, causal=causal,
+                    initialise=initialise,
                 )
                 for _ in range(layers)
             ]

@@ -15,9 +15,9 @@ class VisionTransformer(nn.Module):
     width, layers, heads, output_dim)` as openai/CLIP's is called (QuickGELU; see `openai_vision_config`).
 
     initialise: draw the class and position embeddings and the projection (N(0, width**-0.5), as openai/CLIP
-    does); the rest starts from its modules' own initialisation. False leaves those three as `torch.empty`,
-    for a caller that initialises them itself: `CLIP`, whose `init_parameters` sets every weight and whose
-    seeded draws stay as they were."""
+    does); the rest starts from its modules' own initialisation. False leaves those three and the blocks'
+    attention input projections as `torch.empty`, for a caller that initialises them itself: `CLIP`, whose
+    `init_parameters` sets every weight and whose seeded draws stay as they were."""
 
     def __init__(
         self, config: VisionConfig | int | None = None, *arguments, initialise: bool = True, **keyword_arguments,
@@ -37,7 +37,10 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(torch.empty(width))
         self.positional_embedding = nn.Parameter(torch.empty(grid * grid + 1, width))
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, config.layers, config.heads, mlp_ratio=config.mlp_ratio, activation=activation)
+        self.transformer = Transformer(
+            width, config.layers, config.heads, mlp_ratio=config.mlp_ratio, activation=activation,
+            initialise=initialise,
+        )
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(torch.empty(width, output_dim))
         # Patch dropout (FLIP): in training mode, the fraction of patch tokens left out of the transformer, a

@@ -419,14 +419,16 @@ def test_modules_built_on_their_own_start_from_initialised_weights(monkeypatch, 
 
 
 def test_clip_draws_each_towers_embeddings_once(monkeypatch):
-    # A seeded CLIP keeps its weights: its towers leave the embeddings to CLIP.init_parameters, so building
-    # them inside CLIP draws no extra random numbers (which would shift every draw after them)
+    # A seeded CLIP keeps its weights: its towers leave the embeddings and attention to CLIP.init_parameters,
+    # so building them inside CLIP draws no extra random numbers (which would shift every draw after them)
     from clip.model import AttentionPool2d, VisionTransformer
 
     calls = []
     for cls, name in [(VisionTransformer, "init_embeddings"), (AttentionPool2d, "init_positional_embedding")]:
         original = getattr(cls, name)
         monkeypatch.setattr(cls, name, lambda self, original=original: calls.append(type(self)) or original(self))
+    xavier = torch.nn.init.xavier_uniform_  # the attention's own initialisation, for blocks built on their own
+    monkeypatch.setattr(torch.nn.init, "xavier_uniform_", lambda tensor: calls.append("xavier") or xavier(tensor))
     resnet = ModelConfig(
         embed_dim=16,
         vision=VisionConfig(kind="resnet", image_size=64, width=16, layers=(1, 1, 1, 1), heads=2),
@@ -435,3 +437,5 @@ def test_clip_draws_each_towers_embeddings_once(monkeypatch):
     clip.create_model(TINY)
     clip.model.CLIP(resnet)
     assert calls == [VisionTransformer, AttentionPool2d]
+    clip.model.Transformer(64, 1, 4)
+    assert calls[2:] == ["xavier"]

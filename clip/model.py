@@ -265,13 +265,17 @@ def count_parameters(module: nn.Module) -> int:
 def convert_to_half_precision(model: nn.Module) -> nn.Module:
     """In place: float16 for the weights that OpenAI's release stores in float16 (the matrix multiplies:
     convolutions, linear layers, attention input projections, `text_projection`, `visual.proj`); embeddings,
-    LayerNorm, BatchNorm and `logit_scale` stay float32. Returns `model`."""
+    LayerNorm, BatchNorm and `logit_scale` stay float32. Returns `model`. Attention modules of torch's own
+    (`nn.MultiheadAttention`, which code written for openai/CLIP adds or swaps in) are converted as well, all
+    their projections, as openai/CLIP's `convert_weights` does: their input projections left in float32
+    beside a float16 output projection would fail in the forward pass."""
     for module in model.modules():
         names: list[str] = []
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
             names = ["weight", "bias"]
-        elif isinstance(module, MultiheadSelfAttention):
-            names = ["in_proj_weight", "in_proj_bias"]
+        elif isinstance(module, (MultiheadSelfAttention, nn.MultiheadAttention)):
+            names = ["in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "bias_k",
+                     "bias_v"]
         names += ["text_projection", "proj"]
         for name in names:
             parameter = getattr(module, name, None)

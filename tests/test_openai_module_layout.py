@@ -439,3 +439,21 @@ def test_clip_draws_each_towers_embeddings_once(monkeypatch):
     assert calls == [VisionTransformer, AttentionPool2d]
     clip.model.Transformer(64, 1, 4)
     assert calls[2:] == ["xavier"]
+
+
+def test_convert_weights_converts_torchs_own_attention_too():
+    # Code written for openai/CLIP swaps nn.MultiheadAttention into the blocks (or adds its own) and then calls
+    # convert_weights, which there converts every projection of it; left float32 beside a float16 out_proj,
+    # its forward fails on the dtype mismatch
+    torch.manual_seed(0)
+    model = clip.create_model(TINY).eval()
+    for block in model.transformer.resblocks:
+        replacement = torch.nn.MultiheadAttention(64, block.attn.num_heads)
+        replacement.load_state_dict(block.attn.state_dict())
+        block.attn = replacement
+    extra = torch.nn.MultiheadAttention(8, 2, kdim=4, vdim=4, add_bias_kv=True)
+    clip.model.convert_weights(model)
+    clip.model.convert_weights(extra)
+    for name, parameter in [*model.transformer.named_parameters(), *extra.named_parameters()]:
+        expected = torch.float32 if ".ln_" in name else torch.float16
+        assert parameter.dtype == expected, name

@@ -132,20 +132,26 @@ def read_launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment
             launcher="torchrun",
         )
     if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
-        nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+        # The step's nodes and tasks, which srun sets: a step may use part of the job's nodes (`srun -N 2` in
+        # an allocation of 4, or `--relative`), and then task 0 is on the step's first node, not the job's;
+        # `srun --preserve-env` leaves SLURM_NTASKS at the job's count. The ranks would wait for a rank 0 or
+        # for ranks that are not there until the rendezvous timed out.
+        nodelist = (environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
+                    or environ.get("SLURM_NODELIST"))
         if "MASTER_ADDR" in environ:
             master_addr = environ["MASTER_ADDR"]
         elif nodelist:
             master_addr = first_host(nodelist)
         else:
-            raise RuntimeError("SLURM_PROCID is set but neither MASTER_ADDR nor SLURM_JOB_NODELIST is")
+            raise RuntimeError("SLURM_PROCID is set but neither MASTER_ADDR nor SLURM_STEP_NODELIST nor "
+                               "SLURM_JOB_NODELIST is")
         if "MASTER_PORT" in environ:
             master_port = int(environ["MASTER_PORT"])
         else:
             master_port = DEFAULT_MASTER_PORT + int(environ.get("SLURM_JOB_ID", "0")) % SLURM_PORT_SPREAD
         return LauncherEnvironment(
             rank=int(environ["SLURM_PROCID"]),
-            world_size=int(environ["SLURM_NTASKS"]),
+            world_size=int(environ.get("SLURM_STEP_NUM_TASKS") or environ["SLURM_NTASKS"]),
             local_rank=int(environ.get("SLURM_LOCALID", "0")),
             master_addr=master_addr,
             master_port=master_port,

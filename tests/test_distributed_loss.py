@@ -75,6 +75,17 @@ def test_slurm_variables():
     assert (launch.master_addr, launch.master_port) == ("head", 4000)
 
 
+def test_slurm_step_on_part_of_the_job():
+    # srun -N 2 -n 4 in an allocation of 4 nodes and 8 tasks: task 0 runs on the step's first node, and the
+    # step has 4 tasks (SLURM_NTASKS stays the job's under srun --preserve-env). With the job's, the ranks
+    # met at a host that runs none of them and waited for 4 ranks that never came, until the timeout.
+    environ = {"SLURM_PROCID": "1", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "7",
+               "SLURM_JOB_NODELIST": "gpu[001-004]", "SLURM_NODELIST": "gpu[001-004]",
+               "SLURM_STEP_NODELIST": "gpu[003-004]", "SLURM_STEP_NUM_TASKS": "4"}
+    launch = read_launcher_environment(environ)
+    assert (launch.master_addr, launch.world_size, launch.rank) == ("gpu003", 4, 1)
+
+
 def test_gpu_of_a_local_rank():
     from clip.distributed import _local_gpu_index
 

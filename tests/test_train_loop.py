@@ -1312,6 +1312,18 @@ def test_both_output_dir_forms_given_say_which_is_used(tmp_path, capsys):
     assert (tmp_path / "a" / "config.toml").exists() and not (tmp_path / "b").exists()
 
 
+def test_both_output_dir_forms_are_said_by_rank_0_alone(tmp_path, monkeypatch, capsys):
+    # Every rank gets the same command line: a 256-process job printed the same line 256 times. (A config
+    # error ends main before the ranks meet; rank 0 alone says that too.)
+    args = [str(DEMO), "--output-dir", str(tmp_path / "a"), f"output_dir={tmp_path / 'b'}", "train.batch_sise=8"]
+    launched_as_rank(monkeypatch, 1)
+    assert main(args) == 2
+    assert capsys.readouterr().err == ""
+    launched_as_rank(monkeypatch, 0)
+    assert main(args) == 2
+    assert "--output-dir is used" in capsys.readouterr().err
+
+
 def test_a_second_sigterm_is_the_same_request_but_a_second_ctrl_c_stops_at_once():
     # Under srun every process gets the pre-emption's SIGTERM, and torchrun forwards its own copy to its
     # workers: one pre-emption can arrive twice, and must still end in a checkpoint.

@@ -85,14 +85,14 @@ def keep_log_in(run_dir: Path) -> logging.Handler | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    launcher = read_launcher_environment(os.environ)
+    rank_zero = launcher is None or launcher.rank == 0
     overrides = list(args.overrides)
     if args.output_dir:
-        if any(override.strip().startswith("output_dir=") for override in overrides):
+        if any(override.strip().startswith("output_dir=") for override in overrides) and rank_zero:
             print("clip-train: both --output-dir and an output_dir= override given; --output-dir is used",
                   file=sys.stderr)
         overrides.append(f"output_dir={json.dumps(args.output_dir)}")
-    launcher = read_launcher_environment(os.environ)
-    rank_zero = launcher is None or launcher.rank == 0
     try:
         config = load_config(args.config, overrides, TrainConfig)
     except ConfigError as error:

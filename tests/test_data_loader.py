@@ -152,6 +152,18 @@ def test_a_weight_that_rounds_a_source_away_is_refused_and_a_skewed_one_said(tmp
     assert "weight x size" not in caplog.text
 
 
+def test_rows_left_out_of_a_manifest_are_said_by_rank_0_alone(tmp_path: Path, caplog) -> None:
+    # Every rank reads the whole manifest: each of a job's ranks said the same warning
+    manifest = write_manifest(tmp_path, range(8))
+    manifest.write_text(manifest.read_text() + ",a row without an image\n")
+    for rank in (0, 1):
+        with caplog.at_level(logging.WARNING, logger="clip.data"):
+            build([SourceConfig(kind="manifest", path=str(manifest))], batch_size=2, rank=rank, world_size=2).close()
+        said = "1 rows without a usable image path or caption were left out" in caplog.text
+        assert said == (rank == 0), rank
+        caplog.clear()
+
+
 def test_a_source_none_of_whose_samples_can_be_used_stops_a_mix(tmp_path: Path) -> None:
     # Its failures were hidden by the other sources' samples: the run went on with a silently changed mix,
     # one warning a minute. Dirty sources that deliver some samples go on.

@@ -85,7 +85,9 @@ class TrainData:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.sources: list[Source] = [build_source(source, i, image_size) for i, source in enumerate(config.sources)]
+        self.sources: list[Source] = [
+            build_source(source, i, image_size, said_once=self._said_once) for i, source in enumerate(config.sources)
+        ]
         names = [source.name for source in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"data source names must be unique, got {names}")

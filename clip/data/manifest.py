@@ -157,9 +157,11 @@ def manifest_rows(
 
 
 def read_manifest(
-    path: str, image_column: str = "image", caption_column: str = "caption", separator: str = "", quoting: str = "auto"
+    path: str, image_column: str = "image", caption_column: str = "caption", separator: str = "", quoting: str = "auto",
+    said_once: int = logging.WARNING,
 ) -> Manifest:
-    """Reads a whole manifest into packed arrays."""
+    """Reads a whole manifest into packed arrays. said_once: the level of the line about rows left out, which
+    every rank reading the same manifest would log alike (a warning from rank 0 alone)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
     images, captions, bad_rows = PackedStringsBuilder(), PackedStringsBuilder(), 0
@@ -170,6 +172,6 @@ def read_manifest(
         images.append(original_bytes(row[0]))
         captions.append(original_bytes(row[1]))
     if bad_rows:
-        log.warning("%s: %d rows without a usable image path or caption were left out", path, bad_rows)
+        log.log(said_once, "%s: %d rows without a usable image path or caption were left out", path, bad_rows)
     root = str(Path(path).resolve().parent)
     return Manifest(path, root, images.build(), captions.build(), bad_rows)

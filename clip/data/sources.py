@@ -66,10 +66,10 @@ class ManifestSource:
 
     kind = "manifest"
 
-    def __init__(self, name: str, config: SourceConfig) -> None:
+    def __init__(self, name: str, config: SourceConfig, said_once: int = logging.WARNING) -> None:
         self.name = name
         self.manifest = read_manifest(
-            config.path, config.image_column, config.caption_column, config.separator, config.quoting
+            config.path, config.image_column, config.caption_column, config.separator, config.quoting, said_once
         )
         if len(self.manifest) == 0:  # alone, the planner's error blamed the workers; in a mix, nothing was said
             dropped = self.manifest.bad_rows
@@ -221,12 +221,13 @@ def json_field(member: object, field: str) -> str | None:
 Source = SyntheticSource | ManifestSource | ShardSource
 
 
-def build_source(config: SourceConfig, index: int, image_size: int) -> Source:
+def build_source(config: SourceConfig, index: int, image_size: int, said_once: int = logging.WARNING) -> Source:
+    """said_once: the level of what every rank would log alike while reading the source (see TrainData)."""
     name = config.name or f"{index}:{config.kind}"
     if config.kind == "synthetic":
         return SyntheticSource(name, config, image_size)
     if config.kind == "manifest":
-        return ManifestSource(name, config)
+        return ManifestSource(name, config, said_once)
     if config.kind == "shards":
         return ShardSource(name, config)
     raise ValueError(f"unknown data source kind {config.kind!r}")

@@ -9,9 +9,9 @@ import os
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -117,15 +117,16 @@ def writable_output_dir(path: Path) -> Path:
     return path
 
 
-def write_json(path: Path, content: Any) -> Path:
-    """Writes `content` as strict JSON (a non-finite figure is null, as in the trainer's results.json) through a
-    temporary file renamed into place: `write_text` truncated the file first, so a full disk or a kill during
-    the write left a torn file in place of the previous results."""
+@contextlib.contextmanager
+def replaced_atomically(path: Path, mode: str = "w") -> Iterator[IO]:
+    """An open temporary file beside `path` that replaces `path` whole (os.replace), flushed to the disk, when the
+    block ends; removed if the block raises. Writing `path` itself truncated it first, so a full disk or a
+    kill during the write left a torn file in place of the previous one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not mkstemp's: its files are private (0600)
     try:
-        with open(temporary, "w", encoding="utf-8") as file:
-            file.write(strict_json(content, indent=2))
+        with open(temporary, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as file:
+            yield file
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
@@ -133,4 +134,11 @@ def write_json(path: Path, content: Any) -> Path:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+def write_json(path: Path, content: Any) -> Path:
+    """Writes `content` as strict JSON (a non-finite figure is null, as in the trainer's results.json), replacing
+    the file whole (`replaced_atomically`)."""
+    with replaced_atomically(path) as file:
+        file.write(strict_json(content, indent=2))
     return path

@@ -7,6 +7,10 @@ linear_probe_results.json to the output directory.
 The splits must be different images (the same folder, or the same synthetic seed, for two of them is an
 error), and an imagefolder's splits share one labelling: the union of their class folders, sorted, so a
 class missing from one split does not shift the labels of the others.
+
+Each split's features are kept in <output dir>/features/<train|val|test>.pt as soon as they are extracted, and
+a later run reuses them when they were made from the same weights, images and settings (feature_cache.py):
+an interrupted or failed sweep, or another --metric, does not extract them again.
 """
 
 from __future__ import annotations
@@ -14,11 +18,14 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
 from clip.evaluation.config import ZeroShotDatasetConfig
 from clip.evaluation.datasets import (
+    ClassificationData,
     TransformedDataset,
     list_class_folders,
     load_classification_data,
@@ -44,6 +51,13 @@ from .common import (
     setup_logging,
     writable_output_dir,
     write_json,
+)
+from .feature_cache import (
+    FeatureKey,
+    image_list_digest,
+    load_features,
+    save_features,
+    weights_digest,
 )
 
 logger = logging.getLogger("clip.linear_probe")
@@ -99,7 +113,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--workers", type=non_negative_int, default=2)
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    parser.add_argument("--output-dir", default="linear_probe_results")
+    parser.add_argument(
+        "--output-dir", default="linear_probe_results",
+        help="where linear_probe_results.json is written, and each split's features are kept (features/<role>.pt) "
+        "to be reused by a later run from the same model weights, images, --features, --precision and device type "
+        "(a run interrupted, or repeated with another --metric, --standardize or --max-iter, does not extract "
+        "them again)",
+    )
+    parser.add_argument(
+        "--recompute-features", action="store_true",
+        help="extract every split's features again rather than reuse those kept in the output directory (e.g. "
+        "after images were edited in place, which file names do not show); the new ones replace them",
+    )
     args = parser.parse_args(argv)
     if args.val_split and args.val_fraction is not None:  # it would be ignored: the split is the validation
         parser.error("--val-fraction holds out part of train, which --val-split replaces: give one of them")
@@ -162,6 +187,46 @@ def warn_about_classes_without_training_images(labels: torch.Tensor, classnames:
         )
 
 
+def split_identity(base: ZeroShotDatasetConfig, split: str, dataset: Dataset) -> dict[str, Any]:
+    """What the images of `split` are, for the feature cache: the synthetic set's parameters, or a root's images
+    (`image_list_digest`)."""
+    if base.kind == "synthetic":
+        return {"kind": "synthetic", "seed": synthetic_split_seed(base.seed, split), "num_samples": base.num_samples,
+                "image_size": base.image_size}
+    folder = split_folder(base.root, split) if base.kind == "imagefolder" else Path(base.root)
+    return {"kind": base.kind, "root": str(folder.resolve()), "split": split, "count": len(dataset),
+            "digest": image_list_digest(dataset)}
+
+
+def split_features(
+    args: argparse.Namespace, role: str, split: str, data: ClassificationData, key: FeatureKey, path: Path,
+    model: torch.nn.Module, preprocess: Any, device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split's (features, labels): those kept in `path` when they were made from `key`'s inputs, else
+    extracted and kept there at once, so an interrupt in a later split loses only that split."""
+    num_images = len(data.dataset)
+    cached = None if args.recompute_features else load_features(path, key, num_images, len(data.classnames))
+    if cached is not None:
+        logger.info("%s split %r: reused the features of %d images kept in %s (--recompute-features extracts "
+                    "them again)", role, split, len(cached[1]), path)
+        if len(cached[1]) < num_images:
+            logger.warning("%s split %r: %d images could not be read when these features were extracted; "
+                           "--recompute-features reads them again", role, split, num_images - len(cached[1]))
+        return cached
+    extracted = extract_features(
+        model,
+        TransformedDataset(data.dataset, preprocess),
+        device=device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        precision=args.precision,
+        unprojected=args.features == "unprojected",
+    )
+    logger.info("%s split %r: extracted the features of %d images", role, split, len(extracted[1]))
+    save_features(path, key, extracted)
+    return extracted
+
+
 def probe(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     # The synthetic-only options go to a synthetic dataset alone: their defaults differ from the config's, so
@@ -194,20 +259,15 @@ def probe(args: argparse.Namespace) -> int:
         check_validation_hold_out(args.train_split, len(listed["train"].dataset), args.val_fraction)
     output_dir = writable_output_dir(Path(args.output_dir))
     model, preprocess = load_model(args.model, device)
+    settings = {"weights": weights_digest(model), "preprocess": repr(preprocess), "features": args.features,
+                "precision": args.precision, "device": device.type}
     features, skipped = {}, {}
     for role, split in splits.items():
         data = listed[role]
-        features[role] = extract_features(
-            model,
-            TransformedDataset(data.dataset, preprocess),
-            device=device,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            precision=args.precision,
-            unprojected=args.features == "unprojected",
-        )
+        key = {**settings, "images": split_identity(base, split, data.dataset)}
+        features[role] = split_features(args, role, split, data, key, output_dir / "features" / f"{role}.pt",
+                                        model, preprocess, device)
         skipped[role] = len(data.dataset) - len(features[role][1])
-        logger.info("%s split %r: %d images", role, split, len(features[role][1]))
     if not args.val_split:  # again: unreadable images may have left fewer
         check_validation_hold_out(args.train_split, len(features["train"][1]), args.val_fraction)
     # The probe is refitted on train + validation: a class with validation images alone is still predicted

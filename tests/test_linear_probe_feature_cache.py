@@ -1,0 +1,165 @@
+"""clip-linear-probe keeps each split's features in its output folder and reuses them on a later run made from
+the same inputs: not when the weights, the images or --features change, nor from a damaged file; a run
+interrupted in one split keeps the splits before it; the results are the same with and without the files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import clip
+from clip.architectures import ModelConfig, TextConfig, VisionConfig
+from clip.cli import linear_probe as linear_probe_cli
+from clip.model import CLIP
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+
+def save_tiny_checkpoint(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        embed_dim=16,
+        vision=VisionConfig(kind="vit", image_size=32, width=32, layers=1, heads=2, patch_size=8),
+        text=TextConfig(context_length=40, width=32, layers=1, heads=2),
+    )
+    torch.save({"model": clip.create_model(config).state_dict(), "config": {"model": config.to_dict()}}, path)
+    return path
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> Path:
+    return save_tiny_checkpoint(tmp_path / "tiny.pt", seed=0)
+
+
+def write_colour_folder(root: Path, counts: dict[str, int], seed: int) -> None:
+    """<root>/<class>/<i>.png: noisy images of one colour per class."""
+    from PIL import Image
+
+    colours = {"a_red": (220, 20, 20), "b_green": (20, 220, 20)}
+    rng = np.random.default_rng(seed)
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            pixels = np.clip(np.array(colours[name]) + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    write_colour_folder(tmp_path / "data" / "train", {"a_red": 5, "b_green": 5}, seed=0)
+    write_colour_folder(tmp_path / "data" / "test", {"a_red": 3, "b_green": 3}, seed=1)
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def extracted(monkeypatch) -> list[str]:
+    """The roles ("train", "val", "test") whose features the runs extract, in order."""
+    roles, current = [], []
+    split_features, extract_features = linear_probe_cli.split_features, linear_probe_cli.extract_features
+
+    def noting_the_role(args, role, *rest):
+        current[:] = [role]
+        return split_features(args, role, *rest)
+
+    def recording(*args, **kwargs):
+        roles.append(current[0])
+        return extract_features(*args, **kwargs)
+
+    monkeypatch.setattr(linear_probe_cli, "split_features", noting_the_role)
+    monkeypatch.setattr(linear_probe_cli, "extract_features", recording)
+    return roles
+
+
+def run(model: Path, output: Path, *options: str) -> dict:
+    common = ["--device", "cpu", "--workers", "0", "--max-iter", "30", "--output-dir", str(output)]
+    assert linear_probe_cli.main(["--model", str(model), *options, *common]) == 0
+    return json.loads((output / "linear_probe_results.json").read_text())
+
+
+SYNTHETIC = ("--dataset", "synthetic", "--num-samples", "12", "--image-size", "32")
+
+
+def test_a_second_run_reuses_the_features_without_encoding_an_image(tmp_path, checkpoint, monkeypatch, caplog):
+    first = run(checkpoint, tmp_path / "out", *SYNTHETIC)
+    assert sorted(path.name for path in (tmp_path / "out" / "features").iterdir()) == ["test.pt", "train.pt"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was asked to encode images")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CLIP, "encode_image", refuse)
+        patch.setattr(CLIP, "encode_image_unprojected", refuse)
+        with caplog.at_level("INFO", logger="clip.linear_probe"):
+            second = run(checkpoint, tmp_path / "out", *SYNTHETIC)
+            # other settings of the sweep reuse them too
+            run(checkpoint, tmp_path / "out", *SYNTHETIC, "--metric", "mean_per_class", "--standardize")
+    assert second == first  # the same results as from extracted features
+    assert "train split 'train': reused the features of 12 images kept in" in caplog.text
+    # --recompute-features extracts them again, and again gives the same results
+    assert run(checkpoint, tmp_path / "out", *SYNTHETIC, "--recompute-features") == first
+
+
+def test_other_weights_in_the_same_file_are_extracted_again(tmp_path, checkpoint, extracted):
+    run(checkpoint, tmp_path / "out", *SYNTHETIC)
+    run(checkpoint, tmp_path / "out", *SYNTHETIC)
+    assert extracted == ["train", "test"]
+    save_tiny_checkpoint(checkpoint, seed=1)  # a run directory's newest checkpoint changes so, under one name
+    run(checkpoint, tmp_path / "out", *SYNTHETIC)
+    assert extracted == ["train", "test"] * 2
+
+
+def test_a_changed_image_list_or_feature_kind_is_extracted_again(tmp_path, checkpoint, folder, extracted):
+    options = ("--dataset", "imagefolder", "--root", str(folder))
+    run(checkpoint, tmp_path / "out", *options)
+    write_colour_folder(folder / "train", {"a_red": 6}, seed=2)  # one more red training image
+    result = run(checkpoint, tmp_path / "out", *options)
+    assert extracted == ["train", "test", "train"] and result["num_train"] + result["num_val"] == 11
+    (folder / "test" / "b_green" / "0.png").rename(folder / "test" / "b_green" / "renamed.png")  # the same count
+    run(checkpoint, tmp_path / "out", *options)
+    assert extracted[3:] == ["test"]
+    run(checkpoint, tmp_path / "out", *options, "--features", "embedding")
+    assert extracted[4:] == ["train", "test"]
+    run(checkpoint, tmp_path / "out", *SYNTHETIC)  # other images altogether
+    assert extracted[6:] == ["train", "test"]
+
+
+def test_a_damaged_features_file_is_extracted_again(tmp_path, checkpoint, extracted, caplog):
+    first = run(checkpoint, tmp_path / "out", *SYNTHETIC)
+    train = tmp_path / "out" / "features" / "train.pt"
+    train.write_bytes(train.read_bytes()[: train.stat().st_size // 2])  # torn
+    with caplog.at_level("WARNING", logger="clip.linear_probe"):
+        assert run(checkpoint, tmp_path / "out", *SYNTHETIC) == first
+    assert extracted == ["train", "test", "train"]
+    assert f"the features kept in {train} cannot be used" in caplog.text
+    # a file of the right form whose features are not finite
+    stored = torch.load(train, weights_only=True)
+    stored["features"][0, 0] = float("nan")
+    torch.save(stored, train)
+    assert run(checkpoint, tmp_path / "out", *SYNTHETIC) == first
+    assert extracted[3:] == ["train"]
+    # a key that is JSON but no record of inputs
+    stored = torch.load(train, weights_only=True)
+    torch.save({**stored, "key": "[]"}, train)
+    assert run(checkpoint, tmp_path / "out", *SYNTHETIC) == first
+    assert extracted[4:] == ["train"]
+
+
+def test_an_interrupted_run_keeps_the_splits_extracted_before(tmp_path, checkpoint, extracted, monkeypatch):
+    extract = linear_probe_cli.extract_features
+
+    def interrupted_at_the_second(*args, **kwargs):
+        if extracted == ["train"]:
+            raise KeyboardInterrupt
+        return extract(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(linear_probe_cli, "extract_features", interrupted_at_the_second)
+        with pytest.raises(KeyboardInterrupt):
+            run(checkpoint, tmp_path / "out", *SYNTHETIC)
+    assert sorted(path.name for path in (tmp_path / "out" / "features").iterdir()) == ["train.pt"]
+    run(checkpoint, tmp_path / "out", *SYNTHETIC)
+    assert extracted == ["train", "test"]

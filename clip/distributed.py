@@ -7,6 +7,7 @@ Nothing here runs at import. The only state is torch.distributed's own process g
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -18,6 +19,8 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger("clip.distributed")
 
 # torchrun's own default port; under SLURM we add (job id mod 1000) so that two jobs sharing a node
 # are unlikely to pick the same port. MASTER_PORT in the environment always wins.
@@ -213,6 +216,13 @@ def init_distributed(backend: str | None = None, device: str = "auto") -> Distri
         raise RuntimeError("torch.distributed is already initialised; call cleanup_distributed() first")
     backend = backend or ("nccl" if selected.type == "cuda" else "gloo")
     host = f"[{launch.master_addr}]" if ":" in launch.master_addr else launch.master_addr  # IPv6 needs brackets
+    if launch.rank == 0:
+        # Said before the wait: a world size the ranks do not fill (python run by hand in an sbatch script,
+        # which sets SLURM_PROCID and SLURM_NTASKS without srun's tasks) waits out COLLECTIVE_TIMEOUT silently.
+        logger.info(
+            "rank 0 of %d (%s's variables): waiting at %s:%d for the other ranks to join (at most %d minutes)",
+            launch.world_size, launch.launcher, host, launch.master_port, COLLECTIVE_TIMEOUT.total_seconds() // 60,
+        )
     dist.init_process_group(
         backend=backend,
         init_method=f"tcp://{host}:{launch.master_port}",

@@ -127,6 +127,29 @@ def test_ranks_wait_for_each_other_longer_than_nccls_default(monkeypatch):
     assert joined["backend"] == "gloo" and joined["init_method"] == "tcp://127.0.0.1:29500"
 
 
+def test_rank_0_says_where_and_for_how_many_ranks_it_waits_before_the_rendezvous(monkeypatch, caplog):
+    # python run by hand in an sbatch script has SLURM_PROCID=0 and the job's SLURM_NTASKS, and no other task:
+    # rank 0 waited out the rendezvous timeout without a word
+    from clip import distributed
+
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kwargs: None)
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {"SLURM_PROCID": "0", "SLURM_NTASKS": "256", "SLURM_JOB_NODELIST": "node[07-38]",
+                        "SLURM_JOB_ID": "0"}.items():
+        monkeypatch.setenv(name, value)
+    with caplog.at_level("INFO", logger="clip.distributed"):
+        init_distributed(device="cpu")
+    assert caplog.messages == [
+        "rank 0 of 256 (slurm's variables): waiting at node07:29500 for the other ranks to join (at most 30 minutes)"
+    ]
+    caplog.clear()
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    with caplog.at_level("INFO", logger="clip.distributed"):
+        init_distributed(device="cpu")
+    assert caplog.messages == []  # the others say nothing: hundreds of lines in a large job
+
+
 class TinyTwoTower(nn.Module):
     """Two linear encoders with CLIP's or SigLIP's logit parameters."""
 

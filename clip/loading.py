@@ -113,31 +113,38 @@ def load_weights_into(model: CLIP, name_or_path: str, download_root: str | Path 
     A file that records its architecture (a checkpoint of this library) must match `model.config` in every
     field. Tensor shapes do not show head counts or the activation, so for a plain state dict (OpenAI's
     files) those are the configured ones, and every tensor must have the configured model's shape."""
-    path, released = _resolve(name_or_path, download_root)
+    released = isinstance(name_or_path, str) and name_or_path in RELEASED_WEIGHTS
+    if released:  # known exactly, heads and activation included: checked before a download of up to 1.4 GB
+        _check_architecture(RELEASED_ARCHITECTURES[name_or_path], model.config, f"the released {name_or_path}", set())
+    path, _ = _resolve(name_or_path, download_root)
     path, weights = read_run_or_file(path)
     theirs, not_in_shapes = weights.model_config, set()
-    if released:
-        theirs = RELEASED_ARCHITECTURES[name_or_path]  # known exactly, heads and activation included
-    elif theirs is None:
+    if theirs is None and not released:
         not_in_shapes = {"activation", "vision.heads", "text.heads"}
         try:
             theirs = infer_model_config(weights.state_dict)
         except ArchitectureInferenceError:
-            theirs = None  # widths OpenAI's convention cannot split into heads: the shape check below decides
+            pass  # widths OpenAI's convention cannot split into heads: the shape check below decides
     if theirs is not None:
-        mismatched = [
-            (key, a, b)
-            for key, a, b in architecture_differences(theirs.to_dict(), model.config.to_dict())
-            if key not in not_in_shapes
-        ]
-        if mismatched:
-            raise WeightsFileError(
-                f"{path} holds a model whose architecture differs from the configured one: "
-                + "; ".join(f"model.{key}: {a!r} there, {b!r} here" for key, a, b in mismatched)
-                + ". Set the [model] section to the weights' architecture."
-            )
+        _check_architecture(theirs, model.config, str(path), not_in_shapes)
     _load_checked(model, weights, f"{path} does not fit the configured {_describe(model.config)}", str(path))
     return path
+
+
+def _check_architecture(theirs: ModelConfig, configured: ModelConfig, source: str, not_in_shapes: set[str]) -> None:
+    """Refuses weights (`source`: a file or a released name) of another architecture than the configured one,
+    naming each field that differs; `not_in_shapes`: fields left uncompared."""
+    mismatched = [
+        (key, a, b)
+        for key, a, b in architecture_differences(theirs.to_dict(), configured.to_dict())
+        if key not in not_in_shapes
+    ]
+    if mismatched:
+        raise WeightsFileError(
+            f"{source} holds a model whose architecture differs from the configured one: "
+            + "; ".join(f"model.{key}: {a!r} there, {b!r} here" for key, a, b in mismatched)
+            + ". Set the [model] section to the weights' architecture."
+        )
 
 
 def model_from_weights(weights: LoadedWeights, source: str) -> CLIP:

@@ -502,6 +502,24 @@ def test_released_name_is_downloaded_verified_and_loaded(tmp_path: Path, tiny_re
     assert_same_features(model, half_round_trip(original), TINY_RESNET)
 
 
+def test_initial_weights_of_another_released_architecture_are_refused_before_the_download(
+    tmp_path: Path, tiny_release, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The release table gives the architecture: a wrong [model] section is named at once, not after a
+    # download of up to 1.4 GB (or, offline, after being told to fetch the file by hand)
+    original, calls = tiny_release
+    monkeypatch.setitem(RELEASED_ARCHITECTURES, "RN50", TINY_RESNET)
+    other = ModelConfig.from_dict({**TINY_RESNET.to_dict(), "embed_dim": 16})
+    with pytest.raises(WeightsFileError, match=r"the released RN50 holds .*model.embed_dim: 32 there, 16 here"):
+        clip.loading.load_weights_into(CLIP(other), "RN50", download_root=tmp_path / "cache")
+    assert calls == []
+    model = CLIP(TINY_RESNET)
+    clip.loading.load_weights_into(model, "RN50", download_root=tmp_path / "cache")
+    assert len(calls) == 1
+    assert all(torch.equal(value, half_round_trip(original).state_dict()[name])
+               for name, value in model.state_dict().items())
+
+
 def traced_on_a_gpu(archive: Path, destination: Path) -> Path:
     """`archive` as if traced on CUDA, like OpenAI's: the devices its code creates tensors on are "cuda:0"."""
     with zipfile.ZipFile(archive) as source, zipfile.ZipFile(destination, "w", zipfile.ZIP_STORED) as target:

@@ -127,6 +127,14 @@ def load_weights_into(model: CLIP, name_or_path: str, download_root: str | Path 
             pass  # widths OpenAI's convention cannot split into heads: the shape check below decides
     if theirs is not None:
         _check_architecture(theirs, model.config, str(path), not_in_shapes)
+    if weights.from_open_clip_training and model.config.activation == "quick_gelu":
+        # Shapes match whatever the activation: clip.load warns of this, and so must the start of a fine-tuning
+        warnings.warn(
+            f"{path} is an open_clip training checkpoint, which records no activation: loaded into the configured "
+            f"quick_gelu model. open_clip's models without '-quickgelu' in their name (most of those trained on "
+            f"LAION) use GELU: set model.activation = \"gelu\" for those, or their features start out wrong.",
+            stacklevel=2,
+        )
     _load_checked(model, weights, f"{path} does not fit the configured {_describe(model.config)}", str(path))
     return path
 

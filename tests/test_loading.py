@@ -373,6 +373,14 @@ def test_an_open_clip_training_checkpoint_loads_with_a_warning_about_its_activat
     with pytest.warns(UserWarning, match=r"epoch_32\.pt is an open_clip training checkpoint.*'-quickgelu'.*GELU"):
         model, _ = load(tmp_path / "epoch_32.pt", device="cpu")
     assert_same_features(model, original, TINY_VIT, atol=0)
+    # as train.init_weights too: a fine-tuning run configured with QuickGELU started from it without a word
+    with pytest.warns(UserWarning, match=r"epoch_32\.pt is an open_clip training checkpoint.*model.activation = \"gelu\""):
+        clip.loading.load_weights_into(CLIP(TINY_VIT), str(tmp_path / "epoch_32.pt"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # configured with GELU: nothing to say
+        gelu = CLIP(ModelConfig.from_dict({**TINY_VIT.to_dict(), "activation": "gelu"}))
+        clip.loading.load_weights_into(gelu, str(tmp_path / "epoch_32.pt"))
+    assert all(torch.equal(value, original.state_dict()[name]) for name, value in gelu.state_dict().items())
 
 
 # ---------------------------------------------------------------------------------------------------------

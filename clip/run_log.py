@@ -60,9 +60,10 @@ class RunLog:
     ) -> None:
         """resumed_at: the step of the checkpoint the run continues from (0 for a fresh start). Records of
         later steps, logged before an interruption that the checkpoint does not cover, are dropped: those
-        steps run again, and the file and TensorBoard would otherwise show them twice. reevaluated: a
-        finished run started again, which only evaluates: its evaluation records at `resumed_at` are dropped
-        too (the training record of that step stays)."""
+        steps run again, and the file and TensorBoard would otherwise show them twice. reevaluated: the
+        evaluation of step `resumed_at` runs again (a finished run started again, which only evaluates; a
+        checkpoint that owes it): its evaluation records are dropped too (the training record of that step
+        stays)."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.writer = None
         self.wandb_run = wandb_run

@@ -334,7 +334,10 @@ def _train(
             wandb_run = start_wandb(run_dir, config.logging.wandb_project, config.logging.wandb_entity, config_dict)
         run_log = RunLog(
             run_dir, config.logging.tensorboard, resumed_at=start_step, wandb_run=wandb_run,
-            reevaluated=already_finished,  # its final evaluation runs again: the new record replaces the old
+            # The evaluation of the checkpoint's step runs again (a finished run's final one, or one the
+            # checkpoint owes, which an earlier start may have made up and recorded before it was killed):
+            # the new record replaces the old
+            reevaluated=already_finished or evaluation_owed,
         )
         log.info(
             "model: %.2fM parameters; global batch %d (%d ranks x %d, %d micro-batches); %d steps; data: %d samples/epoch",

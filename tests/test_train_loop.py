@@ -546,6 +546,22 @@ def test_a_signal_in_an_evaluation_during_training_saves_at_once_and_resumes(tmp
     assert evaluated == [3, 6]  # the abandoned evaluation, made up on resuming
 
 
+def test_an_owed_evaluation_made_up_twice_is_recorded_once(tmp_path, monkeypatch):
+    # Pre-empted in the step-3 evaluation (owed), resumed (made up, recorded), then killed before the next
+    # checkpoint: the next start resumes from the same owing checkpoint and evaluates step 3 once more.
+    args = [str(DEMO), "--output-dir", str(tmp_path), *TINY, "checkpoint.every_n_steps=0"]
+    signal_during_evaluation(monkeypatch, 1)
+    assert main(args) == 75
+    monkeypatch.undo()
+    config = tiny_config(tmp_path, "checkpoint.every_n_steps=0")
+    train(config, stop_at_step=5)
+    ckpt.checkpoint_path(tmp_path, 5).unlink()  # as if killed before it was saved
+    assert ckpt.load_latest_checkpoint(tmp_path)["evaluation_owed"]
+    train(config)
+    evaluated = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").open() if "zeroshot/" in line]
+    assert evaluated == [3, 6]
+
+
 def test_a_signal_in_the_last_step_or_the_final_save_skips_the_final_evaluation(tmp_path, monkeypatch):
     # Both come before the evaluation, under the same signal handling: it is skipped, the status asks for a
     # requeue, and the run started again only evaluates.

@@ -284,17 +284,6 @@ def _train(
         bound_temperature(module.clip, max_log_scale)
     with bad_input_reported_as(BadTrainingInput):
         check_evaluation_datasets(config.eval, warn=dist_info.is_main)
-    if dist_info.is_main and not already_finished:
-        # Written after the resume checks: a refused resume leaves the run's recorded config alone.
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(config_dict), encoding="utf-8")
-        earlier_results = run_dir / "results.json"
-        if resumed and earlier_results.exists():
-            # A finished run extended (more schedule.steps): results.json would say "finished" until the
-            # extension finishes, with the earlier step's figures
-            kept = earlier_results.with_name(f"results_step_{start_step}.json")
-            earlier_results.replace(kept)
-            log.info("the results of the run's end at step %d are now %s", start_step, kept)
     if dist_info.is_main:
         # A save killed mid-write (SIGKILL, a lost node) leaves its temporary file; none of this run's saves
         # has started yet, so every such file is a leftover.
@@ -324,6 +313,18 @@ def _train(
     on_exit.callback(data.close)
     if data_state is not None:
         data.load_state_dict(data_state)
+    if dist_info.is_main and not already_finished:
+        # Written once the run's data is set up too: a refused resume, or a start whose data cannot be used
+        # (a mistyped path), leaves the run's recorded config and results alone.
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(config_dict), encoding="utf-8")
+        earlier_results = run_dir / "results.json"
+        if resumed and earlier_results.exists():
+            # A finished run extended (more schedule.steps): results.json would say "finished" until the
+            # extension finishes, with the earlier step's figures
+            kept = earlier_results.with_name(f"results_step_{start_step}.json")
+            earlier_results.replace(kept)
+            log.info("the results of the run's end at step %d are now %s", start_step, kept)
     global_batch = config.train.batch_size * dist_info.world_size
     # None where unknown: no MFU then
     peak = peak_flops(device, autocast_dtype or torch.float32, tf32=config.train.tf32)

@@ -20,7 +20,7 @@ from clip import checkpoint as ckpt
 from clip.config import TrainConfig, load_config
 from clip.cli.train import headline, main
 from clip.optim import learning_rate
-from clip.train import NonFiniteLossError, train
+from clip.train import BadTrainingInput, NonFiniteLossError, train
 
 DEMO = Path(__file__).parent.parent / "configs" / "demo.toml"
 
@@ -1021,6 +1021,19 @@ def test_extending_a_finished_run_names_the_learning_rate_jump_and_keeps_its_res
             "the checkpoint's: it jumps there") in caplog.text
     assert not (tmp_path / "results.json").exists()
     assert json.loads((tmp_path / "results_step_6.json").read_text()) == finished
+
+
+def test_an_extension_whose_data_cannot_be_used_leaves_the_runs_config_and_results_alone(tmp_path):
+    # config.toml was written and results.json moved aside before the data was opened: a mistyped path in the
+    # command that extends a finished run left them so, and the finished run, started again, kept them.
+    train(tiny_config(tmp_path, "schedule.steps=2", "eval.every_n_steps=0"))
+    recorded = ((tmp_path / "config.toml").read_text(), (tmp_path / "results.json").read_text())
+    missing = ["data.sources.0.kind=manifest", f"data.sources.0.path={tmp_path / 'nowhere.csv'}",
+               "data.sources.0.num_samples=none"]
+    with pytest.raises(BadTrainingInput, match="nowhere.csv"):
+        train(tiny_config(tmp_path, "schedule.steps=4", "eval.every_n_steps=0", *missing))
+    assert ((tmp_path / "config.toml").read_text(), (tmp_path / "results.json").read_text()) == recorded
+    assert not (tmp_path / "results_step_2.json").exists()
 
 
 def test_a_constant_rate_run_extended_before_its_cooldown_continues_without_a_jump(tmp_path, caplog):

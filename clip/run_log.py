@@ -7,11 +7,15 @@ otherwise. W&B is used only when asked for (`logging.wandb`), and then its absen
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, Any
 
 log = logging.getLogger(__name__)
 
@@ -199,4 +203,31 @@ def plot_run(run_dir: Path) -> Path | None:
     path = Path(run_dir) / "training.png"
     figure.savefig(path, dpi=100)
     plt.close(figure)
+    return path
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: Path, mode: str = "w") -> Iterator[IO]:
+    """An open temporary file beside `path` that replaces `path` whole (os.replace), flushed to the disk, when the
+    block ends; removed if the block raises. Writing `path` itself truncated it first, so a full disk or a
+    kill during the write left a torn file in place of the previous one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not mkstemp's: its files are private (0600)
+    try:
+        with open(temporary, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def write_json(path: Path, content: Any) -> Path:
+    """Writes `content` as strict JSON (a non-finite figure is null), replacing
+    the file whole (`replaced_atomically`)."""
+    with replaced_atomically(path) as file:
+        file.write(strict_json(content, indent=2))
     return path

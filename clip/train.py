@@ -47,7 +47,7 @@ from .model import create_model, trimmed_text_length
 from .optim import build_optimizer, learning_rate, optimizer_parameter_names
 from .resume import checkpoint_to_resume, restore_training_state
 from .run_lock import RunDirectoryInUse, locked_run_directory
-from .run_log import RunLog, plot_run, require_wandb, start_wandb, strict_json
+from .run_log import RunLog, plot_run, require_wandb, start_wandb, write_json
 from .stopping import EvaluationInterrupted, SetupInterrupted, StopRequest
 from .throughput import peak_flops, training_flops_per_sample
 from .tokenizer import get_tokenizer
@@ -639,5 +639,5 @@ def _train(
         if finished and not final.get("evaluation_interrupted"):
             if config.logging.plot:
                 plot_run(run_dir)
-            (run_dir / "results.json").write_text(strict_json(final, indent=2), encoding="utf-8")
+            write_json(run_dir / "results.json", final)  # whole or not at all: a kill mid-write tore it
     return final

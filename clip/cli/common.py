@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 
 from clip.download import DownloadError
-from clip.run_log import strict_json
+# The commands' results files are written as the trainer's are
+from clip.run_log import replaced_atomically, write_json  # noqa: F401
 
 # A bad path, a malformed annotation file, a config value out of range: the commands' inputs fail with these
 # (ConfigError is a ValueError), and a one-line message says more to the user than a traceback. A bug inside
@@ -114,31 +114,4 @@ def writable_output_dir(path: Path) -> Path:
             pass
     except OSError as error:
         raise OSError(f"cannot write results to {path}: {error.strerror or error}") from error
-    return path
-
-
-@contextlib.contextmanager
-def replaced_atomically(path: Path, mode: str = "w") -> Iterator[IO]:
-    """An open temporary file beside `path` that replaces `path` whole (os.replace), flushed to the disk, when the
-    block ends; removed if the block raises. Writing `path` itself truncated it first, so a full disk or a
-    kill during the write left a torn file in place of the previous one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not mkstemp's: its files are private (0600)
-    try:
-        with open(temporary, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as file:
-            yield file
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-
-
-def write_json(path: Path, content: Any) -> Path:
-    """Writes `content` as strict JSON (a non-finite figure is null, as in the trainer's results.json), replacing
-    the file whole (`replaced_atomically`)."""
-    with replaced_atomically(path) as file:
-        file.write(strict_json(content, indent=2))
     return path

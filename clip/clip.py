@@ -9,9 +9,9 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from . import available_models
-# As in openai/CLIP, where this module imports it: `import clip` then `clip.simple_tokenizer.SimpleTokenizer()`
-from . import simple_tokenizer  # noqa: F401
+# simple_tokenizer as in openai/CLIP, where this module imports it: `import clip`, then
+# `clip.simple_tokenizer.SimpleTokenizer()`
+from . import available_models, simple_tokenizer  # noqa: F401
 from .download import cache_dir, download
 from .loading import load
 from .model import build_model

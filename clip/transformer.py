@@ -242,8 +242,10 @@ class ResidualAttentionBlock(nn.Module):
 
     attn_mask: OpenAI's additive mask, or None. causal: declares it the causal mask (the text encoder's; each
     position attends to itself and earlier ones), so the causal attention kernel runs and the mask itself
-    is only there for code that reads it (`attention` replaced by OpenAI-style code); a mask set in its place
-    (None for bidirectional attention, as some prompt learners do) is applied as given, as in openai/CLIP."""
+    is only there for code that reads it (`attention` replaced by OpenAI-style code); a mask assigned in its
+    place (None for bidirectional attention, as some prompt learners do) is applied as given, as in openai/CLIP.
+    Only an assigned mask is noticed: the built one edited in place still runs the causal kernel (checking its
+    version counter would break torch.compile's graph at every block)."""
 
     def __init__(
         self, width: int | None = None, heads: int | None = None, attn_mask: torch.Tensor | None = None, *,

@@ -252,8 +252,9 @@ def probe(args: argparse.Namespace) -> int:
     classnames = listed["train"].classnames  # the same for every split: fixed by the dataset kind or `class_folders`
     if len(classnames) < 2:  # one class: every prediction is right, 100% whatever the features
         raise ValueError(
-            f"--root {args.root}: the splits hold {len(classnames)} class ({', '.join(class_folders or classnames)}); "
-            f"a linear probe needs at least 2 classes to tell apart"
+            f"--root {args.root}: the splits hold {len(classnames)} class"
+            f"{'' if len(classnames) == 1 else 'es'} ({', '.join(class_folders or classnames)}); a linear probe needs "
+            f"at least 2 classes to tell apart"
         )
     if not args.val_split:
         check_validation_hold_out(args.train_split, len(listed["train"].dataset), args.val_fraction)

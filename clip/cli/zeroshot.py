@@ -90,8 +90,8 @@ def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:
         path = write_json(output_dir / "results.json", summary)
         if config.confusion_png:
             save_confusion_png(result, output_dir / f"confusion_{name}.png")
+        logger.info("wrote %s", path)
     print(format_table(results))
-    logger.info("wrote %s", path)
     return summary
 
 

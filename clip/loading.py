@@ -36,6 +36,7 @@ from .infer_architecture import ArchitectureInferenceError, infer_model_config
 from .model import CLIP, convert_to_half_precision
 from .preprocess import TRAINING_ALPHA_BACKGROUND, ImageTransform, image_transform
 from .released import RELEASED_WEIGHTS
+from .torchscript_reader import is_torchscript_archive
 from .weights_file import (
     LoadedWeights,
     UnsafeFileError,
@@ -112,7 +113,9 @@ def load_weights_into(model: CLIP, name_or_path: str, download_root: str | Path 
 
     A file that records its architecture (a checkpoint of this library) must match `model.config` in every
     field. Tensor shapes do not show head counts or the activation, so for a plain state dict (OpenAI's
-    files) those are the configured ones, and every tensor must have the configured model's shape."""
+    files) those are the configured ones, and every tensor must have the configured model's shape; where the
+    shapes are a released model's and the configured heads or activation are not, the file is refused if it
+    is that release (its SHA256), and warned of otherwise (`_check_unseen_settings`)."""
     released = isinstance(name_or_path, str) and name_or_path in RELEASED_WEIGHTS
     if released:  # known exactly, heads and activation included: checked before a download of up to 1.4 GB
         _check_architecture(RELEASED_ARCHITECTURES[name_or_path], model.config, f"the released {name_or_path}", set())
@@ -127,6 +130,8 @@ def load_weights_into(model: CLIP, name_or_path: str, download_root: str | Path 
             pass  # widths OpenAI's convention cannot split into heads: the shape check below decides
     if theirs is not None:
         _check_architecture(theirs, model.config, str(path), not_in_shapes)
+        if not_in_shapes:
+            _check_unseen_settings(theirs, model.config, path, weights.from_open_clip_training)
     if weights.from_open_clip_training and model.config.activation == "quick_gelu":
         # Shapes match whatever the activation: clip.load warns of this, and so must the start of a fine-tuning
         warnings.warn(
@@ -153,6 +158,36 @@ def _check_architecture(theirs: ModelConfig, configured: ModelConfig, source: st
             + "; ".join(f"model.{key}: {a!r} there, {b!r} here" for key, a, b in mismatched)
             + ". Set the [model] section to the weights' architecture."
         )
+
+
+def _check_unseen_settings(inferred: ModelConfig, configured: ModelConfig, path: Path, open_clip_training: bool) -> None:
+    """For a file that records no architecture, whose shapes (`inferred`, by OpenAI's conventions) are a released
+    model's: the settings shapes do not show (heads, activation) compared with the configured ones. A difference
+    is an error, naming the fields, when the file is that release (by its SHA256, as for the released name), and a
+    warning otherwise: a model of those sizes may have been trained with other heads, but a mistyped [model]
+    section would load OpenAI's weights into a model that computes something else, without a word."""
+    name = next((name for name, released in RELEASED_ARCHITECTURES.items() if released == inferred), None)
+    if name is None:  # other sizes: OpenAI's conventions are only a guess, and the shapes decide
+        return
+    unseen = architecture_differences(inferred.to_dict(), configured.to_dict())
+    if open_clip_training:  # its activation is recorded nowhere, and has a warning of its own in load_weights_into
+        unseen = [difference for difference in unseen if difference[0] != "activation"]
+    if not unseen:
+        return
+    # OpenAI's files are TorchScript archives: a plain state dict of any size is not hashed in vain
+    release = _release_of_file(path) if is_torchscript_archive(path) else None
+    if release is not None:
+        _check_architecture(RELEASED_ARCHITECTURES[release], configured,
+                            f"{path} (OpenAI's released {release}, by its SHA256)", set())
+    warnings.warn(
+        f"{path} records no architecture, and its tensor shapes are those of OpenAI's released {name}, whose "
+        f"settings that shapes do not show differ from the configured ones: "
+        + "; ".join(f"model.{key}: {a!r} in {name}, {b!r} here" for key, a, b in unseen)
+        + f". The weights are loaded into the configured model: right if they were trained with these settings; "
+        f"if they are {name}'s (or follow OpenAI's conventions), set [model] to {name}'s values, or the model "
+        f"computes other features from the first step.",
+        stacklevel=3,
+    )
 
 
 def model_from_weights(weights: LoadedWeights, source: str) -> CLIP:
@@ -241,7 +276,15 @@ def _existing_path(name_or_path: str | Path) -> Path:
 
 
 def _is_released_file(path: Path) -> bool:
-    return path.is_file() and download.sha256_of_file(path) in {release.sha256 for release in RELEASED_WEIGHTS.values()}
+    return _release_of_file(path) is not None
+
+
+def _release_of_file(path: Path) -> str | None:
+    """The released name whose file has `path`'s SHA256, or None."""
+    if not path.is_file():
+        return None
+    digest = download.sha256_of_file(path)
+    return next((name for name, release in RELEASED_WEIGHTS.items() if release.sha256 == digest), None)
 
 
 def _load_jit(path: Path, device: torch.device) -> tuple[nn.Module, ImageTransform]:

@@ -5,6 +5,7 @@ code, and clear errors for files of the wrong kind."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import io
 import os
@@ -526,6 +527,40 @@ def test_initial_weights_of_another_released_architecture_are_refused_before_the
     assert len(calls) == 1
     assert all(torch.equal(value, half_round_trip(original).state_dict()[name])
                for name, value in model.state_dict().items())
+
+
+def test_a_file_of_released_shapes_under_other_heads_is_warned_of_or_refused_when_it_is_the_release(
+    tmp_path: Path, openai_files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Shapes do not show heads or the activation: a copy of OpenAI's ViT-B-32.pt given as a path, under a
+    # [model] section with mistyped heads, loaded into a model that computes something else without a word
+    monkeypatch.setitem(RELEASED_ARCHITECTURES, "ViT-B/32", TINY_VIT)
+    archive = copy_of(openai_files["vit", "archive"], tmp_path / "ViT-B-32.pt")
+    other_heads = dataclasses.replace(TINY_VIT, vision=dataclasses.replace(TINY_VIT.vision, heads=2))
+    with pytest.warns(UserWarning, match=r"ViT-B-32\.pt records no architecture.*released ViT-B/32.*"
+                                         r"model\.vision\.heads: 1 in ViT-B/32, 2 here\. The weights are loaded"):
+        clip.loading.load_weights_into(model := CLIP(other_heads), str(archive))
+    assert all(torch.equal(value, half_round_trip(tiny_model(TINY_VIT)).state_dict()[name])
+               for name, value in model.state_dict().items())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the released settings: nothing to say
+        clip.loading.load_weights_into(CLIP(TINY_VIT), str(archive))
+    # The file is the release itself (its SHA256): its architecture is known whole, as under its name
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    monkeypatch.setitem(RELEASED_WEIGHTS, "ViT-B/32", ReleasedWeights(url="file:///nowhere", sha256=digest))
+    with pytest.raises(WeightsFileError, match=r"ViT-B-32\.pt \(OpenAI's released ViT-B/32, by its SHA256\) holds .*"
+                                               r"model\.vision\.heads: 1 there, 2 here"):
+        clip.loading.load_weights_into(CLIP(other_heads), str(archive))
+    # An open_clip checkpoint's activation has its own warning (about QuickGELU), said once; GELU says nothing
+    state = {f"module.{key}": value for key, value in tiny_model(TINY_VIT).state_dict().items()}
+    torch.save({"epoch": 32, "name": "laion-run", "state_dict": state}, tmp_path / "epoch_32.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clip.loading.load_weights_into(CLIP(dataclasses.replace(TINY_VIT, activation="gelu")), str(tmp_path / "epoch_32.pt"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        clip.loading.load_weights_into(CLIP(TINY_VIT), str(tmp_path / "epoch_32.pt"))
+    assert len(caught) == 1 and "open_clip training checkpoint" in str(caught[0].message)
 
 
 def traced_on_a_gpu(archive: Path, destination: Path) -> Path:

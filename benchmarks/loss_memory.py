@@ -6,7 +6,8 @@ the exact chunked loss, and the chunked loss's agreement with a whole-matrix ref
 Each configuration runs in its own subprocess so that peaks do not mix. "Extra peak" is the memory that
 loss + backward adds on top of the inputs (two [N, D] float32 feature matrices that require grad); it
 includes the two feature gradients (2 * N * D * 4 bytes), which any method must produce.
-  CPU:  the process's RSS high-water mark (getrusage ru_maxrss) after minus before loss + backward.
+  CPU:  the process's RSS high-water mark (getrusage ru_maxrss) after loss + backward minus its resident
+        memory just before (the inputs made; in a fresh process the loss's peak is its highest).
   CUDA: torch.cuda.max_memory_allocated() minus memory_allocated() before.
 A configuration whose estimated need exceeds the memory available is skipped and reported as such.
 """
@@ -26,6 +27,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
 
 from clip.loss import contrastive_loss  # noqa: E402
 
@@ -104,7 +108,10 @@ def measure(method: str, batch: int, width: int, chunk_size: int | None, device:
         torch.cuda.reset_peak_memory_stats(device)
         baseline = torch.cuda.memory_allocated(device)
     else:
-        baseline = current_peak_bytes(device)
+        # Resident memory now, not the high-water mark: making the inputs passed through temporaries (their
+        # random draws) that are freed by now, and a baseline at that earlier peak would leave out as much
+        # of the loss's own memory.
+        baseline = common.current_rss_bytes()
     start = time.perf_counter()
     loss = run_loss(method, chunk_size, *inputs)
     peak = current_peak_bytes(device)

@@ -99,6 +99,27 @@ def test_inference_gives_both_libraries_the_same_weights(benchmark_modules, tmp_
     assert row["encode_text"]["ours"]["texts_per_s"] > 0
 
 
+def test_loss_memory_counts_from_the_memory_held_before_the_loss_not_an_earlier_peak():
+    # Making the inputs passes through freed temporaries; here a 64 MiB one stands for them. The naive loss
+    # at batch 2048 keeps about four 16 MiB logit matrices: its extra peak is at least that, however high
+    # the process's memory went before. (A fresh process: its high-water mark is this run's alone.)
+    script = f"""
+import json, sys, torch
+sys.path.insert(0, {str(BENCHMARKS)!r})
+import loss_memory
+make_inputs = loss_memory.make_inputs
+def with_freed_temporary(*args, **kwargs):
+    temporary = torch.ones(2**24)
+    del temporary
+    return make_inputs(*args, **kwargs)
+loss_memory.make_inputs = with_freed_temporary
+print(json.dumps(loss_memory.measure("naive", 2048, 64, None, torch.device("cpu"))))
+"""
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    result = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert result["extra_peak_gib"] >= 4 * 2048 * 2048 * 4 / 1024**3, result
+
+
 def test_pages_are_written_from_results_and_tolerate_missing_ones(benchmark_modules, tmp_path):
     common, train_step, _, run_all = benchmark_modules
     train = {"device": "cpu", "repeats": 1, "warmup": 0, "steps": 1, "rows": [{

@@ -7,6 +7,9 @@ Both models hold the same weights (ours, randomly initialised, loaded into open_
 with strict=True), run in eval mode under torch.inference_mode, and get the same inputs: random pixels and
 realistic captions (8-30 BPE tokens through clip.tokenize, padded to the 77-token context). The largest
 difference between the two libraries' features is reported as a check that they compute the same thing.
+Ours' encode_text runs only up to the batch's last end-of-text token (32 of the 77 positions for these
+captions), open_clip's all 77: the same features for less work, which is most of the encode_text ratio.
+--text-length full makes ours run all 77 positions too (encode_text(..., trim=False)).
 Calls alternate ours, theirs, theirs, ours, ...; the median of --repeats timed calls counts, after one
 untimed warm-up call each. On CUDA both run under bf16 autocast by default (--precision).
 """
@@ -31,11 +34,26 @@ from train_step import display_name, importlib_missing, model_config, open_clip_
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build_models(arch: str, device: torch.device, with_open_clip: bool) -> dict[str, torch.nn.Module]:
+class UntrimmedText(torch.nn.Module):
+    """Ours, with encode_text running every position of the context, as open_clip's does."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
+
+    def encode_text(self, texts: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(texts, trim=False)
+
+
+def build_models(arch: str, device: torch.device, with_open_clip: bool,
+                 text_length: str = "trimmed") -> dict[str, torch.nn.Module]:
     from clip.model import create_model
 
     ours = create_model(model_config(arch)).to(device).eval()
-    models = {"ours": ours}
+    models = {"ours": ours if text_length == "trimmed" else UntrimmedText(ours)}
     if with_open_clip:
         theirs = open_clip_model(arch)
         theirs.load_state_dict(ours.state_dict(), strict=True)
@@ -74,7 +92,7 @@ def run_arch(arch: str, args: argparse.Namespace, device: torch.device, with_ope
         return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
     torch.manual_seed(args.seed)
-    models = build_models(arch, device, with_open_clip)
+    models = build_models(arch, device, with_open_clip, args.text_length)
     config = model_config(arch)
     images = common.make_images(args.image_batch, config.vision.image_size, args.seed).to(device)
     texts, text_source = common.caption_token_ids(args.text_batch, args.seed, config.text.context_length)
@@ -119,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=list(AUTOCAST_DTYPES), default=None,
                         help="autocast dtype (default: fp32 on the CPU, bf16 on CUDA)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per library; the median counts")
+    parser.add_argument("--text-length", choices=["trimmed", "full"], default="trimmed",
+                        help="ours' encode_text: to the batch's last end-of-text token (its default), or the whole "
+                             "context as open_clip computes it (equal work)")
     parser.add_argument("--no-open-clip", action="store_true", help="measure ours only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
@@ -132,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         print("open_clip is not installed (pip install -e .[bench]); measuring ours only", file=sys.stderr)
     rows = [run_arch(arch, args, device, with_open_clip) for arch in args.archs]
     report = {"machine": common.machine_info(), "device": str(device), "precision": args.precision,
-              "threads": args.threads, "repeats": args.repeats, "rows": rows}
+              "threads": args.threads, "repeats": args.repeats, "text_length": args.text_length, "rows": rows}
     print(format_rows(rows))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")

@@ -87,12 +87,28 @@ def test_train_step_keeps_each_finished_run_when_stopped_midway(benchmark_module
     assert row["results"]["open_clip"]["error"] == "not run"
 
 
-def test_inference_gives_both_libraries_the_same_weights(benchmark_modules, tmp_path):
+def test_train_step_full_text_length_gives_ours_open_clips_work(benchmark_modules):
+    # By default ours runs the text tower only to the batch's last end-of-text token, open_clip all 77
+    # positions; --text-length full must make the two do the same work.
+    pytest.importorskip("open_clip")
+    train_step = benchmark_modules[1]
+    job = {"arch": json.dumps(TINY_VIT), "batch": 2, "threads": 0, "device": "cpu", "precision": "fp32", "warmup": 0,
+           "steps": 1, "compile": False, "optimizer": "auto", "seed": 0, "grad_clip_norm": None, "count_flops": True}
+    results = {(library, length): train_step.measure({**job, "library": library, "text_length": length})
+               for library in ("ours", "open_clip") for length in ("trimmed", "full")}
+    assert results["ours", "trimmed"]["text_positions"] < 77
+    assert results["ours", "trimmed"]["flops_per_sample"] < results["open_clip", "full"]["flops_per_sample"]
+    assert results["ours", "full"]["text_positions"] == results["open_clip", "full"]["text_positions"] == 77
+    assert results["ours", "full"]["flops_per_sample"] == results["open_clip", "full"]["flops_per_sample"]
+
+
+@pytest.mark.parametrize("text_length", ["trimmed", "full"])
+def test_inference_gives_both_libraries_the_same_weights(benchmark_modules, tmp_path, text_length):
     pytest.importorskip("open_clip")
     inference = benchmark_modules[2]
     output = tmp_path / "inference.json"
     inference.main(["--archs", json.dumps(TINY_VIT), "--image-batch", "2", "--text-batch", "4", "--threads", "1",
-                    "--repeats", "1", "--json", str(output)])
+                    "--repeats", "1", "--text-length", text_length, "--json", str(output)])
     row = json.loads(output.read_text())["rows"][0]
     assert row["max_abs_difference"]["image_features"] < 1e-4
     assert row["max_abs_difference"]["text_features"] < 1e-4

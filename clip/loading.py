@@ -85,7 +85,7 @@ def load(
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     path, released = _resolve(name_or_path, download_root)
-    if jit and (released or _is_released_file(path)):
+    if jit and (released or _release_of_file(path) is not None):
         return _load_jit(path, device)
     if jit:
         warnings.warn(
@@ -273,10 +273,6 @@ def _existing_path(name_or_path: str | Path) -> Path:
         f"{str(name_or_path)!r} is neither a released model nor an existing file or directory.{hint} "
         f"Released models: {', '.join(RELEASED_WEIGHTS)}"
     )
-
-
-def _is_released_file(path: Path) -> bool:
-    return _release_of_file(path) is not None
 
 
 def _release_of_file(path: Path) -> str | None:

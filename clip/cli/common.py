@@ -15,8 +15,7 @@ from typing import Any
 import torch
 
 from clip.download import DownloadError
-# The commands' results files are written as the trainer's are
-from clip.run_log import replaced_atomically, write_json  # noqa: F401
+from clip.run_log import write_json  # noqa: F401 -- the commands write results files as the trainer does
 
 # A bad path, a malformed annotation file, a config value out of range: the commands' inputs fail with these
 # (ConfigError is a ValueError), and a one-line message says more to the user than a traceback. A bug inside

@@ -25,8 +25,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from clip.evaluation.datasets import CIFARDataset, ImageFolderDataset
-
-from .common import replaced_atomically
+from clip.run_log import replaced_atomically
 
 logger = logging.getLogger("clip.linear_probe")
 

@@ -35,6 +35,7 @@ from clip.evaluation.datasets import (
 )
 from clip.evaluation.image_folder import MissingSplitError
 from clip.evaluation.linear_probe import (
+    DEFAULT_VAL_FRACTION,
     VALIDATION_FIELD,
     extract_features,
     run_linear_probe,
@@ -70,9 +71,6 @@ def open_fraction(text: str) -> float:
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {value}")
     return value
-
-
-DEFAULT_VAL_FRACTION = 0.2
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

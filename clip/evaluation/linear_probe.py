@@ -217,6 +217,10 @@ class LinearProbeResult:
         return asdict(self)
 
 
+# The share of the training rows held out for choosing the L2 strength when no validation split is given
+DEFAULT_VAL_FRACTION = 0.2
+
+
 def validation_count(num_examples: int, fraction: float) -> int:
     """How many of `num_examples` training examples `split_validation` holds out: at least 1, and it must leave
     at least 1 to fit on (a ValueError that gives the counts otherwise)."""
@@ -283,7 +287,7 @@ def run_linear_probe(
     num_classes: int,
     *,
     val: tuple[torch.Tensor, torch.Tensor] | None = None,
-    val_fraction: float = 0.2,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
     seed: int = 0,
     standardize: bool = False,
     device: torch.device | str | None = None,

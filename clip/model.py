@@ -209,9 +209,12 @@ class CLIP(nn.Module):
         # The blocks take OpenAI's LND shape: a view of the batch-major tensor (see clip.transformer), no copy;
         # a contiguous one, as OpenAI's, for code that watches or changes them
         x = x.transpose(0, 1)
-        x = self.transformer(x.contiguous() if as_openai else x).transpose(0, 1)  # -> NLD, as ln_final sees it
-        x = self.ln_final(x.contiguous() if as_openai else x)
-        x = x[torch.arange(x.shape[0], device=x.device), eot]  # -> N,width
+        if as_openai:
+            x = self.ln_final(self.transformer(x.contiguous()).transpose(0, 1).contiguous())  # -> NLD, as OpenAI's
+            x = x[torch.arange(x.shape[0], device=x.device), eot]  # -> N,width
+        else:
+            # Only the end-of-text tokens are read: the last block computes them alone
+            x = self.ln_final(self.transformer.forward_at(x, eot))  # -> N,width
         features = x @ self.text_projection  # -> N,embed_dim
         return F.normalize(features, dim=-1) if normalize else features
 

@@ -12,6 +12,7 @@ import re
 from functools import lru_cache
 
 import torch
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils.flop_counter import FlopCounterMode
 
 from .architectures import ModelConfig
@@ -46,20 +47,27 @@ def _forward_flops(config: ModelConfig, run, samples: int = 1, top: tuple[str, i
         model = CLIP(config)
     counter = FlopCounterMode(display=False)
     modules, projections = model.tower_top(*top) if top is not None else ([], [])
-    # The count's growth while each module of the top runs; the projection (a bare matrix product) is added
+    # The count's growth while each module of the top runs; the projection (a bare matrix product) is added.
+    # Hooks for every module, not on the top's own modules: those would make the towers run as openai/CLIP's,
+    # every position of the last block included (`clip.transformer.runs_as_openai`), which training does not
+    top_modules = set(modules)
     within, started = [0], {}
 
     def enter(module, args) -> None:
-        started[module] = counter.get_total_flops()
+        if module in top_modules:
+            started[module] = counter.get_total_flops()
 
     def leave(module, args, output) -> None:
-        within[0] += counter.get_total_flops() - started[module]
+        if module in top_modules:
+            within[0] += counter.get_total_flops() - started[module]
 
-    hooks = [*(m.register_forward_pre_hook(enter) for m in modules), *(m.register_forward_hook(leave) for m in modules)]
-    with counter, torch.device("meta"):
-        run(model)
-    for hook in hooks:
-        hook.remove()
+    hooks = [register_module_forward_pre_hook(enter), register_module_forward_hook(leave)] if top_modules else []
+    try:
+        with counter, torch.device("meta"):
+            run(model)
+    finally:
+        for hook in hooks:
+            hook.remove()
     if top is None:
         return counter.get_total_flops() // samples
     return within[0] // samples + sum(2 * projection.shape[0] * projection.shape[1] for projection in projections)

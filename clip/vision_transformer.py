@@ -80,8 +80,11 @@ class VisionTransformer(nn.Module):
         # The blocks take OpenAI's LND shape: a view of the batch-major tensor (see clip.transformer), no copy;
         # a contiguous one, as OpenAI's, for code that watches or changes them
         x = x.transpose(0, 1)
-        x = self.transformer(x.contiguous() if runs_as_openai(self.transformer) else x).transpose(0, 1)
-        return self.ln_post(x[:, 0, :])  # the class token -> N,width
+        if runs_as_openai(self.transformer):
+            return self.ln_post(self.transformer(x.contiguous())[0])  # the class token -> N,width
+        # Only the class token is read: the last block computes it alone
+        class_token = torch.zeros(x.shape[1], dtype=torch.long, device=x.device)
+        return self.ln_post(self.transformer.forward_at(x, class_token))  # -> N,width
 
 
 def openai_vision_config(

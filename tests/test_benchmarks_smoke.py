@@ -89,7 +89,8 @@ def test_train_step_keeps_each_finished_run_when_stopped_midway(benchmark_module
 
 def test_train_step_full_text_length_gives_ours_open_clips_work(benchmark_modules):
     # By default ours runs the text tower only to the batch's last end-of-text token, open_clip all 77
-    # positions; --text-length full must make the two do the same work.
+    # positions; --text-length full must make ours run all 77 too. Its towers' last blocks still compute only
+    # the positions read (the class and end-of-text tokens), so it does less work than open_clip either way.
     pytest.importorskip("open_clip")
     train_step = benchmark_modules[1]
     job = {"arch": json.dumps(TINY_VIT), "batch": 2, "threads": 0, "device": "cpu", "precision": "fp32", "warmup": 0,
@@ -99,7 +100,8 @@ def test_train_step_full_text_length_gives_ours_open_clips_work(benchmark_module
     assert results["ours", "trimmed"]["text_positions"] < 77
     assert results["ours", "trimmed"]["flops_per_sample"] < results["open_clip", "full"]["flops_per_sample"]
     assert results["ours", "full"]["text_positions"] == results["open_clip", "full"]["text_positions"] == 77
-    assert results["ours", "full"]["flops_per_sample"] == results["open_clip", "full"]["flops_per_sample"]
+    assert (results["ours", "trimmed"]["flops_per_sample"] < results["ours", "full"]["flops_per_sample"]
+            < results["open_clip", "full"]["flops_per_sample"])
 
 
 @pytest.mark.parametrize("text_length", ["trimmed", "full"])

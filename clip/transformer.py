@@ -251,6 +251,15 @@ class MultiheadSelfAttention(nn.Module):
         return mask
 
 
+_OWN_ATTENTION_FORWARD = MultiheadSelfAttention.forward
+
+
+def attention_forward_replaced(attn: nn.Module) -> bool:
+    """Whether outside code replaced a MultiheadSelfAttention's `forward` (on the module, as attention-map tools
+    do to ask for need_weights=True, or on its class): the block must then call it for every position."""
+    return "forward" in vars(attn) or type(attn).forward is not _OWN_ATTENTION_FORWARD
+
+
 def _as_additive(mask: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(mask.to(device), float("-inf"))
@@ -332,9 +341,9 @@ class ResidualAttentionBlock(nn.Module):
         # (FlopCounterMode), which must see it run as it does
         if type(self.attn) is not MultiheadSelfAttention or has_hooks(*self.modules(), count_global=False):
             return False
-        if "attention" in vars(self) or "forward" in vars(self):
+        if "attention" in vars(self) or "forward" in vars(self) or attention_forward_replaced(self.attn):
             return False
-        if (type(self).attention, type(self).forward) != (ResidualAttentionBlock.attention, ResidualAttentionBlock.forward):
+        if (type(self).attention, type(self).forward) != _OWN_BLOCK_METHODS:
             return False
         if self.causal:
             return not attn_mask_replaced(self)
@@ -391,12 +400,13 @@ def attn_mask_replaced(block: ResidualAttentionBlock) -> bool:
 def runs_as_openai(transformer: nn.Module, *around: nn.Module) -> bool:
     """Whether code from outside watches or changes `transformer` (or the modules `around` it): a hook on any
     of their modules (not one registered for every module), a block whose `attention` or `forward` method was
-    replaced (on the block or its class), a replaced `attn` module or block, a causal block's replaced
-    `attn_mask`, or a replaced `transformer` (another module, or a subclass with its own `forward`). The model
-    then runs that tower exactly as openai/CLIP's does -- contiguous sequence-first tensors, every position of
-    every block -- since such code may rely on any of it (`.view` on a block's tensors, OpenAI's 77 x 77 mask
-    added to its own scores), at the cost of the layout copies, the text trimming and the last block's
-    read-positions-only computation (`Transformer.forward_at`) it otherwise saves."""
+    replaced (on the block or its class), a replaced `attn` module or its `forward`, a replaced block, a causal
+    block's replaced `attn_mask`, or a replaced `transformer` (another module, or a subclass with its own
+    `forward`). The model then runs that tower exactly as openai/CLIP's does -- contiguous sequence-first
+    tensors, every position of every block -- since such code may rely on any of it (`.view` on a block's
+    tensors, OpenAI's 77 x 77 mask added to its own scores), at the cost of the layout copies, the text
+    trimming and the last block's read-positions-only computation (`Transformer.forward_at`) it otherwise
+    saves."""
     if not isinstance(transformer, Transformer) or type(transformer).forward is not Transformer.forward:
         return True
     # Hooks on these modules themselves: hooks registered for every module belong to tools that watch the
@@ -406,6 +416,8 @@ def runs_as_openai(transformer: nn.Module, *around: nn.Module) -> bool:
         return True
     for block in getattr(transformer, "resblocks", ()):
         if not isinstance(block, ResidualAttentionBlock) or type(block.attn) is not MultiheadSelfAttention:
+            return True
+        if attention_forward_replaced(block.attn):
             return True
         if "attention" in vars(block) or "forward" in vars(block) or attn_mask_replaced(block):
             return True  # (with another mask than the causal one, positions past the end of text count)

@@ -3,13 +3,15 @@ the same features and gradients as the whole block, for less work."""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from clip.architectures import ModelConfig, TextConfig, VisionConfig
 from clip.model import CLIP
-from clip.transformer import Transformer, causal_mask
+from clip.transformer import MultiheadSelfAttention, Transformer, causal_mask
 
 CONFIG = ModelConfig(
     embed_dim=24,
@@ -135,3 +137,33 @@ def test_a_transformer_replaced_by_another_module_runs_as_called():
     model.transformer, model.visual.transformer = OwnTower(32), OwnTower(32)
     images, texts = torch.randn(2, 3, 32, 32), texts_with_lengths([4, 7])
     assert model.encode_image(images).shape == model.encode_text(texts).shape == (2, 24)
+
+
+@pytest.mark.parametrize("replaced_on", ["module", "class"])
+def test_an_attention_forward_replaced_by_outside_code_is_called_in_the_last_block(replaced_on, monkeypatch):
+    # Attention-map tools replace `attn.forward` to ask for need_weights=True: the last block must still call it
+    torch.manual_seed(0)
+    model = CLIP(CONFIG).eval()
+    images, texts = torch.randn(2, 3, 32, 32), texts_with_lengths([4, 7])
+    with torch.no_grad():
+        before = model.encode_image(images), model.encode_text(texts)
+    maps = []
+    own_forward = MultiheadSelfAttention.forward
+
+    def forward_keeping_weights(attn, query, key=None, value=None, need_weights=True, **kwargs):
+        out, weights = own_forward(attn, query, key, value, need_weights=True, **kwargs)
+        maps.append(weights.shape)
+        return out, weights
+
+    last_blocks = (model.visual.transformer.resblocks[-1], model.transformer.resblocks[-1])
+    if replaced_on == "module":
+        for block in last_blocks:
+            block.attn.forward = types.MethodType(forward_keeping_weights, block.attn)
+    else:
+        monkeypatch.setattr(MultiheadSelfAttention, "forward", forward_keeping_weights)
+    with torch.no_grad():
+        after = model.encode_image(images), model.encode_text(texts)
+    layers = 1 if replaced_on == "module" else 2
+    assert maps == [(2, 17, 17)] * layers + [(2, 20, 20)] * layers  # the class token and patches; the context
+    for old, new in zip(before, after, strict=True):
+        torch.testing.assert_close(new, old)

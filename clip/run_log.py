@@ -24,6 +24,10 @@ class MissingDependency(RuntimeError):
     """A setting asks for a package that is not installed."""
 
 
+class RunLogWriteError(RuntimeError):
+    """`metrics.jsonl` could not be written (a full disk, a quota); its OSError is the __cause__."""
+
+
 WANDB_RUN_ID_FILE = "wandb_run_id"
 
 
@@ -82,10 +86,17 @@ class RunLog:
                 self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=resumed_at + 1)
 
     def write(self, record: dict) -> None:
-        with self.path.open("a", encoding="utf-8") as file:
-            # Strict JSON (allow_nan=False): a non-finite figure, such as a skipped step's loss, is null; NaN
-            # and Infinity are Python's extensions, which jq, JavaScript and many readers refuse
-            file.write(strict_json(record) + "\n")
+        """Appends `record`; RunLogWriteError if the file cannot be written (a line torn by a full disk is
+        dropped when the run resumes, as one torn by a kill)."""
+        try:
+            with self.path.open("a", encoding="utf-8") as file:
+                # Strict JSON (allow_nan=False): a non-finite figure, such as a skipped step's loss, is null; NaN
+                # and Infinity are Python's extensions, which jq, JavaScript and many readers refuse
+                file.write(strict_json(record) + "\n")
+        except OSError as error:
+            raise RunLogWriteError(
+                f"could not write {self.path}: {error.strerror or error} (errno {error.errno})"
+            ) from error
         step = record.get("step", 0)
         scalars = {
             key: value for key, value in _flatten(record).items()

@@ -47,7 +47,14 @@ from .model import create_model, trimmed_text_length
 from .optim import build_optimizer, learning_rate, optimizer_parameter_names
 from .resume import checkpoint_to_resume, restore_training_state
 from .run_lock import RunDirectoryInUse, locked_run_directory
-from .run_log import RunLog, plot_run, require_wandb, start_wandb, write_json
+from .run_log import (
+    RunLog,
+    RunLogWriteError,
+    plot_run,
+    require_wandb,
+    start_wandb,
+    write_json,
+)
 from .stopping import EvaluationInterrupted, SetupInterrupted, StopRequest
 from .throughput import peak_flops, training_flops_per_sample
 from .tokenizer import get_tokenizer
@@ -400,6 +407,23 @@ def _train(
             raise_on_every_rank(failure, dist_info, ckpt.CheckpointWriteError(
                 f"rank 0 could not write the step {step} checkpoint (its log says why)"))
 
+    def write_record(record: dict | None) -> None:
+        """Rank 0 appends `record` (None: nothing to append) to metrics.jsonl. Every rank calls this at the same
+        point and stops if the write failed (a full disk), as after a checkpoint that could not be written: an
+        OSError's traceback said neither that the checkpoints are kept nor how to continue."""
+        failure = None
+        if dist_info.is_main and record is not None:
+            try:
+                run_log.write(record)
+            except RunLogWriteError as error:  # re-raised below, after the ranks agree
+                kept = (f"the latest checkpoint, {ckpt.checkpoint_path(run_dir, saved_at['step'])}, is kept: run "
+                        f"the same command again to continue from it" if saved_at["step"] is not None
+                        else "no checkpoint was written before it")
+                failure = RunLogWriteError(f"{error}; {kept}")
+                failure.__cause__ = error.__cause__
+        raise_on_every_rank(failure, dist_info, RunLogWriteError(
+            f"rank 0 could not write {run_dir / 'metrics.jsonl'} (its log says why)"))
+
     def evaluate(step: int) -> dict:
         """The evaluations' results, also logged. A signal (also one before them) abandons them by raising
         EvaluationInterrupted before anything is written: in one process at once, from the signal handler;
@@ -420,8 +444,8 @@ def _train(
                 module.clip, config.eval, device=device, tokenizer=tokenizer, step=step, dist_info=dist_info,
                 stop_check=stop_check, warn_about_data=False,  # said once, by check_evaluation_datasets
             )
+        write_record({"step": step, **results} if results else None)
         if results and dist_info.is_main:
-            run_log.write({"step": step, **results})
             log.info("step %d evaluation: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
         return results
 
@@ -575,13 +599,12 @@ def _train(
             reports = gather_objects((data.rank_report(), last_metrics["data_wait_fraction"]), dist_info)
             data_stats = merge_rank_reports([report for report, _ in reports])
             last_metrics["data_wait_fraction"] = max(wait for _, wait in reports)
-            if dist_info.is_main:
-                run_log.write({**last_metrics, "data": data_stats})
-                if progress is not None:
-                    progress.set_postfix(
-                        loss=f"{last_metrics['loss']:.3f}", lr=f"{lr:.2e}",
-                        scale=f"{last_metrics['logit_scale']:.1f}", samples_s=f"{samples_per_s:.0f}",
-                    )
+            write_record({**last_metrics, "data": data_stats})
+            if progress is not None:  # rank 0's
+                progress.set_postfix(
+                    loss=f"{last_metrics['loss']:.3f}", lr=f"{lr:.2e}",
+                    scale=f"{last_metrics['logit_scale']:.1f}", samples_s=f"{samples_per_s:.0f}",
+                )
             window_start, window_samples, window_flops = time.perf_counter(), 0, 0.0
             window_data_wait, paused_s["value"] = 0.0, 0.0
         if progress is not None:

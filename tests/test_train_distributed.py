@@ -83,9 +83,17 @@ def _logging_worker(rank: int, world_size: int, port: int, run_dir: str, extra) 
 
 def _refused_worker(rank: int, world_size: int, port: int, run_dir: str, extra, sabotage: str = "") -> None:
     # What each rank raised, into a file of its own beside the run directory: every rank must raise, none wait.
-    # sabotage: "full_disk" (rank 0's saves fail) or "unlistable" (rank 0 cannot list the checkpoints)
-    from clip import checkpoint
+    # sabotage: "full_disk" (rank 0's saves fail), "unlistable" (rank 0 cannot list the checkpoints) or
+    # "full_disk_for_metrics" (rank 0 cannot append to metrics.jsonl)
+    from clip import checkpoint, run_log
     from clip.run_lock import RunDirectoryInUse
+
+    if rank == 0 and sabotage == "full_disk_for_metrics":
+        def no_space(self, record):
+            raise run_log.RunLogWriteError(f"could not write {self.path}: No space left on device (errno 28)")
+
+        run_log.RunLog.write = no_space
+        sabotage = ""
 
     if rank == 0 and sabotage:
         def fail(*args, **kwargs):
@@ -97,7 +105,7 @@ def _refused_worker(rank: int, world_size: int, port: int, run_dir: str, extra, 
     try:
         _worker(rank, world_size, port, run_dir, None, extra)
     except (RunDirectoryInUse, checkpoint.NoReadableCheckpointError, checkpoint.CheckpointWriteError,
-            PermissionError) as error:
+            run_log.RunLogWriteError, PermissionError) as error:
         (Path(run_dir).parent / f"refused{rank}").write_text(f"{type(error).__name__}: {error}")
     # The run's DDP module (which holds the process group) is gone once train() has raised: kept alive by the
     # exception's frames, it was destroyed at interpreter exit, after its process group, where gloo's threads
@@ -234,6 +242,12 @@ def test_when_rank_0_finds_no_readable_checkpoint_or_cannot_save_every_rank_stop
     assert "No space left on device" in (tmp_path / "refused0").read_text()
     assert "rank 0 could not write the step 1 checkpoint" in (tmp_path / "refused1").read_text()
     assert (tmp_path / "ddp_alive0").read_text() == (tmp_path / "ddp_alive1").read_text() == "0"
+
+    # A metrics.jsonl that rank 0 cannot append to: rank 1 waited in its next step's all-reduce
+    spawn_ranks(_refused_worker, (2, free_port(), str(tmp_path / "full_metrics"), extra, "full_disk_for_metrics"),
+                timeout_s=120)
+    assert "RunLogWriteError: could not write" in (tmp_path / "refused0").read_text()
+    assert "RunLogWriteError: rank 0 could not write" in (tmp_path / "refused1").read_text()
 
     # Any error of rank 0's choice, not only "none readable": rank 1 waited in the broadcast
     spawn_ranks(_refused_worker, (2, free_port(), str(tmp_path / "run"), extra, "unlistable"), timeout_s=120)

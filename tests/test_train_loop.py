@@ -951,6 +951,44 @@ def test_a_checkpoint_that_cannot_be_written_is_one_error_line_and_status_1(tmp_
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_a_full_disk_for_metrics_jsonl_is_one_error_line_and_status_1_and_the_run_resumes(
+    tmp_path, monkeypatch, capsys, caplog
+):
+    # It was an OSError's traceback, which said neither which file nor that the step 3 checkpoint is kept.
+    import errno
+
+    real_open = Path.open
+
+    def full_disk_after_a_checkpoint(self, mode="r", *args, **kwargs):
+        if self.name == "metrics.jsonl" and "a" in mode and (self.parent / "full").exists():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(self, mode, *args, **kwargs)
+
+    real_write = ckpt.save_checkpoint
+
+    def then_the_disk_fills(state, run_dir, step, keep_last):
+        saved = real_write(state, run_dir, step, keep_last)
+        (run_dir / "full").touch()
+        return saved
+
+    monkeypatch.setattr(Path, "open", full_disk_after_a_checkpoint)
+    monkeypatch.setattr(ckpt, "save_checkpoint", then_the_disk_fills)
+    with caplog.at_level(logging.ERROR):
+        assert main([str(DEMO), "--output-dir", str(tmp_path), *TINY, "eval.every_n_steps=0"]) == 1
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert errors == [(
+        f"could not write {tmp_path / 'metrics.jsonl'}: No space left on device (errno {errno.ENOSPC}); the latest "
+        f"checkpoint, {ckpt.checkpoint_path(tmp_path, 3)}, is kept: run the same command again to continue from it"
+    )]
+    assert "Traceback" not in capsys.readouterr().err
+    assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [3]
+    monkeypatch.undo()
+    (tmp_path / "full").unlink()
+    assert main([str(DEMO), "--output-dir", str(tmp_path), *TINY, "eval.every_n_steps=0"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert [record["step"] for record in records if "loss" in record] == [1, 2, 3, 4, 5, 6]
+
+
 def test_unusable_data_is_one_line_and_status_2(tmp_path, capsys):
     missing = tmp_path / "nowhere.csv"
     data = ["data.sources.0.kind=manifest", f"data.sources.0.path={missing}", "data.sources.0.num_samples=none"]

@@ -27,7 +27,7 @@ from ..download import DownloadError
 from ..loading import ModelNotFoundError
 from ..resume import ResumeRefused
 from ..run_lock import RunDirectoryInUse
-from ..run_log import MissingDependency
+from ..run_log import MissingDependency, RunLogWriteError
 from ..stopping import STOPPED_EARLY_EXIT_CODE, SetupInterrupted
 from ..train import BadTrainingInput, NonFiniteLossError, train
 from ..weights_file import WeightsFileError
@@ -133,7 +133,8 @@ def run(config: TrainConfig, launcher: LauncherEnvironment | None) -> int:
         print(f"{program_name(launcher)}: {message}", file=sys.stderr)
         return 2
     except (
-        NonFiniteLossError, ckpt.NoReadableCheckpointError, ckpt.CheckpointWriteError, MissingDependency,
+        NonFiniteLossError, ckpt.NoReadableCheckpointError, ckpt.CheckpointWriteError, RunLogWriteError,
+        MissingDependency,
         DownloadError,  # train.init_weights could not be fetched (network, or a file that fails its SHA256)
     ) as error:
         log.error("%s", error)

@@ -5,6 +5,8 @@ interrupted in one split keeps the splits before it; the results are the same wi
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +165,27 @@ def test_an_interrupted_run_keeps_the_splits_extracted_before(tmp_path, checkpoi
     assert sorted(path.name for path in (tmp_path / "out" / "features").iterdir()) == ["train.pt"]
     run(checkpoint, tmp_path / "out", *SYNTHETIC)
     assert extracted == ["train", "test"]
+
+
+def test_a_save_killed_mid_write_leaves_no_temporary_file_after_the_next_run(tmp_path, checkpoint, caplog):
+    # A kill -9 during a save left `.train.pt.PID.tmp` (gigabytes for a large split), which nothing removed
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    dead = int(finished.stdout)
+    features = tmp_path / "out" / "features"
+    features.mkdir(parents=True)
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # another run, saving
+    try:
+        for name in (f".train.pt.{dead}.tmp", f".test.pt.{dead}.tmp", f".train.pt.{running.pid}.tmp", "other.tmp"):
+            (features / name).write_bytes(b"\0" * 2_000_000)
+        with caplog.at_level("INFO", logger="clip.linear_probe"):
+            run(checkpoint, tmp_path / "out", *SYNTHETIC)
+    finally:
+        running.kill()
+        running.wait()
+    # a running process's save and other files are left alone
+    assert sorted(path.name for path in features.iterdir()) == [
+        f".train.pt.{running.pid}.tmp", "other.tmp", "test.pt", "train.pt"
+    ]
+    assert f"removed {features / f'.train.pt.{dead}.tmp'} (2.0 MB), left by an interrupted save" in caplog.text
+    assert f"left {features / f'.train.pt.{running.pid}.tmp'} (2.0 MB) alone: process {running.pid}" in caplog.text

@@ -9,7 +9,8 @@ read), the preprocessing, the feature kind, the precision and device type, and t
 dataset's kind, root and split; the file names and labels of an image folder, the contents of CIFAR's arrays,
 the synthetic set's seed and size). A file made from anything else, or that cannot be read, is extracted
 again. Files are written through a temporary file renamed into place and read with
-`torch.load(weights_only=True)`, which runs no pickled code.
+`torch.load(weights_only=True)`, which runs no pickled code; the temporary files that a killed save left are
+removed by the next run (`remove_stale_temporaries`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +115,51 @@ def _problem(stored: Any, num_images: int, num_classes: int) -> str | None:
     if not torch.isfinite(features).all():
         return "NaN or inf features"
     return None
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Deletes the temporary files that saves of `path` killed mid-write (kill -9, the out-of-memory killer)
+    left beside it, `.NAME.PID.tmp` (`replaced_atomically`'s names): a large split's are gigabytes, and
+    nothing else removed them. Only those whose process is no longer running: one of a running process (another
+    run's save in progress, on the same output folder) is left alone, and said so with its size."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.tmp")
+    if not path.parent.is_dir():
+        return
+    for stray in sorted(path.parent.iterdir()):
+        match = pattern.fullmatch(stray.name)
+        if match is None or stray.is_symlink() or not stray.is_file():
+            continue
+        pid = int(match.group(1))
+        try:
+            size_mb = stray.stat().st_size / 1e6
+        except OSError:  # its save ended meanwhile
+            continue
+        if _process_running(pid):
+            logger.info("left %s (%.1f MB) alone: process %d, whose save it is, is running", stray, size_mb, pid)
+            continue
+        try:
+            stray.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            logger.warning("could not remove %s (%.1f MB), left by an interrupted save of the features: %s",
+                           stray, size_mb, error)
+            continue
+        logger.info("removed %s (%.1f MB), left by an interrupted save of the features", stray, size_mb)
+
+
+def _process_running(pid: int) -> bool:
+    """Whether process `pid` runs on this machine; True where that cannot be told (not POSIX: there os.kill
+    would end the process)."""
+    if os.name != "posix" or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, as another user's
+        return True
+    return True
 
 
 def save_features(path: Path, key: FeatureKey, features: tuple[torch.Tensor, torch.Tensor]) -> None:

@@ -57,6 +57,7 @@ from .feature_cache import (
     FeatureKey,
     image_list_digest,
     load_features,
+    remove_stale_temporaries,
     save_features,
     weights_digest,
 )
@@ -203,6 +204,7 @@ def split_features(
     """The split's (features, labels): those kept in `path` when they were made from `key`'s inputs, else
     extracted and kept there at once, so an interrupt in a later split loses only that split."""
     num_images = len(data.dataset)
+    remove_stale_temporaries(path)  # before the extraction, whose save needs the space
     cached = None if args.recompute_features else load_features(path, key, num_images, len(data.classnames))
     if cached is not None:
         logger.info("%s split %r: reused the features of %d images kept in %s (--recompute-features extracts "

@@ -9,7 +9,8 @@ realistic captions (8-30 BPE tokens through clip.tokenize, padded to the 77-toke
 difference between the two libraries' features is reported as a check that they compute the same thing.
 Ours' encode_text runs only up to the batch's last end-of-text token (32 of the 77 positions for these
 captions), open_clip's all 77: the same features for less work, which is most of the encode_text ratio.
---text-length full makes ours run all 77 positions too (encode_text(..., trim=False)).
+--text-length full makes ours run all 77 positions too (encode_text(..., trim=False)). Either way the last
+block of ours' towers computes only the position read from it (the class token, the end-of-text token).
 Calls alternate ours, theirs, theirs, ours, ...; the median of --repeats timed calls counts, after one
 untimed warm-up call each. On CUDA both run under bf16 autocast by default (--precision).
 """
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per library; the median counts")
     parser.add_argument("--text-length", choices=["trimmed", "full"], default="trimmed",
                         help="ours' encode_text: to the batch's last end-of-text token (its default), or the whole "
-                             "context as open_clip computes it (equal work)")
+                             "context, the same inputs as open_clip's")
     parser.add_argument("--no-open-clip", action="store_true", help="measure ours only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")

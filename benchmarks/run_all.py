@@ -231,7 +231,7 @@ def text_length_note(report: dict) -> str:
     if report.get("text_length", "trimmed") == "full":
         return "Text: both run all 77 positions (`--text-length full`)."
     return ("Text: ours runs to the batch's last end-of-text token, open_clip all 77 positions (see above; "
-            "`--text-length full` for equal work).")
+            "`--text-length full` for the same inputs).")
 
 
 def write_page(path: Path, reports: dict[str, dict], invocation: str, machine: dict, loads: list) -> None:
@@ -263,14 +263,19 @@ METHOD_NOTES = """How to read the numbers:
   open_clip: its model with QuickGELU, `ClipLoss`, torch's default AdamW, the for-loop one on the CPU, with its
   weight-decay groups). Same random images, same realistic captions (8-30 BPE tokens through `clip.tokenize`,
   padded to 77) for both.
-- Not the same work: by default (`clip.train`, `encode_text`) ours runs the text tower only up to the batch's
-  last end-of-text token, rounded up to a multiple of 8 (32 of the 77 positions for these captions);
-  open_clip runs all 77. The features are the same (the mask is causal), but the forward pass costs
-  10.5 GFLOPs per sample against open_clip's 14.5 for ViT-B/32, and 13.4 against 18.0 for RN50 (whose
-  attention pool also computes only the one query it keeps): most of the training speed ratio, part of the
-  memory ratio and most of the encode_text ratio come from the shorter text. A dataset whose longest
-  caption in a batch nears 77 tokens leaves less to trim. `--text-length full` (train_step.py,
-  inference.py) makes ours run all 77 positions, for a comparison of equal work.
+- Not the same work, by design (each saving is exact: the same features and gradients):
+  - by default (`clip.train`, `encode_text`) ours runs the text tower only up to the batch's last
+    end-of-text token, rounded up to a multiple of 8 (32 of the 77 positions for these captions); open_clip
+    runs all 77. Most of the training speed ratio, part of the memory ratio and most of the encode_text
+    ratio come from the shorter text. A dataset whose longest caption in a batch nears 77 tokens leaves
+    less to trim. `--text-length full` (train_step.py, inference.py) makes ours run all 77 positions, the
+    same inputs as open_clip's;
+  - the last block of each of ours' towers computes only the position read from it (the class token, the
+    end-of-text token; keys and values still from every position): about 7% of a 12-layer tower's matrix
+    work, with `--text-length full` too;
+  - ours' ResNet attention pool computes only the one query it keeps.
+  Forward GFLOPs per sample (torch's FlopCounterMode, `--count-flops`): ViT-B/32 ours 10.4 (trimmed) or 13.6
+  (all 77 positions), open_clip 14.5; RN50 ours 13.8 or 17.0, open_clip 18.0.
 - "Training peak" is the process's resident-memory high-water mark minus its resident memory just before
   the model is built (libraries imported, input batch made): weights, gradients, AdamW state, activations
   and temporaries. The JSON results also hold the whole-process high-water mark (`peak_gib`), which adds

@@ -34,9 +34,11 @@ own time over --profile-steps further steps (after the timed ones, so timings ar
 fraction of wall time the device was busy.
 Text length: ours computes the text tower only up to the batch's last end-of-text token (rounded up to a
 multiple of 8: 32 of the 77 positions for these captions), open_clip all 77. The features are the same (the
-mask is causal), but the work is not: for ViT-B/32 about 10.5 forward GFLOPs per sample against 14.5, which
-accounts for most of the CPU speed ratio. --text-length full makes ours run all 77 positions too, for a
-comparison of equal work.
+mask is causal), but the work is not. --text-length full makes ours run all 77 positions too, the same
+inputs as open_clip's. Either way ours' last block in each tower computes only the position read from it
+(the class token, the end-of-text token; keys and values still from every position), again with the same
+features and gradients. Forward GFLOPs per sample for ViT-B/32: ours 10.4 (trimmed) or 13.6 (all 77
+positions), open_clip 14.5.
 Model FLOPs are counted with torch's FlopCounterMode on the batch actually used (forward x 3), so they count
 the text length each library really computes.
 """
@@ -425,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="our build_optimizer's implementation")
     parser.add_argument("--text-length", choices=["trimmed", "full"], default="trimmed",
                         help="ours: trimmed to the batch's last end-of-text token as clip.train does, or the whole "
-                             "context as open_clip computes it (equal work)")
+                             "context, the same inputs as open_clip's")
     parser.add_argument("--grad-clip-norm", type=float, default=None, help="clip gradients in both (default: off)")
     parser.add_argument("--count-flops", action="store_true", help="count model FLOPs (default: on CUDA only)")
     parser.add_argument("--profile", type=Path, help="append a torch.profiler summary of each first run to this file")

@@ -3,7 +3,8 @@ model's own arithmetic uses. Recomputation from gradient checkpointing is not co
 
 The text encoder runs only up to each batch's last end-of-text token (see `CLIP.encode_text`), so the
 FLOPs of a step depend on its text length: MFU counts the text at the length actually run, never at the
-full context, which would overstate it.
+full context, which would overstate it. Likewise the towers' last blocks are counted at the one position per
+sequence they compute (`Transformer.forward_at`): the FLOPs are those the model runs, counted on it.
 """
 
 from __future__ import annotations

@@ -473,8 +473,9 @@ class Transformer(nn.Module):
     def forward_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The output at one position per sequence (the class token, the end-of-text token): x (L, N, D),
         positions (N,) -> (N, D), which is `forward(x)[positions, arange(N)]`. The last block computes those
-        positions alone (`ResidualAttentionBlock.forward` with `positions`), as nothing reads its other outputs: for 12
-        layers, about 10/12 of one block's matrix products, 7% of the tower's, in training and in inference."""
+        positions alone (`ResidualAttentionBlock.forward` with `positions`), as nothing reads its other
+        outputs: for 12 layers, about 10/12 of one block's matrix products, 7% of the tower's, in training and
+        in inference."""
         if len(self.resblocks) == 0:
             return x[positions, torch.arange(x.shape[1], device=x.device)]
         *lower, last = self.resblocks

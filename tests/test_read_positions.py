@@ -13,20 +13,13 @@ from clip.architectures import ModelConfig, TextConfig, VisionConfig
 from clip.model import CLIP
 from clip.transformer import MultiheadSelfAttention, Transformer, causal_mask
 
+from test_model import texts_with_lengths
+
 CONFIG = ModelConfig(
     embed_dim=24,
     vision=VisionConfig(kind="vit", image_size=32, patch_size=8, width=32, layers=2, heads=2),
     text=TextConfig(context_length=20, vocab_size=50, width=32, layers=2, heads=2),
 )
-
-
-def texts_with_lengths(lengths: list[int], context: int = 20, eot: int = 49) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.zeros(len(lengths), context, dtype=torch.long)
-    for row, length in enumerate(lengths):
-        tokens[row, : length - 1] = torch.randint(1, eot, (length - 1,), generator=generator)
-        tokens[row, length - 1] = eot
-    return tokens
 
 
 def features_and_gradients(model: CLIP, images: torch.Tensor, texts: torch.Tensor):

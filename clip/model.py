@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architectures import ModelConfig, get_architecture, openai_model_config
+from .architectures import ModelConfig, constructor_arguments, get_architecture, openai_model_config
 # The building blocks under openai/CLIP's names in its `clip.model`, for code that imports them from there
 from .modified_resnet import AttentionPool2d, Bottleneck, ModifiedResNet  # noqa: F401
 from .transformer import (  # noqa: F401
@@ -46,7 +46,8 @@ class CLIP(nn.Module):
         super().__init__()
         if not isinstance(config, ModelConfig):  # openai/CLIP's arguments, the first (embed_dim) maybe by name
             leading = () if config is None else (config,)
-            config = openai_model_config(*leading, *openai_arguments, **openai_keyword_arguments)
+            config = constructor_arguments("CLIP", openai_model_config, *leading, *openai_arguments,
+                                           **openai_keyword_arguments)
         elif openai_arguments or openai_keyword_arguments:
             raise TypeError("CLIP takes a ModelConfig alone, or openai/CLIP's ten architecture arguments")
         self.config = config

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architectures import VisionConfig, wrong_image_size
+from .architectures import VisionConfig, constructor_arguments, wrong_image_size
 from .transformer import renamed_argument
 
 
@@ -138,10 +138,11 @@ class ModifiedResNet(nn.Module):
     ) -> None:
         super().__init__()
         if isinstance(config, VisionConfig):
-            output_dim = _resnet_arguments(*arguments, **keyword_arguments)
+            output_dim = constructor_arguments("ModifiedResNet", _resnet_arguments, *arguments, **keyword_arguments)
         else:  # openai/CLIP's arguments, the first (layers) maybe by name
             leading = () if config is None else (config,)
-            config, output_dim = openai_resnet_config(*leading, *arguments, **keyword_arguments)
+            config, output_dim = constructor_arguments(
+                "ModifiedResNet", openai_resnet_config, *leading, *arguments, **keyword_arguments)
         self.input_resolution = config.image_size
         self.output_dim = output_dim
         width = config.width

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .architectures import VisionConfig, wrong_image_size
+from .architectures import VisionConfig, constructor_arguments, wrong_image_size
 from .transformer import LayerNorm, Transformer, runs_as_openai
 
 
@@ -24,10 +24,12 @@ class VisionTransformer(nn.Module):
     ) -> None:
         super().__init__()
         if isinstance(config, VisionConfig):
-            output_dim, activation = _vision_transformer_arguments(*arguments, **keyword_arguments)
+            output_dim, activation = constructor_arguments(
+                "VisionTransformer", _vision_transformer_arguments, *arguments, **keyword_arguments)
         else:  # openai/CLIP's arguments, the first (input_resolution) maybe by name
             leading = () if config is None else (config,)
-            config, output_dim = openai_vision_config(*leading, *arguments, **keyword_arguments)
+            config, output_dim = constructor_arguments(
+                "VisionTransformer", openai_vision_config, *leading, *arguments, **keyword_arguments)
             activation = "quick_gelu"
         self.input_resolution = config.image_size
         self.output_dim = output_dim

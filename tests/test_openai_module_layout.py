@@ -457,3 +457,15 @@ def test_convert_weights_converts_torchs_own_attention_too():
     for name, parameter in [*model.transformer.named_parameters(), *extra.named_parameters()]:
         expected = torch.float32 if ".ln_" in name else torch.float16
         assert parameter.dtype == expected, name
+
+
+@pytest.mark.parametrize("build, called", [
+    (lambda: clip.model.VisionTransformer(32, 16, 64, 1, 2), "VisionTransformer()"),
+    (lambda: clip.model.ModifiedResNet((1, 1, 1, 1)), "ModifiedResNet()"),
+    (lambda: clip.model.CLIP(512), "CLIP()"),
+])
+def test_a_missing_constructor_argument_names_the_class_called(build, called):
+    # It named the helper that reads openai/CLIP's arguments (openai_vision_config()), which the caller never called
+    with pytest.raises(TypeError, match=r"missing \d required positional argument") as raised:
+        build()
+    assert str(raised.value).startswith(called)

@@ -22,6 +22,7 @@ def constructor_arguments(class_name: str, parse, *arguments, **keyword_argument
     except TypeError as error:
         raise TypeError(str(error).replace(f"{parse.__name__}()", f"{class_name}()")) from None
 
+
 # OpenAI's byte-level BPE: 256 byte tokens, each also with an end-of-word form (512), 48,894 merges,
 # and the two special tokens <|startoftext|> and <|endoftext|>: 512 + 48,894 + 2 = 49,408.
 OPENAI_VOCAB_SIZE = 49408

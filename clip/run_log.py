@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -223,7 +224,8 @@ def replaced_atomically(path: Path, mode: str = "w") -> Iterator[IO]:
     block ends; removed if the block raises. Writing `path` itself truncated it first, so a full disk or a
     kill during the write left a torn file in place of the previous one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not mkstemp's: its files are private (0600)
+    # `.NAME.PID.tmp`, which temporaries_of finds again; not mkstemp's names: its files are private (0600)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(temporary, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as file:
             yield file
@@ -234,6 +236,16 @@ def replaced_atomically(path: Path, mode: str = "w") -> Iterator[IO]:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+def temporaries_of(path: Path) -> list[tuple[Path, int]]:
+    """The temporary files of `replaced_atomically` beside `path` (`.NAME.PID.tmp`: a save in progress, or one
+    that a killed process left), each with the id of the process that wrote it."""
+    if not path.parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.tmp")
+    matches = ((candidate, pattern.fullmatch(candidate.name)) for candidate in sorted(path.parent.iterdir()))
+    return [(candidate, int(match.group(1))) for candidate, match in matches if match is not None]
 
 
 def write_json(path: Path, content: Any) -> Path:

@@ -87,7 +87,7 @@ def test_train_step_keeps_each_finished_run_when_stopped_midway(benchmark_module
     assert row["results"]["open_clip"]["error"] == "not run"
 
 
-def test_train_step_full_text_length_gives_ours_open_clips_work(benchmark_modules):
+def test_train_step_full_text_length_gives_ours_open_clips_inputs_and_no_more_work(benchmark_modules):
     # By default ours runs the text tower only to the batch's last end-of-text token, open_clip all 77
     # positions; --text-length full must make ours run all 77 too. Its towers' last blocks still compute only
     # the positions read (the class and end-of-text tokens), so it does less work than open_clip either way.

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from clip.evaluation.datasets import CIFARDataset, ImageFolderDataset
-from clip.run_log import replaced_atomically
+from clip.run_log import replaced_atomically, temporaries_of
 
 logger = logging.getLogger("clip.linear_probe")
 
@@ -122,14 +121,9 @@ def remove_stale_temporaries(path: Path) -> None:
     left beside it, `.NAME.PID.tmp` (`replaced_atomically`'s names): a large split's are gigabytes, and
     nothing else removed them. Only those whose process is no longer running: one of a running process (another
     run's save in progress, on the same output folder) is left alone, and said so with its size."""
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.tmp")
-    if not path.parent.is_dir():
-        return
-    for stray in sorted(path.parent.iterdir()):
-        match = pattern.fullmatch(stray.name)
-        if match is None or stray.is_symlink() or not stray.is_file():
+    for stray, pid in temporaries_of(path):
+        if stray.is_symlink() or not stray.is_file():
             continue
-        pid = int(match.group(1))
         try:
             size_mb = stray.stat().st_size / 1e6
         except OSError:  # its save ended meanwhile

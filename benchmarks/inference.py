@@ -9,8 +9,9 @@ realistic captions (8-30 BPE tokens through clip.tokenize, padded to the 77-toke
 difference between the two libraries' features is reported as a check that they compute the same thing.
 Ours' encode_text runs only up to the batch's last end-of-text token (32 of the 77 positions for these
 captions), open_clip's all 77: the same features for less work, which is most of the encode_text ratio.
---text-length full makes ours run all 77 positions too (encode_text(..., trim=False)). Either way the last
-block of ours' towers computes only the position read from it (the class token, the end-of-text token).
+--text-length full makes ours run all 77 positions too (encode_text(..., trim=False)); --text-length
+trimmed full times both. Either way the last block of ours' towers computes only the position read from it
+(the class token, the end-of-text token).
 Calls alternate ours, theirs, theirs, ours, ...; the median of --repeats timed calls counts, after one
 untimed warm-up call each. On CUDA both run under bf16 autocast by default (--precision).
 """
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from train_step import display_name, importlib_missing, model_config, open_clip_model  # noqa: E402
+from train_step import display_name, importlib_missing, model_config, open_clip_model, ours_name  # noqa: E402
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -50,11 +51,13 @@ class UntrimmedText(torch.nn.Module):
 
 
 def build_models(arch: str, device: torch.device, with_open_clip: bool,
-                 text_length: str = "trimmed") -> dict[str, torch.nn.Module]:
+                 text_lengths: tuple[str, ...] = ("trimmed",)) -> dict[str, torch.nn.Module]:
+    """Ours once per text length ("ours": trimmed, its default; "ours, full text": all 77 positions), the
+    same weights each time, and open_clip's model holding them too."""
     from clip.model import create_model
 
     ours = create_model(model_config(arch)).to(device).eval()
-    models = {"ours": ours if text_length == "trimmed" else UntrimmedText(ours)}
+    models = {ours_name(length): ours if length == "trimmed" else UntrimmedText(ours) for length in text_lengths}
     if with_open_clip:
         theirs = open_clip_model(arch)
         theirs.load_state_dict(ours.state_dict(), strict=True)
@@ -64,7 +67,7 @@ def build_models(arch: str, device: torch.device, with_open_clip: bool,
 
 def time_encoder(models: dict, encoder: str, inputs: torch.Tensor, repeats: int, device: torch.device,
                  autocast) -> dict[str, list[float]]:
-    """Seconds per call for each library, alternating ABBA, after one warm-up call each."""
+    """Seconds per call for each model, alternating ABBA, after one warm-up call each."""
     seconds: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode(), autocast():
         for model in models.values():
@@ -77,13 +80,19 @@ def time_encoder(models: dict, encoder: str, inputs: torch.Tensor, repeats: int,
     return seconds
 
 
-def largest_difference(models: dict, images: torch.Tensor, texts: torch.Tensor, autocast) -> dict[str, float]:
+def largest_differences(models: dict, images: torch.Tensor, texts: torch.Tensor, autocast) -> dict[str, dict]:
+    """The largest absolute difference of each of ours' features from open_clip's, per call and model."""
     if "open_clip" not in models:
         return {}
+    theirs = models["open_clip"]
+    ours = {name: model for name, model in models.items() if name != "open_clip"}
     with torch.inference_mode(), autocast():
-        image_diff = (models["ours"].encode_image(images[:4]) - models["open_clip"].encode_image(images[:4])).abs().max()
-        text_diff = (models["ours"].encode_text(texts) - models["open_clip"].encode_text(texts)).abs().max()
-    return {"image_features": image_diff.item(), "text_features": text_diff.item()}
+        image_features = theirs.encode_image(images[:4])
+        text_features = theirs.encode_text(texts)
+        first = next(iter(ours.values()))
+        return {"encode_image": {"ours": (first.encode_image(images[:4]) - image_features).abs().max().item()},
+                "encode_text": {name: (model.encode_text(texts) - text_features).abs().max().item()
+                                for name, model in ours.items()}}
 
 
 def run_arch(arch: str, args: argparse.Namespace, device: torch.device, with_open_clip: bool) -> dict:
@@ -93,21 +102,26 @@ def run_arch(arch: str, args: argparse.Namespace, device: torch.device, with_ope
         return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
     torch.manual_seed(args.seed)
-    models = build_models(arch, device, with_open_clip, args.text_length)
+    models = build_models(arch, device, with_open_clip, tuple(dict.fromkeys(args.text_length)))
     config = model_config(arch)
     images = common.make_images(args.image_batch, config.vision.image_size, args.seed).to(device)
     texts, text_source = common.caption_token_ids(args.text_batch, args.seed, config.text.context_length)
     texts = texts.to(device)
     row = {"arch": display_name(arch), "image_batch": args.image_batch, "text_batch": args.text_batch, "text_source": text_source,
            "caption_tokens": common.token_lengths(texts.cpu()),
-           "max_abs_difference": largest_difference(models, images, texts, autocast)}
-    for encoder, inputs, unit in (("encode_image", images, "images_per_s"), ("encode_text", texts, "texts_per_s")):
-        seconds = time_encoder(models, encoder, inputs, args.repeats, device, autocast)
+           "max_abs_difference": largest_differences(models, images, texts, autocast)}
+    # The image tower is the same whatever the text length: timed once, as "ours".
+    ours_models = [name for name in models if name != "open_clip"]
+    image_models = {"ours": models[ours_models[0]], **({"open_clip": models["open_clip"]} if with_open_clip else {})}
+    for encoder, inputs, unit, timed in (("encode_image", images, "images_per_s", image_models),
+                                         ("encode_text", texts, "texts_per_s", models)):
+        seconds = time_encoder(timed, encoder, inputs, args.repeats, device, autocast)
         row[encoder] = {name: {unit: inputs.shape[0] / common.median(s), "seconds": s} for name, s in seconds.items()}
         if "open_clip" in seconds:
-            row[encoder]["speedup"] = common.median(seconds["open_clip"]) / common.median(seconds["ours"])
+            row[encoder]["speedups"] = {name: common.median(seconds["open_clip"]) / common.median(s)
+                                        for name, s in seconds.items() if name != "open_clip"}
         print(f"{display_name(arch)} {encoder}: " + ", ".join(f"{n} {v[unit]:.1f} {unit.replace('_per_s', '/s')}"
-                                               for n, v in row[encoder].items() if n != "speedup"),
+                                               for n, v in row[encoder].items() if n != "speedups"),
               file=sys.stderr, flush=True)
     return row
 
@@ -118,12 +132,14 @@ def format_rows(rows: list[dict]) -> str:
         for encoder, unit in (("encode_image", "images_per_s"), ("encode_text", "texts_per_s")):
             result = row[encoder]
             theirs = result.get("open_clip", {}).get(unit)
-            speedup = result.get("speedup")
             batch = row["image_batch"] if encoder == "encode_image" else row["text_batch"]
-            difference = row["max_abs_difference"].get("image_features" if encoder == "encode_image" else "text_features")
-            table.append([row["arch"], encoder, batch, f"{result['ours'][unit]:.1f}",
-                          f"{theirs:.1f}" if theirs else "-", f"{speedup:.2f}x" if speedup else "-",
-                          f"{difference:.1e}" if difference is not None else "-"])
+            for name in (n for n in result if n not in ("open_clip", "speedups")):
+                speedup = result.get("speedups", {}).get(name)
+                difference = row["max_abs_difference"].get(encoder, {}).get(name)
+                call = encoder if name == "ours" else f"{encoder} (ours: all 77 positions)"
+                table.append([row["arch"], call, batch, f"{result[name][unit]:.1f}",
+                              f"{theirs:.1f}" if theirs else "-", f"{speedup:.2f}x" if speedup else "-",
+                              f"{difference:.1e}" if difference is not None else "-"])
     headers = ["arch", "call", "batch", "ours per s", "open_clip per s", "speed ratio", "max abs feature difference"]
     return common.markdown_table(headers, table)
 
@@ -138,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=list(AUTOCAST_DTYPES), default=None,
                         help="autocast dtype (default: fp32 on the CPU, bf16 on CUDA)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per library; the median counts")
-    parser.add_argument("--text-length", choices=["trimmed", "full"], default="trimmed",
+    parser.add_argument("--text-length", nargs="+", choices=["trimmed", "full"], default=["trimmed"],
                         help="ours' encode_text: to the batch's last end-of-text token (its default), or the whole "
-                             "context, the same inputs as open_clip's")
+                             "context, the same inputs as open_clip's; both time it each way (one row each)")
     parser.add_argument("--no-open-clip", action="store_true", help="measure ours only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
@@ -154,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print("open_clip is not installed (pip install -e .[bench]); measuring ours only", file=sys.stderr)
     rows = [run_arch(arch, args, device, with_open_clip) for arch in args.archs]
     report = {"machine": common.machine_info(), "device": str(device), "precision": args.precision,
-              "threads": args.threads, "repeats": args.repeats, "text_length": args.text_length, "rows": rows}
+              "threads": args.threads, "repeats": args.repeats, "text_lengths": args.text_length, "rows": rows}
     print(format_rows(rows))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")

@@ -35,7 +35,8 @@ fraction of wall time the device was busy.
 Text length: ours computes the text tower only up to the batch's last end-of-text token (rounded up to a
 multiple of 8: 32 of the 77 positions for these captions), open_clip all 77. The features are the same (the
 mask is causal), but the work is not. --text-length full makes ours run all 77 positions too, the same
-inputs as open_clip's. Either way ours' last block in each tower computes only the position read from it
+inputs as open_clip's; --text-length trimmed full measures ours both ways, each against the same open_clip
+runs (one row each). Either way ours' last block in each tower computes only the position read from it
 (the class token, the end-of-text token; keys and values still from every position), again with the same
 features and gradients. Forward GFLOPs per sample for ViT-B/32: ours 10.4 (trimmed) or 13.6 (all 77
 positions), open_clip 14.5.
@@ -310,26 +311,56 @@ def measure(job: dict) -> dict:
 # ---- the driver --------------------------------------------------------------------------------------
 
 
-def run_configuration(base_job: dict, libraries: list[str], repeats: int, timeout_s: float,
+def runners(libraries: list[str], text_lengths: list[str]) -> dict[str, dict]:
+    """What the alternating runs measure, by name: ours once per text length ("ours" trimmed as clip.train
+    runs it, "ours, full text" all 77 positions), open_clip once (it always runs the whole context)."""
+    measured = {}
+    for library in libraries:
+        if library == "ours":
+            measured.update({ours_name(length): {"library": "ours", "text_length": length} for length in text_lengths})
+        else:
+            measured[library] = {"library": library}
+    return measured
+
+
+def ours_name(text_length: str) -> str:
+    return "ours" if text_length == "trimmed" else "ours, full text"
+
+
+def run_configuration(base_job: dict, measured: dict[str, dict], repeats: int, timeout_s: float,
                       profile_file: Path | None = None, profile_step_count: int = 0,
                       on_progress: Callable[[dict], None] | None = None) -> dict:
-    """Alternates libraries (ABBA order) over `repeats` rounds; returns runs and medians per library.
-    on_progress: called with the medians so far after every run (so a killed benchmark keeps them)."""
-    runs: dict[str, list[dict]] = {library: [] for library in libraries}
+    """Alternates the runs named in `measured` (ABBA order) over `repeats` rounds; returns runs and medians
+    per name. on_progress: called with the medians so far after every run (so a killed benchmark keeps them)."""
+    runs: dict[str, list[dict]] = {name: [] for name in measured}
+    names = list(measured)
     for round_index in range(repeats):
-        order = libraries if round_index % 2 == 0 else libraries[::-1]
-        for library in order:
+        order = names if round_index % 2 == 0 else names[::-1]
+        for name in order:
             profiled = profile_file is not None and round_index == 0
-            job = {**base_job, "library": library, "profile_steps": profile_step_count if profiled else 0}
+            job = {**base_job, **measured[name], "profile_steps": profile_step_count if profiled else 0}
             result = common.run_job(Path(__file__), job, timeout_s)
             if "profile" in result:
                 append_profile(profile_file, job, result.pop("profile"))
-            runs[library].append(result)
+            runs[name].append(result)
             shown = result.get("error") or f"{result['samples_per_s']:.2f} samples/s, peak {result['peak_gib']:.2f} GiB"
-            print(f"  {library}: {shown}", file=sys.stderr, flush=True)
+            print(f"  {name}: {shown}", file=sys.stderr, flush=True)
             if on_progress is not None:
                 on_progress(summarise(runs))
     return summarise(runs)
+
+
+def rows_of(configuration: dict, summary: dict, text_lengths: list[str], device: torch.device,
+            precision: str) -> list[dict]:
+    """One row per text length of ours, each against the same open_clip runs."""
+    rows = []
+    for length in text_lengths:
+        results = {name: summary[key] for name, key in (("ours", ours_name(length)), ("open_clip", "open_clip"))
+                   if key in summary}
+        row = {**configuration, "text_length": length, "results": results}
+        add_comparisons(row, device, precision)
+        rows.append(row)
+    return rows
 
 
 def summarise(runs: dict[str, list[dict]]) -> dict:
@@ -398,14 +429,20 @@ def format_rows(rows: list[dict], device_type: str) -> str:
         speedup_cpu = [f"{row['speedup_cpu_time']:.2f}x" if row.get("speedup_cpu_time") else "-"] if on_cpu else []
         memory = f"{row['memory_ratio']:.2f}x" if row.get("memory_ratio") else "-"
         table.append([display_name(row["arch"]), row["batch"], row["threads"] or "default", row["precision"],
-                      "yes" if row["compile"] else "no", *cells, speedup, *speedup_cpu, memory])
+                      "yes" if row["compile"] else "no", text_positions(row), *cells, speedup, *speedup_cpu, memory])
     # On a GPU the CPU time mostly measures the host waiting for the device: the columns would mislead.
     cpu_columns = ["samples/CPU-s"] if on_cpu else []
-    headers = ["arch", "batch", "threads", "precision", "compile",
+    headers = ["arch", "batch", "threads", "precision", "compile", "text positions (ours / open_clip)",
                "ours samples/s", *[f"ours {c}" for c in cpu_columns], f"ours {memory_label}",
                "open_clip samples/s", *[f"open_clip {c}" for c in cpu_columns], f"open_clip {memory_label}",
                "speed ratio", *(["CPU-time ratio"] if on_cpu else []), "memory ratio"]
     return common.markdown_table(headers, table)
+
+
+def text_positions(row: dict) -> str:
+    """The text positions each library's text tower ran, e.g. "32 / 77" (ours trimmed)."""
+    return " / ".join(str(row["results"].get(library, {}).get("text_positions") or "-")
+                      for library in ("ours", "open_clip"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -425,9 +462,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--optimizer", default="auto", choices=["auto", "fused", "foreach", "for-loop"],
                         help="our build_optimizer's implementation")
-    parser.add_argument("--text-length", choices=["trimmed", "full"], default="trimmed",
+    parser.add_argument("--text-length", nargs="+", choices=["trimmed", "full"], default=["trimmed"],
                         help="ours: trimmed to the batch's last end-of-text token as clip.train does, or the whole "
-                             "context, the same inputs as open_clip's")
+                             "context, the same inputs as open_clip's; both measure ours twice, each against the "
+                             "same open_clip runs (one row each)")
     parser.add_argument("--grad-clip-norm", type=float, default=None, help="clip gradients in both (default: off)")
     parser.add_argument("--count-flops", action="store_true", help="count model FLOPs (default: on CUDA only)")
     parser.add_argument("--profile", type=Path, help="append a torch.profiler summary of each first run to this file")
@@ -449,9 +487,12 @@ def main(argv: list[str] | None = None) -> int:
         libraries.remove("open_clip")
     if args.profile:
         args.profile.write_text("")  # this run's profiles only
+    # Without ours, the text length changes nothing: one row per configuration.
+    text_lengths = list(dict.fromkeys(args.text_length))[:None if "ours" in libraries else 1]
     report = {"machine": common.machine_info(), "device": str(device), "repeats": args.repeats,
               "warmup": args.warmup, "steps": args.steps, "optimizer": args.optimizer,
-              "grad_clip_norm": args.grad_clip_norm, "text_length": args.text_length}
+              "grad_clip_norm": args.grad_clip_norm, "text_lengths": text_lengths}
+    measured = runners(libraries, text_lengths)
     rows = []
     for arch in args.archs:
         for batch in args.batch_sizes:
@@ -461,22 +502,20 @@ def main(argv: list[str] | None = None) -> int:
                 base_job = {"arch": arch, "batch": batch, "threads": threads, "device": str(device),
                             "precision": precision, "warmup": args.warmup, "steps": args.steps,
                             "compile": args.compile, "optimizer": args.optimizer, "seed": args.seed,
-                            "grad_clip_norm": args.grad_clip_norm, "text_length": args.text_length,
+                            "grad_clip_norm": args.grad_clip_norm,
                             "count_flops": args.count_flops or device.type == "cuda"}
-                row = {key: base_job[key] for key in ("arch", "batch", "threads", "precision", "compile")}
+                configuration = {key: base_job[key] for key in ("arch", "batch", "threads", "precision", "compile")}
 
-                def write_json(results: dict, row: dict = row) -> None:
+                def write_json(summary: dict, configuration: dict = configuration) -> None:
                     # After every run (the last call has the final medians), so a benchmark stopped by a
                     # timeout keeps what it measured.
                     if args.json:
-                        current = {**row, "results": results}
-                        add_comparisons(current, device, precision)
-                        args.json.write_text(json.dumps({**report, "rows": [*rows, current]}, indent=1) + "\n")
+                        current = rows_of(configuration, summary, text_lengths, device, precision)
+                        args.json.write_text(json.dumps({**report, "rows": [*rows, *current]}, indent=1) + "\n")
 
-                row["results"] = run_configuration(base_job, libraries, args.repeats, args.job_timeout,
-                                                   args.profile, args.profile_steps, on_progress=write_json)
-                add_comparisons(row, device, precision)
-                rows.append(row)
+                summary = run_configuration(base_job, measured, args.repeats, args.job_timeout,
+                                            args.profile, args.profile_steps, on_progress=write_json)
+                rows.extend(rows_of(configuration, summary, text_lengths, device, precision))
     print(format_rows(rows, device.type))
     return 0
 

@@ -133,9 +133,13 @@ def format_rows(rows: list[dict]) -> str:
             result = row[encoder]
             theirs = result.get("open_clip", {}).get(unit)
             batch = row["image_batch"] if encoder == "encode_image" else row["text_batch"]
-            for name in (n for n in result if n not in ("open_clip", "speedups")):
-                speedup = result.get("speedups", {}).get(name)
-                difference = row["max_abs_difference"].get(encoder, {}).get(name)
+            differences = row["max_abs_difference"]
+            # Results written before --text-length took both lengths: one "ours", its "speedup" a number and its
+            # differences under "image_features" / "text_features".
+            old_difference = differences.get("image_features" if encoder == "encode_image" else "text_features")
+            for name in (n for n, value in result.items() if n != "open_clip" and isinstance(value, dict) and unit in value):
+                speedup = result.get("speedups", {}).get(name, result.get("speedup") if name == "ours" else None)
+                difference = differences.get(encoder, {}).get(name, old_difference if name == "ours" else None)
                 call = encoder if name == "ours" else f"{encoder} (ours: all 77 positions)"
                 table.append([row["arch"], call, batch, f"{result[name][unit]:.1f}",
                               f"{theirs:.1f}" if theirs else "-", f"{speedup:.2f}x" if speedup else "-",

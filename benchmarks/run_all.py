@@ -98,7 +98,8 @@ def status(met: bool, distance: str) -> str:
 def training_targets(report: dict) -> list[list[str]]:
     rows = []
     for row in report.get("rows", []):
-        text = TEXT_LENGTH_NAMES[row.get("text_length", "trimmed")]
+        # Results written before --text-length took both lengths hold it once, for the whole report.
+        text = TEXT_LENGTH_NAMES[row.get("text_length", report.get("text_length", "trimmed"))]
         name = f"CPU training step, {display_name(row['arch'])}, batch {row['batch']}, {row['threads']} thread(s), fp32, {text}"
         speed, memory = row.get("speedup"), row.get("memory_ratio")
         if speed is None or memory is None:

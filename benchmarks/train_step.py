@@ -327,6 +327,10 @@ def ours_name(text_length: str) -> str:
     return "ours" if text_length == "trimmed" else "ours, full text"
 
 
+def runner_name(job: dict) -> str:
+    return ours_name(job.get("text_length", "trimmed")) if job["library"] == "ours" else job["library"]
+
+
 def run_configuration(base_job: dict, measured: dict[str, dict], repeats: int, timeout_s: float,
                       profile_file: Path | None = None, profile_step_count: int = 0,
                       on_progress: Callable[[dict], None] | None = None) -> dict:
@@ -384,10 +388,10 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
 def append_profile(path: Path, job: dict, profile: dict) -> None:
     if "error" in profile:
         with path.open("a", encoding="utf-8") as file:
-            file.write(f"== {job['library']}: {display_name(job['arch'])}: profiling failed: {profile['error']} ==\n\n")
+            file.write(f"== {runner_name(job)}: {display_name(job['arch'])}: profiling failed: {profile['error']} ==\n\n")
         return
     busy = profile.get("device_busy_fraction")
-    heading = (f"== {job['library']}: {display_name(job['arch'])}, batch {job['batch']}, {job['precision']}"
+    heading = (f"== {runner_name(job)}: {display_name(job['arch'])}, batch {job['batch']}, {job['precision']}"
                f"{', compiled' if job['compile'] else ''}; {profile['steps']} profiled steps, "
                f"{profile['step_s'] * 1e3:.1f} ms/step under the profiler"
                + (f", device busy {busy:.0%} of the wall time" if busy is not None else "") + " ==")

@@ -244,3 +244,19 @@ def _has_open_clip() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("open_clip") is not None
+
+
+def test_pages_read_results_written_before_both_text_lengths(benchmark_modules):
+    # --from-results and --gpu-page read folders that older scripts wrote: one text length for the whole
+    # report, one "ours" per call with its speedup a number.
+    _, train_step, inference, run_all = benchmark_modules
+    old_inference_row = {"arch": "ViT-B/32", "image_batch": 16, "text_batch": 64,
+                         "max_abs_difference": {"image_features": 1e-6, "text_features": 2e-6},
+                         "encode_image": {"ours": {"images_per_s": 9.0}, "open_clip": {"images_per_s": 7.5}, "speedup": 1.2},
+                         "encode_text": {"ours": {"texts_per_s": 11.0}, "open_clip": {"texts_per_s": 8.8}, "speedup": 1.25}}
+    table = inference.format_rows([old_inference_row])
+    assert "| ViT-B/32 | encode_image | 16 | 9.0 | 7.5 | 1.20x | 1.0e-06 |" in table
+    assert "| ViT-B/32 | encode_text | 64 | 11.0 | 8.8 | 1.25x | 2.0e-06 |" in table
+    old_training = {"text_length": "full", "rows": [{"arch": "RN50", "batch": 16, "threads": 1, "speedup": 1.05,
+                                                       "speedup_cpu_time": 1.05, "memory_ratio": 0.96, "results": {}}]}
+    assert "all 77 text positions in both" in run_all.training_targets(old_training)[0][0]

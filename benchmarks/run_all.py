@@ -1,7 +1,7 @@
 """Runs every benchmark and writes docs/benchmarks.md: the numbers, the machine, and each target's status.
 
-    CLIP_CACHE_DIR=/tmp/clip-cache python benchmarks/run_all.py            # ~20 min on 2 shared cores
-    CLIP_CACHE_DIR=/tmp/clip-cache python benchmarks/run_all.py --quick    # smaller settings, ~6 min
+    CLIP_CACHE_DIR=/tmp/clip-cache python benchmarks/run_all.py            # ~60 min on 2 shared cores
+    CLIP_CACHE_DIR=/tmp/clip-cache python benchmarks/run_all.py --quick    # smaller settings, ~1/4 of that
     python benchmarks/run_all.py --only train_step inference --results-dir bench-results
     python benchmarks/run_all.py --results-dir bench-results --resume     # finish an interrupted run
     python benchmarks/run_all.py --from-results bench-results              # rewrite the page only

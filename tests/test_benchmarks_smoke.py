@@ -237,6 +237,7 @@ def test_gpu_script_runs_every_step_in_its_cpu_dry_run(tmp_path):
     assert profile.count("== ours:") == 2 and "Self CPU" in profile
     page = (out / "gpu_results.md").read_text()
     assert "## Training step, eager" in page and "## Contrastive loss memory" in page and "Not run" not in page
+    assert "## Inference" in page and "could not read the results" not in page  # each section read its JSON
     assert "## Correctness checks" in page and "FAILED" not in page
 
 

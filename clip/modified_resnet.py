@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .architectures import VisionConfig, constructor_arguments, wrong_image_size
+from .batch_norm_relu import batch_norm_relu_into, can_rebuild_activations
 from .transformer import renamed_argument
 
 
@@ -62,13 +63,19 @@ class Bottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # In-place ReLU and residual add: BatchNorm's backward reads its input, never its output, so
         # overwriting the output saves one feature-map-sized allocation per activation. The ReLUs are modules
-        # named as OpenAI's (relu1-3), for hooks (class-activation maps).
+        # named as OpenAI's (relu1-3), for hooks (class-activation maps). The first two ReLUs' outputs are
+        # rebuilt in backward rather than kept (see batch_norm_relu); the third's is the next block's input,
+        # a sum with the identity branch that no single kept tensor rebuilds.
+        rebuild = can_rebuild_activations(self)
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.relu2(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(self.avgpool(out)))
+        out = batch_norm_relu_into(self.conv1(x), self.bn1, self.relu1, self.conv2, rebuild)
+        out = batch_norm_relu_into(out, self.bn2, self.relu2, self._pool_then_conv3, rebuild)
+        out = self.bn3(out)
         out += identity
         return self.relu3(out)
+
+    def _pool_then_conv3(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv3(self.avgpool(x))
 
 
 class AttentionPool2d(nn.Module):
@@ -182,10 +189,10 @@ class ModifiedResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         image_shape = x.shape
         x = x.to(self.conv1.weight.dtype)  # as OpenAI's: float32 images into a half-precision model
-        x = self.relu1(self.bn1(self.conv1(x)))  # N3HW -> N,width/2,H/2,W/2
-        x = self.relu2(self.bn2(self.conv2(x)))
-        x = self.relu3(self.bn3(self.conv3(x)))
-        x = self.avgpool(x)  # -> N,width,H/4,W/4
+        rebuild = can_rebuild_activations(self)  # see Bottleneck.forward
+        x = batch_norm_relu_into(self.conv1(x), self.bn1, self.relu1, self.conv2, rebuild)  # -> N,width/2,H/2,W/2
+        x = batch_norm_relu_into(x, self.bn2, self.relu2, self.conv3, rebuild)
+        x = batch_norm_relu_into(x, self.bn3, self.relu3, self.avgpool, rebuild)  # -> N,width,H/4,W/4
         x = self.layer1(x)
         x = self.layer2(x)  # -> H/8
         x = self.layer3(x)  # -> H/16

@@ -14,25 +14,42 @@ tests check it on the CPU); a formula from the saved mean and inverse deviation 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def can_rebuild_activations(module: nn.Module) -> bool:
-    """Whether this forward of `module` (an image tower) may store BatchNorm-ReLU outputs as recipes.
+def can_rebuild_activations(modules: Iterable[nn.Module]) -> bool:
+    """Whether a forward through `modules` (the convolutions, BatchNorms, ReLUs and pools of a ResNet block or
+    stem) may store BatchNorm-ReLU outputs as recipes.
 
-    Only in eager training with gradients: torch.compile's partitioner makes its own recompute choices, and a
-    caller's saved-tensor hooks (activation checkpointing or `save_on_cpu` around the model) would be bypassed
-    by ours, which sit closer to the operations and so take precedence over theirs."""
+    Only in eager autograd with gradients on, and only where the rebuild is what the forward computed and our
+    hooks displace nobody's:
+    - not under torch.compile (its partitioner makes its own recompute choices) or jit tracing;
+    - not where saved-tensor hooks are disabled (torch.func's transforms disable them: their tensors have no
+      memory address to recognise), nor inside a caller's hooks (activation checkpointing or `save_on_cpu`
+      around the model), which ours, sitting closer to the operations, would take precedence over;
+    - not with forward hooks on these modules or global ones: a hook may change an output that the rebuild
+      would not change (and with a saved tensor's hooks, autograd skips the in-place-modification check).
+    Reading the caller's hooks needs torch's private `_top_saved_tensors_default_hooks` (torch 2.13 and 2.14
+    have it; older releases may not, and then keep the activations as before)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return False
-    if not (module.training and torch.is_grad_enabled()):
+    if not torch.is_grad_enabled():
         return False
-    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)  # private, since 2.0
-    return top_hooks is not None and top_hooks(False) is None
+    autograd = torch._C._autograd
+    top_hooks = getattr(autograd, "_top_saved_tensors_default_hooks", None)
+    disabled_message = getattr(autograd, "_saved_tensors_hooks_get_disabled_error_message", None)
+    if top_hooks is None or disabled_message is None or disabled_message() is not None or top_hooks(False):
+        return False
+    if any(getattr(nn.modules.module, name, None) for name in _GLOBAL_FORWARD_HOOKS):
+        return False
+    return not any(module._forward_hooks or module._forward_pre_hooks for module in modules)
+
+
+_GLOBAL_FORWARD_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks")
 
 
 def batch_norm_relu_into(
@@ -49,7 +66,7 @@ def batch_norm_relu_into(
     normalized = batch_norm(x)
     if not (rebuild and type(batch_norm) is nn.BatchNorm2d and batch_norm.training):
         return consumer(relu(normalized))
-    recipe = _BatchNormReluRecipe(x, batch_norm)
+    recipe = _BatchNormReluRecipe(x, batch_norm.weight, batch_norm.bias, batch_norm.eps)
     # Identified by address, shape and strides, not by the tensor: a hook that held `normalized` would keep
     # it alive. `normalized` is alive until this function returns, so no other tensor can take its address.
     key = (normalized.data_ptr(), normalized.shape, normalized.stride(), normalized.dtype)
@@ -68,19 +85,27 @@ def batch_norm_relu_into(
 
 class _BatchNormReluRecipe:
     """relu(batch_norm(x)) in training mode, rebuilt on first use in backward and shared by the backward
-    functions that read it (the ReLU's and the consumer's); freed with them."""
+    functions that read it (the ReLU's and the consumer's); freed with them.
 
-    __slots__ = ("batch_norm", "bn_input", "value")
+    The affine parameters are the ones the forward used (torch.func.functional_call, for one, swaps a
+    module's parameters only for the call); BatchNorm's backward keeps the same tensors."""
 
-    def __init__(self, bn_input: torch.Tensor, batch_norm: nn.BatchNorm2d) -> None:
-        self.bn_input = bn_input  # BatchNorm's backward keeps it as well: no extra memory
-        self.batch_norm = batch_norm
+    __slots__ = ("bias", "bn_input", "eps", "value", "weight")
+
+    def __init__(
+        self, bn_input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+    ) -> None:
+        # BatchNorm's backward keeps it as well (where BatchNorm records one: else it stands in for the
+        # activation, which is as large)
+        self.bn_input = bn_input
+        self.weight, self.bias, self.eps = weight, bias, eps
         self.value: torch.Tensor | None = None
 
     def rebuilt(self) -> torch.Tensor:
         if self.value is None:
-            # Under the ambient grad mode: off in an ordinary backward, on with create_graph=True, where the
-            # rebuild's own graph carries the second-order terms through BatchNorm.
-            bn = self.batch_norm
-            self.value = F.batch_norm(self.bn_input, None, None, bn.weight, bn.bias, True, 0.0, bn.eps).relu_()
+            # Without a graph even under create_graph=True: autograd attaches what an unpack hook returns to
+            # the saved tensor's original graph (the ReLU's), which carries any second-order terms.
+            with torch.no_grad():
+                value = F.batch_norm(self.bn_input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+                self.value = value.relu_()
         return self.value

@@ -64,9 +64,10 @@ class Bottleneck(nn.Module):
         # In-place ReLU and residual add: BatchNorm's backward reads its input, never its output, so
         # overwriting the output saves one feature-map-sized allocation per activation. The ReLUs are modules
         # named as OpenAI's (relu1-3), for hooks (class-activation maps). The first two ReLUs' outputs are
-        # rebuilt in backward rather than kept (see batch_norm_relu); the third's is the next block's input,
-        # a sum with the identity branch that no single kept tensor rebuilds.
-        rebuild = can_rebuild_activations(self)
+        # rebuilt in backward rather than kept (see batch_norm_relu; a forward hook on any of the block's
+        # modules keeps them); the third's is the next block's input, a sum with the identity branch that no
+        # single kept tensor rebuilds.
+        rebuild = can_rebuild_activations(self.children())
         identity = x if self.downsample is None else self.downsample(x)
         out = batch_norm_relu_into(self.conv1(x), self.bn1, self.relu1, self.conv2, rebuild)
         out = batch_norm_relu_into(out, self.bn2, self.relu2, self._pool_then_conv3, rebuild)
@@ -189,7 +190,9 @@ class ModifiedResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         image_shape = x.shape
         x = x.to(self.conv1.weight.dtype)  # as OpenAI's: float32 images into a half-precision model
-        rebuild = can_rebuild_activations(self)  # see Bottleneck.forward
+        stem = (self.conv1, self.bn1, self.relu1, self.conv2, self.bn2, self.relu2, self.conv3, self.bn3, self.relu3,
+                self.avgpool)
+        rebuild = can_rebuild_activations(stem)  # see Bottleneck.forward
         x = batch_norm_relu_into(self.conv1(x), self.bn1, self.relu1, self.conv2, rebuild)  # -> N,width/2,H/2,W/2
         x = batch_norm_relu_into(x, self.bn2, self.relu2, self.conv3, rebuild)
         x = batch_norm_relu_into(x, self.bn3, self.relu3, self.avgpool, rebuild)  # -> N,width,H/4,W/4

@@ -62,12 +62,18 @@ def _tiny_resnet():
 
 
 def _relu_outputs_alive(model, images):
+    """The model's features, and how many of its ReLU outputs outlive the forward (kept for backward)."""
     outputs = []
-    hooks = [module.register_forward_hook(lambda _module, _input, output: outputs.append(weakref.ref(output)))
-             for module in model.modules() if isinstance(module, nn.ReLU)]
-    features = model(images)
-    for hook in hooks:
-        hook.remove()
+    relu_forward = nn.ReLU.forward
+
+    def recording_forward(relu, input):  # not a forward hook: those turn the rebuild off
+        output = relu_forward(relu, input)
+        outputs.append(weakref.ref(output))
+        return output
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nn.ReLU, "forward", recording_forward)
+        features = model(images)
     return features, sum(ref() is not None for ref in outputs), len(outputs)
 
 
@@ -97,15 +103,57 @@ def test_resnet_keeps_only_block_outputs_and_its_gradients_are_unchanged():
         assert torch.equal(buffer, plain_buffer), name
 
 
-def test_rebuild_only_in_eager_training_with_gradients_and_no_caller_hooks():
+def test_rebuild_only_in_eager_autograd_without_anyone_elses_hooks():
     model = _tiny_resnet()
-    assert can_rebuild_activations(model)
+    modules = list(model.children())
+    assert can_rebuild_activations(modules)
     with torch.no_grad():
-        assert not can_rebuild_activations(model)
+        assert not can_rebuild_activations(modules)
     with torch.autograd.graph.save_on_cpu():  # the caller's offloading applies, not bypassed by ours
-        assert not can_rebuild_activations(model)
-    model.eval()
-    assert not can_rebuild_activations(model)
+        assert not can_rebuild_activations(modules)
+    with torch.autograd.graph.disable_saved_tensors_hooks("no hooks here"):  # as torch.func's transforms do
+        assert not can_rebuild_activations(modules)
+    handle = model.bn2.register_forward_hook(lambda _module, _input, output: output * 2)
+    assert not can_rebuild_activations(modules)
+    handle.remove()
+    handle = nn.modules.module.register_module_forward_pre_hook(lambda _module, _input: None)
+    assert not can_rebuild_activations(modules)
+    handle.remove()
+    assert can_rebuild_activations(modules)
+
+
+def test_a_hook_that_changes_an_output_gives_the_gradients_of_what_it_computed():
+    model, plain = _tiny_resnet(), _tiny_resnet()
+    images = torch.randn(2, 3, 64, 64)
+    for tower in (model, plain):
+        tower.layer1[0].bn1.register_forward_hook(lambda _module, _input, output: output * 0.5)
+    model(images).square().sum().backward()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        plain(images).square().sum().backward()
+    for (name, parameter), plain_parameter in zip(model.named_parameters(), plain.parameters(), strict=True):
+        assert torch.equal(parameter.grad, plain_parameter.grad), name
+
+
+def test_torch_func_gradients_with_parameters_given_for_the_call():
+    model = _tiny_resnet()
+    images = torch.randn(2, 3, 64, 64)
+    # Parameters other than the module's own, for this call only: the rebuild must use these.
+    parameters = {name: (parameter * 1.1).detach().requires_grad_() for name, parameter in model.named_parameters()}
+
+    def loss(parameters, buffers):  # training-mode BatchNorm updates the buffers: an input of the call
+        return torch.func.functional_call(model, (parameters, buffers), (images,)).square().sum()
+
+    def fresh_buffers():
+        return {name: buffer.clone() for name, buffer in model.named_buffers()}
+
+    loss(parameters, fresh_buffers()).backward()
+    # Saved-tensor hooks are disabled inside torch.func's transforms: the plain path.
+    func_grads = torch.func.grad(loss)(parameters, fresh_buffers())
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        plain_grads = torch.autograd.grad(loss(parameters, fresh_buffers()), list(parameters.values()))
+    for (name, parameter), plain_grad in zip(parameters.items(), plain_grads, strict=True):
+        assert torch.equal(parameter.grad, plain_grad), name
+        assert torch.allclose(func_grads[name], plain_grad, rtol=1e-4, atol=1e-6), name
 
 
 def test_sync_batch_norm_and_out_of_place_relu_are_left_as_they_are():
@@ -123,4 +171,6 @@ def test_sync_batch_norm_and_out_of_place_relu_are_left_as_they_are():
     outputs.append(batch_norm_relu_into(x, sync_bn, nn.ReLU(inplace=True), consumer, True))
     # An out-of-place ReLU's output is a new tensor: nothing is recognised, nothing changes.
     outputs.append(batch_norm_relu_into(x, bn, nn.ReLU(), consumer, True))
-    assert len(kept) == 2 and all(ref() is not None for ref in kept)
+    # In eval mode BatchNorm normalises with its running statistics: left to autograd as well.
+    outputs.append(batch_norm_relu_into(x, bn.eval(), nn.ReLU(inplace=True), consumer, True))
+    assert len(kept) == 3 and all(ref() is not None for ref in kept)

@@ -12,6 +12,11 @@ from clip.batch_norm_relu import batch_norm_relu_into, can_rebuild_activations
 from clip.modified_resnet import ModifiedResNet
 
 
+def _rebuild_off():
+    """The reference path: a caller's saved-tensor hooks (here identity ones) turn the rebuild off."""
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+
+
 def _layer(channels=6):
     torch.manual_seed(0)
     return nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.Conv2d(channels, 5, 3, padding=1)
@@ -89,8 +94,7 @@ def test_resnet_keeps_only_block_outputs_and_its_gradients_are_unchanged():
     blocks = 6
     assert relus == 3 + 3 * blocks and alive == blocks - 1
 
-    # The reference path: a caller's (identity) saved-tensor hooks turn the rebuild off.
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+    with _rebuild_off():
         plain_features, plain_alive, _ = _relu_outputs_alive(plain, images)
     assert plain_alive == relus
     assert torch.equal(features, plain_features)
@@ -128,7 +132,7 @@ def test_a_hook_that_changes_an_output_gives_the_gradients_of_what_it_computed()
     for tower in (model, plain):
         tower.layer1[0].bn1.register_forward_hook(lambda _module, _input, output: output * 0.5)
     model(images).square().sum().backward()
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+    with _rebuild_off():
         plain(images).square().sum().backward()
     for (name, parameter), plain_parameter in zip(model.named_parameters(), plain.parameters(), strict=True):
         assert torch.equal(parameter.grad, plain_parameter.grad), name
@@ -149,7 +153,7 @@ def test_torch_func_gradients_with_parameters_given_for_the_call():
     loss(parameters, fresh_buffers()).backward()
     # Saved-tensor hooks are disabled inside torch.func's transforms: the plain path.
     func_grads = torch.func.grad(loss)(parameters, fresh_buffers())
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+    with _rebuild_off():
         plain_grads = torch.autograd.grad(loss(parameters, fresh_buffers()), list(parameters.values()))
     for (name, parameter), plain_grad in zip(parameters.items(), plain_grads, strict=True):
         assert torch.equal(parameter.grad, plain_grad), name

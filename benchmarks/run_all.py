@@ -224,7 +224,17 @@ def loss_table(report: dict) -> str:
 def training_table(report: dict) -> str:
     return (f"Median of {report['repeats']} fresh-process runs per library, alternating; {report['warmup']} warm-up "
             f"step(s), then {report['steps']} timed step(s). Samples/CPU-s divides by the process's CPU time. "
-            f"{TEXT_NOTE}\n\n" + format_train_rows(report["rows"], report["device"].split(":")[0]))
+            f"{TEXT_NOTE}{malloc_note(report)}\n\n" + format_train_rows(report["rows"], report["device"].split(":")[0]))
+
+
+def malloc_note(report: dict) -> str:
+    """Which processes kept freed memory (train_step.py --cpu-malloc); pages made before it existed: neither."""
+    if not report.get("device", "").startswith("cpu"):
+        return ""
+    return {"trainers": " Freed memory kept for reuse (`clip.cpu_memory`): ours, as clip.train does; open_clip at "
+                        "glibc's defaults.",
+            "both": " Freed memory kept for reuse (`clip.cpu_memory`) in both.",
+            "neither": " glibc's malloc defaults in both."}[report.get("cpu_malloc", "neither")]
 
 
 def inference_table(report: dict) -> str:
@@ -265,7 +275,10 @@ METHOD_NOTES = """How to read the numbers:
   script does it (ours: `ContrastiveModel`, `build_loss`, `build_optimizer`, whose AdamW is torch's fused one;
   open_clip: its model with QuickGELU, `ClipLoss`, torch's default AdamW, the for-loop one on the CPU, with its
   weight-decay groups). Same random images, same realistic captions (8-30 BPE tokens through `clip.tokenize`,
-  padded to 77) for both.
+  padded to 77) for both. On the CPU, ours' process keeps freed memory for the next step, as `clip.train` does
+  there (`clip.cpu_memory`: glibc's malloc otherwise maps and zeroes the activations' pages afresh every
+  step); open_clip's stays at glibc's defaults, as its trainer leaves it (`--cpu-malloc both` keeps it in
+  both).
 - Text length, two rows per configuration (each way exact: the same features and gradients):
   - "trimmed": ours runs the text tower only up to the batch's last end-of-text token, rounded up to a
     multiple of 8 (32 of the 77 positions for these captions), as `clip.train` and `encode_text` do by

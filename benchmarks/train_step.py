@@ -11,10 +11,12 @@ training script does it:
              by clip.train.contrastive_step; as clip.train does, a ResNet runs channels-last on CUDA and the
              captions are cut after the batch's last end-of-text token on the host (no device sync); the
              losses' and the gradient norm's finiteness are read on the host after the backward pass, to
-             skip a non-finite step (one device sync per step).
+             skip a non-finite step (one device sync per step). On the CPU, malloc keeps freed memory for
+             the next step (clip.cpu_memory), as clip.train does there (--cpu-malloc).
   open_clip: open_clip.create_model("<arch>-quickgelu") (OpenAI's QuickGELU settings) + open_clip.loss.ClipLoss
              + torch.optim.AdamW with open_clip's weight-decay groups and torch's default implementation
-             (the for-loop one on the CPU, foreach on CUDA).
+             (the for-loop one on the CPU, foreach on CUDA); malloc at glibc's defaults, as its trainer leaves it
+             (--cpu-malloc both: kept too).
 Both get the same images (random pixels) and the same realistic captions (8-30 BPE tokens, through
 clip.tokenize, padded to the 77-token context), the same thread count, AdamW hyper-parameters, autocast
 dtype and no gradient clipping (pass --grad-clip-norm to clip both). After each step the temperature is
@@ -247,6 +249,16 @@ def profile_steps(step, steps: int, device: torch.device) -> dict:
 
 
 def measure(job: dict) -> dict:
+    """One run in this process, with malloc keeping freed memory where --cpu-malloc says so."""
+    from clip.cpu_memory import freed_memory_kept
+
+    policy = job.get("cpu_malloc", "trainers")
+    keep = job["device"] == "cpu" and (policy == "both" or (policy == "trainers" and job["library"] == "ours"))
+    with freed_memory_kept() if keep else contextlib.nullcontext(False) as kept:
+        return {**measure_step(job), "freed_memory_kept": kept}
+
+
+def measure_step(job: dict) -> dict:
     device = torch.device(job["device"])
     if job["threads"]:
         torch.set_num_threads(job["threads"])
@@ -464,6 +476,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per run")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--cpu-malloc", choices=["trainers", "both", "neither"], default="trainers",
+                        help="on the CPU, which processes keep freed memory for the next step (clip.cpu_memory): "
+                             "'trainers' ours only, as clip.train does and open_clip's trainer does not; 'both' "
+                             "open_clip too (any PyTorch process can: what the setting alone is worth)")
     parser.add_argument("--optimizer", default="auto", choices=["auto", "fused", "foreach", "for-loop"],
                         help="our build_optimizer's implementation")
     parser.add_argument("--text-length", nargs="+", choices=["trimmed", "full"], default=["trimmed"],
@@ -494,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     # Without ours, the text length changes nothing: one row per configuration.
     text_lengths = list(dict.fromkeys(args.text_length))[:None if "ours" in libraries else 1]
     report = {"machine": common.machine_info(), "device": str(device), "repeats": args.repeats,
-              "warmup": args.warmup, "steps": args.steps, "optimizer": args.optimizer,
+              "warmup": args.warmup, "steps": args.steps, "optimizer": args.optimizer, "cpu_malloc": args.cpu_malloc,
               "grad_clip_norm": args.grad_clip_norm, "text_lengths": text_lengths}
     measured = runners(libraries, text_lengths)
     rows = []
@@ -506,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
                 base_job = {"arch": arch, "batch": batch, "threads": threads, "device": str(device),
                             "precision": precision, "warmup": args.warmup, "steps": args.steps,
                             "compile": args.compile, "optimizer": args.optimizer, "seed": args.seed,
+                            "cpu_malloc": args.cpu_malloc,
                             "grad_clip_norm": args.grad_clip_norm,
                             "count_flops": args.count_flops or device.type == "cuda"}
                 configuration = {key: base_job[key] for key in ("arch", "batch", "threads", "precision", "compile")}

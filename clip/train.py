@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, to_dict, to_toml
+from .cpu_memory import freed_memory_kept
 from .cuda_backends import configure_cuda_backends
 from .data import (
     PixelNormalizer,
@@ -239,6 +240,10 @@ def _train(
         # The process's setting: put back when the run ends, for the notebook or test that called train()
         on_exit.callback(torch.set_num_threads, torch.get_num_threads())
         torch.set_num_threads(config.train.threads)
+    if device.type == "cpu" and config.train.keep_freed_cpu_memory:
+        # Process-wide malloc settings for the run's length (data-loader workers forked later inherit them)
+        if on_exit.enter_context(freed_memory_kept()):
+            log.info("CPU run: malloc keeps freed memory for reuse (train.keep_freed_cpu_memory)")
     if device.type == "cuda":
         configure_cuda_backends(allow_tf32=config.train.tf32)
     config_dict = to_dict(config)

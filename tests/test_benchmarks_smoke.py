@@ -4,6 +4,7 @@ running as the library changes. No timing is asserted: speed targets live in ben
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -63,6 +64,27 @@ def test_train_step_runs_both_libraries_and_reports_ratios(tmp_path):
         assert result["samples_per_s"] > 0 and result["training_peak_gib"] > 0 and result["flops_per_sample"] > 0
     if len(libraries) == 2:
         assert row["speedup"] > 0 and row["memory_ratio"] > 0
+
+
+@pytest.mark.parametrize("policy, kept_by", [("trainers", {"ours"}), ("both", {"ours", "open_clip"}), ("neither", set())])
+def test_train_step_keeps_freed_memory_in_the_processes_cpu_malloc_names(benchmark_modules, monkeypatch, policy,
+                                                                        kept_by):
+    # As clip.train does on the CPU, ours keeps freed memory by default; open_clip's trainer does not.
+    train_step = benchmark_modules[1]
+    entered = []
+
+    @contextlib.contextmanager
+    def recording():
+        entered.append(True)
+        yield True
+
+    monkeypatch.setattr("clip.cpu_memory.freed_memory_kept", recording)
+    monkeypatch.setattr(train_step, "measure_step", lambda job: {"samples_per_s": 1.0})
+    for library in ("ours", "open_clip"):
+        entered.clear()
+        result = train_step.measure({"library": library, "device": "cpu", "cpu_malloc": policy})
+        assert result["freed_memory_kept"] == (library in kept_by) == bool(entered), library
+    assert not train_step.measure({"library": "ours", "device": "cuda", "cpu_malloc": "both"})["freed_memory_kept"]
 
 
 def test_train_step_keeps_each_finished_run_when_stopped_midway(benchmark_modules, tmp_path, monkeypatch):

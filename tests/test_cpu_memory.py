@@ -1,0 +1,123 @@
+"""Keeping freed memory in the process while training on the CPU (clip.cpu_memory): the malloc settings made
+and put back, their effect on page faults, and the trainer's use of them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from clip import cpu_memory
+from clip.config import TrainConfig, load_config
+from clip.train import train
+
+DEMO = Path(__file__).parent.parent / "configs" / "demo.toml"
+
+
+class RecordingLibc:
+    """Stands in for glibc: records mallopt / malloc_trim calls; mallopt answers `accepts`."""
+
+    def __init__(self, accepts: bool = True) -> None:
+        self.calls: list[tuple] = []
+        self.accepts = accepts
+
+    def mallopt(self, parameter: int, value: int) -> int:
+        self.calls.append(("mallopt", parameter, value))
+        return int(self.accepts)
+
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+def test_settings_are_made_for_the_block_and_put_back_after_it_even_on_an_error():
+    libc = RecordingLibc()
+    with pytest.raises(KeyError), cpu_memory.freed_memory_kept(libc) as kept:
+        assert kept
+        assert libc.calls == [("mallopt", cpu_memory.M_MMAP_MAX, 0),
+                              ("mallopt", cpu_memory.M_TRIM_THRESHOLD, 2**31 - 1)]
+        raise KeyError("the run failed")
+    assert libc.calls[2:] == [("mallopt", cpu_memory.M_MMAP_MAX, 65536),
+                              ("mallopt", cpu_memory.M_MMAP_THRESHOLD, 32 * 2**20),
+                              ("mallopt", cpu_memory.M_TRIM_THRESHOLD, 64 * 2**20),
+                              ("malloc_trim", 0)]
+
+
+def test_a_refused_setting_is_reported_and_the_defaults_are_still_put_back(caplog):
+    libc = RecordingLibc(accepts=False)
+    with cpu_memory.freed_memory_kept(libc) as kept:
+        assert not kept
+    assert "refused" in caplog.text
+    assert libc.calls[-1] == ("malloc_trim", 0)
+
+
+def test_without_glibc_nothing_is_changed(monkeypatch):
+    monkeypatch.setattr(cpu_memory.platform, "libc_ver", lambda: ("", ""))
+    assert cpu_memory.glibc() is None
+    with cpu_memory.freed_memory_kept() as kept:
+        assert not kept
+
+
+# Allocates, fills and frees a 64 MiB tensor many times, and prints the page faults of the last rounds.
+# glibc by default maps a block this size afresh each time (over its 32 MiB cut-off), so every page is
+# faulted in and zeroed again: 16,384 faults per round with 4 KiB pages. Kept, the heap first grows by a few
+# blocks (torch asks for 64-byte aligned memory, which a freed block of exactly its size cannot serve), then
+# serves every round from freed memory.
+FAULTS_SCRIPT = textwrap.dedent("""
+    import contextlib, json, resource, sys
+    import torch
+    from clip.cpu_memory import freed_memory_kept
+
+    def rounds():
+        for _ in range(12):
+            torch.empty(16 * 2**20).fill_(1.0)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(4):
+            torch.empty(16 * 2**20).fill_(1.0)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    context = freed_memory_kept() if sys.argv[1] == "kept" else contextlib.nullcontext(False)
+    with context as kept:
+        print(json.dumps({"kept": kept, "faults": rounds()}))
+""")
+
+
+@pytest.mark.skipif(cpu_memory.glibc() is None, reason="glibc's malloc settings only")
+def test_freed_buffers_are_reused_instead_of_faulted_in_again():
+    def faults(mode: str) -> dict:
+        # A fresh process each: the settings are process-wide
+        run = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True)
+        return json.loads(run.stdout)
+
+    default, kept = faults("default"), faults("kept")
+    assert kept["kept"]
+    assert kept["faults"] < default["faults"] / 4, (default, kept)
+
+
+def tiny_config(run_dir: Path, *extra: str) -> TrainConfig:
+    tiny = ["model.embed_dim=16", "model.vision.image_size=32", "model.vision.patch_size=16", "model.vision.width=16",
+            "model.vision.layers=1", "model.vision.heads=2", "model.text.width=16", "model.text.layers=1",
+            "model.text.heads=2", "train.batch_size=4", "schedule.steps=1", "schedule.warmup_steps=0",
+            "logging.progress_bar=false", "logging.tensorboard=false", "logging.plot=false", "data.workers=0",
+            "eval.every_n_steps=0", "train.device=cpu"]
+    return load_config(DEMO, tiny + [f"output_dir={run_dir}", *extra], TrainConfig)
+
+
+@pytest.mark.parametrize("setting, entered", [([], True), (["train.keep_freed_cpu_memory=false"], False)])
+def test_a_cpu_run_keeps_freed_memory_for_its_length_unless_told_not_to(tmp_path, monkeypatch, setting, entered):
+    events = []
+
+    @contextlib.contextmanager
+    def recording():
+        events.append("start")
+        yield True
+        events.append("end")
+
+    monkeypatch.setattr("clip.train.freed_memory_kept", recording)
+    train(tiny_config(tmp_path, *setting))
+    assert events == (["start", "end"] if entered else [])

@@ -1,19 +1,22 @@
 """Training on the CPU: keep freed memory in the process for the next step instead of handing it back.
 
-By default glibc's malloc serves large blocks with fresh `mmap`s and returns them to the kernel when they are
-freed (blocks over 128 KiB at first; the cut-off adapts up to 32 MiB), and it gives the top of its heap back
-once a few tens of MiB there are free. A training step allocates and frees the same activation-sized buffers
-every step, so each step the kernel maps those pages again and zeroes each one on its first touch: for RN50
-at batch 16 on one core, ~850,000 page faults and ~2.5 s of system time in a ~17 s step, the same for any
-PyTorch model. With mmap off and the trim threshold at its maximum (2 GiB), freed buffers stay in the heap
-and the next step reuses them. The process's peak resident memory is unchanged within ~0.1 GiB: the
-same buffers, kept rather than remapped.
+By default glibc's malloc serves blocks over its mmap cut-off (128 KiB at first, adapting up to at most
+32 MiB on 64-bit) with fresh `mmap`s that go back to the kernel when freed, and gives the top of its heap
+back once more than its trim threshold (twice the cut-off) is free there. A training step allocates and
+frees the same activation-sized buffers every step, so each step the kernel maps those pages again and
+zeroes each one on its first touch: for RN50 at batch 16 on one core, ~850,000 page faults and ~2.5 s of
+system time in a ~17 s step. With mmap off and the trim threshold at the largest value mallopt takes
+(2 GiB: an int), freed buffers stay in the heap and the next step reuses them; measured, the process's peak
+resident memory stayed within ~0.1 GiB of what it was. A step that frees more than 2 GiB at the top of the
+heap at once still hands that part back, and keeps only part of the gain.
 
-Only glibc (Linux) has these knobs (`mallopt`); elsewhere this does nothing. They are process-wide, so
-`freed_memory_kept` sets them for the length of a run and, when it ends, returns the kept memory to the
-system (`malloc_trim`) and puts back the thresholds glibc's own adaptation reaches in a process that has
-freed a large tensor: a 32 MiB mmap cut-off and a 64 MiB trim threshold. (Once set, glibc stops adapting
-them, and mallopt cannot turn that back on: a notebook that trained keeps these fixed values.)
+Only 64-bit glibc (Linux) has these knobs (`mallopt`); elsewhere this does nothing, and so it does where the
+user chose the allocator's behaviour already (`MALLOC_*_` variables, `GLIBC_TUNABLES`, a preloaded
+allocator such as jemalloc). The knobs are process-wide: `freed_memory_kept` sets them for the length of a
+run and, when it ends, returns the kept memory to the system (`malloc_trim`) and sets fixed thresholds like
+those glibc's own adaptation ends at in a process that has freed a large tensor: a 32 MiB mmap cut-off and a
+64 MiB trim threshold. (Once set, glibc stops adapting them, and mallopt cannot turn that back on: a
+notebook that trained keeps these fixed values. Forked data-loader workers inherit the run's settings.)
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
 import platform
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -31,36 +36,52 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
 KEPT_TRIM_THRESHOLD = 2**31 - 1  # the largest value mallopt takes (an int)
-# Put back afterwards: glibc's mmap count limit, and the cut-offs its adaptation ends at (see above).
+# Set afterwards: glibc's mmap count limit, and cut-offs like those its adaptation ends at (see above).
 RESTORED_MMAP_MAX = 65536
 RESTORED_MMAP_THRESHOLD = 32 * 2**20
 RESTORED_TRIM_THRESHOLD = 2 * RESTORED_MMAP_THRESHOLD
 
 
 def glibc() -> ctypes.CDLL | None:
-    """The C library's handle when it is glibc (whose mallopt these numbers are for), else None."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    """The C library's handle when it is 64-bit glibc (whose mallopt these numbers and limits are for)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or sys.maxsize < 2**63 - 1:
         return None
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt, libc.malloc_trim  # noqa: B018  (both or neither)
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
     except (OSError, AttributeError):
         return None
     return libc
 
 
+def users_malloc_settings(environment: Mapping[str, str]) -> str | None:
+    """The variable by which the user already chose how malloc behaves, if any (left to them)."""
+    for name, value in environment.items():
+        if (name.startswith("MALLOC_") and name.endswith("_")) or (name == "GLIBC_TUNABLES" and "malloc" in value):
+            return name
+        if name == "LD_PRELOAD" and "malloc" in value:  # jemalloc, tcmalloc, mimalloc: not glibc's malloc
+            return name
+    return None
+
+
 @contextlib.contextmanager
-def freed_memory_kept(libc: ctypes.CDLL | None = None) -> Iterator[bool]:
+def freed_memory_kept(libc: ctypes.CDLL | None = None,
+                      environment: Mapping[str, str] = os.environ) -> Iterator[bool]:
     """Within the block, malloc keeps freed memory for reuse (see the module's docstring); yields whether it
-    could (glibc only). `libc`: the C library to configure, by default this process's glibc."""
+    does. `libc`: the C library to configure, by default this process's glibc; `environment`: where to look
+    for the user's own malloc settings."""
     libc = glibc() if libc is None else libc
-    if libc is None:
+    users_choice = users_malloc_settings(environment)
+    if libc is None or users_choice is not None:
+        if users_choice is not None:
+            log.info("malloc left as %s sets it (freed memory is not kept for reuse by clip)", users_choice)
         yield False
         return
-    # mallopt returns 1 on success and 0 for a value it refuses; both are in range on every glibc.
+    # mallopt returns 1 on success and 0 for a value it refuses; these are in range on 64-bit glibc.
     applied = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEPT_TRIM_THRESHOLD))
     if not applied:
-        log.warning("glibc refused the malloc settings that keep freed memory for reuse: left at its defaults")
+        log.warning("glibc refused a malloc setting: freed memory may still go back to the system every step")
     try:
         yield applied
     finally:

@@ -241,7 +241,7 @@ def _train(
         on_exit.callback(torch.set_num_threads, torch.get_num_threads())
         torch.set_num_threads(config.train.threads)
     if device.type == "cpu" and config.train.keep_freed_cpu_memory:
-        # Process-wide malloc settings for the run's length (data-loader workers forked later inherit them)
+        # Process-wide malloc settings for the run's length; the data-loader workers, forked later, inherit them
         if on_exit.enter_context(freed_memory_kept()):
             log.info("CPU run: malloc keeps freed memory for reuse (train.keep_freed_cpu_memory)")
     if device.type == "cuda":

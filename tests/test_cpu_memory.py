@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,8 @@ from clip import cpu_memory
 from clip.config import TrainConfig, load_config
 from clip.train import train
 
-DEMO = Path(__file__).parent.parent / "configs" / "demo.toml"
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo.toml"
 
 
 class RecordingLibc:
@@ -37,7 +39,7 @@ class RecordingLibc:
 
 def test_settings_are_made_for_the_block_and_put_back_after_it_even_on_an_error():
     libc = RecordingLibc()
-    with pytest.raises(KeyError), cpu_memory.freed_memory_kept(libc) as kept:
+    with pytest.raises(KeyError), cpu_memory.freed_memory_kept(libc, environment={}) as kept:
         assert kept
         assert libc.calls == [("mallopt", cpu_memory.M_MMAP_MAX, 0),
                               ("mallopt", cpu_memory.M_TRIM_THRESHOLD, 2**31 - 1)]
@@ -48,12 +50,25 @@ def test_settings_are_made_for_the_block_and_put_back_after_it_even_on_an_error(
                               ("malloc_trim", 0)]
 
 
-def test_a_refused_setting_is_reported_and_the_defaults_are_still_put_back(caplog):
+def test_a_refused_setting_is_reported_and_the_thresholds_are_still_set_after_it(caplog):
     libc = RecordingLibc(accepts=False)
-    with cpu_memory.freed_memory_kept(libc) as kept:
+    with cpu_memory.freed_memory_kept(libc, environment={}) as kept:
         assert not kept
     assert "refused" in caplog.text
     assert libc.calls[-1] == ("malloc_trim", 0)
+
+
+@pytest.mark.parametrize("environment", [{"MALLOC_MMAP_THRESHOLD_": "65536"},
+                                         {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"},
+                                         {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}])
+def test_the_users_own_malloc_settings_are_left_alone(environment, caplog):
+    libc = RecordingLibc()
+    with caplog.at_level("INFO"), cpu_memory.freed_memory_kept(libc, environment=environment) as kept:
+        assert not kept
+    assert libc.calls == []
+    assert next(iter(environment)) in caplog.text
+    with cpu_memory.freed_memory_kept(libc, environment={"GLIBC_TUNABLES": "glibc.pthread.rseq=0", "PATH": "/bin"}):
+        assert libc.calls  # other tunables and variables are not malloc's
 
 
 def test_without_glibc_nothing_is_changed(monkeypatch):
@@ -69,9 +84,13 @@ def test_without_glibc_nothing_is_changed(monkeypatch):
 # blocks (torch asks for 64-byte aligned memory, which a freed block of exactly its size cannot serve), then
 # serves every round from freed memory.
 FAULTS_SCRIPT = textwrap.dedent("""
-    import contextlib, json, resource, sys
+    import contextlib, ctypes, json, resource, sys
     import torch
     from clip.cpu_memory import freed_memory_kept
+
+    # Transparent huge pages set to "always" would fault a fresh 64 MiB block in 2 MiB at a time: 4 KiB pages
+    # keep the default's count well above the noise (PR_SET_THP_DISABLE).
+    ctypes.CDLL("libc.so.6").prctl(41, 1, 0, 0, 0)
 
     def rounds():
         for _ in range(12):
@@ -90,8 +109,13 @@ FAULTS_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(cpu_memory.glibc() is None, reason="glibc's malloc settings only")
 def test_freed_buffers_are_reused_instead_of_faulted_in_again():
     def faults(mode: str) -> dict:
-        # A fresh process each: the settings are process-wide
-        run = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True)
+        # A fresh process each: the settings are process-wide. Without the caller's malloc variables, which
+        # would change the default or turn the settings off.
+        environment = {name: value for name, value in os.environ.items()
+                       if cpu_memory.users_malloc_settings({name: value}) is None}
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        run = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True,
+                             cwd=ROOT, env=environment, timeout=120)
         return json.loads(run.stdout)
 
     default, kept = faults("default"), faults("kept")

@@ -133,9 +133,10 @@ class TrainLoopConfig:
     device: str = "auto"  # auto: this process's GPU when CUDA is available (see clip.distributed), else cpu
     threads: int | None = None  # torch intra-op threads on the CPU; "none" (None) keeps torch's default
     # On the CPU (64-bit glibc): malloc keeps freed memory for the next step instead of the kernel mapping and
-    # zeroing it afresh every step -- ~15% of an RN50 step. Process-wide: when the run ends the memory is
-    # returned and malloc left with fixed thresholds (see clip.cpu_memory); MALLOC_*_ variables, GLIBC_TUNABLES
-    # or a preloaded allocator take precedence.
+    # zeroing it afresh every step: 15-20% of an RN50 step, for up to ~12% more peak memory (false: glibc's
+    # behaviour, for memory's sake). Process-wide: when the run ends the memory is returned and malloc left
+    # with fixed thresholds (see clip.cpu_memory); MALLOC_*_ variables, GLIBC_TUNABLES or a preloaded
+    # allocator take precedence.
     keep_freed_cpu_memory: bool = True
     # CUDA: float32 matrix products on TF32 tensor cores (see clip.cuda_backends). Much faster with
     # precision = "fp32"; under bf16/fp16 autocast it touches only what stays float32, such as the loss's

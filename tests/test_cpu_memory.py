@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from clip import cpu_memory
-from clip.config import TrainConfig, load_config
 from clip.train import train
 
+from test_train_loop import tiny_config
+
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "configs" / "demo.toml"
 
 
 class RecordingLibc:
@@ -123,15 +123,6 @@ def test_freed_buffers_are_reused_instead_of_faulted_in_again():
     assert kept["faults"] < default["faults"] / 4, (default, kept)
 
 
-def tiny_config(run_dir: Path, *extra: str) -> TrainConfig:
-    tiny = ["model.embed_dim=16", "model.vision.image_size=32", "model.vision.patch_size=16", "model.vision.width=16",
-            "model.vision.layers=1", "model.vision.heads=2", "model.text.width=16", "model.text.layers=1",
-            "model.text.heads=2", "train.batch_size=4", "schedule.steps=1", "schedule.warmup_steps=0",
-            "logging.progress_bar=false", "logging.tensorboard=false", "logging.plot=false", "data.workers=0",
-            "eval.every_n_steps=0", "train.device=cpu"]
-    return load_config(DEMO, tiny + [f"output_dir={run_dir}", *extra], TrainConfig)
-
-
 @pytest.mark.parametrize("setting, entered", [([], True), (["train.keep_freed_cpu_memory=false"], False)])
 def test_a_cpu_run_keeps_freed_memory_for_its_length_unless_told_not_to(tmp_path, monkeypatch, setting, entered):
     events = []
@@ -143,5 +134,5 @@ def test_a_cpu_run_keeps_freed_memory_for_its_length_unless_told_not_to(tmp_path
         events.append("end")
 
     monkeypatch.setattr("clip.train.freed_memory_kept", recording)
-    train(tiny_config(tmp_path, *setting))
+    train(tiny_config(tmp_path, "schedule.steps=1", "eval.every_n_steps=0", *setting))
     assert events == (["start", "end"] if entered else [])

@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .architectures import VisionConfig, constructor_arguments, wrong_image_size
-from .batch_norm_relu import batch_norm_relu_into, can_rebuild_activations
+from .batch_norm_relu import (
+    ResidualReluRecipe,
+    batch_norm_relu_into,
+    can_call_forward_directly,
+    can_rebuild_activations,
+    is_replayable,
+    saved_as_recipe,
+)
 from .transformer import renamed_argument
 
 
@@ -65,8 +72,8 @@ class Bottleneck(nn.Module):
         # overwriting the output saves one feature-map-sized allocation per activation. The ReLUs are modules
         # named as OpenAI's (relu1-3), for hooks (class-activation maps). The first two ReLUs' outputs are
         # rebuilt in backward rather than kept (see batch_norm_relu; a forward hook on any of the block's
-        # modules keeps them); the third's is the next block's input, a sum with the identity branch that no
-        # single kept tensor rebuilds.
+        # modules keeps them). The third's is the next block's input: called one by one, blocks keep it;
+        # ModifiedResNet calls `forward_rebuilding`, which hands it on as a recipe.
         rebuild = can_rebuild_activations(self.children())
         identity = x if self.downsample is None else self.downsample(x)
         out = batch_norm_relu_into(self.conv1(x), self.bn1, self.relu1, self.conv2, rebuild)
@@ -74,6 +81,35 @@ class Bottleneck(nn.Module):
         out = self.bn3(out)
         out += identity
         return self.relu3(out)
+
+    def forward_rebuilding(
+        self, x: torch.Tensor, x_recipe: ResidualReluRecipe | None, output_recipe: bool,
+    ) -> tuple[torch.Tensor, ResidualReluRecipe | None]:
+        """`forward`, for a caller that has checked `can_call_forward_directly` on the block and its modules:
+        `x_recipe` is how backward rebuilds `x` (None: `x` is kept), and with `output_recipe` the output is
+        not kept either -- the caller hands its recipe (returned beside it) to the next block. No recipe
+        where a BatchNorm cannot be replayed (eval mode, SyncBatchNorm): the output is kept."""
+        # The same operations in the same order as `forward`, the downsample's modules called one by one
+        # for its BatchNorm's input.
+        with saved_as_recipe(x, x_recipe):  # the first convolution and the shortcut's pool keep x
+            if self.downsample is None:
+                identity, shortcut = x, x if x_recipe is None else x_recipe
+            else:
+                pool, conv, batch_norm = self.downsample
+                shortcut_bn_input = conv(pool(x))
+                identity, shortcut = batch_norm(shortcut_bn_input), (shortcut_bn_input, batch_norm)
+                if not is_replayable(batch_norm):
+                    shortcut = None
+            out = self.conv1(x)
+        out = batch_norm_relu_into(out, self.bn1, self.relu1, self.conv2, True)
+        branch = batch_norm_relu_into(out, self.bn2, self.relu2, self._pool_then_conv3, True)
+        out = self.bn3(branch)
+        out += identity
+        if not (output_recipe and shortcut is not None and is_replayable(self.bn3)):
+            return self.relu3(out), None
+        recipe = ResidualReluRecipe(branch, self.bn3, shortcut)
+        with saved_as_recipe(out, recipe):  # the ReLU keeps its output
+            return self.relu3(out), recipe
 
     def _pool_then_conv3(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv3(self.avgpool(x))
@@ -196,13 +232,25 @@ class ModifiedResNet(nn.Module):
         x = batch_norm_relu_into(self.conv1(x), self.bn1, self.relu1, self.conv2, rebuild)  # -> N,width/2,H/2,W/2
         x = batch_norm_relu_into(x, self.bn2, self.relu2, self.conv3, rebuild)
         x = batch_norm_relu_into(x, self.bn3, self.relu3, self.avgpool, rebuild)  # -> N,width,H/4,W/4
-        x = self.layer1(x)
-        x = self.layer2(x)  # -> H/8
-        x = self.layer3(x)  # -> H/16
-        x = self.layer4(x)  # -> N,width*32,H/32,W/32
+        x = self._stages(x)  # -> N,width*32,H/32,W/32
         if x.shape[-2] * x.shape[-1] + 1 != self.attnpool.positional_embedding.shape[0]:
             raise wrong_image_size(image_shape, self.input_resolution)
         return self.attnpool(x)  # -> N,output_dim
+
+    def _stages(self, x: torch.Tensor) -> torch.Tensor:
+        stages = (self.layer1, self.layer2, self.layer3, self.layer4)  # strides 1, 2, 2, 2: -> H/32
+        blocks = [block for stage in stages for block in stage]
+        # Only our own stages and blocks (a replaced or subclassed one runs its own forward), called as modules
+        # wherever that would do more than run `forward`.
+        ours = all(type(stage) is nn.Sequential for stage in stages) and all(type(b) is Bottleneck for b in blocks)
+        if not (ours and can_call_forward_directly(module for stage in stages for module in stage.modules())):
+            return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        # Each block's output is rebuilt in backward from the next block on (see Bottleneck.forward_rebuilding);
+        # the last one's goes into the attention pool, which does not keep it, so it is left to autograd.
+        recipe = None
+        for index, block in enumerate(blocks):
+            x, recipe = block.forward_rebuilding(x, recipe, output_recipe=index < len(blocks) - 1)
+        return x
 
 
 def openai_resnet_config(

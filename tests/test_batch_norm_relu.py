@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from clip.architectures import VisionConfig
-from clip.batch_norm_relu import batch_norm_relu_into, can_rebuild_activations
+from clip.batch_norm_relu import batch_norm_relu_into, can_call_forward_directly, can_rebuild_activations
 from clip.modified_resnet import ModifiedResNet
 
 
@@ -82,17 +82,18 @@ def _relu_outputs_alive(model, images):
     return features, sum(ref() is not None for ref in outputs), len(outputs)
 
 
-def test_resnet_keeps_only_block_outputs_and_its_gradients_are_unchanged():
+def test_resnet_keeps_no_relu_output_and_its_gradients_are_unchanged():
     model = _tiny_resnet()
     plain = copy.deepcopy(model)
     torch.manual_seed(2)
     images = torch.randn(3, 3, 64, 64)
 
     features, alive, relus = _relu_outputs_alive(model, images)
-    # Blocks' last ReLUs stay (each output is the next block's input; the last block's goes into the attention
-    # pool, which keeps only what it derives from it); the stem's three and each block's first two are rebuilt.
+    # The stem's three and each block's three are rebuilt: the blocks' outputs, the next blocks' inputs, in
+    # chains from each stage's first block (the last block's goes into the attention pool, which keeps only
+    # what it derives from it).
     blocks = 6
-    assert relus == 3 + 3 * blocks and alive == blocks - 1
+    assert relus == 3 + 3 * blocks and alive == 0
 
     with _rebuild_off():
         plain_features, plain_alive, _ = _relu_outputs_alive(plain, images)
@@ -178,3 +179,90 @@ def test_sync_batch_norm_and_out_of_place_relu_are_left_as_they_are():
     # In eval mode BatchNorm normalises with its running statistics: left to autograd as well.
     outputs.append(batch_norm_relu_into(x, bn.eval(), nn.ReLU(inplace=True), consumer, True))
     assert len(kept) == 3 and all(ref() is not None for ref in kept)
+
+
+def _gradients_match_the_plain_path(model, images, create_graph=False):
+    """The model's features and parameter gradients equal, bit for bit, those of a copy run with the rebuild
+    off; the number of ReLU outputs alive after the forward."""
+    plain = copy.deepcopy(model)
+    features, alive, _ = _relu_outputs_alive(model, images)
+    with _rebuild_off():
+        plain_features, _, _ = _relu_outputs_alive(plain, images)
+    assert torch.equal(features, plain_features)
+    for tower, output in ((model, features), (plain, plain_features)):
+        loss = output.square().sum()
+        if create_graph:  # a gradient penalty: second-order terms through the rebuilt activations
+            grads = torch.autograd.grad(loss, list(tower.parameters()), create_graph=True)
+            loss = sum(grad.square().sum() for grad in grads)
+        loss.backward()
+    for (name, parameter), plain_parameter in zip(model.named_parameters(), plain.parameters(), strict=True):
+        assert torch.equal(parameter.grad, plain_parameter.grad), name
+    return alive
+
+
+def test_block_outputs_rebuilt_in_chains_with_second_order_gradients():
+    images = torch.randn(2, 3, 64, 64)
+    # The attention pool's CPU flash-attention kernel has no second derivative; the math one has.
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        assert _gradients_match_the_plain_path(_tiny_resnet(), images, create_graph=True) == 0
+
+
+def test_a_block_whose_batch_norm_cannot_be_replayed_keeps_its_output_and_breaks_the_chain():
+    images = torch.randn(2, 3, 64, 64)
+    model = _tiny_resnet()
+    model.layer1[1].bn3.eval()  # frozen: normalises with running statistics
+    model.layer3[0].downsample[2].eval()  # the shortcut's BatchNorm of a downsampling block
+    # layer1[1]'s output (kept by layer2[0]) and layer3[0]'s (kept by layer3[1]) stay; layer3[1]'s is the
+    # tower's last, never kept; the stem's other ReLU outputs and all first and second ReLUs are rebuilt.
+    assert _gradients_match_the_plain_path(model, images) == 2
+
+
+@pytest.mark.parametrize("hooked", ["stage", "block", "block backward", "global forward"])
+def test_blocks_are_called_as_modules_where_calling_forward_would_skip_a_hook(hooked):
+    images = torch.randn(2, 3, 64, 64)
+    model = _tiny_resnet()
+    calls = []
+    if hooked == "stage":
+        handle = model.layer2.register_forward_hook(lambda _module, _input, _output: calls.append(1))
+    elif hooked == "block":
+        handle = model.layer3[1].register_forward_pre_hook(lambda _module, _input: calls.append(1))
+    elif hooked == "block backward":
+        handle = model.layer1[0].register_full_backward_hook(lambda _module, _grad_in, _grad_out: calls.append(1))
+    else:  # (a global full backward hook would fail at the in-place ReLUs, as in any model that has them)
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda module, _input, _output: calls.append(1) if module is model.layer4[0] else None)
+    try:
+        assert not can_call_forward_directly(module for stage in _stages(model) for module in stage.modules())
+        # Blocks' outputs are kept again, except the last (the attention pool does not keep it); a global hook
+        # turns every rebuild off.
+        rebuilt_elsewhere = 0 if hooked == "global forward" else 3 + 2 * 6
+        assert _gradients_match_the_plain_path(model, images) == 3 + 3 * 6 - 1 - rebuilt_elsewhere
+        assert calls
+    finally:
+        handle.remove()
+    assert can_call_forward_directly(module for stage in _stages(model) for module in stage.modules())
+
+
+def test_a_compiled_block_is_called_as_a_module():
+    model = _tiny_resnet()
+    assert can_call_forward_directly(model.layer2.modules())
+    model.layer2[0].compile()  # compiles on its first call, which would be skipped
+    assert not can_call_forward_directly(model.layer2.modules())
+
+
+def _stages(model):
+    return model.layer1, model.layer2, model.layer3, model.layer4
+
+
+def test_a_subclassed_block_runs_its_own_forward():
+    model = _tiny_resnet()
+
+    class Scaled(type(model.layer3[1])):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    model.layer3[1].__class__ = Scaled
+    images = torch.randn(2, 3, 64, 64)
+    with _rebuild_off():  # blocks called as modules
+        expected = model(images)
+    assert torch.equal(model(images), expected)

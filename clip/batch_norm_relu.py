@@ -78,6 +78,12 @@ def can_call_forward_directly(modules: Iterable[nn.Module]) -> bool:
 _GLOBAL_BACKWARD_HOOKS = ("_global_backward_hooks", "_global_backward_pre_hooks")
 
 
+def is_plain_relu(relu: nn.Module) -> bool:
+    """Whether `relu` is `nn.ReLU` itself, what a rebuild applies: another activation put in its place (GELU,
+    SiLU, ReLU6, a subclass) would be rebuilt as a ReLU, and its saved tensors (its input, for most) with it."""
+    return type(relu) is nn.ReLU
+
+
 def is_replayable(batch_norm: nn.Module) -> bool:
     """Whether backward may run this BatchNorm's forward again: a training-mode `nn.BatchNorm2d` (its batch
     statistics are the forward's; a SyncBatchNorm's span processes, an eval-mode one reads running statistics
@@ -97,7 +103,7 @@ def batch_norm_relu_into(
     SyncBatchNorm's statistics span processes). BatchNorm keeps its input's dtype under autocast on the CPU
     and CUDA, so the rebuild, which runs outside autocast in backward, gives the forward's dtype."""
     normalized = batch_norm(x)
-    if not (rebuild and is_replayable(batch_norm)):
+    if not (rebuild and is_replayable(batch_norm) and is_plain_relu(relu)):
         return consumer(relu(normalized))
     recipe = _BatchNormReluRecipe(x, batch_norm.weight, batch_norm.bias, batch_norm.eps)
     # `normalized` is alive until this function returns, so no other tensor can take its address.

@@ -20,6 +20,7 @@ from .batch_norm_relu import (
     batch_norm_relu_into,
     can_call_forward_directly,
     can_rebuild_activations,
+    is_plain_relu,
     is_replayable,
     saved_as_recipe,
 )
@@ -105,7 +106,7 @@ class Bottleneck(nn.Module):
         branch = batch_norm_relu_into(out, self.bn2, self.relu2, self._pool_then_conv3, True)
         out = self.bn3(branch)
         out += identity
-        if not (output_recipe and shortcut is not None and is_replayable(self.bn3)):
+        if not (output_recipe and shortcut is not None and is_replayable(self.bn3) and is_plain_relu(self.relu3)):
             return self.relu3(out), None
         recipe = ResidualReluRecipe(branch, self.bn3, shortcut)
         with saved_as_recipe(out, recipe):  # the ReLU keeps its output

@@ -266,3 +266,13 @@ def test_a_subclassed_block_runs_its_own_forward():
     with _rebuild_off():  # blocks called as modules
         expected = model(images)
     assert torch.equal(model(images), expected)
+
+
+@pytest.mark.parametrize("activation", ["GELU", "ReLU6 in place", "SiLU in place"])
+def test_an_activation_put_in_a_relus_place_is_kept_not_rebuilt_as_a_relu(activation):
+    model = _tiny_resnet()
+    make = {"GELU": nn.GELU, "ReLU6 in place": lambda: nn.ReLU6(inplace=True),
+            "SiLU in place": lambda: nn.SiLU(inplace=True)}[activation]
+    for block in model.layer1:  # a block's output into the next block, and a BatchNorm's into a convolution
+        block.relu1, block.relu3 = make(), make()
+    _gradients_match_the_plain_path(model, torch.randn(2, 3, 64, 64))

@@ -95,6 +95,8 @@ class Bottleneck(nn.Module):
         with saved_as_recipe(x, x_recipe):  # the first convolution and the shortcut's pool keep x
             if self.downsample is None:
                 identity, shortcut = x, x if x_recipe is None else x_recipe
+            elif not (type(self.downsample) is nn.Sequential and len(self.downsample) == 3):
+                identity, shortcut = self.downsample(x), None  # a shortcut put in its place: the output is kept
             else:
                 pool, conv, batch_norm = self.downsample
                 shortcut_bn_input = conv(pool(x))

@@ -276,3 +276,23 @@ def test_an_activation_put_in_a_relus_place_is_kept_not_rebuilt_as_a_relu(activa
     for block in model.layer1:  # a block's output into the next block, and a BatchNorm's into a convolution
         block.relu1, block.relu3 = make(), make()
     _gradients_match_the_plain_path(model, torch.randn(2, 3, 64, 64))
+
+
+@pytest.mark.parametrize("replaced", ["regrouped", "own module"])
+def test_a_downsample_put_in_its_place_runs_as_it_is(replaced):
+    model = _tiny_resnet()
+    pool, conv, batch_norm = model.layer2[0].downsample
+    if replaced == "regrouped":
+        model.layer2[0].downsample = nn.Sequential(pool, nn.Sequential(conv, batch_norm))
+    else:
+        class Shortcut(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.pool, self.conv, self.bn = pool, conv, batch_norm
+
+            def forward(self, x):
+                return self.bn(self.conv(self.pool(x)))
+
+        model.layer2[0].downsample = Shortcut()
+    # layer2[0]'s output is kept (its shortcut is not replayed); the rest are rebuilt as before
+    assert _gradients_match_the_plain_path(model, torch.randn(2, 3, 64, 64)) == 1

@@ -108,7 +108,10 @@ class Bottleneck(nn.Module):
         branch = batch_norm_relu_into(out, self.bn2, self.relu2, self._pool_then_conv3, True)
         out = self.bn3(branch)
         out += identity
-        if not (output_recipe and shortcut is not None and is_replayable(self.bn3) and is_plain_relu(self.relu3)):
+        # Not where the block has no graph (a frozen stage below trained ones): nothing keeps its tensors then,
+        # and a recipe handed on would keep the stage's BatchNorm inputs, one per block, for its output.
+        replayable = shortcut is not None and is_replayable(self.bn3) and is_plain_relu(self.relu3)
+        if not (output_recipe and out.requires_grad and replayable):
             return self.relu3(out), None
         recipe = ResidualReluRecipe(branch, self.bn3, shortcut)
         with saved_as_recipe(out, recipe):  # the ReLU keeps its output

@@ -296,3 +296,27 @@ def test_a_downsample_put_in_its_place_runs_as_it_is(replaced):
         model.layer2[0].downsample = Shortcut()
     # layer2[0]'s output is kept (its shortcut is not replayed); the rest are rebuilt as before
     assert _gradients_match_the_plain_path(model, torch.randn(2, 3, 64, 64)) == 1
+
+
+def test_a_frozen_stage_below_trained_ones_hands_on_no_recipe():
+    model = _tiny_resnet()  # BatchNorms in training mode, as model.lock leaves them outside the trainer
+    for module in (model.conv1, model.bn1, model.conv2, model.bn2, model.conv3, model.bn3, model.layer1,
+                   model.layer2, model.layer3):
+        module.requires_grad_(False)
+    frozen = {id(module) for stage in (model.layer1, model.layer2, model.layer3) for module in stage.modules()}
+    outputs = []
+    conv_forward = nn.Conv2d.forward
+
+    def recording_forward(conv, input):
+        output = conv_forward(conv, input)
+        if id(conv) in frozen:
+            outputs.append(weakref.ref(output))
+        return output
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nn.Conv2d, "forward", recording_forward)
+        features = model(torch.randn(2, 3, 64, 64))
+    # Without a graph the frozen stages' BatchNorms keep nothing: layer3's output is kept by layer4 as it is,
+    # not as a recipe that would keep layer3's BatchNorm inputs (its convolutions' outputs) alive.
+    assert outputs and not any(ref() is not None for ref in outputs)
+    features.square().sum().backward()

@@ -15,9 +15,8 @@ A residual block's output, relu(BatchNorm(branch) + shortcut), is the next block
 convolution. `ResidualReluRecipe` rebuilds it the same way, from the branch's BatchNorm input (kept) and the
 shortcut: the block's input (kept, or itself a recipe: the rebuilds chain back to the stage's first block) or,
 in a downsampling block, the BatchNorm of the shortcut convolution's output (kept). Autograd then keeps ~22 MB
-less per RN50 sample at 224 pixels (fp32); the training step's measured peak fell less
-(on the CPU at one thread, all 77 text positions: ~0.13 GiB at batch 16, ~0.4 GiB at batch 32), at no step
-time measurable there.
+less per RN50 sample at 224 pixels (fp32); the training step's measured peak fell less (on the CPU at one
+thread, all 77 text positions: ~0.13 GiB at batch 16, ~0.4 GiB at batch 32), at no step time measurable there.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ convolution. `ResidualReluRecipe` rebuilds it the same way, from the branch's Ba
 shortcut: the block's input (kept, or itself a recipe: the rebuilds chain back to the stage's first block) or,
 in a downsampling block, the BatchNorm of the shortcut convolution's output (kept). Autograd then keeps ~22 MB
 less per RN50 sample at 224 pixels (fp32); the training step's measured peak fell less (on the CPU at one
-thread, all 77 text positions: ~0.13 GiB at batch 16, ~0.4 GiB at batch 32), at no step time measurable there.
+thread: 0.11-0.19 GiB at batch 16, 0.4-0.5 GiB at batch 32), for ~2% more step time (the replays in backward).
 """
 
 from __future__ import annotations

@@ -245,10 +245,11 @@ class ModifiedResNet(nn.Module):
 
     def _stages(self, x: torch.Tensor) -> torch.Tensor:
         stages = (self.layer1, self.layer2, self.layer3, self.layer4)  # strides 1, 2, 2, 2: -> H/32
-        blocks = [block for stage in stages for block in stage]
         # Only our own stages and blocks (a replaced or subclassed one runs its own forward), called as modules
         # wherever that would do more than run `forward`.
-        ours = all(type(stage) is nn.Sequential for stage in stages) and all(type(b) is Bottleneck for b in blocks)
+        ours = all(type(stage) is nn.Sequential for stage in stages)
+        blocks = [block for stage in stages for block in stage] if ours else []
+        ours = ours and all(type(block) is Bottleneck for block in blocks)
         if not (ours and can_call_forward_directly(module for stage in stages for module in stage.modules())):
             return self.layer4(self.layer3(self.layer2(self.layer1(x))))
         # Each block's output is rebuilt in backward from the next block on (see Bottleneck.forward_rebuilding);

@@ -254,6 +254,24 @@ def _stages(model):
     return model.layer1, model.layer2, model.layer3, model.layer4
 
 
+def test_a_replaced_stage_runs_as_it_is():
+    model = _tiny_resnet()
+
+    class Wrapped(nn.Module):  # a stage in a wrapper of the user's: a module, not a sequence of blocks
+        def __init__(self, stage):
+            super().__init__()
+            self.stage = stage
+
+        def forward(self, x):
+            return self.stage(x)
+
+    model.layer2 = Wrapped(model.layer2)
+    images = torch.randn(2, 3, 64, 64)
+    features = model(images)
+    with _rebuild_off():
+        assert torch.equal(model(images), features)
+
+
 def test_a_subclassed_block_runs_its_own_forward():
     model = _tiny_resnet()
 

@@ -106,7 +106,7 @@ def batch_norm_relu_into(
     normalized = batch_norm(x)
     if not (rebuild and is_replayable(batch_norm) and is_plain_relu(relu)):
         return consumer(relu(normalized))
-    recipe = _BatchNormReluRecipe(x, batch_norm.weight, batch_norm.bias, batch_norm.eps)
+    recipe = _BatchNormReluRecipe(BatchNormReplay(x, batch_norm))
     # `normalized` is alive until this function returns, so no other tensor can take its address.
     with saved_as_recipe(normalized, recipe):
         return consumer(relu(normalized))
@@ -139,30 +139,40 @@ def saved_as_recipe(tensor: torch.Tensor, recipe: Recipe | None) -> Iterator[Non
         yield
 
 
-class _BatchNormReluRecipe:
-    """relu(batch_norm(x)) in training mode, rebuilt on first use in backward and shared by the backward
-    functions that read it (the ReLU's and the consumer's); freed with them.
+class BatchNormReplay:
+    """A training-mode BatchNorm's forward on `bn_input`, to run again in backward: batch statistics, running
+    statistics left alone. Not cached (see the recipes below, which are).
 
     The affine parameters are the ones the forward used (torch.func.functional_call, for one, swaps a
-    module's parameters only for the call); BatchNorm's backward keeps the same tensors."""
+    module's parameters only for the call); BatchNorm's backward keeps the same tensors, and `bn_input` as well
+    (where BatchNorm records one: else it stands in for the activation, which is as large)."""
 
-    __slots__ = ("bias", "bn_input", "eps", "value", "weight")
+    __slots__ = ("bias", "bn_input", "eps", "weight")
 
-    def __init__(
-        self, bn_input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-    ) -> None:
-        # BatchNorm's backward keeps it as well (where BatchNorm records one: else it stands in for the
-        # activation, which is as large)
+    def __init__(self, bn_input: torch.Tensor, batch_norm: nn.Module) -> None:
         self.bn_input = bn_input
-        self.weight, self.bias, self.eps = weight, bias, eps
+        self.weight, self.bias, self.eps = batch_norm.weight, batch_norm.bias, batch_norm.eps
+
+    def rebuilt(self) -> torch.Tensor:
+        # Without a graph even under create_graph=True: autograd attaches what an unpack hook returns to the
+        # saved tensor's original graph, which carries any second-order terms.
+        with torch.no_grad():
+            return F.batch_norm(self.bn_input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+
+class _BatchNormReluRecipe:
+    """relu(batch_norm(x)) in training mode, rebuilt on first use in backward and shared by the backward
+    functions that read it (the ReLU's and the consumer's); freed with them."""
+
+    __slots__ = ("batch_norm", "value")
+
+    def __init__(self, batch_norm: BatchNormReplay) -> None:
+        self.batch_norm = batch_norm
         self.value: torch.Tensor | None = None
 
     def rebuilt(self) -> torch.Tensor:
         if self.value is None:
-            # Without a graph even under create_graph=True: autograd attaches what an unpack hook returns to
-            # the saved tensor's original graph (the ReLU's), which carries any second-order terms.
-            with torch.no_grad():
-                self.value = _batch_norm_replayed(self.bn_input, self.weight, self.bias, self.eps).relu_()
+            self.value = self.batch_norm.rebuilt().relu_()
         return self.value
 
 
@@ -171,53 +181,27 @@ class ResidualReluRecipe:
     backward and shared by the backward functions that read it (the block's last ReLU's, the next block's first
     convolution's and shortcut pool's); freed with them.
 
-    `batch_norm` is the branch's last BatchNorm, which keeps `branch` for its own backward. `shortcut` is what
-    the forward added: a tensor that autograd keeps anyway (the block's input), the recipe of the block's input
-    (rebuilt first, so a stage's outputs are rebuilt together, from its first block's, when the last one's is
-    first needed), or `(shortcut_bn_input, shortcut_batch_norm)` for a downsampling block's shortcut BatchNorm.
-    Both BatchNorms must be `is_replayable`."""
+    `branch` replays the branch's last BatchNorm. `shortcut` is what the forward added: a tensor that autograd
+    keeps anyway (the block's input), the recipe of the block's input (rebuilt first, so a stage's outputs are
+    rebuilt together, from its first block's, when the last one's is first needed), or the replay of a
+    downsampling block's shortcut BatchNorm."""
 
-    __slots__ = ("branch", "eps", "shortcut", "value", "weights")
+    __slots__ = ("branch", "shortcut", "value")
 
     def __init__(
-        self, branch: torch.Tensor, batch_norm: nn.Module,
-        shortcut: torch.Tensor | ResidualReluRecipe | tuple[torch.Tensor, nn.Module],
+        self, branch: BatchNormReplay, shortcut: torch.Tensor | ResidualReluRecipe | BatchNormReplay,
     ) -> None:
         self.branch = branch
-        self.weights, self.eps = (batch_norm.weight, batch_norm.bias), batch_norm.eps  # the forward's, as above
-        if isinstance(shortcut, tuple):
-            bn_input, shortcut_batch_norm = shortcut
-            shortcut = _BatchNormReplay(bn_input, shortcut_batch_norm)
-        self.shortcut: torch.Tensor | ResidualReluRecipe | _BatchNormReplay | None = shortcut
+        self.shortcut: torch.Tensor | ResidualReluRecipe | BatchNormReplay | None = shortcut
         self.value: torch.Tensor | None = None
 
     def rebuilt(self) -> torch.Tensor:
         if self.value is None:
             shortcut = self.shortcut if isinstance(self.shortcut, torch.Tensor) else self.shortcut.rebuilt()
-            with torch.no_grad():  # see _BatchNormReluRecipe.rebuilt
-                value = _batch_norm_replayed(self.branch, *self.weights, self.eps)
+            value = self.branch.rebuilt()
+            with torch.no_grad():  # the kept shortcut may require grad: no graph, as in BatchNormReplay
                 value += shortcut  # the forward's order: the shortcut added to the BatchNorm output in place
                 self.value = value.relu_()
             # The previous block's output stays with the backward functions that read it, not with this one.
             self.shortcut = None
         return self.value
-
-
-class _BatchNormReplay:
-    """A downsampling block's shortcut BatchNorm, run again in backward (not kept: read once)."""
-
-    __slots__ = ("bn_input", "eps", "weights")
-
-    def __init__(self, bn_input: torch.Tensor, batch_norm: nn.Module) -> None:
-        self.bn_input, self.weights, self.eps = bn_input, (batch_norm.weight, batch_norm.bias), batch_norm.eps
-
-    def rebuilt(self) -> torch.Tensor:
-        with torch.no_grad():
-            return _batch_norm_replayed(self.bn_input, *self.weights, self.eps)
-
-
-def _batch_norm_replayed(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-) -> torch.Tensor:
-    """A training-mode BatchNorm's output again: batch statistics, running statistics left alone."""
-    return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)

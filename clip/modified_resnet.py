@@ -16,6 +16,7 @@ from torch import nn
 
 from .architectures import VisionConfig, constructor_arguments, wrong_image_size
 from .batch_norm_relu import (
+    BatchNormReplay,
     ResidualReluRecipe,
     batch_norm_relu_into,
     can_call_forward_directly,
@@ -100,7 +101,8 @@ class Bottleneck(nn.Module):
             else:
                 pool, conv, batch_norm = self.downsample
                 shortcut_bn_input = conv(pool(x))
-                identity, shortcut = batch_norm(shortcut_bn_input), (shortcut_bn_input, batch_norm)
+                identity = batch_norm(shortcut_bn_input)
+                shortcut = BatchNormReplay(shortcut_bn_input, batch_norm)
                 if not is_replayable(batch_norm):
                     shortcut = None
             out = self.conv1(x)
@@ -113,7 +115,7 @@ class Bottleneck(nn.Module):
         replayable = shortcut is not None and is_replayable(self.bn3) and is_plain_relu(self.relu3)
         if not (output_recipe and out.requires_grad and replayable):
             return self.relu3(out), None
-        recipe = ResidualReluRecipe(branch, self.bn3, shortcut)
+        recipe = ResidualReluRecipe(BatchNormReplay(branch, self.bn3), shortcut)
         with saved_as_recipe(out, recipe):  # the ReLU keeps its output
             return self.relu3(out), recipe
 

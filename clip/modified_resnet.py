@@ -168,7 +168,8 @@ class AttentionPool2d(nn.Module):
         head_dim = c // self.num_heads
 
         def split_heads(t: torch.Tensor) -> torch.Tensor:  # N,L,C -> N,heads,L,head_dim
-            return t.view(n, -1, self.num_heads, head_dim).transpose(1, 2)
+            # L named, not -1: a view of an empty batch (N = 0) cannot infer it
+            return t.view(n, t.shape[1], self.num_heads, head_dim).transpose(1, 2)
 
         q = split_heads(self.q_proj(x[:, :1]))
         k = split_heads(self.k_proj(x))

@@ -278,6 +278,19 @@ def test_empty_text_batch():
         assert model.encode_text(torch.zeros(0, 20, dtype=torch.int32)).shape == (0, 24)
 
 
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+@pytest.mark.parametrize("training", [False, True])
+def test_empty_image_batch(kind, training):
+    # An empty batch (a caller's filtered-out list) gives empty features, as the text encoder's does; the
+    # ResNet's attention pool inferred a view's length from zero elements and raised
+    model = CLIP(TINY[kind]).train(training)
+    size = TINY[kind].vision.image_size
+    features = model.encode_image(torch.zeros(0, 3, size, size))
+    assert features.shape == (0, 24)
+    if training:
+        features.sum().backward()
+
+
 def test_layer_norm_runs_half_inputs_natively_only_under_autocast_with_float32_weights():
     from torch.utils._python_dispatch import TorchDispatchMode
 

@@ -65,6 +65,21 @@ def test_a_missing_shard_without_a_count_or_a_malformed_index_is_named_as_such(t
     assert shard_sizes(expand_shard_pattern(pattern), num_samples=8).tolist() == [4, 4]  # num_samples wins, as ever
 
 
+def test_a_shard_that_cannot_be_counted_is_named_as_a_config_error(tmp_path: Path) -> None:
+    # Without a size index an empty or cut-off shard raised tarfile's bare ReadError ("empty file"), which
+    # named no shard and escaped the trainer's one-line report of bad input as a traceback.
+    pattern = write_shards(tmp_path, 8, 4)
+    (tmp_path / "sizes.json").unlink()
+    urls = expand_shard_pattern(pattern)
+    whole = Path(urls[1]).read_bytes()
+    Path(urls[1]).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"shard .*s-000001.tar cannot be counted.*ReadError: empty file"):
+        shard_sizes(urls)
+    Path(urls[1]).write_bytes(whole[:700])  # cut inside its first member
+    with pytest.raises(ValueError, match=r"shard .*s-000001.tar cannot be counted.*ReadError"):
+        shard_sizes(urls)
+
+
 def test_num_samples_that_disagrees_with_the_size_index_is_warned_about(tmp_path: Path, caplog) -> None:
     urls = expand_shard_pattern(write_shards(tmp_path, 11, 4))
     with caplog.at_level("WARNING", logger="clip.data.shards"):

@@ -207,7 +207,15 @@ def shard_sizes(urls: list[str], size_index: str = "", num_samples: int | None =
                 wildcards = " (the path takes {000000..000099} ranges, not wildcards)" if set(url) & set("*?[") else ""
                 raise FileNotFoundError(f"shard {url} does not exist{wildcards}: check the source's path pattern")
             log.info("no size index entry for %s: counting its samples", url)
-            count = count_tar_samples(url)
+            try:
+                count = count_tar_samples(url)
+            except Exception as error:  # tarfile.ReadError (an empty or cut-off file), gzip's errors...
+                # Named, and a config error (reported in one line): the bare ReadError("empty file") named no
+                # shard. Not counted as far as it reads: the damage would pass for a complete, smaller shard.
+                raise ValueError(
+                    f"shard {url} cannot be counted, it is not a readable tar file ({type(error).__name__}: "
+                    f"{error}): rewrite or remove it, or leave it out of the source's path pattern"
+                ) from error
         if count is None:
             where = (
                 "point size_index at a sizes.json (pipe: shards have no folder to look in)" if url.startswith("pipe:")

@@ -80,6 +80,25 @@ def test_a_shard_that_cannot_be_counted_is_named_as_a_config_error(tmp_path: Pat
         shard_sizes(urls)
 
 
+def test_shards_that_hold_no_sample_are_an_error_naming_the_source(tmp_path: Path) -> None:
+    # Beside another source such shards (a size index of zeros: img2dataset's stats after a failed download)
+    # were never read, and nothing was said; alone, the planner's error blamed the number of workers.
+    from test_data_helpers import write_manifest
+
+    good = write_manifest(tmp_path / "good", range(8))
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    for shard in range(2):
+        tarfile.open(folder / f"e-{shard:06d}.tar", "w").close()
+    (folder / "sizes.json").write_text(json.dumps({"e-000000.tar": 0, "e-000001.tar": 0}))
+    empty = SourceConfig(kind="shards", path=str(folder / "e-{000000..000001}.tar"))
+    with pytest.raises(ValueError, match=r"data source 1:shards: the 2 shard\(s\) of .* hold no samples"):
+        build([SourceConfig(kind="manifest", path=str(good)), empty])
+    (folder / "sizes.json").unlink()  # counted: the same
+    with pytest.raises(ValueError, match=r"data source 0:shards: .* hold no samples"):
+        build([empty])
+
+
 def test_num_samples_that_disagrees_with_the_size_index_is_warned_about(tmp_path: Path, caplog) -> None:
     urls = expand_shard_pattern(write_shards(tmp_path, 11, 4))
     with caplog.at_level("WARNING", logger="clip.data.shards"):

@@ -122,6 +122,12 @@ class ShardSource:
         if not self.urls:
             raise ValueError(f"data source {name}: the shard pattern {config.path!r} names no shards")
         self.sizes = shard_sizes(self.urls, config.size_index, config.num_samples)
+        if not self.sizes.any():  # as for an empty manifest: in a mix, the source was left out without a word
+            raise ValueError(
+                f"data source {name}: the {len(self.urls)} shard(s) of {config.path!r} hold no samples by their "
+                "size index (or img2dataset's stats, or counting them); check the shards, or rewrite the index: "
+                "python scripts/make_shards.py --index '<pattern>'"
+            )
         self.layout = SourceLayout(int(self.sizes.sum()), config.weight, self.sizes)
         self.image_key = config.image_column
         # caption_column = "json" or "json:FIELD": a field of each sample's .json member (img2dataset's

@@ -65,6 +65,17 @@ def test_a_missing_shard_without_a_count_or_a_malformed_index_is_named_as_such(t
     assert shard_sizes(expand_shard_pattern(pattern), num_samples=8).tolist() == [4, 4]  # num_samples wins, as ever
 
 
+@pytest.mark.parametrize("count", ["true", "-4", "4.0", '"4"'])
+def test_a_size_index_entry_that_is_not_a_sample_count_is_named(tmp_path: Path, count: str) -> None:
+    # true and -4 passed for counts (true as 1); 4.0 and "4" were dropped without a word, leaving the shard
+    # to be read for its count
+    pattern = write_shards(tmp_path, 8, 4)
+    (tmp_path / "sizes.json").write_text('{"s-000000.tar": 4, "s-000001.tar": %s}' % count)
+    with pytest.raises(ValueError, match=r"sizes.json gives s-000001.tar the count .*, not a number of samples"):
+        shard_sizes(expand_shard_pattern(pattern))
+    assert shard_sizes(expand_shard_pattern(pattern), num_samples=8).tolist() == [4, 4]  # num_samples wins
+
+
 def test_a_shard_that_cannot_be_counted_is_named_as_a_config_error(tmp_path: Path) -> None:
     # Without a size index an empty or cut-off shard raised tarfile's bare ReadError ("empty file"), which
     # named no shard and escaped the trainer's one-line report of bad input as a traceback.

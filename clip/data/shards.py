@@ -140,7 +140,7 @@ def _img2dataset_count(url: str) -> int | None:
     stem = shard_name(url).split(".")[0]
     stats = _read_json(posixpath.join(folder, f"{stem}_stats.json") if folder else f"{stem}_stats.json")
     count = stats.get("successes") if isinstance(stats, dict) else None
-    return int(count) if isinstance(count, int) else None
+    return count if _is_sample_count(count) else None
 
 
 class _SizeIndexes:
@@ -177,7 +177,15 @@ class _SizeIndexes:
         if not isinstance(index, dict):
             return None
         count = index.get(url, index.get(shard_name(url)))
-        return int(count) if isinstance(count, int) else None
+        if count is not None and not _is_sample_count(count):
+            # true (an int in Python) or a negative number would pass for a count and skew the epoch's layout
+            raise ValueError(f"the shard size index {location} gives {shard_name(url)} the count {count!r}, not a "
+                             "number of samples (rewrite it: python scripts/make_shards.py --index '<pattern>')")
+        return count
+
+
+def _is_sample_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def shard_sizes(urls: list[str], size_index: str = "", num_samples: int | None = None) -> np.ndarray:

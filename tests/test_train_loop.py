@@ -1405,3 +1405,17 @@ def test_a_second_sigterm_is_the_same_request_but_a_second_ctrl_c_stops_at_once(
         assert stop.requested
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_an_output_dir_outside_unicodes_first_plane_is_used_as_given(tmp_path, monkeypatch):
+    # --output-dir went into an override through json.dumps, whose escapes of such a character (a surrogate
+    # pair) TOML refuses: the override's value was then its raw text, quotes and escapes included, a relative
+    # folder in the working directory
+    import clip.cli.train as train_cli
+
+    monkeypatch.chdir(tmp_path)  # where the wrong folder was made
+    started = []
+    monkeypatch.setattr(train_cli, "run", lambda config, launcher: started.append(config.output_dir) or 0)
+    run_dir = str(tmp_path / "run \U0001f600")
+    assert main([str(DEMO), "--output-dir", run_dir]) == 0
+    assert started == [run_dir] and (tmp_path / "run \U0001f600" / "train.log").exists()

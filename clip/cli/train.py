@@ -11,7 +11,7 @@ using, init weights that name nothing loadable); 75 stopped early with a checkpo
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import logging
 import os
 import sys
@@ -87,14 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     launcher = read_launcher_environment(os.environ)
     rank_zero = launcher is None or launcher.rank == 0
-    overrides = list(args.overrides)
     if args.output_dir:
-        if any(override.strip().startswith("output_dir=") for override in overrides) and rank_zero:
+        if any(override.strip().startswith("output_dir=") for override in args.overrides) and rank_zero:
             print("clip-train: both --output-dir and an output_dir= override given; --output-dir is used",
                   file=sys.stderr)
-        overrides.append(f"output_dir={json.dumps(args.output_dir)}")
     try:
-        config = load_config(args.config, overrides, TrainConfig)
+        config = load_config(args.config, args.overrides, TrainConfig)
+        if args.output_dir:
+            # Set as given, not written into an override: a path outside Unicode's first plane (an emoji) came
+            # back from JSON's escapes as a relative folder named after its own quoted, escaped text
+            config = dataclasses.replace(config, output_dir=args.output_dir)
     except ConfigError as error:
         # Every rank reads the same file and overrides: rank 0 alone says what is wrong, not each of the
         # hundreds of processes of a cluster job. Unless this rank cannot read the file (a path that exists on

@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
+import torch
+
 from .architectures import OPENAI_VOCAB_SIZE, ModelConfig
 from .config_io import (
     ConfigError,
@@ -159,6 +161,9 @@ class TrainLoopConfig:
         if self.threads is not None:
             require("threads", self.threads, self.threads >= 1, '>= 1, or "none" for the default thread count')
         require("patch_dropout", self.patch_dropout, 0 <= self.patch_dropout < 1, "in [0, 1)")
+        # A device torch cannot parse ("gpu") stopped the run with torch's traceback, once it had started
+        require("device", self.device, self.device == "auto" or _is_torch_device(self.device),
+                '"auto" or a torch device such as "cpu", "cuda" or "cuda:1"')
         for tower in ("image", "text"):
             key, layers = f"lock_{tower}_unlocked_layers", getattr(self, f"lock_{tower}_unlocked_layers")
             require(key, layers, layers >= 0, ">= 0 (0: the whole tower is locked)")
@@ -168,6 +173,14 @@ class TrainLoopConfig:
         if self.lock_image and self.lock_text and not unlocked:
             raise InvalidValue("lock_text", "cannot be true with lock_image: nothing but the temperature would "
                                "train (unless lock_image_unlocked_layers or lock_text_unlocked_layers leaves layers)")
+
+
+def _is_torch_device(name: str) -> bool:
+    try:
+        torch.device(name)
+    except RuntimeError:
+        return False
+    return True
 
 
 @dataclass

@@ -207,6 +207,8 @@ def test_vision_config_validation():
         (["schedule.kind=constant_cooldown", "schedule.steps=100", "schedule.warmup_steps=10",
           "schedule.cooldown_steps=91"], "schedule.cooldown_steps must be in [1, steps - warmup_steps = 90]"),
         (["schedule.kind=constant", "schedule.min_lr_ratio=0.1"], 'schedule.min_lr_ratio is not used with kind = "constant"'),
+        (["train.device=gpu"], "train.device must be \"auto\" or a torch device such as \"cpu\", \"cuda\" or \"cuda:1\", got 'gpu'"),
+        (["train.device=cuda:x"], "train.device must be \"auto\" or a torch device"),
         (["checkpoint.every_n_steps=-1"], "checkpoint.every_n_steps must be >= 0"),
         (["checkpoint.keep_last=0"], "checkpoint.keep_last must be >= 1, got 0"),
         (["optimizer.lr=0"], "optimizer.lr must be a finite number > 0, got 0.0"),
@@ -255,6 +257,8 @@ def test_boundary_values_that_mean_something_are_accepted():
         "data.sources.0.synthetic_image_size=16",
     ], TrainConfig)
     assert config.checkpoint.every_n_steps == 0 and config.schedule.min_lr_ratio == 1.0
+    for device in ("auto", "cpu", "cuda", "cuda:1"):  # checked as names only: the machine need not have them
+        assert load_config(None, [f"train.device={device}"], TrainConfig).train.device == device
     # No upper limit on the temperature: log(inf) is inf, a valid clamp bound.
     assert load_config(None, ["loss.max_logit_scale=inf"], TrainConfig).loss.max_logit_scale == float("inf")
 

@@ -163,15 +163,22 @@ def read_launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment
     return None
 
 
+class DeviceUnavailable(RuntimeError):
+    """The device a run asks for is not on this machine, or not one per process (said in one line by clip-train)."""
+
+
 def _select_device(device: str, local_rank: int) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     selected = torch.device(device)
     if selected.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' was asked for but CUDA is not available")
+            raise DeviceUnavailable(f"train.device = {device!r}, but CUDA is not available on this machine")
+        visible = torch.cuda.device_count()
         if selected.index is None:
-            selected = torch.device("cuda", _local_gpu_index(local_rank, torch.cuda.device_count()))
+            selected = torch.device("cuda", _local_gpu_index(local_rank, visible))
+        elif selected.index >= visible:  # torch's "invalid device ordinal" names neither
+            raise DeviceUnavailable(f"train.device = {device!r}, but this process sees {visible} GPU(s)")
         torch.cuda.set_device(selected)
     return selected
 
@@ -184,7 +191,7 @@ def _local_gpu_index(local_rank: int, visible_gpus: int) -> int:
     if visible_gpus == 1:
         return 0
     if local_rank >= visible_gpus:
-        raise RuntimeError(
+        raise DeviceUnavailable(
             f"local rank {local_rank} but this process sees {visible_gpus} GPUs: start at most one process per "
             f"GPU on each node (torchrun --nproc-per-node, SLURM --ntasks-per-node), or give each process one GPU"
         )

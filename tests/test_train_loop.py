@@ -766,6 +766,15 @@ def test_fine_tuning_weights_of_another_architecture_are_refused_by_name(tmp_pat
     assert "model.vision.layers: 1 there, 2 here" in errors[0] and "ViT-B/33" in errors[1]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA on a machine without it")
+def test_a_device_this_machine_lacks_is_one_error_line(tmp_path, capsys):
+    # It was torch's RuntimeError traceback from init_distributed, with exit status 1 (a failure, not bad input)
+    capsys.readouterr()
+    assert main([str(DEMO), "--output-dir", str(tmp_path / "run"), *TINY, "train.device=cuda:1"]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert errors == ["clip-train: train.device = 'cuda:1', but CUDA is not available on this machine"], errors
+
+
 RESNET = ["model.vision.kind=resnet", "model.vision.width=8", "model.vision.layers=[1, 1, 1, 1]",
           "model.vision.heads=2"]
 

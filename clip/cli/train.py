@@ -22,7 +22,7 @@ from .. import checkpoint as ckpt
 from ..config import TrainConfig, load_config
 from ..config_io import ConfigError
 from ..data.stream import UnusableData
-from ..distributed import LauncherEnvironment, read_launcher_environment
+from ..distributed import DeviceUnavailable, LauncherEnvironment, read_launcher_environment
 from ..download import DownloadError
 from ..loading import ModelNotFoundError
 from ..resume import ResumeRefused
@@ -125,9 +125,10 @@ def run(config: TrainConfig, launcher: LauncherEnvironment | None) -> int:
         return STOPPED_EARLY_EXIT_CODE
     # Bad input, as a bad config: data that cannot be used, a run directory the config cannot continue (or
     # that another run is using),
-    # train.init_weights naming no weights or weights of another architecture
+    # train.init_weights naming no weights or weights of another architecture, a device this machine lacks
     except (
         BadTrainingInput, ResumeRefused, RunDirectoryInUse, WeightsFileError, ModelNotFoundError, UnusableData,
+        DeviceUnavailable,
     ) as error:
         if debugging():
             traceback.print_exception(error.__cause__ or error)

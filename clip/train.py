@@ -465,8 +465,10 @@ def _train(
 
         progress = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr)
     nonfinite_total = metrics_so_far.get("nonfinite_steps_total", 0)
-    nonfinite_in_a_row = 0
-    last_metrics = dict(metrics_so_far)
+    # A run stopped (signalled) within a run of non-finite steps continues it: counted from 0 again, each stop
+    # would give a diverged run another max_consecutive_nonfinite steps
+    nonfinite_in_a_row = metrics_so_far.get("nonfinite_steps_in_a_row", 0)
+    last_metrics = {key: value for key, value in metrics_so_far.items() if key != "nonfinite_steps_in_a_row"}
     window_start, window_samples, window_flops = time.perf_counter(), 0, 0.0
     window_data_wait = 0.0  # host seconds spent waiting for the data loader's next batch in the window
     step = start_step
@@ -634,7 +636,8 @@ def _train(
         if periodic or (stop_now and step < total_steps):
             # A periodic evaluation due now was skipped or abandoned only if the run is stopping
             owed = bool(evaluate_now) and stop_now
-            save(step, {**last_metrics, "nonfinite_steps_total": nonfinite_total}, evaluation_owed=owed)
+            save(step, {**last_metrics, "nonfinite_steps_total": nonfinite_total,
+                        "nonfinite_steps_in_a_row": nonfinite_in_a_row}, evaluation_owed=owed)
         if stop_now:
             last_step = step
             break
@@ -648,7 +651,7 @@ def _train(
     # ran) costs no trained weights. Decided from this run's own saves, not by looking at the file system:
     # every rank must agree, or the collectives inside save() would pair up with other calls.
     if saved_at["step"] != step:
-        save(step, final)
+        save(step, {**final, "nonfinite_steps_in_a_row": nonfinite_in_a_row})
     # Still under the same signal handling: a signal from the last step on abandons the final evaluation
     # (it may outlast the grace period; the weights are saved), `main` exits 75 and the run started again
     # only evaluates.

@@ -230,6 +230,15 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch, 
     assert all("logit_scale" in r and "logit_scale_exp" not in r for r in logged)  # one name for the figure
 
 
+def test_a_run_of_non_finite_steps_continues_across_a_stop(tmp_path, monkeypatch):
+    # The count in a row started from 0 again on resuming: each stop gave a diverged run more steps
+    poison_loss(monkeypatch, {3, 4, 5})  # calls count on across the two train() calls: steps 3, 4, then 5
+    config = tiny_config(tmp_path, "schedule.steps=8", "train.max_consecutive_nonfinite=3", "eval.every_n_steps=0")
+    assert train(config, stop_at_step=4)["step"] == 4
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses or gradients in a row at step 5"):
+        train(config)
+
+
 def test_non_finite_gradients_of_a_finite_loss_skip_the_step(tmp_path, monkeypatch, caplog):
     # The loss alone was checked: a step with NaN gradients was taken and made the weights NaN for good.
     poison_loss(monkeypatch, {2}, gradients_only=True)

@@ -560,9 +560,11 @@ def _train(
                             loss.item(), nonfinite_in_a_row)
             if nonfinite_in_a_row >= config.train.max_consecutive_nonfinite:
                 # No periodic checkpoint is written during such a run of steps (see below), so the latest one
-                # holds the weights from before it
-                kept = (f"the latest checkpoint, {ckpt.checkpoint_path(run_dir, saved_at['step'])}, is from before "
-                        f"them and kept" if saved_at["step"] is not None else "no checkpoint was written before them")
+                # holds the weights from before it (one written by a stop within it: the skipped steps left the
+                # weights as they were)
+                kept = (f"the latest checkpoint, {ckpt.checkpoint_path(run_dir, saved_at['step'])}, holds the weights "
+                        f"from before them and is kept" if saved_at["step"] is not None
+                        else "no checkpoint was written before them")
                 raise NonFiniteLossError(
                     f"{nonfinite_in_a_row} non-finite losses or gradients in a row at step {step}; stopping: "
                     f"{kept}. Try a lower optimizer.lr, precision=bf16 instead of fp16, or a smaller "

@@ -286,7 +286,10 @@ def _train(
     # moments (5 GB for ViT-L/14) would stay in every rank's memory for the whole run.
     del state
     already_finished = resumed and start_step >= config.schedule.steps
-    if already_finished:
+    if already_finished and start_step > config.schedule.steps:  # schedule.steps lowered below the checkpoint's
+        log.warning("%s has a checkpoint at step %d, past schedule.steps = %d: evaluating that checkpoint only (its "
+                    "weights and config are left as they are)", run_dir, start_step, config.schedule.steps)
+    elif already_finished:
         log.info("%s finished its %d steps already: evaluating only, its checkpoint and config are left as they are",
                  run_dir, start_step)
     else:

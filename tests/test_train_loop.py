@@ -628,6 +628,15 @@ def test_evaluating_a_finished_run_again_replaces_its_final_evaluation_record(tm
     assert [r["step"] for r in records if "loss" in r] == [1, 2]  # the training records stay
 
 
+def test_lowering_the_steps_below_the_checkpoints_evaluates_it_and_says_so(tmp_path, caplog):
+    # It read "finished its 3 steps already", of a run now configured for 2
+    train(tiny_config(tmp_path, "schedule.steps=3", "eval.every_n_steps=0", "eval.zeroshot=[]"))
+    with caplog.at_level(logging.INFO, logger="clip.train"):
+        results = train(tiny_config(tmp_path, "schedule.steps=2", "eval.every_n_steps=0", "eval.zeroshot=[]"))
+    assert results["step"] == 3 and "finished its" not in caplog.text
+    assert "has a checkpoint at step 3, past schedule.steps = 2: evaluating that checkpoint only" in caplog.text
+
+
 def test_rerunning_a_finished_run_with_other_settings_leaves_its_record_alone(tmp_path, caplog):
     train(tiny_config(tmp_path, "schedule.steps=2", "eval.every_n_steps=0"))
     checkpoint = ckpt.list_checkpoints(tmp_path)[0][1]

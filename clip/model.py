@@ -199,9 +199,11 @@ class CLIP(nn.Module):
         # features: running only up to the batch's last end-of-text token gives the same result, and
         # captions are usually far shorter than the context. The length is rounded up to a multiple of 8
         # to keep matrix shapes friendly and limit how many shapes torch.compile sees.
-        # Meta tensors (FLOP counting) have no values and an empty batch no longest caption: both keep their length.
+        # Meta tensors (FLOP counting) have no values and an empty batch no longest caption: both keep their length,
+        # and so do the texts of a torch.func transform (vmap, per-sample gradients), whose length cannot be read.
         as_openai = runs_as_openai(self.transformer, self.token_embedding, self.ln_final)
-        if trim and not _tracing() and not as_openai and not text.is_meta and text.shape[0] > 0:
+        readable = not text.is_meta and not torch._C._functorch.is_functorch_wrapped_tensor(text)
+        if trim and not _tracing() and not as_openai and readable and text.shape[0] > 0:
             text = text[:, : trimmed_text_length(eot, text.shape[-1])]
         length = text.shape[-1]
         dtype = self.text_projection.dtype

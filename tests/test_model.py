@@ -109,6 +109,32 @@ def test_images_of_another_size_are_a_clear_error(kind):
         assert model.encode_image(torch.randn(1, 3, size + 5, size + 5)).shape == (1, TINY[kind].embed_dim)
 
 
+def test_text_features_under_vmap_and_per_sample_gradients():
+    # torch.func's vmap cannot read a batched tensor's values: the trimming's longest caption (an .item())
+    # raised there, where openai/CLIP's encode_text runs; the texts keep their length instead.
+    torch.manual_seed(0)
+    model = CLIP(TINY["vit"]).eval()
+    texts = texts_with_lengths([3, 5, 11])
+    per_text = torch.func.vmap(lambda text: model.encode_text(text.unsqueeze(0)).squeeze(0))(texts)
+    torch.testing.assert_close(per_text, model.encode_text(texts), rtol=1e-5, atol=1e-6)
+
+    class TextTower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.clip = model
+
+        def forward(self, text):
+            return self.clip.encode_text(text)
+
+    def text_loss(parameters, text):  # one text's loss, for per-sample gradients
+        return torch.func.functional_call(TextTower(), parameters, (text.unsqueeze(0),)).square().sum()
+
+    parameters = {f"clip.{name}": p.detach() for name, p in model.named_parameters()}
+    per_sample = torch.func.vmap(torch.func.grad(text_loss), in_dims=(None, 0))(parameters, texts)
+    model.encode_text(texts[1:2]).square().sum().backward()
+    torch.testing.assert_close(per_sample["clip.text_projection"][1], model.text_projection.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)

@@ -40,7 +40,8 @@ def can_rebuild_activations(modules: Iterable[nn.Module]) -> bool:
     - not where saved-tensor hooks are disabled (torch.func's transforms disable them: their tensors have no
       memory address to recognise), nor inside a caller's hooks (activation checkpointing or `save_on_cpu`
       around the model), which ours, sitting closer to the operations, would take precedence over;
-    - not with forward hooks on these modules or global ones: a hook may change an output that the rebuild
+    - not with forward hooks on these modules or global ones, nor with a `forward` replaced on one of them
+      (`module.forward = ...`, as tools that wrap modules do): either may change an output that the rebuild
       would not change (and with a saved tensor's hooks, autograd skips the in-place-modification check).
     Reading the caller's hooks needs torch's private `_top_saved_tensors_default_hooks` (torch 2.13 and 2.14
     have it; older releases may not, and then keep the activations as before)."""
@@ -55,7 +56,9 @@ def can_rebuild_activations(modules: Iterable[nn.Module]) -> bool:
         return False
     if any(getattr(nn.modules.module, name, None) for name in _GLOBAL_FORWARD_HOOKS):
         return False
-    return not any(module._forward_hooks or module._forward_pre_hooks for module in modules)
+    return not any(
+        module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module) for module in modules
+    )
 
 
 _GLOBAL_FORWARD_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks")
@@ -63,8 +66,8 @@ _GLOBAL_FORWARD_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks")
 
 def can_call_forward_directly(modules: Iterable[nn.Module]) -> bool:
     """Whether calling these modules' `forward` (or a method beside it) instead of the module itself skips
-    nothing that `Module.__call__` would do: no forward or backward hooks, on them or global, and no
-    `Module.compile()`."""
+    nothing that `Module.__call__` would do: no forward or backward hooks, on them or global, no `forward`
+    replaced on one of them, and no `Module.compile()`."""
     modules = list(modules)
     if not can_rebuild_activations(modules):
         return False

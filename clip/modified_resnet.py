@@ -123,6 +123,10 @@ class Bottleneck(nn.Module):
         return self.conv3(self.avgpool(x))
 
 
+# Bottleneck's own forward, which `forward_rebuilding` does the work of: one replaced on the class runs instead
+_OWN_BLOCK_FORWARD = Bottleneck.forward
+
+
 class AttentionPool2d(nn.Module):
     """Multi-head attention whose single query is the mean of the feature map (plus a position embedding).
 
@@ -248,9 +252,9 @@ class ModifiedResNet(nn.Module):
 
     def _stages(self, x: torch.Tensor) -> torch.Tensor:
         stages = (self.layer1, self.layer2, self.layer3, self.layer4)  # strides 1, 2, 2, 2: -> H/32
-        # Only our own stages and blocks (a replaced or subclassed one runs its own forward), called as modules
-        # wherever that would do more than run `forward`.
-        ours = all(type(stage) is nn.Sequential for stage in stages)
+        # Only our own stages and blocks (a replaced or subclassed one, or one whose forward was replaced, runs its
+        # own forward), called as modules wherever that would do more than run `forward`.
+        ours = all(type(stage) is nn.Sequential for stage in stages) and Bottleneck.forward is _OWN_BLOCK_FORWARD
         blocks = [block for stage in stages for block in stage] if ours else []
         ours = ours and all(type(block) is Bottleneck for block in blocks)
         if not (ours and can_call_forward_directly(module for stage in stages for module in stage.modules())):

@@ -9,7 +9,7 @@ from torch import nn
 
 from clip.architectures import VisionConfig
 from clip.batch_norm_relu import batch_norm_relu_into, can_call_forward_directly, can_rebuild_activations
-from clip.modified_resnet import ModifiedResNet
+from clip.modified_resnet import Bottleneck, ModifiedResNet
 
 
 def _rebuild_off():
@@ -252,6 +252,42 @@ def test_a_compiled_block_is_called_as_a_module():
 
 def _stages(model):
     return model.layer1, model.layer2, model.layer3, model.layer4
+
+
+@pytest.mark.parametrize("replaced", ["batch norm", "block", "stage"])
+def test_a_forward_replaced_on_a_module_runs_and_gives_the_gradients_of_what_it_computed(replaced):
+    # Tools that wrap modules set `module.forward` on the instance: a BatchNorm's was rebuilt without it (wrong
+    # gradients, no error), and a block's or a stage's was skipped for the blocks' own work
+    model, plain = _tiny_resnet(), _tiny_resnet()
+    calls = []
+    for tower in (model, plain):
+        module = {"batch norm": tower.layer1[0].bn1, "block": tower.layer2[0], "stage": tower.layer3}[replaced]
+
+        def halved(x, forward=module.forward):
+            calls.append(1)
+            return forward(x) * 0.5
+
+        module.forward = halved
+    images = torch.randn(2, 3, 64, 64)
+    model(images).square().sum().backward()
+    with _rebuild_off():
+        plain(images).square().sum().backward()
+    assert len(calls) == 2
+    for (name, parameter), plain_parameter in zip(model.named_parameters(), plain.parameters(), strict=True):
+        assert torch.equal(parameter.grad, plain_parameter.grad), name
+
+
+def test_a_block_forward_replaced_on_the_class_runs(monkeypatch):
+    model = _tiny_resnet()
+    forward, calls = Bottleneck.forward, []
+
+    def recording_forward(block, x):
+        calls.append(block)
+        return forward(block, x)
+
+    monkeypatch.setattr(Bottleneck, "forward", recording_forward)
+    model(torch.randn(2, 3, 64, 64))
+    assert len(calls) == 6
 
 
 def test_a_replaced_stage_runs_as_it_is():

@@ -87,6 +87,9 @@ class QuickGELU(nn.Module):
         return F.silu(x * QUICK_GELU_SCALE).div_(QUICK_GELU_SCALE)
 
 
+_OWN_QUICK_GELU_FORWARD = QuickGELU.forward
+
+
 def quick_gelu_mlp(x: torch.Tensor, c_fc: nn.Linear, c_proj: nn.Linear) -> torch.Tensor:
     """c_proj(QuickGELU(c_fc(x))) with QuickGELU's two constants folded into the weights:
     x * sigmoid(1.702 x) = silu(1.702 x) / 1.702, and the scalings commute with the linear maps, so
@@ -374,13 +377,16 @@ class ResidualAttentionBlock(nn.Module):
         # would bypass (`observed`: hooks on the MLP or its layers): only plain, unobserved nn.Linear weights
         # can be scaled like this.
         # The MLP must also still be the three layers it was built with, with QuickGELU (a block built with
-        # exact GELU has nothing to fold): a swapped activation or an appended module would otherwise be
-        # silently skipped.
+        # exact GELU has nothing to fold), and run their own forwards: a swapped activation, an appended module
+        # or a `forward` replaced on one of them (`module.forward = ...`, as tools that wrap modules set it, or
+        # QuickGELU's on its class) would otherwise be silently skipped.
         mlp = self.mlp
         if not (isinstance(mlp, nn.Sequential) and list(mlp._modules) == ["c_fc", "gelu", "c_proj"]):
             return False
         c_fc, gelu, c_proj = mlp.c_fc, mlp.gelu, mlp.c_proj
         if not (type(gelu) is QuickGELU and type(c_fc) is nn.Linear and type(c_proj) is nn.Linear):
+            return False
+        if QuickGELU.forward is not _OWN_QUICK_GELU_FORWARD or any("forward" in vars(m) for m in (mlp, *mlp)):
             return False
         if observed:
             return False

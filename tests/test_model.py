@@ -198,6 +198,27 @@ def test_folded_quick_gelu_mlp_is_the_written_form_with_the_same_gradients():
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("replaced", ["c_fc", "gelu", "mlp", "QuickGELU's class"])
+def test_a_forward_replaced_in_the_mlp_runs_rather_than_being_folded_away(replaced, monkeypatch):
+    # Tools that wrap modules set `module.forward` on the instance: the folded MLP (eval mode) computed c_fc,
+    # QuickGELU and c_proj as one formula and skipped it
+    from clip.transformer import QuickGELU, ResidualAttentionBlock
+
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(32, 2, activation="quick_gelu").eval()
+    x = torch.randn(5, 2, 32)  # L, N, D
+    expected = block(x)
+    calls = []
+    if replaced == "QuickGELU's class":
+        forward = QuickGELU.forward
+        monkeypatch.setattr(QuickGELU, "forward", lambda module, x: calls.append(1) or forward(module, x))
+    else:
+        module = {"c_fc": block.mlp.c_fc, "gelu": block.mlp.gelu, "mlp": block.mlp}[replaced]
+        module.forward = lambda x, forward=module.forward: calls.append(1) or forward(x)
+    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-6)
+    assert calls == [1]
+
+
 def test_blocks_fold_quick_gelu_where_it_keeps_no_extra_weight_copies(monkeypatch):
     import clip.transformer as transformer_module
 

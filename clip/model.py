@@ -202,8 +202,8 @@ class CLIP(nn.Module):
         # Meta tensors (FLOP counting) have no values and an empty batch no longest caption: both keep their length,
         # and so do the texts of a torch.func transform (vmap, per-sample gradients), whose length cannot be read.
         as_openai = runs_as_openai(self.transformer, self.token_embedding, self.ln_final)
-        readable = not text.is_meta and not torch._C._functorch.is_functorch_wrapped_tensor(text)
-        if trim and not _tracing() and not as_openai and readable and text.shape[0] > 0:
+        if (trim and not _tracing() and not as_openai and text.shape[0] > 0 and not text.is_meta
+                and not _inside_torch_func_transform(text)):
             text = text[:, : trimmed_text_length(eot, text.shape[-1])]
         length = text.shape[-1]
         dtype = self.text_projection.dtype
@@ -231,6 +231,15 @@ class CLIP(nn.Module):
         if self.logit_bias is not None:
             logits_per_image = logits_per_image + self.logit_bias
         return logits_per_image, logits_per_image.t()
+
+
+def _inside_torch_func_transform(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is wrapped by a torch.func transform (vmap, grad), whose values cannot be read. torch's
+    check is private: where a release lacks it, this says no (and vmap over texts raises as it did)."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace the check: it would break the graph here
+        return False
+    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(check(tensor)) if check is not None else False
 
 
 def _tracing() -> bool:

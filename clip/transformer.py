@@ -98,7 +98,8 @@ def quick_gelu_mlp(x: torch.Tensor, c_fc: nn.Linear, c_proj: nn.Linear) -> torch
     fewer forward, and two fewer backward, in exchange for scaling four weight-sized tensors (a 768-wide
     block's hidden tensor at batch 256 and 197 tokens is 64x the size of its c_fc weight). The features
     equal the unfolded form's up to float rounding."""
-    hidden = F.silu(F.linear(x, c_fc.weight * QUICK_GELU_SCALE, c_fc.bias * QUICK_GELU_SCALE))
+    bias = None if c_fc.bias is None else c_fc.bias * QUICK_GELU_SCALE  # a caller may have dropped it
+    hidden = F.silu(F.linear(x, c_fc.weight * QUICK_GELU_SCALE, bias))
     return F.linear(hidden, c_proj.weight * (1 / QUICK_GELU_SCALE), c_proj.bias)
 
 

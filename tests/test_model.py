@@ -219,6 +219,23 @@ def test_a_forward_replaced_in_the_mlp_runs_rather_than_being_folded_away(replac
     assert calls == [1]
 
 
+def test_a_folded_mlp_without_biases_runs():
+    # A c_fc whose bias was removed (bias = None) made the fold multiply None by QuickGELU's constant
+    from clip.transformer import ResidualAttentionBlock
+
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(32, 2, activation="quick_gelu").eval()
+    block.mlp.c_fc.bias = None
+    block.mlp.c_proj.bias = None
+    x = torch.randn(5, 2, 32)  # L, N, D
+    with torch.no_grad():
+        residual = x + block.attention(block.ln_1(x))
+        hidden = block.mlp.c_fc(block.ln_2(residual))
+        expected = residual + block.mlp.c_proj(hidden * torch.sigmoid(1.702 * hidden))
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_blocks_fold_quick_gelu_where_it_keeps_no_extra_weight_copies(monkeypatch):
     import clip.transformer as transformer_module
 

@@ -5,6 +5,7 @@ interrupted in one split keeps the splits before it; the results are the same wi
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -127,6 +128,21 @@ def test_a_changed_image_list_or_feature_kind_is_extracted_again(tmp_path, check
     assert extracted[4:] == ["train", "test"]
     run(checkpoint, tmp_path / "out", *SYNTHETIC)  # other images altogether
     assert extracted[6:] == ["train", "test"]
+
+
+def test_images_rewritten_under_the_same_names_are_extracted_again(tmp_path, checkpoint, folder, extracted):
+    # An export run again with another seed writes other images under the same file names: keyed by the names
+    # alone, the old images' features were reused
+    options = ("--dataset", "imagefolder", "--root", str(folder))
+    run(checkpoint, tmp_path / "out", *options)
+    run(checkpoint, tmp_path / "out", *options)
+    assert extracted == ["train", "test"]
+    image = folder / "test" / "a_red" / "0.png"
+    before = image.stat()
+    write_colour_folder(folder / "test", {"a_red": 3, "b_green": 3}, seed=5)
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))  # whatever the clock's resolution
+    run(checkpoint, tmp_path / "out", *options)
+    assert extracted[2:] == ["test"]
 
 
 def test_a_damaged_features_file_is_extracted_again(tmp_path, checkpoint, extracted, caplog):

@@ -6,9 +6,9 @@ split's features are saved as soon as they are extracted, and a later run reuses
 from the same inputs: a `FeatureKey` records the model's weights (a hash of its tensors: a run directory's
 newest checkpoint changes, and a file may be overwritten in place, so no name or path says which weights were
 read), the preprocessing, the feature kind, the precision and device type, and the split's images (the
-dataset's kind, root and split; the file names and labels of an image folder, the contents of CIFAR's arrays,
-the synthetic set's seed and size). A file made from anything else, or that cannot be read, is extracted
-again. Files are written through a temporary file renamed into place and read with
+dataset's kind, root and split; the file names, sizes, times and labels of an image folder, the contents of
+CIFAR's arrays, the synthetic set's seed and size). A file made from anything else, or that cannot be read, is
+extracted again. Files are written through a temporary file renamed into place and read with
 `torch.load(weights_only=True)`, which runs no pickled code; the temporary files that a killed save left are
 removed by the next run (`remove_stale_temporaries`).
 """
@@ -49,20 +49,32 @@ def weights_digest(model: nn.Module) -> str:
 
 def image_list_digest(dataset: Dataset) -> str | None:
     """SHA-256 of which images a dataset holds, with their labels: an image folder's file names (relative to
-    its folder, so not its images' bytes: reading 1.28M files would take as long as a good part of the
-    extraction) and its class folders; CIFAR's pixel and label arrays. None for other datasets, whose
-    parameters identify them."""
+    its folder) with each file's size and modification time, and its class folders; CIFAR's pixel and label
+    arrays. None for other datasets, whose parameters identify them. Not an image folder's bytes (reading 1.28M
+    files would take as long as a good part of the extraction), but their size and time: with names alone,
+    images rewritten under the same names (scripts/export_synthetic.py run again with another seed, a folder
+    re-exported at another size) reused the old images' features. Listing the folder stats each file already."""
     digest = hashlib.sha256()
     if isinstance(dataset, ImageFolderDataset):
         digest.update(json.dumps(dataset.class_folders).encode())
         for path, label in dataset.samples:
-            digest.update(f"{path.relative_to(dataset.root).as_posix()}\t{label}\n".encode())
+            digest.update(f"{path.relative_to(dataset.root).as_posix()}\t{label}\t{_size_and_time(path)}\n".encode())
     elif isinstance(dataset, CIFARDataset):
         digest.update(dataset.images.tobytes())
         digest.update(json.dumps(dataset.labels).encode())
     else:
         return None
     return digest.hexdigest()
+
+
+def _size_and_time(path: Path) -> str:
+    """A file's size and modification time (nanoseconds), which rewriting it changes; "missing" once it is gone
+    (read as unreadable, and skipped, when the features are extracted)."""
+    try:
+        status = path.stat()
+    except OSError:
+        return "missing"
+    return f"{status.st_size} {status.st_mtime_ns}"
 
 
 def _encoded(key: FeatureKey) -> str:

@@ -122,7 +122,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--recompute-features", action="store_true",
         help="extract every split's features again rather than reuse those kept in the output directory (e.g. "
-        "after images were edited in place, which file names do not show); the new ones replace them",
+        "after images were edited in place keeping their size and modification time); the new ones replace them",
     )
     args = parser.parse_args(argv)
     if args.val_split and args.val_fraction is not None:  # it would be ignored: the split is the validation

@@ -206,6 +206,23 @@ def test_top_k_is_capped_at_the_number_of_classes():
     assert result.confusion_matrix == [[1, 1], [1, 0]]
 
 
+def test_tied_logits_rank_the_true_class_as_argmax_does_so_top_k_is_never_below_top_1():
+    # topk broke ties its own way: a collapsed model, whose logits all tie, scored top-1 100% and top-5 0% on
+    # images of class 0 (argmax takes the first of the tied classes, topk took others)
+    from clip.evaluation.results import ClassificationCounts, summarize
+
+    counts = ClassificationCounts(10, top_k=5)
+    labels = torch.tensor([0, 0, 4, 5, 9])
+    counts.update(torch.zeros(5, 10), labels)
+    result = summarize(counts, [f"class {c}" for c in range(10)])
+    assert result.top1 == pytest.approx(2 / 5)  # argmax: class 0
+    assert result.top5 == pytest.approx(3 / 5)  # ranks 1, 1, 5, 6, 10
+    # a tie with the true class below it: ranked after the lower-indexed class, as argmax ranks it
+    counts = ClassificationCounts(3, top_k=1)
+    counts.update(torch.tensor([[2.0, 2.0, 0.0], [2.0, 2.0, 0.0]]), torch.tensor([0, 1]))
+    assert counts.topk_hits.tolist() == [1, 0, 0] and counts.confusion.diagonal().tolist() == [1, 0, 0]
+
+
 def test_the_table_names_the_real_k():
     model, classnames, templates = planted_two_classes()
     result = evaluate_zeroshot(model, [(torch.ones(2), 0)], classnames, templates, tokenizer=model.tokenize, name="x")

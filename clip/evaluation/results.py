@@ -36,7 +36,13 @@ class ClassificationCounts:
         predicted = logits.argmax(dim=1)
         pairs = labels * self.num_classes + predicted
         self.confusion += torch.bincount(pairs, minlength=self.num_classes**2).view(self.num_classes, -1)
-        in_top_k = (logits.topk(self.k, dim=1).indices == labels[:, None]).any(dim=1)
+        # The true class's rank as argmax breaks ties (to the lower index), not topk's: among tied logits topk
+        # picks whichever its kernel finds (differently on CPU and GPU), and a collapsed model whose logits all
+        # tie scored top-1 100% and top-5 0% on images of class 0
+        true_logits = logits.gather(1, labels[:, None])  # B, 1
+        before = torch.arange(self.num_classes, device=logits.device) < labels[:, None]  # B, C
+        ranked_above = (logits > true_logits) | ((logits == true_logits) & before)
+        in_top_k = ranked_above.sum(dim=1) < self.k
         self.topk_hits += torch.bincount(labels[in_top_k], minlength=self.num_classes)
 
     def as_tensor(self) -> torch.Tensor:

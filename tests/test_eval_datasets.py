@@ -98,6 +98,20 @@ def test_data_warnings_can_be_left_to_another_rank(tmp_path, caplog):
         assert len(caplog.records) == 1 and warning in caplog.text  # the file's names: no word on the folders
 
 
+def test_a_classnames_file_replaces_a_stale_classnames_txt(tmp_path):
+    # The folder's classnames.txt, which the file replaces, was read first: one of another length (a class
+    # folder added since) stopped the evaluation though the file named every class
+    write_image_folder(tmp_path / "data" / "test", {"a": 1, "b": 1, "c": 1})
+    (tmp_path / "names.txt").write_text("ant\nbee\ncat\n")
+    for stale in (tmp_path / "data" / "test" / "classnames.txt", tmp_path / "data" / "classnames.txt"):
+        stale.write_text("apple\nbanana\n")
+        config = ZeroShotDatasetConfig(
+            kind="imagefolder", root=str(tmp_path / "data"), split="test", classnames_file=str(tmp_path / "names.txt")
+        )
+        assert load_classification_data(config, None).classnames == ["ant", "bee", "cat"]
+        stale.unlink()
+
+
 def test_image_folder_labels_follow_sorted_folders(tmp_path):
     write_image_folder(tmp_path, {"01_blue_square": 2, "00_red_circle": 3, "02_empty": 0})
     (tmp_path / "00_red_circle" / "notes.txt").write_text("not an image")

@@ -206,9 +206,14 @@ def load_classification_data(
         # A split's own classnames.txt, else one beside the splits (<root>/classnames.txt, shared by them)
         shared_names = Path(config.root) / "classnames.txt"
         use_shared = config.split and not (folder / "classnames.txt").is_file() and shared_names.is_file()
+        if config.classnames_file:
+            # Stand-ins, one per class folder, for the file's names (checked and put in below): a classnames.txt
+            # that the file replaces is not read, so one left stale (of another length) is no error
+            names = [""] * len(class_folders if class_folders is not None else list_class_folders(folder))
+        else:
+            names = load_classnames(shared_names) if use_shared else None
         dataset = ImageFolderDataset(
-            folder, transform, classnames=load_classnames(shared_names) if use_shared else None,
-            class_folders=class_folders, warn=folder_warnings,
+            folder, transform, classnames=names, class_folders=class_folders, warn=folder_warnings
         )
         classnames = dataset.classes
     else:

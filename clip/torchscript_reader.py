@@ -46,8 +46,10 @@ _STORAGE_DTYPES: dict[str, torch.dtype] = {
 _RECORD_KEY = re.compile(r"[0-9A-Za-z_]{1,32}")
 _MAX_OBJECT_DEPTH = 64
 # What zipfile raises for a damaged member: a bad CRC, a corrupt deflate stream (zlib.error), an encryption
-# flag (RuntimeError), an unknown compression method (NotImplementedError), a member cut short (EOFError).
-ZIP_MEMBER_ERRORS = (zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, OSError, EOFError)
+# flag (RuntimeError), an unknown compression method (NotImplementedError), a member cut short (EOFError), a
+# name flagged UTF-8 in its local header that is not (UnicodeDecodeError).
+ZIP_MEMBER_ERRORS = (zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, OSError, EOFError,
+                     UnicodeDecodeError)
 # TorchScript prints each class as `class Name(...):` and its declarations on one line each.
 _CLASS_LINE = re.compile(r"class (\w+)\b")
 _DECLARATION = re.compile(r"[ \t]+(__parameters__|__buffers__) = \[([^\]]*)\][ \t]*")
@@ -115,7 +117,7 @@ def is_torchscript_archive(path: str | Path) -> bool:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
+    except (zipfile.BadZipFile, OSError, UnicodeDecodeError, NotImplementedError):  # damaged: the caller names it
         return False
     root = _archive_root(names)
     if root is None:

@@ -274,6 +274,11 @@ def _check_pytorch_zip(path: Path) -> None:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError):
         return  # torch.load names the damage (e.g. a truncated file)
+    except (UnicodeDecodeError, NotImplementedError) as error:  # zipfile's own errors named neither the file nor
+        # its directory: a member name flagged UTF-8 that is not, a version field beyond any zip's
+        raise WeightsFileError(
+            f"{path} is a damaged zip archive: its directory cannot be read ({type(error).__name__}: {error})"
+        ) from None
     if not any(name.endswith("/data.pkl") for name in names):
         listing = ", ".join(names[:_SHOWN_KEYS]) + (", ..." if len(names) > _SHOWN_KEYS else "")
         raise WeightsFileError(f"{path} is a zip archive but not a PyTorch file: it holds {listing}")

@@ -166,9 +166,24 @@ def _unknown_compression(path: Path) -> None:
     set_central_directory(path, f"{ROOT}/byteorder", 10, "<H", 99)
 
 
+def _local_name_not_utf8(path: Path) -> None:
+    with zipfile.ZipFile(path) as archive:
+        offset = archive.getinfo(f"{ROOT}/byteorder").header_offset
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<H", data, offset + 6, struct.unpack_from("<H", data, offset + 6)[0] | 0x800)  # UTF-8 flag
+    data[offset + 30] = 0xFF  # the first byte of the member's name in its local header
+    path.write_bytes(bytes(data))
+
+
+def _zip_version_beyond_any(path: Path) -> None:
+    set_central_directory(path, f"{ROOT}/byteorder", 6, "<H", 126)  # "version needed to extract": 12.6
+
+
 @pytest.mark.parametrize(
     ("damage", "expected"),
     [
+        (_local_name_not_utf8, r"damaged or truncated TorchScript archive \(UnicodeDecodeError: 'utf-8' codec"),
+        (_zip_version_beyond_any, r"damaged zip archive: its directory cannot be read \(NotImplementedError"),
         (_corrupt_deflated_code, r"damaged or truncated TorchScript archive \(error: Error -3 while decompressing"),
         (_flag_encrypted, r"damaged or truncated TorchScript archive \(RuntimeError: File 'm/byteorder' is encrypted"),
         (_unknown_compression, r"damaged or truncated TorchScript archive \(NotImplementedError: That compression"),
@@ -199,6 +214,21 @@ def test_an_archive_with_two_members_of_one_name_is_refused(tmp_path: Path, memb
     # as TorchScript, and torch.load's refusal advised weights_only=False, which would run its code
     path = write_archive(tmp_path / "twice.pt", extra=((member, b"\x80\x02K\x01."),))
     with pytest.raises(WeightsFileError, match=rf"twice\.pt is a damaged archive: it holds two members named {member}"):
+        read_weights(path)
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "torch.save"])
+def test_a_member_name_that_is_not_the_utf8_its_flag_says_is_named_as_damage(tmp_path: Path, kind: str) -> None:
+    # zipfile's UnicodeDecodeError escaped as a traceback naming neither the file nor its zip directory
+    path = tmp_path / "named.pt"
+    if kind == "torchscript":
+        write_archive(path, extra=((f"{ROOT}/code/\u00e9.py", b""),))
+    else:
+        torch.save({"w": torch.zeros(4)}, path)
+        with zipfile.ZipFile(path, "a") as archive:  # a non-ASCII name sets the member's UTF-8 flag
+            archive.writestr("plain/\u00e9", b"")
+    path.write_bytes(path.read_bytes().replace("\u00e9".encode(), b"\xff\xfe"))
+    with pytest.raises(WeightsFileError, match=r"named\.pt is a damaged zip archive: its directory cannot be read \(UnicodeDecodeError"):
         read_weights(path)
 
 

@@ -112,9 +112,9 @@ _JIT_PICKLE_HELPERS = {
 def is_torchscript_archive(path: str | Path) -> bool:
     """True for a zip with one top folder holding `data.pkl` and `code/` (or `constants.pkl`): what
     `torch.jit.save` writes. A `torch.save` zip has `data.pkl` but neither of the others."""
-    if not zipfile.is_zipfile(path):
-        return False
     try:
+        if not zipfile.is_zipfile(path):  # which raises BadZipFile for some damaged zip64 records
+            return False
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError, UnicodeDecodeError, NotImplementedError):  # damaged: the caller names it

@@ -174,7 +174,10 @@ def _torch_load_weights_only(path: Path) -> object:
         raise WeightsFileError(
             f"{path} is a damaged or truncated PyTorch file ({type(error).__name__}: {message})"
         ) from error
-    damage = archive_damage(path) if zipfile.is_zipfile(path) else None
+    try:
+        damage = archive_damage(path) if zipfile.is_zipfile(path) else None
+    except zipfile.BadZipFile as error:  # a damaged zip directory that torch's reader passed over
+        damage = f"{path} is a damaged zip archive: {error}"
     if damage is not None:
         raise WeightsFileError(damage)
     return loaded

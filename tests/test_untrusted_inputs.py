@@ -232,6 +232,20 @@ def test_a_member_name_that_is_not_the_utf8_its_flag_says_is_named_as_damage(tmp
         read_weights(path)
 
 
+def test_a_zip64_record_saying_several_disks_is_named_as_damage(tmp_path: Path) -> None:
+    # torch.load reads the file; zipfile.is_zipfile, before the checksum pass, then raised BadZipFile (not a
+    # ValueError) as a traceback naming no file
+    path = tmp_path / "disks.pt"
+    torch.save({"w": torch.zeros(4)}, path)
+    data = bytearray(path.read_bytes())
+    end = data.rfind(b"PK\x05\x06")
+    assert data[end - 20 : end - 16] == b"PK\x06\x07"  # torch.save writes a zip64 locator
+    struct.pack_into("<I", data, end - 16, 1)  # its "disk holding the zip64 end record", which torch ignores
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsFileError, match=r"disks\.pt is a damaged zip archive: .*multiple disks"):
+        read_weights(path)
+
+
 def test_a_deflate_damaged_torch_save_member_is_named(tmp_path: Path) -> None:
     # torch.load read it; the checksum pass after it raised zlib.error from inside zipfile
     torch.save({"w": torch.zeros(64)}, tmp_path / "plain.pt")

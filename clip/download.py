@@ -126,6 +126,8 @@ def download(
         folder.mkdir(parents=True, exist_ok=True)
     except FileExistsError:  # mkdir's own message names only the path: "[Errno 17] File exists"
         raise DownloadError(f"Cannot download into {folder}: it exists and is not a folder") from None
+    except OSError as error:  # a permission, a read-only file system
+        raise DownloadError(_cannot_write(folder, error)) from error
     # A unique name per attempt, so that several processes (one per GPU) may download at once.
     partial = folder / f".{name}.{uuid.uuid4().hex}.part"
     try:
@@ -173,7 +175,11 @@ def _fetch(response: Response, url: str, partial: Path, label: str, progress: bo
         raise DownloadError(_too_large(url, f"the server announced {expected_bytes:,} bytes", max_bytes))
     digest = hashlib.sha256()
     received = 0
-    with open(partial, "xb") as file:
+    try:
+        file = open(partial, "xb")
+    except OSError as error:  # a cache folder this user cannot write to: named as such, not by a hidden file's name
+        raise DownloadError(_cannot_write(partial.parent, error)) from error
+    with file:
         _mark_in_use(file.fileno())
         bar = tqdm(total=expected_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=label, disable=not progress)
         with bar:
@@ -198,6 +204,13 @@ def _fetch(response: Response, url: str, partial: Path, label: str, progress: bo
             f"removed. Try again."
         )
     return digest.hexdigest()
+
+
+def _cannot_write(folder: Path, error: OSError) -> str:
+    return (
+        f"Cannot download into {folder}: {error.strerror or error}. Choose a folder you can write to: "
+        f"download_root=... (clip.load) or root=..., or the {CACHE_DIR_VARIABLE} environment variable."
+    )
 
 
 def _too_large(url: str, what: str, max_bytes: int) -> str:

@@ -361,3 +361,23 @@ def test_a_stale_partial_file_that_another_download_holds_is_kept(tmp_path: Path
         assert held.exists()
     download(source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
     assert not held.exists() and files_in(cache) == ["weights.bin"]
+
+
+@pytest.mark.parametrize("where", ["existing folder", "new folder"])
+def test_a_cache_folder_that_cannot_be_written_is_a_clear_error(
+    monkeypatch, tmp_path: Path, source_file: Path, where: str
+) -> None:
+    # PermissionError named the hidden partial file ('.weights.bin.<32 hex>.part') or the folder, with no word
+    # of where else the file could go; permissions are simulated (root may write anywhere)
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    cache = tmp_path / "cache"
+    if where == "existing folder":
+        cache.mkdir()
+        monkeypatch.setattr(clip.download, "open", refused, raising=False)
+    else:
+        monkeypatch.setattr(Path, "mkdir", refused)
+    with pytest.raises(DownloadError, match=r"Cannot download into .*cache: Permission denied\. .*CLIP_CACHE_DIR"):
+        download(source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
+    assert not cache.exists() or files_in(cache) == []

@@ -189,14 +189,13 @@ def _fetch(response: Response, url: str, partial: Path, label: str, progress: bo
                     if received > max_bytes:  # only without a Content-Length: http.client reads no more than it
                         sent = f"the server sent more than {max_bytes:,} bytes"
                         raise DownloadError(_too_large(url, sent, max_bytes))
-                    file.write(chunk)
+                    _write(file, chunk, partial)
                     digest.update(chunk)
                     bar.update(len(chunk))
             except (OSError, http.client.HTTPException) as error:  # reset connection, timeout, bad chunking
                 message = f"Downloading {url} broke off after {received} bytes ({error}); try again"
                 raise DownloadError(message) from error
-        file.flush()
-        os.fsync(file.fileno())
+        _write(file, None, partial)
     # http.client returns a short body without complaint when the connection closes early; count it ourselves.
     if expected_bytes is not None and received != expected_bytes:
         raise DownloadError(
@@ -204,6 +203,19 @@ def _fetch(response: Response, url: str, partial: Path, label: str, progress: bo
             f"removed. Try again."
         )
     return digest.hexdigest()
+
+
+def _write(file, chunk: bytes | None, partial: Path) -> None:
+    """Writes `chunk` to the partial file (None: flushes it to disk). A full disk or quota is the cache folder's
+    problem, said as such: read as the transfer breaking off, it was 'try again', which fails the same way."""
+    try:
+        if chunk is None:
+            file.flush()
+            os.fsync(file.fileno())
+        else:
+            file.write(chunk)
+    except OSError as error:
+        raise DownloadError(_cannot_write(partial.parent, error)) from error
 
 
 def _cannot_write(folder: Path, error: OSError) -> str:

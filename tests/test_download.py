@@ -4,6 +4,7 @@ loopback HTTP server; nothing leaves the machine."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import http.server
@@ -381,3 +382,31 @@ def test_a_cache_folder_that_cannot_be_written_is_a_clear_error(
     with pytest.raises(DownloadError, match=r"Cannot download into .*cache: Permission denied\. .*CLIP_CACHE_DIR"):
         download(source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
     assert not cache.exists() or files_in(cache) == []
+
+
+def test_a_full_disk_is_said_to_be_the_cache_folders_problem(monkeypatch, tmp_path: Path, source_file: Path) -> None:
+    # It read "broke off after N bytes (No space left on device); try again": trying again fails the same way
+    real_open = open
+
+    class FullDisk:
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exception):
+            self.file.close()
+
+    monkeypatch.setattr(clip.download, "open", lambda *args, **kwargs: FullDisk(real_open(*args, **kwargs)),
+                        raising=False)
+    cache = tmp_path / "cache"
+    with pytest.raises(DownloadError, match=r"Cannot download into .*cache: No space left on device\. Choose a folder"):
+        download(source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
+    assert files_in(cache) == []

@@ -134,7 +134,9 @@ def read_launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment
             master_port=int(environ["MASTER_PORT"]),
             launcher="torchrun",
         )
-    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+    # SLURM_STEP_NUM_TASKS alone is enough: `srun --preserve-env` keeps the batch environment's SLURM_NTASKS,
+    # which sbatch sets only when it was given a task count. Without it every task ran as a single process.
+    if "SLURM_PROCID" in environ and ("SLURM_STEP_NUM_TASKS" in environ or "SLURM_NTASKS" in environ):
         # The step's nodes and tasks, which srun sets: a step may use part of the job's nodes (`srun -N 2` in
         # an allocation of 4, or `--relative`), and then task 0 is on the step's first node, not the job's;
         # `srun --preserve-env` leaves SLURM_NTASKS at the job's count. The ranks would wait for a rank 0 or

@@ -86,6 +86,15 @@ def test_slurm_step_on_part_of_the_job():
     assert (launch.master_addr, launch.world_size, launch.rank) == ("gpu003", 4, 1)
 
 
+def test_srun_preserve_env_without_a_job_task_count_is_still_a_slurm_step():
+    # sbatch sets SLURM_NTASKS only when given a task count, and srun --preserve-env keeps the batch environment:
+    # every task ran as a single process of its own, all writing to one output_dir
+    environ = {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "3",
+               "SLURM_STEP_NODELIST": "gpu[001-002]", "SLURM_JOB_ID": "7"}
+    launch = read_launcher_environment(environ)
+    assert (launch.launcher, launch.rank, launch.world_size, launch.master_addr) == ("slurm", 3, 4, "gpu001")
+
+
 def test_gpu_of_a_local_rank():
     from clip.distributed import _local_gpu_index
 

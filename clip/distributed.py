@@ -143,10 +143,23 @@ def read_launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment
         # for ranks that are not there until the rendezvous timed out.
         nodelist = (environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
                     or environ.get("SLURM_NODELIST"))
+        rank = int(environ["SLURM_PROCID"])
         if "MASTER_ADDR" in environ:
             master_addr = environ["MASTER_ADDR"]
         elif nodelist:
             master_addr = first_host(nodelist)
+            # Task 0 usually runs on the step's first host, but not in a heterogeneous step (srun ... : ...),
+            # whose node list Slurm sorts by name across the components, nor with an arbitrary layout
+            # (SLURM_HOSTFILE). The ranks would then wait at a host where no rank 0 listens until the timeout.
+            # slurmd names this task's node in the node lists' own terms.
+            node = environ.get("SLURMD_NODENAME")
+            if rank == 0 and node and node != master_addr:
+                raise RuntimeError(
+                    f"SLURM started rank 0 on {node}, not on {master_addr}, the first host of the step's node list "
+                    f"{nodelist!r}, where the other ranks would look for it (a heterogeneous step, whose node list "
+                    f"Slurm sorts, or an arbitrary task layout): export MASTER_ADDR before srun (in a heterogeneous "
+                    f"job, the first host of SLURM_JOB_NODELIST_HET_GROUP_0)"
+                )
         else:
             raise RuntimeError("SLURM_PROCID is set but neither MASTER_ADDR nor SLURM_STEP_NODELIST nor "
                                "SLURM_JOB_NODELIST is")
@@ -155,7 +168,7 @@ def read_launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment
         else:
             master_port = DEFAULT_MASTER_PORT + int(environ.get("SLURM_JOB_ID", "0")) % SLURM_PORT_SPREAD
         return LauncherEnvironment(
-            rank=int(environ["SLURM_PROCID"]),
+            rank=rank,
             world_size=int(environ.get("SLURM_STEP_NUM_TASKS") or environ["SLURM_NTASKS"]),
             local_rank=int(environ.get("SLURM_LOCALID", "0")),
             master_addr=master_addr,

@@ -31,7 +31,8 @@ from multiprocess import free_port, spawn_ranks
 WORLD_SIZE = 2
 ROWS_PER_RANK = 4
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+                      "SLURMD_NODENAME")
 
 
 @pytest.mark.parametrize(
@@ -93,6 +94,20 @@ def test_srun_preserve_env_without_a_job_task_count_is_still_a_slurm_step():
                "SLURM_STEP_NODELIST": "gpu[001-002]", "SLURM_JOB_ID": "7"}
     launch = read_launcher_environment(environ)
     assert (launch.launcher, launch.rank, launch.world_size, launch.master_addr) == ("slurm", 3, 4, "gpu001")
+
+
+def test_rank_0_not_on_the_first_host_of_the_step_is_an_error_not_a_wait():
+    # A heterogeneous step (srun ... : ...) has the components' nodes in one node list that Slurm sorts by name:
+    # task 0 of component 0 on gpu-b01 is not on its first host, where every rank looked for it until the timeout
+    environ = {"SLURM_PROCID": "0", "SLURM_NTASKS": "3", "SLURM_STEP_NUM_TASKS": "3", "SLURM_JOB_ID": "7",
+               "SLURM_STEP_NODELIST": "gpu-a[01-02],gpu-b01", "SLURM_JOB_NODELIST": "gpu-a[01-02],gpu-b01",
+               "SLURMD_NODENAME": "gpu-b01"}
+    with pytest.raises(RuntimeError, match="rank 0 on gpu-b01, not on gpu-a01.*export MASTER_ADDR"):
+        read_launcher_environment(environ)
+    assert read_launcher_environment({**environ, "MASTER_ADDR": "gpu-b01"}).master_addr == "gpu-b01"
+    # the other ranks cannot tell; rank 0 on the first host is the usual case
+    assert read_launcher_environment({**environ, "SLURM_PROCID": "1"}).master_addr == "gpu-a01"
+    assert read_launcher_environment({**environ, "SLURMD_NODENAME": "gpu-a01"}).master_addr == "gpu-a01"
 
 
 def test_gpu_of_a_local_rank():

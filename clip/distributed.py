@@ -118,14 +118,28 @@ def first_host(nodelist: str) -> str:
     return hosts[0]
 
 
+class LauncherMisconfigured(RuntimeError):
+    """A launcher's variables that make no distributed run (said in one line by clip-train)."""
+
+
 def read_launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment | None:
     """torchrun's variables when present (they win, so torchrun inside an srun step works), else SLURM's,
     else None: a single process. Plain `python train.py` inside `salloc` has no SLURM_PROCID and is
-    single-process; launch the job's processes with `srun` (one task per GPU) or with torchrun."""
+    single-process; launch the job's processes with `srun` (one task per GPU) or with torchrun.
+    LauncherMisconfigured where they make no run."""
+    try:
+        return _launcher_environment(environ)
+    except ValueError as error:  # a rank that is no number, a node list that does not parse
+        raise LauncherMisconfigured(f"cannot read the launcher's variables: {error}") from error
+
+
+def _launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment | None:
     if "RANK" in environ and "WORLD_SIZE" in environ:
         missing = [name for name in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if name not in environ]
         if missing:
-            raise RuntimeError(f"RANK and WORLD_SIZE are set but {', '.join(missing)} is not; launch with torchrun")
+            raise LauncherMisconfigured(
+                f"RANK and WORLD_SIZE are set but {', '.join(missing)} is not; launch with torchrun"
+            )
         return LauncherEnvironment(
             rank=int(environ["RANK"]),
             world_size=int(environ["WORLD_SIZE"]),
@@ -154,14 +168,14 @@ def read_launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment
             # slurmd names this task's node in the node lists' own terms.
             node = environ.get("SLURMD_NODENAME")
             if rank == 0 and node and node != master_addr:
-                raise RuntimeError(
+                raise LauncherMisconfigured(
                     f"SLURM started rank 0 on {node}, not on {master_addr}, the first host of the step's node list "
                     f"{nodelist!r}, where the other ranks would look for it (a heterogeneous step, whose node list "
                     f"Slurm sorts, or an arbitrary task layout): export MASTER_ADDR before srun (in a heterogeneous "
                     f"job, the first host of SLURM_JOB_NODELIST_HET_GROUP_0)"
                 )
         else:
-            raise RuntimeError("SLURM_PROCID is set but neither MASTER_ADDR nor SLURM_STEP_NODELIST nor "
+            raise LauncherMisconfigured("SLURM_PROCID is set but neither MASTER_ADDR nor SLURM_STEP_NODELIST nor "
                                "SLURM_JOB_NODELIST is")
         if "MASTER_PORT" in environ:
             master_port = int(environ["MASTER_PORT"])

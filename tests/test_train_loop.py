@@ -786,6 +786,25 @@ def test_fine_tuning_weights_of_another_architecture_are_refused_by_name(tmp_pat
     assert "model.vision.layers: 1 there, 2 here" in errors[0] and "ViT-B/33" in errors[1]
 
 
+@pytest.mark.parametrize("variables", [
+    {"RANK": "0", "WORLD_SIZE": "2"},  # no LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+    {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NODELIST": "node[1-"},
+    {"SLURM_PROCID": "first", "SLURM_NTASKS": "2", "MASTER_ADDR": "node1"},
+])
+def test_launcher_variables_that_make_no_run_are_one_error_line(tmp_path, capsys, monkeypatch, variables):
+    # They were tracebacks, raised before logging was set up
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS",
+                 "SLURM_STEP_NUM_TASKS", "SLURMD_NODENAME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    capsys.readouterr()
+    assert main([str(DEMO), "--output-dir", str(tmp_path / "run"), *TINY]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 1 and errors[0].startswith("clip-train: "), errors
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA on a machine without it")
 def test_a_device_this_machine_lacks_is_one_error_line(tmp_path, capsys):
     # It was torch's RuntimeError traceback from init_distributed, with exit status 1 (a failure, not bad input)

@@ -22,7 +22,7 @@ from .. import checkpoint as ckpt
 from ..config import TrainConfig, load_config
 from ..config_io import ConfigError
 from ..data.stream import UnusableData
-from ..distributed import DeviceUnavailable, LauncherEnvironment, read_launcher_environment
+from ..distributed import DeviceUnavailable, LauncherEnvironment, LauncherMisconfigured, read_launcher_environment
 from ..download import DownloadError
 from ..loading import ModelNotFoundError
 from ..resume import ResumeRefused
@@ -85,7 +85,11 @@ def keep_log_in(run_dir: Path) -> logging.Handler | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    launcher = read_launcher_environment(os.environ)
+    try:
+        launcher = read_launcher_environment(os.environ)
+    except LauncherMisconfigured as error:  # every rank says it: none can tell that it is rank 0
+        print(f"clip-train: {error}", file=sys.stderr)
+        return 2
     rank_zero = launcher is None or launcher.rank == 0
     if args.output_dir:
         if any(override.strip().startswith("output_dir=") for override in args.overrides) and rank_zero:

@@ -876,6 +876,14 @@ def test_a_config_error_is_one_line_and_status_2(tmp_path, capsys):
     assert error.startswith("clip-train: ") and "batch_size" in error and "Traceback" not in error
 
 
+def test_a_config_error_shows_its_traceback_under_clip_debug(tmp_path, monkeypatch, capsys):
+    # The README's promise for every command's bad input: CLIP_DEBUG=1 adds the traceback to the line.
+    monkeypatch.setenv("CLIP_DEBUG", "1")
+    assert main([str(DEMO), "--output-dir", str(tmp_path), "train.batch_size=0"]) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" in error and error.strip().splitlines()[-1].startswith("clip-train: train.batch_size")
+
+
 def launched_as_rank(monkeypatch, rank: int) -> None:
     for name, value in {"RANK": rank, "WORLD_SIZE": 2, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1",
                         "MASTER_PORT": 29500}.items():

@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         # hundreds of processes of a cluster job. Unless this rank cannot read the file (a path that exists on
         # rank 0's node only): then rank 0 would be waiting for it, and it alone can say why.
         if rank_zero or not os.access(args.config, os.R_OK):
+            if debugging():
+                traceback.print_exc()
             print(f"{program_name(launcher)}: {error}", file=sys.stderr)
         return 2
     logging.basicConfig(

@@ -28,7 +28,8 @@ Every measurement runs in a fresh process; runs alternate ours, theirs, theirs, 
         resident memory before the model is built ("training peak"): weights, gradients, optimiser state,
         activations and temporaries. Both processes import torch, clip and open_clip and make the input batch
         before that baseline, so it is the same for both.
-  CUDA: torch.cuda.max_memory_allocated() over the whole process (weights and optimiser state included).
+  CUDA: torch.cuda.max_memory_allocated() over the timed steps (weights and optimiser state included; the
+        warm-up's one-off cuDNN autotuning workspaces and compilation not).
 On CUDA both run with cuDNN autotuning on (`clip.cuda_backends`), and TF32 as each training script sets it
 by default (open_clip on, ours off: under bf16 autocast it only affects float32 leftovers).
 --profile FILE appends, for the first run of each library and configuration, torch.profiler's operators by
@@ -287,10 +288,14 @@ def measure_step(job: dict) -> dict:
     # The baseline: libraries, the input batch and the tokenizer that made it (~20 MiB), none of it training.
     baseline_rss = common.current_rss_bytes()
     step, module = make_step(job, device, images, texts)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
     losses = [step() for _ in range(job["warmup"])]
+    if device.type == "cuda":
+        # From here on: the warm-up's one-off allocations (cuDNN autotuning tries each convolution algorithm
+        # with its own workspace, torch.compile its kernels) are no part of a training step's memory; the
+        # weights and the optimiser state, allocated by now, stay counted.
+        common.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     # The losses stay on the device until the timing ends: reading each one would add a host sync per step
     # that neither library's training loop makes.
     wall_s, cpu_s = common.time_calls(lambda: losses.append(step()), job["steps"], device)

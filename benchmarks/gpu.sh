@@ -3,14 +3,15 @@
 #   1. bf16 training throughput, peak memory and MFU of ViT-B/16 and RN50 at batch 256, ours beside
 #      open_clip in the same run (eager), with a torch.profiler summary of each library's first run;
 #   2. ViT-B/16 training again under torch.compile, both libraries;
-#   3. correctness checks of GPU-only paths (benchmarks/gpu_checks.py, about two minutes): patch dropout's RNG
+#   3. the contrastive loss's exactness at global batch 32k and its memory at 4k / 32k / 64k (the issue's
+#      loss figures; each result written as it comes);
+#   4. correctness checks of GPU-only paths (benchmarks/gpu_checks.py, about two minutes): patch dropout's RNG
 #      replay under gradient accumulation and torch.compile, uint8 normalisation on the device, and short
 #      trainer runs (bf16 ViT with accumulation, patch dropout and checkpointing; a partly locked channels-last
 #      ResNet; fp16 with clipping; TF32 with torch.compile; a stopped and resumed run);
-#   4. as time allows: the contrastive loss's memory and exactness at global batch 4k / 32k / 64k (already
-#      measured on the CPU), and inference throughput.
-# The steps' own limits add up to more than the budget: steps 1 and 2 (the targets) and 3 (nothing else
-# checks it) come first, and what is left of the budget goes to step 4.
+#   5. as time allows: inference throughput.
+# The steps' own limits add up to more than the budget: the steps that measure the issue's figures (1 to 3)
+# come first, then the checks (nothing else checks those paths), and what is left goes to step 5.
 #
 #     bash benchmarks/gpu_prepare.sh         # first, where pip reaches a registry: fills .gpu_carry/
 #     bash benchmarks/gpu.sh                 # on the GPU machine, with .gpu_carry/ beside; results in ./gpu_results
@@ -152,15 +153,17 @@ run_step "training step, torch.compile (ViT-B/16)" 170 \
     --threads 0 --libraries $LIBRARIES --repeats 1 --warmup "$WARMUP" --steps "$STEPS" --compile --job-timeout 150 \
     --json "$OUT/train_step_compile.json"
 
-# 3. Correctness of what only a GPU runs (a failed check is reported as FAILED, and its numbers are in the JSON,
+# 3. Loss exactness at 32k, then memory at 4k / 32k / 64k (one fresh process per figure, each kept as it comes).
+run_step "loss memory" 90 \
+    "$PYTHON" benchmarks/loss_memory.py --device "$DEVICE" --batch-sizes $LOSS_BATCHES --chunk-sizes $LOSS_CHUNKS \
+    --verify-batch "$VERIFY_BATCH" --json "$OUT/loss_memory.json"
+
+# 4. Correctness of what only a GPU runs (a failed check is reported as FAILED, and its numbers are in the JSON,
 #    written after each check): the kernel-level checks, then short runs of the trainer itself.
 run_step "correctness checks" 150 \
     "$PYTHON" benchmarks/gpu_checks.py --device "$DEVICE" --json "$OUT/checks.json"
 
-# 4. As time allows: loss memory at 4k / 32k / 64k and exactness at 32k; inference.
-run_step "loss memory" 90 \
-    "$PYTHON" benchmarks/loss_memory.py --device "$DEVICE" --batch-sizes $LOSS_BATCHES --chunk-sizes $LOSS_CHUNKS \
-    --verify-batch "$VERIFY_BATCH" --json "$OUT/loss_memory.json"
+# 5. As time allows: inference.
 run_step "inference" 60 \
     "$PYTHON" benchmarks/inference.py --device "$DEVICE" --archs "$VIT" "$RESNET" --image-batch "$BATCH" \
     --text-batch "$TEXT_BATCH" --threads 0 --repeats 10 $INFERENCE_FLAGS --json "$OUT/inference.json"

@@ -182,8 +182,18 @@ def main() -> None:
             print(json.dumps(measure(job["method"], job["batch"], job["width"], job["chunk_size"], device)))
         return
 
+    rows, verification = [], None
+
+    def save() -> None:  # after each result: a run stopped at its time limit (gpu.sh) keeps what it measured
+        if args.json:
+            args.json.write_text(json.dumps({"rows": rows, "verification": verification}, indent=2))
+
+    # Exactness first: with the extra peak at the verified batch, it is what the loss's target asks for
+    if args.verify_batch:
+        job = {"kind": "verify", "batch": args.verify_batch, "width": args.width, "chunk_size": args.chunk_sizes[0]}
+        verification = {"batch": args.verify_batch, "chunk_size": args.chunk_sizes[0], **run_in_subprocess(job)}
+        save()
     configurations = [("naive", None)] + [("chunked", c) for c in args.chunk_sizes]
-    rows = []
     for batch in args.batch_sizes:
         for method, chunk_size in configurations:
             row = {"batch": batch, "width": args.width, "method": method, "chunk_size": chunk_size, "device": str(device)}
@@ -195,11 +205,7 @@ def main() -> None:
                 row.update(run_in_subprocess(job))
             rows.append(row)
             print(format_row(row), flush=True)
-
-    verification = None
-    if args.verify_batch:
-        job = {"kind": "verify", "batch": args.verify_batch, "width": args.width, "chunk_size": args.chunk_sizes[0]}
-        verification = {"batch": args.verify_batch, "chunk_size": args.chunk_sizes[0], **run_in_subprocess(job)}
+            save()
 
     print("\n| batch | method | chunk | extra peak (GiB) | loss + backward (s) | loss |")
     print("|---:|---|---:|---:|---:|---:|")
@@ -211,8 +217,6 @@ def main() -> None:
         for name, value in verification.items():
             if name not in ("batch", "chunk_size"):
                 print(f"- {name}: {value}")
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "verification": verification}, indent=2))
 
 
 def format_row(row: dict) -> str:

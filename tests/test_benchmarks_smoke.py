@@ -208,6 +208,32 @@ def test_train_step_measures_ours_at_each_text_length_against_the_same_open_clip
     assert "| 32 / 77 |" in table and "| 77 / 77 |" in table
 
 
+def test_loss_memory_keeps_what_it_measured_when_stopped_midway(monkeypatch, tmp_path):
+    # gpu.sh stops it at its time limit: the JSON was written only at the end, so a stopped run left none,
+    # though the loss-memory figures are among what the GPU check must report
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import loss_memory
+
+    calls = []
+
+    def measured(job):
+        calls.append(job)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the time limit, after the exactness check and one row
+        return {"max_loss_error": 0.0} if job["kind"] == "verify" else {"extra_peak_gib": 0.1, "seconds": 0.5,
+                                                                          "loss": 1.0}
+
+    monkeypatch.setattr(loss_memory, "run_in_subprocess", measured)
+    output = tmp_path / "loss_memory.json"
+    monkeypatch.setattr(sys, "argv", ["loss_memory.py", "--device", "cpu", "--batch-sizes", "64", "--chunk-sizes",
+                                      "16", "--verify-batch", "64", "--json", str(output)])
+    with pytest.raises(KeyboardInterrupt):
+        loss_memory.main()
+    kept = json.loads(output.read_text())
+    assert kept["verification"]["max_loss_error"] == 0.0
+    assert [(row["method"], row["extra_peak_gib"]) for row in kept["rows"]] == [("naive", 0.1)]
+
+
 def test_loss_memory_counts_from_the_memory_held_before_the_loss_not_an_earlier_peak():
     # Making the inputs passes through freed temporaries; here a 64 MiB one stands for them. The naive loss
     # at batch 2048 keeps about four 16 MiB logit matrices: its extra peak is at least that, however high

@@ -141,11 +141,11 @@ def _launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment | N
                 f"RANK and WORLD_SIZE are set but {', '.join(missing)} is not; launch with torchrun"
             )
         return LauncherEnvironment(
-            rank=int(environ["RANK"]),
-            world_size=int(environ["WORLD_SIZE"]),
-            local_rank=int(environ["LOCAL_RANK"]),
+            rank=_integer(environ, "RANK"),
+            world_size=_integer(environ, "WORLD_SIZE"),
+            local_rank=_integer(environ, "LOCAL_RANK"),
             master_addr=environ["MASTER_ADDR"],
-            master_port=int(environ["MASTER_PORT"]),
+            master_port=_integer(environ, "MASTER_PORT"),
             launcher="torchrun",
         )
     # SLURM_STEP_NUM_TASKS alone is enough: `srun --preserve-env` keeps the batch environment's SLURM_NTASKS,
@@ -157,7 +157,7 @@ def _launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment | N
         # for ranks that are not there until the rendezvous timed out.
         nodelist = (environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
                     or environ.get("SLURM_NODELIST"))
-        rank = int(environ["SLURM_PROCID"])
+        rank = _integer(environ, "SLURM_PROCID")
         if "MASTER_ADDR" in environ:
             master_addr = environ["MASTER_ADDR"]
         elif nodelist:
@@ -178,18 +178,30 @@ def _launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment | N
             raise LauncherMisconfigured("SLURM_PROCID is set but neither MASTER_ADDR nor SLURM_STEP_NODELIST nor "
                                "SLURM_JOB_NODELIST is")
         if "MASTER_PORT" in environ:
-            master_port = int(environ["MASTER_PORT"])
+            master_port = _integer(environ, "MASTER_PORT")
         else:
-            master_port = DEFAULT_MASTER_PORT + int(environ.get("SLURM_JOB_ID", "0")) % SLURM_PORT_SPREAD
+            master_port = DEFAULT_MASTER_PORT + _integer(environ, "SLURM_JOB_ID", 0) % SLURM_PORT_SPREAD
         return LauncherEnvironment(
             rank=rank,
-            world_size=int(environ.get("SLURM_STEP_NUM_TASKS") or environ["SLURM_NTASKS"]),
-            local_rank=int(environ.get("SLURM_LOCALID", "0")),
+            world_size=_integer(environ, "SLURM_STEP_NUM_TASKS" if environ.get("SLURM_STEP_NUM_TASKS")
+                                else "SLURM_NTASKS"),
+            local_rank=_integer(environ, "SLURM_LOCALID", 0),
             master_addr=master_addr,
             master_port=master_port,
             launcher="slurm",
         )
     return None
+
+
+def _integer(environ: Mapping[str, str], name: str, default: int | None = None) -> int:
+    """A launcher variable's number; a ValueError naming the variable (int's own message names none)."""
+    if default is not None and name not in environ:
+        return default
+    value = environ.get(name, "")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a whole number") from None
 
 
 class DeviceUnavailable(RuntimeError):

@@ -110,6 +110,18 @@ def test_rank_0_not_on_the_first_host_of_the_step_is_an_error_not_a_wait():
     assert read_launcher_environment({**environ, "SLURMD_NODENAME": "gpu-a01"}).master_addr == "gpu-a01"
 
 
+@pytest.mark.parametrize("environ, named", [
+    ({"SLURM_PROCID": "first", "SLURM_NTASKS": "2", "MASTER_ADDR": "n1"}, "SLURM_PROCID='first'"),
+    ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "", "MASTER_ADDR": "n1"}, "SLURM_NTASKS=''"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "a", "MASTER_PORT": "29500x"},
+     "MASTER_PORT='29500x'"),
+])
+def test_a_launcher_variable_that_is_no_number_is_named(environ, named):
+    # The one error line read "invalid literal for int() with base 10: 'first'", naming no variable
+    with pytest.raises(RuntimeError, match=f"cannot read the launcher's variables: {named} is not a whole number"):
+        read_launcher_environment(environ)
+
+
 def test_gpu_of_a_local_rank():
     from clip.distributed import _local_gpu_index
 

@@ -91,6 +91,23 @@ def test_a_shard_that_cannot_be_counted_is_named_as_a_config_error(tmp_path: Pat
         shard_sizes(urls)
 
 
+def test_a_shard_that_cannot_be_opened_is_not_called_damaged(tmp_path: Path, monkeypatch) -> None:
+    # A permission or an I/O error read "not a readable tar file ...: rewrite or remove it", of a good shard
+    import clip.data.shards as shards_module
+
+    pattern = write_shards(tmp_path, 8, 4)
+    (tmp_path / "sizes.json").unlink()
+
+    def refused(url, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", url)
+
+    monkeypatch.setattr(shards_module, "open_url", refused)
+    with pytest.raises(ValueError, match=r"shard .*s-000000.tar cannot be read to count its samples "
+                                         r"\(PermissionError: .*Permission denied") as raised:
+        shard_sizes(expand_shard_pattern(pattern))
+    assert "rewrite or remove" not in str(raised.value)
+
+
 def test_shards_that_hold_no_sample_are_an_error_naming_the_source(tmp_path: Path) -> None:
     # Beside another source such shards (a size index of zeros: img2dataset's stats after a failed download)
     # were never read, and nothing was said; alone, the planner's error blamed the number of workers.

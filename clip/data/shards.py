@@ -13,6 +13,7 @@ webdataset is an optional dependency (the `shards` extra); it is imported only w
 from __future__ import annotations
 
 import functools
+import gzip
 import json
 import logging
 import posixpath
@@ -220,6 +221,10 @@ def shard_sizes(urls: list[str], size_index: str = "", num_samples: int | None =
             except Exception as error:  # tarfile.ReadError (an empty or cut-off file), gzip's errors...
                 # Named, and a config error (reported in one line): the bare ReadError("empty file") named no
                 # shard. Not counted as far as it reads: the damage would pass for a complete, smaller shard.
+                if isinstance(error, OSError) and not isinstance(error, gzip.BadGzipFile):
+                    # A permission or the disk, not the shard's bytes: no advice to rewrite or remove it
+                    raise ValueError(f"shard {url} cannot be read to count its samples ({type(error).__name__}: "
+                                     f"{error})") from error
                 raise ValueError(
                     f"shard {url} cannot be counted, it is not a readable tar file ({type(error).__name__}: "
                     f"{error}): rewrite or remove it, or leave it out of the source's path pattern"

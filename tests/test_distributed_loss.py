@@ -87,6 +87,19 @@ def test_slurm_step_on_part_of_the_job():
     assert (launch.master_addr, launch.world_size, launch.rank) == ("gpu003", 4, 1)
 
 
+def test_a_gpu_index_past_the_visible_ones_is_named(monkeypatch):
+    # torch.cuda.set_device said "invalid device ordinal", naming neither the setting nor the count
+    from clip.distributed import DeviceUnavailable, _select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set_device reached"))
+    with pytest.raises(DeviceUnavailable, match=r"train.device = 'cuda:2', but this process sees 2 GPU\(s\)"):
+        _select_device("cuda:2", 0)
+    with pytest.raises(DeviceUnavailable, match="local rank 3 but this process sees 2 GPUs"):
+        _select_device("cuda", 3)
+
+
 def test_srun_preserve_env_without_a_job_task_count_is_still_a_slurm_step():
     # sbatch sets SLURM_NTASKS only when given a task count, and srun --preserve-env keeps the batch environment:
     # every task ran as a single process of its own, all writing to one output_dir

@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from .weights_file import archive_damage, is_storage_error, weights_only_refusal
+from .weights_file import archive_damage, is_storage_error, warn_if_weights_only_is_unsafe, weights_only_refusal
 
 CHECKPOINT_FORMAT = "clip-pretrain/1"
 CHECKPOINT_DIR = "checkpoints"
@@ -217,6 +217,7 @@ def read_checkpoint(path: Path, verify: bool = True) -> dict:
     """Loads one checkpoint without running pickled code; raises if it is truncated, not ours, or (if
     `verify`) damaged or holding non-finite weights (none of which a run can continue from); also if it is
     not a regular file (see `_open_regular_file`)."""
+    warn_if_weights_only_is_unsafe()  # a run directory may be someone else's
     with _open_regular_file(path) as file:
         state = torch.load(file, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):

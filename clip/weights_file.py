@@ -159,8 +159,25 @@ def _pointer_target(pointer: Path) -> Path:
     return pointer.parent / name
 
 
+# The first torch release whose weights_only reader has no published flaw that a crafted file can exploit
+# (before 2.6 code execution, CVE-2025-32434; before 2.10 memory corruption, CVE-2026-24747). pyproject requires
+# it; an environment set up around pip (conda, --no-deps) may not have it.
+SAFE_WEIGHTS_ONLY_TORCH = "2.10"
+
+
+def warn_if_weights_only_is_unsafe() -> None:
+    """A warning (once per place) that this torch's weights_only reader does not protect against crafted files."""
+    if torch.torch_version.TorchVersion(torch.__version__) < SAFE_WEIGHTS_ONLY_TORCH:
+        warnings.warn(
+            f"torch {torch.__version__} is older than {SAFE_WEIGHTS_ONLY_TORCH}: its torch.load(weights_only=True) "
+            "has known flaws that a crafted file can use to run code (CVE-2025-32434, CVE-2026-24747); upgrade "
+            "torch before loading files you did not make", stacklevel=3,
+        )
+
+
 def _torch_load_weights_only(path: Path) -> object:
     _check_pytorch_file(path)
+    warn_if_weights_only_is_unsafe()
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError, ...

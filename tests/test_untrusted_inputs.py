@@ -711,3 +711,23 @@ def test_a_confusion_plot_that_cannot_be_drawn_or_written_does_not_end_the_evalu
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert save_confusion_png(result, tmp_path / "a_file" / "confusion.png") is None
+
+
+@pytest.mark.parametrize("version, warned", [("2.9.1+cu121", True), ("2.5.0", True), ("2.10.0", False)])
+def test_a_torch_whose_weights_only_reader_has_known_flaws_is_warned_about(tmp_path: Path, monkeypatch, version,
+                                                                           warned) -> None:
+    # pyproject requires torch >= 2.10; an environment set up around pip may hold an older one, whose
+    # weights_only reader a crafted file can defeat: the promise that no pickled code runs would not hold
+    from clip import checkpoint
+
+    torch.save({"w": torch.zeros(2)}, tmp_path / "weights.pt")
+    state = {"format": checkpoint.CHECKPOINT_FORMAT, "step": 1, "model": {"w": torch.zeros(2)}}
+    checkpoint.save_checkpoint(state, tmp_path / "run", 1, keep_last=1)
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion(version))
+    saved = checkpoint.list_checkpoints(tmp_path / "run")[0][1]
+    for read in (lambda: read_weights(tmp_path / "weights.pt"), lambda: checkpoint.read_checkpoint(saved, verify=False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            read()
+        flagged = [w for w in caught if "has known flaws that a crafted file" in str(w.message)]
+        assert len(flagged) == int(warned), [str(w.message) for w in caught]

@@ -111,7 +111,7 @@ def batch_norm_relu_into(
         return consumer(relu(normalized))
     recipe = _BatchNormReluRecipe(BatchNormReplay(x, batch_norm))
     # `normalized` is alive until this function returns, so no other tensor can take its address.
-    with saved_as_recipe(normalized, recipe):
+    with saved_as_recipe(normalized, recipe, changed_in_place=1):  # the ReLU
         return consumer(relu(normalized))
 
 
@@ -119,19 +119,24 @@ Recipe = Union["_BatchNormReluRecipe", "ResidualReluRecipe"]
 
 
 @contextmanager
-def saved_as_recipe(tensor: torch.Tensor, recipe: Recipe | None) -> Iterator[None]:
+def saved_as_recipe(tensor: torch.Tensor, recipe: Recipe | None, changed_in_place: int = 0) -> Iterator[None]:
     """Within the block, what autograd saves of `tensor` is kept as `recipe` (None: kept as it is).
 
-    The tensor must outlive the block and not change in it. It is recognised by address, shape, strides and
-    dtype, not held: a hook that held it would keep it alive. In-place operations return the same tensor, so
-    an in-place ReLU saving its output is recognised."""
+    The tensor must outlive the block. It is recognised by address, shape, strides and dtype, not held: a
+    hook that held it would keep it alive. In-place operations return the same tensor, so an in-place ReLU
+    saving its output is recognised. `changed_in_place`: how many in-place operations make the value that the
+    recipe rebuilds (1: the in-place ReLU that the block runs on `tensor`). A save of the tensor changed
+    further (by a module put before a consumer, such as an inserted Dropout(inplace=True)) is kept as it is:
+    the recipe would give back the value from before the change, and wrong gradients, where autograd without
+    hooks would have raised."""
     if recipe is None:
         yield
         return
     key = (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype)
+    version = tensor._version + changed_in_place
 
     def pack(saved: torch.Tensor) -> torch.Tensor | Recipe:
-        if (saved.data_ptr(), saved.shape, saved.stride(), saved.dtype) == key:
+        if (saved.data_ptr(), saved.shape, saved.stride(), saved.dtype) == key and saved._version == version:
             return recipe
         return saved  # weights, and anything else the operations save
 

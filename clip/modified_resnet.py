@@ -116,7 +116,7 @@ class Bottleneck(nn.Module):
         if not (output_recipe and out.requires_grad and replayable):
             return self.relu3(out), None
         recipe = ResidualReluRecipe(BatchNormReplay(branch, self.bn3), shortcut)
-        with saved_as_recipe(out, recipe):  # the ReLU keeps its output
+        with saved_as_recipe(out, recipe, changed_in_place=1):  # the (in-place) ReLU keeps its output
             return self.relu3(out), recipe
 
     def _pool_then_conv3(self, x: torch.Tensor) -> torch.Tensor:

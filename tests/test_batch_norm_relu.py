@@ -277,6 +277,34 @@ def test_a_forward_replaced_on_a_module_runs_and_gives_the_gradients_of_what_it_
         assert torch.equal(parameter.grad, plain_parameter.grad), name
 
 
+class _Doubling(nn.Module):
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mul_(2) if self.inplace else x * 2
+
+
+@pytest.mark.parametrize("where", ["a block's conv2", "the next block's conv1"])
+def test_a_rebuilt_output_changed_in_place_by_an_inserted_module_is_kept_as_changed(where):
+    # A module put before a consumer that changes its input in place (Dropout(inplace=True), here a doubling):
+    # the consumer saved the changed tensor, which was recognised by its address and rebuilt as it was before
+    # the change, so the consumer's weight gradient was silently wrong (autograd without hooks would raise)
+    torch.manual_seed(0)
+    model = _tiny_resnet()
+    reference = copy.deepcopy(model)
+    for tower, inplace in ((model, True), (reference, False)):
+        block = tower.layer1[0] if where == "a block's conv2" else tower.layer2[0]
+        name = "conv2" if where == "a block's conv2" else "conv1"
+        setattr(block, name, nn.Sequential(_Doubling(inplace), getattr(block, name)))
+    images = torch.randn(2, 3, 64, 64)
+    model(images).square().sum().backward()
+    reference(images).square().sum().backward()
+    for (name, parameter), expected in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(parameter.grad, expected.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_a_block_forward_replaced_on_the_class_runs(monkeypatch):
     model = _tiny_resnet()
     forward, calls = Bottleneck.forward, []

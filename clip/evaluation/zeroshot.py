@@ -154,8 +154,9 @@ def evaluate_zeroshot(
 ) -> ZeroShotResult:
     """Top-1/top-5, per-class and mean per-class accuracy, confusion matrix, and accuracies on `subsets`.
 
-    dataset: (preprocessed image, label) pairs, or a ready DataLoader of batches. Items whose image cannot be
-        read (`UnreadableImageError`) are left out and counted in `num_skipped`; ValueError when no image
+    dataset: (preprocessed image, label) pairs, or a ready DataLoader of batches. Items of a dataset whose
+        image cannot be read (`UnreadableImageError`) are left out and counted in `num_skipped` (a ready
+        DataLoader's own collation is not ours to wrap: there the error propagates); ValueError when no image
         is left.
     dist_info: with world_size > 1 and torch.distributed initialised, each rank classifies its slice of a
         (map-style) dataset and the counts are all-reduced, so every rank returns the full result.

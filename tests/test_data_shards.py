@@ -91,6 +91,22 @@ def test_a_shard_that_cannot_be_counted_is_named_as_a_config_error(tmp_path: Pat
         shard_sizes(urls)
 
 
+def test_a_size_index_that_cannot_be_read_is_not_called_malformed(tmp_path: Path, monkeypatch) -> None:
+    # A permission error on sizes.json read "is not a JSON object ...: rewrite it"
+    pattern = write_shards(tmp_path, 8, 4)
+    real_read_bytes = Path.read_bytes
+
+    def refused(path):
+        if path.name == "sizes.json":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", refused)
+    with pytest.raises(ValueError, match=r"the shard size index .*sizes.json cannot be read \(Permission denied\)"):
+        shard_sizes(expand_shard_pattern(pattern))
+    assert shard_sizes(expand_shard_pattern(pattern), num_samples=8).tolist() == [4, 4]  # num_samples wins
+
+
 def test_a_shard_that_cannot_be_opened_is_not_called_damaged(tmp_path: Path, monkeypatch) -> None:
     # A permission or an I/O error read "not a readable tar file ...: rewrite or remove it", of a good shard
     import clip.data.shards as shards_module

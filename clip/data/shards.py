@@ -122,11 +122,21 @@ def _read_json(url: str) -> Any | None:
 def _read_size_index(url: str) -> dict | None:
     """A sizes.json's {shard: count}; None when there is none. One that exists but is no such JSON object is an
     error: ignored, it left every shard to be counted by reading it, or the source unusable, without a word."""
-    if _is_local(url) and not Path(url).is_file():
+    if not _is_local(url):
+        index = _read_json(url)
+        if index is None:
+            return None  # a remote index that cannot be fetched: as if there were none
+    elif not Path(url).is_file():
         return None
-    index = _read_json(url)
-    if index is None and not _is_local(url):
-        return None  # a remote index that cannot be fetched: as if there were none
+    else:
+        try:
+            text = Path(url).read_bytes()
+        except OSError as error:  # a permission, the disk: not a malformed index
+            raise ValueError(f"the shard size index {url} cannot be read ({error.strerror or error})") from error
+        try:
+            index = json.loads(text)
+        except ValueError:
+            index = None
     if not isinstance(index, dict):
         raise ValueError(f"the shard size index {url} is not a JSON object of shard file names and sample counts "
                          "(rewrite it: python scripts/make_shards.py --index '<pattern>')")

@@ -166,6 +166,10 @@ class TrainerRuns:
         # times that, and a resume that lost its state by about the last steps' update, far more.
         noise = largest_difference(straight, weights("straight_again", 4))
         tolerance = 4 * noise  # bit for bit where the kernels are deterministic (the CPU)
+        if self.device.type == "cuda":
+            # Two straight runs may happen to agree bit for bit on a GPU while the resumed one, whose kernels
+            # saw other workspaces, does not: 1% of the last steps' update is far below what a lost state costs
+            tolerance = max(tolerance, update / 100)
         return {"ok": update > 10 * noise and difference <= tolerance, "max_difference": difference,
                 "run_to_run_noise": noise, "update_in_steps_3_and_4": update, "tolerance": tolerance}
 

@@ -223,9 +223,11 @@ def loss_table(report: dict) -> str:
 
 
 def training_table(report: dict) -> str:
+    device_type = report["device"].split(":")[0]
+    cpu_time = " Samples/CPU-s divides by the process's CPU time." if device_type == "cpu" else ""  # a CPU column
     return (f"Median of {report['repeats']} fresh-process runs per library, alternating; {report['warmup']} warm-up "
-            f"step(s), then {report['steps']} timed step(s). Samples/CPU-s divides by the process's CPU time. "
-            f"{TEXT_NOTE}{malloc_note(report)}\n\n" + format_train_rows(report["rows"], report["device"].split(":")[0]))
+            f"step(s), then {report['steps']} timed step(s).{cpu_time} "
+            f"{TEXT_NOTE}{malloc_note(report)}\n\n" + format_train_rows(report["rows"], device_type))
 
 
 def malloc_note(report: dict) -> str:

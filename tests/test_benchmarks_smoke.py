@@ -260,7 +260,7 @@ def test_pages_are_written_from_results_and_tolerate_missing_ones(benchmark_modu
     train = {"device": "cpu", "repeats": 1, "warmup": 0, "steps": 1, "rows": [{
         "arch": "ViT-B/32", "batch": 16, "threads": 1, "precision": "fp32", "compile": False,
         "speedup": 1.3, "speedup_cpu_time": 1.25, "memory_ratio": 0.95,
-        "results": {name: {"samples_per_s": 2.0, "samples_per_cpu_s": 2.0, "training_peak_gib": 3.0}
+        "results": {name: {"samples_per_s": 2.0, "samples_per_cpu_s": 2.0, "training_peak_gib": 3.0, "peak_gib": 3.5}
                     for name in ("ours", "open_clip")}}]}
     loss = {"rows": [{"batch": 32768, "method": "chunked", "chunk_size": 512, "extra_peak_gib": 0.4}],
             "verification": {"batch": 32768, "chunk_size": 512, "loss vs reference": 2e-7}}
@@ -276,6 +276,8 @@ def test_pages_are_written_from_results_and_tolerate_missing_ones(benchmark_modu
     (tmp_path / "train_step.json").write_text(json.dumps(train))
     run_all.main(["--gpu-page", str(tmp_path)])
     assert "# GPU benchmarks" in (tmp_path / "gpu_results.md").read_text()
+    assert "Samples/CPU-s divides" in run_all.training_table(train)
+    assert "Samples/CPU-s" not in run_all.training_table({**train, "device": "cuda:0"})  # a column CUDA pages lack
 
 
 def test_resume_keeps_finished_benchmarks(benchmark_modules, tmp_path, monkeypatch):

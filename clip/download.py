@@ -22,6 +22,8 @@ import urllib.request
 import urllib.response
 import uuid
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
@@ -122,12 +124,11 @@ def download(
             stacklevel=2,
         )
 
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:  # mkdir's own message names only the path: "[Errno 17] File exists"
-        raise DownloadError(f"Cannot download into {folder}: it exists and is not a folder") from None
-    except OSError as error:  # a permission, a read-only file system
-        raise DownloadError(_cannot_write(folder, error)) from error
+    with _writing_into(folder):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # mkdir's own message names only the path: "[Errno 17] File exists"
+            raise DownloadError(f"Cannot download into {folder}: it exists and is not a folder") from None
     # A unique name per attempt, so that several processes (one per GPU) may download at once.
     partial = folder / f".{name}.{uuid.uuid4().hex}.part"
     try:
@@ -175,10 +176,8 @@ def _fetch(response: Response, url: str, partial: Path, label: str, progress: bo
         raise DownloadError(_too_large(url, f"the server announced {expected_bytes:,} bytes", max_bytes))
     digest = hashlib.sha256()
     received = 0
-    try:
+    with _writing_into(partial.parent):  # named as the folder's problem, not by a hidden file's name
         file = open(partial, "xb")
-    except OSError as error:  # a cache folder this user cannot write to: named as such, not by a hidden file's name
-        raise DownloadError(_cannot_write(partial.parent, error)) from error
     with file:
         _mark_in_use(file.fileno())
         bar = tqdm(total=expected_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=label, disable=not progress)
@@ -189,13 +188,16 @@ def _fetch(response: Response, url: str, partial: Path, label: str, progress: bo
                     if received > max_bytes:  # only without a Content-Length: http.client reads no more than it
                         sent = f"the server sent more than {max_bytes:,} bytes"
                         raise DownloadError(_too_large(url, sent, max_bytes))
-                    _write(file, chunk, partial)
+                    with _writing_into(partial.parent):
+                        file.write(chunk)
                     digest.update(chunk)
                     bar.update(len(chunk))
             except (OSError, http.client.HTTPException) as error:  # reset connection, timeout, bad chunking
                 message = f"Downloading {url} broke off after {received} bytes ({error}); try again"
                 raise DownloadError(message) from error
-        _write(file, None, partial)
+        with _writing_into(partial.parent):
+            file.flush()
+            os.fsync(file.fileno())
     # http.client returns a short body without complaint when the connection closes early; count it ourselves.
     if expected_bytes is not None and received != expected_bytes:
         raise DownloadError(
@@ -205,24 +207,18 @@ def _fetch(response: Response, url: str, partial: Path, label: str, progress: bo
     return digest.hexdigest()
 
 
-def _write(file, chunk: bytes | None, partial: Path) -> None:
-    """Writes `chunk` to the partial file (None: flushes it to disk). A full disk or quota is the cache folder's
-    problem, said as such: read as the transfer breaking off, it was 'try again', which fails the same way."""
+@contextmanager
+def _writing_into(folder: Path) -> Iterator[None]:
+    """An OSError while creating or writing into the cache folder (a permission, a read-only file system, a full
+    disk or quota) is a DownloadError that says so and where else the file can go. Read as the transfer
+    breaking off, a full disk was 'try again', which fails the same way."""
     try:
-        if chunk is None:
-            file.flush()
-            os.fsync(file.fileno())
-        else:
-            file.write(chunk)
+        yield
     except OSError as error:
-        raise DownloadError(_cannot_write(partial.parent, error)) from error
-
-
-def _cannot_write(folder: Path, error: OSError) -> str:
-    return (
-        f"Cannot download into {folder}: {error.strerror or error}. Choose a folder you can write to: "
-        f"download_root=... (clip.load) or root=..., or the {CACHE_DIR_VARIABLE} environment variable."
-    )
+        raise DownloadError(
+            f"Cannot download into {folder}: {error.strerror or error}. Choose a folder you can write to: "
+            f"download_root=... (clip.load) or root=..., or the {CACHE_DIR_VARIABLE} environment variable."
+        ) from error
 
 
 def _too_large(url: str, what: str, max_bytes: int) -> str:

@@ -23,6 +23,7 @@ given (a copy), so that its hooks see OpenAI's shapes as well.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -258,10 +259,16 @@ class MultiheadSelfAttention(nn.Module):
 _OWN_ATTENTION_FORWARD = MultiheadSelfAttention.forward
 
 
+def forward_replaced(module: nn.Module, own_forward: Callable | None = None) -> bool:
+    """Whether outside code replaced `module`'s `forward`: on the module (`module.forward = ...`, as tools that
+    wrap modules or read attention maps do), or, given the class's `own_forward` as written, on its class."""
+    return "forward" in vars(module) or (own_forward is not None and type(module).forward is not own_forward)
+
+
 def attention_forward_replaced(attn: nn.Module) -> bool:
     """Whether outside code replaced a MultiheadSelfAttention's `forward` (on the module, as attention-map tools
     do to ask for need_weights=True, or on its class): the block must then call it for every position."""
-    return "forward" in vars(attn) or type(attn).forward is not _OWN_ATTENTION_FORWARD
+    return forward_replaced(attn, _OWN_ATTENTION_FORWARD)
 
 
 def _as_additive(mask: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -387,7 +394,7 @@ class ResidualAttentionBlock(nn.Module):
         c_fc, gelu, c_proj = mlp.c_fc, mlp.gelu, mlp.c_proj
         if not (type(gelu) is QuickGELU and type(c_fc) is nn.Linear and type(c_proj) is nn.Linear):
             return False
-        if QuickGELU.forward is not _OWN_QUICK_GELU_FORWARD or any("forward" in vars(m) for m in (mlp, *mlp)):
+        if forward_replaced(gelu, _OWN_QUICK_GELU_FORWARD) or any(forward_replaced(m) for m in (mlp, c_fc, c_proj)):
             return False
         if observed:
             return False

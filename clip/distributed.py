@@ -22,10 +22,19 @@ import torch.distributed as dist
 
 logger = logging.getLogger("clip.distributed")
 
-# torchrun's own default port; under SLURM we add (job id mod 1000) so that two jobs sharing a node
-# are unlikely to pick the same port. MASTER_PORT in the environment always wins.
+# Under SLURM without MASTER_PORT (which always wins), each job step waits at its own port:
+#     29500 + (SLURM_JOB_ID + 617 * SLURM_STEP_ID) mod 1000
+# torchrun's default and the 999 ports above it: unprivileged, and below Linux's ephemeral range (32768-60999), from
+# which the ranks' own connections take their ports. Two steps of one job running at once on a node (two sruns in
+# an allocation) would otherwise meet at one port: the second step's rank 0 cannot bind it, and its other ranks join
+# the first step's group. With the step id in the sum, the steps of one job have different ports (617 is coprime to
+# 1000). A job array's tasks are jobs of their own (SLURM_JOB_ID; SLURM_ARRAY_JOB_ID is the shared one): those whose
+# ids differ by less than 21 keep different ports in their first 47 steps (617 is near 1000 / golden ratio, which
+# spreads its multiples over the range). Other pairs of jobs on one node meet with a chance of 1 in 1000, as before:
+# export MASTER_PORT for those.
 DEFAULT_MASTER_PORT = 29500
 SLURM_PORT_SPREAD = 1000
+SLURM_STEP_PORT_STRIDE = 617
 
 
 @dataclass(frozen=True)
@@ -180,7 +189,8 @@ def _launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment | N
         if "MASTER_PORT" in environ:
             master_port = _integer(environ, "MASTER_PORT")
         else:
-            master_port = DEFAULT_MASTER_PORT + _integer(environ, "SLURM_JOB_ID", 0) % SLURM_PORT_SPREAD
+            job, step = _integer(environ, "SLURM_JOB_ID", 0), _integer(environ, "SLURM_STEP_ID", 0)
+            master_port = DEFAULT_MASTER_PORT + (job + SLURM_STEP_PORT_STRIDE * step) % SLURM_PORT_SPREAD
         return LauncherEnvironment(
             rank=rank,
             world_size=_integer(environ, "SLURM_STEP_NUM_TASKS" if environ.get("SLURM_STEP_NUM_TASKS")

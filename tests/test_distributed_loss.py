@@ -32,7 +32,7 @@ WORLD_SIZE = 2
 ROWS_PER_RANK = 4
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
-                      "SLURMD_NODENAME")
+                      "SLURMD_NODENAME", "SLURM_STEP_ID")
 
 
 @pytest.mark.parametrize(
@@ -74,6 +74,25 @@ def test_slurm_variables():
     assert launch.master_port == DEFAULT_MASTER_PORT + 456
     launch = read_launcher_environment({**environ, "MASTER_ADDR": "head", "MASTER_PORT": "4000"})
     assert (launch.master_addr, launch.master_port) == ("head", 4000)
+
+
+def test_concurrent_slurm_steps_wait_at_different_ports():
+    # Two sruns at once in one allocation had the job's one port: the second step's rank 0 could not bind it, and
+    # its other ranks joined the first step's process group
+    def port(job, step):
+        environ = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "gpu[017-018]",
+                   "SLURM_JOB_ID": str(job), "SLURM_STEP_ID": str(step)}
+        return read_launcher_environment(environ).master_port
+
+    assert port(123456, 0) == DEFAULT_MASTER_PORT + 456  # a job's first step keeps the port it had
+    assert len({port(123456, step) for step in range(1000)}) == 1000  # a job's steps: all different
+    for job in (7, 999, 123456):  # neighbouring jobs (a job array's tasks) in their first 47 steps: all different
+        ports = [port(job + offset, step) for offset in range(21) for step in range(47)]
+        assert len(set(ports)) == len(ports)
+    assert all(DEFAULT_MASTER_PORT <= port(job, step) < 32768 for job in (0, 999, 4294967295) for step in (0, 7, 999))
+    environ = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "gpu017", "SLURM_JOB_ID": "5",
+               "SLURM_STEP_ID": "3", "MASTER_PORT": "4000"}
+    assert read_launcher_environment(environ).master_port == 4000  # still the override
 
 
 def test_slurm_step_on_part_of_the_job():

@@ -171,18 +171,7 @@ def _launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment | N
             master_addr = environ["MASTER_ADDR"]
         elif nodelist:
             master_addr = first_host(nodelist)
-            # Task 0 usually runs on the step's first host, but not in a heterogeneous step (srun ... : ...),
-            # whose node list Slurm sorts by name across the components, nor with an arbitrary layout
-            # (SLURM_HOSTFILE). The ranks would then wait at a host where no rank 0 listens until the timeout.
-            # slurmd names this task's node in the node lists' own terms.
-            node = environ.get("SLURMD_NODENAME")
-            if rank == 0 and node and node != master_addr:
-                raise LauncherMisconfigured(
-                    f"SLURM started rank 0 on {node}, not on {master_addr}, the first host of the step's node list "
-                    f"{nodelist!r}, where the other ranks would look for it (a heterogeneous step, whose node list "
-                    f"Slurm sorts, or an arbitrary task layout): export MASTER_ADDR before srun (in a heterogeneous "
-                    f"job, the first host of SLURM_JOB_NODELIST_HET_GROUP_0)"
-                )
+            _check_rank_0_is_on(master_addr, nodelist, rank, environ)
         else:
             raise LauncherMisconfigured("SLURM_PROCID is set but neither MASTER_ADDR nor SLURM_STEP_NODELIST nor "
                                "SLURM_JOB_NODELIST is")
@@ -201,6 +190,38 @@ def _launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment | N
             launcher="slurm",
         )
     return None
+
+
+def _check_rank_0_is_on(master_addr: str, nodelist: str, rank: int, environ: Mapping[str, str]) -> None:
+    """LauncherMisconfigured where this task can tell that SLURM did not start rank 0 on `master_addr`, the first host
+    of the step's node list.
+
+    Task 0 runs there with the block, cyclic and plane distributions, but not in a heterogeneous step (srun ... : ...),
+    whose node list Slurm sorts by name across the components, nor with an arbitrary layout (SLURM_HOSTFILE); the
+    ranks would then wait at a host where no rank 0 listens until the rendezvous timed out. A task knows its node
+    (SLURMD_NODENAME, in the node lists' own terms) and the step's ranks on that node (SLURM_GTIDS), so the ranks on
+    rank 0's node and on the first host see it. The ranks on the other nodes cannot: nothing in their environment says
+    where task 0 runs (SLURM_STEP_TASKS_PER_NODE gives counts, not which tasks, and in a heterogeneous step SLURM_NODEID
+    counts the nodes in component order, not in the node list's), so they wait until srun ends them (the --wait of
+    scripts/slurm_train.sbatch) or the rendezvous times out."""
+    node = environ.get("SLURMD_NODENAME")
+    if not node:
+        return
+    ranks_here = environ.get("SLURM_GTIDS", "").split(",")
+    step_ranks_known = str(rank) in ranks_here  # else it is not this step's: a task's own rank is among them
+    holds_rank_0 = rank == 0 or (step_ranks_known and "0" in ranks_here)
+    why = ("(a heterogeneous step, whose node list Slurm sorts, or an arbitrary task layout): export MASTER_ADDR "
+           "before srun (in a heterogeneous job, the first host of SLURM_JOB_NODELIST_HET_GROUP_0)")
+    if holds_rank_0 and node != master_addr:
+        raise LauncherMisconfigured(
+            f"SLURM started rank 0 on {node}, not on {master_addr}, the first host of the step's node list "
+            f"{nodelist!r}, where the other ranks would look for it {why}"
+        )
+    if step_ranks_known and not holds_rank_0 and node == master_addr:
+        raise LauncherMisconfigured(
+            f"SLURM started ranks {','.join(ranks_here)} (SLURM_GTIDS) on {node} and rank 0 elsewhere, though {node} "
+            f"is the first host of the step's node list {nodelist!r}, where the ranks look for rank 0 {why}"
+        )
 
 
 def _integer(environ: Mapping[str, str], name: str, default: int | None = None) -> int:

@@ -32,7 +32,7 @@ WORLD_SIZE = 2
 ROWS_PER_RANK = 4
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
-                      "SLURMD_NODENAME", "SLURM_STEP_ID")
+                      "SLURMD_NODENAME", "SLURM_STEP_ID", "SLURM_GTIDS")
 
 
 @pytest.mark.parametrize(
@@ -137,9 +137,33 @@ def test_rank_0_not_on_the_first_host_of_the_step_is_an_error_not_a_wait():
     with pytest.raises(RuntimeError, match="rank 0 on gpu-b01, not on gpu-a01.*export MASTER_ADDR"):
         read_launcher_environment(environ)
     assert read_launcher_environment({**environ, "MASTER_ADDR": "gpu-b01"}).master_addr == "gpu-b01"
-    # the other ranks cannot tell; rank 0 on the first host is the usual case
+    # without SLURM_GTIDS the other ranks cannot tell; rank 0 on the first host is the usual case
     assert read_launcher_environment({**environ, "SLURM_PROCID": "1"}).master_addr == "gpu-a01"
     assert read_launcher_environment({**environ, "SLURMD_NODENAME": "gpu-a01"}).master_addr == "gpu-a01"
+
+
+def test_the_ranks_beside_rank_0_and_on_the_first_host_see_it_elsewhere_too():
+    # A heterogeneous step whose component 0 (ranks 0-1) runs on gpu-b01 and component 1 (ranks 2-5) on gpu-a[01-02]:
+    # rank 0 failed, and the other ranks waited out the 30-minute rendezvous under a bare srun. SLURM_GTIDS names the
+    # step's ranks on each task's node.
+    step = {"SLURM_NTASKS": "6", "SLURM_STEP_NUM_TASKS": "6", "SLURM_JOB_ID": "7",
+            "SLURM_STEP_NODELIST": "gpu-a[01-02],gpu-b01", "SLURM_STEP_TASKS_PER_NODE": "2(x3)"}
+
+    def task(rank, node, ranks_here):
+        return {**step, "SLURM_PROCID": str(rank), "SLURMD_NODENAME": node, "SLURM_GTIDS": ranks_here}
+
+    with pytest.raises(RuntimeError, match=r"ranks 2,3 \(SLURM_GTIDS\) on gpu-a01 and rank 0 elsewhere.*MASTER_ADDR"):
+        read_launcher_environment(task(3, "gpu-a01", "2,3"))  # on the first host, which lacks rank 0
+    with pytest.raises(RuntimeError, match="rank 0 on gpu-b01, not on gpu-a01.*MASTER_ADDR"):
+        read_launcher_environment(task(1, "gpu-b01", "0,1"))  # beside rank 0
+    # gpu-a02's ranks cannot tell where rank 0 runs: SLURM_GTIDS names only this node's ranks
+    assert read_launcher_environment(task(5, "gpu-a02", "4,5")).master_addr == "gpu-a01"
+    assert read_launcher_environment({**task(3, "gpu-a01", "2,3"), "MASTER_ADDR": "gpu-b01"}).master_addr == "gpu-b01"
+    # the usual layout: rank 0 on the first host, beside rank 1
+    assert read_launcher_environment(task(1, "gpu-a01", "0,1")).master_addr == "gpu-a01"
+    # a SLURM_GTIDS that does not list the task's own rank is not this step's (left by a wrapper): it tells nothing
+    assert read_launcher_environment(task(3, "gpu-a01", "0")).master_addr == "gpu-a01"
+    assert read_launcher_environment(task(5, "gpu-b01", "0")).master_addr == "gpu-a01"
 
 
 @pytest.mark.parametrize("environ, named", [

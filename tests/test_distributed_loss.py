@@ -31,8 +31,10 @@ from multiprocess import free_port, spawn_ranks
 WORLD_SIZE = 2
 ROWS_PER_RANK = 4
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+# All that the launcher reads: a test run inside an srun step inherits them
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
-                      "SLURMD_NODENAME", "SLURM_STEP_ID", "SLURM_GTIDS")
+                      "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_JOB_ID", "SLURM_STEP_NODELIST",
+                      "SLURM_JOB_NODELIST", "SLURM_NODELIST", "SLURMD_NODENAME", "SLURM_STEP_ID", "SLURM_GTIDS")
 
 
 @pytest.mark.parametrize(

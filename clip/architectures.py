@@ -91,6 +91,18 @@ class VisionConfig:
                 raise ValueError(f"vision.width={self.width} is not divisible by vision.heads={self.heads}")
 
 
+def check_image_batch(image_shape: tuple[int, ...], image_size: int) -> None:
+    """Refuses images that are not one batch [N, C, H, W]. Most often it is a single preprocessed image without its
+    batch dimension: the ViT's convolution takes that as an unbatched input, and the size check then blamed the
+    image's size ("resize them"); the ResNet failed in BatchNorm ("expected 4D input")."""
+    if len(image_shape) != 4:
+        one_image = len(image_shape) == 3
+        hint = ": for one image, add the batch dimension (preprocess(image).unsqueeze(0))" if one_image else ""
+        raise ValueError(
+            f"images of shape {tuple(image_shape)}; this model takes a batch [N, 3, {image_size}, {image_size}]{hint}"
+        )
+
+
 def wrong_image_size(image_shape: tuple[int, ...], image_size: int) -> ValueError:
     """The error for images whose size does not give the tower's grid of positions (raised where it would
     otherwise fail, on the positional embedding, with a shape mismatch that does not say what was wrong).

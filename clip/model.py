@@ -182,6 +182,11 @@ class CLIP(nn.Module):
         methods) keeps every position of the context, as openai/CLIP's, and so does a traced model
         (torch.jit.trace, ONNX export): a length read from one example would be fixed in the trace."""
         context = self.context_length
+        if text.dim() != 2:  # a row of clip.tokenize's output (tokens[i]) failed with "too many indices"
+            raise ValueError(
+                f"text of shape {tuple(text.shape)}; this model takes token ids [N, L], as clip.tokenize returns "
+                f"them (for one text too); for one row of them, keep its batch dimension: tokens[i:i + 1]"
+            )
         if text.shape[-1] > context:
             # Only padding past the context (clip.tokenize's default 77 positions, for a model of a shorter
             # context) is dropped; texts that do not fit are an error, not silently cut.

@@ -14,7 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architectures import VisionConfig, constructor_arguments, wrong_image_size
+from .architectures import (
+    VisionConfig,
+    check_image_batch,
+    constructor_arguments,
+    wrong_image_size,
+)
 from .batch_norm_relu import (
     BatchNormReplay,
     ResidualReluRecipe,
@@ -238,6 +243,7 @@ class ModifiedResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         image_shape = x.shape
+        check_image_batch(image_shape, self.input_resolution)
         x = x.to(self.conv1.weight.dtype)  # as OpenAI's: float32 images into a half-precision model
         stem = (self.conv1, self.bn1, self.relu1, self.conv2, self.bn2, self.relu2, self.conv3, self.bn3, self.relu3,
                 self.avgpool)

@@ -6,7 +6,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .architectures import VisionConfig, constructor_arguments, wrong_image_size
+from .architectures import (
+    VisionConfig,
+    check_image_batch,
+    constructor_arguments,
+    wrong_image_size,
+)
 from .transformer import LayerNorm, Transformer, runs_as_openai
 
 
@@ -70,6 +75,7 @@ class VisionTransformer(nn.Module):
     def forward_unprojected(self, x: torch.Tensor) -> torch.Tensor:
         """The class token after the final layer norm, before the projection to the embedding space: N,width."""
         image_shape = x.shape
+        check_image_batch(image_shape, self.input_resolution)
         x = self.conv1(x)  # N3HW -> N,width,grid,grid
         x = x.flatten(2).transpose(1, 2)  # -> N,grid*grid,width
         if x.shape[1] + 1 != self.positional_embedding.shape[0]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import OrderedDict
 
 import pytest
@@ -107,6 +108,28 @@ def test_images_of_another_size_are_a_clear_error(kind):
     # A size that gives the same grid of positions runs, as in openai/CLIP (the convolutions drop the rest)
     with torch.no_grad():
         assert model.encode_image(torch.randn(1, 3, size + 5, size + 5)).shape == (1, TINY[kind].embed_dim)
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_an_image_or_a_text_without_its_batch_dimension_is_a_clear_error(kind):
+    # preprocess(image) without .unsqueeze(0): the ViT blamed its size ("resize them"), the ResNet failed in
+    # BatchNorm; a row of clip.tokenize's output failed with "too many indices for tensor of dimension 1".
+    model = CLIP(TINY[kind]).eval()
+    size = model.visual.input_resolution
+    for encode in (model.encode_image, model.encode_image_unprojected):
+        with pytest.raises(ValueError, match=rf"images of shape \(3, {size}, {size}\); this model takes a batch "
+                                             rf"\[N, 3, {size}, {size}\]: for one image, add the batch dimension"):
+            encode(torch.randn(3, size, size))
+    with pytest.raises(ValueError, match=rf"images of shape \(2, 2, 3, {size}, {size}\); this model takes a batch "
+                                         rf"\[N, 3, {size}, {size}\]$"):
+        model.encode_image(torch.randn(2, 2, 3, size, size))
+    texts = texts_with_lengths([3, 5])
+    for text in (texts[0], texts[None]):
+        with pytest.raises(ValueError, match=rf"text of shape {re.escape(str(tuple(text.shape)))}; this model takes "
+                                             r"token ids \[N, L\], as clip.tokenize returns them"):
+            model.encode_text(text)
+    with torch.no_grad():  # the batch as it should be runs
+        assert model(torch.randn(1, 3, size, size), texts[:1])[0].shape == (1, 1)
 
 
 def test_text_features_under_vmap_and_per_sample_gradients():

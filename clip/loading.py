@@ -131,11 +131,11 @@ def load_weights_into(model: CLIP, name_or_path: str, download_root: str | Path 
     if theirs is not None:
         _check_architecture(theirs, model.config, str(path), not_in_shapes)
         if not_in_shapes:
-            _check_unseen_settings(theirs, model.config, path, weights.from_open_clip_training)
-    if weights.from_open_clip_training and model.config.activation == "quick_gelu":
+            _check_unseen_settings(theirs, model.config, path, weights.open_clip_origin is not None)
+    if weights.open_clip_origin is not None and model.config.activation == "quick_gelu":
         # Shapes match whatever the activation: clip.load warns of this, and so must the start of a fine-tuning
         warnings.warn(
-            f"{path} is an open_clip training checkpoint, which records no activation: loaded into the configured "
+            f"{path} is {weights.open_clip_origin}, which records no activation: loaded into the configured "
             f"quick_gelu model. open_clip's models without '-quickgelu' in their name (most of those trained on "
             f"LAION) use GELU: set model.activation = \"gelu\" for those, or their features start out wrong.",
             stacklevel=2,
@@ -160,7 +160,7 @@ def _check_architecture(theirs: ModelConfig, configured: ModelConfig, source: st
         )
 
 
-def _check_unseen_settings(inferred: ModelConfig, configured: ModelConfig, path: Path, open_clip_training: bool) -> None:
+def _check_unseen_settings(inferred: ModelConfig, configured: ModelConfig, path: Path, from_open_clip: bool) -> None:
     """For a file that records no architecture, whose shapes (`inferred`, by OpenAI's conventions) are a released
     model's: the settings shapes do not show (heads, activation) compared with the configured ones. A difference
     is an error, naming the fields, when the file is that release (by its SHA256, as for the released name), and a
@@ -170,7 +170,7 @@ def _check_unseen_settings(inferred: ModelConfig, configured: ModelConfig, path:
     if name is None:  # other sizes: OpenAI's conventions are only a guess, and the shapes decide
         return
     unseen = architecture_differences(inferred.to_dict(), configured.to_dict())
-    if open_clip_training:  # its activation is recorded nowhere, and has a warning of its own in load_weights_into
+    if from_open_clip:  # its activation is recorded nowhere, and has a warning of its own in load_weights_into
         unseen = [difference for difference in unseen if difference[0] != "activation"]
     if not unseen:
         return
@@ -201,10 +201,10 @@ def model_from_weights(weights: LoadedWeights, source: str) -> CLIP:
             raise WeightsFileError(f"{source} does not hold CLIP weights in OpenAI's layout: {error}") from error
         conventions = (f"loaded with OpenAI's conventions ({config.vision.heads} image and {config.text.heads} "
                        f"text heads, {config.activation})")
-        if weights.from_open_clip_training:
+        if weights.open_clip_origin is not None:
             # Released sizes or not: open_clip's GELU models have OpenAI's shapes, and load without error
             warnings.warn(
-                f"{source} is an open_clip training checkpoint, which records no architecture: {conventions}. "
+                f"{source} is {weights.open_clip_origin}, which records no architecture: {conventions}. "
                 f"open_clip's models without '-quickgelu' in their name (most of those trained on LAION) use "
                 f"GELU, and compute other features this way: build those with clip.create_model(its config, "
                 f"activation 'gelu') and load_state_dict.", stacklevel=3,

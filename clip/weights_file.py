@@ -1,6 +1,8 @@
 """Read a weights file without running code stored in it, and say clearly what a wrong file is.
 
 - TorchScript archives (OpenAI's release format) go through `clip.torchscript_reader`, never `torch.jit.load`.
+- safetensors files (open_clip's release format on the Hugging Face Hub) go through the `safetensors` package
+  (an optional dependency): a header and raw tensor bytes, nothing to run.
 - Everything else goes through `torch.load(weights_only=True)`: tensors and plain Python values only.
 - A run directory resolves to its newest readable `checkpoints/step_XXXXXXXX.pt` (or what
   `checkpoints/latest` names), the contract of our trainer's `clip.checkpoint`.
@@ -12,6 +14,7 @@ architecture when the file records one (our trainer's checkpoints), and OpenAI's
 from __future__ import annotations
 
 import errno
+import json
 import re
 import warnings
 import zipfile
@@ -61,9 +64,10 @@ class LoadedWeights:
     extras: dict[str, int] = field(default_factory=dict)
     # A SigLIP run's learned logit bias (its checkpoint's loss_parameters), a scalar tensor; None otherwise.
     logit_bias: torch.Tensor | None = None
-    # An open_clip training checkpoint ({"epoch", "state_dict", ...}): it records no activation, and
-    # open_clip trains most of its models (those without "-quickgelu" in their name) with GELU
-    from_open_clip_training: bool = False
+    # What the file is, said where it most likely comes from open_clip, which records no activation while
+    # it trains most of its models (those without "-quickgelu" in their name) with GELU: its training
+    # checkpoints ({"epoch", "state_dict", ...}) and its safetensors releases. None for any other file.
+    open_clip_origin: str | None = None
 
 
 def read_weights(path: str | Path) -> LoadedWeights:
@@ -93,7 +97,46 @@ def _read_weights(path: Path) -> LoadedWeights:
         except TorchScriptReadError as error:
             raise WeightsFileError(str(error)) from error
         return _weights_from_state_dict(tensors, None, path)
+    if is_safetensors_file(path):
+        weights = _weights_from_state_dict(_read_safetensors(path), None, path)
+        # OpenAI released no safetensors; open_clip's Hub releases are, and most of its models use GELU
+        weights.open_clip_origin = "a safetensors file (the format of open_clip's releases)"
+        return weights
     return _weights_from_object(_torch_load_weights_only(path), path)
+
+
+# A safetensors file: an 8-byte little-endian header length, then that many bytes of JSON (an object)
+_SAFETENSORS_LENGTH_BYTES = 8
+
+
+def is_safetensors_file(path: Path) -> bool:
+    """Whether `path` starts as a safetensors file does: a header length that fits in the file, then a JSON
+    object's opening brace."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(_SAFETENSORS_LENGTH_BYTES + 1)
+            size = path.stat().st_size
+    except OSError:
+        return False  # the reader that follows names the error
+    if len(head) <= _SAFETENSORS_LENGTH_BYTES:
+        return False
+    header_length = int.from_bytes(head[:_SAFETENSORS_LENGTH_BYTES], "little")
+    return head[_SAFETENSORS_LENGTH_BYTES:] == b"{" and header_length <= size - _SAFETENSORS_LENGTH_BYTES
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise WeightsFileError(
+            f"{path} is a safetensors file: reading it needs the safetensors package (pip install "
+            f"'clip-pretrain[safetensors]', or pip install safetensors)"
+        ) from None
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise WeightsFileError(f"{path} is a damaged or truncated safetensors file ({error})") from error
 
 
 def read_run_or_file(path: Path) -> tuple[Path, LoadedWeights]:
@@ -284,7 +327,8 @@ def _check_pytorch_file(path: Path) -> None:
     except UnicodeDecodeError:
         what = f"a binary file beginning {head[:8].hex(' ')}"
     raise WeightsFileError(
-        f"{path} is not a PyTorch weights file: it is {what}; expected a TorchScript archive or a torch.save file"
+        f"{path} is not a PyTorch weights file: it is {what}; expected a TorchScript archive, a torch.save file or "
+        f"a safetensors file"
     )
 
 
@@ -314,7 +358,8 @@ def _weights_from_object(loaded: object, path: Path) -> LoadedWeights:
     for key in ("model", "state_dict"):
         if isinstance(loaded.get(key), Mapping) and _is_state_dict(loaded[key]):
             weights = _weights_from_state_dict(loaded[key], _config_from_checkpoint(loaded.get("config"), path), path)
-            weights.from_open_clip_training = key == "state_dict" and "epoch" in loaded and "config" not in loaded
+            if key == "state_dict" and "epoch" in loaded and "config" not in loaded:
+                weights.open_clip_origin = "an open_clip training checkpoint"
             loss_parameters = loaded.get("loss_parameters")
             bias = loss_parameters.get("logit_bias") if isinstance(loss_parameters, Mapping) else None
             if isinstance(bias, torch.Tensor) and bias.numel() == 1:

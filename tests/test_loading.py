@@ -10,6 +10,7 @@ import hashlib
 import io
 import os
 import pickle
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -363,6 +364,41 @@ def test_a_storage_error_on_the_newest_checkpoint_of_a_run_directory_stops_inste
         model, _ = load(tmp_path, device="cpu")
     monkeypatch.undo()
     assert_same_features(model, older, TINY_VIT, atol=0)
+
+
+def test_a_safetensors_file_loads_with_a_warning_about_its_activation(tmp_path: Path) -> None:
+    # open_clip's Hub releases are safetensors state dicts in OpenAI's layout; they were refused as "a binary
+    # file", and their GELU models (most LAION-trained ones) would load as QuickGELU without a word
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    original = tiny_model(TINY_VIT)
+    path = tmp_path / "open_clip_model.safetensors"
+    safetensors_torch.save_file({key: value.contiguous() for key, value in original.state_dict().items()}, path)
+    with pytest.warns(UserWarning, match=r"open_clip_model\.safetensors is a safetensors file .*'-quickgelu'.*GELU"):
+        model, _ = load(path, device="cpu")
+    assert_same_features(model, original, TINY_VIT, atol=0)
+    with pytest.warns(UserWarning, match=r"is a safetensors file .*model.activation = \"gelu\""):
+        clip.loading.load_weights_into(CLIP(TINY_VIT), str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # configured with GELU: nothing to say
+        gelu = CLIP(ModelConfig.from_dict({**TINY_VIT.to_dict(), "activation": "gelu"}))
+        clip.loading.load_weights_into(gelu, str(path))
+    assert all(torch.equal(value, original.state_dict()[name]) for name, value in gelu.state_dict().items())
+
+
+def test_a_damaged_safetensors_file_or_one_without_the_package_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    path = tmp_path / "model.safetensors"
+    safetensors_torch.save_file({key: value.contiguous() for key, value in tiny_model(TINY_VIT).state_dict().items()},
+                                path)
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-100])
+    with pytest.raises(WeightsFileError, match=r"model\.safetensors is a damaged or truncated safetensors file"):
+        load(path, device="cpu")
+    path.write_bytes(whole)
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # not installed: import fails
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(WeightsFileError, match=r"is a safetensors file: reading it needs the safetensors package"):
+        load(path, device="cpu")
 
 
 def test_an_open_clip_training_checkpoint_loads_with_a_warning_about_its_activation(tmp_path: Path) -> None:

@@ -137,3 +137,46 @@ def test_a_jsonl_row_nested_too_deep_for_the_json_reader_is_a_bad_row_not_the_ma
     path.write_text("\n".join(rows) + "\n")
     manifest = read_manifest(str(path))
     assert captions_of(path) == ["before", "after"] and manifest.bad_rows == 1
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_a_field_past_pythons_csv_default_limit_is_read_and_the_limit_left_as_it_was(
+    tmp_path: Path, suffix: str
+) -> None:
+    # The csv default (131,072 characters) made such a row a bad row "without a usable image path or caption"
+    import csv
+
+    separator = "\t" if suffix == ".tsv" else ","
+    path = tmp_path / f"train{suffix}"
+    long_caption = "x" * (csv.field_size_limit() + 1)
+    path.write_text(f"image{separator}caption\na.jpg{separator}{long_caption}\nb.jpg{separator}short\n")
+    default = csv.field_size_limit()
+    assert captions_of(path) == [long_caption, "short"]
+    assert csv.field_size_limit() == default  # the process's other csv readers keep theirs
+
+
+def test_a_field_past_the_limit_spoils_its_line_or_names_an_open_quote(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("clip.data.manifest.FIELD_LIMIT", 100)
+    path = tmp_path / "train.tsv"
+    path.write_text(f"image\tcaption\na.jpg\t{'x' * 101}\nb.jpg\tshort\n")
+    manifest = read_manifest(str(path))
+    assert captions_of(path) == ["short"] and manifest.bad_rows == 1
+    # A quoted field spanning lines: read on from inside it, its lines were rows ('x', 'z"') beside bad ones
+    path = tmp_path / "train.csv"
+    path.write_text('image,caption\na.jpg,"' + "y" * 60 + "\n" + "y" * 60 + '\nx,z"\nb.jpg,short\n')
+    with pytest.raises(ValueError, match=r"train\.csv, the record from line 2: field larger than field limit"):
+        read_manifest(str(path))
+
+
+def test_a_bare_carriage_return_in_a_caption_does_not_split_its_row(tmp_path: Path) -> None:
+    # The csv reader ended the record there: a.jpg kept half its caption, and the rest was a row of its own,
+    # its text the image path and the next column the caption
+    path = tmp_path / "train.tsv"
+    path.write_bytes(b"image\tcaption\tsource\r\na.jpg\tfirst\rsecond\tweb\r\nb.jpg\tok\r\rtwo\tweb\n")
+    assert captions_of(path) == ["first\rsecond", "ok\r\rtwo"]
+    path = tmp_path / "train.csv"
+    path.write_bytes(b'image,caption\na.jpg,"quoted\rone"\nb.jpg,bare\rone\n')
+    assert captions_of(path) == ["quoted\rone", "bare\rone"]
+    # A file whose rows end in "\r" alone (Excel for Mac's CSV) reads as before
+    path.write_bytes(b'image,caption\ra.jpg,"two\rlines"\rb.jpg,plain\r')
+    assert captions_of(path) == ["two\rlines", "plain"]

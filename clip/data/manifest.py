@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,38 @@ def _missing_columns_error(path: str, wanted: list[str], available: list[str]) -
 
 QUOTING_CHOICES = ("auto", "none", "csv")
 
+# Characters in one field. Python's csv default (131,072) refused a long web caption or metadata column, and
+# the csv module's limit is the whole process's, so the reader raises it around each row it reads and puts it
+# back. Bounded all the same: a CSV quote that never closes takes the rest of the file into one field (4 bytes
+# a character) before the reader can tell.
+FIELD_LIMIT = 1 << 24
+# The csv reader ends a record at a bare "\r" as well as at a line break. In a file whose lines end in "\n"
+# (or "\r\n"), a bare one inside a line is part of a field (a scraped caption's), so it is escaped for the
+# reader by a character that decoded text never holds (a high surrogate: UTF-8 cannot encode one, and
+# surrogateescape makes low ones only).
+_CR_ESCAPE = "\ud800"
+_BARE_CR = re.compile("\r(?=[^\n])")
+
+
+def _bare_cr_escaped(lines: Iterator[str]) -> Iterator[str]:
+    for line in lines:
+        yield _BARE_CR.sub(_CR_ESCAPE + "\r", line) if "\r" in line else line
+
+
+def _next_row(reader: csv.DictReader) -> dict:
+    default_limit = csv.field_size_limit(FIELD_LIMIT)
+    try:
+        return next(reader)
+    finally:
+        csv.field_size_limit(default_limit)
+
+
+def _rows_end_with_cr_alone(path: str) -> bool:
+    """Whether the first line ends in a bare "\r" (Excel for Mac's CSV): then "\r" ends every row."""
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as file:
+        first = file.readline()
+    return first.endswith("\r")
+
 
 def refuse_utf16_or_32(path: str) -> None:
     """A UTF-16 or UTF-32 file (what spreadsheet programs write as "Unicode text") is named as such: read as UTF-8, its
@@ -88,24 +121,32 @@ def _delimited_rows(
         quoting = "none" if separator == "\t" else "csv"
     csv_quoting = csv.QUOTE_NONE if quoting == "none" else csv.QUOTE_MINIMAL
     refuse_utf16_or_32(path)
+    cr_rows = _rows_end_with_cr_alone(path)
     # utf-8-sig: a byte-order mark (as spreadsheet programs write) is not part of the first column's name.
-    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as file:
+    with open(path, newline="" if cr_rows else "\n", encoding="utf-8-sig", errors="surrogateescape") as file:
+        lines = file if cr_rows else _bare_cr_escaped(file)
         # strict: a quoted field that is never closed is an error. Otherwise the reader takes everything up to
         # the end of the file as that one field, and every row after a stray quote is gone without a word.
         # Other malformed quoting (`"5" screen" TV`) spoils one row only: it is counted as a bad row, and the
         # reader goes on with the next line.
-        reader = csv.DictReader(file, delimiter=separator, quoting=csv_quoting, strict=True)
+        reader = csv.DictReader(
+            lines, delimiter=separator, quoting=csv_quoting, strict=True, escapechar=_CR_ESCAPE
+        )
         available = list(reader.fieldnames or [])
         if image_column not in available or caption_column not in available:
             raise _missing_columns_error(path, [image_column, caption_column], available)
         while True:
-            record_start = reader.line_num + 1
+            record_start = reader.reader.line_num + 1  # DictReader's own count is of rows read whole
             try:
-                row = next(reader)
+                row = _next_row(reader)
             except StopIteration:
                 return
             except csv.Error as error:
-                if "end of data" not in str(error):  # CPython's words for a quote still open at the end
+                # A field past the limit stops the reader inside it; within one line, the reader drops that
+                # line's rest and goes on cleanly with the next, but a quoted field spanning lines would go on
+                # inside the field, its lines read as rows.
+                over_limit = "field limit" in str(error) and reader.reader.line_num > record_start
+                if "end of data" not in str(error) and not over_limit:  # CPython's words for an open quote
                     yield None
                     continue
                 raise ValueError(

@@ -22,7 +22,6 @@ An image that cannot be decoded is left out with its captions and counted in `nu
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -35,7 +34,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from clip.cuda_backends import ieee_float32_matmul
-from clip.data.manifest import MANIFEST_SUFFIXES, manifest_rows
+from clip.data.manifest import FIELD_LIMIT, MANIFEST_SUFFIXES, manifest_rows
 
 from .config import RetrievalDatasetConfig
 from .features import (
@@ -181,8 +180,8 @@ def _manifest_pair(
         needs = "needs to be a JSON object with" if jsonl else "needs"
         # The reader hands over no reason for a row it could not split: a 300 KB caption read as an empty one
         malformed = "" if row or jsonl else (
-            f" (or it is malformed: an unbalanced quote, or a field longer than the {csv.field_size_limit()} "
-            f"characters Python's csv reader takes)"
+            f" (or it is malformed: an unbalanced quote, or a field longer than the {FIELD_LIMIT} characters a "
+            f"manifest field may hold)"
         )
         raise ValueError(
             f"{path}: row {number} {needs} a non-empty {image_column!r} and {caption_column!r}{malformed}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import tomllib
 import types
 import typing
@@ -221,6 +222,10 @@ def _tables(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(item, dict) for item in value)
 
 
+# tomllib's int() raised ValueError, with advice to call sys.set_int_max_str_digits, out of clip-train's traceback
+_TOO_MANY_DIGITS = f"holds an integer of more than {sys.get_int_max_str_digits()} digits, more than Python reads"
+
+
 def _parse_override_value(text: str) -> Any:
     # An override's value is read as a TOML value (numbers, booleans, lists, quoted strings); anything
     # that is not valid TOML is taken as a bare string, so `data.path=/tmp/x.csv` needs no quotes.
@@ -230,6 +235,8 @@ def _parse_override_value(text: str) -> Any:
         return text
     except RecursionError:  # tomllib parses nested arrays recursively
         raise ConfigError(f"override value {_short(text)} nests lists or tables too deeply") from None
+    except ValueError:  # int() refused a number past Python's digit limit (TOMLDecodeError is caught above)
+        raise ConfigError(f"override value {_short(text)} {_TOO_MANY_DIGITS}") from None
 
 
 def _list_to_override(node: dict, field: dataclasses.Field, name: str, assignment: str) -> list:
@@ -333,6 +340,8 @@ def _read_toml(path: Path) -> dict:
         raise ConfigError(f"{path}: not valid TOML: {error}") from error
     except RecursionError:  # tomllib parses nested arrays and inline tables recursively
         raise ConfigError(f"{path}: not valid TOML: its arrays or inline tables nest too deeply") from None
+    except ValueError:  # as for an override
+        raise ConfigError(f"{path}: {_TOO_MANY_DIGITS}") from None
 
 
 # A TOML basic string may not hold a control character raw (tab aside), and a config's strings can hold

@@ -506,6 +506,15 @@ def test_deeply_nested_values_are_config_errors_not_recursion_errors(tmp_path):
         load_config(None, [f"section.betas={nested}"], Schema)
 
 
+def test_an_integer_past_pythons_digit_limit_is_a_config_error(tmp_path):
+    # tomllib's int() raised ValueError ("Exceeds the limit (4300 digits)", advising sys.set_int_max_str_digits)
+    digits = "1" * 5000
+    with pytest.raises(ConfigError, match=r"\.toml: holds an integer of more than \d+ digits"):
+        load_config(write(tmp_path, f"[section]\nsteps = {digits}\n"), [], Schema)
+    with pytest.raises(ConfigError, match=r"override value '1+\.\.\. \(5002 characters\) holds an integer of more"):
+        load_config(None, [f"section.steps={digits}"], Schema)
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

@@ -306,6 +306,49 @@ def check_workers_outlive_signals(tmp_path: Path) -> None:
     assert not any(worker.is_alive() for worker in workers)
 
 
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="workers keep torch's signal handling here")
+@pytest.mark.parametrize("loader", ["training", "evaluation"])
+def test_a_signal_while_workers_start_is_acted_on_once_the_iterator_is_whole(
+    tmp_path: Path, monkeypatch, loader: str
+) -> None:
+    # The trainer's handler raises to abandon the start of a run (iter(data) is part of it) or an evaluation.
+    # Raised inside torch's iterator constructor, it left a started worker running outside the iterator's list,
+    # and the iterator's __del__ printed "AttributeError: ... '_workers_status'" with a traceback.
+    import gc
+    import os
+    import sys
+
+    from clip.data import worker_signals
+    from clip.evaluation.features import make_loader
+    from clip.stopping import EvaluationInterrupted, SetupInterrupted, StopRequest
+
+    started, unraisable = [], []
+    start = worker_signals.ForkWithJobSignalsHeld.Process.start
+
+    def start_then_signal(process) -> None:
+        start(process)
+        started.append(process)
+        if len(started) == 2:  # one worker in the iterator's list, the other started
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(worker_signals.ForkWithJobSignalsHeld.Process, "start", start_then_signal)
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    if loader == "training":
+        data, abandoned = build([shards_source(tmp_path, 40, 6)], batch_size=4, workers=2), SetupInterrupted
+    else:
+        dataset = torch.utils.data.TensorDataset(torch.zeros(8))
+        data, abandoned = make_loader(dataset, batch_size=2, workers=2, device="cpu"), EvaluationInterrupted
+    with StopRequest() as stop, pytest.raises(abandoned), stop.interrupting(abandoned):
+        iter(data)
+    if loader == "training":
+        data.close()
+    gc.collect()
+    for process in started:
+        process.join(timeout=10)
+    assert len(started) == 2 and not any(process.is_alive() for process in started)
+    assert unraisable == []
+
+
 def test_workers_hand_over_uint8_pixels_the_normalizer_turns_into_clip_input(tmp_path: Path) -> None:
     # A quarter of a float batch's bytes through shared memory and the host-to-device copy; the trainer
     # normalises on its device. The workers' shared-memory batches hold the same pixels as the main process's.

@@ -44,7 +44,7 @@ from .rank_states import every_slot_position
 from .sampling import PLAN_VERSION, Planner
 from .sources import ManifestSource, Source, build_source
 from .stream import Position, SampleStream, StreamSettings
-from .worker_signals import signal_safe_worker_options
+from .worker_signals import job_signals_held, signal_safe_worker_options
 
 if hasattr(signal, "sigwaitinfo"):  # where worker_signals defines it; importable from here as before
     from .worker_signals import ForkWithJobSignalsHeld as ForkWithJobSignalsHeld
@@ -162,7 +162,8 @@ class TrainData:
             generator=torch.Generator().manual_seed(self.seed),
             **(signal_safe_worker_options() if workers > 0 else {}),
         )
-        self._loader_iterator = iter(loader)
+        with job_signals_held():  # while the workers start (see there)
+            self._loader_iterator = iter(loader)
         self._generation += 1
         return self._batches_from(self._loader_iterator, self._generation)
 

@@ -1,13 +1,15 @@
 """DataLoader worker processes that leave a scheduler's SIGTERM and SIGINT to the training process:
 `signal_safe_worker_options()` gives the DataLoader arguments, for the training data (loader.py) and for
-the evaluation loaders (clip.evaluation.features)."""
+the evaluation loaders (clip.evaluation.features); their iterators are built inside `job_signals_held()`."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing.context
 import os
 import signal
 import threading
+from collections.abc import Iterator
 
 
 def signal_safe_worker_options() -> dict:
@@ -21,6 +23,38 @@ def signal_safe_worker_options() -> dict:
 
 
 JOB_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+@contextlib.contextmanager
+def job_signals_held() -> Iterator[None]:
+    """Inside the block SIGTERM and SIGINT are only noted; on leaving it, the handlers they would have met run.
+
+    For building a DataLoader's iterator, which starts its worker processes. The trainer's handler raises to
+    abandon an evaluation or the start of a run; raised inside torch's iterator constructor, it left the
+    iterator half built, a started worker outside the iterator's list (running until the process exits), and
+    the iterator's __del__ printed an AttributeError traceback ('_workers_status'). Held in Python, not in the
+    signal mask: a process-directed signal goes to any thread that does not block it, and the main thread's
+    handler runs all the same.
+    """
+    noted: list[int] = []
+    handlers = {}
+    try:
+        for sig in JOB_SIGNALS:
+            handlers[sig] = signal.signal(sig, lambda signum, frame: noted.append(signum))
+    except ValueError:  # not the main thread, where no Python signal handler runs
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        for signum in noted:
+            handler = handlers[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
+
 
 if hasattr(signal, "sigwaitinfo"):  # Linux, where the shield works (there is no fork context on Windows)
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
-from ..data.worker_signals import signal_safe_worker_options
+from ..data.worker_signals import job_signals_held, signal_safe_worker_options
 from .image_files import UnreadableImageError
 
 logger = logging.getLogger(__name__)
@@ -125,10 +125,16 @@ def collate_readable(items: list[Any]) -> ReadableBatch:
     return ReadableBatch(collated, None, skipped)
 
 
+class _EvaluationLoader(DataLoader):
+    def __iter__(self) -> Iterator:
+        with job_signals_held():  # while the workers start: a signal abandons the evaluation after it
+            return super().__iter__()
+
+
 def make_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device | str) -> DataLoader:
     """An ordered (unshuffled) loader of `ReadableBatch`es (unreadable images left out); pinned memory only
     when copying to a GPU."""
-    return DataLoader(
+    return _EvaluationLoader(
         SkipUnreadable(dataset),
         batch_size=batch_size,
         shuffle=False,

@@ -2,9 +2,10 @@
 
 The cache folder is $CLIP_CACHE_DIR, or ~/.cache/clip when that is unset. A download is written to a temporary
 file beside its destination and moved into place only after its checksum matches, so an interrupted or corrupt
-download never sits at the final path where the next run would trust it. Each attempt has its own temporary
-(partial) file, so that several processes may download the same file at once; those that killed attempts left
-behind are removed by a later download of that file (`_remove_stale_partials`).
+download never sits at the final path where the next run would trust it. Processes that want the same file at
+once (one per GPU, each calling clip.load) fetch it once: one downloads, the others wait for it and then check
+the file it left (`_one_download_at_a_time`). Each attempt has its own temporary (partial) file; those that
+killed attempts left behind are removed by a later download of that file (`_remove_stale_partials`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import http.client
 import logging
 import os
 import re
+import socket
 import stat
 import time
 import urllib.error
@@ -23,7 +25,7 @@ import urllib.response
 import uuid
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from tqdm import tqdm
@@ -47,6 +49,8 @@ DEFAULT_MAX_BYTES = 4 << 30
 # a second, and would take 50 days for RN50x64.
 STALE_PARTIAL_AGE_S = 3600.0
 _PARTIAL_ID_PATTERN = re.compile(r"[0-9a-f]{32}")  # uuid4().hex
+# How often a process waiting for another's download of the same file looks whether it has finished
+LOCK_POLL_S = 0.5
 
 # What urlopen returns: for http(s) URLs, and for file:// (and ftp) ones
 Response = http.client.HTTPResponse | urllib.response.addinfourl
@@ -129,22 +133,105 @@ def download(
             folder.mkdir(parents=True, exist_ok=True)
         except FileExistsError:  # mkdir's own message names only the path: "[Errno 17] File exists"
             raise DownloadError(f"Cannot download into {folder}: it exists and is not a folder") from None
-    # A unique name per attempt, so that several processes (one per GPU) may download at once.
-    partial = folder / f".{name}.{uuid.uuid4().hex}.part"
-    try:
-        response = _open_url(url, target, expected, timeout_s, root_given=root is not None)
-        with response:
-            actual = _fetch(response, url, partial, target.name, progress, max_bytes)
-        if actual != expected:
-            raise DownloadError(
-                f"The file downloaded from {url} has SHA256 {actual}, but {expected} was expected; it was not "
-                f"saved. The server may be serving a different or corrupted file."
-            )
-        os.replace(partial, target)  # atomic on POSIX and Windows when both paths are in one folder
-    except BaseException:  # also on KeyboardInterrupt: never leave a partial file behind
-        partial.unlink(missing_ok=True)
-        raise
+    with _one_download_at_a_time(folder, name):
+        # Another process may have downloaded it meanwhile (this one waited for it)
+        if target.is_file() and sha256_of_file(target) == expected:
+            return target
+        # A unique name per attempt: where downloads cannot wait for each other, several go ahead at once.
+        partial = folder / f".{name}.{uuid.uuid4().hex}.part"
+        try:
+            response = _open_url(url, target, expected, timeout_s, root_given=root is not None)
+            with response:
+                actual = _fetch(response, url, partial, target.name, progress, max_bytes)
+            if actual != expected:
+                raise DownloadError(
+                    f"The file downloaded from {url} has SHA256 {actual}, but {expected} was expected; it was not "
+                    f"saved. The server may be serving a different or corrupted file."
+                )
+            os.replace(partial, target)  # atomic on POSIX and Windows when both paths are in one folder
+        except BaseException:  # also on KeyboardInterrupt: never leave a partial file behind
+            partial.unlink(missing_ok=True)
+            raise
     return target
+
+
+@contextmanager
+def _one_download_at_a_time(folder: Path, name: str) -> Iterator[None]:
+    """Holds the lock of `.NAME.lock` in `folder` while NAME downloads; another process downloading it waits
+    here until the lock is free, then finds the file in the cache. The lock file is removed when done.
+
+    An flock, which the kernel drops when its holder ends, however it ends: a killed download blocks nobody.
+    Where no lock can be taken (Windows, a file system without flock, a folder that cannot be written),
+    downloads go ahead side by side, each into its own partial file. So does a waiting one once the holder has
+    shown no sign of life (its lock file or partial file written) for STALE_PARTIAL_AGE_S, as when a network
+    file system keeps the lock of a node that died."""
+    path = folder / f".{name}.lock"
+    descriptor = _take_lock(path, folder, name)
+    try:
+        yield
+    finally:
+        if descriptor is not None:
+            with suppress(OSError):
+                path.unlink()  # while held, so that a process waiting for it takes a new file (see _take_lock)
+            os.close(descriptor)
+
+
+def _take_lock(path: Path, folder: Path, name: str) -> int | None:
+    """An open descriptor of the lock file `path`, locked, or None where the download goes ahead without it."""
+    if fcntl is None:
+        return None
+    said_waiting = False
+    while True:
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except OSError:  # a folder that cannot be written: the download says so
+            return None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process downloads the file
+            os.close(descriptor)
+        except OSError:  # a file system without locks
+            os.close(descriptor)
+            return None
+        else:
+            if _is_at(path, descriptor):
+                with suppress(OSError):  # who holds it, and a sign of life for the waiting
+                    os.ftruncate(descriptor, 0)
+                    os.write(descriptor, f"{socket.gethostname()} {os.getpid()}\n".encode())
+                return descriptor
+            os.close(descriptor)  # its holder removed it on the way out, before this process locked it
+            continue
+        silent_s = time.time() - _last_sign_of_life(path, folder, name)
+        if silent_s >= STALE_PARTIAL_AGE_S:
+            log.warning("the download of %s that another process holds (%s) has written nothing for %.0f s: "
+                        "downloading it here as well", folder / name, path, silent_s)
+            return None
+        if not said_waiting:
+            log.info("waiting for another process's download of %s", folder / name)
+            said_waiting = True
+        time.sleep(LOCK_POLL_S)
+
+
+def _is_at(path: Path, descriptor: int) -> bool:
+    """Whether the open file `descriptor` is the one at `path` still."""
+    try:
+        at_path = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    held = os.fstat(descriptor)
+    return (at_path.st_dev, at_path.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _last_sign_of_life(lock: Path, folder: Path, name: str) -> float:
+    """When a download of `name` last wrote its lock file or a partial file (now, if the lock file is gone)."""
+    times = []
+    for path in [lock, *_partial_files(folder, name)]:
+        try:
+            times.append(os.stat(path, follow_symlinks=False).st_mtime)
+        except OSError:  # gone meanwhile: the download finished or failed
+            if path == lock:
+                return time.time()
+    return max(times)
 
 
 def _open_url(url: str, target: Path, expected: str, timeout_s: float, root_given: bool) -> Response:
@@ -249,15 +336,8 @@ def _remove_stale_partials(folder: Path, name: str) -> list[Path]:
     `_mark_in_use`) and it has not been written to for STALE_PARTIAL_AGE_S. The age as well, because on some
     shared file systems a lock is seen on its own node only (NFS mounted nolock, Lustre with localflock): a
     download on another node would look dead. Two downloads at once thus never remove each other's file."""
-    prefix, suffix = f".{name}.", ".part"
-    try:
-        entries = [entry for entry in folder.iterdir() if entry.name.startswith(prefix) and entry.name.endswith(suffix)]
-    except OSError:  # no folder yet (or one that cannot be listed, which the download itself will report)
-        return []
     removed = []
-    for path in entries:
-        if not _PARTIAL_ID_PATTERN.fullmatch(path.name[len(prefix) : -len(suffix)]):
-            continue
+    for path in _partial_files(folder, name):
         try:
             # O_NONBLOCK: a FIFO of that name must not block the download; O_NOFOLLOW: a symlink is not ours
             descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0))
@@ -275,6 +355,16 @@ def _remove_stale_partials(folder: Path, name: str) -> list[Path]:
         finally:
             os.close(descriptor)
     return removed
+
+
+def _partial_files(folder: Path, name: str) -> list[Path]:
+    """The partial files of downloads of `name` in `folder` (`.NAME.<uuid4 hex>.part`)."""
+    prefix, suffix = f".{name}.", ".part"
+    try:
+        entries = [entry for entry in folder.iterdir() if entry.name.startswith(prefix) and entry.name.endswith(suffix)]
+    except OSError:  # no folder yet (or one that cannot be listed, which the download itself will report)
+        return []
+    return [path for path in entries if _PARTIAL_ID_PATTERN.fullmatch(path.name[len(prefix) : -len(suffix)])]
 
 
 def _locked_elsewhere(descriptor: int) -> bool:

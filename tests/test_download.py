@@ -8,6 +8,7 @@ import errno
 import fcntl
 import hashlib
 import http.server
+import logging
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -330,6 +332,8 @@ def test_partial_files_of_killed_downloads_are_removed_by_the_next_download_of_t
     try:
         [live] = partial_files(cache)
         age(live, 2 * clip.download.STALE_PARTIAL_AGE_S)  # a live download silent that long still holds its lock
+        # and its lock file: this download goes ahead instead of waiting for one that shows no sign of life
+        age(cache / ".weights.bin.lock", 2 * clip.download.STALE_PARTIAL_AGE_S)
         download(source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
         assert partial_files(cache) == [live]
     finally:
@@ -410,3 +414,79 @@ def test_a_full_disk_is_said_to_be_the_cache_folders_problem(monkeypatch, tmp_pa
     with pytest.raises(DownloadError, match=r"Cannot download into .*cache: No space left on device\. Choose a folder"):
         download(source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
     assert files_in(cache) == []
+
+
+class Waiting(logging.Handler):
+    """Notes when a download logs that it waits for another's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("waiting for another process's download"):
+            self.seen.set()
+
+
+@pytest.fixture
+def waiting(monkeypatch) -> Iterator[Waiting]:
+    monkeypatch.setattr(clip.download, "LOCK_POLL_S", 0.05, raising=False)
+    handler = Waiting()
+    logger = logging.getLogger("clip.download")
+    previous_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(previous_level)
+
+
+def in_a_thread(function, *args, **kwargs) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = function(*args, **kwargs)
+        except BaseException as error:  # handed to the test
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_downloads_of_one_file_at_once_fetch_it_once(monkeypatch, tmp_path: Path, source_file: Path, waiting) -> None:
+    # Eight ranks each calling clip.load("ViT-B/32") on one node fetched the file eight times over, each into a
+    # partial file of its own; now one downloads, and the others wait and check the file it leaves.
+    real_urlopen, fetches, fetching = urllib.request.urlopen, [], threading.Event()
+
+    def urlopen(url, timeout):
+        fetches.append(url)
+        fetching.set()
+        waiting.seen.wait(timeout=10)  # the other download waits for this one meanwhile
+        return real_urlopen(url, timeout=timeout)
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    cache = tmp_path / "cache"
+    first, first_outcome = in_a_thread(download, source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
+    assert fetching.wait(timeout=30)
+    second, second_outcome = in_a_thread(download, source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
+    for thread in (first, second):
+        thread.join(timeout=60)
+    assert first_outcome == second_outcome == {"value": cache / "weights.bin"}
+    assert len(fetches) == 1 and (cache / "weights.bin").read_bytes() == GOOD_BYTES
+    assert files_in(cache) == ["weights.bin"]  # no lock file left behind
+
+
+def test_a_download_waiting_for_a_killed_one_goes_on(server_url: str, tmp_path: Path, source_file: Path, waiting):
+    # The lock is the kernel's, dropped when its holder dies however it dies: SIGKILL, as the OOM killer sends
+    cache = tmp_path / "cache"
+    child = start_download_in_a_process(f"{server_url}/stalled/weights.bin", cache)
+    try:
+        waiter, outcome = in_a_thread(download, source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
+        assert waiting.seen.wait(timeout=30) and waiter.is_alive()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    waiter.join(timeout=60)
+    assert outcome == {"value": cache / "weights.bin"} and (cache / "weights.bin").read_bytes() == GOOD_BYTES

@@ -22,6 +22,11 @@ Where we deliberately differ from openai/CLIP (in `prepare_for_resize`, which th
 - other colour spaces (CMYK, YCbCr, LAB, HSV, RGBX) are converted before the resize too: PIL resizes
   them channel by channel in their own space, which for HSV's circular hue (and LAB) is no image resize.
   CMYK and YCbCr come out within one or two grey levels of OpenAI's;
+- an image more than MAX_KEPT_ASPECT (32) times as long as it is wide is first cut to its central part of that
+  aspect ratio: the centre crop keeps only the middle of it anyway, and resized whole, a 1 x 20,000 strip
+  became a 224 x 4,480,000 image (30 s and 4.7 GB in one DataLoader worker). Without a resize (its short
+  side already the size) the pixels are OpenAI's; resized, the sampling grid of the part differs from the
+  whole image's by well under a source pixel (the scale factors differ by the rounding of the long side);
 - `alpha_background` (not set by default) composites transparent pixels onto a colour *before* the resize:
   the image as a viewer shows it on that background, resized, as the training loader sees it too. (Resizing
   with premultiplied alpha and compositing afterwards is the same in exact arithmetic, but PIL clips the
@@ -42,6 +47,11 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # RandomResizedCrop's default aspect-ratio range, used by the train=True transform.
 RANDOM_CROP_RATIOS = (3 / 4, 4 / 3)
+
+# Beyond this ratio of its long to its short side an image is cut to its central part of this ratio before
+# the resize (see the module doc). The centre crop then keeps 1/32 of it, and the resized part is at most
+# 32 times the crop's area.
+MAX_KEPT_ASPECT = 32
 
 WHITE = (255, 255, 255)
 RGB = tuple[int, int, int]
@@ -226,11 +236,29 @@ class ResizeAnyMode(_PreparedForResize, T.Resize):
         super().__init__(size, interpolation=T.InterpolationMode.BICUBIC)
         self.alpha_background = alpha_background
 
+    def forward(self, image):
+        if isinstance(image, Image.Image):
+            image = central_part(image, MAX_KEPT_ASPECT)
+        return super().forward(image)
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(size={self.size}, interpolation={self.interpolation.value}, "
             f"alpha_background={self.alpha_background})"
         )
+
+
+def central_part(image: Image.Image, max_aspect: int) -> Image.Image:
+    """`image` itself, or, where its long side is more than `max_aspect` times its short side, its middle part
+    of (nearly) that aspect ratio. The part is cut symmetrically, 2 pixels at a time from each end: an image that
+    needs no resize then gives the centre crop's pixels exactly (CenterCrop rounds half offsets to even)."""
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    if long <= max_aspect * short:
+        return image
+    cut = 2 * ((long - max_aspect * short) // 4)  # from each end
+    box = (cut, 0, width - cut, height) if width > height else (0, cut, width, height - cut)
+    return image.crop(box)
 
 
 class RandomResizedCropAnyMode(_PreparedForResize, T.RandomResizedCrop):

@@ -14,6 +14,7 @@ from PIL import ExifTags, Image, ImageOps
 from torchvision import transforms as T
 
 from clip.preprocess import (
+    MAX_KEPT_ASPECT,
     OPENAI_MEAN,
     OPENAI_STD,
     apply_exif_orientation,
@@ -290,6 +291,26 @@ def test_non_square_center_crop_keeps_the_middle():
     narrow = Image.new("RGB", (300, 100), (0, 0, 0))
     narrow.paste((255, 255, 255), (100, 0, 200, 100))
     assert image_transform(20, mean=(0, 0, 0), std=(1, 1, 1))(narrow)[:, :, 0].max() < 1.0
+
+
+def test_a_long_strip_is_cut_to_its_middle_before_the_resize():
+    # A 20,000 x 1 strip was resized whole to 4,480,000 x 224 (4.7 GB, 30 s in one DataLoader worker) for the
+    # centre crop to keep 224 columns of it
+    strip = Image.new("RGB", (20000, 1), (200, 30, 90))
+    resize = image_transform(224).transforms[0]
+    assert max(resize(strip).size) <= (MAX_KEPT_ASPECT + 1) * 224
+    assert max(resize(strip.transpose(Image.Transpose.ROTATE_90)).size) <= (MAX_KEPT_ASPECT + 1) * 224
+    assert torch.allclose(image_transform(224, mean=(0, 0, 0), std=(1, 1, 1))(strip)[:, 0, 0],
+                          torch.tensor([200, 30, 90]) / 255)
+    # With no resize (the short side already the size), OpenAI's pixels exactly, whatever the length's parity
+    for length in (5000, 5001, 5002, 5003):
+        image = random_rgb(length, 32, seed=length)
+        for turned in (image, image.transpose(Image.Transpose.ROTATE_90)):
+            assert torch.equal(image_transform(32)(turned), openai_reference(32)(turned))
+    # Resized: the same image but for a sampling grid shifted by a fraction of a source pixel
+    ramp = Image.fromarray(np.tile(np.linspace(0, 255, 3000), (40, 1)).astype(np.uint8), mode="L")
+    for turned in (ramp, ramp.transpose(Image.Transpose.ROTATE_90)):
+        assert (image_transform(32)(turned) - openai_reference(32)(turned)).abs().max() < 0.01
 
 
 def test_train_transform_is_random_and_shaped():

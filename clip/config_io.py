@@ -283,9 +283,17 @@ def _apply_override(data: dict, schema: type, keys: list[str], text: str, assign
         if depth == len(keys) - 1:
             node[key] = _parse_override_value(text.strip())
             return
-        if typing.get_origin(field_type) is list and keys[depth + 1].isdigit():
+        name = ".".join([*above, *keys[: depth + 1]])
+        if typing.get_origin(field_type) is list and not keys[depth + 1].isdigit():
+            element = typing.get_args(field_type)[0]
+            known = dataclasses.is_dataclass(element) and keys[depth + 1] in {f.name for f in dataclasses.fields(element)}
+            raise ConfigError(f"override {assignment!r}: {name} is a list; name an element by its index from 0, "
+                              f"e.g. {name}.0.{keys[depth + 1] if known else '<field>'}=value")
+        if typing.get_origin(field_type) is not list and not dataclasses.is_dataclass(field_type):
+            raise ConfigError(f"override {assignment!r}: {name} is a value, not a section: write {name}=value")
+        if typing.get_origin(field_type) is list:
             # `eval.zeroshot.0.num_samples=100`: an element of an array of tables, by index.
-            name, index = ".".join([*above, *keys[: depth + 1]]), int(keys[depth + 1])
+            index = int(keys[depth + 1])
             from_file = key in node
             items = _list_to_override(node, fields[key], name, assignment)
             if index >= len(items):
@@ -300,7 +308,7 @@ def _apply_override(data: dict, schema: type, keys: list[str], text: str, assign
             return
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {assignment!r}: {'.'.join(keys[: depth + 1])} is not a section")
+            raise ConfigError(f"override {assignment!r}: {name} is not a section")
         node_schema = field_type
 
 

@@ -550,3 +550,17 @@ def test_the_schedule_kinds_give_the_rates_they_describe():
         ScheduleConfig(kind="constnat")  # built in Python: no file's type check
     cosine = rates()  # the default: half-way through the decay (step 6 of 2..10) at half the peak
     assert cosine[:3] == warmup + [2.0] and cosine[6] == pytest.approx(1.0) and cosine[-1] == 0.0
+
+
+def test_an_override_path_through_a_value_or_a_list_says_how_to_write_it():
+    # Both said "Valid keys: ." (the keys of a section that is none)
+    from clip.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=re.escape("train.batch_size is a value, not a section: write "
+                                                    "train.batch_size=value")):
+        load_config(None, ["train.batch_size.x=5"], TrainConfig)
+    with pytest.raises(ConfigError, match=re.escape("data.sources is a list; name an element by its index from 0, "
+                                                    "e.g. data.sources.0.kind=value")):
+        load_config(None, ["data.sources.kind=manifest"], TrainConfig)
+    with pytest.raises(ConfigError, match=re.escape("e.g. data.sources.0.<field>=value")):
+        load_config(None, ["data.sources.-1.kind=manifest"], TrainConfig)

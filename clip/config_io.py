@@ -281,7 +281,7 @@ def _apply_override(data: dict, schema: type, keys: list[str], text: str, assign
             raise ConfigError(f"unknown config key {full!r} in override {assignment!r}.{_closest(full, valid)}")
         field_type = typing.get_type_hints(node_schema)[key]
         if depth == len(keys) - 1:
-            node[key] = _parse_override_value(text.strip())
+            _set_override_value(node, key, field_type, text.strip())
             return
         name = ".".join([*above, *keys[: depth + 1]])
         if typing.get_origin(field_type) is list and not keys[depth + 1].isdigit():
@@ -310,6 +310,25 @@ def _apply_override(data: dict, schema: type, keys: list[str], text: str, assign
         if not isinstance(node, dict):
             raise ConfigError(f"override {assignment!r}: {name} is not a section")
         node_schema = field_type
+
+
+def _set_override_value(node: dict, key: str, field_type: Any, text: str) -> None:
+    """node[key] = the override's value. An inline table for a section (`train={seed = 1}`) sets the keys it
+    names and keeps the others, as the overrides `train.seed=1` would; it replaced the whole table, so every
+    other setting of the file's section went back to its default without a word."""
+    value = _parse_override_value(text)
+    if isinstance(value, dict) and dataclasses.is_dataclass(field_type) and isinstance(node.get(key), dict):
+        _merge_tables(node[key], value)
+    else:
+        node[key] = value
+
+
+def _merge_tables(into: dict, tables: dict) -> None:
+    for key, value in tables.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge_tables(into[key], value)
+        else:
+            into[key] = value
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str], schema: type[T]) -> T:

@@ -564,3 +564,16 @@ def test_an_override_path_through_a_value_or_a_list_says_how_to_write_it():
         load_config(None, ["data.sources.kind=manifest"], TrainConfig)
     with pytest.raises(ConfigError, match=re.escape("e.g. data.sources.0.<field>=value")):
         load_config(None, ["data.sources.-1.kind=manifest"], TrainConfig)
+
+
+def test_an_inline_table_override_sets_the_keys_it_names_and_keeps_the_others():
+    # It replaced the file's whole table: the demo's 32-pixel model became a 224-pixel ViT-B without a word
+    from clip.config import TrainConfig
+
+    demo = Path(__file__).parent.parent / "configs" / "demo.toml"
+    config = load_config(demo, ["model={vision = {patch_size = 4}}", "train={seed = 1}"], TrainConfig)
+    assert (config.model.vision.image_size, config.model.vision.patch_size, config.model.embed_dim) == (32, 4, 128)
+    assert (config.train.seed, config.train.batch_size) == (1, 128)
+    assert load_config(None, ["train={seed = 1}"], TrainConfig).train.seed == 1  # a table the file lacks
+    with pytest.raises(ConfigError, match=re.escape("unknown config key 'train.sed'")):
+        load_config(demo, ["train={sed = 1}"], TrainConfig)

@@ -286,7 +286,7 @@ def _apply_override(data: dict, schema: type, keys: list[str], text: str, assign
         name = ".".join([*above, *keys[: depth + 1]])
         if typing.get_origin(field_type) is list and not keys[depth + 1].isdigit():
             element = typing.get_args(field_type)[0]
-            known = dataclasses.is_dataclass(element) and keys[depth + 1] in {f.name for f in dataclasses.fields(element)}
+            known = dataclasses.is_dataclass(element) and keys[depth + 1] in typing.get_type_hints(element)
             raise ConfigError(f"override {assignment!r}: {name} is a list; name an element by its index from 0, "
                               f"e.g. {name}.0.{keys[depth + 1] if known else '<field>'}=value")
         if typing.get_origin(field_type) is not list and not dataclasses.is_dataclass(field_type):
@@ -313,14 +313,24 @@ def _apply_override(data: dict, schema: type, keys: list[str], text: str, assign
 
 
 def _set_override_value(node: dict, key: str, field_type: Any, text: str) -> None:
-    """node[key] = the override's value. An inline table for a section (`train={seed = 1}`) sets the keys it
-    names and keeps the others, as the overrides `train.seed=1` would; it replaced the whole table, so every
-    other setting of the file's section went back to its default without a word."""
+    """node[key] = the override's value. A text field takes the text as written (quotes only where TOML would
+    read it as a string): `output_dir=2024` or `eval.zeroshot.0.name=10` is a name, which TOML reads as a number
+    and the field then refused. An inline table for a section (`train={seed = 1}`) sets the keys it names and
+    keeps the others, as the overrides `train.seed=1` would; it replaced the whole table, so every other
+    setting of the file's section went back to its default without a word."""
     value = _parse_override_value(text)
+    if not isinstance(value, str) and _takes_text(field_type):
+        value = text
     if isinstance(value, dict) and dataclasses.is_dataclass(field_type) and isinstance(node.get(key), dict):
         _merge_tables(node[key], value)
     else:
         node[key] = value
+
+
+def _takes_text(tp: Any) -> bool:
+    """Whether a field of type `tp` holds text alone: str, or str | None."""
+    union = typing.get_origin(tp) in (Union, types.UnionType)
+    return tp is str or (union and set(typing.get_args(tp)) == {str, type(None)})
 
 
 def _merge_tables(into: dict, tables: dict) -> None:

@@ -577,3 +577,18 @@ def test_an_inline_table_override_sets_the_keys_it_names_and_keeps_the_others():
     assert load_config(None, ["train={seed = 1}"], TrainConfig).train.seed == 1  # a table the file lacks
     with pytest.raises(ConfigError, match=re.escape("unknown config key 'train.sed'")):
         load_config(demo, ["train={sed = 1}"], TrainConfig)
+
+
+def test_a_text_field_takes_an_override_as_written():
+    # TOML reads 2024 as a number, 2024-01-01 as a date and true as a boolean, which the text field then refused
+    from clip.config import TrainConfig
+
+    demo = Path(__file__).parent.parent / "configs" / "demo.toml"
+    for text in ("2024", "2024-01-01", "true", "1e3", "nan"):
+        assert load_config(demo, [f"output_dir={text}"], TrainConfig).output_dir == text
+    assert load_config(demo, ["eval.zeroshot.0.name=10"], TrainConfig).eval.zeroshot[0].name == "10"
+    assert load_config(demo, ["train.init_weights=42"], TrainConfig).train.init_weights == "42"  # str | None
+    assert load_config(demo, ["train.init_weights=none"], TrainConfig).train.init_weights is None
+    assert load_config(demo, ['output_dir="quoted"'], TrainConfig).output_dir == "quoted"
+    with pytest.raises(ConfigError, match="train.batch_size: expected an integer"):  # other fields as before
+        load_config(demo, ["train.batch_size=2024-01-01"], TrainConfig)

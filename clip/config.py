@@ -12,6 +12,7 @@ cannot work is a ConfigError naming its key before the run starts, not a crash o
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -146,6 +147,9 @@ class TrainLoopConfig:
     tf32: bool = False
 
     def __post_init__(self) -> None:
+        if self.init_weights is not None:  # "" was read as the current folder: ". is a directory without checkpoints"
+            require("init_weights", self.init_weights, bool(self.init_weights.strip()),
+                    'a released name, a weights file or a run directory, or "none" to start from scratch')
         require("batch_size", self.batch_size, self.batch_size >= 1, ">= 1")
         require("accumulation_steps", self.accumulation_steps, self.accumulation_steps >= 1,
                 ">= 1 (1 = no accumulation)")
@@ -222,9 +226,13 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    output_dir: str = "runs/default"  # the run directory; an existing one is resumed
+    output_dir: str = "runs/default"  # the run directory; an existing one is resumed ("~" is the home folder)
 
     def __post_init__(self) -> None:
+        # "" is the current folder, which would become the run directory (its checkpoints, its lock, a resume
+        # of whatever run it holds); "~/runs/x" in a TOML file, which no shell expands, made a folder named "~"
+        require("output_dir", self.output_dir, bool(self.output_dir.strip()), "a folder for the run")
+        self.output_dir = os.path.expanduser(self.output_dir)
         if self.model.text.vocab_size < OPENAI_VOCAB_SIZE:
             # The trainer tokenizes with OpenAI's BPE: an id past the embedding table fails in the first step.
             raise InvalidValue("model.text.vocab_size", f"must be >= {OPENAI_VOCAB_SIZE} (the BPE tokenizer's ids "

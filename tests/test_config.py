@@ -592,3 +592,17 @@ def test_a_text_field_takes_an_override_as_written():
     assert load_config(demo, ['output_dir="quoted"'], TrainConfig).output_dir == "quoted"
     with pytest.raises(ConfigError, match="train.batch_size: expected an integer"):  # other fields as before
         load_config(demo, ["train.batch_size=2024-01-01"], TrainConfig)
+
+
+def test_an_empty_run_directory_or_init_weights_is_a_config_error_and_a_home_folder_is_expanded(monkeypatch):
+    # output_dir="" trained in the current folder; init_weights="" read it as a run directory to start from;
+    # "~/runs/x" in a file, which no shell expands, made a folder named "~" in the current one
+    from clip.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=re.escape("output_dir must be a folder for the run, got ''")):
+        load_config(None, ["output_dir="], TrainConfig)
+    with pytest.raises(ConfigError, match=re.escape("train.init_weights must be a released name, a weights file or a "
+                                                    "run directory, or \"none\" to start from scratch, got ' '")):
+        load_config(None, ["train.init_weights=' '"], TrainConfig)
+    monkeypatch.setenv("HOME", "/home/someone")
+    assert load_config(None, ["output_dir=~/runs/x"], TrainConfig).output_dir == "/home/someone/runs/x"

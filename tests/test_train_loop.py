@@ -876,6 +876,13 @@ def test_a_config_error_is_one_line_and_status_2(tmp_path, capsys):
     assert error.startswith("clip-train: ") and "batch_size" in error and "Traceback" not in error
 
 
+def test_an_empty_output_dir_option_is_a_config_error_not_the_configs_folder(tmp_path, monkeypatch, capsys):
+    # `--output-dir "$RUN"` with RUN unset went on in the config's output_dir, perhaps another run's
+    monkeypatch.chdir(tmp_path)
+    assert main([str(DEMO), "--output-dir", "", *TINY, "schedule.steps=1", "eval.every_n_steps=0"]) == 2
+    assert capsys.readouterr().err.strip() == "clip-train: output_dir must be a folder for the run, got ''"
+
+
 def test_a_config_error_shows_its_traceback_under_clip_debug(tmp_path, monkeypatch, capsys):
     # The README's promise for every command's bad input: CLIP_DEBUG=1 adds the traceback to the line.
     monkeypatch.setenv("CLIP_DEBUG", "1")

@@ -91,13 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clip-train: {error}", file=sys.stderr)
         return 2
     rank_zero = launcher is None or launcher.rank == 0
-    if args.output_dir:
+    if args.output_dir is not None:
         if any(override.strip().startswith("output_dir=") for override in args.overrides) and rank_zero:
             print("clip-train: both --output-dir and an output_dir= override given; --output-dir is used",
                   file=sys.stderr)
     try:
         config = load_config(args.config, args.overrides, TrainConfig)
-        if args.output_dir:
+        if args.output_dir is not None:  # also "" (an unset variable in a job script), which the config refuses
             # Set as given, not written into an override: a path outside Unicode's first plane (an emoji) came
             # back from JSON's escapes as a relative folder named after its own quoted, escaped text
             config = dataclasses.replace(config, output_dir=args.output_dir)

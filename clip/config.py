@@ -181,10 +181,10 @@ class TrainLoopConfig:
 
 def _is_torch_device(name: str) -> bool:
     try:
-        torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         return False
-    return True
+    return device.type != "meta"  # shapes without data: the run failed in its first step, with a traceback
 
 
 @dataclass

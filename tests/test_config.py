@@ -606,3 +606,11 @@ def test_an_empty_run_directory_or_init_weights_is_a_config_error_and_a_home_fol
         load_config(None, ["train.init_weights=' '"], TrainConfig)
     monkeypatch.setenv("HOME", "/home/someone")
     assert load_config(None, ["output_dir=~/runs/x"], TrainConfig).output_dir == "/home/someone/runs/x"
+
+
+def test_the_meta_device_is_a_config_error():
+    # It holds no data: the run stopped in its first step with torch's "unsupported scalarType"
+    from clip.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="train.device must be \"auto\" or a torch device"):
+        load_config(None, ["train.device=meta"], TrainConfig)

@@ -121,6 +121,16 @@ def test_a_gpu_index_past_the_visible_ones_is_named(monkeypatch):
         _select_device("cuda", 3)
 
 
+def test_a_device_kind_this_machine_lacks_is_named(monkeypatch):
+    # train.device = "mps" off a Mac stopped the run with torch's traceback from the first tensor moved there
+    from clip.distributed import DeviceUnavailable, _select_device
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(DeviceUnavailable, match="train.device = 'mps', but this machine has no mps device"):
+        _select_device("mps", 0)
+    assert _select_device("cpu", 0) == torch.device("cpu")
+
+
 def test_srun_preserve_env_without_a_job_task_count_is_still_a_slurm_step():
     # sbatch sets SLURM_NTASKS only when given a task count, and srun --preserve-env keeps the batch environment:
     # every task ran as a single process of its own, all writing to one output_dir

@@ -46,3 +46,19 @@ def test_zeroshot_cli_reproduces_the_runs_evaluation(tmp_path):
         metrics = output["metrics"][name]
         assert metrics["top1"] == pytest.approx(expected, abs=1e-9)
         assert metrics["top5"] == pytest.approx(expected_top5, abs=1e-9)
+
+
+@pytest.mark.parametrize("option", [["--num-samples", "0"], ["--num-samples", "-5"], ["--image-size", "8"],
+                                    ["--seed", "-1"]])
+def test_export_synthetic_refuses_numbers_it_cannot_use_in_one_line(tmp_path, option, capsys):
+    # 0 images wrote an empty tree with status 0; the others were tracebacks
+    with pytest.raises(SystemExit) as exited:
+        export_synthetic.main([str(tmp_path / "out"), *option])
+    assert exited.value.code == 2 and f"argument {option[0]}: " in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_synthetic_into_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert export_synthetic.main([str(tmp_path / "file"), "--num-samples", "2"]) == 2
+    assert capsys.readouterr().err.startswith("export_synthetic: ")

@@ -330,6 +330,13 @@ def test_help_says_how_to_get_the_traceback(command, capsys):
     assert "set CLIP_DEBUG=1 to print its traceback" in " ".join(capsys.readouterr().out.split())
 
 
+def test_zeroshot_without_a_config_names_the_config_alone(capsys):
+    # The optional overrides were listed as required too: "required: config, overrides"
+    with pytest.raises(SystemExit):
+        zeroshot_cli.parse_args([])
+    assert capsys.readouterr().err.strip().endswith("the following arguments are required: config")
+
+
 def test_zeroshot_lists_every_dataset_before_loading_the_model(tmp_path, tiny_checkpoint, datasets, monkeypatch):
     # A missing folder in the last dataset must fail before the first is evaluated (whose results it would lose).
     config = write_config(tmp_path / "eval.toml", tiny_checkpoint, datasets)

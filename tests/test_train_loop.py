@@ -876,6 +876,19 @@ def test_a_config_error_is_one_line_and_status_2(tmp_path, capsys):
     assert error.startswith("clip-train: ") and "batch_size" in error and "Traceback" not in error
 
 
+def test_help_says_how_to_override_and_what_the_exit_statuses_mean(capsys):
+    # The statuses (75: run again) were in the README alone; a missing config also named the optional overrides as
+    # required ("the following arguments are required: config, section.key=value")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "data.sources.0.weight=2" in text and "75 stopped early with a checkpoint" in text and "CLIP_DEBUG=1" in text
+    with pytest.raises(SystemExit) as exited:
+        main([])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("the following arguments are required: config")
+
+
 def test_an_empty_output_dir_option_is_a_config_error_not_the_configs_folder(tmp_path, monkeypatch, capsys):
     # `--output-dir "$RUN"` with RUN unset went on in the config's output_dir, perhaps another run's
     monkeypatch.chdir(tmp_path)

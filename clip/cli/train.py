@@ -36,14 +36,27 @@ from .common import debugging
 log = logging.getLogger(__name__)
 
 
+EPILOG = (
+    "Overrides name any field of the config: train.batch_size=64, model.vision.layers=[3,4,6,3], "
+    "data.sources.0.weight=2 (an element of [[data.sources]] by its index from 0), optimizer.grad_clip_norm=none "
+    "(a setting that can be off), 'train={seed=1, batch_size=64}' (several keys of a section, quoted for the "
+    "shell). Exit status: 0 finished; 2 bad input, said in one line (CLIP_DEBUG=1 adds its traceback); "
+    f"{STOPPED_EARLY_EXIT_CODE} stopped early with a checkpoint: run the same command again to continue; 1 anything "
+    "else."
+)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="clip-train",
         description="Pre-train or fine-tune a CLIP model. An existing run directory is resumed from its latest checkpoint.",
+        epilog=EPILOG,
     )
     parser.add_argument("config", help="a TOML recipe, e.g. configs/demo.toml")
     parser.add_argument("--output-dir", help="the run directory (overrides output_dir in the config)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="type-checked config overrides")
+    # default: a `*` positional without one is listed as required when the config is missing
+    parser.add_argument("overrides", nargs="*", default=[], metavar="section.key=value",
+                        help="type-checked config overrides (below)")
     # intermixed: `--output-dir` may come after the positional overrides as well as before them
     return parser.parse_intermixed_args(argv)
 

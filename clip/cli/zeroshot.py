@@ -37,7 +37,8 @@ logger = logging.getLogger("clip.zeroshot")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="clip-zeroshot", description=__doc__.split("\n\n")[0], epilog=ERRORS_HELP)
     parser.add_argument("config", help="TOML file (ZeroShotRunConfig): model, device, [[datasets]] tables")
-    parser.add_argument("overrides", nargs="*", help="type-checked key=value overrides, e.g. model=runs/tiny")
+    parser.add_argument("overrides", nargs="*", default=[],  # default: else listed as required without a config
+                        help="type-checked key=value overrides, e.g. model=runs/tiny")
     parser.add_argument("--output-dir", help="overrides the config's output_dir")
     return parser.parse_intermixed_args(argv)
 

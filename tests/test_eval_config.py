@@ -117,3 +117,12 @@ def test_retrieval_quoting_takes_the_training_sources_values():
     section["retrieval"][0]["quoting"] = "pandas"
     with pytest.raises(ConfigError, match=r"eval.retrieval\[0\].quoting: 'pandas' is not one of 'auto', 'none', 'csv'"):
         from_dict(EvalConfig, section, "eval")
+
+
+def test_an_unknown_builtin_template_set_is_a_config_error_naming_the_key():
+    # It was found when the dataset was listed, in a message that named no key
+    from clip.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"eval\.zeroshot\[0\]\.builtin_templates must be one of 'default', "
+                                          r"'simple', got 'fancy'"):
+        from_dict(TrainConfig, {"eval": {"zeroshot": [{"builtin_templates": "fancy"}]}})

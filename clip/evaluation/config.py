@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from clip.config_io import InvalidValue, require
+from clip.evaluation.templates import BUILTIN_TEMPLATE_SETS
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -81,6 +82,10 @@ class ZeroShotDatasetConfig:
     def __post_init__(self) -> None:
         require_at_least(0, max_samples=self.max_samples, seed=self.seed)
         require_at_least(1, num_samples=self.num_samples, image_size=self.image_size)
+        # Checked with the config, so that the error names the key (it was found when the dataset was listed)
+        names = sorted(BUILTIN_TEMPLATE_SETS)
+        require("builtin_templates", self.builtin_templates, self.builtin_templates in names,
+                f"one of {', '.join(map(repr, names))}")
 
     def resolved_name(self) -> str:
         """The name its metrics are keyed by: `name`, else the kind."""

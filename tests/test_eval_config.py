@@ -126,3 +126,11 @@ def test_an_unknown_builtin_template_set_is_a_config_error_naming_the_key():
     with pytest.raises(ConfigError, match=r"eval\.zeroshot\[0\]\.builtin_templates must be one of 'default', "
                                           r"'simple', got 'fancy'"):
         from_dict(TrainConfig, {"eval": {"zeroshot": [{"builtin_templates": "fancy"}]}})
+
+
+def test_a_zeroshot_output_dir_under_the_home_folder_is_expanded(tmp_path, monkeypatch):
+    # No shell expands a TOML file's "~/results": it made a folder named "~" in the current one
+    monkeypatch.setenv("HOME", "/home/someone")
+    config_file = tmp_path / "eval.toml"
+    config_file.write_text('model = "RN50"\noutput_dir = "~/results"\n')
+    assert load_config(config_file, [], ZeroShotRunConfig).output_dir == "/home/someone/results"

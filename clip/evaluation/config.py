@@ -7,6 +7,7 @@ so the generic TOML loader in `clip.config` can read and type-check them.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -181,7 +182,8 @@ class ZeroShotRunConfig:
     precision: Precision = "fp32"
     # Prompts encoded per forward pass when building the classifiers.
     text_batch_size: int = 256
-    # Where results.json and the confusion-matrix PNGs go; empty: ./zeroshot_results/<config file stem>.
+    # Where results.json and the confusion-matrix PNGs go ("~" is the home folder); empty:
+    # ./zeroshot_results/<config file stem>.
     output_dir: str = ""
     # Write confusion_<dataset>.png (needs matplotlib; skipped with a log message without it).
     confusion_png: bool = True
@@ -192,3 +194,5 @@ class ZeroShotRunConfig:
         require_at_least(0, workers=self.workers)
         require_at_least(1, batch_size=self.batch_size, text_batch_size=self.text_batch_size)
         require_unique_names("datasets", [dataset.resolved_name() for dataset in self.datasets])
+        # No shell expands a TOML file's "~/results": it made a folder named "~" in the current one
+        self.output_dir = os.path.expanduser(self.output_dir)

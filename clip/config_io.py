@@ -361,7 +361,7 @@ def where_not_utf8(error: UnicodeDecodeError) -> str:
 def _read_toml(path: Path) -> dict:
     if path.is_dir():
         raise ConfigError(f"config file {str(path)!r} is a directory")
-    if not path.is_file():
+    if not path.exists():  # a pipe is read: clip-train <(sed s/a/b/ recipe.toml) was said not to exist
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
         text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark (Windows editors) is no TOML error

@@ -614,3 +614,20 @@ def test_the_meta_device_is_a_config_error():
 
     with pytest.raises(ConfigError, match="train.device must be \"auto\" or a torch device"):
         load_config(None, ["train.device=meta"], TrainConfig)
+
+
+def test_a_config_read_from_a_pipe(tmp_path):
+    # clip-train <(sed ... recipe.toml): the pipe was said not to exist
+    import os
+    import threading
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=lambda: pipe.write_text("[section]\nsteps = 4\n"), daemon=True)
+    writer.start()
+    try:
+        assert load_config(pipe, [], Schema).section.steps == 4
+    finally:
+        if writer.is_alive():  # not read: a reader lets the writer's open return
+            os.close(os.open(pipe, os.O_RDONLY | os.O_NONBLOCK))
+        writer.join(timeout=10)

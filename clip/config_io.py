@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import sys
 import tomllib
 import types
@@ -266,7 +267,9 @@ def apply_override(data: dict, schema: type, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r} must look like section.key=value")
     path, text = assignment.split("=", 1)
-    _apply_override(data, schema, path.strip().split("."), text, assignment, [])
+    # data.sources[0].weight, as error messages name an element, is data.sources.0.weight
+    path = re.sub(r"\[(\d+)\](?=\.|$)", r".\1", path.strip())
+    _apply_override(data, schema, path.split("."), text, assignment, [])
 
 
 def _apply_override(data: dict, schema: type, keys: list[str], text: str, assignment: str, above: list[str]) -> None:

@@ -631,3 +631,14 @@ def test_a_config_read_from_a_pipe(tmp_path):
         if writer.is_alive():  # not read: a reader lets the writer's open return
             os.close(os.open(pipe, os.O_RDONLY | os.O_NONBLOCK))
         writer.join(timeout=10)
+
+
+def test_an_element_is_overridden_as_error_messages_name_it():
+    # "data.sources[0].weight must be ..." pasted back was an unknown key 'data.sources[0]'
+    from clip.config import TrainConfig
+
+    demo = Path(__file__).parent.parent / "configs" / "demo.toml"
+    with pytest.raises(ConfigError, match=re.escape("data.sources[0].weight must be a finite number > 0")):
+        load_config(demo, ["data.sources.0.weight=0"], TrainConfig)
+    assert load_config(demo, ["data.sources[0].weight=2"], TrainConfig).data.sources[0].weight == 2.0
+    assert load_config(demo, ["eval.zeroshot[0].seed=3"], TrainConfig).eval.zeroshot[0].seed == 3

@@ -281,7 +281,10 @@ def _apply_override(data: dict, schema: type, keys: list[str], text: str, assign
             prefix = ".".join([*above, *keys[:depth]])
             valid = [f"{prefix}.{name}" if prefix else name for name in fields]
             full = ".".join([*above, *keys[: depth + 1]])
-            raise ConfigError(f"unknown config key {full!r} in override {assignment!r}.{_closest(full, valid)}")
+            # batch_size=8, train.lr=1e-4: a key of another section, which no spelling near it finds
+            elsewhere = _paths_named(schema, key, above)
+            hint = f" Did you mean {' or '.join(map(repr, elsewhere))}?" if elsewhere else _closest(full, valid)
+            raise ConfigError(f"unknown config key {full!r} in override {assignment!r}.{hint}")
         field_type = typing.get_type_hints(node_schema)[key]
         if depth == len(keys) - 1:
             _set_override_value(node, key, field_type, text.strip())
@@ -313,6 +316,19 @@ def _apply_override(data: dict, schema: type, keys: list[str], text: str, assign
         if not isinstance(node, dict):
             raise ConfigError(f"override {assignment!r}: {name} is not a section")
         node_schema = field_type
+
+
+def _paths_named(schema: type, name: str, above: list[str]) -> list[str]:
+    """The dotted paths of the fields called `name` in `schema`'s sections (arrays of tables left out)."""
+    found = []
+    for item in dataclasses.fields(schema):
+        path = [*above, item.name]
+        if item.name == name:
+            found.append(".".join(path))
+        field_type = typing.get_type_hints(schema)[item.name]
+        if dataclasses.is_dataclass(field_type):
+            found += _paths_named(field_type, name, path)
+    return sorted(found)
 
 
 def _set_override_value(node: dict, key: str, field_type: Any, text: str) -> None:

@@ -642,3 +642,17 @@ def test_an_element_is_overridden_as_error_messages_name_it():
         load_config(demo, ["data.sources.0.weight=0"], TrainConfig)
     assert load_config(demo, ["data.sources[0].weight=2"], TrainConfig).data.sources[0].weight == 2.0
     assert load_config(demo, ["eval.zeroshot[0].seed=3"], TrainConfig).eval.zeroshot[0].seed == 3
+
+
+def test_an_override_of_a_key_in_another_section_names_that_section():
+    # "batch_size=8" listed the ten top-level keys; "train.lr=1e-4" every key of [train]; "image_size=1" was
+    # asked if it meant 'optimizer'
+    from clip.config import TrainConfig
+
+    for override, meant in [("batch_size=8", "'eval.batch_size' or 'train.batch_size'"),
+                            ("train.lr=1e-4", "'optimizer.lr'"), ("image_size=64", "'model.vision.image_size'"),
+                            ("vision.layers=2", "'model.vision'")]:
+        with pytest.raises(ConfigError, match=re.escape(f"Did you mean {meant}?")):
+            load_config(None, [override], TrainConfig)
+    with pytest.raises(ConfigError, match=re.escape("Did you mean 'train.batch_size'?")):  # a misspelling as before
+        load_config(None, ["train.batchsize=8"], TrainConfig)

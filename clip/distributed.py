@@ -252,14 +252,14 @@ def _select_device(device: str, local_rank: int) -> torch.device:
         elif selected.index >= visible:  # torch's "invalid device ordinal" names neither
             raise DeviceUnavailable(f"train.device = {device!r}, but this process sees {visible} GPU(s)")
         torch.cuda.set_device(selected)
-    elif selected.type != "cpu" and not _backend_available(selected.type):
+    elif selected.type != "cpu" and not device_kind_available(selected.type):
         # torch said it in a traceback from the first tensor moved there ("PyTorch is not linked with support
         # for mps devices")
         raise DeviceUnavailable(f"train.device = {device!r}, but this machine has no {selected.type} device")
     return selected
 
 
-def _backend_available(kind: str) -> bool:
+def device_kind_available(kind: str) -> bool:
     """Whether tensors can be placed on devices of this kind here (torch.mps, torch.xpu, ...)."""
     if kind == "mps":
         return torch.backends.mps.is_available()

@@ -436,6 +436,12 @@ def test_an_unavailable_or_unknown_device_is_a_one_line_error_before_the_model_l
     assert command.main(device_argv(command, tmp_path, tiny_checkpoint, datasets, "gpu")) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith(f"clip-{prog}: device 'gpu' is not a torch device")
+    # meta (shapes without data) and a kind this machine lacks failed with torch's traceback in the first batch
+    assert command.main(device_argv(command, tmp_path, tiny_checkpoint, datasets, "meta")) == 2
+    assert capsys.readouterr().err.startswith(f"clip-{prog}: device 'meta' holds no data to compute with")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert command.main(device_argv(command, tmp_path, tiny_checkpoint, datasets, "mps")) == 2
+    assert capsys.readouterr().err == f"clip-{prog}: device 'mps' is not available on this machine: it has no mps device\n"
     assert not (tmp_path / "out").exists()
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from clip.distributed import device_kind_available
 from clip.download import DownloadError
 from clip.run_log import write_json  # noqa: F401 -- the commands write results files as the trainer does
 
@@ -85,11 +86,22 @@ def resolve_device(name: str) -> torch.device:
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
             raise ValueError(f"device {name!r} is not available on this machine: it has {count} CUDA device(s)")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(
-            f"device {name!r} is not available on this machine (torch.backends.mps.is_available() is False)"
-        )
+    elif device.type == "meta":  # shapes without data: the evaluation failed in its first batch, in a traceback
+        raise ValueError(f"device {name!r} holds no data to compute with; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    elif device.type != "cpu" and not device_kind_available(device.type):
+        raise ValueError(f"device {name!r} is not available on this machine: it has no {device.type} device")
     return device
+
+
+def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
+    """The options that the evaluation commands share: where and how the model runs over the images."""
+    parser.add_argument("--device", default="auto",
+                        help="'auto' (CUDA when available, else the CPU), 'cpu', 'cuda' or 'cuda:N'")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
+    parser.add_argument("--workers", type=non_negative_int, default=2,
+                        help="DataLoader processes decoding the images (0: in this process)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="autocast over the float32 weights (fp32: none)")
 
 
 def load_model(name_or_path: str, device: torch.device) -> tuple[torch.nn.Module, Any]:

@@ -44,8 +44,8 @@ from clip.evaluation.linear_probe import (
 
 from .common import (
     ERRORS_HELP,
+    add_evaluation_options,
     load_model,
-    non_negative_int,
     positive_int,
     resolve_device,
     run_command,
@@ -108,10 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "for e.g. Aircraft, Pets, Caltech-101, Flowers); both are reported",
     )
     parser.add_argument("--max-iter", type=positive_int, default=1000, help="L-BFGS iterations per fit")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=positive_int, default=64)
-    parser.add_argument("--workers", type=non_negative_int, default=2)
-    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    add_evaluation_options(parser)
     parser.add_argument(
         "--output-dir", default="linear_probe_results",
         help="where linear_probe_results.json is written, and each split's features are kept (features/<role>.pt) "

@@ -16,6 +16,7 @@ from clip.evaluation.retrieval import evaluate_retrieval, load_retrieval_data
 
 from .common import (
     ERRORS_HELP,
+    add_evaluation_options,
     load_model,
     non_negative_int,
     positive_int,
@@ -51,10 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--max-images", type=non_negative_int, default=0, help="evaluate the first N images only (0 = all)"
     )
     parser.add_argument("--name", default="", help="name in the output (default: the annotation file's stem)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=positive_int, default=64)
-    parser.add_argument("--workers", type=non_negative_int, default=2)
-    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    add_evaluation_options(parser)
     parser.add_argument(
         "--chunk-size", type=positive_int, default=4096, help="rows/columns of the similarity matrix held at once"
     )

@@ -283,8 +283,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{source} is neither a manifest file nor a folder")
     try:
         sizes, skipped = write_shards(samples, Path(args.output), args.prefix, args.samples_per_shard, args.overwrite)
-    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as error:
-        # The input's (wrong columns, a UTF-16 manifest, an unreadable path): one line, not a traceback
+    except (
+        ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError,
+    ) as error:
+        # The input's (wrong columns, a UTF-16 manifest, an unreadable path, an output that is a file): one line,
+        # not a traceback
         raise SystemExit(f"make_shards: {error}") from None
     print(f"wrote {sum(sizes.values())} samples in {len(sizes)} shards to {args.output}")
     if sizes:

@@ -149,6 +149,14 @@ def test_help_runs_as_a_script() -> None:
     assert result.returncode == 2 and result.stderr == "/nonexistent/captions.tsv is neither a manifest file nor a folder\n"
 
 
+def test_an_output_that_is_a_file_is_one_line(tmp_path: Path) -> None:
+    taken = tmp_path / "out"
+    taken.write_text("not a folder")
+    with pytest.raises(SystemExit, match=r"^make_shards: .*File exists.*out"):  # it was FileExistsError's traceback
+        make_shards_main()([str(write_manifest(tmp_path / "pairs", range(3))), str(taken)])
+    assert taken.read_text() == "not a folder"
+
+
 def test_shards_of_the_same_prefix_are_refused_or_replaced_with_overwrite(tmp_path: Path) -> None:
     # 7 samples in 4 shards, then 3 into the same folder: t-000002.tar and t-000003.tar would stay, and the
     # loader counts the samples of a shard sizes.json does not list, so training would read the old data.

@@ -23,6 +23,7 @@ LayerNorm and BatchNorm stay float32, and LayerNorm computes in float32.
 from __future__ import annotations
 
 import difflib
+import logging
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -60,6 +61,8 @@ __all__ = [
 # Problems of each kind listed in an error message; the rest are summarised as "...".
 _SHOWN_KEYS = 5
 
+log = logging.getLogger(__name__)
+
 
 def load(
     name_or_path: str | Path,
@@ -93,7 +96,10 @@ def load(
             f"archives (verified by SHA256); {path} is not one of them, so its weights are loaded as with "
             f"jit=False instead.", stacklevel=2,
         )
+    given = path
     path, weights = read_run_or_file(path)
+    if path != given:  # a run directory: its newest checkpoint moves on while the run trains, so say which one
+        log.info("%s: loading %s", given, path)
     model = model_from_weights(weights, str(path))
     model = model.to(device)
     if device.type == "cuda":

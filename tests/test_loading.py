@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import hashlib
 import io
+import logging
 import os
 import pickle
 import sys
@@ -505,6 +506,20 @@ def test_run_directory_loads_the_newest_readable_checkpoint(tmp_path: Path) -> N
     (folder / "latest").write_text("step_00000100.pt\n")
     model, _ = load(tmp_path / "run", device="cpu")
     assert_same_features(model, models[100], CUSTOM_HEADS, atol=0)
+
+
+def test_loading_a_run_directory_logs_which_checkpoint_it_read(tmp_path: Path, caplog) -> None:
+    # The evaluation commands log at INFO; given a run that is still training, their output did not say which
+    # step was evaluated
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save(trainer_checkpoint(tiny_model(CUSTOM_HEADS), 40), folder / "step_00000040.pt")
+    with caplog.at_level(logging.INFO, logger="clip.loading"):
+        load(tmp_path / "run", device="cpu")
+        load(folder / "step_00000040.pt", device="cpu")  # a file names itself: nothing to add
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{tmp_path / 'run'}: loading {folder / 'step_00000040.pt'}"
+    ]
 
 
 def test_directory_without_checkpoints_is_a_clear_error(tmp_path: Path) -> None:

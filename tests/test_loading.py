@@ -508,6 +508,24 @@ def test_run_directory_loads_the_newest_readable_checkpoint(tmp_path: Path) -> N
     assert_same_features(model, models[100], CUSTOM_HEADS, atol=0)
 
 
+def test_the_readmes_weights_only_file_loads_as_its_checkpoint(tmp_path: Path) -> None:
+    # README: a checkpoint's model, config and loss_parameters, without the optimizer state. A SigLIP model's
+    # bias is no part of its state dict; a bare state dict of these sizes also loses the heads and activation.
+    original = tiny_model(CUSTOM_HEADS)
+    checkpoint = trainer_checkpoint(original, 7) | {"loss_parameters": {"logit_bias": torch.tensor(-10.0)}}
+    torch.save(checkpoint, tmp_path / "step_00000007.pt")
+    ckpt = torch.load(tmp_path / "step_00000007.pt", weights_only=True)
+    torch.save({k: ckpt[k] for k in ("model", "config", "loss_parameters")}, tmp_path / "weights.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model, _ = load(tmp_path / "weights.pt", device="cpu")
+    assert model.config == CUSTOM_HEADS and model.logit_bias.item() == -10.0
+    assert_same_features(model, original, CUSTOM_HEADS, atol=0)
+    fresh = tiny_model(CUSTOM_HEADS, seed=1)  # train.init_weights
+    clip.loading.load_weights_into(fresh, str(tmp_path / "weights.pt"))
+    assert_same_features(fresh, original, CUSTOM_HEADS, atol=0)
+
+
 def test_loading_a_run_directory_logs_which_checkpoint_it_read(tmp_path: Path, caplog) -> None:
     # The evaluation commands log at INFO; given a run that is still training, their output did not say which
     # step was evaluated

@@ -14,6 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, when not pip-installed
+
 from clip.cli.common import non_negative_int, positive_int
 from clip.data import synthetic
 

@@ -28,6 +28,8 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, when not pip-installed
+
 from clip.data.decoding import IMAGE_EXTENSIONS, SkipSample, decode_caption, open_image, pil_pixel_limit
 from clip.data.manifest import MANIFEST_SUFFIXES, QUOTING_CHOICES, manifest_rows, original_bytes
 from clip.data.shards import SIZE_INDEX_NAME, count_tar_samples, expand_shard_pattern, require_webdataset

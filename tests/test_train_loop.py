@@ -1116,6 +1116,11 @@ def test_settings_that_are_likely_mistakes_are_named(tmp_path, caplog):
         caplog.clear()
         train(tiny_config(tmp_path, "schedule.steps=7", "eval.every_n_steps=0", f"train.init_weights={tmp_path}"))
         assert "train.init_weights changed to" in caplog.text
+        assert "on the CPU" not in caplog.text
+        caplog.clear()
+        # a GPU recipe's bf16 run on a CPU as written: 20-50x slower than fp32 without a word
+        train(tiny_config(tmp_path / "bf16", "schedule.steps=1", "eval.every_n_steps=0", "train.precision=bf16"))
+        assert "train.precision = 'bf16' on the CPU" in caplog.text
 
 
 def test_extending_a_finished_run_names_the_learning_rate_jump_and_keeps_its_results_aside(tmp_path, caplog):

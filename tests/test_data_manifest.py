@@ -180,3 +180,14 @@ def test_a_bare_carriage_return_in_a_caption_does_not_split_its_row(tmp_path: Pa
     # A file whose rows end in "\r" alone (Excel for Mac's CSV) reads as before
     path.write_bytes(b'image,caption\ra.jpg,"two\rlines"\rb.jpg,plain\r')
     assert captions_of(path) == ["two\rlines", "plain"]
+
+
+def test_rows_ending_in_two_carriage_returns_keep_their_last_field_as_written(tmp_path: Path) -> None:
+    # Python's csv.writer on Windows, in a file opened without newline="", ends rows in "\r\r\n"; with a header
+    # written by hand ("\r\n") the first "\r" of each row was read as part of the last field: "a.jpg\r", a file
+    # that does not exist. The "\r"s before a line's end are its end, as they were before bare ones were kept.
+    path = tmp_path / "train.csv"
+    path.write_bytes(b"caption,image\r\none,a.jpg\r\r\ntwo\rlines,b.jpg\r\r\n")
+    manifest = read_manifest(str(path))
+    assert [manifest.image_paths[row].decode() for row in range(len(manifest))] == ["a.jpg", "b.jpg"]
+    assert captions_of(path) == ["one", "two\rlines"]

@@ -71,9 +71,11 @@ FIELD_LIMIT = 1 << 24
 # The csv reader ends a record at a bare "\r" as well as at a line break. In a file whose lines end in "\n"
 # (or "\r\n"), a bare one inside a line is part of a field (a scraped caption's), so it is escaped for the
 # reader by a character that decoded text never holds (a high surrogate: UTF-8 cannot encode one, and
-# surrogateescape makes low ones only).
+# surrogateescape makes low ones only). Not the "\r"s that end a line, before its "\n": "\r\r\n" is how Python's
+# csv.writer ends rows on Windows in a file opened without newline="" (and a header written by hand ends in
+# "\r\n"); read as text, they put a "\r" at the end of each row's last field (an image path that then named no file).
 _CR_ESCAPE = "\ud800"
-_BARE_CR = re.compile("\r(?=[^\n])")
+_BARE_CR = re.compile("\r(?!\r*(?:\n|$))")
 
 
 def _bare_cr_escaped(lines: Iterator[str]) -> Iterator[str]:

@@ -191,3 +191,15 @@ def test_rows_ending_in_two_carriage_returns_keep_their_last_field_as_written(tm
     manifest = read_manifest(str(path))
     assert [manifest.image_paths[row].decode() for row in range(len(manifest))] == ["a.jpg", "b.jpg"]
     assert captions_of(path) == ["one", "two\rlines"]
+
+
+def test_rows_ending_in_a_carriage_return_alone_after_a_header_ending_in_a_line_feed(tmp_path: Path) -> None:
+    # A header written apart (echo) before rows that end in "\r" alone (Excel for Mac's CSV): read as lines ending
+    # in "\n", the whole file was one row, its caption 'one\rb.jpg', and the other rows were gone without a word
+    path = tmp_path / "train.tsv"
+    path.write_bytes(b"image\tcaption\na.jpg\tone\rb.jpg\ttwo\rc.jpg\tthree\r")
+    manifest = read_manifest(str(path))
+    assert captions_of(path) == ["one", "two", "three"] and manifest.bad_rows == 0
+    # A caption's bare "\r" in the first rows of a file whose lines end in "\n" stays part of it
+    path.write_bytes(b"image\tcaption\na.jpg\tone\rmore\nb.jpg\ttwo\n")
+    assert captions_of(path) == ["one\rmore", "two"]

@@ -92,10 +92,14 @@ def _next_row(reader: csv.DictReader) -> dict:
 
 
 def _rows_end_with_cr_alone(path: str) -> bool:
-    """Whether the first line ends in a bare "\r" (Excel for Mac's CSV): then "\r" ends every row."""
+    """Whether rows end in a bare "\r" (Excel for Mac's CSV): the first line does, or, after a header written apart
+    (echo, a script), the next 64 Ki characters hold a "\r" and no "\n". Read as lines ending in "\n", such a
+    file was one row."""
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as file:
-        first = file.readline()
-    return first.endswith("\r")
+        if file.readline().endswith("\r"):
+            return True
+        following = file.read(1 << 16)
+    return "\r" in following and "\n" not in following
 
 
 def refuse_utf16_or_32(path: str) -> None:

@@ -207,7 +207,8 @@ def _take_lock(path: Path, folder: Path, name: str) -> int | None:
                         "downloading it here as well", folder / name, path, silent_s)
             return None
         if not said_waiting:
-            log.info("waiting for another process's download of %s", folder / name)
+            # A warning: shown without any logging set up (a notebook), where the wait would be silent
+            log.warning("waiting for another process's download of %s", folder / name)
             said_waiting = True
         time.sleep(LOCK_POLL_S)
 

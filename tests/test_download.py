@@ -425,6 +425,8 @@ class Waiting(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.getMessage().startswith("waiting for another process's download"):
+            # a warning, which Python shows without any logging set up (clip.load in a notebook)
+            assert record.levelno == logging.WARNING
             self.seen.set()
 
 

@@ -96,7 +96,7 @@ def resolve_device(name: str) -> torch.device:
 def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
     """The options that the evaluation commands share: where and how the model runs over the images."""
     parser.add_argument("--device", default="auto",
-                        help="'auto' (CUDA when available, else the CPU), 'cpu', 'cuda' or 'cuda:N'")
+                        help="'auto' (CUDA when available, else the CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
     parser.add_argument("--workers", type=non_negative_int, default=2,
                         help="DataLoader processes decoding the images (0: in this process)")

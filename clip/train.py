@@ -156,11 +156,28 @@ def start_new_run(module: ContrastiveModel, config: TrainConfig, dist_info: Dist
         raise_on_every_rank(
             failure, dist_info, WeightsFileError("rank 0 could not read train.init_weights (its log says why)")
         )
+    if dist_info.is_main:
+        warn_of_a_literal_tilde_folder(Path(config.output_dir))
     if config.loss.kind == "siglip":  # SigLIP starts from its own temperature, also over loaded weights
         with torch.no_grad():
             module.clip.logit_scale.fill_(SIGLIP_INITIAL_LOGIT_SCALE)
     # Ranks draw different random numbers (patch dropout's masks; the data's crops have seeds of their own)
     torch.manual_seed(ckpt.rank_seed(config.train.seed, dist_info.rank))
+
+
+def warn_of_a_literal_tilde_folder(run_dir: Path) -> None:
+    """Before "~" in output_dir meant the home folder, a recipe's output_dir = "~/runs/x" (which no shell expands)
+    made a folder named "~" in the current one. A run of that recipe started there, now under the home folder,
+    would start over from step 0 beside its own checkpoints: named here."""
+    try:
+        under_home = run_dir.relative_to(Path.home())
+    except (ValueError, RuntimeError):  # not under the home folder, or no home folder
+        return
+    literal = Path("~") / under_home
+    if ckpt.list_checkpoints(literal):
+        log.warning("%s starts a new run, but %s (a folder named '~' in the current one, which output_dir = '~/...' "
+                    "made before '~' meant the home folder) holds checkpoints: to continue that run, pass "
+                    "--output-dir %s", run_dir, literal, literal.resolve())
 
 
 def gradient_norm(module: nn.Module, clip_to: float | None) -> torch.Tensor:

@@ -1123,6 +1123,25 @@ def test_settings_that_are_likely_mistakes_are_named(tmp_path, caplog):
         assert "train.precision = 'bf16' on the CPU" in caplog.text
 
 
+def test_a_new_run_under_home_names_the_literal_tilde_folder_an_earlier_version_trained_in(
+    tmp_path, monkeypatch, caplog
+):
+    # output_dir = "~/runs/x" in a recipe made ./~/runs/x before "~" meant the home folder; the same recipe
+    # then started over in $HOME/runs/x without a word
+    home, work = tmp_path / "home", tmp_path / "work"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work.mkdir() or work)
+    train(tiny_config(work / "~" / "runs" / "x", "eval.every_n_steps=0"), stop_at_step=2)
+    with caplog.at_level(logging.WARNING, logger="clip.train"):
+        train(tiny_config("~/runs/x", "eval.every_n_steps=0"), stop_at_step=1)
+    assert (home / "runs" / "x" / "checkpoints").is_dir()
+    assert f"--output-dir {work / '~' / 'runs' / 'x'}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="clip.train"):
+        train(tiny_config(tmp_path / "elsewhere", "eval.every_n_steps=0"), stop_at_step=1)
+    assert "named '~'" not in caplog.text
+
+
 def test_extending_a_finished_run_names_the_learning_rate_jump_and_keeps_its_results_aside(tmp_path, caplog):
     # The cosine restarts from near the peak with only "schedule.steps: 6 -> 12" said, and results.json kept
     # saying the run had finished at step 6 while the extension ran (or after it was stopped).

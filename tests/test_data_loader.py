@@ -380,3 +380,24 @@ def test_random_crops_differ_between_epochs_and_the_center_crop_does_not(tmp_pat
     assert pixels[0].keys() == pixels[1].keys()
     differing = sum(not torch.equal(pixels[0][c], pixels[1][c]) for c in pixels[0])
     assert (differing >= 4) if varies else (differing == 0)
+
+
+def test_a_signal_met_by_the_held_handler_after_the_block_goes_to_the_handler_it_held_for():
+    # Put back one signal at a time: one whose handler raised while the other was not yet put back left that
+    # other with the noting handler for good, its signals noted and never acted on
+    from clip.data.worker_signals import job_signals_held
+
+    received = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with job_signals_held():
+            holding = signal.getsignal(signal.SIGINT)
+            signal.raise_signal(signal.SIGTERM)
+            assert received == []  # noted
+        assert received == [signal.SIGTERM]  # acted on once the block ended
+        holding(signal.SIGINT, None)  # as if it arrived before SIGINT's handler was put back
+        assert received == [signal.SIGTERM, signal.SIGINT]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

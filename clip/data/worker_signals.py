@@ -38,22 +38,39 @@ def job_signals_held() -> Iterator[None]:
     """
     noted: list[int] = []
     handlers = {}
+    held = True
+
+    def note_or_pass_on(signum, frame):
+        # Passed on once the block ends: a signal whose handler raises while the others are still being put
+        # back would otherwise leave them with this one for good
+        if held:
+            noted.append(signum)
+        else:
+            _pass_on(handlers[signum], signum, frame)
+
     try:
         for sig in JOB_SIGNALS:
-            handlers[sig] = signal.signal(sig, lambda signum, frame: noted.append(signum))
+            if signal.getsignal(sig) is None:  # installed outside Python (an embedding): it could not be put back
+                continue
+            handlers[sig] = signal.signal(sig, note_or_pass_on)
     except ValueError:  # not the main thread, where no Python signal handler runs
         pass
     try:
         yield
     finally:
+        held = False
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         for signum in noted:
-            handler = handlers[signum]
-            if callable(handler):
-                handler(signum, None)
-            elif handler == signal.SIG_DFL:
-                signal.raise_signal(signum)
+            _pass_on(handlers[signum], signum, None)
+
+
+def _pass_on(handler, signum: int, frame) -> None:
+    """What the signal would have done under `handler`: call it, take the default action, or nothing (ignored)."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler == signal.SIG_DFL:
+        signal.raise_signal(signum)
 
 
 if hasattr(signal, "sigwaitinfo"):  # Linux, where the shield works (there is no fork context on Windows)

@@ -27,9 +27,14 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from .weights_file import archive_damage, is_storage_error, warn_if_weights_only_is_unsafe, weights_only_refusal
+from .weights_file import (
+    CHECKPOINT_FORMAT,
+    archive_damage,
+    is_storage_error,
+    warn_if_weights_only_is_unsafe,
+    weights_only_refusal,
+)
 
-CHECKPOINT_FORMAT = "clip-pretrain/1"
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
 # save_checkpoint's temporary files. Earlier versions named them with tempfile.mkstemp, whose random part has

@@ -8,6 +8,9 @@ What `load` accepts:
   checkpoint written by our trainer (`{"model": state dict, "config": {"model": ModelConfig dict}, ...}`),
   or to a training run directory (its newest readable `checkpoints/step_XXXXXXXX.pt`).
 
+`load_with_source` also returns which weights were read (`WeightsSource`: the file, a trainer checkpoint's step,
+a released name and its SHA256), for the evaluation commands' results files.
+
 Safety: no file is ever unpickled with arbitrary classes. `torch.save` files go through
 `torch.load(weights_only=True)`; TorchScript archives through `clip.torchscript_reader`, which never runs
 their code. Only `jit=True` uses `torch.jit.load`, and only on a file whose SHA256 is one of the release's.
@@ -26,6 +29,7 @@ import difflib
 import logging
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,8 +56,10 @@ __all__ = [
     "ModelNotFoundError",
     "UnsafeFileError",
     "WeightsFileError",
+    "WeightsSource",
     "convert_to_half_precision",
     "load",
+    "load_with_source",
     "model_from_weights",
     "read_weights",
 ]
@@ -86,21 +92,62 @@ def load(
     Returns:
         (model in eval mode, preprocess: PIL image -> FloatTensor[3, n, n] for the model's input size).
     """
+    model, preprocess, _ = _load(name_or_path, device, jit, download_root)
+    return model, preprocess
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Which weights `load_with_source` read, to be recorded beside what is computed with them: a run
+    directory's newest checkpoint moves on while the run trains, and a file may be overwritten, so the name or
+    path given does not say which weights those were."""
+
+    path: Path  # the file read, absolute: a run directory's checkpoint, a released model's file in the cache
+    step: int | None = None  # the training step of a checkpoint our trainer wrote; None for any other file
+    released: str | None = None  # the released model's name, for a released name (or a verified archive, jit=True)
+    sha256: str | None = None  # the released file's SHA256, which it was checked against
+
+    def to_dict(self) -> dict[str, str | int | None]:
+        return {"path": str(self.path), "step": self.step, "released": self.released, "sha256": self.sha256}
+
+
+def load_with_source(
+    name_or_path: str | Path,
+    device: str | torch.device | None = None,
+    jit: bool = False,
+    download_root: str | Path | None = None,
+) -> tuple[nn.Module, ImageTransform, WeightsSource]:
+    """`load`, and which weights it read: (model, preprocess, `WeightsSource`). A run directory is resolved to
+    one checkpoint once, and the model holds that file's weights, so a checkpoint written meanwhile changes
+    neither the model nor the record."""
+    return _load(name_or_path, device, jit, download_root)
+
+
+def _load(
+    name_or_path: str | Path, device: str | torch.device | None, jit: bool, download_root: str | Path | None
+) -> tuple[nn.Module, ImageTransform, WeightsSource]:
+    """The work of `load` and `load_with_source`, one frame below either: its warnings name their caller."""
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     path, released = _resolve(name_or_path, download_root)
-    if jit and (released or _release_of_file(path) is not None):
-        return _load_jit(path, device)
+    release = str(name_or_path) if released else None
+    if jit and not released:
+        release = _release_of_file(path)
+    if jit and release is not None:
+        model, preprocess = _load_jit(path, device)
+        return model, preprocess, WeightsSource(path.resolve(), None, release, RELEASED_WEIGHTS[release].sha256)
     if jit:
         warnings.warn(
             f"jit=True runs the TorchScript code stored in a file, which is only done for OpenAI's released "
             f"archives (verified by SHA256); {path} is not one of them, so its weights are loaded as with "
-            f"jit=False instead.", stacklevel=2,
+            f"jit=False instead.", stacklevel=3,
         )
     given = path
-    path, weights = read_run_or_file(path)
+    # Resolved and read once: the file loaded is the file recorded. Warnings name the caller of load or
+    # load_with_source (stacklevel 4: past this function too).
+    path, weights = read_run_or_file(path, stacklevel=4)
     if path != given:  # a run directory: its newest checkpoint moves on while the run trains, so say which one
         log.info("%s: loading %s", given, path)
-    model = model_from_weights(weights, str(path))
+    model = model_from_weights(weights, str(path), stacklevel=4)
     model = model.to(device)
     if device.type == "cuda":
         convert_to_half_precision(model)
@@ -109,7 +156,9 @@ def load(
     # with their alpha, then the alpha dropped (image_transform's default). Each gets the images it knows.
     trained_here = weights.model_config is not None
     alpha_background = TRAINING_ALPHA_BACKGROUND if trained_here else None
-    return model, image_transform(model.visual.input_resolution, alpha_background=alpha_background)
+    source = WeightsSource(path.resolve(), weights.step, release,
+                           RELEASED_WEIGHTS[release].sha256 if release is not None else None)
+    return model, image_transform(model.visual.input_resolution, alpha_background=alpha_background), source
 
 
 def load_weights_into(model: CLIP, name_or_path: str, download_root: str | Path | None = None) -> Path:
@@ -196,8 +245,9 @@ def _check_unseen_settings(inferred: ModelConfig, configured: ModelConfig, path:
     )
 
 
-def model_from_weights(weights: LoadedWeights, source: str) -> CLIP:
-    """A float32 CPU model in eval mode holding `weights`; `source` names the file in error messages."""
+def model_from_weights(weights: LoadedWeights, source: str, *, stacklevel: int = 3) -> CLIP:
+    """A float32 CPU model in eval mode holding `weights`; `source` names the file in error messages.
+    `stacklevel`: the frame its warnings name, as in `warnings.warn` (3: the caller of this function's caller)."""
     if weights.model_config is not None:
         config, origin = weights.model_config, "recorded in its config"
     else:
@@ -213,7 +263,7 @@ def model_from_weights(weights: LoadedWeights, source: str) -> CLIP:
                 f"{source} is {weights.open_clip_origin}, which records no architecture: {conventions}. "
                 f"open_clip's models without '-quickgelu' in their name (most of those trained on LAION) use "
                 f"GELU, and compute other features this way: build those with clip.create_model(its config, "
-                f"activation 'gelu') and load_state_dict.", stacklevel=3,
+                f"activation 'gelu') and load_state_dict.", stacklevel=stacklevel,
             )
         elif config not in RELEASED_ARCHITECTURES.values():
             # OpenAI's conventions hold for its releases; a model of other sizes may well have been trained
@@ -222,7 +272,7 @@ def model_from_weights(weights: LoadedWeights, source: str) -> CLIP:
                 f"{source} records no architecture, and the tensor shapes do not give the attention heads or "
                 f"the activation: {conventions}. If the model was trained with others, its outputs differ: load "
                 f"its training run's directory or checkpoint, which record them, or clip.create_model(its "
-                f"config) and load_state_dict.", stacklevel=3,
+                f"config) and load_state_dict.", stacklevel=stacklevel,
             )
     model, state = _empty_model(config, weights, f"{source} does not fit the {_describe(config)} architecture {origin}",
                                 source)

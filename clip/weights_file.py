@@ -8,7 +8,8 @@
   `checkpoints/latest` names), the contract of our trainer's `clip.checkpoint`.
 
 The result is a `LoadedWeights`: the state dict (wrapper prefixes such as DDP's `module.` removed), the
-architecture when the file records one (our trainer's checkpoints), and OpenAI's extra integer entries.
+architecture when the file records one (our trainer's checkpoints, which also give their step), and OpenAI's
+extra integer entries.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ from .torchscript_reader import (
 # OpenAI's files hold these beside the weights; they are checked against the architecture, then dropped.
 EXTRA_ENTRIES = ("input_resolution", "context_length", "vocab_size")
 CHECKPOINT_DIR = "checkpoints"
+# The "format" entry of the checkpoints our trainer writes (`clip.checkpoint`), which tells their "step" apart
+# from any other file's entry of that name.
+CHECKPOINT_FORMAT = "clip-pretrain/1"
 LATEST_POINTER = "latest"
 _MAX_POINTER_BYTES = 4096
 _CHECKPOINT_NAME = re.compile(r"step_(\d+)\.pt")
@@ -68,6 +72,8 @@ class LoadedWeights:
     # it trains most of its models (those without "-quickgelu" in their name) with GELU: its training
     # checkpoints ({"epoch", "state_dict", ...}) and its safetensors releases. None for any other file.
     open_clip_origin: str | None = None
+    # The training step of a checkpoint our trainer wrote (its "step" entry); None for any other file.
+    step: int | None = None
 
 
 def read_weights(path: str | Path) -> LoadedWeights:
@@ -139,11 +145,12 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsFileError(f"{path} is a damaged or truncated safetensors file ({error})") from error
 
 
-def read_run_or_file(path: Path) -> tuple[Path, LoadedWeights]:
+def read_run_or_file(path: Path, *, stacklevel: int = 3) -> tuple[Path, LoadedWeights]:
     """For a file: its weights. For a run directory: its newest checkpoint that reads; a torn newer file
-    (a crash while writing) is skipped with a warning. A newer file that the storage fails to read (EIO,
-    ESTALE, a permission) is an error, not skipped: its weights may be whole, and an older checkpoint in their
-    place would be used without anyone asking for it (fine-tuning from older weights)."""
+    (a crash while writing) is skipped with a warning (naming the frame `stacklevel`, as in `warnings.warn`). A
+    newer file that the storage fails to read (EIO, ESTALE, a permission) is an error, not skipped: its weights
+    may be whole, and an older checkpoint in their place would be used without anyone asking for it (fine-tuning
+    from older weights). Returns the file read with its weights: the one file, whatever is written meanwhile."""
     if not path.is_dir():
         return path, read_weights(path)
     candidates = checkpoint_candidates(path)
@@ -164,7 +171,7 @@ def read_run_or_file(path: Path) -> tuple[Path, LoadedWeights]:
                     f"-- a storage error, not a damaged file, so no older checkpoint is used in its place. Try again "
                     f"once the file can be read; to use an older checkpoint, name its file instead of the run."
                 ) from error
-            warnings.warn(f"skipping unreadable checkpoint {candidate}: {error}", stacklevel=3)
+            warnings.warn(f"skipping unreadable checkpoint {candidate}: {error}", stacklevel=stacklevel)
             failures.append(f"{candidate.name}: {error}")
     raise WeightsFileError(f"no checkpoint in {path} could be read:\n  " + "\n  ".join(failures))
 
@@ -360,6 +367,9 @@ def _weights_from_object(loaded: object, path: Path) -> LoadedWeights:
             weights = _weights_from_state_dict(loaded[key], _config_from_checkpoint(loaded.get("config"), path), path)
             if key == "state_dict" and "epoch" in loaded and "config" not in loaded:
                 weights.open_clip_origin = "an open_clip training checkpoint"
+            step = loaded.get("step")
+            if loaded.get("format") == CHECKPOINT_FORMAT and isinstance(step, int) and not isinstance(step, bool):
+                weights.step = step
             loss_parameters = loaded.get("loss_parameters")
             bias = loss_parameters.get("logit_bias") if isinstance(loss_parameters, Mapping) else None
             if isinstance(bias, torch.Tensor) and bias.numel() == 1:

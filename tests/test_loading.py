@@ -31,7 +31,14 @@ import clip.download
 import clip.loading
 from clip.architectures import RELEASED_ARCHITECTURES, ModelConfig, TextConfig, VisionConfig
 from clip.infer_architecture import ArchitectureInferenceError, infer_model_config
-from clip.loading import UnsafeFileError, WeightsFileError, convert_to_half_precision, load
+from clip.loading import (
+    UnsafeFileError,
+    WeightsFileError,
+    WeightsSource,
+    convert_to_half_precision,
+    load,
+    load_with_source,
+)
 from clip.model import CLIP
 from clip.preprocess import image_transform
 from clip.released import RELEASED_WEIGHTS, ReleasedWeights
@@ -540,6 +547,61 @@ def test_loading_a_run_directory_logs_which_checkpoint_it_read(tmp_path: Path, c
     ]
 
 
+def test_load_with_source_names_the_checkpoint_it_read_not_one_written_meanwhile(tmp_path: Path, monkeypatch) -> None:
+    # The evaluation commands recorded the run directory as given: of a run still training, nobody could tell
+    # afterwards which step was evaluated. The directory is resolved once, and that file is both loaded and named.
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    models = {step: tiny_model(CUSTOM_HEADS, seed=step) for step in (100, 200)}
+    torch.save(trainer_checkpoint(models[100], 100), folder / "step_00000100.pt")
+    build = clip.loading.model_from_weights
+
+    def with_a_checkpoint_written_meanwhile(weights, source, **kwargs):
+        torch.save(trainer_checkpoint(models[200], 200), folder / "step_00000200.pt")
+        return build(weights, source, **kwargs)
+
+    monkeypatch.setattr(clip.loading, "model_from_weights", with_a_checkpoint_written_meanwhile)
+    model, _, source = load_with_source(tmp_path / "run", device="cpu")
+    assert source == WeightsSource(path=(folder / "step_00000100.pt").resolve(), step=100)
+    assert source.to_dict() == {"path": str((folder / "step_00000100.pt").resolve()), "step": 100,
+                                "released": None, "sha256": None}
+    assert_same_features(model, models[100], CUSTOM_HEADS, atol=0)
+    monkeypatch.undo()
+    assert len(load(tmp_path / "run", device="cpu")) == 2  # openai/CLIP's (model, preprocess), as before
+    _, _, source = load_with_source(tmp_path / "run", device="cpu")
+    assert source == WeightsSource(path=(folder / "step_00000200.pt").resolve(), step=200)
+
+
+def test_the_warnings_of_load_and_load_with_source_name_the_callers_line(tmp_path: Path) -> None:
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save(tiny_model(CUSTOM_HEADS).state_dict(), folder / "step_00000001.pt")  # heads guessed: a warning
+    (folder / "step_00000002.pt").write_bytes(b"torn")  # skipped: a warning
+    for loader in (load, load_with_source):
+        with pytest.warns(UserWarning) as caught:
+            loader(tmp_path / "run", device="cpu")
+        assert [Path(warning.filename).name for warning in caught] == [Path(__file__).name] * 2, loader
+
+
+def test_only_a_trainer_checkpoint_gives_its_step(tmp_path: Path) -> None:
+    # Another program's "step" may count something else (optimizer steps of another batch size, epochs)
+    checkpoint = trainer_checkpoint(tiny_model(CUSTOM_HEADS), 7)
+    files = {
+        "weights.pt": {k: checkpoint[k] for k in ("model", "config")},  # the README's weights-only file
+        "foreign.pt": {k: checkpoint[k] for k in ("model", "config", "step")},
+        "bare.pt": checkpoint["model"],
+    }
+    for name, content in files.items():
+        torch.save(content, tmp_path / name)
+    torch.save(checkpoint, tmp_path / "step_00000007.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the bare state dict's guessed heads
+        sources = {name: load_with_source(tmp_path / name, device="cpu")[2] for name in [*files, "step_00000007.pt"]}
+    assert sources == {name: WeightsSource(path=(tmp_path / name).resolve()) for name in files} | {
+        "step_00000007.pt": WeightsSource(path=(tmp_path / "step_00000007.pt").resolve(), step=7)
+    }
+
+
 def test_directory_without_checkpoints_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(WeightsFileError, match=r"directory without checkpoints.*step_XXXXXXXX\.pt"):
         load(tmp_path, device="cpu")
@@ -672,6 +734,16 @@ def test_jit_true_on_a_file_that_is_not_released_warns_and_loads_its_weights(ope
     with pytest.warns(UserWarning, match=r"only done for OpenAI's released archives .* as with jit=False"):
         model, _ = load(path, device="cpu", jit=True)
     assert isinstance(model, CLIP)
+
+
+def test_load_with_source_names_a_release_and_its_sha256(tmp_path: Path, tiny_release) -> None:
+    cache = tmp_path / "cache"
+    release = WeightsSource(path=(cache / "RN50-served.pt").resolve(), released="RN50",
+                            sha256=RELEASED_WEIGHTS["RN50"].sha256)
+    assert load_with_source("RN50", device="cpu", download_root=cache)[2] == release
+    assert load_with_source("RN50", device="cpu", jit=True, download_root=cache)[2] == release
+    # the release's file under a path of its own, with jit=True (which checks its SHA256 before running it)
+    assert load_with_source(cache / "RN50-served.pt", device="cpu", jit=True)[2] == release
 
 
 def test_unknown_name_suggests_the_closest_released_one() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from clip.checkpoint import list_checkpoints
 from clip.cli.zeroshot import main as zeroshot_main
 from clip.train import train
 
@@ -27,6 +28,8 @@ def test_zeroshot_cli_reproduces_the_runs_evaluation(tmp_path):
     common = [f"model={run}", "device=cpu", "workers=0", "datasets.0.num_samples=96"]
     assert zeroshot_main([str(ROOT / "configs/eval/zeroshot_demo.toml"), *common, "--output-dir", str(tmp_path / "a")]) == 0
     cli = json.loads((tmp_path / "a" / "results.json").read_text())
+    step, checkpoint = list_checkpoints(run)[0]  # the trainer's newest, named with its step
+    assert cli["weights"] == {"path": str(checkpoint.resolve()), "step": step, "released": None, "sha256": None}
 
     folder = tmp_path / "run" / "heldout_images"
     assert export_synthetic.main([str(folder), "--num-samples", "96", "--image-size", "32", "--seed", "1"]) == 0

@@ -98,14 +98,14 @@ def test_the_commands_evaluate_float32_weights_where_clip_load_gives_float16(tin
     from clip import loading
     from clip.cli.common import load_model
 
-    real_load = loading.load
+    real_load = loading.load_with_source
 
     def load_as_on_cuda(*args, **kwargs):
-        model, preprocess = real_load(*args, **kwargs)
-        return model.half(), preprocess
+        model, preprocess, source = real_load(*args, **kwargs)
+        return model.half(), preprocess, source
 
-    monkeypatch.setattr(loading, "load", load_as_on_cuda)
-    model, _ = load_model(str(tiny_checkpoint), torch.device("cpu"))
+    monkeypatch.setattr(loading, "load_with_source", load_as_on_cuda)
+    model, _, _ = load_model(str(tiny_checkpoint), torch.device("cpu"))
     assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
 
 
@@ -491,6 +491,30 @@ def test_an_output_folder_that_cannot_be_written_is_a_one_line_error_before_the_
     assert command.main(argv) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith(f"clip-{prog}: cannot write results to {tmp_path / 'out'}: ")
+
+
+RESULTS_FILE = {zeroshot_cli: "results.json", retrieval_cli: "retrieval_results.json",
+                linear_probe_cli: "linear_probe_results.json"}
+
+
+@pytest.mark.parametrize("command", [zeroshot_cli, retrieval_cli, linear_probe_cli], ids=lambda c: c.__name__)
+def test_the_results_name_the_checkpoint_of_a_run_directory_that_was_evaluated(
+    command, tmp_path, tiny_checkpoint, datasets
+):
+    # "model" was the run directory alone: of a run still training, nobody could tell afterwards which
+    # checkpoint had been evaluated
+    from clip.checkpoint import CHECKPOINT_FORMAT
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    state = torch.load(tiny_checkpoint, weights_only=True)
+    torch.save({"format": CHECKPOINT_FORMAT, "step": 7, **state}, run / "checkpoints" / "step_00000007.pt")
+    argv = device_argv(command, tmp_path, run, datasets, "cpu")
+    assert command.main(argv if command is zeroshot_cli else [*argv, "--workers", "0"]) == 0
+    results = json.loads((tmp_path / "out" / RESULTS_FILE[command]).read_text())
+    assert results["model"] == str(run)
+    assert results["weights"] == {"path": str((run / "checkpoints" / "step_00000007.pt").resolve()), "step": 7,
+                                  "released": None, "sha256": None}
 
 
 def test_results_json_is_strict_and_replaces_the_old_file_whole(tmp_path, monkeypatch):

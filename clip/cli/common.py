@@ -10,13 +10,16 @@ import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from clip.distributed import device_kind_available
 from clip.download import DownloadError
 from clip.run_log import write_json  # noqa: F401 -- the commands write results files as the trainer does
+
+if TYPE_CHECKING:
+    from clip.loading import WeightsSource
 
 # A bad path, a malformed annotation file, a config value out of range: the commands' inputs fail with these
 # (ConfigError is a ValueError), and a one-line message says more to the user than a traceback. A bug inside
@@ -104,15 +107,17 @@ def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
                         help="autocast over the float32 weights (fp32: none)")
 
 
-def load_model(name_or_path: str, device: torch.device) -> tuple[torch.nn.Module, Any]:
-    """(model with float32 weights, eval preprocessing) through `clip.load`: a released name, a file or a training
-    run directory. The commands' `precision` is the autocast of float32 weights, as in evaluation during
-    training; clip.load's float16 weights on CUDA made "fp32" (the default) compute in float16, and could make
-    a run's own checkpoint score differently from its evaluation during training."""
-    from clip.loading import load
+def load_model(name_or_path: str, device: torch.device) -> tuple[torch.nn.Module, Any, WeightsSource]:
+    """(model with float32 weights, eval preprocessing, the weights read) through `clip.loading.load_with_source`:
+    a released name, a file or a training run directory. The commands' `precision` is the autocast of float32
+    weights, as in evaluation during training; clip.load's float16 weights on CUDA made "fp32" (the default)
+    compute in float16, and could make a run's own checkpoint score differently from its evaluation during
+    training. The commands record the `WeightsSource` in their results: the model given names a run directory
+    whose newest checkpoint moves on while it trains, and the source says which file (and step) was evaluated."""
+    from clip.loading import load_with_source
 
-    model, preprocess = load(name_or_path, device=device)
-    return model.float(), preprocess
+    model, preprocess, source = load_with_source(name_or_path, device=device)
+    return model.float(), preprocess, source
 
 
 def writable_output_dir(path: Path) -> Path:

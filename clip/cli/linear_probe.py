@@ -256,7 +256,7 @@ def probe(args: argparse.Namespace) -> int:
     if not args.val_split:
         check_validation_hold_out(args.train_split, len(listed["train"].dataset), args.val_fraction)
     output_dir = writable_output_dir(Path(args.output_dir))
-    model, preprocess = load_model(args.model, device)
+    model, preprocess, source = load_model(args.model, device)
     settings = {"weights": weights_digest(model), "preprocess": repr(preprocess), "features": args.features,
                 "precision": args.precision, "device": device.type}
     features, skipped = {}, {}
@@ -293,8 +293,8 @@ def probe(args: argparse.Namespace) -> int:
         print(f"unreadable images skipped: {', '.join(f'{role} {count}' for role, count in skipped.items())}")
     path = write_json(
         output_dir / "linear_probe_results.json",
-        {"model": args.model, "dataset": args.dataset, "features": args.features, **result.to_dict(),
-         "num_skipped": skipped},
+        {"model": args.model, "weights": source.to_dict(), "dataset": args.dataset, "features": args.features,
+         **result.to_dict(), "num_skipped": skipped},
     )
     logger.info("wrote %s", path)
     return 0

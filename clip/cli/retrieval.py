@@ -91,7 +91,7 @@ def evaluate(args: argparse.Namespace) -> int:
     data = load_retrieval_data(dataset)
     logger.info("%s: %d images, %d captions", name, len(data.image_paths), len(data.captions))
     output_dir = writable_output_dir(Path(args.output_dir))
-    model, preprocess = load_model(args.model, device)
+    model, preprocess, source = load_model(args.model, device)
     result = evaluate_retrieval(
         model,
         data,
@@ -110,7 +110,8 @@ def evaluate(args: argparse.Namespace) -> int:
         print(f"{name}: {result.num_skipped} unreadable image(s) skipped, with their captions")
     path = write_json(
         output_dir / "retrieval_results.json",
-        {"model": args.model, "caption_template": args.caption_template, **result.to_dict()},
+        {"model": args.model, "weights": source.to_dict(), "caption_template": args.caption_template,
+         **result.to_dict()},
     )
     logger.info("wrote %s", path)
     return 0

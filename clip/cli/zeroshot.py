@@ -56,7 +56,7 @@ def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:
     device = resolve_device(config.device)
     datasets = list_datasets(config)
     writable_output_dir(output_dir)
-    model, preprocess = load_model(config.model, device)
+    model, preprocess, source = load_model(config.model, device)
     results = []
     for name, data in datasets.items():
         logger.info(
@@ -85,6 +85,7 @@ def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:
         # results of all those before it
         summary = {
             "model": config.model,
+            "weights": source.to_dict(),  # which file (and step) "model" was when it was loaded
             "metrics": {r.name: r.metrics() for r in results},
             "results": {r.name: r.to_dict() for r in results},
         }

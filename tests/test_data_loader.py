@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -401,3 +402,19 @@ def test_a_signal_met_by_the_held_handler_after_the_block_goes_to_the_handler_it
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def test_a_signal_left_with_the_held_handler_after_the_block_takes_its_default_action():
+    # Passed on to SIG_DFL with the noting handler still in place, raise_signal met that handler again, and again:
+    # a RecursionError where SIGTERM should have ended the process. In a process of its own, which it ends.
+    code = (
+        "import signal\n"
+        "from clip.data.worker_signals import job_signals_held\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+        "with job_signals_held():\n"
+        "    holding = signal.getsignal(signal.SIGTERM)\n"
+        "signal.signal(signal.SIGTERM, holding)  # as if its handler had not been put back yet\n"
+        "holding(signal.SIGTERM, None)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGTERM, result.stderr[-500:]

@@ -42,10 +42,12 @@ def job_signals_held() -> Iterator[None]:
 
     def note_or_pass_on(signum, frame):
         # Passed on once the block ends: a signal whose handler raises while the others are still being put
-        # back would otherwise leave them with this one for good
+        # back would otherwise leave them with this one for good. Its handler is put back first: under SIG_DFL,
+        # raise_signal met this function again, and again, until a RecursionError instead of the signal's end
         if held:
             noted.append(signum)
         else:
+            signal.signal(signum, handlers[signum])
             _pass_on(handlers[signum], signum, frame)
 
     try:

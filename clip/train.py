@@ -174,7 +174,11 @@ def warn_of_a_literal_tilde_folder(run_dir: Path) -> None:
     except (ValueError, RuntimeError):  # not under the home folder, or no home folder
         return
     literal = Path("~") / under_home
-    if ckpt.list_checkpoints(literal):
+    try:
+        earlier = ckpt.list_checkpoints(literal)
+    except OSError:  # unreadable: a warning's check must not stop the run
+        return
+    if earlier:
         log.warning("%s starts a new run, but %s (a folder named '~' in the current one, which output_dir = '~/...' "
                     "made before '~' meant the home folder) holds checkpoints: to continue that run, pass "
                     "--output-dir %s", run_dir, literal, literal.resolve())

@@ -236,7 +236,8 @@ def _torch_load_weights_only(path: Path) -> object:
         if refusal is not None:
             raise UnsafeFileError(
                 f"{path} was refused: it holds pickled objects other than tensors and plain Python values, and "
-                f"unpickling them could run code ({refusal})"
+                f"unpickling them could run code ({refusal}). A model saved whole (torch.save(model)) is such a "
+                f"file: save its model.state_dict() instead"
             ) from error
         raise WeightsFileError(
             f"{path} is a damaged or truncated PyTorch file ({type(error).__name__}: {message})"
@@ -362,7 +363,8 @@ def _weights_from_object(loaded: object, path: Path) -> LoadedWeights:
         raise WeightsFileError(f"{path} holds a {type(loaded).__name__}, not a state dict or a checkpoint dict")
     if _is_state_dict(loaded):
         return _weights_from_state_dict(loaded, None, path)
-    for key in ("model", "state_dict"):
+    # "model_state_dict": the name PyTorch's tutorials save a general checkpoint's weights under
+    for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(loaded.get(key), Mapping) and _is_state_dict(loaded[key]):
             weights = _weights_from_state_dict(loaded[key], _config_from_checkpoint(loaded.get("config"), path), path)
             if key == "state_dict" and "epoch" in loaded and "config" not in loaded:
@@ -377,7 +379,7 @@ def _weights_from_object(loaded: object, path: Path) -> LoadedWeights:
             return weights
     raise WeightsFileError(
         f"{path} holds a dict without model weights (keys: {_sample(loaded)}); expected a state dict (name -> "
-        f"tensor) or a checkpoint with a 'model' entry"
+        f"tensor) or a checkpoint with a 'model', 'state_dict' or 'model_state_dict' entry"
     )
 
 

@@ -888,6 +888,22 @@ def test_single_tensor_and_dict_without_weights_are_named(tmp_path: Path) -> Non
         load(tmp_path / "dict.pt", device="cpu")
 
 
+def test_a_tutorial_style_checkpoint_loads_and_a_model_saved_whole_is_refused_with_the_remedy(tmp_path: Path) -> None:
+    # PyTorch's tutorials save {"epoch", "model_state_dict", "optimizer_state_dict", "loss"}: it was "a dict
+    # without model weights"
+    original = tiny_model(TINY_VIT)
+    torch.save({"epoch": 3, "model_state_dict": original.state_dict(), "optimizer_state_dict": {}, "loss": 0.5},
+               tmp_path / "tutorial.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the architecture inferred from the shapes
+        model, _ = load(tmp_path / "tutorial.pt", device="cpu")
+    assert_same_features(model, original, TINY_VIT, atol=0)
+    # torch.save(model): refused (unpickling it runs code), and now the message says what to save instead
+    torch.save(original, tmp_path / "whole.pt")
+    with pytest.raises(UnsafeFileError, match=r"whole\.pt was refused.*save its model\.state_dict\(\) instead"):
+        load(tmp_path / "whole.pt", device="cpu")
+
+
 def test_state_dict_of_another_model_is_named(tmp_path: Path) -> None:
     other = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8, 10))
     torch.save(other.state_dict(), tmp_path / "other.pt")

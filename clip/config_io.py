@@ -290,7 +290,8 @@ def _apply_override(data: dict, schema: type, keys: list[str], text: str, assign
             _set_override_value(node, key, field_type, text.strip())
             return
         name = ".".join([*above, *keys[: depth + 1]])
-        if typing.get_origin(field_type) is list and not keys[depth + 1].isdigit():
+        # isdecimal, not isdigit: "²" is a digit that int() refuses, and escaped as a ValueError's traceback
+        if typing.get_origin(field_type) is list and not keys[depth + 1].isdecimal():
             element = typing.get_args(field_type)[0]
             known = dataclasses.is_dataclass(element) and keys[depth + 1] in typing.get_type_hints(element)
             raise ConfigError(f"override {assignment!r}: {name} is a list; name an element by its index from 0, "

@@ -564,6 +564,11 @@ def test_an_override_path_through_a_value_or_a_list_says_how_to_write_it():
         load_config(None, ["data.sources.kind=manifest"], TrainConfig)
     with pytest.raises(ConfigError, match=re.escape("e.g. data.sources.0.<field>=value")):
         load_config(None, ["data.sources.-1.kind=manifest"], TrainConfig)
+    # A digit that is no decimal one ("²", "①") passed the index check, and int() then raised a ValueError
+    # out of clip-train as a traceback
+    for index in ("\u00b2", "\u2460"):
+        with pytest.raises(ConfigError, match="data.sources is a list; name an element by its index"):
+            load_config(None, [f"data.sources.{index}.kind=manifest"], TrainConfig)
 
 
 def test_an_inline_table_override_sets_the_keys_it_names_and_keeps_the_others():

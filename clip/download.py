@@ -133,14 +133,22 @@ def download(
             folder.mkdir(parents=True, exist_ok=True)
         except FileExistsError:  # mkdir's own message names only the path: "[Errno 17] File exists"
             raise DownloadError(f"Cannot download into {folder}: it exists and is not a folder") from None
-    with _one_download_at_a_time(folder, name):
+    with _one_download_at_a_time(folder, name) as waited_since:
         # Another process may have downloaded it meanwhile (this one waited for it)
         if target.is_file() and sha256_of_file(target) == expected:
             return target
+        unreachable = folder / f".{name}.unreachable"
+        if waited_since is not None:
+            _raise_if_found_unreachable_meanwhile(unreachable, waited_since)
         # A unique name per attempt: where downloads cannot wait for each other, several go ahead at once.
         partial = folder / f".{name}.{uuid.uuid4().hex}.part"
         try:
-            response = _open_url(url, target, expected, timeout_s, root_given=root is not None)
+            try:
+                response = _open_url(url, target, expected, timeout_s, root_given=root is not None)
+            except DownloadError as error:
+                _note_unreachable(unreachable, error)
+                raise
+            unreachable.unlink(missing_ok=True)
             with response:
                 actual = _fetch(response, url, partial, target.name, progress, max_bytes)
             if actual != expected:
@@ -156,9 +164,10 @@ def download(
 
 
 @contextmanager
-def _one_download_at_a_time(folder: Path, name: str) -> Iterator[None]:
+def _one_download_at_a_time(folder: Path, name: str) -> Iterator[float | None]:
     """Holds the lock of `.NAME.lock` in `folder` while NAME downloads; another process downloading it waits
-    here until the lock is free, then finds the file in the cache. The lock file is removed when done.
+    here until the lock is free, then finds the file in the cache. The lock file is removed when done. Yields
+    when this process began to wait for another's download (time.time()), or None if it did not wait.
 
     An flock, which the kernel drops when its holder ends, however it ends: a killed download blocks nobody.
     Where no lock can be taken (Windows, a file system without flock, a folder that cannot be written),
@@ -166,9 +175,9 @@ def _one_download_at_a_time(folder: Path, name: str) -> Iterator[None]:
     shown no sign of life (its lock file or partial file written) for STALE_PARTIAL_AGE_S, as when a network
     file system keeps the lock of a node that died."""
     path = folder / f".{name}.lock"
-    descriptor = _take_lock(path, folder, name)
+    descriptor, waited_since = _take_lock(path, folder, name)
     try:
-        yield
+        yield waited_since
     finally:
         if descriptor is not None:
             with suppress(OSError):
@@ -176,41 +185,63 @@ def _one_download_at_a_time(folder: Path, name: str) -> Iterator[None]:
             os.close(descriptor)
 
 
-def _take_lock(path: Path, folder: Path, name: str) -> int | None:
-    """An open descriptor of the lock file `path`, locked, or None where the download goes ahead without it."""
+def _take_lock(path: Path, folder: Path, name: str) -> tuple[int | None, float | None]:
+    """An open descriptor of the lock file `path`, locked, or None where the download goes ahead without it; and
+    when this process began to wait for another's download, or None if it did not wait."""
     if fcntl is None:
-        return None
-    said_waiting = False
+        return None, None
+    waited_since = None
     while True:
         try:
             descriptor = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         except OSError:  # a folder that cannot be written: the download says so
-            return None
+            return None, None
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # another process downloads the file
             os.close(descriptor)
         except OSError:  # a file system without locks
             os.close(descriptor)
-            return None
+            return None, None
         else:
             if _is_at(path, descriptor):
                 with suppress(OSError):  # who holds it, and a sign of life for the waiting
                     os.ftruncate(descriptor, 0)
                     os.write(descriptor, f"{socket.gethostname()} {os.getpid()}\n".encode())
-                return descriptor
+                return descriptor, waited_since
             os.close(descriptor)  # its holder removed it on the way out, before this process locked it
             continue
         silent_s = time.time() - _last_sign_of_life(path, folder, name)
         if silent_s >= STALE_PARTIAL_AGE_S:
             log.warning("the download of %s that another process holds (%s) has written nothing for %.0f s: "
                         "downloading it here as well", folder / name, path, silent_s)
-            return None
-        if not said_waiting:
+            return None, None
+        if waited_since is None:
+            waited_since = time.time()
             # A warning: shown without any logging set up (a notebook), where the wait would be silent
             log.warning("waiting for another process's download of %s", folder / name)
-            said_waiting = True
         time.sleep(LOCK_POLL_S)
+
+
+def _note_unreachable(note: Path, error: DownloadError) -> None:
+    """Leaves why the server could not be reached for the processes waiting for this download, before they
+    take the lock in turn: each would otherwise wait out the timeout again (8 ranks of an offline node, each
+    calling clip.load: 8 minutes one after the other instead of one)."""
+    with suppress(OSError):
+        note.write_text(str(error), encoding="utf-8")
+
+
+def _raise_if_found_unreachable_meanwhile(note: Path, waited_since: float) -> None:
+    """Raises the error of the download this process waited for, if that one could not reach the server. Not a
+    download that broke off or sent other bytes: this process tries that one again itself."""
+    try:
+        if os.stat(note).st_mtime < waited_since:  # an earlier attempt's, not the one this process waited for
+            return
+        message = note.read_text(encoding="utf-8")
+    except (OSError, ValueError):  # none, or unreadable: try it here
+        return
+    raise DownloadError(f"{message} (This process waited for another's download of the file, which failed that "
+                        "way just now.)")
 
 
 def _is_at(path: Path, descriptor: int) -> bool:

@@ -187,7 +187,8 @@ def test_connection_dropped_mid_body_keeps_nothing(server_url: str, tmp_path: Pa
 def test_http_error_is_reported(server_url: str, tmp_path: Path) -> None:
     with pytest.raises(DownloadError, match="HTTP 404"):
         download(f"{server_url}/missing.bin", GOOD_SHA256, root=tmp_path, progress=False)
-    assert files_in(tmp_path) == []
+    # no partial file; the note of why, for downloads that were waiting for this one, is all that stays
+    assert files_in(tmp_path) == [".missing.bin.unreachable"]
 
 
 def test_offline_error_says_where_to_put_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -197,7 +198,7 @@ def test_offline_error_says_where_to_put_the_file(tmp_path: Path, monkeypatch: p
     message = str(raised.value)
     assert url in message and str(tmp_path / "weights.bin") in message and GOOD_SHA256 in message
     assert "CLIP_CACHE_DIR" not in message  # the caller chose the folder: the variable would change nothing
-    assert files_in(tmp_path) == []
+    assert files_in(tmp_path) == [".weights.bin.unreachable"]
     monkeypatch.setenv("CLIP_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(RuntimeError, match="set CLIP_CACHE_DIR to use another cache folder"):
         download(url, GOOD_SHA256, progress=False, timeout_s=5)
@@ -492,3 +493,33 @@ def test_a_download_waiting_for_a_killed_one_goes_on(server_url: str, tmp_path: 
         child.wait()
     waiter.join(timeout=60)
     assert outcome == {"value": cache / "weights.bin"} and (cache / "weights.bin").read_bytes() == GOOD_BYTES
+
+
+def test_downloads_waiting_for_one_that_cannot_reach_the_server_fail_with_it(
+    monkeypatch, tmp_path: Path, source_file: Path, waiting
+) -> None:
+    # Offline, each waiting process took the lock in turn and waited out the timeout again: 8 ranks calling
+    # clip.load, the last one failing after 8 minutes. Now the ones that waited fail with the first's error.
+    attempts, fetching = [], threading.Event()
+
+    def unreachable(url, timeout):
+        attempts.append(url)
+        fetching.set()
+        waiting.seen.wait(timeout=10)
+        raise urllib.error.URLError("timed out")
+
+    monkeypatch.setattr(urllib.request, "urlopen", unreachable)
+    cache = tmp_path / "cache"
+    first, first_outcome = in_a_thread(download, source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
+    assert fetching.wait(timeout=30)
+    second, second_outcome = in_a_thread(download, source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
+    for thread in (first, second):
+        thread.join(timeout=60)
+    assert len(attempts) == 1
+    assert isinstance(first_outcome["error"], DownloadError) and "timed out" in str(first_outcome["error"])
+    assert isinstance(second_outcome["error"], DownloadError)
+    assert "timed out" in str(second_outcome["error"]) and "waited for another's download" in str(second_outcome["error"])
+    # A later download that waited for nobody tries again itself, and once it reaches the server the note goes
+    monkeypatch.undo()
+    assert download(source_file.as_uri(), GOOD_SHA256, root=cache, progress=False) == cache / "weights.bin"
+    assert files_in(cache) == ["weights.bin"]

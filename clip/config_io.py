@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import sys
 import tomllib
@@ -65,6 +66,13 @@ def _short(value: Any) -> str:
     """repr(value), cut to a readable length (a value may be a 400-digit number or a long string)."""
     text = repr(value)
     return text if len(text) <= _SHOWN_CHARACTERS else f"{text[:_SHOWN_CHARACTERS]}... ({len(text)} characters)"
+
+
+def home_expanded(path: str) -> str:
+    """`path` with a leading "~" read as the home folder, as a shell would have read it; so is each folder of
+    a "::"-joined list of shard folders. No shell expands a value in a TOML file (nor one written --opt=~/x):
+    "~/data/train.tsv" was said not to exist."""
+    return "::".join(os.path.expanduser(part) for part in path.split("::"))
 
 
 def _is_none_sentinel(value: Any) -> bool:

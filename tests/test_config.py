@@ -613,6 +613,32 @@ def test_an_empty_run_directory_or_init_weights_is_a_config_error_and_a_home_fol
     assert load_config(None, ["output_dir=~/runs/x"], TrainConfig).output_dir == "/home/someone/runs/x"
 
 
+
+def test_data_and_evaluation_paths_in_a_config_file_read_a_leading_tilde_as_the_home_folder(monkeypatch):
+    # No shell expands a TOML file's values: path = "~/data/train.tsv" was said not to exist
+    from clip.config import TrainConfig
+    from clip.evaluation.config import ZeroShotRunConfig
+
+    monkeypatch.setenv("HOME", "/home/someone")
+    config = load_config(None, ['data.sources=[{kind="shards", path="~/a/{0..3}.tar::~/b/{0..1}.tar", '
+                                'size_index="~/a/sizes.json"}]',
+                                'eval.retrieval=[{annotations="~/coco/karpathy.json", image_root="~/coco"}]'],
+                         TrainConfig)
+    assert config.data.sources[0].path == "/home/someone/a/{0..3}.tar::/home/someone/b/{0..1}.tar"
+    assert config.data.sources[0].size_index == "/home/someone/a/sizes.json"
+    retrieval = config.eval.retrieval[0]
+    assert (retrieval.annotations, retrieval.image_root) == ("/home/someone/coco/karpathy.json", "/home/someone/coco")
+    assert retrieval.resolved_name() == "karpathy"
+    config = load_config(None, ['datasets=[{kind="imagefolder", root="~/imagenet", classnames_file="~/names.txt", '
+                                'templates_file="~/prompts.txt"}]'], ZeroShotRunConfig)
+    dataset = config.datasets[0]
+    assert (dataset.root, dataset.classnames_file, dataset.templates_file) == (
+        "/home/someone/imagenet", "/home/someone/names.txt", "/home/someone/prompts.txt")
+    # Others as written: a URL, a pipe: command (the shell it starts expands its own), a path relative to here
+    config = load_config(None, ['data.sources=[{kind="shards", path="pipe:cat ~/a.tar::s3://b/{0..1}.tar::c/~d.tar"}]'],
+                         TrainConfig)
+    assert config.data.sources[0].path == "pipe:cat ~/a.tar::s3://b/{0..1}.tar::c/~d.tar"
+
 def test_the_meta_device_is_a_config_error():
     # It holds no data: the run stopped in its first step with torch's "unsupported scalarType"
     from clip.config import TrainConfig

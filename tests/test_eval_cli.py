@@ -575,3 +575,13 @@ def test_a_class_with_validation_images_alone_is_not_said_to_be_never_predicted(
         assert linear_probe_cli.main(probe_argv(tiny_checkpoint, tmp_path / "out", *options)) == 0
     assert "no training images" not in caplog.text
     assert json.loads((tmp_path / "out" / "linear_probe_results.json").read_text())["test_accuracy"] == 1.0
+
+
+def test_the_evaluation_commands_read_a_leading_tilde_in_output_dir_as_the_home_folder(monkeypatch):
+    # bash leaves "~" alone after "--output-dir=": the results went to a folder named "~" in the current one
+    monkeypatch.setenv("HOME", "/home/someone")
+    assert zeroshot_cli.parse_args(["eval.toml", "--output-dir=~/z"]).output_dir == "/home/someone/z"
+    retrieval = retrieval_cli.parse_args(["--model", "m", "--annotations", "a.json", "--output-dir=~/r"])
+    assert retrieval.output_dir == "/home/someone/r"
+    probe = linear_probe_cli.parse_args(["--model", "m", "--dataset", "cifar10", "--output-dir=~/p"])
+    assert probe.output_dir == "/home/someone/p"

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from clip.config_io import home_expanded
 from clip.evaluation.config import ZeroShotDatasetConfig
 from clip.evaluation.datasets import (
     ClassificationData,
@@ -110,7 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-iter", type=positive_int, default=1000, help="L-BFGS iterations per fit")
     add_evaluation_options(parser)
     parser.add_argument(
-        "--output-dir", default="linear_probe_results",
+        "--output-dir", type=home_expanded, default="linear_probe_results",
         help="where linear_probe_results.json is written, and each split's features are kept (features/<role>.pt) "
         "to be reused by a later run from the same model weights, images, --features, --precision and device type "
         "(a run interrupted, or repeated with another --metric, --standardize or --max-iter, does not extract "

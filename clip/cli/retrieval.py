@@ -10,6 +10,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from clip.config_io import home_expanded
 from clip.data.manifest import QUOTING_CHOICES
 from clip.evaluation.config import RetrievalDatasetConfig
 from clip.evaluation.retrieval import evaluate_retrieval, load_retrieval_data
@@ -69,7 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help='put each caption in place of "{}" before encoding, e.g. "a photo of {}" as the paper did for '
         "Flickr30k and MSCOCO (default: the captions as written)",
     )
-    parser.add_argument("--output-dir", default="retrieval_results")
+    parser.add_argument("--output-dir", type=home_expanded, default="retrieval_results")
     return parser.parse_args(argv)
 
 

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from clip.config import load_config
+from clip.config_io import home_expanded
 from clip.evaluation.config import ZeroShotRunConfig
 from clip.evaluation.datasets import (
     ClassificationData,
@@ -39,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("config", help="TOML file (ZeroShotRunConfig): model, device, [[datasets]] tables")
     parser.add_argument("overrides", nargs="*", default=[],  # default: else listed as required without a config
                         help="type-checked key=value overrides, e.g. model=runs/tiny")
-    parser.add_argument("--output-dir", help="overrides the config's output_dir")
+    parser.add_argument("--output-dir", type=home_expanded, help="overrides the config's output_dir")
     return parser.parse_intermixed_args(argv)
 
 

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..config_io import InvalidValue, require
+from ..config_io import InvalidValue, home_expanded, require
 
 SourceKind = Literal["synthetic", "manifest", "shards"]
 
@@ -61,6 +61,7 @@ class SourceConfig:
             # It would be ignored: the images are rendered. Most likely a manifest or shards were meant.
             raise InvalidValue("path", f"is not read by a synthetic source (got {self.path!r}); set kind to "
                                '"manifest" or "shards" for files')
+        self.path, self.size_index = home_expanded(self.path), home_expanded(self.size_index)
         # A source of weight 0 would never be read (and all weights 0 leave nothing to draw): leave it out instead.
         require("weight", self.weight, 0 < self.weight < math.inf, "a finite number > 0")
         if self.num_samples is not None:

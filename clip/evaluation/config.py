@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from clip.config_io import InvalidValue, require
+from clip.config_io import InvalidValue, home_expanded, require
 from clip.evaluation.templates import BUILTIN_TEMPLATE_SETS
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -87,6 +87,9 @@ class ZeroShotDatasetConfig:
         names = sorted(BUILTIN_TEMPLATE_SETS)
         require("builtin_templates", self.builtin_templates, self.builtin_templates in names,
                 f"one of {', '.join(map(repr, names))}")
+        self.root = home_expanded(self.root)
+        self.classnames_file = home_expanded(self.classnames_file)
+        self.templates_file = home_expanded(self.templates_file)
 
     def resolved_name(self) -> str:
         """The name its metrics are keyed by: `name`, else the kind."""
@@ -126,6 +129,7 @@ class RetrievalDatasetConfig:
         require("caption_template", self.caption_template,
                 not self.caption_template or self.caption_template.count("{}") == 1,
                 'empty or a text with one "{}" where the caption goes, e.g. "a photo of {}"')
+        self.annotations, self.image_root = home_expanded(self.annotations), home_expanded(self.image_root)
 
     def resolved_name(self) -> str:
         """The name its metrics are keyed by: `name`, else the annotation file's stem."""

@@ -133,8 +133,17 @@ def _drop_records_after(path: Path, step: int, drop_evaluations_at_step: bool = 
         return
     log.info("%s: dropping %d records of the steps after %d, which are logged again", path, len(lines) - len(kept), step)
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(kept), encoding="utf-8")
-    temporary.replace(path)  # atomic: an interruption now leaves the old file or the new one
+    try:
+        temporary.write_text("".join(kept), encoding="utf-8")
+        temporary.replace(path)  # atomic: an interruption now leaves the old file or the new one
+    except OSError as error:  # a full disk, a quota: most likely what stopped the run, still there
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        kept = f"the checkpoint of step {step} is kept: " if step else ""
+        raise RunLogWriteError(
+            f"could not rewrite {path} without the records of the steps that run again: {error.strerror or error} "
+            f"(errno {error.errno}); {kept}run the same command again once the file can be written"
+        ) from error
 
 
 def _record_step(line: str) -> float:

@@ -1065,6 +1065,43 @@ def test_a_full_disk_for_metrics_jsonl_is_one_error_line_and_status_1_and_the_ru
     assert [record["step"] for record in records if "loss" in record] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_full_disk_when_a_resume_drops_records_is_one_error_line_and_status_1_and_the_run_resumes(
+    tmp_path, monkeypatch, capsys, caplog
+):
+    # A run that stopped on a full disk (its checkpoint could not be written) had logged steps past its latest
+    # checkpoint; the same command again, on the still full disk, ended in an OSError's traceback from rewriting
+    # metrics.jsonl without them, and left an empty metrics.jsonl.tmp behind.
+    import errno
+
+    assert main([str(DEMO), "--output-dir", str(tmp_path), *TINY, "eval.every_n_steps=0"]) == 0
+    ckpt.checkpoint_path(tmp_path, 6).unlink()  # steps 4-6 are logged, the latest checkpoint is step 3's
+    before = (tmp_path / "metrics.jsonl").read_text()
+    real_write_text = Path.write_text
+
+    def full_disk(self, *args, **kwargs):
+        if self.name.startswith("metrics.jsonl"):
+            real_write_text(self, "")  # as a full disk leaves it: created, nothing written
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with caplog.at_level(logging.ERROR):
+        assert main([str(DEMO), "--output-dir", str(tmp_path), *TINY, "eval.every_n_steps=0"]) == 1
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert errors == [(
+        f"could not rewrite {tmp_path / 'metrics.jsonl'} without the records of the steps that run again: No space "
+        f"left on device (errno {errno.ENOSPC}); the checkpoint of step 3 is kept: run the same command again once "
+        f"the file can be written"
+    )]
+    assert "Traceback" not in capsys.readouterr().err
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    assert not (tmp_path / "metrics.jsonl.tmp").exists()
+    monkeypatch.undo()
+    assert main([str(DEMO), "--output-dir", str(tmp_path), *TINY, "eval.every_n_steps=0"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert [record["step"] for record in records if "loss" in record] == [1, 2, 3, 4, 5, 6]
+
+
 def test_unusable_data_is_one_line_and_status_2(tmp_path, capsys):
     missing = tmp_path / "nowhere.csv"
     data = ["data.sources.0.kind=manifest", f"data.sources.0.path={missing}", "data.sources.0.num_samples=none"]

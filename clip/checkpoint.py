@@ -88,6 +88,11 @@ def save_checkpoint(state: dict, run_dir: Path, step: int, keep_last: int) -> Pa
     except BaseException as error:
         if temporary is not None:
             temporary.unlink(missing_ok=True)
+        interruption = _interruption_in(error)
+        if interruption is not None and interruption is not error:
+            # A second Ctrl-C inside torch.save's write: the archive writer, closed after it, raises its own
+            # "unexpected pos" RuntimeError, which read as a failed write and hid the interruption
+            raise interruption from None
         cause = _os_error_in(error)
         if cause is not None:  # a full disk, a quota: torch.save reports it as an "enforce fail" RuntimeError
             raise CheckpointWriteError(
@@ -105,6 +110,17 @@ def _os_error_in(error: BaseException) -> OSError | None:
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _interruption_in(error: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt (or other BaseException that is no Exception) an exception was raised from, or is."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if not isinstance(error, Exception):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__

@@ -143,6 +143,38 @@ def test_a_save_that_runs_out_of_disk_says_so_in_one_line_and_leaves_nothing(tmp
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000010.pt"]
 
 
+def test_a_second_ctrl_c_during_a_save_is_a_keyboard_interrupt_not_a_write_error(tmp_path, monkeypatch):
+    # A second Ctrl-C stops the run at once (clip.stopping). Raised from the signal handler inside torch.save's
+    # write, it met the archive writer's closing check, whose RuntimeError ("[enforce fail at
+    # inline_container.cc:672] . unexpected pos") the run stopped with, reading as a failed write.
+    save(tmp_path, 10)
+    real_fdopen = os.fdopen
+
+    class InterruptedFile:
+        def __init__(self, descriptor, mode):
+            self.file, self.written = real_fdopen(descriptor, mode), 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 4096:
+                raise KeyboardInterrupt
+            return self.file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    monkeypatch.setattr(ckpt.os, "fdopen", InterruptedFile)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint({"format": ckpt.CHECKPOINT_FORMAT, "weights": torch.zeros(100_000)}, tmp_path, 20, 3)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000010.pt"]
+
+
 def test_a_checkpoint_file_that_cannot_be_created_is_a_write_error(tmp_path, monkeypatch):
     # An inode quota or a read-only mount fails at the file's creation, before torch.save: that OSError
     # escaped the one-line error (and, under DDP, the ranks' agreement)

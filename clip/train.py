@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import math
 import sys
@@ -182,6 +183,15 @@ def warn_of_a_literal_tilde_folder(run_dir: Path) -> None:
         log.warning("%s starts a new run, but %s (a folder named '~' in the current one, which output_dir = '~/...' "
                     "made before '~' meant the home folder) holds checkpoints: to continue that run, pass "
                     "--output-dir %s", run_dir, literal, literal.resolve())
+
+
+def results_step(path: Path, default: int) -> int:
+    """The step a results.json records (the step its run ended at), or `default` if it says none."""
+    try:
+        step = json.loads(path.read_text(encoding="utf-8")).get("step")
+    except (OSError, ValueError, AttributeError):
+        return default
+    return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else default
 
 
 def gradient_norm(module: nn.Module, clip_to: float | None) -> torch.Tensor:
@@ -364,9 +374,12 @@ def _train(
         if resumed and earlier_results.exists():
             # A finished run extended (more schedule.steps): results.json would say "finished" until the
             # extension finishes, with the earlier step's figures
-            kept = earlier_results.with_name(f"results_step_{start_step}.json")
+            # Named after their own step: a resume from below it (the last checkpoint torn) would otherwise
+            # mislabel them, and replace the results an earlier extension kept under that name
+            ended_at = results_step(earlier_results, default=start_step)
+            kept = earlier_results.with_name(f"results_step_{ended_at}.json")
             earlier_results.replace(kept)
-            log.info("the results of the run's end at step %d are now %s", start_step, kept)
+            log.info("the results of the run's end at step %d are now %s", ended_at, kept)
     global_batch = config.train.batch_size * dist_info.world_size
     # None where unknown: no MFU then
     peak = peak_flops(device, autocast_dtype or torch.float32, tf32=config.train.tf32)

@@ -1198,6 +1198,21 @@ def test_extending_a_finished_run_names_the_learning_rate_jump_and_keeps_its_res
     assert json.loads((tmp_path / "results_step_6.json").read_text()) == finished
 
 
+def test_results_moved_aside_are_named_after_their_own_step_when_the_run_resumes_below_it(tmp_path):
+    # A finished run, extended, whose last checkpoint was then found torn, resumes from an earlier one: its
+    # results.json was renamed after the checkpoint's step, not its own, replacing the results of that step
+    # which an earlier extension had kept under that name.
+    train(tiny_config(tmp_path, "schedule.steps=3", "eval.every_n_steps=0"))
+    train(tiny_config(tmp_path, "eval.every_n_steps=0"))  # extended to 6 steps
+    at_3, at_6 = (json.loads((tmp_path / f"results{name}.json").read_text()) for name in ("_step_3", ""))
+    assert (at_3["step"], at_6["step"]) == (3, 6)
+    newest = ckpt.checkpoint_path(tmp_path, 6)
+    newest.write_bytes(newest.read_bytes()[:1000])  # torn: the run resumes from step 3
+    train(tiny_config(tmp_path, "eval.every_n_steps=0"), stop_at_step=4)
+    assert json.loads((tmp_path / "results_step_3.json").read_text()) == at_3
+    assert json.loads((tmp_path / "results_step_6.json").read_text()) == at_6
+
+
 def test_an_extension_whose_data_cannot_be_used_leaves_the_runs_config_and_results_alone(tmp_path):
     # config.toml was written and results.json moved aside before the data was opened: a mistyped path in the
     # command that extends a finished run left them so, and the finished run, started again, kept them.

@@ -222,8 +222,11 @@ def plot_run(run_dir: Path) -> Path | None:
     accuracy_axis.legend(fontsize="small")
     figure.tight_layout()
     path = Path(run_dir) / "training.png"
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    try:
+        with replaced_atomically(path, "wb") as file:  # a full disk left an empty training.png
+            figure.savefig(file, format="png", dpi=100)
+    finally:
+        plt.close(figure)
     return path
 
 

@@ -53,6 +53,7 @@ from .run_log import (
     RunLog,
     RunLogWriteError,
     plot_run,
+    replaced_atomically,
     require_wandb,
     start_wandb,
     write_json,
@@ -369,7 +370,8 @@ def _train(
         # Written once the run's data is set up too: a refused resume, or a start whose data cannot be used
         # (a mistyped path), leaves the run's recorded config and results alone.
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(config_dict), encoding="utf-8")
+        with replaced_atomically(run_dir / "config.toml") as file:  # a kill mid-write tore it
+            file.write(to_toml(config_dict))
         earlier_results = run_dir / "results.json"
         if resumed and earlier_results.exists():
             # A finished run extended (more schedule.steps): results.json would say "finished" until the
@@ -711,7 +713,24 @@ def _train(
         log.info("data, all %d ranks, whole run: %s", dist_info.world_size, counts_line(data_totals["sources"]))
         run_log.close()
         if finished and not final.get("evaluation_interrupted"):
+            write_results(run_dir / "results.json", final)
             if config.logging.plot:
-                plot_run(run_dir)
-            write_json(run_dir / "results.json", final)  # whole or not at all: a kill mid-write tore it
+                try:
+                    plot_run(run_dir)
+                except OSError as error:  # a full disk: the figures are in metrics.jsonl and results.json
+                    log.warning("no training plot: %s could not be written (%s)", run_dir / "training.png",
+                                error.strerror or error)
     return final
+
+
+def write_results(path: Path, final: dict) -> None:
+    """Writes a finished run's results.json, whole or not at all (a kill mid-write tore it). Before the optional
+    plot, which a full disk stopped first, so that it was never written."""
+    try:
+        write_json(path, final)
+    except OSError as error:
+        raise RunLogWriteError(
+            f"could not write {path}: {error.strerror or error} (errno {error.errno}); the trained weights are saved "
+            f"(step {final['step']}) and metrics.jsonl holds the figures: run the same command again once the file "
+            f"can be written, which evaluates the finished run and writes it"
+        ) from error

@@ -1102,6 +1102,35 @@ def test_a_full_disk_when_a_resume_drops_records_is_one_error_line_and_status_1_
     assert [record["step"] for record in records if "loss" in record] == [1, 2, 3, 4, 5, 6]
 
 
+
+def test_a_full_disk_at_the_end_is_one_error_line_and_the_run_started_again_writes_its_results(
+    tmp_path, monkeypatch, capsys, caplog
+):
+    # results.json that could not be written was an OSError's traceback; and the optional training plot, written
+    # first, stopped the run there on a full disk, so that results.json was never written, an empty training.png left
+    import errno
+
+    import clip.train as train_module
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train_module, "write_json", full_disk)
+    with caplog.at_level(logging.ERROR):
+        assert main([str(DEMO), "--output-dir", str(tmp_path), *TINY, "eval.every_n_steps=0"]) == 1
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"could not write {tmp_path / 'results.json'}: No space left on device (errno {errno.ENOSPC}); the trained "
+        "weights are saved (step 6)")
+    assert "Traceback" not in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setattr(train_module, "plot_run", full_disk)
+    with caplog.at_level(logging.WARNING):
+        assert main([str(DEMO), "--output-dir", str(tmp_path), *TINY, "eval.every_n_steps=0", "logging.plot=true"]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["step"] == 6
+    assert f"no training plot: {tmp_path / 'training.png'} could not be written (No space left on device)" in caplog.text
+    assert max(step for step, _ in ckpt.list_checkpoints(tmp_path)) == 6
+
 def test_unusable_data_is_one_line_and_status_2(tmp_path, capsys):
     missing = tmp_path / "nowhere.csv"
     data = ["data.sources.0.kind=manifest", f"data.sources.0.path={missing}", "data.sources.0.num_samples=none"]

@@ -2,7 +2,7 @@
 
     python scripts/make_shards.py captions.tsv out/ --prefix cc --samples-per-shard 1000
     python scripts/make_shards.py photos/ out/            # photos/**/x.jpg with its caption in x.txt
-    python scripts/make_shards.py --index 'out/cc-{000000..000012}.tar'   # (re)write sizes.json only
+    python scripts/make_shards.py --index 'out/cc-{000000..000012}.tar'   # (re)write their sizes.json entries only
 
 Input: a manifest (.csv, .tsv or .jsonl; image paths relative to its folder) or a folder of images, each
 with a caption file of the same name and the suffix .txt. Output: PREFIX-000000.tar, PREFIX-000001.tar, ...
@@ -209,9 +209,10 @@ def keep_finished_shards(writer, output: Path, prefix: str, per_shard: int, writ
 
 
 def write_index(pattern: str) -> dict[str, int]:
-    """Counts the samples of existing shards (tar headers only) and writes sizes.json beside them. A shard that
-    is missing, unreadable or cut short is named, and no index is written: counting what a cut-off shard
-    still holds would make the damage look like a complete, smaller shard."""
+    """Counts the samples of existing shards (tar headers only) and writes their entries into the sizes.json
+    beside them; the entries of other shards in it (another prefix's) are kept, as when shards are written. A
+    shard that is missing, unreadable or cut short is named, and no index is written: counting what a cut-off
+    shard still holds would make the damage look like a complete, smaller shard."""
     urls = expand_shard_pattern(pattern)
     folders = {str(Path(url).parent) for url in urls}
     if len(folders) != 1:
@@ -228,7 +229,14 @@ def write_index(pattern: str) -> dict[str, int]:
     if bad:
         raise SystemExit(f"--index: {len(bad)} of {len(urls)} shards cannot be indexed, no sizes.json written "
                          "(remove or rewrite them, or leave them out of the pattern):\n  " + "\n  ".join(bad))
-    (Path(folders.pop()) / SIZE_INDEX_NAME).write_text(json.dumps(sizes, indent=1))
+    path = Path(folders.pop()) / SIZE_INDEX_NAME
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError):
+        index = None
+    if not isinstance(index, dict):  # none yet, or unreadable: replaced
+        index = {}
+    path.write_text(json.dumps(index | sizes, indent=1))
     return sizes
 
 
@@ -260,7 +268,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="delete the shards of this prefix already in OUTPUT (PREFIX-NNNNNN.tar) and their sizes.json entries first",
     )
     parser.add_argument(
-        "--index", metavar="PATTERN", help="only write sizes.json for existing shards 'dir/x-{000000..000009}.tar'"
+        "--index", metavar="PATTERN",
+        help="only write the sizes.json entries of existing shards 'dir/x-{000000..000009}.tar' (others' are kept)",
     )
     args = parser.parse_args(argv)
     if args.index is None and (args.input is None or args.output is None):

@@ -104,6 +104,19 @@ def test_index_only_rewrites_sizes(tmp_path: Path) -> None:
     }
 
 
+def test_index_keeps_the_entries_of_shards_it_does_not_index(tmp_path: Path) -> None:
+    # Two prefixes share a folder, as writing them allows; re-indexing one (the loader's advice for a wrong
+    # entry) replaced the whole sizes.json, and the other's shards lost their counts without a word.
+    out = tmp_path / "out"
+    for prefix, count in (("a", 5), ("b", 4)):
+        manifest = write_manifest(tmp_path / prefix, range(count))
+        make_shards_main()([str(manifest), str(out), "--prefix", prefix, "--samples-per-shard", "3"])
+    index = out / "sizes.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "a-000001.tar": 7}))  # a wrong entry
+    assert make_shards_main()(["--index", str(out / "a-{000000..000001}.tar")]) == 0
+    assert json.loads(index.read_text()) == {"a-000000.tar": 3, "a-000001.tar": 2, "b-000000.tar": 3, "b-000001.tar": 1}
+
+
 def test_index_names_shards_cut_short_or_unreadable_and_writes_nothing(tmp_path: Path) -> None:
     # A shard cut at a member boundary reads as a complete tar of fewer samples: --index wrote that smaller
     # count, and the damage disappeared. A file that is no tar was a raw tarfile traceback naming no shard.

@@ -72,16 +72,16 @@ _STRAIGHT_ALPHA = {"RGBa": "RGBA", "La": "LA", "PA": "RGBA", "P": "RGBA", "L": "
 
 
 def apply_exif_orientation(image: Image.Image) -> Image.Image:
-    """Rotate/flip `image` as its EXIF orientation tag says; the image itself when there is no such tag, or
-    when its EXIF block cannot be read."""
+    """Rotate/flip `image` as its EXIF orientation tag says; the image itself when there is no such tag, its
+    value is no orientation (2..8 rotate or flip; some software writes 0), or its EXIF block cannot be read."""
     # A damaged EXIF block makes reading it, or exif_transpose's rewriting of it, raise whatever PIL's TIFF tag
     # code trips on (struct.error, SyntaxError, ValueError, ...) in a file whose pixels decode fine. The pixels
     # as stored beat a lost image: an exception here would end an evaluation's DataLoader (and leave the other
     # ranks waiting in a collective), so any error keeps the image as it is.
     try:
         orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-        if orientation == 1:
-            return image  # exif_transpose would copy the pixels for nothing
+        if orientation not in range(2, 9):
+            return image  # 1 is upright; exif_transpose would copy the pixels for nothing
         return ImageOps.exif_transpose(image)
     except Exception:
         return image

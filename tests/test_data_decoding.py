@@ -164,6 +164,17 @@ def test_repairs_give_upright_rgb() -> None:
     assert np.asarray(sixteen).mean() == pytest.approx(40000 / 65535 * 255, abs=1)  # scaled, not clipped
 
 
+def test_an_orientation_tag_outside_1_to_8_is_no_rotation() -> None:
+    # Some software writes orientation 0 (undefined); PIL's exif_transpose returns a copy for it, and such
+    # images were counted as exif_rotated, a repair nobody made.
+    for orientation in (0, 9, 99):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        image = open_image(encoded(rgb_image(), "JPEG", exif=exif), None, None)
+        repairs: list[str] = []
+        assert upright_rgb(image, repairs) is image and repairs == [], orientation
+
+
 def test_captions() -> None:
     assert decode_caption(b"  a cat \n") == "a cat"
     for raw, kind in [(b"", "empty_caption"), (b" \t", "empty_caption"), (b"\xff\xfe", "bad_utf8")]:

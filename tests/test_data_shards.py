@@ -222,6 +222,17 @@ def test_pipe_urls(tmp_path: Path) -> None:
     data.close()
 
 
+@pytest.mark.skipif(shutil.which("cat") is None or sys.platform == "win32", reason="needs cat and a POSIX shell")
+@pytest.mark.parametrize("signal_name", ["TERM", "INT"])
+def test_a_pipe_command_outlives_the_job_signal(tmp_path: Path, signal_name: str) -> None:
+    # SLURM signals every process of the job and Ctrl-C the terminal's process group: the trainer saves at the
+    # next step boundary, but the pipe: command died of the signal, and the rest of its shard was counted as
+    # shard_read_error, went into that step's batch and the checkpoint's position, and was never trained on.
+    url = expand_shard_pattern(write_shards(tmp_path, 4, 4))[0]
+    samples = list(read_shard_range(f"pipe:kill -{signal_name} $$; cat {url}", 0, 4))
+    assert [getattr(s, "kind", s.get("txt")) for s in samples] == [caption_of(i).encode() for i in range(4)]
+
+
 def test_missing_webdataset_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pattern = write_shards(tmp_path, 4, 4)
     monkeypatch.setitem(sys.modules, "webdataset", None)  # makes `import webdataset` fail

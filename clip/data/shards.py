@@ -84,7 +84,11 @@ def _is_local(url: str) -> bool:
 def open_url(url: str) -> IO[bytes]:
     """A binary stream for a local path, file://, pipe:command, or (with fsspec installed) any fsspec URL."""
     if url.startswith("pipe:"):
-        return require_webdataset().gopen(url, "rb")
+        # The command ignores SIGINT and SIGTERM, as the data workers do (worker_signals.py), and so does what
+        # it runs: a scheduler signals every process of the job, a Ctrl-C the terminal's process group, and a
+        # command that died of it ended its shard there -- the rest counted as unreadable in the batch of the
+        # step before the checkpoint, and never read again. It still ends when its reader closes the pipe.
+        return require_webdataset().gopen(f"pipe:trap '' INT TERM; {url[5:]}", "rb")
     if _is_local(url):
         return open(url, "rb")
     if urlparse(url).scheme == "file":

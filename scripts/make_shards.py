@@ -300,12 +300,17 @@ def main(argv: list[str] | None = None) -> int:
         # The input's (wrong columns, a UTF-16 manifest, an unreadable path, an output that is a file): one line,
         # not a traceback
         raise SystemExit(f"make_shards: {error}") from None
+    skipped_line = f"skipped {sum(skipped.values())}: " + ", ".join(f"{kind} {n}" for kind, n in sorted(skipped.items()))
+    if not sizes:
+        # Status 0 and "wrote 0 samples" read as done: every image broken, or the wrong folder, went unnoticed
+        # until a training run found no data
+        raise SystemExit(f"make_shards: no sample of {source} could be written"
+                         + (f" ({skipped_line})" if skipped else ": it holds none"))
     print(f"wrote {sum(sizes.values())} samples in {len(sizes)} shards to {args.output}")
-    if sizes:
-        pattern = Path(args.output).resolve() / f"{args.prefix}-{{000000..{len(sizes) - 1:06d}}}.tar"
-        print(f'for a [[data.sources]] table: kind = "shards", path = "{pattern}"')
+    pattern = Path(args.output).resolve() / f"{args.prefix}-{{000000..{len(sizes) - 1:06d}}}.tar"
+    print(f'for a [[data.sources]] table: kind = "shards", path = "{pattern}"')
     if skipped:
-        print(f"skipped {sum(skipped.values())}: " + ", ".join(f"{kind} {n}" for kind, n in sorted(skipped.items())))
+        print(skipped_line)
     return 0
 
 

@@ -6,6 +6,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -261,3 +262,23 @@ def test_a_manifest_without_the_named_columns_leaves_no_empty_shard(tmp_path: Pa
     assert [path.name for path in out.iterdir() if path.suffix == ".tar"] == []
     assert main([str(manifest), str(out)]) == 0
 
+
+
+def test_nothing_to_write_is_one_line_with_status_2(tmp_path: Path) -> None:
+    # "wrote 0 samples" with status 0 read as done: a folder of broken images, or an empty manifest, went unnoticed
+    # until a training run found no data
+    spec = importlib.util.spec_from_file_location("make_shards", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(b"not an image")
+    (photos / "a.txt").write_text("a caption")
+    nothing_from = "^make_shards: no sample of {} could be written"
+    with pytest.raises(SystemExit, match=nothing_from.format(re.escape(str(photos))) + r" \(skipped 1: "):
+        module.main([str(photos), str(tmp_path / "out")])
+    assert module.run([str(photos), str(tmp_path / "out2")]) == 2
+    empty = tmp_path / "empty.csv"
+    empty.write_text("image,caption\n")
+    with pytest.raises(SystemExit, match=nothing_from.format(re.escape(str(empty))) + ": it holds none$"):
+        module.main([str(empty), str(tmp_path / "out3")])

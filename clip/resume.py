@@ -154,12 +154,13 @@ def restore_training_state(
         # The data loader continues the epochs in progress under this layout (its own warning says how).
         saved_ranks = len(state["rng"])
         saved_batch = state["config"]["train"]["batch_size"] * saved_ranks  # batch_size is per rank
+        global_batch = config.train.batch_size * dist_info.world_size
         if dist_info.is_main:
-            log.warning(
-                "checkpoint was written by %d ranks, this run has %d: the global batch is %d, not %d (at the "
-                "learning rate as set), RNG states are seeded afresh",
-                saved_ranks, dist_info.world_size, config.train.batch_size * dist_info.world_size, saved_batch,
-            )
+            # A train.batch_size scaled with the rank count keeps the global batch: said so, not "16, not 16"
+            batch = (f"the global batch is {global_batch}, not {saved_batch} (at the learning rate as set)"
+                     if global_batch != saved_batch else f"the global batch stays {global_batch}")
+            log.warning("checkpoint was written by %d ranks, this run has %d: %s, RNG states are seeded afresh",
+                        saved_ranks, dist_info.world_size, batch)
         data_state = data_state_for_other_world_size(state["data"], dist_info.rank)
     jump = learning_rate_jump(state["config"], config, step)
     if jump is not None and dist_info.is_main:

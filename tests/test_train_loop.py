@@ -116,6 +116,20 @@ def test_a_checkpoint_of_another_rank_count_seeds_the_generators_afresh(tmp_path
     assert seeds[-1] == ckpt.rank_seed(0, 0, 3) != 0
 
 
+
+def test_a_resume_on_other_ranks_with_the_same_global_batch_says_it_stays(tmp_path, caplog):
+    # 2 ranks x 8 resumed on 1 rank x 16 (batch_size is per rank): the warning read "the global batch is 16, not 16"
+    train(tiny_config(tmp_path, "eval.every_n_steps=0"), stop_at_step=3)
+    path = ckpt.list_checkpoints(tmp_path)[0][1]
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state["rng"], state["data"] = state["rng"] * 2, state["data"] * 2  # as if written by 2 ranks of batch 8
+    torch.save(state, path)
+    with caplog.at_level("WARNING"):
+        train(tiny_config(tmp_path, "eval.every_n_steps=0", "train.batch_size=16"), stop_at_step=4)
+    assert ("checkpoint was written by 2 ranks, this run has 1: the global batch stays 16, RNG states are seeded "
+            "afresh") in caplog.text
+    assert "not 16" not in caplog.text
+
 def test_logged_throughput_leaves_out_the_time_spent_evaluating_and_saving(tmp_path, monkeypatch):
     # The window after an evaluation or a checkpoint counted its time as training time: with ImageNet
     # evaluations, the next samples_per_s and mfu read far too low. A fake clock makes both take 1000 s.

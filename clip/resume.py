@@ -159,8 +159,8 @@ def restore_training_state(
             # A train.batch_size scaled with the rank count keeps the global batch: said so, not "16, not 16"
             batch = (f"the global batch is {global_batch}, not {saved_batch} (at the learning rate as set)"
                      if global_batch != saved_batch else f"the global batch stays {global_batch}")
-            log.warning("checkpoint was written by %d ranks, this run has %d: %s, RNG states are seeded afresh",
-                        saved_ranks, dist_info.world_size, batch)
+            log.warning("checkpoint was written by %s, this run has %d: %s, RNG states are seeded afresh",
+                        "1 rank" if saved_ranks == 1 else f"{saved_ranks} ranks", dist_info.world_size, batch)
         data_state = data_state_for_other_world_size(state["data"], dist_info.rank)
     jump = learning_rate_jump(state["config"], config, step)
     if jump is not None and dist_info.is_main:

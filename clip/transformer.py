@@ -139,25 +139,32 @@ def causal_mask(length: int) -> torch.Tensor:
     return torch.full((length, length), float("-inf"), device="cpu").triu_(1)
 
 
-class MultiheadSelfAttention(nn.Module):
+class MultiheadSelfAttention(nn.MultiheadAttention):
     """Self-attention with a fused QKV projection, with `nn.MultiheadAttention`'s parameters, attributes and
     call (`attn(x, x, x, need_weights=False, attn_mask=mask)` -> (output, weights or None), sequence-first),
-    for self-attention: key and value must be the query itself."""
+    for self-attention: key and value must be the query itself.
 
-    batch_first = False  # attributes of nn.MultiheadAttention that code written for it reads
-    dropout = 0.0
-    bias_k = bias_v = None
-    add_zero_attn = False
-    _qkv_same_embed_dim = True
+    An `nn.MultiheadAttention` (a subclass, with its own forward), as the module in openai/CLIP's blocks is:
+    code that finds a model's attention layers by `isinstance(module, nn.MultiheadAttention)` (LoRA and
+    adapter libraries replacing them, attention-map tools) finds these."""
 
     def __init__(self, width: int, heads: int, *, initialise: bool = True) -> None:
-        super().__init__()
+        # nn.Module's constructor, not nn.MultiheadAttention's: that one draws the initial weights itself,
+        # which `initialise=False` must not do; the attributes it would set are set here, to its values.
+        nn.Module.__init__(self)
         if width % heads:
             raise ValueError(f"width {width} is not divisible by {heads} heads")
-        self.embed_dim = width
+        self.embed_dim = self.kdim = self.vdim = width
+        self._qkv_same_embed_dim = True
         self.num_heads = heads
         self.head_dim = width // heads
+        self.dropout = 0.0
+        self.batch_first = False
+        self.add_zero_attn = False
+        self.bias_k = self.bias_v = None
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+            self.register_parameter(name, None)
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
         # nn.MultiheadAttention's initialisation, so that a block or Transformer built on its own (as code written

@@ -469,3 +469,64 @@ def test_a_missing_constructor_argument_names_the_class_called(build, called):
     with pytest.raises(TypeError, match=r"missing \d required positional argument") as raised:
         build()
     assert str(raised.value).startswith(called)
+
+
+class _LoRAAttention(torch.nn.Module):
+    """What LoRA libraries for openai/CLIP (CLIP-LoRA and kin) put in place of each nn.MultiheadAttention they
+    find: the attention recomputed from the module's own weights, plus a low-rank update of the queries and
+    values that starts at zero."""
+
+    def __init__(self, attention: torch.nn.MultiheadAttention, rank: int = 2) -> None:
+        super().__init__()
+        width = attention.embed_dim
+        self.num_heads, self.batch_first, self.dropout = attention.num_heads, attention.batch_first, attention.dropout
+        self.in_proj_weight, self.in_proj_bias, self.out_proj = (
+            attention.in_proj_weight, attention.in_proj_bias, attention.out_proj)
+        self.down = torch.nn.Parameter(torch.randn(2, rank, width) * 0.1)
+        self.up = torch.nn.Parameter(torch.zeros(2, width, rank))
+
+    def forward(self, query, key, value, need_weights=False, attn_mask=None, **_):
+        length, n, width = query.shape
+        q, k, v = torch.nn.functional.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        q = q + query @ self.down[0].t() @ self.up[0].t()
+        v = v + query @ self.down[1].t() @ self.up[1].t()
+        q, k, v = (t.reshape(length, n * self.num_heads, -1).transpose(0, 1) for t in (q, k, v))
+        scores = q @ k.transpose(1, 2) * (width // self.num_heads) ** -0.5
+        if attn_mask is not None:
+            scores = scores + attn_mask[:length, :length]
+        out = (scores.softmax(dim=-1) @ v).transpose(0, 1).reshape(length, n, width)
+        return self.out_proj(out), None
+
+
+def test_attention_layers_are_found_as_nn_multihead_attention():
+    # openai/CLIP's blocks hold torch's nn.MultiheadAttention, and LoRA libraries written for it find the layers to
+    # adapt with isinstance(module, nn.MultiheadAttention). These were another nn.Module: nothing was found, no
+    # adapter put in place, and a fine-tuning run trained nothing (or only what it had not frozen)
+    torch.manual_seed(0)
+    model = clip.create_model(TINY).eval()
+    images, texts = torch.randn(2, 3, 32, 32), clip.tokenize(["a cat", "a photo of a dog"])
+    with torch.no_grad():
+        before = model.encode_image(images), model.encode_text(texts)
+    adapted = 0
+    for blocks in (model.visual.transformer.resblocks, model.transformer.resblocks):
+        for block in blocks:
+            for name, child in list(block.named_children()):
+                if isinstance(child, torch.nn.MultiheadAttention):
+                    setattr(block, name, _LoRAAttention(child))
+                    adapted += 1
+    assert adapted == 2  # one block per tower
+    with torch.no_grad():
+        after = model.encode_image(images), model.encode_text(texts)
+    for old, new in zip(before, after, strict=True):  # the update starts at zero
+        torch.testing.assert_close(new, old, atol=1e-5, rtol=1e-5)
+    model.encode_text(texts).sum().backward()
+    assert model.transformer.resblocks[0].attn.up.grad.abs().sum() > 0
+
+
+def test_attention_has_nn_multihead_attentions_attributes():
+    attention = clip.create_model(TINY).visual.transformer.resblocks[0].attn
+    assert (attention.embed_dim, attention.kdim, attention.vdim, attention.num_heads, attention.head_dim) == (64, 64, 64, 1, 64)
+    assert attention._qkv_same_embed_dim and not attention.batch_first and not attention.add_zero_attn
+    assert attention.q_proj_weight is None and attention.bias_k is None and attention.dropout == 0.0
+    assert [name for name, _ in attention.named_parameters()] == [
+        "in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"]

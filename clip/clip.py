@@ -1,13 +1,17 @@
 """openai/CLIP's module layout, for code written against it: `from clip import clip` (or `clip.clip`)
 followed by `clip.load`, `clip.tokenize`, `clip.available_models`, `clip.build_model`, and the private names
 that prompt-learning code reads: `_MODELS` (name -> URL), `_download(url, root)`, `_transform(n_px)` and
-`_tokenizer` (a SimpleTokenizer, built on first use rather than at import).
+`_tokenizer` (a SimpleTokenizer, built on first use rather than at import); and `BICUBIC` and
+`_convert_image_to_rgb`, from which code builds its own variants of the preprocessing.
 """
 
 from __future__ import annotations
 
 import functools
 from pathlib import Path
+
+from PIL import Image
+from torchvision.transforms import InterpolationMode
 
 # simple_tokenizer as in openai/CLIP, where this module imports it: `import clip`, then
 # `clip.simple_tokenizer.SimpleTokenizer()`
@@ -31,6 +35,15 @@ def _download(url: str, root: str | Path | None = None) -> str:
     if sha256 is None:
         raise ValueError(f"{url} is not one of the released models' URLs (clip.clip._MODELS)")
     return str(download(url, sha256, root=root if root is not None else cache_dir()))
+
+
+# The interpolation of the preprocessing's resize, as openai/CLIP names it
+BICUBIC = InterpolationMode.BICUBIC
+
+
+def _convert_image_to_rgb(image: Image.Image) -> Image.Image:
+    """The preprocessing's colour step as openai/CLIP's: `image.convert("RGB")`."""
+    return image.convert("RGB")
 
 
 def _transform(n_px: int) -> ImageTransform:

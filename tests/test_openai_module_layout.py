@@ -530,3 +530,18 @@ def test_attention_has_nn_multihead_attentions_attributes():
     assert attention.q_proj_weight is None and attention.bias_k is None and attention.dropout == 0.0
     assert [name for name, _ in attention.named_parameters()] == [
         "in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"]
+
+
+def test_clip_clip_has_the_preprocessing_pieces_code_builds_its_own_transforms_from():
+    # `from clip.clip import BICUBIC, _convert_image_to_rgb` (for a preprocessing at another size, or with
+    # augmentations) was an ImportError
+    from PIL import Image
+    from torchvision.transforms import CenterCrop, Compose, Normalize, Resize, ToTensor
+
+    from clip.clip import BICUBIC, _convert_image_to_rgb, _transform
+
+    normalize = Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    own = Compose([Resize(32, interpolation=BICUBIC), CenterCrop(32), _convert_image_to_rgb, ToTensor(), normalize])
+    image = Image.fromarray(torch.randint(0, 256, (40, 50, 3), dtype=torch.uint8).numpy())
+    torch.testing.assert_close(own(image), _transform(32)(image), atol=0, rtol=0)
+    assert _convert_image_to_rgb(image.convert("L")).mode == "RGB"

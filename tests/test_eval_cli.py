@@ -405,6 +405,20 @@ def test_linear_probe_lists_its_data_before_loading_the_model(tmp_path, monkeypa
     assert capsys.readouterr().err.startswith("clip-linear-probe: ")
 
 
+@pytest.mark.parametrize("dataset", ["imagefolder", "cifar10"])
+def test_linear_probe_without_root_names_the_missing_option(tmp_path, monkeypatch, capsys, dataset):
+    # An empty --root read the current folder: "split 'train': no folder train; the folders in . are [...]"
+    # listed whatever was there, and where train/ and test/ were there, "an imagefolder dataset needs `root`"
+    # named a config key that this command does not have
+    monkeypatch.setattr(linear_probe_cli, "load_model", lambda *args: pytest.fail("the model was loaded"))
+    for split in ("train", "test"):
+        (tmp_path / split / "a").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", "m", "--dataset", dataset, "--device", "cpu", "--output-dir", str(tmp_path / "out")]
+    assert linear_probe_cli.main(argv) == 2
+    assert capsys.readouterr().err == f"clip-linear-probe: --dataset {dataset} needs --root, the folder of its data\n"
+
+
 def device_argv(command, tmp_path: Path, model: Path, data: Path, device: str) -> list[str]:
     """Arguments that would run `command` on `device`, with valid data (so only the device can fail)."""
     if command is zeroshot_cli:

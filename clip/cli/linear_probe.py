@@ -227,6 +227,8 @@ def split_features(
 
 def probe(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
+    if args.dataset != "synthetic" and not args.root:  # "" read the current folder, under another option's name
+        raise ValueError(f"--dataset {args.dataset} needs --root, the folder of its data")
     # The synthetic-only options go to a synthetic dataset alone: their defaults differ from the config's, so
     # every other dataset was warned that they were set and ignored
     synthetic = (

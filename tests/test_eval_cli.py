@@ -405,6 +405,21 @@ def test_linear_probe_lists_its_data_before_loading_the_model(tmp_path, monkeypa
     assert capsys.readouterr().err.startswith("clip-linear-probe: ")
 
 
+@pytest.mark.parametrize("unreadable", ["train", "test"])
+def test_linear_probe_names_the_split_without_a_readable_image(tmp_path, tiny_checkpoint, capsys, unreadable):
+    # "no image features to probe: none of its 4 images is readable" did not say of which split
+    for split in ("train", "test"):
+        write_colour_folder(tmp_path / "data" / split, {"a_red": 2, "b_green": 2}, seed=0)
+    for image in (tmp_path / "data" / unreadable).rglob("*.png"):
+        image.write_bytes(b"not an image")
+    argv = probe_argv(tiny_checkpoint, tmp_path / "out", "--dataset", "imagefolder", "--root", str(tmp_path / "data"))
+    assert linear_probe_cli.main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"clip-linear-probe: {unreadable} split {unreadable!r}: no image features to probe: none of its 4 images "
+        "is readable\n"
+    )
+
+
 @pytest.mark.parametrize("dataset", ["imagefolder", "cifar10"])
 def test_linear_probe_without_root_names_the_missing_option(tmp_path, monkeypatch, capsys, dataset):
     # An empty --root read the current folder: "split 'train': no folder train; the folders in . are [...]"

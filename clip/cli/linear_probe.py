@@ -211,15 +211,18 @@ def split_features(
             logger.warning("%s split %r: %d images could not be read when these features were extracted; "
                            "--recompute-features reads them again", role, split, num_images - len(cached[1]))
         return cached
-    extracted = extract_features(
-        model,
-        TransformedDataset(data.dataset, preprocess),
-        device=device,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        precision=args.precision,
-        unprojected=args.features == "unprojected",
-    )
+    try:
+        extracted = extract_features(
+            model,
+            TransformedDataset(data.dataset, preprocess),
+            device=device,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            precision=args.precision,
+            unprojected=args.features == "unprojected",
+        )
+    except ValueError as error:  # no readable image, non-finite features: which of the splits
+        raise ValueError(f"{role} split {split!r}: {error}") from error
     logger.info("%s split %r: extracted the features of %d images", role, split, len(extracted[1]))
     save_features(path, key, extracted)
     return extracted

@@ -405,6 +405,23 @@ def test_linear_probe_lists_its_data_before_loading_the_model(tmp_path, monkeypa
     assert capsys.readouterr().err.startswith("clip-linear-probe: ")
 
 
+def test_zeroshot_refuses_a_dataset_of_one_class_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    # Every image of a one-class dataset is classified right: the table said 100.00 without a word, as the
+    # linear probe did before it refused one class
+    monkeypatch.setattr(zeroshot_cli, "load_model", lambda *args: pytest.fail("the model was loaded"))
+    write_colour_folder(tmp_path / "data" / "val", {"a_red": 2}, seed=0)
+    config = tmp_path / "eval.toml"
+    config.write_text(
+        f'model = "m"\ndevice = "cpu"\n[[datasets]]\nname = "one"\nkind = "imagefolder"\nroot = "{tmp_path / "data"}"\n'
+        'split = "val"\n'
+    )
+    assert zeroshot_cli.main([str(config), "--output-dir", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (
+        "clip-zeroshot: dataset 'one' has 1 class (a red); zero-shot classification needs at least 2 classes to "
+        "choose between (with one, every image is classified right)\n"
+    )
+
+
 @pytest.mark.parametrize("unreadable", ["train", "test"])
 def test_linear_probe_names_the_split_without_a_readable_image(tmp_path, tiny_checkpoint, capsys, unreadable):
     # "no image features to probe: none of its 4 images is readable" did not say of which split

@@ -49,7 +49,14 @@ def list_datasets(config: ZeroShotRunConfig) -> dict[str, ClassificationData]:
     only once it is loaded). Listing them all first makes a missing folder or a malformed class-name file
     fail in seconds, before the model is loaded, rather than after the datasets before it were evaluated
     and with their results lost."""
-    return {dataset.resolved_name(): load_classification_data(dataset, None) for dataset in config.datasets}
+    datasets = {dataset.resolved_name(): load_classification_data(dataset, None) for dataset in config.datasets}
+    for name, data in datasets.items():
+        if len(data.classnames) < 2:  # every image would be classified right: 100% whatever the model
+            raise ValueError(
+                f"dataset {name!r} has {len(data.classnames)} class ({', '.join(data.classnames)}); zero-shot "
+                "classification needs at least 2 classes to choose between (with one, every image is classified right)"
+            )
+    return datasets
 
 
 def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:

@@ -458,6 +458,15 @@ def in_a_thread(function, *args, **kwargs) -> tuple[threading.Thread, dict]:
     return thread, outcome
 
 
+def two_downloads_at_once(source_file: Path, cache: Path, fetching: threading.Event) -> tuple[dict, dict]:
+    """The outcomes of two downloads of one file into `cache`, the second started once the first is `fetching`."""
+    first, first_outcome = in_a_thread(download, source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
+    assert fetching.wait(timeout=30)
+    second, second_outcome = in_a_thread(download, source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
+    for thread in (first, second):
+        thread.join(timeout=60)
+    return first_outcome, second_outcome
+
 def test_downloads_of_one_file_at_once_fetch_it_once(monkeypatch, tmp_path: Path, source_file: Path, waiting) -> None:
     # Eight ranks each calling clip.load("ViT-B/32") on one node fetched the file eight times over, each into a
     # partial file of its own; now one downloads, and the others wait and check the file it leaves.
@@ -471,11 +480,7 @@ def test_downloads_of_one_file_at_once_fetch_it_once(monkeypatch, tmp_path: Path
 
     monkeypatch.setattr(urllib.request, "urlopen", urlopen)
     cache = tmp_path / "cache"
-    first, first_outcome = in_a_thread(download, source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
-    assert fetching.wait(timeout=30)
-    second, second_outcome = in_a_thread(download, source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
-    for thread in (first, second):
-        thread.join(timeout=60)
+    first_outcome, second_outcome = two_downloads_at_once(source_file, cache, fetching)
     assert first_outcome == second_outcome == {"value": cache / "weights.bin"}
     assert len(fetches) == 1 and (cache / "weights.bin").read_bytes() == GOOD_BYTES
     assert files_in(cache) == ["weights.bin"]  # no lock file left behind
@@ -510,11 +515,7 @@ def test_downloads_waiting_for_one_that_cannot_reach_the_server_fail_with_it(
 
     monkeypatch.setattr(urllib.request, "urlopen", unreachable)
     cache = tmp_path / "cache"
-    first, first_outcome = in_a_thread(download, source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
-    assert fetching.wait(timeout=30)
-    second, second_outcome = in_a_thread(download, source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
-    for thread in (first, second):
-        thread.join(timeout=60)
+    first_outcome, second_outcome = two_downloads_at_once(source_file, cache, fetching)
     assert len(attempts) == 1
     assert isinstance(first_outcome["error"], DownloadError) and "timed out" in str(first_outcome["error"])
     assert isinstance(second_outcome["error"], DownloadError)

@@ -105,15 +105,18 @@ def update_index(output: Path, prefix: str, sizes: dict[str, int]) -> None:
     """Writes this prefix's shard sizes to sizes.json, replacing its old entries; other shards' entries stay,
     so that shards of several prefixes can share a folder. An unreadable sizes.json is replaced."""
     path = output / SIZE_INDEX_NAME
+    pattern = shard_name_pattern(prefix)
+    index = {name: count for name, count in read_index(path).items() if not pattern.fullmatch(name)} | sizes
+    path.write_text(json.dumps(index, indent=1))
+
+
+def read_index(path: Path) -> dict:
+    """The entries of the sizes.json at `path`; none if it is missing or unreadable (it is then replaced)."""
     try:
         index = json.loads(path.read_text())
     except (OSError, ValueError):
-        index = None
-    if not isinstance(index, dict):
-        index = {}
-    pattern = shard_name_pattern(prefix)
-    index = {name: count for name, count in index.items() if not pattern.fullmatch(name)} | sizes
-    path.write_text(json.dumps(index, indent=1))
+        return {}
+    return index if isinstance(index, dict) else {}
 
 
 def refuse_or_remove_old_shards(output: Path, prefix: str, overwrite: bool) -> None:
@@ -230,13 +233,7 @@ def write_index(pattern: str) -> dict[str, int]:
         raise SystemExit(f"--index: {len(bad)} of {len(urls)} shards cannot be indexed, no sizes.json written "
                          "(remove or rewrite them, or leave them out of the pattern):\n  " + "\n  ".join(bad))
     path = Path(folders.pop()) / SIZE_INDEX_NAME
-    try:
-        index = json.loads(path.read_text())
-    except (OSError, ValueError):
-        index = None
-    if not isinstance(index, dict):  # none yet, or unreadable: replaced
-        index = {}
-    path.write_text(json.dumps(index | sizes, indent=1))
+    path.write_text(json.dumps(read_index(path) | sizes, indent=1))
     return sizes
 
 

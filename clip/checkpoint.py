@@ -21,6 +21,7 @@ import re
 import secrets
 import stat
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -88,12 +89,12 @@ def save_checkpoint(state: dict, run_dir: Path, step: int, keep_last: int) -> Pa
     except BaseException as error:
         if temporary is not None:
             temporary.unlink(missing_ok=True)
-        interruption = _interruption_in(error)
+        interruption = _in_chain(error, lambda link: not isinstance(link, Exception))  # KeyboardInterrupt, ...
         if interruption is not None and interruption is not error:
             # A second Ctrl-C inside torch.save's write: the archive writer, closed after it, raises its own
             # "unexpected pos" RuntimeError, which read as a failed write and hid the interruption
             raise interruption from None
-        cause = _os_error_in(error)
+        cause = _in_chain(error, lambda link: isinstance(link, OSError))
         if cause is not None:  # a full disk, a quota: torch.save reports it as an "enforce fail" RuntimeError
             raise CheckpointWriteError(
                 f"could not write {final}: {cause.strerror or cause} (errno {cause.errno}); the checkpoints "
@@ -105,22 +106,12 @@ def save_checkpoint(state: dict, run_dir: Path, step: int, keep_last: int) -> Pa
     return final
 
 
-def _os_error_in(error: BaseException) -> OSError | None:
-    """The OSError an exception was raised from, or is, if any."""
+def _in_chain(error: BaseException, wanted: Callable[[BaseException], bool]) -> BaseException | None:
+    """The first exception that is `wanted` among `error` and those it was raised from (its cause, else its
+    context), if any."""
     seen = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, OSError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def _interruption_in(error: BaseException) -> BaseException | None:
-    """The KeyboardInterrupt (or other BaseException that is no Exception) an exception was raised from, or is."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if not isinstance(error, Exception):
+        if wanted(error):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__

@@ -1041,6 +1041,12 @@ def test_a_checkpoint_that_cannot_be_written_is_one_error_line_and_status_1(tmp_
     assert "Traceback" not in capsys.readouterr().err
 
 
+def errors_of_a_failing_run(run_dir: Path, caplog) -> list[str]:
+    """The error lines of the tiny demo run in `run_dir`, which must end with status 1."""
+    with caplog.at_level(logging.ERROR):
+        assert main([str(DEMO), "--output-dir", str(run_dir), *TINY, "eval.every_n_steps=0"]) == 1
+    return [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+
 def test_a_full_disk_for_metrics_jsonl_is_one_error_line_and_status_1_and_the_run_resumes(
     tmp_path, monkeypatch, capsys, caplog
 ):
@@ -1063,9 +1069,7 @@ def test_a_full_disk_for_metrics_jsonl_is_one_error_line_and_status_1_and_the_ru
 
     monkeypatch.setattr(Path, "open", full_disk_after_a_checkpoint)
     monkeypatch.setattr(ckpt, "save_checkpoint", then_the_disk_fills)
-    with caplog.at_level(logging.ERROR):
-        assert main([str(DEMO), "--output-dir", str(tmp_path), *TINY, "eval.every_n_steps=0"]) == 1
-    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    errors = errors_of_a_failing_run(tmp_path, caplog)
     assert errors == [(
         f"could not write {tmp_path / 'metrics.jsonl'}: No space left on device (errno {errno.ENOSPC}); the latest "
         f"checkpoint, {ckpt.checkpoint_path(tmp_path, 3)}, is kept: run the same command again to continue from it"
@@ -1099,9 +1103,7 @@ def test_a_full_disk_when_a_resume_drops_records_is_one_error_line_and_status_1_
         return real_write_text(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "write_text", full_disk)
-    with caplog.at_level(logging.ERROR):
-        assert main([str(DEMO), "--output-dir", str(tmp_path), *TINY, "eval.every_n_steps=0"]) == 1
-    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    errors = errors_of_a_failing_run(tmp_path, caplog)
     assert errors == [(
         f"could not rewrite {tmp_path / 'metrics.jsonl'} without the records of the steps that run again: No space "
         f"left on device (errno {errno.ENOSPC}); the checkpoint of step 3 is kept: run the same command again once "
@@ -1130,9 +1132,7 @@ def test_a_full_disk_at_the_end_is_one_error_line_and_the_run_started_again_writ
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(train_module, "write_json", full_disk)
-    with caplog.at_level(logging.ERROR):
-        assert main([str(DEMO), "--output-dir", str(tmp_path), *TINY, "eval.every_n_steps=0"]) == 1
-    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    errors = errors_of_a_failing_run(tmp_path, caplog)
     assert len(errors) == 1 and errors[0].startswith(
         f"could not write {tmp_path / 'results.json'}: No space left on device (errno {errno.ENOSPC}); the trained "
         "weights are saved (step 6)")

@@ -54,6 +54,13 @@ class DistributedInfo:
         return self.world_size > 1
 
 
+def ranks_phrase(count: int, all_of: bool = False) -> str:
+    """"1 rank" / "4 ranks" (or "all 4 ranks") for log lines, which a 1-process run also prints."""
+    if count == 1:
+        return "1 rank"
+    return f"all {count} ranks" if all_of else f"{count} ranks"
+
+
 @dataclass(frozen=True)
 class LauncherEnvironment:
     """What a launcher told this process; `None` from `read_launcher_environment` means no launcher."""

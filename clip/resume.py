@@ -16,7 +16,7 @@ from .config import TrainConfig, from_dict, to_dict
 from .config_io import ConfigError, differences
 from .data import data_state_for_other_world_size, data_state_for_rank
 from .data.config import synthetic_sample_count
-from .distributed import DistributedInfo, from_rank_zero, raise_on_every_rank
+from .distributed import DistributedInfo, from_rank_zero, raise_on_every_rank, ranks_phrase
 from .optim import learning_rate, load_optimizer_state
 from .train_step import ContrastiveModel
 
@@ -160,7 +160,7 @@ def restore_training_state(
             batch = (f"the global batch is {global_batch}, not {saved_batch} (at the learning rate as set)"
                      if global_batch != saved_batch else f"the global batch stays {global_batch}")
             log.warning("checkpoint was written by %s, this run has %d: %s, RNG states are seeded afresh",
-                        "1 rank" if saved_ranks == 1 else f"{saved_ranks} ranks", dist_info.world_size, batch)
+                        ranks_phrase(saved_ranks), dist_info.world_size, batch)
         data_state = data_state_for_other_world_size(state["data"], dist_info.rank)
     jump = learning_rate_jump(state["config"], config, step)
     if jump is not None and dist_info.is_main:

@@ -41,6 +41,7 @@ from .distributed import (
     gather_objects,
     init_distributed,
     raise_on_every_rank,
+    ranks_phrase,
 )
 from .evaluation.during_training import check_evaluation_datasets, run_evaluations
 from .loading import load_weights_into
@@ -398,8 +399,8 @@ def _train(
             reevaluated=already_finished or evaluation_owed,
         )
         log.info(
-            "model: %.2fM parameters; global batch %d (%d ranks x %d, %d micro-batches); %d steps; data: %d samples/epoch",
-            sum(p.numel() for p in module.parameters()) / 1e6, global_batch, dist_info.world_size,
+            "model: %.2fM parameters; global batch %d (%s x %d, %d micro-batches); %d steps; data: %d samples/epoch",
+            sum(p.numel() for p in module.parameters()) / 1e6, global_batch, ranks_phrase(dist_info.world_size),
             config.train.batch_size, config.train.accumulation_steps, config.schedule.steps, data.samples_per_epoch,
         )
         warn_about_unlikely_settings(config, global_batch, data.samples_per_epoch, saved_config, device)
@@ -710,7 +711,7 @@ def _train(
     data_totals = merge_rank_reports(gather_objects(data.rank_report(), dist_info))
     if dist_info.is_main:
         log.info("data: %s", data.epoch_summary())  # this rank's, since the run (or resume) started
-        log.info("data, all %d ranks, whole run: %s", dist_info.world_size, counts_line(data_totals["sources"]))
+        log.info("data, %s, whole run: %s", ranks_phrase(dist_info.world_size, all_of=True), counts_line(data_totals["sources"]))
         run_log.close()
         if finished and not final.get("evaluation_interrupted"):
             write_results(run_dir / "results.json", final)

@@ -130,6 +130,14 @@ def test_a_resume_on_other_ranks_with_the_same_global_batch_says_it_stays(tmp_pa
             "afresh") in caplog.text
     assert "not 16" not in caplog.text
 
+
+def test_a_one_process_runs_start_and_end_lines_say_1_rank(tmp_path, caplog):
+    # They read "global batch 8 (1 ranks x 8, ...)" and "data, all 1 ranks, whole run"
+    with caplog.at_level("INFO"):
+        train(tiny_config(tmp_path, "eval.every_n_steps=0", "schedule.steps=1"))
+    assert "(1 rank x " in caplog.text and "data, 1 rank, whole run" in caplog.text
+    assert "1 ranks" not in caplog.text
+
 def test_logged_throughput_leaves_out_the_time_spent_evaluating_and_saving(tmp_path, monkeypatch):
     # The window after an evaluation or a checkpoint counted its time as training time: with ImageNet
     # evaluations, the next samples_per_s and mfu read far too low. A fake clock makes both take 1000 s.

@@ -144,6 +144,21 @@ def test_evaluation_leaves_the_global_random_generator_alone(tmp_path):
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_a_one_class_zero_shot_dataset_is_refused_before_training(tmp_path):
+    # Evaluated during training, it scored 100% top-1 at every evaluation whatever the model (clip-zeroshot
+    # refused it already)
+    from PIL import Image
+
+    from clip.evaluation.during_training import check_evaluation_datasets
+
+    (tmp_path / "dogs").mkdir()
+    Image.new("RGB", (16, 16), "brown").save(tmp_path / "dogs" / "0.png")
+    only_dogs = ZeroShotDatasetConfig(name="pets", kind="imagefolder", root=str(tmp_path))
+    refusal = r"dataset 'pets' has 1 class \(dogs\); zero-shot classification needs at least 2"
+    with pytest.raises(ValueError, match=refusal):
+        check_evaluation_datasets(EvalConfig(workers=0, zeroshot=[only_dogs]))
+
+
 def test_should_evaluate_schedule():
     config = EvalConfig(every_n_steps=50, zeroshot=[ZeroShotDatasetConfig()])
     assert [s for s in range(181) if should_evaluate(config, s, 180)] == [50, 100, 150, 180]

@@ -18,6 +18,7 @@ from clip.evaluation.datasets import (
     ClassificationData,
     TransformedDataset,
     load_classification_data,
+    require_classes_to_choose_between,
 )
 from clip.evaluation.results import format_table, save_confusion_png
 from clip.evaluation.zeroshot import evaluate_zeroshot
@@ -51,11 +52,7 @@ def list_datasets(config: ZeroShotRunConfig) -> dict[str, ClassificationData]:
     and with their results lost."""
     datasets = {dataset.resolved_name(): load_classification_data(dataset, None) for dataset in config.datasets}
     for name, data in datasets.items():
-        if len(data.classnames) < 2:  # every image would be classified right: 100% whatever the model
-            raise ValueError(
-                f"dataset {name!r} has {len(data.classnames)} class ({', '.join(data.classnames)}); zero-shot "
-                "classification needs at least 2 classes to choose between (with one, every image is classified right)"
-            )
+        require_classes_to_choose_between(name, data.classnames)
     return datasets
 
 

@@ -167,6 +167,16 @@ def warn_about_synthetic_settings_on_other_kinds(config: ZeroShotDatasetConfig) 
         )
 
 
+def require_classes_to_choose_between(name: str, classnames: Sequence[str]) -> None:
+    """Zero-shot classification of a dataset with one class classifies every image right, whatever the
+    model: its 100% would be reported as a result. Refused wherever zero-shot datasets are listed."""
+    if len(classnames) < 2:
+        raise ValueError(
+            f"dataset {name!r} has {len(classnames)} class ({', '.join(classnames)}); zero-shot classification "
+            "needs at least 2 classes to choose between (with one, every image is classified right)"
+        )
+
+
 def load_classification_data(
     config: ZeroShotDatasetConfig,
     transform: Transform | None,

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .config import EvalConfig
-from .datasets import evenly_spaced_indices, load_classification_data
+from .datasets import evenly_spaced_indices, load_classification_data, require_classes_to_choose_between
 from .features import (
     NonFiniteFeaturesError,
     StopCheck,
@@ -52,6 +52,7 @@ def check_evaluation_datasets(eval_config: EvalConfig, warn: bool = True) -> Non
     the last checkpoint, and again after every resume."""
     for dataset in eval_config.zeroshot:
         data = load_classification_data(dataset, None, warn=warn)
+        require_classes_to_choose_between(dataset.resolved_name(), data.classnames)
         _require_a_readable_image(lambda index: data.dataset[index], len(data.dataset), dataset.resolved_name())
     for dataset in eval_config.retrieval:
         paths = load_retrieval_data(dataset).image_paths

@@ -386,6 +386,23 @@ def test_lines_copied_from_a_python_list_are_unquoted(tmp_path):
     assert load_templates(tmp_path / "plain.txt") == ['a "{}" sign', "'{}' in quotes, said twice"]
 
 
+def test_a_mapping_of_labels_to_names_is_refused_not_read_line_by_line(tmp_path):
+    # ImageNet's widely copied {0: 'tench, Tinca tinca', ...} gave one "name" per line of its source, as many
+    # as the classes, so the count check passed and every prompt held a line of Python
+    refusal = r"a mapping \(\{...\}\), not a list: class names are read from a JSON list of strings"
+    for name, text in [
+        ("imagenet1000_clsidx_to_labels.txt", "{0: 'tench, Tinca tinca',\n 1: 'goldfish, Carassius auratus'}\n"),
+        ("class_index.json", '{"0": ["n01440764", "tench"], "1": ["n01443537", "goldfish"]}'),
+        ("opened.txt", '{\n  "0": "tench",\n  "1": "goldfish"\n}\n'),
+    ]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=refusal):
+            load_classnames(tmp_path / name)
+    # A template that starts with its placeholder is not a mapping
+    (tmp_path / "t.txt").write_text("{} in a photo.\n")
+    assert load_templates(tmp_path / "t.txt") == ["{} in a photo."]
+
+
 def tiny_clip() -> nn.Module:
     torch.manual_seed(0)
     config = ModelConfig(

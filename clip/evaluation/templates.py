@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import string
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -126,6 +127,13 @@ def _read_string_list(path: Path, what: str, comments: bool) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
     text = _decode_text(path.read_bytes(), path)
+    if re.match(r"\s*\{\s*(['\"\d]|$)", text, flags=re.MULTILINE):  # "{0: ", "{'a': ", '{"0": ', not "{} ..."
+        # A mapping such as ImageNet's {0: 'tench, Tinca tinca', ...} read line by line gives as many
+        # "names" as classes, each a line of the mapping's source, and the prompts made of them still run.
+        raise ValueError(
+            f"{path}: a mapping ({{...}}), not a list: {what} are read from a JSON list of strings or from one "
+            "per line, in label order"
+        )
     if path.suffix == ".json" or text.lstrip().startswith("["):
         try:
             items = json.loads(text)

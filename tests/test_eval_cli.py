@@ -124,6 +124,14 @@ def test_zeroshot_command_end_to_end(tmp_path, tiny_checkpoint, datasets, capsys
     assert "shapes" in table and "synthetic/heldout" in table
 
 
+def test_a_dataset_name_with_a_slash_gets_its_confusion_plot_as_one_file(tmp_path, tiny_checkpoint, datasets):
+    # "imagenet/val" was written to confusion_imagenet/val.png, a folder that does not exist: a warning, no plot
+    config = write_config(tmp_path / "eval.toml", tiny_checkpoint, datasets)
+    assert zeroshot_cli.main([str(config), "datasets[0].name=shapes/val", "--output-dir", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "confusion_shapes_val.png").is_file()
+    assert "shapes/val" in json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+
+
 def test_zeroshot_command_rejects_bad_overrides_and_configs(tmp_path, tiny_checkpoint, datasets, capsys):
     config = write_config(tmp_path / "eval.toml", tiny_checkpoint, datasets)
     assert zeroshot_cli.main([str(config), "batch_sise=3"]) == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from pathlib import Path
 
 from clip.config import load_config
@@ -96,7 +97,9 @@ def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:
         }
         path = write_json(output_dir / "results.json", summary)
         if config.confusion_png:
-            save_confusion_png(result, output_dir / f"confusion_{name}.png")
+            # A name such as "imagenet/val" is one file, not a subfolder that does not exist
+            file_name = "confusion_" + re.sub(r"[/\\]", "_", name) + ".png"
+            save_confusion_png(result, output_dir / file_name)
         logger.info("wrote %s", path)
     print(format_table(results))
     return summary

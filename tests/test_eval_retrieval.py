@@ -298,21 +298,34 @@ def test_a_tsv_quoted_by_a_csv_writer_is_read_with_quoting_csv(tmp_path):
 
 
 def test_manifest_suffixes_are_recognised_in_any_case(tmp_path):
-    names = write_images(tmp_path, 1)
-    (tmp_path / "M.TSV").write_text(f"image\tcaption\n{names[0]}\ta red square\n")
+    names = write_images(tmp_path, 2)
+    (tmp_path / "M.TSV").write_text(f"image\tcaption\n{names[0]}\ta red square\n{names[1]}\ta blue one\n")
     data = load_retrieval_data(RetrievalDatasetConfig(annotations=str(tmp_path / "M.TSV")))
-    assert data.captions == ["a red square"]
+    assert data.captions == ["a red square", "a blue one"]
 
 
 def test_format_manifest_reads_other_suffixes_as_csv_and_names_the_json_case(tmp_path):
-    names = write_images(tmp_path, 1)
-    (tmp_path / "m.txt").write_text(f'image,caption\n{names[0]},"a red, square"\n')
+    names = write_images(tmp_path, 2)
+    (tmp_path / "m.txt").write_text(f'image,caption\n{names[0]},"a red, square"\n{names[1]},a blue one\n')
     config = RetrievalDatasetConfig(annotations=str(tmp_path / "m.txt"), format="manifest")
-    assert load_retrieval_data(config).captions == ["a red, square"]
+    assert load_retrieval_data(config).captions == ["a red, square", "a blue one"]
     (tmp_path / "m.json").write_text(json.dumps({"image": names[0], "caption": "a red square"}) + "\n")
     json_config = RetrievalDatasetConfig(annotations=str(tmp_path / "m.json"), format="manifest")
     with pytest.raises(ValueError, match="rename a JSON-lines manifest to .jsonl"):
         load_retrieval_data(json_config)
+
+
+def test_a_retrieval_dataset_of_one_image_is_refused(tmp_path):
+    # Every recall was 100% whatever the model: its one image is every caption's first answer
+    names = write_images(tmp_path, 3)
+    rows = "".join(f"{name},a square {i}\n" for i, name in enumerate(names))
+    (tmp_path / "m.csv").write_text(f"image,caption\n{names[0]},a red square\n{names[0]},a square, red\n")
+    with pytest.raises(ValueError, match="retrieval dataset 'm' has 1 image; retrieval needs at least 2"):
+        load_retrieval_data(RetrievalDatasetConfig(annotations=str(tmp_path / "m.csv")))
+    (tmp_path / "three.csv").write_text("image,caption\n" + rows)
+    with pytest.raises(ValueError, match="'three' has 1 image"):  # as max_images cuts it
+        load_retrieval_data(RetrievalDatasetConfig(annotations=str(tmp_path / "three.csv"), max_images=1))
+    assert len(load_retrieval_data(RetrievalDatasetConfig(annotations=str(tmp_path / "three.csv"))).image_paths) == 3
 
 
 def test_a_csv_with_a_byte_order_mark_reads_like_one_without(tmp_path):

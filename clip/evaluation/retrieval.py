@@ -230,7 +230,13 @@ def load_retrieval_data(config: RetrievalDatasetConfig) -> RetrievalData:
         data = RetrievalData(
             data.image_paths, [config.caption_template.replace("{}", c) for c in data.captions], data.caption_image
         )
-    return data.first_images(config.max_images) if config.max_images > 0 else data
+    data = data.first_images(config.max_images) if config.max_images > 0 else data
+    if len(data.image_paths) == 1:  # every caption's image, and every image's caption, would be found first
+        raise ValueError(
+            f"retrieval dataset {config.resolved_name()!r} has 1 image; retrieval needs at least 2 to choose "
+            "between (with one, every recall is 100%)"
+        )
+    return data
 
 
 class ImagePathDataset(Dataset):

@@ -142,7 +142,8 @@ def causal_mask(length: int) -> torch.Tensor:
 class MultiheadSelfAttention(nn.MultiheadAttention):
     """Self-attention with a fused QKV projection, with `nn.MultiheadAttention`'s parameters, attributes and
     call (`attn(x, x, x, need_weights=False, attn_mask=mask)` -> (output, weights or None), sequence-first),
-    for self-attention: key and value must be the query itself.
+    fast for self-attention (key and value the query itself, or None); other keys and values take
+    nn.MultiheadAttention's own forward.
 
     An `nn.MultiheadAttention` (a subclass, with its own forward), as the module in openai/CLIP's blocks is:
     code that finds a model's attention layers by `isinstance(module, nn.MultiheadAttention)` (LoRA and
@@ -190,8 +191,15 @@ class MultiheadSelfAttention(nn.MultiheadAttention):
         sequence) is cut to L. is_causal: the mask is the causal one, and the causal kernel runs instead
         (None is accepted as well). need_weights: also return the attention weights, (N, L, L) averaged over
         the heads or (N, heads, L, L); they are computed explicitly, so the fast kernels are not used."""
-        if (key is not None and key is not query) or (value is not None and value is not query):
-            raise NotImplementedError("this attention is self-attention only: pass the query as key and value")
+        key = query if key is None else key
+        value = query if value is None else value
+        if key is not query or value is not query:
+            # Cross-attention (code that reuses a pretrained layer's weights on other keys, as attention-pooling and
+            # dense-prediction tools do): nn.MultiheadAttention's own forward, on these same parameters
+            return super().forward(
+                query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+                average_attn_weights=average_attn_weights, is_causal=is_causal,
+            )
         length, n, width = query.shape
         heads, head_dim = self.num_heads, self.head_dim
         batch_major = batch_major_memory(query)

@@ -140,8 +140,18 @@ def test_attention_is_called_and_answers_like_nn_multihead_attention():
     expected_out, _ = reference(x, x, x, need_weights=False, attn_mask=causal_mask(7))
     torch.testing.assert_close(ours(x, x, x, need_weights=False, attn_mask=causal_mask(77))[0], expected_out)
     torch.testing.assert_close(ours(x, None, None, need_weights=False, is_causal=True)[0], expected_out)
-    with pytest.raises(NotImplementedError, match="self-attention only"):
-        ours(x, torch.randn(7, 3, 32), torch.randn(7, 3, 32))
+    # Other keys and values (cross-attention, e.g. pooling queries over a layer's tokens): the same as
+    # nn.MultiheadAttention with these weights, where it raised NotImplementedError
+    queries, memory = torch.randn(2, 3, 32), torch.randn(7, 3, 32)
+    for kwargs in [{}, {"key_padding_mask": padding}, {"need_weights": False}]:
+        for (out, weights), (expected_out, expected_weights) in [
+            (ours(queries, memory, memory, **kwargs), reference(queries, memory, memory, **kwargs)),
+            (ours(x, x, memory, **kwargs), reference(x, x, memory, **kwargs)),
+        ]:
+            torch.testing.assert_close(out, expected_out, msg=str(kwargs))
+            assert (weights is None) == (expected_weights is None)
+            if weights is not None:
+                torch.testing.assert_close(weights, expected_weights)
 
 
 def test_replacing_a_blocks_attention_method_takes_effect():

@@ -326,6 +326,22 @@ def worker(rank: int, port: int) -> None:
                 )
                 loss.backward()
             check_against_reference(ddp_model, metrics, reference, f"{kind} chunk={chunk_size} cached")
+
+            # The random model's accuracies are 1/8 both ways; these features have a pair found in some rows
+            # of each rank, and more often text->image than image->text, so accuracy counted against the
+            # wrong rank's columns, or the two directions swapped, differs from the concatenated batch.
+            features_generator = torch.Generator().manual_seed(2)
+            features = torch.randn(WORLD_SIZE * ROWS_PER_RANK, 8, generator=features_generator)
+            noisy = features + torch.randn(features.shape, generator=features_generator)
+            scale_and_bias = (torch.tensor(2.0), torch.tensor(-1.0) if kind == "siglip" else None)
+            _, reference_metrics = ContrastiveLoss(kind, chunk_size=chunk_size)(features, noisy, *scale_and_bias)
+            assert reference_metrics["image_to_text_accuracy"].item() == 0.75
+            if kind == "clip":
+                assert reference_metrics["text_to_image_accuracy"].item() == 0.875
+            _, metrics = loss_fn(features[local], noisy[local], *scale_and_bias)
+            for name in reference_metrics:
+                torch.testing.assert_close(metrics[name], reference_metrics[name], **TOLERANCE,
+                                           msg=f"{kind} chunk={chunk_size} features: {name}")
     finally:
         cleanup_distributed()
 

@@ -121,6 +121,13 @@ def test_metrics_report_accuracy_and_temperature(chunk_size):
     _, metrics = loss_fn(features, swapped, torch.tensor(math.log(100.0)))
     assert metrics["image_to_text_accuracy"].item() == 0.0
 
+    # Every image finds its text, but text 1 lies nearer image 0 than image 1: the directions differ.
+    images = torch.eye(3)
+    texts = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.1, 0.0], [0.0, 0.0, 1.0]])
+    _, metrics = loss_fn(images, texts, torch.tensor(0.0))
+    assert metrics["image_to_text_accuracy"].item() == 1.0
+    assert metrics["text_to_image_accuracy"].item() == pytest.approx(2 / 3)
+
 
 def test_bad_inputs_give_clear_errors():
     image, text, logit_scale = make_inputs(n=4)

@@ -114,6 +114,42 @@ def test_max_logit_scale_bounds_the_first_steps_logits_too(tmp_path, monkeypatch
     assert len(multipliers) == 2 and max(multipliers) <= bound * (1 + 1e-6), multipliers
 
 
+def test_max_logit_scale_bounds_the_temperature_after_every_step(tmp_path, monkeypatch):
+    # A loss that always asks for a larger temperature: every update moves logit_scale past the bound, and
+    # the trainer must clamp it back after each optimiser step, not only before the first one.
+    import clip.train as trainer
+
+    multipliers = []
+    build = trainer.build_loss
+
+    def build_loss_pushing_the_temperature_up(*args, **kwargs):
+        loss_fn = build(*args, **kwargs)
+        forward = loss_fn.forward
+
+        def pushing_forward(image_features, text_features, logit_scale, logit_bias=None):
+            multipliers.append(logit_scale.detach().exp().item())
+            loss, metrics = forward(image_features, text_features, logit_scale, logit_bias)
+            return loss - 100 * logit_scale, metrics
+
+        loss_fn.forward = pushing_forward
+        return loss_fn
+
+    monkeypatch.setattr(trainer, "build_loss", build_loss_pushing_the_temperature_up)
+    train(config_of(tmp_path, "loss.max_logit_scale=10", "schedule.steps=3", "optimizer.lr=0.1"))
+    assert len(multipliers) == 3 and max(multipliers) <= 10 * (1 + 1e-6), multipliers
+    assert trained_state(tmp_path)["logit_scale"].exp().item() == pytest.approx(10.0)
+
+
+def test_the_temperature_is_bounded_to_between_1_and_max_logit_scale():
+    from clip.train import bound_temperature
+
+    clip = CLIP(TINY_VIT)
+    for start, bounded in [(-1.0, 0.0), (1.5, 1.5), (5.0, math.log(50))]:
+        clip.logit_scale.data.fill_(start)
+        bound_temperature(clip, math.log(50))
+        assert clip.logit_scale.item() == pytest.approx(bounded)
+
+
 def test_a_locked_tower_without_initial_weights_is_named(tmp_path, caplog):
     # Every combination below runs; this one runs as asked but trains against a random, frozen tower.
     with caplog.at_level(logging.WARNING, logger="clip.train"):

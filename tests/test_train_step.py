@@ -276,6 +276,18 @@ def test_weight_decay_groups_of_a_resnet_decay_the_attention_pool_position_embed
     assert not is_decayed("visual.bn1.weight", named["visual.bn1.weight"], decay_embeddings=True)
 
 
+def test_gradient_norm_is_the_norm_before_clipping_and_clips_to_the_given_norm():
+    from clip.train import gradient_norm
+
+    module = torch.nn.Linear(2, 1)
+    for clip_to, after in [(None, 13.0), (1.0, 1.0), (100.0, 13.0)]:
+        module.weight.grad, module.bias.grad = torch.tensor([[3.0, 4.0]]), torch.tensor([12.0])  # norm 13
+        assert gradient_norm(module, clip_to).item() == pytest.approx(13.0)
+        clipped = torch.cat([module.weight.grad.flatten(), module.bias.grad])
+        assert clipped.norm().item() == pytest.approx(after, rel=1e-5)
+        torch.testing.assert_close(clipped / clipped.norm(), torch.tensor([3.0, 4.0, 12.0]) / 13)
+
+
 def test_learning_rate_schedule():
     schedule = ScheduleConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1)
     assert learning_rate(0, 1.0, schedule) == pytest.approx(0.1)

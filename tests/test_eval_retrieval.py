@@ -132,11 +132,13 @@ def test_a_collapsed_model_gets_no_credit_whatever_the_rounding(seed):
         optimistic = retrieval_ranks(images, texts, caption_image, chunk_size=chunk_size, ties="optimistic")
         assert [ranks.unique().tolist() for ranks in optimistic] == [[1], [1]]
     # A tie is closer than a millionth of the largest score: 1e-5 below the truth is not one, 1e-7 is
+    # of the largest score the query can get: features that are not unit vectors scale the tolerance too
     for gap, pessimistic_rank in ((1e-5, 1), (1e-7, 2)):
         angle = math.acos(1 - gap)
-        images = torch.tensor([[1.0, 0.0], [math.cos(angle), math.sin(angle)]])
-        _, text_ranks = retrieval_ranks(images, torch.tensor([[1.0, 0.0]]), torch.tensor([0]))
-        assert text_ranks.tolist() == [pessimistic_rank], gap
+        for length in (1.0, 1000.0):
+            images = length * torch.tensor([[1.0, 0.0], [math.cos(angle), math.sin(angle)]])
+            _, text_ranks = retrieval_ranks(images, torch.tensor([[1.0, 0.0]]), torch.tensor([0]))
+            assert text_ranks.tolist() == [pessimistic_rank], (gap, length)
 
 
 def test_non_finite_features_are_refused_not_ranked_first():
@@ -151,6 +153,14 @@ def test_non_finite_features_are_refused_not_ranked_first():
             retrieval_ranks(*arguments, torch.arange(3))
     with pytest.raises(ValueError, match="3 of 3 image features are NaN or inf"):
         retrieval_ranks(torch.full((3, 3), float("inf")), texts, torch.arange(3))
+
+
+def test_median_and_mean_ranks_are_of_their_own_direction():
+    result = summarize_ranks(torch.tensor([1, 3, 5]), torch.tensor([2, 6, 2, 4]), ties="pessimistic", ks=(2,))
+    assert result.recalls == {"image_to_text_R@2": 1 / 3, "text_to_image_R@2": 2 / 4}
+    assert (result.image_to_text_median_rank, result.image_to_text_mean_rank) == (3.0, 3.0)
+    # the lower of the two middle ranks (2 and 4) of an even count
+    assert (result.text_to_image_median_rank, result.text_to_image_mean_rank) == (2.0, 14 / 4)
 
 
 def test_the_tie_rule_of_a_summary_must_be_named():

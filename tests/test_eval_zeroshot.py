@@ -114,6 +114,17 @@ def test_model_is_evaluated_in_eval_mode_without_grad_and_restored():
     assert model.training
 
 
+def test_logits_are_cosine_similarities_times_the_models_logit_scale():
+    # What the probabilities (the notebook helper's output) are the softmax of, as in openai/CLIP's model(image, text)
+    model, classnames, templates = planted_two_classes()
+    classifier = build_zeroshot_classifier(model, classnames, templates, model.tokenize)
+    images = torch.tensor([[3.0, 4.0], [-2.0, 0.5], [0.0, -10.0]])
+    output = zeroshot_classify(model, classifier, images)
+    expected = 10.0 * nn.functional.normalize(images, dim=-1) @ classifier  # exp(logit_scale) = 10
+    torch.testing.assert_close(output.logits, expected)
+    torch.testing.assert_close(output.probabilities, expected.softmax(dim=1))
+
+
 def test_eval_mode_restores_each_submodules_own_mode():
     # A part kept in eval mode inside a training model (a locked tower) stays in eval mode afterwards.
     from torch import nn

@@ -90,6 +90,38 @@ def test_probe_is_deterministic_and_standardisation_is_optional():
     assert standardized.standardize and standardized.test_accuracy >= 0.9
 
 
+def test_standardised_test_features_are_scaled_as_the_fitted_ones():
+    # Far from the origin (offset 5000): test features left unscaled would all fall on one side of the boundary
+    train, test = gaussian_classes(20, 4), gaussian_classes(20, 5)
+    shifted = (1000.0 * train[0] + 5000.0, train[1]), (1000.0 * test[0] + 5000.0, test[1])
+    result = run_linear_probe(*shifted, 4, standardize=True, coarse_points=5, refine_steps=0, max_iter=200)
+    assert result.test_accuracy >= 0.9
+
+
+def test_the_sweep_spans_the_range_then_halves_its_step_around_the_best():
+    train, val = gaussian_classes(5, 1, num_classes=2), gaussian_classes(5, 2, num_classes=2)
+    _, sweep = select_l2(train, val, 2, low=1e-2, high=1e2, coarse_points=5, refine_steps=0, max_iter=20)
+    assert [point.l2 for point in sweep] == pytest.approx([1e-2, 1e-1, 1.0, 1e1, 1e2])
+    l2, sweep = select_l2(train, val, 2, low=1e-2, high=1e2, coarse_points=5, refine_steps=1, max_iter=20)
+    coarse_best = max(sweep[:5], key=lambda p: (p.val_accuracy, -p.val_loss)).l2
+    # one refinement: half a coarse step (a factor sqrt(10)) either side of the best, within the range
+    refined = sorted(point.l2 for point in sweep[5:])
+    expected = sorted(v for v in (coarse_best / math.sqrt(10), coarse_best * math.sqrt(10)) if 0.0099 < v < 101)
+    assert refined == pytest.approx(expected)
+    assert l2 == max(sweep, key=lambda p: (p.val_accuracy, -p.val_loss)).l2
+
+
+def test_train_accuracy_is_that_of_the_refit_on_train_and_validation():
+    # One feature; the validation split holds 2 examples labelled against the side they lie on, which no
+    # linear boundary can fit: the refit gets 20 of the 22 train + validation examples right.
+    labels = torch.arange(20) % 2
+    train = ((4.0 * labels - 2.0 + 0.1 * torch.arange(20) / 20)[:, None].double(), labels)
+    val = (torch.tensor([[-3.0], [3.0]], dtype=torch.float64), torch.tensor([1, 0]))
+    result = run_linear_probe(train, train, 2, val=val, coarse_points=3, refine_steps=0, max_iter=100)
+    assert result.train_accuracy == pytest.approx(20 / 22)
+    assert (result.num_train, result.num_val, result.test_accuracy) == (20, 2, 1.0)
+
+
 def test_fit_reaches_a_stationary_point_of_scikit_learns_objective():
     # sum of cross-entropies + (l2 / 2) ||W||^2, i.e. LogisticRegression(C=1 / l2): the paper's lambda
     features, labels = gaussian_classes(10, 6, separation=1.0)

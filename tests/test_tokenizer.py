@@ -177,6 +177,13 @@ def test_special_token_text_maps_to_special_ids(tokenizer: Tokenizer, reference)
     assert 49406 in tokenizer.encode(text) and 49407 in tokenizer.encode(text)
 
 
+def test_doubly_escaped_html_in_markup_is_unescaped_twice(tokenizer: Tokenizer, reference) -> None:
+    # ftfy leaves entities alone in text that holds '<' (it may be HTML): html.unescape twice does both levels
+    for text in ["<b>&amp;amp;</b>", "a < b &amp;amp; c", "x<y &amp;lt;3"]:
+        assert tokenizer.encode(text) == reference.encode(text), text
+    assert tokenizer.encode("a < b &amp;amp; c") == tokenizer.encode("a < b & c")
+
+
 def test_captions_match_reference(tokenizer: Tokenizer, reference, captions: list[str]) -> None:
     for caption in captions:
         assert tokenizer.encode(caption) == reference.encode(caption), caption

@@ -200,6 +200,23 @@ def test_exif_orientation_is_applied():
     assert to_rgb(loaded, exif_orientation=False).size == (4, 2)
 
 
+@pytest.mark.parametrize(("orientation", "transpose"), [
+    (0, None), (1, None), (2, Image.Transpose.FLIP_LEFT_RIGHT), (3, Image.Transpose.ROTATE_180),
+    (4, Image.Transpose.FLIP_TOP_BOTTOM), (5, Image.Transpose.TRANSPOSE), (6, Image.Transpose.ROTATE_270),
+    (7, Image.Transpose.TRANSVERSE), (8, Image.Transpose.ROTATE_90), (9, None),
+])
+def test_every_exif_orientation_is_applied_and_others_are_not(orientation, transpose):
+    # Six distinct pixels: each of the 8 orientations gives another image
+    image = Image.frombytes("RGB", (3, 2), bytes(range(0, 18 * 10, 10)))
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", exif=exif)
+    loaded = Image.open(io.BytesIO(buffer.getvalue()))
+    expected = image if transpose is None else image.transpose(transpose)
+    assert np.array_equal(pixels(apply_exif_orientation(loaded)), pixels(expected))
+
+
 def jpeg_with_damaged_exif() -> Image.Image:
     """A 5x3 red JPEG tagged orientation 6 whose EXIF also holds a text value under the SubIFDs tag (330),
     which must hold offsets: the pixels decode, but exif_transpose's rewriting of the EXIF raises

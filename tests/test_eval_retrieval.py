@@ -132,7 +132,7 @@ def test_a_collapsed_model_gets_no_credit_whatever_the_rounding(seed):
         optimistic = retrieval_ranks(images, texts, caption_image, chunk_size=chunk_size, ties="optimistic")
         assert [ranks.unique().tolist() for ranks in optimistic] == [[1], [1]]
     # A tie is closer than a millionth of the largest score: 1e-5 below the truth is not one, 1e-7 is
-    # of the largest score the query can get: features that are not unit vectors scale the tolerance too
+    # (of the largest score the query can get: features that are not unit vectors scale the tolerance too)
     for gap, pessimistic_rank in ((1e-5, 1), (1e-7, 2)):
         angle = math.acos(1 - gap)
         for length in (1.0, 1000.0):

@@ -196,6 +196,9 @@ def load_weights_into(model: CLIP, name_or_path: str, download_root: str | Path 
             stacklevel=2,
         )
     _load_checked(model, weights, f"{path} does not fit the configured {_describe(model.config)}", str(path))
+    # A SigLIP model's bias is its loss's parameter, saved beside the weights: as clip.load's model, this one
+    # holds it (model.logit_bias), and a file without one leaves none
+    model.logit_bias = None if weights.logit_bias is None else weights.logit_bias.to(model.logit_scale.device)
     return path
 
 

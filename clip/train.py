@@ -161,9 +161,14 @@ def start_new_run(module: ContrastiveModel, config: TrainConfig, dist_info: Dist
         )
     if dist_info.is_main:
         warn_of_a_literal_tilde_folder(Path(config.output_dir))
-    if config.loss.kind == "siglip":  # SigLIP starts from its own temperature, also over loaded weights
+    # The initial weights' SigLIP bias (None for weights trained without one) is the loss's parameter here
+    loaded_bias, module.clip.logit_bias = module.clip.logit_bias, None
+    if config.loss.kind == "siglip":
         with torch.no_grad():
-            module.clip.logit_scale.fill_(SIGLIP_INITIAL_LOGIT_SCALE)
+            if loaded_bias is not None:  # a SigLIP model goes on from its own temperature and bias
+                module.logit_bias.copy_(loaded_bias)
+            else:  # SigLIP starts from its own temperature, also over weights trained with another loss
+                module.clip.logit_scale.fill_(SIGLIP_INITIAL_LOGIT_SCALE)
     # Ranks draw different random numbers (patch dropout's masks; the data's crops have seeds of their own)
     torch.manual_seed(ckpt.rank_seed(config.train.seed, dist_info.rank))
 

@@ -731,6 +731,23 @@ def test_a_siglip_run_starts_from_siglips_temperature_also_over_loaded_weights(t
         assert initial_weights(tmp_path / run)["logit_scale"].item() == pytest.approx(SIGLIP_INITIAL_LOGIT_SCALE)
 
 
+def test_fine_tuning_a_siglip_model_with_siglip_keeps_its_learned_temperature_and_bias(tmp_path):
+    # The reset to SigLIP's starting values is for weights trained without a bias (a CLIP-loss model); a SigLIP
+    # model's own temperature and bias (its checkpoint's loss_parameters) were reset too, so the fine-tune did
+    # not start from its logits.
+    train(tiny_config(tmp_path / "pretrained", "loss.kind=siglip", "optimizer.lr=0.05", "schedule.steps=2",
+                      "eval.every_n_steps=0"))
+    pretrained = ckpt.read_checkpoint(ckpt.list_checkpoints(tmp_path / "pretrained")[0][1])
+    bias = pretrained["loss_parameters"]["logit_bias"]
+    assert pretrained["model"]["logit_scale"].exp().item() != pytest.approx(10) and bias.item() != pytest.approx(-10)
+    tuned = tmp_path / "tuned"
+    init = f"train.init_weights={tmp_path / 'pretrained'}"
+    train(tiny_config(tuned, "loss.kind=siglip", "eval.every_n_steps=0", init), stop_at_step=0)
+    start = ckpt.read_checkpoint(ckpt.list_checkpoints(tuned)[-1][1])
+    assert torch.equal(start["model"]["logit_scale"], pretrained["model"]["logit_scale"])
+    assert torch.equal(start["loss_parameters"]["logit_bias"], bias)
+
+
 def test_a_siglip_run_loads_with_its_learned_bias_in_the_logits(tmp_path):
     # The bias is the loss's parameter, saved beside the weights: clip.load dropped it, so the sigmoid of the
     # logits was no match probability.

@@ -107,9 +107,15 @@ def warn_about_unlikely_settings(
                     "(measured on an AVX2 CPU). Set train.precision=fp32 unless this CPU has them.",
                     config.train.precision)
     schedule = config.schedule
-    if schedule.warmup_steps >= schedule.steps:
-        log.warning("schedule.warmup_steps (%d) >= schedule.steps (%d): the learning rate never reaches "
-                    "optimizer.lr", schedule.warmup_steps, schedule.steps)
+    # The warmup's step k runs at (k + 1) / warmup_steps of the peak: the last of `steps` reaches it when equal
+    if schedule.warmup_steps > schedule.steps:
+        log.warning("schedule.warmup_steps (%d) > schedule.steps (%d): the learning rate never reaches "
+                    "optimizer.lr (the last step's is %.3g of it)", schedule.warmup_steps, schedule.steps,
+                    schedule.steps / schedule.warmup_steps)
+    elif schedule.warmup_steps == schedule.steps and schedule.kind != "constant":
+        log.warning("schedule.warmup_steps = schedule.steps (%d): the whole run is warmup, the learning rate "
+                    "reaches optimizer.lr at the last step only and the %s decay never starts",
+                    schedule.steps, schedule.kind)
     if samples_per_epoch < global_batch:
         log.warning("an epoch holds %d samples, fewer than the global batch of %d: each batch repeats pairs, whose "
                     "copies are then each other's negatives", samples_per_epoch, global_batch)

@@ -722,6 +722,22 @@ def test_fine_tuning_starts_from_another_runs_weights_and_resumes_from_its_own(t
     assert train(tiny_config(tuned, *extra))["step"] == 6
 
 
+@pytest.mark.parametrize("warmup", [3, 4])
+def test_the_warning_of_a_warmup_as_long_as_the_run_says_what_its_rates_are(tmp_path, caplog, warmup):
+    # A warmup of exactly `steps` reaches the peak at the last step; the warning said it never did.
+    from clip.train import warn_about_unlikely_settings
+
+    config = tiny_config(tmp_path, "schedule.steps=3", f"schedule.warmup_steps={warmup}")
+    rates = [learning_rate(step, 1.0, config.schedule) for step in range(3)]
+    with caplog.at_level(logging.WARNING, logger="clip.train"):
+        warn_about_unlikely_settings(config, 8, 100, None, torch.device("cpu"))
+    if warmup == 3:
+        assert rates[-1] == 1.0 and "never reaches" not in caplog.text
+        assert "reaches optimizer.lr at the last step only and the cosine decay never starts" in caplog.text
+    else:
+        assert rates[-1] == 0.75 and "never reaches optimizer.lr (the last step's is 0.75 of it)" in caplog.text
+
+
 def test_a_siglip_run_starts_from_siglips_temperature_also_over_loaded_weights(tmp_path):
     from clip.loss import SIGLIP_INITIAL_LOGIT_SCALE
 
@@ -1216,7 +1232,7 @@ def test_what_is_odd_about_the_evaluation_data_is_said_once_not_at_every_evaluat
 def test_settings_that_are_likely_mistakes_are_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="clip.train"):
         train(tiny_config(tmp_path, "schedule.warmup_steps=6", "eval.every_n_steps=0", "data.sources.0.num_samples=4"))
-        assert "warmup_steps (6) >= schedule.steps (6)" in caplog.text
+        assert "schedule.warmup_steps = schedule.steps (6): the whole run is warmup" in caplog.text
         assert "an epoch holds 4 samples, fewer than the global batch of 8" in caplog.text
         caplog.clear()
         train(tiny_config(tmp_path, "schedule.steps=7", "eval.every_n_steps=0", f"train.init_weights={tmp_path}"))

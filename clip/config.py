@@ -91,6 +91,9 @@ class ScheduleConfig:
         # not applied would only show at the end of a long run.
         if self.kind == "constant_cooldown":
             room = self.steps - self.warmup_steps
+            if room < 1:  # no cooldown length fits: the range below would read [1, 0] or [1, -2]
+                raise InvalidValue("warmup_steps", f"({self.warmup_steps}) leaves none of the run's {self.steps} "
+                                   f'steps for the cooldown of kind = "constant_cooldown"; it must be below steps')
             require("cooldown_steps", self.cooldown_steps, 1 <= self.cooldown_steps <= room,
                     f"in [1, steps - warmup_steps = {room}] with kind = \"constant_cooldown\"")
         elif self.cooldown_steps != 0:

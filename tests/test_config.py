@@ -206,6 +206,8 @@ def test_vision_config_validation():
         (["schedule.kind=constant_cooldown"], "schedule.cooldown_steps must be in [1, steps - warmup_steps = "),
         (["schedule.kind=constant_cooldown", "schedule.steps=100", "schedule.warmup_steps=10",
           "schedule.cooldown_steps=91"], "schedule.cooldown_steps must be in [1, steps - warmup_steps = 90]"),
+        (["schedule.kind=constant_cooldown", "schedule.steps=3", "schedule.warmup_steps=5", "schedule.cooldown_steps=1"],
+         'schedule.warmup_steps (5) leaves none of the run\'s 3 steps for the cooldown of kind = "constant_cooldown"'),
         (["schedule.kind=constant", "schedule.min_lr_ratio=0.1"], 'schedule.min_lr_ratio is not used with kind = "constant"'),
         (["train.device=gpu"], "train.device must be \"auto\" or a torch device such as \"cpu\", \"cuda\" or \"cuda:1\", got 'gpu'"),
         (["train.device=cuda:x"], "train.device must be \"auto\" or a torch device"),

@@ -408,9 +408,9 @@ def weights_from_state_dict(state: Mapping) -> LoadedWeights:
 
 def _weights_from_state_dict(state: Mapping, config: ModelConfig | None, path: Path) -> LoadedWeights:
     state = dict(state)
-    for prefix in _WRAPPER_PREFIXES:
-        if state and all(key.startswith(prefix) for key in state):
-            state = {key[len(prefix) :]: value for key, value in state.items()}
+    # In either order of wrapping: DDP of a compiled model ("module._orig_mod.") or a compiled DDP model
+    while state and (prefix := next((p for p in _WRAPPER_PREFIXES if all(key.startswith(p) for key in state)), None)):
+        state = {key[len(prefix) :]: value for key, value in state.items()}
     extras = {key: _extra_entry(key, state.pop(key), path) for key in EXTRA_ENTRIES if key in state}
     # Constant attention masks are not weights; some exporters keep them as attributes.
     state = {key: value for key, value in state.items() if key.rsplit(".", 1)[-1] != "attn_mask"}

@@ -268,9 +268,11 @@ def test_all_float16_state_dict_with_integer_extras_loads(tmp_path: Path) -> Non
     assert_same_features(model, original.float(), TINY_VIT)
 
 
-def test_wrapper_prefixes_are_stripped(tmp_path: Path) -> None:
+@pytest.mark.parametrize("prefix", ["module._orig_mod.", "_orig_mod.module."], ids=["ddp_of_compiled", "compiled_ddp"])
+def test_wrapper_prefixes_are_stripped(tmp_path: Path, prefix: str) -> None:
+    # torch.compile of a DDP-wrapped model saves "_orig_mod.module.": that order was left with "module."
     original = tiny_model(TINY_VIT)
-    torch.save({f"module._orig_mod.{key}": value for key, value in original.state_dict().items()}, tmp_path / "ddp.pt")
+    torch.save({prefix + key: value for key, value in original.state_dict().items()}, tmp_path / "ddp.pt")
     model, _ = load(tmp_path / "ddp.pt", device="cpu")
     assert_same_features(model, original, TINY_VIT, atol=0)
 

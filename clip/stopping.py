@@ -66,17 +66,22 @@ class StopRequest:
         # and torchrun forwards its own copy to its workers, so one pre-emption can arrive twice.
         if self.requested and self._abandoning is None:
             if signum == signal.SIGINT:
+                log.warning("received a second Ctrl-C: stopping at once, without saving; the run resumes from its "
+                            "latest checkpoint")
                 raise KeyboardInterrupt
             return
         self.requested = True
+        # Said at the first one: a second, pressed while the checkpoint is written, loses the steps since the last
+        again = " (a second Ctrl-C stops at once, without saving)" if signum == signal.SIGINT else ""
         if self._abandoning is not None:
             exception, self._abandoning = self._abandoning, None  # raised once; cleanup code after it keeps running
-            log.warning("received signal %d: abandoning the %s", signum,
-                        "start of the run" if exception is SetupInterrupted else "evaluation")
+            log.warning("received signal %d: abandoning the %s", signum, "start of the run"
+                        if exception is SetupInterrupted else f"evaluation, to save and stop{again}")
             raise exception
         # Over several processes the ranks agree on it before the next backward pass, so a signal that
         # arrives late in a step is acted on after the following one.
-        log.warning("received signal %d: stopping at the next safe point (the weights are saved first)", signum)
+        log.warning("received signal %d: stopping at the next safe point (the weights are saved first)%s", signum,
+                    again)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():

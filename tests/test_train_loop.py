@@ -1643,6 +1643,19 @@ def test_a_second_sigterm_is_the_same_request_but_a_second_ctrl_c_stops_at_once(
             os.kill(os.getpid(), signal.SIGINT)
 
 
+def test_the_first_ctrl_c_says_that_a_second_stops_without_saving(caplog):
+    # A second Ctrl-C, pressed while the stop's checkpoint was written, lost the steps since the last one with a
+    # traceback; nothing had said what it would do.
+    from clip.stopping import StopRequest
+
+    with caplog.at_level(logging.WARNING, logger="clip.stopping"), StopRequest():
+        os.kill(os.getpid(), signal.SIGINT)
+        assert "(a second Ctrl-C stops at once, without saving)" in caplog.text
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert "second Ctrl-C: stopping at once, without saving; the run resumes from its latest checkpoint" in caplog.text
+
+
 def test_an_output_dir_outside_unicodes_first_plane_is_used_as_given(tmp_path, monkeypatch):
     # --output-dir went into an override through json.dumps, whose escapes of such a character (a surrogate
     # pair) TOML refuses: the override's value was then its raw text, quotes and escapes included, a relative

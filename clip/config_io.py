@@ -34,6 +34,14 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
+class UnknownKey(ConfigError):
+    """A key that its section does not have: `name` is its dotted path, `key` its last part."""
+
+    def __init__(self, message: str, name: str, key: str) -> None:
+        super().__init__(message)
+        self.name, self.key = name, key
+
+
 # The string that stands for None, which TOML cannot write (compared case-insensitively).
 NONE_SENTINEL = "none"
 
@@ -181,7 +189,7 @@ def from_dict(schema: type[T], data: dict, where: str = "") -> T:
     if unknown:
         key = unknown[0]
         name = f"{where}.{key}" if where else key
-        raise ConfigError(f"unknown config key {name!r}.{_closest(key, fields)}")
+        raise UnknownKey(f"unknown config key {name!r}.{_closest(key, fields)}", name, key)
     kwargs = {}
     for key, value in data.items():
         name = f"{where}.{key}" if where else key
@@ -376,7 +384,16 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str], schema
         data = _read_toml(Path(path))
     for assignment in overrides:
         apply_override(data, schema, assignment)
-    return from_dict(schema, data)
+    try:
+        return from_dict(schema, data)
+    except UnknownKey as error:
+        # [train] lr = 1e-5, warmup_steps under [train]: a key of another section, as for an override (whose
+        # check names it); its closest sibling ('accumulation_steps') would mislead
+        elsewhere = [path for path in _paths_named(schema, error.key, []) if path != error.name]
+        if not elsewhere:
+            raise
+        raise ConfigError(f"unknown config key {error.name!r}. Did you mean {' or '.join(map(repr, elsewhere))}?") \
+            from None
 
 
 def where_not_utf8(error: UnicodeDecodeError) -> str:

@@ -677,6 +677,22 @@ def test_an_element_is_overridden_as_error_messages_name_it():
     assert load_config(demo, ["eval.zeroshot[0].seed=3"], TrainConfig).eval.zeroshot[0].seed == 3
 
 
+def test_a_files_key_in_another_section_names_that_section(tmp_path):
+    # A file's [train] warmup_steps was asked if it meant 'accumulation_steps', [train] lr if it meant 'lr'... of
+    # nothing near; a top-level init_weights listed the sections. An override's check named the right section.
+    from clip.config import TrainConfig
+
+    for text, meant in [("[train]\nwarmup_steps = 10\n", "'schedule.warmup_steps'"),
+                        ("[train]\nlr = 1e-5\n", "'optimizer.lr'"),
+                        ('init_weights = "w.pt"\n', "'train.init_weights'")]:
+        (tmp_path / "c.toml").write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(f"Did you mean {meant}?")):
+            load_config(tmp_path / "c.toml", [], TrainConfig)
+    (tmp_path / "c.toml").write_text("[train]\nbatchsize = 8\n")
+    with pytest.raises(ConfigError, match=re.escape("Did you mean 'batch_size'?")):  # a misspelling as before
+        load_config(tmp_path / "c.toml", [], TrainConfig)
+
+
 def test_an_override_of_a_key_in_another_section_names_that_section():
     # "batch_size=8" listed the ten top-level keys; "train.lr=1e-4" every key of [train]; "image_size=1" was
     # asked if it meant 'optimizer'

@@ -392,8 +392,11 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str], schema
         elsewhere = [path for path in _paths_named(schema, error.key, []) if path != error.name]
         if not elsewhere:
             raise
-        raise ConfigError(f"unknown config key {error.name!r}. Did you mean {' or '.join(map(repr, elsewhere))}?") \
-            from None
+        # A top-level key written below a [table] header is read into that table: TOML's rule, not the writer's
+        placed = (" (TOML reads a key into the [table] whose header is above it: write top-level keys before "
+                  "the first header)" if all("." not in path for path in elsewhere) else "")
+        raise ConfigError(f"unknown config key {error.name!r}. Did you mean {' or '.join(map(repr, elsewhere))}?"
+                          f"{placed}") from None
 
 
 def where_not_utf8(error: UnicodeDecodeError) -> str:

@@ -688,6 +688,11 @@ def test_a_files_key_in_another_section_names_that_section(tmp_path):
         (tmp_path / "c.toml").write_text(text)
         with pytest.raises(ConfigError, match=re.escape(f"Did you mean {meant}?")):
             load_config(tmp_path / "c.toml", [], TrainConfig)
+    # output_dir at the end of a file: TOML reads it into the last table
+    (tmp_path / "c.toml").write_text('[train]\nseed = 1\n\n[[eval.zeroshot]]\nname = "a"\noutput_dir = "runs/x"\n')
+    with pytest.raises(ConfigError, match=re.escape("'eval.zeroshot[0].output_dir'. Did you mean 'output_dir'? (TOML "
+                                                    "reads a key into the [table] whose header is above it")):
+        load_config(tmp_path / "c.toml", [], TrainConfig)
     (tmp_path / "c.toml").write_text("[train]\nbatchsize = 8\n")
     with pytest.raises(ConfigError, match=re.escape("Did you mean 'batch_size'?")):  # a misspelling as before
         load_config(tmp_path / "c.toml", [], TrainConfig)

@@ -395,6 +395,18 @@ def test_a_safetensors_file_loads_with_a_warning_about_its_activation(tmp_path: 
     assert all(torch.equal(value, original.state_dict()[name]) for name, value in gelu.state_dict().items())
 
 
+def test_resnet_weights_refused_by_a_vit_config_name_no_vit_only_setting(tmp_path: Path) -> None:
+    # A ResNet has no patch size: "model.vision.patch_size: 32 there, 8 here" (its unused default) sent the user
+    # to a setting that does not matter once model.vision.kind is "resnet"
+    torch.save(tiny_model(TINY_RESNET).state_dict(), tmp_path / "rn.pt")
+    with pytest.raises(WeightsFileError, match="model.vision.kind: 'resnet' there, 'vit' here") as raised:
+        clip.loading.load_weights_into(CLIP(TINY_VIT), str(tmp_path / "rn.pt"))
+    assert "patch_size" not in str(raised.value) and "mlp_ratio" not in str(raised.value)
+    torch.save(tiny_model(TINY_VIT).state_dict(), tmp_path / "vit.pt")  # a ViT's patch size is the user's to set
+    with pytest.raises(WeightsFileError, match="model.vision.patch_size: 8 there, 32 here"):
+        clip.loading.load_weights_into(CLIP(TINY_RESNET), str(tmp_path / "vit.pt"))
+
+
 def test_a_damaged_safetensors_file_or_one_without_the_package_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
     safetensors_torch = pytest.importorskip("safetensors.torch")
     path = tmp_path / "model.safetensors"

@@ -117,10 +117,11 @@ def download(
     target = folder / name
     _remove_stale_partials(folder, name)
 
+    present = None  # the SHA256 of another file in the target's place, which a failed download names
     if target.exists():
         if not target.is_file():
             raise DownloadError(f"{target} exists but is not a regular file; remove it or pass another root")
-        actual = sha256_of_file(target)
+        actual = present = sha256_of_file(target)
         if actual == expected:
             return target
         warnings.warn(
@@ -144,7 +145,8 @@ def download(
         partial = folder / f".{name}.{uuid.uuid4().hex}.part"
         try:
             try:
-                response = _open_url(url, target, expected, timeout_s, root_given=root is not None)
+                response = _open_url(url, target, expected, timeout_s, root_given=root is not None,
+                                     present=present)
             except DownloadError as error:
                 _note_unreachable(unreachable, error)
                 raise
@@ -266,10 +268,12 @@ def _last_sign_of_life(lock: Path, folder: Path, name: str) -> float:
     return max(times)
 
 
-def _open_url(url: str, target: Path, expected: str, timeout_s: float, root_given: bool) -> Response:
+def _open_url(url: str, target: Path, expected: str, timeout_s: float, root_given: bool,
+              present: str | None = None) -> Response:
     """The server's response to a request for `url`, or a DownloadError saying why there is none.
 
-    `target`, `expected` and `root_given` (the caller chose the folder) only serve the error messages."""
+    `target`, `expected`, `root_given` (the caller chose the folder) and `present` (the SHA256 of another file
+    found at `target`) only serve the error messages."""
     try:
         return urllib.request.urlopen(url, timeout=timeout_s)
     except urllib.error.HTTPError as error:
@@ -279,9 +283,11 @@ def _open_url(url: str, target: Path, expected: str, timeout_s: float, root_give
         reason = getattr(error, "reason", None) or error
         # The cache variable only matters where the caller did not choose the folder (download_root=...).
         elsewhere = "" if root_given else f" (set {CACHE_DIR_VARIABLE} to use another cache folder)"
+        # A file placed there by hand that is not the one asked for: said here, as the line a command prints
+        found = "" if present is None else f" The file there now is another one, not used: its SHA256 is {present}."
         raise DownloadError(
             f"Could not download {url} ({reason}). If this machine is offline, fetch that URL elsewhere and copy "
-            f"the file to {target}{elsewhere}. It is used once its SHA256 is {expected}."
+            f"the file to {target}{elsewhere}. It is used once its SHA256 is {expected}.{found}"
         ) from error
 
 

@@ -204,6 +204,17 @@ def test_offline_error_says_where_to_put_the_file(tmp_path: Path, monkeypatch: p
         download(url, GOOD_SHA256, progress=False, timeout_s=5)
 
 
+def test_offline_error_names_another_file_found_in_the_files_place(tmp_path: Path) -> None:
+    # A file copied by hand under the release's name that is not the release: the command's one error line said
+    # to copy the file there, as if nothing were; only a warning above it told of the file found
+    (tmp_path / "weights.bin").write_bytes(BAD_BYTES)
+    with pytest.warns(UserWarning, match="not the expected"), pytest.raises(DownloadError) as raised:
+        download(closed_port_url(), GOOD_SHA256, root=tmp_path, progress=False, timeout_s=5)
+    bad = hashlib.sha256(BAD_BYTES).hexdigest()
+    assert f"The file there now is another one, not used: its SHA256 is {bad}." in str(raised.value)
+    assert (tmp_path / "weights.bin").read_bytes() == BAD_BYTES  # left as it was
+
+
 def test_missing_local_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(DownloadError, match="Could not download"):
         download((tmp_path / "absent.bin").as_uri(), GOOD_SHA256, root=tmp_path / "cache", progress=False)

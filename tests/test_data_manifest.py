@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -112,9 +113,22 @@ def test_a_manifest_without_samples_is_an_error_naming_it(tmp_path: Path) -> Non
     header_only.write_text("image,caption\n")
     all_bad = tmp_path / "bad.csv"
     all_bad.write_text("image,caption\n,no image path\n,nor here\n")
-    for path, why in [(header_only, "it has a header and no rows"), (all_bad, "all 2 of its rows are malformed")]:
-        with pytest.raises(ValueError, match=f"data source 1:manifest: manifest {path} has no samples: {why}"):
+    no_lines = tmp_path / "empty.jsonl"  # JSON Lines have no header: it was said to have one
+    no_lines.write_text("\n")
+    for path, why in [(header_only, "it has a header and no rows"), (all_bad, "all 2 of its rows are malformed"),
+                      (no_lines, "it has no rows")]:
+        with pytest.raises(ValueError, match=f"data source 1:manifest: manifest {path} has no samples: {why}$"):
             build([SourceConfig(kind="manifest", path=str(good)), SourceConfig(kind="manifest", path=str(path))])
+
+
+def test_an_empty_csv_or_tsv_manifest_is_named_empty_not_short_of_columns(tmp_path: Path) -> None:
+    # A zero-byte file (a failed export) was "no column 'image', 'caption'; the columns are []. Set image_column"
+    for name, text, what in [("a.tsv", "", "is empty (0 bytes)"),
+                             ("b.csv", "\nimage,caption\n", "has a blank first line")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / name} {what}: a manifest's first line names its "
+                                                       "columns ('image' and 'caption')")):
+            read_manifest(str(tmp_path / name))
 
 
 def test_a_tsv_quoted_by_a_csv_writer_reads_with_csv_quoting(tmp_path: Path) -> None:

@@ -144,6 +144,10 @@ def _delimited_rows(
             lines, delimiter=separator, quoting=csv_quoting, strict=True, escapechar=_CR_ESCAPE
         )
         available = list(reader.fieldnames or [])
+        if not available:  # an empty file (a failed export) was "no column 'image', 'caption'; the columns are []"
+            what = "is empty (0 bytes)" if Path(path).stat().st_size == 0 else "has a blank first line"
+            raise ValueError(f"{path} {what}: a manifest's first line names its columns ({image_column!r} and "
+                             f"{caption_column!r}), and each line after it is one sample")
         if image_column not in available or caption_column not in available:
             raise _missing_columns_error(path, [image_column, caption_column], available)
         while True:

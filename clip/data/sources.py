@@ -73,7 +73,9 @@ class ManifestSource:
         )
         if len(self.manifest) == 0:  # alone, the planner's error blamed the workers; in a mix, nothing was said
             dropped = self.manifest.bad_rows
-            why = f"all {dropped} of its rows are malformed" if dropped else "it has a header and no rows"
+            # A JSON Lines file has no header: an empty one has no rows
+            empty = "it has no rows" if config.path.lower().endswith(".jsonl") else "it has a header and no rows"
+            why = f"all {dropped} of its rows are malformed" if dropped else empty
             raise ValueError(f"data source {name}: manifest {config.path} has no samples: {why}")
         self.layout = SourceLayout(len(self.manifest), config.weight)
         self._fingerprint: str | None = None

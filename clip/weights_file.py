@@ -321,7 +321,7 @@ def _check_pytorch_file(path: Path) -> None:
     if not path.is_file():
         raise WeightsFileError(f"{path} is not a regular file")
     with open(path, "rb") as file:
-        head = file.read(64)
+        head = file.read(_TAR_MAGIC_AT + len(_TAR_MAGIC))
     if not head:
         raise WeightsFileError(f"{path} is empty (0 bytes), not a weights file")
     if head.startswith(_PICKLE_PROTOCOL_2):
@@ -329,15 +329,33 @@ def _check_pytorch_file(path: Path) -> None:
     if head.startswith(_ZIP_MAGIC):
         _check_pytorch_zip(path)
         return
-    try:
-        text = head.decode("utf-8")
-        what = f"a text file beginning {text[:40]!r}"
-    except UnicodeDecodeError:
+    # Weights shipped packed: a tar's header is ASCII and NULs, and read as "a text file beginning '...\x00\x00'"
+    if head[_TAR_MAGIC_AT:].startswith(_TAR_MAGIC):
+        what = "a tar archive: unpack it (tar -xf) and pass the weights file inside"
+    elif head.startswith(_GZIP_MAGIC):
+        what = "a gzip-compressed file: decompress it (a .tar.gz is then a tar archive to unpack) and pass the result"
+    elif b"\x00" not in head[:64] and _is_utf8(head[:64]):
+        what = f"a text file beginning {head[:64].decode('utf-8', 'replace')[:40]!r}"
+    else:
         what = f"a binary file beginning {head[:8].hex(' ')}"
     raise WeightsFileError(
         f"{path} is not a PyTorch weights file: it is {what}; expected a TorchScript archive, a torch.save file or "
         f"a safetensors file"
     )
+
+
+# A POSIX tar header names its format at byte 257 ("ustar", then a NUL or spaces); gzip's first two bytes
+_TAR_MAGIC_AT, _TAR_MAGIC = 257, b"ustar"
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _is_utf8(data: bytes) -> bool:
+    """Whether `data` (a file's first bytes, maybe cut inside a character) reads as UTF-8."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return error.start >= len(data) - 3 and error.reason == "unexpected end of data"
+    return True
 
 
 def _check_pytorch_zip(path: Path) -> None:

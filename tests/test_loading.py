@@ -869,6 +869,21 @@ def test_text_file_is_named_as_such(tmp_path: Path) -> None:
         load(tmp_path / "notes.pt", device="cpu")
 
 
+def test_weights_packed_in_a_tar_or_gzip_file_are_named_so(tmp_path: Path) -> None:
+    # A tar's header is ASCII and NULs: it was "a text file beginning '000000000.json\x00\x00...'"
+    import gzip
+    import tarfile
+
+    torch.save(tiny_model(TINY_VIT).state_dict(), tmp_path / "weights.pt")
+    with tarfile.open(tmp_path / "model.tar", "w") as archive:
+        archive.add(tmp_path / "weights.pt", arcname="weights.pt")
+    with pytest.raises(WeightsFileError, match=r"model\.tar is not a PyTorch weights file: it is a tar archive: unpack"):
+        load(tmp_path / "model.tar", device="cpu")
+    (tmp_path / "model.tar.gz").write_bytes(gzip.compress((tmp_path / "model.tar").read_bytes()))
+    with pytest.raises(WeightsFileError, match=r"model\.tar\.gz is not a PyTorch weights file: it is a gzip-compressed"):
+        load(tmp_path / "model.tar.gz", device="cpu")
+
+
 def test_empty_file_is_named_as_such(tmp_path: Path) -> None:
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(WeightsFileError, match=r"empty\.pt is empty \(0 bytes\)"):

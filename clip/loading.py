@@ -326,12 +326,25 @@ def _existing_path(name_or_path: str | Path) -> Path:
         return path
     close = difflib.get_close_matches(str(name_or_path), RELEASED_WEIGHTS, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
+    release = _release_of_open_clip_name(str(name_or_path))
+    if release is not None:  # "ViT-B-32-quickgelu", "ViT-L-14-336": too far from the release's name for difflib
+        hint = f" Did you mean {release!r} (open_clip's {str(name_or_path)!r} with pretrained='openai')?"
     if str(name_or_path) in RELEASED_WEIGHTS:  # a Path is a path: Path("RN50") was asked "Did you mean 'RN50'?"
         hint = f" To load the released model {str(name_or_path)!r}, pass its name as a str, not a Path."
     raise ModelNotFoundError(
         f"{str(name_or_path)!r} is neither a released model nor an existing file or directory.{hint} "
         f"Released models: {', '.join(RELEASED_WEIGHTS)}"
     )
+
+
+def _release_of_open_clip_name(name: str) -> str | None:
+    """The released model that open_clip's model name `name` builds with pretrained='openai', or None: open_clip
+    writes "-" for "/", "ViT-L-14-336" for ViT-L/14@336px, and a "-quickgelu" suffix (OpenAI's activation)."""
+    base = name.strip().removesuffix("-quickgelu")
+    for release in RELEASED_WEIGHTS:
+        if base.lower() == release.replace("/", "-").replace("@", "-").removesuffix("px").lower():
+            return release
+    return None
 
 
 def _release_of_file(path: Path) -> str | None:

@@ -11,6 +11,7 @@ import io
 import logging
 import os
 import pickle
+import re
 import sys
 import warnings
 import zipfile
@@ -764,6 +765,12 @@ def test_unknown_name_suggests_the_closest_released_one() -> None:
     with pytest.raises(FileNotFoundError, match=r"Did you mean 'ViT-B/32'") as raised:
         load("ViT-B-32", device="cpu")
     assert isinstance(raised.value, RuntimeError)  # what openai/CLIP's load raises
+    # open_clip's names for the releases (pretrained='openai'): the suffix put them out of difflib's reach
+    for name, release in [("ViT-B-32-quickgelu", "ViT-B/32"), ("ViT-L-14-336", "ViT-L/14@336px"),
+                          ("RN50x4-quickgelu", "RN50x4")]:
+        with pytest.raises(FileNotFoundError, match=re.escape(f"Did you mean {release!r} (open_clip's {name!r} with "
+                                                              "pretrained='openai')?")):
+            load(name, device="cpu")
 
 
 def test_a_released_name_given_as_a_path_is_told_to_be_a_str(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

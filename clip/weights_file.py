@@ -66,7 +66,8 @@ class LoadedWeights:
     state_dict: dict[str, torch.Tensor]
     model_config: ModelConfig | None = None
     extras: dict[str, int] = field(default_factory=dict)
-    # A SigLIP run's learned logit bias (its checkpoint's loss_parameters), a scalar tensor; None otherwise.
+    # A SigLIP-trained model's learned logit bias (a checkpoint's loss_parameters, or open_clip's state dict entry),
+    # a scalar tensor; None otherwise.
     logit_bias: torch.Tensor | None = None
     # What the file is, said where it most likely comes from open_clip, which records no activation while
     # it trains most of its models (those without "-quickgelu" in their name) with GELU: its training
@@ -432,7 +433,13 @@ def _weights_from_state_dict(state: Mapping, config: ModelConfig | None, path: P
     extras = {key: _extra_entry(key, state.pop(key), path) for key in EXTRA_ENTRIES if key in state}
     # Constant attention masks are not weights; some exporters keep them as attributes.
     state = {key: value for key, value in state.items() if key.rsplit(".", 1)[-1] != "attn_mask"}
-    return LoadedWeights(state_dict=state, model_config=config, extras=extras)
+    # open_clip keeps a SigLIP-trained model's bias in its state dict, where this library's checkpoints keep it
+    # beside it (loss_parameters): it was refused as an unexpected key
+    bias = state.get("logit_bias")
+    logit_bias = None
+    if isinstance(bias, torch.Tensor) and bias.numel() == 1 and bias.is_floating_point():
+        logit_bias = state.pop("logit_bias").detach().float().reshape(())
+    return LoadedWeights(state_dict=state, model_config=config, extras=extras, logit_bias=logit_bias)
 
 
 def _extra_entry(key: str, value: object, path: Path) -> int:

@@ -443,6 +443,23 @@ def test_an_open_clip_training_checkpoint_loads_with_a_warning_about_its_activat
     assert all(torch.equal(value, original.state_dict()[name]) for name, value in gelu.state_dict().items())
 
 
+def test_an_open_clip_checkpoint_of_a_siglip_trained_model_loads_with_its_bias(tmp_path: Path) -> None:
+    # open_clip trained with --siglip keeps the learned bias in the state dict ("logit_bias", 0-dim): it was refused
+    # as an unexpected key, by clip.load and train.init_weights alike
+    original = tiny_model(TINY_VIT)
+    state = {f"module.{key}": value for key, value in original.state_dict().items()}
+    state["module.logit_bias"] = torch.tensor(-12.5)
+    torch.save({"epoch": 3, "name": "siglip-run", "state_dict": state, "optimizer": {}}, tmp_path / "epoch_3.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the activation's warning, tested above
+        model, _ = load(tmp_path / "epoch_3.pt", device="cpu")
+        fresh = CLIP(TINY_VIT)
+        clip.loading.load_weights_into(fresh, str(tmp_path / "epoch_3.pt"))
+    assert model.logit_bias.item() == fresh.logit_bias.item() == -12.5
+    assert "logit_bias" not in model.state_dict()
+    assert_same_features(model, original, TINY_VIT, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints written by the trainer, and run directories
 

@@ -243,6 +243,13 @@ def train(config: TrainConfig, stop_at_step: int | None = None) -> dict:
     # timeout; the default action ends it at once.
     dist_info = init_distributed(device=config.train.device)
     try:
+        if config.train.batch_size * dist_info.world_size < 2:  # one process, train.batch_size = 1
+            # A pair alone has no negatives: the contrastive loss was 0 at every step and nothing trained
+            learns = ("its loss is 0 and nothing trains" if config.loss.kind == "clip"
+                      else "the sigmoid loss sees only matching pairs and learns that every pair matches")
+            raise BadTrainingInput(f"train.batch_size = 1 on one process: a global batch of one image-text pair has "
+                                   f"no negatives, so {learns}; set train.batch_size >= 2 (with "
+                                   f"train.accumulation_steps = train.batch_size if memory is short)")
         # Signals are caught from here on. One during the rest of the setup (a download, a resume's reads)
         # abandons it at once with SetupInterrupted, which `main` turns into the status that requeues the
         # run: the default handler would end it with a status the job script takes for a failure.

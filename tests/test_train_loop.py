@@ -738,6 +738,15 @@ def test_the_warning_of_a_warmup_as_long_as_the_run_says_what_its_rates_are(tmp_
         assert rates[-1] == 0.75 and "never reaches optimizer.lr (the last step's is 0.75 of it)" in caplog.text
 
 
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_a_global_batch_of_one_pair_is_refused(tmp_path, loss):
+    # The CLIP loss of one pair is log(1) = 0: a fine-tune at batch 1 ran every step with loss 0.0 and
+    # returned its initial weights (decayed), without a word
+    with pytest.raises(BadTrainingInput, match="a global batch of one image-text pair has no negatives"):
+        train(tiny_config(tmp_path / "run", "train.batch_size=1", f"loss.kind={loss}", "eval.every_n_steps=0"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_a_siglip_run_starts_from_siglips_temperature_also_over_loaded_weights(tmp_path):
     from clip.loss import SIGLIP_INITIAL_LOGIT_SCALE
 

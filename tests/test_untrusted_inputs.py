@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -516,9 +517,9 @@ def test_a_checkpoint_naming_a_model_it_does_not_hold_is_refused_before_allocati
     config = RELEASED_ARCHITECTURES["ViT-L/14"].to_dict()
     # One entry of each stack's last block: past the block check, the meta model's shapes refuse the rest
     held = {"visual.proj": torch.zeros(2, 2), "visual.transformer.resblocks.23.ln_1.weight": torch.zeros(1),
-            "transformer.resblocks.11.ln_1.weight": torch.zeros(1)}
+            "transformer.resblocks.11.ln_1.weight": torch.zeros(1), "positional_embedding": torch.zeros(77, 768)}
     torch.save({"model": held, "config": {"model": config}}, tmp_path / "small.pt")
-    with pytest.raises(WeightsFileError, match=r"(?s)small\.pt does not fit the ViT-L/14 .*missing \(443\)"):
+    with pytest.raises(WeightsFileError, match=r"(?s)small\.pt does not fit the ViT-L/14 .*missing \(442\)"):
         load(tmp_path / "small.pt", device="cpu")
 
 
@@ -540,6 +541,33 @@ def test_a_checkpoint_whose_config_has_more_blocks_than_entries_is_refused_befor
     torch.save({"model": {"visual.proj": torch.zeros(2, 2)}, "config": {"model": config}}, tmp_path / "deep.pt")
     with pytest.raises(WeightsFileError, match=r"missing: every entry of transformer\.resblocks\.199999\.\*"):
         load(tmp_path / "deep.pt", device="cpu")
+
+
+@pytest.mark.parametrize("positions", [(77, 512), None, (77,)], ids=["77 positions", "none", "one dimension"])
+def test_a_checkpoint_whose_config_has_another_context_length_is_refused_before_building(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, positions: tuple[int, ...] | None
+) -> None:
+    # The causal mask is context_length squared floats, made as the model is built: a 100 KB checkpoint whose
+    # config said a context of 30000 had 3.6 GB allocated before its 77 positions were found not to fit
+    from clip.architectures import RELEASED_ARCHITECTURES
+    from clip.loading import load
+    from clip.model import CLIP
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a model was built before the weights were checked")
+
+    monkeypatch.setattr(CLIP, "__init__", refuse)
+    config = RELEASED_ARCHITECTURES["ViT-B/32"].to_dict()
+    config["text"]["context_length"] = 30_000
+    state = {"visual.transformer.resblocks.11.ln_1.weight": torch.zeros(1),
+             "transformer.resblocks.11.ln_1.weight": torch.zeros(1)}
+    if positions is not None:
+        state["positional_embedding"] = torch.zeros(positions)
+    torch.save({"model": state, "config": {"model": config}}, tmp_path / "long.pt")
+    expected = (r"missing: positional_embedding \(the text's 30000 positions\)" if positions is None else
+                rf"wrong shape: positional_embedding: expected \(30000, 512\), found {re.escape(str(positions))}")
+    with pytest.raises(WeightsFileError, match=r"(?s)long\.pt does not fit .*" + expected):
+        load(tmp_path / "long.pt", device="cpu")
 
 
 @pytest.mark.parametrize("index", ["1000000", "9" * 5000], ids=["a million", "5000 digits"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import pickle
 import subprocess
@@ -382,6 +383,36 @@ def test_an_offline_download_is_a_one_line_error(capsys):
 
     assert run_command("clip-zeroshot", offline, None) == 2
     assert capsys.readouterr().err.strip() == "clip-zeroshot: Could not download ViT-B-32.pt; copy it to ~/.cache/clip/ViT-B-32.pt"
+
+
+@pytest.mark.parametrize("debug", ["", "1"], ids=["plain", "CLIP_DEBUG"])
+def test_a_python_warning_is_a_log_line_of_the_command(caplog, monkeypatch, debug):
+    # clip.load's warnings (a file's unrecorded conventions) printed the library's source path and line and its
+    # warnings.warn( call, which tell a command's user nothing; CLIP_DEBUG keeps Python's form, place included
+    import warnings
+
+    from clip.cli.common import run_command
+
+    def warn(args):
+        warnings.warn("weights.pt records no activation", stacklevel=2)
+        warnings.warn("an old format", FutureWarning, stacklevel=2)
+        return 0
+
+    monkeypatch.setenv("CLIP_DEBUG", debug)
+    caplog.set_level(logging.WARNING)
+    with warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
+        before = warnings.showwarning
+        assert run_command("clip-zeroshot", warn, None) == 0
+        assert warnings.showwarning is before  # put back: a notebook's own warnings print as they did
+    logged = [(record.name, record.getMessage()) for record in caplog.records]
+    if debug:
+        assert logged == [] and [str(warning.message) for warning in raised] == [
+            "weights.pt records no activation", "an old format"]
+    else:
+        assert logged == [("py.warnings", "weights.pt records no activation"),
+                          ("py.warnings", "FutureWarning: an old format")]
+        assert raised == []
 
 
 def test_a_dataset_of_one_class_is_a_one_line_error_before_the_model_loads(tmp_path, tiny_checkpoint, monkeypatch,

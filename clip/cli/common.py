@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,11 +45,36 @@ def debugging() -> bool:
     return os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
 
 
+@contextlib.contextmanager
+def warnings_as_log_lines() -> Iterator[None]:
+    """Within the block, a Python warning (clip.load's about a file's conventions, a cached download that no
+    longer matches its SHA256) is a log line of the "py.warnings" logger, as the command's other warnings are:
+    printed raw it began with the library's source path and line and ended with the `warnings.warn(` call,
+    which tell a command's user nothing, and it was missing from the run's train.log. With CLIP_DEBUG set,
+    warnings print as Python prints them, with their place in the code."""
+    if debugging():
+        yield
+        return
+    logger = logging.getLogger("py.warnings")
+
+    def log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        kind = "" if category is UserWarning else f"{category.__name__}: "
+        logger.warning("%s%s", kind, message)
+
+    previous = warnings.showwarning
+    warnings.showwarning = log_warning
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
 def run_command(prog: str, command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Runs `command(args)`; an input error becomes `prog: message` on stderr and exit status 2 (argparse's
-    status for bad usage), preceded by its traceback when CLIP_DEBUG is set."""
+    status for bad usage), preceded by its traceback when CLIP_DEBUG is set. Python warnings are log lines."""
     try:
-        return command(args)
+        with warnings_as_log_lines():
+            return command(args)
     except USER_ERRORS as error:
         if debugging():
             traceback.print_exc()

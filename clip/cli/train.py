@@ -31,7 +31,7 @@ from ..run_log import MissingDependency, RunLogWriteError
 from ..stopping import STOPPED_EARLY_EXIT_CODE, SetupInterrupted
 from ..train import BadTrainingInput, NonFiniteLossError, train
 from ..weights_file import WeightsFileError
-from .common import debugging
+from .common import debugging, warnings_as_log_lines
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     log_file = keep_log_in(Path(config.output_dir)) if rank_zero else None
     try:
-        return run(config, launcher)
+        with warnings_as_log_lines():  # in train.log too
+            return run(config, launcher)
     finally:
         if log_file is not None:
             logging.getLogger().removeHandler(log_file)

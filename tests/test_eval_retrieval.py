@@ -199,7 +199,10 @@ def test_karpathy_json_groups_captions_and_filters_the_split(tmp_path):
     assert len(read_karpathy_json(tmp_path / "dataset.json", split="").image_paths) == 3
     entries[2]["filename"] = "missing.png"
     (tmp_path / "dataset.json").write_text(json.dumps({"images": entries}))
-    with pytest.raises(FileNotFoundError, match="1 of 2 images not found"):
+    # Named with the annotations file and the folder searched: the file's name alone did not say which
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"{tmp_path / 'dataset.json'}: 1 of its 2 images are not found under {tmp_path} (the image root; by "
+            f"default the file's folder), e.g. ['{tmp_path / 'val2014' / 'missing.png'}']")):
         read_karpathy_json(tmp_path / "dataset.json")
 
 

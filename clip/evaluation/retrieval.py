@@ -87,9 +87,12 @@ class RetrievalData:
         )
 
 
-def _grouped(pairs: Sequence[tuple[str, str]], image_root: Path) -> RetrievalData:
-    """(image path, caption) pairs -> RetrievalData; images in order of first appearance. Paths are grouped as
-    spelled out in full ("a.png", "./a.png" and "x/../a.png" are one image: as two, each was the other's tie)."""
+def _grouped(pairs: Sequence[tuple[str, str]], image_root: Path, source: Path) -> RetrievalData:
+    """(image path, caption) pairs of the annotations file `source` -> RetrievalData; images in order of first
+    appearance. Paths are grouped as spelled out in full ("a.png", "./a.png" and "x/../a.png" are one image:
+    as two, each was the other's tie). An image missing is an error naming `source` and `image_root`: unlike
+    training, which skips such a pair, an evaluation set is scored whole or not at all, as its recalls are
+    only comparable over the same images."""
     index_of: dict[str, int] = {}
     captions, caption_image = [], []
     for image, caption in pairs:
@@ -98,7 +101,10 @@ def _grouped(pairs: Sequence[tuple[str, str]], image_root: Path) -> RetrievalDat
     paths = [image_root / image for image in index_of]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(paths)} images not found, e.g. {missing[:3]}")
+        raise FileNotFoundError(
+            f"{source}: {len(missing)} of its {len(paths)} images are not found under {image_root} (the image "
+            f"root; by default the file's folder), e.g. {missing[:3]}"
+        )
     return RetrievalData(paths, captions, caption_image)
 
 
@@ -166,7 +172,7 @@ def read_karpathy_json(path: str | Path, image_root: str | Path | None = None, s
         pairs.extend((image, caption) for caption in _karpathy_captions(path, number, entry.get("sentences")))
     if not pairs:
         raise ValueError(f"{path}: no images in split {split!r}")
-    return _grouped(pairs, root)
+    return _grouped(pairs, root, path)
 
 
 def _manifest_pair(
@@ -211,7 +217,7 @@ def read_caption_manifest(
     pairs = [_manifest_pair(path, number, row, image_column, caption_column) for number, row in enumerate(rows, 1)]
     if not pairs:
         raise ValueError(f"{path}: no rows")
-    return _grouped(pairs, root)
+    return _grouped(pairs, root, path)
 
 
 def load_retrieval_data(config: RetrievalDatasetConfig) -> RetrievalData:

@@ -501,6 +501,16 @@ def test_a_tensor_saved_under_two_names_still_reads(tmp_path: Path) -> None:
     assert set(read_weights(tmp_path / "tied.pt").state_dict) == {"a", "b", "c"}
 
 
+def refuse_to_run(monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """CLIP.`method` (__init__: building a model; to_empty: allocating one) fails the test if it is called."""
+    from clip.model import CLIP
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"CLIP.{method} ran before the weights were checked")
+
+    monkeypatch.setattr(CLIP, method, refuse)
+
+
 def test_a_checkpoint_naming_a_model_it_does_not_hold_is_refused_before_allocating(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -508,12 +518,8 @@ def test_a_checkpoint_naming_a_model_it_does_not_hold_is_refused_before_allocati
     # were found (any size: the config is the file's word)
     from clip.architectures import RELEASED_ARCHITECTURES
     from clip.loading import load
-    from clip.model import CLIP
 
-    def refuse(self, *args, **kwargs):
-        raise AssertionError("the model was allocated before the weights were checked")
-
-    monkeypatch.setattr(CLIP, "to_empty", refuse)
+    refuse_to_run(monkeypatch, "to_empty")
     config = RELEASED_ARCHITECTURES["ViT-L/14"].to_dict()
     # One entry of each stack's last block: past the block check, the meta model's shapes refuse the rest
     held = {"visual.proj": torch.zeros(2, 2), "visual.transformer.resblocks.23.ln_1.weight": torch.zeros(1),
@@ -530,12 +536,8 @@ def test_a_checkpoint_whose_config_has_more_blocks_than_entries_is_refused_befor
     # text layers took 5 minutes and 7.7 GB before its missing tensors were named
     from clip.architectures import RELEASED_ARCHITECTURES
     from clip.loading import load
-    from clip.model import CLIP
 
-    def refuse(self, *args, **kwargs):
-        raise AssertionError("a model was built before the weights were checked")
-
-    monkeypatch.setattr(CLIP, "__init__", refuse)
+    refuse_to_run(monkeypatch, "__init__")
     config = RELEASED_ARCHITECTURES["RN50"].to_dict()
     config["text"]["layers"] = 200_000
     torch.save({"model": {"visual.proj": torch.zeros(2, 2)}, "config": {"model": config}}, tmp_path / "deep.pt")
@@ -551,12 +553,8 @@ def test_a_checkpoint_whose_config_has_another_context_length_is_refused_before_
     # config said a context of 30000 had 3.6 GB allocated before its 77 positions were found not to fit
     from clip.architectures import RELEASED_ARCHITECTURES
     from clip.loading import load
-    from clip.model import CLIP
 
-    def refuse(self, *args, **kwargs):
-        raise AssertionError("a model was built before the weights were checked")
-
-    monkeypatch.setattr(CLIP, "__init__", refuse)
+    refuse_to_run(monkeypatch, "__init__")
     config = RELEASED_ARCHITECTURES["ViT-B/32"].to_dict()
     config["text"]["context_length"] = 30_000
     state = {"visual.transformer.resblocks.11.ln_1.weight": torch.zeros(1),

@@ -414,6 +414,16 @@ def test_a_mapping_of_labels_to_names_is_refused_not_read_line_by_line(tmp_path)
     assert load_templates(tmp_path / "t.txt") == ["{} in a photo."]
 
 
+def test_a_templates_file_starting_with_a_numbered_placeholder_is_not_taken_for_a_mapping(tmp_path):
+    # "{0}" is a template's placeholder as "{}" is: a file whose first template began with it was refused as a
+    # mapping ({0: 'tench', ...}), for the digit after the brace
+    (tmp_path / "t.txt").write_text("{0}\n{0} on a table.\n")
+    assert load_templates(tmp_path / "t.txt") == ["{0}", "{0} on a table."]
+    (tmp_path / "spec.txt").write_text("{0:>5} in a photo.\n")  # refused as the template it is, not as a mapping
+    with pytest.raises(ValueError, match="must be a plain"):
+        load_templates(tmp_path / "spec.txt")
+
+
 def tiny_clip() -> nn.Module:
     torch.manual_seed(0)
     config = ModelConfig(

@@ -127,7 +127,8 @@ def _read_string_list(path: Path, what: str, comments: bool) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
     text = _decode_text(path.read_bytes(), path)
-    if re.match(r"\s*\{\s*(['\"\d]|$)", text, flags=re.MULTILINE):  # "{0: ", "{'a': ", '{"0": ', not "{} ..."
+    # "{0: 'a", "{'a': ", '{"0": ', a lone "{"; not a template's placeholder, "{} ...", "{0} ..." or "{0:>9} ..."
+    if re.match(r"\s*\{\s*(['\"]|\d+\s*:\s*['\"\[]|$)", text, flags=re.MULTILINE):
         # A mapping such as ImageNet's {0: 'tench, Tinca tinca', ...} read line by line gives as many
         # "names" as classes, each a line of the mapping's source, and the prompts made of them still run.
         raise ValueError(

@@ -336,7 +336,8 @@ def test_a_retrieval_dataset_of_one_image_is_refused(tmp_path):
     with pytest.raises(ValueError, match="retrieval dataset 'm' has 1 image; retrieval needs at least 2"):
         load_retrieval_data(RetrievalDatasetConfig(annotations=str(tmp_path / "m.csv")))
     (tmp_path / "three.csv").write_text("image,caption\n" + rows)
-    with pytest.raises(ValueError, match="'three' has 1 image"):  # as max_images cuts it
+    # as max_images cuts it, which is named: "has 1 image" sent the user to a file of 3
+    with pytest.raises(ValueError, match="'three' has 3 images, of which max_images = 1 keeps 1; retrieval needs"):
         load_retrieval_data(RetrievalDatasetConfig(annotations=str(tmp_path / "three.csv"), max_images=1))
     assert len(load_retrieval_data(RetrievalDatasetConfig(annotations=str(tmp_path / "three.csv"))).image_paths) == 3
 

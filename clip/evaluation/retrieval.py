@@ -236,10 +236,13 @@ def load_retrieval_data(config: RetrievalDatasetConfig) -> RetrievalData:
         data = RetrievalData(
             data.image_paths, [config.caption_template.replace("{}", c) for c in data.captions], data.caption_image
         )
+    available = len(data.image_paths)
     data = data.first_images(config.max_images) if config.max_images > 0 else data
     if len(data.image_paths) == 1:  # every caption's image, and every image's caption, would be found first
+        # A dataset of many images cut to one was said to "have 1 image", sending the user to its annotations
+        held = "has 1 image" if available == 1 else f"has {available} images, of which max_images = 1 keeps 1"
         raise ValueError(
-            f"retrieval dataset {config.resolved_name()!r} has 1 image; retrieval needs at least 2 to choose "
+            f"retrieval dataset {config.resolved_name()!r} {held}; retrieval needs at least 2 to choose "
             "between (with one, every recall is 100%)"
         )
     return data

@@ -123,9 +123,11 @@ def test_a_manifest_without_samples_is_an_error_naming_it(tmp_path: Path) -> Non
 
 def test_an_empty_csv_or_tsv_manifest_is_named_empty_not_short_of_columns(tmp_path: Path) -> None:
     # A zero-byte file (a failed export) was "no column 'image', 'caption'; the columns are []. Set image_column"
+    # A byte-order mark alone (a spreadsheet's UTF-8 export of an empty sheet) was said to be a blank first line
     for name, text, what in [("a.tsv", "", "is empty (0 bytes)"),
-                             ("b.csv", "\nimage,caption\n", "has a blank first line")]:
-        (tmp_path / name).write_text(text)
+                             ("b.csv", "\nimage,caption\n", "has a blank first line"),
+                             ("c.csv", "\ufeff", "is empty (a byte-order mark alone)")]:
+        (tmp_path / name).write_bytes(text.encode("utf-8"))
         with pytest.raises(ValueError, match=re.escape(f"{tmp_path / name} {what}: a manifest's first line names its "
                                                        "columns ('image' and 'caption')")):
             read_manifest(str(tmp_path / name))

@@ -145,7 +145,9 @@ def _delimited_rows(
         )
         available = list(reader.fieldnames or [])
         if not available:  # an empty file (a failed export) was "no column 'image', 'caption'; the columns are []"
-            what = "is empty (0 bytes)" if Path(path).stat().st_size == 0 else "has a blank first line"
+            # No line read at all: 0 bytes, or a byte-order mark alone (a spreadsheet's export of an empty sheet)
+            what = ("has a blank first line" if reader.reader.line_num > 0
+                    else "is empty (0 bytes)" if Path(path).stat().st_size == 0 else "is empty (a byte-order mark alone)")
             raise ValueError(f"{path} {what}: a manifest's first line names its columns ({image_column!r} and "
                              f"{caption_column!r}), and each line after it is one sample")
         if image_column not in available or caption_column not in available:

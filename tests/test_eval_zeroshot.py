@@ -400,7 +400,8 @@ def test_lines_copied_from_a_python_list_are_unquoted(tmp_path):
 def test_a_mapping_of_labels_to_names_is_refused_not_read_line_by_line(tmp_path):
     # ImageNet's widely copied {0: 'tench, Tinca tinca', ...} gave one "name" per line of its source, as many
     # as the classes, so the count check passed and every prompt held a line of Python
-    refusal = r"a mapping \(\{...\}\), not a list: class names are read from a JSON list of strings"
+    refusal = (r"a mapping \(\{...\}\), not a list: class names are read from a JSON list of strings or from one per "
+               r"line, in label order$")
     for name, text in [
         ("imagenet1000_clsidx_to_labels.txt", "{0: 'tench, Tinca tinca',\n 1: 'goldfish, Carassius auratus'}\n"),
         ("class_index.json", '{"0": ["n01440764", "tench"], "1": ["n01443537", "goldfish"]}'),
@@ -409,6 +410,11 @@ def test_a_mapping_of_labels_to_names_is_refused_not_read_line_by_line(tmp_path)
         (tmp_path / name).write_text(text)
         with pytest.raises(ValueError, match=refusal):
             load_classnames(tmp_path / name)
+    # A templates file is told the same, without a label order it does not have
+    (tmp_path / "templates.txt").write_text("{'a photo of a {}.',\n 'a drawing of a {}.'}\n")
+    with pytest.raises(ValueError) as raised:
+        load_templates(tmp_path / "templates.txt")
+    assert str(raised.value).endswith("not a list: templates are read from a JSON list of strings or from one per line")
     # A template that starts with its placeholder is not a mapping
     (tmp_path / "t.txt").write_text("{} in a photo.\n")
     assert load_templates(tmp_path / "t.txt") == ["{} in a photo."]

@@ -131,9 +131,10 @@ def _read_string_list(path: Path, what: str, comments: bool) -> list[str]:
     if re.match(r"\s*\{\s*(['\"]|\d+\s*:\s*['\"\[]|$)", text, flags=re.MULTILINE):
         # A mapping such as ImageNet's {0: 'tench, Tinca tinca', ...} read line by line gives as many
         # "names" as classes, each a line of the mapping's source, and the prompts made of them still run.
+        order = ", in label order" if what == "class names" else ""
         raise ValueError(
             f"{path}: a mapping ({{...}}), not a list: {what} are read from a JSON list of strings or from one "
-            "per line, in label order"
+            f"per line{order}"
         )
     if path.suffix == ".json" or text.lstrip().startswith("["):
         try:

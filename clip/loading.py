@@ -424,9 +424,13 @@ def _empty_model(
     try:
         with torch.device("meta"):
             model = CLIP(config)
-    except (ValueError, TypeError) as error:  # a recorded config no model has: activation "relu", a width of 64.0
+    except (ValueError, TypeError, RuntimeError) as error:
+        # A recorded config no model has: activation "relu", a width of 64.0, or sizes whose product overflows
+        # (an embed_dim of 2**62: torch's RuntimeError, which escaped as a traceback). torch's messages go on
+        # with lines of its C++ source: the first line says it
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise WeightsFileError(
-            f"{source}: the architecture recorded in its config cannot be built ({error})"
+            f"{source}: the architecture recorded in its config cannot be built ({reason})"
         ) from error
     state = _checked_state(model, weights, misfit_headline, source)
     persistent = set(model.state_dict())

@@ -3,8 +3,10 @@ or refuse (another model or loss); and the continuing itself, `restore_training_
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -124,31 +126,39 @@ def restore_training_state(
             f"checkpoint of this trainer ({'; '.join(problems)}); move it aside to resume from an earlier one"
         )
     check_resumable(state["config"], to_dict(config), run_dir, warn=dist_info.is_main)
-    module.clip.load_state_dict(state["model"])
-    if module.logit_bias is not None and "logit_bias" in state.get("loss_parameters", {}):
-        module.logit_bias.data.copy_(state["loss_parameters"]["logit_bias"])
+    step = state["step"]
+    with entry_restored("its 'model' entry", run_dir, step):
+        module.clip.load_state_dict(state["model"])
+    with entry_restored("its 'loss_parameters' entry", run_dir, step):
+        if module.logit_bias is not None and "logit_bias" in state.get("loss_parameters", {}):
+            module.logit_bias.data.copy_(state["loss_parameters"]["logit_bias"])
     # This run's groups and hyperparameters, the checkpoint's moments (torch's load_state_dict would
     # restore the saved weight decay, betas and eps over a changed config's)
     try:
-        left_out = load_optimizer_state(
-            optimizer, state["optimizer"], list(module.named_parameters()),
-            saved_names=state.get("optimizer_parameter_names"),  # absent from checkpoints before 2026-11-30
-            decay_embeddings=config.optimizer.decay_embeddings,
-            saved_decay_embeddings=with_decay_embeddings(state["config"])["optimizer"]["decay_embeddings"],
-        )
-    except ValueError as error:
+        with entry_restored("its 'optimizer' entry", run_dir, step):
+            left_out = load_optimizer_state(
+                optimizer, state["optimizer"], list(module.named_parameters()),
+                saved_names=state.get("optimizer_parameter_names"),  # absent from checkpoints before 2026-11-30
+                decay_embeddings=config.optimizer.decay_embeddings,
+                saved_decay_embeddings=with_decay_embeddings(state["config"])["optimizer"]["decay_embeddings"],
+            )
+    except ResumeRefused:
+        raise
+    except ValueError as error:  # load_optimizer_state's own refusals, which say what does not match
         raise ResumeRefused(f"{run_dir}: {error}") from error
     if left_out and dist_info.is_main:
         log.warning("optimizer state of %d parameters this run does not train (locked) left out", len(left_out))
     if state["scaler"]:  # empty when the checkpoint's run had no fp16 loss scaling
-        scaler.load_state_dict(state["scaler"])
-    step = state["step"]
+        with entry_restored("its 'scaler' entry", run_dir, step):
+            scaler.load_state_dict(state["scaler"])
     fresh_seed = ckpt.rank_seed(config.train.seed, dist_info.rank, step)
     if len(state["rng"]) == dist_info.world_size:
-        ckpt.restore_rng_state(state["rng"][dist_info.rank])
+        with entry_restored(f"rank {dist_info.rank}'s 'rng' entry", run_dir, step):
+            ckpt.restore_rng_state(state["rng"][dist_info.rank])
         if dist_info.device.type == "cuda" and "cuda" not in state["rng"][dist_info.rank]:  # a CPU run's checkpoint
             torch.cuda.manual_seed(fresh_seed)
-        data_state = data_state_for_rank(state["data"], dist_info.rank)  # with every rank's data position
+        with entry_restored("its 'data' entry", run_dir, step):
+            data_state = data_state_for_rank(state["data"], dist_info.rank)  # with every rank's data position
     else:
         torch.manual_seed(fresh_seed)
         # The data loader continues the epochs in progress under this layout (its own warning says how).
@@ -161,7 +171,8 @@ def restore_training_state(
                      if global_batch != saved_batch else f"the global batch stays {global_batch}")
             log.warning("checkpoint was written by %s, this run has %d: %s, RNG states are seeded afresh",
                         ranks_phrase(saved_ranks), dist_info.world_size, batch)
-        data_state = data_state_for_other_world_size(state["data"], dist_info.rank)
+        with entry_restored("its 'data' entry", run_dir, step):
+            data_state = data_state_for_other_world_size(state["data"], dist_info.rank)
     jump = learning_rate_jump(state["config"], config, step)
     if jump is not None and dist_info.is_main:
         log.warning("the learning rate of step %d is %.3g under this config's schedule, %.3g under the checkpoint's: "
@@ -175,10 +186,13 @@ def restore_training_state(
 _RESUMED_ENTRIES = {"step": int, "model": dict, "config": dict, "optimizer": dict, "scaler": dict, "rng": list,
                     "data": list}
 _RESUMED_CONFIG_SECTIONS = ("model", "loss", "optimizer", "train")
+# The keys of each rank's "rng" entry (checkpoint.capture_rng_state; "cuda" only where CUDA was there)
+_RNG_KEYS = ("python", "python_version", "python_gauss", "numpy_keys", "numpy_pos", "numpy_gauss", "torch")
 
 
 def incomplete_entries(state: dict) -> list[str]:
-    """What a checkpoint lacks for a resume, said in words; empty for a whole one."""
+    """What a checkpoint lacks for a resume, said in words; empty for a whole one. Every rank's entries are
+    looked at, so that every rank refuses alike."""
     problems = [
         f"{key!r} {'missing' if key not in state else f'is of type {type(state[key]).__name__}, not {kind.__name__}'}"
         for key, kind in _RESUMED_ENTRIES.items()
@@ -188,7 +202,55 @@ def incomplete_entries(state: dict) -> list[str]:
     if isinstance(config, dict):
         problems += [f"config section {section!r} missing" for section in _RESUMED_CONFIG_SECTIONS
                      if not isinstance(config.get(section), dict)]
+    # A negative step reached the generators' seeding as a numpy ValueError traceback
+    if isinstance(state.get("step"), int) and state["step"] < 0:
+        problems.append(f"'step' is {state['step']}, not a step count")
+    if "metrics" in state and not isinstance(state["metrics"], dict):  # read as a dict once training starts
+        problems.append(f"'metrics' is of type {type(state['metrics']).__name__}, not dict")
+    rng, data = state.get("rng"), state.get("data")
+    if isinstance(rng, list) and isinstance(data, list) and len(rng) != len(data):  # one of each per saved rank
+        problems.append(f"'rng' holds {len(rng)} ranks' states but 'data' {len(data)}")
+    for key, wanted in (("rng", _RNG_KEYS), ("data", ())):
+        for rank, entry in enumerate(state.get(key) if isinstance(state.get(key), list) else []):
+            if not isinstance(entry, dict):
+                problems.append(f"{key!r} of rank {rank} is of type {type(entry).__name__}, not dict")
+            elif any(name not in entry for name in wanted):
+                absent = ", ".join(repr(name) for name in wanted if name not in entry)
+                problems.append(f"{key!r} of rank {rank} lacks {absent}")
     return problems
+
+
+@contextlib.contextmanager
+def entry_restored(entry: str, run_dir: Path, step: object) -> Iterator[None]:
+    """Within the block, a checkpoint's entry (`entry`: words naming it) is put into the run: what that raises
+    for an entry of the wrong shape, type or size (torch's load_state_dict, the generators' setstate, a data
+    position without its keys) becomes a ResumeRefused naming the entry. A checkpoint whose entries contradict
+    its config (edited, or written by another program) stopped clip-train with a traceback from deep in torch,
+    numpy or random."""
+    try:
+        yield
+    except ResumeRefused:
+        raise
+    except torch.OutOfMemoryError:  # no fault of the file's
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:
+        raise ResumeRefused(
+            f"{run_dir}: the checkpoint of step {step!r} it would resume from cannot be restored: {entry} does not "
+            f"fit this run ({_gist(error)}); move it aside to resume from an earlier one"
+        ) from error
+
+
+def _gist(error: BaseException) -> str:
+    """An error's message in one line: torch's load_state_dict lists its mismatches on the lines after a
+    headline, and its C++ errors end with the lines of the source that raised them."""
+    lines = []
+    for line in str(error).splitlines():
+        if line.strip().startswith("Exception raised from"):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    text = " ".join(lines) or type(error).__name__
+    return f"{type(error).__name__}: {text if len(text) <= 400 else text[:400] + '...'}"
 
 
 def learning_rate_jump(saved: dict, config: TrainConfig, step: int) -> tuple[float, float] | None:

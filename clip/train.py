@@ -48,7 +48,7 @@ from .loading import load_weights_into
 from .loss import SIGLIP_INITIAL_LOGIT_SCALE, build_loss
 from .model import create_model, trimmed_text_length
 from .optim import build_optimizer, learning_rate, optimizer_parameter_names
-from .resume import checkpoint_to_resume, restore_training_state
+from .resume import checkpoint_to_resume, entry_restored, restore_training_state
 from .run_lock import RunDirectoryInUse, locked_run_directory
 from .run_log import (
     RunLog,
@@ -384,7 +384,8 @@ def _train(
         )
     on_exit.callback(data.close)
     if data_state is not None:
-        data.load_state_dict(data_state)
+        with entry_restored("its 'data' entry", run_dir, start_step):
+            data.load_state_dict(data_state)
     if dist_info.is_main and not already_finished:
         # Written once the run's data is set up too: a refused resume, or a start whose data cannot be used
         # (a mistyped path), leaves the run's recorded config and results alone.

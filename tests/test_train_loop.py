@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -1683,3 +1684,53 @@ def test_an_output_dir_outside_unicodes_first_plane_is_used_as_given(tmp_path, m
     run_dir = str(tmp_path / "run \U0001f600")
     assert main([str(DEMO), "--output-dir", run_dir]) == 0
     assert started == [run_dir] and (tmp_path / "run \U0001f600" / "train.log").exists()
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory) -> Path:
+    """A tiny run stopped at step 3, with its checkpoint; copy it before changing it."""
+    run_dir = tmp_path_factory.mktemp("stopped") / "run"
+    train(tiny_config(run_dir, "eval.every_n_steps=0"), stop_at_step=3)
+    return run_dir
+
+
+def _first_moments(state: dict) -> dict:
+    return next(iter(state["optimizer"]["state"].values()))
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (lambda s: s.update(step=-5), r"not a whole checkpoint .*'step' is -5, not a step count"),
+        (lambda s: s.update(metrics=[1]), r"not a whole checkpoint .*'metrics' is of type list, not dict"),
+        (lambda s: s["rng"][0].pop("torch"), r"not a whole checkpoint .*'rng' of rank 0 lacks 'torch'"),
+        (lambda s: s.update(data=[5]), r"not a whole checkpoint .*'data' of rank 0 is of type int, not dict"),
+        (lambda s: s.update(data=[]), r"not a whole checkpoint .*'rng' holds 1 ranks' states but 'data' 0"),
+        (lambda s: s["rng"][0].update(torch=torch.zeros(3, dtype=torch.uint8)),
+         r"rank 0's 'rng' entry does not fit this run \(RuntimeError: Expected a CPUGeneratorImplState"),
+        (lambda s: s["rng"][0].update(python=[1, 2, 3]),
+         r"rank 0's 'rng' entry does not fit this run \(ValueError: state vector is the wrong size"),
+        (lambda s: s["model"].update(text_projection=torch.zeros(3, 3)),
+         r"its 'model' entry does not fit this run \(RuntimeError: .* size mismatch for text_projection"),
+        (lambda s: s.update(optimizer={}), r"its 'optimizer' entry does not fit this run \(KeyError: 'state'"),
+        (lambda s: _first_moments(s).update(step="x"), r"its 'optimizer' entry does not fit this run \(ValueError"),
+        (lambda s: s["data"][0].pop("layout"), r"its 'data' entry does not fit this run \(KeyError: 'layout'"),
+    ],
+    ids=["negative step", "metrics a list", "rng without torch's", "data not a dict", "no data", "torch rng size",
+         "python rng size", "weight shape", "optimizer without state", "optimizer step a string", "data layout"],
+)
+def test_a_checkpoint_whose_entries_cannot_be_restored_is_refused_in_one_line(
+    stopped_run, tmp_path, capsys, damage, expected
+):
+    # Entries that contradict the checkpoint's config (edited, or written by another program) stopped clip-train
+    # with a traceback from torch's load_state_dict, random.setstate, numpy's seeding or the data state's reader
+    run_dir = tmp_path / "run"
+    shutil.copytree(stopped_run, run_dir)
+    path = ckpt.list_checkpoints(run_dir)[0][1]
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    damage(state)
+    torch.save(state, path)
+    assert main([str(DEMO), *TINY, f"output_dir={run_dir}", "eval.every_n_steps=0"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert re.search(rf"^clip-train: {re.escape(str(run_dir))}: the checkpoint of step .*{expected}", error), error
+    assert error.endswith("move it aside to resume from an earlier one") and "\n" not in error

@@ -110,6 +110,43 @@ def test_resume_under_another_layout_continues_the_epoch_or_restarts_it(
     assert reseeded.state_dict()["positions"] == [[1, 0], [1, 0]]
 
 
+
+def _with_handover(state: dict) -> dict:
+    """`state` as a resume under another number of workers saves it: with the layout it left."""
+    return {**state, "handovers": [{"world_size": 1, "workers": 3, "shuffle_buffer": 8, "positions": [[0, 4]] * 3}]}
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda s: s.update(positions=[[0, -100]]), r"positions holds \[0, -100\], not an \[epoch, offset\] pair"),
+        (lambda s: s.update(positions=[[-1, 4]]), r"positions holds \[-1, 4\]"),
+        (lambda s: s.update(positions=[[0, 4, 9]]), r"positions holds \[0, 4, 9\]"),
+        (lambda s: s.update(positions=[[0, "4"]]), r"positions holds \[0, '4'\]"),
+        (lambda s: s.update(positions=5), r"positions is int, not a list of positions"),
+        (lambda s: s["layout"].update(shuffle_buffer=0), r"layout\.shuffle_buffer is 0, not a count >= 1"),
+        (lambda s: s["layout"].update(workers=-2), r"layout\.workers is -2"),
+        (lambda s: s.update(_with_handover(s)) or s["handovers"][0].update(shuffle_buffer=0),
+         r"handovers\[0\]\.shuffle_buffer is 0"),
+        (lambda s: s.update(_with_handover(s)) or s["handovers"][0].update(positions=[[0, -1]] * 3),
+         r"handovers\[0\]\.positions holds \[0, -1\]"),
+    ],
+    ids=["negative offset", "negative epoch", "three numbers", "a string", "not a list", "no shuffle window",
+         "negative workers", "handover without a shuffle window", "handover's negative offset"],
+)
+def test_a_state_with_positions_no_run_saves_is_refused(tmp_path: Path, change, expected: str) -> None:
+    # A checkpoint edited or written by another program: a negative offset read other samples than planned
+    # without a word, and a shuffle_buffer of 0 stopped the first batch with a ZeroDivisionError traceback
+    source = shards_source(tmp_path, 20, 5)
+    data = build([source], batch_size=4, workers=1)
+    take(data, 1)
+    state = data.state_dict()
+    change(state)
+    with pytest.raises(ValueError, match=r"the data state's " + expected):
+        data.load_state_dict(state)
+    data.close()
+
+
 def test_several_sources_with_weights(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path / "m", range(100, 110))
     sources = [

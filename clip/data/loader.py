@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import logging
 import math
+import numbers
 import signal
 from collections.abc import Iterator
 
@@ -58,6 +59,40 @@ _READABLE_FORMATS = (1, 2)
 _PLAN_KEYS = ("plan_version", "seed", "resampled", "epoch_samples", "sources")
 # How every line on a resume under another layout begins; its %s is the settings that changed
 _OTHER_LAYOUT = "data: the saved position was for another layout (%s changed"
+
+
+def check_saved_positions(state: dict) -> None:
+    """Refuses a data state whose positions no run saves: an epoch or offset below 0, or a layout of no slots
+    or no shuffle window. A checkpoint edited or written by another program got through: a negative offset
+    read other samples than planned without a word, and a shuffle_buffer of 0 stopped the first step with a
+    ZeroDivisionError traceback."""
+    layouts = [("layout", state.get("layout"))]
+    positions = [("positions", state.get("positions")), ("every_slot_position", state.get("every_slot_position"))]
+    for index, handover in enumerate(state.get("handovers") or []):
+        where = f"handovers[{index}]"
+        layouts.append((where, handover if isinstance(handover, dict) else None))
+        positions.append((f"{where}.positions", handover.get("positions") if isinstance(handover, dict) else None))
+    for where, layout in layouts:
+        if not isinstance(layout, dict):
+            raise ValueError(f"the data state's {where} is {type(layout).__name__}, not a layout")
+        for key in ("world_size", "workers", "shuffle_buffer"):
+            value = layout.get(key)
+            if key in layout and not (_is_count(value) and value >= 1):
+                raise ValueError(f"the data state's {where}.{key} is {value!r}, not a count >= 1")
+    for where, listed in positions:
+        if listed is None and where == "every_slot_position":
+            continue  # added on resume only
+        if not isinstance(listed, (list, tuple)):
+            raise ValueError(f"the data state's {where} is {type(listed).__name__}, not a list of positions")
+        for position in listed:
+            if not (isinstance(position, (list, tuple)) and len(position) == 2
+                    and all(_is_count(value) and value >= 0 for value in position)):
+                raise ValueError(f"the data state's {where} holds {position!r}, not an [epoch, offset] pair of "
+                                 f"counts >= 0")
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy's integers too
 
 
 class TrainData:
@@ -252,6 +287,7 @@ class TrainData:
         earliest epoch in progress, with a warning."""
         if state.get("format") not in _READABLE_FORMATS:
             raise ValueError(f"unknown data state format {state.get('format')!r} (expected one of {_READABLE_FORMATS})")
+        check_saved_positions(state)
         self._stop_workers()
         saved_layout, layout = state["layout"], self._layout()
         handovers = tuple(Handover.from_state(handover) for handover in state.get("handovers", []))

@@ -155,6 +155,18 @@ def test_a_jsonl_row_nested_too_deep_for_the_json_reader_is_a_bad_row_not_the_ma
     assert captions_of(path) == ["before", "after"] and manifest.bad_rows == 1
 
 
+
+def test_a_jsonl_row_with_an_integer_past_pythons_digit_limit_is_a_bad_row_not_the_manifest(tmp_path: Path) -> None:
+    # json refuses it with a plain ValueError (not JSONDecodeError), which ended read_manifest, and with it the
+    # training run, for one row, in words that named no file
+    path = tmp_path / "train.jsonl"
+    rows = [json.dumps({"image": "0.jpg", "caption": "before"}),
+            '{"image": "2.jpg", "caption": "big", "width": ' + "9" * 5000 + "}",
+            json.dumps({"image": "1.jpg", "caption": "after"})]
+    path.write_text("\n".join(rows) + "\n")
+    manifest = read_manifest(str(path))
+    assert captions_of(path) == ["before", "after"] and manifest.bad_rows == 1
+
 @pytest.mark.parametrize("suffix", [".csv", ".tsv"])
 def test_a_field_past_pythons_csv_default_limit_is_read_and_the_limit_left_as_it_was(
     tmp_path: Path, suffix: str

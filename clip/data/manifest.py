@@ -186,7 +186,10 @@ def _jsonl_rows(path: str, image_column: str, caption_column: str) -> Iterator[t
                 continue
             try:
                 record = json.loads(line.decode("utf-8", "surrogateescape"))
-            except (json.JSONDecodeError, RecursionError):  # RecursionError: a row nested thousands deep
+            # RecursionError: a row nested thousands deep. ValueError, of which JSONDecodeError is one: also an
+            # integer past Python's 4300 digits, which json refuses with a plain ValueError that ended the
+            # whole manifest (and the training run) for one row, in words naming no file
+            except (ValueError, RecursionError):
                 yield None
                 continue
             if not isinstance(record, dict):

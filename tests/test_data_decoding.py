@@ -183,6 +183,19 @@ def test_captions() -> None:
         assert error.value.kind == kind
 
 
+def test_a_huge_caption_is_cut_before_it_reaches_the_tokenizer() -> None:
+    # The tokenizer cleans and splits a caption whole: a 300 MB caption member of a 300 KB compressed shard took
+    # a worker to 6 GB. Cut to CAPTION_CHARS_KEPT characters, its 77 tokens are the same.
+    import clip
+    from clip.data.decoding import CAPTION_CHARS_KEPT
+
+    words = " ".join(f"word{index % 1000}" for index in range(200_000)).encode()  # 1.6 MB
+    cut = decode_caption(b"  " + words)
+    assert cut == words.decode()[:CAPTION_CHARS_KEPT]
+    assert torch.equal(clip.tokenize(cut, truncate=True), clip.tokenize(words.decode(), truncate=True))
+    assert decode_caption(words[:CAPTION_CHARS_KEPT]) == words[:CAPTION_CHARS_KEPT].decode()  # at the limit: whole
+
+
 def test_jpeg_draft_decodes_at_reduced_size_but_not_below_target() -> None:
     data = encoded(rgb_image((500, 375)), "JPEG")
     assert open_image(data, None, draft_size=224).size == (500, 375)  # 1/2 would be 188 < 224

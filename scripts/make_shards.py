@@ -35,7 +35,10 @@ from clip.data.manifest import MANIFEST_SUFFIXES, QUOTING_CHOICES, manifest_rows
 from clip.data.shards import SIZE_INDEX_NAME, count_tar_samples, expand_shard_pattern, require_webdataset
 from clip.preprocess import to_rgb
 
-KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as they are; anything else -> PNG
+# Stored as they are; anything else -> PNG. MPO is how Pillow names a JPEG file that holds more pictures after
+# the first (many phones' and stereo cameras' photos): a JPEG to every reader, which shows its first picture,
+# and as PNG it took several times the bytes.
+KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's default decompression-bomb limit, as the loader's default
 
 

@@ -461,6 +461,28 @@ def test_a_single_template_string_and_no_images_are_clear_errors():
         zeroshot_classify_images(tiny_clip(), image_transform(32), [], ["cat", "dog"])
 
 
+def test_notebook_mistakes_are_named_before_any_work():
+    # Each of these failed deep inside (len() of an Image, torchvision's "Unexpected type <class 'str'>"),
+    # or, for a class name given as one string, ran on one class per character.
+    from clip.preprocess import image_transform
+
+    model, preprocess, image = tiny_clip(), image_transform(32), Image.new("RGB", (40, 30))
+    with pytest.raises(TypeError, match=r"single PIL image; pass a list of images, e.g. \[image\]"):
+        zeroshot_classify_images(model, preprocess, image, ["cat", "dog"])
+    with pytest.raises(TypeError, match=r"images\[1\] is a file path \('b.png'\), not an image: open it first"):
+        zeroshot_classify_images(model, preprocess, [image, "b.png"], ["cat", "dog"])
+    with pytest.raises(TypeError, match="images must be a list of PIL images, got generator"):
+        zeroshot_classify_images(model, preprocess, (image for _ in range(2)), ["cat", "dog"])
+    with pytest.raises(TypeError, match=r"classnames='cat' is a string; pass a list of class names, e.g. \['cat'\]"):
+        zeroshot_classify_images(model, preprocess, [image], "cat")
+
+
+def test_a_template_set_name_that_is_not_built_in_names_the_built_in_ones():
+    with pytest.raises(FileNotFoundError, match=r"templates='imagenet' is neither a built-in template set \(default, "
+                       r"simple\) nor an existing file"):
+        resolve_templates("imagenet")
+
+
 def test_prompts_longer_than_the_context_are_truncated_with_a_warning(caplog):
     model = tiny_clip()
     long_template = "a photo of a " + "very " * 40 + "small {}."  # 40+ tokens; the context holds 32

@@ -180,6 +180,11 @@ def resolve_templates(templates: Sequence[Template] | str | Path | None) -> list
             f"templates={templates!r} looks like a single template, not a file or a built-in set's name; "
             f"pass a single template as a list: [{templates!r}]"
         )
+    if isinstance(templates, str | Path) and not Path(templates).is_file():
+        raise FileNotFoundError(
+            f"templates={str(templates)!r} is neither a built-in template set ({', '.join(BUILTIN_TEMPLATE_SETS)}) "
+            "nor an existing file"
+        )
     if isinstance(templates, str | Path):
         return load_templates(templates)
     resolved = list(templates)

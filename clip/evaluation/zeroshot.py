@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from os import PathLike
 from typing import Any
 
 import torch
@@ -66,6 +67,9 @@ def build_zeroshot_classifier(
     stop_check: called between groups (see `with_stop_checks`; every rank builds the whole classifier).
     """
     model = unwrap_model(model)
+    if isinstance(classnames, str):
+        # A string is a sequence too: "cat" would be three classes, "c", "a" and "t".
+        raise TypeError(f"classnames={classnames!r} is a string; pass a list of class names, e.g. [{classnames!r}]")
     if not classnames:
         raise ValueError("no class names given")
     templates = resolve_templates(templates)
@@ -216,6 +220,22 @@ def evaluate_zeroshot(
     return result
 
 
+def _check_notebook_images(images: Any) -> None:
+    """Refuse the notebook mistakes that would otherwise fail deep inside with a message naming neither
+    argument: one image instead of a list ("object of type 'Image' has no len()"), and file paths instead of
+    opened images (torchvision's "Unexpected type <class 'str'>")."""
+    if isinstance(images, Image.Image):
+        raise TypeError("images is a single PIL image; pass a list of images, e.g. [image]")
+    if isinstance(images, str | bytes) or not isinstance(images, Sequence):
+        raise TypeError(f"images must be a list of PIL images, got {type(images).__name__}")
+    for index, image in enumerate(images):
+        if isinstance(image, str | bytes | PathLike):
+            raise TypeError(
+                f"images[{index}] is a file path ({image!r}), not an image: open it first, "
+                "e.g. [Image.open(path) for path in paths]"
+            )
+
+
 def zeroshot_classify_images(
     model: nn.Module,
     preprocess: Callable[[Image.Image], torch.Tensor],
@@ -227,6 +247,7 @@ def zeroshot_classify_images(
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, list[str]]:
     """For notebooks: PIL images -> (probabilities [N, C] on the CPU, predicted class name per image)."""
+    _check_notebook_images(images)
     if len(images) == 0:
         raise ValueError("no images to classify")
     model = unwrap_model(model)

@@ -261,12 +261,15 @@ def model_from_weights(weights: LoadedWeights, source: str, *, stacklevel: int =
         conventions = (f"loaded with OpenAI's conventions ({config.vision.heads} image and {config.text.heads} "
                        f"text heads, {config.activation})")
         if weights.open_clip_origin is not None:
-            # Released sizes or not: open_clip's GELU models have OpenAI's shapes, and load without error
+            # Released sizes or not: open_clip's GELU models have OpenAI's shapes, and load without error.
+            # The way out named is load_weights_into: model.load_state_dict cannot take an epoch_N.pt's keys
+            # (DDP's "module." prefix) nor read a safetensors file.
             warnings.warn(
                 f"{source} is {weights.open_clip_origin}, which records no architecture: {conventions}. "
                 f"open_clip's models without '-quickgelu' in their name (most of those trained on LAION) use "
                 f"GELU, and compute other features this way: build those with clip.create_model(its config, "
-                f"activation 'gelu') and load_state_dict.", stacklevel=stacklevel,
+                f"activation 'gelu') and clip.loading.load_weights_into(model, path), which reads the file as "
+                f"this does.", stacklevel=stacklevel,
             )
         elif config not in RELEASED_ARCHITECTURES.values():
             # OpenAI's conventions hold for its releases; a model of other sizes may well have been trained

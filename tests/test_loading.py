@@ -433,6 +433,10 @@ def test_an_open_clip_training_checkpoint_loads_with_a_warning_about_its_activat
     with pytest.warns(UserWarning, match=r"epoch_32\.pt is an open_clip training checkpoint.*'-quickgelu'.*GELU"):
         model, _ = load(tmp_path / "epoch_32.pt", device="cpu")
     assert_same_features(model, original, TINY_VIT, atol=0)
+    # The way to a GELU model it names is one that reads this file: model.load_state_dict, which it named
+    # before, cannot take keys with DDP's "module." prefix
+    with pytest.warns(UserWarning, match=r"activation 'gelu'\) and clip\.loading\.load_weights_into\(model, path\)"):
+        load(tmp_path / "epoch_32.pt", device="cpu")
     # as train.init_weights too: a fine-tuning run configured with QuickGELU started from it without a word
     with pytest.warns(UserWarning, match=r"epoch_32\.pt is an open_clip training checkpoint.*model.activation = \"gelu\""):
         clip.loading.load_weights_into(CLIP(TINY_VIT), str(tmp_path / "epoch_32.pt"))

@@ -159,7 +159,10 @@ def load_templates(path: str | Path) -> list[str]:
     copied from a Python list of strings are unquoted."""
     templates = _read_string_list(Path(path), "templates", comments=True)
     for template in templates:
-        validate_template(template)
+        try:
+            validate_template(template)
+        except ValueError as error:  # the file is what to fix: a classnames file given as templates_file, say
+            raise ValueError(f"{path}: {error}") from None
     return templates
 
 

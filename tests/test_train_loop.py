@@ -995,6 +995,17 @@ def test_the_run_directory_keeps_the_log_of_every_start(tmp_path, caplog):
     assert not [h for h in logging.getLogger().handlers if str(tmp_path) in getattr(h, "baseFilename", "")]
 
 
+def test_a_run_refused_after_its_log_began_says_why_in_train_log_too(tmp_path, capsys):
+    # Bad input found once the run had started (init weights naming nothing, a resume refused) was printed to
+    # stderr alone: train.log, where a requeued job's starts are kept, ended with a start line and no reason.
+    args = [str(DEMO), "--output-dir", str(tmp_path), *TINY, f"train.init_weights={tmp_path / 'nowhere.pt'}"]
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("clip-train: ") and "nowhere.pt" in error[0]
+    logged = (tmp_path / "train.log").read_text().splitlines()
+    assert "ERROR clip.cli.train: " + error[0].removeprefix("clip-train: ") in logged[-1]
+
+
 def test_a_config_error_under_a_launcher_is_said_by_rank_0_alone(tmp_path, monkeypatch, capsys):
     # Every rank reads the same config: a 256-process job printed the same line 256 times.
     launched_as_rank(monkeypatch, 1)
@@ -1680,7 +1691,7 @@ def test_an_output_dir_outside_unicodes_first_plane_is_used_as_given(tmp_path, m
 
     monkeypatch.chdir(tmp_path)  # where the wrong folder was made
     started = []
-    monkeypatch.setattr(train_cli, "run", lambda config, launcher: started.append(config.output_dir) or 0)
+    monkeypatch.setattr(train_cli, "run", lambda config, *_: started.append(config.output_dir) or 0)
     run_dir = str(tmp_path / "run \U0001f600")
     assert main([str(DEMO), "--output-dir", run_dir]) == 0
     assert started == [run_dir] and (tmp_path / "run \U0001f600" / "train.log").exists()

@@ -129,15 +129,22 @@ def main(argv: list[str] | None = None) -> int:
     log_file = keep_log_in(Path(config.output_dir)) if rank_zero else None
     try:
         with warnings_as_log_lines():  # in train.log too
-            return run(config, launcher)
+            return run(config, launcher, log_file)
     finally:
         if log_file is not None:
             logging.getLogger().removeHandler(log_file)
             log_file.close()
 
 
-def run(config: TrainConfig, launcher: LauncherEnvironment | None) -> int:
-    """Trains; the exit status, with bad input and known failures said in one line."""
+def note_in_run_log(log_file: logging.Handler | None, message: str) -> None:
+    """Writes `message` to train.log alone, as an error: the terminal has it as one plain line already."""
+    if log_file is not None:
+        log_file.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (message,), None))
+
+
+def run(config: TrainConfig, launcher: LauncherEnvironment | None, log_file: logging.Handler | None = None) -> int:
+    """Trains; the exit status, with bad input and known failures said in one line (and in `log_file`,
+    train.log, so that a run refused at a requeue says why beside its other starts)."""
     try:
         results = train(config)
     except SetupInterrupted:
@@ -154,6 +161,7 @@ def run(config: TrainConfig, launcher: LauncherEnvironment | None) -> int:
             traceback.print_exception(error.__cause__ or error)
         message = error.without_traceback() if isinstance(error, UnusableData) else str(error)
         print(f"{program_name(launcher)}: {message}", file=sys.stderr)
+        note_in_run_log(log_file, message)
         return 2
     except (
         NonFiniteLossError, ckpt.NoReadableCheckpointError, ckpt.CheckpointWriteError, RunLogWriteError,

@@ -225,6 +225,26 @@ def test_a_classnames_file_beside_the_split_folders_names_the_classes_of_each(tm
     assert load_classification_data(config, None).classnames == ["fish", "shark"]
 
 
+def test_class_names_listed_in_another_order_than_the_folders_are_refused(tmp_path):
+    # Labels follow the sorted folders (bird, cat, dog); names written as the classes came to mind gave each
+    # folder another class's prompts, and the accuracy came out near 0 without a word.
+    write_image_folder(tmp_path / "val", {"bird": 1, "cat": 1, "great_white_shark": 1})
+    config = ZeroShotDatasetConfig(name="pets", kind="imagefolder", root=str(tmp_path), split="val")
+    places = [tmp_path / "val" / "classnames.txt", tmp_path / "classnames.txt", tmp_path / "names.txt"]
+    for names_file in places:
+        given = str(names_file) if names_file.name == "names.txt" else ""  # the others are found in their place
+        with_file = dataclasses.replace(config, classnames_file=given)
+        names_file.write_text("Cat\nbird\nshark\n")
+        with pytest.raises(ValueError, match=rf"{names_file.name}: entry 1 is 'Cat', the name of class folder 'cat' "
+                           r"\(label 1\), but label 0 is folder 'bird': class names are listed in the sorted order "
+                           r"of the class folders \(bird, cat, great_white_shark\)"):
+            load_classification_data(with_file, None)
+        # The right order, with names of the readers' own choosing, is read as it is
+        names_file.write_text("bird\na cat\nGreat white shark\n")
+        assert load_classification_data(with_file, None).classnames == ["bird", "a cat", "Great white shark"]
+        names_file.unlink()
+
+
 def test_splits_can_share_one_labelling(tmp_path):
     write_image_folder(tmp_path, {"ant": 1, "cat": 1})
     dataset = ImageFolderDataset(tmp_path, class_folders=["ant", "bee", "cat"])

@@ -28,6 +28,7 @@ from .image_folder import (
     classnames_from_folders,
     folder_to_classname,
     list_class_folders,
+    refuse_names_in_another_order,
     refuse_split_folders_as_classes,
     split_folder,
 )
@@ -193,6 +194,7 @@ def load_classification_data(
     """
     templates: list[Template] | None = None
     subsets: dict[str, list[int]] = {}
+    names_file: str | Path = ""  # an imagefolder's class names file, if it has one
     if warn:
         warn_about_synthetic_settings_on_other_kinds(config)
     if config.kind == "synthetic":
@@ -226,6 +228,12 @@ def load_classification_data(
             folder, transform, classnames=names, class_folders=class_folders, warn=folder_warnings
         )
         classnames = dataset.classes
+        if config.classnames_file:
+            names_file = config.classnames_file
+        elif use_shared:
+            names_file = shared_names
+        elif (folder / "classnames.txt").is_file():  # the file ImageFolderDataset read, given no names
+            names_file = folder / "classnames.txt"
     else:
         raise ValueError(f"unknown dataset kind {config.kind!r}")
 
@@ -236,6 +244,8 @@ def load_classification_data(
                 f"{config.classnames_file} has {len(from_file)} class names; the dataset has {len(classnames)} classes"
             )
         classnames = from_file
+    if names_file:
+        refuse_names_in_another_order(classnames, dataset.class_folders, str(names_file))
     if warn:
         warn_about_duplicate_classnames(classnames, config.resolved_name())
     if config.templates_file:

@@ -104,6 +104,27 @@ def classnames_from_folders(folders: Sequence[str], warn: bool = True) -> list[s
     return [folder_to_classname(folder, numbered) for folder in folders]
 
 
+def refuse_names_in_another_order(classnames: Sequence[str], class_folders: Sequence[str], source: str) -> None:
+    """Class names are listed in label order, the sorted order of the class folders. A list written in
+    another order (as the classes came to mind: cat, dog, bird) gives each folder another class's prompts,
+    and the accuracy comes out near 0 without a word. An entry that is the name of another class folder
+    than its own shows that order: refused, naming the entry and where it belongs. `source`: the file read."""
+    readable = [name.lower() for name in classnames_from_folders(class_folders, warn=False)]
+    label_of = {name: label for label, name in enumerate(readable) if readable.count(name) == 1}
+    keys = [name.replace("_", " ").strip().lower() for name in classnames]
+    for label, (name, key) in enumerate(zip(classnames, keys, strict=True)):
+        other = label_of.get(key)
+        # Not where the other folder's own entry names it too: that is a name given twice, which
+        # warn_about_duplicate_classnames reports
+        if other is not None and other != label and key != readable[label] and keys[other] != key:
+            raise ValueError(
+                f"{source}: entry {label + 1} is {name!r}, the name of class folder {class_folders[other]!r} "
+                f"(label {other}), but label {label} is folder {class_folders[label]!r}: class names are listed "
+                f"in the sorted order of the class folders ({', '.join(class_folders[:4])}"
+                f"{', ...' if len(class_folders) > 4 else ''})"
+            )
+
+
 class ImageFolderDataset(Dataset):
     """<root>/<class folder>/**/<image> -> (transform(image), label); label = index of the sorted folder.
 

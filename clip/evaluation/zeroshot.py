@@ -226,7 +226,7 @@ def _check_notebook_images(images: Any) -> None:
     opened images (torchvision's "Unexpected type <class 'str'>")."""
     if isinstance(images, Image.Image):
         raise TypeError("images is a single PIL image; pass a list of images, e.g. [image]")
-    if isinstance(images, str | bytes) or not isinstance(images, Sequence):
+    if isinstance(images, str | bytes) or not hasattr(images, "__len__"):  # a generator, say: list() it first
         raise TypeError(f"images must be a list of PIL images, got {type(images).__name__}")
     for index, image in enumerate(images):
         if isinstance(image, str | bytes | PathLike):

@@ -14,6 +14,8 @@ log = logging.getLogger(__name__)
 # EX_TEMPFAIL ("try again later"), so that a job script can tell "run again to continue"
 # (scripts/slurm_train.sbatch requeues itself) from success and from failure.
 STOPPED_EARLY_EXIT_CODE = 75
+# A second Ctrl-C: what a shell reports for a process that Ctrl-C ended (128 + SIGINT)
+STOPPED_AT_ONCE_EXIT_CODE = 130
 
 
 class EvaluationInterrupted(BaseException):
@@ -25,6 +27,12 @@ class EvaluationInterrupted(BaseException):
 class SetupInterrupted(BaseException):
     """A signal arrived while the run was starting (a download, reading a checkpoint, building the data): nothing
     is trained yet, so the start is abandoned at once, with the status that asks for a rerun."""
+
+
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second Ctrl-C: the run stops where it is, without saving. A KeyboardInterrupt, so that it unwinds
+    like one; clip-train ends on it with the shell's status for Ctrl-C (130) and no traceback, as the log
+    line said what happened and what a rerun does."""
 
 
 class StopRequest:
@@ -68,7 +76,7 @@ class StopRequest:
             if signum == signal.SIGINT:
                 log.warning("received a second Ctrl-C: stopping at once, without saving; the run resumes from its "
                             "latest checkpoint")
-                raise KeyboardInterrupt
+                raise StoppedAtOnce
             return
         self.requested = True
         # Said at the first one: a second, pressed while the checkpoint is written, loses the steps since the last

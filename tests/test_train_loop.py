@@ -1683,6 +1683,33 @@ def test_the_first_ctrl_c_says_that_a_second_stops_without_saving(caplog):
     assert "second Ctrl-C: stopping at once, without saving; the run resumes from its latest checkpoint" in caplog.text
 
 
+def test_a_second_ctrl_c_ends_clip_train_with_status_130_and_no_traceback(tmp_path, monkeypatch, capsys, caplog):
+    # The warning said what happened ("stopping at once, without saving; the run resumes from its latest
+    # checkpoint"); Python's KeyboardInterrupt traceback through torch's modules then followed it, read as a crash.
+    import clip.train as train_module
+
+    real = train_module.contrastive_step
+    calls = {"n": 0}
+
+    def pressed_twice(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "contrastive_step", pressed_twice)
+    with caplog.at_level(logging.WARNING, logger="clip.stopping"):
+        try:
+            status = main([str(DEMO), "--output-dir", str(tmp_path), *TINY, "eval.every_n_steps=0"])
+        except KeyboardInterrupt:  # escaping, it would end the whole test session
+            pytest.fail("the second Ctrl-C's KeyboardInterrupt escaped clip-train's main")
+    assert status == 130
+    assert "received a second Ctrl-C: stopping at once, without saving" in caplog.text
+    assert "Traceback" not in capsys.readouterr().err
+    assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").glob("step_*.pt"))
+
+
 def test_an_output_dir_outside_unicodes_first_plane_is_used_as_given(tmp_path, monkeypatch):
     # --output-dir went into an override through json.dumps, whose escapes of such a character (a surrogate
     # pair) TOML refuses: the override's value was then its raw text, quotes and escapes included, a relative

@@ -28,7 +28,7 @@ from ..loading import ModelNotFoundError
 from ..resume import ResumeRefused
 from ..run_lock import RunDirectoryInUse
 from ..run_log import MissingDependency, RunLogWriteError
-from ..stopping import STOPPED_EARLY_EXIT_CODE, SetupInterrupted
+from ..stopping import STOPPED_AT_ONCE_EXIT_CODE, STOPPED_EARLY_EXIT_CODE, SetupInterrupted, StoppedAtOnce
 from ..train import BadTrainingInput, NonFiniteLossError, train
 from ..weights_file import WeightsFileError
 from .common import debugging, warnings_as_log_lines
@@ -41,8 +41,8 @@ EPILOG = (
     "data.sources.0.weight=2 (an element of [[data.sources]] by its index from 0), optimizer.grad_clip_norm=none "
     "(a setting that can be off), 'train={seed=1, batch_size=64}' (several keys of a section, quoted for the "
     "shell). Exit status: 0 finished; 2 bad input, said in one line (CLIP_DEBUG=1 adds its traceback); "
-    f"{STOPPED_EARLY_EXIT_CODE} stopped early with a checkpoint: run the same command again to continue; 1 anything "
-    "else."
+    f"{STOPPED_EARLY_EXIT_CODE} stopped early with a checkpoint: run the same command again to continue; "
+    f"{STOPPED_AT_ONCE_EXIT_CODE} stopped at once by a second Ctrl-C, without saving; 1 anything else."
 )
 
 
@@ -150,6 +150,12 @@ def run(config: TrainConfig, launcher: LauncherEnvironment | None, log_file: log
     except SetupInterrupted:
         log.warning("stopped while starting, before training a step: run it again")
         return STOPPED_EARLY_EXIT_CODE
+    except StoppedAtOnce:
+        # Said already, when it came; Python's traceback of the KeyboardInterrupt, through torch's modules,
+        # read as a crash under that line
+        if debugging():
+            traceback.print_exc()
+        return STOPPED_AT_ONCE_EXIT_CODE
     # Bad input, as a bad config: data that cannot be used, a run directory the config cannot continue (or
     # that another run is using),
     # train.init_weights naming no weights or weights of another architecture, a device this machine lacks

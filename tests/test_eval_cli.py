@@ -373,6 +373,21 @@ def test_retrieval_reads_a_pandas_quoted_tsv_with_quoting_csv(tmp_path, tiny_che
     assert json.loads((tmp_path / "out" / "retrieval_results.json").read_text())["num_texts"] == 2
 
 
+def test_retrieval_refuses_a_split_for_a_manifest(tmp_path, monkeypatch, capsys):
+    # A manifest has no splits: "--split val" evaluated every row of it, under the name of a split
+    def refuse_to_load(*args):
+        pytest.fail("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(retrieval_cli, "load_model", refuse_to_load)
+    (tmp_path / "m.csv").write_text("image,caption\na.png,a\nb.png,b\n")
+    argv = ["--model", "ViT-B/32", "--annotations", str(tmp_path / "m.csv"), "--split", "val", "--device", "cpu"]
+    assert retrieval_cli.main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"clip-retrieval: --split 'val': {tmp_path / 'm.csv'} is a manifest, whose rows are all evaluated; --split "
+        "selects a split of a Karpathy JSON file (write the split's rows to a manifest of their own)\n"
+    )
+
+
 def test_an_offline_download_is_a_one_line_error(capsys):
     # A released name on a machine without network: the download error's message says what to do.
     from clip.cli.common import run_command

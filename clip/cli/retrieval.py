@@ -13,7 +13,7 @@ from pathlib import Path
 from clip.config_io import home_expanded
 from clip.data.manifest import QUOTING_CHOICES
 from clip.evaluation.config import RetrievalDatasetConfig
-from clip.evaluation.retrieval import evaluate_retrieval, load_retrieval_data
+from clip.evaluation.retrieval import annotations_format, evaluate_retrieval, load_retrieval_data
 
 from .common import (
     ERRORS_HELP,
@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--image-root", default="", help="folder image paths are relative to (default: the annotations' folder)"
     )
     parser.add_argument("--format", choices=["auto", "karpathy", "manifest"], default="auto")
-    parser.add_argument("--split", default="test", help="Karpathy split to evaluate ('' = all images)")
+    parser.add_argument("--split", default=None,
+                        help="Karpathy split to evaluate (default: test; '' = all images); a manifest has none")
     parser.add_argument("--image-column", default="image", help="manifest column of the image path")
     parser.add_argument("--caption-column", default="caption", help="manifest column of the caption")
     parser.add_argument(
@@ -81,13 +82,19 @@ def evaluate(args: argparse.Namespace) -> int:
         format=args.format,
         annotations=args.annotations,
         image_root=args.image_root,
-        split=args.split,
+        split="test" if args.split is None else args.split,
         image_column=args.image_column,
         caption_column=args.caption_column,
         quoting=args.quoting,
         max_images=args.max_images,
         caption_template=args.caption_template,
     )
+    if args.split is not None and annotations_format(dataset) == "manifest":
+        # Ignored, it evaluated every row of the manifest under the name of a split
+        raise ValueError(
+            f"--split {args.split!r}: {dataset.annotations} is a manifest, whose rows are all evaluated; --split "
+            "selects a split of a Karpathy JSON file (write the split's rows to a manifest of their own)"
+        )
     name = dataset.resolved_name()
     data = load_retrieval_data(dataset)
     logger.info("%s: %d images, %d captions", name, len(data.image_paths), len(data.captions))

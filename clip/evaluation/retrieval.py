@@ -220,13 +220,17 @@ def read_caption_manifest(
     return _grouped(pairs, root, path)
 
 
+def annotations_format(config: RetrievalDatasetConfig) -> Literal["karpathy", "manifest"]:
+    """How `config.annotations` is read: its `format`, or for "auto" by the file's suffix."""
+    if config.format != "auto":
+        return config.format
+    return "manifest" if Path(config.annotations).suffix.lower() in MANIFEST_SUFFIXES else "karpathy"
+
+
 def load_retrieval_data(config: RetrievalDatasetConfig) -> RetrievalData:
     if not config.annotations:
         raise ValueError("a retrieval dataset needs `annotations`")
-    kind = config.format
-    if kind == "auto":
-        kind = "manifest" if Path(config.annotations).suffix.lower() in MANIFEST_SUFFIXES else "karpathy"
-    if kind == "karpathy":
+    if annotations_format(config) == "karpathy":
         data = read_karpathy_json(config.annotations, config.image_root or None, config.split)
     else:
         data = read_caption_manifest(

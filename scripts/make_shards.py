@@ -306,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         # until a training run found no data
         raise SystemExit(f"make_shards: no sample of {source} could be written"
                          + (f" ({skipped_line})" if skipped else ": it holds none"))
-    print(f"wrote {sum(sizes.values())} samples in {len(sizes)} shards to {args.output}")
+    samples, shards = sum(sizes.values()), len(sizes)
+    print(f"wrote {samples} sample{'s' * (samples != 1)} in {shards} shard{'s' * (shards != 1)} to {args.output}")
     pattern = Path(args.output).resolve() / f"{args.prefix}-{{000000..{len(sizes) - 1:06d}}}.tar"
     print(f'for a [[data.sources]] table: kind = "shards", path = "{pattern}"')
     if skipped:

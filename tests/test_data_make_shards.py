@@ -59,7 +59,7 @@ def test_manifest_round_trip(tmp_path: Path, manifest_name: str, capsys: pytest.
     data.close()
 
 
-def test_a_phones_multi_picture_jpeg_is_stored_as_the_jpeg_it_is(tmp_path: Path) -> None:
+def test_a_phones_multi_picture_jpeg_is_stored_as_the_jpeg_it_is(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     # Pillow opens many phones' JPEGs (a second picture after the first) as format "MPO": they were converted
     # to PNG, several times their size
     first = Image.open(io.BytesIO(image_bytes(0))).convert("RGB")
@@ -69,6 +69,7 @@ def test_a_phones_multi_picture_jpeg_is_stored_as_the_jpeg_it_is(tmp_path: Path)
     manifest = write_manifest(tmp_path / "src", range(1), "train.csv")
     (tmp_path / "src" / "images" / "0.jpg").write_bytes(mpo.getvalue())
     assert make_shards_main()([str(manifest), str(tmp_path / "out"), "--prefix", "t"]) == 0
+    assert f"wrote 1 sample in 1 shard to {tmp_path / 'out'}\n" in capsys.readouterr().out  # not "1 shards"
     with tarfile.open(tmp_path / "out" / "t-000000.tar") as tar:
         assert sorted(tar.getnames()) == ["000000000.jpg", "000000000.json", "000000000.txt"]
         assert tar.extractfile("000000000.jpg").read() == mpo.getvalue()

@@ -106,3 +106,75 @@ def test_resampled_shard_draws_reach_every_offset_when_slots_need_less_than_a_sh
     per_decile = [sum(offsets[o] for o in range(d * 10, d * 10 + 10)) for d in range(10)]
     assert sum(per_decile) == 300 * 40
     assert min(per_decile) > 0.6 * max(per_decile), per_decile
+
+
+def test_plans_are_pinned_because_saved_data_positions_index_them() -> None:
+    """A checkpoint's data position counts items of these plans, stamped with PLAN_VERSION. If this test
+    fails after a deliberate change of what a seed plans (seeds, purposes, rotation, interleaving, window
+    orders), bump sampling.PLAN_VERSION, so that old positions restart their epoch, and update the values."""
+    sources = (SourceLayout(12, 1.0), shard_layout([4, 0, 6]))
+    planner = Planner(sources, seed=5, world_size=2, workers_per_rank=1)
+    plan = planner.plan(1, 1, 0)
+    assert plan.labels.tolist() == [1, 0, 1, 0, 1, 0, 0, 1, 1, 0, 0]
+    assert plan.rows[0].tolist() == [8, 4, 0, 6, 1, 10]
+    assert plan.segments[1] == [(2, 1, 6)]
+    assert planner.window_permutation(1, 1, 0, 2, 6).tolist() == [1, 3, 4, 2, 0, 5]
+    resampled = Planner(sources, seed=5, world_size=2, workers_per_rank=1, resampled=True, epoch_samples=9)
+    plan = resampled.plan(1, 1, 0)
+    assert plan.labels.tolist() == [1, 1, 0, 0]
+    assert plan.rows[0].tolist() == [3, 1] and plan.segments[1] == [(2, 4, 6)]
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_larger_shares_rotate_over_sources_and_epochs(resampled: bool) -> None:
+    """7 samples over 3 slots are shares of 2, 2 and 3. Three sources of 7 rotate the 3 over the slots, so
+    every slot plans 7 per epoch (ranks stay in step); one source rotates it over epochs, so over 3 epochs
+    every slot plans 7 samples."""
+    three = Planner((SourceLayout(7, 1.0),) * 3, seed=0, world_size=3, workers_per_rank=1)
+    if not resampled:
+        assert [len(three.plan(0, rank, 0)) for rank in range(3)] == [7, 7, 7]
+    one = Planner((SourceLayout(7, 1.0),), seed=0, world_size=3, workers_per_rank=1, resampled=resampled,
+                  epoch_samples=7 if resampled else None)
+    assert {len(one.plan(0, rank, 0)) for rank in range(3)} == {2, 3}
+    assert [sum(len(one.plan(epoch, rank, 0)) for epoch in range(3)) for rank in range(3)] == [7, 7, 7]
+
+
+def test_each_epoch_and_each_source_has_its_own_order() -> None:
+    # one slot takes whole epochs, so only a new permutation per epoch (not the slot rotation) changes them
+    rows = Planner((SourceLayout(50, 1.0), SourceLayout(50, 1.0)), seed=0, world_size=1, workers_per_rank=1)
+    epoch0, epoch1 = rows.plan(0, 0, 0), rows.plan(1, 0, 0)
+    assert not np.array_equal(epoch0.rows[0], epoch1.rows[0])
+    assert not np.array_equal(epoch0.rows[0], epoch0.rows[1])  # equal sizes, yet not one shared order
+    shards = Planner((shard_layout([1] * 20),), seed=0, world_size=1, workers_per_rank=1)
+    assert shards.plan(0, 0, 0).segments[0] != shards.plan(1, 0, 0).segments[0]
+    # weight 2: the two passes within one epoch are two different orders too
+    twice = Planner((SourceLayout(50, 2.0),), seed=0, world_size=1, workers_per_rank=1).plan(0, 0, 0).rows[0]
+    assert not np.array_equal(twice[:50], twice[50:])
+
+
+def test_sources_are_interleaved_within_a_slot() -> None:
+    planner = Planner((SourceLayout(40, 1.0), SourceLayout(40, 1.0)), seed=0, world_size=1, workers_per_rank=1)
+    labels = planner.plan(0, 0, 0).labels
+    assert np.count_nonzero(labels[:40] == 0) not in (0, 40)  # not one source's block after the other's
+    switches = np.count_nonzero(labels[1:] != labels[:-1])
+    assert switches > 20  # a random interleaving of 40 + 40 switches about 40 times
+
+
+def test_segments_are_never_empty_and_whole_shard_draws_are_read_from_the_start() -> None:
+    """An empty segment would make a worker open (and perhaps download) a shard to read nothing."""
+    sizes = [5, 0, 7, 3, 0, 6]
+    exact = Planner((shard_layout(sizes),), seed=1, world_size=2, workers_per_rank=2)
+    for epoch in range(3):
+        for rank in range(2):
+            for worker in range(2):
+                assert all(start < stop for _, start, stop in exact.plan(epoch, rank, worker).segments[0])
+    resampled = Planner((shard_layout([4] * 5),), seed=1, world_size=1, workers_per_rank=1, resampled=True,
+                        epoch_samples=40)
+    segments = resampled.plan(0, 0, 0).segments[0]
+    assert len(segments) == 10 and all((start, stop) == (0, 4) for _, start, stop in segments)
+
+
+def test_fractional_weights_round_to_the_nearest_count() -> None:
+    # 0.29 * 100 is 28.999999999999996 in floating point: truncation would plan 28 samples per epoch
+    assert SourceLayout(100, 0.29).samples_per_epoch == 29
+    assert SourceLayout(10, 0.26).samples_per_epoch == 3

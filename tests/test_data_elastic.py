@@ -308,3 +308,40 @@ def test_chains_of_random_layout_changes_read_each_sample_once() -> None:
         for epoch in range(end):
             expected = Counter(reference.epoch_stream(0, epoch, 0)[1])
             assert Counter(item for e, item in read if e == epoch) == expected, (trial, epoch)
+
+
+def test_stream_lengths_from_sizes_match_the_plans() -> None:
+    """lengths() sizes the old slots' remainders without planning; it must rotate the larger shares over
+    sources and epochs exactly as Planner.plan does, or a transition would skip or repeat samples."""
+    from clip.data.handover import SlotLayout, SlotStreams
+    from clip.data.sampling import Planner, SourceLayout
+
+    # shares of 7 over 3 slots are 2, 2, 3; of 10, 3, 3, 4: the slots' totals differ, and move with the epoch
+    planner = Planner((SourceLayout(7, 1.0), SourceLayout(20, 0.5)), seed=0, world_size=3, workers_per_rank=1)
+    streams = SlotStreams([], planner, SlotLayout(3, 1, 4))
+    for epoch in range(4):
+        expected = [len(planner.plan(epoch, rank, 0)) for rank in range(3)]
+        assert streams.lengths(0, epoch).tolist() == expected, epoch
+
+
+def test_a_handover_state_must_record_one_position_per_slot() -> None:
+    from clip.data.handover import Handover
+
+    state = {"world_size": 2, "workers": 2, "shuffle_buffer": 8, "positions": [[0, 3], [0, 4], [1, 0]]}
+    with pytest.raises(ValueError, match="handover of 4 slots records 3 positions"):
+        Handover.from_state(state)
+    state["positions"].append([0, 1])
+    assert Handover.from_state(state).to_state() == state
+
+
+def test_resampled_new_slots_continue_at_the_old_slots_average_progress() -> None:
+    from clip.data.handover import resampled_positions
+    from clip.data.sampling import Planner, SourceLayout
+
+    def planner(world_size: int) -> Planner:
+        return Planner((SourceLayout(100, 1.0),), seed=0, world_size=world_size, workers_per_rank=1,
+                       resampled=True, epoch_samples=40)
+
+    # old slots (20 samples per epoch each) at 1.0 and 2.5 epochs: on average 1.75 epochs
+    positions = resampled_positions([(1, 0), (2, 10)], [0, 1], planner(2), planner(4), [0, 1, 2, 3])
+    assert positions == [(1, 7)] * 4  # three quarters of 10 samples per slot per epoch

@@ -220,6 +220,18 @@ def test_weight_decay_groups():
     assert OptimizerConfig().decay_embeddings is True
 
 
+@pytest.mark.parametrize(
+    "implementation, fused, foreach",
+    [("auto", True, None), ("fused", True, None), ("foreach", None, True), ("for-loop", None, False)],
+)
+def test_the_optimizer_implementation_follows_the_config(implementation, fused, foreach):
+    # auto is the fused kernel also on the CPU: foreach's temporaries are as large as all the parameters
+    named = list(ContrastiveModel(CLIP(TINY_VIT), with_logit_bias=False).named_parameters())
+    optimizer = build_optimizer(named, OptimizerConfig(implementation=implementation), torch.device("cpu"))
+    assert (optimizer.defaults["fused"], optimizer.defaults["foreach"]) == (fused, foreach)
+    assert (optimizer.defaults["lr"], optimizer.defaults["betas"], optimizer.defaults["eps"]) == (5e-4, (0.9, 0.98), 1e-6)
+
+
 @pytest.mark.parametrize(("saved_decay", "decay"), [(False, True), (True, True), (True, False)])
 def test_optimizer_state_loads_by_name_under_this_runs_groups_and_hyperparameters(saved_decay, decay):
     torch.manual_seed(0)

@@ -1090,3 +1090,26 @@ def test_inference_refuses_widths_outside_the_released_head_convention() -> None
     )
     with pytest.raises(ArchitectureInferenceError, match=r"width 48 .* not a multiple of 64"):
         infer_model_config(CLIP(config).state_dict())
+
+
+def _tiny_vit_shapes(**replaced: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """TINY_VIT's state dict as meta tensors (inference reads only shapes), some entries of other shapes."""
+    state = {name: torch.empty(value.shape, device="meta") for name, value in CLIP(TINY_VIT).state_dict().items()}
+    return state | {name.replace("__", "."): torch.empty(shape, device="meta") for name, shape in replaced.items()}
+
+
+@pytest.mark.parametrize("rows", [1, 3, 11, 18])
+def test_inference_refuses_position_rows_that_are_not_a_class_token_and_a_square_grid(rows: int) -> None:
+    # 1 + 10 rows would otherwise be read as a 3 x 3 grid; a lone class token as a grid of 0 patches
+    state = _tiny_vit_shapes(visual__positional_embedding=(rows, 64))
+    with pytest.raises(ArchitectureInferenceError, match=rf"has {rows} rows: not 1 \+ a square number"):
+        infer_model_config(state)
+    assert infer_model_config(_tiny_vit_shapes(visual__positional_embedding=(10, 64))).vision.image_size == 3 * 8
+
+
+def test_inference_refuses_an_mlp_width_no_float_ratio_of_the_width_gives() -> None:
+    # 61 / 448 * 448 is 60.99999... in floating point: the model built from that ratio would have 60 rows
+    state = _tiny_vit_shapes(visual__conv1__weight=(448, 3, 8, 8),
+                             visual__transformer__resblocks__0__mlp__c_fc__weight=(61, 448))
+    with pytest.raises(ArchitectureInferenceError, match="MLP width 61 is not expressible as a ratio of the width 448"):
+        infer_model_config(state)

@@ -1113,3 +1113,47 @@ def test_inference_refuses_an_mlp_width_no_float_ratio_of_the_width_gives() -> N
                              visual__transformer__resblocks__0__mlp__c_fc__weight=(61, 448))
     with pytest.raises(ArchitectureInferenceError, match="MLP width 61 is not expressible as a ratio of the width 448"):
         infer_model_config(state)
+
+
+def test_a_prefix_only_some_keys_have_is_not_a_wrapper_prefix() -> None:
+    from clip.weights_file import weights_from_state_dict
+
+    one = torch.zeros(1)
+    state = {"module.a": one, "b": one, "_orig_mod.c": one}
+    assert list(weights_from_state_dict(state).state_dict) == ["module.a", "b", "_orig_mod.c"]
+    assert list(weights_from_state_dict({"module.a": one, "module.b": one}).state_dict) == ["a", "b"]
+
+
+def test_state_dict_attention_masks_are_dropped_and_only_a_scalar_float_bias_is_set_apart() -> None:
+    from clip.weights_file import weights_from_state_dict
+
+    one = torch.zeros(1)
+    weights = weights_from_state_dict({"transformer.resblocks.0.attn_mask": torch.zeros(4, 4), "attn_mask": one,
+                                       "a.attn_mask_scale": one, "logit_bias": torch.tensor(-3.0)})
+    assert list(weights.state_dict) == ["a.attn_mask_scale"] and weights.logit_bias.item() == -3.0
+    # a bias of another shape or an integer one is no SigLIP bias: left in place, where loading names it
+    for bias in (torch.zeros(2), torch.tensor(3)):
+        weights = weights_from_state_dict({"logit_bias": bias})
+        assert weights.logit_bias is None and torch.equal(weights.state_dict["logit_bias"], bias)
+
+
+def test_what_a_checkpoint_dict_is_taken_for(tmp_path: Path) -> None:
+    from clip.weights_file import read_weights
+
+    state = {"visual.proj": torch.zeros(2, 2)}
+    cases = {
+        # an epoch and a config: not open_clip's layout (which records no config)
+        "epoch_and_config": ({"epoch": 3, "state_dict": state, "config": {}}, None, None, None),
+        "open_clip": ({"epoch": 3, "state_dict": state}, "an open_clip training checkpoint", None, None),
+        # a step only counts in our trainer's format, and only as a whole number (True is no step)
+        "bool_step": ({"format": "clip-pretrain/1", "step": True, "model": state}, None, None, None),
+        "int_step": ({"format": "clip-pretrain/1", "step": 7, "model": state}, None, 7, None),
+        # loss_parameters' logit_bias is a SigLIP bias only when it is one number
+        "vector_bias": ({"model": state, "loss_parameters": {"logit_bias": torch.zeros(3)}}, None, None, None),
+        "scalar_bias": ({"model": state, "loss_parameters": {"logit_bias": torch.tensor([-2.0])}}, None, None, -2.0),
+    }
+    for name, (saved, origin, step, bias) in cases.items():
+        torch.save(saved, tmp_path / f"{name}.pt")
+        weights = read_weights(tmp_path / f"{name}.pt")
+        assert (weights.open_clip_origin, weights.step) == (origin, step), name
+        assert (None if weights.logit_bias is None else weights.logit_bias.item()) == bias, name

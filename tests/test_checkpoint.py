@@ -330,3 +330,44 @@ def test_a_run_whose_only_checkpoint_is_a_fifo_cannot_resume_and_is_told_why(tmp
     with pytest.raises(ckpt.NoReadableCheckpointError, match=r"step_00000020\.pt: ValueError: .* is a FIFO"):
         finishes_within(lambda: ckpt.latest_readable_checkpoint(tmp_path), fifo)
     assert stat.S_ISFIFO(fifo.lstat().st_mode)
+
+
+def test_keep_last_below_one_keeps_only_the_new_save(tmp_path):
+    for step in (1, 2, 3):
+        save(tmp_path, step)
+    save(tmp_path, 4, keep_last=0)
+    assert steps(tmp_path) == [4]
+
+
+def test_checkpoints_are_ordered_by_step_also_past_eight_digits_and_other_names_are_ignored(tmp_path):
+    save(tmp_path, 99_999_999)
+    save(tmp_path, 100_000_000)  # "step_100000000.pt" sorts below "step_99999999.pt" as a name
+    folder = tmp_path / ckpt.CHECKPOINT_DIR
+    for name in ("step_1.pt", "step_00000005.pt.bak", "step_00000006.pt~", "xstep_00000007.pt"):
+        (folder / name).write_bytes(b"")
+    assert steps(tmp_path) == [100_000_000, 99_999_999]
+    assert ckpt.load_latest_checkpoint(tmp_path)["step"] == 100_000_000
+
+
+def test_rank_seeds_differ_by_rank_and_by_the_step_a_run_resumes_at():
+    assert [ckpt.rank_seed(7, rank) for rank in range(3)] == [7, 8, 9]  # a new run: seed + rank
+    resumed = {(rank, step): ckpt.rank_seed(7, rank, step) for rank in range(3) for step in (5, 6)}
+    assert len(set(resumed.values())) == 6 and not set(resumed.values()) & {7, 8, 9}
+    assert ckpt.rank_seed(7, 1, 5) == ckpt.rank_seed(7, 1, 5)
+
+
+def test_the_captured_rng_state_replays_every_generator():
+    import random
+
+    import numpy as np
+
+    outside = ckpt.capture_rng_state()  # given back at the end: other tests' draws stay as they were
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(), np.random.random(5), np.random.normal(), torch.rand(2)  # mid-stream, gaussians cached
+    state = ckpt.capture_rng_state()
+    drawn = (random.gauss(), np.random.random(3).tolist(), np.random.normal(), torch.rand(3).tolist())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    ckpt.restore_rng_state(state)
+    replayed = (random.gauss(), np.random.random(3).tolist(), np.random.normal(), torch.rand(3).tolist())
+    ckpt.restore_rng_state(outside)
+    assert replayed == drawn

@@ -371,3 +371,38 @@ def test_the_captured_rng_state_replays_every_generator():
     replayed = (random.gauss(), np.random.random(3).tolist(), np.random.normal(), torch.rand(3).tolist())
     ckpt.restore_rng_state(outside)
     assert replayed == drawn
+
+
+def _whole_resume_state(ranks: int = 2) -> dict:
+    config = {section: {} for section in ("model", "loss", "optimizer", "train")}
+    return {"step": 0, "model": {}, "config": config, "optimizer": {}, "scaler": {},
+            "rng": [ckpt.capture_rng_state() for _ in range(ranks)], "data": [{} for _ in range(ranks)]}
+
+
+def test_incomplete_entries_names_what_a_resume_lacks_for_each_rank():
+    from clip.resume import incomplete_entries
+
+    assert incomplete_entries(_whole_resume_state()) == []
+    state = _whole_resume_state()
+    state["step"] = -1
+    assert incomplete_entries(state) == ["'step' is -1, not a step count"]
+    state = _whole_resume_state()
+    state["data"].append({})
+    assert incomplete_entries(state) == ["'rng' holds 2 ranks' states but 'data' 3"]
+    state = _whole_resume_state()
+    del state["rng"][1]["numpy_pos"], state["rng"][1]["torch"]
+    assert incomplete_entries(state) == ["'rng' of rank 1 lacks 'numpy_pos', 'torch'"]
+
+
+def test_a_refused_entry_is_named_in_one_line_without_torchs_source_lines():
+    from clip.resume import ResumeRefused, entry_restored
+
+    cpp = "size mismatch for w:\n  copying a param\nException raised from copy_ at /torch/x.cpp:12\nframe #0: ..."
+    with pytest.raises(ResumeRefused) as refused, entry_restored("the model's weights", Path("run"), 4):
+        raise RuntimeError(cpp)
+    message = str(refused.value)
+    assert "\n" not in message and "Exception raised" not in message and "frame" not in message
+    assert "(RuntimeError: size mismatch for w: copying a param); move it aside" in message
+    with pytest.raises(ResumeRefused) as refused, entry_restored("the data state", Path("run"), 4):
+        raise ValueError("x" * 1000)
+    assert f"ValueError: {'x' * 400}...)" in str(refused.value) and "x" * 401 not in str(refused.value)

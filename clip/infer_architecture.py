@@ -126,7 +126,13 @@ def _count_blocks(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
     if numbers != {str(index) for index in range(len(numbers))}:
         # The first five absent indices are below len + 5; listing every index up to the largest one built
         # a set of 10**11 indices for a 1 KB file with one key of block 99999999999
-        missing = [index for index in range(len(numbers) + 5) if str(index) not in numbers][:5]
+        # Only indices below the largest one present are missing ({0, 2, 3, 4} lacks block 1, not 5 to 8 too)
+        digits = max((number.lstrip("0") or "0" for number in numbers), key=lambda number: (len(number), number))
+        below = len(numbers) + 5 if len(digits) > len(str(len(numbers) + 5)) else int(digits)
+        missing = [index for index in range(min(below, len(numbers) + 5)) if str(index) not in numbers][:5]
+        if not missing:  # every index there, one also written another way: "01" beside "1"
+            odd = sorted(number for number in numbers if number.startswith("0") and number != "0")[:5]
+            raise ArchitectureInferenceError(f"{prefix} has block numbers written with leading zeros: {odd}")
         raise ArchitectureInferenceError(f"{prefix} has {len(numbers)} numbered blocks but lacks block(s) {missing}")
     return len(numbers)
 

@@ -1115,6 +1115,23 @@ def test_inference_refuses_an_mlp_width_no_float_ratio_of_the_width_gives() -> N
         infer_model_config(state)
 
 
+@pytest.mark.parametrize(("blocks", "refusal"), [
+    (["0", "2", "3", "4"], "has 4 numbered blocks but lacks block(s) [1]"),
+    (["1", "2"], "has 2 numbered blocks but lacks block(s) [0]"),
+    (["0", "1", "3", "12"], "has 4 numbered blocks but lacks block(s) [2, 4, 5, 6, 7]"),
+    (["0", "1", "01"], "has block numbers written with leading zeros: ['01']"),
+], ids=["one gap", "no block 0", "gaps past the count", "leading zero"])
+def test_inference_names_only_the_blocks_that_are_missing(blocks: list[str], refusal: str) -> None:
+    # The first five indices from 0 not present were listed, also past the largest one: blocks 0, 2, 3 and 4
+    # were said to lack blocks 1, 5, 6, 7 and 8
+    from clip.infer_architecture import _count_blocks
+
+    with pytest.raises(ArchitectureInferenceError) as raised:
+        _count_blocks({f"transformer.resblocks.{block}.ln_1.weight": torch.zeros(1) for block in blocks},
+                      "transformer.resblocks")
+    assert str(raised.value) == f"transformer.resblocks {refusal}"
+
+
 def test_a_prefix_only_some_keys_have_is_not_a_wrapper_prefix() -> None:
     from clip.weights_file import weights_from_state_dict
 

@@ -245,6 +245,19 @@ def test_class_names_listed_in_another_order_than_the_folders_are_refused(tmp_pa
         names_file.unlink()
 
 
+def test_class_names_that_rename_a_folder_after_another_renamed_folder_are_read_as_given(tmp_path):
+    # Folders cat and wild_cat named "house cat" and "cat": entry 2 is the name of folder cat, but that
+    # folder's own name is listed nowhere, so the file gives its own names in label order, not another order
+    write_image_folder(tmp_path / "val", {"cat": 1, "wild_cat": 1})
+    (tmp_path / "val" / "classnames.txt").write_text("house cat\ncat\n")
+    config = ZeroShotDatasetConfig(name="cats", kind="imagefolder", root=str(tmp_path), split="val")
+    assert load_classification_data(config, None).classnames == ["house cat", "cat"]
+    # Listed in another order, the same names are still refused
+    (tmp_path / "val" / "classnames.txt").write_text("wild cat\ncat\n")
+    with pytest.raises(ValueError, match=r"entry 1 is 'wild cat', the name of class folder 'wild_cat'"):
+        load_classification_data(config, None)
+
+
 def test_splits_can_share_one_labelling(tmp_path):
     write_image_folder(tmp_path, {"ant": 1, "cat": 1})
     dataset = ImageFolderDataset(tmp_path, class_folders=["ant", "bee", "cat"])

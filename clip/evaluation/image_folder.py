@@ -108,15 +108,20 @@ def refuse_names_in_another_order(classnames: Sequence[str], class_folders: Sequ
     """Class names are listed in label order, the sorted order of the class folders. A list written in
     another order (as the classes came to mind: cat, dog, bird) gives each folder another class's prompts,
     and the accuracy comes out near 0 without a word. An entry that is the name of another class folder
-    than its own shows that order: refused, naming the entry and where it belongs. `source`: the file read."""
+    than its own, while its own folder's name is listed at another entry, shows that order: refused, naming
+    the entry and where it belongs. `source`: the file read."""
     readable = [name.lower() for name in classnames_from_folders(class_folders, warn=False)]
     label_of = {name: label for label, name in enumerate(readable) if readable.count(name) == 1}
     keys = [name.replace("_", " ").strip().lower() for name in classnames]
+    listed = set(keys)
     for label, (name, key) in enumerate(zip(classnames, keys, strict=True)):
         other = label_of.get(key)
         # Not where the other folder's own entry names it too: that is a name given twice, which
-        # warn_about_duplicate_classnames reports
-        if other is not None and other != label and key != readable[label] and keys[other] != key:
+        # warn_about_duplicate_classnames reports. Nor where this folder's own name is listed nowhere: a file
+        # may rename a folder after another whose entry it renamed too (folders cat, wild_cat named
+        # "house cat", "cat"), which is an order of its own choosing, not another order.
+        if (other is not None and other != label and key != readable[label] and keys[other] != key
+                and readable[label] in listed):
             raise ValueError(
                 f"{source}: entry {label + 1} is {name!r}, the name of class folder {class_folders[other]!r} "
                 f"(label {other}), but label {label} is folder {class_folders[label]!r}: class names are listed "

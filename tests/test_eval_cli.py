@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import clip
 from clip.architectures import ModelConfig, TextConfig, VisionConfig
@@ -386,6 +387,26 @@ def test_retrieval_refuses_a_split_for_a_manifest(tmp_path, monkeypatch, capsys)
         f"clip-retrieval: --split 'val': {tmp_path / 'm.csv'} is a manifest, whose rows are all evaluated; --split "
         "selects a split of a Karpathy JSON file (write the split's rows to a manifest of their own)\n"
     )
+
+
+def test_retrieval_takes_an_empty_split_for_a_manifest(tmp_path, monkeypatch, capsys):
+    # --split '' asks for every image, which is what a manifest gives: a job script passing --split "$SPLIT"
+    # for files of both kinds was refused
+    class ModelReached(Exception):
+        pass
+
+    def model_reached(*args):
+        raise ModelReached
+
+    monkeypatch.setattr(retrieval_cli, "load_model", model_reached)
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "m.csv").write_text("image,caption\na.png,a\nb.png,b\n")
+    argv = ["--model", "ViT-B/32", "--annotations", str(tmp_path / "m.csv"), "--split", "", "--device", "cpu",
+            "--output-dir", str(tmp_path / "out")]
+    with pytest.raises(ModelReached):
+        retrieval_cli.main(argv)
+    assert "--split" not in capsys.readouterr().err
 
 
 def test_an_offline_download_is_a_one_line_error(capsys):

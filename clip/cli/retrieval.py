@@ -89,8 +89,9 @@ def evaluate(args: argparse.Namespace) -> int:
         max_images=args.max_images,
         caption_template=args.caption_template,
     )
-    if args.split is not None and annotations_format(dataset) == "manifest":
-        # Ignored, it evaluated every row of the manifest under the name of a split
+    if args.split and annotations_format(dataset) == "manifest":
+        # Ignored, it evaluated every row of the manifest under the name of a split. Not '' (every image), which
+        # is what a manifest gives: a job script passing --split "$SPLIT" for files of both kinds
         raise ValueError(
             f"--split {args.split!r}: {dataset.annotations} is a manifest, whose rows are all evaluated; --split "
             "selects a split of a Karpathy JSON file (write the split's rows to a manifest of their own)"

@@ -65,6 +65,11 @@ def optimizer_parameter_names(named_parameters: list[tuple[str, nn.Parameter]], 
     return [name for names in parameter_groups(named_parameters, decay_embeddings) for name in names]
 
 
+class OptimizerStateMismatch(ValueError):
+    """A checkpoint's optimizer state does not fit the model: groups of other sizes, state for a parameter the
+    model lacks, a moment of another shape."""
+
+
 def load_optimizer_state(
     optimizer: torch.optim.Optimizer,
     saved: dict,
@@ -88,7 +93,7 @@ def load_optimizer_state(
         saved_groups = parameter_groups(named_parameters, saved_decay_embeddings, include_frozen=True)
         saved_sizes = [len(group["params"]) for group in saved["param_groups"]]
         if saved_sizes != [len(names) for names in saved_groups]:
-            raise ValueError(
+            raise OptimizerStateMismatch(
                 f"the checkpoint's optimizer groups hold {saved_sizes} parameters, but this model grouped with "
                 f"decay_embeddings={saved_decay_embeddings} gives {[len(names) for names in saved_groups]}"
             )
@@ -99,13 +104,13 @@ def load_optimizer_state(
     for index, value in saved["state"].items():
         name = saved_names[int(index)]
         if name not in parameters:
-            raise ValueError(f"the checkpoint's optimizer has state for {name!r}, which this model does not have")
+            raise OptimizerStateMismatch(f"the checkpoint's optimizer has state for {name!r}, which this model does not have")
         if name not in current_index:  # a parameter this run does not train
             left_out.append(name)
             continue
         for key, tensor in value.items():  # moments are parameter-shaped; step counts are scalars
             if isinstance(tensor, torch.Tensor) and tensor.dim() and tensor.shape != parameters[name].shape:
-                raise ValueError(
+                raise OptimizerStateMismatch(
                     f"the checkpoint's optimizer state {key!r} of {name!r} has shape {tuple(tensor.shape)}, the "
                     f"parameter {tuple(parameters[name].shape)}"
                 )

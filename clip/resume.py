@@ -19,7 +19,7 @@ from .config_io import ConfigError, differences
 from .data import data_state_for_other_world_size, data_state_for_rank
 from .data.config import synthetic_sample_count
 from .distributed import DistributedInfo, from_rank_zero, raise_on_every_rank, ranks_phrase
-from .optim import learning_rate, load_optimizer_state
+from .optim import OptimizerStateMismatch, learning_rate, load_optimizer_state
 from .train_step import ContrastiveModel
 
 log = logging.getLogger(__name__)
@@ -134,18 +134,18 @@ def restore_training_state(
             module.logit_bias.data.copy_(state["loss_parameters"]["logit_bias"])
     # This run's groups and hyperparameters, the checkpoint's moments (torch's load_state_dict would
     # restore the saved weight decay, betas and eps over a changed config's)
-    try:
-        with entry_restored("its 'optimizer' entry", run_dir, step):
+    with entry_restored("its 'optimizer' entry", run_dir, step):
+        try:
             left_out = load_optimizer_state(
                 optimizer, state["optimizer"], list(module.named_parameters()),
                 saved_names=state.get("optimizer_parameter_names"),  # absent from checkpoints before 2026-11-30
                 decay_embeddings=config.optimizer.decay_embeddings,
                 saved_decay_embeddings=with_decay_embeddings(state["config"])["optimizer"]["decay_embeddings"],
             )
-    except ResumeRefused:
-        raise
-    except ValueError as error:  # load_optimizer_state's own refusals, which say what does not match
-        raise ResumeRefused(f"{run_dir}: {error}") from error
+        except OptimizerStateMismatch as error:
+            # Said as they are, without entry_restored's "move it aside": the run's earlier checkpoints have
+            # the same layout
+            raise ResumeRefused(f"{run_dir}: {error}") from error
     if left_out and dist_info.is_main:
         log.warning("optimizer state of %d parameters this run does not train (locked) left out", len(left_out))
     if state["scaler"]:  # empty when the checkpoint's run had no fp16 loss scaling

@@ -1772,3 +1772,20 @@ def test_a_checkpoint_whose_entries_cannot_be_restored_is_refused_in_one_line(
     error = capsys.readouterr().err.strip()
     assert re.search(rf"^clip-train: {re.escape(str(run_dir))}: the checkpoint of step .*{expected}", error), error
     assert error.endswith("move it aside to resume from an earlier one") and "\n" not in error
+
+
+def test_an_optimizer_state_of_other_shapes_is_said_without_sending_the_user_to_an_earlier_checkpoint(
+    stopped_run, tmp_path, capsys
+):
+    # The optimizer's own mismatches (a moment of another shape) hold for every checkpoint of the run: the
+    # advice to resume from an earlier one, which the other refusals give, would send the user in circles
+    run_dir = tmp_path / "run"
+    shutil.copytree(stopped_run, run_dir)
+    path = ckpt.list_checkpoints(run_dir)[0][1]
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    _first_moments(state)["exp_avg"] = torch.zeros(3, 3)
+    torch.save(state, path)
+    assert main([str(DEMO), *TINY, f"output_dir={run_dir}", "eval.every_n_steps=0"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"clip-train: {re.escape(str(run_dir))}: the checkpoint's optimizer state 'exp_avg' of "
+                        r"'\S+' has shape \(3, 3\), the parameter \(\d+(, \d+)*\)", error), error

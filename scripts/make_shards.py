@@ -70,7 +70,7 @@ def encode_sample(image_path: str, caption: str | None) -> tuple[str, bytes, str
     """(extension, image bytes, caption, size) ready to store, or SkipSample."""
     if caption is None:
         raise SkipSample("missing_caption")
-    text = decode_caption(original_bytes(caption))
+    text = decode_caption(original_bytes(caption), max_chars=None)  # stored whole; the loader cuts what it reads
     try:
         data = Path(image_path).read_bytes()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):

@@ -75,6 +75,18 @@ def test_a_phones_multi_picture_jpeg_is_stored_as_the_jpeg_it_is(tmp_path: Path,
         assert tar.extractfile("000000000.jpg").read() == mpo.getvalue()
 
 
+def test_a_caption_longer_than_the_loader_reads_is_stored_whole(tmp_path: Path) -> None:
+    # The loader cuts a caption to CAPTION_CHARS_KEPT characters before tokenizing; a shard keeps the data
+    from clip.data.decoding import CAPTION_CHARS_KEPT
+
+    (tmp_path / "0.jpg").write_bytes(image_bytes(0))
+    caption = "a long caption " * (CAPTION_CHARS_KEPT // 10)
+    (tmp_path / "0.txt").write_text(caption)
+    assert make_shards_main()([str(tmp_path), str(tmp_path / "out")]) == 0
+    with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
+        assert tar.extractfile("000000000.txt").read().decode() == caption.strip()
+
+
 def test_image_folder_with_caption_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     for i in range(4):
         folder = tmp_path / "photos" / f"album{i % 2}"

@@ -61,9 +61,9 @@ class SkipSample(Exception):
 CAPTION_CHARS_KEPT = 1 << 16
 
 
-def decode_caption(raw: bytes | str) -> str:
-    """UTF-8 bytes (or an already decoded str) -> stripped text, cut to CAPTION_CHARS_KEPT characters;
-    SkipSample for bad or empty captions."""
+def decode_caption(raw: bytes | str, max_chars: int | None = CAPTION_CHARS_KEPT) -> str:
+    """UTF-8 bytes (or an already decoded str) -> stripped text, cut to `max_chars` characters (None: whole,
+    as make_shards stores it); SkipSample for bad or empty captions."""
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8")
@@ -72,7 +72,7 @@ def decode_caption(raw: bytes | str) -> str:
     text = raw.strip()
     if not text:
         raise SkipSample("empty_caption")
-    return text[:CAPTION_CHARS_KEPT]
+    return text if max_chars is None else text[:max_chars]
 
 
 @contextlib.contextmanager

@@ -201,6 +201,10 @@ def test_jpeg_draft_decodes_at_reduced_size_but_not_below_target() -> None:
     assert open_image(data, None, draft_size=224).size == (500, 375)  # 1/2 would be 188 < 224
     assert open_image(data, None, draft_size=90).size == (125, 94)  # 1/4 keeps both sides >= 90
     assert open_image(data, None, draft_size=None).size == (500, 375)
+    # Many phones' JPEGs hold a second picture, which Pillow names MPO: decoded at reduced size as well
+    multi = io.BytesIO()
+    rgb_image((500, 375)).save(multi, format="MPO", save_all=True, append_images=[rgb_image((500, 375))])
+    assert open_image(multi.getvalue(), None, draft_size=90).size == (125, 94)
 
 
 def test_skip_log_is_rate_limited(caplog: pytest.LogCaptureFixture) -> None:

@@ -99,7 +99,7 @@ def open_image(data: bytes, max_pixels: int | None, draft_size: int | None) -> I
         image = Image.open(io.BytesIO(data), formats=_formats())
         if max_pixels is not None and image.width * image.height > max_pixels:
             raise SkipSample("decompression_bomb", f"{image.width}x{image.height} pixels")
-        if draft_size is not None and image.format == "JPEG":
+        if draft_size is not None and image.format in ("JPEG", "MPO"):  # MPO: a phone's JPEG with more pictures
             image.draft(image.mode, (draft_size, draft_size))
         image.load()
         return image

@@ -270,6 +270,19 @@ def test_manifest_rows_are_grouped_by_image(tmp_path, suffix):
     assert [p.name for p in data.image_paths] == names and data.caption_image == [0, 0, 0, 1]
 
 
+def test_a_split_named_for_a_manifest_is_refused(tmp_path):
+    # A manifest has no splits: split = "val" in an [[eval.retrieval]] table evaluated every row of it
+    names = write_images(tmp_path, 2)
+    (tmp_path / "m.csv").write_text(f"image,caption\n{names[0]},a\n{names[1]},b\n")
+    config = RetrievalDatasetConfig(annotations=str(tmp_path / "m.csv"), split="val")
+    with pytest.raises(ValueError, match=re.escape(
+            f"retrieval dataset 'm': split = 'val', but {tmp_path / 'm.csv'} is a manifest, whose rows are all "
+            "evaluated; a split selects images of a Karpathy JSON file")):
+        load_retrieval_data(config)
+    for every_row in ("test", ""):  # the default, and "every image"
+        assert len(load_retrieval_data(dataclasses.replace(config, split=every_row)).captions) == 2
+
+
 def test_a_caption_template_wraps_every_caption_as_the_paper_did(tmp_path):
     from clip.config_io import ConfigError
 

@@ -230,6 +230,12 @@ def annotations_format(config: RetrievalDatasetConfig) -> Literal["karpathy", "m
 def load_retrieval_data(config: RetrievalDatasetConfig) -> RetrievalData:
     if not config.annotations:
         raise ValueError("a retrieval dataset needs `annotations`")
+    if annotations_format(config) == "manifest" and config.split not in ("test", ""):  # not the default or "all"
+        # Ignored, it evaluated every row of the manifest under the name of a split
+        raise ValueError(
+            f"retrieval dataset {config.resolved_name()!r}: split = {config.split!r}, but {config.annotations} is a "
+            "manifest, whose rows are all evaluated; a split selects images of a Karpathy JSON file"
+        )
     if annotations_format(config) == "karpathy":
         data = read_karpathy_json(config.annotations, config.image_root or None, config.split)
     else:

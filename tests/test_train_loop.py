@@ -1670,6 +1670,33 @@ def test_a_second_sigterm_is_the_same_request_but_a_second_ctrl_c_stops_at_once(
             os.kill(os.getpid(), signal.SIGINT)
 
 
+def test_an_abandoned_evaluation_is_raised_once_and_its_cleanup_runs_through_a_second_signal():
+    # One pre-emption can arrive twice (srun, torchrun): the second copy, arriving while the abandoned
+    # evaluation's cleanup runs (closing its loader's workers), is the same request and must not raise again.
+    from clip.stopping import EvaluationInterrupted, StopRequest
+
+    cleaned_up = False
+    with StopRequest() as stop, pytest.raises(EvaluationInterrupted), stop.interrupting():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+            cleaned_up = True
+    assert cleaned_up and stop.requested
+
+
+def test_a_signal_after_an_inner_abandoned_block_abandons_the_outer_one():
+    # interrupting() blocks nest (an evaluation inside the start of a run): the inner one's end puts the outer
+    # one's exception back, so a signal then abandons the outer block too instead of waiting for a step.
+    from clip.stopping import EvaluationInterrupted, SetupInterrupted, StopRequest
+
+    with StopRequest() as stop, pytest.raises(SetupInterrupted), stop.interrupting(SetupInterrupted):
+        with pytest.raises(EvaluationInterrupted), stop.interrupting(EvaluationInterrupted):
+            os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        pytest.fail("the signal after the inner block did not abandon the outer one")
+
+
 def test_the_first_ctrl_c_says_that_a_second_stops_without_saving(caplog):
     # A second Ctrl-C, pressed while the stop's checkpoint was written, lost the steps since the last one with a
     # traceback; nothing had said what it would do.

@@ -14,7 +14,16 @@ from PIL import Image
 from test_data_helpers import build, caption_of, captions, image_bytes, take
 
 from clip.data import SourceConfig
-from clip.data.decoding import SkipLog, SkipSample, decode_caption, open_image, pil_pixel_limit, upright_rgb
+from clip.data.decoding import (
+    IMAGE_EXTENSIONS,
+    SkipLog,
+    SkipSample,
+    decode_caption,
+    find_member,
+    open_image,
+    pil_pixel_limit,
+    upright_rgb,
+)
 from clip.data.transform import (
     BatchImageWriter,
     PixelNormalizer,
@@ -154,6 +163,28 @@ def test_open_image_classifies_failures() -> None:
     assert Image.MAX_IMAGE_PIXELS == previous
 
 
+def test_an_image_of_exactly_max_image_pixels_is_decoded() -> None:
+    # max_image_pixels is the most an image may have, as PIL's own limit (its warning is for more than it): an
+    # image of exactly that many pixels is used, one more pixel is a decompression_bomb.
+    data = encoded(rgb_image((24, 20)), "PNG")
+    with pil_pixel_limit(24 * 20):
+        assert open_image(data, 24 * 20, draft_size=None).size == (24, 20)
+    with pil_pixel_limit(24 * 20 - 1), pytest.raises(SkipSample) as error:
+        open_image(data, 24 * 20 - 1, draft_size=None)
+    assert error.value.kind == "decompression_bomb"
+
+
+def test_a_shard_samples_named_member_comes_before_the_usual_extensions() -> None:
+    # image_column names the member to use: a sample with a full-size .png and a .jpg thumbnail gives the .png
+    # when image_column = "png", though .jpg comes first among the image extensions; a field that is no
+    # member's bytes (webdataset's __key__ and __url__ are str) is passed over
+    sample = {"__key__": "k", "__url__": "s.tar", "jpg": b"thumbnail", "png": b"full size"}
+    assert find_member(sample, "png", IMAGE_EXTENSIONS) == b"full size"
+    assert find_member(sample, "jpeg", IMAGE_EXTENSIONS) == b"thumbnail"
+    assert find_member(sample, "__key__", IMAGE_EXTENSIONS) == b"thumbnail"
+    assert find_member(sample, "__url__", ("txt",)) is None
+
+
 def test_repairs_give_upright_rgb() -> None:
     for name, (make, repair) in REPAIRED.items():
         repairs: list[str] = []
@@ -214,6 +245,16 @@ def test_skip_log_is_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
             log.record("truncated", "src", f"file{i}", "detail")
         log.record("not_an_image", "src", "x", "")
     assert len(caplog.records) == 2
+    # Each line says how many were skipped since the one before it: the first, so far
+    caplog.clear()
+    log = SkipLog(interval_s=0, where="test")
+    with caplog.at_level(logging.WARNING, logger="clip.data.decoding"):
+        log.record("truncated", "src", "file0", "")
+        log.record("truncated", "src", "file1", "")
+    assert [record.getMessage() for record in caplog.records] == [
+        "test: skipped 1 truncated sample(s) so far; latest from src: file0",
+        "test: skipped 1 truncated sample(s) in the last 0s; latest from src: file1",
+    ]
 
 
 def test_batch_writer_matches_image_transform() -> None:

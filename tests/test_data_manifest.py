@@ -205,6 +205,14 @@ def test_a_bare_carriage_return_in_a_caption_does_not_split_its_row(tmp_path: Pa
     path = tmp_path / "train.csv"
     path.write_bytes(b'image,caption\na.jpg,"quoted\rone"\nb.jpg,bare\rone\n')
     assert captions_of(path) == ["quoted\rone", "bare\rone"]
+    # Also in the last line when the file does not end in a line break: such a file was refused, "unexpected end
+    # of data" taken for a quote left open
+    path.write_bytes(b"image,caption\na.jpg,first\nb.jpg,bare\rlast")
+    assert captions_of(path) == ["first", "bare\rlast"]
+    path.write_bytes(b'image,caption\na.jpg,first\nb.jpg,"quoted\rlast"')
+    assert captions_of(path) == ["first", "quoted\rlast"]
+    (tmp_path / "last.tsv").write_bytes(b"image\tcaption\na.jpg\tfirst\nb.jpg\tbare\rlast")
+    assert captions_of(tmp_path / "last.tsv") == ["first", "bare\rlast"]
     # A file whose rows end in "\r" alone (Excel for Mac's CSV) reads as before
     path.write_bytes(b'image,caption\ra.jpg,"two\rlines"\rb.jpg,plain\r')
     assert captions_of(path) == ["two\rlines", "plain"]

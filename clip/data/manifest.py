@@ -85,7 +85,10 @@ def _bare_cr_escaped(lines: Iterator[str]) -> Iterator[str]:
         # run of them (20,000 in a field: 5 s; a 1 MB run: hours)
         end = len(line) - 1 if line.endswith("\n") else len(line)
         inside = line[:end].rstrip("\r")
-        yield inside.replace("\r", _CR_ESCAPE + "\r") + line[len(inside):]
+        # A last line without a line break gets one: the reader refuses the end of the data in a record that
+        # holds an escaped "\r" ("unexpected end of data", as for a quote left open)
+        ending = line[len(inside):] if line.endswith("\n") else line[len(inside):] + "\n"
+        yield inside.replace("\r", _CR_ESCAPE + "\r") + ending
 
 
 def _next_row(reader: csv.DictReader) -> dict:

@@ -159,6 +159,52 @@ def test_a_one_class_zero_shot_dataset_is_refused_before_training(tmp_path):
         check_evaluation_datasets(EvalConfig(workers=0, zeroshot=[only_dogs]))
 
 
+def test_a_dataset_is_usable_when_any_of_the_images_tried_reads_and_refused_when_none_does():
+    # Eight images spread over the dataset are tried, and reading stops at the first that decodes: a dataset
+    # whose first images happen to be broken is not refused before training
+    from clip.evaluation.during_training import IMAGES_TRIED, _require_a_readable_image
+    from clip.evaluation.image_files import UnreadableImageError
+
+    tried = []
+
+    def readable_from(first_readable: int):
+        def read(index: int) -> None:
+            tried.append(index)
+            if index < first_readable:
+                raise UnreadableImageError(Path(f"{index}.png"), "not an image")
+        return read
+
+    _require_a_readable_image(readable_from(80), 100, "mostly broken")  # only the last one tried reads
+    assert tried == [0, 12, 25, 37, 50, 62, 75, 87] and IMAGES_TRIED == 8
+    tried.clear()
+    _require_a_readable_image(readable_from(0), 100, "fine")
+    assert tried == [0]
+    with pytest.raises(ValueError, match=r"'broken': none of the 3 images tried can be read, e.g. cannot read image 0.png"):
+        _require_a_readable_image(readable_from(3), 3, "broken")
+    with pytest.raises(ValueError, match="evaluation dataset 'empty' has no images"):
+        _require_a_readable_image(readable_from(0), 0, "empty")
+
+
+def test_a_stop_check_before_a_retrieval_dataset_comes_before_its_data_is_read(tmp_path, monkeypatch):
+    # A retrieval dataset's captions file can be large: a stop asked for during the zero-shot evaluation (or
+    # before this dataset) abandons the evaluation before it is read
+    import clip.evaluation.during_training as during_training
+
+    class Abandon(Exception):
+        pass
+
+    def stop_check():
+        raise Abandon
+
+    def read_retrieval_data(config):
+        pytest.fail("the retrieval data was read after a stop check that abandons the evaluation")
+
+    monkeypatch.setattr(during_training, "load_retrieval_data", read_retrieval_data)
+    config = EvalConfig(workers=0, retrieval=[RetrievalDatasetConfig(name="captions", annotations=str(tmp_path / "c.jsonl"))])
+    with pytest.raises(Abandon):
+        run_evaluations(tiny_clip(), config, device="cpu", stop_check=stop_check)
+
+
 def test_should_evaluate_schedule():
     config = EvalConfig(every_n_steps=50, zeroshot=[ZeroShotDatasetConfig()])
     assert [s for s in range(181) if should_evaluate(config, s, 180)] == [50, 100, 150, 180]

@@ -289,6 +289,44 @@ def test_shards_of_the_same_name_in_two_folders_get_their_own_counts(tmp_path: P
     data.close()
 
 
+def test_counts_from_img2dataset_stats_and_an_index_keyed_by_url_need_no_readable_shard(tmp_path: Path) -> None:
+    # Neither source of counts opens the tar: the shards here do not exist yet (on a remote store, say)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "00000_stats.json").write_text(json.dumps({"count": 9, "successes": 7}))
+    assert shard_sizes([str(tmp_path / "a" / "00000.tar")]).tolist() == [7]
+    # One index for two folders' shards of the same name: keyed by the URLs as written
+    urls = [str(tmp_path / "b" / "0.tar"), str(tmp_path / "c" / "0.tar")]
+    index = tmp_path / "index.json"
+    index.write_text(json.dumps({urls[0]: 5, urls[1]: 8}))
+    assert shard_sizes(urls, size_index=str(index)).tolist() == [5, 8]
+    # Stats without a number of successes (a run that failed before writing it) give no count: the tar is counted
+    pattern = write_shards(tmp_path / "d", 3, 3)
+    (tmp_path / "d" / "sizes.json").unlink()
+    (tmp_path / "d" / "s-000000_stats.json").write_text(json.dumps({"count": 3}))
+    assert shard_sizes(expand_shard_pattern(pattern)).tolist() == [3]
+
+
+def test_a_windows_path_is_local_and_named_by_its_file_name() -> None:
+    # "C:" is a drive letter, not a URL scheme
+    assert shard_name(r"C:\shards\00001.tar") == "00001.tar"
+    assert shard_name("C:/shards/00002.tar") == "00002.tar"
+
+
+def test_a_member_without_an_extension_is_no_sample_when_counting_or_skipping(tmp_path: Path) -> None:
+    # A README or LICENSE file put into a shard by hand is no sample: it neither adds to the shard's count nor
+    # takes the place of one skipped on the way to a range's start
+    from clip.data.shards import count_tar_samples
+
+    path = tmp_path / "with-readme.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in [("a.jpg", b"1"), ("a.txt", b"one"), ("README", b"notes"), ("b.jpg", b"2"), ("b.txt", b"two")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert count_tar_samples(str(path)) == 2
+    assert [sample["txt"] for sample in read_shard_range(str(path), 1, 1)] == [b"two"]
+
+
 def test_a_shard_longer_than_its_index_is_reported(tmp_path: Path, caplog) -> None:
     pattern = write_shards(tmp_path, 8, 4)
     (tmp_path / "sizes.json").write_text(json.dumps({"s-000000.tar": 3, "s-000001.tar": 4}))  # stale: 3 for 4

@@ -58,6 +58,16 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path: Path, suffi
     assert manifest.image_path(0).endswith("0.jpg")
 
 
+def test_image_paths_are_read_relative_to_the_manifests_folder_or_kept_when_absolute(tmp_path: Path) -> None:
+    (tmp_path / "lists").mkdir()
+    path = tmp_path / "lists" / "train.csv"
+    elsewhere = tmp_path / "images" / "b.jpg"
+    path.write_text(f"image,caption\nsub/a.jpg,one\n{elsewhere},two\n")
+    manifest = read_manifest(str(path))
+    assert manifest.image_path(0) == str(tmp_path.resolve() / "lists" / "sub" / "a.jpg")
+    assert manifest.image_path(1) == str(elsewhere)
+
+
 @pytest.mark.parametrize("suffix, encoding", [(".tsv", "utf-16"), (".csv", "utf-16"), (".jsonl", "utf-16"),
                                              (".tsv", "utf-32")])
 def test_a_utf16_manifest_is_named_as_such(tmp_path: Path, suffix: str, encoding: str) -> None:

@@ -523,14 +523,44 @@ def test_an_integer_past_pythons_digit_limit_is_a_config_error(tmp_path):
         ("section.lr=" + "9" * 400, r"section\.lr: 9{60}\.\.\. \(400 characters\) is too large for a number"),
         ("section.steps=" + "9" * 25, r"section\.steps: 9{25} is too large \(integers must fit in 64 bits\)"),
         ("section.steps=-9223372036854775809", r"too large \(integers must fit in 64 bits\)"),
+        ("section.steps=9223372036854775808", r"section\.steps: 9223372036854775808 is too large"),
     ],
-    ids=["float", "int", "negative int"],
+    ids=["float", "int", "negative int", "one past int64"],
 )
 def test_numbers_beyond_64_bits_are_config_errors(override, message):
     # float(10**400) raised a bare OverflowError; 25-digit integers were accepted and failed later, deep in torch
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override], Schema)
     assert load_config(None, ["section.steps=9223372036854775807"], Schema).section.steps == 2**63 - 1
+    assert load_config(None, ["section.steps=-9223372036854775808"], Schema).section.steps == -(2**63)
+
+
+def test_none_may_be_written_with_spaces_and_in_any_case():
+    for written in ('"none"', '"None"', '" NONE "', '"none\\t"'):
+        assert load_config(None, [f"section.clip_norm={written}"], Schema).section.clip_norm is None, written
+
+
+def test_a_tuple_of_fixed_length_takes_each_position_in_its_own_type():
+    from clip.config_io import _coerce
+
+    assert _coerce([1, "a"], tuple[float, str], "pair") == (1.0, "a")
+    with pytest.raises(ConfigError, match=r"pair: expected 2 values, got 3"):
+        _coerce([1, "a", "b"], tuple[float, str], "pair")
+    with pytest.raises(ConfigError, match=r"pair\[1\]: expected a string, got 2"):
+        _coerce([1, 2], tuple[float, str], "pair")
+
+
+def test_true_is_no_number():
+    # bool is an int in Python: lr = true read as 1.0
+    with pytest.raises(ConfigError, match=r"section\.lr: expected a number, got True"):
+        load_config(None, ["section.lr=true"], Schema)
+
+
+def test_a_value_is_shown_whole_up_to_60_characters():
+    from clip.config_io import _short
+
+    assert _short("x" * 58) == repr("x" * 58)  # 60 characters with its quotes
+    assert _short("x" * 59) == repr("x" * 59)[:60] + "... (61 characters)"
 
 
 def test_the_schedule_kinds_give_the_rates_they_describe():

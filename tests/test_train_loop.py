@@ -388,6 +388,70 @@ def test_metrics_jsonl_is_strict_json_with_null_for_non_finite_figures(tmp_path)
     assert record == {"step": 1, "loss": None, "grad_norm": None, "data": {"x": [1.5, None]}}
 
 
+def test_a_resume_drops_the_later_records_and_a_reevaluation_the_evaluation_of_its_step(tmp_path):
+    # Steps after the checkpoint run again, and so does its step's evaluation when it is evaluated again: each
+    # would be in metrics.jsonl twice. The training record of the checkpoint's step stays, as does a torn line's
+    # step (dropped: it is after any checkpoint).
+    from clip.run_log import RunLog, read_metrics
+
+    records = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 2, "zeroshot/x/top1": 0.5},
+               {"step": 3, "loss": 1.0}]
+    lines = "".join(json.dumps(record) + "\n" for record in records) + '{"step": 4, "lo'
+    (tmp_path / "metrics.jsonl").write_text(lines)
+    RunLog(tmp_path, tensorboard=False, resumed_at=2).close()
+    assert read_metrics(tmp_path) == records[:3]
+    RunLog(tmp_path, tensorboard=False, resumed_at=2, reevaluated=True).close()
+    assert read_metrics(tmp_path) == records[:2]
+
+
+def test_weights_and_biases_gets_the_finite_numbers_of_a_record_by_their_slash_joined_names(tmp_path):
+    # A skipped step's non-finite loss is null in metrics.jsonl and left out of the charts; the step is the
+    # x axis, not a chart of its own; flags (booleans) and text are no charts either
+    from clip.run_log import RunLog
+
+    fake = FakeWandb()
+    run_log = RunLog(tmp_path, tensorboard=False, wandb_run=fake)
+    run_log.write({"step": 3, "loss": float("nan"), "lr": 1e-4, "grad_norm": math.inf, "skipped": True,
+                   "note": "text", "data": {"samples": 24, "wait": {"fraction": 0.25}}})
+    run_log.close()
+    assert fake.logged == [(3, {"lr": 1e-4, "data/samples": 24, "data/wait/fraction": 0.25})]
+    assert fake.finished == 1
+
+
+def test_a_resume_hides_the_tensorboard_events_of_the_steps_that_run_again_only(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from clip.run_log import RunLog
+
+    first = RunLog(tmp_path, tensorboard=True)
+    for step in (1, 2, 3):
+        first.write({"step": step, "loss": float(step)})
+    first.close()
+    resumed = RunLog(tmp_path, tensorboard=True, resumed_at=2)
+    resumed.write({"step": 3, "loss": 30.0})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(event.step, event.value) for event in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_temporaries_of_a_file_are_its_dot_name_pid_tmp_files_only(tmp_path):
+    from clip.run_log import temporaries_of
+
+    for name in (".x.pt.12.tmp", ".x.pt.34.tmp.bak", ".x.pt.abc.tmp", ".x.pt.7.tmp~", "x.pt.5.tmp", ".y.pt.6.tmp"):
+        (tmp_path / name).write_text("")
+    assert temporaries_of(tmp_path / "x.pt") == [(tmp_path / ".x.pt.12.tmp", 12)]
+
+
+def test_strict_json_writes_a_one_element_tensor_as_its_number():
+    from clip.run_log import strict_json
+
+    assert strict_json({"lr": torch.tensor([2.5]), "n": torch.tensor(3), "path": Path("a")}) == (
+        '{"lr": 2.5, "n": 3, "path": "a"}'
+    )
+
+
 def test_results_json_is_strict_json_too(tmp_path, monkeypatch):
     # A diverged model's final evaluation records NaN: results.json held a bare NaN, which jq refuses
     import clip.train as train_module

@@ -535,3 +535,24 @@ def test_downloads_waiting_for_one_that_cannot_reach_the_server_fail_with_it(
     monkeypatch.undo()
     assert download(source_file.as_uri(), GOOD_SHA256, root=cache, progress=False) == cache / "weights.bin"
     assert files_in(cache) == ["weights.bin"]
+
+
+def test_a_lock_file_removed_between_opening_and_locking_it_is_opened_again(tmp_path, monkeypatch):
+    # The holder removes its lock file on the way out, while holding it: a process that opened the old file
+    # and locked it just after would hold a lock nobody else sees, and two downloads would write side by side
+    path = tmp_path / ".x.pt.lock"
+    real_flock, calls = fcntl.flock, []
+
+    def removed_before_the_first_lock(descriptor, operation):
+        calls.append(operation)
+        if len(calls) == 1:
+            path.unlink()
+        return real_flock(descriptor, operation)
+
+    monkeypatch.setattr(clip.download.fcntl, "flock", removed_before_the_first_lock)
+    descriptor, waited_since = clip.download._take_lock(path, tmp_path, "x.pt")
+    try:
+        assert len(calls) == 2 and waited_since is None
+        assert os.fstat(descriptor).st_ino == os.stat(path).st_ino
+    finally:
+        os.close(descriptor)

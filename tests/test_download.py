@@ -556,3 +556,16 @@ def test_a_lock_file_removed_between_opening_and_locking_it_is_opened_again(tmp_
         assert os.fstat(descriptor).st_ino == os.stat(path).st_ino
     finally:
         os.close(descriptor)
+
+
+def test_a_lock_file_gone_meanwhile_is_a_sign_of_life_now(tmp_path):
+    # Its holder finished or failed just now: no reason to take the download over as a dead one's
+    before = time.time()
+    assert clip.download._last_sign_of_life(tmp_path / ".x.pt.lock", tmp_path, "x.pt") >= before
+
+
+def test_the_cache_folder_variable_may_start_with_a_tilde(tmp_path, monkeypatch):
+    # As written in a job script's quotes (CLIP_CACHE_DIR="~/models"), which no shell expands
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("CLIP_CACHE_DIR", "~/models")
+    assert cache_dir() == tmp_path / "models"

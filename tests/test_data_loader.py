@@ -455,3 +455,35 @@ def test_a_signal_left_with_the_held_handler_after_the_block_takes_its_default_a
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == -signal.SIGTERM, result.stderr[-500:]
+
+
+def test_dirty_data_with_long_runs_of_bad_rows_between_usable_ones_goes_on(tmp_path: Path) -> None:
+    # One usable row in 1200 (the rest name missing files): a run of skips between two uses is up to two
+    # passes long, which is dirty data, not unusable data. Neither the early limit for data of which nothing
+    # could be used yet (1000 rows) nor a count of misses that is not reset by a use may stop it.
+    manifest = write_manifest(tmp_path, range(1))
+    rows = manifest.read_text() + "".join(f"images/missing-{i}.jpg,row {i}\n" for i in range(1199))
+    manifest.write_text(rows)
+    data = build([SourceConfig(kind="manifest", path=str(manifest))], batch_size=1)
+    try:
+        assert [texts for _, texts in take(data, 4)] == [[caption_of(0)]] * 4
+    finally:
+        data.close()
+
+
+def test_only_a_caption_longer_than_the_context_is_counted_as_cut() -> None:
+    # A caption that fills the context exactly (its end token in the last slot) is whole, not caption_truncated
+    from types import SimpleNamespace
+
+    from test_data_helpers import ByteTokenizer
+
+    from clip.data.stream import _BatchBuilder
+
+    builder = object.__new__(_BatchBuilder)
+    builder.settings = SimpleNamespace(context_length=24)
+    builder.stream = SimpleNamespace(tokenizer=ByteTokenizer())
+    meta: dict = {"counts": {}}
+    texts = ["a" * 22, "b" * 23, "c"]  # 24 tokens with the start and end tokens, 25, 3
+    tokens = builder._tokenize(texts, [(0, "src"), (0, "src"), (1, "src")], meta)
+    assert tokens.shape == (3, 24)
+    assert meta["counts"] == {0: {"src": {"samples": 0, "skipped": {}, "repaired": {"caption_truncated": 1}}}}

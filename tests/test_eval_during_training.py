@@ -205,6 +205,23 @@ def test_a_stop_check_before_a_retrieval_dataset_comes_before_its_data_is_read(t
         run_evaluations(tiny_clip(), config, device="cpu", stop_check=stop_check)
 
 
+def test_checking_the_datasets_warns_about_them_only_when_told(monkeypatch):
+    # The trainer checks the datasets on every rank, with warn on rank 0 alone: each rank warned alike
+    import clip.evaluation.during_training as during_training
+
+    warned = []
+    load = during_training.load_classification_data
+
+    def recording(config, transform, warn=True):
+        warned.append(warn)
+        return load(config, transform, warn=warn)
+
+    monkeypatch.setattr(during_training, "load_classification_data", recording)
+    shapes = ZeroShotDatasetConfig(name="shapes", kind="synthetic", num_samples=4, image_size=32)
+    during_training.check_evaluation_datasets(EvalConfig(workers=0, zeroshot=[shapes]), warn=False)
+    assert warned == [False]
+
+
 def test_should_evaluate_schedule():
     config = EvalConfig(every_n_steps=50, zeroshot=[ZeroShotDatasetConfig()])
     assert [s for s in range(181) if should_evaluate(config, s, 180)] == [50, 100, 150, 180]

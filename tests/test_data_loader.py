@@ -420,6 +420,18 @@ def test_random_crops_differ_between_epochs_and_the_center_crop_does_not(tmp_pat
     assert (differing >= 4) if varies else (differing == 0)
 
 
+@pytest.mark.parametrize("augment", ["random_square_crop", True])
+def test_random_crops_differ_between_the_samples_of_one_batch(tmp_path: Path, augment) -> None:
+    # Eight rows of one image: with the sample's index left out of the crop's seed, every sample that a worker
+    # reads in an epoch got the same crop box, and the batch held eight copies of one crop
+    manifest = write_manifest(tmp_path / "m", range(1))
+    manifest.write_text("image,caption\n" + "".join(f"images/0.jpg,{caption_of(i)}\n" for i in range(8)))
+    data = build([SourceConfig(kind="manifest", path=str(manifest))], batch_size=8, augment=augment)
+    images, _ = take(data, 1)[0]
+    data.close()
+    assert len({images[i].numpy().tobytes() for i in range(8)}) >= 3  # 5 places along the width, or more
+
+
 def test_a_signal_met_by_the_held_handler_after_the_block_goes_to_the_handler_it_held_for():
     # Put back one signal at a time: one whose handler raised while the other was not yet put back left that
     # other with the noting handler for good, its signals noted and never acted on

@@ -207,13 +207,18 @@ def _jsonl_rows(path: str, image_column: str, caption_column: str) -> Iterator[t
             yield (image, caption) if ok else None
 
 
+def is_json_lines(path: str | Path) -> bool:
+    """Whether the manifest at `path` is read as JSON Lines (a .jsonl suffix, in any case), which has no header."""
+    return Path(path).suffix.lower() == ".jsonl"
+
+
 def manifest_rows(
     path: str, image_column: str, caption_column: str, separator: str = "", quoting: str = "auto"
 ) -> Iterator[tuple | None]:
     """(image path, caption) per row as the file has them (str, possibly with surrogates), or None for a row
     without a usable image path or caption field. Raises ValueError for an unknown format or missing columns."""
     suffix = Path(path).suffix.lower()
-    if suffix == ".jsonl":
+    if is_json_lines(path):
         return _jsonl_rows(path, image_column, caption_column)
     if separator or suffix in _SEPARATORS:
         return _delimited_rows(path, separator or _SEPARATORS[suffix], image_column, caption_column, quoting)

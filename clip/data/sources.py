@@ -18,7 +18,7 @@ from PIL import Image
 
 from .config import SourceConfig, synthetic_sample_count
 from .decoding import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, SkipSample, find_member
-from .manifest import read_manifest
+from .manifest import is_json_lines, read_manifest
 from .sampling import SlotPlan, SourceLayout
 from .shards import MissingSample, expand_shard_pattern, read_shard_range, require_webdataset, shard_name, shard_sizes
 
@@ -74,7 +74,7 @@ class ManifestSource:
         if len(self.manifest) == 0:  # alone, the planner's error blamed the workers; in a mix, nothing was said
             dropped = self.manifest.bad_rows
             # A JSON Lines file has no header: an empty one has no rows
-            empty = "it has no rows" if config.path.lower().endswith(".jsonl") else "it has a header and no rows"
+            empty = "it has no rows" if is_json_lines(config.path) else "it has a header and no rows"
             why = f"all {dropped} of its rows are malformed" if dropped else empty
             raise ValueError(f"data source {name}: manifest {config.path} has no samples: {why}")
         self.layout = SourceLayout(len(self.manifest), config.weight)

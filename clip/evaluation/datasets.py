@@ -216,8 +216,9 @@ def load_classification_data(
         # A classnames_file replaces the names read from the folders (below): no warning about those then.
         folder_warnings = warn and not config.classnames_file
         # A split's own classnames.txt, else one beside the splits (<root>/classnames.txt, shared by them)
-        shared_names = Path(config.root) / "classnames.txt"
-        use_shared = config.split and not (folder / "classnames.txt").is_file() and shared_names.is_file()
+        own_names, shared_names = folder / "classnames.txt", Path(config.root) / "classnames.txt"
+        has_own_names = own_names.is_file()  # which ImageFolderDataset reads, given no names
+        use_shared = config.split and not has_own_names and shared_names.is_file()
         if config.classnames_file:
             # Stand-ins, one per class folder, for the file's names (checked and put in below): a classnames.txt
             # that the file replaces is not read, so one left stale (of another length) is no error
@@ -228,12 +229,7 @@ def load_classification_data(
             folder, transform, classnames=names, class_folders=class_folders, warn=folder_warnings
         )
         classnames = dataset.classes
-        if config.classnames_file:
-            names_file = config.classnames_file
-        elif use_shared:
-            names_file = shared_names
-        elif (folder / "classnames.txt").is_file():  # the file ImageFolderDataset read, given no names
-            names_file = folder / "classnames.txt"
+        names_file = config.classnames_file or (shared_names if use_shared else own_names if has_own_names else "")
     else:
         raise ValueError(f"unknown dataset kind {config.kind!r}")
 

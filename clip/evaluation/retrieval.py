@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from clip.cuda_backends import ieee_float32_matmul
-from clip.data.manifest import FIELD_LIMIT, MANIFEST_SUFFIXES, manifest_rows
+from clip.data.manifest import FIELD_LIMIT, MANIFEST_SUFFIXES, is_json_lines, manifest_rows
 
 from .config import RetrievalDatasetConfig
 from .features import (
@@ -182,7 +182,7 @@ def _manifest_pair(
     use; an evaluation set is read whole or not at all, so such a row is an error naming it."""
     caption = row[1].strip() if row else ""
     if not caption:
-        jsonl = path.suffix.lower() == ".jsonl"
+        jsonl = is_json_lines(path)
         needs = "needs to be a JSON object with" if jsonl else "needs"
         # The reader hands over no reason for a row it could not split: a 300 KB caption read as an empty one
         malformed = "" if row or jsonl else (
@@ -230,13 +230,14 @@ def annotations_format(config: RetrievalDatasetConfig) -> Literal["karpathy", "m
 def load_retrieval_data(config: RetrievalDatasetConfig) -> RetrievalData:
     if not config.annotations:
         raise ValueError("a retrieval dataset needs `annotations`")
-    if annotations_format(config) == "manifest" and config.split not in ("test", ""):  # not the default or "all"
+    kind = annotations_format(config)
+    if kind == "manifest" and config.split not in ("test", ""):  # not the default or "all"
         # Ignored, it evaluated every row of the manifest under the name of a split
         raise ValueError(
             f"retrieval dataset {config.resolved_name()!r}: split = {config.split!r}, but {config.annotations} is a "
             "manifest, whose rows are all evaluated; a split selects images of a Karpathy JSON file"
         )
-    if annotations_format(config) == "karpathy":
+    if kind == "karpathy":
         data = read_karpathy_json(config.annotations, config.image_root or None, config.split)
     else:
         data = read_caption_manifest(

@@ -88,11 +88,9 @@ def locked_module(config: ModelConfig, lock: str | None, kind: str = "clip", che
 
 # ---- the temperature's bound ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("extra", "bound"), [(["loss.max_logit_scale=10"], 10.0),
-                                              (["loss.kind=siglip", "loss.max_logit_scale=5"], 5.0)])
-def test_max_logit_scale_bounds_the_first_steps_logits_too(tmp_path, monkeypatch, extra, bound):
-    # The initial temperature (1 / 0.07 = 14.3, SigLIP's 10) was clamped only after the first update, so the
-    # first step's logits were scaled by more than loss.max_logit_scale allows.
+def record_logit_multipliers(monkeypatch, push_up: float = 0.0) -> list[float]:
+    """The trainer's loss records exp(logit_scale) of every step in the list returned; `push_up` > 0 subtracts
+    push_up * logit_scale from the loss, so that every update asks for a larger temperature."""
     import clip.train as trainer
 
     multipliers = []
@@ -104,12 +102,22 @@ def test_max_logit_scale_bounds_the_first_steps_logits_too(tmp_path, monkeypatch
 
         def recording_forward(image_features, text_features, logit_scale, logit_bias=None):
             multipliers.append(logit_scale.detach().exp().item())
-            return forward(image_features, text_features, logit_scale, logit_bias)
+            loss, metrics = forward(image_features, text_features, logit_scale, logit_bias)
+            return loss - push_up * logit_scale, metrics
 
         loss_fn.forward = recording_forward
         return loss_fn
 
     monkeypatch.setattr(trainer, "build_loss", recording_build_loss)
+    return multipliers
+
+
+@pytest.mark.parametrize(("extra", "bound"), [(["loss.max_logit_scale=10"], 10.0),
+                                              (["loss.kind=siglip", "loss.max_logit_scale=5"], 5.0)])
+def test_max_logit_scale_bounds_the_first_steps_logits_too(tmp_path, monkeypatch, extra, bound):
+    # The initial temperature (1 / 0.07 = 14.3, SigLIP's 10) was clamped only after the first update, so the
+    # first step's logits were scaled by more than loss.max_logit_scale allows.
+    multipliers = record_logit_multipliers(monkeypatch)
     train(config_of(tmp_path, *extra))
     assert len(multipliers) == 2 and max(multipliers) <= bound * (1 + 1e-6), multipliers
 
@@ -117,24 +125,7 @@ def test_max_logit_scale_bounds_the_first_steps_logits_too(tmp_path, monkeypatch
 def test_max_logit_scale_bounds_the_temperature_after_every_step(tmp_path, monkeypatch):
     # A loss that always asks for a larger temperature: every update moves logit_scale past the bound, and
     # the trainer must clamp it back after each optimiser step, not only before the first one.
-    import clip.train as trainer
-
-    multipliers = []
-    build = trainer.build_loss
-
-    def build_loss_pushing_the_temperature_up(*args, **kwargs):
-        loss_fn = build(*args, **kwargs)
-        forward = loss_fn.forward
-
-        def pushing_forward(image_features, text_features, logit_scale, logit_bias=None):
-            multipliers.append(logit_scale.detach().exp().item())
-            loss, metrics = forward(image_features, text_features, logit_scale, logit_bias)
-            return loss - 100 * logit_scale, metrics
-
-        loss_fn.forward = pushing_forward
-        return loss_fn
-
-    monkeypatch.setattr(trainer, "build_loss", build_loss_pushing_the_temperature_up)
+    multipliers = record_logit_multipliers(monkeypatch, push_up=100)
     train(config_of(tmp_path, "loss.max_logit_scale=10", "schedule.steps=3", "optimizer.lr=0.1"))
     assert len(multipliers) == 3 and max(multipliers) <= 10 * (1 + 1e-6), multipliers
     assert trained_state(tmp_path)["logit_scale"].exp().item() == pytest.approx(10.0)

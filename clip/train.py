@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
-from .config import TrainConfig, to_dict, to_toml
+from .config import TrainConfig, TrainLoopConfig, to_dict, to_toml
 from .cpu_memory import freed_memory_kept
 from .cuda_backends import configure_cuda_backends
 from .data import (
@@ -232,6 +232,110 @@ def wait_for_device(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def configure_process(train_config: TrainLoopConfig, device: torch.device, on_exit: contextlib.ExitStack) -> None:
+    """The process-wide settings the run asks for, each undone by `on_exit` where the process outlives the run."""
+    if train_config.threads:
+        # The process's setting: put back when the run ends, for the notebook or test that called train()
+        on_exit.callback(torch.set_num_threads, torch.get_num_threads())
+        torch.set_num_threads(train_config.threads)
+    if device.type == "cpu" and train_config.keep_freed_cpu_memory:
+        # Process-wide malloc settings for the run's length; the data-loader workers, forked later, inherit them
+        if on_exit.enter_context(freed_memory_kept()):
+            log.info("CPU run: malloc keeps freed memory for reuse (train.keep_freed_cpu_memory)")
+    if device.type == "cuda":
+        configure_cuda_backends(allow_tf32=train_config.tf32)
+
+
+def build_training_module(config: TrainConfig, device: torch.device) -> ContrastiveModel:
+    """A new model as the run trains it (seeded: the same initial weights on every rank), on `device`: towers
+    locked as asked before the optimizer sees the parameters, with SigLIP's bias for that loss."""
+    torch.manual_seed(config.train.seed)
+    clip_model = create_model(config.model)
+    clip_model.set_grad_checkpointing(config.train.grad_checkpointing)
+    clip_model.lock(
+        image=config.train.lock_image, text=config.train.lock_text,
+        image_unlocked_layers=config.train.lock_image_unlocked_layers,
+        text_unlocked_layers=config.train.lock_text_unlocked_layers,
+    )
+    if config.train.patch_dropout:
+        clip_model.set_patch_dropout(config.train.patch_dropout)
+    module = ContrastiveModel(clip_model, with_logit_bias=config.loss.kind == "siglip", trim_text=False).to(device)
+    if config.model.vision.kind == "resnet" and device.type == "cuda":
+        module = module.to(memory_format=torch.channels_last)  # cuDNN's fastest layout for convolutions
+    return module
+
+
+def record_run_start(run_dir: Path, config_dict: dict, resumed: bool, start_step: int) -> None:
+    """Writes the run's config.toml (rank 0, once the run is about to train); a resumed run's earlier
+    results.json, from a finished run now extended (more schedule.steps), is kept as results_step_N.json: it
+    would say "finished", with the earlier step's figures, until the extension finishes."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with replaced_atomically(run_dir / "config.toml") as file:  # a kill mid-write tore it
+        file.write(to_toml(config_dict))
+    earlier_results = run_dir / "results.json"
+    if resumed and earlier_results.exists():
+        # Named after their own step: a resume from below it (the last checkpoint torn) would otherwise
+        # mislabel them, and replace the results an earlier extension kept under that name
+        ended_at = results_step(earlier_results, default=start_step)
+        kept = earlier_results.with_name(f"results_step_{ended_at}.json")
+        earlier_results.replace(kept)
+        log.info("the results of the run's end at step %d are now %s", ended_at, kept)
+
+
+def set_training_modes(train_module: nn.Module, clip_model: nn.Module, train_config: TrainLoopConfig) -> None:
+    """Training mode, but a locked tower stays in eval mode (evaluations restore each module's own mode): a
+    ResNet's BatchNorm keeps its (loaded) running statistics. The top of a partly locked tower trains."""
+    train_module.train()
+    if train_config.lock_image:
+        clip_model.visual.eval()
+    if train_config.lock_text:
+        for tower_module in clip_model.text_tower():
+            tower_module.eval()
+    for tower in ("image", "text"):
+        for tower_module in clip_model.tower_top(tower, getattr(train_config, f"lock_{tower}_unlocked_layers"))[0]:
+            tower_module.train()
+
+
+def diverged(in_a_row: int, step: int, run_dir: Path, saved_step: int | None) -> NonFiniteLossError:
+    """The error that stops a run after `in_a_row` non-finite steps, with what is kept and what to try."""
+    # No periodic checkpoint is written during such a run of steps, so the latest one holds the weights from
+    # before it (one written by a stop within it: the skipped steps left the weights as they were)
+    kept = (f"the latest checkpoint, {ckpt.checkpoint_path(run_dir, saved_step)}, holds the weights from before "
+            f"them and is kept" if saved_step is not None else "no checkpoint was written before them")
+    return NonFiniteLossError(
+        f"{in_a_row} non-finite losses or gradients in a row at step {step}; stopping: {kept}. Try a lower "
+        f"optimizer.lr, precision=bf16 instead of fp16, or a smaller loss.max_logit_scale."
+    )
+
+
+class LoggingWindow:
+    """The steps since the last logged one: the samples and FLOPs they trained and where their time went.
+    Seconds spent saving and evaluating (`paused`) are left out of the window's throughput and MFU, which
+    measure training: an ImageNet evaluation would otherwise halve the next logged samples_per_s."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start()
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+        self.samples = 0
+        self.flops = 0.0
+        self.data_wait_s = 0.0  # host seconds spent waiting for the data loader's next batch
+        self.paused_s = 0.0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        started = wait_for_device(self.device)  # the training kernels queued before it are training time
+        yield
+        self.paused_s += wait_for_device(self.device) - started
+
+    def training_seconds(self) -> float:
+        # The host runs ahead of the GPU: without waiting, the window would end before its last steps' kernels
+        # ran, and throughput and MFU would read too high.
+        return wait_for_device(self.device) - self.started - self.paused_s
+
+
 def train(config: TrainConfig, stop_at_step: int | None = None) -> dict:
     """Runs (or resumes) the run described by `config`; returns the final metrics.
 
@@ -293,31 +397,10 @@ def _train(
     device = dist_info.device
     if config.logging.wandb:
         require_wandb()
-    if config.train.threads:
-        # The process's setting: put back when the run ends, for the notebook or test that called train()
-        on_exit.callback(torch.set_num_threads, torch.get_num_threads())
-        torch.set_num_threads(config.train.threads)
-    if device.type == "cpu" and config.train.keep_freed_cpu_memory:
-        # Process-wide malloc settings for the run's length; the data-loader workers, forked later, inherit them
-        if on_exit.enter_context(freed_memory_kept()):
-            log.info("CPU run: malloc keeps freed memory for reuse (train.keep_freed_cpu_memory)")
-    if device.type == "cuda":
-        configure_cuda_backends(allow_tf32=config.train.tf32)
+    configure_process(config.train, device, on_exit)
     config_dict = to_dict(config)
 
-    torch.manual_seed(config.train.seed)  # the same initial weights on every rank
-    clip_model = create_model(config.model)
-    clip_model.set_grad_checkpointing(config.train.grad_checkpointing)
-    clip_model.lock(  # before the optimizer sees them
-        image=config.train.lock_image, text=config.train.lock_text,
-        image_unlocked_layers=config.train.lock_image_unlocked_layers,
-        text_unlocked_layers=config.train.lock_text_unlocked_layers,
-    )
-    if config.train.patch_dropout:
-        clip_model.set_patch_dropout(config.train.patch_dropout)
-    module = ContrastiveModel(clip_model, with_logit_bias=config.loss.kind == "siglip", trim_text=False).to(device)
-    if config.model.vision.kind == "resnet" and device.type == "cuda":
-        module = module.to(memory_format=torch.channels_last)  # cuDNN's fastest layout for convolutions
+    module = build_training_module(config, device)
     optimizer = build_optimizer(list(module.named_parameters()), config.optimizer, device)
     # Saved beside the optimizer state; fixed for the run (groups and locks do not change while it trains)
     optimizer_names = optimizer_parameter_names(list(module.named_parameters()), config.optimizer.decay_embeddings)
@@ -389,19 +472,7 @@ def _train(
     if dist_info.is_main and not already_finished:
         # Written once the run's data is set up too: a refused resume, or a start whose data cannot be used
         # (a mistyped path), leaves the run's recorded config and results alone.
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with replaced_atomically(run_dir / "config.toml") as file:  # a kill mid-write tore it
-            file.write(to_toml(config_dict))
-        earlier_results = run_dir / "results.json"
-        if resumed and earlier_results.exists():
-            # A finished run extended (more schedule.steps): results.json would say "finished" until the
-            # extension finishes, with the earlier step's figures
-            # Named after their own step: a resume from below it (the last checkpoint torn) would otherwise
-            # mislabel them, and replace the results an earlier extension kept under that name
-            ended_at = results_step(earlier_results, default=start_step)
-            kept = earlier_results.with_name(f"results_step_{ended_at}.json")
-            earlier_results.replace(kept)
-            log.info("the results of the run's end at step %d are now %s", ended_at, kept)
+        record_run_start(run_dir, config_dict, resumed, start_step)
     global_batch = config.train.batch_size * dist_info.world_size
     # None where unknown: no MFU then
     peak = peak_flops(device, autocast_dtype or torch.float32, tf32=config.train.tf32)
@@ -432,20 +503,12 @@ def _train(
     # The step of this run's latest checkpoint, the same on every rank; a resumed run's is on disk already.
     saved_at = {"step": start_step if resumed else None}
 
-    # Seconds spent saving and evaluating in the current logging window: left out of its throughput and MFU,
-    # which measure training (an ImageNet evaluation would otherwise halve the next logged samples_per_s).
-    paused_s = {"value": 0.0}
-
-    @contextlib.contextmanager
-    def not_training() -> Iterator[None]:
-        started = wait_for_device(device)  # the training kernels queued before it are training time
-        yield
-        paused_s["value"] += wait_for_device(device) - started
+    window = LoggingWindow(device)
 
     def save(step: int, metrics: dict, evaluation_owed: bool = False) -> None:
         # Every rank contributes its RNG state and data position; rank 0 writes the file. evaluation_owed: this
         # step's periodic evaluation was skipped or abandoned for a signal; the resumed run makes it up.
-        with not_training():
+        with window.paused():
             saved_at["step"] = step
             failure = None
             rng_states = gather_objects(ckpt.capture_rng_state(), dist_info)
@@ -507,7 +570,7 @@ def _train(
             interrupting, stop_check = stop.interrupting(), None
         if dist_info.is_distributed:
             broadcast_buffers_from_rank_zero(module)  # the model evaluated is the one rank 0 saves
-        with interrupting, not_training():
+        with interrupting, window.paused():
             results = run_evaluations(
                 module.clip, config.eval, device=device, tokenizer=tokenizer, step=step, dist_info=dist_info,
                 stop_check=stop_check, warn_about_data=False,  # said once, by check_evaluation_datasets
@@ -532,21 +595,10 @@ def _train(
     # would give a diverged run another max_consecutive_nonfinite steps
     nonfinite_in_a_row = metrics_so_far.get("nonfinite_steps_in_a_row", 0)
     last_metrics = {key: value for key, value in metrics_so_far.items() if key != "nonfinite_steps_in_a_row"}
-    window_start, window_samples, window_flops = time.perf_counter(), 0, 0.0
-    window_data_wait = 0.0  # host seconds spent waiting for the data loader's next batch in the window
+    window.start()
     step = start_step
 
-    # A locked tower stays in eval mode (evaluations restore each module's own mode): a ResNet's BatchNorm
-    # keeps its (loaded) running statistics; the top of a partly locked one trains
-    train_module.train()
-    if config.train.lock_image:
-        module.clip.visual.eval()
-    if config.train.lock_text:
-        for tower_module in module.clip.text_tower():
-            tower_module.eval()
-    for tower in ("image", "text"):
-        for tower_module in module.clip.tower_top(tower, getattr(config.train, f"lock_{tower}_unlocked_layers"))[0]:
-            tower_module.train()
+    set_training_modes(train_module, module.clip, config.train)
     batch_norm_statistics = BatchNormSnapshot(module)  # those that train: put back when a step is skipped
     # A tower locked whole computes the same features in accumulation's caching and gradient passes: reused
     locked_whole = {
@@ -569,13 +621,13 @@ def _train(
             group["lr"] = lr
         waiting_since = time.perf_counter()
         images, texts = next(batches)
-        window_data_wait += time.perf_counter() - waiting_since
+        window.data_wait_s += time.perf_counter() - waiting_since
         # The texts are cut after the batch's last end-of-text token, a position read here on the host
         # where it costs no GPU sync (the model is built with trim_text=False). The cut is taken after
         # the copy, so the copy stays an asynchronous one from the loader's pinned memory.
         text_length = trimmed_text_length(texts.argmax(dim=-1), texts.shape[-1])
         if peak is not None:
-            window_flops += global_batch * training_flops_per_sample(
+            window.flops += global_batch * training_flops_per_sample(
                 config.model, text_length, config.train.lock_image, config.train.lock_text,
                 config.train.patch_dropout, config.train.lock_image_unlocked_layers,
                 config.train.lock_text_unlocked_layers,
@@ -622,29 +674,17 @@ def _train(
                 log.warning("step %d: non-finite %s (loss %s); step skipped (%d in a row)", step, what_failed,
                             loss.item(), nonfinite_in_a_row)
             if nonfinite_in_a_row >= config.train.max_consecutive_nonfinite:
-                # No periodic checkpoint is written during such a run of steps (see below), so the latest one
-                # holds the weights from before it (one written by a stop within it: the skipped steps left the
-                # weights as they were)
-                kept = (f"the latest checkpoint, {ckpt.checkpoint_path(run_dir, saved_at['step'])}, holds the weights "
-                        f"from before them and is kept" if saved_at["step"] is not None
-                        else "no checkpoint was written before them")
-                raise NonFiniteLossError(
-                    f"{nonfinite_in_a_row} non-finite losses or gradients in a row at step {step}; stopping: "
-                    f"{kept}. Try a lower optimizer.lr, precision=bf16 instead of fp16, or a smaller "
-                    f"loss.max_logit_scale."
-                )
+                raise diverged(nonfinite_in_a_row, step, run_dir, saved_at["step"])
         else:
             nonfinite_in_a_row = 0
             scaler.step(optimizer)
             scaler.update()
             bound_temperature(module.clip, max_log_scale)
-        window_samples += global_batch
+        window.samples += global_batch
 
         if step % config.logging.every_n_steps == 0 or step == last_step:
-            # The host runs ahead of the GPU: without waiting, the window would end before its last steps'
-            # kernels ran, and throughput and MFU would read too high.
-            elapsed = wait_for_device(device) - window_start - paused_s["value"]
-            samples_per_s = window_samples / max(elapsed, 1e-9)
+            elapsed = window.training_seconds()
+            samples_per_s = window.samples / max(elapsed, 1e-9)
             last_metrics = {
                 "step": step,
                 "loss": loss.item(),  # replaced below by the loss averaged over ranks
@@ -654,7 +694,7 @@ def _train(
                 # The most any rank waited, of its window (below); near 0 when the loaders keep up: a data-bound
                 # run's steps wait (more data.workers, faster storage). A slow rank makes the others wait in the
                 # all-reduce instead, so rank 0's own figure would read low.
-                "data_wait_fraction": min(window_data_wait / max(elapsed, 1e-9), 1.0),
+                "data_wait_fraction": min(window.data_wait_s / max(elapsed, 1e-9), 1.0),
                 "images_per_s_per_accelerator": samples_per_s / dist_info.world_size,
                 "nonfinite_steps_total": nonfinite_total,
                 # logit_scale_exp left out: it is the logit_scale above as this step's loss used it, before the
@@ -666,7 +706,7 @@ def _train(
             if scaler.is_enabled():  # fp16: a scale that keeps falling means gradients keep overflowing
                 last_metrics["loss_scale"] = scaler.get_scale()
             if peak is not None:
-                last_metrics["mfu"] = window_flops / max(elapsed, 1e-9) / dist_info.world_size / peak
+                last_metrics["mfu"] = window.flops / max(elapsed, 1e-9) / dist_info.world_size / peak
             # Every rank's data counts, summed, and its wait (a collective: all ranks log at the same steps).
             reports = gather_objects((data.rank_report(), last_metrics["data_wait_fraction"]), dist_info)
             data_stats = merge_rank_reports([report for report, _ in reports])
@@ -677,8 +717,7 @@ def _train(
                     loss=f"{last_metrics['loss']:.3f}", lr=f"{lr:.2e}",
                     scale=f"{last_metrics['logit_scale']:.1f}", samples_s=f"{samples_per_s:.0f}",
                 )
-            window_start, window_samples, window_flops = time.perf_counter(), 0, 0.0
-            window_data_wait, paused_s["value"] = 0.0, 0.0
+            window.start()
         if progress is not None:
             progress.update(1)
 
@@ -735,12 +774,17 @@ def _train(
         if finished and not final.get("evaluation_interrupted"):
             write_results(run_dir / "results.json", final)
             if config.logging.plot:
-                try:
-                    plot_run(run_dir)
-                except OSError as error:  # a full disk: the figures are in metrics.jsonl and results.json
-                    log.warning("no training plot: %s could not be written (%s)", run_dir / "training.png",
-                                error.strerror or error)
+                plot_if_possible(run_dir)
     return final
+
+
+def plot_if_possible(run_dir: Path) -> None:
+    """The run's training.png; a full disk costs only the plot: the figures are in metrics.jsonl and
+    results.json."""
+    try:
+        plot_run(run_dir)
+    except OSError as error:
+        log.warning("no training plot: %s could not be written (%s)", run_dir / "training.png", error.strerror or error)
 
 
 def write_results(path: Path, final: dict) -> None:

@@ -133,6 +133,6 @@ def test_a_cpu_run_keeps_freed_memory_for_its_length_unless_told_not_to(tmp_path
         yield True
         events.append("end")
 
-    monkeypatch.setattr("clip.train.freed_memory_kept", recording)
+    monkeypatch.setattr("clip.run_start.freed_memory_kept", recording)
     train(tiny_config(tmp_path, "schedule.steps=1", "eval.every_n_steps=0", *setting))
     assert events == (["start", "end"] if entered else [])

@@ -22,7 +22,8 @@ from clip import checkpoint as ckpt
 from clip.config import TrainConfig, load_config
 from clip.cli.train import headline, main
 from clip.optim import learning_rate
-from clip.train import BadTrainingInput, NonFiniteLossError, train
+from clip.run_start import BadTrainingInput
+from clip.train import NonFiniteLossError, train
 
 DEMO = Path(__file__).parent.parent / "configs" / "demo.toml"
 
@@ -791,7 +792,7 @@ def test_fine_tuning_starts_from_another_runs_weights_and_resumes_from_its_own(t
 @pytest.mark.parametrize("warmup", [3, 4])
 def test_the_warning_of_a_warmup_as_long_as_the_run_says_what_its_rates_are(tmp_path, caplog, warmup):
     # A warmup of exactly `steps` reaches the peak at the last step; the warning said it never did.
-    from clip.train import warn_about_unlikely_settings
+    from clip.run_start import warn_about_unlikely_settings
 
     config = tiny_config(tmp_path, "schedule.steps=3", f"schedule.warmup_steps={warmup}")
     rates = [learning_rate(step, 1.0, config.schedule) for step in range(3)]
@@ -1612,7 +1613,7 @@ def test_switching_to_fp16_on_resume_starts_a_fresh_loss_scale(tmp_path):
 
 
 def test_a_missing_evaluation_dataset_fails_before_training(tmp_path):
-    from clip.train import BadTrainingInput
+    from clip.run_start import BadTrainingInput
 
     with pytest.raises(BadTrainingInput) as raised:
         train(tiny_config(tmp_path, "eval.zeroshot.0.kind=imagefolder", f"eval.zeroshot.0.root={tmp_path / 'nowhere'}"))

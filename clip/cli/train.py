@@ -28,8 +28,9 @@ from ..loading import ModelNotFoundError
 from ..resume import ResumeRefused
 from ..run_lock import RunDirectoryInUse
 from ..run_log import MissingDependency, RunLogWriteError
+from ..run_start import BadTrainingInput
 from ..stopping import STOPPED_AT_ONCE_EXIT_CODE, STOPPED_EARLY_EXIT_CODE, SetupInterrupted, StoppedAtOnce
-from ..train import BadTrainingInput, NonFiniteLossError, train
+from ..train import NonFiniteLossError, train
 from ..weights_file import WeightsFileError
 from .common import debugging, warnings_as_log_lines
 

@@ -1,0 +1,212 @@
+"""What a training run does before its first step, beside the loop in `clip.train`: the run directory held,
+the process configured, the model built as it trains, a new run's initial weights, the run's config recorded,
+and warnings about settings that run but are most likely not what was meant. Errors in the user's data found
+then are BadTrainingInput, which `clip.cli.train` reports in one line."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import TrainConfig, TrainLoopConfig, to_toml
+from .cpu_memory import freed_memory_kept
+from .cuda_backends import configure_cuda_backends
+from .distributed import DistributedInfo, raise_on_every_rank
+from .loading import load_weights_into
+from .loss import SIGLIP_INITIAL_LOGIT_SCALE
+from .model import create_model
+from .run_lock import RunDirectoryInUse, locked_run_directory
+from .run_log import replaced_atomically
+from .train_step import ContrastiveModel
+from .weights_file import WeightsFileError
+
+log = logging.getLogger("clip.train")
+
+
+class BadTrainingInput(ValueError):
+    """A training or evaluation dataset that cannot be used (a missing manifest or folder, wrong columns, a
+    malformed file, shards without a sample count), found before the first step: `clip.cli.train` reports it in
+    one line, as a bad config. The error that the reading raised is its __cause__."""
+
+
+# What reading the user's data raises for a wrong path or content. Not every OSError: a connection reset
+# or a timeout on an object store is no bad input, and keeps its traceback (a rerun may well succeed).
+TRAINING_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+@contextlib.contextmanager
+def bad_input_reported_as(error_type: type[Exception]):
+    """Turns the errors that a wrong path or file raises (TRAINING_INPUT_ERRORS) into `error_type`, the
+    original chained for CLIP_DEBUG's traceback."""
+    try:
+        yield
+    except TRAINING_INPUT_ERRORS as error:
+        raise error_type(str(error)) from error
+
+
+def warn_about_unlikely_settings(
+    config: TrainConfig, global_batch: int, samples_per_epoch: int, saved_config: dict | None, device: torch.device
+) -> None:
+    """Settings that run but are most likely not what was meant, each named in a warning. saved_config: the
+    resumed checkpoint's, None for a new run."""
+    if device.type == "cpu" and config.train.precision != "fp32":
+        # The GPU recipes' bf16, run on a laptop as written: ViT-B/32 took 100 s a step at batch 4, not 2-5 s
+        log.warning("train.precision = %r on the CPU: autocast to a 16-bit type is only fast on CPUs with native "
+                    "16-bit matrix instructions (AMX, AVX512-BF16); elsewhere it is 20-50x slower than fp32 "
+                    "(measured on an AVX2 CPU). Set train.precision=fp32 unless this CPU has them.",
+                    config.train.precision)
+    schedule = config.schedule
+    # The warmup's step k runs at (k + 1) / warmup_steps of the peak: the last of `steps` reaches it when equal
+    if schedule.warmup_steps > schedule.steps:
+        log.warning("schedule.warmup_steps (%d) > schedule.steps (%d): the learning rate never reaches "
+                    "optimizer.lr (the last step's is %.3g of it)", schedule.warmup_steps, schedule.steps,
+                    schedule.steps / schedule.warmup_steps)
+    elif schedule.warmup_steps == schedule.steps and schedule.kind != "constant":
+        log.warning("schedule.warmup_steps = schedule.steps (%d): the whole run is warmup, the learning rate "
+                    "reaches optimizer.lr at the last step only and the %s decay never starts",
+                    schedule.steps, schedule.kind)
+    if samples_per_epoch < global_batch:
+        log.warning("an epoch holds %d samples, fewer than the global batch of %d: each batch repeats pairs, whose "
+                    "copies are then each other's negatives", samples_per_epoch, global_batch)
+    locked = [f"train.lock_{tower}" for tower in ("image", "text") if getattr(config.train, f"lock_{tower}")]
+    if locked and saved_config is None and config.train.init_weights is None:
+        log.warning("%s without train.init_weights: the locked tower keeps its random initialisation (LiT locks a "
+                    "pretrained one)", locked[0])
+    saved_init_weights = saved_config.get("train", {}).get("init_weights") if saved_config is not None else None
+    if saved_config is not None and config.train.init_weights not in (None, saved_init_weights):  # same: a requeue
+        log.warning("train.init_weights changed to %s, which is not read: a resumed run continues from its own "
+                    "checkpoint (a new --output-dir starts from them)", config.train.init_weights)
+
+
+@contextlib.contextmanager
+def run_directory_held(run_dir: Path, dist_info: DistributedInfo) -> Iterator[None]:
+    """Rank 0 holds the run directory's lock (`clip.run_lock`) while the run lives. The ranks agree on a
+    refusal, or the others would wait for rank 0 in their next collective until it timed out."""
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if dist_info.is_main:
+            try:
+                held.enter_context(locked_run_directory(run_dir))
+            except RunDirectoryInUse as error:  # re-raised below, after the ranks agree
+                refusal = error
+            except OSError as error:  # an output_dir that cannot be created or written: a file, read-only, full
+                refusal = BadTrainingInput(f"cannot use {run_dir} as the run directory: {error}")
+                refusal.__cause__ = error
+        raise_on_every_rank(refusal, dist_info, RunDirectoryInUse(
+            f"rank 0 could not take {run_dir} (its error says why)"
+        ))
+        yield
+
+
+def start_new_run(module: ContrastiveModel, config: TrainConfig, dist_info: DistributedInfo) -> None:
+    """A run without a checkpoint: the initial weights (train.init_weights) and temperature, and each rank's
+    random numbers."""
+    if config.train.init_weights is not None:
+        # Rank 0 alone reads them (one download, one copy in memory): DDP's constructor gives every rank
+        # rank 0's parameters. Copied in place, so the optimizer's references stay valid. The ranks agree
+        # on a failure, or the others would wait for rank 0 in that constructor until it timed out.
+        failure = None
+        if dist_info.is_main:
+            try:
+                log.info("initialised from %s", load_weights_into(module.clip, config.train.init_weights))
+            except Exception as error:  # re-raised below, after the ranks agree
+                failure = error
+        raise_on_every_rank(
+            failure, dist_info, WeightsFileError("rank 0 could not read train.init_weights (its log says why)")
+        )
+    if dist_info.is_main:
+        warn_of_a_literal_tilde_folder(Path(config.output_dir))
+    # The initial weights' SigLIP bias (None for weights trained without one) is the loss's parameter here
+    loaded_bias, module.clip.logit_bias = module.clip.logit_bias, None
+    if config.loss.kind == "siglip":
+        with torch.no_grad():
+            if loaded_bias is not None:  # a SigLIP model goes on from its own temperature and bias
+                module.logit_bias.copy_(loaded_bias)
+            else:  # SigLIP starts from its own temperature, also over weights trained with another loss
+                module.clip.logit_scale.fill_(SIGLIP_INITIAL_LOGIT_SCALE)
+    # Ranks draw different random numbers (patch dropout's masks; the data's crops have seeds of their own)
+    torch.manual_seed(ckpt.rank_seed(config.train.seed, dist_info.rank))
+
+
+def warn_of_a_literal_tilde_folder(run_dir: Path) -> None:
+    """Before "~" in output_dir meant the home folder, a recipe's output_dir = "~/runs/x" (which no shell expands)
+    made a folder named "~" in the current one. A run of that recipe started there, now under the home folder,
+    would start over from step 0 beside its own checkpoints: named here."""
+    try:
+        under_home = run_dir.relative_to(Path.home())
+    except (ValueError, RuntimeError):  # not under the home folder, or no home folder
+        return
+    literal = Path("~") / under_home
+    try:
+        earlier = ckpt.list_checkpoints(literal)
+    except OSError:  # unreadable: a warning's check must not stop the run
+        return
+    if earlier:
+        log.warning("%s starts a new run, but %s (a folder named '~' in the current one, which output_dir = '~/...' "
+                    "made before '~' meant the home folder) holds checkpoints: to continue that run, pass "
+                    "--output-dir %s", run_dir, literal, literal.resolve())
+
+
+def results_step(path: Path, default: int) -> int:
+    """The step a results.json records (the step its run ended at), or `default` if it says none."""
+    try:
+        step = json.loads(path.read_text(encoding="utf-8")).get("step")
+    except (OSError, ValueError, AttributeError):
+        return default
+    return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else default
+
+
+def configure_process(train_config: TrainLoopConfig, device: torch.device, on_exit: contextlib.ExitStack) -> None:
+    """The process-wide settings the run asks for, each undone by `on_exit` where the process outlives the run."""
+    if train_config.threads:
+        # The process's setting: put back when the run ends, for the notebook or test that called train()
+        on_exit.callback(torch.set_num_threads, torch.get_num_threads())
+        torch.set_num_threads(train_config.threads)
+    if device.type == "cpu" and train_config.keep_freed_cpu_memory:
+        # Process-wide malloc settings for the run's length; the data-loader workers, forked later, inherit them
+        if on_exit.enter_context(freed_memory_kept()):
+            log.info("CPU run: malloc keeps freed memory for reuse (train.keep_freed_cpu_memory)")
+    if device.type == "cuda":
+        configure_cuda_backends(allow_tf32=train_config.tf32)
+
+
+def build_training_module(config: TrainConfig, device: torch.device) -> ContrastiveModel:
+    """A new model as the run trains it (seeded: the same initial weights on every rank), on `device`: towers
+    locked as asked before the optimizer sees the parameters, with SigLIP's bias for that loss."""
+    torch.manual_seed(config.train.seed)
+    clip_model = create_model(config.model)
+    clip_model.set_grad_checkpointing(config.train.grad_checkpointing)
+    clip_model.lock(
+        image=config.train.lock_image, text=config.train.lock_text,
+        image_unlocked_layers=config.train.lock_image_unlocked_layers,
+        text_unlocked_layers=config.train.lock_text_unlocked_layers,
+    )
+    if config.train.patch_dropout:
+        clip_model.set_patch_dropout(config.train.patch_dropout)
+    module = ContrastiveModel(clip_model, with_logit_bias=config.loss.kind == "siglip", trim_text=False).to(device)
+    if config.model.vision.kind == "resnet" and device.type == "cuda":
+        module = module.to(memory_format=torch.channels_last)  # cuDNN's fastest layout for convolutions
+    return module
+
+
+def record_run_start(run_dir: Path, config_dict: dict, resumed: bool, start_step: int) -> None:
+    """Writes the run's config.toml (rank 0, once the run is about to train); a resumed run's earlier
+    results.json, from a finished run now extended (more schedule.steps), is kept as results_step_N.json: it
+    would say "finished", with the earlier step's figures, until the extension finishes."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with replaced_atomically(run_dir / "config.toml") as file:  # a kill mid-write tore it
+        file.write(to_toml(config_dict))
+    earlier_results = run_dir / "results.json"
+    if resumed and earlier_results.exists():
+        # Named after their own step: a resume from below it (the last checkpoint torn) would otherwise
+        # mislabel them, and replace the results an earlier extension kept under that name
+        ended_at = results_step(earlier_results, default=start_step)
+        kept = earlier_results.with_name(f"results_step_{ended_at}.json")
+        earlier_results.replace(kept)
+        log.info("the results of the run's end at step %d are now %s", ended_at, kept)

@@ -217,6 +217,28 @@ RELEASED_ARCHITECTURES: dict[str, ModelConfig] = {
 }
 
 
+def release_of_open_clip_name(name: str) -> str | None:
+    """The released architecture that open_clip's model name `name` has the sizes of, or None: open_clip writes
+    "-" for "/", "ViT-L-14-336" for ViT-L/14@336px, and a "-quickgelu" suffix (OpenAI's activation)."""
+    base = name.strip().removesuffix("-quickgelu")
+    for release in RELEASED_ARCHITECTURES:
+        if base.lower() == release.replace("/", "-").replace("@", "-").removesuffix("px").lower():
+            return release
+    return None
+
+
+def _open_clip_name_hint(name: str) -> str | None:
+    """How to build open_clip's model `name` here. Its names without "-quickgelu" are GELU models: the released
+    name that difflib suggested for "ViT-B-32" built QuickGELU, another function, with no word of it."""
+    release = release_of_open_clip_name(name)
+    if release is None:
+        return None
+    if name.strip().endswith("-quickgelu"):
+        return f" open_clip's {name!r} is {release!r} here."
+    return (f" open_clip's {name!r} is {release!r} with GELU: clip.create_model({{**clip.RELEASED_ARCHITECTURES"
+            f"[{release!r}].to_dict(), 'activation': 'gelu'}}) ({release!r} alone is its '-quickgelu' variant).")
+
+
 def get_architecture(name: str) -> ModelConfig:
     try:
         return RELEASED_ARCHITECTURES[name]
@@ -224,7 +246,7 @@ def get_architecture(name: str) -> ModelConfig:
         import difflib
 
         close = difflib.get_close_matches(name, RELEASED_ARCHITECTURES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = _open_clip_name_hint(name) or (f" Did you mean {close[0]!r}?" if close else "")
         raise ValueError(
             f"Unknown architecture {name!r}.{hint} Known: {', '.join(RELEASED_ARCHITECTURES)}"
         ) from None

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from . import download
-from .architectures import RELEASED_ARCHITECTURES, ModelConfig, architecture_differences
+from .architectures import RELEASED_ARCHITECTURES, ModelConfig, architecture_differences, release_of_open_clip_name
 from .infer_architecture import ArchitectureInferenceError, infer_model_config
 from .model import CLIP, convert_to_half_precision
 from .preprocess import TRAINING_ALPHA_BACKGROUND, ImageTransform, image_transform
@@ -329,7 +329,7 @@ def _existing_path(name_or_path: str | Path) -> Path:
         return path
     close = difflib.get_close_matches(str(name_or_path), RELEASED_WEIGHTS, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    release = _release_of_open_clip_name(str(name_or_path))
+    release = release_of_open_clip_name(str(name_or_path))
     if release is not None:  # "ViT-B-32-quickgelu", "ViT-L-14-336": too far from the release's name for difflib
         hint = f" Did you mean {release!r} (open_clip's {str(name_or_path)!r} with pretrained='openai')?"
     if str(name_or_path) in RELEASED_WEIGHTS:  # a Path is a path: Path("RN50") was asked "Did you mean 'RN50'?"
@@ -338,16 +338,6 @@ def _existing_path(name_or_path: str | Path) -> Path:
         f"{str(name_or_path)!r} is neither a released model nor an existing file or directory.{hint} "
         f"Released models: {', '.join(RELEASED_WEIGHTS)}"
     )
-
-
-def _release_of_open_clip_name(name: str) -> str | None:
-    """The released model that open_clip's model name `name` builds with pretrained='openai', or None: open_clip
-    writes "-" for "/", "ViT-L-14-336" for ViT-L/14@336px, and a "-quickgelu" suffix (OpenAI's activation)."""
-    base = name.strip().removesuffix("-quickgelu")
-    for release in RELEASED_WEIGHTS:
-        if base.lower() == release.replace("/", "-").replace("@", "-").removesuffix("px").lower():
-            return release
-    return None
 
 
 def _release_of_file(path: Path) -> str | None:

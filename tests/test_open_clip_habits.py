@@ -1,0 +1,17 @@
+"""What open_clip's users type out of habit: its training flags, its precision names and its model names. Each is
+refused with what to write here instead, not with an error that names nothing to do."""
+
+from __future__ import annotations
+
+import pytest
+
+import clip
+
+
+def test_open_clip_gelu_model_names_are_not_pointed_at_the_quickgelu_architecture():
+    # "Did you mean 'ViT-B/32'?" built OpenAI's QuickGELU model for open_clip's GELU ViT-B-32
+    with pytest.raises(ValueError, match=r"'ViT-B-32' is 'ViT-B/32' with GELU: .*'activation': 'gelu'"):
+        clip.create_model("ViT-B-32")
+    with pytest.raises(ValueError, match=r"'RN50-quickgelu' is 'RN50' here"):
+        clip.create_model("RN50-quickgelu")
+

@@ -115,6 +115,24 @@ def _with_article(name: str) -> str:
     return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
 
 
+# open_clip's --precision values, which people write here: the ones that autocast over float32 weights, as
+# every precision here does, and those that cast the weights themselves, which have no counterpart.
+_OPEN_CLIP_AUTOCAST = {"amp": "fp16", "amp_bf16": "bf16", "amp_bfloat16": "bf16"}
+_OPEN_CLIP_CAST_WEIGHTS = ("pure_bf16", "pure_fp16")
+
+
+def _open_clip_precision_hint(value: Any, allowed: tuple) -> str:
+    """For a precision field (its values are fp32, bf16, fp16), what open_clip's spelling `value` is here."""
+    if set(allowed) != {"fp32", "bf16", "fp16"} or not isinstance(value, str):
+        return ""
+    if value in _OPEN_CLIP_AUTOCAST:
+        return f" (open_clip's {value!r} is {_OPEN_CLIP_AUTOCAST[value]!r} here: autocast over float32 weights)"
+    if value in _OPEN_CLIP_CAST_WEIGHTS:
+        return (f" (open_clip's {value!r} casts the weights themselves, which is not offered: the weights stay "
+                f"float32, and {value.removeprefix('pure_')!r} autocasts over them)")
+    return ""
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Checks `value` against the type `tp` and returns it in that type (e.g. a TOML list as a tuple)."""
     origin = typing.get_origin(tp)
@@ -139,7 +157,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {_short(value)} is not {_with_article(expected)}")
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{where}: {_short(value)} is not one of {', '.join(repr(a) for a in args)}")
+            raise ConfigError(f"{where}: {_short(value)} is not one of {', '.join(repr(a) for a in args)}"
+                              f"{_open_clip_precision_hint(value, args)}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):

@@ -6,6 +6,14 @@ from __future__ import annotations
 import pytest
 
 import clip
+from clip.config import TrainConfig, load_config
+from clip.config_io import ConfigError
+
+
+@pytest.mark.parametrize(("spelling", "here"), [("amp_bf16", "'bf16'"), ("amp", "'fp16'"), ("pure_bf16", "'bf16'")])
+def test_open_clip_precision_names_say_what_they_are_here(spelling, here):
+    with pytest.raises(ConfigError, match=f"open_clip's '{spelling}'.*{here}"):
+        load_config(None, [f"train.precision={spelling}"], TrainConfig)
 
 
 def test_open_clip_gelu_model_names_are_not_pointed_at_the_quickgelu_architecture():

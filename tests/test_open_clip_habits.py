@@ -6,8 +6,27 @@ from __future__ import annotations
 import pytest
 
 import clip
+from clip.cli.train import main
 from clip.config import TrainConfig, load_config
 from clip.config_io import ConfigError
+
+
+def test_open_clip_training_flags_are_refused_naming_each_override(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--train-data", "shards/{00000..00009}.tar", "--batch-size", "64", "--epochs=2", "--lr", "1e-3"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "section.key=value" in error
+    for flag, equivalent in [("--train-data", "a [[data.sources]] table: data.sources.0.kind=shards data.sources.0.path="), ("--batch-size", "train.batch_size="),
+                             ("--epochs", "schedule.steps="), ("--lr", "optimizer.lr=")]:
+        assert f"{flag} -> {equivalent}" in error
+    assert "unrecognized arguments" not in error
+
+
+def test_a_flag_open_clip_does_not_have_keeps_argparse_s_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["configs/demo.toml", "--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("spelling", "here"), [("amp_bf16", "'bf16'"), ("amp", "'fp16'"), ("pure_bf16", "'bf16'")])

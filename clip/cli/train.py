@@ -47,6 +47,75 @@ EPILOG = (
 )
 
 
+# open_clip's training flags that people bring along, and where each setting lives here. Passed to clip-train
+# they were refused as "unrecognized arguments", which named neither the override to write nor that every
+# setting is one: the error now says both.
+OPEN_CLIP_FLAGS = {
+    "--train-data": "a [[data.sources]] table: data.sources.0.kind=shards data.sources.0.path='DIR/{00000..00099}.tar'",
+    "--train-num-samples": "nothing to set for shards with sizes.json or img2dataset's *_stats.json "
+                           "(else data.sources.0.num_samples=N)",
+    "--dataset-type": "data.sources.0.kind=shards (or manifest, for CSV/TSV/JSONL)",
+    "--dataset-resampled": "data.resampled=true",
+    "--csv-img-key": "data.sources.0.image_column=NAME",
+    "--csv-caption-key": "data.sources.0.caption_column=NAME",
+    "--csv-separator": "data.sources.0.separator=SEP",
+    "--val-data": "an [[eval.retrieval]] table (annotations = a CSV/TSV/JSONL manifest)",
+    "--imagenet-val": "an [[eval.zeroshot]] table (kind = \"imagefolder\", root = the folder of class folders)",
+    "--zeroshot-frequency": "eval.every_n_steps=N",
+    "--val-frequency": "eval.every_n_steps=N",
+    "--model": "the config's [model] section (configs/finetune_vit_b32.toml has ViT-B/32's sizes; open_clip's "
+               "ViT-B-32 is those with activation = \"gelu\", ViT-B-32-quickgelu with \"quick_gelu\")",
+    "--pretrained": "train.init_weights=NAME_OR_FILE",
+    "--batch-size": "train.batch_size=N (per process, as in open_clip)",
+    "--epochs": "schedule.steps=N: runs are counted in optimiser steps (epochs x samples per epoch / global batch; "
+                "the run's first lines give both)",
+    "--warmup": "schedule.warmup_steps=N",
+    "--lr": "optimizer.lr=X",
+    "--wd": "optimizer.weight_decay=X",
+    "--beta1": "optimizer.beta1=X",
+    "--beta2": "optimizer.beta2=X",
+    "--eps": "optimizer.eps=X",
+    "--grad-clip-norm": "optimizer.grad_clip_norm=X",
+    "--lr-scheduler": "schedule.kind=cosine|constant|constant_cooldown",
+    "--epochs-cooldown": "schedule.cooldown_steps=N with schedule.kind=constant_cooldown",
+    "--precision": "train.precision=fp32|bf16|fp16 (autocast over float32 weights: open_clip's amp_bf16 "
+                   "is bf16, its amp is fp16)",
+    "--workers": "data.workers=N",
+    "--seed": "train.seed=N",
+    "--accum-freq": "train.accumulation_steps=N",
+    "--grad-checkpointing": "train.grad_checkpointing=true",
+    "--torchcompile": "train.compile=true",
+    "--force-patch-dropout": "train.patch_dropout=P",
+    "--lock-image": "train.lock_image=true",
+    "--lock-text": "train.lock_text=true",
+    # open_clip counts the projection as a group of its own, which an unlocked layer here trains with it
+    "--lock-image-unlocked-groups": "train.lock_image_unlocked_layers=N-1 (for open_clip's N)",
+    "--lock-text-unlocked-layers": "train.lock_text_unlocked_layers=N-1 (for open_clip's N)",
+    "--siglip": "loss.kind=siglip",
+    "--local-loss": "nothing: the loss is always computed per rank with exact gradients",
+    "--gather-with-grad": "nothing: the loss is always computed per rank with exact gradients",
+    "--logs": "--output-dir DIR (the run directory itself)",
+    "--name": "--output-dir DIR (the run directory itself)",
+    "--resume": "nothing: a run started again in its run directory resumes from its latest checkpoint",
+    "--save-frequency": "checkpoint.every_n_steps=N",
+    "--log-every-n-steps": "logging.every_n_steps=N",
+    "--report-to": "logging.wandb=true (TensorBoard events are written when tensorboard is installed)",
+    "--wandb-project-name": "logging.wandb_project=NAME",
+    "--device": "train.device=cpu|cuda",
+}
+
+
+def open_clip_flags_error(argv: list[str]) -> str | None:
+    """What to write instead of the open_clip flags in `argv`, one line each; None when there are none."""
+    named = dict.fromkeys(arg.partition("=")[0] for arg in argv if arg.partition("=")[0] in OPEN_CLIP_FLAGS)
+    if not named:
+        return None
+    lines = [f"  {flag} -> {OPEN_CLIP_FLAGS[flag]}" for flag in named]
+    return ("open_clip's flags are not options here: every setting is a field of the TOML config, set in the file "
+            "or overridden as section.key=value after it (python scripts/train.py CONFIG train.batch_size=64 ...):\n"
+            + "\n".join(lines))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="clip-train",
@@ -58,6 +127,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # default: a `*` positional without one is listed as required when the config is missing
     parser.add_argument("overrides", nargs="*", default=[], metavar="section.key=value",
                         help="type-checked config overrides (below)")
+    open_clip_error = open_clip_flags_error(sys.argv[1:] if argv is None else argv)
+    if open_clip_error is not None:
+        parser.error(open_clip_error)  # usage, the message, exit status 2
     # intermixed: `--output-dir` may come after the positional overrides as well as before them
     return parser.parse_intermixed_args(argv)
 

@@ -174,7 +174,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table of {tp.__name__} fields, got {_short(value)}")
+            hint = getattr(tp, "hint_for_non_table", lambda _: "")(value)  # a schema's word on what to write
+            raise ConfigError(f"{where}: expected a table of {tp.__name__} fields, got {_short(value)}{hint}")
         return from_dict(tp, value, where)
     if tp is bool:
         if isinstance(value, bool):

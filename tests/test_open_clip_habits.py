@@ -42,3 +42,11 @@ def test_open_clip_gelu_model_names_are_not_pointed_at_the_quickgelu_architectur
     with pytest.raises(ValueError, match=r"'RN50-quickgelu' is 'RN50' here"):
         clip.create_model("RN50-quickgelu")
 
+
+
+def test_a_model_name_in_the_config_says_to_write_a_model_table(tmp_path):
+    # open_clip's --model habit; the error named the expected type only
+    config = tmp_path / "named.toml"
+    config.write_text('model = "ViT-B-32"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"write a \[model\] table.*RELEASED_ARCHITECTURES\['ViT-B/32'\].*\"gelu\""):
+        load_config(config, [], TrainConfig)

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 # DownloadError: a released model's weights could not be fetched (offline); its message says what to do.
 USER_ERRORS = (ValueError, OSError, DownloadError)
 DEBUG_VARIABLE = "CLIP_DEBUG"
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a command that Ctrl-C ended
 # The commands' --help epilog.
 ERRORS_HELP = (
     "An input error (a missing file, a malformed annotation file, a value out of range) is reported in one "
@@ -71,7 +72,8 @@ def warnings_as_log_lines() -> Iterator[None]:
 
 def run_command(prog: str, command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Runs `command(args)`; an input error becomes `prog: message` on stderr and exit status 2 (argparse's
-    status for bad usage), preceded by its traceback when CLIP_DEBUG is set. Python warnings are log lines."""
+    status for bad usage), Ctrl-C a line and status 130, each preceded by its traceback when CLIP_DEBUG is set.
+    Python warnings are log lines."""
     try:
         with warnings_as_log_lines():
             return command(args)
@@ -80,6 +82,13 @@ def run_command(prog: str, command: Callable[[argparse.Namespace], int], args: a
             traceback.print_exc()
         print(f"{prog}: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: a traceback of wherever the evaluation happened to be told the user nothing. What the command
+        # wrote before it (results files, cached features) was written whole, each file replaced atomically.
+        if debugging():
+            traceback.print_exc()
+        print(f"{prog}: interrupted; the files it wrote before are kept", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
 
 
 def positive_int(text: str) -> int:

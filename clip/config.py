@@ -118,7 +118,8 @@ class TrainLoopConfig:
     # Fine-tuning: the weights a new run starts from instead of a random initialisation -- a released name
     # ("ViT-B/32"), a weights file or another run's directory; [model] must be their architecture. A run
     # that resumes from its own checkpoint does not read them. "none" (None): from scratch. With
-    # loss.kind = "siglip" the temperature and bias start at SigLIP's values, not the loaded ones.
+    # loss.kind = "siglip" a SigLIP model's weights bring their temperature and bias; others start from
+    # SigLIP's (10, -10).
     init_weights: str | None = None
     # LiT-style tuning: a locked tower keeps its weights (no gradients, no optimizer state, no activations kept
     # for a backward pass, BatchNorm statistics frozen) while the other learns to match it -- e.g. a released

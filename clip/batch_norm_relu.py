@@ -129,7 +129,8 @@ def saved_as_recipe(tensor: torch.Tensor, recipe: Recipe | None, changed_in_plac
     further (by a module put before a consumer, such as an inserted Dropout(inplace=True)) is kept as it is:
     the recipe would give back the value from before the change, and wrong gradients, where autograd without
     hooks would have raised."""
-    if recipe is None:
+    if recipe is None or is_torch_func_wrapped(tensor):
+        # (vmap's batched tensors have no memory of their own, hence no address: kept as they are)
         yield
         return
     key = (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype)
@@ -145,6 +146,13 @@ def saved_as_recipe(tensor: torch.Tensor, recipe: Recipe | None, changed_in_plac
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield
+
+
+def is_torch_func_wrapped(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is wrapped by a torch.func transform (vmap, grad), whose values and memory cannot be
+    read. torch's check is private: where a release lacks it, this says no."""
+    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(check(tensor)) if check is not None else False
 
 
 class BatchNormReplay:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .architectures import ModelConfig, constructor_arguments, get_architecture, openai_model_config
+from .batch_norm_relu import is_torch_func_wrapped
 # The building blocks under openai/CLIP's names in its `clip.model`, for code that imports them from there
 from .modified_resnet import AttentionPool2d, Bottleneck, ModifiedResNet  # noqa: F401
 from .transformer import (  # noqa: F401
@@ -239,12 +240,11 @@ class CLIP(nn.Module):
 
 
 def _inside_torch_func_transform(tensor: torch.Tensor) -> bool:
-    """Whether `tensor` is wrapped by a torch.func transform (vmap, grad), whose values cannot be read. torch's
-    check is private: where a release lacks it, this says no (and vmap over texts raises as it did)."""
+    """Whether `tensor` is wrapped by a torch.func transform (vmap, grad), whose values cannot be read (where
+    torch lacks its private check, this says no, and vmap over texts raises as it did)."""
     if torch.compiler.is_compiling():  # dynamo cannot trace the check: it would break the graph here
         return False
-    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-    return bool(check(tensor)) if check is not None else False
+    return is_torch_func_wrapped(tensor)
 
 
 def _tracing() -> bool:

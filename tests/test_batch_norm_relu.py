@@ -161,6 +161,26 @@ def test_torch_func_gradients_with_parameters_given_for_the_call():
         assert torch.allclose(func_grads[name], plain_grad, rtol=1e-4, atol=1e-6), name
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's vmap of the attention pool's kernel
+def test_vmap_over_a_training_resnet_gives_the_gradients_of_the_plain_path():
+    # torch.func's way to run training-mode BatchNorm under vmap (model ensembles, several batches at once):
+    # vmap's batched tensors have no memory address, which recognising a save by address read ("Cannot access
+    # data pointer of Tensor that doesn't have storage")
+    model = _tiny_resnet()
+    torch.func.replace_all_batch_norm_modules_(model)  # batch statistics only, no running ones to update
+    plain = copy.deepcopy(model)
+    batches = torch.randn(2, 2, 3, 64, 64)  # two batches of two images, each normalised by its own statistics
+    features = torch.func.vmap(model)(batches)
+    with _rebuild_off():
+        plain_features = torch.func.vmap(plain)(batches)
+    assert torch.equal(features, plain_features)
+    torch.testing.assert_close(features, torch.stack([model(batch) for batch in batches]), rtol=1e-4, atol=1e-5)
+    features.square().sum().backward()
+    plain_features.square().sum().backward()
+    for (name, parameter), plain_parameter in zip(model.named_parameters(), plain.parameters(), strict=True):
+        assert torch.equal(parameter.grad, plain_parameter.grad), name
+
+
 def test_sync_batch_norm_and_out_of_place_relu_are_left_as_they_are():
     bn, _, conv = _layer()
     x = torch.randn(2, 6, 5, 5, requires_grad=True)

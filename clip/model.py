@@ -20,6 +20,7 @@ from .transformer import (  # noqa: F401
     ResidualAttentionBlock,
     Transformer,
     causal_mask,
+    refuse_scripting,
     runs_as_openai,
 )
 from .vision_transformer import VisionTransformer
@@ -42,6 +43,8 @@ class CLIP(nn.Module):
     """`CLIP(config)`, or `CLIP(embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
     context_length, vocab_size, transformer_width, transformer_heads, transformer_layers)` as openai/CLIP's
     constructor is called (see `clip.architectures.openai_model_config`)."""
+
+    __prepare_scriptable__ = refuse_scripting
 
     def __init__(self, config: ModelConfig | int | None = None, *openai_arguments, **openai_keyword_arguments) -> None:
         super().__init__()

@@ -30,12 +30,14 @@ from .batch_norm_relu import (
     is_replayable,
     saved_as_recipe,
 )
-from .transformer import renamed_argument
+from .transformer import refuse_scripting, renamed_argument
 
 
 class Bottleneck(nn.Module):
     """A residual block of 1x1, 3x3, 1x1 convolutions, `planes * 4` channels out; openai/CLIP's call
     `Bottleneck(inplanes, planes, stride=1)` works as well."""
+
+    __prepare_scriptable__ = refuse_scripting
 
     expansion = 4
 
@@ -140,6 +142,8 @@ class AttentionPool2d(nn.Module):
     embedding (N(0, embed_dim**-0.5), as openai/CLIP does; the projections start from nn.Linear's
     initialisation); False leaves it `torch.empty`, for `CLIP`, whose `init_parameters` sets it."""
 
+    __prepare_scriptable__ = refuse_scripting
+
     def __init__(
         self, spatial_dim: int | None = None, embed_dim: int | None = None, heads: int | None = None,
         output_dim: int | None = None, *, spacial_dim: int | None = None, num_heads: int | None = None,
@@ -193,6 +197,8 @@ class ModifiedResNet(nn.Module):
     width=64)` as openai/CLIP's is called (see `openai_resnet_config`). initialise: False leaves the attention
     pool's position embedding `torch.empty` (see `AttentionPool2d`), for `CLIP`, whose `init_parameters` sets
     it; every other weight starts from its module's own initialisation."""
+
+    __prepare_scriptable__ = refuse_scripting
 
     def __init__(
         self, config: VisionConfig | tuple[int, int, int, int] | None = None, *arguments, initialise: bool = True,

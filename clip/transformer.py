@@ -38,8 +38,24 @@ def batch_major_memory(x: torch.Tensor) -> bool:
     return x.dim() == 3 and not x.is_contiguous() and x.transpose(0, 1).is_contiguous()
 
 
+def refuse_scripting(module: nn.Module) -> nn.Module:
+    """`__prepare_scriptable__` of this library's modules, which torch.jit.script calls on every module before
+    compiling it: their forwards choose a code path in Python (hooks, replaced methods, train or eval mode, the
+    text batch's length), which TorchScript cannot compile, and its own error named a line deep inside
+    ("method 'forward' is called recursively", "Unknown type constructor Iterable"). Says what works instead."""
+    raise RuntimeError(
+        f"torch.jit.script cannot compile clip's {type(module).__name__}: the model chooses its code path in Python. "
+        f"Trace it instead, with example inputs: torch.jit.trace(module, inputs), for a CLIP model "
+        f"torch.jit.trace_module(model, {{'encode_image': (images,), 'encode_text': (texts,)}}) -- or use "
+        f"torch.export.export (ONNX: torch.onnx.export). A traced text tower runs every position of the context, "
+        f"so it fits any batch of texts."
+    )
+
+
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 and cast back, so half-precision weights (OpenAI's GPU default) stay stable."""
+
+    __prepare_scriptable__ = refuse_scripting
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if batch_major_memory(x):  # it normalises each row: on the contiguous tensor behind the view, no copy
@@ -79,6 +95,8 @@ QUICK_GELU_SCALE = 1.702
 class QuickGELU(nn.Module):
     """The sigmoid approximation of GELU that OpenAI's released models were trained with:
     x * sigmoid(1.702 * x)."""
+
+    __prepare_scriptable__ = refuse_scripting
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Written as silu(1.702 * x) / 1.702, the same function: SiLU is one kernel whose backward needs only
@@ -148,6 +166,8 @@ class MultiheadSelfAttention(nn.MultiheadAttention):
     An `nn.MultiheadAttention` (a subclass, with its own forward), as the module in openai/CLIP's blocks is:
     code that finds a model's attention layers by `isinstance(module, nn.MultiheadAttention)` (LoRA and
     adapter libraries replacing them, attention-map tools) finds these."""
+
+    __prepare_scriptable__ = refuse_scripting
 
     def __init__(self, width: int, heads: int, *, initialise: bool = True) -> None:
         # nn.Module's constructor, not nn.MultiheadAttention's: that one draws the initial weights itself,
@@ -301,6 +321,8 @@ class ResidualAttentionBlock(nn.Module):
     place (None for bidirectional attention, as some prompt learners do) is applied as given, as in openai/CLIP.
     Only an assigned mask is noticed: the built one edited in place still runs the causal kernel (checking its
     version counter would break torch.compile's graph at every block)."""
+
+    __prepare_scriptable__ = refuse_scripting
 
     def __init__(
         self, width: int | None = None, heads: int | None = None, attn_mask: torch.Tensor | None = None, *,
@@ -458,6 +480,8 @@ def runs_as_openai(transformer: nn.Module, *around: nn.Module) -> bool:
 class Transformer(nn.Module):
     """A stack of residual attention blocks on (L, N, D) tensors, built as openai/CLIP's
     (`Transformer(width, layers, heads, attn_mask)`); see `ResidualAttentionBlock` for the rest."""
+
+    __prepare_scriptable__ = refuse_scripting
 
     def __init__(
         self, width: int, layers: int, heads: int, attn_mask: torch.Tensor | None = None, *,

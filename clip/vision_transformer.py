@@ -12,7 +12,7 @@ from .architectures import (
     constructor_arguments,
     wrong_image_size,
 )
-from .transformer import LayerNorm, Transformer, runs_as_openai
+from .transformer import LayerNorm, Transformer, refuse_scripting, runs_as_openai
 
 
 class VisionTransformer(nn.Module):
@@ -23,6 +23,8 @@ class VisionTransformer(nn.Module):
     does); the rest starts from its modules' own initialisation. False leaves those three and the blocks'
     attention input projections as `torch.empty`, for a caller that initialises them itself: `CLIP`, whose
     `init_parameters` sets every weight and whose seeded draws stay as they were."""
+
+    __prepare_scriptable__ = refuse_scripting
 
     def __init__(
         self, config: VisionConfig | int | None = None, *arguments, initialise: bool = True, **keyword_arguments,

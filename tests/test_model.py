@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections import OrderedDict
 
 import pytest
 import torch
+from torch import nn
 
 import clip.model as model_module
 from clip.architectures import ModelConfig, TextConfig, VisionConfig
@@ -414,3 +416,24 @@ def test_layer_norm_runs_half_inputs_natively_only_under_autocast_with_float32_w
     with RecordLayerNormInputs() as full:
         norm(x)
     assert full.dtypes == [torch.float32]
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_scripting_is_refused_with_what_to_do_and_tracing_works(kind):
+    # torch.jit.script failed deep inside ("method 'forward' is called recursively" in LayerNorm, "Unknown type
+    # constructor Iterable" in the ResNet): the model's code paths are chosen in Python
+    torch.manual_seed(0)
+    model = CLIP(TINY[kind]).eval()
+    for module in (model, model.visual, model.transformer.resblocks[0], nn.Sequential(model.visual)):
+        with pytest.warns(FutureWarning), pytest.raises(RuntimeError, match=r"cannot compile clip's .*torch.jit.trace"):
+            torch.jit.script(module)
+    size = TINY[kind].vision.image_size
+    images, texts = torch.randn(3, 3, size, size), texts_with_lengths([4, 9, 6])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace is deprecated in favour of torch.export
+        traced = torch.jit.trace_module(model, {"encode_image": (images,), "encode_text": (texts,)}, check_trace=False)
+    # Other batch sizes and longer texts than the example's: nothing of the example is fixed in the trace
+    other_images, other_texts = torch.randn(2, 3, size, size), texts_with_lengths([20, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(traced.encode_image(other_images), model.encode_image(other_images))
+        torch.testing.assert_close(traced.encode_text(other_texts), model.encode_text(other_texts))

@@ -1,0 +1,205 @@
+"""clip.weights_file's parts as fast unit tests: telling file kinds apart, the run directory's checkpoint order,
+storage errors found in an exception's chain, and what a file's dict is taken to be."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import re
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from clip.weights_file import (
+    UnsafeFileError,
+    WeightsFileError,
+    archive_damage,
+    checkpoint_candidates,
+    is_safetensors_file,
+    read_weights,
+    storage_error_in,
+    weights_from_state_dict,
+)
+
+
+def _checkpoints(run: Path, *steps: int) -> Path:
+    folder = run / "checkpoints"
+    folder.mkdir(parents=True)
+    for step in steps:
+        torch.save({"w": torch.full((2,), float(step))}, folder / f"step_{step:08d}.pt")
+    return folder
+
+
+def test_a_safetensors_file_without_tensors_is_still_one(tmp_path: Path) -> None:
+    # Its header fills the whole file: the header length equals the bytes after the length field
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    path = tmp_path / "empty.safetensors"
+    safetensors_torch.save_file({}, path)
+    assert is_safetensors_file(path)
+
+
+def test_a_binary_file_with_a_small_length_field_but_no_json_is_not_taken_for_safetensors(tmp_path: Path) -> None:
+    path = tmp_path / "weights.bin"
+    path.write_bytes((5).to_bytes(8, "little") + b"hello" + bytes(20))
+    assert not is_safetensors_file(path)
+    with pytest.raises(WeightsFileError, match=r"not a PyTorch weights file: it is a binary file beginning 05 00"):
+        read_weights(path)
+
+
+def test_a_binary_file_with_nul_bytes_is_not_called_text(tmp_path: Path) -> None:
+    # Bytes below 0x80 decode as UTF-8 whatever they are; the NULs are what says binary
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"\x01\x02\x03" + bytes(100))
+    with pytest.raises(WeightsFileError, match=r"it is a binary file beginning 01 02 03 00"):
+        read_weights(path)
+
+
+def test_a_legacy_torch_save_file_is_read(tmp_path: Path) -> None:
+    # torch.save before the zip format (a bare pickle, protocol 2): its first byte is the PROTO opcode
+    path = tmp_path / "legacy.pt"
+    torch.save({"w": torch.arange(3.0)}, path, _use_new_zipfile_serialization=False)
+    assert path.read_bytes()[:1] == b"\x80"
+    assert torch.equal(read_weights(path).state_dict["w"], torch.arange(3.0))
+
+
+def test_a_global_that_torch_blocks_outright_is_refused_as_unsafe(tmp_path: Path) -> None:
+    # torch words this refusal without its "WeightsUnpickler error" marker: it read as a damaged file
+    class RunsACommand:
+        def __reduce__(self):
+            return os.system, ("true",)
+
+    path = tmp_path / "weights.pt"
+    path.write_bytes(pickle.dumps({"w": RunsACommand()}, protocol=2))
+    with pytest.raises(UnsafeFileError, match=r"weights\.pt was refused: .*GLOBAL \w+\.system"):
+        read_weights(path)
+
+
+def test_the_checkpoint_latest_names_comes_first_and_only_once(tmp_path: Path) -> None:
+    folder = _checkpoints(tmp_path / "run", 100, 200)
+    (folder / "latest").write_text("step_00000100.pt\n")
+    assert checkpoint_candidates(tmp_path / "run") == [folder / "step_00000100.pt", folder / "step_00000200.pt"]
+
+
+def test_a_storage_error_while_checking_an_archive_is_raised_not_called_damage(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(2)}, path)
+
+    def failing_read(self, *args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", failing_read)
+    with pytest.raises(OSError, match="Input/output error"):
+        archive_damage(path)
+
+
+def _raised(make) -> BaseException:
+    try:
+        make()
+    except BaseException as error:  # noqa: BLE001 - the test looks at it
+        return error
+    raise AssertionError("nothing raised")
+
+
+def _eio() -> None:
+    raise OSError(errno.EIO, "Input/output error")
+
+
+def test_a_storage_error_is_found_in_an_errors_context() -> None:
+    # A reader that fails while handling the storage's error raises its own (torch: a RuntimeError)
+    def reader() -> None:
+        try:
+            _eio()
+        except OSError:
+            raise RuntimeError("PytorchStreamReader failed reading file data/0")  # noqa: B904 - the context
+
+    assert storage_error_in(_raised(reader)).errno == errno.EIO
+
+
+def test_a_context_suppressed_with_from_none_is_not_searched() -> None:
+    def reader() -> None:
+        try:
+            _eio()
+        except OSError:
+            raise ValueError("a message of its own") from None
+
+    assert storage_error_in(_raised(reader)) is None
+
+
+def test_a_cycle_of_causes_ends_the_search() -> None:
+    first, second = RuntimeError("first"), RuntimeError("second")
+    first.__cause__, second.__cause__ = second, first
+    found: list[object] = []
+    searching = threading.Thread(target=lambda: found.append(storage_error_in(first)), daemon=True)
+    searching.start()
+    searching.join(timeout=5)
+    assert found == [None]
+
+
+def test_a_text_file_cut_inside_a_four_byte_character_is_still_text(tmp_path: Path) -> None:
+    # The first 64 bytes end with three of the four bytes of an emoji
+    path = tmp_path / "weights.pt"
+    path.write_text("a" * 61 + "\N{GRINNING FACE} and more text\n", encoding="utf-8")
+    with pytest.raises(WeightsFileError, match=r"it is a text file beginning 'aaaa"):
+        read_weights(path)
+
+
+@pytest.mark.parametrize("members, listing", [(5, "a0, a1, a2, a3, a4"), (6, "a0, a1, a2, a3, a4, ...")])
+def test_a_zip_that_is_no_pytorch_file_lists_its_first_members(tmp_path: Path, members: int, listing: str) -> None:
+    path = tmp_path / "weights.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        for index in range(members):
+            archive.writestr(f"a{index}", b"x")
+    with pytest.raises(WeightsFileError, match=rf"zip archive but not a PyTorch file: it holds {re.escape(listing)}$"):
+        read_weights(path)
+
+
+def _saved(tmp_path: Path, value: object) -> Path:
+    path = tmp_path / "weights.pt"
+    torch.save(value, path)
+    return path
+
+
+def test_what_a_dict_of_tensors_must_be_to_be_a_state_dict(tmp_path: Path) -> None:
+    for not_a_state_dict in ({}, {0: torch.zeros(2)}):
+        with pytest.raises(WeightsFileError, match="holds a dict without model weights"):
+            read_weights(_saved(tmp_path, not_a_state_dict))
+
+
+def test_only_a_checkpoint_of_this_trainers_format_gives_a_step(tmp_path: Path) -> None:
+    state = {"w": torch.zeros(2)}
+    ours = {"format": "clip-pretrain/1", "model": state}
+    assert read_weights(_saved(tmp_path, ours | {"step": 7})).step == 7
+    assert read_weights(_saved(tmp_path, ours | {"step": True})).step is None
+    assert read_weights(_saved(tmp_path, ours | {"format": "other/1", "step": 7})).step is None
+
+
+def test_a_state_dict_checkpoint_with_a_config_is_not_taken_for_open_clips(tmp_path: Path) -> None:
+    state = {"w": torch.zeros(2)}
+    assert read_weights(_saved(tmp_path, {"epoch": 3, "state_dict": state})).open_clip_origin is not None
+    assert read_weights(_saved(tmp_path, {"epoch": 3, "state_dict": state, "config": {}})).open_clip_origin is None
+
+
+def test_a_config_whose_model_entry_is_a_name_records_no_architecture(tmp_path: Path) -> None:
+    # Another program's config ({"model": "ViT-B-32", ...}): the weights load, their architecture is inferred
+    loaded = read_weights(_saved(tmp_path, {"model": {"w": torch.zeros(2)}, "config": {"model": "ViT-B-32"}}))
+    assert loaded.model_config is None and list(loaded.state_dict) == ["w"]
+
+
+def test_an_integer_logit_bias_entry_is_no_siglip_bias() -> None:
+    loaded = weights_from_state_dict({"w": torch.zeros(2), "logit_bias": torch.tensor(3)})
+    assert loaded.logit_bias is None and "logit_bias" in loaded.state_dict
+
+
+@pytest.mark.parametrize("value, what", [
+    (3.5, "3.5"),
+    (torch.tensor(77.5), "77.5"),
+    (torch.empty((), dtype=torch.long, device="meta"), r"a tensor of shape \(\)"),
+])
+def test_an_extra_entry_must_be_a_whole_number(value: object, what: str) -> None:
+    with pytest.raises(WeightsFileError, match=rf"its context_length entry is {what}, not a whole number"):
+        weights_from_state_dict({"w": torch.zeros(2), "context_length": value})
+

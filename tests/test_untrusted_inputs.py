@@ -757,3 +757,140 @@ def test_a_torch_whose_weights_only_reader_has_known_flaws_is_warned_about(tmp_p
             read()
         flagged = [w for w in caught if "has known flaws that a crafted file" in str(w.message)]
         assert len(flagged) == int(warned), [str(w.message) for w in caught]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What the TorchScript reader takes for an archive, and the pickle forms of torch.jit.save it reads
+
+
+def _zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+def test_what_is_taken_for_a_torchscript_archive(tmp_path: Path) -> None:
+    from clip.torchscript_reader import is_torchscript_archive
+
+    pkl = module_pickle()
+    # constants.pkl marks an archive without code/ (torch.jit.save of a module whose code was left out)
+    assert is_torchscript_archive(_zip(tmp_path / "constants.pt", {"m/data.pkl": pkl, "m/constants.pkl": b""}))
+    # only a top folder's data.pkl names the root: one deeper down is some other member
+    assert is_torchscript_archive(_zip(tmp_path / "nested.pt", {"m/data.pkl": pkl, "m/code/x.py": b"",
+                                                                "m/extra/data.pkl": pkl}))
+    # two top folders with a data.pkl each: no one archive to read
+    assert not is_torchscript_archive(_zip(tmp_path / "two.pt", {"a/data.pkl": pkl, "a/code/x.py": b"",
+                                                                 "b/data.pkl": pkl, "b/code/x.py": b""}))
+
+
+def test_an_archive_written_on_a_big_endian_machine_is_refused(tmp_path: Path) -> None:
+    path = _zip(tmp_path / "big.pt", {f"{ROOT}/data.pkl": module_pickle(), f"{ROOT}/code/__torch__.py": CODE.encode(),
+                                       f"{ROOT}/data/0": bytes(24), f"{ROOT}/byteorder": b"big"})
+    with pytest.raises(WeightsFileError, match=r"big\.pt was written on a big-endian machine"):
+        read_weights(path)
+
+
+def test_the_older_tensor_rebuild_function_is_read(tmp_path: Path) -> None:
+    data_pkl = module_pickle().replace(b"_rebuild_tensor_v2\n", b"_rebuild_tensor\n")
+    path = write_archive(tmp_path / "v1.pt", data_pkl=data_pkl, record=torch.arange(6.0).numpy().tobytes())
+    assert torch.equal(read_weights(path).state_dict["w"], torch.arange(6.0).reshape(2, 3))
+
+
+def test_a_malformed_persistent_id_is_named(tmp_path: Path) -> None:
+    # A sixth element in the storage reference, and a record key that goes beyond the data/ folder
+    six = module_pickle().replace(_literal(6) + b"t", _literal(6) + _literal(0) + b"t")
+    assert six != module_pickle()
+    with pytest.raises(WeightsFileError, match=r"unexpected persistent id \('storage'"):
+        read_weights(write_archive(tmp_path / "six.pt", data_pkl=six))
+    escaping = module_pickle().replace(_literal("0"), _literal("0/../0"))
+    with pytest.raises(WeightsFileError, match="malformed storage reference"):
+        read_weights(write_archive(tmp_path / "escaping.pt", data_pkl=escaping))
+
+
+def _tensor_opcodes(key: str, numel: int, offset: int, size: tuple, stride: tuple) -> bytes:
+    return (
+        b"ctorch._utils\n_rebuild_tensor_v2\n((" + _literal("storage") + b"ctorch\nFloatStorage\n" + _literal(key)
+        + _literal("cpu") + _literal(numel) + b"tQ" + _literal(offset) + _literal(size) + _literal(stride)
+        + b"\x89ccollections\nOrderedDict\n)RtR"
+    )
+
+
+def test_two_views_of_one_record_share_its_memory_and_keep_their_offsets(tmp_path: Path) -> None:
+    # torch.jit.save keeps a tied weight as one record; the reader reads it once (check_backed_by_storage
+    # relies on the sharing to count it once)
+    data_pkl = (
+        b"\x80\x02c__torch__\nM\n)\x81}(" + _literal("w") + _tensor_opcodes("0", 6, 0, (3,), (1,))
+        + _literal("v") + _tensor_opcodes("0", 6, 3, (3,), (1,)) + b"ub."
+    )
+    code = 'class M(Module):\n  __parameters__ = ["w", "v", ]\n  __buffers__ = []\n'
+    path = write_archive(tmp_path / "tied.pt", data_pkl=data_pkl, code=code, record=torch.arange(6.0).numpy().tobytes())
+    weights = read_weights(path).state_dict
+    assert weights["w"].tolist() == [0.0, 1.0, 2.0] and weights["v"].tolist() == [3.0, 4.0, 5.0]
+    assert weights["w"].untyped_storage().data_ptr() == weights["v"].untyped_storage().data_ptr()
+
+
+def test_a_parameter_without_elements_is_read(tmp_path: Path) -> None:
+    path = write_archive(tmp_path / "empty.pt", data_pkl=module_pickle(numel=0, size=(0,), stride=(1,)), record=b"")
+    assert read_weights(path).state_dict["w"].shape == (0,)
+
+
+def test_a_stored_record_whose_two_sizes_differ_is_refused(tmp_path: Path) -> None:
+    path = write_archive(tmp_path / "sizes.pt")
+    set_central_directory(path, f"{ROOT}/data/0", 20, "<I", 12)  # compressed size: half the bytes
+    with pytest.raises(WeightsFileError, match=r"sizes\.pt: record m/data/0 declares 24 bytes"):
+        read_weights(path)
+
+
+def test_a_record_compressed_otherwise_than_torch_can_read_is_refused(tmp_path: Path) -> None:
+    # torch.jit.load reads records stored or deflated only: a bzip2 one is no archive torch wrote or reads
+    path = write_archive(tmp_path / "bzip2.pt", compression=zipfile.ZIP_BZIP2)
+    with pytest.raises(WeightsFileError, match=r"record m/data/0 uses zip compression method 12"):
+        read_weights(path)
+
+
+def test_a_code_file_declaring_more_than_any_modules_code_is_refused_unread(tmp_path: Path) -> None:
+    path = write_archive(tmp_path / "code.pt")
+    set_central_directory(path, f"{ROOT}/code/__torch__.py", 24, "<I", (64 << 20) + 1)  # uncompressed size
+    with pytest.raises(WeightsFileError, match=r"its code file m/code/__torch__\.py declares 67108865 bytes"):
+        read_weights(path)
+
+
+def _module_with_a_mask(tmp_path: Path, code: str) -> dict[str, torch.Tensor]:
+    """The weights read from an archive whose module holds a parameter `w` and a tensor attribute `mask`."""
+    data_pkl = (
+        b"\x80\x02c__torch__\nM\n)\x81}(" + _literal("w") + _tensor_opcodes("0", 6, 0, (3,), (1,))
+        + _literal("mask") + _tensor_opcodes("0", 6, 3, (3,), (1,)) + b"ub."
+    )
+    return read_weights(write_archive(tmp_path / "mask.pt", data_pkl=data_pkl, code=code)).state_dict
+
+
+def test_declarations_indented_with_tabs_are_read(tmp_path: Path) -> None:
+    code = 'class M(Module):\n\t__parameters__ = ["w", ]\n\t__buffers__ = []\n\tw : Tensor\n'
+    assert list(_module_with_a_mask(tmp_path, code)) == ["w"]
+
+
+def test_a_class_declaring_only_its_parameters_keeps_every_tensor(tmp_path: Path) -> None:
+    # Without both declarations the archive is of another format: no attribute can be told a non-weight
+    code = 'class M(Module):\n  __parameters__ = ["w", ]\n  w : Tensor\n'
+    assert sorted(_module_with_a_mask(tmp_path, code)) == ["mask", "w"]
+
+
+def test_modules_nested_beyond_any_models_depth_are_not_followed(tmp_path: Path) -> None:
+    # 1500 modules each inside the last: following them all overflowed Python's stack (RecursionError)
+    from clip.torchscript_reader import read_torchscript_weights
+
+    depth, module = 1500, b"c__torch__\nM\n)\x81}("
+    data_pkl = (b"\x80\x02" + module + _literal("w") + _tensor_opcodes("0", 6, 0, (3,), (1,)) + _literal("c")
+                + (module + _literal("c")) * (depth - 1) + b"c__torch__\nM\n)\x81}b" + b"ub" * (depth - 1) + b"ub.")
+    path = write_archive(tmp_path / "deep.pt", data_pkl=data_pkl)
+    weights, _ = read_torchscript_weights(path)
+    assert list(weights) == ["w"]
+
+
+def test_an_attribute_whose_name_is_no_string_is_passed_over(tmp_path: Path) -> None:
+    data_pkl = (
+        b"\x80\x02c__torch__\nM\n)\x81}(" + _literal(1) + _tensor_opcodes("0", 6, 3, (3,), (1,))
+        + _literal("w") + _tensor_opcodes("0", 6, 0, (3,), (1,)) + b"ub."
+    )
+    assert list(read_weights(write_archive(tmp_path / "int.pt", data_pkl=data_pkl)).state_dict) == ["w"]

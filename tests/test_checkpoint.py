@@ -406,3 +406,66 @@ def test_a_refused_entry_is_named_in_one_line_without_torchs_source_lines():
     with pytest.raises(ResumeRefused) as refused, entry_restored("the data state", Path("run"), 4):
         raise ValueError("x" * 1000)
     assert f"ValueError: {'x' * 400}...)" in str(refused.value) and "x" * 401 not in str(refused.value)
+
+
+def test_an_older_checkpoint_that_cannot_be_deleted_is_left_with_a_warning(tmp_path, monkeypatch, caplog):
+    # The new checkpoint is saved: an old one left behind costs only disk space, not the run
+    save(tmp_path, 1)
+    stuck = ckpt.checkpoint_path(tmp_path, 1)
+    real_unlink = Path.unlink
+
+    def unlink(path, missing_ok=False):
+        if path == stuck:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with caplog.at_level("WARNING", logger="clip.checkpoint"):
+        save(tmp_path, 2, keep_last=1)
+    assert steps(tmp_path) == [2, 1]
+    assert "could not delete the older checkpoint" in caplog.text and "Permission denied" in caplog.text
+
+
+def test_a_zip_without_a_data_pkl_does_not_count_as_a_complete_checkpoint(tmp_path):
+    # Another program's zip under a checkpoint's name is no save of this run: it took a keep_last place
+    import zipfile
+
+    save(tmp_path, 1)
+    with zipfile.ZipFile(ckpt.checkpoint_path(tmp_path, 2), "w") as archive:
+        archive.writestr("notes.txt", "not a checkpoint")
+    save(tmp_path, 3, keep_last=2)
+    assert steps(tmp_path) == [3, 2, 1]
+
+
+def test_a_symlink_named_like_a_temporary_file_is_not_removed(tmp_path):
+    # No save writes through a link: one of that name is someone's, not a leftover of a killed save
+    save(tmp_path, 1)
+    target = tmp_path / "elsewhere.bin"
+    target.write_bytes(b"data")
+    link = tmp_path / ckpt.CHECKPOINT_DIR / ".step_00000002.pt.abcd1234.tmp"
+    link.symlink_to(target)
+    assert ckpt.remove_stray_temporaries(tmp_path) == []
+    assert link.is_symlink() and target.exists()
+
+
+
+def test_read_checkpoint_names_non_finite_weights_unless_told_not_to_verify(tmp_path):
+    nan = torch.tensor([float("nan")])
+    state = {"format": ckpt.CHECKPOINT_FORMAT, "step": 1, "model": {"a": nan, "b": nan, "c": nan}}
+    path = ckpt.save_checkpoint(state, tmp_path, 1, keep_last=1)
+    with pytest.raises(ValueError, match=r"holds non-finite weights \(a, b, c\)$"):  # all three: no "..."
+        ckpt.read_checkpoint(path)
+    assert ckpt.read_checkpoint(path, verify=False)["model"]["a"].isnan().all()  # resume.py: rank 0 verified it
+
+
+def test_an_unreadable_checkpoint_is_named_with_the_first_sentence_of_its_error(tmp_path, monkeypatch):
+    save(tmp_path, 1)
+
+    def unreadable(path, verify=True):
+        raise RuntimeError("PytorchStreamReader failed locating file data.pkl. The rest is advice\non more lines")
+
+    monkeypatch.setattr(ckpt, "read_checkpoint", unreadable)
+    with pytest.raises(ckpt.NoReadableCheckpointError) as raised:
+        ckpt.load_latest_checkpoint(tmp_path)
+    assert "step_00000001.pt: RuntimeError: PytorchStreamReader failed locating file data.pkl\n" in str(raised.value)
+    assert "advice" not in str(raised.value)

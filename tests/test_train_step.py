@@ -329,3 +329,22 @@ def test_the_trainers_module_traces_as_one_graph_when_texts_are_cut_on_the_host(
     assert mixed.graph_break_count == 0 and mixed.graph_count == 1
     in_model = explain(ContrastiveModel(CLIP(TINY_VIT), with_logit_bias=False))(images, texts)
     assert in_model.graph_break_count > 0  # the cut inside encode_text reads the length back from the device
+
+
+def test_loaded_optimizer_moments_take_their_parameters_memory_layout():
+    # Moments saved by a CPU run are contiguous; a channels-last parameter (a ResNet on a GPU) needs them
+    # channels-last too, or the fused kernel updates the wrong elements (CPU) or refuses them (CUDA)
+    parameter = torch.nn.Parameter(torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last))
+    optimizer = torch.optim.AdamW([{"params": [parameter]}, {"params": [], "weight_decay": 0.0}], lr=1e-3)
+    moments = {"exp_avg": torch.randn(2, 3, 4, 4), "exp_avg_sq": torch.rand(2, 3, 4, 4)}
+    saved = {"state": {0: {"step": torch.tensor(3.0), **moments}}, "param_groups": []}
+    load_optimizer_state(optimizer, saved, [("conv.weight", parameter)], ["conv.weight"], True, True)
+    state = optimizer.state[parameter]
+    for name, moment in moments.items():
+        assert state[name].stride() == parameter.stride() and torch.equal(state[name], moment)
+
+
+def test_a_cosine_schedule_whose_warmup_fills_the_run_is_at_its_floor_after_it():
+    # warmup_steps == steps leaves no decay steps: the rate divided by zero once past the warmup
+    schedule = ScheduleConfig(steps=4, warmup_steps=4, min_lr_ratio=0.1)
+    assert [learning_rate(step, 2.0, schedule) for step in range(7)] == pytest.approx([0.5, 1.0, 1.5, 2.0, 2.0, 0.2, 0.2])

@@ -136,3 +136,21 @@ def test_a_cpu_run_keeps_freed_memory_for_its_length_unless_told_not_to(tmp_path
     monkeypatch.setattr("clip.run_start.freed_memory_kept", recording)
     train(tiny_config(tmp_path, "schedule.steps=1", "eval.every_n_steps=0", *setting))
     assert events == (["start", "end"] if entered else [])
+
+
+
+def test_of_the_malloc_variables_only_glibcs_thresholds_are_the_users_setting():
+    # glibc's MALLOC_*_ tunables (a trailing underscore) set what keeping freed memory sets; MALLOC_ARENA_MAX
+    # only the number of arenas, which this leaves as it is
+    assert cpu_memory.users_malloc_settings({"MALLOC_TRIM_THRESHOLD_": "0"}) == "MALLOC_TRIM_THRESHOLD_"
+    assert cpu_memory.users_malloc_settings({"MALLOC_ARENA_MAX": "2"}) is None
+
+
+def test_a_64_bit_glibc_is_found():
+    # Not finding it turns the whole feature off, and the page-fault test above skips instead of failing
+    import platform
+    import struct
+
+    if not (sys.platform == "linux" and platform.libc_ver()[0] == "glibc" and struct.calcsize("P") == 8):
+        pytest.skip("not 64-bit glibc")
+    assert cpu_memory.glibc() is not None

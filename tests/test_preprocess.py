@@ -562,3 +562,19 @@ def test_bad_arguments():
         image_transform(8, mean=(0.5, 0.5))
     with pytest.raises(ValueError):
         image_transform(8, train=True, resize_scale=(0.9, 1.5))
+
+
+@pytest.mark.parametrize("mode, values, expected", [
+    ("I", [0, 1], [0, 1]),  # 8-bit values in a 32-bit image are kept, not taken for a 0..1 float image
+    ("I", [0, 255], [0, 255]),  # 255 itself is still an 8-bit value, not a 16-bit one
+    ("F", [0.0, 500.0, 1000.0], [0, 128, 255]),  # a float image beyond 0..255 is stretched, not taken for 16-bit
+])
+def test_high_depth_greyscale_ranges_at_their_edges(mode, values, expected):
+    image = Image.new(mode, (len(values), 1))
+    image.putdata(values)
+    assert [pixel[0] for pixel in to_rgb(image).getdata()] == expected
+
+
+def test_a_std_of_other_than_three_values_is_refused():
+    with pytest.raises(ValueError, match=r"mean and std need three values \(R, G, B\)"):
+        image_transform(32, std=(0.5, 0.5))

@@ -348,3 +348,17 @@ def test_a_cosine_schedule_whose_warmup_fills_the_run_is_at_its_floor_after_it()
     # warmup_steps == steps leaves no decay steps: the rate divided by zero once past the warmup
     schedule = ScheduleConfig(steps=4, warmup_steps=4, min_lr_ratio=0.1)
     assert [learning_rate(step, 2.0, schedule) for step in range(7)] == pytest.approx([0.5, 1.0, 1.5, 2.0, 2.0, 0.2, 0.2])
+
+
+def test_image_forward_flops_are_per_image():
+    # Counted on two images at once (BatchNorm): the count is halved back to one image's
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clip.throughput import image_forward_flops
+
+    with torch.device("meta"):
+        model = CLIP(TINY_VIT)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.device("meta"):
+        model.encode_image(torch.empty(1, 3, TINY_VIT.vision.image_size, TINY_VIT.vision.image_size))
+    assert image_forward_flops(TINY_VIT) == counter.get_total_flops()

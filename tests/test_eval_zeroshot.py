@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -492,3 +493,29 @@ def test_prompts_longer_than_the_context_are_truncated_with_a_warning(caplog):
     assert weights.shape == (16, 2) and torch.isfinite(weights).all()
     assert "more than context_length=32: this batch's texts are cut to 32 tokens (the end token kept)" in caplog.text
     assert "truncate=True" not in caplog.text  # advice to a Python caller, which an evaluation's user is not
+
+
+def test_an_interrupted_confusion_png_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    # Ctrl-C while a large confusion matrix was drawn (seconds for a thousand classes) left a torn PNG, where
+    # the evaluation commands say that the files written before an interruption are kept whole
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    model, classnames, templates = planted_two_classes()
+    result = evaluate_zeroshot(model, [(torch.ones(2), 0)], classnames, templates, tokenizer=model.tokenize, name="x")
+    path = save_confusion_png(result, tmp_path / "confusion.png")
+    previous = path.read_bytes()
+    real_savefig = Figure.savefig
+
+    def interrupted_savefig(self, target, *args, **kwargs):
+        real_savefig(self, target, *args, **kwargs)
+        written = target if isinstance(target, (str, os.PathLike)) else target.name
+        with open(written, "r+b") as file:
+            file.truncate(20)  # the drawing stopped part way
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", interrupted_savefig)
+    with pytest.raises(KeyboardInterrupt):
+        save_confusion_png(result, path)
+    assert path.read_bytes() == previous
+    assert [p.name for p in tmp_path.iterdir()] == ["confusion.png"]  # no temporary file left

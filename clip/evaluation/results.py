@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from ..run_log import replaced_atomically
+
 logger = logging.getLogger(__name__)
 
 
@@ -230,6 +232,8 @@ def _draw_confusion(
     axes.set_ylabel("true class")
     axes.set_title(f"{_plain_label(result.name)}: top-1 {100 * result.top1:.2f}%")
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    # Replaced whole: a Ctrl-C (which the evaluation commands report as leaving their files whole) or a full
+    # disk during the drawing, seconds for a thousand classes, left a torn PNG in place of the previous one
+    with replaced_atomically(path, "wb") as file:
+        figure.savefig(file, format="png", dpi=100)
     return path

@@ -37,9 +37,10 @@ def can_rebuild_activations(modules: Iterable[nn.Module]) -> bool:
     Only in eager autograd with gradients on, and only where the rebuild is what the forward computed and our
     hooks displace nobody's:
     - not under torch.compile (its partitioner makes its own recompute choices) or jit tracing;
-    - not where saved-tensor hooks are disabled (torch.func's transforms disable them: their tensors have no
-      memory address to recognise), nor inside a caller's hooks (activation checkpointing or `save_on_cpu`
-      around the model), which ours, sitting closer to the operations, would take precedence over;
+    - not where saved-tensor hooks are disabled (torch.func's grad, vjp and jacrev disable them; vmap does not,
+      and `saved_as_recipe` keeps its batched tensors, which have no memory address to recognise, as they are),
+      nor inside a caller's hooks (activation checkpointing or `save_on_cpu` around the model), which ours,
+      sitting closer to the operations, would take precedence over;
     - not with forward hooks on these modules or global ones, nor with a `forward` replaced on one of them
       (`module.forward = ...`, as tools that wrap modules do): either may change an output that the rebuild
       would not change (and with a saved tensor's hooks, autograd skips the in-place-modification check).

@@ -17,8 +17,9 @@ def test_open_clip_training_flags_are_refused_naming_each_override(capsys):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert "section.key=value" in error
-    for flag, equivalent in [("--train-data", "a [[data.sources]] table: data.sources.0.kind=shards data.sources.0.path="), ("--batch-size", "train.batch_size="),
-                             ("--epochs", "schedule.steps="), ("--lr", "optimizer.lr=")]:
+    for flag, equivalent in [("--train-data", "a [[data.sources]] table: data.sources.0.kind=shards data.sources.0.path="),
+                             ("--batch-size", "train.batch_size="), ("--epochs", "schedule.steps="),
+                             ("--lr", "optimizer.lr=")]:
         assert f"{flag} -> {equivalent}" in error
     assert "unrecognized arguments" not in error
 
@@ -43,10 +44,18 @@ def test_open_clip_gelu_model_names_are_not_pointed_at_the_quickgelu_architectur
         clip.create_model("RN50-quickgelu")
 
 
-
 def test_a_model_name_in_the_config_says_to_write_a_model_table(tmp_path):
     # open_clip's --model habit; the error named the expected type only
     config = tmp_path / "named.toml"
     config.write_text('model = "ViT-B-32"\n', encoding="utf-8")
     with pytest.raises(ConfigError, match=r"write a \[model\] table.*RELEASED_ARCHITECTURES\['ViT-B/32'\].*\"gelu\""):
         load_config(config, [], TrainConfig)
+
+
+def test_open_clip_s_unlocked_groups_of_one_is_said_to_have_no_counterpart(capsys):
+    # Its 1 unlocks the projection alone; N-1 = 0 here locks the whole tower, projection included
+    with pytest.raises(SystemExit):
+        main(["configs/demo.toml", "--lock-image", "--lock-image-unlocked-groups", "1"])
+    error = capsys.readouterr().err
+    assert "--lock-image-unlocked-groups -> train.lock_image_unlocked_layers=N-1 for open_clip's N >= 2" in error
+    assert "the projection alone, is not offered" in error

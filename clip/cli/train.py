@@ -88,9 +88,12 @@ OPEN_CLIP_FLAGS = {
     "--force-patch-dropout": "train.patch_dropout=P",
     "--lock-image": "train.lock_image=true",
     "--lock-text": "train.lock_text=true",
-    # open_clip counts the projection as a group of its own, which an unlocked layer here trains with it
-    "--lock-image-unlocked-groups": "train.lock_image_unlocked_layers=N-1 (for open_clip's N)",
-    "--lock-text-unlocked-layers": "train.lock_text_unlocked_layers=N-1 (for open_clip's N)",
+    # open_clip counts the projection as a group of its own, which an unlocked layer here trains with it: its
+    # 1 (the projection alone) has no counterpart, and 0 here locks the projection too
+    "--lock-image-unlocked-groups": "train.lock_image_unlocked_layers=N-1 for open_clip's N >= 2 (its 1, the "
+                                    "projection alone, is not offered)",
+    "--lock-text-unlocked-layers": "train.lock_text_unlocked_layers=N-1 for open_clip's N >= 2 (its 1, the "
+                                   "projection alone, is not offered)",
     "--siglip": "loss.kind=siglip",
     "--local-loss": "nothing: the loss is always computed per rank with exact gradients",
     "--gather-with-grad": "nothing: the loss is always computed per rank with exact gradients",

@@ -166,8 +166,9 @@ class ModelConfig:
         release = value if value in RELEASED_ARCHITECTURES else release_of_open_clip_name(value)
         named = (f"; {release}'s are those of clip.RELEASED_ARCHITECTURES[{release!r}].to_dict()"
                  if release is not None else "")
-        if release is not None and value != release and not value.strip().endswith("-quickgelu"):
-            named += f', with activation = "gelu" for open_clip\'s {value}'  # its names without -quickgelu
+        # open_clip's names without -quickgelu are GELU models, also its RN50 ... RN50x64, spelled as OpenAI's here
+        if release_of_open_clip_name(value) is not None and not value.strip().endswith("-quickgelu"):
+            named += f', with activation = "gelu" for open_clip\'s {value}'
         return (" (a name is not an architecture here: write a [model] table with its sizes, as "
                 f"configs/finetune_vit_b32.toml does for ViT-B/32{named})")
 

@@ -59,3 +59,14 @@ def test_open_clip_s_unlocked_groups_of_one_is_said_to_have_no_counterpart(capsy
     error = capsys.readouterr().err
     assert "--lock-image-unlocked-groups -> train.lock_image_unlocked_layers=N-1 for open_clip's N >= 2" in error
     assert "the projection alone, is not offered" in error
+
+
+def test_open_clip_s_resnet_names_say_they_are_gelu_models_there():
+    # open_clip's RN50 (no -quickgelu) has a GELU text tower; the name here is OpenAI's QuickGELU model, and the
+    # hint gave its sizes without a word of the activation
+    named_gelu = r"RELEASED_ARCHITECTURES\['RN50'\].*activation = \"gelu\" for open_clip's RN50"
+    with pytest.raises(ConfigError, match=named_gelu):
+        load_config(None, ["model=RN50"], TrainConfig)
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, ["model=ViT-B/32"], TrainConfig)  # OpenAI's spelling: its own activation
+    assert "gelu" not in str(raised.value)

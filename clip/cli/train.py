@@ -64,7 +64,8 @@ OPEN_CLIP_FLAGS = {
     "--zeroshot-frequency": "eval.every_n_steps=N",
     "--val-frequency": "eval.every_n_steps=N",
     "--model": "the config's [model] section (configs/finetune_vit_b32.toml has ViT-B/32's sizes; open_clip's "
-               "ViT-B-32 is those with activation = \"gelu\", ViT-B-32-quickgelu with \"quick_gelu\")",
+               "ViT-B-32 is those with activation = \"gelu\", ViT-B-32-quickgelu with \"quick_gelu\"; its RN50 "
+               "is this RN50's sizes with \"gelu\")",
     "--pretrained": "train.init_weights=NAME_OR_FILE",
     "--batch-size": "train.batch_size=N (per process, as in open_clip)",
     "--epochs": "schedule.steps=N: runs are counted in optimiser steps (epochs x samples per epoch / global batch; "

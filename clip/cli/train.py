@@ -80,7 +80,7 @@ OPEN_CLIP_FLAGS = {
     "--lr-scheduler": "schedule.kind=cosine|constant|constant_cooldown",
     "--epochs-cooldown": "schedule.cooldown_steps=N with schedule.kind=constant_cooldown",
     "--precision": "train.precision=fp32|bf16|fp16 (autocast over float32 weights: open_clip's amp_bf16 "
-                   "is bf16, its amp is fp16)",
+                   "is bf16, its amp is fp16; its bf16, fp16 and pure_* cast the weights, which is not offered)",
     "--workers": "data.workers=N",
     "--seed": "train.seed=N",
     "--accum-freq": "train.accumulation_steps=N",

@@ -1,4 +1,6 @@
-"""Process-group setup from launcher variables (torchrun or SLURM) and an all-gather that carries gradients.
+"""The process group of a distributed run and its collectives: joining the group that the launcher's variables
+describe (read by `clip.launcher`), this process's device, an all-gather that carries gradients, and the
+collectives by which the ranks agree.
 
 Nothing here runs at import. The only state is torch.distributed's own process group, created by
 `init_distributed` and destroyed by `cleanup_distributed`; everything else is passed around as a frozen
@@ -9,10 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import shutil
-import subprocess
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import NamedTuple
@@ -20,21 +18,20 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-logger = logging.getLogger("clip.distributed")
+# All of clip.launcher's names, for code that imports them from here, where they were before it (this module
+# itself uses read_launcher_environment alone)
+from .launcher import (  # noqa: F401
+    DEFAULT_MASTER_PORT,
+    SLURM_PORT_SPREAD,
+    SLURM_STEP_PORT_STRIDE,
+    LauncherEnvironment,
+    LauncherMisconfigured,
+    expand_nodelist,
+    first_host,
+    read_launcher_environment,
+)
 
-# Under SLURM without MASTER_PORT (which always wins), each job step waits at its own port:
-#     29500 + (SLURM_JOB_ID + 617 * SLURM_STEP_ID) mod 1000
-# torchrun's default and the 999 ports above it: unprivileged, and below Linux's ephemeral range (32768-60999), from
-# which the ranks' own connections take their ports. Two steps of one job running at once on a node (two sruns in
-# an allocation) would otherwise meet at one port: the second step's rank 0 cannot bind it, and its other ranks join
-# the first step's group. With the step id in the sum, the steps of one job have different ports (617 is coprime to
-# 1000). A job array's tasks are jobs of their own (SLURM_JOB_ID; SLURM_ARRAY_JOB_ID is the shared one): those whose
-# ids differ by less than 21 keep different ports in their first 47 steps (617 is near 1000 / golden ratio, which
-# spreads its multiples over the range). Other pairs of jobs on one node meet with a chance of 1 in 1000, as before:
-# export MASTER_PORT for those.
-DEFAULT_MASTER_PORT = 29500
-SLURM_PORT_SPREAD = 1000
-SLURM_STEP_PORT_STRIDE = 617
+logger = logging.getLogger("clip.distributed")
 
 
 @dataclass(frozen=True)
@@ -59,187 +56,6 @@ def ranks_phrase(count: int, all_of: bool = False) -> str:
     if count == 1:
         return "1 rank"
     return f"all {count} ranks" if all_of else f"{count} ranks"
-
-
-@dataclass(frozen=True)
-class LauncherEnvironment:
-    """What a launcher told this process; `None` from `read_launcher_environment` means no launcher."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    master_addr: str
-    master_port: int
-    launcher: str  # "torchrun" or "slurm"
-
-
-def expand_nodelist(nodelist: str) -> list[str]:
-    """Expands SLURM's compressed host list: "node[001-003,007],gpu-a[1-2]-ib" ->
-    ["node001", "node002", "node003", "node007", "gpu-a1-ib", "gpu-a2-ib"]. Zero padding is kept, and
-    several bracket groups in one name expand to their cartesian product."""
-    hosts: list[str] = []
-    for item in _split_top_level_commas(nodelist.strip()):
-        hosts.extend(_expand_host_pattern(item))
-    return hosts
-
-
-def _split_top_level_commas(text: str) -> list[str]:
-    items, depth, start = [], 0, 0
-    for i, char in enumerate(text):
-        if char == "[":
-            depth += 1
-        elif char == "]":
-            depth -= 1
-            if depth < 0:
-                raise ValueError(f"unbalanced ']' in SLURM node list {text!r}")
-        elif char == "," and depth == 0:
-            items.append(text[start:i])
-            start = i + 1
-    if depth != 0:
-        raise ValueError(f"unbalanced '[' in SLURM node list {text!r}")
-    items.append(text[start:])
-    return [item for item in items if item]
-
-
-def _expand_host_pattern(pattern: str) -> list[str]:
-    match = re.search(r"\[([^\[\]]*)\]", pattern)
-    if match is None:
-        return [pattern]
-    prefix, suffix = pattern[: match.start()], pattern[match.end() :]
-    names = []
-    for part in match.group(1).split(","):
-        bounds = part.split("-")
-        if len(bounds) == 1 and bounds[0].isdigit():
-            numbers, width = [bounds[0]], 0
-        elif len(bounds) == 2 and all(b.isdigit() for b in bounds) and int(bounds[0]) <= int(bounds[1]):
-            width = len(bounds[0])  # "001-004" keeps three digits
-            numbers = [str(n).zfill(width) for n in range(int(bounds[0]), int(bounds[1]) + 1)]
-        else:
-            raise ValueError(f"cannot parse range {part!r} in SLURM node list {pattern!r}")
-        for number in numbers:
-            names.extend(_expand_host_pattern(prefix + number + suffix))
-    return names
-
-
-def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list, by `scontrol show hostnames` when SLURM's tools are installed,
-    else by our own parser (which covers the syntax SLURM documents for host lists)."""
-    if shutil.which("scontrol"):
-        result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=False)
-        if result.returncode == 0 and result.stdout.split():
-            return result.stdout.split()[0]
-    hosts = expand_nodelist(nodelist)
-    if not hosts:
-        raise ValueError(f"SLURM node list {nodelist!r} names no host")
-    return hosts[0]
-
-
-class LauncherMisconfigured(RuntimeError):
-    """A launcher's variables that make no distributed run (said in one line by clip-train)."""
-
-
-def read_launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment | None:
-    """torchrun's variables when present (they win, so torchrun inside an srun step works), else SLURM's,
-    else None: a single process. Plain `python train.py` inside `salloc` has no SLURM_PROCID and is
-    single-process; launch the job's processes with `srun` (one task per GPU) or with torchrun.
-    LauncherMisconfigured where they make no run."""
-    try:
-        return _launcher_environment(environ)
-    except ValueError as error:  # a rank that is no number, a node list that does not parse
-        raise LauncherMisconfigured(f"cannot read the launcher's variables: {error}") from error
-
-
-def _launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment | None:
-    if "RANK" in environ and "WORLD_SIZE" in environ:
-        missing = [name for name in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if name not in environ]
-        if missing:
-            raise LauncherMisconfigured(
-                f"RANK and WORLD_SIZE are set but {', '.join(missing)} is not; launch with torchrun"
-            )
-        return LauncherEnvironment(
-            rank=_integer(environ, "RANK"),
-            world_size=_integer(environ, "WORLD_SIZE"),
-            local_rank=_integer(environ, "LOCAL_RANK"),
-            master_addr=environ["MASTER_ADDR"],
-            master_port=_integer(environ, "MASTER_PORT"),
-            launcher="torchrun",
-        )
-    # SLURM_STEP_NUM_TASKS alone is enough: `srun --preserve-env` keeps the batch environment's SLURM_NTASKS,
-    # which sbatch sets only when it was given a task count. Without it every task ran as a single process.
-    if "SLURM_PROCID" in environ and ("SLURM_STEP_NUM_TASKS" in environ or "SLURM_NTASKS" in environ):
-        # The step's nodes and tasks, which srun sets: a step may use part of the job's nodes (`srun -N 2` in
-        # an allocation of 4, or `--relative`), and then task 0 is on the step's first node, not the job's;
-        # `srun --preserve-env` leaves SLURM_NTASKS at the job's count. The ranks would wait for a rank 0 or
-        # for ranks that are not there until the rendezvous timed out.
-        nodelist = (environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
-                    or environ.get("SLURM_NODELIST"))
-        rank = _integer(environ, "SLURM_PROCID")
-        if "MASTER_ADDR" in environ:
-            master_addr = environ["MASTER_ADDR"]
-        elif nodelist:
-            master_addr = first_host(nodelist)
-            _check_rank_0_is_on(master_addr, nodelist, rank, environ)
-        else:
-            raise LauncherMisconfigured("SLURM_PROCID is set but neither MASTER_ADDR nor SLURM_STEP_NODELIST nor "
-                               "SLURM_JOB_NODELIST is")
-        if "MASTER_PORT" in environ:
-            master_port = _integer(environ, "MASTER_PORT")
-        else:
-            job, step = _integer(environ, "SLURM_JOB_ID", 0), _integer(environ, "SLURM_STEP_ID", 0)
-            master_port = DEFAULT_MASTER_PORT + (job + SLURM_STEP_PORT_STRIDE * step) % SLURM_PORT_SPREAD
-        return LauncherEnvironment(
-            rank=rank,
-            world_size=_integer(environ, "SLURM_STEP_NUM_TASKS" if environ.get("SLURM_STEP_NUM_TASKS")
-                                else "SLURM_NTASKS"),
-            local_rank=_integer(environ, "SLURM_LOCALID", 0),
-            master_addr=master_addr,
-            master_port=master_port,
-            launcher="slurm",
-        )
-    return None
-
-
-def _check_rank_0_is_on(master_addr: str, nodelist: str, rank: int, environ: Mapping[str, str]) -> None:
-    """LauncherMisconfigured where this task can tell that SLURM did not start rank 0 on `master_addr`, the first host
-    of the step's node list.
-
-    Task 0 runs there with the block, cyclic and plane distributions, but not in a heterogeneous step (srun ... : ...),
-    whose node list Slurm sorts by name across the components, nor with an arbitrary layout (SLURM_HOSTFILE); the
-    ranks would then wait at a host where no rank 0 listens until the rendezvous timed out. A task knows its node
-    (SLURMD_NODENAME, in the node lists' own terms) and the step's ranks on that node (SLURM_GTIDS), so the ranks on
-    rank 0's node and on the first host see it. The ranks on the other nodes cannot: nothing in their environment says
-    where task 0 runs (SLURM_STEP_TASKS_PER_NODE gives counts, not which tasks, and in a heterogeneous step SLURM_NODEID
-    counts the nodes in component order, not in the node list's), so they wait until srun ends them (the --wait of
-    scripts/slurm_train.sbatch) or the rendezvous times out."""
-    node = environ.get("SLURMD_NODENAME")
-    if not node:
-        return
-    ranks_here = environ.get("SLURM_GTIDS", "").split(",")
-    step_ranks_known = str(rank) in ranks_here  # else it is not this step's: a task's own rank is among them
-    holds_rank_0 = rank == 0 or (step_ranks_known and "0" in ranks_here)
-    why = ("(a heterogeneous step, whose node list Slurm sorts, or an arbitrary task layout): export MASTER_ADDR "
-           "before srun (in a heterogeneous job, the first host of SLURM_JOB_NODELIST_HET_GROUP_0)")
-    if holds_rank_0 and node != master_addr:
-        raise LauncherMisconfigured(
-            f"SLURM started rank 0 on {node}, not on {master_addr}, the first host of the step's node list "
-            f"{nodelist!r}, where the other ranks would look for it {why}"
-        )
-    if step_ranks_known and not holds_rank_0 and node == master_addr:
-        raise LauncherMisconfigured(
-            f"SLURM started ranks {','.join(ranks_here)} (SLURM_GTIDS) on {node} and rank 0 elsewhere, though {node} "
-            f"is the first host of the step's node list {nodelist!r}, where the ranks look for rank 0 {why}"
-        )
-
-
-def _integer(environ: Mapping[str, str], name: str, default: int | None = None) -> int:
-    """A launcher variable's number; a ValueError naming the variable (int's own message names none)."""
-    if default is not None and name not in environ:
-        return default
-    value = environ.get(name, "")
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"{name}={value!r} is not a whole number") from None
 
 
 class DeviceUnavailable(RuntimeError):

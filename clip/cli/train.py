@@ -22,8 +22,9 @@ from .. import checkpoint as ckpt
 from ..config import TrainConfig, load_config
 from ..config_io import ConfigError
 from ..data.stream import UnusableData
-from ..distributed import DeviceUnavailable, LauncherEnvironment, LauncherMisconfigured, read_launcher_environment
+from ..distributed import DeviceUnavailable
 from ..download import DownloadError
+from ..launcher import LauncherEnvironment, LauncherMisconfigured, read_launcher_environment
 from ..loading import ModelNotFoundError
 from ..resume import ResumeRefused
 from ..run_lock import RunDirectoryInUse

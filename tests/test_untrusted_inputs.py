@@ -694,7 +694,7 @@ def test_a_manifest_row_longer_than_the_field_limit_is_not_called_empty(tmp_path
     from clip.evaluation.retrieval import read_caption_manifest
 
     monkeypatch.setattr("clip.data.manifest.FIELD_LIMIT", 1000)
-    monkeypatch.setattr("clip.evaluation.retrieval.FIELD_LIMIT", 1000)
+    monkeypatch.setattr("clip.evaluation.retrieval_data.FIELD_LIMIT", 1000)
     long_caption = "x" * 1001
     (tmp_path / "pairs.tsv").write_text(f"image\tcaption\na.png\ta cat\nb.png\t{long_caption}\n")
     with pytest.raises(ValueError, match=r"row 2 needs a non-empty .* \(or it is malformed: .* longer than the 1000 "):

@@ -13,7 +13,8 @@ from pathlib import Path
 from clip.config_io import home_expanded
 from clip.data.manifest import QUOTING_CHOICES
 from clip.evaluation.config import RetrievalDatasetConfig
-from clip.evaluation.retrieval import annotations_format, evaluate_retrieval, load_retrieval_data
+from clip.evaluation.retrieval import evaluate_retrieval
+from clip.evaluation.retrieval_data import annotations_format, load_retrieval_data
 
 from .common import (
     ERRORS_HELP,

@@ -6,15 +6,8 @@ from .datasets import CIFARDataset, ClassificationData, ImageFolderDataset, load
 from .during_training import run_evaluations, should_evaluate
 from .linear_probe import LinearProbeResult, extract_features, fit_logistic_regression, run_linear_probe, select_l2
 from .results import ZeroShotResult, format_table, save_confusion_png
-from .retrieval import (
-    RetrievalData,
-    RetrievalResult,
-    evaluate_retrieval,
-    load_retrieval_data,
-    read_caption_manifest,
-    read_karpathy_json,
-    retrieval_ranks,
-)
+from .retrieval import RetrievalResult, evaluate_retrieval, retrieval_ranks
+from .retrieval_data import RetrievalData, load_retrieval_data, read_caption_manifest, read_karpathy_json
 from .templates import DEFAULT_TEMPLATES, builtin_templates, load_classnames, load_templates
 from .zeroshot import build_zeroshot_classifier, evaluate_zeroshot, zeroshot_classify, zeroshot_classify_images
 

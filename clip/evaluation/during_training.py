@@ -35,7 +35,8 @@ from .features import (
     unwrap_model,
 )
 from .image_files import UnreadableImageError, read_image
-from .retrieval import evaluate_retrieval, load_retrieval_data
+from .retrieval import evaluate_retrieval
+from .retrieval_data import load_retrieval_data
 from .zeroshot import evaluate_zeroshot
 
 logger = logging.getLogger(__name__)

@@ -17,26 +17,21 @@ several true captions; g is the best of their scores (R@K: any true caption in t
 fraction of queries whose rank is <= K. Non-finite features are refused: every comparison with NaN is
 false, which ranked each NaN truth first.
 
-An image that cannot be decoded is left out with its captions and counted in `num_skipped`.
+An image that cannot be decoded is left out with its captions and counted in `num_skipped`. The images and
+captions come as RetrievalData, read from annotation files by `clip.evaluation.retrieval_data`.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from clip.cuda_backends import ieee_float32_matmul
-from clip.data.manifest import FIELD_LIMIT, MANIFEST_SUFFIXES, is_json_lines, manifest_rows
 
-from .config import RetrievalDatasetConfig
 from .features import (
     StopCheck,
     Tokenizer,
@@ -57,218 +52,21 @@ from .features import (
     unwrap_model,
     with_stop_checks,
 )
-from .image_files import read_image
+
+# All of clip.evaluation.retrieval_data's names, for code that imports them from here, where they were before it
+# (this module itself uses ImagePathDataset and RetrievalData alone)
+from .retrieval_data import (  # noqa: F401
+    ImagePathDataset,
+    RetrievalData,
+    annotations_format,
+    load_retrieval_data,
+    read_caption_manifest,
+    read_karpathy_json,
+)
 
 Ties = Literal["optimistic", "pessimistic"]
 # Scores closer than this fraction of the largest possible one (|text| x the largest |image|) are a tie.
 TIE_TOLERANCE = 1e-6
-
-
-@dataclass
-class RetrievalData:
-    """Unique images, all captions, and which image each caption describes (caption_image[t] = image index)."""
-
-    image_paths: list[Path]
-    captions: list[str]
-    caption_image: list[int]
-
-    def __post_init__(self) -> None:
-        if len(self.captions) != len(self.caption_image):
-            raise ValueError("need one image index per caption")
-        described = set(self.caption_image)
-        if len(described) != len(self.image_paths) or not described <= set(range(len(self.image_paths))):
-            raise ValueError("every image needs at least one caption, and every caption a valid image index")
-
-    def first_images(self, count: int) -> RetrievalData:
-        """The first `count` images and all of their captions."""
-        keep = [t for t, i in enumerate(self.caption_image) if i < count]
-        return RetrievalData(
-            self.image_paths[:count], [self.captions[t] for t in keep], [self.caption_image[t] for t in keep]
-        )
-
-
-def _grouped(pairs: Sequence[tuple[str, str]], image_root: Path, source: Path) -> RetrievalData:
-    """(image path, caption) pairs of the annotations file `source` -> RetrievalData; images in order of first
-    appearance. Paths are grouped as spelled out in full ("a.png", "./a.png" and "x/../a.png" are one image:
-    as two, each was the other's tie). An image missing is an error naming `source` and `image_root`: unlike
-    training, which skips such a pair, an evaluation set is scored whole or not at all, as its recalls are
-    only comparable over the same images."""
-    index_of: dict[str, int] = {}
-    captions, caption_image = [], []
-    for image, caption in pairs:
-        captions.append(caption)
-        caption_image.append(index_of.setdefault(os.path.normpath(image), len(index_of)))
-    paths = [image_root / image for image in index_of]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{source}: {len(missing)} of its {len(paths)} images are not found under {image_root} (the image "
-            f"root; by default the file's folder), e.g. {missing[:3]}"
-        )
-    return RetrievalData(paths, captions, caption_image)
-
-
-def _utf8_caption(caption: str, where: str) -> str:
-    """`caption`, or a ValueError naming `where` when it holds lone surrogates, which the tokenizer cannot take
-    (undecodable bytes kept by the manifest reader, escapes like "\\ud800" in JSON)."""
-    try:
-        caption.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"{where}: the caption is not valid UTF-8: {caption!r}") from None
-    return caption
-
-
-def _read_json_file(path: Path) -> Any:
-    """A JSON file's content; a file that is not UTF-8 JSON is a ValueError naming it (a byte-order mark is
-    allowed, as in the manifests)."""
-    try:
-        return json.loads(path.read_bytes().decode("utf-8-sig"))
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error})") from None
-    except ValueError as error:  # JSONDecodeError, and an integer of more than 4300 digits
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    except RecursionError:  # json parses nested arrays and objects recursively
-        raise ValueError(f"{path}: not valid JSON (its arrays or objects nest too deeply)") from None
-
-
-def _karpathy_captions(path: Path, number: int, sentences: Any) -> list[str]:
-    """The stripped "raw" captions of image #`number`. As in a manifest, a caption that is missing, not a
-    string or blank is an error naming it: an evaluation set is read whole or not at all."""
-    if not isinstance(sentences, list) or not sentences:
-        raise ValueError(f"{path}: image #{number}: 'sentences' must be a non-empty list, got {sentences!r}")
-    captions = []
-    for position, sentence in enumerate(sentences):
-        raw = sentence.get("raw") if isinstance(sentence, dict) else None
-        caption = raw.strip() if isinstance(raw, str) else ""
-        if not caption:
-            raise ValueError(
-                f"{path}: image #{number}, sentence #{position} needs a non-empty 'raw' caption, got {sentence!r}"
-            )
-        captions.append(_utf8_caption(caption, f"{path}: image #{number}, sentence #{position}"))
-    return captions
-
-
-def read_karpathy_json(path: str | Path, image_root: str | Path | None = None, split: str = "test") -> RetrievalData:
-    """Karpathy-style split file: {"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}]}]}.
-    Entries are numbered from 0 in errors ("image #3, sentence #1")."""
-    path = Path(path)
-    root = Path(image_root) if image_root else path.parent
-    content = _read_json_file(path)
-    if not isinstance(content, dict) or not isinstance(content.get("images"), list):
-        raise ValueError(f"{path}: expected a JSON object with an 'images' list")
-    pairs = []
-    for number, entry in enumerate(content["images"]):
-        if not isinstance(entry, dict):
-            raise ValueError(f"{path}: image #{number} must be a JSON object, got {entry!r}")
-        if split and entry.get("split") != split:
-            continue
-        filename, filepath = entry.get("filename"), entry.get("filepath", "")
-        if not isinstance(filename, str) or not filename or not isinstance(filepath, str):
-            raise ValueError(
-                f"{path}: image #{number} needs a non-empty 'filename' string (and 'filepath', if given, a "
-                f"string), got filename {filename!r}, filepath {filepath!r}"
-            )
-        image = str(Path(filepath) / filename)
-        pairs.extend((image, caption) for caption in _karpathy_captions(path, number, entry.get("sentences")))
-    if not pairs:
-        raise ValueError(f"{path}: no images in split {split!r}")
-    return _grouped(pairs, root, path)
-
-
-def _manifest_pair(
-    path: Path, number: int, row: tuple[str, str] | None, image_column: str, caption_column: str
-) -> tuple[str, str]:
-    """(image path, stripped caption) of manifest row `number`. The training loader skips a row it cannot
-    use; an evaluation set is read whole or not at all, so such a row is an error naming it."""
-    caption = row[1].strip() if row else ""
-    if not caption:
-        jsonl = is_json_lines(path)
-        needs = "needs to be a JSON object with" if jsonl else "needs"
-        # The reader hands over no reason for a row it could not split: a 300 KB caption read as an empty one
-        malformed = "" if row or jsonl else (
-            f" (or it is malformed: an unbalanced quote, or a field longer than the {FIELD_LIMIT} characters a "
-            f"manifest field may hold)"
-        )
-        raise ValueError(
-            f"{path}: row {number} {needs} a non-empty {image_column!r} and {caption_column!r}{malformed}"
-        )
-    return row[0], _utf8_caption(caption, f"{path}: row {number}")
-
-
-def read_caption_manifest(
-    path: str | Path,
-    image_root: str | Path | None = None,
-    image_column: str = "image",
-    caption_column: str = "caption",
-    quoting: str = "auto",
-) -> RetrievalData:
-    """A CSV/TSV (with a header) or JSONL manifest of (image, caption) rows; rows of one image need not be
-    adjacent. Read by the training loader's reader (`clip.data.manifest.manifest_rows`), so both take the
-    same files: byte-order marks, any case of suffix, `quoting` ("auto": CSV rules for .csv, none for .tsv;
-    "csv" for a TSV that a CSV writer such as pandas quoted; "none")."""
-    path = Path(path)
-    root = Path(image_root) if image_root else path.parent
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        raise ValueError(f"{path}: a .json file is read as Karpathy's format; rename a JSON-lines manifest to .jsonl")
-    # Other unknown suffixes (.txt, none) are read as comma-separated, as `format = "manifest"` asks.
-    separator = "" if suffix in MANIFEST_SUFFIXES else ","
-    rows = manifest_rows(str(path), image_column, caption_column, separator=separator, quoting=quoting)
-    pairs = [_manifest_pair(path, number, row, image_column, caption_column) for number, row in enumerate(rows, 1)]
-    if not pairs:
-        raise ValueError(f"{path}: no rows")
-    return _grouped(pairs, root, path)
-
-
-def annotations_format(config: RetrievalDatasetConfig) -> Literal["karpathy", "manifest"]:
-    """How `config.annotations` is read: its `format`, or for "auto" by the file's suffix."""
-    if config.format != "auto":
-        return config.format
-    return "manifest" if Path(config.annotations).suffix.lower() in MANIFEST_SUFFIXES else "karpathy"
-
-
-def load_retrieval_data(config: RetrievalDatasetConfig) -> RetrievalData:
-    if not config.annotations:
-        raise ValueError("a retrieval dataset needs `annotations`")
-    kind = annotations_format(config)
-    if kind == "manifest" and config.split not in ("test", ""):  # not the default or "all"
-        # Ignored, it evaluated every row of the manifest under the name of a split
-        raise ValueError(
-            f"retrieval dataset {config.resolved_name()!r}: split = {config.split!r}, but {config.annotations} is a "
-            "manifest, whose rows are all evaluated; a split selects images of a Karpathy JSON file"
-        )
-    if kind == "karpathy":
-        data = read_karpathy_json(config.annotations, config.image_root or None, config.split)
-    else:
-        data = read_caption_manifest(
-            config.annotations, config.image_root or None, config.image_column, config.caption_column, config.quoting
-        )
-    if config.caption_template:
-        data = RetrievalData(
-            data.image_paths, [config.caption_template.replace("{}", c) for c in data.captions], data.caption_image
-        )
-    available = len(data.image_paths)
-    data = data.first_images(config.max_images) if config.max_images > 0 else data
-    if len(data.image_paths) == 1:  # every caption's image, and every image's caption, would be found first
-        # A dataset of many images cut to one was said to "have 1 image", sending the user to its annotations
-        held = "has 1 image" if available == 1 else f"has {available} images, of which max_images = 1 keeps 1"
-        raise ValueError(
-            f"retrieval dataset {config.resolved_name()!r} {held}; retrieval needs at least 2 to choose "
-            "between (with one, every recall is 100%)"
-        )
-    return data
-
-
-class ImagePathDataset(Dataset):
-    def __init__(self, paths: Sequence[Path], transform: Callable):
-        self.paths = list(paths)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(read_image(self.paths[index])), index
 
 
 def retrieval_ranks(

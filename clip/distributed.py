@@ -18,18 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-# All of clip.launcher's names, for code that imports them from here, where they were before it (this module
-# itself uses read_launcher_environment alone)
-from .launcher import (  # noqa: F401
-    DEFAULT_MASTER_PORT,
-    SLURM_PORT_SPREAD,
-    SLURM_STEP_PORT_STRIDE,
-    LauncherEnvironment,
-    LauncherMisconfigured,
-    expand_nodelist,
-    first_host,
-    read_launcher_environment,
-)
+from .launcher import read_launcher_environment
 
 logger = logging.getLogger("clip.distributed")
 

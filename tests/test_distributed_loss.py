@@ -1,4 +1,4 @@
-"""clip.distributed and the distributed losses: launcher parsing, and two gloo processes on 127.0.0.1 whose
+"""clip.launcher, clip.distributed and the distributed losses: launcher parsing, and two gloo processes on 127.0.0.1 whose
 DDP-averaged gradients must equal one process on the concatenated batch."""
 
 import math
@@ -10,15 +10,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from clip.distributed import (
-    DEFAULT_MASTER_PORT,
     DistributedInfo,
     cleanup_distributed,
-    expand_nodelist,
-    first_host,
     gather_features,
     init_distributed,
-    read_launcher_environment,
 )
+from clip.launcher import DEFAULT_MASTER_PORT, expand_nodelist, first_host, read_launcher_environment
 from clip.loss import (
     SIGLIP_INITIAL_LOGIT_BIAS,
     SIGLIP_INITIAL_LOGIT_SCALE,

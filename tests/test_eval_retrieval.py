@@ -17,15 +17,8 @@ from PIL import Image
 from torch import nn
 
 from clip.evaluation.config import RetrievalDatasetConfig
-from clip.evaluation.retrieval import (
-    RetrievalData,
-    evaluate_retrieval,
-    load_retrieval_data,
-    read_caption_manifest,
-    read_karpathy_json,
-    retrieval_ranks,
-    summarize_ranks,
-)
+from clip.evaluation.retrieval import evaluate_retrieval, retrieval_ranks, summarize_ranks
+from clip.evaluation.retrieval_data import RetrievalData, load_retrieval_data, read_caption_manifest, read_karpathy_json
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

@@ -1087,7 +1087,7 @@ def test_a_config_error_under_a_launcher_is_said_by_rank_0_alone(tmp_path, monke
 
 def test_other_ranks_name_themselves_in_their_log_lines_and_errors():
     from clip.cli.train import log_format, program_name
-    from clip.distributed import read_launcher_environment
+    from clip.launcher import read_launcher_environment
 
     def launcher(rank):
         return read_launcher_environment({"RANK": str(rank), "WORLD_SIZE": "4", "LOCAL_RANK": str(rank),

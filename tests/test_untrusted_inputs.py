@@ -372,7 +372,7 @@ def test_templates_and_class_names_in_other_encodings(tmp_path: Path) -> None:
 
 def test_deeply_nested_json_is_a_value_error_naming_the_file(tmp_path: Path) -> None:
     # json's RecursionError escaped from the templates, class names and Karpathy-annotation readers
-    from clip.evaluation.retrieval import read_karpathy_json
+    from clip.evaluation.retrieval_data import read_karpathy_json
     from clip.evaluation.templates import load_classnames
 
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
@@ -657,7 +657,7 @@ def test_a_torch_save_file_refused_for_an_opcode_says_which(tmp_path: Path, opco
 
 def test_a_json_integer_beyond_pythons_digit_limit_names_the_file(tmp_path: Path) -> None:
     # json raises a plain ValueError (not JSONDecodeError) for it, which escaped without the file's name
-    from clip.evaluation.retrieval import read_karpathy_json
+    from clip.evaluation.retrieval_data import read_karpathy_json
     from clip.evaluation.templates import load_templates
 
     (tmp_path / "big.json").write_text('{"images": [], "imgid": ' + "9" * 5000 + "}")
@@ -691,7 +691,7 @@ def test_a_model_with_a_smaller_vocabulary_than_the_tokenizer_is_a_clear_error()
 def test_a_manifest_row_longer_than_the_field_limit_is_not_called_empty(tmp_path: Path, monkeypatch) -> None:
     # The manifest reader hands over no reason for a row it cannot split: a caption past the limit was
     # reported as a row that "needs a non-empty 'caption'"
-    from clip.evaluation.retrieval import read_caption_manifest
+    from clip.evaluation.retrieval_data import read_caption_manifest
 
     monkeypatch.setattr("clip.data.manifest.FIELD_LIMIT", 1000)
     monkeypatch.setattr("clip.evaluation.retrieval_data.FIELD_LIMIT", 1000)

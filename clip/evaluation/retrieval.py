@@ -53,16 +53,7 @@ from .features import (
     with_stop_checks,
 )
 
-# All of clip.evaluation.retrieval_data's names, for code that imports them from here, where they were before it
-# (this module itself uses ImagePathDataset and RetrievalData alone)
-from .retrieval_data import (  # noqa: F401
-    ImagePathDataset,
-    RetrievalData,
-    annotations_format,
-    load_retrieval_data,
-    read_caption_manifest,
-    read_karpathy_json,
-)
+from .retrieval_data import ImagePathDataset, RetrievalData
 
 Ties = Literal["optimistic", "pessimistic"]
 # Scores closer than this fraction of the largest possible one (|text| x the largest |image|) are a tie.

@@ -178,9 +178,12 @@ def test_reduced_size_model_runs_and_reloads_strictly(name: str) -> None:
 
 def test_released_table_covers_every_architecture_with_its_digest_in_the_url() -> None:
     assert list(RELEASED_WEIGHTS) == list(RELEASED_ARCHITECTURES)
-    for release in RELEASED_WEIGHTS.values():
+    for name, release in RELEASED_WEIGHTS.items():
         assert release.url.startswith("https://openaipublic.azureedge.net/clip/models/")
-        assert release.url.split("/")[-2] == release.sha256 and len(release.sha256) == 64
+        assert release.url.split("/")[-2] == release.sha256 and re.fullmatch("[0-9a-f]{64}", release.sha256)
+        # OpenAI's file names: the architecture's, "/" and "@" written as "-" ("ViT-L-14-336px.pt")
+        assert release.url.split("/")[-1] == name.replace("/", "-").replace("@", "-") + ".pt"
+    assert len({release.sha256 for release in RELEASED_WEIGHTS.values()}) == len(RELEASED_WEIGHTS)  # no row copied
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1130,6 +1133,36 @@ def test_inference_names_only_the_blocks_that_are_missing(blocks: list[str], ref
         _count_blocks({f"transformer.resblocks.{block}.ln_1.weight": torch.zeros(1) for block in blocks},
                       "transformer.resblocks")
     assert str(raised.value) == f"transformer.resblocks {refusal}"
+
+
+def test_inference_counts_only_keys_inside_a_numbered_block() -> None:
+    # A key that names a number alone, or a number run on into other characters, is no block
+    from clip.infer_architecture import _count_blocks
+
+    keys = ["transformer.resblocks.0.ln_1.weight", "transformer.resblocks.1", "transformer.resblocks.1x.weight"]
+    assert _count_blocks(dict.fromkeys(keys, torch.zeros(1)), "transformer.resblocks") == 1
+
+
+def test_inference_names_a_resnet_stage_without_blocks() -> None:
+    state = {name: torch.empty(value.shape, device="meta") for name, value in CLIP(TINY_RESNET).state_dict().items()
+             if not name.startswith("visual.layer4.")}
+    with pytest.raises(ArchitectureInferenceError, match=r"^the state dict has no visual\.layer4\.0\.\* entries$"):
+        infer_model_config(state)
+
+
+@pytest.mark.parametrize(("entry", "found"), [(torch.empty(32, device="meta"), r"\(32,\)"), (3, "int")],
+                         ids=["1-d", "int"])
+def test_inference_names_an_entry_that_is_no_tensor_of_the_expected_dimensions(entry: object, found: str) -> None:
+    with pytest.raises(ArchitectureInferenceError, match=rf"^'text_projection' should be a 2-d tensor, found {found}$"):
+        infer_model_config(_tiny_vit_shapes() | {"text_projection": entry})
+
+
+def test_a_state_dict_of_neither_tower_is_named_with_its_first_five_keys() -> None:
+    five = {f"k{index}": torch.zeros(1) for index in range(5)}
+    with pytest.raises(ArchitectureInferenceError, match=r"found keys like 'k0', 'k1', 'k2', 'k3', 'k4' \(5 entries\)$"):
+        infer_model_config(five)
+    with pytest.raises(ArchitectureInferenceError, match=r"'k3', 'k4', \.\.\. \(6 entries\)$"):
+        infer_model_config(five | {"k5": torch.zeros(1)})
 
 
 def test_a_prefix_only_some_keys_have_is_not_a_wrapper_prefix() -> None:

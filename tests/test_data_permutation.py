@@ -83,6 +83,11 @@ def test_the_permutation_is_pinned_because_saved_data_positions_index_it():
     assert permuted_range(4 * 10**9, 2_123_456_789, 2_123_456_795, (1, 2, 3)).tolist() == [
         1947295754, 2776772125, 104103427, 555758365, 1769480857, 482920653,
     ]
+    # A power of two, 2^(2h) itself, fills the network's range: no cycle walk, and one bit less than size's
+    assert permuted_range(16, 0, 16, (1, 2)).tolist() == [14, 2, 4, 3, 5, 7, 13, 12, 9, 15, 1, 6, 8, 0, 10, 11]
+    assert permuted_range(2**32, 7, 13, (1, 2)).tolist() == [
+        3475386101, 2693618848, 1746111738, 636537008, 1720438103, 3744345925,
+    ]
 
 
 def _chi_square(counts: np.ndarray) -> float:

@@ -178,3 +178,27 @@ def test_fractional_weights_round_to_the_nearest_count() -> None:
     # 0.29 * 100 is 28.999999999999996 in floating point: truncation would plan 28 samples per epoch
     assert SourceLayout(100, 0.29).samples_per_epoch == 29
     assert SourceLayout(10, 0.26).samples_per_epoch == 3
+
+
+def test_resampled_draws_past_the_count_add_no_segment() -> None:
+    # Shards of 1 and 9 samples, 9 per epoch: two shards drawn at once, and after a 9 the second adds nothing
+    planner = Planner((shard_layout([1, 9]),), seed=0, world_size=1, workers_per_rank=1, resampled=True,
+                      epoch_samples=9)
+    for epoch in range(20):
+        segments = planner.plan(epoch, 0, 0).segments[0]
+        assert all(start < stop for _, start, stop in segments) and sum(b - a for _, a, b in segments) == 9
+
+
+def test_resampled_plans_of_several_draws_are_pinned_too() -> None:
+    """See test_plans_are_pinned_because_saved_data_positions_index_them: draws made a batch at a time, a
+    partial shard's start drawn after the batch, and a negative seed not the same as its absolute value."""
+    sources = (shard_layout([3, 5, 2]),)
+    planner = Planner(sources, seed=7, world_size=1, workers_per_rank=1, resampled=True, epoch_samples=17)
+    assert planner.plan(0, 0, 0).segments[0] == [(1, 0, 5), (1, 0, 5), (0, 0, 3), (0, 0, 3), (0, 0, 1)]
+    negative = Planner(sources, seed=-7, world_size=1, workers_per_rank=1, resampled=True, epoch_samples=17)
+    assert negative.plan(0, 0, 0).segments[0] == [(2, 0, 2), (1, 0, 5), (0, 0, 3), (0, 0, 3), (2, 0, 2), (2, 0, 2)]
+
+
+def test_an_epoch_of_exact_plans_ignores_a_resampled_epoch_size() -> None:
+    planner = Planner((SourceLayout(12, 1.0),), seed=0, world_size=1, workers_per_rank=1, epoch_samples=5)
+    assert planner.samples_per_pass == 12 and len(planner.plan(0, 0, 0)) == 12

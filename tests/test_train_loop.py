@@ -1133,6 +1133,39 @@ def test_a_second_run_in_the_same_process_is_refused_and_leaves_the_first_locked
         pass
 
 
+def test_the_lock_file_names_only_its_holder_and_a_refusal_reads_it(tmp_path, monkeypatch, caplog):
+    # lockf's answers stood in for: a lock held elsewhere (EAGAIN, or EACCES as POSIX also allows), a mount
+    # without locks (ENOLCK: warned of, the run goes on)
+    import errno
+    import types
+
+    from clip import run_lock
+
+    (tmp_path / ".lock").write_text("host old, pid 1, since long ago\n" + "x" * 500)
+    with run_lock.locked_run_directory(tmp_path):
+        written = (tmp_path / ".lock").read_text()
+    assert written.startswith("host ") and f"pid {os.getpid()}, since " in written and written.count("\n") == 1
+
+    def locks(errno_code):
+        def lockf(file, flags):
+            raise OSError(errno_code, os.strerror(errno_code))
+        return types.SimpleNamespace(lockf=lockf, LOCK_EX=0, LOCK_NB=0)
+
+    for held in (errno.EAGAIN, errno.EACCES):
+        monkeypatch.setattr(run_lock, "fcntl", locks(held))
+        with pytest.raises(run_lock.RunDirectoryInUse, match=r"in use by another run \(host .*, pid "):
+            with run_lock.locked_run_directory(tmp_path):
+                pass
+    (tmp_path / ".lock").write_text("")
+    with pytest.raises(run_lock.RunDirectoryInUse, match=r"another run \(a process that has not written its name"):
+        with run_lock.locked_run_directory(tmp_path):
+            pass
+    monkeypatch.setattr(run_lock, "fcntl", locks(errno.ENOLCK))
+    with caplog.at_level(logging.WARNING), run_lock.locked_run_directory(tmp_path):
+        pass
+    assert "nothing stops a second run from using it at once" in caplog.text
+
+
 def test_the_lock_ends_with_the_process_that_took_it_not_with_its_children(tmp_path):
     # The data loader's workers are forked children: a lock they inherited (flock's) outlived a killed run
     # by as long as they took to exit, and its restart was refused naming the dead process.

@@ -186,6 +186,22 @@ def test_released_table_covers_every_architecture_with_its_digest_in_the_url() -
     assert len({release.sha256 for release in RELEASED_WEIGHTS.values()}) == len(RELEASED_WEIGHTS)  # no row copied
 
 
+# The project's read-only reference data (beside the checkout where it exists, as in CI); a plain clone has none
+REFERENCE_README = Path(__file__).resolve().parents[2] / "shared" / "reference" / "README.md"
+
+
+@pytest.mark.skipif(not REFERENCE_README.is_file(), reason="no ../shared/reference beside this checkout")
+def test_release_urls_and_digests_are_the_reference_data_s() -> None:
+    # One wrong character in a digest would pass every other test (nothing here downloads a release) and refuse
+    # the real file for every user
+    from clip.tokenizer import MERGES_SHA256, MERGES_URL
+
+    reference = REFERENCE_README.read_text(encoding="utf-8")
+    listed = dict(re.findall(r"^\s*- (\S+) `(https://openaipublic\.azureedge\.net/clip/models/\S+)`$", reference, re.M))
+    assert listed == {name: release.url for name, release in RELEASED_WEIGHTS.items()}
+    assert f"`{MERGES_URL}`" in reference and f"`{MERGES_SHA256}`" in reference
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Files in OpenAI's layout
 

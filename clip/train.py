@@ -324,8 +324,6 @@ def _train(
     # The step of this run's latest checkpoint, the same on every rank; a resumed run's is on disk already.
     saved_at = {"step": start_step if resumed else None}
 
-    window = LoggingWindow(device)
-
     def save(step: int, metrics: dict, evaluation_owed: bool = False) -> None:
         # Every rank contributes its RNG state and data position; rank 0 writes the file. evaluation_owed: this
         # step's periodic evaluation was skipped or abandoned for a signal; the resumed run makes it up.
@@ -416,7 +414,7 @@ def _train(
     # would give a diverged run another max_consecutive_nonfinite steps
     nonfinite_in_a_row = metrics_so_far.get("nonfinite_steps_in_a_row", 0)
     last_metrics = {key: value for key, value in metrics_so_far.items() if key != "nonfinite_steps_in_a_row"}
-    window.start()
+    window = LoggingWindow(device)  # the first one starts here (save and evaluate, above, pause it)
     step = start_step
 
     set_training_modes(train_module, module.clip, config.train)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,8 @@ def refuse_names_in_another_order(classnames: Sequence[str], class_folders: Sequ
     than its own, while its own folder's name is listed at another entry, shows that order: refused, naming
     the entry and where it belongs. `source`: the file read."""
     readable = [name.lower() for name in classnames_from_folders(class_folders, warn=False)]
-    label_of = {name: label for label, name in enumerate(readable) if readable.count(name) == 1}
+    counts = Counter(readable)  # (readable.count per name was quadratic: 5 s for ImageNet-21k's classes)
+    label_of = {name: label for label, name in enumerate(readable) if counts[name] == 1}
     keys = [name.replace("_", " ").strip().lower() for name in classnames]
     listed = set(keys)
     for label, (name, key) in enumerate(zip(classnames, keys, strict=True)):

@@ -158,21 +158,6 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @staticmethod
-    def hint_for_non_table(value: object) -> str:
-        """What to write instead of `model = value` in a config: a name there (open_clip's --model habit) is
-        not read as an architecture, and the type error alone said nothing of how to give one."""
-        if not isinstance(value, str):
-            return ""
-        release = value if value in RELEASED_ARCHITECTURES else release_of_open_clip_name(value)
-        named = (f"; {release}'s are those of clip.RELEASED_ARCHITECTURES[{release!r}].to_dict()"
-                 if release is not None else "")
-        # open_clip's names without -quickgelu are GELU models, also its RN50 ... RN50x64, spelled as OpenAI's here
-        if release_of_open_clip_name(value) is not None and not value.strip().endswith("-quickgelu"):
-            named += f', with activation = "gelu" for open_clip\'s {value}'
-        return (" (a name is not an architecture here: write a [model] table with its sizes, as "
-                f"configs/finetune_vit_b32.toml does for ViT-B/32{named})")
-
-    @staticmethod
     def from_dict(d: dict) -> "ModelConfig":
         return ModelConfig(
             embed_dim=d["embed_dim"],

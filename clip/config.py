@@ -18,7 +18,7 @@ from typing import Literal, get_args
 
 import torch
 
-from .architectures import OPENAI_VOCAB_SIZE, ModelConfig
+from .architectures import OPENAI_VOCAB_SIZE, RELEASED_ARCHITECTURES, ModelConfig, release_of_open_clip_name
 from .config_io import (
     ConfigError,
     InvalidValue,
@@ -29,7 +29,7 @@ from .config_io import (
     to_toml,
 )
 from .data.config import DataConfig
-from .evaluation.config import EvalConfig
+from .evaluation.config import EvalConfig, Precision, precision_hint
 from .loss import LossConfig
 
 __all__ = ["ConfigError", "LossConfig", "TrainConfig", "from_dict", "load_config", "to_dict", "to_toml"]
@@ -111,7 +111,7 @@ class TrainLoopConfig:
     # updates its running ones once per micro-batch, so its features depend on the split, as they would
     # with a smaller batch.
     accumulation_steps: int = 1
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 adds a gradient scaler
+    precision: Precision = "fp32"  # autocast dtype; fp16 adds a gradient scaler
     grad_checkpointing: bool = False  # recompute transformer blocks in backward to save activation memory
     compile: bool = False  # torch.compile the model
     seed: int = 0
@@ -150,6 +150,8 @@ class TrainLoopConfig:
     # similarity matrix, which it makes less precise for no speed.
     tf32: bool = False
 
+    config_hint = staticmethod(precision_hint)  # see clip.config_io
+
     def __post_init__(self) -> None:
         if self.init_weights is not None:  # "" was read as the current folder: ". is a directory without checkpoints"
             require("init_weights", self.init_weights, bool(self.init_weights.strip()),
@@ -181,6 +183,21 @@ class TrainLoopConfig:
         if self.lock_image and self.lock_text and not unlocked:
             raise InvalidValue("lock_text", "cannot be true with lock_image: nothing but the temperature would "
                                "train (unless lock_image_unlocked_layers or lock_text_unlocked_layers leaves layers)")
+
+
+def _model_name_hint(value: object) -> str:
+    """What to write instead of `model = value`: a name there (open_clip's --model habit) is not read as an
+    architecture, and the type error alone said nothing of how to give one."""
+    if not isinstance(value, str):
+        return ""
+    release = value if value in RELEASED_ARCHITECTURES else release_of_open_clip_name(value)
+    named = (f"; {release}'s are those of clip.RELEASED_ARCHITECTURES[{release!r}].to_dict()"
+             if release is not None else "")
+    # open_clip's names without -quickgelu are GELU models, also its RN50 ... RN50x64, spelled as OpenAI's here
+    if release_of_open_clip_name(value) is not None and not value.strip().endswith("-quickgelu"):
+        named += f', with activation = "gelu" for open_clip\'s {value}'
+    return ("a name is not an architecture here: write a [model] table with its sizes, as "
+            f"configs/finetune_vit_b32.toml does for ViT-B/32{named}")
 
 
 def _is_torch_device(name: str) -> bool:
@@ -231,6 +248,10 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/default"  # the run directory; an existing one is resumed ("~" is the home folder)
+
+    @staticmethod
+    def config_hint(key: str, value: object) -> str:  # see clip.config_io
+        return _model_name_hint(value) if key == "model" else ""
 
     def __post_init__(self) -> None:
         # "" is the current folder, which would become the run directory (its checkpoints, its lock, a resume

@@ -12,6 +12,15 @@ same way, so a written config reads back equal. Such a field therefore cannot ho
 Range checks live in each config dataclass's `__post_init__`, which raises `InvalidValue` naming the field
 relative to its dataclass; `from_dict` adds the path of the table it was read from, so the message names
 the full dotted key ("optimizer.lr must be a finite number > 0, got 0.0").
+
+A schema dataclass may offer a hint to a user who wrote a setting as another library does (open_clip's
+`precision = "amp_bf16"`, `[train] epochs = 2`), so that this module knows no library's names: a static method
+`config_hint(key, value) -> str`, asked when its field `key` refuses `value` by its type, and when `key` is not
+one of its fields (`value` is what was given for it). Its text ("" for none) is added to the error in
+parentheses; for an unknown key the error then lists the table's valid keys rather than guess at a spelling. A
+key that another section has is named instead (by `load_config`), so hints are for names that are keys
+nowhere. The schema above a table is not asked about an error inside it, which is about a key of the table's
+own schema. Checks in `__post_init__` write their own messages.
 """
 
 from __future__ import annotations
@@ -94,11 +103,21 @@ def _closest(key: str, valid: typing.Iterable[str]) -> str:
     siblings = {name.rpartition(".")[2]: name for name in valid if name.rpartition(".")[0] == parent}
     if not siblings:
         match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-        return f" Did you mean {match[0]!r}?" if match else f" Valid keys: {', '.join(sorted(valid))}."
+        return f" Did you mean {match[0]!r}?" if match else _valid_keys("", valid)
     match = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.5)
     if match:
         return f" Did you mean {siblings[match[0]]!r}?"
-    return f" Valid keys{f' in {parent}' if parent else ''}: {', '.join(sorted(siblings))}."
+    return _valid_keys(parent, siblings)
+
+
+def _valid_keys(table: str, names: typing.Iterable[str]) -> str:
+    return f" Valid keys{f' in {table}' if table else ''}: {', '.join(sorted(names))}."
+
+
+def _schema_hint(schema: Any, key: str, value: Any) -> str:
+    """The schema's `config_hint` about `key` and `value` (see the module's docstring), "" where it has none."""
+    hint = getattr(schema, "config_hint", None)
+    return hint(key, value) if hint is not None else ""
 
 
 def _type_name(tp: Any) -> str:
@@ -113,24 +132,6 @@ def _type_name(tp: Any) -> str:
 
 def _with_article(name: str) -> str:
     return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
-
-
-# open_clip's --precision values, which people write here: the ones that autocast over float32 weights, as
-# every precision here does, and those that cast the weights themselves, which have no counterpart.
-_OPEN_CLIP_AUTOCAST = {"amp": "fp16", "amp_bf16": "bf16", "amp_bfloat16": "bf16"}
-_OPEN_CLIP_CAST_WEIGHTS = ("pure_bf16", "pure_fp16")
-
-
-def _open_clip_precision_hint(value: Any, allowed: tuple) -> str:
-    """For a precision field (its values are fp32, bf16, fp16), what open_clip's spelling `value` is here."""
-    if set(allowed) != {"fp32", "bf16", "fp16"} or not isinstance(value, str):
-        return ""
-    if value in _OPEN_CLIP_AUTOCAST:
-        return f" (open_clip's {value!r} is {_OPEN_CLIP_AUTOCAST[value]!r} here: autocast over float32 weights)"
-    if value in _OPEN_CLIP_CAST_WEIGHTS:
-        return (f" (open_clip's {value!r} casts the weights themselves, which is not offered: the weights stay "
-                f"float32, and {value.removeprefix('pure_')!r} autocasts over them)")
-    return ""
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -157,8 +158,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {_short(value)} is not {_with_article(expected)}")
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{where}: {_short(value)} is not one of {', '.join(repr(a) for a in args)}"
-                              f"{_open_clip_precision_hint(value, args)}")
+            raise ConfigError(f"{where}: {_short(value)} is not one of {', '.join(repr(a) for a in args)}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -174,8 +174,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            hint = getattr(tp, "hint_for_non_table", lambda _: "")(value)  # a schema's word on what to write
-            raise ConfigError(f"{where}: expected a table of {tp.__name__} fields, got {_short(value)}{hint}")
+            raise ConfigError(f"{where}: expected a table of {tp.__name__} fields, got {_short(value)}")
         return from_dict(tp, value, where)
     if tp is bool:
         if isinstance(value, bool):
@@ -209,11 +208,13 @@ def from_dict(schema: type[T], data: dict, where: str = "") -> T:
     if unknown:
         key = unknown[0]
         name = f"{where}.{key}" if where else key
-        raise UnknownKey(f"unknown config key {name!r}.{_closest(key, fields)}", name, key)
+        hint = _schema_hint(schema, key, data[key])
+        advice = f" ({hint}).{_valid_keys(where, fields)}" if hint else f".{_closest(key, fields)}"
+        raise UnknownKey(f"unknown config key {name!r}{advice}", name, key)
     kwargs = {}
     for key, value in data.items():
         name = f"{where}.{key}" if where else key
-        kwargs[key] = _coerce(value, hints[key], name)
+        kwargs[key] = _coerce_field(schema, key, value, hints[key], name)
     try:
         return schema(**kwargs)
     except InvalidValue as error:
@@ -222,6 +223,18 @@ def from_dict(schema: type[T], data: dict, where: str = "") -> T:
         raise
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{where or schema.__name__}: {error}") from error
+
+
+def _coerce_field(schema: type, key: str, value: Any, tp: Any, name: str) -> Any:
+    """`_coerce` for the field `key` of `schema`, whose hint joins the error when the field refuses its value.
+    Not for a table's value: its error is about a key inside, which the table's own schema was asked about."""
+    try:
+        return _coerce(value, tp, name)
+    except ConfigError as error:
+        hint = "" if isinstance(value, dict) or _tables(value) else _schema_hint(schema, key, value)
+        if not hint:
+            raise
+        raise ConfigError(f"{error} ({hint})") from None
 
 
 def to_dict(config: Any) -> dict:
@@ -319,8 +332,12 @@ def _apply_override(data: dict, schema: type, keys: list[str], text: str, assign
             full = ".".join([*above, *keys[: depth + 1]])
             # batch_size=8, train.lr=1e-4: a key of another section, which no spelling near it finds
             elsewhere = _paths_named(schema, key, above)
-            hint = f" Did you mean {' or '.join(map(repr, elsewhere))}?" if elsewhere else _closest(full, valid)
-            raise ConfigError(f"unknown config key {full!r} in override {assignment!r}.{hint}")
+            if elsewhere:
+                advice = f". Did you mean {' or '.join(map(repr, elsewhere))}?"
+            else:
+                hint = _schema_hint(node_schema, key, _parse_override_value(text.strip()))
+                advice = f" ({hint}).{_valid_keys(prefix, fields)}" if hint else f".{_closest(full, valid)}"
+            raise ConfigError(f"unknown config key {full!r} in override {assignment!r}{advice}")
         field_type = typing.get_type_hints(node_schema)[key]
         if depth == len(keys) - 1:
             _set_override_value(node, key, field_type, text.strip())

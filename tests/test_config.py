@@ -71,6 +71,50 @@ def test_unknown_key_names_the_closest_valid_one(tmp_path):
         load_config(None, ["sectoin.lr=3"], Schema)
 
 
+@dataclass
+class Hinted:
+    """A schema with a word for its users: on a value its field refuses and on a key it does not have."""
+
+    mode: Literal["a", "b"] = "a"
+    section: Section = field(default_factory=Section)
+
+    @staticmethod
+    def config_hint(key: str, value: object) -> str:
+        hints = {"mode": "modes are lower case" if value == "A" else "", "section": "a section is a table",
+                 "epochs": "the length is 'section.steps'", "lr": "never shown: another section has it"}
+        return hints.get(key, "")
+
+
+def test_a_schema_s_hint_joins_the_error_for_a_value_it_refuses_and_a_key_it_lacks(tmp_path):
+    for path, overrides in [(write(tmp_path, 'mode = "A"\n'), []), (None, ["mode=A"])]:
+        with pytest.raises(ConfigError, match=re.escape("mode: 'A' is not one of 'a', 'b' (modes are lower case)")):
+            load_config(path, overrides, Hinted)
+    with pytest.raises(ConfigError, match=r"^mode: 'c' is not one of 'a', 'b'$"):  # "" from the hook: no hint
+        load_config(None, ["mode=c"], Hinted)
+    # An unknown key: the hint instead of a guessed spelling, and the table's valid keys
+    with pytest.raises(ConfigError, match=re.escape("unknown config key 'epochs' (the length is 'section.steps'). "
+                                                    "Valid keys: mode, section.")):
+        load_config(write(tmp_path, "epochs = 3\n"), [], Hinted)
+    with pytest.raises(ConfigError, match=re.escape("unknown config key 'epochs' in override 'epochs=3' (the length "
+                                                    "is 'section.steps'). Valid keys: mode, section.")):
+        load_config(None, ["epochs=3"], Hinted)
+
+
+def test_a_schema_s_hint_is_not_added_to_an_error_inside_a_table_nor_over_another_section_s_key(tmp_path):
+    with pytest.raises(ConfigError, match=re.escape("section: expected a table of Section fields, got 5 (a section "
+                                                    "is a table)")):
+        load_config(None, ["section=5"], Hinted)
+    # The error is about a key inside the table, which Section (with no hint) was asked about
+    with pytest.raises(ConfigError) as raised:
+        load_config(write(tmp_path, '[section]\nmode = "c"\n'), [], Hinted)
+    assert "a section is a table" not in str(raised.value)
+    # A key that another section has is named as such, the hint aside
+    for path, overrides in [(write(tmp_path, "lr = 1.0\n"), []), (None, ["lr=1.0"])]:
+        with pytest.raises(ConfigError, match=re.escape("Did you mean 'section.lr'?")) as raised:
+            load_config(path, overrides, Hinted)
+        assert "never shown" not in str(raised.value)
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

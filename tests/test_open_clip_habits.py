@@ -9,6 +9,7 @@ import clip
 from clip.cli.train import main
 from clip.config import TrainConfig, load_config
 from clip.config_io import ConfigError
+from clip.evaluation.config import ZeroShotRunConfig
 
 
 def test_open_clip_training_flags_are_refused_naming_each_override(capsys):
@@ -34,6 +35,14 @@ def test_a_flag_open_clip_does_not_have_keeps_argparse_s_error(capsys):
 def test_open_clip_precision_names_say_what_they_are_here(spelling, here):
     with pytest.raises(ConfigError, match=f"open_clip's '{spelling}'.*{here}"):
         load_config(None, [f"train.precision={spelling}"], TrainConfig)
+
+
+def test_every_precision_field_says_what_open_clip_s_names_are_here():
+    # Each config with a precision field offers the hint itself: the evaluation's and clip-zeroshot's too
+    with pytest.raises(ConfigError, match=r"^eval\.precision: .*\(open_clip's 'amp_bf16' is 'bf16' here"):
+        load_config(None, ["eval.precision=amp_bf16"], TrainConfig)
+    with pytest.raises(ConfigError, match=r"^precision: .*\(open_clip's 'amp' is 'fp16' here"):
+        load_config(None, ["precision=amp"], ZeroShotRunConfig)
 
 
 def test_open_clip_gelu_model_names_are_not_pointed_at_the_quickgelu_architecture():

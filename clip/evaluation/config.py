@@ -19,6 +19,24 @@ from clip.evaluation.templates import BUILTIN_TEMPLATE_SETS
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
+# open_clip's --precision values, which people write here: the ones that autocast over float32 weights, as
+# every precision here does, and those that cast the weights themselves, which have no counterpart.
+_OPEN_CLIP_AUTOCAST = {"amp": "fp16", "amp_bf16": "bf16", "amp_bfloat16": "bf16"}
+_OPEN_CLIP_CAST_WEIGHTS = ("pure_bf16", "pure_fp16")
+
+
+def precision_hint(key: str, value: object) -> str:
+    """The `config_hint` (see clip.config_io) of a config with a `precision` field: what open_clip's name for a
+    precision is here, where the field's type check alone said only that it is not fp32, bf16 or fp16."""
+    if key != "precision" or not isinstance(value, str):
+        return ""
+    if value in _OPEN_CLIP_AUTOCAST:
+        return f"open_clip's {value!r} is {_OPEN_CLIP_AUTOCAST[value]!r} here: autocast over float32 weights"
+    if value in _OPEN_CLIP_CAST_WEIGHTS:
+        return (f"open_clip's {value!r} casts the weights themselves, which is not offered: the weights stay "
+                f"float32, and {value.removeprefix('pure_')!r} autocasts over them")
+    return ""
+
 
 def require_at_least(minimum: int, **values: int) -> None:
     """Refuses the first of `values` below `minimum`: a 0 batch or chunk size would only fail much later,
@@ -157,6 +175,8 @@ class EvalConfig:
     # Image-text retrieval datasets ([[eval.retrieval]] tables).
     retrieval: list[RetrievalDatasetConfig] = field(default_factory=list)
 
+    config_hint = staticmethod(precision_hint)
+
     def __post_init__(self) -> None:
         require_at_least(0, every_n_steps=self.every_n_steps, workers=self.workers)
         require_at_least(
@@ -193,6 +213,8 @@ class ZeroShotRunConfig:
     confusion_png: bool = True
     # The datasets, as [[datasets]] tables.
     datasets: list[ZeroShotDatasetConfig] = field(default_factory=list)
+
+    config_hint = staticmethod(precision_hint)
 
     def __post_init__(self) -> None:
         require_at_least(0, workers=self.workers)

@@ -34,6 +34,32 @@ from .loss import LossConfig
 
 __all__ = ["ConfigError", "LossConfig", "TrainConfig", "from_dict", "load_config", "to_dict", "to_toml"]
 
+_RUN_LENGTH = ("the run's length is 'schedule.steps' here, counted in optimiser steps: epochs x samples per epoch "
+               "/ global batch")
+# Other trainers' names for settings (open_clip's flags written as keys, Hugging Face's and Lightning's
+# arguments) that are no key of any section here. Their closest spelling misled ([train] max_steps: "Did you
+# mean 'train.accumulation_steps'?", [optimizer] epochs: 'optimizer.eps', [schedule] epochs: 'schedule.steps'
+# with no word of the unit) or there was none. A name that some section has (lr, batch_size, warmup_steps)
+# needs no entry: load_config names that section.
+_OTHER_TRAINERS_KEYS = {
+    **dict.fromkeys(("epochs", "epoch", "num_epochs", "max_epochs", "num_train_epochs"), _RUN_LENGTH),
+    **dict.fromkeys(("max_steps", "total_steps"), "the run's length is 'schedule.steps' here"),
+    "learning_rate": "the peak learning rate is 'optimizer.lr' here",
+    "wd": "the weight decay is 'optimizer.weight_decay' here",
+    "warmup": "the warmup is 'schedule.warmup_steps' here, in optimiser steps",
+    "lr_scheduler": "the schedule's shape is 'schedule.kind' here",
+    **dict.fromkeys(("accum_freq", "gradient_accumulation_steps"),
+                    "gradient accumulation is 'train.accumulation_steps' here"),
+    "max_grad_norm": "gradient clipping is 'optimizer.grad_clip_norm' here",
+    "pretrained": "the weights a run starts from are 'train.init_weights' here",
+    "num_workers": "the loader's worker processes are 'data.workers' here",
+}
+
+
+def _other_trainers_key_hint(key: str, value: object = None) -> str:
+    """The `config_hint` (see clip.config_io) of the sections other trainers' names are written in."""
+    return _OTHER_TRAINERS_KEYS.get(key, "")
+
 
 @dataclass
 class OptimizerConfig:
@@ -51,6 +77,8 @@ class OptimizerConfig:
     grad_clip_norm: float | None = 1.0  # "none" (None) disables clipping
     implementation: Literal["auto", "fused", "foreach", "for-loop"] = "auto"  # auto: fused AdamW (CUDA and CPU)
 
+    config_hint = staticmethod(_other_trainers_key_hint)
+
     def __post_init__(self) -> None:
         require("lr", self.lr, 0 < self.lr < math.inf, "a finite number > 0")
         require("weight_decay", self.weight_decay, 0 <= self.weight_decay < math.inf, "a finite number >= 0")
@@ -64,6 +92,7 @@ class OptimizerConfig:
 
 
 ScheduleKind = Literal["cosine", "constant", "constant_cooldown"]
+_OPEN_CLIP_SCHEDULES = {"const": "constant", "const-cooldown": "constant_cooldown"}  # its --lr-scheduler values
 
 
 @dataclass
@@ -78,6 +107,12 @@ class ScheduleConfig:
     kind: ScheduleKind = "cosine"
     cooldown_steps: int = 0  # constant_cooldown only: the final steps of linear decay
     min_lr_ratio: float = 0.0  # the decay's floor (cosine, constant_cooldown), as a fraction of lr
+
+    @staticmethod
+    def config_hint(key: str, value: object) -> str:  # see clip.config_io
+        if key == "kind" and isinstance(value, str) and value in _OPEN_CLIP_SCHEDULES:
+            return f"open_clip's {value!r} is {_OPEN_CLIP_SCHEDULES[value]!r} here"
+        return _other_trainers_key_hint(key)
 
     def __post_init__(self) -> None:
         # 0 steps would end the run at once, saving an untrained checkpoint as if it had finished.
@@ -150,7 +185,9 @@ class TrainLoopConfig:
     # similarity matrix, which it makes less precise for no speed.
     tf32: bool = False
 
-    config_hint = staticmethod(precision_hint)  # see clip.config_io
+    @staticmethod
+    def config_hint(key: str, value: object) -> str:  # see clip.config_io
+        return precision_hint(key, value) or _other_trainers_key_hint(key)
 
     def __post_init__(self) -> None:
         if self.init_weights is not None:  # "" was read as the current folder: ". is a directory without checkpoints"
@@ -251,7 +288,7 @@ class TrainConfig:
 
     @staticmethod
     def config_hint(key: str, value: object) -> str:  # see clip.config_io
-        return _model_name_hint(value) if key == "model" else ""
+        return _model_name_hint(value) if key == "model" else _other_trainers_key_hint(key)
 
     def __post_init__(self) -> None:
         # "" is the current folder, which would become the run directory (its checkpoints, its lock, a resume

@@ -3,6 +3,9 @@ refused with what to write here instead, not with an error that names nothing to
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import pytest
 
 import clip
@@ -43,6 +46,51 @@ def test_every_precision_field_says_what_open_clip_s_names_are_here():
         load_config(None, ["eval.precision=amp_bf16"], TrainConfig)
     with pytest.raises(ConfigError, match=r"^precision: .*\(open_clip's 'amp' is 'fp16' here"):
         load_config(None, ["precision=amp"], ZeroShotRunConfig)
+
+
+@pytest.mark.parametrize(("written", "table", "key"), [
+    ("[train]\nepochs = 2\n", "train", "epochs"), ("[train]\nepoch = 2\n", "train", "epoch"),
+    ("epochs = 2\n", "", "epochs"), ("[schedule]\nepochs = 2\n", "schedule", "epochs"),
+    ("[optimizer]\nnum_epochs = 2\n", "optimizer", "num_epochs"),
+])
+def test_a_number_of_epochs_says_the_run_length_is_schedule_steps(tmp_path, written, table, key):
+    # open_clip counts a run in epochs. [train] epochs listed [train]'s keys, [schedule] epochs was asked if it
+    # meant 'steps' and [optimizer] epochs if it meant 'eps', none with a word of the unit
+    config = tmp_path / "epochs.toml"
+    config.write_text(written, encoding="utf-8")
+    name = f"{table}.{key}" if table else key
+    with pytest.raises(ConfigError) as raised:
+        load_config(config, [], TrainConfig)
+    assert str(raised.value).startswith(
+        f"unknown config key {name!r} (the run's length is 'schedule.steps' here, counted in optimiser steps: "
+        f"epochs x samples per epoch / global batch). Valid keys{f' in {table}' if table else ''}: ")
+    with pytest.raises(ConfigError, match=re.escape(f"in override '{name}=2' (the run's length is 'schedule.steps'")):
+        load_config(None, [f"{name}=2"], TrainConfig)
+
+
+@pytest.mark.parametrize(("theirs", "ours"), [
+    ("max_steps", "schedule.steps"), ("total_steps", "schedule.steps"), ("learning_rate", "optimizer.lr"),
+    ("wd", "optimizer.weight_decay"), ("warmup", "schedule.warmup_steps"), ("lr_scheduler", "schedule.kind"),
+    ("accum_freq", "train.accumulation_steps"), ("gradient_accumulation_steps", "train.accumulation_steps"),
+    ("max_grad_norm", "optimizer.grad_clip_norm"), ("pretrained", "train.init_weights"),
+    ("num_workers", "data.workers"),
+])
+def test_other_trainers_names_say_which_key_they_are_here(theirs, ours):
+    # Their closest spelling misled ([train] max_steps: 'train.accumulation_steps'; [train] pretrained:
+    # 'train.precision') or there was none. Said in each section they are likely written in, and the key named
+    # is one: an override of it is taken
+    for section in ("", "train.", "optimizer.", "schedule."):
+        with pytest.raises(ConfigError, match=re.escape(f"'{ours}' here")):
+            load_config(None, [f"{section}{theirs}=1"], TrainConfig)
+    section, key = ours.split(".")
+    assert key in {field.name for field in dataclasses.fields(getattr(TrainConfig(), section))}
+
+
+def test_open_clip_s_constant_schedules_say_what_they_are_here():
+    with pytest.raises(ConfigError, match=re.escape("(open_clip's 'const-cooldown' is 'constant_cooldown' here)")):
+        load_config(None, ["schedule.kind=const-cooldown"], TrainConfig)
+    with pytest.raises(ConfigError, match=re.escape("(open_clip's 'const' is 'constant' here)")):
+        load_config(None, ["schedule.kind=const"], TrainConfig)
 
 
 def test_open_clip_gelu_model_names_are_not_pointed_at_the_quickgelu_architecture():

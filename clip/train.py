@@ -157,10 +157,15 @@ class LoggingWindow:
         return wait_for_device(self.device) - self.started - self.paused_s
 
 
-def train(config: TrainConfig, stop_at_step: int | None = None) -> dict:
+def train(
+    config: TrainConfig, stop_at_step: int | None = None, on_run_directory_held: Callable[[], None] | None = None,
+) -> dict:
     """Runs (or resumes) the run described by `config`; returns the final metrics.
 
     stop_at_step: stop after this many steps as if interrupted (checkpoint, then return); for tests.
+    on_run_directory_held: called once the run holds its directory (`run_start.run_directory_held`), before it
+    writes anything there: clip-train starts appending its log to RUN_DIR/train.log then, so that a start
+    refused the directory, which another live run holds, writes nothing into that run's log.
     """
     # ---- setup ----------------------------------------------------------------------------------------
     # The ranks meet under the default signal handling: blocked in init_process_group's C++ rendezvous, a
@@ -183,6 +188,8 @@ def train(config: TrainConfig, stop_at_step: int | None = None) -> dict:
             # `on_exit` closes what the run opens (the data loader's workers) however it ends: a run that
             # raised in a notebook left its workers behind
             with run_directory_held(Path(config.output_dir), dist_info), contextlib.ExitStack() as on_exit:
+                if on_run_directory_held is not None:
+                    on_run_directory_held()
                 return _train(config, dist_info, stop_at_step, stop, end_setup=setup.close, on_exit=on_exit)
     except BaseException as error:
         if dist_info.is_distributed:

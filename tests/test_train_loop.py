@@ -1116,6 +1116,55 @@ def test_a_run_directory_in_use_by_another_run_is_refused_naming_it(tmp_path, ca
     assert main([str(DEMO), "--output-dir", str(tmp_path / "run"), *TINY, "schedule.steps=1"]) == 0  # released
 
 
+def test_a_run_refused_its_directory_writes_nothing_into_the_running_runs_files(tmp_path, capsys):
+    # The refused start's log lines and its refusal were appended to the running run's train.log (the log file
+    # was opened before the lock was taken): its own lines, between the other run's. Stderr alone has them now.
+    from multiprocess import lock_held_by_another_process
+
+    run_dir = tmp_path / "run"
+    args = [str(DEMO), "--output-dir", str(run_dir), *TINY, "schedule.steps=1", "eval.every_n_steps=0"]
+    assert main(args) == 0
+    capsys.readouterr()
+
+    def contents() -> dict:
+        return {path: path.read_bytes() for path in sorted(run_dir.rglob("*")) if path.is_file()}
+
+    with lock_held_by_another_process(run_dir):
+        before = contents()
+        assert {"train.log", "metrics.jsonl", "config.toml", "results.json"} <= {path.name for path in before}
+        assert main([*args, "schedule.steps=2"]) == 2
+        assert contents() == before
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(f"clip-train: {run_dir} is in use by another run (host ")
+    assert main([*args, "schedule.steps=2"]) == 0  # released: this start holds it and logs there
+    logged = (run_dir / "train.log").read_text()
+    assert "in use by another run" not in logged and "WARNING clip.resume: resuming " in logged
+
+
+def test_train_log_keeps_the_lines_logged_before_the_directory_was_held_and_a_refused_start_writes_none(tmp_path):
+    from clip.cli.train import keep_log_in
+
+    def logged_around(run_dir, held: bool) -> None:
+        handler = keep_log_in(run_dir)
+        try:
+            logging.getLogger("clip.test").warning("before the lock")
+            assert not (run_dir / "train.log").exists()
+            if held:
+                handler.open()
+            logging.getLogger("clip.test").warning("after it")
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+    (tmp_path / "held").mkdir()  # as taking its lock makes it
+    logged_around(tmp_path / "held", held=True)
+    lines = (tmp_path / "held" / "train.log").read_text().splitlines()
+    assert [line.split(" ", 2)[2] for line in lines] == ["WARNING clip.test: before the lock", "WARNING clip.test: after it"]
+    (tmp_path / "refused").mkdir()
+    logged_around(tmp_path / "refused", held=False)
+    assert list((tmp_path / "refused").iterdir()) == []
+
+
 def test_a_second_run_in_the_same_process_is_refused_and_leaves_the_first_locked(tmp_path):
     # A POSIX lock never conflicts with its own process: a notebook's second train() on the directory was
     # let in, and its end released the first one's lock.
@@ -1843,10 +1892,11 @@ def test_an_output_dir_outside_unicodes_first_plane_is_used_as_given(tmp_path, m
 
     monkeypatch.chdir(tmp_path)  # where the wrong folder was made
     started = []
-    monkeypatch.setattr(train_cli, "run", lambda config, *_: started.append(config.output_dir) or 0)
+    monkeypatch.setattr(train_cli, "run",
+                        lambda config, launcher, log_file: started.append((config.output_dir, log_file.path)) or 0)
     run_dir = str(tmp_path / "run \U0001f600")
     assert main([str(DEMO), "--output-dir", run_dir]) == 0
-    assert started == [run_dir] and (tmp_path / "run \U0001f600" / "train.log").exists()
+    assert started == [(run_dir, tmp_path / "run \U0001f600" / "train.log")]
 
 
 @pytest.fixture(scope="module")

@@ -160,16 +160,53 @@ def program_name(launcher: LauncherEnvironment | None) -> str:
     return "clip-train" if launcher is None or launcher.rank == 0 else f"clip-train (rank {launcher.rank})"
 
 
-def keep_log_in(run_dir: Path) -> logging.Handler | None:
-    """Appends rank 0's log to RUN_DIR/train.log as well: what happened to a run (resumes, signals, skipped
+class RunDirectoryLog(logging.Handler):
+    """Rank 0's log, appended to RUN_DIR/train.log as well: what happened to a run (resumes, signals, skipped
     checkpoints, changed settings) stays beside it, not only in a scheduler's output file. Dated in full,
-    since a run spans days and restarts."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(run_dir / "train.log", mode="a", encoding="utf-8")
-    except OSError:
-        return None  # an output_dir that cannot be written: the run itself reports it (status 2)
-    handler.setFormatter(logging.Formatter(log_format(None)))  # rank 0's lines, with the date
+    since a run spans days and restarts.
+
+    Written only once this process holds the run directory (`open`, called by `train` when it has taken the
+    directory's lock); the lines logged before then wait for it. A start refused the directory, because
+    another live run holds it, never opens the file: its lines and its refusal went into that other run's
+    train.log, between the running run's own lines."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__()
+        self.path = run_dir / "train.log"
+        self.waiting: list[logging.LogRecord] | None = []  # None once open (or given up)
+        self.file: logging.FileHandler | None = None
+
+    def open(self) -> None:
+        """Appends the lines logged so far to train.log, and every later one as it comes."""
+        with self.lock:  # a line logged meanwhile (a loader's thread) neither lost nor written out of order
+            waiting, self.waiting = self.waiting, None
+            try:
+                self.file = logging.FileHandler(self.path, mode="a", encoding="utf-8")
+            except OSError as error:  # a train.log that cannot be written (another user's): stderr has it all
+                log.warning("cannot append to %s (%s): the log goes to stderr only", self.path,
+                            error.strerror or error)
+                return
+            self.file.setFormatter(logging.Formatter(log_format(None)))  # rank 0's lines, with the date
+            for record in waiting or []:
+                self.file.handle(record)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.file is not None:
+            self.file.handle(record)
+        elif self.waiting is not None:
+            self.waiting.append(record)
+
+    def close(self) -> None:
+        """Lines still waiting (the directory was never held) are dropped: they are on stderr."""
+        self.waiting = None
+        if self.file is not None:
+            self.file.close()
+        super().close()
+
+
+def keep_log_in(run_dir: Path) -> RunDirectoryLog:
+    """A RunDirectoryLog for `run_dir`, added to the root logger (its `open` is for `train`)."""
+    handler = RunDirectoryLog(run_dir)
     logging.getLogger().addHandler(handler)
     return handler
 
@@ -214,17 +251,19 @@ def main(argv: list[str] | None = None) -> int:
             log_file.close()
 
 
-def note_in_run_log(log_file: logging.Handler | None, message: str) -> None:
-    """Writes `message` to train.log alone, as an error: the terminal has it as one plain line already."""
+def note_in_run_log(log_file: RunDirectoryLog | None, message: str) -> None:
+    """Writes `message` to train.log alone, as an error: the terminal has it as one plain line already. Dropped
+    where the run never held its directory (`RunDirectoryLog`)."""
     if log_file is not None:
         log_file.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (message,), None))
 
 
-def run(config: TrainConfig, launcher: LauncherEnvironment | None, log_file: logging.Handler | None = None) -> int:
+def run(config: TrainConfig, launcher: LauncherEnvironment | None, log_file: RunDirectoryLog | None = None) -> int:
     """Trains; the exit status, with bad input and known failures said in one line (and in `log_file`,
-    train.log, so that a run refused at a requeue says why beside its other starts)."""
+    train.log, so that a run refused at a requeue says why beside its other starts; not where the run never
+    held its directory, whose train.log may be another live run's)."""
     try:
-        results = train(config)
+        results = train(config, on_run_directory_held=None if log_file is None else log_file.open)
     except SetupInterrupted:
         log.warning("stopped while starting, before training a step: run it again")
         return STOPPED_EARLY_EXIT_CODE

@@ -42,6 +42,7 @@ class StopRequest:
         self.requested = False
         self._previous = {}
         self._abandoning: type[BaseException] | None = None  # while set, a signal raises it at once
+        self._finishing = False  # while set, the run has nothing left that a stop would cut short
 
     @contextlib.contextmanager
     def interrupting(self, exception: type[BaseException] = EvaluationInterrupted):
@@ -60,6 +61,18 @@ class StopRequest:
             yield
         finally:
             self._abandoning = previous
+
+    @contextlib.contextmanager
+    def finishing(self):
+        """Inside the block the run has done all that a stop could cut short (its last step, final checkpoint and
+        final evaluation) and only writes down its results: a signal is recorded (a second Ctrl-C still stops at
+        once), but said as what it is. It was said as "stopping at the next safe point", and the run then
+        exited 0, finished, as it should: there was nothing left to stop before."""
+        self._finishing = True
+        try:
+            yield
+        finally:
+            self._finishing = False
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -86,6 +99,11 @@ class StopRequest:
             log.warning("received signal %d: abandoning the %s", signum, "start of the run"
                         if exception is SetupInterrupted else f"evaluation, to save and stop{again}")
             raise exception
+        if self._finishing:
+            log.warning("received signal %d after the run's final checkpoint and evaluation: it is complete, and "
+                        "exits as finished once its results are written%s", signum,
+                        " (a second Ctrl-C stops at once, without writing them)" if signum == signal.SIGINT else "")
+            return
         # Over several processes the ranks agree on it before the next backward pass, so a signal that
         # arrives late in a step is acted on after the following one.
         log.warning("received signal %d: stopping at the next safe point (the weights are saved first)%s", signum,

@@ -385,7 +385,11 @@ def _train(
         """The evaluations' results, also logged. A signal (also one before them) abandons them by raising
         EvaluationInterrupted before anything is written: in one process at once, from the signal handler;
         several ranks together, at the evaluation's next stop check after any of them was signalled (an
-        all-reduce every few batches, at the same batches on every rank, so their collectives pair up)."""
+        all-reduce every few batches, at the same batches on every rank, so their collectives pair up). A run
+        without evaluations has nothing to abandon: a signal during its final save said "final evaluation
+        abandoned" and asked for a rerun that had nothing to do."""
+        if not (config.eval.zeroshot or config.eval.retrieval):
+            return {}
         if dist_info.is_distributed:
             def abandon_if_some_rank_was_signalled() -> None:
                 if any_rank(stop.requested, dist_info):
@@ -592,16 +596,24 @@ def _train(
             if dist_info.is_main:
                 log.warning("final evaluation abandoned; the trained weights are saved: run again to evaluate")
             final["evaluation_interrupted"] = True
-    data_totals = merge_rank_reports(gather_objects(data.rank_report(), dist_info))
-    if dist_info.is_main:
-        log.info("data: %s", data.epoch_summary())  # this rank's, since the run (or resume) started
-        log.info("data, %s, whole run: %s", ranks_phrase(dist_info.world_size, all_of=True),
-                 counts_line(data_totals["sources"]))
-        run_log.close()
-        if finished and not final.get("evaluation_interrupted"):
-            write_results(run_dir / "results.json", final)
-            if config.logging.plot:
-                plot_if_possible(run_dir)
+    complete = finished and not final.get("evaluation_interrupted")
+    if complete and stop.requested:
+        # The signal's line said "stopping at the next safe point", but none came: it arrived in the final save
+        # of a run without evaluations, or after the final evaluation's last stop check (several ranks)
+        log.warning("the signal came when only the final checkpoint and evaluation were left, and they are done: "
+                    "the run is complete and exits as finished")
+    # From here a signal cuts nothing short: the run only writes down its results
+    with stop.finishing() if complete else contextlib.nullcontext():
+        data_totals = merge_rank_reports(gather_objects(data.rank_report(), dist_info))
+        if dist_info.is_main:
+            log.info("data: %s", data.epoch_summary())  # this rank's, since the run (or resume) started
+            log.info("data, %s, whole run: %s", ranks_phrase(dist_info.world_size, all_of=True),
+                     counts_line(data_totals["sources"]))
+            run_log.close()
+            if complete:
+                write_results(run_dir / "results.json", final)
+                if config.logging.plot:
+                    plot_if_possible(run_dir)
     return final
 
 

@@ -688,6 +688,48 @@ def test_a_signal_in_the_last_step_or_the_final_save_skips_the_final_evaluation(
     assert main(args) == 0 and (tmp_path / "save" / "results.json").exists()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_once_the_final_evaluation_is_done_lets_the_run_finish_and_says_so(tmp_path, monkeypatch, signum):
+    # The final checkpoint and evaluation are done, only results.json is left to write: nothing can be stopped
+    # early any more, so the run finishes (status 0). The log said "stopping at the next safe point".
+    import clip.train as train_module
+
+    real_write_results = train_module.write_results
+
+    def signalled_write_results(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        return real_write_results(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "write_results", signalled_write_results)
+    assert main([str(DEMO), "--output-dir", str(tmp_path), *TINY, "schedule.steps=2", "eval.every_n_steps=0"]) == 0
+    assert "zeroshot/" in (tmp_path / "results.json").read_text()
+    logged = (tmp_path / "train.log").read_text()
+    assert "stopping at the next safe point" not in logged
+    assert (f"received signal {signum} after the run's final checkpoint and evaluation: it is complete, and exits "
+            "as finished once its results are written") in logged
+
+
+def test_a_signal_in_the_final_save_of_a_run_without_evaluations_lets_it_finish(tmp_path, monkeypatch):
+    # Nothing to evaluate: once the final checkpoint is written the run is complete. It said "final evaluation
+    # abandoned" and exited 75, for a rerun that had nothing left to do (several ranks exited 0).
+    real_save = ckpt.save_checkpoint
+
+    def signalled_save(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", signalled_save)
+    args = [str(DEMO), "--output-dir", str(tmp_path), *TINY, "schedule.steps=2", "eval.every_n_steps=0",
+            "eval.zeroshot=[]", "checkpoint.every_n_steps=0"]
+    assert main(args) == 0
+    assert ckpt.load_latest_checkpoint(tmp_path)["step"] == 2
+    assert json.loads((tmp_path / "results.json").read_text())["step"] == 2
+    logged = (tmp_path / "train.log").read_text()
+    assert "abandoned" not in logged and "exit status 75" not in logged
+    assert ("the signal came when only the final checkpoint and evaluation were left, and they are done: the run is "
+            "complete and exits as finished") in logged
+
+
 def test_an_evaluation_interruption_passes_an_except_exception_on_its_way(tmp_path, monkeypatch):
     # e.g. an image decoder's fallback around the moment the signal arrives: the evaluation is still abandoned
     import time

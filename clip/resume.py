@@ -240,6 +240,24 @@ def entry_restored(entry: str, run_dir: Path, step: object) -> Iterator[None]:
         ) from error
 
 
+@contextlib.contextmanager
+def refused_on_every_rank(run_dir: Path, dist_info: DistributedInfo) -> Iterator[None]:
+    """Within the block, a ResumeRefused raised on some ranks only is raised on every rank: its own where it
+    has one, else one that points at the other rank's. A rank's own part of a checkpoint (its 'rng' entry, its
+    data position) is put into the run by that rank alone: one that failed there stopped, and the others went
+    on into their next collective (DDP's constructor, the first step) and waited for it there until the
+    timeout. Every rank enters the block at the same point: its end is a collective."""
+    refusal = None
+    try:
+        yield
+    except ResumeRefused as error:  # re-raised below, after the ranks agree
+        refusal = error
+    raise_on_every_rank(refusal, dist_info, ResumeRefused(
+        f"{run_dir}: another rank could not restore its part of the checkpoint it would resume from (its error "
+        f"says which entry, and why)"
+    ))
+
+
 def _gist(error: BaseException) -> str:
     """An error's message in one line: torch's load_state_dict lists its mismatches on the lines after a
     headline, and its C++ errors end with the lines of the source that raised them."""

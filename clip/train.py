@@ -45,7 +45,7 @@ from .evaluation.during_training import check_evaluation_datasets, run_evaluatio
 from .loss import build_loss
 from .model import trimmed_text_length
 from .optim import build_optimizer, learning_rate, optimizer_parameter_names
-from .resume import checkpoint_to_resume, entry_restored, restore_training_state
+from .resume import checkpoint_to_resume, entry_restored, refused_on_every_rank, restore_training_state
 from .run_log import (
     RunLog,
     RunLogWriteError,
@@ -244,9 +244,10 @@ def _train(
     saved_config = state["config"] if resumed else None
     evaluation_owed = resumed and bool(state.get("evaluation_owed"))
     if resumed:
-        start_step, data_state, metrics_so_far = restore_training_state(
-            state, config, run_dir, module=module, optimizer=optimizer, scaler=scaler, dist_info=dist_info,
-        )
+        with refused_on_every_rank(run_dir, dist_info):  # each rank restores its own random generators
+            start_step, data_state, metrics_so_far = restore_training_state(
+                state, config, run_dir, module=module, optimizer=optimizer, scaler=scaler, dist_info=dist_info,
+            )
     else:
         start_step, data_state, metrics_so_far = 0, None, {}
         start_new_run(module, config, dist_info)
@@ -294,8 +295,8 @@ def _train(
             seed=config.train.seed,
         )
     on_exit.callback(data.close)
-    if data_state is not None:
-        with entry_restored("its 'data' entry", run_dir, start_step):
+    if resumed:  # on every rank alike (the agreement is a collective); data_state is each rank's own position
+        with refused_on_every_rank(run_dir, dist_info), entry_restored("its 'data' entry", run_dir, start_step):
             data.load_state_dict(data_state)
     if dist_info.is_main and not already_finished:
         # Written once the run's data is set up too: a refused resume, or a start whose data cannot be used

@@ -227,6 +227,30 @@ def test_a_run_directory_in_use_stops_every_rank_at_once(tmp_path):
     assert "rank 0 could not take" in (tmp_path / "refused1").read_text()
 
 
+def _resume_refused_worker(rank: int, world_size: int, port: int, run_dir: str, extra) -> None:
+    # What each rank raised, into a file of its own beside the run directory
+    from clip.resume import ResumeRefused
+
+    try:
+        _worker(rank, world_size, port, run_dir, None, extra)
+    except ResumeRefused as error:
+        (Path(run_dir).parent / f"refused{rank}").write_text(str(error))
+
+
+def test_a_checkpoint_entry_that_one_rank_cannot_restore_stops_every_rank_at_once(tmp_path):
+    # Each rank restores its own random generators: rank 1 alone refused its damaged entry, and rank 0 went on
+    # into DDP's constructor and waited there for it until the collectives' timeout.
+    extra = ["eval.every_n_steps=0", "schedule.steps=4"]
+    run_two_ranks(tmp_path / "run", stop_at_step=2, extra=extra)
+    path = ckpt.list_checkpoints(tmp_path / "run")[0][1]
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state["rng"][1]["torch"] = torch.zeros(3, dtype=torch.uint8)  # the keys are there, the value is no state
+    torch.save(state, path)
+    spawn_ranks(_resume_refused_worker, (2, free_port(), str(tmp_path / "run"), extra), timeout_s=120)
+    assert "rank 1's 'rng' entry does not fit this run" in (tmp_path / "refused1").read_text()
+    assert "another rank could not restore its part of the checkpoint" in (tmp_path / "refused0").read_text()
+
+
 def test_when_rank_0_finds_no_readable_checkpoint_or_cannot_save_every_rank_stops(tmp_path):
     # Rank 0 alone chooses (and verifies) the checkpoint to resume from, and alone writes them: the others
     # hear of its failure instead of waiting for it in their next collective.

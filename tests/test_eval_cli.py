@@ -193,6 +193,21 @@ def test_retrieval_command(tmp_path, tiny_checkpoint, datasets):
     assert result["caption_template"] == ""  # recorded: the paper's figures used "a photo of {}"
 
 
+def test_retrieval_warns_when_images_share_a_caption_under_pessimistic_ties(tmp_path, tiny_checkpoint, datasets, caplog):
+    images = sorted((datasets / "shapes").rglob("*.png"))[:3]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"image": str(p), "caption": "a shape"}) + "\n" for p in images))
+    argv = ["--model", str(tiny_checkpoint), "--annotations", str(tmp_path / "m.jsonl"), "--image-root", "/"]
+    argv += ["--device", "cpu", "--workers", "0", "--output-dir", str(tmp_path / "out")]
+    with caplog.at_level("WARNING"):
+        assert retrieval_cli.main(argv) == 0
+    assert "retrieval m: 3 of 3 images have a caption that another image has too" in caplog.text
+    assert "--ties optimistic ranks them in its favour." in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert retrieval_cli.main([*argv, "--ties", "optimistic"]) == 0
+    assert "have a caption that another image has too" not in caplog.text
+
+
 def test_linear_probe_command(tmp_path, tiny_checkpoint):
     argv = [
         "--model",

@@ -222,6 +222,26 @@ def test_checking_the_datasets_warns_about_them_only_when_told(monkeypatch):
     assert warned == [False]
 
 
+def test_checking_the_datasets_warns_once_about_captions_that_images_share(tmp_path, caplog):
+    # A template's caption for many images makes image->text recall 0 at every evaluation: said before training
+    from PIL import Image
+
+    from clip.evaluation.during_training import check_evaluation_datasets
+
+    with open(tmp_path / "same.jsonl", "w") as manifest:
+        for i in range(3):
+            Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(tmp_path / f"{i}.png")
+            manifest.write(json.dumps({"image": f"{i}.png", "caption": "a red square"}) + "\n")
+    config = EvalConfig(workers=0, retrieval=[RetrievalDatasetConfig(annotations=str(tmp_path / "same.jsonl"))])
+    with caplog.at_level("WARNING"):
+        check_evaluation_datasets(config, warn=False)  # the other ranks
+    assert caplog.text == ""
+    with caplog.at_level("WARNING"):
+        check_evaluation_datasets(config)
+    assert "retrieval same: 3 of 3 images have a caption that another image has too" in caplog.text
+    assert "clip-retrieval --ties optimistic" in caplog.text
+
+
 def test_should_evaluate_schedule():
     config = EvalConfig(every_n_steps=50, zeroshot=[ZeroShotDatasetConfig()])
     assert [s for s in range(181) if should_evaluate(config, s, 180)] == [50, 100, 150, 180]

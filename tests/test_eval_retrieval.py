@@ -18,7 +18,13 @@ from torch import nn
 
 from clip.evaluation.config import RetrievalDatasetConfig
 from clip.evaluation.retrieval import evaluate_retrieval, retrieval_ranks, summarize_ranks
-from clip.evaluation.retrieval_data import RetrievalData, load_retrieval_data, read_caption_manifest, read_karpathy_json
+from clip.evaluation.retrieval_data import (
+    RetrievalData,
+    load_retrieval_data,
+    read_caption_manifest,
+    read_karpathy_json,
+    warn_about_shared_captions,
+)
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -463,3 +469,21 @@ def test_unreadable_images_are_left_out_with_their_captions(tmp_path, caplog):
         assert result.recalls == expected.recalls
         assert result.metrics()["num_skipped"] == 2.0
     assert expected.recalls["text_to_image_R@1"] < 1.0  # the model's confusions are visible in the recalls
+
+
+def test_captions_that_several_images_share_are_warned_about(tmp_path, caplog):
+    # Captions written from a template ("a red circle" for dozens of images) tie with the true caption and
+    # count against it: image->text recall read 0 for a good model, and nothing said why.
+    paths = [tmp_path / f"{i}.png" for i in range(4)]
+    captions = ["A red circle", "a red  circle", "a red circle", "a blue square", "blue"]
+    shared = RetrievalData(paths, captions, [0, 1, 2, 3, 3])
+    with caplog.at_level("WARNING", logger="clip.evaluation.retrieval_data"):
+        warn_about_shared_captions(shared, "shapes", "REMEDY")
+    assert "retrieval shapes: 3 of 4 images have a caption that another image has too (1 such captions; " in caplog.text
+    assert "'a red circle' is 3 images')" in caplog.text and caplog.text.rstrip().endswith("REMEDY")
+    caplog.clear()
+    distinct = RetrievalData(paths, ["a red circle", "a red square", "a blue circle", "a blue square", "a red circle"],
+                             [0, 1, 2, 3, 0])  # one image's two captions alike: no other image competes
+    with caplog.at_level("WARNING", logger="clip.evaluation.retrieval_data"):
+        warn_about_shared_captions(distinct, "shapes", "REMEDY")
+    assert caplog.text == ""

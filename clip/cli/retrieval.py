@@ -14,7 +14,7 @@ from clip.config_io import home_expanded
 from clip.data.manifest import QUOTING_CHOICES
 from clip.evaluation.config import RetrievalDatasetConfig
 from clip.evaluation.retrieval import evaluate_retrieval
-from clip.evaluation.retrieval_data import annotations_format, load_retrieval_data
+from clip.evaluation.retrieval_data import annotations_format, load_retrieval_data, warn_about_shared_captions
 
 from .common import (
     ERRORS_HELP,
@@ -100,6 +100,8 @@ def evaluate(args: argparse.Namespace) -> int:
     name = dataset.resolved_name()
     data = load_retrieval_data(dataset)
     logger.info("%s: %d images, %d captions", name, len(data.image_paths), len(data.captions))
+    if args.ties == "pessimistic":
+        warn_about_shared_captions(data, name, "--ties optimistic ranks them in its favour.")
     output_dir = writable_output_dir(Path(args.output_dir))
     model, preprocess, source = load_model(args.model, device)
     result = evaluate_retrieval(

@@ -36,7 +36,7 @@ from .features import (
 )
 from .image_files import UnreadableImageError, read_image
 from .retrieval import evaluate_retrieval
-from .retrieval_data import load_retrieval_data
+from .retrieval_data import load_retrieval_data, warn_about_shared_captions
 from .zeroshot import evaluate_zeroshot
 
 logger = logging.getLogger(__name__)
@@ -56,8 +56,14 @@ def check_evaluation_datasets(eval_config: EvalConfig, warn: bool = True) -> Non
         require_classes_to_choose_between(dataset.resolved_name(), data.classnames)
         _require_a_readable_image(lambda index: data.dataset[index], len(data.dataset), dataset.resolved_name())
     for dataset in eval_config.retrieval:
-        paths = load_retrieval_data(dataset).image_paths
+        data = load_retrieval_data(dataset)
+        paths = data.image_paths
         _require_a_readable_image(lambda index: read_image(paths[index]), len(paths), dataset.resolved_name())
+        if warn:
+            warn_about_shared_captions(
+                data, dataset.resolved_name(), "Evaluation during training ranks ties so; clip-retrieval "
+                "--ties optimistic ranks them in the truth's favour."
+            )
 
 
 def _require_a_readable_image(read: Callable[[int], Any], count: int, name: str) -> None:

@@ -8,6 +8,7 @@ comparable over the same images. Ranking and recall@K are `clip.evaluation.retri
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from clip.data.manifest import FIELD_LIMIT, MANIFEST_SUFFIXES, is_json_lines, ma
 
 from .config import RetrievalDatasetConfig
 from .image_files import read_image
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -216,6 +219,34 @@ def load_retrieval_data(config: RetrievalDatasetConfig) -> RetrievalData:
             "between (with one, every recall is 100%)"
         )
     return data
+
+
+def captions_shared_by_images(data: RetrievalData) -> dict[str, int]:
+    """Each caption that two or more images have, with how many have it. Captions are compared as the tokenizer
+    reads them, case and spacing aside ("A red  circle" is "a red circle"): such copies encode alike."""
+    images_of: dict[str, set[int]] = {}
+    for caption, image in zip(data.captions, data.caption_image, strict=True):
+        images_of.setdefault(" ".join(caption.lower().split()), set()).add(image)
+    return {caption: len(images) for caption, images in images_of.items() if len(images) > 1}
+
+
+def warn_about_shared_captions(data: RetrievalData, name: str, remedy: str) -> None:
+    """Under pessimistic ties (the default), another image's copy of an image's true caption scores the same
+    and counts against it: captions written from a template ("a red circle", the same for dozens of images)
+    make image->text recall 0 however good the model. Said before the figures, so that they are not read as
+    a broken model; `remedy` says how the caller's user ranks those ties in the truth's favour instead."""
+    shared = captions_shared_by_images(data)
+    if not shared:
+        return
+    images = {i for c, i in zip(data.captions, data.caption_image, strict=True) if " ".join(c.lower().split()) in shared}
+    example = max(shared, key=shared.__getitem__)
+    logger.warning(
+        "retrieval %s: %d of %d images have a caption that another image has too (%d such captions; %r is %d "
+        "images'). A copy of an image's true caption scores as a tie, which counts against the truth (pessimistic "
+        "ties): image->text recall@K is 0 for an image whose caption K or more other images share, however good "
+        "the model. %s",
+        name, len(images), len(data.image_paths), len(shared), example, shared[example], remedy,
+    )
 
 
 class ImagePathDataset(Dataset):

@@ -239,7 +239,19 @@ def test_checking_the_datasets_warns_once_about_captions_that_images_share(tmp_p
     with caplog.at_level("WARNING"):
         check_evaluation_datasets(config)
     assert "retrieval same: 3 of 3 images have a caption that another image has too" in caplog.text
-    assert "clip-retrieval --ties optimistic" in caplog.text
+    assert 'ties = "optimistic" in its [[eval.retrieval]] table ranks them' in caplog.text
+    caplog.clear()
+    optimistic = dataclasses.replace(config.retrieval[0], ties="optimistic")
+    with caplog.at_level("WARNING"):
+        check_evaluation_datasets(dataclasses.replace(config, retrieval=[optimistic]))
+    assert caplog.text == ""
+    # and the evaluations rank by it: the shared caption is every image's truth, each copy a tie
+    metrics = {
+        ties: run_evaluations(tiny_clip(), dataclasses.replace(config, retrieval=[retrieval]), device="cpu")
+        for ties, retrieval in (("pessimistic", config.retrieval[0]), ("optimistic", optimistic))
+    }
+    assert metrics["pessimistic"]["retrieval/same/image_to_text_R@1"] == 0.0
+    assert metrics["optimistic"]["retrieval/same/image_to_text_R@1"] == 1.0
 
 
 def test_should_evaluate_schedule():

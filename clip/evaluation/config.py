@@ -141,6 +141,10 @@ class RetrievalDatasetConfig:
     # Each caption is put in place of "{}" here before encoding; empty = the captions as written. The CLIP
     # paper's Flickr30k and MSCOCO figures used "a photo of {}" (worth 1-2 points of R@1, it says).
     caption_template: str = ""
+    # How a ground truth tied with other candidates ranks: behind them ("pessimistic": a collapsed model scores
+    # no better than chance) or ahead ("optimistic": for captions that several images share word for word, each
+    # copy of an image's true caption a tie that would count against it), as clip-retrieval's --ties.
+    ties: Literal["pessimistic", "optimistic"] = "pessimistic"
 
     def __post_init__(self) -> None:
         require_at_least(0, max_images=self.max_images)

@@ -59,10 +59,10 @@ def check_evaluation_datasets(eval_config: EvalConfig, warn: bool = True) -> Non
         data = load_retrieval_data(dataset)
         paths = data.image_paths
         _require_a_readable_image(lambda index: read_image(paths[index]), len(paths), dataset.resolved_name())
-        if warn:
+        if warn and dataset.ties == "pessimistic":
             warn_about_shared_captions(
-                data, dataset.resolved_name(), "Evaluation during training ranks ties so; clip-retrieval "
-                "--ties optimistic ranks them in the truth's favour."
+                data, dataset.resolved_name(), 'ties = "optimistic" in its [[eval.retrieval]] table ranks them in '
+                "the truth's favour."
             )
 
 
@@ -165,7 +165,13 @@ def run_evaluations(
             data = load_retrieval_data(dataset_config)
             try:
                 result = evaluate_retrieval(
-                    model, data, transform, name=name, chunk_size=eval_config.retrieval_chunk_size, **options
+                    model,
+                    data,
+                    transform,
+                    name=name,
+                    chunk_size=eval_config.retrieval_chunk_size,
+                    ties=dataset_config.ties,
+                    **options,
                 )
             except NonFiniteFeaturesError as error:  # every rank raises alike (the features are all-gathered)
                 nan = _recorded_as_nan(error, step, rank)

@@ -125,7 +125,8 @@ def test_a_manifest_without_samples_is_an_error_naming_it(tmp_path: Path) -> Non
     all_bad.write_text("image,caption\n,no image path\n,nor here\n")
     no_lines = tmp_path / "empty.jsonl"  # JSON Lines have no header: it was said to have one
     no_lines.write_text("\n")
-    for path, why in [(header_only, "it has a header and no rows"), (all_bad, "all 2 of its rows are malformed"),
+    for path, why in [(header_only, "it has a header and no rows"),
+                      (all_bad, r"all 2 of its rows are malformed \(the first, line 2: no 'image'\)"),
                       (no_lines, "it has no rows")]:
         with pytest.raises(ValueError, match=f"data source 1:manifest: manifest {path} has no samples: {why}$"):
             build([SourceConfig(kind="manifest", path=str(good)), SourceConfig(kind="manifest", path=str(path))])
@@ -261,3 +262,46 @@ def test_rows_ending_in_a_carriage_return_alone_after_a_header_ending_in_a_line_
     # A caption's bare "\r" in the first rows of a file whose lines end in "\n" stays part of it
     path.write_bytes(b"image\tcaption\na.jpg\tone\rmore\nb.jpg\ttwo\n")
     assert captions_of(path) == ["one\rmore", "two"]
+
+
+def test_the_first_unusable_row_is_named_with_why(tmp_path: Path, caplog) -> None:
+    # A JSONL of COCO-style caption lists was "all 401 of its rows are malformed", naming no row and no reason
+    path = tmp_path / "train.jsonl"
+    records = [{"image": "0.jpg", "caption": ["a dog", "a brown dog"]}, {"image": "1.jpg", "caption": 7},
+               {"image": "2.jpg"}, {"image": "", "caption": "x"}, [1], {"image": "3.jpg", "caption": "fine"}]
+    path.write_text("".join(json.dumps(record) + "\n" for record in records) + "{not json\n")
+    with caplog.at_level("WARNING"):
+        manifest = read_manifest(str(path))
+    assert manifest.bad_rows == 6 and len(manifest) == 1
+    first = "line 1: 'caption' is a list, not a string: write one row per caption"
+    assert manifest.first_bad_row == first and f"were left out (the first, {first})" in caplog.text
+    problems = {}
+    lines = path.read_text().splitlines()
+    for line in range(2, 8):  # each kind of problem, as the first of the file after a good line
+        (tmp_path / "one.jsonl").write_text(lines[5] + "\n" + lines[line - 1] + "\n")
+        problems[line] = read_manifest(str(tmp_path / "one.jsonl")).first_bad_row
+    assert problems == {
+        2: "line 2: 'caption' is a number, not a string",
+        3: "line 2: no 'caption'",
+        4: "line 2: 'image' is an empty string, not a file path",
+        5: "line 2: a list, not a JSON object",
+        6: "",  # the good line itself
+        7: "line 2: not JSON (Expecting property name enclosed in double quotes)",
+    }
+    csv_path = tmp_path / "train.csv"
+    csv_path.write_text('image,caption\n0.jpg\n,no image\n1.jpg,fine\n')
+    manifest = read_manifest(str(csv_path))
+    assert manifest.bad_rows == 2 and manifest.first_bad_row == "line 2: no 'caption' (fewer fields than the header)"
+
+
+def test_a_manifest_of_unusable_rows_alone_is_refused_naming_the_first(tmp_path: Path) -> None:
+    from clip.data.config import SourceConfig
+    from clip.data.sources import ManifestSource
+
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"image": f"{i}.jpg", "caption": ["a", "b"]}) + "\n" for i in range(3)))
+    with pytest.raises(ValueError, match=re.escape(
+        "has no samples: all 3 of its rows are malformed (the first, line 1: 'caption' is a list, not a string: "
+        "write one row per caption)"
+    )):
+        ManifestSource("0:manifest", SourceConfig(kind="manifest", path=str(path)))

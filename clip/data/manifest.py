@@ -35,6 +35,7 @@ class Manifest:
     image_paths: PackedStrings
     captions: PackedStrings
     bad_rows: int  # rows dropped while reading (no image path, unparsable line)
+    first_bad_row: str = ""  # why the first of them was dropped, naming its line
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -124,7 +125,7 @@ def refuse_utf16_or_32(path: str) -> None:
 
 def _delimited_rows(
     path: str, separator: str, image_column: str, caption_column: str, quoting: str
-) -> Iterator[tuple | None]:
+) -> Iterator[tuple | str]:
     # "auto": tab-separated caption files (CC3M's and most web-scraped TSVs) hold '"' freely and unescaped,
     # and a stray one would swallow the following rows silently under CSV quoting rules; comma-separated ones
     # need those rules for commas in captions. "csv" reads a TSV that a CSV writer (pandas, Python's csv)
@@ -167,7 +168,7 @@ def _delimited_rows(
                 # inside the field, its lines read as rows.
                 over_limit = "field limit" in str(error) and reader.reader.line_num > record_start
                 if "end of data" not in str(error) and not over_limit:  # CPython's words for an open quote
-                    yield None
+                    yield f"line {record_start}: {error}"
                     continue
                 raise ValueError(
                     f"{path}, the record from line {record_start}: {error}. A field that opens with a double "
@@ -175,10 +176,40 @@ def _delimited_rows(
                     "quotes as text"
                 ) from error
             image, caption = row.get(image_column), row.get(caption_column)
-            yield (image, caption) if image and caption is not None else None
+            if not image:
+                yield f"line {record_start}: no {image_column!r}"
+            elif caption is None:
+                yield f"line {record_start}: no {caption_column!r} (fewer fields than the header)"
+            else:
+                yield image, caption
 
 
-def _jsonl_rows(path: str, image_column: str, caption_column: str) -> Iterator[tuple | None]:
+def _json_kind(value: object) -> str:
+    """What a JSON value is, in JSON's words, for a message saying that a field is not a string."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    names = {list: "a list", dict: "an object", str: "an empty string"}
+    return names.get(type(value), "a number")
+
+
+def _jsonl_row_problem(record: dict, image_column: str, caption_column: str) -> str:
+    """Why a JSONL record gives no sample ("" when it gives one)."""
+    missing = [column for column in (image_column, caption_column) if column not in record]
+    if missing:
+        return f"no {missing[0]!r}"
+    image, caption = record[image_column], record[caption_column]
+    if not (isinstance(image, str) and image):
+        return f"{image_column!r} is {_json_kind(image)}, not a file path"
+    if not isinstance(caption, str):
+        # Several captions of one image in a list (COCO's habit) are several rows here
+        several = ": write one row per caption" if isinstance(caption, list) else ""
+        return f"{caption_column!r} is {_json_kind(caption)}, not a string{several}"
+    return ""
+
+
+def _jsonl_rows(path: str, image_column: str, caption_column: str) -> Iterator[tuple | str]:
     checked_columns = False
     refuse_utf16_or_32(path)
     with open(path, "rb") as file:
@@ -192,19 +223,18 @@ def _jsonl_rows(path: str, image_column: str, caption_column: str) -> Iterator[t
             # RecursionError: a row nested thousands deep. ValueError, of which JSONDecodeError is one: also an
             # integer past Python's 4300 digits, which json refuses with a plain ValueError that ended the
             # whole manifest (and the training run) for one row, in words naming no file
-            except (ValueError, RecursionError):
-                yield None
+            except (ValueError, RecursionError) as error:
+                yield f"line {number}: not JSON ({getattr(error, 'msg', error)})"  # msg: without the position
                 continue
             if not isinstance(record, dict):
-                yield None
+                yield f"line {number}: {_json_kind(record)}, not a JSON object"
                 continue
             if not checked_columns:  # the first record names the columns; a mismatch is a config error
                 checked_columns = True
                 if image_column not in record or caption_column not in record:
                     raise _missing_columns_error(path, [image_column, caption_column], list(record))
-            image, caption = record.get(image_column), record.get(caption_column)
-            ok = isinstance(image, str) and image and isinstance(caption, str)
-            yield (image, caption) if ok else None
+            problem = _jsonl_row_problem(record, image_column, caption_column)
+            yield f"line {number}: {problem}" if problem else (record[image_column], record[caption_column])
 
 
 def is_json_lines(path: str | Path) -> bool:
@@ -217,6 +247,14 @@ def manifest_rows(
 ) -> Iterator[tuple | None]:
     """(image path, caption) per row as the file has them (str, possibly with surrogates), or None for a row
     without a usable image path or caption field. Raises ValueError for an unknown format or missing columns."""
+    rows = _rows_or_problems(path, image_column, caption_column, separator, quoting)
+    return (None if isinstance(row, str) else row for row in rows)
+
+
+def _rows_or_problems(
+    path: str, image_column: str, caption_column: str, separator: str, quoting: str
+) -> Iterator[tuple | str]:
+    """As `manifest_rows`, with why a row is unusable (naming its line) in place of None."""
     suffix = Path(path).suffix.lower()
     if is_json_lines(path):
         return _jsonl_rows(path, image_column, caption_column)
@@ -233,14 +271,16 @@ def read_manifest(
     every rank reading the same manifest would log alike (a warning from rank 0 alone)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
-    images, captions, bad_rows = PackedStringsBuilder(), PackedStringsBuilder(), 0
-    for row in manifest_rows(path, image_column, caption_column, separator, quoting):
-        if row is None:
+    images, captions, bad_rows, first_bad_row = PackedStringsBuilder(), PackedStringsBuilder(), 0, ""
+    for row in _rows_or_problems(path, image_column, caption_column, separator, quoting):
+        if isinstance(row, str):
             bad_rows += 1
+            first_bad_row = first_bad_row or row
             continue
         images.append(original_bytes(row[0]))
         captions.append(original_bytes(row[1]))
     if bad_rows:
-        log.log(said_once, "%s: %d rows without a usable image path or caption were left out", path, bad_rows)
+        log.log(said_once, "%s: %d rows without a usable image path or caption were left out (the first, %s)",
+                path, bad_rows, first_bad_row)
     root = str(Path(path).resolve().parent)
-    return Manifest(path, root, images.build(), captions.build(), bad_rows)
+    return Manifest(path, root, images.build(), captions.build(), bad_rows, first_bad_row)

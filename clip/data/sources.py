@@ -75,7 +75,8 @@ class ManifestSource:
             dropped = self.manifest.bad_rows
             # A JSON Lines file has no header: an empty one has no rows
             empty = "it has no rows" if is_json_lines(config.path) else "it has a header and no rows"
-            why = f"all {dropped} of its rows are malformed" if dropped else empty
+            first = self.manifest.first_bad_row
+            why = f"all {dropped} of its rows are malformed (the first, {first})" if dropped else empty
             raise ValueError(f"data source {name}: manifest {config.path} has no samples: {why}")
         self.layout = SourceLayout(len(self.manifest), config.weight)
         self._fingerprint: str | None = None

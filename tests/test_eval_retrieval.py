@@ -376,6 +376,13 @@ def test_other_column_names_are_named_in_the_error(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"image": names[0], "caption": "x"}) + "\n{not json}\n")
     with pytest.raises(ValueError, match="row 2 needs to be a JSON object with a non-empty 'image' and 'caption'"):
         read_caption_manifest(tmp_path / "bad.jsonl")
+    # An object with both fields, one of them not a string, is told why: it was sent looking for empty fields
+    (tmp_path / "lists.jsonl").write_text(json.dumps({"image": names[0], "caption": ["a square", "a red one"]}) + "\n")
+    with pytest.raises(ValueError, match=re.escape(
+        "row 1 needs to be a JSON object with a non-empty 'image' and 'caption'; line 1: 'caption' is a list, not a "
+        "string: write one row per caption"
+    )):
+        read_caption_manifest(tmp_path / "lists.jsonl")
 
 
 def test_manifest_errors_name_the_row(tmp_path):

@@ -247,11 +247,11 @@ def manifest_rows(
 ) -> Iterator[tuple | None]:
     """(image path, caption) per row as the file has them (str, possibly with surrogates), or None for a row
     without a usable image path or caption field. Raises ValueError for an unknown format or missing columns."""
-    rows = _rows_or_problems(path, image_column, caption_column, separator, quoting)
+    rows = manifest_rows_with_problems(path, image_column, caption_column, separator, quoting)
     return (None if isinstance(row, str) else row for row in rows)
 
 
-def _rows_or_problems(
+def manifest_rows_with_problems(
     path: str, image_column: str, caption_column: str, separator: str, quoting: str
 ) -> Iterator[tuple | str]:
     """As `manifest_rows`, with why a row is unusable (naming its line) in place of None."""
@@ -272,7 +272,7 @@ def read_manifest(
     if not Path(path).is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
     images, captions, bad_rows, first_bad_row = PackedStringsBuilder(), PackedStringsBuilder(), 0, ""
-    for row in _rows_or_problems(path, image_column, caption_column, separator, quoting):
+    for row in manifest_rows_with_problems(path, image_column, caption_column, separator, quoting):
         if isinstance(row, str):
             bad_rows += 1
             first_bad_row = first_bad_row or row

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset
 
-from clip.data.manifest import FIELD_LIMIT, MANIFEST_SUFFIXES, is_json_lines, manifest_rows
+from clip.data.manifest import FIELD_LIMIT, MANIFEST_SUFFIXES, is_json_lines, manifest_rows_with_problems
 
 from .config import RetrievalDatasetConfig
 from .image_files import read_image
@@ -138,21 +138,24 @@ def read_karpathy_json(path: str | Path, image_root: str | Path | None = None, s
 
 
 def _manifest_pair(
-    path: Path, number: int, row: tuple[str, str] | None, image_column: str, caption_column: str
+    path: Path, number: int, row: tuple[str, str] | str, image_column: str, caption_column: str
 ) -> tuple[str, str]:
-    """(image path, stripped caption) of manifest row `number`. The training loader skips a row it cannot
-    use; an evaluation set is read whole or not at all, so such a row is an error naming it."""
-    caption = row[1].strip() if row else ""
+    """(image path, stripped caption) of manifest row `number`, or for a str `row` (the reader's reason for an
+    unusable one) an error. The training loader skips a row it cannot use; an evaluation set is read whole or
+    not at all, so such a row is an error naming it."""
+    usable = isinstance(row, tuple)
+    caption = row[1].strip() if usable else ""
     if not caption:
         jsonl = is_json_lines(path)
         needs = "needs to be a JSON object with" if jsonl else "needs"
-        # The reader hands over no reason for a row it could not split: a 300 KB caption read as an empty one
-        malformed = "" if row or jsonl else (
+        # A row the reader could not split: a 300 KB caption was read as an empty one
+        malformed = "" if usable or jsonl else (
             f" (or it is malformed: an unbalanced quote, or a field longer than the {FIELD_LIMIT} characters a "
             f"manifest field may hold)"
         )
+        reason = "" if usable else f"; {row}"  # e.g. "line 2: 'caption' is a list, not a string"
         raise ValueError(
-            f"{path}: row {number} {needs} a non-empty {image_column!r} and {caption_column!r}{malformed}"
+            f"{path}: row {number} {needs} a non-empty {image_column!r} and {caption_column!r}{malformed}{reason}"
         )
     return row[0], _utf8_caption(caption, f"{path}: row {number}")
 
@@ -165,9 +168,9 @@ def read_caption_manifest(
     quoting: str = "auto",
 ) -> RetrievalData:
     """A CSV/TSV (with a header) or JSONL manifest of (image, caption) rows; rows of one image need not be
-    adjacent. Read by the training loader's reader (`clip.data.manifest.manifest_rows`), so both take the
-    same files: byte-order marks, any case of suffix, `quoting` ("auto": CSV rules for .csv, none for .tsv;
-    "csv" for a TSV that a CSV writer such as pandas quoted; "none")."""
+    adjacent. Read by the training loader's reader (`clip.data.manifest.manifest_rows_with_problems`), so both
+    take the same files: byte-order marks, any case of suffix, `quoting` ("auto": CSV rules for .csv, none for
+    .tsv; "csv" for a TSV that a CSV writer such as pandas quoted; "none")."""
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
     suffix = path.suffix.lower()
@@ -175,7 +178,7 @@ def read_caption_manifest(
         raise ValueError(f"{path}: a .json file is read as Karpathy's format; rename a JSON-lines manifest to .jsonl")
     # Other unknown suffixes (.txt, none) are read as comma-separated, as `format = "manifest"` asks.
     separator = "" if suffix in MANIFEST_SUFFIXES else ","
-    rows = manifest_rows(str(path), image_column, caption_column, separator=separator, quoting=quoting)
+    rows = manifest_rows_with_problems(str(path), image_column, caption_column, separator, quoting)
     pairs = [_manifest_pair(path, number, row, image_column, caption_column) for number, row in enumerate(rows, 1)]
     if not pairs:
         raise ValueError(f"{path}: no rows")

@@ -305,3 +305,22 @@ def test_a_manifest_of_unusable_rows_alone_is_refused_naming_the_first(tmp_path:
         "write one row per caption)"
     )):
         ManifestSource("0:manifest", SourceConfig(kind="manifest", path=str(path)))
+
+
+def test_a_row_with_more_fields_than_the_header_is_left_out_not_cut(tmp_path: Path) -> None:
+    # A hand-written CSV's unquoted comma cut the caption there ("a yellow, shiny square" was "a yellow"),
+    # without a word; trailing separators (empty fields) cut nothing and stay fine.
+    path = tmp_path / "train.csv"
+    path.write_text("image,caption\n0.jpg,a yellow, shiny square\n1.jpg,a blue square,\n2.jpg,\"a red, round one\"\n")
+    manifest = read_manifest(str(path))
+    assert captions_of(path) == ["a blue square", "a red, round one"] and manifest.bad_rows == 1
+    assert manifest.first_bad_row == (
+        "line 2: more fields than the header's 2, so a field was cut where it holds a comma (put it in double "
+        "quotes, as a CSV writer does; or check the separator)"
+    )
+    tsv = tmp_path / "train.tsv"
+    tsv.write_text("image\tcaption\n0.jpg\ta caption\twith a tab\n1.jpg\tfine\n")
+    manifest = read_manifest(str(tsv))
+    assert captions_of(tsv) == ["fine"] and 'where it holds a tab (put it in double quotes and set quoting = "csv"' in (
+        manifest.first_bad_row
+    )

@@ -317,8 +317,10 @@ def test_a_tsv_quoted_by_a_csv_writer_is_read_with_quoting_csv(tmp_path):
     config = RetrievalDatasetConfig(annotations=str(tmp_path / "m.tsv"), image_root=str(tmp_path / "images"))
     data = load_retrieval_data(dataclasses.replace(config, quoting="csv"))
     assert data.captions == captions and data.image_paths == [tmp_path / "images" / name for name in names]
-    # Read as written (the default for tab-separated files), the quoted line break splits a row in two.
-    with pytest.raises(ValueError, match="row 3 needs a non-empty 'image' and 'caption'"):
+    # Read as written (the default for tab-separated files), the quoted tab splits the caption (row 2, which
+    # was cut there without a word) and the quoted line break splits a row in two.
+    with pytest.raises(ValueError, match="row 2 needs a non-empty 'image' and 'caption'.*line 3: more fields than the "
+                                         'header\'s 2, so a field was cut where it holds a tab .*quoting = "csv"'):
         load_retrieval_data(config)
 
 
@@ -344,7 +346,7 @@ def test_a_retrieval_dataset_of_one_image_is_refused(tmp_path):
     # Every recall was 100% whatever the model: its one image is every caption's first answer
     names = write_images(tmp_path, 3)
     rows = "".join(f"{name},a square {i}\n" for i, name in enumerate(names))
-    (tmp_path / "m.csv").write_text(f"image,caption\n{names[0]},a red square\n{names[0]},a square, red\n")
+    (tmp_path / "m.csv").write_text(f"image,caption\n{names[0]},a red square\n{names[0]},\"a square, red\"\n")
     with pytest.raises(ValueError, match="retrieval dataset 'm' has 1 image; retrieval needs at least 2"):
         load_retrieval_data(RetrievalDatasetConfig(annotations=str(tmp_path / "m.csv")))
     (tmp_path / "three.csv").write_text("image,caption\n" + rows)

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl")
 _SEPARATORS = {".csv": ",", ".tsv": "\t"}
+_SEPARATOR_NAMES = {",": "comma", "\t": "tab", ";": "semicolon", "|": "vertical bar"}
 
 
 @dataclass
@@ -176,7 +177,16 @@ def _delimited_rows(
                     "quotes as text"
                 ) from error
             image, caption = row.get(image_column), row.get(caption_column)
-            if not image:
+            # csv.DictReader puts fields beyond the header's under None: an unquoted comma in a caption cut it
+            # there, and the rest of it went unread. Empty ones are trailing separators, which cut nothing.
+            beyond_header = [field for field in row.get(None) or [] if field.strip()]
+            if beyond_header:
+                quote = ('put it in double quotes and set quoting = "csv"' if csv_quoting == csv.QUOTE_NONE
+                         else "put it in double quotes, as a CSV writer does")
+                yield (f"line {record_start}: more fields than the header's {len(available)}, so a field was cut "
+                       f"where it holds a {_SEPARATOR_NAMES.get(separator, repr(separator))} ({quote}; or check "
+                       f"the separator)")
+            elif not image:
                 yield f"line {record_start}: no {image_column!r}"
             elif caption is None:
                 yield f"line {record_start}: no {caption_column!r} (fewer fields than the header)"

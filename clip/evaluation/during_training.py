@@ -47,10 +47,10 @@ IMAGES_TRIED = 8
 
 
 def check_evaluation_datasets(eval_config: EvalConfig, warn: bool = True) -> None:
-    """Lists every configured dataset and decodes a few of its images, before training: a wrong path or
-    layout, or a dataset whose files do not decode (Git LFS pointers named .jpg), then fails in the first
-    minute. Found at the first evaluation instead, it would stop the run there and cost the steps since
-    the last checkpoint, and again after every resume."""
+    """Reads every configured dataset's file list (its folders or annotations) and decodes a few of its images,
+    before training: a wrong path or layout, or a dataset whose files do not decode (Git LFS pointers named
+    .jpg), then fails in the first minute. Found at the first evaluation instead, it would stop the run there
+    and cost the steps since the last checkpoint, and again after every resume."""
     for dataset in eval_config.zeroshot:
         data = load_classification_data(dataset, None, warn=warn)
         require_classes_to_choose_between(dataset.resolved_name(), data.classnames)

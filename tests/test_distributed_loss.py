@@ -339,6 +339,14 @@ def worker(rank: int, port: int) -> None:
             for name in reference_metrics:
                 torch.testing.assert_close(metrics[name], reference_metrics[name], **TOLERANCE,
                                            msg=f"{kind} chunk={chunk_size} features: {name}")
+
+            # A loss built without distributed=True (say, for one rank's own evaluation) reports this rank's
+            # rows alone, in a distributed run too: its metrics are not averaged with the other ranks'
+            _, own_metrics = ContrastiveLoss(kind, chunk_size=chunk_size)(features[local], noisy[local], *scale_and_bias)
+            unit = nn.functional.normalize
+            own_scores = unit(features[local], dim=-1) @ unit(noisy[local], dim=-1).t()
+            own_accuracy = (own_scores.argmax(dim=1) == torch.arange(ROWS_PER_RANK)).float().mean()
+            assert own_metrics["image_to_text_accuracy"].item() == own_accuracy.item(), (rank, kind, chunk_size)
     finally:
         cleanup_distributed()
 

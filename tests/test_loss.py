@@ -141,6 +141,16 @@ def test_bad_inputs_give_clear_errors():
         ContrastiveLoss("triplet")
     with pytest.raises(ValueError, match="CLIP loss only"):
         build_loss(LossConfig(kind="siglip", chunk_size=8))
+    with pytest.raises(ValueError, match="CLIP loss only"):  # built directly, not through LossConfig's check
+        ContrastiveLoss("siglip", chunk_size=8)
+    # Without the check an empty batch failed inside argmax, with an IndexError about a reduction dim
+    with pytest.raises(ValueError, match="batch is empty"):
+        contrastive_loss(image[:0], text[:0], logit_scale)
+    with pytest.raises(ValueError, match="batch is empty"):
+        sigmoid_loss(image[:0], text[:0], logit_scale, torch.tensor(-10.0))
+    # One scale per row (shape [B]) broadcasts over the [B, B] logits into a wrong loss without the check
+    with pytest.raises(ValueError, match="logit_scale must be a scalar"):
+        contrastive_loss(image, text, logit_scale.detach().expand(4))
 
 
 class TinyTwoTower(nn.Module):

@@ -140,6 +140,24 @@ def test_a_collapsed_model_gets_no_credit_whatever_the_rounding(seed):
             assert text_ranks.tolist() == [pessimistic_rank], (gap, length)
 
 
+def test_a_ties_tolerance_is_of_the_largest_score_its_own_query_can_get():
+    # |query| x the largest |candidate|, in both directions: not the longest query's, nor a fixed amount
+    def unit_below(gap: float) -> list[float]:  # its score with (1, 0) is 1 - gap
+        angle = math.acos(1 - gap)
+        return [math.cos(angle), math.sin(angle)]
+
+    caption_image = torch.tensor([0, 1])
+    for gap, pessimistic_rank in ((1e-5, 1), (1e-7, 2)):
+        # An image query among captions 1000 long: its true one (1, 0) and image 1's, `gap` below it
+        images = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        image_ranks, _ = retrieval_ranks(images, 1000 * torch.tensor([[1.0, 0.0], unit_below(gap)]), caption_image)
+        assert image_ranks[0] == pessimistic_rank, gap
+    # A unit query 1e-5 above its competitor is no tie, however long another query of its kind is
+    short_and_long, pair = torch.tensor([[1.0, 0.0], [0.0, 1000.0]]), torch.tensor([[1.0, 0.0], unit_below(1e-5)])
+    assert retrieval_ranks(short_and_long, pair, caption_image)[0][0] == 1  # image 0 queries the captions
+    assert retrieval_ranks(pair, short_and_long, caption_image)[1][0] == 1  # caption 0 queries the images
+
+
 def test_non_finite_features_are_refused_not_ranked_first():
     # Every comparison with NaN is false: a NaN truth was beaten by nothing and ranked 1st, all-NaN features
     # scored a perfect recall

@@ -124,6 +124,10 @@ def test_logits_are_cosine_similarities_times_the_models_logit_scale():
     expected = 10.0 * nn.functional.normalize(images, dim=-1) @ classifier  # exp(logit_scale) = 10
     torch.testing.assert_close(output.logits, expected)
     torch.testing.assert_close(output.probabilities, expected.softmax(dim=1))
+    assert output.predictions.tolist() == [0, 1, 1]  # one class per image
+    # A model without a learned temperature gets CLIP's trained one, 100
+    del model.logit_scale
+    torch.testing.assert_close(zeroshot_classify(model, classifier, images).logits, expected * 10.0)
 
 
 def test_eval_mode_restores_each_submodules_own_mode():
@@ -334,6 +338,19 @@ def test_labels_outside_the_classes_are_an_error():
     model, classnames, templates = planted_two_classes()
     with pytest.raises(ValueError, match="labels must lie in 0..1"):
         evaluate_zeroshot(model, [(torch.ones(2), 2)], classnames, templates, tokenizer=model.tokenize)
+    with pytest.raises(ValueError, match="labels must lie in 0..1"):  # not an opaque error from bincount
+        evaluate_zeroshot(model, [(torch.ones(2), -1)], classnames, templates, tokenizer=model.tokenize)
+
+
+def test_subsets_and_a_classifier_that_do_not_fit_the_class_names_are_errors():
+    model, classnames, templates = planted_two_classes()
+    dataset = [(torch.ones(2), 0), (-torch.ones(2), 1)]
+    # -1 would index the last class from the end, silently
+    for outside in ([-1], [2]):
+        with pytest.raises(ValueError, match=r"subset 'bad' names classes outside 0..1"):
+            evaluate_zeroshot(model, dataset, classnames, templates, tokenizer=model.tokenize, subsets={"bad": outside})
+    with pytest.raises(ValueError, match="classifier has 3 classes, but 2 class names were given"):
+        evaluate_zeroshot(model, dataset, classnames, classifier=torch.eye(2, 3))
 
 
 def test_confusion_png_is_written_or_skipped_without_matplotlib(tmp_path, monkeypatch, caplog):

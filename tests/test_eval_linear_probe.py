@@ -109,6 +109,12 @@ def test_the_sweep_spans_the_range_then_halves_its_step_around_the_best():
     expected = sorted(v for v in (coarse_best / math.sqrt(10), coarse_best * math.sqrt(10)) if 0.0099 < v < 101)
     assert refined == pytest.approx(expected)
     assert l2 == max(sweep, key=lambda p: (p.val_accuracy, -p.val_loss)).l2
+    # An interior best gets both neighbours: the planted window's middle strength wins this coarse grid
+    train, val = planted_window(200, 1, True), planted_window(200, 2, False)
+    _, sweep = select_l2(train, val, 2, low=1e-2, high=1e4, coarse_points=4, refine_steps=1, max_iter=300)
+    coarse_best = max(sweep[:4], key=lambda p: (p.val_accuracy, -p.val_loss)).l2
+    assert 1e-2 < coarse_best < 1e4
+    assert sorted(point.l2 for point in sweep[4:]) == pytest.approx([coarse_best / 10, coarse_best * 10])
 
 
 def test_train_accuracy_is_that_of_the_refit_on_train_and_validation():
@@ -120,6 +126,19 @@ def test_train_accuracy_is_that_of_the_refit_on_train_and_validation():
     result = run_linear_probe(train, train, 2, val=val, coarse_points=3, refine_steps=0, max_iter=100)
     assert result.train_accuracy == pytest.approx(20 / 22)
     assert (result.num_train, result.num_val, result.test_accuracy) == (20, 2, 1.0)
+
+
+def test_the_validation_scores_are_the_chosen_fits_not_the_refits_that_saw_them():
+    # Train: class 0 near -2, class 1 near 2. Validation: class 1 near 3, half of class 0 near -2 and half near
+    # 1, past the training boundary (0): fitted on train, 3 of 4 right; the refit on both separates them all.
+    labels = torch.arange(20) % 2
+    train = ((4.0 * labels - 2.0 + 0.1 * torch.arange(20) / 20)[:, None].double(), labels)
+    val = (torch.tensor([[-2.0], [1.0], [3.0], [3.0]] * 2, dtype=torch.float64), torch.tensor([0, 0, 1, 1] * 2))
+    result = run_linear_probe(train, val, 2, val=val, coarse_points=3, refine_steps=0, max_iter=100)
+    chosen = next(point for point in result.sweep if point.l2 == result.l2)
+    reported = (result.val_accuracy, result.val_mean_per_class)
+    assert reported == (chosen.val_accuracy, chosen.val_mean_per_class) == (0.75, 0.75)
+    assert (result.test_accuracy, result.test_mean_per_class) == (1.0, 1.0)  # the refit, scored on the same rows
 
 
 def test_fit_reaches_a_stationary_point_of_scikit_learns_objective():
@@ -161,12 +180,46 @@ def test_mean_per_class_accuracy_is_reported_and_can_choose_the_strength():
         run_linear_probe(imbalanced(1), imbalanced(2), 2, metric="top5")
 
 
+def test_mean_per_class_accuracy_averages_only_the_classes_present():
+    from clip.evaluation.linear_probe import LogisticRegression
+
+    # Predicts the feature's one-hot index. Labels 0, 0, 2: class 0 is half right, class 2 right, class 1 absent
+    probe = LogisticRegression(torch.eye(3), torch.zeros(3))
+    features, labels = torch.eye(3)[[0, 1, 2]], torch.tensor([0, 0, 2])
+    assert probe.accuracy(features, labels) == pytest.approx(2 / 3)
+    assert probe.mean_per_class_accuracy(features, labels) == pytest.approx((1 / 2 + 1) / 2)  # not NaN, not / 3
+
+
+def test_the_sweep_chooses_by_the_metric_it_is_given(monkeypatch):
+    from clip.evaluation import linear_probe
+    from clip.evaluation.linear_probe import LogisticRegression
+
+    # Planted fits: a strong L2 gives the majority answer (accuracy 0.9, mean per class 0.5), a weak one a
+    # classifier of accuracy 0.85 and mean per class (80/90 + 5/10) / 2 = 0.69
+    labels = torch.cat([torch.zeros(90), torch.ones(10)]).long()
+    useful_prediction = torch.cat([torch.zeros(80), torch.ones(10), torch.ones(5), torch.zeros(5)]).long()
+    val = (torch.nn.functional.one_hot(useful_prediction, 2).double(), labels)
+    majority = LogisticRegression(torch.zeros(2, 2, dtype=torch.float64), torch.tensor([1.0, 0.0], dtype=torch.float64))
+    useful = LogisticRegression(torch.eye(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
+
+    def planted_fit(features, labels, num_classes, l2, **options):
+        return majority if l2 > 1 else useful
+
+    monkeypatch.setattr(linear_probe, "fit_logistic_regression", planted_fit)
+    options = dict(low=1e-2, high=1e2, coarse_points=5, refine_steps=0)
+    assert select_l2(val, val, 2, metric="accuracy", **options)[0] > 1
+    assert select_l2(val, val, 2, metric="mean_per_class", **options)[0] <= 1
+
+
 def test_validation_split_is_seeded_and_disjoint():
     features, labels = torch.arange(20.0)[:, None], torch.zeros(20, dtype=torch.long)
     (train_x, _), (val_x, _) = split_validation(features, labels, 0.25, seed=3)
     (train_y, _), (val_y, _) = split_validation(features, labels, 0.25, seed=3)
     assert torch.equal(val_x, val_y) and len(val_x) == 5
     assert sorted(train_x.flatten().tolist() + val_x.flatten().tolist()) == list(range(20))
+    # shuffled: another seed holds out other rows, and not just the first of a class's rows in file order
+    (_, _), (other_x, _) = split_validation(features, labels, 0.25, seed=4)
+    assert not torch.equal(other_x, val_x) and sorted(val_x.flatten().tolist()) != [0.0, 1.0, 2.0, 3.0, 4.0]
     with pytest.raises(ValueError):
         split_validation(features, labels, 1.0, seed=0)
 
@@ -188,6 +241,16 @@ def test_the_validation_hold_out_takes_each_class_in_proportion_and_leaves_every
     labels = torch.tensor([0, 1, 2, 3, 3, 3, 3])
     (_, train_labels), (_, val_labels) = split_validation(labels[:, None].float(), labels, 0.3, seed=0)
     assert val_labels.tolist() == [3, 3] and sorted(train_labels.tolist()) == [0, 1, 2, 3, 3]
+    # A singleton class's row goes after every other class's last-but-one, however large a share is held out
+    labels = torch.tensor([0, 1, 1, 1, 1])
+    for seed in range(5):
+        (_, train_labels), _ = split_validation(labels[:, None].float(), labels, 0.6, seed=seed)
+        assert sorted(train_labels.tolist()) == [0, 1]
+    # Shares are rounded to the nearest row (0.3 of a class of 3 is none), not up, which favoured small classes
+    labels = torch.tensor([0] * 10 + [1] * 10 + [2] * 3)
+    for seed in range(10):
+        _, (_, val_labels) = split_validation(labels[:, None].float(), labels, 0.1, seed=seed)
+        assert torch.bincount(val_labels, minlength=3).tolist() == [1, 1, 0], seed
 
 
 class RecordingEncoder(nn.Module):
@@ -258,6 +321,34 @@ def test_standardising_a_single_training_example_is_safe():
     result = run_linear_probe(train, test, 2, val=val, standardize=True, coarse_points=3, refine_steps=0, max_iter=50)
     assert all(math.isfinite(point.val_loss) for point in result.sweep)
     assert result.test_accuracy == 1.0
+
+
+def test_the_refit_is_standardised_with_the_statistics_of_train_and_validation(monkeypatch):
+    from clip.evaluation import linear_probe
+
+    fitted = []
+    fit = linear_probe.fit_logistic_regression
+
+    def recording_fit(features, *args, **options):
+        fitted.append(features)
+        return fit(features, *args, **options)
+
+    monkeypatch.setattr(linear_probe, "fit_logistic_regression", recording_fit)
+    train, val, test = gaussian_classes(10, 1), gaussian_classes(10, 2), gaussian_classes(5, 3)
+    val = (val[0] + 3.0, val[1])  # shifted: statistics of train alone would not centre train + validation
+    run_linear_probe(train, test, 4, val=val, standardize=True, coarse_points=2, refine_steps=0, max_iter=50)
+    refit = fitted[-1]
+    assert len(refit) == 80
+    torch.testing.assert_close(refit.mean(dim=0), torch.zeros(8, dtype=refit.dtype), rtol=0, atol=1e-9)
+    torch.testing.assert_close(refit.std(dim=0), torch.ones(8, dtype=refit.dtype))
+
+
+def test_an_empty_validation_split_is_refused():
+    # Every validation score would be NaN, the mean of nothing
+    train, test = gaussian_classes(5, 1), gaussian_classes(5, 2)
+    empty = (torch.zeros(0, 8, dtype=torch.float64), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="the validation split has no examples"):
+        run_linear_probe(train, test, 4, val=empty, coarse_points=2, refine_steps=0, max_iter=20)
 
 
 def test_a_constant_column_with_rounding_noise_is_only_centred():

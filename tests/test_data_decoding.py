@@ -261,7 +261,9 @@ def test_batch_writer_matches_image_transform() -> None:
     # Resizing image_transform's crop box directly gives its pixels, up to one grey level of box rounding.
     one_grey_level = 1.01 / (255 * min(OPENAI_STD))
     rng = np.random.default_rng(0)
-    for width, height, size in [(120, 90, 16), (500, 375, 224), (375, 500, 224), (225, 224, 224), (1000, 300, 224)]:
+    # 23 x 16 to 16: a 7-pixel margin, whose half image_transform rounds to 4 (half to even), not 3
+    for width, height, size in [(120, 90, 16), (500, 375, 224), (375, 500, 224), (225, 224, 224), (1000, 300, 224),
+                                (23, 16, 16), (16, 23, 16)]:
         image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
         out = torch.empty(1, 3, size, size, dtype=torch.uint8)
         BatchImageWriter(size).write(image, center_crop_box(width, height, size), out[0])
@@ -292,6 +294,27 @@ def test_random_resized_crop_box_is_seeded_and_inside_the_image() -> None:
         assert 0 <= left < right <= 120 and 0 <= top < bottom <= 90
         assert 0.9 * 120 * 90 - 200 <= (right - left) * (bottom - top) <= 120 * 90
     assert len(set(boxes)) > 10
+    # On a small image every place is drawn, the far edges too (an offset one short never reached them)
+    boxes = [random_resized_crop_box(40, 30, np.random.default_rng(seed)) for seed in range(50)]
+    assert any(right == 40 and left > 0 for left, _, right, _ in boxes)
+    assert any(bottom == 30 and top > 0 for _, top, _, bottom in boxes)
+
+
+def test_random_resized_crop_ratios_are_log_uniform() -> None:
+    # As torchvision's RandomResizedCrop: log(ratio) uniform, so a ratio and its inverse are equally likely (a
+    # uniform draw over 3/4..4/3 made 59% of the crops wider than tall). A quarter of the area always fits.
+    quarter = (0.25, 0.25)
+    boxes = [random_resized_crop_box(1000, 1000, np.random.default_rng(seed), scale=quarter) for seed in range(1000)]
+    ratios = np.array([(right - left) / (bottom - top) for left, top, right, bottom in boxes])
+    assert 0.75 <= ratios.min() and ratios.max() <= 4 / 3
+    assert abs(np.log(ratios).mean()) < 0.015 and 0.45 < (ratios > 1).mean() < 0.55
+
+
+def test_a_random_resized_crop_that_never_fits_is_the_largest_centred_one_in_range() -> None:
+    # No crop of 90% of a 1000 x 10 strip's area has a ratio within 3/4..4/3: after ten tries, a centred crop as
+    # tall as the strip and 4/3 as wide (and the same turned)
+    assert random_resized_crop_box(1000, 10, np.random.default_rng(0)) == (493.5, 0.0, 506.5, 10.0)
+    assert random_resized_crop_box(10, 1000, np.random.default_rng(0)) == (0.0, 493.5, 10.0, 506.5)
 
 
 def test_pixel_normalizer_is_clip_normalisation_keeping_the_memory_format() -> None:
@@ -313,6 +336,8 @@ def test_pixel_normalizer_refuses_what_is_not_a_pixel_batch() -> None:
         PixelNormalizer("cpu")(torch.zeros(2, 3, 8, 8))  # already normalised: would be normalised twice
     with pytest.raises(TypeError, match="uint8 pixels"):
         PixelNormalizer("cpu")(torch.zeros(3, 8, 8, dtype=torch.uint8))  # one image, not a batch
+    with pytest.raises(TypeError, match="uint8 pixels"):
+        PixelNormalizer("cpu")(torch.zeros(2, 4, 8, 8, dtype=torch.uint8))  # RGBA, not RGB
 
 
 def test_random_square_box_spans_the_shorter_side_at_a_random_place() -> None:
@@ -328,3 +353,5 @@ def test_random_square_box_spans_the_shorter_side_at_a_random_place() -> None:
         assert len(offsets) > 10 if width != height else offsets == {0}
     # Both crops cover the whole shorter side: JPEGs may be decoded down to the target size itself.
     assert draft_size(224, "random_square") == draft_size(224, "center") == 224 < draft_size(224, "random_resized")
+    # A random resized crop's side is at least sqrt(0.9 * 3/4) = 0.82 of the shorter side: 224 / 0.82 = 272.6
+    assert draft_size(224, "random_resized") == 273

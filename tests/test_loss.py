@@ -143,6 +143,8 @@ def test_bad_inputs_give_clear_errors():
         build_loss(LossConfig(kind="siglip", chunk_size=8))
     with pytest.raises(ValueError, match="CLIP loss only"):  # built directly, not through LossConfig's check
         ContrastiveLoss("siglip", chunk_size=8)
+    with pytest.raises(ValueError, match="chunk_size"):  # when the loss is built, not at the first step
+        ContrastiveLoss("clip", chunk_size=0)
     # Without the check an empty batch failed inside argmax, with an IndexError about a reduction dim
     with pytest.raises(ValueError, match="batch is empty"):
         contrastive_loss(image[:0], text[:0], logit_scale)

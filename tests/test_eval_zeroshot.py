@@ -27,6 +27,7 @@ from clip.evaluation.datasets import ImageFolderDataset
 from clip.evaluation.features import NonFiniteFeaturesError
 from clip.evaluation.templates import (
     DEFAULT_TEMPLATES,
+    builtin_templates,
     load_classnames,
     load_templates,
     resolve_templates,
@@ -411,6 +412,10 @@ def test_lines_copied_from_a_python_list_are_unquoted(tmp_path):
     (tmp_path / "code.txt").write_text("templates = [\n    'a photo of a {}.',\n]\n")
     with pytest.raises(ValueError, match="some lines are quoted Python strings .* and some are not .*templates = "):
         load_templates(tmp_path / "code.txt")
+    # Two strings on one line are no quoted entry (nor a pair of names)
+    (tmp_path / "two.txt").write_text("'tench',\n'goldfish', 'carp',\n")
+    with pytest.raises(ValueError, match="some lines are quoted Python strings .* and some are not .*goldfish"):
+        load_classnames(tmp_path / "two.txt")
     # Plain templates that merely contain quotes are not touched.
     (tmp_path / "plain.txt").write_text("a \"{}\" sign\n'{}' in quotes, said twice\n")
     assert load_templates(tmp_path / "plain.txt") == ['a "{}" sign', "'{}' in quotes, said twice"]
@@ -447,6 +452,44 @@ def test_a_templates_file_starting_with_a_numbered_placeholder_is_not_taken_for_
     (tmp_path / "spec.txt").write_text("{0:>5} in a photo.\n")  # refused as the template it is, not as a mapping
     with pytest.raises(ValueError, match="must be a plain"):
         load_templates(tmp_path / "spec.txt")
+
+
+def test_templates_given_by_name_or_as_a_list_are_checked():
+    assert builtin_templates("simple") == ["a photo of a {}."]
+    with pytest.raises(ValueError, match=r"unknown built-in template set 'fancy'; choose one of \['default', 'simple'\]"):
+        builtin_templates("fancy")
+    # A list from the notebook helpers or the Python API is checked as a templates file is
+    with pytest.raises(ValueError, match="no templates given"):
+        resolve_templates([])
+    with pytest.raises(ValueError, match=r"template 'a \{\} and \{\}' must contain exactly one"):
+        resolve_templates(["a photo of a {}.", "a {} and {}"])
+    template = "a sketch of a {}.".format
+    assert resolve_templates(["a {}.", template]) == ["a {}.", template]  # a callable is taken as it is
+
+
+def test_class_names_files_in_each_form_they_are_read_from(tmp_path):
+    # A JSON list is recognised by its opening bracket whatever the file's name
+    (tmp_path / "names.txt").write_text('["tench", "goldfish"]\n')
+    assert load_classnames(tmp_path / "names.txt") == ["tench", "goldfish"]
+    # One per line: the spaces around a name and blank lines are not part of the names
+    (tmp_path / "spaced.txt").write_text("tench  \n\n   \n  goldfish\n")
+    assert load_classnames(tmp_path / "spaced.txt") == ["tench", "goldfish"]
+    # Class names have no comment lines: a name that starts with '#' is a name
+    (tmp_path / "hash.txt").write_text("#1 pencil\ntench\n")
+    assert load_classnames(tmp_path / "hash.txt") == ["#1 pencil", "tench"]
+    # A JSON list of anything but strings is refused, not turned into prompts made of numbers
+    for name, text in [("numbers.json", '["tench", 3]'), ("string.json", '"tench"')]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=rf"{name}: expected a JSON list of strings"):
+            load_classnames(tmp_path / name)
+    # A mapping whose opening brace has a line of its own is refused as one, whatever its keys look like
+    (tmp_path / "mapping.txt").write_text("{\n  tench: 0,\n  goldfish: 1\n}\n")
+    with pytest.raises(ValueError, match=r"mapping\.txt: a mapping"):
+        load_classnames(tmp_path / "mapping.txt")
+    # A file with no entries is an error, not zero classes or templates
+    (tmp_path / "empty.txt").write_text("# no templates yet\n\n")
+    with pytest.raises(ValueError, match=r"empty\.txt: no templates entries found"):
+        load_templates(tmp_path / "empty.txt")
 
 
 def tiny_clip() -> nn.Module:

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from test_data_helpers import build, caption_of, captions, image_bytes, take
 
-from clip.data import SourceConfig
+from clip.data import SourceConfig, counts_line
 from clip.data.decoding import (
     IMAGE_EXTENSIONS,
     SkipLog,
@@ -355,3 +355,23 @@ def test_random_square_box_spans_the_shorter_side_at_a_random_place() -> None:
     assert draft_size(224, "random_square") == draft_size(224, "center") == 224 < draft_size(224, "random_resized")
     # A random resized crop's side is at least sqrt(0.9 * 3/4) = 0.82 of the shorter side: 224 / 0.82 = 272.6
     assert draft_size(224, "random_resized") == 273
+
+
+def test_the_counts_line_says_what_changed_since_the_counts_before() -> None:
+    # The line of epoch_summary() and of each finished data epoch: per source the samples, then the skips and
+    # the repairs with their kinds, less `before`; a kind that did not change, or a field none of whose kinds
+    # did, is left out
+    before = {"a": {"samples": 5, "skipped": {"truncated": 2}, "repaired": {"exif_rotated": 1}}}
+    now = {
+        "a": {"samples": 9, "skipped": {"truncated": 2, "missing_file": 3, "bad_image": 1},
+              "repaired": {"exif_rotated": 1}},
+        "b": {"samples": 2, "skipped": {}, "repaired": {"caption_truncated": 2}},
+    }
+    assert counts_line(now, before) == (
+        "a: 4 samples, skipped 4 (bad_image 1, missing_file 3); b: 2 samples, repaired 2 (caption_truncated 2)"
+    )
+    assert counts_line(now) == (
+        "a: 9 samples, skipped 6 (bad_image 1, missing_file 3, truncated 2), repaired 1 (exif_rotated 1); "
+        "b: 2 samples, repaired 2 (caption_truncated 2)"
+    )
+    assert counts_line(now, now) == "a: 0 samples; b: 0 samples"

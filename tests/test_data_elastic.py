@@ -345,3 +345,23 @@ def test_resampled_new_slots_continue_at_the_old_slots_average_progress() -> Non
     # old slots (20 samples per epoch each) at 1.0 and 2.5 epochs: on average 1.75 epochs
     positions = resampled_positions([(1, 0), (2, 10)], [0, 1], planner(2), planner(4), [0, 1, 2, 3])
     assert positions == [(1, 7)] * 4  # three quarters of 10 samples per slot per epoch
+
+
+@pytest.mark.parametrize("change", ["2->1 workers", "2->3 ranks"])
+def test_each_epochs_counts_summed_over_the_ranks_stay_whole_across_the_layout_change(tmp_path: Path, change) -> None:
+    # Rank 1 had finished epoch 1 when rank 0 had not. Under 2 ranks of 1 worker each rank resumes from its own
+    # state, and rank 1's counts of epoch 1 go back into the epoch the new slots complete (`EpochCounts.reopen`);
+    # under 3 ranks rank 0 takes the saved ranks' sums
+    sources = mixed_sources(tmp_path)
+    before, (world_size, workers) = LAYOUT_CHANGES[change]
+    _, states = phase(sources, before, None, batches=BATCHES[before[0]])
+    assert [min(epoch for epoch, _ in state["positions"]) for state in states] == [1, 2]
+    reports = []
+    for rank in range(world_size):
+        data = run(sources, world_size, workers, rank, to_resume(states, rank, world_size))
+        take(data, 36 // world_size)  # every rank past epoch 3
+        reports.append(data.rank_report())
+        data.close()
+    for epoch in (1, 2, 3):
+        for name, samples in (("rows", 26), ("shards", 8)):
+            assert sum(r["finished_epochs"][epoch][name]["samples"] for r in reports) == samples, (epoch, name)

@@ -499,3 +499,32 @@ def test_only_a_caption_longer_than_the_context_is_counted_as_cut() -> None:
     tokens = builder._tokenize(texts, [(0, "src"), (0, "src"), (1, "src")], meta)
     assert tokens.shape == (3, 24)
     assert meta["counts"] == {0: {"src": {"samples": 0, "skipped": {}, "repaired": {"caption_truncated": 1}}}}
+
+
+def test_a_rank_keeps_the_counts_of_its_last_few_finished_epochs() -> None:
+    # merge_rank_reports needs the epochs every rank has finished, ranks a batch or so apart: the latest few
+    # are kept, the older ones dropped, and the latest is the rank's `finished_epoch`
+    from clip.data.epoch_counts import EpochCounts
+
+    counts = EpochCounts(["s"])
+    for epoch in range(6):
+        counts.add({epoch: {"s": {"samples": 10 + epoch, "skipped": {}, "repaired": {}}}})
+        counts.finish(epoch)
+    assert sorted(counts.finished) == [2, 3, 4, 5]
+    assert counts.latest_finished() == {"epoch": 5, "sources": {"s": {"samples": 15, "skipped": {}, "repaired": {}}}}
+    assert counts.total["s"]["samples"] == sum(range(10, 16)) and counts.open == {}
+
+
+def test_a_resume_continues_the_counts_of_the_finished_and_open_epochs(tmp_path: Path) -> None:
+    source = shards_source(tmp_path, 40, 6, name="s")
+    data = build([source], batch_size=5)
+    take(data, 10)  # 50 samples: epoch 0 finished, epoch 1 open
+    state, report = data.state_dict(), data.rank_report()
+    data.close()
+    assert report["stats"]["finished_epoch"]["epoch"] == 0 and state["open_epochs"][0][0] == 1
+    # a source the run no longer reads: its counts are left out
+    state["counts"]["gone"] = {"samples": 3, "skipped": {}, "repaired": {}}
+    resumed = build([source], batch_size=5)
+    resumed.load_state_dict(state)
+    assert resumed.rank_report() == report
+    assert resumed.state_dict() == {**state, "counts": report["stats"]["sources"]}

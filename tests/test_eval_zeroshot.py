@@ -212,6 +212,10 @@ def test_a_subset_without_images_has_no_accuracies_not_zero(caplog):
     with caplog.at_level("WARNING"):
         quiet = summarize(counts, ["a", "b", "c"], {"unseen": [2]}, "few", warn=False)
     assert quiet.subsets["unseen"].top1 is None and caplog.text == ""
+    # A subset naming a class past the last is refused by name (not an IndexError from the counts)
+    for outside in (3, -1):
+        with pytest.raises(ValueError, match=r"subset 'typo' names classes outside 0\.\.2"):
+            summarize(counts, ["a", "b", "c"], {"typo": [0, outside]})
 
 
 def test_top_k_is_capped_at_the_number_of_classes():
@@ -337,10 +341,9 @@ def test_the_advice_for_non_finite_features_fits_the_models_dtype_and_the_precis
 
 def test_labels_outside_the_classes_are_an_error():
     model, classnames, templates = planted_two_classes()
-    with pytest.raises(ValueError, match="labels must lie in 0..1"):
-        evaluate_zeroshot(model, [(torch.ones(2), 2)], classnames, templates, tokenizer=model.tokenize)
-    with pytest.raises(ValueError, match="labels must lie in 0..1"):  # not an opaque error from bincount
-        evaluate_zeroshot(model, [(torch.ones(2), -1)], classnames, templates, tokenizer=model.tokenize)
+    for label in (2, -1):
+        with pytest.raises(ValueError, match=rf"labels must lie in 0\.\.1, got {label}\.\.{label}"):
+            evaluate_zeroshot(model, [(torch.ones(2), label)], classnames, templates, tokenizer=model.tokenize)
 
 
 def test_subsets_and_a_classifier_that_do_not_fit_the_class_names_are_errors():

@@ -365,3 +365,16 @@ def test_each_epochs_counts_summed_over_the_ranks_stay_whole_across_the_layout_c
     for epoch in (1, 2, 3):
         for name, samples in (("rows", 26), ("shards", 8)):
             assert sum(r["finished_epochs"][epoch][name]["samples"] for r in reports) == samples, (epoch, name)
+
+
+def test_resampled_slot_lengths_from_sizes_match_the_plans() -> None:
+    # 41 samples over 3 slots are shares of 13, 14 and 14; the shorter one moves with the epoch as in Planner.plan,
+    # so old slots' progress is measured against the lengths their plans had
+    from clip.data.handover import _resampled_length
+    from clip.data.sampling import Planner, SourceLayout
+
+    planner = Planner((SourceLayout(100, 1.0),), seed=0, world_size=3, workers_per_rank=1, resampled=True,
+                      epoch_samples=41)
+    for epoch in range(3):
+        expected = [len(planner.plan(epoch, slot, 0)) for slot in range(3)]
+        assert [_resampled_length(planner, slot, epoch) for slot in range(3)] == expected, epoch

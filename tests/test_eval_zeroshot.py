@@ -260,6 +260,18 @@ def colour_features(image: Image.Image) -> torch.Tensor:
     return torch.tensor([red - 128.0, green - 128.0])
 
 
+
+def test_the_table_names_only_the_datasets_that_skipped_images():
+    from clip.evaluation.results import ClassificationCounts, summarize
+
+    clean, skipping = ClassificationCounts(2), ClassificationCounts(2)
+    for counts in (clean, skipping):
+        counts.update(torch.eye(2), torch.tensor([0, 1]))
+    skipping.add_skipped(3)
+    results = [summarize(clean, ["a", "b"], name="clean"), summarize(skipping, ["a", "b"], name="skipping")]
+    assert format_table(results).splitlines()[-1] == "unreadable images skipped: skipping: 3"
+    assert "unreadable" not in format_table(results[:1])
+
 def test_unreadable_images_are_skipped_and_counted(tmp_path, caplog):
     model, classnames, templates = planted_two_classes()
     colours = {"cat": [(255, 255, 0), (255, 0, 0), (0, 0, 0)], "dog": [(0, 0, 0), (0, 255, 0), (255, 255, 0)]}

@@ -262,7 +262,7 @@ def test_rank_reports_merge_into_whole_run_counts(tmp_path: Path) -> None:
         data.close()
     merged = merge_rank_reports(reports)
     assert merged["ranks"] == 2 and merged["epoch"] == 1
-    assert merged["samples"] == merged["sources"]["s"]["samples"] == 70
+    assert merged["samples"] == merged["sources"]["s"]["samples"] == 70 and merged["batches"] == 9 + 5
     assert merged["finished_epoch"]["epoch"] == 0
     assert merged["finished_epoch"]["sources"]["s"]["samples"] == 40
     assert reports[0]["stats"]["finished_epoch"]["epoch"] == 1  # each rank's own view

@@ -427,10 +427,17 @@ def test_lines_copied_from_a_python_list_are_unquoted(tmp_path):
     (tmp_path / "code.txt").write_text("templates = [\n    'a photo of a {}.',\n]\n")
     with pytest.raises(ValueError, match="some lines are quoted Python strings .* and some are not .*templates = "):
         load_templates(tmp_path / "code.txt")
-    # Two strings on one line are no quoted entry (nor a pair of names)
-    (tmp_path / "two.txt").write_text("'tench',\n'goldfish', 'carp',\n")
-    with pytest.raises(ValueError, match="some lines are quoted Python strings .* and some are not .*goldfish"):
-        load_classnames(tmp_path / "two.txt")
+    # A list wrapped several strings to a line (as OpenAI's ImageNet class names are written) gives each; they
+    # kept their quotes and commas, one "class name" per line
+    (tmp_path / "two.txt").write_text("'tench',\n'goldfish', \"carp\",\n\"great white shark\", 'tiger shark'\n")
+    assert load_classnames(tmp_path / "two.txt") == ["tench", "goldfish", "carp", "great white shark", "tiger shark"]
+    (tmp_path / "one.txt").write_text("'tench, Tinca tinca',\n'goldfish, Carassius auratus'\n")  # commas inside
+    assert load_classnames(tmp_path / "one.txt") == ["tench, Tinca tinca", "goldfish, Carassius auratus"]
+    # A line that is more than quoted strings is no list line: with quoted lines beside it, refused
+    for line in ("'goldfish', carp", "'goldfish' + 'carp'", "'goldfish', 3", "('goldfish', 'carp')"):
+        (tmp_path / "mixed.txt").write_text(f"'tench',\n{line}\n")
+        with pytest.raises(ValueError, match="some lines are quoted Python strings .* and some are not .*goldfish"):
+            load_classnames(tmp_path / "mixed.txt")
     # Plain templates that merely contain quotes are not touched.
     (tmp_path / "plain.txt").write_text("a \"{}\" sign\n'{}' in quotes, said twice\n")
     assert load_templates(tmp_path / "plain.txt") == ['a "{}" sign', "'{}' in quotes, said twice"]

@@ -78,9 +78,10 @@ class ZeroShotDatasetConfig:
     # imagefolder `root` itself. CIFAR: "test" or "train". imagefolder: the subfolder `<root>/<split>`, which
     # must exist. synthetic: any name; every name draws its own images ("train" and "val" differ from "test").
     split: str = ""
-    # Class names, one per line or a JSON list; empty: the dataset's own (CIFAR meta, classnames.txt in
-    # the image folder or beside its split folders, else the folder names with "_" read as spaces, and their "00_", "01_", ... label
-    # prefixes removed when every folder is numbered so, as clip.data.synthetic.write_image_folder writes them).
+    # Class names, one per line or a JSON list (lines copied from a Python list, quoted, one or several to a
+    # line, are unquoted); empty: the dataset's own (CIFAR meta, classnames.txt in the image folder or beside its
+    # split folders, else the folder names with "_" read as spaces, and their "00_", "01_", ... label prefixes
+    # removed when every folder is numbered so, as clip.data.synthetic.write_image_folder writes them).
     classnames_file: str = ""
     # Prompt templates with one "{}", one per line or a JSON list; empty: the built-in set
     # (`builtin_templates`), or the synthetic dataset's own templates for kind = "synthetic".

@@ -76,24 +76,26 @@ def fill_template(template: Template, classname: str) -> str:
     return template(classname) if callable(template) else template.format(classname)
 
 
-def python_string_literal(line: str) -> str | None:
-    """The string of a line copied from a Python list, such as `'a photo of a {}.',` from the CLIP paper's
-    prompts.md, or None when the line is not one quoted string (with an optional trailing comma)."""
-    text = line.strip().removesuffix(",").rstrip()
-    if len(text) < 2 or text[0] not in "'\"" or text[-1] != text[0]:
+def python_string_literals(line: str) -> list[str] | None:
+    """The strings of a line copied from a Python list, such as `'a photo of a {}.',` from the CLIP paper's
+    prompts.md or `"tench", "goldfish", "great white shark",` from a list wrapped several to a line; None when
+    the line is not quoted strings alone, separated by commas (with an optional trailing one)."""
+    text = line.strip()
+    if len(text) < 2 or text[0] not in "'\"":
         return None
     try:
         value = ast.literal_eval(text)  # literals only, never code; undoes escapes like \'
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         return None
-    return value if isinstance(value, str) else None
+    values = list(value) if isinstance(value, tuple) else [value]  # "'a'," and "'a', 'b'" are tuples
+    return values if values and all(isinstance(item, str) for item in values) else None
 
 
 def unquote_copied_python_lines(lines: list[str], path: Path) -> list[str]:
-    """Lines that are all quoted Python strings lose their quotes and commas; plain lines stay as they are.
-    A mix (e.g. `templates = [` copied along with the strings) is an error: either reading would give
-    prompts with stray code or quotes in them."""
-    literals = [python_string_literal(line) for line in lines]
+    """Lines that are all quoted Python strings lose their quotes and commas (a line of several gives each);
+    plain lines stay as they are. A mix (e.g. `templates = [` copied along with the strings) is an error:
+    either reading would give prompts with stray code or quotes in them."""
+    literals = [python_string_literals(line) for line in lines]
     quoted = [line for line, literal in zip(lines, literals, strict=True) if literal is not None]
     if not quoted:
         return lines
@@ -103,7 +105,7 @@ def unquote_copied_python_lines(lines: list[str], path: Path) -> list[str]:
             f"{path}: some lines are quoted Python strings (e.g. {quoted[0]!r}) and some are not (e.g. "
             f"{plain[0]!r}); write one entry per line without quotes and commas, or a JSON list"
         )
-    return [literal for literal in literals if literal is not None]
+    return [item for literal in literals if literal is not None for item in literal]
 
 
 def _decode_text(data: bytes, path: Path) -> str:

@@ -167,7 +167,10 @@ def test_train_step_full_text_length_gives_ours_open_clips_inputs_and_no_more_wo
             < results["open_clip", "full"]["flops_per_sample"])
 
 
-def test_inference_gives_both_libraries_the_same_weights_at_each_text_length(benchmark_modules, tmp_path):
+def test_inference_gives_both_libraries_the_same_weights_at_each_text_length(benchmark_modules, tmp_path,
+                                                                            single_torch_thread):
+    # --threads 1 makes main call torch.set_num_threads(1), as the script is meant to; single_torch_thread puts the
+    # count back afterwards, which left every later test in the session on one thread
     pytest.importorskip("open_clip")
     inference = benchmark_modules[2]
     output = tmp_path / "inference.json"

@@ -23,11 +23,21 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "make_shards.py"
 
 
-def make_shards_main():
+def load_make_shards():
+    # The script puts the repository root at the front of sys.path when it starts (for runs without a pip install);
+    # loaded once per test, that added one more copy per test for the rest of the session
+    saved_path = list(sys.path)
     spec = importlib.util.spec_from_file_location("make_shards", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved_path
+    return module
+
+
+def make_shards_main():
+    return load_make_shards().main
 
 
 @pytest.mark.parametrize("manifest_name", ["train.csv", "train.tsv", "train.jsonl"])
@@ -230,9 +240,7 @@ def test_shards_of_the_same_prefix_are_refused_or_replaced_with_overwrite(tmp_pa
 def test_a_shard_is_named_a_shard_only_once_complete(tmp_path: Path) -> None:
     # A run killed mid-shard (SIGKILL, a lost node) must leave no torn PREFIX-NNNNNN.tar behind: --index and the
     # loader would take it for a shard. An earlier run's leftover partial file is removed.
-    spec = importlib.util.spec_from_file_location("make_shards", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_make_shards()
     manifest = write_manifest(tmp_path / "src", range(5), "train.csv")
     out = tmp_path / "out"
     out.mkdir()
@@ -255,9 +263,7 @@ def test_a_shard_is_named_a_shard_only_once_complete(tmp_path: Path) -> None:
 def test_an_interrupted_or_failing_run_keeps_its_finished_shards_and_no_torn_one(tmp_path: Path, capsys, stopped_by):
     # Ctrl-C or an error inside the writer's block ran its close, which renamed the shard being written into
     # place: a torn PREFIX-NNNNNN.tar, without a sizes.json, that the loader read as data.
-    spec = importlib.util.spec_from_file_location("make_shards", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_make_shards()
     manifest = write_manifest(tmp_path / "src", range(7), "train.csv")
     out = tmp_path / "out"
     real, calls = module.encode_sample, []
@@ -295,9 +301,7 @@ def test_a_manifest_without_the_named_columns_leaves_no_empty_shard(tmp_path: Pa
 def test_nothing_to_write_is_one_line_with_status_2(tmp_path: Path) -> None:
     # "wrote 0 samples" with status 0 read as done: a folder of broken images, or an empty manifest, went unnoticed
     # until a training run found no data
-    spec = importlib.util.spec_from_file_location("make_shards", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_make_shards()
     photos = tmp_path / "photos"
     photos.mkdir()
     (photos / "a.jpg").write_bytes(b"not an image")

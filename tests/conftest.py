@@ -1,6 +1,12 @@
-"""Shared pytest setup: `--runslow` enables the tests marked `slow` (skipped by default)."""
+"""Shared pytest setup: `--runslow` enables the tests marked `slow` (skipped by default); every test must leave
+the process-wide settings that later tests see as it found them."""
 
 from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
 
 import pytest
 import torch
@@ -26,3 +32,34 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def process_wide_settings() -> dict[str, object]:
+    """What one test could change for every later test in the session. pytest's own log-capture handlers come and
+    go around each phase of a test, so they are left out of the root logger's handlers."""
+    root = logging.getLogger()
+    return {
+        "torch.get_num_threads()": torch.get_num_threads(),
+        "torch.get_default_dtype()": torch.get_default_dtype(),
+        "torch.are_deterministic_algorithms_enabled()": torch.are_deterministic_algorithms_enabled(),
+        "torch.is_grad_enabled()": torch.is_grad_enabled(),
+        "os.getcwd()": os.getcwd(),
+        "sys.path": list(sys.path),
+        "SIGINT handler": signal.getsignal(signal.SIGINT),
+        "SIGTERM handler": signal.getsignal(signal.SIGTERM),
+        "root logger level": root.level,
+        "root logger handlers": [handler for handler in root.handlers
+                                 if not type(handler).__module__.startswith("_pytest")],
+    }
+
+
+@pytest.fixture(autouse=True)
+def leaves_process_wide_settings_as_found():
+    # A test that changed one of these passed, and made later tests pass or fail by the order they ran in (one
+    # left torch on a single thread for the rest of the session; another grew sys.path by one entry per test)
+    before = process_wide_settings()
+    yield
+    after = process_wide_settings()
+    changed = {name: (before[name], after[name]) for name in before if after[name] != before[name]}
+    assert not changed, (f"this test changed process-wide settings (before, after): {changed}; put them back "
+                         "(monkeypatch, or a fixture that restores them, such as single_torch_thread)")

@@ -36,6 +36,47 @@ def configure_cuda_backends(allow_tf32: bool) -> None:
     torch.backends.cudnn.benchmark = True
 
 
+@contextlib.contextmanager
+def cuda_backends_restored() -> Iterator[None]:
+    """Every switch `configure_cuda_backends` writes is as it was after the block: the trainer's, for a process
+    that outlives its run (a notebook that trains, then evaluates or trains again). After a GPU run its cuDNN
+    autotuning stayed on, and convolutions stayed in IEEE float32 where torch's default is TF32."""
+    switches = _every_per_backend_switch()
+    per_backend = [switch.fp32_precision for switch in switches]
+    matmul = _whole_process_matmul_precision()
+    try:
+        cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    except RuntimeError:  # a script mixed the two APIs: the per-backend values, put back below, are what counts
+        cudnn_tf32 = None
+    benchmark = torch.backends.cudnn.benchmark
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+        if cudnn_tf32 is not None:
+            torch.backends.cudnn.allow_tf32 = cudnn_tf32
+        _write_back(switches, per_backend)
+        torch.backends.cudnn.benchmark = benchmark
+
+
+def _whole_process_matmul_precision() -> str:
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:  # a script mixed the two APIs: the per-backend values are what the kernels use
+        return "high" if torch.backends.cuda.matmul.fp32_precision == "tf32" else "highest"
+
+
+def _every_per_backend_switch() -> list:
+    """torch >= 2.9's fp32_precision switches that `configure_cuda_backends` may change, the generic one (which
+    the others left at "none" inherit) first."""
+    if not has_precision_api():
+        return []
+    backends = torch.backends
+    generic = [backends] if hasattr(backends, "fp32_precision") else []
+    rnn = [backends.cudnn.rnn] if hasattr(backends.cudnn, "rnn") else []
+    return [*generic, *_per_backend_matmul_switches(), backends.cudnn.conv, *rnn]
+
+
 def has_precision_api() -> bool:
     """torch >= 2.9: per-backend `fp32_precision` switches ("ieee" / "tf32") replace `allow_tf32`."""
     return hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv")
@@ -49,10 +90,7 @@ def ieee_float32_matmul() -> Iterator[None]:
     was, the per-backend ones included (the whole-process getter does not see what they were set to)."""
     switches = _per_backend_matmul_switches()
     per_backend = [switch.fp32_precision for switch in switches]
-    try:
-        before = torch.get_float32_matmul_precision()
-    except RuntimeError:  # a script mixed the two APIs: the per-backend values are what the kernels use
-        before = "high" if torch.backends.cuda.matmul.fp32_precision == "tf32" else "highest"
+    before = _whole_process_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
         yield

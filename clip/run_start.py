@@ -16,7 +16,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import TrainConfig, TrainLoopConfig, to_toml
 from .cpu_memory import freed_memory_kept
-from .cuda_backends import configure_cuda_backends
+from .cuda_backends import configure_cuda_backends, cuda_backends_restored
 from .distributed import DistributedInfo, raise_on_every_rank
 from .loading import load_weights_into
 from .loss import SIGLIP_INITIAL_LOGIT_SCALE
@@ -173,6 +173,7 @@ def configure_process(train_config: TrainLoopConfig, device: torch.device, on_ex
         if on_exit.enter_context(freed_memory_kept()):
             log.info("CPU run: malloc keeps freed memory for reuse (train.keep_freed_cpu_memory)")
     if device.type == "cuda":
+        on_exit.enter_context(cuda_backends_restored())
         configure_cuda_backends(allow_tf32=train_config.tf32)
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
+from clip.config import TrainLoopConfig
 from clip.cuda_backends import configure_cuda_backends, has_precision_api, ieee_float32_matmul
+from clip.run_start import configure_process
 from clip.throughput import peak_flops
 
 
@@ -180,3 +184,26 @@ def test_tf32_is_a_config_key_that_defaults_off():
 
     assert TrainConfig().train.tf32 is False
     assert from_dict(TrainConfig, {"train": {"tf32": True}}).train.tf32 is True
+
+
+def every_switch() -> tuple:
+    """What configure_cuda_backends may change, read without the older getters (which raise after a mix)."""
+    return (torch.backends.cudnn.benchmark, *(value for _, value in per_backend_switches()))
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+@pytest.mark.parametrize("script", ["defaults", "per_backend_tf32"])
+def test_a_cuda_run_puts_every_switch_back_when_it_ends(restore_backends, tf32, script):
+    # A notebook that trained on the GPU kept cuDNN autotuning on and its convolutions in IEEE float32 (torch's
+    # default is TF32) for whatever it ran next
+    torch.backends.cudnn.benchmark = False
+    if script == "per_backend_tf32" and has_precision_api():
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    before = (every_switch(), torch.backends.cudnn.allow_tf32 if script == "defaults" else None,
+              torch.get_float32_matmul_precision() if script == "defaults" else None)
+    with contextlib.ExitStack() as on_exit:
+        configure_process(TrainLoopConfig(tf32=tf32), torch.device("cuda"), on_exit)  # only flags: no GPU needed
+        assert torch.backends.cudnn.benchmark is True and tf32_switches() == (tf32, tf32)
+    assert every_switch() == before[0]
+    if script == "defaults":
+        assert (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()) == before[1:]

@@ -43,6 +43,7 @@ def process_wide_settings() -> dict[str, object]:
         "torch.get_default_dtype()": torch.get_default_dtype(),
         "torch.are_deterministic_algorithms_enabled()": torch.are_deterministic_algorithms_enabled(),
         "torch.is_grad_enabled()": torch.is_grad_enabled(),
+        "torch.backends.cudnn.benchmark": torch.backends.cudnn.benchmark,  # set by a CUDA run, also on the CPU
         "os.getcwd()": os.getcwd(),
         "sys.path": list(sys.path),
         "SIGINT handler": signal.getsignal(signal.SIGINT),

@@ -45,7 +45,8 @@ def process_wide_settings() -> dict[str, object]:
         "torch.is_grad_enabled()": torch.is_grad_enabled(),
         "torch.backends.cudnn.benchmark": torch.backends.cudnn.benchmark,  # set by a CUDA run, also on the CPU
         "os.getcwd()": os.getcwd(),
-        "sys.path": list(sys.path),
+        # setuptools adds its _vendor folder the first time torch.compile imports it: once, not the test's doing
+        "sys.path": [entry for entry in sys.path if "site-packages" not in entry],
         "SIGINT handler": signal.getsignal(signal.SIGINT),
         "SIGTERM handler": signal.getsignal(signal.SIGTERM),
         "root logger level": root.level,

@@ -2,6 +2,8 @@
 DDP-averaged gradients must equal one process on the concatenated batch."""
 
 import math
+import subprocess
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -43,6 +45,8 @@ LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER
         ("gpu-[1-2]-ib,cpu[09-10]", ["gpu-1-ib", "gpu-2-ib", "cpu09", "cpu10"]),
         ("r[1-2]n[1,3]", ["r1n1", "r1n3", "r2n1", "r2n3"]),
         ("10.0.0.5", ["10.0.0.5"]),
+        ("n[5-5],m[007]", ["n5", "m007"]),  # a range of one, and one number with its padding
+        ("a1,,b2,", ["a1", "b2"]),  # empty items name no host
     ],
 )
 def test_expand_nodelist(nodelist, hosts):
@@ -50,10 +54,35 @@ def test_expand_nodelist(nodelist, hosts):
     assert first_host(nodelist) == hosts[0]
 
 
-@pytest.mark.parametrize("bad", ["node[1-", "node]1[", "node[4-2]", "node[a-b]"])
+@pytest.mark.parametrize("bad", ["node[1-", "node]1[", "node[4-2]", "node[a-b]", "node[a]", "node[1-2-3]"])
 def test_malformed_nodelist_is_an_error(bad):
     with pytest.raises(ValueError, match="SLURM node list"):
         expand_nodelist(bad)
+
+
+@pytest.mark.parametrize("empty", [",", " "])
+def test_a_node_list_naming_no_host_is_an_error(empty):
+    with pytest.raises(ValueError, match=f"SLURM node list {empty!r} names no host"):
+        first_host(empty)
+
+
+def test_first_host_asks_scontrol_when_installed_and_parses_itself_when_it_fails(monkeypatch):
+    import clip.launcher
+
+    answers, asked = [], []
+    # stand-ins for the modules clip.launcher sees, so that the real shutil and subprocess stay untouched
+    monkeypatch.setattr(clip.launcher, "shutil", SimpleNamespace(which=lambda name: f"/usr/bin/{name}"))
+    monkeypatch.setattr(clip.launcher, "subprocess",
+                        SimpleNamespace(run=lambda args, **kwargs: asked.append(args) or answers.pop(0)))
+    # scontrol's answer wins over our parser's (here they differ, to tell them apart)
+    answers.append(subprocess.CompletedProcess([], 0, stdout="head07\nhead08\n"))
+    assert first_host("node[1-2]") == "head07"
+    assert asked == [["scontrol", "show", "hostnames", "node[1-2]"]]
+    # scontrol failing (no slurm.conf on a login node), or saying nothing: our parser's first host
+    answers.append(subprocess.CompletedProcess([], 1, stdout="head07\n"))
+    assert first_host("node[1-2]") == "node1"
+    answers.append(subprocess.CompletedProcess([], 0, stdout=""))
+    assert first_host("node[1-2]") == "node1"
 
 
 def test_torchrun_variables_win_over_slurm():
@@ -92,6 +121,26 @@ def test_concurrent_slurm_steps_wait_at_different_ports():
     environ = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "gpu017", "SLURM_JOB_ID": "5",
                "SLURM_STEP_ID": "3", "MASTER_PORT": "4000"}
     assert read_launcher_environment(environ).master_port == 4000  # still the override
+
+
+def test_torchrun_variables_missing_one_name_it():
+    torchrun = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1234"}
+    for name in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        environ = {key: value for key, value in torchrun.items() if key != name}
+        with pytest.raises(RuntimeError, match=f"RANK and WORLD_SIZE are set but {name} is not; launch with torchrun"):
+            read_launcher_environment(environ)
+
+
+def test_slurm_defaults_and_the_older_node_list_name():
+    # SLURM_NODELIST, the older name salloc and sbatch still set, is read when the other two are absent; a task
+    # without SLURM_LOCALID is local rank 0, and a step without SLURM_JOB_ID waits at torchrun's default port
+    environ = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_NODELIST": "gpu[005-006]"}
+    launch = read_launcher_environment(environ)
+    assert (launch.master_addr, launch.master_port, launch.local_rank) == ("gpu005", DEFAULT_MASTER_PORT, 0)
+    # with no node list and no MASTER_ADDR there is no host to meet at: an error, not a guess
+    with pytest.raises(RuntimeError, match="SLURM_PROCID is set but neither MASTER_ADDR nor SLURM_STEP_NODELIST"):
+        read_launcher_environment({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"})
+    assert read_launcher_environment({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "MASTER_ADDR": "h"}).master_addr == "h"
 
 
 def test_slurm_step_on_part_of_the_job():

@@ -19,6 +19,7 @@ from clip.data import (
     merge_rank_reports,
     states_to_save,
 )
+from clip.data.rank_states import every_slot_position
 from clip.data.stream import SampleStream
 
 # (world_size, workers) before and after
@@ -194,6 +195,33 @@ def test_the_layout_change_is_said_and_counts_stay_exact(tmp_path: Path, caplog:
             assert sum(r["finished_epochs"][epoch][name]["samples"] for r in reports) == samples, (epoch, name)
     assert merge_rank_reports(reports)["finished_epoch"]["epoch"] == 3
     assert merge_rank_reports(reports)["samples"] == (8 + 12) * 3 + 3 * 12 * 3
+
+
+def slot_state(rank: int, positions: list, **layout) -> dict:
+    """A saved rank's data state, with only what the resume helpers read: one worker per rank of two."""
+    return {"layout": {"world_size": 2, "workers": 1, "shuffle_buffer": 3, **layout, "rank": rank},
+            "positions": positions, "handovers": []}
+
+
+def test_every_slot_position_only_from_one_layouts_ranks_in_rank_order() -> None:
+    states = [slot_state(0, [[1, 5]]), slot_state(1, [[2, 0]])]
+    assert every_slot_position(data_state_for_rank(states, 1)) == [(1, 5), (2, 0)]
+    # ranks out of order, or saved under different layouts: which slot a position is of cannot be told, and the
+    # resume restarts the epoch in progress (with a warning) rather than continue from the wrong slots
+    assert every_slot_position(data_state_for_rank(states[::-1], 0)) is None
+    mixed = [states[0], slot_state(1, [[2, 0]], shuffle_buffer=4)]
+    assert every_slot_position(data_state_for_rank(mixed, 0)) is None
+    # a list that does not cover every slot of the saved layout is not used
+    assert every_slot_position({**states[0], "every_slot_position": [[1, 5]]}) is None
+    # a one-rank run's state is every slot's already
+    assert every_slot_position(slot_state(0, [[3, 1], [3, 2]], world_size=1, workers=2)) == [(3, 1), (3, 2)]
+
+
+def test_the_checkpoint_keeps_the_longest_chain_of_handovers_once() -> None:
+    # Ranks past a transition drop their handovers: the chains are suffixes of the longest, which one rank keeps
+    states = [{"handovers": ["h2"]}, {"handovers": ["h1", "h2"]}, {"handovers": []}]
+    assert [state["handovers"] for state in states_to_save(states)] == [[], ["h1", "h2"], []]
+    assert states_to_save([]) == []
 
 
 def test_old_states_still_load(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -268,7 +268,8 @@ def test_rank_reports_merge_into_whole_run_counts(tmp_path: Path) -> None:
     assert reports[0]["stats"]["finished_epoch"]["epoch"] == 1  # each rank's own view
 
 
-def test_resuming_on_another_number_of_ranks_keeps_the_run_totals(tmp_path: Path) -> None:
+@pytest.mark.parametrize("new_world_size", [3, 1])
+def test_resuming_on_another_number_of_ranks_keeps_the_run_totals(tmp_path: Path, new_world_size: int) -> None:
     from clip.data import data_state_for_other_world_size, merge_rank_reports
 
     source = shards_source(tmp_path, 40, 6, name="s")
@@ -279,13 +280,39 @@ def test_resuming_on_another_number_of_ranks_keeps_the_run_totals(tmp_path: Path
         saved.append(data.state_dict())
         data.close()
     reports = []
-    for rank in range(3):
-        data = build([source], batch_size=5, rank=rank, world_size=3)
+    for rank in range(new_world_size):
+        data = build([source], batch_size=5, rank=rank, world_size=new_world_size)
         data.load_state_dict(data_state_for_other_world_size(saved, rank))
         reports.append(data.rank_report())
         data.close()
     merged = merge_rank_reports(reports)
     assert merged["samples"] == 2 * 6 * 5 and merged["batches"] == 12  # not multiplied by the ranks
+    # rank 0 takes the saved ranks' sums and the others start at none: a copy of rank 0's on each would multiply
+    # the epochs they finished in the merged counts
+    assert all(report["stats"]["samples"] == report["stats"]["batches"] == 0 and not report["finished_epochs"]
+               for report in reports[1:])
+    # epoch 0, which both saved ranks had finished, stays finished on rank 0 with both ranks' counts
+    assert reports[0]["finished_epochs"][0]["s"]["samples"] == 40
+    if new_world_size == 1:
+        assert merged["finished_epoch"] == {"epoch": 0, "sources": {"s": {"samples": 40, "skipped": {},
+                                                                          "repaired": {}}}}
+
+
+def test_merged_skips_and_repairs_are_summed_over_ranks() -> None:
+    from clip.data import merge_rank_reports
+
+    def report(skipped: dict, repaired: dict) -> dict:  # a rank_report() with one source, in epoch 1
+        counts = {"samples": 10, "skipped": skipped, "repaired": repaired}
+        stats = {"epoch": 1, "batches": 2, "samples": 10, "skipped": sum(skipped.values()), "sources": {"s": counts},
+                 "finished_epoch": {"epoch": 0, "sources": {"s": counts}}}
+        return {"stats": stats, "finished_epochs": {0: {"s": counts}}}
+
+    merged = merge_rank_reports([report({"bad_image": 1}, {}),
+                                 report({"bad_image": 2, "missing_file": 1}, {"exif_rotated": 1})])
+    whole = {"samples": 20, "skipped": {"bad_image": 3, "missing_file": 1}, "repaired": {"exif_rotated": 1}}
+    assert merged["skipped"] == 4
+    assert merged["sources"] == {"s": whole}
+    assert merged["finished_epoch"] == {"epoch": 0, "sources": {"s": whole}}
 
 
 @pytest.mark.parametrize("kind", ["manifest", "shards"])

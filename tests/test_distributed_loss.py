@@ -236,6 +236,69 @@ def test_a_launcher_variable_that_is_no_number_is_named(environ, named):
         read_launcher_environment(environ)
 
 
+def test_the_pure_helpers_of_clip_distributed(monkeypatch):
+    import clip.distributed
+    from clip.distributed import agree_after_backward, device_kind_available, raise_on_every_rank, ranks_phrase
+
+    assert [ranks_phrase(1), ranks_phrase(4), ranks_phrase(4, all_of=True), ranks_phrase(1, all_of=True)] == [
+        "1 rank", "4 ranks", "all 4 ranks", "1 rank"]
+    cpu = torch.device("cpu")
+    assert not DistributedInfo(rank=1, world_size=2, local_rank=1, device=cpu).is_main
+    # a device kind whose module says it is unavailable, or that this torch lacks, is not available
+    monkeypatch.setattr(torch, "clip_test_kind", SimpleNamespace(is_available=lambda: False), raising=False)
+    assert not device_kind_available("clip_test_kind") and not device_kind_available("no_such_kind")
+    # one process: its own verdict, stop included
+    one = DistributedInfo(rank=0, world_size=1, local_rank=0, device=cpu)
+    verdict = agree_after_backward(torch.tensor(True), torch.tensor(float("inf")), True, one)
+    assert (verdict.losses_finite, verdict.gradients_finite, verdict.stop) == (True, False, True)
+    assert not agree_after_backward(torch.tensor(True), None, False, one).stop
+    # a rank's own failure is raised there, and `elsewhere` on the ranks that did not fail
+    with pytest.raises(KeyError):
+        raise_on_every_rank(KeyError("here"), one, ValueError("elsewhere"))
+    raise_on_every_rank(None, one, ValueError("elsewhere"))
+    monkeypatch.setattr(clip.distributed, "any_rank", lambda flag, dist_info: True)  # some rank failed
+    two = DistributedInfo(rank=1, world_size=2, local_rank=1, device=cpu)
+    with pytest.raises(KeyError):
+        raise_on_every_rank(KeyError("here"), two, ValueError("elsewhere"))
+    with pytest.raises(ValueError, match="elsewhere"):
+        raise_on_every_rank(None, two, ValueError("elsewhere"))
+
+
+def test_auto_picks_this_ranks_gpu_where_cuda_is_available(monkeypatch):
+    from clip.distributed import _select_device
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert _select_device("auto", 1) == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _select_device("auto", 1) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("master_addr, init_method", [("10.0.0.5", "tcp://10.0.0.5:4000"),
+                                                      ("fd00::5", "tcp://[fd00::5]:4000")])
+def test_the_process_group_is_joined_where_the_launcher_says(monkeypatch, master_addr, init_method):
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    joined = []
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: joined.append(kwargs))
+    launcher = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": master_addr, "MASTER_PORT": "4000"}
+    for name, value in launcher.items():
+        monkeypatch.setenv(name, value)
+    info = init_distributed(device="cpu")
+    assert info == DistributedInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
+    assert [(kw["init_method"], kw["rank"], kw["world_size"], kw["backend"]) for kw in joined] == [
+        (init_method, 1, 2, "gloo")]
+    # a world of one joins no group, and keeps the launcher's local rank
+    joined.clear()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    assert init_distributed(device="cpu") == DistributedInfo(rank=0, world_size=1, local_rank=1,
+                                                             device=torch.device("cpu"))
+    assert joined == []
+
+
 def test_gpu_of_a_local_rank():
     from clip.distributed import _local_gpu_index
 

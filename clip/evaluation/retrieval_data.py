@@ -224,13 +224,13 @@ def load_retrieval_data(config: RetrievalDatasetConfig) -> RetrievalData:
     return data
 
 
-def captions_shared_by_images(data: RetrievalData) -> dict[str, int]:
-    """Each caption that two or more images have, with how many have it. Captions are compared as the tokenizer
+def captions_shared_by_images(data: RetrievalData) -> dict[str, set[int]]:
+    """Each caption that two or more images have, with those images. Captions are compared as the tokenizer
     reads them, case and spacing aside ("A red  circle" is "a red circle"): such copies encode alike."""
     images_of: dict[str, set[int]] = {}
     for caption, image in zip(data.captions, data.caption_image, strict=True):
         images_of.setdefault(" ".join(caption.lower().split()), set()).add(image)
-    return {caption: len(images) for caption, images in images_of.items() if len(images) > 1}
+    return {caption: images for caption, images in images_of.items() if len(images) > 1}
 
 
 def warn_about_shared_captions(data: RetrievalData, name: str, remedy: str) -> None:
@@ -241,14 +241,14 @@ def warn_about_shared_captions(data: RetrievalData, name: str, remedy: str) -> N
     shared = captions_shared_by_images(data)
     if not shared:
         return
-    images = {i for c, i in zip(data.captions, data.caption_image, strict=True) if " ".join(c.lower().split()) in shared}
-    example = max(shared, key=shared.__getitem__)
+    images = set().union(*shared.values())
+    example = max(shared, key=lambda caption: len(shared[caption]))
     logger.warning(
         "retrieval %s: %d of %d images have a caption that another image has too (%d such captions; %r is %d "
         "images'). A copy of an image's true caption scores as a tie, which counts against the truth (pessimistic "
         "ties): image->text recall@K is 0 for an image whose caption K or more other images share, however good "
         "the model. %s",
-        name, len(images), len(data.image_paths), len(shared), example, shared[example], remedy,
+        name, len(images), len(data.image_paths), len(shared), example, len(shared[example]), remedy,
     )
 
 

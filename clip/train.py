@@ -41,7 +41,7 @@ from .distributed import (
     raise_on_every_rank,
     ranks_phrase,
 )
-from .evaluation.during_training import check_evaluation_datasets, run_evaluations
+from .evaluation.during_training import check_evaluation_datasets, has_evaluations, run_evaluations
 from .loss import build_loss
 from .model import trimmed_text_length
 from .optim import build_optimizer, learning_rate, optimizer_parameter_names
@@ -389,7 +389,7 @@ def _train(
         all-reduce every few batches, at the same batches on every rank, so their collectives pair up). A run
         without evaluations has nothing to abandon: a signal during its final save said "final evaluation
         abandoned" and asked for a rerun that had nothing to do."""
-        if not (config.eval.zeroshot or config.eval.retrieval):
+        if not has_evaluations(config.eval):
             return {}
         if dist_info.is_distributed:
             def abandon_if_some_rank_was_signalled() -> None:

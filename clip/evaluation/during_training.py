@@ -80,9 +80,14 @@ def _require_a_readable_image(read: Callable[[int], Any], count: int, name: str)
     raise ValueError(f"evaluation dataset {name!r}: none of the {len(reasons)} images tried can be read{example}")
 
 
+def has_evaluations(eval_config: EvalConfig) -> bool:
+    """Whether any zero-shot or retrieval dataset is configured: without one there is nothing to evaluate."""
+    return bool(eval_config.zeroshot or eval_config.retrieval)
+
+
 def should_evaluate(eval_config: EvalConfig, step: int, total_steps: int) -> bool:
     """True at the final step, and every `every_n_steps` steps when that is positive."""
-    if not (eval_config.zeroshot or eval_config.retrieval):
+    if not has_evaluations(eval_config):
         return False
     if step >= total_steps:
         return True

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, when not pip-installed
 
 from clip.data.decoding import IMAGE_EXTENSIONS, SkipSample, decode_caption, open_image, pil_pixel_limit
-from clip.data.manifest import MANIFEST_SUFFIXES, QUOTING_CHOICES, manifest_rows, original_bytes
+from clip.data.manifest import MANIFEST_SUFFIXES, QUOTING_CHOICES, manifest_rows_with_problems, original_bytes
 from clip.data.shards import SIZE_INDEX_NAME, count_tar_samples, expand_shard_pattern, require_webdataset
 from clip.preprocess import to_rgb
 
@@ -60,10 +60,14 @@ def folder_samples(root: Path) -> Iterator[tuple[str, str | None, dict] | SkipSa
             yield str(path), caption, {}
 
 
-def manifest_samples(path: Path, args: argparse.Namespace) -> Iterator[tuple[str, str | None, dict] | None]:
+def manifest_samples(path: Path, args: argparse.Namespace) -> Iterator[tuple[str, str | None, dict] | SkipSample]:
+    """(image path, caption, extra fields) per usable row, and a SkipSample("bad_manifest_row") naming the line
+    and why for every other."""
     root = path.resolve().parent
-    for row in manifest_rows(str(path), args.image_column, args.caption_column, args.separator, args.quoting):
-        yield None if row is None else (str(root / row[0]), row[1], {})
+    rows = manifest_rows_with_problems(
+        str(path), args.image_column, args.caption_column, args.separator, args.quoting)
+    for row in rows:
+        yield SkipSample("bad_manifest_row", row) if isinstance(row, str) else (str(root / row[0]), row[1], {})
 
 
 def encode_sample(image_path: str, caption: str | None) -> tuple[str, bytes, str, tuple[int, int]]:
@@ -76,7 +80,7 @@ def encode_sample(image_path: str, caption: str | None) -> tuple[str, bytes, str
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise SkipSample("missing_file") from None
     except OSError as error:  # no permission, an I/O error on a bad disk or network mount...
-        raise SkipSample("unreadable_file", str(error)) from None
+        raise SkipSample("unreadable_file", error.strerror or str(error)) from None  # the caller names the path
     with pil_pixel_limit(MAX_IMAGE_PIXELS):
         image = open_image(data, MAX_IMAGE_PIXELS, draft_size=None)  # a full decode: catches truncation
     extension = KEPT_FORMATS.get(image.format or "")
@@ -142,9 +146,29 @@ def refuse_or_remove_old_shards(output: Path, prefix: str, overwrite: bool) -> N
     print(f"deleted {len(old)} old shards {prefix}-NNNNNN.tar from {output}")
 
 
+class SkipCounts(Counter):
+    """Skipped samples counted by kind, with the first of each kind kept (which file, which manifest line, why):
+    a count alone left the user to hunt for the rows it meant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first: dict[str, str] = {}
+
+    def add(self, kind: str, example: str) -> None:
+        self[kind] += 1
+        self.first.setdefault(kind, example)
+
+    def line(self) -> str:
+        """"skipped 3: bad_manifest_row 2 (the first, line 4: ...), missing_file 1 (the first, /data/x.jpg)"."""
+        kinds = ", ".join(
+            f"{kind} {count} (the first, {self.first[kind]})" if self.first.get(kind) else f"{kind} {count}"
+            for kind, count in sorted(self.items()))
+        return f"skipped {sum(self.values())}: {kinds}"
+
+
 def write_shards(
     samples: Iterator, output: Path, prefix: str, per_shard: int, overwrite: bool = False
-) -> tuple[dict[str, int], Counter]:
+) -> tuple[dict[str, int], SkipCounts]:
     """Writes the shards and sizes.json; returns ({shard name: count}, skipped counts by kind). Shards of
     the same prefix already in `output` are an error, or deleted first when `overwrite`."""
     webdataset = require_webdataset()
@@ -155,7 +179,7 @@ def write_shards(
     # NAME.tar that a later --index or a training run would take for a shard.
     for leftover in existing_shards(output, prefix, PARTIAL_SUFFIX):
         leftover.unlink()  # an interrupted earlier run's
-    skipped: Counter = Counter()
+    skipped = SkipCounts()
     written = 0
     # maxcount splits exactly every `per_shard` samples; a fixed mtime makes the tars reproducible.
     writer = webdataset.ShardWriter(
@@ -164,17 +188,14 @@ def write_shards(
     )
     try:
         for sample in samples:
-            if sample is None:
-                skipped["bad_manifest_row"] += 1
-                continue
             if isinstance(sample, SkipSample):
-                skipped[sample.kind] += 1
+                skipped.add(sample.kind, sample.detail)
                 continue
             image_path, caption, extra = sample
             try:
                 extension, data, text, (width, height) = encode_sample(image_path, caption)
             except SkipSample as skip:
-                skipped[skip.kind] += 1
+                skipped.add(skip.kind, f"{image_path}: {skip.detail}" if skip.detail else image_path)
                 continue
             key = f"{written:09d}"
             info = {"key": key, "caption": text, "path": image_path, "width": width, "height": height, **extra}
@@ -300,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         # The input's (wrong columns, a UTF-16 manifest, an unreadable path, an output that is a file): one line,
         # not a traceback
         raise SystemExit(f"make_shards: {error}") from None
-    skipped_line = f"skipped {sum(skipped.values())}: " + ", ".join(f"{kind} {n}" for kind, n in sorted(skipped.items()))
+    skipped_line = skipped.line()
     if not sizes:
         # Status 0 and "wrote 0 samples" read as done: every image broken, or the wrong folder, went unnoticed
         # until a training run found no data

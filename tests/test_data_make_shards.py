@@ -107,13 +107,33 @@ def test_image_folder_with_caption_files(tmp_path: Path, capsys: pytest.CaptureF
     (tmp_path / "photos" / "album0" / "9.txt").write_text("a caption whose image is missing")
     assert make_shards_main()([str(tmp_path / "photos"), str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
-    assert "skipped 2: missing_caption 1, missing_image 1" in printed  # a caption file alone is counted too
+    # a caption file alone is counted too, and the first of each kind is named
+    missing_caption, missing_image = tmp_path / "photos" / "album0" / "2.jpg", tmp_path / "photos" / "album0" / "9.txt"
+    assert (f"skipped 2: missing_caption 1 (the first, {missing_caption}), missing_image 1 (the first, {missing_image})"
+            in printed)
     # and the path pattern to paste into a config
     pattern = str((tmp_path / "out").resolve() / "shard-{000000..000000}.tar")
     assert f'for a [[data.sources]] table: kind = "shards", path = "{pattern}"' in printed
     data = build([SourceConfig(kind="shards", path=pattern)], batch_size=3)
     assert sorted(captions(take(data, 1))) == [caption_of(i) for i in (0, 1, 3)]
     data.close()
+
+
+def test_unusable_manifest_rows_are_counted_and_the_first_is_named_with_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # The count alone ("bad_manifest_row 2") left the user to hunt through the manifest for the rows it meant
+    manifest = write_manifest(tmp_path / "src", range(3), "train.jsonl")
+    with manifest.open("a") as file:
+        file.write(json.dumps({"image": "images/0.jpg", "caption": ["one", "two"]}) + "\n")
+        file.write("not json\n")
+        file.write(json.dumps({"image": "images/404.jpg", "caption": "a caption"}) + "\n")
+    assert make_shards_main()([str(manifest), str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 3 samples" in printed
+    missing = (tmp_path / "src" / "images" / "404.jpg").resolve()
+    assert ("skipped 3: bad_manifest_row 2 (the first, line 4: 'caption' is a list, not a string: write one row per "
+            f"caption), missing_file 1 (the first, {missing})") in printed
 
 
 def test_an_unreadable_image_is_counted_not_fatal(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -123,7 +143,8 @@ def test_an_unreadable_image_is_counted_not_fatal(tmp_path: Path, capsys: pytest
     with manifest.open("a") as file:
         file.write(f"images/{'x' * 300}.jpg,a caption\n")
     assert make_shards_main()([str(manifest), str(tmp_path / "out")]) == 0
-    assert "unreadable_file 1" in capsys.readouterr().out
+    too_long = (tmp_path / "src" / "images" / f"{'x' * 300}.jpg").resolve()
+    assert f"unreadable_file 1 (the first, {too_long}: File name too long)" in capsys.readouterr().out
 
 
 def test_a_percent_sign_in_the_prefix_is_literal(tmp_path: Path) -> None:

@@ -252,19 +252,12 @@ def is_json_lines(path: str | Path) -> bool:
     return Path(path).suffix.lower() == ".jsonl"
 
 
-def manifest_rows(
-    path: str, image_column: str, caption_column: str, separator: str = "", quoting: str = "auto"
-) -> Iterator[tuple | None]:
-    """(image path, caption) per row as the file has them (str, possibly with surrogates), or None for a row
-    without a usable image path or caption field. Raises ValueError for an unknown format or missing columns."""
-    rows = manifest_rows_with_problems(path, image_column, caption_column, separator, quoting)
-    return (None if isinstance(row, str) else row for row in rows)
-
-
 def manifest_rows_with_problems(
     path: str, image_column: str, caption_column: str, separator: str, quoting: str
 ) -> Iterator[tuple | str]:
-    """As `manifest_rows`, with why a row is unusable (naming its line) in place of None."""
+    """(image path, caption) per row as the file has them (str, possibly with surrogates), or for a row without a
+    usable image path or caption field, why (naming its line). Raises ValueError for an unknown format or missing
+    columns."""
     suffix = Path(path).suffix.lower()
     if is_json_lines(path):
         return _jsonl_rows(path, image_column, caption_column)

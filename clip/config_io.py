@@ -96,9 +96,10 @@ def _is_none_sentinel(value: Any) -> bool:
     return isinstance(value, str) and value.strip().lower() == NONE_SENTINEL
 
 
-def _closest(key: str, valid: typing.Iterable[str]) -> str:
+def _closest(key: str, valid: typing.Iterable[str], table: str = "") -> str:
     """A suggestion among the keys beside `key` (the same dotted parent), compared by their last part: whole
-    dotted names all share their prefix, so "eval.retrieval.0.path" was closest to "eval.retrieval.0.split"."""
+    dotted names all share their prefix, so "eval.retrieval.0.path" was closest to "eval.retrieval.0.split".
+    `table`: the path of the table that bare `key` and `valid` are in, named when the valid keys are listed."""
     parent, _, leaf = key.rpartition(".")
     siblings = {name.rpartition(".")[2]: name for name in valid if name.rpartition(".")[0] == parent}
     if not siblings:
@@ -107,7 +108,7 @@ def _closest(key: str, valid: typing.Iterable[str]) -> str:
     match = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.5)
     if match:
         return f" Did you mean {siblings[match[0]]!r}?"
-    return _valid_keys(parent, siblings)
+    return _valid_keys(parent or table, siblings)
 
 
 def _valid_keys(table: str, names: typing.Iterable[str]) -> str:
@@ -209,7 +210,7 @@ def from_dict(schema: type[T], data: dict, where: str = "") -> T:
         key = unknown[0]
         name = f"{where}.{key}" if where else key
         hint = _schema_hint(schema, key, data[key])
-        advice = f" ({hint}).{_valid_keys(where, fields)}" if hint else f".{_closest(key, fields)}"
+        advice = f" ({hint}).{_valid_keys(where, fields)}" if hint else f".{_closest(key, fields, table=where)}"
         raise UnknownKey(f"unknown config key {name!r}{advice}", name, key)
     kwargs = {}
     for key, value in data.items():

@@ -71,6 +71,17 @@ def test_unknown_key_names_the_closest_valid_one(tmp_path):
         load_config(None, ["sectoin.lr=3"], Schema)
 
 
+def test_an_unknown_key_near_none_lists_the_valid_keys_of_its_table_in_a_file_as_in_an_override(tmp_path):
+    # From a file the list said "Valid keys: ..." without the table, which an override named
+    listed = "Valid keys in section: betas, clip_norm, flag, lr, mode, name, steps."
+    with pytest.raises(ConfigError, match=re.escape(f"unknown config key 'section.zzzzzz'. {listed}")):
+        load_config(write(tmp_path, "[section]\nzzzzzz = 1\n"), [], Schema)
+    with pytest.raises(ConfigError, match=re.escape(listed)):
+        load_config(None, ["section.zzzzzz=1"], Schema)
+    with pytest.raises(ConfigError, match=re.escape("'zzzzzz'. Valid keys: model, output_dir, section, sources.")):
+        load_config(write(tmp_path, "zzzzzz = 1\n"), [], Schema)  # a top-level key names no table
+
+
 @dataclass
 class Hinted:
     """A schema with a word for its users: on a value its field refuses and on a key it does not have."""

@@ -25,6 +25,7 @@ own schema. Checks in `__post_init__` write their own messages.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -416,12 +417,33 @@ def _merge_tables(into: dict, tables: dict) -> None:
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str], schema: type[T]) -> T:
-    """Reads a TOML file (or nothing) into `schema`, then applies `a.b=value` overrides; all type-checked."""
-    data: dict = {}
-    if path is not None:
-        data = _read_toml(Path(path))
-    for assignment in overrides:
+    """Reads a TOML file (or nothing) into `schema`, then applies `a.b=value` overrides; all type-checked. An
+    error in the file's contents names the file, as a TOML syntax error does: in a cluster job's log "unknown
+    config key" did not say which of its recipes held it."""
+    file_data: dict = {} if path is None else _read_toml(Path(path))
+    data = copy.deepcopy(file_data)
+    for assignment in overrides:  # an override's own errors name the override
         apply_override(data, schema, assignment)
+    try:
+        return _from_whole_config(schema, data)
+    except ConfigError as error:
+        # Whether the file holds it: the file alone, without the overrides, fails the same way. (An override
+        # may also fix a value the file has wrong, or be what makes a cross-field check fail.)
+        if path is None or not _fails_alike(schema, file_data, error):
+            raise
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def _fails_alike(schema: type, data: dict, error: ConfigError) -> bool:
+    try:
+        _from_whole_config(schema, data)
+    except ConfigError as alone:
+        return str(alone) == str(error)
+    return False
+
+
+def _from_whole_config(schema: type[T], data: dict) -> T:
+    """`from_dict` for a whole config, whose unknown key may be one of another table's."""
     try:
         return from_dict(schema, data)
     except UnknownKey as error:

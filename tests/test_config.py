@@ -71,6 +71,20 @@ def test_unknown_key_names_the_closest_valid_one(tmp_path):
         load_config(None, ["sectoin.lr=3"], Schema)
 
 
+def test_an_error_in_a_config_files_contents_names_the_file(tmp_path):
+    # As a syntax error did: "unknown config key" in a cluster job's log did not say which recipe held it
+    path = write(tmp_path, "[section]\nlrr = 1.0\nsteps = 0\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: unknown config key 'section.lrr'"):
+        load_config(path, [], Schema)
+    path = write(tmp_path, "[section]\nmode = 'c'\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: section.mode: 'c' is not one of"):
+        load_config(path, ["section.lr=0.5"], Schema)  # an override beside it changes nothing
+    assert load_config(path, ["section.mode=b"], Schema).section.mode == "b"  # an override may fix the file
+    # An override's value is not the file's
+    with pytest.raises(ConfigError, match="^section.mode: 'd' is not one of 'a', 'b'$"):
+        load_config(write(tmp_path, "[section]\nlr = 0.5\n"), ["section.mode=d"], Schema)
+
+
 def test_an_unknown_key_near_none_lists_the_valid_keys_of_its_table_in_a_file_as_in_an_override(tmp_path):
     # From a file the list said "Valid keys: ..." without the table, which an override named
     listed = "Valid keys in section: betas, clip_norm, flag, lr, mode, name, steps."

@@ -3,6 +3,7 @@ sizes that would only fail deep inside an evaluation loop."""
 
 from __future__ import annotations
 
+import re
 
 import pytest
 
@@ -48,7 +49,7 @@ def test_a_training_configs_eval_section_is_checked_when_read():
 def test_zeroshot_run_config_names_must_be_unique(tmp_path):
     path = tmp_path / "eval.toml"
     path.write_text('model = "m"\n[[datasets]]\nkind = "synthetic"\n[[datasets]]\nkind = "synthetic"\n')
-    with pytest.raises(ConfigError, match=r"^datasets needs a unique name per dataset"):
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: datasets needs a unique name per dataset"):
         load_config(path, [], ZeroShotRunConfig)
     assert len(load_config(path, ["datasets.1.name=other"], ZeroShotRunConfig).datasets) == 2
 

@@ -62,7 +62,7 @@ def test_a_number_of_epochs_says_the_run_length_is_schedule_steps(tmp_path, writ
     with pytest.raises(ConfigError) as raised:
         load_config(config, [], TrainConfig)
     assert str(raised.value).startswith(
-        f"unknown config key {name!r} (the run's length is 'schedule.steps' here, counted in optimiser steps: "
+        f"{config}: unknown config key {name!r} (the run's length is 'schedule.steps' here, counted in optimiser steps: "
         f"epochs x samples per epoch / global batch). Valid keys{f' in {table}' if table else ''}: ")
     with pytest.raises(ConfigError, match=re.escape(f"in override '{name}=2' (the run's length is 'schedule.steps'")):
         load_config(None, [f"{name}=2"], TrainConfig)

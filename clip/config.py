@@ -28,7 +28,7 @@ from .config_io import (
     to_dict,
     to_toml,
 )
-from .data.config import DataConfig
+from .data.config import DataConfig, as_path_text
 from .evaluation.config import EvalConfig, Precision, precision_hint
 from .loss import LossConfig
 
@@ -190,6 +190,8 @@ class TrainLoopConfig:
         return precision_hint(key, value) or _other_trainers_key_hint(key)
 
     def __post_init__(self) -> None:
+        # A pathlib.Path, as a notebook passes clip.load, is taken as its text: the config is written as TOML
+        self.init_weights = as_path_text(self.init_weights)
         if self.init_weights is not None:  # "" was read as the current folder: ". is a directory without checkpoints"
             require("init_weights", self.init_weights, bool(self.init_weights.strip()),
                     'a released name, a weights file or a run directory, or "none" to start from scratch')
@@ -293,6 +295,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # "" is the current folder, which would become the run directory (its checkpoints, its lock, a resume
         # of whatever run it holds); "~/runs/x" in a TOML file, which no shell expands, made a folder named "~"
+        self.output_dir = as_path_text(self.output_dir)
         require("output_dir", self.output_dir, bool(self.output_dir.strip()), "a folder for the run")
         self.output_dir = os.path.expanduser(self.output_dir)
         if self.model.text.vocab_size < OPENAI_VOCAB_SIZE:

@@ -362,6 +362,25 @@ def test_sections_built_in_python_raise_config_errors_too():
     assert isinstance(ConfigError("x"), ValueError)  # callers catching ValueError still see them
 
 
+def test_paths_in_a_config_built_in_python_are_taken_as_their_text(tmp_path):
+    # A notebook passes pathlib.Paths, as it does to clip.load: the checks failed on them with
+    # AttributeError: 'PosixPath' object has no attribute 'strip' (or 'split'), and TOML cannot record them
+    from clip.config import TrainConfig, TrainLoopConfig
+    from clip.data import DataConfig, SourceConfig
+
+    config = TrainConfig(
+        output_dir=Path("~") / "runs" / "tuned",
+        train=TrainLoopConfig(init_weights=tmp_path / "released.pt"),
+        data=DataConfig(sources=[SourceConfig(kind="manifest", path=tmp_path / "train.csv")]),
+    )
+    assert config.output_dir == str(Path.home() / "runs" / "tuned")
+    assert config.train.init_weights == str(tmp_path / "released.pt")
+    assert config.data.sources[0].path == str(tmp_path / "train.csv")
+    assert from_dict(TrainConfig, tomllib.loads(to_toml(to_dict(config)))) == config
+    with pytest.raises(ConfigError, match="init_weights must be a released name"):
+        TrainLoopConfig(init_weights="")  # a Path cannot be empty ("." is the current folder), a str still can
+
+
 def test_epoch_samples_without_resampled_is_an_error():
     from clip.config import TrainConfig
 

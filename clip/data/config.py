@@ -18,10 +18,18 @@ A TOML example with two sources, the second seen twice per epoch:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
 from ..config_io import InvalidValue, home_expanded, require
+
+def as_path_text(value: str | os.PathLike | None) -> str | None:
+    """A path setting given as a pathlib.Path (or another os.PathLike) in a config built in Python, as its text;
+    any other value as it is. The config is recorded as TOML, which has no paths: `Path("runs/x")` failed in the
+    checks below on a str method (AttributeError: 'PosixPath' object has no attribute 'strip')."""
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
 
 SourceKind = Literal["synthetic", "manifest", "shards"]
 
@@ -54,6 +62,7 @@ class SourceConfig:
     synthetic_seed: int = 0  # which synthetic world (content), independent of the training seed
 
     def __post_init__(self) -> None:
+        self.path, self.size_index = as_path_text(self.path), as_path_text(self.size_index)
         require("kind", self.kind, self.kind in ("synthetic", "manifest", "shards"), "synthetic, manifest or shards")
         if self.kind != "synthetic" and not self.path:
             raise InvalidValue("path", f"must be set for a {self.kind} source (the manifest file or shard pattern)")

@@ -167,6 +167,12 @@ def train(
     writes anything there: clip-train starts appending its log to RUN_DIR/train.log then, so that a start
     refused the directory, which another live run holds, writes nothing into that run's log.
     """
+    if not isinstance(config, TrainConfig):
+        # A recipe's path or a dict (from a notebook) failed later, as AttributeError: 'str' object has no
+        # attribute 'train'
+        raise TypeError(f"train() takes a TrainConfig, not {type(config).__name__}: read a recipe with "
+                        f"clip.config.load_config(path, ['section.key=value', ...], TrainConfig), or build a dict "
+                        f"into one with clip.config.from_dict(TrainConfig, data)")
     # ---- setup ----------------------------------------------------------------------------------------
     # The ranks meet under the default signal handling: blocked in init_process_group's C++ rendezvous, a
     # process never runs a Python handler, so a caught signal would leave it waiting out the rendezvous

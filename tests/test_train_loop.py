@@ -73,6 +73,16 @@ def test_a_runs_thread_count_is_the_process_setting_again_once_it_ends(tmp_path)
         torch.set_num_threads(threads)
 
 
+def test_train_given_a_recipe_path_or_a_dict_says_how_to_make_its_config(tmp_path):
+    # train("configs/finetune_vit_b32.toml") in a notebook failed as AttributeError: 'str' object has no
+    # attribute 'train', from deep in the setup
+    for given in (str(DEMO), DEMO, {"output_dir": str(tmp_path)}):
+        with pytest.raises(TypeError, match=r"train\(\) takes a TrainConfig, not \w+: read a recipe with "
+                                            r"clip\.config\.load_config\(path"):
+            train(given)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("extra", [[], ["train.patch_dropout=0.5", "train.accumulation_steps=2"]],
                          ids=["plain", "patch_dropout"])
 def test_resume_continues_exactly(tmp_path, extra):

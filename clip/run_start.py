@@ -78,6 +78,14 @@ def warn_about_unlikely_settings(
     if locked and saved_config is None and config.train.init_weights is None:
         log.warning("%s without train.init_weights: the locked tower keeps its random initialisation (LiT locks a "
                     "pretrained one)", locked[0])
+    if saved_config is None and config.train.init_weights is not None and all(
+        source.kind == "synthetic" for source in config.data.sources
+    ):
+        # [data] left at its default (a config built in Python, or the demo recipe given init_weights): the
+        # pretrained weights were tuned to the demo's shapes for the whole run, without a word
+        log.warning("train.init_weights with synthetic data only: %s is fine-tuned on the demo's generated shapes; "
+                    "for your own pairs add [[data.sources]] tables of kind \"manifest\" or \"shards\"",
+                    config.train.init_weights)
     saved_init_weights = saved_config.get("train", {}).get("init_weights") if saved_config is not None else None
     if saved_config is not None and config.train.init_weights not in (None, saved_init_weights):  # same: a requeue
         log.warning("train.init_weights changed to %s, which is not read: a resumed run continues from its own "

@@ -857,6 +857,27 @@ def test_the_warning_of_a_warmup_as_long_as_the_run_says_what_its_rates_are(tmp_
         assert rates[-1] == 0.75 and "never reaches optimizer.lr (the last step's is 0.75 of it)" in caplog.text
 
 
+def test_fine_tuning_on_synthetic_data_only_is_named(tmp_path, caplog):
+    # [data] left at its default (a config built in Python, the demo recipe given init_weights) tuned the
+    # pretrained weights to the demo's shapes without a word
+    from clip.run_start import warn_about_unlikely_settings
+
+    manifest = tmp_path / "pairs.csv"
+    manifest.write_text("image,caption\n")
+    cases = [("synthetic", [f"train.init_weights={tmp_path}"], None, True),
+             ("from scratch", [], None, False),
+             ("resumed", [f"train.init_weights={tmp_path}"], {"train": {"init_weights": str(tmp_path)}}, False),
+             ("own pairs", [f"train.init_weights={tmp_path}", "data.sources.0.kind=manifest",
+                            f"data.sources.0.path={manifest}", "data.sources.0.num_samples=none"], None, False)]
+    for name, extra, saved, warned in cases:
+        caplog.clear()
+        config = tiny_config(tmp_path, *extra)
+        with caplog.at_level(logging.WARNING, logger="clip.train"):
+            warn_about_unlikely_settings(config, 8, 100, saved, torch.device("cpu"))
+        named = f"train.init_weights with synthetic data only: {tmp_path} is fine-tuned on the demo's generated shapes"
+        assert (named in caplog.text) == warned, name
+
+
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 def test_a_global_batch_of_one_pair_is_refused(tmp_path, loss):
     # The CLIP loss of one pair is log(1) = 0: a fine-tune at batch 1 ran every step with loss 0.0 and

@@ -443,6 +443,20 @@ def test_lines_copied_from_a_python_list_are_unquoted(tmp_path):
     assert load_templates(tmp_path / "plain.txt") == ['a "{}" sign', "'{}' in quotes, said twice"]
 
 
+def test_a_python_list_copied_whole_is_read_as_its_strings(tmp_path):
+    # The CLIP paper's prompts.md writes each list in Python, single-quoted: copied with its brackets it was
+    # refused as "not valid JSON"
+    (tmp_path / "t.txt").write_text("[\n    'a photo of a {}.',\n    \"a {}'s photo.\",  # a comment\n]\n")
+    assert load_templates(tmp_path / "t.txt") == ["a photo of a {}.", "a {}'s photo."]
+    (tmp_path / "names.json").write_text("['airplane', 'automobile',]")
+    assert load_classnames(tmp_path / "names.json") == ["airplane", "automobile"]
+    # Anything but a list of strings is still not valid JSON: a number among them, a call, a name
+    for text in ("['a {}.', 3]", "['a {}.'] + ['b {}.']", "[print('a {}.')]", "[x]", "['a {}.'"):
+        (tmp_path / "bad.txt").write_text(text)
+        with pytest.raises(ValueError, match=r"bad\.txt: not valid JSON"):
+            load_templates(tmp_path / "bad.txt")
+
+
 def test_a_mapping_of_labels_to_names_is_refused_not_read_line_by_line(tmp_path):
     # ImageNet's widely copied {0: 'tench, Tinca tinca', ...} gave one "name" per line of its source, as many
     # as the classes, so the count check passed and every prompt held a line of Python

@@ -91,6 +91,18 @@ def python_string_literals(line: str) -> list[str] | None:
     return values if values and all(isinstance(item, str) for item in values) else None
 
 
+def python_list_of_strings(text: str) -> list[str] | None:
+    """The strings of `text` when it is a Python list literal of strings alone (`['a photo of a {}.', ...]`, as
+    the CLIP paper's prompts.md writes them), else None. Parsed as a literal, never run as code."""
+    try:
+        value = ast.literal_eval(text.strip())
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value
+    return None
+
+
 def unquote_copied_python_lines(lines: list[str], path: Path) -> list[str]:
     """Lines that are all quoted Python strings lose their quotes and commas (a line of several gives each);
     plain lines stay as they are. A mix (e.g. `templates = [` copied along with the strings) is an error:
@@ -125,7 +137,8 @@ def _decode_text(data: bytes, path: Path) -> str:
 
 def _read_string_list(path: Path, what: str, comments: bool) -> list[str]:
     """A JSON list of strings, or one string per line (blank lines skipped, and '#' lines if `comments`).
-    Lines copied from a Python list (`'a photo of a {}.',`) are read as the strings they quote."""
+    Lines copied from a Python list (`'a photo of a {}.',`) are read as the strings they quote, and a Python
+    list copied whole (`[` to `]`) as its strings."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
     text = _decode_text(path.read_bytes(), path)
@@ -142,7 +155,11 @@ def _read_string_list(path: Path, what: str, comments: bool) -> list[str]:
         try:
             items = json.loads(text)
         except ValueError as error:  # JSONDecodeError, and an integer of more than 4300 digits
-            raise ValueError(f"{path}: not valid JSON ({error})") from None
+            # The CLIP paper's prompts.md writes its lists in Python, single-quoted: a list copied whole,
+            # brackets and all, was refused as "not valid JSON"
+            items = python_list_of_strings(text)
+            if items is None:
+                raise ValueError(f"{path}: not valid JSON ({error})") from None
         except RecursionError:  # json parses nested arrays recursively
             raise ValueError(f"{path}: not valid JSON (its arrays nest too deeply)") from None
         if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
@@ -157,8 +174,8 @@ def _read_string_list(path: Path, what: str, comments: bool) -> list[str]:
 
 
 def load_templates(path: str | Path) -> list[str]:
-    """Templates from a file: a JSON list, or one template per line ('#' starts a comment line); lines
-    copied from a Python list of strings are unquoted."""
+    """Templates from a file: a JSON list, or one template per line ('#' starts a comment line); a Python
+    list of strings, whole or its lines, is read as its strings."""
     templates = _read_string_list(Path(path), "templates", comments=True)
     for template in templates:
         try:

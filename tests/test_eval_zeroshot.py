@@ -272,6 +272,22 @@ def test_the_table_names_only_the_datasets_that_skipped_images():
     assert format_table(results).splitlines()[-1] == "unreadable images skipped: skipping: 3"
     assert "unreadable" not in format_table(results[:1])
 
+def test_the_table_names_the_classes_that_had_no_images():
+    # An empty class folder (or one of .heic files only) made mean/cls an average over fewer classes than
+    # the table's class count, without a word
+    from clip.evaluation.results import ClassificationCounts, summarize
+
+    complete, missing = ClassificationCounts(3), ClassificationCounts(6)
+    complete.update(torch.eye(3), torch.tensor([0, 1, 2]))
+    missing.update(torch.eye(6)[:2], torch.tensor([0, 1]))
+    names = ["cat", "dog", "ship", "car", "bus", "owl"]
+    results = [summarize(complete, names[:3], name="complete"), summarize(missing, names, name="missing")]
+    assert format_table(results).splitlines()[-1] == (
+        "classes without images (mean/cls averages the others): missing: 4 of 6 (ship, car, bus, ...)"
+    )
+    assert "without images" not in format_table(results[:1])
+
+
 def test_unreadable_images_are_skipped_and_counted(tmp_path, caplog):
     model, classnames, templates = planted_two_classes()
     colours = {"cat": [(255, 255, 0), (255, 0, 0), (0, 0, 0)], "dog": [(0, 0, 0), (0, 255, 0), (255, 255, 0)]}

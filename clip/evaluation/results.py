@@ -185,7 +185,20 @@ def format_table(results: Sequence[ZeroShotResult]) -> str:
     skipped = [f"{r.name}: {r.num_skipped}" for r in results if r.num_skipped]
     if skipped:
         rows.append(f"unreadable images skipped: {', '.join(skipped)}")
+    # A class folder left empty, or holding only files of other extensions, gave the table's class count and
+    # a mean/cls over fewer classes without a word (torchvision's ImageFolder refuses such a folder)
+    imageless = [f"{r.name}: {_classes_without_images(r)}" for r in results if None in r.per_class_accuracy]
+    if imageless:
+        rows.append(f"classes without images (mean/cls averages the others): {'; '.join(imageless)}")
     return "\n".join(rows)
+
+
+def _classes_without_images(result: ZeroShotResult, shown: int = 3) -> str:
+    """"1 of 10 (ship)": how many of `result`'s classes had no image evaluated, and the first `shown` names."""
+    names = [name for name, accuracy in zip(result.classnames, result.per_class_accuracy, strict=True)
+             if accuracy is None]
+    listed = ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+    return f"{len(names)} of {len(result.classnames)} ({listed})"
 
 
 def save_confusion_png(result: ZeroShotResult, path: str | Path, max_labelled_classes: int = 50) -> Path | None:

@@ -355,6 +355,24 @@ def test_help_says_how_to_get_the_traceback(command, capsys):
     assert "set CLIP_DEBUG=1 to print its traceback" in " ".join(capsys.readouterr().out.split())
 
 
+@pytest.mark.parametrize("command", [zeroshot_cli, retrieval_cli, linear_probe_cli], ids=lambda c: c.__name__)
+def test_help_explains_every_option(command, monkeypatch):
+    # --train-split, --test-split, --dataset, --format and retrieval's --output-dir were listed bare in --help:
+    # neither what they select nor their defaults
+    import argparse
+
+    parsers = []
+
+    def keep_the_parser(parser, *args, **kwargs):
+        parsers.append(parser)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", keep_the_parser)
+    with pytest.raises(SystemExit):
+        command.parse_args(["--help"])
+    assert [action.option_strings or action.dest for action in parsers[0]._actions if not action.help] == []
+
+
 def test_zeroshot_without_a_config_names_the_config_alone(capsys):
     # The optional overrides were listed as required too: "required: config, overrides"
     with pytest.raises(SystemExit):

@@ -78,10 +78,15 @@ def open_fraction(text: str) -> float:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="clip-linear-probe", description=__doc__.split("\n\n")[0], epilog=ERRORS_HELP)
     parser.add_argument("--model", required=True, help="released name, weights/checkpoint file, or run directory")
-    parser.add_argument("--dataset", choices=["imagefolder", "cifar10", "cifar100", "synthetic"], required=True)
+    parser.add_argument("--dataset", choices=["imagefolder", "cifar10", "cifar100", "synthetic"], required=True,
+                        help="an image folder tree under --root, CIFAR in torchvision's layout under --root, or the "
+                        "rendered synthetic shapes")
     parser.add_argument("--root", default="", help="dataset root; an imagefolder root holds <split>/<class>/<image>")
-    parser.add_argument("--train-split", default="train")
-    parser.add_argument("--test-split", default="test")
+    parser.add_argument("--train-split", default="train",
+                        help="the split the probe is fitted on: an imagefolder's subfolder, CIFAR's 'train', or a "
+                        "synthetic split name (default: train)")
+    parser.add_argument("--test-split", default="test",
+                        help="the split it is scored on, of the same kinds (default: test)")
     parser.add_argument(
         "--val-split",
         default="",

@@ -39,7 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--image-root", default="", help="folder image paths are relative to (default: the annotations' folder)"
     )
-    parser.add_argument("--format", choices=["auto", "karpathy", "manifest"], default="auto")
+    parser.add_argument("--format", choices=["auto", "karpathy", "manifest"], default="auto",
+                        help="how --annotations is read; auto (the default): a manifest for .csv, .tsv and .jsonl "
+                        "files, Karpathy JSON otherwise")
     parser.add_argument("--split", default=None,
                         help="Karpathy split to evaluate (default: test; '' = all images); a manifest has none")
     parser.add_argument("--image-column", default="image", help="manifest column of the image path")
@@ -72,7 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help='put each caption in place of "{}" before encoding, e.g. "a photo of {}" as the paper did for '
         "Flickr30k and MSCOCO (default: the captions as written)",
     )
-    parser.add_argument("--output-dir", type=home_expanded, default="retrieval_results")
+    parser.add_argument("--output-dir", type=home_expanded, default="retrieval_results",
+                        help="where retrieval_results.json is written (default: retrieval_results)")
     return parser.parse_args(argv)
 
 

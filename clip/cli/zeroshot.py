@@ -42,7 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("config", help="TOML file (ZeroShotRunConfig): model, device, [[datasets]] tables")
     parser.add_argument("overrides", nargs="*", default=[],  # default: else listed as required without a config
                         help="type-checked key=value overrides, e.g. model=runs/tiny")
-    parser.add_argument("--output-dir", type=home_expanded, help="overrides the config's output_dir")
+    parser.add_argument("--output-dir", type=home_expanded,
+                        help="where results.json and the confusion PNGs are written; overrides the config's "
+                        "output_dir (default: zeroshot_results/CONFIG_NAME)")
     return parser.parse_intermixed_args(argv)
 
 

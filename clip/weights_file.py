@@ -230,16 +230,15 @@ def _torch_load_weights_only(path: Path) -> object:
     _check_pytorch_file(path)
     warn_if_weights_only_is_unsafe()
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch's "Detected pickle protocol 4 ... please file an issue": the refusal below says what it means
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError, ...
         message = str(error)
         refusal = weights_only_refusal(message)
         if refusal is not None:
-            raise UnsafeFileError(
-                f"{path} was refused: it holds pickled objects other than tensors and plain Python values, and "
-                f"unpickling them could run code ({refusal}). A model saved whole (torch.save(model)) is such a "
-                f"file: save its model.state_dict() instead"
-            ) from error
+            raise UnsafeFileError(_refusal_message(path, refusal)) from error
         raise WeightsFileError(
             f"{path} is a damaged or truncated PyTorch file ({type(error).__name__}: {message})"
         ) from error
@@ -304,6 +303,41 @@ def archive_damage(path: Path) -> str | None:
                     raise
                 return f"{path} is damaged: its member {info.filename} cannot be read ({type(error).__name__}: {error})"
     return None
+
+
+# torch.save's files from before its zip format (or with _use_new_zipfile_serialization=False) begin with its
+# magic number, pickled: PROTO, then for protocol 4 and later a FRAME opcode and its 8-byte length, then LONG1.
+_LEGACY_MAGIC = b"\x8a\x0a" + torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
+_PICKLE_FRAME = b"\x95"
+# How torch's weights-only reader refuses pickle's FRAME opcode (149), which protocol 4 and later write
+_FRAME_REFUSAL = "Unsupported operand 149"
+
+
+def _is_torch_save_file(path: Path) -> bool:
+    """Whether `path` is a torch.save file (zip or old format) rather than a pickle written by pickle.dump."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as file:
+        head = file.read(2 + 1 + 8 + len(_LEGACY_MAGIC))
+    body = head[2:]
+    if body.startswith(_PICKLE_FRAME):
+        body = body[9:]
+    return head.startswith(_PICKLE_PROTOCOL_2) and body.startswith(_LEGACY_MAGIC)
+
+
+def _refusal_message(path: Path, refusal: str) -> str:
+    """Why torch's weights-only reader refused `path`, and what to do: the advice to save a state dict instead
+    of a whole model was given for a state dict written by pickle.dump, or with pickle protocol 4 or later."""
+    if not _is_torch_save_file(path):
+        return (f"{path} was refused: it is a pickle written by pickle.dump, not a torch.save file, and unpickling it "
+                f"could run code ({refusal}). Save the weights with torch.save(model.state_dict(), path)")
+    if _FRAME_REFUSAL in refusal:
+        return (f"{path} was refused: it was written with pickle protocol 4 or later (torch.save(..., "
+                f"pickle_protocol=4)), which torch's reader of untrusted files does not read ({refusal}). Save the "
+                f"state dict again with torch.save's default protocol")
+    return (f"{path} was refused: it holds pickled objects other than tensors and plain Python values, and "
+            f"unpickling them could run code ({refusal}). A model saved whole (torch.save(model)) is such a "
+            f"file: save its model.state_dict() instead")
 
 
 def weights_only_refusal(message: str) -> str | None:

@@ -203,3 +203,44 @@ def test_an_extra_entry_must_be_a_whole_number(value: object, what: str) -> None
     with pytest.raises(WeightsFileError, match=rf"its context_length entry is {what}, not a whole number"):
         weights_from_state_dict({"w": torch.zeros(2), "context_length": value})
 
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_a_state_dict_written_by_pickle_dump_is_refused_as_not_a_torch_save_file(tmp_path: Path, protocol: int) -> None:
+    # The refusal advised "save its model.state_dict() instead" to someone who had saved just that, with pickle
+    path = tmp_path / "weights.pkl"
+    path.write_bytes(pickle.dumps({"w": torch.arange(3.0)}, protocol=protocol))
+    with pytest.raises(UnsafeFileError, match=r"weights\.pkl was refused: it is a pickle written by pickle\.dump, not a "
+                       r"torch\.save file.*torch\.save\(model\.state_dict\(\), path\)$") as raised:
+        read_weights(path)
+    assert "saved whole" not in str(raised.value)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "old format"])
+def test_a_torch_save_file_of_pickle_protocol_4_is_refused_for_its_protocol(tmp_path: Path, zip_format: bool) -> None:
+    # torch's weights-only reader does not know protocol 4's FRAME opcode: the refusal said the state dict held
+    # objects that could run code and advised saving a state dict, and torch warned "please file an issue"
+    path = tmp_path / "weights.pt"
+    torch.save({"w": torch.arange(3.0)}, path, pickle_protocol=4, _use_new_zipfile_serialization=zip_format)
+    try:
+        weights = read_weights(path)
+    except UnsafeFileError as refusal:
+        assert re.search(r"weights\.pt was refused: it was written with pickle protocol 4 or later .*torch\.save's "
+                         r"default protocol$", str(refusal))
+        assert "saved whole" not in str(refusal)
+    else:  # a torch whose reader learnt protocol 4
+        assert torch.equal(weights.state_dict["w"], torch.arange(3.0))
+    torch.save({"w": torch.arange(3.0)}, path, _use_new_zipfile_serialization=zip_format)  # the default protocol
+    assert torch.equal(read_weights(path).state_dict["w"], torch.arange(3.0))
+
+
+def test_torchs_request_to_report_pickle_protocol_4_is_not_passed_on(tmp_path: Path) -> None:
+    import warnings
+
+    path = tmp_path / "weights.pt"
+    torch.save({"w": torch.arange(3.0)}, path, pickle_protocol=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(UnsafeFileError):
+            read_weights(path)
+    assert not [warning for warning in caught if "pickle protocol" in str(warning.message)]

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 DEFAULT_MASTER_PORT = 29500
 SLURM_PORT_SPREAD = 1000
 SLURM_STEP_PORT_STRIDE = 617
+# What torchrun sets for each of its workers (besides others this library does not read)
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,7 @@ def read_launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment
     """torchrun's variables when present (they win, so torchrun inside an srun step works), else SLURM's,
     else None: a single process. Plain `python train.py` inside `salloc` has no SLURM_PROCID and is
     single-process; launch the job's processes with `srun` (one task per GPU) or with torchrun.
-    LauncherMisconfigured where they make no run."""
+    LauncherMisconfigured where they make no run, also for RANK or WORLD_SIZE without the rest of torchrun's."""
     try:
         return _launcher_environment(environ)
     except ValueError as error:  # a rank that is no number, a node list that does not parse
@@ -119,11 +121,18 @@ def read_launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment
 
 
 def _launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment | None:
-    if "RANK" in environ and "WORLD_SIZE" in environ:
-        missing = [name for name in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if name not in environ]
+    # RANK or WORLD_SIZE alone is torch's process-group description half written (a job script's `export
+    # RANK=$SLURM_PROCID` without WORLD_SIZE, a wrapper that passed on only some of torchrun's variables). It fell
+    # through to SLURM's variables, whose rank may not be that RANK, or to a single process, each of the job's
+    # processes then training alone: which of them the user meant only they can say.
+    given = [name for name in ("RANK", "WORLD_SIZE") if name in environ]
+    if given:
+        missing = [name for name in TORCHRUN_VARIABLES if name not in environ]
         if missing:
             raise LauncherMisconfigured(
-                f"RANK and WORLD_SIZE are set but {', '.join(missing)} is not; launch with torchrun"
+                f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} set but {', '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not; launch with torchrun, which sets them all, or unset "
+                f"{' and '.join(given)}"
             )
         return LauncherEnvironment(
             rank=_integer(environ, "RANK"),

@@ -131,6 +131,24 @@ def test_torchrun_variables_missing_one_name_it():
             read_launcher_environment(environ)
 
 
+def test_rank_or_world_size_alone_is_an_error_naming_what_is_missing():
+    # One without the other fell through silently: under srun to SLURM's rank (not necessarily this RANK), elsewhere
+    # to a single process, each of the job's processes training alone
+    slurm_task = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_STEP_NODELIST": "gpu[1-2]"}
+    for alone, missing in (("RANK", "WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT are not"),
+                           ("WORLD_SIZE", "RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT are not")):
+        for environ in ({alone: "0"}, {**slurm_task, alone: "0"}):
+            with pytest.raises(RuntimeError, match=f"^{alone} is set but {missing}; launch with torchrun, which sets "
+                                                   f"them all, or unset {alone}$"):
+                read_launcher_environment(environ)
+    # with the rest of torchrun's but not it: the one missing named
+    torchrun = {"LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1234"}
+    with pytest.raises(RuntimeError, match="^WORLD_SIZE is set but RANK is not; .* or unset WORLD_SIZE$"):
+        read_launcher_environment({**torchrun, "WORLD_SIZE": "2"})
+    assert read_launcher_environment({**torchrun, "WORLD_SIZE": "2", "RANK": "1"}).rank == 1
+    assert read_launcher_environment(slurm_task).rank == 1  # SLURM's alone, as before
+
+
 def test_slurm_defaults_and_the_older_node_list_name():
     # SLURM_NODELIST, the older name salloc and sbatch still set, is read when the other two are absent; a task
     # without SLURM_LOCALID is local rank 0, and a step without SLURM_JOB_ID waits at torchrun's default port

@@ -997,6 +997,7 @@ def test_fine_tuning_weights_of_another_architecture_are_refused_by_name(tmp_pat
 
 @pytest.mark.parametrize("variables", [
     {"RANK": "0", "WORLD_SIZE": "2"},  # no LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+    {"RANK": "0"},  # no WORLD_SIZE either: it ran as one process
     {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NODELIST": "node[1-"},
     {"SLURM_PROCID": "first", "SLURM_NTASKS": "2", "MASTER_ADDR": "node1"},
 ])

@@ -50,6 +50,26 @@ def bad_input_reported_as(error_type: type[Exception]):
         raise error_type(str(error)) from error
 
 
+@contextlib.contextmanager
+def bad_input_on_every_rank(dist_info: DistributedInfo, what: str) -> Iterator[None]:
+    """`bad_input_reported_as(BadTrainingInput)`, and a BadTrainingInput that some ranks found raised on every
+    rank: its own where it has one, else one that points at the other rank's. Each rank reads its data and
+    evaluation datasets itself, and a path may be missing on one node only (a node-local disk, a relative path
+    under another working directory): the others went on into their next collective and waited for it there
+    (under NCCL until the timeout; under gloo rank 0 failed with "Connection closed by peer", having written the
+    run's config.toml). `what` names the data in that pointer. Every rank enters the block at the same point:
+    its end is a collective."""
+    failure = None
+    try:
+        with bad_input_reported_as(BadTrainingInput):
+            yield
+    except BadTrainingInput as error:  # re-raised below, after the ranks agree
+        failure = error
+    raise_on_every_rank(failure, dist_info, BadTrainingInput(
+        f"another rank could not use {what} (its error says why)"
+    ))
+
+
 def warn_about_unlikely_settings(
     config: TrainConfig, global_batch: int, samples_per_epoch: int, saved_config: dict | None, device: torch.device
 ) -> None:

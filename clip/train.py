@@ -56,7 +56,7 @@ from .run_log import (
 )
 from .run_start import (
     BadTrainingInput,
-    bad_input_reported_as,
+    bad_input_on_every_rank,
     build_training_module,
     configure_process,
     record_run_start,
@@ -272,7 +272,7 @@ def _train(
         # initial value (1 / 0.07, SigLIP's 10, loaded weights' 100) or a checkpoint's may exceed a lower
         # loss.max_logit_scale. Bound again after every step (below).
         bound_temperature(module.clip, max_log_scale)
-    with bad_input_reported_as(BadTrainingInput):
+    with bad_input_on_every_rank(dist_info, "the evaluation datasets"):
         check_evaluation_datasets(config.eval, warn=dist_info.is_main)
     if dist_info.is_main:
         # A save killed mid-write (SIGKILL, a lost node) leaves its temporary file; none of this run's saves
@@ -289,7 +289,7 @@ def _train(
         train_module = torch.compile(train_module)
 
     tokenizer = get_tokenizer()
-    with bad_input_reported_as(BadTrainingInput):
+    with bad_input_on_every_rank(dist_info, "its training data"):
         data = build_train_data(
             config.data,
             image_size=config.model.vision.image_size,

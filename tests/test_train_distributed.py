@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from clip import checkpoint as ckpt
@@ -225,6 +226,36 @@ def test_a_run_directory_in_use_stops_every_rank_at_once(tmp_path):
         spawn_ranks(_refused_worker, (2, free_port(), str(tmp_path / "run"), ["eval.every_n_steps=0"]), timeout_s=120)
     assert "is in use by another run (host " in (tmp_path / "refused0").read_text()
     assert "rank 0 could not take" in (tmp_path / "refused1").read_text()
+
+
+def _data_missing_on_rank_1_worker(rank: int, world_size: int, port: int, run_dir: str, extra, reading: str) -> None:
+    # Rank 1 alone cannot find a file that `reading` (clip.train's name for it) opens: a path on rank 0's node only.
+    # What each rank raised goes into a file of its own beside the run directory.
+    import clip.train as train_module
+    from clip.run_start import BadTrainingInput
+
+    if rank == 1:
+        def missing(*args, **kwargs):
+            raise FileNotFoundError(f"manifest node-local.tsv does not exist (rank {rank})")
+
+        setattr(train_module, reading, missing)
+    try:
+        _worker(rank, world_size, port, run_dir, None, extra)
+    except BadTrainingInput as error:
+        (Path(run_dir).parent / f"refused{rank}").write_text(str(error))
+
+
+@pytest.mark.parametrize("reading, what", [("build_train_data", "its training data"),
+                                           ("check_evaluation_datasets", "the evaluation datasets")])
+def test_data_that_one_rank_cannot_find_stops_every_rank_as_bad_input(tmp_path, reading, what):
+    # Each rank reads its data itself: rank 1 stopped (status 2), and rank 0 went on into its next collective and
+    # waited there for it (NCCL: 30 minutes; gloo: a "Connection closed by peer" traceback, with exit status 1,
+    # after writing the run's config.toml as if it had started)
+    spawn_ranks(_data_missing_on_rank_1_worker, (2, free_port(), str(tmp_path / "run"), [], reading),
+                timeout_s=120)
+    assert (tmp_path / "refused1").read_text() == "manifest node-local.tsv does not exist (rank 1)"
+    assert (tmp_path / "refused0").read_text() == f"another rank could not use {what} (its error says why)"
+    assert not (tmp_path / "run" / "config.toml").exists()
 
 
 def _resume_refused_worker(rank: int, world_size: int, port: int, run_dir: str, extra) -> None:

@@ -257,12 +257,20 @@ def any_rank(flag: bool, dist_info: DistributedInfo) -> bool:
 
 def raise_on_every_rank(failure: BaseException | None, dist_info: DistributedInfo, elsewhere: BaseException) -> None:
     """Raises on every rank when some rank failed: its own `failure` where it has one, else `elsewhere`
-    (which names the failing rank's log). Every rank calls this at the same point (a collective), so that
-    none is left waiting for a failed one in its next collective until that times out."""
+    (which names the failing rank's log), marked as another rank's failure (`failed_on_another_rank`). Every
+    rank calls this at the same point (a collective), so that none is left waiting for a failed one in its
+    next collective until that times out."""
     if dist_info.is_distributed and any_rank(failure is not None, dist_info) and failure is None:
+        elsewhere.failed_on_another_rank = True
         raise elsewhere
     if failure is not None:
         raise failure
+
+
+def failed_on_another_rank(error: BaseException) -> bool:
+    """Whether `error` is `raise_on_every_rank`'s pointer to another rank's failure, not this rank's own: the
+    same line on every rank that did not fail, which rank 0 alone need say."""
+    return getattr(error, "failed_on_another_rank", False) is True
 
 
 def from_rank_zero(value, dist_info: DistributedInfo):

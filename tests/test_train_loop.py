@@ -1159,6 +1159,42 @@ def test_a_config_error_under_a_launcher_is_said_by_rank_0_alone(tmp_path, monke
     assert capsys.readouterr().err.startswith("clip-train (rank 1): config file ")
 
 
+def test_another_ranks_failure_is_said_by_rank_0_alone(tmp_path, monkeypatch, capsys, caplog):
+    # Every rank that did not fail raises the same pointer to the one that did (raise_on_every_rank): a 256-process
+    # job printed "rank 0 could not take RUN_DIR (its error says why)" 255 times, rank 0's own line among them.
+    import clip.cli.train as cli
+    import clip.distributed
+    from clip.distributed import DistributedInfo, raise_on_every_rank
+    from clip.launcher import LauncherEnvironment
+    from clip.run_lock import RunDirectoryInUse
+
+    monkeypatch.setattr(clip.distributed, "any_rank", lambda flag, dist_info: True)  # some rank failed
+    other = DistributedInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
+
+    def failing(own: BaseException | None, elsewhere: BaseException):
+        def train(config, on_run_directory_held=None):
+            raise_on_every_rank(own, other, elsewhere)
+        return train
+
+    config = tiny_config(tmp_path / "run")
+    pointers = [RunDirectoryInUse("rank 0 could not take RUN_DIR (its error says why)"),  # status 2
+                ckpt.CheckpointWriteError("rank 0 could not write the step 3 checkpoint (its log says why)")]  # 1
+    for rank in (1, 0):  # rank 0 says the pointer where it did not fail itself
+        launcher = LauncherEnvironment(rank=rank, world_size=2, local_rank=rank, master_addr="h", master_port=1,
+                                       launcher="torchrun")
+        for pointer, status in zip(pointers, (2, 1)):
+            monkeypatch.setattr(cli, "train", failing(None, pointer))
+            caplog.clear()
+            assert cli.run(config, launcher) == status
+            said = capsys.readouterr().err + caplog.text  # status 2's line is printed, status 1's logged
+            assert (str(pointer) in said) == (rank == 0), (rank, said)
+    # a rank's own failure is said by that rank
+    monkeypatch.setattr(cli, "train", failing(BadTrainingInput("manifest m.tsv does not exist"), pointers[0]))
+    assert cli.run(config, LauncherEnvironment(rank=1, world_size=2, local_rank=1, master_addr="h", master_port=1,
+                                               launcher="torchrun")) == 2
+    assert capsys.readouterr().err == "clip-train (rank 1): manifest m.tsv does not exist\n"
+
+
 def test_other_ranks_name_themselves_in_their_log_lines_and_errors():
     from clip.cli.train import log_format, program_name
     from clip.launcher import read_launcher_environment

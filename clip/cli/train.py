@@ -22,7 +22,7 @@ from .. import checkpoint as ckpt
 from ..config import TrainConfig, load_config
 from ..config_io import ConfigError
 from ..data.stream import UnusableData
-from ..distributed import DeviceUnavailable
+from ..distributed import DeviceUnavailable, failed_on_another_rank
 from ..download import DownloadError
 from ..launcher import LauncherEnvironment, LauncherMisconfigured, read_launcher_environment
 from ..loading import ModelNotFoundError
@@ -258,6 +258,13 @@ def note_in_run_log(log_file: RunDirectoryLog | None, message: str) -> None:
         log_file.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (message,), None))
 
 
+def said_by_rank_0(error: BaseException, launcher: LauncherEnvironment | None) -> bool:
+    """Whether this rank leaves `error` unsaid: another rank's failure, which every rank that did not fail raises
+    alike (`clip.distributed.raise_on_every_rank`), is said by rank 0 (its own error, or the pointer to the rank
+    whose own error says why). Said by every rank, hundreds of identical lines buried the one that says why."""
+    return launcher is not None and launcher.rank != 0 and failed_on_another_rank(error)
+
+
 def run(config: TrainConfig, launcher: LauncherEnvironment | None, log_file: RunDirectoryLog | None = None) -> int:
     """Trains; the exit status, with bad input and known failures said in one line (and in `log_file`,
     train.log, so that a run refused at a requeue says why beside its other starts; not where the run never
@@ -280,6 +287,8 @@ def run(config: TrainConfig, launcher: LauncherEnvironment | None, log_file: Run
         BadTrainingInput, ResumeRefused, RunDirectoryInUse, WeightsFileError, ModelNotFoundError, UnusableData,
         DeviceUnavailable,
     ) as error:
+        if said_by_rank_0(error, launcher):
+            return 2
         if debugging():
             traceback.print_exception(error.__cause__ or error)
         message = error.without_traceback() if isinstance(error, UnusableData) else str(error)
@@ -291,7 +300,8 @@ def run(config: TrainConfig, launcher: LauncherEnvironment | None, log_file: Run
         MissingDependency,
         DownloadError,  # train.init_weights could not be fetched (network, or a file that fails its SHA256)
     ) as error:
-        log.error("%s", error)
+        if not said_by_rank_0(error, launcher):
+            log.error("%s", error)
         return 1
     # Stopped by a signal, with a checkpoint: before the last step, or in the final evaluation
     if results.get("step", 0) < config.schedule.steps or results.get("evaluation_interrupted"):

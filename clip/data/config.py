@@ -24,6 +24,7 @@ from typing import Literal
 
 from ..config_io import InvalidValue, home_expanded, require
 
+
 def as_path_text(value: str | os.PathLike | None) -> str | None:
     """A path setting given as a pathlib.Path (or another os.PathLike) in a config built in Python, as its text;
     any other value as it is. The config is recorded as TOML, which has no paths: `Path("runs/x")` failed in the

@@ -79,9 +79,10 @@ class ZeroShotDatasetConfig:
     # must exist. synthetic: any name; every name draws its own images ("train" and "val" differ from "test").
     split: str = ""
     # Class names, one per line or a JSON list (lines copied from a Python list, quoted, one or several to a
-    # line, are unquoted, and a Python list copied whole, brackets and all, is read as its strings); empty: the dataset's own (CIFAR meta, classnames.txt in the image folder or beside its
-    # split folders, else the folder names with "_" read as spaces, and their "00_", "01_", ... label prefixes
-    # removed when every folder is numbered so, as clip.data.synthetic.write_image_folder writes them).
+    # line, are unquoted, and a Python list copied whole, brackets and all, is read as its strings); empty: the
+    # dataset's own (CIFAR meta, classnames.txt in the image folder or beside its split folders, else the folder
+    # names with "_" read as spaces, and their "00_", "01_", ... label prefixes removed when every folder is
+    # numbered so, as clip.data.synthetic.write_image_folder writes them).
     classnames_file: str = ""
     # Prompt templates with one "{}", one per line or a JSON list (a Python list too, whole or its lines, as
     # the CLIP paper's prompts.md writes them); empty: the built-in set

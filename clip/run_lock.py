@@ -84,6 +84,13 @@ def _try_lock(file: IO[str], path: Path) -> bool:
             return False
     file.seek(0)
     holder = file.read().strip() or "a process that has not written its name yet"
+    # A lock held from another host may outlive that host: a network file system keeps a failed node's locks
+    # until it comes back (NFSv3's lock manager) or its lease runs out, and a requeued job was refused for good
+    # with no word of what to do. A new file is a new lock: deleting the old one frees the directory.
+    elsewhere = holder.startswith("host ") and not holder.startswith(f"host {socket.gethostname()},")
+    dead_node = (f"; if that host is down (its process cannot be running), delete {path} and start again"
+                 if elsewhere else "")
     raise RunDirectoryInUse(
         f"{path.parent} is in use by another run ({holder}); wait for it to end, or use another --output-dir"
+        f"{dead_node}"
     )

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -1315,6 +1316,18 @@ def test_the_lock_file_names_only_its_holder_and_a_refusal_reads_it(tmp_path, mo
         with pytest.raises(run_lock.RunDirectoryInUse, match=r"in use by another run \(host .*, pid "):
             with run_lock.locked_run_directory(tmp_path):
                 pass
+    # A holder on another host may be a failed node whose lock a network file system kept: what to do is said
+    (tmp_path / ".lock").write_text("host node-that-died, pid 7, since long ago\n")
+    with pytest.raises(run_lock.RunDirectoryInUse) as refused:
+        with run_lock.locked_run_directory(tmp_path):
+            pass
+    assert str(refused.value).endswith(
+        f"(host node-that-died, pid 7, since long ago); wait for it to end, or use another --output-dir; if that "
+        f"host is down (its process cannot be running), delete {tmp_path / '.lock'} and start again")
+    (tmp_path / ".lock").write_text(f"host {socket.gethostname()}, pid 7, since long ago\n")  # this host's: no hint
+    with pytest.raises(run_lock.RunDirectoryInUse, match=r"use another --output-dir$"):
+        with run_lock.locked_run_directory(tmp_path):
+            pass
     (tmp_path / ".lock").write_text("")
     with pytest.raises(run_lock.RunDirectoryInUse, match=r"another run \(a process that has not written its name"):
         with run_lock.locked_run_directory(tmp_path):

@@ -469,3 +469,26 @@ def test_an_unreadable_checkpoint_is_named_with_the_first_sentence_of_its_error(
         ckpt.load_latest_checkpoint(tmp_path)
     assert "step_00000001.pt: RuntimeError: PytorchStreamReader failed locating file data.pkl\n" in str(raised.value)
     assert "advice" not in str(raised.value)
+
+
+def test_a_signal_while_the_latest_checkpoint_is_read_abandons_the_start_instead_of_skipping_the_file(
+        tmp_path, monkeypatch):
+    # A signal abandons the start of a run while it reads its checkpoint; caught as the file's own failure, it
+    # would skip the newest checkpoint as unreadable and resume from an older one, losing the steps since.
+    import signal
+
+    from clip.stopping import SetupInterrupted, StopRequest
+
+    save(tmp_path, 10)
+    save(tmp_path, 20)
+    real_read = ckpt.read_checkpoint
+
+    def read_while_signalled(path, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "read_checkpoint", read_while_signalled)
+    with StopRequest() as stop, pytest.raises(SetupInterrupted), stop.interrupting(SetupInterrupted):
+        ckpt.load_latest_checkpoint(tmp_path)
+    monkeypatch.undo()
+    assert steps(tmp_path) == [20, 10] and ckpt.load_latest_checkpoint(tmp_path)["step"] == 20

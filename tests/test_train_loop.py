@@ -1980,6 +1980,80 @@ def test_the_first_ctrl_c_says_that_a_second_stops_without_saving(caplog):
     assert "second Ctrl-C: stopping at once, without saving; the run resumes from its latest checkpoint" in caplog.text
 
 
+def test_a_signal_before_an_abandonable_block_abandons_it_on_entry():
+    # A signal that came while nothing could be abandoned (a training step) still abandons the evaluation that
+    # follows: started anyway, it could outlast the scheduler's grace period before the checkpoint is written.
+    from clip.stopping import EvaluationInterrupted, StopRequest
+
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(EvaluationInterrupted), stop.interrupting():
+            pytest.fail("the evaluation started although a stop was already requested")
+
+
+@pytest.mark.parametrize(("abandoned", "said"), [("SetupInterrupted", "abandoning the start of the run"),
+                                                 ("EvaluationInterrupted", "abandoning the evaluation, to save and stop")])
+def test_an_abandoned_block_is_named_in_the_log(caplog, abandoned, said):
+    # The start of a run saves nothing (nothing is trained yet); an evaluation's abandon saves first
+    import clip.stopping as stopping
+
+    exception = getattr(stopping, abandoned)
+    with caplog.at_level(logging.WARNING, logger="clip.stopping"), stopping.StopRequest() as stop:
+        with pytest.raises(exception), stop.interrupting(exception):
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert f"received signal {int(signal.SIGTERM)}: {said}" in caplog.text
+    assert ("abandoning the evaluation" in caplog.text) == (abandoned == "EvaluationInterrupted")
+
+
+def test_a_ctrl_c_while_the_results_are_written_says_that_a_second_stops_without_writing_them(caplog):
+    from clip.stopping import StopRequest
+
+    with caplog.at_level(logging.WARNING, logger="clip.stopping"), StopRequest() as stop, stop.finishing():
+        os.kill(os.getpid(), signal.SIGINT)
+        assert "(a second Ctrl-C stops at once, without writing them)" in caplog.text
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="clip.stopping"), StopRequest() as stop, stop.finishing():
+        os.kill(os.getpid(), signal.SIGTERM)  # no Ctrl-C to press twice
+    assert "exits as finished once its results are written" in caplog.text and "Ctrl-C" not in caplog.text
+
+
+def test_a_signal_after_a_finishing_block_is_a_stop_again(caplog):
+    # finishing() covers only its block: a signal after it has work left to stop before
+    from clip.stopping import StopRequest
+
+    with caplog.at_level(logging.WARNING, logger="clip.stopping"), StopRequest() as stop:
+        with stop.finishing():
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert "stopping at the next safe point" in caplog.text and "complete" not in caplog.text
+
+
+def test_a_stop_request_outside_the_main_thread_leaves_signals_alone():
+    # e.g. training started from a notebook's background thread: Python lets only the main thread set signal
+    # handlers, and the run goes on without them rather than failing at its start
+    import threading
+
+    from clip.stopping import StopRequest
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    outcome = {}
+
+    def run():
+        try:
+            with StopRequest() as stop:
+                outcome["requested"] = stop.requested
+        except BaseException as error:  # reported below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=60)
+    assert outcome == {"requested": False}
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
 def test_a_second_ctrl_c_ends_clip_train_with_status_130_and_no_traceback(tmp_path, monkeypatch, capsys, caplog):
     # The warning said what happened ("stopping at once, without saving; the run resumes from its latest
     # checkpoint"); Python's KeyboardInterrupt traceback through torch's modules then followed it, read as a crash.

@@ -1,0 +1,140 @@
+"""clip.run_log on its own: the W&B run a directory keeps, metrics.jsonl on resume, strict JSON, atomic writes
+and their temporaries, the training plot. (With training end to end: test_train_loop.py.)"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from clip import run_log
+from clip.run_log import RunLog, RunLogWriteError
+
+
+class RecordingWandb:
+    """The wandb module as start_wandb uses it: the keyword arguments of each init."""
+
+    def __init__(self) -> None:
+        self.inits = []
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return kwargs
+
+
+def test_start_wandb_passes_the_entity_and_config_and_keeps_the_run_id_for_a_resume(tmp_path, monkeypatch):
+    fake = RecordingWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run_dir = tmp_path / "my-run"
+    run_dir.mkdir()
+    run_log.start_wandb(run_dir, "proj", "team", {"train": {"batch_size": 8}})
+    run_log.start_wandb(run_dir, "proj", None, {})
+    first, again = fake.inits
+    assert first["entity"] == "team" and again["entity"] is None
+    assert first["project"] == "proj" and first["name"] == "my-run" and first["dir"] == str(run_dir)
+    assert first["config"] == {"train": {"batch_size": 8}} and first["resume"] == "allow"
+    assert first["id"] == again["id"] == (run_dir / run_log.WANDB_RUN_ID_FILE).read_text().strip()
+
+
+def test_the_tensorboard_writer_gets_the_scalars_and_is_closed_with_the_log(tmp_path, monkeypatch):
+    # Its events are buffered until close (or a flush every two minutes): unclosed, a run's last steps could be
+    # missing from TensorBoard
+    tensorboard = pytest.importorskip("torch.utils.tensorboard")
+    writers = []
+
+    class RecordingWriter:
+        def __init__(self, log_dir, purge_step):
+            self.log_dir, self.purge_step, self.scalars, self.closed = log_dir, purge_step, [], False
+            writers.append(self)
+
+        def add_scalar(self, key, value, step):
+            self.scalars.append((key, value, step))
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(tensorboard, "SummaryWriter", RecordingWriter)
+    log = RunLog(tmp_path, tensorboard=True, resumed_at=4)
+    log.write({"step": 5, "loss": 1.0, "data": {"samples": 8}})
+    log.close()
+    (writer,) = writers
+    assert writer.log_dir == str(tmp_path / "tensorboard") and writer.purge_step == 5
+    assert writer.scalars == [("loss", 1.0, 5), ("data/samples", 8, 5)] and writer.closed
+
+
+def test_a_resume_with_nothing_to_drop_leaves_metrics_jsonl_alone(tmp_path, caplog):
+    # Rewriting it anyway said "dropping 0 records", and on a full disk failed a resume that needed no write
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n')
+    path.chmod(0o444)  # a rewrite would replace it with a file of the default mode
+    before = path.stat()
+    with caplog.at_level(logging.INFO, logger="clip.run_log"):
+        RunLog(tmp_path, tensorboard=False, resumed_at=2).close()
+    after = path.stat()
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    assert "dropping" not in caplog.text
+
+
+def test_a_line_of_json_that_is_not_an_object_is_dropped_on_resume_like_a_torn_one(tmp_path):
+    # A hand-edited metrics.jsonl: its step cannot be known, so it is not kept (AttributeError ended the start)
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n[1, 2]\n7\n{"step": 2, "loss": 1.0}\n')
+    RunLog(tmp_path, tensorboard=False, resumed_at=2).close()
+    assert run_log.read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]
+
+
+def test_a_full_disk_when_a_fresh_run_drops_records_does_not_claim_a_checkpoint(tmp_path, monkeypatch):
+    # resumed_at=0: a run that logged steps before any checkpoint; there is no "checkpoint of step 0" to keep
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(RunLogWriteError) as raised:
+        RunLog(tmp_path, tensorboard=False, resumed_at=0)
+    assert "checkpoint" not in str(raised.value)
+    assert str(raised.value).endswith(f"(errno {errno.ENOSPC}); run the same command again once the file can be written")
+
+
+def test_read_metrics_skips_blank_lines(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n\n  \n{"step": 2}\n')
+    assert run_log.read_metrics(tmp_path) == [{"step": 1}, {"step": 2}]
+    assert run_log.read_metrics(tmp_path / "none") == []
+
+
+def test_strict_json_makes_the_non_finite_figures_of_a_tuple_null():
+    assert run_log.strict_json({"range": (1.5, math.nan), "n": [math.inf]}) == '{"range": [1.5, null], "n": [null]}'
+
+
+def test_an_interrupted_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    # A Ctrl-C during the write is no Exception; it too must not leave .NAME.PID.tmp behind
+    path = tmp_path / "results.json"
+    path.write_text("old")
+    with pytest.raises(KeyboardInterrupt), run_log.replaced_atomically(path) as file:
+        file.write("half of the new")
+        raise KeyboardInterrupt
+    assert path.read_text() == "old" and run_log.temporaries_of(path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_temporaries_of_lists_every_one_and_none_in_a_missing_folder(tmp_path):
+    for name in (".x.pt.12.tmp", ".x.pt.345.tmp", "x.pt"):
+        (tmp_path / name).write_text("")
+    assert run_log.temporaries_of(tmp_path / "x.pt") == [(tmp_path / ".x.pt.12.tmp", 12),
+                                                         (tmp_path / ".x.pt.345.tmp", 345)]
+    assert run_log.temporaries_of(tmp_path / "missing" / "x.pt") == []
+
+
+def test_no_training_plot_without_training_records(tmp_path):
+    # e.g. a run stopped before its first logged step, or whose metrics.jsonl holds evaluations only
+    pytest.importorskip("matplotlib")
+    assert run_log.plot_run(tmp_path) is None
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "zeroshot/x/top1": 0.5}) + "\n")
+    assert run_log.plot_run(tmp_path) is None
+    assert not (tmp_path / "training.png").exists()

@@ -140,6 +140,29 @@ def test_a_schema_s_hint_is_not_added_to_an_error_inside_a_table_nor_over_anothe
         assert "never shown" not in str(raised.value)
 
 
+@dataclass
+class HintedList:
+    """A schema whose hint looks at the value given for a key it lacks, and has a list of tables."""
+
+    sections: list[Section] = field(default_factory=list)
+
+    @staticmethod
+    def config_hint(key: str, value: object) -> str:
+        hints = {"sections": "sections are tables", "epochs": f"epochs given as {type(value).__name__}"}
+        return hints.get(key, "")
+
+
+def test_a_schema_s_hint_gets_an_override_s_value_as_read_and_is_not_added_inside_a_list_of_tables(tmp_path):
+    # The hook is given the value as TOML reads it (the number 3), as for the same key in a file
+    for path, overrides in [(write(tmp_path, "epochs = 3\n"), []), (None, ["epochs=3"])]:
+        with pytest.raises(ConfigError, match=re.escape("(epochs given as int)")):
+            load_config(path, overrides, HintedList)
+    # A key inside an element's table is refused by Section, which has no hint; the list's own one is not said
+    with pytest.raises(ConfigError, match="mode") as raised:
+        load_config(write(tmp_path, '[[sections]]\nmode = "c"\n'), [], HintedList)
+    assert "sections are tables" not in str(raised.value)
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -127,3 +127,24 @@ def test_open_clip_s_resnet_names_say_they_are_gelu_models_there():
     with pytest.raises(ConfigError) as raised:
         load_config(None, ["model=ViT-B/32"], TrainConfig)  # OpenAI's spelling: its own activation
     assert "gelu" not in str(raised.value)
+
+
+def test_open_clip_s_quickgelu_model_names_are_not_said_to_be_gelu_models():
+    with pytest.raises(ConfigError, match=r"RELEASED_ARCHITECTURES\['ViT-B/32'\]") as raised:
+        load_config(None, ["model=ViT-B-32-quickgelu"], TrainConfig)
+    assert "gelu" not in str(raised.value).replace("quickgelu", "")
+
+
+@pytest.mark.parametrize("override", ["schedule.kind=[1]", "train.precision=[1]", "eval.precision=[1]", "model=[1]",
+                                      "model=5", "schedule.kind=5"])
+def test_a_value_of_another_type_than_a_habit_s_name_is_a_plain_type_error(override):
+    # The hints look their value up among names: a list there raised TypeError (unhashable) out of the loader
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, [override], TrainConfig)
+    assert "open_clip" not in str(raised.value) and "a name is not an architecture" not in str(raised.value)
+
+
+def test_open_clip_s_precision_names_are_hinted_at_for_the_precision_field_only():
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, ["train.batch_size=amp_bf16"], TrainConfig)
+    assert "open_clip" not in str(raised.value)

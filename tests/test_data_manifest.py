@@ -324,3 +324,20 @@ def test_a_row_with_more_fields_than_the_header_is_left_out_not_cut(tmp_path: Pa
     assert captions_of(tsv) == ["fine"] and 'where it holds a tab (put it in double quotes and set quoting = "csv"' in (
         manifest.first_bad_row
     )
+
+
+def test_an_empty_caption_field_is_a_sample_and_a_missing_one_a_bad_row(tmp_path: Path) -> None:
+    # As in JSONL, where "" is a string: only a row short of the caption's field has none
+    path = tmp_path / "train.csv"
+    path.write_text("image,caption\n0.jpg,\n1.jpg\n2.jpg,two\n")
+    manifest = read_manifest(str(path))
+    assert captions_of(path) == ["", "two"] and manifest.bad_rows == 1
+    assert manifest.first_bad_row == "line 3: no 'caption' (fewer fields than the header)"
+
+
+@pytest.mark.parametrize(("value", "said"), [(True, "true"), (False, "false"), (None, "null"), ({}, "an object")])
+def test_a_jsonl_image_that_is_no_string_is_named_in_json_s_words(tmp_path: Path, value, said) -> None:
+    path = tmp_path / "train.jsonl"
+    rows = [{"image": "0.jpg", "caption": "x"}, {"image": value, "caption": "y"}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert read_manifest(str(path)).first_bad_row == f"line 2: 'image' is {said}, not a file path"

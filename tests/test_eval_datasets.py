@@ -142,6 +142,41 @@ def test_class_names_from_classnames_txt_or_a_user_file(tmp_path):
         )
 
 
+IMAGENET_VAL_FOLDERS = {"n01440764": 1, "n01443537": 1, "n01484850": 1}  # ImageNet's first three synsets
+
+
+@pytest.mark.parametrize("names, refusal", [
+    (None, "its class names are WordNet ids"),  # the folder names themselves
+    ("n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\nn01484850 great white shark\n",
+     "the class names file is a mapping of folders to names"),  # the devkit's LOC_synset_mapping.txt
+])
+def test_imagenet_synset_ids_as_zero_shot_class_names_are_refused(tmp_path, names, refusal):
+    # "a photo of a n01440764." names nothing the text encoder knows: ImageNet evaluated with its folder names,
+    # or with the synset mapping file as its class names, ran and reported near-chance accuracy as a result
+    from clip.cli.zeroshot import list_datasets
+    from clip.evaluation.config import EvalConfig, ZeroShotRunConfig
+    from clip.evaluation.during_training import check_evaluation_datasets
+
+    write_image_folder(tmp_path / "imagenet" / "val", IMAGENET_VAL_FOLDERS)
+    dataset = ZeroShotDatasetConfig(name="imagenet", kind="imagefolder", root=str(tmp_path / "imagenet"), split="val")
+    if names is not None:
+        (tmp_path / "LOC_synset_mapping.txt").write_text(names)
+        dataset.classnames_file = str(tmp_path / "LOC_synset_mapping.txt")
+    with pytest.raises(ValueError, match=refusal + ".*one readable name per line"):
+        list_datasets(ZeroShotRunConfig(model="m", datasets=[dataset]))
+    with pytest.raises(ValueError, match=refusal):
+        check_evaluation_datasets(EvalConfig(zeroshot=[dataset]))
+    # Readable names in the sorted order of the synset folders are what the evaluation needs
+    (tmp_path / "classnames.txt").write_text("tench\ngoldfish\ngreat white shark\n")
+    dataset.classnames_file = str(tmp_path / "classnames.txt")
+    listed = list_datasets(ZeroShotRunConfig(model="m", datasets=[dataset]))
+    assert listed["imagenet"].classnames == ["tench", "goldfish", "great white shark"]
+    check_evaluation_datasets(EvalConfig(zeroshot=[dataset]))
+    # A linear probe never reads the names: the folders alone still make a dataset
+    folders_only = dataclasses.replace(dataset, classnames_file="")
+    assert load_classification_data(folders_only, None).classnames == list(IMAGENET_VAL_FOLDERS)
+
+
 def test_image_folder_split_subfolder_and_errors(tmp_path):
     write_image_folder(tmp_path / "root" / "test", {"cat": 1, "dog": 2})
     data = load_classification_data(

@@ -19,6 +19,7 @@ from clip.evaluation.datasets import (
     ClassificationData,
     TransformedDataset,
     load_classification_data,
+    refuse_wordnet_ids_as_classnames,
     require_classes_to_choose_between,
 )
 from clip.evaluation.results import format_table, save_confusion_png
@@ -56,6 +57,7 @@ def list_datasets(config: ZeroShotRunConfig) -> dict[str, ClassificationData]:
     datasets = {dataset.resolved_name(): load_classification_data(dataset, None) for dataset in config.datasets}
     for name, data in datasets.items():
         require_classes_to_choose_between(name, data.classnames)
+        refuse_wordnet_ids_as_classnames(name, data.classnames)
     return datasets
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ __all__ = [
     "load_cifar_pickle",
     "load_classification_data",
     "read_image",
+    "refuse_wordnet_ids_as_classnames",
     "split_folder",
     "synthetic_split_seed",
     "warn_about_duplicate_classnames",
@@ -176,6 +178,34 @@ def require_classes_to_choose_between(name: str, classnames: Sequence[str]) -> N
             f"dataset {name!r} has {len(classnames)} class ({', '.join(classnames)}); zero-shot classification "
             "needs at least 2 classes to choose between (with one, every image is classified right)"
         )
+
+
+# A WordNet noun id, as ImageNet names its class folders ("n01440764"), alone or before the names a synset
+# mapping file lists for it ("n01440764 tench, Tinca tinca", as the devkit's and Kaggle's LOC_synset_mapping.txt)
+WORDNET_ID = re.compile(r"n\d{8}(?=\s|$)")
+
+
+def refuse_wordnet_ids_as_classnames(name: str, classnames: Sequence[str]) -> None:
+    """Zero-shot prompts built from ImageNet's folder names ("a photo of a n01440764.") name nothing the text
+    encoder knows, and the accuracy comes out near chance, reported as a result. Refused when every class
+    name is, or starts with, a WordNet id: the folder names themselves, or a synset mapping file given as the
+    class names. Wherever zero-shot datasets are listed (a linear probe never reads the names)."""
+    ids = [WORDNET_ID.match(classname.strip()) for classname in classnames]
+    if not classnames or not all(ids):
+        return
+    example = classnames[0].strip()
+    fix = ("give a classnames_file with one readable name per line (\"tench\", \"goldfish\", ...) in the sorted "
+           "order of the class folders, e.g. the 1000 names the CLIP paper used for ImageNet")
+    if all(classname.strip() == match.group() for classname, match in zip(classnames, ids, strict=True)):
+        raise ValueError(
+            f"dataset {name!r}: its class names are WordNet ids ({', '.join(classnames[:3])}, ...), as ImageNet "
+            f"names its class folders, and a prompt such as 'a photo of a {example}.' names nothing a text encoder "
+            f"knows; {fix}"
+        )
+    raise ValueError(
+        f"dataset {name!r}: its class names start with WordNet ids ({example!r}, ...): the class names file is a "
+        f"mapping of folders to names (as LOC_synset_mapping.txt), whose ids would be part of every prompt; {fix}"
+    )
 
 
 def load_classification_data(

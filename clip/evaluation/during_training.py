@@ -24,7 +24,12 @@ import torch
 from torch import nn
 
 from .config import EvalConfig
-from .datasets import evenly_spaced_indices, load_classification_data, require_classes_to_choose_between
+from .datasets import (
+    evenly_spaced_indices,
+    load_classification_data,
+    refuse_wordnet_ids_as_classnames,
+    require_classes_to_choose_between,
+)
 from .features import (
     NonFiniteFeaturesError,
     StopCheck,
@@ -54,6 +59,7 @@ def check_evaluation_datasets(eval_config: EvalConfig, warn: bool = True) -> Non
     for dataset in eval_config.zeroshot:
         data = load_classification_data(dataset, None, warn=warn)
         require_classes_to_choose_between(dataset.resolved_name(), data.classnames)
+        refuse_wordnet_ids_as_classnames(dataset.resolved_name(), data.classnames)
         _require_a_readable_image(lambda index: data.dataset[index], len(data.dataset), dataset.resolved_name())
     for dataset in eval_config.retrieval:
         data = load_retrieval_data(dataset)

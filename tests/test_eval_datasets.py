@@ -194,6 +194,22 @@ def test_image_folder_split_subfolder_and_errors(tmp_path):
         ImageFolderDataset(tmp_path / "broken")[0]
 
 
+def test_images_outside_class_folders_say_how_to_sort_them(tmp_path):
+    # ImageNet's validation images come as one folder of 50,000 files: the error said only "no class folders"
+    val = tmp_path / "imagenet" / "val"
+    val.mkdir(parents=True)
+    for index in range(1, 4):
+        Image.new("RGB", (8, 6)).save(val / f"ILSVRC2012_val_{index:08d}.JPEG")
+    (val / "._ILSVRC2012_val_00000001.JPEG").write_bytes(b"macOS metadata")  # not counted
+    config = ZeroShotDatasetConfig(kind="imagefolder", root=str(tmp_path / "imagenet"), split="val")
+    with pytest.raises(ValueError, match=r"has no class folders .*; its 3 image files lie directly in it, .* move each "
+                                         r"into a folder of its class first \(ImageNet's validation images into"):
+        load_classification_data(config, None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"has no class folders \(expected <root>/<class>/<image files>\)$"):
+        ImageFolderDataset(tmp_path / "empty")
+
+
 def imagefolder(root, split: str, **options) -> ZeroShotDatasetConfig:
     return ZeroShotDatasetConfig(kind="imagefolder", root=str(root), split=split, **options)
 

@@ -132,6 +132,18 @@ def refuse_names_in_another_order(classnames: Sequence[str], class_folders: Sequ
             )
 
 
+def loose_images_hint(root: Path) -> str:
+    """What to do with images lying directly in `root`, where class folders were expected: ImageNet's
+    validation set is distributed as 50,000 files in one folder, and its labels in a separate file."""
+    loose = sum(1 for path in root.iterdir()
+                if path.suffix.lower() in IMAGE_EXTENSIONS and not is_ignored(path.name) and path.is_file())
+    if not loose:
+        return ""
+    return (f"; its {loose} image files lie directly in it, and an image's class is the folder it is in: move "
+            "each into a folder of its class first (ImageNet's validation images into their synset folders "
+            "n01440764/, ...: see README's Evaluation section)")
+
+
 class ImageFolderDataset(Dataset):
     """<root>/<class folder>/**/<image> -> (transform(image), label); label = index of the sorted folder.
 
@@ -162,7 +174,8 @@ class ImageFolderDataset(Dataset):
         if unlisted:
             raise ValueError(f"{self.root} has class folders {unlisted} that are not among the classes {class_folders}")
         if not class_folders:
-            raise ValueError(f"{self.root} has no class folders (expected <root>/<class>/<image files>)")
+            raise ValueError(f"{self.root} has no class folders (expected <root>/<class>/<image files>)"
+                             f"{loose_images_hint(self.root)}")
         self.class_folders = list(class_folders)
         self.samples = [
             (path, label)

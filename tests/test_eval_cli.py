@@ -126,6 +126,41 @@ def test_zeroshot_command_end_to_end(tmp_path, tiny_checkpoint, datasets, capsys
     assert "shapes" in table and "synthetic/heldout" in table
 
 
+def test_results_json_records_what_a_reproduction_needs(tmp_path, tiny_checkpoint, datasets):
+    # results.json kept the model and the accuracies, but not which templates (the paper's 18? the built-in 14?),
+    # whose class names, which images (a max_samples subset?) nor the precision: two runs could not be compared
+    config = write_config(tmp_path / "eval.toml", tiny_checkpoint, datasets)
+    templates = ["a photo of a {}.", "a blurry photo of a {}."]
+    (tmp_path / "templates.txt").write_text("[\n" + "".join(f"    '{template}',\n" for template in templates) + "]\n")
+    names = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    (tmp_path / "names.json").write_text(json.dumps(names))
+    overrides = [f"datasets[1].templates_file={tmp_path / 'templates.txt'}",
+                 f"datasets[1].classnames_file={tmp_path / 'names.json'}", "datasets[0].max_samples=5",
+                 "precision=bf16", "confusion_png=false"]
+    assert zeroshot_cli.main([str(config), *overrides, "--output-dir", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert summary["settings"]["precision"] == "bf16" and summary["settings"]["device"] == "cpu"
+    assert "Resize" in summary["settings"]["preprocess"]
+    cifar = summary["datasets"]["cifar10"]
+    assert cifar["templates"] == templates and cifar["templates_source"] == str(tmp_path / "templates.txt")
+    assert cifar["classnames_source"] == str(tmp_path / "names.json")
+    assert summary["results"]["cifar10"]["classnames"] == names
+    assert cifar["classnames_sha256"] == zeroshot_cli.list_digest(names)
+    assert cifar["templates_sha256"] == zeroshot_cli.list_digest(templates)
+    assert (cifar["kind"], cifar["split"], cifar["num_images"], cifar["num_images_found"]) == ("cifar10", "", 4, 4)
+    shapes = summary["datasets"]["shapes"]
+    assert (shapes["max_samples"], shapes["num_images"], shapes["num_images_found"]) == (5, 5, 12)
+    assert shapes["classnames_source"] == str(datasets / "shapes" / "classnames.txt")
+    assert shapes["templates_source"] == "the built-in set 'default'"
+    assert summary["datasets"]["synthetic"]["templates_source"] == "the synthetic dataset's own"
+    # The same names read from another file format give the same digest
+    (tmp_path / "names.txt").write_text("\n".join(names))
+    assert zeroshot_cli.main([str(config), *overrides, f"datasets[1].classnames_file={tmp_path / 'names.txt'}",
+                              "--output-dir", str(tmp_path / "out2")]) == 0
+    again = json.loads((tmp_path / "out2" / "results.json").read_text())["datasets"]["cifar10"]
+    assert again["classnames_sha256"] == cifar["classnames_sha256"]
+
+
 def test_a_dataset_name_with_a_slash_gets_its_confusion_plot_as_one_file(tmp_path, tiny_checkpoint, datasets):
     # "imagenet/val" was written to confusion_imagenet/val.png, a folder that does not exist: a warning, no plot
     config = write_config(tmp_path / "eval.toml", tiny_checkpoint, datasets)

@@ -8,13 +8,17 @@ Writes results.json (and a confusion-matrix PNG per dataset) to the output direc
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import re
 from pathlib import Path
 
+from torch.utils.data import Subset
+
 from clip.config import load_config
 from clip.config_io import home_expanded
-from clip.evaluation.config import ZeroShotRunConfig
+from clip.evaluation.config import ZeroShotDatasetConfig, ZeroShotRunConfig
 from clip.evaluation.datasets import (
     ClassificationData,
     TransformedDataset,
@@ -61,18 +65,54 @@ def list_datasets(config: ZeroShotRunConfig) -> dict[str, ClassificationData]:
     return datasets
 
 
+def list_digest(items: list[str]) -> str:
+    """SHA256 of a list of strings written as compact JSON: the same names or templates give the same digest
+    whichever file (and file format) they were read from."""
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def dataset_size(data: ClassificationData) -> int:
+    """The images the dataset holds: `max_samples` makes `data.dataset` a Subset of them."""
+    return len(data.dataset.dataset) if isinstance(data.dataset, Subset) else len(data.dataset)
+
+
+def dataset_record(dataset: ZeroShotDatasetConfig, data: ClassificationData) -> dict:
+    """What results.json needs to tell which images, class names and prompts gave a dataset's figures: the
+    names themselves are in its result; the templates are listed here. num_images counts the images
+    evaluated, readable or not, of the dataset's num_images_found (fewer with max_samples)."""
+    templates = [template if isinstance(template, str) else repr(template) for template in data.templates]
+    return {
+        "kind": dataset.kind,
+        "root": dataset.root,
+        "split": dataset.split,
+        "max_samples": dataset.max_samples,
+        "num_images": len(data.dataset),
+        "num_images_found": dataset_size(data),
+        "classnames_source": data.classnames_source,
+        "classnames_sha256": list_digest(data.classnames),
+        "templates_source": data.templates_source,
+        "templates_sha256": list_digest(templates),
+        "templates": templates,
+    }
+
+
 def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:
     """Evaluates every dataset of `config`; writes results.json and PNGs to `output_dir`; returns the JSON."""
     device = resolve_device(config.device)
     datasets = list_datasets(config)
     writable_output_dir(output_dir)
     model, preprocess, source = load_model(config.model, device)
+    configs = {dataset.resolved_name(): dataset for dataset in config.datasets}
+    settings = {"device": str(device), "precision": config.precision, "batch_size": config.batch_size,
+                "text_batch_size": config.text_batch_size, "preprocess": repr(preprocess)}
     results = []
     for name, data in datasets.items():
+        found = dataset_size(data)
         logger.info(
-            "%s: %d images, %d classes, %d templates",
+            "%s: %d images%s, %d classes, %d templates",
             name,
             len(data.dataset),
+            f" (max_samples: of {found})" if found != len(data.dataset) else "",
             len(data.classnames),
             len(data.templates),
         )
@@ -96,6 +136,8 @@ def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:
         summary = {
             "model": config.model,
             "weights": source.to_dict(),  # which file (and step) "model" was when it was loaded
+            "settings": settings,
+            "datasets": {r.name: dataset_record(configs[r.name], datasets[r.name]) for r in results},
             "metrics": {r.name: r.metrics() for r in results},
             "results": {r.name: r.to_dict() for r in results},
         }

@@ -116,9 +116,10 @@ class CIFARDataset(Dataset):
                 raise ValueError(f"{folder / name}: '{layout.labels_key}' must hold one label per image")
             images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
             labels.extend(int(label) for label in batch_labels)
-        names = load_cifar_pickle(folder / layout.meta_file).get(layout.names_key)
+        self.meta_file = folder / layout.meta_file  # where the class names are read from
+        names = load_cifar_pickle(self.meta_file).get(layout.names_key)
         if not names:
-            raise ValueError(f"{folder / layout.meta_file} has no '{layout.names_key}'")
+            raise ValueError(f"{self.meta_file} has no '{layout.names_key}'")
         # CIFAR-100 names are identifiers ("aquarium_fish"); prompts read better with spaces.
         self.classes = [(n.decode() if isinstance(n, bytes) else n).replace("_", " ") for n in names]
         if labels and not 0 <= min(labels) <= max(labels) < len(self.classes):

@@ -103,12 +103,15 @@ class TransformedDataset(Dataset):
 @dataclass
 class ClassificationData:
     """What a classification evaluation needs: (image, label) pairs, class names, prompt templates, and
-    named subsets of class indices to report separately (e.g. the synthetic held-out pairs)."""
+    named subsets of class indices to report separately (e.g. the synthetic held-out pairs). The sources say
+    where the names and templates came from, for the results file: a file's path, or what else gave them."""
 
     dataset: Dataset
     classnames: list[str]
     templates: list[Template]
     subsets: dict[str, list[int]] = field(default_factory=dict)
+    classnames_source: str = ""
+    templates_source: str = ""
 
 
 def synthetic_split_seed(seed: int, split: str) -> int:
@@ -230,6 +233,7 @@ def load_classification_data(
     if config.kind == "synthetic":
         base, classnames, templates, subsets = _synthetic_dataset(config)
         dataset: Dataset = TransformedDataset(base, transform)
+        names_source = templates_source = "the synthetic dataset's own"
     elif config.kind in CIFAR_LAYOUTS:
         if not config.root:
             raise ValueError(f"a {config.kind} dataset needs `root`")
@@ -237,6 +241,7 @@ def load_classification_data(
             raise ValueError(f"CIFAR splits are 'train' and 'test' (or '' for test), got {config.split!r}")
         dataset = CIFARDataset(config.root, config.kind, train=config.split == "train", transform=transform)
         classnames = dataset.classes
+        names_source = str(dataset.meta_file)
     elif config.kind == "imagefolder":
         if not config.root:
             raise ValueError("an imagefolder dataset needs `root`")
@@ -260,6 +265,7 @@ def load_classification_data(
         )
         classnames = dataset.classes
         names_file = config.classnames_file or (shared_names if use_shared else own_names if has_own_names else "")
+        names_source = str(names_file) if names_file else "the class folder names"
     else:
         raise ValueError(f"unknown dataset kind {config.kind!r}")
 
@@ -270,17 +276,20 @@ def load_classification_data(
                 f"{config.classnames_file} has {len(from_file)} class names; the dataset has {len(classnames)} classes"
             )
         classnames = from_file
+        names_source = config.classnames_file
     if names_file:
         refuse_names_in_another_order(classnames, dataset.class_folders, str(names_file))
     if warn:
         warn_about_duplicate_classnames(classnames, config.resolved_name())
     if config.templates_file:
         templates = load_templates(config.templates_file)
+        templates_source = config.templates_file
     elif templates is None or config.builtin_templates != "default":
         templates = builtin_templates(config.builtin_templates)
+        templates_source = f"the built-in set {config.builtin_templates!r}"
     if 0 < config.max_samples < len(dataset):
         dataset = Subset(dataset, subsample_indices(config.kind, len(dataset), config.max_samples))
-    return ClassificationData(dataset, list(classnames), templates, subsets)
+    return ClassificationData(dataset, list(classnames), templates, subsets, names_source, templates_source)
 
 
 def with_split(config: ZeroShotDatasetConfig, split: str) -> ZeroShotDatasetConfig:

@@ -161,6 +161,20 @@ def test_results_json_records_what_a_reproduction_needs(tmp_path, tiny_checkpoin
     assert again["classnames_sha256"] == cifar["classnames_sha256"]
 
 
+def test_a_long_evaluation_logs_its_progress(tmp_path, tiny_checkpoint, datasets, monkeypatch, caplog):
+    # ImageNet's 50,000 images take minutes on a GPU, hours on a CPU: nothing was said between a dataset's
+    # first line and its result. A line every PROGRESS_EVERY_S seconds (here: after every batch but the last)
+    monkeypatch.setattr(zeroshot_cli, "PROGRESS_EVERY_S", 0.0)
+    config = write_config(tmp_path / "eval.toml", tiny_checkpoint, datasets)
+    with caplog.at_level(logging.INFO, logger="clip.zeroshot"):
+        assert zeroshot_cli.main([str(config), "batch_size=5", "confusion_png=false",
+                                  "--output-dir", str(tmp_path / "out")]) == 0
+    progress = [record.getMessage() for record in caplog.records if " images (" in record.getMessage()]
+    assert [line.split(" images/s")[0].rsplit(",", 1)[0] for line in progress if line.startswith("shapes")] == [
+        "shapes: 5 of 12 images (42%)", "shapes: 10 of 12 images (83%)"]
+    assert all("min left" in line for line in progress)
+
+
 def test_a_dataset_name_with_a_slash_gets_its_confusion_plot_as_one_file(tmp_path, tiny_checkpoint, datasets):
     # "imagenet/val" was written to confusion_imagenet/val.png, a folder that does not exist: a warning, no plot
     config = write_config(tmp_path / "eval.toml", tiny_checkpoint, datasets)

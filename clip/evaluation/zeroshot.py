@@ -155,6 +155,7 @@ def evaluate_zeroshot(
     classifier: torch.Tensor | None = None,
     dist_info: Any | None = None,
     stop_check: StopCheck | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> ZeroShotResult:
     """Top-1/top-5, per-class and mean per-class accuracy, confusion matrix, and accuracies on `subsets`.
 
@@ -166,6 +167,8 @@ def evaluate_zeroshot(
         (map-style) dataset and the counts are all-reduced, so every rank returns the full result.
     stop_check: called every few batches, at the same batches on every rank (see `with_stop_checks`); what
         it raises abandons the evaluation. The trainer's ends an evaluation a signal came in.
+    progress: called after every batch with how many of this rank's images have been read so far (classified
+        or skipped as unreadable), e.g. to log how far a long evaluation has come.
     """
     model = unwrap_model(model)
     device = device or model_device(model)
@@ -190,6 +193,7 @@ def evaluate_zeroshot(
     classifier = classifier.to(device)
     counts = ClassificationCounts(len(classnames), top_k=5, device=device)
     skipped: list[str] = []
+    read = 0  # images classified so far on this rank
     # Non-finite [image rows, class embeddings], counted on the device (no sync), all-reduced with the counts
     nonfinite = torch.stack([torch.zeros((), dtype=torch.long, device=device), nonfinite_rows(classifier.t())])
     with eval_mode(model):
@@ -199,6 +203,9 @@ def evaluate_zeroshot(
                 raise ValueError("evaluate_zeroshot needs labelled data: (image, label) pairs")
             nonfinite[0] += nonfinite_rows(features)
             counts.update(features @ classifier, labels)
+            read += len(labels)
+            if progress is not None:
+                progress(read + len(skipped))
     counts.add_skipped(len(skipped))
     if world_size > 1:
         reduced = all_reduce_sum(torch.cat([counts.as_tensor(), nonfinite]), world_size)

@@ -439,9 +439,9 @@ def test_lines_copied_from_a_python_list_are_unquoted(tmp_path):
     assert load_templates(tmp_path / "t.txt") == ["a photo of a {}.", "a {}'s photo.", "the {}."]
     (tmp_path / "names.txt").write_text("    \"Cote d'Ivoire\",\n    'colt\\'s foot',\n")
     assert load_classnames(tmp_path / "names.txt") == ["Cote d'Ivoire", "colt's foot"]
-    # The list's first and last lines copied along: half code, half strings, is refused with the reason.
-    (tmp_path / "code.txt").write_text("templates = [\n    'a photo of a {}.',\n]\n")
-    with pytest.raises(ValueError, match="some lines are quoted Python strings .* and some are not .*templates = "):
+    # The list's last line copied along: half code, half strings, is refused with the reason.
+    (tmp_path / "code.txt").write_text("    'a photo of a {}.',\n]\n")
+    with pytest.raises(ValueError, match="some lines are quoted Python strings .* and some are not .*']'"):
         load_templates(tmp_path / "code.txt")
     # A list wrapped several strings to a line (as OpenAI's ImageNet class names are written) gives each; they
     # kept their quotes and commas, one "class name" per line
@@ -470,6 +470,24 @@ def test_a_python_list_copied_whole_is_read_as_its_strings(tmp_path):
     for text in ("['a {}.', 3]", "['a {}.'] + ['b {}.']", "[print('a {}.')]", "[x]", "['a {}.'"):
         (tmp_path / "bad.txt").write_text(text)
         with pytest.raises(ValueError, match=r"bad\.txt: not valid JSON"):
+            load_templates(tmp_path / "bad.txt")
+
+
+def test_a_python_list_copied_with_its_assignment_is_read_as_its_strings(tmp_path):
+    # prompts.md and OpenAI's ImageNet notebook write every list as an assignment; copied along with the list,
+    # `templates = [` was refused as a line that is not a quoted string among lines that are
+    (tmp_path / "templates.txt").write_text("templates = [\n    'a photo of a {}.',\n    'a blurry photo of a {}.',\n]\n")
+    assert load_templates(tmp_path / "templates.txt") == ["a photo of a {}.", "a blurry photo of a {}."]
+    # The notebook's 1000 names are one line of double-quoted strings, some with an apostrophe
+    (tmp_path / "names.txt").write_text('imagenet_classes = ["tench", "Geoffroy\'s spider monkey", "missile"]')
+    assert load_classnames(tmp_path / "names.txt") == ["tench", "Geoffroy's spider monkey", "missile"]
+    # What follows the assignment must be one whole list of strings: not cut short, nor followed by code or
+    # another list (the whole of a prompts.md block), which would be read as templates, line by line
+    for text in ("templates = [\n    'a photo of a {}.',\n", "templates = ['a {}.'] + more\n",
+                 "classes = [\n    'cat',\n]\n\ntemplates = [\n    'a photo of a {}.',\n]\n"):
+        (tmp_path / "bad.txt").write_text(text)
+        with pytest.raises(ValueError, match=r"bad\.txt: starts as a Python list's assignment \('(templates|classes) "
+                                             r"='\), but what follows is not one whole list of strings"):
             load_templates(tmp_path / "bad.txt")
 
 

@@ -135,13 +135,26 @@ def _decode_text(data: bytes, path: Path) -> str:
         raise ValueError(f"{path} is not UTF-8 text: {where_not_utf8(error)}; save it as UTF-8") from None
 
 
+# `templates = [` or `imagenet_classes = [`: the start of a list's assignment, as the CLIP paper's prompts.md
+# and OpenAI's ImageNet notebook write every list, copied along with the list
+LIST_ASSIGNMENT = re.compile(r"\s*[A-Za-z_]\w*\s*=\s*(?=\[)")
+
+
 def _read_string_list(path: Path, what: str, comments: bool) -> list[str]:
     """A JSON list of strings, or one string per line (blank lines skipped, and '#' lines if `comments`).
     Lines copied from a Python list (`'a photo of a {}.',`) are read as the strings they quote, and a Python
-    list copied whole (`[` to `]`) as its strings."""
+    list copied whole (`[` to `]`, or with its assignment: `templates = [` to `]`) as its strings."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
     text = _decode_text(path.read_bytes(), path)
+    assignment = LIST_ASSIGNMENT.match(text)
+    if assignment:  # read as the list it assigns: the lines, `templates = [` among them, were refused as a mix
+        text = text[assignment.end():]
+        if python_list_of_strings(text) is None:
+            raise ValueError(
+                f"{path}: starts as a Python list's assignment ({assignment.group().strip()!r}), but what follows "
+                f"is not one whole list of strings: copy the list alone, from its `[` to its `]`"
+            )
     # "{0: 'a", "{'a': ", '{"0": ', a lone "{"; not a template's placeholder, "{} ...", "{0} ..." or "{0:>9} ..."
     if re.match(r"\s*\{\s*(['\"]|\d+\s*:\s*['\"\[]|$)", text, flags=re.MULTILINE):
         # A mapping such as ImageNet's {0: 'tench, Tinca tinca', ...} read line by line gives as many

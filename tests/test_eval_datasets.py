@@ -194,6 +194,28 @@ def test_image_folder_split_subfolder_and_errors(tmp_path):
         ImageFolderDataset(tmp_path / "broken")[0]
 
 
+def test_a_class_count_one_off_names_the_folders_at_either_end(tmp_path):
+    # 1000 names for 1001 folders said only the two counts: the stray folder (an archive's leftover) sorts first
+    # or last among ImageNet's synset folders, and the error now shows both ends
+    folders = {"ILSVRC2012_img_val": 1, **{f"n0{1440764 + index}": 1 for index in range(5)}}
+    write_image_folder(tmp_path / "imagenet" / "val", folders)
+    (tmp_path / "names.txt").write_text("".join(f"class {index}\n" for index in range(5)))
+    config = ZeroShotDatasetConfig(kind="imagefolder", root=str(tmp_path / "imagenet"), split="val",
+                                   classnames_file=str(tmp_path / "names.txt"))
+    ends = "ILSVRC2012_img_val, n01440764, ..., n01440767, n01440768"
+    with pytest.raises(ValueError, match=rf"names.txt has 5 class names; the dataset has 6 classes \(the class "
+                                         rf"folders of {tmp_path}/imagenet/val: {ends}\)$"):
+        load_classification_data(config, None)
+    # The same from a classnames.txt beside the split folders, and in the folder itself
+    (tmp_path / "names.txt").rename(tmp_path / "imagenet" / "classnames.txt")
+    config.classnames_file = ""
+    with pytest.raises(ValueError, match=rf"5 class names for 6 class folders in {tmp_path}/imagenet/val \({ends}\)$"):
+        load_classification_data(config, None)
+    (tmp_path / "imagenet" / "classnames.txt").rename(tmp_path / "imagenet" / "val" / "classnames.txt")
+    with pytest.raises(ValueError, match=rf"5 class names for 6 class folders in {tmp_path}/imagenet/val \({ends}\)$"):
+        load_classification_data(config, None)
+
+
 def test_images_outside_class_folders_say_how_to_sort_them(tmp_path):
     # ImageNet's validation images come as one folder of 50,000 files: the error said only "no class folders"
     val = tmp_path / "imagenet" / "val"

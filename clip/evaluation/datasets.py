@@ -27,6 +27,7 @@ from .image_files import Transform, UnreadableImageError, read_image
 from .image_folder import (
     ImageFolderDataset,
     classnames_from_folders,
+    ends_of,
     folder_to_classname,
     list_class_folders,
     refuse_names_in_another_order,
@@ -272,8 +273,12 @@ def load_classification_data(
     if config.classnames_file:
         from_file = load_classnames(config.classnames_file)
         if len(from_file) != len(classnames):
+            # Which folders made the count: a stray one among ImageNet's synset folders sorts at either end
+            folders = (f" (the class folders of {dataset.root}: {ends_of(dataset.class_folders)})"
+                       if isinstance(dataset, ImageFolderDataset) else "")
             raise ValueError(
-                f"{config.classnames_file} has {len(from_file)} class names; the dataset has {len(classnames)} classes"
+                f"{config.classnames_file} has {len(from_file)} class names; the dataset has {len(classnames)} "
+                f"classes{folders}"
             )
         classnames = from_file
         names_source = config.classnames_file

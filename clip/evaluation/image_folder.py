@@ -105,6 +105,14 @@ def classnames_from_folders(folders: Sequence[str], warn: bool = True) -> list[s
     return [folder_to_classname(folder, numbered) for folder in folders]
 
 
+def ends_of(folders: Sequence[str], shown: int = 2) -> str:
+    """"a, b, ..., y, z": the first and last `shown` of the sorted class folders, where a stray folder among
+    ImageNet's 1000 synset folders ("ILSVRC2012_img_val", "val", "z_extra") sorts, so that a count of classes
+    one off says which folder made it."""
+    listed = folders if len(folders) <= 2 * shown else [*folders[:shown], "...", *folders[-shown:]]
+    return ", ".join(listed)
+
+
 def refuse_names_in_another_order(classnames: Sequence[str], class_folders: Sequence[str], source: str) -> None:
     """Class names are listed in label order, the sorted order of the class folders. A list written in
     another order (as the classes came to mind: cat, dog, bird) gives each folder another class's prompts,
@@ -191,7 +199,8 @@ class ImageFolderDataset(Dataset):
             classnames = classnames_from_folders(self.class_folders, warn)
         if len(classnames) != len(self.class_folders):
             raise ValueError(
-                f"{len(classnames)} class names for {len(self.class_folders)} class folders in {self.root}"
+                f"{len(classnames)} class names for {len(self.class_folders)} class folders in {self.root} "
+                f"({ends_of(self.class_folders)})"
             )
         self.classes = list(classnames)
         self.transform = transform

@@ -491,6 +491,16 @@ def test_a_python_list_copied_with_its_assignment_is_read_as_its_strings(tmp_pat
             load_templates(tmp_path / "bad.txt")
 
 
+def test_several_names_per_class_are_refused_as_such(tmp_path):
+    # prompts.md gives FER2013 several names for some classes, a list of lists: it was "not valid JSON"
+    fer = "[\n    ['angry'],\n    ['happy', 'smiling'],\n]\n"
+    for text in (fer, "classes = " + fer, '[["angry"], ["happy", "smiling"]]'):
+        (tmp_path / "names.txt").write_text(text)
+        with pytest.raises(ValueError, match=r"names\.txt: a list of lists, several class names to an entry .* not "
+                                             r"supported: give one string per entry"):
+            load_classnames(tmp_path / "names.txt")
+
+
 def test_a_mapping_of_labels_to_names_is_refused_not_read_line_by_line(tmp_path):
     # ImageNet's widely copied {0: 'tench, Tinca tinca', ...} gave one "name" per line of its source, as many
     # as the classes, so the count check passed and every prompt held a line of Python

@@ -91,6 +91,17 @@ def python_string_literals(line: str) -> list[str] | None:
     return values if values and all(isinstance(item, str) for item in values) else None
 
 
+def is_list_of_string_lists(text: str) -> bool:
+    """Whether `text` is a list of lists of strings, JSON or Python (`[['angry'], ['happy', 'smiling']]`): several
+    names per class, as the CLIP paper's prompts.md gives FER2013's classes. Parsed as a literal, never run."""
+    try:
+        value = ast.literal_eval(text.strip())
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return False
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(item, list) and all(isinstance(name, str) for name in item) for item in value))
+
+
 def python_list_of_strings(text: str) -> list[str] | None:
     """The strings of `text` when it is a Python list literal of strings alone (`['a photo of a {}.', ...]`, as
     the CLIP paper's prompts.md writes them), else None. Parsed as a literal, never run as code."""
@@ -150,7 +161,7 @@ def _read_string_list(path: Path, what: str, comments: bool) -> list[str]:
     assignment = LIST_ASSIGNMENT.match(text)
     if assignment:  # read as the list it assigns: the lines, `templates = [` among them, were refused as a mix
         text = text[assignment.end():]
-        if python_list_of_strings(text) is None:
+        if python_list_of_strings(text) is None and not is_list_of_string_lists(text):
             raise ValueError(
                 f"{path}: starts as a Python list's assignment ({assignment.group().strip()!r}), but what follows "
                 f"is not one whole list of strings: copy the list alone, from its `[` to its `]`"
@@ -171,11 +182,16 @@ def _read_string_list(path: Path, what: str, comments: bool) -> list[str]:
             # The CLIP paper's prompts.md writes its lists in Python, single-quoted: a list copied whole,
             # brackets and all, was refused as "not valid JSON"
             items = python_list_of_strings(text)
-            if items is None:
+            if items is None and not is_list_of_string_lists(text):
                 raise ValueError(f"{path}: not valid JSON ({error})") from None
         except RecursionError:  # json parses nested arrays recursively
             raise ValueError(f"{path}: not valid JSON (its arrays nest too deeply)") from None
         if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            if is_list_of_string_lists(text):  # was "not valid JSON", or "expected a JSON list of strings"
+                raise ValueError(
+                    f"{path}: a list of lists, several {what} to an entry (as the CLIP paper lists FER2013's "
+                    f"classes), which is not supported: give one string per entry"
+                )
             raise ValueError(f"{path}: expected a JSON list of strings")
     else:
         items = [line.strip() for line in text.splitlines()]

@@ -136,7 +136,7 @@ def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:
             "%s: %d images%s, %d classes, %d templates",
             name,
             len(data.dataset),
-            f" (max_samples: of {found})" if found != len(data.dataset) else "",
+            f" of {found} (max_samples)" if found != len(data.dataset) else "",
             len(data.classnames),
             len(data.templates),
         )

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .config_io import differences, require
+from .config_io import check_field_types, differences, require
 
 
 def constructor_arguments(class_name: str, parse, *arguments, **keyword_arguments):
@@ -66,10 +66,7 @@ class VisionConfig:
     mlp_ratio: float = 4.0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("vit", "resnet"):
-            raise ValueError(f"vision.kind must be 'vit' or 'resnet', got {self.kind!r}")
-        if isinstance(self.layers, list):
-            object.__setattr__(self, "layers", tuple(self.layers))
+        check_field_types(self)  # also the kind, and a list of stage depths as a tuple
         depths = self.layers if isinstance(self.layers, tuple) else (self.layers,)
         _require_positive(image_size=self.image_size, width=self.width, heads=self.heads,
                           patch_size=self.patch_size, mlp_ratio=self.mlp_ratio)
@@ -133,6 +130,7 @@ class TextConfig:
     mlp_ratio: float = 4.0
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         _require_positive(context_length=self.context_length, vocab_size=self.vocab_size, width=self.width,
                           layers=self.layers, heads=self.heads, mlp_ratio=self.mlp_ratio)
         if self.context_length < 2:
@@ -152,6 +150,7 @@ class ModelConfig:
     activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         _require_positive(embed_dim=self.embed_dim)
 
     def to_dict(self) -> dict:

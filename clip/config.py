@@ -5,8 +5,8 @@ can override any field as `section.key=value`. The resolved config is written to
 into every checkpoint, so `clip.load(checkpoint)` rebuilds the model without being told its size.
 
 A field typed `X | None` is set to None with the string "none" (`grad_clip_norm = "none"`, or the override
-`optimizer.grad_clip_norm=none`). Every section checks its values' ranges when it is built, so a value that
-cannot work is a ConfigError naming its key before the run starts, not a crash or a silent no-op later.
+`optimizer.grad_clip_norm=none`). Every section checks its values' types (as a file's, also when built in Python)
+and ranges when it is built, so a value that cannot work is a ConfigError naming its key before the run starts, not a crash or a silent no-op later.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 
@@ -22,13 +22,14 @@ from .architectures import OPENAI_VOCAB_SIZE, RELEASED_ARCHITECTURES, ModelConfi
 from .config_io import (
     ConfigError,
     InvalidValue,
+    check_field_types,
     from_dict,
     load_config,
     require,
     to_dict,
     to_toml,
 )
-from .data.config import DataConfig, as_path_text
+from .data.config import DataConfig
 from .evaluation.config import EvalConfig, Precision, precision_hint
 from .loss import LossConfig
 
@@ -80,6 +81,7 @@ class OptimizerConfig:
     config_hint = staticmethod(_other_trainers_key_hint)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         require("lr", self.lr, 0 < self.lr < math.inf, "a finite number > 0")
         require("weight_decay", self.weight_decay, 0 <= self.weight_decay < math.inf, "a finite number >= 0")
         # AdamW's moment decay rates: 1 would never forget (torch rejects it), < 0 is no average.
@@ -115,13 +117,12 @@ class ScheduleConfig:
         return _other_trainers_key_hint(key)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         # 0 steps would end the run at once, saving an untrained checkpoint as if it had finished.
         require("steps", self.steps, self.steps >= 1, ">= 1")
         require("warmup_steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0 (0 = no warmup)")
         # The floor of the decay, as a fraction of the peak: above 1 the "decay" would raise the rate.
         require("min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
-        kinds = get_args(ScheduleKind)  # checked also when built in Python, not read from a file
-        require("kind", self.kind, self.kind in kinds, f"one of {', '.join(map(repr, kinds))}")
         # Settings that the chosen kind would ignore are errors: a cooldown or floor asked for and silently
         # not applied would only show at the end of a long run.
         if self.kind == "constant_cooldown":
@@ -190,8 +191,9 @@ class TrainLoopConfig:
         return precision_hint(key, value) or _other_trainers_key_hint(key)
 
     def __post_init__(self) -> None:
-        # A pathlib.Path, as a notebook passes clip.load, is taken as its text: the config is written as TOML
-        self.init_weights = as_path_text(self.init_weights)
+        # First: a pathlib.Path, as a notebook passes clip.load, is taken as its text (the config is written as
+        # TOML), and a wrong type is refused as in a file, not met by the checks below
+        check_field_types(self)
         if self.init_weights is not None:  # "" was read as the current folder: ". is a directory without checkpoints"
             require("init_weights", self.init_weights, bool(self.init_weights.strip()),
                     'a released name, a weights file or a run directory, or "none" to start from scratch')
@@ -260,6 +262,7 @@ class LoggingConfig:
     wandb_entity: str | None = None  # a W&B user or team; "none": your default entity
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         # The trainer logs when step % every_n_steps == 0 (and at the last step), so 0 has no meaning.
         require("every_n_steps", self.every_n_steps, self.every_n_steps >= 1, ">= 1")
 
@@ -270,6 +273,7 @@ class CheckpointConfig:
     keep_last: int = 3  # older checkpoints are deleted; the latest K stay
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         require("every_n_steps", self.every_n_steps, self.every_n_steps >= 0, ">= 0 (0 = only at the end of the run)")
         # Resuming needs the latest checkpoint: at least one is always kept.
         require("keep_last", self.keep_last, self.keep_last >= 1, ">= 1")
@@ -293,9 +297,9 @@ class TrainConfig:
         return _model_name_hint(value) if key == "model" else _other_trainers_key_hint(key)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         # "" is the current folder, which would become the run directory (its checkpoints, its lock, a resume
         # of whatever run it holds); "~/runs/x" in a TOML file, which no shell expands, made a folder named "~"
-        self.output_dir = as_path_text(self.output_dir)
         require("output_dir", self.output_dir, bool(self.output_dir.strip()), "a folder for the run")
         self.output_dir = os.path.expanduser(self.output_dir)
         if self.model.text.vocab_size < OPENAI_VOCAB_SIZE:

@@ -9,6 +9,12 @@ TOML has no null, so a field whose type allows None takes the string "none" (any
 (`grad_clip_norm = "none"`) and in an override (`optimizer.grad_clip_norm=none`); `to_toml` writes None the
 same way, so a written config reads back equal. Such a field therefore cannot hold the string "none" itself.
 
+A config built in Python (`TrainLoopConfig(batch_size="32")`, `dataclasses.replace`) is checked the same way:
+each config dataclass's `__post_init__` starts with `check_field_types(self)`, which gives the same errors as a
+file's values get (naming the field within its dataclass), and `rechecked` checks a whole config again, with
+full dotted keys, for the values assigned after it was built. There a `pathlib.Path` is taken as its text
+wherever a string is (the config is recorded as TOML, which has no paths).
+
 Range checks live in each config dataclass's `__post_init__`, which raises `InvalidValue` naming the field
 relative to its dataclass; `from_dict` adds the path of the table it was read from, so the message names
 the full dotted key ("optimizer.lr must be a finite number > 0, got 0.0").
@@ -28,6 +34,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
+import numbers
 import os
 import re
 import sys
@@ -183,13 +191,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected true or false, got {_short(value)}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+        # numbers.Integral: a notebook's numpy integer is an integer (never from a file, whose are ints)
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            value = int(value)
             if not -_INT64_LIMIT <= value < _INT64_LIMIT:  # TOML's integers are 64-bit; Python's parser's are not
                 raise ConfigError(f"{where}: {_short(value)} is too large (integers must fit in 64 bits)")
             return value
         raise ConfigError(f"{where}: expected an integer, got {_short(value)}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
             try:
                 return float(value)
             except OverflowError:  # an integer beyond float's range
@@ -198,13 +208,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, os.PathLike) and isinstance(os.fspath(value), str):  # built in Python, see above
+            return os.fspath(value)
         raise ConfigError(f"{where}: expected a string, got {_short(value)}")
     raise ConfigError(f"{where}: unsupported field type {tp!r}")
 
 
 def from_dict(schema: type[T], data: dict, where: str = "") -> T:
     """Builds the dataclass `schema` from nested dicts, checking every key and type."""
-    hints = typing.get_type_hints(schema)
     fields = {f.name: f for f in dataclasses.fields(schema) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
@@ -213,10 +224,24 @@ def from_dict(schema: type[T], data: dict, where: str = "") -> T:
         hint = _schema_hint(schema, key, data[key])
         advice = f" ({hint}).{_valid_keys(where, fields)}" if hint else f".{_closest(key, fields, table=where)}"
         raise UnknownKey(f"unknown config key {name!r}{advice}", name, key)
-    kwargs = {}
-    for key, value in data.items():
-        name = f"{where}.{key}" if where else key
-        kwargs[key] = _coerce_field(schema, key, value, hints[key], name)
+    return _built(schema, _checked_values(schema, data, where), where)
+
+
+@functools.cache
+def _field_types(schema: type) -> dict[str, Any]:
+    """The field types of a config dataclass, resolved once: every config built in Python checks its fields."""
+    return typing.get_type_hints(schema)
+
+
+def _checked_values(schema: type, values: dict, where: str) -> dict:
+    """`values` (field name: value) of `schema`, each checked against its field's type and put in it."""
+    hints = _field_types(schema)
+    return {key: _coerce_field(schema, key, value, hints[key], f"{where}.{key}" if where else key)
+            for key, value in values.items()}
+
+
+def _built(schema: type[T], kwargs: dict, where: str) -> T:
+    """schema(**kwargs), whose errors name the key under `where`, the path of its table."""
     try:
         return schema(**kwargs)
     except InvalidValue as error:
@@ -225,6 +250,47 @@ def from_dict(schema: type[T], data: dict, where: str = "") -> T:
         raise
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{where or schema.__name__}: {error}") from error
+
+
+def _init_values(config: Any) -> dict:
+    return {item.name: getattr(config, item.name) for item in dataclasses.fields(config) if item.init}
+
+
+def check_field_types(config: Any) -> None:
+    """Checks every field of the config dataclass `config` against its type, as `from_dict` checks a file's
+    values, and puts it in that type as `from_dict` would have (a list as a tuple, an int as a float, a table's
+    dict as its dataclass, a pathlib.Path as its text). Each config dataclass calls it first in `__post_init__`:
+    one built in Python (`TrainLoopConfig(batch_size="32")`, `dataclasses.replace`) has not been through
+    `from_dict`, and its checks failed on a wrong type with a TypeError of their own ('>=' not supported between
+    'str' and 'int'), or let it through (32.0, True, a misspelt Literal) to fail or do something else later. The
+    error names the field within its dataclass, as a range check's does. A value of the right type is kept as
+    it is, the same object."""
+    given = _init_values(config)
+    for key, value in _checked_values(type(config), given, "").items():
+        if type(value) is not type(given[key]) or value != given[key]:
+            object.__setattr__(config, key, value)  # the model's configs are frozen
+
+
+def rechecked(config: T, where: str = "") -> T:
+    """`config` (a config dataclass) built again from its current values, through every check that a file's
+    values go through (types, then each dataclass's own), with errors that name the full dotted key as for a
+    file ("train.batch_size: expected an integer, got '8'"). For entry points given a config built in Python:
+    a value assigned after the config was built (`config.train.batch_size = "8"`, a pathlib.Path) was never
+    checked. `where`: the path of `config`'s table in a larger config."""
+    values = _init_values(config)
+    for key, value in values.items():
+        name = f"{where}.{key}" if where else key
+        if _is_config(value):
+            values[key] = rechecked(value, name)
+        elif isinstance(value, (list, tuple)) and any(map(_is_config, value)):
+            # an array of tables ([[data.sources]]), named element by element as from_dict names them
+            values[key] = type(value)(rechecked(item, f"{name}[{index}]") if _is_config(item) else item
+                                      for index, item in enumerate(value))
+    return _built(type(config), _checked_values(type(config), values, where), where)
+
+
+def _is_config(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
 
 
 def _coerce_field(schema: type, key: str, value: Any, tp: Any, name: str) -> Any:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .config_io import InvalidValue, require
+from .config_io import InvalidValue, check_field_types, require
 from .distributed import gather_features
 
 # SigLIP (Zhai et al. 2023, section 3.2) starts the temperature at t' = log 10 and the bias at -10, so
@@ -44,6 +44,7 @@ class LossConfig:
     max_logit_scale: float = 100.0
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         # The trainer clamps the log-temperature to [0, log(max_logit_scale)]: below 1 that range is empty.
         # inf is allowed and means no upper limit.
         require("max_logit_scale", self.max_logit_scale, self.max_logit_scale >= 1, ">= 1 (the paper uses 100)")

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, TrainLoopConfig, to_dict
+from .config_io import rechecked
 from .data import (
     PixelNormalizer,
     build_train_data,
@@ -173,6 +174,9 @@ def train(
         raise TypeError(f"train() takes a TrainConfig, not {type(config).__name__}: read a recipe with "
                         f"clip.config.load_config(path, ['section.key=value', ...], TrainConfig), or build a dict "
                         f"into one with clip.config.from_dict(TrainConfig, data)")
+    # Checked again, as a recipe's values are, before anything starts: a value set after the config was built
+    # (`config.train.batch_size = "8"`, a pathlib.Path) went unchecked, to fail late or train something else
+    config = rechecked(config)
     # ---- setup ----------------------------------------------------------------------------------------
     # The ranks meet under the default signal handling: blocked in init_process_group's C++ rendezvous, a
     # process never runs a Python handler, so a caught signal would leave it waiting out the rendezvous

@@ -193,6 +193,23 @@ def test_zeroshot_command_rejects_bad_overrides_and_configs(tmp_path, tiny_check
     assert "no [[datasets]]" in capsys.readouterr().err
 
 
+def test_zeroshot_run_from_python_checks_a_value_set_after_its_config_was_built(tmp_path, tiny_checkpoint):
+    # A notebook's config.batch_size = "4" failed only once the model was loaded and the first dataset listed
+    from clip.config_io import ConfigError
+    from clip.evaluation.config import ZeroShotDatasetConfig, ZeroShotRunConfig
+
+    config = ZeroShotRunConfig(model=tiny_checkpoint, device="cpu", workers=0,
+                               datasets=[ZeroShotDatasetConfig(kind="synthetic", num_samples=4, image_size=32)])
+    config.batch_size = "4"
+    with pytest.raises(ConfigError, match=r"^batch_size: expected an integer, got '4'$"):
+        zeroshot_cli.run(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    config.batch_size = 4
+    config.datasets[0].num_samples = 4.0
+    with pytest.raises(ConfigError, match=r"^datasets\[0\]\.num_samples: expected an integer, got 4\.0$"):
+        zeroshot_cli.run(config, tmp_path / "out")
+
+
 def test_zeroshot_script_runs_as_a_subprocess(tmp_path, tiny_checkpoint, datasets):
     config = tmp_path / "one.toml"
     config.write_text(

@@ -135,3 +135,35 @@ def test_a_zeroshot_output_dir_under_the_home_folder_is_expanded(tmp_path, monke
     config_file = tmp_path / "eval.toml"
     config_file.write_text('model = "RN50"\noutput_dir = "~/results"\n')
     assert load_config(config_file, [], ZeroShotRunConfig).output_dir == "/home/someone/results"
+
+
+def test_path_settings_built_in_python_take_a_pathlib_path(tmp_path, monkeypatch):
+    # As the training config's do: home_expanded failed on them with AttributeError: 'PosixPath' object has no
+    # attribute 'split', and ZeroShotRunConfig kept model a Path, which its results.json cannot hold
+    from pathlib import Path
+
+    monkeypatch.setenv("HOME", "/home/someone")
+    zeroshot = ZeroShotDatasetConfig(kind="imagefolder", root=Path("~") / "imagenet", split="val",
+                                     classnames_file=tmp_path / "classes.txt", templates_file=tmp_path / "t.txt")
+    assert (zeroshot.root, zeroshot.classnames_file, zeroshot.templates_file) == (
+        "/home/someone/imagenet", str(tmp_path / "classes.txt"), str(tmp_path / "t.txt"))
+    retrieval = RetrievalDatasetConfig(annotations=tmp_path / "coco.json", image_root=Path("~/coco"))
+    assert (retrieval.annotations, retrieval.image_root) == (str(tmp_path / "coco.json"), "/home/someone/coco")
+    assert retrieval.resolved_name() == "coco"
+    run = ZeroShotRunConfig(model=tmp_path / "run", output_dir=Path("~/results"), datasets=[zeroshot])
+    assert (run.model, run.output_dir) == (str(tmp_path / "run"), "/home/someone/results")
+
+
+def test_an_evaluation_config_built_in_python_refuses_a_wrong_type_as_a_file_does():
+    with pytest.raises(ConfigError, match=r"^num_samples: expected an integer, got '500'$"):
+        ZeroShotDatasetConfig(num_samples="500")
+    with pytest.raises(ConfigError, match=r"^kind: 'cifar' is not one of 'imagefolder', 'cifar10', 'cifar100', "):
+        ZeroShotDatasetConfig(kind="cifar")
+    with pytest.raises(ConfigError, match=r"^max_images: expected an integer, got 1\.5$"):
+        RetrievalDatasetConfig(max_images=1.5)
+    # a dataset's table as a dict was kept, to fail as AttributeError: 'dict' object has no attribute
+    # 'resolved_name'; now read as a file's [[datasets]] table is
+    assert ZeroShotRunConfig(datasets=[{"kind": "synthetic", "name": "shapes"}]).datasets == [
+        ZeroShotDatasetConfig(kind="synthetic", name="shapes")]
+    with pytest.raises(ConfigError, match=r"^confusion_png: expected true or false, got 0$"):
+        ZeroShotRunConfig(confusion_png=0)

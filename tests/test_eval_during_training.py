@@ -254,6 +254,19 @@ def test_checking_the_datasets_warns_once_about_captions_that_images_share(tmp_p
     assert metrics["optimistic"]["retrieval/same/image_to_text_R@1"] == 1.0
 
 
+def test_run_evaluations_checks_a_value_set_after_its_config_was_built(tmp_path):
+    # As train() does: a notebook's eval_config.batch_size = "64" failed deep in the DataLoader
+    from clip.config_io import ConfigError
+
+    config = eval_config(write_caption_manifest(tmp_path, 4))
+    config.batch_size = "64"
+    with pytest.raises(ConfigError, match=r"^batch_size: expected an integer, got '64'$"):
+        run_evaluations(tiny_clip(), config, device="cpu")
+    config = eval_config(write_caption_manifest(tmp_path, 4))
+    config.retrieval[0].annotations = tmp_path / "captions.jsonl"  # a pathlib.Path, taken as its text
+    assert "retrieval/captions/image_to_text_R@1" in run_evaluations(tiny_clip(), config, device="cpu")
+
+
 def test_should_evaluate_schedule():
     config = EvalConfig(every_n_steps=50, zeroshot=[ZeroShotDatasetConfig()])
     assert [s for s in range(181) if should_evaluate(config, s, 180)] == [50, 100, 150, 180]

@@ -84,6 +84,30 @@ def test_train_given_a_recipe_path_or_a_dict_says_how_to_make_its_config(tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_train_checks_a_value_set_after_the_config_was_built_before_it_starts(tmp_path):
+    # A notebook's config.train.batch_size = "8" failed deep in the loader's set-up, after the run directory
+    # was made; 8.0 or True went through to train something else
+    from clip.config_io import ConfigError
+
+    for key, value, error in (("batch_size", "8", r"^train\.batch_size: expected an integer, got '8'$"),
+                              ("accumulation_steps", True, r"^train\.accumulation_steps: expected an integer, got True$"),
+                              ("accumulation_steps", 3, r"^train\.batch_size must be divisible by accumulation_steps")):
+        config = tiny_config(tmp_path / "run")
+        setattr(config.train, key, value)
+        with pytest.raises(ConfigError, match=error):
+            train(config)
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_path_set_after_the_config_was_built_is_taken_as_its_text(tmp_path):
+    # The run held its directory, then failed to record its config: "cannot write PosixPath(...) to TOML"
+    config = tiny_config(tmp_path / "unused", "eval.every_n_steps=0", "schedule.steps=1")
+    config.output_dir = tmp_path / "run"
+    assert train(config)["step"] == 1
+    assert f'output_dir = "{tmp_path / "run"}"' in (tmp_path / "run" / "config.toml").read_text()
+    assert not (tmp_path / "unused").exists()
+
+
 @pytest.mark.parametrize("extra", [[], ["train.patch_dropout=0.5", "train.accumulation_steps=2"]],
                          ids=["plain", "patch_dropout"])
 def test_resume_continues_exactly(tmp_path, extra):

@@ -18,7 +18,7 @@ from pathlib import Path
 from torch.utils.data import Subset
 
 from clip.config import load_config
-from clip.config_io import home_expanded
+from clip.config_io import home_expanded, rechecked
 from clip.evaluation.config import ZeroShotDatasetConfig, ZeroShotRunConfig
 from clip.evaluation.datasets import (
     ClassificationData,
@@ -122,6 +122,7 @@ def dataset_record(dataset: ZeroShotDatasetConfig, data: ClassificationData) -> 
 
 def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:
     """Evaluates every dataset of `config`; writes results.json and PNGs to `output_dir`; returns the JSON."""
+    config = rechecked(config)  # as train() does: a value set after the config was built, from Python
     device = resolve_device(config.device)
     datasets = list_datasets(config)
     writable_output_dir(output_dir)

@@ -18,18 +18,10 @@ A TOML example with two sources, the second seen twice per epoch:
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..config_io import InvalidValue, home_expanded, require
-
-
-def as_path_text(value: str | os.PathLike | None) -> str | None:
-    """A path setting given as a pathlib.Path (or another os.PathLike) in a config built in Python, as its text;
-    any other value as it is. The config is recorded as TOML, which has no paths: `Path("runs/x")` failed in the
-    checks below on a str method (AttributeError: 'PosixPath' object has no attribute 'strip')."""
-    return os.fspath(value) if isinstance(value, os.PathLike) else value
+from ..config_io import InvalidValue, check_field_types, home_expanded, require
 
 
 SourceKind = Literal["synthetic", "manifest", "shards"]
@@ -63,8 +55,8 @@ class SourceConfig:
     synthetic_seed: int = 0  # which synthetic world (content), independent of the training seed
 
     def __post_init__(self) -> None:
-        self.path, self.size_index = as_path_text(self.path), as_path_text(self.size_index)
-        require("kind", self.kind, self.kind in ("synthetic", "manifest", "shards"), "synthetic, manifest or shards")
+        # A pathlib.Path as its text, a wrong type or kind refused as in a file, before the checks below
+        check_field_types(self)
         if self.kind != "synthetic" and not self.path:
             raise InvalidValue("path", f"must be set for a {self.kind} source (the manifest file or shard pattern)")
         if self.kind == "synthetic" and self.path:
@@ -137,12 +129,9 @@ class DataConfig:
         return "random_square" if self.augment == "random_square_crop" else "random_resized"
 
     def __post_init__(self) -> None:
+        check_field_types(self)  # also 0 or 1 for augment, which == False and True
         if not self.sources:
             raise InvalidValue("sources", "is empty: add at least one [[data.sources]] table")
-        # `is`, not ==: 0 and 1 are not settings (a DataConfig built in Python is not type-checked as TOML is)
-        require("augment", self.augment, self.augment is True or self.augment is False
-                or self.augment in ("random_square_crop", "random_resized_crop"),
-                'true, false, "random_square_crop" or "random_resized_crop"')
         if self.augment is True:  # one spelling of each crop, so that a resume does not report a change
             self.augment = "random_resized_crop"
         require("workers", self.workers, self.workers >= 0, ">= 0 (0 = decode in the training process)")

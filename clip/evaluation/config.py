@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from clip.config_io import InvalidValue, home_expanded, require
+from clip.config_io import InvalidValue, check_field_types, home_expanded, require
 from clip.evaluation.templates import BUILTIN_TEMPLATE_SETS
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -102,6 +102,7 @@ class ZeroShotDatasetConfig:
     heldout_report: bool = True
 
     def __post_init__(self) -> None:
+        check_field_types(self)  # a pathlib.Path as its text; a wrong type refused as in a file
         require_at_least(0, max_samples=self.max_samples, seed=self.seed)
         require_at_least(1, num_samples=self.num_samples, image_size=self.image_size)
         # Checked with the config, so that the error names the key (it was found when the dataset was listed)
@@ -150,6 +151,7 @@ class RetrievalDatasetConfig:
     ties: Literal["pessimistic", "optimistic"] = "pessimistic"
 
     def __post_init__(self) -> None:
+        check_field_types(self)  # a pathlib.Path as its text; a wrong type refused as in a file
         require_at_least(0, max_images=self.max_images)
         require("caption_template", self.caption_template,
                 not self.caption_template or self.caption_template.count("{}") == 1,
@@ -185,6 +187,7 @@ class EvalConfig:
     config_hint = staticmethod(precision_hint)
 
     def __post_init__(self) -> None:
+        check_field_types(self)  # a pathlib.Path as its text; a wrong type refused as in a file
         require_at_least(0, every_n_steps=self.every_n_steps, workers=self.workers)
         require_at_least(
             1,
@@ -224,6 +227,7 @@ class ZeroShotRunConfig:
     config_hint = staticmethod(precision_hint)
 
     def __post_init__(self) -> None:
+        check_field_types(self)  # a pathlib.Path as its text; a wrong type refused as in a file
         require_at_least(0, workers=self.workers)
         require_at_least(1, batch_size=self.batch_size, text_batch_size=self.text_batch_size)
         require_unique_names("datasets", [dataset.resolved_name() for dataset in self.datasets])

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config_io import rechecked
 from .config import EvalConfig
 from .datasets import (
     evenly_spaced_indices,
@@ -130,6 +131,8 @@ def run_evaluations(
     what is odd about the datasets (shared class names, ignored settings); the trainer says it once, when it
     checks them before its first step, not at every evaluation.
     """
+    # As train() does: a value set after the config was built (a notebook's) is checked before any evaluation
+    eval_config = rechecked(eval_config)
     model = unwrap_model(model)
     transform = transform or _image_transform(model)
     tokenizer = tokenizer or default_tokenizer()

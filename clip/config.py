@@ -5,8 +5,9 @@ can override any field as `section.key=value`. The resolved config is written to
 into every checkpoint, so `clip.load(checkpoint)` rebuilds the model without being told its size.
 
 A field typed `X | None` is set to None with the string "none" (`grad_clip_norm = "none"`, or the override
-`optimizer.grad_clip_norm=none`). Every section checks its values' types (as a file's, also when built in Python)
-and ranges when it is built, so a value that cannot work is a ConfigError naming its key before the run starts, not a crash or a silent no-op later.
+`optimizer.grad_clip_norm=none`). Every section checks its values' types (as a file's, also when built in
+Python) and ranges when it is built, so a value that cannot work is a ConfigError naming its key before the run
+starts, not a crash or a silent no-op later.
 """
 
 from __future__ import annotations

@@ -9,8 +9,12 @@ Nothing here runs at import. The only state is torch.distributed's own process g
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import NamedTuple
@@ -126,17 +130,36 @@ def init_distributed(backend: str | None = None, device: str = "auto") -> Distri
             "rank 0 of %d (%s's variables): waiting at %s:%d for the other ranks to join (at most %d minutes)",
             launch.world_size, launch.launcher, host, launch.master_port, COLLECTIVE_TIMEOUT.total_seconds() // 60,
         )
-    dist.init_process_group(
-        backend=backend,
-        init_method=f"tcp://{host}:{launch.master_port}",
-        rank=launch.rank,
-        world_size=launch.world_size,
-        device_id=selected if selected.type == "cuda" else None,
-        timeout=COLLECTIVE_TIMEOUT,
-    )
+    with default_signal_action():
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{host}:{launch.master_port}",
+            rank=launch.rank,
+            world_size=launch.world_size,
+            device_id=selected if selected.type == "cuda" else None,
+            timeout=COLLECTIVE_TIMEOUT,
+        )
     return DistributedInfo(
         rank=launch.rank, world_size=launch.world_size, local_rank=launch.local_rank, device=selected
     )
+
+
+@contextlib.contextmanager
+def default_signal_action() -> Iterator[None]:
+    """SIGTERM and Ctrl-C take their default action (end the process) inside the block, whatever handlers the
+    caller installed (`train`'s and clip-train's catch them): blocked in init_process_group's C++ rendezvous, a
+    process never runs a Python handler, so a caught signal would leave it waiting out the rendezvous timeout
+    for ranks that may never come; the default action ends it at once. Outside the main thread, which cannot
+    change them, the handlers are left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def cleanup_distributed() -> None:

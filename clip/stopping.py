@@ -25,8 +25,8 @@ class EvaluationInterrupted(BaseException):
 
 
 class SetupInterrupted(BaseException):
-    """A signal arrived while the run was starting (a download, reading a checkpoint, building the data): nothing
-    is trained yet, so the start is abandoned at once, with the status that asks for a rerun."""
+    """A signal arrived while the run was starting (reading its config, a download, reading a checkpoint, building
+    the data): nothing is trained yet, so the start is abandoned at once, with the status that asks for a rerun."""
 
 
 class StoppedAtOnce(KeyboardInterrupt):
@@ -43,6 +43,7 @@ class StopRequest:
         self._previous = {}
         self._abandoning: type[BaseException] | None = None  # while set, a signal raises it at once
         self._finishing = False  # while set, the run has nothing left that a stop would cut short
+        self._ending = False  # while set, the run is over and only lets go of what it holds
 
     @contextlib.contextmanager
     def interrupting(self, exception: type[BaseException] = EvaluationInterrupted):
@@ -51,8 +52,9 @@ class StopRequest:
         longer than a scheduler's grace period; for one process only: several ranks would leave each other
         waiting in the evaluation's collectives, so they abandon one together at its stop checks instead (an
         agreement every few batches, `clip.evaluation.features.with_stop_checks`). The start of a run
-        (SetupInterrupted), on every rank, once the ranks have met: nothing is trained yet, and a rank in a
-        long download would otherwise only stop when the scheduler kills it."""
+        (SetupInterrupted), clip-train's and `train`'s, on every rank, except while the ranks meet
+        (`clip.distributed.init_distributed`): nothing is trained yet, and a rank in a long download would
+        otherwise only stop when the scheduler kills it."""
         previous = self._abandoning
         self._abandoning = exception  # before the check: a signal in between then raises from the handler
         try:
@@ -73,6 +75,20 @@ class StopRequest:
             yield
         finally:
             self._finishing = False
+
+    @contextlib.contextmanager
+    def ending(self):
+        """Inside the block the run is over (it finished, stopped with a checkpoint or failed) and only lets go of
+        what it holds: its data workers, its run directory, the process group, and clip-train's last lines and exit.
+        A signal there changes nothing, so it is recorded and said as such (a second Ctrl-C still stops at once),
+        and the exit status stays what the run did. It came after the handlers were put back, and the default
+        action ended the process with status 143: a run stopped with a checkpoint was not requeued by
+        slurm_train.sbatch, and a finished one read as failed."""
+        self._ending = True
+        try:
+            yield
+        finally:
+            self._ending = False
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -99,6 +115,10 @@ class StopRequest:
             log.warning("received signal %d: abandoning the %s", signum, "start of the run"
                         if exception is SetupInterrupted else f"evaluation, to save and stop{again}")
             raise exception
+        if self._ending:
+            log.warning("received signal %d as the run ends: there is nothing left to stop, and it exits as it would "
+                        "have%s", signum, " (a second Ctrl-C ends it at once)" if signum == signal.SIGINT else "")
+            return
         if self._finishing:
             log.warning("received signal %d after the run's final checkpoint and evaluation: it is complete, and "
                         "exits as finished once its results are written%s", signum,

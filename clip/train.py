@@ -178,35 +178,40 @@ def train(
     # (`config.train.batch_size = "8"`, a pathlib.Path) went unchecked, to fail late or train something else
     config = rechecked(config)
     # ---- setup ----------------------------------------------------------------------------------------
-    # The ranks meet under the default signal handling: blocked in init_process_group's C++ rendezvous, a
-    # process never runs a Python handler, so a caught signal would leave it waiting out the rendezvous
-    # timeout; the default action ends it at once.
-    dist_info = init_distributed(device=config.train.device)
-    try:
-        if config.train.batch_size * dist_info.world_size < 2:  # one process, train.batch_size = 1
-            # A pair alone has no negatives: the contrastive loss was 0 at every step and nothing trained
-            learns = ("its loss is 0 and nothing trains" if config.loss.kind == "clip"
-                      else "the sigmoid loss sees only matching pairs and learns that every pair matches")
-            raise BadTrainingInput(f"train.batch_size = 1 on one process: a global batch of one image-text pair has "
-                                   f"no negatives, so {learns}; set train.batch_size >= 2 (with "
-                                   f"train.accumulation_steps = train.batch_size if memory is short)")
-        # Signals are caught from here on. One during the rest of the setup (a download, a resume's reads)
-        # abandons it at once with SetupInterrupted, which `main` turns into the status that requeues the
-        # run: the default handler would end it with a status the job script takes for a failure.
-        with StopRequest() as stop, contextlib.ExitStack() as setup:
-            setup.enter_context(stop.interrupting(SetupInterrupted))
+    # Signals are caught from here until train returns (a notebook's handlers are put back then). One during
+    # the setup (choosing the device, a download, a resume's reads) abandons it at once with SetupInterrupted,
+    # which `main` turns into the status that requeues the run: the default handler would end it with a status
+    # the job script takes for a failure. The ranks meet under the default handling all the same
+    # (`init_distributed`). One once the run is over, while it lets go of its data workers, its directory and
+    # the process group, changes nothing (`StopRequest.ending`).
+    with StopRequest() as stop, contextlib.ExitStack() as phase:
+        phase.enter_context(stop.interrupting(SetupInterrupted))
+        dist_info = None
+        try:
+            dist_info = init_distributed(device=config.train.device)
+            if config.train.batch_size * dist_info.world_size < 2:  # one process, train.batch_size = 1
+                # A pair alone has no negatives: the contrastive loss was 0 at every step and nothing trained
+                learns = ("its loss is 0 and nothing trains" if config.loss.kind == "clip"
+                          else "the sigmoid loss sees only matching pairs and learns that every pair matches")
+                raise BadTrainingInput(f"train.batch_size = 1 on one process: a global batch of one image-text pair "
+                                       f"has no negatives, so {learns}; set train.batch_size >= 2 (with "
+                                       f"train.accumulation_steps = train.batch_size if memory is short)")
             # `on_exit` closes what the run opens (the data loader's workers) however it ends: a run that
             # raised in a notebook left its workers behind
             with run_directory_held(Path(config.output_dir), dist_info), contextlib.ExitStack() as on_exit:
                 if on_run_directory_held is not None:
                     on_run_directory_held()
-                return _train(config, dist_info, stop_at_step, stop, end_setup=setup.close, on_exit=on_exit)
-    except BaseException as error:
-        if dist_info.is_distributed:
-            release_run_objects(error)
-        raise
-    finally:
-        cleanup_distributed()
+                try:
+                    return _train(config, dist_info, stop_at_step, stop, end_setup=phase.close, on_exit=on_exit)
+                finally:
+                    phase.close()  # the setup's, when it raised
+                    phase.enter_context(stop.ending())
+        except BaseException as error:
+            if dist_info is not None and dist_info.is_distributed:
+                release_run_objects(error)
+            raise
+        finally:
+            cleanup_distributed()
 
 
 def release_run_objects(error: BaseException) -> None:

@@ -2114,7 +2114,8 @@ def test_an_output_dir_outside_unicodes_first_plane_is_used_as_given(tmp_path, m
     monkeypatch.chdir(tmp_path)  # where the wrong folder was made
     started = []
     monkeypatch.setattr(train_cli, "run",
-                        lambda config, launcher, log_file: started.append((config.output_dir, log_file.path)) or 0)
+                        lambda config, launcher, log_file, run_took_over: started.append((config.output_dir,
+                                                                                          log_file.path)) or 0)
     run_dir = str(tmp_path / "run \U0001f600")
     assert main([str(DEMO), "--output-dir", run_dir]) == 0
     assert started == [(run_dir, tmp_path / "run \U0001f600" / "train.log")]

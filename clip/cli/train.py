@@ -11,12 +11,16 @@ using, init weights that name nothing loadable); 75 stopped early with a checkpo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from .. import checkpoint as ckpt
 from ..config import TrainConfig, load_config
@@ -30,7 +34,9 @@ from ..resume import ResumeRefused
 from ..run_lock import RunDirectoryInUse
 from ..run_log import MissingDependency, RunLogWriteError
 from ..run_start import BadTrainingInput
-from ..stopping import STOPPED_AT_ONCE_EXIT_CODE, STOPPED_EARLY_EXIT_CODE, SetupInterrupted, StoppedAtOnce
+from ..stopping import (
+    STOPPED_AT_ONCE_EXIT_CODE, STOPPED_EARLY_EXIT_CODE, SetupInterrupted, StoppedAtOnce, StopRequest,
+)
 from ..train import NonFiniteLossError, train
 from ..weights_file import WeightsFileError
 from .common import debugging, warnings_as_log_lines
@@ -212,6 +218,34 @@ def keep_log_in(run_dir: Path) -> RunDirectoryLog:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """clip-train: the exit status. SIGTERM and Ctrl-C are handled from its first line to its last (`train` has its
+    own handling while it runs, and the caller's handlers are put back when main returns): one while it starts
+    abandons the start (status 75, as one during `train`'s setup does); one once `train` has returned or raised
+    changes nothing, and the status is what the run did (a second Ctrl-C still stops at once: 130). The default
+    action ended the process in both with status 143, which slurm_train.sbatch takes for a failure: a start or
+    a run stopped with a checkpoint was not requeued."""
+    with StopRequest() as signals, contextlib.ExitStack() as phase:
+        phase.enter_context(signals.interrupting(SetupInterrupted))
+
+        def run_took_over() -> None:
+            # Called once `train` handles signals itself (as it holds its run directory), and again as it returns
+            # or raises: a signal that reaches these handlers after that came once it had handed them back, the
+            # run over. Not as `train` is called: a signal before it took over would have been taken for the end
+            # of the run and ignored, and the run would have gone on until the scheduler killed it.
+            phase.close()
+            phase.enter_context(signals.ending())
+
+        try:
+            return parse_and_run(argv, run_took_over)
+        except SetupInterrupted:
+            log.warning("stopped while starting, before training a step: run it again")
+            return STOPPED_EARLY_EXIT_CODE
+        except StoppedAtOnce:  # a second Ctrl-C as the command ends: said already, when it came
+            return STOPPED_AT_ONCE_EXIT_CODE
+
+
+def parse_and_run(argv: list[str] | None, run_took_over: Callable[[], None]) -> int:
+    """`main`'s work; `run_took_over` as `run`'s."""
     args = parse_args(argv)
     try:
         launcher = read_launcher_environment(os.environ)
@@ -244,11 +278,30 @@ def main(argv: list[str] | None = None) -> int:
     log_file = keep_log_in(Path(config.output_dir)) if rank_zero else None
     try:
         with warnings_as_log_lines():  # in train.log too
-            return run(config, launcher, log_file)
+            return run(config, launcher, log_file, run_took_over)
     finally:
         if log_file is not None:
             logging.getLogger().removeHandler(log_file)
             log_file.close()
+
+
+def command() -> NoReturn:
+    """The clip-train command (and scripts/train.py): `main`, then the process's exit with its status. A signal
+    after `main` returned (atexit's work, the interpreter's teardown) is ignored: the run is over and the status
+    says what it did; the default action would have ended the process with 143 instead. Two Ctrl-C end an
+    exit that hangs."""
+    pressed = {"ctrl_c": 0}
+
+    def while_exiting(signum, frame) -> None:
+        if signum == signal.SIGINT:
+            pressed["ctrl_c"] += 1
+            if pressed["ctrl_c"] >= 2:
+                os._exit(STOPPED_AT_ONCE_EXIT_CODE)
+
+    # Installed before `main`, which puts it back as it returns: no moment is left to the default action
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, while_exiting)
+    sys.exit(main())
 
 
 def note_in_run_log(log_file: RunDirectoryLog | None, message: str) -> None:
@@ -265,12 +318,25 @@ def said_by_rank_0(error: BaseException, launcher: LauncherEnvironment | None) -
     return launcher is not None and launcher.rank != 0 and failed_on_another_rank(error)
 
 
-def run(config: TrainConfig, launcher: LauncherEnvironment | None, log_file: RunDirectoryLog | None = None) -> int:
+def run(
+    config: TrainConfig, launcher: LauncherEnvironment | None, log_file: RunDirectoryLog | None = None,
+    run_took_over: Callable[[], None] = lambda: None,
+) -> int:
     """Trains; the exit status, with bad input and known failures said in one line (and in `log_file`,
     train.log, so that a run refused at a requeue says why beside its other starts; not where the run never
-    held its directory, whose train.log may be another live run's)."""
+    held its directory, whose train.log may be another live run's). `run_took_over` is called once `train`
+    handles signals itself, and again as it returns or raises."""
+
+    def directory_held() -> None:  # inside train's signal handling
+        run_took_over()
+        if log_file is not None:
+            log_file.open()
+
     try:
-        results = train(config, on_run_directory_held=None if log_file is None else log_file.open)
+        try:
+            results = train(config, on_run_directory_held=directory_held)
+        finally:
+            run_took_over()
     except SetupInterrupted:
         log.warning("stopped while starting, before training a step: run it again")
         return STOPPED_EARLY_EXIT_CODE
@@ -318,4 +384,4 @@ def run(config: TrainConfig, launcher: LauncherEnvironment | None, log_file: Run
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

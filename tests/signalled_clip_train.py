@@ -1,0 +1,82 @@
+"""clip-train run as its command runs, signalling itself at chosen points of its process's life, for the tests of
+its exit status (test_clip_train_signals.py). Deterministic: each signal is sent from the code it interrupts.
+
+    python signalled_clip_train.py ENTRY POINT:SIGNAL[,POINT:SIGNAL...] CLIP_TRAIN_ARGS...
+
+ENTRY: "script" (python scripts/train.py) or "module" (python -m clip.cli.train, as the clip-train command runs).
+POINT: "import" (as clip.train is imported: no other point with it), "config" (as the config is read), "step2"
+(before the run's second forward pass), "teardown" (as train destroys the process group), "returned" (as train
+has returned to clip-train), "exit" (at the interpreter's exit, after clip-train's main returned).
+"""
+
+import atexit
+import os
+import runpy
+import signal
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def send(signame: str) -> None:
+    os.kill(os.getpid(), getattr(signal, signame))
+
+
+class SignalOnImport:
+    """A meta path finder that only signals, as `module` is first looked for."""
+
+    def __init__(self, module: str, signame: str) -> None:
+        self.module, self.signame = module, signame
+
+    def find_spec(self, name, path, target=None):
+        if name == self.module:
+            send(self.signame)
+        return None
+
+
+def signalling(real, signame: str, call: int = 1, after: bool = False):
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call and not after:
+            send(signame)
+        result = real(*args, **kwargs)
+        if calls["n"] == call and after:
+            send(signame)
+        return result
+
+    return wrapper
+
+
+def main() -> None:
+    entry, points, args = sys.argv[1], dict(p.split(":") for p in sys.argv[2].split(",")), sys.argv[3:]
+    if "import" in points:
+        sys.meta_path.insert(0, SignalOnImport("clip.train", points.pop("import")))
+    else:
+        # Patched where clip-train finds them: it is imported afterwards, by the entry
+        import clip.config
+        import clip.train
+
+        if "config" in points:
+            clip.config.load_config = signalling(clip.config.load_config, points.pop("config"))
+        if "step2" in points:
+            clip.train.contrastive_step = signalling(clip.train.contrastive_step, points.pop("step2"), call=2)
+        if "teardown" in points:
+            clip.train.cleanup_distributed = signalling(clip.train.cleanup_distributed, points.pop("teardown"))
+        if "returned" in points:
+            clip.train.train = signalling(clip.train.train, points.pop("returned"), after=True)
+        if "exit" in points:
+            atexit.register(send, points.pop("exit"))  # registered first: run last
+    assert not points, f"unknown points: {points}"
+    if entry == "script":
+        sys.argv = [str(REPO / "scripts" / "train.py"), *args]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    else:
+        sys.argv = ["clip-train", *args]
+        runpy.run_module("clip.cli.train", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()

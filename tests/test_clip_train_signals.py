@@ -1,0 +1,147 @@
+"""clip-train's exit status for a SIGTERM or Ctrl-C at any point of its process's life where one can be handled:
+while it imports and starts, while the run stops or finishes, and as the process ends. Each run is a process of
+its own (signalled_clip_train.py), as under srun or torchrun: a signal that the default action takes ends it with
+143 (128 + SIGTERM), which slurm_train.sbatch takes for a failure instead of requeueing the run. And `train`'s
+handling of the start, from a notebook: its own from its first line, but the default action while ranks meet."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import clip.train as train_module
+from clip import checkpoint as ckpt
+from clip.stopping import SetupInterrupted, StopRequest
+from clip.train import train
+
+from multiprocess import free_port
+from test_train_loop import DEMO, TINY, tiny_config
+
+DRIVER = Path(__file__).parent / "signalled_clip_train.py"
+REPO = Path(__file__).resolve().parents[1]
+# Three steps with nothing but the final checkpoint: the run's own work is a small part of each process's time
+QUICK = [*TINY, "schedule.steps=3", "schedule.warmup_steps=1", "checkpoint.every_n_steps=0", "eval.every_n_steps=0",
+         "eval.zeroshot=[]"]
+
+
+def clip_train(entry: str, points: str, run_dir: Path, *extra: str, env: dict | None = None,
+               wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
+    """clip-train run as `entry` ("script": scripts/train.py; "module": python -m clip.cli.train, as the command
+    runs), signalled at `points` (signalled_clip_train.py's)."""
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+                   **(env or {})}
+    command = [sys.executable, str(DRIVER), entry, points, str(DEMO), "--output-dir", str(run_dir), *QUICK, *extra]
+    if not wait:
+        return subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+
+
+def test_a_signal_while_scripts_train_py_imports_the_library_exits_75_without_a_traceback(tmp_path):
+    # Importing torch and the library takes seconds (more on a loaded node): the likeliest moment for a requeued
+    # job's start to be pre-empted. The default action exited 143 and the job was not requeued.
+    ended = clip_train("script", "import:SIGTERM", tmp_path / "run")
+    assert ended.returncode == 75, ended.stderr
+    assert "clip-train: stopped while starting, before training a step: run it again" in ended.stderr
+    assert "Traceback" not in ended.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_ctrl_c_while_clip_train_reads_its_config_exits_75_without_a_traceback(tmp_path):
+    # It ended in a KeyboardInterrupt's traceback (through tomllib) and status 130, "stopped at once, without
+    # saving", before anything was started
+    ended = clip_train("module", "config:SIGINT", tmp_path / "run")
+    assert ended.returncode == 75, ended.stderr
+    assert "stopped while starting, before training a step: run it again" in ended.stderr
+    assert "Traceback" not in ended.stderr
+
+
+def test_signals_as_a_stopped_run_ends_leave_its_status_75(tmp_path):
+    # Stopped at step 2 with a checkpoint, then signalled again (srun's SIGTERM reaches every task, torchrun
+    # forwards its own copy) as train destroys the process group, once train has returned, and as the
+    # interpreter exits: each one, taken by the default action, ended it with 143 and the run was not requeued.
+    ended = clip_train("script", "step2:SIGTERM,teardown:SIGTERM,returned:SIGTERM,exit:SIGTERM", tmp_path)
+    assert ended.returncode == 75, ended.stderr
+    assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [2]
+    assert "received signal 15 as the run ends: there is nothing left to stop" in ended.stderr
+    assert "Traceback" not in ended.stderr
+
+
+def test_signals_as_a_finished_run_ends_leave_its_status_0(tmp_path):
+    # The run is complete (results.json written): rerunning it would only evaluate it again, so it exits as
+    # finished, as it does for a signal once its final checkpoint and evaluation are done (StopRequest.finishing)
+    ended = clip_train("module", "teardown:SIGINT,returned:SIGTERM,exit:SIGINT", tmp_path)
+    assert ended.returncode == 0, ended.stderr
+    assert (tmp_path / "results.json").exists()
+    assert "received signal 2 as the run ends: there is nothing left to stop" in ended.stderr
+    assert "received signal 15 as the run ends: there is nothing left to stop" in ended.stderr
+    assert "Traceback" not in ended.stderr
+
+
+def test_a_signal_to_one_rank_as_it_destroys_the_process_group_leaves_every_ranks_status_75(tmp_path):
+    # srun reports the highest of its tasks' statuses: rank 0 signalled during the run and rank 1 only as it
+    # destroyed the process group (a pre-emption's SIGTERM reaching them apart) exited 75 and 143, and the job
+    # was not requeued although the checkpoint was saved.
+    port = str(free_port())
+    base = {name: value for name, value in os.environ.items()
+            if not name.startswith("SLURM_") and name not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    ranks = [
+        clip_train("script", points, tmp_path, "train.batch_size=4", wait=False, env={
+            **base, "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
+            "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "1", "MASTER_PORT": port})
+        for rank, points in enumerate(["step2:SIGTERM", "teardown:SIGTERM"])
+    ]
+    ended = [(process.wait(timeout=300), process.communicate()[1]) for process in ranks]
+    assert [status for status, _ in ended] == [75, 75], ended
+    assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [2]
+    assert "rank 1 clip.stopping: received signal 15 as the run ends" in ended[1][1]
+
+
+@pytest.fixture
+def recording_sigterm():
+    """The caller's SIGTERM handler (a notebook's) records the signals it gets; put back after."""
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
+    yield caught
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_signal_while_train_chooses_its_device_abandons_its_start(tmp_path, monkeypatch, recording_sigterm):
+    # Its handlers were installed after init_distributed: a signal while it chose the device (CUDA's start) went
+    # to the caller's handler (the default action under clip-train) and the run went on
+    real = train_module.init_distributed
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "init_distributed", signalled)
+    with pytest.raises(SetupInterrupted):
+        train(tiny_config(tmp_path, "schedule.steps=1", "eval.every_n_steps=0"))
+    assert recording_sigterm == []
+    assert not ckpt.list_checkpoints(tmp_path)
+
+
+def test_ranks_meet_under_the_default_signal_action_and_catch_signals_again_after(monkeypatch):
+    # Blocked in init_process_group's C++ rendezvous a process runs no Python handler: a caught signal would
+    # leave it waiting for ranks that may never come, for the rendezvous timeout
+    from clip import distributed
+
+    seen = {}
+
+    def rendezvous(**kwargs):
+        seen.update(SIGTERM=signal.getsignal(signal.SIGTERM), SIGINT=signal.getsignal(signal.SIGINT))
+
+    monkeypatch.setattr(distributed.dist, "init_process_group", rendezvous)
+    environment = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with StopRequest():
+        caught = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+        assert distributed.init_distributed(device="cpu").is_distributed
+        assert seen == {"SIGTERM": signal.SIG_DFL, "SIGINT": signal.SIG_DFL}
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == caught

@@ -79,7 +79,7 @@ class StopRequest:
     @contextlib.contextmanager
     def ending(self):
         """Inside the block the run is over (it finished, stopped with a checkpoint or failed) and only lets go of
-        what it holds: its data workers, its run directory, the process group, and clip-train's last lines and exit.
+        what it holds: its data workers, its run directory, the process group, and clip-train's last lines.
         A signal there changes nothing, so it is recorded and said as such (a second Ctrl-C still stops at once),
         and the exit status stays what the run did. It came after the handlers were put back, and the default
         action ended the process with status 143: a run stopped with a checkpoint was not requeued by

@@ -113,7 +113,8 @@ def read_launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment
     """torchrun's variables when present (they win, so torchrun inside an srun step works), else SLURM's,
     else None: a single process. Plain `python train.py` inside `salloc` has no SLURM_PROCID and is
     single-process; launch the job's processes with `srun` (one task per GPU) or with torchrun.
-    LauncherMisconfigured where they make no run, also for RANK or WORLD_SIZE without the rest of torchrun's."""
+    LauncherMisconfigured where they make no run, also for RANK or WORLD_SIZE without the rest of torchrun's
+    (under srun: one that is not SLURM's)."""
     try:
         return _launcher_environment(environ)
     except ValueError as error:  # a rank that is no number, a node list that does not parse
@@ -124,16 +125,11 @@ def _launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment | N
     # RANK or WORLD_SIZE alone is torch's process-group description half written (a job script's `export
     # RANK=$SLURM_PROCID` without WORLD_SIZE, a wrapper that passed on only some of torchrun's variables). It fell
     # through to SLURM's variables, whose rank may not be that RANK, or to a single process, each of the job's
-    # processes then training alone: which of them the user meant only they can say.
+    # processes then training alone: which of them the user meant only they can say. Under srun SLURM's
+    # variables say it, and a RANK or WORLD_SIZE is an error only where it says otherwise.
     given = [name for name in ("RANK", "WORLD_SIZE") if name in environ]
-    if given:
-        missing = [name for name in TORCHRUN_VARIABLES if name not in environ]
-        if missing:
-            raise LauncherMisconfigured(
-                f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} set but {', '.join(missing)} "
-                f"{'is' if len(missing) == 1 else 'are'} not; launch with torchrun, which sets them all, or unset "
-                f"{' and '.join(given)}"
-            )
+    missing = [name for name in TORCHRUN_VARIABLES if name not in environ]
+    if given and not missing:
         return LauncherEnvironment(
             rank=_integer(environ, "RANK"),
             world_size=_integer(environ, "WORLD_SIZE"),
@@ -142,6 +138,46 @@ def _launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment | N
             master_port=_integer(environ, "MASTER_PORT"),
             launcher="torchrun",
         )
+    slurm = _slurm_environment(environ)
+    if given and slurm is None:
+        raise LauncherMisconfigured(
+            f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} set but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not; launch with torchrun, which sets them all, or unset "
+            f"{' and '.join(given)}"
+        )
+    if given:
+        _check_agrees_with_slurm(environ, given, slurm)
+    return slurm
+
+
+def _check_agrees_with_slurm(environ: Mapping[str, str], given: list[str], slurm: LauncherEnvironment) -> None:
+    """LauncherMisconfigured where RANK or WORLD_SIZE, set under srun without the rest of torchrun's variables,
+    is not SLURM's own. A job script's `export WORLD_SIZE=$SLURM_NTASKS` beside MASTER_ADDR and MASTER_PORT (as
+    many SLURM guides write it) says what SLURM says, and runs on SLURM's variables as it did before RANK or
+    WORLD_SIZE alone were refused; `export RANK=$SLURM_PROCID` in the batch script gives every task the batch
+    shell's rank, 0, which SLURM's would silently have overridden."""
+    slurm_values = {"RANK": (slurm.rank, "this task's rank (SLURM_PROCID)"),
+                    "WORLD_SIZE": (slurm.world_size, f"the step's task count ({_slurm_task_count_name(environ)})")}
+    differing = []
+    for name in given:
+        value, what = slurm_values[name]
+        if _integer(environ, name) != value:
+            differing.append(f"{name} is {environ[name]} but {what} is {value}")
+    if differing:
+        same_everywhere = (" (a RANK exported in the batch script is the same in every task)"
+                           if any(line.startswith("RANK") for line in differing) else "")
+        raise LauncherMisconfigured(
+            f"{'; '.join(differing)}{same_everywhere}: unset {' and '.join(given)} (SLURM's are used), or launch "
+            f"with torchrun, which sets them all"
+        )
+
+
+def _slurm_task_count_name(environ: Mapping[str, str]) -> str:
+    return "SLURM_STEP_NUM_TASKS" if environ.get("SLURM_STEP_NUM_TASKS") else "SLURM_NTASKS"
+
+
+def _slurm_environment(environ: Mapping[str, str]) -> LauncherEnvironment | None:
+    """SLURM's variables, when this is a task of an srun step; else None."""
     # SLURM_STEP_NUM_TASKS alone is enough: `srun --preserve-env` keeps the batch environment's SLURM_NTASKS,
     # which sbatch sets only when it was given a task count. Without it every task ran as a single process.
     if "SLURM_PROCID" in environ and ("SLURM_STEP_NUM_TASKS" in environ or "SLURM_NTASKS" in environ):
@@ -167,8 +203,7 @@ def _launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment | N
             master_port = DEFAULT_MASTER_PORT + (job + SLURM_STEP_PORT_STRIDE * step) % SLURM_PORT_SPREAD
         return LauncherEnvironment(
             rank=rank,
-            world_size=_integer(environ, "SLURM_STEP_NUM_TASKS" if environ.get("SLURM_STEP_NUM_TASKS")
-                                else "SLURM_NTASKS"),
+            world_size=_integer(environ, _slurm_task_count_name(environ)),
             local_rank=_integer(environ, "SLURM_LOCALID", 0),
             master_addr=master_addr,
             master_port=master_port,

@@ -137,16 +137,36 @@ def test_rank_or_world_size_alone_is_an_error_naming_what_is_missing():
     slurm_task = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_STEP_NODELIST": "gpu[1-2]"}
     for alone, missing in (("RANK", "WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT are not"),
                            ("WORLD_SIZE", "RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT are not")):
-        for environ in ({alone: "0"}, {**slurm_task, alone: "0"}):
-            with pytest.raises(RuntimeError, match=f"^{alone} is set but {missing}; launch with torchrun, which sets "
-                                                   f"them all, or unset {alone}$"):
-                read_launcher_environment(environ)
+        with pytest.raises(RuntimeError, match=f"^{alone} is set but {missing}; launch with torchrun, which sets "
+                                               f"them all, or unset {alone}$"):
+            read_launcher_environment({alone: "0"})
     # with the rest of torchrun's but not it: the one missing named
     torchrun = {"LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1234"}
     with pytest.raises(RuntimeError, match="^WORLD_SIZE is set but RANK is not; .* or unset WORLD_SIZE$"):
         read_launcher_environment({**torchrun, "WORLD_SIZE": "2"})
     assert read_launcher_environment({**torchrun, "WORLD_SIZE": "2", "RANK": "1"}).rank == 1
     assert read_launcher_environment(slurm_task).rank == 1  # SLURM's alone, as before
+
+
+def test_rank_or_world_size_under_srun_must_be_slurms():
+    # Under srun SLURM's variables say the rank and the world. A job script's `export WORLD_SIZE=$SLURM_NTASKS`
+    # beside MASTER_ADDR and MASTER_PORT, as many SLURM guides write it, says the same and was refused for want of
+    # torchrun's other variables; `export RANK=$SLURM_PROCID` in the batch script gives every task rank 0
+    slurm_task = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_STEP_NODELIST": "gpu[1-2]",
+                  "MASTER_ADDR": "gpu1", "MASTER_PORT": "12355"}
+    for agreeing in ({"WORLD_SIZE": "2"}, {"RANK": "1"}, {"RANK": "1", "WORLD_SIZE": "2"}):
+        launcher = read_launcher_environment({**slurm_task, **agreeing})
+        assert (launcher.launcher, launcher.rank, launcher.world_size, launcher.master_port) == ("slurm", 1, 2, 12355)
+    with pytest.raises(RuntimeError, match=r"^RANK is 0 but this task's rank \(SLURM_PROCID\) is 1 \(a RANK "
+                                           r"exported in the batch script is the same in every task\): unset RANK "
+                                           r"\(SLURM's are used\), or launch with torchrun, which sets them all$"):
+        read_launcher_environment({**slurm_task, "RANK": "0"})
+    with pytest.raises(RuntimeError, match=r"^WORLD_SIZE is 4 but the step's task count \(SLURM_STEP_NUM_TASKS\) "
+                                           r"is 2: unset RANK and WORLD_SIZE \(SLURM's"):
+        read_launcher_environment({**slurm_task, "SLURM_STEP_NUM_TASKS": "2", "RANK": "1", "WORLD_SIZE": "4"})
+    with pytest.raises(RuntimeError, match=r"^RANK is 0 but .* is 1; WORLD_SIZE is 0 but the step's task count "
+                                           r"\(SLURM_NTASKS\) is 2 \(a RANK"):
+        read_launcher_environment({**slurm_task, "RANK": "0", "WORLD_SIZE": "0"})
 
 
 def test_slurm_defaults_and_the_older_node_list_name():

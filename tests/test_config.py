@@ -530,6 +530,23 @@ def test_rechecked_names_the_dotted_key_of_a_value_set_after_the_config_was_buil
     assert config.train.init_weights == tmp_path / "released.pt"  # the caller's config is left as it was
 
 
+def test_evaluation_dataset_paths_in_a_config_built_in_python_are_taken_as_their_text(tmp_path):
+    # As for output_dir and a source's paths: an evaluation dataset's root, class-name and template files, and
+    # a retrieval dataset's annotations and image folder failed as AttributeError: 'PosixPath' object has no
+    # attribute 'split'
+    from clip.config import TrainConfig
+    from clip.evaluation.config import EvalConfig, RetrievalDatasetConfig, ZeroShotDatasetConfig
+
+    zeroshot = ZeroShotDatasetConfig(kind="imagefolder", root=tmp_path / "val", classnames_file=tmp_path / "names.txt",
+                                     templates_file=Path("~") / "templates.txt")
+    retrieval = RetrievalDatasetConfig(annotations=tmp_path / "captions.json", image_root=tmp_path / "images")
+    assert (zeroshot.root, zeroshot.classnames_file, zeroshot.templates_file) == (
+        str(tmp_path / "val"), str(tmp_path / "names.txt"), str(Path.home() / "templates.txt"))
+    assert (retrieval.annotations, retrieval.image_root) == (str(tmp_path / "captions.json"), str(tmp_path / "images"))
+    config = TrainConfig(output_dir=str(tmp_path), eval=EvalConfig(zeroshot=[zeroshot], retrieval=[retrieval]))
+    assert from_dict(TrainConfig, tomllib.loads(to_toml(to_dict(config)))) == config
+
+
 def test_epoch_samples_without_resampled_is_an_error():
     from clip.config import TrainConfig
 

@@ -150,8 +150,8 @@ class SkipCounts(Counter):
     """Skipped samples counted by kind, with the first of each kind kept (which file, which manifest line, why):
     a count alone left the user to hunt for the rows it meant."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *counts, **by_kind) -> None:  # Counter's own arguments: copy() passes them
+        super().__init__(*counts, **by_kind)
         self.first: dict[str, str] = {}
 
     def add(self, kind: str, example: str) -> None:

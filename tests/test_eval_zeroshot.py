@@ -272,6 +272,7 @@ def test_the_table_names_only_the_datasets_that_skipped_images():
     assert format_table(results).splitlines()[-1] == "unreadable images skipped: skipping: 3"
     assert "unreadable" not in format_table(results[:1])
 
+
 def test_the_table_names_the_classes_that_had_no_images():
     # An empty class folder (or one of .heic files only) made mean/cls an average over fewer classes than
     # the table's class count, without a word

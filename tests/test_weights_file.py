@@ -204,7 +204,6 @@ def test_an_extra_entry_must_be_a_whole_number(value: object, what: str) -> None
         weights_from_state_dict({"w": torch.zeros(2), "context_length": value})
 
 
-
 @pytest.mark.parametrize("protocol", [2, 4])
 def test_a_state_dict_written_by_pickle_dump_is_refused_as_not_a_torch_save_file(tmp_path: Path, protocol: int) -> None:
     # The refusal advised "save its model.state_dict() instead" to someone who had saved just that, with pickle

@@ -268,8 +268,21 @@ def check_field_types(config: Any) -> None:
     it is, the same object."""
     given = _init_values(config)
     for key, value in _checked_values(type(config), given, "").items():
-        if type(value) is not type(given[key]) or value != given[key]:
+        if not _unchanged(value, given[key]):
             object.__setattr__(config, key, value)  # the model's configs are frozen
+
+
+def _unchanged(checked: Any, given: Any) -> bool:
+    """Whether `checked`, what `_coerce` made of `given`, is `given` as it was: of the same types all through.
+    Equality alone is not that: a tuple of numpy integers equals the tuple of ints it becomes, and was kept,
+    numpy scalars and all, which to_toml cannot write and a checkpoint's weights_only load refuses."""
+    if checked is given:
+        return True
+    if type(checked) is not type(given):
+        return False
+    if isinstance(checked, (list, tuple)):
+        return len(checked) == len(given) and all(map(_unchanged, checked, given))
+    return checked == given
 
 
 def rechecked(config: T, where: str = "") -> T:

@@ -500,6 +500,11 @@ def test_a_valid_config_built_in_python_keeps_its_values():
     optimizer = OptimizerConfig(lr=1, beta2=np.float32(0.5))
     assert optimizer.lr == 1.0 and type(optimizer.lr) is float and type(optimizer.beta2) is float
     assert VisionConfig(kind="resnet", image_size=64, width=8, layers=[1, 1, 1, 1], heads=2).layers == (1, 1, 1, 1)
+    # Within a tuple too: equal to the tuple of ints it becomes, it was kept with its numpy integers, and the
+    # config could not be written as TOML ("cannot write np.int64(1) to TOML")
+    vision = VisionConfig(kind="resnet", image_size=64, width=8, layers=tuple(np.array([1, 1, 1, 1])), heads=2)
+    assert [type(depth) for depth in vision.layers] == [int] * 4
+    assert "layers = [1, 1, 1, 1]" in to_toml(to_dict(ModelConfig(vision=vision)))
 
 
 def test_rechecked_names_the_dotted_key_of_a_value_set_after_the_config_was_built(tmp_path):

@@ -94,12 +94,11 @@ def _short(value: Any) -> str:
     return text if len(text) <= _SHOWN_CHARACTERS else f"{text[:_SHOWN_CHARACTERS]}... ({len(text)} characters)"
 
 
-def home_expanded(path: str | os.PathLike) -> str:
+def home_expanded(path: str) -> str:
     """`path` with a leading "~" read as the home folder, as a shell would have read it; so is each folder of
     a "::"-joined list of shard folders. No shell expands a value in a TOML file (nor one written --opt=~/x):
-    "~/data/train.tsv" was said not to exist. A pathlib.Path (a config built in Python) is taken as its text:
-    an evaluation dataset's root or annotations given so failed here on `split`."""
-    return "::".join(os.path.expanduser(part) for part in os.fspath(path).split("::"))
+    "~/data/train.tsv" was said not to exist. (A config's pathlib.Path is text by then: check_field_types.)"""
+    return "::".join(os.path.expanduser(part) for part in path.split("::"))
 
 
 def _is_none_sentinel(value: Any) -> bool:

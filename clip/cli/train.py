@@ -238,10 +238,15 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return parse_and_run(argv, run_took_over)
         except SetupInterrupted:
-            log.warning("stopped while starting, before training a step: run it again")
-            return STOPPED_EARLY_EXIT_CODE
+            return start_abandoned()
         except StoppedAtOnce:  # a second Ctrl-C as the command ends: said already, when it came
             return STOPPED_AT_ONCE_EXIT_CODE
+
+
+def start_abandoned() -> int:
+    """Says that a signal abandoned the start (nothing trained yet): the status that asks for a rerun."""
+    log.warning("stopped while starting, before training a step: run it again")
+    return STOPPED_EARLY_EXIT_CODE
 
 
 def parse_and_run(argv: list[str] | None, run_took_over: Callable[[], None]) -> int:
@@ -338,8 +343,7 @@ def run(
         finally:
             run_took_over()
     except SetupInterrupted:
-        log.warning("stopped while starting, before training a step: run it again")
-        return STOPPED_EARLY_EXIT_CODE
+        return start_abandoned()
     except StoppedAtOnce:
         # Said already, when it came; Python's traceback of the KeyboardInterrupt, through torch's modules,
         # read as a crash under that line

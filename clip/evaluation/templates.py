@@ -91,27 +91,23 @@ def python_string_literals(line: str) -> list[str] | None:
     return values if values and all(isinstance(item, str) for item in values) else None
 
 
-def is_list_of_string_lists(text: str) -> bool:
-    """Whether `text` is a list of lists of strings, JSON or Python (`[['angry'], ['happy', 'smiling']]`): several
-    names per class, as the CLIP paper's prompts.md gives FER2013's classes. Parsed as a literal, never run."""
+def python_literal(text: str) -> object:
+    """`text` read as a Python literal (`['a photo of a {}.', ...]`, as the CLIP paper's prompts.md writes its
+    lists), or None where it is none. Parsed as a literal, never run as code."""
     try:
-        value = ast.literal_eval(text.strip())
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        return False
-    return (isinstance(value, list) and bool(value)
-            and all(isinstance(item, list) and all(isinstance(name, str) for name in item) for item in value))
-
-
-def python_list_of_strings(text: str) -> list[str] | None:
-    """The strings of `text` when it is a Python list literal of strings alone (`['a photo of a {}.', ...]`, as
-    the CLIP paper's prompts.md writes them), else None. Parsed as a literal, never run as code."""
-    try:
-        value = ast.literal_eval(text.strip())
+        return ast.literal_eval(text.strip())
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return None
-    if isinstance(value, list) and all(isinstance(item, str) for item in value):
-        return value
-    return None
+
+
+def is_string_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def is_list_of_string_lists(value: object) -> bool:
+    """Whether `value` is a list of lists of strings (`[['angry'], ['happy', 'smiling']]`): several names per
+    class, as the CLIP paper's prompts.md gives FER2013's classes."""
+    return isinstance(value, list) and bool(value) and all(map(is_string_list, value))
 
 
 def unquote_copied_python_lines(lines: list[str], path: Path) -> list[str]:
@@ -161,7 +157,8 @@ def _read_string_list(path: Path, what: str, comments: bool) -> list[str]:
     assignment = LIST_ASSIGNMENT.match(text)
     if assignment:  # read as the list it assigns: the lines, `templates = [` among them, were refused as a mix
         text = text[assignment.end():]
-        if python_list_of_strings(text) is None and not is_list_of_string_lists(text):
+        assigned = python_literal(text)
+        if not (is_string_list(assigned) or is_list_of_string_lists(assigned)):
             raise ValueError(
                 f"{path}: starts as a Python list's assignment ({assignment.group().strip()!r}), but what follows "
                 f"is not one whole list of strings: copy the list alone, from its `[` to its `]`"
@@ -181,13 +178,13 @@ def _read_string_list(path: Path, what: str, comments: bool) -> list[str]:
         except ValueError as error:  # JSONDecodeError, and an integer of more than 4300 digits
             # The CLIP paper's prompts.md writes its lists in Python, single-quoted: a list copied whole,
             # brackets and all, was refused as "not valid JSON"
-            items = python_list_of_strings(text)
-            if items is None and not is_list_of_string_lists(text):
+            items = python_literal(text)
+            if not (is_string_list(items) or is_list_of_string_lists(items)):
                 raise ValueError(f"{path}: not valid JSON ({error})") from None
         except RecursionError:  # json parses nested arrays recursively
             raise ValueError(f"{path}: not valid JSON (its arrays nest too deeply)") from None
-        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
-            if is_list_of_string_lists(text):  # was "not valid JSON", or "expected a JSON list of strings"
+        if not is_string_list(items):
+            if is_list_of_string_lists(items):  # was "not valid JSON", or "expected a JSON list of strings"
                 raise ValueError(
                     f"{path}: a list of lists, several {what} to an entry (as the CLIP paper lists FER2013's "
                     f"classes), which is not supported: give one string per entry"

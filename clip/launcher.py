@@ -92,12 +92,22 @@ def _expand_host_pattern(pattern: str) -> list[str]:
     return names
 
 
+SCONTROL_TIMEOUT_S = 30
+
+
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list, by `scontrol show hostnames` when SLURM's tools are installed,
-    else by our own parser (which covers the syntax SLURM documents for host lists)."""
+    else by our own parser (which covers the syntax SLURM documents for host lists), also when scontrol fails,
+    says nothing or does not answer within SCONTROL_TIMEOUT_S."""
     if shutil.which("scontrol"):
-        result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=False)
-        if result.returncode == 0 and result.stdout.split():
+        try:
+            # a bounded wait: every rank asks this before training, and an scontrol stuck on an unreachable
+            # controller or a hung file system would hold the whole job at start-up without a word
+            result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                    check=False, timeout=SCONTROL_TIMEOUT_S)
+        except (subprocess.TimeoutExpired, OSError):
+            result = None
+        if result is not None and result.returncode == 0 and result.stdout.split():
             return result.stdout.split()[0]
     hosts = expand_nodelist(nodelist)
     if not hosts:

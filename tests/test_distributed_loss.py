@@ -73,7 +73,8 @@ def test_first_host_asks_scontrol_when_installed_and_parses_itself_when_it_fails
     # stand-ins for the modules clip.launcher sees, so that the real shutil and subprocess stay untouched
     monkeypatch.setattr(clip.launcher, "shutil", SimpleNamespace(which=lambda name: f"/usr/bin/{name}"))
     monkeypatch.setattr(clip.launcher, "subprocess",
-                        SimpleNamespace(run=lambda args, **kwargs: asked.append(args) or answers.pop(0)))
+                        SimpleNamespace(run=lambda args, **kwargs: asked.append(args) or answers.pop(0),
+                                        TimeoutExpired=subprocess.TimeoutExpired))
     # scontrol's answer wins over our parser's (here they differ, to tell them apart)
     answers.append(subprocess.CompletedProcess([], 0, stdout="head07\nhead08\n"))
     assert first_host("node[1-2]") == "head07"
@@ -82,6 +83,17 @@ def test_first_host_asks_scontrol_when_installed_and_parses_itself_when_it_fails
     answers.append(subprocess.CompletedProcess([], 1, stdout="head07\n"))
     assert first_host("node[1-2]") == "node1"
     answers.append(subprocess.CompletedProcess([], 0, stdout=""))
+    assert first_host("node[1-2]") == "node1"
+    # scontrol not answering (a controller out of reach) or not runnable: our parser's, after a bounded wait
+    def no_answer(args, **kwargs):
+        assert kwargs["timeout"] == clip.launcher.SCONTROL_TIMEOUT_S
+        raise subprocess.TimeoutExpired(args, kwargs["timeout"])
+    monkeypatch.setattr(clip.launcher.subprocess, "run", no_answer)
+    assert first_host("node[1-2]") == "node1"
+
+    def not_runnable(args, **kwargs):
+        raise PermissionError(13, "Permission denied", "scontrol")
+    monkeypatch.setattr(clip.launcher.subprocess, "run", not_runnable)
     assert first_host("node[1-2]") == "node1"
 
 

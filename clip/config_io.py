@@ -189,6 +189,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        # numpy's bool (what a notebook's `array.any()` gives; "bool_" before numpy 2) is read as a bool, as a
+        # numpy integer is read as an int; it is no numbers.Integral, and a bool field refused it
+        if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+            return bool(value)
         raise ConfigError(f"{where}: expected true or false, got {_short(value)}")
     if tp is int:
         # numbers.Integral: a notebook's numpy integer is an integer (never from a file, whose are ints)

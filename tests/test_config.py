@@ -505,6 +505,11 @@ def test_a_valid_config_built_in_python_keeps_its_values():
     vision = VisionConfig(kind="resnet", image_size=64, width=8, layers=tuple(np.array([1, 1, 1, 1])), heads=2)
     assert [type(depth) for depth in vision.layers] == [int] * 4
     assert "layers = [1, 1, 1, 1]" in to_toml(to_dict(ModelConfig(vision=vision)))
+    # numpy's bool as a bool (it is no numbers.Integral, and was refused); an int field still refuses it
+    loop = TrainLoopConfig(lock_image=np.array([1, 0]).any(), grad_checkpointing=np.False_)
+    assert (loop.lock_image, loop.grad_checkpointing) == (True, False) and type(loop.lock_image) is bool
+    with pytest.raises(ConfigError, match=r"^batch_size: expected an integer"):
+        TrainLoopConfig(batch_size=np.True_)
 
 
 def test_rechecked_names_the_dotted_key_of_a_value_set_after_the_config_was_built(tmp_path):

@@ -482,6 +482,9 @@ def test_a_python_list_copied_with_its_assignment_is_read_as_its_strings(tmp_pat
     # The notebook's 1000 names are one line of double-quoted strings, some with an apostrophe
     (tmp_path / "names.txt").write_text('imagenet_classes = ["tench", "Geoffroy\'s spider monkey", "missile"]')
     assert load_classnames(tmp_path / "names.txt") == ["tench", "Geoffroy's spider monkey", "missile"]
+    # Annotated, as typed code writes it: it ended in the error for a mix of quoted and unquoted lines
+    (tmp_path / "typed.txt").write_text("templates: list[str] = [\n    'a photo of a {}.',\n]\n")
+    assert load_templates(tmp_path / "typed.txt") == ["a photo of a {}."]
     # What follows the assignment must be one whole list of strings: not cut short, nor followed by code or
     # another list (the whole of a prompts.md block), which would be read as templates, line by line
     for text in ("templates = [\n    'a photo of a {}.',\n", "templates = ['a {}.'] + more\n",

@@ -143,8 +143,9 @@ def _decode_text(data: bytes, path: Path) -> str:
 
 
 # `templates = [` or `imagenet_classes = [`: the start of a list's assignment, as the CLIP paper's prompts.md
-# and OpenAI's ImageNet notebook write every list, copied along with the list
-LIST_ASSIGNMENT = re.compile(r"\s*[A-Za-z_]\w*\s*=\s*(?=\[)")
+# and OpenAI's ImageNet notebook write every list, copied along with the list; or annotated, as typed code
+# writes it (`templates: list[str] = [`), the annotation being anything up to the `=`
+LIST_ASSIGNMENT = re.compile(r"\s*[A-Za-z_]\w*\s*(:[^=\n]+)?=\s*(?=\[)")
 
 
 def _read_string_list(path: Path, what: str, comments: bool) -> list[str]:

@@ -401,9 +401,34 @@ def apply_override(data: dict, schema: type, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r} must look like section.key=value")
     path, text = assignment.split("=", 1)
-    # data.sources[0].weight, as error messages name an element, is data.sources.0.weight
-    path = re.sub(r"\[(\d+)\](?=\.|$)", r".\1", path.strip())
-    _apply_override(data, schema, path.split("."), text, assignment, [])
+    _apply_override(data, schema, _override_key(path).split("."), text, assignment, [])
+
+
+def _override_key(path: str) -> str:
+    """data.sources[0].weight, as error messages name an element, is data.sources.0.weight."""
+    return re.sub(r"\[(\d+)\](?=\.|$)", r".\1", path.strip())
+
+
+def refuse_shell_expanded_range(overrides: typing.Sequence[str]) -> None:
+    """A shard pattern left unquoted on a command line reaches us expanded by the shell:
+    data.sources.0.path=d/{00000..00009}.tar is ten overrides of one path, and the last one alone would be trained
+    on, without a word. Refused where a path key is given more than once with values that differ in their numbers
+    alone. (Other repeated keys keep the last value, as a wrapper script that appends its own overrides expects.)"""
+    values: dict[str, list[str]] = {}
+    for assignment in overrides:
+        if "=" in assignment:  # (one without is apply_override's error)
+            key, text = assignment.split("=", 1)
+            values.setdefault(_override_key(key), []).append(text.strip())
+    for key, texts in values.items():
+        remainders = {re.sub(r"\d+", "", text) for text in texts}
+        if key.rsplit(".", 1)[-1] != "path" or len(set(texts)) < 2 or len(remainders) != 1:
+            continue
+        shown = ", ".join([*map(repr, texts[:2]), *(["..."] if len(texts) > 3 else []), *map(repr, texts[2:][-1:])])
+        raise ConfigError(
+            f"override key {key!r} is given {len(texts)} times ({shown}): the shell expanded an unquoted "
+            f"{{first..last}} range into one override per shard, and only the last would be read. Quote the "
+            f"override: '{key}=DIR/{{00000..00009}}.tar'"
+        )
 
 
 def _apply_override(data: dict, schema: type, keys: list[str], text: str, assignment: str, above: list[str]) -> None:
@@ -505,6 +530,7 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str], schema
     config key" did not say which of its recipes held it."""
     file_data: dict = {} if path is None else _read_toml(Path(path))
     data = copy.deepcopy(file_data)
+    refuse_shell_expanded_range(overrides)
     for assignment in overrides:  # an override's own errors name the override
         apply_override(data, schema, assignment)
     try:

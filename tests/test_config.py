@@ -62,6 +62,24 @@ def test_file_and_overrides(tmp_path):
         load_config(path, ["sources.0.wieght=0.5"], Schema)
 
 
+def test_a_shard_range_the_shell_expanded_is_refused(tmp_path):
+    # `sources.0.path=d/{00000..00003}.tar` unquoted reaches the program as four overrides; the last one won and
+    # the run trained on one shard of four without a word
+    path = write(tmp_path, '[[sources]]\npath = "x.tar"\n')
+    expanded = [f"sources.0.path=d/{i:05d}.tar" for i in range(4)]
+    with pytest.raises(ConfigError, match=re.escape(
+            "override key 'sources.0.path' is given 4 times ('d/00000.tar', 'd/00001.tar', ..., 'd/00003.tar'): the "
+            "shell expanded an unquoted {first..last} range")) as error:
+        load_config(path, expanded, Schema)
+    assert "Quote the override: 'sources.0.path=DIR/{00000..00009}.tar'" in str(error.value)
+    with pytest.raises(ConfigError, match=r"'sources.0.path' is given 2 times \('d/1.tar', 'd/2.tar'\)"):
+        load_config(path, ["sources[0].path=d/1.tar", "sources.0.path=d/2.tar"], Schema)  # one key, two spellings
+    # The quoted pattern is one override; another key repeated keeps its last value, as before
+    config = load_config(path, ["sources.0.path=d/{00000..00003}.tar", "section.steps=1", "section.steps=2"], Schema)
+    assert config.sources == [Source("d/{00000..00003}.tar", 1.0)] and config.section.steps == 2
+    assert load_config(path, ["sources.0.path=a.tar", "sources.0.path=b.tar"], Schema).sources[0].path == "b.tar"
+
+
 def test_unknown_key_names_the_closest_valid_one(tmp_path):
     with pytest.raises(ConfigError, match=r"section\.lrr.*Did you mean 'lr'"):
         load_config(write(tmp_path, "[section]\nlrr = 1.0\n"), [], Schema)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import sys
 import tarfile
@@ -63,6 +64,19 @@ def test_a_missing_shard_without_a_count_or_a_malformed_index_is_named_as_such(t
     with pytest.raises(ValueError, match="is not a JSON object"):
         shard_sizes(expand_shard_pattern(pattern))
     assert shard_sizes(expand_shard_pattern(pattern), num_samples=8).tolist() == [4, 4]  # num_samples wins, as ever
+
+
+def test_a_folder_given_as_the_shard_path_is_named_as_one_with_the_range_to_write(tmp_path: Path) -> None:
+    # An img2dataset output folder given as the path read "shard DIR/ does not exist", of a folder that does
+    pattern = write_shards(tmp_path / "out", 12, 4, index=False)
+    with pytest.raises(ValueError, match=re.escape(
+            f"shard path {tmp_path / 'out'}/ is a folder, not a shard: name its shards, e.g. '{pattern}' for the 3 "
+            "tar files from s-000000.tar to s-000002.tar in it")):
+        shard_sizes([f"{tmp_path / 'out'}/"])
+    assert shard_sizes(expand_shard_pattern(pattern)).tolist() == [4, 4, 4]  # the range it names is the shards
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty is a folder, not a shard: it holds no .tar files"):
+        shard_sizes([str(tmp_path / "empty")])
 
 
 @pytest.mark.parametrize("count", ["true", "-4", "4.0", '"4"'])

@@ -199,6 +199,21 @@ class _SizeIndexes:
         return count
 
 
+def _range_advice(folder: Path) -> str:
+    """What to write instead of a folder of shards: its tars as a {first..last} range where their names allow."""
+    names = sorted(path.name for path in folder.iterdir() if _TAR_NAME.fullmatch(path.name))
+    if not names:
+        return "it holds no .tar files; give the shards' own paths, as a range such as 'DIR/{00000..00099}.tar'"
+    numbered = [re.fullmatch(r"(.*?)(\d+)(\.tar\.gz|\.tgz|\.tar)", name) for name in (names[0], names[-1])]
+    if all(numbered) and len(names) > 1 and numbered[0].group(1, 3) == numbered[1].group(1, 3) and \
+            len(numbered[0].group(2)) == len(numbered[1].group(2)):
+        prefix, first, suffix = numbered[0].groups()
+        return (f"name its shards, e.g. '{folder}/{prefix}{{{first}..{numbered[1].group(2)}}}{suffix}' for the "
+                f"{len(names)} tar files from {names[0]} to {names[-1]} in it")
+    return (f"name its shards ({len(names)} tar file(s) in it, {names[0]} to {names[-1]}) as a {{first..last}} range "
+            "or joined with '::'")
+
+
 def _is_sample_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -226,6 +241,9 @@ def shard_sizes(urls: list[str], size_index: str = "", num_samples: int | None =
         if count is None:
             count = _img2dataset_count(url)
         if count is None and _is_local(url):
+            if Path(url).is_dir():
+                # It read "shard DIR/ does not exist", of a folder that plainly does
+                raise ValueError(f"shard path {url} is a folder, not a shard: {_range_advice(Path(url))}")
             if not Path(url).is_file():
                 wildcards = " (the path takes {000000..000099} ranges, not wildcards)" if set(url) & set("*?[") else ""
                 raise FileNotFoundError(f"shard {url} does not exist{wildcards}: check the source's path pattern")

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from test_data_helpers import build, caption_of, captions, image_bytes, take
 
-from clip.data import SourceConfig, counts_line
+from clip.data import SourceConfig, counts_line, decoding
 from clip.data.decoding import (
     IMAGE_EXTENSIONS,
     SkipLog,
@@ -255,6 +255,33 @@ def test_skip_log_is_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
         "test: skipped 1 truncated sample(s) so far; latest from src: file0",
         "test: skipped 1 truncated sample(s) in the last 0s; latest from src: file1",
     ]
+
+
+def test_skip_log_names_each_broken_shard_once(caplog: pytest.LogCaptureFixture) -> None:
+    # Rate-limited by kind, the second and third broken shards went unnamed, and the first line said "skipped 1
+    # missing_shard sample(s)" of a shard whose 8 samples were all lost
+    log = SkipLog(interval_s=3600, where="w")
+    with caplog.at_level(logging.WARNING, logger="clip.data.decoding"):
+        for shard, kind in [("d/1.tar", "missing_shard"), ("d/2.tar", "missing_shard"), ("d/3.tar", "shard_read_error")]:
+            for _ in range(8):
+                log.record(kind, "web", shard, "why")
+        log.record("missing_shard", "web", "d/1.tar", "why")  # read again (another range, a resampled epoch)
+        log.record("truncated", "web", "d/4.tar:0004", "")
+    assert [record.getMessage() for record in caplog.records] == [
+        "w: web: shard d/1.tar (why): the samples planned from it are skipped and counted as missing_shard",
+        "w: web: shard d/2.tar (why): the samples planned from it are skipped and counted as missing_shard",
+        "w: web: shard d/3.tar (why): the samples planned from it are skipped and counted as shard_read_error",
+        "w: skipped 1 truncated sample(s) so far; latest from web: d/4.tar:0004",
+    ]
+    # Past decoding.SHARDS_NAMED shards, the rest share the rate-limited line of their kind
+    caplog.clear()
+    log = SkipLog(interval_s=3600, where="w")
+    with caplog.at_level(logging.WARNING, logger="clip.data.decoding"):
+        for shard in range(decoding.SHARDS_NAMED + 5):
+            log.record("missing_shard", "web", f"d/{shard}.tar", "why")
+    assert len(caplog.records) == decoding.SHARDS_NAMED + 1
+    assert caplog.records[-1].getMessage() == (
+        f"w: skipped 1 missing_shard sample(s) so far; latest from web: d/{decoding.SHARDS_NAMED}.tar (why)")
 
 
 def test_batch_writer_matches_image_transform() -> None:

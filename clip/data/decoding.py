@@ -141,17 +141,32 @@ def find_member(sample: dict, preferred: str, extensions: tuple[str, ...]) -> by
     return None
 
 
+# Kinds that a whole shard (or its rest) is skipped for; their `item` is the shard
+SHARD_FAULTS = ("missing_shard", "shard_read_error", "shard_too_short")
+# Broken shards a worker names each, before they share the rate-limited lines of the other kinds
+SHARDS_NAMED = 100
+
+
 class SkipLog:
     """Rate-limited log lines about skipped samples: at most one per kind every `interval_s` seconds, saying
-    how many were skipped since the last line and the latest one's details."""
+    how many were skipped since the last line and the latest one's details. A broken shard is named once, as
+    its first planned sample is skipped: the rate-limited line named one shard a minute (the next ones were
+    never named) and said "skipped 1 missing_shard sample(s)" of a shard whose every sample was lost."""
 
     def __init__(self, interval_s: float, where: str) -> None:
         self.interval_s = interval_s
         self.where = where
         self.last_logged: dict[str, float] = {}
         self.unlogged: dict[str, int] = {}
+        self.named_shards: set[str] = set()
 
     def record(self, kind: str, source: str, item: str, detail: str) -> None:
+        if kind in SHARD_FAULTS and (item in self.named_shards or len(self.named_shards) < SHARDS_NAMED):
+            if item not in self.named_shards:
+                self.named_shards.add(item)
+                log.warning("%s: %s: shard %s (%s): the samples planned from it are skipped and counted as %s",
+                            self.where, source, item, detail, kind)
+            return
         self.unlogged[kind] = self.unlogged.get(kind, 0) + 1
         now = time.monotonic()
         if now - self.last_logged.get(kind, float("-inf")) < self.interval_s:

@@ -223,6 +223,21 @@ def test_karpathy_json_groups_captions_and_filters_the_split(tmp_path):
         read_karpathy_json(tmp_path / "dataset.json")
 
 
+
+def test_a_karpathy_split_without_images_names_the_splits_the_file_has(tmp_path):
+    entries = [{"filename": f"{i}.png", "split": split, "sentences": [{"raw": "a red"}]}
+               for i, split in enumerate(["train", "restval", "val", "test", "test"])]
+    entries.append({"filename": "5.png", "sentences": [{"raw": "a red"}]})
+    (tmp_path / "dataset.json").write_text(json.dumps({"images": entries}))
+    # "no images in split 'tset'" alone sent the user into the file to find its split names
+    with pytest.raises(ValueError, match=re.escape(
+            "no images in split 'tset' (images per split, 'restval': 1; 'test': 2; 'train': 1; 'val': 1; "
+            "no 'split': 1; split '' takes every image)")):
+        read_karpathy_json(tmp_path / "dataset.json", split="tset")
+    (tmp_path / "empty.json").write_text(json.dumps({"images": []}))
+    with pytest.raises(ValueError, match=re.escape("no images in split 'test' (it lists no images)")):
+        read_karpathy_json(tmp_path / "empty.json")
+
 def karpathy_entry(**fields) -> dict:
     return {"filename": "x.png", "split": "test", "sentences": [{"raw": "a red"}], **fields}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,9 +120,11 @@ def read_karpathy_json(path: str | Path, image_root: str | Path | None = None, s
     if not isinstance(content, dict) or not isinstance(content.get("images"), list):
         raise ValueError(f"{path}: expected a JSON object with an 'images' list")
     pairs = []
+    images_per_split: Counter[str] = Counter()  # of every entry, to name the splits when `split` has none
     for number, entry in enumerate(content["images"]):
         if not isinstance(entry, dict):
             raise ValueError(f"{path}: image #{number} must be a JSON object, got {entry!r}")
+        images_per_split[repr(entry["split"]) if "split" in entry else "no 'split'"] += 1
         if split and entry.get("split") != split:
             continue
         filename, filepath = entry.get("filename"), entry.get("filepath", "")
@@ -133,7 +136,10 @@ def read_karpathy_json(path: str | Path, image_root: str | Path | None = None, s
         image = str(Path(filepath) / filename)
         pairs.extend((image, caption) for caption in _karpathy_captions(path, number, entry.get("sentences")))
     if not pairs:
-        raise ValueError(f"{path}: no images in split {split!r}")
+        # "no images in split 'test'" alone left the user to open a large file to learn which splits it has
+        found = "; ".join(f"{name}: {count}" for name, count in sorted(images_per_split.items()))
+        held = f"images per split, {found}; split '' takes every image" if found else "it lists no images"
+        raise ValueError(f"{path}: no images in split {split!r} ({held})")
     return _grouped(pairs, root, path)
 
 

@@ -257,6 +257,24 @@ def test_retrieval_command(tmp_path, tiny_checkpoint, datasets):
     assert result["recalls"]["image_to_text_R@10"] == 1.0
     assert result["ties"] == "pessimistic"  # the default: tied candidates rank above the ground truth
     assert result["caption_template"] == ""  # recorded: the paper's figures used "a photo of {}"
+    assert result["dataset"] == {"annotations": str(tmp_path / "m.jsonl"), "format": "manifest", "image_root": "/",
+                                 "split": None, "max_images": 0}
+    assert result["settings"]["device"] == "cpu" and result["settings"]["chunk_size"] == 3
+
+
+def test_retrieval_results_say_which_karpathy_split_was_evaluated(tmp_path, tiny_checkpoint, datasets):
+    images = sorted((datasets / "shapes").rglob("*.png"))[:6]
+    entries = [{"filepath": str(p.parent), "filename": p.name, "split": "val" if i % 2 else "test",
+                "sentences": [{"raw": f"shape {i}"}]} for i, p in enumerate(images)]
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": entries}))
+    argv = ["--model", str(tiny_checkpoint), "--annotations", str(tmp_path / "dataset_coco.json"), "--device", "cpu",
+            "--workers", "0", "--split", "val", "--max-images", "2", "--output-dir", str(tmp_path / "out")]
+    assert retrieval_cli.main(argv) == 0
+    result = json.loads((tmp_path / "out" / "retrieval_results.json").read_text())
+    # The name, "dataset_coco", and the counts did not say whether COCO's test or val split was scored
+    assert result["dataset"] == {"annotations": str(tmp_path / "dataset_coco.json"), "format": "karpathy",
+                                 "image_root": str(tmp_path), "split": "val", "max_images": 2}
+    assert result["num_images"] == 2
 
 
 def test_retrieval_warns_when_images_share_a_caption_under_pessimistic_ties(tmp_path, tiny_checkpoint, datasets, caplog):
@@ -300,6 +318,12 @@ def test_linear_probe_command(tmp_path, tiny_checkpoint):
     # the paper's protocol by default: a ViT's features before the projection, the strength chosen by accuracy
     assert result["features"] == "unprojected" and result["metric"] == "accuracy"
     assert 0.0 <= result["test_mean_per_class"] <= 1.0
+    # which images and labels: "dataset" alone (the kind) did not say
+    assert result["data"] == {"root": None, "train_split": "train", "val_split": None, "val_fraction": 0.2,
+                              "test_split": "test", "num_samples": 48, "image_size": 32,
+                              "classnames": result["data"]["classnames"]}
+    assert len(result["data"]["classnames"]) == 48 and result["data"]["classnames"][0] == "red circle"
+    assert result["settings"]["max_iter"] == 50 and result["settings"]["seed"] == 0
     argv += ["--features", "embedding", "--metric", "mean_per_class"]
     assert linear_probe_cli.main(argv) == 0
     result = json.loads((tmp_path / "out" / "linear_probe_results.json").read_text())
@@ -347,6 +371,9 @@ def test_linear_probe_labels_agree_when_a_split_lacks_a_class(tmp_path, tiny_che
     result = json.loads((tmp_path / "out" / "linear_probe_results.json").read_text())
     assert result["num_test"] == 8 and result["test_accuracy"] == 1.0
     assert result["num_skipped"] == {"train": 0, "test": 0}
+    # The labels are recorded with the root: the union of the splits' folders, in order
+    assert result["data"]["root"] == str(tmp_path / "data")
+    assert result["data"]["classnames"] == ["a red", "b green", "c blue"]
     # The other way round: a class without training images is reported (the probe can never predict it).
     write_colour_folder(tmp_path / "other" / "train", {"a_red": 8, "c_blue": 8}, seed=0)
     write_colour_folder(tmp_path / "other" / "test", {"a_red": 4, "b_green": 4, "c_blue": 4}, seed=1)

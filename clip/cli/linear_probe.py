@@ -233,6 +233,21 @@ def split_features(
     return extracted
 
 
+def data_record(args: argparse.Namespace, base: ZeroShotDatasetConfig, classnames: list[str]) -> dict[str, Any]:
+    """Which images the probe was fitted, tuned and scored on, and its labels: "dataset" (the kind) alone did
+    not say which root or splits gave the results, nor what the validation split was."""
+    synthetic = base.kind == "synthetic"
+    return {
+        "root": None if synthetic else base.root,
+        "train_split": args.train_split,
+        "val_split": args.val_split or None,  # None: held out of train
+        "val_fraction": None if args.val_split else args.val_fraction,
+        "test_split": args.test_split,
+        **({"num_samples": base.num_samples, "image_size": base.image_size} if synthetic else {}),
+        "classnames": classnames,
+    }
+
+
 def probe(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.dataset != "synthetic" and not args.root:  # "" read the current folder, under another option's name
@@ -304,8 +319,11 @@ def probe(args: argparse.Namespace) -> int:
         print(f"unreadable images skipped: {', '.join(f'{role} {count}' for role, count in skipped.items())}")
     path = write_json(
         output_dir / "linear_probe_results.json",
-        {"model": args.model, "weights": source.to_dict(), "dataset": args.dataset, "features": args.features,
-         **result.to_dict(), "num_skipped": skipped},
+        {"model": args.model, "weights": source.to_dict(), "dataset": args.dataset,
+         "data": data_record(args, base, classnames),
+         "settings": {"device": str(device), "precision": args.precision, "batch_size": args.batch_size,
+                      "max_iter": args.max_iter, "seed": args.seed, "preprocess": repr(preprocess)},
+         "features": args.features, **result.to_dict(), "num_skipped": skipped},
     )
     logger.info("wrote %s", path)
     return 0

@@ -79,6 +79,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def dataset_record(dataset: RetrievalDatasetConfig) -> dict:
+    """Which images and captions the results are of: the name and counts alone did not say which annotations
+    file, image folder or split (COCO's test or val, a restval) gave them."""
+    karpathy = annotations_format(dataset) == "karpathy"
+    return {
+        "annotations": dataset.annotations,
+        "format": annotations_format(dataset),
+        "image_root": dataset.image_root or str(Path(dataset.annotations).parent),
+        "split": dataset.split if karpathy else None,  # a manifest's rows are all evaluated
+        "max_images": dataset.max_images,
+    }
+
+
 def evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dataset = RetrievalDatasetConfig(
@@ -125,8 +138,10 @@ def evaluate(args: argparse.Namespace) -> int:
         print(f"{name}: {result.num_skipped} unreadable image(s) skipped, with their captions")
     path = write_json(
         output_dir / "retrieval_results.json",
-        {"model": args.model, "weights": source.to_dict(), "caption_template": args.caption_template,
-         **result.to_dict()},
+        {"model": args.model, "weights": source.to_dict(), "dataset": dataset_record(dataset),
+         "settings": {"device": str(device), "precision": args.precision, "batch_size": args.batch_size,
+                      "chunk_size": args.chunk_size, "preprocess": repr(preprocess)},
+         "caption_template": args.caption_template, **result.to_dict()},
     )
     logger.info("wrote %s", path)
     return 0

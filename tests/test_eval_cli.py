@@ -834,3 +834,34 @@ def test_the_evaluation_commands_read_a_leading_tilde_in_output_dir_as_the_home_
     assert retrieval.output_dir == "/home/someone/r"
     probe = linear_probe_cli.parse_args(["--model", "m", "--dataset", "cifar10", "--output-dir=~/p"])
     assert probe.output_dir == "/home/someone/p"
+
+
+def test_each_dataset_gets_its_own_default_output_folder(tmp_path, tiny_checkpoint, datasets, monkeypatch):
+    # In one default folder for all, a second dataset replaced the first one's results, and for the probe its
+    # kept features: hours of extraction for a large training split
+    monkeypatch.chdir(tmp_path)
+    images = sorted((datasets / "shapes").rglob("*.png"))[:3]
+    for stem in ("dataset_coco", "dataset_flickr30k"):
+        entries = [{"filepath": str(p.parent), "filename": p.name, "split": "test",
+                    "sentences": [{"raw": f"{stem} {i}"}]} for i, p in enumerate(images)]
+        (tmp_path / f"{stem}.json").write_text(json.dumps({"images": entries}))
+        argv = ["--model", str(tiny_checkpoint), "--annotations", str(tmp_path / f"{stem}.json"), "--device", "cpu",
+                "--workers", "0"]
+        assert retrieval_cli.main(argv) == 0
+    for stem in ("dataset_coco", "dataset_flickr30k"):
+        result = json.loads((tmp_path / "retrieval_results" / stem / "retrieval_results.json").read_text())
+        assert result["dataset"]["annotations"] == str(tmp_path / f"{stem}.json")
+    assert retrieval_cli.main([*argv, "--name", "flickr/test"]) == 0  # a name with a slash is one folder
+    assert (tmp_path / "retrieval_results" / "flickr_test" / "retrieval_results.json").is_file()
+    for name in ("pets", "flowers"):
+        write_colour_folder(tmp_path / name / "train", {"a_red": 5, "c_blue": 5}, seed=0)
+        write_colour_folder(tmp_path / name / "test", {"a_red": 2, "c_blue": 2}, seed=1)
+    probe_options = ["--model", str(tiny_checkpoint), "--device", "cpu", "--workers", "0", "--max-iter", "20"]
+    for dataset in (["--dataset", "imagefolder", "--root", str(tmp_path / "pets")],
+                    ["--dataset", "imagefolder", "--root", str(tmp_path / "flowers") + "/"],
+                    ["--dataset", "synthetic", "--num-samples", "12", "--image-size", "32"]):
+        assert linear_probe_cli.main([*probe_options, *dataset]) == 0
+    for name in ("pets", "flowers", "synthetic"):
+        result = json.loads((tmp_path / "linear_probe_results" / name / "linear_probe_results.json").read_text())
+        assert result["data"]["root"] in (str(tmp_path / name), str(tmp_path / name) + "/", None)
+        assert (tmp_path / "linear_probe_results" / name / "features" / "train.pt").is_file()

@@ -116,8 +116,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-iter", type=positive_int, default=1000, help="L-BFGS iterations per fit")
     add_evaluation_options(parser)
     parser.add_argument(
-        "--output-dir", type=home_expanded, default="linear_probe_results",
-        help="where linear_probe_results.json is written, and each split's features are kept (features/<role>.pt) "
+        "--output-dir", type=home_expanded, default="",
+        help="where linear_probe_results.json is written (default: linear_probe_results/DATASET, DATASET the "
+        "--dataset kind or an imagefolder root's folder name), and each split's features are kept (features/<role>.pt) "
         "to be reused by a later run from the same model weights, images, --features, --precision and device type "
         "(a run interrupted, or repeated with another --metric, --standardize or --max-iter, does not extract "
         "them again)",
@@ -233,6 +234,13 @@ def split_features(
     return extracted
 
 
+def default_output_dir(base: ZeroShotDatasetConfig) -> Path:
+    """A folder of the dataset's own: in one folder for all, probing a second dataset replaced the first one's
+    results and kept features (hours of extraction for a large one)."""
+    name = Path(base.root).resolve().name if base.kind == "imagefolder" else base.kind
+    return Path("linear_probe_results") / (name or base.kind)
+
+
 def data_record(args: argparse.Namespace, base: ZeroShotDatasetConfig, classnames: list[str]) -> dict[str, Any]:
     """Which images the probe was fitted, tuned and scored on, and its labels: "dataset" (the kind) alone did
     not say which root or splits gave the results, nor what the validation split was."""
@@ -281,7 +289,7 @@ def probe(args: argparse.Namespace) -> int:
         )
     if not args.val_split:
         check_validation_hold_out(args.train_split, len(listed["train"].dataset), args.val_fraction)
-    output_dir = writable_output_dir(Path(args.output_dir))
+    output_dir = writable_output_dir(Path(args.output_dir or default_output_dir(base)))
     model, preprocess, source = load_model(args.model, device)
     settings = {"weights": weights_digest(model), "preprocess": repr(preprocess), "features": args.features,
                 "precision": args.precision, "device": device.type}

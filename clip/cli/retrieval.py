@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from pathlib import Path
 
 from clip.config_io import home_expanded
@@ -74,8 +75,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help='put each caption in place of "{}" before encoding, e.g. "a photo of {}" as the paper did for '
         "Flickr30k and MSCOCO (default: the captions as written)",
     )
-    parser.add_argument("--output-dir", type=home_expanded, default="retrieval_results",
-                        help="where retrieval_results.json is written (default: retrieval_results)")
+    parser.add_argument("--output-dir", type=home_expanded, default="",
+                        help="where retrieval_results.json is written (default: retrieval_results/NAME, NAME as "
+                        "--name gives it)")
     return parser.parse_args(argv)
 
 
@@ -118,7 +120,9 @@ def evaluate(args: argparse.Namespace) -> int:
     logger.info("%s: %d images, %d captions", name, len(data.image_paths), len(data.captions))
     if args.ties == "pessimistic":
         warn_about_shared_captions(data, name, "--ties optimistic ranks them in its favour.")
-    output_dir = writable_output_dir(Path(args.output_dir))
+    # A folder per dataset by default: in one for all, evaluating Flickr30k replaced COCO's results
+    default_dir = Path("retrieval_results") / re.sub(r"[/\\]", "_", name)
+    output_dir = writable_output_dir(Path(args.output_dir or default_dir))
     model, preprocess, source = load_model(args.model, device)
     result = evaluate_retrieval(
         model,

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from clip.evaluation.features import (
+    CutTexts,
     ReadableBatch,
     collate_readable,
     encode_image_batches,
@@ -115,3 +116,27 @@ def test_pinned_memory_only_for_a_gpu():
     dataset = torch.utils.data.TensorDataset(torch.zeros(4))
     assert make_loader(dataset, 2, 0, "cuda").pin_memory  # built, not iterated: no GPU needed
     assert not make_loader(dataset, 2, 0, "cpu").pin_memory
+
+
+def test_texts_cut_to_the_context_are_counted_in_one_warning(caplog):
+    # A line per batch of texts was about a hundred lines for COCO's captions on a small-context model
+    def refusing_long_texts(texts, context_length, truncate=False):
+        if not truncate and any(len(text) > 3 for text in texts):
+            raise ValueError(f"text {max(texts, key=len)!r} is too long")
+        return first_token_tokenizer([text[:3] for text in texts], context_length)
+
+    texts = ["a", "long one", "bb", "longer one", "c", "longest one"]
+    with caplog.at_level("WARNING"):
+        features = encode_texts(TextModel(), texts, refusing_long_texts, device="cpu", batch_size=2, normalize=False)
+    assert features[:, 0].tolist() == [3.0, 9.0, 6.0, 9.0, 3.0, 9.0]  # each long one cut to 3 characters
+    assert [r.getMessage() for r in caplog.records] == [
+        "3 of 6 texts are longer than the model's context and were cut to 4 tokens (the end token kept); the "
+        "first: text 'long one' is too long"
+    ]
+    # A caller's CutTexts collects them over its calls, and warns when it says
+    caplog.clear()
+    cut = CutTexts()
+    with caplog.at_level("WARNING"):
+        for batch in (texts[:3], texts[3:]):
+            encode_texts(TextModel(), batch, refusing_long_texts, device="cpu", batch_size=2, cut=cut)
+    assert not caplog.records and cut.count == 3

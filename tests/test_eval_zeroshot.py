@@ -635,8 +635,16 @@ def test_prompts_longer_than_the_context_are_truncated_with_a_warning(caplog):
     with caplog.at_level("WARNING"):
         weights = build_zeroshot_classifier(model, ["cat", "dog"], [long_template, "a {}."])
     assert weights.shape == (16, 2) and torch.isfinite(weights).all()
-    assert "more than context_length=32: this batch's texts are cut to 32 tokens (the end token kept)" in caplog.text
+    assert "2 of 4 texts are longer than the model's context and were cut to 32 tokens (the end token kept); " \
+           "the first: Text 'a photo of a very very" in caplog.text
+    assert "more than context_length=32" in caplog.text
     assert "truncate=True" not in caplog.text  # advice to a Python caller, which an evaluation's user is not
+    # Said once for the whole classifier: a line per group of classes (here one class a group) was a
+    # thousand lines for ImageNet on a small-context model
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        build_zeroshot_classifier(model, ["cat", "dog", "bird"], [long_template, "a {}."], batch_size=2)
+    assert [r.getMessage()[:35] for r in caplog.records] == ["3 of 6 texts are longer than the mo"]
 
 
 def test_an_interrupted_confusion_png_leaves_the_previous_one_whole(tmp_path, monkeypatch):

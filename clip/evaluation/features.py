@@ -278,6 +278,26 @@ def refuse_nonfinite(count: int, total: int, what: str, causes: str | None = Non
         )
 
 
+class CutTexts:
+    """Texts longer than a model's context, evaluated cut to it (the end token kept) rather than aborting a
+    training run at its evaluation step; counted over `encode_texts` calls, so that an evaluation says so in
+    one line (a line per batch of texts was a hundred lines for COCO's captions on a small-context model, and
+    a line per group of classes in zero-shot)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first_reason: str | None = None
+
+    def add(self, count: int, reason: str) -> None:
+        self.count += count
+        self.first_reason = self.first_reason or reason
+
+    def warn(self, total: int, context_length: int) -> None:
+        if self.count:
+            logger.warning("%d of %d texts are longer than the model's context and were cut to %d tokens (the end "
+                           "token kept); the first: %s", self.count, total, context_length, self.first_reason)
+
+
 def encode_texts(
     model: nn.Module,
     texts: Sequence[str],
@@ -287,21 +307,23 @@ def encode_texts(
     batch_size: int = 256,
     precision: str = "fp32",
     normalize: bool = True,
+    cut: CutTexts | None = None,
 ) -> torch.Tensor:
-    """float32 text features [len(texts), D] on `device`, tokenized and encoded `batch_size` at a time."""
+    """float32 text features [len(texts), D] on `device`, tokenized and encoded `batch_size` at a time.
+    Texts longer than the model's context are cut to it and counted in `cut`, whose caller warns once for
+    all its calls; without `cut`, this call warns."""
     if batch_size < 1:
         raise ValueError(f"the text batch size must be >= 1, got {batch_size}")
     context_length = int(model.context_length)
+    counted_here = cut is None
+    cut = CutTexts() if cut is None else cut
     chunks = []
     for start in range(0, len(texts), batch_size):
         batch = list(texts[start : start + batch_size])
         try:
             tokens = tokenizer(batch, context_length=context_length)
         except ValueError as error:
-            # A prompt longer than a small model's context: evaluate it cut (keeping the end token) rather
-            # than abort a training run at its evaluation step.
-            logger.warning("%s: this batch's texts are cut to %d tokens (the end token kept)",
-                           getattr(error, "reason", error), context_length)
+            cut.add(_count_too_long(batch, tokenizer, context_length), str(getattr(error, "reason", error)))
             tokens = tokenizer(batch, context_length=context_length, truncate=True)
         _check_vocabulary(tokens, model)
         tokens = tokens.to(device)
@@ -311,7 +333,21 @@ def encode_texts(
         chunks.append(nn.functional.normalize(features, dim=-1) if normalize else features)
     if not chunks:
         raise ValueError("no texts to encode")
+    if counted_here:
+        cut.warn(len(texts), context_length)
     return torch.cat(chunks)
+
+
+def _count_too_long(batch: list[str], tokenizer: Tokenizer, context_length: int) -> int:
+    """How many of a batch's texts the tokenizer refuses as longer than the context (only for a batch that it
+    refused, and the BPE tokenizer remembers the texts it has just encoded)."""
+    too_long = 0
+    for text in batch:
+        try:
+            tokenizer([text], context_length=context_length)
+        except ValueError:
+            too_long += 1
+    return too_long
 
 
 def _check_vocabulary(tokens: torch.Tensor, model: nn.Module) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .features import (
+    CutTexts,
     StopCheck,
     Tokenizer,
     all_reduce_sum,
@@ -78,15 +79,18 @@ def build_zeroshot_classifier(
     classes_per_group = max(1, batch_size // len(templates))
     group_starts = range(0, len(classnames), classes_per_group)
     columns = []
+    cut = CutTexts()
     with eval_mode(model):
         for start in with_stop_checks(group_starts, stop_check, len(group_starts)):
             group = classnames[start : start + classes_per_group]
             prompts = [fill_template(template, name) for name in group for template in templates]
             embeddings = encode_texts(
-                model, prompts, tokenizer, device=device, batch_size=batch_size, precision=precision, normalize=True
+                model, prompts, tokenizer, device=device, batch_size=batch_size, precision=precision, normalize=True,
+                cut=cut,
             )  # [G*T, D], unit rows
             class_means = embeddings.view(len(group), len(templates), -1).mean(dim=1)  # -> G, D
             columns.append(nn.functional.normalize(class_means, dim=-1))
+    cut.warn(len(classnames) * len(templates), int(model.context_length))
     classifier = torch.cat(columns)
     if check_finite:
         refuse_nonfinite_features(classifier, CLASS_EMBEDDINGS, nonfinite_causes(model, precision))

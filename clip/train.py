@@ -622,7 +622,8 @@ def _train(
     with stop.finishing() if complete else contextlib.nullcontext():
         data_totals = merge_rank_reports(gather_objects(data.rank_report(), dist_info))
         if dist_info.is_main:
-            log.info("data: %s", data.epoch_summary())  # this rank's, since the run (or resume) started
+            # this rank's counts since this process started: a resumed run's first epoch only in part
+            log.info("data since this start or resume: %s", data.epoch_summary())
             log.info("data, %s, whole run: %s", ranks_phrase(dist_info.world_size, all_of=True),
                      counts_line(data_totals["sources"]))
             run_log.close()

@@ -175,6 +175,9 @@ def test_a_one_process_runs_start_and_end_lines_say_1_rank(tmp_path, caplog):
         train(tiny_config(tmp_path, "eval.every_n_steps=0", "schedule.steps=1"))
     assert "(1 rank x " in caplog.text and "data, 1 rank, whole run" in caplog.text
     assert "1 ranks" not in caplog.text
+    # rank 0's own line counts from this start, which a resume makes a part of its first epoch
+    assert "data since this start or resume: data rank 0, epoch 0" in caplog.text
+
 
 def test_logged_throughput_leaves_out_the_time_spent_evaluating_and_saving(tmp_path, monkeypatch):
     # The window after an evaluation or a checkpoint counted its time as training time: with ImageNet

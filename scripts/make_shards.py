@@ -24,6 +24,7 @@ import json
 import os
 import re
 import sys
+import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -247,6 +248,9 @@ def write_index(pattern: str) -> dict[str, int]:
     sizes, bad = {}, []
     for url in urls:
         try:
+            if Path(url).suffix == ".tar" and not tarfile.is_tarfile(url):  # its first header does not read
+                bad.append(f"{url}: not a tar archive ({Path(url).stat().st_size} bytes)")
+                continue
             if Path(url).suffix == ".tar" and not ends_with_end_of_archive(Path(url)):  # (compressed: gzip checks)
                 bad.append(f"{url}: cut short (it lacks a tar's closing zero blocks)")
                 continue

@@ -33,7 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from clip.data.decoding import IMAGE_EXTENSIONS, SkipSample, decode_caption, open_image, pil_pixel_limit
 from clip.data.manifest import MANIFEST_SUFFIXES, QUOTING_CHOICES, manifest_rows_with_problems, original_bytes
-from clip.data.shards import SIZE_INDEX_NAME, count_tar_samples, expand_shard_pattern, require_webdataset
+from clip.data.shards import (
+    SIZE_INDEX_NAME,
+    count_tar_samples,
+    ends_with_end_of_archive,
+    expand_shard_pattern,
+    require_webdataset,
+)
 from clip.preprocess import to_rgb
 
 # Stored as they are; anything else -> PNG. MPO is how Pillow names a JPEG file that holds more pictures after
@@ -263,17 +269,6 @@ def write_index(pattern: str) -> dict[str, int]:
     path = Path(folders.pop()) / SIZE_INDEX_NAME
     path.write_text(json.dumps(read_index(path) | sizes, indent=1))
     return sizes
-
-
-def ends_with_end_of_archive(path: Path) -> bool:
-    """Whether the file ends in a tar's end-of-archive marker (two 512-byte zero blocks, which every tar writer
-    appends). Python's tarfile reads a file cut at a member boundary as a complete archive of fewer members."""
-    size = path.stat().st_size
-    if size < 1024:
-        return False
-    with path.open("rb") as file:
-        file.seek(size - 1024)
-        return not any(file.read(1024))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

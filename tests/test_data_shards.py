@@ -103,6 +103,14 @@ def test_a_shard_that_cannot_be_counted_is_named_as_a_config_error(tmp_path: Pat
     Path(urls[1]).write_bytes(whole[:700])  # cut inside its first member
     with pytest.raises(ValueError, match=r"shard .*s-000001.tar cannot be counted.*ReadError"):
         shard_sizes(urls)
+    # Cut at a member boundary it reads as a whole tar of fewer samples, and was trained on as one
+    with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
+        third_sample = [m.offset for m in tar.getmembers()][4]  # two members (image, caption) a sample
+    Path(urls[1]).write_bytes(whole[:third_sample])
+    with pytest.raises(ValueError, match=r"shard .*s-000001.tar is cut short \(it lacks a tar's closing zero blocks"):
+        shard_sizes(urls)
+    Path(urls[1]).write_bytes(whole)
+    assert shard_sizes(urls).tolist() == [4, 4]
 
 
 def test_a_size_index_that_cannot_be_read_is_not_called_malformed(tmp_path: Path, monkeypatch) -> None:

@@ -261,6 +261,11 @@ def shard_sizes(urls: list[str], size_index: str = "", num_samples: int | None =
                     f"shard {url} cannot be counted, it is not a readable tar file ({type(error).__name__}: "
                     f"{error}): rewrite or remove it, or leave it out of the source's path pattern"
                 ) from error
+            if url.endswith(".tar") and not ends_with_end_of_archive(Path(url)):  # (compressed: gzip checks)
+                # A copy cut at a member boundary reads as a complete tar of fewer samples: the damage would be
+                # trained on as a whole, smaller shard, with no sample counted as lost
+                raise ValueError(f"shard {url} is cut short (it lacks a tar's closing zero blocks, which every tar "
+                                 "writer appends): copy it again, or leave it out of the source's path pattern")
         if count is None:
             where = (
                 "point size_index at a sizes.json (pipe: shards have no folder to look in)" if url.startswith("pipe:")
@@ -396,6 +401,17 @@ def read_shard_range(
         samples.close()  # closes the stream now, also when we stop before the shard's end
     for _ in range(count - delivered):
         yield MissingSample(kind, url, detail)
+
+
+def ends_with_end_of_archive(path: Path) -> bool:
+    """Whether the file ends in a tar's end-of-archive marker (two 512-byte zero blocks, which every tar writer
+    appends). Python's tarfile reads a file cut at a member boundary as a complete archive of fewer members."""
+    size = path.stat().st_size
+    if size < 1024:
+        return False
+    with path.open("rb") as file:
+        file.seek(size - 1024)
+        return not any(file.read(1024))
 
 
 def count_tar_samples(url: str) -> int:

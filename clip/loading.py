@@ -71,12 +71,10 @@ log = logging.getLogger(__name__)
 
 
 def load(
-    name: str | Path | None = None,
+    name: str | Path,
     device: str | torch.device | None = None,
     jit: bool = False,
     download_root: str | Path | None = None,
-    *,
-    name_or_path: str | Path | None = None,
 ) -> tuple[nn.Module, ImageTransform]:
     """Load a CLIP model and its image preprocessing, like openai/CLIP's `clip.load`.
 
@@ -91,12 +89,11 @@ def load(
             archive's device constants (OpenAI traced on "cuda") are pointed at `device`, and on a CPU its
             float16 casts become float32 casts and its weights float32.
         download_root: the folder for downloaded files; default `clip.download.cache_dir()`.
-        name_or_path: the same as `name`, by this library's earlier name for it.
 
     Returns:
         (model in eval mode, preprocess: PIL image -> FloatTensor[3, n, n] for the model's input size).
     """
-    model, preprocess, _ = _load(_name_given("load", name, name_or_path), device, jit, download_root)
+    model, preprocess, _ = _load(name, device, jit, download_root)
     return model, preprocess
 
 
@@ -116,27 +113,15 @@ class WeightsSource:
 
 
 def load_with_source(
-    name: str | Path | None = None,
+    name: str | Path,
     device: str | torch.device | None = None,
     jit: bool = False,
     download_root: str | Path | None = None,
-    *,
-    name_or_path: str | Path | None = None,
 ) -> tuple[nn.Module, ImageTransform, WeightsSource]:
     """`load`, and which weights it read: (model, preprocess, `WeightsSource`). A run directory is resolved to
     one checkpoint once, and the model holds that file's weights, so a checkpoint written meanwhile changes
     neither the model nor the record."""
-    return _load(_name_given("load_with_source", name, name_or_path), device, jit, download_root)
-
-
-def _name_given(function: str, name: str | Path | None, name_or_path: str | Path | None) -> str | Path:
-    """The model to load, given as `name` (openai/CLIP's keyword) or `name_or_path` (this library's earlier one):
-    exactly one of them, as a required argument is."""
-    if name is None and name_or_path is None:
-        raise TypeError(f"{function}() missing 1 required argument: 'name' (a released model name or a path)")
-    if name is not None and name_or_path is not None:
-        raise TypeError(f"{function}() got both 'name' and 'name_or_path', which are the same argument")
-    return name if name is not None else name_or_path
+    return _load(name, device, jit, download_root)
 
 
 def _load(

@@ -801,7 +801,7 @@ def test_load_with_source_names_a_release_and_its_sha256(tmp_path: Path, tiny_re
     assert load_with_source(cache / "RN50-served.pt", device="cpu", jit=True)[2] == release
 
 
-def test_the_model_is_named_by_openais_keyword_or_the_earlier_one(tmp_path: Path) -> None:
+def test_the_model_is_named_by_openais_keyword(tmp_path: Path) -> None:
     # openai/CLIP's argument is `name`, and code passes it by keyword (`clip.load(name=model, device=device,
     # jit=jit)`, as Stable Diffusion's image embedder does): that was a TypeError here
     path = tmp_path / "weights.pt"
@@ -809,15 +809,9 @@ def test_the_model_is_named_by_openais_keyword_or_the_earlier_one(tmp_path: Path
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TINY_VIT's sizes are no release's: heads and activation are guessed
         by_name, _ = load(name=str(path), device="cpu", jit=False, download_root=None)
-        by_earlier_keyword, _ = load(name_or_path=path, device="cpu")
         _, _, source = load_with_source(name=path, device="cpu")
     assert_same_features(by_name, tiny_model(TINY_VIT), TINY_VIT)
-    assert_same_features(by_earlier_keyword, tiny_model(TINY_VIT), TINY_VIT)
     assert source.path == path.resolve()
-    with pytest.raises(TypeError, match=r"load\(\) missing 1 required argument: 'name'"):
-        load(device="cpu")
-    with pytest.raises(TypeError, match=r"both 'name' and 'name_or_path'"):
-        load(path, name_or_path=path)
 
 
 def test_unknown_name_suggests_the_closest_released_one() -> None:

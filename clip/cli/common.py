@@ -143,7 +143,7 @@ def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
                         help="autocast over the float32 weights (fp32: none)")
 
 
-def load_model(name_or_path: str, device: torch.device) -> tuple[torch.nn.Module, Any, WeightsSource]:
+def load_model(name: str, device: torch.device) -> tuple[torch.nn.Module, Any, WeightsSource]:
     """(model with float32 weights, eval preprocessing, the weights read) through `clip.loading.load_with_source`:
     a released name, a file or a training run directory. The commands' `precision` is the autocast of float32
     weights, as in evaluation during training; clip.load's float16 weights on CUDA made "fp32" (the default)
@@ -152,7 +152,7 @@ def load_model(name_or_path: str, device: torch.device) -> tuple[torch.nn.Module
     whose newest checkpoint moves on while it trains, and the source says which file (and step) was evaluated."""
     from clip.loading import load_with_source
 
-    model, preprocess, source = load_with_source(name_or_path, device=device)
+    model, preprocess, source = load_with_source(name, device=device)
     return model.float(), preprocess, source
 
 

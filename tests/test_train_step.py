@@ -362,3 +362,67 @@ def test_image_forward_flops_are_per_image():
     with counter, torch.device("meta"):
         model.encode_image(torch.empty(1, 3, TINY_VIT.vision.image_size, TINY_VIT.vision.image_size))
     assert image_forward_flops(TINY_VIT) == counter.get_total_flops()
+
+
+def _twelve_pairs() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(12, 3, 16, 16, generator=generator)
+    texts = torch.randint(1, 99, (12, 8), generator=generator)
+    texts[:, -1] = 99  # the end-of-text token has the largest id
+    return images, texts
+
+
+def test_accumulation_caches_features_without_a_graph_and_under_autocast_in_both_passes():
+    # The caching pass must build no autograd graph (it would hold every micro-batch's activations at once),
+    # and both passes must run under the step's autocast: cached negatives computed in another precision
+    # than the recomputed rows would not be the features the gradient pass produces.
+    torch.manual_seed(0)
+    module = ContrastiveModel(CLIP(TINY_VIT), with_logit_bias=False)
+    passes = []  # the image tower's (grad enabled, output dtype), a matrix product's: bfloat16 under autocast
+    module.clip.visual.register_forward_hook(
+        lambda _module, _args, output: passes.append((torch.is_grad_enabled(), output.dtype)))
+    images, texts = _twelve_pairs()
+
+    def bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    contrastive_step(module, images, texts, 3, build_loss(LossConfig()), bf16, lambda l: l.backward(), False)
+    assert passes == [(False, torch.bfloat16)] * 3 + [(True, torch.bfloat16)] * 3  # 3 caching, 3 gradient passes
+
+
+class _RecordingDDP(ContrastiveModel):
+    """Stands in for DistributedDataParallel: records whether each backward pass ran inside no_sync()."""
+
+    def __init__(self) -> None:
+        super().__init__(CLIP(TINY_VIT), with_logit_bias=False)
+        self.in_no_sync = False
+        self.backward_in_no_sync = []
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.in_no_sync = True
+        try:
+            yield
+        finally:
+            self.in_no_sync = False
+
+
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_accumulation_all_reduces_only_after_the_last_micro_batch(micro_batches):
+    # DDP all-reduces gradients in every backward pass outside no_sync(): each micro-batch but the last must
+    # backward inside it (one all-reduce per step, not k), and the last outside it (else no rank ever syncs).
+    torch.manual_seed(0)
+    module = _RecordingDDP()
+    images, texts = _twelve_pairs()
+
+    def backward(loss):
+        module.backward_in_no_sync.append(module.in_no_sync)
+        loss.backward()
+
+    contrastive_step(module, images, texts, micro_batches, build_loss(LossConfig()), contextlib.nullcontext,
+                     backward, True)
+    assert module.backward_in_no_sync == [True] * (micro_batches - 1) + [False]
+    module.backward_in_no_sync.clear()
+    contrastive_step(module, images, texts, micro_batches, build_loss(LossConfig()), contextlib.nullcontext,
+                     backward, False)  # not distributed: no_sync() is never entered (plain modules lack it)
+    assert module.backward_in_no_sync == [False] * micro_batches

@@ -2189,3 +2189,27 @@ def test_an_optimizer_state_of_other_shapes_is_said_without_sending_the_user_to_
     error = capsys.readouterr().err.strip()
     assert re.fullmatch(rf"clip-train: {re.escape(str(run_dir))}: the checkpoint's optimizer state 'exp_avg' of "
                         r"'\S+' has shape \(3, 3\), the parameter \(\d+(, \d+)*\)", error), error
+
+
+def test_the_trainer_clips_the_unscaled_gradients_to_grad_clip_norm(tmp_path, monkeypatch):
+    # optimizer.grad_clip_norm must reach the step, and under fp16 the gradients must be unscaled before they
+    # are measured and clipped: else the clip and the logged norm apply to gradients 2^16 times too large
+    # (and the clipped ones shrink by as much once the scaler unscales them in its step).
+    import clip.train as train_module
+
+    seen = {}
+    measure = train_module.gradient_norm
+
+    def recording(module, clip_to):
+        norm = measure(module, clip_to)
+        after = torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None]).norm()
+        seen[precision] = (clip_to, norm.item(), after.item())
+        return norm
+
+    monkeypatch.setattr(train_module, "gradient_norm", recording)
+    for precision in ("fp32", "fp16"):
+        train(tiny_config(tmp_path / precision, "schedule.steps=1", "eval.every_n_steps=0", "eval.zeroshot=[]",
+                          f"train.precision={precision}", "optimizer.grad_clip_norm=0.01"))
+    for clip_to, norm, after in seen.values():
+        assert clip_to == 0.01 and norm > 0.02 and after == pytest.approx(0.01, rel=1e-3)
+    assert seen["fp16"][1] == pytest.approx(seen["fp32"][1], rel=0.05)  # the same batch, the same weights

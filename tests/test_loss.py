@@ -129,6 +129,19 @@ def test_metrics_report_accuracy_and_temperature(chunk_size):
     assert metrics["text_to_image_accuracy"].item() == pytest.approx(2 / 3)
 
 
+def test_siglip_metrics_report_image_to_text_accuracy_temperature_and_bias():
+    # The asymmetric case above: each image's best text is its own, though text 1 lies nearer image 0. The
+    # accuracy is the image->text one (per row of the logits), and the bias is logged beside the temperature.
+    images = torch.eye(3)
+    texts = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.1, 0.0], [0.0, 0.0, 1.0]])
+    loss, metrics = ContrastiveLoss("siglip")(images, texts, torch.tensor(math.log(10.0)), torch.tensor(-4.0))
+    assert set(metrics) == {"loss", "image_to_text_accuracy", "logit_scale_exp", "logit_bias"}
+    assert metrics["image_to_text_accuracy"].item() == 1.0
+    assert metrics["logit_scale_exp"].item() == pytest.approx(10.0)
+    assert metrics["logit_bias"].item() == -4.0
+    assert metrics["loss"].item() == pytest.approx(loss.item())
+
+
 def test_bad_inputs_give_clear_errors():
     image, text, logit_scale = make_inputs(n=4)
     with pytest.raises(ValueError, match="same shape|one shape"):
@@ -171,8 +184,11 @@ class TinyTwoTower(nn.Module):
             self.logit_bias = None
 
 
+@pytest.mark.parametrize("cached_with_graph", [False, True], ids=["cached_without_graph", "cached_with_graph"])
 @pytest.mark.parametrize("kind, chunk_size", [("clip", None), ("clip", 5), ("siglip", None)])
-def test_cached_feature_accumulation_equals_full_batch(kind, chunk_size):
+def test_cached_feature_accumulation_equals_full_batch(kind, chunk_size, cached_with_graph):
+    # cached_with_graph: cached features that still carry their autograd graph count as constants too (the
+    # function detaches them); backpropagated through, every pass would add the other rows' gradients again.
     model, loss_fn = TinyTwoTower(kind), ContrastiveLoss(kind, chunk_size=chunk_size)
     images, texts = torch.randn(12, 6), torch.randn(12, 5)
     micro_batches = 3
@@ -182,7 +198,7 @@ def test_cached_feature_accumulation_equals_full_batch(kind, chunk_size):
     full_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
 
-    with torch.no_grad():
+    with torch.set_grad_enabled(cached_with_graph):
         cached_images, cached_texts = model.image_encoder(images), model.text_encoder(texts)
     losses = []
     for index, (image_chunk, text_chunk) in enumerate(zip(images.chunk(micro_batches), texts.chunk(micro_batches))):

@@ -2213,3 +2213,23 @@ def test_the_trainer_clips_the_unscaled_gradients_to_grad_clip_norm(tmp_path, mo
     for clip_to, norm, after in seen.values():
         assert clip_to == 0.01 and norm > 0.02 and after == pytest.approx(0.01, rel=1e-3)
     assert seen["fp16"][1] == pytest.approx(seen["fp32"][1], rel=0.05)  # the same batch, the same weights
+
+
+def test_every_optimizer_step_takes_the_scheduled_learning_rate(tmp_path, monkeypatch):
+    # The logged "lr" is the schedule's value; the optimizer's groups must be given it before every step
+    # (both groups: with and without weight decay), or the run trains at the constant optimizer.lr.
+    import clip.train as train_module
+
+    rates = []
+    build = train_module.build_optimizer
+
+    def recording_build_optimizer(*args, **kwargs):
+        optimizer = build(*args, **kwargs)
+        optimizer.register_step_pre_hook(lambda opt, *_: rates.append([g["lr"] for g in opt.param_groups]))
+        return optimizer
+
+    monkeypatch.setattr(train_module, "build_optimizer", recording_build_optimizer)
+    config = tiny_config(tmp_path, "schedule.steps=5", "eval.every_n_steps=0", "eval.zeroshot=[]")
+    train(config)
+    expected = [learning_rate(step, config.optimizer.lr, config.schedule) for step in range(5)]  # 2 warmup steps
+    assert rates == [[rate, rate] for rate in expected] and len(set(expected)) == 4

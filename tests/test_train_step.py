@@ -426,3 +426,14 @@ def test_accumulation_all_reduces_only_after_the_last_micro_batch(micro_batches)
     contrastive_step(module, images, texts, micro_batches, build_loss(LossConfig()), contextlib.nullcontext,
                      backward, False)  # not distributed: no_sync() is never entered (plain modules lack it)
     assert module.backward_in_no_sync == [False] * micro_batches
+
+
+def test_the_siglip_bias_starts_at_the_papers_value_and_precision_names_its_autocast_dtype():
+    # SigLIP's bias starts at -10 (not +10: every negative pair would start with a large loss); only SigLIP
+    # has one. Each train.precision autocasts to the dtype it names (bf16 and fp16 differ in range).
+    from clip.loss import SIGLIP_INITIAL_LOGIT_BIAS
+    from clip.train import AUTOCAST_DTYPES
+
+    assert ContrastiveModel(CLIP(TINY_VIT), with_logit_bias=True).logit_bias.item() == SIGLIP_INITIAL_LOGIT_BIAS == -10
+    assert ContrastiveModel(CLIP(TINY_VIT), with_logit_bias=False).logit_bias is None
+    assert AUTOCAST_DTYPES == {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -76,8 +76,12 @@ def test_chunked_clip_loss_matches_naive(chunk_size):
 
 
 def test_chunked_clip_loss_matches_unchunked_at_a_large_temperature():
-    # logit_scale at CLIP's clamp, log(100): logits up to 100 test the logsumexp's stability.
-    inputs = make_inputs(n=50, dim=32, seed=3, scale=math.log(100))
+    # logit_scale at CLIP's clamp, log(100): logits up to 100 test the logsumexp's stability. Each text is
+    # its image slightly perturbed, so that the positive logits are near 100, past float32's exp() range
+    # (exp(88.7)): random pairs' cosines stay below 0.7 and never reached it.
+    image, text, logit_scale = make_inputs(n=50, dim=32, seed=3, scale=math.log(100))
+    text = (image.detach() + 0.01 * text.detach()).requires_grad_()
+    inputs = image, text, logit_scale
     chunked = loss_and_grads(lambda i, t, s: contrastive_loss(i, t, s, chunk_size=16), *inputs)
     assert_same(chunked, loss_and_grads(contrastive_loss, *inputs))
     assert_same(chunked, loss_and_grads(naive_clip_loss, *inputs))

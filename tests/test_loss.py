@@ -248,6 +248,17 @@ def test_loss_stays_float32_under_autocast(chunk_size):
     torch.testing.assert_close(loss.double(), reference, **TOLERANCE)
 
 
+def test_sigmoid_loss_stays_float32_under_autocast():
+    # As the CLIP loss: the logits are computed in float32 also inside a bfloat16 autocast region.
+    image, text, logit_scale = make_inputs(n=10, dim=16, seed=6)
+    bias = torch.tensor(-3.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = sigmoid_loss(image.bfloat16(), text.bfloat16(), logit_scale, bias)
+    assert loss.dtype == torch.float32
+    reference = naive_sigmoid_loss(image.bfloat16().float(), text.bfloat16().float(), logit_scale, bias)
+    torch.testing.assert_close(loss.double(), reference, **TOLERANCE)
+
+
 @pytest.mark.parametrize("loss", ["clip", "clip_chunked", "siglip"])
 def test_float64_features_keep_float64_and_pass_a_gradient_check(loss):
     # The losses cast features to float32 for range under autocast; float64 ones were cast down too, so a

@@ -527,3 +527,20 @@ def test_saves_and_pruning_leave_no_file_descriptor_open(tmp_path):
     assert len(os.listdir("/proc/self/fd")) == open_before
     assert steps(tmp_path) == [11, 10]
 
+
+def test_a_checkpoint_that_is_not_a_dict_is_refused_saying_what_it_holds(tmp_path):
+    path = ckpt.checkpoint_path(tmp_path, 1)
+    path.parent.mkdir()
+    torch.save([ckpt.CHECKPOINT_FORMAT, 1], path)
+    with pytest.raises(ValueError, match=r"holds a list, not a checkpoint written by this trainer$"):
+        ckpt.read_checkpoint(path)
+
+
+def test_infinite_weights_are_non_finite_too_and_a_long_list_of_them_is_cut(tmp_path):
+    # An overflow in fp16 training leaves inf, not NaN, in the weights
+    inf = torch.tensor([1.0, float("inf")])
+    state = {"format": ckpt.CHECKPOINT_FORMAT, "step": 1,
+             "model": {"a": inf, "b": -inf, "c": inf, "d": inf, "steps": torch.tensor([3])}}
+    path = ckpt.save_checkpoint(state, tmp_path, 1, keep_last=1)
+    with pytest.raises(ValueError, match=r"holds non-finite weights \(a, b, c, \.\.\.\)$"):
+        ckpt.read_checkpoint(path)

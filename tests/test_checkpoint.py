@@ -544,3 +544,20 @@ def test_infinite_weights_are_non_finite_too_and_a_long_list_of_them_is_cut(tmp_
     path = ckpt.save_checkpoint(state, tmp_path, 1, keep_last=1)
     with pytest.raises(ValueError, match=r"holds non-finite weights \(a, b, c, \.\.\.\)$"):
         ckpt.read_checkpoint(path)
+
+
+
+def test_a_temporary_name_already_taken_is_left_alone_and_another_one_tried(tmp_path, monkeypatch):
+    # Another save's file in progress, or a leftover not yet removed: never opened, truncated or renamed
+    used = []
+    real_replace = os.replace
+    monkeypatch.setattr(ckpt.os, "replace", lambda source, target: (used.append(Path(source)), real_replace(source, target))[1])
+    save(tmp_path, 1)
+    taken = used[0]
+    taken.write_bytes(b"someone else's bytes")
+    names = iter([taken.name.split(".")[-2], "bbbbbbbb"])  # the taken name first
+    monkeypatch.setattr(ckpt.secrets, "token_hex", lambda length: next(names))
+    save(tmp_path, 1)
+    assert used[1].name.split(".")[-2] == "bbbbbbbb"
+    assert taken.read_bytes() == b"someone else's bytes"
+    assert ckpt.load_latest_checkpoint(tmp_path)["step"] == 1

@@ -408,6 +408,16 @@ def test_a_refused_entry_is_named_in_one_line_without_torchs_source_lines():
     assert f"ValueError: {'x' * 400}...)" in str(refused.value) and "x" * 401 not in str(refused.value)
 
 
+
+def test_running_out_of_memory_while_restoring_an_entry_is_not_blamed_on_the_checkpoint():
+    # torch.OutOfMemoryError is a RuntimeError: taken for an entry that does not fit, it would send the user to move
+    # a good checkpoint aside
+    from clip.resume import entry_restored
+
+    with pytest.raises(torch.OutOfMemoryError), entry_restored("its 'model' entry", Path("run"), 4):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
 def test_an_older_checkpoint_that_cannot_be_deleted_is_left_with_a_warning(tmp_path, monkeypatch, caplog):
     # The new checkpoint is saved: an old one left behind costs only disk space, not the run
     save(tmp_path, 1)

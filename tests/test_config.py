@@ -762,6 +762,26 @@ def test_a_checkpoint_with_the_default_synthetic_size_written_out_resumes_withou
     assert "data.sources.0.num_samples: 20000 -> 10000" in caplog.text
 
 
+
+def test_a_run_directory_moved_or_copied_resumes_without_a_warning(caplog):
+    # output_dir is where the run is now, not a setting it continues under
+    import logging
+    from pathlib import Path
+
+    from clip.config import TrainConfig, to_dict
+    from clip.resume import check_resumable
+
+    saved = to_dict(TrainConfig())
+    with caplog.at_level(logging.WARNING):
+        check_resumable({**saved, "output_dir": "/old/place/run"}, {**saved, "output_dir": "/new/place/run"},
+                        Path("/new/place/run"))
+        assert caplog.text == ""
+        check_resumable(saved, {**saved, "train": {**saved["train"], "seed": 7}}, Path("runs/x"), warn=False)
+        assert caplog.text == ""  # a rank other than 0: rank 0 says it
+        check_resumable(saved, {**saved, "train": {**saved["train"], "seed": 7}}, Path("runs/x"))
+    assert "train.seed: 0 -> 7" in caplog.text
+
+
 def test_a_file_that_is_not_utf8_is_a_config_error_naming_the_byte(tmp_path):
     # read_text raised a bare UnicodeDecodeError
     path = tmp_path / "latin1.toml"

@@ -108,10 +108,11 @@ def test_a_path_set_after_the_config_was_built_is_taken_as_its_text(tmp_path):
     assert not (tmp_path / "unused").exists()
 
 
-@pytest.mark.parametrize("extra", [[], ["train.patch_dropout=0.5", "train.accumulation_steps=2"]],
-                         ids=["plain", "patch_dropout"])
+@pytest.mark.parametrize("extra", [[], ["train.patch_dropout=0.5", "train.accumulation_steps=2"], ["loss.kind=siglip"]],
+                         ids=["plain", "patch_dropout", "siglip"])
 def test_resume_continues_exactly(tmp_path, extra):
-    # With patch dropout the masks come from torch's generator, whose state the checkpoint restores.
+    # With patch dropout the masks come from torch's generator, whose state the checkpoint restores. SigLIP's
+    # learned bias is the loss's parameter, saved beside the weights.
     train(tiny_config(tmp_path / "straight", *extra))
     train(tiny_config(tmp_path / "resumed", *extra), stop_at_step=3)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "resumed")] == [3]
@@ -120,6 +121,9 @@ def test_resume_continues_exactly(tmp_path, extra):
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
+    def loss_parameters(run):
+        return ckpt.read_checkpoint(ckpt.list_checkpoints(tmp_path / run)[0][1])["loss_parameters"]
+    torch.testing.assert_close(loss_parameters("resumed"), loss_parameters("straight"), rtol=0, atol=0)
     # the same batches were seen in the same order: the logged losses agree step by step
     def losses(run):
         return {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").open()) if "loss" in r}

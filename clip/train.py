@@ -118,6 +118,18 @@ def set_training_modes(train_module: nn.Module, clip_model: nn.Module, train_con
             tower_module.train()
 
 
+def trained_phrase(module: nn.Module, train_config: TrainLoopConfig) -> str:
+    """" (N trained: ...)" for a run with a locked tower, "" otherwise: without it, nothing a run logs showed
+    that lock_image or lock_text had taken effect, or how much of the model a partly locked tower trains."""
+    locks = [f"{tower} tower locked" + (f" except its last {layers} layer{'s' * (layers > 1)}" if layers else "")
+             for tower in ("image", "text") if getattr(train_config, f"lock_{tower}")
+             for layers in [getattr(train_config, f"lock_{tower}_unlocked_layers")]]
+    if not locks:
+        return ""
+    trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return f" ({trained / 1e6:.2f}M trained: {'; '.join(locks)})"
+
+
 def diverged(in_a_row: int, step: int, run_dir: Path, saved_step: int | None) -> NonFiniteLossError:
     """The error that stops a run after `in_a_row` non-finite steps, with what is kept and what to try."""
     # No periodic checkpoint is written during such a run of steps, so the latest one holds the weights from
@@ -333,9 +345,10 @@ def _train(
             reevaluated=already_finished or evaluation_owed,
         )
         log.info(
-            "model: %.2fM parameters; global batch %d (%s x %d, %d micro-batches); %d steps; data: %d samples/epoch",
-            sum(p.numel() for p in module.parameters()) / 1e6, global_batch, ranks_phrase(dist_info.world_size),
-            config.train.batch_size, config.train.accumulation_steps, config.schedule.steps, data.samples_per_epoch,
+            "model: %.2fM parameters%s; global batch %d (%s x %d, %d micro-batches); %d steps; data: %d samples/epoch",
+            sum(p.numel() for p in module.parameters()) / 1e6, trained_phrase(module, config.train), global_batch,
+            ranks_phrase(dist_info.world_size), config.train.batch_size, config.train.accumulation_steps,
+            config.schedule.steps, data.samples_per_epoch,
         )
         warn_about_unlikely_settings(config, global_batch, data.samples_per_epoch, saved_config, device)
 

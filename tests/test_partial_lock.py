@@ -180,3 +180,23 @@ def test_gradient_checkpointing_reaches_the_unlocked_blocks_of_a_partly_locked_t
     train(tiny_config(tmp_path, "train.lock_text=true", "train.lock_text_unlocked_layers=1", "schedule.steps=1",
                       "train.grad_checkpointing=true"))
     assert len(checkpointed) == 1 and checkpointed[0].training  # the text tower's last block, once
+
+
+def test_the_runs_first_lines_say_which_towers_are_locked_and_how_much_trains(tmp_path, caplog):
+    # The model line gave the parameter count alone: nothing a new run logged showed that lock_image or
+    # lock_text had taken effect, nor how much of the model a partly locked tower leaves to train.
+    def model_line(run: str, *extra: str) -> str:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="clip.train"):
+            train(tiny_config(tmp_path / run, "schedule.steps=1", *extra))
+        return next(record.getMessage() for record in caplog.records if record.getMessage().startswith("model: "))
+
+    assert "trained" not in model_line("unlocked")
+    model = CLIP(tiny_config(tmp_path / "x").model)
+    model.lock(image=True, image_unlocked_layers=1)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
+    line = model_line("partly", "train.lock_image=true", "train.lock_image_unlocked_layers=1")
+    assert f" ({trained:.2f}M trained: image tower locked except its last 1 layer);" in line
+    model.lock(text=True)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
+    assert f" ({trained:.2f}M trained: text tower locked);" in model_line("text", "train.lock_text=true")

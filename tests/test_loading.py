@@ -577,11 +577,14 @@ def test_the_readmes_weights_only_file_loads_as_its_checkpoint(tmp_path: Path) -
     checkpoint = trainer_checkpoint(original, 7) | {"loss_parameters": {"logit_bias": torch.tensor(-10.0)}}
     torch.save(checkpoint, tmp_path / "step_00000007.pt")
     ckpt = torch.load(tmp_path / "step_00000007.pt", weights_only=True)
-    torch.save({k: ckpt[k] for k in ("model", "config", "loss_parameters")}, tmp_path / "weights.pt")
+    torch.save({k: ckpt[k] for k in ("format", "step", "model", "config", "loss_parameters")}, tmp_path / "weights.pt")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        model, _ = load(tmp_path / "weights.pt", device="cpu")
+        model, _, source = load_with_source(tmp_path / "weights.pt", device="cpu")
     assert model.config == CUSTOM_HEADS and model.logit_bias.item() == -10.0
+    # The recipe kept model, config and loss_parameters alone: an evaluation of the file recorded step null, so
+    # its results could not be traced to the training step they came from
+    assert source.step == 7
     assert_same_features(model, original, CUSTOM_HEADS, atol=0)
     fresh = tiny_model(CUSTOM_HEADS, seed=1)  # train.init_weights
     clip.loading.load_weights_into(fresh, str(tmp_path / "weights.pt"))
@@ -642,7 +645,7 @@ def test_only_a_trainer_checkpoint_gives_its_step(tmp_path: Path) -> None:
     # Another program's "step" may count something else (optimizer steps of another batch size, epochs)
     checkpoint = trainer_checkpoint(tiny_model(CUSTOM_HEADS), 7)
     files = {
-        "weights.pt": {k: checkpoint[k] for k in ("model", "config")},  # the README's weights-only file
+        "weights.pt": {k: checkpoint[k] for k in ("model", "config")},  # a weights-only file without the format
         "foreign.pt": {k: checkpoint[k] for k in ("model", "config", "step")},
         "bare.pt": checkpoint["model"],
     }

@@ -121,9 +121,12 @@ def set_training_modes(train_module: nn.Module, clip_model: nn.Module, train_con
 def trained_phrase(module: nn.Module, train_config: TrainLoopConfig) -> str:
     """" (N trained: ...)" for a run with a locked tower, "" otherwise: without it, nothing a run logs showed
     that lock_image or lock_text had taken effect, or how much of the model a partly locked tower trains."""
-    locks = [f"{tower} tower locked" + (f" except its last {layers} layer{'s' * (layers > 1)}" if layers else "")
-             for tower in ("image", "text") if getattr(train_config, f"lock_{tower}")
-             for layers in [getattr(train_config, f"lock_{tower}_unlocked_layers")]]
+    locks = []
+    for tower in ("image", "text"):
+        if getattr(train_config, f"lock_{tower}"):
+            layers = getattr(train_config, f"lock_{tower}_unlocked_layers")
+            unlocked = f" except its last {layers} layer{'s' * (layers > 1)}" if layers else ""
+            locks.append(f"{tower} tower locked{unlocked}")
     if not locks:
         return ""
     trained = sum(p.numel() for p in module.parameters() if p.requires_grad)

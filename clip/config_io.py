@@ -413,7 +413,9 @@ def refuse_shell_expanded_range(overrides: typing.Sequence[str]) -> None:
     """A shard pattern left unquoted on a command line reaches us expanded by the shell:
     data.sources.0.path=d/{00000..00009}.tar is ten overrides of one path, and the last one alone would be trained
     on, without a word. Refused where a path key is given more than once with values that differ in their numbers
-    alone. (Other repeated keys keep the last value, as a wrapper script that appends its own overrides expects.)"""
+    alone and hold no brace (the shell's expansion leaves none; a quoted pattern replacing a wrapper's, cc3m's
+    range by cc12m's, is a legitimate repeat). (Other repeated keys keep the last value, as a wrapper script that
+    appends its own overrides expects.)"""
     values: dict[str, list[str]] = {}
     for assignment in overrides:
         if "=" in assignment:  # (one without is apply_override's error)
@@ -421,7 +423,8 @@ def refuse_shell_expanded_range(overrides: typing.Sequence[str]) -> None:
             values.setdefault(_override_key(key), []).append(text.strip())
     for key, texts in values.items():
         remainders = {re.sub(r"\d+", "", text) for text in texts}
-        if key.rsplit(".", 1)[-1] != "path" or len(set(texts)) < 2 or len(remainders) != 1:
+        brace_left = any("{" in text for text in texts)  # quoted: the shell's expansion leaves no brace
+        if key.rsplit(".", 1)[-1] != "path" or len(set(texts)) < 2 or len(remainders) != 1 or brace_left:
             continue
         shown = ", ".join([*map(repr, texts[:2]), *(["..."] if len(texts) > 3 else []), *map(repr, texts[2:][-1:])])
         raise ConfigError(

@@ -78,6 +78,10 @@ def test_a_shard_range_the_shell_expanded_is_refused(tmp_path):
     config = load_config(path, ["sources.0.path=d/{00000..00003}.tar", "section.steps=1", "section.steps=2"], Schema)
     assert config.sources == [Source("d/{00000..00003}.tar", 1.0)] and config.section.steps == 2
     assert load_config(path, ["sources.0.path=a.tar", "sources.0.path=b.tar"], Schema).sources[0].path == "b.tar"
+    # Quoted patterns that differ in their numbers alone (a wrapper's dataset replaced by the user's) were
+    # refused as an expansion, which leaves no brace in its values
+    quoted = ["sources.0.path=cc3m/{00000..00331}.tar", "sources.0.path=cc12m/{00000..01242}.tar"]
+    assert load_config(path, quoted, Schema).sources[0].path == "cc12m/{00000..01242}.tar"
 
 
 def test_unknown_key_names_the_closest_valid_one(tmp_path):

@@ -853,6 +853,12 @@ def test_each_dataset_gets_its_own_default_output_folder(tmp_path, tiny_checkpoi
         assert result["dataset"]["annotations"] == str(tmp_path / f"{stem}.json")
     assert retrieval_cli.main([*argv, "--name", "flickr/test"]) == 0  # a name with a slash is one folder
     assert (tmp_path / "retrieval_results" / "flickr_test" / "retrieval_results.json").is_file()
+    # COCO's val and test splits share the file's name: scoring val replaced test's results
+    assert retrieval_cli.main([*argv, "--split", ""]) == 0
+    assert json.loads((tmp_path / "retrieval_results" / "dataset_flickr30k_all" / "retrieval_results.json")
+                      .read_text())["dataset"]["split"] == ""
+    assert json.loads((tmp_path / "retrieval_results" / "dataset_flickr30k" / "retrieval_results.json")
+                      .read_text())["dataset"]["split"] == "test"
     for name in ("pets", "flowers"):
         write_colour_folder(tmp_path / name / "train", {"a_red": 5, "c_blue": 5}, seed=0)
         write_colour_folder(tmp_path / name / "test", {"a_red": 2, "c_blue": 2}, seed=1)

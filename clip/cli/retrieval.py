@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--output-dir", type=home_expanded, default="",
                         help="where retrieval_results.json is written (default: retrieval_results/NAME, NAME as "
-                        "--name gives it)")
+                        "--name gives it, with _SPLIT added for a Karpathy split other than test: _val, _all for '')")
     return parser.parse_args(argv)
 
 
@@ -92,6 +92,16 @@ def dataset_record(dataset: RetrievalDatasetConfig) -> dict:
         "split": dataset.split if karpathy else None,  # a manifest's rows are all evaluated
         "max_images": dataset.max_images,
     }
+
+
+def default_output_dir(dataset: RetrievalDatasetConfig) -> Path:
+    """A folder of the dataset's own: in one for all, evaluating Flickr30k replaced COCO's results. A Karpathy
+    split other than the default test gets its own too ("dataset_coco_val"; '' is "_all"): COCO's val and test
+    splits share the file, and so its name."""
+    name = re.sub(r"[/\\]", "_", dataset.resolved_name())
+    if annotations_format(dataset) == "karpathy" and dataset.split != "test":
+        name += f"_{dataset.split or 'all'}"
+    return Path("retrieval_results") / name
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -120,9 +130,7 @@ def evaluate(args: argparse.Namespace) -> int:
     logger.info("%s: %d images, %d captions", name, len(data.image_paths), len(data.captions))
     if args.ties == "pessimistic":
         warn_about_shared_captions(data, name, "--ties optimistic ranks them in its favour.")
-    # A folder per dataset by default: in one for all, evaluating Flickr30k replaced COCO's results
-    default_dir = Path("retrieval_results") / re.sub(r"[/\\]", "_", name)
-    output_dir = writable_output_dir(Path(args.output_dir or default_dir))
+    output_dir = writable_output_dir(Path(args.output_dir or default_output_dir(dataset)))
     model, preprocess, source = load_model(args.model, device)
     result = evaluate_retrieval(
         model,

@@ -74,6 +74,16 @@ def test_a_folder_given_as_the_shard_path_is_named_as_one_with_the_range_to_writ
             "tar files from s-000000.tar to s-000002.tar in it")):
         shard_sizes([f"{tmp_path / 'out'}/"])
     assert shard_sizes(expand_shard_pattern(pattern)).tolist() == [4, 4, 4]  # the range it names is the shards
+    # Numbered without padding, the names sort as text 1, 10, 2..9: the advice was '{1..9}', leaving 10.tar out
+    (tmp_path / "plain").mkdir()
+    for number in range(1, 11):
+        shutil.copy(expand_shard_pattern(pattern)[0], tmp_path / "plain" / f"{number}.tar")
+    with pytest.raises(ValueError, match=re.escape(f"'{tmp_path / 'plain'}/{{1..10}}.tar' for the 10 tar files from "
+                                                   "1.tar to 10.tar in it")):
+        shard_sizes([str(tmp_path / "plain")])
+    (tmp_path / "plain" / "5.tar").unlink()  # with a gap, a range would name a shard that is not there
+    with pytest.raises(ValueError, match=r"name its shards \(9 tar file\(s\) in it, 1.tar to 10.tar\) as a"):
+        shard_sizes([str(tmp_path / "plain")])
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty is a folder, not a shard: it holds no .tar files"):
         shard_sizes([str(tmp_path / "empty")])

@@ -201,17 +201,35 @@ class _SizeIndexes:
 
 def _range_advice(folder: Path) -> str:
     """What to write instead of a folder of shards: its tars as a {first..last} range where their names allow."""
-    names = sorted(path.name for path in folder.iterdir() if _TAR_NAME.fullmatch(path.name))
+    names = sorted((path.name for path in folder.iterdir() if _TAR_NAME.fullmatch(path.name)), key=_by_number)
     if not names:
         return "it holds no .tar files; give the shards' own paths, as a range such as 'DIR/{00000..00099}.tar'"
-    numbered = [re.fullmatch(r"(.*?)(\d+)(\.tar\.gz|\.tgz|\.tar)", name) for name in (names[0], names[-1])]
-    if all(numbered) and len(names) > 1 and numbered[0].group(1, 3) == numbered[1].group(1, 3) and \
-            len(numbered[0].group(2)) == len(numbered[1].group(2)):
-        prefix, first, suffix = numbered[0].groups()
-        return (f"name its shards, e.g. '{folder}/{prefix}{{{first}..{numbered[1].group(2)}}}{suffix}' for the "
-                f"{len(names)} tar files from {names[0]} to {names[-1]} in it")
+    pattern = _as_range(names)
+    if pattern:
+        return (f"name its shards, e.g. '{folder}/{pattern}' for the {len(names)} tar files from {names[0]} to "
+                f"{names[-1]} in it")
     return (f"name its shards ({len(names)} tar file(s) in it, {names[0]} to {names[-1]}) as a {{first..last}} range "
             "or joined with '::'")
+
+
+def _by_number(name: str) -> list:
+    """A sort key that orders the numbers in names by value: 1.tar, 2.tar ... 10.tar, not 1, 10, 2 as text."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _as_range(names: list[str]) -> str | None:
+    """'s-{000..002}.tar' for names (in _by_number's order) that are exactly that range's, else None: unpadded,
+    '{1..9}' left 10.tar out, and across a gap a range would name shards that are not there."""
+    first, last = (re.fullmatch(r"(.*?)(\d+)(\.tar\.gz|\.tgz|\.tar)", name) for name in (names[0], names[-1]))
+    if len(names) < 2 or not (first and last) or first.group(1, 3) != last.group(1, 3):
+        return None
+    prefix, start, suffix = first.groups()
+    end = last.group(2)
+    # braceexpand pads the numbers to the endpoints' width when these are written alike ({08..10}), else not
+    width = len(start) if len(start) == len(end) else 0
+    if [f"{prefix}{number:0{width}d}{suffix}" for number in range(int(start), int(end) + 1)] != names:
+        return None
+    return f"{prefix}{{{start}..{end}}}{suffix}"
 
 
 def _is_sample_count(value: Any) -> bool:

@@ -408,7 +408,6 @@ def test_a_refused_entry_is_named_in_one_line_without_torchs_source_lines():
     assert f"ValueError: {'x' * 400}...)" in str(refused.value) and "x" * 401 not in str(refused.value)
 
 
-
 def test_running_out_of_memory_while_restoring_an_entry_is_not_blamed_on_the_checkpoint():
     # torch.OutOfMemoryError is a RuntimeError: taken for an entry that does not fit, it would send the user to move
     # a good checkpoint aside
@@ -456,7 +455,6 @@ def test_a_symlink_named_like_a_temporary_file_is_not_removed(tmp_path):
     link.symlink_to(target)
     assert ckpt.remove_stray_temporaries(tmp_path) == []
     assert link.is_symlink() and target.exists()
-
 
 
 def test_read_checkpoint_names_non_finite_weights_unless_told_not_to_verify(tmp_path):
@@ -554,7 +552,6 @@ def test_infinite_weights_are_non_finite_too_and_a_long_list_of_them_is_cut(tmp_
     path = ckpt.save_checkpoint(state, tmp_path, 1, keep_last=1)
     with pytest.raises(ValueError, match=r"holds non-finite weights \(a, b, c, \.\.\.\)$"):
         ckpt.read_checkpoint(path)
-
 
 
 def test_a_temporary_name_already_taken_is_left_alone_and_another_one_tried(tmp_path, monkeypatch):

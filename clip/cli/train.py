@@ -48,7 +48,8 @@ EPILOG = (
     "Overrides name any field of the config: train.batch_size=64, model.vision.layers=[3,4,6,3], "
     "data.sources.0.weight=2 (an element of [[data.sources]] by its index from 0), optimizer.grad_clip_norm=none "
     "(a setting that can be off), 'train={seed=1, batch_size=64}' (several keys of a section, quoted for the "
-    "shell), 'data.sources.0.path=shards/{00000..00099}.tar' (quoted too, or the shell expands the range). Exit status: 0 finished; 2 bad input, said in one line (CLIP_DEBUG=1 adds its traceback); "
+    "shell), 'data.sources.0.path=shards/{00000..00099}.tar' (quoted too, or the shell expands the range). "
+    "Exit status: 0 finished; 2 bad input, said in one line (CLIP_DEBUG=1 adds its traceback); "
     f"{STOPPED_EARLY_EXIT_CODE} stopped early with a checkpoint: run the same command again to continue; "
     f"{STOPPED_AT_ONCE_EXIT_CODE} stopped at once by a second Ctrl-C, without saving; 1 anything else."
 )

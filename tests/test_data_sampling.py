@@ -108,6 +108,19 @@ def test_resampled_shard_draws_reach_every_offset_when_slots_need_less_than_a_sh
     assert min(per_decile) > 0.6 * max(per_decile), per_decile
 
 
+def test_resampled_shards_of_unequal_sizes_have_every_sample_read_equally_often() -> None:
+    # A draw reads a whole shard: drawn by size, the 9-sample shard would come up 9 times as often as the
+    # 1-sample one, and each of its samples would be read 9 times as often as that one's
+    planner = Planner((shard_layout([1, 0, 9]),), seed=0, world_size=1, workers_per_rank=1, resampled=True,
+                      epoch_samples=100)
+    reads: Counter = Counter()
+    for epoch in range(50):
+        for shard, start, stop in planner.plan(epoch, 0, 0).segments[0]:
+            reads.update((shard, i) for i in range(start, stop))
+    assert sum(reads.values()) == 50 * 100 and len(reads) == 10  # the empty shard is never drawn
+    assert 0.7 < reads[(0, 0)] / (50 * 100 / 10) < 1.3, reads
+
+
 def test_plans_are_pinned_because_saved_data_positions_index_them() -> None:
     """A checkpoint's data position counts items of these plans, stamped with PLAN_VERSION. If this test
     fails after a deliberate change of what a seed plans (seeds, purposes, rotation, interleaving, window
@@ -122,7 +135,7 @@ def test_plans_are_pinned_because_saved_data_positions_index_them() -> None:
     resampled = Planner(sources, seed=5, world_size=2, workers_per_rank=1, resampled=True, epoch_samples=9)
     plan = resampled.plan(1, 1, 0)
     assert plan.labels.tolist() == [1, 1, 0, 0]
-    assert plan.rows[0].tolist() == [3, 1] and plan.segments[1] == [(2, 4, 6)]
+    assert plan.rows[0].tolist() == [3, 1] and plan.segments[1] == [(0, 2, 4)]
 
 
 @pytest.mark.parametrize("resampled", [False, True])
@@ -194,9 +207,9 @@ def test_resampled_plans_of_several_draws_are_pinned_too() -> None:
     partial shard's start drawn after the batch, and a negative seed not the same as its absolute value."""
     sources = (shard_layout([3, 5, 2]),)
     planner = Planner(sources, seed=7, world_size=1, workers_per_rank=1, resampled=True, epoch_samples=17)
-    assert planner.plan(0, 0, 0).segments[0] == [(1, 0, 5), (1, 0, 5), (0, 0, 3), (0, 0, 3), (0, 0, 1)]
+    assert planner.plan(0, 0, 0).segments[0] == [(0, 0, 3), (2, 0, 2), (1, 0, 5), (0, 0, 3), (2, 0, 2), (0, 1, 3)]
     negative = Planner(sources, seed=-7, world_size=1, workers_per_rank=1, resampled=True, epoch_samples=17)
-    assert negative.plan(0, 0, 0).segments[0] == [(2, 0, 2), (1, 0, 5), (0, 0, 3), (0, 0, 3), (2, 0, 2), (2, 0, 2)]
+    assert negative.plan(0, 0, 0).segments[0] == [(2, 0, 2), (2, 0, 2), (1, 0, 5), (2, 0, 2), (1, 0, 5), (0, 2, 3)]
 
 
 def test_an_epoch_of_exact_plans_ignores_a_resampled_epoch_size() -> None:

@@ -13,7 +13,9 @@ straddle two slots; each reads only its own range of it.
 
 Resampled (resampled=True). Each slot independently draws its share of the epoch with replacement:
 a source per sample with probability proportional to weight_i * size_i, then rows uniformly, or whole shards
-with probability proportional to their sizes (so every sample is equally likely).
+uniformly among the non-empty ones: a draw reads every sample of its shard, so each shard equally likely makes
+every sample equally likely (drawn by size, a shard twice as large would have each of its samples read twice
+as often).
 
 Within a slot the sources are interleaved in a random order (`labels`), and the resulting stream is shuffled
 in consecutive windows of `shuffle_buffer` items (`window_permutation`). Unlike a streaming shuffle buffer,
@@ -40,8 +42,9 @@ _ORDER, _SHARD_ORDER, _INTERLEAVE, _RESAMPLE, _WINDOW = 1, 2, 3, 4, 5
 
 # Bumped whenever the same seed would plan other samples: a data position saved under another version
 # cannot resume exactly (the loader then restarts the epoch, with a warning). 2: resampled partial shards
-# start at a random offset. 3: row orders from `permuted_range` instead of numpy's permutation.
-PLAN_VERSION = 3
+# start at a random offset. 3: row orders from `permuted_range` instead of numpy's permutation. 4: resampled
+# shards drawn uniformly, not by size.
+PLAN_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -110,15 +113,15 @@ def _segments_in_range(sizes: np.ndarray, first: int, stop: int, key: tuple[int,
 
 
 def _draw_segments(sizes: np.ndarray, count: int, rng: np.random.Generator) -> list[tuple[int, int, int]]:
-    """Whole shards drawn with replacement, probability proportional to size, until `count` samples. When
-    the last draw needs only part of a shard, the part starts at a random sample and wraps around the shard's
-    end, so that every sample stays equally likely also when a slot's share is smaller than a shard (always
-    from the start, the shards' tails would never be drawn)."""
-    probabilities = sizes / sizes.sum()
+    """Whole shards drawn with replacement, every non-empty shard equally likely, until `count` samples (see
+    the module docstring for why not by size). When the last draw needs only part of a shard, the part starts
+    at a random sample and wraps around the shard's end, so that every sample stays equally likely also when a
+    slot's share is smaller than a shard (always from the start, the shards' tails would never be drawn)."""
+    nonempty = np.flatnonzero(sizes > 0)  # an empty shard drawn would add an empty segment
     segments, planned = [], 0
     while planned < count:
-        batch = max(1, int(np.ceil((count - planned) / sizes.mean())))
-        for shard in rng.choice(len(sizes), size=batch, p=probabilities):
+        batch = max(1, int(np.ceil((count - planned) / sizes[nonempty].mean())))
+        for shard in nonempty[rng.integers(0, len(nonempty), size=batch)]:
             size = int(sizes[shard])
             take = min(size, count - planned)
             if take == size:

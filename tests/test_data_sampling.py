@@ -90,6 +90,15 @@ def test_resampled_follows_weights() -> None:
     # with replacement: rows repeat within an epoch
     rows = planner.plan(0, 0, 0).rows[0]
     assert len(np.unique(rows)) < len(rows)
+    assert set(rows.tolist()) == set(range(100))  # and every row can be drawn, the last one too
+
+
+def test_resampled_sources_of_equal_weight_are_drawn_in_proportion_to_their_sizes() -> None:
+    # weight is per sample: 100 rows and 300 rows of weight 1 are a quarter and three quarters of the draws
+    planner = Planner((SourceLayout(100, 1.0), SourceLayout(300, 1.0)), seed=0, world_size=1, workers_per_rank=1,
+                      resampled=True, epoch_samples=8000)
+    labels = planner.plan(0, 0, 0).labels
+    assert np.count_nonzero(labels == 0) / len(labels) == pytest.approx(0.25, abs=0.03)
 
 
 def test_resampled_shard_draws_reach_every_offset_when_slots_need_less_than_a_shard() -> None:
@@ -173,6 +182,19 @@ def test_sources_are_interleaved_within_a_slot() -> None:
     assert switches > 20  # a random interleaving of 40 + 40 switches about 40 times
 
 
+def test_interleavings_draws_and_window_orders_differ_between_epochs_and_slots() -> None:
+    """Each random choice is seeded by the epoch and the slot (rank and worker): with one left out, two slots
+    would interleave, draw or shuffle alike (resampled: the very same samples), or every epoch would."""
+    keys = [(epoch, rank, worker) for epoch in range(2) for rank in range(2) for worker in range(2)]
+    sources = (SourceLayout(40, 1.0), SourceLayout(40, 1.0))
+    exact = Planner(sources, seed=0, world_size=2, workers_per_rank=2)
+    assert len({tuple(exact.plan(*key).labels.tolist()) for key in keys}) == len(keys)
+    resampled = Planner(sources, seed=0, world_size=2, workers_per_rank=2, resampled=True, epoch_samples=160)
+    assert len({tuple(resampled.plan(*key).rows[0].tolist()) for key in keys}) == len(keys)
+    windows = {tuple(exact.window_permutation(*key, window, 10).tolist()) for key in keys for window in range(2)}
+    assert len(windows) == 2 * len(keys)
+
+
 def test_segments_are_never_empty_and_whole_shard_draws_are_read_from_the_start() -> None:
     """An empty segment would make a worker open (and perhaps download) a shard to read nothing."""
     sizes = [5, 0, 7, 3, 0, 6]
@@ -185,6 +207,11 @@ def test_segments_are_never_empty_and_whole_shard_draws_are_read_from_the_start(
                         epoch_samples=40)
     segments = resampled.plan(0, 0, 0).segments[0]
     assert len(segments) == 10 and all((start, stop) == (0, 4) for _, start, stop in segments)
+    # a partial draw that ends exactly at its shard's end has nothing to wrap around to the start
+    partial = Planner((shard_layout([4] * 5),), seed=1, world_size=1, workers_per_rank=1, resampled=True,
+                      epoch_samples=6)
+    for epoch in range(40):
+        assert all(start < stop for _, start, stop in partial.plan(epoch, 0, 0).segments[0])
 
 
 def test_fractional_weights_round_to_the_nearest_count() -> None:

@@ -542,6 +542,24 @@ def test_a_rank_keeps_the_counts_of_its_last_few_finished_epochs() -> None:
     assert counts.total["s"]["samples"] == sum(range(10, 16)) and counts.open == {}
 
 
+def test_a_reopened_epoch_is_open_again_and_no_longer_finished() -> None:
+    # Left in the finished epochs too, a reopened epoch would be reported finished with partial counts, and a
+    # resume under another world size (which sums open and finished epochs) would count it twice
+    from clip.data.epoch_counts import EpochCounts
+
+    counts = EpochCounts(["s"])
+    for epoch in range(3):
+        counts.add({epoch: {"s": {"samples": 10, "skipped": {}, "repaired": {"cmyk": 1}}}})
+        counts.finish(epoch)
+    counts.reopen(1)
+    assert sorted(counts.finished) == [0] and sorted(counts.open) == [1, 2]
+    assert counts.open[2] == {"s": {"samples": 10, "skipped": {}, "repaired": {"cmyk": 1}}}
+    assert counts.latest_finished()["epoch"] == 0
+    assert [epoch for epoch, _ in counts.state_dict()["finished_epochs"]] == [0]
+    # an epoch this rank read nothing of (as after a resume on more ranks) finishes with zero counts per source
+    assert counts.finish(7) == {"s": {"samples": 0, "skipped": {}, "repaired": {}}}
+
+
 def test_a_resume_continues_the_counts_of_the_finished_and_open_epochs(tmp_path: Path) -> None:
     source = shards_source(tmp_path, 40, 6, name="s")
     data = build([source], batch_size=5)

@@ -222,6 +222,9 @@ def test_the_checkpoint_keeps_the_longest_chain_of_handovers_once() -> None:
     states = [{"handovers": ["h2"]}, {"handovers": ["h1", "h2"]}, {"handovers": []}]
     assert [state["handovers"] for state in states_to_save(states)] == [[], ["h1", "h2"], []]
     assert states_to_save([]) == []
+    # and on resume every rank gets that chain back, whichever rank's state held it
+    saved = [slot_state(0, [[1, 5]]), {**slot_state(1, [[2, 0]]), "handovers": ["h1", "h2"]}]
+    assert data_state_for_rank(saved, 0)["handovers"] == ["h1", "h2"]
 
 
 def test_old_states_still_load(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

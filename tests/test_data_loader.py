@@ -291,6 +291,8 @@ def test_resuming_on_another_number_of_ranks_keeps_the_run_totals(tmp_path: Path
     # the epochs they finished in the merged counts
     assert all(report["stats"]["samples"] == report["stats"]["batches"] == 0 and not report["finished_epochs"]
                for report in reports[1:])
+    # only epoch 1 is still in progress: epoch 0, finished by both, is not reopened (it would never finish again)
+    assert [epoch for epoch, _ in data_state_for_other_world_size(saved, 0)["open_epochs"]] == [1]
     # epoch 0, which both saved ranks had finished, stays finished on rank 0 with both ranks' counts
     assert reports[0]["finished_epochs"][0]["s"]["samples"] == 40
     if new_world_size == 1:

@@ -315,6 +315,11 @@ def test_merged_skips_and_repairs_are_summed_over_ranks() -> None:
     assert merged["skipped"] == 4
     assert merged["sources"] == {"s": whole}
     assert merged["finished_epoch"] == {"epoch": 0, "sources": {"s": whole}}
+    # every rank reads the same manifests, so the rows they leave out are rank 0's, not a sum
+    reports = [report({}, {}), report({}, {})]
+    for rank_report in reports:
+        rank_report["stats"]["manifest_rows_dropped"] = {"s": {"no_caption": 2}}
+    assert merge_rank_reports(reports)["manifest_rows_dropped"] == {"s": {"no_caption": 2}}
 
 
 @pytest.mark.parametrize("kind", ["manifest", "shards"])

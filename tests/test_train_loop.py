@@ -1838,6 +1838,32 @@ def test_fp16_with_loss_scaling_trains_and_resumes_exactly(tmp_path):
         assert torch.isfinite(straight[name]).all() or not straight[name].is_floating_point()
 
 
+def test_fp16_resumes_with_the_loss_scale_it_had_reached(tmp_path, monkeypatch):
+    # The tiny run above never moves the scale from its initial 65536 in 4 steps (it grows every 2000 steps
+    # without an overflow), so a resume that started the scaler afresh matched it. Starting low (no overflow)
+    # and growing every step, the scale has moved by the checkpoint: the resumed run must go on from there.
+    class GrowingEveryStep(torch.amp.GradScaler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, init_scale=2.0**10, growth_interval=1, **kwargs)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", GrowingEveryStep)
+    extra = ["train.precision=fp16", "schedule.steps=4", "checkpoint.every_n_steps=2", "eval.every_n_steps=0"]
+    train(tiny_config(tmp_path / "straight", *extra))
+    train(tiny_config(tmp_path / "resumed", *extra), stop_at_step=2)
+    saved = ckpt.load_latest_checkpoint(tmp_path / "resumed")["scaler"]
+    assert saved["scale"] == 2.0**12  # it moved before the checkpoint
+    train(tiny_config(tmp_path / "resumed", *extra))
+
+    def loss_scales(run_dir):
+        return [json.loads(line)["loss_scale"] for line in (run_dir / "metrics.jsonl").open() if '"loss"' in line]
+
+    assert loss_scales(tmp_path / "resumed") == loss_scales(tmp_path / "straight")
+    straight, resumed = (ckpt.load_latest_checkpoint(tmp_path / name) for name in ("straight", "resumed"))
+    assert straight["step"] == resumed["step"] == 4 and straight["scaler"] == resumed["scaler"]
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+
+
 def test_switching_to_fp16_on_resume_starts_a_fresh_loss_scale(tmp_path):
     # The bf16 run saved no scaler state; fp16 loss scaling then starts at its initial scale.
     train(tiny_config(tmp_path, "schedule.steps=4", "eval.every_n_steps=0", "train.precision=bf16"), stop_at_step=2)

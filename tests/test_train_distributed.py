@@ -136,6 +136,17 @@ def test_two_ranks_train_checkpoint_and_resume_exactly(tmp_path):
     assert state["data"][0] != state["data"][1]  # each rank records its own position
     run_two_ranks(tmp_path / "resumed", extra=extra)
     assert_same_final_weights(tmp_path / "straight", tmp_path / "resumed", step=4)
+    # Each rank went on from its own generators and data position. The weights alone would not tell a rank
+    # that resumed from rank 0's: this run draws no random numbers while it trains (no patch dropout), and
+    # rank 0's state (which lists every rank's position) leads rank 1 to the same samples, but through a
+    # needless layout handover that its later states carry (one more per resume, until the handovers run
+    # out and an epoch restarts). The states each rank saved at the end tell.
+    straight, resumed = (ckpt.load_latest_checkpoint(tmp_path / name) for name in ("straight", "resumed"))
+    assert resumed["data"] == straight["data"]
+    # torch's generator (python's and numpy's are not seeded: the run does not draw from them)
+    assert len(resumed["rng"]) == 2 and not torch.equal(straight["rng"][0]["torch"], straight["rng"][1]["torch"])
+    for before, after in zip(straight["rng"], resumed["rng"]):
+        assert torch.equal(before["torch"], after["torch"])
     assert (tmp_path / "straight" / "results.json").exists()
     # metrics.jsonl (written by rank 0) counts both ranks' samples: 4 steps x 2 ranks x 4
     records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").open()]

@@ -154,6 +154,19 @@ def test_two_ranks_train_checkpoint_and_resume_exactly(tmp_path):
     assert last["ranks"] == 2 and last["samples"] == 32
 
 
+def test_a_one_rank_checkpoint_resumed_on_two_ranks_counts_its_samples_once(tmp_path):
+    # Under another rank count, rank 0 carries on the saved ranks' sample counts and the others start from
+    # none: a rank that took rank 0's state as its own counted the samples read before the resume again.
+    extra = ["eval.every_n_steps=0", "schedule.steps=4", "checkpoint.every_n_steps=2"]
+    train(tiny_config(tmp_path, "train.device=cpu", *extra), stop_at_step=2)  # 2 steps x 8 on one rank
+    run_two_ranks(tmp_path, extra=extra)  # then 2 steps x 2 ranks x 4
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    last = [r["data"] for r in records if "data" in r][-1]
+    assert last["ranks"] == 2 and last["samples"] == 16 + 16
+    state = ckpt.load_latest_checkpoint(tmp_path)
+    assert state["step"] == 4 and [rank["counts"]["0:synthetic"]["samples"] for rank in state["data"]] == [24, 8]
+
+
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     extra = ["eval.every_n_steps=0", "schedule.steps=4", "checkpoint.every_n_steps=0"]
     run_two_ranks(tmp_path / "straight", extra=extra)

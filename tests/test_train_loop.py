@@ -254,6 +254,12 @@ def test_keep_last(tmp_path):
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [5, 4]
 
 
+def test_a_run_keeps_its_last_keep_last_checkpoints(tmp_path):
+    train(tiny_config(tmp_path, "schedule.steps=4", "checkpoint.every_n_steps=1", "checkpoint.keep_last=2",
+                      "eval.every_n_steps=0"))
+    assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [4, 3]
+
+
 def poison_loss(monkeypatch, steps: set[int], gradients_only: bool = False) -> None:
     """Makes clip.train's loss NaN at the given steps (counted as calls; one micro-batch per step), or, with
     gradients_only, keeps it finite but gives its gradients NaN: sqrt(|x - x|) is 0 with an infinite slope."""

@@ -844,6 +844,19 @@ def test_resuming_with_the_embeddings_decayed_regroups_the_optimizer_state(tmp_p
     assert "optimizer.decay_embeddings: False -> True" in caplog.text
 
 
+def test_a_checkpoint_without_parameter_names_is_regrouped_by_its_own_decay_embeddings(tmp_path, caplog):
+    # Checkpoints from before optimizer_parameter_names was saved: the saved moments' order is the grouping
+    # of the checkpoint's decay_embeddings, not this run's (taken from this run's, the group sizes disagree).
+    train(tiny_config(tmp_path, "optimizer.decay_embeddings=false", "eval.every_n_steps=0"), stop_at_step=3)
+    path = ckpt.list_checkpoints(tmp_path)[0][1]
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    del state["optimizer_parameter_names"]
+    torch.save(state, path)
+    with caplog.at_level(logging.WARNING, logger="clip.train"):
+        assert train(tiny_config(tmp_path, "eval.every_n_steps=0"))["step"] == 6
+    assert "optimizer.decay_embeddings: False -> True" in caplog.text
+
+
 def test_a_checkpoint_from_before_decay_embeddings_existed_counts_as_false(tmp_path, caplog):
     from clip.config import to_dict
     from clip.resume import check_resumable

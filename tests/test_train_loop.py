@@ -159,6 +159,32 @@ def test_a_checkpoint_of_another_rank_count_seeds_the_generators_afresh(tmp_path
 
 
 
+def test_a_cpu_runs_checkpoint_resumed_on_a_gpu_seeds_each_ranks_cuda_generator_afresh(tmp_path, monkeypatch):
+    # A CPU run saved no CUDA generator state. Left alone, every GPU rank's CUDA generator would be the
+    # model initialisation's (train.seed on every rank): the same patch-dropout masks on every rank, the ones
+    # the run began with. Here the device only says "cuda": the seeding is recorded, not done.
+    from clip.distributed import DistributedInfo
+    from clip.optim import build_optimizer
+    from clip.resume import restore_training_state
+    from clip.run_start import build_training_module
+
+    config = tiny_config(tmp_path, "eval.every_n_steps=0")
+    train(config, stop_at_step=2)
+    state = ckpt.load_latest_checkpoint(tmp_path)
+    state["rng"], state["data"] = state["rng"] * 2, state["data"] * 2  # as if written by 2 CPU ranks
+    for rank in state["rng"]:
+        rank.pop("cuda", None)
+    seeds = []
+    monkeypatch.setattr(torch.cuda, "manual_seed", seeds.append)
+    for rank in (0, 1):
+        module = build_training_module(config, torch.device("cpu"))
+        optimizer = build_optimizer(list(module.named_parameters()), config.optimizer, torch.device("cpu"))
+        gpu_rank = DistributedInfo(rank=rank, world_size=2, local_rank=rank, device=torch.device("cuda", rank))
+        restore_training_state(state, config, tmp_path, module=module, optimizer=optimizer,
+                               scaler=torch.amp.GradScaler("cpu", enabled=False), dist_info=gpu_rank)
+    assert seeds == [ckpt.rank_seed(0, 0, 2), ckpt.rank_seed(0, 1, 2)] and seeds[0] != seeds[1]
+
+
 def test_a_resume_on_other_ranks_with_the_same_global_batch_says_it_stays(tmp_path, caplog):
     # 2 ranks x 8 resumed on 1 rank x 16 (batch_size is per rank): the warning read "the global batch is 16, not 16"
     train(tiny_config(tmp_path, "eval.every_n_steps=0"), stop_at_step=3)

@@ -84,12 +84,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def dataset_record(dataset: RetrievalDatasetConfig) -> dict:
     """Which images and captions the results are of: the name and counts alone did not say which annotations
     file, image folder or split (COCO's test or val, a restval) gave them."""
-    karpathy = annotations_format(dataset) == "karpathy"
+    format_ = annotations_format(dataset)
     return {
         "annotations": dataset.annotations,
-        "format": annotations_format(dataset),
+        "format": format_,
         "image_root": dataset.image_root or str(Path(dataset.annotations).parent),
-        "split": dataset.split if karpathy else None,  # a manifest's rows are all evaluated
+        "split": dataset.split if format_ == "karpathy" else None,  # a manifest's rows are all evaluated
         "max_images": dataset.max_images,
     }
 

@@ -145,6 +145,25 @@ def diverged(in_a_row: int, step: int, run_dir: Path, saved_step: int | None) ->
     )
 
 
+# How often the progress bar redraws where stderr is not a terminal: a scheduler's output file (SLURM's
+# slurm-%j.out), which keeps every redraw. At tqdm's 0.1 s each step added a copy of the bar after a carriage
+# return: one line of tens of megabytes over a long run (the paper recipes' 390,625 steps), with the log lines
+# glued to it. A notebook's stream is no terminal either, but shows the bar as a terminal does.
+PROGRESS_FILE_REDRAW_S = 60.0
+PROGRESS_TERMINAL_REDRAW_S = 0.1  # tqdm's default
+
+
+def progress_redraw_interval_s(stream) -> float:
+    """The progress bar's least time between redraws on `stream`: tqdm's default on a terminal or in a notebook,
+    PROGRESS_FILE_REDRAW_S in a file."""
+    try:
+        terminal = stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        terminal = False
+    in_notebook = "ipykernel" in sys.modules
+    return PROGRESS_TERMINAL_REDRAW_S if terminal or in_notebook else PROGRESS_FILE_REDRAW_S
+
+
 class LoggingWindow:
     """The steps since the last logged one: the samples and FLOPs they trained and where their time went.
     Seconds spent saving and evaluating (`paused`) are left out of the window's throughput and MFU, which
@@ -451,7 +470,8 @@ def _train(
     if dist_info.is_main and config.logging.progress_bar:
         from tqdm import tqdm
 
-        progress = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr)
+        progress = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr,
+                        mininterval=progress_redraw_interval_s(sys.stderr))
     nonfinite_total = metrics_so_far.get("nonfinite_steps_total", 0)
     # A run stopped (signalled) within a run of non-finite steps continues it: counted from 0 again, each stop
     # would give a diverged run another max_consecutive_nonfinite steps
@@ -575,9 +595,9 @@ def _train(
             last_metrics["data_wait_fraction"] = max(wait for _, wait in reports)
             write_record({**last_metrics, "data": data_stats})
             if progress is not None:  # rank 0's
-                progress.set_postfix(
+                progress.set_postfix(  # drawn with the step's update, below, when the bar is due to redraw
                     loss=f"{last_metrics['loss']:.3f}", lr=f"{lr:.2e}",
-                    scale=f"{last_metrics['logit_scale']:.1f}", samples_s=f"{samples_per_s:.0f}",
+                    scale=f"{last_metrics['logit_scale']:.1f}", samples_s=f"{samples_per_s:.0f}", refresh=False,
                 )
             window.start()
         if progress is not None:

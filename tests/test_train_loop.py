@@ -2308,3 +2308,31 @@ def test_every_optimizer_step_takes_the_scheduled_learning_rate(tmp_path, monkey
     train(config)
     expected = [learning_rate(step, config.optimizer.lr, config.schedule) for step in range(5)]  # 2 warmup steps
     assert rates == [[rate, rate] for rate in expected] and len(set(expected)) == 4
+
+
+def test_the_progress_bar_redraws_once_a_minute_into_a_file_and_as_often_as_tqdm_on_a_terminal(tmp_path, monkeypatch):
+    # A scheduler's output file (slurm-%j.out) kept tqdm's every redraw, 0.1 s apart: a copy of the bar per step,
+    # after a carriage return, one line of tens of megabytes over a long run with the log lines glued to it
+    import io
+
+    import tqdm
+
+    redraw_intervals = []
+
+    class RecordedBar(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            redraw_intervals.append(self.mininterval)
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(tqdm, "tqdm", RecordedBar)
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)  # pytest run from a notebook's kernel
+    for stream, run in ((io.StringIO(), "file"), (Terminal(), "terminal")):
+        monkeypatch.setattr(sys, "stderr", stream)
+        train(tiny_config(tmp_path / run, "logging.progress_bar=true", "schedule.steps=1", "eval.every_n_steps=0",
+                          "eval.zeroshot=[]", "checkpoint.every_n_steps=0"))
+        assert "train: 100%" in stream.getvalue()
+    assert redraw_intervals == [60, 0.1]  # seconds: once a minute into the file, tqdm's default on the terminal

@@ -158,6 +158,21 @@ def test_a_ties_tolerance_is_of_the_largest_score_its_own_query_can_get():
     assert retrieval_ranks(pair, short_and_long, caption_image)[1][0] == 1  # caption 0 queries the images
 
 
+def test_a_querys_tolerance_scales_with_its_longest_candidate_in_both_directions():
+    # Unit queries whose true candidate is a unit vector, beside a candidate 1000 long scoring 1e-4 below the
+    # truth: of the largest score the query can get (1000) a tie; of the shortest candidate's (1) a clear win.
+    competitor = (1 - 1e-4) / 1000
+    units = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    with_a_long_one = torch.tensor([[1.0, 0.0], [1000 * competitor, 1000 * math.sqrt(1 - competitor**2)]],
+                                   dtype=torch.float64)
+    caption_image = torch.tensor([0, 1])
+    # caption 0 queries the images, then image 0 queries the captions
+    assert retrieval_ranks(with_a_long_one, units, caption_image)[1][0] == 2
+    assert retrieval_ranks(units, with_a_long_one, caption_image)[0][0] == 2
+    assert retrieval_ranks(with_a_long_one, units, caption_image, ties="optimistic")[1][0] == 1
+    assert retrieval_ranks(units, with_a_long_one, caption_image, ties="optimistic")[0][0] == 1
+
+
 def test_non_finite_features_are_refused_not_ranked_first():
     # Every comparison with NaN is false: a NaN truth was beaten by nothing and ranked 1st, all-NaN features
     # scored a perfect recall

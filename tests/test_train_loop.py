@@ -1812,6 +1812,43 @@ def test_mfu_is_logged_when_the_peak_is_known(tmp_path, monkeypatch):
     assert training_flops_per_sample(config.model, 8, lock_text=True) == 3 * image + text
 
 
+def test_the_mfu_is_the_flops_of_the_samples_run_at_the_runs_own_settings(tmp_path, monkeypatch):
+    # mfu x peak / samples_per_s is the FLOPs of the window's average sample (one process): each step's count
+    # at the text length it ran and with the run's locks and patch dropout, for every sample of the batch
+    import inspect
+
+    import clip.train as train_module
+    from clip.throughput import training_flops_per_sample
+
+    monkeypatch.setattr(train_module, "peak_flops", lambda device, dtype, tf32=False: 1e12)
+    counted, lengths_run = [], []
+
+    def recording_flops(*args, **kwargs):
+        bound = inspect.signature(training_flops_per_sample).bind(*args, **kwargs)
+        bound.apply_defaults()
+        counted.append(dict(bound.arguments))
+        return training_flops_per_sample(*args, **kwargs)
+
+    real_length = train_module.trimmed_text_length
+
+    def recording_length(*args, **kwargs):
+        lengths_run.append(real_length(*args, **kwargs))
+        return lengths_run[-1]
+
+    monkeypatch.setattr(train_module, "training_flops_per_sample", recording_flops)
+    monkeypatch.setattr(train_module, "trimmed_text_length", recording_length)
+    train(tiny_config(tmp_path, "schedule.steps=2", "eval.every_n_steps=0", "logging.every_n_steps=2",
+                      "model.text.layers=2", "train.lock_text=true", "train.lock_text_unlocked_layers=1",
+                      "train.patch_dropout=0.5"))
+    record = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open() if '"loss"' in line][-1]
+    assert [c["text_length"] for c in counted] == lengths_run and len(lengths_run) == 2
+    for c in counted:
+        assert (c["lock_image"], c["lock_text"], c["patch_dropout"]) == (False, True, 0.5)
+        assert (c["image_unlocked_layers"], c["text_unlocked_layers"]) == (0, 1)
+    per_sample = sum(training_flops_per_sample(**c) for c in counted) / len(counted)
+    assert record["mfu"] * 1e12 / record["samples_per_s"] == pytest.approx(per_sample, rel=1e-9)
+
+
 class FakeWandb:
     """What the trainer asks of the wandb package (init, Run.log, Run.finish), recorded. The real package
     (wandb 0.31, WANDB_MODE=offline) ran the same calls when this was written; it is not a test dependency."""

@@ -141,6 +141,10 @@ def test_the_mfu_counts_a_backward_pass_through_the_unlocked_top_only(config):
     assert 0 < text_forward_flops(config, 8, 1) < text_forward_flops(config, 8, 2) < text
     assert training_flops_per_sample(config, 8, lock_text=True, text_unlocked_layers=1) == pytest.approx(
         3 * image + text + 2 * text_forward_flops(config, 8, 1))
+    # a batch's texts cut short of the context: the unlocked top's backward pass too at the length run
+    assert text_forward_flops(config, 5, 1) < text_forward_flops(config, 8, 1)
+    assert training_flops_per_sample(config, 5, lock_text=True, text_unlocked_layers=1) == pytest.approx(
+        3 * image + text_forward_flops(config, 5) + 2 * text_forward_flops(config, 5, 1))
 
 
 def test_a_resume_that_unlocks_another_stage_trains_it_with_fresh_moments(tmp_path, caplog):

@@ -161,6 +161,8 @@ def test_peak_flops_follows_dtype_and_tf32(monkeypatch):
     assert peak_flops(cuda, torch.float32, tf32=True) == 494e12
     assert peak_flops(cuda, torch.bfloat16, tf32=True) == 989e12  # tf32 changes float32 work only
     assert peak_flops(torch.device("cpu"), torch.float32) is None
+    assert peak_flops(torch.device("mps"), torch.float32) is None  # not a CUDA device: no CUDA name to ask for
+    assert peak_flops(cuda, torch.float64) is None  # no tensor-core peak: not float32's
     assert peak_flops(cuda, torch.float16) == 989e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
     assert peak_flops(cuda, torch.bfloat16) == 756e12 and peak_flops(cuda, torch.float32, tf32=True) == 378e12

@@ -491,6 +491,29 @@ def test_pipeline_keeps_images_and_captions_aligned(tmp_path):
     assert "num_skipped" not in result.metrics()
 
 
+class CollapsedRetrievalModel(PlantedRetrievalModel):
+    """Every image and caption maps to the same vector: every candidate ties with the ground truth."""
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return torch.ones(len(images), self.size)
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return torch.ones(len(tokens), self.size)
+
+
+def test_the_pipeline_ranks_by_the_tie_rule_and_reports_the_ks_it_is_given(tmp_path):
+    names = write_images(tmp_path, 3)
+    (tmp_path / "m.csv").write_text("image,caption\n" + "".join(f"{n},item {i}\n" for i, n in enumerate(names)))
+    data = read_caption_manifest(tmp_path / "m.csv")
+    model = CollapsedRetrievalModel(3)
+    options = {"tokenizer": model.tokenize, "ks": (1, 2)}
+    optimistic = evaluate_retrieval(model, data, lambda image: torch.zeros(3, 2, 2), ties="optimistic", **options)
+    assert optimistic.ties == "optimistic" and optimistic.recalls == {
+        f"{d}_R@{k}": 1.0 for d in ("image_to_text", "text_to_image") for k in (1, 2)}  # ties favour the truth
+    pessimistic = evaluate_retrieval(model, data, lambda image: torch.zeros(3, 2, 2), **options)
+    assert pessimistic.ties == "pessimistic" and set(pessimistic.recalls.values()) == {0.0}  # the truth is last of 3
+
+
 class ConfusedRetrievalModel(PlantedRetrievalModel):
     """Like the planted model, but caption "item i" prefers image i + 1 to its own image i: removing an
     image changes the ranks of its neighbours' captions, and a misaligned caption -> image map would show."""

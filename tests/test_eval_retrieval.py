@@ -171,6 +171,11 @@ def test_a_querys_tolerance_scales_with_its_longest_candidate_in_both_directions
     assert retrieval_ranks(units, with_a_long_one, caption_image)[0][0] == 2
     assert retrieval_ranks(with_a_long_one, units, caption_image, ties="optimistic")[1][0] == 1
     assert retrieval_ranks(units, with_a_long_one, caption_image, ties="optimistic")[0][0] == 1
+    # and with the query's own length: a query 1000 long whose competitor scores 1e-7 of its truth below it
+    near = (1 - 1e-7, math.sqrt(1 - (1 - 1e-7) ** 2))
+    long_queries, near_candidates = 1000 * units, torch.tensor([[1.0, 0.0], near], dtype=torch.float64)
+    assert retrieval_ranks(near_candidates, long_queries, caption_image)[1][0] == 2
+    assert retrieval_ranks(long_queries, near_candidates, caption_image)[0][0] == 2
 
 
 def test_non_finite_features_are_refused_not_ranked_first():

@@ -519,6 +519,26 @@ def test_the_pipeline_ranks_by_the_tie_rule_and_reports_the_ks_it_is_given(tmp_p
     assert pessimistic.ties == "pessimistic" and set(pessimistic.recalls.values()) == {0.0}  # the truth is last of 3
 
 
+class Stopped(Exception):
+    pass
+
+
+def test_a_stop_is_checked_between_the_captions_and_the_first_image(tmp_path):
+    names = write_images(tmp_path, 3)
+    (tmp_path / "m.csv").write_text("image,caption\n" + "".join(f"{n},item {i}\n" for i, n in enumerate(names)))
+    model, encoded = PlantedRetrievalModel(3), []
+    model.encode_text = lambda tokens, normalize=False: encoded.append("captions") or torch.eye(3)[tokens[:, 0]]
+    model.encode_image = lambda images, normalize=False: encoded.append("images") or torch.eye(3)[: len(images)]
+
+    def stop_check():
+        raise Stopped
+
+    with pytest.raises(Stopped):
+        evaluate_retrieval(model, read_caption_manifest(tmp_path / "m.csv"), lambda image: torch.zeros(3, 2, 2),
+                           tokenizer=model.tokenize, stop_check=stop_check)
+    assert encoded == ["captions"]
+
+
 class ConfusedRetrievalModel(PlantedRetrievalModel):
     """Like the planted model, but caption "item i" prefers image i + 1 to its own image i: removing an
     image changes the ranks of its neighbours' captions, and a misaligned caption -> image map would show."""

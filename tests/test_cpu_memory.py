@@ -58,6 +58,27 @@ def test_a_refused_setting_is_reported_and_the_thresholds_are_still_set_after_it
     assert libc.calls[-1] == ("malloc_trim", 0)
 
 
+class PartlyRefusingLibc(RecordingLibc):
+    """Accepts every mallopt but the one for `refused`."""
+
+    def __init__(self, refused: int) -> None:
+        super().__init__()
+        self.refused = refused
+
+    def mallopt(self, parameter: int, value: int) -> int:
+        return super().mallopt(parameter, value) and int(parameter != self.refused)
+
+
+@pytest.mark.parametrize("refused", [cpu_memory.M_MMAP_MAX, cpu_memory.M_TRIM_THRESHOLD])
+def test_either_setting_refused_is_reported_as_not_kept(refused, caplog):
+    # Both are needed: with mmap still on, or the heap's top still trimmed, freed buffers keep going back
+    libc = PartlyRefusingLibc(refused)
+    with cpu_memory.freed_memory_kept(libc, environment={}) as kept:
+        assert not kept
+    assert "refused" in caplog.text
+    assert libc.calls[-1] == ("malloc_trim", 0)
+
+
 @pytest.mark.parametrize("environment", [{"MALLOC_MMAP_THRESHOLD_": "65536"},
                                          {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"},
                                          {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}])
@@ -67,8 +88,9 @@ def test_the_users_own_malloc_settings_are_left_alone(environment, caplog):
         assert not kept
     assert libc.calls == []
     assert next(iter(environment)) in caplog.text
-    with cpu_memory.freed_memory_kept(libc, environment={"GLIBC_TUNABLES": "glibc.pthread.rseq=0", "PATH": "/bin"}):
-        assert libc.calls  # other tunables and variables are not malloc's
+    others = {"GLIBC_TUNABLES": "glibc.pthread.rseq=0", "PATH": "/bin", "PWD": "/src/jemalloc", "_": "/usr/bin/python"}
+    with cpu_memory.freed_memory_kept(libc, environment=others):
+        assert libc.calls  # other tunables and variables are not malloc's (whatever their names end or hold)
 
 
 def test_without_glibc_nothing_is_changed(monkeypatch):

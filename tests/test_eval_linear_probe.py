@@ -220,8 +220,9 @@ def test_validation_split_is_seeded_and_disjoint():
     # shuffled: another seed holds out other rows, and not just the first of a class's rows in file order
     (_, _), (other_x, _) = split_validation(features, labels, 0.25, seed=4)
     assert not torch.equal(other_x, val_x) and sorted(val_x.flatten().tolist()) != [0.0, 1.0, 2.0, 3.0, 4.0]
-    with pytest.raises(ValueError):
-        split_validation(features, labels, 1.0, seed=0)
+    for fraction in (0.0, 1.0):  # no hold-out, or nothing left to fit: a fraction of 0 held out a row anyway
+        with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 1\)"):
+            split_validation(features, labels, fraction, seed=0)
 
 
 def test_the_validation_hold_out_takes_each_class_in_proportion_and_leaves_every_class_a_training_row():

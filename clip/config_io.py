@@ -476,6 +476,10 @@ def _apply_override(data: dict, schema: type, keys: list[str], text: str, assign
                 raise ConfigError(
                     f"override {assignment!r} must name a field of the element: {name}.{index}.<field>=value"
                 )
+            if not isinstance(items[index], dict):  # `sources = [1]`: its check was an item assignment's TypeError
+                element = typing.get_args(field_type)[0]
+                raise ConfigError(f"override {assignment!r}: {name}.{index} is {_short(items[index])}, not a table "
+                                  f"of {element.__name__} fields")
             element_path = [*above, *keys[: depth + 2]]
             _apply_override(items[index], typing.get_args(field_type)[0], rest, text, assignment, element_path)
             return

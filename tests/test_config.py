@@ -663,6 +663,12 @@ def test_index_override_beyond_the_list_says_what_to_do(tmp_path):
     not_a_list = write(tmp_path, '[data]\nsources = "foo"\n')
     with pytest.raises(ConfigError, match=r"data\.sources is not an array of tables"):
         load_config(not_a_list, ["data.sources.0.weight=2"], TrainConfig)
+    # an element that is no table (in the file or from an earlier override) was a TypeError's traceback
+    not_tables = write(tmp_path, "[data]\nsources = [1]\n")
+    with pytest.raises(ConfigError, match=r"data\.sources\.0 is 1, not a table of SourceConfig fields"):
+        load_config(not_tables, ["data.sources.0.weight=2"], TrainConfig)
+    with pytest.raises(ConfigError, match=r"data\.sources\.0 is 'x', not a table of SourceConfig fields"):
+        load_config(not_tables, ["data.sources=['x']", "data.sources.0.weight=2"], TrainConfig)
 
 
 @pytest.mark.parametrize("override, message", [

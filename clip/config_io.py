@@ -113,7 +113,8 @@ def _closest(key: str, valid: typing.Iterable[str], table: str = "") -> str:
     siblings = {name.rpartition(".")[2]: name for name in valid if name.rpartition(".")[0] == parent}
     if not siblings:
         match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-        return f" Did you mean {match[0]!r}?" if match else _valid_keys("", valid)
+        # a quoted TOML key holding a dot ("batch.size" = 8) has no siblings among the table's bare keys
+        return f" Did you mean {match[0]!r}?" if match else _valid_keys(table, valid)
     match = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.5)
     if match:
         return f" Did you mean {siblings[match[0]]!r}?"

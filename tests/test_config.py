@@ -116,6 +116,9 @@ def test_an_unknown_key_near_none_lists_the_valid_keys_of_its_table_in_a_file_as
         load_config(None, ["section.zzzzzz=1"], Schema)
     with pytest.raises(ConfigError, match=re.escape("'zzzzzz'. Valid keys: model, output_dir, section, sources.")):
         load_config(write(tmp_path, "zzzzzz = 1\n"), [], Schema)  # a top-level key names no table
+    # a quoted key holding a dot has no siblings among the table's keys: its list left out the table
+    with pytest.raises(ConfigError, match=re.escape(f"unknown config key 'section.zz.zz'. {listed}")):
+        load_config(write(tmp_path, '[section]\n"zz.zz" = 1\n'), [], Schema)
 
 
 @dataclass

@@ -486,7 +486,7 @@ def _apply_override(data: dict, schema: type, keys: list[str], text: str, assign
             return
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {assignment!r}: {name} is not a section")
+            raise ConfigError(f"override {assignment!r}: {name} is {_short(node)}, not a section")
         node_schema = field_type
 
 

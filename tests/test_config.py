@@ -84,6 +84,11 @@ def test_a_shard_range_the_shell_expanded_is_refused(tmp_path):
     assert load_config(path, quoted, Schema).sources[0].path == "cc12m/{00000..01242}.tar"
 
 
+def test_an_override_below_a_key_an_earlier_override_set_to_a_value_is_refused():
+    with pytest.raises(ConfigError, match=re.escape("override 'section.lr=1': section is 5, not a section")):
+        load_config(None, ["section=5", "section.lr=1"], Schema)
+
+
 def test_unknown_key_names_the_closest_valid_one(tmp_path):
     with pytest.raises(ConfigError, match=r"section\.lrr.*Did you mean 'lr'"):
         load_config(write(tmp_path, "[section]\nlrr = 1.0\n"), [], Schema)

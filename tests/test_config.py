@@ -72,6 +72,8 @@ def test_a_shard_range_the_shell_expanded_is_refused(tmp_path):
             "shell expanded an unquoted {first..last} range")) as error:
         load_config(path, expanded, Schema)
     assert "Quote the override: 'sources.0.path=DIR/{00000..00009}.tar'" in str(error.value)
+    with pytest.raises(ConfigError, match=re.escape("given 3 times ('d/00000.tar', 'd/00001.tar', 'd/00002.tar'):")):
+        load_config(path, expanded[:3], Schema)  # three are all shown
     with pytest.raises(ConfigError, match=r"'sources.0.path' is given 2 times \('d/1.tar', 'd/2.tar'\)"):
         load_config(path, ["sources[0].path=d/1.tar", "sources.0.path=d/2.tar"], Schema)  # one key, two spellings
     # The quoted pattern is one override; another key repeated keeps its last value, as before
@@ -82,6 +84,12 @@ def test_a_shard_range_the_shell_expanded_is_refused(tmp_path):
     # refused as an expansion, which leaves no brace in its values
     quoted = ["sources.0.path=cc3m/{00000..00331}.tar", "sources.0.path=cc12m/{00000..01242}.tar"]
     assert load_config(path, quoted, Schema).sources[0].path == "cc12m/{00000..01242}.tar"
+
+
+def test_an_override_written_with_spaces_around_its_parts_is_read_without_them():
+    # 'section.name = y' quoted as one word: the key and the text are what the spaces surround
+    config = load_config(None, ["section.name = y", " section.steps =3", "section.betas= [1, 2] "], Schema)
+    assert (config.section.name, config.section.steps, config.section.betas) == ("y", 3, (1.0, 2.0))
 
 
 def test_an_override_below_a_key_an_earlier_override_set_to_a_value_is_refused():
@@ -226,6 +234,11 @@ def test_toml_round_trip():
     text = to_toml(to_dict(config))
     again = from_dict(Schema, tomllib.loads(text))
     assert again == config
+
+
+def test_toml_writes_an_empty_list_as_a_value_and_ends_each_line():
+    # An empty array of tables has no [[table]] to write: left out, it would read back as its default list
+    assert to_toml({"a": [], "t": {"b": 1}}) == "a = []\n\n[t]\nb = 1\n"
 
 
 def test_train_config_round_trips_through_a_checkpoint_dict(tmp_path):
@@ -759,6 +772,8 @@ def test_differences_name_the_element_of_an_array_of_tables_that_changed():
     assert differences(before, after) == [("data.sources.1.weight", 1.0, 2.0), ("x", [1, 2], [1, 3])]
     fewer = {"data": {"sources": before["data"]["sources"][:1]}, "x": [1, 2]}
     assert differences(before, fewer) == [("data.sources", before["data"]["sources"], fewer["data"]["sources"])]
+    # a list that holds a table among other values is compared whole, as a value
+    assert differences({"x": [{"a": 1}, 2]}, {"x": [{"a": 1}, 3]}) == [("x", [{"a": 1}, 2], [{"a": 1}, 3])]
 
 
 def test_a_checkpoint_with_the_default_synthetic_size_written_out_resumes_without_a_warning(caplog):
@@ -868,6 +883,19 @@ def test_a_tuple_of_fixed_length_takes_each_position_in_its_own_type():
         _coerce([1, "a", "b"], tuple[float, str], "pair")
     with pytest.raises(ConfigError, match=r"pair\[1\]: expected a string, got 2"):
         _coerce([1, 2], tuple[float, str], "pair")
+    # named "list of T" only where every position is a T
+    with pytest.raises(ConfigError, match=re.escape("pair: 'x' is not an int or list (written [a, b, ...])")):
+        _coerce("x", int | tuple[float, str], "pair")
+    with pytest.raises(ConfigError, match=re.escape("pair: 'x' is not an int or list of float (written")):
+        _coerce("x", int | tuple[float, float], "pair")
+
+
+def test_a_list_field_refuses_a_single_value(tmp_path):
+    # a text is no list of its characters, nor a number a list of one
+    with pytest.raises(ConfigError, match=re.escape("section.betas: expected a list, got 'ab'")):
+        load_config(None, ["section.betas=ab"], Schema)
+    with pytest.raises(ConfigError, match=re.escape("sources: expected a list, got 5")):
+        load_config(write(tmp_path, "sources = 5\n"), [], Schema)
 
 
 def test_true_is_no_number():
@@ -1036,7 +1064,8 @@ def test_a_files_key_in_another_section_names_that_section(tmp_path):
                         ("[train]\nlr = 1e-5\n", "'optimizer.lr'"),
                         ('init_weights = "w.pt"\n', "'train.init_weights'")]:
         (tmp_path / "c.toml").write_text(text)
-        with pytest.raises(ConfigError, match=re.escape(f"Did you mean {meant}?")):
+        # (and nothing more: the note on TOML's tables is for a top-level key read into a table)
+        with pytest.raises(ConfigError, match=re.escape(f"Did you mean {meant}?") + "$"):
             load_config(tmp_path / "c.toml", [], TrainConfig)
     # output_dir at the end of a file: TOML reads it into the last table
     (tmp_path / "c.toml").write_text('[train]\nseed = 1\n\n[[eval.zeroshot]]\nname = "a"\noutput_dir = "runs/x"\n')

@@ -371,6 +371,12 @@ def test_vision_config_validation():
         (["data.sources.0.num_samples=0"], "data.sources[0].num_samples must be >= 1"),
         (["data.sources.0.synthetic_image_size=8"], "data.sources[0].synthetic_image_size must be >= 16"),
         (["data.sources.0.synthetic_seed=-1"], "data.sources[0].synthetic_seed must be >= 0"),
+        (["data.log_every_s=inf"], "data.log_every_s must be a finite number >= 0, got inf"),
+        (["data.sources.0.weight=nan"], "data.sources[0].weight must be a finite number > 0, got nan"),
+        (["data.sources.0.synthetic_image_size=15"], "data.sources[0].synthetic_image_size must be >= 16"),
+        (["data.sources.0.kind=manifest"], "data.sources[0].path must be set for a manifest source"),
+        (["data.sources.0.kind=manifest", "data.sources.0.path=a.csv", "data.sources.0.num_samples=5"],
+         "data.sources[0].num_samples is for synthetic and shard sources; a manifest's rows are its samples"),
     ],
 )
 def test_values_out_of_range_are_config_errors_naming_the_key(overrides, message):
@@ -379,6 +385,13 @@ def test_values_out_of_range_are_config_errors_naming_the_key(overrides, message
     with pytest.raises(ConfigError) as caught:
         load_config(None, overrides, TrainConfig)
     assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_a_source_table_without_a_kind_is_synthetic(tmp_path):
+    from clip.config import TrainConfig
+
+    source = load_config(write(tmp_path, "[[data.sources]]\nnum_samples = 5\n"), [], TrainConfig).data.sources[0]
+    assert (source.kind, source.num_samples) == ("synthetic", 5)
 
 
 def test_boundary_values_that_mean_something_are_accepted():

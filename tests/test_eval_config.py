@@ -24,6 +24,9 @@ def test_zeroshot_names_must_be_unique_after_defaults_apply():
     # Two unnamed imagefolder datasets are both "imagefolder": their metrics would overwrite each other.
     with pytest.raises(ValueError, match=r"^zeroshot needs a unique name per dataset.*'imagefolder' occurs more"):
         EvalConfig(zeroshot=[ZeroShotDatasetConfig(kind="imagefolder"), ZeroShotDatasetConfig(kind="imagefolder")])
+    # the names are listed, so that the repeated one can be found among many
+    with pytest.raises(ValueError, match=re.escape("occurs more than once in ['a', 'imagefolder', 'imagefolder']")):
+        EvalConfig(zeroshot=[ZeroShotDatasetConfig(name="a"), *[ZeroShotDatasetConfig(kind="imagefolder")] * 2])
     EvalConfig(
         zeroshot=[ZeroShotDatasetConfig(kind="imagefolder"), ZeroShotDatasetConfig(name="b", kind="imagefolder")]
     )
@@ -64,8 +67,11 @@ def test_zeroshot_run_config_names_must_be_unique(tmp_path):
         (EvalConfig, "every_n_steps", -5, 0),
         (ZeroShotRunConfig, "text_batch_size", 0, 1),
         (ZeroShotRunConfig, "batch_size", -1, 1),
+        (ZeroShotRunConfig, "workers", -1, 0),
         (ZeroShotDatasetConfig, "max_samples", -1, 0),
         (ZeroShotDatasetConfig, "num_samples", 0, 1),
+        (ZeroShotDatasetConfig, "image_size", 0, 1),
+        (ZeroShotDatasetConfig, "seed", -1, 0),
         (RetrievalDatasetConfig, "max_images", -2, 0),
     ],
 )

@@ -248,6 +248,45 @@ def test_too_little_data_for_the_workers_is_a_clear_error(tmp_path: Path) -> Non
         build([shards_source(tmp_path, 3, 2)], world_size=2, workers=2)
 
 
+def test_one_sample_per_worker_is_enough_and_an_epochs_batches_are_rounded_up(tmp_path: Path) -> None:
+    # 4 samples for 2 ranks x 2 workers: each slot reads one an epoch
+    data = build([shards_source(tmp_path, 4, 2)], batch_size=3, world_size=2, workers=2)
+    assert data.samples_per_epoch == 4
+    data.close()
+    # 10 samples in batches of 4: the third batch holds the last two and the next epoch's first two
+    data = build([shards_source(tmp_path / "ten", 10, 5)], batch_size=4)
+    assert data.batches_per_epoch == 3
+    data.close()
+
+
+@pytest.mark.parametrize(("rank", "world_size", "batch_size", "expected"), [
+    (2, 2, 4, r"rank 2 is not in 0\.\.1"),
+    (-1, 2, 4, r"rank -1 is not in 0\.\.1"),
+    (0, 1, 0, "batch_size must be positive, got 0"),
+])
+def test_a_rank_outside_the_world_or_an_empty_batch_is_refused(tmp_path, rank, world_size, batch_size, expected):
+    with pytest.raises(ValueError, match=expected):
+        build([shards_source(tmp_path, 8, 4)], batch_size=batch_size, rank=rank, world_size=world_size)
+
+
+def test_a_resume_with_three_workers_starts_the_cycle_at_the_worker_whose_batch_was_due(tmp_path: Path) -> None:
+    # With two workers one step forward or back through the cycle lands on the same worker: three tell them apart
+    source = shards_source(tmp_path, 30, 4)
+    settings = dict(batch_size=2, workers=3, prefetch_factor=1)
+    uninterrupted = build([source], **settings)
+    expected = captions(take(uninterrupted, 7))
+    uninterrupted.close()
+    first = build([source], **settings)
+    head = captions(take(first, 4))  # worker 1's batch is due next
+    state = first.state_dict()
+    first.close()
+    assert state["next_worker"] == 1
+    resumed = build([source], **settings)
+    resumed.load_state_dict(state)
+    assert head + captions(take(resumed, 3)) == expected
+    resumed.close()
+
+
 def test_rank_reports_merge_into_whole_run_counts(tmp_path: Path) -> None:
     # 40 samples over 2 ranks: 20 per rank per epoch, 4 batches of 5. Rank 0 is one epoch ahead of rank 1;
     # the merged finished epoch is the latest both have finished, with both ranks' counts.

@@ -619,3 +619,18 @@ def test_a_resume_continues_the_counts_of_the_finished_and_open_epochs(tmp_path:
     resumed.load_state_dict(state)
     assert resumed.rank_report() == report
     assert resumed.state_dict() == {**state, "counts": report["stats"]["sources"]}
+
+
+@pytest.mark.parametrize("augment", ["random_square_crop", True])
+def test_random_crops_differ_between_workers_and_ranks(tmp_path: Path, augment) -> None:
+    # Every row the same image: a crop seed without the worker or the rank gave the n-th sample of every worker
+    # of every rank the same box, so their batches held the same crops
+    manifest = write_manifest(tmp_path / "m", range(1))
+    manifest.write_text("image,caption\n" + "".join(f"images/0.jpg,{caption_of(i)}\n" for i in range(16)))
+    batches = []
+    for rank in range(2):
+        data = build([SourceConfig(kind="manifest", path=str(manifest))], batch_size=4, rank=rank, world_size=2,
+                     workers=2, augment=augment)
+        batches += [images for images, _ in take(data, 2)]  # one batch of each worker
+        data.close()
+    assert len({images.numpy().tobytes() for images in batches}) == 4

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_data_helpers import IMAGE_SIZE, build, caption_of, captions, take, write_manifest, write_shards
+from test_data_helpers import IMAGE_SIZE, build, caption_of, captions, image_bytes, take, write_manifest, write_shards
 
 from clip.data import PixelNormalizer, SourceConfig
 
@@ -634,3 +634,17 @@ def test_random_crops_differ_between_workers_and_ranks(tmp_path: Path, augment) 
         batches += [images for images, _ in take(data, 2)]  # one batch of each worker
         data.close()
     assert len({images.numpy().tobytes() for images in batches}) == 4
+
+
+def test_jpeg_draft_false_decodes_jpegs_at_full_size(tmp_path: Path) -> None:
+    # A 128x96 JPEG for 16-pixel crops may be decoded at 1/4 scale with jpeg_draft; without, it must not be
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "big.jpg").write_bytes(image_bytes(0, size=(128, 96)))
+    (tmp_path / "train.csv").write_text("image,caption\nimages/big.jpg,big\n")
+    source = SourceConfig(kind="manifest", path=str(tmp_path / "train.csv"))
+    pixels = {}
+    for draft in (True, False):
+        data = build([source], batch_size=1, jpeg_draft=draft)
+        pixels[draft] = take(data, 1)[0][0]
+        data.close()
+    assert not torch.equal(pixels[True], pixels[False])

@@ -648,3 +648,16 @@ def test_jpeg_draft_false_decodes_jpegs_at_full_size(tmp_path: Path) -> None:
         pixels[draft] = take(data, 1)[0][0]
         data.close()
     assert not torch.equal(pixels[True], pixels[False])
+
+
+def test_a_restart_under_another_seed_goes_back_to_the_earliest_epoch_in_progress(tmp_path: Path, caplog) -> None:
+    # Saved with one worker already in the next epoch: the restart must begin the epoch the other was still in,
+    # or that worker's unread rest of it would never be read
+    source = shards_source(tmp_path, 20, 5)
+    state = build([source], batch_size=4, workers=2).state_dict()
+    state["positions"] = [[1, 3], [2, 0]]
+    reseeded = build([source], batch_size=4, workers=2, seed=1)
+    with caplog.at_level(logging.WARNING):
+        reseeded.load_state_dict(state)
+    assert reseeded.state_dict()["positions"] == [[1, 0], [1, 0]]
+    assert "restarting epoch 1 from its beginning: at least 3 samples of it" in caplog.text

@@ -661,3 +661,13 @@ def test_a_restart_under_another_seed_goes_back_to_the_earliest_epoch_in_progres
         reseeded.load_state_dict(state)
     assert reseeded.state_dict()["positions"] == [[1, 0], [1, 0]]
     assert "restarting epoch 1 from its beginning: at least 3 samples of it" in caplog.text
+
+
+def test_a_data_epoch_is_finished_only_once_every_worker_has_left_it(tmp_path: Path) -> None:
+    # 10 samples per worker an epoch in batches of 4: after 5 batches worker 0 has read 12 (into epoch 1), worker 1 8
+    data = build([shards_source(tmp_path, 20, 5)], batch_size=4, workers=2)
+    take(data, 5)
+    stats = data.stats()
+    data.close()
+    assert sorted(epoch for epoch, _ in data.state_dict()["positions"]) == [0, 1]
+    assert stats["epoch"] == 0 and stats["finished_epoch"] is None

@@ -11,15 +11,16 @@ other formats are converted to PNG), KEY.txt (the caption, UTF-8) and KEY.json (
 width, height), as img2dataset lays them out; and sizes.json, the sample
 count of each shard, which the loader needs to plan exact epochs (the entries of other shards in it are kept). An
 output folder that already holds shards of the prefix is refused: shards the new run does not replace would
-stay beside it and be read; --overwrite deletes them first. Samples that cannot be used (missing or
-broken images, empty or non-UTF-8 captions) are skipped and counted by kind, with the same checks as the
-training loader.
+stay beside it and be read; --overwrite deletes them before the first new sample is written (a run that writes
+none keeps them). Samples that cannot be used (missing or broken images, empty or non-UTF-8 captions) are skipped
+and counted by kind, with the same checks as the training loader.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import re
@@ -133,20 +134,22 @@ def read_index(path: Path) -> dict:
     return index if isinstance(index, dict) else {}
 
 
-def refuse_or_remove_old_shards(output: Path, prefix: str, overwrite: bool) -> None:
-    """Writing beside shards of the same prefix would leave those the new run does not replace (51 samples,
-    then 11: s-000002..7.tar from the first run), and the loader, which counts a shard sizes.json lacks,
-    would read them as data. So they are refused, or deleted with --overwrite: their index entries first,
-    then exactly the PREFIX-NNNNNN.tar files."""
+def refuse_old_shards(output: Path, prefix: str, overwrite: bool) -> list[Path]:
+    """The shards of this prefix already in `output`, which --overwrite replaces; without it, an error. Writing
+    beside them would leave those the new run does not replace (51 samples, then 11: s-000002..7.tar from the
+    first run), and the loader, which counts a shard sizes.json lacks, would read them as data."""
     old = existing_shards(output, prefix)
-    if not old:
-        return
-    if not overwrite:
+    if old and not overwrite:
         raise SystemExit(
             f"{output} already holds {len(old)} shards named {prefix}-NNNNNN.tar ({old[0].name} .. {old[-1].name}): "
             "the new shards would be mixed with the old ones. Use another output folder or --prefix, or "
             "--overwrite to delete them first"
         )
+    return old
+
+
+def remove_old_shards(output: Path, prefix: str, old: list[Path]) -> None:
+    """Deletes the shards --overwrite replaces: their index entries first, then exactly those files."""
     update_index(output, prefix, {})
     for path in old:
         path.unlink()
@@ -179,7 +182,14 @@ def write_shards(
     """Writes the shards and sizes.json; returns ({shard name: count}, skipped counts by kind). Shards of
     the same prefix already in `output` are an error, or deleted first when `overwrite`."""
     webdataset = require_webdataset()
-    refuse_or_remove_old_shards(output, prefix, overwrite)
+    old_shards = refuse_old_shards(output, prefix, overwrite)
+    # The manifest's first row is read before the output is touched, so that a wrong column name, an empty or a
+    # UTF-16 manifest is refused with nothing created; the old shards that --overwrite replaces are deleted only
+    # as the first new sample is written: a run that writes none (every image path wrong, every image broken)
+    # keeps them, and their index entries, as they were.
+    samples = iter(samples)
+    first = next(samples, None)
+    samples = itertools.chain([] if first is None else [first], samples)
     output.mkdir(parents=True, exist_ok=True)
     pattern = str(output / f"{prefix.replace('%', '%%')}-%06d.tar")  # a '%' in the prefix is literal
     # Each shard is written as NAME.tar.partial and renamed when complete: an interrupted run leaves no torn
@@ -204,18 +214,26 @@ def write_shards(
             except SkipSample as skip:
                 skipped.add(skip.kind, f"{image_path}: {skip.detail}" if skip.detail else image_path)
                 continue
+            if old_shards:
+                remove_old_shards(output, prefix, old_shards)
+                old_shards = []
             key = f"{written:09d}"
             info = {"key": key, "caption": text, "path": image_path, "width": width, "height": height, **extra}
             writer.write({"__key__": key, extension: data, "txt": text.encode(), "json": json.dumps(info).encode()})
             written += 1
-    except BaseException:  # Ctrl-C, or an error (a manifest without the named columns...)
+    except BaseException:  # Ctrl-C, or an error (a manifest line that cannot be read...)
         keep_finished_shards(writer, output, prefix, per_shard, written)
         raise
+    if written == 0:
+        # ShardWriter opened its first shard before any sample: removed unrenamed, as it would replace the old
+        # PREFIX-000000.tar. The index stays as it was: it lists the old shards, if any, which are still there.
+        writer.post = None
+        writer.close()
+        Path(pattern % 0 + PARTIAL_SUFFIX).unlink(missing_ok=True)
+        return {}, skipped
     writer.close()  # renames the last shard into place
     shard_count = -(-written // per_shard)
     sizes = {Path(pattern % k).name: min(per_shard, written - k * per_shard) for k in range(shard_count)}
-    if written == 0:
-        Path(pattern % 0).unlink(missing_ok=True)  # ShardWriter opens its first shard before any sample
     update_index(output, prefix, sizes)
     return sizes, skipped
 
@@ -230,6 +248,10 @@ def keep_finished_shards(writer, output: Path, prefix: str, per_shard: int, writ
     writer.close()
     if torn is not None:
         Path(torn).unlink(missing_ok=True)
+    if written == 0:
+        # Nothing of this run's was finished, and the shards of the prefix that are there (those --overwrite
+        # was to replace, not deleted yet) keep their index entries as they are
+        return
     finished = existing_shards(output, prefix)
     update_index(output, prefix, {path.name: per_shard for path in finished})
     if finished:
@@ -237,9 +259,8 @@ def keep_finished_shards(writer, output: Path, prefix: str, per_shard: int, writ
               f"{output} with their sizes.json entries{', the unfinished one removed' if torn else ''} (--overwrite "
               "starts over)", file=sys.stderr)
     else:
-        if written:  # an error before the first sample (a missing column) says so itself
-            print(f"make_shards: stopped after {written} samples, before a shard was finished: none written",
-                  file=sys.stderr)
+        print(f"make_shards: stopped after {written} samples, before a shard was finished: none written",
+              file=sys.stderr)
 
 
 def write_index(pattern: str) -> dict[str, int]:
@@ -285,7 +306,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="manifest quotes: auto = CSV rules for .csv, none for .tsv; csv for a TSV a CSV writer quoted")
     parser.add_argument(
         "--overwrite", action="store_true",
-        help="delete the shards of this prefix already in OUTPUT (PREFIX-NNNNNN.tar) and their sizes.json entries first",
+        help="replace the shards of this prefix already in OUTPUT (PREFIX-NNNNNN.tar): they and their sizes.json "
+             "entries are deleted before the first new sample is written",
     )
     parser.add_argument(
         "--index", metavar="PATTERN",

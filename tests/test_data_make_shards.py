@@ -314,8 +314,29 @@ def test_a_manifest_without_the_named_columns_leaves_no_empty_shard(tmp_path: Pa
     main = make_shards_main()
     with pytest.raises(SystemExit, match=r"^make_shards: .*no column 'text'.*--caption-column \(clip-retrieval, make_shards.py\)\.$"):
         main([str(manifest), str(out), "--caption-column", "text"])  # one line, not a traceback
-    assert [path.name for path in out.iterdir() if path.suffix == ".tar"] == []
+    assert not out.exists()  # nor an empty folder with a sizes.json of {}
     assert main([str(manifest), str(out)]) == 0
+
+
+@pytest.mark.parametrize("mistake", ["wrong column", "image paths relative to another folder"])
+def test_overwrite_keeps_the_old_shards_when_the_new_run_writes_nothing(tmp_path: Path, mistake: str) -> None:
+    # --overwrite deleted the old shards and their sizes.json entries before the manifest was read: a typo in
+    # --image-column, or a manifest whose every image path was wrong, left the folder with neither old shards
+    # nor new ones
+    module = load_make_shards()
+    out = tmp_path / "out"
+    assert module.main([str(write_manifest(tmp_path / "first", range(5))), str(out), "--samples-per-shard", "2"]) == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    second = write_manifest(tmp_path / "second", range(100, 103))
+    arguments = [str(second), str(out), "--overwrite"]
+    if mistake == "wrong column":
+        arguments += ["--image-column", "path"]
+    else:
+        second.rename(tmp_path / second.name)  # its relative paths now name files that are not there
+        arguments[0] = str(tmp_path / second.name)
+    with pytest.raises(SystemExit, match="no column 'path'" if mistake == "wrong column" else "could be written"):
+        module.main(arguments)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
 
 
 

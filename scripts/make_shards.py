@@ -39,6 +39,7 @@ from clip.data.shards import (
     count_tar_samples,
     ends_with_end_of_archive,
     expand_shard_pattern,
+    folder_of_shards_advice,
     require_webdataset,
 )
 from clip.preprocess import to_rgb
@@ -268,6 +269,12 @@ def write_index(pattern: str) -> dict[str, int]:
     beside them; the entries of other shards in it (another prefix's) are kept, as when shards are written. A
     shard that is missing, unreadable or cut short is named, and no index is written: counting what a cut-off
     shard still holds would make the damage look like a complete, smaller shard."""
+    if Path(pattern).is_dir():
+        # It read "1 of 1 shards cannot be indexed ... (remove or rewrite them ...): IsADirectoryError"
+        raise SystemExit(f"--index: {pattern} is a folder, not a pattern of shards: {folder_of_shards_advice(Path(pattern))}")
+    if set(pattern) & set("*?[") and not Path(pattern).exists():
+        # The shell left an unmatched wildcard as it is, or the quotes kept it from the shell
+        raise SystemExit(f"--index: {pattern}: the pattern takes {{000000..000099}} ranges, not wildcards")
     urls = expand_shard_pattern(pattern)
     folders = {str(Path(url).parent) for url in urls}
     if len(folders) != 1:
@@ -316,6 +323,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.index is None and (args.input is None or args.output is None):
         parser.error("give INPUT and OUTPUT, or --index PATTERN")
+    if args.index is not None and args.input is not None:
+        # `--index out/*.tar` or an unquoted range: the shell gave the first shard to --index and the next ones
+        # to INPUT and OUTPUT, and only the first was indexed
+        parser.error(f"--index takes one pattern, not also {args.input!r}: quote it, as a range: "
+                     "--index 'out/x-{000000..000012}.tar'")
     if args.samples_per_shard < 1:
         parser.error("--samples-per-shard must be positive")
     return args

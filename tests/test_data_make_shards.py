@@ -211,6 +211,26 @@ def test_index_names_shards_cut_short_or_unreadable_and_writes_nothing(tmp_path:
     assert json.loads((packed / "sizes.json").read_text()) == {"s-000000.tar.gz": 3}
 
 
+def test_index_given_a_folder_a_wildcard_or_the_shells_expansion_says_how_to_write_the_pattern(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # A folder was "1 of 1 shards cannot be indexed (remove or rewrite them...): IsADirectoryError", a quoted
+    # wildcard a FileNotFoundError of 'out/*.tar', and an unquoted one indexed the first shard alone (the shell
+    # gave the next ones to INPUT and OUTPUT), saying "indexed 1 shards"
+    out = tmp_path / "out"
+    make_shards_main()([str(write_manifest(tmp_path / "src", range(5))), str(out), "--samples-per-shard", "2"])
+    (out / "sizes.json").unlink()
+    with pytest.raises(SystemExit, match=re.escape(f"is a folder, not a pattern of shards: name its shards, e.g. "
+                                                   f"'{out}/shard-{{000000..000002}}.tar' for the 3 tar files")):
+        make_shards_main()(["--index", str(out)])
+    with pytest.raises(SystemExit, match=r"takes \{000000..000099\} ranges, not wildcards$"):
+        make_shards_main()(["--index", str(out / "*.tar")])
+    with pytest.raises(SystemExit):
+        make_shards_main()(["--index", *map(str, sorted(out.glob("*.tar")))])
+    assert "--index takes one pattern, not also" in capsys.readouterr().err
+    assert not (out / "sizes.json").exists()
+
+
 def test_help_runs_as_a_script() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     command = [sys.executable, str(SCRIPT), "--help"]

@@ -199,7 +199,7 @@ class _SizeIndexes:
         return count
 
 
-def _range_advice(folder: Path) -> str:
+def folder_of_shards_advice(folder: Path) -> str:
     """What to write instead of a folder of shards: its tars as a {first..last} range where their names allow."""
     names = sorted((path.name for path in folder.iterdir() if _TAR_NAME.fullmatch(path.name)), key=_by_number)
     if not names:
@@ -261,7 +261,7 @@ def shard_sizes(urls: list[str], size_index: str = "", num_samples: int | None =
         if count is None and _is_local(url):
             if Path(url).is_dir():
                 # It read "shard DIR/ does not exist", of a folder that plainly does
-                raise ValueError(f"shard path {url} is a folder, not a shard: {_range_advice(Path(url))}")
+                raise ValueError(f"shard path {url} is a folder, not a shard: {folder_of_shards_advice(Path(url))}")
             if not Path(url).is_file():
                 wildcards = " (the path takes {000000..000099} ranges, not wildcards)" if set(url) & set("*?[") else ""
                 raise FileNotFoundError(f"shard {url} does not exist{wildcards}: check the source's path pattern")

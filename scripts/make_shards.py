@@ -51,8 +51,8 @@ KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's default decompression-bomb limit, as the loader's default
 
 
-def folder_samples(root: Path) -> Iterator[tuple[str, str | None, dict] | SkipSample]:
-    """(image path, caption or None when x.txt is missing, extra fields) for every image under root, and a
+def folder_samples(root: Path) -> Iterator[tuple[str, str | None, dict, str] | SkipSample]:
+    """(image path, caption or None when x.txt is missing, extra fields, "") for every image under root, and a
     SkipSample("missing_image") for every x.txt without an image of its name (counted, not silently left out)."""
     suffixes = {"." + extension for extension in IMAGE_EXTENSIONS}
     for folder, subfolders, files in os.walk(root):
@@ -66,17 +66,21 @@ def folder_samples(root: Path) -> Iterator[tuple[str, str | None, dict] | SkipSa
                 continue
             caption_path = path.with_suffix(".txt")
             caption = caption_path.read_bytes().decode("utf-8", "surrogateescape") if caption_path.is_file() else None
-            yield str(path), caption, {}
+            yield str(path), caption, {}, ""
 
 
-def manifest_samples(path: Path, args: argparse.Namespace) -> Iterator[tuple[str, str | None, dict] | SkipSample]:
-    """(image path, caption, extra fields) per usable row, and a SkipSample("bad_manifest_row") naming the line
-    and why for every other."""
+def manifest_samples(path: Path, args: argparse.Namespace) -> Iterator[tuple[str, str | None, dict, str] | SkipSample]:
+    """(image path, caption, extra fields, its manifest line) per usable row, and a SkipSample("bad_manifest_row")
+    naming the line and why for every other."""
     root = path.resolve().parent
     rows = manifest_rows_with_problems(
         str(path), args.image_column, args.caption_column, args.separator, args.quoting)
     for row in rows:
-        yield SkipSample("bad_manifest_row", row) if isinstance(row, str) else (str(root / row[0]), row[1], {})
+        if isinstance(row, str):
+            yield SkipSample("bad_manifest_row", row)
+        else:
+            image, caption, line = row
+            yield str(root / image), caption, {}, f"{path.name} line {line}"
 
 
 def encode_sample(image_path: str, caption: str | None) -> tuple[str, bytes, str, tuple[int, int]]:
@@ -209,11 +213,14 @@ def write_shards(
             if isinstance(sample, SkipSample):
                 skipped.add(sample.kind, sample.detail)
                 continue
-            image_path, caption, extra = sample
+            image_path, caption, extra, manifest_line = sample
             try:
                 extension, data, text, (width, height) = encode_sample(image_path, caption)
             except SkipSample as skip:
-                skipped.add(skip.kind, f"{image_path}: {skip.detail}" if skip.detail else image_path)
+                # The manifest line as well: an image may have several rows (one per caption), and an empty
+                # caption's row was named by its image alone, which the user found first in a good row
+                where = f"{image_path} ({manifest_line})" if manifest_line else image_path
+                skipped.add(skip.kind, f"{where}: {skip.detail}" if skip.detail else where)
                 continue
             if old_shards:
                 remove_old_shards(output, prefix, old_shards)

@@ -128,12 +128,15 @@ def test_unusable_manifest_rows_are_counted_and_the_first_is_named_with_why(
         file.write(json.dumps({"image": "images/0.jpg", "caption": ["one", "two"]}) + "\n")
         file.write("not json\n")
         file.write(json.dumps({"image": "images/404.jpg", "caption": "a caption"}) + "\n")
+        # An image with several rows: named alone, its first, good row was where the user looked
+        file.write(json.dumps({"image": "images/0.jpg", "caption": " "}) + "\n")
     assert make_shards_main()([str(manifest), str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     assert "wrote 3 samples" in printed
-    missing = (tmp_path / "src" / "images" / "404.jpg").resolve()
-    assert ("skipped 3: bad_manifest_row 2 (the first, line 4: 'caption' is a list, not a string: write one row per "
-            f"caption), missing_file 1 (the first, {missing})") in printed
+    missing, image_0 = ((tmp_path / "src" / "images" / name).resolve() for name in ("404.jpg", "0.jpg"))
+    assert ("skipped 4: bad_manifest_row 2 (the first, line 4: 'caption' is a list, not a string: write one row per "
+            f"caption), empty_caption 1 (the first, {image_0} (train.jsonl line 7)), missing_file 1 (the first, "
+            f"{missing} (train.jsonl line 6))") in printed
 
 
 def test_an_unreadable_image_is_counted_not_fatal(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -144,7 +147,7 @@ def test_an_unreadable_image_is_counted_not_fatal(tmp_path: Path, capsys: pytest
         file.write(f"images/{'x' * 300}.jpg,a caption\n")
     assert make_shards_main()([str(manifest), str(tmp_path / "out")]) == 0
     too_long = (tmp_path / "src" / "images" / f"{'x' * 300}.jpg").resolve()
-    assert f"unreadable_file 1 (the first, {too_long}: File name too long)" in capsys.readouterr().out
+    assert f"unreadable_file 1 (the first, {too_long} (train.csv line 5): File name too long)" in capsys.readouterr().out
 
 
 def test_a_percent_sign_in_the_prefix_is_literal(tmp_path: Path) -> None:

@@ -191,7 +191,7 @@ def _delimited_rows(
             elif caption is None:
                 yield f"line {record_start}: no {caption_column!r} (fewer fields than the header)"
             else:
-                yield image, caption
+                yield image, caption, record_start
 
 
 def _json_kind(value: object) -> str:
@@ -244,7 +244,7 @@ def _jsonl_rows(path: str, image_column: str, caption_column: str) -> Iterator[t
                 if image_column not in record or caption_column not in record:
                     raise _missing_columns_error(path, [image_column, caption_column], list(record))
             problem = _jsonl_row_problem(record, image_column, caption_column)
-            yield f"line {number}: {problem}" if problem else (record[image_column], record[caption_column])
+            yield f"line {number}: {problem}" if problem else (record[image_column], record[caption_column], number)
 
 
 def is_json_lines(path: str | Path) -> bool:
@@ -255,8 +255,8 @@ def is_json_lines(path: str | Path) -> bool:
 def manifest_rows_with_problems(
     path: str, image_column: str, caption_column: str, separator: str, quoting: str
 ) -> Iterator[tuple | str]:
-    """(image path, caption) per row as the file has them (str, possibly with surrogates), or for a row without a
-    usable image path or caption field, why (naming its line). Raises ValueError for an unknown format or missing
+    """(image path, caption, line number) per row as the file has them (str, possibly with surrogates; the line
+    where the row starts), or for a row without a usable image path or caption field, why (naming its line). Raises ValueError for an unknown format or missing
     columns."""
     suffix = Path(path).suffix.lower()
     if is_json_lines(path):

@@ -144,7 +144,7 @@ def read_karpathy_json(path: str | Path, image_root: str | Path | None = None, s
 
 
 def _manifest_pair(
-    path: Path, number: int, row: tuple[str, str] | str, image_column: str, caption_column: str
+    path: Path, number: int, row: tuple[str, str, int] | str, image_column: str, caption_column: str
 ) -> tuple[str, str]:
     """(image path, stripped caption) of manifest row `number`, or for a str `row` (the reader's reason for an
     unusable one) an error. The training loader skips a row it cannot use; an evaluation set is read whole or

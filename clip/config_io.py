@@ -101,6 +101,15 @@ def home_expanded(path: str) -> str:
     return "::".join(os.path.expanduser(part) for part in path.split("::"))
 
 
+def relative_path_note(path: str) -> str:
+    """For a message that `path` is missing: where a relative path was looked for. A config's relative paths are
+    read from the folder the run is started in, not the config file's: "manifest data/train.csv does not exist",
+    of a file that plainly exists beside the config, left the user to guess which folder it meant."""
+    if os.path.isabs(path) or "://" in path or path.startswith("pipe:"):
+        return ""
+    return f" (a relative path, read from the folder the command runs in, {os.getcwd()})"
+
+
 def _is_none_sentinel(value: Any) -> bool:
     return isinstance(value, str) and value.strip().lower() == NONE_SENTINEL
 

@@ -341,3 +341,20 @@ def test_a_jsonl_image_that_is_no_string_is_named_in_json_s_words(tmp_path: Path
     rows = [{"image": "0.jpg", "caption": "x"}, {"image": value, "caption": "y"}]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert read_manifest(str(path)).first_bad_row == f"line 2: 'image' is {said}, not a file path"
+
+
+def test_a_missing_relative_manifest_or_shard_path_names_the_folder_it_was_read_from(tmp_path: Path, monkeypatch) -> None:
+    # A config's relative paths are read from the folder the command runs in, not the config file's:
+    # "manifest data/train.csv does not exist", of a file that exists beside the config, named no folder
+    from clip.data.shards import shard_sizes
+
+    (tmp_path / "configs" / "data").mkdir(parents=True)
+    (tmp_path / "configs" / "data" / "train.csv").write_text("image,caption\na.jpg,a\n")
+    monkeypatch.chdir(tmp_path)
+    where = re.escape(f"(a relative path, read from the folder the command runs in, {tmp_path})")
+    with pytest.raises(FileNotFoundError, match=f"^manifest data/train.csv does not exist {where}$"):
+        read_manifest("data/train.csv")
+    with pytest.raises(FileNotFoundError, match=f"^shard data/s-000000.tar does not exist {where}: check the"):
+        shard_sizes(["data/s-000000.tar"])
+    with pytest.raises(FileNotFoundError, match=r"^manifest /nowhere/train.csv does not exist$"):  # absolute: said as is
+        read_manifest("/nowhere/train.csv")

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config_io import relative_path_note
 from .packed import PackedStrings, PackedStringsBuilder
 
 log = logging.getLogger(__name__)
@@ -273,7 +274,7 @@ def read_manifest(
     """Reads a whole manifest into packed arrays. said_once: the level of the line about rows left out, which
     every rank reading the same manifest would log alike (a warning from rank 0 alone)."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist")
+        raise FileNotFoundError(f"manifest {path} does not exist{relative_path_note(path)}")
     images, captions, bad_rows, first_bad_row = PackedStringsBuilder(), PackedStringsBuilder(), 0, ""
     for row in manifest_rows_with_problems(path, image_column, caption_column, separator, quoting):
         if isinstance(row, str):

@@ -26,6 +26,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from ..config_io import relative_path_note
+
 log = logging.getLogger(__name__)
 
 SIZE_INDEX_NAME = "sizes.json"
@@ -264,7 +266,8 @@ def shard_sizes(urls: list[str], size_index: str = "", num_samples: int | None =
                 raise ValueError(f"shard path {url} is a folder, not a shard: {folder_of_shards_advice(Path(url))}")
             if not Path(url).is_file():
                 wildcards = " (the path takes {000000..000099} ranges, not wildcards)" if set(url) & set("*?[") else ""
-                raise FileNotFoundError(f"shard {url} does not exist{wildcards}: check the source's path pattern")
+                raise FileNotFoundError(f"shard {url} does not exist{wildcards or relative_path_note(url)}: check the "
+                                        "source's path pattern")
             log.info("no size index entry for %s: counting its samples", url)
             try:
                 count = count_tar_samples(url)

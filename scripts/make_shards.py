@@ -365,8 +365,13 @@ def main(argv: list[str] | None = None) -> int:
     if not sizes:
         # Status 0 and "wrote 0 samples" read as done: every image broken, or the wrong folder, went unnoticed
         # until a training run found no data
+        hint = ""
+        if skipped and skipped.most_common(1)[0][0] == "missing_file":
+            # Paths written relative to another folder (where the manifest was made, or the command's) name no
+            # file: the training loader gives this hint for such a source too
+            hint = f"; a manifest's image paths are read relative to its own folder, {source.resolve().parent}, or are absolute"
         raise SystemExit(f"make_shards: no sample of {source} could be written"
-                         + (f" ({skipped_line})" if skipped else ": it holds none"))
+                         + (f" ({skipped_line}){hint}" if skipped else ": it holds none"))
     samples, shards = sum(sizes.values()), len(sizes)
     print(f"wrote {samples} sample{'s' * (samples != 1)} in {shards} shard{'s' * (shards != 1)} to {args.output}")
     pattern = Path(args.output).resolve() / f"{args.prefix}-{{000000..{len(sizes) - 1:06d}}}.tar"

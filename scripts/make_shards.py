@@ -33,7 +33,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, when not pip-installed
 
 from clip.data.decoding import IMAGE_EXTENSIONS, SkipSample, decode_caption, open_image, pil_pixel_limit
-from clip.data.manifest import MANIFEST_SUFFIXES, QUOTING_CHOICES, manifest_rows_with_problems, original_bytes
+from clip.data.manifest import (
+    MANIFEST_SUFFIXES,
+    QUOTING_CHOICES,
+    manifest_rows_with_problems,
+    original_bytes,
+    separator_character,
+)
 from clip.data.shards import (
     SIZE_INDEX_NAME,
     count_tar_samples,
@@ -335,6 +341,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         # to INPUT and OUTPUT, and only the first was indexed
         parser.error(f"--index takes one pattern, not also {args.input!r}: quote it, as a range: "
                      "--index 'out/x-{000000..000012}.tar'")
+    try:
+        args.separator = separator_character(args.separator)
+    except ValueError as error:
+        parser.error(f"--separator: {error}")
     if args.samples_per_shard < 1:
         parser.error("--samples-per-shard must be positive")
     return args

@@ -358,3 +358,34 @@ def test_a_missing_relative_manifest_or_shard_path_names_the_folder_it_was_read_
         shard_sizes(["data/s-000000.tar"])
     with pytest.raises(FileNotFoundError, match=r"^manifest /nowhere/train.csv does not exist$"):  # absolute: said as is
         read_manifest("/nowhere/train.csv")
+
+
+def test_a_separator_typed_as_backslash_t_is_a_tab_and_a_longer_one_a_config_error(tmp_path: Path) -> None:
+    # 'data.sources.0.separator=\t' from a shell (open_clip's --csv-separator habit) is a backslash and a t, and
+    # the csv reader stopped on it with a TypeError's traceback; so did make_shards.py --separator '\t'
+    from clip.data import SourceConfig
+
+    assert SourceConfig(kind="manifest", path="x.txt", separator="\\t").separator == "\t"
+    with pytest.raises(ValueError, match=r"separator must be one character \(\"\\t\" for a tab\).*got 'tab'$"):
+        SourceConfig(kind="manifest", path="x.txt", separator="tab")
+    path = tmp_path / "train.txt"
+    path.write_text("image\tcaption\na.jpg\tone\n")
+    from test_data_make_shards import load_make_shards
+
+    args = load_make_shards().parse_args([str(path), str(tmp_path / "out"), "--separator", "\\t"])
+    assert args.separator == "\t"
+    assert captions_of(path, separator=args.separator) == ["one"]
+
+
+def test_a_header_split_by_another_separator_asks_for_that_separator(tmp_path: Path) -> None:
+    # A spreadsheet's "CSV" in a European locale separates by ";": the error named one column, 'image;caption',
+    # and asked for other column names
+    path = tmp_path / "train.csv"
+    path.write_text("image;caption\na.jpg;one\n")
+    with pytest.raises(ValueError, match=r"header 'image;caption' is separated by semicolons, not commas: set "
+                                         r"separator = \";\" .* --separator ';' \(make_shards.py\)$"):
+        read_manifest(str(path))
+    assert captions_of(path, separator=";") == ["one"]
+    path.write_text("image|title\na.jpg|one\n")  # not the columns wanted either way: the columns advice
+    with pytest.raises(ValueError, match=r"no column 'image', 'caption'; the columns are \['image\|title'\]"):
+        read_manifest(str(path))

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..config_io import InvalidValue, check_field_types, home_expanded, require
+from .manifest import separator_character
 
 
 SourceKind = Literal["synthetic", "manifest", "shards"]
@@ -64,6 +65,10 @@ class SourceConfig:
             raise InvalidValue("path", f"is not read by a synthetic source (got {self.path!r}); set kind to "
                                '"manifest" or "shards" for files')
         self.path, self.size_index = home_expanded(self.path), home_expanded(self.size_index)
+        try:
+            self.separator = separator_character(self.separator)
+        except ValueError as error:
+            raise InvalidValue("separator", str(error).removeprefix("a manifest's separator ")) from None
         # A source of weight 0 would never be read (and all weights 0 leave nothing to draw): leave it out instead.
         require("weight", self.weight, 0 < self.weight < math.inf, "a finite number > 0")
         if self.num_samples is not None:

@@ -55,12 +55,44 @@ def original_bytes(text: str) -> bytes:
         return text.encode("utf-8", "surrogatepass")
 
 
+def separator_character(separator: str) -> str:
+    """A manifest's field separator as given in a config or on a command line: "" (by the file's suffix) or one
+    character. A shell passes '\\t' as a backslash and a t (open_clip's --csv-separator habit, where pandas reads
+    it as a tab), and the csv reader stopped on it with a TypeError's traceback: it is a tab here too. ValueError
+    for anything else longer than one character."""
+    if separator == "\\t":
+        return "\t"
+    if len(separator) > 1:
+        raise ValueError(f"a manifest's separator must be one character (\"\\t\" for a tab) or \"\" for the one its suffix "
+                         f"implies, got {separator!r}")
+    return separator
+
+
 def _missing_columns_error(path: str, wanted: list[str], available: list[str]) -> ValueError:
     return ValueError(
         f"{path}: no column {', '.join(repr(w) for w in wanted if w not in available)}; the columns are "
         f"{available}. Set image_column / caption_column (in a [[data.sources]] or [[eval.retrieval]] table), or "
         f"--image-column / --caption-column (clip-retrieval, make_shards.py)."
     )
+
+
+def _other_separator_error(
+    path: str, separator: str, image_column: str, caption_column: str, available: list[str]
+) -> ValueError | None:
+    """For a header that holds the wanted columns split at another separator (a spreadsheet's "CSV" with ";",
+    as European locales write it): the separator to set. The columns advice it got instead named one column,
+    'image;caption', and asked for other column names."""
+    if len(available) != 1:
+        return None
+    for other in _SEPARATOR_NAMES:
+        if other != separator and {image_column, caption_column} <= set(available[0].split(other)):
+            shown = "\\t" if other == "\t" else other
+            return ValueError(
+                f"{path}: its header {available[0]!r} is separated by {_SEPARATOR_NAMES[other]}s, not "
+                f"{_SEPARATOR_NAMES.get(separator, repr(separator))}s: set separator = \"{shown}\" (in a "
+                f"[[data.sources]] or [[eval.retrieval]] table), or --separator '{other}' (make_shards.py)"
+            )
+    return None
 
 
 QUOTING_CHOICES = ("auto", "none", "csv")
@@ -157,7 +189,8 @@ def _delimited_rows(
             raise ValueError(f"{path} {what}: a manifest's first line names its columns ({image_column!r} and "
                              f"{caption_column!r}), and each line after it is one sample")
         if image_column not in available or caption_column not in available:
-            raise _missing_columns_error(path, [image_column, caption_column], available)
+            raise _other_separator_error(path, separator, image_column, caption_column, available) or \
+                _missing_columns_error(path, [image_column, caption_column], available)
         while True:
             record_start = reader.reader.line_num + 1  # DictReader's own count is of rows read whole
             try:

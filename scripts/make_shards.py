@@ -191,7 +191,7 @@ def write_shards(
     samples: Iterator, output: Path, prefix: str, per_shard: int, overwrite: bool = False
 ) -> tuple[dict[str, int], SkipCounts]:
     """Writes the shards and sizes.json; returns ({shard name: count}, skipped counts by kind). Shards of
-    the same prefix already in `output` are an error, or deleted first when `overwrite`."""
+    the same prefix already in `output` are an error, or with `overwrite` deleted as the first new sample is written."""
     webdataset = require_webdataset()
     old_shards = refuse_old_shards(output, prefix, overwrite)
     # The manifest's first row is read before the output is touched, so that a wrong column name, an empty or a

@@ -389,3 +389,16 @@ def test_a_header_split_by_another_separator_asks_for_that_separator(tmp_path: P
     path.write_text("image|title\na.jpg|one\n")  # not the columns wanted either way: the columns advice
     with pytest.raises(ValueError, match=r"no column 'image', 'caption'; the columns are \['image\|title'\]"):
         read_manifest(str(path))
+
+
+def test_a_source_given_the_other_kinds_path_is_told_the_kind_to_set() -> None:
+    # A manifest as kind = "shards" was "not a readable tar file: rewrite or remove it", and a shard pattern as
+    # kind = "manifest" a manifest that "does not exist"
+    from clip.data import SourceConfig
+
+    with pytest.raises(ValueError, match=r"kind is \"shards\", but '/data/train.TSV' is a manifest: set kind = \"manifest\""):
+        SourceConfig(kind="shards", path="/data/train.TSV")
+    with pytest.raises(ValueError, match=r"kind is \"manifest\", but '/data/cc-\{000..009\}.tar' names WebDataset shards"):
+        SourceConfig(kind="manifest", path="/data/cc-{000..009}.tar")
+    assert SourceConfig(kind="shards", path="/data/cc-{000..009}.tar").kind == "shards"
+    assert SourceConfig(kind="manifest", path="/data/pairs.csv").kind == "manifest"

@@ -65,6 +65,14 @@ class SourceConfig:
             raise InvalidValue("path", f"is not read by a synthetic source (got {self.path!r}); set kind to "
                                '"manifest" or "shards" for files')
         self.path, self.size_index = home_expanded(self.path), home_expanded(self.size_index)
+        # The other file kind's path: a manifest read as shards was "not a readable tar file: rewrite or remove
+        # it", and a shard pattern read as a manifest "does not exist"
+        last_file = self.path.split("::")[-1].lower()
+        if self.kind == "shards" and last_file.endswith((".csv", ".tsv", ".jsonl")):
+            raise InvalidValue("kind", f'is "shards", but {self.path!r} is a manifest: set kind = "manifest" (or '
+                               "make shards of it with scripts/make_shards.py)")
+        if self.kind == "manifest" and last_file.endswith((".tar", ".tar.gz", ".tgz")):
+            raise InvalidValue("kind", f'is "manifest", but {self.path!r} names WebDataset shards: set kind = "shards"')
         try:
             self.separator = separator_character(self.separator)
         except ValueError as error:

@@ -61,7 +61,15 @@ def folder_samples(root: Path) -> Iterator[tuple[str, str | None, dict, str] | S
     """(image path, caption or None when x.txt is missing, extra fields, "") for every image under root, and a
     SkipSample("missing_image") for every x.txt without an image of its name (counted, not silently left out)."""
     suffixes = {"." + extension for extension in IMAGE_EXTENSIONS}
-    for folder, subfolders, files in os.walk(root):
+    # Linked folders are followed: os.walk's default left out a folder linked in (a dataset's parts on other
+    # disks) without a word. One reached twice (two links to it, or a link to a folder above) is read once.
+    visited = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in visited:
+            subfolders.clear()
+            continue
+        visited.add(real)
         subfolders.sort()
         images = {Path(name).stem for name in files if Path(name).suffix.lower() in suffixes}
         for name in sorted(files):

@@ -119,6 +119,22 @@ def test_image_folder_with_caption_files(tmp_path: Path, capsys: pytest.CaptureF
     data.close()
 
 
+def test_an_image_folder_reads_linked_folders_once_each(tmp_path: Path) -> None:
+    # os.walk's default does not enter a linked folder: an album linked in from another disk was left out,
+    # counted nowhere. A folder linked twice, or a link back to a folder above, is read once.
+    photos, elsewhere = tmp_path / "photos", tmp_path / "other_disk" / "album"
+    for folder, i in ((photos, 0), (elsewhere, 1)):
+        folder.mkdir(parents=True)
+        (folder / f"{i}.jpg").write_bytes(image_bytes(i))
+        (folder / f"{i}.txt").write_text(caption_of(i))
+    (photos / "linked").symlink_to(elsewhere)
+    (photos / "linked_again").symlink_to(elsewhere)
+    (photos / "back_up").symlink_to(photos)
+    sizes, skipped = load_make_shards().write_shards(
+        load_make_shards().folder_samples(photos), tmp_path / "out", "t", 10)
+    assert sizes == {"t-000000.tar": 2} and not skipped
+
+
 def test_unusable_manifest_rows_are_counted_and_the_first_is_named_with_why(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

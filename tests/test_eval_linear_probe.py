@@ -275,6 +275,43 @@ def test_features_come_from_the_frozen_encoder_in_eval_mode():
     torch.testing.assert_close(features, expected)
 
 
+class PartlyUnreadable(torch.utils.data.Dataset):
+    """Seven (image, label) items; those at `unreadable` raise as an undecodable file does."""
+
+    def __init__(self, unreadable: set[int]) -> None:
+        self.unreadable = unreadable
+
+    def __len__(self) -> int:
+        return 7
+
+    def __getitem__(self, index: int):
+        from pathlib import Path
+
+        from clip.evaluation.image_files import UnreadableImageError
+
+        if index in self.unreadable:
+            raise UnreadableImageError(Path(f"broken_{index}.png"), "not an image")
+        return torch.full((3,), float(index)), index % 2
+
+
+def test_unreadable_images_are_left_out_and_logged_once_with_an_example(caplog):
+    model = RecordingEncoder()
+    with caplog.at_level("WARNING", logger="clip"):
+        features, labels = extract_features(model, PartlyUnreadable({1, 5}), batch_size=3)
+    readable = [0, 2, 3, 4, 6]
+    assert labels.tolist() == [i % 2 for i in readable]
+    expected = model.linear(torch.stack([torch.full((3,), float(i)) for i in readable])).detach()
+    torch.testing.assert_close(features, expected)
+    # A skipped image must not pass silently: the count, and one reason naming the file
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert warnings == ["feature extraction: skipped 2 unreadable image(s); e.g. cannot read image broken_1.png: "
+                        "not an image"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="clip"):
+        extract_features(model, PartlyUnreadable(set()), batch_size=3)
+    assert caplog.records == []  # nothing skipped, nothing said
+
+
 @pytest.mark.parametrize("kind", ["vit", "resnet"])
 def test_unprojected_features_are_a_vits_class_token_before_its_projection(kind):
     from clip.architectures import ModelConfig, TextConfig, VisionConfig

@@ -7,6 +7,7 @@ import builtins
 import json
 import math
 import os
+import pathlib
 
 import pytest
 import torch
@@ -107,6 +108,19 @@ def test_classifier_is_independent_of_batching_and_accepts_callables(batch_size)
     torch.testing.assert_close(build_zeroshot_classifier(model, classnames, callables, model.tokenize), reference)
 
 
+def test_no_class_names_and_non_finite_class_embeddings_are_refused_by_the_classifier_builder():
+    model, classnames, templates = planted_two_classes()
+    # No classes: torch.cat of no columns failed with "expected a non-empty list of Tensors"
+    with pytest.raises(ValueError, match="no class names given"):
+        build_zeroshot_classifier(model, [], templates, model.tokenize)
+    model.vectors[4, 1] = float("inf")  # "the dog!": the dog's prompt ensemble
+    with pytest.raises(NonFiniteFeaturesError, match=r"1 of 2 class \(prompt ensemble\) features are NaN or inf"):
+        build_zeroshot_classifier(model, classnames, templates, model.tokenize)
+    # evaluate_zeroshot judges them itself, after its all-reduce: the builder hands them over uncounted
+    unchecked = build_zeroshot_classifier(model, classnames, templates, model.tokenize, check_finite=False)
+    assert torch.isfinite(unchecked[:, 0]).all() and not torch.isfinite(unchecked[:, 1]).all()
+
+
 def test_model_is_evaluated_in_eval_mode_without_grad_and_restored():
     model, classnames, templates = planted_two_classes()
     model.train()
@@ -129,6 +143,20 @@ def test_logits_are_cosine_similarities_times_the_models_logit_scale():
     # A model without a learned temperature gets CLIP's trained one, 100
     del model.logit_scale
     torch.testing.assert_close(zeroshot_classify(model, classifier, images).logits, expected * 10.0)
+
+
+def test_classify_passes_a_loaders_labels_through_and_refuses_no_images():
+    model, classnames, templates = planted_two_classes()
+    classifier = build_zeroshot_classifier(model, classnames, templates, model.tokenize)
+    images, labels = torch.tensor([[3.0, 4.0], [-2.0, 0.5], [0.0, -10.0]]), torch.tensor([0, 1, 1])
+    loader = torch.utils.data.DataLoader(list(zip(images, labels, strict=True)), batch_size=2)
+    output = zeroshot_classify(model, classifier, loader)
+    assert output.labels.tolist() == [0, 1, 1]
+    torch.testing.assert_close(output.logits, zeroshot_classify(model, classifier, images).logits)
+    assert zeroshot_classify(model, classifier, images).labels is None  # a bare tensor carries none
+    # torch.cat of no logits failed with "expected a non-empty list of Tensors"
+    with pytest.raises(ValueError, match="no images to classify"):
+        zeroshot_classify(model, classifier, torch.zeros(0, 2))
 
 
 def test_eval_mode_restores_each_submodules_own_mode():
@@ -319,6 +347,42 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, caplog):
         assert result.metrics()["num_skipped"] == 3.0 and result.to_dict()["num_skipped"] == 3
     assert "unreadable images skipped: d: 3" in format_table(results[:1])
     assert clean.num_skipped == 0 and "num_skipped" not in clean.metrics()
+
+
+class PartlyUnreadable(torch.utils.data.Dataset):
+    """Five (features, label) items; those at `unreadable` raise as an undecodable file does."""
+
+    def __init__(self, unreadable: set[int]) -> None:
+        self.unreadable = unreadable
+
+    def __len__(self) -> int:
+        return 5
+
+    def __getitem__(self, index: int):
+        from pathlib import Path
+
+        from clip.evaluation.image_files import UnreadableImageError
+
+        if index in self.unreadable:
+            raise UnreadableImageError(Path(f"{index}.png"), "not an image")
+        return torch.tensor([1.0, 0.0]) if index % 2 else torch.tensor([0.0, -1.0]), index % 2
+
+
+def test_progress_counts_the_images_read_so_far_skipped_ones_included():
+    # The CLI's progress line says "N of <dataset size> images": skipped images are part of that size
+    model, classnames, templates = planted_two_classes()
+    done: list[int] = []
+    result = evaluate_zeroshot(model, PartlyUnreadable({1, 3}), classnames, templates, tokenizer=model.tokenize,
+                               batch_size=3, progress=done.append)
+    assert done == [3, 5]  # batch 0..2: 2 read + 1 skipped; batch 3..4: 1 more read + 1 more skipped
+    assert result.num_samples == 3 and result.num_skipped == 2
+
+
+def test_unlabelled_images_are_a_clear_error():
+    # A dataset of bare images failed inside the counts with "'NoneType' object has no attribute 'to'"
+    model, classnames, templates = planted_two_classes()
+    with pytest.raises(ValueError, match=r"evaluate_zeroshot needs labelled data: \(image, label\) pairs"):
+        evaluate_zeroshot(model, [torch.ones(2), -torch.ones(2)], classnames, templates, tokenizer=model.tokenize)
 
 
 def test_no_readable_image_is_an_error_not_zero_accuracy(tmp_path):
@@ -617,6 +681,8 @@ def test_notebook_mistakes_are_named_before_any_work():
         zeroshot_classify_images(model, preprocess, image, ["cat", "dog"])
     with pytest.raises(TypeError, match=r"images\[1\] is a file path \('b.png'\), not an image: open it first"):
         zeroshot_classify_images(model, preprocess, [image, "b.png"], ["cat", "dog"])
+    with pytest.raises(TypeError, match=r"images\[0\] is a file path \(\w*Path\('a.png'\)\), not an image"):
+        zeroshot_classify_images(model, preprocess, [pathlib.Path("a.png")], ["cat", "dog"])  # as glob() gives
     with pytest.raises(TypeError, match="images must be a list of PIL images, got generator"):
         zeroshot_classify_images(model, preprocess, (image for _ in range(2)), ["cat", "dog"])
     with pytest.raises(TypeError, match=r"classnames='cat' is a string; pass a list of class names, e.g. \['cat'\]"):

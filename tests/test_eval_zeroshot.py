@@ -410,6 +410,24 @@ def test_non_finite_features_are_an_error_not_a_prediction():
         evaluate_zeroshot(model, images[:1], classnames, templates, tokenizer=model.tokenize)
 
 
+def as_two_identical_ranks(monkeypatch, rank: int = 0) -> None:
+    """evaluate_zeroshot in this process as `rank` of two, the other rank's counts a copy of this one's."""
+    import clip.evaluation.zeroshot as zeroshot_module
+
+    monkeypatch.setattr(zeroshot_module, "distributed_world", lambda dist_info: (rank, 2))
+    monkeypatch.setattr(zeroshot_module, "all_reduce_sum", lambda tensor, world_size: tensor * world_size)
+
+
+def test_non_finite_class_embeddings_are_counted_once_however_many_ranks_built_them(monkeypatch):
+    # Every rank builds the whole classifier: summed over two ranks, one NaN class of two read "2 of 2"
+    model, classnames, templates = planted_two_classes()
+    model.vectors[4, 1] = float("inf")  # "the dog!": the dog's prompt ensemble
+    as_two_identical_ranks(monkeypatch)
+    dataset = [(torch.ones(2), 0), (-torch.ones(2), 1)]
+    with pytest.raises(NonFiniteFeaturesError, match=r"^1 of 2 class \(prompt ensemble\) features are NaN or inf"):
+        evaluate_zeroshot(model, dataset, classnames, templates, tokenizer=model.tokenize, dist_info=object())
+
+
 def test_the_advice_for_non_finite_features_fits_the_models_dtype_and_the_precision():
     # "evaluate with precision fp32" was given to every model: clip.load's float16 weights on CUDA overflow
     # under any precision setting (fp32 being no autocast), and fp32 was often the precision already in use

@@ -198,8 +198,12 @@ def evaluate_zeroshot(
     counts = ClassificationCounts(len(classnames), top_k=5, device=device)
     skipped: list[str] = []
     read = 0  # images classified so far on this rank
-    # Non-finite [image rows, class embeddings], counted on the device (no sync), all-reduced with the counts
-    nonfinite = torch.stack([torch.zeros((), dtype=torch.long, device=device), nonfinite_rows(classifier.t())])
+    # Non-finite [image rows | one flag per class embedding], on the device (no sync), all-reduced with the
+    # counts. Flags, not a count of classes: every rank builds the whole classifier, so a summed count would
+    # count each bad class once per rank; a class is bad when any rank's flag for it is set.
+    nonfinite = torch.cat([
+        torch.zeros(1, dtype=torch.long, device=device), (~torch.isfinite(classifier).all(dim=0)).long()
+    ])
     with eval_mode(model):
         batches = encode_image_batches(model, loader, device=device, precision=precision, skipped=skipped)
         for features, labels in batches:
@@ -213,12 +217,11 @@ def evaluate_zeroshot(
     counts.add_skipped(len(skipped))
     if world_size > 1:
         reduced = all_reduce_sum(torch.cat([counts.as_tensor(), nonfinite]), world_size)
-        counts.load_tensor(reduced[:-2])
-        nonfinite = reduced[-2:]
+        counts.load_tensor(reduced[: -len(nonfinite)])
+        nonfinite = reduced[-len(nonfinite) :]
     # Every rank holds the same all-reduced counts, so every rank raises alike
-    # (each rank built the whole classifier: the sum counts a class once per rank that got it wrong)
     causes = nonfinite_causes(model, precision)
-    refuse_nonfinite(min(int(nonfinite[1]), len(classnames)), len(classnames), CLASS_EMBEDDINGS, causes)
+    refuse_nonfinite(int((nonfinite[1:] > 0).sum()), len(classnames), CLASS_EMBEDDINGS, causes)
     refuse_nonfinite(int(nonfinite[0]), int(counts.confusion.sum()), f"zero-shot {name or 'dataset'} image", causes)
     result = summarize(counts, classnames, subsets, name, warn=rank == 0)
     what = f"zero-shot {name or 'dataset'}"

@@ -272,6 +272,20 @@ def test_tied_logits_rank_the_true_class_as_argmax_does_so_top_k_is_never_below_
     assert counts.topk_hits.tolist() == [1, 0, 0] and counts.confusion.diagonal().tolist() == [1, 0, 0]
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_only_rank_0_says_that_a_subset_has_no_images(monkeypatch, caplog, rank):
+    # Every rank summarises the same all-reduced counts: each saying so repeated the line once per rank
+    model, _, _ = planted_two_classes()
+    as_two_identical_ranks(monkeypatch, rank)
+    dataset = [(torch.tensor([1.0, 0.0]), 0), (torch.tensor([0.0, 1.0]), 1)] * 2
+    with caplog.at_level("WARNING"):
+        result = evaluate_zeroshot(model, dataset, ["cat", "dog", "bird"], classifier=torch.eye(2, 3),
+                                   subsets={"birds": [2]}, name="d", dist_info=object())
+    assert result.subsets["birds"].top1 is None and result.num_samples == 4
+    said = "d: subset birds has no images; its accuracies are left out" in caplog.text
+    assert said == (rank == 0)
+
+
 def test_the_table_names_the_real_k():
     model, classnames, templates = planted_two_classes()
     result = evaluate_zeroshot(model, [(torch.ones(2), 0)], classnames, templates, tokenizer=model.tokenize, name="x")

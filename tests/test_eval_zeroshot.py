@@ -103,7 +103,10 @@ def test_classifier_is_independent_of_batching_and_accepts_callables(batch_size)
     model.text_batches.clear()
     batched = build_zeroshot_classifier(model, classnames, templates, model.tokenize, batch_size=batch_size)
     torch.testing.assert_close(batched, reference)
-    assert max(model.text_batches) <= batch_size
+    # Whole classes' prompts a group at a time (3 templates: a batch of 4 holds one class's, 7 both classes'),
+    # each group in batches of at most batch_size
+    expected_batches = {1: [1] * 6, 2: [2, 1] * 2, 4: [3, 3], 7: [6]}[batch_size]
+    assert model.text_batches == expected_batches
     callables = [lambda c: f"a {c}.", lambda c: f"the {c}!", lambda c: f"{c}?"]
     torch.testing.assert_close(build_zeroshot_classifier(model, classnames, callables, model.tokenize), reference)
 
@@ -480,6 +483,15 @@ def test_subsets_and_a_classifier_that_do_not_fit_the_class_names_are_errors():
             evaluate_zeroshot(model, dataset, classnames, templates, tokenizer=model.tokenize, subsets={"bad": outside})
     with pytest.raises(ValueError, match="classifier has 3 classes, but 2 class names were given"):
         evaluate_zeroshot(model, dataset, classnames, classifier=torch.eye(2, 3))
+
+
+def test_a_ready_loader_cannot_be_sharded_across_ranks(monkeypatch):
+    # Its batches are already made: each rank would classify all of them and the all-reduce count them twice
+    model, classnames, templates = planted_two_classes()
+    as_two_identical_ranks(monkeypatch)
+    loader = torch.utils.data.DataLoader([(torch.ones(2), 0), (-torch.ones(2), 1)], batch_size=2)
+    with pytest.raises(ValueError, match="pass a Dataset, not a DataLoader, to shard evaluation across ranks"):
+        evaluate_zeroshot(model, loader, classnames, templates, tokenizer=model.tokenize, dist_info=object())
 
 
 def test_confusion_png_is_written_or_skipped_without_matplotlib(tmp_path, monkeypatch, caplog):

@@ -12,6 +12,9 @@ from torch import nn
 from clip.evaluation.features import (
     CutTexts,
     ReadableBatch,
+    SkippedImage,
+    SkipUnreadable,
+    autocast,
     collate_readable,
     encode_image_batches,
     encode_texts,
@@ -22,6 +25,7 @@ from clip.evaluation.features import (
     nonfinite_causes,
     unwrap_model,
 )
+from clip.evaluation.image_files import UnreadableImageError
 
 
 class TextModel(nn.Module):
@@ -140,3 +144,64 @@ def test_texts_cut_to_the_context_are_counted_in_one_warning(caplog):
         for batch in (texts[:3], texts[3:]):
             encode_texts(TextModel(), batch, refusing_long_texts, device="cpu", batch_size=2, cut=cut)
     assert not caplog.records and cut.count == 3
+
+
+def test_an_object_that_merely_has_an_orig_mod_attribute_is_not_unwrapped():
+    # Only a module under _orig_mod is a compiled model's; any other value there is the model's own business
+    model = nn.Linear(2, 2)
+    model._orig_mod = "not a module"
+    assert unwrap_model(model) is model
+
+
+def test_autocast_computes_in_the_precision_asked_for_and_refuses_others():
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+        with autocast("cpu", precision):
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == dtype
+    with pytest.raises(ValueError, match=r"precision must be one of \['bf16', 'fp16', 'fp32'\], got 'fp8'"):
+        autocast("cpu", "fp8")
+
+
+def test_only_an_unreadable_image_is_skipped_not_any_error_of_the_dataset():
+    # A bug in a dataset (or a missing file system) must stop the evaluation, not be counted as a skipped image
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            if index == 0:
+                raise UnreadableImageError("a.jpg", "truncated")
+            raise KeyError("a bug")
+
+    assert isinstance(SkipUnreadable(Broken())[0], SkippedImage)
+    with pytest.raises(KeyError, match="a bug"):
+        SkipUnreadable(Broken())[1]
+
+
+def test_a_single_loader_worker_is_shielded_from_the_jobs_signals_too():
+    # One worker dies of a scheduler's SIGTERM as surely as several; only workers=0 runs in the trainer itself
+    from clip.data.worker_signals import shield_worker_from_job_signals
+
+    dataset = torch.utils.data.TensorDataset(torch.zeros(4))
+    expected = shield_worker_from_job_signals if hasattr(__import__("signal"), "sigwaitinfo") else None
+    assert make_loader(dataset, 2, 1, "cpu").worker_init_fn is expected
+    assert make_loader(dataset, 2, 0, "cpu").worker_init_fn is None
+
+
+def test_a_stacked_image_tensor_is_cut_into_consecutive_batches_without_labels():
+    batches = list(iterate_batches(torch.arange(5), 2))
+    assert [images.tolist() for images, _ in batches] == [[0, 1], [2, 3], [4]]
+    assert [labels for _, labels in batches] == [None, None, None]
+
+
+def test_a_loaders_image_label_pairs_keep_their_labels():
+    pairs = [(torch.zeros(2, 3), torch.tensor([4, 7]))]
+    (images, labels), = iterate_batches(pairs, 2)
+    assert images.shape == (2, 3) and labels.tolist() == [4, 7]
+
+
+def test_features_before_the_projection_need_a_model_of_this_library():
+    # A TorchScript model from clip.load(jit=True) has only encode_image: an AttributeError said nothing of why
+    model = nn.Module()
+    model.encode_image = nn.Linear(3, 2)
+    with pytest.raises(TypeError, match="features before the projection need a model built by this library"):
+        next(encode_image_batches(model, torch.ones(2, 3), device="cpu", unprojected=True))

@@ -533,6 +533,12 @@ def test_templates_are_checked_and_read_from_files(tmp_path):
     # The file is named: clip-zeroshot said only "template 'a photo' must contain ..." for a templates_file
     with pytest.raises(ValueError, match=r"bad\.txt: template 'a photo' must contain exactly one"):
         load_templates(tmp_path / "bad.txt")
+    # A file whose name holds "{}" is still read as a file, not refused as a single template
+    (tmp_path / "for {}.txt").write_text("a photo of a {}.\n")
+    assert resolve_templates(str(tmp_path / "for {}.txt")) == ["a photo of a {}."]
+    # A folder is not a templates or class names file: said so, not an IsADirectoryError
+    with pytest.raises(FileNotFoundError, match="class names file not found"):
+        load_classnames(tmp_path)
 
 
 def test_a_byte_order_mark_is_not_part_of_the_first_entry(tmp_path):
@@ -566,6 +572,10 @@ def test_lines_copied_from_a_python_list_are_unquoted(tmp_path):
     # Plain templates that merely contain quotes are not touched.
     (tmp_path / "plain.txt").write_text("a \"{}\" sign\n'{}' in quotes, said twice\n")
     assert load_templates(tmp_path / "plain.txt") == ['a "{}" sign', "'{}' in quotes, said twice"]
+    # A line Python's parser runs out of memory on is not a list's line, but a line as it stands
+    deep = "'tench', " + "-" * 100_000 + "1"
+    (tmp_path / "deep.txt").write_text(deep + "\n")
+    assert load_classnames(tmp_path / "deep.txt") == [deep]
 
 
 def test_a_python_list_copied_whole_is_read_as_its_strings(tmp_path):
@@ -575,8 +585,13 @@ def test_a_python_list_copied_whole_is_read_as_its_strings(tmp_path):
     assert load_templates(tmp_path / "t.txt") == ["a photo of a {}.", "a {}'s photo."]
     (tmp_path / "names.json").write_text("['airplane', 'automobile',]")
     assert load_classnames(tmp_path / "names.json") == ["airplane", "automobile"]
+    # Copied indented, after a blank line: Python reads an indented first line as an IndentationError
+    (tmp_path / "indented.txt").write_text("\n    ['a photo of a {}.',\n     'a {}.']\n")
+    assert load_templates(tmp_path / "indented.txt") == ["a photo of a {}.", "a {}."]
     # Anything but a list of strings is still not valid JSON: a number among them, a call, a name
-    for text in ("['a {}.', 3]", "['a {}.'] + ['b {}.']", "[print('a {}.')]", "[x]", "['a {}.'"):
+    # and neither is one Python's parser fails on otherwise: an unhashable key, a nesting beyond its memory
+    unparsable = ("['a {}.', {[]: 1}]", "['a {}.', " + "-" * 100_000 + "1]")
+    for text in ("['a {}.', 3]", "['a {}.'] + ['b {}.']", "[print('a {}.')]", "[x]", "['a {}.'", *unparsable):
         (tmp_path / "bad.txt").write_text(text)
         with pytest.raises(ValueError, match=r"bad\.txt: not valid JSON"):
             load_templates(tmp_path / "bad.txt")
@@ -622,6 +637,7 @@ def test_a_mapping_of_labels_to_names_is_refused_not_read_line_by_line(tmp_path)
         ("imagenet1000_clsidx_to_labels.txt", "{0: 'tench, Tinca tinca',\n 1: 'goldfish, Carassius auratus'}\n"),
         ("class_index.json", '{"0": ["n01440764", "tench"], "1": ["n01443537", "goldfish"]}'),
         ("opened.txt", '{\n  "0": "tench",\n  "1": "goldfish"\n}\n'),
+        ("synonyms.txt", "{0: ['tench', 'Tinca tinca'],\n 1: ['goldfish']}\n"),  # a list of names per label
     ]:
         (tmp_path / name).write_text(text)
         with pytest.raises(ValueError, match=refusal):
@@ -657,6 +673,8 @@ def test_templates_given_by_name_or_as_a_list_are_checked():
         resolve_templates(["a photo of a {}.", "a {} and {}"])
     template = "a sketch of a {}.".format
     assert resolve_templates(["a {}.", template]) == ["a {}.", template]  # a callable is taken as it is
+    with pytest.raises(ValueError, match="template 5 is a int, not a string"):  # nor a callable
+        resolve_templates(["a {}.", 5])
 
 
 def test_class_names_files_in_each_form_they_are_read_from(tmp_path):

@@ -355,7 +355,9 @@ def test_a_template_field_other_than_a_plain_placeholder_is_refused(tmp_path: Pa
     from clip.evaluation.templates import load_templates
 
     (tmp_path / "templates.txt").write_text(f"a photo of a {{}}.\n{template}\n")
-    with pytest.raises(ValueError, match=r"must be a plain '\{\}' for the class name"):
+    field = template.removeprefix("a ").removesuffix(" photo")  # named whole, its conversion and spec included
+    refusal = rf"its field {re.escape(repr(field))} must be a plain '\{{\}}' for the class name"
+    with pytest.raises(ValueError, match=refusal):
         load_templates(tmp_path / "templates.txt")
 
 
@@ -368,6 +370,9 @@ def test_templates_and_class_names_in_other_encodings(tmp_path: Path) -> None:
         load_classnames(tmp_path / "latin1.txt")
     (tmp_path / "utf16.txt").write_text("a photo of a {}.\nart of the {}\n", encoding="utf-16")
     assert load_templates(tmp_path / "utf16.txt") == ["a photo of a {}.", "art of the {}"]
+    # and big-endian, as some tools write it, with its own byte-order mark
+    (tmp_path / "utf16be.txt").write_bytes(b"\xfe\xff" + "tench\ngoldfish\n".encode("utf-16-be"))
+    assert load_classnames(tmp_path / "utf16be.txt") == ["tench", "goldfish"]
 
 
 def test_deeply_nested_json_is_a_value_error_naming_the_file(tmp_path: Path) -> None:

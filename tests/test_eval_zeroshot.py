@@ -220,6 +220,8 @@ def test_metrics_match_a_direct_computation_on_planted_features():
 
 
 def test_a_subset_without_images_has_no_accuracies_not_zero(caplog):
+    from clip.evaluation.results import ClassificationCounts, summarize
+
     # With a few evaluation images a subset can have none: it reported 0% top-1, like a model that got all wrong
     model, _, _ = planted_two_classes()
     classifier = torch.eye(3)
@@ -231,11 +233,15 @@ def test_a_subset_without_images_has_no_accuracies_not_zero(caplog):
     assert unseen.num_samples == 0 and unseen.top1 is None and unseen.mean_per_class_accuracy is None
     assert "few: subset unseen has no images; its accuracies are left out" in caplog.text
     assert "unseen/top1" not in result.metrics() and result.metrics()["seen/top1"] == 1.0
+    # each subset metric is its own: a subset whose top-2 differs from its top-1
+    counts = ClassificationCounts(3, top_k=2)
+    counts.update(torch.tensor([[1.0, 2.0, 0.0], [0.0, 2.0, 1.0]]), torch.tensor([0, 1]))
+    metrics = summarize(counts, ["a", "b", "c"], {"ab": [0, 1]}).metrics()
+    assert (metrics["ab/top1"], metrics["ab/top5"], metrics["ab/mean_per_class"]) == (0.5, 1.0, 0.5)
     assert json.loads(json.dumps(result.to_dict()))["subsets"]["unseen"]["top1"] is None
     row = [line for line in format_table([result]).splitlines() if "few/unseen" in line][0]
     assert row.split()[1:] == ["0", "1", "-", "-", "-"]
     # Every rank summarises the all-reduced counts alike: rank 0 alone says it (warn=False elsewhere)
-    from clip.evaluation.results import ClassificationCounts, summarize
 
     caplog.clear()
     counts = ClassificationCounts(3)
@@ -247,6 +253,25 @@ def test_a_subset_without_images_has_no_accuracies_not_zero(caplog):
     for outside in (3, -1):
         with pytest.raises(ValueError, match=r"subset 'typo' names classes outside 0\.\.2"):
             summarize(counts, ["a", "b", "c"], {"typo": [0, outside]})
+
+
+def test_counts_round_trip_through_the_flat_tensor_ranks_all_reduce():
+    # Every rank loads the summed as_tensor() back: the skipped count is part of it, and the counts are the
+    # loaded values, not views of a tensor the caller may reuse
+    from clip.evaluation.results import ClassificationCounts, summarize
+
+    counts = ClassificationCounts(3, top_k=2)
+    counts.update(torch.tensor([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0], [3.0, 2.0, 1.0]]), torch.tensor([0, 1, 2]))
+    counts.add_skipped(3)
+    summed = ClassificationCounts(3, top_k=2)
+    flat = counts.as_tensor() * 2  # two ranks that counted alike
+    summed.load_tensor(flat)
+    flat.zero_()
+    assert summed.confusion.tolist() == [[2, 0, 0], [2, 0, 0], [2, 0, 0]]
+    assert summed.topk_hits.tolist() == [2, 2, 0] and int(summed.skipped.sum()) == 6
+    assert summarize(summed, ["a", "b", "c"]).num_skipped == 6
+    with pytest.raises(ValueError, match="need at least one class"):
+        ClassificationCounts(0)
 
 
 def test_top_k_is_capped_at_the_number_of_classes():
@@ -331,6 +356,11 @@ def test_the_table_names_the_classes_that_had_no_images():
     assert format_table(results).splitlines()[-1] == (
         "classes without images (mean/cls averages the others): missing: 4 of 6 (ship, car, bus, ...)"
     )
+    # exactly as many as shown: all listed, none left for "..."
+    three_missing = ClassificationCounts(4)
+    three_missing.update(torch.eye(4)[:1], torch.tensor([0]))
+    assert format_table([summarize(three_missing, names[:4], name="three")]).splitlines()[-1].endswith(
+        "three: 3 of 4 (dog, ship, car)")
     assert "without images" not in format_table(results[:1])
 
 

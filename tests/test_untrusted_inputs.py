@@ -728,7 +728,8 @@ def test_clip_train_refuses_an_incomplete_checkpoint_in_one_line(tmp_path: Path)
                                optimizer=None, scaler=None, dist_info=None)
 
 
-def test_a_confusion_plot_that_cannot_be_drawn_or_written_does_not_end_the_evaluation(tmp_path: Path) -> None:
+def test_a_confusion_plot_that_cannot_be_drawn_or_written_does_not_end_the_evaluation(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
     # A class name such as '$x^{$' is matplotlib math and failed to parse (ValueError), and an output folder
     # that cannot be created raised: either ended clip-zeroshot right after a dataset's evaluation
     pytest.importorskip("matplotlib")
@@ -736,12 +737,19 @@ def test_a_confusion_plot_that_cannot_be_drawn_or_written_does_not_end_the_evalu
 
     counts = ClassificationCounts(2)
     counts.update(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1]))
-    result = summarize(counts, ["$x^{$", "$\\undefinedcommand$"], name="prices in $")
+    result = summarize(counts, ["$x^{$", "$\\undefinedcommand$"], name="prices in $x^{$")  # the title's too
     assert save_confusion_png(result, tmp_path / "confusion.png") == tmp_path / "confusion.png"
     (tmp_path / "a_file").write_text("")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert save_confusion_png(result, tmp_path / "a_file" / "confusion.png") is None
+    # Whatever else matplotlib raises while drawing (a ValueError, a RuntimeError) costs the plot alone
+    for error in (ValueError("bad label"), RuntimeError("no renderer")):
+        def fail(*args, error=error):
+            raise error
+
+        monkeypatch.setattr("clip.evaluation.results._draw_confusion", fail)
+        assert save_confusion_png(result, tmp_path / "confusion.png") is None
 
 
 @pytest.mark.parametrize("version, warned", [("2.9.1+cu121", True), ("2.5.0", True), ("2.10.0", False)])

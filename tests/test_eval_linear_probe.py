@@ -16,6 +16,7 @@ from clip.evaluation.linear_probe import (
     select_l2,
     split_validation,
 )
+from partly_unreadable import PartlyUnreadable
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -275,29 +276,15 @@ def test_features_come_from_the_frozen_encoder_in_eval_mode():
     torch.testing.assert_close(features, expected)
 
 
-class PartlyUnreadable(torch.utils.data.Dataset):
+def partly_unreadable(unreadable: set[int]) -> PartlyUnreadable:
     """Seven (image, label) items; those at `unreadable` raise as an undecodable file does."""
-
-    def __init__(self, unreadable: set[int]) -> None:
-        self.unreadable = unreadable
-
-    def __len__(self) -> int:
-        return 7
-
-    def __getitem__(self, index: int):
-        from pathlib import Path
-
-        from clip.evaluation.image_files import UnreadableImageError
-
-        if index in self.unreadable:
-            raise UnreadableImageError(Path(f"broken_{index}.png"), "not an image")
-        return torch.full((3,), float(index)), index % 2
+    return PartlyUnreadable([(torch.full((3,), float(i)), i % 2) for i in range(7)], unreadable, prefix="broken_")
 
 
 def test_unreadable_images_are_left_out_and_logged_once_with_an_example(caplog):
     model = RecordingEncoder()
     with caplog.at_level("WARNING", logger="clip"):
-        features, labels = extract_features(model, PartlyUnreadable({1, 5}), batch_size=3)
+        features, labels = extract_features(model, partly_unreadable({1, 5}), batch_size=3)
     readable = [0, 2, 3, 4, 6]
     assert labels.tolist() == [i % 2 for i in readable]
     expected = model.linear(torch.stack([torch.full((3,), float(i)) for i in readable])).detach()
@@ -308,7 +295,7 @@ def test_unreadable_images_are_left_out_and_logged_once_with_an_example(caplog):
                         "not an image"]
     caplog.clear()
     with caplog.at_level("WARNING", logger="clip"):
-        extract_features(model, PartlyUnreadable(set()), batch_size=3)
+        extract_features(model, partly_unreadable(set()), batch_size=3)
     assert caplog.records == []  # nothing skipped, nothing said
 
 

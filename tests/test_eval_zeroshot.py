@@ -34,6 +34,7 @@ from clip.evaluation.templates import (
     resolve_templates,
     validate_template,
 )
+from partly_unreadable import PartlyUnreadable
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -396,30 +397,17 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, caplog):
     assert clean.num_skipped == 0 and "num_skipped" not in clean.metrics()
 
 
-class PartlyUnreadable(torch.utils.data.Dataset):
+def partly_unreadable(unreadable: set[int]) -> PartlyUnreadable:
     """Five (features, label) items; those at `unreadable` raise as an undecodable file does."""
-
-    def __init__(self, unreadable: set[int]) -> None:
-        self.unreadable = unreadable
-
-    def __len__(self) -> int:
-        return 5
-
-    def __getitem__(self, index: int):
-        from pathlib import Path
-
-        from clip.evaluation.image_files import UnreadableImageError
-
-        if index in self.unreadable:
-            raise UnreadableImageError(Path(f"{index}.png"), "not an image")
-        return torch.tensor([1.0, 0.0]) if index % 2 else torch.tensor([0.0, -1.0]), index % 2
+    items = [(torch.tensor([1.0, 0.0]) if i % 2 else torch.tensor([0.0, -1.0]), i % 2) for i in range(5)]
+    return PartlyUnreadable(items, unreadable)
 
 
 def test_progress_counts_the_images_read_so_far_skipped_ones_included():
     # The CLI's progress line says "N of <dataset size> images": skipped images are part of that size
     model, classnames, templates = planted_two_classes()
     done: list[int] = []
-    result = evaluate_zeroshot(model, PartlyUnreadable({1, 3}), classnames, templates, tokenizer=model.tokenize,
+    result = evaluate_zeroshot(model, partly_unreadable({1, 3}), classnames, templates, tokenizer=model.tokenize,
                                batch_size=3, progress=done.append)
     assert done == [3, 5]  # batch 0..2: 2 read + 1 skipped; batch 3..4: 1 more read + 1 more skipped
     assert result.num_samples == 3 and result.num_skipped == 2

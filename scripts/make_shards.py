@@ -42,10 +42,12 @@ from clip.data.manifest import (
 )
 from clip.data.shards import (
     SIZE_INDEX_NAME,
+    WILDCARDS_ADVICE,
     count_tar_samples,
     ends_with_end_of_archive,
     expand_shard_pattern,
     folder_of_shards_advice,
+    has_wildcards,
     require_webdataset,
 )
 from clip.preprocess import to_rgb
@@ -293,9 +295,9 @@ def write_index(pattern: str) -> dict[str, int]:
     if Path(pattern).is_dir():
         # It read "1 of 1 shards cannot be indexed ... (remove or rewrite them ...): IsADirectoryError"
         raise SystemExit(f"--index: {pattern} is a folder, not a pattern of shards: {folder_of_shards_advice(Path(pattern))}")
-    if set(pattern) & set("*?[") and not Path(pattern).exists():
+    if has_wildcards(pattern) and not Path(pattern).exists():
         # The shell left an unmatched wildcard as it is, or the quotes kept it from the shell
-        raise SystemExit(f"--index: {pattern}: the pattern takes {{000000..000099}} ranges, not wildcards")
+        raise SystemExit(f"--index: {pattern}: the pattern {WILDCARDS_ADVICE}")
     urls = expand_shard_pattern(pattern)
     folders = {str(Path(url).parent) for url in urls}
     if len(folders) != 1:

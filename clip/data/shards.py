@@ -201,6 +201,14 @@ class _SizeIndexes:
         return count
 
 
+WILDCARDS_ADVICE = "takes {000000..000099} ranges, not wildcards"
+
+
+def has_wildcards(pattern: str) -> bool:
+    """Whether a shard pattern holds a shell wildcard, which it does not expand (a glob is not read as one)."""
+    return bool(set(pattern) & set("*?["))
+
+
 def folder_of_shards_advice(folder: Path) -> str:
     """What to write instead of a folder of shards: its tars as a {first..last} range where their names allow."""
     names = sorted((path.name for path in folder.iterdir() if _TAR_NAME.fullmatch(path.name)), key=_by_number)
@@ -265,7 +273,7 @@ def shard_sizes(urls: list[str], size_index: str = "", num_samples: int | None =
                 # It read "shard DIR/ does not exist", of a folder that plainly does
                 raise ValueError(f"shard path {url} is a folder, not a shard: {folder_of_shards_advice(Path(url))}")
             if not Path(url).is_file():
-                wildcards = " (the path takes {000000..000099} ranges, not wildcards)" if set(url) & set("*?[") else ""
+                wildcards = f" (the path {WILDCARDS_ADVICE})" if has_wildcards(url) else ""
                 raise FileNotFoundError(f"shard {url} does not exist{wildcards or relative_path_note(url)}: check the "
                                         "source's path pattern")
             log.info("no size index entry for %s: counting its samples", url)

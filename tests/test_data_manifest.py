@@ -383,8 +383,10 @@ def test_a_header_split_by_another_separator_asks_for_that_separator(tmp_path: P
     path = tmp_path / "train.csv"
     path.write_text("image;caption\na.jpg;one\n")
     with pytest.raises(ValueError, match=r"header 'image;caption' is separated by semicolons, not commas: set "
-                                         r"separator = \";\" .* --separator ';' \(make_shards.py\)$"):
+                                         r"separator = \";\" .* --separator ';' \(make_shards.py\)$") as refused:
         read_manifest(str(path))
+    # An evaluation's manifest has no separator to set: it must not be told to set one
+    assert "[[eval.retrieval]] has no separator key" in str(refused.value)
     assert captions_of(path, separator=";") == ["one"]
     path.write_text("image|title\na.jpg|one\n")  # not the columns wanted either way: the columns advice
     with pytest.raises(ValueError, match=r"no column 'image', 'caption'; the columns are \['image\|title'\]"):

@@ -89,8 +89,9 @@ def _other_separator_error(
             shown = "\\t" if other == "\t" else other
             return ValueError(
                 f"{path}: its header {available[0]!r} is separated by {_SEPARATOR_NAMES[other]}s, not "
-                f"{_SEPARATOR_NAMES.get(separator, repr(separator))}s: set separator = \"{shown}\" (in a "
-                f"[[data.sources]] or [[eval.retrieval]] table), or --separator '{other}' (make_shards.py)"
+                f"{_SEPARATOR_NAMES.get(separator, repr(separator))}s: set separator = \"{shown}\" (in its "
+                f"[[data.sources]] table; [[eval.retrieval]] has no separator key and reads a manifest by its "
+                f"suffix: .csv commas, .tsv tabs), or --separator '{other}' (make_shards.py)"
             )
     return None
 

@@ -300,7 +300,7 @@ def test_gpu_scripts_parse():
         subprocess.run(["bash", "-n", str(BENCHMARKS / script)], check=True)
 
 
-@pytest.mark.slow  # about 90 s on 2 cores
+@pytest.mark.slow  # about 8 minutes on 2 cores (torch.compile of two tiny models is most of it)
 def test_gpu_script_runs_every_step_in_its_cpu_dry_run(tmp_path):
     # The GPU machine is lent rarely and briefly: its script must not fail for reasons a CPU can show.
     from clip.download import cache_dir

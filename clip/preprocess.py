@@ -37,8 +37,10 @@ Where we deliberately differ from openai/CLIP (in `prepare_for_resize`, which th
 from __future__ import annotations
 
 from collections.abc import Sequence
+from os import PathLike
 
 import numpy as np
+import torch
 from PIL import ExifTags, Image, ImageOps
 from torchvision import transforms as T
 
@@ -69,6 +71,18 @@ _RESIZED_AS_IS = {"RGB", "L", "RGBA", "LA", "RGBa", "La"}
 # The straight-alpha mode that carries each mode's transparency (palette and greyscale transparency:
 # the "transparency" entry a tRNS chunk or GIF leaves in image.info).
 _STRAIGHT_ALPHA = {"RGBa": "RGBA", "La": "LA", "PA": "RGBA", "P": "RGBA", "L": "LA"}
+
+
+def _not_an_image(value: object) -> TypeError:
+    """The error for a value given where a PIL image belongs, saying how to make one from what notebooks most
+    often pass instead: an array (cv2, plt.imread) or a file name."""
+    if isinstance(value, str | PathLike):
+        return TypeError(f"expected a PIL image, got a file path ({value!r}): open it first, "
+                         "preprocess(Image.open(path))")
+    if isinstance(value, np.ndarray):
+        return TypeError("expected a PIL image, got a numpy.ndarray: convert it with PIL.Image.fromarray(array) "
+                         "(uint8, height x width x 3, RGB order)")
+    return TypeError(f"expected a PIL image (PIL.Image.Image), got {type(value).__name__}")
 
 
 def apply_exif_orientation(image: Image.Image) -> Image.Image:
@@ -162,7 +176,7 @@ def to_rgb(image: Image.Image, alpha_background: RGB | None = WHITE, exif_orient
     conversions. An RGB image is returned as it is (no copy).
     """
     if not isinstance(image, Image.Image):
-        raise TypeError(f"expected a PIL.Image.Image, got {type(image).__name__}")
+        raise _not_an_image(image)
     if exif_orientation:
         image = apply_exif_orientation(image)
     mode = image.mode
@@ -198,7 +212,7 @@ def prepare_for_resize(
     ignores it.
     """
     if not isinstance(image, Image.Image):
-        raise TypeError(f"expected a PIL.Image.Image, got {type(image).__name__}")
+        raise _not_an_image(image)
     if exif_orientation:
         image = apply_exif_orientation(image)
     if alpha_background is not None and (image.mode in _ALPHA_MODES or _has_transparency_entry(image)):
@@ -224,6 +238,8 @@ class _PreparedForResize:
     def forward(self, image):
         if isinstance(image, Image.Image):
             image = prepare_for_resize(image, self.alpha_background)
+        elif not isinstance(image, torch.Tensor):  # torchvision's "Unexpected type" would say neither what nor how
+            raise _not_an_image(image)
         return super().forward(image)
 
 

@@ -578,3 +578,17 @@ def test_high_depth_greyscale_ranges_at_their_edges(mode, values, expected):
 def test_a_std_of_other_than_three_values_is_refused():
     with pytest.raises(ValueError, match=r"mean and std need three values \(R, G, B\)"):
         image_transform(32, std=(0.5, 0.5))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_notebook_inputs_that_are_not_images_are_named_with_the_way_to_make_one(train, tmp_path):
+    # torchvision's own message, "Unexpected type <class 'numpy.ndarray'>", says neither what preprocess
+    # takes nor how to get one from an array (cv2, plt.imread) or a file name
+    preprocess = image_transform(8, train=train)
+    with pytest.raises(TypeError, match=r"PIL image.*numpy\.ndarray.*Image\.fromarray"):
+        preprocess(np.zeros((10, 10, 3), dtype=np.uint8))
+    for path in (str(tmp_path / "cat.jpg"), tmp_path / "cat.jpg"):
+        with pytest.raises(TypeError, match=r"PIL image.*file path.*cat\.jpg.*Image\.open"):
+            preprocess(path)
+    with pytest.raises(TypeError, match=r"PIL image.*got list"):
+        preprocess([random_rgb(10, 10)])

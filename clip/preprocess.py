@@ -229,6 +229,13 @@ def prepare_for_resize(
 # Resize with its `.size`); all are plain picklable objects for DataLoader workers.
 
 
+def _refuse_empty(image: Image.Image) -> None:
+    # torchvision's resize divides by a side (a bare ZeroDivisionError), its RandomResizedCrop made a tensor
+    # out of no pixels at all
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"the image has no pixels (size {image.width}x{image.height}): an empty crop?")
+
+
 class _PreparedForResize:
     """Mixin for a torchvision geometry transform: a PIL image goes through `prepare_for_resize` (with the
     subclass's `alpha_background`) before the transform; tensors go to it unchanged."""
@@ -237,6 +244,7 @@ class _PreparedForResize:
 
     def forward(self, image):
         if isinstance(image, Image.Image):
+            _refuse_empty(image)
             image = prepare_for_resize(image, self.alpha_background)
         elif not isinstance(image, torch.Tensor):  # torchvision's "Unexpected type" would say neither what nor how
             raise _not_an_image(image)
@@ -254,6 +262,7 @@ class ResizeAnyMode(_PreparedForResize, T.Resize):
 
     def forward(self, image):
         if isinstance(image, Image.Image):
+            _refuse_empty(image)  # before central_part, which would cut a 0 x 50 image to 0 x 2
             image = central_part(image, MAX_KEPT_ASPECT)
         return super().forward(image)
 

@@ -592,3 +592,12 @@ def test_notebook_inputs_that_are_not_images_are_named_with_the_way_to_make_one(
             preprocess(path)
     with pytest.raises(TypeError, match=r"PIL image.*got list"):
         preprocess([random_rgb(10, 10)])
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("size", [(0, 0), (0, 50), (50, 0)])
+def test_an_image_without_pixels_is_refused_with_its_size(train, size):
+    # An empty crop in a notebook (image.crop with a box of no width) was a bare ZeroDivisionError from
+    # torchvision's resize, or with train=True a tensor made from no pixels at all
+    with pytest.raises(ValueError, match=rf"no pixels.*{size[0]}x{size[1]}"):
+        image_transform(8, train=train)(Image.new("RGB", size))

@@ -9,6 +9,7 @@ import math
 import os
 import pathlib
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -768,6 +769,22 @@ def test_notebook_mistakes_are_named_before_any_work():
     with pytest.raises(TypeError, match=r"classnames='cat' is a string; pass a list of class names, e.g. \['cat'\]"):
         zeroshot_classify_images(model, preprocess, [image], "cat")
 
+
+
+def test_class_names_in_a_numpy_array_work_as_a_list_does():
+    # LabelEncoder.classes_ and np.unique(labels) are arrays, which tokenize takes: "if not classnames" made
+    # them "The truth value of an array with more than one element is ambiguous"
+    from clip.preprocess import image_transform
+
+    model, classnames, templates = planted_two_classes()
+    reference = build_zeroshot_classifier(model, classnames, templates, model.tokenize)
+    torch.testing.assert_close(build_zeroshot_classifier(model, np.array(classnames), templates, model.tokenize),
+                               reference)
+    model, images = tiny_clip(), [Image.new("RGB", (40, 30), colour) for colour in [(255, 0, 0), (0, 0, 255)]]
+    listed = zeroshot_classify_images(model, image_transform(32), images, ["red", "blue", "green"])
+    arrayed = zeroshot_classify_images(model, image_transform(32), images, np.array(["red", "blue", "green"]))
+    torch.testing.assert_close(arrayed[0], listed[0])
+    assert arrayed[1] == listed[1]
 
 def test_a_template_set_name_that_is_not_built_in_names_the_built_in_ones():
     with pytest.raises(FileNotFoundError, match=r"templates='imagenet' is neither a built-in template set \(default, "

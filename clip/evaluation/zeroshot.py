@@ -71,6 +71,7 @@ def build_zeroshot_classifier(
     if isinstance(classnames, str):
         # A string is a sequence too: "cat" would be three classes, "c", "a" and "t".
         raise TypeError(f"classnames={classnames!r} is a string; pass a list of class names, e.g. [{classnames!r}]")
+    classnames = list(classnames)  # a numpy array (LabelEncoder.classes_) has no truth value for the check below
     if not classnames:
         raise ValueError("no class names given")
     templates = resolve_templates(templates)

@@ -337,8 +337,7 @@ class Tokenizer:
         With `skip_special_tokens`, the start token is dropped and decoding stops at the first end token, so
         that a padded row of `tokenize()` decodes to its text. Without it, special tokens are spelled out.
         """
-        if isinstance(ids, (torch.Tensor, np.ndarray)):
-            ids = ids.tolist()
+        ids = _one_row_of_ids(ids)
         ids = [_as_token_id(token_id, self.vocab_size) for token_id in ids]
         if skip_special_tokens:
             if self.eot_token_id in ids:
@@ -419,6 +418,22 @@ def _as_text_list(texts: str | Iterable[str]) -> list[str]:
         if not isinstance(text, str):  # numpy's str_ is a str subclass
             raise TypeError(f"texts[{index}] is a {type(text).__name__}, not a str")
     return [str(text) for text in texts]
+
+
+def _one_row_of_ids(ids: object) -> list:
+    """`decode`'s argument as a list, refusing with advice the two shapes a notebook passes by mistake: the
+    whole [N, L] output of tokenize (listed as one bad id) and a lone id ("'int' object is not iterable")."""
+    if isinstance(ids, (torch.Tensor, np.ndarray)):
+        ids = ids.tolist()  # a 0-dim one gives a number, a 2-dim one lists of numbers
+    if isinstance(ids, (int, float, np.number)):
+        raise TypeError(f"decode takes a sequence of token ids, got a single {type(ids).__name__}: decode([{ids}])")
+    ids = list(ids)
+    if ids and isinstance(ids[0], (list, tuple, torch.Tensor, np.ndarray)):
+        raise ValueError(
+            f"decode takes one text's token ids, got {len(ids)} rows of them: for tokenize's [N, L] output, "
+            f"decode each row: [decode(row) for row in tokens]"
+        )
+    return ids
 
 
 def _as_token_id(token_id: object, vocab_size: int) -> int:

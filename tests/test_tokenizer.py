@@ -382,6 +382,19 @@ def test_decode_rejects_non_ids(tokenizer: Tokenizer, bad_id) -> None:
         tokenizer.decode([320, bad_id])
 
 
+
+def test_decode_of_a_whole_batch_or_a_single_id_says_what_it_takes(tokenizer: Tokenizer) -> None:
+    # decode(tokenize(texts)), the first thing a notebook tries, listed all 77 ids of the first row as "not a
+    # token id"; a lone id failed with "'int' object is not iterable"
+    tokens = tokenizer(["a cat", "a dog"])
+    for batch in (tokens, tokens.numpy(), tokens.tolist()):
+        with pytest.raises(ValueError, match=r"one text's token ids.*\[decode\(row\) for row in tokens\]"):
+            tokenizer.decode(batch)
+    for lone in (320, torch.tensor(320), np.int64(320)):
+        with pytest.raises(TypeError, match=r"a sequence of token ids.*\[320\]"):
+            tokenizer.decode(lone)
+    assert tokenizer.decode(torch.tensor([320])) == "a "
+
 def test_decode_accepts_numpy_integers(tokenizer: Tokenizer) -> None:
     assert tokenizer.decode([np.int64(320), np.int32(2368)]) == "a cat "
 

@@ -3,6 +3,8 @@ cosine similarity scaled by a learned temperature."""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 
 import torch
@@ -273,12 +275,24 @@ def create_model(name_or_config: str | ModelConfig | dict) -> CLIP:
     if isinstance(name_or_config, str):
         config = get_architecture(name_or_config)
     elif isinstance(name_or_config, dict):
+        _refuse_unknown_keys(name_or_config)
         config = ModelConfig.from_dict(name_or_config)
     elif isinstance(name_or_config, ModelConfig):
         config = name_or_config
     else:
         raise TypeError(f"expected an architecture name, a ModelConfig or a dict, got {type(name_or_config).__name__}")
     return CLIP(config)
+
+
+def _refuse_unknown_keys(config: dict) -> None:
+    """ModelConfig.from_dict reads only the keys it knows and ignores the rest: a misspelt one in a dict
+    given here, {"activaton": "gelu"}, built the default model without a word."""
+    known = [field.name for field in dataclasses.fields(ModelConfig)]
+    for key in config:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(f"unknown model config key {key!r}{hint}; a ModelConfig has {', '.join(known)}")
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -437,3 +437,13 @@ def test_scripting_is_refused_with_what_to_do_and_tracing_works(kind):
     with torch.no_grad():
         torch.testing.assert_close(traced.encode_image(other_images), model.encode_image(other_images))
         torch.testing.assert_close(traced.encode_text(other_texts), model.encode_text(other_texts))
+
+
+def test_create_model_refuses_a_config_dict_key_it_would_ignore():
+    # README's way to a GELU model is create_model({**config.to_dict(), "activation": "gelu"}): with the key
+    # misspelt, the dict built a QuickGELU model without a word, whose features are wrong for GELU weights
+    config = TINY["vit"].to_dict()
+    with pytest.raises(TypeError, match=r"'activaton'.*did you mean 'activation'\?"):
+        model_module.create_model({**config, "activaton": "gelu"})
+    assert model_module.create_model({**config, "activation": "gelu"}).config.activation == "gelu"
+    assert model_module.create_model(config).config == TINY["vit"]

@@ -388,6 +388,12 @@ def test_a_header_split_by_another_separator_asks_for_that_separator(tmp_path: P
     # An evaluation's manifest has no separator to set: it must not be told to set one
     assert "[[eval.retrieval]] has no separator key" in str(refused.value)
     assert captions_of(path, separator=";") == ["one"]
+    # A tab-separated header: both the config and the command line are told '\t' as typed, never a raw tab, which
+    # a shell's quotes cannot take from the keyboard (the Tab key completes instead)
+    path.write_text("image\tcaption\na.jpg\tone\n")
+    with pytest.raises(ValueError, match=r"separated by tabs, not commas: set separator = \"\\t\" .* --separator "
+                                         r"'\\t' \(make_shards.py\)$"):
+        read_manifest(str(path))
     path.write_text("image|title\na.jpg|one\n")  # not the columns wanted either way: the columns advice
     with pytest.raises(ValueError, match=r"no column 'image', 'caption'; the columns are \['image\|title'\]"):
         read_manifest(str(path))

@@ -91,7 +91,7 @@ def _other_separator_error(
                 f"{path}: its header {available[0]!r} is separated by {_SEPARATOR_NAMES[other]}s, not "
                 f"{_SEPARATOR_NAMES.get(separator, repr(separator))}s: set separator = \"{shown}\" (in its "
                 f"[[data.sources]] table; [[eval.retrieval]] has no separator key and reads a manifest by its "
-                f"suffix: .csv commas, .tsv tabs), or --separator '{other}' (make_shards.py)"
+                f"suffix: .csv commas, .tsv tabs), or --separator '{shown}' (make_shards.py)"
             )
     return None
 

@@ -295,10 +295,11 @@ def write_index(pattern: str) -> dict[str, int]:
     if Path(pattern).is_dir():
         # It read "1 of 1 shards cannot be indexed ... (remove or rewrite them ...): IsADirectoryError"
         raise SystemExit(f"--index: {pattern} is a folder, not a pattern of shards: {folder_of_shards_advice(Path(pattern))}")
-    if has_wildcards(pattern) and not Path(pattern).exists():
-        # The shell left an unmatched wildcard as it is, or the quotes kept it from the shell
-        raise SystemExit(f"--index: {pattern}: the pattern {WILDCARDS_ADVICE}")
     urls = expand_shard_pattern(pattern)
+    if has_wildcards(pattern) and not any(Path(url).exists() for url in urls):
+        # The shell left an unmatched wildcard as it is, or the quotes kept it from the shell. Judged by the
+        # expanded paths: '[' is also a character of folder names ("laion[2b]/x-{000000..000009}.tar")
+        raise SystemExit(f"--index: {pattern}: the pattern {WILDCARDS_ADVICE}")
     folders = {str(Path(url).parent) for url in urls}
     if len(folders) != 1:
         raise SystemExit(f"--index: the shards must be in one local folder, got {sorted(folders)}")

@@ -250,6 +250,18 @@ def test_index_given_a_folder_a_wildcard_or_the_shells_expansion_says_how_to_wri
     assert not (out / "sizes.json").exists()
 
 
+def test_index_takes_a_range_in_a_folder_whose_name_holds_a_bracket(tmp_path: Path, capsys) -> None:
+    # '[' is a shell wildcard, but also a character of folder names ("laion[2b]"): the pattern make_shards printed
+    # for such a folder, which the loader reads, was refused by --index as "not wildcards"
+    out = tmp_path / "laion[2b]"
+    make_shards_main()([str(write_manifest(tmp_path / "src", range(5))), str(out), "--samples-per-shard", "3"])
+    (out / "sizes.json").unlink()
+    assert make_shards_main()(["--index", str(out / "shard-{000000..000001}.tar")]) == 0
+    assert json.loads((out / "sizes.json").read_text()) == {"shard-000000.tar": 3, "shard-000001.tar": 2}
+    with pytest.raises(SystemExit, match=r"takes \{000000..000099\} ranges, not wildcards$"):
+        make_shards_main()(["--index", str(out / "shard-00000?.tar")])
+
+
 def test_help_runs_as_a_script() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     command = [sys.executable, str(SCRIPT), "--help"]

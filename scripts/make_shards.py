@@ -387,9 +387,10 @@ def main(argv: list[str] | None = None) -> int:
         # Status 0 and "wrote 0 samples" read as done: every image broken, or the wrong folder, went unnoticed
         # until a training run found no data
         hint = ""
-        if skipped and skipped.most_common(1)[0][0] == "missing_file":
+        if source.is_file() and skipped and skipped.most_common(1)[0][0] == "missing_file":
             # Paths written relative to another folder (where the manifest was made, or the command's) name no
-            # file: the training loader gives this hint for such a source too
+            # file: the training loader gives this hint for such a source too. (An image folder's missing files
+            # are links to files no longer there: no paths of a manifest.)
             hint = f"; a manifest's image paths are read relative to its own folder, {source.resolve().parent}, or are absolute"
         raise SystemExit(f"make_shards: no sample of {source} could be written"
                          + (f" ({skipped_line}){hint}" if skipped else ": it holds none"))

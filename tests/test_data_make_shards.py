@@ -405,6 +405,15 @@ def test_nothing_to_write_is_one_line_with_status_2(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=nothing_from.format(re.escape(str(photos))) + r" \(skipped 1: "):
         module.main([str(photos), str(tmp_path / "out")])
     assert module.run([str(photos), str(tmp_path / "out2")]) == 2
+    # An image folder whose images are all links to files no longer there: missing files, but no manifest's paths
+    # to read relative to anything, so no advice about them
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "b.jpg").symlink_to(tmp_path / "moved_away.jpg")
+    (linked / "b.txt").write_text("a caption")
+    with pytest.raises(SystemExit, match=nothing_from.format(re.escape(str(linked))) + r" \(skipped 1: missing_file "
+                                         r"1 \(the first, [^)]*b\.jpg\)\)$"):
+        module.main([str(linked), str(tmp_path / "out4")])
     empty = tmp_path / "empty.csv"
     empty.write_text("image,caption\n")
     with pytest.raises(SystemExit, match=nothing_from.format(re.escape(str(empty))) + ": it holds none$"):

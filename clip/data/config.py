@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..config_io import InvalidValue, check_field_types, home_expanded, require
-from .manifest import separator_character
+from .manifest import MANIFEST_SUFFIXES, separator_character
 
 
 SourceKind = Literal["synthetic", "manifest", "shards"]
@@ -68,7 +68,7 @@ class SourceConfig:
         # The other file kind's path: a manifest read as shards was "not a readable tar file: rewrite or remove
         # it", and a shard pattern read as a manifest "does not exist"
         last_file = self.path.split("::")[-1].lower()
-        if self.kind == "shards" and last_file.endswith((".csv", ".tsv", ".jsonl")):
+        if self.kind == "shards" and last_file.endswith(MANIFEST_SUFFIXES):
             raise InvalidValue("kind", f'is "shards", but {self.path!r} is a manifest: set kind = "manifest" (or '
                                "make shards of it with scripts/make_shards.py)")
         if self.kind == "manifest" and last_file.endswith((".tar", ".tar.gz", ".tgz")):

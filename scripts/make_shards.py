@@ -47,8 +47,8 @@ from clip.data.shards import (
     ends_with_end_of_archive,
     expand_shard_pattern,
     folder_of_shards_advice,
-    has_wildcards,
     require_webdataset,
+    unexpanded_wildcards,
 )
 from clip.preprocess import to_rgb
 
@@ -296,7 +296,7 @@ def write_index(pattern: str) -> dict[str, int]:
         # It read "1 of 1 shards cannot be indexed ... (remove or rewrite them ...): IsADirectoryError"
         raise SystemExit(f"--index: {pattern} is a folder, not a pattern of shards: {folder_of_shards_advice(Path(pattern))}")
     urls = expand_shard_pattern(pattern)
-    if has_wildcards(pattern) and not any(Path(url).exists() for url in urls):
+    if any(unexpanded_wildcards(url) for url in urls):
         # The shell left an unmatched wildcard as it is, or the quotes kept it from the shell. Judged by the
         # expanded paths: '[' is also a character of folder names ("laion[2b]/x-{000000..000009}.tar")
         raise SystemExit(f"--index: {pattern}: the pattern {WILDCARDS_ADVICE}")

@@ -57,6 +57,10 @@ def test_a_missing_shard_without_a_count_or_a_malformed_index_is_named_as_such(t
         shard_sizes(expand_shard_pattern(pattern.replace("000001}", "000002}")))  # one past the last
     with pytest.raises(FileNotFoundError, match=r"takes \{000000..000099\} ranges, not wildcards"):
         shard_sizes([str(tmp_path / "*.tar")])
+    # '[' in a folder's name is no wildcard: a shard missing there is not said to be one
+    (tmp_path / "laion[2b]").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"laion\[2b\]/s-000000.tar does not exist: check the source's path"):
+        shard_sizes([str(tmp_path / "laion[2b]" / "s-000000.tar")])
     (tmp_path / "sizes.json").write_text('{"s-000000.tar": 4,')  # cut off
     with pytest.raises(ValueError, match=r"sizes.json is not a JSON object of shard file names and sample counts"):
         shard_sizes(expand_shard_pattern(pattern))

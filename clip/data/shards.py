@@ -204,9 +204,13 @@ class _SizeIndexes:
 WILDCARDS_ADVICE = "takes {000000..000099} ranges, not wildcards"
 
 
-def has_wildcards(pattern: str) -> bool:
-    """Whether a shard pattern holds a shell wildcard, which it does not expand (a glob is not read as one)."""
-    return bool(set(pattern) & set("*?["))
+def unexpanded_wildcards(path: str) -> bool:
+    """Whether a local path holds a shell wildcard, which a shard pattern does not expand, where it names nothing:
+    a glob left unexpanded ('out/*.tar'), not a '[' in the name of a folder that is there ('laion[2b]/x-0.tar')."""
+    there = Path(path)
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    return bool(set(str(Path(path).relative_to(there))) & set("*?["))
 
 
 def folder_of_shards_advice(folder: Path) -> str:
@@ -273,7 +277,7 @@ def shard_sizes(urls: list[str], size_index: str = "", num_samples: int | None =
                 # It read "shard DIR/ does not exist", of a folder that plainly does
                 raise ValueError(f"shard path {url} is a folder, not a shard: {folder_of_shards_advice(Path(url))}")
             if not Path(url).is_file():
-                wildcards = f" (the path {WILDCARDS_ADVICE})" if has_wildcards(url) else ""
+                wildcards = f" (the path {WILDCARDS_ADVICE})" if unexpanded_wildcards(url) else ""
                 raise FileNotFoundError(f"shard {url} does not exist{wildcards or relative_path_note(url)}: check the "
                                         "source's path pattern")
             log.info("no size index entry for %s: counting its samples", url)

@@ -1,11 +1,12 @@
 """Helpers shared by the benchmark scripts: the machine's description, process memory, subprocess jobs,
-timing, realistic caption batches and Markdown tables.
+timing, realistic caption batches, Markdown tables and command-line checks.
 
 Importing this module does no work; nothing here imports open_clip.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from clip.cli.common import writable_output_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
@@ -193,3 +196,29 @@ def ratio(ours: float | None, theirs: float | None) -> float | None:
     if ours is None or theirs is None or theirs == 0:
         return None
     return ours / theirs
+
+
+# ---- the command line --------------------------------------------------------------------------------
+
+
+def check_output_file(parser: argparse.ArgumentParser, flag: str, path: Path | None) -> None:
+    """A usage error now, before anything is measured, where `path` cannot be written: found only when the
+    results were written, a folder that is a file or read-only lost the whole run's work."""
+    if path is None:
+        return
+    if path.is_dir():
+        parser.error(f"{flag} {path}: is a folder; give a file name")
+    try:
+        writable_output_dir(path.parent)
+    except OSError as error:
+        parser.error(f"{flag} {path}: {error}")
+
+
+def check_output_dir(parser: argparse.ArgumentParser, flag: str, path: Path | None) -> None:
+    """As check_output_file, for a folder the script writes files into (created if missing)."""
+    if path is None:
+        return
+    try:
+        writable_output_dir(path)
+    except OSError as error:
+        parser.error(f"{flag} {path}: {error}")

@@ -31,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from train_step import display_name, importlib_missing, model_config, open_clip_model, ours_name  # noqa: E402
+from train_step import check_archs, display_name, importlib_missing, model_config, open_clip_model, ours_name  # noqa: E402
+
+from clip.cli.common import non_negative_int, positive_int  # noqa: E402
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -151,13 +153,13 @@ def format_rows(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", nargs="+", default=["ViT-B/32", "RN50"])
-    parser.add_argument("--image-batch", type=int, default=32)
-    parser.add_argument("--text-batch", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads (0: default)")
+    parser.add_argument("--image-batch", type=positive_int, default=32)
+    parser.add_argument("--text-batch", type=positive_int, default=128)
+    parser.add_argument("--threads", type=non_negative_int, default=os.cpu_count() or 1, help="torch intra-op threads (0: default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=list(AUTOCAST_DTYPES), default=None,
                         help="autocast dtype (default: fp32 on the CPU, bf16 on CUDA)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per library; the median counts")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed calls per library; the median counts")
     parser.add_argument("--text-length", nargs="+", choices=["trimmed", "full"], default=["trimmed"],
                         help="ours' encode_text: to the batch's last end-of-text token (its default), or the whole "
                              "context, the same inputs as open_clip's; both time it each way (one row each)")
@@ -165,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    check_archs(parser, args.archs)
+    common.check_output_file(parser, "--json", args.json)
     device = torch.device(args.device)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     if args.threads:

@@ -37,8 +37,14 @@ from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from clip.data import DataConfig, PixelNormalizer, SourceConfig, build_train_data
-from clip.preprocess import OPENAI_MEAN, OPENAI_STD
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+from clip.cli.common import non_negative_int, positive_int  # noqa: E402
+from clip.data import DataConfig, PixelNormalizer, SourceConfig, build_train_data  # noqa: E402
+from clip.preprocess import OPENAI_MEAN, OPENAI_STD  # noqa: E402
 
 WIDTH, HEIGHT = 500, 375
 
@@ -169,15 +175,20 @@ def run_ours(source: SourceConfig, size: int, workers: int, batch_size: int, num
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=2000, help="images to generate (default 2000)")
-    parser.add_argument("--size", type=int, default=224, help="model input size (default 224)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, os.cpu_count() or 1],
+    parser.add_argument("--images", type=positive_int, default=2000,
+                        help="images to generate (default 2000; at least two batches)")
+    parser.add_argument("--size", type=positive_int, default=224, help="model input size (default 224)")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--workers", type=non_negative_int, nargs="+", default=[0, 1, os.cpu_count() or 1],
                         help="DataLoader worker counts to measure (default: 0, 1, and one per core)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration; the best counts")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="runs per configuration; the best counts")
     parser.add_argument("--data-dir", help="reuse/keep the generated data here (default: a temporary folder)")
-    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
+    if args.images < 2 * args.batch_size:  # the first batch, which starts the workers, is not timed
+        parser.error(f"--images {args.images}: at least {2 * args.batch_size} (two batches of --batch-size "
+                     f"{args.batch_size}) for one timed batch")
+    common.check_output_file(parser, "--json", args.json)
     torch.set_num_threads(1)  # per-core figures: workers=0 must not spread over several threads either
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -226,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {row['pipeline']} | {row['workers']} | {row['images_per_s']} | {row['images_per_s_per_worker']} "
               f"| {row['vs_plain_per_worker']}x | {row['images_per_cpu_s']} | {row['vs_plain_per_cpu_s']}x |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"images": args.images, "size": args.size, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"images": args.images, "size": args.size, "rows": rows}, indent=1))
     return 0
 
 

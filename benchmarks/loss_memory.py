@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
+from clip.cli.common import positive_int  # noqa: E402
 from clip.loss import contrastive_loss  # noqa: E402
 
 GIB = 1024**3
@@ -164,14 +165,15 @@ def run_in_subprocess(job: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[4096, 32768, 65536])
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="*", default=[4096, 32768, 65536])
+    parser.add_argument("--width", type=positive_int, default=512)
+    parser.add_argument("--chunk-sizes", type=positive_int, nargs="+", default=[512, 2048])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--verify-batch", type=int, default=None, help="check exactness at this batch size")
+    parser.add_argument("--verify-batch", type=positive_int, default=None, help="check exactness at this batch size")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: one measurement in a subprocess
     args = parser.parse_args()
+    common.check_output_file(parser, "--json", args.json)
     device = torch.device(args.device)
 
     if args.job:

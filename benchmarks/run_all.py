@@ -31,6 +31,8 @@ import common  # noqa: E402
 from train_step import display_name, format_rows as format_train_rows  # noqa: E402
 from inference import format_rows as format_inference_rows  # noqa: E402
 
+from clip.cli.common import non_negative_int  # noqa: E402
+
 BENCHMARKS = ("tokenizer", "loss_memory", "loader", "train_step", "inference")
 HERE = Path(__file__).resolve().parent
 SPEED_TARGET, MEMORY_TARGET, TOKENIZER_TARGET = 1.2, 0.9, 3.0
@@ -355,17 +357,25 @@ def checks_table(report: dict) -> str:
     return common.markdown_table(["check", "status", "details"], rows)
 
 
+def positive_seconds(text: str) -> float:
+    """argparse type: a time limit above 0 (at 0 every script would be stopped at once)."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller settings (no batch-32 training, loss to 8k)")
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS))
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for training and inference (0: default)")
+    parser.add_argument("--threads", type=non_negative_int, default=1, help="torch threads for training and inference (0: default)")
     parser.add_argument("--results-dir", type=Path, help="keep each script's JSON and log here (default: temporary)")
     parser.add_argument("--from-results", type=Path, help="only rewrite the page from the JSON files in this folder")
     parser.add_argument("--resume", action="store_true",
                         help="keep the benchmarks that an interrupted run in --results-dir finished (same commands)")
     parser.add_argument("--output", type=Path, default=common.REPO_ROOT / "docs" / "benchmarks.md")
-    parser.add_argument("--timeout", type=float, default=5400.0, help="seconds before one script is stopped")
+    parser.add_argument("--timeout", type=positive_seconds, default=5400.0, help="seconds before one script is stopped")
     parser.add_argument("--gpu-page", type=Path, help=argparse.SUPPRESS)  # gpu.sh: summarise the JSON files there
     args = parser.parse_args(argv)
     if args.gpu_page:
@@ -374,12 +384,17 @@ def main(argv: list[str] | None = None) -> int:
     invocation = "CLIP_CACHE_DIR=/tmp/clip-cache python benchmarks/run_all.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
 
+    common.check_output_file(parser, "--output", args.output)
     if args.from_results:
+        if not (args.from_results / "run_all.json").is_file():
+            parser.error(f"--from-results {args.from_results}: no run_all.json there (the --results-dir of a run "
+                         "writes it)")
         saved = json.loads((args.from_results / "run_all.json").read_text())
         write_page(args.output, saved["reports"], saved["invocation"], saved["machine"], saved["loads"])
         return 0
     if args.resume and not (args.results_dir and (args.results_dir / "run_all.json").exists()):
         parser.error("--resume needs the --results-dir of an earlier run")
+    common.check_output_dir(parser, "--results-dir", args.results_dir)
     if not common.merges_file_available():
         print("warning: the BPE merges file is not cached (set CLIP_CACHE_DIR); captions fall back to random ids",
               file=sys.stderr)

@@ -3,7 +3,7 @@
 Every tokenizer is a new instance (empty caches) and every caption is generated for this run, so caches only
 help as much as they would on a new dataset. The script also checks that all of them give identical ids.
 
-    CLIP_CACHE_DIR=/tmp/clip-cache python -m benchmarks.tokenizer_speed --captions 20000 --json speed.json
+    CLIP_CACHE_DIR=/tmp/clip-cache python benchmarks/tokenizer_speed.py --captions 20000 --json speed.json
 """
 
 from __future__ import annotations
@@ -19,8 +19,14 @@ from pathlib import Path
 
 import torch
 
-from clip.download import download
-from clip.tokenizer import END_OF_WORD, MERGES_SHA256, MERGES_URL, Tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+from clip.cli.common import positive_int  # noqa: E402
+from clip.download import download  # noqa: E402
+from clip.tokenizer import END_OF_WORD, MERGES_SHA256, MERGES_URL, Tokenizer  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PUNCTUATION = [",", ".", "!", "?", ";", ":", "'s", "-", "...", "(", ")", '"', "&", "#1", "2020", "4k", "10%"]
@@ -115,7 +121,7 @@ def run(args: argparse.Namespace) -> dict:
     try:
         from open_clip.tokenizer import SimpleTokenizer
     except ImportError:
-        print("open_clip is not installed; skipping it", file=sys.stderr)
+        print("open_clip is not installed (pip install -e .[bench]); measuring without it", file=sys.stderr)
     else:
         measure("open_clip", lambda: SimpleTokenizer(str(merges_path)), lambda tok: tok)
 
@@ -150,18 +156,27 @@ def print_table(report: dict) -> None:
         )
 
 
+def fraction(text: str) -> float:
+    """argparse type: a share between 0 and 1."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--captions", type=int, default=20_000, help="how many fresh captions to tokenize")
-    parser.add_argument("--batch-size", type=int, default=256, help="captions per tokenize call")
+    parser.add_argument("--captions", type=positive_int, default=20_000, help="how many fresh captions to tokenize")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="captions per tokenize call")
     parser.add_argument("--distribution", choices=["zipf", "uniform"], default="zipf", help="word frequencies")
     parser.add_argument(
-        "--non-ascii-fraction", type=float, default=0.125, help="share of captions given a non-ASCII word"
+        "--non-ascii-fraction", type=fraction, default=0.125, help="share of captions given a non-ASCII word"
     )
-    parser.add_argument("--repeats", type=int, default=3, help="runs per tokenizer; the fastest is reported")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="runs per tokenizer; the fastest is reported")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args()
+    common.check_output_file(parser, "--json", args.json)
     report = run(args)
     print_table(report)
     if args.json:

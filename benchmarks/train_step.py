@@ -67,6 +67,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
+from clip.cli.common import non_negative_int, positive_int  # noqa: E402
+
 LIBRARIES = ("ours", "open_clip")
 OPEN_CLIP_NAMES = {"ViT-B/32": "ViT-B-32-quickgelu", "ViT-B/16": "ViT-B-16-quickgelu", "RN50": "RN50-quickgelu",
                    "RN101": "RN101-quickgelu", "ViT-L/14": "ViT-L-14-quickgelu"}
@@ -470,16 +472,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", nargs="+", default=["ViT-B/32", "RN50"],
                         help="released names, or ModelConfig dicts as JSON (open_clip then builds the same numbers)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32])
-    parser.add_argument("--threads", type=int, nargs="+", default=[os.cpu_count() or 1],
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[16, 32])
+    parser.add_argument("--threads", type=non_negative_int, nargs="+", default=[os.cpu_count() or 1],
                         help="torch intra-op threads, the same for both libraries (0: torch's default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                         help="autocast dtype (default: fp32 on the CPU, bf16 on CUDA)")
     parser.add_argument("--libraries", nargs="+", choices=LIBRARIES, default=list(LIBRARIES))
-    parser.add_argument("--repeats", type=int, default=3, help="fresh-process runs per library; the median counts")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per run")
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="fresh-process runs per library; the median counts")
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed steps first")
+    parser.add_argument("--steps", type=positive_int, default=2, help="timed steps per run")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--cpu-malloc", choices=["trainers", "both", "neither"], default="trainers",
                         help="on the CPU, which processes keep freed memory for the next step (clip.cpu_memory): "
@@ -494,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grad-clip-norm", type=float, default=None, help="clip gradients in both (default: off)")
     parser.add_argument("--count-flops", action="store_true", help="count model FLOPs (default: on CUDA only)")
     parser.add_argument("--profile", type=Path, help="append a torch.profiler summary of each first run to this file")
-    parser.add_argument("--profile-steps", type=int, default=3, help="steps profiled (after the timed ones)")
+    parser.add_argument("--profile-steps", type=positive_int, default=3, help="steps profiled (after the timed ones)")
     parser.add_argument("--job-timeout", type=float, default=1800.0, help="seconds before one run is abandoned")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
@@ -503,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.job:
         print(json.dumps(measure(json.loads(args.job))))
         return 0
+    check_archs(parser, args.archs)
+    common.check_output_file(parser, "--json", args.json)
+    common.check_output_file(parser, "--profile", args.profile)
 
     device = torch.device(args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
@@ -544,6 +550,16 @@ def main(argv: list[str] | None = None) -> int:
                 rows.extend(rows_of(configuration, summary, text_lengths, device, precision))
     print(format_rows(rows, device.type))
     return 0
+
+
+def check_archs(parser: argparse.ArgumentParser, archs: list[str]) -> None:
+    """A usage error for a name that is no architecture, before any run: each fresh-process run found it
+    in turn otherwise, and the script ended as if it had measured something."""
+    for arch in archs:
+        try:
+            model_config(arch)
+        except (ValueError, TypeError, KeyError) as error:  # an unknown name, bad JSON, a bad config field
+            parser.error(f"--archs {arch!r}: {error}")
 
 
 def importlib_missing(name: str) -> bool:

@@ -358,3 +358,84 @@ def test_pages_read_results_written_before_both_text_lengths(benchmark_modules):
     # A ratio just short of the target reads as short, not as the target rounded
     old_training["rows"][0]["speedup"] = 1.1967
     assert run_all.training_targets(old_training)[0][1:] == ["1.197x (by CPU time: 1.050x)", "not met (0.003x short)"]
+
+
+def _script_main(name: str, monkeypatch):
+    """benchmarks/<name>.py's main as a function of its arguments (two of them read sys.argv)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    module = __import__(name)
+
+    def main(argv: list[str]):
+        if name in ("tokenizer_speed", "loss_memory"):
+            monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv])
+            return module.main()
+        return module.main(argv)
+
+    return module, main
+
+
+def _refuses_before_measuring(name: str, argv: list[str], monkeypatch, capsys) -> str:
+    """The usage error `name` gives for argv, having measured nothing; returns what it said."""
+    module, main = _script_main(name, monkeypatch)
+    import common
+
+    monkeypatch.setattr(common, "run_job", lambda *a, **k: pytest.fail("measured anyway"))
+    for measurement in ("run", "run_arch", "run_in_subprocess", "write_data", "run_benchmark"):
+        if hasattr(module, measurement):
+            monkeypatch.setattr(module, measurement, lambda *a, **k: pytest.fail("measured anyway"))
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, argv, said", [
+    # A negative step count gave negative samples/s, 0 steps or a batch of 0 a traceback in every run
+    ("train_step", ["--steps", "-1"], "--steps: must be >= 1, got -1"),
+    ("train_step", ["--steps", "0"], "--steps: must be >= 1, got 0"),
+    ("train_step", ["--batch-sizes", "16", "0"], "--batch-sizes: must be >= 1, got 0"),
+    ("train_step", ["--repeats", "0"], "--repeats: must be >= 1, got 0"),
+    ("train_step", ["--warmup", "-1"], "--warmup: must be >= 0, got -1"),
+    ("train_step", ["--threads", "-2"], "--threads: must be >= 0, got -2"),
+    ("inference", ["--text-batch", "0"], "--text-batch: must be >= 1, got 0"),
+    ("inference", ["--repeats", "0"], "--repeats: must be >= 1, got 0"),
+    ("loss_memory", ["--chunk-sizes", "0"], "--chunk-sizes: must be >= 1, got 0"),
+    ("loss_memory", ["--batch-sizes", "-4096"], "--batch-sizes: must be >= 1, got -4096"),
+    ("tokenizer_speed", ["--captions", "0"], "--captions: must be >= 1, got 0"),
+    ("tokenizer_speed", ["--non-ascii-fraction", "1.5"], "--non-ascii-fraction: must be between 0 and 1"),
+    ("loader_speed", ["--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
+    ("loader_speed", ["--workers", "0", "-1"], "--workers: must be >= 0, got -1"),
+    # The first batch is not timed: fewer than two batches' images ended in StopIteration's traceback
+    ("loader_speed", ["--images", "40", "--batch-size", "32"], "--images 40: at least 64"),
+    ("run_all", ["--threads", "-1"], "--threads: must be >= 0, got -1"),
+    ("run_all", ["--timeout", "0"], "--timeout: must be > 0"),
+])
+def test_scripts_refuse_invalid_counts_before_measuring(name, argv, said, monkeypatch, capsys):
+    assert said in _refuses_before_measuring(name, argv, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("name, flag", [("train_step", "--json"), ("inference", "--json"),
+                                        ("loss_memory", "--json"), ("tokenizer_speed", "--json"),
+                                        ("loader_speed", "--json"), ("run_all", "--output"),
+                                        ("run_all", "--results-dir")])
+def test_scripts_refuse_an_output_they_cannot_write_before_measuring(name, flag, tmp_path, monkeypatch, capsys):
+    # The results were written only at the end (or after the first run of minutes): a folder that is a file,
+    # or a read-only one, lost the whole run's work to a traceback
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    target = blocker / ("results" if flag == "--results-dir" else "results.json")
+    said = _refuses_before_measuring(name, [flag, str(target)], monkeypatch, capsys)
+    assert f"{flag} {target}: cannot write results to {blocker}" in said
+
+
+def test_run_all_from_results_names_the_file_it_lacks(tmp_path, monkeypatch, capsys):
+    said = _refuses_before_measuring("run_all", ["--from-results", str(tmp_path)], monkeypatch, capsys)
+    assert f"--from-results {tmp_path}: no run_all.json there" in said
+
+
+@pytest.mark.parametrize("name", ["train_step", "inference"])
+def test_unknown_architecture_is_refused_before_any_run(name, monkeypatch, capsys):
+    # It was found in each fresh-process run in turn (two processes per configuration and repeat), and the
+    # script still exited 0
+    said = _refuses_before_measuring(name, ["--archs", "ViT-B/32", "ViT-X/99"], monkeypatch, capsys)
+    assert "--archs 'ViT-X/99': Unknown architecture 'ViT-X/99'" in said and "Known: RN50" in said

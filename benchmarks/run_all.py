@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from train_step import display_name, format_rows as format_train_rows  # noqa: E402
+from train_step import OPEN_CLIP_MISSING, display_name, importlib_missing, format_rows as format_train_rows  # noqa: E402
 from inference import format_rows as format_inference_rows  # noqa: E402
 
 from clip.cli.common import non_negative_int  # noqa: E402
@@ -105,7 +105,7 @@ def training_targets(report: dict) -> list[list[str]]:
         name = f"CPU training step, {display_name(row['arch'])}, batch {row['batch']}, {row['threads']} thread(s), fp32, {text}"
         speed, memory = row.get("speedup"), row.get("memory_ratio")
         if speed is None or memory is None:
-            rows.append([name, "-", "not measured: " + str(row["results"])[:120]])
+            rows.append([name, "-", "not measured: " + why_unmeasured(row, report.get("skipped_libraries", {}))])
             continue
         cpu_speed = row.get("speedup_cpu_time")
         # Three decimals, as for memory: 1.197x would read "1.20x, not met" at two.
@@ -117,11 +117,22 @@ def training_targets(report: dict) -> list[list[str]]:
     return rows
 
 
+def why_unmeasured(row: dict, skipped: dict[str, str]) -> str:
+    """Why a configuration has no ratio: a library left out (open_clip not installed) or a run's error."""
+    for library in ("ours", "open_clip"):
+        result = row["results"].get(library)
+        if result is None:
+            return skipped.get(library, f"{library} not run")
+        if "error" in result:
+            return f"{library}: {result['error']}"[:200]
+    return "no ratio in the results"
+
+
 def tokenizer_target(report: dict) -> list[str]:
     name = f"Tokenizer: captions/s >= {TOKENIZER_TARGET}x open_clip, identical ids"
     results = report.get("results", {})
     if "clip.tokenizer" not in results or "open_clip" not in results:
-        return [name, "-", "not measured: " + report.get("error", "open_clip missing")]
+        return [name, "-", "not measured: " + report.get("error", OPEN_CLIP_MISSING)]
     speed = results["clip.tokenizer"]["captions_per_cpu_s"] / results["open_clip"]["captions_per_cpu_s"]
     identical = all(r.get("ids_identical") for r in results.values())
     distance = f"{TOKENIZER_TARGET - speed:.2f}x short" if speed < TOKENIZER_TARGET else "ids differ"
@@ -395,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and not (args.results_dir and (args.results_dir / "run_all.json").exists()):
         parser.error("--resume needs the --results-dir of an earlier run")
     common.check_output_dir(parser, "--results-dir", args.results_dir)
+    if importlib_missing("open_clip"):
+        print(f"warning: {OPEN_CLIP_MISSING}: the comparisons measure ours alone and no target can be met",
+              file=sys.stderr)
     if not common.merges_file_available():
         print("warning: the BPE merges file is not cached (set CLIP_CACHE_DIR); captions fall back to random ids",
               file=sys.stderr)

@@ -74,6 +74,7 @@ OPEN_CLIP_NAMES = {"ViT-B/32": "ViT-B-32-quickgelu", "ViT-B/16": "ViT-B-16-quick
                    "RN101": "RN101-quickgelu", "ViT-L/14": "ViT-L-14-quickgelu"}
 LEARNING_RATE, BETAS, EPS, WEIGHT_DECAY = 5e-4, (0.9, 0.98), 1e-6, 0.2
 MAX_LOG_LOGIT_SCALE = math.log(100)
+OPEN_CLIP_MISSING = "open_clip is not installed (pip install -e .[bench])"
 
 
 # ---- architectures -------------------------------------------------------------------------------------
@@ -512,9 +513,10 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    libraries = list(args.libraries)
+    libraries, skipped = list(args.libraries), {}
     if "open_clip" in libraries and importlib_missing("open_clip"):
-        print("open_clip is not installed (pip install -e .[bench]); measuring ours only", file=sys.stderr)
+        skipped["open_clip"] = OPEN_CLIP_MISSING
+        print(f"{OPEN_CLIP_MISSING}; measuring ours only", file=sys.stderr)
         libraries.remove("open_clip")
     if args.profile:
         args.profile.write_text("")  # this run's profiles only
@@ -522,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     text_lengths = list(dict.fromkeys(args.text_length))[:None if "ours" in libraries else 1]
     report = {"machine": common.machine_info(), "device": str(device), "repeats": args.repeats,
               "warmup": args.warmup, "steps": args.steps, "optimizer": args.optimizer, "cpu_malloc": args.cpu_malloc,
-              "grad_clip_norm": args.grad_clip_norm, "text_lengths": text_lengths}
+              "grad_clip_norm": args.grad_clip_norm, "text_lengths": text_lengths, "skipped_libraries": skipped}
     measured = runners(libraries, text_lengths)
     rows = []
     for arch in args.archs:

@@ -439,3 +439,36 @@ def test_unknown_architecture_is_refused_before_any_run(name, monkeypatch, capsy
     # script still exited 0
     said = _refuses_before_measuring(name, ["--archs", "ViT-B/32", "ViT-X/99"], monkeypatch, capsys)
     assert "--archs 'ViT-X/99': Unknown architecture 'ViT-X/99'" in said and "Known: RN50" in said
+
+
+def test_targets_say_open_clip_was_not_installed_rather_than_dumping_results(benchmark_modules, tmp_path, monkeypatch,
+                                                                          capsys):
+    # Without open_clip, train_step measures ours only; the page's targets printed the first 120 characters
+    # of ours' results dict as the reason
+    common, train_step, _, run_all = benchmark_modules
+
+    def fake_run_job(script, job, timeout_s=None):
+        return {"samples_per_s": 2.0, "samples_per_cpu_s": 2.0, "peak_gib": 1.0, "training_peak_gib": 0.5,
+                "caption_tokens": {}, "text_source": "fake", "parameters": 1, "text_positions": 32}
+
+    monkeypatch.setattr(common, "run_job", fake_run_job)
+    monkeypatch.setattr(train_step, "importlib_missing", lambda name: name == "open_clip")
+    output = tmp_path / "train_step.json"
+    train_step.main(["--archs", "ViT-B/32", "--batch-sizes", "2", "--repeats", "1", "--device", "cpu",
+                     "--json", str(output)])
+    assert "open_clip is not installed (pip install -e .[bench])" in capsys.readouterr().err
+    [target] = run_all.training_targets(json.loads(output.read_text()))
+    assert target[1:] == ["-", "not measured: open_clip is not installed (pip install -e .[bench])"]
+    # a run that failed says why
+    failed = {"rows": [{"arch": "RN50", "batch": 16, "threads": 1, "results": {
+        "ours": {"samples_per_s": 1.0}, "open_clip": {"error": "exit code 1: MemoryError"}}}]}
+    assert run_all.training_targets(failed)[0][2] == "not measured: open_clip: exit code 1: MemoryError"
+
+
+def test_run_all_says_up_front_that_open_clip_is_missing(benchmark_modules, tmp_path, monkeypatch, capsys):
+    # Found only on the page, after the run: every comparison then measures ours alone
+    _, _, _, run_all = benchmark_modules
+    monkeypatch.setattr(run_all, "importlib_missing", lambda name: name == "open_clip")
+    monkeypatch.setattr(run_all, "run_benchmark", lambda name, argv, results, timeout_s: {"command": " ".join(argv)})
+    run_all.main(["--quick", "--only", "tokenizer", "--results-dir", str(tmp_path), "--output", str(tmp_path / "p.md")])
+    assert "open_clip is not installed (pip install -e .[bench])" in capsys.readouterr().err

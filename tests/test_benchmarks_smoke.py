@@ -472,3 +472,29 @@ def test_run_all_says_up_front_that_open_clip_is_missing(benchmark_modules, tmp_
     monkeypatch.setattr(run_all, "run_benchmark", lambda name, argv, results, timeout_s: {"command": " ".join(argv)})
     run_all.main(["--quick", "--only", "tokenizer", "--results-dir", str(tmp_path), "--output", str(tmp_path / "p.md")])
     assert "open_clip is not installed (pip install -e .[bench])" in capsys.readouterr().err
+
+
+def test_loss_target_says_what_stood_in_for_the_naive_loss_and_why_it_was_not_measured(benchmark_modules):
+    # The target reads "within 1e-05 of naive"; at 32768 the naive loss needs ~24 GiB and is skipped, and the
+    # status said "vs reference" with no word of what that is or why
+    run_all = benchmark_modules[3]
+    rows = [{"batch": 32768, "method": "chunked", "chunk_size": 512, "extra_peak_gib": 0.58}]
+    verification = {"batch": 32768, "chunk_size": 512, "naive": "skipped: needs more than the 21 GiB available",
+                    "loss vs reference": 8.7e-8, "grad_image vs reference": 1.5e-6}
+    _, measured, status = run_all.loss_target({"rows": rows, "verification": verification})
+    assert "vs reference (the whole-matrix loss computed without autograd; naive skipped: needs more than the " \
+           "21 GiB available)" in measured and status == "met"
+    with_naive = {key: value for key, value in verification.items() if key != "naive"} | {"loss vs naive": 1e-7}
+    assert run_all.loss_target({"rows": rows, "verification": with_naive})[1].endswith("vs naive, reference")
+    # An exactness check that failed at 32768 is not a --quick run
+    failed = {"rows": rows, "verification": {"batch": 32768, "chunk_size": 512, "error": "MemoryError"}}
+    assert run_all.loss_target(failed)[2] == "not measured: the exactness check failed: MemoryError"
+
+
+def test_tokenizer_target_names_every_shortfall(benchmark_modules):
+    run_all = benchmark_modules[3]
+    results = {"clip.tokenizer": {"captions_per_cpu_s": 200.0, "ids_identical": True},
+               "open_clip": {"captions_per_cpu_s": 100.0, "ids_identical": False}}
+    assert run_all.tokenizer_target({"results": results})[2] == "not met (1.00x short; ids differ)"
+    results["clip.tokenizer"]["captions_per_cpu_s"] = 400.0
+    assert run_all.tokenizer_target({"results": results})[2] == "not met (ids differ)"

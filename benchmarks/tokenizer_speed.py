@@ -126,8 +126,11 @@ def run(args: argparse.Namespace) -> dict:
         measure("open_clip", lambda: SimpleTokenizer(str(merges_path)), lambda tok: tok)
 
     baseline = results["pure-Python reference"]["captions_per_cpu_s"]
+    open_clip_rate = results.get("open_clip", {}).get("captions_per_cpu_s")
     for name, result in results.items():
         result["speedup_vs_reference"] = result["captions_per_cpu_s"] / baseline
+        if open_clip_rate:  # the ratio the benchmark target is stated in
+            result["speedup_vs_open_clip"] = result["captions_per_cpu_s"] / open_clip_rate
         result["ids_identical"] = outputs[name] == outputs["clip.tokenizer"]
     return {
         "captions": len(captions),
@@ -147,12 +150,14 @@ def print_table(report: dict) -> None:
         f"{report['non_ascii_fraction']:.0%} with non-ASCII), batches of {report['batch_size']}, "
         f"best of {report['repeats']} runs with a new instance each\n"
     )
-    print("| tokenizer | build (s) | CPU s | wall s | captions per CPU s | vs reference | ids identical |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| tokenizer | build (s) | CPU s | wall s | captions per CPU s | vs reference | vs open_clip | ids identical |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for name, result in report["results"].items():
+        versus_open_clip = f"{result['speedup_vs_open_clip']:.2f}x" if "speedup_vs_open_clip" in result else "-"
         print(
             f"| {name} | {result['build_s']:.2f} | {result['cpu_s']:.2f} | {result['wall_s']:.2f} | "
-            f"{result['captions_per_cpu_s']:,.0f} | {result['speedup_vs_reference']:.1f}x | {result['ids_identical']} |"
+            f"{result['captions_per_cpu_s']:,.0f} | {result['speedup_vs_reference']:.1f}x | {versus_open_clip} | "
+            f"{result['ids_identical']} |"
         )
 
 

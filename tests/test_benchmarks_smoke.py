@@ -500,3 +500,21 @@ def test_tokenizer_target_names_every_shortfall(benchmark_modules):
     assert "captions per CPU-second >= 3.0x open_clip" in name  # what tokenizer_speed.py measures, not wall time
     results["clip.tokenizer"]["captions_per_cpu_s"] = 400.0
     assert run_all.tokenizer_target({"results": results})[2] == "not met (ids differ)"
+
+
+def test_tokenizer_benchmark_reports_the_ratio_its_target_is_about(tmp_path, monkeypatch, capsys):
+    # The target is ours' captions per CPU-second over open_clip's; the script showed only each one's ratio
+    # to the pure-Python reference, so a user checking the target had to divide two columns
+    pytest.importorskip("open_clip")
+    from clip.download import cache_dir
+
+    if not (cache_dir() / "bpe_simple_vocab_16e6.txt.gz").is_file():
+        pytest.skip("needs the BPE merges file in $CLIP_CACHE_DIR")
+    _, main = _script_main("tokenizer_speed", monkeypatch)
+    output = tmp_path / "tokenizer.json"
+    main(["--captions", "20", "--repeats", "1", "--json", str(output)])
+    results = json.loads(output.read_text())["results"]
+    ours, theirs = results["clip.tokenizer"], results["open_clip"]
+    assert ours["speedup_vs_open_clip"] == pytest.approx(ours["captions_per_cpu_s"] / theirs["captions_per_cpu_s"])
+    assert theirs["speedup_vs_open_clip"] == 1.0
+    assert "| vs open_clip |" in capsys.readouterr().out

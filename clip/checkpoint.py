@@ -4,7 +4,9 @@ A checkpoint is one `torch.save` dict:
   {"format": CHECKPOINT_FORMAT, "step": int, "model": CLIP state dict, "config": resolved TrainConfig dict,
    "optimizer": ..., "optimizer_parameter_names": the parameter of each optimizer state entry, "scaler": ...,
    "loss_parameters": ..., "rng": per-rank RNG states, "data": per-rank data positions, "metrics": last
-   logged metrics, "evaluation_owed": the step's evaluation was skipped for a signal (made up on resume)}
+   logged metrics, "evaluation_owed": the step's evaluation was skipped for a signal (made up on resume),
+   "init_weights": which weights train.init_weights named when the run started (None from scratch; absent
+   before 2026-12-03)}
 It holds only tensors and plain Python values, so it loads with `torch.load(weights_only=True)`.
 Files are `RUN_DIR/checkpoints/step_XXXXXXXX.pt`; the highest step whose file loads is the latest (a symlink to
 a checkpoint counts; a FIFO, folder or device of that name is skipped as unreadable, and never waited on). They

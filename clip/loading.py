@@ -163,9 +163,17 @@ def _load(
 
 
 def load_weights_into(model: CLIP, name_or_path: str, download_root: str | Path | None = None) -> Path:
+    """`load_weights_with_source`, returning only the file read."""
+    return load_weights_with_source(model, name_or_path, download_root).path
+
+
+def load_weights_with_source(
+    model: CLIP, name_or_path: str, download_root: str | Path | None = None
+) -> WeightsSource:
     """Copies the weights of a released model (downloaded and checked against its SHA256), a weights file or
     a run directory's newest checkpoint into `model`, whose architecture must be theirs: the start of a
-    fine-tuning run (`train.init_weights`). Returns the file read. Nothing pickled is run.
+    fine-tuning run (`train.init_weights`). Returns which weights were read (`WeightsSource`, as `load_with_source`
+    does: a run directory's checkpoint and its step, a released name and its SHA256). Nothing pickled is run.
 
     A file that records its architecture (a checkpoint of this library) must match `model.config` in every
     field. Tensor shapes do not show head counts or the activation, so for a plain state dict (OpenAI's
@@ -200,7 +208,8 @@ def load_weights_into(model: CLIP, name_or_path: str, download_root: str | Path 
     # A SigLIP model's bias is its loss's parameter, saved beside the weights: as clip.load's model, this one
     # holds it (model.logit_bias), and a file without one leaves none
     model.logit_bias = None if weights.logit_bias is None else weights.logit_bias.to(model.logit_scale.device)
-    return path
+    release = name_or_path if released else None
+    return WeightsSource(path.resolve(), weights.step, release, RELEASED_WEIGHTS[release].sha256 if released else None)
 
 
 def _check_architecture(theirs: ModelConfig, configured: ModelConfig, source: str, not_in_shapes: set[str]) -> None:

@@ -18,7 +18,7 @@ from .config import TrainConfig, TrainLoopConfig, to_toml
 from .cpu_memory import freed_memory_kept
 from .cuda_backends import configure_cuda_backends, cuda_backends_restored
 from .distributed import DistributedInfo, raise_on_every_rank
-from .loading import load_weights_into
+from .loading import load_weights_with_source
 from .loss import SIGLIP_INITIAL_LOGIT_SCALE
 from .model import create_model
 from .run_lock import RunDirectoryInUse, locked_run_directory
@@ -132,9 +132,11 @@ def run_directory_held(run_dir: Path, dist_info: DistributedInfo) -> Iterator[No
         yield
 
 
-def start_new_run(module: ContrastiveModel, config: TrainConfig, dist_info: DistributedInfo) -> None:
+def start_new_run(module: ContrastiveModel, config: TrainConfig, dist_info: DistributedInfo) -> dict | None:
     """A run without a checkpoint: the initial weights (train.init_weights) and temperature, and each rank's
-    random numbers."""
+    random numbers. Returns, on rank 0, the record of the initial weights that the run's checkpoints and
+    results.json keep (`init_weights_record`); None from scratch and on the other ranks."""
+    record = None
     if config.train.init_weights is not None:
         # Rank 0 alone reads them (one download, one copy in memory): DDP's constructor gives every rank
         # rank 0's parameters. Copied in place, so the optimizer's references stay valid. The ranks agree
@@ -142,7 +144,9 @@ def start_new_run(module: ContrastiveModel, config: TrainConfig, dist_info: Dist
         failure = None
         if dist_info.is_main:
             try:
-                log.info("initialised from %s", load_weights_into(module.clip, config.train.init_weights))
+                source = load_weights_with_source(module.clip, config.train.init_weights)
+                log.info("initialised from %s%s", source.path, "" if source.step is None else f" (step {source.step})")
+                record = init_weights_record(config.train.init_weights, source.to_dict())
             except Exception as error:  # re-raised below, after the ranks agree
                 failure = error
         raise_on_every_rank(
@@ -160,6 +164,14 @@ def start_new_run(module: ContrastiveModel, config: TrainConfig, dist_info: Dist
                 module.clip.logit_scale.fill_(SIGLIP_INITIAL_LOGIT_SCALE)
     # Ranks draw different random numbers (patch dropout's masks; the data's crops have seeds of their own)
     torch.manual_seed(ckpt.rank_seed(config.train.seed, dist_info.rank))
+    return record
+
+
+def init_weights_record(given: str, source: dict) -> dict:
+    """What a fine-tuning run keeps of its initial weights: train.init_weights as given, and which weights that
+    was when the run started (`WeightsSource.to_dict()`). A run directory's newest checkpoint moves on and a
+    file may be replaced since, so the name alone (config.toml's) does not say."""
+    return {"given": given, **source}
 
 
 def warn_of_a_literal_tilde_folder(run_dir: Path) -> None:

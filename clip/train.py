@@ -292,14 +292,18 @@ def _train(
     resumed = state is not None
     saved_config = state["config"] if resumed else None
     evaluation_owed = resumed and bool(state.get("evaluation_owed"))
+    # The initial weights' record (train.init_weights resolved when the run started; None from scratch), which
+    # the checkpoints and results.json keep: a resumed run has it from its checkpoint, as it does not read
+    # those weights again. Rank 0's alone counts (it alone writes both).
     if resumed:
         with refused_on_every_rank(run_dir, dist_info):  # each rank restores its own random generators
             start_step, data_state, metrics_so_far = restore_training_state(
                 state, config, run_dir, module=module, optimizer=optimizer, scaler=scaler, dist_info=dist_info,
             )
+        init_weights = state.get("init_weights")  # absent from checkpoints before 2026-12-03: unknown, None
     else:
         start_step, data_state, metrics_so_far = 0, None, {}
-        start_new_run(module, config, dist_info)
+        init_weights = start_new_run(module, config, dist_info)
     # Copied into the run's own tensors by now: kept, the checkpoint's CPU copy of the weights and optimizer
     # moments (5 GB for ViT-L/14) would stay in every rank's memory for the whole run.
     del state
@@ -406,6 +410,7 @@ def _train(
                     "data": states_to_save(data_states),
                     "metrics": metrics,
                     "evaluation_owed": evaluation_owed,
+                    "init_weights": init_weights,
                 }
                 try:
                     log.info("saved %s", ckpt.save_checkpoint(state, run_dir, step, config.checkpoint.keep_last))
@@ -664,7 +669,7 @@ def _train(
                      counts_line(data_totals["sources"]))
             run_log.close()
             if complete:
-                write_results(run_dir / "results.json", final)
+                write_results(run_dir / "results.json", {**final, "init_weights": init_weights})
                 if config.logging.plot:
                     plot_if_possible(run_dir)
     return final

@@ -918,6 +918,24 @@ def test_fine_tuning_starts_from_another_runs_weights_and_resumes_from_its_own(t
     assert train(tiny_config(tuned, *extra))["step"] == 6
 
 
+def test_a_fine_tuning_run_records_which_initial_weights_it_started_from(tmp_path):
+    # train.init_weights names a run directory, whose newest checkpoint moves on, or a file that may be replaced:
+    # the fine-tuned run's checkpoints and results.json kept only the name as given (config.toml), so which
+    # weights it had started from was nowhere but in train.log
+    pretrained = tmp_path / "pretrained"
+    train(tiny_config(pretrained, "schedule.steps=2", "eval.every_n_steps=0"))
+    tuned = tmp_path / "tuned"
+    extra = [f"train.init_weights={pretrained}", "eval.every_n_steps=0"]
+    train(tiny_config(tuned, *extra), stop_at_step=0)
+    train(tiny_config(pretrained, "schedule.steps=4", "eval.every_n_steps=0"))  # its newest checkpoint moves on
+    train(tiny_config(tuned, *extra))  # resumed: the record comes from its own checkpoint
+    expected = {"given": str(pretrained), "path": str(ckpt.checkpoint_path(pretrained, 2).resolve()), "step": 2,
+                "released": None, "sha256": None}
+    assert json.loads((tuned / "results.json").read_text())["init_weights"] == expected
+    assert ckpt.read_checkpoint(ckpt.list_checkpoints(tuned)[0][1])["init_weights"] == expected
+    assert json.loads((pretrained / "results.json").read_text())["init_weights"] is None  # from scratch
+
+
 @pytest.mark.parametrize("warmup", [3, 4])
 def test_the_warning_of_a_warmup_as_long_as_the_run_says_what_its_rates_are(tmp_path, caplog, warmup):
     # A warmup of exactly `steps` reaches the peak at the last step; the warning said it never did.

@@ -655,7 +655,7 @@ def test_a_restart_under_another_seed_goes_back_to_the_earliest_epoch_in_progres
     # or that worker's unread rest of it would never be read
     source = shards_source(tmp_path, 20, 5)
     state = build([source], batch_size=4, workers=2).state_dict()
-    state["positions"] = [[1, 3], [2, 0]]
+    state["positions"] = [[1, 3], [2, 2]]  # the 2 read of epoch 2 are not read again: the restart is at epoch 1
     reseeded = build([source], batch_size=4, workers=2, seed=1)
     with caplog.at_level(logging.WARNING):
         reseeded.load_state_dict(state)
@@ -689,3 +689,37 @@ def test_each_epoch_summary_counts_since_the_previous_one_or_the_resume(tmp_path
     take(resumed, 1)
     assert resumed.epoch_summary() == "data rank 0, epoch 1: s: 4 samples"
     resumed.close()
+
+
+def test_stats_and_rank_reports_are_copies_a_caller_may_change(tmp_path: Path) -> None:
+    # The trainer sums and logs them; a change made there must not reach the rank's own counts
+    data = build([shards_source(tmp_path, 20, 5, name="s")], batch_size=4)
+    take(data, 6)  # epoch 0 finished, epoch 1 open
+    stats, report = data.stats(), data.rank_report()
+    stats["sources"]["s"]["samples"] += 100
+    report["finished_epochs"][0]["s"]["skipped"]["missing_file"] = 1
+    assert data.stats()["sources"]["s"] == {"samples": 24, "skipped": {}, "repaired": {}}
+    assert data.rank_report()["finished_epochs"][0]["s"] == {"samples": 20, "skipped": {}, "repaired": {}}
+    data.close()
+
+
+def test_a_batch_from_a_worker_out_of_turn_is_warned_about_once(tmp_path: Path, caplog) -> None:
+    # torch hands batches over strictly in worker order; should that ever change, one line says so, not one a batch
+    data = build([shards_source(tmp_path, 20, 5)], batch_size=4, workers=2)
+    with caplog.at_level(logging.WARNING, logger="clip.data"):
+        for _ in range(3):
+            data._record({"worker": 1, "position": (0, 4), "counts": {}})
+            data._record({"worker": 1, "position": (0, 8), "counts": {}})
+    assert caplog.text.count("a resume may reorder batches") == 1
+
+
+def test_a_finished_data_epoch_is_said_at_info_by_rank_0_alone(tmp_path: Path, caplog) -> None:
+    source = shards_source(tmp_path, 20, 5, name="s")
+    for rank in range(2):
+        data = build([source], batch_size=5, rank=rank, world_size=2)
+        with caplog.at_level(logging.INFO, logger="clip.data"):
+            take(data, 2)  # this rank's 10 samples of epoch 0
+        data.close()
+        said = f"data rank {rank}, epoch 0 done: s: 10 samples" in caplog.text
+        assert said == (rank == 0), rank
+        caplog.clear()

@@ -409,3 +409,13 @@ def test_resampled_slot_lengths_from_sizes_match_the_plans() -> None:
     for epoch in range(3):
         expected = [len(planner.plan(epoch, slot, 0)) for slot in range(3)]
         assert [_resampled_length(planner, slot, epoch) for slot in range(3)] == expected, epoch
+
+
+def test_a_rank_other_than_the_saved_one_names_only_the_settings_that_changed(tmp_path: Path, caplog) -> None:
+    # Every rank of the new world size loads rank 0's state: its own rank differing is no change to report
+    source = SourceConfig(kind="shards", path=write_shards(tmp_path, 20, 5), name="s")
+    state = build([source], batch_size=4).state_dict()
+    data = build([source], batch_size=4, rank=1, world_size=2)
+    with caplog.at_level(logging.INFO, logger="clip.data"):
+        data.load_state_dict(data_state_for_other_world_size([state], 1))
+    assert "(world_size changed); continuing" in caplog.text

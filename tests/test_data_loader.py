@@ -723,3 +723,33 @@ def test_a_finished_data_epoch_is_said_at_info_by_rank_0_alone(tmp_path: Path, c
         said = f"data rank {rank}, epoch 0 done: s: 10 samples" in caplog.text
         assert said == (rank == 0), rank
         caplog.clear()
+
+
+def test_a_large_sources_own_limit_is_two_epochs_of_its_share_when_that_is_over_1000_rows(tmp_path: Path) -> None:
+    # A source of 901 missing rows beside shards of 100 samples (whose size lifts the other limits to 2000), on
+    # two ranks: each reads ceil(901 / 2) = 451 of its rows an epoch, and its limit is two such epochs plus 100
+    good = shards_source(tmp_path / "good", 100, 100, name="good")
+    manifest = write_manifest(tmp_path / "bad", range(1))
+    manifest.write_text("image,caption\n" + "".join(f"images/missing-{i}.jpg,row {i}\n" for i in range(901)))
+    data = build([good, SourceConfig(kind="manifest", path=str(manifest), name="bad")], batch_size=10,
+                 world_size=2)
+    with pytest.raises(RuntimeError, match=r"source bad: none of its first 1003 samples could be used \(missing_file "
+                                           r"1003\), while other sources' could"):
+        take(data, 100)
+    data.close()
+
+
+def test_several_sources_none_of_which_could_be_used_are_not_blamed_one_by_one(tmp_path: Path) -> None:
+    # A missing shard of 1000 samples (read 50 an epoch: weight 0.05) and a manifest of 450 rows that name no
+    # file: nothing could be used, so it is the data's limit (two of the largest shard, plus 100: 2100) that
+    # speaks, not the manifest's own limit (1000), which would say that the other sources' samples could be used
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "sizes.json").write_text('{"s-000000.tar": 1000}')
+    shards = SourceConfig(kind="shards", path=str(tmp_path / "shards" / "s-000000.tar"), name="shards", weight=0.05)
+    manifest = write_manifest(tmp_path / "rows", range(1))
+    manifest.write_text("image,caption\n" + "".join(f"images/missing-{i}.jpg,row {i}\n" for i in range(450)))
+    data = build([shards, SourceConfig(kind="manifest", path=str(manifest), name="rows")], batch_size=4)
+    with pytest.raises(RuntimeError, match=r"none of the first 2101 samples could be used \(missing_file \d+, "
+                                           r"missing_shard \d+\)"):
+        take(data, 1)
+    data.close()

@@ -753,3 +753,35 @@ def test_several_sources_none_of_which_could_be_used_are_not_blamed_one_by_one(t
                                            r"missing_shard \d+\)"):
         take(data, 1)
     data.close()
+
+
+def test_a_cut_caption_is_counted_for_its_own_samples_epoch_and_source() -> None:
+    from types import SimpleNamespace
+
+    from test_data_helpers import ByteTokenizer
+
+    from clip.data.stream import _BatchBuilder
+
+    builder = object.__new__(_BatchBuilder)
+    builder.settings = SimpleNamespace(context_length=24)
+    builder.stream = SimpleNamespace(tokenizer=ByteTokenizer())
+    meta: dict = {"counts": {}}
+    builder._tokenize(["a", "c" * 30, "b" * 23], [(0, "short"), (1, "long"), (1, "longer")], meta)
+    cut = {"samples": 0, "skipped": {}, "repaired": {"caption_truncated": 1}}
+    assert meta["counts"] == {1: {"long": cut, "longer": cut}}
+
+
+def test_data_that_becomes_unusable_mid_run_stops_after_two_passes_of_failures_in_a_row(tmp_path: Path) -> None:
+    # Images gone after the first batch (a storage mount lost, say): every sample has been used before, so
+    # neither the limit for data none of which was used nor a source's own limit applies. The run stops after
+    # more failures in a row than two passes over the 10 rows, plus 100: 121.
+    manifest = write_manifest(tmp_path, range(10))
+    data = build([SourceConfig(kind="manifest", path=str(manifest))], batch_size=2)
+    batches = iter(data)
+    next(batches)
+    for image in (tmp_path / "images").iterdir():
+        image.unlink()
+    with pytest.raises(RuntimeError, match=r"^data rank 0 worker 0: 121 samples in a row could not be used \(more "
+                                           r"than two passes over all the data; missing_file 121\) -- a manifest's"):
+        next(batches)
+    data.close()

@@ -299,6 +299,19 @@ def test_a_missing_shard_never_stops_a_run_with_many_slots(tmp_path: Path) -> No
     assert data.stats()["sources"]["s"]["skipped"]["missing_shard"] >= longest
 
 
+
+def test_a_missing_shard_longer_than_a_low_weight_sources_epochs_is_skipped_not_fatal(tmp_path: Path) -> None:
+    # Weight 0.1 of 1100 samples reads 110 an epoch, but the missing shard holds 1000 in a row: about nine
+    # epochs of nothing but skips, which is still one missing shard (the limit is two of the largest shard,
+    # plus 100), not data that cannot be used
+    write_shards(tmp_path, 100, 100)
+    (tmp_path / "sizes.json").write_text(json.dumps({"s-000000.tar": 100, "s-000001.tar": 1000}))
+    source = SourceConfig(kind="shards", path=str(tmp_path / "s-{000000..000001}.tar"), name="s", weight=0.1)
+    data = build([source], batch_size=10)
+    assert len(take(data, 15)) == 15  # 150 samples: more than the good shard's 100, so past the missing one
+    assert data.stats()["sources"]["s"]["skipped"]["missing_shard"] >= 1000
+    data.close()
+
 def test_data_with_no_usable_sample_stops_with_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "only.tar").write_bytes(b"not a tar at all" * 100)
     (tmp_path / "sizes.json").write_text(json.dumps({"only.tar": 20}))

@@ -44,6 +44,7 @@ class StopRequest:
         self._abandoning: type[BaseException] | None = None  # while set, a signal raises it at once
         self._finishing = False  # while set, the run has nothing left that a stop would cut short
         self._ending = False  # while set, the run is over and only lets go of what it holds
+        self._ending_on_error = False  # ... and it is over because it raised an error
 
     @contextlib.contextmanager
     def interrupting(self, exception: type[BaseException] = EvaluationInterrupted):
@@ -77,18 +78,20 @@ class StopRequest:
             self._finishing = False
 
     @contextlib.contextmanager
-    def ending(self):
+    def ending(self, on_error: bool = False):
         """Inside the block the run is over (it finished, stopped with a checkpoint or failed) and only lets go of
         what it holds: its data workers, its run directory, the process group, and clip-train's last lines.
         A signal there changes nothing, so it is recorded and said as such (a second Ctrl-C still stops at once),
         and the exit status stays what the run did. It came after the handlers were put back, and the default
         action ended the process with status 143: a run stopped with a checkpoint was not requeued by
-        slurm_train.sbatch, and a finished one read as failed."""
-        self._ending = True
+        slurm_train.sbatch, and a finished one read as failed. `on_error`: the run is over because it raised an error
+        (another rank's process ended, and a collective with it failed: torchrun then signals the ranks left), said
+        as such: "as the run ends" alone read as a run that had finished or stopped, above the error's traceback."""
+        self._ending, self._ending_on_error = True, on_error
         try:
             yield
         finally:
-            self._ending = False
+            self._ending, self._ending_on_error = False, False
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -116,8 +119,9 @@ class StopRequest:
                         if exception is SetupInterrupted else f"evaluation, to save and stop{again}")
             raise exception
         if self._ending:
-            log.warning("received signal %d as the run ends: there is nothing left to stop, and it exits as it would "
-                        "have%s", signum, " (a second Ctrl-C ends it at once)" if signum == signal.SIGINT else "")
+            log.warning("received signal %d as the run ends%s: there is nothing left to stop, and it exits as it would "
+                        "have%s", signum, " on an error (the run failed)" if self._ending_on_error else "",
+                        " (a second Ctrl-C ends it at once)" if signum == signal.SIGINT else "")
             return
         if self._finishing:
             log.warning("received signal %d after the run's final checkpoint and evaluation: it is complete, and "

@@ -235,11 +235,15 @@ def train(
             with run_directory_held(Path(config.output_dir), dist_info), contextlib.ExitStack() as on_exit:
                 if on_run_directory_held is not None:
                     on_run_directory_held()
+                failed = False
                 try:
                     return _train(config, dist_info, stop_at_step, stop, end_setup=phase.close, on_exit=on_exit)
+                except Exception:  # not a signal's own ending (SetupInterrupted, a second Ctrl-C)
+                    failed = True
+                    raise
                 finally:
                     phase.close()  # the setup's, when it raised
-                    phase.enter_context(stop.ending())
+                    phase.enter_context(stop.ending(on_error=failed))
         except BaseException as error:
             if dist_info is not None and dist_info.is_distributed:
                 release_run_objects(error)

@@ -145,3 +145,25 @@ def test_ranks_meet_under_the_default_signal_action_and_catch_signals_again_afte
         assert distributed.init_distributed(device="cpu").is_distributed
         assert seen == {"SIGTERM": signal.SIG_DFL, "SIGINT": signal.SIG_DFL}
         assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == caught
+
+
+def test_a_rank_whose_peer_was_killed_says_it_failed_in_train_log_and_its_signal_line(tmp_path):
+    # Rank 1 killed (a lost node, the OOM killer): rank 0's next collective fails, and torchrun sends it SIGTERM as
+    # it ends. Its train.log ended on its last saved checkpoint, with no word of the failure (Python's traceback
+    # goes to stderr alone), and the signal was said as "received signal 15 as the run ends", as for a finished or
+    # stopped run, above the traceback.
+    port = str(free_port())
+    base = {name: value for name, value in os.environ.items()
+            if not name.startswith("SLURM_") and name not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    ranks = [
+        clip_train("script", points, tmp_path, "train.batch_size=4", wait=False, env={
+            **base, "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
+            "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "1", "MASTER_PORT": port})
+        for rank, points in enumerate(["teardown:SIGTERM", "step2:SIGKILL"])
+    ]
+    ended = [(process.wait(timeout=300), process.communicate()[1]) for process in ranks]
+    assert [status for status, _ in ended] == [1, -signal.SIGKILL], ended
+    assert "received signal 15 as the run ends on an error (the run failed): there is nothing left" in ended[0][1]
+    logged = (tmp_path / "train.log").read_text()
+    assert "ERROR clip.cli.train: the run failed: " in logged
+    assert "Traceback (most recent call last)" in logged

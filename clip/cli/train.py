@@ -228,13 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     with StopRequest() as signals, contextlib.ExitStack() as phase:
         phase.enter_context(signals.interrupting(SetupInterrupted))
 
-        def run_took_over() -> None:
+        def run_took_over(on_error: bool = False) -> None:
             # Called once `train` handles signals itself (as it holds its run directory), and again as it returns
-            # or raises: a signal that reaches these handlers after that came once it had handed them back, the
-            # run over. Not as `train` is called: a signal before it took over would have been taken for the end
-            # of the run and ignored, and the run would have gone on until the scheduler killed it.
+            # or raises (`on_error`: an error): a signal that reaches these handlers after that came once it had
+            # handed them back, the run over. Not as `train` is called: a signal before it took over would have
+            # been taken for the end of the run and ignored, and the run would have gone on until the scheduler
+            # killed it.
             phase.close()
-            phase.enter_context(signals.ending())
+            phase.enter_context(signals.ending(on_error))
 
         try:
             return parse_and_run(argv, run_took_over)
@@ -250,7 +251,7 @@ def start_abandoned() -> int:
     return STOPPED_EARLY_EXIT_CODE
 
 
-def parse_and_run(argv: list[str] | None, run_took_over: Callable[[], None]) -> int:
+def parse_and_run(argv: list[str] | None, run_took_over: Callable[..., None]) -> int:
     """`main`'s work; `run_took_over` as `run`'s."""
     args = parse_args(argv)
     try:
@@ -310,11 +311,12 @@ def command() -> NoReturn:
     sys.exit(main())
 
 
-def note_in_run_log(log_file: RunDirectoryLog | None, message: str) -> None:
-    """Writes `message` to train.log alone, as an error: the terminal has it as one plain line already. Dropped
-    where the run never held its directory (`RunDirectoryLog`)."""
+def note_in_run_log(log_file: RunDirectoryLog | None, message: str, error: BaseException | None = None) -> None:
+    """Writes `message` to train.log alone, as an error (followed by `error`'s traceback, when given): the terminal
+    has it already. Dropped where the run never held its directory (`RunDirectoryLog`)."""
     if log_file is not None:
-        log_file.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (message,), None))
+        exc_info = (type(error), error, error.__traceback__) if error is not None else None
+        log_file.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (message,), exc_info))
 
 
 def said_by_rank_0(error: BaseException, launcher: LauncherEnvironment | None) -> bool:
@@ -326,7 +328,7 @@ def said_by_rank_0(error: BaseException, launcher: LauncherEnvironment | None) -
 
 def run(
     config: TrainConfig, launcher: LauncherEnvironment | None, log_file: RunDirectoryLog | None = None,
-    run_took_over: Callable[[], None] = lambda: None,
+    run_took_over: Callable[..., None] = lambda on_error=False: None,
 ) -> int:
     """Trains; the exit status, with bad input and known failures said in one line (and in `log_file`,
     train.log, so that a run refused at a requeue says why beside its other starts; not where the run never
@@ -338,11 +340,15 @@ def run(
         if log_file is not None:
             log_file.open()
 
+    failed = False
     try:
         try:
             results = train(config, on_run_directory_held=directory_held)
+        except Exception:  # not a signal's own ending (SetupInterrupted, a second Ctrl-C)
+            failed = True
+            raise
         finally:
-            run_took_over()
+            run_took_over(on_error=failed)
     except SetupInterrupted:
         return start_abandoned()
     except StoppedAtOnce:
@@ -374,6 +380,12 @@ def run(
         if not said_by_rank_0(error, launcher):
             log.error("%s", error)
         return 1
+    except Exception as error:
+        # Python prints its traceback on stderr as the process ends (status 1). train.log had none of it: a run
+        # whose other rank was killed (a lost node, the OOM killer) fails here in a collective, and its log ended
+        # on its last saved checkpoint as if it were still running. Said there with the traceback.
+        note_in_run_log(log_file, f"the run failed: {type(error).__name__}: {error}", error)
+        raise
     # Stopped by a signal, with a checkpoint: before the last step, or in the final evaluation
     if results.get("step", 0) < config.schedule.steps or results.get("evaluation_interrupted"):
         if launcher is None or launcher.rank == 0:  # the status alone (75) says it only to those who know it

@@ -282,17 +282,27 @@ def raise_on_every_rank(failure: BaseException | None, dist_info: DistributedInf
     """Raises on every rank when some rank failed: its own `failure` where it has one, else `elsewhere`
     (which names the failing rank's log), marked as another rank's failure (`failed_on_another_rank`). Every
     rank calls this at the same point (a collective), so that none is left waiting for a failed one in its
-    next collective until that times out."""
-    if dist_info.is_distributed and any_rank(failure is not None, dist_info) and failure is None:
-        elsewhere.failed_on_another_rank = True
-        raise elsewhere
+    next collective until that times out.
+
+    A rank whose own failure reads as rank 0's is marked alike: what every rank finds from the same config (an
+    epoch with fewer samples than the data workers of all ranks) was said by every one, the same line hundreds of
+    times in a large job. One that reads otherwise (a path missing on its node alone) is its own to say."""
+    if dist_info.is_distributed and any_rank(failure is not None, dist_info):
+        # every rank takes part in the broadcast, failed or not
+        said_by_rank_0 = from_rank_zero(str(failure) if dist_info.is_main and failure is not None else None,
+                                        dist_info)
+        if failure is None:
+            elsewhere.failed_on_another_rank = True
+            raise elsewhere
+        if not dist_info.is_main and str(failure) == said_by_rank_0:
+            failure.failed_on_another_rank = True
     if failure is not None:
         raise failure
 
 
 def failed_on_another_rank(error: BaseException) -> bool:
-    """Whether `error` is `raise_on_every_rank`'s pointer to another rank's failure, not this rank's own: the
-    same line on every rank that did not fail, which rank 0 alone need say."""
+    """Whether `error` is `raise_on_every_rank`'s pointer to another rank's failure, or this rank's own that reads as
+    rank 0's: the same line on many ranks, which rank 0 alone need say."""
     return getattr(error, "failed_on_another_rank", False) is True
 
 

@@ -307,6 +307,7 @@ def test_the_pure_helpers_of_clip_distributed(monkeypatch):
         raise_on_every_rank(KeyError("here"), one, ValueError("elsewhere"))
     raise_on_every_rank(None, one, ValueError("elsewhere"))
     monkeypatch.setattr(clip.distributed, "any_rank", lambda flag, dist_info: True)  # some rank failed
+    monkeypatch.setattr(clip.distributed, "from_rank_zero", lambda value, dist_info: None)  # rank 0 did not
     two = DistributedInfo(rank=1, world_size=2, local_rank=1, device=cpu)
     with pytest.raises(KeyError):
         raise_on_every_rank(KeyError("here"), two, ValueError("elsewhere"))

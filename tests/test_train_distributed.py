@@ -282,6 +282,29 @@ def test_data_that_one_rank_cannot_find_stops_every_rank_as_bad_input(tmp_path, 
     assert not (tmp_path / "run" / "config.toml").exists()
 
 
+def _data_unusable_on_every_rank_worker(rank: int, world_size: int, port: int, run_dir: str, extra) -> None:
+    # Both ranks refuse the same data for the same reason; whether each left its error to rank 0 goes into a file
+    # of its own beside the run directory.
+    from clip.distributed import failed_on_another_rank
+    from clip.run_start import BadTrainingInput
+
+    try:
+        _worker(rank, world_size, port, run_dir, None, extra)
+    except BadTrainingInput as error:
+        (Path(run_dir).parent / f"refused{rank}").write_text(f"{failed_on_another_rank(error)} {error}")
+
+
+def test_bad_input_that_every_rank_finds_alike_is_said_by_rank_0_alone(tmp_path):
+    # An epoch with fewer samples than the data workers of all ranks: every rank works it out from the same config
+    # and printed the same line, 256 of them in a 32-node job. A rank whose own error is not rank 0's still says it
+    # (test_data_that_one_rank_cannot_find_stops_every_rank_as_bad_input).
+    extra = ["data.sources.0.num_samples=3", "data.workers=2"]
+    spawn_ranks(_data_unusable_on_every_rank_worker, (2, free_port(), str(tmp_path / "run"), extra), timeout_s=120)
+    rank0, rank1 = ((tmp_path / f"refused{rank}").read_text() for rank in (0, 1))
+    assert rank0.startswith("False an epoch plans 3 samples") and "fewer than the 4 data workers" in rank0
+    assert rank1 == rank0.replace("False", "True", 1)
+
+
 def _resume_refused_worker(rank: int, world_size: int, port: int, run_dir: str, extra) -> None:
     # What each rank raised, into a file of its own beside the run directory
     from clip.resume import ResumeRefused

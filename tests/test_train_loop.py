@@ -1264,6 +1264,8 @@ def test_another_ranks_failure_is_said_by_rank_0_alone(tmp_path, monkeypatch, ca
     from clip.run_lock import RunDirectoryInUse
 
     monkeypatch.setattr(clip.distributed, "any_rank", lambda flag, dist_info: True)  # some rank failed
+    said_by_rank_0 = {"line": None}  # what rank 0 failed with: nothing (it did not fail), until set below
+    monkeypatch.setattr(clip.distributed, "from_rank_zero", lambda value, dist_info: said_by_rank_0["line"])
     other = DistributedInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
 
     def failing(own: BaseException | None, elsewhere: BaseException):
@@ -1288,6 +1290,11 @@ def test_another_ranks_failure_is_said_by_rank_0_alone(tmp_path, monkeypatch, ca
     assert cli.run(config, LauncherEnvironment(rank=1, world_size=2, local_rank=1, master_addr="h", master_port=1,
                                                launcher="torchrun")) == 2
     assert capsys.readouterr().err == "clip-train (rank 1): manifest m.tsv does not exist\n"
+    # ... unless rank 0 failed with the same words: then it is rank 0's to say
+    said_by_rank_0["line"] = "manifest m.tsv does not exist"
+    assert cli.run(config, LauncherEnvironment(rank=1, world_size=2, local_rank=1, master_addr="h", master_port=1,
+                                               launcher="torchrun")) == 2
+    assert capsys.readouterr().err == ""
 
 
 def test_other_ranks_name_themselves_in_their_log_lines_and_errors():

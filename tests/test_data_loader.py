@@ -217,7 +217,7 @@ def test_a_source_none_of_whose_samples_can_be_used_stops_a_mix(tmp_path: Path) 
     assert len(take(build(mixed, batch_size=10), 20)) == 20  # 5 epochs, half of "dirty" skipped each
     data = build([*mixed, SourceConfig(kind="manifest", path=str(bad), name="bad")], batch_size=10)
     with pytest.raises(RuntimeError, match=r"source bad: none of its first 1001 samples could be used \(missing_file "
-                                           r"1001\), while other sources' could -- a manifest's image paths are read "
+                                           r"1001\), while other sources' samples could -- a manifest's image paths are read "
                                            r"relative to the manifest's own folder"):
         take(data, 400)
     data.close()
@@ -734,7 +734,7 @@ def test_a_large_sources_own_limit_is_two_epochs_of_its_share_when_that_is_over_
     data = build([good, SourceConfig(kind="manifest", path=str(manifest), name="bad")], batch_size=10,
                  world_size=2)
     with pytest.raises(RuntimeError, match=r"source bad: none of its first 1003 samples could be used \(missing_file "
-                                           r"1003\), while other sources' could"):
+                                           r"1003\), while other sources' samples could"):
         take(data, 100)
     data.close()
 

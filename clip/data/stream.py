@@ -276,7 +276,7 @@ class _BatchBuilder:
             if self.used and misses > self.source_limits[item.source]:  # (no source delivered: the limits below)
                 raise self._unusable(
                     f"source {source.name}: none of its first {misses} samples could be used ({_kinds_line(kinds)}), "
-                    "while other sources' could", source, item, skip,
+                    "while other sources' samples could", source, item, skip,
                 )
         if self.misses > self.miss_limit:
             raise self._unusable(

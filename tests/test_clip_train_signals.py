@@ -41,6 +41,21 @@ def clip_train(entry: str, points: str, run_dir: Path, *extra: str, env: dict | 
     return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
 
 
+def two_slurm_ranks(run_dir: Path, points_of_ranks: list[str]) -> list[tuple[int, str]]:
+    """Two clip-train ranks started as srun starts them (SLURM's variables alone, none of torchrun's), rank r
+    signalled at points_of_ranks[r]; each rank's exit status and stderr."""
+    port = str(free_port())
+    base = {name: value for name, value in os.environ.items()
+            if not name.startswith("SLURM_") and name not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    ranks = [
+        clip_train("script", points, run_dir, "train.batch_size=4", wait=False, env={
+            **base, "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
+            "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "1", "MASTER_PORT": port})
+        for rank, points in enumerate(points_of_ranks)
+    ]
+    return [(process.wait(timeout=300), process.communicate()[1]) for process in ranks]
+
+
 def test_a_signal_while_scripts_train_py_imports_the_library_exits_75_without_a_traceback(tmp_path):
     # Importing torch and the library takes seconds (more on a loaded node): the likeliest moment for a requeued
     # job's start to be pre-empted. The default action exited 143 and the job was not requeued.
@@ -86,16 +101,7 @@ def test_a_signal_to_one_rank_as_it_destroys_the_process_group_leaves_every_rank
     # srun reports the highest of its tasks' statuses: rank 0 signalled during the run and rank 1 only as it
     # destroyed the process group (a pre-emption's SIGTERM reaching them apart) exited 75 and 143, and the job
     # was not requeued although the checkpoint was saved.
-    port = str(free_port())
-    base = {name: value for name, value in os.environ.items()
-            if not name.startswith("SLURM_") and name not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    ranks = [
-        clip_train("script", points, tmp_path, "train.batch_size=4", wait=False, env={
-            **base, "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
-            "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "1", "MASTER_PORT": port})
-        for rank, points in enumerate(["step2:SIGTERM", "teardown:SIGTERM"])
-    ]
-    ended = [(process.wait(timeout=300), process.communicate()[1]) for process in ranks]
+    ended = two_slurm_ranks(tmp_path, ["step2:SIGTERM", "teardown:SIGTERM"])
     assert [status for status, _ in ended] == [75, 75], ended
     assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [2]
     assert "rank 1 clip.stopping: received signal 15 as the run ends" in ended[1][1]
@@ -152,16 +158,7 @@ def test_a_rank_whose_peer_was_killed_says_it_failed_in_train_log_and_its_signal
     # it ends. Its train.log ended on its last saved checkpoint, with no word of the failure (Python's traceback
     # goes to stderr alone), and the signal was said as "received signal 15 as the run ends", as for a finished or
     # stopped run, above the traceback.
-    port = str(free_port())
-    base = {name: value for name, value in os.environ.items()
-            if not name.startswith("SLURM_") and name not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    ranks = [
-        clip_train("script", points, tmp_path, "train.batch_size=4", wait=False, env={
-            **base, "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
-            "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "1", "MASTER_PORT": port})
-        for rank, points in enumerate(["teardown:SIGTERM", "step2:SIGKILL"])
-    ]
-    ended = [(process.wait(timeout=300), process.communicate()[1]) for process in ranks]
+    ended = two_slurm_ranks(tmp_path, ["teardown:SIGTERM", "step2:SIGKILL"])
     assert [status for status, _ in ended] == [1, -signal.SIGKILL], ended
     assert "received signal 15 as the run ends on an error (the run failed): there is nothing left" in ended[0][1]
     logged = (tmp_path / "train.log").read_text()

@@ -556,8 +556,8 @@ def test_dirty_data_with_long_runs_of_bad_rows_between_usable_ones_goes_on(tmp_p
         data.close()
 
 
-def test_only_a_caption_longer_than_the_context_is_counted_as_cut() -> None:
-    # A caption that fills the context exactly (its end token in the last slot) is whole, not caption_truncated
+def byte_tokenizing_builder(context_length: int):
+    """A worker's batch builder with only what its `_tokenize` reads: the context length and a byte tokenizer."""
     from types import SimpleNamespace
 
     from test_data_helpers import ByteTokenizer
@@ -565,8 +565,14 @@ def test_only_a_caption_longer_than_the_context_is_counted_as_cut() -> None:
     from clip.data.stream import _BatchBuilder
 
     builder = object.__new__(_BatchBuilder)
-    builder.settings = SimpleNamespace(context_length=24)
+    builder.settings = SimpleNamespace(context_length=context_length)
     builder.stream = SimpleNamespace(tokenizer=ByteTokenizer())
+    return builder
+
+
+def test_only_a_caption_longer_than_the_context_is_counted_as_cut() -> None:
+    # A caption that fills the context exactly (its end token in the last slot) is whole, not caption_truncated
+    builder = byte_tokenizing_builder(context_length=24)
     meta: dict = {"counts": {}}
     texts = ["a" * 22, "b" * 23, "c"]  # 24 tokens with the start and end tokens, 25, 3
     tokens = builder._tokenize(texts, [(0, "src"), (0, "src"), (1, "src")], meta)
@@ -756,15 +762,7 @@ def test_several_sources_none_of_which_could_be_used_are_not_blamed_one_by_one(t
 
 
 def test_a_cut_caption_is_counted_for_its_own_samples_epoch_and_source() -> None:
-    from types import SimpleNamespace
-
-    from test_data_helpers import ByteTokenizer
-
-    from clip.data.stream import _BatchBuilder
-
-    builder = object.__new__(_BatchBuilder)
-    builder.settings = SimpleNamespace(context_length=24)
-    builder.stream = SimpleNamespace(tokenizer=ByteTokenizer())
+    builder = byte_tokenizing_builder(context_length=24)
     meta: dict = {"counts": {}}
     builder._tokenize(["a", "c" * 30, "b" * 23], [(0, "short"), (1, "long"), (1, "longer")], meta)
     cut = {"samples": 0, "skipped": {}, "repaired": {"caption_truncated": 1}}

@@ -354,7 +354,8 @@ class Tokenizer:
         zeros, one row per text. `texts`: one str, or any iterable of str (list, tuple, numpy array, ...).
 
         Raises `TextTooLongError` (a ValueError and, as in openai/CLIP, a RuntimeError) when a text does not
-        fit, unless `truncate`: then its tokens are cut so that the end token is the last one kept.
+        fit, unless `truncate`: then its tokens are cut so that the end token is the last one kept (with
+        context_length=1, as in openai/CLIP, that leaves the end token alone, without the start token).
         """
         texts = _as_text_list(texts)
         if isinstance(context_length, bool):
@@ -363,15 +364,19 @@ class Tokenizer:
             context_length = operator.index(context_length)  # also numpy integers
         except TypeError:
             raise TypeError(f"context_length must be an int, got {type(context_length).__name__}") from None
-        if context_length < 2:
-            raise ValueError(f"context_length must be at least 2 (start and end tokens), got {context_length}")
+        if context_length < 1:
+            raise ValueError(f"context_length must be at least 1 (room for the end token), got {context_length}")
         rows = [self._encode_as_chars(text) for text in texts]
-        max_text_tokens = context_length - 2
+        max_text_tokens = context_length - 2  # -1 when context_length is 1: every text is too long then
         for index, row in enumerate(rows):
             if len(row) > max_text_tokens:
                 if not truncate:
                     raise TextTooLongError.of(texts[index], len(row) + 2, context_length)
-                rows[index] = row[:max_text_tokens]
+                rows[index] = row[: max(max_text_tokens, 0)]
+        if context_length == 1:
+            # openai/CLIP truncates by keeping the first context_length tokens and overwriting the last one with
+            # the end token; here that keeps the start token alone and so leaves the end token alone.
+            return torch.full((len(rows), 1), self.eot_token_id, dtype=torch.int32)
         # int32 like openai/CLIP's tokenize (ids are below 49408); embeddings take either index type.
         tokens = np.zeros((len(rows), context_length), dtype=np.int32)
         if rows:

@@ -343,12 +343,31 @@ def test_context_length_edge_cases(tokenizer: Tokenizer) -> None:
     assert tokenizer("cat", context_length=3).tolist() == [[49406, 2368, 49407]]
     with pytest.raises(ValueError, match="context_length=2"):
         tokenizer("cat", context_length=2)
-    for too_small in (1, 0, -5):
-        with pytest.raises(ValueError, match="at least 2"):
+    # No text fits in one token (it needs the start and end tokens), so without truncate it is too long, and a
+    # RuntimeError as openai/CLIP's; an empty batch has nothing to refuse.
+    for text in ("cat", ""):
+        with pytest.raises(RuntimeError, match="more than context_length=1; pass truncate=True"):
+            tokenizer(text, context_length=1)
+    assert tokenizer([], context_length=1).shape == (0, 1)
+    for too_small in (0, -5):
+        with pytest.raises(ValueError, match=f"context_length must be at least 1 .*got {too_small}"):
             tokenizer("cat", context_length=too_small)
+        with pytest.raises(ValueError, match="at least 1"):
+            tokenizer("cat", context_length=too_small, truncate=True)
     for not_int in (77.0, "77", True):
         with pytest.raises(TypeError, match="context_length"):
             tokenizer("cat", context_length=not_int)
+
+
+def test_truncating_to_tiny_contexts_follows_openai(tokenizer: Tokenizer, reference) -> None:
+    # openai/CLIP keeps the first context_length tokens and overwrites the last with the end token: with one
+    # token that is the end token alone (the start token overwritten), with two the start and end tokens.
+    texts = ["", "cat", "a photo of a cat", "東京の猫"]
+    assert tokenizer(texts, context_length=1, truncate=True).tolist() == [[tokenizer.eot_token_id]] * len(texts)
+    for context_length in (1, 2, 3):
+        rows = tokenizer(texts, context_length=context_length, truncate=True)
+        assert rows.dtype == torch.int32
+        assert rows.tolist() == reference.tokenize(texts, context_length=context_length), context_length
 
 
 # Decoding -----------------------------------------------------------------------------------------------

@@ -786,6 +786,23 @@ def test_class_names_in_a_numpy_array_work_as_a_list_does():
     torch.testing.assert_close(arrayed[0], listed[0])
     assert arrayed[1] == listed[1]
 
+
+def test_class_names_from_a_numpy_array_come_back_as_plain_str():
+    # An array's items are np.str_: handed back, they print as np.str_('red') and yaml.safe_dump refuses them
+    from clip.preprocess import image_transform
+
+    model, images = tiny_clip(), [Image.new("RGB", (40, 30), colour) for colour in [(255, 0, 0), (0, 0, 255)]]
+    _, names = zeroshot_classify_images(model, image_transform(32), images, np.array(["red", "blue", "green"]))
+    assert [type(name) for name in names] == [str, str]
+    model, classnames, templates = planted_two_classes()
+    dataset = [(torch.tensor([1.0, 1.0]), 0), (torch.tensor([-1.0, -1.0]), 1)]
+    result = evaluate_zeroshot(model, dataset, np.array(classnames), templates, tokenizer=model.tokenize)
+    assert result.classnames == classnames and [type(name) for name in result.classnames] == [str, str]
+    seen = []  # a callable template is given each class name
+    build_zeroshot_classifier(model, np.array(classnames), [lambda name: seen.append(name) or f"a {name}."],
+                              model.tokenize)
+    assert seen == classnames and [type(name) for name in seen] == [str, str]
+
 def test_a_template_set_name_that_is_not_built_in_names_the_built_in_ones():
     with pytest.raises(FileNotFoundError, match=r"templates='imagenet' is neither a built-in template set \(default, "
                        r"simple\) nor an existing file"):

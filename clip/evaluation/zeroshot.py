@@ -46,6 +46,16 @@ from .templates import Template, fill_template, resolve_templates
 CLASS_EMBEDDINGS = "class (prompt ensemble)"
 
 
+def _class_name_list(classnames: Sequence[str]) -> list[str]:
+    """`classnames` as a list, numpy's strings among them as plain str. A numpy array (LabelEncoder.classes_,
+    np.unique(labels)) has no truth value for an emptiness check, and its items are np.str_, which a result
+    would hand back (printed as np.str_('cat'), refused by yaml.safe_dump)."""
+    if isinstance(classnames, str):
+        # A string is a sequence too: "cat" would be three classes, "c", "a" and "t".
+        raise TypeError(f"classnames={classnames!r} is a string; pass a list of class names, e.g. [{classnames!r}]")
+    return [str(name) if isinstance(name, str) else name for name in classnames]
+
+
 def build_zeroshot_classifier(
     model: nn.Module,
     classnames: Sequence[str],
@@ -68,10 +78,7 @@ def build_zeroshot_classifier(
     stop_check: called between groups (see `with_stop_checks`; every rank builds the whole classifier).
     """
     model = unwrap_model(model)
-    if isinstance(classnames, str):
-        # A string is a sequence too: "cat" would be three classes, "c", "a" and "t".
-        raise TypeError(f"classnames={classnames!r} is a string; pass a list of class names, e.g. [{classnames!r}]")
-    classnames = list(classnames)  # a numpy array (LabelEncoder.classes_) has no truth value for the check below
+    classnames = _class_name_list(classnames)
     if not classnames:
         raise ValueError("no class names given")
     templates = resolve_templates(templates)
@@ -177,6 +184,7 @@ def evaluate_zeroshot(
     """
     model = unwrap_model(model)
     device = device or model_device(model)
+    classnames = _class_name_list(classnames)  # the result names them
     if classifier is None:
         # Judged below with the images' count, after the all-reduce: a rank whose classifier alone were non-finite
         # must not raise here while the others wait for it in a collective
@@ -265,6 +273,7 @@ def zeroshot_classify_images(
     _check_notebook_images(images)
     if len(images) == 0:
         raise ValueError("no images to classify")
+    classnames = _class_name_list(classnames)  # the predictions are its items
     model = unwrap_model(model)
     device = device or model_device(model)
     classifier = build_zeroshot_classifier(model, classnames, templates, tokenizer, device=device)

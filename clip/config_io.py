@@ -384,34 +384,75 @@ def _parse_override_value(text: str) -> Any:
         raise ConfigError(f"override value {_short(text)} {_TOO_MANY_DIGITS}") from None
 
 
-def _list_to_override(node: dict, field: dataclasses.Field, name: str, assignment: str) -> list:
-    """The array of tables that an index override changes: the file's, or else a copy of the field's default,
-    put into `node`. A file without the array gets the default list, so an override of one of its elements
-    changes that default element, as overriding a key the file leaves out changes the default value."""
+# What `_SetBy` holds for a list that an index override found missing and took from the field's default.
+_DEFAULT = object()
+# Dotted path -> the override that last set the value there whole (or _DEFAULT); paths absent are the file's.
+# Errors about a value then blame whoever gave it: `data.sources=[]` then `data.sources.0.weight=2` said the
+# array had "0 entries in the config file".
+_SetBy = dict[str, object]
+
+
+def _record_set(set_by: _SetBy, path: str, origin: object) -> None:
+    """`path` now holds what `origin` gave it; what earlier overrides set below it is gone with the old value."""
+    for below in [earlier for earlier in set_by if earlier.startswith(path + ".")]:
+        del set_by[below]
+    set_by[path] = origin
+
+
+def _origin(set_by: _SetBy, path: str) -> object:
+    """Who gave `path` its value: the override that set it or a table above it whole, _DEFAULT, or None for the
+    file. `_record_set` drops paths below a newer one, so the deepest path recorded is the newest."""
+    keys = path.split(".")
+    for end in range(len(keys), 0, -1):
+        origin = set_by.get(".".join(keys[:end]))
+        if origin is not None:
+            return origin
+    return None
+
+
+def _list_to_override(
+    node: dict, field: dataclasses.Field, name: str, assignment: str, set_by: _SetBy
+) -> tuple[list, object]:
+    """The array of tables that an index override changes, and where it came from (see `_origin`): the file's
+    or an earlier override's, or else a copy of the field's default, put into `node`. A file without the array
+    gets the default list, so an override of one of its elements changes that default element, as overriding
+    a key the file leaves out changes the default value."""
     if field.name not in node:
         default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
         node[field.name] = to_dict(default)
-    items = node[field.name]
+        _record_set(set_by, name, _DEFAULT)
+    items, origin = node[field.name], _origin(set_by, name)
     if not isinstance(items, list):
-        raise ConfigError(f"override {assignment!r}: {name} is not an array of tables ([[{name}]]) in the config file")
-    return items
+        if origin is None:
+            raise ConfigError(
+                f"override {assignment!r}: {name} is not an array of tables ([[{name}]]) in the config file"
+            )
+        raise ConfigError(f"override {assignment!r}: {name} is not an array of tables ([[{name}]]): the earlier "
+                          f"override {origin!r} set it to {_short(items)}")
+    return items, origin
 
 
-def _missing_element_message(assignment: str, name: str, index: int, count: int, from_file: bool) -> str:
-    where = "in the config file" if from_file else f"by default (the config file has no [[{name}]] table)"
+def _missing_element_message(assignment: str, name: str, index: int, count: int, origin: object) -> str:
     entries = "1 entry" if count == 1 else f"{count} entries"
+    if origin is None or origin is _DEFAULT:
+        where = "in the config file" if origin is None else f"by default (the config file has no [[{name}]] table)"
+        to_add = f"add a [[{name}]] table to the config file"
+    else:
+        where, to_add = f"as the earlier override {origin!r} set it", "write it into the list that override sets"
     return (
         f"override {assignment!r}: {name} has {entries} {where}, no index {index}. An override changes an "
-        f"existing element only; to add one, add a [[{name}]] table to the config file"
+        f"existing element only; to add one, {to_add}"
     )
 
 
-def apply_override(data: dict, schema: type, assignment: str) -> None:
-    """Applies one `section.key=value` override to the nested dict `data`, validating the path."""
+def apply_override(data: dict, schema: type, assignment: str, set_by: _SetBy | None = None) -> None:
+    """Applies one `section.key=value` override to the nested dict `data`, validating the path. `set_by`: what
+    the earlier overrides of `data` set (see `_SetBy`), updated with what this one sets."""
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r} must look like section.key=value")
     path, text = assignment.split("=", 1)
-    _apply_override(data, schema, _override_key(path).split("."), text, assignment, [])
+    set_by = {} if set_by is None else set_by
+    _apply_override(data, schema, _override_key(path).split("."), text, assignment, [], set_by)
 
 
 def _override_key(path: str) -> str:
@@ -444,7 +485,9 @@ def refuse_shell_expanded_range(overrides: typing.Sequence[str]) -> None:
         )
 
 
-def _apply_override(data: dict, schema: type, keys: list[str], text: str, assignment: str, above: list[str]) -> None:
+def _apply_override(
+    data: dict, schema: type, keys: list[str], text: str, assignment: str, above: list[str], set_by: _SetBy
+) -> None:
     """`keys` below `data` (whose own path in the whole config is `above`, e.g. data.sources.0) take `text`."""
     node, node_schema = data, schema
     for depth, key in enumerate(keys):
@@ -463,7 +506,8 @@ def _apply_override(data: dict, schema: type, keys: list[str], text: str, assign
             raise ConfigError(f"unknown config key {full!r} in override {assignment!r}{advice}")
         field_type = typing.get_type_hints(node_schema)[key]
         if depth == len(keys) - 1:
-            _set_override_value(node, key, field_type, text.strip())
+            for replaced in _set_override_value(node, key, field_type, text.strip()):
+                _record_set(set_by, ".".join([*above, *keys[:depth], replaced]), assignment)
             return
         name = ".".join([*above, *keys[: depth + 1]])
         # isdecimal, not isdigit: "²" is a digit that int() refuses, and escaped as a ValueError's traceback
@@ -477,10 +521,9 @@ def _apply_override(data: dict, schema: type, keys: list[str], text: str, assign
         if typing.get_origin(field_type) is list:
             # `eval.zeroshot.0.num_samples=100`: an element of an array of tables, by index.
             index = int(keys[depth + 1])
-            from_file = key in node
-            items = _list_to_override(node, fields[key], name, assignment)
+            items, origin = _list_to_override(node, fields[key], name, assignment, set_by)
             if index >= len(items):
-                raise ConfigError(_missing_element_message(assignment, name, index, len(items), from_file))
+                raise ConfigError(_missing_element_message(assignment, name, index, len(items), origin))
             rest = keys[depth + 2 :]
             if not rest:
                 raise ConfigError(
@@ -491,7 +534,7 @@ def _apply_override(data: dict, schema: type, keys: list[str], text: str, assign
                 raise ConfigError(f"override {assignment!r}: {name}.{index} is {_short(items[index])}, not a table "
                                   f"of {element.__name__} fields")
             element_path = [*above, *keys[: depth + 2]]
-            _apply_override(items[index], typing.get_args(field_type)[0], rest, text, assignment, element_path)
+            _apply_override(items[index], typing.get_args(field_type)[0], rest, text, assignment, element_path, set_by)
             return
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
@@ -512,19 +555,20 @@ def _paths_named(schema: type, name: str, above: list[str]) -> list[str]:
     return sorted(found)
 
 
-def _set_override_value(node: dict, key: str, field_type: Any, text: str) -> None:
+def _set_override_value(node: dict, key: str, field_type: Any, text: str) -> list[str]:
     """node[key] = the override's value. A text field takes the text as written (quotes only where TOML would
     read it as a string): `output_dir=2024` or `eval.zeroshot.0.name=10` is a name, which TOML reads as a number
     and the field then refused. An inline table for a section (`train={seed = 1}`) sets the keys it names and
     keeps the others, as the overrides `train.seed=1` would; it replaced the whole table, so every other
-    setting of the file's section went back to its default without a word."""
+    setting of the file's section went back to its default without a word.
+    Returns the dotted keys below `node` whose values it replaced whole."""
     value = _parse_override_value(text)
     if not isinstance(value, str) and _takes_text(field_type):
         value = text
     if isinstance(value, dict) and dataclasses.is_dataclass(field_type) and isinstance(node.get(key), dict):
-        _merge_tables(node[key], value)
-    else:
-        node[key] = value
+        return [f"{key}.{below}" for below in _merge_tables(node[key], value)]
+    node[key] = value
+    return [key]
 
 
 def _takes_text(tp: Any) -> bool:
@@ -533,12 +577,16 @@ def _takes_text(tp: Any) -> bool:
     return tp is str or (union and set(typing.get_args(tp)) == {str, type(None)})
 
 
-def _merge_tables(into: dict, tables: dict) -> None:
+def _merge_tables(into: dict, tables: dict) -> list[str]:
+    """`tables` written into `into`, table by table; returns the dotted keys whose values it replaced whole."""
+    replaced = []
     for key, value in tables.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge_tables(into[key], value)
+            replaced += [f"{key}.{below}" for below in _merge_tables(into[key], value)]
         else:
             into[key] = value
+            replaced.append(key)
+    return replaced
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str], schema: type[T]) -> T:
@@ -548,8 +596,9 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str], schema
     file_data: dict = {} if path is None else _read_toml(Path(path))
     data = copy.deepcopy(file_data)
     refuse_shell_expanded_range(overrides)
+    set_by: _SetBy = {}
     for assignment in overrides:  # an override's own errors name the override
-        apply_override(data, schema, assignment)
+        apply_override(data, schema, assignment, set_by)
     try:
         return _from_whole_config(schema, data)
     except ConfigError as error:

@@ -705,6 +705,40 @@ def test_index_override_beyond_the_list_says_what_to_do(tmp_path):
         load_config(not_tables, ["data.sources=['x']", "data.sources.0.weight=2"], TrainConfig)
 
 
+def test_index_override_of_a_list_an_earlier_override_set_names_that_override(tmp_path):
+    # The file was blamed: "data.sources has 0 entries in the config file" after 'data.sources=[]'
+    from clip.config import TrainConfig
+
+    with_sources = write(tmp_path, "[[data.sources]]\nnum_samples = 5\n")
+    for emptied in ["data.sources=[]", "data={sources=[]}"]:
+        with pytest.raises(ConfigError) as caught:
+            load_config(with_sources, [emptied, "data.sources.0.weight=2.0"], TrainConfig)
+        assert str(caught.value) == (
+            f"override 'data.sources.0.weight=2.0': data.sources has 0 entries as the earlier override {emptied!r} set "
+            "it, no index 0. An override changes an existing element only; to add one, write it into the list that "
+            "override sets"
+        )
+    with pytest.raises(ConfigError, match=re.escape(
+        "override 'data.sources.0.weight=2.0': data.sources is not an array of tables ([[data.sources]]): the earlier "
+        "override 'data.sources=5' set it to 5"
+    )):
+        load_config(with_sources, ["data.sources=5", "data.sources.0.weight=2.0"], TrainConfig)
+    # The latest override that set the list is the one named; one that merged other keys of [data] is not
+    with pytest.raises(ConfigError, match=r"has 1 entry as the earlier override 'data\.sources=\[\{\}\]' set it"):
+        load_config(with_sources, ["data.sources=[]", "data.sources=[{}]", "data={workers=0}",
+                                   "data.sources.1.weight=2.0"], TrainConfig)
+    with pytest.raises(ConfigError, match=r"has 1 entry as the earlier override 'data=\{sources=\[\{\}\]\}' set it"):
+        load_config(with_sources, ["data.sources=[]", "data=5", "data={sources=[{}]}", "data.sources.1.weight=2.0"],
+                    TrainConfig)
+    with pytest.raises(ConfigError, match=r"data\.sources has 1 entry in the config file, no index 1"):
+        load_config(with_sources, ["data={workers=0}", "data.sources.0.weight=2.0", "data.sources.1.weight=2.0"],
+                    TrainConfig)
+    # A default list an earlier index override changed is still the default, not the file's
+    no_sources = write(tmp_path, "[data]\nworkers = 0\n")
+    with pytest.raises(ConfigError, match=r"data\.sources has 1 entry by default \(the config file has no "):
+        load_config(no_sources, ["data.sources.0.weight=2.0", "data.sources.1.weight=2.0"], TrainConfig)
+
+
 @pytest.mark.parametrize("override, message", [
     ("model.vision.heads=0", "vision.heads must be > 0, got 0"),
     ("model.text.layers=0", "text.layers must be > 0, got 0"),

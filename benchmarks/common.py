@@ -201,6 +201,14 @@ def ratio(ours: float | None, theirs: float | None) -> float | None:
 # ---- the command line --------------------------------------------------------------------------------
 
 
+def positive_seconds(text: str) -> float:
+    """argparse type: a time limit above 0 (at 0 or below every script or run would be stopped at once)."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def check_output_file(parser: argparse.ArgumentParser, flag: str, path: Path | None) -> None:
     """A usage error now, before anything is measured, where `path` cannot be written: found only when the
     results were written, a folder that is a file or read-only lost the whole run's work."""

@@ -380,14 +380,6 @@ def checks_table(report: dict) -> str:
     return common.markdown_table(["check", "status", "details"], rows)
 
 
-def positive_seconds(text: str) -> float:
-    """argparse type: a time limit above 0 (at 0 every script would be stopped at once)."""
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller settings (no batch-32 training, loss to 8k)")
@@ -398,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="keep the benchmarks that an interrupted run in --results-dir finished (same commands)")
     parser.add_argument("--output", type=Path, default=common.REPO_ROOT / "docs" / "benchmarks.md")
-    parser.add_argument("--timeout", type=positive_seconds, default=5400.0, help="seconds before one script is stopped")
+    parser.add_argument("--timeout", type=common.positive_seconds, default=5400.0, help="seconds before one script is stopped")
     parser.add_argument("--gpu-page", type=Path, help=argparse.SUPPRESS)  # gpu.sh: summarise the JSON files there
     args = parser.parse_args(argv)
     if args.gpu_page:

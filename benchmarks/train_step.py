@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count-flops", action="store_true", help="count model FLOPs (default: on CUDA only)")
     parser.add_argument("--profile", type=Path, help="append a torch.profiler summary of each first run to this file")
     parser.add_argument("--profile-steps", type=positive_int, default=3, help="steps profiled (after the timed ones)")
-    parser.add_argument("--job-timeout", type=float, default=1800.0, help="seconds before one run is abandoned")
+    parser.add_argument("--job-timeout", type=common.positive_seconds, default=1800.0, help="seconds before one run is abandoned")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: one measurement in this process

@@ -397,6 +397,9 @@ def _refuses_before_measuring(name: str, argv: list[str], monkeypatch, capsys) -
     ("train_step", ["--repeats", "0"], "--repeats: must be >= 1, got 0"),
     ("train_step", ["--warmup", "-1"], "--warmup: must be >= 0, got -1"),
     ("train_step", ["--threads", "-2"], "--threads: must be >= 0, got -2"),
+    # Every run was abandoned at once as timed out, and the script went on to the next
+    ("train_step", ["--job-timeout", "0"], "--job-timeout: must be > 0, got 0"),
+    ("train_step", ["--job-timeout", "-5"], "--job-timeout: must be > 0, got -5"),
     ("inference", ["--text-batch", "0"], "--text-batch: must be >= 1, got 0"),
     ("inference", ["--repeats", "0"], "--repeats: must be >= 1, got 0"),
     ("loss_memory", ["--chunk-sizes", "0"], "--chunk-sizes: must be >= 1, got 0"),

@@ -26,6 +26,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -47,6 +48,14 @@ from clip.data import DataConfig, PixelNormalizer, SourceConfig, build_train_dat
 from clip.preprocess import OPENAI_MEAN, OPENAI_STD  # noqa: E402
 
 WIDTH, HEIGHT = 500, 375
+JPEG_QUALITY = 90
+PER_SHARD = 100
+# Written last by write_data: what the folder's data is. --data-dir holding other data (another --images) was
+# measured as if it were the data asked for.
+SETTINGS_FILE = "loader_speed_data.json"
+# The names write_data gives its files, the only ones it removes from a --data-dir before writing again.
+WRITTEN_NAMES = {"images": re.compile(r"\d{6,}\.jpg"), "shards": re.compile(r"bench-\d{6,}\.tar|sizes\.json"),
+                 ".": re.compile(rf"train\.csv|{re.escape(SETTINGS_FILE)}")}
 
 
 def photo_like(index: int) -> Image.Image:
@@ -65,8 +74,42 @@ def photo_like(index: int) -> Image.Image:
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
-def write_data(folder: Path, count: int, per_shard: int = 100) -> None:
-    """folder/images/*.jpg + folder/train.csv, and folder/shards/bench-*.tar + sizes.json."""
+def data_settings(count: int, per_shard: int = PER_SHARD) -> dict:
+    return {"images": count, "width": WIDTH, "height": HEIGHT, "jpeg_quality": JPEG_QUALITY, "per_shard": per_shard}
+
+
+def prepare_data(folder: Path, count: int) -> None:
+    """`count` images in `folder`, written unless it already holds exactly those (as its settings file says).
+    Other data there is removed first: the plain pipeline reads every image file in the folder."""
+    wanted = data_settings(count)
+    try:
+        held = json.loads((folder / SETTINGS_FILE).read_text())
+    except (OSError, ValueError):  # none (a fresh folder, or a write that was stopped), or unreadable
+        held = None
+    if held == wanted:
+        return
+    if held is not None:
+        differences = ", ".join(f"{key} {held.get(key)!r} (not {value!r})" for key, value in wanted.items()
+                                if held.get(key) != value) if isinstance(held, dict) else "unreadable settings"
+        print(f"--data-dir {folder} holds other data ({differences}): writing it again", file=sys.stderr)
+    remove_written_data(folder)
+    started = time.perf_counter()
+    write_data(folder, count)
+    print(f"wrote {count} JPEGs in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+
+
+def remove_written_data(folder: Path) -> None:
+    """The files write_data writes, by their names alone: a --data-dir may hold files of the user's too."""
+    for subfolder, names in WRITTEN_NAMES.items():
+        if (folder / subfolder).is_dir():
+            for path in (folder / subfolder).iterdir():
+                if names.fullmatch(path.name) and path.is_file():
+                    path.unlink()
+
+
+def write_data(folder: Path, count: int, per_shard: int = PER_SHARD) -> None:
+    """folder/images/*.jpg + folder/train.csv, folder/shards/bench-*.tar + sizes.json, and last the settings
+    file that says what they are."""
     import webdataset
 
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -80,12 +123,13 @@ def write_data(folder: Path, count: int, per_shard: int = 100) -> None:
         rows.writerow(["image", "caption"])
         for i in range(count):
             path = folder / "images" / f"{i:06d}.jpg"
-            photo_like(i).save(path, format="JPEG", quality=90)
+            photo_like(i).save(path, format="JPEG", quality=JPEG_QUALITY)
             caption = f"a photo of thing number {i} with some shapes on a gradient"
             rows.writerow([f"images/{path.name}", caption])
             shards.write({"__key__": f"{i:09d}", "jpg": path.read_bytes(), "txt": caption.encode()})
             sizes[Path(pattern % (i // per_shard)).name] = sizes.get(Path(pattern % (i // per_shard)).name, 0) + 1
     (folder / "shards" / "sizes.json").write_text(json.dumps(sizes))
+    (folder / SETTINGS_FILE).write_text(json.dumps(data_settings(count, per_shard)))
 
 
 class PlainFiles(Dataset):
@@ -182,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=non_negative_int, nargs="+", default=[0, 1, os.cpu_count() or 1],
                         help="DataLoader worker counts to measure (default: 0, 1, and one per core)")
     parser.add_argument("--repeats", type=positive_int, default=3, help="runs per configuration; the best counts")
-    parser.add_argument("--data-dir", help="reuse/keep the generated data here (default: a temporary folder)")
+    parser.add_argument("--data-dir", help="reuse/keep the generated data here (default: a temporary folder); "
+                        "written again where it holds another number of images")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.images < 2 * args.batch_size:  # the first batch, which starts the workers, is not timed
@@ -193,12 +238,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(args.data_dir or scratch)
-        if not (folder / "shards" / "sizes.json").exists():
-            started = time.perf_counter()
-            write_data(folder, args.images)
-            print(f"wrote {args.images} JPEGs in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+        prepare_data(folder, args.images)
         tokenizer, tokenizer_name = make_tokenizer()
-        last_shard = -(-args.images // 100) - 1
+        last_shard = -(-args.images // PER_SHARD) - 1
         shards = SourceConfig(kind="shards", path=str(folder / "shards" / f"bench-{{000000..{last_shard:06d}}}.tar"))
         manifest = SourceConfig(kind="manifest", path=str(folder / "train.csv"))
         num_batches = max(1, args.images // args.batch_size - 2)

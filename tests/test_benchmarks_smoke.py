@@ -521,3 +521,38 @@ def test_tokenizer_benchmark_reports_the_ratio_its_target_is_about(tmp_path, mon
     assert ours["speedup_vs_open_clip"] == pytest.approx(ours["captions_per_cpu_s"] / theirs["captions_per_cpu_s"])
     assert theirs["speedup_vs_open_clip"] == 1.0
     assert "| vs open_clip |" in capsys.readouterr().out
+
+
+def test_loader_speed_writes_its_data_dir_again_for_another_number_of_images(tmp_path, monkeypatch, capsys,
+                                                                            single_torch_thread):
+    # --data-dir was reused whatever --images said: after a run with 150 images, --images 64 measured the 150
+    # (the plain pipeline reads every image file of the folder) and read a shard range that left some out.
+    # single_torch_thread puts back the one thread main() sets
+    module, main = _script_main("loader_speed", monkeypatch)
+    from PIL import Image
+
+    monkeypatch.setattr(module, "photo_like", lambda index: Image.new("RGB", (8, 8), (index % 256, 0, 0)))
+    monkeypatch.setattr(module, "make_tokenizer", lambda: (None, "stand-in"))
+    measured = []
+    monkeypatch.setattr(module, "run_plain",
+                        lambda folder, *args: measured.append(len(module.PlainFiles(folder, 8))) or (1.0, 1.0))
+    monkeypatch.setattr(module, "run_ours", lambda *args: (1.0, 1.0))
+    written = []
+    write_data = module.write_data
+    monkeypatch.setattr(module, "write_data", lambda folder, count: written.append(count) or write_data(folder, count))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("mine")  # not the benchmark's: kept
+
+    def run(images: int) -> None:
+        main(["--data-dir", str(data), "--images", str(images), "--batch-size", "32", "--workers", "0", "--repeats", "1"])
+
+    run(150)
+    run(64)
+    assert "holds other data (images 150 (not 64)): writing it again" in capsys.readouterr().err
+    run(64)  # the same data again: reused
+    assert written == [150, 64] and measured == [150, 64, 64]
+    assert sorted(path.name for path in (data / "shards").iterdir()) == ["bench-000000.tar", "sizes.json"]
+    assert json.loads((data / "shards" / "sizes.json").read_text()) == {"bench-000000.tar": 64}
+    assert len((data / "train.csv").read_text().splitlines()) == 1 + 64
+    assert (data / "notes.txt").read_text() == "mine"

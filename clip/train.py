@@ -506,6 +506,16 @@ def _train(
             last_step = start_step
             if dist_info.is_main:
                 log.warning("step %d evaluation abandoned again to stop: still owed", start_step)
+    if config.eval.at_start and not resumed and last_step > 0:
+        try:
+            last_metrics.update(evaluate(0))
+        except EvaluationInterrupted:
+            # Saved as a step-0 checkpoint that owes it, as a stopped periodic evaluation is: the run started
+            # again makes it up before its first step instead of starting over without it.
+            last_step = 0
+            save(0, {"nonfinite_steps_total": 0, "nonfinite_steps_in_a_row": 0}, evaluation_owed=True)
+            if dist_info.is_main:
+                log.warning("step 0 evaluation abandoned to stop: the resumed run makes it up first")
     while step < last_step:
         lr = learning_rate(step, config.optimizer.lr, config.schedule)
         for group in optimizer.param_groups:

@@ -736,6 +736,52 @@ def test_an_owed_evaluation_made_up_twice_is_recorded_once(tmp_path, monkeypatch
     assert evaluated == [3, 6]
 
 
+def evaluated_steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").open() if "zeroshot/" in line]
+
+
+def test_eval_at_start_evaluates_the_starting_weights_once_before_the_first_step(tmp_path, monkeypatch):
+    # A fine-tuning run's baseline: without it the first evaluation came after every_n_steps of training, and
+    # the starting weights' accuracy took a separate clip-zeroshot run over the same datasets
+    import clip.train as train_module
+
+    train(tiny_config(tmp_path / "pretrained", "schedule.steps=1", "eval.every_n_steps=0"))
+    real, seen = train_module.run_evaluations, []
+
+    def recording(model, *args, **kwargs):
+        seen.append((kwargs["step"], {name: value.clone() for name, value in model.state_dict().items()}))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "run_evaluations", recording)
+    tuned = tmp_path / "tuned"
+    config = tiny_config(tuned, f"train.init_weights={tmp_path / 'pretrained'}", "eval.at_start=true")
+    train(config, stop_at_step=3)
+    train(config)  # resumed: the start is not evaluated again
+    assert [step for step, _ in seen] == [0, 3, 6]
+    pretrained = final_weights(tmp_path / "pretrained")
+    assert all(torch.equal(seen[0][1][name], pretrained[name]) for name in pretrained)
+    assert evaluated_steps(tuned) == [0, 3, 6]
+    assert "zeroshot/" not in (tuned / "metrics.jsonl").read_text().splitlines()[1]  # step 1's training record
+    seen.clear()
+    train(tiny_config(tmp_path / "plain", "schedule.steps=3"))
+    assert [step for step, _ in seen] == [3]  # off by default
+
+
+def test_a_signal_in_the_starting_evaluation_saves_step_0_owing_it(tmp_path, monkeypatch, caplog):
+    # Nothing was trained, but the run was stopped with status 75: the run started again makes the step-0
+    # evaluation up first, and records it once
+    args = [str(DEMO), "--output-dir", str(tmp_path), *TINY, "eval.at_start=true"]
+    signal_during_evaluation(monkeypatch, 1)
+    with caplog.at_level("WARNING", logger="clip.train"):
+        assert main(args) == 75
+    assert "step 0 evaluation abandoned to stop: the resumed run makes it up first" in caplog.text
+    monkeypatch.undo()
+    assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [0]
+    assert ckpt.load_latest_checkpoint(tmp_path)["evaluation_owed"]
+    assert main(args) == 0
+    assert evaluated_steps(tmp_path) == [0, 3, 6]
+
+
 def test_a_signal_in_the_last_step_or_the_final_save_skips_the_final_evaluation(tmp_path, monkeypatch):
     # Both come before the evaluation, under the same signal handling: it is skipped, the status asks for a
     # requeue, and the run started again only evaluates.

@@ -169,6 +169,9 @@ class EvalConfig:
 
     # Run every N optimiser steps; 0 = only once, at the end of training.
     every_n_steps: int = 0
+    # Also evaluate the starting weights, before the first step (recorded as step 0): the baseline a fine-tuning
+    # run improves on. Once per run: a resumed run does not repeat it.
+    at_start: bool = False
     # Images (and texts) per forward pass.
     batch_size: int = 64
     # DataLoader worker processes per rank for reading evaluation images.

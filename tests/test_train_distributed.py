@@ -191,7 +191,9 @@ def test_a_signal_to_one_rank_in_the_last_step_skips_the_final_evaluation_on_eve
 
 def test_two_ranks_fine_tune_from_another_run(tmp_path):
     # Rank 0 alone reads the initial weights; DDP's constructor gives them to the other rank.
-    run_two_ranks(tmp_path / "pretrained", extra=["eval.every_n_steps=0", "schedule.steps=2"])
+    run_two_ranks(tmp_path / "pretrained", extra=["eval.every_n_steps=0", "schedule.steps=2", "eval.at_start=true"])
+    records = [json.loads(line) for line in (tmp_path / "pretrained" / "metrics.jsonl").open()]
+    assert [record["step"] for record in records if "zeroshot/synthetic/top1" in record] == [0, 2]  # both ranks'
     extra = ["eval.every_n_steps=0", "schedule.steps=2", f"train.init_weights={tmp_path / 'pretrained'}"]
     run_two_ranks(tmp_path / "tuned", stop_at_step=0, extra=extra)
     start = ckpt.load_latest_checkpoint(tmp_path / "tuned")

@@ -153,6 +153,16 @@ PROGRESS_FILE_REDRAW_S = 60.0
 PROGRESS_TERMINAL_REDRAW_S = 0.1  # tqdm's default
 
 
+def step_summary(metrics: dict) -> str:
+    """A logged step's main figures in one line, for a run without a progress bar (metrics.jsonl has them all)."""
+    parts = [f"loss {metrics['loss']:.4f}", f"lr {metrics['lr']:.2e}", f"logit scale {metrics['logit_scale']:.1f}",
+             f"{metrics['samples_per_s']:.1f} samples/s"]
+    if "mfu" in metrics:
+        parts.append(f"MFU {metrics['mfu']:.1%}")
+    parts.append(f"data wait {metrics['data_wait_fraction']:.0%}")
+    return ", ".join(parts)
+
+
 def progress_redraw_interval_s(stream) -> float:
     """The progress bar's least time between redraws on `stream`: tqdm's default on a terminal or in a notebook,
     PROGRESS_FILE_REDRAW_S in a file."""
@@ -618,6 +628,8 @@ def _train(
                     loss=f"{last_metrics['loss']:.3f}", lr=f"{lr:.2e}",
                     scale=f"{last_metrics['logit_scale']:.1f}", samples_s=f"{samples_per_s:.0f}", refresh=False,
                 )
+            elif dist_info.is_main:  # no bar to show the figures: the console and train.log get them instead
+                log.info("step %d/%d: %s", step, total_steps, step_summary(last_metrics))
             window.start()
         if progress is not None:
             progress.update(1)

@@ -2444,3 +2444,22 @@ def test_the_progress_bar_redraws_once_a_minute_into_a_file_and_as_often_as_tqdm
                           "eval.zeroshot=[]", "checkpoint.every_n_steps=0"))
         assert "train: 100%" in stream.getvalue()
     assert redraw_intervals == [60, 0.1]  # seconds: once a minute into the file, tqdm's default on the terminal
+
+
+def test_without_a_progress_bar_each_logged_steps_figures_are_a_log_line(tmp_path, caplog):
+    # logging.progress_bar = false (a batch job's log) left nothing per step on the console or in train.log:
+    # only metrics.jsonl showed whether the run was learning
+    steps = ["schedule.steps=4", "logging.every_n_steps=2", "eval.every_n_steps=0", "eval.zeroshot=[]",
+             "checkpoint.every_n_steps=0"]
+    with caplog.at_level("INFO", logger="clip.train"):
+        train(tiny_config(tmp_path / "plain", "logging.progress_bar=false", *steps))
+    lines = [record.getMessage() for record in caplog.records if re.match(r"step \d+/4: ", record.getMessage())]
+    assert len(lines) == 2, lines
+    pattern = r"step {}/4: loss \d+\.\d{{4}}, lr \d\.\d\de-\d\d, logit scale \d+\.\d, \d+\.\d samples/s, data wait \d+%"
+    assert re.fullmatch(pattern.format(2), lines[0]) and re.fullmatch(pattern.format(4), lines[1]), lines
+    first = json.loads((tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()[0])
+    assert f"loss {first['loss']:.4f}, lr {first['lr']:.2e}" in lines[0]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="clip.train"):  # the bar shows them: not said twice
+        train(tiny_config(tmp_path / "bar", "logging.progress_bar=true", *steps))
+    assert not [record for record in caplog.records if re.match(r"step \d+/4: ", record.getMessage())]

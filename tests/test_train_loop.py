@@ -602,8 +602,7 @@ def test_a_signal_checkpoints_after_the_current_step_and_the_run_resumes_exactly
     assert stopped["step"] == 4 and signal.getsignal(signum) is handler_before  # handlers are restored
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "resumed")] == [4]
     assert not (tmp_path / "resumed" / "results.json").exists()  # not finished
-    evaluated = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").open() if "zeroshot" in line]
-    assert evaluated == [2]
+    assert evaluated_steps(tmp_path / "resumed") == [2]
     monkeypatch.undo()
     assert train(tiny_config(tmp_path / "resumed", *extra))["step"] == 6
     straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
@@ -683,6 +682,19 @@ def signal_during_evaluation(monkeypatch, call: int, signum: int = signal.SIGTER
     monkeypatch.setattr(train_module, "run_evaluations", signalling)
 
 
+def stop_in_the_first_evaluation(args: list[str], monkeypatch, caplog, step: int) -> None:
+    """main(args) signalled in its first evaluation, that of `step`: it saves that step owing it, exits 75."""
+    signal_during_evaluation(monkeypatch, 1)
+    with caplog.at_level("WARNING", logger="clip.train"):
+        assert main(args) == 75
+    assert f"step {step} evaluation abandoned to stop: the resumed run makes it up first" in caplog.text
+    monkeypatch.undo()
+
+
+def evaluated_steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").open() if "zeroshot/" in line]
+
+
 def test_a_signal_in_the_final_evaluation_exits_75_and_the_next_start_evaluates(tmp_path, monkeypatch):
     # The evaluation may outlast the scheduler's grace period: it is abandoned (the weights are saved already),
     # the status asks for a requeue, and the requeued run only evaluates.
@@ -700,11 +712,7 @@ def test_a_signal_in_the_final_evaluation_exits_75_and_the_next_start_evaluates(
 def test_a_signal_in_an_evaluation_during_training_saves_at_once_and_resumes(tmp_path, monkeypatch, caplog):
     # One process: the evaluation at step 3 is abandoned, step 3 is saved, and the run exits 75.
     args = [str(DEMO), "--output-dir", str(tmp_path), *TINY, "checkpoint.every_n_steps=0"]
-    signal_during_evaluation(monkeypatch, 1)
-    with caplog.at_level("WARNING", logger="clip.train"):
-        assert main(args) == 75
-    assert "step 3 evaluation abandoned to stop: the resumed run makes it up first" in caplog.text
-    monkeypatch.undo()
+    stop_in_the_first_evaluation(args, monkeypatch, caplog, 3)
     assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [3]
     # Stopped again in the made-up step-3 evaluation, before any step: nothing is saved, it is still owed
     signal_during_evaluation(monkeypatch, 1)
@@ -716,8 +724,7 @@ def test_a_signal_in_an_evaluation_during_training_saves_at_once_and_resumes(tmp
     assert ckpt.load_latest_checkpoint(tmp_path)["evaluation_owed"]
     assert main(args) == 0
     assert json.loads((tmp_path / "results.json").read_text())["step"] == 6
-    evaluated = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").open() if "zeroshot/" in line]
-    assert evaluated == [3, 6]  # the abandoned evaluation, made up on resuming
+    assert evaluated_steps(tmp_path) == [3, 6]  # the abandoned evaluation, made up on resuming
 
 
 def test_an_owed_evaluation_made_up_twice_is_recorded_once(tmp_path, monkeypatch):
@@ -732,12 +739,7 @@ def test_an_owed_evaluation_made_up_twice_is_recorded_once(tmp_path, monkeypatch
     ckpt.checkpoint_path(tmp_path, 5).unlink()  # as if killed before it was saved
     assert ckpt.load_latest_checkpoint(tmp_path)["evaluation_owed"]
     train(config)
-    evaluated = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").open() if "zeroshot/" in line]
-    assert evaluated == [3, 6]
-
-
-def evaluated_steps(run_dir: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").open() if "zeroshot/" in line]
+    assert evaluated_steps(tmp_path) == [3, 6]
 
 
 def test_eval_at_start_evaluates_the_starting_weights_once_before_the_first_step(tmp_path, monkeypatch):
@@ -771,11 +773,7 @@ def test_a_signal_in_the_starting_evaluation_saves_step_0_owing_it(tmp_path, mon
     # Nothing was trained, but the run was stopped with status 75: the run started again makes the step-0
     # evaluation up first, and records it once
     args = [str(DEMO), "--output-dir", str(tmp_path), *TINY, "eval.at_start=true"]
-    signal_during_evaluation(monkeypatch, 1)
-    with caplog.at_level("WARNING", logger="clip.train"):
-        assert main(args) == 75
-    assert "step 0 evaluation abandoned to stop: the resumed run makes it up first" in caplog.text
-    monkeypatch.undo()
+    stop_in_the_first_evaluation(args, monkeypatch, caplog, 0)
     assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [0]
     assert ckpt.load_latest_checkpoint(tmp_path)["evaluation_owed"]
     assert main(args) == 0
@@ -1668,8 +1666,7 @@ def test_what_is_odd_about_the_evaluation_data_is_said_once_not_at_every_evaluat
     evaluation = ["eval.zeroshot.0.kind=imagefolder", f"eval.zeroshot.0.root={tmp_path / 'folder'}"]
     with caplog.at_level("WARNING"):
         train(tiny_config(tmp_path / "run", *evaluation))  # evaluates at steps 3 and 6
-    evaluated = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").open() if "zeroshot/" in line]
-    assert evaluated == [3, 6]
+    assert evaluated_steps(tmp_path / "run") == [3, 6]
     assert caplog.text.count("read by kind = \"synthetic\" only and ignored for imagefolder") == 1
 
 

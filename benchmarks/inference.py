@@ -176,12 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     with_open_clip = not args.no_open_clip and not importlib_missing("open_clip")
     if not with_open_clip and not args.no_open_clip:
         print("open_clip is not installed (pip install -e .[bench]); measuring ours only", file=sys.stderr)
-    rows = [run_arch(arch, args, device, with_open_clip) for arch in args.archs]
+    rows = []
     report = {"machine": common.machine_info(), "device": str(device), "precision": args.precision,
               "threads": args.threads, "repeats": args.repeats, "text_lengths": args.text_length, "rows": rows}
+    for arch in args.archs:
+        rows.append(run_arch(arch, args, device, with_open_clip))
+        if args.json:  # after every architecture: gpu.sh's time limit, which this last step meets most often,
+            # left no file at all when it stopped the run during the second one
+            args.json.write_text(json.dumps(report, indent=1) + "\n")
     print(format_rows(rows))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
     return 0
 
 

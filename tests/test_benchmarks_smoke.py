@@ -556,3 +556,24 @@ def test_loader_speed_writes_its_data_dir_again_for_another_number_of_images(tmp
     assert json.loads((data / "shards" / "sizes.json").read_text()) == {"bench-000000.tar": 64}
     assert len((data / "train.csv").read_text().splitlines()) == 1 + 64
     assert (data / "notes.txt").read_text() == "mine"
+
+
+def test_inference_keeps_each_finished_architecture_when_stopped_midway(benchmark_modules, tmp_path, monkeypatch):
+    # gpu.sh runs inference last, in what is left of its budget, and stops it at its time limit: the JSON was
+    # written only once every architecture was timed, so a run stopped during the second left nothing.
+    inference = benchmark_modules[2]
+    timed = []
+
+    def run_arch(arch, args, device, with_open_clip):
+        if timed:
+            raise KeyboardInterrupt  # the time limit, during the second architecture
+        timed.append(arch)
+        return {"arch": arch}
+
+    monkeypatch.setattr(inference, "run_arch", run_arch)
+    output = tmp_path / "inference.json"
+    with pytest.raises(KeyboardInterrupt):
+        inference.main(["--archs", "ViT-B/32", "RN50", "--device", "cpu", "--threads", "0", "--no-open-clip",
+                        "--json", str(output)])
+    kept = json.loads(output.read_text())
+    assert [row["arch"] for row in kept["rows"]] == ["ViT-B/32"] and kept["device"] == "cpu"

@@ -352,7 +352,12 @@ def write_gpu_page(folder: Path) -> None:
     """gpu.sh's summary: folder/gpu_results.md from the JSON files it wrote there."""
     def load(name: str) -> dict:
         path = folder / f"{name}.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        try:
+            return json.loads(path.read_text()) if path.exists() else {}
+        except ValueError as error:
+            # Cut off mid-write (gpu.sh's time limit kills a step's process 10 s after asking it to stop): that
+            # section says so, and the other files' sections are still written. A crash here lost the whole page.
+            return {"error": f"{path.name} could not be read ({error})"}
 
     reports = {name: load(name) for name in ("train_step", "train_step_compile", "loss_memory", "inference")}
     machine = next((r["machine"] for r in reports.values() if "machine" in r), common.machine_info())

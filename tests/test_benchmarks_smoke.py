@@ -577,3 +577,16 @@ def test_inference_keeps_each_finished_architecture_when_stopped_midway(benchmar
                         "--json", str(output)])
     kept = json.loads(output.read_text())
     assert [row["arch"] for row in kept["rows"]] == ["ViT-B/32"] and kept["device"] == "cpu"
+
+
+def test_gpu_page_is_written_when_one_results_file_was_cut_off_mid_write(benchmark_modules, tmp_path):
+    # gpu.sh's time limit kills a step 10 s after asking it to stop, which may be while it rewrites its JSON: the
+    # summary page then failed as a whole, the other steps' results with it.
+    run_all = benchmark_modules[3]
+    checks = {"device": "cuda", "checks": {"normalizer": {"ok": True, "max_difference": 0.0}}}
+    (tmp_path / "checks.json").write_text(json.dumps(checks))
+    (tmp_path / "loss_memory.json").write_text('{"rows": [{"batch": 4096, "method": "na')
+    run_all.main(["--gpu-page", str(tmp_path)])
+    page = (tmp_path / "gpu_results.md").read_text()
+    assert "**Failed:** loss_memory.json could not be read" in page
+    assert "| normalizer | ok |" in page and "## Training step, eager\n\nNot run." in page

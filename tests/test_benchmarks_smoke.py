@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -333,6 +334,28 @@ def test_gpu_script_runs_every_step_in_its_cpu_dry_run(tmp_path):
     assert "## Training step, eager" in page and "## Contrastive loss memory" in page and "Not run" not in page
     assert "## Inference" in page and "could not read the results" not in page  # each section read its JSON
     assert "## Correctness checks" in page and "FAILED" not in page
+
+
+@pytest.mark.slow  # about 50 s: a step must run to its timeout and on to its kill
+def test_gpu_script_ends_within_its_budget_when_a_step_runs_until_killed(tmp_path):
+    # The GPU machine's command is given little more than BUDGET_S. The last step's timeout was all that was left
+    # of the budget, and a step that catches SIGTERM (the trainer in the checks stops at its next step boundary)
+    # runs on for the 10 s until it is killed, the summary page after that: the script ended past BUDGET_S.
+    # Here every python call returns at once, except the eager training step, which ignores SIGTERM.
+    python = tmp_path / "python"
+    python.write_text('#!/usr/bin/env bash\nif [[ "$1" == benchmarks/train_step.py ]]; then trap "" TERM; sleep 300; fi\n')
+    python.chmod(0o755)
+    budget_s = 65
+    environment = {**os.environ, "DRY_RUN": "cpu", "OUT": str(tmp_path / "out"), "BUDGET_S": str(budget_s),
+                   "CARRY": str(tmp_path / "no-carry"), "PYTHON": str(python)}
+    started = time.monotonic()
+    finished = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh")], env=environment, capture_output=True, text=True,
+                              timeout=3 * budget_s, check=False)
+    elapsed = time.monotonic() - started
+    log = (tmp_path / "out" / "gpu.log").read_text()
+    assert finished.returncode == 0, log
+    assert "TIMEOUT training step, eager" in log and "SKIP correctness checks" in log, log
+    assert elapsed < budget_s, log
 
 
 def _has_open_clip() -> bool:

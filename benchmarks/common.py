@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from clip.cli.common import writable_output_dir
+from clip.run_log import replaced_atomically
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
@@ -207,6 +208,15 @@ def positive_seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
+
+
+def write_json(path: Path, data: dict, indent: int = 1) -> None:
+    """`data` as `path`'s whole new text, replacing it at once: the scripts rewrite their results after each
+    measurement, and gpu.sh's time limit kills a step that outlasts it, possibly mid-write, which left a torn
+    file in place of the results measured so far."""
+    with replaced_atomically(path) as file:
+        json.dump(data, file, indent=indent)
+        file.write("\n")
 
 
 def check_output_file(parser: argparse.ArgumentParser, flag: str, path: Path | None) -> None:

@@ -26,6 +26,7 @@ import contextlib
 import json
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -34,6 +35,7 @@ from clip.architectures import ModelConfig, TextConfig, VisionConfig
 from clip.data import PixelNormalizer
 from clip.loss import LossConfig, build_loss
 from clip.model import CLIP
+from clip.run_log import replaced_atomically
 
 TINY_VIT = ModelConfig(
     embed_dim=32,
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--no-compile", action="store_true", help="check the replay in eager mode only")
-    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     folder = tempfile.TemporaryDirectory()
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = {"ok": False, "error": f"{type(error).__name__}: {error}"}
             print(f"{'OK  ' if results[name]['ok'] else 'FAIL'} {name}: {results[name]}", flush=True)
             if args.json:  # after every check: what a timeout cuts short leaves the checks done so far
-                with open(args.json, "w", encoding="utf-8") as file:
+                with replaced_atomically(args.json) as file:  # a kill mid-write leaves the previous file whole
                     json.dump({"device": str(device), "checks": results}, file, indent=1)
     return 0 if all(result["ok"] for result in results.values()) else 1
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 from pathlib import Path
@@ -183,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(run_arch(arch, args, device, with_open_clip))
         if args.json:  # after every architecture: gpu.sh's time limit, which this last step meets most often,
             # left no file at all when it stopped the run during the second one
-            args.json.write_text(json.dumps(report, indent=1) + "\n")
+            common.write_json(args.json, report)
     print(format_rows(rows))
     return 0
 

@@ -545,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
                     # timeout keeps what it measured.
                     if args.json:
                         current = rows_of(configuration, summary, text_lengths, device, precision)
-                        args.json.write_text(json.dumps({**report, "rows": [*rows, *current]}, indent=1) + "\n")
+                        common.write_json(args.json, {**report, "rows": [*rows, *current]})
 
                 summary = run_configuration(base_job, measured, args.repeats, args.job_timeout,
                                             args.profile, args.profile_steps, on_progress=write_json)

@@ -602,6 +602,18 @@ def test_inference_keeps_each_finished_architecture_when_stopped_midway(benchmar
     assert [row["arch"] for row in kept["rows"]] == ["ViT-B/32"] and kept["device"] == "cpu"
 
 
+def test_results_rewritten_after_each_measurement_replace_the_file_whole(benchmark_modules, tmp_path):
+    # The scripts rewrite their JSON after every measurement; a write cut short (here by a value that cannot be
+    # written, after the rows before it were) truncated the file, the results measured so far with it
+    common = benchmark_modules[0]
+    path = tmp_path / "train_step.json"
+    common.write_json(path, {"rows": [{"samples_per_s": 1.0}]})
+    with pytest.raises(TypeError):
+        common.write_json(path, {"rows": [{"samples_per_s": 1.0}], "later": object()})
+    assert json.loads(path.read_text()) == {"rows": [{"samples_per_s": 1.0}]}
+    assert [file.name for file in tmp_path.iterdir()] == ["train_step.json"]  # no temporary left
+
+
 def test_gpu_page_is_written_when_one_results_file_was_cut_off_mid_write(benchmark_modules, tmp_path):
     # gpu.sh's time limit kills a step 10 s after asking it to stop, which may be while it rewrites its JSON: the
     # summary page then failed as a whole, the other steps' results with it.

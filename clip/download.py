@@ -113,6 +113,8 @@ def download(
     folder = Path(root).expanduser() if root is not None else cache_dir()
     name = filename or Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
     if name in ("", ".", "..") or "\x00" in name or "/" in name:
+        if filename:  # the caller's name, not the URL's: saying "pass filename=..." would not help
+            raise ValueError(f"filename must be a plain file name (no folder), got {filename!r}")
         raise ValueError(f"Cannot tell a file name from the URL {url!r}; pass filename=...")
     target = folder / name
     _remove_stale_partials(folder, name)

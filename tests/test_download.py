@@ -251,6 +251,15 @@ def test_bad_arguments(tmp_path: Path, source_file: Path) -> None:
         download(source_file.as_uri(), GOOD_SHA256, root=tmp_path)
 
 
+@pytest.mark.parametrize("filename", ["../escaped.bin", "sub/weights.bin", "..", "."])
+def test_a_filename_that_is_not_a_plain_name_is_refused(tmp_path: Path, source_file: Path, filename: str) -> None:
+    # A name with a folder in it would put the file outside `root` (or in a folder nobody asked for)
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=r"filename must be a plain file name"):
+        download(source_file.as_uri(), GOOD_SHA256, root=cache, filename=filename, progress=False)
+    assert files_in(tmp_path) == ["source"]
+
+
 def test_a_null_byte_in_the_url_name_is_a_clear_error(tmp_path: Path) -> None:
     # Path.exists raised a bare "embedded null byte"
     with pytest.raises(ValueError, match="Cannot tell a file name from the URL"):

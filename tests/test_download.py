@@ -35,7 +35,8 @@ ENDLESS_SAFETY_CAP = 64 << 20
 class FileServer(http.server.BaseHTTPRequestHandler):
     """Serves /good.bin, /bad.bin, /short.bin (body ends early), /unsized.bin (no Content-Length), /endless.bin
     (no Content-Length, bytes until the client hangs up), /huge.bin (announces 1 TiB), /stalled.bin (sends a
-    little, then nothing for a minute); else 404."""
+    little, then nothing for a minute), /garbled-length.bin (a Content-Length that is no number), /cut-chunks.bin
+    (chunked, the connection closed inside a chunk); else 404."""
 
     def do_GET(self) -> None:
         if self.path == "/good.bin":
@@ -52,10 +53,14 @@ class FileServer(http.server.BaseHTTPRequestHandler):
             self._send(GOOD_BYTES[:1000], 1 << 40)
         elif self.path.startswith("/stalled/"):
             self._send_stalled()
+        elif self.path == "/garbled-length.bin":
+            self._send(GOOD_BYTES, "unknown")
+        elif self.path == "/cut-chunks.bin":
+            self._send_cut_chunks()
         else:
             self.send_error(404)
 
-    def _send(self, body: bytes, announced_length: int | None) -> None:
+    def _send(self, body: bytes, announced_length: int | str | None) -> None:
         self.send_response(200)
         if announced_length is not None:
             self.send_header("Content-Length", str(announced_length))
@@ -81,6 +86,13 @@ class FileServer(http.server.BaseHTTPRequestHandler):
         self.wfile.write(GOOD_BYTES[:1000])
         self.wfile.flush()
         time.sleep(60)  # a daemon thread: the test ends without waiting for it
+        self.close_connection = True
+
+    def _send_cut_chunks(self) -> None:
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.write(b"%x\r\n" % len(GOOD_BYTES) + GOOD_BYTES[:1000])  # a chunk announced whole, sent in part
         self.close_connection = True
 
     def log_message(self, *args) -> None:  # keep test output clean
@@ -184,6 +196,13 @@ def test_connection_dropped_mid_body_keeps_nothing(server_url: str, tmp_path: Pa
     assert files_in(tmp_path) == []
 
 
+def test_a_chunked_body_cut_short_keeps_nothing(server_url: str, tmp_path: Path) -> None:
+    # http.client says so with its own HTTPException (IncompleteRead), not an OSError
+    with pytest.raises(DownloadError, match=r"broke off after \d+ bytes \(IncompleteRead"):
+        download(f"{server_url}/cut-chunks.bin", GOOD_SHA256, root=tmp_path, progress=False)
+    assert files_in(tmp_path) == []
+
+
 def test_http_error_is_reported(server_url: str, tmp_path: Path) -> None:
     with pytest.raises(DownloadError, match="HTTP 404"):
         download(f"{server_url}/missing.bin", GOOD_SHA256, root=tmp_path, progress=False)
@@ -251,6 +270,20 @@ def test_bad_arguments(tmp_path: Path, source_file: Path) -> None:
         download(source_file.as_uri(), GOOD_SHA256, root=tmp_path)
 
 
+def test_a_checksum_must_be_exactly_64_hexadecimal_characters(tmp_path: Path, source_file: Path) -> None:
+    # A prefix of 64 hex characters is not enough: a 65th character (a pasted line's stray digit) is refused
+    for wrong in (GOOD_SHA256 + "0", GOOD_SHA256[:-1], GOOD_SHA256[:-1] + "g"):
+        with pytest.raises(ValueError, match="64 hexadecimal"):
+            download(source_file.as_uri(), wrong, root=tmp_path / "cache", progress=False)
+    assert files_in(tmp_path / "cache") == []
+
+
+def test_a_checksum_with_surrounding_whitespace_is_accepted(tmp_path: Path, source_file: Path) -> None:
+    # As read from a .sha256 file or a copied line: its newline is no part of the digest
+    path = download(source_file.as_uri(), f"  {GOOD_SHA256}\n", root=tmp_path, progress=False)
+    assert path.read_bytes() == GOOD_BYTES
+
+
 @pytest.mark.parametrize("filename", ["../escaped.bin", "sub/weights.bin", "..", "."])
 def test_a_filename_that_is_not_a_plain_name_is_refused(tmp_path: Path, source_file: Path, filename: str) -> None:
     # A name with a folder in it would put the file outside `root` (or in a folder nobody asked for)
@@ -302,6 +335,21 @@ def test_a_file_url_is_bounded_too(tmp_path: Path, source_file: Path) -> None:
     with pytest.raises(DownloadError, match="announced 1,048,580 bytes, more than max_bytes=1,000"):
         download(source_file.as_uri(), GOOD_SHA256, root=tmp_path / "cache", progress=False, max_bytes=1000)
     assert files_in(tmp_path / "cache") == []
+
+
+def test_a_content_length_that_is_no_number_is_ignored(server_url: str, tmp_path: Path) -> None:
+    # http.client reads such a body to the end of the connection; the download does the same and checks its SHA256
+    path = download(f"{server_url}/garbled-length.bin", GOOD_SHA256, root=tmp_path, progress=False)
+    assert path.read_bytes() == GOOD_BYTES
+
+
+def test_a_server_that_stops_sending_is_given_up_after_timeout_s(server_url: str, tmp_path: Path) -> None:
+    # /stalled/ sends 1000 bytes, then nothing for a minute
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=r"broke off after \d+ bytes \(timed out\)"):
+        download(f"{server_url}/stalled/weights.bin", GOOD_SHA256, root=tmp_path, progress=False, timeout_s=0.5)
+    assert time.monotonic() - started < 30
+    assert files_in(tmp_path) == []
 
 
 @pytest.mark.parametrize("max_bytes", [0, -1, True, 1.5, "4GiB"])
@@ -372,6 +420,17 @@ def test_partial_files_of_killed_downloads_are_removed_by_the_next_download_of_t
     assert download(source_file.as_uri(), GOOD_SHA256, root=cache, progress=False).read_bytes() == GOOD_BYTES
     assert not live.exists()  # removed even though the file was in the cache already
     assert young.exists() and all(path.exists() for path in unrelated)
+
+
+def test_a_named_pipe_under_a_partial_files_name_is_not_removed(tmp_path: Path, source_file: Path) -> None:
+    # Only regular files are partial files a download wrote; anything else of that name is left alone
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    pipe = cache / f".weights.bin.{'e' * 32}.part"
+    os.mkfifo(pipe)
+    age(pipe, 2 * clip.download.STALE_PARTIAL_AGE_S)
+    download(source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
+    assert pipe.exists()
 
 
 def test_a_stale_partial_file_that_another_download_holds_is_kept(tmp_path: Path, source_file: Path) -> None:
@@ -565,6 +624,26 @@ def test_a_lock_file_removed_between_opening_and_locking_it_is_opened_again(tmp_
         assert os.fstat(descriptor).st_ino == os.stat(path).st_ino
     finally:
         os.close(descriptor)
+
+
+def test_a_partial_file_written_just_now_is_a_sign_of_life_however_old_the_lock_file(tmp_path):
+    # The lock file is written once, when the download starts; a download that takes over an hour still writes
+    # its partial file every chunk: it is alive, and no waiting process is to download the file beside it
+    lock = tmp_path / ".x.pt.lock"
+    lock.write_text("host 1\n")
+    age(lock, 2 * clip.download.STALE_PARTIAL_AGE_S)
+    (tmp_path / f".x.pt.{'d' * 32}.part").write_bytes(b"written just now")
+    assert time.time() - clip.download._last_sign_of_life(lock, tmp_path, "x.pt") < 60
+
+
+def test_a_note_of_an_unreachable_server_older_than_the_wait_is_not_this_downloads_failure(tmp_path):
+    # Left by an attempt before the one this process waited for: that one may have reached the server since
+    note = tmp_path / ".x.pt.unreachable"
+    note.write_text("Could not download x.pt (timed out)", encoding="utf-8")
+    age(note, 60)
+    clip.download._raise_if_found_unreachable_meanwhile(note, waited_since=time.time() - 30)
+    with pytest.raises(DownloadError, match=r"timed out\) \(This process waited for another's download"):
+        clip.download._raise_if_found_unreachable_meanwhile(note, waited_since=time.time() - 120)
 
 
 def test_a_lock_file_gone_meanwhile_is_a_sign_of_life_now(tmp_path):

@@ -243,3 +243,67 @@ def test_torchs_request_to_report_pickle_protocol_4_is_not_passed_on(tmp_path: P
         with pytest.raises(UnsafeFileError):
             read_weights(path)
     assert not [warning for warning in caught if "pickle protocol" in str(warning.message)]
+
+
+def test_a_length_field_beyond_the_file_is_not_taken_for_safetensors(tmp_path: Path) -> None:
+    # A brace after the first 8 bytes is not enough: the header they announce must fit in the file
+    path = tmp_path / "weights.bin"
+    path.write_bytes((1 << 40).to_bytes(8, "little") + b'{"w": 1}' + bytes(20))
+    assert not is_safetensors_file(path)
+    with pytest.raises(WeightsFileError, match=r"not a PyTorch weights file: it is a binary file beginning 00 00"):
+        read_weights(path)
+
+
+def test_checkpoint_steps_are_ordered_as_numbers_not_as_names(tmp_path: Path) -> None:
+    # Past step 99,999,999 the name has nine digits: "step_100000000.pt" sorts before "step_99999999.pt"
+    folder = _checkpoints(tmp_path / "run", 99_999_999, 100_000_000, 7)
+    assert checkpoint_candidates(tmp_path / "run") == [
+        folder / "step_100000000.pt", folder / "step_99999999.pt", folder / "step_00000007.pt"]
+
+
+def test_an_empty_file_is_named_as_empty(tmp_path: Path) -> None:
+    path = tmp_path / "weights.pt"
+    path.write_bytes(b"")
+    with pytest.raises(WeightsFileError, match=r"weights\.pt is empty \(0 bytes\), not a weights file"):
+        read_weights(path)
+
+
+def test_a_byte_that_is_no_utf8_is_binary_even_near_the_end_of_the_head(tmp_path: Path) -> None:
+    # Only a character cut by the 64-byte head ("unexpected end of data") is forgiven, not an invalid byte there
+    path = tmp_path / "weights.pt"
+    path.write_bytes(b"a" * 62 + b"\xff" + b"b" * 40)
+    with pytest.raises(WeightsFileError, match=r"it is a binary file beginning 61 61"):
+        read_weights(path)
+
+
+def test_a_logit_bias_of_more_than_one_element_among_the_loss_parameters_is_no_siglip_bias(tmp_path: Path) -> None:
+    checkpoint = {"model": {"w": torch.zeros(2)}, "loss_parameters": {"logit_bias": torch.zeros(2)}}
+    assert read_weights(_saved(tmp_path, checkpoint)).logit_bias is None
+
+
+def test_a_torch_save_file_written_without_checksums_is_read(tmp_path: Path) -> None:
+    # torch writes CRC 0 for every member when its CRC computation is off: no member is then called damaged
+    torch.serialization.set_crc32_options(False)
+    try:
+        path = _saved(tmp_path, {"w": torch.arange(100.0)})
+    finally:
+        torch.serialization.set_crc32_options(True)
+    with zipfile.ZipFile(path) as archive:
+        assert any(info.CRC == 0 and info.file_size > 0 for info in archive.infolist())
+    assert torch.equal(read_weights(path).state_dict["w"], torch.arange(100.0))
+
+
+def test_a_dimension_of_size_one_does_not_make_a_tensor_repeat_its_data() -> None:
+    # Its stride is never used to reach an element: a stride of 0 there repeats nothing (views and torch.save
+    # files may carry any stride in such a dimension)
+    from clip.weights_file import check_backed_by_storage
+
+    leading_one = torch.as_strided(torch.arange(4.0), (1, 4), (0, 1))
+    check_backed_by_storage({"w": leading_one}, ["w"], "weights.pt")
+
+
+@pytest.mark.parametrize("keys, listing", [(5, "'k0', 'k1', 'k2', 'k3', 'k4'"), (6, "'k0', 'k1', 'k2', 'k3', 'k4', ...")])
+def test_a_dict_without_weights_lists_its_first_keys(tmp_path: Path, keys: int, listing: str) -> None:
+    not_weights = {f"k{index}": index for index in range(keys)}
+    with pytest.raises(WeightsFileError, match=rf"holds a dict without model weights \(keys: {re.escape(listing)}\);"):
+        read_weights(_saved(tmp_path, not_weights))

@@ -907,3 +907,53 @@ def test_an_attribute_whose_name_is_no_string_is_passed_over(tmp_path: Path) -> 
         + _literal("w") + _tensor_opcodes("0", 6, 0, (3,), (1,)) + b"ub."
     )
     assert list(read_weights(write_archive(tmp_path / "int.pt", data_pkl=data_pkl)).state_dict) == ["w"]
+
+
+def test_a_persistent_id_of_another_kind_or_storage_type_is_named(tmp_path: Path) -> None:
+    # Only ("storage", <a torch.*Storage>, key, location, numel) is a storage reference
+    other_kind = module_pickle().replace(_literal("storage"), _literal("storagf"))
+    with pytest.raises(WeightsFileError, match=r"unexpected persistent id \('storagf'"):
+        read_weights(write_archive(tmp_path / "kind.pt", data_pkl=other_kind))
+    typeless = module_pickle().replace(b"ctorch\nFloatStorage\n", _literal("FloatStorage"))
+    with pytest.raises(WeightsFileError, match=r"malformed storage reference \('storage', 'FloatStorage'"):
+        read_weights(write_archive(tmp_path / "typeless.pt", data_pkl=typeless))
+
+
+def test_a_blank_line_inside_a_class_does_not_end_its_declarations(tmp_path: Path) -> None:
+    code = 'class M(Module):\n  __parameters__ = ["w", ]\n\n  __buffers__ = []\n  w : Tensor\n'
+    assert list(_module_with_a_mask(tmp_path, code)) == ["w"]
+
+
+def test_a_module_that_holds_itself_is_read_once(tmp_path: Path) -> None:
+    # An attribute naming an object already read (pickle's memo): its tensors are not listed again under it
+    data_pkl = (b"\x80\x02c__torch__\nM\n)\x81q\xc8}(" + _literal("w") + _tensor_opcodes("0", 6, 0, (3,), (1,))
+                + _literal("me") + b"h\xc8ub.")
+    assert list(read_weights(write_archive(tmp_path / "cycle.pt", data_pkl=data_pkl)).state_dict) == ["w"]
+
+
+def test_a_tensor_built_on_something_other_than_a_storage_record_is_named(tmp_path: Path) -> None:
+    data_pkl = (b"\x80\x02c__torch__\nM\n)\x81}(" + _literal("w") + b"ctorch._utils\n_rebuild_tensor_v2\n("
+                + _literal(5) + _literal(0) + _literal((3,)) + _literal((1,)) + b"\x89ccollections\nOrderedDict\n)RtR"
+                + b"ub.")
+    with pytest.raises(WeightsFileError, match=r"storageless\.pt: a tensor in data\.pkl is not backed by a storage record"):
+        read_weights(write_archive(tmp_path / "storageless.pt", data_pkl=data_pkl))
+
+
+def test_an_object_without_an_attribute_dict_is_passed_over(tmp_path: Path) -> None:
+    # A TorchScript object pickled without state (or with a custom __getstate__) holds no state-dict entries
+    data_pkl = (b"\x80\x02c__torch__\nM\n)\x81}(" + _literal("w") + _tensor_opcodes("0", 6, 0, (3,), (1,))
+                + _literal("c") + b"c__torch__\nN\n)\x81" + b"ub.")
+    assert list(read_weights(write_archive(tmp_path / "stateless.pt", data_pkl=data_pkl)).state_dict) == ["w"]
+
+
+def test_a_data_pkl_that_holds_no_module_is_named(tmp_path: Path) -> None:
+    with pytest.raises(WeightsFileError, match=r"dict\.pt: data\.pkl holds a dict, not a TorchScript module"):
+        read_weights(write_archive(tmp_path / "dict.pt", data_pkl=b"\x80\x02}."))
+
+
+def test_a_record_is_read_in_the_dtype_its_storage_type_names(tmp_path: Path) -> None:
+    values = torch.arange(6.0, dtype=torch.float16)
+    path = write_archive(tmp_path / "half.pt", data_pkl=module_pickle(dtype="HalfStorage"),
+                         record=values.numpy().tobytes())
+    weight = read_weights(path).state_dict["w"]
+    assert weight.dtype == torch.float16 and torch.equal(weight.flatten(), values)

@@ -220,6 +220,20 @@ def test_weight_decay_groups():
     assert OptimizerConfig().decay_embeddings is True
 
 
+def test_only_names_that_end_in_an_embedding_are_spared_as_embeddings():
+    # A projection or norm named after the embedding it follows is a weight like any other
+    matrix = torch.nn.Parameter(torch.zeros(4, 4))
+    for name in ("clip.embedding_projection.weight", "clip.token_embedding_norm.weight"):
+        assert is_decayed(name, matrix, decay_embeddings=False), name
+    assert not is_decayed("clip.token_embedding.weight", matrix, decay_embeddings=False)
+
+
+def test_auto_is_the_foreach_implementation_off_the_cpu_and_cuda():
+    # The fused kernel exists for CUDA and the CPU; elsewhere (mps, xpu, ...) auto takes foreach
+    named = list(ContrastiveModel(CLIP(TINY_VIT), with_logit_bias=False).named_parameters())
+    optimizer = build_optimizer(named, OptimizerConfig(implementation="auto"), torch.device("mps"))
+    assert (optimizer.defaults["fused"], optimizer.defaults["foreach"]) == (None, True)
+
 @pytest.mark.parametrize(
     "implementation, fused, foreach",
     [("auto", True, None), ("fused", True, None), ("foreach", None, True), ("for-loop", None, False)],

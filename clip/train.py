@@ -507,25 +507,22 @@ def _train(
         for tower in ("image", "text")
     }
     end_setup()  # from here a signal stops the run at the next step boundary, with a checkpoint
-    if evaluation_owed and start_step < last_step:
-        # The evaluation of this checkpoint's step, skipped or abandoned when the run was stopped: made up
-        # first, so that the run's evaluation record has no gap (evaluations leave the RNG and data alone).
+    # An evaluation due before the first step: the one this checkpoint owes (skipped or abandoned when the run
+    # was stopped), made up first so that the run's evaluation record has no gap, or a new run's of its starting
+    # weights (eval.at_start). Evaluations leave the RNG and data alone.
+    if (evaluation_owed or (config.eval.at_start and not resumed)) and start_step < last_step:
         try:
             last_metrics.update(evaluate(start_step))
-        except EvaluationInterrupted:  # stopped again: the checkpoint still owes it
-            last_step = start_step
-            if dist_info.is_main:
-                log.warning("step %d evaluation abandoned again to stop: still owed", start_step)
-    if config.eval.at_start and not resumed and last_step > 0:
-        try:
-            last_metrics.update(evaluate(0))
         except EvaluationInterrupted:
-            # Saved as a step-0 checkpoint that owes it, as a stopped periodic evaluation is: the run started
-            # again makes it up before its first step instead of starting over without it.
-            last_step = 0
-            save(0, {"nonfinite_steps_total": 0, "nonfinite_steps_in_a_row": 0}, evaluation_owed=True)
+            last_step = start_step
+            if evaluation_owed:  # stopped again: the checkpoint still owes it
+                message = "step %d evaluation abandoned again to stop: still owed"
+            else:  # a step-0 checkpoint owes it, as a stopped periodic evaluation's step does
+                save(start_step, {**last_metrics, "nonfinite_steps_total": nonfinite_total,
+                                  "nonfinite_steps_in_a_row": nonfinite_in_a_row}, evaluation_owed=True)
+                message = "step %d evaluation abandoned to stop: the resumed run makes it up first"
             if dist_info.is_main:
-                log.warning("step 0 evaluation abandoned to stop: the resumed run makes it up first")
+                log.warning(message, start_step)
     while step < last_step:
         lr = learning_rate(step, config.optimizer.lr, config.schedule)
         for group in optimizer.param_groups:

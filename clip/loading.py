@@ -25,6 +25,7 @@ LayerNorm and BatchNorm stay float32, and LayerNorm computes in float32.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 import warnings
@@ -36,9 +37,16 @@ import torch
 from torch import nn
 
 from . import download
-from .architectures import RELEASED_ARCHITECTURES, ModelConfig, architecture_differences, release_of_open_clip_name
+from .architectures import (
+    RELEASED_ARCHITECTURES,
+    ModelConfig,
+    VisionConfig,
+    architecture_differences,
+    release_of_open_clip_name,
+)
 from .infer_architecture import ArchitectureInferenceError, infer_model_config
 from .model import CLIP, convert_to_half_precision
+from .position_grid import at_image_size, grid_side
 from .preprocess import TRAINING_ALPHA_BACKGROUND, ImageTransform, image_transform
 from .released import RELEASED_WEIGHTS
 from .torchscript_reader import is_torchscript_archive
@@ -176,26 +184,31 @@ def load_weights_with_source(
     does: a run directory's checkpoint and its step, a released name and its SHA256). Nothing pickled is run.
 
     A file that records its architecture (a checkpoint of this library) must match `model.config` in every
-    field. Tensor shapes do not show head counts or the activation, so for a plain state dict (OpenAI's
+    field but `vision.image_size`: weights trained at another resolution start the model at its own, their
+    image position embeddings resampled to its grid (`clip.position_grid`). Tensor shapes do not show head counts or the activation, so for a plain state dict (OpenAI's
     files) those are the configured ones, and every tensor must have the configured model's shape; where the
     shapes are a released model's and the configured heads or activation are not, the file is refused if it
     is that release (its SHA256), and warned of otherwise (`_check_unseen_settings`)."""
     released = isinstance(name_or_path, str) and name_or_path in RELEASED_WEIGHTS
     if released:  # known exactly, heads and activation included: checked before a download of up to 1.4 GB
-        _check_architecture(RELEASED_ARCHITECTURES[name_or_path], model.config, f"the released {name_or_path}", set())
+        _check_architecture(RELEASED_ARCHITECTURES[name_or_path], model.config, f"the released {name_or_path}",
+                            RESAMPLED_ON_LOAD)
     path, _ = _resolve(name_or_path, download_root)
     path, weights = read_run_or_file(path)
     theirs, not_in_shapes = weights.model_config, set()
-    if theirs is None and not released:
+    if released:
+        theirs = RELEASED_ARCHITECTURES[name_or_path]
+    elif theirs is None:
         not_in_shapes = {"activation", "vision.heads", "text.heads"}
         try:
             theirs = infer_model_config(weights.state_dict)
         except ArchitectureInferenceError:
             pass  # widths OpenAI's convention cannot split into heads: the shape check below decides
     if theirs is not None:
-        _check_architecture(theirs, model.config, str(path), not_in_shapes)
+        _check_architecture(theirs, model.config, str(path), not_in_shapes | RESAMPLED_ON_LOAD)
         if not_in_shapes:
             _check_unseen_settings(theirs, model.config, path, weights.open_clip_origin is not None)
+        weights = _at_configured_image_size(weights, theirs.vision, model.config.vision, path)
     if weights.open_clip_origin is not None and model.config.activation == "quick_gelu":
         # Shapes match whatever the activation: clip.load warns of this, and so must the start of a fine-tuning
         warnings.warn(
@@ -210,6 +223,26 @@ def load_weights_with_source(
     model.logit_bias = None if weights.logit_bias is None else weights.logit_bias.to(model.logit_scale.device)
     release = name_or_path if released else None
     return WeightsSource(path.resolve(), weights.step, release, RELEASED_WEIGHTS[release].sha256 if released else None)
+
+
+# Settings in which the weights a fine-tuning run starts from may differ from its [model]: the image size, whose
+# position embeddings are resampled to the configured grid (clip.position_grid)
+RESAMPLED_ON_LOAD = frozenset({"vision.image_size"})
+
+
+def _at_configured_image_size(weights: LoadedWeights, theirs: VisionConfig, ours: VisionConfig, path: Path,
+                              ) -> LoadedWeights:
+    """`weights` (an image tower described by `theirs`) with the position embeddings of `ours`' image size."""
+    state_dict = at_image_size(weights.state_dict, theirs, ours)
+    if state_dict is weights.state_dict:
+        return weights
+    old, new = grid_side(theirs), grid_side(ours)
+    log.info("%s: trained at %d px; its image position embeddings are resampled from a %dx%d grid to the "
+             "configured %d px's %dx%d", path, theirs.image_size, old, old, ours.image_size, new, new)
+    extras = dict(weights.extras)
+    if "input_resolution" in extras:  # OpenAI's entry, checked against the model: now the configured size's
+        extras["input_resolution"] = ours.image_size
+    return dataclasses.replace(weights, state_dict=state_dict, extras=extras)
 
 
 def _check_architecture(theirs: ModelConfig, configured: ModelConfig, source: str, not_in_shapes: set[str]) -> None:
@@ -237,7 +270,8 @@ def _check_unseen_settings(inferred: ModelConfig, configured: ModelConfig, path:
     name = next((name for name, released in RELEASED_ARCHITECTURES.items() if released == inferred), None)
     if name is None:  # other sizes: OpenAI's conventions are only a guess, and the shapes decide
         return
-    unseen = architecture_differences(inferred.to_dict(), configured.to_dict())
+    unseen = [difference for difference in architecture_differences(inferred.to_dict(), configured.to_dict())
+              if difference[0] not in RESAMPLED_ON_LOAD]
     if from_open_clip:  # its activation is recorded nowhere, and has a warning of its own in load_weights_into
         unseen = [difference for difference in unseen if difference[0] != "activation"]
     if not unseen:
@@ -246,7 +280,7 @@ def _check_unseen_settings(inferred: ModelConfig, configured: ModelConfig, path:
     release = _release_of_file(path) if is_torchscript_archive(path) else None
     if release is not None:
         _check_architecture(RELEASED_ARCHITECTURES[release], configured,
-                            f"{path} (OpenAI's released {release}, by its SHA256)", set())
+                            f"{path} (OpenAI's released {release}, by its SHA256)", RESAMPLED_ON_LOAD)
     warnings.warn(
         f"{path} records no architecture, and its tensor shapes are those of OpenAI's released {name}, whose "
         f"settings that shapes do not show differ from the configured ones: "

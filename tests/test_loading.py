@@ -41,6 +41,7 @@ from clip.loading import (
     load_with_source,
 )
 from clip.model import CLIP
+from clip.position_grid import resize_position_embedding
 from clip.preprocess import image_transform
 from clip.released import RELEASED_WEIGHTS, ReleasedWeights
 from clip.torchscript_reader import is_torchscript_archive, read_torchscript_weights
@@ -716,6 +717,50 @@ def test_initial_weights_of_another_released_architecture_are_refused_before_the
     assert len(calls) == 1
     assert all(torch.equal(value, half_round_trip(original).state_dict()[name])
                for name, value in model.state_dict().items())
+
+
+def at_image_size_of(config: ModelConfig, image_size: int) -> ModelConfig:
+    return dataclasses.replace(config, vision=dataclasses.replace(config.vision, image_size=image_size))
+
+
+def test_initial_weights_of_another_image_size_start_with_their_position_embeddings_resampled(
+    tmp_path: Path, tiny_release, openai_files, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The paper's ViT-L/14@336px is ViT-L/14 trained one more epoch at 336 px: [model] gives the new size, and
+    # of all the weights only the position grid depends on it. They were refused: "model.vision.image_size
+    # differs". Every source of weights takes the same way: a checkpoint that records its architecture...
+    grid = "visual.positional_embedding"
+    original = tiny_model(TINY_VIT)
+    torch.save(trainer_checkpoint(original, 5), tmp_path / "step_00000005.pt")
+    with caplog.at_level(logging.INFO, logger="clip.loading"):
+        clip.loading.load_weights_into(model := CLIP(at_image_size_of(TINY_VIT, 48)), str(tmp_path / "step_00000005.pt"))
+    expected = {**original.state_dict(), grid: resize_position_embedding(original.state_dict()[grid], 6)}
+    assert all(torch.equal(value, expected[name]) for name, value in model.state_dict().items())
+    assert ("step_00000005.pt: trained at 32 px; its image position embeddings are resampled from a 4x4 grid to "
+            "the configured 48 px's 6x6") in caplog.text
+    assert model.encode_image(torch.randn(1, 3, 48, 48)).shape == (1, 32)
+    # ... OpenAI's archive, whose shapes are read (those of a release, whose unseen settings are compared) ...
+    monkeypatch.setitem(RELEASED_ARCHITECTURES, "ViT-B/32", TINY_VIT)
+    clip.loading.load_weights_into(at_224 := CLIP(TINY_VIT), str(openai_files["vit", "archive"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the image size is no unseen setting to warn of
+        clip.loading.load_weights_into(model := CLIP(at_image_size_of(TINY_VIT, 16)), str(openai_files["vit", "archive"]))
+    torch.testing.assert_close(model.state_dict()[grid], resize_position_embedding(at_224.state_dict()[grid], 2),
+                               rtol=0, atol=2e-3)
+    # ... and a released name, a ResNet here, whose attention pool holds the grid; checked before the download
+    _, calls = tiny_release
+    monkeypatch.setitem(RELEASED_ARCHITECTURES, "RN50", TINY_RESNET)
+    pool = "visual.attnpool.positional_embedding"
+    clip.loading.load_weights_into(at_64 := CLIP(TINY_RESNET), "RN50", download_root=tmp_path / "cache")
+    clip.loading.load_weights_into(model := CLIP(at_image_size_of(TINY_RESNET, 96)), "RN50", download_root=tmp_path / "cache")
+    assert model.state_dict()[pool].shape == (1 + 3 * 3, 256)
+    torch.testing.assert_close(model.state_dict()[pool], resize_position_embedding(at_64.state_dict()[pool], 3))
+    assert all(torch.equal(value, at_64.state_dict()[name]) for name, value in model.state_dict().items() if name != pool)
+    # Any other difference is still refused, by name, and the image size is not among them
+    other = dataclasses.replace(at_image_size_of(TINY_RESNET, 96), embed_dim=16)
+    with pytest.raises(WeightsFileError, match=r"model\.embed_dim: 32 there, 16 here\. Set") as refused:
+        clip.loading.load_weights_into(CLIP(other), "RN50", download_root=tmp_path / "cache")
+    assert "image_size" not in str(refused.value) and len(calls) == 2  # refused before a third download
 
 
 def test_a_file_of_released_shapes_under_other_heads_is_warned_of_or_refused_when_it_is_the_release(

@@ -948,6 +948,27 @@ def initial_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return ckpt.read_checkpoint(ckpt.list_checkpoints(run_dir)[-1][1])["model"]
 
 
+def test_fine_tuning_at_another_image_size_starts_from_the_runs_weights_with_a_resampled_position_grid(
+    tmp_path, caplog
+):
+    # As the paper's ViT-L/14@336px was made: another run's weights, trained on at a higher resolution
+    from clip.position_grid import resize_position_embedding
+
+    train(tiny_config(tmp_path / "pretrained", "schedule.steps=1", "schedule.warmup_steps=0", "eval.every_n_steps=0"))
+    pretrained = final_weights(tmp_path / "pretrained")
+    tuned = tmp_path / "tuned"
+    tuning = [f"train.init_weights={tmp_path / 'pretrained'}", "model.vision.image_size=48", "eval.every_n_steps=0",
+              "schedule.steps=2", "schedule.warmup_steps=1"]
+    with caplog.at_level(logging.INFO, logger="clip"):
+        train(tiny_config(tuned, *tuning), stop_at_step=0)
+    start, grid = initial_weights(tuned), "visual.positional_embedding"
+    assert torch.equal(start[grid], resize_position_embedding(pretrained[grid], 6))
+    assert all(torch.equal(start[name], value) for name, value in pretrained.items() if name != grid)
+    assert "its image position embeddings are resampled from a 4x4 grid to the configured 48 px's 6x6" in caplog.text
+    results = train(tiny_config(tuned, *tuning))
+    assert results["step"] == 2 and clip.load(tuned, device="cpu")[0].visual.input_resolution == 48
+
+
 def test_fine_tuning_starts_from_another_runs_weights_and_resumes_from_its_own(tmp_path):
     train(tiny_config(tmp_path / "pretrained", "schedule.steps=2", "eval.every_n_steps=0"))
     pretrained = final_weights(tmp_path / "pretrained")

@@ -297,6 +297,23 @@ def test_a_paper_recipe_trains_its_released_architecture_with_the_papers_setting
     assert "--nnodes 32 --nproc-per-node 8" in path.read_text().splitlines()[0]
 
 
+def test_the_336_pixel_recipe_is_one_more_epoch_of_the_224_pixel_run_at_336_pixels():
+    # ViT-L/14@336px, as the paper made it: one more epoch at the higher resolution, from the ViT-L/14 run
+    import dataclasses
+    from pathlib import Path
+
+    from clip.config import TrainConfig
+
+    folder = Path(__file__).parent.parent / "configs"
+    base = load_config(folder / "vit_l14_paper.toml", [], TrainConfig)
+    config = load_config(folder / "vit_l14_336_paper.toml", [], TrainConfig)
+    assert config.model == RELEASED_ARCHITECTURES["ViT-L/14@336px"]
+    assert config.train.init_weights == base.output_dir
+    assert config.schedule.steps == 400_000_000 // 32_768 and config.train.batch_size * 32 * 8 == 32_768
+    assert config.optimizer.lr < base.optimizer.lr and config.output_dir != base.output_dir
+    assert dataclasses.replace(config.model, vision=base.model.vision) == base.model  # the image size alone differs
+
+
 def test_vision_config_validation():
     with pytest.raises(ValueError, match="multiple"):
         VisionConfig(kind="vit", image_size=225, patch_size=32)

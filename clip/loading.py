@@ -37,13 +37,7 @@ import torch
 from torch import nn
 
 from . import download
-from .architectures import (
-    RELEASED_ARCHITECTURES,
-    ModelConfig,
-    VisionConfig,
-    architecture_differences,
-    release_of_open_clip_name,
-)
+from .architectures import RELEASED_ARCHITECTURES, ModelConfig, architecture_differences, release_of_open_clip_name
 from .infer_architecture import ArchitectureInferenceError, infer_model_config
 from .model import CLIP, convert_to_half_precision
 from .position_grid import at_image_size, grid_side
@@ -184,15 +178,17 @@ def load_weights_with_source(
     does: a run directory's checkpoint and its step, a released name and its SHA256). Nothing pickled is run.
 
     A file that records its architecture (a checkpoint of this library) must match `model.config` in every
-    field but `vision.image_size`: weights trained at another resolution start the model at its own, their
-    image position embeddings resampled to its grid (`clip.position_grid`). Tensor shapes do not show head counts or the activation, so for a plain state dict (OpenAI's
+    field but two sizes (`_adapted_on_load`): weights trained at another resolution start the model at its own,
+    their image position embeddings resampled to its grid (`clip.position_grid`), and a shorter text context
+    keeps their first text position embeddings. Tensor shapes do not show head counts or the activation, so for a plain state dict (OpenAI's
     files) those are the configured ones, and every tensor must have the configured model's shape; where the
     shapes are a released model's and the configured heads or activation are not, the file is refused if it
     is that release (its SHA256), and warned of otherwise (`_check_unseen_settings`)."""
     released = isinstance(name_or_path, str) and name_or_path in RELEASED_WEIGHTS
     if released:  # known exactly, heads and activation included: checked before a download of up to 1.4 GB
-        _check_architecture(RELEASED_ARCHITECTURES[name_or_path], model.config, f"the released {name_or_path}",
-                            RESAMPLED_ON_LOAD)
+        architecture = RELEASED_ARCHITECTURES[name_or_path]
+        _check_architecture(architecture, model.config, f"the released {name_or_path}",
+                            _adapted_on_load(architecture, model.config))
     path, _ = _resolve(name_or_path, download_root)
     path, weights = read_run_or_file(path)
     theirs, not_in_shapes = weights.model_config, set()
@@ -205,10 +201,10 @@ def load_weights_with_source(
         except ArchitectureInferenceError:
             pass  # widths OpenAI's convention cannot split into heads: the shape check below decides
     if theirs is not None:
-        _check_architecture(theirs, model.config, str(path), not_in_shapes | RESAMPLED_ON_LOAD)
+        _check_architecture(theirs, model.config, str(path), not_in_shapes | _adapted_on_load(theirs, model.config))
         if not_in_shapes:
             _check_unseen_settings(theirs, model.config, path, weights.open_clip_origin is not None)
-        weights = _at_configured_image_size(weights, theirs.vision, model.config.vision, path)
+        weights = _at_configured_sizes(weights, theirs, model.config, path)
     if weights.open_clip_origin is not None and model.config.activation == "quick_gelu":
         # Shapes match whatever the activation: clip.load warns of this, and so must the start of a fine-tuning
         warnings.warn(
@@ -225,24 +221,39 @@ def load_weights_with_source(
     return WeightsSource(path.resolve(), weights.step, release, RELEASED_WEIGHTS[release].sha256 if released else None)
 
 
-# Settings in which the weights a fine-tuning run starts from may differ from its [model]: the image size, whose
-# position embeddings are resampled to the configured grid (clip.position_grid)
-RESAMPLED_ON_LOAD = frozenset({"vision.image_size"})
+def _adapted_on_load(theirs: ModelConfig, ours: ModelConfig) -> frozenset[str]:
+    """The settings in which weights (of the architecture `theirs`) may differ from the model they start (`ours`):
+    the image size, whose position embeddings are resampled to the configured grid (`clip.position_grid`), and a
+    shorter text context, which keeps the first text position embeddings: the text encoder is causal, so a text
+    that fits has the same features. A longer context would need positions never trained, and is refused."""
+    adapted = {"vision.image_size"}
+    if ours.text.context_length <= theirs.text.context_length:
+        adapted.add("text.context_length")
+    return frozenset(adapted)
 
 
-def _at_configured_image_size(weights: LoadedWeights, theirs: VisionConfig, ours: VisionConfig, path: Path,
-                              ) -> LoadedWeights:
-    """`weights` (an image tower described by `theirs`) with the position embeddings of `ours`' image size."""
-    state_dict = at_image_size(weights.state_dict, theirs, ours)
+def _at_configured_sizes(weights: LoadedWeights, theirs: ModelConfig, ours: ModelConfig, path: Path) -> LoadedWeights:
+    """`weights` (of the architecture `theirs`) with the position embeddings of `ours`' image size and text
+    context, and OpenAI's entries naming those (checked against the model) following."""
+    state_dict, extras = at_image_size(weights.state_dict, theirs.vision, ours.vision), dict(weights.extras)
+    if state_dict is not weights.state_dict:
+        old, new = grid_side(theirs.vision), grid_side(ours.vision)
+        log.info("%s: trained at %d px; its image position embeddings are resampled from a %dx%d grid to the "
+                 "configured %d px's %dx%d", path, theirs.vision.image_size, old, old, ours.vision.image_size, new, new)
+        extras.update({"input_resolution": ours.vision.image_size} if "input_resolution" in extras else {})
+    context = ours.text.context_length
+    if context < theirs.text.context_length and TEXT_POSITIONS in state_dict:
+        state_dict = {**state_dict, TEXT_POSITIONS: state_dict[TEXT_POSITIONS][:context].clone()}
+        log.info("%s: trained with a %d-token text context; the configured %d keeps its first %d position "
+                 "embeddings", path, theirs.text.context_length, context, context)
+        extras.update({"context_length": context} if "context_length" in extras else {})
     if state_dict is weights.state_dict:
         return weights
-    old, new = grid_side(theirs), grid_side(ours)
-    log.info("%s: trained at %d px; its image position embeddings are resampled from a %dx%d grid to the "
-             "configured %d px's %dx%d", path, theirs.image_size, old, old, ours.image_size, new, new)
-    extras = dict(weights.extras)
-    if "input_resolution" in extras:  # OpenAI's entry, checked against the model: now the configured size's
-        extras["input_resolution"] = ours.image_size
     return dataclasses.replace(weights, state_dict=state_dict, extras=extras)
+
+
+# The text encoder's position embeddings (OpenAI's name), [context_length, width]
+TEXT_POSITIONS = "positional_embedding"
 
 
 def _check_architecture(theirs: ModelConfig, configured: ModelConfig, source: str, not_in_shapes: set[str]) -> None:
@@ -254,10 +265,13 @@ def _check_architecture(theirs: ModelConfig, configured: ModelConfig, source: st
         if key not in not_in_shapes
     ]
     if mismatched:
+        longer_context = any(key == "text.context_length" for key, _, _ in mismatched)
         raise WeightsFileError(
             f"{source} holds a model whose architecture differs from the configured one: "
             + "; ".join(f"model.{key}: {a!r} there, {b!r} here" for key, a, b in mismatched)
-            + ". Set the [model] section to the weights' architecture."
+            + ". Set the [model] section to the weights' architecture"
+            + (" (a shorter text context may be set: its position embeddings are the first ones; a longer one's "
+               "would never have been trained)." if longer_context else ".")
         )
 
 
@@ -271,7 +285,7 @@ def _check_unseen_settings(inferred: ModelConfig, configured: ModelConfig, path:
     if name is None:  # other sizes: OpenAI's conventions are only a guess, and the shapes decide
         return
     unseen = [difference for difference in architecture_differences(inferred.to_dict(), configured.to_dict())
-              if difference[0] not in RESAMPLED_ON_LOAD]
+              if difference[0] not in _adapted_on_load(inferred, configured)]
     if from_open_clip:  # its activation is recorded nowhere, and has a warning of its own in load_weights_into
         unseen = [difference for difference in unseen if difference[0] != "activation"]
     if not unseen:
@@ -280,7 +294,8 @@ def _check_unseen_settings(inferred: ModelConfig, configured: ModelConfig, path:
     release = _release_of_file(path) if is_torchscript_archive(path) else None
     if release is not None:
         _check_architecture(RELEASED_ARCHITECTURES[release], configured,
-                            f"{path} (OpenAI's released {release}, by its SHA256)", RESAMPLED_ON_LOAD)
+                            f"{path} (OpenAI's released {release}, by its SHA256)",
+                            _adapted_on_load(RELEASED_ARCHITECTURES[release], configured))
     warnings.warn(
         f"{path} records no architecture, and its tensor shapes are those of OpenAI's released {name}, whose "
         f"settings that shapes do not show differ from the configured ones: "

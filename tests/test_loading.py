@@ -763,6 +763,33 @@ def test_initial_weights_of_another_image_size_start_with_their_position_embeddi
     assert "image_size" not in str(refused.value) and len(calls) == 2  # refused before a third download
 
 
+def with_context_length(config: ModelConfig, context_length: int) -> ModelConfig:
+    return dataclasses.replace(config, text=dataclasses.replace(config.text, context_length=context_length))
+
+
+def test_initial_weights_of_a_longer_text_context_start_a_shorter_one_with_the_same_text_features(
+    tmp_path: Path, openai_files, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A shorter context (FLIP trains on 32 tokens) keeps the first position embeddings: the text encoder is
+    # causal, so a text that fits has the features it had. It was refused, as a longer one still is.
+    original = tiny_model(TINY_VIT)
+    torch.save(trainer_checkpoint(original, 5), tmp_path / "step_00000005.pt")
+    with caplog.at_level(logging.INFO, logger="clip.loading"):
+        clip.loading.load_weights_into(model := CLIP(with_context_length(TINY_VIT, 8)), str(tmp_path / "step_00000005.pt"))
+    expected = {**original.state_dict(), "positional_embedding": original.state_dict()["positional_embedding"][:8]}
+    assert all(torch.equal(value, expected[name]) for name, value in model.state_dict().items())
+    assert "trained with a 16-token text context; the configured 8 keeps its first 8 position embeddings" in caplog.text
+    _, text = inputs_for(TINY_VIT)  # end of text at position 5
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(text[:, :8]), original.encode_text(text), rtol=0, atol=1e-5)
+    # OpenAI's archive has a context_length entry, which follows; both sizes may differ at once
+    shorter_and_larger = with_context_length(at_image_size_of(TINY_VIT, 48), 8)
+    clip.loading.load_weights_into(CLIP(shorter_and_larger), str(openai_files["vit", "archive"]))
+    with pytest.raises(WeightsFileError, match=r"model\.text\.context_length: 16 there, 24 here\. Set the \[model\] "
+                                               r"section .* \(a shorter text context may be set"):
+        clip.loading.load_weights_into(CLIP(with_context_length(TINY_VIT, 24)), str(tmp_path / "step_00000005.pt"))
+
+
 def test_a_file_of_released_shapes_under_other_heads_is_warned_of_or_refused_when_it_is_the_release(
     tmp_path: Path, openai_files, monkeypatch: pytest.MonkeyPatch
 ) -> None:

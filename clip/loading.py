@@ -180,8 +180,9 @@ def load_weights_with_source(
     A file that records its architecture (a checkpoint of this library) must match `model.config` in every
     field but two sizes (`_adapted_on_load`): weights trained at another resolution start the model at its own,
     their image position embeddings resampled to its grid (`clip.position_grid`), and a shorter text context
-    keeps their first text position embeddings. Tensor shapes do not show head counts or the activation, so for a plain state dict (OpenAI's
-    files) those are the configured ones, and every tensor must have the configured model's shape; where the
+    keeps their first text position embeddings. Tensor shapes do not show head counts or the activation, so for
+    a plain state dict (OpenAI's files) those are the configured ones, and every tensor must have the configured
+    model's shape (but those two sizes); where the
     shapes are a released model's and the configured heads or activation are not, the file is refused if it
     is that release (its SHA256), and warned of otherwise (`_check_unseen_settings`)."""
     released = isinstance(name_or_path, str) and name_or_path in RELEASED_WEIGHTS
@@ -213,7 +214,8 @@ def load_weights_with_source(
             f"LAION) use GELU: set model.activation = \"gelu\" for those, or their features start out wrong.",
             stacklevel=2,
         )
-    _load_checked(model, weights, f"{path} does not fit the configured {_describe(model.config)}", str(path))
+    _load_checked(model, weights, f"{path} does not fit the configured {describe_architecture(model.config)}",
+                  str(path))
     # A SigLIP model's bias is its loss's parameter, saved beside the weights: as clip.load's model, this one
     # holds it (model.logit_bias), and a file without one leaves none
     model.logit_bias = None if weights.logit_bias is None else weights.logit_bias.to(model.logit_scale.device)
@@ -339,7 +341,8 @@ def model_from_weights(weights: LoadedWeights, source: str, *, stacklevel: int =
                 f"its training run's directory or checkpoint, which record them, or clip.create_model(its "
                 f"config) and load_state_dict.", stacklevel=stacklevel,
             )
-    model, state = _empty_model(config, weights, f"{source} does not fit the {_describe(config)} architecture {origin}",
+    model, state = _empty_model(config, weights,
+                                f"{source} does not fit the {describe_architecture(config)} architecture {origin}",
                                 source)
     model.load_state_dict(state, strict=True)
     if weights.logit_bias is not None:
@@ -558,7 +561,8 @@ def _not_weights(expected: torch.Tensor, found: torch.Tensor) -> str | None:
     return None
 
 
-def _describe(config: ModelConfig) -> str:
+def describe_architecture(config: ModelConfig) -> str:
+    """The sizes of both towers in words, after the released name of that architecture if there is one."""
     name = next((name for name, released in RELEASED_ARCHITECTURES.items() if released == config), None)
     vision = config.vision
     if vision.kind == "vit":

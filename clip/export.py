@@ -1,0 +1,127 @@
+"""A model's weights alone, as a file to share or to load elsewhere: `clip-export`, `export_weights`.
+
+A training checkpoint holds the optimizer's moments, RNG states and data positions beside the weights: about
+three times the weights' size, and nothing a user of the model needs. The export keeps the weights, in one of two
+layouts:
+
+- "clip" (the default): the state dict with the architecture it belongs to and, for a SigLIP model, its learned
+  logit bias, so that `clip.load` and `train.init_weights` rebuild exactly this model, whatever its heads or
+  activation; it also records which weights it came from (the `weights` record of the evaluation commands).
+- "openai": a plain state dict under OpenAI's names, which openai/CLIP's `clip.load` (and `build_model`) reads.
+  They infer the architecture from tensor shapes by OpenAI's conventions (one attention head per 64 channels,
+  QuickGELU, an MLP of 4x the width): a model that does not follow them would load there as another model and
+  compute other features without a word, so it is refused, naming what differs.
+
+The file is written whole or not at all (a temporary file renamed into place), and an existing file is only
+replaced when asked: an export may well be given the name of the file it was meant to sit beside.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .architectures import architecture_differences
+from .infer_architecture import ArchitectureInferenceError, infer_model_config
+from .loading import WeightsSource, describe_architecture, load_with_source
+from .run_log import replaced_atomically
+from .weights_file import CHECKPOINT_FORMAT
+
+LAYOUTS = ("clip", "openai")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ExportError(ValueError):
+    """The weights cannot be exported as asked (a layout that cannot describe the model, an existing output)."""
+
+
+@dataclass(frozen=True)
+class ExportedWeights:
+    """What `export_weights` wrote: the file, its SHA256 and size, and which weights it holds."""
+
+    path: Path
+    sha256: str
+    size_bytes: int
+    layout: str
+    dtype: str
+    source: WeightsSource
+    architecture: str  # `describe_architecture`: the sizes, and the released name of that architecture if any
+
+
+def export_weights(
+    source: str | Path, output: str | Path, *, layout: str = "clip", dtype: str = "float32",
+    overwrite: bool = False, download_root: str | Path | None = None,
+) -> ExportedWeights:
+    """Writes the weights of `source` (anything `clip.load` reads: a released name, a weights file, a training
+    checkpoint or a run directory, its newest checkpoint) to `output` in `layout` ("clip" or "openai"), with
+    floating-point tensors in `dtype` ("float32", "float16" or "bfloat16"; integer counters stay integers)."""
+    if layout not in LAYOUTS:
+        raise ExportError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    output = Path(output).expanduser()
+    if output.is_dir():
+        raise ExportError(f"{output} is a directory; give the file to write")
+    if output.exists() and not overwrite:
+        raise ExportError(f"{output} exists; pass overwrite=True (clip-export --overwrite) to replace it")
+    model, _, weights_source = load_with_source(source, device="cpu", download_root=download_root)
+    state = {name: _in_dtype(value, DTYPES[dtype]) for name, value in model.state_dict().items()}
+    if layout == "openai":
+        _check_openai_conventions(model.config, state)
+        if model.logit_bias is not None:
+            warnings.warn(
+                f"the openai layout has no place for this SigLIP model's learned logit bias "
+                f"({model.logit_bias.item():.4g}): the features are the same, but model(image, text) will return "
+                f"logits without it; the clip layout keeps it", stacklevel=2,
+            )
+        content: dict = state
+    else:
+        content = {
+            "format": CHECKPOINT_FORMAT,
+            "model": state,
+            "config": {"model": model.config.to_dict()},
+            "exported_from": weights_source.to_dict(),
+        }
+        if weights_source.step is not None:
+            content["step"] = weights_source.step
+        if model.logit_bias is not None:
+            content["loss_parameters"] = {"logit_bias": model.logit_bias.detach().float().clone()}
+    with replaced_atomically(output, "wb") as file:
+        torch.save(content, file)
+    return ExportedWeights(output, _sha256(output), output.stat().st_size, layout, dtype, weights_source,
+                           describe_architecture(model.config))
+
+
+def _in_dtype(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # A copy, detached: the saved tensors must not share storage with the model (torch.save would write the
+    # whole of a shared storage) nor carry autograd state
+    return value.detach().to(dtype, copy=True) if value.is_floating_point() else value.detach().clone()
+
+
+def _check_openai_conventions(config, state: dict[str, torch.Tensor]) -> None:
+    """Refuses a model that openai/CLIP would read, from these shapes, as another architecture."""
+    try:
+        read_as = infer_model_config(state)
+    except ArchitectureInferenceError as error:
+        raise ExportError(f"openai/CLIP could not read this model's architecture from its shapes ({error}); "
+                          f"export it with the clip layout, which records it") from None
+    differences = architecture_differences(read_as.to_dict(), config.to_dict())
+    if differences:
+        raise ExportError(
+            "openai/CLIP reads the architecture from tensor shapes by OpenAI's conventions (one attention head per "
+            "64 channels, QuickGELU, an MLP of 4x the width), and would read this model as another: "
+            + "; ".join(f"model.{key}: it would read {a!r}, the model has {b!r}" for key, a, b in differences)
+            + ". Export it with the clip layout, which records the architecture"
+        )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,158 @@
+"""clip.export and clip-export: a model's weights alone, in this library's layout or OpenAI's."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+import clip
+from clip.architectures import ModelConfig, TextConfig, VisionConfig
+from clip.cli.export import main
+from clip.export import ExportError, export_weights
+from clip.loading import load_with_source
+from clip.model import CLIP
+from clip.weights_file import CHECKPOINT_FORMAT
+
+TEXT = TextConfig(context_length=16, vocab_size=120, width=64, heads=1, layers=1)
+# OpenAI's conventions: one head per 64 channels, QuickGELU, MLP ratio 4
+CONVENTIONAL = ModelConfig(embed_dim=32, text=TEXT,
+                           vision=VisionConfig(kind="vit", image_size=32, width=64, layers=1, heads=1, patch_size=8))
+RESNET = ModelConfig(embed_dim=32, text=TEXT,
+                     vision=VisionConfig(kind="resnet", image_size=64, width=8, layers=(1, 1, 1, 1), heads=4))
+OTHER_HEADS = dataclasses.replace(CONVENTIONAL, vision=dataclasses.replace(CONVENTIONAL.vision, heads=2))
+
+
+def training_checkpoint(config: ModelConfig, path: Path, step: int = 40, logit_bias: float | None = None) -> CLIP:
+    """A checkpoint as the trainer writes it, optimizer state and all; returns its model."""
+    torch.manual_seed(step)
+    model = CLIP(config).eval()
+    state = {
+        "format": CHECKPOINT_FORMAT, "step": step, "model": model.state_dict(),
+        "config": {"model": config.to_dict(), "optimizer": {"lr": 5e-4}},
+        "optimizer": {"state": {i: {"exp_avg": torch.randn(64, 64)} for i in range(8)}, "param_groups": []},
+    }
+    if logit_bias is not None:
+        state["loss_parameters"] = {"logit_bias": torch.tensor(logit_bias)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return model
+
+
+def features(model: CLIP, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    size = config.vision.image_size
+    images = torch.randn(2, 3, size, size, generator=generator)
+    text = torch.randint(1, config.text.vocab_size - 1, (2, config.text.context_length), generator=generator)
+    text[:, 5] = config.text.vocab_size - 1
+    with torch.no_grad():
+        return model.encode_image(images), model.encode_text(text)
+
+
+def test_the_clip_layout_keeps_the_weights_and_architecture_without_the_training_state(tmp_path):
+    original = training_checkpoint(OTHER_HEADS, tmp_path / "run" / "checkpoints" / "step_00000040.pt")
+    exported = export_weights(tmp_path / "run", tmp_path / "model.pt")
+    content = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert set(content) == {"format", "step", "model", "config", "exported_from"}  # no optimizer, RNG, data
+    assert content["config"] == {"model": OTHER_HEADS.to_dict()} and content["step"] == 40
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000040.pt"
+    assert content["exported_from"] == {"path": str(checkpoint.resolve()), "step": 40, "released": None, "sha256": None}
+    assert exported.sha256 == hashlib.sha256((tmp_path / "model.pt").read_bytes()).hexdigest()
+    assert exported.size_bytes == (tmp_path / "model.pt").stat().st_size < checkpoint.stat().st_size
+    # Heads that shapes do not show are recorded: the same model comes back, bit for bit, with its step
+    model, _, source = load_with_source(tmp_path / "model.pt", device="cpu")
+    assert model.config == OTHER_HEADS and source.step == 40
+    for ours, theirs in zip(features(model, OTHER_HEADS), features(original, OTHER_HEADS)):
+        assert torch.equal(ours, theirs)
+
+
+def test_a_half_precision_export_keeps_integer_counters_and_loads_as_float32(tmp_path):
+    original = training_checkpoint(RESNET, tmp_path / "step_00000007.pt", step=7)
+    export_weights(tmp_path / "step_00000007.pt", tmp_path / "half.pt", dtype="float16")
+    state = torch.load(tmp_path / "half.pt", weights_only=True)["model"]
+    assert {value.dtype for name, value in state.items() if not name.endswith("num_batches_tracked")} == {torch.float16}
+    assert {value.dtype for name, value in state.items() if name.endswith("num_batches_tracked")} == {torch.long}
+    model, _ = clip.load(tmp_path / "half.pt", device="cpu")
+    assert next(model.parameters()).dtype == torch.float32
+    for ours, theirs in zip(features(model, RESNET), features(original, RESNET)):
+        torch.testing.assert_close(ours, theirs, rtol=0.02, atol=0.02)
+
+
+def test_the_openai_layout_is_a_plain_state_dict_under_openais_names(tmp_path):
+    original = training_checkpoint(CONVENTIONAL, tmp_path / "step_00000003.pt", step=3)
+    export_weights(tmp_path / "step_00000003.pt", tmp_path / "openai.pt", layout="openai")
+    state = torch.load(tmp_path / "openai.pt", weights_only=True)
+    assert set(state) == set(original.state_dict()) and all(isinstance(v, torch.Tensor) for v in state.values())
+    assert all(torch.equal(state[name], value) for name, value in original.state_dict().items())
+    # Read back by shapes, as openai/CLIP reads it (this library says that the heads are guessed)
+    with pytest.warns(UserWarning, match="records no architecture"):
+        model, _ = clip.load(tmp_path / "openai.pt", device="cpu")
+    assert model.config == CONVENTIONAL
+
+
+def test_the_openai_layout_is_refused_for_a_model_openai_would_read_as_another(tmp_path):
+    # openai/CLIP's build_model reads heads as width // 64: a two-head model would load there as a one-head
+    # model and compute other features without a word
+    training_checkpoint(OTHER_HEADS, tmp_path / "step_00000001.pt", step=1)
+    with pytest.raises(ExportError, match=r"model\.vision\.heads: it would read 1, the model has 2\. Export it with "
+                                          r"the clip layout"):
+        export_weights(tmp_path / "step_00000001.pt", tmp_path / "openai.pt", layout="openai")
+    gelu = dataclasses.replace(CONVENTIONAL, activation="gelu")
+    training_checkpoint(gelu, tmp_path / "step_00000002.pt", step=2)
+    with pytest.raises(ExportError, match=r"model\.activation: it would read 'quick_gelu', the model has 'gelu'"):
+        export_weights(tmp_path / "step_00000002.pt", tmp_path / "openai.pt", layout="openai")
+    assert not (tmp_path / "openai.pt").exists()
+
+
+def test_a_siglip_models_bias_is_kept_by_the_clip_layout_and_warned_of_by_the_openai_one(tmp_path):
+    training_checkpoint(CONVENTIONAL, tmp_path / "step_00000005.pt", step=5, logit_bias=-7.5)
+    export_weights(tmp_path / "step_00000005.pt", tmp_path / "siglip.pt")
+    assert clip.load(tmp_path / "siglip.pt", device="cpu")[0].logit_bias.item() == -7.5
+    with pytest.warns(UserWarning, match=r"no place for this SigLIP model's learned logit bias \(-7\.5\)"):
+        export_weights(tmp_path / "step_00000005.pt", tmp_path / "openai.pt", layout="openai")
+    with pytest.warns(UserWarning, match="records no architecture"):
+        assert clip.load(tmp_path / "openai.pt", device="cpu")[0].logit_bias is None
+
+
+def test_an_existing_output_is_kept_unless_overwrite_is_asked(tmp_path):
+    training_checkpoint(CONVENTIONAL, tmp_path / "step_00000001.pt", step=1)
+    (tmp_path / "model.pt").write_bytes(b"someone's file")
+    with pytest.raises(ExportError, match="model.pt exists; pass overwrite=True"):
+        export_weights(tmp_path / "step_00000001.pt", tmp_path / "model.pt")
+    assert (tmp_path / "model.pt").read_bytes() == b"someone's file"
+    export_weights(tmp_path / "step_00000001.pt", tmp_path / "model.pt", overwrite=True)
+    assert clip.load(tmp_path / "model.pt", device="cpu")[0].config == CONVENTIONAL
+    with pytest.raises(ExportError, match="is a directory"):
+        export_weights(tmp_path / "step_00000001.pt", tmp_path)
+    for bad in ({"layout": "hf"}, {"dtype": "int8"}):
+        with pytest.raises(ExportError, match="must be one of"):
+            export_weights(tmp_path / "step_00000001.pt", tmp_path / "other.pt", **bad)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.pt", "step_00000001.pt"]  # no temporaries
+
+
+def test_clip_export_prints_the_files_sha256_and_says_an_input_error_in_one_line(tmp_path, capsys):
+    training_checkpoint(CONVENTIONAL, tmp_path / "run" / "checkpoints" / "step_00000009.pt", step=9)
+    assert main([str(tmp_path / "run"), str(tmp_path / "model.pt"), "--dtype", "float16"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{tmp_path / 'model.pt'}  clip layout, float16, ")
+    assert out[1] == "sha256 " + hashlib.sha256((tmp_path / "model.pt").read_bytes()).hexdigest()
+    assert main([str(tmp_path / "run"), str(tmp_path / "model.pt")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"clip-export: {tmp_path / 'model.pt'} exists; pass overwrite=True (clip-export --overwrite) to replace it"]
+    assert main([str(tmp_path / "nowhere"), str(tmp_path / "other.pt")]) == 2
+    assert len(capsys.readouterr().err.splitlines()) == 1 and not (tmp_path / "other.pt").exists()
+
+
+def test_scripts_export_runs_from_a_source_checkout(tmp_path):
+    import subprocess
+    import sys
+
+    training_checkpoint(CONVENTIONAL, tmp_path / "step_00000002.pt", step=2)
+    script = Path(__file__).resolve().parent.parent / "scripts" / "export.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "step_00000002.pt"), str(tmp_path / "out.pt")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[1].startswith("sha256 ") and clip.load(tmp_path / "out.pt", device="cpu")

@@ -18,6 +18,7 @@ replaced when asked: an export may well be given the name of the file it was mea
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import warnings
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from .run_log import replaced_atomically
 from .weights_file import CHECKPOINT_FORMAT
 
 LAYOUTS = ("clip", "openai")
+# openai/CLIP's ResidualAttentionBlock: an MLP of 4 x d_model, fixed
+OPENAI_MLP_RATIO = 4.0
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -109,6 +112,9 @@ def _check_openai_conventions(config, state: dict[str, torch.Tensor]) -> None:
     except ArchitectureInferenceError as error:
         raise ExportError(f"openai/CLIP could not read this model's architecture from its shapes ({error}); "
                           f"export it with the clip layout, which records it") from None
+    # Its blocks' MLPs are 4x the width whatever the shapes say: another ratio fails in its load_state_dict
+    read_as = dataclasses.replace(read_as, vision=dataclasses.replace(read_as.vision, mlp_ratio=OPENAI_MLP_RATIO),
+                                  text=dataclasses.replace(read_as.text, mlp_ratio=OPENAI_MLP_RATIO))
     differences = architecture_differences(read_as.to_dict(), config.to_dict())
     if differences:
         raise ExportError(

@@ -107,6 +107,20 @@ def test_the_openai_layout_is_refused_for_a_model_openai_would_read_as_another(t
     assert not (tmp_path / "openai.pt").exists()
 
 
+def test_the_openai_layout_is_refused_for_an_mlp_openai_would_not_build(tmp_path):
+    # openai/CLIP's blocks have an MLP of 4x the width whatever the shapes say: a file of another ratio fails
+    # in its load_state_dict, so it is no file for openai/CLIP (a ResNet's text tower has one as well)
+    narrow_text = dataclasses.replace(RESNET, text=dataclasses.replace(TEXT, mlp_ratio=2.0))
+    training_checkpoint(narrow_text, tmp_path / "step_00000001.pt", step=1)
+    with pytest.raises(ExportError, match=r"model\.text\.mlp_ratio: it would read 4\.0, the model has 2\.0"):
+        export_weights(tmp_path / "step_00000001.pt", tmp_path / "openai.pt", layout="openai")
+    narrow_vit = dataclasses.replace(CONVENTIONAL, vision=dataclasses.replace(CONVENTIONAL.vision, mlp_ratio=2.0))
+    training_checkpoint(narrow_vit, tmp_path / "step_00000002.pt", step=2)
+    with pytest.raises(ExportError, match=r"model\.vision\.mlp_ratio: it would read 4\.0, the model has 2\.0"):
+        export_weights(tmp_path / "step_00000002.pt", tmp_path / "openai.pt", layout="openai")
+    assert not (tmp_path / "openai.pt").exists()
+
+
 def test_a_siglip_models_bias_is_kept_by_the_clip_layout_and_warned_of_by_the_openai_one(tmp_path):
     training_checkpoint(CONVENTIONAL, tmp_path / "step_00000005.pt", step=5, logit_bias=-7.5)
     export_weights(tmp_path / "step_00000005.pt", tmp_path / "siglip.pt")

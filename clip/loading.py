@@ -40,7 +40,7 @@ from . import download
 from .architectures import RELEASED_ARCHITECTURES, ModelConfig, architecture_differences, release_of_open_clip_name
 from .infer_architecture import ArchitectureInferenceError, infer_model_config
 from .model import CLIP, convert_to_half_precision
-from .position_grid import at_image_size, grid_side
+from .position_grid import at_image_size, grid_side, trained_image_size
 from .preprocess import TRAINING_ALPHA_BACKGROUND, ImageTransform, image_transform
 from .released import RELEASED_WEIGHTS
 from .torchscript_reader import is_torchscript_archive
@@ -200,7 +200,9 @@ def load_weights_with_source(
         try:
             theirs = infer_model_config(weights.state_dict)
         except ArchitectureInferenceError:
-            pass  # widths OpenAI's convention cannot split into heads: the shape check below decides
+            # Widths OpenAI's convention cannot split into heads: the shape check below decides, but the two
+            # sizes that may differ are read from the shapes, as for any other file
+            theirs, not_in_shapes = _configured_at_sizes_of(weights.state_dict, model.config), set()
     if theirs is not None:
         _check_architecture(theirs, model.config, str(path), not_in_shapes | _adapted_on_load(theirs, model.config))
         if not_in_shapes:
@@ -232,6 +234,20 @@ def _adapted_on_load(theirs: ModelConfig, ours: ModelConfig) -> frozenset[str]:
     if ours.text.context_length <= theirs.text.context_length:
         adapted.add("text.context_length")
     return frozenset(adapted)
+
+
+def _configured_at_sizes_of(state_dict: Mapping[str, torch.Tensor], configured: ModelConfig) -> ModelConfig | None:
+    """The configured architecture at the image size and text context of `state_dict`'s position embeddings:
+    what a file whose architecture cannot be inferred is taken for. None where the shapes give no sizes."""
+    image_size, positions = trained_image_size(state_dict, configured.vision), state_dict.get(TEXT_POSITIONS)
+    if image_size is None or not isinstance(positions, torch.Tensor) or positions.dim() != 2:
+        return None
+    try:
+        return dataclasses.replace(
+            configured, vision=dataclasses.replace(configured.vision, image_size=image_size),
+            text=dataclasses.replace(configured.text, context_length=positions.shape[0]))
+    except ValueError:  # sizes no config admits (a context of 1): the shape check names the misfit
+        return None
 
 
 def _at_configured_sizes(weights: LoadedWeights, theirs: ModelConfig, ours: ModelConfig, path: Path) -> LoadedWeights:

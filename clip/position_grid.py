@@ -29,6 +29,18 @@ def grid_side(vision: VisionConfig) -> int:
     return vision.image_size // (vision.patch_size if vision.kind == "vit" else RESNET_DOWNSAMPLING)
 
 
+def trained_image_size(state_dict: dict[str, torch.Tensor], vision: VisionConfig) -> int | None:
+    """The image size whose grid `state_dict`'s position embeddings hold, for a tower of `vision`'s kind and
+    patch size; None where they are missing or no 1 + square grid (the shape check names the misfit)."""
+    embedding = state_dict.get(POSITION_EMBEDDING[vision.kind])
+    if not isinstance(embedding, torch.Tensor) or embedding.dim() != 2 or embedding.shape[0] < 2:
+        return None
+    side = math.isqrt(embedding.shape[0] - 1)
+    if side * side != embedding.shape[0] - 1:
+        return None
+    return side * (vision.patch_size if vision.kind == "vit" else RESNET_DOWNSAMPLING)
+
+
 def resize_position_embedding(embedding: torch.Tensor, side: int) -> torch.Tensor:
     """[1 + n * n, width] -> [1 + side * side, width]: the grid resampled, the leading token's row kept; the dtype
     kept (the interpolation itself runs in float32, as float16 weights cannot be interpolated on every device)."""

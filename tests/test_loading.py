@@ -790,6 +790,27 @@ def test_initial_weights_of_a_longer_text_context_start_a_shorter_one_with_the_s
         clip.loading.load_weights_into(CLIP(with_context_length(TINY_VIT, 24)), str(tmp_path / "step_00000005.pt"))
 
 
+def test_a_plain_state_dict_whose_architecture_cannot_be_inferred_may_differ_in_the_same_two_sizes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Widths of 96 give no head count by OpenAI's convention, so the shapes alone decide: the image size and a
+    # shorter context were then refused ("wrong shape: visual.positional_embedding"), unlike in any other file
+    odd = ModelConfig(embed_dim=32, text=dataclasses.replace(TINY_TEXT, width=96, heads=2, layers=1),
+                      vision=VisionConfig(kind="vit", image_size=32, width=96, layers=1, heads=2, patch_size=8))
+    original = tiny_model(odd)
+    torch.save(original.state_dict(), tmp_path / "plain.pt")
+    with caplog.at_level(logging.INFO, logger="clip.loading"):
+        clip.loading.load_weights_into(model := CLIP(with_context_length(at_image_size_of(odd, 48), 8)),
+                                       str(tmp_path / "plain.pt"))
+    grid, text = "visual.positional_embedding", "positional_embedding"
+    expected = {**original.state_dict(), grid: resize_position_embedding(original.state_dict()[grid], 6),
+                text: original.state_dict()[text][:8]}
+    assert all(torch.equal(value, expected[name]) for name, value in model.state_dict().items())
+    assert "resampled from a 4x4 grid to the configured 48 px's 6x6" in caplog.text
+    with pytest.raises(WeightsFileError, match=r"model\.text\.context_length: 16 there, 24 here\. .* \(a shorter"):
+        clip.loading.load_weights_into(CLIP(with_context_length(odd, 24)), str(tmp_path / "plain.pt"))
+
+
 def test_a_file_of_released_shapes_under_other_heads_is_warned_of_or_refused_when_it_is_the_release(
     tmp_path: Path, openai_files, monkeypatch: pytest.MonkeyPatch
 ) -> None:

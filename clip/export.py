@@ -6,11 +6,13 @@ layouts:
 
 - "clip" (the default): the state dict with the architecture it belongs to and, for a SigLIP model, its learned
   logit bias, so that `clip.load` and `train.init_weights` rebuild exactly this model, whatever its heads or
-  activation; it also records which weights it came from (the `weights` record of the evaluation commands).
+  activation, with the same preprocessing (the trainer's composites transparent images onto white, OpenAI's
+  does not); it also records which weights it came from (their file's name, step, released name and SHA256).
 - "openai": a plain state dict under OpenAI's names, which openai/CLIP's `clip.load` (and `build_model`) reads.
   They infer the architecture from tensor shapes by OpenAI's conventions (one attention head per 64 channels,
   QuickGELU, an MLP of 4x the width): a model that does not follow them would load there as another model and
-  compute other features without a word, so it is refused, naming what differs.
+  compute other features without a word, so it is refused, naming what differs. (A model trained here loses
+  its preprocessing's white background for transparent images there: openai/CLIP's drops the alpha.)
 
 The file is written whole or not at all (a temporary file renamed into place), and an existing file is only
 replaced when asked: an export may well be given the name of the file it was meant to sit beside.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +74,13 @@ def export_weights(
         raise ExportError(f"{output} is a directory; give the file to write")
     if output.exists() and not overwrite:
         raise ExportError(f"{output} exists; pass overwrite=True (clip-export --overwrite) to replace it")
-    model, _, weights_source = load_with_source(source, device="cpu", download_root=download_root)
+    # Said before the model loads (perhaps after a download of up to 1.4 GB); and a mistyped folder is not made
+    folder = output.parent
+    if not folder.is_dir():
+        raise ExportError(f"{output}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ExportError(f"{output}: the folder {folder} is not writable")
+    model, preprocess, weights_source = load_with_source(source, device="cpu", download_root=download_root)
     state = {name: _in_dtype(value, DTYPES[dtype]) for name, value in model.state_dict().items()}
     if layout == "openai":
         _check_openai_conventions(model.config, state)
@@ -87,7 +96,11 @@ def export_weights(
             "format": CHECKPOINT_FORMAT,
             "model": state,
             "config": {"model": model.config.to_dict()},
-            "exported_from": weights_source.to_dict(),
+            # The file name alone: the folder it was read from is the exporter's, and the file is for others
+            "exported_from": {**weights_source.to_dict(), "path": weights_source.path.name},
+            # Which preprocessing clip.load gives: the trainer's composites transparent images onto white,
+            # OpenAI's (and any other weights') does not. The recorded config alone would say "trained here".
+            "trained_here": preprocess.alpha_background is not None,
         }
         if weights_source.step is not None:
             content["step"] = weights_source.step

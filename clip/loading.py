@@ -157,7 +157,7 @@ def _load(
     # A model this library's trainer wrote (its checkpoints carry their config) saw transparent images
     # composited onto the training loader's background; OpenAI's, and any other weights, saw them resized
     # with their alpha, then the alpha dropped (image_transform's default). Each gets the images it knows.
-    trained_here = weights.model_config is not None
+    trained_here = weights.model_config is not None if weights.trained_here is None else weights.trained_here
     alpha_background = TRAINING_ALPHA_BACKGROUND if trained_here else None
     source = WeightsSource(path.resolve(), weights.step, release,
                            RELEASED_WEIGHTS[release].sha256 if release is not None else None)

@@ -65,7 +65,7 @@ def resize_position_embedding(embedding: torch.Tensor, side: int) -> torch.Tenso
 def at_image_size(state_dict: dict[str, torch.Tensor], theirs: VisionConfig, ours: VisionConfig) -> dict:
     """`state_dict`, of an image tower described by `theirs`, for one described by `ours`, which differs from it
     at most in `image_size`: the position embeddings resampled to our grid (a new dict; the tensors not
-    resampled are shared). Unchanged where the grids are the same (a 230-pixel ViT-B/32 has the 224's grid)."""
+    resampled are shared). Unchanged where the grids are the same."""
     name = POSITION_EMBEDDING[ours.kind]
     side = grid_side(ours)
     if theirs.kind != ours.kind or grid_side(theirs) == side or name not in state_dict:

@@ -75,6 +75,10 @@ class LoadedWeights:
     open_clip_origin: str | None = None
     # The training step of a checkpoint our trainer wrote (its "step" entry); None for any other file.
     step: int | None = None
+    # Whether this library's trainer trained the weights, where the file says so (clip-export's "trained_here"):
+    # an export records the architecture of OpenAI's weights too. None where it does not say: a file that
+    # records its architecture is then taken as trained here.
+    trained_here: bool | None = None
 
 
 def read_weights(path: str | Path) -> LoadedWeights:
@@ -425,6 +429,8 @@ def _weights_from_object(loaded: object, path: Path) -> LoadedWeights:
             step = loaded.get("step")
             if loaded.get("format") == CHECKPOINT_FORMAT and isinstance(step, int) and not isinstance(step, bool):
                 weights.step = step
+            if isinstance(loaded.get("trained_here"), bool):
+                weights.trained_here = loaded["trained_here"]
             loss_parameters = loaded.get("loss_parameters")
             bias = loss_parameters.get("logit_bias") if isinstance(loss_parameters, Mapping) else None
             if isinstance(bias, torch.Tensor) and bias.numel() == 1:

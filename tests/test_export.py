@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import clip
+import clip.export
 from clip.architectures import ModelConfig, TextConfig, VisionConfig
 from clip.cli.export import main
 from clip.export import ExportError, export_weights
@@ -56,10 +57,11 @@ def test_the_clip_layout_keeps_the_weights_and_architecture_without_the_training
     original = training_checkpoint(OTHER_HEADS, tmp_path / "run" / "checkpoints" / "step_00000040.pt")
     exported = export_weights(tmp_path / "run", tmp_path / "model.pt")
     content = torch.load(tmp_path / "model.pt", weights_only=True)
-    assert set(content) == {"format", "step", "model", "config", "exported_from"}  # no optimizer, RNG, data
+    assert set(content) == {"format", "step", "model", "config", "exported_from", "trained_here"}  # no optimizer
     assert content["config"] == {"model": OTHER_HEADS.to_dict()} and content["step"] == 40
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000040.pt"
-    assert content["exported_from"] == {"path": str(checkpoint.resolve()), "step": 40, "released": None, "sha256": None}
+    # The file's name, not the exporter's folders: the file is for others
+    assert content["exported_from"] == {"path": "step_00000040.pt", "step": 40, "released": None, "sha256": None}
     assert exported.sha256 == hashlib.sha256((tmp_path / "model.pt").read_bytes()).hexdigest()
     assert exported.size_bytes == (tmp_path / "model.pt").stat().st_size < checkpoint.stat().st_size
     # Heads that shapes do not show are recorded: the same model comes back, bit for bit, with its step
@@ -67,6 +69,37 @@ def test_the_clip_layout_keeps_the_weights_and_architecture_without_the_training
     assert model.config == OTHER_HEADS and source.step == 40
     for ours, theirs in zip(features(model, OTHER_HEADS), features(original, OTHER_HEADS)):
         assert torch.equal(ours, theirs)
+
+
+@pytest.mark.filterwarnings("ignore:.*records no architecture")
+def test_the_clip_layout_keeps_the_preprocessing_of_weights_trained_here_or_elsewhere(tmp_path):
+    # clip.load composites transparent images onto white for a model the trainer wrote (a file recording its
+    # architecture), not for OpenAI's: an export of OpenAI's weights records the architecture too, and loaded
+    # with the trainer's preprocessing
+    from clip.preprocess import TRAINING_ALPHA_BACKGROUND
+
+    original = training_checkpoint(CONVENTIONAL, tmp_path / "step_00000001.pt", step=1)
+    torch.save(original.state_dict(), tmp_path / "openai_weights.pt")  # a plain state dict, as OpenAI's
+    for source, background in (("step_00000001.pt", TRAINING_ALPHA_BACKGROUND), ("openai_weights.pt", None)):
+        assert load_with_source(tmp_path / source, device="cpu")[1].alpha_background == background
+        export_weights(tmp_path / source, tmp_path / f"exported_{source}")
+        assert clip.load(tmp_path / f"exported_{source}", device="cpu")[1].alpha_background == background, source
+
+
+def test_an_output_folder_that_is_missing_or_read_only_is_said_before_the_model_loads(tmp_path, monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded before the output was checked")
+
+    monkeypatch.setattr(clip.export, "load_with_source", no_load)
+    with pytest.raises(ExportError, match=r"the folder \S*typo does not exist"):
+        export_weights("RN50", tmp_path / "typo" / "model.pt")
+    assert not (tmp_path / "typo").exists()  # a mistyped folder is not made
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ExportError, match="does not exist"):
+        export_weights("RN50", tmp_path / "file" / "model.pt")
+    monkeypatch.setattr(clip.export.os, "access", lambda path, mode: False)
+    with pytest.raises(ExportError, match="is not writable"):
+        export_weights("RN50", tmp_path / "model.pt")
 
 
 def test_a_half_precision_export_keeps_integer_counters_and_loads_as_float32(tmp_path):

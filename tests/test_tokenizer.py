@@ -177,6 +177,32 @@ def test_special_token_text_maps_to_special_ids(tokenizer: Tokenizer, reference)
     assert 49406 in tokenizer.encode(text) and 49407 in tokenizer.encode(text)
 
 
+def test_contractions_match_case_insensitively_as_openai(tokenizer: Tokenizer, reference) -> None:
+    # OpenAI's expression is case-insensitive even on lowered text: "'ſ" (long s, which lower() keeps and which
+    # folds to s) is the contraction "'s" as one piece, not "'" then "ſ"; so is "'\u0345" ("'ι" folded, no "'")
+    for text in ["it'ſ", "Iſ'ſ ok", "x'\u0345"]:
+        assert tokenizer.encode(text) == reference.encode(text), text
+    apostrophe_then_long_s = tokenizer.encode("'") + tokenizer.encode("ſ")
+    assert tokenizer.encode("it'ſ")[-len(apostrophe_then_long_s):] != apostrophe_then_long_s
+
+
+def test_whitespace_clean_is_openai_s_with_regex_whitespace() -> None:
+    # openai/CLIP's whitespace_clean uses the `regex` module, whose \s excludes the ASCII separators
+    # \x1c-\x1f (Python's `re` and str.split count them as whitespace); ideographic space U+3000 is one
+    assert clip.tokenizer.whitespace_clean(" a\x1cb\x1f \u3000 c\t") == "a\x1cb\x1f c"
+
+
+def test_simple_tokenizer_bpe_leaves_special_tokens_whole(merges_path: Path, reference) -> None:
+    # openai/CLIP's SimpleTokenizer starts its cache with the two special tokens, so bpe() returns them as
+    # they are (as one token each) rather than merging their characters
+    from clip.simple_tokenizer import SimpleTokenizer
+
+    simple = SimpleTokenizer(merges_path)
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        assert simple.bpe(special) == special == reference.bpe(special)
+    assert simple.bpe("cat") == reference.bpe("cat") == "cat</w>"
+
+
 def test_doubly_escaped_html_in_markup_is_unescaped_twice(tokenizer: Tokenizer, reference) -> None:
     # ftfy leaves entities alone in text that holds '<' (it may be HTML): html.unescape twice does both levels
     for text in ["<b>&amp;amp;</b>", "a < b &amp;amp; c", "x<y &amp;lt;3"]:
@@ -321,6 +347,16 @@ def test_too_long_text_raises_with_details(tokenizer: Tokenizer) -> None:
     assert copied.reason == raised.value.reason and "truncate=True" not in copied.reason
 
 
+def test_too_long_text_is_quoted_whole_up_to_60_characters(tokenizer: Tokenizer) -> None:
+    for length, shown in [(60, "a" * 60), (61, "a" * 57 + "...")]:
+        with pytest.raises(ValueError) as raised:
+            tokenizer("a" * length, context_length=3)
+        assert f"Text {shown!r} is" in str(raised.value), length
+    # A numpy array's text is a numpy str: quoted as a plain str, not as np.str_('...')
+    with pytest.raises(ValueError, match=r"^Text 'a photo of a cat' is 7 tokens long"):
+        tokenizer(np.array(["a photo of a cat"]), context_length=4)
+
+
 def test_truncation_keeps_end_token_last(tokenizer: Tokenizer, reference) -> None:
     text = "a photo of a cat " * 30
     tokens = tokenizer(text, truncate=True)[0]
@@ -395,7 +431,7 @@ def test_decode_of_a_padded_row(tokenizer: Tokenizer) -> None:
     assert spelled == "<|startoftext|>a photo of "
 
 
-@pytest.mark.parametrize("bad_id", [-1, VOCAB_SIZE, 2.5, "3"])
+@pytest.mark.parametrize("bad_id", [-1, VOCAB_SIZE, 2.5, "3", True])  # True would read as id 1
 def test_decode_rejects_non_ids(tokenizer: Tokenizer, bad_id) -> None:
     with pytest.raises(ValueError, match="not a token id"):
         tokenizer.decode([320, bad_id])
@@ -406,7 +442,8 @@ def test_decode_of_a_whole_batch_or_a_single_id_says_what_it_takes(tokenizer: To
     # decode(tokenize(texts)), the first thing a notebook tries, listed all 77 ids of the first row as "not a
     # token id"; a lone id failed with "'int' object is not iterable"
     tokens = tokenizer(["a cat", "a dog"])
-    for batch in (tokens, tokens.numpy(), tokens.tolist()):
+    as_tuples = [tuple(row) for row in tokens.tolist()]
+    for batch in (tokens, tokens.numpy(), tokens.tolist(), as_tuples, tuple(as_tuples)):
         with pytest.raises(ValueError, match=r"one text's token ids.*\[decode\(row\) for row in tokens\]"):
             tokenizer.decode(batch)
     for lone in (320, torch.tensor(320), np.int64(320)):
@@ -416,6 +453,17 @@ def test_decode_of_a_whole_batch_or_a_single_id_says_what_it_takes(tokenizer: To
 
 def test_decode_accepts_numpy_integers(tokenizer: Tokenizer) -> None:
     assert tokenizer.decode([np.int64(320), np.int32(2368)]) == "a cat "
+
+
+def test_decode_of_cut_utf8_shows_replacement_characters(tokenizer: Tokenizer, reference) -> None:
+    # A row cut inside a character (truncation, a model's generated ids) leaves bytes that are not UTF-8:
+    # OpenAI's decode shows each bad sequence as U+FFFD rather than dropping it silently
+    cat_ids = tokenizer.encode("猫")
+    first_byte_id = list(bytes_to_unicode()).index("猫".encode("utf-8")[0])
+    for ids in ([first_byte_id, 320], [first_byte_id]):
+        assert tokenizer.decode(ids) == reference.decode(ids)
+    assert tokenizer.decode([first_byte_id, 320]) == "\ufffda "
+    assert tokenizer.decode(cat_ids) == "猫 "
 
 
 # Module-level API and laziness --------------------------------------------------------------------------
@@ -492,8 +540,10 @@ def test_a_megabyte_word_is_tokenized_without_stalling(merges_path: Path) -> Non
     "content",
     [b"#version: 0.2\ni n\n", gzip.compress(b"#version: 0.2\n" * 1000)[:30],
      gzip.compress(b"#version: 0.2\n" + b"\xe9 n\n" * NUM_MERGES),
-     gzip.compress(b"#version: 0.2\n" + b"".join(b"q%d r%d\n" % (i, i) for i in range(NUM_MERGES)))],
-    ids=["not gzipped", "truncated", "not UTF-8", "unknown tokens"],
+     gzip.compress(b"#version: 0.2\n" + b"".join(b"q%d r%d\n" % (i, i) for i in range(NUM_MERGES))),
+     gzip.compress(b"#version: 0.2\n" + b"i n\n" * (NUM_MERGES - 1) + b"i n g\n"),
+     gzip.compress(b"#version: 0.2\n" + b"i n\n" * NUM_MERGES)],
+    ids=["not gzipped", "truncated", "not UTF-8", "unknown tokens", "not a pair", "the same token twice"],
 )
 def test_a_merges_file_of_another_kind_is_a_value_error_naming_it(tmp_path: Path, content: bytes) -> None:
     # BadGzipFile, EOFError and UnicodeDecodeError escaped without the file's name, and merges of tokens that

@@ -186,6 +186,12 @@ def test_paper_initialisation():
     proj_std = width**-0.5 * (2 * layers) ** -0.5
     out_proj = torch.cat([b.attn.out_proj.weight.flatten() for b in model.transformer.resblocks])
     assert out_proj.std().item() == pytest.approx(proj_std, rel=0.1)
+    c_fc = torch.cat([b.mlp.c_fc.weight.flatten() for b in model.transformer.resblocks])
+    assert c_fc.std().item() == pytest.approx((2 * width) ** -0.5, rel=0.1)
+    # A ViT's class and position embeddings and its projection: N(0, width**-0.5)
+    visual = CLIP(TINY["vit"]).visual
+    embeddings = torch.cat([visual.class_embedding, visual.positional_embedding.flatten(), visual.proj.flatten()])
+    assert embeddings.std().item() == pytest.approx(32**-0.5, rel=0.1)
 
 
 def test_fp16_weights_run_through_float32_layer_norms():
@@ -447,3 +453,79 @@ def test_create_model_refuses_a_config_dict_key_it_would_ignore():
         model_module.create_model({**config, "activaton": "gelu"})
     assert model_module.create_model({**config, "activation": "gelu"}).config.activation == "gelu"
     assert model_module.create_model(config).config == TINY["vit"]
+
+
+def test_a_block_takes_a_strided_input_other_than_the_models_layout():
+    # Neither contiguous nor the transposed view of a contiguous (N, L, D) tensor (a slice of a prompt
+    # learner's batch): worked on as given, not mistaken for the model's own batch-major layout
+    from clip.transformer import ResidualAttentionBlock
+
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(16, 4).double()
+    x = torch.randn(6, 8, 16, dtype=torch.float64)[:, ::2]
+    torch.testing.assert_close(block(x), block(x.contiguous()), rtol=1e-12, atol=1e-12)
+
+
+def test_every_kind_of_hook_counts_as_watching_a_module():
+    from torch.nn.modules import module as module_internals
+
+    from clip.transformer import has_hooks
+
+    def hook(*args):
+        return None
+
+    layer = nn.Linear(2, 2)
+    assert not has_hooks(layer)
+    for register in (layer.register_forward_hook, layer.register_forward_pre_hook,
+                     layer.register_full_backward_hook, layer.register_full_backward_pre_hook):
+        handle = register(hook)
+        assert has_hooks(layer) and has_hooks(layer, count_global=False), register.__name__
+        handle.remove()
+    for register in (module_internals.register_module_forward_hook, module_internals.register_module_forward_pre_hook,
+                     module_internals.register_module_full_backward_hook,
+                     module_internals.register_module_full_backward_pre_hook):
+        handle = register(hook)
+        try:
+            assert has_hooks(layer) and not has_hooks(layer, count_global=False), register.__name__
+        finally:
+            handle.remove()
+    assert not has_hooks(layer)
+
+
+def test_attention_refuses_a_width_its_heads_do_not_divide():
+    from clip.transformer import MultiheadSelfAttention
+
+    with pytest.raises(ValueError, match="width 10 is not divisible by 3 heads"):
+        MultiheadSelfAttention(10, 3)
+
+
+def test_hooks_on_the_mlp_see_openai_shapes_when_a_block_is_given_the_models_layout():
+    from clip.transformer import ResidualAttentionBlock
+
+    block = ResidualAttentionBlock(16, 4)
+    shapes = []
+    block.mlp.c_fc.register_forward_hook(lambda module, args, output: shapes.append(tuple(output.shape)))
+    x = torch.randn(3, 6, 16).transpose(0, 1)  # (L, N, D), the view the model's own callers pass
+    block(x)
+    assert shapes == [(6, 3, 64)]
+
+
+def test_gradient_checkpointing_recomputes_the_training_blocks_only():
+    # Checkpointed blocks run again in the backward pass; a block in eval mode (a locked lower block of a
+    # partly locked tower) is not checkpointed, and nothing is under no_grad
+    from clip.transformer import Transformer
+
+    torch.manual_seed(0)
+    transformer = Transformer(16, 3, 4).train()
+    transformer.resblocks[0].eval()
+    transformer.grad_checkpointing = True
+    calls = []
+    for index, block in enumerate(transformer.resblocks):
+        block.register_forward_pre_hook(lambda module, args, index=index: calls.append(index))
+    x = torch.randn(5, 2, 16, requires_grad=True)
+    transformer(x).sum().backward()
+    assert sorted(calls) == [0, 1, 1, 2, 2]
+    calls.clear()
+    with torch.no_grad():
+        transformer(x)
+    assert calls == [0, 1, 2]

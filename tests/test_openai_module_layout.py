@@ -121,6 +121,7 @@ def test_attention_is_called_and_answers_like_nn_multihead_attention():
         {"need_weights": True, "average_attn_weights": False, "attn_mask": causal_mask(7)},
         {"attn_mask": causal_mask(7), "is_causal": True, "key_padding_mask": padding},
         {"attn_mask": causal_mask(7), "is_causal": True, "key_padding_mask": padding, "need_weights": True},
+        {"attn_mask": torch.randn(3 * 4, 7, 7)},  # one mask per sequence and head, (N * heads, L, L)
     ]
     batch_major = x.transpose(0, 1).contiguous().transpose(0, 1)  # the model's own layout: same answers
     for kwargs in cases:

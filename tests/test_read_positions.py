@@ -160,3 +160,36 @@ def test_an_attention_forward_replaced_by_outside_code_is_called_in_the_last_blo
     assert maps == [(2, 17, 17)] * layers + [(2, 20, 20)] * layers  # the class token and patches; the context
     for old, new in zip(before, after, strict=True):
         torch.testing.assert_close(new, old)
+
+
+def test_a_mask_or_hook_on_a_bidirectional_block_is_honoured_in_forward_at():
+    torch.manual_seed(0)
+    transformer = Transformer(16, 2, 4).double()  # no mask, as the image tower's
+    x = torch.randn(6, 3, 16, dtype=torch.float64)
+    positions = torch.tensor([1, 5, 2])
+    transformer.resblocks[-1].attn_mask = causal_mask(6)  # set by outside code
+    expected = transformer(x)[positions, torch.arange(3)]
+    torch.testing.assert_close(transformer.forward_at(x, positions), expected, rtol=1e-12, atol=1e-12)
+    transformer.resblocks[-1].attn_mask = None
+    shapes = []
+    transformer.resblocks[-1].register_forward_hook(lambda module, args, output: shapes.append(tuple(output.shape)))
+    expected = transformer(x)[positions, torch.arange(3)]
+    torch.testing.assert_close(transformer.forward_at(x, positions), expected, rtol=1e-12, atol=1e-12)
+    assert shapes == [(6, 3, 16)] * 2  # the hooked block ran whole, in forward_at too
+
+
+def test_a_transformer_subclass_with_its_own_forward_is_called_by_the_towers():
+    torch.manual_seed(0)
+    model = CLIP(CONFIG).eval()
+    calls = []
+
+    class Recording(Transformer):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(tuple(x.shape))
+            return super().forward(x)
+
+    model.visual.transformer.__class__ = Recording
+    model.transformer.__class__ = Recording
+    with torch.no_grad():
+        model.encode_image(torch.randn(2, 3, 32, 32)), model.encode_text(texts_with_lengths([4, 7]))
+    assert calls[0] == (17, 2, 32) and len(calls) == 2

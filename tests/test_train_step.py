@@ -451,3 +451,20 @@ def test_the_siglip_bias_starts_at_the_papers_value_and_precision_names_its_auto
     assert ContrastiveModel(CLIP(TINY_VIT), with_logit_bias=True).logit_bias.item() == SIGLIP_INITIAL_LOGIT_BIAS == -10
     assert ContrastiveModel(CLIP(TINY_VIT), with_logit_bias=False).logit_bias is None
     assert AUTOCAST_DTYPES == {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def test_patch_dropout_keeps_the_class_token_and_a_subset_of_patches_in_order_per_image():
+    from clip.vision_transformer import keep_random_patches
+
+    torch.manual_seed(0)
+    n, patches = 16, 8
+    x = torch.arange(n * (patches + 1), dtype=torch.float32).view(n, patches + 1, 1).expand(n, patches + 1, 3)
+    kept = keep_random_patches(x, 0.5)
+    assert kept.shape == (n, 1 + 4, 3)
+    assert torch.equal(kept[:, 0], x[:, 0])  # the class token, first
+    subsets = set()
+    for row in range(n):
+        values = kept[row, 1:, 0].tolist()
+        assert set(values) <= set(x[row, 1:, 0].tolist()) and values == sorted(set(values)), row
+        subsets.add(tuple(value - row * (patches + 1) for value in values))
+    assert len(subsets) > 1  # a subset drawn for each image, not one for the batch

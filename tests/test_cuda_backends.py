@@ -180,6 +180,23 @@ def test_peak_flops_follows_dtype_and_tf32(monkeypatch):
     assert peak_flops(cuda, torch.bfloat16) is None and peak_flops(cuda, torch.float32, tf32=True) is None
 
 
+def test_every_card_of_the_peak_table_is_found_by_its_own_name_with_the_data_sheets_ratios(monkeypatch):
+    # A name that contains another's ("H100 NVL", "H100") must come first, or the card takes the other's peak: an
+    # H100 NVL read as an SXM H100 overstates its peak by 18% and understates its MFU as much
+    from clip.throughput import PEAK_FLOPS_BY_DEVICE, _BF16
+
+    cuda = torch.device("cuda")
+    for model_name, peaks in PEAK_FLOPS_BY_DEVICE:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"NVIDIA {model_name}")
+        assert peak_flops(cuda, torch.bfloat16) == peaks[_BF16], model_name
+        assert peak_flops(cuda, torch.float32, tf32=True) == peaks["tf32"], model_name
+        # The dense figures of every listed card: TF32 at half the 16-bit rate, plain float32 at 1/10 to 1/20 of it
+        assert peaks["tf32"] == pytest.approx(peaks[_BF16] / 2, rel=0.01), model_name
+        assert 10 < peaks[_BF16] / peaks[torch.float32] < 20, model_name
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 NVL")
+    assert peak_flops(cuda, torch.bfloat16) == 835e12  # the NVL card's own peak, not the SXM part's
+
+
 def test_tf32_is_a_config_key_that_defaults_off():
     # Off by default: under bf16 autocast it would only make the loss's float32 similarities less precise.
     from clip.config import TrainConfig, from_dict

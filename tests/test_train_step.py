@@ -378,6 +378,42 @@ def test_image_forward_flops_are_per_image():
     assert image_forward_flops(TINY_VIT) == counter.get_total_flops()
 
 
+def _transformer_matmul_flops(positions: int, width: int, hidden: int, layers: int) -> tuple[int, int]:
+    """A pre-LN transformer's matrix-product FLOPs (2 per multiply-add), counted by hand: (every block at every
+    position, the same with the last block run at one position's query only, as `Transformer.forward_at` does)."""
+    def block(queries: int) -> int:
+        key_value = 2 * positions * 2 * width * width  # k and v projections: every position is attended to
+        query_out_mlp = 2 * queries * (2 * width * width + 2 * width * hidden)
+        attention = 2 * 2 * queries * positions * width  # scores, then the weighted sum of values
+        return key_value + query_out_mlp + attention
+
+    return layers * block(positions), (layers - 1) * block(positions) + block(1)
+
+
+def test_the_counted_flops_are_the_matrix_products_counted_by_hand_and_open_clips_published_ones():
+    # The MFU target (>= 45%) is only as good as the FLOPs it divides: counted per image and per text, at every
+    # token, forward only. open_clip's model profile publishes a whole ViT-B/16 at 35.13 image and 5.96 text
+    # GFLOPs (224 pixels, 77 tokens); ours runs the last blocks at the one position that is read.
+    from clip.architectures import get_architecture
+    from clip.throughput import image_forward_flops, text_forward_flops
+
+    config = get_architecture("ViT-B/16")
+    vision, text = config.vision, config.text
+    patches = (vision.image_size // vision.patch_size) ** 2
+    image_full, image_run = _transformer_matmul_flops(patches + 1, vision.width, 4 * vision.width, vision.layers)
+    ends = 2 * patches * 3 * vision.patch_size**2 * vision.width + 2 * vision.width * config.embed_dim
+    assert round((image_full + ends) / 1e9, 2) == 35.13
+    assert image_forward_flops(config) == pytest.approx(image_run + ends, rel=1e-6)
+    text_full, text_run = _transformer_matmul_flops(text.context_length, text.width, 4 * text.width, text.layers)
+    assert round((text_full + 2 * text.width * config.embed_dim) / 1e9, 2) == 5.96
+    assert text_forward_flops(config, 77) == pytest.approx(text_run + 2 * text.width * config.embed_dim, rel=1e-6)
+    # RN50: open_clip's 12.22 GFLOPs run the attention pool's query and output projection at all 7 x 7 + 1
+    # positions; ours at the pooled one (the keys and values are at every position in both)
+    pool, out, positions = 2048, 1024, 50
+    pool_queries_not_run = (positions - 1) * (2 * pool * pool + 2 * pool * out + 2 * 2 * positions * pool)
+    assert round((image_forward_flops(get_architecture("RN50")) + pool_queries_not_run) / 1e9, 2) == 12.22
+
+
 def _twelve_pairs() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(12, 3, 16, 16, generator=generator)

@@ -1249,6 +1249,20 @@ def test_inference_refuses_an_mlp_width_no_float_ratio_of_the_width_gives() -> N
         infer_model_config(state)
 
 
+def test_inference_reads_each_towers_own_mlp_ratio() -> None:
+    # Both towers' MLP widths are in the shapes; the released models' 4 is no default to fall back on: a text
+    # tower of ratio 2 was inferred as 4, and the file then refused as of the wrong shape
+    config = ModelConfig(
+        embed_dim=32,
+        vision=VisionConfig(kind="vit", image_size=32, width=64, layers=1, heads=1, patch_size=8, mlp_ratio=3.0),
+        text=TextConfig(context_length=16, vocab_size=120, width=128, heads=2, layers=1, mlp_ratio=2.0),
+    )
+    state = {name: torch.empty(value.shape, device="meta") for name, value in CLIP(config).state_dict().items()}
+    inferred = infer_model_config(state)
+    assert (inferred.vision.mlp_ratio, inferred.text.mlp_ratio) == (3.0, 2.0)
+    assert inferred == dataclasses.replace(config, activation="quick_gelu")
+
+
 @pytest.mark.parametrize(("blocks", "refusal"), [
     (["0", "2", "3", "4"], "has 4 numbered blocks but lacks block(s) [1]"),
     (["1", "2"], "has 2 numbered blocks but lacks block(s) [0]"),

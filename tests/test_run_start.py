@@ -13,6 +13,8 @@ from clip import checkpoint as ckpt
 from clip.config import TrainConfig, load_config
 from clip.distributed import DistributedInfo
 from clip.run_start import (
+    BadTrainingInput,
+    bad_input_reported_as,
     build_training_module,
     results_step,
     start_new_run,
@@ -171,3 +173,19 @@ def test_a_new_run_takes_the_loaded_siglip_bias_out_of_the_model(tmp_path, loss)
     start_new_run(module, config, DistributedInfo(rank=0, world_size=1, local_rank=0, device=CPU))
     assert module.clip.logit_bias is None and "logit_bias" not in dict(module.clip.named_buffers())
     assert (module.logit_bias is None) if loss == "clip" else (module.logit_bias.item() == -3.0)
+
+
+@pytest.mark.parametrize("error", [FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError])
+def test_a_wrong_path_or_file_is_bad_input_with_its_error_chained(error):
+    with pytest.raises(BadTrainingInput, match="^pairs.csv: no$") as raised:
+        with bad_input_reported_as(BadTrainingInput):
+            raise error("pairs.csv: no")
+    assert type(raised.value.__cause__) is error
+
+
+@pytest.mark.parametrize("error", [ConnectionResetError, TimeoutError, OSError])
+def test_an_object_stores_failure_is_no_bad_input_and_keeps_its_traceback(error):
+    # A rerun may well succeed: not the one-line "fix your data" of BadTrainingInput
+    with pytest.raises(error):
+        with bad_input_reported_as(BadTrainingInput):
+            raise error("connection reset by peer")

@@ -446,7 +446,9 @@ def _is_state_dict(candidate: Mapping) -> bool:
     tensors = [value for value in candidate.values() if isinstance(value, torch.Tensor)]
     others = [key for key, value in candidate.items() if not isinstance(value, torch.Tensor)]
     return (bool(tensors) and all(isinstance(key, str) for key in candidate)  # {0: tensor}: no parameter's name
-            and all(key in EXTRA_ENTRIES and isinstance(candidate[key], int) for key in others))
+            # OpenAI's entries of any type: _extra_entry takes 32.0 and names what is no whole number, where
+            # "a dict without model weights" said nothing of the entry
+            and all(key in EXTRA_ENTRIES for key in others))
 
 
 def _config_from_checkpoint(config: object, path: Path) -> ModelConfig | None:

@@ -1160,6 +1160,15 @@ def test_an_extra_entry_that_is_no_whole_number_is_named(tmp_path: Path, extra: 
         load(tmp_path / "model.pt", device="cpu")
 
 
+def test_a_plain_python_extra_entry_is_read_or_named_not_taken_for_a_dict_without_weights(tmp_path: Path) -> None:
+    original = tiny_model(TINY_VIT)
+    torch.save(openai_state_dict(original) | {"input_resolution": 32.0}, tmp_path / "float.pt")  # a whole number
+    assert load(tmp_path / "float.pt", device="cpu")[0].visual.input_resolution == 32
+    torch.save(openai_state_dict(original) | {"context_length": "16"}, tmp_path / "text.pt")
+    with pytest.raises(WeightsFileError, match=r"text\.pt: its context_length entry is '16', not a whole number"):
+        load(tmp_path / "text.pt", device="cpu")
+
+
 def test_a_dict_of_tensors_under_other_keys_than_names_is_named(tmp_path: Path) -> None:
     torch.save({0: torch.zeros(2), 1: torch.zeros(2)}, tmp_path / "numbered.pt")
     with pytest.raises(WeightsFileError, match=r"numbered\.pt holds a dict without model weights \(keys: 0, 1\)"):

@@ -156,7 +156,8 @@ def _load(
         convert_to_half_precision(model)
     # A model this library's trainer wrote (its checkpoints carry their config) saw transparent images
     # composited onto the training loader's background; OpenAI's, and any other weights, saw them resized
-    # with their alpha, then the alpha dropped (image_transform's default). Each gets the images it knows.
+    # with their alpha, then the alpha dropped (image_transform's default). Each gets the images it knows. An
+    # export (clip-export) says which it is: it records the architecture of OpenAI's weights too.
     trained_here = weights.model_config is not None if weights.trained_here is None else weights.trained_here
     alpha_background = TRAINING_ALPHA_BACKGROUND if trained_here else None
     source = WeightsSource(path.resolve(), weights.step, release,
@@ -182,9 +183,9 @@ def load_weights_with_source(
     their image position embeddings resampled to its grid (`clip.position_grid`), and a shorter text context
     keeps their first text position embeddings. Tensor shapes do not show head counts or the activation, so for
     a plain state dict (OpenAI's files) those are the configured ones, and every tensor must have the configured
-    model's shape (but those two sizes); where the
-    shapes are a released model's and the configured heads or activation are not, the file is refused if it
-    is that release (its SHA256), and warned of otherwise (`_check_unseen_settings`)."""
+    model's shape (but those two sizes); where the shapes are a released model's and the configured heads or
+    activation are not, the file is refused if it is that release (its SHA256), and warned of otherwise
+    (`_check_unseen_settings`)."""
     released = isinstance(name_or_path, str) and name_or_path in RELEASED_WEIGHTS
     if released:  # known exactly, heads and activation included: checked before a download of up to 1.4 GB
         architecture = RELEASED_ARCHITECTURES[name_or_path]
@@ -223,6 +224,10 @@ def load_weights_with_source(
     model.logit_bias = None if weights.logit_bias is None else weights.logit_bias.to(model.logit_scale.device)
     release = name_or_path if released else None
     return WeightsSource(path.resolve(), weights.step, release, RELEASED_WEIGHTS[release].sha256 if released else None)
+
+
+# The text encoder's position embeddings (OpenAI's name), [context_length, width]
+TEXT_POSITIONS = "positional_embedding"
 
 
 def _adapted_on_load(theirs: ModelConfig, ours: ModelConfig) -> frozenset[str]:
@@ -268,10 +273,6 @@ def _at_configured_sizes(weights: LoadedWeights, theirs: ModelConfig, ours: Mode
     if state_dict is weights.state_dict:
         return weights
     return dataclasses.replace(weights, state_dict=state_dict, extras=extras)
-
-
-# The text encoder's position embeddings (OpenAI's name), [context_length, width]
-TEXT_POSITIONS = "positional_embedding"
 
 
 def _check_architecture(theirs: ModelConfig, configured: ModelConfig, source: str, not_in_shapes: set[str]) -> None:

@@ -154,6 +154,17 @@ def test_the_openai_layout_is_refused_for_an_mlp_openai_would_not_build(tmp_path
     assert not (tmp_path / "openai.pt").exists()
 
 
+def test_the_openai_layout_is_refused_for_widths_openai_cannot_split_into_heads(tmp_path):
+    # A text width of 48 is no whole number of 64-channel heads: openai/CLIP cannot build the model at all,
+    # and the refusal is an ExportError naming the way out, not the inference's own error
+    narrow = dataclasses.replace(CONVENTIONAL, text=dataclasses.replace(TEXT, width=48))
+    training_checkpoint(narrow, tmp_path / "step_00000001.pt", step=1)
+    with pytest.raises(ExportError, match=r"openai/CLIP could not read this model's architecture from its shapes "
+                                          r"\(.*\); export it with the clip layout"):
+        export_weights(tmp_path / "step_00000001.pt", tmp_path / "openai.pt", layout="openai")
+    assert not (tmp_path / "openai.pt").exists()
+
+
 def test_a_siglip_models_bias_is_kept_by_the_clip_layout_and_warned_of_by_the_openai_one(tmp_path):
     training_checkpoint(CONVENTIONAL, tmp_path / "step_00000005.pt", step=5, logit_bias=-7.5)
     export_weights(tmp_path / "step_00000005.pt", tmp_path / "siglip.pt")
@@ -191,6 +202,16 @@ def test_clip_export_prints_the_files_sha256_and_says_an_input_error_in_one_line
         f"clip-export: {tmp_path / 'model.pt'} exists; pass overwrite=True (clip-export --overwrite) to replace it"]
     assert main([str(tmp_path / "nowhere"), str(tmp_path / "other.pt")]) == 2
     assert len(capsys.readouterr().err.splitlines()) == 1 and not (tmp_path / "other.pt").exists()
+
+
+def test_clip_export_replaces_an_existing_output_only_with_overwrite(tmp_path, capsys):
+    training_checkpoint(CONVENTIONAL, tmp_path / "step_00000004.pt", step=4)
+    (tmp_path / "model.pt").write_bytes(b"someone's file")
+    assert main([str(tmp_path / "step_00000004.pt"), str(tmp_path / "model.pt")]) == 2
+    assert (tmp_path / "model.pt").read_bytes() == b"someone's file"
+    assert main([str(tmp_path / "step_00000004.pt"), str(tmp_path / "model.pt"), "--overwrite"]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'model.pt'}  clip layout, float32, ")
+    assert clip.load(tmp_path / "model.pt", device="cpu")[0].config == CONVENTIONAL
 
 
 def test_scripts_export_runs_from_a_source_checkout(tmp_path):

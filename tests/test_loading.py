@@ -811,6 +811,46 @@ def test_a_plain_state_dict_whose_architecture_cannot_be_inferred_may_differ_in_
         clip.loading.load_weights_into(CLIP(with_context_length(odd, 24)), str(tmp_path / "plain.pt"))
 
 
+@pytest.mark.parametrize("positions, found", [(torch.zeros(()), r"\(\)"), (torch.zeros(1, 96), r"\(1, 96\)")],
+                         ids=["scalar", "one_row"])
+def test_text_positions_that_give_no_context_are_named_by_the_shape_check_in_a_file_of_no_inferred_architecture(
+    tmp_path: Path, positions: torch.Tensor, found: str
+) -> None:
+    # The sizes of a file whose architecture cannot be inferred are read from its position embeddings: a text
+    # entry with no rows (a scalar) or a single one (a context no config admits) gives none, and the shape
+    # check names it, rather than an IndexError or the config's ValueError from the reading
+    odd = ModelConfig(embed_dim=32, text=dataclasses.replace(TINY_TEXT, width=96, heads=2, layers=1),
+                      vision=VisionConfig(kind="vit", image_size=32, width=96, layers=1, heads=2, patch_size=8))
+    torch.save({**tiny_model(odd).state_dict(), "positional_embedding": positions}, tmp_path / "plain.pt")
+    with pytest.raises(WeightsFileError, match=r"plain\.pt does not fit the configured .*\n  wrong shape \(1\): "
+                                               rf"positional_embedding: expected \(16, 96\), found {found}"):
+        clip.loading.load_weights_into(CLIP(odd), str(tmp_path / "plain.pt"))
+
+
+def test_a_checkpoint_of_a_longer_context_without_text_positions_is_named_as_missing_them(tmp_path: Path) -> None:
+    checkpoint = trainer_checkpoint(tiny_model(TINY_VIT), 5)
+    del checkpoint["model"]["positional_embedding"]
+    torch.save(checkpoint, tmp_path / "step_00000005.pt")
+    # The configured context is shorter: there are no position embeddings to keep the first of, which the shape
+    # check names (not a KeyError from the trimming)
+    with pytest.raises(WeightsFileError, match=r"step_00000005\.pt does not fit .*\n  missing \(1\): "
+                                               r"positional_embedding"):
+        clip.loading.load_weights_into(CLIP(with_context_length(TINY_VIT, 8)), str(tmp_path / "step_00000005.pt"))
+
+
+def test_initial_weights_of_the_configured_sizes_are_loaded_with_nothing_said_of_sizes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Said on every start of a fine-tuning run, "the configured 16 keeps its first 16 position embeddings"
+    # would have the user look for a context they never changed
+    original = tiny_model(TINY_VIT)
+    torch.save(trainer_checkpoint(original, 5), tmp_path / "step_00000005.pt")
+    with caplog.at_level(logging.INFO, logger="clip.loading"):
+        clip.loading.load_weights_into(model := CLIP(TINY_VIT), str(tmp_path / "step_00000005.pt"))
+    assert all(torch.equal(value, original.state_dict()[name]) for name, value in model.state_dict().items())
+    assert "text context" not in caplog.text and "resampled" not in caplog.text
+
+
 def test_a_file_of_released_shapes_under_other_heads_is_warned_of_or_refused_when_it_is_the_release(
     tmp_path: Path, openai_files, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -177,6 +177,17 @@ def test_only_a_checkpoint_of_this_trainers_format_gives_a_step(tmp_path: Path) 
     assert read_weights(_saved(tmp_path, ours | {"format": "other/1", "step": 7})).step is None
 
 
+def test_only_a_boolean_trained_here_entry_says_where_the_weights_were_trained(tmp_path: Path) -> None:
+    # clip-export writes True or False; any other value (another program's "no", a 0) says nothing, and
+    # the rule for files that do not say applies: a truthy string must not give the trainer's preprocessing
+    ours = {"format": "clip-pretrain/1", "model": {"w": torch.zeros(2)}}
+    assert read_weights(_saved(tmp_path, ours | {"trained_here": False})).trained_here is False
+    assert read_weights(_saved(tmp_path, ours | {"trained_here": True})).trained_here is True
+    for not_said in ("no", 0, None):
+        assert read_weights(_saved(tmp_path, ours | {"trained_here": not_said})).trained_here is None, not_said
+    assert read_weights(_saved(tmp_path, ours)).trained_here is None
+
+
 def test_a_state_dict_checkpoint_with_a_config_is_not_taken_for_open_clips(tmp_path: Path) -> None:
     state = {"w": torch.zeros(2)}
     assert read_weights(_saved(tmp_path, {"epoch": 3, "state_dict": state})).open_clip_origin is not None

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
-from clip.config_io import home_expanded
 from clip.export import DTYPES, LAYOUTS, export_weights
 
 from .common import ERRORS_HELP, run_command, setup_logging
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def export(args: argparse.Namespace) -> int:
     exported = export_weights(
-        home_expanded(args.source), home_expanded(args.output), layout=args.layout, dtype=args.dtype,
+        os.path.expanduser(args.source), os.path.expanduser(args.output), layout=args.layout, dtype=args.dtype,
         overwrite=args.overwrite, download_root=args.download_root,
     )
     source = exported.source

@@ -21,7 +21,6 @@ replaced when asked: an export may well be given the name of the file it was mea
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .architectures import architecture_differences
+from .download import sha256_of_file
 from .infer_architecture import ArchitectureInferenceError, infer_model_config
 from .loading import WeightsSource, describe_architecture, load_with_source
 from .run_log import replaced_atomically
@@ -108,7 +108,7 @@ def export_weights(
             content["loss_parameters"] = {"logit_bias": model.logit_bias.detach().float().clone()}
     with replaced_atomically(output, "wb") as file:
         torch.save(content, file)
-    return ExportedWeights(output, _sha256(output), output.stat().st_size, layout, dtype, weights_source,
+    return ExportedWeights(output, sha256_of_file(output), output.stat().st_size, layout, dtype, weights_source,
                            describe_architecture(model.config))
 
 
@@ -137,10 +137,3 @@ def _check_openai_conventions(config, state: dict[str, torch.Tensor]) -> None:
             + ". Export it with the clip layout, which records the architecture"
         )
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -24,21 +24,31 @@ from .infer_architecture import RESNET_DOWNSAMPLING
 POSITION_EMBEDDING = {"vit": "visual.positional_embedding", "resnet": "visual.attnpool.positional_embedding"}
 
 
+def _pixels_per_position(vision: VisionConfig) -> int:
+    """The side in pixels of one grid position: a ViT's patch, the ResNet's total downsampling."""
+    return vision.patch_size if vision.kind == "vit" else RESNET_DOWNSAMPLING
+
+
 def grid_side(vision: VisionConfig) -> int:
     """The side of the tower's square grid of positions: patches for a ViT, the final feature map for a ResNet."""
-    return vision.image_size // (vision.patch_size if vision.kind == "vit" else RESNET_DOWNSAMPLING)
+    return vision.image_size // _pixels_per_position(vision)
+
+
+def _side_of(rows: int) -> int | None:
+    """The side of the square grid that `rows` position embeddings (the leading token's among them) hold; None
+    where they are not 1 + a square grid of at least one position."""
+    side = math.isqrt(rows - 1) if rows >= 2 else 0
+    return side if side > 0 and side * side == rows - 1 else None
 
 
 def trained_image_size(state_dict: dict[str, torch.Tensor], vision: VisionConfig) -> int | None:
     """The image size whose grid `state_dict`'s position embeddings hold, for a tower of `vision`'s kind and
     patch size; None where they are missing or no 1 + square grid (the shape check names the misfit)."""
     embedding = state_dict.get(POSITION_EMBEDDING[vision.kind])
-    if not isinstance(embedding, torch.Tensor) or embedding.dim() != 2 or embedding.shape[0] < 2:
+    if not isinstance(embedding, torch.Tensor) or embedding.dim() != 2:
         return None
-    side = math.isqrt(embedding.shape[0] - 1)
-    if side * side != embedding.shape[0] - 1:
-        return None
-    return side * (vision.patch_size if vision.kind == "vit" else RESNET_DOWNSAMPLING)
+    side = _side_of(embedding.shape[0])
+    return None if side is None else side * _pixels_per_position(vision)
 
 
 def resize_position_embedding(embedding: torch.Tensor, side: int) -> torch.Tensor:
@@ -46,8 +56,8 @@ def resize_position_embedding(embedding: torch.Tensor, side: int) -> torch.Tenso
     kept (the interpolation itself runs in float32, as float16 weights cannot be interpolated on every device)."""
     if embedding.dim() != 2:
         raise ValueError(f"a position embedding is [1 + grid * grid, width], got shape {tuple(embedding.shape)}")
-    old_side = math.isqrt(embedding.shape[0] - 1) if embedding.shape[0] >= 1 else 0
-    if embedding.shape[0] < 2 or old_side * old_side != embedding.shape[0] - 1:
+    old_side = _side_of(embedding.shape[0])
+    if old_side is None:
         raise ValueError(f"a position embedding of {embedding.shape[0]} rows is not 1 + a square grid of positions")
     if side <= 0:
         raise ValueError(f"the new grid's side must be positive, got {side}")

@@ -126,43 +126,40 @@ def test_the_openai_layout_is_a_plain_state_dict_under_openais_names(tmp_path):
     assert model.config == CONVENTIONAL
 
 
+def refused_in_the_openai_layout(config: ModelConfig, folder: Path, match: str) -> None:
+    """A checkpoint of `config` is refused by the openai layout with a message matching `match`, writing nothing."""
+    training_checkpoint(config, folder / "step_00000001.pt", step=1)
+    with pytest.raises(ExportError, match=match):
+        export_weights(folder / "step_00000001.pt", folder / "openai.pt", layout="openai")
+    assert not (folder / "openai.pt").exists()
+
+
 def test_the_openai_layout_is_refused_for_a_model_openai_would_read_as_another(tmp_path):
     # openai/CLIP's build_model reads heads as width // 64: a two-head model would load there as a one-head
     # model and compute other features without a word
-    training_checkpoint(OTHER_HEADS, tmp_path / "step_00000001.pt", step=1)
-    with pytest.raises(ExportError, match=r"model\.vision\.heads: it would read 1, the model has 2\. Export it with "
-                                          r"the clip layout"):
-        export_weights(tmp_path / "step_00000001.pt", tmp_path / "openai.pt", layout="openai")
-    gelu = dataclasses.replace(CONVENTIONAL, activation="gelu")
-    training_checkpoint(gelu, tmp_path / "step_00000002.pt", step=2)
-    with pytest.raises(ExportError, match=r"model\.activation: it would read 'quick_gelu', the model has 'gelu'"):
-        export_weights(tmp_path / "step_00000002.pt", tmp_path / "openai.pt", layout="openai")
-    assert not (tmp_path / "openai.pt").exists()
+    refused_in_the_openai_layout(OTHER_HEADS, tmp_path, r"model\.vision\.heads: it would read 1, the model has 2\. "
+                                                        r"Export it with the clip layout")
+    refused_in_the_openai_layout(dataclasses.replace(CONVENTIONAL, activation="gelu"), tmp_path,
+                                 r"model\.activation: it would read 'quick_gelu', the model has 'gelu'")
 
 
 def test_the_openai_layout_is_refused_for_an_mlp_openai_would_not_build(tmp_path):
     # openai/CLIP's blocks have an MLP of 4x the width whatever the shapes say: a file of another ratio fails
     # in its load_state_dict, so it is no file for openai/CLIP (a ResNet's text tower has one as well)
     narrow_text = dataclasses.replace(RESNET, text=dataclasses.replace(TEXT, mlp_ratio=2.0))
-    training_checkpoint(narrow_text, tmp_path / "step_00000001.pt", step=1)
-    with pytest.raises(ExportError, match=r"model\.text\.mlp_ratio: it would read 4\.0, the model has 2\.0"):
-        export_weights(tmp_path / "step_00000001.pt", tmp_path / "openai.pt", layout="openai")
+    refused_in_the_openai_layout(narrow_text, tmp_path,
+                                 r"model\.text\.mlp_ratio: it would read 4\.0, the model has 2\.0")
     narrow_vit = dataclasses.replace(CONVENTIONAL, vision=dataclasses.replace(CONVENTIONAL.vision, mlp_ratio=2.0))
-    training_checkpoint(narrow_vit, tmp_path / "step_00000002.pt", step=2)
-    with pytest.raises(ExportError, match=r"model\.vision\.mlp_ratio: it would read 4\.0, the model has 2\.0"):
-        export_weights(tmp_path / "step_00000002.pt", tmp_path / "openai.pt", layout="openai")
-    assert not (tmp_path / "openai.pt").exists()
+    refused_in_the_openai_layout(narrow_vit, tmp_path,
+                                 r"model\.vision\.mlp_ratio: it would read 4\.0, the model has 2\.0")
 
 
 def test_the_openai_layout_is_refused_for_widths_openai_cannot_split_into_heads(tmp_path):
     # A text width of 48 is no whole number of 64-channel heads: openai/CLIP cannot build the model at all,
     # and the refusal is an ExportError naming the way out, not the inference's own error
     narrow = dataclasses.replace(CONVENTIONAL, text=dataclasses.replace(TEXT, width=48))
-    training_checkpoint(narrow, tmp_path / "step_00000001.pt", step=1)
-    with pytest.raises(ExportError, match=r"openai/CLIP could not read this model's architecture from its shapes "
-                                          r"\(.*\); export it with the clip layout"):
-        export_weights(tmp_path / "step_00000001.pt", tmp_path / "openai.pt", layout="openai")
-    assert not (tmp_path / "openai.pt").exists()
+    refused_in_the_openai_layout(narrow, tmp_path, r"openai/CLIP could not read this model's architecture from its "
+                                                   r"shapes \(.*\); export it with the clip layout")
 
 
 def test_a_siglip_models_bias_is_kept_by_the_clip_layout_and_warned_of_by_the_openai_one(tmp_path):

@@ -790,17 +790,23 @@ def test_initial_weights_of_a_longer_text_context_start_a_shorter_one_with_the_s
         clip.loading.load_weights_into(CLIP(with_context_length(TINY_VIT, 24)), str(tmp_path / "step_00000005.pt"))
 
 
+# Widths of 96: no whole number of OpenAI's 64-channel heads, so a plain state dict of this model gives no
+# inferred architecture, and its shapes alone decide
+NO_INFERRED_HEADS = ModelConfig(
+    embed_dim=32, text=dataclasses.replace(TINY_TEXT, width=96, heads=2, layers=1),
+    vision=VisionConfig(kind="vit", image_size=32, width=96, layers=1, heads=2, patch_size=8),
+)
+
+
 def test_a_plain_state_dict_whose_architecture_cannot_be_inferred_may_differ_in_the_same_two_sizes(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Widths of 96 give no head count by OpenAI's convention, so the shapes alone decide: the image size and a
     # shorter context were then refused ("wrong shape: visual.positional_embedding"), unlike in any other file
-    odd = ModelConfig(embed_dim=32, text=dataclasses.replace(TINY_TEXT, width=96, heads=2, layers=1),
-                      vision=VisionConfig(kind="vit", image_size=32, width=96, layers=1, heads=2, patch_size=8))
-    original = tiny_model(odd)
+    original = tiny_model(NO_INFERRED_HEADS)
     torch.save(original.state_dict(), tmp_path / "plain.pt")
     with caplog.at_level(logging.INFO, logger="clip.loading"):
-        clip.loading.load_weights_into(model := CLIP(with_context_length(at_image_size_of(odd, 48), 8)),
+        clip.loading.load_weights_into(model := CLIP(with_context_length(at_image_size_of(NO_INFERRED_HEADS, 48), 8)),
                                        str(tmp_path / "plain.pt"))
     grid, text = "visual.positional_embedding", "positional_embedding"
     expected = {**original.state_dict(), grid: resize_position_embedding(original.state_dict()[grid], 6),
@@ -808,7 +814,7 @@ def test_a_plain_state_dict_whose_architecture_cannot_be_inferred_may_differ_in_
     assert all(torch.equal(value, expected[name]) for name, value in model.state_dict().items())
     assert "resampled from a 4x4 grid to the configured 48 px's 6x6" in caplog.text
     with pytest.raises(WeightsFileError, match=r"model\.text\.context_length: 16 there, 24 here\. .* \(a shorter"):
-        clip.loading.load_weights_into(CLIP(with_context_length(odd, 24)), str(tmp_path / "plain.pt"))
+        clip.loading.load_weights_into(CLIP(with_context_length(NO_INFERRED_HEADS, 24)), str(tmp_path / "plain.pt"))
 
 
 @pytest.mark.parametrize("positions, found", [(torch.zeros(()), r"\(\)"), (torch.zeros(1, 96), r"\(1, 96\)")],
@@ -819,12 +825,10 @@ def test_text_positions_that_give_no_context_are_named_by_the_shape_check_in_a_f
     # The sizes of a file whose architecture cannot be inferred are read from its position embeddings: a text
     # entry with no rows (a scalar) or a single one (a context no config admits) gives none, and the shape
     # check names it, rather than an IndexError or the config's ValueError from the reading
-    odd = ModelConfig(embed_dim=32, text=dataclasses.replace(TINY_TEXT, width=96, heads=2, layers=1),
-                      vision=VisionConfig(kind="vit", image_size=32, width=96, layers=1, heads=2, patch_size=8))
-    torch.save({**tiny_model(odd).state_dict(), "positional_embedding": positions}, tmp_path / "plain.pt")
+    torch.save({**tiny_model(NO_INFERRED_HEADS).state_dict(), "positional_embedding": positions}, tmp_path / "plain.pt")
     with pytest.raises(WeightsFileError, match=r"plain\.pt does not fit the configured .*\n  wrong shape \(1\): "
                                                rf"positional_embedding: expected \(16, 96\), found {found}"):
-        clip.loading.load_weights_into(CLIP(odd), str(tmp_path / "plain.pt"))
+        clip.loading.load_weights_into(CLIP(NO_INFERRED_HEADS), str(tmp_path / "plain.pt"))
 
 
 def test_a_checkpoint_of_a_longer_context_without_text_positions_is_named_as_missing_them(tmp_path: Path) -> None:

@@ -103,12 +103,12 @@ def load(
 class WeightsSource:
     """Which weights `load_with_source` read, to be recorded beside what is computed with them: a run
     directory's newest checkpoint moves on while the run trains, and a file may be overwritten, so the name or
-    path given does not say which weights those were."""
+    path given does not say which weights those were: the file's SHA256 does."""
 
     path: Path  # the file read, absolute: a run directory's checkpoint, a released model's file in the cache
     step: int | None = None  # the training step of a checkpoint our trainer wrote; None for any other file
     released: str | None = None  # the released model's name, for a released name (or a verified archive, jit=True)
-    sha256: str | None = None  # the released file's SHA256, which it was checked against
+    sha256: str | None = None  # the file's SHA256 (a released file's: the one it was checked against)
 
     def to_dict(self) -> dict[str, str | int | None]:
         return {"path": str(self.path), "step": self.step, "released": self.released, "sha256": self.sha256}
@@ -137,7 +137,7 @@ def _load(
         release = _release_of_file(path)
     if jit and release is not None:
         model, preprocess = _load_jit(path, device)
-        return model, preprocess, WeightsSource(path.resolve(), None, release, RELEASED_WEIGHTS[release].sha256)
+        return model, preprocess, _source(path, None, release)
     if jit:
         warnings.warn(
             f"jit=True runs the TorchScript code stored in a file, which is only done for OpenAI's released "
@@ -160,9 +160,8 @@ def _load(
     # export (clip-export) says which it is: it records the architecture of OpenAI's weights too.
     trained_here = weights.model_config is not None if weights.trained_here is None else weights.trained_here
     alpha_background = TRAINING_ALPHA_BACKGROUND if trained_here else None
-    source = WeightsSource(path.resolve(), weights.step, release,
-                           RELEASED_WEIGHTS[release].sha256 if release is not None else None)
-    return model, image_transform(model.visual.input_resolution, alpha_background=alpha_background), source
+    return model, image_transform(model.visual.input_resolution, alpha_background=alpha_background), _source(
+        path, weights.step, release)
 
 
 def load_weights_into(model: CLIP, name_or_path: str, download_root: str | Path | None = None) -> Path:
@@ -222,8 +221,15 @@ def load_weights_with_source(
     # A SigLIP model's bias is its loss's parameter, saved beside the weights: as clip.load's model, this one
     # holds it (model.logit_bias), and a file without one leaves none
     model.logit_bias = None if weights.logit_bias is None else weights.logit_bias.to(model.logit_scale.device)
-    release = name_or_path if released else None
-    return WeightsSource(path.resolve(), weights.step, release, RELEASED_WEIGHTS[release].sha256 if released else None)
+    return _source(path, weights.step, name_or_path if released else None)
+
+
+def _source(path: Path, step: int | None, release: str | None) -> WeightsSource:
+    """The record of the weights read from `path`. A released file was checked against its SHA256 already; any
+    other is hashed here, after it was read (a trainer's checkpoint is never rewritten in place: a save renames a
+    new file into place), about a second per gigabyte."""
+    sha256 = RELEASED_WEIGHTS[release].sha256 if release is not None else download.sha256_of_file(path)
+    return WeightsSource(path.resolve(), step, release, sha256)
 
 
 # The text encoder's position embeddings (OpenAI's name), [context_length, width]

@@ -3,6 +3,7 @@ images exported as an ImageFolder tree (the demo's documented workflow, shrunk).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -29,7 +30,8 @@ def test_zeroshot_cli_reproduces_the_runs_evaluation(tmp_path):
     assert zeroshot_main([str(ROOT / "configs/eval/zeroshot_demo.toml"), *common, "--output-dir", str(tmp_path / "a")]) == 0
     cli = json.loads((tmp_path / "a" / "results.json").read_text())
     step, checkpoint = list_checkpoints(run)[0]  # the trainer's newest, named with its step
-    assert cli["weights"] == {"path": str(checkpoint.resolve()), "step": step, "released": None, "sha256": None}
+    assert cli["weights"] == {"path": str(checkpoint.resolve()), "step": step, "released": None,
+                              "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()}
 
     folder = tmp_path / "run" / "heldout_images"
     assert export_synthetic.main([str(folder), "--num-samples", "96", "--image-size", "32", "--seed", "1"]) == 0

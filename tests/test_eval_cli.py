@@ -5,6 +5,7 @@ and clip-linear-probe."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -760,8 +761,9 @@ def test_the_results_name_the_checkpoint_of_a_run_directory_that_was_evaluated(
     assert command.main(argv if command is zeroshot_cli else [*argv, "--workers", "0"]) == 0
     results = json.loads((tmp_path / "out" / RESULTS_FILE[command]).read_text())
     assert results["model"] == str(run)
-    assert results["weights"] == {"path": str((run / "checkpoints" / "step_00000007.pt").resolve()), "step": 7,
-                                  "released": None, "sha256": None}
+    evaluated = run / "checkpoints" / "step_00000007.pt"
+    assert results["weights"] == {"path": str(evaluated.resolve()), "step": 7, "released": None,
+                                  "sha256": hashlib.sha256(evaluated.read_bytes()).hexdigest()}
 
 
 def test_results_json_is_strict_and_replaces_the_old_file_whole(tmp_path, monkeypatch):

@@ -61,7 +61,9 @@ def test_the_clip_layout_keeps_the_weights_and_architecture_without_the_training
     assert content["config"] == {"model": OTHER_HEADS.to_dict()} and content["step"] == 40
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000040.pt"
     # The file's name, not the exporter's folders: the file is for others
-    assert content["exported_from"] == {"path": "step_00000040.pt", "step": 40, "released": None, "sha256": None}
+    # and its SHA256, by which the file it came from can be told without its folders
+    assert content["exported_from"] == {"path": "step_00000040.pt", "step": 40, "released": None,
+                                        "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()}
     assert exported.sha256 == hashlib.sha256((tmp_path / "model.pt").read_bytes()).hexdigest()
     assert exported.size_bytes == (tmp_path / "model.pt").stat().st_size < checkpoint.stat().st_size
     # Heads that shapes do not show are recorded: the same model comes back, bit for bit, with its step

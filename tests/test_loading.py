@@ -621,14 +621,16 @@ def test_load_with_source_names_the_checkpoint_it_read_not_one_written_meanwhile
 
     monkeypatch.setattr(clip.loading, "model_from_weights", with_a_checkpoint_written_meanwhile)
     model, _, source = load_with_source(tmp_path / "run", device="cpu")
-    assert source == WeightsSource(path=(folder / "step_00000100.pt").resolve(), step=100)
-    assert source.to_dict() == {"path": str((folder / "step_00000100.pt").resolve()), "step": 100,
-                                "released": None, "sha256": None}
+    assert (source.path, source.step, source.released) == ((folder / "step_00000100.pt").resolve(), 100, None)
+    # The file's SHA256 as well: a file given by its path may be replaced since, and its name no longer say
+    assert source.to_dict() == {"path": str((folder / "step_00000100.pt").resolve()), "step": 100, "released": None,
+                                "sha256": hashlib.sha256((folder / "step_00000100.pt").read_bytes()).hexdigest()}
     assert_same_features(model, models[100], CUSTOM_HEADS, atol=0)
     monkeypatch.undo()
     assert len(load(tmp_path / "run", device="cpu")) == 2  # openai/CLIP's (model, preprocess), as before
     _, _, source = load_with_source(tmp_path / "run", device="cpu")
-    assert source == WeightsSource(path=(folder / "step_00000200.pt").resolve(), step=200)
+    newest = folder / "step_00000200.pt"
+    assert source == WeightsSource(newest.resolve(), 200, None, hashlib.sha256(newest.read_bytes()).hexdigest())
 
 
 def test_the_warnings_of_load_and_load_with_source_name_the_callers_line(tmp_path: Path) -> None:
@@ -656,9 +658,7 @@ def test_only_a_trainer_checkpoint_gives_its_step(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the bare state dict's guessed heads
         sources = {name: load_with_source(tmp_path / name, device="cpu")[2] for name in [*files, "step_00000007.pt"]}
-    assert sources == {name: WeightsSource(path=(tmp_path / name).resolve()) for name in files} | {
-        "step_00000007.pt": WeightsSource(path=(tmp_path / "step_00000007.pt").resolve(), step=7)
-    }
+    assert {name: source.step for name, source in sources.items()} == {**dict.fromkeys(files), "step_00000007.pt": 7}
 
 
 def test_directory_without_checkpoints_is_a_clear_error(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ from a corrupt checkpoint, atomic writes, non-finite losses, the demo recipe, an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -994,8 +995,9 @@ def test_a_fine_tuning_run_records_which_initial_weights_it_started_from(tmp_pat
     train(tiny_config(tuned, *extra), stop_at_step=0)
     train(tiny_config(pretrained, "schedule.steps=4", "eval.every_n_steps=0"))  # its newest checkpoint moves on
     train(tiny_config(tuned, *extra))  # resumed: the record comes from its own checkpoint
-    expected = {"given": str(pretrained), "path": str(ckpt.checkpoint_path(pretrained, 2).resolve()), "step": 2,
-                "released": None, "sha256": None}
+    started_from = ckpt.checkpoint_path(pretrained, 2)
+    expected = {"given": str(pretrained), "path": str(started_from.resolve()), "step": 2, "released": None,
+                "sha256": hashlib.sha256(started_from.read_bytes()).hexdigest()}
     assert json.loads((tuned / "results.json").read_text())["init_weights"] == expected
     assert ckpt.read_checkpoint(ckpt.list_checkpoints(tuned)[0][1])["init_weights"] == expected
     assert json.loads((pretrained / "results.json").read_text())["init_weights"] is None  # from scratch

@@ -341,8 +341,8 @@ def test_the_trainers_module_traces_as_one_graph_when_texts_are_cut_on_the_host(
     with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision (the folded QuickGELU MLP) too
         mixed = explain(ContrastiveModel(CLIP(TINY_VIT), with_logit_bias=False, trim_text=False))(images, trim_text_batch(texts))
     assert mixed.graph_break_count == 0 and mixed.graph_count == 1
-    in_model = explain(ContrastiveModel(CLIP(TINY_VIT), with_logit_bias=False))(images, texts)
-    assert in_model.graph_break_count > 0  # the cut inside encode_text reads the length back from the device
+    # (The cut inside encode_text reads the length back from the device: torch 2.14's dynamo breaks the graph
+    # there, 2.10's traces it whole. The host cut is one graph with either.)
 
 
 def test_loaded_optimizer_moments_take_their_parameters_memory_layout():

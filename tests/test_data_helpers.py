@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from clip.data import DataConfig, SourceConfig, build_train_data
-from clip.data.packed import PackedStrings
+from clip.data.packed import PackedStrings, PackedStringsBuilder
 
 IMAGE_SIZE = 16
 SOT, EOT = 257, 258
@@ -142,6 +142,23 @@ def test_packed_strings() -> None:
     assert packed[-1] == b"xyz"
     with pytest.raises(IndexError):
         packed[4]
+    with pytest.raises(IndexError):  # not wrapped round to packed[-1]
+        packed[-5]
+    assert packed.nbytes == 6 + 5 * 8  # the buffer and the int64 offsets: what a worker shares with its parent
+
+
+def test_packed_strings_builder_counts_what_it_was_given() -> None:
+    builder = PackedStringsBuilder()
+    builder.append(b"ab")
+    builder.append(b"")
+    assert len(builder) == 2 and len(builder.build()) == 2
+
+
+@pytest.mark.parametrize("offsets", [[], [1, 3], [0, 2], [[0, 3]]], ids=["empty", "not_from_0", "short", "2d"])
+def test_packed_strings_refuse_offsets_that_do_not_cover_their_buffer(offsets) -> None:
+    # Offsets ending short of the buffer, or starting past 0, read every string from the wrong bytes
+    with pytest.raises(ValueError, match="offsets must start at 0 and end at the buffer's length"):
+        PackedStrings(np.frombuffer(b"abc", dtype=np.uint8), np.array(offsets, dtype=np.int64))
 
 
 def test_write_shards_helper(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from clip.evaluation.datasets import (
     synthetic_split_seed,
     with_split,
 )
+from clip.evaluation.image_folder import ends_of
 
 
 def write_image_folder(root: Path, folders: dict[str, int]) -> None:
@@ -37,6 +38,7 @@ def test_folder_names_become_class_names(caplog):
     assert folder_to_classname("golden_retriever") == "golden retriever"
     assert folder_to_classname("03_red_circle", numbered=True) == "red circle"
     assert folder_to_classname("red_circle", numbered=True) == "red circle"  # no prefix to drop
+    assert folder_to_classname("red_circle_") == "red circle"  # no stray space in the prompts
     # The label prefix goes only when every folder carries it, numbered 0, 1, 2, ... as the library's own
     # writer (clip.data.synthetic.write_image_folder) names them.
     with caplog.at_level("WARNING"):
@@ -203,6 +205,7 @@ def test_a_class_count_one_off_names_the_folders_at_either_end(tmp_path):
     config = ZeroShotDatasetConfig(kind="imagefolder", root=str(tmp_path / "imagenet"), split="val",
                                    classnames_file=str(tmp_path / "names.txt"))
     ends = "ILSVRC2012_img_val, n01440764, ..., n01440767, n01440768"
+    assert ends_of(["a", "b", "c", "d"]) == "a, b, c, d"  # nothing left out: no "..."
     with pytest.raises(ValueError, match=rf"names.txt has 5 class names; the dataset has 6 classes \(the class "
                                          rf"folders of {tmp_path}/imagenet/val: {ends}\)$"):
         load_classification_data(config, None)
@@ -276,6 +279,15 @@ def test_netpbm_greyscale_images_are_images(tmp_path):
     Image.new("L", (8, 8), 90).save(tmp_path / "dog" / "0.pgm")
     dataset = ImageFolderDataset(tmp_path)
     assert dataset.classes == ["cat", "dog"] and [path.name for path, _ in dataset.samples] == ["0.png", "0.pgm"]
+
+
+def test_image_extensions_in_capitals_are_images(tmp_path):
+    # ImageNet's files are .JPEG, a camera's .JPG: a class of them alone was dropped
+    write_image_folder(tmp_path, {"cat": 1})
+    (tmp_path / "dog").mkdir()
+    Image.new("RGB", (8, 6)).save(tmp_path / "dog" / "0.JPEG", format="JPEG")
+    dataset = ImageFolderDataset(tmp_path)
+    assert [(path.name, label) for path, label in dataset.samples] == [("0.png", 0), ("0.JPEG", 1)]
 
 
 def test_linked_folders_are_followed_once(tmp_path):

@@ -548,6 +548,21 @@ def test_an_offline_download_is_a_one_line_error(capsys):
     assert capsys.readouterr().err.strip() == "clip-zeroshot: Could not download ViT-B-32.pt; copy it to ~/.cache/clip/ViT-B-32.pt"
 
 
+@pytest.mark.parametrize("debug", ["", "0", "1"])
+def test_clip_debug_0_is_off_as_unset_is(capsys, monkeypatch, debug):
+    # CLIP_DEBUG=0 is how a script turns it off: read as on, every input error came with a traceback
+    from clip.cli.common import run_command
+
+    def missing(args):
+        raise FileNotFoundError("no such file: eval.toml")
+
+    monkeypatch.setenv("CLIP_DEBUG", debug)
+    assert run_command("clip-zeroshot", missing, None) == 2
+    error = capsys.readouterr().err
+    assert error.endswith("clip-zeroshot: no such file: eval.toml\n")
+    assert ("Traceback (most recent call last):" in error) == (debug == "1")
+
+
 @pytest.mark.parametrize("debug", ["", "1"], ids=["plain", "CLIP_DEBUG"])
 def test_a_python_warning_is_a_log_line_of_the_command(caplog, monkeypatch, debug):
     # clip.load's warnings (a file's unrecorded conventions) printed the library's source path and line and its

@@ -206,6 +206,9 @@ def test_a_class_count_one_off_names_the_folders_at_either_end(tmp_path):
                                    classnames_file=str(tmp_path / "names.txt"))
     ends = "ILSVRC2012_img_val, n01440764, ..., n01440767, n01440768"
     assert ends_of(["a", "b", "c", "d"]) == "a, b, c, d"  # nothing left out: no "..."
+    write_image_folder(tmp_path / "pets", {"cat": 1, "dog": 1})
+    with pytest.raises(ValueError, match=r"3 class names for 2 class folders .*\(cat, dog\)$"):  # too many: no better
+        ImageFolderDataset(tmp_path / "pets", classnames=["cat", "dog", "bird"])
     with pytest.raises(ValueError, match=rf"names.txt has 5 class names; the dataset has 6 classes \(the class "
                                          rf"folders of {tmp_path}/imagenet/val: {ends}\)$"):
         load_classification_data(config, None)
@@ -257,6 +260,9 @@ def test_a_missing_split_folder_is_an_error_not_the_root(tmp_path):
     with pytest.raises(ValueError, match="look like dataset splits"):
         load_classification_data(imagefolder(tmp_path / "splits", ""), None)
     assert len(load_classification_data(imagefolder(tmp_path / "splits", "val"), None).dataset) == 1
+    # A class that happens to bear a split's name (vehicles: bus, car, train) is a class
+    write_image_folder(tmp_path / "vehicles", {"bus": 1, "car": 1, "train": 1})
+    assert load_classification_data(imagefolder(tmp_path / "vehicles", ""), None).classnames == ["bus", "car", "train"]
 
 
 def test_hidden_files_and_macos_metadata_are_not_images(tmp_path):

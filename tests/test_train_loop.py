@@ -1461,6 +1461,20 @@ def test_a_second_run_in_the_same_process_is_refused_and_leaves_the_first_locked
         pass
 
 
+def test_a_run_directory_is_one_run_directory_however_its_path_is_spelled(tmp_path, monkeypatch):
+    # The same folder named relatively, absolutely or through a link is one directory; and a second run's
+    # refusal leaves the first one holding it (its end must not release the hold of the run still going).
+    from clip.run_lock import RunDirectoryInUse, locked_run_directory
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "link").symlink_to(tmp_path / "run", target_is_directory=True)
+    with locked_run_directory(Path("run")):
+        for spelled in (tmp_path / "run", tmp_path / "link", tmp_path / "run"):
+            with pytest.raises(RunDirectoryInUse, match="in use by another run of this process"):
+                with locked_run_directory(spelled):
+                    pass
+
+
 def test_the_lock_file_names_only_its_holder_and_a_refusal_reads_it(tmp_path, monkeypatch, caplog):
     # lockf's answers stood in for: a lock held elsewhere (EAGAIN, or EACCES as POSIX also allows), a mount
     # without locks (ENOLCK: warned of, the run goes on)

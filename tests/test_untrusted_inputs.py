@@ -430,6 +430,28 @@ def test_an_image_above_pils_pixel_limit_is_a_counted_skip(tmp_path: Path, monke
         dataset[[path.name for path, _ in dataset.samples].index("large.png")]
 
 
+def test_an_image_pil_refuses_to_open_or_a_reason_pil_leaves_blank_is_still_an_unreadable_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Above twice MAX_IMAGE_PIXELS PIL raises DecompressionBombError, no OSError or ValueError: it ended the
+    # evaluation instead of being a counted skip. An error without a message still names a reason.
+    from PIL import Image
+
+    from clip.evaluation.image_files import UnreadableImageError, read_image
+
+    Image.new("RGB", (250, 100)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 25 000 pixels: past twice the limit
+    with pytest.raises(UnreadableImageError, match="huge.png: "):
+        read_image(tmp_path / "huge.png")
+
+    def cut_short(path):
+        raise EOFError()
+
+    monkeypatch.setattr(Image, "open", cut_short)
+    with pytest.raises(UnreadableImageError, match="huge.png: EOFError$"):
+        read_image(tmp_path / "huge.png")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Weights that declare more than they hold
 

@@ -260,6 +260,20 @@ def test_a_missing_split_folder_is_an_error_not_the_root(tmp_path):
     with pytest.raises(ValueError, match="look like dataset splits"):
         load_classification_data(imagefolder(tmp_path / "splits", ""), None)
     assert len(load_classification_data(imagefolder(tmp_path / "splits", "val"), None).dataset) == 1
+    write_image_folder(tmp_path / "capitals" / "Train", {"cat": 1})  # as some archives spell them
+    write_image_folder(tmp_path / "capitals" / "Test", {"cat": 1})
+    with pytest.raises(ValueError, match=r"look like dataset splits, not classes; set split to the one to evaluate "
+                                         r"\(e.g. split = 'Train'\)"):
+        load_classification_data(imagefolder(tmp_path / "capitals", ""), None)
+    (tmp_path / "empty").mkdir()  # no folders at all: said as such, not as split folders
+    with pytest.raises(ValueError, match="has no class folders"):
+        load_classification_data(imagefolder(tmp_path / "empty", ""), None)
+    # Class folders without an image among them: an error, not an accuracy over no images
+    (tmp_path / "imageless" / "cat").mkdir(parents=True)
+    (tmp_path / "imageless" / "dog" / "notes.txt").parent.mkdir(parents=True)
+    (tmp_path / "imageless" / "dog" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match=r"no images with extensions \[.*\] under .*imageless"):
+        load_classification_data(imagefolder(tmp_path / "imageless", ""), None)
     # A class that happens to bear a split's name (vehicles: bus, car, train) is a class
     write_image_folder(tmp_path / "vehicles", {"bus": 1, "car": 1, "train": 1})
     assert load_classification_data(imagefolder(tmp_path / "vehicles", ""), None).classnames == ["bus", "car", "train"]

@@ -444,12 +444,22 @@ def test_an_image_pil_refuses_to_open_or_a_reason_pil_leaves_blank_is_still_an_u
     with pytest.raises(UnreadableImageError, match="huge.png: "):
         read_image(tmp_path / "huge.png")
 
-    def cut_short(path):
-        raise EOFError()
+    # 100:1 is the most an image may be; one pixel more is refused
+    Image.new("RGB", (100, 1)).save(tmp_path / "line.png")
+    Image.new("RGB", (101, 1)).save(tmp_path / "longer_line.png")
+    assert read_image(tmp_path / "line.png").size == (100, 1)
+    with pytest.raises(UnreadableImageError, match="101x1 pixels is more than 100:1"):
+        read_image(tmp_path / "longer_line.png")
 
-    monkeypatch.setattr(Image, "open", cut_short)
-    with pytest.raises(UnreadableImageError, match="huge.png: EOFError$"):
-        read_image(tmp_path / "huge.png")
+    # The errors a format plugin raises for a broken file; the one without a message is named by its type
+    for error, reason in ((EOFError(), "EOFError"), (ValueError("bad tile"), "bad tile"), (SyntaxError("no header"), "no header")):
+        def broken(path, error=error):
+            raise error
+
+        monkeypatch.setattr(Image, "open", broken)
+        with pytest.raises(UnreadableImageError, match=f"huge.png: {reason}$") as unreadable:
+            read_image(tmp_path / "huge.png")
+        assert unreadable.value.path == tmp_path / "huge.png"  # which file: a public attribute callers may list
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -507,6 +507,13 @@ def test_cifar_format_errors_are_clear(tmp_path):
         CIFARDataset(tmp_path, "cifar10")  # floats in [0, 1] would have become black images
     with pytest.raises(FileNotFoundError, match="data_batch_1"):
         CIFARDataset(tmp_path / "nowhere", "cifar10", train=True)
+    # One label short: the images after it would be read with no label, or their neighbours'
+    (folder / "test_batch").write_bytes(pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0]}))
+    with pytest.raises(ValueError, match="'labels' must hold one label per image"):
+        CIFARDataset(tmp_path, "cifar10")
+    (folder / "test_batch").write_bytes(pickle.dumps([np.zeros((2, 3072), np.uint8), [0, 1]]))  # not a dict
+    with pytest.raises(ValueError, match="test_batch: expected a dict, got list"):
+        CIFARDataset(tmp_path, "cifar10")
 
 
 def test_synthetic_config_reports_heldout_pairs_and_its_own_templates():

@@ -1518,6 +1518,11 @@ def test_the_lock_file_names_only_its_holder_and_a_refusal_reads_it(tmp_path, mo
     with caplog.at_level(logging.WARNING), run_lock.locked_run_directory(tmp_path):
         pass
     assert "nothing stops a second run from using it at once" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(run_lock, "fcntl", None)  # a platform without fcntl (Windows): warned of, unlocked
+    with caplog.at_level(logging.WARNING), run_lock.locked_run_directory(tmp_path):
+        pass
+    assert "on this platform: nothing stops a second run from using it at once" in caplog.text
 
 
 def test_the_lock_ends_with_the_process_that_took_it_not_with_its_children(tmp_path):

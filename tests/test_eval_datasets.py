@@ -507,6 +507,11 @@ def test_cifar_format_errors_are_clear(tmp_path):
         CIFARDataset(tmp_path, "cifar10")  # floats in [0, 1] would have become black images
     with pytest.raises(FileNotFoundError, match="data_batch_1"):
         CIFARDataset(tmp_path / "nowhere", "cifar10", train=True)
+    # A label outside the classes: -1 read as the last class without a word, 10 failed later
+    for labels in ([-1, 0], [0, 10]):
+        (folder / "test_batch").write_bytes(pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": labels}))
+        with pytest.raises(ValueError, match=r"labels outside 0\.\.9"):
+            CIFARDataset(tmp_path, "cifar10")
     # One label short: the images after it would be read with no label, or their neighbours'
     (folder / "test_batch").write_bytes(pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0]}))
     with pytest.raises(ValueError, match="'labels' must hold one label per image"):

@@ -234,6 +234,9 @@ def test_karpathy_json_groups_captions_and_filters_the_split(tmp_path):
     assert [p.name for p in data.image_paths] == [names[0], names[2]]
     assert data.captions == ["a red", "b red", "c"] and data.caption_image == [0, 0, 1]
     assert len(read_karpathy_json(tmp_path / "dataset.json", split="").image_paths) == 3
+    # As saved by a Windows editor, with a byte-order mark: read as the manifests are
+    (tmp_path / "dataset.json").write_text(json.dumps({"images": entries}), encoding="utf-8-sig")
+    assert read_karpathy_json(tmp_path / "dataset.json").captions == ["a red", "b red", "c"]
     entries[2]["filename"] = "missing.png"
     (tmp_path / "dataset.json").write_text(json.dumps({"images": entries}))
     # Named with the annotations file and the folder searched: the file's name alone did not say which

@@ -548,6 +548,14 @@ def test_an_offline_download_is_a_one_line_error(capsys):
     assert capsys.readouterr().err.strip() == "clip-zeroshot: Could not download ViT-B-32.pt; copy it to ~/.cache/clip/ViT-B-32.pt"
 
 
+@pytest.mark.parametrize("command", [retrieval_cli, linear_probe_cli], ids=lambda c: c.__name__)
+def test_a_negative_worker_count_is_a_usage_error(command, capsys):
+    # Taken as an int, -1 failed deep inside torch's DataLoader once the model had loaded
+    with pytest.raises(SystemExit):
+        command.parse_args(["--workers", "-1"])
+    assert "--workers: must be >= 0, got -1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("debug", ["", "0", "1"])
 def test_clip_debug_0_is_off_as_unset_is(capsys, monkeypatch, debug):
     # CLIP_DEBUG=0 is how a script turns it off: read as on, every input error came with a traceback

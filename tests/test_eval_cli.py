@@ -554,6 +554,9 @@ def test_a_negative_worker_count_is_a_usage_error(command, capsys):
     with pytest.raises(SystemExit):
         command.parse_args(["--workers", "-1"])
     assert "--workers: must be >= 0, got -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        command.parse_args(["--batch-size", "0"])
+    assert "--batch-size: must be >= 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("debug", ["", "0", "1"])

@@ -1,10 +1,12 @@
 """BatchNorm-ReLU outputs rebuilt in backward: not kept after the forward, and the same gradients bit for bit."""
 
 import copy
+import warnings
 import weakref
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from clip.architectures import VisionConfig
@@ -53,6 +55,26 @@ def test_rebuilt_activation_is_not_kept_and_gives_the_same_gradients(create_grap
     assert torch.equal(running_mean, plain_running_mean)  # updated once, by the forward only
     for grad, plain_grad in zip(grads, plain_grads, strict=True):
         assert torch.equal(grad, plain_grad)
+
+
+def test_backward_replays_the_batch_norm_once_for_both_of_its_readers(monkeypatch):
+    # The ReLU's backward and the consumer's both read the rebuilt activation: one replay between them, not
+    # one each (a BatchNorm forward per reader in every step's backward)
+    import clip.batch_norm_relu
+
+    replays = []
+    batch_norm = clip.batch_norm_relu.F.batch_norm
+
+    def counting_batch_norm(*arguments, **keywords):
+        replays.append(1)
+        return batch_norm(*arguments, **keywords)
+
+    bn, relu, conv = _layer()
+    x = torch.randn(2, 6, 5, 5, requires_grad=True)
+    out = batch_norm_relu_into(x * 1.0, bn, relu, conv, True)
+    monkeypatch.setattr(clip.batch_norm_relu.F, "batch_norm", counting_batch_norm)
+    out.sum().backward()
+    assert len(replays) == 1
 
 
 def _tiny_resnet():
@@ -237,7 +259,7 @@ def test_a_block_whose_batch_norm_cannot_be_replayed_keeps_its_output_and_breaks
     assert _gradients_match_the_plain_path(model, images) == 2
 
 
-@pytest.mark.parametrize("hooked", ["stage", "block", "block backward", "global forward"])
+@pytest.mark.parametrize("hooked", ["stage", "block", "block backward", "block backward pre", "global forward"])
 def test_blocks_are_called_as_modules_where_calling_forward_would_skip_a_hook(hooked):
     images = torch.randn(2, 3, 64, 64)
     model = _tiny_resnet()
@@ -248,6 +270,8 @@ def test_blocks_are_called_as_modules_where_calling_forward_would_skip_a_hook(ho
         handle = model.layer3[1].register_forward_pre_hook(lambda _module, _input: calls.append(1))
     elif hooked == "block backward":
         handle = model.layer1[0].register_full_backward_hook(lambda _module, _grad_in, _grad_out: calls.append(1))
+    elif hooked == "block backward pre":
+        handle = model.layer2[0].register_full_backward_pre_hook(lambda _module, _grad_out: calls.append(1))
     else:  # (a global full backward hook would fail at the in-place ReLUs, as in any model that has them)
         handle = nn.modules.module.register_module_forward_hook(
             lambda module, _input, _output: calls.append(1) if module is model.layer4[0] else None)
@@ -370,11 +394,19 @@ def test_a_subclassed_block_runs_its_own_forward():
     assert torch.equal(model(images), expected)
 
 
-@pytest.mark.parametrize("activation", ["GELU", "ReLU6 in place", "SiLU in place"])
+class _CappedReLU(nn.ReLU):
+    """A ReLU subclass of the user's that caps its output too: not the ReLU a rebuild would apply."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.hardtanh(x, 0.0, 0.5, inplace=self.inplace)
+
+
+@pytest.mark.parametrize("activation", ["GELU", "ReLU6 in place", "SiLU in place", "ReLU subclass in place"])
 def test_an_activation_put_in_a_relus_place_is_kept_not_rebuilt_as_a_relu(activation):
     model = _tiny_resnet()
     make = {"GELU": nn.GELU, "ReLU6 in place": lambda: nn.ReLU6(inplace=True),
-            "SiLU in place": lambda: nn.SiLU(inplace=True)}[activation]
+            "SiLU in place": lambda: nn.SiLU(inplace=True),
+            "ReLU subclass in place": lambda: _CappedReLU(inplace=True)}[activation]
     for block in model.layer1:  # a block's output into the next block, and a BatchNorm's into a convolution
         block.relu1, block.relu3 = make(), make()
     _gradients_match_the_plain_path(model, torch.randn(2, 3, 64, 64))
@@ -422,3 +454,45 @@ def test_a_frozen_stage_below_trained_ones_hands_on_no_recipe():
     # not as a recipe that would keep layer3's BatchNorm inputs (its convolutions' outputs) alive.
     assert outputs and not any(ref() is not None for ref in outputs)
     features.square().sum().backward()
+
+
+class _HalvedBatchNorm(nn.BatchNorm2d):
+    """A BatchNorm2d subclass whose forward does more than BatchNorm: a replay would leave that out."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 0.5
+
+
+def test_a_batch_norm_subclass_is_kept_not_replayed_as_a_batch_norm():
+    model = _tiny_resnet()
+    block = model.layer1[1]  # its bn1 feeds conv2, its bn3 the block's output (the next block's input)
+    for name in ("bn1", "bn3"):
+        replaced = _HalvedBatchNorm(getattr(block, name).num_features)
+        replaced.load_state_dict(getattr(block, name).state_dict())
+        setattr(block, name, replaced)
+    # the two BatchNorms' ReLU outputs are kept; the rest are rebuilt as before
+    assert _gradients_match_the_plain_path(model, torch.randn(2, 3, 64, 64)) == 2
+
+
+def test_the_rebuild_normalises_with_the_batch_norms_own_eps():
+    model = _tiny_resnet()
+    for module in model.modules():  # a large eps, so that another one changes the activations
+        if isinstance(module, nn.BatchNorm2d):
+            module.eps = 0.5
+    assert _gradients_match_the_plain_path(model, torch.randn(2, 3, 64, 64)) == 0
+
+
+def test_no_rebuild_while_torch_compile_or_jit_trace_records_the_model(monkeypatch):
+    model = _tiny_resnet()
+    modules = list(model.children())
+    images = torch.randn(2, 3, 64, 64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.jit.trace(model, (images,), check_trace=False)
+    # The rebuild's hooks compare saved tensors' shapes and versions in Python: recorded by a trace, they said
+    # the trace might be incorrect ("Converting a tensor to a Python boolean"), once per saved tensor
+    ours = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning) and "batch_norm_relu" in w.filename]
+    assert not ours, ours[0].message
+    # torch.compile's partitioner makes its own recompute choices (and Dynamo breaks its graph on the hooks)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not can_rebuild_activations(modules)

@@ -319,6 +319,48 @@ def test_vision_config_validation():
         VisionConfig(kind="vit", image_size=225, patch_size=32)
 
 
+RESNET = {"kind": "resnet", "image_size": 64, "width": 16, "layers": (1, 1, 1, 1), "heads": 4}
+
+
+@pytest.mark.parametrize("fields, message", [
+    # The tower downsamples by 32: a 48-pixel image would give no whole grid for the attention pool
+    ({**RESNET, "image_size": 48}, "a ResNet downsamples by 32: vision.image_size=48 is not a multiple"),
+    # A stage without blocks: the check read one depth of the four
+    ({**RESNET, "layers": (1, 0, 1, 1)}, "layers must be > 0, got 0"),
+    ({**RESNET, "heads": 3}, "attention-pool width 512 is not divisible by 3 heads"),
+    ({"kind": "vit", "image_size": 64, "width": 48, "layers": 1, "heads": 5, "patch_size": 32},
+     "vision.width=48 is not divisible by vision.heads=5"),
+])
+def test_vision_config_refuses_a_tower_that_cannot_be_built(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        VisionConfig(**fields)
+
+
+def test_resnet_heads_divide_the_attention_pools_width_not_the_stems():
+    # The attention pool runs at width * 32 channels: 32 heads of 16 channels for a stem 16 wide
+    assert VisionConfig(**{**RESNET, "heads": 32}).heads == 32
+
+
+@pytest.mark.parametrize("setting", ["patch_size", "mlp_ratio"])
+def test_resnets_that_differ_only_in_a_vit_setting_are_the_same_model(setting):
+    from clip.architectures import architecture_differences
+
+    theirs = ModelConfig(vision=VisionConfig(**RESNET)).to_dict()
+    ours = ModelConfig(vision=VisionConfig(**RESNET, **{setting: 2})).to_dict()
+    assert architecture_differences(theirs, ours) == []
+    # a ViT reads them: the same difference between two ViTs is named
+    vit_theirs = ModelConfig().to_dict()
+    vit_ours = ModelConfig(vision=VisionConfig(**{setting: 2})).to_dict()
+    assert [key for key, _, _ in architecture_differences(vit_theirs, vit_ours)] == [f"vision.{setting}"]
+
+
+def test_text_config_refuses_a_width_its_heads_do_not_divide():
+    from clip.architectures import TextConfig
+
+    with pytest.raises(ValueError, match=re.escape("text.width=48 is not divisible by text.heads=5")):
+        TextConfig(width=48, heads=5)
+
+
 # ---- range checks: a value that cannot work is a ConfigError naming its dotted key ----------------------
 
 @pytest.mark.parametrize(

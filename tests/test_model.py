@@ -194,6 +194,20 @@ def test_paper_initialisation():
     assert embeddings.std().item() == pytest.approx(32**-0.5, rel=0.1)
 
 
+def test_resnet_attention_pool_initialisation():
+    # openai/CLIP's: the pool's projections and position embedding N(0, width**-0.5) at the pool's own width
+    # (the last stage's channels, not the output's), biases zero
+    torch.manual_seed(0)
+    pool = CLIP(TINY["resnet"]).visual.attnpool
+    width = pool.c_proj.in_features
+    assert width != pool.c_proj.out_features
+    for name, tensor in [("positional_embedding", pool.positional_embedding), ("q_proj", pool.q_proj.weight),
+                         ("k_proj", pool.k_proj.weight), ("v_proj", pool.v_proj.weight), ("c_proj", pool.c_proj.weight)]:
+        assert tensor.std().item() == pytest.approx(width**-0.5, rel=0.1), name
+    for linear in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
+        assert torch.count_nonzero(linear.bias) == 0
+
+
 def test_fp16_weights_run_through_float32_layer_norms():
     torch.manual_seed(0)
     model = CLIP(TINY["vit"]).eval()

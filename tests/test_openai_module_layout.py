@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -480,6 +481,13 @@ def test_a_missing_constructor_argument_names_the_class_called(build, called):
     with pytest.raises(TypeError, match=r"missing \d required positional argument") as raised:
         build()
     assert str(raised.value).startswith(called)
+
+
+def test_a_bottleneck_without_its_planes_names_the_argument():
+    # Both are optional for the two names of the first (in_channels, openai's inplanes): without the check it
+    # failed on `None * 4` ("unsupported operand type(s) for *"), with no word of the argument missing
+    with pytest.raises(TypeError, match=re.escape("Bottleneck() missing required argument: 'planes'")):
+        clip.model.Bottleneck(64)
 
 
 class _LoRAAttention(torch.nn.Module):

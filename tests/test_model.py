@@ -125,6 +125,10 @@ def test_an_image_or_a_text_without_its_batch_dimension_is_a_clear_error(kind):
     with pytest.raises(ValueError, match=rf"images of shape \(2, 2, 3, {size}, {size}\); this model takes a batch "
                                          rf"\[N, 3, {size}, {size}\]$"):
         model.encode_image(torch.randn(2, 2, 3, size, size))
+    # A 2-D tensor (one grey image without its channels) is not helped by the batch dimension: no such hint
+    with pytest.raises(ValueError, match=rf"images of shape \({size}, {size}\); this model takes a batch "
+                                         rf"\[N, 3, {size}, {size}\]$"):
+        model.encode_image(torch.randn(size, size))
     texts = texts_with_lengths([3, 5])
     for text in (texts[0], texts[None]):
         with pytest.raises(ValueError, match=rf"text of shape {re.escape(str(tuple(text.shape)))}; this model takes "

@@ -354,6 +354,13 @@ def test_resnets_that_differ_only_in_a_vit_setting_are_the_same_model(setting):
     assert [key for key, _, _ in architecture_differences(vit_theirs, vit_ours)] == [f"vision.{setting}"]
 
 
+def test_a_model_dict_without_an_activation_reads_as_openais_quick_gelu():
+    # from_dict reads a missing key as the default, QuickGELU: not GELU, another function for the same weights
+    data = RELEASED_ARCHITECTURES["RN50"].to_dict()
+    del data["activation"]
+    assert ModelConfig.from_dict(data) == RELEASED_ARCHITECTURES["RN50"]
+
+
 def test_text_config_refuses_a_width_its_heads_do_not_divide():
     from clip.architectures import TextConfig
 

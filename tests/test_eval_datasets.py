@@ -497,6 +497,13 @@ def test_missing_cifar_files_name_both_places_looked_in(tmp_path):
         CIFARDataset(tmp_path, "cifar10")
 
 
+def test_an_unknown_cifar_kind_is_a_value_error_naming_the_kinds(tmp_path):
+    # CIFARDataset is public (clip.evaluation): a misspelt kind ("cifar-10") is an input error the commands
+    # report in one line, not a KeyError of the layouts' table, and it is found before any file is looked for
+    with pytest.raises(ValueError, match=r"kind must be one of \['cifar10', 'cifar100'\], got 'cifar-10'"):
+        CIFARDataset(tmp_path / "nowhere", "cifar-10")
+
+
 def test_cifar_format_errors_are_clear(tmp_path):
     folder = write_cifar10(tmp_path)
     (folder / "test_batch").write_bytes(pickle.dumps({"data": np.zeros((2, 10), np.uint8), "labels": [0, 1]}))

@@ -542,6 +542,30 @@ def test_a_signal_left_with_the_held_handler_after_the_block_takes_its_default_a
     assert result.returncode == -signal.SIGTERM, result.stderr[-500:]
 
 
+def test_a_signal_whose_handler_was_installed_outside_python_is_left_alone(monkeypatch):
+    # Where a program embedding Python installed SIGTERM's handler in C, Python sees it as None: replaced by the
+    # noting handler, it could not be put back (signal.signal(SIGTERM, None) is a TypeError as the block ends).
+    # Faked here: getsignal and the previous handler signal.signal returns are None for SIGTERM.
+    from clip.data.worker_signals import job_signals_held
+
+    real_signal, real_getsignal = signal.signal, signal.getsignal
+    before = {sig: real_getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def signal_from_outside(sig, handler):
+        previous = real_signal(sig, handler)
+        return None if sig == signal.SIGTERM else previous
+
+    monkeypatch.setattr(signal, "getsignal", lambda sig: None if sig == signal.SIGTERM else real_getsignal(sig))
+    monkeypatch.setattr(signal, "signal", signal_from_outside)
+    try:
+        with job_signals_held():
+            assert real_getsignal(signal.SIGTERM) is before[signal.SIGTERM]  # not taken over
+            assert real_getsignal(signal.SIGINT) is not before[signal.SIGINT]  # held as usual
+    finally:
+        for sig, handler in before.items():
+            real_signal(sig, handler)
+
+
 def test_dirty_data_with_long_runs_of_bad_rows_between_usable_ones_goes_on(tmp_path: Path) -> None:
     # One usable row in 1200 (the rest name missing files): a run of skips between two uses is up to two
     # passes long, which is dirty data, not unusable data. Neither the early limit for data of which nothing

@@ -277,6 +277,7 @@ NO_SENTENCES = "image #1: 'sentences' must be a non-empty list"
         (karpathy_entry(sentences=["a red"]), NO_RAW),
         (karpathy_entry(sentences=[{"raw": " \t"}]), NO_RAW),  # blank: refused as a manifest's empty caption is
         (karpathy_entry(sentences="red"), NO_SENTENCES),
+        (karpathy_entry(sentences=[]), NO_SENTENCES),  # an image of the split silently left out of its recalls
         ({"filename": "x.png", "split": "test"}, NO_SENTENCES),
         (karpathy_entry(filename=7), "image #1 needs a non-empty 'filename' string"),
         (karpathy_entry(filepath=None), "image #1 needs a non-empty 'filename' string (and 'filepath'"),
@@ -454,6 +455,12 @@ def test_manifest_errors_name_the_row(tmp_path):
         read_caption_manifest(tmp_path / "m.tsv")
     with pytest.raises(ValueError, match="every image needs at least one caption"):
         RetrievalData([tmp_path / names[0]], [], [])
+
+
+def test_retrieval_data_needs_one_image_index_per_caption(tmp_path):
+    # RetrievalData is public: a caption without an image index would be paired with the wrong image or none
+    with pytest.raises(ValueError, match="need one image index per caption"):
+        RetrievalData([tmp_path / "a.png"], ["a cat", "a dog"], [0])
 
 
 class PlantedRetrievalModel(nn.Module):

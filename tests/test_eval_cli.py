@@ -559,6 +559,15 @@ def test_a_negative_worker_count_is_a_usage_error(command, capsys):
     assert "--batch-size: must be >= 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("command", "required"), [
+    (retrieval_cli, ["--model", "m", "--annotations", "a.csv"]),
+    (linear_probe_cli, ["--model", "m", "--dataset", "synthetic"]),
+], ids=["retrieval", "linear_probe"])
+def test_the_default_precision_is_float32_without_autocast(command, required):
+    # As --help says ("fp32: none"): any other default would score every model in reduced precision unasked
+    assert command.parse_args(required).precision == "fp32"
+
+
 @pytest.mark.parametrize("debug", ["", "0", "1"])
 def test_clip_debug_0_is_off_as_unset_is(capsys, monkeypatch, debug):
     # CLIP_DEBUG=0 is how a script turns it off: read as on, every input error came with a traceback

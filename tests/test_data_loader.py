@@ -4,6 +4,7 @@ determinism, exact resume, several weighted sources, resampling."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -564,6 +565,43 @@ def test_a_signal_whose_handler_was_installed_outside_python_is_left_alone(monke
     finally:
         for sig, handler in before.items():
             real_signal(sig, handler)
+
+
+def _shielded_until_told(ready) -> None:
+    # As a freshly started process would have them, whatever the test process installed
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    from clip.data.worker_signals import shield_worker_from_job_signals
+
+    shield_worker_from_job_signals(0)
+    ready.send(True)
+    time.sleep(60)
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="workers keep torch's signal handling here")
+def test_a_shielded_worker_ignores_signals_from_outside_and_exits_at_its_parents_sigterm():
+    # The shield on its own, in a plainly forked process (no signals held since the fork): a scheduler's SIGTERM
+    # and SIGINT leave it running; its parent's SIGTERM (torch's shutdown of a worker that does not stop in
+    # time) ends it at once, with status 0 as torch's own worker handler would
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    receiving, sending = context.Pipe(duplex=False)
+    worker = context.Process(target=_shielded_until_told, args=(sending,))
+    worker.start()
+    try:
+        assert receiving.poll(30) and receiving.recv()
+        for name in ("TERM", "INT"):  # sent by another process, as a scheduler's are
+            subprocess.run(["kill", f"-{name}", str(worker.pid)], check=True)
+        worker.join(timeout=0.5)
+        assert worker.is_alive(), f"the worker ended with status {worker.exitcode}"
+        os.kill(worker.pid, signal.SIGTERM)
+        worker.join(timeout=10)
+        assert worker.exitcode == 0
+    finally:
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 def test_dirty_data_with_long_runs_of_bad_rows_between_usable_ones_goes_on(tmp_path: Path) -> None:

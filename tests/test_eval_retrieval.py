@@ -302,6 +302,19 @@ def test_a_karpathy_file_that_is_not_utf8_json_is_named(tmp_path):
     path.write_bytes('{"images": [{"filename": "caf\xe9.png"}]}'.encode("latin-1"))
     with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: not UTF-8 text"):
         read_karpathy_json(path)
+    path.write_text('{"annotations": []}')  # JSON, but not Karpathy's (COCO's own captions file, say)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: expected a JSON object with an 'images' list"):
+        read_karpathy_json(path)
+
+
+def test_karpathy_images_are_found_under_the_image_root_given(tmp_path):
+    # A split file is often kept apart from the images it lists: image_root, not the file's folder, holds them
+    (tmp_path / "images").mkdir()
+    names = write_images(tmp_path / "images", 2)
+    entries = [{"filename": name, "split": "test", "sentences": [{"raw": f"caption of {name}"}]} for name in names]
+    (tmp_path / "dataset.json").write_text(json.dumps({"images": entries}))
+    config = RetrievalDatasetConfig(annotations=str(tmp_path / "dataset.json"), image_root=str(tmp_path / "images"))
+    assert load_retrieval_data(config).image_paths == [tmp_path / "images" / name for name in names]
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
@@ -602,3 +615,8 @@ def test_captions_that_several_images_share_are_warned_about(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="clip.evaluation.retrieval_data"):
         warn_about_shared_captions(distinct, "shapes", "REMEDY")
     assert caplog.text == ""
+    # The example is the caption the most images share (the worst tie), not the first one found
+    several = RetrievalData(paths, ["blue", "a red circle", "a red circle", "a red circle", "blue"], [0, 0, 1, 2, 3])
+    with caplog.at_level("WARNING", logger="clip.evaluation.retrieval_data"):
+        warn_about_shared_captions(several, "shapes", "REMEDY")
+    assert "(2 such captions; 'a red circle' is 3 images')" in caplog.text

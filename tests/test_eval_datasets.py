@@ -512,6 +512,9 @@ def test_cifar_format_errors_are_clear(tmp_path):
     (folder / "test_batch").write_bytes(pickle.dumps({"data": np.full((2, 3072), 0.5), "labels": [0, 1]}))
     with pytest.raises(ValueError, match=r"uint8 array .* got a float64 array of shape \[2, 3072\]"):
         CIFARDataset(tmp_path, "cifar10")  # floats in [0, 1] would have become black images
+    (folder / "test_batch").write_bytes(pickle.dumps({"labels": [0, 1]}))  # no 'data': not an AttributeError
+    with pytest.raises(ValueError, match=r"test_batch: 'data' must be a uint8 array .* got a NoneType"):
+        CIFARDataset(tmp_path, "cifar10")
     with pytest.raises(FileNotFoundError, match="data_batch_1"):
         CIFARDataset(tmp_path / "nowhere", "cifar10", train=True)
     # A label outside the classes: -1 read as the last class without a word, 10 failed later

@@ -567,6 +567,30 @@ def test_a_signal_whose_handler_was_installed_outside_python_is_left_alone(monke
             real_signal(sig, handler)
 
 
+def test_signals_are_not_held_outside_the_main_thread_and_the_block_still_runs():
+    # Python signal handlers can only be installed from the main thread (a ValueError elsewhere), and they run
+    # there only: an evaluation's loader built in another thread has no handler to hold
+    import threading
+
+    from clip.data.worker_signals import job_signals_held
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    ran, errors = [], []
+
+    def build_a_loader():
+        try:
+            with job_signals_held():
+                ran.append(True)
+        except Exception as error:  # noqa: BLE001 -- reported to the test's thread
+            errors.append(error)
+
+    thread = threading.Thread(target=build_a_loader)
+    thread.start()
+    thread.join(timeout=30)
+    assert errors == [] and ran == [True]
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
 def _shielded_until_told(ready) -> None:
     # As a freshly started process would have them, whatever the test process installed
     signal.signal(signal.SIGINT, signal.default_int_handler)

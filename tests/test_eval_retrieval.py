@@ -462,6 +462,9 @@ def test_manifest_errors_name_the_row(tmp_path):
     (tmp_path / "m.csv").write_text(f"image,caption\n{names[0]},fine\n{names[0]},\n")
     with pytest.raises(ValueError, match="row 2 needs a non-empty 'image' and 'caption'"):
         read_caption_manifest(tmp_path / "m.csv")
+    (tmp_path / "blank.tsv").write_text(f"image\tcaption\n{names[0]}\tfine\n{names[0]}\t   \n")
+    with pytest.raises(ValueError, match="row 2 needs a non-empty 'image' and 'caption'"):
+        read_caption_manifest(tmp_path / "blank.tsv")  # blank: refused as a Karpathy file's blank caption is
     # Bytes that are not UTF-8 would reach the tokenizer as lone surrogates: named, not a whole-file decode error.
     (tmp_path / "m.tsv").write_bytes(f"image\tcaption\n{names[0]}\tfine\n{names[0]}\tcaf\xe9\n".encode("latin-1"))
     with pytest.raises(ValueError, match="row 2: the caption is not valid UTF-8"):

@@ -293,6 +293,9 @@ def test_clip_is_built_from_openai_constructor_arguments():
         context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12,
     )
     assert resnet.config == clip.architectures.get_architecture("RN50")
+    # openai/CLIP takes the stage depths as a list too (its own check is isinstance(vision_layers, (tuple, list)))
+    listed = clip.architectures.openai_model_config(1024, 224, [3, 4, 6, 3], 64, None, 77, 49408, 512, 8, 12)
+    assert listed == clip.architectures.get_architecture("RN50")
 
 
 def test_simple_tokenizer_internals_as_openai_clip():

@@ -101,6 +101,19 @@ def test_open_clip_gelu_model_names_are_not_pointed_at_the_quickgelu_architectur
         clip.create_model("RN50-quickgelu")
 
 
+def test_open_clip_model_names_are_read_whatever_their_case_and_surrounding_spaces():
+    # A name typed in lower case or pasted with a space still gets its open_clip hint, not difflib's guess (which,
+    # for a GELU name, points at the QuickGELU release) -- and a spaced '-quickgelu' name is still that release
+    with pytest.raises(ValueError, match=r"'vit-b-32' is 'ViT-B/32' with GELU"):
+        clip.create_model("vit-b-32")
+    with pytest.raises(ValueError, match=r"'vit-l-14-336' is 'ViT-L/14@336px' with GELU"):
+        clip.create_model("vit-l-14-336")
+    with pytest.raises(ValueError, match=r"'RN50-quickgelu ' is 'RN50' here"):
+        clip.create_model("RN50-quickgelu ")
+    with pytest.raises(ValueError, match=r"' ViT-B-32' is 'ViT-B/32' with GELU"):
+        clip.create_model(" ViT-B-32")
+
+
 def test_a_model_name_in_the_config_says_to_write_a_model_table(tmp_path):
     # open_clip's --model habit; the error named the expected type only
     config = tmp_path / "named.toml"

@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import BinaryIO
 
 from tqdm import tqdm
 
@@ -70,10 +71,16 @@ def cache_dir() -> Path:
 
 def sha256_of_file(path: str | Path) -> str:
     """Hex SHA256 of a file, read in chunks so that multi-gigabyte checkpoints need no memory."""
-    digest = hashlib.sha256()
     with open(path, "rb") as file:
-        while chunk := file.read(CHUNK_BYTES):
-            digest.update(chunk)
+        return sha256_of_open_file(file)
+
+
+def sha256_of_open_file(file: BinaryIO) -> str:
+    """`sha256_of_file` of a file already open, from its current position: a handle held while the file's name
+    is deleted still reads its bytes."""
+    digest = hashlib.sha256()
+    while chunk := file.read(CHUNK_BYTES):
+        digest.update(chunk)
     return digest.hexdigest()
 
 

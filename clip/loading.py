@@ -95,7 +95,8 @@ def load(
     Returns:
         (model in eval mode, preprocess: PIL image -> FloatTensor[3, n, n] for the model's input size).
     """
-    model, preprocess, _ = _load(name, device, jit, download_root)
+    # No record is returned: the file is not hashed for one (a second read of up to several GB)
+    model, preprocess, _ = _load(name, device, jit, download_root, digest=False)
     return model, preprocess
 
 
@@ -123,13 +124,15 @@ def load_with_source(
     """`load`, and which weights it read: (model, preprocess, `WeightsSource`). A run directory is resolved to
     one checkpoint once, and the model holds that file's weights, so a checkpoint written meanwhile changes
     neither the model nor the record."""
-    return _load(name, device, jit, download_root)
+    return _load(name, device, jit, download_root, digest=True)
 
 
 def _load(
-    name_or_path: str | Path, device: str | torch.device | None, jit: bool, download_root: str | Path | None
+    name_or_path: str | Path, device: str | torch.device | None, jit: bool, download_root: str | Path | None,
+    *, digest: bool,
 ) -> tuple[nn.Module, ImageTransform, WeightsSource]:
-    """The work of `load` and `load_with_source`, one frame below either: its warnings name their caller."""
+    """The work of `load` and `load_with_source`, one frame below either: its warnings name their caller. The
+    record's SHA256 is taken only with `digest` (a released file's is known without)."""
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     path, released = _resolve(name_or_path, download_root)
     release = str(name_or_path) if released else None
@@ -137,7 +140,7 @@ def _load(
         release = _release_of_file(path)
     if jit and release is not None:
         model, preprocess = _load_jit(path, device)
-        return model, preprocess, _source(path, None, release)
+        return model, preprocess, _source(path, None, release, None)
     if jit:
         warnings.warn(
             f"jit=True runs the TorchScript code stored in a file, which is only done for OpenAI's released "
@@ -147,7 +150,7 @@ def _load(
     given = path
     # Resolved and read once: the file loaded is the file recorded. Warnings name the caller of load or
     # load_with_source (stacklevel 4: past this function too).
-    path, weights = read_run_or_file(path, stacklevel=4)
+    path, weights = read_run_or_file(path, stacklevel=4, digest=digest and release is None)
     if path != given:  # a run directory: its newest checkpoint moves on while the run trains, so say which one
         log.info("%s: loading %s", given, path)
     model = model_from_weights(weights, str(path), stacklevel=4)
@@ -161,7 +164,7 @@ def _load(
     trained_here = weights.model_config is not None if weights.trained_here is None else weights.trained_here
     alpha_background = TRAINING_ALPHA_BACKGROUND if trained_here else None
     return model, image_transform(model.visual.input_resolution, alpha_background=alpha_background), _source(
-        path, weights.step, release)
+        path, weights.step, release, weights.sha256)
 
 
 def load_weights_into(model: CLIP, name_or_path: str, download_root: str | Path | None = None) -> Path:
@@ -175,7 +178,7 @@ def load_weights_with_source(
     """Copies the weights of a released model (downloaded and checked against its SHA256), a weights file or
     a run directory's newest checkpoint into `model`, whose architecture must be theirs: the start of a
     fine-tuning run (`train.init_weights`). Returns which weights were read (`WeightsSource`, as `load_with_source`
-    does: a run directory's checkpoint and its step, a released name and its SHA256). Nothing pickled is run.
+    does: a run directory's checkpoint and its step, a released name, the file's SHA256). Nothing pickled is run.
 
     A file that records its architecture (a checkpoint of this library) must match `model.config` in every
     field but two sizes (`_adapted_on_load`): weights trained at another resolution start the model at its own,
@@ -191,7 +194,7 @@ def load_weights_with_source(
         _check_architecture(architecture, model.config, f"the released {name_or_path}",
                             _adapted_on_load(architecture, model.config))
     path, _ = _resolve(name_or_path, download_root)
-    path, weights = read_run_or_file(path)
+    path, weights = read_run_or_file(path, digest=not released)
     theirs, not_in_shapes = weights.model_config, set()
     if released:
         theirs = RELEASED_ARCHITECTURES[name_or_path]
@@ -221,14 +224,15 @@ def load_weights_with_source(
     # A SigLIP model's bias is its loss's parameter, saved beside the weights: as clip.load's model, this one
     # holds it (model.logit_bias), and a file without one leaves none
     model.logit_bias = None if weights.logit_bias is None else weights.logit_bias.to(model.logit_scale.device)
-    return _source(path, weights.step, name_or_path if released else None)
+    return _source(path, weights.step, name_or_path if released else None, weights.sha256)
 
 
-def _source(path: Path, step: int | None, release: str | None) -> WeightsSource:
+def _source(path: Path, step: int | None, release: str | None, sha256: str | None) -> WeightsSource:
     """The record of the weights read from `path`. A released file was checked against its SHA256 already; any
-    other is hashed here, after it was read (a trainer's checkpoint is never rewritten in place: a save renames a
-    new file into place), about a second per gigabyte."""
-    sha256 = RELEASED_WEIGHTS[release].sha256 if release is not None else download.sha256_of_file(path)
+    other's is `sha256`, taken as it was read (`read_run_or_file(..., digest=True)`, about a second per gigabyte;
+    None where no record is wanted)."""
+    if release is not None:
+        sha256 = RELEASED_WEIGHTS[release].sha256
     return WeightsSource(path.resolve(), step, release, sha256)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
 import warnings
 import zipfile
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .architectures import ModelConfig
+from .download import sha256_of_file, sha256_of_open_file
 from .torchscript_reader import (
     ZIP_MEMBER_ERRORS,
     TorchScriptReadError,
@@ -79,6 +81,8 @@ class LoadedWeights:
     # an export records the architecture of OpenAI's weights too. None where it does not say: a file that
     # records its architecture is then taken as trained here.
     trained_here: bool | None = None
+    # The file's SHA256, where the reader asked for it (`read_run_or_file(..., digest=True)`); None otherwise.
+    sha256: str | None = None
 
 
 def read_weights(path: str | Path) -> LoadedWeights:
@@ -150,14 +154,16 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsFileError(f"{path} is a damaged or truncated safetensors file ({error})") from error
 
 
-def read_run_or_file(path: Path, *, stacklevel: int = 3) -> tuple[Path, LoadedWeights]:
+def read_run_or_file(path: Path, *, stacklevel: int = 3, digest: bool = False) -> tuple[Path, LoadedWeights]:
     """For a file: its weights. For a run directory: its newest checkpoint that reads; a torn newer file
     (a crash while writing) is skipped with a warning (naming the frame `stacklevel`, as in `warnings.warn`). A
     newer file that the storage fails to read (EIO, ESTALE, a permission) is an error, not skipped: its weights
     may be whole, and an older checkpoint in their place would be used without anyone asking for it (fine-tuning
-    from older weights). Returns the file read with its weights: the one file, whatever is written meanwhile."""
+    from older weights). Returns the file read with its weights: the one file, whatever is written meanwhile;
+    with `digest`, its SHA256 too (`LoadedWeights.sha256`, see `_read_with_digest`)."""
+    read = _read_with_digest if digest else read_weights
     if not path.is_dir():
-        return path, read_weights(path)
+        return path, read(path)
     candidates = checkpoint_candidates(path)
     if not candidates:
         raise WeightsFileError(
@@ -167,7 +173,7 @@ def read_run_or_file(path: Path, *, stacklevel: int = 3) -> tuple[Path, LoadedWe
     failures = []
     for candidate in candidates:
         try:
-            return candidate, read_weights(candidate)
+            return candidate, read(candidate)
         except (WeightsFileError, OSError) as error:  # OSError: a name `latest` gives that is too long, ...
             cause = storage_error_in(error)
             if cause is not None:
@@ -179,6 +185,24 @@ def read_run_or_file(path: Path, *, stacklevel: int = 3) -> tuple[Path, LoadedWe
             warnings.warn(f"skipping unreadable checkpoint {candidate}: {error}", stacklevel=stacklevel)
             failures.append(f"{candidate.name}: {error}")
     raise WeightsFileError(f"no checkpoint in {path} could be read:\n  " + "\n  ".join(failures))
+
+
+def _read_with_digest(path: Path) -> LoadedWeights:
+    """`read_weights`, with the file's SHA256, hashed through a handle opened before the read: a run still
+    training deletes its older checkpoints by name (keep_last), and one pruned while it was read and loaded
+    would have no file left to hash by its path."""
+    try:
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer (the reader refuses it after);
+        # O_BINARY: Windows reads a descriptor without it as text, turning CRLF into LF
+        held = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError:  # the reader says why it cannot read the file, or reads it after all (the storage recovered)
+        weights = read_weights(path)
+        weights.sha256 = sha256_of_file(path)
+        return weights
+    with os.fdopen(held, "rb") as file:
+        weights = read_weights(path)
+        weights.sha256 = sha256_of_open_file(file)
+    return weights
 
 
 def checkpoint_candidates(run_dir: Path) -> list[Path]:

@@ -633,6 +633,65 @@ def test_load_with_source_names_the_checkpoint_it_read_not_one_written_meanwhile
     assert source == WeightsSource(newest.resolve(), 200, None, hashlib.sha256(newest.read_bytes()).hexdigest())
 
 
+def test_load_with_source_hashes_the_checkpoint_it_read_though_pruned_meanwhile(tmp_path: Path, monkeypatch) -> None:
+    # The SHA256 was taken by the checkpoint's path after the model was built: a run still training with
+    # keep_last = 1 deletes that file at its next save, and the load that had read it whole failed with
+    # FileNotFoundError. The digest is of the file read, from a handle held since before the read.
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    checkpoint = folder / "step_00000100.pt"
+    torch.save(trainer_checkpoint(tiny_model(CUSTOM_HEADS), 100), checkpoint)
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    build = clip.loading.model_from_weights
+
+    def with_the_checkpoint_pruned_meanwhile(weights, source, **kwargs):
+        checkpoint.unlink()  # the run saved step 200 and pruned this one
+        return build(weights, source, **kwargs)
+
+    monkeypatch.setattr(clip.loading, "model_from_weights", with_the_checkpoint_pruned_meanwhile)
+    _, _, source = load_with_source(tmp_path / "run", device="cpu")
+    assert (source.step, source.sha256) == (100, digest)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_load_with_source_skips_a_fifo_named_like_the_newest_checkpoint_without_waiting_on_it(tmp_path: Path) -> None:
+    # The handle that the SHA256 is read through is opened before the reader refuses what is no regular file:
+    # opened plainly, a FIFO waits for a writer that never comes
+    import threading
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save(trainer_checkpoint(tiny_model(CUSTOM_HEADS), 10), folder / "step_00000010.pt")
+    fifo = folder / "step_00000020.pt"
+    os.mkfifo(fifo)
+    outcome = []
+
+    def loading() -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the FIFO skipped: a warning
+            outcome.append(load_with_source(tmp_path / "run", device="cpu")[2].step)
+
+    thread = threading.Thread(target=loading, daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # lets the waiting open return, and the test end
+        thread.join(timeout=20)
+        pytest.fail(f"load_with_source waited on {fifo.name}")
+    assert outcome == [10]
+
+
+def test_load_does_not_hash_the_file_it_discards_the_record_of(tmp_path: Path, monkeypatch) -> None:
+    # clip.load returns no WeightsSource: a second read of a multi-GB file for a digest nobody sees is only cost
+    torch.save(trainer_checkpoint(tiny_model(CUSTOM_HEADS), 7), tmp_path / "step_00000007.pt")
+    hashed = []
+    monkeypatch.setattr(hashlib, "sha256", lambda *args: hashed.append(args) or hashlib.new("sha256", *args))
+    load(tmp_path / "step_00000007.pt", device="cpu")
+    assert hashed == []
+    _, _, source = load_with_source(tmp_path / "step_00000007.pt", device="cpu")
+    assert hashed and source.sha256 == hashlib.new("sha256", (tmp_path / "step_00000007.pt").read_bytes()).hexdigest()
+
+
 def test_the_warnings_of_load_and_load_with_source_name_the_callers_line(tmp_path: Path) -> None:
     folder = tmp_path / "run" / "checkpoints"
     folder.mkdir(parents=True)

@@ -8,8 +8,8 @@ What `load` accepts:
   checkpoint written by our trainer (`{"model": state dict, "config": {"model": ModelConfig dict}, ...}`),
   or to a training run directory (its newest readable `checkpoints/step_XXXXXXXX.pt`).
 
-`load_with_source` also returns which weights were read (`WeightsSource`: the file, a trainer checkpoint's step,
-a released name and its SHA256), for the evaluation commands' results files.
+`load_with_source` also returns which weights were read (`WeightsSource`: the file and its SHA256, a trainer
+checkpoint's step, a released name), for the evaluation commands' results files.
 
 Safety: no file is ever unpickled with arbitrary classes. `torch.save` files go through
 `torch.load(weights_only=True)`; TorchScript archives through `clip.torchscript_reader`, which never runs

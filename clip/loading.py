@@ -168,12 +168,12 @@ def _load(
 
 
 def load_weights_into(model: CLIP, name_or_path: str, download_root: str | Path | None = None) -> Path:
-    """`load_weights_with_source`, returning only the file read."""
-    return load_weights_with_source(model, name_or_path, download_root).path
+    """`load_weights_with_source`, returning only the file read (which is not hashed for a record)."""
+    return load_weights_with_source(model, name_or_path, download_root, digest=False).path
 
 
 def load_weights_with_source(
-    model: CLIP, name_or_path: str, download_root: str | Path | None = None
+    model: CLIP, name_or_path: str, download_root: str | Path | None = None, *, digest: bool = True
 ) -> WeightsSource:
     """Copies the weights of a released model (downloaded and checked against its SHA256), a weights file or
     a run directory's newest checkpoint into `model`, whose architecture must be theirs: the start of a
@@ -187,14 +187,15 @@ def load_weights_with_source(
     a plain state dict (OpenAI's files) those are the configured ones, and every tensor must have the configured
     model's shape (but those two sizes); where the shapes are a released model's and the configured heads or
     activation are not, the file is refused if it is that release (its SHA256), and warned of otherwise
-    (`_check_unseen_settings`)."""
+    (`_check_unseen_settings`). `digest=False` leaves a file's SHA256 out of the record (None): a second read of
+    the file, up to several GB."""
     released = isinstance(name_or_path, str) and name_or_path in RELEASED_WEIGHTS
     if released:  # known exactly, heads and activation included: checked before a download of up to 1.4 GB
         architecture = RELEASED_ARCHITECTURES[name_or_path]
         _check_architecture(architecture, model.config, f"the released {name_or_path}",
                             _adapted_on_load(architecture, model.config))
     path, _ = _resolve(name_or_path, download_root)
-    path, weights = read_run_or_file(path, digest=not released)
+    path, weights = read_run_or_file(path, digest=digest and not released)
     theirs, not_in_shapes = weights.model_config, set()
     if released:
         theirs = RELEASED_ARCHITECTURES[name_or_path]

@@ -692,6 +692,17 @@ def test_load_does_not_hash_the_file_it_discards_the_record_of(tmp_path: Path, m
     assert hashed and source.sha256 == hashlib.new("sha256", (tmp_path / "step_00000007.pt").read_bytes()).hexdigest()
 
 
+def test_load_weights_into_does_not_hash_the_file_it_returns_only_the_path_of(tmp_path: Path, monkeypatch) -> None:
+    # As clip.load: the README's way to load an open_clip GELU model, where a record is not asked for
+    torch.save(trainer_checkpoint(tiny_model(CUSTOM_HEADS), 7), tmp_path / "step_00000007.pt")
+    hashed = []
+    monkeypatch.setattr(hashlib, "sha256", lambda *args: hashed.append(args) or hashlib.new("sha256", *args))
+    model = tiny_model(CUSTOM_HEADS, seed=1)
+    assert clip.loading.load_weights_into(model, str(tmp_path / "step_00000007.pt")) == tmp_path / "step_00000007.pt"
+    assert hashed == []
+    assert clip.loading.load_weights_with_source(model, str(tmp_path / "step_00000007.pt")).sha256 is not None and hashed
+
+
 def test_the_warnings_of_load_and_load_with_source_name_the_callers_line(tmp_path: Path) -> None:
     folder = tmp_path / "run" / "checkpoints"
     folder.mkdir(parents=True)

@@ -210,7 +210,7 @@ def load_weights_with_source(
     if theirs is not None:
         _check_architecture(theirs, model.config, str(path), not_in_shapes | _adapted_on_load(theirs, model.config))
         if not_in_shapes:
-            _check_unseen_settings(theirs, model.config, path, weights.open_clip_origin is not None)
+            _check_unseen_settings(theirs, model.config, path, weights.open_clip_origin is not None, weights.sha256)
         weights = _at_configured_sizes(weights, theirs, model.config, path)
     if weights.open_clip_origin is not None and model.config.activation == "quick_gelu":
         # Shapes match whatever the activation: clip.load warns of this, and so must the start of a fine-tuning
@@ -305,12 +305,14 @@ def _check_architecture(theirs: ModelConfig, configured: ModelConfig, source: st
         )
 
 
-def _check_unseen_settings(inferred: ModelConfig, configured: ModelConfig, path: Path, from_open_clip: bool) -> None:
+def _check_unseen_settings(inferred: ModelConfig, configured: ModelConfig, path: Path, from_open_clip: bool,
+                           sha256: str | None) -> None:
     """For a file that records no architecture, whose shapes (`inferred`, by OpenAI's conventions) are a released
     model's: the settings shapes do not show (heads, activation) compared with the configured ones. A difference
-    is an error, naming the fields, when the file is that release (by its SHA256, as for the released name), and a
-    warning otherwise: a model of those sizes may have been trained with other heads, but a mistyped [model]
-    section would load OpenAI's weights into a model that computes something else, without a word."""
+    is an error, naming the fields, when the file is that release (by its SHA256, as for the released name:
+    `sha256` where it was taken as the file was read), and a warning otherwise: a model of those sizes may have
+    been trained with other heads, but a mistyped [model] section would load OpenAI's weights into a model that
+    computes something else, without a word."""
     name = next((name for name, released in RELEASED_ARCHITECTURES.items() if released == inferred), None)
     if name is None:  # other sizes: OpenAI's conventions are only a guess, and the shapes decide
         return
@@ -321,7 +323,7 @@ def _check_unseen_settings(inferred: ModelConfig, configured: ModelConfig, path:
     if not unseen:
         return
     # OpenAI's files are TorchScript archives: a plain state dict of any size is not hashed in vain
-    release = _release_of_file(path) if is_torchscript_archive(path) else None
+    release = _release_of_file(path, sha256) if is_torchscript_archive(path) else None
     if release is not None:
         _check_architecture(RELEASED_ARCHITECTURES[release], configured,
                             f"{path} (OpenAI's released {release}, by its SHA256)",
@@ -430,11 +432,12 @@ def _existing_path(name_or_path: str | Path) -> Path:
     )
 
 
-def _release_of_file(path: Path) -> str | None:
-    """The released name whose file has `path`'s SHA256, or None."""
+def _release_of_file(path: Path, sha256: str | None = None) -> str | None:
+    """The released name whose file has `path`'s SHA256 (`sha256`, where it was taken as the file was read), or
+    None."""
     if not path.is_file():
         return None
-    digest = download.sha256_of_file(path)
+    digest = sha256 if sha256 is not None else download.sha256_of_file(path)
     return next((name for name, release in RELEASED_WEIGHTS.items() if release.sha256 == digest), None)
 
 

@@ -947,6 +947,12 @@ def test_a_file_of_released_shapes_under_other_heads_is_warned_of_or_refused_whe
     with pytest.raises(WeightsFileError, match=r"ViT-B-32\.pt \(OpenAI's released ViT-B/32, by its SHA256\) holds .*"
                                                r"model\.vision\.heads: 1 there, 2 here"):
         clip.loading.load_weights_into(CLIP(other_heads), str(archive))
+    # Hashed once, as it is read for the record: not a second time to tell whether it is the release
+    hashed = []
+    with monkeypatch.context() as patch, pytest.raises(WeightsFileError, match=r"by its SHA256\) holds"):
+        patch.setattr(hashlib, "sha256", lambda *args: hashed.append(args) or hashlib.new("sha256", *args))
+        clip.loading.load_weights_with_source(CLIP(other_heads), str(archive))
+    assert len(hashed) == 1
     # An open_clip checkpoint's activation has its own warning (about QuickGELU), said once; GELU says nothing
     state = {f"module.{key}": value for key, value in tiny_model(TINY_VIT).state_dict().items()}
     torch.save({"epoch": 32, "name": "laion-run", "state_dict": state}, tmp_path / "epoch_32.pt")

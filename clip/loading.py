@@ -274,13 +274,15 @@ def _at_configured_sizes(weights: LoadedWeights, theirs: ModelConfig, ours: Mode
         old, new = grid_side(theirs.vision), grid_side(ours.vision)
         log.info("%s: trained at %d px; its image position embeddings are resampled from a %dx%d grid to the "
                  "configured %d px's %dx%d", path, theirs.vision.image_size, old, old, ours.vision.image_size, new, new)
-        extras.update({"input_resolution": ours.vision.image_size} if "input_resolution" in extras else {})
+        if "input_resolution" in extras:
+            extras["input_resolution"] = ours.vision.image_size
     context = ours.text.context_length
     if context < theirs.text.context_length and TEXT_POSITIONS in state_dict:
         state_dict = {**state_dict, TEXT_POSITIONS: state_dict[TEXT_POSITIONS][:context].clone()}
         log.info("%s: trained with a %d-token text context; the configured %d keeps its first %d position "
                  "embeddings", path, theirs.text.context_length, context, context)
-        extras.update({"context_length": context} if "context_length" in extras else {})
+        if "context_length" in extras:
+            extras["context_length"] = context
     if state_dict is weights.state_dict:
         return weights
     return dataclasses.replace(weights, state_dict=state_dict, extras=extras)

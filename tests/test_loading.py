@@ -681,11 +681,17 @@ def test_load_with_source_skips_a_fifo_named_like_the_newest_checkpoint_without_
     assert outcome == [10]
 
 
+def counting_sha256(monkeypatch) -> list:
+    """hashlib.sha256 replaced by one that notes each call in the list returned: how often a file is hashed."""
+    hashed = []
+    monkeypatch.setattr(hashlib, "sha256", lambda *args: hashed.append(args) or hashlib.new("sha256", *args))
+    return hashed
+
+
 def test_load_does_not_hash_the_file_it_discards_the_record_of(tmp_path: Path, monkeypatch) -> None:
     # clip.load returns no WeightsSource: a second read of a multi-GB file for a digest nobody sees is only cost
     torch.save(trainer_checkpoint(tiny_model(CUSTOM_HEADS), 7), tmp_path / "step_00000007.pt")
-    hashed = []
-    monkeypatch.setattr(hashlib, "sha256", lambda *args: hashed.append(args) or hashlib.new("sha256", *args))
+    hashed = counting_sha256(monkeypatch)
     load(tmp_path / "step_00000007.pt", device="cpu")
     assert hashed == []
     _, _, source = load_with_source(tmp_path / "step_00000007.pt", device="cpu")
@@ -695,8 +701,7 @@ def test_load_does_not_hash_the_file_it_discards_the_record_of(tmp_path: Path, m
 def test_load_weights_into_does_not_hash_the_file_it_returns_only_the_path_of(tmp_path: Path, monkeypatch) -> None:
     # As clip.load: the README's way to load an open_clip GELU model, where a record is not asked for
     torch.save(trainer_checkpoint(tiny_model(CUSTOM_HEADS), 7), tmp_path / "step_00000007.pt")
-    hashed = []
-    monkeypatch.setattr(hashlib, "sha256", lambda *args: hashed.append(args) or hashlib.new("sha256", *args))
+    hashed = counting_sha256(monkeypatch)
     model = tiny_model(CUSTOM_HEADS, seed=1)
     assert clip.loading.load_weights_into(model, str(tmp_path / "step_00000007.pt")) == tmp_path / "step_00000007.pt"
     assert hashed == []
@@ -948,9 +953,8 @@ def test_a_file_of_released_shapes_under_other_heads_is_warned_of_or_refused_whe
                                                r"model\.vision\.heads: 1 there, 2 here"):
         clip.loading.load_weights_into(CLIP(other_heads), str(archive))
     # Hashed once, as it is read for the record: not a second time to tell whether it is the release
-    hashed = []
     with monkeypatch.context() as patch, pytest.raises(WeightsFileError, match=r"by its SHA256\) holds"):
-        patch.setattr(hashlib, "sha256", lambda *args: hashed.append(args) or hashlib.new("sha256", *args))
+        hashed = counting_sha256(patch)
         clip.loading.load_weights_with_source(CLIP(other_heads), str(archive))
     assert len(hashed) == 1
     # An open_clip checkpoint's activation has its own warning (about QuickGELU), said once; GELU says nothing

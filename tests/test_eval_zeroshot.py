@@ -770,6 +770,19 @@ def test_notebook_mistakes_are_named_before_any_work():
         zeroshot_classify_images(model, preprocess, [image], "cat")
 
 
+def test_a_notebook_image_that_cannot_be_decoded_is_named(tmp_path):
+    # Image.open reads only the header: a truncated file failed inside the resize with PIL's "image file is
+    # truncated", naming neither the image nor its place in the list
+    from clip.preprocess import image_transform
+
+    Image.new("RGB", (400, 400), (200, 30, 30)).save(tmp_path / "whole.jpg")  # half of it is past the header
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    images = [Image.open(tmp_path / "whole.jpg"), Image.open(tmp_path / "cut.jpg")]
+    with pytest.raises(OSError, match=r"images\[1\] \(.*cut\.jpg\) cannot be decoded: image file is truncated"):
+        zeroshot_classify_images(tiny_clip(), image_transform(32), images, ["red", "blue"])
+
+
 
 def test_class_names_in_a_numpy_array_work_as_a_list_does():
     # LabelEncoder.classes_ and np.unique(labels) are arrays, which tokenize takes: "if not classnames" made

@@ -259,6 +259,17 @@ def _check_notebook_images(images: Any) -> None:
             )
 
 
+def _preprocessed(preprocess: Callable[[Image.Image], torch.Tensor], image: Image.Image, index: int) -> torch.Tensor:
+    """`preprocess(image)`, or an error naming which image could not be decoded: Image.open reads only the header,
+    so a corrupt or truncated file fails here, inside the resize, with PIL's message alone."""
+    try:
+        return preprocess(image)
+    except (OSError, SyntaxError, EOFError) as error:  # as PIL's format plugins report broken data
+        filename = getattr(image, "filename", "")
+        where = f" ({filename})" if filename else ""
+        raise OSError(f"images[{index}]{where} cannot be decoded: {error or type(error).__name__}") from error
+
+
 def zeroshot_classify_images(
     model: nn.Module,
     preprocess: Callable[[Image.Image], torch.Tensor],
@@ -277,7 +288,7 @@ def zeroshot_classify_images(
     model = unwrap_model(model)
     device = device or model_device(model)
     classifier = build_zeroshot_classifier(model, classnames, templates, tokenizer, device=device)
-    batch = torch.stack([preprocess(image) for image in images])
+    batch = torch.stack([_preprocessed(preprocess, image, index) for index, image in enumerate(images)])
     output = zeroshot_classify(model, classifier, batch, device=device)
     probabilities = output.probabilities
     return probabilities, [classnames[i] for i in probabilities.argmax(dim=1).tolist()]

@@ -784,6 +784,20 @@ def test_a_notebook_image_that_cannot_be_decoded_is_named(tmp_path):
 
 
 
+def test_a_missing_or_blank_class_name_is_refused_naming_its_place():
+    # A name list read from a table with a gap gave None or "" a class of its own, prompted as 'a photo of a None.'
+    # or 'a photo of a .', and predicted None for the images nearest it
+    from clip.preprocess import image_transform
+
+    model, preprocess, images = tiny_clip(), image_transform(32), [Image.new("RGB", (40, 30))]
+    with pytest.raises(TypeError, match=r"classnames\[1\] is None, not a string"):
+        zeroshot_classify_images(model, preprocess, images, ["cat", None, "dog"])
+    with pytest.raises(ValueError, match=r"classnames\[2\] is blank \(' '\)"):
+        zeroshot_classify_images(model, preprocess, images, ["cat", "dog", " "])
+    with pytest.raises(ValueError, match=r"classnames\[0\] is blank \(''\)"):
+        build_zeroshot_classifier(model, ["", "dog"])
+
+
 def test_class_names_in_a_numpy_array_work_as_a_list_does():
     # LabelEncoder.classes_ and np.unique(labels) are arrays, which tokenize takes: "if not classnames" made
     # them "The truth value of an array with more than one element is ambiguous"

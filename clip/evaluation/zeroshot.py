@@ -49,11 +49,18 @@ CLASS_EMBEDDINGS = "class (prompt ensemble)"
 def _class_name_list(classnames: Sequence[str]) -> list[str]:
     """`classnames` as a list, numpy's strings among them as plain str. A numpy array (LabelEncoder.classes_,
     np.unique(labels)) has no truth value for an emptiness check, and its items are np.str_, which a result
-    would hand back (printed as np.str_('cat'), refused by yaml.safe_dump)."""
+    would hand back (printed as np.str_('cat'), refused by yaml.safe_dump). A missing or blank name is refused."""
     if isinstance(classnames, str):
         # A string is a sequence too: "cat" would be three classes, "c", "a" and "t".
         raise TypeError(f"classnames={classnames!r} is a string; pass a list of class names, e.g. [{classnames!r}]")
-    return [str(name) if isinstance(name, str) else name for name in classnames]
+    names = [str(name) if isinstance(name, str) else name for name in classnames]
+    # A gap in a table of names (None, NaN, "") would be a class of its own, prompted as 'a photo of a None.'
+    for index, name in enumerate(names):
+        if not isinstance(name, str):
+            raise TypeError(f"classnames[{index}] is {name!r}, not a string: every class needs its name")
+        if not name.strip():
+            raise ValueError(f"classnames[{index}] is blank ({name!r}): every class needs its name")
+    return names
 
 
 def build_zeroshot_classifier(

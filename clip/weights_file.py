@@ -166,9 +166,11 @@ def read_run_or_file(path: Path, *, stacklevel: int = 3, digest: bool = False) -
         return path, read(path)
     candidates = checkpoint_candidates(path)
     if not candidates:
+        runs = _run_directories_in(path)
         raise WeightsFileError(
             f"{path} is a directory without checkpoints: expected {path / CHECKPOINT_DIR}/step_XXXXXXXX.pt files "
             f"(or a {CHECKPOINT_DIR}/{LATEST_POINTER} file naming one)"
+            + (f"; it holds run directories: {', '.join(map(str, runs))}" if runs else "")
         )
     failures = []
     for candidate in candidates:
@@ -185,6 +187,16 @@ def read_run_or_file(path: Path, *, stacklevel: int = 3, digest: bool = False) -
             warnings.warn(f"skipping unreadable checkpoint {candidate}: {error}", stacklevel=stacklevel)
             failures.append(f"{candidate.name}: {error}")
     raise WeightsFileError(f"no checkpoint in {path} could be read:\n  " + "\n  ".join(failures))
+
+
+def _run_directories_in(path: Path) -> list[Path]:
+    """The run directories directly inside `path`, for the error of a folder of runs (`runs`) given for one of
+    them (`runs/my_run`). Only folders with a checkpoints folder are looked into: `path` may hold image folders."""
+    try:
+        return sorted(child for child in path.iterdir()
+                      if (child / CHECKPOINT_DIR).is_dir() and checkpoint_candidates(child))
+    except OSError:  # unlistable: the error says what was expected without the list
+        return []
 
 
 def _read_with_digest(path: Path) -> LoadedWeights:

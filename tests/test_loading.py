@@ -741,6 +741,18 @@ def test_directory_without_checkpoints_is_a_clear_error(tmp_path: Path) -> None:
         load(tmp_path, device="cpu")
 
 
+def test_a_folder_of_runs_given_for_one_of_them_names_them(tmp_path: Path) -> None:
+    # clip.load("runs") for clip.load("runs/my_run") said only that runs holds no checkpoints
+    for run in ("my_run", "other_run"):
+        (tmp_path / "runs" / run / "checkpoints").mkdir(parents=True)
+        (tmp_path / "runs" / run / "checkpoints" / "step_00000005.pt").touch()
+    (tmp_path / "runs" / "notes").mkdir()
+    runs = tmp_path / "runs"
+    with pytest.raises(WeightsFileError, match=(rf"directory without checkpoints.*it holds run directories: "
+                                                rf"{re.escape(str(runs / 'my_run'))}, {re.escape(str(runs / 'other_run'))}$")):
+        load(runs, device="cpu")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Released names: download, verification, jit
 

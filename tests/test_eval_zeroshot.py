@@ -798,6 +798,15 @@ def test_a_missing_or_blank_class_name_is_refused_naming_its_place():
         build_zeroshot_classifier(model, ["", "dog"])
 
 
+def test_the_notebook_helper_refuses_a_single_class_name():
+    # With one name every image came back as that class with probability 1: a question ("is this a cat?") that
+    # zero-shot classification answers only against other names, as a config's dataset of one class is refused
+    from clip.preprocess import image_transform
+
+    with pytest.raises(ValueError, match=r"one class name \('cat'\).*at least 2.*add the names to tell it apart from$"):
+        zeroshot_classify_images(tiny_clip(), image_transform(32), [Image.new("RGB", (40, 30))], ["cat"])
+
+
 def test_class_names_in_a_numpy_array_work_as_a_list_does():
     # LabelEncoder.classes_ and np.unique(labels) are arrays, which tokenize takes: "if not classnames" made
     # them "The truth value of an array with more than one element is ambiguous"

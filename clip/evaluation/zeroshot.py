@@ -292,6 +292,11 @@ def zeroshot_classify_images(
     if len(images) == 0:
         raise ValueError("no images to classify")
     classnames = _class_name_list(classnames)  # the predictions are its items
+    if len(classnames) == 1:  # as a dataset of one class is (datasets.require_classes_to_choose_between)
+        raise ValueError(
+            f"one class name ({classnames[0]!r}): zero-shot classification chooses between names, so it needs at "
+            f"least 2 (with one, every image is that class with probability 1): add the names to tell it apart from"
+        )
     model = unwrap_model(model)
     device = device or model_device(model)
     classifier = build_zeroshot_classifier(model, classnames, templates, tokenizer, device=device)

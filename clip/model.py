@@ -168,7 +168,7 @@ class CLIP(nn.Module):
             self.visual.transformer.grad_checkpointing = enabled
 
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        features = self.visual(image.to(self.dtype))  # N3HW -> N,embed_dim
+        features = self.visual(self._float_images(image))  # N3HW -> N,embed_dim
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_image_unprojected(self, image: torch.Tensor) -> torch.Tensor:
@@ -176,8 +176,18 @@ class CLIP(nn.Module):
         projection to the embedding space (I_f in the paper's Figure 3, `visual.width` wide); for a ResNet,
         whose attention pool is its last layer, the embedding itself."""
         if self.config.vision.kind == "vit":  # (forward hooks on `visual` do not run on this path)
-            return self.visual.forward_unprojected(image.to(self.dtype))
-        return self.visual(image.to(self.dtype))
+            return self.visual.forward_unprojected(self._float_images(image))
+        return self.visual(self._float_images(image))
+
+    def _float_images(self, image: torch.Tensor) -> torch.Tensor:
+        """`image` in the weights' dtype. Integer pixels (torchvision.io.read_image's uint8) are refused: cast,
+        they ran as values up to 255, neither scaled nor normalised, and gave features without an error."""
+        if not image.is_floating_point():
+            raise TypeError(
+                f"images of dtype {image.dtype}; this model takes float images, scaled and normalised as the "
+                f"preprocess clip.load returns makes them (clip.image_transform(model.visual.input_resolution))"
+            )
+        return image.to(self.dtype)
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False, trim: bool = True) -> torch.Tensor:
         """Features of token ids [N, L] (L <= context_length, or longer with padding only past the context, as

@@ -113,6 +113,17 @@ def test_images_of_another_size_are_a_clear_error(kind):
 
 
 @pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_integer_pixels_are_a_clear_error(kind):
+    # torchvision.io.read_image's uint8 [3, H, W] pixels, batched and resized: they were cast to float and run as
+    # values up to 255, neither scaled nor normalised, giving features of nothing the model was trained on
+    model = CLIP(TINY[kind]).eval()
+    size = model.visual.input_resolution
+    for encode in (model.encode_image, model.encode_image_unprojected):
+        with pytest.raises(TypeError, match=r"images of dtype torch.uint8; this model takes float images.*preprocess"):
+            encode(torch.zeros(1, 3, size, size, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
 def test_an_image_or_a_text_without_its_batch_dimension_is_a_clear_error(kind):
     # preprocess(image) without .unsqueeze(0): the ViT blamed its size ("resize them"), the ResNet failed in
     # BatchNorm; a row of clip.tokenize's output failed with "too many indices for tensor of dimension 1".

@@ -71,6 +71,8 @@ class VisionConfig:
         _require_positive(image_size=self.image_size, width=self.width, heads=self.heads,
                           patch_size=self.patch_size, mlp_ratio=self.mlp_ratio)
         _require_positive(layers=min(depths, default=0))
+        if self.kind == "vit":  # a ResNet has no MLP blocks: its mlp_ratio is unused
+            _require_mlp_width(self.width, self.mlp_ratio)
         if self.kind == "resnet":
             if not (isinstance(self.layers, tuple) and len(self.layers) == 4):
                 raise ValueError(f"a ResNet needs four stage depths in vision.layers, got {self.layers!r}")
@@ -111,6 +113,15 @@ def wrong_image_size(image_shape: tuple[int, ...], image_size: int) -> ValueErro
     )
 
 
+def _require_mlp_width(width: int, mlp_ratio: float) -> None:
+    """The blocks' MLP has int(width * mlp_ratio) hidden units. A ratio that is finite and positive alone could
+    still give none (1e-9: an MLP of width 0, which trained as if it were there, adding nothing) or a width past
+    any integer (1e308 x 768 is inf: an OverflowError while the model was built, naming no setting)."""
+    hidden = width * mlp_ratio
+    require("mlp_ratio", mlp_ratio, 1 <= hidden < 2**63,
+            f"such that width x mlp_ratio gives at least 1 and fewer than 2**63 MLP units (width = {width})")
+
+
 def _require_positive(**values: float) -> None:
     """InvalidValue (a ValueError) names the field; a config file's loader puts its dotted path in front."""
     for name, value in values.items():
@@ -133,6 +144,7 @@ class TextConfig:
         check_field_types(self)
         _require_positive(context_length=self.context_length, vocab_size=self.vocab_size, width=self.width,
                           layers=self.layers, heads=self.heads, mlp_ratio=self.mlp_ratio)
+        _require_mlp_width(self.width, self.mlp_ratio)
         if self.context_length < 2:
             raise ValueError(f"text.context_length must hold the start and end tokens (>= 2), got {self.context_length}")
         if self.width % self.heads:

@@ -813,6 +813,13 @@ def test_index_override_of_a_list_an_earlier_override_set_names_that_override(tm
     # inf was accepted, then failed building the model with OverflowError
     ("model.vision.mlp_ratio=inf", "vision.mlp_ratio must be a finite number > 0, got inf"),
     ("model.text.mlp_ratio=inf", "text.mlp_ratio must be a finite number > 0, got inf"),
+    # Finite ratios whose MLP width is not: 1e308 x 128 overflowed to inf (OverflowError building the model),
+    # and 1e-9 x 128 gave an MLP of 0 units, which trained without a word
+    ("model.vision.mlp_ratio=1e308", "vision.mlp_ratio must be such that width x mlp_ratio gives at least 1"),
+    ("model.text.mlp_ratio=1e308", "text.mlp_ratio must be such that width x mlp_ratio gives at least 1"),
+    ("model.vision.mlp_ratio=1e-9", "vision.mlp_ratio must be such that width x mlp_ratio gives at least 1"),
+    ("model.text.mlp_ratio=0.005", "text.mlp_ratio must be such that width x mlp_ratio gives at least 1 and fewer "
+                                   "than 2**63 MLP units (width = 128), got 0.005"),
 ])
 def test_model_sizes_out_of_range_are_config_errors(override, message):
     # Before: heads=0 raised ZeroDivisionError from inside the config's own checks.

@@ -431,6 +431,9 @@ def test_text_config_refuses_a_width_its_heads_do_not_divide():
         (["data.max_image_pixels=0"], "data.max_image_pixels must be >= 1"),
         (["data.log_every_s=-1"], "data.log_every_s must be a finite number >= 0"),
         (["data.worker_timeout_s=inf"], "data.worker_timeout_s must be a finite number >= 0"),
+        # a month: the loader's poll() takes at most 2**31 - 1 ms, and the run failed at its first batch
+        (["data.worker_timeout_s=2592000"],
+         "data.worker_timeout_s must be a finite number >= 0 and at most 2147483.647 (about 24.8 days; 0 = no limit)"),
         (["data.sources=[]"], "data.sources is empty: add at least one [[data.sources]] table"),
         (["data.sources.0.weight=0"], "data.sources[0].weight must be a finite number > 0, got 0.0"),
         (["data.sources.0.weight=inf"], "data.sources[0].weight must be a finite number > 0"),
@@ -451,6 +454,19 @@ def test_values_out_of_range_are_config_errors_naming_the_key(overrides, message
     with pytest.raises(ConfigError) as caught:
         load_config(None, overrides, TrainConfig)
     assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_the_longest_worker_timeout_allowed_is_one_the_loaders_wait_takes():
+    # The DataLoader waits on its workers' queue through multiprocessing's poll, with this timeout
+    import multiprocessing
+
+    from clip.data.config import MAX_WORKER_TIMEOUT_S, DataConfig
+
+    assert DataConfig(worker_timeout_s=MAX_WORKER_TIMEOUT_S).worker_timeout_s == MAX_WORKER_TIMEOUT_S
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    with reader, writer:
+        writer.send("batch")
+        assert reader.poll(MAX_WORKER_TIMEOUT_S)
 
 
 def test_a_source_table_without_a_kind_is_synthetic(tmp_path):

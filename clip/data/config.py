@@ -91,6 +91,9 @@ class SourceConfig:
         require("synthetic_seed", self.synthetic_seed, self.synthetic_seed >= 0, ">= 0")
 
 
+# The longest data.worker_timeout_s the loader can wait: poll()'s limit, 2**31 - 1 milliseconds.
+MAX_WORKER_TIMEOUT_S = (2**31 - 1) / 1000
+
 # A synthetic source's size when its num_samples is left unset. A default of the source kind, not a value in
 # the default source list: `data.sources.0.kind=manifest` on a file without [[data.sources]] turns that
 # default element into a manifest, which must not inherit a synthetic sample count.
@@ -165,5 +168,7 @@ class DataConfig:
             require("max_image_pixels", self.max_image_pixels, self.max_image_pixels >= 1,
                     '>= 1, or "none" to disable the check')
         require("log_every_s", self.log_every_s, 0 <= self.log_every_s < math.inf, "a finite number >= 0")
-        require("worker_timeout_s", self.worker_timeout_s, 0 <= self.worker_timeout_s < math.inf,
-                "a finite number >= 0 (0 = no limit)")
+        # The loader waits on its workers with poll(), which takes at most 2**31 - 1 milliseconds: a month
+        # (2592000) stopped the run at its first batch with "OverflowError: timeout is too large"
+        require("worker_timeout_s", self.worker_timeout_s, 0 <= self.worker_timeout_s <= MAX_WORKER_TIMEOUT_S,
+                f"a finite number >= 0 and at most {MAX_WORKER_TIMEOUT_S} (about 24.8 days; 0 = no limit)")

@@ -139,6 +139,9 @@ class ScheduleConfig:
             raise InvalidValue("min_lr_ratio", 'is not used with kind = "constant" (the rate never decays)')
 
 
+_MAX_THREADS = 2**31 - 1  # torch.set_num_threads's limit
+
+
 @dataclass
 class TrainLoopConfig:
     batch_size: int = 256  # per rank and per optimiser step; global batch = batch_size * world size
@@ -211,7 +214,10 @@ class TrainLoopConfig:
         nonfinite = self.max_consecutive_nonfinite
         require("max_consecutive_nonfinite", nonfinite, nonfinite >= 1, ">= 1")
         if self.threads is not None:
-            require("threads", self.threads, self.threads >= 1, '>= 1, or "none" for the default thread count')
+            # torch.set_num_threads takes a 32-bit int: a larger count failed as the run started, with
+            # "ValueError: Overflow when unpacking long"
+            require("threads", self.threads, 1 <= self.threads <= _MAX_THREADS,
+                    f'in [1, {_MAX_THREADS}], or "none" for the default thread count')
         require("patch_dropout", self.patch_dropout, 0 <= self.patch_dropout < 1, "in [0, 1)")
         # A device torch cannot parse ("gpu") stopped the run with torch's traceback, once it had started
         require("device", self.device, self.device == "auto" or _is_torch_device(self.device),

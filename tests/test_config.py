@@ -384,7 +384,9 @@ def test_text_config_refuses_a_width_its_heads_do_not_divide():
         (["train.batch_size=10", "train.accumulation_steps=4"],
          "train.batch_size must be divisible by accumulation_steps"),
         (["train.max_consecutive_nonfinite=0"], "train.max_consecutive_nonfinite must be >= 1, got 0"),
-        (["train.threads=0"], "train.threads must be >= 1"),
+        (["train.threads=0"], "train.threads must be in [1, 2147483647]"),
+        # torch.set_num_threads's limit: "ValueError: Overflow when unpacking long" as the run started
+        (["train.threads=2147483648"], "train.threads must be in [1, 2147483647], or \"none\" for the default"),
         (["loss.max_logit_scale=0"], "loss.max_logit_scale must be >= 1"),
         (["loss.max_logit_scale=0.5"], "loss.max_logit_scale must be >= 1"),
         (["loss.max_logit_scale=nan"], "loss.max_logit_scale must be >= 1"),

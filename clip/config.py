@@ -308,6 +308,9 @@ class TrainConfig:
         # "" is the current folder, which would become the run directory (its checkpoints, its lock, a resume
         # of whatever run it holds); "~/runs/x" in a TOML file, which no shell expands, made a folder named "~"
         require("output_dir", self.output_dir, bool(self.output_dir.strip()), "a folder for the run")
+        # No file system takes a NUL in a name: "\u0000" in a TOML string (or an override) stopped the run as it
+        # made the folder, with "ValueError: embedded null byte" and its traceback
+        require("output_dir", self.output_dir, "\0" not in self.output_dir, "a folder name without a NUL character")
         self.output_dir = os.path.expanduser(self.output_dir)
         if self.model.text.vocab_size < OPENAI_VOCAB_SIZE:
             # The trainer tokenizes with OpenAI's BPE: an id past the embedding table fails in the first step.

@@ -1131,6 +1131,17 @@ def test_an_empty_run_directory_or_init_weights_is_a_config_error_and_a_home_fol
     assert load_config(None, ["output_dir=~/runs/x"], TrainConfig).output_dir == "/home/someone/runs/x"
 
 
+def test_a_run_directory_with_a_nul_character_is_a_config_error(tmp_path):
+    # TOML writes one as "\u0000"; the run failed making the folder, with ValueError: embedded null byte
+    from clip.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=re.escape("output_dir must be a folder name without a NUL character, "
+                                                    "got 'runs/a\\x00b'")):
+        load_config(write(tmp_path, 'output_dir = "runs/a\\u0000b"\n'), [], TrainConfig)
+    with pytest.raises(ConfigError, match="output_dir must be a folder name without a NUL character"):
+        load_config(None, ['output_dir="x\\u0000"'], TrainConfig)
+
+
 
 def test_data_and_evaluation_paths_in_a_config_file_read_a_leading_tilde_as_the_home_folder(monkeypatch):
     # No shell expands a TOML file's values: path = "~/data/train.tsv" was said not to exist

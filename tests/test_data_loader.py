@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -869,3 +870,28 @@ def test_data_that_becomes_unusable_mid_run_stops_after_two_passes_of_failures_i
                                            r"than two passes over all the data; missing_file 121\) -- a manifest's"):
         next(batches)
     data.close()
+
+
+@pytest.mark.parametrize("weight, epoch", [(1e308, "inf"), (1e15, "6.4e+16")])
+def test_an_epoch_too_large_to_plan_is_refused_naming_its_sources(weight: float, epoch: str) -> None:
+    # weight x size = inf failed with "OverflowError: cannot convert float infinity to integer" and a traceback,
+    # and 1e15 x 64 samples were planned for ever, without a word
+    source = SourceConfig(kind="synthetic", num_samples=64, name="shapes", weight=weight)
+    with pytest.raises(ValueError) as refused:
+        build([source], batch_size=4)
+    assert str(refused.value).startswith(
+        f"an epoch of {epoch} samples (weight x size summed over the sources; shapes: {weight:g} x 64) is too large: "
+        "each of the 1 data workers over all ranks plans its share of an epoch, at most 4294967296 samples (2**32). "
+        "Lower the weights"), str(refused.value)
+
+
+def test_a_resampled_epoch_too_large_to_plan_is_refused() -> None:
+    # A resampled epoch is data.epoch_samples long, whatever the weights: their ratios alone are read
+    shapes = SourceConfig(kind="synthetic", num_samples=64, weight=1e15)
+    build([shapes], batch_size=4, resampled=True, epoch_samples=64).close()
+    with pytest.raises(ValueError, match=re.escape("an epoch of 1e+18 samples (data.epoch_samples; 0:synthetic: ")):
+        build([shapes], batch_size=4, resampled=True, epoch_samples=10**18)
+    # ... which an infinite sum has none of
+    endless = SourceConfig(kind="synthetic", num_samples=64, weight=1e308)
+    with pytest.raises(ValueError, match=re.escape("an epoch of inf samples (weight x size summed over the sources")):
+        build([endless], batch_size=4, resampled=True, epoch_samples=64)

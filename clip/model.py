@@ -286,6 +286,7 @@ def create_model(name_or_config: str | ModelConfig | dict) -> CLIP:
         config = get_architecture(name_or_config)
     elif isinstance(name_or_config, dict):
         _refuse_unknown_keys(name_or_config)
+        _refuse_missing_tables(name_or_config)
         config = ModelConfig.from_dict(name_or_config)
     elif isinstance(name_or_config, ModelConfig):
         config = name_or_config
@@ -303,6 +304,19 @@ def _refuse_unknown_keys(config: dict) -> None:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise TypeError(f"unknown model config key {key!r}{hint}; a ModelConfig has {', '.join(known)}")
+
+
+def _refuse_missing_tables(config: dict) -> None:
+    """ModelConfig.from_dict needs embed_dim and both towers' dicts: {} failed with a bare KeyError('embed_dim'),
+    and {"vision": 1} with KeyError('embed_dim') too, naming neither what was missing nor what a tower takes."""
+    missing = [key for key in ("embed_dim", "vision", "text") if key not in config]
+    if missing:
+        raise TypeError(f"model config dict has no {', '.join(map(repr, missing))}: it needs embed_dim, vision and text "
+                        "(activation is 'quick_gelu' unless given), e.g. clip.RELEASED_ARCHITECTURES['ViT-B/32']"
+                        ".to_dict() with the values to change")
+    for tower, fields_of in (("vision", "VisionConfig"), ("text", "TextConfig")):
+        if not isinstance(config[tower], dict):
+            raise TypeError(f"model config {tower!r} must be a dict of {fields_of} fields, got {config[tower]!r}")
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -486,6 +486,20 @@ def test_create_model_refuses_a_config_dict_key_it_would_ignore():
     assert model_module.create_model(config).config == TINY["vit"]
 
 
+def test_create_model_names_what_a_config_dict_lacks():
+    # {} and {"vision": 1} failed with a bare KeyError('embed_dim'), naming nothing of what a dict needs
+    config = TINY["vit"].to_dict()
+    with pytest.raises(TypeError, match=r"model config dict has no 'embed_dim', 'vision', 'text': it needs embed_dim, "
+                                        r"vision and text \(activation is 'quick_gelu' unless given\)"):
+        model_module.create_model({})
+    with pytest.raises(TypeError, match=r"model config dict has no 'text': "):
+        model_module.create_model({key: value for key, value in config.items() if key != "text"})
+    with pytest.raises(TypeError, match=r"model config 'vision' must be a dict of VisionConfig fields, got 1"):
+        model_module.create_model({**config, "vision": 1})
+    without_activation = {key: value for key, value in config.items() if key != "activation"}
+    assert model_module.create_model(without_activation).config.activation == "quick_gelu"
+
+
 def test_a_block_takes_a_strided_input_other_than_the_models_layout():
     # Neither contiguous nor the transposed view of a contiguous (N, L, D) tensor (a slice of a prompt
     # learner's batch): worked on as given, not mistaken for the model's own batch-major layout

@@ -18,11 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from .dependencies import MissingDependency
+
 log = logging.getLogger(__name__)
-
-
-class MissingDependency(RuntimeError):
-    """A setting asks for a package that is not installed."""
 
 
 class RunLogWriteError(RuntimeError):

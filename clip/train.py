@@ -31,6 +31,7 @@ from .data import (
     merge_rank_reports,
     states_to_save,
 )
+from .data.shards import require_shard_readers
 from .distributed import (
     DistributedInfo,
     agree_after_backward,
@@ -288,6 +289,7 @@ def _train(
     device = dist_info.device
     if config.logging.wandb:
         require_wandb()
+    require_shard_readers(config.data.sources)
     configure_process(config.train, device, on_exit)
     config_dict = to_dict(config)
 

@@ -475,3 +475,37 @@ def test_a_repeated_member_name_keeps_the_first_and_loses_no_other_sample(tmp_pa
     first = next(s for s in iterate_tar_samples(str(tmp_path / "s-000000.tar")) if s["__key__"] == f"{5:09d}")
     assert first["jpg"] == image_bytes(5, "JPEG")  # the first member of the name, not the repeat
 
+
+
+@pytest.fixture
+def protocol_without_its_package(monkeypatch: pytest.MonkeyPatch) -> str:
+    """An fsspec protocol whose backend package is missing, as s3:// is without s3fs."""
+    registry = pytest.importorskip("fsspec.registry")
+    monkeypatch.setitem(registry.known_implementations, "nobackend",
+                        {"class": "no_such_backend_package.FileSystem", "err": "Install no_such_backend_package"})
+    return "nobackend"
+
+
+@pytest.mark.parametrize("path", ["{p}://bucket/{{0..3}}.tar", "simplecache::{p}://bucket/{{0..3}}.tar"],
+                         ids=["url", "chained"])
+def test_shards_whose_protocol_lacks_its_package_are_refused_before_a_run(protocol_without_its_package, path):
+    # fsspec's "Install s3fs to access S3" came from the first shard opened, with a traceback through the
+    # data's set-up, after the model was built
+    from clip.dependencies import MissingDependency
+    from clip.data.shards import require_shard_readers
+
+    shards = SourceConfig(kind="shards", path=path.format(p=protocol_without_its_package))
+    with pytest.raises(MissingDependency, match=r"sources\[1\].path .*nobackend://.*Install no_such_backend_pack"):
+        require_shard_readers([SourceConfig(kind="synthetic"), shards])
+
+
+def test_shards_every_reader_can_open_pass_the_check(tmp_path: Path) -> None:
+    from clip.data.shards import require_shard_readers
+
+    require_shard_readers([
+        SourceConfig(kind="shards", path=write_shards(tmp_path, 4, 4)),
+        SourceConfig(kind="shards", path="pipe:cat /data/{0..3}.tar"),
+        SourceConfig(kind="shards", path="file:///data/{0..3}.tar"),
+        SourceConfig(kind="shards", path="memory://bucket/{0..3}.tar"),  # fsspec's own, no package needed
+        SourceConfig(kind="shards", path="unknownproto://bucket/{0..3}.tar"),  # refused when opened, as bad input
+    ])

@@ -2502,3 +2502,17 @@ def test_without_a_progress_bar_each_logged_steps_figures_are_a_log_line(tmp_pat
     with caplog.at_level("INFO", logger="clip.train"):  # the bar shows them: not said twice
         train(tiny_config(tmp_path / "bar", "logging.progress_bar=true", *steps))
     assert not [record for record in caplog.records if re.match(r"step \d+/4: ", record.getMessage())]
+
+
+def test_shards_whose_fsspec_backend_is_missing_end_the_command_with_one_line(tmp_path, capsys, caplog, monkeypatch):
+    # s3:// shards without s3fs: fsspec's ImportError came with a traceback, from the data's set-up
+    registry = pytest.importorskip("fsspec.registry")
+    monkeypatch.setitem(registry.known_implementations, "nobackend",
+                        {"class": "no_such_backend_package.FileSystem", "err": "Install no_such_backend_package"})
+    capsys.readouterr()
+    shards = 'data.sources=[{kind="shards", path="nobackend://bucket/{0..1}.tar"}]'
+    assert main([str(DEMO), "--output-dir", str(tmp_path / "run"), *TINY, shards]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+    errors = [record for record in caplog.records if record.levelname == "ERROR"]
+    assert len(errors) == 1 and "Install no_such_backend_package" in errors[0].getMessage()
+    assert errors[0].exc_info is None

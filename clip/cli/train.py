@@ -26,13 +26,14 @@ from .. import checkpoint as ckpt
 from ..config import TrainConfig, load_config
 from ..config_io import ConfigError
 from ..data.stream import UnusableData
+from ..dependencies import MissingDependency
 from ..distributed import DeviceUnavailable, failed_on_another_rank
 from ..download import DownloadError
 from ..launcher import LauncherEnvironment, LauncherMisconfigured, read_launcher_environment
 from ..loading import ModelNotFoundError
 from ..resume import ResumeRefused
 from ..run_lock import RunDirectoryInUse
-from ..run_log import MissingDependency, RunLogWriteError
+from ..run_log import RunLogWriteError
 from ..run_start import BadTrainingInput
 from ..stopping import (
     STOPPED_AT_ONCE_EXIT_CODE, STOPPED_EARLY_EXIT_CODE, SetupInterrupted, StoppedAtOnce, StopRequest,

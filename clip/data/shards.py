@@ -18,7 +18,7 @@ import json
 import logging
 import posixpath
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -27,6 +27,8 @@ from urllib.parse import urlparse
 import numpy as np
 
 from ..config_io import relative_path_note
+from ..dependencies import MissingDependency
+from .config import SourceConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ def require_webdataset() -> Any:
     try:
         import webdataset
     except ImportError as error:
-        raise ImportError(
+        raise MissingDependency(
             "reading WebDataset shards needs the `webdataset` package: pip install webdataset "
             "(or install this package with the `shards` extra: pip install 'clip-pretrain[shards]')"
         ) from error
@@ -81,6 +83,35 @@ def expand_shard_pattern(pattern: str) -> list[str]:
 def _is_local(url: str) -> bool:
     scheme = urlparse(url).scheme
     return scheme == "" or len(scheme) == 1  # a Windows drive letter is not a scheme
+
+
+def require_shard_readers(sources: Iterable[SourceConfig]) -> None:
+    """Refuses, before a run starts, shards this environment has no package to read (MissingDependency):
+    webdataset for any, and for a URL that `open_url` hands to fsspec, the backend of each protocol in its
+    chain (s3fs for s3://, gcsfs for gs://, aiohttp for http(s)://). Otherwise fsspec's ImportError came from
+    the first shard opened, with a traceback through the data's set-up."""
+    for index, source in enumerate(sources):
+        if source.kind != "shards":
+            continue
+        require_webdataset()
+        try:
+            import fsspec
+        except ImportError:
+            return  # remote URLs go to webdataset's gopen (curl, a store's command-line tool) instead
+        for url in _pattern_parts(source.path):
+            if url.startswith("pipe:") or _is_local(url) or urlparse(url).scheme == "file":
+                continue
+            # fsspec's chains: "simplecache::s3://bucket/x.tar" -- a bare piece is a protocol's name
+            for protocol in (piece.split("://", 1)[0] for piece in url.split("::")):
+                try:
+                    fsspec.get_filesystem_class(protocol)
+                except ImportError as error:
+                    raise MissingDependency(
+                        f"data.sources[{index}].path {source.path!r}: its {protocol}:// URLs are read through "
+                        f"fsspec, which needs a package that is not installed here: {error}"
+                    ) from error
+                except ValueError:  # a protocol fsspec does not know: opening the shard says so, as bad input
+                    continue
 
 
 def open_url(url: str) -> IO[bytes]:

@@ -418,6 +418,11 @@ def _resolve(name_or_path: str | Path, download_root: str | Path | None) -> tupl
 
 
 def _existing_path(name_or_path: str | Path) -> Path:
+    if isinstance(name_or_path, str) and not name_or_path:  # Path("") is the current folder, read as a run
+        raise ModelNotFoundError(
+            f"an empty model name: give a released model ({', '.join(RELEASED_WEIGHTS)}), a weights file or a "
+            "run directory ('.' for the current folder)"
+        )
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path

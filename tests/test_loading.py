@@ -1065,6 +1065,14 @@ def test_a_released_name_given_as_a_path_is_told_to_be_a_str(tmp_path: Path, mon
         load(Path("RN50"), device="cpu")
 
 
+def test_an_empty_name_is_refused_not_read_as_the_current_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Path("") is "."; clip.load("") and `clip-retrieval --model ''` read the working directory as a run
+    # directory (an error about its missing checkpoints), or loaded a run started there
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"an empty model name: .*'\.' for the current folder"):
+        load("", device="cpu")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Files that would run code are refused
 

@@ -6,7 +6,9 @@ its exit status (test_clip_train_signals.py). Deterministic: each signal is sent
 ENTRY: "script" (python scripts/train.py) or "module" (python -m clip.cli.train, as the clip-train command runs).
 POINT: "import" (as clip.train is imported: no other point with it), "config" (as the config is read), "step2"
 (before the run's second forward pass), "teardown" (as train destroys the process group), "returned" (as train
-has returned to clip-train), "exit" (at the interpreter's exit, after clip-train's main returned).
+has returned to clip-train), "exit" (at the interpreter's exit, after clip-train's main returned), "finalization"
+(as the interpreter frees its modules, after its exit functions ran: past the point where Python puts back the
+default action of every signal it handled).
 """
 
 import atexit
@@ -33,6 +35,17 @@ class SignalOnImport:
         if name == self.module:
             send(self.signame)
         return None
+
+
+class SignalWhenFreed:
+    """Signals as it is freed: kept by the __main__ module alone, that is as the interpreter clears its modules."""
+
+    def __init__(self, signame: str) -> None:
+        # Kept here: the module's globals may be gone by then
+        self.kill, self.pid, self.signum = os.kill, os.getpid(), getattr(signal, signame)
+
+    def __del__(self) -> None:
+        self.kill(self.pid, self.signum)
 
 
 def signalling(real, signame: str, call: int = 1, after: bool = False):
@@ -69,6 +82,8 @@ def main() -> None:
             clip.train.train = signalling(clip.train.train, points.pop("returned"), after=True)
         if "exit" in points:
             atexit.register(send, points.pop("exit"))  # registered first: run last
+    if "finalization" in points:
+        globals()["signal_when_freed"] = SignalWhenFreed(points.pop("finalization"))
     assert not points, f"unknown points: {points}"
     if entry == "script":
         sys.argv = [str(REPO / "scripts" / "train.py"), *args]

@@ -11,6 +11,7 @@ using, init weights that name nothing loadable); 75 stopped early with a checkpo
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import logging
@@ -297,7 +298,7 @@ def command() -> NoReturn:
     """The clip-train command (and scripts/train.py): `main`, then the process's exit with its status. A signal
     after `main` returned (atexit's work, the interpreter's teardown) is ignored: the run is over and the status
     says what it did; the default action would have ended the process with 143 instead. Two Ctrl-C end an
-    exit that hangs."""
+    exit that hangs in the exit functions registered while `main` ran (the data loaders' clean-up)."""
     pressed = {"ctrl_c": 0}
 
     def while_exiting(signum, frame) -> None:
@@ -309,7 +310,18 @@ def command() -> NoReturn:
     # Installed before `main`, which puts it back as it returns: no moment is left to the default action
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, while_exiting)
+    atexit.register(ignore_signals_in_the_teardown)
     sys.exit(main())
+
+
+def ignore_signals_in_the_teardown() -> None:
+    """An exit function (registered before the run's own, it runs after them): from here to the process's end
+    SIGTERM and SIGINT are ignored. Once the exit functions have run, Python puts back the default action of every
+    signal it handled (not of an ignored one) and then frees its modules, which takes torch tens of milliseconds:
+    a second copy of a pre-emption's SIGTERM (srun's and torchrun's) arriving then ended a stopped or finished
+    run with 143, which slurm_train.sbatch takes for a failure. Only the freeing is left: nothing to stop."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def note_in_run_log(log_file: RunDirectoryLog | None, message: str, error: BaseException | None = None) -> None:

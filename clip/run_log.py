@@ -129,7 +129,10 @@ def _drop_records_after(path: Path, step: int, drop_evaluations_at_step: bool = 
     kept = [line for line in lines if kept_line(line)]
     if len(kept) == len(lines):
         return
-    log.info("%s: dropping %d records of the steps after %d, which are logged again", path, len(lines) - len(kept), step)
+    # A resume that evaluates step `step` again drops that step's evaluation records as well
+    which = f"of step {step}'s evaluation and the steps after it" if drop_evaluations_at_step else \
+        f"of the steps after {step}"
+    log.info("%s: dropping %d records %s, which are logged again", path, len(lines) - len(kept), which)
     temporary = path.with_name(path.name + ".tmp")
     try:
         temporary.write_text("".join(kept), encoding="utf-8")

@@ -67,6 +67,16 @@ def test_the_tensorboard_writer_gets_the_scalars_and_is_closed_with_the_log(tmp_
     assert writer.scalars == [("loss", 1.0, 5), ("data/samples", 8, 5)] and writer.closed
 
 
+def test_a_resume_that_evaluates_its_step_again_says_it_drops_that_evaluation(tmp_path, caplog):
+    # Only step 2's evaluation record goes: the line said "dropping 1 records of the steps after 2"
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n{"step": 2, "zeroshot/x/top1": 0.5}\n')
+    with caplog.at_level(logging.INFO, logger="clip.run_log"):
+        RunLog(tmp_path, tensorboard=False, resumed_at=2, reevaluated=True).close()
+    assert path.read_text().splitlines() == ['{"step": 1, "loss": 2.0}', '{"step": 2, "loss": 1.0}']
+    assert "dropping 1 records of step 2's evaluation and the steps after it" in caplog.text
+
+
 def test_a_resume_with_nothing_to_drop_leaves_metrics_jsonl_alone(tmp_path, caplog):
     # Rewriting it anyway said "dropping 0 records", and on a full disk failed a resume that needed no write
     path = tmp_path / "metrics.jsonl"

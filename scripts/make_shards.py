@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, when not pip-installed
 
+from clip.config_io import relative_path_note
 from clip.data.decoding import IMAGE_EXTENSIONS, SkipSample, decode_caption, open_image, pil_pixel_limit
 from clip.data.manifest import (
     MANIFEST_SUFFIXES,
@@ -372,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         samples = folder_samples(source)
     elif source.is_file():
         samples = manifest_samples(source, args)
+    elif not source.exists() and not source.is_symlink():
+        # A mistyped path was "neither a manifest file nor a folder", which did not say that nothing is there
+        raise SystemExit(f"make_shards: {source} does not exist{relative_path_note(str(source))}")
     else:
         raise SystemExit(f"{source} is neither a manifest file nor a folder")
     try:

@@ -270,7 +270,7 @@ def test_help_runs_as_a_script() -> None:
     # Bad input exits 2, as clip-train and the evaluation commands do (it was 1, the status of a failure)
     result = subprocess.run([sys.executable, str(SCRIPT), "/nonexistent/captions.tsv", "out"], capture_output=True,
                             text=True, env=env, timeout=120)
-    assert result.returncode == 2 and result.stderr == "/nonexistent/captions.tsv is neither a manifest file nor a folder\n"
+    assert result.returncode == 2 and result.stderr == "make_shards: /nonexistent/captions.tsv does not exist\n"
 
 
 def test_an_output_that_is_a_file_is_one_line(tmp_path: Path) -> None:
@@ -418,3 +418,15 @@ def test_nothing_to_write_is_one_line_with_status_2(tmp_path: Path) -> None:
     empty.write_text("image,caption\n")
     with pytest.raises(SystemExit, match=nothing_from.format(re.escape(str(empty))) + ": it holds none$"):
         module.main([str(empty), str(tmp_path / "out3")])
+
+
+def test_an_input_that_does_not_exist_is_said_to_be_missing(tmp_path: Path, monkeypatch) -> None:
+    # A mistyped manifest path read "captions.tsv is neither a manifest file nor a folder", of a name that plainly
+    # is a manifest's: it did not say that nothing is there, nor where a relative path was looked for
+    monkeypatch.chdir(tmp_path)
+    module = load_make_shards()
+    with pytest.raises(SystemExit, match=r"^make_shards: captions\.tsv does not exist \(a relative path, read from "
+                                         r"the folder the command runs in, .*\)$"):
+        module.main(["captions.tsv", "out"])
+    assert module.run(["captions.tsv", "out"]) == 2
+    assert not (tmp_path / "out").exists()

@@ -478,6 +478,20 @@ def test_a_source_table_without_a_kind_is_synthetic(tmp_path):
     assert (source.kind, source.num_samples) == ("synthetic", 5)
 
 
+def test_the_demos_source_turned_into_a_manifest_says_how_to_unset_its_sample_count():
+    # The demo's synthetic source sets num_samples; `data.sources.0.kind=manifest` on it (the README's override for
+    # your own pairs) was refused for a num_samples the user never wrote, without the way to clear it
+    from clip.config import TrainConfig
+
+    demo = Path(__file__).parent.parent / "configs" / "demo.toml"
+    with pytest.raises(ConfigError) as caught:
+        load_config(demo, ["data.sources.0.kind=manifest", "data.sources.0.path=pairs.csv"], TrainConfig)
+    assert 'set it to "none"' in str(caught.value), str(caught.value)
+    fixed = load_config(demo, ["data.sources.0.kind=manifest", "data.sources.0.path=pairs.csv",
+                               "data.sources.0.num_samples=none"], TrainConfig)
+    assert fixed.data.sources[0].num_samples is None
+
+
 def test_boundary_values_that_mean_something_are_accepted():
     from clip.config import TrainConfig
 

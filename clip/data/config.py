@@ -82,7 +82,10 @@ class SourceConfig:
         if self.num_samples is not None:
             require("num_samples", self.num_samples, self.num_samples >= 1, ">= 1")
         if self.kind == "manifest" and self.num_samples is not None:
-            raise InvalidValue("num_samples", "is for synthetic and shard sources; a manifest's rows are its samples")
+            # Also a synthetic source's count left over from its file when an override makes it a manifest
+            # (the demo's, with data.sources.0.kind=manifest): said how to clear it
+            raise InvalidValue("num_samples", "is for synthetic and shard sources; a manifest's rows are its samples: "
+                               'remove it, or set it to "none"')
         if self.synthetic_image_size is not None:
             # The synthetic renderer needs 16 pixels to draw its shapes (clip.data.synthetic.SyntheticSpec).
             require("synthetic_image_size", self.synthetic_image_size, self.synthetic_image_size >= 16,

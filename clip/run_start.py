@@ -154,6 +154,7 @@ def start_new_run(module: ContrastiveModel, config: TrainConfig, dist_info: Dist
         )
     if dist_info.is_main:
         warn_of_a_literal_tilde_folder(Path(config.output_dir))
+        warn_of_run_directories_inside(Path(config.output_dir))
     # The initial weights' SigLIP bias (None for weights trained without one) is the loss's parameter here
     loaded_bias, module.clip.logit_bias = module.clip.logit_bias, None
     if config.loss.kind == "siglip":
@@ -191,6 +192,25 @@ def warn_of_a_literal_tilde_folder(run_dir: Path) -> None:
         log.warning("%s starts a new run, but %s (a folder named '~' in the current one, which output_dir = '~/...' "
                     "made before '~' meant the home folder) holds checkpoints: to continue that run, pass "
                     "--output-dir %s", run_dir, literal, literal.resolve())
+
+
+RUNS_NAMED = 5  # of a folder of runs given as the run directory: a long-lived runs/ holds hundreds
+
+
+def warn_of_run_directories_inside(run_dir: Path) -> None:
+    """--output-dir runs, meant as runs/my_run (to resume that run, or to start one beside it), started a new run
+    from scratch in the folder of runs itself, its checkpoints and results among the runs' folders, without a
+    word: named here, with the runs inside (those holding a checkpoint: a folder of runs may hold others)."""
+    try:
+        runs = sorted(child for child in run_dir.iterdir() if child.is_dir() and ckpt.list_checkpoints(child))
+    except OSError:  # unreadable, or not there yet: a warning's check must not stop the run
+        return
+    if runs:
+        named = ", ".join(map(str, runs[:RUNS_NAMED]))
+        if len(runs) > RUNS_NAMED:
+            named += f" and {len(runs) - RUNS_NAMED} more"
+        log.warning("%s starts a new run, but it holds run directories: %s. To continue one of them, pass its own "
+                    "folder (--output-dir %s)", run_dir, named, runs[-1])
 
 
 def results_step(path: Path, default: int) -> int:

@@ -20,6 +20,7 @@ from clip.run_start import (
     start_new_run,
     warn_about_unlikely_settings,
     warn_of_a_literal_tilde_folder,
+    warn_of_run_directories_inside,
 )
 
 DEMO = Path(__file__).parent.parent / "configs" / "demo.toml"
@@ -129,6 +130,32 @@ def test_the_literal_tilde_folder_is_named_only_when_it_holds_checkpoints_and_ne
 
         monkeypatch.setattr(Path, "home", classmethod(homeless))
         warn_of_a_literal_tilde_folder(home / "runs" / "x")
+        assert caplog.text == ""
+
+
+def test_a_new_run_in_a_folder_of_runs_names_them_and_never_stops_the_run(tmp_path, monkeypatch, caplog):
+    # --output-dir runs, meant as runs/my_run (to resume it, or beside it): a new run from scratch started in the
+    # folder of runs itself, its checkpoints and results mixed with the runs' folders, without a word
+    runs = tmp_path / "runs"
+    (runs / "images" / "cats").mkdir(parents=True)  # a folder that is no run
+    (runs / "empty_run" / ckpt.CHECKPOINT_DIR).mkdir(parents=True)  # no checkpoint in it
+    with caplog.at_level(logging.WARNING, logger="clip.train"):
+        warn_of_run_directories_inside(runs)
+        assert caplog.text == ""
+        ckpt.checkpoint_path(runs / "my_run", 4).parent.mkdir(parents=True)
+        ckpt.checkpoint_path(runs / "my_run", 4).write_bytes(b"")
+        warn_of_run_directories_inside(runs)
+        assert f"{runs} starts a new run, but it holds run directories: {runs / 'my_run'}" in caplog.text
+        assert f"--output-dir {runs / 'my_run'}" in caplog.text
+        caplog.clear()
+        warn_of_run_directories_inside(tmp_path / "not_there")  # a new folder: nothing inside to name
+        assert caplog.text == ""
+
+        def unreadable(path):
+            raise PermissionError(f"{path}: permission denied")
+
+        monkeypatch.setattr(Path, "iterdir", unreadable)
+        warn_of_run_directories_inside(runs)  # a warning's check: no reason to stop the run
         assert caplog.text == ""
 
 

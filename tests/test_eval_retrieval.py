@@ -623,3 +623,14 @@ def test_captions_that_several_images_share_are_warned_about(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="clip.evaluation.retrieval_data"):
         warn_about_shared_captions(several, "shapes", "REMEDY")
     assert "(2 such captions; 'a red circle' is 3 images')" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["pairs.csv", "karpathy.json"])
+def test_annotations_that_do_not_exist_are_named_as_the_datasets(tmp_path, monkeypatch, name):
+    # A mistyped annotations path read "[Errno 2] No such file or directory: 'pairs.csv'" (in clip-train's one line
+    # too), which named neither the setting nor the dataset, nor where a relative path was looked for
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as caught:
+        load_retrieval_data(RetrievalDatasetConfig(name="flickr", annotations=name))
+    assert str(caught.value).startswith(f"retrieval dataset 'flickr': annotations {name} does not exist (a relative "
+                                        f"path, read from the folder the command runs in, {tmp_path})")

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset
 
+from clip.config_io import relative_path_note
 from clip.data.manifest import FIELD_LIMIT, MANIFEST_SUFFIXES, is_json_lines, manifest_rows_with_problems
 
 from .config import RetrievalDatasetConfig
@@ -201,6 +202,11 @@ def annotations_format(config: RetrievalDatasetConfig) -> Literal["karpathy", "m
 def load_retrieval_data(config: RetrievalDatasetConfig) -> RetrievalData:
     if not config.annotations:
         raise ValueError("a retrieval dataset needs `annotations`")
+    if not Path(config.annotations).exists():
+        # The reader's bare "[Errno 2] No such file or directory: 'pairs.csv'" named neither the setting nor the
+        # dataset, in clip-train's one line as in clip-retrieval's
+        raise FileNotFoundError(f"retrieval dataset {config.resolved_name()!r}: annotations {config.annotations} "
+                                f"does not exist{relative_path_note(config.annotations)}")
     kind = annotations_format(config)
     if kind == "manifest" and config.split not in ("test", ""):  # not the default or "all"
         # Ignored, it evaluated every row of the manifest under the name of a split

@@ -567,3 +567,14 @@ def test_synthetic_only_settings_on_another_kind_are_named_as_ignored(tmp_path, 
         load_classification_data(limited, None, warn=False)  # another rank reports it
         load_classification_data(ZeroShotDatasetConfig(kind="synthetic", num_samples=24, seed=3), None)
     assert not caplog.records
+
+
+@pytest.mark.parametrize("split", ["", "val"])
+def test_a_relative_image_folder_that_is_missing_says_where_it_was_looked_for(tmp_path, monkeypatch, split):
+    # "image folder not found: data/imagenet", of a root written relative to the config file's folder, left the
+    # user to guess which folder it was read from (the command's, as for a data source's path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as caught:
+        load_classification_data(imagefolder(Path("data/imagenet"), split), None)
+    assert str(caught.value) == ("image folder not found: data/imagenet (a relative path, read from the folder the "
+                                 f"command runs in, {tmp_path})")

@@ -17,6 +17,8 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from clip.config_io import relative_path_note
+
 from .image_files import Transform, read_image
 from .templates import load_classnames
 
@@ -174,7 +176,7 @@ class ImageFolderDataset(Dataset):
     ):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.root}")
+            raise FileNotFoundError(f"image folder not found: {self.root}{relative_path_note(str(self.root))}")
         present = list_class_folders(self.root)
         if class_folders is None:
             class_folders = present
@@ -230,7 +232,8 @@ def split_folder(root: str | Path, split: str) -> Path:
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
+        # Where a relative root was looked for: the command's folder, not the config file's
+        raise FileNotFoundError(f"image folder not found: {root}{relative_path_note(str(root))}")
     if not split:
         return root
     folder = root / split

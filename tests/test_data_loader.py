@@ -889,8 +889,11 @@ def test_a_resampled_epoch_too_large_to_plan_is_refused() -> None:
     # A resampled epoch is data.epoch_samples long, whatever the weights: their ratios alone are read
     shapes = SourceConfig(kind="synthetic", num_samples=64, weight=1e15)
     build([shapes], batch_size=4, resampled=True, epoch_samples=64).close()
-    with pytest.raises(ValueError, match=re.escape("an epoch of 1e+18 samples (data.epoch_samples; 0:synthetic: ")):
+    with pytest.raises(ValueError, match=re.escape("an epoch of 1e+18 samples (data.epoch_samples; 0:synthetic: ")) \
+            as refused:
         build([shapes], batch_size=4, resampled=True, epoch_samples=10**18)
+    # The weights only share data.epoch_samples out: lowering them, as the error said, changed nothing
+    assert str(refused.value).endswith("(2**32). Lower data.epoch_samples"), str(refused.value)
     # ... which an infinite sum has none of
     endless = SourceConfig(kind="synthetic", num_samples=64, weight=1e308)
     with pytest.raises(ValueError, match=re.escape("an epoch of inf samples (weight x size summed over the sources")):

@@ -55,9 +55,10 @@ log = logging.getLogger(__name__)
 # 2: positions may refer to transition streams after an elastic resume ("handovers"); 1 is read as well.
 STATE_FORMAT = 2
 _READABLE_FORMATS = (1, 2)
-# The most samples one data worker's plan of an epoch may hold: a plan lists each of its samples (10 bytes
-# each: source label and row), so 2**32 is 43 GB in one worker, past any machine's share. A weight of 1e308 made
-# weight x size infinite (an OverflowError, with a traceback), and one of 1e15 planned without end.
+# The most samples one data worker's plan of an epoch may hold: a plan lists each of its samples (a 2-byte source
+# label, and an 8-byte row for a manifest or synthetic source), so 2**32 is 8.6 GB (shards) to 43 GB in one worker.
+# A weight of 1e308 made weight x size infinite (an OverflowError, with a traceback), and one of 1e15 planned
+# without end.
 MAX_SAMPLES_PER_SLOT = 2**32
 # What the plans depend on besides the slot layout: under another of these, saved positions mean nothing.
 _PLAN_KEYS = ("plan_version", "seed", "resampled", "epoch_samples", "sources")
@@ -365,18 +366,21 @@ class TrainData:
         rounded to a count of samples (which an infinite weight x size is not)."""
         asked = float(sum(source.layout.weight * source.layout.size for source in self.sources))
         epoch = "weight x size summed over the sources"
+        remedy = "Lower the weights (a source's weight is how many times an epoch reads it)"
+        if not config.resampled:
+            remedy += ", or set data.resampled = true with data.epoch_samples for a corpus that large"
         # (A resampled epoch draws data.epoch_samples by the weights' ratios, which an infinite sum has none of)
         if config.resampled and config.epoch_samples is not None and math.isfinite(asked):
             asked, epoch = float(config.epoch_samples), "data.epoch_samples"
+            # The weights only share that count out between the sources: lowering them changed nothing
+            remedy = "Lower data.epoch_samples"
         if asked / self.planner.slots <= MAX_SAMPLES_PER_SLOT:
             return
         sizes = ", ".join(f"{source.name}: {source.layout.weight:g} x {source.layout.size}" for source in self.sources)
         raise ValueError(
             f"an epoch of {asked:.3g} samples ({epoch}; {sizes}) is too large: each of the "
             f"{self.planner.slots} data workers over all ranks plans its share of an epoch, at most "
-            f"{MAX_SAMPLES_PER_SLOT} samples (2**32). Lower the weights (a source's weight is how many times an "
-            f"epoch reads it)" + ("" if config.resampled else
-                                  ", or set data.resampled = true with data.epoch_samples for a corpus that large")
+            f"{MAX_SAMPLES_PER_SLOT} samples (2**32). {remedy}"
         )
 
     def _check_rounded_weights(self) -> None:

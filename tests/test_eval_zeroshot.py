@@ -783,6 +783,15 @@ def test_a_notebook_image_that_cannot_be_decoded_is_named(tmp_path):
         zeroshot_classify_images(tiny_clip(), image_transform(32), images, ["red", "blue"])
 
 
+def test_an_undecodable_image_whose_error_has_no_message_is_named_with_the_errors_kind():
+    # A plugin's bare EOFError() (an exception is always true, so `error or its name` gave the empty message):
+    # the line ended 'cannot be decoded: ' with nothing after it
+    def preprocess(image):
+        raise EOFError()
+
+    with pytest.raises(OSError, match=r"images\[0\] cannot be decoded: EOFError$"):
+        zeroshot_classify_images(tiny_clip(), preprocess, [Image.new("RGB", (40, 30))], ["red", "blue"])
+
 
 def test_a_missing_or_blank_class_name_is_refused_naming_its_place():
     # A name list read from a table with a gap gave None or "" a class of its own, prompted as 'a photo of a None.'

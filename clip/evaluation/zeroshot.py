@@ -274,7 +274,7 @@ def _preprocessed(preprocess: Callable[[Image.Image], torch.Tensor], image: Imag
     except (OSError, SyntaxError, EOFError) as error:  # as PIL's format plugins report broken data
         filename = getattr(image, "filename", "")
         where = f" ({filename})" if filename else ""
-        raise OSError(f"images[{index}]{where} cannot be decoded: {error or type(error).__name__}") from error
+        raise OSError(f"images[{index}]{where} cannot be decoded: {str(error) or type(error).__name__}") from error
 
 
 def zeroshot_classify_images(

@@ -509,3 +509,37 @@ def test_shards_every_reader_can_open_pass_the_check(tmp_path: Path) -> None:
         SourceConfig(kind="shards", path="memory://bucket/{0..3}.tar"),  # fsspec's own, no package needed
         SourceConfig(kind="shards", path="unknownproto://bucket/{0..3}.tar"),  # refused when opened, as bad input
     ])
+
+
+@pytest.fixture
+def http_without_aiohttp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsspec's http(s) protocols without their package (aiohttp), which no extra of this package installs."""
+    registry = pytest.importorskip("fsspec.registry")
+    for scheme in ("http", "https"):
+        monkeypatch.setitem(registry.known_implementations, scheme,
+                            {"class": "no_such_backend_package.HTTPFileSystem",
+                             "err": "Install no_such_backend_package"})
+
+
+def test_http_shards_without_fsspecs_package_are_read_with_curl(http_without_aiohttp, monkeypatch) -> None:
+    # torch requires fsspec, so every https:// shard went to fsspec, and without aiohttp failed at the first one
+    import clip.data.shards as shards
+
+    monkeypatch.setattr(shards.shutil, "which", lambda name: f"/usr/bin/{name}")
+    shards.require_shard_readers([SourceConfig(kind="shards", path="https://host/data/{0..3}.tar")])
+    opened = []
+    fake_webdataset = type("FakeWebdataset", (), {"gopen": staticmethod(lambda url, mode: opened.append(url))})
+    monkeypatch.setattr(shards, "require_webdataset", lambda: fake_webdataset)
+    shards.open_url("https://host/data/0.tar")
+    assert opened == ["https://host/data/0.tar"]
+
+
+def test_http_shards_with_neither_fsspecs_package_nor_curl_are_refused(http_without_aiohttp, monkeypatch) -> None:
+    import clip.data.shards as shards
+    from clip.dependencies import MissingDependency
+
+    monkeypatch.setattr(shards.shutil, "which", lambda name: None)
+    with pytest.raises(MissingDependency, match=r"https:// URLs .*Install no_such_backend_package \(or the curl comm"):
+        shards.require_shard_readers([SourceConfig(kind="shards", path="https://host/data/{0..3}.tar")])
+    with pytest.raises(MissingDependency, match="Install no_such_backend_package"):
+        shards.open_url("https://host/data/0.tar")

@@ -4,8 +4,9 @@ Shards are read with webdataset's tar iteration (`webdataset.tariterators.tar_fi
 `group_by_keys`, i.e. the standard package's parsing of KEY.ext members into samples) but not with its
 `WebDataset` pipeline: exact resume and exactly-once epochs need every worker to read a planned range of
 samples `[start, stop)` of a shard (see `sampling.py`), and to skip to `start` without reading member
-data -- which `tar_file_iterator`'s `select_files` hook allows. URLs are opened with webdataset's `gopen`
-(local files, `pipe:` commands, http(s) through curl) or fsspec for object stores (s3://, gs://, ...).
+data -- which `tar_file_iterator`'s `select_files` hook allows. Local files are opened directly, `pipe:` commands
+and file:// URLs with webdataset's `gopen`, remote URLs (s3://, gs://, http(s)://, ...) with fsspec, or http(s)
+with `gopen`'s curl where fsspec lacks aiohttp.
 
 webdataset is an optional dependency (the `shards` extra); it is imported only when shards are used.
 """
@@ -18,6 +19,7 @@ import json
 import logging
 import posixpath
 import re
+import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,35 +89,59 @@ def _is_local(url: str) -> bool:
 
 def require_shard_readers(sources: Iterable[SourceConfig]) -> None:
     """Refuses, before a run starts, shards this environment has no package to read (MissingDependency):
-    webdataset for any, and for a URL that `open_url` hands to fsspec, the backend of each protocol in its
-    chain (s3fs for s3://, gcsfs for gs://, aiohttp for http(s)://). Otherwise fsspec's ImportError came from
-    the first shard opened, with a traceback through the data's set-up."""
+    webdataset for any, and for a remote URL, what `open_url` would read it with (`_remote_reader`). Otherwise
+    fsspec's ImportError ("Install s3fs to access S3") came from the first shard opened, with a traceback through
+    the data's set-up."""
     for index, source in enumerate(sources):
         if source.kind != "shards":
             continue
         require_webdataset()
-        try:
-            import fsspec
-        except ImportError:
-            return  # remote URLs go to webdataset's gopen (curl, a store's command-line tool) instead
         for url in _pattern_parts(source.path):
-            if url.startswith("pipe:") or _is_local(url) or urlparse(url).scheme == "file":
+            if not _is_remote(url):
                 continue
-            # fsspec's chains: "simplecache::s3://bucket/x.tar" -- a bare piece is a protocol's name
-            for protocol in (piece.split("://", 1)[0] for piece in url.split("::")):
-                try:
-                    fsspec.get_filesystem_class(protocol)
-                except ImportError as error:
-                    raise MissingDependency(
-                        f"data.sources[{index}].path {source.path!r}: its {protocol}:// URLs are read through "
-                        f"fsspec, which needs a package that is not installed here: {error}"
-                    ) from error
-                except ValueError:  # a protocol fsspec does not know: opening the shard says so, as bad input
-                    continue
+            reader = _remote_reader(url)
+            if isinstance(reader, ImportError):
+                raise MissingDependency(f"data.sources[{index}].path {source.path!r}: {reader}") from reader
+
+
+# The schemes webdataset's gopen reads with the curl command, where fsspec lacks their package (aiohttp)
+_CURL_SCHEMES = ("http", "https")
+
+
+def _is_remote(url: str) -> bool:
+    return not (url.startswith("pipe:") or _is_local(url) or urlparse(url).scheme == "file")
+
+
+def _remote_reader(url: str) -> str | ImportError:
+    """How `open_url` reads a remote URL: "fsspec" where fsspec has the package of each protocol in its chain
+    ("simplecache::s3://bucket/x.tar"; s3fs for s3://, gcsfs for gs://, aiohttp for http(s)://), else "curl"
+    for http(s) through webdataset's gopen where the curl command exists, else the ImportError that says what
+    to install. A protocol fsspec does not know is left to fsspec, whose error when it opens it is bad input."""
+    try:
+        import fsspec
+    except ImportError as error:  # torch requires fsspec, so this is rare
+        missing = error
+    else:
+        missing = None
+        for protocol in (piece.split("://", 1)[0] for piece in url.split("::")):
+            try:
+                fsspec.get_filesystem_class(protocol)
+            except ImportError as error:
+                missing = error
+                break
+            except ValueError:  # unknown to fsspec
+                continue
+    if missing is None:
+        return "fsspec"
+    if urlparse(url).scheme in _CURL_SCHEMES and "::" not in url and shutil.which("curl"):
+        return "curl"
+    scheme = url.split("://", 1)[0]
+    return ImportError(f"its {scheme}:// URLs are read through fsspec, which needs a package that is not installed "
+                       f"here: {missing}" + (" (or the curl command)" if scheme in _CURL_SCHEMES else ""))
 
 
 def open_url(url: str) -> IO[bytes]:
-    """A binary stream for a local path, file://, pipe:command, or (with fsspec installed) any fsspec URL."""
+    """A binary stream for a local path, file://, pipe:command, or a remote URL (`_remote_reader`)."""
     if url.startswith("pipe:"):
         # The command ignores SIGINT and SIGTERM, as the data workers do (worker_signals.py), and so does what
         # it runs: a scheduler signals every process of the job, a Ctrl-C the terminal's process group, and a
@@ -126,11 +152,13 @@ def open_url(url: str) -> IO[bytes]:
         return open(url, "rb")
     if urlparse(url).scheme == "file":
         return require_webdataset().gopen(url, "rb")
-    try:
-        import fsspec
-    except ImportError:
-        # gopen knows http(s) (through curl) and a few object stores through their command-line tools.
+    reader = _remote_reader(url)
+    if reader == "curl":
         return require_webdataset().gopen(url, "rb")
+    if isinstance(reader, ImportError):
+        raise MissingDependency(str(reader)) from reader
+    import fsspec
+
     return fsspec.open(url, "rb").open()
 
 

@@ -476,7 +476,6 @@ def test_a_repeated_member_name_keeps_the_first_and_loses_no_other_sample(tmp_pa
     assert first["jpg"] == image_bytes(5, "JPEG")  # the first member of the name, not the repeat
 
 
-
 @pytest.fixture
 def protocol_without_its_package(monkeypatch: pytest.MonkeyPatch) -> str:
     """An fsspec protocol whose backend package is missing, as s3:// is without s3fs."""

@@ -376,6 +376,8 @@ class TrainData:
             remedy = "Lower data.epoch_samples"
         if asked / self.planner.slots <= MAX_SAMPLES_PER_SLOT:
             return
+        if math.isfinite(asked):  # each worker plans its own share
+            remedy += f", or share the epoch among more data workers (data.workers = {config.workers} per rank)"
         sizes = ", ".join(f"{source.name}: {source.layout.weight:g} x {source.layout.size}" for source in self.sources)
         raise ValueError(
             f"an epoch of {asked:.3g} samples ({epoch}; {sizes}) is too large: each of the "

@@ -172,20 +172,28 @@ def read_run_or_file(path: Path, *, stacklevel: int = 3, digest: bool = False) -
             f"(or a {CHECKPOINT_DIR}/{LATEST_POINTER} file naming one)"
             + (f"; it holds run directories: {', '.join(map(str, runs))}" if runs else "")
         )
-    failures = []
-    for candidate in candidates:
-        try:
-            return candidate, read(candidate)
-        except (WeightsFileError, OSError) as error:  # OSError: a name `latest` gives that is too long, ...
-            cause = storage_error_in(error)
-            if cause is not None:
-                raise WeightsFileError(
-                    f"could not read {candidate}, the newest checkpoint of {path}: {type(cause).__name__}: {cause} "
-                    f"-- a storage error, not a damaged file, so no older checkpoint is used in its place. Try again "
-                    f"once the file can be read; to use an older checkpoint, name its file instead of the run."
-                ) from error
-            warnings.warn(f"skipping unreadable checkpoint {candidate}: {error}", stacklevel=stacklevel)
-            failures.append(f"{candidate.name}: {error}")
+    failures, tried = [], set()
+    while candidates:
+        vanished = False
+        for candidate in candidates:
+            tried.add(candidate)
+            try:
+                return candidate, read(candidate)
+            except (WeightsFileError, OSError) as error:  # OSError: a name `latest` gives that is too long, ...
+                cause = storage_error_in(error)
+                if cause is not None:
+                    raise WeightsFileError(
+                        f"could not read {candidate}, the newest checkpoint of {path}: {type(cause).__name__}: "
+                        f"{cause} -- a storage error, not a damaged file, so no older checkpoint is used in its "
+                        f"place. Try again once the file can be read; to use an older checkpoint, name its file "
+                        f"instead of the run."
+                    ) from error
+                vanished = vanished or not candidate.exists()
+                warnings.warn(f"skipping unreadable checkpoint {candidate}: {error}", stacklevel=stacklevel)
+                failures.append(f"{candidate.name}: {error}")
+        # A run still training deletes its older checkpoints as it saves newer ones (keep_last): with keep_last = 1
+        # every file listed could be gone by the time it was read, while a newer one had been written
+        candidates = [entry for entry in checkpoint_candidates(path) if entry not in tried] if vanished else []
     raise WeightsFileError(f"no checkpoint in {path} could be read:\n  " + "\n  ".join(failures))
 
 

@@ -84,6 +84,37 @@ def test_the_checkpoint_latest_names_comes_first_and_only_once(tmp_path: Path) -
     assert checkpoint_candidates(tmp_path / "run") == [folder / "step_00000100.pt", folder / "step_00000200.pt"]
 
 
+def test_a_run_pruning_the_checkpoint_being_read_gives_its_newer_one(tmp_path: Path, monkeypatch) -> None:
+    # keep_last = 1: the trainer saved step 200 and deleted step 100 between the listing and the read, and
+    # clip.load(run) or an evaluation command failed with "no checkpoint could be read"
+    import clip.weights_file as weights_file
+
+    folder = _checkpoints(tmp_path / "run", 100)
+    real = weights_file.read_weights
+
+    def read_while_the_run_saves(path: Path):
+        if path.name == "step_00000100.pt":
+            torch.save({"w": torch.full((2,), 200.0)}, folder / "step_00000200.pt")
+            path.unlink()
+        return real(path)
+
+    monkeypatch.setattr(weights_file, "read_weights", read_while_the_run_saves)
+    with pytest.warns(UserWarning, match="skipping unreadable checkpoint .*step_00000100.pt"):
+        read, weights = weights_file.read_run_or_file(tmp_path / "run")
+    assert read == folder / "step_00000200.pt" and weights.state_dict["w"].tolist() == [200.0, 200.0]
+
+
+def test_a_run_whose_checkpoints_are_all_damaged_is_listed_once(tmp_path: Path) -> None:
+    import clip.weights_file as weights_file
+
+    folder = _checkpoints(tmp_path / "run", 100, 200)
+    for checkpoint in folder.iterdir():
+        checkpoint.write_bytes(b"torn")
+    with pytest.warns(UserWarning), pytest.raises(WeightsFileError, match="no checkpoint in .* could be read") as raised:
+        weights_file.read_run_or_file(tmp_path / "run")
+    assert str(raised.value).count("\n  step_00000100.pt: ") == 1
+
+
 def test_a_storage_error_while_checking_an_archive_is_raised_not_called_damage(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "weights.pt"
     torch.save({"w": torch.zeros(2)}, path)

@@ -112,7 +112,9 @@ class StopRequest:
             return
         self.requested = True
         # Said at the first one: a second, pressed while the checkpoint is written, loses the steps since the last
-        again = " (a second Ctrl-C stops at once, without saving)" if signum == signal.SIGINT else ""
+        # (after a SIGTERM too: a Ctrl-C is someone at the terminal, who is told what it would do)
+        again = " (a second Ctrl-C stops at once, without saving)" if signum == signal.SIGINT else \
+            " (a Ctrl-C now stops at once, without saving)"
         if self._abandoning is not None:
             exception, self._abandoning = self._abandoning, None  # raised once; cleanup code after it keeps running
             log.warning("received signal %d: abandoning the %s", signum, "start of the run"

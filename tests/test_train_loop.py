@@ -2189,6 +2189,16 @@ def test_a_second_sigterm_is_the_same_request_but_a_second_ctrl_c_stops_at_once(
             os.kill(os.getpid(), signal.SIGINT)
 
 
+def test_a_sigterm_says_that_a_ctrl_c_after_it_stops_without_saving(caplog):
+    # A Ctrl-C after a scheduler's SIGTERM stops at once (above), which the SIGTERM's line did not say
+    from clip.stopping import StopRequest
+
+    with caplog.at_level(logging.WARNING, logger="clip.stopping"), StopRequest():
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert "stopping at the next safe point (the weights are saved first) (a Ctrl-C now stops at once, without " \
+        "saving)" in caplog.text
+
+
 def test_an_abandoned_evaluation_is_raised_once_and_its_cleanup_runs_through_a_second_signal():
     # One pre-emption can arrive twice (srun, torchrun): the second copy, arriving while the abandoned
     # evaluation's cleanup runs (closing its loader's workers), is the same request and must not raise again.

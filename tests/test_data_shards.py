@@ -542,3 +542,11 @@ def test_http_shards_with_neither_fsspecs_package_nor_curl_are_refused(http_with
         shards.require_shard_readers([SourceConfig(kind="shards", path="https://host/data/{0..3}.tar")])
     with pytest.raises(MissingDependency, match="Install no_such_backend_package"):
         shards.open_url("https://host/data/0.tar")
+
+
+def test_a_shard_range_without_the_shards_padding_names_a_shard_that_exists(tmp_path: Path) -> None:
+    # cc-{0..3}.tar for shards cc-000000.tar ...: a plain "does not exist" said nothing of the padding
+    write_shards(tmp_path, 8, 2, index=False)
+    with pytest.raises(FileNotFoundError, match=r"s-0.tar does not exist \(s-000000.tar does: write the pattern's "
+                                                r"range padded as its names are, such as \{000000..000099\}\)"):
+        build([SourceConfig(kind="shards", path=str(tmp_path / "s-{0..3}.tar"))])

@@ -309,6 +309,20 @@ def _is_sample_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _differently_padded(missing: Path) -> Path | None:
+    """A file beside `missing` whose name is its name with the numbers zero-padded otherwise (cc-000001.tar for
+    cc-1.tar): what a brace range written without padding ({0..99}) names instead of the shards'
+    {000000..000099}. None where there is none, or the folder cannot be listed."""
+    def unpadded(name: str) -> str:
+        return re.sub(r"\d+", lambda number: str(int(number.group())), name)
+
+    try:
+        return next((entry for entry in missing.parent.iterdir() if unpadded(entry.name) == unpadded(missing.name)
+                     and entry.name != missing.name), None)
+    except OSError:
+        return None
+
+
 def shard_sizes(urls: list[str], size_index: str = "", num_samples: int | None = None) -> np.ndarray:
     """Samples per shard, from (in this order) `num_samples` spread evenly, the `size_index` file, the
     sizes.json beside each shard, img2dataset's per-shard *_stats.json, or counting a local tar."""
@@ -337,8 +351,11 @@ def shard_sizes(urls: list[str], size_index: str = "", num_samples: int | None =
                 raise ValueError(f"shard path {url} is a folder, not a shard: {folder_of_shards_advice(Path(url))}")
             if not Path(url).is_file():
                 wildcards = f" (the path {WILDCARDS_ADVICE})" if unexpanded_wildcards(url) else ""
-                raise FileNotFoundError(f"shard {url} does not exist{wildcards or relative_path_note(url)}: check the "
-                                        "source's path pattern")
+                padded = _differently_padded(Path(url))
+                padding = f" ({padded.name} does: write the pattern's range padded as its names are, such as " \
+                    f"{{000000..000099}})" if padded is not None else ""
+                raise FileNotFoundError(f"shard {url} does not exist{wildcards or padding or relative_path_note(url)}: "
+                                        "check the source's path pattern")
             log.info("no size index entry for %s: counting its samples", url)
             try:
                 count = count_tar_samples(url)

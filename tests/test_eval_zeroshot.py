@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import logging
 import math
 import os
 import pathlib
@@ -814,6 +815,17 @@ def test_the_notebook_helper_refuses_a_single_class_name():
 
     with pytest.raises(ValueError, match=r"one class name \('cat'\).*at least 2.*add the names to tell it apart from$"):
         zeroshot_classify_images(tiny_clip(), image_transform(32), [Image.new("RGB", (40, 30))], ["cat"])
+
+
+def test_the_notebook_helper_warns_of_class_names_it_cannot_tell_apart(caplog):
+    # Two classes of one name get the same prompts: the second was never predicted, without a word (a config's
+    # dataset is warned of)
+    from clip.preprocess import image_transform
+
+    with caplog.at_level(logging.WARNING, logger="clip.evaluation.datasets"):
+        zeroshot_classify_images(tiny_clip(), image_transform(32), [Image.new("RGB", (40, 30))], ["cat", "dog", "Cat"])
+    assert "zeroshot_classify_images: class names that differ only in case" in caplog.text and "'Cat' = 'cat'" in \
+        caplog.text
 
 
 def test_class_names_in_a_numpy_array_work_as_a_list_does():

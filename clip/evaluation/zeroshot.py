@@ -39,6 +39,7 @@ from .features import (
     unwrap_model,
     with_stop_checks,
 )
+from .datasets import warn_about_duplicate_classnames
 from .results import ClassificationCounts, ZeroShotResult, summarize
 from .templates import Template, fill_template, resolve_templates
 
@@ -297,6 +298,7 @@ def zeroshot_classify_images(
             f"one class name ({classnames[0]!r}): zero-shot classification chooses between names, so it needs at "
             f"least 2 (with one, every image is that class with probability 1): add the names to tell it apart from"
         )
+    warn_about_duplicate_classnames(classnames, "zeroshot_classify_images")  # as a config's dataset is warned of
     model = unwrap_model(model)
     device = device or model_device(model)
     classifier = build_zeroshot_classifier(model, classnames, templates, tokenizer, device=device)

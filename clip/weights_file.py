@@ -188,13 +188,22 @@ def read_run_or_file(path: Path, *, stacklevel: int = 3, digest: bool = False) -
                         f"place. Try again once the file can be read; to use an older checkpoint, name its file "
                         f"instead of the run."
                     ) from error
-                vanished = vanished or not candidate.exists()
+                vanished = vanished or _deleted(candidate)
                 warnings.warn(f"skipping unreadable checkpoint {candidate}: {error}", stacklevel=stacklevel)
                 failures.append(f"{candidate.name}: {error}")
         # A run still training deletes its older checkpoints as it saves newer ones (keep_last): with keep_last = 1
         # every file listed could be gone by the time it was read, while a newer one had been written
         candidates = [entry for entry in checkpoint_candidates(path) if entry not in tried] if vanished else []
     raise WeightsFileError(f"no checkpoint in {path} could be read:\n  " + "\n  ".join(failures))
+
+
+def _deleted(candidate: Path) -> bool:
+    """Whether a checkpoint that failed to read is gone (pruned by the run meanwhile). A name `latest` gives that
+    no file can have (too long) makes exists() raise: not a deleted file."""
+    try:
+        return not candidate.exists()
+    except OSError:
+        return False
 
 
 def _run_directories_in(path: Path) -> list[Path]:

@@ -24,7 +24,7 @@ from .model import create_model
 from .run_lock import RunDirectoryInUse, locked_run_directory
 from .run_log import replaced_atomically
 from .train_step import ContrastiveModel
-from .weights_file import WeightsFileError
+from .weights_file import WeightsFileError, run_directories_in
 
 log = logging.getLogger("clip.train")
 
@@ -201,10 +201,7 @@ def warn_of_run_directories_inside(run_dir: Path) -> None:
     """--output-dir runs, meant as runs/my_run (to resume that run, or to start one beside it), started a new run
     from scratch in the folder of runs itself, its checkpoints and results among the runs' folders, without a
     word: named here, with the runs inside (those holding a checkpoint: a folder of runs may hold others)."""
-    try:
-        runs = sorted(child for child in run_dir.iterdir() if child.is_dir() and ckpt.list_checkpoints(child))
-    except OSError:  # unreadable, or not there yet: a warning's check must not stop the run
-        return
+    runs = run_directories_in(run_dir)  # [] where unreadable, or not there yet: a warning must not stop the run
     if runs:
         named = ", ".join(map(str, runs[:RUNS_NAMED]))
         if len(runs) > RUNS_NAMED:

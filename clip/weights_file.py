@@ -166,7 +166,7 @@ def read_run_or_file(path: Path, *, stacklevel: int = 3, digest: bool = False) -
         return path, read(path)
     candidates = checkpoint_candidates(path)
     if not candidates:
-        runs = _run_directories_in(path)
+        runs = run_directories_in(path)
         raise WeightsFileError(
             f"{path} is a directory without checkpoints: expected {path / CHECKPOINT_DIR}/step_XXXXXXXX.pt files "
             f"(or a {CHECKPOINT_DIR}/{LATEST_POINTER} file naming one)"
@@ -206,9 +206,10 @@ def _deleted(candidate: Path) -> bool:
         return False
 
 
-def _run_directories_in(path: Path) -> list[Path]:
-    """The run directories directly inside `path`, for the error of a folder of runs (`runs`) given for one of
-    them (`runs/my_run`). Only folders with a checkpoints folder are looked into: `path` may hold image folders."""
+def run_directories_in(path: Path) -> list[Path]:
+    """The run directories directly inside `path`, sorted, for a folder of runs (`runs`) given for one of them
+    (`runs/my_run`); [] where it cannot be listed. Only folders with a checkpoints folder are looked into: `path`
+    may hold image folders."""
     try:
         return sorted(child for child in path.iterdir()
                       if (child / CHECKPOINT_DIR).is_dir() and checkpoint_candidates(child))

@@ -365,15 +365,16 @@ class TrainData:
         """Refuses an epoch too large for each data worker's plan of it (MAX_SAMPLES_PER_SLOT), before it is
         rounded to a count of samples (which an infinite weight x size is not)."""
         asked = float(sum(source.layout.weight * source.layout.size for source in self.sources))
-        epoch = "weight x size summed over the sources"
-        remedy = "Lower the weights (a source's weight is how many times an epoch reads it)"
-        if not config.resampled:
-            remedy += ", or set data.resampled = true with data.epoch_samples for a corpus that large"
-        # (A resampled epoch draws data.epoch_samples by the weights' ratios, which an infinite sum has none of)
+        # A resampled epoch draws data.epoch_samples by the weights' ratios (which an infinite sum has none of)
         if config.resampled and config.epoch_samples is not None and math.isfinite(asked):
             asked, epoch = float(config.epoch_samples), "data.epoch_samples"
             # The weights only share that count out between the sources: lowering them changed nothing
             remedy = "Lower data.epoch_samples"
+        else:
+            epoch = "weight x size summed over the sources"
+            remedy = "Lower the weights (a source's weight is how many times an epoch reads it)"
+            if not config.resampled:
+                remedy += ", or set data.resampled = true with data.epoch_samples for a corpus that large"
         if asked / self.planner.slots <= MAX_SAMPLES_PER_SLOT:
             return
         if math.isfinite(asked):  # each worker plans its own share

@@ -17,8 +17,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
-
 from .architectures import OPENAI_VOCAB_SIZE, RELEASED_ARCHITECTURES, ModelConfig, release_of_open_clip_name
 from .config_io import (
     ConfigError,
@@ -31,6 +29,7 @@ from .config_io import (
     to_toml,
 )
 from .data.config import DataConfig
+from .device_names import device_name_problem
 from .evaluation.config import EvalConfig, Precision, precision_hint
 from .loss import LossConfig
 
@@ -220,8 +219,9 @@ class TrainLoopConfig:
                     f'in [1, {_MAX_THREADS}], or "none" for the default thread count')
         require("patch_dropout", self.patch_dropout, 0 <= self.patch_dropout < 1, "in [0, 1)")
         # A device torch cannot parse ("gpu") stopped the run with torch's traceback, once it had started
-        require("device", self.device, self.device == "auto" or _is_torch_device(self.device),
-                '"auto" or a torch device such as "cpu", "cuda" or "cuda:1"')
+        if self.device != "auto" and (problem := device_name_problem(self.device)) is not None:
+            raise InvalidValue("device", f'must be "auto" or a torch device such as "cpu", "cuda" or "cuda:1", '
+                                         f"got {self.device!r}, which {problem}")
         for tower in ("image", "text"):
             key, layers = f"lock_{tower}_unlocked_layers", getattr(self, f"lock_{tower}_unlocked_layers")
             require(key, layers, layers >= 0, ">= 0 (0: the whole tower is locked)")
@@ -246,14 +246,6 @@ def _model_name_hint(value: object) -> str:
         named += f', with activation = "gelu" for open_clip\'s {value}'
     return ("a name is not an architecture here: write a [model] table with its sizes, as "
             f"configs/finetune_vit_b32.toml does for ViT-B/32{named}")
-
-
-def _is_torch_device(name: str) -> bool:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        return False
-    return device.type != "meta"  # shapes without data: the run failed in its first step, with a traceback
 
 
 @dataclass

@@ -38,6 +38,7 @@ from torch import nn
 
 from . import download
 from .architectures import RELEASED_ARCHITECTURES, ModelConfig, architecture_differences, release_of_open_clip_name
+from .device_names import parse_device
 from .infer_architecture import ArchitectureInferenceError, infer_model_config
 from .model import CLIP, convert_to_half_precision
 from .position_grid import at_image_size, grid_side, trained_image_size
@@ -133,7 +134,11 @@ def _load(
 ) -> tuple[nn.Module, ImageTransform, WeightsSource]:
     """The work of `load` and `load_with_source`, one frame below either: its warnings name their caller. The
     record's SHA256 is taken only with `digest` (a released file's is known without)."""
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Checked before the file is read: "gpu" raised torch's RuntimeError, "meta" and "cpu:1" were accepted
+    device = parse_device(
+        device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"),
+        "None (CUDA when available, else the CPU), 'cpu', 'cuda', 'cuda:N' or another torch device such as 'mps'",
+    )
     path, released = _resolve(name_or_path, download_root)
     release = str(name_or_path) if released else None
     if jit and not released:

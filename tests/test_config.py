@@ -1190,6 +1190,19 @@ def test_the_meta_device_is_a_config_error():
         load_config(None, ["train.device=meta"], TrainConfig)
 
 
+def test_an_index_on_the_cpu_is_a_config_error_saying_there_is_one():
+    # torch takes "cpu:1" for "cpu": the run trained on the same CPU, the index promising a choice nothing made
+    from clip.config import TrainConfig
+
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, ["train.device=cpu:1"], TrainConfig)
+    assert str(raised.value) == (
+        'train.device must be "auto" or a torch device such as "cpu", "cuda" or "cuda:1", got \'cpu:1\', which '
+        "names no device of its own: torch has one CPU device, 'cpu', which uses all the cores it is given"
+    )
+    assert load_config(None, ["train.device=cpu:0"], TrainConfig).train.device == "cpu:0"
+
+
 def test_a_config_read_from_a_pipe(tmp_path):
     # clip-train <(sed ... recipe.toml): the pipe was said not to exist
     import os

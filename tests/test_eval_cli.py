@@ -722,6 +722,8 @@ def test_an_unavailable_or_unknown_device_is_a_one_line_error_before_the_model_l
     # meta (shapes without data) and a kind this machine lacks failed with torch's traceback in the first batch
     assert command.main(device_argv(command, tmp_path, tiny_checkpoint, datasets, "meta")) == 2
     assert capsys.readouterr().err.startswith(f"clip-{prog}: device 'meta' holds no data to compute with")
+    assert command.main(device_argv(command, tmp_path, tiny_checkpoint, datasets, "cpu:1")) == 2  # was taken for cpu
+    assert capsys.readouterr().err.startswith(f"clip-{prog}: device 'cpu:1' names no device of its own")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert command.main(device_argv(command, tmp_path, tiny_checkpoint, datasets, "mps")) == 2
     assert capsys.readouterr().err == f"clip-{prog}: device 'mps' is not available on this machine: it has no mps device\n"

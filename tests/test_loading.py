@@ -1046,6 +1046,32 @@ def test_the_model_is_named_by_openais_keyword(tmp_path: Path) -> None:
     assert source.path == path.resolve()
 
 
+@pytest.mark.parametrize(("device", "problem"), [
+    ("gpu", "is not a torch device"),  # was torch's RuntimeError "Expected one of cpu, cuda, ... device type"
+    ("meta", "holds no data to compute with"),  # was accepted: a model of shapes, failing in its first forward
+    (torch.device("meta"), "holds no data to compute with"),
+    ("cpu:1", "names no device of its own: torch has one CPU device"),  # was taken silently for "cpu"
+])
+def test_a_device_that_cannot_compute_is_one_line_naming_those_accepted(tmp_path: Path, device, problem: str) -> None:
+    path = tmp_path / "weights.pt"
+    torch.save(tiny_model(TINY_VIT).state_dict(), path)
+    with pytest.raises(ValueError) as raised:
+        load(path, device=device)
+    message = str(raised.value)
+    assert message.startswith(f"device {str(device)!r} {problem}") and "\n" not in message
+    assert message.endswith("use None (CUDA when available, else the CPU), 'cpu', 'cuda', 'cuda:N' or another torch "
+                            "device such as 'mps'")
+
+
+def test_the_first_cpu_is_the_cpu(tmp_path: Path) -> None:
+    path = tmp_path / "weights.pt"
+    torch.save(tiny_model(TINY_VIT).state_dict(), path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TINY_VIT's sizes are no release's: heads and activation are guessed
+        model, _ = load(path, device=torch.device("cpu", 0))  # the spelling torch itself prints of some tensors
+    assert model.logit_scale.device.type == "cpu"
+
+
 def test_unknown_name_suggests_the_closest_released_one() -> None:
     with pytest.raises(FileNotFoundError, match=r"Did you mean 'ViT-B/32'") as raised:
         load("ViT-B-32", device="cpu")

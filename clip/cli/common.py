@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from clip.device_names import parse_device
 from clip.distributed import device_kind_available
 from clip.download import DownloadError
 from clip.run_log import write_json  # noqa: F401 -- the commands write results files as the trainer does
@@ -113,10 +114,7 @@ def resolve_device(name: str) -> torch.device:
     traceback from the first tensor moved there."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device {name!r} is not a torch device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    device = parse_device(name, "'auto', 'cpu', 'cuda' or 'cuda:N'")  # "gpu", "meta", "cpu:1": see clip.device_names
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(
@@ -125,8 +123,6 @@ def resolve_device(name: str) -> torch.device:
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
             raise ValueError(f"device {name!r} is not available on this machine: it has {count} CUDA device(s)")
-    elif device.type == "meta":  # shapes without data: the evaluation failed in its first batch, in a traceback
-        raise ValueError(f"device {name!r} holds no data to compute with; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     elif device.type != "cpu" and not device_kind_available(device.type):
         raise ValueError(f"device {name!r} is not available on this machine: it has no {device.type} device")
     return device

@@ -5,8 +5,8 @@
     python scripts/make_shards.py --index 'out/cc-{000000..000012}.tar'   # (re)write their sizes.json entries only
 
 Input: a manifest (.csv, .tsv or .jsonl; image paths relative to its folder) or a folder of images, each
-with a caption file of the same name and the suffix .txt. Output: PREFIX-000000.tar, PREFIX-000001.tar, ...
-with N samples each (the last one fewer), every sample stored as KEY.jpg|png|webp (the original bytes;
+with a caption file of the same name and the suffix .txt (in any case: .TXT too). Output: PREFIX-000000.tar,
+PREFIX-000001.tar, ... with N samples each (the last one fewer), every sample stored as KEY.jpg|png|webp (the original bytes;
 other formats are converted to PNG), KEY.txt (the caption, UTF-8) and KEY.json (key, caption, source path,
 width, height), as img2dataset lays them out; and sizes.json, the sample
 count of each shard, which the loader needs to plan exact epochs (the entries of other shards in it are kept). An
@@ -62,7 +62,8 @@ MAX_IMAGE_PIXELS = 89_478_485  # PIL's default decompression-bomb limit, as the 
 
 def folder_samples(root: Path) -> Iterator[tuple[str, str | None, dict, str] | SkipSample]:
     """(image path, caption or None when x.txt is missing, extra fields, "") for every image under root, and a
-    SkipSample("missing_image") for every x.txt without an image of its name (counted, not silently left out)."""
+    SkipSample("missing_image") for every x.txt without an image of its name (counted, not silently left out).
+    The caption's suffix is matched in any case (x.TXT); an image with two of them is SkipSample("two_captions")."""
     suffixes = {"." + extension for extension in IMAGE_EXTENSIONS}
     # Linked folders are followed: os.walk's default left out a folder linked in (a dataset's parts on other
     # disks) without a word. One reached twice (two links to it, or a link to a folder above) is read once.
@@ -75,14 +76,25 @@ def folder_samples(root: Path) -> Iterator[tuple[str, str | None, dict, str] | S
         visited.add(real)
         subfolders.sort()
         images = {Path(name).stem for name in files if Path(name).suffix.lower() in suffixes}
+        # The caption's suffix in any case (cameras and Windows tools write x.JPG + x.TXT): only x.txt was
+        # looked for, and the image was counted as missing_caption
+        captions: dict[str, list[str]] = {}
+        for name in sorted(files):
+            if Path(name).suffix.lower() == ".txt":
+                captions.setdefault(Path(name).stem, []).append(name)
         for name in sorted(files):
             path = Path(folder, name)
-            if path.suffix == ".txt" and path.stem not in images:
+            if path.suffix.lower() == ".txt" and path.stem not in images:
                 yield SkipSample("missing_image", str(path))
             if path.suffix.lower() not in suffixes:
                 continue
-            caption_path = path.with_suffix(".txt")
-            caption = caption_path.read_bytes().decode("utf-8", "surrogateescape") if caption_path.is_file() else None
+            named = captions.get(path.stem, [])
+            if len(named) > 1:
+                # x.txt and x.TXT side by side (a case-sensitive file system): they may differ, and no rule says
+                # which one is the caption, so neither is guessed; the image is skipped and counted, naming both
+                yield SkipSample("two_captions", f"{path}: {', '.join(named)}")
+                continue
+            caption = Path(folder, named[0]).read_bytes().decode("utf-8", "surrogateescape") if named else None
             yield str(path), caption, {}, ""
 
 

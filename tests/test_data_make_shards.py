@@ -119,6 +119,31 @@ def test_image_folder_with_caption_files(tmp_path: Path, capsys: pytest.CaptureF
     data.close()
 
 
+def test_an_image_folders_caption_suffix_is_matched_in_any_case(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # photo.JPG + photo.TXT, as cameras and Windows tools name them: the image was counted as missing_caption
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, caption_suffix in enumerate([".TXT", ".Txt", ".txt"]):
+        (photos / f"{i}.JPG").write_bytes(image_bytes(i))
+        (photos / f"{i}{caption_suffix}").write_text(caption_of(i))
+    (photos / "9.TXT").write_text("a caption whose image is missing")
+    # Two caption files of one image, on a case-sensitive file system: neither is guessed, both are named
+    both = [photos / "3.TXT", photos / "3.txt"]
+    (photos / "3.jpg").write_bytes(image_bytes(3))
+    for path in both:
+        path.write_text("one of two captions")
+    if len(list(photos.iterdir())) < 9:
+        both = None  # a case-insensitive file system keeps one file of the two names
+    assert make_shards_main()([str(photos), str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert f"missing_image 1 (the first, {photos / '9.TXT'})" in printed and "missing_caption" not in printed
+    if both is not None:
+        assert f"two_captions 1 (the first, {photos / '3.jpg'}: 3.TXT, 3.txt)" in printed
+    data = build([SourceConfig(kind="shards", path=str(tmp_path / "out" / "shard-000000.tar"))], batch_size=3)
+    assert sorted(captions(take(data, 1))) == [caption_of(i) for i in range(3)]
+    data.close()
+
+
 def test_an_image_folder_reads_linked_folders_once_each(tmp_path: Path) -> None:
     # os.walk's default does not enter a linked folder: an album linked in from another disk was left out,
     # counted nowhere. A folder linked twice, or a link back to a folder above, is read once.

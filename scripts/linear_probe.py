@@ -1,11 +1,11 @@
-"""Runs `clip.cli.linear_probe.main` from a source checkout (the same as the installed console script)."""
+"""Runs `clip.cli.linear_probe.main` from a source checkout, as the installed console script does (`clip_commands`)."""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, when not pip-installed
 
-from clip.cli.linear_probe import main  # noqa: E402
+from clip_commands import clip_linear_probe  # noqa: E402 -- a Ctrl-C while it imports the library is one line, not a traceback
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(clip_linear_probe())

@@ -319,9 +319,10 @@ def ignore_signals_in_the_teardown() -> None:
     SIGTERM and SIGINT are ignored. Once the exit functions have run, Python puts back the default action of every
     signal it handled (not of an ignored one) and then frees its modules, which takes torch tens of milliseconds:
     a second copy of a pre-emption's SIGTERM (srun's and torchrun's) arriving then ended a stopped or finished
-    run with 143, which slurm_train.sbatch takes for a failure. Under clip-train the exit functions that imports
-    registered still run after this one, signals ignored: multiprocessing's (which ends and joins any child
-    process the run's clean-up left), weakref finalizers, logging's flush; scripts/train.py registers it first."""
+    run with 143, which slurm_train.sbatch takes for a failure. Here the exit functions that imports registered
+    still run after this one, signals ignored: multiprocessing's (which ends and joins any child process the run's
+    clean-up left), weakref finalizers, logging's flush; clip-train and scripts/train.py (clip_commands.clip_train)
+    register it first, before those imports."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 

@@ -559,6 +559,49 @@ def test_a_negative_worker_count_is_a_usage_error(command, capsys):
     assert "--batch-size: must be >= 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [retrieval_cli, linear_probe_cli], ids=lambda c: c.__name__)
+def test_a_worker_count_no_machine_could_use_is_a_usage_error(command, capsys):
+    # It was taken, and the command tried to start that many DataLoader processes once the model had loaded
+    with pytest.raises(SystemExit):
+        command.parse_args(["--workers", "99999999999999999999"])
+    assert "--workers: must be at most 1024 (processes decoding the images; no more start than the CPUs this " \
+           "process may use), got 99999999999999999999" in capsys.readouterr().err
+    required = ["--model", "m", *(["--dataset", "synthetic"] if command is linear_probe_cli else ["--annotations", "a"])]
+    assert command.parse_args([*required, "--workers", "1024"]).workers == 1024
+
+
+class WorkersSeen(Exception):
+    """Raised by the evaluation in place of its work, with the worker count it was given."""
+
+
+@pytest.mark.parametrize(("command", "evaluation"), [
+    (zeroshot_cli, "evaluate_zeroshot"), (retrieval_cli, "evaluate_retrieval"), (linear_probe_cli, "extract_features"),
+], ids=["zeroshot", "retrieval", "linear_probe"])
+def test_more_workers_than_cpus_start_one_per_cpu_and_say_so(
+    command, evaluation, tmp_path, tiny_checkpoint, datasets, monkeypatch, caplog,
+):
+    # configs/eval/zeroshot_imagefolder.toml's workers = 8, written for a GPU server, made torch warn on a 2-core
+    # machine of "excessive worker creation" that "might get DataLoader running slow or even freeze"
+    def seen(*args, workers, **kwargs):
+        raise WorkersSeen(workers)
+
+    monkeypatch.setattr(command, evaluation, seen)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # where there is no sched_getaffinity
+    argv = device_argv(command, tmp_path, tiny_checkpoint, datasets, "cpu")
+    argv += ["workers=8"] if command is zeroshot_cli else ["--workers", "8"]
+    with caplog.at_level(logging.INFO), pytest.raises(WorkersSeen) as raised:
+        command.main(argv)
+    assert raised.value.args == (2,)
+    setting = "workers =" if command is zeroshot_cli else "--workers"
+    assert f"{setting} 8 is more than the 2 CPU(s) this process may use: 2 worker processes decode the images" \
+           in caplog.messages
+    argv[-1] = "workers=1" if command is zeroshot_cli else "1"
+    with pytest.raises(WorkersSeen) as raised:
+        command.main(argv)
+    assert raised.value.args == (1,)  # as many as asked for, up to the CPUs
+
+
 @pytest.mark.parametrize(("command", "required"), [
     (retrieval_cli, ["--model", "m", "--annotations", "a.csv"]),
     (linear_probe_cli, ["--model", "m", "--dataset", "synthetic"]),

@@ -108,6 +108,37 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+# The most DataLoader workers --workers takes: above the hardware threads of the largest machines (a few hundred),
+# so no count that could help is refused, while a slip of the keyboard (99999999999999999999) is one line
+# instead of the command starting processes until the machine refuses more.
+MAX_WORKERS = 1024
+
+
+def worker_count(text: str) -> int:
+    """argparse type: a DataLoader worker count in [0, MAX_WORKERS]."""
+    value = non_negative_int(text)
+    if value > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_WORKERS} (processes decoding the images; no more start than the CPUs this "
+            f"process may use), got {value}")
+    return value
+
+
+def workers_for_this_machine(requested: int, setting: str) -> int:
+    """`requested` DataLoader workers, at most one per CPU this process may use: they decode images, which more
+    processes than CPUs only share, and torch warns of "excessive worker creation" that "might get DataLoader
+    running slow or even freeze" above that count (its own measure of CPUs, used here). A config written for a
+    GPU server (configs/eval/zeroshot_imagefolder.toml's workers = 8) then runs on a laptop without that
+    warning, and the capped count is logged, naming the `setting` that asked for more."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if requested <= cpus:
+        return requested
+    logging.getLogger(__name__).info(
+        "%s %d is more than the %d CPU(s) this process may use: %d worker processes decode the images",
+        setting, requested, cpus, cpus)
+    return cpus
+
+
 def resolve_device(name: str) -> torch.device:
     """"auto" (CUDA when available, else the CPU) or a torch device string that this machine has; anything
     else is a ValueError, so a typo or a missing GPU is one line before the model loads, not torch's
@@ -133,8 +164,9 @@ def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto",
                         help="'auto' (CUDA when available, else the CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
-    parser.add_argument("--workers", type=non_negative_int, default=2,
-                        help="DataLoader processes decoding the images (0: in this process)")
+    parser.add_argument("--workers", type=worker_count, default=2,
+                        help=f"DataLoader processes decoding the images (0: in this process; at most {MAX_WORKERS}); "
+                             "no more are started than the CPUs this process may use")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                         help="autocast over the float32 weights (fp32: none)")
 

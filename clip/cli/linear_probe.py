@@ -49,6 +49,7 @@ from .common import (
     load_model,
     positive_int,
     resolve_device,
+    workers_for_this_machine,
     run_command,
     setup_logging,
     writable_output_dir,
@@ -258,6 +259,7 @@ def data_record(args: argparse.Namespace, base: ZeroShotDatasetConfig, classname
 
 def probe(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
+    args.workers = workers_for_this_machine(args.workers, "--workers")  # once: said once, not for every split
     if args.dataset != "synthetic" and not args.root:  # "" read the current folder, under another option's name
         raise ValueError(f"--dataset {args.dataset} needs --root, the folder of its data")
     # The synthetic-only options go to a synthetic dataset alone: their defaults differ from the config's, so

@@ -34,6 +34,7 @@ from .common import (
     ERRORS_HELP,
     load_model,
     resolve_device,
+    workers_for_this_machine,
     run_command,
     setup_logging,
     writable_output_dir,
@@ -130,6 +131,7 @@ def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:
     configs = {dataset.resolved_name(): dataset for dataset in config.datasets}
     settings = {"device": str(device), "precision": config.precision, "batch_size": config.batch_size,
                 "text_batch_size": config.text_batch_size, "preprocess": repr(preprocess)}
+    workers = workers_for_this_machine(config.workers, "workers =")
     results = []
     for name, data in datasets.items():
         found = dataset_size(data)
@@ -148,7 +150,7 @@ def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:
             data.templates,
             device=device,
             batch_size=config.batch_size,
-            workers=config.workers,
+            workers=workers,
             text_batch_size=config.text_batch_size,
             precision=config.precision,
             subsets=data.subsets,

@@ -258,6 +258,9 @@ def get_architecture(name: str) -> ModelConfig:
 
         close = difflib.get_close_matches(name, RELEASED_ARCHITECTURES, n=1)
         hint = _open_clip_name_hint(name) or (f" Did you mean {close[0]!r}?" if close else "")
+        if name.strip() in RELEASED_ARCHITECTURES:
+            # " RN50" (pasted, or read from a file with its spaces) was said to be open_clip's RN50, a GELU model
+            hint = f" Did you mean {name.strip()!r}, without the whitespace around it?"
         raise ValueError(
             f"Unknown architecture {name!r}.{hint} Known: {', '.join(RELEASED_ARCHITECTURES)}"
         ) from None

@@ -574,3 +574,13 @@ def test_gradient_checkpointing_recomputes_the_training_blocks_only():
     with torch.no_grad():
         transformer(x)
     assert calls == [0, 1, 2]
+
+
+@pytest.mark.parametrize("name", [" RN50", "ViT-B/32 ", "\tViT-L/14@336px\n"])
+def test_a_released_name_with_whitespace_around_it_is_pointed_at_the_name_without(name):
+    # " RN50" was said to be open_clip's RN50 with GELU, and "ViT-B/32 " got difflib's guess, which happened to fit
+    with pytest.raises(ValueError) as raised:
+        model_module.create_model(name)
+    assert str(raised.value).startswith(
+        f"Unknown architecture {name!r}. Did you mean {name.strip()!r}, without the whitespace around it? Known: RN50")
+    assert "open_clip" not in str(raised.value)

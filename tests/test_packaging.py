@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import importlib
 import re
+import shutil
+import subprocess
+import sys
+import tarfile
 import tomllib
+import zipfile
 from pathlib import Path
 
 import setuptools
@@ -36,3 +41,40 @@ def test_the_build_requirement_reads_the_license_expression():
     (floor,) = [re.fullmatch(r"setuptools>=(\d+)(\.\d+)*", requirement)
                 for requirement in PYPROJECT["build-system"]["requires"] if requirement.startswith("setuptools")]
     assert floor is not None and int(floor.group(1)) >= 77
+
+
+def build(kind: str, source: Path, into: Path) -> Path:
+    """setuptools' PEP 517 hook run in `source`, as pip or `python -m build` runs it (without isolation: offline)."""
+    into.mkdir()
+    command = f"import setuptools.build_meta as backend; print(backend.build_{kind}({str(into)!r}))"
+    done = subprocess.run([sys.executable, "-c", command], cwd=source, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return into / done.stdout.strip().splitlines()[-1]
+
+
+def test_the_sdist_holds_the_tests_with_what_they_read_and_builds_the_wheel_again(tmp_path):
+    tree = tmp_path / "tree"
+    caches = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+    tree.mkdir()
+    for name in ["pyproject.toml", "MANIFEST.in", "README.md", "LICENSE"]:
+        shutil.copy2(REPO / name, tree / name)
+    for name in ["clip", "tests", "configs", "scripts", "benchmarks", "docs"]:
+        shutil.copytree(REPO / name, tree / name, ignore=caches)
+    (tree / "tests" / "__pycache__").mkdir(exist_ok=True)
+    (tree / "tests" / "__pycache__" / "stale.cpython-311.pyc").write_bytes(b"")
+
+    sdist = build("sdist", tree, tmp_path / "sdist")
+    with tarfile.open(sdist) as archive:
+        top = f"{sdist.name.removesuffix('.tar.gz')}/"
+        names = {member.name.removeprefix(top) for member in archive.getmembers() if member.isfile()}
+        archive.extractall(tmp_path / "unpacked", filter="data")
+    wanted = {"pyproject.toml", "README.md", "LICENSE"} | {
+        path.relative_to(tree).as_posix() for folder in ["clip", "tests", "configs", "scripts"]
+        for path in (tree / folder).rglob("*") if path.is_file() and "__pycache__" not in path.parts}
+    assert wanted <= names, f"not in the sdist: {sorted(wanted - names)}"
+    assert not [name for name in names if "__pycache__" in name or name.endswith(".pyc")]
+
+    wheel = build("wheel", tmp_path / "unpacked" / top, tmp_path / "wheel")
+    with zipfile.ZipFile(wheel) as archive:
+        modules = {name for name in archive.namelist() if ".dist-info/" not in name}
+    assert modules == {path.relative_to(tree).as_posix() for path in (tree / "clip").rglob("*.py")}

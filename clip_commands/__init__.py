@@ -55,11 +55,15 @@ def clip_export() -> int:
     return _command_when_imported("clip-export", "clip.cli.export")
 
 
-def _command_when_imported(prog: str, module: str) -> int:
+def clip_make_shards() -> int:
+    return _command_when_imported("clip-make-shards", "clip.cli.make_shards", entry="run")
+
+
+def _command_when_imported(prog: str, module: str, entry: str = "main") -> int:
     """The command's `main`, once imported; a Ctrl-C while it imports is one line and status 130 (what the command
     says of one while it runs, clip.cli.common.run_command, is of the files it wrote: here it did nothing yet)."""
     try:
-        main = importlib.import_module(module).main
+        main = getattr(importlib.import_module(module), entry)
     except KeyboardInterrupt:
         if os.environ.get("CLIP_DEBUG", "") not in ("", "0"):  # clip.cli.common.debugging
             traceback.print_exc()

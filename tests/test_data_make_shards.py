@@ -1,8 +1,8 @@
-"""scripts/make_shards.py: manifests and image folders to WebDataset shards that the loader reads back."""
+"""clip-make-shards (clip.cli.make_shards; scripts/make_shards.py in a checkout): manifests and image folders to
+WebDataset shards that the loader reads back."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 from test_data_helpers import build, caption_of, captions, image_bytes, take, write_manifest
 
+import clip.cli.make_shards
 from clip.data import SourceConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,16 +25,7 @@ SCRIPT = REPO / "scripts" / "make_shards.py"
 
 
 def load_make_shards():
-    # The script puts the repository root at the front of sys.path when it starts (for runs without a pip install);
-    # loaded once per test, that added one more copy per test for the rest of the session
-    saved_path = list(sys.path)
-    spec = importlib.util.spec_from_file_location("make_shards", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path[:] = saved_path
-    return module
+    return clip.cli.make_shards
 
 
 def make_shards_main():
@@ -334,7 +326,7 @@ def test_shards_of_the_same_prefix_are_refused_or_replaced_with_overwrite(tmp_pa
     data.close()
 
 
-def test_a_shard_is_named_a_shard_only_once_complete(tmp_path: Path) -> None:
+def test_a_shard_is_named_a_shard_only_once_complete(tmp_path: Path, monkeypatch) -> None:
     # A run killed mid-shard (SIGKILL, a lost node) must leave no torn PREFIX-NNNNNN.tar behind: --index and the
     # loader would take it for a shard. An earlier run's leftover partial file is removed.
     module = load_make_shards()
@@ -349,7 +341,7 @@ def test_a_shard_is_named_a_shard_only_once_complete(tmp_path: Path) -> None:
         seen.append(sorted(path.name for path in out.iterdir()))
         return real(*args)
 
-    module.encode_sample = looking
+    monkeypatch.setattr(module, "encode_sample", looking)
     assert module.main([str(manifest), str(out), "--prefix", "t", "--samples-per-shard", "2"]) == 0
     assert seen[0] == ["t-000000.tar.partial"]  # the leftover is gone; the shard being written is partial
     assert seen[3] == ["t-000000.tar", "t-000001.tar.partial"]
@@ -357,7 +349,8 @@ def test_a_shard_is_named_a_shard_only_once_complete(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("stopped_by", [KeyboardInterrupt, RuntimeError])
-def test_an_interrupted_or_failing_run_keeps_its_finished_shards_and_no_torn_one(tmp_path: Path, capsys, stopped_by):
+def test_an_interrupted_or_failing_run_keeps_its_finished_shards_and_no_torn_one(tmp_path: Path, capsys, monkeypatch,
+                                                                               stopped_by):
     # Ctrl-C or an error inside the writer's block ran its close, which renamed the shard being written into
     # place: a torn PREFIX-NNNNNN.tar, without a sizes.json, that the loader read as data.
     module = load_make_shards()
@@ -371,7 +364,7 @@ def test_an_interrupted_or_failing_run_keeps_its_finished_shards_and_no_torn_one
             raise stopped_by("stopped")
         return real(*args)
 
-    module.encode_sample = stopping_at_the_sixth
+    monkeypatch.setattr(module, "encode_sample", stopping_at_the_sixth)
     with pytest.raises(stopped_by):
         module.main([str(manifest), str(out), "--prefix", "t", "--samples-per-shard", "2"])
     # samples 0-4 written: two finished shards, the third (1 of 2 samples) torn and removed
@@ -388,7 +381,7 @@ def test_a_manifest_without_the_named_columns_leaves_no_empty_shard(tmp_path: Pa
     manifest = write_manifest(tmp_path / "src", range(3), "train.tsv")
     out = tmp_path / "out"
     main = make_shards_main()
-    with pytest.raises(SystemExit, match=r"^make_shards: .*no column 'text'.*--caption-column \(clip-retrieval, make_shards.py\)\.$"):
+    with pytest.raises(SystemExit, match=r"^make_shards: .*no column 'text'.*--caption-column \(clip-retrieval, clip-make-shards\)\.$"):
         main([str(manifest), str(out), "--caption-column", "text"])  # one line, not a traceback
     assert not out.exists()  # nor an empty folder with a sizes.json of {}
     assert main([str(manifest), str(out)]) == 0

@@ -383,7 +383,7 @@ def test_a_header_split_by_another_separator_asks_for_that_separator(tmp_path: P
     path = tmp_path / "train.csv"
     path.write_text("image;caption\na.jpg;one\n")
     with pytest.raises(ValueError, match=r"header 'image;caption' is separated by semicolons, not commas: set "
-                                         r"separator = \";\" .* --separator ';' \(make_shards.py\)$") as refused:
+                                         r"separator = \";\" .* --separator ';' \(clip-make-shards\)$") as refused:
         read_manifest(str(path))
     # An evaluation's manifest has no separator to set: it must not be told to set one
     assert "[[eval.retrieval]] has no separator key" in str(refused.value)
@@ -392,7 +392,7 @@ def test_a_header_split_by_another_separator_asks_for_that_separator(tmp_path: P
     # a shell's quotes cannot take from the keyboard (the Tab key completes instead)
     path.write_text("image\tcaption\na.jpg\tone\n")
     with pytest.raises(ValueError, match=r"separated by tabs, not commas: set separator = \"\\t\" .* --separator "
-                                         r"'\\t' \(make_shards.py\)$"):
+                                         r"'\\t' \(clip-make-shards\)$"):
         read_manifest(str(path))
     path.write_text("image|title\na.jpg|one\n")  # not the columns wanted either way: the columns advice
     with pytest.raises(ValueError, match=r"no column 'image', 'caption'; the columns are \['image\|title'\]"):

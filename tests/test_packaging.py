@@ -4,6 +4,7 @@ installed, and the sdist is built from a copy of the tree."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import re
 import shutil
@@ -78,3 +79,22 @@ def test_the_sdist_holds_the_tests_with_what_they_read_and_builds_the_wheel_agai
     with zipfile.ZipFile(wheel) as archive:
         modules = {name for name in archive.namelist() if ".dist-info/" not in name}
     assert modules == {path.relative_to(tree).as_posix() for path in (tree / "clip").rglob("*.py")}
+
+
+def strings_the_package_says() -> list[tuple[str, int, str]]:
+    """Every string literal in clip/ but docstrings (read by developers in the source), with its file and line."""
+    said = []
+    for path in sorted((REPO / "clip").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)}
+        said += [(path.relative_to(REPO).as_posix(), node.lineno, node.value) for node in ast.walk(tree)
+                 if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+    return said
+
+
+def test_no_message_sends_an_installed_user_to_a_script_of_the_checkout():
+    # A wheel has no scripts/: `python scripts/make_shards.py --index ...` in the shard loader's errors named a
+    # file that a user who installed the package does not have; clip-make-shards is installed with it
+    assert not [(path, line) for path, line, text in strings_the_package_says() if "scripts/" in text]

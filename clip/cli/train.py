@@ -126,7 +126,7 @@ def open_clip_flags_error(argv: list[str]) -> str | None:
         return None
     lines = [f"  {flag} -> {OPEN_CLIP_FLAGS[flag]}" for flag in named]
     return ("open_clip's flags are not options here: every setting is a field of the TOML config, set in the file "
-            "or overridden as section.key=value after it (python scripts/train.py CONFIG train.batch_size=64 ...):\n"
+            "or overridden as section.key=value after it (clip-train CONFIG train.batch_size=64 ...):\n"
             + "\n".join(lines))
 
 

@@ -70,7 +70,7 @@ class SourceConfig:
         last_file = self.path.split("::")[-1].lower()
         if self.kind == "shards" and last_file.endswith(MANIFEST_SUFFIXES):
             raise InvalidValue("kind", f'is "shards", but {self.path!r} is a manifest: set kind = "manifest" (or '
-                               "make shards of it with scripts/make_shards.py)")
+                               "make shards of it with clip-make-shards)")
         if self.kind == "manifest" and last_file.endswith((".tar", ".tar.gz", ".tgz")):
             raise InvalidValue("kind", f'is "manifest", but {self.path!r} names WebDataset shards: set kind = "shards"')
         try:

@@ -72,7 +72,7 @@ def _missing_columns_error(path: str, wanted: list[str], available: list[str]) -
     return ValueError(
         f"{path}: no column {', '.join(repr(w) for w in wanted if w not in available)}; the columns are "
         f"{available}. Set image_column / caption_column (in a [[data.sources]] or [[eval.retrieval]] table), or "
-        f"--image-column / --caption-column (clip-retrieval, make_shards.py)."
+        f"--image-column / --caption-column (clip-retrieval, clip-make-shards)."
     )
 
 
@@ -91,7 +91,7 @@ def _other_separator_error(
                 f"{path}: its header {available[0]!r} is separated by {_SEPARATOR_NAMES[other]}s, not "
                 f"{_SEPARATOR_NAMES.get(separator, repr(separator))}s: set separator = \"{shown}\" (in its "
                 f"[[data.sources]] table; [[eval.retrieval]] has no separator key and reads a manifest by its "
-                f"suffix: .csv commas, .tsv tabs), or --separator '{shown}' (make_shards.py)"
+                f"suffix: .csv commas, .tsv tabs), or --separator '{shown}' (clip-make-shards)"
             )
     return None
 

@@ -204,7 +204,7 @@ def _read_size_index(url: str) -> dict | None:
             index = None
     if not isinstance(index, dict):
         raise ValueError(f"the shard size index {url} is not a JSON object of shard file names and sample counts "
-                         "(rewrite it: python scripts/make_shards.py --index '<pattern>')")
+                         "(rewrite it: clip-make-shards --index '<pattern>')")
     return index
 
 
@@ -256,7 +256,7 @@ class _SizeIndexes:
         if count is not None and not _is_sample_count(count):
             # true (an int in Python) or a negative number would pass for a count and skew the epoch's layout
             raise ValueError(f"the shard size index {location} gives {shard_name(url)} the count {count!r}, not a "
-                             "number of samples (rewrite it: python scripts/make_shards.py --index '<pattern>')")
+                             "number of samples (rewrite it: clip-make-shards --index '<pattern>')")
         return count
 
 
@@ -378,7 +378,7 @@ def shard_sizes(urls: list[str], size_index: str = "", num_samples: int | None =
         if count is None:
             where = (
                 "point size_index at a sizes.json (pipe: shards have no folder to look in)" if url.startswith("pipe:")
-                else "write a sizes.json beside the shards (python scripts/make_shards.py --index '<pattern>') "
+                else "write a sizes.json beside the shards (clip-make-shards --index '<pattern>') "
                 "or point size_index at one"
             )
             raise ValueError(f"no sample count for shard {url}: {where}, or set num_samples for the source (spread "

@@ -129,7 +129,7 @@ class ShardSource:
             raise ValueError(
                 f"data source {name}: the {len(self.urls)} shard(s) of {config.path!r} hold no samples by their "
                 "size index (or img2dataset's stats, or counting them); check the shards, or rewrite the index: "
-                "python scripts/make_shards.py --index '<pattern>'"
+                "clip-make-shards --index '<pattern>'"
             )
         self.layout = SourceLayout(int(self.sizes.sum()), config.weight, self.sizes)
         self.image_key = config.image_column
@@ -171,7 +171,7 @@ class ShardSource:
         if len(self._reported_longer) <= LONGER_SHARDS_NAMED:
             log.warning(
                 "data source %s: shard %s holds more samples than its size index (or num_samples) says; the extra "
-                "ones are never read (rewrite the index: python scripts/make_shards.py --index '<pattern>')",
+                "ones are never read (rewrite the index: clip-make-shards --index '<pattern>')",
                 self.name, url,
             )
         elif len(self._reported_longer) == LONGER_SHARDS_NAMED + 1:

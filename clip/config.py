@@ -244,8 +244,8 @@ def _model_name_hint(value: object) -> str:
     # open_clip's names without -quickgelu are GELU models, also its RN50 ... RN50x64, spelled as OpenAI's here
     if release_of_open_clip_name(value) is not None and not value.strip().endswith("-quickgelu"):
         named += f', with activation = "gelu" for open_clip\'s {value}'
-    return ("a name is not an architecture here: write a [model] table with its sizes, as "
-            f"configs/finetune_vit_b32.toml does for ViT-B/32{named}")
+    return ("a name is not an architecture here: write a [model] table with its sizes, as the source "
+            f"repository's configs/finetune_vit_b32.toml does for ViT-B/32{named}")
 
 
 @dataclass

@@ -641,11 +641,20 @@ def where_not_utf8(error: UnicodeDecodeError) -> str:
     return f"byte {start} (line {line}) is 0x{data[start]:02x}"
 
 
+def _recipes_note(path: Path) -> str:
+    """The README's commands name the recipes as configs/NAME.toml, which only a source checkout has: a user who
+    installed the package and typed them was told the file does not exist, and not where it is."""
+    if path.is_absolute() or not path.parts or path.parts[0] != "configs":
+        return ""
+    return ("; configs/ is the source repository's folder of recipes, not installed with the package: run the "
+            "command in a checkout, or give a recipe of your own (README, Training)")
+
+
 def _read_toml(path: Path) -> dict:
     if path.is_dir():
         raise ConfigError(f"config file {str(path)!r} is a directory")
     if not path.exists():  # a pipe is read: clip-train <(sed s/a/b/ recipe.toml) was said not to exist
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise ConfigError(f"config file {str(path)!r} does not exist{_recipes_note(path)}")
     try:
         text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark (Windows editors) is no TOML error
     except OSError as error:

@@ -15,7 +15,12 @@ import tomllib
 import zipfile
 from pathlib import Path
 
+import pytest
 import setuptools
+
+from clip.config import TrainConfig, load_config
+from clip.config_io import ConfigError
+from clip.evaluation.config import ZeroShotRunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -98,3 +103,17 @@ def test_no_message_sends_an_installed_user_to_a_script_of_the_checkout():
     # A wheel has no scripts/: `python scripts/make_shards.py --index ...` in the shard loader's errors named a
     # file that a user who installed the package does not have; clip-make-shards is installed with it
     assert not [(path, line) for path, line, text in strings_the_package_says() if "scripts/" in text]
+
+
+def test_messages_that_name_a_recipe_of_configs_say_it_is_the_repository_s():
+    assert not [(path, line) for path, line, text in strings_the_package_says()
+                if "configs/" in text and "repository" not in text]
+
+
+def test_a_readme_recipe_missing_where_the_package_is_installed_says_where_it_is(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # as a wheel user's folder: no configs/ there
+    for path, schema in [("configs/demo.toml", TrainConfig), ("configs/eval/zeroshot_demo.toml", ZeroShotRunConfig)]:
+        with pytest.raises(ConfigError, match=r"does not exist; configs/ is the source repository's folder of recipes"):
+            load_config(path, [], schema)
+    with pytest.raises(ConfigError, match=r"^config file 'mine\.toml' does not exist$"):
+        load_config("mine.toml", [], TrainConfig)

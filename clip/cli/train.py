@@ -4,7 +4,7 @@ recipe (`clip.train` runs it). What a run's exit status means: 0 finished; 2 bad
 using, init weights that name nothing loadable); 75 stopped early with a checkpoint, run again to continue;
 1 anything else.
 
-    python scripts/train.py CONFIG [--output-dir DIR] [section.key=value ...]
+    clip-train CONFIG [--output-dir DIR] [section.key=value ...]    (python scripts/train.py ... in a source checkout)
     torchrun --nproc-per-node 8 scripts/train.py CONFIG ...      (or under SLURM: srun python scripts/train.py ...)
 """
 
@@ -73,9 +73,9 @@ OPEN_CLIP_FLAGS = {
     "--imagenet-val": "an [[eval.zeroshot]] table (kind = \"imagefolder\", root = the folder of class folders)",
     "--zeroshot-frequency": "eval.every_n_steps=N",
     "--val-frequency": "eval.every_n_steps=N",
-    "--model": "the config's [model] section (configs/finetune_vit_b32.toml has ViT-B/32's sizes; open_clip's "
-               "ViT-B-32 is those with activation = \"gelu\", ViT-B-32-quickgelu with \"quick_gelu\"; its RN50 "
-               "is this RN50's sizes with \"gelu\")",
+    "--model": "the config's [model] section (the source repository's configs/finetune_vit_b32.toml has ViT-B/32's "
+               "sizes; open_clip's ViT-B-32 is those with activation = \"gelu\", ViT-B-32-quickgelu with "
+               "\"quick_gelu\"; its RN50 is this RN50's sizes with \"gelu\")",
     "--pretrained": "train.init_weights=NAME_OR_FILE",
     "--batch-size": "train.batch_size=N (per process, as in open_clip)",
     "--epochs": "schedule.steps=N: runs are counted in optimiser steps (epochs x samples per epoch / global batch; "
@@ -136,7 +136,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Pre-train or fine-tune a CLIP model. An existing run directory is resumed from its latest checkpoint.",
         epilog=EPILOG,
     )
-    parser.add_argument("config", help="a TOML recipe, e.g. configs/demo.toml")
+    parser.add_argument("config", help="a TOML recipe (the source repository's configs/ has them: configs/demo.toml "
+                                       "is the demo)")
     parser.add_argument("--output-dir", help="the run directory (overrides output_dir in the config)")
     # default: a `*` positional without one is listed as required when the config is missing
     parser.add_argument("overrides", nargs="*", default=[], metavar="section.key=value",

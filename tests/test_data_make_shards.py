@@ -448,3 +448,14 @@ def test_an_input_that_does_not_exist_is_said_to_be_missing(tmp_path: Path, monk
         module.main(["captions.tsv", "out"])
     assert module.run(["captions.tsv", "out"]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_without_webdataset_it_ends_in_one_line_naming_the_extra(tmp_path: Path, monkeypatch, capsys) -> None:
+    # A wheel installed without the `shards` extra: clip-make-shards ended on MissingDependency's traceback
+    monkeypatch.setitem(sys.modules, "webdataset", None)  # `import webdataset` raises ImportError
+    manifest = write_manifest(tmp_path / "src", range(2))
+    index = ["--index", str(tmp_path / "out" / "shard-{000000..000000}.tar")]
+    for argv in [[str(manifest), str(tmp_path / "out")], index]:
+        assert clip.cli.make_shards.run(argv) == 1
+        error = capsys.readouterr().err
+        assert error.startswith("make_shards: ") and error.count("\n") == 1 and "clip-pretrain[shards]" in error

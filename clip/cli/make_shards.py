@@ -50,6 +50,7 @@ from ..data.shards import (
     require_webdataset,
     unexpanded_wildcards,
 )
+from ..dependencies import MissingDependency
 from ..preprocess import to_rgb
 
 # Stored as they are; anything else -> PNG. MPO is how Pillow names a JPEG file that holds more pictures after
@@ -423,6 +424,11 @@ def run(argv: list[str] | None = None) -> int:
     """`main` with the exit status of the library's other commands: 2 for bad input, said in one line."""
     try:
         return main(argv)
+    except MissingDependency as missing:
+        # webdataset, which writing and indexing shards need (the `shards` extra): one line and status 1, as
+        # clip-train ends on a missing optional package, where a wheel install without the extra had a traceback
+        print(f"make_shards: {missing}", file=sys.stderr)
+        return 1
     except SystemExit as refused:
         if not isinstance(refused.code, str):  # argparse's own exits, and main's statuses
             raise

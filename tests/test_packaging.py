@@ -26,18 +26,24 @@ REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
+def packages_the_wheel_takes() -> set[str]:
+    return set(setuptools.find_packages(where=str(REPO), **PYPROJECT["tool"]["setuptools"]["packages"]["find"]))
+
+
 def test_every_folder_of_modules_under_clip_is_a_package_the_wheel_takes():
     # setuptools' find (not find_namespace) skips a folder without __init__.py, and with it the folder's modules:
     # the checkout imports them as a namespace package, the wheel lacks them
-    found = set(setuptools.find_packages(where=str(REPO), **PYPROJECT["tool"]["setuptools"]["packages"]["find"]))
-    folders = {".".join(path.parent.relative_to(REPO).parts) for path in (REPO / "clip").rglob("*.py")}
+    found = packages_the_wheel_takes()
+    folders = {".".join(path.parent.relative_to(REPO).parts)
+               for top in ("clip", "clip_commands") for path in (REPO / top).rglob("*.py")}
     assert folders <= found, f"not in the wheel: {sorted(folders - found)}"
 
 
 def test_every_console_script_names_a_function_of_the_package():
+    found = packages_the_wheel_takes()
     for name, target in PYPROJECT["project"]["scripts"].items():
         module_name, _, function = target.partition(":")
-        assert module_name.split(".")[0] == "clip", name
+        assert module_name.rpartition(".")[0] in found or module_name in found, name
         assert callable(getattr(importlib.import_module(module_name), function)), name
 
 
@@ -64,7 +70,7 @@ def test_the_sdist_holds_the_tests_with_what_they_read_and_builds_the_wheel_agai
     tree.mkdir()
     for name in ["pyproject.toml", "MANIFEST.in", "README.md", "LICENSE"]:
         shutil.copy2(REPO / name, tree / name)
-    for name in ["clip", "tests", "configs", "scripts", "benchmarks", "docs"]:
+    for name in ["clip", "clip_commands", "tests", "configs", "scripts", "benchmarks", "docs"]:
         shutil.copytree(REPO / name, tree / name, ignore=caches)
     (tree / "tests" / "__pycache__").mkdir(exist_ok=True)
     (tree / "tests" / "__pycache__" / "stale.cpython-311.pyc").write_bytes(b"")
@@ -75,7 +81,7 @@ def test_the_sdist_holds_the_tests_with_what_they_read_and_builds_the_wheel_agai
         names = {member.name.removeprefix(top) for member in archive.getmembers() if member.isfile()}
         archive.extractall(tmp_path / "unpacked", filter="data")
     wanted = {"pyproject.toml", "README.md", "LICENSE"} | {
-        path.relative_to(tree).as_posix() for folder in ["clip", "tests", "configs", "scripts"]
+        path.relative_to(tree).as_posix() for folder in ["clip", "clip_commands", "tests", "configs", "scripts"]
         for path in (tree / folder).rglob("*") if path.is_file() and "__pycache__" not in path.parts}
     assert wanted <= names, f"not in the sdist: {sorted(wanted - names)}"
     assert not [name for name in names if "__pycache__" in name or name.endswith(".pyc")]
@@ -83,13 +89,14 @@ def test_the_sdist_holds_the_tests_with_what_they_read_and_builds_the_wheel_agai
     wheel = build("wheel", tmp_path / "unpacked" / top, tmp_path / "wheel")
     with zipfile.ZipFile(wheel) as archive:
         modules = {name for name in archive.namelist() if ".dist-info/" not in name}
-    assert modules == {path.relative_to(tree).as_posix() for path in (tree / "clip").rglob("*.py")}
+    assert modules == {path.relative_to(tree).as_posix()
+                       for top in ("clip", "clip_commands") for path in (tree / top).rglob("*.py")}
 
 
 def strings_the_package_says() -> list[tuple[str, int, str]]:
     """Every string literal in clip/ but docstrings (read by developers in the source), with its file and line."""
     said = []
-    for path in sorted((REPO / "clip").rglob("*.py")):
+    for path in sorted([*(REPO / "clip").rglob("*.py"), *(REPO / "clip_commands").rglob("*.py")]):
         tree = ast.parse(path.read_text())
         docstrings = {id(node.body[0].value) for node in ast.walk(tree)
                       if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))

@@ -436,6 +436,9 @@ def _existing_path(name_or_path: str | Path) -> Path:
     release = release_of_open_clip_name(str(name_or_path))
     if release is not None:  # "ViT-B-32-quickgelu", "ViT-L-14-336": too far from the release's name for difflib
         hint = f" Did you mean {release!r} (open_clip's {str(name_or_path)!r} with pretrained='openai')?"
+    if str(name_or_path).strip() != str(name_or_path) and str(name_or_path).strip() in RELEASED_WEIGHTS:
+        # " RN50" (pasted with its spaces) was pointed at the right model as open_clip's name for it
+        hint = f" Did you mean {str(name_or_path).strip()!r}, without the whitespace around it?"
     if str(name_or_path) in RELEASED_WEIGHTS:  # a Path is a path: Path("RN50") was asked "Did you mean 'RN50'?"
         hint = f" To load the released model {str(name_or_path)!r}, pass its name as a str, not a Path."
     raise ModelNotFoundError(

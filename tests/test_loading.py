@@ -1091,6 +1091,17 @@ def test_a_released_name_given_as_a_path_is_told_to_be_a_str(tmp_path: Path, mon
         load(Path("RN50"), device="cpu")
 
 
+@pytest.mark.parametrize("name", [" RN50", "ViT-B/32 ", "\tViT-L/14@336px\n"])
+def test_a_released_name_with_whitespace_around_it_is_pointed_at_the_name_without(
+        name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # " RN50" was told "Did you mean 'RN50' (open_clip's ' RN50' with pretrained='openai')?", not the cause
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as raised:
+        load(name, device="cpu")
+    assert f"Did you mean {name.strip()!r}, without the whitespace around it? Released models:" in str(raised.value)
+    assert "open_clip" not in str(raised.value)
+
+
 def test_an_empty_name_is_refused_not_read_as_the_current_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Path("") is "."; clip.load("") and `clip-retrieval --model ''` read the working directory as a run
     # directory (an error about its missing checkpoints), or loaded a run started there

@@ -9,7 +9,9 @@ includes the two feature gradients (2 * N * D * 4 bytes), which any method must 
   CPU:  the process's RSS high-water mark (getrusage ru_maxrss) after loss + backward minus its resident
         memory just before (the inputs made; in a fresh process the loss's peak is its highest).
   CUDA: torch.cuda.max_memory_allocated() minus memory_allocated() before.
-A configuration whose estimated need exceeds the memory available is skipped and reported as such.
+A configuration whose estimated need exceeds the memory available is skipped and reported as such; one that
+runs out of memory anyway (the estimate is rough) is a result, "out of memory at batch N", and that method is
+not tried at larger batches after it.
 """
 
 from __future__ import annotations
@@ -100,8 +102,30 @@ def current_peak_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's allocator raises torch.OutOfMemoryError; the CPU's a RuntimeError that says so."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
+def out_of_memory(batch: int, device: torch.device) -> dict:
+    peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+    return {"out_of_memory": True, "error": f"out of memory at batch {batch}"
+            + (f" (peak {peak:.1f} GiB allocated before the failed allocation)" if peak is not None else "")}
+
+
 def measure(method: str, batch: int, width: int, chunk_size: int | None, device: torch.device) -> dict:
-    """Runs in a fresh subprocess: warm up, then one timed loss + backward."""
+    """Runs in a fresh subprocess: warm up, then one timed loss + backward. Running out of memory is a result
+    (the naive loss at 64k needs about six 16 GiB matrices): the process reports it and ends normally."""
+    try:
+        return measure_once(method, batch, width, chunk_size, device)
+    except RuntimeError as error:  # torch.OutOfMemoryError is one
+        if not is_out_of_memory(error):
+            raise
+        return out_of_memory(batch, device)
+
+
+def measure_once(method: str, batch: int, width: int, chunk_size: int | None, device: torch.device) -> dict:
     run_loss(method, chunk_size, *make_inputs(256, width, device))  # load kernels, start thread pools
     inputs = make_inputs(batch, width, device)
     if device.type == "cuda":
@@ -122,7 +146,8 @@ def measure(method: str, batch: int, width: int, chunk_size: int | None, device:
 
 def verify(batch: int, width: int, chunk_size: int, device: torch.device) -> dict:
     """Chunked loss vs the whole-matrix reference (and vs naive autograd when it fits): the largest
-    difference relative to the largest reference value, for the loss and each gradient."""
+    difference relative to the largest reference value, for the loss and each gradient. A comparison that
+    runs out of memory says so; the others are still reported."""
     inputs = make_inputs(batch, width, device)
     results = {}
     report = {}
@@ -130,7 +155,17 @@ def verify(batch: int, width: int, chunk_size: int, device: torch.device) -> dic
         if method != "chunked" and not fits(method, batch, device):
             report[f"{method}"] = f"skipped: needs more than the {available_bytes(device) / GIB:.0f} GiB available"
             continue
-        loss = run_loss(method, chunk_size, *inputs)
+        try:
+            loss = run_loss(method, chunk_size, *inputs)
+        except RuntimeError as error:  # torch.OutOfMemoryError is one
+            if method == "chunked" or not is_out_of_memory(error):
+                raise
+            report[method] = f"skipped: out of memory at batch {batch}"
+            for tensor in inputs:
+                tensor.grad = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # what the failed attempt cached, for the next method
+            continue
         results[method] = [loss.cpu().double()] + [t.grad.cpu().double() for t in inputs]
     names = ["loss", "grad_image", "grad_text", "grad_logit_scale"]
     for method in results.keys() - {"chunked"}:
@@ -196,15 +231,22 @@ def main() -> None:
         verification = {"batch": args.verify_batch, "chunk_size": args.chunk_sizes[0], **run_in_subprocess(job)}
         save()
     configurations = [("naive", None)] + [("chunked", c) for c in args.chunk_sizes]
+    out_of_memory_at = {}  # (method, chunk size) -> the batch at which it ran out of memory
     for batch in args.batch_sizes:
         for method, chunk_size in configurations:
             row = {"batch": batch, "width": args.width, "method": method, "chunk_size": chunk_size, "device": str(device)}
-            if not fits(method, batch, device):
+            failed_at = out_of_memory_at.get((method, chunk_size))
+            if failed_at is not None and batch > failed_at:
+                # A larger batch needs more: the attempt would only spend the step's time limit to fail again
+                row["skipped"] = f"out of memory at batch {failed_at} already"
+            elif not fits(method, batch, device):
                 need = NAIVE_MATRICES * batch * batch * 4 / GIB
                 row["skipped"] = f"needs ~{need:.0f} GiB, {available_bytes(device) / GIB:.0f} GiB available"
             else:
                 job = {"kind": "measure", "method": method, "batch": batch, "width": args.width, "chunk_size": chunk_size}
                 row.update(run_in_subprocess(job))
+                if row.get("out_of_memory"):
+                    out_of_memory_at[(method, chunk_size)] = min(batch, failed_at or batch)
             rows.append(row)
             print(format_row(row), flush=True)
             save()

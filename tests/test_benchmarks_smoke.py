@@ -238,6 +238,58 @@ def test_loss_memory_keeps_what_it_measured_when_stopped_midway(monkeypatch, tmp
     assert [(row["method"], row["extra_peak_gib"]) for row in kept["rows"]] == [("naive", 0.1)]
 
 
+def test_loss_memory_records_running_out_of_memory_as_a_result(monkeypatch, tmp_path):
+    # The naive loss at 64k needs about six 16 GiB matrices, near all an H200 has: running out of memory there
+    # is a figure ("out of memory at 65536"), not a crash, and larger batches are not tried after it
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import loss_memory
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")
+
+    monkeypatch.setattr(loss_memory, "run_loss", out_of_memory)
+    result = loss_memory.measure("naive", 64, 8, None, torch.device("cpu"))
+    assert result["out_of_memory"] and result["error"] == "out of memory at batch 64"
+    monkeypatch.undo()
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    jobs = []
+
+    def measured(job):
+        jobs.append((job["method"], job["batch"]))
+        if job["method"] == "naive" and job["batch"] >= 128:
+            return {"out_of_memory": True, "error": "out of memory at batch 128"}
+        return {"extra_peak_gib": 0.1, "seconds": 0.5, "loss": 1.0}
+
+    monkeypatch.setattr(loss_memory, "run_in_subprocess", measured)
+    output = tmp_path / "loss_memory.json"
+    monkeypatch.setattr(sys, "argv", ["loss_memory.py", "--device", "cpu", "--batch-sizes", "64", "128", "256",
+                                      "--chunk-sizes", "16", "--json", str(output)])
+    loss_memory.main()
+    assert jobs == [("naive", 64), ("chunked", 64), ("naive", 128), ("chunked", 128), ("chunked", 256)]
+    rows = {(row["method"], row["batch"]): row for row in json.loads(output.read_text())["rows"]}
+    assert rows[("naive", 128)]["error"] == "out of memory at batch 128"
+    assert rows[("naive", 256)]["skipped"] == "out of memory at batch 128 already"
+    assert rows[("chunked", 256)]["extra_peak_gib"] == 0.1
+
+
+def test_loss_memory_exactness_check_keeps_its_other_comparisons_when_naive_runs_out_of_memory(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import loss_memory
+
+    real = loss_memory.run_loss
+
+    def naive_out_of_memory(method, *args):
+        if method == "naive":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return real(method, *args)
+
+    monkeypatch.setattr(loss_memory, "run_loss", naive_out_of_memory)
+    report = loss_memory.verify(64, 8, 16, torch.device("cpu"))
+    assert report["naive"] == "skipped: out of memory at batch 64"
+    assert report["loss vs reference"] < 1e-5 and "grad_image vs reference" in report
+
+
 def test_loss_memory_counts_from_the_memory_held_before_the_loss_not_an_earlier_peak():
     # Making the inputs passes through freed temporaries; here a 64 MiB one stands for them. The naive loss
     # at batch 2048 keeps about four 16 MiB logit matrices: its extra peak is at least that, however high

@@ -56,6 +56,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -253,13 +254,38 @@ def profile_steps(step, steps: int, device: torch.device) -> dict:
 
 
 def measure(job: dict) -> dict:
-    """One run in this process, with malloc keeping freed memory where --cpu-malloc says so."""
+    """One run in this process, with malloc keeping freed memory where --cpu-malloc says so, and compiling
+    (--compile) into caches of its own."""
     from clip.cpu_memory import freed_memory_kept
 
     policy = job.get("cpu_malloc", "trainers")
     keep = job["device"] == "cpu" and (policy == "both" or (policy == "trainers" and job["library"] == "ours"))
-    with freed_memory_kept() if keep else contextlib.nullcontext(False) as kept:
-        return {**measure_step(job), "freed_memory_kept": kept}
+    with fresh_compile_caches() if job.get("compile") else contextlib.nullcontext():
+        with freed_memory_kept() if keep else contextlib.nullcontext(False) as kept:
+            return {**measure_step(job), "freed_memory_kept": kept}
+
+
+COMPILE_CACHE_VARIABLES = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+
+
+@contextlib.contextmanager
+def fresh_compile_caches():
+    """torch.compile's on-disk caches (inductor's graphs and kernels, triton's binaries) in a new empty folder
+    for this process: by default they are shared by every process of the user, so a library compiled second
+    could load kernels the first one's run left there, compile faster and reach its timed steps within a
+    time limit the first could not. Each library now compiles from the same cold start."""
+    saved = {name: os.environ.get(name) for name in COMPILE_CACHE_VARIABLES}
+    with tempfile.TemporaryDirectory(prefix="clip-bench-compile-") as folder:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(folder, "triton")
+        try:
+            yield folder
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def measure_step(job: dict) -> dict:
@@ -292,12 +318,15 @@ def measure_step(job: dict) -> dict:
     baseline_rss = common.current_rss_bytes()
     step, module = make_step(job, device, images, texts)
 
+    warmup_started = time.perf_counter()
     losses = [step() for _ in range(job["warmup"])]
+    common.synchronize(device)
+    # What the first steps cost (torch.compile's compilation, cuDNN's autotuning): what a time limit must allow
+    warmup_s = time.perf_counter() - warmup_started
     if device.type == "cuda":
         # From here on: the warm-up's one-off allocations (cuDNN autotuning tries each convolution algorithm
         # with its own workspace, torch.compile its kernels) are no part of a training step's memory; the
         # weights and the optimiser state, allocated by now, stay counted.
-        common.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     # The losses stay on the device until the timing ends: reading each one would add a host sync per step
     # that neither library's training loop makes.
@@ -306,6 +335,7 @@ def measure_step(job: dict) -> dict:
         "samples_per_s": job["batch"] * job["steps"] / wall_s,
         "samples_per_cpu_s": job["batch"] * job["steps"] / cpu_s,
         "step_s": wall_s / job["steps"],
+        "warmup_s": warmup_s,
         "losses": [loss.item() for loss in losses],
         "text_source": text_source,
         "caption_tokens": common.token_lengths(texts.cpu()),
@@ -351,11 +381,30 @@ def runner_name(job: dict) -> str:
     return ours_name(job.get("text_length", "trimmed")) if job["library"] == "ours" else job["library"]
 
 
+class TimeShares:
+    """Each run's timeout under a time limit for all of them: an equal share of what is left (left / runs
+    still to go), at most the per-run limit. A library that runs first (or slowly) cannot use up the time of
+    the ones after it, and a run that ends early leaves its time to the others."""
+
+    def __init__(self, limit_s: float | None, runs: int) -> None:
+        self.deadline = None if limit_s is None else time.monotonic() + limit_s
+        self.runs_left = runs
+
+    def next_timeout(self, run_limit_s: float) -> float:
+        share = run_limit_s
+        if self.deadline is not None:
+            share = min(share, (self.deadline - time.monotonic()) / max(self.runs_left, 1))
+        self.runs_left -= 1
+        return share
+
+
 def run_configuration(base_job: dict, measured: dict[str, dict], repeats: int, timeout_s: float,
                       profile_file: Path | None = None, profile_step_count: int = 0,
-                      on_progress: Callable[[dict], None] | None = None) -> dict:
+                      on_progress: Callable[[dict], None] | None = None,
+                      time_shares: TimeShares | None = None) -> dict:
     """Alternates the runs named in `measured` (ABBA order) over `repeats` rounds; returns runs and medians
-    per name. on_progress: called with the medians so far after every run (so a killed benchmark keeps them)."""
+    per name. on_progress: called with the medians so far after every run (so a killed benchmark keeps them).
+    time_shares: each run's timeout (else timeout_s)."""
     runs: dict[str, list[dict]] = {name: [] for name in measured}
     names = list(measured)
     for round_index in range(repeats):
@@ -363,7 +412,11 @@ def run_configuration(base_job: dict, measured: dict[str, dict], repeats: int, t
         for name in order:
             profiled = profile_file is not None and round_index == 0
             job = {**base_job, **measured[name], "profile_steps": profile_step_count if profiled else 0}
-            result = common.run_job(Path(__file__), job, timeout_s)
+            run_timeout_s = timeout_s if time_shares is None else time_shares.next_timeout(timeout_s)
+            if run_timeout_s >= 1:
+                result = common.run_job(Path(__file__), job, run_timeout_s)
+            else:
+                result = {"error": "not run: the --time-limit was used up"}
             if "profile" in result:
                 append_profile(profile_file, job, result.pop("profile"))
             runs[name].append(result)
@@ -500,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=Path, help="append a torch.profiler summary of each first run to this file")
     parser.add_argument("--profile-steps", type=positive_int, default=3, help="steps profiled (after the timed ones)")
     parser.add_argument("--job-timeout", type=common.positive_seconds, default=1800.0, help="seconds before one run is abandoned")
+    parser.add_argument("--time-limit", type=common.positive_seconds, default=None,
+                        help="seconds for all the runs: each run's timeout is then at most an equal share of what is "
+                             "left (gpu.sh: so that open_clip, compiled after ours, gets as much time as ours did)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: one measurement in this process
@@ -526,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
               "warmup": args.warmup, "steps": args.steps, "optimizer": args.optimizer, "cpu_malloc": args.cpu_malloc,
               "grad_clip_norm": args.grad_clip_norm, "text_lengths": text_lengths, "skipped_libraries": skipped}
     measured = runners(libraries, text_lengths)
+    run_count = len(args.archs) * len(args.batch_sizes) * len(args.threads) * args.repeats * len(measured)
+    time_shares = TimeShares(args.time_limit, run_count)
     rows = []
     for arch in args.archs:
         for batch in args.batch_sizes:
@@ -548,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
                         common.write_json(args.json, {**report, "rows": [*rows, *current]})
 
                 summary = run_configuration(base_job, measured, args.repeats, args.job_timeout,
-                                            args.profile, args.profile_steps, on_progress=write_json)
+                                            args.profile, args.profile_steps, on_progress=write_json,
+                                            time_shares=time_shares)
                 rows.extend(rows_of(configuration, summary, text_lengths, device, precision))
     print(format_rows(rows, device.type))
     return 0

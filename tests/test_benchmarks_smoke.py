@@ -151,6 +151,51 @@ def test_train_step_keeps_each_finished_run_when_stopped_midway(benchmark_module
     assert row["results"]["open_clip"]["error"] == "not run"
 
 
+def test_train_step_gives_each_run_an_equal_share_of_its_time_limit(benchmark_modules, tmp_path, monkeypatch):
+    # gpu.sh compiles ours, then open_clip, within one time limit: with only a per-run timeout, ours could take
+    # nearly all of it and leave open_clip too little to compile, so the comparison would lose its second row
+    common, train_step = benchmark_modules[0], benchmark_modules[1]
+    clock = [1000.0]
+    monkeypatch.setattr(train_step.time, "monotonic", lambda: clock[0])
+    timeouts = []
+
+    def fake_run_job(script, job, timeout_s=None):
+        timeouts.append((job["library"], timeout_s))
+        clock[0] += 30.0 if job["library"] == "ours" else 100.0  # ours ends early, open_clip uses all it gets
+        return {"samples_per_s": 10.0, "samples_per_cpu_s": 5.0, "peak_gib": 1.0, "training_peak_gib": 0.5,
+                "caption_tokens": {}, "text_source": "fake", "parameters": 1}
+
+    monkeypatch.setattr(common, "run_job", fake_run_job)
+    train_step.main(["--archs", "ViT-B/32", "--batch-sizes", "2", "--libraries", "ours", "open_clip",
+                     "--repeats", "1", "--device", "cpu", "--job-timeout", "150", "--time-limit", "160",
+                     "--json", str(tmp_path / "train_step.json")])
+    assert timeouts == [("ours", 80.0), ("open_clip", 130.0)]  # half, then all that the first left
+    shares = train_step.TimeShares(10.0, 2)
+    clock[0] += 11.0
+    assert shares.next_timeout(150.0) < 1  # used up: main records "not run" rather than a run with no time
+    assert train_step.TimeShares(None, 2).next_timeout(150.0) == 150.0
+
+
+def test_train_step_compiles_each_run_into_caches_of_its_own(benchmark_modules, monkeypatch):
+    # torch.compile's on-disk caches are shared by the user's processes by default: the library compiled second
+    # could reuse kernels of the first one's run and compile faster within the same time limit
+    train_step = benchmark_modules[1]
+    seen = []
+    monkeypatch.setattr(train_step, "measure_step", lambda job: seen.append(
+        {name: os.environ.get(name) for name in train_step.COMPILE_CACHE_VARIABLES}) or {})
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/shared-cache")
+    job = {"device": "cpu", "library": "ours", "cpu_malloc": "neither"}
+    for library in ("ours", "open_clip"):
+        train_step.measure({**job, "library": library, "compile": True})
+    train_step.measure({**job, "compile": False})
+    first, second, eager = seen
+    assert first["TORCHINDUCTOR_CACHE_DIR"] != second["TORCHINDUCTOR_CACHE_DIR"]
+    assert "/shared-cache" not in (first["TORCHINDUCTOR_CACHE_DIR"], second["TORCHINDUCTOR_CACHE_DIR"])
+    assert first["TRITON_CACHE_DIR"].startswith(first["TORCHINDUCTOR_CACHE_DIR"])
+    assert not os.path.exists(first["TORCHINDUCTOR_CACHE_DIR"])  # removed after the run
+    assert eager["TORCHINDUCTOR_CACHE_DIR"] == "/shared-cache" == os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
 def test_train_step_full_text_length_gives_ours_open_clips_inputs_and_no_more_work(benchmark_modules):
     # By default ours runs the text tower only to the batch's last end-of-text token, open_clip all 77
     # positions; --text-length full must make ours run all 77 too. Its towers' last blocks still compute only

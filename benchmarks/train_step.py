@@ -449,7 +449,8 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
             continue
         summary[library] = {
             key: common.median([r[key] for r in good])
-            for key in ("samples_per_s", "samples_per_cpu_s", "peak_gib", "training_peak_gib", "flops_per_sample")
+            for key in ("samples_per_s", "samples_per_cpu_s", "peak_gib", "training_peak_gib", "flops_per_sample",
+                        "warmup_s")
             if key in good[0]
         }
         summary[library].update(runs=results, caption_tokens=good[0]["caption_tokens"],

@@ -163,13 +163,15 @@ def test_train_step_gives_each_run_an_equal_share_of_its_time_limit(benchmark_mo
         timeouts.append((job["library"], timeout_s))
         clock[0] += 30.0 if job["library"] == "ours" else 100.0  # ours ends early, open_clip uses all it gets
         return {"samples_per_s": 10.0, "samples_per_cpu_s": 5.0, "peak_gib": 1.0, "training_peak_gib": 0.5,
-                "caption_tokens": {}, "text_source": "fake", "parameters": 1}
+                "caption_tokens": {}, "text_source": "fake", "parameters": 1, "warmup_s": 25.0}
 
     monkeypatch.setattr(common, "run_job", fake_run_job)
     train_step.main(["--archs", "ViT-B/32", "--batch-sizes", "2", "--libraries", "ours", "open_clip",
                      "--repeats", "1", "--device", "cpu", "--job-timeout", "150", "--time-limit", "160",
                      "--json", str(tmp_path / "train_step.json")])
     assert timeouts == [("ours", 80.0), ("open_clip", 130.0)]  # half, then all that the first left
+    row = json.loads((tmp_path / "train_step.json").read_text())["rows"][0]
+    assert row["results"]["ours"]["warmup_s"] == 25.0  # what compiling took: what a time limit must allow
     shares = train_step.TimeShares(10.0, 2)
     clock[0] += 11.0
     assert shares.next_timeout(150.0) < 1  # used up: main records "not run" rather than a run with no time

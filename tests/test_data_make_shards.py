@@ -287,13 +287,13 @@ def test_help_runs_as_a_script() -> None:
     # Bad input exits 2, as clip-train and the evaluation commands do (it was 1, the status of a failure)
     result = subprocess.run([sys.executable, str(SCRIPT), "/nonexistent/captions.tsv", "out"], capture_output=True,
                             text=True, env=env, timeout=120)
-    assert result.returncode == 2 and result.stderr == "make_shards: /nonexistent/captions.tsv does not exist\n"
+    assert result.returncode == 2 and result.stderr == "clip-make-shards: /nonexistent/captions.tsv does not exist\n"
 
 
 def test_an_output_that_is_a_file_is_one_line(tmp_path: Path) -> None:
     taken = tmp_path / "out"
     taken.write_text("not a folder")
-    with pytest.raises(SystemExit, match=r"^make_shards: .*File exists.*out"):  # it was FileExistsError's traceback
+    with pytest.raises(SystemExit, match=r"^clip-make-shards: .*File exists.*out"):  # it was FileExistsError's traceback
         make_shards_main()([str(write_manifest(tmp_path / "pairs", range(3))), str(taken)])
     assert taken.read_text() == "not a folder"
 
@@ -381,7 +381,7 @@ def test_a_manifest_without_the_named_columns_leaves_no_empty_shard(tmp_path: Pa
     manifest = write_manifest(tmp_path / "src", range(3), "train.tsv")
     out = tmp_path / "out"
     main = make_shards_main()
-    with pytest.raises(SystemExit, match=r"^make_shards: .*no column 'text'.*--caption-column \(clip-retrieval, clip-make-shards\)\.$"):
+    with pytest.raises(SystemExit, match=r"^clip-make-shards: .*no column 'text'.*--caption-column \(clip-retrieval, clip-make-shards\)\.$"):
         main([str(manifest), str(out), "--caption-column", "text"])  # one line, not a traceback
     assert not out.exists()  # nor an empty folder with a sizes.json of {}
     assert main([str(manifest), str(out)]) == 0
@@ -419,7 +419,7 @@ def test_nothing_to_write_is_one_line_with_status_2(tmp_path: Path) -> None:
     photos.mkdir()
     (photos / "a.jpg").write_bytes(b"not an image")
     (photos / "a.txt").write_text("a caption")
-    nothing_from = "^make_shards: no sample of {} could be written"
+    nothing_from = "^clip-make-shards: no sample of {} could be written"
     with pytest.raises(SystemExit, match=nothing_from.format(re.escape(str(photos))) + r" \(skipped 1: "):
         module.main([str(photos), str(tmp_path / "out")])
     assert module.run([str(photos), str(tmp_path / "out2")]) == 2
@@ -443,7 +443,7 @@ def test_an_input_that_does_not_exist_is_said_to_be_missing(tmp_path: Path, monk
     # is a manifest's: it did not say that nothing is there, nor where a relative path was looked for
     monkeypatch.chdir(tmp_path)
     module = load_make_shards()
-    with pytest.raises(SystemExit, match=r"^make_shards: captions\.tsv does not exist \(a relative path, read from "
+    with pytest.raises(SystemExit, match=r"^clip-make-shards: captions\.tsv does not exist \(a relative path, read from "
                                          r"the folder the command runs in, .*\)$"):
         module.main(["captions.tsv", "out"])
     assert module.run(["captions.tsv", "out"]) == 2
@@ -458,4 +458,4 @@ def test_without_webdataset_it_ends_in_one_line_naming_the_extra(tmp_path: Path,
     for argv in [[str(manifest), str(tmp_path / "out")], index]:
         assert clip.cli.make_shards.run(argv) == 1
         error = capsys.readouterr().err
-        assert error.startswith("make_shards: ") and error.count("\n") == 1 and "clip-pretrain[shards]" in error
+        assert error.startswith("clip-make-shards: ") and error.count("\n") == 1 and "clip-pretrain[shards]" in error

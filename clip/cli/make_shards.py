@@ -58,6 +58,9 @@ from ..preprocess import to_rgb
 # and as PNG it took several times the bytes.
 KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's default decompression-bomb limit, as the loader's default
+# How its lines on stderr start, as the other commands' start with theirs: the installed command's name (they said
+# "make_shards:", the script's name before it became clip-make-shards)
+PROG = "clip-make-shards"
 
 
 def folder_samples(root: Path) -> Iterator[tuple[str, str | None, dict, str] | SkipSample]:
@@ -292,11 +295,11 @@ def keep_finished_shards(writer, output: Path, prefix: str, per_shard: int, writ
     finished = existing_shards(output, prefix)
     update_index(output, prefix, {path.name: per_shard for path in finished})
     if finished:
-        print(f"make_shards: stopped after {written} samples; {len(finished)} finished shards of {per_shard} kept in "
+        print(f"{PROG}: stopped after {written} samples; {len(finished)} finished shards of {per_shard} kept in "
               f"{output} with their sizes.json entries{', the unfinished one removed' if torn else ''} (--overwrite "
               "starts over)", file=sys.stderr)
     else:
-        print(f"make_shards: stopped after {written} samples, before a shard was finished: none written",
+        print(f"{PROG}: stopped after {written} samples, before a shard was finished: none written",
               file=sys.stderr)
 
 
@@ -337,7 +340,7 @@ def write_index(pattern: str) -> dict[str, int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="clip-make-shards", description=__doc__,
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     formats = ", ".join(MANIFEST_SUFFIXES)
     parser.add_argument("input", nargs="?", help=f"a manifest ({formats}) or a folder of images + .txt captions")
@@ -388,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         samples = manifest_samples(source, args)
     elif not source.exists() and not source.is_symlink():
         # A mistyped path was "neither a manifest file nor a folder", which did not say that nothing is there
-        raise SystemExit(f"make_shards: {source} does not exist{relative_path_note(str(source))}")
+        raise SystemExit(f"{PROG}: {source} does not exist{relative_path_note(str(source))}")
     else:
         raise SystemExit(f"{source} is neither a manifest file nor a folder")
     try:
@@ -398,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     ) as error:
         # The input's (wrong columns, a UTF-16 manifest, an unreadable path, an output that is a file): one line,
         # not a traceback
-        raise SystemExit(f"make_shards: {error}") from None
+        raise SystemExit(f"{PROG}: {error}") from None
     skipped_line = skipped.line()
     if not sizes:
         # Status 0 and "wrote 0 samples" read as done: every image broken, or the wrong folder, went unnoticed
@@ -409,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             # file: the training loader gives this hint for such a source too. (An image folder's missing files
             # are links to files no longer there: no paths of a manifest.)
             hint = f"; a manifest's image paths are read relative to its own folder, {source.resolve().parent}, or are absolute"
-        raise SystemExit(f"make_shards: no sample of {source} could be written"
+        raise SystemExit(f"{PROG}: no sample of {source} could be written"
                          + (f" ({skipped_line}){hint}" if skipped else ": it holds none"))
     samples, shards = sum(sizes.values()), len(sizes)
     print(f"wrote {samples} sample{'s' * (samples != 1)} in {shards} shard{'s' * (shards != 1)} to {args.output}")
@@ -427,7 +430,7 @@ def run(argv: list[str] | None = None) -> int:
     except MissingDependency as missing:
         # webdataset, which writing and indexing shards need (the `shards` extra): one line and status 1, as
         # clip-train ends on a missing optional package, where a wheel install without the extra had a traceback
-        print(f"make_shards: {missing}", file=sys.stderr)
+        print(f"{PROG}: {missing}", file=sys.stderr)
         return 1
     except SystemExit as refused:
         if not isinstance(refused.code, str):  # argparse's own exits, and main's statuses

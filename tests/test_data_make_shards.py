@@ -124,7 +124,7 @@ def test_an_image_folders_caption_suffix_is_matched_in_any_case(tmp_path: Path, 
     (photos / "3.jpg").write_bytes(image_bytes(3))
     for path in both:
         path.write_text("one of two captions")
-    if len(list(photos.iterdir())) < 9:
+    if both[0].samefile(both[1]):
         both = None  # a case-insensitive file system keeps one file of the two names
     assert make_shards_main()([str(photos), str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out

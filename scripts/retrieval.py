@@ -5,7 +5,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, when not pip-installed
 
-from clip_commands import clip_retrieval  # noqa: E402 -- a Ctrl-C while it imports the library is one line, not a traceback
+# Through clip_commands, as the console script: a Ctrl-C while it imports the library is one line, not a traceback
+from clip_commands import clip_retrieval  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(clip_retrieval())

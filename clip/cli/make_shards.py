@@ -10,11 +10,12 @@ Input: a manifest (.csv, .tsv or .jsonl; image paths relative to its folder) or 
 with a caption file of the same name and the suffix .txt (in any case: .TXT too). Output: PREFIX-000000.tar,
 PREFIX-000001.tar, ... with N samples each (the last one fewer), every sample stored as KEY.jpg|png|webp (the
 original bytes; other formats are converted to PNG), KEY.txt (the caption, UTF-8) and KEY.json (key, caption,
-source path, width, height), as img2dataset lays them out; and sizes.json, the sample count of each shard, which the loader needs to plan exact epochs (the entries of other shards in it are kept). An
-output folder that already holds shards of the prefix is refused: shards the new run does not replace would
-stay beside it and be read; --overwrite deletes them before the first new sample is written (a run that writes
-none keeps them). Samples that cannot be used (missing or broken images, empty or non-UTF-8 captions) are skipped
-and counted by kind, with the same checks as the training loader.
+source path, width, height), as img2dataset lays them out; and sizes.json, the sample count of each shard,
+which the loader needs to plan exact epochs (the entries of other shards in it are kept). An output folder that
+already holds shards of the prefix is refused: shards the new run does not replace would stay beside it and be
+read; --overwrite deletes them before the first new sample is written (a run that writes none keeps them). Samples
+that cannot be used (missing or broken images, empty or non-UTF-8 captions) are skipped and counted by kind, with
+the same checks as the training loader.
 """
 
 from __future__ import annotations

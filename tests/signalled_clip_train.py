@@ -3,7 +3,8 @@ its exit status (test_clip_train_signals.py). Deterministic: each signal is sent
 
     python signalled_clip_train.py ENTRY POINT:SIGNAL[,POINT:SIGNAL...] CLIP_TRAIN_ARGS...
 
-ENTRY: "script" (python scripts/train.py) or "module" (python -m clip.cli.train, as the clip-train command runs).
+ENTRY: "script" (python scripts/train.py, through clip_commands.clip_train as the clip-train command) or "module"
+(python -m clip.cli.train: clip.cli.train.command alone, without clip_commands' handling of the imports).
 POINT: "import" (as clip.train is imported: no other point with it), "config" (as the config is read), "step2"
 (before the run's second forward pass), "teardown" (as train destroys the process group), "returned" (as train
 has returned to clip-train), "exit" (at the interpreter's exit, after clip-train's main returned), "finalization"

@@ -31,8 +31,8 @@ QUICK = [*TINY, "schedule.steps=3", "schedule.warmup_steps=1", "checkpoint.every
 
 def clip_train(entry: str, points: str, run_dir: Path, *extra: str, env: dict | None = None,
                wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
-    """clip-train run as `entry` ("script": scripts/train.py; "module": python -m clip.cli.train, as the command
-    runs), signalled at `points` (signalled_clip_train.py's)."""
+    """clip-train run as `entry` ("script": scripts/train.py, as the clip-train command through clip_commands;
+    "module": python -m clip.cli.train), signalled at `points` (signalled_clip_train.py's)."""
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                    **(env or {})}
     command = [sys.executable, str(DRIVER), entry, points, str(DEMO), "--output-dir", str(run_dir), *QUICK, *extra]

@@ -64,3 +64,13 @@ def test_a_command_started_without_a_signal_runs_as_before():
     ended = run_script("clip-export", "", "--help")
     assert ended.returncode == 0, ended.stderr
     assert ended.stdout.startswith("usage: clip-export")
+
+
+def test_the_statuses_clip_commands_repeats_are_the_library_s():
+    # Repeated there, not imported (importing them imports torch): a change to the library's must change these
+    import clip_commands
+    from clip.cli.common import INTERRUPTED_EXIT_CODE
+    from clip.stopping import STOPPED_EARLY_EXIT_CODE
+
+    assert clip_commands.INTERRUPTED_EXIT_CODE == INTERRUPTED_EXIT_CODE
+    assert clip_commands.START_ABANDONED_EXIT_CODE == STOPPED_EARLY_EXIT_CODE

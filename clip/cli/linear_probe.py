@@ -49,9 +49,9 @@ from .common import (
     load_model,
     positive_int,
     resolve_device,
-    workers_for_this_machine,
     run_command,
     setup_logging,
+    workers_for_this_machine,
     writable_output_dir,
     write_json,
 )

@@ -34,9 +34,9 @@ from .common import (
     ERRORS_HELP,
     load_model,
     resolve_device,
-    workers_for_this_machine,
     run_command,
     setup_logging,
+    workers_for_this_machine,
     writable_output_dir,
     write_json,
 )

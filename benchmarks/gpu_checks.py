@@ -2,9 +2,9 @@
 on a tiny model):
 
   1. gradient accumulation with patch dropout under torch.compile: each micro-batch's gradient pass must
-     compute the image features its caching pass cached (bit for bit on the CPU; within float32 rounding on
-     a GPU, far below what another mask changes) (the trainer replays the CUDA generator;
-     on the CPU the tests check this, on CUDA only a GPU can);
+     compute the image features its caching pass cached, bit for bit on the CPU, within float32 rounding on
+     a GPU (far below what another mask changes): the trainer replays the CUDA generator, which on the CPU
+     the tests check and on CUDA only a GPU can;
   2. PixelNormalizer on the device: the same values as on the CPU, channels-last kept;
   3. the trainer itself (clip.train.train, a few steps of a tiny model, data through a worker and pinned
      memory) in the combinations whose GPU paths the CPU tests cannot reach: bf16 ViT with accumulation,

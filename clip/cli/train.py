@@ -6,6 +6,7 @@ using, init weights that name nothing loadable); 75 stopped early with a checkpo
 
     clip-train CONFIG [--output-dir DIR] [section.key=value ...]    (python scripts/train.py ... in a source checkout)
     torchrun --nproc-per-node 8 scripts/train.py CONFIG ...      (or under SLURM: srun python scripts/train.py ...)
+    torchrun --nproc-per-node 8 --no-python clip-train CONFIG ...   (the same, installed without the checkout)
 """
 
 from __future__ import annotations

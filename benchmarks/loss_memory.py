@@ -223,7 +223,8 @@ def main() -> None:
 
     def save() -> None:  # after each result: a run stopped at its time limit (gpu.sh) keeps what it measured
         if args.json:
-            common.write_json(args.json, {"rows": rows, "verification": verification}, indent=2)
+            common.write_json(args.json, {"rows": rows, "verification": verification,
+                                          "batch_sizes": args.batch_sizes}, indent=2)
 
     # Exactness first: with the extra peak at the verified batch, it is what the loss's target asks for
     if args.verify_batch:

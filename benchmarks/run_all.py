@@ -156,7 +156,10 @@ def loss_target(report: dict) -> list[str]:
     if not rows or verification.get("batch") != LOSS_BATCH or not errors:
         measured = ", ".join(f"batch {r['batch']} chunk {r['chunk_size']}: {r['extra_peak_gib']:.2f} GiB"
                              for r in report.get("rows", []) if r.get("method") == "chunked" and "extra_peak_gib" in r)
-        return [name, measured or "-", f"not measured at {LOSS_BATCH} (run without --quick)" + (
+        # A run asked for that batch (gpu.sh's, the full page's) and stopped before it: --quick is not the cause
+        asked = LOSS_BATCH in report.get("batch_sizes", ()) or verification.get("batch") == LOSS_BATCH
+        why = "the run stopped before it" if asked else "run without --quick"
+        return [name, measured or "-", f"not measured at {LOSS_BATCH} ({why})" + (
             f"; {report['error']}" if "error" in report else "")]
     best = min(rows, key=lambda r: r["extra_peak_gib"])
     worst_error = max(errors.values())

@@ -792,3 +792,13 @@ def test_gpu_page_is_written_when_a_results_file_holds_something_unexpected(benc
     assert "| from train_step_compile.json | - | could not be read: KeyError('results') |" in page
     assert "**Failed:** inference.json holds no results object" in page
     assert "## Training step, eager, RN50" in page and "| RN50, batch 256, bf16: MFU >= 45% | 50.0%" in page
+
+
+def test_loss_target_blames_quick_only_when_the_run_did_not_ask_for_the_target_batch(benchmark_modules):
+    # gpu.sh asks for 32k: a step cut at its time limit before that batch was told to "run without --quick"
+    run_all = benchmark_modules[3]
+    small = [{"batch": 4096, "method": "chunked", "chunk_size": 512, "extra_peak_gib": 0.1}]
+    quick = run_all.loss_target({"rows": small, "verification": None, "batch_sizes": [4096]})
+    assert quick[2].startswith(f"not measured at {run_all.LOSS_BATCH} (run without --quick)")
+    cut = run_all.loss_target({"rows": small, "verification": None, "batch_sizes": [4096, run_all.LOSS_BATCH]})
+    assert cut[2].startswith(f"not measured at {run_all.LOSS_BATCH} (the run stopped before it)")

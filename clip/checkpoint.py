@@ -102,6 +102,9 @@ def save_checkpoint(state: dict, run_dir: Path, step: int, keep_last: int) -> Pa
                 f"could not write {final}: {cause.strerror or cause} (errno {cause.errno}); the checkpoints "
                 f"saved before it are kept"
             ) from error
+        started = _raised_while_closing(error)
+        if started is not None:
+            raise started from None
         raise
     _sync_directory(final.parent)  # the rename itself on disk before older checkpoints are deleted
     prune_checkpoints(run_dir, step, keep_last)
@@ -117,6 +120,20 @@ def _in_chain(error: BaseException, wanted: Callable[[BaseException], bool]) -> 
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__
+    return None
+
+
+def _raised_while_closing(error: BaseException) -> Exception | None:
+    """The error that broke off torch.save's write, where `error` is only the archive writer's closing check that
+    followed it ("unexpected pos", raised implicitly while the first propagated); None otherwise.
+
+    A data worker's death is reported by the DataLoader's SIGCHLD handler, which raises in the training process
+    wherever it is: in a save, the run stopped on the closing check's line, which read as a failed write and
+    hid the dead worker (train.log said only "unexpected pos")."""
+    started = error.__context__
+    implicit = error.__cause__ is None and not error.__suppress_context__
+    if isinstance(error, RuntimeError) and isinstance(started, Exception) and implicit:
+        return started
     return None
 
 

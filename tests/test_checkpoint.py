@@ -143,12 +143,9 @@ def test_a_save_that_runs_out_of_disk_says_so_in_one_line_and_leaves_nothing(tmp
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000010.pt"]
 
 
-def test_a_second_ctrl_c_during_a_save_is_a_keyboard_interrupt_not_a_write_error(tmp_path, monkeypatch):
-    # A second Ctrl-C stops the run at once (clip.stopping). Raised from the signal handler inside torch.save's
-    # write, it met the archive writer's closing check, whose RuntimeError ("[enforce fail at
-    # inline_container.cc:672] . unexpected pos") the run stopped with, reading as a failed write.
-    save(tmp_path, 10)
-    real_fdopen = os.fdopen
+def files_that_raise_after(limit: int, error: BaseException, real_fdopen=os.fdopen):
+    """A stand-in for os.fdopen whose files raise `error` from a write once `limit` bytes are written: a signal
+    handler that raises inside torch.save's write."""
 
     class InterruptedFile:
         def __init__(self, descriptor, mode):
@@ -156,8 +153,8 @@ def test_a_second_ctrl_c_during_a_save_is_a_keyboard_interrupt_not_a_write_error
 
         def write(self, data):
             self.written += len(data)
-            if self.written > 4096:
-                raise KeyboardInterrupt
+            if self.written > limit:
+                raise error
             return self.file.write(data)
 
         def __getattr__(self, name):
@@ -169,9 +166,31 @@ def test_a_second_ctrl_c_during_a_save_is_a_keyboard_interrupt_not_a_write_error
         def __exit__(self, *exc):
             self.file.close()
 
-    monkeypatch.setattr(ckpt.os, "fdopen", InterruptedFile)
+    return InterruptedFile
+
+
+def test_a_second_ctrl_c_during_a_save_is_a_keyboard_interrupt_not_a_write_error(tmp_path, monkeypatch):
+    # A second Ctrl-C stops the run at once (clip.stopping). Raised from the signal handler inside torch.save's
+    # write, it met the archive writer's closing check, whose RuntimeError ("[enforce fail at
+    # inline_container.cc:672] . unexpected pos") the run stopped with, reading as a failed write.
+    save(tmp_path, 10)
+    monkeypatch.setattr(ckpt.os, "fdopen", files_that_raise_after(4096, KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         ckpt.save_checkpoint({"format": ckpt.CHECKPOINT_FORMAT, "weights": torch.zeros(100_000)}, tmp_path, 20, 3)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000010.pt"]
+
+
+def test_a_data_worker_killed_during_a_save_is_the_error_not_the_archive_writers_check(tmp_path, monkeypatch):
+    # The DataLoader's SIGCHLD handler reports a dead worker (the OOM killer, a kill -9) by raising wherever the
+    # training process is. Inside torch.save's write, the archive writer's closing check raised next, and the
+    # run ended on "RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos", as did train.log's
+    # line: a failed write, not the dead worker (seen with a worker killed mid-run).
+    save(tmp_path, 10)
+    worker_died = RuntimeError("DataLoader worker (pid 12345) is killed by signal: Killed. ")
+    monkeypatch.setattr(ckpt.os, "fdopen", files_that_raise_after(4096, worker_died))
+    with pytest.raises(RuntimeError) as raised:
+        ckpt.save_checkpoint({"format": ckpt.CHECKPOINT_FORMAT, "weights": torch.zeros(100_000)}, tmp_path, 20, 3)
+    assert raised.value is worker_died
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000010.pt"]
 
 

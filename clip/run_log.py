@@ -103,14 +103,26 @@ class RunLog:
             and math.isfinite(value)
         }
         if self.writer is not None:
-            for key, value in scalars.items():
-                self.writer.add_scalar(key, value, step)
+            try:
+                for key, value in scalars.items():
+                    self.writer.add_scalar(key, value, step)
+            except OSError as error:
+                # The event file is written by the writer's thread, whose error (a full disk, a quota) the next
+                # call raises: it ended the run on an OSError traceback, not the one line metrics.jsonl's gets
+                raise RunLogWriteError(
+                    f"could not write the TensorBoard events in {self.writer.log_dir}: {error.strerror or error} "
+                    f"(errno {error.errno})"
+                ) from error
         if self.wandb_run is not None:
             self.wandb_run.log(scalars, step=step)
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()  # writes the buffered events
+            except OSError as error:  # metrics.jsonl has every figure: TensorBoard's last steps are all it costs
+                log.warning("TensorBoard's last events may be missing from %s: %s", self.writer.log_dir,
+                            error.strerror or error)
         if self.wandb_run is not None:
             self.wandb_run.finish()
 

@@ -67,6 +67,28 @@ def test_the_tensorboard_writer_gets_the_scalars_and_is_closed_with_the_log(tmp_
     assert writer.scalars == [("loss", 1.0, 5), ("data/samples", 8, 5)] and writer.closed
 
 
+def test_a_tensorboard_event_file_that_cannot_be_written_is_a_run_log_write_error(tmp_path, monkeypatch, caplog):
+    # A full disk fails the event writer's thread, and its next add_scalar raises that OSError: the run ended on
+    # its traceback instead of the one line (status 1, the checkpoints kept) a metrics.jsonl write error gets.
+    pytest.importorskip("torch.utils.tensorboard")
+    log = RunLog(tmp_path, tensorboard=True)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(log.writer, "add_scalar", disk_full)
+    with pytest.raises(RunLogWriteError, match=r"could not write the TensorBoard events in .*tensorboard: No space "
+                                               r"left on device \(errno 28\)"):
+        log.write({"step": 5, "loss": 1.0})
+    writer = log.writer
+    monkeypatch.setattr(writer, "close", disk_full)
+    with caplog.at_level(logging.WARNING):
+        log.close()  # the buffered events cannot be written either: said, not raised
+    assert "TensorBoard's last events may be missing" in caplog.text
+    monkeypatch.undo()
+    writer.close()  # its thread
+
+
 def test_a_resume_that_evaluates_its_step_again_says_it_drops_that_evaluation(tmp_path, caplog):
     # Only step 2's evaluation record goes: the line said "dropping 1 records of the steps after 2"
     path = tmp_path / "metrics.jsonl"

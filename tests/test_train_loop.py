@@ -1444,6 +1444,39 @@ def test_train_log_keeps_the_lines_logged_before_the_directory_was_held_and_a_re
     assert list((tmp_path / "refused").iterdir()) == []
 
 
+def test_train_log_on_a_full_disk_is_given_up_with_one_warning_and_closes_without_raising(tmp_path, capsys, caplog):
+    # logging's own handling printed "--- Logging error ---" and a traceback to stderr for every line from the moment
+    # the disk filled, and closing train.log raised an OSError over the error the run ended on (seen mid-run on
+    # a full tmpfs)
+    import errno
+
+    from clip.cli.train import keep_log_in
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        flush = close = lambda self: FullDisk.write(self, "")
+
+    handler = keep_log_in(tmp_path)
+    try:
+        handler.open()
+        logging.getLogger("clip.test").warning("written")
+        handler.file.stream.close()
+        handler.file.stream = FullDisk()
+        with caplog.at_level(logging.WARNING):
+            for line in range(3):
+                logging.getLogger("clip.test").warning("line %d", line)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    gave_up = [record.getMessage() for record in caplog.records if "cannot append to" in record.getMessage()]
+    assert gave_up == [f"cannot append to {tmp_path / 'train.log'} (No space left on device): the log goes to stderr "
+                       f"only"]
+    assert "Logging error" not in capsys.readouterr().err
+    assert (tmp_path / "train.log").read_text().endswith("WARNING clip.test: written\n")
+
+
 def test_a_second_run_in_the_same_process_is_refused_and_leaves_the_first_locked(tmp_path):
     # A POSIX lock never conflicts with its own process: a notebook's second train() on the directory was
     # let in, and its end released the first one's lock.

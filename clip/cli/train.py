@@ -198,8 +198,9 @@ class RunDirectoryLog(logging.Handler):
                             error.strerror or error)
                 return
             self.file.setFormatter(logging.Formatter(log_format(None)))  # rank 0's lines, with the date
+            self.file.handleError = self._give_up_the_file
             for record in waiting or []:
-                self.file.handle(record)
+                self.emit(record)
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.file is not None:
@@ -207,11 +208,26 @@ class RunDirectoryLog(logging.Handler):
         elif self.waiting is not None:
             self.waiting.append(record)
 
+    def _give_up_the_file(self, record: logging.LogRecord) -> None:
+        """A line train.log could not write (a full disk, a quota): said once, and the file is left. logging's own
+        handling printed a traceback to stderr for each line from then on, and closing the file raised over the
+        error the run ended on."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):  # a log call's own mistake (its arguments): logging's traceback
+            logging.FileHandler.handleError(self.file, record)
+            return
+        file, self.file = self.file, None
+        with contextlib.suppress(OSError):
+            file.close()
+        reason = getattr(error, "strerror", None) or error
+        log.warning("cannot append to %s (%s): the log goes to stderr only", self.path, reason)
+
     def close(self) -> None:
         """Lines still waiting (the directory was never held) are dropped: they are on stderr."""
         self.waiting = None
         if self.file is not None:
-            self.file.close()
+            with contextlib.suppress(OSError):  # the last lines' flush on a full disk
+                self.file.close()
         super().close()
 
 

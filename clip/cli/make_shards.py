@@ -219,7 +219,7 @@ def write_shards(
 ) -> tuple[dict[str, int], SkipCounts]:
     """Writes the shards and sizes.json; returns ({shard name: count}, skipped counts by kind). Shards of
     the same prefix already in `output` are an error, or with `overwrite` deleted as the first new sample is written."""
-    webdataset = require_webdataset()
+    webdataset = require_webdataset("writing WebDataset shards")
     old_shards = refuse_old_shards(output, prefix, overwrite)
     # The manifest's first row is read before the output is touched, so that a wrong column name, an empty or a
     # UTF-16 manifest is refused with nothing created; the old shards that --overwrite replaces are deleted only
@@ -311,15 +311,16 @@ def write_index(pattern: str) -> dict[str, int]:
     shard still holds would make the damage look like a complete, smaller shard."""
     if Path(pattern).is_dir():
         # It read "1 of 1 shards cannot be indexed ... (remove or rewrite them ...): IsADirectoryError"
-        raise SystemExit(f"--index: {pattern} is a folder, not a pattern of shards: {folder_of_shards_advice(Path(pattern))}")
+        raise SystemExit(f"{PROG}: --index: {pattern} is a folder, not a pattern of shards: "
+                         f"{folder_of_shards_advice(Path(pattern))}")
     urls = expand_shard_pattern(pattern)
     if any(unexpanded_wildcards(url) for url in urls):
         # The shell left an unmatched wildcard as it is, or the quotes kept it from the shell. Judged by the
         # expanded paths: '[' is also a character of folder names ("laion[2b]/x-{000000..000009}.tar")
-        raise SystemExit(f"--index: {pattern}: the pattern {WILDCARDS_ADVICE}")
+        raise SystemExit(f"{PROG}: --index: {pattern}: the pattern {WILDCARDS_ADVICE}")
     folders = {str(Path(url).parent) for url in urls}
     if len(folders) != 1:
-        raise SystemExit(f"--index: the shards must be in one local folder, got {sorted(folders)}")
+        raise SystemExit(f"{PROG}: --index: the shards must be in one local folder, got {sorted(folders)}")
     sizes, bad = {}, []
     for url in urls:
         try:
@@ -333,7 +334,7 @@ def write_index(pattern: str) -> dict[str, int]:
         except Exception as error:  # FileNotFoundError, tarfile.ReadError...
             bad.append(f"{url}: {type(error).__name__}: {error}")
     if bad:
-        raise SystemExit(f"--index: {len(bad)} of {len(urls)} shards cannot be indexed, no sizes.json written "
+        raise SystemExit(f"{PROG}: --index: {len(bad)} of {len(urls)} shards cannot be indexed, no sizes.json written "
                          "(remove or rewrite them, or leave them out of the pattern):\n  " + "\n  ".join(bad))
     path = Path(folders.pop()) / SIZE_INDEX_NAME
     path.write_text(json.dumps(read_index(path) | sizes, indent=1))
@@ -394,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         # A mistyped path was "neither a manifest file nor a folder", which did not say that nothing is there
         raise SystemExit(f"{PROG}: {source} does not exist{relative_path_note(str(source))}")
     else:
-        raise SystemExit(f"{source} is neither a manifest file nor a folder")
+        raise SystemExit(f"{PROG}: {source} is neither a manifest file nor a folder")
     try:
         sizes, skipped = write_shards(samples, Path(args.output), args.prefix, args.samples_per_shard, args.overwrite)
     except (

@@ -38,12 +38,14 @@ SIZE_INDEX_NAME = "sizes.json"
 _TAR_NAME = re.compile(r"[^\s'\"]+\.(?:tar\.gz|tgz|tar)\b")  # the longest suffix first
 
 
-def require_webdataset() -> Any:
+def require_webdataset(needed_for: str = "reading WebDataset shards") -> Any:
+    """The webdataset module, or a MissingDependency naming what needed it (reading for training, writing for
+    clip-make-shards) and how to install it."""
     try:
         import webdataset
     except ImportError as error:
         raise MissingDependency(
-            "reading WebDataset shards needs the `webdataset` package: pip install webdataset "
+            f"{needed_for} needs the `webdataset` package: pip install webdataset "
             "(or install this package with the `shards` extra: pip install 'clip-pretrain[shards]')"
         ) from error
     return webdataset

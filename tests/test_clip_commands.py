@@ -20,6 +20,10 @@ WRAPPER = """
 import os, signal, sys
 
 signame = sys.argv[1]
+# A command typed at a terminal starts with both signals at their defaults; an ignored SIGINT is inherited through
+# exec, and one left ignored in the test process by an earlier test made the signal a no-op here
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 class SignalOnImport:
     def find_spec(self, name, path, target=None):

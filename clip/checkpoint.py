@@ -98,9 +98,9 @@ def save_checkpoint(state: dict, run_dir: Path, step: int, keep_last: int) -> Pa
             raise interruption from None
         cause = _in_chain(error, lambda link: isinstance(link, OSError))
         if cause is not None:  # a full disk, a quota: torch.save reports it as an "enforce fail" RuntimeError
+            reason = f"{cause.strerror or cause} (errno {cause.errno})"
             raise CheckpointWriteError(
-                f"could not write {final}: {cause.strerror or cause} (errno {cause.errno}); the checkpoints "
-                f"saved before it are kept"
+                f"could not write {final}: {reason}; {_kept_before(run_dir, step)}"
             ) from error
         started = _raised_while_closing(error)
         if started is not None:
@@ -109,6 +109,27 @@ def save_checkpoint(state: dict, run_dir: Path, step: int, keep_last: int) -> Pa
     _sync_directory(final.parent)  # the rename itself on disk before older checkpoints are deleted
     prune_checkpoints(run_dir, step, keep_last)
     return final
+
+
+def _kept_before(run_dir: Path, step: int) -> str:
+    """What a failed save of `step` leaves to resume from, said truly also when it was the run's first save."""
+    try:
+        latest = latest_complete_checkpoint(run_dir, below_step=step)
+    except OSError:  # the folder cannot even be listed now
+        return "the checkpoints saved before it, if any, are kept"
+    if latest is None:
+        return "no checkpoint had been saved before it"
+    return f"the latest checkpoint before it, {latest[1]}, is kept"
+
+
+def latest_complete_checkpoint(run_dir: Path, below_step: int | None = None) -> tuple[int, Path] | None:
+    """(step, path) of the newest checkpoint file that looks complete (`_looks_complete`, which reads only the end
+    of a file), of a step below `below_step` if given; None when there is none. What an error can name as the
+    checkpoint a run continues from, without reading whole files on the way out."""
+    for step, path in list_checkpoints(run_dir):
+        if (below_step is None or step < below_step) and _looks_complete(path):
+            return step, path
+    return None
 
 
 def _in_chain(error: BaseException, wanted: Callable[[BaseException], bool]) -> BaseException | None:

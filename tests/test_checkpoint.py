@@ -122,10 +122,8 @@ def test_a_storage_error_on_the_newest_checkpoint_stops_the_resume_instead_of_re
         ckpt.latest_readable_checkpoint(tmp_path)
 
 
-def test_a_save_that_runs_out_of_disk_says_so_in_one_line_and_leaves_nothing(tmp_path, monkeypatch):
-    # torch.save's own error was "[enforce fail at inline_container.cc:672] unexpected pos", the cause
-    # (a full disk, a quota, ulimit -f) only further up the chained traceback.
-    save(tmp_path, 10)
+def a_full_disk_in_torch_save(monkeypatch) -> None:
+    """torch.save as it fails on a full disk: its archive writer's RuntimeError, raised from the OSError."""
     real_save = torch.save
 
     def disk_full(state, file):
@@ -136,11 +134,32 @@ def test_a_save_that_runs_out_of_disk_says_so_in_one_line_and_leaves_nothing(tmp
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0") from cause
 
     monkeypatch.setattr(torch, "save", disk_full)
+
+
+def test_a_save_that_runs_out_of_disk_says_so_in_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    # torch.save's own error was "[enforce fail at inline_container.cc:672] unexpected pos", the cause
+    # (a full disk, a quota, ulimit -f) only further up the chained traceback.
+    save(tmp_path, 10)
+    save(tmp_path, 30)  # a file of a later step (one the run could not read, and resumed below) is not named
+    tear(save(tmp_path, 15))
+    ckpt.checkpoint_path(tmp_path, 30).write_bytes(b"not a checkpoint")
+    a_full_disk_in_torch_save(monkeypatch)
     with pytest.raises(ckpt.CheckpointWriteError) as raised:
         save(tmp_path, 20)
     assert str(raised.value) == (f"could not write {ckpt.checkpoint_path(tmp_path, 20)}: No space left on device "
-                                 f"(errno {errno.ENOSPC}); the checkpoints saved before it are kept")
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000010.pt"]
+                                 f"(errno {errno.ENOSPC}); the latest checkpoint before it, "
+                                 f"{ckpt.checkpoint_path(tmp_path, 10)}, is kept")
+    assert steps(tmp_path) == [30, 15, 10] and not list((tmp_path / "checkpoints").glob(".*"))
+
+
+def test_a_first_save_that_runs_out_of_disk_does_not_claim_earlier_checkpoints(tmp_path, monkeypatch):
+    # It said "the checkpoints saved before it are kept" where there were none
+    a_full_disk_in_torch_save(monkeypatch)
+    with pytest.raises(ckpt.CheckpointWriteError) as raised:
+        save(tmp_path, 20)
+    assert str(raised.value) == (f"could not write {ckpt.checkpoint_path(tmp_path, 20)}: No space left on device "
+                                 f"(errno {errno.ENOSPC}); no checkpoint had been saved before it")
+    assert list((tmp_path / "checkpoints").iterdir()) == []
 
 
 def files_that_raise_after(limit: int, error: BaseException, real_fdopen=os.fdopen):

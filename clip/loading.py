@@ -38,7 +38,7 @@ from torch import nn
 
 from . import download
 from .architectures import RELEASED_ARCHITECTURES, ModelConfig, architecture_differences, release_of_open_clip_name
-from .device_names import parse_device
+from .device_names import DeviceNotAvailableError, available_device
 from .infer_architecture import ArchitectureInferenceError, infer_model_config
 from .model import CLIP, convert_to_half_precision
 from .position_grid import at_image_size, grid_side, trained_image_size
@@ -55,6 +55,7 @@ from .weights_file import (
 )
 
 __all__ = [
+    "DeviceNotAvailableError",
     "LoadedWeights",
     "ModelNotFoundError",
     "UnsafeFileError",
@@ -85,7 +86,9 @@ def load(
         name: a released model name (see `clip.available_models()`) or a path (see the module doc); openai/CLIP's
             name for the argument, which code passes by keyword (`clip.load(name="ViT-B/32")`).
         device: where to put the model; default "cuda" when available, else "cpu". On CUDA the weights are
-            float16 as in OpenAI's release, elsewhere float32.
+            float16 as in OpenAI's release, elsewhere float32. A device this machine lacks ("cuda" without a GPU,
+            "cuda:3" where this process sees two) is a one-line `DeviceNotAvailableError` (a ValueError and a
+            RuntimeError) before anything is downloaded or read.
         jit: return OpenAI's TorchScript archive itself (`torch.jit.load`), only for a released name or a file
             whose SHA256 matches a released one; for any other file this warns and loads its weights as with
             jit=False (running a file's code is only safe for verified archives). As in openai/CLIP, the
@@ -134,8 +137,9 @@ def _load(
 ) -> tuple[nn.Module, ImageTransform, WeightsSource]:
     """The work of `load` and `load_with_source`, one frame below either: its warnings name their caller. The
     record's SHA256 is taken only with `digest` (a released file's is known without)."""
-    # Checked before the file is read: "gpu" raised torch's RuntimeError, "meta" and "cpu:1" were accepted
-    device = parse_device(
+    # Checked before the file is read (or downloaded): "gpu" raised torch's RuntimeError, "meta" and "cpu:1" were
+    # accepted, and "cuda" without a GPU failed with torch's error once the model was built
+    device = available_device(
         device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"),
         "None (CUDA when available, else the CPU), 'cpu', 'cuda', 'cuda:N' or another torch device such as 'mps'",
     )

@@ -754,10 +754,12 @@ def test_an_unavailable_or_unknown_device_is_a_one_line_error_before_the_model_l
 
     monkeypatch.setattr(command, "load_model", refuse_to_load)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: False)  # the error lists the devices there are
     prog = command.__name__.rsplit(".", 1)[1].replace("_", "-")
     assert command.main(device_argv(command, tmp_path, tiny_checkpoint, datasets, "cuda")) == 2
     assert capsys.readouterr().err == (
-        f"clip-{prog}: device 'cuda' is not available on this machine (torch.cuda.is_available() is False)\n"
+        f"clip-{prog}: device 'cuda' is not available: CUDA is not available on this machine "
+        f"(torch.cuda.is_available() is False); devices here: 'cpu'\n"
     )
     assert command.main(device_argv(command, tmp_path, tiny_checkpoint, datasets, "gpu")) == 2
     error = capsys.readouterr().err
@@ -769,7 +771,8 @@ def test_an_unavailable_or_unknown_device_is_a_one_line_error_before_the_model_l
     assert capsys.readouterr().err.startswith(f"clip-{prog}: device 'cpu:1' names no device of its own")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert command.main(device_argv(command, tmp_path, tiny_checkpoint, datasets, "mps")) == 2
-    assert capsys.readouterr().err == f"clip-{prog}: device 'mps' is not available on this machine: it has no mps device\n"
+    assert capsys.readouterr().err == (
+        f"clip-{prog}: device 'mps' is not available: this machine has no mps device; devices here: 'cpu'\n")
     assert not (tmp_path / "out").exists()
 
 

@@ -31,8 +31,10 @@ from torch import nn
 import clip.download
 import clip.loading
 from clip.architectures import RELEASED_ARCHITECTURES, ModelConfig, TextConfig, VisionConfig
+from clip.device_names import available_device
 from clip.infer_architecture import ArchitectureInferenceError, infer_model_config
 from clip.loading import (
+    DeviceNotAvailableError,
     UnsafeFileError,
     WeightsFileError,
     WeightsSource,
@@ -1061,6 +1063,37 @@ def test_a_device_that_cannot_compute_is_one_line_naming_those_accepted(tmp_path
     assert message.startswith(f"device {str(device)!r} {problem}") and "\n" not in message
     assert message.endswith("use None (CUDA when available, else the CPU), 'cpu', 'cuda', 'cuda:N' or another torch "
                             "device such as 'mps'")
+
+
+@pytest.mark.parametrize(("device", "gpus", "problem"), [
+    ("cuda", 0, "CUDA is not available on this machine (torch.cuda.is_available() is False); devices here: 'cpu'"),
+    (torch.device("cuda", 0), 0, "CUDA is not available on this machine"),
+    ("cuda:3", 2, "this process sees 2 CUDA device(s), numbered from 0; devices here: 'cpu', 'cuda:0', 'cuda:1'"),
+    ("mps", 0, "this machine has no mps device; devices here: 'cpu'"),
+], ids=["cuda", "torch.device", "cuda:3 of 2", "mps"])
+def test_a_device_this_machine_lacks_is_one_line_before_the_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device, gpus: int, problem: str
+) -> None:
+    # torch's "Found no NVIDIA driver on your system" (or "not linked with support for mps devices") came from the
+    # first tensor moved there: after the download and the model's construction
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: False)
+    monkeypatch.setattr(clip.download, "download", lambda *args, **kwargs: pytest.fail("downloaded first"))
+    with pytest.raises(DeviceNotAvailableError) as raised:
+        load("ViT-B/32", device=device, download_root=tmp_path)
+    assert str(raised.value).startswith(f"device {str(device)!r} is not available: {problem}")
+    assert "\n" not in str(raised.value)
+    assert isinstance(raised.value, RuntimeError)  # torch's error was one: code around clip.load may catch that
+
+
+def test_a_gpu_this_process_sees_passes_the_device_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert available_device("cuda:1", "") == torch.device("cuda", 1)
+    assert available_device(torch.device("cuda"), "") == torch.device("cuda")
+    assert available_device("cpu", "") == torch.device("cpu")
 
 
 def test_the_first_cpu_is_the_cpu(tmp_path: Path) -> None:

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from clip.device_names import parse_device
-from clip.distributed import device_kind_available
+from clip.device_names import available_device
 from clip.download import DownloadError
 from clip.run_log import write_json  # noqa: F401 -- the commands write results files as the trainer does
 
@@ -142,21 +141,11 @@ def workers_for_this_machine(requested: int, setting: str) -> int:
 def resolve_device(name: str) -> torch.device:
     """"auto" (CUDA when available, else the CPU) or a torch device string that this machine has; anything
     else is a ValueError, so a typo or a missing GPU is one line before the model loads, not torch's
-    traceback from the first tensor moved there."""
+    traceback from the first tensor moved there ("gpu", "meta", "cpu:1", "cuda:3" on two GPUs: see
+    clip.device_names)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = parse_device(name, "'auto', 'cpu', 'cuda' or 'cuda:N'")  # "gpu", "meta", "cpu:1": see clip.device_names
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"device {name!r} is not available on this machine (torch.cuda.is_available() is False)"
-            )
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"device {name!r} is not available on this machine: it has {count} CUDA device(s)")
-    elif device.type != "cpu" and not device_kind_available(device.type):
-        raise ValueError(f"device {name!r} is not available on this machine: it has no {device.type} device")
-    return device
+    return available_device(name, "'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 
 def add_evaluation_options(parser: argparse.ArgumentParser) -> None:

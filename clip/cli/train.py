@@ -27,6 +27,7 @@ from typing import NoReturn
 from .. import checkpoint as ckpt
 from ..config import TrainConfig, load_config
 from ..config_io import ConfigError
+from ..data.loader import worker_death
 from ..data.stream import UnusableData
 from ..dependencies import MissingDependency
 from ..distributed import DeviceUnavailable, failed_on_another_rank
@@ -360,6 +361,34 @@ def said_by_rank_0(error: BaseException, launcher: LauncherEnvironment | None) -
     return launcher is not None and launcher.rank != 0 and failed_on_another_rank(error)
 
 
+def data_worker_died(death: BaseException, error: Exception, config: TrainConfig,
+                     launcher: LauncherEnvironment | None) -> int:
+    """Says in one line (on stderr and in train.log) that a data worker process died, as torch reported it, and
+    what the run can continue from: status 1. It was a traceback through torch's SIGCHLD handler, from wherever
+    the training process was (a step's gradient clipping, a save), which read as a crash of the trainer."""
+    if debugging():
+        traceback.print_exception(error)
+    said = " ".join(str(death).split()).rstrip(".")  # torch's message ends in ". " and may run to two sentences
+    sentences = [f"a data loader worker process died: {said}."]
+    if "killed by signal: Killed" in said:  # SIGKILL: the usual way a worker dies
+        sentences.append("A SIGKILL most often comes from the out-of-memory killer: fewer data.workers or a smaller "
+                         "batch use less memory.")
+    sentences.append(what_is_kept(config, launcher))
+    log.error("%s", " ".join(sentences))
+    return 1
+
+
+def what_is_kept(config: TrainConfig, launcher: LauncherEnvironment | None) -> str:
+    """What a run that failed can continue from, in a sentence: its latest checkpoint, by rank 0, which saves them
+    (the other ranks may not see its run directory)."""
+    if launcher is not None and launcher.rank != 0:
+        return "Rank 0's checkpoints are kept: run the same command again to continue from the latest"
+    latest = ckpt.latest_complete_checkpoint(Path(config.output_dir))
+    if latest is None:
+        return "No checkpoint had been saved yet: the same command again starts the run over"
+    return f"The checkpoints saved so far are kept: run the same command again to continue from {latest[1]}"
+
+
 def run(
     config: TrainConfig, launcher: LauncherEnvironment | None, log_file: RunDirectoryLog | None = None,
     run_took_over: Callable[..., None] = lambda on_error=False: None,
@@ -415,6 +444,9 @@ def run(
             log.error("%s", error)
         return 1
     except Exception as error:
+        death = worker_death(error)
+        if death is not None:
+            return data_worker_died(death, error, config, launcher)
         # Python prints its traceback on stderr as the process ends (status 1). train.log had none of it: a run
         # whose other rank was killed (a lost node, the OOM killer) fails here in a collective, and its log ended
         # on its last saved checkpoint as if it were still running. Said there with the traceback.

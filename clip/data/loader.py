@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import math
 import numbers
+import re
 import signal
 from collections.abc import Iterator
 
@@ -64,6 +65,43 @@ MAX_SAMPLES_PER_SLOT = 2**32
 _PLAN_KEYS = ("plan_version", "seed", "resampled", "epoch_samples", "sources")
 # How every line on a resume under another layout begins; its %s is the settings that changed
 _OTHER_LAYOUT = "data: the saved position was for another layout (%s changed"
+
+
+# How torch reports a data worker process that died: a plain RuntimeError (torch has no type of its own for it),
+# raised by its SIGCHLD handler wherever the training process is ("DataLoader worker (pid 123) is killed by signal:
+# Killed." or "... exited unexpectedly with exit code 1. ...") or by the loader's wait for the next batch
+# ("DataLoader worker (pid(s) 123, 456) exited unexpectedly")
+_WORKER_DEATH = re.compile(
+    r"DataLoader worker \(pid(?:\(s\))? \d+(?:, \d+)*\) (?:is killed by signal|exited unexpectedly)"
+)
+
+
+def worker_death(error: BaseException) -> BaseException | None:
+    """torch's report that a data worker process died (the out-of-memory killer's SIGKILL, a crash in an image
+    decoder), when `error` is one or was raised from one or while one was handled; None otherwise."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, RuntimeError) and _WORKER_DEATH.match(str(error)):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _how_workers_ended(iterator: Iterator) -> str | None:
+    """The signal or exit status of each of the loader's worker processes that ended with one ("pid 123 is killed
+    by signal: Killed"); None when there is none, or the loader does not say. Where torch finds a dead worker
+    while it waits for a batch, its message names the pid alone; its SIGCHLD handler's, where that comes first,
+    names the signal. Read from torch's iterator's private list of its processes."""
+    ended = [worker for worker in getattr(iterator, "_workers", ()) if worker.exitcode not in (None, 0)]
+    return ", ".join(f"pid {worker.pid} {_how_ended(worker.exitcode)}" for worker in ended) or None
+
+
+def _how_ended(exitcode: int) -> str:
+    """A process's end as multiprocessing gives it (-N: signal N), in the words of torch's SIGCHLD handler."""
+    if exitcode > 0:
+        return f"exited with exit code {exitcode}"
+    return f"is killed by signal: {signal.strsignal(-exitcode) or -exitcode}"
 
 
 def check_saved_positions(state: dict) -> None:
@@ -213,6 +251,9 @@ class TrainData:
             try:
                 images, tokens, meta = next(iterator)
             except RuntimeError as error:
+                how = _how_workers_ended(iterator) if worker_death(error) is error else None
+                if how is not None and "(pid(s) " in str(error):  # torch's own words name the pids alone
+                    raise RuntimeError(f"{str(error).rstrip()}; {how}") from error
                 if "DataLoader timed out" not in str(error):  # torch's message for worker_timeout_s
                     raise
                 raise RuntimeError(

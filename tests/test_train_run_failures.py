@@ -1,0 +1,90 @@
+"""clip-train end to end when something outside the trainer fails mid-run: a data worker process that dies, the run
+directory deleted under the run. Each ends in one line that says what is kept and how to go on. (The trainer's
+own failures and full disks: test_train_loop.py.)"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+
+import pytest
+from test_train_loop import DEMO, TINY
+
+from clip.cli.train import main
+from clip.data import loader, sources
+
+# Checkpoints every 2 steps, and one data worker: with its 2 batches of prefetch, the worker renders the images of
+# batch N + 2 once the trainer has taken batch N
+WORKER_RUN = [*TINY, "eval.every_n_steps=0", "data.workers=1", "data.prefetch_factor=2", "schedule.steps=20",
+              "checkpoint.every_n_steps=2"]
+
+
+def data_worker_killed_after(monkeypatch, images: int) -> None:
+    """The data worker ends itself with SIGKILL, as the out-of-memory killer ends one, as it starts on its image
+    number `images` + 1 (forked, it inherits the patch)."""
+    trainer = os.getpid()
+    real_image = sources.SyntheticSource.image
+    rendered = [0]
+
+    def image(self, row):
+        if os.getpid() != trainer:
+            rendered[0] += 1
+            if rendered[0] > images:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real_image(self, row)
+
+    monkeypatch.setattr(sources.SyntheticSource, "image", image)
+
+
+def error_lines(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("images", [0, 40], ids=["before_any_checkpoint", "after_a_checkpoint"])
+def test_a_data_worker_killed_mid_run_is_one_line_that_says_what_is_kept(tmp_path, monkeypatch, capsys, caplog,
+                                                                         images):
+    # torch's RuntimeError from its SIGCHLD handler, raised wherever the trainer was (a step's gradient clipping),
+    # ended the run with a traceback through torch's internals, as if the trainer had crashed.
+    data_worker_killed_after(monkeypatch, images)
+    with caplog.at_level(logging.ERROR):
+        assert main([str(DEMO), "--output-dir", str(tmp_path), *WORKER_RUN]) == 1
+    errors = error_lines(caplog)
+    assert len(errors) == 1 and "\n" not in errors[0]
+    assert errors[0].startswith("a data loader worker process died: DataLoader worker (pid")
+    # Said by torch's SIGCHLD handler, or added where torch's wait for a batch found the worker dead first
+    assert re.search(r"(?:\(pid \d+\)|\(pid\(s\) \d+\) exited unexpectedly; pid \d+) is killed by signal: Killed\. "
+                     r"A SIGKILL most often comes from the out-of-memory killer: ", errors[0])
+    if images:  # batch 5 is rendered once batch 3 was taken: step 2's checkpoint is saved
+        assert errors[0].endswith("The checkpoints saved so far are kept: run the same command again to continue "
+                                  f"from {tmp_path / 'checkpoints' / 'step_00000002.pt'}")
+    else:
+        assert errors[0].endswith("No checkpoint had been saved yet: the same command again starts the run over")
+    assert "Traceback" not in capsys.readouterr().err
+    assert (tmp_path / "train.log").read_text().rstrip().splitlines()[-1].endswith(errors[0])
+
+
+def test_torchs_reports_of_a_dead_data_worker_are_recognised_and_no_other_error():
+    said_by_torch = [
+        "DataLoader worker (pid 4242) is killed by signal: Killed. ",
+        "DataLoader worker (pid 4242) is killed by signal: Bus error. It is possible that dataloader's workers are "
+        "out of shared memory. Please try to raise your shared memory limit.",
+        "DataLoader worker (pid 4242) exited unexpectedly with exit code 1. Details are lost due to "
+        "multiprocessing. Rerunning with num_workers=0 may give better error trace.",
+        "DataLoader worker (pid(s) 4242, 4243) exited unexpectedly",
+    ]
+    for message in said_by_torch:
+        death = RuntimeError(message)
+        assert loader.worker_death(death) is death
+        try:  # raised while it was handled (a clean-up that failed next): still the run's cause
+            try:
+                raise death
+            except RuntimeError:
+                raise ValueError("a clean-up's own error")  # noqa: B904 (as an unexpected error is raised)
+        except ValueError as later:
+            assert later.__context__ is death and loader.worker_death(later) is death
+    for other in (RuntimeError("DataLoader timed out after 60 seconds"), RuntimeError("CUDA out of memory"),
+                  ValueError("DataLoader worker (pid 4242) is killed by signal: Killed. "),
+                  RuntimeError("a transform failed in DataLoader worker process 0")):
+        assert loader.worker_death(other) is None

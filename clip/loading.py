@@ -145,8 +145,13 @@ def _load(
     )
     path, released = _resolve(name_or_path, download_root)
     release = str(name_or_path) if released else None
-    if jit and not released:
-        release = _release_of_file(path)
+    # jit=True runs a file's code only if its SHA256 is a release's. That digest is also the record's (for
+    # load_with_source) when it is not: the file was hashed a second time as its weights were read, seconds for a
+    # 350 MB archive. OpenAI's files are TorchScript archives: any other file is not hashed for this at all.
+    sha256 = None
+    if jit and not released and is_torchscript_archive(path):
+        sha256 = download.sha256_of_file(path)
+        release = _release_of_digest(sha256)
     if jit and release is not None:
         model, preprocess = _load_jit(path, device)
         return model, preprocess, _source(path, None, release, None)
@@ -159,7 +164,7 @@ def _load(
     given = path
     # Resolved and read once: the file loaded is the file recorded. Warnings name the caller of load or
     # load_with_source (stacklevel 4: past this function too).
-    path, weights = read_run_or_file(path, stacklevel=4, digest=digest and release is None)
+    path, weights = read_run_or_file(path, stacklevel=4, digest=digest and release is None and sha256 is None)
     if path != given:  # a run directory: its newest checkpoint moves on while the run trains, so say which one
         log.info("%s: loading %s", given, path)
     model = model_from_weights(weights, str(path), stacklevel=4)
@@ -173,7 +178,7 @@ def _load(
     trained_here = weights.model_config is not None if weights.trained_here is None else weights.trained_here
     alpha_background = TRAINING_ALPHA_BACKGROUND if trained_here else None
     return model, image_transform(model.visual.input_resolution, alpha_background=alpha_background), _source(
-        path, weights.step, release, weights.sha256)
+        path, weights.step, release, weights.sha256 if sha256 is None else sha256)
 
 
 def load_weights_into(model: CLIP, name_or_path: str, download_root: str | Path | None = None) -> Path:
@@ -456,8 +461,12 @@ def _release_of_file(path: Path, sha256: str | None = None) -> str | None:
     None."""
     if not path.is_file():
         return None
-    digest = sha256 if sha256 is not None else download.sha256_of_file(path)
-    return next((name for name, release in RELEASED_WEIGHTS.items() if release.sha256 == digest), None)
+    return _release_of_digest(sha256 if sha256 is not None else download.sha256_of_file(path))
+
+
+def _release_of_digest(sha256: str) -> str | None:
+    """The released name whose file has this SHA256, or None."""
+    return next((name for name, release in RELEASED_WEIGHTS.items() if release.sha256 == sha256), None)
 
 
 def _load_jit(path: Path, device: torch.device) -> tuple[nn.Module, ImageTransform]:

@@ -1035,6 +1035,26 @@ def test_load_with_source_names_a_release_and_its_sha256(tmp_path: Path, tiny_re
     assert load_with_source(cache / "RN50-served.pt", device="cpu", jit=True)[2] == release
 
 
+def test_jit_true_hashes_a_file_once(tmp_path: Path, tiny_release, openai_files, monkeypatch) -> None:
+    # Whether a file is a release's archive (whose code jit=True runs) is its SHA256, which load_with_source records
+    # too: a file that is not one was hashed again as its weights were read (seconds for a 350 MB archive)
+    cache = tmp_path / "cache"
+    load("RN50", device="cpu", jit=True, download_root=cache)
+    released, other, plain = cache / "RN50-served.pt", openai_files["vit", "archive"], openai_files["vit", "state_dict"]
+    for path, expected_hashes in [(released, 1), (other, 1), (plain, 0)]:  # a plain state dict is never a release
+        with monkeypatch.context() as patch, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # jit=True on a file that is not a release's: its weights are loaded
+            hashed = counting_sha256(patch)
+            _, _, source = load_with_source(path, device="cpu", jit=True)
+        assert len(hashed) == max(expected_hashes, 1), path  # the record's digest: plain's is taken as it is read
+        assert source.sha256 == hashlib.new("sha256", path.read_bytes()).hexdigest()
+        with monkeypatch.context() as patch, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hashed = counting_sha256(patch)
+            load(path, device="cpu", jit=True)  # no record: only the release check hashes
+        assert len(hashed) == expected_hashes, path
+
+
 def test_the_model_is_named_by_openais_keyword(tmp_path: Path) -> None:
     # openai/CLIP's argument is `name`, and code passes it by keyword (`clip.load(name=model, device=device,
     # jit=jit)`, as Stable Diffusion's image embedder does): that was a TypeError here

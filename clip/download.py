@@ -127,9 +127,11 @@ def download(
     _remove_stale_partials(folder, name)
 
     present = None  # the SHA256 of another file in the target's place, which a failed download names
+    hashed = None  # which file that was (`_file_identity`), so that the same one is not hashed again below
     if target.exists():
         if not target.is_file():
             raise DownloadError(f"{target} exists but is not a regular file; remove it or pass another root")
+        hashed = _file_identity(target)  # before the hash: a file replaced while it is read is not this one
         actual = present = sha256_of_file(target)
         if actual == expected:
             return target
@@ -144,8 +146,9 @@ def download(
         except FileExistsError:  # mkdir's own message names only the path: "[Errno 17] File exists"
             raise DownloadError(f"Cannot download into {folder}: it exists and is not a folder") from None
     with _one_download_at_a_time(folder, name) as waited_since:
-        # Another process may have downloaded it meanwhile (this one waited for it)
-        if target.is_file() and sha256_of_file(target) == expected:
+        # Another process may have downloaded it meanwhile (this one waited for it): a file other than the one
+        # found above. That one is not hashed again: its second read took seconds for a stale 350 MB file
+        if target.is_file() and _file_identity(target) != hashed and sha256_of_file(target) == expected:
             return target
         unreachable = folder / f".{name}.unreachable"
         if waited_since is not None:
@@ -172,6 +175,16 @@ def download(
             partial.unlink(missing_ok=True)
             raise
     return target
+
+
+def _file_identity(path: Path) -> tuple[int, int, int, int] | None:
+    """What tells one file at `path` from another put there since (a download moves a new file into place, or
+    overwrites one): its device, inode, size and modification time; None where there is none."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
 
 
 @contextmanager

@@ -171,6 +171,41 @@ def test_corrupt_cached_file_is_replaced_with_warning(tmp_path: Path, source_fil
     assert path.read_bytes() == GOOD_BYTES and files_in(cache) == ["weights.bin"]
 
 
+def test_a_stale_cached_file_is_hashed_once(monkeypatch, tmp_path: Path, source_file: Path) -> None:
+    # It was hashed again once the download's lock was taken (to see whether another process had replaced it
+    # meanwhile): seconds more for a stale 350 MB file, which clip.load(..., jit=True) of a release then spent
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "weights.bin").write_bytes(BAD_BYTES)
+    hashed = []
+    monkeypatch.setattr(clip.download, "sha256_of_file", lambda path: hashed.append(path) or sha256_of_file(path))
+    with pytest.warns(UserWarning, match="not the expected"):
+        path = download(source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
+    assert hashed == [cache / "weights.bin"] and path.read_bytes() == GOOD_BYTES
+
+
+def test_a_stale_file_replaced_while_waiting_for_the_lock_is_the_download(
+    monkeypatch, tmp_path: Path, source_file: Path
+) -> None:
+    # Another process's download, finished while this one waited for it, moved a new file over the stale one:
+    # that one is hashed, found right and returned without a download of its own
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "weights.bin").write_bytes(BAD_BYTES)
+    real_take_lock = clip.download._take_lock
+
+    def take_lock_after_another_download(path, folder, name):
+        (folder / "other.part").write_bytes(GOOD_BYTES)
+        os.replace(folder / "other.part", folder / name)
+        return real_take_lock(path, folder, name)
+
+    monkeypatch.setattr(clip.download, "_take_lock", take_lock_after_another_download)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: pytest.fail("downloaded again"))
+    with pytest.warns(UserWarning, match="not the expected"):
+        path = download(source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
+    assert path.read_bytes() == GOOD_BYTES
+
+
 def test_http_download_with_progress(server_url: str, tmp_path: Path, capsys) -> None:
     path = download(f"{server_url}/good.bin", GOOD_SHA256, root=tmp_path)
     assert path.read_bytes() == GOOD_BYTES

@@ -808,6 +808,31 @@ def test_a_missing_or_blank_class_name_is_refused_naming_its_place():
         build_zeroshot_classifier(model, ["", "dog"])
 
 
+@pytest.mark.parametrize("precomputed", [False, True], ids=["prompted", "precomputed classifier"])
+def test_class_names_are_refused_alike_with_and_without_a_precomputed_classifier(precomputed):
+    # Label numbers failed as "classnames[0] is 0, not a string: every class needs its name"; a class_to_idx dict
+    # gave its names in insertion order, not label order, and a set in its hashes' order, each without a word
+    # (label 0 scored under another class's name and, prompted, with its prompts)
+    model = tiny_clip()
+    dataset = torch.utils.data.TensorDataset(torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2]))
+    options = {"classifier": torch.nn.functional.normalize(torch.randn(16, 3), dim=0)} if precomputed else {}
+    use = "labels the precomputed classifier's column" if precomputed else "is the text of its prompts"
+    for names, message in [
+        ([0, 1, 2], rf"^classnames\[0\] is 0 \(int\), not a str: a class name {use}.*\[str\(name\) for name in "
+                    r"classnames\]\)$"),
+        (np.arange(3), r"^classnames\[0\] is np.int64\(0\) \(int64\), not a str"),
+        (["red", np.float32("nan"), "blue"], r"^classnames\[1\] is np.float32\(nan\), not a string: every class"),
+        ({"blue": 2, "red": 0, "green": 1}, r"^classnames is a dict; pass a list of names in label order: for a dict "
+                                            r"of name -> label \(class_to_idx\) sorted\(names, key=names.get\)"),
+        ({0: "red", 1: "green", 2: "blue"}, r"^classnames is a dict; pass a list of names in label order"),
+        ({"red", "green", "blue"}, r"^classnames is a set, which has no order"),
+    ]:
+        with pytest.raises(TypeError, match=message) as raised:
+            evaluate_zeroshot(model, dataset, names, **options)
+        assert "\n" not in str(raised.value)
+    assert evaluate_zeroshot(model, dataset, ("red", "green", "blue"), **options).classnames == ["red", "green", "blue"]
+
+
 def test_the_notebook_helper_refuses_a_single_class_name():
     # With one name every image came back as that class with probability 1: a question ("is this a cat?") that
     # zero-shot classification answers only against other names, as a config's dataset of one class is refused

@@ -7,7 +7,8 @@ embeddings are averaged over the templates, and the mean is normalised again.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import numbers
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from os import PathLike
 from typing import Any
@@ -47,21 +48,55 @@ from .templates import Template, fill_template, resolve_templates
 CLASS_EMBEDDINGS = "class (prompt ensemble)"
 
 
-def _class_name_list(classnames: Sequence[str]) -> list[str]:
+def _class_name_list(classnames: Sequence[str], prompted: bool = True) -> list[str]:
     """`classnames` as a list, numpy's strings among them as plain str. A numpy array (LabelEncoder.classes_,
     np.unique(labels)) has no truth value for an emptiness check, and its items are np.str_, which a result
-    would hand back (printed as np.str_('cat'), refused by yaml.safe_dump). A missing or blank name is refused."""
-    if isinstance(classnames, str):
-        # A string is a sequence too: "cat" would be three classes, "c", "a" and "t".
-        raise TypeError(f"classnames={classnames!r} is a string; pass a list of class names, e.g. [{classnames!r}]")
+    would hand back (printed as np.str_('cat'), refused by yaml.safe_dump). Refused in one line: a missing,
+    blank or non-str name, and a collection without the label order (a dict, a set).
+
+    The same names are refused whether they are `prompted` (the classifier is built from them) or only name a
+    precomputed classifier's columns, so that a list that works with one works with the other; `prompted` only
+    changes the reason given."""
+    _refuse_without_label_order(classnames)
     names = [str(name) if isinstance(name, str) else name for name in classnames]
-    # A gap in a table of names (None, NaN, "") would be a class of its own, prompted as 'a photo of a None.'
     for index, name in enumerate(names):
-        if not isinstance(name, str):
-            raise TypeError(f"classnames[{index}] is {name!r}, not a string: every class needs its name")
-        if not name.strip():
-            raise ValueError(f"classnames[{index}] is blank ({name!r}): every class needs its name")
+        _check_class_name(index, name, prompted)
     return names
+
+
+def _refuse_without_label_order(classnames: Sequence[str]) -> None:
+    """Refuses what is not a list of names in label order: a string is a sequence too ("cat" would be three
+    classes, "c", "a" and "t"); a dict iterates over its keys, which were class 0, 1, ... each named by its
+    label number (idx_to_class), or names in insertion order, not label order, without a word (class_to_idx); a
+    set's order is that of the names' hashes, another in each process."""
+    if isinstance(classnames, str):
+        raise TypeError(f"classnames={classnames!r} is a string; pass a list of class names, e.g. [{classnames!r}]")
+    if isinstance(classnames, Mapping):
+        raise TypeError(
+            f"classnames is a {type(classnames).__name__}; pass a list of names in label order: for a dict of "
+            f"name -> label (class_to_idx) sorted(names, key=names.get), for label -> name [names[i] for i in "
+            f"range(len(names))]"
+        )
+    if isinstance(classnames, Set):
+        raise TypeError(f"classnames is a {type(classnames).__name__}, which has no order; pass a list of names in "
+                        f"label order (class i's name at index i)")
+
+
+def _check_class_name(index: int, name: Any, prompted: bool) -> None:
+    """Refuses classnames[index] unless it is a name. A gap in a table of names (None, NaN, "") would be a class of
+    its own, prompted as 'a photo of a None.'; a label number would be prompted as 'a photo of a 3.' (near
+    chance for ImageNet's 0..999), so it is text only where the caller says so (MNIST's digits)."""
+    if name is None or (isinstance(name, numbers.Real) and name != name):  # NaN (pandas' gap), of any float type
+        raise TypeError(f"classnames[{index}] is {name!r}, not a string: every class needs its name")
+    if not isinstance(name, str):
+        use = ("is the text of its prompts ('a photo of a {}.')" if prompted
+               else "labels the precomputed classifier's column in the result")
+        raise TypeError(
+            f"classnames[{index}] is {name!r} ({type(name).__name__}), not a str: a class name {use}; pass the "
+            f"names as text (where numbers are the names, [str(name) for name in classnames])"
+        )
+    if not name.strip():
+        raise ValueError(f"classnames[{index}] is blank ({name!r}): every class needs its name")
 
 
 def build_zeroshot_classifier(
@@ -179,6 +214,8 @@ def evaluate_zeroshot(
 ) -> ZeroShotResult:
     """Top-1/top-5, per-class and mean per-class accuracy, confusion matrix, and accuracies on `subsets`.
 
+    classnames: class i's name (a str) at index i, the same with a precomputed `classifier` (whose column i is
+        class i) as without, where they are prompted (see `_class_name_list`).
     dataset: (preprocessed image, label) pairs, or a ready DataLoader of batches. Items of a dataset whose
         image cannot be read (`UnreadableImageError`) are left out and counted in `num_skipped` (a ready
         DataLoader's own collation is not ours to wrap: there the error propagates); ValueError when no image
@@ -192,7 +229,7 @@ def evaluate_zeroshot(
     """
     model = unwrap_model(model)
     device = device or model_device(model)
-    classnames = _class_name_list(classnames)  # the result names them
+    classnames = _class_name_list(classnames, prompted=classifier is None)  # the result names them
     if classifier is None:
         # Judged below with the images' count, after the all-reduce: a rank whose classifier alone were non-finite
         # must not raise here while the others wait for it in a collective

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import secrets
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -73,6 +74,7 @@ class RunLog:
         stays)."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.writer = None
+        self._quiet_threads = None
         self.wandb_run = wandb_run
         _drop_records_after(self.path, resumed_at, drop_evaluations_at_step=reevaluated)
         if tensorboard:
@@ -81,8 +83,10 @@ class RunLog:
             except ImportError:
                 log.info("tensorboard is not installed; metrics go to %s only", self.path)
             else:
+                threads_before = set(threading.enumerate())
                 # purge_step hides the events of steps >= it that an earlier attempt wrote.
                 self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=resumed_at + 1)
+                self._quiet_threads = QuietWriterThreads(set(threading.enumerate()) - threads_before)
 
     def write(self, record: dict) -> None:
         """Appends `record`; RunLogWriteError if the file cannot be written (a line torn by a full disk is
@@ -123,8 +127,41 @@ class RunLog:
             except OSError as error:  # metrics.jsonl has every figure: TensorBoard's last steps are all it costs
                 log.warning("TensorBoard's last events may be missing from %s: %s", self.writer.log_dir,
                             error.strerror or error)
+            self._quiet_threads.remove()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+class QuietWriterThreads:
+    """Leaves out the traceback of an OSError that ends TensorBoard's event-writer thread among `threads` (those
+    the SummaryWriter started), which Python's threading.excepthook printed: on a full disk, "Exception in thread
+    ..." and a traceback through TensorBoard came before the run's own one line. The error is not lost:
+    TensorBoard keeps it and raises it in the training process at its writer's next call, where RunLog.write
+    turns it into a RunLogWriteError (and RunLog.close into a warning). Any other error, of any thread, is printed
+    as before. The hook is put back by `remove`, or once that thread has ended on its error."""
+
+    def __init__(self, threads: set[threading.Thread]) -> None:
+        self.threads = {thread for thread in threads if type(thread).__module__.startswith("tensorboard.")}
+        self.previous = threading.excepthook
+        if self.threads:
+            threading.excepthook = self.hook
+
+    def hook(self, args: threading.ExceptHookArgs) -> None:
+        if args.thread in self.threads and isinstance(args.exc_value, OSError):
+            self._put_back()  # its thread has ended: nothing more of it to leave out
+            return
+        self.previous(args)
+
+    def remove(self) -> None:
+        """Puts the previous hook back where TensorBoard's threads have ended (closing the writer ends them). One
+        still alive may yet fail, or be on its way to the hook with its error: the hook stays for it, and goes
+        once it has left out that error."""
+        if not any(thread.is_alive() for thread in self.threads):
+            self._put_back()
+
+    def _put_back(self) -> None:
+        if threading.excepthook == self.hook:  # not where another hook was set over this one since
+            threading.excepthook = self.previous
 
 
 def _drop_records_after(path: Path, step: int, drop_evaluations_at_step: bool = False) -> None:

@@ -7,7 +7,10 @@ import errno
 import json
 import logging
 import math
+import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -87,6 +90,38 @@ def test_a_tensorboard_event_file_that_cannot_be_written_is_a_run_log_write_erro
     assert "TensorBoard's last events may be missing" in caplog.text
     monkeypatch.undo()
     writer.close()  # its thread
+
+
+def test_a_full_disk_under_tensorboards_writer_thread_is_the_one_line_without_the_threads_traceback(
+    tmp_path, monkeypatch, caplog
+):
+    # TensorBoard writes its event file from a thread of its own, which ended on the OSError and printed its
+    # traceback ("Exception in thread Thread-1: ...") before the run's RunLogWriteError line (a full tmpfs mid-run)
+    pytest.importorskip("torch.utils.tensorboard")
+    from tensorboard.summary.writer import record_writer
+
+    thread_errors = []  # what Python's hook would have printed
+    monkeypatch.setattr(threading, "excepthook", thread_errors.append)
+    log = RunLog(tmp_path, tensorboard=True)
+    another = threading.Thread(target=lambda: os.stat(tmp_path / "missing"))  # any other thread's error is said
+    another.start()
+    another.join()
+    assert [type(error.exc_value) for error in thread_errors] == [FileNotFoundError]
+    thread_errors.clear()
+
+    def disk_full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", disk_full)
+    with pytest.raises(RunLogWriteError, match=r"could not write the TensorBoard events in .*tensorboard: No space "
+                                               r"left on device \(errno 28\)"):
+        for step in range(1, 500):  # the thread's error reaches the step after the one it failed in
+            log.write({"step": step, "loss": 1.0})
+            time.sleep(0.01)
+    with caplog.at_level(logging.WARNING):
+        log.close()
+    assert "TensorBoard's last events may be missing" in caplog.text
+    assert thread_errors == [] and threading.excepthook == thread_errors.append  # put back
 
 
 def test_a_resume_that_evaluates_its_step_again_says_it_drops_that_evaluation(tmp_path, caplog):

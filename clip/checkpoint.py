@@ -16,6 +16,7 @@ while writing leaves that temporary file, which `remove_stray_temporaries` delet
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -190,17 +191,23 @@ def _create_temporary(final: Path) -> tuple[int, Path]:
 
 def prune_checkpoints(run_dir: Path, newest_step: int, keep_last: int) -> list[Path]:
     """Deletes older checkpoints, keeping the one of `newest_step` (just saved) and the `keep_last - 1`
-    newest complete-looking ones below it; returns the deleted paths.
+    newest sound ones below it; returns the deleted paths.
 
     Only files with a lower step than the one just saved are counted or deleted, and only those that look
     complete (`_looks_complete`). A run resumes from its newest readable checkpoint, so a file with a
     higher step is one it could not read (torn, foreign, another format version): counting those made them
     fill the keep_last places and deleted the new save at once. They are left alone; a save of the same
     step replaces them. A torn file below is not counted either, or it would take the place of a good one,
-    and is left to be looked at rather than deleted.
+    and is left to be looked at rather than deleted. Nor is a damaged one (`_checksums_match`), which is left until
+    the checkpoints kept are all newer than it.
     """
     older = [path for step, path in list_checkpoints(run_dir) if step < newest_step and _looks_complete(path)]
-    deleted = older[max(keep_last, 1) - 1 :]
+    kept, deleted = [], []
+    for path in older:
+        if len(kept) >= max(keep_last, 1) - 1:
+            deleted.append(path)
+        elif _checksums_match(path):
+            kept.append(path)
     for path in deleted:
         try:
             path.unlink(missing_ok=True)
@@ -218,6 +225,32 @@ def _looks_complete(path: Path) -> bool:
             return any(name.rpartition("/")[2] == "data.pkl" for name in archive.namelist())
     except (OSError, ValueError, zipfile.BadZipFile):  # ValueError: not a regular file
         return False
+
+
+def _checksums_match(path: Path) -> bool:
+    """Whether the archive `path` is undamaged (`archive_damage`: a resume skips a damaged file), said with a
+    warning when it is not. A file damaged after its save (a bad sector, a faulty copy) still looks complete, and
+    took one of the keep_last places: one fallback fewer was kept than asked for.
+
+    The check reads the whole file, so its answer is kept for the file's identity (device, inode, size,
+    modification time; a save over it changes them): each checkpoint is read once in a process, by the first
+    save after its own, not once per save. A read that the storage fails is not kept, and the file is not
+    counted this time (nor deleted)."""
+    try:
+        status = os.stat(path)
+        return _checksums_match_of(str(path), (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns))
+    except (OSError, ValueError, zipfile.BadZipFile) as error:  # a storage error; a file gone or replaced meanwhile
+        log.warning("could not check %s before pruning older checkpoints (%s): it is not counted among those kept "
+                    "this time", path, error)
+        return False
+
+
+@functools.lru_cache(maxsize=256)
+def _checksums_match_of(path: str, identity: tuple[int, int, int, int]) -> bool:
+    damage = archive_damage(Path(path))
+    if damage is not None:
+        log.warning("%s; it is not counted among the checkpoints that pruning keeps (checkpoint.keep_last)", damage)
+    return damage is None
 
 
 def _open_regular_file(path: Path) -> BinaryIO:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import stat
 import threading
@@ -270,6 +271,55 @@ def test_pruning_counts_and_deletes_only_complete_looking_checkpoints(tmp_path):
     assert steps(tmp_path) == [4, 3, 2, 1]  # 4, 3 and 1 are the three kept; the torn 2 is not touched
     save(tmp_path, 5, keep_last=3)
     assert steps(tmp_path) == [5, 4, 3, 2]
+
+
+def damage(path: Path) -> None:
+    """Changes a weight inside a checkpoint saved with `saved_with_weights`, as a bad sector or a faulty copy would:
+    the archive stays whole, and torch.load reads it without a word."""
+    data = bytearray(path.read_bytes())
+    at = data.find(WEIGHTS.numpy().tobytes()[:64])
+    data[at + 400 : at + 404] = torch.tensor([12345.0]).numpy().tobytes()
+    path.write_bytes(bytes(data))
+
+
+WEIGHTS = torch.arange(1000, dtype=torch.float32)
+
+
+def saved_with_weights(run_dir: Path, step: int, keep_last: int) -> Path:
+    state = {"format": ckpt.CHECKPOINT_FORMAT, "step": step, "model": {"w": WEIGHTS}}
+    return ckpt.save_checkpoint(state, run_dir, step, keep_last)
+
+
+def readable_steps(run_dir: Path) -> list[int]:
+    readable = []
+    for step, path in ckpt.list_checkpoints(run_dir):
+        try:
+            ckpt.read_checkpoint(path)
+        except ValueError:
+            continue
+        readable.append(step)
+    return readable
+
+
+def test_pruning_keeps_keep_last_readable_checkpoints_past_a_damaged_one(tmp_path, caplog):
+    # A file damaged after its save (its checksums no longer match) looks complete, and took one of the keep_last
+    # places: a resume skips it, so one fallback fewer was left than asked for.
+    for step in (10, 20):
+        saved_with_weights(tmp_path, step, keep_last=2)
+    damage(ckpt.checkpoint_path(tmp_path, 20))
+    with caplog.at_level(logging.WARNING):
+        saved_with_weights(tmp_path, 30, keep_last=2)
+    assert readable_steps(tmp_path) == [30, 10]
+    assert steps(tmp_path) == [30, 20, 10]
+    assert f"{ckpt.checkpoint_path(tmp_path, 20)} is damaged: its member" in caplog.text
+    assert "not counted among the checkpoints that pruning keeps (checkpoint.keep_last)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        saved_with_weights(tmp_path, 40, keep_last=3)
+    assert steps(tmp_path) == [40, 30, 20, 10]
+    assert "damaged" not in caplog.text  # said once, as the file was read once
+    saved_with_weights(tmp_path, 50, keep_last=2)  # older than the kept ones, it goes as any older file does
+    assert steps(tmp_path) == [50, 40]
 
 
 def test_stray_temporary_files_of_killed_saves_are_removed(tmp_path, monkeypatch):

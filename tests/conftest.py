@@ -1,5 +1,5 @@
-"""Shared pytest setup: `--runslow` enables the tests marked `slow` (skipped by default); every test must leave
-the process-wide settings that later tests see as it found them."""
+"""Shared pytest setup: `--runslow` enables the tests marked `slow` (skipped by default); the job signals start at
+their defaults; every test must leave the process-wide settings that later tests see as it found them."""
 
 from __future__ import annotations
 
@@ -14,6 +14,16 @@ import torch
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A shell starts a background job (`pytest ... &`, as scripts and some CI runners do) with SIGINT ignored, and
+    # every child process inherits that through exec: the tests of what a Ctrl-C does then sent one that did
+    # nothing, and failed (or passed without testing anything) by how the suite was started
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -21,7 +21,7 @@ import os, signal, sys
 
 signame = sys.argv[1]
 # A command typed at a terminal starts with both signals at their defaults; an ignored SIGINT is inherited through
-# exec, and one left ignored in the test process by an earlier test made the signal a no-op here
+# exec (pytest started in the background has it), and made the signal a no-op here
 signal.signal(signal.SIGINT, signal.default_int_handler)
 signal.signal(signal.SIGTERM, signal.SIG_DFL)
 

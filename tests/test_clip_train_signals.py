@@ -33,8 +33,9 @@ def clip_train(entry: str, points: str, run_dir: Path, *extra: str, env: dict | 
                wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
     """clip-train run as `entry` ("script": scripts/train.py, as the clip-train command through clip_commands;
     "module": python -m clip.cli.train), signalled at `points` (signalled_clip_train.py's)."""
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-                   **(env or {})}
+    environment = {**os.environ, **(env or {})}
+    # After `env`: two_slurm_ranks passes a copy of os.environ, whose PYTHONPATH replaced this one
+    environment["PYTHONPATH"] = os.pathsep.join([str(REPO), environment.get("PYTHONPATH", "")])
     command = [sys.executable, str(DRIVER), entry, points, str(DEMO), "--output-dir", str(run_dir), *QUICK, *extra]
     if not wait:
         return subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

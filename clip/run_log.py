@@ -83,10 +83,24 @@ class RunLog:
             except ImportError:
                 log.info("tensorboard is not installed; metrics go to %s only", self.path)
             else:
-                threads_before = set(threading.enumerate())
                 # purge_step hides the events of steps >= it that an earlier attempt wrote.
-                self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=resumed_at + 1)
-                self._quiet_threads = QuietWriterThreads(set(threading.enumerate()) - threads_before)
+                self._start_tensorboard(SummaryWriter, purge_step=resumed_at + 1)
+
+    def _start_tensorboard(self, summary_writer: type, purge_step: int | None) -> None:
+        threads_before = set(threading.enumerate())
+        self.writer = summary_writer(log_dir=str(self.path.parent / "tensorboard"), purge_step=purge_step)
+        self._quiet_threads = QuietWriterThreads(set(threading.enumerate()) - threads_before)
+
+    def start_again(self) -> None:
+        """Goes on in a run directory made again under the run (`clip.train.RunDirectoryWatch`): TensorBoard's
+        writer, whose open event file was in the old one, starts a new file (its events went on into the deleted
+        one). metrics.jsonl, opened by name for each record, starts anew by itself."""
+        if self.writer is None:
+            return
+        with contextlib.suppress(OSError):
+            self.writer.close()
+        self._quiet_threads.remove()
+        self._start_tensorboard(type(self.writer), purge_step=None)
 
     def write(self, record: dict) -> None:
         """Appends `record`; RunLogWriteError if the file cannot be written (a line torn by a full disk is

@@ -11,6 +11,7 @@ import contextlib
 import gc
 import logging
 import math
+import os
 import sys
 import time
 import traceback
@@ -48,6 +49,7 @@ from .loss import build_loss
 from .model import trimmed_text_length
 from .optim import build_optimizer, learning_rate, optimizer_parameter_names
 from .resume import checkpoint_to_resume, entry_restored, refused_on_every_rank, restore_training_state
+from .run_lock import RunDirectoryInUse, locked_run_directory
 from .run_log import (
     RunLog,
     RunLogWriteError,
@@ -263,6 +265,42 @@ def train(
             cleanup_distributed()
 
 
+class RunDirectoryWatch:
+    """Rank 0's look, before each write into the run directory, that it is still the folder the run took. One
+    deleted (or moved away) under a running run was made again by the next checkpoint's save without a word: no
+    config.toml, no lock (a second run could start in it), train.log and TensorBoard's events going on into the
+    deleted files. The run goes on, as its weights in memory are the only copy of its progress: the folder is
+    made again with the run's config.toml and lock, TensorBoard starts a new event file (train.log follows by
+    itself: `clip.cli.train.RunDirectoryLog`), and a warning says what is gone, once for each disappearance."""
+
+    def __init__(self, run_dir: Path, config_dict: dict, run_log: RunLog, on_exit: contextlib.ExitStack) -> None:
+        self.run_dir, self.config_dict, self.run_log, self.on_exit = run_dir, config_dict, run_log, on_exit
+        self.identity = self._identity()
+
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            status = os.stat(self.run_dir)
+        except FileNotFoundError:
+            return None
+        return status.st_dev, status.st_ino
+
+    def check(self, step: int) -> None:
+        try:
+            if self._identity() == self.identity:
+                return
+        except OSError:  # the storage failing (EIO, ESTALE): the write that follows says so
+            return
+        # Its own lock: RunDirectoryInUse if another run has started in a folder of that name meanwhile
+        self.on_exit.enter_context(locked_run_directory(self.run_dir))
+        record_run_start(self.run_dir, self.config_dict, resumed=False, start_step=step)  # config.toml
+        self.identity = self._identity()
+        self.run_log.start_again()
+        log.warning("the run directory %s was deleted or moved away while the run went on: made again at step %d, "
+                    "with the run's config.toml and lock, and the run saves its checkpoints there again; none of "
+                    "what was written there before (checkpoints, metrics.jsonl, train.log) is in it",
+                    self.run_dir, step)
+
+
 def release_run_objects(error: BaseException) -> None:
     """Frees what the failed run's frames hold (the DDP module, which holds the process group) before the
     process group is destroyed. The exception's traceback keeps those frames alive, often through a reference
@@ -374,7 +412,7 @@ def _train(
     global_batch = config.train.batch_size * dist_info.world_size
     # None where unknown: no MFU then
     peak = peak_flops(device, autocast_dtype or torch.float32, tf32=config.train.tf32)
-    run_log = None
+    run_log = run_directory = None  # rank 0's
     if dist_info.is_main:
         wandb_run = None
         if config.logging.wandb:
@@ -393,6 +431,7 @@ def _train(
             config.schedule.steps, data.samples_per_epoch,
         )
         warn_about_unlikely_settings(config, global_batch, data.samples_per_epoch, saved_config, device)
+        run_directory = RunDirectoryWatch(run_dir, config_dict, run_log, on_exit)
 
     def autocast():
         if autocast_dtype is None:
@@ -429,6 +468,7 @@ def _train(
                     "init_weights": init_weights,
                 }
                 try:
+                    run_directory.check(step)
                     log.info("saved %s", ckpt.save_checkpoint(state, run_dir, step, config.checkpoint.keep_last))
                 except Exception as error:  # re-raised below, after the ranks agree
                     failure = error
@@ -443,6 +483,7 @@ def _train(
         failure = None
         if dist_info.is_main and record is not None:
             try:
+                run_directory.check(record["step"])
                 run_log.write(record)
             except RunLogWriteError as error:  # re-raised below, after the ranks agree
                 kept = (f"the latest checkpoint, {ckpt.checkpoint_path(run_dir, saved_at['step'])}, is kept: run "
@@ -450,6 +491,8 @@ def _train(
                         else "no checkpoint was written before it")
                 failure = RunLogWriteError(f"{error}; {kept}")
                 failure.__cause__ = error.__cause__
+            except (OSError, RunDirectoryInUse) as error:  # a deleted run directory that could not be made again
+                failure = error
         raise_on_every_rank(failure, dist_info, RunLogWriteError(
             f"rank 0 could not write {run_dir / 'metrics.jsonl'} (its log says why)"))
 
@@ -692,6 +735,7 @@ def _train(
             log.info("data since this start or resume: %s", data.epoch_summary())
             log.info("data, %s, whole run: %s", ranks_phrase(dist_info.world_size, all_of=True),
                      counts_line(data_totals["sources"]))
+            run_directory.check(step)
             run_log.close()
             if complete:
                 write_results(run_dir / "results.json", {**final, "init_weights": init_weights})

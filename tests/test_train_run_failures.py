@@ -4,14 +4,17 @@ own failures and full disks: test_train_loop.py.)"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import shutil
 import signal
 
 import pytest
 from test_train_loop import DEMO, TINY
 
+from clip import checkpoint as ckpt
 from clip.cli.train import main
 from clip.data import loader, sources
 
@@ -88,3 +91,39 @@ def test_torchs_reports_of_a_dead_data_worker_are_recognised_and_no_other_error(
                   ValueError("DataLoader worker (pid 4242) is killed by signal: Killed. "),
                   RuntimeError("a transform failed in DataLoader worker process 0")):
         assert loader.worker_death(other) is None
+
+
+def test_a_run_directory_deleted_mid_run_is_made_again_whole_with_one_warning_and_the_run_goes_on(
+    tmp_path, monkeypatch, caplog
+):
+    # The next save made the folder again without a word: no config.toml, no lock (a second run could start in
+    # it), and train.log and TensorBoard's events went on into the deleted files
+    pytest.importorskip("torch.utils.tensorboard")
+    run_dir = tmp_path / "run"
+    real_save = ckpt.save_checkpoint
+
+    def deleted_after_step_3(state, folder, step, keep_last):
+        saved = real_save(state, folder, step, keep_last)
+        if step == 3:
+            shutil.rmtree(folder)  # as rm -rf RUN_DIR while the run goes on
+        return saved
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", deleted_after_step_3)
+    with caplog.at_level(logging.INFO):
+        assert main([str(DEMO), "--output-dir", str(run_dir), *TINY, "eval.every_n_steps=0",
+                     "logging.tensorboard=true"]) == 0
+    warnings = [record.getMessage() for record in caplog.records if "deleted or moved away" in record.getMessage()]
+    assert warnings == [f"the run directory {run_dir} was deleted or moved away while the run went on: made again "
+                        "at step 4, with the run's config.toml and lock, and the run saves its checkpoints there "
+                        "again; none of what was written there before (checkpoints, metrics.jsonl, train.log) is "
+                        "in it"]
+    assert [step for step, _ in ckpt.list_checkpoints(run_dir)] == [6]
+    assert f"output_dir = \"{run_dir}\"" in (run_dir / "config.toml").read_text()
+    assert f"pid {os.getpid()}," in (run_dir / ".lock").read_text()
+    train_log = (run_dir / "train.log").read_text().splitlines()
+    assert warnings[0] in train_log[0]  # its lines from the warning on
+    assert any("step 6/6" in line for line in train_log) and not any("step 3/6" in line for line in train_log)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    assert [record["step"] for record in records if "loss" in record] == [4, 5, 6]
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((run_dir / "results.json").read_text())["step"] == 6

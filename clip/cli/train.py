@@ -193,21 +193,48 @@ class RunDirectoryLog(logging.Handler):
         with self.lock:  # a line logged meanwhile (a loader's thread) neither lost nor written out of order
             waiting, self.waiting = self.waiting, None
             try:
-                self.file = logging.FileHandler(self.path, mode="a", encoding="utf-8")
+                self._open_the_file()
             except OSError as error:  # a train.log that cannot be written (another user's): stderr has it all
                 log.warning("cannot append to %s (%s): the log goes to stderr only", self.path,
                             error.strerror or error)
                 return
-            self.file.setFormatter(logging.Formatter(log_format(None)))  # rank 0's lines, with the date
-            self.file.handleError = self._give_up_the_file
             for record in waiting or []:
                 self.emit(record)
 
+    def _open_the_file(self) -> None:
+        self.file = logging.FileHandler(self.path, mode="a", encoding="utf-8")
+        self.file.setFormatter(logging.Formatter(log_format(None)))  # rank 0's lines, with the date
+        self.file.handleError = self._give_up_the_file
+
     def emit(self, record: logging.LogRecord) -> None:
         if self.file is not None:
-            self.file.handle(record)
+            self._follow_a_new_train_log()
+            if self.file is not None:
+                self.file.handle(record)
         elif self.waiting is not None:
             self.waiting.append(record)
+
+    def _follow_a_new_train_log(self) -> None:
+        """Opens train.log again where the file at its path is no longer the one open: the run directory was made
+        again under the run (`clip.train.RunDirectoryWatch`), whose lines went on into the deleted file. While the
+        folder is missing they still go there (and to stderr)."""
+        try:
+            opened = os.fstat(self.file.stream.fileno())
+            current = os.stat(self.path)
+            if (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino):
+                return
+        except FileNotFoundError:
+            if not self.path.parent.is_dir():
+                return
+        except (OSError, AttributeError, ValueError):  # the storage failing; a stream closed by a failed write
+            return
+        with contextlib.suppress(OSError):
+            self.file.close()
+        try:
+            self._open_the_file()
+        except OSError as error:
+            self.file = None
+            log.warning("cannot append to %s (%s): the log goes to stderr only", self.path, error.strerror or error)
 
     def _give_up_the_file(self, record: logging.LogRecord) -> None:
         """A line train.log could not write (a full disk, a quota): said once, and the file is left. logging's own

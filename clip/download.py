@@ -112,18 +112,8 @@ def download(
             place the file by hand), the transfer broke off, the file is larger than `max_bytes`, or the
             downloaded bytes have the wrong SHA256.
     """
-    expected = sha256.strip().lower()
-    if not _SHA256_PATTERN.fullmatch(expected):
-        raise ValueError(f"sha256 must be 64 hexadecimal characters, got {sha256!r}")
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
-        raise ValueError(f"max_bytes must be a positive number of bytes, got {max_bytes!r}")
-    folder = Path(root).expanduser() if root is not None else cache_dir()
-    name = filename or Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
-    if name in ("", ".", "..") or "\x00" in name or "/" in name:
-        if filename:  # the caller's name, not the URL's: saying "pass filename=..." would not help
-            raise ValueError(f"filename must be a plain file name (no folder), got {filename!r}")
-        raise ValueError(f"Cannot tell a file name from the URL {url!r}; pass filename=...")
-    target = folder / name
+    expected, target = _checked_request(url, sha256, root, filename, max_bytes)
+    folder, name = target.parent, target.name
     _remove_stale_partials(folder, name)
 
     present = None  # the SHA256 of another file in the target's place, which a failed download names
@@ -175,6 +165,80 @@ def download(
             partial.unlink(missing_ok=True)
             raise
     return target
+
+
+def _checked_request(url: str, sha256: str, root: str | Path | None, filename: str | None,
+                     max_bytes: int) -> tuple[str, Path]:
+    """(the expected SHA256 in lower case, the file's path in the cache) for `download`'s arguments, which are
+    checked: a ValueError names a wrong one."""
+    expected = sha256.strip().lower()
+    if not _SHA256_PATTERN.fullmatch(expected):
+        raise ValueError(f"sha256 must be 64 hexadecimal characters, got {sha256!r}")
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+        raise ValueError(f"max_bytes must be a positive number of bytes, got {max_bytes!r}")
+    folder = Path(root).expanduser() if root is not None else cache_dir()
+    name = filename or Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
+    if name in ("", ".", "..") or "\x00" in name or "/" in name:
+        if filename:  # the caller's name, not the URL's: saying "pass filename=..." would not help
+            raise ValueError(f"filename must be a plain file name (no folder), got {filename!r}")
+        raise ValueError(f"Cannot tell a file name from the URL {url!r}; pass filename=...")
+    return expected, folder / name
+
+
+def download_bytes(
+    url: str,
+    sha256: str,
+    root: str | Path | None = None,
+    filename: str | None = None,
+    progress: bool = True,
+    timeout_s: float = 60.0,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> tuple[Path, bytes]:
+    """`download`, and the file's bytes: read once, and those very bytes checked against `sha256`.
+
+    The path `download` returns held a file that matched when it was hashed; whatever is put at that path after
+    (by anyone who can write the cache folder) is what a second open by name reads. For a file whose code is
+    run (`clip.load(..., jit=True)`), only the bytes that were hashed will do. A cached file is read and hashed
+    once, as `download` alone does; a file downloaded now is read back and hashed once more. Arguments and errors
+    as for `download`; also a DownloadError when the file at the path is replaced between its download and
+    that read."""
+    expected, target = _checked_request(url, sha256, root, filename, max_bytes)
+    _remove_stale_partials(target.parent, target.name)  # as `download` does, found file or not
+    cached = regular_file_bytes(target, max_bytes)
+    if cached is not None and hashlib.sha256(cached).hexdigest() == expected:
+        return target, cached
+    del cached  # a stale file, up to max_bytes: not held while the right one downloads
+    path = download(url, sha256, root=root, filename=filename, progress=progress, timeout_s=timeout_s,
+                    max_bytes=max_bytes)
+    data = regular_file_bytes(path, max_bytes)
+    actual = None if data is None else hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        found = "no longer a regular file" if actual is None else f"its SHA256 is now {actual}"
+        raise DownloadError(
+            f"{path} was replaced after its download was checked ({found}); it was not used. Another process "
+            f"or user writes into {path.parent}: choose a cache folder only you can write to."
+        )
+    return path, data
+
+
+def regular_file_bytes(path: str | Path, max_bytes: int) -> bytes | None:
+    """All the bytes of the regular file at `path`, read through one handle; None where there is no regular file
+    there (a FIFO is not waited on), or it holds more than `max_bytes`."""
+    try:
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer; O_BINARY: no newline
+        # translation on Windows
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError:
+        return None
+    try:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+            return None
+        with os.fdopen(descriptor, "rb", closefd=False) as file:
+            data = file.read(max_bytes + 1)  # the file may have grown since fstat
+    finally:
+        os.close(descriptor)
+    return data if len(data) <= max_bytes else None
 
 
 def _file_identity(path: Path) -> tuple[int, int, int, int] | None:

@@ -13,7 +13,8 @@ checkpoint's step, a released name), for the evaluation commands' results files.
 
 Safety: no file is ever unpickled with arbitrary classes. `torch.save` files go through
 `torch.load(weights_only=True)`; TorchScript archives through `clip.torchscript_reader`, which never runs
-their code. Only `jit=True` uses `torch.jit.load`, and only on a file whose SHA256 is one of the release's.
+their code. Only `jit=True` uses `torch.jit.load`, and only on bytes whose SHA256 is one of the release's: the
+bytes that were hashed, read once.
 
 Architecture: taken from a checkpoint's config when it has one; inferred from the tensor shapes otherwise
 (`clip.infer_architecture`). The weights are then loaded with `strict=True`.
@@ -27,6 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import io
 import logging
 import warnings
 from collections.abc import Mapping
@@ -143,24 +146,20 @@ def _load(
         device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"),
         "None (CUDA when available, else the CPU), 'cpu', 'cuda', 'cuda:N' or another torch device such as 'mps'",
     )
-    path, released = _resolve(name_or_path, download_root)
-    release = str(name_or_path) if released else None
-    # jit=True runs a file's code only if its SHA256 is a release's. That digest is also the record's (for
-    # load_with_source) when it is not: the file was hashed a second time as its weights were read, seconds for a
-    # 350 MB archive. OpenAI's files are TorchScript archives: any other file is not hashed for this at all.
-    sha256 = None
-    if jit and not released and is_torchscript_archive(path):
-        sha256 = download.sha256_of_file(path)
-        release = _release_of_digest(sha256)
-    if jit and release is not None:
-        model, preprocess = _load_jit(path, device)
-        return model, preprocess, _source(path, None, release, None)
     if jit:
+        path, archive, sha256 = _verified_archive(name_or_path, download_root)
+        if archive is not None:
+            model, preprocess = _load_jit(archive, device)
+            return model, preprocess, _source(path, None, _release_of_digest(sha256), None)
         warnings.warn(
             f"jit=True runs the TorchScript code stored in a file, which is only done for OpenAI's released "
             f"archives (verified by SHA256); {path} is not one of them, so its weights are loaded as with "
             f"jit=False instead.", stacklevel=3,
         )
+        release = None
+    else:
+        path, released = _resolve(name_or_path, download_root)
+        release, sha256 = (str(name_or_path) if released else None), None
     given = path
     # Resolved and read once: the file loaded is the file recorded. Warnings name the caller of load or
     # load_with_source (stacklevel 4: past this function too).
@@ -469,10 +468,41 @@ def _release_of_digest(sha256: str) -> str | None:
     return next((name for name, release in RELEASED_WEIGHTS.items() if release.sha256 == sha256), None)
 
 
-def _load_jit(path: Path, device: torch.device) -> tuple[nn.Module, ImageTransform]:
+def _verified_archive(
+    name_or_path: str | Path, download_root: str | Path | None
+) -> tuple[Path, bytes | None, str | None]:
+    """For jit=True: (the file a name or path stands for, its bytes if they are a released archive (else None),
+    its SHA256 where it was taken).
+
+    The bytes are read once, and the bytes hashed are the bytes `torch.jit.load` runs: opened again by name after
+    the check, the file run was whatever had been put at the path meanwhile (by anyone who can write the cache
+    folder), its code unchecked; a handle kept open from the hash to the load would still see the file changed in
+    place (by anyone who can write the file itself). The cost is memory: about 4 times the file's size at the peak
+    (measured: 770 MB for a 200 MB archive, against 200 MB given its path), the same as openai/CLIP's load, which
+    passes torch.jit.load a file object: torch reads that whole into bytes, then copies them. The SHA256 of a file
+    that is not a release is also the record's (for `load_with_source`): hashed again as its weights were read,
+    seconds for a 350 MB archive."""
+    if isinstance(name_or_path, str) and name_or_path in RELEASED_WEIGHTS:
+        release = RELEASED_WEIGHTS[name_or_path]
+        path, archive = download.download_bytes(release.url, release.sha256, root=download_root)
+        return path, archive, release.sha256
+    path = _existing_path(name_or_path)
+    if not is_torchscript_archive(path):  # OpenAI's files are: no other file is hashed for this at all
+        return path, None, None
+    # None for a file larger than any download is allowed to be: no release, and not hashed for the check
+    archive = download.regular_file_bytes(path, download.DEFAULT_MAX_BYTES)
+    if archive is None:
+        return path, None, None
+    sha256 = hashlib.sha256(archive).hexdigest()
+    return path, (archive if _release_of_digest(sha256) is not None else None), sha256
+
+
+def _load_jit(archive: bytes, device: torch.device) -> tuple[nn.Module, ImageTransform]:
+    """`torch.jit.load` of a verified archive's bytes (`_verified_archive`), retargeted to `device`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated in favour of torch.export
-        model = torch.jit.load(str(path), map_location=device).eval()
+        # io.BytesIO's read() of all of it returns these very bytes, not a copy
+        model = torch.jit.load(io.BytesIO(archive), map_location=device).eval()
     retarget_torchscript(model, device)
     return model, image_transform(int(model.input_resolution.item()))
 

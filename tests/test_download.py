@@ -184,6 +184,50 @@ def test_a_stale_cached_file_is_hashed_once(monkeypatch, tmp_path: Path, source_
     assert hashed == [cache / "weights.bin"] and path.read_bytes() == GOOD_BYTES
 
 
+def test_download_bytes_gives_the_bytes_it_checked_reading_a_cached_file_once(
+    monkeypatch, tmp_path: Path, source_file: Path
+) -> None:
+    # For clip.load(..., jit=True), which runs the file's code: the bytes checked, not what a second open by name
+    # finds at the path
+    cache = tmp_path / "cache"
+    path, data = clip.download.download_bytes(source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
+    assert path == cache / "weights.bin" and data == GOOD_BYTES
+    hashed = []
+    real_sha256 = hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda *data: hashed.append(len(data)) or real_sha256(*data))
+    monkeypatch.setattr(clip.download.urllib.request, "urlopen", lambda *args, **kwargs: pytest.fail("downloaded"))
+    assert clip.download.download_bytes(source_file.as_uri(), GOOD_SHA256, root=cache) == (path, GOOD_BYTES)
+    assert len(hashed) == 1  # the cached file: read and hashed once, as download() alone does
+
+
+def test_download_bytes_refuses_a_file_replaced_after_its_download_was_checked(
+    monkeypatch, tmp_path: Path, source_file: Path
+) -> None:
+    cache = tmp_path / "cache"
+    real_download = clip.download.download
+
+    def download_then_replace(*args, **kwargs) -> Path:
+        path = real_download(*args, **kwargs)
+        (tmp_path / "other.bin").write_bytes(BAD_BYTES)
+        os.replace(tmp_path / "other.bin", path)  # someone else who writes into the cache folder
+        return path
+
+    monkeypatch.setattr(clip.download, "download", download_then_replace)
+    expected = f"{cache / 'weights.bin'} was replaced after its download was checked .*SHA256 is now"
+    with pytest.raises(DownloadError, match=expected):
+        clip.download.download_bytes(source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
+
+
+def test_regular_file_bytes_is_none_for_a_pipe_a_folder_and_a_file_over_the_bound(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe")  # not waited on for a writer
+    (tmp_path / "file.bin").write_bytes(b"12345")
+    assert clip.download.regular_file_bytes(tmp_path / "pipe", 10) is None
+    assert clip.download.regular_file_bytes(tmp_path, 10) is None
+    assert clip.download.regular_file_bytes(tmp_path / "missing", 10) is None
+    assert clip.download.regular_file_bytes(tmp_path / "file.bin", 4) is None
+    assert clip.download.regular_file_bytes(tmp_path / "file.bin", 5) == b"12345"
+
+
 def test_a_stale_file_replaced_while_waiting_for_the_lock_is_the_download(
     monkeypatch, tmp_path: Path, source_file: Path
 ) -> None:

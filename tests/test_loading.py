@@ -1055,6 +1055,50 @@ def test_jit_true_hashes_a_file_once(tmp_path: Path, tiny_release, openai_files,
         assert len(hashed) == expected_hashes, path
 
 
+def swap_after_hashing(monkeypatch, path: Path, replacement: Path) -> list:
+    """hashlib.sha256 replaced by one that, once a digest of the file at `path` is taken, puts `replacement` at
+    `path` (a rename, as a download or another user would): a file swapped between its check and its use. Returns
+    a list that holds the path once the swap has happened."""
+    swapped: list = []
+    real_sha256 = hashlib.sha256
+
+    class SwapAfterDigest:
+        def __init__(self, *data: bytes) -> None:
+            self.digest = real_sha256(*data)
+
+        def update(self, data: bytes) -> None:
+            self.digest.update(data)
+
+        def hexdigest(self) -> str:
+            if not swapped and path.exists():
+                os.replace(copy_of(replacement, path.with_name("swapped-in.pt")), path)
+                swapped.append(path)
+            return self.digest.hexdigest()
+
+    monkeypatch.setattr(hashlib, "sha256", SwapAfterDigest)
+    return swapped
+
+
+@pytest.mark.parametrize("given", ["name", "path"])
+def test_jit_true_runs_the_bytes_it_verified_not_a_file_swapped_in_after(
+    tmp_path: Path, tiny_release, openai_files, monkeypatch: pytest.MonkeyPatch, given: str
+) -> None:
+    # jit=True runs an archive's code because its SHA256 is a release's: the file was hashed, then opened again by
+    # its name for torch.jit.load, which ran whatever had been put at the path in between
+    original, _ = tiny_release
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cached = copy_of(Path(RELEASED_WEIGHTS["RN50"].url.removeprefix("file://")), cache / "RN50-served.pt")
+    swapped = swap_after_hashing(monkeypatch, cached, openai_files["vit", "archive"])
+    name_or_path = "RN50" if given == "name" else cached
+    model, preprocess, source = load_with_source(name_or_path, device="cpu", jit=True, download_root=cache)
+    assert swapped == [cached] and is_torchscript_archive(cached)  # another archive is at the path now
+    assert isinstance(model, torch.jit.ScriptModule)
+    assert repr(preprocess) == repr(image_transform(TINY_RESNET.vision.image_size))
+    assert_same_features(model, half_round_trip(original), TINY_RESNET)
+    assert source.released == "RN50" and source.sha256 == RELEASED_WEIGHTS["RN50"].sha256
+
+
 def test_the_model_is_named_by_openais_keyword(tmp_path: Path) -> None:
     # openai/CLIP's argument is `name`, and code passes it by keyword (`clip.load(name=model, device=device,
     # jit=jit)`, as Stable Diffusion's image embedder does): that was a TypeError here

@@ -11,8 +11,14 @@ from typing import Any
 
 from PIL import Image
 
+from clip.preprocess import central_part
+
 Transform = Callable[[Image.Image], Any]
-# Longer side over shorter side beyond which an evaluation image is skipped (panoramas are ~10:1)
+# Longer side over shorter side beyond which an evaluation image is cut to its central part of this ratio
+# (panoramas are ~10:1). The preprocessing resizes the shorter side to the model's resolution, the longer one
+# in proportion: a 1 x 8000 image of a few bytes became 224 x 1,792,000 pixels (1.6 GB, seconds) under a
+# transform of torchvision's, which a caller may pass. The model's own preprocess (clip.preprocess) cuts to 32:1
+# as well, and its centre crop keeps the middle of either cut: the cut part gives the same pixels.
 MAX_ASPECT_RATIO = 100
 
 
@@ -32,7 +38,8 @@ def read_image(path: Path) -> Image.Image:
         with opened as image:
             _refuse_decompression_bomb(image, path)
             image.load()  # read now, so the file is closed when we return
-            return image
+            # A hairline image was skipped as unreadable, although training reads it (cut the same way)
+            return central_part(image, MAX_ASPECT_RATIO)
     except UnreadableImageError:
         raise
     # Corrupt files surface as any of these, depending on the format plugin and where the data breaks off.
@@ -50,11 +57,4 @@ def _refuse_decompression_bomb(image: Image.Image, path: Path) -> None:
         raise UnreadableImageError(
             path, f"{width}x{height} pixels is more than PIL.Image.MAX_IMAGE_PIXELS ({limit}): a decompression "
             f"bomb, or an image far larger than evaluation needs"
-        )
-    # The preprocessing resizes the shorter side to the model's resolution, the longer one in proportion: a
-    # 1 x 8000 image of a few bytes became 224 x 1,792,000 pixels (1.6 GB, seconds), one of 1 x 100,000 ~20 GB
-    if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
-        raise UnreadableImageError(
-            path, f"{width}x{height} pixels is more than {MAX_ASPECT_RATIO}:1, which resizing its shorter side to "
-            f"the model's resolution would blow up to gigabytes"
         )

@@ -26,14 +26,18 @@ if TYPE_CHECKING:
 # A bad path, a malformed annotation file, a config value out of range: the commands' inputs fail with these
 # (ConfigError is a ValueError), and a one-line message says more to the user than a traceback. A bug inside
 # the library, torch or numpy can raise them too, so CLIP_DEBUG brings the traceback back.
-# DownloadError: a released model's weights could not be fetched (offline); its message says what to do.
-USER_ERRORS = (ValueError, OSError, DownloadError)
+USER_ERRORS = (ValueError, OSError)
+# A released model's weights could not be fetched (offline, or a file that fails its SHA256): one line too, as
+# its message says what to do, but status 1, as clip-train gives it: it is no bad input, and the same command
+# may work later (a script that retries on a network failure tells the two apart by the status)
+FAILED_DOWNLOAD_EXIT_CODE = 1
 DEBUG_VARIABLE = "CLIP_DEBUG"
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a command that Ctrl-C ended
 # The commands' --help epilog.
 ERRORS_HELP = (
     "An input error (a missing file, a malformed annotation file, a value out of range) is reported in one "
-    f"line, with exit status 2; set {DEBUG_VARIABLE}=1 to print its traceback as well."
+    f"line, with exit status 2, and a failed download with status 1; set {DEBUG_VARIABLE}=1 to print its "
+    "traceback as well."
 )
 
 
@@ -72,16 +76,16 @@ def warnings_as_log_lines() -> Iterator[None]:
 
 def run_command(prog: str, command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Runs `command(args)`; an input error becomes `prog: message` on stderr and exit status 2 (argparse's
-    status for bad usage), Ctrl-C a line and status 130, each preceded by its traceback when CLIP_DEBUG is set.
+    status for bad usage), a failed download the same line and status 1, Ctrl-C a line and status 130, each preceded by its traceback when CLIP_DEBUG is set.
     Python warnings are log lines."""
     try:
         with warnings_as_log_lines():
             return command(args)
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, DownloadError) as error:
         if debugging():
             traceback.print_exc()
         print(f"{prog}: {error}", file=sys.stderr)
-        return 2
+        return FAILED_DOWNLOAD_EXIT_CODE if isinstance(error, DownloadError) else 2
     except KeyboardInterrupt:
         # Ctrl-C: a traceback of wherever the evaluation happened to be told the user nothing. What the command
         # wrote before it (results files, cached features) was written whole, each file replaced atomically.

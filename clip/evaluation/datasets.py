@@ -67,7 +67,7 @@ def warn_about_duplicate_classnames(classnames: Sequence[str], where: str) -> No
     if repeated:
         logger.warning(
             "%s: several classes share the name(s) %s; zero-shot classification cannot tell them apart "
-            "(set classnames_file to give every class its own name)",
+            "(give every class its own name: a config's classnames_file, or the classnames passed)",
             where,
             repeated,
         )

@@ -53,6 +53,7 @@ from .weights_file import (
     UnsafeFileError,
     WeightsFileError,
     check_backed_by_storage,
+    read_archive_weights,
     read_run_or_file,
     read_weights,
 )
@@ -146,6 +147,7 @@ def _load(
         device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"),
         "None (CUDA when available, else the CPU), 'cpu', 'cuda', 'cuda:N' or another torch device such as 'mps'",
     )
+    sha256 = None
     if jit:
         path, archive, sha256 = _verified_archive(name_or_path, download_root)
         if archive is not None:
@@ -156,16 +158,10 @@ def _load(
             f"archives (verified by SHA256); {path} is not one of them, so its weights are loaded as with "
             f"jit=False instead.", stacklevel=3,
         )
-        release = None
-    else:
-        path, released = _resolve(name_or_path, download_root)
-        release, sha256 = (str(name_or_path) if released else None), None
-    given = path
-    # Resolved and read once: the file loaded is the file recorded. Warnings name the caller of load or
-    # load_with_source (stacklevel 4: past this function too).
-    path, weights = read_run_or_file(path, stacklevel=4, digest=digest and release is None and sha256 is None)
-    if path != given:  # a run directory: its newest checkpoint moves on while the run trains, so say which one
-        log.info("%s: loading %s", given, path)
+    release = str(name_or_path) if _is_released_name(name_or_path) else None  # with jit=True, returned above
+    # Warnings name the caller of load or load_with_source (stacklevel 4: past this function too)
+    path, weights = _read(name_or_path, download_root, stacklevel=4,
+                          digest=digest and release is None and sha256 is None)
     model = model_from_weights(weights, str(path), stacklevel=4)
     model = model.to(device)
     if device.type == "cuda":
@@ -202,13 +198,12 @@ def load_weights_with_source(
     activation are not, the file is refused if it is that release (its SHA256), and warned of otherwise
     (`_check_unseen_settings`). `digest=False` leaves a file's SHA256 out of the record (None): a second read of
     the file, up to several GB."""
-    released = isinstance(name_or_path, str) and name_or_path in RELEASED_WEIGHTS
+    released = _is_released_name(name_or_path)
     if released:  # known exactly, heads and activation included: checked before a download of up to 1.4 GB
         architecture = RELEASED_ARCHITECTURES[name_or_path]
         _check_architecture(architecture, model.config, f"the released {name_or_path}",
                             _adapted_on_load(architecture, model.config))
-    path, _ = _resolve(name_or_path, download_root)
-    path, weights = read_run_or_file(path, digest=digest and not released)
+    path, weights = _read(name_or_path, download_root, stacklevel=3, digest=digest and not released)
     theirs, not_in_shapes = weights.model_config, set()
     if released:
         theirs = RELEASED_ARCHITECTURES[name_or_path]
@@ -421,13 +416,35 @@ class ModelNotFoundError(FileNotFoundError, RuntimeError):
     what openai/CLIP's load raises for an unknown name."""
 
 
-def _resolve(name_or_path: str | Path, download_root: str | Path | None) -> tuple[Path, bool]:
-    """(the file or run directory a name or path stands for, whether it names a released model): a released
-    model is downloaded into the cache (or found there) and checked against its SHA256."""
-    if isinstance(name_or_path, str) and name_or_path in RELEASED_WEIGHTS:
+def _is_released_name(name_or_path: str | Path) -> bool:
+    """A Path is a path, even one that reads like a released name (`Path("RN50")`)."""
+    return isinstance(name_or_path, str) and name_or_path in RELEASED_WEIGHTS
+
+
+def _read(
+    name_or_path: str | Path, download_root: str | Path | None, *, stacklevel: int, digest: bool
+) -> tuple[Path, LoadedWeights]:
+    """(the file read, its weights) for a name or a path, resolved and read once: the file loaded is the file
+    recorded.
+
+    A released model is downloaded into the cache (or found there), and its weights are read from the very bytes
+    checked against its SHA256 (`download.download_bytes`): read again by name after the check, they were
+    whatever had been put at the path meanwhile, recorded as the release. Any other file or run directory as
+    `read_run_or_file` reads it, with its SHA256 if `digest`; `stacklevel` as there, counted from the caller of
+    this function."""
+    if _is_released_name(name_or_path):
         release = RELEASED_WEIGHTS[name_or_path]
-        return download.download(release.url, release.sha256, root=download_root), True
-    return _existing_path(name_or_path), False
+        path, archive = download.download_bytes(release.url, release.sha256, root=download_root)
+        # OpenAI's files are TorchScript archives. Only a release table pointed at another kind of file (tests
+        # point it at a torch.save file) has it read again by name, with the reader that kind needs
+        if not is_torchscript_archive(io.BytesIO(archive)):
+            return path, read_weights(path)
+        return path, read_archive_weights(path, archive)  # the tensors hold copies: the bytes go on return
+    given = _existing_path(name_or_path)
+    path, weights = read_run_or_file(given, stacklevel=stacklevel + 1, digest=digest)
+    if path != given:  # a run directory: its newest checkpoint moves on while the run trains, so say which one
+        log.info("%s: loading %s", given, path)
+    return path, weights
 
 
 def _existing_path(name_or_path: str | Path) -> Path:
@@ -482,7 +499,7 @@ def _verified_archive(
     passes torch.jit.load a file object: torch reads that whole into bytes, then copies them. The SHA256 of a file
     that is not a release is also the record's (for `load_with_source`): hashed again as its weights were read,
     seconds for a 350 MB archive."""
-    if isinstance(name_or_path, str) and name_or_path in RELEASED_WEIGHTS:
+    if _is_released_name(name_or_path):
         release = RELEASED_WEIGHTS[name_or_path]
         path, archive = download.download_bytes(release.url, release.sha256, root=download_root)
         return path, archive, release.sha256

@@ -21,6 +21,7 @@ attribute, are reported as dropped). The declarations are read as text and never
 from __future__ import annotations
 
 import collections
+import io
 import pickle
 import re
 import zipfile
@@ -109,9 +110,10 @@ _JIT_PICKLE_HELPERS = {
 }
 
 
-def is_torchscript_archive(path: str | Path) -> bool:
+def is_torchscript_archive(path: str | Path | BinaryIO) -> bool:
     """True for a zip with one top folder holding `data.pkl` and `code/` (or `constants.pkl`): what
-    `torch.jit.save` writes. A `torch.save` zip has `data.pkl` but neither of the others."""
+    `torch.jit.save` writes. A `torch.save` zip has `data.pkl` but neither of the others. `path` may also be an
+    open binary file (an archive's bytes in an io.BytesIO)."""
     try:
         if not zipfile.is_zipfile(path):  # which raises BadZipFile for some damaged zip64 records
             return False
@@ -130,12 +132,17 @@ def _archive_root(names: list[str]) -> str | None:
     return next(iter(roots)) if len(roots) == 1 else None
 
 
-def read_torchscript_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+def read_torchscript_weights(
+    path: str | Path, archive_bytes: bytes | None = None
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The archive's state dict as `{dotted.name: tensor}`, plus the names of tensor attributes that are
-    neither parameters nor buffers (dropped). Tensors live on the CPU in the archive's dtypes."""
+    neither parameters nor buffers (dropped). Tensors live on the CPU in the archive's dtypes, in memory of their
+    own. `archive_bytes`: the archive, already read (a released file's bytes, checked against its SHA256), which
+    `path` then only names in messages: the file there may have changed since."""
     path = Path(path)
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(path if archive_bytes is None else io.BytesIO(archive_bytes)) as archive:
+            file_size = path.stat().st_size if archive_bytes is None else len(archive_bytes)
             names = archive.namelist()
             root = _archive_root(names)
             if len(set(names)) != len(names):  # zipfile reads the last of equal names, torch the first
@@ -144,7 +151,7 @@ def read_torchscript_weights(path: str | Path) -> tuple[dict[str, torch.Tensor],
             if root is None:
                 raise TorchScriptReadError(f"{path} is a zip file but not a TorchScript archive (no */data.pkl)")
             _check_byte_order(archive, root, path)
-            top = _unpickle_data(archive, root, path)
+            top = _unpickle_data(archive, root, path, file_size)
             if not isinstance(top, ScriptObject):
                 raise TorchScriptReadError(f"{path}: data.pkl holds a {type(top).__name__}, not a TorchScript module")
             weights: dict[str, torch.Tensor] = {}
@@ -157,10 +164,10 @@ def read_torchscript_weights(path: str | Path) -> tuple[dict[str, torch.Tensor],
     return weights, dropped
 
 
-def _unpickle_data(archive: zipfile.ZipFile, root: str, path: Path) -> Any:
+def _unpickle_data(archive: zipfile.ZipFile, root: str, path: Path, file_size: int) -> Any:
     try:
         with archive.open(f"{root}/data.pkl") as data:
-            return _WeightsUnpickler(data, archive, root, path).load()
+            return _WeightsUnpickler(data, archive, root, path, file_size).load()
     except (TorchScriptReadError, *ZIP_MEMBER_ERRORS):
         raise  # a storage record's damage: named as the archive's, not data.pkl's
     except Exception as error:  # a malformed pickle can raise nearly anything (KeyError, TypeError, ...)
@@ -176,12 +183,12 @@ def _check_byte_order(archive: zipfile.ZipFile, root: str, path: Path) -> None:
 
 
 class _WeightsUnpickler(pickle.Unpickler):
-    def __init__(self, data: BinaryIO, archive: zipfile.ZipFile, root: str, path: Path) -> None:
+    def __init__(self, data: BinaryIO, archive: zipfile.ZipFile, root: str, path: Path, file_size: int) -> None:
         super().__init__(data)
         self.archive = archive
         self.root = root
         self.path = path
-        self.file_size = path.stat().st_size
+        self.file_size = file_size  # of the archive read: a stored record must fit in it
         self.storages: dict[str, torch.Tensor] = {}
         self.script_classes: dict[str, type] = {}
 

@@ -105,19 +105,26 @@ def _read_weights(path: Path) -> LoadedWeights:
     if path.exists() and not path.is_file():  # a FIFO or a device: opening it to look inside could block forever
         raise WeightsFileError(f"{path} is not a regular file")
     if is_torchscript_archive(path):
-        try:
-            tensors, _non_weight_attributes = read_torchscript_weights(path)
-        except UnsafeArchiveError as error:
-            raise UnsafeFileError(str(error)) from error
-        except TorchScriptReadError as error:
-            raise WeightsFileError(str(error)) from error
-        return _weights_from_state_dict(tensors, None, path)
+        return read_archive_weights(path)
     if is_safetensors_file(path):
         weights = _weights_from_state_dict(_read_safetensors(path), None, path)
         # OpenAI released no safetensors; open_clip's Hub releases are, and most of its models use GELU
         weights.open_clip_origin = "a safetensors file (the format of open_clip's releases)"
         return weights
     return _weights_from_object(_torch_load_weights_only(path), path)
+
+
+def read_archive_weights(path: Path, archive_bytes: bytes | None = None) -> LoadedWeights:
+    """The weights of the TorchScript archive at `path`, or of its bytes already read (`archive_bytes`: a released
+    file's, checked against its SHA256, read from memory so that what was checked is what is loaded; `path` then
+    only names it), without running anything stored in it (`clip.torchscript_reader`)."""
+    try:
+        tensors, _non_weight_attributes = read_torchscript_weights(path, archive_bytes)
+    except UnsafeArchiveError as error:
+        raise UnsafeFileError(str(error)) from error
+    except TorchScriptReadError as error:
+        raise WeightsFileError(str(error)) from error
+    return _weights_from_state_dict(tensors, None, path)
 
 
 # A safetensors file: an 8-byte little-endian header length, then that many bytes of JSON (an object)

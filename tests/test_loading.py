@@ -768,13 +768,14 @@ def tiny_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, openai_files) 
     digest = hashlib.sha256(served.read_bytes()).hexdigest()
     monkeypatch.setitem(RELEASED_WEIGHTS, "RN50", ReleasedWeights(url=served.as_uri(), sha256=digest))
     calls: list = []
-    real_download = clip.download.download
+    real_download_bytes = clip.download.download_bytes
 
-    def recording_download(url: str, sha256: str, root=None, **kwargs):
+    def recording_download_bytes(url: str, sha256: str, root=None, **kwargs):
         calls.append((url, sha256, root))
-        return real_download(url, sha256, root=root, progress=False)
+        return real_download_bytes(url, sha256, root=root, progress=False)
 
-    monkeypatch.setattr(clip.download, "download", recording_download)
+    # What clip.load and load_weights_into fetch a released file with (to read the bytes it checked)
+    monkeypatch.setattr(clip.download, "download_bytes", recording_download_bytes)
     return original, calls
 
 
@@ -1096,6 +1097,30 @@ def test_jit_true_runs_the_bytes_it_verified_not_a_file_swapped_in_after(
     assert isinstance(model, torch.jit.ScriptModule)
     assert repr(preprocess) == repr(image_transform(TINY_RESNET.vision.image_size))
     assert_same_features(model, half_round_trip(original), TINY_RESNET)
+    assert source.released == "RN50" and source.sha256 == RELEASED_WEIGHTS["RN50"].sha256
+
+
+@pytest.mark.parametrize("reader", ["load_with_source", "load_weights_with_source"])
+def test_released_weights_are_read_from_the_bytes_checked_not_a_file_swapped_in_after(
+    tmp_path: Path, tiny_release, monkeypatch: pytest.MonkeyPatch, reader: str
+) -> None:
+    # The cached file was checked against the release's SHA256, then read again by name: other weights put at the
+    # path in between were loaded (as data: nothing of them runs) and recorded as the release
+    original, _ = tiny_release
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cached = copy_of(Path(RELEASED_WEIGHTS["RN50"].url.removeprefix("file://")), cache / "RN50-served.pt")
+    others = write_openai_state_dict(tiny_model(TINY_RESNET, seed=1), tmp_path / "other-weights.pt")
+    swapped = swap_after_hashing(monkeypatch, cached, others)
+    if reader == "load_with_source":
+        model, _, source = load_with_source("RN50", device="cpu", download_root=cache)
+    else:
+        monkeypatch.setitem(RELEASED_ARCHITECTURES, "RN50", TINY_RESNET)
+        model = CLIP(TINY_RESNET)
+        source = clip.loading.load_weights_with_source(model, "RN50", download_root=cache)
+    assert swapped == [cached]
+    expected = half_round_trip(original).state_dict()
+    assert all(torch.equal(value, expected[name]) for name, value in model.state_dict().items())
     assert source.released == "RN50" and source.sha256 == RELEASED_WEIGHTS["RN50"].sha256
 
 

@@ -10,7 +10,8 @@ Whether this machine has the device is a second check (`available_device`), for 
 and now: clip.load and the evaluation commands. clip.load(device="cuda") without a GPU read the file and built
 the model (after a download, for a released name) before torch's "Found no NVIDIA driver on your system" came
 from the first tensor moved there. A training config is only checked by name here: it may be written on another
-machine than the one it runs on, and each rank checks its own device when the run starts (`clip.distributed`).
+machine than the one it runs on, and each rank checks its own device when the run starts (`clip.distributed`):
+with `device_availability_problem` for kinds other than CUDA, whose GPU it picks by the rank's LOCAL_RANK.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def device_availability_problem(device: torch.device) -> str | None:
     (torch_xla's "xla") is left to the plugin, which would be refused here while it works."""
     if device.type == "cpu":
         return None
-    available = _is_available(device.type)
+    available = device_kind_available(device.type)
     if available is None:
         return None
     if not available:
@@ -85,7 +86,7 @@ def devices_here() -> list[str]:
     the one device of a kind ('mps')."""
     names = ["'cpu'"]
     for kind in ("cuda", "xpu", "mps"):
-        if not _is_available(kind):
+        if not device_kind_available(kind):
             continue
         count = _device_count(kind) or 1
         if count == 1:
@@ -97,8 +98,9 @@ def devices_here() -> list[str]:
     return names
 
 
-def _is_available(kind: str) -> bool | None:
-    """Whether tensors can be placed on devices of this kind here; None where torch has no way to ask."""
+def device_kind_available(kind: str) -> bool | None:
+    """Whether tensors can be placed on devices of this kind here; None where torch has no way to ask (a kind a
+    plugin adds, such as torch_xla's "xla"). Training asks it too (`clip.distributed`), and refuses the None."""
     if kind == "mps":  # torch.mps.is_available is recent; torch.backends.mps's is in every supported torch
         return torch.backends.mps.is_available()
     is_available = getattr(getattr(torch, kind, None), "is_available", None)

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from .device_names import DeviceNotAvailableError, device_availability_problem, device_kind_available
 from .launcher import read_launcher_environment
 
 logger = logging.getLogger("clip.distributed")
@@ -51,8 +52,9 @@ def ranks_phrase(count: int, all_of: bool = False) -> str:
     return f"all {count} ranks" if all_of else f"{count} ranks"
 
 
-class DeviceUnavailable(RuntimeError):
-    """The device a run asks for is not on this machine, or not one per process (said in one line by clip-train)."""
+class DeviceUnavailable(DeviceNotAvailableError):
+    """The device a run asks for is not on this machine, or not one per process (said in one line by clip-train).
+    A DeviceNotAvailableError, as clip.load's refusal of a device is: one type catches both."""
 
 
 def _select_device(device: str, local_rank: int) -> torch.device:
@@ -60,6 +62,8 @@ def _select_device(device: str, local_rank: int) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     selected = torch.device(device)
     if selected.type == "cuda":
+        # Not clip.load's check (`device_availability_problem`): "cuda" here is this rank's GPU among those it
+        # sees (LOCAL_RANK), which becomes torch's current device, and the messages name the setting
         if not torch.cuda.is_available():
             raise DeviceUnavailable(f"train.device = {device!r}, but CUDA is not available on this machine")
         visible = torch.cuda.device_count()
@@ -68,19 +72,28 @@ def _select_device(device: str, local_rank: int) -> torch.device:
         elif selected.index >= visible:  # torch's "invalid device ordinal" names neither
             raise DeviceUnavailable(f"train.device = {device!r}, but this process sees {visible} GPU(s)")
         torch.cuda.set_device(selected)
-    elif selected.type != "cpu" and not device_kind_available(selected.type):
-        # torch said it in a traceback from the first tensor moved there ("PyTorch is not linked with support
-        # for mps devices")
-        raise DeviceUnavailable(f"train.device = {device!r}, but this machine has no {selected.type} device")
+    elif selected.type != "cpu":
+        _check_other_device(selected, device)
     return selected
 
 
-def device_kind_available(kind: str) -> bool:
-    """Whether tensors can be placed on devices of this kind here (torch.mps, torch.xpu, ...)."""
-    if kind == "mps":
-        return torch.backends.mps.is_available()
-    available = getattr(getattr(torch, kind, None), "is_available", None)
-    return callable(available) and bool(available())
+def _check_other_device(selected: torch.device, device: str) -> None:
+    """Refuses a device of a kind other than CUDA that this machine lacks ("mps" off a Mac; torch said so in a
+    traceback from the first tensor moved there, "PyTorch is not linked with support for mps devices"), or
+    whose index is past those this process sees: clip.load's check. Also, unlike clip.load, a kind torch gives
+    no way to ask about."""
+    if device_kind_available(selected.type) is None:
+        # clip.load lets a plugin's kind (torch_xla's "xla") through: it only places a model there, and a device
+        # that is missing fails at once. A run is refused it. Its setup (the ranks' rendezvous, a download of
+        # train.init_weights, a resume's reads) may take minutes before a missing device would fail; and its
+        # ranks meet with nccl (CUDA) or gloo, neither the backend such a device's tensors need (torch_xla's own)
+        raise DeviceUnavailable(
+            f"train.device = {device!r}, but training runs on devices torch can check for here ('cpu', 'cuda', "
+            f"'mps', 'xpu', ...): torch has no torch.{selected.type}.is_available"
+        )
+    problem = device_availability_problem(selected)
+    if problem is not None:
+        raise DeviceUnavailable(f"train.device = {device!r}, but {problem}")
 
 
 def _local_gpu_index(local_rank: int, visible_gpus: int) -> int:

@@ -227,6 +227,27 @@ def test_a_device_kind_this_machine_lacks_is_named(monkeypatch):
     assert _select_device("cpu", 0) == torch.device("cpu")
 
 
+def test_a_device_of_another_kind_is_checked_as_clip_load_checks_it_and_refused_where_torch_cannot_tell(
+    monkeypatch,
+):
+    # clip.load's check (clip.device_names): an index past the devices this process sees was not checked for kinds
+    # other than CUDA, and failed at the first tensor moved there
+    from clip.device_names import DeviceNotAvailableError, available_device
+    from clip.distributed import DeviceUnavailable, _select_device
+
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: True)
+    monkeypatch.setattr(torch.xpu, "device_count", lambda: 1)
+    with pytest.raises(DeviceUnavailable, match=r"train.device = 'xpu:1', but this process sees 1 xpu device\(s\)"):
+        _select_device("xpu:1", 0)
+    assert _select_device("xpu", 0) == torch.device("xpu")
+    # A kind torch cannot ask about (torch_xla's): clip.load leaves it to the plugin, training refuses it
+    assert available_device("xla", "") == torch.device("xla")
+    with pytest.raises(DeviceUnavailable, match=r"train.device = 'xla', but training runs on devices torch can "
+                                                r"check for here .*no torch.xla.is_available") as refused:
+        _select_device("xla", 0)
+    assert isinstance(refused.value, DeviceNotAvailableError)  # one type to catch for clip.load's and training's
+
+
 def test_srun_preserve_env_without_a_job_task_count_is_still_a_slurm_step():
     # sbatch sets SLURM_NTASKS only when given a task count, and srun --preserve-env keeps the batch environment:
     # every task ran as a single process of its own, all writing to one output_dir
@@ -288,15 +309,16 @@ def test_a_launcher_variable_that_is_no_number_is_named(environ, named):
 
 def test_the_pure_helpers_of_clip_distributed(monkeypatch):
     import clip.distributed
-    from clip.distributed import agree_after_backward, device_kind_available, raise_on_every_rank, ranks_phrase
+    from clip.device_names import device_kind_available
+    from clip.distributed import agree_after_backward, raise_on_every_rank, ranks_phrase
 
     assert [ranks_phrase(1), ranks_phrase(4), ranks_phrase(4, all_of=True), ranks_phrase(1, all_of=True)] == [
         "1 rank", "4 ranks", "all 4 ranks", "1 rank"]
     cpu = torch.device("cpu")
     assert not DistributedInfo(rank=1, world_size=2, local_rank=1, device=cpu).is_main
-    # a device kind whose module says it is unavailable, or that this torch lacks, is not available
+    # a device kind whose module says it is unavailable is not; one that this torch cannot ask about is unknown
     monkeypatch.setattr(torch, "clip_test_kind", SimpleNamespace(is_available=lambda: False), raising=False)
-    assert not device_kind_available("clip_test_kind") and not device_kind_available("no_such_kind")
+    assert device_kind_available("clip_test_kind") is False and device_kind_available("no_such_kind") is None
     # one process: its own verdict, stop included
     one = DistributedInfo(rank=0, world_size=1, local_rank=0, device=cpu)
     verdict = agree_after_backward(torch.tensor(True), torch.tensor(float("inf")), True, one)

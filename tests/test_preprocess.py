@@ -572,7 +572,7 @@ def test_bad_arguments():
 def test_high_depth_greyscale_ranges_at_their_edges(mode, values, expected):
     image = Image.new(mode, (len(values), 1))
     image.putdata(values)
-    assert [pixel[0] for pixel in to_rgb(image).getdata()] == expected
+    assert [to_rgb(image).getpixel((x, 0))[0] for x in range(len(values))] == expected
 
 
 def test_a_std_of_other_than_three_values_is_refused():

@@ -235,7 +235,10 @@ def regular_file_bytes(path: str | Path, max_bytes: int) -> bytes | None:
         if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
             return None
         with os.fdopen(descriptor, "rb", closefd=False) as file:
-            data = file.read(max_bytes + 1)  # the file may have grown since fstat
+            # All of it, in a buffer sized by the file's size: read(max_bytes + 1) allocated max_bytes (4 GiB by
+            # default) before reading a byte, a MemoryError under `ulimit -v` or strict overcommit whatever the
+            # file's size. A file grown past max_bytes since fstat is refused below.
+            data = file.read()
     finally:
         os.close(descriptor)
     return data if len(data) <= max_bytes else None

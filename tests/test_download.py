@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import urllib.request
@@ -736,3 +737,20 @@ def test_the_cache_folder_variable_may_start_with_a_tilde(tmp_path, monkeypatch)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("CLIP_CACHE_DIR", "~/models")
     assert cache_dir() == tmp_path / "models"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process's size from /proc")
+def test_regular_file_bytes_allocates_for_the_file_not_for_the_bound(tmp_path: Path) -> None:
+    # read(max_bytes + 1) allocated the bound, 4 GiB by default, before reading a byte: under `ulimit -v` (as on
+    # many clusters) or strict overcommit, clip.load of a 350 MB release failed with a MemoryError
+    (tmp_path / "small.bin").write_bytes(b"x" * 1000)
+    script = textwrap.dedent(f"""
+        import re, resource
+        import clip.download
+        size = int(re.search(r"VmSize:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (size + (512 << 20), resource.RLIM_INFINITY))
+        data = clip.download.regular_file_bytes({str(tmp_path / "small.bin")!r}, 4 << 30)
+        print(len(data))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "1000", done.stderr[-2000:]

@@ -276,6 +276,9 @@ class RunDirectoryWatch:
     def __init__(self, run_dir: Path, config_dict: dict, run_log: RunLog, on_exit: contextlib.ExitStack) -> None:
         self.run_dir, self.config_dict, self.run_log, self.on_exit = run_dir, config_dict, run_log, on_exit
         self.identity = self._identity()
+        # The checkpoints saved before the folder was made again went with it, until the next save: the messages
+        # that name the latest checkpoint as kept must not name a deleted file (`kept_step`)
+        self.checkpoints_lost = False
 
     def _identity(self) -> tuple[int, int] | None:
         try:
@@ -290,15 +293,26 @@ class RunDirectoryWatch:
                 return
         except OSError:  # the storage failing (EIO, ESTALE): the write that follows says so
             return
-        # Its own lock: RunDirectoryInUse if another run has started in a folder of that name meanwhile
-        self.on_exit.enter_context(locked_run_directory(self.run_dir))
-        record_run_start(self.run_dir, self.config_dict, resumed=False, start_step=step)  # config.toml
+        self.checkpoints_lost = True
+        try:
+            # Its own lock: RunDirectoryInUse if another run has started in a folder of that name meanwhile
+            self.on_exit.enter_context(locked_run_directory(self.run_dir))
+            record_run_start(self.run_dir, self.config_dict, resumed=False, start_step=step)  # config.toml
+        except OSError as error:  # a read-only or full file system: one line, as a checkpoint that cannot be written
+            raise ckpt.CheckpointWriteError(
+                f"the run directory {self.run_dir} was deleted or moved away while the run went on, and could not "
+                f"be made again at step {step}: {error.strerror or error}; none of its checkpoints is kept"
+            ) from error
         self.identity = self._identity()
         self.run_log.start_again()
         log.warning("the run directory %s was deleted or moved away while the run went on: made again at step %d, "
                     "with the run's config.toml and lock, and the run saves its checkpoints there again; none of "
                     "what was written there before (checkpoints, metrics.jsonl, train.log) is in it",
                     self.run_dir, step)
+
+    def kept_step(self, saved_step: int | None) -> int | None:
+        """The step of the latest checkpoint still on disk, of those this run saved (`saved_step` the latest)."""
+        return None if self.checkpoints_lost else saved_step
 
 
 def release_run_objects(error: BaseException) -> None:
@@ -470,6 +484,7 @@ def _train(
                 try:
                     run_directory.check(step)
                     log.info("saved %s", ckpt.save_checkpoint(state, run_dir, step, config.checkpoint.keep_last))
+                    run_directory.checkpoints_lost = False
                 except Exception as error:  # re-raised below, after the ranks agree
                     failure = error
             # Every rank waits here for the file, and hears of a failure
@@ -486,12 +501,13 @@ def _train(
                 run_directory.check(record["step"])
                 run_log.write(record)
             except RunLogWriteError as error:  # re-raised below, after the ranks agree
-                kept = (f"the latest checkpoint, {ckpt.checkpoint_path(run_dir, saved_at['step'])}, is kept: run "
-                        f"the same command again to continue from it" if saved_at["step"] is not None
+                kept_at = run_directory.kept_step(saved_at["step"])
+                kept = (f"the latest checkpoint, {ckpt.checkpoint_path(run_dir, kept_at)}, is kept: run "
+                        f"the same command again to continue from it" if kept_at is not None
                         else "no checkpoint was written before it")
                 failure = RunLogWriteError(f"{error}; {kept}")
                 failure.__cause__ = error.__cause__
-            except (OSError, RunDirectoryInUse) as error:  # a deleted run directory that could not be made again
+            except (ckpt.CheckpointWriteError, RunDirectoryInUse) as error:  # a deleted run directory not made again
                 failure = error
         raise_on_every_rank(failure, dist_info, RunLogWriteError(
             f"rank 0 could not write {run_dir / 'metrics.jsonl'} (its log says why)"))
@@ -627,7 +643,8 @@ def _train(
                 log.warning("step %d: non-finite %s (loss %s); step skipped (%d in a row)", step, what_failed,
                             loss.item(), nonfinite_in_a_row)
             if nonfinite_in_a_row >= config.train.max_consecutive_nonfinite:
-                raise diverged(nonfinite_in_a_row, step, run_dir, saved_at["step"])
+                kept_at = saved_at["step"] if run_directory is None else run_directory.kept_step(saved_at["step"])
+                raise diverged(nonfinite_in_a_row, step, run_dir, kept_at)
         else:
             nonfinite_in_a_row = 0
             scaler.step(optimizer)
@@ -735,9 +752,14 @@ def _train(
             log.info("data since this start or resume: %s", data.epoch_summary())
             log.info("data, %s, whole run: %s", ranks_phrase(dist_info.world_size, all_of=True),
                      counts_line(data_totals["sources"]))
-            run_directory.check(step)
+            directory_kept = True
+            try:
+                run_directory.check(step)
+            except (ckpt.CheckpointWriteError, RunDirectoryInUse) as error:  # the run itself is done: said, not raised
+                log.warning("%s; results.json is not written (the final figures are in this log)", error)
+                directory_kept = False
             run_log.close()
-            if complete:
+            if complete and directory_kept:
                 write_results(run_dir / "results.json", {**final, "init_weights": init_weights})
                 if config.logging.plot:
                     plot_if_possible(run_dir)

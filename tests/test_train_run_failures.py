@@ -127,3 +127,57 @@ def test_a_run_directory_deleted_mid_run_is_made_again_whole_with_one_warning_an
     assert [record["step"] for record in records if "loss" in record] == [4, 5, 6]
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((run_dir / "results.json").read_text())["step"] == 6
+
+
+def test_a_run_directory_that_cannot_be_made_again_is_one_line_that_keeps_nothing(tmp_path, monkeypatch, capsys,
+                                                                                   caplog):
+    # The folder deleted, and its making again failing (a full or read-only file system): a bare OSError ended
+    # the run on a traceback, which said nothing of what was kept
+    import clip.train
+
+    run_dir = tmp_path / "run"
+    real_save, real_record = ckpt.save_checkpoint, clip.train.record_run_start
+
+    def deleted_after_step_3(state, folder, step, keep_last):
+        saved = real_save(state, folder, step, keep_last)
+        if step == 3:
+            shutil.rmtree(folder)
+        return saved
+
+    calls = []
+
+    def no_space_the_second_time(folder, *args, **kwargs):
+        calls.append(folder)
+        if len(calls) == 1:  # the run's start
+            return real_record(folder, *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", deleted_after_step_3)
+    monkeypatch.setattr(clip.train, "record_run_start", no_space_the_second_time)
+    with caplog.at_level(logging.INFO):
+        assert main([str(DEMO), "--output-dir", str(run_dir), *TINY, "eval.every_n_steps=0"]) == 1
+    assert error_lines(caplog) == [
+        f"the run directory {run_dir} was deleted or moved away while the run went on, and could not be made again "
+        "at step 4: No space left on device; none of its checkpoints is kept"]
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_the_latest_checkpoint_is_not_named_as_kept_once_its_run_directory_went(tmp_path):
+    import contextlib
+
+    from clip.train import RunDirectoryWatch
+
+    class RunLogStub:
+        def start_again(self):
+            pass
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with contextlib.ExitStack() as on_exit:
+        watch = RunDirectoryWatch(run_dir, {"output_dir": str(run_dir)}, RunLogStub(), on_exit)
+        watch.check(3)
+        assert watch.kept_step(3) == 3
+        shutil.rmtree(run_dir)
+        watch.check(4)
+        assert watch.kept_step(3) is None  # step 3's file went with the folder
+        assert watch.kept_step(None) is None

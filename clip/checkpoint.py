@@ -73,9 +73,11 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (a full disk, a quota); nothing of it is left behind."""
 
 
-def save_checkpoint(state: dict, run_dir: Path, step: int, keep_last: int) -> Path:
+def save_checkpoint(state: dict, run_dir: Path, step: int, keep_last: int, prune: bool = True) -> Path:
     """Writes atomically: a temporary file in the same folder, flushed to disk, then renamed into place; then
-    prunes older checkpoints (see `prune_checkpoints`).
+    prunes older checkpoints (see `prune_checkpoints`) unless `prune` is False: the save a stop signal asked
+    for leaves that to the resumed run's first save, as pruning reads a kept checkpoint whole to check it
+    (seconds for a large one on network storage), time the scheduler's grace period may not leave.
 
     An interrupted write leaves at worst a stray temporary file, never a truncated `step_*.pt`.
     """
@@ -108,7 +110,8 @@ def save_checkpoint(state: dict, run_dir: Path, step: int, keep_last: int) -> Pa
             raise started from None
         raise
     _sync_directory(final.parent)  # the rename itself on disk before older checkpoints are deleted
-    prune_checkpoints(run_dir, step, keep_last)
+    if prune:
+        prune_checkpoints(run_dir, step, keep_last)
     return final
 
 

@@ -483,7 +483,8 @@ def _train(
                 }
                 try:
                     run_directory.check(step)
-                    log.info("saved %s", ckpt.save_checkpoint(state, run_dir, step, config.checkpoint.keep_last))
+                    log.info("saved %s", ckpt.save_checkpoint(state, run_dir, step, config.checkpoint.keep_last,
+                                                             prune=not stop.requested))
                     run_directory.checkpoints_lost = False
                 except Exception as error:  # re-raised below, after the ranks agree
                     failure = error

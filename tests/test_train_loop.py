@@ -623,6 +623,19 @@ def test_main_prints_the_headline_last(tmp_path, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("zero-shot top-1: ")
 
 
+def test_the_save_a_signal_asked_for_leaves_pruning_to_the_resumed_run(tmp_path, monkeypatch):
+    # Pruning reads a kept checkpoint whole to check it (seconds for a large one on network storage), time
+    # that the scheduler's grace period after its SIGTERM may not leave
+    signal_at_step(monkeypatch, 3, signal.SIGTERM, "before_forward")
+    config = tiny_config(tmp_path, "schedule.steps=5", "checkpoint.every_n_steps=1", "checkpoint.keep_last=1",
+                         "eval.every_n_steps=0")
+    train(config)
+    assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [3, 2]
+    monkeypatch.undo()
+    train(config)
+    assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [5]
+
+
 def test_main_exits_75_when_a_signal_stopped_the_run_early(tmp_path, monkeypatch, capsys):
     # 75 (EX_TEMPFAIL) tells a job script "checkpointed, run again to continue": slurm_train.sbatch requeues.
     from clip.stopping import STOPPED_EARLY_EXIT_CODE
@@ -1589,7 +1602,7 @@ def test_an_output_dir_that_cannot_be_created_is_one_line_and_status_2(tmp_path,
 
 
 def test_a_checkpoint_that_cannot_be_written_is_one_error_line_and_status_1(tmp_path, monkeypatch, capsys, caplog):
-    def full_disk(state, run_dir, step, keep_last):
+    def full_disk(state, run_dir, step, keep_last, **kwargs):
         raise ckpt.CheckpointWriteError(f"could not write step {step}: No space left on device (errno 28)")
 
     monkeypatch.setattr(ckpt, "save_checkpoint", full_disk)
@@ -1620,8 +1633,8 @@ def test_a_full_disk_for_metrics_jsonl_is_one_error_line_and_status_1_and_the_ru
 
     real_write = ckpt.save_checkpoint
 
-    def then_the_disk_fills(state, run_dir, step, keep_last):
-        saved = real_write(state, run_dir, step, keep_last)
+    def then_the_disk_fills(state, run_dir, step, keep_last, **kwargs):
+        saved = real_write(state, run_dir, step, keep_last, **kwargs)
         (run_dir / "full").touch()
         return saved
 

@@ -102,8 +102,8 @@ def test_a_run_directory_deleted_mid_run_is_made_again_whole_with_one_warning_an
     run_dir = tmp_path / "run"
     real_save = ckpt.save_checkpoint
 
-    def deleted_after_step_3(state, folder, step, keep_last):
-        saved = real_save(state, folder, step, keep_last)
+    def deleted_after_step_3(state, folder, step, keep_last, **kwargs):
+        saved = real_save(state, folder, step, keep_last, **kwargs)
         if step == 3:
             shutil.rmtree(folder)  # as rm -rf RUN_DIR while the run goes on
         return saved
@@ -138,8 +138,8 @@ def test_a_run_directory_that_cannot_be_made_again_is_one_line_that_keeps_nothin
     run_dir = tmp_path / "run"
     real_save, real_record = ckpt.save_checkpoint, clip.train.record_run_start
 
-    def deleted_after_step_3(state, folder, step, keep_last):
-        saved = real_save(state, folder, step, keep_last)
+    def deleted_after_step_3(state, folder, step, keep_last, **kwargs):
+        saved = real_save(state, folder, step, keep_last, **kwargs)
         if step == 3:
             shutil.rmtree(folder)
         return saved

@@ -565,8 +565,8 @@ def test_a_worker_count_no_machine_could_use_is_a_usage_error(command, capsys):
     # It was taken, and the command tried to start that many DataLoader processes once the model had loaded
     with pytest.raises(SystemExit):
         command.parse_args(["--workers", "99999999999999999999"])
-    assert "--workers: must be at most 1024 (processes decoding the images; no more start than the CPUs this " \
-           "process may use), got 99999999999999999999" in capsys.readouterr().err
+    assert "--workers: must be at most 1024 (processes decoding the images; at most one per CPU this " \
+           "process may use is started), got 99999999999999999999" in capsys.readouterr().err
     required = ["--model", "m", *(["--dataset", "synthetic"] if command is linear_probe_cli else ["--annotations", "a"])]
     assert command.parse_args([*required, "--workers", "1024"]).workers == 1024
 

@@ -122,8 +122,8 @@ def worker_count(text: str) -> int:
     value = non_negative_int(text)
     if value > MAX_WORKERS:
         raise argparse.ArgumentTypeError(
-            f"must be at most {MAX_WORKERS} (processes decoding the images; no more start than the CPUs this "
-            f"process may use), got {value}")
+            f"must be at most {MAX_WORKERS} (processes decoding the images; at most one per CPU this process "
+            f"may use is started), got {value}")
     return value
 
 

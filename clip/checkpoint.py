@@ -24,13 +24,13 @@ import re
 import secrets
 import stat
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
+from .exception_chain import first_in_chain
 from .weights_file import (
     CHECKPOINT_FORMAT,
     archive_damage,
@@ -94,12 +94,12 @@ def save_checkpoint(state: dict, run_dir: Path, step: int, keep_last: int, prune
     except BaseException as error:
         if temporary is not None:
             temporary.unlink(missing_ok=True)
-        interruption = _in_chain(error, lambda link: not isinstance(link, Exception))  # KeyboardInterrupt, ...
+        interruption = first_in_chain(error, lambda link: not isinstance(link, Exception))  # KeyboardInterrupt, ...
         if interruption is not None and interruption is not error:
             # A second Ctrl-C inside torch.save's write: the archive writer, closed after it, raises its own
             # "unexpected pos" RuntimeError, which read as a failed write and hid the interruption
             raise interruption from None
-        cause = _in_chain(error, lambda link: isinstance(link, OSError))
+        cause = first_in_chain(error, lambda link: isinstance(link, OSError))
         if cause is not None:  # a full disk, a quota: torch.save reports it as an "enforce fail" RuntimeError
             reason = f"{cause.strerror or cause} (errno {cause.errno})"
             raise CheckpointWriteError(
@@ -133,18 +133,6 @@ def latest_complete_checkpoint(run_dir: Path, below_step: int | None = None) -> 
     for step, path in list_checkpoints(run_dir):
         if (below_step is None or step < below_step) and _looks_complete(path):
             return step, path
-    return None
-
-
-def _in_chain(error: BaseException, wanted: Callable[[BaseException], bool]) -> BaseException | None:
-    """The first exception that is `wanted` among `error` and those it was raised from (its cause, else its
-    context), if any."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if wanted(error):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
     return None
 
 

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader
 
+from ..exception_chain import first_in_chain
 from .config import DataConfig
 from .epoch_counts import EpochCounts, counts_line
 from .handover import (
@@ -79,13 +80,7 @@ _WORKER_DEATH = re.compile(
 def worker_death(error: BaseException) -> BaseException | None:
     """torch's report that a data worker process died (the out-of-memory killer's SIGKILL, a crash in an image
     decoder), when `error` is one or was raised from one or while one was handled; None otherwise."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, RuntimeError) and _WORKER_DEATH.match(str(error)):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
+    return first_in_chain(error, lambda link: isinstance(link, RuntimeError) and bool(_WORKER_DEATH.match(str(link))))
 
 
 def _how_workers_ended(iterator: Iterator) -> str | None:

@@ -113,23 +113,44 @@ def download(
             downloaded bytes have the wrong SHA256.
     """
     expected, target = _checked_request(url, sha256, root, filename, max_bytes)
-    folder, name = target.parent, target.name
-    _remove_stale_partials(folder, name)
-
+    _remove_stale_partials(target.parent, target.name)
     present = None  # the SHA256 of another file in the target's place, which a failed download names
-    hashed = None  # which file that was (`_file_identity`), so that the same one is not hashed again below
-    if target.exists():
-        if not target.is_file():
-            raise DownloadError(f"{target} exists but is not a regular file; remove it or pass another root")
-        hashed = _file_identity(target)  # before the hash: a file replaced while it is read is not this one
-        actual = present = sha256_of_file(target)
-        if actual == expected:
+    hashed = _found_in_cache(target)  # which file that was, so that the same one is not hashed again
+    if hashed is not None:
+        present = sha256_of_file(target)
+        if present == expected:
             return target
-        warnings.warn(
-            f"{target} exists but its SHA256 is {actual}, not the expected {expected}; downloading it again",
-            stacklevel=2,
-        )
+        _warn_stale(target, present, expected)
+    _fetch_into_cache(url, expected, target, root_given=root is not None, present=present, hashed=hashed,
+                      progress=progress, timeout_s=timeout_s, max_bytes=max_bytes)
+    return target
 
+
+def _found_in_cache(target: Path) -> tuple[int, int, int, int] | None:
+    """The identity (`_file_identity`) of the file at `target`, taken before it is hashed (a file replaced while
+    it is read is not this one); None where there is none. DownloadError where something else is there."""
+    if not target.exists():
+        return None
+    if not target.is_file():
+        raise DownloadError(f"{target} exists but is not a regular file; remove it or pass another root")
+    return _file_identity(target)
+
+
+def _warn_stale(target: Path, actual: str, expected: str) -> None:
+    warnings.warn(
+        f"{target} exists but its SHA256 is {actual}, not the expected {expected}; downloading it again",
+        stacklevel=3,  # the caller of download or download_bytes
+    )
+
+
+def _fetch_into_cache(
+    url: str, expected: str, target: Path, *, root_given: bool, present: str | None,
+    hashed: tuple[int, int, int, int] | None, progress: bool, timeout_s: float, max_bytes: int,
+) -> None:
+    """Puts `url`'s file at `target`, checked against `expected`, unless another process did meanwhile. `present`:
+    the SHA256 of the stale file found there (named by a failed download); `hashed`: that file's identity, so
+    that it is not hashed again."""
+    folder, name = target.parent, target.name
     with _writing_into(folder):
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -137,9 +158,9 @@ def download(
             raise DownloadError(f"Cannot download into {folder}: it exists and is not a folder") from None
     with _one_download_at_a_time(folder, name) as waited_since:
         # Another process may have downloaded it meanwhile (this one waited for it): a file other than the one
-        # found above. That one is not hashed again: its second read took seconds for a stale 350 MB file
+        # found before. That one is not hashed again: its second read took seconds for a stale 350 MB file
         if target.is_file() and _file_identity(target) != hashed and sha256_of_file(target) == expected:
-            return target
+            return
         unreachable = folder / f".{name}.unreachable"
         if waited_since is not None:
             _raise_if_found_unreachable_meanwhile(unreachable, waited_since)
@@ -147,8 +168,7 @@ def download(
         partial = folder / f".{name}.{uuid.uuid4().hex}.part"
         try:
             try:
-                response = _open_url(url, target, expected, timeout_s, root_given=root is not None,
-                                     present=present)
+                response = _open_url(url, target, expected, timeout_s, root_given=root_given, present=present)
             except DownloadError as error:
                 _note_unreachable(unreachable, error)
                 raise
@@ -164,7 +184,6 @@ def download(
         except BaseException:  # also on KeyboardInterrupt: never leave a partial file behind
             partial.unlink(missing_ok=True)
             raise
-    return target
 
 
 def _checked_request(url: str, sha256: str, root: str | Path | None, filename: str | None,
@@ -199,26 +218,32 @@ def download_bytes(
     The path `download` returns held a file that matched when it was hashed; whatever is put at that path after
     (by anyone who can write the cache folder) is what a second open by name reads. For a file whose code is
     run (`clip.load(..., jit=True)`), only the bytes that were hashed will do. A cached file is read and hashed
-    once, as `download` alone does; a file downloaded now is read back and hashed once more. Arguments and errors
-    as for `download`; also a DownloadError when the file at the path is replaced between its download and
-    that read."""
+    once, as `download` alone does (a stale one too); a file downloaded now is read back and hashed once more.
+    Arguments and errors as for `download`; also a DownloadError when the file at the path is replaced between
+    its download and that read."""
     expected, target = _checked_request(url, sha256, root, filename, max_bytes)
-    _remove_stale_partials(target.parent, target.name)  # as `download` does, found file or not
-    cached = regular_file_bytes(target, max_bytes)
-    if cached is not None and hashlib.sha256(cached).hexdigest() == expected:
-        return target, cached
-    del cached  # a stale file, up to max_bytes: not held while the right one downloads
-    path = download(url, sha256, root=root, filename=filename, progress=progress, timeout_s=timeout_s,
-                    max_bytes=max_bytes)
-    data = regular_file_bytes(path, max_bytes)
+    _remove_stale_partials(target.parent, target.name)
+    present = None
+    hashed = _found_in_cache(target)
+    if hashed is not None:
+        cached = regular_file_bytes(target, max_bytes)  # None: larger than any file this download keeps
+        present = None if cached is None else hashlib.sha256(cached).hexdigest()
+        if present == expected:
+            return target, cached
+        del cached  # a stale file, up to max_bytes: not held while the right one downloads
+        if present is not None:
+            _warn_stale(target, present, expected)
+    _fetch_into_cache(url, expected, target, root_given=root is not None, present=present, hashed=hashed,
+                      progress=progress, timeout_s=timeout_s, max_bytes=max_bytes)
+    data = regular_file_bytes(target, max_bytes)
     actual = None if data is None else hashlib.sha256(data).hexdigest()
     if actual != expected:
         found = "no longer a regular file" if actual is None else f"its SHA256 is now {actual}"
         raise DownloadError(
-            f"{path} was replaced after its download was checked ({found}); it was not used. Another process "
-            f"or user writes into {path.parent}: choose a cache folder only you can write to."
+            f"{target} was replaced after its download was checked ({found}); it was not used. Another process "
+            f"or user writes into {target.parent}: choose a cache folder only you can write to."
         )
-    return path, data
+    return target, data
 
 
 def regular_file_bytes(path: str | Path, max_bytes: int) -> bytes | None:

@@ -185,6 +185,18 @@ def test_a_stale_cached_file_is_hashed_once(monkeypatch, tmp_path: Path, source_
     assert hashed == [cache / "weights.bin"] and path.read_bytes() == GOOD_BYTES
 
 
+def test_download_bytes_reads_a_stale_cached_file_once(monkeypatch, tmp_path: Path, source_file: Path) -> None:
+    # download_bytes read and hashed the stale file, then download() hashed it again before downloading
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "weights.bin").write_bytes(BAD_BYTES)
+    hashed = []
+    monkeypatch.setattr(clip.download, "sha256_of_file", lambda path: hashed.append(path) or sha256_of_file(path))
+    with pytest.warns(UserWarning, match="not the expected"):
+        path, data = clip.download.download_bytes(source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
+    assert hashed == [] and data == GOOD_BYTES and path.read_bytes() == GOOD_BYTES
+
+
 def test_download_bytes_gives_the_bytes_it_checked_reading_a_cached_file_once(
     monkeypatch, tmp_path: Path, source_file: Path
 ) -> None:
@@ -205,15 +217,14 @@ def test_download_bytes_refuses_a_file_replaced_after_its_download_was_checked(
     monkeypatch, tmp_path: Path, source_file: Path
 ) -> None:
     cache = tmp_path / "cache"
-    real_download = clip.download.download
+    real_fetch = clip.download._fetch_into_cache
 
-    def download_then_replace(*args, **kwargs) -> Path:
-        path = real_download(*args, **kwargs)
+    def download_then_replace(url, expected, target, **kwargs) -> None:
+        real_fetch(url, expected, target, **kwargs)
         (tmp_path / "other.bin").write_bytes(BAD_BYTES)
-        os.replace(tmp_path / "other.bin", path)  # someone else who writes into the cache folder
-        return path
+        os.replace(tmp_path / "other.bin", target)  # someone else who writes into the cache folder
 
-    monkeypatch.setattr(clip.download, "download", download_then_replace)
+    monkeypatch.setattr(clip.download, "_fetch_into_cache", download_then_replace)
     expected = f"{cache / 'weights.bin'} was replaced after its download was checked .*SHA256 is now"
     with pytest.raises(DownloadError, match=expected):
         clip.download.download_bytes(source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)

@@ -76,8 +76,8 @@ def warnings_as_log_lines() -> Iterator[None]:
 
 def run_command(prog: str, command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Runs `command(args)`; an input error becomes `prog: message` on stderr and exit status 2 (argparse's
-    status for bad usage), a failed download the same line and status 1, Ctrl-C a line and status 130, each preceded by its traceback when CLIP_DEBUG is set.
-    Python warnings are log lines."""
+    status for bad usage), a failed download the same line and status 1, Ctrl-C a line and status 130, each
+    preceded by its traceback when CLIP_DEBUG is set. Python warnings are log lines."""
     try:
         with warnings_as_log_lines():
             return command(args)

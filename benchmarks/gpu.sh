@@ -24,9 +24,9 @@
 # Writes $OUT/{gpu.log, train_step.json, profile.txt, loss_memory.json, train_step_compile.json, checks.json,
 # train_step_rn50.json, profile_rn50.txt, inference.json, gpu_results.md}: ten files (gpu.log starts with the
 # set-up and the machine's description). Runs from a checkout without installing the package. Of the wheels in
-# .gpu_carry/wheels (ftfy, which our tokenizer imports, and open_clip_torch), those whose package does not
-# import here are installed into a temporary folder first; without open_clip its rows are skipped with a
-# message. Captions go through clip.tokenize when the BPE merges file is in $CLIP_CACHE_DIR (default
+# .gpu_carry/wheels (ftfy, which our tokenizer imports, and open_clip_torch), those whose package is not
+# found here are installed into a temporary folder first; without an importable open_clip its rows are skipped
+# with a message. Captions go through clip.tokenize when the BPE merges file is in $CLIP_CACHE_DIR (default
 # ~/.cache/clip) or in .gpu_carry/cache; otherwise they are random ids of the same lengths (8-30 tokens), which
 # cost the models the same work. BUDGET_S (default 470) bounds the whole run, the summary page included: each
 # step's timeout is cut to what is left once the 10 s a timed-out step gets before it is killed and 20 s for the
@@ -112,16 +112,22 @@ fi
 
 say "preparing the environment"
 # Only the carried wheels whose package is missing here: a package the machine has is left as it is (a folder
-# on PYTHONPATH would shadow it). One at a time, dependencies first, each checked again after the ones before
-# (open_clip fails to import while ftfy is missing), so that one bad wheel costs only itself.
-SITE="$(mktemp -d)"
-trap 'rm -rf "$SITE"' EXIT
+# on PYTHONPATH would shadow it). One at a time, dependencies first, so that one bad wheel costs only itself.
+# "Missing" is asked of the import system without importing (importing open_clip imports torch: seconds per
+# question); whether what is there imports is gpu_environment.py's question, below.
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+SITE="$WORK/site"
+# The steps' temporary files (train_step's empty compile caches) go here too: a step killed at its timeout
+# cannot remove its own, and this folder goes when the script ends.
+export TMPDIR="$WORK/tmp"
+mkdir -p "$SITE" "$TMPDIR"
 export PYTHONPATH="$PYTHONPATH:$SITE"
 for name in wcwidth ftfy open_clip_torch; do
     for wheel in "$CARRY"/wheels/"$name"-*.whl; do
         [[ -e "$wheel" ]] || continue
         module="${name%_torch}"
-        if "$PYTHON" -c "import $module" 2>/dev/null; then
+        if "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$module') is None)" 2>/dev/null; then
             continue
         fi
         if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
@@ -132,35 +138,26 @@ for name in wcwidth ftfy open_clip_torch; do
         fi
     done
 done
-MERGES=bpe_simple_vocab_16e6.txt.gz
-# Where clip looks for it (its own rule, $CLIP_CACHE_DIR else ~/.cache/clip), unless that has no copy.
-CACHE_DIR="$("$PYTHON" -c 'from clip.download import cache_dir; print(cache_dir())' 2>/dev/null || true)"
-if [[ ! -f "$CACHE_DIR/$MERGES" && -f "$CARRY/cache/$MERGES" ]]; then
-    CLIP_CACHE_DIR="$(cd "$CARRY/cache" && pwd)"
-    export CLIP_CACHE_DIR
-fi
-if [[ "$DEVICE" == cuda ]] && ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-    say "no CUDA device visible to torch; nothing to measure"
-    exit 1
-fi
-if ! "$PYTHON" -c 'import clip.train'; then
-    say "the library does not import here (see above; a missing ftfy: run benchmarks/gpu_prepare.sh first and carry $CARRY)"
-    exit 1
-fi
+# One Python start (torch imported once) for the rest of the set-up: the merges file's folder (clip's own
+# cache folder, else the carried one), CUDA, whether the library and open_clip import, and the software's
+# description. What it finds comes back as NAME=value lines; without any, both libraries are measured.
 LIBRARIES="ours open_clip"
 INFERENCE_FLAGS=""
-if ! "$PYTHON" -c 'import open_clip' 2>/dev/null; then
-    say "open_clip is not importable here: measuring ours only (open_clip rows skipped)"
-    LIBRARIES="ours"
-    INFERENCE_FLAGS="--no-open-clip"
-fi
-{  # a description of the machine; nothing here may stop the script
+ENVIRONMENT_FILE="$WORK/environment"
+{  # a description of the machine: nvidia-smi may be missing, and that stops nothing
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || echo "nvidia-smi: none"
-    "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")' || true
-    "$PYTHON" -c 'import open_clip; print("open_clip", open_clip.__version__)' 2>/dev/null || echo "open_clip: missing"
-    "$PYTHON" -c 'import sys; sys.path.insert(0, "benchmarks"); import common; print("captions:", "clip.tokenize" if common.merges_file_available() else "random ids (no merges file)")' || true
-    echo "cpus: $(nproc); python: $("$PYTHON" --version 2>&1); dry run: ${DRY_RUN:-no}"
 }
+if ! "$PYTHON" benchmarks/gpu_environment.py --device "$DEVICE" --carry "$CARRY" --env-file "$ENVIRONMENT_FILE" \
+    --dry-run "$DRY_RUN"; then
+    say "nothing can be measured here (see above)"
+    exit 1
+fi
+if [[ -f "$ENVIRONMENT_FILE" ]]; then
+    set -a  # CLIP_CACHE_DIR, where set, is for the steps' processes
+    # shellcheck disable=SC1090
+    source "$ENVIRONMENT_FILE"
+    set +a
+fi
 
 # 1. Eager bf16 training of ViT-B/16: 2 libraries x 2 alternating runs, 5 warm-up + 20 timed steps each; the
 #    first run of each library is also profiled over 3 more steps.

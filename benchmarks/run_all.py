@@ -389,9 +389,10 @@ def write_gpu_page(folder: Path) -> None:
              "## Targets", "",
              common.markdown_table(["target", "measured", "status"], targets), ""]
     # In the order gpu.sh runs them: a section "Not run." late on the page is a step the budget cut
-    for title, name, body in (("Training step, eager", "train_step", training_table),
+    # Titles by gpu.sh's architectures (a dry run's tiny models stand in for them; each table names its own)
+    for title, name, body in (("Training step, eager, ViT-B/16", "train_step", training_table),
                               ("Contrastive loss memory", "loss_memory", loss_table),
-                              ("Training step, torch.compile", "train_step_compile", training_table),
+                              ("Training step, torch.compile, ViT-B/16", "train_step_compile", training_table),
                               ("Correctness checks", "checks", checks_table),
                               ("Training step, eager, RN50", "train_step_rn50", training_table),
                               ("Inference", "inference", inference_table)):

@@ -450,7 +450,8 @@ def test_gpu_script_runs_every_step_in_its_cpu_dry_run(tmp_path):
         profile = (out / name).read_text()
         assert profile.count("== ours:") == 1 and profile.count("== open_clip:") == 1 and "Self CPU" in profile
     page = (out / "gpu_results.md").read_text()
-    assert "## Training step, eager" in page and "## Contrastive loss memory" in page and "Not run" not in page
+    assert "## Training step, eager, ViT-B/16" in page and "## Contrastive loss memory" in page and "Not run" not in page
+    assert "## Training step, torch.compile, ViT-B/16" in page
     assert "## Training step, eager, RN50" in page
     assert "## Inference" in page and "could not read the results" not in page  # each section read its JSON
     assert "## Correctness checks" in page and "FAILED" not in page
@@ -473,14 +474,64 @@ def test_gpu_script_runs_the_issue_figures_first_and_shares_the_compile_steps_ti
     steps = calls.read_text().splitlines()
     order = [(line.split()[0].removeprefix("benchmarks/"), "--compile" in line.split(), line.split()[line.split().index(
         "--archs") + 1] if "--archs" in line.split() else None) for line in steps]
-    assert order == [("train_step.py", False, "ViT-B/16"), ("loss_memory.py", False, None),
+    assert order == [("gpu_environment.py", False, None),  # the set-up, one python start
+                     ("train_step.py", False, "ViT-B/16"), ("loss_memory.py", False, None),
                      ("train_step.py", True, "ViT-B/16"), ("gpu_checks.py", False, None),
                      ("train_step.py", False, "RN50"), ("inference.py", False, "ViT-B/16"),
                      ("run_all.py", False, None)], steps
-    compile_step = steps[2].split()
+    compile_step = steps[3].split()
     time_limit = float(compile_step[compile_step.index("--time-limit") + 1])  # the step's timeout less a margin
     log = (tmp_path / "out" / "gpu.log").read_text()
     assert f"START training step, torch.compile (ViT-B/16) (timeout {time_limit + 10:.0f}s)" in log, log
+
+
+def test_gpu_environment_finds_the_merges_file_and_which_libraries_import(benchmark_modules, tmp_path, monkeypatch,
+                                                                         capsys):
+    # gpu.sh's set-up was seven python starts, each importing torch (about 33 s of the GPU budget): one now.
+    import gpu_environment
+
+    carry, cache = tmp_path / "carry", tmp_path / "cache"
+    (carry / "cache").mkdir(parents=True)
+    cache.mkdir()
+    monkeypatch.setenv("CLIP_CACHE_DIR", str(cache))
+    environment_file = tmp_path / "environment"
+
+    def settings() -> dict[str, str]:
+        return dict(line.split("=", 1) for line in environment_file.read_text().splitlines())
+
+    assert gpu_environment.main(["--device", "cpu", "--carry", str(carry), "--env-file", str(environment_file)]) == 0
+    assert settings() == {"LIBRARIES": "'ours open_clip'", "INFERENCE_FLAGS": "''"}  # neither has the merges file
+    assert "captions: random ids" in capsys.readouterr().out
+    (carry / "cache" / gpu_environment.MERGES_FILE_NAME).write_bytes(b"carried")
+    assert gpu_environment.main(["--device", "cpu", "--carry", str(carry), "--env-file", str(environment_file)]) == 0
+    assert settings()["CLIP_CACHE_DIR"] == str((carry / "cache").resolve())  # for the steps
+    assert "captions: clip.tokenize" in capsys.readouterr().out  # and already for this process's own check
+    monkeypatch.setenv("CLIP_CACHE_DIR", str(cache))
+    (cache / gpu_environment.MERGES_FILE_NAME).write_bytes(b"cached")
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # an import of it raises ImportError
+    assert gpu_environment.main(["--device", "cpu", "--carry", str(carry), "--env-file", str(environment_file)]) == 0
+    assert settings() == {"LIBRARIES": "ours", "INFERENCE_FLAGS": "--no-open-clip"}  # clip's own cache is used
+    assert "open_clip is not importable here" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_environment.main(["--device", "cuda", "--carry", str(carry), "--env-file", str(tmp_path / "x")]) == 1
+    assert "no CUDA device" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_gpu_script_removes_the_temporary_files_its_steps_leave(tmp_path):
+    # train_step's compile caches are temporary folders that a step killed at its timeout cannot remove (here
+    # every step leaves one and returns): they go with gpu.sh's own, not into the machine's /tmp.
+    python = tmp_path / "python"
+    made = tmp_path / "made"
+    python.write_text(f'#!/usr/bin/env bash\nif [[ "$1" == benchmarks/* ]]; then mktemp -d >> {made}; fi\n')
+    python.chmod(0o755)
+    environment = {**os.environ, "DRY_RUN": "cpu", "OUT": str(tmp_path / "out"), "CARRY": str(tmp_path / "no-carry"),
+                   "PYTHON": str(python)}
+    environment.pop("TMPDIR", None)
+    finished = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh")], env=environment, capture_output=True, text=True,
+                              timeout=60, check=False)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    folders = made.read_text().split()
+    assert len(folders) == 8 and not any(Path(folder).exists() for folder in folders), folders
 
 
 @pytest.mark.slow  # about 50 s: a step must run to its timeout and on to its kill
@@ -771,7 +822,7 @@ def test_gpu_page_is_written_when_one_results_file_was_cut_off_mid_write(benchma
     run_all.main(["--gpu-page", str(tmp_path)])
     page = (tmp_path / "gpu_results.md").read_text()
     assert "**Failed:** loss_memory.json could not be read" in page
-    assert "| normalizer | ok |" in page and "## Training step, eager\n\nNot run." in page
+    assert "| normalizer | ok |" in page and "## Training step, eager, ViT-B/16\n\nNot run." in page
 
 
 def test_gpu_page_is_written_when_a_results_file_holds_something_unexpected(benchmark_modules, tmp_path):

@@ -106,8 +106,10 @@ else
     LOSS_BATCHES="4096 32768 65536" LOSS_CHUNKS="512 2048" VERIFY_BATCH=32768
     # A ViT-B/16 run: ~10 s of imports and CUDA's start, 25 steps of ~0.1 s, the profile. Compiling it (forward
     # and backward, 16 cores) is expected to take a minute or two per library: each gets half the step's time
-    # at least, and what ours leaves unused goes to open_clip.
-    EAGER_LIMIT=150 EAGER_JOB_LIMIT=90 COMPILE_LIMIT=200
+    # at least, and what ours leaves unused goes to open_clip. At 200 s, a compile of over ~95 s lost both
+    # compiled rows (the issue's MFU target may need them); 250 s (the 25 s the one-process set-up saves, and
+    # some of the checks' time, which only a slow compile takes from them) gives each ~120 s.
+    EAGER_LIMIT=150 EAGER_JOB_LIMIT=90 COMPILE_LIMIT=250
 fi
 
 say "preparing the environment"

@@ -364,10 +364,21 @@ def archive_damage(path: Path) -> str | None:
             except zipfile.BadZipFile:
                 return f"{path} is damaged: its member {info.filename} does not match the checksum saved with it"
             except ZIP_MEMBER_ERRORS as error:  # a corrupt deflate stream, an encryption flag, ...
-                if is_storage_error(error):  # says nothing about the bytes: the caller decides what to do
+                # Neither says anything about the bytes: the caller decides what to do
+                if is_storage_error(error) or _is_worker_death(error):
                     raise
                 return f"{path} is damaged: its member {info.filename} cannot be read ({type(error).__name__}: {error})"
     return None
+
+
+def _is_worker_death(error: BaseException) -> bool:
+    """Whether `error` is torch's report of a dead data worker, which its SIGCHLD handler raises as a plain
+    RuntimeError wherever the training process is: also in this read of a checkpoint that pruning checks, where it
+    was taken (and cached) as the checkpoint's damage, and the error itself swallowed. Imported here, not at the top:
+    loading weights for inference has no use for the data pipeline."""
+    from .data.loader import worker_death
+
+    return worker_death(error) is not None
 
 
 # torch.save's files from before its zip format (or with _use_new_zipfile_serialization=False) begin with its

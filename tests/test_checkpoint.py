@@ -322,6 +322,36 @@ def test_pruning_keeps_keep_last_readable_checkpoints_past_a_damaged_one(tmp_pat
     assert steps(tmp_path) == [50, 40]
 
 
+def test_a_data_worker_death_while_pruning_checks_a_checkpoint_is_raised_not_taken_for_damage(
+    tmp_path, monkeypatch, caplog
+):
+    # torch's DataLoader reports a dead worker with a plain RuntimeError, raised by its SIGCHLD handler wherever
+    # the training process is. Landing in the CRC check of a kept checkpoint, it was caught as the member's read
+    # error: the sound checkpoint was warned of as damaged, that answer cached for the process, and the death
+    # itself swallowed.
+    import zipfile
+
+    for step in (10, 20, 30):
+        ckpt.save_checkpoint({"format": ckpt.CHECKPOINT_FORMAT, "step": step, "model": {"w": WEIGHTS}}, tmp_path,
+                             step, keep_last=2, prune=False)  # unchecked: the check below is their first
+    opened = zipfile.ZipFile.open
+    death = "DataLoader worker (pid 12345) is killed by signal: Killed. "
+
+    def open_with_a_worker_dying(self, name, *args, **kwargs):
+        member = opened(self, name, *args, **kwargs)
+        member.read = lambda *a: (_ for _ in ()).throw(RuntimeError(death))
+        return member
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", open_with_a_worker_dying)
+    with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match=r"DataLoader worker \(pid 12345\)"):
+        ckpt.prune_checkpoints(tmp_path, 30, keep_last=2)
+    assert "damaged" not in caplog.text
+    assert steps(tmp_path) == [30, 20, 10]
+    monkeypatch.undo()
+    assert ckpt.prune_checkpoints(tmp_path, 30, keep_last=2) == [ckpt.checkpoint_path(tmp_path, 10)]
+    assert steps(tmp_path) == [30, 20]
+
+
 def test_stray_temporary_files_of_killed_saves_are_removed(tmp_path, monkeypatch):
     # The name save_checkpoint uses, recorded on its way to the rename (a SIGKILL before the rename leaves it).
     used = []

@@ -394,7 +394,7 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, caplog):
         # The same numbers as without the broken files, whatever the batch size.
         assert result.num_skipped == 3 and result.num_samples == clean.num_samples == 6
         assert result.confusion_matrix == clean.confusion_matrix and result.top1 == clean.top1
-        assert result.metrics()["num_skipped"] == 3.0 and result.to_dict()["num_skipped"] == 3
+        assert result.metrics()["num_skipped"] == 3 and result.to_dict()["num_skipped"] == 3
     assert "unreadable images skipped: d: 3" in format_table(results[:1])
     assert clean.num_skipped == 0 and "num_skipped" not in clean.metrics()
 

@@ -93,7 +93,7 @@ class ZeroShotResult:
         num_skipped when images were left out (only then, so a clean run logs accuracies alone)."""
         flat = {"top1": self.top1, "top5": self.top5, "mean_per_class": self.mean_per_class_accuracy}
         if self.num_skipped:
-            flat["num_skipped"] = float(self.num_skipped)
+            flat["num_skipped"] = self.num_skipped  # a count: written 3, as to_dict gives it, not 3.0
         for subset_name, subset in self.subsets.items():
             if not subset.num_samples:
                 continue

@@ -136,7 +136,7 @@ class RetrievalResult:
         """Recalls and ranks, and num_skipped when images were left out (only then, so a clean run logs
         recalls alone)."""
         ranks = {k: v for k, v in asdict(self).items() if k.endswith("_rank")}
-        skipped = {"num_skipped": float(self.num_skipped)} if self.num_skipped else {}
+        skipped = {"num_skipped": self.num_skipped} if self.num_skipped else {}  # a count, as to_dict's
         return {**self.recalls, **ranks, **skipped}
 
     def to_dict(self) -> dict:

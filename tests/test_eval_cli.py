@@ -21,6 +21,7 @@ from PIL import Image
 
 import clip
 from clip.architectures import ModelConfig, TextConfig, VisionConfig
+from clip.cli import export as export_cli
 from clip.cli import linear_probe as linear_probe_cli
 from clip.cli import retrieval as retrieval_cli
 from clip.cli import zeroshot as zeroshot_cli
@@ -442,11 +443,25 @@ def test_clip_debug_adds_the_traceback_to_the_one_line_error(tmp_path, tiny_chec
     assert error.endswith(message)
 
 
-@pytest.mark.parametrize("command", [zeroshot_cli, retrieval_cli, linear_probe_cli], ids=lambda c: c.__name__)
-def test_help_says_how_to_get_the_traceback(command, capsys):
+def help_text(command, capsys) -> str:
     with pytest.raises(SystemExit):
         command.parse_args(["--help"])
-    assert "set CLIP_DEBUG=1 to print its traceback" in " ".join(capsys.readouterr().out.split())
+    return " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("command", [zeroshot_cli, retrieval_cli, linear_probe_cli, export_cli],
+                         ids=lambda c: c.__name__)
+def test_help_says_how_to_get_the_traceback(command, capsys):
+    assert "set CLIP_DEBUG=1 to print its traceback" in help_text(command, capsys)
+
+
+def test_each_command_s_help_names_input_errors_of_its_own(capsys):
+    # One epilog for all of them named "a malformed annotation file" also in the help of the commands that read
+    # none: clip-export's, clip-zeroshot's and clip-linear-probe's
+    assert "a malformed annotation file" in help_text(retrieval_cli, capsys)
+    for command in (zeroshot_cli, linear_probe_cli, export_cli):
+        assert "annotation" not in help_text(command, capsys), command.__name__
+    assert "an OUTPUT that exists without --overwrite" in help_text(export_cli, capsys)
 
 
 @pytest.mark.parametrize("command", [zeroshot_cli, retrieval_cli, linear_probe_cli], ids=lambda c: c.__name__)

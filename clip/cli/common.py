@@ -33,12 +33,15 @@ USER_ERRORS = (ValueError, OSError)
 FAILED_DOWNLOAD_EXIT_CODE = 1
 DEBUG_VARIABLE = "CLIP_DEBUG"
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a command that Ctrl-C ended
-# The commands' --help epilog.
-ERRORS_HELP = (
-    "An input error (a missing file, a malformed annotation file, a value out of range) is reported in one "
-    f"line, with exit status 2, and a failed download with status 1; set {DEBUG_VARIABLE}=1 to print its "
-    "traceback as well."
-)
+
+
+def errors_help(examples: str) -> str:
+    """The commands' --help epilog, naming `examples` of the command's own input errors: one text for them all
+    spoke of annotation files also in the help of commands that read none (clip-export's)."""
+    return (
+        f"An input error ({examples}) is reported in one line, with exit status 2, and a failed download with "
+        f"status 1; set {DEBUG_VARIABLE}=1 to print its traceback as well."
+    )
 
 
 def setup_logging() -> None:

@@ -13,13 +13,16 @@ import os
 
 from clip.export import DTYPES, LAYOUTS, export_weights
 
-from .common import ERRORS_HELP, run_command, setup_logging
+from .common import errors_help, run_command, setup_logging
 
 logger = logging.getLogger("clip.export")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="clip-export", description=__doc__.split("\n\n")[0], epilog=ERRORS_HELP)
+    parser = argparse.ArgumentParser(
+        prog="clip-export", description=__doc__.split("\n\n")[0],
+        epilog=errors_help("a missing or damaged weights file, an OUTPUT that exists without --overwrite"),
+    )
     parser.add_argument("source", help="released name, weights/checkpoint file, or run directory")
     parser.add_argument("output", help="the file to write")
     parser.add_argument(

@@ -44,8 +44,8 @@ from clip.evaluation.linear_probe import (
 )
 
 from .common import (
-    ERRORS_HELP,
     add_evaluation_options,
+    errors_help,
     load_model,
     positive_int,
     resolve_device,
@@ -77,7 +77,10 @@ def open_fraction(text: str) -> float:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="clip-linear-probe", description=__doc__.split("\n\n")[0], epilog=ERRORS_HELP)
+    parser = argparse.ArgumentParser(
+        prog="clip-linear-probe", description=__doc__.split("\n\n")[0],
+        epilog=errors_help("a missing dataset folder, a value out of range"),
+    )
     parser.add_argument("--model", required=True, help="released name, weights/checkpoint file, or run directory")
     parser.add_argument("--dataset", choices=["imagefolder", "cifar10", "cifar100", "synthetic"], required=True,
                         help="an image folder tree under --root, CIFAR in torchvision's layout under --root, or the "

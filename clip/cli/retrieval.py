@@ -18,8 +18,8 @@ from clip.evaluation.retrieval import evaluate_retrieval
 from clip.evaluation.retrieval_data import annotations_format, load_retrieval_data, warn_about_shared_captions
 
 from .common import (
-    ERRORS_HELP,
     add_evaluation_options,
+    errors_help,
     load_model,
     non_negative_int,
     positive_int,
@@ -35,7 +35,10 @@ logger = logging.getLogger("clip.retrieval")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="clip-retrieval", description=__doc__.split("\n\n")[0], epilog=ERRORS_HELP)
+    parser = argparse.ArgumentParser(
+        prog="clip-retrieval", description=__doc__.split("\n\n")[0],
+        epilog=errors_help("a missing file, a malformed annotation file, a value out of range"),
+    )
     parser.add_argument("--model", required=True, help="released name, weights/checkpoint file, or run directory")
     parser.add_argument("--annotations", required=True, help="Karpathy JSON, or CSV/TSV/JSONL manifest")
     parser.add_argument(

@@ -31,7 +31,7 @@ from clip.evaluation.results import format_table, save_confusion_png
 from clip.evaluation.zeroshot import evaluate_zeroshot
 
 from .common import (
-    ERRORS_HELP,
+    errors_help,
     load_model,
     resolve_device,
     run_command,
@@ -45,7 +45,10 @@ logger = logging.getLogger("clip.zeroshot")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="clip-zeroshot", description=__doc__.split("\n\n")[0], epilog=ERRORS_HELP)
+    parser = argparse.ArgumentParser(
+        prog="clip-zeroshot", description=__doc__.split("\n\n")[0],
+        epilog=errors_help("a missing file, a malformed config or class-names file, a value out of range"),
+    )
     parser.add_argument("config", help="TOML file (ZeroShotRunConfig): model, device, [[datasets]] tables")
     parser.add_argument("overrides", nargs="*", default=[],  # default: else listed as required without a config
                         help="type-checked key=value overrides, e.g. model=runs/tiny")

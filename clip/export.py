@@ -45,6 +45,15 @@ class ExportError(ValueError):
     """The weights cannot be exported as asked (a layout that cannot describe the model, an existing output)."""
 
 
+class OutputExistsError(ExportError):
+    """`output` exists and `overwrite` was not asked for. Its own type, so that clip-export can say so in its
+    user's terms (--overwrite), not a Python caller's (overwrite=True)."""
+
+    def __init__(self, output: Path) -> None:
+        super().__init__(f"{output} exists; pass overwrite=True to replace it")
+        self.output = output
+
+
 @dataclass(frozen=True)
 class ExportedWeights:
     """What `export_weights` wrote: the file, its SHA256 and size, and which weights it holds."""
@@ -73,7 +82,7 @@ def export_weights(
     if output.is_dir():
         raise ExportError(f"{output} is a directory; give the file to write")
     if output.exists() and not overwrite:
-        raise ExportError(f"{output} exists; pass overwrite=True (clip-export --overwrite) to replace it")
+        raise OutputExistsError(output)
     # Said before the model loads (perhaps after a download of up to 1.4 GB); and a mistyped folder is not made
     folder = output.parent
     if not folder.is_dir():

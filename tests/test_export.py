@@ -177,7 +177,7 @@ def test_a_siglip_models_bias_is_kept_by_the_clip_layout_and_warned_of_by_the_op
 def test_an_existing_output_is_kept_unless_overwrite_is_asked(tmp_path):
     training_checkpoint(CONVENTIONAL, tmp_path / "step_00000001.pt", step=1)
     (tmp_path / "model.pt").write_bytes(b"someone's file")
-    with pytest.raises(ExportError, match="model.pt exists; pass overwrite=True"):
+    with pytest.raises(ExportError, match=r"model.pt exists; pass overwrite=True to replace it$"):  # no CLI flag
         export_weights(tmp_path / "step_00000001.pt", tmp_path / "model.pt")
     assert (tmp_path / "model.pt").read_bytes() == b"someone's file"
     export_weights(tmp_path / "step_00000001.pt", tmp_path / "model.pt", overwrite=True)
@@ -198,7 +198,7 @@ def test_clip_export_prints_the_files_sha256_and_says_an_input_error_in_one_line
     assert out[1] == "sha256 " + hashlib.sha256((tmp_path / "model.pt").read_bytes()).hexdigest()
     assert main([str(tmp_path / "run"), str(tmp_path / "model.pt")]) == 2
     assert capsys.readouterr().err.splitlines() == [
-        f"clip-export: {tmp_path / 'model.pt'} exists; pass overwrite=True (clip-export --overwrite) to replace it"]
+        f"clip-export: {tmp_path / 'model.pt'} exists; pass --overwrite to replace it"]  # not overwrite=True
     assert main([str(tmp_path / "nowhere"), str(tmp_path / "other.pt")]) == 2
     assert len(capsys.readouterr().err.splitlines()) == 1 and not (tmp_path / "other.pt").exists()
 

@@ -11,7 +11,7 @@ import argparse
 import logging
 import os
 
-from clip.export import DTYPES, LAYOUTS, export_weights
+from clip.export import DTYPES, LAYOUTS, ExportError, OutputExistsError, export_weights
 
 from .common import errors_help, run_command, setup_logging
 
@@ -40,10 +40,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def export(args: argparse.Namespace) -> int:
-    exported = export_weights(
-        os.path.expanduser(args.source), os.path.expanduser(args.output), layout=args.layout, dtype=args.dtype,
-        overwrite=args.overwrite, download_root=args.download_root,
-    )
+    try:
+        exported = export_weights(
+            os.path.expanduser(args.source), os.path.expanduser(args.output), layout=args.layout, dtype=args.dtype,
+            overwrite=args.overwrite, download_root=args.download_root,
+        )
+    except OutputExistsError as error:  # its message names overwrite=True, the Python caller's words
+        raise ExportError(f"{error.output} exists; pass --overwrite to replace it") from error
     source = exported.source
     origin = source.released or str(source.path) + (f" (step {source.step})" if source.step is not None else "")
     logger.info("exported %s: %s", origin, exported.architecture)

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
+from collections.abc import Mapping
+
+from .launcher_death import launched_by_torchrun, sigterm_when_the_parent_ends
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,8 @@ class StopRequest:
         self._finishing = False  # while set, the run has nothing left that a stop would cut short
         self._ending = False  # while set, the run is over and only lets go of what it holds
         self._ending_on_error = False  # ... and it is over because it raised an error
+        # torchrun's pid where its end sends this process SIGTERM (clip.launcher_death), to say so when it does
+        self.launcher_pid: int | None = None
 
     @contextlib.contextmanager
     def interrupting(self, exception: type[BaseException] = EvaluationInterrupted):
@@ -101,6 +107,18 @@ class StopRequest:
                 pass
         return self
 
+    def stop_when_torchrun_ends(self, environ: Mapping[str, str]) -> None:
+        """Under torchrun, its end (a SIGKILL, which it cannot forward) is a SIGTERM to this process, which stops
+        the run as a scheduler's would: its workers, in sessions of their own, went on training (clip.launcher_death).
+        Only while this catches SIGTERM (in the main thread), whose default action would lose the steps."""
+        if signal.SIGTERM not in self._previous or not launched_by_torchrun(environ):
+            return
+        launcher = os.getppid()
+        if sigterm_when_the_parent_ends():
+            self.launcher_pid = launcher
+            if os.getppid() != launcher:  # it ended before the request, which then sends nothing
+                os.kill(os.getpid(), signal.SIGTERM)
+
     def _handle(self, signum, frame) -> None:
         # A second Ctrl-C stops at once. Not a second SIGTERM: under srun every process of the step gets it,
         # and torchrun forwards its own copy to its workers, so one pre-emption can arrive twice.
@@ -117,23 +135,31 @@ class StopRequest:
             " (a Ctrl-C now stops at once, without saving)"
         if self._abandoning is not None:
             exception, self._abandoning = self._abandoning, None  # raised once; cleanup code after it keeps running
-            log.warning("received signal %d: abandoning the %s", signum, "start of the run"
+            log.warning("received %s: abandoning the %s", self._signal_said(signum), "start of the run"
                         if exception is SetupInterrupted else f"evaluation, to save and stop{again}")
             raise exception
         if self._ending:
-            log.warning("received signal %d as the run ends%s: there is nothing left to stop, and it exits as it would "
-                        "have%s", signum, " on an error (the run failed)" if self._ending_on_error else "",
+            log.warning("received %s as the run ends%s: there is nothing left to stop, and it exits as it would "
+                        "have%s", self._signal_said(signum),
+                        " on an error (the run failed)" if self._ending_on_error else "",
                         " (a second Ctrl-C ends it at once)" if signum == signal.SIGINT else "")
             return
         if self._finishing:
-            log.warning("received signal %d after the run's final checkpoint and evaluation: it is complete, and "
-                        "exits as finished once its results are written%s", signum,
+            log.warning("received %s after the run's final checkpoint and evaluation: it is complete, and "
+                        "exits as finished once its results are written%s", self._signal_said(signum),
                         " (a second Ctrl-C stops at once, without writing them)" if signum == signal.SIGINT else "")
             return
         # Over several processes the ranks agree on it before the next backward pass, so a signal that
         # arrives late in a step is acted on after the following one.
-        log.warning("received signal %d: stopping at the next safe point (the weights are saved first)%s", signum,
-                    again)
+        log.warning("received %s: stopping at the next safe point (the weights are saved first)%s",
+                    self._signal_said(signum), again)
+
+    def _signal_said(self, signum: int) -> str:
+        """'signal 15', and why where it is known: the kernel sends SIGTERM when torchrun ends (clip.launcher_death),
+        which a user who killed torchrun would not otherwise connect with their worker's stopping."""
+        if signum == signal.SIGTERM and self.launcher_pid is not None and os.getppid() != self.launcher_pid:
+            return f"signal {signum} (torchrun, pid {self.launcher_pid}, which started this process, has ended)"
+        return f"signal {signum}"
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():

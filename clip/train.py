@@ -233,6 +233,7 @@ def train(
     # the process group, changes nothing (`StopRequest.ending`).
     with StopRequest() as stop, contextlib.ExitStack() as phase:
         phase.enter_context(stop.interrupting(SetupInterrupted))
+        stop.stop_when_torchrun_ends(os.environ)
         dist_info = None
         try:
             dist_info = init_distributed(device=config.train.device)

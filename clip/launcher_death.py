@@ -1,0 +1,47 @@
+"""A torchrun worker that outlives its launcher stops as on a scheduler's SIGTERM.
+
+torchrun starts each worker in a session of its own, so a torchrun that is killed outright (SIGKILL: the OOM
+killer, `kill -9`, a container's hard stop) leaves its workers running: they go on training and saving into
+the run directory, whose lock then refuses the rerun ("in use by another run") until someone finds and kills
+them. torchrun's own SIGTERM or Ctrl-C is forwarded to the workers and needs nothing of this.
+
+Here the kernel is asked (Linux's prctl PR_SET_PDEATHSIG) to send this process SIGTERM when the process that
+started it ends: the run's stop handler then saves a checkpoint at the next step boundary and ends with the
+status that asks for a rerun. The request is made only under torchrun (its TORCHELASTIC_RUN_ID variable):
+under srun the parent is slurmstepd, which ends the job's processes itself, and a process started by hand may
+well outlive the shell that started it on purpose (nohup).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import signal
+import sys
+from collections.abc import Mapping
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+TORCHRUN_VARIABLE = "TORCHELASTIC_RUN_ID"  # set by torchrun (torch.distributed.elastic) for each worker
+
+
+def launched_by_torchrun(environ: Mapping[str, str]) -> bool:
+    return TORCHRUN_VARIABLE in environ
+
+
+def sigterm_when_the_parent_ends() -> bool:
+    """Asks Linux to send this process SIGTERM when the process that started it ends; False where it cannot
+    (another system, no C library to ask, a refusal). The kernel sends it when the *thread* that started this
+    process ends: torchrun starts its workers from its main thread, which lives as long as torchrun does. A
+    parent that ended before the request is not signalled: the caller compares os.getppid() across it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        failed = libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0
+    except (OSError, AttributeError):  # a static interpreter
+        return False
+    if failed:
+        log.debug("prctl(PR_SET_PDEATHSIG) failed with errno %d: not stopped when torchrun ends", ctypes.get_errno())
+    return not failed

@@ -1,0 +1,103 @@
+"""A torchrun killed outright (SIGKILL) left its workers training on, in sessions of their own, holding the run
+directory's lock against the rerun: under torchrun the kernel now sends them SIGTERM when it ends, which stops
+the run with a checkpoint (clip.launcher_death, StopRequest.stop_when_torchrun_ends)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import clip.stopping as stopping
+from clip.launcher_death import TORCHRUN_VARIABLE
+from clip.stopping import StopRequest
+
+LAUNCHER_DEATH = Path(__file__).resolve().parents[1] / "clip" / "launcher_death.py"
+
+# The worker loads clip/launcher_death.py alone (clip's package imports torch: seconds), asks for SIGTERM at its
+# parent's end, says so in `armed`, and writes `terminated` from its SIGTERM handler.
+WORKER = """
+import importlib.util, pathlib, signal, sys, time
+spec = importlib.util.spec_from_file_location("launcher_death", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+folder = pathlib.Path(sys.argv[2])
+signal.signal(signal.SIGTERM, lambda *_: ((folder / "terminated").write_text("yes"), sys.exit(0)))
+(folder / "armed").write_text(str(module.sigterm_when_the_parent_ends()))
+time.sleep(60)
+"""
+# As torchrun starts its workers: a session of their own, so that nothing but this request reaches them
+LAUNCHER = """
+import subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-c", sys.argv[1], *sys.argv[2:]], start_new_session=True)
+print(worker.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def wait_for(path: Path, seconds: float = 20) -> bool:
+    deadline = time.monotonic() + seconds
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return path.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_gets_sigterm_when_its_launcher_is_killed(tmp_path):
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, WORKER, str(LAUNCHER_DEATH), str(tmp_path)],
+                                stdout=subprocess.PIPE, text=True)
+    worker_pid = int(launcher.stdout.readline())
+    try:
+        assert wait_for(tmp_path / "armed") and (tmp_path / "armed").read_text() == "True"
+        time.sleep(0.5)
+        assert not (tmp_path / "terminated").exists()  # not while the launcher lives
+        launcher.kill()
+        launcher.wait(timeout=10)
+        assert wait_for(tmp_path / "terminated"), "the worker went on after its launcher's SIGKILL"
+    finally:
+        launcher.kill()
+        with contextlib.suppress(ProcessLookupError):  # gone already, as it should be
+            os.kill(worker_pid, signal.SIGKILL)
+
+
+def test_the_request_is_made_under_torchrun_only_and_a_launcher_gone_meanwhile_stops_the_run(monkeypatch):
+    requests = []
+    monkeypatch.setattr(stopping, "sigterm_when_the_parent_ends", lambda: requests.append(1) or True)
+    killed = []
+    monkeypatch.setattr(stopping.os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    with StopRequest() as stop:
+        stop.stop_when_torchrun_ends({})  # srun's tasks, a process started by hand: nothing asked
+        assert requests == [] and stop.launcher_pid is None
+        parents = iter([4321, 4321])
+        monkeypatch.setattr(stopping.os, "getppid", lambda: next(parents))
+        stop.stop_when_torchrun_ends({TORCHRUN_VARIABLE: "run"})
+        assert requests == [1] and stop.launcher_pid == 4321 and killed == []
+        parents = iter([4321, 1])  # torchrun ended just before the request, which then sends nothing
+        stop.stop_when_torchrun_ends({TORCHRUN_VARIABLE: "run"})
+        assert killed == [(os.getpid(), signal.SIGTERM)]
+
+
+def test_the_request_waits_for_the_handler_that_saves(monkeypatch):
+    # Outside the main thread StopRequest leaves SIGTERM alone: its default action would end the run unsaved
+    requests = []
+    monkeypatch.setattr(stopping, "sigterm_when_the_parent_ends", lambda: requests.append(1) or True)
+    stop = StopRequest()  # not entered: it catches nothing
+    stop.stop_when_torchrun_ends({TORCHRUN_VARIABLE: "run"})
+    assert requests == [] and stop.launcher_pid is None
+
+
+def test_the_stop_says_that_torchrun_ended(monkeypatch, caplog):
+    with StopRequest() as stop:
+        stop.launcher_pid = 4321
+        monkeypatch.setattr(stopping.os, "getppid", lambda: 1)
+        with caplog.at_level("WARNING", logger="clip.stopping"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested
+    assert "received signal 15 (torchrun, pid 4321, which started this process, has ended): stopping at the next " \
+           "safe point" in caplog.text

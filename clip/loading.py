@@ -128,19 +128,24 @@ def load_with_source(
     device: str | torch.device | None = None,
     jit: bool = False,
     download_root: str | Path | None = None,
+    *,
+    half_on_cuda: bool = True,
 ) -> tuple[nn.Module, ImageTransform, WeightsSource]:
     """`load`, and which weights it read: (model, preprocess, `WeightsSource`). A run directory is resolved to
     one checkpoint once, and the model holds that file's weights, so a checkpoint written meanwhile changes
-    neither the model nor the record."""
-    return _load(name, device, jit, download_root, digest=True)
+    neither the model nor the record. `half_on_cuda=False` keeps the weights as `load` gives them on the CPU
+    (float32, holding the file's values exactly) on CUDA too, where `load` rounds them to float16 as openai/CLIP
+    does: the evaluation commands' "fp32" scores a float32 checkpoint as its evaluation during training did."""
+    return _load(name, device, jit, download_root, digest=True, half_on_cuda=half_on_cuda)
 
 
 def _load(
     name_or_path: str | Path, device: str | torch.device | None, jit: bool, download_root: str | Path | None,
-    *, digest: bool,
+    *, digest: bool, half_on_cuda: bool = True,
 ) -> tuple[nn.Module, ImageTransform, WeightsSource]:
     """The work of `load` and `load_with_source`, one frame below either: its warnings name their caller. The
-    record's SHA256 is taken only with `digest` (a released file's is known without)."""
+    record's SHA256 is taken only with `digest` (a released file's is known without); `half_on_cuda` as in
+    `load_with_source`."""
     # Checked before the file is read (or downloaded): "gpu" raised torch's RuntimeError, "meta" and "cpu:1" were
     # accepted, and "cuda" without a GPU failed with torch's error once the model was built
     device = available_device(
@@ -164,7 +169,7 @@ def _load(
                           digest=digest and release is None and sha256 is None)
     model = model_from_weights(weights, str(path), stacklevel=4)
     model = model.to(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and half_on_cuda:
         convert_to_half_precision(model)
     # A model this library's trainer wrote (its checkpoints carry their config) saw transparent images
     # composited onto the training loader's background; OpenAI's, and any other weights, saw them resized

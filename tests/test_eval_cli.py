@@ -113,6 +113,27 @@ def test_the_commands_evaluate_float32_weights_where_clip_load_gives_float16(tin
     assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
 
 
+def test_the_commands_evaluate_a_float32_checkpoint_unrounded_on_cuda(tiny_checkpoint, monkeypatch):
+    # On CUDA clip.load rounds the weights to float16, and load_model's .float() cannot bring back what was
+    # rounded off. No GPU here: loading is told it has CUDA, and moving a model there leaves it where it is.
+    from clip import loading
+    from clip.cli.common import load_model
+
+    monkeypatch.setattr(loading, "available_device", lambda name, accepted: torch.device("cuda"))
+    real_to = torch.nn.Module.to
+    monkeypatch.setattr(torch.nn.Module, "to",
+                        lambda module, *args, **kwargs: module if args == (torch.device("cuda"),) and not kwargs
+                        else real_to(module, *args, **kwargs))
+    stored = torch.load(tiny_checkpoint, weights_only=True)["model"]
+
+    halved, _ = clip.load(str(tiny_checkpoint), device="cuda")  # the drop-in's float16, as openai/CLIP's
+    assert torch.float16 in {value.dtype for value in halved.state_dict().values()}
+    model, _, _ = load_model(str(tiny_checkpoint), torch.device("cuda"))
+    state = model.state_dict()
+    assert state.keys() == stored.keys()
+    assert all(state[name].dtype == value.dtype and torch.equal(state[name], value) for name, value in stored.items())
+
+
 def test_zeroshot_command_end_to_end(tmp_path, tiny_checkpoint, datasets, capsys):
     config = write_config(tmp_path / "eval.toml", tiny_checkpoint, datasets)
     assert zeroshot_cli.main([str(config), "batch_size=3", "--output-dir", str(tmp_path / "out")]) == 0

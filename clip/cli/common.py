@@ -172,11 +172,13 @@ def load_model(name: str, device: torch.device) -> tuple[torch.nn.Module, Any, W
     a released name, a file or a training run directory. The commands' `precision` is the autocast of float32
     weights, as in evaluation during training; clip.load's float16 weights on CUDA made "fp32" (the default)
     compute in float16, and could make a run's own checkpoint score differently from its evaluation during
-    training. The commands record the `WeightsSource` in their results: the model given names a run directory
-    whose newest checkpoint moves on while it trains, and the source says which file (and step) was evaluated."""
+    training. The weights are not halved at all (`half_on_cuda=False`): float16 weights made float32 again
+    would still have lost a float32 checkpoint's precision. The commands record the `WeightsSource` in their
+    results: the model given names a run directory whose newest checkpoint moves on while it trains, and the
+    source says which file (and step) was evaluated."""
     from clip.loading import load_with_source
 
-    model, preprocess, source = load_with_source(name, device=device)
+    model, preprocess, source = load_with_source(name, device=device, half_on_cuda=False)
     return model.float(), preprocess, source
 
 

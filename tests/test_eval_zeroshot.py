@@ -258,6 +258,16 @@ def test_a_subset_without_images_has_no_accuracies_not_zero(caplog):
             summarize(counts, ["a", "b", "c"], {"typo": [0, outside]})
 
 
+def test_a_subset_naming_a_class_twice_is_refused():
+    from clip.evaluation.results import ClassificationCounts, summarize
+
+    # Its images were counted twice: 3 images, one of them wrong, made a subset of 5 samples
+    counts = ClassificationCounts(2)
+    counts.update(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1, 1]))
+    with pytest.raises(ValueError, match=r"^subset 's' names class 1 more than once$"):
+        summarize(counts, ["a", "b"], {"s": [1, 1, 0]})
+
+
 def test_counts_round_trip_through_the_flat_tensor_ranks_all_reduce():
     # Every rank loads the summed as_tensor() back: the skipped count is part of it, and the counts are the
     # loaded values, not views of a tensor the caller may reuse

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -132,6 +133,10 @@ def summarize(
     for subset_name, class_indices in (subsets or {}).items():
         if any(not 0 <= c < counts.num_classes for c in class_indices):
             raise ValueError(f"subset {subset_name!r} names classes outside 0..{counts.num_classes - 1}")
+        # A class named twice would have its images counted twice in the subset's samples and accuracies
+        repeated = [c for c, times in Counter(class_indices).items() if times > 1]
+        if repeated:
+            raise ValueError(f"subset {subset_name!r} names class {repeated[0]} more than once")
         sn, s1, sk, smean, _ = _accuracies(counts, class_indices)
         if sn == 0:  # a few evaluation images (max_samples) can miss every class of a subset
             if warn:

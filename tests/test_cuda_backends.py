@@ -153,6 +153,31 @@ def test_retrieval_scores_run_in_ieee_float32_inside_a_tf32_run(restore_backends
     assert seen == [False] * 4 and tf32_switches() == (True, True)
 
 
+def test_zeroshot_scores_run_in_ieee_float32_inside_a_tf32_run(restore_backends, monkeypatch):
+    # As retrieval's: under train.tf32 = true the class scores of evaluation during training were TF32 products,
+    # and could rank near-tied classes otherwise than clip-zeroshot on the same checkpoint.
+    from clip.evaluation.zeroshot import evaluate_zeroshot, zeroshot_classify
+
+    class PassThrough(torch.nn.Module):  # images are their own features; no matmul of its own
+        def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+            return images
+
+    configure_cuda_backends(allow_tf32=True)
+    real_matmul = torch.Tensor.__matmul__
+    seen = []
+
+    def recording_matmul(left, right):
+        seen.append(tf32_switches()[0])
+        return real_matmul(left, right)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", recording_matmul)
+    images, classifier = torch.eye(4, 3), torch.eye(3)
+    zeroshot_classify(PassThrough(), classifier, images, device="cpu", batch_size=2)
+    evaluate_zeroshot(PassThrough(), list(zip(images, [0, 1, 2, 0], strict=True)), ["a", "b", "c"],
+                      classifier=classifier, device="cpu", batch_size=2)
+    assert seen == [False] * 4 and tf32_switches() == (True, True)
+
+
 def test_peak_flops_follows_dtype_and_tf32(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     cuda = torch.device("cuda")

@@ -18,6 +18,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from clip.cuda_backends import ieee_float32_matmul
+
 from .features import (
     CutTexts,
     StopCheck,
@@ -153,6 +155,14 @@ def _logit_scale(model: nn.Module) -> float:
     return float(scale.detach().exp()) if isinstance(scale, torch.Tensor) else 100.0
 
 
+def _class_scores(features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    """features @ classifier in full IEEE float32 even where training chose TF32 (train.tf32), as retrieval's
+    scores are: TF32's rounding of the scores could reorder near-tied classes, so the evaluation's ranking
+    would depend on a speed setting. Only this product: the image encoder keeps the run's choice."""
+    with ieee_float32_matmul():
+        return features @ classifier
+
+
 @dataclass
 class ZeroShotOutput:
     logits: torch.Tensor  # [N, C], cosine similarity times the model's logit scale
@@ -185,7 +195,7 @@ def zeroshot_classify(
     with eval_mode(model):
         batches = encode_image_batches(model, images, device=device, batch_size=batch_size, precision=precision)
         for features, batch_labels in batches:
-            logits.append((scale * features @ classifier).cpu())
+            logits.append(_class_scores(scale * features, classifier).cpu())
             if batch_labels is not None:
                 labels.append(batch_labels.cpu())
     if not logits:
@@ -264,7 +274,7 @@ def evaluate_zeroshot(
             if labels is None:
                 raise ValueError("evaluate_zeroshot needs labelled data: (image, label) pairs")
             nonfinite[0] += nonfinite_rows(features)
-            counts.update(features @ classifier, labels)
+            counts.update(_class_scores(features, classifier), labels)
             read += len(labels)
             if progress is not None:
                 progress(read + len(skipped))

@@ -19,6 +19,7 @@ import logging
 import signal
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,17 @@ TORCHRUN_VARIABLE = "TORCHELASTIC_RUN_ID"  # set by torchrun (torch.distributed.
 
 def launched_by_torchrun(environ: Mapping[str, str]) -> bool:
     return TORCHRUN_VARIABLE in environ
+
+
+def has_ended(pid: int) -> bool:
+    """Whether process `pid` is gone or ending, by Linux's /proc: its main thread a zombie, or no such process.
+    The kernel sends the SIGTERM as torchrun's main thread ends, and while its other threads are still ending it
+    hands this process to one of them (the same pid): os.getppid() does not change until the last one is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no such process (or no /proc: then nothing was asked of the kernel either)
+        return True
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")  # after the command's name, which may hold spaces
 
 
 def sigterm_when_the_parent_ends() -> bool:

@@ -9,7 +9,7 @@ import os
 import signal
 from collections.abc import Mapping
 
-from .launcher_death import launched_by_torchrun, sigterm_when_the_parent_ends
+from .launcher_death import has_ended, launched_by_torchrun, sigterm_when_the_parent_ends
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,8 @@ class StopRequest:
     def _signal_said(self, signum: int) -> str:
         """'signal 15', and why where it is known: the kernel sends SIGTERM when torchrun ends (clip.launcher_death),
         which a user who killed torchrun would not otherwise connect with their worker's stopping."""
-        if signum == signal.SIGTERM and self.launcher_pid is not None and os.getppid() != self.launcher_pid:
+        if signum == signal.SIGTERM and self.launcher_pid is not None and (
+                os.getppid() != self.launcher_pid or has_ended(self.launcher_pid)):
             return f"signal {signum} (torchrun, pid {self.launcher_pid}, which started this process, has ended)"
         return f"signal {signum}"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import clip.stopping as stopping
-from clip.launcher_death import TORCHRUN_VARIABLE
+from clip.launcher_death import TORCHRUN_VARIABLE, has_ended
 from clip.stopping import StopRequest
 
 LAUNCHER_DEATH = Path(__file__).resolve().parents[1] / "clip" / "launcher_death.py"
@@ -101,3 +101,30 @@ def test_the_stop_says_that_torchrun_ended(monkeypatch, caplog):
         assert stop.requested
     assert "received signal 15 (torchrun, pid 4321, which started this process, has ended): stopping at the next " \
            "safe point" in caplog.text
+
+
+def test_the_stop_says_that_torchrun_ended_while_its_other_threads_still_end(monkeypatch, caplog):
+    # Seen with torchrun and kill -9: the SIGTERM comes as torchrun's main thread ends, and this process is handed to
+    # one of its threads still ending, so os.getppid() is still torchrun's pid; the message said "signal 15" alone
+    ended = []
+    monkeypatch.setattr(stopping, "has_ended", lambda pid: ended.append(pid) or True)
+    with StopRequest() as stop:
+        stop.launcher_pid = os.getppid()
+        with caplog.at_level("WARNING", logger="clip.stopping"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert ended == [stop.launcher_pid]
+    said = f"received signal 15 (torchrun, pid {stop.launcher_pid}, which started this process, has ended)"
+    assert said in caplog.text
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads Linux's /proc")
+def test_a_process_has_ended_once_a_zombie_or_gone():
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    assert not has_ended(os.getpid()) and not has_ended(child.pid)
+    child.stdin.close()  # it ends, and stays a zombie until waited for
+    deadline = time.monotonic() + 20
+    while not has_ended(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert has_ended(child.pid)
+    child.wait()
+    assert has_ended(child.pid)  # gone

@@ -116,7 +116,7 @@ class StopRequest:
         launcher = os.getppid()
         if sigterm_when_the_parent_ends():
             self.launcher_pid = launcher
-            if os.getppid() != launcher:  # it ended before the request, which then sends nothing
+            if os.getppid() != launcher or has_ended(launcher):  # it ended before the request, which sends nothing
                 os.kill(os.getpid(), signal.SIGTERM)
 
     def _handle(self, signum, frame) -> None:

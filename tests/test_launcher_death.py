@@ -76,11 +76,16 @@ def test_the_request_is_made_under_torchrun_only_and_a_launcher_gone_meanwhile_s
         assert requests == [] and stop.launcher_pid is None
         parents = iter([4321, 4321])
         monkeypatch.setattr(stopping.os, "getppid", lambda: next(parents))
+        ended = False
+        monkeypatch.setattr(stopping, "has_ended", lambda pid: ended)
         stop.stop_when_torchrun_ends({TORCHRUN_VARIABLE: "run"})
         assert requests == [1] and stop.launcher_pid == 4321 and killed == []
         parents = iter([4321, 1])  # torchrun ended just before the request, which then sends nothing
         stop.stop_when_torchrun_ends({TORCHRUN_VARIABLE: "run"})
         assert killed == [(os.getpid(), signal.SIGTERM)]
+        parents, ended = iter([4321, 4321]), True  # ... or is ending: its threads still hold its pid
+        stop.stop_when_torchrun_ends({TORCHRUN_VARIABLE: "run"})
+        assert killed == [(os.getpid(), signal.SIGTERM)] * 2
 
 
 def test_the_request_waits_for_the_handler_that_saves(monkeypatch):

@@ -37,8 +37,10 @@ def has_ended(pid: int) -> bool:
     hands this process to one of them (the same pid): os.getppid() does not change until the last one is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:  # no such process (or no /proc: then nothing was asked of the kernel either)
-        return True
+    except FileNotFoundError:  # no such process, where /proc is there to say so (a sandbox may lack it)
+        return Path("/proc/self/stat").exists()
+    except OSError:  # cannot tell: not ended, or a run would stop at its start
+        return False
     return stat.rpartition(")")[2].split()[0] in ("Z", "X")  # after the command's name, which may hold spaces
 
 

@@ -133,3 +133,11 @@ def test_a_process_has_ended_once_a_zombie_or_gone():
     assert has_ended(child.pid)
     child.wait()
     assert has_ended(child.pid)  # gone
+
+
+def test_without_proc_a_launcher_is_not_taken_for_ended(monkeypatch):
+    # A sandbox without /proc: "no such file" says nothing of the process, and the run would stop at its start
+    import clip.launcher_death as launcher_death
+
+    monkeypatch.setattr(launcher_death, "Path", lambda path: Path("/nonexistent") / str(path).lstrip("/"))
+    assert not launcher_death.has_ended(os.getpid())

@@ -35,6 +35,8 @@ def has_ended(pid: int) -> bool:
     """Whether process `pid` is gone or ending, by Linux's /proc: its main thread a zombie, or no such process.
     The kernel sends the SIGTERM as torchrun's main thread ends, and while its other threads are still ending it
     hands this process to one of them (the same pid): os.getppid() does not change until the last one is gone."""
+    if pid <= 0:  # os.getppid()'s 0: a parent outside this PID namespace, which /proc cannot show
+        return False
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:  # no such process, where /proc is there to say so (a sandbox may lack it)

@@ -114,6 +114,8 @@ class StopRequest:
         if signal.SIGTERM not in self._previous or not launched_by_torchrun(environ):
             return
         launcher = os.getppid()
+        if launcher == 0:  # started into a PID namespace of its own (unshare --pid): torchrun is not to be seen
+            return
         if sigterm_when_the_parent_ends():
             self.launcher_pid = launcher
             if os.getppid() != launcher or has_ended(launcher):  # it ended before the request, which sends nothing

@@ -141,3 +141,16 @@ def test_without_proc_a_launcher_is_not_taken_for_ended(monkeypatch):
 
     monkeypatch.setattr(launcher_death, "Path", lambda path: Path("/nonexistent") / str(path).lstrip("/"))
     assert not launcher_death.has_ended(os.getpid())
+
+
+def test_a_worker_in_a_pid_namespace_of_its_own_runs_on(monkeypatch):
+    # Started into a new PID namespace under torchrun (unshare --pid), os.getppid() is 0 and /proc has no
+    # process 0: that read as "torchrun has ended", and every start stopped itself with status 75
+    requests, killed = [], []
+    monkeypatch.setattr(stopping, "sigterm_when_the_parent_ends", lambda: requests.append(1) or True)
+    monkeypatch.setattr(stopping.os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    monkeypatch.setattr(stopping.os, "getppid", lambda: 0)
+    with StopRequest() as stop:
+        stop.stop_when_torchrun_ends({TORCHRUN_VARIABLE: "run"})
+        assert requests == [] and killed == [] and stop.launcher_pid is None
+    assert not has_ended(0)

@@ -118,7 +118,7 @@ say "preparing the environment"
 # "Missing" is asked of the import system without importing (importing open_clip imports torch: seconds per
 # question); whether what is there imports is gpu_environment.py's question, below.
 WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
+trap 'rm -rf "$WORK" || true' EXIT  # a failed clean-up (a step's leftover process writing there) fails no run
 SITE="$WORK/site"
 # The steps' temporary files (train_step's empty compile caches) go here too: a step killed at its timeout
 # cannot remove its own, and this folder goes when the script ends.
@@ -129,7 +129,8 @@ for name in wcwidth ftfy open_clip_torch; do
     for wheel in "$CARRY"/wheels/"$name"-*.whl; do
         [[ -e "$wheel" ]] || continue
         module="${name%_torch}"
-        if "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$module') is None)" 2>/dev/null; then
+        found="import importlib.util, sys; sys.exit(importlib.util.find_spec('$module') is None)"
+        if "$PYTHON" -c "$found" 2>/dev/null; then
             continue
         fi
         if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \

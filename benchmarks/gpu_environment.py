@@ -43,23 +43,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", default="", help="DRY_RUN's value, for the description")
     args = parser.parse_args(argv)
 
-    settings: dict[str, str] = {}
-    folder = merges_folder(args.carry)
-    if folder is not None:
-        os.environ["CLIP_CACHE_DIR"] = folder  # for the caption check below, and (through the file) the steps
-        settings["CLIP_CACHE_DIR"] = folder
-
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device visible to torch; nothing to measure", file=sys.stderr)
         return 1
-    try:
+    try:  # before anything of clip's: the package imports its tokenizer, and so ftfy
         import clip.train  # noqa: F401  (what every step imports)
     except Exception as error:  # an ImportError, or any error of a module's import: nothing would run
         print(f"the library does not import here ({type(error).__name__}: {error}; a missing ftfy: run "
               f"benchmarks/gpu_prepare.sh first and carry {args.carry})", file=sys.stderr)
         return 1
+    settings: dict[str, str] = {}
+    folder = merges_folder(args.carry)
+    if folder is not None:
+        os.environ["CLIP_CACHE_DIR"] = folder  # for the caption check below, and (through the file) the steps
+        settings["CLIP_CACHE_DIR"] = folder
     try:
         import open_clip
     except Exception as error:
@@ -77,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     print("torch", torch.__version__, "cuda", torch.version.cuda, gpu)
     print("open_clip", open_clip_version)
     print("captions:", "clip.tokenize" if common.merges_file_available() else "random ids (no merges file)")
-    print(f"cpus: {len(os.sched_getaffinity(0))}; python: Python {platform.python_version()}; dry run: {args.dry_run or 'no'}")
+    print(f"cpus: {len(os.sched_getaffinity(0))}; python: Python {platform.python_version()}; "
+          f"dry run: {args.dry_run or 'no'}")
     args.env_file.write_text("".join(f"{name}={shlex.quote(value)}\n" for name, value in settings.items()))
     return 0
 

@@ -526,6 +526,20 @@ def test_gpu_environment_finds_the_merges_file_and_which_libraries_import(benchm
     assert "no CUDA device" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
+def test_gpu_environment_says_how_to_carry_a_missing_ftfy(tmp_path):
+    # The merges file's lookup imported clip (whose tokenizer imports ftfy) before the guarded import: a traceback
+    # in place of the line saying what to do. In a process of its own, where clip is not imported yet.
+    code = ("import runpy, sys; sys.modules['ftfy'] = None; sys.argv = ['gpu_environment.py', '--device', 'cpu', "
+            f"'--carry', {str(tmp_path / 'carry')!r}, '--env-file', {str(tmp_path / 'x')!r}]; "
+            f"runpy.run_path({str(BENCHMARKS / 'gpu_environment.py')!r}, run_name='__main__')")
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    finished = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True,
+                              timeout=120, check=False)
+    assert finished.returncode == 1, finished.stderr
+    assert "the library does not import here" in finished.stderr and "gpu_prepare.sh" in finished.stderr
+    assert "Traceback" not in finished.stderr, finished.stderr
+
+
 def test_gpu_script_removes_the_temporary_files_its_steps_leave(tmp_path):
     # train_step's compile caches are temporary folders that a step killed at its timeout cannot remove (here
     # every step leaves one and returns): they go with gpu.sh's own, not into the machine's /tmp.

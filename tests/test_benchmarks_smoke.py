@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -196,6 +197,32 @@ def test_train_step_compiles_each_run_into_caches_of_its_own(benchmark_modules, 
     assert first["TRITON_CACHE_DIR"].startswith(first["TORCHINDUCTOR_CACHE_DIR"])
     assert not os.path.exists(first["TORCHINDUCTOR_CACHE_DIR"])  # removed after the run
     assert eager["TORCHINDUCTOR_CACHE_DIR"] == "/shared-cache" == os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_train_step_compile_scope_blocks_compiles_each_residual_block_and_not_the_model(benchmark_modules,
+                                                                                     monkeypatch, scope):
+    # --compile-scope blocks: every block of both towers compiled in place (Module.compile), the model itself run
+    # eager; the default compiles the whole model once, as clip.train's train.compile does
+    from clip.transformer import ResidualAttentionBlock
+
+    train_step = benchmark_modules[1]
+    compiled_models, compiled_blocks = [], []
+    monkeypatch.setattr(torch, "compile", lambda module, **_: compiled_models.append(module) or module)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **_: compiled_blocks.append(self))
+    job = {"arch": json.dumps(TINY_VIT), "batch": 2, "threads": 0, "device": "cpu", "precision": "fp32",
+           "compile": True, "compile_scope": scope, "optimizer": "auto", "library": "ours"}
+    images, texts = torch.rand(2, 3, 32, 32), torch.randint(1, 100, (2, 8))
+    step, module = train_step.make_step(job, torch.device("cpu"), images, texts)
+    blocks = [m for m in module.modules() if isinstance(m, ResidualAttentionBlock)]
+    assert len(blocks) == 4  # 2 image + 2 text
+    if scope == "blocks":
+        assert compiled_models == [] and {id(b) for b in compiled_blocks} == {id(b) for b in blocks}
+    else:
+        assert compiled_models == [module] and compiled_blocks == []
+    assert math.isfinite(float(step()))
+    row = {"compile": True, "compile_scope": scope}
+    assert train_step.compile_cell(row) == ("yes (ours: each block)" if scope == "blocks" else "yes")
 
 
 def test_train_step_full_text_length_gives_ours_open_clips_inputs_and_no_more_work(benchmark_modules):

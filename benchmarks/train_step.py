@@ -167,10 +167,11 @@ def make_step(job: dict, device: torch.device, images: torch.Tensor, texts: torc
 
         module, optimizer, loss_fn, logit_scale = build_ours(job["arch"], device, job["optimizer"])
         runner = module
-        if job["compile"] and job.get("compile_scope", "model") == "blocks":
-            compile_blocks(module)
-        elif job["compile"]:
-            runner = torch.compile(module)
+        if job["compile"]:
+            if job.get("compile_scope", "model") == "blocks":
+                compile_blocks(module)  # in place: the step runs the module itself
+            else:
+                runner = torch.compile(module)
         one_process = DistributedInfo(rank=0, world_size=1, local_rank=0, device=device)
         losses_finite = []
 

@@ -592,6 +592,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(json.loads(args.job))))
         return 0
     check_archs(parser, args.archs)
+    if args.compile_scope != "model" and not args.compile:
+        parser.error(f"--compile-scope {args.compile_scope} applies to compiled runs: add --compile")
     common.check_output_file(parser, "--json", args.json)
     common.check_output_file(parser, "--profile", args.profile)
 

@@ -225,6 +225,15 @@ def test_train_step_compile_scope_blocks_compiles_each_residual_block_and_not_th
     assert train_step.compile_cell(row) == ("yes (ours: each block)" if scope == "blocks" else "yes")
 
 
+def test_train_step_refuses_a_compile_scope_without_compile(benchmark_modules, capsys):
+    # It was ignored: an eager run, its table saying "no", where a compiled one was asked for
+    train_step = benchmark_modules[1]
+    with pytest.raises(SystemExit) as exit_info:
+        train_step.main(["--archs", json.dumps(TINY_VIT), "--compile-scope", "blocks"])
+    assert exit_info.value.code == 2
+    assert "--compile-scope blocks applies to compiled runs: add --compile" in capsys.readouterr().err
+
+
 def test_train_step_full_text_length_gives_ours_open_clips_inputs_and_no_more_work(benchmark_modules):
     # By default ours runs the text tower only to the batch's last end-of-text token, open_clip all 77
     # positions; --text-length full must make ours run all 77 too. Its towers' last blocks still compute only

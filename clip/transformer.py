@@ -223,15 +223,17 @@ class MultiheadSelfAttention(nn.MultiheadAttention):
         length, n, width = query.shape
         heads, head_dim = self.num_heads, self.head_dim
         batch_major = batch_major_memory(query)
+        # q, k and v are views of the one projection's output, split along its own "3" dimension and only then
+        # permuted to N,H,L,d. Backward then stacks their gradients straight into the projection output's
+        # layout, which the weight and input gradients read as it is: one copy. Moving the "3" to the front
+        # first made backward stack them in the front-"3" layout and then copy that into the output's (two).
+        # unbind, not three indexings: each of those would fill a zero tensor the size of qkv and add them up.
         if batch_major:  # the model's own layout: the heads come out of the contiguous NLD tensor as views
             qkv = F.linear(query.transpose(0, 1), self.in_proj_weight, self.in_proj_bias)  # -> NL(3D)
-            qkv = qkv.view(n, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)  # -> 3,N,H,L,d
+            q, k, v = (t.transpose(1, 2) for t in qkv.view(n, length, 3, heads, head_dim).unbind(2))  # N,H,L,d
         else:
             qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)  # -> LN(3D)
-            qkv = qkv.view(length, n, 3, heads, head_dim).permute(2, 1, 3, 0, 4)  # -> 3,N,H,L,d
-        # unbind, not qkv[0], qkv[1], qkv[2]: its backward stacks the three gradients in one pass, where three
-        # indexings would each fill a zero tensor the size of qkv and then add them up (same values).
-        q, k, v = qkv.unbind(0)
+            q, k, v = (t.permute(1, 2, 0, 3) for t in qkv.view(length, n, 3, heads, head_dim).unbind(2))  # N,H,L,d
         # The causal kernel needs no mask, unless padding is to be left out as well
         causal_kernel = is_causal and key_padding_mask is None
         if is_causal and not causal_kernel:
@@ -264,7 +266,8 @@ class MultiheadSelfAttention(nn.MultiheadAttention):
         query_weight, key_value_weight = self.in_proj_weight.split([width, 2 * width])
         query_bias, key_value_bias = self.in_proj_bias.split([width, 2 * width])
         key_value = F.linear(rows, key_value_weight, key_value_bias)  # -> N,L,2D
-        k, v = key_value.view(n, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # -> N,H,L,d each
+        # split before permuting, as in forward: backward stacks the two gradients in key_value's own layout
+        k, v = (t.transpose(1, 2) for t in key_value.view(n, length, 2, heads, head_dim).unbind(2))  # N,H,L,d each
         queries = rows[torch.arange(n, device=x.device), positions]  # -> N,D
         q = F.linear(queries, query_weight, query_bias).view(n, heads, 1, head_dim)
         mask = None

@@ -1,5 +1,7 @@
 """Peak memory and time of the CLIP loss + backward on one device: the whole-matrix loss ("naive") against
-the exact chunked loss, and the chunked loss's agreement with a whole-matrix reference.
+the exact chunked loss, and the chunked loss's agreement with a whole-matrix reference (and with naive where
+it fits); with --verify-batch also each float32 method's distance from the exact loss and gradients (the
+reference's formula in float64), which tells the chunked loss's own error from float32 rounding in both.
 
     python benchmarks/loss_memory.py --batch-sizes 4096 32768 --verify-batch 32768 --json loss_memory.json
 
@@ -41,6 +43,7 @@ GIB = 1024**3
 # scale, two log-softmax outputs) and briefly needs about two more for their gradients.
 NAIVE_MATRICES = 6
 REFERENCE_MATRICES = 1.5  # the logits, overwritten by their gradient, plus blocks
+FLOAT64_MATRICES = 2 * REFERENCE_MATRICES  # the reference in float64: twice the bytes
 
 
 def make_inputs(batch: int, width: int, device: torch.device, seed: int = 0):
@@ -87,7 +90,7 @@ def whole_matrix_reference(image, text, logit_scale) -> torch.Tensor:
         grad_logits = logits  # [N, N], now softmax over rows + softmax over columns
         grad_logits.diagonal().sub_(2)
         grad_logits /= 2 * n
-        grad_scale = (weighted_logits / (2 * n) / scale).float()  # logits = scale * cosines
+        grad_scale = (weighted_logits / (2 * n) / scale).to(scale.dtype)  # logits = scale * cosines
         grad_unit_image = scale * (grad_logits @ unit_text)
         grad_unit_text = scale * (grad_logits.t() @ unit_image)
         del logits, grad_logits
@@ -170,8 +173,23 @@ def verify(batch: int, width: int, chunk_size: int, device: torch.device) -> dic
     names = ["loss", "grad_image", "grad_text", "grad_logit_scale"]
     for method in results.keys() - {"chunked"}:
         for name, mine, theirs in zip(names, results["chunked"], results[method]):
-            report[f"{name} vs {method}"] = ((mine - theirs).abs().max() / theirs.abs().max()).item()
+            report[f"{name} vs {method}"] = relative_difference(mine, theirs)
+    # How far each float32 result is from the exact one (the reference's formula in float64): where chunked
+    # and naive differ, this says which of the two is off, or whether both are, by float32 rounding alone.
+    if not fits("float64", batch, device):
+        report["float64"] = f"skipped: needs more than the {available_bytes(device) / GIB:.0f} GiB available"
+        return report
+    exact_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    exact = [whole_matrix_reference(*exact_inputs).cpu()] + [t.grad.cpu() for t in exact_inputs]
+    for method, values in results.items():
+        for name, mine, truth in zip(names, values, exact):
+            report[f"float64 error of {method}: {name}"] = relative_difference(mine, truth)
     return report
+
+
+def relative_difference(mine: torch.Tensor, theirs: torch.Tensor) -> float:
+    """The largest |mine - theirs| over the largest |theirs|."""
+    return ((mine - theirs).abs().max() / theirs.abs().max()).item()
 
 
 def available_bytes(device: torch.device) -> int:
@@ -184,7 +202,7 @@ def available_bytes(device: torch.device) -> int:
 
 
 def fits(method: str, batch: int, device: torch.device) -> bool:
-    matrices = {"naive": NAIVE_MATRICES, "reference": REFERENCE_MATRICES}.get(method, 0)
+    matrices = {"naive": NAIVE_MATRICES, "reference": REFERENCE_MATRICES, "float64": FLOAT64_MATRICES}.get(method, 0)
     # Leave a quarter of what is free for everything else on the machine.
     return matrices * batch * batch * 4 < 0.75 * available_bytes(device)
 

@@ -371,6 +371,27 @@ def test_loss_memory_exactness_check_keeps_its_other_comparisons_when_naive_runs
     report = loss_memory.verify(64, 8, 16, torch.device("cpu"))
     assert report["naive"] == "skipped: out of memory at batch 64"
     assert report["loss vs reference"] < 1e-5 and "grad_image vs reference" in report
+    # The float64 comparison covers the methods that ran; naive did not
+    assert {key for key in report if key.startswith("float64 error of ")} == {
+        f"float64 error of {method}: {name}" for method in ("chunked", "reference")
+        for name in ("loss", "grad_image", "grad_text", "grad_logit_scale")}
+
+
+def test_loss_memory_exactness_check_measures_each_method_against_float64(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import loss_memory
+
+    report = loss_memory.verify(256, 16, 64, torch.device("cpu"))
+    for method in ("chunked", "reference", "naive"):
+        for name in ("loss", "grad_image", "grad_text", "grad_logit_scale"):
+            error = report[f"float64 error of {method}: {name}"]
+            assert 0.0 <= error < 1e-5, (method, name, error)
+    # float64 itself is not what was compared: a float32 gradient differs from the exact one somewhere
+    assert report["float64 error of naive: grad_image"] > 0.0
+    monkeypatch.setattr(loss_memory, "fits", lambda method, batch, device: method != "float64")
+    report = loss_memory.verify(256, 16, 64, torch.device("cpu"))
+    assert report["float64"].startswith("skipped: needs more than the ") and not any(
+        key.startswith("float64 error of ") for key in report)
 
 
 def test_loss_memory_counts_from_the_memory_held_before_the_loss_not_an_earlier_peak():
@@ -759,6 +780,11 @@ def test_loss_target_says_what_stood_in_for_the_naive_loss_and_why_it_was_not_me
            "21 GiB available)" in measured and status == "met"
     with_naive = {key: value for key, value in verification.items() if key != "naive"} | {"loss vs naive": 1e-7}
     assert run_all.loss_target({"rows": rows, "verification": with_naive})[1].endswith("vs naive, reference")
+    # Each float32 method's distance from the exact result, where the check computed it (the status stays "vs naive")
+    exact = with_naive | {"float64 error of chunked: grad_text": 7.3e-7, "float64 error of chunked: loss": 2e-8,
+                          "float64 error of naive: grad_text": 1.2e-6, "float64": "not a number"}
+    measured = run_all.loss_target({"rows": rows, "verification": exact})[1]
+    assert measured.endswith("vs naive, reference; from float64: chunked 7.3e-07, naive 1.2e-06")
     # An exactness check that failed at 32768 is not a --quick run
     failed = {"rows": rows, "verification": {"batch": 32768, "chunk_size": 512, "error": "MemoryError"}}
     assert run_all.loss_target(failed)[2] == "not measured: the exactness check failed: MemoryError"

@@ -58,7 +58,7 @@ import sys
 from clip.run_lock import locked_run_directory
 with locked_run_directory(sys.argv[1]):
     print("locked", flush=True)
-    sys.stdin.readline()
+    sys.stdin.readline()  # the test's "release" line, or end of input
 """
 
 
@@ -72,5 +72,12 @@ def lock_held_by_another_process(run_dir: Path) -> Iterator[int]:
         assert holder.stdout.readline().strip() == "locked"
         yield holder.pid
     finally:
+        # A line, not only end of input: a process forked meanwhile (a data loader worker, say) inherits this pipe's
+        # writing end, and the holder would see no end of input until that process exited as well
+        try:
+            holder.stdin.write("release\n")
+            holder.stdin.flush()
+        except BrokenPipeError:  # the holder is gone already
+            pass
         holder.stdin.close()
         holder.wait(timeout=60)

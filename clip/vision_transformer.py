@@ -16,6 +16,7 @@ from .architectures import (
 from .transformer import (
     LayerNorm,
     Transformer,
+    autocast_enabled_for,
     forward_replaced,
     has_hooks,
     refuse_scripting,
@@ -106,19 +107,27 @@ class VisionTransformer(nn.Module):
 
 def embed_patches(conv: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """`conv(images).flatten(2).transpose(1, 2)` (N,C,H,W -> N,patches,width) for the patch embedding, a
-    convolution whose stride is its kernel size: the patches do not overlap, so it is one matrix product of
-    the [N * patches, C * p * p] patch rows with the flattened filters. On an H200 in bf16, cuDNN ran ViT-B/16's
-    3-channel convolution at ~30 TFLOP/s (at batch 256, 1.9 ms forward and 1.2 ms for the weight gradient: 4% of a
-    compiled training step); as a matrix product it is work the tensor cores are built for. Same sums in another order (float rounding).
-    Anything else (a replaced, hooked or other kind of module; other strides or padding; inputs the
-    convolution would refuse) runs the module itself, as before."""
-    if not _plain_patch_convolution(conv) or images.dim() != 4 or images.shape[1] != conv.in_channels:
+    convolution whose stride is its kernel size. The patches do not overlap, so in half precision (autocast, or
+    half-precision images and weights) it runs as one matrix product of the [N * patches, C * p * p] patch
+    rows with the flattened filters: the same sums in another order. Why: on an H200 in bf16, cuDNN ran
+    ViT-B/16's 3-channel convolution at ~30 TFLOP/s (at batch 256, 1.9 ms forward and 1.2 ms for the weight
+    gradient, 4% of a compiled training step), and a matrix product of these shapes is what tensor cores are
+    built for; the gain on a GPU is expected, not yet measured. float32 keeps the convolution: there it
+    keeps the caller's images for backward, where the product would keep a copy of them. So does anything
+    else: a replaced, hooked or other kind of module, other strides or padding, and inputs the convolution
+    would refuse (with its own error)."""
+    if not _runs_as_matrix_product(conv, images):
         return conv(images).flatten(2).transpose(1, 2)
+    if autocast_enabled_for(images):  # cast before the rearranging copy, so that copy is the half-size one
+        images = images.to(torch.get_autocast_dtype(images.device.type))
+    return patch_rows_times_filters(conv, images)
+
+
+def patch_rows_times_filters(conv: nn.Conv2d, images: torch.Tensor) -> torch.Tensor:
+    """The patch convolution's output, N,patches,width, as a matrix product (see `embed_patches`)."""
     n, channels, height, width = images.shape
     patch = conv.kernel_size[0]
     rows, columns = height // patch, width // patch  # a remainder is left out, as the convolution does
-    if rows == 0 or columns == 0:
-        return conv(images).flatten(2).transpose(1, 2)  # the convolution's own error for a too-small image
     patches = images[:, :, : rows * patch, : columns * patch].reshape(n, channels, rows, patch, columns, patch)
     # -> N, rows, columns, C, p, p: each patch's values in the order of the filters' flattened weights
     patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(n, rows * columns, channels * patch * patch)
@@ -126,14 +135,25 @@ def embed_patches(conv: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 _OWN_CONV2D_FORWARD = nn.Conv2d.forward  # as torch wrote it: a later replacement on the class counts as one
+_HALF_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _plain_patch_convolution(conv: nn.Module) -> bool:
-    return (
-        type(conv) is nn.Conv2d and not forward_replaced(conv, _OWN_CONV2D_FORWARD) and not has_hooks(conv)
+def _runs_as_matrix_product(conv: nn.Module, images: torch.Tensor) -> bool:
+    plain = (
+        # Hooks on conv1 itself: the caller watches it, so it runs. Global hooks (whole-program tools: FLOP
+        # counters, memory trackers) see the model run as it does, as the blocks do (clip.transformer).
+        type(conv) is nn.Conv2d and not forward_replaced(conv, _OWN_CONV2D_FORWARD)
+        and not has_hooks(conv, count_global=False)
         and conv.kernel_size[0] == conv.kernel_size[1] and tuple(conv.stride) == tuple(conv.kernel_size)
         and tuple(conv.padding) == (0, 0) and tuple(conv.dilation) == (1, 1) and conv.groups == 1
     )
+    if not plain or images.dim() != 4 or images.shape[1] != conv.in_channels or images.device != conv.weight.device:
+        return False
+    if min(images.shape[2:]) < conv.kernel_size[0]:
+        return False  # smaller than one patch
+    if autocast_enabled_for(images):
+        return torch.get_autocast_dtype(images.device.type) in _HALF_PRECISION
+    return images.dtype in _HALF_PRECISION and images.dtype == conv.weight.dtype
 
 
 def openai_vision_config(

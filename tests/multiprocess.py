@@ -74,10 +74,9 @@ def lock_held_by_another_process(run_dir: Path) -> Iterator[int]:
     finally:
         # A line, not only end of input: a process forked meanwhile (a data loader worker, say) inherits this pipe's
         # writing end, and the holder would see no end of input until that process exited as well
-        try:
+        with contextlib.suppress(BrokenPipeError):  # the holder is gone already (close flushes the line again)
             holder.stdin.write("release\n")
             holder.stdin.flush()
-        except BrokenPipeError:  # the holder is gone already
-            pass
-        holder.stdin.close()
+        with contextlib.suppress(BrokenPipeError):
+            holder.stdin.close()
         holder.wait(timeout=60)

@@ -116,11 +116,11 @@ def embed_patches(conv: nn.Module, images: torch.Tensor) -> torch.Tensor:
     keeps the caller's images for backward, where the product would keep a copy of them. So does anything
     else: a replaced, hooked or other kind of module, other strides or padding, and inputs the convolution
     would refuse (with its own error)."""
-    if not _runs_as_matrix_product(conv, images):
+    dtype = _matrix_product_dtype(conv, images)
+    if dtype is None:
         return conv(images).flatten(2).transpose(1, 2)
-    if autocast_enabled_for(images):  # cast before the rearranging copy, so that copy is the half-size one
-        images = images.to(torch.get_autocast_dtype(images.device.type))
-    return patch_rows_times_filters(conv, images)
+    # Under autocast, cast before the rearranging copy, so that copy is the half-size one
+    return patch_rows_times_filters(conv, images.to(dtype))
 
 
 def patch_rows_times_filters(conv: nn.Conv2d, images: torch.Tensor) -> torch.Tensor:
@@ -138,7 +138,9 @@ _OWN_CONV2D_FORWARD = nn.Conv2d.forward  # as torch wrote it: a later replacemen
 _HALF_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _runs_as_matrix_product(conv: nn.Module, images: torch.Tensor) -> bool:
+def _matrix_product_dtype(conv: nn.Module, images: torch.Tensor) -> torch.dtype | None:
+    """The half-precision dtype the patch embedding runs in as a matrix product (autocast's, or the images'
+    and filters' own), or None where the convolution runs."""
     plain = (
         # Hooks on conv1 itself: the caller watches it, so it runs. Global hooks (whole-program tools: FLOP
         # counters, memory trackers) see the model run as it does, as the blocks do (clip.transformer).
@@ -148,12 +150,14 @@ def _runs_as_matrix_product(conv: nn.Module, images: torch.Tensor) -> bool:
         and tuple(conv.padding) == (0, 0) and tuple(conv.dilation) == (1, 1) and conv.groups == 1
     )
     if not plain or images.dim() != 4 or images.shape[1] != conv.in_channels or images.device != conv.weight.device:
-        return False
+        return None
     if min(images.shape[2:]) < conv.kernel_size[0]:
-        return False  # smaller than one patch
+        return None  # smaller than one patch
     if autocast_enabled_for(images):
-        return torch.get_autocast_dtype(images.device.type) in _HALF_PRECISION
-    return images.dtype in _HALF_PRECISION and images.dtype == conv.weight.dtype
+        dtype = torch.get_autocast_dtype(images.device.type)
+    else:
+        dtype = images.dtype if images.dtype == conv.weight.dtype else None
+    return dtype if dtype in _HALF_PRECISION else None
 
 
 def openai_vision_config(

@@ -511,30 +511,12 @@ def test_a_block_takes_a_strided_input_other_than_the_models_layout():
     torch.testing.assert_close(block(x), block(x.contiguous()), rtol=1e-12, atol=1e-12)
 
 
-class _NewTensorSizes:
-    """Records the element count of every tensor that the aten operators run under it write anew (views of
-    existing tensors left out), backward's included."""
-
-    def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        sizes = self.sizes = []
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                if not func.is_view:
-                    outs = out if isinstance(out, (tuple, list)) else [out]
-                    sizes.extend(t.numel() for t in outs if isinstance(t, torch.Tensor))
-                return out
-
-        self.mode = Mode()
-
-
 @pytest.mark.parametrize("case", ["models-layout", "contiguous-LND", "attend-from"])
 def test_attention_backward_writes_the_projection_gradient_in_one_copy(case):
     # The q/k/v gradients go into the fused input projection's gradient: one [N, L, 3D] tensor written once
     # (stacked in the projection output's own layout), not stacked elsewhere and then copied into it.
+    from aten_calls import AtenCalls
+
     from clip.transformer import MultiheadSelfAttention
 
     torch.manual_seed(0)
@@ -547,11 +529,10 @@ def test_attention_backward_writes_the_projection_gradient_in_one_copy(case):
         out, fused = attention.attend_from(x, torch.tensor([0, 4, 9])), 2  # keys and values: [N, L, 2D]
     else:
         out, fused = attention(x, need_weights=False)[0], 3
-    recorder = _NewTensorSizes()
-    with recorder.mode:
+    with AtenCalls() as calls:
         out.backward(torch.randn_like(out))
     # Written once: stacked straight into the layout the projection's weight and input gradients read
-    assert recorder.sizes.count(n * length * fused * width) == 1
+    assert calls.new_tensor_sizes.count(n * length * fused * width) == 1
 
 
 def test_every_kind_of_hook_counts_as_watching_a_module():

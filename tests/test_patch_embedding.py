@@ -6,22 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from aten_calls import AtenCalls
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from clip.architectures import ModelConfig, TextConfig, VisionConfig
 from clip.model import CLIP
 from clip.vision_transformer import embed_patches, patch_rows_times_filters
-
-
-class _OperatorNames(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 def convolved(conv: nn.Conv2d, images: torch.Tensor) -> torch.Tensor:
@@ -29,9 +19,9 @@ def convolved(conv: nn.Conv2d, images: torch.Tensor) -> torch.Tensor:
 
 
 def ran_convolution(function, *args) -> tuple[torch.Tensor, bool]:
-    with _OperatorNames() as ops:
+    with AtenCalls() as calls:
         out = function(*args)
-    return out, "convolution" in ops.names
+    return out, "convolution" in calls.names
 
 
 @pytest.mark.parametrize(

@@ -251,28 +251,44 @@ class StepAgreement(NamedTuple):
     gradients_finite: bool  # the gradient norm is finite (always True when none was given)
     stop: bool  # some rank was asked to stop: checkpoint after this step
 
+    @property
+    def skipped(self) -> bool:
+        return not (self.losses_finite and self.gradients_finite)
 
-def agree_after_backward(
+    @classmethod
+    def read(cls, flags: torch.Tensor) -> StepAgreement:
+        """The verdict that `agreement_flags` holds, read on the host (a device sync when they are on a GPU)."""
+        all_losses_finite, all_gradients_finite, none_stopping = flags.tolist()
+        return cls(all_losses_finite == 1.0, all_gradients_finite == 1.0, none_stopping == 0.0)
+
+
+def agreement_flags(
     losses_finite: torch.Tensor, grad_norm: torch.Tensor | None, stop_requested: bool, dist_info: DistributedInfo,
-) -> StepAgreement:
-    """The step's verdict, from one collective and the step's only device sync.
+) -> torch.Tensor:
+    """The step's verdict as float32 [losses finite, gradients finite, not stopping] (1.0 or 0.0) on the device,
+    the same on every rank: one all-reduce (MIN) over them, and nothing read on the host.
 
     Every rank must skip a non-finite step together, or the ranks' weights would part; and ranks receive a
-    stop signal up to a step apart, but must stop after the same step. Both questions share one all-reduce
-    (MIN over [losses finite, gradients finite, not stopping]) after the backward passes, so the host waits
-    for the device once per step: reading the loss before its backward pass would leave the device idle
-    while the host launches that pass, once per micro-batch. The backward passes of a non-finite loss ran
-    (on every rank alike, so DDP's all-reduces pair up); the caller drops their gradients.
-    `losses_finite` is a boolean scalar on the device; `grad_norm` the (all-reduced, so rank-independent)
-    gradient norm, or None where something else judges the gradients (fp16's gradient scaler)."""
+    stop signal up to a step apart, but must stop after the same step. Both questions share the one collective,
+    after the backward passes. The backward passes of a non-finite loss ran (on every rank alike, so DDP's
+    all-reduces pair up); the caller drops their gradients. `losses_finite` is a boolean scalar on the device;
+    `grad_norm` the (all-reduced, so rank-independent) gradient norm, or None where something else judges the
+    gradients (fp16's gradient scaler)."""
     losses_finite = losses_finite.reshape(())  # a scalar: anything else is a bug upstream
     gradients_finite = torch.ones_like(losses_finite) if grad_norm is None else torch.isfinite(grad_norm.reshape(()))
     not_stopping = torch.full_like(losses_finite, not stop_requested, dtype=torch.bool)
     flags = torch.stack([losses_finite, gradients_finite.to(losses_finite.device), not_stopping]).to(torch.float32)
     if dist_info.is_distributed:
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-    all_losses_finite, all_gradients_finite, none_stopping = flags.tolist()
-    return StepAgreement(all_losses_finite == 1.0, all_gradients_finite == 1.0, none_stopping == 0.0)
+    return flags
+
+
+def agree_after_backward(
+    losses_finite: torch.Tensor, grad_norm: torch.Tensor | None, stop_requested: bool, dist_info: DistributedInfo,
+) -> StepAgreement:
+    """The step's verdict (`agreement_flags`), read on the host at once: the host waits for the device here.
+    The trainer reads it a step later where the step can be skipped on the device (clip.step_verdict)."""
+    return StepAgreement.read(agreement_flags(losses_finite, grad_norm, stop_requested, dist_info))
 
 
 def broadcast_buffers_from_rank_zero(module: torch.nn.Module) -> None:

@@ -35,7 +35,8 @@ from .data import (
 from .data.shards import require_shard_readers
 from .distributed import (
     DistributedInfo,
-    agree_after_backward,
+    StepAgreement,
+    agreement_flags,
     any_rank,
     broadcast_buffers_from_rank_zero,
     cleanup_distributed,
@@ -68,6 +69,7 @@ from .run_start import (
     start_new_run,
     warn_about_unlikely_settings,
 )
+from .step_verdict import VerdictInFlight, skips_on_device, step_or_skip_on_device
 from .stopping import EvaluationInterrupted, SetupInterrupted, StopRequest
 from .throughput import peak_flops, training_flops_per_sample
 from .tokenizer import get_tokenizer
@@ -564,6 +566,28 @@ def _train(
 
     set_training_modes(train_module, module.clip, config.train)
     batch_norm_statistics = BatchNormSnapshot(module)  # those that train: put back when a step is skipped
+    skip_on_device = skips_on_device(optimizer, scaler.is_enabled())
+    in_flight = None  # a step's verdict that the host has not read yet (skip_on_device)
+
+    def count_verdicts(verdicts: list[tuple[int, StepAgreement, torch.Tensor]]) -> bool:
+        """Counts, says and judges the skipped steps among `verdicts` (each with its step and loss, oldest
+        first): raises once too many came in a row. Returns whether one of them agreed to stop."""
+        nonlocal nonfinite_total, nonfinite_in_a_row
+        for verdict_step, agreed, verdict_loss in verdicts:
+            if not agreed.skipped:
+                nonfinite_in_a_row = 0
+                continue
+            nonfinite_total += 1
+            nonfinite_in_a_row += 1
+            if dist_info.is_main:  # the ranks skip together (agreement_flags)
+                log.warning("step %d: non-finite %s (loss %s); step skipped (%d in a row)", verdict_step,
+                            "loss" if not agreed.losses_finite else "gradients", verdict_loss.item(),
+                            nonfinite_in_a_row)
+            if nonfinite_in_a_row >= config.train.max_consecutive_nonfinite:
+                kept_at = saved_at["step"] if run_directory is None else run_directory.kept_step(saved_at["step"])
+                raise diverged(nonfinite_in_a_row, verdict_step, run_dir, kept_at)
+        return any(agreed.stop for _, agreed, _ in verdicts)
+
     # A tower locked whole computes the same features in accumulation's caching and gradient passes: reused
     locked_whole = {
         tower: getattr(config.train, f"lock_{tower}") and not getattr(config.train, f"lock_{tower}_unlocked_layers")
@@ -625,33 +649,47 @@ def _train(
         )
         step += 1
         # A finite loss can still give non-finite gradients, and one such step turns every weight it touches
-        # into NaN: the gradient norm is judged in the same read as the losses (every rank has the same
-        # all-reduced gradients). Under fp16 the gradient scaler judges them itself (skipping such steps is a
-        # routine part of finding its scale), and unscaling commits it to this step: the norm comes after.
+        # into NaN: the gradient norm is judged with the losses (every rank has the same all-reduced
+        # gradients). Under fp16 the gradient scaler judges them itself (skipping such steps is a routine part
+        # of finding its scale), and unscaling commits it to this step: the norm comes after.
         grad_norm = None if scaler.is_enabled() else gradient_norm(module, config.optimizer.grad_clip_norm)
-        agreed = agree_after_backward(torch.stack(losses_finite).all(), grad_norm, stop.requested, dist_info)
-        stopping = agreed.stop  # some rank was signalled: checkpoint after this step, then stop
-        skipped = not (agreed.losses_finite and agreed.gradients_finite)
-        what_failed = "loss" if not agreed.losses_finite else "gradients"
-        if not skipped and scaler.is_enabled():
-            scaler.unscale_(optimizer)
-            grad_norm = gradient_norm(module, config.optimizer.grad_clip_norm)
-        if skipped:
-            optimizer.zero_grad(set_to_none=True)
-            batch_norm_statistics.restore()
-            nonfinite_total += 1
-            nonfinite_in_a_row += 1
-            if dist_info.is_main:  # the ranks skip together (agree_after_backward)
-                log.warning("step %d: non-finite %s (loss %s); step skipped (%d in a row)", step, what_failed,
-                            loss.item(), nonfinite_in_a_row)
-            if nonfinite_in_a_row >= config.train.max_consecutive_nonfinite:
-                kept_at = saved_at["step"] if run_directory is None else run_directory.kept_step(saved_at["step"])
-                raise diverged(nonfinite_in_a_row, step, run_dir, kept_at)
-        else:
-            nonfinite_in_a_row = 0
-            scaler.step(optimizer)
-            scaler.update()
+        flags = agreement_flags(torch.stack(losses_finite).all(), grad_norm, stop.requested, dist_info)
+        # Verdicts read now, each with its step and loss (oldest first): this step's, and a previous one's
+        # that waited for it
+        verdicts: list[tuple[int, StepAgreement, torch.Tensor]] = []
+        if skip_on_device:
+            step_or_skip_on_device(optimizer, flags, batch_norm_statistics)
+            # Bounded whether the step was skipped or not: a skipped step's temperature was bounded already
             bound_temperature(module.clip, max_log_scale)
+            # The previous step's verdict is read once this step is launched: the device has finished that
+            # step meanwhile, or works on this one while the host waits. This step's waits for the next one,
+            # unless the host needs it now: to log, evaluate or save after this step, or at the last one.
+            # That is decided by the step number alone, so every rank reads each verdict at the same step and
+            # stops after the same one (a stop agreed meanwhile reads it below).
+            if in_flight is not None:
+                verdicts.append((in_flight.step, in_flight.read(), in_flight.loss))
+            in_flight = VerdictInFlight(step, flags, loss.detach())
+            if (step % config.logging.every_n_steps == 0 or step == last_step
+                    or (config.eval.every_n_steps and step % config.eval.every_n_steps == 0)
+                    or (config.checkpoint.every_n_steps and step % config.checkpoint.every_n_steps == 0)):
+                verdicts.append((step, in_flight.read(), in_flight.loss))
+                in_flight = None
+        else:  # read at once, and the step taken or skipped on the host
+            agreed = StepAgreement.read(flags)
+            if not agreed.skipped and scaler.is_enabled():
+                scaler.unscale_(optimizer)
+                grad_norm = gradient_norm(module, config.optimizer.grad_clip_norm)
+            if agreed.skipped:
+                optimizer.zero_grad(set_to_none=True)
+                batch_norm_statistics.restore()
+            else:
+                scaler.step(optimizer)
+                scaler.update()
+                bound_temperature(module.clip, max_log_scale)
+            verdicts.append((step, agreed, loss))
+        stopping = count_verdicts(verdicts)  # some rank was signalled: checkpoint after this step, then stop
+        # this step's verdict, where it is read already (always on the steps that log)
+        skipped = verdicts[-1][1].skipped if verdicts and verdicts[-1][0] == step else None
         window.samples += global_batch
 
         if step % config.logging.every_n_steps == 0 or step == last_step:
@@ -697,6 +735,9 @@ def _train(
 
         # One process needs no agreement: a signal that came after this step's backward pass counts now.
         stop_now = stopping or (not dist_info.is_distributed and stop.requested)
+        if stop_now and in_flight is not None:  # this step's verdict, left for the next step, is read before saving
+            count_verdicts([(step, in_flight.read(), in_flight.loss)])
+            in_flight = None
         evaluate_now = config.eval.every_n_steps and step % config.eval.every_n_steps == 0 and step < total_steps
         if evaluate_now and not stop_now:
             # A pre-empted run spends its grace period saving, not evaluating: a signal (also one after this

@@ -150,16 +150,36 @@ class BatchNormSnapshot:
 
     def __init__(self, module: nn.Module) -> None:
         norms = batch_norms_updating_statistics(module)
-        # Grouped by dtype (float statistics, int64 counters): a multi-tensor copy of one dtype is one kernel
-        # on CUDA, a mixed list falls back to one copy per tensor
-        groups = {"float": [n.running_mean for n in norms] + [n.running_var for n in norms],
-                  "counters": [n.num_batches_tracked for n in norms]}
-        self.groups = [(buffers, [b.clone() for b in buffers]) for buffers in groups.values() if buffers]
+        statistics = [n.running_mean for n in norms] + [n.running_var for n in norms]
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for buffer in statistics + [n.num_batches_tracked for n in norms]:
+            by_dtype.setdefault(buffer.dtype, []).append(buffer)
+        # Per dtype (float statistics, int64 counters), the copies are views of one flat tensor: a multi-tensor
+        # copy of one dtype is one kernel on CUDA (a mixed list falls back to one copy per tensor), and
+        # restore_if chooses between a whole dtype's values in one torch.where
+        self.groups = []
+        for buffers in by_dtype.values():
+            flat = torch.cat([b.detach().reshape(-1) for b in buffers])
+            self.groups.append((buffers, flat, _views_like(flat, buffers)))
 
     def take(self) -> None:
-        for buffers, saved in self.groups:  # no sync
+        for buffers, _, saved in self.groups:  # no sync
             torch._foreach_copy_(saved, buffers)
 
     def restore(self) -> None:
-        for buffers, saved in self.groups:
+        for buffers, _, saved in self.groups:
             torch._foreach_copy_(buffers, saved)
+
+    def restore_if(self, skipped: torch.Tensor) -> None:
+        """restore() decided on the device by `skipped`, a boolean scalar there: nothing is read on the host.
+        By torch.where, not arithmetic on the flag: a buffer that the step made NaN must come back exactly."""
+        with torch.no_grad():
+            for buffers, saved_flat, _ in self.groups:
+                chosen = torch.where(skipped, saved_flat, torch.cat([b.reshape(-1) for b in buffers]))
+                torch._foreach_copy_(buffers, _views_like(chosen, buffers))
+
+
+def _views_like(flat: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`flat` cut into consecutive views with the shapes of `tensors`."""
+    pieces = flat.split([t.numel() for t in tensors])
+    return [piece.view(t.shape) for piece, t in zip(pieces, tensors)]

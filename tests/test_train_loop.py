@@ -356,7 +356,7 @@ def test_the_step_is_judged_once_after_all_its_backward_passes(tmp_path, monkeyp
     # once per step, when every micro-batch's gradients exist.
     import clip.train as train_module
 
-    real, seen = train_module.agree_after_backward, []
+    real, seen = train_module.agreement_flags, []
 
     def recording(losses_finite, grad_norm, stop_requested, dist_info):
         have_gradients = any(p.grad is not None for p in trained["module"].parameters())
@@ -369,7 +369,7 @@ def test_the_step_is_judged_once_after_all_its_backward_passes(tmp_path, monkeyp
         trained["module"] = module
         return real_step(module, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "agree_after_backward", recording)
+    monkeypatch.setattr(train_module, "agreement_flags", recording)
     monkeypatch.setattr(train_module, "contrastive_step", keeping_module)
     train(tiny_config(tmp_path, "schedule.steps=3", "eval.every_n_steps=0", "train.accumulation_steps=2"))
     assert seen == [(True, True)] * 3

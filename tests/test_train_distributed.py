@@ -178,6 +178,19 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     assert_same_final_weights(tmp_path / "straight", tmp_path / "resumed", step=4)
 
 
+def test_a_signal_to_one_rank_at_a_step_whose_verdict_waits_stops_every_rank_after_the_next_step(tmp_path):
+    # No step logs before the last: step 2's verdict, with rank 1's stop in it, is read by both ranks once step 3
+    # is launched (clip.step_verdict). Both stop after step 3 and save it together; resumed, the run ends as a
+    # straight one does.
+    extra = ["eval.every_n_steps=0", "schedule.steps=5", "checkpoint.every_n_steps=0", "logging.every_n_steps=10"]
+    run_two_ranks(tmp_path / "straight", extra=extra)
+    spawn_ranks(_signalled_worker, (2, free_port(), str(tmp_path / "resumed"), extra))
+    state = ckpt.load_latest_checkpoint(tmp_path / "resumed")
+    assert state["step"] == 3 and len(state["data"]) == 2
+    run_two_ranks(tmp_path / "resumed", extra=extra)
+    assert_same_final_weights(tmp_path / "straight", tmp_path / "resumed", step=5)
+
+
 def test_a_signal_to_one_rank_in_the_last_step_skips_the_final_evaluation_on_every_rank(tmp_path):
     # Ranks evaluate together or not at all (the evaluation's collectives must pair up); the run started
     # again only evaluates.

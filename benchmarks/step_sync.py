@@ -1,10 +1,12 @@
 """What the training step's one host sync costs: one model, one optimiser, one batch, the step timed three ways
 in the same process (so a compiled model is compiled once):
 
-  host:      as clip.train: the losses' and the gradient norm's finiteness read on the host after the backward
-             pass (one device sync per step), and the optimiser stepped only when they are finite;
-  on-device: the same verdict left on the device and handed to the fused AdamW as its `found_inf` flag (the
-             kernel skips the update when it is set, as it does for fp16's gradient scaler); nothing is read;
+  host:      the losses' and the gradient norm's finiteness read on the host after the backward pass (one
+             device sync per step), and the optimiser stepped only when they are finite: clip.train's way
+             before clip.step_verdict, and still with a non-fused optimiser;
+  on-device: clip.train's way with the fused AdamW (clip.step_verdict): the same verdict handed to the
+             optimiser as its `found_inf` flag (its kernel skips the update when it is set), and read on the
+             host a step later;
   unchecked: neither the verdict nor the gradient norm computed (the bound: what checking costs at all).
 
     python benchmarks/step_sync.py --device cuda --arch ViT-B/16 --batch 256 --compile default
@@ -40,12 +42,15 @@ VARIANTS = ("host", "on-device", "unchecked")
 
 def make_steps(module, runner, optimizer, loss_fn, logit_scale, images, texts, dtype, cuda_graphs: bool):
     """{variant: step function} over the same module and optimiser."""
-    from clip.distributed import DistributedInfo, agree_after_backward
+    from clip.distributed import DistributedInfo, StepAgreement, agreement_flags
+    from clip.step_verdict import VerdictInFlight, step_or_skip_on_device
     from clip.train import gradient_norm
-    from clip.train_step import contrastive_step
+    from clip.train_step import BatchNormSnapshot, contrastive_step
 
     device = images.device
     one_process = DistributedInfo(rank=0, world_size=1, local_rank=0, device=device)
+    batch_norms = BatchNormSnapshot(module)
+    in_flight = []
 
     def autocast():
         return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
@@ -53,6 +58,7 @@ def make_steps(module, runner, optimizer, loss_fn, logit_scale, images, texts, d
     def forward_backward():
         if cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are no longer read
+        batch_norms.take()
         optimizer.zero_grad(set_to_none=True)
         losses_finite = []
 
@@ -67,28 +73,28 @@ def make_steps(module, runner, optimizer, loss_fn, logit_scale, images, texts, d
         with torch.no_grad():
             logit_scale.clamp_(0, train_step.MAX_LOG_LOGIT_SCALE)
 
-    def host():
+    def host():  # clip.train before clip.step_verdict; still its way with a non-fused optimiser
         loss, losses_finite = forward_backward()
-        grad_norm = gradient_norm(module, None)
-        agreed = agree_after_backward(torch.stack(losses_finite).all(), grad_norm, False, one_process)
-        optimizer.found_inf = None
-        if agreed.losses_finite and agreed.gradients_finite:
+        flags = agreement_flags(torch.stack(losses_finite).all(), gradient_norm(module, None), False, one_process)
+        if StepAgreement.read(flags).skipped:
+            batch_norms.restore()
+        else:
             optimizer.step()
         finish()
         return loss
 
-    def on_device():
+    def on_device():  # clip.train with the fused AdamW: the verdict read after the next step is launched
         loss, losses_finite = forward_backward()
-        grad_norm = gradient_norm(module, None)
-        finite = torch.stack(losses_finite).all() & torch.isfinite(grad_norm)
-        optimizer.grad_scale, optimizer.found_inf = None, (~finite).to(torch.float32)
-        optimizer.step()
+        flags = agreement_flags(torch.stack(losses_finite).all(), gradient_norm(module, None), False, one_process)
+        step_or_skip_on_device(optimizer, flags, batch_norms)
         finish()
+        in_flight.append(VerdictInFlight(0, flags, loss))
+        if len(in_flight) > 1:
+            in_flight.pop(0).read()
         return loss
 
     def unchecked():
         loss, _ = forward_backward()
-        optimizer.found_inf = None
         optimizer.step()
         finish()
         return loss

@@ -10,8 +10,9 @@ training script does it:
   ours:      ContrastiveModel + build_loss(LossConfig()) + build_optimizer (implementation "auto"), driven
              by clip.train.contrastive_step; as clip.train does, a ResNet runs channels-last on CUDA and the
              captions are cut after the batch's last end-of-text token on the host (no device sync); the
-             losses' and the gradient norm's finiteness are read on the host after the backward pass, to
-             skip a non-finite step (one device sync per step). On the CPU, malloc keeps freed memory for
+             losses' and the gradient norm's finiteness decide on the device whether the fused AdamW steps,
+             and the host reads that verdict a step later (clip.step_verdict: no device sync per step; with
+             --optimizer foreach or for-loop, read at once). On the CPU, malloc keeps freed memory for
              the next step (clip.cpu_memory), as clip.train does there (--cpu-malloc).
   open_clip: open_clip.create_model("<arch>-quickgelu") (OpenAI's QuickGELU settings) + open_clip.loss.ClipLoss
              + torch.optim.AdamW with open_clip's weight-decay groups and torch's default implementation
@@ -160,10 +161,10 @@ def make_step(job: dict, device: torch.device, images: torch.Tensor, texts: torc
 
     clip_norm = job.get("grad_clip_norm")
     if job["library"] == "ours":
-        from clip.distributed import DistributedInfo
-        from clip.distributed import agree_after_backward
+        from clip.distributed import DistributedInfo, StepAgreement, agreement_flags
+        from clip.step_verdict import VerdictInFlight, skips_on_device, step_or_skip_on_device
         from clip.train import gradient_norm
-        from clip.train_step import contrastive_step
+        from clip.train_step import BatchNormSnapshot, contrastive_step
 
         module, optimizer, loss_fn, logit_scale = build_ours(job["arch"], device, job["optimizer"])
         runner = module
@@ -173,19 +174,33 @@ def make_step(job: dict, device: torch.device, images: torch.Tensor, texts: torc
             else:
                 runner = torch.compile(module)
         one_process = DistributedInfo(rank=0, world_size=1, local_rank=0, device=device)
-        losses_finite = []
+        batch_norms = BatchNormSnapshot(module)
+        on_device = skips_on_device(optimizer, gradient_scaler_enabled=False)
+        losses_finite, in_flight = [], []
 
         def backward(loss: torch.Tensor) -> None:
             losses_finite.append(torch.isfinite(loss.detach()))
             loss.backward()
 
-        def forward_backward() -> torch.Tensor:
+        def ours_step() -> torch.Tensor:
+            # As clip.train does (no step logs here): the losses' and the gradient norm's finiteness decide
+            # the step on the device with the fused AdamW, and the host reads that verdict after launching the
+            # next step; with another optimiser it reads it at once (a device sync per step) and decides.
             losses_finite.clear()
+            batch_norms.take()
+            optimizer.zero_grad(set_to_none=True)
             loss, _ = contrastive_step(runner, images, texts, 1, loss_fn, autocast, backward, False)
-            # As clip.train does: the losses' and the gradient norm's finiteness (clipped or not) are read on
-            # the host after the backward pass, to skip a non-finite step (the step's one device sync)
             grad_norm = gradient_norm(module, clip_norm)
-            agree_after_backward(torch.stack(losses_finite).all(), grad_norm, False, one_process)
+            flags = agreement_flags(torch.stack(losses_finite).all(), grad_norm, False, one_process)
+            if on_device:
+                step_or_skip_on_device(optimizer, flags, batch_norms)
+                in_flight.append(VerdictInFlight(0, flags, loss))
+                if len(in_flight) > 1:
+                    in_flight.pop(0).read()
+            elif StepAgreement.read(flags).skipped:
+                batch_norms.restore()
+            else:
+                optimizer.step()
             return loss
     else:
         module, optimizer, loss_fn, logit_scale = build_open_clip(job["arch"], device)
@@ -199,11 +214,14 @@ def make_step(job: dict, device: torch.device, images: torch.Tensor, texts: torc
             return loss.detach()
 
     def step() -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        loss = forward_backward()
-        if job["library"] != "ours" and clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(module.parameters(), clip_norm)
-        optimizer.step()
+        if job["library"] == "ours":
+            loss = ours_step()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            loss = forward_backward()
+            if clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(module.parameters(), clip_norm)
+            optimizer.step()
         with torch.no_grad():
             logit_scale.clamp_(0, MAX_LOG_LOGIT_SCALE)
         return loss

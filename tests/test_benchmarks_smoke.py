@@ -69,6 +69,17 @@ def test_train_step_runs_both_libraries_and_reports_ratios(tmp_path):
         assert row["speedup"] > 0 and row["memory_ratio"] > 0
 
 
+def test_step_sync_times_each_way_of_reading_the_verdict(tmp_path):
+    output = tmp_path / "step_sync.json"
+    command = [sys.executable, str(BENCHMARKS / "step_sync.py"), "--device", "cpu", "--arch", json.dumps(TINY_VIT),
+               "--batch", "2", "--compile", "none", "--warmup", "1", "--steps", "1", "--repeats", "1",
+               "--json", str(output)]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    result = json.loads(output.read_text())
+    assert set(result["variants"]) == {"host", "on-device", "unchecked"}
+    assert all(variant["step_ms"] > 0 for variant in result["variants"].values()) and result["losses_finite"]
+
+
 @pytest.mark.parametrize("policy, kept_by", [("trainers", {"ours"}), ("both", {"ours", "open_clip"}), ("neither", set())])
 def test_train_step_keeps_freed_memory_in_the_processes_cpu_malloc_names(benchmark_modules, monkeypatch, policy,
                                                                         kept_by):

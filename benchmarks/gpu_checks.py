@@ -5,11 +5,13 @@ on a tiny model):
      compute the image features its caching pass cached, bit for bit on the CPU, within float32 rounding on
      a GPU (far below what another mask changes): the trainer replays the CUDA generator, which on the CPU
      the tests check and on CUDA only a GPU can;
-  2. PixelNormalizer on the device: the same values as on the CPU, channels-last kept;
+  2. PixelNormalizer on the device: the same values as on the CPU, channels-last kept; a non-finite step
+     skipped on the device (clip.step_verdict) leaves every weight, moment and statistic as it was;
   3. the trainer itself (clip.train.train, a few steps of a tiny model, data through a worker and pinned
      memory) in the combinations whose GPU paths the CPU tests cannot reach: bf16 ViT with accumulation,
      patch dropout and gradient checkpointing; a channels-last ResNet, partly locked, with accumulation;
-     fp16 with gradient clipping (the gradient scaler with fused AdamW); TF32 with torch.compile (CUDA
+     fp16 with gradient clipping (the gradient scaler with fused AdamW); bf16 with verdicts read a step
+     late; TF32 with torch.compile (CUDA
      only, run last: compiling is the slowest); and a run stopped and resumed against an uninterrupted one
      (GPU kernels are not bitwise reproducible: within a tenth of what the last two steps changed). Each
      its own check, the JSON written after every one. Needs the BPE merges file in $CLIP_CACHE_DIR; skipped
@@ -116,6 +118,60 @@ def normalizer_on_device(device: torch.device) -> dict:
     return {"max_difference": difference, "channels_last_kept": kept, "ok": difference <= 1e-6 and kept}
 
 
+def step_skipped_on_device(device: torch.device) -> dict:
+    """clip.step_verdict on the device: a step whose loss is not finite, skipped by the fused AdamW's found_inf
+    flag, leaves the weights, the moments, the step counts and the BatchNorm statistics exactly as they were,
+    and its verdict comes through pinned memory once the next step is launched; a finite step is the plain
+    optimiser step (within float32 rounding: cuBLAS may pick other kernels for the two copies)."""
+    import copy
+
+    from torch import nn
+
+    from clip.distributed import DistributedInfo, agreement_flags
+    from clip.step_verdict import VerdictInFlight, step_or_skip_on_device
+    from clip.train import gradient_norm
+
+    torch.manual_seed(0)
+    one_process = DistributedInfo(rank=0, world_size=1, local_rank=0, device=device)
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    snapshot = train_module.BatchNormSnapshot(model)
+
+    def state(of_model, of_optimizer) -> list[torch.Tensor]:
+        moments = [t for values in of_optimizer.state.values() for t in values.values()]
+        return [t.detach().clone() for t in [*of_model.parameters(), *of_model.buffers(), *moments]]
+
+    def step(inputs: torch.Tensor) -> VerdictInFlight:
+        snapshot.take()
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(inputs).square().mean()
+        loss.backward()
+        flags = agreement_flags(torch.isfinite(loss.detach()), gradient_norm(model, None), False, one_process)
+        step_or_skip_on_device(optimizer, flags, snapshot)
+        return VerdictInFlight(0, flags, loss.detach())
+
+    step(torch.randn(16, 8, device=device)).read()  # moments and counts for the skip to keep
+    before = state(model, optimizer)
+    bad = torch.randn(16, 8, device=device)
+    bad[0, 0] = float("inf")
+    skipped = step(bad)
+    # a copy of everything after the skip, to compare with `before` and to take the next step the plain way
+    plain_model = copy.deepcopy(model)
+    plain_optimizer = torch.optim.AdamW(plain_model.parameters(), lr=0.1, fused=True)
+    plain_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # deep: loading shares the moments
+    kept = all(torch.equal(a, b) for a, b in zip(before, state(plain_model, plain_optimizer), strict=True))
+    good = torch.randn(16, 8, device=device)
+    taken = step(good)  # launched before the skipped step's verdict is read, as the trainer does
+    verdicts = (skipped.read().skipped, taken.read().skipped)
+    plain_optimizer.zero_grad(set_to_none=True)
+    plain_model(good).square().mean().backward()
+    plain_optimizer.step()
+    difference = max((a.float() - b.float()).abs().max().item()
+                     for a, b in zip(state(model, optimizer), state(plain_model, plain_optimizer)))
+    return {"ok": kept and verdicts == (True, False) and difference <= 1e-6, "skipped_step_left_all_as_it_was": kept,
+            "verdicts_skipped": verdicts, "taken_step_vs_plain_step": difference}
+
+
 TRAINER_BASE = [
     "model.embed_dim=32", "model.vision.image_size=32", "model.vision.patch_size=8", "model.vision.width=64",
     "model.vision.layers=2", "model.vision.heads=2", "model.text.width=64", "model.text.layers=2",
@@ -130,6 +186,8 @@ TRAINER_CASES = {
     "bf16_resnet_partly_locked_accumulation": [*RESNET, "train.precision=bf16", "train.accumulation_steps=2",
                                                "train.lock_image=true", "train.lock_image_unlocked_layers=1"],
     "fp16_clipped": ["train.precision=fp16", "optimizer.grad_clip_norm=1.0"],
+    # steps 1 and 2 log nothing: their verdicts are read a step late (clip.step_verdict)
+    "bf16_verdicts_read_late": ["train.precision=bf16", "logging.every_n_steps=3", "checkpoint.every_n_steps=0"],
     "tf32_compiled": ["train.precision=fp32", "train.tf32=true", "train.compile=true"],
 }
 
@@ -227,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = {
         "patch_dropout_replay_eager": lambda: replayed_patch_dropout(device, compile=False),
         "normalizer": lambda: normalizer_on_device(device),
+        "step_skipped_on_device": lambda: step_skipped_on_device(device),
     }
     if not args.no_compile:  # before the trainer runs: their TF32 case leaves TF32 on for the process
         checks["patch_dropout_replay_compiled"] = lambda: replayed_patch_dropout(device, compile=True)

@@ -20,11 +20,19 @@ from .distributed import StepAgreement
 from .train_step import BatchNormSnapshot
 
 
+# The devices whose fused AdamW kernel honours found_inf. Others accept fused=True too, but MPS's, for one, is
+# handed the flag and does not pass it on: the update would be applied while the step counts were put back.
+FOUND_INF_DEVICES = ("cuda", "cpu")
+
+
 def skips_on_device(optimizer: torch.optim.Optimizer, gradient_scaler_enabled: bool) -> bool:
     """Whether a non-finite step can be skipped without the host reading its verdict first: the optimiser is
-    the fused AdamW (its kernel honours `found_inf`; the foreach and for-loop ones do not), and no fp16
-    gradient scaler runs (it judges the gradients itself, from a host read of its own)."""
-    return isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused")) and not gradient_scaler_enabled
+    the fused AdamW (the foreach and for-loop ones have no `found_inf`) with its parameters where its kernel
+    honours the flag, and no fp16 gradient scaler runs (it judges the gradients itself, from a host read of
+    its own)."""
+    if not isinstance(optimizer, torch.optim.AdamW) or not optimizer.defaults.get("fused") or gradient_scaler_enabled:
+        return False
+    return all(p.device.type in FOUND_INF_DEVICES for group in optimizer.param_groups for p in group["params"])
 
 
 def step_or_skip_on_device(optimizer: torch.optim.AdamW, flags: torch.Tensor, batch_norms: BatchNormSnapshot) -> None:
@@ -55,7 +63,7 @@ class VerdictInFlight:
             self._flags = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
             self._flags.copy_(flags, non_blocking=True)
             self._copied = torch.cuda.Event()
-            self._copied.record()
+            self._copied.record(torch.cuda.current_stream(flags.device))  # the stream the copy was queued on
         else:  # read as it is (on the CPU the values are there already)
             self._flags = flags
 

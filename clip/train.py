@@ -663,15 +663,14 @@ def _train(
             bound_temperature(module.clip, max_log_scale)
             # The previous step's verdict is read once this step is launched: the device has finished that
             # step meanwhile, or works on this one while the host waits. This step's waits for the next one,
-            # unless the host needs it now: to log, evaluate or save after this step, or at the last one.
-            # That is decided by the step number alone, so every rank reads each verdict at the same step and
-            # stops after the same one (a stop agreed meanwhile reads it below).
+            # unless the host needs it now: to log this step, at the last one, or before an evaluation (which
+            # a run that gives up now does not start). That is decided by the step number alone, so every rank
+            # reads each verdict at the same step and stops after the same one. A save reads it too (below).
             if in_flight is not None:
                 verdicts.append((in_flight.step, in_flight.read(), in_flight.loss))
             in_flight = VerdictInFlight(step, flags, loss.detach())
             if (step % config.logging.every_n_steps == 0 or step == last_step
-                    or (config.eval.every_n_steps and step % config.eval.every_n_steps == 0)
-                    or (config.checkpoint.every_n_steps and step % config.checkpoint.every_n_steps == 0)):
+                    or (config.eval.every_n_steps and step % config.eval.every_n_steps == 0)):
                 verdicts.append((step, in_flight.read(), in_flight.loss))
                 in_flight = None
         else:  # read at once, and the step taken or skipped on the host
@@ -735,9 +734,6 @@ def _train(
 
         # One process needs no agreement: a signal that came after this step's backward pass counts now.
         stop_now = stopping or (not dist_info.is_distributed and stop.requested)
-        if stop_now and in_flight is not None:  # this step's verdict, left for the next step, is read before saving
-            count_verdicts([(step, in_flight.read(), in_flight.loss)])
-            in_flight = None
         evaluate_now = config.eval.every_n_steps and step % config.eval.every_n_steps == 0 and step < total_steps
         if evaluate_now and not stop_now:
             # A pre-empted run spends its grace period saving, not evaluating: a signal (also one after this
@@ -749,6 +745,11 @@ def _train(
                 if dist_info.is_main:
                     log.warning("step %d evaluation abandoned to stop: the resumed run makes it up first", step)
         every = config.checkpoint.every_n_steps
+        # A checkpoint's counts include this step: its verdict, if it still waits (a stop, also one an evaluation
+        # was abandoned for, comes at any step), is read first
+        if in_flight is not None and (stop_now or (every and step % every == 0)):
+            count_verdicts([(step, in_flight.read(), in_flight.loss)])
+            in_flight = None
         # Not while the losses are non-finite: the weights have not changed since they began, and each save
         # would prune an older checkpoint until only copies from that run of steps were left.
         periodic = every and step % every == 0 and step < last_step and nonfinite_in_a_row == 0

@@ -98,6 +98,9 @@ def test_only_the_fused_adamw_without_a_gradient_scaler_skips_on_the_device():
     assert skips_on_device(fused, gradient_scaler_enabled=False)
     assert not skips_on_device(fused, gradient_scaler_enabled=True)  # fp16: the scaler judges and steps itself
     assert not skips_on_device(foreach, gradient_scaler_enabled=False)  # its step has no found_inf
+    # parameters on a device whose fused kernel may ignore the flag (MPS's does): decided on the host
+    fused.param_groups[0]["params"] = [nn.Parameter(torch.empty(2, device="meta"))]
+    assert not skips_on_device(fused, gradient_scaler_enabled=False)
 
 
 def test_a_verdict_in_flight_reads_as_the_flags_say():
@@ -149,11 +152,22 @@ def test_a_step_skipped_and_read_late_trains_and_counts_as_one_read_at_once(tmp_
 
 def test_too_many_non_finite_steps_read_late_name_the_step_that_made_them_too_many(tmp_path, monkeypatch):
     poison_loss(monkeypatch, {2, 3, 4})
+    # step 4's verdict waits for step 5, a checkpoint step: it is counted, and the run gives up, before the save
     config = tiny_config(tmp_path, "schedule.steps=8", "train.max_consecutive_nonfinite=3", "eval.every_n_steps=0",
-                         "logging.every_n_steps=10", "checkpoint.every_n_steps=0")
+                         "logging.every_n_steps=10", "checkpoint.every_n_steps=5")
     with pytest.raises(NonFiniteLossError, match="3 non-finite losses or gradients in a row at step 4"):
         train(config)
-    assert ckpt.list_checkpoints(tmp_path) == []  # the step after them (5, launched already) is not saved
+    assert ckpt.list_checkpoints(tmp_path) == []
+
+
+def test_a_checkpoint_step_reads_its_own_verdict_before_it_saves(tmp_path, monkeypatch):
+    # Step 2 is non-finite and a checkpoint step: no periodic save while the losses are non-finite, and the
+    # final checkpoint counts it
+    poison_loss(monkeypatch, {2})
+    train(tiny_config(tmp_path, "schedule.steps=4", "eval.every_n_steps=0", "logging.every_n_steps=10",
+                      "checkpoint.every_n_steps=2"))
+    assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [4]
+    assert ckpt.load_latest_checkpoint(tmp_path)["metrics"]["nonfinite_steps_total"] == 1
 
 
 def test_a_resnet_step_skipped_and_read_late_leaves_its_batch_norm_statistics(tmp_path, monkeypatch, caplog):
@@ -206,3 +220,13 @@ def test_a_signal_at_a_step_whose_verdict_waits_reads_it_before_the_checkpoint(t
     assert "step 3: non-finite loss" in caplog.text
     metrics = ckpt.load_latest_checkpoint(tmp_path)["metrics"]
     assert metrics["nonfinite_steps_total"] == 1 and metrics["nonfinite_steps_in_a_row"] == 1
+
+
+def test_a_run_that_gives_up_at_an_evaluation_step_does_not_evaluate_first(tmp_path, monkeypatch):
+    poison_loss(monkeypatch, {1, 2})
+    config = tiny_config(tmp_path, "schedule.steps=4", "train.max_consecutive_nonfinite=2", "eval.every_n_steps=2",
+                         "logging.every_n_steps=10", "checkpoint.every_n_steps=0")
+    with pytest.raises(NonFiniteLossError, match="2 non-finite losses or gradients in a row at step 2"):
+        train(config)
+    metrics = tmp_path / "metrics.jsonl"
+    assert not metrics.exists() or "zeroshot/" not in metrics.read_text()

@@ -21,7 +21,8 @@ from .train_step import BatchNormSnapshot
 
 
 # The devices whose fused AdamW kernel honours found_inf. Others accept fused=True too, but MPS's, for one, is
-# handed the flag and does not pass it on: the update would be applied while the step counts were put back.
+# handed the flag and (in PyTorch's source as read) does not pass it to its kernel: the update would be applied
+# while the step counts were put back. Elsewhere the verdict is read at once, on the host.
 FOUND_INF_DEVICES = ("cuda", "cpu")
 
 

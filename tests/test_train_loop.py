@@ -406,8 +406,15 @@ def test_fp16_skips_a_non_finite_loss_without_touching_the_loss_scale(tmp_path, 
     assert all(torch.isfinite(t).all() for t in final_weights(tmp_path / "poisoned").values() if t.is_floating_point())
 
 
+# Each step's verdict read at once (it logs and saves), or a step late (clip.step_verdict)
+VERDICT_READING = {"at once": ["checkpoint.every_n_steps=1"],
+                   "late": ["checkpoint.every_n_steps=0", "logging.every_n_steps=10"]}
+
+
+@pytest.mark.parametrize("reading", list(VERDICT_READING))
 @pytest.mark.parametrize("accumulation", [1, 2])
-def test_a_skipped_step_leaves_batch_norm_statistics_as_they_were(tmp_path, monkeypatch, caplog, accumulation):
+def test_a_skipped_step_leaves_batch_norm_statistics_as_they_were(tmp_path, monkeypatch, caplog, accumulation,
+                                                                  reading):
     # An image with an inf pixel (fp16 activations overflowing, on a GPU) made a ResNet's running statistics
     # NaN in the forward pass, before the loss was judged: the step was skipped, but every later checkpoint
     # held NaN buffers and was refused, and pruning deleted the good ones until the run could not resume.
@@ -424,7 +431,7 @@ def test_a_skipped_step_leaves_batch_norm_statistics_as_they_were(tmp_path, monk
 
     monkeypatch.setattr(train_module, "contrastive_step", inf_in_step_2)
     resnet = ["model.vision.kind=resnet", "model.vision.layers=[1,1,1,1]", "model.vision.width=8"]
-    extra = [*resnet, "schedule.steps=3", "eval.every_n_steps=0", "eval.zeroshot=[]", "checkpoint.every_n_steps=1",
+    extra = [*resnet, "schedule.steps=3", "eval.every_n_steps=0", "eval.zeroshot=[]", *VERDICT_READING[reading],
              f"train.accumulation_steps={accumulation}"]
     with caplog.at_level(logging.WARNING):
         results = train(tiny_config(tmp_path, *extra))

@@ -654,6 +654,9 @@ def _train(
         # of finding its scale), and unscaling commits it to this step: the norm comes after.
         grad_norm = None if scaler.is_enabled() else gradient_norm(module, config.optimizer.grad_clip_norm)
         flags = agreement_flags(torch.stack(losses_finite).all(), grad_norm, stop.requested, dist_info)
+        logs_now = step % config.logging.every_n_steps == 0 or step == last_step
+        evaluate_now = config.eval.every_n_steps and step % config.eval.every_n_steps == 0 and step < total_steps
+        checkpoint_due = config.checkpoint.every_n_steps and step % config.checkpoint.every_n_steps == 0
         # Verdicts read now, each with its step and loss (oldest first): this step's, and a previous one's
         # that waited for it
         verdicts: list[tuple[int, StepAgreement, torch.Tensor]] = []
@@ -668,9 +671,8 @@ def _train(
             # reads each verdict at the same step and stops after the same one. A save reads it too (below).
             if in_flight is not None:
                 verdicts.append((in_flight.step, in_flight.read(), in_flight.loss))
-            in_flight = VerdictInFlight(step, flags, loss.detach())
-            if (step % config.logging.every_n_steps == 0 or step == last_step
-                    or (config.eval.every_n_steps and step % config.eval.every_n_steps == 0)):
+            in_flight = VerdictInFlight(step, flags, loss)
+            if logs_now or evaluate_now:
                 verdicts.append((step, in_flight.read(), in_flight.loss))
                 in_flight = None
         else:  # read at once, and the step taken or skipped on the host
@@ -691,7 +693,7 @@ def _train(
         skipped = verdicts[-1][1].skipped if verdicts and verdicts[-1][0] == step else None
         window.samples += global_batch
 
-        if step % config.logging.every_n_steps == 0 or step == last_step:
+        if logs_now:
             elapsed = window.training_seconds()
             samples_per_s = window.samples / max(elapsed, 1e-9)
             last_metrics = {
@@ -734,7 +736,6 @@ def _train(
 
         # One process needs no agreement: a signal that came after this step's backward pass counts now.
         stop_now = stopping or (not dist_info.is_distributed and stop.requested)
-        evaluate_now = config.eval.every_n_steps and step % config.eval.every_n_steps == 0 and step < total_steps
         if evaluate_now and not stop_now:
             # A pre-empted run spends its grace period saving, not evaluating: a signal (also one after this
             # step's agreement) abandons the evaluation, and the run saves and stops.
@@ -744,15 +745,14 @@ def _train(
                 stop_now = True
                 if dist_info.is_main:
                     log.warning("step %d evaluation abandoned to stop: the resumed run makes it up first", step)
-        every = config.checkpoint.every_n_steps
         # A checkpoint's counts include this step: its verdict, if it still waits (a stop, also one an evaluation
         # was abandoned for, comes at any step), is read first
-        if in_flight is not None and (stop_now or (every and step % every == 0)):
+        if in_flight is not None and (stop_now or checkpoint_due):
             count_verdicts([(step, in_flight.read(), in_flight.loss)])
             in_flight = None
         # Not while the losses are non-finite: the weights have not changed since they began, and each save
         # would prune an older checkpoint until only copies from that run of steps were left.
-        periodic = every and step % every == 0 and step < last_step and nonfinite_in_a_row == 0
+        periodic = checkpoint_due and step < last_step and nonfinite_in_a_row == 0
         if periodic or (stop_now and step < total_steps):
             # A periodic evaluation due now was skipped or abandoned only if the run is stopping
             owed = bool(evaluate_now) and stop_now

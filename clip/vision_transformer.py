@@ -112,7 +112,8 @@ def embed_patches(conv: nn.Module, images: torch.Tensor) -> torch.Tensor:
     rows with the flattened filters: the same sums in another order. Why: on an H200 in bf16, cuDNN ran
     ViT-B/16's 3-channel convolution at ~30 TFLOP/s (at batch 256, 1.9 ms forward and 1.2 ms for the weight
     gradient, 4% of a compiled training step), and a matrix product of these shapes is what tensor cores are
-    built for; the gain on a GPU is expected, not yet measured. float32 keeps the convolution: there it
+    built for: measured again on the H200, the convolution's kernels were gone from the compiled step's
+    profile (docs/benchmarks.md, second GPU run). float32 keeps the convolution: there it
     keeps the caller's images for backward, where the product would keep a copy of them. So does anything
     else: a replaced, hooked or other kind of module, other strides or padding, and inputs the convolution
     would refuse (with its own error)."""

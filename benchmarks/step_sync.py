@@ -42,8 +42,7 @@ VARIANTS = ("host", "on-device", "unchecked")
 
 def make_steps(module, runner, optimizer, loss_fn, logit_scale, images, texts, dtype, cuda_graphs: bool):
     """{variant: step function} over the same module and optimiser."""
-    from clip.distributed import DistributedInfo, StepAgreement, agreement_flags
-    from clip.step_verdict import VerdictInFlight, step_or_skip_on_device
+    from clip.distributed import DistributedInfo, agreement_flags
     from clip.train import gradient_norm
     from clip.train_step import BatchNormSnapshot, contrastive_step
 
@@ -73,25 +72,16 @@ def make_steps(module, runner, optimizer, loss_fn, logit_scale, images, texts, d
         with torch.no_grad():
             logit_scale.clamp_(0, train_step.MAX_LOG_LOGIT_SCALE)
 
-    def host():  # clip.train before clip.step_verdict; still its way with a non-fused optimiser
-        loss, losses_finite = forward_backward()
-        flags = agreement_flags(torch.stack(losses_finite).all(), gradient_norm(module, None), False, one_process)
-        if StepAgreement.read(flags).skipped:
-            batch_norms.restore()
-        else:
-            optimizer.step()
-        finish()
-        return loss
+    def judged(waiting: list | None):
+        """A step judged as clip.train does: on the host at once (None), or on the device and read late."""
+        def step():
+            loss, losses_finite = forward_backward()
+            flags = agreement_flags(torch.stack(losses_finite).all(), gradient_norm(module, None), False, one_process)
+            train_step.take_or_skip(optimizer, flags, loss, batch_norms, waiting)
+            finish()
+            return loss
 
-    def on_device():  # clip.train with the fused AdamW: the verdict read after the next step is launched
-        loss, losses_finite = forward_backward()
-        flags = agreement_flags(torch.stack(losses_finite).all(), gradient_norm(module, None), False, one_process)
-        step_or_skip_on_device(optimizer, flags, batch_norms)
-        finish()
-        in_flight.append(VerdictInFlight(0, flags, loss))
-        if len(in_flight) > 1:
-            in_flight.pop(0).read()
-        return loss
+        return step
 
     def unchecked():
         loss, _ = forward_backward()
@@ -99,7 +89,8 @@ def make_steps(module, runner, optimizer, loss_fn, logit_scale, images, texts, d
         finish()
         return loss
 
-    return {"host": host, "on-device": on_device, "unchecked": unchecked}
+    # host: clip.train before clip.step_verdict, and still its way with a non-fused optimiser
+    return {"host": judged(None), "on-device": judged(in_flight), "unchecked": unchecked}
 
 
 def busy_fraction(step, steps: int, device: torch.device) -> float | None:

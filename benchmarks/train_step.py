@@ -161,8 +161,8 @@ def make_step(job: dict, device: torch.device, images: torch.Tensor, texts: torc
 
     clip_norm = job.get("grad_clip_norm")
     if job["library"] == "ours":
-        from clip.distributed import DistributedInfo, StepAgreement, agreement_flags
-        from clip.step_verdict import VerdictInFlight, skips_on_device, step_or_skip_on_device
+        from clip.distributed import DistributedInfo, agreement_flags
+        from clip.step_verdict import skips_on_device
         from clip.train import gradient_norm
         from clip.train_step import BatchNormSnapshot, contrastive_step
 
@@ -192,15 +192,7 @@ def make_step(job: dict, device: torch.device, images: torch.Tensor, texts: torc
             loss, _ = contrastive_step(runner, images, texts, 1, loss_fn, autocast, backward, False)
             grad_norm = gradient_norm(module, clip_norm)
             flags = agreement_flags(torch.stack(losses_finite).all(), grad_norm, False, one_process)
-            if on_device:
-                step_or_skip_on_device(optimizer, flags, batch_norms)
-                in_flight.append(VerdictInFlight(0, flags, loss))
-                if len(in_flight) > 1:
-                    in_flight.pop(0).read()
-            elif StepAgreement.read(flags).skipped:
-                batch_norms.restore()
-            else:
-                optimizer.step()
+            take_or_skip(optimizer, flags, loss, batch_norms, in_flight if on_device else None)
             return loss
     else:
         module, optimizer, loss_fn, logit_scale = build_open_clip(job["arch"], device)
@@ -228,6 +220,24 @@ def make_step(job: dict, device: torch.device, images: torch.Tensor, texts: torc
 
     module.train()
     return step, module
+
+
+def take_or_skip(optimizer, flags: torch.Tensor, loss: torch.Tensor, batch_norms, in_flight: list | None) -> None:
+    """The optimiser's step as clip.train decides it from the step's verdict (`flags`) on steps that do not log:
+    with `in_flight` (a list; the fused AdamW), on the device, and the previous step's verdict read once this
+    one is launched; with None, the verdict read at once and the step taken or skipped on the host."""
+    from clip.distributed import StepAgreement
+    from clip.step_verdict import VerdictInFlight, step_or_skip_on_device
+
+    if in_flight is not None:
+        step_or_skip_on_device(optimizer, flags, batch_norms)
+        in_flight.append(VerdictInFlight(0, flags, loss))
+        if len(in_flight) > 1:
+            in_flight.pop(0).read()
+    elif StepAgreement.read(flags).skipped:
+        batch_norms.restore()
+    else:
+        optimizer.step()
 
 
 def compile_blocks(module: torch.nn.Module) -> None:

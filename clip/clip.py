@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from PIL import Image
-from torchvision.transforms import InterpolationMode
 
 # simple_tokenizer as in openai/CLIP, where this module imports it: `import clip`, then
 # `clip.simple_tokenizer.SimpleTokenizer()`
@@ -19,9 +20,11 @@ from . import available_models, simple_tokenizer  # noqa: F401
 from .download import cache_dir, download
 from .loading import load
 from .model import build_model
-from .preprocess import ImageTransform, image_transform
 from .released import RELEASED_WEIGHTS
 from .tokenizer import tokenize
+
+if TYPE_CHECKING:
+    from .preprocess import ImageTransform
 
 __all__ = ["available_models", "build_model", "load", "tokenize"]
 
@@ -37,10 +40,6 @@ def _download(url: str, root: str | Path | None = None) -> str:
     return str(download(url, sha256, root=root if root is not None else cache_dir()))
 
 
-# The interpolation of the preprocessing's resize, as openai/CLIP names it
-BICUBIC = InterpolationMode.BICUBIC
-
-
 def _convert_image_to_rgb(image: Image.Image) -> Image.Image:
     """The preprocessing's colour step as openai/CLIP's: `image.convert("RGB")`."""
     return image.convert("RGB")
@@ -48,6 +47,8 @@ def _convert_image_to_rgb(image: Image.Image) -> Image.Image:
 
 def _transform(n_px: int) -> ImageTransform:
     """openai/CLIP's evaluation preprocessing for `n_px`-pixel inputs."""
+    from .preprocess import image_transform  # here, not at import: torchvision's import costs seconds (image_modes)
+
     return image_transform(n_px)
 
 
@@ -62,4 +63,8 @@ def __getattr__(name: str):
     # openai/CLIP builds `_tokenizer` at import; here reading the merges file waits for the first use.
     if name == "_tokenizer":
         return _shared_simple_tokenizer()
+    if name == "BICUBIC":  # the interpolation of the preprocessing's resize, as openai/CLIP names it
+        from torchvision.transforms import InterpolationMode
+
+        return InterpolationMode.BICUBIC
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

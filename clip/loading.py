@@ -33,6 +33,7 @@ import io
 import logging
 import warnings
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,7 @@ from .device_names import DeviceNotAvailableError, available_device
 from .infer_architecture import ArchitectureInferenceError, infer_model_config
 from .model import CLIP, convert_to_half_precision
 from .position_grid import at_image_size, grid_side, trained_image_size
-from .preprocess import TRAINING_ALPHA_BACKGROUND, ImageTransform, image_transform
+from .image_modes import TRAINING_ALPHA_BACKGROUND
 from .released import RELEASED_WEIGHTS
 from .torchscript_reader import is_torchscript_archive
 from .weights_file import (
@@ -57,6 +58,9 @@ from .weights_file import (
     read_run_or_file,
     read_weights,
 )
+
+if TYPE_CHECKING:
+    from .preprocess import ImageTransform
 
 __all__ = [
     "DeviceNotAvailableError",
@@ -177,6 +181,8 @@ def _load(
     # export (clip-export) says which it is: it records the architecture of OpenAI's weights too.
     trained_here = weights.model_config is not None if weights.trained_here is None else weights.trained_here
     alpha_background = TRAINING_ALPHA_BACKGROUND if trained_here else None
+    from .preprocess import image_transform  # here, not at import: torchvision's import costs seconds (image_modes)
+
     return model, image_transform(model.visual.input_resolution, alpha_background=alpha_background), _source(
         path, weights.step, release, weights.sha256 if sha256 is None else sha256)
 
@@ -526,6 +532,8 @@ def _load_jit(archive: bytes, device: torch.device) -> tuple[nn.Module, ImageTra
         # io.BytesIO's read() of all of it returns these very bytes, not a copy
         model = torch.jit.load(io.BytesIO(archive), map_location=device).eval()
     retarget_torchscript(model, device)
+    from .preprocess import image_transform  # see _load
+
     return model, image_transform(int(model.input_resolution.item()))
 
 

@@ -39,8 +39,18 @@ def test_from_clip_import_clip():
 
 
 def test_openai_submodules_are_attributes_after_a_plain_import_clip():
-    # A fresh interpreter: in this one, other tests have imported the submodules already
-    code = "import clip; print(clip.simple_tokenizer.SimpleTokenizer, clip.model.build_model, clip.clip.load)"
+    # A fresh interpreter: in this one, other tests have imported the submodules already. Importing the package
+    # and the trainer leaves torchvision alone (its import pulls in torch._dynamo: seconds in every process,
+    # every training rank and DataLoader worker included); the preprocessing's names import it on first use.
+    code = "\n".join([
+        "import sys, clip, clip.train",
+        "print(clip.simple_tokenizer.SimpleTokenizer, clip.model.build_model, clip.clip.load)",
+        "assert 'torchvision' not in sys.modules, 'imported torchvision'",
+        "from clip import image_transform",
+        "from clip.clip import BICUBIC, _transform",
+        "assert _transform(32).transforms[0].interpolation is BICUBIC, _transform(32)",
+        "assert clip.image_transform is image_transform is clip.preprocess.image_transform",
+    ])
     root = Path(__file__).resolve().parents[1]
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     finished = subprocess.run([sys.executable, "-c", code], cwd=root, env=environment, capture_output=True,

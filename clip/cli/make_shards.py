@@ -52,7 +52,7 @@ from ..data.shards import (
     unexpanded_wildcards,
 )
 from ..dependencies import MissingDependency
-from ..preprocess import to_rgb
+from ..image_modes import to_rgb
 
 # Stored as they are; anything else -> PNG. MPO is how Pillow names a JPEG file that holds more pictures after
 # the first (many phones' and stereo cameras' photos): a JPEG to every reader, which shows its first picture,

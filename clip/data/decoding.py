@@ -12,7 +12,7 @@ Kinds of skipped samples (the sample is dropped and the next good one takes its 
     missing_image / missing_caption   a shard sample without an image / a caption member
     missing_shard / shard_read_error / shard_too_short   planned shard samples that could not be read
 Repairs (the sample is kept): converted_to_rgb (palette, CMYK, 16-bit, alpha, greyscale, ... via
-`clip.preprocess.to_rgb`), exif_rotated, caption_truncated (cut to the context length by the tokenizer; a
+`clip.image_modes.to_rgb`), exif_rotated, caption_truncated (cut to the context length by the tokenizer; a
 caption over CAPTION_CHARS_KEPT characters is cut to that many first).
 """
 
@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 from PIL import Image, UnidentifiedImageError
 
-from ..preprocess import TRAINING_ALPHA_BACKGROUND, apply_exif_orientation, to_rgb
+from ..image_modes import TRAINING_ALPHA_BACKGROUND, apply_exif_orientation, to_rgb
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..preprocess import OPENAI_MEAN, OPENAI_STD
+from ..image_modes import OPENAI_MEAN, OPENAI_STD
 
 RESIZE_SCALE = (0.9, 1.0)  # area fraction of RandomResizedCrop, as in image_transform(train=True)
 ASPECT_RATIOS = (3 / 4, 4 / 3)

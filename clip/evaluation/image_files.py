@@ -11,7 +11,7 @@ from typing import Any
 
 from PIL import Image
 
-from clip.preprocess import central_part
+from clip.image_modes import central_part
 
 Transform = Callable[[Image.Image], Any]
 # Longer side over shorter side beyond which an evaluation image is cut to its central part of this ratio

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch.multiprocessing as mp
 
+from clip import run_lock
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -53,21 +55,34 @@ def spawn_ranks(worker, args: tuple, nprocs: int = 2, timeout_s: float = 300.0) 
             pytest.fail(f"the {nprocs} ranks did not finish within {timeout_s:.0f} s")
 
 
+# clip.run_lock loaded from its file, without the package: it needs only the standard library, and importing the
+# package imports torch (seconds per process, most of these tests' time)
+_LOAD_RUN_LOCK = (
+    "import importlib.util, sys\n"
+    f"spec = importlib.util.spec_from_file_location('run_lock', {run_lock.__file__!r})\n"
+    "run_lock = importlib.util.module_from_spec(spec)\n"
+    "spec.loader.exec_module(run_lock)\n"
+)
+
 HOLD_LOCK = """
-import sys
-from clip.run_lock import locked_run_directory
-with locked_run_directory(sys.argv[1]):
+with run_lock.locked_run_directory(sys.argv[1]):
     print("locked", flush=True)
     sys.stdin.readline()  # the test's "release" line, or end of input
 """
+
+
+def run_lock_command(script: str, run_dir: Path) -> list[str]:
+    """The command that runs `script` in a new interpreter with `run_lock` (clip.run_lock) and `sys` imported and
+    `run_dir` as sys.argv[1]."""
+    return [sys.executable, "-c", _LOAD_RUN_LOCK + script, str(run_dir)]
 
 
 @contextlib.contextmanager
 def lock_held_by_another_process(run_dir: Path) -> Iterator[int]:
     """Another process holds `run_dir`'s lock for the block (a POSIX lock never conflicts with its own
     process's); yields its pid."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(run_lock_command(HOLD_LOCK, run_dir), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         yield holder.pid

@@ -1500,15 +1500,15 @@ def test_train_log_on_a_full_disk_is_given_up_with_one_warning_and_closes_withou
 def test_a_second_run_in_the_same_process_is_refused_and_leaves_the_first_locked(tmp_path):
     # A POSIX lock never conflicts with its own process: a notebook's second train() on the directory was
     # let in, and its end released the first one's lock.
-    from multiprocess import HOLD_LOCK
+    from multiprocess import HOLD_LOCK, run_lock_command
     from clip.run_lock import RunDirectoryInUse, locked_run_directory
 
     with locked_run_directory(tmp_path):
         with pytest.raises(RunDirectoryInUse, match=f"in use by another run of this process \\(pid {os.getpid()}\\)"):
             with locked_run_directory(tmp_path):
                 pass
-        other = subprocess.run([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], input="", capture_output=True,
-                               text=True, timeout=60)
+        other = subprocess.run(run_lock_command(HOLD_LOCK, tmp_path), input="", capture_output=True, text=True,
+                               timeout=60)
         assert "RunDirectoryInUse" in other.stderr  # still held against other processes
     with locked_run_directory(tmp_path):  # released at the end
         pass
@@ -1581,14 +1581,15 @@ def test_the_lock_file_names_only_its_holder_and_a_refusal_reads_it(tmp_path, mo
 def test_the_lock_ends_with_the_process_that_took_it_not_with_its_children(tmp_path):
     # The data loader's workers are forked children: a lock they inherited (flock's) outlived a killed run
     # by as long as they took to exit, and its restart was refused naming the dead process.
+    from multiprocess import run_lock_command
     from clip.run_lock import locked_run_directory
 
-    script = ("import os, sys, time\nfrom clip.run_lock import locked_run_directory\n"
-              "with locked_run_directory(sys.argv[1]):\n"
+    script = ("import os, time\n"
+              "with run_lock.locked_run_directory(sys.argv[1]):\n"
               "    child = os.fork()\n"
               "    if child == 0:\n        os.close(1)\n        os.close(2)\n        time.sleep(60)\n        os._exit(0)\n"
               "    print(child, flush=True)\n    os._exit(0)\n")
-    parent = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    parent = subprocess.run(run_lock_command(script, tmp_path), capture_output=True, text=True, timeout=60)
     child = int(parent.stdout)
     try:
         os.kill(child, 0)  # still running, its parent gone

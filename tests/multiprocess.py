@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,3 +96,37 @@ def lock_held_by_another_process(run_dir: Path) -> Iterator[int]:
         with contextlib.suppress(BrokenPipeError):
             holder.stdin.close()
         holder.wait(timeout=60)
+
+
+def _send_outcome(sending, function, args) -> None:
+    try:
+        outcome = ("returned", function(*args))
+    except BaseException:  # noqa: BLE001  (whatever it was goes back to the test, as its message)
+        outcome = ("raised", traceback.format_exc())
+    sending.send(outcome)
+
+
+def run_in_fork(function, *args, timeout_s: float = 240.0):
+    """`function(*args)`'s result, computed in a fork of this process, which is killed after `timeout_s`: for the
+    tests whose bug was a stall (hours in one regular expression or loop, which no thread can interrupt), and for
+    process-wide limits (setrlimit) a test must not leave behind. A fork has torch and the library imported
+    already, where a new interpreter spent seconds importing them. An exception in it fails the test with its
+    traceback."""
+    context = multiprocessing.get_context("fork")
+    receiving, sending = context.Pipe(duplex=False)
+    process = context.Process(target=_send_outcome, args=(sending, function, args), daemon=True)
+    process.start()
+    sending.close()
+    try:
+        if not receiving.poll(timeout_s):
+            pytest.fail(f"{getattr(function, '__name__', function)} did not finish within {timeout_s:.0f} s")
+        kind, value = receiving.recv()
+    except EOFError:
+        pytest.fail(f"the fork running {getattr(function, '__name__', function)} died without an answer")
+    finally:
+        process.kill()
+        process.join()
+        receiving.close()
+    if kind == "raised":
+        pytest.fail(f"{getattr(function, '__name__', function)} raised:\n{value}")
+    return value

@@ -805,8 +805,8 @@ def test_initial_weights_of_another_released_architecture_are_refused_before_the
     model = CLIP(TINY_RESNET)
     clip.loading.load_weights_into(model, "RN50", download_root=tmp_path / "cache")
     assert len(calls) == 1
-    assert all(torch.equal(value, half_round_trip(original).state_dict()[name])
-               for name, value in model.state_dict().items())
+    expected = half_round_trip(original).state_dict()
+    assert all(torch.equal(value, expected[name]) for name, value in model.state_dict().items())
 
 
 def at_image_size_of(config: ModelConfig, image_size: int) -> ModelConfig:
@@ -956,8 +956,8 @@ def test_a_file_of_released_shapes_under_other_heads_is_warned_of_or_refused_whe
     with pytest.warns(UserWarning, match=r"ViT-B-32\.pt records no architecture.*released ViT-B/32.*"
                                          r"model\.vision\.heads: 1 in ViT-B/32, 2 here\. The weights are loaded"):
         clip.loading.load_weights_into(model := CLIP(other_heads), str(archive))
-    assert all(torch.equal(value, half_round_trip(tiny_model(TINY_VIT)).state_dict()[name])
-               for name, value in model.state_dict().items())
+    expected = half_round_trip(tiny_model(TINY_VIT)).state_dict()
+    assert all(torch.equal(value, expected[name]) for name, value in model.state_dict().items())
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the released settings: nothing to say
         clip.loading.load_weights_into(CLIP(TINY_VIT), str(archive))

@@ -30,7 +30,9 @@ def free_port() -> int:
 # Started with "spawn", every rank imported them itself: about 5 s of CPU per rank, most of the distributed
 # tests' time on two cores. A fork of a process that has only imported modules is as fresh as a new one (no
 # threads, no process group, no patches: a worker's patches die with its fork).
-FORK_SERVER_PRELOAD = ["torch", "torch.distributed", "clip.train", "clip.evaluation.zeroshot", "test_train_loop"]
+# clip.preprocess (torchvision) too: the trainer imports it at its first evaluation, seconds in every rank.
+FORK_SERVER_PRELOAD = ["torch", "torch.distributed", "clip.train", "clip.evaluation.zeroshot", "clip.preprocess",
+                       "test_train_loop"]
 
 
 def _in_callers_environment(rank: int, environment: dict, cwd: str, worker, *args) -> None:

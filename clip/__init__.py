@@ -25,6 +25,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), "image_transform"})  # for a notebook's completion
+
+
 # openai/CLIP's module layout (`clip.clip.load`, `from clip import clip`); imported last, it uses the above.
 from . import clip  # noqa: E402, F401
 

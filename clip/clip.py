@@ -68,3 +68,7 @@ def __getattr__(name: str):
 
         return InterpolationMode.BICUBIC
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "_tokenizer", "BICUBIC"})  # for a notebook's completion

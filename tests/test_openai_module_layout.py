@@ -50,6 +50,7 @@ def test_openai_submodules_are_attributes_after_a_plain_import_clip():
         "from clip.clip import BICUBIC, _transform",
         "assert _transform(32).transforms[0].interpolation is BICUBIC, _transform(32)",
         "assert clip.image_transform is image_transform is clip.preprocess.image_transform",
+        "assert 'image_transform' in dir(clip) and {'BICUBIC', '_tokenizer'} <= set(dir(clip.clip))",
     ])
     root = Path(__file__).resolve().parents[1]
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}

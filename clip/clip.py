@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from PIL import Image

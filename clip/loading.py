@@ -33,9 +33,9 @@ import io
 import logging
 import warnings
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -43,10 +43,10 @@ from torch import nn
 from . import download
 from .architectures import RELEASED_ARCHITECTURES, ModelConfig, architecture_differences, release_of_open_clip_name
 from .device_names import DeviceNotAvailableError, available_device
+from .image_modes import TRAINING_ALPHA_BACKGROUND
 from .infer_architecture import ArchitectureInferenceError, infer_model_config
 from .model import CLIP, convert_to_half_precision
 from .position_grid import at_image_size, grid_side, trained_image_size
-from .image_modes import TRAINING_ALPHA_BACKGROUND
 from .released import RELEASED_WEIGHTS
 from .torchscript_reader import is_torchscript_archive
 from .weights_file import (

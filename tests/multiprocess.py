@@ -114,6 +114,7 @@ def run_in_fork(function, *args, timeout_s: float = 240.0):
     process-wide limits (setrlimit) a test must not leave behind. A fork has torch and the library imported
     already, where a new interpreter spent seconds importing them. An exception in it fails the test with its
     traceback."""
+    name = getattr(function, "__name__", repr(function))
     context = multiprocessing.get_context("fork")
     receiving, sending = context.Pipe(duplex=False)
     process = context.Process(target=_send_outcome, args=(sending, function, args), daemon=True)
@@ -121,14 +122,14 @@ def run_in_fork(function, *args, timeout_s: float = 240.0):
     sending.close()
     try:
         if not receiving.poll(timeout_s):
-            pytest.fail(f"{getattr(function, '__name__', function)} did not finish within {timeout_s:.0f} s")
+            pytest.fail(f"{name} did not finish within {timeout_s:.0f} s")
         kind, value = receiving.recv()
     except EOFError:
-        pytest.fail(f"the fork running {getattr(function, '__name__', function)} died without an answer")
+        pytest.fail(f"the fork running {name} died without an answer")
     finally:
         process.kill()
         process.join()
         receiving.close()
     if kind == "raised":
-        pytest.fail(f"{getattr(function, '__name__', function)} raised:\n{value}")
+        pytest.fail(f"{name} raised:\n{value}")
     return value

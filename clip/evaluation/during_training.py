@@ -102,8 +102,7 @@ def should_evaluate(eval_config: EvalConfig, step: int, total_steps: int) -> boo
 
 
 def _image_transform(model: nn.Module) -> Callable:
-    from clip.image_modes import TRAINING_ALPHA_BACKGROUND
-    from clip.preprocess import image_transform
+    from clip.preprocess import TRAINING_ALPHA_BACKGROUND, image_transform
 
     # The model in training sees transparent images composited as the training loader composites them
     return image_transform(int(model.visual.input_resolution), train=False, alpha_background=TRAINING_ALPHA_BACKGROUND)

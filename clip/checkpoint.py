@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from .exception_chain import first_in_chain
+from .exception_chain import first_in_chain, out_of_memory_in
 from .weights_file import (
     CHECKPOINT_FORMAT,
     archive_damage,
@@ -328,8 +328,8 @@ def latest_readable_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
     A newer file that does not load (torn, damaged, foreign, another format version, non-finite weights, not a
     regular file) is skipped with a warning. When there are checkpoint files but none loads, raises
     NoReadableCheckpointError rather than starting again at step 0: the new run would mix with the old files,
-    and its checkpoints be pruned below them. So does a read that the storage fails, which
-    judges nothing about the file (`is_storage_error`).
+    and its checkpoints be pruned below them. So does a read that the storage fails (`is_storage_error`) or that
+    runs out of memory (`out_of_memory_in`): neither judges the file.
     """
     failures = []
     for step, path in list_checkpoints(run_dir):
@@ -344,6 +344,12 @@ def latest_readable_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
                     f"damaged file, so the run does not fall back to an older checkpoint (losing the steps since). "
                     f"Run again once the file can be read; to resume from the previous checkpoint instead, move this "
                     f"one aside."
+                ) from error
+            if out_of_memory_in(error) is not None:
+                raise NoReadableCheckpointError(
+                    f"could not read {path} (step {step}): {_one_line_reason(error)} -- this process ran out of "
+                    f"memory, which says nothing about the file, so the run does not fall back to an older "
+                    f"checkpoint (losing the steps since). Run again with more memory free."
                 ) from error
             reason = _one_line_reason(error)
             log.warning("checkpoint %s (step %d) is unreadable and skipped: %s", path, step, reason)

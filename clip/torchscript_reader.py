@@ -31,6 +31,8 @@ from typing import Any, BinaryIO, Self
 
 import torch
 
+from .exception_chain import out_of_memory_in
+
 _STORAGE_DTYPES: dict[str, torch.dtype] = {
     "DoubleStorage": torch.float64,
     "FloatStorage": torch.float32,
@@ -158,6 +160,8 @@ def read_torchscript_weights(
             dropped: list[str] = []
             _collect_tensors(top, "", _DeclaredWeights(archive, root, path), weights, dropped, set(), 0)
     except ZIP_MEMBER_ERRORS as error:
+        if out_of_memory_in(error) is not None:  # torch's allocator's RuntimeError: not the archive's damage
+            raise
         raise TorchScriptReadError(
             f"{path} is a damaged or truncated TorchScript archive ({type(error).__name__}: {error})"
         ) from error
@@ -171,6 +175,8 @@ def _unpickle_data(archive: zipfile.ZipFile, root: str, path: Path, file_size: i
     except (TorchScriptReadError, *ZIP_MEMBER_ERRORS):
         raise  # a storage record's damage: named as the archive's, not data.pkl's
     except Exception as error:  # a malformed pickle can raise nearly anything (KeyError, TypeError, ...)
+        if out_of_memory_in(error) is not None:
+            raise  # says nothing about the archive
         raise TorchScriptReadError(f"{path}: its data.pkl is damaged ({type(error).__name__}: {error})") from error
 
 

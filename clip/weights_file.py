@@ -28,6 +28,7 @@ import torch
 
 from .architectures import ModelConfig
 from .download import sha256_of_file, sha256_of_open_file
+from .exception_chain import out_of_memory_in
 from .torchscript_reader import (
     ZIP_MEMBER_ERRORS,
     TorchScriptReadError,
@@ -300,6 +301,8 @@ def _torch_load_weights_only(path: Path) -> object:
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError, ...
+        if out_of_memory_in(error) is not None:
+            raise  # not the file's fault: a run directory's reader would take an older checkpoint in its place
         message = str(error)
         refusal = weights_only_refusal(message)
         if refusal is not None:

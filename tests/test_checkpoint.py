@@ -123,6 +123,64 @@ def test_a_storage_error_on_the_newest_checkpoint_stops_the_resume_instead_of_re
         ckpt.latest_readable_checkpoint(tmp_path)
 
 
+def test_running_out_of_memory_on_the_newest_checkpoint_stops_the_resume_instead_of_rewinding_it(tmp_path):
+    # torch's allocator failing while the newest checkpoint loads (a larger model resumed on a fuller machine) was
+    # taken for a damaged file, as a storage error was: the run resumed an older checkpoint, and its next saves
+    # overwrote the newer one. Here a real allocation fails: the address space is limited below the newest
+    # checkpoint's size, in a fork (the limit is process-wide).
+    from multiprocess import run_in_fork
+
+    ckpt.save_checkpoint({"format": ckpt.CHECKPOINT_FORMAT, "step": 10, "model": {}}, tmp_path, 10, keep_last=3)
+    ckpt.save_checkpoint({"format": ckpt.CHECKPOINT_FORMAT, "step": 20, "model": {"w": torch.ones(64 << 20)}},
+                         tmp_path, 20, keep_last=3)
+    outcome = run_in_fork(_resume_and_read_with_128_mib_to_spare, tmp_path)
+    assert outcome["resume"].startswith(f"could not read {ckpt.checkpoint_path(tmp_path, 20)} (step 20): RuntimeError")
+    assert "ran out of memory, which says nothing about the file" in outcome["resume"], outcome
+    # clip.load's reader lets the failure through as it is, not as "a damaged or truncated PyTorch file" (a run
+    # directory's reader would then have taken an older checkpoint)
+    assert outcome["weights"] == "RuntimeError" and outcome["weights_is_memory"], outcome
+    assert steps(tmp_path) == [20, 10]
+
+
+def _resume_and_read_with_128_mib_to_spare(run_dir: Path) -> dict:
+    import re
+    import resource
+
+    from clip.exception_chain import out_of_memory_in
+    from clip.weights_file import read_weights
+
+    size = int(re.search(r"VmSize:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (size + (128 << 20), resource.RLIM_INFINITY))
+    outcome = {}
+    try:
+        ckpt.latest_readable_checkpoint(run_dir)
+        outcome["resume"] = "loaded"
+    except ckpt.NoReadableCheckpointError as error:
+        outcome["resume"] = str(error)
+    try:
+        read_weights(ckpt.checkpoint_path(run_dir, 20))
+        outcome["weights"] = "loaded"
+    except Exception as error:
+        outcome["weights"], outcome["weights_is_memory"] = type(error).__name__, out_of_memory_in(error) is error
+    return outcome
+
+
+def test_memory_failures_are_recognised_through_the_errors_raised_from_them():
+    from clip.exception_chain import out_of_memory_in
+
+    allocator = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory")
+    for failure in (MemoryError(), torch.OutOfMemoryError("CUDA out of memory"), allocator):
+        try:
+            try:
+                raise failure
+            except Exception as error:
+                raise ValueError("wrapped") from error
+        except ValueError as wrapped:
+            assert out_of_memory_in(wrapped) is failure
+    assert out_of_memory_in(RuntimeError("PytorchStreamReader failed reading zip archive")) is None
+    assert out_of_memory_in(OSError(errno.ENOMEM, "no memory")) is None  # a storage errno: judged as one
+
+
 def a_full_disk_in_torch_save(monkeypatch) -> None:
     """torch.save as it fails on a full disk: its archive writer's RuntimeError, raised from the OSError."""
     real_save = torch.save

@@ -258,6 +258,34 @@ def test_archive_reader_drops_tensor_attributes_that_are_not_weights(tmp_path: P
     assert dropped == ["attn_mask"]
 
 
+def test_running_out_of_memory_in_an_archive_is_not_called_damage(tmp_path: Path) -> None:
+    # A failed allocation while the archive's weights are read was reported as "a damaged or truncated TorchScript
+    # archive": the file is fine, the machine lacks memory. Limited address space, in a fork (process-wide).
+    from multiprocess import run_in_fork
+
+    path = tmp_path / "scripted.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        torch.jit.script(nn.Linear(8 << 10, 8 << 10, bias=False)).save(str(path))  # 256 MiB of weights
+    assert run_in_fork(_archive_read_with_128_mib_to_spare, path) == "memory failure"
+    assert sorted(read_torchscript_weights(path)[0]) == ["weight"]  # without the limit it reads
+
+
+def _archive_read_with_128_mib_to_spare(path: Path) -> str:
+    import re
+    import resource
+
+    from clip.exception_chain import out_of_memory_in
+
+    size = int(re.search(r"VmSize:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (size + (128 << 20), resource.RLIM_INFINITY))
+    try:
+        read_torchscript_weights(path)
+    except Exception as error:
+        return "memory failure" if out_of_memory_in(error) is error else f"{type(error).__name__}: {error}"
+    return "read"
+
+
 def test_loader_and_layout_agree_on_which_weights_are_half_precision() -> None:
     model = convert_to_half_precision(tiny_model(TINY_RESNET))
     half = {name for name, value in model.state_dict().items() if value.dtype == torch.float16}

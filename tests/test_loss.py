@@ -87,6 +87,26 @@ def test_chunked_clip_loss_matches_unchunked_at_a_large_temperature():
     assert_same(chunked, loss_and_grads(naive_clip_loss, *inputs))
 
 
+def test_the_chunked_loss_keeps_its_precision_when_every_pair_is_matched_confidently():
+    # At scale 100 with well-separated pairs the loss is ~1e-9 and so are its gradients. Computed as
+    # logsumexp(row) - positive logit, two float32 numbers near 100, they were rounding noise: the temperature's
+    # gradient came out 180x too large with the wrong sign (which Adam's normalised step takes at full size).
+    # Relative to float64's exact values, to the float32 loss's own relative precision.
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(512, 64, generator=generator, dtype=torch.float64)
+    image = base + 0.5 * torch.randn(512, 64, generator=generator, dtype=torch.float64)
+    text = base + 0.5 * torch.randn(512, 64, generator=generator, dtype=torch.float64)
+    exact_loss, exact = loss_and_grads(naive_clip_loss, image.clone().requires_grad_(), text.clone().requires_grad_(),
+                                       torch.tensor(math.log(100), dtype=torch.float64, requires_grad=True))
+    assert 1e-12 < exact_loss < 1e-6 and abs(exact[2]) > 0  # the regime meant: tiny, not zero
+    logit_scale = torch.tensor(math.log(100), requires_grad=True)
+    inputs = image.float().requires_grad_(), text.float().requires_grad_(), logit_scale
+    loss, grads = loss_and_grads(lambda i, t, s: contrastive_loss(i, t, s, chunk_size=100), *inputs)
+    torch.testing.assert_close(loss, exact_loss, rtol=1e-4, atol=0)
+    for grad, exact_grad in zip(grads, exact):
+        assert (grad - exact_grad).norm() <= 1e-4 * exact_grad.norm(), (grad - exact_grad).norm() / exact_grad.norm()
+
+
 def test_sigmoid_loss_matches_naive():
     image, text, _ = make_inputs(n=11, dim=8, seed=1)
     logit_scale = torch.tensor(SIGLIP_INITIAL_LOGIT_SCALE, requires_grad=True)

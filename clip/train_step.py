@@ -62,6 +62,11 @@ def contrastive_step(
         backward(loss)
         return loss.detach(), metrics
 
+    if images.shape[0] % micro_batches or texts.shape[0] != images.shape[0]:
+        # Tensor.chunk would make fewer micro-batches than asked (6 rows in 4: 3 of 2), and the last one, whose
+        # backward pass DDP is let to all-reduce, would never come: the ranks' gradients never synchronised
+        raise ValueError(f"{images.shape[0]} images and {texts.shape[0]} texts cannot be split into {micro_batches} "
+                         f"equal micro-batches")
     image_chunks, text_chunks = images.chunk(micro_batches), texts.chunk(micro_batches)
     # Each micro-batch's gradient pass replays the random numbers its caching pass drew (patch dropout's
     # masks), so that both passes compute the same features: otherwise the cached negatives would come from

@@ -48,6 +48,13 @@ def test_accumulation_equals_the_full_batch(kind, chunk, micro_batches):
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_a_batch_that_does_not_split_into_equal_micro_batches_is_refused():
+    # 12 rows in 5 micro-batches: Tensor.chunk made 4 of 3, and the fifth, the one DDP all-reduces after, never
+    # came (every backward pass ran under no_sync)
+    with pytest.raises(ValueError, match="12 images and 12 texts cannot be split into 5 equal micro-batches"):
+        gradients_of(5, "clip")
+
+
 @pytest.mark.parametrize("tower", ["image", "text"])
 def test_accumulation_reuses_a_locked_towers_cached_features(tower):
     # The caching pass's features of a locked tower are what its gradient pass would compute: reused, the

@@ -57,7 +57,7 @@ _UINT16_MAX = 65535
 _RESIZED_AS_IS = {"RGB", "L", "RGBA", "LA", "RGBa", "La"}
 # The straight-alpha mode that carries each mode's transparency (palette and greyscale transparency:
 # the "transparency" entry a tRNS chunk or GIF leaves in image.info).
-_STRAIGHT_ALPHA = {"RGBa": "RGBA", "La": "LA", "PA": "RGBA", "P": "RGBA", "L": "LA"}
+_STRAIGHT_ALPHA = {"RGBa": "RGBA", "La": "LA", "PA": "RGBA", "P": "RGBA", "L": "LA", "RGB": "RGBA"}
 
 
 def not_an_image_error(value: object) -> TypeError:
@@ -124,9 +124,10 @@ def _high_depth_to_l(image: Image.Image) -> Image.Image:
     return _array_to_l(values, None)
 
 
-def _has_transparency_entry(image: Image.Image) -> bool:
-    """A palette or greyscale image with one value marked transparent (tRNS chunk, GIF transparency)."""
-    return image.mode in ("P", "L") and "transparency" in image.info
+def has_transparency_entry(image: Image.Image) -> bool:
+    """A palette, greyscale or RGB image with one value marked transparent (a PNG's tRNS chunk, which for RGB
+    is a colour key; GIF transparency)."""
+    return image.mode in ("P", "L", "RGB") and "transparency" in image.info
 
 
 def _straight_alpha(image: Image.Image) -> Image.Image:
@@ -158,20 +159,21 @@ def to_rgb(image: Image.Image, alpha_background: RGB | None = WHITE, exif_orient
         alpha, as openai/CLIP does; see the module docstring.)
     exif_orientation: apply the EXIF orientation tag first (see `apply_exif_orientation`).
 
-    Palette and greyscale images with a transparent value treat it as transparency; 16/32-bit and float
-    greyscale are rescaled, not clipped (see `_high_depth_to_l`); CMYK, YCbCr, LAB, HSV, "1", "L" use PIL's
-    conversions. An RGB image is returned as it is (no copy).
+    Palette, greyscale and RGB images with a transparent value (a colour key) treat it as transparency;
+    16/32-bit and float greyscale are rescaled, not clipped (see `_high_depth_to_l`); CMYK, YCbCr, LAB, HSV,
+    "1", "L" use PIL's conversions. An RGB image without a colour key (or with one and no background) is
+    returned as it is, no copy.
     """
     if not isinstance(image, Image.Image):
         raise not_an_image_error(image)
     if exif_orientation:
         image = apply_exif_orientation(image)
     mode = image.mode
-    if mode == "RGB":
+    if mode == "RGB" and not (alpha_background is not None and has_transparency_entry(image)):
         return image
     if mode in _INT16_MODES or mode in ("I", "F"):
         return _high_depth_to_l(image).convert("RGB")
-    if mode in _ALPHA_MODES or _has_transparency_entry(image):
+    if mode in _ALPHA_MODES or has_transparency_entry(image):
         # PIL converts La to LA only, and composites straight alpha. Without a background the detour through
         # RGBA/LA gives the pixels a direct convert("RGB") gives, but a palette whose transparency is a byte
         # string (a PNG tRNS chunk with partial alphas) would make PIL warn on every such image.
@@ -202,7 +204,7 @@ def prepare_for_resize(
         raise not_an_image_error(image)
     if exif_orientation:
         image = apply_exif_orientation(image)
-    if alpha_background is not None and (image.mode in _ALPHA_MODES or _has_transparency_entry(image)):
+    if alpha_background is not None and (image.mode in _ALPHA_MODES or has_transparency_entry(image)):
         return to_rgb(image, alpha_background, exif_orientation=False)
     if image.mode == "PA":
         return image.convert("RGBA")

@@ -185,6 +185,17 @@ def test_a_shard_samples_named_member_comes_before_the_usual_extensions() -> Non
     assert find_member(sample, "__url__", ("txt",)) is None
 
 
+def test_the_loader_puts_an_rgb_colour_keys_pixels_on_white() -> None:
+    image = Image.new("RGB", (4, 4), (0, 0, 0))
+    image.putpixel((1, 1), (200, 30, 30))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", transparency=(0, 0, 0))  # black is transparent
+    repairs: list[str] = []
+    upright = upright_rgb(open_image(buffer.getvalue(), None, None), repairs)
+    assert upright.getpixel((0, 0)) == (255, 255, 255) and upright.getpixel((1, 1)) == (200, 30, 30)
+    assert repairs == ["converted_to_rgb"]
+
+
 def test_repairs_give_upright_rgb() -> None:
     for name, (make, repair) in REPAIRED.items():
         repairs: list[str] = []

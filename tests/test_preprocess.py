@@ -132,6 +132,26 @@ def test_palette_with_transparency_goes_through_alpha():
     assert pixels(to_rgb(loaded, alpha_background=(0, 0, 0)))[0, 1].tolist() == [0, 0, 0]
 
 
+def rgb_png_with_a_colour_key() -> Image.Image:
+    """A red pixel beside a black one, black being the PNG's tRNS colour key (transparent)."""
+    image = Image.new("RGB", (2, 1))
+    image.putpixel((0, 0), (255, 0, 0))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", transparency=(0, 0, 0))
+    loaded = Image.open(io.BytesIO(buffer.getvalue()))
+    assert loaded.mode == "RGB" and loaded.info["transparency"] == (0, 0, 0)
+    return loaded
+
+
+def test_an_rgb_colour_key_is_transparency_too():
+    # Only palette and greyscale keys were: an RGB PNG's keyed background kept its stored colour (black here)
+    loaded = rgb_png_with_a_colour_key()
+    assert pixels(to_rgb(loaded)).tolist() == [[[255, 0, 0], [255, 255, 255]]]
+    assert pixels(prepare_for_resize(loaded, alpha_background=(255, 255, 255))).tolist() == [[[255, 0, 0], [255] * 3]]
+    # Without a background the key is ignored, as convert("RGB") and openai/CLIP ignore it
+    assert to_rgb(loaded, alpha_background=None) is loaded and prepare_for_resize(loaded) is loaded
+
+
 def test_rgba_composited_or_dropped():
     rgba = Image.fromarray(
         np.array([[[10, 20, 30, 0], [10, 20, 30, 255], [200, 100, 0, 128]]], dtype=np.uint8), mode="RGBA"

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 from PIL import Image, UnidentifiedImageError
 
-from ..image_modes import TRAINING_ALPHA_BACKGROUND, apply_exif_orientation, to_rgb
+from ..image_modes import TRAINING_ALPHA_BACKGROUND, apply_exif_orientation, has_transparency_entry, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def upright_rgb(image: Image.Image, repairs: list[str]) -> Image.Image:
         rotated = image
     if rotated is not image:
         repairs.append("exif_rotated")
-    if rotated.mode != "RGB":
+    if rotated.mode != "RGB" or has_transparency_entry(rotated):  # an RGB colour key is composited as well
         repairs.append("converted_to_rgb")
         try:
             # onto the background that evaluation and clip.load use for models trained here too

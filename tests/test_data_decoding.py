@@ -225,6 +225,20 @@ def test_captions() -> None:
         assert error.value.kind == kind
 
 
+def test_a_caption_the_tokenizer_cleans_to_nothing_is_an_empty_caption() -> None:
+    # They passed as captions and were trained on as [start, end] alone
+    import clip
+
+    for raw in ["&nbsp;", "&amp;nbsp;", "\ufeff", "\x00\x01", "&nbsp; &#32;\t&amp;nbsp;"]:
+        assert clip.tokenize(raw)[0, 2] == 0, raw  # what the tokenizer makes of it: nothing
+        with pytest.raises(SkipSample) as error:
+            decode_caption(raw.encode())
+        assert error.value.kind == "empty_caption", raw
+    for raw in ["a &amp; b", "!!!", "\U0001F600", "Tom & Jerry", "\ufeffcat", "&lt;3"]:
+        assert decode_caption(raw.encode()) == raw  # something is left: kept as it is
+        assert clip.tokenize(raw)[0, 2] != 0, raw
+
+
 def test_a_huge_caption_is_cut_before_it_reaches_the_tokenizer() -> None:
     # The tokenizer cleans and splits a caption whole: a 300 MB caption member of a 300 KB compressed shard took
     # a worker to 6 GB. Cut to CAPTION_CHARS_KEPT characters, its 77 tokens are the same.

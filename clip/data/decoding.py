@@ -7,7 +7,8 @@ Kinds of skipped samples (the sample is dropped and the next good one takes its 
     truncated           an image whose data ends early
     corrupt_image       any other decoding error
     decompression_bomb  more pixels than `max_image_pixels` (PIL's DecompressionBombError or -Warning)
-    empty_caption       a caption that is empty or only whitespace
+    empty_caption       a caption that is empty or only whitespace, also once cleaned as the tokenizer cleans
+                        it ("&nbsp;", control characters)
     bad_utf8            a caption that is not valid UTF-8
     missing_image / missing_caption   a shard sample without an image / a caption member
     missing_shard / shard_read_error / shard_too_short   planned shard samples that could not be read
@@ -28,6 +29,7 @@ from collections.abc import Iterator
 from PIL import Image, UnidentifiedImageError
 
 from ..image_modes import TRAINING_ALPHA_BACKGROUND, apply_exif_orientation, has_transparency_entry, to_rgb
+from ..tokenizer import clean_text
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,19 @@ def decode_caption(raw: bytes | str, max_chars: int | None = CAPTION_CHARS_KEPT)
     text = raw.strip()
     if not text:
         raise SkipSample("empty_caption")
-    return text if max_chars is None else text[:max_chars]
+    text = text if max_chars is None else text[:max_chars]
+    if _may_clean_to_nothing(text) and not clean_text(text[:CAPTION_CHARS_KEPT]):
+        # "&nbsp;", a byte-order mark, control characters: the tokenizer's cleaning leaves nothing, and the
+        # sample would be trained on as an empty text
+        raise SkipSample("empty_caption", "nothing left once cleaned as the tokenizer cleans it")
+    return text
+
+
+def _may_clean_to_nothing(text: str) -> bool:
+    """False for text that the tokenizer's cleaning (`clean_text`) provably leaves non-empty, without running
+    it: ftfy and HTML unescaping remove control and format characters and turn entities into what they name,
+    but never remove a letter or digit outside an entity ('&...'). Most captions answer at their first letter."""
+    return "&" in text or not any(character.isalnum() for character in text)
 
 
 @contextlib.contextmanager

@@ -80,12 +80,26 @@ def test_a_utf16_manifest_is_named_as_such(tmp_path: Path, suffix: str, encoding
         captions_of(path)
 
 
-def test_jsonl_columns_are_checked_on_the_first_record_even_after_blank_lines(tmp_path: Path) -> None:
+def test_jsonl_columns_that_no_record_has_are_a_config_error_even_after_blank_lines(tmp_path: Path) -> None:
     path = tmp_path / "train.jsonl"
     path.write_text("\n\n" + json.dumps({"url": "0.jpg", "text": "a caption"}) + "\n")
     with pytest.raises(ValueError, match="no column 'image', 'caption'"):
         read_manifest(str(path))
     assert captions_of(path, image_column="url", caption_column="text") == ["a caption"]
+
+
+def test_a_first_jsonl_record_without_a_caption_is_a_bad_row_not_a_config_error(tmp_path: Path) -> None:
+    # Writers that leave out null fields: an uncaptioned image in first place refused the whole manifest ("no
+    # column 'caption'"), while the same record anywhere else was one bad row
+    records = [{"image": "x.jpg"}] + [{"image": f"{i}.jpg", "caption": f"cap {i}"} for i in range(3)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    manifest = read_manifest(str(path))
+    assert (len(manifest), manifest.bad_rows) == (3, 1) and "line 1: no 'caption'" in manifest.first_bad_row
+    # A column that some records have and none has is told apart: only the missing one is named
+    path.write_text(json.dumps({"file": "a.jpg"}) + "\n" + json.dumps({"file": "b.jpg", "caption": "b"}) + "\n")
+    with pytest.raises(ValueError, match=r"no column 'image'; the columns are \['file'\]"):
+        read_manifest(str(path))
 
 
 def test_source_settings_that_cannot_work_are_config_errors(tmp_path: Path) -> None:

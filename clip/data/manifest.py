@@ -255,7 +255,11 @@ def _jsonl_row_problem(record: dict, image_column: str, caption_column: str) -> 
 
 
 def _jsonl_rows(path: str, image_column: str, caption_column: str) -> Iterator[tuple | str]:
-    checked_columns = False
+    # A column that no record has is a config error, said at the end; one that some records lack (writers that
+    # leave out null fields) makes those rows bad rows, wherever they are (the first record used to name the
+    # columns, and one uncaptioned image there refused the whole manifest)
+    first_keys: list[str] | None = None
+    seen = {image_column: False, caption_column: False}
     refuse_utf16_or_32(path)
     with open(path, "rb") as file:
         for number, line in enumerate(file, start=1):
@@ -274,12 +278,14 @@ def _jsonl_rows(path: str, image_column: str, caption_column: str) -> Iterator[t
             if not isinstance(record, dict):
                 yield f"line {number}: {_json_kind(record)}, not a JSON object"
                 continue
-            if not checked_columns:  # the first record names the columns; a mismatch is a config error
-                checked_columns = True
-                if image_column not in record or caption_column not in record:
-                    raise _missing_columns_error(path, [image_column, caption_column], list(record))
+            if first_keys is None:
+                first_keys = list(record)
+            for column in seen:
+                seen[column] = seen[column] or column in record
             problem = _jsonl_row_problem(record, image_column, caption_column)
             yield f"line {number}: {problem}" if problem else (record[image_column], record[caption_column], number)
+    if first_keys is not None and not all(seen.values()):
+        raise _missing_columns_error(path, [column for column, found in seen.items() if not found], first_keys)
 
 
 def is_json_lines(path: str | Path) -> bool:

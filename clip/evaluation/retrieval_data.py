@@ -185,7 +185,8 @@ def read_caption_manifest(
         raise ValueError(f"{path}: a .json file is read as Karpathy's format; rename a JSON-lines manifest to .jsonl")
     # Other unknown suffixes (.txt, none) are read as comma-separated, as `format = "manifest"` asks.
     separator = "" if suffix in MANIFEST_SUFFIXES else ","
-    rows = manifest_rows_with_problems(str(path), image_column, caption_column, separator, quoting)
+    # Read through before the first bad row is judged: a column that no row has is said at the end of the file
+    rows = list(manifest_rows_with_problems(str(path), image_column, caption_column, separator, quoting))
     pairs = [_manifest_pair(path, number, row, image_column, caption_column) for number, row in enumerate(rows, 1)]
     if not pairs:
         raise ValueError(f"{path}: no rows")

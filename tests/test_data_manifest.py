@@ -276,6 +276,10 @@ def test_rows_ending_in_a_carriage_return_alone_after_a_header_ending_in_a_line_
     # A caption's bare "\r" in the first rows of a file whose lines end in "\n" stays part of it
     path.write_bytes(b"image\tcaption\na.jpg\tone\rmore\nb.jpg\ttwo\n")
     assert captions_of(path) == ["one\rmore", "two"]
+    # Also when the first row is longer than the 64 Ki characters the file's lines were judged by (its caption
+    # was split at the "\r", and its second half read as a row of its own)
+    path.write_bytes(b"image\tcaption\tmeta\na.jpg\tone\rmore\t" + b"x" * 70_000 + b"\nb.jpg\ttwo\tm\n")
+    assert captions_of(path) == ["one\rmore", "two"] and read_manifest(str(path)).bad_rows == 0
 
 
 def test_the_first_unusable_row_is_named_with_why(tmp_path: Path, caplog) -> None:

@@ -137,13 +137,18 @@ def _next_row(reader: csv.DictReader) -> dict:
 
 def _rows_end_with_cr_alone(path: str) -> bool:
     """Whether rows end in a bare "\r" (Excel for Mac's CSV): the first line does, or, after a header written apart
-    (echo, a script), the next 64 Ki characters hold a "\r" and no "\n". Read as lines ending in "\n", such a
-    file was one row."""
+    (echo, a script), the rest of the file holds a "\r" and no "\n". Read as lines ending in "\n", such a file was
+    one row. The rest is read up to its first "\n" only: judged on its first 64 Ki characters, a file whose first
+    row was longer, with a "\r" in a caption, was split at that "\r"."""
+    seen_cr = False
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as file:
         if file.readline().endswith("\r"):
             return True
-        following = file.read(1 << 16)
-    return "\r" in following and "\n" not in following
+        while following := file.read(1 << 16):
+            if "\n" in following:
+                return False
+            seen_cr = seen_cr or "\r" in following
+    return seen_cr
 
 
 def refuse_utf16_or_32(path: str) -> None:

@@ -127,6 +127,22 @@ def test_an_epoch_in_progress_is_finished_under_the_new_layout_each_sample_once(
     assert_each_epoch_read_once(first_read + second_read, epoch_reference(sources, 4), epochs=4)
 
 
+def test_new_slots_without_a_share_of_many_transition_epochs_read_on(tmp_path: Path) -> None:
+    # One old worker 10 small epochs ahead of the other (a batch of 40 from 8 rows, 2 workers), resumed on 8 ranks:
+    # each transition epoch's remainder (4 samples) is split over 8 new slots, the first four of which got no
+    # share in 10 epochs in a row, and "no sample planned in 9 epochs" stopped them
+    sources = [SourceConfig(kind="manifest", path=str(write_manifest(tmp_path / "m", range(8))), name="m")]
+    settings = dict(workers=2, batch_size=40, shuffle_buffer=3, prefetch_factor=2)
+    data, start = build(sources, **settings), build(sources, **settings)
+    take(data, 1)
+    state = data.state_dict()
+    data.close()
+    assert sorted(tuple(position) for position in state["positions"]) == [(0, 0), (10, 0)]
+    first_read = items_between(start, stop_positions=state["positions"])
+    second_read = finish(sources, (8, 0), states_to_save([state]), before_epoch=12)
+    assert_each_epoch_read_once(first_read + second_read, epoch_reference(sources, 12), epochs=12)
+
+
 @pytest.mark.parametrize("change", ["2->3 ranks", "2->1 workers", "0->2 workers"])
 def test_the_epoch_after_the_transition_is_the_new_layouts_own_plan(tmp_path: Path, change: str) -> None:
     sources = mixed_sources(tmp_path)

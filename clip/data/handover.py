@@ -143,6 +143,10 @@ class SlotStreams:
             return length, self._items(layer, slot, epoch, start, length)
         return self._normal_stream(layer, slot, epoch, start)
 
+    def is_transition(self, epoch: int) -> bool:
+        """Whether `epoch` finishes the epochs in progress of the layouts a resume left (finitely many)."""
+        return self._is_transition(len(self.handovers), epoch)
+
     def _is_transition(self, layer: int, epoch: int) -> bool:
         return layer > 0 and self.handovers[layer - 1].first_epoch <= epoch < self.ends[layer - 1]
 

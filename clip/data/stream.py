@@ -171,7 +171,13 @@ class SampleStream(IterableDataset):
             length, items = streams.epoch_stream(slot, epoch, offset)
             # A slot can draw no sample in an epoch when sources are smaller than the number of slots; the
             # rotation of ranges gives it some within `slots` epochs whenever the epoch has >= slots samples.
-            empty_epochs = empty_epochs + 1 if length == 0 else 0
+            # Transition epochs (an elastic resume's) are not counted: their shares do not rotate, and a slot can
+            # have none in more than `slots` of them (an old worker many small epochs ahead of another), but
+            # they are finitely many, and the normal epochs after them rotate.
+            if length:
+                empty_epochs = 0
+            elif not streams.is_transition(epoch):
+                empty_epochs += 1
             if empty_epochs > self.planner.slots:
                 raise RuntimeError(f"data rank {rank} worker {worker}: no sample planned in {empty_epochs} epochs")
             for source, raw in items:

@@ -231,6 +231,11 @@ def test_zeroshot_run_from_python_checks_a_value_set_after_its_config_was_built(
     config.datasets[0].num_samples = 4.0
     with pytest.raises(ConfigError, match=r"^datasets\[0\]\.num_samples: expected an integer, got 4\.0$"):
         zeroshot_cli.run(config, tmp_path / "out")
+    # No datasets at all: said before the model loads (it ended in an UnboundLocalError after the model loaded)
+    config.datasets = []
+    with pytest.raises(ValueError, match=r"^the config has no \[\[datasets\]\] tables$"):
+        zeroshot_cli.run(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_zeroshot_script_runs_as_a_subprocess(tmp_path, tiny_checkpoint, datasets):

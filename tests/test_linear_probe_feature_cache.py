@@ -119,6 +119,34 @@ def test_other_weights_in_the_same_file_are_extracted_again(tmp_path, checkpoint
     assert extracted == ["train", "test"] * 2
 
 
+def test_the_same_weights_under_another_activation_are_extracted_again(tmp_path, checkpoint, extracted):
+    # The key held the weights alone: open_clip's GELU weights loaded as QuickGELU, then as they are, reused the
+    # QuickGELU features
+    run(checkpoint, tmp_path / "out", *SYNTHETIC)
+    saved = torch.load(checkpoint, weights_only=True)
+    saved["config"]["model"]["activation"] = "gelu"
+    torch.save(saved, checkpoint)
+    run(checkpoint, tmp_path / "out", *SYNTHETIC)
+    assert extracted == ["train", "test"] * 2
+
+
+def test_a_features_file_that_cannot_be_written_is_said_and_the_probe_goes_on(tmp_path, checkpoint, monkeypatch,
+                                                                                caplog):
+    # torch.save reports a full disk as a RuntimeError raised while handling the OSError: it ended the probe with a
+    # traceback after the extraction, which the run lost
+    def full_disk(content, file):
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos 1408 vs 1302")  # noqa: B904
+
+    monkeypatch.setattr("clip.cli.feature_cache.torch.save", full_disk)
+    with caplog.at_level("WARNING", logger="clip.linear_probe"):
+        assert linear_probe_cli.main(probe_argv(checkpoint, tmp_path / "out", *SYNTHETIC)) == 0
+    assert "could not keep the features in" in caplog.text and "unexpected pos" in caplog.text
+    assert not (tmp_path / "out" / "features" / "train.pt").exists()
+
+
 def test_a_changed_image_list_or_feature_kind_is_extracted_again(tmp_path, checkpoint, folder, extracted):
     options = ("--dataset", "imagefolder", "--root", str(folder))
     run(checkpoint, tmp_path / "out", *options)

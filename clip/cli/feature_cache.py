@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from clip.evaluation.datasets import CIFARDataset, ImageFolderDataset
+from clip.exception_chain import first_in_chain
 from clip.run_log import replaced_atomically, temporaries_of
 
 logger = logging.getLogger("clip.linear_probe")
@@ -175,7 +176,10 @@ def save_features(path: Path, key: FeatureKey, features: tuple[torch.Tensor, tor
     try:
         with replaced_atomically(path, "wb") as file:
             torch.save(content, file)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:
+        # torch.save reports a full disk as an "enforce fail" RuntimeError raised while handling the OSError
+        if not isinstance(error, OSError) and first_in_chain(error, lambda e: isinstance(e, OSError)) is None:
+            raise
         logger.warning("could not keep the features in %s for a later run: %s", path, error)
         return
     logger.info("kept the features in %s for a later run", path)

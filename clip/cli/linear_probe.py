@@ -296,8 +296,11 @@ def probe(args: argparse.Namespace) -> int:
         check_validation_hold_out(args.train_split, len(listed["train"].dataset), args.val_fraction)
     output_dir = writable_output_dir(Path(args.output_dir or default_output_dir(base)))
     model, preprocess, source = load_model(args.model, device)
-    settings = {"weights": weights_digest(model), "preprocess": repr(preprocess), "features": args.features,
-                "precision": args.precision, "device": device.type}
+    # The architecture too: the same weights under another activation or head count (open_clip's GELU models
+    # loaded as QuickGELU, then again as they are) give other features
+    settings = {"weights": weights_digest(model), "architecture": model.config.to_dict(),
+                "preprocess": repr(preprocess), "features": args.features, "precision": args.precision,
+                "device": device.type}
     features, skipped = {}, {}
     for role, split in splits.items():
         data = listed[role]

@@ -127,6 +127,8 @@ def dataset_record(dataset: ZeroShotDatasetConfig, data: ClassificationData) -> 
 def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:
     """Evaluates every dataset of `config`; writes results.json and PNGs to `output_dir`; returns the JSON."""
     config = rechecked(config)  # as train() does: a value set after the config was built, from Python
+    if not config.datasets:  # before the model loads (run() from Python ended in an UnboundLocalError after it)
+        raise ValueError("the config has no [[datasets]] tables")
     device = resolve_device(config.device)
     datasets = list_datasets(config)
     writable_output_dir(output_dir)

@@ -85,7 +85,8 @@ class LogisticRegression:
         return features.to(self.weight) @ self.weight.t() + self.bias
 
     def accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
-        return (self.logits(features).argmax(dim=1).cpu() == labels.cpu()).float().mean().item()
+        # Counted and divided in Python: a float32 mean gave 12/18 as 0.6666666865348816 in the results
+        return int((self.logits(features).argmax(dim=1).cpu() == labels.cpu()).sum()) / len(labels)
 
     def mean_per_class_accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
         """The accuracy of each class that has examples here, averaged over those classes."""

@@ -189,7 +189,7 @@ def zeroshot_classify(
     """Logits of preprocessed images (a [N, 3, H, W] tensor, or a DataLoader of (images, labels))."""
     model = unwrap_model(model)
     device = device or model_device(model)
-    classifier = classifier.to(device)
+    classifier = classifier.to(device, torch.float32)  # the image features are float32 (a half one failed)
     scale = _logit_scale(model)
     logits, labels = [], []
     with eval_mode(model):
@@ -258,7 +258,7 @@ def evaluate_zeroshot(
         loader = make_loader(shard(dataset, rank, world_size), batch_size, workers, device)
         checked_batches = batches_on_every_rank(len(dataset), world_size, batch_size)
     loader = with_stop_checks(loader, stop_check, checked_batches)
-    classifier = classifier.to(device)
+    classifier = classifier.to(device, torch.float32)  # the image features are float32 (a half one failed)
     counts = ClassificationCounts(len(classnames), top_k=5, device=device)
     skipped: list[str] = []
     read = 0  # images classified so far on this rank

@@ -437,9 +437,10 @@ def _train(
         run_log = RunLog(
             run_dir, config.logging.tensorboard, resumed_at=start_step, wandb_run=wandb_run,
             # The evaluation of the checkpoint's step runs again (a finished run's final one, or one the
-            # checkpoint owes, which an earlier start may have made up and recorded before it was killed):
-            # the new record replaces the old
-            reevaluated=already_finished or evaluation_owed,
+            # checkpoint owes, which an earlier start may have made up and recorded before it was killed; a new
+            # run's eval.at_start, which an attempt killed before its first checkpoint recorded): the new record
+            # replaces the old
+            reevaluated=already_finished or evaluation_owed or (config.eval.at_start and not resumed),
         )
         log.info(
             "model: %.2fM parameters%s; global batch %d (%s x %d, %d micro-batches); %d steps; data: %d samples/epoch",

@@ -801,6 +801,25 @@ def test_a_signal_in_the_starting_evaluation_saves_step_0_owing_it(tmp_path, mon
     assert evaluated_steps(tmp_path) == [0, 3, 6]
 
 
+def test_a_new_run_started_again_after_a_kill_before_its_first_checkpoint_records_its_start_evaluation_once(
+    tmp_path, monkeypatch
+):
+    # The attempt killed (SIGKILL: no checkpoint) after its step-0 evaluation left that record; the run started
+    # again evaluated step 0 anew and kept both
+    args = [str(DEMO), "--output-dir", str(tmp_path), *TINY, "eval.at_start=true", "schedule.steps=3"]
+
+    def killed(*args, **kwargs):
+        raise SystemExit("killed")  # at the first save, as a SIGKILL there would leave the run
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ckpt, "save_checkpoint", killed)
+        with pytest.raises(SystemExit):
+            main(args)
+    assert evaluated_steps(tmp_path) == [0] and not ckpt.list_checkpoints(tmp_path)
+    assert main(args) == 0
+    assert evaluated_steps(tmp_path) == [0, 3]
+
+
 def test_a_signal_in_the_last_step_or_the_final_save_skips_the_final_evaluation(tmp_path, monkeypatch):
     # Both come before the evaluation, under the same signal handling: it is skipped, the status asks for a
     # requeue, and the run started again only evaluates.

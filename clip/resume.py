@@ -173,7 +173,8 @@ def restore_training_state(
                         ranks_phrase(saved_ranks), dist_info.world_size, batch)
         with entry_restored("its 'data' entry", run_dir, step):
             data_state = data_state_for_other_world_size(state["data"], dist_info.rank)
-    jump = learning_rate_jump(state["config"], config, step)
+    # Not for a run that only evaluates (schedule.steps lowered to or below the checkpoint's step): no step comes
+    jump = learning_rate_jump(state["config"], config, step) if step < config.schedule.steps else None
     if jump is not None and dist_info.is_main:
         log.warning("the learning rate of step %d is %.3g under this config's schedule, %.3g under the checkpoint's: "
                     "it jumps there", step + 1, jump[1], jump[0])

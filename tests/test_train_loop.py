@@ -1836,6 +1836,11 @@ def test_extending_a_finished_run_names_the_learning_rate_jump_and_keeps_its_res
             "the checkpoint's: it jumps there") in caplog.text
     assert not (tmp_path / "results.json").exists()
     assert json.loads((tmp_path / "results_step_6.json").read_text()) == finished
+    # Shortened below its checkpoint, the run only evaluates: no step comes, and no jump is said (it was)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        train(tiny_config(tmp_path, "eval.every_n_steps=0", "schedule.steps=7"))
+    assert "evaluating that checkpoint only" in caplog.text and "jumps there" not in caplog.text
 
 
 def test_results_moved_aside_are_named_after_their_own_step_when_the_run_resumes_below_it(tmp_path):

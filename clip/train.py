@@ -407,19 +407,23 @@ def _train(
         train_module = torch.compile(train_module)
 
     tokenizer = get_tokenizer()
-    with bad_input_on_every_rank(dist_info, "its training data"):
-        data = build_train_data(
-            config.data,
-            image_size=config.model.vision.image_size,
-            context_length=config.model.text.context_length,
-            tokenizer=tokenizer,
-            batch_size=config.train.batch_size,
-            rank=dist_info.rank,
-            world_size=dist_info.world_size,
-            seed=config.train.seed,
-        )
-    on_exit.callback(data.close)
-    if resumed:  # on every rank alike (the agreement is a collective); data_state is each rank's own position
+    # A finished run started again only evaluates: it reads no training data, which may be gone by then (a
+    # scratch area purged after the job refused the evaluation as bad input), and starts no data workers
+    data = None
+    if not already_finished:
+        with bad_input_on_every_rank(dist_info, "its training data"):
+            data = build_train_data(
+                config.data,
+                image_size=config.model.vision.image_size,
+                context_length=config.model.text.context_length,
+                tokenizer=tokenizer,
+                batch_size=config.train.batch_size,
+                rank=dist_info.rank,
+                world_size=dist_info.world_size,
+                seed=config.train.seed,
+            )
+        on_exit.callback(data.close)
+    if resumed and data is not None:  # on every rank alike (a collective); data_state is each rank's own position
         with refused_on_every_rank(run_dir, dist_info), entry_restored("its 'data' entry", run_dir, start_step):
             data.load_state_dict(data_state)
     if dist_info.is_main and not already_finished:
@@ -442,13 +446,14 @@ def _train(
             # replaces the old
             reevaluated=already_finished or evaluation_owed or (config.eval.at_start and not resumed),
         )
-        log.info(
-            "model: %.2fM parameters%s; global batch %d (%s x %d, %d micro-batches); %d steps; data: %d samples/epoch",
-            sum(p.numel() for p in module.parameters()) / 1e6, trained_phrase(module, config.train), global_batch,
-            ranks_phrase(dist_info.world_size), config.train.batch_size, config.train.accumulation_steps,
-            config.schedule.steps, data.samples_per_epoch,
-        )
-        warn_about_unlikely_settings(config, global_batch, data.samples_per_epoch, saved_config, device)
+        if data is not None:
+            log.info(
+                "model: %.2fM parameters%s; global batch %d (%s x %d, %d micro-batches); %d steps; data: %d samples/"
+                "epoch", sum(p.numel() for p in module.parameters()) / 1e6, trained_phrase(module, config.train),
+                global_batch, ranks_phrase(dist_info.world_size), config.train.batch_size,
+                config.train.accumulation_steps, config.schedule.steps, data.samples_per_epoch,
+            )
+            warn_about_unlikely_settings(config, global_batch, data.samples_per_epoch, saved_config, device)
         run_directory = RunDirectoryWatch(run_dir, config_dict, run_log, on_exit)
 
     def autocast():
@@ -549,7 +554,7 @@ def _train(
     # ---- the loop ---------------------------------------------------------------------------------------
     total_steps = config.schedule.steps
     last_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
-    batches = iter(data)
+    batches = iter(data) if data is not None else None  # (a finished run takes no step)
     normalize_pixels = PixelNormalizer(device)
     progress = None
     if dist_info.is_main and config.logging.progress_bar:
@@ -791,12 +796,14 @@ def _train(
                     "the run is complete and exits as finished")
     # From here a signal cuts nothing short: the run only writes down its results
     with stop.finishing() if complete else contextlib.nullcontext():
-        data_totals = merge_rank_reports(gather_objects(data.rank_report(), dist_info))
+        if data is not None:
+            data_totals = merge_rank_reports(gather_objects(data.rank_report(), dist_info))
+            if dist_info.is_main:
+                # this rank's counts since this process started: a resumed run's first epoch only in part
+                log.info("data since this start or resume: %s", data.epoch_summary())
+                log.info("data, %s, whole run: %s", ranks_phrase(dist_info.world_size, all_of=True),
+                         counts_line(data_totals["sources"]))
         if dist_info.is_main:
-            # this rank's counts since this process started: a resumed run's first epoch only in part
-            log.info("data since this start or resume: %s", data.epoch_summary())
-            log.info("data, %s, whole run: %s", ranks_phrase(dist_info.world_size, all_of=True),
-                     counts_line(data_totals["sources"]))
             directory_kept = True
             try:
                 run_directory.check(step)

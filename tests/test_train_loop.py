@@ -1772,6 +1772,27 @@ def test_data_whose_samples_all_fail_is_one_line_with_a_hint_and_status_2(tmp_pa
     assert "a manifest's image paths are read relative to the manifest's own folder" in errors[0]
 
 
+def test_a_finished_run_started_again_evaluates_without_its_training_data(tmp_path, monkeypatch):
+    # It built, restored and iterated its training data first: with the data gone (a scratch area purged after
+    # the job), the evaluation the rerun makes up was refused as bad input, status 2
+    import shutil
+
+    from test_data_helpers import write_manifest
+
+    import clip.train as train_module
+
+    manifest = write_manifest(tmp_path / "data", range(8))
+    args = [str(DEMO), "--output-dir", str(tmp_path / "run"), *TINY, "schedule.steps=2", "eval.every_n_steps=0",
+            "data.sources.0.kind=manifest", f"data.sources.0.path={manifest}", "data.sources.0.num_samples=none"]
+    assert main(args) == 0
+    finished = json.loads((tmp_path / "run" / "results.json").read_text())
+    shutil.rmtree(tmp_path / "data")
+    monkeypatch.setattr(train_module, "build_train_data", None)  # not called at all
+    assert main(args) == 0
+    assert json.loads((tmp_path / "run" / "results.json").read_text()) == finished
+    assert evaluated_steps(tmp_path / "run") == [2]  # the final evaluation again, replacing its record
+
+
 def test_what_is_odd_about_the_evaluation_data_is_said_once_not_at_every_evaluation(tmp_path, caplog):
     # The demo's synthetic evaluation turned into an image folder by overrides keeps its synthetic settings
     # (ignored, with a warning): said when the datasets are checked before the first step, not 3 times more.

@@ -477,12 +477,27 @@ def refuse_shell_expanded_range(overrides: typing.Sequence[str]) -> None:
         brace_left = any("{" in text for text in texts)  # quoted: the shell's expansion leaves no brace
         if key.rsplit(".", 1)[-1] != "path" or len(set(texts)) < 2 or len(remainders) != 1 or brace_left:
             continue
+        if not _one_counted_number(texts):  # pairs_2019.csv then pairs_2023.csv: a wrapper's path replaced
+            continue
         shown = ", ".join([*map(repr, texts[:2]), *(["..."] if len(texts) > 3 else []), *map(repr, texts[2:][-1:])])
         raise ConfigError(
             f"override key {key!r} is given {len(texts)} times ({shown}): the shell expanded an unquoted "
             f"{{first..last}} range into one override per shard, and only the last would be read. Quote the "
-            f"override: '{key}=DIR/{{00000..00009}}.tar'"
+            f"override: '{key}=DIR/{{00000..00009}}.tar' (or, where one override was meant to replace another, "
+            f"give the key once)"
         )
+
+
+def _one_counted_number(texts: list[str]) -> bool:
+    """Whether `texts` (alike but for their numbers) differ in one number alone, which counts up or down by one
+    from each to the next: what the shell's {first..last} gives, in its order."""
+    numbers = [[int(group) for group in re.findall(r"\d+", text)] for text in texts]
+    varying = [position for position in range(len(numbers[0])) if len({row[position] for row in numbers}) > 1]
+    if len(varying) != 1:
+        return False
+    counted = [row[varying[0]] for row in numbers]
+    steps = {after - before for before, after in zip(counted, counted[1:])}
+    return steps in ({1}, {-1})
 
 
 def _apply_override(

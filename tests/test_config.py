@@ -84,6 +84,13 @@ def test_a_shard_range_the_shell_expanded_is_refused(tmp_path):
     # refused as an expansion, which leaves no brace in its values
     quoted = ["sources.0.path=cc3m/{00000..00331}.tar", "sources.0.path=cc12m/{00000..01242}.tar"]
     assert load_config(path, quoted, Schema).sources[0].path == "cc12m/{00000..01242}.tar"
+    # Nor are paths whose numbers do not count by one (the shell's range would): a wrapper's path then the user's
+    replaced = ["sources.0.path=/data/pairs_2019.csv", "sources.0.path=/data/pairs_2023.csv"]
+    assert load_config(path, replaced, Schema).sources[0].path == "/data/pairs_2023.csv"
+    two_numbers = ["sources.0.path=v1/0.tar", "sources.0.path=v2/1.tar"]
+    assert load_config(path, two_numbers, Schema).sources[0].path == "v2/1.tar"
+    with pytest.raises(ConfigError, match="given 3 times"):  # counting down is a range too
+        load_config(path, ["sources.0.path=d/3.tar", "sources.0.path=d/2.tar", "sources.0.path=d/1.tar"], Schema)
 
 
 def test_an_override_written_with_spaces_around_its_parts_is_read_without_them():

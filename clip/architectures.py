@@ -41,7 +41,20 @@ def architecture_differences(theirs: dict, ours: dict) -> list[tuple[str, object
     found = differences(theirs, ours)
     if theirs.get("vision", {}).get("kind") == "resnet":
         found = [d for d in found if d[0] not in VIT_ONLY_SETTINGS]
-    return found
+    # Ratios that build the same MLP width are the same model: 315 / 64 read from a file's shapes is 4.921875,
+    # which a config's 4.9231 (open_clip's ViT-bigG convention) also makes 315 of
+    return [d for d in found if not _same_mlp_width(d, theirs, ours)]
+
+
+def _same_mlp_width(difference: tuple[str, object, object], theirs: dict, ours: dict) -> bool:
+    key, their_ratio, our_ratio = difference
+    tower, _, name = key.partition(".")
+    if name != "mlp_ratio":
+        return False
+    width = theirs.get(tower, {}).get("width")
+    if width is None or width != ours.get(tower, {}).get("width"):
+        return False
+    return int(width * their_ratio) == int(width * our_ratio)
 
 
 @dataclass(frozen=True)

@@ -148,10 +148,14 @@ def _heads(width: int, source: str) -> int:
 
 
 def _mlp_ratio(hidden: int, width: int) -> float:
+    """The ratio from which a model builds `hidden` MLP units (int(width * ratio)). hidden / width, rounded to a
+    float, can fall short of it (1952 / 448 gives 1951): then the next floats up."""
     ratio = hidden / width
-    if int(width * ratio) != hidden:
-        raise ArchitectureInferenceError(f"MLP width {hidden} is not expressible as a ratio of the width {width}")
-    return ratio
+    for _ in range(4):
+        if int(width * ratio) == hidden:
+            return ratio
+        ratio = math.nextafter(ratio, math.inf)
+    raise ArchitectureInferenceError(f"MLP width {hidden} is not expressible as a ratio of the width {width}")
 
 
 def _exact_sqrt(value: int, message: str) -> int:

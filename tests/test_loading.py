@@ -1581,12 +1581,33 @@ def test_inference_refuses_position_rows_that_are_not_a_class_token_and_a_square
     assert infer_model_config(_tiny_vit_shapes(visual__positional_embedding=(10, 64))).vision.image_size == 3 * 8
 
 
-def test_inference_refuses_an_mlp_width_no_float_ratio_of_the_width_gives() -> None:
-    # 61 / 448 * 448 is 60.99999... in floating point: the model built from that ratio would have 60 rows
-    state = _tiny_vit_shapes(visual__conv1__weight=(448, 3, 8, 8),
-                             visual__transformer__resblocks__0__mlp__c_fc__weight=(61, 448))
-    with pytest.raises(ArchitectureInferenceError, match="MLP width 61 is not expressible as a ratio of the width 448"):
-        infer_model_config(state)
+@pytest.mark.parametrize("width, hidden", [(448, 61), (448, 1952), (832, 3840), (896, 3904)])
+def test_inference_finds_the_ratio_that_builds_the_mlp_width(width: int, hidden: int) -> None:
+    # hidden / width rounded to a float falls short for these: 61 / 448 * 448 is 60.99999..., and a model built
+    # from that ratio would have 60 rows; the file was refused as "not expressible as a ratio of the width"
+    state = _tiny_vit_shapes(visual__conv1__weight=(width, 3, 8, 8),
+                             visual__transformer__resblocks__0__mlp__c_fc__weight=(hidden, width))
+    assert int(width * (hidden / width)) == hidden - 1  # the case meant
+    vision = infer_model_config(state).vision
+    assert int(vision.width * vision.mlp_ratio) == hidden
+
+
+def test_weights_whose_mlp_shapes_match_load_under_a_configured_ratio_that_builds_them(tmp_path: Path) -> None:
+    # A text tower configured with open_clip's ViT-bigG kind of ratio (4.9231 x 64 = 315 units) could not load its
+    # own plain state dict: the ratio read from the shapes, 315 / 64 = 4.921875, was compared, not the widths
+    config = ModelConfig(
+        embed_dim=32,
+        vision=VisionConfig(kind="vit", image_size=32, width=64, layers=1, heads=1, patch_size=8, mlp_ratio=4.9231),
+        text=TextConfig(context_length=16, vocab_size=120, width=64, heads=1, layers=1, mlp_ratio=4.9231),
+    )
+    model = CLIP(config)
+    assert model.state_dict()["transformer.resblocks.0.mlp.c_fc.weight"].shape == (315, 64)
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    loaded, _ = load(str(tmp_path / "weights.pt"), device="cpu", jit=False)  # the ratio read from the shapes
+    assert all(torch.equal(loaded.state_dict()[name], value) for name, value in model.state_dict().items())
+    fresh = CLIP(config)
+    clip.loading.load_weights_into(fresh, str(tmp_path / "weights.pt"))  # the configured ratio
+    assert all(torch.equal(fresh.state_dict()[name], value) for name, value in model.state_dict().items())
 
 
 def test_inference_reads_each_towers_own_mlp_ratio() -> None:

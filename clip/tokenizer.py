@@ -119,6 +119,16 @@ def clean_text(text: str) -> str:
     return whitespace_clean(basic_clean(text)).lower()
 
 
+def cleans_to_nothing(text: str) -> bool:
+    """Whether `clean_text(text)` is empty: the tokenizer makes [start, end] of it alone ("&nbsp;", a byte-order
+    mark, control characters). Without running the cleaning for text it provably leaves something of: ftfy and
+    HTML unescaping remove control and format characters and turn entities into what they name, but never remove
+    a letter or digit outside an entity ('&...'). Most text answers at its first letter."""
+    if "&" not in text and any(character.isalnum() for character in text):
+        return False
+    return not clean_text(text)
+
+
 def _needs_full_cleaning(text: str) -> bool:
     """False when `clean_text(text)` is just whitespace collapsing and lower-casing.
 

@@ -276,6 +276,7 @@ NO_SENTENCES = "image #1: 'sentences' must be a non-empty list"
         (karpathy_entry(sentences=[{"raw": None}]), NO_RAW),
         (karpathy_entry(sentences=["a red"]), NO_RAW),
         (karpathy_entry(sentences=[{"raw": " \t"}]), NO_RAW),  # blank: refused as a manifest's empty caption is
+        (karpathy_entry(sentences=[{"raw": "&nbsp;"}]), NO_RAW),  # empty once cleaned: [start, end] alone
         (karpathy_entry(sentences="red"), NO_SENTENCES),
         (karpathy_entry(sentences=[]), NO_SENTENCES),  # an image of the split silently left out of its recalls
         ({"filename": "x.png", "split": "test"}, NO_SENTENCES),
@@ -465,6 +466,10 @@ def test_manifest_errors_name_the_row(tmp_path):
     (tmp_path / "blank.tsv").write_text(f"image\tcaption\n{names[0]}\tfine\n{names[0]}\t   \n")
     with pytest.raises(ValueError, match="row 2 needs a non-empty 'image' and 'caption'"):
         read_caption_manifest(tmp_path / "blank.tsv")  # blank: refused as a Karpathy file's blank caption is
+    # Empty once cleaned as the tokenizer cleans it: evaluated as the text [start, end] alone
+    (tmp_path / "nbsp.tsv").write_text(f"image\tcaption\n{names[0]}\tfine\n{names[0]}\t&nbsp;\n")
+    with pytest.raises(ValueError, match="row 2: its 'caption' '&nbsp;' is empty once cleaned as the tokenizer"):
+        read_caption_manifest(tmp_path / "nbsp.tsv")
     # Bytes that are not UTF-8 would reach the tokenizer as lone surrogates: named, not a whole-file decode error.
     (tmp_path / "m.tsv").write_bytes(f"image\tcaption\n{names[0]}\tfine\n{names[0]}\tcaf\xe9\n".encode("latin-1"))
     with pytest.raises(ValueError, match="row 2: the caption is not valid UTF-8"):

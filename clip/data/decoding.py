@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from PIL import Image, UnidentifiedImageError
 
 from ..image_modes import TRAINING_ALPHA_BACKGROUND, apply_exif_orientation, has_transparency_entry, to_rgb
-from ..tokenizer import clean_text
+from ..tokenizer import cleans_to_nothing
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +75,11 @@ def decode_caption(raw: bytes | str, max_chars: int | None = CAPTION_CHARS_KEPT)
     if not text:
         raise SkipSample("empty_caption")
     text = text if max_chars is None else text[:max_chars]
-    if _may_clean_to_nothing(text) and not clean_text(text[:CAPTION_CHARS_KEPT]):
+    if cleans_to_nothing(text[:CAPTION_CHARS_KEPT]):
         # "&nbsp;", a byte-order mark, control characters: the tokenizer's cleaning leaves nothing, and the
         # sample would be trained on as an empty text
         raise SkipSample("empty_caption", "nothing left once cleaned as the tokenizer cleans it")
     return text
-
-
-def _may_clean_to_nothing(text: str) -> bool:
-    """False for text that the tokenizer's cleaning (`clean_text`) provably leaves non-empty, without running
-    it: ftfy and HTML unescaping remove control and format characters and turn entities into what they name,
-    but never remove a letter or digit outside an entity ('&...'). Most captions answer at their first letter."""
-    return "&" in text or not any(character.isalnum() for character in text)
 
 
 @contextlib.contextmanager

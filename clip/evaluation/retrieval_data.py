@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from clip.config_io import relative_path_note
 from clip.data.manifest import FIELD_LIMIT, MANIFEST_SUFFIXES, is_json_lines, manifest_rows_with_problems
+from clip.tokenizer import cleans_to_nothing
 
 from .config import RetrievalDatasetConfig
 from .image_files import read_image
@@ -104,9 +105,10 @@ def _karpathy_captions(path: Path, number: int, sentences: Any) -> list[str]:
     for position, sentence in enumerate(sentences):
         raw = sentence.get("raw") if isinstance(sentence, dict) else None
         caption = raw.strip() if isinstance(raw, str) else ""
-        if not caption:
+        if not caption or cleans_to_nothing(caption):  # ("&nbsp;": evaluated as an empty text, [start, end])
             raise ValueError(
-                f"{path}: image #{number}, sentence #{position} needs a non-empty 'raw' caption, got {sentence!r}"
+                f"{path}: image #{number}, sentence #{position} needs a non-empty 'raw' caption (also once cleaned "
+                f"as the tokenizer cleans it), got {sentence!r}"
             )
         captions.append(_utf8_caption(caption, f"{path}: image #{number}, sentence #{position}"))
     return captions
@@ -152,6 +154,9 @@ def _manifest_pair(
     not at all, so such a row is an error naming it."""
     usable = isinstance(row, tuple)
     caption = row[1].strip() if usable else ""
+    if usable and caption and cleans_to_nothing(caption):  # ("&nbsp;": evaluated as an empty text, [start, end])
+        raise ValueError(f"{path}: row {number}: its {caption_column!r} {caption!r} is empty once cleaned as the "
+                         f"tokenizer cleans it")
     if not caption:
         jsonl = is_json_lines(path)
         needs = "needs to be a JSON object with" if jsonl else "needs"

@@ -214,7 +214,9 @@ def _looks_complete(path: Path) -> bool:
     try:
         with _open_regular_file(path) as file, zipfile.ZipFile(file) as archive:
             return any(name.rpartition("/")[2] == "data.pkl" for name in archive.namelist())
-    except (OSError, ValueError, zipfile.BadZipFile):  # ValueError: not a regular file
+    # ValueError: not a regular file; NotImplementedError: zipfile's refusal of a damaged "version needed" field
+    # or compression method (it escaped, and every later save of the run failed in pruning)
+    except (OSError, ValueError, NotImplementedError, zipfile.BadZipFile):
         return False
 
 
@@ -230,7 +232,7 @@ def _checksums_match(path: Path) -> bool:
     try:
         status = os.stat(path)
         return _checksums_match_of(str(path), (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns))
-    except (OSError, ValueError, zipfile.BadZipFile) as error:  # a storage error; a file gone or replaced meanwhile
+    except (OSError, ValueError, NotImplementedError, zipfile.BadZipFile) as error:  # a storage error; a file gone
         log.warning("could not check %s before pruning older checkpoints (%s): it is not counted among those kept "
                     "this time", path, error)
         return False

@@ -410,7 +410,8 @@ def _fetch(response: Response, url: str, partial: Path, label: str, progress: bo
 
     Refuses more than `max_bytes`, announced or received; `label` names the progress bar."""
     length_header = response.headers.get("Content-Length")
-    expected_bytes = int(length_header) if length_header and length_header.isdigit() else None
+    # ASCII digits only: str.isdigit() takes "²" too, whose int() raised a ValueError past the download's errors
+    expected_bytes = int(length_header) if length_header and re.fullmatch(r"[0-9]+", length_header) else None
     if expected_bytes is not None and expected_bytes > max_bytes:
         raise DownloadError(_too_large(url, f"the server announced {expected_bytes:,} bytes", max_bytes))
     digest = hashlib.sha256()

@@ -165,6 +165,19 @@ def _resume_and_read_with_128_mib_to_spare(run_dir: Path) -> dict:
     return outcome
 
 
+def test_an_older_checkpoint_whose_zip_directory_zipfile_refuses_does_not_fail_later_saves(tmp_path, caplog):
+    # One damaged byte ("version needed to extract" 25.5) made zipfile raise NotImplementedError in pruning's
+    # check: every later save raised after writing its file, and the run stopped
+    state = {"format": ckpt.CHECKPOINT_FORMAT, "model": {"w": torch.zeros(3)}}
+    first = ckpt.save_checkpoint({**state, "step": 1}, tmp_path, 1, keep_last=2)
+    data = bytearray(first.read_bytes())
+    data[data.find(b"PK\x01\x02") + 6] = 0xFF
+    first.write_bytes(bytes(data))
+    for step in (2, 3, 4):
+        ckpt.save_checkpoint({**state, "step": step}, tmp_path, step, keep_last=2)
+    assert steps(tmp_path)[:2] == [4, 3] and ckpt.load_latest_checkpoint(tmp_path)["step"] == 4
+
+
 def test_memory_failures_are_recognised_through_the_errors_raised_from_them():
     from clip.exception_chain import out_of_memory_in
 

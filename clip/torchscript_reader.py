@@ -58,6 +58,7 @@ _CLASS_LINE = re.compile(r"class (\w+)\b")
 _DECLARATION = re.compile(r"[ \t]+(__parameters__|__buffers__) = \[([^\]]*)\][ \t]*")
 # A module's code file is a few KB; the cap bounds what a small compressed member can expand to.
 _MAX_CODE_BYTES = 64 << 20
+_MAX_PICKLE_BYTES = 16 << 20
 
 
 class TorchScriptReadError(ValueError):
@@ -148,7 +149,8 @@ def read_torchscript_weights(
             names = archive.namelist()
             root = _archive_root(names)
             if len(set(names)) != len(names):  # zipfile reads the last of equal names, torch the first
-                duplicate = next(name for name in names if names.count(name) > 1)
+                # (found in one pass: names.count per name took minutes for 80,000 entries, a 7 MB file)
+                duplicate = next(name for name, count in collections.Counter(names).items() if count > 1)
                 raise TorchScriptReadError(f"{path} is a damaged archive: it holds two members named {duplicate}")
             if root is None:
                 raise TorchScriptReadError(f"{path} is a zip file but not a TorchScript archive (no */data.pkl)")
@@ -169,20 +171,32 @@ def read_torchscript_weights(
 
 
 def _unpickle_data(archive: zipfile.ZipFile, root: str, path: Path, file_size: int) -> Any:
+    info = archive.getinfo(f"{root}/data.pkl")
+    if info.file_size > _MAX_PICKLE_BYTES:
+        # A few hundred KB in the released archives; 200 MB of one-byte opcodes (a 200 KB compressed member) took
+        # 2 GB of the unpickler's stack
+        raise TorchScriptReadError(f"{path}: its data.pkl declares {info.file_size} bytes, more than a TorchScript "
+                                   f"module's object tree takes (at most {_MAX_PICKLE_BYTES})")
+    unpickler = None
     try:
-        with archive.open(f"{root}/data.pkl") as data:
-            return _WeightsUnpickler(data, archive, root, path, file_size).load()
+        with archive.open(info) as data:
+            unpickler = _WeightsUnpickler(data, archive, root, path, file_size)
+            return unpickler.load()
     except (TorchScriptReadError, *ZIP_MEMBER_ERRORS):
         raise  # a storage record's damage: named as the archive's, not data.pkl's
     except Exception as error:  # a malformed pickle can raise nearly anything (KeyError, TypeError, ...)
-        if out_of_memory_in(error) is not None:
-            raise  # says nothing about the archive
+        if out_of_memory_in(error) is not None and (unpickler is None or unpickler.storage_memory_failed):
+            raise  # a weight's memory, which the machine lacks: says nothing about the archive
+        # Otherwise the unpickler itself ran out (a 300-byte pickle whose BINBYTES8 opcode declares 2**45 bytes,
+        # which Python allocates before reading): the pickle's fault
         raise TorchScriptReadError(f"{path}: its data.pkl is damaged ({type(error).__name__}: {error})") from error
 
 
 def _check_byte_order(archive: zipfile.ZipFile, root: str, path: Path) -> None:
     name = f"{root}/byteorder"
     if name in archive.namelist():
+        if archive.getinfo(name).file_size > 16:  # "little" or "big": read whole, a 1 MB member took 2 GB
+            raise TorchScriptReadError(f"{path}: its byteorder member is {archive.getinfo(name).file_size} bytes long")
         order = archive.read(name).decode("ascii", "replace").strip()
         if order != "little":
             raise TorchScriptReadError(f"{path} was written on a {order}-endian machine; only little-endian is read")
@@ -197,6 +211,8 @@ class _WeightsUnpickler(pickle.Unpickler):
         self.file_size = file_size  # of the archive read: a stored record must fit in it
         self.storages: dict[str, torch.Tensor] = {}
         self.script_classes: dict[str, type] = {}
+        # Whether a weight's memory could not be allocated: the machine's lack, not the pickle's fault
+        self.storage_memory_failed = False
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "__torch__" or module.startswith("__torch__."):
@@ -245,7 +261,11 @@ class _WeightsUnpickler(pickle.Unpickler):
             )
         if numel == 0:
             return torch.empty(0, dtype=dtype)
-        buffer = self._record_bytes(info)
+        try:
+            buffer = self._record_bytes(info)
+        except MemoryError:
+            self.storage_memory_failed = True
+            raise
         return torch.frombuffer(buffer, dtype=dtype)
 
     def _record_bytes(self, info: zipfile.ZipInfo) -> bytearray:

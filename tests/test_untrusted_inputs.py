@@ -842,6 +842,28 @@ def test_an_archive_written_on_a_big_endian_machine_is_refused(tmp_path: Path) -
         read_weights(path)
 
 
+def test_archive_members_that_would_take_gigabytes_to_read_are_refused_as_damage(tmp_path: Path) -> None:
+    # A 300-byte data.pkl whose BINBYTES8 opcode declares 2**45 bytes: Python allocates them before reading, and
+    # the MemoryError passed for the machine's lack of memory. A data.pkl of 200 MB of one-byte opcodes (a 200 KB
+    # compressed member) took 2 GB of the unpickler's stack; a 1 MB byteorder member 2 GB as well.
+    huge_bytes = b"\x80\x04\x8e" + (1 << 45).to_bytes(8, "little") + b"x" * 100 + b"."
+    path = write_archive(tmp_path / "bytes8.pt", data_pkl=huge_bytes)
+    with pytest.raises(WeightsFileError, match=r"bytes8\.pt: its data\.pkl is damaged \(MemoryError"):
+        read_weights(path)
+    path = write_archive(tmp_path / "nones.pt", data_pkl=b"\x80\x02" + b"N" * (17 << 20) + b".",
+                         compression=zipfile.ZIP_DEFLATED)
+    assert path.stat().st_size < 1 << 20
+    with pytest.raises(WeightsFileError, match=r"its data\.pkl declares 17825795 bytes, more than a TorchScript"):
+        read_weights(path)
+    path = tmp_path / "byteorder.pt"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in [("data.pkl", module_pickle()), ("code/__torch__.py", CODE.encode()),
+                           ("data/0", bytes(24)), ("byteorder", b"little" + b" " * (1 << 20))]:
+            archive.writestr(f"{ROOT}/{name}", data)
+    with pytest.raises(WeightsFileError, match=r"its byteorder member is 1048582 bytes long"):
+        read_weights(path)
+
+
 def test_the_older_tensor_rebuild_function_is_read(tmp_path: Path) -> None:
     data_pkl = module_pickle().replace(b"_rebuild_tensor_v2\n", b"_rebuild_tensor\n")
     path = write_archive(tmp_path / "v1.pt", data_pkl=data_pkl, record=torch.arange(6.0).numpy().tobytes())

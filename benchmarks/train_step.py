@@ -527,8 +527,11 @@ def add_comparisons(row: dict, device: torch.device, precision: str) -> None:
     if device.type == "cuda":
         from clip.throughput import peak_flops
 
-        peak = peak_flops(device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision])
-        for result in (ours, theirs):
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        # Each against the peak of the units its float32 matrix work ran on: open_clip's with TF32 (measure_step
+        # turns it on for open_clip alone, as its trainer does), whose fp32 MFU read 7x too high against plain fp32's
+        for result, tf32 in ((ours, False), (theirs, True)):
+            peak = peak_flops(device, dtype, tf32=tf32)
             if peak and "flops_per_sample" in result:
                 result["mfu"] = result["flops_per_sample"] * result["samples_per_s"] / peak
 

@@ -465,6 +465,31 @@ def test_pages_are_written_from_results_and_tolerate_missing_ones(benchmark_modu
     assert "Samples/CPU-s" not in run_all.training_table({**train, "device": "cuda:0"})  # a column CUDA pages lack
 
 
+
+def test_the_gpu_pages_target_rows_stay_when_a_run_failed(benchmark_modules):
+    # open_clip's compiled run out of time: the >= 1.2x row, and with ours failing the MFU row, went missing
+    _, _, _, run_all = benchmark_modules
+    row = {"arch": "ViT-B/16", "batch": 256, "precision": "bf16", "compile": True, "speedup": None,
+           "results": {"ours": {"error": "timed out after 120 s"}, "open_clip": {"error": "timed out after 120 s"}}}
+    rows = run_all.gpu_targets({"rows": [row], "skipped_libraries": {}})
+    assert rows == [
+        ["ViT-B/16, batch 256, bf16, compiled: MFU >= 45%", "not measured: timed out after 120 s", "not shown"],
+        ["ViT-B/16, batch 256, bf16, compiled: samples/s >= 1.2x open_clip",
+         "not measured: ours: timed out after 120 s", "not shown"],
+    ]
+
+
+def test_open_clips_fp32_mfu_on_cuda_counts_against_the_tf32_peak(benchmark_modules, monkeypatch):
+    # measure_step runs open_clip with TF32 (as its trainer does), ours without: rated against plain fp32's peak,
+    # open_clip's MFU read 7x too high
+    _, train_step, _, _ = benchmark_modules
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    row = {"results": {name: {"samples_per_s": 1000.0, "flops_per_sample": 1e11} for name in ("ours", "open_clip")}}
+    train_step.add_comparisons(row, torch.device("cuda:0"), "fp32")
+    ours, theirs = row["results"]["ours"]["mfu"], row["results"]["open_clip"]["mfu"]
+    assert ours / theirs == pytest.approx(494 / 67)  # the TF32 peak over the plain float32 one
+
+
 def test_resume_keeps_finished_benchmarks(benchmark_modules, tmp_path, monkeypatch):
     common, _, _, run_all = benchmark_modules
     args = argparse.Namespace(quick=True, threads=1)

@@ -343,18 +343,23 @@ def _note_unreachable(note: Path, error: DownloadError) -> None:
     """Leaves why the server could not be reached for the processes waiting for this download, before they
     take the lock in turn: each would otherwise wait out the timeout again (8 ranks of an offline node, each
     calling clip.load: 8 minutes one after the other instead of one)."""
+    # Not through a symlink: in a cache folder shared with other users, one planted there made this write over
+    # the file it names (the lock and the partial file are opened the same way)
     with suppress(OSError):
-        note.write_text(str(error), encoding="utf-8")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+        with os.fdopen(os.open(note, flags, 0o666), "w", encoding="utf-8") as file:
+            file.write(str(error))
 
 
 def _raise_if_found_unreachable_meanwhile(note: Path, waited_since: float) -> None:
     """Raises the error of the download this process waited for, if that one could not reach the server. Not a
     download that broke off or sent other bytes: this process tries that one again itself."""
     try:
-        if os.stat(note).st_mtime < waited_since:  # an earlier attempt's, not the one this process waited for
-            return
-        message = note.read_text(encoding="utf-8")
-    except (OSError, ValueError):  # none, or unreadable: try it here
+        with os.fdopen(os.open(note, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), encoding="utf-8") as file:
+            if os.fstat(file.fileno()).st_mtime < waited_since:  # an earlier attempt's, not the one waited for
+                return
+            message = file.read(1 << 16)
+    except (OSError, ValueError):  # none, unreadable or a symlink: try it here
         return
     raise DownloadError(f"{message} (This process waited for another's download of the file, which failed that "
                         "way just now.)")

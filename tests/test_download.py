@@ -304,6 +304,18 @@ def test_http_error_is_reported(server_url: str, tmp_path: Path) -> None:
     assert files_in(tmp_path) == [".missing.bin.unreachable"]
 
 
+def test_the_unreachable_note_is_not_written_through_a_symlink(tmp_path: Path) -> None:
+    # Another user of a shared cache folder planted .NAME.unreachable -> a file of this user's: the offline
+    # download wrote its error message over that file
+    victim = tmp_path / "victim"
+    victim.write_text("export IMPORTANT=1\n")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / ".weights.bin.unreachable").symlink_to(victim)
+    with pytest.raises(DownloadError, match="Could not download"):
+        download(closed_port_url(), GOOD_SHA256, root=tmp_path / "cache", progress=False, timeout_s=5)
+    assert victim.read_text() == "export IMPORTANT=1\n"
+
+
 def test_offline_error_says_where_to_put_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     url = closed_port_url()
     with pytest.raises(RuntimeError) as raised:

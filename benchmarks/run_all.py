@@ -334,8 +334,8 @@ METHOD_NOTES = """How to read the numbers:
 - Ours computes less than open_clip in both, by design and exactly: the last block of each tower computes
   only the position read from it (the class token, the end-of-text token; keys and values still from every
   position), about 7% of a 12-layer tower's matrix work, and the ResNet attention pool only the one query it
-  keeps. Forward GFLOPs per sample (torch's FlopCounterMode, `--count-flops`): ViT-B/32 ours 10.4 (trimmed)
-  or 13.6 (all 77 positions), open_clip 14.5; RN50 ours 13.8 or 17.0, open_clip 18.0.
+  keeps. Forward GFLOPs per sample (torch's FlopCounterMode, `--count-flops`, attention included): ViT-B/32
+  ours 10.5 (trimmed) or 13.8 (all 77 positions), open_clip 14.8; RN50 ours 13.9 or 17.1, open_clip 18.2.
 - "Training peak" is the process's resident-memory high-water mark minus its resident memory just before
   the model is built (libraries imported, input batch made): weights, gradients, AdamW state, activations
   and temporaries. The JSON results also hold the whole-process high-water mark (`peak_gib`), which adds

@@ -42,8 +42,8 @@ mask is causal), but the work is not. --text-length full makes ours run all 77 p
 inputs as open_clip's; --text-length trimmed full measures ours both ways, each against the same open_clip
 runs (one row each). Either way ours' last block in each tower computes only the position read from it
 (the class token, the end-of-text token; keys and values still from every position), again with the same
-features and gradients. Forward GFLOPs per sample for ViT-B/32: ours 10.4 (trimmed) or 13.6 (all 77
-positions), open_clip 14.5.
+features and gradients. Forward GFLOPs per sample for ViT-B/32: ours 10.5 (trimmed) or 13.8 (all 77
+positions), open_clip 14.8.
 Model FLOPs are counted with torch's FlopCounterMode on the batch actually used (forward x 3), so they count
 the text length each library really computes.
 """

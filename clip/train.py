@@ -426,6 +426,12 @@ def _train(
     if resumed and data is not None:  # on every rank alike (a collective); data_state is each rank's own position
         with refused_on_every_rank(run_dir, dist_info), entry_restored("its 'data' entry", run_dir, start_step):
             data.load_state_dict(data_state)
+    if dist_info.is_distributed:
+        # The setup's last collective is behind: from here a signal is recorded, not raised. What follows is rank 0's
+        # alone (its run record, logs, TensorBoard): a SIGTERM to every rank (a scheduler's) that rank 0 took there
+        # abandoned its start (status 75) while the others, past their setup, failed in the first step's collective
+        # (status 1, no checkpoint). The ranks now stop together after the first step, with a checkpoint.
+        end_setup()
     if dist_info.is_main and not already_finished:
         # Written once the run's data is set up too: a refused resume, or a start whose data cannot be used
         # (a mistyped path), leaves the run's recorded config and results alone.
@@ -599,7 +605,7 @@ def _train(
         tower: getattr(config.train, f"lock_{tower}") and not getattr(config.train, f"lock_{tower}_unlocked_layers")
         for tower in ("image", "text")
     }
-    end_setup()  # from here a signal stops the run at the next step boundary, with a checkpoint
+    end_setup()  # from here a signal stops the run at the next step boundary, with a checkpoint (ranks: above)
     # An evaluation due before the first step: the one this checkpoint owes (skipped or abandoned when the run
     # was stopped), made up first so that the run's evaluation record has no gap, or a new run's of its starting
     # weights (eval.at_start). Evaluations leave the RNG and data alone.

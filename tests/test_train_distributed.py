@@ -178,6 +178,48 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     assert_same_final_weights(tmp_path / "straight", tmp_path / "resumed", step=4)
 
 
+def _signalled_in_rank_0s_own_setup_worker(rank: int, world_size: int, port: int, run_dir: str, extra) -> None:
+    # A scheduler's SIGTERM to every rank while rank 0 does its own part of the start (its run record) and rank 1
+    # has begun its first step: rank 1 leaves its pid as it does; rank 0, recording the run's start, waits for it
+    # and signals both.
+    import signal
+    import time
+
+    import clip.train as train_module
+
+    marker = Path(run_dir).parent / "rank_1_stepping"
+    if rank == 0:
+        real_record = train_module.record_run_start
+
+        def signalled(*args, **kwargs):
+            while not marker.exists():
+                time.sleep(0.01)
+            os.kill(int(marker.read_text()), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real_record(*args, **kwargs)
+
+        train_module.record_run_start = signalled
+    else:
+        real_step = train_module.contrastive_step
+
+        def stepping(*args, **kwargs):
+            marker.write_text(str(os.getpid()))
+            return real_step(*args, **kwargs)
+
+        train_module.contrastive_step = stepping
+    _worker(rank, world_size, port, run_dir, None, extra)
+
+
+def test_a_signal_to_every_rank_in_rank_0s_own_part_of_the_start_stops_them_together(tmp_path):
+    # Rank 0 abandoned its start (status 75) while rank 1 went on into the first step and failed in its collective
+    # (status 1, no checkpoint): the ranks now take the first step and stop after it together, with a checkpoint
+    extra = ["eval.every_n_steps=0", "schedule.steps=4", "checkpoint.every_n_steps=0"]
+    spawn_ranks(_signalled_in_rank_0s_own_setup_worker, (2, free_port(), str(tmp_path / "run"), extra))
+    state = ckpt.load_latest_checkpoint(tmp_path / "run")
+    assert state["step"] == 1 and len(state["data"]) == 2
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
 def test_a_signal_to_one_rank_at_a_step_whose_verdict_waits_stops_every_rank_after_the_next_step(tmp_path):
     # No step logs before the last: step 2's verdict, with rank 1's stop in it, is read by both ranks once step 3
     # is launched (clip.step_verdict). Both stop after step 3 and save it together; resumed, the run ends as a

@@ -179,6 +179,14 @@ def test_rank_or_world_size_under_srun_must_be_slurms():
     with pytest.raises(RuntimeError, match=r"^RANK is 0 but .* is 1; WORLD_SIZE is 0 but the step's task count "
                                            r"\(SLURM_NTASKS\) is 2 \(a RANK"):
         read_launcher_environment({**slurm_task, "RANK": "0", "WORLD_SIZE": "0"})
+    # All five of torchrun's exported in the batch script: every task was rank 0 (of them, one waited forever)
+    everything = {**slurm_task, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    with pytest.raises(RuntimeError, match=r"^RANK is 0 but this task's rank \(SLURM_PROCID\) is 1 \(a RANK"):
+        read_launcher_environment(everything)
+    assert read_launcher_environment({**everything, "RANK": "1", "LOCAL_RANK": "1"}).rank == 1  # each task's own
+    # torchrun inside the srun step, or a launcher that starts several processes per task: theirs, as before
+    assert read_launcher_environment({**everything, "TORCHELASTIC_RUN_ID": "7"}).launcher == "torchrun"
+    assert read_launcher_environment({**everything, "WORLD_SIZE": "16"}).rank == 0
 
 
 def test_slurm_defaults_and_the_older_node_list_name():

@@ -17,7 +17,8 @@ from . import checkpoint as ckpt
 from .config import TrainConfig, TrainLoopConfig, to_toml
 from .cpu_memory import freed_memory_kept
 from .cuda_backends import configure_cuda_backends, cuda_backends_restored
-from .distributed import DistributedInfo, raise_on_every_rank
+from .distributed import DistributedInfo, any_rank, from_rank_zero, raise_on_every_rank
+from .download import DownloadError
 from .loading import load_weights_with_source
 from .loss import SIGLIP_INITIAL_LOGIT_SCALE
 from .model import create_model
@@ -149,9 +150,13 @@ def start_new_run(module: ContrastiveModel, config: TrainConfig, dist_info: Dist
                 record = init_weights_record(config.train.init_weights, source.to_dict())
             except Exception as error:  # re-raised below, after the ranks agree
                 failure = error
-        raise_on_every_rank(
-            failure, dist_info, WeightsFileError("rank 0 could not read train.init_weights (its log says why)")
-        )
+        elsewhere: Exception = WeightsFileError("rank 0 could not read train.init_weights (its log says why)")
+        # Of the same kind as rank 0's failure where that is a download's (status 1, try again), not bad input
+        # (status 2): the other ranks said "bad input" for a network failure, and srun reports the highest status
+        if dist_info.is_distributed and any_rank(failure is not None, dist_info):
+            if from_rank_zero(isinstance(failure, DownloadError) if dist_info.is_main else None, dist_info):
+                elsewhere = DownloadError("rank 0 could not download train.init_weights (its log says why)")
+        raise_on_every_rank(failure, dist_info, elsewhere)
     if dist_info.is_main:
         warn_of_a_literal_tilde_folder(Path(config.output_dir))
         warn_of_run_directories_inside(Path(config.output_dir))

@@ -372,6 +372,32 @@ def _resume_refused_worker(rank: int, world_size: int, port: int, run_dir: str, 
         (Path(run_dir).parent / f"refused{rank}").write_text(str(error))
 
 
+def _init_weights_unreachable_worker(rank: int, world_size: int, port: int, run_dir: str, extra) -> None:
+    # Rank 0's read of train.init_weights fails as a download does; what each rank raised, into a file of its own
+    import clip.run_start as run_start
+    from clip.download import DownloadError
+    from clip.weights_file import WeightsFileError
+
+    def unreachable(*args, **kwargs):
+        raise DownloadError("could not download ViT-B/32: Temporary failure in name resolution (simulated)")
+
+    run_start.load_weights_with_source = unreachable
+    try:
+        _worker(rank, world_size, port, run_dir, None, extra)
+    except (DownloadError, WeightsFileError) as error:
+        (Path(run_dir).parent / f"raised{rank}").write_text(f"{type(error).__name__}: {error}")
+
+
+def test_a_download_failure_of_the_initial_weights_is_the_same_kind_of_failure_on_every_rank(tmp_path):
+    # The other ranks raised WeightsFileError (clip-train's status 2, bad input) for rank 0's DownloadError (status
+    # 1, a failure worth trying again): srun reports the highest status, and the job read as bad input
+    extra = ["eval.every_n_steps=0", "schedule.steps=2", "train.init_weights=ViT-B/32"]
+    spawn_ranks(_init_weights_unreachable_worker, (2, free_port(), str(tmp_path / "run"), extra), timeout_s=120)
+    assert (tmp_path / "raised0").read_text().startswith("DownloadError: could not download ViT-B/32")
+    assert (tmp_path / "raised1").read_text() == (
+        "DownloadError: rank 0 could not download train.init_weights (its log says why)")
+
+
 def test_a_checkpoint_entry_that_one_rank_cannot_restore_stops_every_rank_at_once(tmp_path):
     # Each rank restores its own random generators: rank 1 alone refused its damaged entry, and rank 0 went on
     # into DDP's constructor and waited there for it until the collectives' timeout.

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 TORCHRUN_VARIABLE = "TORCHELASTIC_RUN_ID"  # set by torchrun (torch.distributed.elastic) for each worker
+# torchrun's pid as the worker's command started, before its imports (clip_commands.remember_the_launcher)
+LAUNCHER_PID_VARIABLE = "CLIP_LAUNCHER_PID"
 
 
 def launched_by_torchrun(environ: Mapping[str, str]) -> bool:

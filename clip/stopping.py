@@ -9,7 +9,7 @@ import os
 import signal
 from collections.abc import Mapping
 
-from .launcher_death import has_ended, launched_by_torchrun, sigterm_when_the_parent_ends
+from .launcher_death import LAUNCHER_PID_VARIABLE, has_ended, launched_by_torchrun, sigterm_when_the_parent_ends
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,13 @@ class StopRequest:
             return
         launcher = os.getppid()
         if launcher == 0:  # started into a PID namespace of its own (unshare --pid): torchrun is not to be seen
+            return
+        remembered = environ.get(LAUNCHER_PID_VARIABLE, "")
+        if remembered.isascii() and remembered.isdigit() and int(remembered) != launcher:
+            # torchrun ended while this process imported the library (it was re-parented since): the request
+            # below would wait for the end of a process that is not torchrun
+            self.launcher_pid = int(remembered)
+            os.kill(os.getpid(), signal.SIGTERM)
             return
         if sigterm_when_the_parent_ends():
             self.launcher_pid = launcher

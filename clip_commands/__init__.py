@@ -24,12 +24,16 @@ from typing import NoReturn
 INTERRUPTED_EXIT_CODE = 130
 # clip.stopping.STOPPED_EARLY_EXIT_CODE: clip-train's status for a start a signal abandoned, nothing trained
 START_ABANDONED_EXIT_CODE = 75
+# clip.launcher_death.TORCHRUN_VARIABLE and LAUNCHER_PID_VARIABLE, repeated for the same reason
+TORCHRUN_VARIABLE = "TORCHELASTIC_RUN_ID"
+LAUNCHER_PID_VARIABLE = "CLIP_LAUNCHER_PID"
 
 
 def clip_train() -> NoReturn:
     """clip-train: a SIGTERM or Ctrl-C while it imports the library abandons the start with status 75 and one
     line, as one while it reads its config does (clip.cli.train.start_abandoned), instead of a traceback (Ctrl-C)
     or the default action's 143 (SIGTERM)."""
+    remember_the_launcher(os.environ)
     # Registered first, so run last of the exit functions (see clip.cli.train.ignore_signals_in_the_teardown)
     atexit.register(_ignore_signals_in_the_teardown)
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -37,6 +41,15 @@ def clip_train() -> NoReturn:
     from clip.cli.train import command
 
     command()
+
+
+def remember_the_launcher(environ) -> None:
+    """Under torchrun, its pid, read before the seconds of imports: the run asks the kernel to be signalled when
+    torchrun ends (clip.launcher_death) only once it trains, and a torchrun killed before that (the OOM killer,
+    a kill -9 during the imports) left its workers re-parented, with nothing to tell them, waiting at the
+    rendezvous torchrun had served. clip.stopping stops a run whose parent is no longer this one."""
+    if TORCHRUN_VARIABLE in environ:
+        environ[LAUNCHER_PID_VARIABLE] = str(os.getppid())
 
 
 def clip_zeroshot() -> int:

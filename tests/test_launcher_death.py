@@ -88,6 +88,31 @@ def test_the_request_is_made_under_torchrun_only_and_a_launcher_gone_meanwhile_s
         assert killed == [(os.getpid(), signal.SIGTERM)] * 2
 
 
+def test_a_worker_whose_torchrun_ended_while_it_imported_the_library_stops(monkeypatch):
+    # torchrun killed during its workers' imports: the request below came too late (their parent was already
+    # init), and they waited at the rendezvous torchrun had served. clip-train notes its parent's pid first.
+    import clip_commands
+    from clip.launcher_death import LAUNCHER_PID_VARIABLE
+
+    environ = {TORCHRUN_VARIABLE: "run"}
+    clip_commands.remember_the_launcher(environ)
+    assert environ[LAUNCHER_PID_VARIABLE] == str(os.getppid())
+    clip_commands.remember_the_launcher(without := {})
+    assert without == {}  # not under torchrun: nothing noted
+    requests, killed = [], []
+    monkeypatch.setattr(stopping, "sigterm_when_the_parent_ends", lambda: requests.append(1) or True)
+    monkeypatch.setattr(stopping.os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    monkeypatch.setattr(stopping.os, "getppid", lambda: 1)  # re-parented: torchrun is gone
+    with StopRequest() as stop:
+        stop.stop_when_torchrun_ends({TORCHRUN_VARIABLE: "run", LAUNCHER_PID_VARIABLE: "4321"})
+        assert killed == [(os.getpid(), signal.SIGTERM)] and stop.launcher_pid == 4321 and requests == []
+        killed.clear()
+        monkeypatch.setattr(stopping.os, "getppid", lambda: 4321)  # still there: the request, as before
+        monkeypatch.setattr(stopping, "has_ended", lambda pid: False)
+        stop.stop_when_torchrun_ends({TORCHRUN_VARIABLE: "run", LAUNCHER_PID_VARIABLE: "4321"})
+        assert killed == [] and requests == [1]
+
+
 def test_the_request_waits_for_the_handler_that_saves(monkeypatch):
     # Outside the main thread StopRequest leaves SIGTERM alone: its default action would end the run unsaved
     requests = []

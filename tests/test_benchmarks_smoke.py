@@ -992,3 +992,12 @@ def test_the_cpu_flop_count_includes_attention_as_the_devices_count_does(benchma
     texts[:, -1] = 49407  # the end-of-text token: all 77 positions computed
     counted = train_step.count_flops_per_sample({"library": "ours"}, module, images, texts)
     assert counted == training_flops_per_sample(module.clip.config, 77)
+
+
+def test_the_loss_target_takes_the_memory_of_the_chunk_size_whose_exactness_was_checked(benchmark_modules):
+    # The lowest peak over every chunk size was reported beside the exactness of the first one alone
+    _, _, _, run_all = benchmark_modules
+    report = {"rows": [{"batch": 32768, "method": "chunked", "chunk_size": 512, "extra_peak_gib": 0.6},
+                       {"batch": 32768, "method": "chunked", "chunk_size": 128, "extra_peak_gib": 0.3}],
+              "verification": {"batch": 32768, "chunk_size": 512, "loss vs reference": 2e-7}}
+    assert "extra peak 0.600 GiB (chunk 512)" in run_all.loss_target(report)[1]

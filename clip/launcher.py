@@ -141,14 +141,14 @@ def _launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment | N
     # variables say it, and a RANK or WORLD_SIZE is an error only where it says otherwise.
     given = [name for name in ("RANK", "WORLD_SIZE") if name in environ]
     missing = [name for name in TORCHRUN_VARIABLES if name not in environ]
-    slurm = _slurm_environment(environ)
     if given and not missing:
         # All five exported in a batch script (`export RANK=$SLURM_PROCID ...` is the batch shell's 0 in every task)
-        # made every srun task rank 0. Not torchrun's (TORCHELASTIC_RUN_ID), and one process per task (WORLD_SIZE is
-        # the step's task count): then each task's RANK must be SLURM's. Other launchers that start several
-        # processes per task give another WORLD_SIZE and are left as they are.
-        if (slurm is not None and not launched_by_torchrun(environ) and slurm.world_size > 1
-                and _integer(environ, "WORLD_SIZE") == slurm.world_size):
+        # made every srun task rank 0. Not torchrun's (TORCHELASTIC_RUN_ID; SLURM's variables are not read under
+        # it), and one process per task (WORLD_SIZE is the step's task count): then each task's RANK must be
+        # SLURM's. Other launchers that start several processes per task give another WORLD_SIZE and are left as
+        # they are.
+        slurm = None if launched_by_torchrun(environ) else _slurm_environment(environ)
+        if slurm is not None and slurm.world_size > 1 and _integer(environ, "WORLD_SIZE") == slurm.world_size:
             _check_agrees_with_slurm(environ, ["RANK"], slurm)
         return LauncherEnvironment(
             rank=_integer(environ, "RANK"),
@@ -158,6 +158,7 @@ def _launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment | N
             master_port=_integer(environ, "MASTER_PORT"),
             launcher="torchrun",
         )
+    slurm = _slurm_environment(environ)
     if given and slurm is None:
         raise LauncherMisconfigured(
             f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} set but {', '.join(missing)} "

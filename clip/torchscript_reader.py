@@ -195,8 +195,9 @@ def _unpickle_data(archive: zipfile.ZipFile, root: str, path: Path, file_size: i
 def _check_byte_order(archive: zipfile.ZipFile, root: str, path: Path) -> None:
     name = f"{root}/byteorder"
     if name in archive.namelist():
-        if archive.getinfo(name).file_size > 16:  # "little" or "big": read whole, a 1 MB member took 2 GB
-            raise TorchScriptReadError(f"{path}: its byteorder member is {archive.getinfo(name).file_size} bytes long")
+        size = archive.getinfo(name).file_size
+        if size > 16:  # "little" or "big": read whole, a 1 MB member took 2 GB
+            raise TorchScriptReadError(f"{path}: its byteorder member is {size} bytes long")
         order = archive.read(name).decode("ascii", "replace").strip()
         if order != "little":
             raise TorchScriptReadError(f"{path} was written on a {order}-endian machine; only little-endian is read")

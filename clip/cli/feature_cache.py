@@ -178,7 +178,7 @@ def save_features(path: Path, key: FeatureKey, features: tuple[torch.Tensor, tor
             torch.save(content, file)
     except (OSError, RuntimeError) as error:
         # torch.save reports a full disk as an "enforce fail" RuntimeError raised while handling the OSError
-        if not isinstance(error, OSError) and first_in_chain(error, lambda e: isinstance(e, OSError)) is None:
+        if first_in_chain(error, lambda link: isinstance(link, OSError)) is None:  # (the error itself included)
             raise
         logger.warning("could not keep the features in %s for a later run: %s", path, error)
         return

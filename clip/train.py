@@ -313,6 +313,14 @@ class RunDirectoryWatch:
                     "what was written there before (checkpoints, metrics.jsonl, train.log) is in it",
                     self.run_dir, step)
 
+    def moved(self) -> bool:
+        """Whether the folder at the run directory's path is no longer the one the run took (deleted or moved away
+        since the last `check`)."""
+        try:
+            return self._identity() != self.identity
+        except OSError:  # the storage failing: not a sign of a move
+            return False
+
     def kept_step(self, saved_step: int | None) -> int | None:
         """The step of the latest checkpoint still on disk, of those this run saved (`saved_step` the latest)."""
         return None if self.checkpoints_lost else saved_step
@@ -498,8 +506,19 @@ def _train(
                 }
                 try:
                     run_directory.check(step)
-                    log.info("saved %s", ckpt.save_checkpoint(state, run_dir, step, config.checkpoint.keep_last,
-                                                             prune=not stop.requested))
+                    try:
+                        saved = ckpt.save_checkpoint(state, run_dir, step, config.checkpoint.keep_last,
+                                                     prune=not stop.requested)
+                    except ckpt.CheckpointWriteError:
+                        if not run_directory.moved():
+                            raise
+                        # The folder was deleted or moved away during the write (minutes for a large model): the
+                        # file's rename into it failed and the run ended, though the weights in memory were fine.
+                        # Written again, into the folder made again
+                        run_directory.check(step)
+                        saved = ckpt.save_checkpoint(state, run_dir, step, config.checkpoint.keep_last,
+                                                     prune=not stop.requested)
+                    log.info("saved %s", saved)
                     run_directory.checkpoints_lost = False
                 except Exception as error:  # re-raised below, after the ranks agree
                     failure = error

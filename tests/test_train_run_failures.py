@@ -134,6 +134,35 @@ def test_a_run_directory_deleted_mid_run_is_made_again_whole_with_one_warning_an
     assert json.loads((run_dir / "results.json").read_text())["step"] == 6
 
 
+@pytest.mark.parametrize("how", ["moved", "deleted"])
+def test_a_run_directory_moved_or_deleted_during_a_save_gets_that_checkpoint_in_the_folder_made_again(
+    tmp_path, monkeypatch, caplog, how
+):
+    # The write into the temporary file went on in the moved (or deleted) folder, and its rename into place failed:
+    # the run ended with status 1, losing the steps since its last checkpoint, though its weights were in memory
+    import torch
+
+    run_dir, moved_to = tmp_path / "run", tmp_path / "moved"
+    real_torch_save, gone = torch.save, []
+
+    def folder_gone_during_step_3s_save(obj, file, *args, **kwargs):
+        real_torch_save(obj, file, *args, **kwargs)
+        if isinstance(obj, dict) and obj.get("step") == 3 and not gone:
+            gone.append(how)
+            if how == "moved":
+                run_dir.rename(moved_to)
+            else:
+                shutil.rmtree(run_dir)
+
+    monkeypatch.setattr(torch, "save", folder_gone_during_step_3s_save)
+    with caplog.at_level(logging.INFO):
+        assert main([str(DEMO), "--output-dir", str(run_dir), *TINY, "eval.every_n_steps=0"]) == 0
+    warnings = [record.getMessage() for record in caplog.records if "deleted or moved away" in record.getMessage()]
+    assert len(warnings) == 1 and "made again at step 3" in warnings[0]
+    assert [step for step, _ in ckpt.list_checkpoints(run_dir)] == [6, 3]
+    assert ckpt.read_checkpoint(ckpt.checkpoint_path(run_dir, 3))["step"] == 3
+
+
 def test_a_run_directory_that_cannot_be_made_again_is_one_line_that_keeps_nothing(tmp_path, monkeypatch, capsys,
                                                                                    caplog):
     # The folder deleted, and its making again failing (a full or read-only file system): a bare OSError ended

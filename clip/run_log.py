@@ -85,11 +85,24 @@ class RunLog:
             else:
                 # purge_step hides the events of steps >= it that an earlier attempt wrote.
                 self._start_tensorboard(SummaryWriter, purge_step=resumed_at + 1)
+        # TensorBoard's writer was started again after a failed write (`write`): a second failure ends it
+        self._tensorboard_restarted = False
 
     def _start_tensorboard(self, summary_writer: type, purge_step: int | None) -> None:
-        threads_before = set(threading.enumerate())
-        self.writer = summary_writer(log_dir=str(self.path.parent / "tensorboard"), purge_step=purge_step)
-        self._quiet_threads = QuietWriterThreads(set(threading.enumerate()) - threads_before)
+        """Starts TensorBoard's writer, or says why it cannot and goes on without it: TensorBoard mirrors what
+        metrics.jsonl holds, and an unwritable tensorboard/ folder ended the run's start on two tracebacks."""
+        folder = self.path.parent / "tensorboard"
+        self._quiet_threads = QuietWriterThreads()
+        error = None
+        try:
+            self.writer = summary_writer(log_dir=str(folder), purge_step=purge_step)
+        except OSError as failure:
+            self.writer, error = None, failure
+        self._quiet_threads.adopt()
+        if error is not None:
+            self._quiet_threads.remove()
+            log.warning("TensorBoard's events cannot be written in %s: %s; metrics go to %s only", folder,
+                        error.strerror or error, self.path)
 
     def start_again(self) -> None:
         """Goes on in a run directory made again under the run (`clip.train.RunDirectoryWatch`): TensorBoard's
@@ -101,6 +114,26 @@ class RunLog:
             self.writer.close()
         self._quiet_threads.remove()
         self._start_tensorboard(type(self.writer), purge_step=None)
+
+    def _tensorboard_failed(self, error: OSError) -> None:
+        """A write of TensorBoard's events failed. The run goes on: metrics.jsonl, written first, has every
+        figure, and a full disk stops the run at its next metrics.jsonl line or checkpoint anyway. The writer
+        starts a new event file once (a tensorboard/ folder deleted under the run, to clear old events, failed
+        every later write: the run ended, losing the steps since its last checkpoint); a second failure ends
+        TensorBoard for the run."""
+        folder = self.writer.log_dir
+        if self._tensorboard_restarted:
+            with contextlib.suppress(OSError):
+                self.writer.close()
+            self._quiet_threads.remove()
+            self.writer = None
+            log.warning("TensorBoard's events could not be written in %s again: %s (errno %s); TensorBoard stops "
+                        "for this run, metrics go on to %s", folder, error.strerror or error, error.errno, self.path)
+            return
+        self._tensorboard_restarted = True
+        log.warning("TensorBoard's events could not be written in %s: %s (errno %s); it starts a new event file "
+                    "(%s has every figure)", folder, error.strerror or error, error.errno, self.path)
+        self.start_again()
 
     def write(self, record: dict) -> None:
         """Appends `record`; RunLogWriteError if the file cannot be written (a line torn by a full disk is
@@ -125,12 +158,9 @@ class RunLog:
                 for key, value in scalars.items():
                     self.writer.add_scalar(key, value, step)
             except OSError as error:
-                # The event file is written by the writer's thread, whose error (a full disk, a quota) the next
-                # call raises: it ended the run on an OSError traceback, not the one line metrics.jsonl's gets
-                raise RunLogWriteError(
-                    f"could not write the TensorBoard events in {self.writer.log_dir}: {error.strerror or error} "
-                    f"(errno {error.errno})"
-                ) from error
+                # The event file is written by the writer's thread, whose error (a full disk, a quota, its folder
+                # deleted) the next call raises
+                self._tensorboard_failed(error)
         if self.wandb_run is not None:
             self.wandb_run.log(scalars, step=step)
 
@@ -147,21 +177,33 @@ class RunLog:
 
 
 class QuietWriterThreads:
-    """Leaves out the traceback of an OSError that ends TensorBoard's event-writer thread among `threads` (those
-    the SummaryWriter started), which Python's threading.excepthook printed: on a full disk, "Exception in thread
-    ..." and a traceback through TensorBoard came before the run's own one line. The error is not lost:
-    TensorBoard keeps it and raises it in the training process at its writer's next call, where RunLog.write
-    turns it into a RunLogWriteError (and RunLog.close into a warning). Any other error, of any thread, is printed
-    as before. The hook is put back by `remove`, or once that thread has ended on its error."""
+    """Leaves out the traceback of an OSError that ends one of TensorBoard's event-writer threads, which Python's
+    threading.excepthook printed: on a full disk, "Exception in thread ..." and a traceback through TensorBoard
+    came before the run's own line. The error is not lost: TensorBoard keeps it and raises it in the training
+    process at its writer's next call, where RunLog.write says it in a warning (`RunLog._tensorboard_failed`), as
+    RunLog.close does; a writer that fails in its start raises it there. Any other error, of any thread, is
+    printed as before.
 
-    def __init__(self, threads: set[threading.Thread]) -> None:
-        self.threads = {thread for thread in threads if type(thread).__module__.startswith("tensorboard.")}
+    Made before the SummaryWriter, whose thread can fail before the writer's start returns (its first event is
+    the file's header); `adopt` then names the threads the writer started, the only ones left out from there on.
+    The hook is put back by `remove`, or once such a thread has ended on its error."""
+
+    def __init__(self) -> None:
+        self.before = set(threading.enumerate())
+        self.threads: set[threading.Thread] | None = None  # until `adopt`: every TensorBoard thread started since
         self.previous = threading.excepthook
-        if self.threads:
-            threading.excepthook = self.hook
+        threading.excepthook = self.hook
+
+    def adopt(self) -> None:
+        self.threads = {thread for thread in threading.enumerate() if self._started_by_the_writer(thread)}
+
+    def _started_by_the_writer(self, thread: threading.Thread) -> bool:
+        if self.threads is not None:
+            return thread in self.threads
+        return thread not in self.before and type(thread).__module__.startswith("tensorboard.")
 
     def hook(self, args: threading.ExceptHookArgs) -> None:
-        if args.thread in self.threads and isinstance(args.exc_value, OSError):
+        if self._started_by_the_writer(args.thread) and isinstance(args.exc_value, OSError):
             self._put_back()  # its thread has ended: nothing more of it to leave out
             return
         self.previous(args)
@@ -170,7 +212,7 @@ class QuietWriterThreads:
         """Puts the previous hook back where TensorBoard's threads have ended (closing the writer ends them). One
         still alive may yet fail, or be on its way to the hook with its error: the hook stays for it, and goes
         once it has left out that error."""
-        if not any(thread.is_alive() for thread in self.threads):
+        if not any(thread.is_alive() and self._started_by_the_writer(thread) for thread in threading.enumerate()):
             self._put_back()
 
     def _put_back(self) -> None:

@@ -215,3 +215,29 @@ def test_the_latest_checkpoint_is_not_named_as_kept_once_its_run_directory_went(
         watch.check(4)
         assert watch.kept_step(3) is None  # step 3's file went with the folder
         assert watch.kept_step(None) is None
+
+
+@pytest.mark.parametrize("resumed", [False, True], ids=["new_run", "resumed_run"])
+def test_a_run_record_that_cannot_be_written_at_the_start_is_one_line_that_says_what_is_kept(
+    tmp_path, monkeypatch, capsys, caplog, resumed
+):
+    # A full disk when the run's config.toml was written ended the start on a bare OSError's traceback
+    import clip.train
+
+    run_dir = tmp_path / "run"
+    args = [str(DEMO), "--output-dir", str(run_dir), *TINY, "eval.every_n_steps=0"]
+    if resumed:
+        assert main([*args, "schedule.steps=3"]) == 0
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(clip.train, "record_run_start", no_space)
+    with caplog.at_level(logging.INFO):
+        assert main(args) == 1
+    kept = ("its checkpoints are kept: run the same command again to continue from step 3" if resumed
+            else "no checkpoint had been saved")
+    assert error_lines(caplog) == [f"could not write the run's config.toml in {run_dir}: No space left on device "
+                                   f"(errno 28); {kept}"]
+    assert "Traceback" not in capsys.readouterr().err
+    assert [step for step, _ in ckpt.list_checkpoints(run_dir)] == ([3] if resumed else [])

@@ -21,6 +21,7 @@ from PIL import Image
 
 import clip
 from clip.architectures import ModelConfig, TextConfig, VisionConfig
+from clip.cli import common
 from clip.cli import export as export_cli
 from clip.cli import linear_probe as linear_probe_cli
 from clip.cli import retrieval as retrieval_cli
@@ -149,6 +150,32 @@ def test_zeroshot_command_end_to_end(tmp_path, tiny_checkpoint, datasets, capsys
     assert "shapes" in table and "synthetic/heldout" in table
 
 
+def test_results_of_other_weights_are_kept_aside_and_those_of_the_same_weights_replaced(
+    tmp_path, tiny_checkpoint, datasets, caplog
+):
+    # The default output folder is named after the config, not the model: evaluating a second checkpoint
+    # replaced the first one's results.json without a word
+    import shutil
+
+    other = tmp_path / "other.pt"
+    shutil.copyfile(tiny_checkpoint, other)
+    out = tmp_path / "out"
+    for model in (tiny_checkpoint, tiny_checkpoint, other):
+        config = tmp_path / "eval.toml"
+        config.write_text(f'model = "{model}"\ndevice = "cpu"\nworkers = 0\n\n'
+                          '[[datasets]]\nkind = "synthetic"\nnum_samples = 4\nimage_size = 32\n')
+        with caplog.at_level(logging.INFO):
+            assert zeroshot_cli.main([str(config), "--output-dir", str(out)]) == 0
+    (kept,) = out.glob("results_kept_*.json")  # the second run of the same weights replaced the first's
+    assert json.loads(kept.read_text())["weights"]["path"] == str(tiny_checkpoint.resolve())
+    assert json.loads((out / "results.json").read_text())["weights"]["path"] == str(other.resolve())
+    assert f"{out / 'results.json'} holds the results of other weights: kept as {kept}" in caplog.text
+    (out / "retrieval_results.json").write_text("not JSON")  # nor a file the command cannot read
+    source = common.load_model(str(other), torch.device("cpu"))[2]
+    common.keep_results_of_other_weights(out / "retrieval_results.json", source)
+    assert not (out / "retrieval_results.json").exists() and len(list(out.glob("retrieval_results_kept_*"))) == 1
+
+
 def test_results_json_records_what_a_reproduction_needs(tmp_path, tiny_checkpoint, datasets):
     # results.json kept the model and the accuracies, but not which templates (the paper's 18? the built-in 14?),
     # whose class names, which images (a max_samples subset?) nor the precision: two runs could not be compared
@@ -204,6 +231,22 @@ def test_a_dataset_name_with_a_slash_gets_its_confusion_plot_as_one_file(tmp_pat
     assert zeroshot_cli.main([str(config), "datasets[0].name=shapes/val", "--output-dir", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "confusion_shapes_val.png").is_file()
     assert "shapes/val" in json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+
+
+def test_dataset_names_that_would_share_a_confusion_plot_are_refused_before_the_model_loads(tmp_path, capsys):
+    # "shapes/val" and "shapes_val" drew to one file, the second replacing the first without a word
+    from clip.config_io import ConfigError
+    from clip.evaluation.config import ZeroShotDatasetConfig, ZeroShotRunConfig
+
+    def two(**settings):
+        return ZeroShotRunConfig(model="RN50", datasets=[
+            ZeroShotDatasetConfig(kind="synthetic", name="shapes/val"),
+            ZeroShotDatasetConfig(kind="synthetic", name="shapes_val")], **settings)
+
+    with pytest.raises(ConfigError, match=r"'shapes/val' and 'shapes_val' would draw their confusion matrices to the "
+                                          r"same file, confusion_shapes_val.png; set `name`"):
+        two()
+    two(confusion_png=False)  # no plots: nothing shared
 
 
 def test_zeroshot_command_rejects_bad_overrides_and_configs(tmp_path, tiny_checkpoint, datasets, capsys):

@@ -23,6 +23,8 @@ from clip.run_log import write_json  # noqa: F401 -- the commands write results 
 if TYPE_CHECKING:
     from clip.loading import WeightsSource
 
+logger = logging.getLogger(__name__)
+
 # A bad path, a malformed annotation file, a config value out of range: the commands' inputs fail with these
 # (ConfigError is a ValueError), and a one-line message says more to the user than a traceback. A bug inside
 # the library, torch or numpy can raise them too, so CLIP_DEBUG brings the traceback back.
@@ -193,3 +195,30 @@ def writable_output_dir(path: Path) -> Path:
     except OSError as error:
         raise OSError(f"cannot write results to {path}: {error.strerror or error}") from error
     return path
+
+
+def keep_results_of_other_weights(path: Path, source: WeightsSource) -> None:
+    """Moves a results file that `path` holds aside when it was written for other weights (its "weights" record,
+    `WeightsSource.to_dict`, differs) or cannot be read as one, to `STEM_kept_TIME.json` (TIME: its last change),
+    with a log line; results of the same weights are replaced, as a rerun of the same evaluation. Called once
+    before an evaluation's first write: the default output folders are named after the config or dataset, not
+    the model, so evaluating a second checkpoint replaced the first one's results without a word."""
+    import json
+    import time
+
+    try:
+        written = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):  # not a results file this command could read: not to be replaced either
+        written = None
+    if isinstance(written, dict) and written.get("weights") == json.loads(json.dumps(source.to_dict())):
+        return
+    stamp = time.strftime("%Y-%m-%dT%H-%M-%S", time.localtime(path.stat().st_mtime))
+    kept = path.with_name(f"{path.stem}_kept_{stamp}{path.suffix}")
+    number = 1
+    while kept.exists():
+        number += 1
+        kept = path.with_name(f"{path.stem}_kept_{stamp}_{number}{path.suffix}")
+    path.rename(kept)
+    logger.info("%s holds the results of other weights: kept as %s", path, kept)

@@ -46,6 +46,7 @@ from clip.evaluation.linear_probe import (
 from .common import (
     add_evaluation_options,
     errors_help,
+    keep_results_of_other_weights,
     load_model,
     positive_int,
     resolve_device,
@@ -333,6 +334,7 @@ def probe(args: argparse.Namespace) -> int:
     )
     if any(skipped.values()):
         print(f"unreadable images skipped: {', '.join(f'{role} {count}' for role, count in skipped.items())}")
+    keep_results_of_other_weights(output_dir / "linear_probe_results.json", source)
     path = write_json(
         output_dir / "linear_probe_results.json",
         {"model": args.model, "weights": source.to_dict(), "dataset": args.dataset,

@@ -20,6 +20,7 @@ from clip.evaluation.retrieval_data import annotations_format, load_retrieval_da
 from .common import (
     add_evaluation_options,
     errors_help,
+    keep_results_of_other_weights,
     load_model,
     non_negative_int,
     positive_int,
@@ -152,6 +153,7 @@ def evaluate(args: argparse.Namespace) -> int:
         print(f"{name} {key}: {100 * value:.2f}")
     if result.num_skipped:
         print(f"{name}: {result.num_skipped} unreadable image(s) skipped, with their captions")
+    keep_results_of_other_weights(output_dir / "retrieval_results.json", source)
     path = write_json(
         output_dir / "retrieval_results.json",
         {"model": args.model, "weights": source.to_dict(), "dataset": dataset_record(dataset),

@@ -11,7 +11,6 @@ import argparse
 import hashlib
 import json
 import logging
-import re
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from torch.utils.data import Subset
 
 from clip.config import load_config
 from clip.config_io import home_expanded, rechecked
-from clip.evaluation.config import ZeroShotDatasetConfig, ZeroShotRunConfig
+from clip.evaluation.config import ZeroShotDatasetConfig, ZeroShotRunConfig, confusion_png_name
 from clip.evaluation.datasets import (
     ClassificationData,
     TransformedDataset,
@@ -32,6 +31,7 @@ from clip.evaluation.zeroshot import evaluate_zeroshot
 
 from .common import (
     errors_help,
+    keep_results_of_other_weights,
     load_model,
     resolve_device,
     run_command,
@@ -133,6 +133,7 @@ def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:
     datasets = list_datasets(config)
     writable_output_dir(output_dir)
     model, preprocess, source = load_model(config.model, device)
+    keep_results_of_other_weights(output_dir / "results.json", source)
     configs = {dataset.resolved_name(): dataset for dataset in config.datasets}
     settings = {"device": str(device), "precision": config.precision, "batch_size": config.batch_size,
                 "text_batch_size": config.text_batch_size, "preprocess": repr(preprocess)}
@@ -176,9 +177,7 @@ def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:
         }
         path = write_json(output_dir / "results.json", summary)
         if config.confusion_png:
-            # A name such as "imagenet/val" is one file, not a subfolder that does not exist
-            file_name = "confusion_" + re.sub(r"[/\\]", "_", name) + ".png"
-            save_confusion_png(result, output_dir / file_name)
+            save_confusion_png(result, output_dir / confusion_png_name(name))
         logger.info("wrote %s", path)
     print(format_table(results))
     return summary

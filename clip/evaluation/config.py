@@ -8,6 +8,7 @@ so the generic TOML loader in `clip.config` can read and type-check them.
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +61,27 @@ def require_unique_names(key: str, names: Sequence[str]) -> None:
             key,
             f"needs a unique name per dataset (their metrics are keyed by it), but {', '.join(map(repr, repeated))} "
             f"occurs more than once in {list(names)}; set `name` to tell them apart",
+        )
+
+
+def confusion_png_name(dataset_name: str) -> str:
+    """The file a dataset's confusion matrix is drawn to: a name such as "imagenet/val" is one file, not a
+    subfolder that does not exist."""
+    return "confusion_" + re.sub(r"[/\\]", "_", dataset_name) + ".png"
+
+
+def require_distinct_png_names(names: Sequence[str]) -> None:
+    """Datasets whose names differ only where a slash is ("shapes/test", "shapes_test") drew their confusion
+    matrices to one file, the second replacing the first without a word."""
+    by_file: dict[str, list[str]] = {}
+    for name in names:
+        by_file.setdefault(confusion_png_name(name), []).append(name)
+    shared = [(file, sharing) for file, sharing in by_file.items() if len(sharing) > 1]
+    if shared:
+        file, sharing = shared[0]
+        raise InvalidValue(
+            "datasets", f"{' and '.join(map(repr, sharing))} would draw their confusion matrices to the same file, "
+            f"{file}; set `name` to tell them apart (or confusion_png = false)",
         )
 
 
@@ -234,5 +256,7 @@ class ZeroShotRunConfig:
         require_at_least(0, workers=self.workers)
         require_at_least(1, batch_size=self.batch_size, text_batch_size=self.text_batch_size)
         require_unique_names("datasets", [dataset.resolved_name() for dataset in self.datasets])
+        if self.confusion_png:
+            require_distinct_png_names([dataset.resolved_name() for dataset in self.datasets])
         # No shell expands a TOML file's "~/results": it made a folder named "~" in the current one
         self.output_dir = os.path.expanduser(self.output_dir)

@@ -9,6 +9,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -196,8 +197,9 @@ def test_median_and_mean_ranks_are_of_their_own_direction():
     result = summarize_ranks(torch.tensor([1, 3, 5]), torch.tensor([2, 6, 2, 4]), ties="pessimistic", ks=(2,))
     assert result.recalls == {"image_to_text_R@2": 1 / 3, "text_to_image_R@2": 2 / 4}
     assert (result.image_to_text_median_rank, result.image_to_text_mean_rank) == (3.0, 3.0)
-    # the lower of the two middle ranks (2 and 4) of an even count
-    assert (result.text_to_image_median_rank, result.text_to_image_mean_rank) == (2.0, 14 / 4)
+    # the mean of the two middle ranks (2 and 4) of an even count, as numpy's median: torch's took the lower
+    assert (result.text_to_image_median_rank, result.text_to_image_mean_rank) == (3.0, 14 / 4)
+    assert result.text_to_image_median_rank == np.median([2, 6, 2, 4])
 
 
 def test_the_tie_rule_of_a_summary_must_be_named():

@@ -258,9 +258,14 @@ class ModifiedResNet(nn.Module):
         x = batch_norm_relu_into(x, self.bn2, self.relu2, self.conv3, rebuild)
         x = batch_norm_relu_into(x, self.bn3, self.relu3, self.avgpool, rebuild)  # -> N,width,H/4,W/4
         x = self._stages(x)  # -> N,width*32,H/32,W/32
-        if x.shape[-2] * x.shape[-1] + 1 != self.attnpool.positional_embedding.shape[0]:
+        pool = self.attnpool
+        # Checked for our own attention pool only: code that replaces it (nn.Identity() for layer4's feature map,
+        # another pooling) or its forward (position embeddings resized to the image) takes what it takes, as in
+        # openai/CLIP, whose forward only calls it; reading its position embeddings failed on those
+        ours = type(pool) is AttentionPool2d and "forward" not in vars(pool)
+        if ours and x.shape[-2] * x.shape[-1] + 1 != pool.positional_embedding.shape[0]:
             raise wrong_image_size(image_shape, self.input_resolution)
-        return self.attnpool(x)  # -> N,output_dim
+        return pool(x)  # -> N,output_dim
 
     def _stages(self, x: torch.Tensor) -> torch.Tensor:
         stages = (self.layer1, self.layer2, self.layer3, self.layer4)  # strides 1, 2, 2, 2: -> H/32

@@ -286,6 +286,36 @@ def test_resnet_modules_and_dtype_as_openai_clip():
     assert features.dtype == torch.bfloat16 and fired == [(2, 8, 32, 32), (2, 128, 8, 8)]
 
 
+def test_a_resnets_replaced_attention_pool_takes_the_feature_map_as_in_openai_clip():
+    # openai/CLIP's ModifiedResNet.forward only calls self.attnpool: code sets nn.Identity() to get layer4's
+    # feature map, or another pooling, or resizes the pool's position embeddings in its own forward. Reading
+    # the pool's position embeddings first failed on the first two and refused other sizes for the third
+    import types
+
+    resnet = ModelConfig(
+        embed_dim=16,
+        vision=VisionConfig(kind="resnet", image_size=64, width=8, layers=(1, 1, 1, 1), heads=2),
+        text=TextConfig(context_length=77, vocab_size=49408, width=32, layers=1, heads=2),
+    )
+    torch.manual_seed(0)
+    model = clip.create_model(resnet).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"this model takes \[N, 3, 64, 64\]"):  # our own pool: checked
+            model.encode_image(torch.randn(2, 3, 128, 128))
+        pool = model.visual.attnpool
+        seen = []
+
+        def any_size(self, x):
+            seen.append(tuple(x.shape))
+            return x.mean(dim=(2, 3))[:, :16]
+
+        pool.forward = types.MethodType(any_size, pool)
+        assert model.encode_image(torch.randn(2, 3, 128, 128)).shape == (2, 16) and seen == [(2, 256, 4, 4)]
+        model.visual.attnpool = torch.nn.Identity()
+        assert model.encode_image(images).shape == (2, 256, 2, 2)
+
+
 def test_a_traced_text_encoder_keeps_every_position():
     # A length read from the example would be fixed in the trace, and wrong for a longer caption.
     torch.manual_seed(0)

@@ -322,8 +322,9 @@ class ResidualAttentionBlock(nn.Module):
     position attends to itself and earlier ones), so the causal attention kernel runs and the mask itself
     is only there for code that reads it (`attention` replaced by OpenAI-style code); a mask assigned in its
     place (None for bidirectional attention, as some prompt learners do) is applied as given, as in openai/CLIP.
-    Only an assigned mask is noticed: the built one edited in place still runs the causal kernel (checking its
-    version counter would break torch.compile's graph at every block)."""
+    The built mask edited in place (`block.attn_mask.zero_()`, as openai/CLIP code may) counts as replaced too,
+    by its version counter, outside torch.compile's tracing (reading the counter there broke the graph at every
+    block; a compiled model keeps the mask it was compiled with)."""
 
     __prepare_scriptable__ = refuse_scripting
 
@@ -343,6 +344,7 @@ class ResidualAttentionBlock(nn.Module):
         # The causal kernel stands for this mask only: code written for openai/CLIP that sets its own
         # attn_mask (None for bidirectional text attention, a custom one) gets that mask applied instead.
         self._built_attn_mask = attn_mask
+        self._built_attn_mask_version = _version_of(attn_mask)
         self.ln_1 = LayerNorm(width)
         self.attn = MultiheadSelfAttention(width, heads, initialise=initialise)
         self.ln_2 = LayerNorm(width)
@@ -446,9 +448,24 @@ class ResidualAttentionBlock(nn.Module):
 _OWN_BLOCK_METHODS = (ResidualAttentionBlock.attention, ResidualAttentionBlock.forward)
 
 
+def _version_of(mask: torch.Tensor | None) -> int | None:
+    """The mask's in-place version counter; None for no mask, or one made in inference mode (which has none)."""
+    if mask is None or mask.is_inference():
+        return None
+    return mask._version
+
+
 def attn_mask_replaced(block: ResidualAttentionBlock) -> bool:
-    """Whether outside code set a causal block's `attn_mask` to another one than it was built with."""
-    return block.causal and block.attn_mask is not getattr(block, "_built_attn_mask", None)
+    """Whether outside code set a causal block's `attn_mask` to another one than it was built with, or edited
+    the built one in place."""
+    if not block.causal:
+        return False
+    built = getattr(block, "_built_attn_mask", None)
+    if block.attn_mask is not built:
+        return True
+    if built is None or torch.compiler.is_compiling():
+        return False
+    return _version_of(built) != getattr(block, "_built_attn_mask_version", None)
 
 
 def runs_as_openai(transformer: nn.Module, *around: nn.Module) -> bool:

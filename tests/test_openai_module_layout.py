@@ -238,6 +238,24 @@ def test_a_text_attn_mask_set_by_outside_code_is_applied(mask):
         torch.testing.assert_close(model.encode_text(texts), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_the_built_text_mask_edited_in_place_is_applied_as_in_openai_clip():
+    # openai/CLIP's blocks add self.attn_mask on every call, so code that zeroes it in place gets bidirectional
+    # attention; the causal kernel went on running here as if the mask were unchanged
+    torch.manual_seed(0)
+    model = clip.create_model(TINY).eval()
+    texts = clip.tokenize(["a cat", "a photo of a dog"])
+    with torch.no_grad():
+        causal = model.encode_text(texts)
+        assigned = copy.deepcopy(model)
+        for block in assigned.transformer.resblocks:
+            block.attn_mask = torch.zeros(77, 77)
+        expected = assigned.encode_text(texts)
+        for block in model.transformer.resblocks:
+            block.attn_mask.zero_()
+        assert not torch.allclose(expected, causal, atol=1e-3)
+        torch.testing.assert_close(model.encode_text(texts), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_a_transformer_built_on_its_own_starts_from_initialised_weights():
     # Code written for openai/CLIP builds extra layers from clip.model.Transformer; its attention must start
     # as nn.MultiheadAttention's does, not from uninitialised memory

@@ -114,6 +114,13 @@ def check_image_batch(image_shape: tuple[int, ...], image_size: int) -> None:
         raise ValueError(
             f"images of shape {tuple(image_shape)}; this model takes a batch [N, 3, {image_size}, {image_size}]{hint}"
         )
+    if image_shape[1] != 3 and image_shape[-1] == 3:
+        # Channels last (numpy, PIL and cv2 arrays as a tensor): the first convolution's "expected input to have
+        # 3 channels, but got 224" named no fix
+        raise ValueError(
+            f"images of shape {tuple(image_shape)}; this model takes channels first, [N, 3, {image_size}, "
+            f"{image_size}]: for channels-last images, images.permute(0, 3, 1, 2)"
+        )
 
 
 def wrong_image_size(image_shape: tuple[int, ...], image_size: int) -> ValueError:

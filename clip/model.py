@@ -182,6 +182,12 @@ class CLIP(nn.Module):
     def _float_images(self, image: torch.Tensor) -> torch.Tensor:
         """`image` in the weights' dtype. Integer pixels (torchvision.io.read_image's uint8) are refused: cast,
         they ran as values up to 255, neither scaled nor normalised, and gave features without an error."""
+        if not isinstance(image, torch.Tensor):  # a PIL image or an array: "has no attribute 'is_floating_point'"
+            raise TypeError(
+                f"images of type {type(image).__name__}; this model takes a float tensor [N, 3, H, W]: "
+                f"preprocess(image).unsqueeze(0) for one PIL image (the preprocess clip.load returns), "
+                f"torch.stack([preprocess(image) for image in images]) for several"
+            )
         if not image.is_floating_point():
             raise TypeError(
                 f"images of dtype {image.dtype}; this model takes float images, scaled and normalised as the "
@@ -198,6 +204,14 @@ class CLIP(nn.Module):
         methods) keeps every position of the context, as openai/CLIP's, and so does a traced model
         (torch.jit.trace, ONNX export): a length read from one example would be fixed in the trace."""
         context = self.context_length
+        if not isinstance(text, torch.Tensor):  # a str or a list of them: "has no attribute 'dim'"
+            raise TypeError(
+                f"text of type {type(text).__name__}; this model takes token ids [N, L]: "
+                f"model.encode_text(clip.tokenize(texts))"
+            )
+        if text.is_floating_point() or text.is_complex() or text.dtype == torch.bool:
+            raise TypeError(f"text of dtype {text.dtype}; this model takes integer token ids, as clip.tokenize "
+                            f"returns them")
         if text.dim() != 2:  # a row of clip.tokenize's output (tokens[i]) failed with "too many indices"
             raise ValueError(
                 f"text of shape {tuple(text.shape)}; this model takes token ids [N, L], as clip.tokenize returns "

@@ -608,3 +608,21 @@ def test_a_released_name_with_whitespace_around_it_is_pointed_at_the_name_withou
     assert str(raised.value).startswith(
         f"Unknown architecture {name!r}. Did you mean {name.strip()!r}, without the whitespace around it? Known: RN50")
     assert "open_clip" not in str(raised.value)
+
+
+def test_common_notebook_slips_are_errors_that_say_the_fix():
+    # A PIL image, a caption string or channels-last pixels failed inside torch ("'Image' object has no attribute
+    # 'is_floating_point'", "'str' object has no attribute 'dim'", "expected input to have 3 channels, but got 32")
+    from PIL import Image
+
+    model = CLIP(TINY["vit"]).eval()
+    size = model.visual.input_resolution
+    with pytest.raises(TypeError, match=r"images of type Image; .*preprocess\(image\)\.unsqueeze\(0\)"):
+        model.encode_image(Image.new("RGB", (size, size)))
+    with pytest.raises(ValueError, match=r"takes channels first, .*images\.permute\(0, 3, 1, 2\)"):
+        model.encode_image(torch.zeros(2, size, size, 3))
+    with pytest.raises(TypeError, match=r"text of type str; .*clip\.tokenize\(texts\)"):
+        model.encode_text("a cat")
+    with pytest.raises(TypeError, match=r"text of dtype torch\.float32; this model takes integer token ids"):
+        model.encode_text(torch.ones(1, 5))
+    assert model.encode_image(torch.zeros(2, 3, size, size)).shape[0] == 2

@@ -8,7 +8,9 @@ layouts:
   logit bias, so that `clip.load` and `train.init_weights` rebuild exactly this model, whatever its heads or
   activation, with the same preprocessing (the trainer's composites transparent images onto white, OpenAI's
   does not); it also records which weights it came from (their file's name, step, released name and SHA256).
-- "openai": a plain state dict under OpenAI's names, which openai/CLIP's `clip.load` (and `build_model`) reads.
+- "openai": a plain state dict under OpenAI's names, which openai/CLIP's `build_model` reads (its `clip.load` of
+  a state-dict file fails on the current code, openai/CLIP#396: it reads an opened file its TorchScript attempt
+  moved on), as does open_clip's `load_openai_model`.
   They infer the architecture from tensor shapes by OpenAI's conventions (one attention head per 64 channels,
   QuickGELU, an MLP of 4x the width): a model that does not follow them would load there as another model and
   compute other features without a word, so it is refused, naming what differs. (A model trained here loses
@@ -111,6 +113,13 @@ def export_weights(
             # OpenAI's (and any other weights') does not. The recorded config alone would say "trained here".
             "trained_here": preprocess.alpha_background is not None,
         }
+        if weights_source.architecture_inferred:
+            # The source recorded no architecture: the config above is the guess clip.load made from the shapes
+            # (OpenAI's conventions), not a fact. Recorded as one, an open_clip GELU model's export loaded as
+            # QuickGELU without the source's warning, and load_weights_into refused the right model for it
+            content["architecture_inferred"] = True
+            if weights_source.open_clip_origin is not None:
+                content["open_clip_origin"] = weights_source.open_clip_origin
         if weights_source.step is not None:
             content["step"] = weights_source.step
         if model.logit_bias is not None:

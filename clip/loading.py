@@ -122,6 +122,12 @@ class WeightsSource:
     step: int | None = None  # the training step of a checkpoint our trainer wrote; None for any other file
     released: str | None = None  # the released model's name, for a released name (or a verified archive, jit=True)
     sha256: str | None = None  # the file's SHA256 (a released file's: the one it was checked against)
+    # The architecture was inferred from the tensor shapes by OpenAI's conventions (a file that records none,
+    # not a released name), and where the file likely comes from open_clip (`LoadedWeights.open_clip_origin`):
+    # an export keeps both, so that it loads with the same warnings, not as if the guess were recorded. Left
+    # out of `to_dict`, the record results files keep.
+    architecture_inferred: bool = False
+    open_clip_origin: str | None = None
 
     def to_dict(self) -> dict[str, str | int | None]:
         return {"path": str(self.path), "step": self.step, "released": self.released, "sha256": self.sha256}
@@ -183,8 +189,10 @@ def _load(
     alpha_background = TRAINING_ALPHA_BACKGROUND if trained_here else None
     from .preprocess import image_transform  # here, not at import: torchvision's import costs seconds (image_modes)
 
-    return model, image_transform(model.visual.input_resolution, alpha_background=alpha_background), _source(
-        path, weights.step, release, weights.sha256 if sha256 is None else sha256)
+    source = _source(path, weights.step, release, weights.sha256 if sha256 is None else sha256)
+    if weights.model_config is None and release is None:
+        source = dataclasses.replace(source, architecture_inferred=True, open_clip_origin=weights.open_clip_origin)
+    return model, image_transform(model.visual.input_resolution, alpha_background=alpha_background), source
 
 
 def load_weights_into(model: CLIP, name_or_path: str, download_root: str | Path | None = None) -> Path:

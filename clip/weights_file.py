@@ -112,7 +112,16 @@ def _read_weights(path: Path) -> LoadedWeights:
         # OpenAI released no safetensors; open_clip's Hub releases are, and most of its models use GELU
         weights.open_clip_origin = "a safetensors file (the format of open_clip's releases)"
         return weights
-    return _weights_from_object(_torch_load_weights_only(path), path)
+    weights = _weights_from_object(_torch_load_weights_only(path), path)
+    if path.name == OPEN_CLIP_HUB_PICKLE and weights.model_config is None and weights.open_clip_origin is None:
+        weights.open_clip_origin = f"open_clip's {OPEN_CLIP_HUB_PICKLE} (the pickled copy its Hub releases ship)"
+    return weights
+
+
+# The name of the torch.save state dict open_clip's Hugging Face Hub repositories hold beside the safetensors
+# file: most of those models use GELU, and its sizes are often OpenAI's released ones, which loaded as
+# QuickGELU without a word
+OPEN_CLIP_HUB_PICKLE = "open_clip_pytorch_model.bin"
 
 
 def read_archive_weights(path: Path, archive_bytes: bytes | None = None) -> LoadedWeights:
@@ -501,6 +510,12 @@ def _weights_from_object(loaded: object, path: Path) -> LoadedWeights:
             weights = _weights_from_state_dict(loaded[key], _config_from_checkpoint(loaded.get("config"), path), path)
             if key == "state_dict" and "epoch" in loaded and "config" not in loaded:
                 weights.open_clip_origin = "an open_clip training checkpoint"
+            if loaded.get("architecture_inferred") is True:
+                # clip-export's file of weights whose source recorded no architecture: its config is the guess
+                # made from the shapes, made again here with the source's warnings
+                weights.model_config = None
+                origin = loaded.get("open_clip_origin")
+                weights.open_clip_origin = origin if isinstance(origin, str) else None
             step = loaded.get("step")
             if loaded.get("format") == CHECKPOINT_FORMAT and isinstance(step, int) and not isinstance(step, bool):
                 weights.step = step

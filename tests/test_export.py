@@ -88,6 +88,47 @@ def test_the_clip_layout_keeps_the_preprocessing_of_weights_trained_here_or_else
         assert clip.load(tmp_path / f"exported_{source}", device="cpu")[1].alpha_background == background, source
 
 
+def test_an_export_of_weights_that_record_no_architecture_loads_with_the_sources_warnings(tmp_path):
+    # The architecture clip.load inferred from the shapes (OpenAI's conventions) was recorded as the export's
+    # config: an open_clip GELU checkpoint's export then loaded as QuickGELU without a word, and
+    # load_weights_into refused the right (GELU) model for it
+    from clip.loading import load_weights_into
+
+    gelu = dataclasses.replace(CONVENTIONAL, activation="gelu")
+    torch.manual_seed(0)
+    original = CLIP(gelu).eval()
+    open_clip_epoch = {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in original.state_dict().items()}}
+    torch.save(open_clip_epoch, tmp_path / "epoch_3.pt")
+    with pytest.warns(UserWarning, match="is an open_clip training checkpoint, which records no architecture"):
+        export_weights(tmp_path / "epoch_3.pt", tmp_path / "exported.pt")
+    content = torch.load(tmp_path / "exported.pt", weights_only=True)
+    assert content["architecture_inferred"] is True
+    assert content["open_clip_origin"] == "an open_clip training checkpoint"
+    with pytest.warns(UserWarning, match="is an open_clip training checkpoint, which records no architecture"):
+        model, _, source = load_with_source(tmp_path / "exported.pt", device="cpu")
+    assert source.architecture_inferred and source.to_dict().keys() == {"path", "step", "released", "sha256"}
+    right = CLIP(gelu).eval()
+    load_weights_into(right, str(tmp_path / "exported.pt"))
+    for ours, theirs in zip(features(right, gelu), features(original, gelu)):
+        assert torch.equal(ours, theirs)
+    # A run's own checkpoint records its architecture: nothing inferred, nothing marked
+    training_checkpoint(OTHER_HEADS, tmp_path / "run" / "checkpoints" / "step_00000040.pt")
+    export_weights(tmp_path / "run", tmp_path / "run.pt")
+    assert "architecture_inferred" not in torch.load(tmp_path / "run.pt", weights_only=True)
+
+
+def test_open_clips_hub_pickle_of_a_released_size_is_said_to_be_open_clips(tmp_path):
+    # open_clip's Hub repositories ship open_clip_pytorch_model.bin beside the safetensors file: at OpenAI's
+    # released sizes (most of its GELU models), it loaded as QuickGELU without the safetensors file's warning
+    from clip.weights_file import read_weights
+
+    torch.save({"visual.proj": torch.zeros(1)}, tmp_path / "open_clip_pytorch_model.bin")
+    torch.save({"visual.proj": torch.zeros(1)}, tmp_path / "weights.bin")
+    assert read_weights(tmp_path / "open_clip_pytorch_model.bin").open_clip_origin.startswith(
+        "open_clip's open_clip_pytorch_model.bin")
+    assert read_weights(tmp_path / "weights.bin").open_clip_origin is None
+
+
 def test_an_output_folder_that_is_missing_or_read_only_is_said_before_the_model_loads(tmp_path, monkeypatch):
     def no_load(*args, **kwargs):
         raise AssertionError("loaded before the output was checked")

@@ -28,8 +28,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--layout", choices=LAYOUTS, default="clip",
         help="clip (the default): the weights with their architecture, which clip.load and train.init_weights "
-        "read as this exact model; openai: a plain state dict that openai/CLIP's clip.load reads (refused for "
-        "a model it would read as another architecture)",
+        "read as this exact model; openai: a plain state dict that openai/CLIP's build_model(torch.load(path)) "
+        "and open_clip's load_openai_model read (refused for a model they would read as another architecture)",
     )
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="of the floating-point tensors (default float32; float16 halves the file)")

@@ -714,6 +714,28 @@ def test_a_resume_continues_the_counts_of_the_finished_and_open_epochs(tmp_path:
     assert resumed.state_dict() == {**state, "counts": report["stats"]["sources"]}
 
 
+def test_renamed_sources_resume_exactly_and_keep_their_counts(tmp_path: Path, caplog) -> None:
+    # A source's name labels its counts and logs; renaming one between a run and its resume restarted the epoch
+    # in progress ("other samples are planned") and dropped the whole run's counts kept under the old name
+    def sources(first: str, second: str) -> list[SourceConfig]:
+        return [shards_source(tmp_path / "a", 20, 5, name=first), shards_source(tmp_path / "b", 12, 4, name=second)]
+
+    expected = take(build(sources("a", "b"), batch_size=4), 6)
+    first = build(sources("a", "b"), batch_size=4)
+    head = take(first, 3)
+    state = first.state_dict()
+    first.close()
+    resumed = build(sources("b", "web"), batch_size=4)  # "a" now "b", "b" now "web": no mix-up
+    with caplog.at_level(logging.INFO):
+        resumed.load_state_dict(state)
+    assert "sources renamed since the checkpoint (a -> b, b -> web): their position and counts carry over" in caplog.text
+    assert "restarting" not in caplog.text
+    assert resumed.state_dict()["positions"] == state["positions"]
+    assert resumed.stats()["sources"] == {"b": state["counts"]["a"], "web": state["counts"]["b"]}
+    assert captions(head + take(resumed, 3)) == captions(expected)
+    resumed.close()
+
+
 @pytest.mark.parametrize("augment", ["random_square_crop", True])
 def test_random_crops_differ_between_workers_and_ranks(tmp_path: Path, augment) -> None:
     # Every row the same image: a crop seed without the worker or the rank gave the n-th sample of every worker

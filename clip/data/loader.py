@@ -331,6 +331,7 @@ class TrainData:
             raise ValueError(f"unknown data state format {state.get('format')!r} (expected one of {_READABLE_FORMATS})")
         check_saved_positions(state)
         self._stop_workers()
+        state = self._with_sources_renamed(state)
         saved_layout, layout = state["layout"], self._layout()
         handovers = tuple(Handover.from_state(handover) for handover in state.get("handovers", []))
         self._counts.load_state_dict(state)  # before the positions, which may reopen finished epochs
@@ -345,6 +346,30 @@ class TrainData:
                 self._restart_earliest_epoch(state, why_not)
         self._batches = state["batches"]
         self._summary_mark = (self.epoch, copy.deepcopy(self._counts.total))
+
+    def _with_sources_renamed(self, state: dict) -> dict:
+        """`state` under this run's source names where only names changed since it was saved (the same sources,
+        fingerprints and weights, in the same order). A name is a label of counts and logs, not of the plan:
+        renaming one restarted the epoch in progress ("other samples are planned", its samples read again) and
+        dropped the whole run's counts kept under the old name."""
+        saved, ours = state["layout"].get("sources"), self._layout()["sources"]
+        if not isinstance(saved, list) or len(saved) != len(ours):
+            return state
+        if any(not isinstance(entry, list) or entry[1:] != mine[1:] for entry, mine in zip(saved, ours, strict=True)):
+            return state
+        renames = {entry[0]: mine[0] for entry, mine in zip(saved, ours, strict=True) if entry[0] != mine[0]}
+        if not renames:
+            return state
+
+        def renamed(counts: dict) -> dict:
+            return {renames.get(name, name): source_counts for name, source_counts in counts.items()}
+
+        state = {**state, "layout": {**state["layout"], "sources": ours}, "counts": renamed(state["counts"]),
+                 "open_epochs": [[epoch, renamed(counts)] for epoch, counts in state.get("open_epochs", [])],
+                 "finished_epochs": [[epoch, renamed(counts)] for epoch, counts in state.get("finished_epochs", [])]}
+        log.log(self._said_once, "data: sources renamed since the checkpoint (%s): their position and counts "
+                "carry over", ", ".join(f"{old} -> {new}" for old, new in renames.items()))
+        return state
 
     def _slot_layout(self) -> SlotLayout:
         return SlotLayout(self.world_size, self.slots_per_rank, self.config.shuffle_buffer)

@@ -376,6 +376,10 @@ def test_a_missing_relative_manifest_or_shard_path_names_the_folder_it_was_read_
         shard_sizes(["data/s-000000.tar"])
     with pytest.raises(FileNotFoundError, match=r"^manifest /nowhere/train.csv does not exist$"):  # absolute: said as is
         read_manifest("/nowhere/train.csv")
+    # A folder of images, as a new user has one: it exists, and is not a manifest
+    with pytest.raises(IsADirectoryError, match=r"^manifest configs/data is a folder, not a CSV/TSV/JSONL manifest; .*"
+                                                r"clip-make-shards configs/data OUT/"):
+        read_manifest("configs/data")
 
 
 def test_a_separator_typed_as_backslash_t_is_a_tab_and_a_longer_one_a_config_error(tmp_path: Path) -> None:

@@ -318,6 +318,11 @@ def read_manifest(
 ) -> Manifest:
     """Reads a whole manifest into packed arrays. said_once: the level of the line about rows left out, which
     every rank reading the same manifest would log alike (a warning from rank 0 alone)."""
+    if Path(path).is_dir():  # a new user's folder of images: "does not exist" said the wrong thing
+        raise IsADirectoryError(
+            f"manifest {path} is a folder, not a CSV/TSV/JSONL manifest; for a folder of images with .txt captions "
+            f"beside them, make shards of it (clip-make-shards {path} OUT/) and read those with kind = \"shards\""
+        )
     if not Path(path).is_file():
         raise FileNotFoundError(f"manifest {path} does not exist{relative_path_note(path)}")
     images, captions, bad_rows, first_bad_row = PackedStringsBuilder(), PackedStringsBuilder(), 0, ""

@@ -183,6 +183,38 @@ def test_an_unreadable_image_is_counted_not_fatal(tmp_path: Path, capsys: pytest
     assert f"unreadable_file 1 (the first, {too_long} (train.csv line 5): File name too long)" in capsys.readouterr().out
 
 
+def test_an_image_path_with_a_nul_byte_or_a_dangling_caption_link_is_one_counted_skip(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # open() raises ValueError for a path with a NUL byte (a row torn by a crash mid-append), and a dangling x.txt
+    # link failed its read: either ended the whole run (status 2, after --overwrite had deleted the old shards)
+    manifest = write_manifest(tmp_path / "src", range(3), "train.jsonl")
+    with manifest.open("a") as file:
+        file.write(json.dumps({"image": "images/a\x00b.jpg", "caption": "torn"}) + "\n")
+    assert make_shards_main()([str(manifest), str(tmp_path / "out")]) == 0
+    assert "unreadable_file 1 (the first, " in capsys.readouterr().out
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name in ("a", "b"):
+        (folder / f"{name}.jpg").write_bytes(image_bytes(0))
+    (folder / "a.txt").write_text("a caption")
+    (folder / "b.txt").symlink_to(folder / "gone.txt")
+    assert make_shards_main()([str(folder), str(tmp_path / "out2")]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 1 sample in 1 shard" in out and f"unreadable_file 1 (the first, {folder / 'b.txt'}: " in out
+
+
+def test_ctrl_c_ends_the_command_with_status_130_after_its_line_without_a_traceback(tmp_path: Path, monkeypatch) -> None:
+    module = load_make_shards()
+    manifest = write_manifest(tmp_path / "src", range(3), "train.csv")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "encode_sample", interrupted)
+    assert module.run([str(manifest), str(tmp_path / "out")]) == 130
+
+
 def test_a_percent_sign_in_the_prefix_is_literal(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path / "src", range(3), "train.csv")
     assert make_shards_main()([str(manifest), str(tmp_path / "out"), "--prefix", "100%d"]) == 0

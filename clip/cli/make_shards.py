@@ -98,7 +98,11 @@ def folder_samples(root: Path) -> Iterator[tuple[str, str | None, dict, str] | S
                 # which one is the caption, so neither is guessed; the image is skipped and counted, naming both
                 yield SkipSample("two_captions", f"{path}: {', '.join(named)}")
                 continue
-            caption = Path(folder, named[0]).read_bytes().decode("utf-8", "surrogateescape") if named else None
+            try:
+                caption = Path(folder, named[0]).read_bytes().decode("utf-8", "surrogateescape") if named else None
+            except OSError as error:  # a dangling x.txt link, no permission: one sample's, not the whole run's
+                yield SkipSample("unreadable_file", f"{Path(folder, named[0])}: {error.strerror or error}")
+                continue
             yield str(path), caption, {}, ""
 
 
@@ -127,6 +131,8 @@ def encode_sample(image_path: str, caption: str | None) -> tuple[str, bytes, str
         raise SkipSample("missing_file") from None
     except OSError as error:  # no permission, an I/O error on a bad disk or network mount...
         raise SkipSample("unreadable_file", error.strerror or str(error)) from None  # the caller names the path
+    except ValueError as error:  # a path with a NUL byte (a row torn by a crash mid-append): the loader's skip too
+        raise SkipSample("unreadable_file", str(error)) from None
     with pil_pixel_limit(MAX_IMAGE_PIXELS):
         image = open_image(data, MAX_IMAGE_PIXELS, draft_size=None)  # a full decode: catches truncation
     extension = KEPT_FORMATS.get(image.format or "")
@@ -439,6 +445,10 @@ def run(argv: list[str] | None = None) -> int:
             raise
         print(refused.code, file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # write_shards said what it kept ("stopped after N samples; ... finished shards kept"): a traceback
+        # after that line, as the other commands do not print one, said nothing more
+        return 130
 
 
 if __name__ == "__main__":

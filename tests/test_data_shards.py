@@ -550,3 +550,33 @@ def test_a_shard_range_without_the_shards_padding_names_a_shard_that_exists(tmp_
     with pytest.raises(FileNotFoundError, match=r"s-0.tar does not exist \(s-000000.tar does: write the pattern's "
                                                 r"range padded as its names are, such as \{000000..000099\}\)"):
         build([SourceConfig(kind="shards", path=str(tmp_path / "s-{0..3}.tar"))])
+
+
+def test_a_member_header_declaring_more_bytes_than_follow_is_a_read_error_not_a_hang(tmp_path: Path) -> None:
+    # tarfile skips a member it does not select by reading its declared size in blocks: a 6 KB shard whose
+    # header declared 2**62 bytes had it read empty blocks for ever (counting the shard at a run's start,
+    # clip-make-shards --index, and a worker resuming inside the shard hung until the worker timeout)
+    import signal
+
+    from clip.data.shards import MissingSample, count_tar_samples
+
+    header = bytearray(tarfile.TarInfo("b.jpg").tobuf(format=tarfile.GNU_FORMAT)[:512])
+    header[124:136] = bytes([0x80]) + (2**62).to_bytes(11, "big")  # GNU base-256 size field
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    path = tmp_path / "huge.tar"
+    path.write_bytes(bytes(header) + b"\0" * 5120)
+
+    def too_slow(signum, frame):
+        raise TimeoutError("still reading")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.setitimer(signal.ITIMER_REAL, 20)
+    try:
+        with pytest.raises(tarfile.ReadError, match="ends inside a member"):
+            count_tar_samples(str(path))
+        samples = list(read_shard_range(str(path), 1, 2))  # a resume inside the shard skips one sample first
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert [sample.kind for sample in samples if isinstance(sample, MissingSample)] == ["shard_read_error"] * 2

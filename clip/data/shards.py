@@ -418,13 +418,41 @@ def _close_quietly(stream: IO[bytes]) -> None:
         pass
 
 
+class _EndsAtItsEnd:
+    """A shard's stream that raises tarfile.ReadError once it is read on past its end: tarfile skips a member it
+    does not select by reading its declared size in blocks, and a header declaring 2**62 bytes (a damaged or
+    hostile shard of a few KB) had it read empty blocks for ever -- counting the shard, or a worker resuming
+    inside it, hung until the worker timeout. A reader reads the end at most a few times."""
+
+    EMPTY_READS_ALLOWED = 16
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.stream = stream
+        self.empty_reads = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        if data or size == 0:
+            self.empty_reads = 0
+            return data
+        self.empty_reads += 1
+        if self.empty_reads > self.EMPTY_READS_ALLOWED:
+            import tarfile
+
+            raise tarfile.ReadError("the tar ends inside a member: its header declares more bytes than follow")
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 def _members(url: str, stream: IO[bytes], select_files: Any, errors: list[Exception]) -> Iterator[dict]:
     """The shard's selected members as {"fname", "data", "__url__"}; a read error ends them and is kept in
     `errors`, so that group_by_keys still hands out the sample read before it."""
     from webdataset.tariterators import tar_file_iterator
 
     try:
-        for member in tar_file_iterator(stream, select_files=select_files):
+        for member in tar_file_iterator(_EndsAtItsEnd(stream), select_files=select_files):
             member["__url__"] = url  # group_by_keys copies it into each sample
             yield member
     except Exception as error:  # tarfile.ReadError on a truncated tar, a failed pipe, a network error...

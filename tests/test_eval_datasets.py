@@ -196,6 +196,27 @@ def test_image_folder_split_subfolder_and_errors(tmp_path):
         ImageFolderDataset(tmp_path / "broken")[0]
 
 
+def test_an_image_a_decoder_fails_on_in_any_way_is_one_unreadable_image(tmp_path, monkeypatch):
+    # A damaged AVIF named .jpg: its plugin raised RuntimeError, which ended the whole evaluation; and an EPS
+    # file named .jpg went to its plugin (which hands files to Ghostscript) instead of being refused
+    from clip.evaluation.image_files import read_image
+
+    path = tmp_path / "x.jpg"
+    Image.new("RGB", (8, 8)).save(path, format="JPEG")
+
+    def decoder_failure(self):
+        raise RuntimeError("decoder error")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Image.Image, "load", decoder_failure)
+        with pytest.raises(UnreadableImageError, match="x.jpg: decoder error"):
+            read_image(path)
+    assert read_image(path).size == (8, 8)
+    (tmp_path / "y.jpg").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    with pytest.raises(UnreadableImageError, match="y.jpg"):
+        read_image(tmp_path / "y.jpg")
+
+
 def test_a_class_count_one_off_names_the_folders_at_either_end(tmp_path):
     # 1000 names for 1001 folders said only the two counts: the stray folder (an archive's leftover) sorts first
     # or last among ImageNet's synset folders, and the error now shows both ends

@@ -11,6 +11,7 @@ from typing import Any
 
 from PIL import Image
 
+from clip.data.decoding import DECODED_FORMATS
 from clip.image_modes import central_part
 
 Transform = Callable[[Image.Image], Any]
@@ -34,7 +35,7 @@ def read_image(path: Path) -> Image.Image:
     try:
         with warnings.catch_warnings():  # the size is refused below, with the file's name, not warned about
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(path)  # reads the header only
+            opened = Image.open(path, formats=_formats())  # reads the header only
         with opened as image:
             _refuse_decompression_bomb(image, path)
             image.load()  # read now, so the file is closed when we return
@@ -42,9 +43,21 @@ def read_image(path: Path) -> Image.Image:
             return central_part(image, MAX_ASPECT_RATIO)
     except UnreadableImageError:
         raise
-    # Corrupt files surface as any of these, depending on the format plugin and where the data breaks off.
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
+    # Corrupt files surface as OSError, ValueError, SyntaxError, EOFError, zlib.error, a decoder's RuntimeError
+    # (a damaged AVIF named .jpg ended the whole evaluation), depending on the plugin and where the data breaks off
+    except Exception as error:
         raise UnreadableImageError(path, str(error) or type(error).__name__) from error
+
+
+# The formats training decodes (`clip.data.decoding.DECODED_FORMATS`) and PPM/PGM, which image folders take as
+# torchvision's do: a file is opened as what its bytes say, and no other plugin (EPS's hands the file to Ghostscript)
+# reads an evaluation set's files
+EVALUATION_FORMATS = (*DECODED_FORMATS, "PPM")
+
+
+def _formats() -> tuple[str, ...]:
+    Image.init()  # registers every plugin once; later calls return at once
+    return tuple(name for name in EVALUATION_FORMATS if name in Image.OPEN)
 
 
 def _refuse_decompression_bomb(image: Image.Image, path: Path) -> None:

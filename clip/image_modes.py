@@ -91,15 +91,27 @@ def apply_exif_orientation(image: Image.Image) -> Image.Image:
 def _array_to_l(values: np.ndarray, nominal_max: float | None) -> Image.Image:
     """Linearly map greyscale `values` onto 0..255. With `nominal_max`, [0, nominal_max] -> [0, 255] (the
     range the type promises); without one, the image's own min..max (data with no nominal range)."""
-    values = values.astype(np.float64)
     if nominal_max is not None:
         low, high = 0.0, nominal_max
     else:
         low, high = float(values.min()), float(values.max())
         if high == low:  # a constant image: keep it black rather than divide by zero
             high = low + 1.0
-    scaled = (values - low) * (255.0 / (high - low))
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+    scale = 255.0 / (high - low)
+    # In float64 a band of rows at a time: the whole image's float64 copies took a 200 KB 16-bit PNG of 88
+    # megapixels (under PIL's pixel limit) to 3 GB in one data worker, where the bands keep it to the 8-bit result
+    grey = np.empty(values.shape, np.uint8)
+    rows = max(1, _BAND_ELEMENTS // max(1, values[0].size)) if values.ndim >= 2 else len(values)
+    for start in range(0, len(values), rows):
+        band = values[start : start + rows].astype(np.float64)
+        band -= low
+        band *= scale
+        np.rint(band, out=band)
+        grey[start : start + rows] = np.clip(band, 0, 255, out=band)
+    return Image.fromarray(grey, mode="L")
+
+
+_BAND_ELEMENTS = 1 << 19  # 4 MB of float64 per band
 
 
 def _high_depth_to_l(image: Image.Image) -> Image.Image:

@@ -621,3 +621,28 @@ def test_an_image_without_pixels_is_refused_with_its_size(train, size):
     # torchvision's resize, or with train=True a tensor made from no pixels at all
     with pytest.raises(ValueError, match=rf"no pixels.*{size[0]}x{size[1]}"):
         image_transform(8, train=train)(Image.new("RGB", size))
+
+
+def test_high_depth_greyscale_is_scaled_a_band_of_rows_at_a_time_with_the_same_result(monkeypatch):
+    # The whole image's float64 copies took a 200 KB 16-bit PNG of 88 megapixels to 3 GB in one data worker
+    import tracemalloc
+
+    from clip import image_modes
+
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 65536, (300, 200), dtype=np.uint16)
+    expected = np.clip(np.rint(values.astype(np.float64) * (255.0 / 65535)), 0, 255).astype(np.uint8)
+    stretched = rng.normal(size=(37, 11)).astype(np.float32)
+    low, high = float(stretched.min()), float(stretched.max())
+    expected_stretched = np.clip(np.rint((stretched.astype(np.float64) - low) * (255.0 / (high - low))), 0, 255)
+    for band in (1, 7, 200, 1 << 20):  # bands of one row, of rows not dividing the height, the whole image
+        monkeypatch.setattr(image_modes, "_BAND_ELEMENTS", band)
+        assert np.array_equal(np.asarray(image_modes._array_to_l(values, 65535)), expected)
+        assert np.array_equal(np.asarray(image_modes._array_to_l(stretched, None)), expected_stretched)
+    monkeypatch.undo()
+    big = np.zeros((2000, 2000), np.uint16)
+    tracemalloc.start()
+    image_modes._array_to_l(big, 65535)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 * big.size  # the 4 MB result, its image and a band; the float64 copies were 32 MB each

@@ -440,21 +440,19 @@ def _train(
         # abandoned its start (status 75) while the others, past their setup, failed in the first step's collective
         # (status 1, no checkpoint). The ranks now stop together after the first step, with a checkpoint.
         end_setup()
-    start_not_recorded = None
     if dist_info.is_main and not already_finished:
         # Written once the run's data is set up too: a refused resume, or a start whose data cannot be used
         # (a mistyped path), leaves the run's recorded config and results alone.
         try:
             record_run_start(run_dir, config_dict, resumed, start_step)
         except OSError as error:  # a full disk: a bare OSError's traceback said nothing of the checkpoints kept
+            # Rank 0's alone, with no collective for it past the setup's last one (see end_setup above): the
+            # other ranks hear of it as of any rank 0 that ended, at their first step's collective
             kept = (f"its checkpoints are kept: run the same command again to continue from step {start_step}"
                     if resumed else "no checkpoint had been saved")
-            start_not_recorded = RunLogWriteError(
+            raise RunLogWriteError(
                 f"could not write the run's config.toml in {run_dir}: {error.strerror or error} (errno {error.errno}); "
-                f"{kept}")
-            start_not_recorded.__cause__ = error
-    raise_on_every_rank(start_not_recorded, dist_info, RunLogWriteError(
-        f"rank 0 could not write the run's config.toml in {run_dir} (its log says why)"))
+                f"{kept}") from error
     global_batch = config.train.batch_size * dist_info.world_size
     # None where unknown: no MFU then
     peak = peak_flops(device, autocast_dtype or torch.float32, tf32=config.train.tf32)

@@ -580,3 +580,38 @@ def test_a_member_header_declaring_more_bytes_than_follow_is_a_read_error_not_a_
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert [sample.kind for sample in samples if isinstance(sample, MissingSample)] == ["shard_read_error"] * 2
+
+
+def test_a_sample_the_shards_read_error_cut_short_is_a_read_error_not_a_missing_member(tmp_path: Path) -> None:
+    # Cut inside a sample's caption member: that sample, its image read and its caption lost, was counted as
+    # missing_caption (a sample made without one), not as the shard's read error
+    from clip.data.decoding import SkipSample
+    from clip.data.shards import MissingSample
+    from clip.data.sources import ShardSource
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in [("a.jpg", b"jpeg bytes"), ("a.txt", b"x" * 3000), ("b.jpg", b"jpeg"), ("b.txt", b"cat")]:
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    raw = buffer.getvalue()
+    (tmp_path / "cut.tar").write_bytes(raw[: raw.find(b"x" * 100) + 1000])
+    (tmp_path / "whole.tar").write_bytes(raw)
+
+    def kinds(name: str) -> list[str]:
+        source = ShardSource.__new__(ShardSource)  # its caption and image lookups only
+        source.caption_key, source.caption_json_field, source.image_key = "txt", None, "jpg"
+        found = []
+        for sample in read_shard_range(str(tmp_path / name), 0, 2):
+            try:
+                if isinstance(sample, MissingSample):
+                    raise SkipSample(sample.kind)
+                source.caption(sample), source.image(sample)
+                found.append("ok")
+            except SkipSample as skip:
+                found.append(skip.kind)
+        return found
+
+    assert kinds("cut.tar") == ["shard_read_error", "shard_read_error"]
+    assert kinds("whole.tar") == ["ok", "ok"]

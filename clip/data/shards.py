@@ -472,12 +472,26 @@ def iterate_tar_samples(
     errors: list[Exception] = []
     stream = open_url(url)
     handler = functools.partial(_keep_first_member, url, on_repeated_member or _warn_repeated_member)
+    last = None  # held back until the next one is read: a read error after it may have cut it short
     try:
-        yield from group_by_keys(_members(url, stream, _SkipFirstSamples(skip), errors), handler=handler)
+        for sample in group_by_keys(_members(url, stream, _SkipFirstSamples(skip), errors), handler=handler):
+            if last is not None:
+                yield last
+            last = sample
     finally:
         _close_quietly(stream)
+    if last is not None:
+        if errors:
+            # Its members after the cut are lost: a missing one is the read error's, not a sample without a
+            # caption or image (`CUT_SHORT_KEY`)
+            last[CUT_SHORT_KEY] = f"{type(errors[0]).__name__}: {errors[0]}"
+        yield last
     if errors:
         raise errors[0]
+
+
+# Set in the last sample read before a shard's read error, to the error: a member it lacks may be one the error cut
+CUT_SHORT_KEY = "__cut_short__"
 
 
 def _keep_first_member(url: str, report: Callable[[str, str], None], error: Exception) -> bool:

@@ -20,7 +20,7 @@ from .config import SourceConfig, synthetic_sample_count
 from .decoding import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, SkipSample, find_member
 from .manifest import is_json_lines, read_manifest
 from .sampling import SlotPlan, SourceLayout
-from .shards import MissingSample, expand_shard_pattern, read_shard_range, require_webdataset, shard_name, shard_sizes
+from .shards import CUT_SHORT_KEY, MissingSample, expand_shard_pattern, read_shard_range, require_webdataset, shard_name, shard_sizes
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +199,7 @@ class ShardSource:
         # The caption field of the .json member: asked for, or (img2dataset's layout) when there is no .txt
         caption = json_field(sample.get("json"), self.caption_json_field or "caption")
         if caption is None:
+            _raise_if_cut_short(sample)
             members = sorted(k for k in sample if not k.startswith("__"))
             raise SkipSample("missing_caption", f"members: {members}" + (
                 f", no text {self.caption_json_field!r} in its json" if self.caption_json_field else ""
@@ -208,8 +209,15 @@ class ShardSource:
     def image(self, sample: dict) -> bytes:
         data = find_member(sample, self.image_key, IMAGE_EXTENSIONS)
         if data is None:
+            _raise_if_cut_short(sample)
             raise SkipSample("missing_image", f"members: {sorted(k for k in sample if not k.startswith('__'))}")
         return data
+
+
+def _raise_if_cut_short(sample: dict) -> None:
+    """A shard's last sample before a read error, lacking a member: the error's skip, not a sample made without it."""
+    if CUT_SHORT_KEY in sample:
+        raise SkipSample("shard_read_error", f"the shard's read ends inside this sample: {sample[CUT_SHORT_KEY]}")
 
 
 def json_field(member: object, field: str) -> str | None:

@@ -459,7 +459,7 @@ def test_an_image_pil_refuses_to_open_or_a_reason_pil_leaves_blank_is_still_an_u
 
     # The errors a format plugin raises for a broken file; the one without a message is named by its type
     for error, reason in ((EOFError(), "EOFError"), (ValueError("bad tile"), "bad tile"), (SyntaxError("no header"), "no header")):
-        def broken(path, error=error):
+        def broken(path, error=error, **options):
             raise error
 
         monkeypatch.setattr(Image, "open", broken)

@@ -84,6 +84,19 @@ def require(key: str, value: Any, ok: bool, rule: str) -> None:
         raise InvalidValue(key, f"must be {rule}, got {_short(value)}")
 
 
+# The most DataLoader workers a setting takes (data.workers, eval.workers, the commands' --workers): above the
+# hardware threads of the largest machines (a few hundred), so no count that could help is refused, while a slip of
+# the keyboard (99999999999999999999) is one line instead of a run starting processes until the machine refuses
+# more. prefetch_factor likewise: 10**8 batches of prefetch took a run to 22 GB before its first step.
+MAX_WORKERS = 1024
+MAX_PREFETCH_FACTOR = 1024
+
+
+def require_workers(key: str, value: int) -> None:
+    """A DataLoader worker count in [0, MAX_WORKERS]."""
+    require(key, value, 0 <= value <= MAX_WORKERS, f"in [0, {MAX_WORKERS}] (0 = decode in the main process)")
+
+
 _INT64_LIMIT = 1 << 63
 _SHOWN_CHARACTERS = 60
 
@@ -221,6 +234,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected a number, got {_short(value)}")
     if tp is str:
         if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                # Bytes a shell passed undecoded (an argument not in the locale's encoding): they passed every
+                # check and ended the run on a traceback where its config.toml (UTF-8) was written
+                raise ConfigError(f"{where}: {value!r} holds bytes that are not UTF-8 text (configs and the "
+                                  f"run's config.toml are UTF-8)") from None
             return value
         if isinstance(value, os.PathLike) and isinstance(os.fspath(value), str):  # built in Python, see above
             return os.fspath(value)
@@ -491,7 +511,11 @@ def refuse_shell_expanded_range(overrides: typing.Sequence[str]) -> None:
 def _one_counted_number(texts: list[str]) -> bool:
     """Whether `texts` (alike but for their numbers) differ in one number alone, which counts up or down by one
     from each to the next: what the shell's {first..last} gives, in its order."""
-    numbers = [[int(group) for group in re.findall(r"\d+", text)] for text in texts]
+    # Compared as numbers where Python converts them (4300 digits at most); a longer one is no shell's count
+    try:
+        numbers = [[int(group) for group in re.findall(r"\d+", text)] for text in texts]
+    except ValueError:
+        return False
     varying = [position for position in range(len(numbers[0])) if len({row[position] for row in numbers}) > 1]
     if len(varying) != 1:
         return False
@@ -521,7 +545,10 @@ def _apply_override(
             raise ConfigError(f"unknown config key {full!r} in override {assignment!r}{advice}")
         field_type = typing.get_type_hints(node_schema)[key]
         if depth == len(keys) - 1:
-            for replaced in _set_override_value(node, key, field_type, text.strip()):
+            # Spaces around the value go, as around a value in the file; a text field's value of spaces alone
+            # stays (`data.sources.0.separator=$'\t'`: stripped, the tab became "", the suffix's separator)
+            value = text.strip() or (text if _takes_text(field_type) else "")
+            for replaced in _set_override_value(node, key, field_type, value):
                 _record_set(set_by, ".".join([*above, *keys[:depth], replaced]), assignment)
             return
         name = ".".join([*above, *keys[: depth + 1]])
@@ -535,7 +562,10 @@ def _apply_override(
             raise ConfigError(f"override {assignment!r}: {name} is a value, not a section: write {name}=value")
         if typing.get_origin(field_type) is list:
             # `eval.zeroshot.0.num_samples=100`: an element of an array of tables, by index.
-            index = int(keys[depth + 1])
+            try:
+                index = int(keys[depth + 1])
+            except ValueError:  # more digits than Python converts (4300): a ValueError's traceback
+                raise ConfigError(f"override {assignment!r}: {name} has no element {keys[depth + 1][:20]}...") from None
             items, origin = _list_to_override(node, fields[key], name, assignment, set_by)
             if index >= len(items):
                 raise ConfigError(_missing_element_message(assignment, name, index, len(items), origin))

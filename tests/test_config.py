@@ -433,8 +433,11 @@ def test_text_config_refuses_a_width_its_heads_do_not_divide():
         (["optimizer.eps=0"], "optimizer.eps must be a finite number > 0"),
         (["optimizer.grad_clip_norm=0"], "optimizer.grad_clip_norm must be a finite number > 0"),
         (["optimizer.grad_clip_norm=-1"], "optimizer.grad_clip_norm must be a finite number > 0"),
-        (["data.workers=-1"], "data.workers must be >= 0"),
-        (["data.prefetch_factor=0"], "data.prefetch_factor must be >= 1"),
+        (["data.workers=-1"], "data.workers must be in [0, 1024]"),
+        (["data.workers=100000"], "data.workers must be in [0, 1024]"),  # a slip of the keyboard
+        (["data.prefetch_factor=0"], "data.prefetch_factor must be in [1, 1024]"),
+        (["data.prefetch_factor=100000000"], "data.prefetch_factor must be in [1, 1024]"),  # 22 GB before step 1
+        (["eval.workers=5000"], "eval.workers must be in [0, 1024]"),
         (["data.shuffle_buffer=0"], "data.shuffle_buffer must be >= 1"),
         (["data.resampled=true", "data.epoch_samples=0"], "data.epoch_samples must be >= 1"),
         (["data.max_image_pixels=0"], "data.max_image_pixels must be >= 1"),
@@ -541,7 +544,7 @@ def test_sections_built_in_python_raise_config_errors_too():
         CheckpointConfig(keep_last=0)
     with pytest.raises(ConfigError, match="weight must be a finite number > 0"):
         SourceConfig(kind="synthetic", num_samples=10, weight=0.0)
-    with pytest.raises(ConfigError, match="workers must be >= 0"):
+    with pytest.raises(ConfigError, match=r"workers must be in \[0, 1024\]"):
         DataConfig(workers=-1)
     assert isinstance(ConfigError("x"), ValueError)  # callers catching ValueError still see them
 
@@ -1272,3 +1275,21 @@ def test_an_override_of_a_key_in_another_section_names_that_section():
             load_config(None, [override], TrainConfig)
     with pytest.raises(ConfigError, match=re.escape("Did you mean 'train.batch_size'?")):  # a misspelling as before
         load_config(None, ["train.batchsize=8"], TrainConfig)
+
+
+def test_override_values_the_shell_passed_undecoded_or_as_spaces_alone_or_with_endless_digits():
+    from clip.config import TrainConfig
+
+    demo = Path(__file__).parent.parent / "configs" / "demo.toml"
+    # Bytes not in the locale's encoding reach Python as lone surrogates: they passed every check and ended the run
+    # on a traceback where its config.toml (UTF-8) was written
+    with pytest.raises(ConfigError, match=r"^data.sources\[0\].name: 'caf\\udce9' holds bytes that are not UTF-8"):
+        load_config(demo, ["data.sources.0.name=caf\udce9"], TrainConfig)
+    # A text value of spaces alone is kept: the tab separator (separator=$'\t') became "", the suffix's separator
+    config = load_config(demo, ["data.sources.0.kind=manifest", "data.sources.0.path=x.tsv",
+                                "data.sources.0.num_samples=none", "data.sources.0.separator=\t"], TrainConfig)
+    assert config.data.sources[0].separator == "\t"
+    assert load_config(demo, ["output_dir= runs/x "], TrainConfig).output_dir == "runs/x"  # spaces around: gone
+    # More digits than Python converts: a ValueError's traceback, where a value that long is one line already
+    with pytest.raises(ConfigError, match=r"eval.zeroshot has no element 0000"):
+        load_config(demo, [f"eval.zeroshot.{'0' * 5000}.num_samples=3"], TrainConfig)

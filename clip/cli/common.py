@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from clip.config_io import MAX_WORKERS  # --workers' limit, as for the configs' workers settings
 from clip.device_names import available_device
 from clip.download import DownloadError
 from clip.run_log import write_json  # noqa: F401 -- the commands write results files as the trainer does
@@ -115,11 +116,6 @@ def non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
-
-# The most DataLoader workers --workers takes: above the hardware threads of the largest machines (a few hundred),
-# so no count that could help is refused, while a slip of the keyboard (99999999999999999999) is one line
-# instead of the command starting processes until the machine refuses more.
-MAX_WORKERS = 1024
 
 
 def worker_count(text: str) -> int:

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..config_io import InvalidValue, check_field_types, home_expanded, require
+from ..config_io import MAX_PREFETCH_FACTOR, MAX_WORKERS, InvalidValue, check_field_types, home_expanded, require
 from .manifest import MANIFEST_SUFFIXES, separator_character
 
 
@@ -153,8 +153,10 @@ class DataConfig:
             raise InvalidValue("sources", "is empty: add at least one [[data.sources]] table")
         if self.augment is True:  # one spelling of each crop, so that a resume does not report a change
             self.augment = "random_resized_crop"
-        require("workers", self.workers, self.workers >= 0, ">= 0 (0 = decode in the training process)")
-        require("prefetch_factor", self.prefetch_factor, self.prefetch_factor >= 1, ">= 1")
+        require("workers", self.workers, 0 <= self.workers <= MAX_WORKERS,
+                f"in [0, {MAX_WORKERS}] (0 = decode in the training process)")
+        require("prefetch_factor", self.prefetch_factor, 1 <= self.prefetch_factor <= MAX_PREFETCH_FACTOR,
+                f"in [1, {MAX_PREFETCH_FACTOR}] (batches each worker prepares ahead)")
         require("shuffle_buffer", self.shuffle_buffer, self.shuffle_buffer >= 1, ">= 1 (1 = no shuffling)")
         if self.epoch_samples is not None:
             require("epoch_samples", self.epoch_samples, self.epoch_samples >= 1, '>= 1, or "none"')

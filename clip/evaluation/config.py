@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from clip.config_io import InvalidValue, check_field_types, home_expanded, require
+from clip.config_io import InvalidValue, check_field_types, home_expanded, require, require_workers
 from clip.evaluation.templates import BUILTIN_TEMPLATE_SETS
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -213,7 +213,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)  # a pathlib.Path as its text; a wrong type refused as in a file
-        require_at_least(0, every_n_steps=self.every_n_steps, workers=self.workers)
+        require_at_least(0, every_n_steps=self.every_n_steps)
+        require_workers("workers", self.workers)
         require_at_least(
             1,
             batch_size=self.batch_size,
@@ -253,7 +254,7 @@ class ZeroShotRunConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)  # a pathlib.Path as its text; a wrong type refused as in a file
-        require_at_least(0, workers=self.workers)
+        require_workers("workers", self.workers)
         require_at_least(1, batch_size=self.batch_size, text_batch_size=self.text_batch_size)
         require_unique_names("datasets", [dataset.resolved_name() for dataset in self.datasets])
         if self.confusion_png:

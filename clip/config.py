@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -303,6 +304,13 @@ class TrainConfig:
         # No file system takes a NUL in a name: "\u0000" in a TOML string (or an override) stopped the run as it
         # made the folder, with "ValueError: embedded null byte" and its traceback
         require("output_dir", self.output_dir, "\0" not in self.output_dir, "a folder name without a NUL character")
+        variable = re.search(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?", self.output_dir)
+        if variable:
+            # "$SCRATCH/runs/x" in a TOML file, which no shell expands, made a folder named "$SCRATCH" in the
+            # current one, its checkpoints where no one looked for them
+            raise InvalidValue("output_dir", f"holds {variable.group(0)}, which a config does not expand (a shell "
+                               f"does): write the path out, or give it on the command line, "
+                               f"--output-dir \"{self.output_dir}\" with double quotes (got {self.output_dir!r})")
         self.output_dir = os.path.expanduser(self.output_dir)
         if self.model.text.vocab_size < OPENAI_VOCAB_SIZE:
             # The trainer tokenizes with OpenAI's BPE: an id past the embedding table fails in the first step.

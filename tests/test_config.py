@@ -1293,3 +1293,15 @@ def test_override_values_the_shell_passed_undecoded_or_as_spaces_alone_or_with_e
     # More digits than Python converts: a ValueError's traceback, where a value that long is one line already
     with pytest.raises(ConfigError, match=r"eval.zeroshot has no element 0000"):
         load_config(demo, [f"eval.zeroshot.{'0' * 5000}.num_samples=3"], TrainConfig)
+
+
+def test_an_environment_variable_in_output_dir_is_refused_with_the_way_to_give_it():
+    # No config expands "$SCRATCH/runs/x": it made a folder named "$SCRATCH" in the current one
+    from clip.config import TrainConfig
+
+    demo = Path(__file__).parent.parent / "configs" / "demo.toml"
+    for written in ("$SCRATCH/runs/x", "${SCRATCH}/runs/x"):
+        with pytest.raises(ConfigError, match=r"^output_dir holds \$\{?SCRATCH\}?, which a config does not expand .*"
+                                              r"--output-dir \""):
+            load_config(demo, [f"output_dir={written}"], TrainConfig)
+    assert load_config(demo, ["output_dir=runs/cost$"], TrainConfig).output_dir == "runs/cost$"  # no variable there

@@ -165,15 +165,19 @@ class RunLog:
             self.wandb_run.log(scalars, step=step)
 
     def close(self) -> None:
-        if self.writer is not None:
+        """Writes what TensorBoard buffers and ends its thread and the W&B run. A second call does nothing: the
+        trainer's normal end closes the log, and its exit closes it again for a run that ended on an error."""
+        writer, self.writer = self.writer, None
+        if writer is not None:
             try:
-                self.writer.close()  # writes the buffered events
+                writer.close()  # writes the buffered events
             except OSError as error:  # metrics.jsonl has every figure: TensorBoard's last steps are all it costs
-                log.warning("TensorBoard's last events may be missing from %s: %s", self.writer.log_dir,
+                log.warning("TensorBoard's last events may be missing from %s: %s", writer.log_dir,
                             error.strerror or error)
             self._quiet_threads.remove()
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
+        wandb_run, self.wandb_run = self.wandb_run, None
+        if wandb_run is not None:
+            wandb_run.finish()
 
 
 class QuietWriterThreads:

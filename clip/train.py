@@ -477,6 +477,9 @@ def _train(
                 config.train.accumulation_steps, config.schedule.steps, data.samples_per_epoch,
             )
             warn_about_unlikely_settings(config, global_batch, data.samples_per_epoch, saved_config, device)
+        # Closed also when the run ends on an error (non-finite losses, a second Ctrl-C, a failed save): TensorBoard's
+        # thread, its threading.excepthook and the W&B run were left behind, one more at each failed train() call
+        on_exit.callback(run_log.close)
         run_directory = RunDirectoryWatch(run_dir, config_dict, run_log, on_exit)
 
     def autocast():
@@ -596,6 +599,7 @@ def _train(
 
         progress = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr,
                         mininterval=progress_redraw_interval_s(sys.stderr))
+        on_exit.callback(progress.close)  # also after an error (the next bar was drawn a line lower each time)
     nonfinite_total = metrics_so_far.get("nonfinite_steps_total", 0)
     # A run stopped (signalled) within a run of non-finite steps continues it: counted from 0 again, each stop
     # would give a diverged run another max_consecutive_nonfinite steps

@@ -157,6 +157,30 @@ def test_fit_reaches_a_stationary_point_of_scikit_learns_objective():
     torch.testing.assert_close(doubled.weight, probe.weight, rtol=1e-5, atol=1e-6)
 
 
+def test_a_fit_over_row_chunks_reaches_the_same_stationary_point_in_bounded_memory(monkeypatch):
+    # The full batch's logits, log-softmax and their gradient were three N x classes temporaries: ImageNet's
+    # 1.28M x 1000 needed ~15 GB on the fitting device for them alone. Past LOSS_CHUNK_ELEMENTS logits the loss is
+    # summed over row chunks, to the same optimum
+    import clip.evaluation.linear_probe as probe_module
+
+    features, labels = gaussian_classes(10, 6, separation=1.0)
+    l2 = 4.0
+    whole = fit_logistic_regression(features, labels, 4, l2)
+    monkeypatch.setattr(probe_module, "LOSS_CHUNK_ELEMENTS", 4 * 7)  # chunks of 7 rows, the last one of 5
+    seen_rows = []
+    real_cross_entropy = nn.functional.cross_entropy
+
+    def recording(logits, *args, **kwargs):
+        seen_rows.append(len(logits))
+        return real_cross_entropy(logits, *args, **kwargs)
+
+    monkeypatch.setattr(nn.functional, "cross_entropy", recording)
+    chunked = fit_logistic_regression(features, labels, 4, l2)
+    assert max(seen_rows) == 7 and 5 in seen_rows
+    torch.testing.assert_close(chunked.weight, whole.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked.bias, whole.bias, rtol=1e-5, atol=1e-6)
+
+
 def test_mean_per_class_accuracy_is_reported_and_can_choose_the_strength():
     from clip.evaluation.linear_probe import SweepPoint
 

@@ -101,6 +101,11 @@ class LogisticRegression:
         return nn.functional.cross_entropy(self.logits(features), labels.to(self.weight.device)).item()
 
 
+# The most logits (rows x classes) one evaluation of the probe's loss holds at once: 64 MB in float32. Up to that
+# many rows the loss is one full-batch expression; above, it is summed over row chunks of that size.
+LOSS_CHUNK_ELEMENTS = 1 << 24
+
+
 def fit_logistic_regression(
     features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float, *, max_iter: int = 1000
 ) -> LogisticRegression:
@@ -130,12 +135,27 @@ def fit_logistic_regression(
         line_search_fn="strong_wolfe",
     )
 
+    rows = max(1, LOSS_CHUNK_ELEMENTS // num_classes)
+
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(features @ weight.t() + bias, labels)
-        loss = loss + 0.5 * per_example_l2 * weight.pow(2).sum()
-        loss.backward()
-        return loss
+        if len(labels) <= rows:
+            loss = nn.functional.cross_entropy(features @ weight.t() + bias, labels)
+            loss = loss + 0.5 * per_example_l2 * weight.pow(2).sum()
+            loss.backward()
+            return loss
+        # Row chunks, their gradients summed: the full batch's logits, log-softmax and gradient are three
+        # N x classes temporaries (ImageNet's 1.28M x 1000: 15 GB on the fitting device, over what most GPUs hold)
+        total = torch.zeros((), dtype=features.dtype, device=features.device)
+        for start in range(0, len(labels), rows):
+            chunk = slice(start, start + rows)
+            part = nn.functional.cross_entropy(features[chunk] @ weight.t() + bias, labels[chunk], reduction="sum")
+            part = part / len(labels)
+            part.backward()
+            total += part.detach()
+        penalty = 0.5 * per_example_l2 * weight.pow(2).sum()
+        penalty.backward()
+        return total + penalty.detach()
 
     with torch.enable_grad():
         optimizer.step(closure)  # one call runs up to max_iter L-BFGS iterations

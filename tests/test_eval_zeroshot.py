@@ -165,6 +165,31 @@ def test_classify_passes_a_loaders_labels_through_and_refuses_no_images():
         zeroshot_classify(model, classifier, torch.zeros(0, 2))
 
 
+def test_an_evaluation_stopped_by_an_error_ends_its_data_loaders_workers_at_once(monkeypatch):
+    # The workers ended with the loader's iterator, which the kept error (a notebook keeps the last one) held
+    # inside a suspended generator: two worker processes stayed alive after a Ctrl-C until it was dropped
+    import multiprocessing
+
+    import clip.evaluation.zeroshot as zeroshot_module
+
+    model, classnames, templates = planted_two_classes()
+    classifier = build_zeroshot_classifier(model, classnames, templates, model.tokenize)
+    data = [(torch.tensor([1.0, float(i)]), 0) for i in range(16)]
+    loader = torch.utils.data.DataLoader(data, batch_size=2, num_workers=2, multiprocessing_context="fork")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(zeroshot_module, "_class_scores", interrupted)
+    kept = None
+    try:
+        zeroshot_classify(model, classifier, loader)
+    except KeyboardInterrupt as error:
+        kept = error  # as a notebook keeps it: its traceback holds the evaluation's frames
+        assert multiprocessing.active_children() == []
+    assert kept is not None
+
+
 def test_eval_mode_restores_each_submodules_own_mode():
     # A part kept in eval mode inside a training model (a locked tower) stays in eval mode afterwards.
     from torch import nn

@@ -192,16 +192,25 @@ def iterate_batches(
         for start in range(0, len(data), batch_size):
             yield data[start : start + batch_size], None
         return
-    for batch in data:
-        if isinstance(batch, ReadableBatch):
-            if skipped is not None:
-                skipped.extend(batch.skipped)
-            if batch.images is not None:
-                yield batch.images, batch.labels
-        elif isinstance(batch, list | tuple):
-            yield batch[0], batch[1] if len(batch) > 1 else None
-        else:
-            yield batch, None
+    batches = iter(data)
+    try:
+        for batch in batches:
+            if isinstance(batch, ReadableBatch):
+                if skipped is not None:
+                    skipped.extend(batch.skipped)
+                if batch.images is not None:
+                    yield batch.images, batch.labels
+            elif isinstance(batch, list | tuple):
+                yield batch[0], batch[1] if len(batch) > 1 else None
+            else:
+                yield batch, None
+    finally:
+        # A DataLoader's worker processes end with its iterator, which an evaluation stopped by an error or a
+        # Ctrl-C left alive as long as the error was kept (a notebook keeps the last one): they are ended here,
+        # as this generator is closed (`contextlib.closing` in its callers)
+        shut_down = getattr(batches, "_shutdown_workers", None)
+        if shut_down is not None:
+            shut_down()
 
 
 def encode_image_batches(
@@ -224,16 +233,17 @@ def encode_image_batches(
             f"not a {type(model).__name__}"
         )
     encode = model.encode_image_unprojected if unprojected else model.encode_image
-    for images, labels in iterate_batches(data, batch_size, skipped):
-        images = images.to(device, non_blocking=True)
-        with autocast(device, precision):
-            features = encode(images)
-        features = features.float()
-        if normalize:
-            features = nn.functional.normalize(features, dim=-1)
-        if labels is not None:
-            labels = torch.as_tensor(labels).to(device)
-        yield features, labels
+    with contextlib.closing(iterate_batches(data, batch_size, skipped)) as batches:
+        for images, labels in batches:
+            images = images.to(device, non_blocking=True)
+            with autocast(device, precision):
+                features = encode(images)
+            features = features.float()
+            if normalize:
+                features = nn.functional.normalize(features, dim=-1)
+            if labels is not None:
+                labels = torch.as_tensor(labels).to(device)
+            yield features, labels
 
 
 def nonfinite_rows(features: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ unprojected=True)`, which the command line (`clip-linear-probe`) uses by default
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -59,12 +60,12 @@ def extract_features(
     features, labels, skipped = [], [], []
     with eval_mode(model):
         loader = make_loader(dataset, batch_size, workers, device)
-        for batch_features, batch_labels in encode_image_batches(
-            model, loader, device=device, precision=precision, normalize=normalize, skipped=skipped,
-            unprojected=unprojected,
-        ):
-            features.append(batch_features.cpu())
-            labels.append(batch_labels.cpu())
+        batches = encode_image_batches(model, loader, device=device, precision=precision, normalize=normalize,
+                                       skipped=skipped, unprojected=unprojected)
+        with contextlib.closing(batches):  # its DataLoader's workers end with an error here too
+            for batch_features, batch_labels in batches:
+                features.append(batch_features.cpu())
+                labels.append(batch_labels.cpu())
     log_skipped("feature extraction", len(skipped), skipped)
     if not features:
         reason = f"none of its {len(skipped)} images is readable" if skipped else "it is empty"

@@ -6,6 +6,7 @@ embeddings are averaged over the templates, and the mean is normalised again.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence, Set
@@ -194,10 +195,11 @@ def zeroshot_classify(
     logits, labels = [], []
     with eval_mode(model):
         batches = encode_image_batches(model, images, device=device, batch_size=batch_size, precision=precision)
-        for features, batch_labels in batches:
-            logits.append(_class_scores(scale * features, classifier).cpu())
-            if batch_labels is not None:
-                labels.append(batch_labels.cpu())
+        with contextlib.closing(batches):  # its DataLoader's workers end with an error here too
+            for features, batch_labels in batches:
+                logits.append(_class_scores(scale * features, classifier).cpu())
+                if batch_labels is not None:
+                    labels.append(batch_labels.cpu())
     if not logits:
         raise ValueError("no images to classify")
     return ZeroShotOutput(torch.cat(logits), torch.cat(labels) if labels else None)
@@ -270,14 +272,15 @@ def evaluate_zeroshot(
     ])
     with eval_mode(model):
         batches = encode_image_batches(model, loader, device=device, precision=precision, skipped=skipped)
-        for features, labels in batches:
-            if labels is None:
-                raise ValueError("evaluate_zeroshot needs labelled data: (image, label) pairs")
-            nonfinite[0] += nonfinite_rows(features)
-            counts.update(_class_scores(features, classifier), labels)
-            read += len(labels)
-            if progress is not None:
-                progress(read + len(skipped))
+        with contextlib.closing(batches):  # its DataLoader's workers end with an error here too
+            for features, labels in batches:
+                if labels is None:
+                    raise ValueError("evaluate_zeroshot needs labelled data: (image, label) pairs")
+                nonfinite[0] += nonfinite_rows(features)
+                counts.update(_class_scores(features, classifier), labels)
+                read += len(labels)
+                if progress is not None:
+                    progress(read + len(skipped))
     counts.add_skipped(len(skipped))
     if world_size > 1:
         reduced = all_reduce_sum(torch.cat([counts.as_tensor(), nonfinite]), world_size)

@@ -164,9 +164,11 @@ class RunLog:
         if self.wandb_run is not None:
             self.wandb_run.log(scalars, step=step)
 
-    def close(self) -> None:
-        """Writes what TensorBoard buffers and ends its thread and the W&B run. A second call does nothing: the
-        trainer's normal end closes the log, and its exit closes it again for a run that ended on an error."""
+    def close(self, failed: bool = False) -> None:
+        """Writes what TensorBoard buffers and ends its thread and the W&B run, as failed (exit code 1) where the
+        run ends on an error: W&B took a finish without one for a success, while the error was on its way out. A
+        second call does nothing: the trainer's normal end closes the log, and its exit closes it again for a run
+        that ended on an error."""
         writer, self.writer = self.writer, None
         if writer is not None:
             try:
@@ -177,7 +179,7 @@ class RunLog:
             self._quiet_threads.remove()
         wandb_run, self.wandb_run = self.wandb_run, None
         if wandb_run is not None:
-            wandb_run.finish()
+            wandb_run.finish(exit_code=1 if failed else 0)
 
 
 class QuietWriterThreads:

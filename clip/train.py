@@ -479,7 +479,7 @@ def _train(
             warn_about_unlikely_settings(config, global_batch, data.samples_per_epoch, saved_config, device)
         # Closed also when the run ends on an error (non-finite losses, a second Ctrl-C, a failed save): TensorBoard's
         # thread, its threading.excepthook and the W&B run were left behind, one more at each failed train() call
-        on_exit.callback(run_log.close)
+        on_exit.push(lambda error_type, error, traceback: run_log.close(failed=error_type is not None))
         run_directory = RunDirectoryWatch(run_dir, config_dict, run_log, on_exit)
 
     def autocast():

@@ -2063,7 +2063,7 @@ class FakeWandb:
     (wandb 0.31, WANDB_MODE=offline) ran the same calls when this was written; it is not a test dependency."""
 
     def __init__(self) -> None:
-        self.inits, self.logged, self.finished = [], [], 0
+        self.inits, self.logged, self.finished, self.exit_codes = [], [], 0, []
 
     def init(self, **kwargs):
         self.inits.append(kwargs)
@@ -2072,8 +2072,9 @@ class FakeWandb:
     def log(self, data: dict, step: int) -> None:
         self.logged.append((step, data))
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int | None = None) -> None:
         self.finished += 1
+        self.exit_codes.append(exit_code)
 
 
 def test_weights_and_biases_gets_the_metrics_and_a_resumed_run_continues_its_run(tmp_path, monkeypatch):
@@ -2087,12 +2088,24 @@ def test_weights_and_biases_gets_the_metrics_and_a_resumed_run_continues_its_run
     first, second = fake.inits
     assert first["id"] == second["id"] == (tmp_path / "wandb_run_id").read_text().strip()
     assert first["resume"] == "allow" and first["project"] == "tests" and first["name"] == tmp_path.name
-    assert first["config"]["train"]["batch_size"] == 8 and fake.finished == 2
+    assert first["config"]["train"]["batch_size"] == 8 and fake.finished == 2 and fake.exit_codes == [0, 0]
     steps = [step for step, _ in fake.logged]
     assert steps == sorted(steps) and steps[-1] == 4
     last = [data for step, data in fake.logged if step == 4]
     assert any("loss" in data for data in last) and any("zeroshot/synthetic/top1" in data for data in last)
     assert all(isinstance(v, (int, float)) for _, data in fake.logged for v in data.values())
+    # A run that ends on an error is finished as failed: a finish without an exit code, while the error was on its
+    # way out, was recorded by W&B as a success
+    import clip.train as train_module
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("a failure inside the step")
+
+    monkeypatch.setattr(train_module, "contrastive_step", failing)
+    with pytest.raises(RuntimeError, match="a failure inside the step"):
+        train(tiny_config(tmp_path / "failing", *extra))
+    assert fake.exit_codes == [0, 0, 1]
+    monkeypatch.undo()
     # Without the package: one error line before training starts
     monkeypatch.setitem(sys.modules, "wandb", None)
     args = [str(DEMO), "--output-dir", str(tmp_path / "other"), *TINY, "logging.wandb=true"]

@@ -26,6 +26,7 @@ from .config_io import (
     from_dict,
     load_config,
     require,
+    require_utf8_text,
     to_dict,
     to_toml,
 )
@@ -312,6 +313,7 @@ class TrainConfig:
                                f"does): write the path out, or give it on the command line, "
                                f"--output-dir \"{self.output_dir}\" with double quotes (got {self.output_dir!r})")
         self.output_dir = os.path.expanduser(self.output_dir)
+        require_utf8_text(to_dict(self))  # the run writes its config down as config.toml
         if self.model.text.vocab_size < OPENAI_VOCAB_SIZE:
             # The trainer tokenizes with OpenAI's BPE: an id past the embedding table fails in the first step.
             raise InvalidValue("model.text.vocab_size", f"must be >= {OPENAI_VOCAB_SIZE} (the BPE tokenizer's ids "

@@ -114,6 +114,24 @@ def home_expanded(path: str) -> str:
     return "::".join(os.path.expanduser(part) for part in path.split("::"))
 
 
+def require_utf8_text(values: Any, where: str = "") -> None:
+    """Refuses text in `values` (a config's `to_dict`) that holds bytes which are not UTF-8: a shell passes an
+    argument not in the locale's encoding undecoded (a file name on Linux is any bytes), and a config that is
+    written down as TOML (a training run's config.toml, UTF-8) ended its run on a traceback there."""
+    if isinstance(values, dict):
+        for key, value in values.items():
+            require_utf8_text(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(values, list | tuple):
+        for index, value in enumerate(values):
+            require_utf8_text(value, f"{where}[{index}]")
+    elif isinstance(values, str):
+        try:
+            values.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidValue(where, f"{values!r} holds bytes that are not UTF-8 text, which the run's config.toml "
+                               f"(UTF-8) cannot record: give it in UTF-8, or rename the file or folder") from None
+
+
 def relative_path_note(path: str) -> str:
     """For a message that `path` is missing: where a relative path was looked for. A config's relative paths are
     read from the folder the run is started in, not the config file's: "manifest data/train.csv does not exist",
@@ -234,13 +252,6 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected a number, got {_short(value)}")
     if tp is str:
         if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                # Bytes a shell passed undecoded (an argument not in the locale's encoding): they passed every
-                # check and ended the run on a traceback where its config.toml (UTF-8) was written
-                raise ConfigError(f"{where}: {value!r} holds bytes that are not UTF-8 text (configs and the "
-                                  f"run's config.toml are UTF-8)") from None
             return value
         if isinstance(value, os.PathLike) and isinstance(os.fspath(value), str):  # built in Python, see above
             return os.fspath(value)

@@ -1283,8 +1283,12 @@ def test_override_values_the_shell_passed_undecoded_or_as_spaces_alone_or_with_e
     demo = Path(__file__).parent.parent / "configs" / "demo.toml"
     # Bytes not in the locale's encoding reach Python as lone surrogates: they passed every check and ended the run
     # on a traceback where its config.toml (UTF-8) was written
-    with pytest.raises(ConfigError, match=r"^data.sources\[0\].name: 'caf\\udce9' holds bytes that are not UTF-8"):
+    with pytest.raises(ConfigError, match=r"^data.sources\[0\].name 'caf\\udce9' holds bytes that are not UTF-8"):
         load_config(demo, ["data.sources.0.name=caf\udce9"], TrainConfig)
+    # An evaluation writes no config.toml: a dataset folder of such a name is evaluated as before
+    from clip.evaluation.config import ZeroShotRunConfig
+
+    assert from_dict(ZeroShotRunConfig, {"datasets": [{"kind": "imagefolder", "root": "caf\udce9"}]}).datasets
     # A text value of spaces alone is kept: the tab separator (separator=$'\t') became "", the suffix's separator
     config = load_config(demo, ["data.sources.0.kind=manifest", "data.sources.0.path=x.tsv",
                                 "data.sources.0.num_samples=none", "data.sources.0.separator=\t"], TrainConfig)

@@ -215,6 +215,20 @@ def test_an_image_a_decoder_fails_on_in_any_way_is_one_unreadable_image(tmp_path
     (tmp_path / "y.jpg").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
     with pytest.raises(UnreadableImageError, match="y.jpg"):
         read_image(tmp_path / "y.jpg")
+    # Phones' AVIF and scanners' JPEG 2000 files saved under a .jpg name decode in process: read as they were
+    for kind in ("AVIF", "JPEG2000"):
+        try:
+            Image.new("RGB", (8, 8), "red").save(tmp_path / f"{kind}.jpg", format=kind)
+        except (KeyError, OSError):  # a Pillow built without its encoder
+            continue
+        assert read_image(tmp_path / f"{kind}.jpg").size == (8, 8)
+
+    def out_of_memory(self):
+        raise MemoryError
+
+    with monkeypatch.context() as patched, pytest.raises(MemoryError):  # the machine's failure, not the file's
+        patched.setattr(Image.Image, "load", out_of_memory)
+        read_image(path)
 
 
 def test_a_class_count_one_off_names_the_folders_at_either_end(tmp_path):

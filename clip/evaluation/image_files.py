@@ -43,16 +43,18 @@ def read_image(path: Path) -> Image.Image:
             return central_part(image, MAX_ASPECT_RATIO)
     except UnreadableImageError:
         raise
+    except MemoryError:  # the machine's, not the file's
+        raise
     # Corrupt files surface as OSError, ValueError, SyntaxError, EOFError, zlib.error, a decoder's RuntimeError
     # (a damaged AVIF named .jpg ended the whole evaluation), depending on the plugin and where the data breaks off
     except Exception as error:
         raise UnreadableImageError(path, str(error) or type(error).__name__) from error
 
 
-# The formats training decodes (`clip.data.decoding.DECODED_FORMATS`) and PPM/PGM, which image folders take as
-# torchvision's do: a file is opened as what its bytes say, and no other plugin (EPS's hands the file to Ghostscript)
-# reads an evaluation set's files
-EVALUATION_FORMATS = (*DECODED_FORMATS, "PPM")
+# The formats training decodes (`clip.data.decoding.DECODED_FORMATS`), PPM/PGM, which image folders take as
+# torchvision's do, and AVIF and JPEG 2000, which phones and scanners save under a .jpg name: a file is opened as
+# what its bytes say, and no other plugin (EPS's hands the file to Ghostscript) reads an evaluation set's files
+EVALUATION_FORMATS = (*DECODED_FORMATS, "PPM", "AVIF", "JPEG2000")
 
 
 def _formats() -> tuple[str, ...]:

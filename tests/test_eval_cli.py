@@ -170,6 +170,10 @@ def test_results_of_other_weights_are_kept_aside_and_those_of_the_same_weights_r
     assert json.loads(kept.read_text())["weights"]["path"] == str(tiny_checkpoint.resolve())
     assert json.loads((out / "results.json").read_text())["weights"]["path"] == str(other.resolve())
     assert f"{out / 'results.json'} holds the results of other weights: kept as {kept}" in caplog.text
+    # Its confusion matrices go with it: the new run's drew over them
+    stamp = kept.stem.removeprefix("results")
+    assert sorted(path.name for path in out.glob("confusion_*.png")) == [
+        "confusion_synthetic.png", f"confusion_synthetic{stamp}.png"]
     (out / "retrieval_results.json").write_text("not JSON")  # nor a file the command cannot read
     source = common.load_model(str(other), torch.device("cpu"))[2]
     common.keep_results_of_other_weights(out / "retrieval_results.json", source)

@@ -193,12 +193,13 @@ def writable_output_dir(path: Path) -> Path:
     return path
 
 
-def keep_results_of_other_weights(path: Path, source: WeightsSource) -> None:
+def keep_results_of_other_weights(path: Path, source: WeightsSource, companions: str = "") -> None:
     """Moves a results file that `path` holds aside when it was written for other weights (its "weights" record,
     `WeightsSource.to_dict`, differs) or cannot be read as one, to `STEM_kept_TIME.json` (TIME: its last change),
-    with a log line; results of the same weights are replaced, as a rerun of the same evaluation. Called once
-    before an evaluation's first write: the default output folders are named after the config or dataset, not
-    the model, so evaluating a second checkpoint replaced the first one's results without a word."""
+    with a log line; results of the same weights are replaced, as a rerun of the same evaluation. The files
+    beside it that match the glob `companions` (clip-zeroshot's confusion PNGs) go with it, as NAME_kept_TIME.
+    Called once before an evaluation's first write: the default output folders are named after the config or
+    dataset, not the model, so evaluating a second checkpoint replaced the first one's results without a word."""
     import json
     import time
 
@@ -211,10 +212,16 @@ def keep_results_of_other_weights(path: Path, source: WeightsSource) -> None:
     if isinstance(written, dict) and written.get("weights") == json.loads(json.dumps(source.to_dict())):
         return
     stamp = time.strftime("%Y-%m-%dT%H-%M-%S", time.localtime(path.stat().st_mtime))
-    kept = path.with_name(f"{path.stem}_kept_{stamp}{path.suffix}")
-    number = 1
-    while kept.exists():
+    number, suffix = 1, f"_kept_{stamp}"
+    while path.with_name(f"{path.stem}{suffix}{path.suffix}").exists():
         number += 1
-        kept = path.with_name(f"{path.stem}_kept_{stamp}_{number}{path.suffix}")
+        suffix = f"_kept_{stamp}_{number}"
+    kept = path.with_name(f"{path.stem}{suffix}{path.suffix}")
+    # The companions first (names with "_kept_" are earlier ones', left where they are): the results file last, so
+    # that an interrupted move leaves it to be found and moved again
+    for companion in sorted(path.parent.glob(companions) if companions else []):
+        if "_kept_" not in companion.stem:
+            companion.rename(companion.with_name(f"{companion.stem}{suffix}{companion.suffix}"))
     path.rename(kept)
-    logger.info("%s holds the results of other weights: kept as %s", path, kept)
+    logger.info("%s holds the results of other weights: kept as %s%s", path, kept,
+                f" (and {companions} beside it, as *{suffix}*)" if companions else "")

@@ -133,7 +133,7 @@ def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:
     datasets = list_datasets(config)
     writable_output_dir(output_dir)
     model, preprocess, source = load_model(config.model, device)
-    keep_results_of_other_weights(output_dir / "results.json", source)
+    keep_results_of_other_weights(output_dir / "results.json", source, companions="confusion_*.png")
     configs = {dataset.resolved_name(): dataset for dataset in config.datasets}
     settings = {"device": str(device), "precision": config.precision, "batch_size": config.batch_size,
                 "text_batch_size": config.text_batch_size, "preprocess": repr(preprocess)}

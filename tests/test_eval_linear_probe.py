@@ -179,6 +179,17 @@ def test_a_fit_over_row_chunks_reaches_the_same_stationary_point_in_bounded_memo
     assert max(seen_rows) == 7 and 5 in seen_rows
     torch.testing.assert_close(chunked.weight, whole.weight, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(chunked.bias, whole.bias, rtol=1e-5, atol=1e-6)
+    # Its scores too: the whole set's logits at once were N x classes (ImageNet's train set: 5 GB in float32)
+    seen_rows.clear()
+    monkeypatch.setattr(nn.functional, "cross_entropy", real_cross_entropy)
+    monkeypatch.setattr(probe_module.LogisticRegression, "logits",
+                        lambda self, rows: seen_rows.append(len(rows)) or rows.to(self.weight) @ self.weight.t() + self.bias)
+    accuracy, per_class, loss = (whole.accuracy(features, labels), whole.mean_per_class_accuracy(features, labels),
+                                 whole.loss(features, labels))
+    assert max(seen_rows) == 7
+    monkeypatch.undo()
+    assert (accuracy, per_class) == (whole.accuracy(features, labels), whole.mean_per_class_accuracy(features, labels))
+    assert loss == pytest.approx(whole.loss(features, labels), rel=1e-12)
 
 
 def test_mean_per_class_accuracy_is_reported_and_can_choose_the_strength():

@@ -85,21 +85,39 @@ class LogisticRegression:
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return features.to(self.weight) @ self.weight.t() + self.bias
 
+    def _row_chunks(self, count: int) -> range:
+        """Starts of row chunks of at most LOSS_CHUNK_ELEMENTS logits: the whole set's logits at once were
+        N x classes (ImageNet's 1.28M x 1000: 5 GB in float32, 10 GB in float64)."""
+        return range(0, count, max(1, LOSS_CHUNK_ELEMENTS // len(self.bias)))
+
+    def predictions(self, features: torch.Tensor) -> torch.Tensor:
+        """The predicted class of each row, on the CPU."""
+        step = self._row_chunks(len(features)).step
+        return torch.cat([self.logits(features[start : start + step]).argmax(dim=1).cpu()
+                          for start in self._row_chunks(len(features))] or [torch.zeros(0, dtype=torch.long)])
+
     def accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
         # Counted and divided in Python: a float32 mean gave 12/18 as 0.6666666865348816 in the results
-        return int((self.logits(features).argmax(dim=1).cpu() == labels.cpu()).sum()) / len(labels)
+        return int((self.predictions(features) == labels.cpu()).sum()) / len(labels)
 
     def mean_per_class_accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
         """The accuracy of each class that has examples here, averaged over those classes."""
         labels = labels.cpu()
-        correct = (self.logits(features).argmax(dim=1).cpu() == labels).double()
+        correct = (self.predictions(features) == labels).double()
         per_class_correct = torch.bincount(labels, weights=correct)
         per_class_count = torch.bincount(labels)
         present = per_class_count > 0
         return (per_class_correct[present] / per_class_count[present]).mean().item()
 
     def loss(self, features: torch.Tensor, labels: torch.Tensor) -> float:
-        return nn.functional.cross_entropy(self.logits(features), labels.to(self.weight.device)).item()
+        labels = labels.to(self.weight.device)
+        chunks = self._row_chunks(len(labels))
+        if len(chunks) <= 1:
+            return nn.functional.cross_entropy(self.logits(features), labels).item()
+        total = sum(nn.functional.cross_entropy(self.logits(features[start : start + chunks.step]),
+                                                labels[start : start + chunks.step], reduction="sum").item()
+                    for start in chunks)
+        return total / len(labels)
 
 
 # The most logits (rows x classes) one evaluation of the probe's loss holds at once: 64 MB in float32. Up to that

@@ -465,6 +465,10 @@ def attn_mask_replaced(block: ResidualAttentionBlock) -> bool:
         return True
     if built is None or torch.compiler.is_compiling():
         return False
+    if built.is_inference():
+        # Made under torch.inference_mode: no version counter, so its values are compared (a CPU tensor of
+        # context x context, as `causal_mask` makes it: no device sync)
+        return built.device.type != "cpu" or not torch.equal(built, causal_mask(built.shape[-1]).to(built.dtype))
     return _version_of(built) != getattr(block, "_built_attn_mask_version", None)
 
 

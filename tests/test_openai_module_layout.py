@@ -626,3 +626,20 @@ def test_clip_clip_has_the_preprocessing_pieces_code_builds_its_own_transforms_f
     image = Image.fromarray(torch.randint(0, 256, (40, 50, 3), dtype=torch.uint8).numpy())
     torch.testing.assert_close(own(image), _transform(32)(image), atol=0, rtol=0)
     assert _convert_image_to_rgb(image.convert("L")).mode == "RGB"
+
+
+def test_a_mask_built_under_inference_mode_and_edited_in_place_is_applied_too():
+    # An inference tensor has no version counter: its in-place edit went unnoticed
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        model = clip.create_model(TINY).eval()
+        texts = clip.tokenize(["a cat", "a photo of a dog"])
+        causal = model.encode_text(texts)
+        assigned = copy.deepcopy(model)
+        for block in assigned.transformer.resblocks:
+            block.attn_mask = torch.zeros(77, 77)
+        expected = assigned.encode_text(texts)
+        for block in model.transformer.resblocks:
+            block.attn_mask.zero_()
+        assert not torch.allclose(expected, causal, atol=1e-3)
+        torch.testing.assert_close(model.encode_text(texts), expected, atol=1e-5, rtol=1e-5)

@@ -445,6 +445,9 @@ class _EndsAtItsEnd:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.stream, name)
 
+    def __repr__(self) -> str:  # webdataset names the stream in its errors: the file's name, not this wrapper's
+        return repr(self.stream)
+
 
 def _members(url: str, stream: IO[bytes], select_files: Any, errors: list[Exception]) -> Iterator[dict]:
     """The shard's selected members as {"fname", "data", "__url__"}; a read error ends them and is kept in

@@ -187,6 +187,8 @@ class ShardSource:
     def describe(self, sample: dict | MissingSample) -> str:
         if isinstance(sample, MissingSample):
             return sample.url
+        if CUT_SHORT_KEY in sample:  # its skip is the shard's read error: the shard is named, once, as for the rest
+            return str(sample.get("__url__"))
         return f"{sample.get('__url__')}:{sample.get('__key__')}"
 
     def caption(self, sample: dict | MissingSample) -> bytes | str:

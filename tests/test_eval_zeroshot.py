@@ -180,14 +180,23 @@ def test_an_evaluation_stopped_by_an_error_ends_its_data_loaders_workers_at_once
     def interrupted(*args):
         raise KeyboardInterrupt
 
+    # A user's loader with persistent workers keeps them for its next pass: ended after one, the next failed
+    persistent = torch.utils.data.DataLoader(data, batch_size=2, num_workers=1, multiprocessing_context="fork",
+                                             persistent_workers=True)
+    for _ in range(2):
+        assert len(zeroshot_classify(model, classifier, persistent).logits) == 16
+    del persistent
     monkeypatch.setattr(zeroshot_module, "_class_scores", interrupted)
-    kept = None
-    try:
-        zeroshot_classify(model, classifier, loader)
-    except KeyboardInterrupt as error:
-        kept = error  # as a notebook keeps it: its traceback holds the evaluation's frames
-        assert multiprocessing.active_children() == []
-    assert kept is not None
+    for evaluation in (lambda: zeroshot_classify(model, classifier, loader),
+                       # its loader is wrapped in the stop checks' generator
+                       lambda: evaluate_zeroshot(model, loader, classnames, classifier=classifier)):
+        kept = None
+        try:
+            evaluation()
+        except KeyboardInterrupt as error:
+            kept = error  # as a notebook keeps it: its traceback holds the evaluation's frames
+            assert multiprocessing.active_children() == []
+        assert kept is not None
 
 
 def test_eval_mode_restores_each_submodules_own_mode():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -172,10 +173,30 @@ def with_stop_checks(items: Iterable[T], stop_check: StopCheck | None, checked: 
     """`items`, calling `stop_check` before every BATCHES_BETWEEN_STOP_CHECKS-th of the first `checked` ones
     (not before the first: the caller checks before it starts). `checked` is how many items every rank has,
     so that every rank makes the same calls even when the ranks' slices differ by a batch."""
-    for index, item in enumerate(items):
-        if stop_check is not None and 0 < index < checked and index % BATCHES_BETWEEN_STOP_CHECKS == 0:
-            stop_check()
-        yield item
+    iterator = iter(items)
+    try:
+        for index, item in enumerate(iterator):
+            if stop_check is not None and 0 < index < checked and index % BATCHES_BETWEEN_STOP_CHECKS == 0:
+                stop_check()
+            yield item
+    except BaseException:  # also GeneratorExit: closed early by its consumer
+        end_loader_workers(iterator, items)
+        raise
+
+
+def end_loader_workers(iterator: Iterator, iterable: Iterable) -> None:
+    """Ends the worker processes behind `iterator` (a DataLoader's, `iterable`'s) or the generators it wraps,
+    for an iteration that stopped early on an error, a Ctrl-C or its consumer's close: its workers stayed alive as
+    long as the error was kept (a notebook keeps the last one). A finished DataLoader iterator ends its own, and
+    those of a loader with persistent_workers are kept for its next pass, as its owner meant."""
+    if getattr(iterable, "persistent_workers", False):
+        return
+    if isinstance(iterator, types.GeneratorType):
+        iterator.close()
+        return
+    shut_down = getattr(iterator, "_shutdown_workers", None)
+    if shut_down is not None:
+        shut_down()
 
 
 def batches_on_every_rank(length: int, world_size: int, batch_size: int) -> int:
@@ -204,13 +225,9 @@ def iterate_batches(
                 yield batch[0], batch[1] if len(batch) > 1 else None
             else:
                 yield batch, None
-    finally:
-        # A DataLoader's worker processes end with its iterator, which an evaluation stopped by an error or a
-        # Ctrl-C left alive as long as the error was kept (a notebook keeps the last one): they are ended here,
-        # as this generator is closed (`contextlib.closing` in its callers)
-        shut_down = getattr(batches, "_shutdown_workers", None)
-        if shut_down is not None:
-            shut_down()
+    except BaseException:  # also GeneratorExit: closed early (`contextlib.closing` in its callers)
+        end_loader_workers(batches, data)
+        raise
 
 
 def encode_image_batches(

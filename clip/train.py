@@ -479,7 +479,9 @@ def _train(
             warn_about_unlikely_settings(config, global_batch, data.samples_per_epoch, saved_config, device)
         # Closed also when the run ends on an error (non-finite losses, a second Ctrl-C, a failed save): TensorBoard's
         # thread, its threading.excepthook and the W&B run were left behind, one more at each failed train() call
-        on_exit.push(lambda error_type, error, traceback: run_log.close(failed=error_type is not None))
+        # Failed for an error; a signal's own endings (a second Ctrl-C, an abandoned start) are no failures
+        on_exit.push(lambda error_type, error, traceback: run_log.close(
+            failed=error_type is not None and issubclass(error_type, Exception)))
         run_directory = RunDirectoryWatch(run_dir, config_dict, run_log, on_exit)
 
     def autocast():
@@ -848,11 +850,11 @@ def _train(
             except (ckpt.CheckpointWriteError, RunDirectoryInUse) as error:  # the run itself is done: said, not raised
                 log.warning("%s; results.json is not written (the final figures are in this log)", error)
                 directory_kept = False
-            run_log.close()
             if complete and directory_kept:
                 write_results(run_dir / "results.json", {**final, "init_weights": init_weights})
                 if config.logging.plot:
                     plot_if_possible(run_dir)
+            run_log.close()  # after the results: a results.json that cannot be written fails the W&B run too
     return final
 
 

@@ -2098,6 +2098,8 @@ def test_weights_and_biases_gets_the_metrics_and_a_resumed_run_continues_its_run
     # way out, was recorded by W&B as a success
     import clip.train as train_module
 
+    real_step = train_module.contrastive_step
+
     def failing(*args, **kwargs):
         raise RuntimeError("a failure inside the step")
 
@@ -2105,6 +2107,26 @@ def test_weights_and_biases_gets_the_metrics_and_a_resumed_run_continues_its_run
     with pytest.raises(RuntimeError, match="a failure inside the step"):
         train(tiny_config(tmp_path / "failing", *extra))
     assert fake.exit_codes == [0, 0, 1]
+    # A second Ctrl-C is no failure (clip-train exits 130 for it, as the shell does)
+    from clip.stopping import StoppedAtOnce
+
+    def stopped(*args, **kwargs):
+        raise StoppedAtOnce
+
+    monkeypatch.setattr(train_module, "contrastive_step", stopped)
+    with pytest.raises(StoppedAtOnce):
+        train(tiny_config(tmp_path / "stopped", *extra))
+    assert fake.exit_codes == [0, 0, 1, 0]
+    # The results written last: a results.json that cannot be written fails the W&B run as well
+    monkeypatch.setattr(train_module, "contrastive_step", real_step)
+
+    def unwritable(*args, **kwargs):
+        raise train_module.RunLogWriteError("could not write results.json: No space left on device")
+
+    monkeypatch.setattr(train_module, "write_results", unwritable)
+    with pytest.raises(train_module.RunLogWriteError):
+        train(tiny_config(tmp_path / "no_results", *extra))
+    assert fake.exit_codes == [0, 0, 1, 0, 1]
     monkeypatch.undo()
     # Without the package: one error line before training starts
     monkeypatch.setitem(sys.modules, "wandb", None)

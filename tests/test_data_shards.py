@@ -617,4 +617,5 @@ def test_a_sample_the_shards_read_error_cut_short_is_a_read_error_not_a_missing_
     assert kinds("whole.tar") == ["ok", "ok"]
     # Named in the skip log as the shard it is, once, as its missing samples are (not as a shard "cut.tar:a")
     first = next(iter(read_shard_range(str(tmp_path / "cut.tar"), 0, 2)))
-    assert ShardSource.describe(None, first) == str(tmp_path / "cut.tar")
+    assert ShardSource.describe(None, first, "shard_read_error") == str(tmp_path / "cut.tar")
+    assert ShardSource.describe(None, first, "corrupt_image") == f"{tmp_path / 'cut.tar'}:a"  # another skip: its key

@@ -159,6 +159,9 @@ def test_results_of_other_weights_are_kept_aside_and_those_of_the_same_weights_r
 
     other = tmp_path / "other.pt"
     shutil.copyfile(tiny_checkpoint, other)
+
+    def load_model(path):  # its WeightsSource
+        return common.load_model(str(path), torch.device("cpu"))[2]
     out = tmp_path / "out"
     for model in (tiny_checkpoint, tiny_checkpoint, other):
         config = tmp_path / "eval.toml"
@@ -174,9 +177,15 @@ def test_results_of_other_weights_are_kept_aside_and_those_of_the_same_weights_r
     stamp = kept.stem.removeprefix("results")
     assert sorted(path.name for path in out.glob("confusion_*.png")) == [
         "confusion_synthetic.png", f"confusion_synthetic{stamp}.png"]
+    # A dataset's own name holding "_kept_" goes with its results too; a name kept earlier stays where it is
+    (out / "confusion_flowers_kept_aside.png").write_bytes(b"png")
+    (out / "confusion_x_kept_2020-01-01T00-00-00.png").write_bytes(b"png")
+    (out / "results.json").write_text("{}")
+    common.keep_results_of_other_weights(out / "results.json", load_model(other), "confusion_*.png")
+    assert not (out / "confusion_flowers_kept_aside.png").exists()
+    assert (out / "confusion_x_kept_2020-01-01T00-00-00.png").exists()
     (out / "retrieval_results.json").write_text("not JSON")  # nor a file the command cannot read
-    source = common.load_model(str(other), torch.device("cpu"))[2]
-    common.keep_results_of_other_weights(out / "retrieval_results.json", source)
+    common.keep_results_of_other_weights(out / "retrieval_results.json", load_model(other))
     assert not (out / "retrieval_results.json").exists() and len(list(out.glob("retrieval_results_kept_*"))) == 1
 
 

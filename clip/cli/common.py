@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
 import tempfile
 import traceback
@@ -193,6 +194,10 @@ def writable_output_dir(path: Path) -> Path:
     return path
 
 
+# The end of a name keep_results_of_other_weights gave: _kept_TIME, or _kept_TIME_N
+_KEPT_NAME = re.compile(r"_kept_\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d(_\d+)?$")
+
+
 def keep_results_of_other_weights(path: Path, source: WeightsSource, companions: str = "") -> None:
     """Moves a results file that `path` holds aside when it was written for other weights (its "weights" record,
     `WeightsSource.to_dict`, differs) or cannot be read as one, to `STEM_kept_TIME.json` (TIME: its last change),
@@ -217,10 +222,10 @@ def keep_results_of_other_weights(path: Path, source: WeightsSource, companions:
         number += 1
         suffix = f"_kept_{stamp}_{number}"
     kept = path.with_name(f"{path.stem}{suffix}{path.suffix}")
-    # The companions first (names with "_kept_" are earlier ones', left where they are): the results file last, so
+    # The companions first (those named _kept_TIME are earlier ones', left where they are): the results file last, so
     # that an interrupted move leaves it to be found and moved again
     for companion in sorted(path.parent.glob(companions) if companions else []):
-        if "_kept_" not in companion.stem:
+        if not _KEPT_NAME.search(companion.stem):  # "confusion_flowers_kept_aside" is a dataset's own
             companion.rename(companion.with_name(f"{companion.stem}{suffix}{companion.suffix}"))
     path.rename(kept)
     logger.info("%s holds the results of other weights: kept as %s%s", path, kept,

@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 
 from .config import SourceConfig, synthetic_sample_count
-from .decoding import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, SkipSample, find_member
+from .decoding import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, SHARD_FAULTS, SkipSample, find_member
 from .manifest import is_json_lines, read_manifest
 from .sampling import SlotPlan, SourceLayout
 from .shards import CUT_SHORT_KEY, MissingSample, expand_shard_pattern, read_shard_range, require_webdataset, shard_name, shard_sizes
@@ -51,7 +51,7 @@ class SyntheticSource:
     def items(self, plan: SlotPlan, index: int, skip: int) -> Iterator[int]:
         return map(int, plan.rows[index][skip:])
 
-    def describe(self, row: int) -> str:
+    def describe(self, row: int, kind: str = "") -> str:  # kind: the skip's, for a shard source's
         return f"#{row}"
 
     def caption(self, row: int) -> str:
@@ -91,7 +91,7 @@ class ManifestSource:
     def items(self, plan: SlotPlan, index: int, skip: int) -> Iterator[int]:
         return map(int, plan.rows[index][skip:])
 
-    def describe(self, row: int) -> str:
+    def describe(self, row: int, kind: str = "") -> str:  # kind: the skip's, for a shard source's
         return self.manifest.image_path(row)
 
     def caption(self, row: int) -> bytes:
@@ -184,10 +184,12 @@ class ShardSource:
             log.warning("data source %s: shard %s: %s; the first member of that name is used (not named again "
                         "for this shard)", self.name, url, what)
 
-    def describe(self, sample: dict | MissingSample) -> str:
+    def describe(self, sample: dict | MissingSample, kind: str = "") -> str:
+        """The shard of a missing sample or of one a shard's fault `kind` skipped (named once, with the shard's
+        other losses, not as another shard "url:key"); url:key of any other."""
         if isinstance(sample, MissingSample):
             return sample.url
-        if CUT_SHORT_KEY in sample:  # its skip is the shard's read error: the shard is named, once, as for the rest
+        if kind in SHARD_FAULTS:
             return str(sample.get("__url__"))
         return f"{sample.get('__url__')}:{sample.get('__key__')}"
 

@@ -268,7 +268,7 @@ class _BatchBuilder:
     def _skipped(self, source: Source, item: _Item, skip: SkipSample, meta: dict) -> None:
         _count(meta, item.epoch, source.name, "skipped", skip.kind)
         meta["position"] = item.position
-        self.skip_log.record(skip.kind, source.name, source.describe(item.raw), skip.detail)
+        self.skip_log.record(skip.kind, source.name, source.describe(item.raw, skip.kind), skip.detail)
         self.misses += 1
         if self.used == 0 and self.misses > self.first_use_limit:
             raise self._unusable(
@@ -294,7 +294,7 @@ class _BatchBuilder:
         """The error that stops the run: where, the problem, what to check for the latest skip's kind, and it."""
         return UnusableData(
             f"data rank {self.settings.rank} worker {self.worker}: {problem} -- "
-            f"{SKIP_HINTS.get(skip.kind, DEFAULT_SKIP_HINT)}; the latest: {source.describe(item.raw)}: {skip}"
+            f"{SKIP_HINTS.get(skip.kind, DEFAULT_SKIP_HINT)}; the latest: {source.describe(item.raw, skip.kind)}: {skip}"
         )
 
     def _tokenize(self, texts: list[str], origins: list[tuple[int, str]], meta: dict) -> torch.Tensor:

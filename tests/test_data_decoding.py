@@ -427,3 +427,29 @@ def test_the_counts_line_says_what_changed_since_the_counts_before() -> None:
         "b: 2 samples, repaired 2 (caption_truncated 2)"
     )
     assert counts_line(now, now) == "a: 0 samples; b: 0 samples"
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow's, reading the cut TIFF's directory
+@pytest.mark.parametrize("kind", ["WEBP", "TIFF"])
+def test_a_webp_or_tiff_cut_short_is_counted_as_truncated(kind):
+    # Their decoders' errors do not say "truncated": a cut WebP was a corrupt_image, a cut TIFF (its directory at
+    # the end) not_an_image. Their headers say how long they are
+    from clip.data.decoding import SkipSample, open_image
+
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    options = {"compression": "tiff_deflate"} if kind == "TIFF" else {}
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, format=kind, **options)
+    data = buffer.getvalue()
+    kinds = Counter()
+    for cut in range(16, len(data) - 16, max(1, len(data) // 40)):
+        try:
+            open_image(data[:cut], None, None)
+            kinds["decoded"] += 1
+        except SkipSample as skip:
+            kinds[skip.kind] += 1
+    assert set(kinds) == {"truncated"}, kinds
+    assert open_image(data, None, None).size == (64, 64)
+    with pytest.raises(SkipSample) as text:  # not an image at all, as before
+        open_image(b"<html>not an image</html>" * 4, None, None)
+    assert text.value.kind == "not_an_image"

@@ -115,10 +115,22 @@ def open_image(data: bytes, max_pixels: int | None, draft_size: int | None) -> I
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise SkipSample("decompression_bomb", str(error)) from None
     except UnidentifiedImageError:
-        raise SkipSample("not_an_image") from None
+        raise SkipSample("truncated" if _ends_before_its_header_says(data) else "not_an_image") from None
     except Exception as error:  # decoders raise OSError, SyntaxError, ValueError, EOFError, zlib.error, ...
-        kind = "truncated" if "truncat" in str(error).lower() else "corrupt_image"
-        raise SkipSample(kind, f"{type(error).__name__}: {error}") from None
+        ends_early = "truncat" in str(error).lower() or _ends_before_its_header_says(data)
+        raise SkipSample("truncated" if ends_early else "corrupt_image", f"{type(error).__name__}: {error}") from None
+
+
+def _ends_before_its_header_says(data: bytes) -> bool:
+    """Whether a WebP's RIFF size or a TIFF's first-directory offset points past the end of `data`: their
+    decoders' errors do not say "truncated" (a cut WebP was counted as a corrupt image, a cut TIFF, whose
+    directory sits at its end, as not an image at all)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return int.from_bytes(data[4:8], "little") + 8 > len(data)
+    if data[:4] in (b"II*\0", b"MM\0*"):
+        offset = int.from_bytes(data[4:8], "little" if data[:2] == b"II" else "big")
+        return offset + 2 > len(data)
+    return False
 
 
 def upright_rgb(image: Image.Image, repairs: list[str]) -> Image.Image:

@@ -37,14 +37,15 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 # What PIL may identify web data as. Untrusted bytes never reach PIL's other plugins (EPS, for one, would run
 # Ghostscript on them). Multi-picture JPEGs from cameras and phones open through the JPEG plugin (older
-# Pillows register them as "MPO" too); names this Pillow does not register are left out (see _formats).
+# Pillows register them as "MPO" too); names this Pillow does not register are left out (see registered_formats).
 DECODED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 CAPTION_EXTENSIONS = ("txt",)
 
 
-def _formats() -> tuple[str, ...]:
+def registered_formats(names: tuple[str, ...] = DECODED_FORMATS) -> tuple[str, ...]:
+    """Those of the PIL format `names` this Pillow registers, for Image.open's `formats`."""
     Image.init()  # registers every plugin once; later calls return at once
-    return tuple(name for name in DECODED_FORMATS if name in Image.OPEN)
+    return tuple(name for name in names if name in Image.OPEN)
 
 
 class SkipSample(Exception):
@@ -103,7 +104,7 @@ def open_image(data: bytes, max_pixels: int | None, draft_size: int | None) -> I
     if not data:
         raise SkipSample("empty_file")
     try:
-        image = Image.open(io.BytesIO(data), formats=_formats())
+        image = Image.open(io.BytesIO(data), formats=registered_formats())
         if max_pixels is not None and image.width * image.height > max_pixels:
             raise SkipSample("decompression_bomb", f"{image.width}x{image.height} pixels")
         if draft_size is not None and image.format in ("JPEG", "MPO"):  # MPO: a phone's JPEG with more pictures

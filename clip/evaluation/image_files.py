@@ -11,7 +11,7 @@ from typing import Any
 
 from PIL import Image
 
-from clip.data.decoding import DECODED_FORMATS
+from clip.data.decoding import DECODED_FORMATS, registered_formats
 from clip.image_modes import central_part
 
 Transform = Callable[[Image.Image], Any]
@@ -35,7 +35,7 @@ def read_image(path: Path) -> Image.Image:
     try:
         with warnings.catch_warnings():  # the size is refused below, with the file's name, not warned about
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(path, formats=_formats())  # reads the header only
+            opened = Image.open(path, formats=registered_formats(EVALUATION_FORMATS))  # reads the header only
         with opened as image:
             _refuse_decompression_bomb(image, path)
             image.load()  # read now, so the file is closed when we return
@@ -55,11 +55,6 @@ def read_image(path: Path) -> Image.Image:
 # torchvision's do, and AVIF and JPEG 2000, which phones and scanners save under a .jpg name: a file is opened as
 # what its bytes say, and no other plugin (EPS's hands the file to Ghostscript) reads an evaluation set's files
 EVALUATION_FORMATS = (*DECODED_FORMATS, "PPM", "AVIF", "JPEG2000")
-
-
-def _formats() -> tuple[str, ...]:
-    Image.init()  # registers every plugin once; later calls return at once
-    return tuple(name for name in EVALUATION_FORMATS if name in Image.OPEN)
 
 
 def _refuse_decompression_bomb(image: Image.Image, path: Path) -> None:

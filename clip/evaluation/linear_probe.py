@@ -85,16 +85,12 @@ class LogisticRegression:
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return features.to(self.weight) @ self.weight.t() + self.bias
 
-    def _row_chunks(self, count: int) -> range:
-        """Starts of row chunks of at most LOSS_CHUNK_ELEMENTS logits: the whole set's logits at once were
-        N x classes (ImageNet's 1.28M x 1000: 5 GB in float32, 10 GB in float64)."""
-        return range(0, count, max(1, LOSS_CHUNK_ELEMENTS // len(self.bias)))
-
     def predictions(self, features: torch.Tensor) -> torch.Tensor:
-        """The predicted class of each row, on the CPU."""
-        step = self._row_chunks(len(features)).step
-        return torch.cat([self.logits(features[start : start + step]).argmax(dim=1).cpu()
-                          for start in self._row_chunks(len(features))] or [torch.zeros(0, dtype=torch.long)])
+        """The predicted class of each row, on the CPU, from row chunks (`chunk_rows`): the whole set's logits
+        at once were N x classes (ImageNet's 1.28M x 1000: 5 GB in float32, 10 GB in float64)."""
+        rows = chunk_rows(len(self.bias))
+        return torch.cat([self.logits(features[start : start + rows]).argmax(dim=1).cpu()
+                          for start in range(0, len(features), rows)] or [torch.zeros(0, dtype=torch.long)])
 
     def accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
         # Counted and divided in Python: a float32 mean gave 12/18 as 0.6666666865348816 in the results
@@ -111,18 +107,23 @@ class LogisticRegression:
 
     def loss(self, features: torch.Tensor, labels: torch.Tensor) -> float:
         labels = labels.to(self.weight.device)
-        chunks = self._row_chunks(len(labels))
-        if len(chunks) <= 1:
+        rows = chunk_rows(len(self.bias))
+        if len(labels) <= rows:
             return nn.functional.cross_entropy(self.logits(features), labels).item()
-        total = sum(nn.functional.cross_entropy(self.logits(features[start : start + chunks.step]),
-                                                labels[start : start + chunks.step], reduction="sum").item()
-                    for start in chunks)
+        total = sum(nn.functional.cross_entropy(self.logits(features[start : start + rows]),
+                                                labels[start : start + rows], reduction="sum").item()
+                    for start in range(0, len(labels), rows))
         return total / len(labels)
 
 
 # The most logits (rows x classes) one evaluation of the probe's loss holds at once: 64 MB in float32. Up to that
 # many rows the loss is one full-batch expression; above, it is summed over row chunks of that size.
 LOSS_CHUNK_ELEMENTS = 1 << 24
+
+
+def chunk_rows(num_classes: int) -> int:
+    """The rows of one chunk of the probe's logits: at most LOSS_CHUNK_ELEMENTS of them."""
+    return max(1, LOSS_CHUNK_ELEMENTS // num_classes)
 
 
 def fit_logistic_regression(
@@ -154,7 +155,7 @@ def fit_logistic_regression(
         line_search_fn="strong_wolfe",
     )
 
-    rows = max(1, LOSS_CHUNK_ELEMENTS // num_classes)
+    rows = chunk_rows(num_classes)
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()

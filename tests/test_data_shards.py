@@ -450,6 +450,10 @@ def test_captions_from_a_field_of_the_json_member(tmp_path: Path) -> None:
 
     with pytest.raises(SkipSample, match="bad_utf8"):  # as a .txt caption that is not UTF-8
         json_field(b'{"caption": "caf\xe9"}', "caption")
+    # Half a surrogate pair escaped: as a manifest's invalid text, not a caption trained with U+FFFD in it
+    with pytest.raises(SkipSample, match="bad_utf8"):
+        json_field(b'{"caption": "a \\ud800 cat"}', "caption")
+    assert json_field(b'{"caption": "a \\ud83d\\ude00 cat"}', "caption") == "a \U0001f600 cat"  # a whole pair
     # Nested deeper than json's recursive parser goes: no caption, not a RecursionError that ends the run
     assert json_field(b"[" * 50_000, "caption") is None
 

@@ -229,7 +229,7 @@ def _raise_if_cut_short(sample: dict) -> None:
 
 def json_field(member: object, field: str) -> str | None:
     """The text of `field` in a shard sample's .json member (bytes), or None when there is none; SkipSample
-    bad_utf8 for a member that is not UTF-8, as for a .txt caption."""
+    bad_utf8 for a member that is not UTF-8 or a text with a lone surrogate escape, as for a .txt caption."""
     if not isinstance(member, bytes):
         return None
     try:
@@ -239,7 +239,15 @@ def json_field(member: object, field: str) -> str | None:
     except (ValueError, RecursionError):  # not JSON, or nested too deep for json's recursive parser
         return None
     text = value.get(field) if isinstance(value, dict) else None
-    return text if isinstance(text, str) else None
+    if not isinstance(text, str):
+        return None
+    try:
+        # A JSON escape of half a surrogate pair ("\\ud800") is no character: the caption would have been trained
+        # with U+FFFD in its place, where a manifest's or a .txt's invalid text is a bad_utf8 skip
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise SkipSample("bad_utf8", f"its .json: {error}") from None
+    return text
 
 
 Source = SyntheticSource | ManifestSource | ShardSource

@@ -144,6 +144,25 @@ def test_class_names_from_classnames_txt_or_a_user_file(tmp_path):
         )
 
 
+
+def test_a_classnames_file_may_give_a_class_several_names_as_the_papers_fer2013(tmp_path):
+    write_image_folder(tmp_path / "data", {"0_angry": 1, "1_happy": 1})
+    (tmp_path / "fer.txt").write_text("classes = [\n    ['angry'],\n    ['happy', 'smiling'],\n]\n")
+    config = ZeroShotDatasetConfig(kind="imagefolder", root=str(tmp_path / "data"),
+                                   classnames_file=str(tmp_path / "fer.txt"))
+    data = load_classification_data(config, None)
+    # Named in results by the first name, prompted with all; a file of one name each has nothing more
+    assert data.classnames == ["angry", "happy"]
+    assert data.prompted_names == ["angry", ["happy", "smiling"]]
+    (tmp_path / "plain.txt").write_text("angry\nhappy\n")
+    plain = load_classification_data(dataclasses.replace(config, classnames_file=str(tmp_path / "plain.txt")), None)
+    assert plain.several_names is None and plain.prompted_names == plain.classnames == ["angry", "happy"]
+    # A folder's own classnames.txt labels its folders one name each: said so, not a class named by a list
+    (tmp_path / "data" / "classnames.txt").write_text('[["angry"], ["happy", "smiling"]]')
+    with pytest.raises(ValueError, match=r"classnames\.txt: gives class 1 several names .* give a file of several "
+                                         r"names as the dataset's classnames_file"):
+        load_classification_data(ZeroShotDatasetConfig(kind="imagefolder", root=str(tmp_path / "data")), None)
+
 IMAGENET_VAL_FOLDERS = {"n01440764": 1, "n01443537": 1, "n01484850": 1}  # ImageNet's first three synsets
 
 

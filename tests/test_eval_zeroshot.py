@@ -686,14 +686,48 @@ def test_a_python_list_copied_with_its_assignment_is_read_as_its_strings(tmp_pat
             load_templates(tmp_path / "bad.txt")
 
 
-def test_several_names_per_class_are_refused_as_such(tmp_path):
-    # prompts.md gives FER2013 several names for some classes, a list of lists: it was "not valid JSON"
+def test_several_names_per_class_are_read_as_each_classes_names(tmp_path):
+    # prompts.md gives FER2013 several names for some classes, a list of lists: it was refused ("not supported")
     fer = "[\n    ['angry'],\n    ['happy', 'smiling'],\n]\n"
-    for text in (fer, "classes = " + fer, '[["angry"], ["happy", "smiling"]]'):
+    for text in (fer, "classes = " + fer, '[["angry"], ["happy", "smiling"]]', '["angry", ["happy", "smiling"]]'):
         (tmp_path / "names.txt").write_text(text)
-        with pytest.raises(ValueError, match=r"names\.txt: a list of lists, several class names to an entry .* not "
-                                             r"supported: give one string per entry"):
-            load_classnames(tmp_path / "names.txt")
+        assert load_classnames(tmp_path / "names.txt") == ["angry", ["happy", "smiling"]]
+    # Templates take one string each still; a class with no names at all is no class
+    (tmp_path / "t.txt").write_text("[['a photo of a {}.'], ['a {}.', 'the {}.']]")
+    with pytest.raises(ValueError, match=r"t\.txt: a list of lists, several templates to an entry .* not supported"):
+        load_templates(tmp_path / "t.txt")
+    (tmp_path / "names.txt").write_text('[["angry"], []]')
+    with pytest.raises(ValueError, match=r"names\.txt: expected a JSON list of strings"):
+        load_classnames(tmp_path / "names.txt")
+
+
+def test_a_class_of_several_names_is_the_mean_of_all_their_prompts():
+    # The CLIP paper's FER2013 classes: ['happy', 'smiling'] averages the prompts of both names
+    templates = ["a {}.", "the {}!"]
+    planted = {"a cat.": [3.0, 4.0], "the cat!": [0.0, 2.0], "a kitten.": [1.0, 0.0], "the kitten!": [0.0, -5.0],
+               "a dog.": [-1.0, 0.0], "the dog!": [0.0, -7.0]}
+    model = PlantedTextModel(planted)
+    weights = build_zeroshot_classifier(model, [["cat", "kitten"], "dog"], templates, model.tokenize, batch_size=100)
+    # cat: unit vectors (0.6, 0.8), (0, 1), (1, 0), (0, -1) -> mean (1.6, 0.8) / 4 -> renormalised
+    torch.testing.assert_close(weights[:, 0], torch.tensor([1.6, 0.8]) / math.sqrt(1.6**2 + 0.8**2))
+    torch.testing.assert_close(weights[:, 1], torch.tensor([-1.0, -1.0]) / math.sqrt(2.0))
+    # Whatever the batching (a class of 4 prompts alone when the batch holds 2 or 3), a tuple as a list, one
+    # name in a list as that name
+    for batch_size in (1, 2, 3, 5):
+        torch.testing.assert_close(build_zeroshot_classifier(
+            model, [("cat", "kitten"), ["dog"]], templates, model.tokenize, batch_size=batch_size), weights)
+    model.text_batches.clear()
+    build_zeroshot_classifier(model, [["cat", "kitten"], "dog"], templates, model.tokenize, batch_size=5)
+    assert model.text_batches == [4, 2]  # whole classes a group at a time: 4 + 2 prompts are more than 5
+    # The result names the class by its first name; what is wrong in the names is said where it is
+    features = torch.tensor([[1.0, 0.2], [-1.0, -1.0]])
+    result = evaluate_zeroshot(model, list(zip(features, [0, 1], strict=True)), [["cat", "kitten"], "dog"],
+                               templates, tokenizer=model.tokenize)
+    assert result.classnames == ["cat", "dog"] and result.top1 == 1.0
+    with pytest.raises(ValueError, match=r"classnames\[0\] is an empty list"):
+        build_zeroshot_classifier(model, [[], "dog"], templates, model.tokenize)
+    with pytest.raises(TypeError, match=r"classnames\[0\]\[1\] is None"):
+        build_zeroshot_classifier(model, [["cat", None], "dog"], templates, model.tokenize)
 
 
 def test_a_mapping_of_labels_to_names_is_refused_not_read_line_by_line(tmp_path):

@@ -117,7 +117,7 @@ def dataset_record(dataset: ZeroShotDatasetConfig, data: ClassificationData) -> 
         "num_images": len(data.dataset),
         "num_images_found": dataset_size(data),
         "classnames_source": data.classnames_source,
-        "classnames_sha256": list_digest(data.classnames),
+        "classnames_sha256": list_digest(data.prompted_names),
         "templates_source": data.templates_source,
         "templates_sha256": list_digest(templates),
         "templates": templates,
@@ -152,7 +152,7 @@ def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:
         result = evaluate_zeroshot(
             model,
             TransformedDataset(data.dataset, preprocess),
-            data.classnames,
+            data.prompted_names,
             data.templates,
             device=device,
             batch_size=config.batch_size,

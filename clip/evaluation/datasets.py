@@ -34,7 +34,15 @@ from .image_folder import (
     refuse_split_folders_as_classes,
     split_folder,
 )
-from .templates import Template, builtin_templates, load_classnames, load_templates
+from .templates import (
+    ClassName,
+    Template,
+    builtin_templates,
+    first_names,
+    load_classnames,
+    load_templates,
+    one_name_each,
+)
 
 # What other modules import from here: the names defined below, and those of the dataset kinds and of image
 # reading, which live in the modules named in the docstring.
@@ -108,11 +116,19 @@ class ClassificationData:
     where the names and templates came from, for the results file: a file's path, or what else gave them."""
 
     dataset: Dataset
-    classnames: list[str]
+    classnames: list[str]  # as results name the classes: the first of a class's several names
     templates: list[Template]
     subsets: dict[str, list[int]] = field(default_factory=dict)
     classnames_source: str = ""
     templates_source: str = ""
+    # Where the class names file gives some class several names (the CLIP paper's FER2013): every class's name or
+    # names (`ClassName`), all of them prompted
+    several_names: list[ClassName] | None = None
+
+    @property
+    def prompted_names(self) -> list[ClassName]:
+        """What the zero-shot classifier is built from: `classnames`, or `several_names` where given."""
+        return self.classnames if self.several_names is None else self.several_names
 
 
 def synthetic_split_seed(seed: int, split: str) -> int:
@@ -229,6 +245,7 @@ def load_classification_data(
     templates: list[Template] | None = None
     subsets: dict[str, list[int]] = {}
     names_file: str | Path = ""  # an imagefolder's class names file, if it has one
+    several_names: list[ClassName] | None = None
     if warn:
         warn_about_synthetic_settings_on_other_kinds(config)
     if config.kind == "synthetic":
@@ -260,7 +277,7 @@ def load_classification_data(
             # that the file replaces is not read, so one left stale (of another length) is no error
             names = [""] * len(class_folders if class_folders is not None else list_class_folders(folder))
         else:
-            names = load_classnames(shared_names) if use_shared else None
+            names = one_name_each(load_classnames(shared_names), shared_names) if use_shared else None
         dataset = ImageFolderDataset(
             folder, transform, classnames=names, class_folders=class_folders, warn=folder_warnings
         )
@@ -280,7 +297,8 @@ def load_classification_data(
                 f"{config.classnames_file} has {len(from_file)} class names; the dataset has {len(classnames)} "
                 f"classes{folders}"
             )
-        classnames = from_file
+        classnames = first_names(from_file)
+        several_names = from_file if classnames != from_file else None
         names_source = config.classnames_file
     if names_file:
         refuse_names_in_another_order(classnames, dataset.class_folders, str(names_file))
@@ -294,7 +312,9 @@ def load_classification_data(
         templates_source = f"the built-in set {config.builtin_templates!r}"
     if 0 < config.max_samples < len(dataset):
         dataset = Subset(dataset, subsample_indices(config.kind, len(dataset), config.max_samples))
-    return ClassificationData(dataset, list(classnames), templates, subsets, names_source, templates_source)
+    return ClassificationData(
+        dataset, list(classnames), templates, subsets, names_source, templates_source, several_names
+    )
 
 
 def with_split(config: ZeroShotDatasetConfig, split: str) -> ZeroShotDatasetConfig:

@@ -158,7 +158,7 @@ def run_evaluations(
             data = load_classification_data(dataset_config, transform, warn=warn_about_data and rank == 0)
             try:
                 result = evaluate_zeroshot(
-                    model, data.dataset, data.classnames, data.templates, subsets=data.subsets, name=name, **options
+                    model, data.dataset, data.prompted_names, data.templates, subsets=data.subsets, name=name, **options
                 )
             except NonFiniteFeaturesError as error:  # every rank raises alike (the counts are all-reduced)
                 metrics[f"zeroshot/{name}/top1"] = _recorded_as_nan(error, step, rank)

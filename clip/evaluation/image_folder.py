@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from clip.config_io import relative_path_note
 
 from .image_files import Transform, read_image
-from .templates import load_classnames
+from .templates import load_classnames, one_name_each
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 # Folders that archivers and operating systems add next to the data: macOS zips carry __MACOSX/ with "._x.jpg"
@@ -196,7 +196,7 @@ class ImageFolderDataset(Dataset):
         if not self.samples:
             raise ValueError(f"no images with extensions {sorted(IMAGE_EXTENSIONS)} under {self.root}")
         if classnames is None and (self.root / "classnames.txt").is_file():
-            classnames = load_classnames(self.root / "classnames.txt")
+            classnames = one_name_each(load_classnames(self.root / "classnames.txt"), self.root / "classnames.txt")
         if classnames is None:
             classnames = classnames_from_folders(self.class_folders, warn)
         if len(classnames) != len(self.class_folders):
@@ -204,7 +204,7 @@ class ImageFolderDataset(Dataset):
                 f"{len(classnames)} class names for {len(self.class_folders)} class folders in {self.root} "
                 f"({ends_of(self.class_folders)})"
             )
-        self.classes = list(classnames)
+        self.classes = one_name_each(classnames, "classnames")
         self.transform = transform
 
     def __len__(self) -> int:

@@ -17,6 +17,10 @@ from pathlib import Path
 from clip.config_io import where_not_utf8
 
 Template = str | Callable[[str], str]
+# A class's name, or its names: a list of several, each prompted with every template and the class's embedding
+# the mean over all those prompts (the CLIP paper's FER2013 classes, ['happy', 'smiling']); the first names the
+# class in results
+ClassName = str | list[str]
 
 # Varied phrasings (medium, quality, framing) so that averaging the class embeddings over them smooths out
 # the quirks of any one sentence -- the reason prompt ensembles beat a single prompt.
@@ -105,9 +109,11 @@ def is_string_list(value: object) -> bool:
 
 
 def is_list_of_string_lists(value: object) -> bool:
-    """Whether `value` is a list of lists of strings (`[['angry'], ['happy', 'smiling']]`): several names per
-    class, as the CLIP paper's prompts.md gives FER2013's classes."""
-    return isinstance(value, list) and bool(value) and all(map(is_string_list, value))
+    """Whether `value` is a list whose entries are lists of strings, or some strings and some such lists
+    (`[['angry'], ['happy', 'smiling']]`): several names per class, as the CLIP paper's prompts.md gives
+    FER2013's classes."""
+    return (isinstance(value, list) and any(isinstance(item, list) for item in value)
+            and all(isinstance(item, str) or (is_string_list(item) and item) for item in value))
 
 
 def unquote_copied_python_lines(lines: list[str], path: Path) -> list[str]:
@@ -148,10 +154,12 @@ def _decode_text(data: bytes, path: Path) -> str:
 LIST_ASSIGNMENT = re.compile(r"\s*[A-Za-z_]\w*\s*(:[^=\n]+)?=\s*(?=\[)")
 
 
-def _read_string_list(path: Path, what: str, comments: bool) -> list[str]:
+def _read_string_list(path: Path, what: str, comments: bool, several_per_entry: bool = False) -> list:
     """A JSON list of strings, or one string per line (blank lines skipped, and '#' lines if `comments`).
     Lines copied from a Python list (`'a photo of a {}.',`) are read as the strings they quote, and a Python
-    list copied whole (`[` to `]`, or with its assignment: `templates = [` to `]`) as its strings."""
+    list copied whole (`[` to `]`, or with its assignment: `templates = [` to `]`) as its strings.
+    `several_per_entry`: a list whose entries are lists of strings is read too, each entry of one string as that
+    string (class names, `ClassName`)."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
     text = _decode_text(path.read_bytes(), path)
@@ -184,11 +192,13 @@ def _read_string_list(path: Path, what: str, comments: bool) -> list[str]:
                 raise ValueError(f"{path}: not valid JSON ({error})") from None
         except RecursionError:  # json parses nested arrays recursively
             raise ValueError(f"{path}: not valid JSON (its arrays nest too deeply)") from None
-        if not is_string_list(items):
+        if is_list_of_string_lists(items) and several_per_entry:
+            items = [item[0] if isinstance(item, list) and len(item) == 1 else item for item in items]
+        elif not is_string_list(items):
             if is_list_of_string_lists(items):  # was "not valid JSON", or "expected a JSON list of strings"
                 raise ValueError(
                     f"{path}: a list of lists, several {what} to an entry (as the CLIP paper lists FER2013's "
-                    f"classes), which is not supported: give one string per entry"
+                    f"classes), which is not supported here: give one string per entry"
                 )
             raise ValueError(f"{path}: expected a JSON list of strings")
     else:
@@ -212,9 +222,28 @@ def load_templates(path: str | Path) -> list[str]:
     return templates
 
 
-def load_classnames(path: str | Path) -> list[str]:
-    """Class names from a file: a JSON list, or one name per line, in label order."""
-    return _read_string_list(Path(path), "class names", comments=False)
+def load_classnames(path: str | Path) -> list[ClassName]:
+    """Class names from a file, in label order: a JSON list, or one name per line. A list of lists (the CLIP
+    paper's FER2013 classes, `[['angry'], ['happy', 'smiling'], ...]`) gives a class several names: a class of
+    one name is that string, one of several their list (`ClassName`)."""
+    return _read_string_list(Path(path), "class names", comments=False, several_per_entry=True)
+
+
+def one_name_each(classnames: Sequence[ClassName], source: str | Path) -> list[str]:
+    """`classnames` as they are, where every class has one name; a ValueError naming `source` where one has several
+    (a dataset folder's classnames.txt, whose names label the folders)."""
+    several = [index for index, name in enumerate(classnames) if not isinstance(name, str)]
+    if several:
+        raise ValueError(
+            f"{source}: gives class {several[0]} several names ({classnames[several[0]]}); a dataset folder's "
+            f"classnames.txt takes one name per class: give a file of several names as the dataset's classnames_file"
+        )
+    return list(classnames)
+
+
+def first_names(classnames: Sequence[ClassName]) -> list[str]:
+    """Each class's name in results: its own, or the first of its several."""
+    return [name if isinstance(name, str) else name[0] for name in classnames]
 
 
 def resolve_templates(templates: Sequence[Template] | str | Path | None) -> list[Template]:

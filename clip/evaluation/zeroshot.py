@@ -1,7 +1,8 @@
 """Zero-shot classification: class embeddings from prompt templates, then nearest class by cosine similarity.
 
 The classifier is the CLIP paper's prompt ensemble: every prompt embedding is L2-normalised, each class's
-embeddings are averaged over the templates, and the mean is normalised again.
+embeddings are averaged over the templates (and over its names, for a class given several), and the mean is
+normalised again.
 """
 
 from __future__ import annotations
@@ -45,26 +46,37 @@ from .features import (
 )
 from .datasets import warn_about_duplicate_classnames
 from .results import ClassificationCounts, ZeroShotResult, summarize
-from .templates import Template, fill_template, resolve_templates
+from .templates import ClassName, Template, fill_template, first_names, resolve_templates
 
 
 CLASS_EMBEDDINGS = "class (prompt ensemble)"
 
 
-def _class_name_list(classnames: Sequence[str], prompted: bool = True) -> list[str]:
-    """`classnames` as a list, numpy's strings among them as plain str. A numpy array (LabelEncoder.classes_,
-    np.unique(labels)) has no truth value for an emptiness check, and its items are np.str_, which a result
-    would hand back (printed as np.str_('cat'), refused by yaml.safe_dump). Refused in one line: a missing,
-    blank or non-str name, and a collection without the label order (a dict, a set).
+def _class_name_list(classnames: Sequence[ClassName], prompted: bool = True) -> list[ClassName]:
+    """`classnames` as a list, numpy's strings among them as plain str, a class's several names (a list or tuple)
+    as a list, or as its one name where it has one. A numpy array (LabelEncoder.classes_, np.unique(labels)) has no
+    truth value for an emptiness check, and its items are np.str_, which a result would hand back (printed as
+    np.str_('cat'), refused by yaml.safe_dump). Refused in one line: a missing, blank or non-str name, a class
+    with an empty list of names, and a collection without the label order (a dict, a set).
 
     The same names are refused whether they are `prompted` (the classifier is built from them) or only name a
     precomputed classifier's columns, so that a list that works with one works with the other; `prompted` only
     changes the reason given."""
     _refuse_without_label_order(classnames)
-    names = [str(name) if isinstance(name, str) else name for name in classnames]
-    for index, name in enumerate(names):
-        _check_class_name(index, name, prompted)
-    return names
+    entries: list[ClassName] = []
+    for index, name in enumerate(classnames):
+        if isinstance(name, list | tuple):  # the class's names, each prompted
+            if not name:
+                raise ValueError(f"classnames[{index}] is an empty list: every class needs its name")
+            several = [str(each) if isinstance(each, str) else each for each in name]
+            for position, each in enumerate(several):
+                _check_class_name(f"{index}][{position}", each, prompted)
+            entries.append(several[0] if len(several) == 1 else several)
+        else:
+            name = str(name) if isinstance(name, str) else name
+            _check_class_name(index, name, prompted)
+            entries.append(name)
+    return entries
 
 
 def _refuse_without_label_order(classnames: Sequence[str]) -> None:
@@ -85,7 +97,7 @@ def _refuse_without_label_order(classnames: Sequence[str]) -> None:
                         f"label order (class i's name at index i)")
 
 
-def _check_class_name(index: int, name: Any, prompted: bool) -> None:
+def _check_class_name(index: int | str, name: Any, prompted: bool) -> None:
     """Refuses classnames[index] unless it is a name. A gap in a table of names (None, NaN, "") would be a class of
     its own, prompted as 'a photo of a None.'; a label number would be prompted as 'a photo of a 3.' (near
     chance for ImageNet's 0..999), so it is text only where the caller says so (MNIST's digits)."""
@@ -104,7 +116,7 @@ def _check_class_name(index: int, name: Any, prompted: bool) -> None:
 
 def build_zeroshot_classifier(
     model: nn.Module,
-    classnames: Sequence[str],
+    classnames: Sequence[ClassName],
     templates: Sequence[Template] | str | None = None,
     tokenizer: Tokenizer | None = None,
     *,
@@ -117,6 +129,7 @@ def build_zeroshot_classifier(
     """Zero-shot weights [D, C] (float32, unit columns): column c is class c's prompt-ensemble embedding.
     NonFiniteFeaturesError for NaN or inf embeddings, unless `check_finite` is False (the caller's to count).
 
+    classnames: class c's name at index c, or its names (a list): then the mean is over every name's prompts.
     templates: format strings with one "{}", callables classname -> prompt, a built-in set's name, a file
         path, or None for the default set.
     batch_size: prompts per text-encoder call; classes are processed a group at a time, so memory stays
@@ -130,25 +143,43 @@ def build_zeroshot_classifier(
     templates = resolve_templates(templates)
     device = device or model_device(model)
     tokenizer = tokenizer or default_tokenizer()
-    classes_per_group = max(1, batch_size // len(templates))
-    group_starts = range(0, len(classnames), classes_per_group)
+    names_of_class = [[name] if isinstance(name, str) else name for name in classnames]
+    prompt_counts = [len(names) * len(templates) for names in names_of_class]
+    groups = _class_groups(prompt_counts, batch_size)
     columns = []
     cut = CutTexts()
     with eval_mode(model):
-        for start in with_stop_checks(group_starts, stop_check, len(group_starts)):
-            group = classnames[start : start + classes_per_group]
-            prompts = [fill_template(template, name) for name in group for template in templates]
+        for start, stop in with_stop_checks(groups, stop_check, len(groups)):
+            prompts = [fill_template(template, name) for names in names_of_class[start:stop] for name in names
+                       for template in templates]
             embeddings = encode_texts(
                 model, prompts, tokenizer, device=device, batch_size=batch_size, precision=precision, normalize=True,
                 cut=cut,
-            )  # [G*T, D], unit rows
-            class_means = embeddings.view(len(group), len(templates), -1).mean(dim=1)  # -> G, D
+            )  # [prompts, D], unit rows
+            counts = prompt_counts[start:stop]
+            if len(set(counts)) == 1:  # one name each (or as many each): one reshape
+                class_means = embeddings.view(len(counts), counts[0], -1).mean(dim=1)  # -> G, D
+            else:
+                class_means = torch.stack([rows.mean(dim=0) for rows in embeddings.split(counts)])
             columns.append(nn.functional.normalize(class_means, dim=-1))
-    cut.warn(len(classnames) * len(templates), int(model.context_length))
+    cut.warn(sum(prompt_counts), int(model.context_length))
     classifier = torch.cat(columns)
     if check_finite:
         refuse_nonfinite_features(classifier, CLASS_EMBEDDINGS, nonfinite_causes(model, precision))
     return classifier.t().contiguous()  # C, D -> D, C
+
+
+def _class_groups(prompt_counts: Sequence[int], batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive classes whose prompts add up to at most `batch_size` (a class of more prompts
+    on its own): a text-encoder call's worth, so the embeddings held at once stay bounded."""
+    groups, start, total = [], 0, 0
+    for index, count in enumerate(prompt_counts):
+        if index > start and total + count > batch_size:
+            groups.append((start, index))
+            start, total = index, 0
+        total += count
+    groups.append((start, len(prompt_counts)))
+    return groups
 
 
 def _logit_scale(model: nn.Module) -> float:
@@ -208,7 +239,7 @@ def zeroshot_classify(
 def evaluate_zeroshot(
     model: nn.Module,
     dataset: Dataset | DataLoader,
-    classnames: Sequence[str],
+    classnames: Sequence[ClassName],
     templates: Sequence[Template] | str | None = None,
     *,
     tokenizer: Tokenizer | None = None,
@@ -227,7 +258,8 @@ def evaluate_zeroshot(
     """Top-1/top-5, per-class and mean per-class accuracy, confusion matrix, and accuracies on `subsets`.
 
     classnames: class i's name (a str) at index i, the same with a precomputed `classifier` (whose column i is
-        class i) as without, where they are prompted (see `_class_name_list`).
+        class i) as without, where they are prompted (see `_class_name_list`); or its names (a list), each
+        prompted, the first naming it in the result.
     dataset: (preprocessed image, label) pairs, or a ready DataLoader of batches. Items of a dataset whose
         image cannot be read (`UnreadableImageError`) are left out and counted in `num_skipped` (a ready
         DataLoader's own collation is not ours to wrap: there the error propagates); ValueError when no image
@@ -290,7 +322,7 @@ def evaluate_zeroshot(
     causes = nonfinite_causes(model, precision)
     refuse_nonfinite(int((nonfinite[1:] > 0).sum()), len(classnames), CLASS_EMBEDDINGS, causes)
     refuse_nonfinite(int(nonfinite[0]), int(counts.confusion.sum()), f"zero-shot {name or 'dataset'} image", causes)
-    result = summarize(counts, classnames, subsets, name, warn=rank == 0)
+    result = summarize(counts, first_names(classnames), subsets, name, warn=rank == 0)
     what = f"zero-shot {name or 'dataset'}"
     log_skipped(what, result.num_skipped, skipped, rank, world_size)  # the count is global now
     if result.num_samples == 0:
@@ -332,27 +364,29 @@ def zeroshot_classify_images(
     model: nn.Module,
     preprocess: Callable[[Image.Image], torch.Tensor],
     images: Sequence[Image.Image],
-    classnames: Sequence[str],
+    classnames: Sequence[ClassName],
     templates: Sequence[Template] | str | None = None,
     *,
     tokenizer: Tokenizer | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, list[str]]:
-    """For notebooks: PIL images -> (probabilities [N, C] on the CPU, predicted class name per image)."""
+    """For notebooks: PIL images -> (probabilities [N, C] on the CPU, predicted class name per image: the first of
+    a class's several names)."""
     _check_notebook_images(images)
     if len(images) == 0:
         raise ValueError("no images to classify")
-    classnames = _class_name_list(classnames)  # the predictions are its items
+    classnames = _class_name_list(classnames)
+    names = first_names(classnames)  # the predictions are its items
     if len(classnames) == 1:  # as a dataset of one class is (datasets.require_classes_to_choose_between)
         raise ValueError(
-            f"one class name ({classnames[0]!r}): zero-shot classification chooses between names, so it needs at "
+            f"one class name ({names[0]!r}): zero-shot classification chooses between names, so it needs at "
             f"least 2 (with one, every image is that class with probability 1): add the names to tell it apart from"
         )
-    warn_about_duplicate_classnames(classnames, "zeroshot_classify_images")  # as a config's dataset is warned of
+    warn_about_duplicate_classnames(names, "zeroshot_classify_images")  # as a config's dataset is warned of
     model = unwrap_model(model)
     device = device or model_device(model)
     classifier = build_zeroshot_classifier(model, classnames, templates, tokenizer, device=device)
     batch = torch.stack([_preprocessed(preprocess, image, index) for index, image in enumerate(images)])
     output = zeroshot_classify(model, classifier, batch, device=device)
     probabilities = output.probabilities
-    return probabilities, [classnames[i] for i in probabilities.argmax(dim=1).tolist()]
+    return probabilities, [names[i] for i in probabilities.argmax(dim=1).tolist()]

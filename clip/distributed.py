@@ -143,6 +143,12 @@ def init_distributed(backend: str | None = None, device: str = "auto") -> Distri
             "rank 0 of %d (%s's variables): waiting at %s:%d for the other ranks to join (at most %d minutes)",
             launch.world_size, launch.launcher, host, launch.master_port, COLLECTIVE_TIMEOUT.total_seconds() // 60,
         )
+    # Imported before the group exists: its functions' default `group=group.WORLD` is evaluated at import, and
+    # imported later (torch._dynamo imports it, which the optimizer's constructor imports) it held the default
+    # process group for the rest of the process. destroy_process_group then freed nothing: gloo's worker threads
+    # lived on into the interpreter's exit, where one still freeing its last collective's tensors needs the GIL,
+    # and a thread that asks for it then is ended mid-destructor: std::terminate, status -6
+    import torch.distributed.nn.functional  # noqa: F401
     with default_signal_action():
         dist.init_process_group(
             backend=backend,

@@ -178,3 +178,36 @@ def test_a_rank_whose_peer_was_killed_says_it_failed_in_train_log_and_its_signal
     logged = (tmp_path / "train.log").read_text()
     assert "ERROR clip.cli.train: the run failed: " in logged
     assert "Traceback (most recent call last)" in logged
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts the process's threads in /proc")
+def test_the_process_groups_threads_end_with_cleanup_whatever_is_imported_after_the_ranks_meet():
+    # torch.distributed.nn.functional's functions take `group=group.WORLD` as a default, evaluated as it is imported:
+    # imported after the ranks met (through torch._dynamo, from the optimizer's constructor), it held the process
+    # group for the rest of the process, so destroy_process_group left gloo's worker threads running into the
+    # interpreter's exit, where one of them sometimes aborted a rank that had stopped as asked (status -6,
+    # "terminate called without an active exception"). A fresh process (this one has imported it already), whose
+    # group is a world of one made through init_distributed's own call.
+    code = """
+import gc, os, socket
+import torch.distributed as dist
+from clip import distributed
+threads = lambda: len(os.listdir("/proc/self/task"))
+with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+before = threads()
+join = dist.init_process_group
+dist.init_process_group = lambda **options: join(**{**options, "world_size": 1})
+os.environ.update(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+distributed.init_distributed(device="cpu")
+during = threads()
+import torch._dynamo
+distributed.cleanup_distributed()
+gc.collect()
+print(before, during, threads())
+assert during > before and threads() == before, (before, during, threads())
+"""
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    ended = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=120)
+    assert ended.returncode == 0, ended.stdout + ended.stderr

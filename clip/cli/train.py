@@ -357,27 +357,7 @@ def command() -> NoReturn:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, while_exiting)
     atexit.register(ignore_signals_in_the_teardown)
-    status = main()
-    if _one_of_several_ranks():
-        # The exit functions run (multiprocessing's joins, logging's flush, the teardown's signal handling above),
-        # then the process ends with its status, without the interpreter freeing its modules: there, gloo's
-        # threads sometimes aborted the process ("terminate called without an active exception", status -6), a
-        # failure for srun and torchrun after a run that had saved and stopped as asked
-        atexit._run_exitfuncs()
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(status)
-    sys.exit(status)
-
-
-def _one_of_several_ranks() -> bool:
-    """Whether this process is one rank of several (torchrun's or SLURM's variables say so)."""
-    for variable in ("WORLD_SIZE", "SLURM_NTASKS"):
-        with contextlib.suppress(ValueError):
-            if int(os.environ.get(variable, "1")) > 1:
-                return True
-    return False
+    sys.exit(main())
 
 
 def ignore_signals_in_the_teardown() -> None:

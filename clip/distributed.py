@@ -132,6 +132,11 @@ def init_distributed(backend: str | None = None, device: str = "auto") -> Distri
     if launch is None or launch.world_size == 1:
         return DistributedInfo(rank=0, world_size=1, local_rank=local_rank, device=selected)
 
+    if not dist.is_available():  # torch built without it (some macOS and mobile builds): no is_initialized either
+        raise RuntimeError(
+            f"the launcher's variables ask for {launch.world_size} processes, but this torch build has no distributed "
+            f"support (torch.distributed.is_available() is False): run one process, or install a torch build with it"
+        )
     if dist.is_initialized():
         raise RuntimeError("torch.distributed is already initialised; call cleanup_distributed() first")
     backend = backend or ("nccl" if selected.type == "cuda" else "gloo")

@@ -379,6 +379,12 @@ def test_the_process_group_is_joined_where_the_launcher_says(monkeypatch, master
                                                              device=torch.device("cpu"))
     assert joined == []
 
+    # A torch built without distributed support has no is_initialized: said so, not an AttributeError
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="ask for 2 processes, but this torch build has no distributed support"):
+        init_distributed(device="cpu")
+
 
 def test_gpu_of_a_local_rank():
     from clip.distributed import _local_gpu_index

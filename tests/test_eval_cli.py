@@ -222,6 +222,16 @@ def test_results_json_records_what_a_reproduction_needs(tmp_path, tiny_checkpoin
                               "--output-dir", str(tmp_path / "out2")]) == 0
     again = json.loads((tmp_path / "out2" / "results.json").read_text())["datasets"]["cifar10"]
     assert again["classnames_sha256"] == cifar["classnames_sha256"]
+    assert "several_names" not in cifar
+    # A class given several names (the paper's FER2013 form): named by its first in the results, all recorded
+    several = [["plane", "aeroplane"], *names[1:]]
+    (tmp_path / "several.json").write_text(json.dumps(several))
+    assert zeroshot_cli.main([str(config), *overrides, f"datasets[1].classnames_file={tmp_path / 'several.json'}",
+                              "--output-dir", str(tmp_path / "out3")]) == 0
+    third = json.loads((tmp_path / "out3" / "results.json").read_text())
+    assert third["results"]["cifar10"]["classnames"] == names
+    assert third["datasets"]["cifar10"]["several_names"] == several
+    assert third["datasets"]["cifar10"]["classnames_sha256"] == zeroshot_cli.list_digest(several)
 
 
 def test_a_long_evaluation_logs_its_progress(tmp_path, tiny_checkpoint, datasets, monkeypatch, caplog):

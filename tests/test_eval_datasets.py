@@ -162,6 +162,10 @@ def test_a_classnames_file_may_give_a_class_several_names_as_the_papers_fer2013(
     with pytest.raises(ValueError, match=r"classnames\.txt: gives class 1 several names .* give a file of several "
                                          r"names as the dataset's classnames_file"):
         load_classification_data(ZeroShotDatasetConfig(kind="imagefolder", root=str(tmp_path / "data")), None)
+    # Names passed to the dataset in Python: said of them; names that are not text are no lists of names
+    with pytest.raises(ValueError, match=r"ImageFolderDataset's classnames\[1\] is several names"):
+        ImageFolderDataset(tmp_path / "data", classnames=["angry", ["happy", "smiling"]])
+    assert ImageFolderDataset(tmp_path / "data", classnames=[0, 1]).classes == [0, 1]
 
 IMAGENET_VAL_FOLDERS = {"n01440764": 1, "n01443537": 1, "n01484850": 1}  # ImageNet's first three synsets
 

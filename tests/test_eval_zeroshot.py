@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -696,9 +697,20 @@ def test_several_names_per_class_are_read_as_each_classes_names(tmp_path):
     (tmp_path / "t.txt").write_text("[['a photo of a {}.'], ['a {}.', 'the {}.']]")
     with pytest.raises(ValueError, match=r"t\.txt: a list of lists, several templates to an entry .* not supported"):
         load_templates(tmp_path / "t.txt")
-    (tmp_path / "names.txt").write_text('[["angry"], []]')
-    with pytest.raises(ValueError, match=r"names\.txt: expected a JSON list of strings"):
-        load_classnames(tmp_path / "names.txt")
+    # The lines of the paper's list copied without its brackets
+    (tmp_path / "names.txt").write_text("    ['angry'],\n    ['happy', 'smiling'],\n")
+    assert load_classnames(tmp_path / "names.txt") == ["angry", ["happy", "smiling"]]
+    # A malformed entry is named: was "expected a JSON list of strings"
+    for text, entry in [('[["angry"], []]', "entry 1 ([])"), ('[["angry"], [["happy"]]]', "entry 1 ([['happy']])"),
+                        ('[["angry"], ["happy", 3]]', "entry 1 (['happy', 3])"), ('[{"a": 1}, ["b"]]', "entry 0 ({'a': 1})")]:
+        (tmp_path / "names.txt").write_text(text)
+        with pytest.raises(ValueError, match=rf"names\.txt: {re.escape(entry)} is neither a name nor a list of names"):
+            load_classnames(tmp_path / "names.txt")
+    # A blank name, alone or among a class's names, is said as the file is read, not when it is first prompted
+    for text in ('["angry", ""]', '[["angry"], ["happy", " "]]'):
+        (tmp_path / "names.txt").write_text(text)
+        with pytest.raises(ValueError, match=r"names\.txt: entry 1 .* holds a blank name"):
+            load_classnames(tmp_path / "names.txt")
 
 
 def test_a_class_of_several_names_is_the_mean_of_all_their_prompts():

@@ -106,8 +106,9 @@ def dataset_size(data: ClassificationData) -> int:
 
 def dataset_record(dataset: ZeroShotDatasetConfig, data: ClassificationData) -> dict:
     """What results.json needs to tell which images, class names and prompts gave a dataset's figures: the
-    names themselves are in its result; the templates are listed here. num_images counts the images
-    evaluated, readable or not, of the dataset's num_images_found (fewer with max_samples)."""
+    names themselves are in its result (a class's first name, where it has several: those are listed here as
+    several_names); the templates are listed here. num_images counts the images evaluated, readable or not, of
+    the dataset's num_images_found (fewer with max_samples)."""
     templates = [template if isinstance(template, str) else repr(template) for template in data.templates]
     return {
         "kind": dataset.kind,
@@ -121,7 +122,7 @@ def dataset_record(dataset: ZeroShotDatasetConfig, data: ClassificationData) -> 
         "templates_source": data.templates_source,
         "templates_sha256": list_digest(templates),
         "templates": templates,
-    }
+    } | ({"several_names": data.several_names} if data.several_names is not None else {})
 
 
 def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:

@@ -104,7 +104,8 @@ class ZeroShotDatasetConfig:
     # line, are unquoted, and a Python list copied whole, brackets and all, is read as its strings); empty: the
     # dataset's own (CIFAR meta, classnames.txt in the image folder or beside its split folders, else the folder
     # names with "_" read as spaces, and their "00_", "01_", ... label prefixes removed when every folder is
-    # numbered so, as clip.data.synthetic.write_image_folder writes them).
+    # numbered so, as clip.data.synthetic.write_image_folder writes them). A list of lists (the CLIP paper's
+    # FER2013 classes, [['angry'], ['happy', 'smiling'], ...]) gives a class several names, all prompted.
     classnames_file: str = ""
     # Prompt templates with one "{}", one per line or a JSON list (a Python list too, whole or its lines, as
     # the CLIP paper's prompts.md writes them); empty: the built-in set

@@ -204,7 +204,7 @@ class ImageFolderDataset(Dataset):
                 f"{len(classnames)} class names for {len(self.class_folders)} class folders in {self.root} "
                 f"({ends_of(self.class_folders)})"
             )
-        self.classes = one_name_each(classnames, "classnames")
+        self.classes = one_name_each(classnames)
         self.transform = transform
 
     def __len__(self) -> int:

@@ -188,6 +188,9 @@ def _read_string_list(path: Path, what: str, comments: bool, several_per_entry: 
             # The CLIP paper's prompts.md writes its lists in Python, single-quoted: a list copied whole,
             # brackets and all, was refused as "not valid JSON"
             items = python_literal(text)
+            if several_per_entry and not (is_string_list(items) or is_list_of_string_lists(items)):
+                # The lines of a list of lists copied without its brackets (`['happy', 'smiling'],` ...)
+                items = python_literal(f"[{text}]")
             if not (is_string_list(items) or is_list_of_string_lists(items)):
                 raise ValueError(f"{path}: not valid JSON ({error})") from None
         except RecursionError:  # json parses nested arrays recursively
@@ -200,6 +203,11 @@ def _read_string_list(path: Path, what: str, comments: bool, several_per_entry: 
                     f"{path}: a list of lists, several {what} to an entry (as the CLIP paper lists FER2013's "
                     f"classes), which is not supported here: give one string per entry"
                 )
+            if several_per_entry and isinstance(items, list) and any(isinstance(item, list) for item in items):
+                index, item = next((index, item) for index, item in enumerate(items)
+                                   if not (isinstance(item, str) or (is_string_list(item) and item)))
+                raise ValueError(f"{path}: entry {index} ({_shortened(item)}) is neither a name nor a list of names: "
+                                 f"each entry is a string, or a non-empty list of strings (a class's several names)")
             raise ValueError(f"{path}: expected a JSON list of strings")
     else:
         items = [line.strip() for line in text.splitlines()]
@@ -226,18 +234,32 @@ def load_classnames(path: str | Path) -> list[ClassName]:
     """Class names from a file, in label order: a JSON list, or one name per line. A list of lists (the CLIP
     paper's FER2013 classes, `[['angry'], ['happy', 'smiling'], ...]`) gives a class several names: a class of
     one name is that string, one of several their list (`ClassName`)."""
-    return _read_string_list(Path(path), "class names", comments=False, several_per_entry=True)
+    names = _read_string_list(Path(path), "class names", comments=False, several_per_entry=True)
+    for index, name in enumerate(names):
+        if any(not each.strip() for each in ([name] if isinstance(name, str) else name)):
+            # "" in a JSON list: found when the evaluation prompts it, which for training's is after its first steps
+            raise ValueError(f"{path}: entry {index} ({name!r}) holds a blank name: every class needs its name")
+    return names
 
 
-def one_name_each(classnames: Sequence[ClassName], source: str | Path) -> list[str]:
-    """`classnames` as they are, where every class has one name; a ValueError naming `source` where one has several
-    (a dataset folder's classnames.txt, whose names label the folders)."""
-    several = [index for index, name in enumerate(classnames) if not isinstance(name, str)]
+def _shortened(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def one_name_each(classnames: Sequence[ClassName], source: str | Path | None = None) -> list:
+    """`classnames` as they are, where no class has several names (a list or tuple of them); a ValueError where one
+    has: an image folder's names label its folders, one each. `source`: the classnames.txt they came from, or None
+    for names passed to ImageFolderDataset."""
+    several = [index for index, name in enumerate(classnames) if isinstance(name, list | tuple)]
     if several:
-        raise ValueError(
-            f"{source}: gives class {several[0]} several names ({classnames[several[0]]}); a dataset folder's "
-            f"classnames.txt takes one name per class: give a file of several names as the dataset's classnames_file"
-        )
+        index = several[0]
+        where = (f"{source}: gives class {index} several names" if source is not None else
+                 f"ImageFolderDataset's classnames[{index}] is several names")
+        fix = ("give a file of several names as the dataset's classnames_file" if source is not None else
+               "give the zero-shot functions' classnames the several names instead")
+        raise ValueError(f"{where} ({_shortened(classnames[index])}); an image folder's class names label its "
+                         f"folders, one name each: {fix}")
     return list(classnames)
 
 

@@ -552,3 +552,44 @@ def worker(rank: int, port: int) -> None:
 
 def test_two_gloo_processes_match_one_process_on_the_concatenated_batch():
     spawn_ranks(worker, (free_port(),), nprocs=WORLD_SIZE)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_a_subgroup_places_this_ranks_rows_by_its_rank_in_the_group_and_averages_over_its_size(monkeypatch, kind):
+    # The losses take a process group; this rank is member 1 of a subgroup of 2 and rank 5 of 8 in the world. Its
+    # rows are rows 3..5 of the subgroup's gathered batch: by its global rank they would be matched with columns
+    # that do not exist (CLIP) or with none (SigLIP's diagonal off the matrix), and its logged metrics divided by 8.
+    import torch.nn.functional as F
+
+    import clip.loss as loss_module
+
+    subgroup = object()
+    torch.manual_seed(0)
+    images, texts = torch.randn(6, 8), torch.randn(6, 8)
+    mine = slice(3, 6)
+
+    def gather(features, group):  # the subgroup's batch: member 0's rows, then this rank's
+        assert group is subgroup
+        full = images if torch.allclose(features, F.normalize(images[mine], dim=-1)) else texts
+        return torch.cat([F.normalize(full[:3], dim=-1), features])
+
+    monkeypatch.setattr(loss_module, "gather_features", gather)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1 if group is subgroup else 5)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2 if group is subgroup else 8)
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, op=None, group=None: tensor.mul_(2))  # two alike members
+    scale, bias = torch.tensor(math.log(10.0)), torch.tensor(-2.0)
+    loss, metrics = ContrastiveLoss(kind, distributed=True, group=subgroup)(
+        images[mine], texts[mine], scale, bias if kind == "siglip" else None)
+    all_images, all_texts = F.normalize(images, dim=-1), F.normalize(texts, dim=-1)
+    labels = torch.arange(3, 6)
+    if kind == "clip":
+        expected = (F.cross_entropy(10 * all_images[mine] @ all_texts.t(), labels)
+                    + F.cross_entropy(10 * all_texts[mine] @ all_images.t(), labels)) / 2
+    else:
+        logits = 10 * all_images[mine] @ all_texts.t() - 2
+        signs = -torch.ones_like(logits)
+        signs[torch.arange(3), labels] = 1
+        expected = -F.logsigmoid(signs * logits).sum() / 3
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(metrics["loss"], expected)  # summed over the subgroup's 2, divided by 2

@@ -208,7 +208,16 @@ def test_the_openai_layout_is_refused_for_widths_openai_cannot_split_into_heads(
 def test_a_siglip_models_bias_is_kept_by_the_clip_layout_and_warned_of_by_the_openai_one(tmp_path):
     training_checkpoint(CONVENTIONAL, tmp_path / "step_00000005.pt", step=5, logit_bias=-7.5)
     export_weights(tmp_path / "step_00000005.pt", tmp_path / "siglip.pt")
-    assert clip.load(tmp_path / "siglip.pt", device="cpu")[0].logit_bias.item() == -7.5
+    siglip = clip.load(tmp_path / "siglip.pt", device="cpu")[0]
+    assert siglip.logit_bias.item() == -7.5
+    # The model's logits carry it, so that their sigmoid is the match probability the model learned
+    size = CONVENTIONAL.vision.image_size
+    images, texts = torch.randn(2, 3, size, size), torch.randint(1, 100, (3, TEXT.context_length))
+    with torch.no_grad():
+        logits_per_image, logits_per_text = siglip(images, texts)
+        cosines = siglip.encode_image(images, normalize=True) @ siglip.encode_text(texts, normalize=True).t()
+    torch.testing.assert_close(logits_per_image, siglip.logit_scale.exp() * cosines - 7.5)
+    torch.testing.assert_close(logits_per_text, logits_per_image.t())
     with pytest.warns(UserWarning, match=r"no place for this SigLIP model's learned logit bias \(-7\.5\)"):
         export_weights(tmp_path / "step_00000005.pt", tmp_path / "openai.pt", layout="openai")
     with pytest.warns(UserWarning, match="records no architecture"):

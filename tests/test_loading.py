@@ -153,6 +153,11 @@ def test_parameter_counts_match_the_published_ones(name: str) -> None:
     millions = tuple(round(counts[part] / 1e6, 2) for part in ("total", "image", "text"))
     assert millions == PUBLISHED_PARAMETERS[name]
 
+    # And every LayerNorm is OpenAI's (torch's default eps, 1e-5): another eps moves the released weights' features
+    # by ~1e-5, under any comparison's tolerance, and no count or shape shows it
+    norms = {module_name: module.eps for module_name, module in model.named_modules()
+             if isinstance(module, torch.nn.LayerNorm)}
+    assert norms and set(norms.values()) == {1e-5}, {key: eps for key, eps in norms.items() if eps != 1e-5}
 
 @pytest.mark.parametrize("name", list(RELEASED_ARCHITECTURES))
 def test_architecture_inference_recovers_each_released_config(name: str) -> None:

@@ -193,6 +193,9 @@ def test_16bit_is_scaled_not_clipped():
 def test_32bit_integer_and_float():
     as_int16 = Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.int32), mode="I")
     assert pixels(to_rgb(as_int16))[0, :, 0].tolist() == [0, 128, 255]
+    # 16-bit values (a 16-bit PNG opened as "I") that do not span the range keep their brightness: not stretched
+    dim = Image.fromarray(np.array([[1000, 15000, 30000]], dtype=np.int32), mode="I")
+    assert pixels(to_rgb(dim))[0, :, 0].tolist() == [4, 58, 117]
     wide = Image.fromarray(np.array([[-1000, 0, 1000]], dtype=np.int32), mode="I")
     assert pixels(to_rgb(wide))[0, :, 0].tolist() == [0, 128, 255]
     unit_float = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), mode="F")
@@ -342,6 +345,12 @@ def test_a_long_strip_is_cut_to_its_middle_before_the_resize():
     # With no resize (the short side already the size), OpenAI's pixels exactly, whatever the length's parity
     for length in (5000, 5001, 5002, 5003):
         image = random_rgb(length, 32, seed=length)
+        for turned in (image, image.transpose(Image.Transpose.ROTATE_90)):
+            assert torch.equal(image_transform(32)(turned), openai_reference(32)(turned))
+    # Up to 32:1 nothing is cut: OpenAI's pixels exactly, resized too (the module doc's promise). Odd sizes: a cut
+    # of such an image shifts the resize's sampling grid
+    for length, side in ((2001, 100), (2503, 97), (3101, 97)):  # 20:1 to 32:1
+        image = random_rgb(length, side, seed=length)
         for turned in (image, image.transpose(Image.Transpose.ROTATE_90)):
             assert torch.equal(image_transform(32)(turned), openai_reference(32)(turned))
     # Resized: the same image but for a sampling grid shifted by a fraction of a source pixel

@@ -116,18 +116,24 @@ def test_patch_dropout_keeps_a_random_subset_of_patches_in_training_only():
         CLIP(resnet).set_patch_dropout(0.5)
 
 
-def test_accumulation_replays_patch_dropout_masks_in_the_gradient_pass():
+@pytest.mark.parametrize("device", [
+    "cpu",
+    # On a GPU the masks come from the GPU's generator, whose state the step keeps as well (run where there is one)
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+])
+def test_accumulation_replays_patch_dropout_masks_in_the_gradient_pass(device):
     # The caching pass and each micro-batch's gradient pass must compute the same image features, masks
     # included: otherwise the cached negatives and the recomputed rows would disagree.
     torch.manual_seed(0)
-    module = ContrastiveModel(CLIP(TINY_VIT), with_logit_bias=False).double()
+    module = ContrastiveModel(CLIP(TINY_VIT), with_logit_bias=False).double().to(device)
     module.clip.set_patch_dropout(0.5)
     outputs = []
     module.clip.visual.register_forward_hook(lambda module, args, output: outputs.append(output.detach().clone()))
     generator = torch.Generator().manual_seed(1)
-    images = torch.randn(12, 3, 16, 16, generator=generator, dtype=torch.float64)
+    images = torch.randn(12, 3, 16, 16, generator=generator, dtype=torch.float64).to(device)
     texts = torch.randint(1, 99, (12, 8), generator=generator)
     texts[:, -1] = 99
+    texts = texts.to(device)
     contrastive_step(module, images, texts, 3, build_loss(LossConfig()), contextlib.nullcontext,
                      lambda l: l.backward(), False)
     cached, recomputed = outputs[:3], outputs[3:]

@@ -145,7 +145,7 @@ def test_class_names_from_classnames_txt_or_a_user_file(tmp_path):
 
 
 
-def test_a_classnames_file_may_give_a_class_several_names_as_the_papers_fer2013(tmp_path):
+def test_a_classnames_file_may_give_a_class_several_names_as_the_papers_fer2013(tmp_path, caplog):
     write_image_folder(tmp_path / "data", {"0_angry": 1, "1_happy": 1})
     (tmp_path / "fer.txt").write_text("classes = [\n    ['angry'],\n    ['happy', 'smiling'],\n]\n")
     config = ZeroShotDatasetConfig(kind="imagefolder", root=str(tmp_path / "data"),
@@ -154,6 +154,12 @@ def test_a_classnames_file_may_give_a_class_several_names_as_the_papers_fer2013(
     # Named in results by the first name, prompted with all; a file of one name each has nothing more
     assert data.classnames == ["angry", "happy"]
     assert data.prompted_names == ["angry", ["happy", "smiling"]]
+    # A name given to two classes is said (the first names differ, so the repeated-name warning says nothing)
+    (tmp_path / "shared.txt").write_text('[["angry", "upset"], ["happy", "Upset "]]')
+    with caplog.at_level("WARNING"):
+        load_classification_data(dataclasses.replace(config, classnames_file=str(tmp_path / "shared.txt")), None)
+    assert "some names are given to several classes, whose prompts they make alike: 'upset' (classes 0, 1)" in (
+        caplog.text)
     (tmp_path / "plain.txt").write_text("angry\nhappy\n")
     plain = load_classification_data(dataclasses.replace(config, classnames_file=str(tmp_path / "plain.txt")), None)
     assert plain.several_names is None and plain.prompted_names == plain.classnames == ["angry", "happy"]

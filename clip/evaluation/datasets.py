@@ -94,6 +94,22 @@ def warn_about_duplicate_classnames(classnames: Sequence[str], where: str) -> No
         )
 
 
+def warn_about_names_in_several_classes(classnames: Sequence[ClassName], where: str) -> None:
+    """A name among two classes' several names gives both classes the same prompts: it pulls their embeddings
+    together. Told apart from the first names' repeats (warn_about_duplicate_classnames), which results show."""
+    classes_of: dict[str, set[int]] = {}
+    for index, names in enumerate(classnames):
+        for name in [names] if isinstance(names, str) else names:
+            classes_of.setdefault(" ".join(name.lower().split()), set()).add(index)
+    shared = sorted(f"{name!r} (classes {', '.join(map(str, sorted(classes)))})"
+                    for name, classes in classes_of.items() if len(classes) > 1)
+    if shared:
+        logger.warning(
+            "%s: some names are given to several classes, whose prompts they make alike: %s", where,
+            ", ".join(shared[:10]) + (f" and {len(shared) - 10} more" if len(shared) > 10 else ""),
+        )
+
+
 class TransformedDataset(Dataset):
     """Applies an image transform to a dataset of (PIL image, label) pairs."""
 
@@ -304,6 +320,8 @@ def load_classification_data(
         refuse_names_in_another_order(classnames, dataset.class_folders, str(names_file))
     if warn:
         warn_about_duplicate_classnames(classnames, config.resolved_name())
+        if several_names is not None:
+            warn_about_names_in_several_classes(several_names, config.resolved_name())
     if config.templates_file:
         templates = load_templates(config.templates_file)
         templates_source = config.templates_file

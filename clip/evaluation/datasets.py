@@ -69,6 +69,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+def prompted_spelling(name: str) -> str:
+    """`name` as the tokenizer sees it: lowercased, whitespace collapsed."""
+    return " ".join(name.lower().split())
+
+
 def warn_about_duplicate_classnames(classnames: Sequence[str], where: str) -> None:
     """Two classes with the same name get the same prompts, so zero-shot cannot tell them apart."""
     repeated = repeated_names(classnames)
@@ -83,7 +88,7 @@ def warn_about_duplicate_classnames(classnames: Sequence[str], where: str) -> No
     # the same prompts as surely as a repeated name
     spellings: dict[str, set[str]] = {}
     for name in classnames:
-        spellings.setdefault(" ".join(name.lower().split()), set()).add(name)
+        spellings.setdefault(prompted_spelling(name), set()).add(name)
     alike = sorted(" = ".join(repr(name) for name in sorted(group)) for group in spellings.values() if len(group) > 1)
     if alike:
         logger.warning(
@@ -100,7 +105,7 @@ def warn_about_names_in_several_classes(classnames: Sequence[ClassName], where: 
     classes_of: dict[str, set[int]] = {}
     for index, names in enumerate(classnames):
         for name in [names] if isinstance(names, str) else names:
-            classes_of.setdefault(" ".join(name.lower().split()), set()).add(index)
+            classes_of.setdefault(prompted_spelling(name), set()).add(index)
     shared = sorted(f"{name!r} (classes {', '.join(map(str, sorted(classes)))})"
                     for name, classes in classes_of.items() if len(classes) > 1)
     if shared:

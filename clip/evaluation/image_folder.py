@@ -195,16 +195,19 @@ class ImageFolderDataset(Dataset):
         ]
         if not self.samples:
             raise ValueError(f"no images with extensions {sorted(IMAGE_EXTENSIONS)} under {self.root}")
+        names_file = None  # where the names came from, for an error about them: None for those passed
         if classnames is None and (self.root / "classnames.txt").is_file():
-            classnames = one_name_each(load_classnames(self.root / "classnames.txt"), self.root / "classnames.txt")
+            names_file = self.root / "classnames.txt"
+            classnames = load_classnames(names_file)
         if classnames is None:
             classnames = classnames_from_folders(self.class_folders, warn)
+        classnames = one_name_each(classnames, names_file)
         if len(classnames) != len(self.class_folders):
             raise ValueError(
                 f"{len(classnames)} class names for {len(self.class_folders)} class folders in {self.root} "
                 f"({ends_of(self.class_folders)})"
             )
-        self.classes = one_name_each(classnames)
+        self.classes = classnames
         self.transform = transform
 
     def __len__(self) -> int:

@@ -113,7 +113,12 @@ def is_list_of_string_lists(value: object) -> bool:
     (`[['angry'], ['happy', 'smiling']]`): several names per class, as the CLIP paper's prompts.md gives
     FER2013's classes."""
     return (isinstance(value, list) and any(isinstance(item, list) for item in value)
-            and all(isinstance(item, str) or (is_string_list(item) and item) for item in value))
+            and all(map(_is_names_entry, value)))
+
+
+def _is_names_entry(item: object) -> bool:
+    """A string, or a non-empty list of strings: an entry of `is_list_of_string_lists`."""
+    return isinstance(item, str) or (is_string_list(item) and bool(item))
 
 
 def unquote_copied_python_lines(lines: list[str], path: Path) -> list[str]:
@@ -204,8 +209,7 @@ def _read_string_list(path: Path, what: str, comments: bool, several_per_entry: 
                     f"classes), which is not supported here: give one string per entry"
                 )
             if several_per_entry and isinstance(items, list) and any(isinstance(item, list) for item in items):
-                index, item = next((index, item) for index, item in enumerate(items)
-                                   if not (isinstance(item, str) or (is_string_list(item) and item)))
+                index, item = next((index, item) for index, item in enumerate(items) if not _is_names_entry(item))
                 raise ValueError(f"{path}: entry {index} ({_shortened(item)}) is neither a name nor a list of names: "
                                  f"each entry is a string, or a non-empty list of strings (a class's several names)")
             raise ValueError(f"{path}: expected a JSON list of strings")

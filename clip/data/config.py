@@ -21,7 +21,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..config_io import MAX_PREFETCH_FACTOR, MAX_WORKERS, InvalidValue, check_field_types, home_expanded, require
+from ..config_io import (MAX_PREFETCH_FACTOR, InvalidValue, check_field_types, home_expanded, require,
+                         require_workers)
 from .manifest import MANIFEST_SUFFIXES, separator_character
 
 
@@ -153,8 +154,7 @@ class DataConfig:
             raise InvalidValue("sources", "is empty: add at least one [[data.sources]] table")
         if self.augment is True:  # one spelling of each crop, so that a resume does not report a change
             self.augment = "random_resized_crop"
-        require("workers", self.workers, 0 <= self.workers <= MAX_WORKERS,
-                f"in [0, {MAX_WORKERS}] (0 = decode in the training process)")
+        require_workers("workers", self.workers)
         require("prefetch_factor", self.prefetch_factor, 1 <= self.prefetch_factor <= MAX_PREFETCH_FACTOR,
                 f"in [1, {MAX_PREFETCH_FACTOR}] (batches each worker prepares ahead)")
         require("shuffle_buffer", self.shuffle_buffer, self.shuffle_buffer >= 1, ">= 1 (1 = no shuffling)")

@@ -110,10 +110,21 @@ class RunLog:
         one). metrics.jsonl, opened by name for each record, starts anew by itself."""
         if self.writer is None:
             return
-        with contextlib.suppress(OSError):
-            self.writer.close()
-        self._quiet_threads.remove()
-        self._start_tensorboard(type(self.writer), purge_step=None)
+        summary_writer = type(self.writer)
+        self._end_tensorboard()
+        self._start_tensorboard(summary_writer, purge_step=None)
+
+    def _end_tensorboard(self) -> OSError | None:
+        """Closes TensorBoard's writer, which writes its buffered events and ends its thread; the error of that
+        last write, if any (the callers decide whether it is worth a warning)."""
+        writer, self.writer = self.writer, None
+        try:
+            writer.close()
+        except OSError as error:
+            return error
+        finally:
+            self._quiet_threads.remove()
+        return None
 
     def _tensorboard_failed(self, error: OSError) -> None:
         """A write of TensorBoard's events failed. The run goes on: metrics.jsonl, written first, has every
@@ -123,10 +134,7 @@ class RunLog:
         TensorBoard for the run."""
         folder = self.writer.log_dir
         if self._tensorboard_restarted:
-            with contextlib.suppress(OSError):
-                self.writer.close()
-            self._quiet_threads.remove()
-            self.writer = None
+            self._end_tensorboard()
             log.warning("TensorBoard's events could not be written in %s again: %s (errno %s); TensorBoard stops "
                         "for this run, metrics go on to %s", folder, error.strerror or error, error.errno, self.path)
             return
@@ -169,14 +177,11 @@ class RunLog:
         run ends on an error: W&B took a finish without one for a success, while the error was on its way out. A
         second call does nothing: the trainer's normal end closes the log, and its exit closes it again for a run
         that ended on an error."""
-        writer, self.writer = self.writer, None
-        if writer is not None:
-            try:
-                writer.close()  # writes the buffered events
-            except OSError as error:  # metrics.jsonl has every figure: TensorBoard's last steps are all it costs
-                log.warning("TensorBoard's last events may be missing from %s: %s", writer.log_dir,
-                            error.strerror or error)
-            self._quiet_threads.remove()
+        if self.writer is not None:
+            folder = self.writer.log_dir
+            error = self._end_tensorboard()
+            if error is not None:  # metrics.jsonl has every figure: TensorBoard's last steps are all it costs
+                log.warning("TensorBoard's last events may be missing from %s: %s", folder, error.strerror or error)
         wandb_run, self.wandb_run = self.wandb_run, None
         if wandb_run is not None:
             wandb_run.finish(exit_code=1 if failed else 0)

@@ -70,6 +70,37 @@ def test_the_tensorboard_writer_gets_the_scalars_and_is_closed_with_the_log(tmp_
     assert writer.scalars == [("loss", 1.0, 5), ("data/samples", 8, 5)] and writer.closed
 
 
+def test_a_last_tensorboard_write_that_fails_at_close_is_a_warning_and_a_second_close_does_nothing(
+    tmp_path, monkeypatch, caplog
+):
+    # metrics.jsonl has every figure: a full disk under TensorBoard's last events costs those events only
+    tensorboard = pytest.importorskip("torch.utils.tensorboard")
+    closes = []
+
+    class FullDiskWriter:
+        def __init__(self, log_dir, purge_step):
+            self.log_dir = log_dir
+
+        def add_scalar(self, key, value, step):
+            pass
+
+        def close(self):
+            closes.append(self)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tensorboard, "SummaryWriter", FullDiskWriter)
+    hook = threading.excepthook
+    log = RunLog(tmp_path, tensorboard=True)
+    log.write({"step": 1, "loss": 1.0})
+    with caplog.at_level(logging.WARNING, logger="clip"):
+        log.close()
+        log.close()
+    assert len(closes) == 1 and log.writer is None and threading.excepthook is hook
+    assert [record.getMessage() for record in caplog.records] == [
+        f"TensorBoard's last events may be missing from {tmp_path / 'tensorboard'}: No space left on device"
+    ]
+
+
 def test_a_tensorboard_write_that_fails_starts_a_new_event_file_once_then_tensorboard_stops(
     tmp_path, monkeypatch, caplog
 ):

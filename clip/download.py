@@ -52,6 +52,8 @@ STALE_PARTIAL_AGE_S = 3600.0
 _PARTIAL_ID_PATTERN = re.compile(r"[0-9a-f]{32}")  # uuid4().hex
 # How often a process waiting for another's download of the same file looks whether it has finished
 LOCK_POLL_S = 0.5
+# Opens that must not follow a symbolic link (the cache folder may be shared); Windows has no O_NOFOLLOW
+_NO_SYMLINK = getattr(os, "O_NOFOLLOW", 0)
 
 # What urlopen returns: for http(s) URLs, and for file:// (and ftp) ones
 Response = http.client.HTTPResponse | urllib.response.addinfourl
@@ -309,7 +311,7 @@ def _take_lock(path: Path, folder: Path, name: str) -> tuple[int | None, float |
     waited_since = None
     while True:
         try:
-            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | _NO_SYMLINK, 0o666)
         except OSError:  # a folder that cannot be written: the download says so
             return None, None
         try:
@@ -346,7 +348,7 @@ def _note_unreachable(note: Path, error: DownloadError) -> None:
     # Not through a symlink: in a cache folder shared with other users, one planted there made this write over
     # the file it names (the lock and the partial file are opened the same way)
     with suppress(OSError):
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NO_SYMLINK
         with os.fdopen(os.open(note, flags, 0o666), "w", encoding="utf-8") as file:
             file.write(str(error))
 
@@ -355,7 +357,7 @@ def _raise_if_found_unreachable_meanwhile(note: Path, waited_since: float) -> No
     """Raises the error of the download this process waited for, if that one could not reach the server. Not a
     download that broke off or sent other bytes: this process tries that one again itself."""
     try:
-        with os.fdopen(os.open(note, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), encoding="utf-8") as file:
+        with os.fdopen(os.open(note, os.O_RDONLY | _NO_SYMLINK), encoding="utf-8") as file:
             if os.fstat(file.fileno()).st_mtime < waited_since:  # an earlier attempt's, not the one waited for
                 return
             message = file.read(1 << 16)
@@ -498,7 +500,7 @@ def _remove_stale_partials(folder: Path, name: str) -> list[Path]:
     for path in _partial_files(folder, name):
         try:
             # O_NONBLOCK: a FIFO of that name must not block the download; O_NOFOLLOW: a symlink is not ours
-            descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0))
+            descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _NO_SYMLINK)
         except OSError:  # removed meanwhile by another download, or not a file we wrote
             continue
         try:

@@ -19,7 +19,6 @@ untimed warm-up call each. On CUDA both run under bf16 autocast by default (--pr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from pathlib import Path
@@ -33,8 +32,7 @@ import common  # noqa: E402
 from train_step import check_archs, display_name, importlib_missing, model_config, open_clip_model, ours_name  # noqa: E402
 
 from clip.cli.common import non_negative_int, positive_int  # noqa: E402
-
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from clip.evaluation.features import AUTOCAST_DTYPES, autocast  # noqa: E402
 
 
 class UntrimmedText(torch.nn.Module):
@@ -97,10 +95,8 @@ def largest_differences(models: dict, images: torch.Tensor, texts: torch.Tensor,
 
 
 def run_arch(arch: str, args: argparse.Namespace, device: torch.device, with_open_clip: bool) -> dict:
-    dtype = AUTOCAST_DTYPES[args.precision]
-
-    def autocast():
-        return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+    def in_precision():
+        return autocast(device, args.precision)
 
     torch.manual_seed(args.seed)
     models = build_models(arch, device, with_open_clip, tuple(dict.fromkeys(args.text_length)))
@@ -110,13 +106,13 @@ def run_arch(arch: str, args: argparse.Namespace, device: torch.device, with_ope
     texts = texts.to(device)
     row = {"arch": display_name(arch), "image_batch": args.image_batch, "text_batch": args.text_batch, "text_source": text_source,
            "caption_tokens": common.token_lengths(texts.cpu()),
-           "max_abs_difference": largest_differences(models, images, texts, autocast)}
+           "max_abs_difference": largest_differences(models, images, texts, in_precision)}
     # The image tower is the same whatever the text length: timed once, as "ours".
     ours_models = [name for name in models if name != "open_clip"]
     image_models = {"ours": models[ours_models[0]], **({"open_clip": models["open_clip"]} if with_open_clip else {})}
     for encoder, inputs, unit, timed in (("encode_image", images, "images_per_s", image_models),
                                          ("encode_text", texts, "texts_per_s", models)):
-        seconds = time_encoder(timed, encoder, inputs, args.repeats, device, autocast)
+        seconds = time_encoder(timed, encoder, inputs, args.repeats, device, in_precision)
         row[encoder] = {name: {unit: inputs.shape[0] / common.median(s), "seconds": s} for name, s in seconds.items()}
         if "open_clip" in seconds:
             row[encoder]["speedups"] = {name: common.median(seconds["open_clip"]) / common.median(s)

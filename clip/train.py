@@ -46,6 +46,8 @@ from .distributed import (
     ranks_phrase,
 )
 from .evaluation.during_training import check_evaluation_datasets, has_evaluations, run_evaluations
+from .evaluation.features import AUTOCAST_DTYPES
+from .evaluation.features import autocast as autocast_in
 from .loss import build_loss
 from .model import trimmed_text_length
 from .optim import build_optimizer, learning_rate, optimizer_parameter_names
@@ -76,8 +78,6 @@ from .tokenizer import get_tokenizer
 from .train_step import BatchNormSnapshot, contrastive_step
 
 log = logging.getLogger("clip.train")
-
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -485,9 +485,7 @@ def _train(
         run_directory = RunDirectoryWatch(run_dir, config_dict, run_log, on_exit)
 
     def autocast():
-        if autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=autocast_dtype)
+        return autocast_in(device, config.train.precision)
 
     # The step of this run's latest checkpoint, the same on every rank; a resumed run's is on disk already.
     saved_at = {"step": start_step if resumed else None}

@@ -8,7 +8,7 @@
 One step = both encoders, the contrastive loss, backward and the optimiser step, each library as its own
 training script does it:
   ours:      ContrastiveModel + build_loss(LossConfig()) + build_optimizer (implementation "auto"), driven
-             by clip.train.contrastive_step; as clip.train does, a ResNet runs channels-last on CUDA and the
+             by clip.train_step.contrastive_step; as clip.train does, a ResNet runs channels-last on CUDA and the
              captions are cut after the batch's last end-of-text token on the host (no device sync); the
              losses' and the gradient norm's finiteness decide on the device whether the fused AdamW steps,
              and the host reads that verdict a step later (clip.step_verdict: no device sync per step; with

@@ -294,14 +294,6 @@ def agreement_flags(
     return flags
 
 
-def agree_after_backward(
-    losses_finite: torch.Tensor, grad_norm: torch.Tensor | None, stop_requested: bool, dist_info: DistributedInfo,
-) -> StepAgreement:
-    """The step's verdict (`agreement_flags`), read on the host at once: the host waits for the device here.
-    The trainer reads it a step later where the step can be skipped on the device (clip.step_verdict)."""
-    return StepAgreement.read(agreement_flags(losses_finite, grad_norm, stop_requested, dist_info))
-
-
 def broadcast_buffers_from_rank_zero(module: torch.nn.Module) -> None:
     """Every rank's module buffers set to rank 0's (a collective: every rank calls it at the same point). DDP
     gives every rank rank 0's buffers at the start of each forward pass, after which each rank updates them

@@ -347,7 +347,7 @@ def _check_unseen_settings(inferred: ModelConfig, configured: ModelConfig, path:
         return
     unseen = [difference for difference in architecture_differences(inferred.to_dict(), configured.to_dict())
               if difference[0] not in _adapted_on_load(inferred, configured)]
-    if from_open_clip:  # its activation is recorded nowhere, and has a warning of its own in load_weights_into
+    if from_open_clip:  # its activation is recorded nowhere, and has a warning of its own in load_weights_with_source
         unseen = [difference for difference in unseen if difference[0] != "activation"]
     if not unseen:
         return

@@ -334,6 +334,7 @@ def _refuse_missing_tables(config: dict) -> None:
 
 
 def count_parameters(module: nn.Module) -> int:
+    """Every parameter's elements, frozen ones included (a locked tower's count too)."""
     return sum(p.numel() for p in module.parameters())
 
 

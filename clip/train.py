@@ -49,7 +49,7 @@ from .evaluation.during_training import check_evaluation_datasets, has_evaluatio
 from .evaluation.features import AUTOCAST_DTYPES
 from .evaluation.features import autocast as autocast_in
 from .loss import build_loss
-from .model import trimmed_text_length
+from .model import count_parameters, trimmed_text_length
 from .optim import build_optimizer, learning_rate, optimizer_parameter_names
 from .resume import checkpoint_to_resume, entry_restored, refused_on_every_rank, restore_training_state
 from .run_lock import RunDirectoryInUse, locked_run_directory
@@ -472,7 +472,7 @@ def _train(
         if data is not None:
             log.info(
                 "model: %.2fM parameters%s; global batch %d (%s x %d, %d micro-batches); %d steps; data: %d samples/"
-                "epoch", sum(p.numel() for p in module.parameters()) / 1e6, trained_phrase(module, config.train),
+                "epoch", count_parameters(module) / 1e6, trained_phrase(module, config.train),
                 global_batch, ranks_phrase(dist_info.world_size), config.train.batch_size,
                 config.train.accumulation_steps, config.schedule.steps, data.samples_per_epoch,
             )

@@ -318,7 +318,7 @@ def test_a_launcher_variable_that_is_no_number_is_named(environ, named):
 def test_the_pure_helpers_of_clip_distributed(monkeypatch):
     import clip.distributed
     from clip.device_names import device_kind_available
-    from clip.distributed import agree_after_backward, raise_on_every_rank, ranks_phrase
+    from clip.distributed import StepAgreement, agreement_flags, raise_on_every_rank, ranks_phrase
 
     assert [ranks_phrase(1), ranks_phrase(4), ranks_phrase(4, all_of=True), ranks_phrase(1, all_of=True)] == [
         "1 rank", "4 ranks", "all 4 ranks", "1 rank"]
@@ -329,9 +329,9 @@ def test_the_pure_helpers_of_clip_distributed(monkeypatch):
     assert device_kind_available("clip_test_kind") is False and device_kind_available("no_such_kind") is None
     # one process: its own verdict, stop included
     one = DistributedInfo(rank=0, world_size=1, local_rank=0, device=cpu)
-    verdict = agree_after_backward(torch.tensor(True), torch.tensor(float("inf")), True, one)
+    verdict = StepAgreement.read(agreement_flags(torch.tensor(True), torch.tensor(float("inf")), True, one))
     assert (verdict.losses_finite, verdict.gradients_finite, verdict.stop) == (True, False, True)
-    assert not agree_after_backward(torch.tensor(True), None, False, one).stop
+    assert not StepAgreement.read(agreement_flags(torch.tensor(True), None, False, one)).stop
     # a rank's own failure is raised there, and `elsewhere` on the ranks that did not fail
     with pytest.raises(KeyError):
         raise_on_every_rank(KeyError("here"), one, ValueError("elsewhere"))

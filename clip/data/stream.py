@@ -102,7 +102,6 @@ class _Item:
     epoch: int
     index: int  # in the epoch's emission order
     position: Position  # of the worker after this item
-    epoch_length: int
     source: int
     raw: object
 
@@ -183,7 +182,7 @@ class SampleStream(IterableDataset):
             for source, raw in items:
                 offset += 1
                 position = (epoch + 1, 0) if offset == length else (epoch, offset)
-                yield _Item(epoch, offset - 1, position, length, source, raw)
+                yield _Item(epoch, offset - 1, position, source, raw)
             epoch, offset = epoch + 1, 0
 
 

@@ -32,6 +32,7 @@ import torch
 
 from .exception_chain import first_in_chain, out_of_memory_in
 from .weights_file import (
+    CHECKPOINT_DIR,
     CHECKPOINT_FORMAT,
     archive_damage,
     is_storage_error,
@@ -39,7 +40,8 @@ from .weights_file import (
     weights_only_refusal,
 )
 
-CHECKPOINT_DIR = "checkpoints"
+# The names this trainer writes, and the only ones a resume reads (clip.load of a run directory also takes other
+# tools' step_N.pt and "latest": weights_file.checkpoint_candidates)
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
 # save_checkpoint's temporary files. Earlier versions named them with tempfile.mkstemp, whose random part has
 # the same shape (8 characters of a-z, 0-9 and _), so their leftovers match too.

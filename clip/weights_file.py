@@ -4,8 +4,9 @@
 - safetensors files (open_clip's release format on the Hugging Face Hub) go through the `safetensors` package
   (an optional dependency): a header and raw tensor bytes, nothing to run.
 - Everything else goes through `torch.load(weights_only=True)`: tensors and plain Python values only.
-- A run directory resolves to its newest readable `checkpoints/step_XXXXXXXX.pt` (or what
-  `checkpoints/latest` names), the contract of our trainer's `clip.checkpoint`.
+- A run directory resolves to its newest readable `checkpoints/step_XXXXXXXX.pt`, as our trainer's
+  `clip.checkpoint` writes them (also `step_N.pt` with fewer digits, and first what a `checkpoints/latest` file
+  names, which other tools write; a resume reads only the trainer's own names).
 
 The result is a `LoadedWeights`: the state dict (wrapper prefixes such as DDP's `module.` removed), the
 architecture when the file records one (our trainer's checkpoints, which also give their step), and OpenAI's

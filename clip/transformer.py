@@ -387,16 +387,21 @@ class ResidualAttentionBlock(nn.Module):
         rows = x[positions, batch] + self.attn.attend_from(self.ln_1(x), positions, is_causal=self.causal)
         return rows + self.feed_forward(self.ln_2(rows))
 
+    def runs_own_code(self) -> bool:
+        """Whether the block runs this module's own attention and methods: none replaced on the instance, its
+        class or its attention (code that replaces them may rely on anything OpenAI's block does)."""
+        if type(self.attn) is not MultiheadSelfAttention or attention_forward_replaced(self.attn):
+            return False
+        if "attention" in vars(self) or "forward" in vars(self):
+            return False
+        return (type(self).attention, type(self).forward) == _OWN_BLOCK_METHODS
+
     def _attends_from_positions(self) -> bool:
         """Whether the read positions may be computed alone: this class's own methods and attention, no hooks,
         and the causal mask it was built with or no mask."""
         # Hooks registered for every module are not counted: they belong to tools that watch the whole program
         # (FlopCounterMode), which must see it run as it does
-        if type(self.attn) is not MultiheadSelfAttention or has_hooks(*self.modules(), count_global=False):
-            return False
-        if "attention" in vars(self) or "forward" in vars(self) or attention_forward_replaced(self.attn):
-            return False
-        if (type(self).attention, type(self).forward) != _OWN_BLOCK_METHODS:
+        if has_hooks(*self.modules(), count_global=False) or not self.runs_own_code():
             return False
         if self.causal:
             return not attn_mask_replaced(self)
@@ -490,13 +495,9 @@ def runs_as_openai(transformer: nn.Module, *around: nn.Module) -> bool:
     if has_hooks(*modules, count_global=False):
         return True
     for block in getattr(transformer, "resblocks", ()):
-        if not isinstance(block, ResidualAttentionBlock) or type(block.attn) is not MultiheadSelfAttention:
+        if not isinstance(block, ResidualAttentionBlock) or not block.runs_own_code():
             return True
-        if attention_forward_replaced(block.attn):
-            return True
-        if "attention" in vars(block) or "forward" in vars(block) or attn_mask_replaced(block):
-            return True  # (with another mask than the causal one, positions past the end of text count)
-        if (type(block).attention, type(block).forward) != _OWN_BLOCK_METHODS:
+        if attn_mask_replaced(block):  # with another mask than the causal one, positions past the end of text count
             return True
     return False
 

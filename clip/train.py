@@ -838,7 +838,7 @@ def _train(
             data_totals = merge_rank_reports(gather_objects(data.rank_report(), dist_info))
             if dist_info.is_main:
                 # this rank's counts since this process started: a resumed run's first epoch only in part
-                log.info("data since this start or resume: %s", data.epoch_summary())
+                log.info("data since this start or resume: %s", data.summary_since_previous())
                 log.info("data, %s, whole run: %s", ranks_phrase(dist_info.world_size, all_of=True),
                          counts_line(data_totals["sources"]))
         if dist_info.is_main:

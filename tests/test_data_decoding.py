@@ -131,9 +131,9 @@ def test_an_epoch_of_bad_input_completes_with_exact_counts(tmp_path: Path, caplo
     assert all(torch.isfinite(images).all() for images, _ in batches)
     assert "skipped 1 missing_file sample(s)" in caplog.text  # one rate-limited line per kind
     assert f"bad: 16 samples, skipped {len(SKIPPED)} (" in caplog.text  # the summary logged at the data epoch's end
-    summary = data.epoch_summary()
+    summary = data.summary_since_previous()
     assert "bad: 16 samples" in summary and "decompression_bomb 2" in summary and "caption_truncated 1" in summary
-    assert "0 samples" in data.epoch_summary()  # counts since the previous summary
+    assert "0 samples" in data.summary_since_previous()  # counts since the previous summary
     data.close()
     assert Image.MAX_IMAGE_PIXELS != PIXEL_LIMIT  # the limit was set only while decoding
 
@@ -410,7 +410,7 @@ def test_random_square_box_spans_the_shorter_side_at_a_random_place() -> None:
 
 
 def test_the_counts_line_says_what_changed_since_the_counts_before() -> None:
-    # The line of epoch_summary() and of each finished data epoch: per source the samples, then the skips and
+    # The line of summary_since_previous() and of each finished data epoch: per source the samples, then skips and
     # the repairs with their kinds, less `before`; a kind that did not change, or a field none of whose kinds
     # did, is left out
     before = {"a": {"samples": 5, "skipped": {"truncated": 2}, "repaired": {"exif_rotated": 1}}}

@@ -788,21 +788,21 @@ def test_a_data_epoch_is_finished_only_once_every_worker_has_left_it(tmp_path: P
     assert stats["epoch"] == 0 and stats["finished_epoch"] is None
 
 
-def test_each_epoch_summary_counts_since_the_previous_one_or_the_resume(tmp_path: Path) -> None:
+def test_each_data_summary_counts_since_the_previous_one_or_the_resume(tmp_path: Path) -> None:
     # 20 samples, one worker, batches of 4: five batches are exactly data epoch 0
     source = shards_source(tmp_path, 20, 5, name="s")
     data = build([source], batch_size=4)
     take(data, 5)
-    assert data.epoch_summary() == "data rank 0, epoch 0-1: s: 20 samples"
+    assert data.summary_since_previous() == "data rank 0, epoch 0-1: s: 20 samples"
     take(data, 2)  # the mark must be a copy of the counts, or this summary would count nothing
-    assert data.epoch_summary() == "data rank 0, epoch 1: s: 8 samples"
+    assert data.summary_since_previous() == "data rank 0, epoch 1: s: 8 samples"
     state = data.state_dict()
     data.close()
     # After a resume the next summary counts from the resumed position, in its epoch
     resumed = build([source], batch_size=4)
     resumed.load_state_dict(state)
     take(resumed, 1)
-    assert resumed.epoch_summary() == "data rank 0, epoch 1: s: 4 samples"
+    assert resumed.summary_since_previous() == "data rank 0, epoch 1: s: 4 samples"
     resumed.close()
 
 

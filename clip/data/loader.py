@@ -211,7 +211,7 @@ class TrainData:
         self._batches = 0
         # Samples used, skipped and repaired per source: since the start, and by data epoch
         self._counts = EpochCounts(names)
-        self._summary_mark = (0, copy.deepcopy(self._counts.total))  # (epoch, counts) at the last epoch_summary()
+        self._summary_mark = (0, copy.deepcopy(self._counts.total))  # (epoch, counts) at the previous summary
         self._loader_iterator: Iterator | None = None
         self._generation = 0  # bumped by every iter() and close(); older batch generators stop
         self._warned_order = False
@@ -511,7 +511,7 @@ class TrainData:
         """What `merge_rank_reports` needs from this rank: `stats()` and the last few finished epochs' counts."""
         return {"stats": self.stats(), "finished_epochs": copy.deepcopy(self._counts.finished)}
 
-    def epoch_summary(self) -> str:
+    def summary_since_previous(self) -> str:
         """One line on what happened since the previous call (or the start): samples, skips and repairs by
         source and kind, e.g. for the trainer's log at the end of its epochs, which need not coincide with data
         epochs. (Independently of these calls, each data epoch's exact counts are logged -- INFO on rank 0 --

@@ -272,6 +272,11 @@ class StepAgreement(NamedTuple):
         all_losses_finite, all_gradients_finite, none_stopping = flags.tolist()
         return cls(all_losses_finite == 1.0, all_gradients_finite == 1.0, none_stopping == 0.0)
 
+    @staticmethod
+    def skipped_on_device(flags: torch.Tensor) -> torch.Tensor:
+        """`skipped` from `agreement_flags` as a boolean scalar on their device, nothing read on the host."""
+        return flags[:2].min() < 1.0
+
 
 def agreement_flags(
     losses_finite: torch.Tensor, grad_norm: torch.Tensor | None, stop_requested: bool, dist_info: DistributedInfo,

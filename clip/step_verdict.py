@@ -41,7 +41,7 @@ def step_or_skip_on_device(optimizer: torch.optim.AdamW, flags: torch.Tensor, ba
     were not finite: the BatchNorm statistics are put back then, as a skip read on the host does. Nothing is
     read on the host. `found_inf` and `grad_scale` are the attributes by which torch's gradient scaler hands
     its verdict to a fused optimiser's step; they are cleared again after it."""
-    skipped = flags[:2].min() < 1.0
+    skipped = StepAgreement.skipped_on_device(flags)
     batch_norms.restore_if(skipped)
     optimizer.grad_scale, optimizer.found_inf = None, skipped.to(torch.float32)
     try:

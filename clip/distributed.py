@@ -10,10 +10,12 @@ Nothing here runs at import. The only state is torch.distributed's own process g
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import signal
 import threading
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -358,3 +360,21 @@ def gather_objects(value, dist_info: DistributedInfo) -> list:
     gathered = [None] * dist_info.world_size
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def release_run_objects(error: BaseException) -> None:
+    """Frees what the failed run's frames hold (the DDP module, which holds the process group) before the
+    process group is destroyed. The exception's traceback keeps those frames alive, often through a reference
+    cycle, so they were freed only at interpreter exit, after the process group, where gloo's threads
+    sometimes aborted the process (SIGABRT, "terminate called without an active exception") instead of its
+    exit status reporting the error. The traceback keeps its lines; only the frames' local variables go. The
+    errors it chains (`raise ... from`, or one raised while another was handled) hold frames of their own."""
+    pending, seen = [error], set()
+    while pending:
+        chained = pending.pop()
+        if chained is None or id(chained) in seen:
+            continue
+        seen.add(id(chained))
+        traceback.clear_frames(chained.__traceback__)  # skips frames still running (this call's callers)
+        pending += [chained.__cause__, chained.__context__]
+    gc.collect()

@@ -105,7 +105,7 @@ class RunLog:
                         error.strerror or error, self.path)
 
     def start_again(self) -> None:
-        """Goes on in a run directory made again under the run (`clip.train.RunDirectoryWatch`): TensorBoard's
+        """Goes on in a run directory made again under the run (`clip.run_start.RunDirectoryWatch`): TensorBoard's
         writer, whose open event file was in the old one, starts a new file (its events went on into the deleted
         one). metrics.jsonl, opened by name for each record, starts anew by itself."""
         if self.writer is None:

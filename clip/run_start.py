@@ -1,13 +1,15 @@
 """What a training run does before its first step, beside the loop in `clip.train`: the run directory held,
 the process configured, the model built as it trains, a new run's initial weights, the run's config recorded,
 and warnings about settings that run but are most likely not what was meant. Errors in the user's data found
-then are BadTrainingInput, which `clip.cli.train` reports in one line."""
+then are BadTrainingInput, which `clip.cli.train` reports in one line. Also the watch, during the run, that the
+run directory is still the folder the run took (`RunDirectoryWatch`)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from .loading import load_weights_with_source
 from .loss import SIGLIP_INITIAL_LOGIT_SCALE
 from .model import create_model
 from .run_lock import RunDirectoryInUse, locked_run_directory
-from .run_log import replaced_atomically
+from .run_log import RunLog, replaced_atomically
 from .train_step import ContrastiveModel
 from .weights_file import WeightsFileError, run_directories_in
 
@@ -273,3 +275,61 @@ def record_run_start(run_dir: Path, config_dict: dict, resumed: bool, start_step
         kept = earlier_results.with_name(f"results_step_{ended_at}.json")
         earlier_results.replace(kept)
         log.info("the results of the run's end at step %d are now %s", ended_at, kept)
+
+
+class RunDirectoryWatch:
+    """Rank 0's look, before each write into the run directory, that it is still the folder the run took. One
+    deleted (or moved away) under a running run was made again by the next checkpoint's save without a word: no
+    config.toml, no lock (a second run could start in it), train.log and TensorBoard's events going on into the
+    deleted files. The run goes on, as its weights in memory are the only copy of its progress: the folder is
+    made again with the run's config.toml and lock, TensorBoard starts a new event file (train.log follows by
+    itself: `clip.cli.train.RunDirectoryLog`), and a warning says what is gone, once for each disappearance."""
+
+    def __init__(self, run_dir: Path, config_dict: dict, run_log: RunLog, on_exit: contextlib.ExitStack) -> None:
+        self.run_dir, self.config_dict, self.run_log, self.on_exit = run_dir, config_dict, run_log, on_exit
+        self.identity = self._identity()
+        # The checkpoints saved before the folder was made again went with it, until the next save: the messages
+        # that name the latest checkpoint as kept must not name a deleted file (`kept_step`)
+        self.checkpoints_lost = False
+
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            status = os.stat(self.run_dir)
+        except FileNotFoundError:
+            return None
+        return status.st_dev, status.st_ino
+
+    def check(self, step: int) -> None:
+        try:
+            if self._identity() == self.identity:
+                return
+        except OSError:  # the storage failing (EIO, ESTALE): the write that follows says so
+            return
+        self.checkpoints_lost = True
+        try:
+            # Its own lock: RunDirectoryInUse if another run has started in a folder of that name meanwhile
+            self.on_exit.enter_context(locked_run_directory(self.run_dir))
+            record_run_start(self.run_dir, self.config_dict, resumed=False, start_step=step)  # config.toml
+        except OSError as error:  # a read-only or full file system: one line, as a checkpoint that cannot be written
+            raise ckpt.CheckpointWriteError(
+                f"the run directory {self.run_dir} was deleted or moved away while the run went on, and could not "
+                f"be made again at step {step}: {error.strerror or error}; none of its checkpoints is kept"
+            ) from error
+        self.identity = self._identity()
+        self.run_log.start_again()
+        log.warning("the run directory %s was deleted or moved away while the run went on: made again at step %d, "
+                    "with the run's config.toml and lock, and the run saves its checkpoints there again; none of "
+                    "what was written there before (checkpoints, metrics.jsonl, train.log) is in it",
+                    self.run_dir, step)
+
+    def moved(self) -> bool:
+        """Whether the folder at the run directory's path is no longer the one the run took (deleted or moved away
+        since the last `check`)."""
+        try:
+            return self._identity() != self.identity
+        except OSError:  # the storage failing: not a sign of a move
+            return False
+
+    def kept_step(self, saved_step: int | None) -> int | None:
+        """The step of the latest checkpoint still on disk, of those this run saved (`saved_step` the latest)."""
+        return None if self.checkpoints_lost else saved_step

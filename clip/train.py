@@ -8,13 +8,11 @@ line and its exit statuses `clip.cli.train`'s.
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import math
 import os
 import sys
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -44,6 +42,7 @@ from .distributed import (
     init_distributed,
     raise_on_every_rank,
     ranks_phrase,
+    release_run_objects,
 )
 from .evaluation.during_training import check_evaluation_datasets, has_evaluations, run_evaluations
 from .evaluation.features import AUTOCAST_DTYPES
@@ -52,7 +51,7 @@ from .loss import build_loss
 from .model import count_parameters, trimmed_text_length
 from .optim import build_optimizer, learning_rate, optimizer_parameter_names
 from .resume import checkpoint_to_resume, entry_restored, refused_on_every_rank, restore_training_state
-from .run_lock import RunDirectoryInUse, locked_run_directory
+from .run_lock import RunDirectoryInUse
 from .run_log import (
     RunLog,
     RunLogWriteError,
@@ -63,6 +62,7 @@ from .run_log import (
 )
 from .run_start import (
     BadTrainingInput,
+    RunDirectoryWatch,
     bad_input_on_every_rank,
     build_training_module,
     configure_process,
@@ -266,82 +266,6 @@ def train(
             raise
         finally:
             cleanup_distributed()
-
-
-class RunDirectoryWatch:
-    """Rank 0's look, before each write into the run directory, that it is still the folder the run took. One
-    deleted (or moved away) under a running run was made again by the next checkpoint's save without a word: no
-    config.toml, no lock (a second run could start in it), train.log and TensorBoard's events going on into the
-    deleted files. The run goes on, as its weights in memory are the only copy of its progress: the folder is
-    made again with the run's config.toml and lock, TensorBoard starts a new event file (train.log follows by
-    itself: `clip.cli.train.RunDirectoryLog`), and a warning says what is gone, once for each disappearance."""
-
-    def __init__(self, run_dir: Path, config_dict: dict, run_log: RunLog, on_exit: contextlib.ExitStack) -> None:
-        self.run_dir, self.config_dict, self.run_log, self.on_exit = run_dir, config_dict, run_log, on_exit
-        self.identity = self._identity()
-        # The checkpoints saved before the folder was made again went with it, until the next save: the messages
-        # that name the latest checkpoint as kept must not name a deleted file (`kept_step`)
-        self.checkpoints_lost = False
-
-    def _identity(self) -> tuple[int, int] | None:
-        try:
-            status = os.stat(self.run_dir)
-        except FileNotFoundError:
-            return None
-        return status.st_dev, status.st_ino
-
-    def check(self, step: int) -> None:
-        try:
-            if self._identity() == self.identity:
-                return
-        except OSError:  # the storage failing (EIO, ESTALE): the write that follows says so
-            return
-        self.checkpoints_lost = True
-        try:
-            # Its own lock: RunDirectoryInUse if another run has started in a folder of that name meanwhile
-            self.on_exit.enter_context(locked_run_directory(self.run_dir))
-            record_run_start(self.run_dir, self.config_dict, resumed=False, start_step=step)  # config.toml
-        except OSError as error:  # a read-only or full file system: one line, as a checkpoint that cannot be written
-            raise ckpt.CheckpointWriteError(
-                f"the run directory {self.run_dir} was deleted or moved away while the run went on, and could not "
-                f"be made again at step {step}: {error.strerror or error}; none of its checkpoints is kept"
-            ) from error
-        self.identity = self._identity()
-        self.run_log.start_again()
-        log.warning("the run directory %s was deleted or moved away while the run went on: made again at step %d, "
-                    "with the run's config.toml and lock, and the run saves its checkpoints there again; none of "
-                    "what was written there before (checkpoints, metrics.jsonl, train.log) is in it",
-                    self.run_dir, step)
-
-    def moved(self) -> bool:
-        """Whether the folder at the run directory's path is no longer the one the run took (deleted or moved away
-        since the last `check`)."""
-        try:
-            return self._identity() != self.identity
-        except OSError:  # the storage failing: not a sign of a move
-            return False
-
-    def kept_step(self, saved_step: int | None) -> int | None:
-        """The step of the latest checkpoint still on disk, of those this run saved (`saved_step` the latest)."""
-        return None if self.checkpoints_lost else saved_step
-
-
-def release_run_objects(error: BaseException) -> None:
-    """Frees what the failed run's frames hold (the DDP module, which holds the process group) before the
-    process group is destroyed. The exception's traceback keeps those frames alive, often through a reference
-    cycle, so they were freed only at interpreter exit, after the process group, where gloo's threads
-    sometimes aborted the process (SIGABRT, "terminate called without an active exception") instead of its
-    exit status reporting the error. The traceback keeps its lines; only the frames' local variables go. The
-    errors it chains (`raise ... from`, or one raised while another was handled) hold frames of their own."""
-    pending, seen = [error], set()
-    while pending:
-        chained = pending.pop()
-        if chained is None or id(chained) in seen:
-            continue
-        seen.add(id(chained))
-        traceback.clear_frames(chained.__traceback__)  # skips frames still running (this call's callers)
-        pending += [chained.__cause__, chained.__context__]
-    gc.collect()
 
 
 def _train(

@@ -445,7 +445,7 @@ def test_a_failed_runs_frames_are_released_also_through_chained_errors():
     # process group is destroyed, also where an error was raised `from` another or while handling one.
     import weakref
 
-    from clip.train import release_run_objects
+    from clip.distributed import release_run_objects
 
     class Held:
         pass

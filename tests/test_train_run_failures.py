@@ -167,10 +167,10 @@ def test_a_run_directory_that_cannot_be_made_again_is_one_line_that_keeps_nothin
                                                                                    caplog):
     # The folder deleted, and its making again failing (a full or read-only file system): a bare OSError ended
     # the run on a traceback, which said nothing of what was kept
-    import clip.train
+    import clip.run_start
 
     run_dir = tmp_path / "run"
-    real_save, real_record = ckpt.save_checkpoint, clip.train.record_run_start
+    real_save = ckpt.save_checkpoint
 
     def deleted_after_step_3(state, folder, step, keep_last, **kwargs):
         saved = real_save(state, folder, step, keep_last, **kwargs)
@@ -178,16 +178,11 @@ def test_a_run_directory_that_cannot_be_made_again_is_one_line_that_keeps_nothin
             shutil.rmtree(folder)
         return saved
 
-    calls = []
-
-    def no_space_the_second_time(folder, *args, **kwargs):
-        calls.append(folder)
-        if len(calls) == 1:  # the run's start
-            return real_record(folder, *args, **kwargs)
+    def no_space(folder, *args, **kwargs):  # the watch's call only: the run's start records it through clip.train
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ckpt, "save_checkpoint", deleted_after_step_3)
-    monkeypatch.setattr(clip.train, "record_run_start", no_space_the_second_time)
+    monkeypatch.setattr(clip.run_start, "record_run_start", no_space)
     with caplog.at_level(logging.INFO):
         assert main([str(DEMO), "--output-dir", str(run_dir), *TINY, "eval.every_n_steps=0"]) == 1
     assert error_lines(caplog) == [
@@ -199,7 +194,7 @@ def test_a_run_directory_that_cannot_be_made_again_is_one_line_that_keeps_nothin
 def test_the_latest_checkpoint_is_not_named_as_kept_once_its_run_directory_went(tmp_path):
     import contextlib
 
-    from clip.train import RunDirectoryWatch
+    from clip.run_start import RunDirectoryWatch
 
     class RunLogStub:
         def start_again(self):

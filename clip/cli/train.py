@@ -216,7 +216,7 @@ class RunDirectoryLog(logging.Handler):
 
     def _follow_a_new_train_log(self) -> None:
         """Opens train.log again where the file at its path is no longer the one open: the run directory was made
-        again under the run (`clip.train.RunDirectoryWatch`), whose lines went on into the deleted file. While the
+        again under the run (`clip.run_start.RunDirectoryWatch`), whose lines went on into the deleted file. While the
         folder is missing they still go there (and to stderr)."""
         try:
             opened = os.fstat(self.file.stream.fileno())

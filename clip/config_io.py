@@ -554,7 +554,7 @@ def _apply_override(
                 hint = _schema_hint(node_schema, key, _parse_override_value(text.strip()))
                 advice = f" ({hint}).{_valid_keys(prefix, fields)}" if hint else f".{_closest(full, valid)}"
             raise ConfigError(f"unknown config key {full!r} in override {assignment!r}{advice}")
-        field_type = typing.get_type_hints(node_schema)[key]
+        field_type = _field_types(node_schema)[key]
         if depth == len(keys) - 1:
             # Spaces around the value go, as around a value in the file; a text field's value of spaces alone
             # stays (`data.sources.0.separator=$'\t'`: stripped, the tab became "", the suffix's separator)
@@ -566,7 +566,7 @@ def _apply_override(
         # isdecimal, not isdigit: "²" is a digit that int() refuses, and escaped as a ValueError's traceback
         if typing.get_origin(field_type) is list and not keys[depth + 1].isdecimal():
             element = typing.get_args(field_type)[0]
-            known = dataclasses.is_dataclass(element) and keys[depth + 1] in typing.get_type_hints(element)
+            known = dataclasses.is_dataclass(element) and keys[depth + 1] in _field_types(element)
             raise ConfigError(f"override {assignment!r}: {name} is a list; name an element by its index from 0, "
                               f"e.g. {name}.0.{keys[depth + 1] if known else '<field>'}=value")
         if typing.get_origin(field_type) is not list and not dataclasses.is_dataclass(field_type):
@@ -605,7 +605,7 @@ def _paths_named(schema: type, name: str, above: list[str]) -> list[str]:
         path = [*above, item.name]
         if item.name == name:
             found.append(".".join(path))
-        field_type = typing.get_type_hints(schema)[item.name]
+        field_type = _field_types(schema)[item.name]
         if dataclasses.is_dataclass(field_type):
             found += _paths_named(field_type, name, path)
     return sorted(found)

@@ -377,6 +377,19 @@ def temporaries_of(path: Path) -> list[tuple[Path, int]]:
     return [(candidate, int(match.group(1))) for candidate, match in matches if match is not None]
 
 
+def remove_temporaries_of(paths: list[Path], left_by: str) -> list[Path]:
+    """Deletes the `replaced_atomically` temporaries beside `paths` (regular files only); returns them. Only for
+    a writer that knows no write of these files is in progress: a run holding its directory's lock, say."""
+    removed = []
+    for path in paths:
+        for temporary, _ in temporaries_of(path):
+            if temporary.is_file() and not temporary.is_symlink():
+                temporary.unlink(missing_ok=True)
+                log.info("removed %s, left by %s", temporary, left_by)
+                removed.append(temporary)
+    return removed
+
+
 def write_json(path: Path, content: Any) -> Path:
     """Writes `content` as strict JSON (a non-finite figure is null), replacing
     the file whole (`replaced_atomically`)."""

@@ -56,6 +56,7 @@ from .run_log import (
     RunLog,
     RunLogWriteError,
     plot_run,
+    remove_temporaries_of,
     require_wandb,
     start_wandb,
     write_json,
@@ -78,6 +79,9 @@ from .tokenizer import get_tokenizer
 from .train_step import BatchNormSnapshot, contrastive_step
 
 log = logging.getLogger("clip.train")
+
+# The files of the run directory that its rank 0 replaces whole (`run_log.replaced_atomically`)
+RUN_FILES_REPLACED_WHOLE = ("config.toml", "results.json", "training.png")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -326,8 +330,10 @@ def _train(
         check_evaluation_datasets(config.eval, warn=dist_info.is_main)
     if dist_info.is_main:
         # A save killed mid-write (SIGKILL, a lost node) leaves its temporary file; none of this run's saves
-        # has started yet, so every such file is a leftover.
+        # has started yet, so every such file is a leftover. So for the files replaced whole beside them: the
+        # run's lock keeps any other process from writing them, and this one is not writing them now.
         ckpt.remove_stray_temporaries(run_dir)
+        remove_temporaries_of([run_dir / name for name in RUN_FILES_REPLACED_WHOLE], "an interrupted write")
 
     train_module: nn.Module = module
     if dist_info.is_distributed:

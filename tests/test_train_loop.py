@@ -1979,6 +1979,23 @@ def test_a_save_killed_mid_write_leaves_no_temporary_file_after_the_next_start(t
     assert not stray.exists()
 
 
+def test_a_run_file_write_killed_before_its_rename_leaves_no_temporary_after_the_next_start(tmp_path, caplog):
+    # config.toml, results.json and training.png are replaced whole through `.NAME.PID.tmp` files: a kill just
+    # before the rename left them in the run directory for good (found by a SIGKILL fuzz)
+    train(tiny_config(tmp_path, "eval.every_n_steps=0"), stop_at_step=3)
+    strays = [tmp_path / f".{name}.{pid}.tmp" for name, pid in
+              (("config.toml", 1234), ("results.json", 99), ("training.png", 1234))]
+    for stray in strays:
+        stray.write_text("half a file")
+    others = [tmp_path / ".notes.txt.1234.tmp", tmp_path / ".results.json.tmp"]  # not the pattern: not ours
+    for other in others:
+        other.write_text("someone else's")
+    with caplog.at_level(logging.INFO, logger="clip"):
+        train(tiny_config(tmp_path, "eval.every_n_steps=0"), stop_at_step=4)
+    assert not any(stray.exists() for stray in strays) and all(other.exists() for other in others)
+    assert sum("left by an interrupted write" in record.getMessage() for record in caplog.records) == 3
+
+
 def test_resuming_with_another_model_is_refused_naming_what_differs(tmp_path, capsys):
     train(tiny_config(tmp_path), stop_at_step=3)
     with pytest.raises(ValueError, match=r"different model \(model.activation: 'gelu' there, 'quick_gelu' here; "

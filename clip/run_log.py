@@ -83,10 +83,15 @@ class RunLog:
             except ImportError:
                 log.info("tensorboard is not installed; metrics go to %s only", self.path)
             else:
-                # purge_step hides the events of steps >= it that an earlier attempt wrote.
-                self._start_tensorboard(SummaryWriter, purge_step=resumed_at + 1)
+                # purge_step hides the events of steps >= it that an earlier attempt wrote. A step evaluated
+                # again hides its own as well (its evaluation was shown twice), and its training record, kept in
+                # metrics.jsonl, is written to TensorBoard again.
+                self._start_tensorboard(SummaryWriter, purge_step=resumed_at if reevaluated else resumed_at + 1)
         # TensorBoard's writer was started again after a failed write (`write`): a second failure ends it
         self._tensorboard_restarted = False
+        if reevaluated:
+            for record in _records_of_step(self.path, resumed_at):
+                self._to_tensorboard(record)
 
     def _start_tensorboard(self, summary_writer: type, purge_step: int | None) -> None:
         """Starts TensorBoard's writer, or says why it cannot and goes on without it: TensorBoard mirrors what
@@ -155,6 +160,12 @@ class RunLog:
             raise RunLogWriteError(
                 f"could not write {self.path}: {error.strerror or error} (errno {error.errno})"
             ) from error
+        scalars = self._to_tensorboard(record)
+        if self.wandb_run is not None:
+            self.wandb_run.log(scalars, step=record.get("step", 0))
+
+    def _to_tensorboard(self, record: dict) -> dict:
+        """Adds the finite figures of `record` to TensorBoard's events, where its writer runs; returns them."""
         step = record.get("step", 0)
         scalars = {
             key: value for key, value in _flatten(record).items()
@@ -169,8 +180,7 @@ class RunLog:
                 # The event file is written by the writer's thread, whose error (a full disk, a quota, its folder
                 # deleted) the next call raises
                 self._tensorboard_failed(error)
-        if self.wandb_run is not None:
-            self.wandb_run.log(scalars, step=step)
+        return scalars
 
     def close(self, failed: bool = False) -> None:
         """Writes what TensorBoard buffers and ends its thread and the W&B run, as failed (exit code 1) where the
@@ -261,6 +271,14 @@ def _drop_records_after(path: Path, step: int, drop_evaluations_at_step: bool = 
             f"could not rewrite {path} without the records of the steps that run again: {error.strerror or error} "
             f"(errno {error.errno}); {kept}run the same command again once the file can be written"
         ) from error
+
+
+def _records_of_step(path: Path, step: int) -> list[dict]:
+    """The records of `step` in metrics.jsonl (after `_drop_records_after`: whole lines only)."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip() and _record_step(line) == step]
 
 
 def _record_step(line: str) -> float:

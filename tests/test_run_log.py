@@ -198,6 +198,27 @@ def test_a_full_disk_under_tensorboards_writer_thread_is_the_one_line_without_th
     assert thread_errors == [] and threading.excepthook == thread_errors.append  # put back
 
 
+def test_a_step_evaluated_again_shows_its_evaluation_once_in_tensorboard_and_keeps_its_training_figures(tmp_path):
+    # A run killed after its last evaluation was logged, before it ended, evaluates that step again when it is
+    # started again: TensorBoard showed the evaluation twice (found by a SIGKILL fuzz), while metrics.jsonl
+    # dropped the first one
+    pytest.importorskip("torch.utils.tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = RunLog(tmp_path, tensorboard=True)
+    first.write({"step": 2, "loss": 2.0})
+    first.write({"step": 3, "loss": 1.0})
+    first.write({"step": 3, "zeroshot": {"top1": 0.5}})
+    first.close()  # then killed
+    again = RunLog(tmp_path, tensorboard=True, resumed_at=3, reevaluated=True)
+    again.write({"step": 3, "zeroshot": {"top1": 0.5}})
+    again.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    shown = {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in ("loss", "zeroshot/top1")}
+    assert shown == {"loss": [(2, 2.0), (3, 1.0)], "zeroshot/top1": [(3, 0.5)]}
+
+
 def test_a_resume_that_evaluates_its_step_again_says_it_drops_that_evaluation(tmp_path, caplog):
     # Only step 2's evaluation record goes: the line said "dropping 1 records of the steps after 2"
     path = tmp_path / "metrics.jsonl"

@@ -209,6 +209,17 @@ def prune_checkpoints(run_dir: Path, newest_step: int, keep_last: int) -> list[P
     return deleted
 
 
+def warn_of_incomplete_checkpoints(run_dir: Path, below_step: int) -> list[Path]:
+    """A warning for each checkpoint file below `below_step` (the step resumed from) that is not a whole archive
+    (`_looks_complete`): `prune_checkpoints` never deletes one, nor counts it, and a resume never reads it, so
+    without a word it stayed for good. Returns them. Those above were warned of as the resume skipped them."""
+    incomplete = [path for step, path in list_checkpoints(run_dir) if step < below_step and not _looks_complete(path)]
+    for path in incomplete:
+        log.warning("%s is not a whole checkpoint (cut short by a storage fault, or not written by a save): runs "
+                    "neither resume from it nor delete it; delete it once you have looked at it", path)
+    return incomplete
+
+
 def _looks_complete(path: Path) -> bool:
     """Whether `path` is a whole torch.save archive: it ends with a zip directory naming a data.pkl.
 

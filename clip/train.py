@@ -333,6 +333,7 @@ def _train(
         # has started yet, so every such file is a leftover. So for the files replaced whole beside them: the
         # run's lock keeps any other process from writing them, and this one is not writing them now.
         ckpt.remove_stray_temporaries(run_dir)
+        ckpt.warn_of_incomplete_checkpoints(run_dir, below_step=start_step)
         remove_temporaries_of([run_dir / name for name in RUN_FILES_REPLACED_WHOLE], "an interrupted write")
 
     train_module: nn.Module = module

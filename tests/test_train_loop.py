@@ -1979,6 +1979,21 @@ def test_a_save_killed_mid_write_leaves_no_temporary_file_after_the_next_start(t
     assert not stray.exists()
 
 
+def test_a_resumed_run_names_an_older_checkpoint_that_is_not_whole_which_it_keeps(tmp_path, caplog):
+    # Pruning neither counts nor deletes a torn file (it would take a good checkpoint's place), and a resume reads
+    # the newest whole one: a torn older file stayed in the run directory for good without a word
+    settings = ("eval.every_n_steps=0", "checkpoint.every_n_steps=1", "checkpoint.keep_last=2")
+    train(tiny_config(tmp_path, *settings), stop_at_step=3)
+    torn = ckpt.checkpoint_path(tmp_path, 2)
+    torn.write_bytes(torn.read_bytes()[:1000])
+    with caplog.at_level(logging.WARNING, logger="clip"):
+        train(tiny_config(tmp_path, *settings), stop_at_step=4)
+    warnings = [record.getMessage() for record in caplog.records if "not a whole checkpoint" in record.getMessage()]
+    assert warnings == [f"{torn} is not a whole checkpoint (cut short by a storage fault, or not written by a save): "
+                        "runs neither resume from it nor delete it; delete it once you have looked at it"]
+    assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [4, 3, 2]
+
+
 def test_a_run_file_write_killed_before_its_rename_leaves_no_temporary_after_the_next_start(tmp_path, caplog):
     # config.toml, results.json and training.png are replaced whole through `.NAME.PID.tmp` files: a kill just
     # before the rename left them in the run directory for good (found by a SIGKILL fuzz)

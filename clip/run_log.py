@@ -259,13 +259,12 @@ def _drop_records_after(path: Path, step: int, drop_evaluations_at_step: bool = 
     which = f"of step {step}'s evaluation and the steps after it" if drop_evaluations_at_step else \
         f"of the steps after {step}"
     log.info("%s: dropping %d records %s, which are logged again", path, len(lines) - len(kept), which)
-    temporary = path.with_name(path.name + ".tmp")
     try:
-        temporary.write_text("".join(kept), encoding="utf-8")
-        temporary.replace(path)  # atomic: an interruption now leaves the old file or the new one
+        # Atomic and on the disk before it replaces the old file: an interruption, even a power cut, leaves the
+        # old file or the new one
+        with replaced_atomically(path) as file:
+            file.write("".join(kept))
     except OSError as error:  # a full disk, a quota: most likely what stopped the run, still there
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
         kept = f"the checkpoint of step {step} is kept: " if step else ""
         raise RunLogWriteError(
             f"could not rewrite {path} without the records of the steps that run again: {error.strerror or error} "

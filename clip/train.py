@@ -81,7 +81,7 @@ from .train_step import BatchNormSnapshot, contrastive_step
 log = logging.getLogger("clip.train")
 
 # The files of the run directory that its rank 0 replaces whole (`run_log.replaced_atomically`)
-RUN_FILES_REPLACED_WHOLE = ("config.toml", "results.json", "training.png")
+RUN_FILES_REPLACED_WHOLE = ("config.toml", "metrics.jsonl", "results.json", "training.png")
 
 
 class NonFiniteLossError(RuntimeError):

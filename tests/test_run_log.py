@@ -254,10 +254,10 @@ def test_a_full_disk_when_a_fresh_run_drops_records_does_not_claim_a_checkpoint(
     # resumed_at=0: a run that logged steps before any checkpoint; there is no "checkpoint of step 0" to keep
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
 
-    def full_disk(self, *args, **kwargs):
+    def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", full_disk)
+    monkeypatch.setattr(run_log, "open", full_disk, raising=False)  # the rewrite's temporary file
     with pytest.raises(RunLogWriteError) as raised:
         RunLog(tmp_path, tensorboard=False, resumed_at=0)
     assert "checkpoint" not in str(raised.value)

@@ -1686,21 +1686,21 @@ def test_a_full_disk_when_a_resume_drops_records_is_one_error_line_and_status_1_
 ):
     # A run that stopped on a full disk (its checkpoint could not be written) had logged steps past its latest
     # checkpoint; the same command again, on the still full disk, ended in an OSError's traceback from rewriting
-    # metrics.jsonl without them, and left an empty metrics.jsonl.tmp behind.
+    # metrics.jsonl without them, and left an empty temporary file behind.
     import errno
+
+    from clip import run_log
 
     assert main([str(DEMO), "--output-dir", str(tmp_path), *TINY, "eval.every_n_steps=0"]) == 0
     ckpt.checkpoint_path(tmp_path, 6).unlink()  # steps 4-6 are logged, the latest checkpoint is step 3's
     before = (tmp_path / "metrics.jsonl").read_text()
-    real_write_text = Path.write_text
-
-    def full_disk(self, *args, **kwargs):
-        if self.name.startswith("metrics.jsonl"):
-            real_write_text(self, "")  # as a full disk leaves it: created, nothing written
+    def full_disk(path, *args, **kwargs):  # run_log's open: the rewrite's temporary file
+        if Path(path).name.startswith(".metrics.jsonl"):
+            Path(path).write_text("")  # as a full disk leaves it: created, nothing written
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write_text(self, *args, **kwargs)
+        return open(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "write_text", full_disk)
+    monkeypatch.setattr(run_log, "open", full_disk, raising=False)
     errors = errors_of_a_failing_run(tmp_path, caplog)
     assert errors == [(
         f"could not rewrite {tmp_path / 'metrics.jsonl'} without the records of the steps that run again: No space "
@@ -1709,7 +1709,7 @@ def test_a_full_disk_when_a_resume_drops_records_is_one_error_line_and_status_1_
     )]
     assert "Traceback" not in capsys.readouterr().err
     assert (tmp_path / "metrics.jsonl").read_text() == before
-    assert not (tmp_path / "metrics.jsonl.tmp").exists()
+    assert run_log.temporaries_of(tmp_path / "metrics.jsonl") == []
     monkeypatch.undo()
     assert main([str(DEMO), "--output-dir", str(tmp_path), *TINY, "eval.every_n_steps=0"]) == 0
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]

@@ -105,7 +105,7 @@ def save_checkpoint(state: dict, run_dir: Path, step: int, keep_last: int, prune
         if cause is not None:  # a full disk, a quota: torch.save reports it as an "enforce fail" RuntimeError
             reason = f"{cause.strerror or cause} (errno {cause.errno})"
             raise CheckpointWriteError(
-                f"could not write {final}: {reason}; {_kept_before(run_dir, step)}"
+                f"could not write {final}: {reason}; {kept_before(run_dir, step)}"
             ) from error
         started = _raised_while_closing(error)
         if started is not None:
@@ -117,7 +117,7 @@ def save_checkpoint(state: dict, run_dir: Path, step: int, keep_last: int, prune
     return final
 
 
-def _kept_before(run_dir: Path, step: int) -> str:
+def kept_before(run_dir: Path, step: int) -> str:
     """What a failed save of `step` leaves to resume from, said truly also when it was the run's first save."""
     try:
         latest = latest_complete_checkpoint(run_dir, below_step=step)

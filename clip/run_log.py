@@ -164,6 +164,25 @@ class RunLog:
         if self.wandb_run is not None:
             self.wandb_run.log(scalars, step=record.get("step", 0))
 
+    def sync(self) -> None:
+        """Puts the records appended so far on the disk (fsync). Called before each checkpoint is saved: the
+        checkpoint is on the disk once saved, and a power cut would otherwise leave the records of the steps it
+        covers missing for good (a resume logs only the steps after it again). RunLogWriteError if it fails."""
+        try:
+            descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND)  # writable: Windows fsyncs no read-only file
+        except FileNotFoundError:  # nothing logged yet
+            return
+        except OSError as error:
+            raise RunLogWriteError(f"could not open {self.path}: {error.strerror or error} (errno {error.errno})") \
+                from error
+        try:
+            os.fsync(descriptor)
+        except OSError as error:
+            raise RunLogWriteError(f"could not put {self.path} on the disk: {error.strerror or error} "
+                                   f"(errno {error.errno})") from error
+        finally:
+            os.close(descriptor)
+
     def _to_tensorboard(self, record: dict) -> dict:
         """Adds the finite figures of `record` to TensorBoard's events, where its writer runs; returns them."""
         step = record.get("step", 0)

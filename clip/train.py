@@ -450,6 +450,11 @@ def _train(
                 try:
                     run_directory.check(step)
                     try:
+                        run_log.sync()  # the records this checkpoint covers are on the disk before it
+                    except RunLogWriteError as error:
+                        raise ckpt.CheckpointWriteError(f"{error}, so the step {step} checkpoint was not saved; "
+                                                        f"{ckpt.kept_before(run_dir, step)}") from error
+                    try:
                         saved = ckpt.save_checkpoint(state, run_dir, step, config.checkpoint.keep_last,
                                                      prune=not stop.requested)
                     except ckpt.CheckpointWriteError:

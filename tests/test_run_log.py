@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -262,6 +263,28 @@ def test_a_full_disk_when_a_fresh_run_drops_records_does_not_claim_a_checkpoint(
         RunLog(tmp_path, tensorboard=False, resumed_at=0)
     assert "checkpoint" not in str(raised.value)
     assert str(raised.value).endswith(f"(errno {errno.ENOSPC}); run the same command again once the file can be written")
+
+
+def test_sync_puts_metrics_jsonl_on_the_disk_and_says_when_it_cannot(tmp_path, monkeypatch):
+    # Before each checkpoint: a power cut left the records of the steps it covers missing for good
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    log = RunLog(tmp_path, tensorboard=False)
+    log.sync()  # nothing logged yet: no file to sync, none made
+    assert synced == [] and not (tmp_path / "metrics.jsonl").exists()
+    log.write({"step": 1, "loss": 1.0})
+    log.sync()
+    assert synced == [str(tmp_path / "metrics.jsonl")]
+
+    def failing(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(RunLogWriteError, match=rf"^could not put {re.escape(str(tmp_path / 'metrics.jsonl'))} on "
+                                               rf"the disk: Input/output error \(errno {errno.EIO}\)$"):
+        log.sync()
+    log.close()
 
 
 def test_read_metrics_skips_blank_lines(tmp_path):

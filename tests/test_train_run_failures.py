@@ -45,6 +45,31 @@ def error_lines(caplog) -> list[str]:
     return [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
 
 
+def test_each_checkpoint_is_saved_after_the_records_it_covers_are_on_the_disk(tmp_path, monkeypatch, caplog):
+    # metrics.jsonl's lines were never synced: after a power cut, a checkpoint on the disk could cover steps
+    # whose records were not, and a resume logs only the steps after it again
+    from clip.run_log import RunLog, RunLogWriteError
+
+    events = []
+    real_sync, real_save = RunLog.sync, ckpt.save_checkpoint
+    monkeypatch.setattr(RunLog, "sync", lambda self: events.append("sync") or real_sync(self))
+    monkeypatch.setattr(ckpt, "save_checkpoint", lambda *args, **kwargs: events.append("save") or real_save(*args,
+                                                                                                            **kwargs))
+    run_dir = tmp_path / "run"
+    assert main([str(DEMO), "--output-dir", str(run_dir), *TINY, "eval.every_n_steps=0"]) == 0
+    assert events == ["sync", "save"] * 2  # steps 3 and 6
+
+    def failing(self):
+        raise RunLogWriteError(f"could not put {self.path} on the disk: Input/output error (errno 5)")
+
+    monkeypatch.setattr(RunLog, "sync", failing)
+    with caplog.at_level(logging.ERROR):
+        assert main([str(DEMO), "--output-dir", str(run_dir), *TINY, "eval.every_n_steps=0", "schedule.steps=9"]) == 1
+    assert error_lines(caplog) == [
+        f"could not put {run_dir / 'metrics.jsonl'} on the disk: Input/output error (errno 5), so the step 9 "
+        f"checkpoint was not saved; the latest checkpoint before it, {ckpt.checkpoint_path(run_dir, 6)}, is kept"]
+
+
 @pytest.mark.parametrize("images", [0, 40], ids=["before_any_checkpoint", "after_a_checkpoint"])
 def test_a_data_worker_killed_mid_run_is_one_line_that_says_what_is_kept(tmp_path, monkeypatch, capsys, caplog,
                                                                          images):

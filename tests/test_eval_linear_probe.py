@@ -159,14 +159,16 @@ def test_fit_reaches_a_stationary_point_of_scikit_learns_objective():
 
 def test_a_fit_over_row_chunks_reaches_the_same_stationary_point_in_bounded_memory(monkeypatch):
     # The full batch's logits, log-softmax and their gradient were three N x classes temporaries: ImageNet's
-    # 1.28M x 1000 needed ~15 GB on the fitting device for them alone. Past LOSS_CHUNK_ELEMENTS logits the loss is
-    # summed over row chunks, to the same optimum
+    # 1.28M x 1000 needed ~15 GB on the fitting device for them alone. Past LOSS_CHUNK_ELEMENTS logits (or feature
+    # elements, converted to float64) the loss is summed over row chunks, to the same optimum
     import clip.evaluation.linear_probe as probe_module
 
     features, labels = gaussian_classes(10, 6, separation=1.0)
     l2 = 4.0
     whole = fit_logistic_regression(features, labels, 4, l2)
-    monkeypatch.setattr(probe_module, "LOSS_CHUNK_ELEMENTS", 4 * 7)  # chunks of 7 rows, the last one of 5
+    assert len(features) == 40 and features.shape[1] >= 4
+    # chunks of 7 rows, the last one of 5
+    monkeypatch.setattr(probe_module, "LOSS_CHUNK_ELEMENTS", 7 * features.shape[1])
     seen_rows = []
     real_cross_entropy = nn.functional.cross_entropy
 
@@ -438,3 +440,76 @@ def test_nonfinite_features_are_refused_not_fitted():
     test[0][3, 0] = float("inf")
     with pytest.raises(NonFiniteFeaturesError, match="1 of 40 linear-probe test features"):
         run_linear_probe(train, test, 4, coarse_points=3, refine_steps=0, max_iter=20)
+
+
+def badly_scaled_classes() -> tuple[torch.Tensor, torch.Tensor]:
+    """Ten classes in 64 float32 dimensions, three of them 300 times the others' scale, all offset: features
+    such as a model's unnormalised activations, on which L-BFGS needs many iterations."""
+    generator = torch.Generator().manual_seed(1)
+    means = 0.3 * torch.randn(10, 64, generator=generator, dtype=torch.float64)
+    labels = torch.arange(10).repeat_interleave(50)
+    features = means[labels] + torch.randn(len(labels), 64, generator=generator, dtype=torch.float64)
+    scale = torch.ones(64, dtype=torch.float64)
+    scale[:3] = 300.0
+    offset = 5 * torch.randn(64, generator=generator, dtype=torch.float64)
+    return (features * scale + offset).float(), labels
+
+
+def test_a_fit_on_float32_features_is_the_float64_fit_of_the_same_values():
+    # Fitted in the features' dtype, float32 L-BFGS read a loss change below one float32 rounding step as none
+    # and stopped after 145 of 1000 iterations here, its weights 9.5% from the optimum's (a review against
+    # scikit-learn, which fits in float64)
+    features, labels = badly_scaled_classes()
+    in_float32 = fit_logistic_regression(features, labels, 10, 100.0, max_iter=300)
+    in_float64 = fit_logistic_regression(features.double(), labels, 10, 100.0, max_iter=300)
+    assert in_float32.weight.dtype == in_float32.bias.dtype == torch.float64
+    assert torch.equal(in_float32.weight, in_float64.weight) and torch.equal(in_float32.bias, in_float64.bias)
+    assert in_float32.iterations == 300
+
+
+def test_a_fit_that_ends_at_max_iter_is_reported_as_unconverged(caplog):
+    # It returned its last iterate without a word: on badly scaled features most of a sweep's fits did
+    features, labels = badly_scaled_classes()
+    short = fit_logistic_regression(features, labels, 10, 100.0, max_iter=5)
+    assert (short.iterations, short.converged) == (5, False)
+    easy = fit_logistic_regression(*gaussian_classes(20, 1), 4, 1.0, max_iter=300)
+    assert easy.converged and 0 < easy.iterations < 300
+    with caplog.at_level("WARNING", logger="clip.evaluation.linear_probe"):
+        result = run_linear_probe((features, labels), (features, labels), 10, max_iter=5, coarse_points=3,
+                                  refine_steps=0)
+    assert (result.unconverged_fits, result.refit_converged) == (4, False)
+    assert not any(point.converged for point in result.sweep)
+    assert result.to_dict()["unconverged_fits"] == 4
+    (message,) = [record.getMessage() for record in caplog.records]
+    assert message.startswith("4 of the linear probe's 4 fits ended at max_iter = 5 iterations, short of "
+                              "convergence (the refit on train + validation among them)")
+    assert "--standardize" in message
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="clip.evaluation.linear_probe"):
+        result = run_linear_probe(gaussian_classes(40, 1), gaussian_classes(20, 2), 4, max_iter=300)
+    assert (result.unconverged_fits, result.refit_converged, caplog.records) == (0, True, [])
+
+
+@pytest.mark.parametrize(
+    ("split", "labels", "message"),
+    [
+        ("train", lambda y: y.float(), r"the train labels must be integer class indices, got torch.float32"),
+        ("train", lambda y: torch.where(y == 0, -100, y),
+         r"the train labels must be class indices in \[0, 3\] \(4 classes\), found labels from -100 to 3"),
+        ("test", lambda y: torch.where(y == 0, 5, y),
+         r"the test labels must be class indices in \[0, 3\] \(4 classes\), found labels from 1 to 5"),
+        ("test", lambda y: y[:0], r"the test split has no examples"),
+    ],
+    ids=["float", "negative_train", "past_the_classes_in_test", "empty_test"],
+)
+def test_labels_that_are_not_class_indices_are_refused_naming_the_split(split, labels, message):
+    # Float labels and a training label past the classes failed deep inside torch; a test label past them
+    # counted as a wrong answer and as a class of its own; cross-entropy skipped the rows labelled -100; an
+    # empty test split divided by zero
+    train, test = gaussian_classes(20, 1), gaussian_classes(20, 2)
+    if split == "train":
+        train = (train[0], labels(train[1]))
+    else:
+        test = (test[0][: len(labels(test[1]))], labels(test[1]))
+    with pytest.raises(ValueError, match=rf"^{message}$"):
+        run_linear_probe(train, test, 4, max_iter=50)

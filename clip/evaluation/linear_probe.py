@@ -1,9 +1,12 @@
 """Linear probe: multinomial logistic regression on frozen image features, as in the CLIP paper.
 
 The classifier minimises   sum of cross-entropies + (l2 / 2) * ||W||^2   (the bias is not penalised), i.e.
-scikit-learn's LogisticRegression objective with l2 = 1 / C, which the paper used; it is computed as the mean
-cross-entropy + (l2 / 2N) ||W||^2, the same minimum. Full-batch L-BFGS with a strong-Wolfe line search,
-from zeros, so a fit is deterministic (torch's L-BFGS in the features' dtype, not SciPy's in float64).
+scikit-learn's LogisticRegression objective with l2 = 1 / C, which the paper used (for 2 classes, scikit-learn
+fits one weight vector where this fits two, and its C = 2 / l2); it is computed as the mean cross-entropy +
+(l2 / 2N) ||W||^2, the same minimum. Full-batch L-BFGS with a strong-Wolfe line search, from zeros, so a fit is
+deterministic: torch's L-BFGS in float64, as scikit-learn's (SciPy's) is, whatever the features' dtype. In
+float32 its stopping rule read a loss change below one rounding step as none and stopped early, up to 10% from
+the optimum's weights. A fit that ends at max_iter iterations is counted as unconverged and reported.
 
 The L2 strength is chosen on a validation split as in the paper: a log-spaced sweep over [1e-6, 1e6], then
 a few rounds of halving the step around the best value (its "parametric binary search"), ranking by the
@@ -17,6 +20,7 @@ unprojected=True)`, which the command line (`clip-linear-probe`) uses by default
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -35,6 +39,8 @@ from .features import (
     refuse_nonfinite_features,
     unwrap_model,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def extract_features(
@@ -79,18 +85,20 @@ def extract_features(
 
 @dataclass
 class LogisticRegression:
-    weight: torch.Tensor  # [C, D]
-    bias: torch.Tensor  # [C]
+    weight: torch.Tensor  # [C, D], float64
+    bias: torch.Tensor  # [C], float64
+    iterations: int = 0  # L-BFGS iterations of the fit
+    converged: bool = True  # False: the fit ended at its max_iter, short of the tolerances
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return features.to(self.weight) @ self.weight.t() + self.bias
 
     def predictions(self, features: torch.Tensor) -> torch.Tensor:
-        """The predicted class of each row, on the CPU, from row chunks (`chunk_rows`): the whole set's logits
+        """The predicted class of each row, on the CPU, from row chunks (`row_chunks`): the whole set's logits
         at once were N x classes (ImageNet's 1.28M x 1000: 5 GB in float32, 10 GB in float64)."""
-        rows = chunk_rows(len(self.bias))
-        return torch.cat([self.logits(features[start : start + rows]).argmax(dim=1).cpu()
-                          for start in range(0, len(features), rows)] or [torch.zeros(0, dtype=torch.long)])
+        chunks = row_chunks(len(features), len(self.bias), features.shape[-1])
+        return torch.cat([self.logits(features[chunk]).argmax(dim=1).cpu() for chunk in chunks]
+                         or [torch.zeros(0, dtype=torch.long)])
 
     def accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
         # Counted and divided in Python: a float32 mean gave 12/18 as 0.6666666865348816 in the results
@@ -107,39 +115,49 @@ class LogisticRegression:
 
     def loss(self, features: torch.Tensor, labels: torch.Tensor) -> float:
         labels = labels.to(self.weight.device)
-        rows = chunk_rows(len(self.bias))
-        if len(labels) <= rows:
-            return nn.functional.cross_entropy(self.logits(features), labels).item()
-        total = sum(nn.functional.cross_entropy(self.logits(features[start : start + rows]),
-                                                labels[start : start + rows], reduction="sum").item()
-                    for start in range(0, len(labels), rows))
+        total = sum(nn.functional.cross_entropy(self.logits(features[chunk]), labels[chunk], reduction="sum").item()
+                    for chunk in row_chunks(len(labels), len(self.bias), features.shape[-1]))
         return total / len(labels)
 
 
-# The most logits (rows x classes) one evaluation of the probe's loss holds at once: 64 MB in float32. Up to that
-# many rows the loss is one full-batch expression; above, it is summed over row chunks of that size.
+# The most logits (rows x classes) one evaluation of the probe's loss holds at once, and the most feature elements
+# it converts to float64 at once: 128 MB each. The loss is summed over row chunks within both.
 LOSS_CHUNK_ELEMENTS = 1 << 24
 
 
-def chunk_rows(num_classes: int) -> int:
-    """The rows of one chunk of the probe's logits: at most LOSS_CHUNK_ELEMENTS of them."""
-    return max(1, LOSS_CHUNK_ELEMENTS // num_classes)
+def row_chunks(num_rows: int, num_classes: int, dim: int) -> list[slice]:
+    """Row chunks of at most LOSS_CHUNK_ELEMENTS logits and as many feature elements; one for a small set."""
+    rows = max(1, LOSS_CHUNK_ELEMENTS // max(num_classes, dim, 1))
+    return [slice(start, start + rows) for start in range(0, num_rows, rows)]
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, what: str) -> None:
+    """A ValueError unless `labels` are class indices in [0, num_classes). Others failed deep inside torch
+    (float labels, a label of num_classes or more in training), or were scored without a word: a test label past
+    the classes counted as a wrong answer and as a class of its own in the mean per-class accuracy, and
+    cross-entropy skips the rows labelled -100."""
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"the {what} labels must be integer class indices, got {labels.dtype}")
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
+        raise ValueError(f"the {what} labels must be class indices in [0, {num_classes - 1}] ({num_classes} "
+                         f"classes), found labels from {int(labels.min())} to {int(labels.max())}")
 
 
 def fit_logistic_regression(
     features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float, *, max_iter: int = 1000
 ) -> LogisticRegression:
     """Full-batch L-BFGS on sum of cross-entropies + (l2 / 2) ||W||^2 (scikit-learn's objective with
-    l2 = 1 / C), on the features' device and dtype."""
+    l2 = 1 / C), on the features' device, in float64 (the features converted a chunk at a time)."""
     if features.ndim != 2 or len(features) != len(labels):
         raise ValueError(f"need features [N, D] and labels [N], got {tuple(features.shape)} and {tuple(labels.shape)}")
     if len(labels) == 0:  # the L2 term is scaled by 1 / N below
         raise ValueError("no training examples to fit the probe on")
+    check_labels(labels, num_classes, "training")
     labels = labels.to(features.device).long()
     weight = torch.zeros(
-        num_classes, features.shape[1], dtype=features.dtype, device=features.device, requires_grad=True
+        num_classes, features.shape[1], dtype=torch.float64, device=features.device, requires_grad=True
     )
-    bias = torch.zeros(num_classes, dtype=features.dtype, device=features.device, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=torch.float64, device=features.device, requires_grad=True)
     # Scaled by the number of examples: the mean keeps the loss and gradients O(1) for the tolerances.
     per_example_l2 = l2 / len(labels)
     optimizer = torch.optim.LBFGS(
@@ -150,27 +168,22 @@ def fit_logistic_regression(
         # the fit well before max_iter iterations.
         max_eval=4 * max_iter,
         history_size=20,
-        tolerance_grad=1e-7,
-        tolerance_change=1e-10,
+        tolerance_grad=1e-10,
+        tolerance_change=1e-12,
         line_search_fn="strong_wolfe",
     )
 
-    rows = chunk_rows(num_classes)
+    # Row chunks, their gradients summed: the full batch's logits, log-softmax and gradient are three
+    # N x classes temporaries (ImageNet's 1.28M x 1000: 15 GB on the fitting device, over what most GPUs hold),
+    # and its features in float64 a copy twice their float32 size
+    chunks = row_chunks(len(labels), num_classes, features.shape[1])
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        if len(labels) <= rows:
-            loss = nn.functional.cross_entropy(features @ weight.t() + bias, labels)
-            loss = loss + 0.5 * per_example_l2 * weight.pow(2).sum()
-            loss.backward()
-            return loss
-        # Row chunks, their gradients summed: the full batch's logits, log-softmax and gradient are three
-        # N x classes temporaries (ImageNet's 1.28M x 1000: 15 GB on the fitting device, over what most GPUs hold)
-        total = torch.zeros((), dtype=features.dtype, device=features.device)
-        for start in range(0, len(labels), rows):
-            chunk = slice(start, start + rows)
-            part = nn.functional.cross_entropy(features[chunk] @ weight.t() + bias, labels[chunk], reduction="sum")
-            part = part / len(labels)
+        total = torch.zeros((), dtype=torch.float64, device=features.device)
+        for chunk in chunks:
+            logits = features[chunk].to(torch.float64) @ weight.t() + bias
+            part = nn.functional.cross_entropy(logits, labels[chunk], reduction="sum") / len(labels)
             part.backward()
             total += part.detach()
         penalty = 0.5 * per_example_l2 * weight.pow(2).sum()
@@ -179,7 +192,8 @@ def fit_logistic_regression(
 
     with torch.enable_grad():
         optimizer.step(closure)  # one call runs up to max_iter L-BFGS iterations
-    return LogisticRegression(weight.detach(), bias.detach())
+    iterations = optimizer.state[weight].get("n_iter", 0)  # torch's L-BFGS keeps its state under the first tensor
+    return LogisticRegression(weight.detach(), bias.detach(), iterations, converged=iterations < max_iter)
 
 
 @dataclass
@@ -188,6 +202,7 @@ class SweepPoint:
     val_accuracy: float
     val_loss: float
     val_mean_per_class: float
+    converged: bool = True  # the fit ended within max_iter (`LogisticRegression.converged`)
 
     def key(self, metric: str) -> tuple[float, float]:
         """Larger is better: the validation metric, then the lower validation loss."""
@@ -222,7 +237,8 @@ def select_l2(
         if log_l2 not in evaluated:
             probe = fit_logistic_regression(*train, num_classes, 10.0**log_l2, max_iter=max_iter)
             evaluated[log_l2] = SweepPoint(
-                10.0**log_l2, probe.accuracy(*val), probe.loss(*val), probe.mean_per_class_accuracy(*val)
+                10.0**log_l2, probe.accuracy(*val), probe.loss(*val), probe.mean_per_class_accuracy(*val),
+                probe.converged,
             )
 
     def best() -> float:
@@ -241,7 +257,7 @@ def select_l2(
 
 @dataclass
 class LinearProbeResult:
-    l2: float  # the L2 strength lambda = scikit-learn's 1 / C (the paper's; before 2026-11-30: per example)
+    l2: float  # the L2 strength lambda = scikit-learn's 1 / C (2 / C for 2 classes; before 2026-11-30: per example)
     train_accuracy: float  # on train + validation, after the refit
     val_accuracy: float  # of the chosen l2, fitted on train only
     test_accuracy: float
@@ -253,6 +269,10 @@ class LinearProbeResult:
     metric: str = "accuracy"  # what chose l2: "accuracy" or "mean_per_class"
     val_mean_per_class: float = 0.0
     test_mean_per_class: float = 0.0
+    # The fits (the sweep's and the refit) that ended at max_iter short of L-BFGS's tolerances: their weights,
+    # and the choice of l2 among them, may be off
+    unconverged_fits: int = 0
+    refit_converged: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -347,6 +367,9 @@ def run_linear_probe(
     for what, split in (("train", train), ("test", test), ("validation", val)):
         if split is not None:
             refuse_nonfinite_features(split[0], f"linear-probe {what}")
+            check_labels(split[1], num_classes, what)
+    if len(test[1]) == 0:  # its accuracies would be a mean over nothing
+        raise ValueError("the test split has no examples")
     if device is not None:
         train, test = _to(train, device), _to(test, device)
         val = None if val is None else _to(val, device)
@@ -370,6 +393,15 @@ def run_linear_probe(
         scaled(full_x, stats), full_y, num_classes, l2, max_iter=sweep_options.get("max_iter", 1000)
     )
     test_x = scaled(test[0].to(full_x.device), stats)
+    unconverged = sum(not point.converged for point in sweep) + (not probe.converged)
+    if unconverged:
+        logger.warning(
+            "%d of the linear probe's %d fits ended at max_iter = %d iterations, short of convergence (the "
+            "refit on train + validation %s): their weights and the l2 chosen may be off. Features of widely "
+            "different scales converge slowly: standardize them (--standardize), or raise max_iter (--max-iter)",
+            unconverged, len(sweep) + 1, sweep_options.get("max_iter", 1000),
+            "among them" if not probe.converged else "converged",
+        )
     return LinearProbeResult(
         l2=l2,
         metric=metric,
@@ -383,4 +415,6 @@ def run_linear_probe(
         num_test=len(test[1]),
         standardize=standardize,
         sweep=sweep,
+        unconverged_fits=unconverged,
+        refit_converged=probe.converged,
     )

@@ -6,6 +6,7 @@ import io
 import logging
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -282,6 +283,33 @@ def test_skip_log_is_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
     ]
 
 
+def test_each_skip_log_line_counts_the_skips_since_the_line_before(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The count was never checked against skips held back by the rate limit: a line that said "skipped 1" for
+    # every minute's skips, however many, passed the suite. The clock is the test's own
+    clock = [1000.0]
+    monkeypatch.setattr(decoding, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    log = SkipLog(interval_s=60, where="w")
+    with caplog.at_level(logging.WARNING, logger="clip.data.decoding"):
+        log.record("truncated", "src", "file0", "")  # the first of a kind: a line at once
+        for now, item in [(1010.0, "file1"), (1020.0, "file2"), (1059.0, "file3")]:  # within the minute: held back
+            clock[0] = now
+            log.record("truncated", "src", item, "")
+        log.record("not_an_image", "src", "other", "")  # another kind keeps its own count and clock
+        clock[0] = 1061.0
+        log.record("truncated", "src", "file4", "cut at 99 bytes")
+        clock[0] = 1100.0
+        log.record("truncated", "src", "file5", "")
+        clock[0] = 1121.0  # exactly the interval after the last line
+        log.record("truncated", "src", "file6", "")
+    assert [record.getMessage() for record in caplog.records] == [
+        "w: skipped 1 truncated sample(s) so far; latest from src: file0",
+        "w: skipped 1 not_an_image sample(s) so far; latest from src: other",
+        "w: skipped 4 truncated sample(s) in the last 60s; latest from src: file4 (cut at 99 bytes)",
+        "w: skipped 2 truncated sample(s) in the last 60s; latest from src: file6",
+    ]
+
 def test_skip_log_names_each_broken_shard_once(caplog: pytest.LogCaptureFixture) -> None:
     # Rate-limited by kind, the second and third broken shards went unnamed, and the first line said "skipped 1
     # missing_shard sample(s)" of a shard whose 8 samples were all lost
@@ -453,3 +481,33 @@ def test_a_webp_or_tiff_cut_short_is_counted_as_truncated(kind):
     with pytest.raises(SkipSample) as text:  # not an image at all, as before
         open_image(b"<html>not an image</html>" * 4, None, None)
     assert text.value.kind == "not_an_image"
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data", "ignore:Truncated File Read")  # Pillow's, on the cut TIFF
+def test_a_webp_short_of_its_last_bytes_or_a_tiff_cut_at_its_directory_is_counted_as_truncated():
+    # The cuts above stop 16 bytes short of the end, so the headers' offsets went untried: a WebP's RIFF size
+    # counts all but its first 8 bytes, and a TIFF's directory starts with a 2-byte entry count. Without the
+    # "+ 8" a WebP missing 1 to 8 bytes was a corrupt_image; without the "+ 2" a TIFF cut at its directory, or
+    # 1 byte into it, not_an_image
+    from clip.data.decoding import SkipSample, open_image
+
+    def skip_kind(data: bytes) -> str:
+        try:
+            open_image(data, None, None)
+        except SkipSample as skip:
+            return skip.kind
+        return "decoded"
+
+    rng = np.random.default_rng(0)
+    pixels = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    pixels.save(buffer, format="WEBP")
+    webp = buffer.getvalue()
+    assert {k: skip_kind(webp[:-k]) for k in range(1, 9)} == {k: "truncated" for k in range(1, 9)}
+    buffer = io.BytesIO()
+    pixels.save(buffer, format="TIFF", compression="tiff_deflate")
+    tiff = buffer.getvalue()
+    directory = int.from_bytes(tiff[4:8], "little")
+    assert tiff[:4] == b"II*\0" and directory > len(tiff) // 2  # Pillow writes the directory after the pixels
+    cuts = range(directory - 8, directory + 2)
+    assert {cut: skip_kind(tiff[:cut]) for cut in cuts} == {cut: "truncated" for cut in cuts}

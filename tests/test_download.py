@@ -160,6 +160,31 @@ def test_file_url_download_and_reuse(monkeypatch, tmp_path: Path, source_file: P
     assert download(source_file.as_uri(), GOOD_SHA256.upper(), root=cache) == path
 
 
+def test_a_download_is_on_the_disk_before_its_rename(monkeypatch, tmp_path: Path, source_file: Path) -> None:
+    # Renamed unsynced, a power cut could leave an empty or torn file under the final name of a download that
+    # had passed its checksum: the partial file's whole bytes are synced before it is renamed into place
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("sync", os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    def replace(source, destination):
+        events.append(("rename", os.fspath(source), os.fspath(destination)))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(clip.download.os, "fsync", fsync)
+    monkeypatch.setattr(clip.download.os, "replace", replace)
+    cache = tmp_path / "cache"
+    path = download(source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
+    assert len(events) == 2 and events[0][0] == "sync", events
+    partial = events[0][1]
+    assert re.fullmatch(rf"{re.escape(str(cache))}/\.weights\.bin\.[0-9a-f]{{32}}\.part", partial), partial
+    # the whole file at its sync, not what Python's buffer had passed on by then
+    assert events == [("sync", partial, len(GOOD_BYTES)), ("rename", partial, str(path))]
+    assert path.read_bytes() == GOOD_BYTES
+
 def test_default_root_is_the_cache_dir(monkeypatch, tmp_path: Path, source_file: Path) -> None:
     monkeypatch.setenv("CLIP_CACHE_DIR", str(tmp_path / "cache"))
     path = download(source_file.as_uri(), GOOD_SHA256, filename="renamed.bin", progress=False)

@@ -587,8 +587,15 @@ def test_confusion_png_is_written_or_skipped_without_matplotlib(tmp_path, monkey
 def test_templates_are_checked_and_read_from_files(tmp_path):
     for template in DEFAULT_TEMPLATES:
         validate_template(template)
-    for bad in ["no placeholder", "{} and {}", "{name}", "{0"]:
-        with pytest.raises(ValueError):
+    # Each refused by the validator, in its own words: "{0" made str.format raise a ValueError of its own, so
+    # without a match that case passed whatever the validator did
+    for bad, message in [
+        ("no placeholder", "template 'no placeholder' must contain exactly one '{}' for the class name"),
+        ("{} and {}", "template '{} and {}' must contain exactly one '{}' for the class name"),
+        ("{name}", "template '{name}' is not a format string with one '{}': its field '{name}' must be a plain '{}'"),
+        ("{0", "template '{0' is not a format string with one '{}': "),
+    ]:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
             validate_template(bad)
     (tmp_path / "t.json").write_text('["a photo of a {}.", "art of the {}"]')
     (tmp_path / "t.txt").write_text("# my prompts\na photo of a {}.\n\nart of the {}\n")

@@ -12,7 +12,6 @@ import re
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -307,6 +306,31 @@ def test_an_interrupted_atomic_write_leaves_the_old_file_and_no_temporary(tmp_pa
     assert path.read_text() == "old" and run_log.temporaries_of(path) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
+
+def test_an_atomic_write_is_on_the_disk_before_its_rename(tmp_path, monkeypatch):
+    # Renamed unsynced, a power cut could leave the new name on an empty or torn file in place of the previous
+    # one, which the rename was there to prevent: the temporary's whole bytes are synced before it is renamed
+    path = tmp_path / "results.json"
+    path.write_text("old")
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("sync", os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    def replace(source, destination):
+        events.append(("rename", os.fspath(source), os.fspath(destination)))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    with run_log.replaced_atomically(path) as file:
+        file.write("the new results")
+    temporary = str(tmp_path / f".results.json.{os.getpid()}.tmp")
+    # the whole file at its sync, not what Python's buffer had passed on by then
+    assert events == [("sync", temporary, len("the new results")), ("rename", temporary, str(path))]
+    assert path.read_text() == "the new results"
 
 def test_temporaries_of_lists_every_one_and_none_in_a_missing_folder(tmp_path):
     for name in (".x.pt.12.tmp", ".x.pt.345.tmp", "x.pt"):

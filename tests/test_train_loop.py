@@ -1864,6 +1864,21 @@ def test_extending_a_finished_run_names_the_learning_rate_jump_and_keeps_its_res
     assert "evaluating that checkpoint only" in caplog.text and "jumps there" not in caplog.text
 
 
+def test_a_finished_run_restarted_at_its_last_step_under_another_schedule_names_no_learning_rate_jump(
+    tmp_path, caplog
+):
+    # schedule.steps equal to the checkpoint's step: the run only evaluates, no step comes, so the rate of "step
+    # 7" is never used. The check stopped at steps below the checkpoint's: at the step itself it said a jump
+    train(tiny_config(tmp_path, "eval.every_n_steps=0"))  # finished at step 6
+    floor = tiny_config(tmp_path, "eval.every_n_steps=0", "schedule.min_lr_ratio=0.5")
+    assert floor.schedule.steps == 6 and ckpt.list_checkpoints(tmp_path)[0][0] == 6
+    # the two schedules do differ after step 6: only the missing step keeps the warning away
+    assert learning_rate(6, 1e-3, floor.schedule) != learning_rate(6, 1e-3, tiny_config(tmp_path).schedule)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        train(floor)
+    assert "jumps there" not in caplog.text and "learning rate" not in caplog.text
+
 def test_results_moved_aside_are_named_after_their_own_step_when_the_run_resumes_below_it(tmp_path):
     # A finished run, extended, whose last checkpoint was then found torn, resumes from an earlier one: its
     # results.json was renamed after the checkpoint's step, not its own, replacing the results of that step

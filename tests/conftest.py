@@ -1,12 +1,16 @@
 """Shared pytest setup: `--runslow` enables the tests marked `slow` (skipped by default); the job signals start at
-their defaults; every test must leave the process-wide settings that later tests see as it found them."""
+their defaults; every test must leave the process-wide settings that later tests see as it found them; OpenAI's
+merges file is in the cache folder without the network."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import shutil
 import signal
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +37,44 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip_slow)
+
+
+def merges_file_copies() -> list[Path]:
+    """Copies of OpenAI's merges file on this machine: the shared reference data beside the checkout, and the one
+    that open_clip (which the test extra installs) ships inside its package."""
+    from clip.tokenizer import MERGES_URL
+
+    name = MERGES_URL.rsplit("/", 1)[1]
+    copies = [Path(__file__).resolve().parents[2] / "shared" / "reference" / name]
+    open_clip = importlib.util.find_spec("open_clip")  # found, not imported (that would take seconds)
+    if open_clip is not None and open_clip.origin is not None:
+        copies.append(Path(open_clip.origin).parent / name)
+    return copies
+
+
+@pytest.fixture(scope="session", autouse=True)
+def merges_file_in_the_cache(tmp_path_factory):
+    """The tests run without the network. Where the cache folder ($CLIP_CACHE_DIR, as .ci/run sets it) lacks the
+    merges file, the session's own cache folder gets a copy from `merges_file_copies`, checked against its SHA256:
+    a fresh checkout's suite downloaded it (or failed offline, 200 tests)."""
+    from clip.download import cache_dir, sha256_of_file
+    from clip.tokenizer import MERGES_SHA256, MERGES_URL
+
+    name = MERGES_URL.rsplit("/", 1)[1]
+    cached = cache_dir() / name
+    if cached.is_file() and sha256_of_file(cached) == MERGES_SHA256:
+        yield cached
+        return
+    source = next((copy for copy in merges_file_copies()
+                   if copy.is_file() and sha256_of_file(copy) == MERGES_SHA256), None)
+    if source is None:  # the tests that need it download it, as the package does
+        yield None
+        return
+    folder = tmp_path_factory.mktemp("clip-cache")
+    shutil.copy(source, folder / name)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CLIP_CACHE_DIR", str(folder))
+        yield folder / name
 
 
 @pytest.fixture

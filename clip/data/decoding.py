@@ -122,15 +122,32 @@ def open_image(data: bytes, max_pixels: int | None, draft_size: int | None) -> I
         raise SkipSample("truncated" if ends_early else "corrupt_image", f"{type(error).__name__}: {error}") from None
 
 
+# The bytes of one value of each TIFF field type (TIFF 6.0: BYTE, ASCII, SHORT, LONG, RATIONAL, SBYTE, UNDEFINED,
+# SSHORT, SLONG, SRATIONAL, FLOAT, DOUBLE)
+_TIFF_TYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8}
+
+
 def _ends_before_its_header_says(data: bytes) -> bool:
-    """Whether a WebP's RIFF size or a TIFF's first-directory offset points past the end of `data`: their
-    decoders' errors do not say "truncated" (a cut WebP was counted as a corrupt image, a cut TIFF, whose
-    directory sits at its end, as not an image at all)."""
+    """Whether a WebP's RIFF size, or a TIFF's first directory (its entries, the values they point to, the next
+    directory's offset), reaches past the end of `data`: their decoders' errors do not say "truncated" (a cut WebP
+    was counted as a corrupt image, a cut TIFF, whose directory and its values sit at its end, as not an image at
+    all)."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return int.from_bytes(data[4:8], "little") + 8 > len(data)
-    if data[:4] in (b"II*\0", b"MM\0*"):
-        offset = int.from_bytes(data[4:8], "little" if data[:2] == b"II" else "big")
-        return offset + 2 > len(data)
+    if data[:4] not in (b"II*\0", b"MM\0*"):
+        return False
+    order = "little" if data[:2] == b"II" else "big"
+    directory = int.from_bytes(data[4:8], order)
+    if directory + 2 > len(data):
+        return True
+    count = int.from_bytes(data[directory : directory + 2], order)
+    if directory + 2 + 12 * count + 4 > len(data):  # its entries, then the next directory's offset
+        return True
+    for entry in range(directory + 2, directory + 2 + 12 * count, 12):
+        kind = int.from_bytes(data[entry + 2 : entry + 4], order)
+        size = _TIFF_TYPE_BYTES.get(kind, 1) * int.from_bytes(data[entry + 4 : entry + 8], order)
+        if size > 4 and int.from_bytes(data[entry + 8 : entry + 12], order) + size > len(data):  # stored elsewhere
+            return True
     return False
 
 

@@ -513,3 +513,20 @@ def test_labels_that_are_not_class_indices_are_refused_naming_the_split(split, l
         test = (test[0][: len(labels(test[1]))], labels(test[1]))
     with pytest.raises(ValueError, match=rf"^{message}$"):
         run_linear_probe(train, test, 4, max_iter=50)
+
+
+def test_a_class_without_training_examples_is_never_predicted_and_leaves_the_sweeps_loss_finite():
+    # Fitted, such a class's bias only fell without end: the fit ran to max_iter, and how far the bias got set
+    # the validation loss of the class's images, which broke the sweep's accuracy ties by chance (a CLI test's
+    # probe chose 1e6 or 1e-5 by it). scikit-learn fits only the classes it sees; so does the probe now.
+    features, labels = gaussian_classes(20, 1)
+    seen = labels != 2
+    probe = fit_logistic_regression(features[seen], labels[seen], 4, 1.0, max_iter=300)
+    without = fit_logistic_regression(features[seen], torch.tensor([0, 1, 0, 2])[labels[seen]], 3, 1.0, max_iter=300)
+    assert probe.converged and probe.bias[2] == -math.inf and not probe.weight[2].any()
+    assert torch.equal(probe.weight[[0, 1, 3]], without.weight) and torch.equal(probe.bias[[0, 1, 3]], without.bias)
+    assert 2 not in probe.predictions(features).tolist()
+    val = gaussian_classes(10, 2)
+    _, sweep = select_l2((features[seen], labels[seen]), val, 4, coarse_points=3, refine_steps=0, max_iter=300)
+    assert all(math.isfinite(point.val_loss) and point.converged for point in sweep)
+    assert all(point.val_accuracy <= 0.75 for point in sweep)  # class 2's images are all missed

@@ -154,6 +154,17 @@ def fit_logistic_regression(
         raise ValueError("no training examples to fit the probe on")
     check_labels(labels, num_classes, "training")
     labels = labels.to(features.device).long()
+    present = torch.bincount(labels, minlength=num_classes) > 0
+    if not present.all():
+        # A class without examples is fitted as scikit-learn does, not at all: it is never predicted (weights 0,
+        # bias -inf). Fitted, its bias only fell without end, and how far it got by the fit's stop set the
+        # validation loss of its images, which broke the sweep's accuracy ties by chance.
+        fitted = fit_logistic_regression(features, (torch.cumsum(present, 0) - 1)[labels], int(present.sum()), l2,
+                                         max_iter=max_iter)
+        weight = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, device=features.device)
+        bias = torch.full((num_classes,), -math.inf, dtype=torch.float64, device=features.device)
+        weight[present], bias[present] = fitted.weight, fitted.bias
+        return LogisticRegression(weight, bias, fitted.iterations, fitted.converged)
     weight = torch.zeros(
         num_classes, features.shape[1], dtype=torch.float64, device=features.device, requires_grad=True
     )
@@ -231,14 +242,18 @@ def select_l2(
         raise ValueError(f"metric must be 'accuracy' or 'mean_per_class', got {metric!r}")
     log_low, log_high = math.log10(low), math.log10(high)
     evaluated: dict[float, SweepPoint] = {}
+    # The validation loss leaves out the images of classes without training examples: no fit predicts those
+    # (`fit_logistic_regression`), and their loss is infinite at every strength
+    trained = torch.bincount(train[1].cpu(), minlength=num_classes)[val[1].cpu()] > 0
+    scored = (val[0][trained.to(val[0].device)], val[1][trained.to(val[1].device)])
 
     def evaluate(log_l2: float) -> None:
         log_l2 = round(min(max(log_l2, log_low), log_high), 6)
         if log_l2 not in evaluated:
             probe = fit_logistic_regression(*train, num_classes, 10.0**log_l2, max_iter=max_iter)
             evaluated[log_l2] = SweepPoint(
-                10.0**log_l2, probe.accuracy(*val), probe.loss(*val), probe.mean_per_class_accuracy(*val),
-                probe.converged,
+                10.0**log_l2, probe.accuracy(*val), probe.loss(*scored) if len(scored[1]) else 0.0,
+                probe.mean_per_class_accuracy(*val), probe.converged,
             )
 
     def best() -> float:

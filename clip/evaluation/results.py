@@ -14,6 +14,23 @@ from ..run_log import replaced_atomically
 
 logger = logging.getLogger(__name__)
 
+# Logits closer than this fraction of the image's largest |logit| are a tie, which goes to the lowest class index.
+# The float32 product rounds the scores of identical class embeddings (one name given to two classes, ImageNet's
+# two "missile" classes) apart by their columns and the batch's shape: compared exactly, the images of such
+# classes went to one or the other by the batch size and the thread count.
+TIE_TOLERANCE = 1e-6
+
+
+def tie_tolerances(logits: torch.Tensor) -> torch.Tensor:
+    """[N, 1]: how close to a row's score another counts as tied with it (`TIE_TOLERANCE`)."""
+    return TIE_TOLERANCE * logits.abs().amax(dim=1, keepdim=True)
+
+
+def predicted_classes(logits: torch.Tensor) -> torch.Tensor:
+    """[N]: each row's lowest class index among its top scores, those within `tie_tolerances` of the best."""
+    best = logits.amax(dim=1, keepdim=True)
+    return (logits >= best - tie_tolerances(logits)).to(torch.int32).argmax(dim=1)  # argmax: the first largest
+
 
 class ClassificationCounts:
     """Accumulates a confusion matrix and per-class top-k hits batch by batch, so the logits of a large
@@ -36,15 +53,16 @@ class ClassificationCounts:
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"labels must lie in 0..{self.num_classes - 1}, got {labels.min()}..{labels.max()}")
         logits = logits.to(self.confusion.device)
-        predicted = logits.argmax(dim=1)
+        predicted = predicted_classes(logits)
         pairs = labels * self.num_classes + predicted
         self.confusion += torch.bincount(pairs, minlength=self.num_classes**2).view(self.num_classes, -1)
-        # The true class's rank as argmax breaks ties (to the lower index), not topk's: among tied logits topk
-        # picks whichever its kernel finds (differently on CPU and GPU), and a collapsed model whose logits all
-        # tie scored top-1 100% and top-5 0% on images of class 0
+        # The true class's rank as the prediction breaks ties (to the lower index), not topk's: among tied logits
+        # topk picks whichever its kernel finds (differently on CPU and GPU), and a collapsed model whose logits
+        # all tie scored top-1 100% and top-5 0% on images of class 0
         true_logits = logits.gather(1, labels[:, None])  # B, 1
+        tolerance = tie_tolerances(logits)
         before = torch.arange(self.num_classes, device=logits.device) < labels[:, None]  # B, C
-        ranked_above = (logits > true_logits) | ((logits == true_logits) & before)
+        ranked_above = (logits > true_logits + tolerance) | ((logits >= true_logits - tolerance) & before)
         in_top_k = ranked_above.sum(dim=1) < self.k
         self.topk_hits += torch.bincount(labels[in_top_k], minlength=self.num_classes)
 

@@ -45,7 +45,7 @@ from .features import (
     with_stop_checks,
 )
 from .datasets import warn_about_duplicate_classnames
-from .results import ClassificationCounts, ZeroShotResult, summarize
+from .results import ClassificationCounts, ZeroShotResult, predicted_classes, summarize
 from .templates import ClassName, Template, fill_template, first_names, resolve_templates
 
 
@@ -202,7 +202,9 @@ class ZeroShotOutput:
 
     @property
     def predictions(self) -> torch.Tensor:
-        return self.logits.argmax(dim=1)
+        """The lowest class index among each image's top scores (`results.predicted_classes`: within a
+        millionth they are a tie), as the metrics count them."""
+        return predicted_classes(self.logits)
 
     @property
     def probabilities(self) -> torch.Tensor:

@@ -160,6 +160,7 @@ def test_file_url_download_and_reuse(monkeypatch, tmp_path: Path, source_file: P
     assert download(source_file.as_uri(), GOOD_SHA256.upper(), root=cache) == path
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names descriptors through /proc")
 def test_a_download_is_on_the_disk_before_its_rename(monkeypatch, tmp_path: Path, source_file: Path) -> None:
     # Renamed unsynced, a power cut could leave an empty or torn file under the final name of a download that
     # had passed its checksum: the partial file's whole bytes are synced before it is renamed into place

@@ -490,6 +490,22 @@ def test_a_fit_that_ends_at_max_iter_is_reported_as_unconverged(caplog):
     assert (result.unconverged_fits, result.refit_converged, caplog.records) == (0, True, [])
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_labels_of_any_integer_type_are_class_indices(dtype):
+    # They passed the label check and failed inside torch (cross-entropy's "expected Long", uint8 indexing as a mask)
+    train, test = gaussian_classes(20, 1), gaussian_classes(20, 2)
+    as_long = run_linear_probe(train, test, 4, max_iter=50, coarse_points=3, refine_steps=0)
+    typed = run_linear_probe((train[0], train[1].to(dtype)), (test[0], test[1].to(dtype)), 4, max_iter=50,
+                             coarse_points=3, refine_steps=0)
+    assert typed == as_long
+
+
+def test_the_fit_is_float64_except_on_apples_gpu_which_has_none():
+    from clip.evaluation.linear_probe import fit_dtype
+
+    assert [fit_dtype(torch.device(kind)) for kind in ("cpu", "cuda", "mps")] == [torch.float64] * 2 + [torch.float32]
+
+
 @pytest.mark.parametrize(
     ("split", "labels", "message"),
     [

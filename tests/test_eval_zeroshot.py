@@ -365,6 +365,14 @@ def test_logits_within_a_millionth_of_each_other_tie_so_a_name_given_twice_goes_
     assert counts.confusion.tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 0]]  # 1e-3 of 20 is no tie: class 1
     assert counts.topk_hits.tolist() == [1, 1, 0]
     assert ZeroShotOutput(logits, None).predictions.tolist() == [0, 0, 1]
+    # A masked class's -inf is no scale for the ties: every score tied with an infinite margin, class 0 won
+    masked = torch.tensor([[1.0, 5.0, -math.inf]])
+    assert ZeroShotOutput(masked, None).predictions.tolist() == [1]
+    # Scores a tie apart from the best and from the truth, not from each other: the predicted true class is in
+    # the top k (it was ranked past k, top-5 below top-1)
+    counts = ClassificationCounts(7, top_k=5)
+    counts.update(torch.tensor([[25.0 - 3e-5] * 5 + [25.0 - 1.2e-5, 25.0]]), torch.tensor([5]))
+    assert counts.confusion[5, 5] == 1 and counts.topk_hits[5] == 1
 
 
 @pytest.mark.parametrize("rank", [0, 1])

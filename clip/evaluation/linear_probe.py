@@ -4,9 +4,11 @@ The classifier minimises   sum of cross-entropies + (l2 / 2) * ||W||^2   (the bi
 scikit-learn's LogisticRegression objective with l2 = 1 / C, which the paper used (for 2 classes, scikit-learn
 fits one weight vector where this fits two, and its C = 2 / l2); it is computed as the mean cross-entropy +
 (l2 / 2N) ||W||^2, the same minimum. Full-batch L-BFGS with a strong-Wolfe line search, from zeros, so a fit is
-deterministic: torch's L-BFGS in float64, as scikit-learn's (SciPy's) is, whatever the features' dtype. In
-float32 its stopping rule read a loss change below one rounding step as none and stopped early, up to 10% from
-the optimum's weights. A fit that ends at max_iter iterations is counted as unconverged and reported.
+deterministic: torch's L-BFGS in float64, as scikit-learn's (SciPy's) is, whatever the features' dtype (float32 on
+Apple's GPU, which has none). In float32 its stopping rule read a loss change below one rounding step as none and
+stopped early, up to 10% from the optimum's weights. The price is time: about 5x float32's on a CPU, more on
+GPUs with little float64 throughput (most consumer cards); data-centre GPUs run float64 near float32's speed. A fit
+that ends at max_iter iterations is counted as unconverged and reported.
 
 The L2 strength is chosen on a validation split as in the paper: a log-spaced sweep over [1e-6, 1e6], then
 a few rounds of halving the step around the best value (its "parametric binary search"), ranking by the
@@ -85,7 +87,7 @@ def extract_features(
 
 @dataclass
 class LogisticRegression:
-    weight: torch.Tensor  # [C, D], float64
+    weight: torch.Tensor  # [C, D], float64 (`fit_dtype`)
     bias: torch.Tensor  # [C], float64
     iterations: int = 0  # L-BFGS iterations of the fit
     converged: bool = True  # False: the fit ended at its max_iter, short of the tolerances
@@ -131,6 +133,11 @@ def row_chunks(num_rows: int, num_classes: int, dim: int) -> list[slice]:
     return [slice(start, start + rows) for start in range(0, num_rows, rows)]
 
 
+def fit_dtype(device: torch.device) -> torch.dtype:
+    """float64, as scikit-learn fits; float32 on Apple's GPU (MPS), which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def check_labels(labels: torch.Tensor, num_classes: int, what: str) -> None:
     """A ValueError unless `labels` are class indices in [0, num_classes). Others failed deep inside torch
     (float labels, a label of num_classes or more in training), or were scored without a word: a test label past
@@ -147,7 +154,7 @@ def fit_logistic_regression(
     features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float, *, max_iter: int = 1000
 ) -> LogisticRegression:
     """Full-batch L-BFGS on sum of cross-entropies + (l2 / 2) ||W||^2 (scikit-learn's objective with
-    l2 = 1 / C), on the features' device, in float64 (the features converted a chunk at a time)."""
+    l2 = 1 / C), on the features' device, in `fit_dtype` (float64; the features converted a chunk at a time)."""
     if features.ndim != 2 or len(features) != len(labels):
         raise ValueError(f"need features [N, D] and labels [N], got {tuple(features.shape)} and {tuple(labels.shape)}")
     if len(labels) == 0:  # the L2 term is scaled by 1 / N below
@@ -161,14 +168,13 @@ def fit_logistic_regression(
         # validation loss of its images, which broke the sweep's accuracy ties by chance.
         fitted = fit_logistic_regression(features, (torch.cumsum(present, 0) - 1)[labels], int(present.sum()), l2,
                                          max_iter=max_iter)
-        weight = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, device=features.device)
-        bias = torch.full((num_classes,), -math.inf, dtype=torch.float64, device=features.device)
+        weight = torch.zeros(num_classes, features.shape[1], dtype=fitted.weight.dtype, device=features.device)
+        bias = torch.full((num_classes,), -math.inf, dtype=fitted.bias.dtype, device=features.device)
         weight[present], bias[present] = fitted.weight, fitted.bias
         return LogisticRegression(weight, bias, fitted.iterations, fitted.converged)
-    weight = torch.zeros(
-        num_classes, features.shape[1], dtype=torch.float64, device=features.device, requires_grad=True
-    )
-    bias = torch.zeros(num_classes, dtype=torch.float64, device=features.device, requires_grad=True)
+    dtype = fit_dtype(features.device)
+    weight = torch.zeros(num_classes, features.shape[1], dtype=dtype, device=features.device, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=dtype, device=features.device, requires_grad=True)
     # Scaled by the number of examples: the mean keeps the loss and gradients O(1) for the tolerances.
     per_example_l2 = l2 / len(labels)
     optimizer = torch.optim.LBFGS(
@@ -191,9 +197,9 @@ def fit_logistic_regression(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        total = torch.zeros((), dtype=torch.float64, device=features.device)
+        total = torch.zeros((), dtype=dtype, device=features.device)
         for chunk in chunks:
-            logits = features[chunk].to(torch.float64) @ weight.t() + bias
+            logits = features[chunk].to(dtype) @ weight.t() + bias
             part = nn.functional.cross_entropy(logits, labels[chunk], reduction="sum") / len(labels)
             part.backward()
             total += part.detach()
@@ -385,6 +391,9 @@ def run_linear_probe(
             check_labels(split[1], num_classes, what)
     if len(test[1]) == 0:  # its accuracies would be a mean over nothing
         raise ValueError("the test split has no examples")
+    # int32, int16 or uint8 labels pass the check, and failed inside torch (uint8 indexes as a mask)
+    train, test = (train[0], train[1].long()), (test[0], test[1].long())
+    val = None if val is None else (val[0], val[1].long())
     if device is not None:
         train, test = _to(train, device), _to(test, device)
         val = None if val is None else _to(val, device)

@@ -22,8 +22,10 @@ TIE_TOLERANCE = 1e-6
 
 
 def tie_tolerances(logits: torch.Tensor) -> torch.Tensor:
-    """[N, 1]: how close to a row's score another counts as tied with it (`TIE_TOLERANCE`)."""
-    return TIE_TOLERANCE * logits.abs().amax(dim=1, keepdim=True)
+    """[N, 1]: how close to a row's score another counts as tied with it (`TIE_TOLERANCE`), from its finite scores
+    (a masked class's -inf made every score a tie)."""
+    finite = torch.where(logits.isfinite(), logits.abs(), torch.zeros_like(logits))
+    return TIE_TOLERANCE * finite.amax(dim=1, keepdim=True)
 
 
 def predicted_classes(logits: torch.Tensor) -> torch.Tensor:
@@ -63,7 +65,9 @@ class ClassificationCounts:
         tolerance = tie_tolerances(logits)
         before = torch.arange(self.num_classes, device=logits.device) < labels[:, None]  # B, C
         ranked_above = (logits > true_logits + tolerance) | ((logits >= true_logits - tolerance) & before)
-        in_top_k = ranked_above.sum(dim=1) < self.k
+        # The prediction counts as within the top k: scores a tie apart from the best and from the truth, but
+        # not from each other, could rank the predicted true class past k
+        in_top_k = (ranked_above.sum(dim=1) < self.k) | (predicted == labels)
         self.topk_hits += torch.bincount(labels[in_top_k], minlength=self.num_classes)
 
     def as_tensor(self) -> torch.Tensor:

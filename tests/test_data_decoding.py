@@ -310,6 +310,7 @@ def test_each_skip_log_line_counts_the_skips_since_the_line_before(
         "w: skipped 2 truncated sample(s) in the last 60s; latest from src: file6",
     ]
 
+
 def test_skip_log_names_each_broken_shard_once(caplog: pytest.LogCaptureFixture) -> None:
     # Rate-limited by kind, the second and third broken shards went unnamed, and the first line said "skipped 1
     # missing_shard sample(s)" of a shard whose 8 samples were all lost

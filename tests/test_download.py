@@ -26,6 +26,7 @@ import pytest
 
 import clip.download
 from clip.download import DownloadError, cache_dir, download, sha256_of_file
+from sync_order import record_syncs_and_renames
 
 GOOD_BYTES = bytes(range(256)) * 4096 + b"tail"  # 1 MiB + 4 bytes: more than one read chunk
 GOOD_SHA256 = hashlib.sha256(GOOD_BYTES).hexdigest()
@@ -164,19 +165,7 @@ def test_file_url_download_and_reuse(monkeypatch, tmp_path: Path, source_file: P
 def test_a_download_is_on_the_disk_before_its_rename(monkeypatch, tmp_path: Path, source_file: Path) -> None:
     # Renamed unsynced, a power cut could leave an empty or torn file under the final name of a download that
     # had passed its checksum: the partial file's whole bytes are synced before it is renamed into place
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        events.append(("sync", os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size))
-        real_fsync(fd)
-
-    def replace(source, destination):
-        events.append(("rename", os.fspath(source), os.fspath(destination)))
-        real_replace(source, destination)
-
-    monkeypatch.setattr(clip.download.os, "fsync", fsync)
-    monkeypatch.setattr(clip.download.os, "replace", replace)
+    events = record_syncs_and_renames(monkeypatch, clip.download.os)
     cache = tmp_path / "cache"
     path = download(source_file.as_uri(), GOOD_SHA256, root=cache, progress=False)
     assert len(events) == 2 and events[0][0] == "sync", events

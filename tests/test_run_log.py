@@ -18,6 +18,7 @@ import pytest
 
 from clip import run_log
 from clip.run_log import RunLog, RunLogWriteError
+from sync_order import record_syncs_and_renames
 
 
 class RecordingWandb:
@@ -315,19 +316,7 @@ def test_an_atomic_write_is_on_the_disk_before_its_rename(tmp_path, monkeypatch)
     # one, which the rename was there to prevent: the temporary's whole bytes are synced before it is renamed
     path = tmp_path / "results.json"
     path.write_text("old")
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        events.append(("sync", os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size))
-        real_fsync(fd)
-
-    def replace(source, destination):
-        events.append(("rename", os.fspath(source), os.fspath(destination)))
-        real_replace(source, destination)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    events = record_syncs_and_renames(monkeypatch)
     with run_log.replaced_atomically(path) as file:
         file.write("the new results")
     temporary = str(tmp_path / f".results.json.{os.getpid()}.tmp")

@@ -15,7 +15,7 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -76,7 +76,7 @@ class RunLog:
         self.writer = None
         self._quiet_threads = None
         self.wandb_run = wandb_run
-        _drop_records_after(self.path, resumed_at, drop_evaluations_at_step=reevaluated)
+        kept = _drop_records_after(self.path, resumed_at, drop_evaluations_at_step=reevaluated)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -90,8 +90,9 @@ class RunLog:
         # TensorBoard's writer was started again after a failed write (`write`): a second failure ends it
         self._tensorboard_restarted = False
         if reevaluated:
-            for record in _records_of_step(self.path, resumed_at):
-                self._to_tensorboard(record)
+            for line in kept:
+                if _record_step(line) == resumed_at:
+                    self._to_tensorboard(json.loads(line))
 
     def _start_tensorboard(self, summary_writer: type, purge_step: int | None) -> None:
         """Starts TensorBoard's writer, or says why it cannot and goes on without it: TensorBoard mirrors what
@@ -260,9 +261,11 @@ class QuietWriterThreads:
             threading.excepthook = self.previous
 
 
-def _drop_records_after(path: Path, step: int, drop_evaluations_at_step: bool = False) -> None:
+def _drop_records_after(path: Path, step: int, drop_evaluations_at_step: bool = False) -> list[str]:
+    """Rewrites metrics.jsonl without the records of the steps after `step` (and, with drop_evaluations_at_step,
+    its evaluation records), and without lines torn or not a JSON object; returns the lines kept."""
     if not path.exists():
-        return
+        return []
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
 
     def kept_line(line: str) -> bool:
@@ -273,7 +276,7 @@ def _drop_records_after(path: Path, step: int, drop_evaluations_at_step: bool = 
 
     kept = [line for line in lines if kept_line(line)]
     if len(kept) == len(lines):
-        return
+        return kept
     # A resume that evaluates step `step` again drops that step's evaluation records as well
     which = f"of step {step}'s evaluation and the steps after it" if drop_evaluations_at_step else \
         f"of the steps after {step}"
@@ -284,19 +287,12 @@ def _drop_records_after(path: Path, step: int, drop_evaluations_at_step: bool = 
         with replaced_atomically(path) as file:
             file.write("".join(kept))
     except OSError as error:  # a full disk, a quota: most likely what stopped the run, still there
-        kept = f"the checkpoint of step {step} is kept: " if step else ""
+        checkpoint_kept = f"the checkpoint of step {step} is kept: " if step else ""
         raise RunLogWriteError(
             f"could not rewrite {path} without the records of the steps that run again: {error.strerror or error} "
-            f"(errno {error.errno}); {kept}run the same command again once the file can be written"
+            f"(errno {error.errno}); {checkpoint_kept}run the same command again once the file can be written"
         ) from error
-
-
-def _records_of_step(path: Path, step: int) -> list[dict]:
-    """The records of `step` in metrics.jsonl (after `_drop_records_after`: whole lines only)."""
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip() and _record_step(line) == step]
+    return kept
 
 
 def _record_step(line: str) -> float:
@@ -413,16 +409,31 @@ def temporaries_of(path: Path) -> list[tuple[Path, int]]:
     return [(candidate, int(match.group(1))) for candidate, match in matches if match is not None]
 
 
-def remove_temporaries_of(paths: list[Path], left_by: str) -> list[Path]:
-    """Deletes the `replaced_atomically` temporaries beside `paths` (regular files only); returns them. Only for
-    a writer that knows no write of these files is in progress: a run holding its directory's lock, say."""
+def remove_temporaries_of(path: Path, left_by: str, logger: logging.Logger,
+                          still_writing: Callable[[int], bool] = lambda pid: False) -> list[Path]:
+    """Deletes the `replaced_atomically` temporaries beside `path` (regular files only) whose writer is not
+    `still_writing` (by its process id; by default none is, as for a run holding its directory's lock), says so
+    on `logger` with their sizes, and returns them. One that cannot be removed costs only disk space: a warning."""
     removed = []
-    for path in paths:
-        for temporary, _ in temporaries_of(path):
-            if temporary.is_file() and not temporary.is_symlink():
-                temporary.unlink(missing_ok=True)
-                log.info("removed %s, left by %s", temporary, left_by)
-                removed.append(temporary)
+    for stray, pid in temporaries_of(path):
+        if stray.is_symlink() or not stray.is_file():
+            continue
+        try:
+            size_mb = stray.stat().st_size / 1e6
+        except OSError:  # its save ended meanwhile
+            continue
+        if still_writing(pid):
+            logger.info("left %s (%.1f MB) alone: process %d, whose save it is, is running", stray, size_mb, pid)
+            continue
+        try:
+            stray.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            logger.warning("could not remove %s (%.1f MB), left by %s: %s", stray, size_mb, left_by, error)
+            continue
+        logger.info("removed %s (%.1f MB), left by %s", stray, size_mb, left_by)
+        removed.append(stray)
     return removed
 
 

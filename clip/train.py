@@ -334,7 +334,8 @@ def _train(
         # run's lock keeps any other process from writing them, and this one is not writing them now.
         ckpt.remove_stray_temporaries(run_dir)
         ckpt.warn_of_incomplete_checkpoints(run_dir, below_step=start_step)
-        remove_temporaries_of([run_dir / name for name in RUN_FILES_REPLACED_WHOLE], "an interrupted write")
+        for name in RUN_FILES_REPLACED_WHOLE:
+            remove_temporaries_of(run_dir / name, "an interrupted write", log)
 
     train_module: nn.Module = module
     if dist_info.is_distributed:

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from clip.evaluation.datasets import CIFARDataset, ImageFolderDataset
 from clip.exception_chain import first_in_chain
-from clip.run_log import replaced_atomically, temporaries_of
+from clip.run_log import remove_temporaries_of, replaced_atomically
 
 logger = logging.getLogger("clip.linear_probe")
 
@@ -134,25 +134,7 @@ def remove_stale_temporaries(path: Path) -> None:
     left beside it, `.NAME.PID.tmp` (`replaced_atomically`'s names): a large split's are gigabytes, and
     nothing else removed them. Only those whose process is no longer running: one of a running process (another
     run's save in progress, on the same output folder) is left alone, and said so with its size."""
-    for stray, pid in temporaries_of(path):
-        if stray.is_symlink() or not stray.is_file():
-            continue
-        try:
-            size_mb = stray.stat().st_size / 1e6
-        except OSError:  # its save ended meanwhile
-            continue
-        if _process_running(pid):
-            logger.info("left %s (%.1f MB) alone: process %d, whose save it is, is running", stray, size_mb, pid)
-            continue
-        try:
-            stray.unlink()
-        except FileNotFoundError:
-            continue
-        except OSError as error:
-            logger.warning("could not remove %s (%.1f MB), left by an interrupted save of the features: %s",
-                           stray, size_mb, error)
-            continue
-        logger.info("removed %s (%.1f MB), left by an interrupted save of the features", stray, size_mb)
+    remove_temporaries_of(path, "an interrupted save of the features", logger, still_writing=_process_running)
 
 
 def _process_running(pid: int) -> bool:

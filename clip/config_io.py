@@ -81,7 +81,7 @@ def require(key: str, value: Any, ok: bool, rule: str) -> None:
     """Raises InvalidValue "KEY must be RULE, got VALUE" unless `ok`. Write `ok` so that NaN fails it
     (`0 < x`, not `not x <= 0`): every comparison with NaN is false."""
     if not ok:
-        raise InvalidValue(key, f"must be {rule}, got {_short(value)}")
+        raise InvalidValue(key, f"must be {rule}, got {short_repr(value)}")
 
 
 # The most DataLoader workers a setting takes (data.workers, eval.workers, the commands' --workers): above the
@@ -101,7 +101,7 @@ _INT64_LIMIT = 1 << 63
 _SHOWN_CHARACTERS = 60
 
 
-def _short(value: Any) -> str:
+def short_repr(value: Any) -> str:
     """repr(value), cut to a readable length (a value may be a 400-digit number or a long string)."""
     text = repr(value)
     return text if len(text) <= _SHOWN_CHARACTERS else f"{text[:_SHOWN_CHARACTERS]}... ({len(text)} characters)"
@@ -206,14 +206,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         expected = " or ".join(_type_name(a) for a in args if a is not type(None))
         if type(None) in args:
             expected += f' or "{NONE_SENTINEL}"'
-        raise ConfigError(f"{where}: {_short(value)} is not {_with_article(expected)}")
+        raise ConfigError(f"{where}: {short_repr(value)} is not {_with_article(expected)}")
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{where}: {_short(value)} is not one of {', '.join(repr(a) for a in args)}")
+            raise ConfigError(f"{where}: {short_repr(value)} is not one of {', '.join(repr(a) for a in args)}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {_short(value)}")
+            raise ConfigError(f"{where}: expected a list, got {short_repr(value)}")
         if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
             if len(value) != len(args):
                 raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
@@ -225,7 +225,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table of {tp.__name__} fields, got {_short(value)}")
+            raise ConfigError(f"{where}: expected a table of {tp.__name__} fields, got {short_repr(value)}")
         return from_dict(tp, value, where)
     if tp is bool:
         if isinstance(value, bool):
@@ -234,28 +234,28 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         # numpy integer is read as an int; it is no numbers.Integral, and a bool field refused it
         if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
             return bool(value)
-        raise ConfigError(f"{where}: expected true or false, got {_short(value)}")
+        raise ConfigError(f"{where}: expected true or false, got {short_repr(value)}")
     if tp is int:
         # numbers.Integral: a notebook's numpy integer is an integer (never from a file, whose are ints)
         if isinstance(value, numbers.Integral) and not isinstance(value, bool):
             value = int(value)
             if not -_INT64_LIMIT <= value < _INT64_LIMIT:  # TOML's integers are 64-bit; Python's parser's are not
-                raise ConfigError(f"{where}: {_short(value)} is too large (integers must fit in 64 bits)")
+                raise ConfigError(f"{where}: {short_repr(value)} is too large (integers must fit in 64 bits)")
             return value
-        raise ConfigError(f"{where}: expected an integer, got {_short(value)}")
+        raise ConfigError(f"{where}: expected an integer, got {short_repr(value)}")
     if tp is float:
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
             try:
                 return float(value)
             except OverflowError:  # an integer beyond float's range
-                raise ConfigError(f"{where}: {_short(value)} is too large for a number") from None
-        raise ConfigError(f"{where}: expected a number, got {_short(value)}")
+                raise ConfigError(f"{where}: {short_repr(value)} is too large for a number") from None
+        raise ConfigError(f"{where}: expected a number, got {short_repr(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
         if isinstance(value, os.PathLike) and isinstance(os.fspath(value), str):  # built in Python, see above
             return os.fspath(value)
-        raise ConfigError(f"{where}: expected a string, got {_short(value)}")
+        raise ConfigError(f"{where}: expected a string, got {short_repr(value)}")
     raise ConfigError(f"{where}: unsupported field type {tp!r}")
 
 
@@ -410,9 +410,9 @@ def _parse_override_value(text: str) -> Any:
     except tomllib.TOMLDecodeError:
         return text
     except RecursionError:  # tomllib parses nested arrays recursively
-        raise ConfigError(f"override value {_short(text)} nests lists or tables too deeply") from None
+        raise ConfigError(f"override value {short_repr(text)} nests lists or tables too deeply") from None
     except ValueError:  # int() refused a number past Python's digit limit (TOMLDecodeError is caught above)
-        raise ConfigError(f"override value {_short(text)} {_TOO_MANY_DIGITS}") from None
+        raise ConfigError(f"override value {short_repr(text)} {_TOO_MANY_DIGITS}") from None
 
 
 # What `_SetBy` holds for a list that an index override found missing and took from the field's default.
@@ -459,7 +459,7 @@ def _list_to_override(
                 f"override {assignment!r}: {name} is not an array of tables ([[{name}]]) in the config file"
             )
         raise ConfigError(f"override {assignment!r}: {name} is not an array of tables ([[{name}]]): the earlier "
-                          f"override {origin!r} set it to {_short(items)}")
+                          f"override {origin!r} set it to {short_repr(items)}")
     return items, origin
 
 
@@ -587,14 +587,14 @@ def _apply_override(
                 )
             if not isinstance(items[index], dict):  # `sources = [1]`: its check was an item assignment's TypeError
                 element = typing.get_args(field_type)[0]
-                raise ConfigError(f"override {assignment!r}: {name}.{index} is {_short(items[index])}, not a table "
+                raise ConfigError(f"override {assignment!r}: {name}.{index} is {short_repr(items[index])}, not a table "
                                   f"of {element.__name__} fields")
             element_path = [*above, *keys[: depth + 2]]
             _apply_override(items[index], typing.get_args(field_type)[0], rest, text, assignment, element_path, set_by)
             return
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {assignment!r}: {name} is {_short(node)}, not a section")
+            raise ConfigError(f"override {assignment!r}: {name} is {short_repr(node)}, not a section")
         node_schema = field_type
 
 

@@ -1067,10 +1067,10 @@ def test_true_is_no_number():
 
 
 def test_a_value_is_shown_whole_up_to_60_characters():
-    from clip.config_io import _short
+    from clip.config_io import short_repr
 
-    assert _short("x" * 58) == repr("x" * 58)  # 60 characters with its quotes
-    assert _short("x" * 59) == repr("x" * 59)[:60] + "... (61 characters)"
+    assert short_repr("x" * 58) == repr("x" * 58)  # 60 characters with its quotes
+    assert short_repr("x" * 59) == repr("x" * 59)[:60] + "... (61 characters)"
 
 
 def test_the_schedule_kinds_give_the_rates_they_describe():

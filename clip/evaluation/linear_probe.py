@@ -413,9 +413,8 @@ def run_linear_probe(
     chosen = next(point for point in sweep if point.l2 == l2)
     full_x, full_y = torch.cat([train[0], val[0]]), torch.cat([train[1], val[1]])
     stats = _standardizer(full_x) if standardize else None
-    probe = fit_logistic_regression(
-        scaled(full_x, stats), full_y, num_classes, l2, max_iter=sweep_options.get("max_iter", 1000)
-    )
+    max_iter = sweep_options.get("max_iter", 1000)  # select_l2's default
+    probe = fit_logistic_regression(scaled(full_x, stats), full_y, num_classes, l2, max_iter=max_iter)
     test_x = scaled(test[0].to(full_x.device), stats)
     unconverged = sum(not point.converged for point in sweep) + (not probe.converged)
     if unconverged:
@@ -423,7 +422,7 @@ def run_linear_probe(
             "%d of the linear probe's %d fits ended at max_iter = %d iterations, short of convergence (the "
             "refit on train + validation %s): their weights and the l2 chosen may be off. Features of widely "
             "different scales converge slowly: standardize them (--standardize), or raise max_iter (--max-iter)",
-            unconverged, len(sweep) + 1, sweep_options.get("max_iter", 1000),
+            unconverged, len(sweep) + 1, max_iter,
             "among them" if not probe.converged else "converged",
         )
     return LinearProbeResult(

@@ -14,7 +14,7 @@ import string
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from clip.config_io import where_not_utf8
+from clip.config_io import short_repr, where_not_utf8
 
 Template = str | Callable[[str], str]
 # A class's name, or its names: a list of several, each prompted with every template and the class's embedding
@@ -210,7 +210,7 @@ def _read_string_list(path: Path, what: str, comments: bool, several_per_entry: 
                 )
             if several_per_entry and isinstance(items, list) and any(isinstance(item, list) for item in items):
                 index, item = next((index, item) for index, item in enumerate(items) if not _is_names_entry(item))
-                raise ValueError(f"{path}: entry {index} ({_shortened(item)}) is neither a name nor a list of names: "
+                raise ValueError(f"{path}: entry {index} ({short_repr(item)}) is neither a name nor a list of names: "
                                  f"each entry is a string, or a non-empty list of strings (a class's several names)")
             raise ValueError(f"{path}: expected a JSON list of strings")
     else:
@@ -246,11 +246,6 @@ def load_classnames(path: str | Path) -> list[ClassName]:
     return names
 
 
-def _shortened(value: object, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def one_name_each(classnames: Sequence[ClassName], source: str | Path | None = None) -> list:
     """`classnames` as they are, where no class has several names (a list or tuple of them); a ValueError where one
     has: an image folder's names label its folders, one each. `source`: the classnames.txt they came from, or None
@@ -262,7 +257,7 @@ def one_name_each(classnames: Sequence[ClassName], source: str | Path | None = N
                  f"ImageFolderDataset's classnames[{index}] is several names")
         fix = ("give a file of several names as the dataset's classnames_file" if source is not None else
                "give the zero-shot functions' classnames the several names instead")
-        raise ValueError(f"{where} ({_shortened(classnames[index])}); an image folder's class names label its "
+        raise ValueError(f"{where} ({short_repr(classnames[index])}); an image folder's class names label its "
                          f"folders, one name each: {fix}")
     return list(classnames)
 

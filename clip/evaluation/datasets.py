@@ -41,6 +41,7 @@ from .templates import (
     first_names,
     load_classnames,
     load_templates,
+    names_of,
     one_name_each,
 )
 
@@ -104,7 +105,7 @@ def warn_about_names_in_several_classes(classnames: Sequence[ClassName], where: 
     together. Told apart from the first names' repeats (warn_about_duplicate_classnames), which results show."""
     classes_of: dict[str, set[int]] = {}
     for index, names in enumerate(classnames):
-        for name in [names] if isinstance(names, str) else names:
+        for name in names_of(names):
             classes_of.setdefault(prompted_spelling(name), set()).add(index)
     shared = sorted(f"{name!r} (classes {', '.join(map(str, sorted(classes)))})"
                     for name, classes in classes_of.items() if len(classes) > 1)

@@ -240,7 +240,7 @@ def load_classnames(path: str | Path) -> list[ClassName]:
     one name is that string, one of several their list (`ClassName`)."""
     names = _read_string_list(Path(path), "class names", comments=False, several_per_entry=True)
     for index, name in enumerate(names):
-        if any(not each.strip() for each in ([name] if isinstance(name, str) else name)):
+        if any(not each.strip() for each in names_of(name)):
             # "" in a JSON list: found when the evaluation prompts it, which for training's is after its first steps
             raise ValueError(f"{path}: entry {index} ({name!r}) holds a blank name: every class needs its name")
     return names
@@ -264,7 +264,12 @@ def one_name_each(classnames: Sequence[ClassName], source: str | Path | None = N
 
 def first_names(classnames: Sequence[ClassName]) -> list[str]:
     """Each class's name in results: its own, or the first of its several."""
-    return [name if isinstance(name, str) else name[0] for name in classnames]
+    return [names_of(name)[0] for name in classnames]
+
+
+def names_of(class_name: ClassName) -> list[str]:
+    """Every name of one class: its one name, or its several."""
+    return [class_name] if isinstance(class_name, str) else list(class_name)
 
 
 def resolve_templates(templates: Sequence[Template] | str | Path | None) -> list[Template]:

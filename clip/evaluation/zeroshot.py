@@ -46,7 +46,7 @@ from .features import (
 )
 from .datasets import warn_about_duplicate_classnames
 from .results import ClassificationCounts, ZeroShotResult, predicted_classes, summarize
-from .templates import ClassName, Template, fill_template, first_names, resolve_templates
+from .templates import ClassName, Template, fill_template, first_names, names_of, resolve_templates
 
 
 CLASS_EMBEDDINGS = "class (prompt ensemble)"
@@ -143,7 +143,7 @@ def build_zeroshot_classifier(
     templates = resolve_templates(templates)
     device = device or model_device(model)
     tokenizer = tokenizer or default_tokenizer()
-    names_of_class = [[name] if isinstance(name, str) else name for name in classnames]
+    names_of_class = [names_of(name) for name in classnames]
     prompt_counts = [len(names) * len(templates) for names in names_of_class]
     groups = _class_groups(prompt_counts, batch_size)
     columns = []

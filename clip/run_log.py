@@ -47,7 +47,9 @@ def require_wandb():
 def start_wandb(run_dir: Path, project: str, entity: str | None, config: dict):
     """A W&B run for this run directory: the same W&B run again when the directory is resumed (its id is kept
     in RUN_DIR/wandb_run_id), named after the directory, with the resolved config. Steps a resumed run logs
-    again are below W&B's last step, which W&B ignores (with a warning of its own)."""
+    again are below W&B's last step, which W&B ignores (with a warning of its own). After a SIGKILL, W&B's own
+    process may not have written the last steps it was given, also steps the checkpoint covers, and a resume
+    does not log those again (W&B offers no flush to call before a checkpoint): metrics.jsonl has them."""
     wandb = require_wandb()
     id_file = Path(run_dir) / WANDB_RUN_ID_FILE
     # W&B ids are short lowercase alphanumerics; made here, not by a wandb helper that versions have renamed

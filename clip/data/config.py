@@ -138,7 +138,8 @@ class DataConfig:
     jpeg_draft: bool = True  # let libjpeg decode large JPEGs at 1/2, 1/4 or 1/8 scale when still >= the target size
     log_every_s: float = 60.0  # at most one log line per skip kind per worker in this many seconds
     # A data worker that delivers no batch for this long (a hung network read or pipe: command) stops the run
-    # with an error instead of stalling it forever; resume from the last checkpoint. 0 waits forever.
+    # with an error instead of stalling it forever; resume from the last checkpoint. 0 waits forever. Needs
+    # workers >= 1: with workers = 0 the training process reads the data itself, and a hung read hangs it.
     worker_timeout_s: float = 1800.0
 
     @property

@@ -45,7 +45,8 @@ from .handover import (
 )
 from .rank_states import every_slot_position
 from .sampling import PLAN_VERSION, Planner
-from .sources import ManifestSource, Source, build_source
+from .shards import read_through_a_network_or_command
+from .sources import ManifestSource, ShardSource, Source, build_source
 from .stream import Position, SampleStream, StreamSettings
 from .worker_signals import job_signals_held, signal_safe_worker_options
 
@@ -164,6 +165,7 @@ class TrainData:
         names = [source.name for source in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"data source names must be unique, got {names}")
+        self._warn_of_reads_without_timeout(config)
         self.slots_per_rank = max(1, config.workers)
         self.planner = Planner(
             sources=tuple(source.layout for source in self.sources),
@@ -421,6 +423,20 @@ class TrainData:
     def _said_once(self) -> int:
         """The level of a line every rank would log alike: a warning from rank 0, INFO from the others."""
         return logging.WARNING if self.rank == 0 else logging.INFO
+
+    def _warn_of_reads_without_timeout(self, config: DataConfig) -> None:
+        """data.worker_timeout_s times out data workers only: without them a hung read hangs the run, and the
+        signal that would stop it (SIGTERM) is only acted on after the read."""
+        if config.workers > 0 or config.worker_timeout_s == 0:
+            return
+        hanging = [
+            source.name for source in self.sources
+            if isinstance(source, ShardSource) and any(map(read_through_a_network_or_command, source.urls))
+        ]
+        if hanging:
+            log.log(self._said_once, "data.workers = 0: the training process reads source(s) %s itself, where "
+                    "data.worker_timeout_s does not apply: a hung download or pipe: command would hang the run "
+                    "(also past a SIGTERM); set data.workers >= 1", ", ".join(hanging))
 
     def _check_epoch_fits(self, config: DataConfig) -> None:
         """Refuses an epoch too large for each data worker's plan of it (MAX_SAMPLES_PER_SLOT), before it is

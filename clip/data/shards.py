@@ -5,8 +5,8 @@ Shards are read with webdataset's tar iteration (`webdataset.tariterators.tar_fi
 `WebDataset` pipeline: exact resume and exactly-once epochs need every worker to read a planned range of
 samples `[start, stop)` of a shard (see `sampling.py`), and to skip to `start` without reading member
 data -- which `tar_file_iterator`'s `select_files` hook allows. Local files are opened directly, `pipe:` commands
-and file:// URLs with webdataset's `gopen`, remote URLs (s3://, gs://, http(s)://, ...) with fsspec, or http(s)
-with `gopen`'s curl where fsspec lacks aiohttp.
+by pipe_command.py, file:// URLs with webdataset's `gopen`, remote URLs (s3://, gs://, http(s)://, ...) with
+fsspec, or http(s) with `gopen`'s curl where fsspec lacks aiohttp.
 
 webdataset is an optional dependency (the `shards` extra); it is imported only when shards are used.
 """
@@ -31,6 +31,7 @@ import numpy as np
 from ..config_io import relative_path_note
 from ..dependencies import MissingDependency
 from .config import SourceConfig
+from .pipe_command import PipeCommand
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,11 @@ def _is_remote(url: str) -> bool:
     return not (url.startswith("pipe:") or _is_local(url) or urlparse(url).scheme == "file")
 
 
+def read_through_a_network_or_command(url: str) -> bool:
+    """Whether reading the shard can hang for good (a stalled download, a pipe: command that never ends)."""
+    return url.startswith("pipe:") or _is_remote(url)
+
+
 def _remote_reader(url: str) -> str | ImportError:
     """How `open_url` reads a remote URL: "fsspec" where fsspec has the package of each protocol in its chain
     ("simplecache::s3://bucket/x.tar"; s3fs for s3://, gcsfs for gs://, aiohttp for http(s)://), else "curl"
@@ -145,11 +151,7 @@ def _remote_reader(url: str) -> str | ImportError:
 def open_url(url: str) -> IO[bytes]:
     """A binary stream for a local path, file://, pipe:command, or a remote URL (`_remote_reader`)."""
     if url.startswith("pipe:"):
-        # The command ignores SIGINT and SIGTERM, as the data workers do (worker_signals.py), and so does what
-        # it runs: a scheduler signals every process of the job, a Ctrl-C the terminal's process group, and a
-        # command that died of it ended its shard there -- the rest counted as unreadable in the batch of the
-        # step before the checkpoint, and never read again. It still ends when its reader closes the pipe.
-        return require_webdataset().gopen(f"pipe:trap '' INT TERM; {url[5:]}", "rb")
+        return PipeCommand(url[5:])
     if _is_local(url):
         return open(url, "rb")
     if urlparse(url).scheme == "file":
@@ -414,8 +416,19 @@ class _SkipFirstSamples:
 def _close_quietly(stream: IO[bytes]) -> None:
     try:
         stream.close()
-    except Exception:  # a pipe: command stopped early exits with SIGPIPE; nothing to report
+    except Exception:  # a pipe: or curl command stopped early exits with SIGPIPE; nothing to report
         pass
+
+
+def _close_at_the_end(stream: IO[bytes], errors: list[Exception]) -> None:
+    """Close a shard's stream that its tar reader finished, keeping in `errors` a failure that shows only now:
+    a pipe: or curl command's exit status. A command that failed after writing whole samples left a tar that
+    reads as complete, and the samples it lacked were counted as shard_too_short (a wrong size index)."""
+    try:
+        stream.close()
+    except Exception as error:
+        if not errors:
+            errors.append(error)
 
 
 class _EndsAtItsEnd:
@@ -481,8 +494,10 @@ def iterate_tar_samples(
             if last is not None:
                 yield last
             last = sample
-    finally:
+    except BaseException:  # also GeneratorExit: the reader stopped before the shard's end
         _close_quietly(stream)
+        raise
+    _close_at_the_end(stream, errors)
     if last is not None:
         if errors:
             # Its members after the cut are lost: a missing one is the read error's, not a sample without a
@@ -579,8 +594,10 @@ def count_tar_samples(url: str) -> int:
     try:
         for _ in _members(url, stream, counter, errors):
             pass
-    finally:
+    except BaseException:
         _close_quietly(stream)
+        raise
+    _close_at_the_end(stream, errors)
     if errors:
         raise errors[0]
     return counter.samples_seen

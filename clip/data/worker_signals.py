@@ -11,6 +11,8 @@ import signal
 import threading
 from collections.abc import Iterator
 
+from .pipe_command import end_running_commands
+
 
 def signal_safe_worker_options() -> dict:
     """DataLoader arguments for worker processes that outlive a scheduler's signals (see
@@ -116,4 +118,7 @@ def _answer_sigterm_from_parent_only() -> None:
     while True:
         sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
         if sender == os.getppid():
+            # torch's shutdown terminates a worker that did not stop in time, typically one hung in a pipe:
+            # command's read: that command is ended too (os._exit skips the exit handlers that would)
+            end_running_commands()
             os._exit(0)  # as torch's worker handler does when its parent terminates it

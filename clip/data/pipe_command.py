@@ -1,0 +1,128 @@
+"""`pipe:` shard sources: a shell command whose standard output is the shard, read as a stream.
+
+Started in a process group of its own, so that the whole command (a pipeline, or `aws s3 cp`'s own children)
+can be ended together: when its reader stops before the end (the rest of the shard is not needed), and when the
+process that started it ends -- a data worker that torch's shutdown terminates because it hangs in a stalled
+read (clip.data.worker_signals), or any process's normal exit. A hung download was left running for good
+before, re-parented to init and ignoring SIGTERM like the command it came from (below), one more per attempt.
+"""
+
+from __future__ import annotations
+
+import multiprocessing.util
+import os
+import signal
+import subprocess
+import threading
+
+# How long a command whose output was read to its end may take to exit before it is ended: its data is complete
+# by then, and a command that keeps running after closing its output (a background child) must not hold the
+# worker up
+EXIT_WAIT_S = 30.0
+
+# The commands started and not yet closed, by their process id: (the id of the process that started it, the
+# command), for `end_running_commands` at that process's exit. A forked data worker inherits its parent's
+# entries, which are not its to end.
+_running: dict[int, tuple[int, subprocess.Popen]] = {}
+_exit_hooks_in: set[int] = set()  # process ids in which `end_running_commands` is registered to run at exit
+# Process ids whose commands were ended: they start no more. A terminated worker's main thread, whose read
+# ended as its command was killed, read on and started the next shard's command before os._exit.
+_ended_in: set[int] = set()
+# Held while a command is started and registered, and while the commands are ended: none starts unseen between
+_starting = threading.Lock()
+
+
+class PipeCommandFailed(OSError):
+    """The command exited with an error status after writing its output: the shard may be cut short."""
+
+
+class PipeCommand:
+    """A binary stream of `command`'s standard output. `close()` ends the command; it raises PipeCommandFailed
+    where the output was read to its end and the command then reported failure (a download that failed after
+    a part of the shard); a command stopped early is not asked how it ended."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+        # The command ignores SIGINT and SIGTERM, as the data workers do (worker_signals.py), and so does what
+        # it runs: a scheduler signals every process of the job, a Ctrl-C the terminal's process group, and a
+        # command that died of it ended its shard there -- the rest counted as unreadable in the batch of the
+        # step before the checkpoint, and never read again.
+        with _starting:
+            if os.getpid() in _ended_in:
+                raise OSError(f"not starting the pipe: command {command!r}: this process is ending")
+            self.process = subprocess.Popen(
+                ["/bin/sh", "-c", f"trap '' INT TERM; {command}"], stdout=subprocess.PIPE, start_new_session=True
+            )
+            _running[self.process.pid] = (os.getpid(), self.process)
+        _end_running_commands_at_exit()
+        self.read_to_the_end = False
+
+    def read(self, size: int = -1) -> bytes:
+        # What has arrived, up to `size` (tarfile reads on until it has what it needs): a whole buffer's worth
+        # waited for bytes that a command which keeps its output open after the tar's end never writes
+        data = self.process.stdout.read() if size is None or size < 0 else self.process.stdout.read1(size)
+        if not data and size != 0:
+            self.read_to_the_end = True
+        return data
+
+    def close(self) -> None:
+        if self.process.stdout.closed:
+            return
+        self.process.stdout.close()
+        _running.pop(self.process.pid, None)
+        if not self.read_to_the_end:
+            _end(self.process)
+            return
+        try:
+            status = self.process.wait(timeout=EXIT_WAIT_S)
+        except subprocess.TimeoutExpired:
+            _end(self.process)
+            return
+        if status != 0:
+            how = f"was ended by signal {-status}" if status < 0 else f"exited with status {status}"
+            raise PipeCommandFailed(f"the pipe: command {self.command!r} {how} after its output ended")
+
+    def __enter__(self) -> PipeCommand:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:  # webdataset names the stream in its errors
+        return f"pipe:{self.command}"
+
+
+def _end(process: subprocess.Popen) -> None:
+    """Kill the command's process group, then collect its status. Sent while the group's leader is not yet
+    collected, so that its id cannot have been given to another process."""
+    if process.returncode is None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # the group is gone already
+            pass
+    try:
+        process.wait(timeout=EXIT_WAIT_S)
+    except subprocess.TimeoutExpired:  # in uninterruptible sleep (a dead network mount): left to the kernel
+        pass
+
+
+def end_running_commands() -> None:
+    """End the commands this process started and has not closed, and start no more in it. Called at its exit,
+    and by a data worker that its parent terminates (os._exit skips exit handlers), from another thread."""
+    here = os.getpid()
+    with _starting:
+        _ended_in.add(here)
+        ours = [(pid, process) for pid, (started_by, process) in _running.items() if started_by == here]
+        for pid, _ in ours:
+            del _running[pid]
+    for _, process in ours:
+        _end(process)
+
+
+def _end_running_commands_at_exit() -> None:
+    # multiprocessing's exit function runs these finalizers in the main process (through atexit) and in a
+    # data worker when its loop ends (which leaves through os._exit, skipping atexit)
+    pid = os.getpid()
+    if pid not in _exit_hooks_in:
+        _exit_hooks_in.add(pid)
+        multiprocessing.util.Finalize(None, end_running_commands, exitpriority=0)

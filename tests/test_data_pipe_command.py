@@ -1,0 +1,150 @@
+"""pipe: shard sources: the command's failure after its output is a read error of the shard, and a command is
+ended with its whole process group when its reader stops early, and when the data worker reading it is
+terminated by the loader's shutdown (a hung command was left running for good, ignoring SIGTERM)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from test_data_helpers import build, caption_of, take, write_shards
+
+from clip.data import SourceConfig
+from clip.data import pipe_command
+from clip.data.pipe_command import PipeCommand, PipeCommandFailed
+from clip.data.shards import MissingSample, count_tar_samples, expand_shard_pattern, read_shard_range
+
+pytestmark = pytest.mark.skipif(
+    not Path("/proc/self/stat").exists() or shutil.which("cat") is None or shutil.which("head") is None,
+    reason="needs /proc, a POSIX shell, cat and head",
+)
+
+
+def group_is_gone(pgid: int, within_s: float = 10.0) -> bool:
+    """The process `pgid` and every process in its group have ended (a killed one may stay a zombie until init
+    reaps it)."""
+    deadline = time.monotonic() + within_s
+    while any(live_members(pgid)):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def live_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # ended meanwhile
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()  # after "pid (name) "
+            if fields[0] != "Z" and pgid in (int(entry.name), int(fields[2])):  # the leader, or in its group
+                members.append(int(entry.name))
+    return members
+
+
+def shard_of_four(tmp_path: Path) -> str:
+    return expand_shard_pattern(write_shards(tmp_path, 4, 4))[0]
+
+
+def sample_start(url: str, index: int) -> int:
+    """The byte offset of sample `index`'s first member header (each sample has three members)."""
+    with tarfile.open(url) as tar:
+        return tar.getmembers()[3 * index].offset
+
+
+def test_a_command_that_fails_after_whole_samples_makes_the_rest_a_read_error(tmp_path: Path) -> None:
+    # Cut at a sample boundary, the output reads as a complete tar of two samples; the command's status, known only
+    # when the pipe is closed, was dropped, and the two samples it never delivered read as shard_too_short ("a wrong
+    # index, or a file cut short") instead of naming the failed command.
+    url = shard_of_four(tmp_path)
+    items = list(read_shard_range(f"pipe:head -c {sample_start(url, 2)} {url}; exit 3", 0, 4))
+    assert [item["txt"].decode() for item in items[:2]] == [caption_of(0), caption_of(1)]
+    assert [item.kind for item in items[2:]] == ["shard_read_error"] * 2
+    assert "exited with status 3" in items[2].detail
+    with pytest.raises(PipeCommandFailed, match="exited with status 3"):
+        count_tar_samples(f"pipe:head -c {sample_start(url, 2)} {url}; exit 3")
+
+
+def test_a_command_that_succeeds_or_is_stopped_early_reports_nothing(tmp_path: Path) -> None:
+    url = shard_of_four(tmp_path)
+    assert [item["txt"].decode() for item in read_shard_range(f"pipe:cat {url}", 0, 4)] == [
+        caption_of(i) for i in range(4)
+    ]
+    # Read to its end (json's read() reads all): a clean exit is no error
+    with PipeCommand(f"cat {url}") as stream:
+        assert len(stream.read()) == Path(url).stat().st_size
+    # Stopped after two samples while the command still writes: killed, not reported
+    items = list(read_shard_range(f"pipe:cat {url} {url} {url}; exit 3", 0, 2))
+    assert [item["txt"].decode() for item in items] == [caption_of(0), caption_of(1)]
+
+
+def test_a_command_stopped_early_is_ended_with_its_children(tmp_path: Path) -> None:
+    # The tar reader stops at the end-of-archive marker; a command still running then (here a child that keeps
+    # the output open, as a hung download would) was left behind
+    url = shard_of_four(tmp_path)
+    pid_file = tmp_path / "pid"
+    items = list(read_shard_range(f"pipe:echo $$ > {pid_file}; cat {url}; sleep 600", 0, 4))
+    assert not any(isinstance(item, MissingSample) for item in items)
+    assert group_is_gone(int(pid_file.read_text()))
+
+
+def test_a_process_that_exits_without_closing_its_command_ends_it(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    script = (
+        "import pathlib, time; from clip.data.pipe_command import PipeCommand\n"
+        f"stream = PipeCommand('echo $$ > {pid_file}; sleep 600')\n"
+        f"pid_file = pathlib.Path({str(pid_file)!r})\n"
+        "while not pid_file.exists() or not pid_file.read_text().strip(): time.sleep(0.05)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60, stderr=subprocess.DEVNULL)
+    assert group_is_gone(int(pid_file.read_text()))
+
+
+def test_once_ended_a_process_starts_no_more_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A worker terminated by its parent ends its commands from another thread; its main thread, whose read the
+    # kill ended, went on to the next shard and started its command before the worker's exit
+    monkeypatch.setattr(pipe_command, "_ended_in", set())
+    pid_file = tmp_path / "pid"
+    stream = PipeCommand(f"echo $$ > {pid_file}; sleep 600")
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        time.sleep(0.05)
+    pipe_command.end_running_commands()
+    assert group_is_gone(int(pid_file.read_text()))
+    stream.close()  # closing after the end is no error
+    with pytest.raises(OSError, match="this process is ending"):
+        PipeCommand("true")
+
+
+def test_a_hung_command_ends_with_the_worker_the_loader_terminates(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    source = SourceConfig(
+        kind="shards", path=f"pipe:echo $$ > {pid_file}; sleep 600 && cat never.tar", num_samples=4, name="hung"
+    )
+    data = build([source], batch_size=2, workers=1, worker_timeout_s=1.0)
+    with pytest.raises(RuntimeError, match="no batch from the data workers"):
+        take(data, 1)
+    data.close()
+    # torch's shutdown waits for the worker a few seconds before it terminates it
+    assert group_is_gone(int(pid_file.read_text()), within_s=30.0)
+
+
+def test_without_workers_pipe_and_remote_shards_are_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # data.worker_timeout_s applies to workers only: a hung read in the training process hangs the run, and
+    # SIGTERM is acted on only after the read
+    url = shard_of_four(tmp_path)
+    said = "data.workers = 0: the training process reads source(s) piped itself"
+    for workers, path, warned in [(0, f"pipe:cat {url}", True), (1, f"pipe:cat {url}", False), (0, url, False)]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="clip.data.loader"):
+            build([SourceConfig(kind="shards", path=path, num_samples=4, name="piped")], workers=workers).close()
+        assert (said in caplog.text) == warned, (workers, path)

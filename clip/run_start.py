@@ -19,7 +19,14 @@ from . import checkpoint as ckpt
 from .config import TrainConfig, TrainLoopConfig, to_toml
 from .cpu_memory import freed_memory_kept
 from .cuda_backends import configure_cuda_backends, cuda_backends_restored
-from .distributed import DistributedInfo, any_rank, from_rank_zero, raise_on_every_rank
+from .config_io import differences, short_repr
+from .distributed import (
+    DistributedInfo,
+    any_rank,
+    from_rank_zero,
+    gather_objects,
+    raise_on_every_rank,
+)
 from .download import DownloadError
 from .loading import load_weights_with_source
 from .loss import SIGLIP_INITIAL_LOGIT_SCALE
@@ -71,6 +78,32 @@ def bad_input_on_every_rank(dist_info: DistributedInfo, what: str) -> Iterator[N
     raise_on_every_rank(failure, dist_info, BadTrainingInput(
         f"another rank could not use {what} (its error says why)"
     ))
+
+
+def refuse_configs_that_differ_between_ranks(config_dict: dict, dist_info: DistributedInfo) -> None:
+    """A BadTrainingInput on every rank where some rank's resolved config is not rank 0's, naming the settings.
+
+    Each rank reads the config file and command line itself, and they can differ: torchrun started by hand on
+    each node with another override, a recipe edited between the nodes' starts. A learning rate given to one rank
+    only trained different weights on each rank, without a word (rank 0's checkpoint recording its own); a batch
+    size or checkpoint interval ended a rank in a collective mismatch ("EnforceNotMet") that named no setting."""
+    if not dist_info.is_distributed:
+        return
+    rank_0s = from_rank_zero(config_dict if dist_info.is_main else None, dist_info)
+    differing = differences(rank_0s, config_dict)
+    said = "; ".join(f"{key} = {short_repr(mine)} (rank 0: {short_repr(theirs)})"
+                     for key, theirs, mine in differing[:5]) + ("; ..." if len(differing) > 5 else "")
+    by_rank = [(rank, text) for rank, text in enumerate(gather_objects(said if differing else None, dist_info))
+               if text is not None]
+    if by_rank:
+        rank, text = by_rank[0]
+        others = f" (and {len(by_rank) - 1} other rank(s))" if len(by_rank) > 1 else ""
+        error = BadTrainingInput(
+            f"the ranks were started with different configs: rank {rank}{others} has {text}. Every rank must read "
+            f"the same config file and overrides"
+        )
+        error.failed_on_another_rank = not dist_info.is_main  # the same line on every rank: rank 0 says it
+        raise error
 
 
 def warn_about_unlikely_settings(

@@ -68,6 +68,7 @@ from .run_start import (
     build_training_module,
     configure_process,
     record_run_start,
+    refuse_configs_that_differ_between_ranks,
     run_directory_held,
     start_new_run,
     warn_about_unlikely_settings,
@@ -278,11 +279,12 @@ def _train(
 ) -> dict:
     run_dir = Path(config.output_dir)
     device = dist_info.device
+    config_dict = to_dict(config)
+    refuse_configs_that_differ_between_ranks(config_dict, dist_info)
     if config.logging.wandb:
         require_wandb()
     require_shard_readers(config.data.sources)
     configure_process(config.train, device, on_exit)
-    config_dict = to_dict(config)
 
     module = build_training_module(config, device)
     optimizer = build_optimizer(list(module.named_parameters()), config.optimizer, device)

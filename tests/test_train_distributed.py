@@ -362,6 +362,26 @@ def test_bad_input_that_every_rank_finds_alike_is_said_by_rank_0_alone(tmp_path)
     assert rank1 == rank0.replace("False", "True", 1)
 
 
+def _config_differs_on_rank_1_worker(rank: int, world_size: int, port: int, run_dir: str, extra) -> None:
+    from clip.distributed import failed_on_another_rank
+    from clip.run_start import BadTrainingInput
+
+    try:
+        _worker(rank, world_size, port, run_dir, None, [*extra, *(["optimizer.lr=0.003"] if rank == 1 else [])])
+    except BadTrainingInput as error:
+        (Path(run_dir).parent / f"refused{rank}").write_text(f"{failed_on_another_rank(error)} {error}")
+
+
+def test_ranks_started_with_different_configs_are_refused_naming_the_setting(tmp_path):
+    # Each rank reads the config and command line itself: a learning rate given to one node's ranks only trained
+    # different weights on each rank, without a word, and a batch size ended in gloo's collective mismatch
+    spawn_ranks(_config_differs_on_rank_1_worker, (2, free_port(), str(tmp_path / "run"), []), timeout_s=120)
+    rank0, rank1 = ((tmp_path / f"refused{rank}").read_text() for rank in (0, 1))
+    assert rank0.startswith("False the ranks were started with different configs: rank 1 has optimizer.lr = 0.003 ")
+    assert rank1 == rank0.replace("False", "True", 1)  # said by rank 0 alone
+    assert not (tmp_path / "run" / "config.toml").exists()
+
+
 def _resume_refused_worker(rank: int, world_size: int, port: int, run_dir: str, extra) -> None:
     # What each rank raised, into a file of its own beside the run directory
     from clip.resume import ResumeRefused

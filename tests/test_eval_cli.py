@@ -1064,3 +1064,30 @@ def test_each_dataset_gets_its_own_default_output_folder(tmp_path, tiny_checkpoi
         result = json.loads((tmp_path / "linear_probe_results" / name / "linear_probe_results.json").read_text())
         assert result["data"]["root"] in (str(tmp_path / name), str(tmp_path / name) + "/", None)
         assert (tmp_path / "linear_probe_results" / name / "features" / "train.pt").is_file()
+
+
+@pytest.mark.parametrize("variables, said", [
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
+      "TORCHELASTIC_RUN_ID": "x"}, "rank 1 of 2 (torchrun)"),
+    ({"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "3",
+      "SLURM_JOB_NODELIST": "node1", "SLURM_STEP_NODELIST": "node1", "SLURM_STEP_ID": "0"}, "rank 3 of 4 (slurm)"),
+    ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
+      "TORCHELASTIC_RUN_ID": "x"}, None),
+])
+def test_an_evaluation_command_started_as_one_of_several_processes_is_refused(capsys, monkeypatch, variables, said):
+    # Under torchrun or a several-task srun every process evaluated everything and wrote the same results files
+    from clip.cli.common import run_command
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name in [name for name in os.environ if name.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    ran = []
+    status = run_command("clip-zeroshot", lambda args: ran.append(args) or 0, "args")
+    if said is None:
+        assert (status, ran) == (0, ["args"])
+    else:
+        assert (status, ran) == (2, [])
+        assert capsys.readouterr().err.startswith(f"clip-zeroshot: runs in one process, but was started as {said}:")

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import traceback
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +20,7 @@ import torch
 from clip.config_io import MAX_WORKERS  # --workers' limit, as for the configs' workers settings
 from clip.device_names import available_device
 from clip.download import DownloadError
+from clip.launcher import LauncherMisconfigured, read_launcher_environment
 from clip.run_log import write_json  # noqa: F401 -- the commands write results files as the trainer does
 
 if TYPE_CHECKING:
@@ -84,7 +85,14 @@ def warnings_as_log_lines() -> Iterator[None]:
 def run_command(prog: str, command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Runs `command(args)`; an input error becomes `prog: message` on stderr and exit status 2 (argparse's
     status for bad usage), a failed download the same line and status 1, Ctrl-C a line and status 130, each
-    preceded by its traceback when CLIP_DEBUG is set. Python warnings are log lines."""
+    preceded by its traceback when CLIP_DEBUG is set. Python warnings are log lines. Refused (status 2) as one of
+    several processes of a launcher: the commands run in one process."""
+    launched_as = one_of_several_ranks(os.environ)
+    if launched_as is not None:
+        print(f"{prog}: runs in one process, but was started as {launched_as}: every process would do the whole "
+              f"job and write the same files. Run it as one process (without torchrun, or in a one-task srun)",
+              file=sys.stderr)
+        return 2
     try:
         with warnings_as_log_lines():
             return command(args)
@@ -100,6 +108,17 @@ def run_command(prog: str, command: Callable[[argparse.Namespace], int], args: a
             traceback.print_exc()
         print(f"{prog}: interrupted; the files it wrote before are kept", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
+
+
+def one_of_several_ranks(environ: Mapping[str, str]) -> str | None:
+    """'rank R of N (torchrun)' where a launcher started this process as one of several, else None."""
+    try:
+        launcher = read_launcher_environment(environ)
+    except LauncherMisconfigured:  # variables that make no run: not a several-process start to refuse either
+        return None
+    if launcher is None or launcher.world_size <= 1:
+        return None
+    return f"rank {launcher.rank} of {launcher.world_size} ({launcher.launcher})"
 
 
 def positive_int(text: str) -> int:

@@ -80,6 +80,14 @@ def bad_input_on_every_rank(dist_info: DistributedInfo, what: str) -> Iterator[N
     ))
 
 
+# Settings that only shape the process they are given to (its device's spelling -- "cuda:0" beside "auto" --,
+# threads, memory, how its data workers run, rank 0's own displays): ranks may differ in them
+PER_PROCESS_SETTINGS = frozenset({
+    "train.device", "train.threads", "train.keep_freed_cpu_memory", "data.prefetch_factor", "data.pin_memory",
+    "data.log_every_s", "data.worker_timeout_s", "logging.progress_bar", "logging.tensorboard", "logging.plot",
+})
+
+
 def refuse_configs_that_differ_between_ranks(config_dict: dict, dist_info: DistributedInfo) -> None:
     """A BadTrainingInput on every rank where some rank's resolved config is not rank 0's, naming the settings.
 
@@ -90,7 +98,7 @@ def refuse_configs_that_differ_between_ranks(config_dict: dict, dist_info: Distr
     if not dist_info.is_distributed:
         return
     rank_0s = from_rank_zero(config_dict if dist_info.is_main else None, dist_info)
-    differing = differences(rank_0s, config_dict)
+    differing = [found for found in differences(rank_0s, config_dict) if found[0] not in PER_PROCESS_SETTINGS]
     said = "; ".join(f"{key} = {short_repr(mine)} (rank 0: {short_repr(theirs)})"
                      for key, theirs, mine in differing[:5]) + ("; ..." if len(differing) > 5 else "")
     by_rank = [(rank, text) for rank, text in enumerate(gather_objects(said if differing else None, dist_info))

@@ -4,6 +4,7 @@ terminated by the loader's shutdown (a hung command was left running for good, i
 
 from __future__ import annotations
 
+import gzip
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 from test_data_helpers import build, caption_of, take, write_shards
 
 from clip.data import SourceConfig
-from clip.data import pipe_command
+from clip.data import pipe_command, shards
 from clip.data.pipe_command import PipeCommand, PipeCommandFailed
 from clip.data.shards import MissingSample, count_tar_samples, expand_shard_pattern, read_shard_range
 
@@ -86,14 +87,37 @@ def test_a_command_that_succeeds_or_is_stopped_early_reports_nothing(tmp_path: P
     assert [item["txt"].decode() for item in items] == [caption_of(0), caption_of(1)]
 
 
-def test_a_command_stopped_early_is_ended_with_its_children(tmp_path: Path) -> None:
-    # The tar reader stops at the end-of-archive marker; a command still running then (here a child that keeps
-    # the output open, as a hung download would) was left behind
+def test_a_command_still_running_after_the_tar_is_given_time_then_ended_with_its_children(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # tarfile stops at the end-of-archive marker. A command that finishes a little later (a `tee` into a local
+    # copy) finishes; one that keeps running (here a child keeping the output open, as a hung download would)
+    # was left behind, and its read waited for bytes that never came
+    monkeypatch.setattr(pipe_command, "EXIT_WAIT_S", 1.0)
     url = shard_of_four(tmp_path)
+    done = tmp_path / "done"
+    items = list(read_shard_range(f"pipe:cat {url}; sleep 0.3; echo ok > {done}", 0, 4))
+    assert len(items) == 4 and done.read_text() == "ok\n"
     pid_file = tmp_path / "pid"
-    items = list(read_shard_range(f"pipe:echo $$ > {pid_file}; cat {url}; sleep 600", 0, 4))
-    assert not any(isinstance(item, MissingSample) for item in items)
-    assert group_is_gone(int(pid_file.read_text()))
+    for command in [f"echo $$ > {pid_file}; cat {url}; sleep 600", f"echo $$ > {pid_file}; cat {url}; sleep 600 &"]:
+        items = list(read_shard_range(f"pipe:{command}", 0, 4))
+        assert not any(isinstance(item, MissingSample) for item in items)
+        assert group_is_gone(int(pid_file.read_text())), command
+
+
+def test_a_compressed_shard_whose_first_bytes_come_alone(tmp_path: Path) -> None:
+    # tarfile tells gzip from tar by one read of 512 bytes: two bytes alone read the shard as a broken tar
+    url = shard_of_four(tmp_path)
+    packed = tmp_path / "s.tar.gz"
+    packed.write_bytes(gzip.compress(Path(url).read_bytes()))
+    command = f"pipe:head -c 2 {packed}; sleep 0.3; tail -c +3 {packed}"
+    assert [item["txt"].decode() for item in read_shard_range(command, 0, 4)] == [caption_of(i) for i in range(4)]
+    assert count_tar_samples(command) == 4
+
+
+def test_a_size_index_from_a_command_that_fails_is_not_used() -> None:
+    assert shards._read_json("""pipe:printf '{"s-000000.tar": 4}'""") == {"s-000000.tar": 4}
+    assert shards._read_json("""pipe:printf '{"s-000000.tar": 4}'; exit 3""") is None
 
 
 def test_a_process_that_exits_without_closing_its_command_ends_it(tmp_path: Path) -> None:

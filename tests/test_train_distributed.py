@@ -367,7 +367,9 @@ def _config_differs_on_rank_1_worker(rank: int, world_size: int, port: int, run_
     from clip.run_start import BadTrainingInput
 
     try:
-        _worker(rank, world_size, port, run_dir, None, [*extra, *(["optimizer.lr=0.003"] if rank == 1 else [])])
+        # Per-process settings may differ (threads, the device's spelling, rank 0's displays); the rest may not
+        per_rank = ["train.threads=2", "logging.progress_bar=false", "optimizer.lr=0.003"] if rank == 1 else []
+        _worker(rank, world_size, port, run_dir, None, [*extra, *per_rank])
     except BadTrainingInput as error:
         (Path(run_dir).parent / f"refused{rank}").write_text(f"{failed_on_another_rank(error)} {error}")
 

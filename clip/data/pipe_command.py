@@ -3,8 +3,9 @@
 Started in a process group of its own, so that the whole command (a pipeline, or `aws s3 cp`'s own children)
 can be ended together: when its reader stops before the end (the rest of the shard is not needed), and when the
 process that started it ends -- a data worker that torch's shutdown terminates because it hangs in a stalled
-read (clip.data.worker_signals), or any process's normal exit. A hung download was left running for good
-before, re-parented to init and ignoring SIGTERM like the command it came from (below), one more per attempt.
+read (clip.data.worker_signals; Linux only: elsewhere torch's own handler ends such a worker without running
+Python code), or any process's normal exit. A hung download was left running for good before, re-parented to
+init and ignoring SIGTERM like the command it came from (below), one more per attempt.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import os
 import signal
 import subprocess
 import threading
+import time
 
-# How long a command whose output was read to its end may take to exit before it is ended: its data is complete
-# by then, and a command that keeps running after closing its output (a background child) must not hold the
-# worker up
-EXIT_WAIT_S = 30.0
+# How long a command may take to exit once its reader has the whole tar (its output read to the end, or the
+# tar's end-of-archive marker read) before what is left of it is ended: a `tee` into a local copy finishing its
+# file, a download tool's cleanup. A command that keeps running after that must not hold its worker up longer.
+EXIT_WAIT_S = 10.0
+TAR_BLOCK = 512
 
 # The commands started and not yet closed, by their process id: (the id of the process that started it, the
 # command), for `end_running_commands` at that process's exit. A forked data worker inherits its parent's
@@ -30,6 +33,8 @@ _exit_hooks_in: set[int] = set()  # process ids in which `end_running_commands` 
 _ended_in: set[int] = set()
 # Held while a command is started and registered, and while the commands are ended: none starts unseen between
 _starting = threading.Lock()
+# Held while one command is killed and collected: by close() and by end_running_commands (another thread) alike
+_ending = threading.Lock()
 
 
 class PipeCommandFailed(OSError):
@@ -37,9 +42,10 @@ class PipeCommandFailed(OSError):
 
 
 class PipeCommand:
-    """A binary stream of `command`'s standard output. `close()` ends the command; it raises PipeCommandFailed
-    where the output was read to its end and the command then reported failure (a download that failed after
-    a part of the shard); a command stopped early is not asked how it ended."""
+    """A binary stream of `command`'s standard output. `close()` after the reader has what it needs (the tar's
+    end) gives the command EXIT_WAIT_S to finish, then ends what is left of its group; it raises
+    PipeCommandFailed where the output was read to its end and the command then reported failure (a download
+    that failed after a part of the shard). `abandon()` (the reader stops before the end) ends it at once."""
 
     def __init__(self, command: str) -> None:
         self.command = command
@@ -58,29 +64,47 @@ class PipeCommand:
         self.read_to_the_end = False
 
     def read(self, size: int = -1) -> bytes:
-        # What has arrived, up to `size` (tarfile reads on until it has what it needs): a whole buffer's worth
-        # waited for bytes that a command which keeps its output open after the tar's end never writes
-        data = self.process.stdout.read() if size is None or size < 0 else self.process.stdout.read1(size)
+        if size is None or size < 0:
+            data = self.process.stdout.read()
+            self.read_to_the_end = True
+            return data
+        # What has arrived, up to `size`, but at least a tar block's worth where there is one: waiting for all of
+        # `size` (tarfile asks for 10 KB records) never ended for a command that keeps its output open after the
+        # tar's end, and tarfile tells gzip from tar by one read of 512 bytes
+        data = self.process.stdout.read1(size)
+        while data and len(data) < min(size, TAR_BLOCK):
+            more = self.process.stdout.read1(min(size, TAR_BLOCK) - len(data))
+            if not more:
+                break
+            data += more
         if not data and size != 0:
             self.read_to_the_end = True
         return data
 
     def close(self) -> None:
-        if self.process.stdout.closed:
+        if not self._let_go():
             return
-        self.process.stdout.close()
-        _running.pop(self.process.pid, None)
-        if not self.read_to_the_end:
-            _end(self.process)
-            return
-        try:
-            status = self.process.wait(timeout=EXIT_WAIT_S)
-        except subprocess.TimeoutExpired:
-            _end(self.process)
-            return
-        if status != 0:
+        exited = _exited_within(self.process, EXIT_WAIT_S)
+        _end(self.process)  # what it left running in its group (a background child), and its status
+        _forget(self.process)
+        status = self.process.returncode
+        if exited and self.read_to_the_end and status != 0:
             how = f"was ended by signal {-status}" if status < 0 else f"exited with status {status}"
             raise PipeCommandFailed(f"the pipe: command {self.command!r} {how} after its output ended")
+
+    def abandon(self) -> None:
+        """Close, ending the command at once: the rest of its output is not needed."""
+        if self._let_go():
+            _end(self.process)
+            _forget(self.process)
+
+    def _let_go(self) -> bool:
+        """Close this end of the pipe (a command still writing then gets SIGPIPE); False if it was closed. The
+        command stays in the table until it is collected: a worker terminated meanwhile ends it."""
+        if self.process.stdout.closed:
+            return False
+        self.process.stdout.close()
+        return True
 
     def __enter__(self) -> PipeCommand:
         return self
@@ -92,18 +116,43 @@ class PipeCommand:
         return f"pipe:{self.command}"
 
 
+def _exited_within(process: subprocess.Popen, timeout_s: float) -> bool:
+    """Whether the command's shell exits within `timeout_s`. Left uncollected (WNOWAIT), so that its id still
+    names its process group for `_end`."""
+    deadline = time.monotonic() + timeout_s
+    pause = 0.001
+    while process.returncode is None:
+        try:
+            if os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+        except ChildProcessError:  # collected meanwhile by end_running_commands
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)
+    return True
+
+
 def _end(process: subprocess.Popen) -> None:
     """Kill the command's process group, then collect its status. Sent while the group's leader is not yet
     collected, so that its id cannot have been given to another process."""
-    if process.returncode is None:
+    with _ending:
+        if process.returncode is None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):  # the group is gone already
+                pass
         try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):  # the group is gone already
+            process.wait(timeout=EXIT_WAIT_S)
+        except subprocess.TimeoutExpired:  # in uninterruptible sleep (a dead network mount): left to the kernel
             pass
-    try:
-        process.wait(timeout=EXIT_WAIT_S)
-    except subprocess.TimeoutExpired:  # in uninterruptible sleep (a dead network mount): left to the kernel
-        pass
+
+
+def _forget(process: subprocess.Popen) -> None:
+    with _starting:  # end_running_commands reads the table from another thread
+        if _running.get(process.pid, (None, None))[1] is process:
+            del _running[process.pid]
 
 
 def end_running_commands() -> None:

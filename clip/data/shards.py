@@ -414,9 +414,10 @@ class _SkipFirstSamples:
 
 
 def _close_quietly(stream: IO[bytes]) -> None:
+    """Close a stream its reader stopped before the end of (a pipe: command is ended at once)."""
     try:
-        stream.close()
-    except Exception:  # a pipe: or curl command stopped early exits with SIGPIPE; nothing to report
+        stream.abandon() if isinstance(stream, PipeCommand) else stream.close()
+    except Exception:  # a curl command stopped early exits with SIGPIPE; nothing to report
         pass
 
 

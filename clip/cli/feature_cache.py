@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from clip.evaluation.datasets import CIFARDataset, ImageFolderDataset
+from clip.evaluation.features import nonfinite_rows
 from clip.exception_chain import first_in_chain
 from clip.run_log import remove_temporaries_of, replaced_atomically
 
@@ -124,7 +125,7 @@ def _problem(stored: Any, num_images: int, num_classes: int) -> str | None:
         return f"{len(features)} features and {len(labels)} labels for a split of {num_images} images"
     if labels.min() < 0 or labels.max() >= num_classes:
         return f"labels outside 0..{num_classes - 1}"
-    if not torch.isfinite(features).all():
+    if nonfinite_rows(features):
         return "NaN or inf features"
     return None
 

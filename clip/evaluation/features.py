@@ -263,9 +263,12 @@ def encode_image_batches(
             yield features, labels
 
 
-def nonfinite_rows(features: torch.Tensor) -> torch.Tensor:
-    """How many rows of `features` hold a NaN or inf, as a tensor on their device (no host sync)."""
-    return (~torch.isfinite(features).all(dim=-1)).sum()
+def nonfinite_rows(features: torch.Tensor, chunk_rows: int = 65_536) -> torch.Tensor:
+    """How many rows of `features` hold a NaN or inf, as a tensor on their device (no host sync). A chunk of rows
+    at a time: isfinite over a whole feature matrix took 1.75 times its size in temporaries."""
+    counts = [(~torch.isfinite(features[start:start + chunk_rows]).all(dim=-1)).sum()
+              for start in range(0, features.shape[0], chunk_rows)]
+    return torch.stack(counts).sum() if counts else torch.zeros((), dtype=torch.int64, device=features.device)
 
 
 class NonFiniteFeaturesError(ValueError):

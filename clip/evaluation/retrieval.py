@@ -86,7 +86,11 @@ def retrieval_ranks(
     image_features, text_features = image_features.to(precise), text_features.to(precise)
     caption_image = caption_image.to(device).long()
     num_images, num_texts = image_features.shape[0], text_features.shape[0]
-    truth = (text_features * image_features[caption_image]).sum(dim=-1)  # T: score of each caption's image
+    # T: score of each caption's image, a chunk of captions at a time (whole, two T x D float64 temporaries)
+    truth = torch.cat([
+        (text_features[start:start + chunk_size] * image_features[caption_image[start:start + chunk_size]]).sum(-1)
+        for start in range(0, num_texts, chunk_size)
+    ]) if num_texts else text_features.new_zeros(0)
     best_truth = torch.full((num_images,), float("-inf"), device=device, dtype=truth.dtype)
     best_truth.scatter_reduce_(0, caption_image, truth, reduce="amax")  # I: best true caption per image
     # A candidate beats a ground truth g when its score is >= g - tolerance (pessimistic: ties count against

@@ -397,7 +397,11 @@ def run_linear_probe(
     if device is not None:
         train, test = _to(train, device), _to(test, device)
         val = None if val is None else _to(val, device)
+    # The refit's train + validation rows: the given training rows themselves where the validation split was
+    # taken from them (concatenating the split's two copies made a third copy of the features)
+    refit_rows = None
     if val is None:
+        refit_rows = train
         train, val = split_validation(*train, val_fraction, seed)
     if len(val[1]) == 0:  # every validation score would be a mean over nothing
         raise ValueError("the validation split has no examples")
@@ -411,7 +415,11 @@ def run_linear_probe(
         **sweep_options,
     )
     chosen = next(point for point in sweep if point.l2 == l2)
-    full_x, full_y = torch.cat([train[0], val[0]]), torch.cat([train[1], val[1]])
+    num_train, num_val = len(train[1]), len(val[1])
+    if refit_rows is None:
+        refit_rows = torch.cat([train[0], val[0]]), torch.cat([train[1], val[1]])
+    full_x, full_y = refit_rows
+    del train, val  # the split's copies, no longer needed during the refit
     stats = _standardizer(full_x) if standardize else None
     max_iter = sweep_options.get("max_iter", 1000)  # select_l2's default
     probe = fit_logistic_regression(scaled(full_x, stats), full_y, num_classes, l2, max_iter=max_iter)
@@ -433,8 +441,8 @@ def run_linear_probe(
         val_mean_per_class=chosen.val_mean_per_class,
         test_accuracy=probe.accuracy(test_x, test[1]),
         test_mean_per_class=probe.mean_per_class_accuracy(test_x, test[1]),
-        num_train=len(train[1]),
-        num_val=len(val[1]),
+        num_train=num_train,
+        num_val=num_val,
         num_test=len(test[1]),
         standardize=standardize,
         sweep=sweep,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -172,3 +173,39 @@ def test_without_workers_pipe_and_remote_shards_are_warned_of(
         with caplog.at_level("WARNING", logger="clip.data.loader"):
             build([SourceConfig(kind="shards", path=path, num_samples=4, name="piped")], workers=workers).close()
         assert (said in caplog.text) == warned, (workers, path)
+
+
+def test_a_compressed_shard_whose_last_bytes_come_alone_while_the_output_stays_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only the first read waits for a whole tar block: gzip data is no whole blocks, and a read waiting for the
+    # rest of one after the last bytes hung for as long as the command kept its output open
+    monkeypatch.setattr(pipe_command, "EXIT_WAIT_S", 1.0)
+    url = shard_of_four(tmp_path)
+    packed = tmp_path / "s.tar.gz"
+    packed.write_bytes(gzip.compress(Path(url).read_bytes()))
+    size = packed.stat().st_size
+    command = f"pipe:head -c {size - 100} {packed}; sleep 0.3; tail -c 100 {packed}; sleep 600"
+
+    def hung(signum, frame):
+        raise TimeoutError("the read waits for bytes the command never writes")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        items = list(read_shard_range(command, 0, 4))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert [item["txt"].decode() for item in items] == [caption_of(i) for i in range(4)]
+
+
+def test_a_command_still_writing_after_the_tar_is_read_on_until_it_ends(tmp_path: Path) -> None:
+    # The tar's end-of-archive marker comes before the end of its last record (a tar of 1 MB records): the pipe
+    # closed there, a `tee` keeping a local copy of the shard died of SIGPIPE with the copy cut short
+    url = shard_of_four(tmp_path)
+    padded = tmp_path / "padded.tar"
+    padded.write_bytes(Path(url).read_bytes() + bytes(1 << 20))
+    copy = tmp_path / "copy.tar"
+    items = list(read_shard_range(f"pipe:cat {padded} | tee {copy}", 0, 4))
+    assert len(items) == 4 and copy.read_bytes() == padded.read_bytes()

@@ -1073,6 +1073,9 @@ def test_each_dataset_gets_its_own_default_output_folder(tmp_path, tiny_checkpoi
       "SLURM_JOB_NODELIST": "node1", "SLURM_STEP_NODELIST": "node1", "SLURM_STEP_ID": "0"}, "rank 3 of 4 (slurm)"),
     ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
       "TORCHELASTIC_RUN_ID": "x"}, None),
+    # An sbatch script's own shell (no srun step): one process, though SLURM_PROCID and the job's tasks are set
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "node1",
+      "SLURM_JOB_ID": "7"}, None),
 ])
 def test_an_evaluation_command_started_as_one_of_several_processes_is_refused(capsys, monkeypatch, variables, said):
     # Under torchrun or a several-task srun every process evaluated everything and wrote the same results files
@@ -1090,4 +1093,6 @@ def test_an_evaluation_command_started_as_one_of_several_processes_is_refused(ca
         assert (status, ran) == (0, ["args"])
     else:
         assert (status, ran) == (2, [])
-        assert capsys.readouterr().err.startswith(f"clip-zeroshot: runs in one process, but was started as {said}:")
+        error = capsys.readouterr().err
+        assert error.startswith(f"clip-zeroshot: runs in one process, but was started as {said}:")
+        assert error.endswith("Start it once: without torchrun, or with `srun -n1`\n")

@@ -90,8 +90,7 @@ def run_command(prog: str, command: Callable[[argparse.Namespace], int], args: a
     launched_as = one_of_several_ranks(os.environ)
     if launched_as is not None:
         print(f"{prog}: runs in one process, but was started as {launched_as}: every process would do the whole "
-              f"job and write the same files. Run it as one process (without torchrun, or in a one-task srun)",
-              file=sys.stderr)
+              f"job and write the same files. Start it once: without torchrun, or with `srun -n1`", file=sys.stderr)
         return 2
     try:
         with warnings_as_log_lines():
@@ -111,12 +110,16 @@ def run_command(prog: str, command: Callable[[argparse.Namespace], int], args: a
 
 
 def one_of_several_ranks(environ: Mapping[str, str]) -> str | None:
-    """'rank R of N (torchrun)' where a launcher started this process as one of several, else None."""
+    """'rank R of N (torchrun)' where a launcher started this process as one of several, else None. Under SLURM
+    only a task of an srun step of several: a batch script's own shell has SLURM_PROCID and the job's
+    SLURM_NTASKS too, and a command run there is one process."""
     try:
         launcher = read_launcher_environment(environ)
     except LauncherMisconfigured:  # variables that make no run: not a several-process start to refuse either
         return None
     if launcher is None or launcher.world_size <= 1:
+        return None
+    if launcher.launcher == "slurm" and not environ.get("SLURM_STEP_NUM_TASKS"):  # not in an srun step
         return None
     return f"rank {launcher.rank} of {launcher.world_size} ({launcher.launcher})"
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import multiprocessing.util
 import os
+import select
 import signal
 import subprocess
 import threading
 import time
+from typing import IO
 
 # How long a command may take to exit once its reader has the whole tar (its output read to the end, or the
 # tar's end-of-archive marker read) before what is left of it is ended: a `tee` into a local copy finishing its
@@ -62,18 +64,21 @@ class PipeCommand:
             _running[self.process.pid] = (os.getpid(), self.process)
         _end_running_commands_at_exit()
         self.read_to_the_end = False
+        self.first_read = True
 
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
             data = self.process.stdout.read()
             self.read_to_the_end = True
             return data
-        # What has arrived, up to `size`, but at least a tar block's worth where there is one: waiting for all of
-        # `size` (tarfile asks for 10 KB records) never ended for a command that keeps its output open after the
-        # tar's end, and tarfile tells gzip from tar by one read of 512 bytes
+        # What has arrived, up to `size`: waiting for all of `size` (tarfile asks for 10 KB records) never ended
+        # for a command that keeps its output open after the tar's end. But a whole tar block first: tarfile tells
+        # gzip from tar by that one read (two bytes alone read a .tar.gz as a broken tar)
         data = self.process.stdout.read1(size)
-        while data and len(data) < min(size, TAR_BLOCK):
-            more = self.process.stdout.read1(min(size, TAR_BLOCK) - len(data))
+        wanted = min(size, TAR_BLOCK) if self.first_read else 0
+        self.first_read = False
+        while data and len(data) < wanted:
+            more = self.process.stdout.read1(wanted - len(data))
             if not more:
                 break
             data += more
@@ -82,9 +87,12 @@ class PipeCommand:
         return data
 
     def close(self) -> None:
-        if not self._let_go():
+        if self.process.stdout.closed:
             return
-        exited = _exited_within(self.process, EXIT_WAIT_S)
+        deadline = time.monotonic() + EXIT_WAIT_S
+        _read_on_until_the_end(self.process.stdout, deadline)
+        self._let_go()
+        exited = _exited_within(self.process, deadline - time.monotonic())
         _end(self.process)  # what it left running in its group (a background child), and its status
         _forget(self.process)
         status = self.process.returncode
@@ -116,9 +124,26 @@ class PipeCommand:
         return f"pipe:{self.command}"
 
 
+def _read_on_until_the_end(stream: IO[bytes], deadline: float) -> None:
+    """Read and drop what the command still writes, until it closes its output or the deadline: closed at once,
+    a `tee` into a local copy of the shard died of SIGPIPE with the rest of the tar's padding still to write."""
+    descriptor = stream.fileno()
+    while (left := deadline - time.monotonic()) > 0:
+        if not select.select([descriptor], [], [], left)[0]:
+            return
+        if not os.read(descriptor, 1 << 16):
+            return
+
+
 def _exited_within(process: subprocess.Popen, timeout_s: float) -> bool:
     """Whether the command's shell exits within `timeout_s`. Left uncollected (WNOWAIT), so that its id still
     names its process group for `_end`."""
+    if not hasattr(os, "waitid"):  # macOS before Python 3.13: collected, and its group is not ended by id then
+        try:
+            process.wait(timeout=max(timeout_s, 0))
+            return True
+        except subprocess.TimeoutExpired:
+            return False
     deadline = time.monotonic() + timeout_s
     pause = 0.001
     while process.returncode is None:

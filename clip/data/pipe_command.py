@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import multiprocessing.util
 import os
-import select
+import selectors
 import signal
 import subprocess
 import threading
@@ -128,11 +128,13 @@ def _read_on_until_the_end(stream: IO[bytes], deadline: float) -> None:
     """Read and drop what the command still writes, until it closes its output or the deadline: closed at once,
     a `tee` into a local copy of the shard died of SIGPIPE with the rest of the tar's padding still to write."""
     descriptor = stream.fileno()
-    while (left := deadline - time.monotonic()) > 0:
-        if not select.select([descriptor], [], [], left)[0]:
-            return
-        if not os.read(descriptor, 1 << 16):
-            return
+    with selectors.DefaultSelector() as selector:  # poll/epoll: select() refuses descriptors past 1023
+        selector.register(descriptor, selectors.EVENT_READ)
+        while (left := deadline - time.monotonic()) > 0:
+            if not selector.select(left):
+                return
+            if not os.read(descriptor, 1 << 16):
+                return
 
 
 def _exited_within(process: subprocess.Popen, timeout_s: float) -> bool:

@@ -28,6 +28,10 @@ class RunLogWriteError(RuntimeError):
     """`metrics.jsonl` could not be written (a full disk, a quota); its OSError is the __cause__."""
 
 
+class WandbStartError(RuntimeError):
+    """W&B could not start its run (no API key, no network, a wrong entity); wandb's error is the __cause__."""
+
+
 WANDB_RUN_ID_FILE = "wandb_run_id"
 
 
@@ -55,10 +59,16 @@ def start_wandb(run_dir: Path, project: str, entity: str | None, config: dict):
     # W&B ids are short lowercase alphanumerics; made here, not by a wandb helper that versions have renamed
     run_id = id_file.read_text(encoding="utf-8").strip() if id_file.exists() else secrets.token_hex(4)
     id_file.write_text(run_id + "\n", encoding="utf-8")
-    return wandb.init(
-        project=project, entity=entity, id=run_id, resume="allow", name=Path(run_dir).name, dir=str(run_dir),
-        config=config,
-    )
+    try:
+        return wandb.init(
+            project=project, entity=entity, id=run_id, resume="allow", name=Path(run_dir).name, dir=str(run_dir),
+            config=config,
+        )
+    except Exception as error:  # wandb's UsageError, CommError, ...: a traceback through wandb said no more
+        raise WandbStartError(
+            f"W&B could not start the run's logging: {type(error).__name__}: {error}. Log in (`wandb login`), set "
+            f"WANDB_MODE=offline to log locally and `wandb sync` later, or set logging.wandb = false"
+        ) from error
 
 
 class RunLog:

@@ -46,6 +46,23 @@ def test_start_wandb_passes_the_entity_and_config_and_keeps_the_run_id_for_a_res
     assert first["id"] == again["id"] == (run_dir / run_log.WANDB_RUN_ID_FILE).read_text().strip()
 
 
+def test_a_wandb_start_that_fails_is_one_error_saying_what_to_do(tmp_path, monkeypatch):
+    # wandb.init without an API key (UsageError) or network (CommError after its retries) ended clip-train in a
+    # traceback through wandb's internals
+    class UsageError(Exception):
+        pass
+
+    class FailingWandb:
+        def init(self, **kwargs):
+            raise UsageError("api_key not configured (no-tty)")
+
+    monkeypatch.setitem(sys.modules, "wandb", FailingWandb())
+    with pytest.raises(run_log.WandbStartError, match=r"^W&B could not start the run's logging: UsageError: api_key "
+                       r"not configured \(no-tty\)\. .*WANDB_MODE=offline.*logging\.wandb = false$") as raised:
+        run_log.start_wandb(tmp_path, "proj", None, {})
+    assert isinstance(raised.value.__cause__, UsageError)
+
+
 def test_the_tensorboard_writer_gets_the_scalars_and_is_closed_with_the_log(tmp_path, monkeypatch):
     # Its events are buffered until close (or a flush every two minutes): unclosed, a run's last steps could be
     # missing from TensorBoard

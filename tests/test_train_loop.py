@@ -2180,6 +2180,15 @@ def test_weights_and_biases_gets_the_metrics_and_a_resumed_run_continues_its_run
     args = [str(DEMO), "--output-dir", str(tmp_path / "other"), *TINY, "logging.wandb=true"]
     assert main(args) == 1
     assert not (tmp_path / "other" / "checkpoints").exists()
+    # A W&B run that cannot start (no API key, no network): one error line too, status 1, not a traceback
+
+    class NoKeyWandb:
+        def init(self, **kwargs):
+            raise RuntimeError("api_key not configured (no-tty)")
+
+    monkeypatch.setitem(sys.modules, "wandb", NoKeyWandb())
+    args = [str(DEMO), "--output-dir", str(tmp_path / "no_key"), *TINY, "logging.wandb=true"]
+    assert main(args) == 1
 
 
 def test_tensorboard_events_and_training_plot(tmp_path):

@@ -36,7 +36,7 @@ from ..launcher import LauncherEnvironment, LauncherMisconfigured, read_launcher
 from ..loading import ModelNotFoundError
 from ..resume import ResumeRefused
 from ..run_lock import RunDirectoryInUse
-from ..run_log import RunLogWriteError
+from ..run_log import RunLogWriteError, WandbStartError
 from ..run_start import BadTrainingInput
 from ..stopping import (
     STOPPED_AT_ONCE_EXIT_CODE, STOPPED_EARLY_EXIT_CODE, SetupInterrupted, StoppedAtOnce, StopRequest,
@@ -464,7 +464,7 @@ def run(
         return 2
     except (
         NonFiniteLossError, ckpt.NoReadableCheckpointError, ckpt.CheckpointWriteError, RunLogWriteError,
-        MissingDependency,
+        MissingDependency, WandbStartError,
         DownloadError,  # train.init_weights could not be fetched (network, or a file that fails its SHA256)
     ) as error:
         if not said_by_rank_0(error, launcher):

@@ -152,7 +152,8 @@ def _exited_within(process: subprocess.Popen, timeout_s: float) -> bool:
         try:
             if os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
                 return True
-        except ChildProcessError:  # collected meanwhile by end_running_commands
+        except ChildProcessError:  # collected by end_running_commands, or by the kernel (SIGCHLD ignored)
+            process.wait()  # sets its status (0 where unknown), so that no id that may be reused is killed
             return True
         if time.monotonic() >= deadline:
             return False

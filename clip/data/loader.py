@@ -65,6 +65,8 @@ _READABLE_FORMATS = (1, 2)
 MAX_SAMPLES_PER_SLOT = 2**32
 # What the plans depend on besides the slot layout: under another of these, saved positions mean nothing.
 _PLAN_KEYS = ("plan_version", "seed", "resampled", "epoch_samples", "sources")
+# Plan versions (sampling.PLAN_VERSION) that plan exact epochs alike: 4 changed only how resampled shards are drawn
+_SAME_EXACT_EPOCHS = frozenset({3, 4})
 # How every line on a resume under another layout begins; its %s is the settings that changed
 _OTHER_LAYOUT = "data: the saved position was for another layout (%s changed"
 
@@ -334,6 +336,7 @@ class TrainData:
         check_saved_positions(state)
         self._stop_workers()
         state = self._with_sources_renamed(state)
+        state = self._with_the_same_exact_plan(state)
         saved_layout, layout = state["layout"], self._layout()
         handovers = tuple(Handover.from_state(handover) for handover in state.get("handovers", []))
         self._counts.load_state_dict(state)  # before the positions, which may reopen finished epochs
@@ -371,6 +374,16 @@ class TrainData:
                  "finished_epochs": [[epoch, renamed(counts)] for epoch, counts in state.get("finished_epochs", [])]}
         log.log(self._said_once, "data: sources renamed since the checkpoint (%s): their position and counts "
                 "carry over", ", ".join(f"{old} -> {new}" for old, new in renames.items()))
+        return state
+
+    def _with_the_same_exact_plan(self, state: dict) -> dict:
+        """A state saved under a plan version that plans exact epochs as this one does, as if saved under this one:
+        a checkpoint written before the resampled shards' change (version 3) restarted its epoch in progress and
+        read it again, for nothing, its position being as good as ever."""
+        saved = state["layout"]
+        if (saved.get("plan_version") != PLAN_VERSION and saved.get("plan_version") in _SAME_EXACT_EPOCHS
+                and PLAN_VERSION in _SAME_EXACT_EPOCHS and not saved.get("resampled") and not self.config.resampled):
+            return {**state, "layout": {**saved, "plan_version": PLAN_VERSION}}
         return state
 
     def _slot_layout(self) -> SlotLayout:

@@ -56,6 +56,12 @@ def shard_of_four(tmp_path: Path) -> str:
     return expand_shard_pattern(write_shards(tmp_path, 4, 4))[0]
 
 
+def gzipped_shard_of_four(tmp_path: Path) -> Path:
+    packed = tmp_path / "s.tar.gz"
+    packed.write_bytes(gzip.compress(Path(shard_of_four(tmp_path)).read_bytes()))
+    return packed
+
+
 def sample_start(url: str, index: int) -> int:
     """The byte offset of sample `index`'s first member header (each sample has three members)."""
     with tarfile.open(url) as tar:
@@ -108,9 +114,7 @@ def test_a_command_still_running_after_the_tar_is_given_time_then_ended_with_its
 
 def test_a_compressed_shard_whose_first_bytes_come_alone(tmp_path: Path) -> None:
     # tarfile tells gzip from tar by one read of 512 bytes: two bytes alone read the shard as a broken tar
-    url = shard_of_four(tmp_path)
-    packed = tmp_path / "s.tar.gz"
-    packed.write_bytes(gzip.compress(Path(url).read_bytes()))
+    packed = gzipped_shard_of_four(tmp_path)
     command = f"pipe:head -c 2 {packed}; sleep 0.3; tail -c +3 {packed}"
     assert [item["txt"].decode() for item in read_shard_range(command, 0, 4)] == [caption_of(i) for i in range(4)]
     assert count_tar_samples(command) == 4
@@ -181,9 +185,7 @@ def test_a_compressed_shard_whose_last_bytes_come_alone_while_the_output_stays_o
     # Only the first read waits for a whole tar block: gzip data is no whole blocks, and a read waiting for the
     # rest of one after the last bytes hung for as long as the command kept its output open
     monkeypatch.setattr(pipe_command, "EXIT_WAIT_S", 1.0)
-    url = shard_of_four(tmp_path)
-    packed = tmp_path / "s.tar.gz"
-    packed.write_bytes(gzip.compress(Path(url).read_bytes()))
+    packed = gzipped_shard_of_four(tmp_path)
     size = packed.stat().st_size
     command = f"pipe:head -c {size - 100} {packed}; sleep 0.3; tail -c 100 {packed}; sleep 600"
 

@@ -499,3 +499,15 @@ def test_without_webdataset_it_ends_in_one_line_naming_the_extra(tmp_path: Path,
         assert error.startswith("clip-make-shards: ") and error.count("\n") == 1 and "clip-pretrain[shards]" in error
         if argv is not index:  # it said "reading WebDataset shards needs", of a command that writes them
             assert "writing WebDataset shards needs" in error
+
+
+def test_started_as_one_of_several_processes_it_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under torchrun every process wrote the same shards over the others'
+    manifest = write_manifest(tmp_path / "src", range(3), "train.csv")
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit, match=r"^clip-make-shards: runs in one process, but was started as rank 1 of 2 "
+                       r"\(torchrun\)"):
+        make_shards_main()([str(manifest), str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

@@ -28,10 +28,12 @@ def tie_tolerances(logits: torch.Tensor) -> torch.Tensor:
     return TIE_TOLERANCE * finite.amax(dim=1, keepdim=True)
 
 
-def predicted_classes(logits: torch.Tensor) -> torch.Tensor:
-    """[N]: each row's lowest class index among its top scores, those within `tie_tolerances` of the best."""
+def predicted_classes(logits: torch.Tensor, tolerance: torch.Tensor | None = None) -> torch.Tensor:
+    """[N]: each row's lowest class index among its top scores, those within `tie_tolerances` of the best (given
+    as `tolerance` where the caller has it already)."""
     best = logits.amax(dim=1, keepdim=True)
-    return (logits >= best - tie_tolerances(logits)).to(torch.int32).argmax(dim=1)  # argmax: the first largest
+    tolerance = tie_tolerances(logits) if tolerance is None else tolerance
+    return (logits >= best - tolerance).to(torch.int32).argmax(dim=1)  # argmax: the first largest
 
 
 class ClassificationCounts:
@@ -55,14 +57,14 @@ class ClassificationCounts:
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"labels must lie in 0..{self.num_classes - 1}, got {labels.min()}..{labels.max()}")
         logits = logits.to(self.confusion.device)
-        predicted = predicted_classes(logits)
+        tolerance = tie_tolerances(logits)
+        predicted = predicted_classes(logits, tolerance)
         # Added pair by pair: a bincount over C*C cells allocated that many counts per batch (ImageNet-21k: 3.8 GB)
         self.confusion.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
         # The true class's rank as the prediction breaks ties (to the lower index), not topk's: among tied logits
         # topk picks whichever its kernel finds (differently on CPU and GPU), and a collapsed model whose logits
         # all tie scored top-1 100% and top-5 0% on images of class 0
         true_logits = logits.gather(1, labels[:, None])  # B, 1
-        tolerance = tie_tolerances(logits)
         before = torch.arange(self.num_classes, device=logits.device) < labels[:, None]  # B, C
         ranked_above = (logits > true_logits + tolerance) | ((logits >= true_logits - tolerance) & before)
         # The prediction counts as within the top k: scores a tie apart from the best and from the truth, but

@@ -87,10 +87,9 @@ def run_command(prog: str, command: Callable[[argparse.Namespace], int], args: a
     status for bad usage), a failed download the same line and status 1, Ctrl-C a line and status 130, each
     preceded by its traceback when CLIP_DEBUG is set. Python warnings are log lines. Refused (status 2) as one of
     several processes of a launcher: the commands run in one process."""
-    launched_as = one_of_several_ranks(os.environ)
-    if launched_as is not None:
-        print(f"{prog}: runs in one process, but was started as {launched_as}: every process would do the whole "
-              f"job and write the same files. Start it once: without torchrun, or with `srun -n1`", file=sys.stderr)
+    refusal = refusal_as_one_of_several(prog, "do the whole job and write the same files")
+    if refusal is not None:
+        print(refusal, file=sys.stderr)
         return 2
     try:
         with warnings_as_log_lines():
@@ -107,6 +106,16 @@ def run_command(prog: str, command: Callable[[argparse.Namespace], int], args: a
             traceback.print_exc()
         print(f"{prog}: interrupted; the files it wrote before are kept", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
+
+
+def refusal_as_one_of_several(prog: str, each_would: str) -> str | None:
+    """The message refusing a one-process command that a launcher started as one of several processes (what
+    each process would do: `each_would`), else None."""
+    launched_as = one_of_several_ranks(os.environ)
+    if launched_as is None:
+        return None
+    return (f"{prog}: runs in one process, but was started as {launched_as}: every process would {each_would}. "
+            f"Start it once: without torchrun, or with `srun -n1`")
 
 
 def one_of_several_ranks(environ: Mapping[str, str]) -> str | None:

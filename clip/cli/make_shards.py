@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..config_io import relative_path_note
-from .common import one_of_several_ranks
+from .common import refusal_as_one_of_several
 from ..data.decoding import IMAGE_EXTENSIONS, SkipSample, decode_caption, open_image, pil_pixel_limit
 from ..data.manifest import (
     MANIFEST_SUFFIXES,
@@ -389,10 +389,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    launched_as = one_of_several_ranks(os.environ)
-    if launched_as is not None:  # each process would write the same shards over the others'
-        raise SystemExit(f"{PROG}: runs in one process, but was started as {launched_as}: every process would "
-                         f"write the same shards. Start it once: without torchrun, or with `srun -n1`")
+    refusal = refusal_as_one_of_several(PROG, "write the same shards")
+    if refusal is not None:
+        raise SystemExit(refusal)
     if args.index is not None:
         sizes = write_index(args.index)
         print(f"indexed {len(sizes)} shards, {sum(sizes.values())} samples")

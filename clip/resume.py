@@ -40,6 +40,7 @@ def check_resumable(saved: dict, current: dict, run_dir: Path, warn: bool = True
         pass  # a config this version cannot read as such (a setting since removed): compared as written
     # A synthetic source's size as it renders it (checkpoints before 2026-11-30 wrote the default out)
     saved, current = with_synthetic_sizes(saved), with_synthetic_sizes(current)
+    saved, current = with_evaluation_splits_named(saved), with_evaluation_splits_named(current)
     other_model = architecture_differences(saved["model"], current["model"])
     if other_model:
         raise ResumeRefused(
@@ -304,3 +305,25 @@ def with_synthetic_sizes(config: dict) -> dict:
         for source in data["sources"]
     ]
     return {**config, "data": {**data, "sources": sources}}
+
+
+# Datasets whose split "" (the default since 2026-11-30) means "test", the default written out before
+EVALUATION_SPLIT_NAMED_TEST = ("synthetic", "cifar10", "cifar100")
+
+
+def with_evaluation_splits_named(config: dict) -> dict:
+    """`config` with every zero-shot dataset's empty split written "test" where the two are the same images
+    (synthetic, CIFAR), so that a checkpoint's "test" and the default left empty compare equal. An image
+    folder's "" (its root) and "test" (its test/ subfolder) differ, and stay as written."""
+    evaluation = config.get("eval")
+    if not isinstance(evaluation, dict) or not isinstance(evaluation.get("zeroshot"), list):
+        return config
+    datasets = [
+        {**dataset, "split": "test"}
+        if isinstance(dataset, dict)
+        and dataset.get("kind", "synthetic") in EVALUATION_SPLIT_NAMED_TEST
+        and dataset.get("split", "") == ""
+        else dataset
+        for dataset in evaluation["zeroshot"]
+    ]
+    return {**config, "eval": {**evaluation, "zeroshot": datasets}}

@@ -958,6 +958,34 @@ def test_a_checkpoint_with_the_default_synthetic_size_written_out_resumes_withou
 
 
 
+def test_a_checkpoint_with_the_test_split_written_out_resumes_without_a_warning(caplog):
+    # Checkpoints before split's default became "" wrote "test": the same images for synthetic and CIFAR sets,
+    # not for an image folder ("" its root, "test" its test/ subfolder)
+    import copy
+    import logging
+    from pathlib import Path
+
+    from clip.config import TrainConfig, load_config, to_dict
+    from clip.resume import check_resumable
+
+    demo = Path(__file__).parent.parent / "configs" / "demo.toml"
+    current = to_dict(load_config(demo, [], TrainConfig))
+    assert current["eval"]["zeroshot"][0]["split"] == ""
+    saved = copy.deepcopy(current)
+    saved["eval"]["zeroshot"][0]["split"] = "test"
+    with caplog.at_level(logging.WARNING):
+        check_resumable(saved, current, Path("runs/x"))
+        for kind in ("cifar10", "cifar100"):
+            for config in (saved, current):
+                config["eval"]["zeroshot"][0].update(kind=kind, root="/data/cifar")
+            check_resumable(saved, current, Path("runs/x"))
+        assert caplog.text == ""
+        for config in (saved, current):
+            config["eval"]["zeroshot"][0].update(kind="imagefolder", root="/data/pets")
+        check_resumable(saved, current, Path("runs/x"))
+    assert "eval.zeroshot.0.split: 'test' -> ''" in caplog.text
+
+
 def test_a_run_directory_moved_or_copied_resumes_without_a_warning(caplog):
     # output_dir is where the run is now, not a setting it continues under
     import logging

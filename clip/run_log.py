@@ -400,7 +400,7 @@ def replaced_atomically(path: Path, mode: str = "w") -> Iterator[IO]:
     # `.NAME.PID.tmp`, which temporaries_of finds again; not mkstemp's names: its files are private (0600)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(temporary, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as file:
+        with os.fdopen(_created_afresh(temporary), mode, **({} if "b" in mode else {"encoding": "utf-8"})) as file:
             yield file
             file.flush()
             os.fsync(file.fileno())
@@ -409,6 +409,18 @@ def replaced_atomically(path: Path, mode: str = "w") -> Iterator[IO]:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+def _created_afresh(temporary: Path) -> int:
+    """A new empty file at `temporary`, opened for writing. O_EXCL: a file or symbolic link already there (one a
+    killed process of the same id left, or one planted in a shared folder) is removed, not written through --
+    open() followed a link and overwrote the file it named, wherever that was."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    try:
+        return os.open(temporary, flags, 0o666)  # 0o666 as open()'s: the umask decides
+    except FileExistsError:
+        os.unlink(temporary)
+        return os.open(temporary, flags, 0o666)
 
 
 def temporaries_of(path: Path) -> list[tuple[Path, int]]:

@@ -276,7 +276,7 @@ def test_a_full_disk_when_a_fresh_run_drops_records_does_not_claim_a_checkpoint(
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(run_log, "open", full_disk, raising=False)  # the rewrite's temporary file
+    monkeypatch.setattr(run_log, "_created_afresh", full_disk)  # the rewrite's temporary file
     with pytest.raises(RunLogWriteError) as raised:
         RunLog(tmp_path, tensorboard=False, resumed_at=0)
     assert "checkpoint" not in str(raised.value)
@@ -340,6 +340,26 @@ def test_an_atomic_write_is_on_the_disk_before_its_rename(tmp_path, monkeypatch)
     # the whole file at its sync, not what Python's buffer had passed on by then
     assert events == [("sync", temporary, len("the new results")), ("rename", temporary, str(path))]
     assert path.read_text() == "the new results"
+
+
+def test_an_atomic_write_does_not_write_through_a_link_at_its_temporary_name(tmp_path):
+    # `.NAME.PID.tmp` is a name anyone sharing the folder can foresee: a symbolic link planted there (or a file
+    # a killed process of the same id left) is replaced, and the file a link names is left as it was
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("precious")
+    path = tmp_path / "out" / "results.json"
+    path.parent.mkdir()
+    (path.parent / f".results.json.{os.getpid()}.tmp").symlink_to(elsewhere)
+    run_log.write_json(path, {"accuracy": 0.5})
+    assert elsewhere.read_text() == "precious"
+    assert not path.is_symlink() and json.loads(path.read_text()) == {"accuracy": 0.5}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["results.json"]
+    stale = path.parent / f".results.json.{os.getpid()}.tmp"
+    stale.write_text("a killed write's")
+    with run_log.replaced_atomically(path) as file:
+        file.write("new")
+    assert path.read_text() == "new" and not stale.exists()
+
 
 def test_temporaries_of_lists_every_one_and_none_in_a_missing_folder(tmp_path):
     for name in (".x.pt.12.tmp", ".x.pt.345.tmp", "x.pt"):

@@ -1694,13 +1694,15 @@ def test_a_full_disk_when_a_resume_drops_records_is_one_error_line_and_status_1_
     assert main([str(DEMO), "--output-dir", str(tmp_path), *TINY, "eval.every_n_steps=0"]) == 0
     ckpt.checkpoint_path(tmp_path, 6).unlink()  # steps 4-6 are logged, the latest checkpoint is step 3's
     before = (tmp_path / "metrics.jsonl").read_text()
-    def full_disk(path, *args, **kwargs):  # run_log's open: the rewrite's temporary file
+    created_afresh = run_log._created_afresh
+
+    def full_disk(path):  # the rewrite's temporary file
         if Path(path).name.startswith(".metrics.jsonl"):
             Path(path).write_text("")  # as a full disk leaves it: created, nothing written
             raise OSError(errno.ENOSPC, "No space left on device")
-        return open(path, *args, **kwargs)
+        return created_afresh(path)
 
-    monkeypatch.setattr(run_log, "open", full_disk, raising=False)
+    monkeypatch.setattr(run_log, "_created_afresh", full_disk)
     errors = errors_of_a_failing_run(tmp_path, caplog)
     assert errors == [(
         f"could not rewrite {tmp_path / 'metrics.jsonl'} without the records of the steps that run again: No space "

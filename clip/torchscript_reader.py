@@ -117,6 +117,8 @@ def is_torchscript_archive(path: str | Path | BinaryIO) -> bool:
     """True for a zip with one top folder holding `data.pkl` and `code/` (or `constants.pkl`): what
     `torch.jit.save` writes. A `torch.save` zip has `data.pkl` but neither of the others. `path` may also be an
     open binary file (an archive's bytes in an io.BytesIO)."""
+    if isinstance(path, (str, Path)) and not Path(path).is_file():
+        return False  # a FIFO's open waits for a writer (forever); a folder or device is no archive either
     try:
         if not zipfile.is_zipfile(path):  # which raises BadZipFile for some damaged zip64 records
             return False

@@ -716,6 +716,33 @@ def test_load_with_source_skips_a_fifo_named_like_the_newest_checkpoint_without_
     assert outcome == [10]
 
 
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_load_with_jit_of_a_fifo_is_refused_without_waiting_on_it(tmp_path: Path) -> None:
+    # jit=True asks first whether the file is a TorchScript archive, which zipfile answered by opening it
+    import threading
+
+    fifo = tmp_path / "model.pt"
+    os.mkfifo(fifo)
+    outcome = []
+
+    def loading() -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # that jit=True loads it as with jit=False: it is no release
+                load(fifo, device="cpu", jit=True)
+        except WeightsFileError as error:
+            outcome.append(str(error))
+
+    thread = threading.Thread(target=loading, daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # lets the waiting open return, and the test end
+        thread.join(timeout=20)
+        pytest.fail(f"load(jit=True) waited on {fifo.name}")
+    assert outcome == [f"{fifo} is not a regular file"]
+
 def counting_sha256(monkeypatch) -> list:
     """hashlib.sha256 replaced by one that notes each call in the list returned: how often a file is hashed."""
     hashed = []

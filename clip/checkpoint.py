@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from .exception_chain import first_in_chain, out_of_memory_in
+from .exception_chain import allocation_beyond, first_in_chain, out_of_memory_in
 from .weights_file import (
     CHECKPOINT_DIR,
     CHECKPOINT_FORMAT,
@@ -309,8 +309,18 @@ def read_checkpoint(path: Path, verify: bool = True) -> dict:
     `verify`) damaged or holding non-finite weights (none of which a run can continue from); also if it is
     not a regular file (see `_open_regular_file`)."""
     warn_if_weights_only_is_unsafe()  # a run directory may be someone else's
+    oversized = None
     with _open_regular_file(path) as file:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        size = os.fstat(file.fileno()).st_size
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except RuntimeError as error:
+            oversized = allocation_beyond(error, size)
+            if oversized is None:
+                raise
+    if oversized is not None:  # raised outside the handler: the file's damage, not a lack of memory (no fallback)
+        raise ValueError(f"{path} is damaged: it declares a tensor of {oversized} bytes, more than the whole file's "
+                         f"{size} bytes")
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a checkpoint written by this trainer")
     found = state.get("format")

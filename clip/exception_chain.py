@@ -5,6 +5,7 @@ memory failure, which says nothing about the file being read when one occurs."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch
@@ -35,3 +36,12 @@ def _is_memory_failure(error: BaseException) -> bool:
         return True
     # c10's DefaultCPUAllocator raises a plain RuntimeError, not OutOfMemoryError
     return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
+def allocation_beyond(error: BaseException | None, limit: int) -> int | None:
+    """The bytes torch's CPU allocator was asked for when `error` is (or was raised from) its failure to give
+    more than `limit` bytes, else None. A file holds every byte of its tensors, so an allocation larger than the
+    whole file is the file's damage (a size crafted or broken), not this machine's lack of memory."""
+    memory = out_of_memory_in(error)
+    tried = re.search(r"tried to allocate (\d+) bytes", str(memory)) if memory is not None else None
+    return int(tried.group(1)) if tried is not None and int(tried.group(1)) > limit else None

@@ -29,7 +29,7 @@ import torch
 
 from .architectures import ModelConfig
 from .download import sha256_of_file, sha256_of_open_file
-from .exception_chain import out_of_memory_in
+from .exception_chain import allocation_beyond, out_of_memory_in
 from .torchscript_reader import (
     ZIP_MEMBER_ERRORS,
     TorchScriptReadError,
@@ -305,21 +305,27 @@ def warn_if_weights_only_is_unsafe() -> None:
 def _torch_load_weights_only(path: Path) -> object:
     _check_pytorch_file(path)
     warn_if_weights_only_is_unsafe()
+    oversized = None
     try:
         with warnings.catch_warnings():
             # torch's "Detected pickle protocol 4 ... please file an issue": the refusal below says what it means
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError, ...
-        if out_of_memory_in(error) is not None:
-            raise  # not the file's fault: a run directory's reader would take an older checkpoint in its place
-        message = str(error)
-        refusal = weights_only_refusal(message)
-        if refusal is not None:
-            raise UnsafeFileError(_refusal_message(path, refusal)) from error
-        raise WeightsFileError(
-            f"{path} is a damaged or truncated PyTorch file ({type(error).__name__}: {message})"
-        ) from error
+        oversized = allocation_beyond(error, path.stat().st_size)  # raised below: outside this handler, its
+        if oversized is None:                                      # chain holds no memory failure
+            if out_of_memory_in(error) is not None:
+                raise  # not the file's fault: a run directory's reader would take an older checkpoint in its place
+            message = str(error)
+            refusal = weights_only_refusal(message)
+            if refusal is not None:
+                raise UnsafeFileError(_refusal_message(path, refusal)) from error
+            raise WeightsFileError(
+                f"{path} is a damaged or truncated PyTorch file ({type(error).__name__}: {message})"
+            ) from error
+    if oversized is not None:  # (torch's pre-zip format allocates a storage at its declared size before reading)
+        raise WeightsFileError(f"{path} is damaged: it declares a tensor of {oversized} bytes, more than the whole "
+                               f"file's {path.stat().st_size} bytes")
     try:
         damage = archive_damage(path) if zipfile.is_zipfile(path) else None
     except zipfile.BadZipFile as error:  # a damaged zip directory that torch's reader passed over

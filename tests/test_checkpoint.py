@@ -142,6 +142,33 @@ def test_running_out_of_memory_on_the_newest_checkpoint_stops_the_resume_instead
     assert steps(tmp_path) == [20, 10]
 
 
+
+def legacy_file_declaring(path: Path, elements: int) -> None:
+    """A torch.save file in the pre-zip format whose one tensor declares `elements` float32 elements and holds
+    none: that format allocates a storage at its declared size before reading its bytes."""
+    import struct
+
+    count = 123_457  # a number that only the storage's and the tensor's size spell
+    torch.save({"w": torch.zeros(count)}, path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    declared = b"\x8a\x08" + elements.to_bytes(8, "little")  # pickle's LONG1
+    patched = data.replace(b"J" + struct.pack("<i", count), declared)  # BININT
+    assert patched.count(declared) == 2
+    path.write_bytes(patched[: patched.index(declared) + 400])
+
+
+def test_a_checkpoint_declaring_a_tensor_larger_than_itself_is_skipped_not_taken_for_a_lack_of_memory(
+    tmp_path, caplog
+):
+    # 2**52 bytes, more than any address space: torch's allocator fails, and that failure said "this machine ran
+    # out of memory" (no fallback) for a few hundred bytes of damage
+    save(tmp_path, 10)
+    newest = ckpt.checkpoint_path(tmp_path, 20)
+    legacy_file_declaring(newest, 2**50)
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.latest_readable_checkpoint(tmp_path)[1]["step"] == 10
+    assert f"{newest} is damaged: it declares a tensor of {2**52} bytes, more than the whole file's" in caplog.text
+
 def _resume_and_read_with_128_mib_to_spare(run_dir: Path) -> dict:
     import re
     import resource

@@ -66,6 +66,18 @@ def test_a_legacy_torch_save_file_is_read(tmp_path: Path) -> None:
     assert torch.equal(read_weights(path).state_dict["w"], torch.arange(3.0))
 
 
+
+def test_a_legacy_file_declaring_a_tensor_larger_than_itself_is_damaged_not_a_lack_of_memory(tmp_path: Path) -> None:
+    # The allocator's failure on 2**52 bytes for a file of a few hundred was let through as this machine's
+    # lack of memory: a torch traceback from clip.load instead of the file's damage
+    from test_checkpoint import legacy_file_declaring
+
+    path = tmp_path / "weights.pt"
+    legacy_file_declaring(path, 2**50)
+    with pytest.raises(WeightsFileError, match=rf"weights\.pt is damaged: it declares a tensor of {2**52} bytes, more "
+                                               rf"than the whole file's {path.stat().st_size} bytes"):
+        read_weights(path)
+
 def test_a_global_that_torch_blocks_outright_is_refused_as_unsafe(tmp_path: Path) -> None:
     # torch words this refusal without its "WeightsUnpickler error" marker: it read as a damaged file
     class RunsACommand:

@@ -130,6 +130,26 @@ def test_resampled_shards_of_unequal_sizes_have_every_sample_read_equally_often(
     assert 0.7 < reads[(0, 0)] / (50 * 100 / 10) < 1.3, reads
 
 
+
+def test_resampled_shares_smaller_than_a_shard_read_a_short_shards_samples_no_more_often() -> None:
+    # 4 slots of 5 samples over nine 100-sample shards and one of 2: a share that began at a shard's start read
+    # the short shard whole whenever it was drawn (1 in 10) and a long one only in part, so each of its two
+    # samples was read about 21 times as often as a long shard's
+    sizes = [100] * 9 + [2]
+    planner = Planner((shard_layout(sizes),), seed=0, world_size=2, workers_per_rank=2, resampled=True,
+                      epoch_samples=20)
+    reads: Counter = Counter()
+    epochs = 2000
+    for epoch in range(epochs):
+        for rank in range(2):
+            for worker in range(2):
+                for shard, start, stop in planner.plan(epoch, rank, worker).segments[0]:
+                    reads[shard] += stop - start
+    expected = epochs * 20 / sum(sizes)  # reads of each sample
+    per_sample = [reads[shard] / size / expected for shard, size in enumerate(sizes)]
+    assert sum(reads.values()) == epochs * 20
+    assert all(0.75 < ratio < 1.25 for ratio in per_sample), per_sample
+
 def test_plans_are_pinned_because_saved_data_positions_index_them() -> None:
     """A checkpoint's data position counts items of these plans, stamped with PLAN_VERSION. If this test
     fails after a deliberate change of what a seed plans (seeds, purposes, rotation, interleaving, window
@@ -144,7 +164,7 @@ def test_plans_are_pinned_because_saved_data_positions_index_them() -> None:
     resampled = Planner(sources, seed=5, world_size=2, workers_per_rank=1, resampled=True, epoch_samples=9)
     plan = resampled.plan(1, 1, 0)
     assert plan.labels.tolist() == [1, 1, 0, 0]
-    assert plan.rows[0].tolist() == [3, 1] and plan.segments[1] == [(0, 2, 4)]
+    assert plan.rows[0].tolist() == [3, 1] and plan.segments[1] == [(2, 4, 6)]
 
 
 @pytest.mark.parametrize("resampled", [False, True])
@@ -203,11 +223,13 @@ def test_segments_are_never_empty_and_whole_shard_draws_are_read_from_the_start(
         for rank in range(2):
             for worker in range(2):
                 assert all(start < stop for _, start, stop in exact.plan(epoch, rank, worker).segments[0])
+    # resampled: the first shard entered at a random sample and read to its end, the others from their starts
     resampled = Planner((shard_layout([4] * 5),), seed=1, world_size=1, workers_per_rank=1, resampled=True,
                         epoch_samples=40)
-    segments = resampled.plan(0, 0, 0).segments[0]
-    assert len(segments) == 10 and all((start, stop) == (0, 4) for _, start, stop in segments)
-    # a partial draw that ends exactly at its shard's end has nothing to wrap around to the start
+    for epoch in range(20):
+        (_, first_start, first_stop), *others = resampled.plan(epoch, 0, 0).segments[0]
+        assert first_stop == 4 and all((start, stop) == (0, 4) for _, start, stop in others[:-1])
+        assert others[-1][1] == 0 and sum(stop - start for _, start, stop in others) + 4 - first_start == 40
     partial = Planner((shard_layout([4] * 5),), seed=1, world_size=1, workers_per_rank=1, resampled=True,
                       epoch_samples=6)
     for epoch in range(40):
@@ -230,13 +252,14 @@ def test_resampled_draws_past_the_count_add_no_segment() -> None:
 
 
 def test_resampled_plans_of_several_draws_are_pinned_too() -> None:
-    """See test_plans_are_pinned_because_saved_data_positions_index_them: draws made a batch at a time, a
-    partial shard's start drawn after the batch, and a negative seed not the same as its absolute value."""
+    """See test_plans_are_pinned_because_saved_data_positions_index_them: the first shard drawn by size and
+    entered at a random sample, whole shards drawn a batch at a time after it, the last cut at the count, and a
+    negative seed not the same as its absolute value."""
     sources = (shard_layout([3, 5, 2]),)
     planner = Planner(sources, seed=7, world_size=1, workers_per_rank=1, resampled=True, epoch_samples=17)
-    assert planner.plan(0, 0, 0).segments[0] == [(0, 0, 3), (2, 0, 2), (1, 0, 5), (0, 0, 3), (2, 0, 2), (0, 1, 3)]
+    assert planner.plan(0, 0, 0).segments[0] == [(1, 1, 5), (0, 0, 3), (2, 0, 2), (0, 0, 3), (1, 0, 5)]
     negative = Planner(sources, seed=-7, world_size=1, workers_per_rank=1, resampled=True, epoch_samples=17)
-    assert negative.plan(0, 0, 0).segments[0] == [(2, 0, 2), (2, 0, 2), (1, 0, 5), (2, 0, 2), (1, 0, 5), (0, 2, 3)]
+    assert negative.plan(0, 0, 0).segments[0] == [(2, 0, 2), (2, 0, 2), (1, 0, 5), (0, 0, 3), (2, 0, 2), (0, 0, 3)]
 
 
 def test_an_epoch_of_exact_plans_ignores_a_resampled_epoch_size() -> None:

@@ -65,8 +65,9 @@ _READABLE_FORMATS = (1, 2)
 MAX_SAMPLES_PER_SLOT = 2**32
 # What the plans depend on besides the slot layout: under another of these, saved positions mean nothing.
 _PLAN_KEYS = ("plan_version", "seed", "resampled", "epoch_samples", "sources")
-# Plan versions (sampling.PLAN_VERSION) that plan exact epochs alike: 4 changed only how resampled shards are drawn
-_SAME_EXACT_EPOCHS = frozenset({3, 4})
+# Plan versions (sampling.PLAN_VERSION) that plan exact epochs alike: 4 and 5 changed only how resampled shards are
+# drawn
+_SAME_EXACT_EPOCHS = frozenset({3, 4, 5})
 # How every line on a resume under another layout begins; its %s is the settings that changed
 _OTHER_LAYOUT = "data: the saved position was for another layout (%s changed"
 

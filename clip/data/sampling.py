@@ -15,7 +15,8 @@ Resampled (resampled=True). Each slot independently draws its share of the epoch
 a source per sample with probability proportional to weight_i * size_i, then rows uniformly, or whole shards
 uniformly among the non-empty ones: a draw reads every sample of its shard, so each shard equally likely makes
 every sample equally likely (drawn by size, a shard twice as large would have each of its samples read twice
-as often).
+as often). A slot's share is a window of that stream of whole shards beginning at a random sample of it
+(`_draw_segments`), so that a share smaller than a shard keeps every sample equally likely too.
 
 Within a slot the sources are interleaved in a random order (`labels`), and the resulting stream is shuffled
 in consecutive windows of `shuffle_buffer` items (`window_permutation`). Unlike a streaming shuffle buffer,
@@ -43,8 +44,8 @@ _ORDER, _SHARD_ORDER, _INTERLEAVE, _RESAMPLE, _WINDOW = 1, 2, 3, 4, 5
 # Bumped whenever the same seed would plan other samples: a data position saved under another version
 # cannot resume exactly (the loader then restarts the epoch, with a warning). 2: resampled partial shards
 # start at a random offset. 3: row orders from `permuted_range` instead of numpy's permutation. 4: resampled
-# shards drawn uniformly, not by size.
-PLAN_VERSION = 4
+# shards drawn uniformly, not by size. 5: a resampled share begins at a random sample of the stream of shards.
+PLAN_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -113,25 +114,27 @@ def _segments_in_range(sizes: np.ndarray, first: int, stop: int, key: tuple[int,
 
 
 def _draw_segments(sizes: np.ndarray, count: int, rng: np.random.Generator) -> list[tuple[int, int, int]]:
-    """Whole shards drawn with replacement, every non-empty shard equally likely, until `count` samples (see
-    the module docstring for why not by size). When the last draw needs only part of a shard, the part starts
-    at a random sample and wraps around the shard's end, so that every sample stays equally likely also when a
-    slot's share is smaller than a shard (always from the start, the shards' tails would never be drawn)."""
+    """`count` samples drawn with replacement: a window of an endless stream of whole shards, each drawn with
+    every non-empty shard equally likely (see the module docstring for why not by size), the window beginning
+    at a random sample of that stream -- its first shard drawn by size and entered at a random sample, then
+    whole shards from their starts, the last cut at `count`. Every position of the window is then every sample
+    equally likely, whatever the shard sizes and however small a slot's share: a window beginning at a shard's
+    start read a short shard whole and a long one only in part, each short shard's samples far more often."""
     nonempty = np.flatnonzero(sizes > 0)  # an empty shard drawn would add an empty segment
-    segments, planned = [], 0
+    if count <= 0:
+        return []
+    weights = sizes[nonempty].astype(np.float64)
+    first = int(nonempty[rng.choice(len(nonempty), p=weights / weights.sum())])
+    start = int(rng.integers(0, sizes[first]))
+    planned = min(int(sizes[first]) - start, count)
+    segments = [(first, start, start + planned)]
     while planned < count:
-        batch = max(1, int(np.ceil((count - planned) / sizes[nonempty].mean())))
+        batch = max(1, int(np.ceil((count - planned) / weights.mean())))
         for shard in nonempty[rng.integers(0, len(nonempty), size=batch)]:
-            size = int(sizes[shard])
-            take = min(size, count - planned)
-            if take == size:
-                segments.append((int(shard), 0, size))
-            elif take > 0:
-                start = int(rng.integers(0, size))
-                segments.append((int(shard), start, min(size, start + take)))
-                if start + take > size:
-                    segments.append((int(shard), 0, start + take - size))
-            planned += take  # 0 once the count is reached within this batch of draws
+            take = min(int(sizes[shard]), count - planned)
+            if take > 0:  # 0 once the count is reached within this batch of draws
+                segments.append((int(shard), 0, take))
+            planned += take
     return segments
 
 

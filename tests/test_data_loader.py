@@ -935,6 +935,20 @@ def test_an_epoch_too_large_to_plan_is_refused_naming_its_sources(weight: float,
     assert ("more data workers (data.workers = 0 per rank)" in str(refused.value)) == (epoch != "inf")
 
 
+
+def test_an_epoch_smaller_than_the_data_workers_names_what_sets_its_size() -> None:
+    shapes = SourceConfig(kind="synthetic", num_samples=3)
+    with pytest.raises(ValueError, match=re.escape("an epoch plans 3 samples (sum of weight x size over the sources), "
+                                                   "fewer than the 4 data workers over all ranks (1 ranks x 4): add "
+                                                   "data or lower data.workers")):
+        build([shapes], batch_size=4, workers=4)
+    # resampled, data.epoch_samples sets it: more data changed nothing, as that error said it would
+    many = SourceConfig(kind="synthetic", num_samples=64)
+    with pytest.raises(ValueError, match=re.escape("an epoch plans 3 samples (data.epoch_samples), fewer than the 4 data "
+                                                   "workers over all ranks (1 ranks x 4): raise data.epoch_samples or "
+                                                   "lower data.workers")):
+        build([many], batch_size=4, workers=4, resampled=True, epoch_samples=3)
+
 def test_a_resampled_epoch_too_large_to_plan_is_refused() -> None:
     # A resampled epoch is data.epoch_samples long, whatever the weights: their ratios alone are read
     shapes = SourceConfig(kind="synthetic", num_samples=64, weight=1e15)

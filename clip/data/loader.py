@@ -183,10 +183,11 @@ class TrainData:
             self._check_rounded_weights()
         planned = self.planner.samples_per_pass
         if planned < self.planner.slots:
+            what, remedy = (("data.epoch_samples", "raise data.epoch_samples") if self.planner.epoch_samples is not None
+                            else ("sum of weight x size over the sources", "add data"))
             raise ValueError(
-                f"an epoch plans {planned} samples (sum of weight x size over the sources), fewer than the "
-                f"{self.planner.slots} data workers over all ranks ({world_size} ranks x {self.slots_per_rank}): "
-                f"add data or lower data.workers"
+                f"an epoch plans {planned} samples ({what}), fewer than the {self.planner.slots} data workers over "
+                f"all ranks ({world_size} ranks x {self.slots_per_rank}): {remedy} or lower data.workers"
             )
         self.samples_per_epoch = config.epoch_samples or planned
         # Batches are full and straddle epoch ends (nothing is dropped), so an epoch is this many batches

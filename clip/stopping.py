@@ -28,6 +28,13 @@ class EvaluationInterrupted(BaseException):
     must not swallow it."""
 
 
+class DataWaitInterrupted(BaseException):
+    """A signal arrived while one process waited for its next batch (a stalled download or `pipe:` command can
+    hold it for data.worker_timeout_s): the step in progress has not begun, so the run saves and stops there.
+    Several ranks keep waiting: the others are in a collective of that step, which no checkpoint can come
+    between."""
+
+
 class SetupInterrupted(BaseException):
     """A signal arrived while the run was starting (reading its config, a download, reading a checkpoint, building
     the data): nothing is trained yet, so the start is abandoned at once, with the status that asks for a rerun."""
@@ -144,8 +151,9 @@ class StopRequest:
             " (a Ctrl-C now stops at once, without saving)"
         if self._abandoning is not None:
             exception, self._abandoning = self._abandoning, None  # raised once; cleanup code after it keeps running
-            log.warning("received %s: abandoning the %s", self._signal_said(signum), "start of the run"
-                        if exception is SetupInterrupted else f"evaluation, to save and stop{again}")
+            abandoned = {SetupInterrupted: "start of the run", DataWaitInterrupted: f"wait for the next batch, to save "
+                         f"and stop{again}"}.get(exception, f"evaluation, to save and stop{again}")
+            log.warning("received %s: abandoning the %s", self._signal_said(signum), abandoned)
             raise exception
         if self._ending:
             log.warning("received %s as the run ends%s: there is nothing left to stop, and it exits as it would "

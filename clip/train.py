@@ -8,6 +8,7 @@ line and its exit statuses `clip.cli.train`'s.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -74,7 +75,7 @@ from .run_start import (
     warn_about_unlikely_settings,
 )
 from .step_verdict import VerdictInFlight, skips_on_device, step_or_skip_on_device
-from .stopping import EvaluationInterrupted, SetupInterrupted, StopRequest
+from .stopping import DataWaitInterrupted, EvaluationInterrupted, SetupInterrupted, StopRequest
 from .throughput import peak_flops, training_flops_per_sample
 from .tokenizer import get_tokenizer
 from .train_step import BatchNormSnapshot, contrastive_step
@@ -530,7 +531,11 @@ def _train(
     # ---- the loop ---------------------------------------------------------------------------------------
     total_steps = config.schedule.steps
     last_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
-    batches = iter(data) if data is not None else None  # (a finished run takes no step)
+    # (A finished run takes no step.) One process waiting for a batch stops on a signal at once, with a checkpoint
+    # of the step it is at: a stalled download could otherwise hold it past a scheduler's grace period
+    batches = None if data is None else data.batches(
+        contextlib.nullcontext if dist_info.is_distributed else functools.partial(stop.interrupting, DataWaitInterrupted)
+    )
     normalize_pixels = PixelNormalizer(device)
     progress = None
     if dist_info.is_main and config.logging.progress_bar:
@@ -598,7 +603,16 @@ def _train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         waiting_since = time.perf_counter()
-        images, texts = next(batches)
+        try:
+            images, texts = next(batches)
+        except DataWaitInterrupted:
+            if in_flight is not None:  # the checkpoint's counts include the previous step's verdict
+                count_verdicts([(step, in_flight.read(), in_flight.loss)])
+                in_flight = None
+            if dist_info.is_main:
+                log.warning("stopped while waiting for the batch of step %d: saving step %d", step + 1, step)
+            last_step = step
+            break  # saved below, as a run stopped at its last step is
         window.data_wait_s += time.perf_counter() - waiting_since
         # The texts are cut after the batch's last end-of-text token, a position read here on the host
         # where it costs no GPU sync (the model is built with trim_text=False). The cut is taken after

@@ -688,6 +688,57 @@ def test_a_signal_during_the_setup_abandons_it_and_exits_75(tmp_path, monkeypatc
     assert main(args) == 0
 
 
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a pipe: command through a POSIX shell")
+def test_a_signal_while_one_process_waits_on_a_stalled_shard_saves_at_once_and_resumes_exactly(
+    tmp_path, monkeypatch, caplog
+):
+    # A stalled download held the wait for the next batch until data.worker_timeout_s (30 minutes by default),
+    # long past a scheduler's grace period: the run then failed without a checkpoint, losing every step since the
+    # last. One process has not begun the step it waits for, so it saves the step it is at and stops.
+    import threading
+    import time
+
+    from test_data_helpers import write_shards
+
+    write_shards(tmp_path / "shards", 16, 8)  # two shards, a batch each
+    serve = tmp_path / "serve.sh"  # the third shard it is asked for (epoch 1's first) stalls while "stall" exists
+    serve.write_text(f'n=$(cat {tmp_path}/count 2>/dev/null || echo 0); echo $((n + 1)) > {tmp_path}/count\n'
+                     f'if [ -e {tmp_path}/stall ] && [ "$n" -ge 2 ]; then exec sleep 611; fi\nexec cat "$1"\n')
+    source = ["data.sources.0.kind=shards", f"data.sources.0.path=pipe:sh {serve} {tmp_path}/shards/s-{{000000..000001}}.tar",
+              f"data.sources.0.size_index={tmp_path}/shards/sizes.json", "data.sources.0.num_samples=none",
+              "data.workers=1", "data.worker_timeout_s=60", "eval.every_n_steps=0", "checkpoint.every_n_steps=5"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert main([str(DEMO), "--output-dir", str(straight), *TINY, *source]) == 0
+
+    (tmp_path / "stall").touch()
+    (tmp_path / "count").unlink()
+
+    def signal_once_step_2_is_logged() -> None:
+        metrics = stopped / "metrics.jsonl"
+        while not (metrics.exists() and '"step": 2,' in metrics.read_text()):
+            time.sleep(0.05)
+        time.sleep(1.0)  # into the wait for step 3's batch
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=signal_once_step_2_is_logged, daemon=True).start()
+    with caplog.at_level("WARNING"):
+        assert main([str(DEMO), "--output-dir", str(stopped), *TINY, *source]) == 75
+    assert "abandoning the wait for the next batch, to save and stop" in caplog.text
+    assert "stopped while waiting for the batch of step 3: saving step 2" in caplog.text
+    assert [step for step, _ in ckpt.list_checkpoints(stopped)] == [2]
+    for _ in range(100):  # the stalled command is ended with the data worker that ran it
+        if subprocess.run(["pgrep", "-f", "sleep 611"], capture_output=True).returncode == 1:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the stalled pipe: command outlived the run")
+
+    (tmp_path / "stall").unlink()
+    assert main([str(DEMO), "--output-dir", str(stopped), *TINY, *source]) == 0
+    for name, tensor in final_weights(straight).items():
+        assert torch.equal(tensor, final_weights(stopped)[name]), name
+
 def signal_during_evaluation(monkeypatch, call: int, signum: int = signal.SIGTERM) -> None:
     """Delivers `signum` to this process inside the `call`-th evaluation, before it computes anything."""
     import clip.train as train_module

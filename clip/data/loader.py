@@ -20,6 +20,7 @@ The counts are kept in `epoch_counts.py`; the workers' handling of a scheduler's
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -27,7 +28,7 @@ import math
 import numbers
 import re
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader
@@ -224,6 +225,14 @@ class TrainData:
 
     # ---- iteration -----------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.batches()
+
+    def batches(
+        self, while_waiting: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches from this data position on, as iter() gives them. `while_waiting` makes the context each
+        wait for a batch runs in, and only the wait: one that raises there (the trainer's stop on a signal) leaves
+        the position at the last batch handed out, never between a batch's arrival and its recording."""
         self._stop_workers()
         stream = SampleStream(
             self.sources, self.planner, self.settings, self.tokenizer, self._positions, rotation=self._next_worker,
@@ -245,12 +254,15 @@ class TrainData:
         with job_signals_held():  # while the workers start (see there)
             self._loader_iterator = iter(loader)
         self._generation += 1
-        return self._batches_from(self._loader_iterator, self._generation)
+        return self._batches_from(self._loader_iterator, self._generation, while_waiting)
 
-    def _batches_from(self, iterator: Iterator, generation: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches_from(
+        self, iterator: Iterator, generation: int, while_waiting: Callable[[], contextlib.AbstractContextManager]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while generation == self._generation:
             try:
-                images, tokens, meta = next(iterator)
+                with while_waiting():
+                    images, tokens, meta = next(iterator)
             except RuntimeError as error:
                 how = _how_workers_ended(iterator) if worker_death(error) is error else None
                 if how is not None and "(pid(s) " in str(error):  # torch's own words name the pids alone

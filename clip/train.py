@@ -533,9 +533,8 @@ def _train(
     last_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
     # (A finished run takes no step.) One process waiting for a batch stops on a signal at once, with a checkpoint
     # of the step it is at: a stalled download could otherwise hold it past a scheduler's grace period
-    batches = None if data is None else data.batches(
-        contextlib.nullcontext if dist_info.is_distributed else functools.partial(stop.interrupting, DataWaitInterrupted)
-    )
+    waiting = functools.partial(stop.interrupting, DataWaitInterrupted)
+    batches = None if data is None else data.batches(contextlib.nullcontext if dist_info.is_distributed else waiting)
     normalize_pixels = PixelNormalizer(device)
     progress = None
     if dist_info.is_main and config.logging.progress_bar:

@@ -690,8 +690,9 @@ def test_a_signal_during_the_setup_abandons_it_and_exits_75(tmp_path, monkeypatc
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="a pipe: command through a POSIX shell")
+@pytest.mark.parametrize("workers", [1, 0])  # 0: the stalled read is the training process's own
 def test_a_signal_while_one_process_waits_on_a_stalled_shard_saves_at_once_and_resumes_exactly(
-    tmp_path, monkeypatch, caplog
+    tmp_path, caplog, workers
 ):
     # A stalled download held the wait for the next batch until data.worker_timeout_s (30 minutes by default),
     # long past a scheduler's grace period: the run then failed without a checkpoint, losing every step since the
@@ -705,9 +706,11 @@ def test_a_signal_while_one_process_waits_on_a_stalled_shard_saves_at_once_and_r
     serve = tmp_path / "serve.sh"  # the third shard it is asked for (epoch 1's first) stalls while "stall" exists
     serve.write_text(f'n=$(cat {tmp_path}/count 2>/dev/null || echo 0); echo $((n + 1)) > {tmp_path}/count\n'
                      f'if [ -e {tmp_path}/stall ] && [ "$n" -ge 2 ]; then exec sleep 611; fi\nexec cat "$1"\n')
-    source = ["data.sources.0.kind=shards", f"data.sources.0.path=pipe:sh {serve} {tmp_path}/shards/s-{{000000..000001}}.tar",
+    source = ["data.sources.0.kind=shards",
+              f"data.sources.0.path=pipe:sh {serve} {tmp_path}/shards/s-{{000000..000001}}.tar",
               f"data.sources.0.size_index={tmp_path}/shards/sizes.json", "data.sources.0.num_samples=none",
-              "data.workers=1", "data.worker_timeout_s=60", "eval.every_n_steps=0", "checkpoint.every_n_steps=5"]
+              f"data.workers={workers}", "data.worker_timeout_s=60", "eval.every_n_steps=0",
+              "checkpoint.every_n_steps=5"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert main([str(DEMO), "--output-dir", str(straight), *TINY, *source]) == 0
 

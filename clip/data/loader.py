@@ -452,8 +452,9 @@ class TrainData:
         return logging.WARNING if self.rank == 0 else logging.INFO
 
     def _warn_of_reads_without_timeout(self, config: DataConfig) -> None:
-        """data.worker_timeout_s times out data workers only: without them a hung read hangs the run, and the
-        signal that would stop it (SIGTERM) is only acted on after the read."""
+        """data.worker_timeout_s times out data workers only: without them a hung read hangs the run, and over
+        several ranks the signal that would stop it (SIGTERM) is only acted on after the read (one process's
+        trainer stops in the wait, `batches`)."""
         if config.workers > 0 or config.worker_timeout_s == 0:
             return
         hanging = [
@@ -463,7 +464,7 @@ class TrainData:
         if hanging:
             log.log(self._said_once, "data.workers = 0: the training process reads source(s) %s itself, where "
                     "data.worker_timeout_s does not apply: a hung download or pipe: command would hang the run "
-                    "(also past a SIGTERM); set data.workers >= 1", ", ".join(hanging))
+                    "(over several ranks also past a SIGTERM); set data.workers >= 1", ", ".join(hanging))
 
     def _check_epoch_fits(self, config: DataConfig) -> None:
         """Refuses an epoch too large for each data worker's plan of it (MAX_SAMPLES_PER_SLOT), before it is

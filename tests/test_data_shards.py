@@ -524,17 +524,73 @@ def http_without_aiohttp(monkeypatch: pytest.MonkeyPatch) -> None:
                              "err": "Install no_such_backend_package"})
 
 
-def test_http_shards_without_fsspecs_package_are_read_with_curl(http_without_aiohttp, monkeypatch) -> None:
-    # torch requires fsspec, so every https:// shard went to fsspec, and without aiohttp failed at the first one
-    import clip.data.shards as shards
+@pytest.fixture
+def http_server(tmp_path: Path):
+    """A local HTTP server of tmp_path/"served" (yields its base URL); a file named cut-*.tar is sent with its
+    whole length announced and the connection closed after its first 6 KB, as a dropped connection ends."""
+    import http.server
+    import threading
 
-    monkeypatch.setattr(shards.shutil, "which", lambda name: f"/usr/bin/{name}")
-    shards.require_shard_readers([SourceConfig(kind="shards", path="https://host/data/{0..3}.tar")])
-    opened = []
-    fake_webdataset = type("FakeWebdataset", (), {"gopen": staticmethod(lambda url, mode: opened.append(url))})
-    monkeypatch.setattr(shards, "require_webdataset", lambda: fake_webdataset)
-    shards.open_url("https://host/data/0.tar")
-    assert opened == ["https://host/data/0.tar"]
+    folder = tmp_path / "served"
+    folder.mkdir()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def do_GET(self):
+            path = folder / self.path.lstrip("/")
+            if not path.name.startswith("cut-") or not path.is_file():
+                return super().do_GET()
+            data = path.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[:6 * 1024])
+            self.wfile.flush()
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None or sys.platform == "win32", reason="needs curl and a POSIX shell")
+def test_http_shards_without_fsspecs_package_are_read_with_curl(http_without_aiohttp, http_server, tmp_path) -> None:
+    # torch requires fsspec, so every http:// shard went to fsspec, and without aiohttp failed at the first one.
+    # curl runs as a pipe: command of the library's own: webdataset's gopen, which ran it before, dropped what had
+    # arrived when curl failed (the samples read from a dropped connection varied from run to run) and left a
+    # stalled curl running past its worker
+    import clip.data.shards as shards
+    from clip.data.shards import MissingSample
+
+    write_shards(tmp_path / "served", 12, 4)  # s-000000.tar .. s-000002.tar, a sample each ~1.5 KB
+    shards.require_shard_readers([SourceConfig(kind="shards", path=f"{http_server}/s-{{000000..000002}}.tar")])
+    source = SourceConfig(kind="shards", path=f"{http_server}/s-{{000000..000002}}.tar")
+    data = build([source], batch_size=4, workers=1)
+    assert sorted(captions(take(data, 3))) == sorted(caption_of(i) for i in range(12))
+    data.close()
+    # a missing shard: curl's status said with what it means, in place of the tar's "empty file"
+    (missing,) = read_shard_range(f"{http_server}/s-000009.tar", 0, 1)
+    assert isinstance(missing, MissingSample) and missing.kind == "shard_read_error"
+    assert missing.detail.startswith(f"PipeCommandFailed: curl reading {http_server}/s-000009.tar exited with status "
+                                     "22 (the server answered with an HTTP error status, 404 for a missing shard)")
+    # a connection dropped mid-shard: every sample whole before the cut, as the same bytes read from a file give
+    shutil.copy(tmp_path / "served" / "s-000001.tar", tmp_path / "served" / "cut-000001.tar")
+    (tmp_path / "cut.tar").write_bytes((tmp_path / "served" / "s-000001.tar").read_bytes()[:6 * 1024])
+    arrived = [item["__key__"] for item in read_shard_range(str(tmp_path / "cut.tar"), 0, 4)
+               if not isinstance(item, MissingSample)]
+    assert len(arrived) >= 2
+    for _ in range(3):
+        items = list(read_shard_range(f"{http_server}/cut-000001.tar", 0, 4))
+        assert [item["__key__"] for item in items if not isinstance(item, MissingSample)] == arrived
+        assert "exited with status 18 (the transfer ended early)" in items[-1].detail
 
 
 def test_http_shards_with_neither_fsspecs_package_nor_curl_are_refused(http_without_aiohttp, monkeypatch) -> None:

@@ -49,8 +49,10 @@ class PipeCommand:
     PipeCommandFailed where the output was read to its end and the command then reported failure (a download
     that failed after a part of the shard). `abandon()` (the reader stops before the end) ends it at once."""
 
-    def __init__(self, command: str) -> None:
-        self.command = command
+    def __init__(self, command: str, reading: str | None = None, status_meanings: dict[int, str] | None = None) -> None:
+        """`reading`: what the command reads, for messages (a URL read through curl), instead of the command
+        itself; `status_meanings`: what its exit statuses mean, said with a failure."""
+        self.command, self.reading, self.status_meanings = command, reading, status_meanings or {}
         # The command ignores SIGINT and SIGTERM, as the data workers do (worker_signals.py), and so does what
         # it runs: a scheduler signals every process of the job, a Ctrl-C the terminal's process group, and a
         # command that died of it ended its shard there -- the rest counted as unreadable in the batch of the
@@ -98,7 +100,10 @@ class PipeCommand:
         status = self.process.returncode
         if exited and self.read_to_the_end and status != 0:
             how = f"was ended by signal {-status}" if status < 0 else f"exited with status {status}"
-            raise PipeCommandFailed(f"the pipe: command {self.command!r} {how} after its output ended")
+            meaning = f" ({self.status_meanings[status]})" if status in self.status_meanings else ""
+            what = f"the pipe: command {self.command!r}" if self.reading is None else \
+                f"{self.command.split()[0]} reading {self.reading}"
+            raise PipeCommandFailed(f"{what} {how}{meaning} after its output ended")
 
     def abandon(self) -> None:
         """Close, ending the command at once: the rest of its output is not needed."""
@@ -121,7 +126,7 @@ class PipeCommand:
         self.close()
 
     def __repr__(self) -> str:  # webdataset names the stream in its errors
-        return f"pipe:{self.command}"
+        return f"pipe:{self.command}" if self.reading is None else self.reading
 
 
 def _read_on_until_the_end(stream: IO[bytes], deadline: float) -> None:

@@ -6,7 +6,7 @@ Shards are read with webdataset's tar iteration (`webdataset.tariterators.tar_fi
 samples `[start, stop)` of a shard (see `sampling.py`), and to skip to `start` without reading member
 data -- which `tar_file_iterator`'s `select_files` hook allows. Local files are opened directly, `pipe:` commands
 by pipe_command.py, file:// URLs with webdataset's `gopen`, remote URLs (s3://, gs://, http(s)://, ...) with
-fsspec, or http(s) with `gopen`'s curl where fsspec lacks aiohttp.
+fsspec, or http(s) with the curl command (as a pipe: command) where fsspec lacks aiohttp.
 
 webdataset is an optional dependency (the `shards` extra); it is imported only when shards are used.
 """
@@ -19,6 +19,7 @@ import json
 import logging
 import posixpath
 import re
+import shlex
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -107,7 +108,7 @@ def require_shard_readers(sources: Iterable[SourceConfig]) -> None:
                 raise MissingDependency(f"data.sources[{index}].path {source.path!r}: {reader}") from reader
 
 
-# The schemes webdataset's gopen reads with the curl command, where fsspec lacks their package (aiohttp)
+# The schemes read with the curl command where fsspec lacks their package (aiohttp)
 _CURL_SCHEMES = ("http", "https")
 
 
@@ -123,7 +124,7 @@ def read_through_a_network_or_command(url: str) -> bool:
 def _remote_reader(url: str) -> str | ImportError:
     """How `open_url` reads a remote URL: "fsspec" where fsspec has the package of each protocol in its chain
     ("simplecache::s3://bucket/x.tar"; s3fs for s3://, gcsfs for gs://, aiohttp for http(s)://), else "curl"
-    for http(s) through webdataset's gopen where the curl command exists, else the ImportError that says what
+    for http(s) through the curl command where it exists, else the ImportError that says what
     to install. A protocol fsspec does not know is left to fsspec, whose error when it opens it is bad input."""
     try:
         import fsspec
@@ -148,6 +149,17 @@ def _remote_reader(url: str) -> str | ImportError:
                        f"here: {missing}" + (" (or the curl command)" if scheme in _CURL_SCHEMES else ""))
 
 
+# --fail: an HTTP error status is a failure, not a page of HTML read as the shard; a few retries of what is
+# transient (timeouts, HTTP 408, 429 and 5xx), seconds apart; a host that does not answer given 30 s
+CURL_OPTIONS = "--fail --silent --show-error --location --connect-timeout 30 --retry 3 --retry-delay 2"
+# What curl's exit statuses say, with a shard's read error (its own line on the standard error says more)
+CURL_STATUSES = {
+    6: "the host name did not resolve", 7: "no connection to the server", 18: "the transfer ended early",
+    22: "the server answered with an HTTP error status, 404 for a missing shard", 28: "the transfer timed out",
+    35: "the TLS handshake failed", 56: "receiving failed (the connection was reset?)",
+}
+
+
 def open_url(url: str) -> IO[bytes]:
     """A binary stream for a local path, file://, pipe:command, or a remote URL (`_remote_reader`)."""
     if url.startswith("pipe:"):
@@ -158,7 +170,11 @@ def open_url(url: str) -> IO[bytes]:
         return require_webdataset().gopen(url, "rb")
     reader = _remote_reader(url)
     if reader == "curl":
-        return require_webdataset().gopen(url, "rb")
+        # A pipe: command of the library's own: its process group ends with its reader, and a failure after the
+        # last byte is its exit status. webdataset's gopen left a stalled curl running past the data worker that
+        # timed out on it (ignoring SIGTERM, as the worker did), dropped bytes already received when curl
+        # failed, and retried a failing server for a minute per shard.
+        return PipeCommand(f"curl {CURL_OPTIONS} {shlex.quote(url)}", reading=url, status_meanings=CURL_STATUSES)
     if isinstance(reader, ImportError):
         raise MissingDependency(str(reader)) from reader
     import fsspec
@@ -422,14 +438,14 @@ def _close_quietly(stream: IO[bytes]) -> None:
 
 
 def _close_at_the_end(stream: IO[bytes], errors: list[Exception]) -> None:
-    """Close a shard's stream that its tar reader finished, keeping in `errors` a failure that shows only now:
-    a pipe: or curl command's exit status. A command that failed after writing whole samples left a tar that
-    reads as complete, and the samples it lacked were counted as shard_too_short (a wrong size index)."""
+    """Close a shard's stream that its tar reader finished, putting first in `errors` a failure that shows only
+    now: a pipe: or curl command's exit status. A command that failed after writing whole samples left a tar that
+    reads as complete, and the samples it lacked were counted as shard_too_short (a wrong size index); one that
+    failed before writing anything was said as the tar's "empty file"."""
     try:
         stream.close()
     except Exception as error:
-        if not errors:
-            errors.append(error)
+        errors.insert(0, error)  # before the tar's own error, which it explains ("empty file" for an HTTP 404)
 
 
 class _EndsAtItsEnd:

@@ -32,6 +32,7 @@ from .data import (
     states_to_save,
 )
 from .data.shards import require_shard_readers
+from .dependencies import require_a_compiler_for_compile
 from .distributed import (
     DistributedInfo,
     StepAgreement,
@@ -285,6 +286,8 @@ def _train(
     if config.logging.wandb:
         require_wandb()
     require_shard_readers(config.data.sources)
+    if config.train.compile:
+        require_a_compiler_for_compile(device.type)
     configure_process(config.train, device, on_exit)
 
     module = build_training_module(config, device)

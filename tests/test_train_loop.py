@@ -742,6 +742,22 @@ def test_a_signal_while_one_process_waits_on_a_stalled_shard_saves_at_once_and_r
     for name, tensor in final_weights(straight).items():
         assert torch.equal(tensor, final_weights(stopped)[name]), name
 
+
+def test_compile_on_the_cpu_without_a_cpp_compiler_is_one_line_before_the_run_starts(tmp_path, monkeypatch, caplog):
+    # Inductor's InvalidCxxCompiler came at the first step, after the setup, in a 110-line traceback that did not
+    # name train.compile
+    inductor = pytest.importorskip("torch._inductor.cpp_builder")
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    def no_compiler():
+        raise InvalidCxxCompiler
+
+    monkeypatch.setattr(inductor, "get_cpp_compiler", no_compiler)
+    with caplog.at_level("ERROR"):
+        assert main([str(DEMO), "--output-dir", str(tmp_path), *TINY, "train.compile=true"]) == 1
+    assert "train.compile = true on the CPU needs a C++ compiler" in caplog.text
+    assert "Traceback" not in caplog.text and not (tmp_path / "config.toml").exists()
+
 def signal_during_evaluation(monkeypatch, call: int, signum: int = signal.SIGTERM) -> None:
     """Delivers `signum` to this process inside the `call`-th evaluation, before it computes anything."""
     import clip.train as train_module

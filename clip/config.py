@@ -153,8 +153,12 @@ class TrainLoopConfig:
     # with a smaller batch.
     accumulation_steps: int = 1
     precision: Precision = "fp32"  # autocast dtype; fp16 adds a gradient scaler
-    grad_checkpointing: bool = False  # recompute transformer blocks in backward to save activation memory
-    compile: bool = False  # torch.compile the model
+    # Recompute transformer blocks in the backward pass to save activation memory: a ViT's and the text tower's (a
+    # ResNet's BatchNorm would update its statistics twice, so its blocks are not; warned of)
+    grad_checkpointing: bool = False
+    # torch.compile the training step (on the CPU inductor needs a C++ compiler, checked before the run starts);
+    # random numbers (patch dropout's) are drawn as uncompiled, so a run continues alike with or without it
+    compile: bool = False
     seed: int = 0
     # Fine-tuning: the weights a new run starts from instead of a random initialisation -- a released name
     # ("ViT-B/32"), a weights file or another run's directory; [model] must be their architecture. A run

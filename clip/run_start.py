@@ -125,6 +125,11 @@ def warn_about_unlikely_settings(
                     "16-bit matrix instructions (AMX, AVX512-BF16); elsewhere it is 20-50x slower than fp32 "
                     "(measured on an AVX2 CPU). Set train.precision=fp32 unless this CPU has them.",
                     config.train.precision)
+    image_trained = not config.train.lock_image or config.train.lock_image_unlocked_layers > 0
+    if config.train.grad_checkpointing and config.model.vision.kind == "resnet" and image_trained:
+        # Recomputed in the backward pass, its BatchNorm layers would update their running statistics twice
+        log.warning("train.grad_checkpointing recomputes transformer blocks only: this ResNet image tower keeps "
+                    "its activations (the text tower's are recomputed)")
     schedule = config.schedule
     # The warmup's step k runs at (k + 1) / warmup_steps of the peak: the last of `steps` reaches it when equal
     if schedule.warmup_steps > schedule.steps:

@@ -350,7 +350,11 @@ def _train(
             module, device_ids=[device] if device.type == "cuda" else None, gradient_as_bucket_view=True
         )
     if config.train.compile:
-        train_module = torch.compile(train_module)
+        # fallback_random: random numbers (patch dropout's) drawn by torch's generator as in eager mode, not by
+        # inductor's own, which drew other masks: a compiled run differed from the same run uncompiled (also
+        # after a resume that turns compile off), and accumulated micro-batches from their one whole batch.
+        # Patch dropout's draw is one small tensor per batch: nothing to fuse is lost.
+        train_module = torch.compile(train_module, options={"fallback_random": True})
 
     tokenizer = get_tokenizer()
     # A finished run started again only evaluates: it reads no training data, which may be gone by then (a

@@ -56,6 +56,17 @@ def test_either_16_bit_precision_on_the_cpu_is_named(tmp_path, caplog, precision
     assert "on the CPU" not in caplog.text
 
 
+def test_gradient_checkpointing_of_a_trained_resnet_image_tower_is_named_as_not_done(tmp_path, caplog):
+    # Only transformer blocks are recomputed (a ResNet's BatchNorm would update its statistics twice): the flag
+    # said nothing, and the image tower, where a ResNet's activation memory is, kept its activations
+    resnet = ["model.vision.kind=resnet", "model.vision.layers=[1,1,1,1]", "model.vision.width=8"]
+    said = "train.grad_checkpointing recomputes transformer blocks only: this ResNet image tower keeps"
+    assert said in warnings_of(caplog, tiny_config(tmp_path, *resnet, "train.grad_checkpointing=true"))
+    assert said not in warnings_of(caplog, tiny_config(tmp_path, "train.grad_checkpointing=true"))  # a ViT
+    assert said not in warnings_of(caplog, tiny_config(tmp_path, *resnet))
+    locked = tiny_config(tmp_path, *resnet, "train.grad_checkpointing=true", "train.lock_image=true")
+    assert said not in warnings_of(caplog, locked)  # no activations kept for a tower that is not trained
+
 def test_a_warmup_as_long_as_a_constant_rate_run_is_not_named(tmp_path, caplog):
     # A constant schedule has no decay that the warmup could keep from starting
     warmup = ["schedule.steps=3", "schedule.warmup_steps=3"]

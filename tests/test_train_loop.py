@@ -758,6 +758,34 @@ def test_compile_on_the_cpu_without_a_cpp_compiler_is_one_line_before_the_run_st
     assert "train.compile = true on the CPU needs a C++ compiler" in caplog.text
     assert "Traceback" not in caplog.text and not (tmp_path / "config.toml").exists()
 
+
+def test_compile_draws_patch_dropouts_masks_from_torchs_generator(tmp_path, monkeypatch):
+    # Inductor's own random numbers drew other masks than eager mode: a compiled run differed from the same run
+    # uncompiled (also after a resume turning compile off), and its accumulated micro-batches from one whole batch.
+    # The option is checked here; test_a_compiled_run_with_patch_dropout_equals_the_eager_one compiles (slow).
+    compiled = []
+
+    def recording_compile(module, **options):
+        compiled.append(options)
+        return module
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    train(tiny_config(tmp_path, "train.compile=true", "schedule.steps=1", "eval.every_n_steps=0"))
+    assert compiled == [{"options": {"fallback_random": True}}]
+
+
+@pytest.mark.slow  # about 30 s on 2 cores: inductor compiles the step
+def test_a_compiled_run_with_patch_dropout_equals_the_eager_one(tmp_path):
+    losses = {}
+    for name, extra in [("eager", []), ("compiled", ["train.compile=true"]),
+                        ("compiled in two micro-batches", ["train.compile=true", "train.accumulation_steps=2"])]:
+        run_dir = tmp_path / name.replace(" ", "_")
+        train(tiny_config(run_dir, "train.patch_dropout=0.5", "schedule.steps=2", "eval.every_n_steps=0", *extra))
+        losses[name] = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").open() if '"loss"' in line]
+        torch._dynamo.reset()
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5, abs=0)
+    assert losses["compiled in two micro-batches"] == pytest.approx(losses["eager"], rel=1e-5, abs=0)
+
 def signal_during_evaluation(monkeypatch, call: int, signum: int = signal.SIGTERM) -> None:
     """Delivers `signum` to this process inside the `call`-th evaluation, before it computes anything."""
     import clip.train as train_module

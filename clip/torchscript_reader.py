@@ -48,6 +48,8 @@ _STORAGE_DTYPES: dict[str, torch.dtype] = {
 # Keys of `data/` records are short decimal (or hex) strings; anything else could name another record.
 _RECORD_KEY = re.compile(r"[0-9A-Za-z_]{1,32}")
 _MAX_OBJECT_DEPTH = 64
+# Attribute names are Python identifiers of a module's code: far shorter than this
+_MAX_ATTRIBUTE_NAME = 1024
 # What zipfile raises for a damaged member: a bad CRC, a corrupt deflate stream (zlib.error), an encryption
 # flag (RuntimeError), an unknown compression method (NotImplementedError), a member cut short (EOFError), a
 # name flagged UTF-8 in its local header that is not (UnicodeDecodeError).
@@ -212,6 +214,9 @@ class _WeightsUnpickler(pickle.Unpickler):
         self.root = root
         self.path = path
         self.file_size = file_size  # of the archive read: a stored record must fit in it
+        # Bytes of the file the records read so far take: records of a zip do not overlap, so together they fit
+        # in the file too (records nested in each other, each fitting alone, made a 1 MB file allocate 300 MB)
+        self.record_bytes_taken = 0
         self.storages: dict[str, torch.Tensor] = {}
         self.script_classes: dict[str, type] = {}
         # Whether a weight's memory could not be allocated: the machine's lack, not the pickle's fault
@@ -275,6 +280,12 @@ class _WeightsUnpickler(pickle.Unpickler):
         """A record's bytes. The sizes in the zip's directory are the file's word: a stored record must fit in
         the file before its memory is allocated (a 1 KB file declaring a 2 GB record made us allocate 2 GB),
         and a compressed one grows with what it actually decompresses to."""
+        self.record_bytes_taken += info.compress_size
+        if self.record_bytes_taken > self.file_size:
+            raise TorchScriptReadError(
+                f"{self.path}: its records take more bytes together than the file holds ({self.file_size} bytes): "
+                f"they overlap, which no zip writer does; the file is damaged or crafted"
+            )
         if info.compress_type == zipfile.ZIP_STORED:
             if info.compress_size != info.file_size or info.header_offset + info.file_size > self.file_size:
                 raise TorchScriptReadError(
@@ -385,6 +396,10 @@ def _collect_tensors(
     for name, value in obj.state.items():
         if not isinstance(name, str):
             continue
+        if len(name) > _MAX_ATTRIBUTE_NAME:  # each level's prefix kept a copy: 64 levels of one long name, GBs
+            raise TorchScriptReadError(f"{declared.path}: an attribute name of {len(name)} characters under "
+                                       f"{prefix[:80]!r}: no archive torch.jit.save writes has one; the file is "
+                                       f"damaged or crafted")
         if isinstance(value, torch.Tensor):
             if weight_names is None or name in weight_names:
                 weights[prefix + name] = value

@@ -108,6 +108,60 @@ def test_a_record_declaring_more_bytes_than_the_file_holds_is_refused_before_all
     assert peak < 32 << 20
 
 
+
+def test_records_nested_inside_each_other_are_refused_before_they_fill_the_memory(tmp_path: Path) -> None:
+    # Each record fits in the file alone, but record 0's bytes are record 1's header and data: records that
+    # overlap, which Python's zipfile before 3.11.8 / 3.12.2 lets through. Nested N deep, a 1 MB file made the
+    # reader allocate 300 MB. Refused by the reader (records take more bytes together than the file holds) or,
+    # on a newer Python, by zipfile itself: either way a damaged file, named.
+    import zlib
+
+    def tensor(key: str, dtype: str, numel: int) -> bytes:
+        return (b"ctorch._utils\n_rebuild_tensor_v2\n((" + _literal("storage") + b"ctorch\n" + dtype.encode() + b"\n"
+                + _literal(key) + _literal("cpu") + _literal(numel) + b"tQ" + _literal(0) + _literal((numel,))
+                + _literal((1,)) + b"\x89ccollections\nOrderedDict\n)RtR")
+
+    def local_header(name: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(data)
+        return struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0, crc, len(data), len(data), len(name), 0) + name
+
+    inner = bytes(40_000)  # record 1: 10,000 floats
+    outer = local_header(f"{ROOT}/data/1".encode(), inner) + inner  # record 0: bytes that are record 1 whole
+    data_pkl = (b"\x80\x02c__torch__\nM\n)\x81}(" + _literal("w") + tensor("0", "ByteStorage", len(outer))
+                + _literal("v") + tensor("1", "FloatStorage", len(inner) // 4) + b"ub.")
+    code = CODE.replace('["w", ]', '["w", "v", ]')
+    members = [(f"{ROOT}/data.pkl", data_pkl), (f"{ROOT}/code/__torch__.py", code.encode()),
+               (f"{ROOT}/byteorder", b"little"), (f"{ROOT}/data/0", outer)]
+    body, directory = b"", b""
+    for name, data in members:
+        offset, body = len(body), body + local_header(name.encode(), data) + data
+        directory += _central_entry(name.encode(), data, offset)
+    record_1_at = len(body) - len(outer) + 30 + len(f"{ROOT}/data/0")  # inside record 0's bytes
+    directory += _central_entry(f"{ROOT}/data/1".encode(), inner, record_1_at)
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 5, 5, len(directory), len(body), 0)
+    path = tmp_path / "nested.pt"
+    path.write_bytes(body + directory + end)
+    with pytest.raises(WeightsFileError, match=r"nested\.pt: (its records take more bytes together than the file "
+                                               r"holds .*: they overlap|.*damaged.*Overlapped entries)"):
+        read_weights(path)
+
+
+def _central_entry(name: bytes, data: bytes, offset: int) -> bytes:
+    """A zip central-directory entry of a stored member whose local header is at `offset`."""
+    import zlib
+
+    return struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0, zlib.crc32(data), len(data), len(data),
+                       len(name), 0, 0, 0, 0, 0, offset) + name
+
+
+def test_an_attribute_name_longer_than_any_identifier_is_refused(tmp_path: Path) -> None:
+    # Each nesting level kept its own copy of the name in its prefix: one 512 KB name reused 64 levels deep, in a
+    # 1 KB archive, took a gigabyte
+    long_name = module_pickle().replace(_literal("w"), _literal("w" * 2000), 1)
+    path = write_archive(tmp_path / "named.pt", data_pkl=long_name)
+    with pytest.raises(WeightsFileError, match=r"named\.pt: an attribute name of 2000 characters under ''"):
+        read_weights(path)
+
 def test_a_deflated_record_is_read(tmp_path: Path) -> None:
     values = torch.arange(6.0)
     path = write_archive(tmp_path / "rezipped.pt", record=values.numpy().tobytes(), compression=zipfile.ZIP_DEFLATED)

@@ -280,18 +280,19 @@ class _WeightsUnpickler(pickle.Unpickler):
         """A record's bytes. The sizes in the zip's directory are the file's word: a stored record must fit in
         the file before its memory is allocated (a 1 KB file declaring a 2 GB record made us allocate 2 GB),
         and a compressed one grows with what it actually decompresses to."""
+        stored = info.compress_type == zipfile.ZIP_STORED
+        if stored and (info.compress_size != info.file_size or info.header_offset + info.file_size > self.file_size):
+            raise TorchScriptReadError(
+                f"{self.path}: record {info.filename} declares {info.file_size} bytes, more than the file "
+                f"holds ({self.file_size} bytes): it is truncated or damaged"
+            )
         self.record_bytes_taken += info.compress_size
         if self.record_bytes_taken > self.file_size:
             raise TorchScriptReadError(
                 f"{self.path}: its records take more bytes together than the file holds ({self.file_size} bytes): "
                 f"they overlap, which no zip writer does; the file is damaged or crafted"
             )
-        if info.compress_type == zipfile.ZIP_STORED:
-            if info.compress_size != info.file_size or info.header_offset + info.file_size > self.file_size:
-                raise TorchScriptReadError(
-                    f"{self.path}: record {info.filename} declares {info.file_size} bytes, more than the file "
-                    f"holds ({self.file_size} bytes): it is truncated or damaged"
-                )
+        if stored:
             buffer = bytearray(info.file_size)  # read straight into the tensor's memory, no intermediate bytes
             with self.archive.open(info) as record_file:
                 if record_file.readinto(buffer) != info.file_size:

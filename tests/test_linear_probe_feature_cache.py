@@ -196,6 +196,16 @@ def test_a_damaged_features_file_is_extracted_again(tmp_path, checkpoint, extrac
     torch.save({**stored, "key": "[]"}, train)
     assert run(checkpoint, tmp_path / "out", *SYNTHETIC) == first
     assert extracted[4:] == ["train"]
+    # features that repeat one number (stride 0): a 2 KB file declaring 4 x 2**28 floats made gigabytes when checked
+    stored = torch.load(train, weights_only=True)
+    rows, width = stored["features"].shape
+    torch.save({**stored, "features": torch.ones(1).expand(rows, width)}, train)
+    assert torch.load(train, weights_only=True)["features"].stride() == (0, 0)  # as saved: one number
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="clip.linear_probe"):
+        assert run(checkpoint, tmp_path / "out", *SYNTHETIC) == first
+    assert extracted[5:] == ["train"]
+    assert "features or labels that repeat or skip their data" in caplog.text
 
 
 def test_an_interrupted_run_keeps_the_splits_extracted_before(tmp_path, checkpoint, extracted, monkeypatch):

@@ -121,6 +121,9 @@ def _problem(stored: Any, num_images: int, num_classes: int) -> str | None:
         return "its key is not JSON"
     if features.dtype != torch.float32 or features.ndim != 2 or labels.dtype != torch.int64 or labels.ndim != 1:
         return f"features {features.dtype} {list(features.shape)} and labels {labels.dtype} {list(labels.shape)}"
+    if not features.is_contiguous() or not labels.is_contiguous():
+        # As saved they are; a view that repeats its data (stride 0) made a 2 KB file gigabytes when checked
+        return "features or labels that repeat or skip their data (not as saved)"
     if not 0 < len(labels) == len(features) <= num_images:
         return f"{len(features)} features and {len(labels)} labels for a split of {num_images} images"
     if labels.min() < 0 or labels.max() >= num_classes:

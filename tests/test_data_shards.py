@@ -612,6 +612,51 @@ def test_a_shard_range_without_the_shards_padding_names_a_shard_that_exists(tmp_
         build([SourceConfig(kind="shards", path=str(tmp_path / "s-{0..3}.tar"))])
 
 
+
+def test_a_member_too_large_for_a_sample_is_skipped_unread(tmp_path: Path, caplog) -> None:
+    # A .tar.gz of a few hundred KB holding a 257 MB caption of zeros: the reader held it whole (twice, in the
+    # worker's decode), so a shard far smaller than any image made each data worker allocate half a gigabyte
+    import gzip
+    import tracemalloc
+
+    from test_data_helpers import _add_member, image_bytes
+
+    from clip.data.shards import MAX_MEMBER_BYTES
+
+    class Zeros(io.RawIOBase):
+        def __init__(self, size: int) -> None:
+            self.left = size
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer) -> int:
+            count = min(len(buffer), self.left)
+            buffer[:count] = bytes(count)
+            self.left -= count
+            return count
+
+    path = tmp_path / "bomb-000000.tar.gz"
+    with gzip.open(path, "wb", compresslevel=1) as compressed, tarfile.open(fileobj=compressed, mode="w") as tar:
+        _add_member(tar, "000000000.jpg", image_bytes(0, "JPEG"))
+        caption = tarfile.TarInfo("000000000.txt")
+        caption.size = MAX_MEMBER_BYTES + (1 << 20)
+        tar.addfile(caption, io.BufferedReader(Zeros(caption.size), 1 << 20))
+        _add_member(tar, "000000001.jpg", image_bytes(1, "JPEG"))
+        _add_member(tar, "000000001.txt", caption_of(1).encode())
+    assert path.stat().st_size < 2 << 20
+    tracemalloc.start()
+    try:
+        with caplog.at_level("WARNING", logger="clip.data.shards"):
+            samples = list(iterate_tar_samples(str(path)))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20
+    assert [sorted(key for key in sample if not key.startswith("__")) for sample in samples] == [["jpg"], ["jpg", "txt"]]
+    assert (f"member 000000000.txt declares {MAX_MEMBER_BYTES + (1 << 20)} bytes, more than a sample's member may "
+            f"take ({MAX_MEMBER_BYTES}): skipped unread") in caplog.text
+
 def test_a_member_header_declaring_more_bytes_than_follow_is_a_read_error_not_a_hang(tmp_path: Path) -> None:
     # tarfile skips a member it does not select by reading its declared size in blocks: a 6 KB shard whose
     # header declared 2**62 bytes had it read empty blocks for ever (counting the shard at a run's start,

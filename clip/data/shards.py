@@ -1,10 +1,10 @@
 """WebDataset tar shards: shard lists, per-shard sample counts, opening URLs, and reading samples.
 
-Shards are read with webdataset's tar iteration (`webdataset.tariterators.tar_file_iterator` and
-`group_by_keys`, i.e. the standard package's parsing of KEY.ext members into samples) but not with its
-`WebDataset` pipeline: exact resume and exactly-once epochs need every worker to read a planned range of
-samples `[start, stop)` of a shard (see `sampling.py`), and to skip to `start` without reading member
-data -- which `tar_file_iterator`'s `select_files` hook allows. Local files are opened directly, `pipe:` commands
+Shards are read with tarfile's streaming reader and webdataset's `group_by_keys` (the standard package's
+parsing of KEY.ext members into samples), not with its `WebDataset` pipeline: exact resume and exactly-once
+epochs need every worker to read a planned range of samples `[start, stop)` of a shard (see `sampling.py`),
+and to skip to `start` without reading member data; members are selected as webdataset's `tar_file_iterator`
+selects them, and one too large to be a sample's is skipped unread (`_members`). Local files are opened directly, `pipe:` commands
 by pipe_command.py, file:// URLs with webdataset's `gopen`, remote URLs (s3://, gs://, http(s)://, ...) with
 fsspec, or http(s) with the curl command (as a pipe: command) where fsspec lacks aiohttp.
 
@@ -21,6 +21,7 @@ import posixpath
 import re
 import shlex
 import shutil
+import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -408,7 +409,7 @@ def shard_sizes(urls: list[str], size_index: str = "", num_samples: int | None =
 
 
 class _SkipFirstSamples:
-    """A `select_files` predicate for tar_file_iterator: False for the members of the first `count` samples,
+    """A `select_files` predicate for `_members`: False for the members of the first `count` samples,
     so their data is never read (members of one sample are consecutive and share the key before the first dot)."""
 
     def __init__(self, count: int) -> None:
@@ -467,8 +468,6 @@ class _EndsAtItsEnd:
             return data
         self.empty_reads += 1
         if self.empty_reads > self.EMPTY_READS_ALLOWED:
-            import tarfile
-
             raise tarfile.ReadError("the tar ends inside a member: its header declares more bytes than follow")
         return data
 
@@ -479,15 +478,29 @@ class _EndsAtItsEnd:
         return repr(self.stream)
 
 
-def _members(url: str, stream: IO[bytes], select_files: Any, errors: list[Exception]) -> Iterator[dict]:
-    """The shard's selected members as {"fname", "data", "__url__"}; a read error ends them and is kept in
-    `errors`, so that group_by_keys still hands out the sample read before it."""
-    from webdataset.tariterators import tar_file_iterator
+# A member larger than this is skipped unread: a shard of a few KB (gzip-compressed, or a sparse tar member) that
+# declared a 1 GB caption made the data worker hold it whole, twice. An image of a CLIP dataset is a few MB.
+MAX_MEMBER_BYTES = 256 << 20
+# Members that are a shard's metadata, not a sample's (webdataset's `__key__`-style names), as its reader skips them
+_METADATA_MEMBER = re.compile(r"__[^/]*__($|/)")
 
+
+def _members(url: str, stream: IO[bytes], select_files: Any, errors: list[Exception]) -> Iterator[dict]:
+    """The shard's selected regular members as {"fname", "data", "__url__"}, as webdataset's tar_file_iterator
+    reads them, except that a member larger than MAX_MEMBER_BYTES is skipped unread, with a warning (its sample
+    then lacks it, and is counted as such). A read error ends them and is kept in `errors`, so that
+    group_by_keys still hands out the sample read before it."""
     try:
-        for member in tar_file_iterator(_EndsAtItsEnd(stream), select_files=select_files):
-            member["__url__"] = url  # group_by_keys copies it into each sample
-            yield member
+        with tarfile.open(fileobj=_EndsAtItsEnd(stream), mode="r|*") as archive:  # leaves `stream` open
+            for info in archive:
+                if not info.isreg() or _METADATA_MEMBER.match(info.name) or not select_files(info.name):
+                    continue
+                if info.size > MAX_MEMBER_BYTES:
+                    log.warning("shard %s: member %s declares %d bytes, more than a sample's member may take (%d): "
+                                "skipped unread", url, info.name, info.size, MAX_MEMBER_BYTES)
+                    continue
+                yield {"fname": info.name, "data": archive.extractfile(info).read(), "__url__": url}
+                archive.members = []  # a stream's members are not kept: 100k of them are 100 MB
     except Exception as error:  # tarfile.ReadError on a truncated tar, a failed pipe, a network error...
         errors.append(error)
 

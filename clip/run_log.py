@@ -400,7 +400,8 @@ def replaced_atomically(path: Path, mode: str = "w") -> Iterator[IO]:
     # `.NAME.PID.tmp`, which temporaries_of finds again; not mkstemp's names: its files are private (0600)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(_created_afresh(temporary), mode, **({} if "b" in mode else {"encoding": "utf-8"})) as file:
+        with open(temporary, mode, opener=lambda name, _flags: _created_afresh(Path(name)),
+                  **({} if "b" in mode else {"encoding": "utf-8"})) as file:
             yield file
             file.flush()
             os.fsync(file.fileno())

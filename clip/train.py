@@ -591,9 +591,12 @@ def _train(
     # An evaluation due before the first step: the one this checkpoint owes (skipped or abandoned when the run
     # was stopped), made up first so that the run's evaluation record has no gap, or a new run's of its starting
     # weights (eval.at_start). Evaluations leave the RNG and data alone.
+    # Whether this start made up its checkpoint's owed evaluation: a stop before the first step then saves that
+    made_up_evaluation = False
     if (evaluation_owed or (config.eval.at_start and not resumed)) and start_step < last_step:
         try:
             last_metrics.update(evaluate(start_step))
+            made_up_evaluation = evaluation_owed
         except EvaluationInterrupted:
             last_step = start_step
             if evaluation_owed:  # stopped again: the checkpoint still owes it
@@ -773,7 +776,7 @@ def _train(
     # Saved before the final evaluation, so that an evaluation that fails (a dataset moved while training
     # ran) costs no trained weights. Decided from this run's own saves, not by looking at the file system:
     # every rank must agree, or the collectives inside save() would pair up with other calls.
-    if saved_at["step"] != step:
+    if saved_at["step"] != step or (made_up_evaluation and step == start_step):
         save(step, {**final, "nonfinite_steps_in_a_row": nonfinite_in_a_row})
     # Still under the same signal handling: a signal from the last step on abandons the final evaluation
     # (it may outlast the grace period; the weights are saved), `main` exits 75 and the run started again

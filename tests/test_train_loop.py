@@ -846,6 +846,52 @@ def test_a_signal_in_an_evaluation_during_training_saves_at_once_and_resumes(tmp
     assert evaluated_steps(tmp_path) == [3, 6]  # the abandoned evaluation, made up on resuming
 
 
+
+def test_a_signal_in_the_first_wait_after_making_up_an_owed_evaluation_saves_it_made_up(tmp_path, monkeypatch, caplog):
+    # The resumed run makes up the step-3 evaluation, then a signal comes while it waits for its first batch: the
+    # step-3 checkpoint was left owing it, and the next start evaluated step 3 once more
+    import contextlib
+
+    from clip.data.loader import TrainData
+
+    args = [str(DEMO), "--output-dir", str(tmp_path), *TINY, "checkpoint.every_n_steps=0"]
+    stop_in_the_first_evaluation(args, monkeypatch, caplog, 3)
+    real_batches = TrainData.batches
+
+    def signalled_in_the_first_wait(self, while_waiting=contextlib.nullcontext):
+        @contextlib.contextmanager
+        def signalled():
+            with while_waiting():
+                os.kill(os.getpid(), signal.SIGTERM)
+                yield
+
+        return real_batches(self, signalled)
+
+    monkeypatch.setattr(TrainData, "batches", signalled_in_the_first_wait)
+    with caplog.at_level("WARNING", logger="clip.train"):
+        assert main(args) == 75
+    assert "stopped while waiting for the batch of step 4: saving step 3" in caplog.text
+    monkeypatch.undo()
+    assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [3]
+    assert not ckpt.load_latest_checkpoint(tmp_path)["evaluation_owed"]
+    evaluations = count_evaluations(monkeypatch)
+    assert main(args) == 0
+    assert evaluations == [6] and evaluated_steps(tmp_path) == [3, 6]
+
+
+def count_evaluations(monkeypatch) -> list[int]:
+    """The steps evaluated from now on, in order (run_evaluations wrapped)."""
+    import clip.train as train_module
+
+    real, steps = train_module.run_evaluations, []
+
+    def counting(*args, step, **kwargs):
+        steps.append(step)
+        return real(*args, step=step, **kwargs)
+
+    monkeypatch.setattr(train_module, "run_evaluations", counting)
+    return steps
+
 def test_an_owed_evaluation_made_up_twice_is_recorded_once(tmp_path, monkeypatch):
     # Pre-empted in the step-3 evaluation (owed), resumed (made up, recorded), then killed before the next
     # checkpoint: the next start resumes from the same owing checkpoint and evaluates step 3 once more.

@@ -211,3 +211,55 @@ def test_a_command_still_writing_after_the_tar_is_read_on_until_it_ends(tmp_path
     copy = tmp_path / "copy.tar"
     items = list(read_shard_range(f"pipe:cat {padded} | tee {copy}", 0, 4))
     assert len(items) == 4 and copy.read_bytes() == padded.read_bytes()
+
+
+class Stopped(BaseException):
+    """What the trainer's handler raises to stop one process in its wait for data (DataWaitInterrupted)."""
+
+
+@pytest.fixture
+def sigterm_raises():
+    """SIGTERM raises Stopped in the main thread, as the trainer's handler does in a one-process wait for data."""
+    def stop(signum, frame):
+        raise Stopped
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_stop_raised_as_a_command_starts_ends_it(tmp_path: Path, monkeypatch, sigterm_raises) -> None:
+    # Raised inside Popen, after the fork, the stop left the command running and in no table, for good: it
+    # ignores SIGTERM, and a stalled download never exits
+    import os
+
+    started = []
+    real_popen = subprocess.Popen
+
+    def signalled_as_it_starts(*args, **kwargs):
+        process = real_popen(*args, **kwargs)
+        started.append(process)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return process
+
+    monkeypatch.setattr(pipe_command.subprocess, "Popen", signalled_as_it_starts)
+    with pytest.raises(Stopped):
+        PipeCommand("sleep 600")
+    assert group_is_gone(started[0].pid) and pipe_command._running == {}
+
+
+def test_a_stop_while_a_finished_shards_command_is_waited_for_ends_it(
+    tmp_path: Path, monkeypatch, sigterm_raises
+) -> None:
+    # The tar is read, and close() gives the command EXIT_WAIT_S to end: a stop in that wait (one process, its data
+    # read in the training process) left it running after the run had stopped
+    import threading
+
+    url = shard_of_four(tmp_path)
+    pid_file = tmp_path / "pid"
+    timer = threading.Timer(1.0, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM))
+    timer.start()
+    with pytest.raises(Stopped):
+        list(read_shard_range(f"pipe:echo $$ > {pid_file}; cat {url}; sleep 600", 0, 4))
+    timer.join()
+    assert group_is_gone(int(pid_file.read_text())) and pipe_command._running == {}

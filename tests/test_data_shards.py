@@ -581,6 +581,10 @@ def test_http_shards_without_fsspecs_package_are_read_with_curl(http_without_aio
     assert isinstance(missing, MissingSample) and missing.kind == "shard_read_error"
     assert missing.detail.startswith(f"PipeCommandFailed: curl reading {http_server}/s-000009.tar exited with status "
                                      "22 (the server answered with an HTTP error status, 404 for a missing shard)")
+    # brackets and braces are the URL's own characters (curl globbed "[1]" into "1")
+    shutil.copy(tmp_path / "served" / "s-000000.tar", tmp_path / "served" / "odd[1]{x}.tar")
+    assert [item["__key__"] for item in read_shard_range(f"{http_server}/odd[1]{{x}}.tar", 0, 4)] == [
+        f"{i:09d}" for i in range(4)]
     # a connection dropped mid-shard: every sample whole before the cut, as the same bytes read from a file give
     shutil.copy(tmp_path / "served" / "s-000001.tar", tmp_path / "served" / "cut-000001.tar")
     (tmp_path / "cut.tar").write_bytes((tmp_path / "served" / "s-000001.tar").read_bytes()[:6 * 1024])

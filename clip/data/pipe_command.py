@@ -57,13 +57,24 @@ class PipeCommand:
         # it runs: a scheduler signals every process of the job, a Ctrl-C the terminal's process group, and a
         # command that died of it ended its shard there -- the rest counted as unreadable in the batch of the
         # step before the checkpoint, and never read again.
-        with _starting:
-            if os.getpid() in _ended_in:
-                raise OSError(f"not starting the pipe: command {command!r}: this process is ending")
-            self.process = subprocess.Popen(
-                ["/bin/sh", "-c", f"trap '' INT TERM; {command}"], stdout=subprocess.PIPE, start_new_session=True
-            )
-            _running[self.process.pid] = (os.getpid(), self.process)
+        from .worker_signals import job_signals_held  # (which imports this module)
+
+        self.process: subprocess.Popen | None = None
+        try:
+            # A stop's exception (the trainer's handler raises to stop one process in its wait for data) raised
+            # inside Popen, after the fork, left the command running and in no table: its handler runs after
+            # the command is entered in the table, and the command is then ended
+            with job_signals_held(), _starting:
+                if os.getpid() in _ended_in:
+                    raise OSError(f"not starting the pipe: command {command!r}: this process is ending")
+                self.process = subprocess.Popen(
+                    ["/bin/sh", "-c", f"trap '' INT TERM; {command}"], stdout=subprocess.PIPE, start_new_session=True
+                )
+                _running[self.process.pid] = (os.getpid(), self.process)
+        except BaseException:
+            if self.process is not None:
+                self.abandon()
+            raise
         _end_running_commands_at_exit()
         self.read_to_the_end = False
         self.first_read = True
@@ -106,8 +117,10 @@ class PipeCommand:
             raise PipeCommandFailed(f"{what} {how}{meaning} after its output ended")
 
     def abandon(self) -> None:
-        """Close, ending the command at once: the rest of its output is not needed."""
-        if self._let_go():
+        """Close, ending the command at once: the rest of its output is not needed. Also after a close() that a
+        stop's exception cut short while it waited for the command."""
+        self._let_go()
+        if self.process.returncode is None or _running.get(self.process.pid, (None, None))[1] is self.process:
             _end(self.process)
             _forget(self.process)
 

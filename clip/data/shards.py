@@ -150,9 +150,10 @@ def _remote_reader(url: str) -> str | ImportError:
                        f"here: {missing}" + (" (or the curl command)" if scheme in _CURL_SCHEMES else ""))
 
 
-# --fail: an HTTP error status is a failure, not a page of HTML read as the shard; a few retries of what is
+# --fail: an HTTP error status is a failure, not a page of HTML read as the shard; --globoff: a URL's [] and {} are
+# its own characters (curl read s[0-1].tar as s0.tar then s1.tar); a few retries of what is
 # transient (timeouts, HTTP 408, 429 and 5xx), seconds apart; a host that does not answer given 30 s
-CURL_OPTIONS = "--fail --silent --show-error --location --connect-timeout 30 --retry 3 --retry-delay 2"
+CURL_OPTIONS = "--fail --silent --show-error --location --globoff --connect-timeout 30 --retry 3 --retry-delay 2"
 # What curl's exit statuses say, with a shard's read error (its own line on the standard error says more)
 CURL_STATUSES = {
     6: "the host name did not resolve", 7: "no connection to the server", 18: "the transfer ended early",
@@ -447,6 +448,9 @@ def _close_at_the_end(stream: IO[bytes], errors: list[Exception]) -> None:
         stream.close()
     except Exception as error:
         errors.insert(0, error)  # before the tar's own error, which it explains ("empty file" for an HTTP 404)
+    except BaseException:  # a stop's exception while close() waited for the command: ended at once
+        _close_quietly(stream)
+        raise
 
 
 class _EndsAtItsEnd:

@@ -625,7 +625,7 @@ def test_a_member_too_large_for_a_sample_is_skipped_unread(tmp_path: Path, caplo
 
     from test_data_helpers import _add_member, image_bytes
 
-    from clip.data.shards import MAX_MEMBER_BYTES
+    from clip.data.shards import MAX_SAMPLE_BYTES
 
     class Zeros(io.RawIOBase):
         def __init__(self, size: int) -> None:
@@ -644,7 +644,7 @@ def test_a_member_too_large_for_a_sample_is_skipped_unread(tmp_path: Path, caplo
     with gzip.open(path, "wb", compresslevel=1) as compressed, tarfile.open(fileobj=compressed, mode="w") as tar:
         _add_member(tar, "000000000.jpg", image_bytes(0, "JPEG"))
         caption = tarfile.TarInfo("000000000.txt")
-        caption.size = MAX_MEMBER_BYTES + (1 << 20)
+        caption.size = MAX_SAMPLE_BYTES + (1 << 20)
         tar.addfile(caption, io.BufferedReader(Zeros(caption.size), 1 << 20))
         _add_member(tar, "000000001.jpg", image_bytes(1, "JPEG"))
         _add_member(tar, "000000001.txt", caption_of(1).encode())
@@ -658,8 +658,27 @@ def test_a_member_too_large_for_a_sample_is_skipped_unread(tmp_path: Path, caplo
         tracemalloc.stop()
     assert peak < 32 << 20
     assert [sorted(key for key in sample if not key.startswith("__")) for sample in samples] == [["jpg"], ["jpg", "txt"]]
-    assert (f"member 000000000.txt declares {MAX_MEMBER_BYTES + (1 << 20)} bytes, more than a sample's member may "
-            f"take ({MAX_MEMBER_BYTES}): skipped unread") in caplog.text
+    taken = len(image_bytes(0, "JPEG"))
+    assert (f"member 000000000.txt declares {MAX_SAMPLE_BYTES + (1 << 20)} bytes, more than its sample's members may "
+            f"take together ({MAX_SAMPLE_BYTES}, {taken} taken): skipped unread") in caplog.text
+
+
+def test_a_samples_members_together_are_capped_not_each_alone(tmp_path: Path, monkeypatch, caplog) -> None:
+    # Four 200 MB members of one sample in an 815 KB .tar.gz each passed a cap per member: a gigabyte held
+    import clip.data.shards as shards_module
+    from test_data_helpers import _add_member
+
+    monkeypatch.setattr(shards_module, "MAX_SAMPLE_BYTES", 250)
+    path = tmp_path / "s-000000.tar"
+    with tarfile.open(path, "w") as tar:
+        for name in ("a.jpg", "a.txt", "a.json", "b.txt", "b.json"):
+            _add_member(tar, name, bytes(100))
+    with caplog.at_level("WARNING", logger="clip.data.shards"):
+        samples = list(iterate_tar_samples(str(path)))
+    assert [sorted(k for k in sample if not k.startswith("__")) for sample in samples] == [["jpg", "txt"],
+                                                                                          ["json", "txt"]]
+    assert "member a.json declares 100 bytes, more than its sample's members may take together (250, 200 taken)" \
+        in caplog.text
 
 def test_a_member_header_declaring_more_bytes_than_follow_is_a_read_error_not_a_hang(tmp_path: Path) -> None:
     # tarfile skips a member it does not select by reading its declared size in blocks: a 6 KB shard whose

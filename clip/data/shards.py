@@ -482,27 +482,36 @@ class _EndsAtItsEnd:
         return repr(self.stream)
 
 
-# A member larger than this is skipped unread: a shard of a few KB (gzip-compressed, or a sparse tar member) that
-# declared a 1 GB caption made the data worker hold it whole, twice. An image of a CLIP dataset is a few MB.
-MAX_MEMBER_BYTES = 256 << 20
+# The most bytes a sample's members may take together; a member that would take more is skipped unread: a shard of
+# a few KB (gzip-compressed, or a sparse tar member) that declared a 1 GB caption made the data worker hold it
+# whole, twice. An image of a CLIP dataset is a few MB.
+MAX_SAMPLE_BYTES = 256 << 20
 # Members that are a shard's metadata, not a sample's (webdataset's `__key__`-style names), as its reader skips them
 _METADATA_MEMBER = re.compile(r"__[^/]*__($|/)")
 
 
 def _members(url: str, stream: IO[bytes], select_files: Any, errors: list[Exception]) -> Iterator[dict]:
     """The shard's selected regular members as {"fname", "data", "__url__"}, as webdataset's tar_file_iterator
-    reads them, except that a member larger than MAX_MEMBER_BYTES is skipped unread, with a warning (its sample
-    then lacks it, and is counted as such). A read error ends them and is kept in `errors`, so that
-    group_by_keys still hands out the sample read before it."""
+    reads them, except that a member that would take its sample past MAX_SAMPLE_BYTES is skipped unread, with a
+    warning (its sample then lacks it, and is counted as such). A read error ends them and is kept in `errors`,
+    so that group_by_keys still hands out the sample read before it."""
+    from webdataset.tariterators import base_plus_ext
+
+    key, taken = None, 0  # the sample being read, and the bytes of its members read so far
     try:
         with tarfile.open(fileobj=_EndsAtItsEnd(stream), mode="r|*") as archive:  # leaves `stream` open
             for info in archive:
                 if not info.isreg() or _METADATA_MEMBER.match(info.name) or not select_files(info.name):
                     continue
-                if info.size > MAX_MEMBER_BYTES:
-                    log.warning("shard %s: member %s declares %d bytes, more than a sample's member may take (%d): "
-                                "skipped unread", url, info.name, info.size, MAX_MEMBER_BYTES)
+                member_key = base_plus_ext(info.name)[0]
+                if member_key != key:
+                    key, taken = member_key, 0
+                if taken + info.size > MAX_SAMPLE_BYTES:
+                    log.warning("shard %s: member %s declares %d bytes, more than its sample's members may take "
+                                "together (%d, %d taken): skipped unread", url, info.name, info.size,
+                                MAX_SAMPLE_BYTES, taken)
                     continue
+                taken += info.size
                 yield {"fname": info.name, "data": archive.extractfile(info).read(), "__url__": url}
                 archive.members = []  # a stream's members are not kept: 100k of them are 100 MB
     except Exception as error:  # tarfile.ReadError on a truncated tar, a failed pipe, a network error...

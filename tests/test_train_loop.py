@@ -2113,7 +2113,10 @@ def slow_the_loader(set_attribute, seconds_per_batch: float) -> None:
             return getattr(self.data, name)
 
         def __iter__(self):
-            for batch in self.data:
+            return self.batches()
+
+        def batches(self, *args, **kwargs):
+            for batch in self.data.batches(*args, **kwargs):
                 waited["s"] += seconds_per_batch
                 yield batch
 

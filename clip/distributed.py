@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from .device_names import DeviceNotAvailableError, device_availability_problem, device_kind_available
 from .launcher import read_launcher_environment
+from .stopping import STOP_SIGNALS
 
 logger = logging.getLogger("clip.distributed")
 
@@ -172,7 +173,7 @@ def init_distributed(backend: str | None = None, device: str = "auto") -> Distri
 
 @contextlib.contextmanager
 def default_signal_action() -> Iterator[None]:
-    """SIGTERM and Ctrl-C take their default action (end the process) inside the block, whatever handlers the
+    """SIGTERM, Ctrl-C and SIGUSR1 take their default action (end the process) inside the block, whatever handlers the
     caller installed (`train`'s and clip-train's catch them): blocked in init_process_group's C++ rendezvous, a
     process never runs a Python handler, so a caught signal would leave it waiting out the rendezvous timeout
     for ranks that may never come; the default action ends it at once. Outside the main thread, which cannot
@@ -180,7 +181,7 @@ def default_signal_action() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, signal.SIG_DFL) for sig in STOP_SIGNALS}
     try:
         yield
     finally:

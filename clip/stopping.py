@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 STOPPED_EARLY_EXIT_CODE = 75
 # A second Ctrl-C: what a shell reports for a process that Ctrl-C ended (128 + SIGINT)
 STOPPED_AT_ONCE_EXIT_CODE = 130
+# The signals that stop a run with a checkpoint: a scheduler's SIGTERM, Ctrl-C, and SIGUSR1, which SLURM scripts
+# written for other trainers ask for (`#SBATCH --signal=USR1@120`): its default action ended the run unsaved
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, *((signal.SIGUSR1,) if hasattr(signal, "SIGUSR1") else ()))
 
 
 class EvaluationInterrupted(BaseException):
@@ -107,7 +110,7 @@ class StopRequest:
             self._ending, self._ending_on_error = False, False
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone

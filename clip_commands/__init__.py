@@ -24,6 +24,8 @@ from typing import NoReturn
 INTERRUPTED_EXIT_CODE = 130
 # clip.stopping.STOPPED_EARLY_EXIT_CODE: clip-train's status for a start a signal abandoned, nothing trained
 START_ABANDONED_EXIT_CODE = 75
+# clip.stopping.STOP_SIGNALS, repeated for the same reason
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, *((signal.SIGUSR1,) if hasattr(signal, "SIGUSR1") else ()))
 # clip.launcher_death.TORCHRUN_VARIABLE and LAUNCHER_PID_VARIABLE, repeated for the same reason
 TORCHRUN_VARIABLE = "TORCHELASTIC_RUN_ID"
 LAUNCHER_PID_VARIABLE = "CLIP_LAUNCHER_PID"
@@ -36,7 +38,7 @@ def clip_train() -> NoReturn:
     remember_the_launcher(os.environ)
     # Registered first, so run last of the exit functions (see clip.cli.train.ignore_signals_in_the_teardown)
     atexit.register(_ignore_signals_in_the_teardown)
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, _abandon_the_start)  # replaced by clip.cli.train.command's own before its `main` runs
     from clip.cli.train import command
 
@@ -92,5 +94,5 @@ def _abandon_the_start(signum, frame) -> NoReturn:
 
 
 def _ignore_signals_in_the_teardown() -> None:
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)

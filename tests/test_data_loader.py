@@ -433,7 +433,7 @@ def check_workers_outlive_signals(tmp_path: Path) -> None:
     next(batches)
     workers = list(data._loader_iterator._workers)  # torch's worker processes
     for worker in workers:
-        for name in ("TERM", "INT"):  # sent by another process, as a scheduler's are
+        for name in ("TERM", "INT", "USR1"):  # sent by another process, as a scheduler's are
             subprocess.run(["kill", f"-{name}", str(worker.pid)], check=True)
     time.sleep(0.5)
     for _ in range(8):  # two epochs: both workers keep serving
@@ -642,7 +642,7 @@ def test_a_shielded_worker_ignores_signals_from_outside_and_exits_at_its_parents
     worker.start()
     try:
         assert receiving.poll(30) and receiving.recv()
-        for name in ("TERM", "INT"):  # sent by another process, as a scheduler's are
+        for name in ("TERM", "INT", "USR1"):  # sent by another process, as a scheduler's are
             subprocess.run(["kill", f"-{name}", str(worker.pid)], check=True)
         worker.join(timeout=0.5)
         assert worker.is_alive(), f"the worker ended with status {worker.exitcode}"

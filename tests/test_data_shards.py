@@ -259,7 +259,7 @@ def test_pipe_urls(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("cat") is None or sys.platform == "win32", reason="needs cat and a POSIX shell")
-@pytest.mark.parametrize("signal_name", ["TERM", "INT"])
+@pytest.mark.parametrize("signal_name", ["TERM", "INT", "USR1"])
 def test_a_pipe_command_outlives_the_job_signal(tmp_path: Path, signal_name: str) -> None:
     # SLURM signals every process of the job and Ctrl-C the terminal's process group: the trainer saves at the
     # next step boundary, but the pipe: command died of the signal, and the rest of its shard was counted as

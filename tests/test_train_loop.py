@@ -598,7 +598,9 @@ def signal_at_step(monkeypatch, step: int, signum: int = signal.SIGTERM, when: s
 
 
 @pytest.mark.parametrize(("signum", "when"), [(signal.SIGTERM, "before_forward"), (signal.SIGINT, "before_forward"),
-                                              (signal.SIGTERM, "after_optimizer")])
+                                              (signal.SIGTERM, "after_optimizer"),
+                                              # SLURM scripts written for other trainers ask for SIGUSR1
+                                              (getattr(signal, "SIGUSR1", signal.SIGTERM), "before_forward")])
 def test_a_signal_checkpoints_after_the_current_step_and_the_run_resumes_exactly(tmp_path, monkeypatch, signum, when):
     # Evaluation every 2 steps: the stopping step (4) skips its evaluation and only saves; the resumed run
     # makes it up before its first step.

@@ -39,7 +39,7 @@ from ..run_lock import RunDirectoryInUse
 from ..run_log import RunLogWriteError, WandbStartError
 from ..run_start import BadTrainingInput
 from ..stopping import (
-    STOPPED_AT_ONCE_EXIT_CODE, STOPPED_EARLY_EXIT_CODE, SetupInterrupted, StoppedAtOnce, StopRequest,
+    STOP_SIGNALS, STOPPED_AT_ONCE_EXIT_CODE, STOPPED_EARLY_EXIT_CODE, SetupInterrupted, StoppedAtOnce, StopRequest,
 )
 from ..train import NonFiniteLossError, train
 from ..weights_file import WeightsFileError
@@ -354,7 +354,7 @@ def command() -> NoReturn:
                 os._exit(STOPPED_AT_ONCE_EXIT_CODE)
 
     # Installed before `main`, which puts it back as it returns: no moment is left to the default action
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, while_exiting)
     atexit.register(ignore_signals_in_the_teardown)
     sys.exit(main())
@@ -369,7 +369,7 @@ def ignore_signals_in_the_teardown() -> None:
     still run after this one, signals ignored: multiprocessing's (which ends and joins any child process the run's
     clean-up left), weakref finalizers, logging's flush; clip-train and scripts/train.py (clip_commands.clip_train)
     register it first, before those imports."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 

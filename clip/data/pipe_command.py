@@ -68,7 +68,7 @@ class PipeCommand:
                 if os.getpid() in _ended_in:
                     raise OSError(f"not starting the pipe: command {command!r}: this process is ending")
                 self.process = subprocess.Popen(
-                    ["/bin/sh", "-c", f"trap '' INT TERM; {command}"], stdout=subprocess.PIPE, start_new_session=True
+                    ["/bin/sh", "-c", f"trap '' INT TERM USR1; {command}"], stdout=subprocess.PIPE, start_new_session=True
                 )
                 _running[self.process.pid] = (os.getpid(), self.process)
         except BaseException:

@@ -11,6 +11,7 @@ import signal
 import threading
 from collections.abc import Iterator
 
+from ..stopping import STOP_SIGNALS
 from .pipe_command import end_running_commands
 
 
@@ -24,7 +25,7 @@ def signal_safe_worker_options() -> dict:
     return {"worker_init_fn": shield_worker_from_job_signals, "multiprocessing_context": ForkWithJobSignalsHeld()}
 
 
-JOB_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+JOB_SIGNALS = set(STOP_SIGNALS)  # SIGTERM, SIGINT and (where it exists) SIGUSR1
 
 
 @contextlib.contextmanager
@@ -103,13 +104,16 @@ def shield_worker_from_job_signals(worker_id: int) -> None:
     A scheduler stops a job by signalling every process in it (SLURM's pre-emption and time limit send
     SIGTERM to the whole step; Ctrl-C sends SIGINT to the terminal's process group). A worker that dies of
     it makes torch raise "DataLoader worker ... killed by signal" in the training process, at whatever line
-    runs then -- typically inside the checkpoint save the same signal asked for. So workers ignore SIGINT,
+    runs then -- typically inside the checkpoint save the same signal asked for. So workers ignore SIGINT (and
+    SIGUSR1, which some SLURM scripts ask for),
     and answer SIGTERM only from their parent (torch's own shutdown of a worker that does not stop in time):
     a thread waits for the signal and exits the worker if the parent sent it, ignores it otherwise. Workers
     still stop when the loader is closed, and on their own when the training process dies.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # held since the fork; one pending is dropped
+    ignored = JOB_SIGNALS - {signal.SIGTERM}  # SIGINT, SIGUSR1
+    for sig in ignored:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, ignored)  # held since the fork; one pending is dropped
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
     threading.Thread(target=_answer_sigterm_from_parent_only, name="sigterm-filter", daemon=True).start()
 

@@ -53,8 +53,8 @@ class PipeCommand:
         """`reading`: what the command reads, for messages (a URL read through curl), instead of the command
         itself; `status_meanings`: what its exit statuses mean, said with a failure."""
         self.command, self.reading, self.status_meanings = command, reading, status_meanings or {}
-        # The command ignores SIGINT and SIGTERM, as the data workers do (worker_signals.py), and so does what
-        # it runs: a scheduler signals every process of the job, a Ctrl-C the terminal's process group, and a
+        # The command ignores SIGINT, SIGTERM and SIGUSR1, as the data workers do (worker_signals.py), and so does
+        # what it runs: a scheduler signals every process of the job, a Ctrl-C the terminal's process group, and a
         # command that died of it ended its shard there -- the rest counted as unreadable in the batch of the
         # step before the checkpoint, and never read again.
         from .worker_signals import job_signals_held  # (which imports this module)
@@ -67,9 +67,8 @@ class PipeCommand:
             with job_signals_held(), _starting:
                 if os.getpid() in _ended_in:
                     raise OSError(f"not starting the pipe: command {command!r}: this process is ending")
-                self.process = subprocess.Popen(
-                    ["/bin/sh", "-c", f"trap '' INT TERM USR1; {command}"], stdout=subprocess.PIPE, start_new_session=True
-                )
+                self.process = subprocess.Popen(["/bin/sh", "-c", f"trap '' INT TERM USR1; {command}"],
+                                                stdout=subprocess.PIPE, start_new_session=True)
                 _running[self.process.pid] = (os.getpid(), self.process)
         except BaseException:
             if self.process is not None:

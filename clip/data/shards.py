@@ -4,9 +4,9 @@ Shards are read with tarfile's streaming reader and webdataset's `group_by_keys`
 parsing of KEY.ext members into samples), not with its `WebDataset` pipeline: exact resume and exactly-once
 epochs need every worker to read a planned range of samples `[start, stop)` of a shard (see `sampling.py`),
 and to skip to `start` without reading member data; members are selected as webdataset's `tar_file_iterator`
-selects them, and one too large to be a sample's is skipped unread (`_members`). Local files are opened directly, `pipe:` commands
-by pipe_command.py, file:// URLs with webdataset's `gopen`, remote URLs (s3://, gs://, http(s)://, ...) with
-fsspec, or http(s) with the curl command (as a pipe: command) where fsspec lacks aiohttp.
+selects them, and one too large to be a sample's is skipped unread (`_members`). Local files are opened
+directly, `pipe:` commands by pipe_command.py, file:// URLs with webdataset's `gopen`, remote URLs (s3://, gs://,
+http(s)://, ...) with fsspec, or http(s) with the curl command (as a pipe: command) where fsspec lacks aiohttp.
 
 webdataset is an optional dependency (the `shards` extra); it is imported only when shards are used.
 """

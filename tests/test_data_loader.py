@@ -594,6 +594,23 @@ def test_a_signal_whose_handler_was_installed_outside_python_is_left_alone(monke
             real_signal(sig, handler)
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads a process's dispositions from /proc")
+def test_a_signal_ignored_before_the_block_stays_ignored_for_a_process_started_inside_it():
+    # A data worker ignores SIGINT and SIGUSR1: its pipe: commands, started inside the block, inherited them
+    # ignored until the block put a handler in their place, which their exec resets to the default action (a
+    # job's SIGINT then killed a command before its shell's trap)
+    from clip.data.worker_signals import job_signals_held
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with job_signals_held():
+            status = subprocess.run(["cat", "/proc/self/status"], capture_output=True, text=True).stdout
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    ignored = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+    assert ignored & (1 << (signal.SIGINT - 1))
+
+
 def test_signals_are_not_held_outside_the_main_thread_and_the_block_still_runs():
     # Python signal handlers can only be installed from the main thread (a ValueError elsewhere), and they run
     # there only: an evaluation's loader built in another thread has no handler to hold

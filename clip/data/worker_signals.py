@@ -57,6 +57,10 @@ def job_signals_held() -> Iterator[None]:
         for sig in JOB_SIGNALS:
             if signal.getsignal(sig) is None:  # installed outside Python (an embedding): it could not be put back
                 continue
+            if signal.getsignal(sig) == signal.SIG_IGN:
+                # Nothing to note; and a process started inside the block (a pipe: command, in a data worker)
+                # inherits it ignored, where a handler of ours is reset to the default action by its exec
+                continue
             handlers[sig] = signal.signal(sig, note_or_pass_on)
     except ValueError:  # not the main thread, where no Python signal handler runs
         pass

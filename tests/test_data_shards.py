@@ -526,8 +526,9 @@ def http_without_aiohttp(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def http_server(tmp_path: Path):
-    """A local HTTP server of tmp_path/"served" (yields its base URL); a file named cut-*.tar is sent with its
-    whole length announced and the connection closed after its first 6 KB, as a dropped connection ends."""
+    """A local HTTP server of tmp_path/"served" (yields its base URL), noting each path asked for in
+    tmp_path/"requested"; a file named cut-*.tar is sent with its whole length announced and the connection closed
+    after its first 6 KB, as a dropped connection ends."""
     import http.server
     import threading
 
@@ -539,7 +540,9 @@ def http_server(tmp_path: Path):
             super().__init__(*args, directory=str(folder), **kwargs)
 
         def do_GET(self):
-            path = folder / self.path.lstrip("/")
+            with open(tmp_path / "requested", "a") as log:  # each path asked for, as the server received it
+                log.write(self.path + "\n")
+            path = folder / self.path.split("?")[0].lstrip("/")
             if not path.name.startswith("cut-") or not path.is_file():
                 return super().do_GET()
             data = path.read_bytes()
@@ -581,6 +584,10 @@ def test_http_shards_without_fsspecs_package_are_read_with_curl(http_without_aio
     assert isinstance(missing, MissingSample) and missing.kind == "shard_read_error"
     assert missing.detail.startswith(f"PipeCommandFailed: curl reading {http_server}/s-000009.tar exited with status "
                                      "22 (the server answered with an HTTP error status, 404 for a missing shard)")
+    # a signed URL's query is the URL's, not the shell's (& would end the command there)
+    signed = f"{http_server}/s-000000.tar?expires=1&signature=a$b;c"
+    assert [sample["__key__"] for sample in iterate_tar_samples(signed)] == [f"{i:09d}" for i in range(4)]
+    assert (tmp_path / "requested").read_text().splitlines()[-1] == "/s-000000.tar?expires=1&signature=a$b;c"
     # brackets and braces are the URL's own characters (curl globbed "[1]" into "1")
     shutil.copy(tmp_path / "served" / "s-000000.tar", tmp_path / "served" / "odd[1]{x}.tar")
     assert [item["__key__"] for item in read_shard_range(f"{http_server}/odd[1]{{x}}.tar", 0, 4)] == [
@@ -661,6 +668,26 @@ def test_a_member_too_large_for_a_sample_is_skipped_unread(tmp_path: Path, caplo
     taken = len(image_bytes(0, "JPEG"))
     assert (f"member 000000000.txt declares {MAX_SAMPLE_BYTES + (1 << 20)} bytes, more than its sample's members may "
             f"take together ({MAX_SAMPLE_BYTES}, {taken} taken): skipped unread") in caplog.text
+
+
+def test_only_a_samples_regular_members_are_read(tmp_path: Path) -> None:
+    # As webdataset's reader: a folder entry (a dotted name reads as a key and an extension), a link, and the
+    # shard's own metadata (`__meta__/...`, `__index__`) are not members of any sample
+    from test_data_helpers import _add_member
+
+    path = tmp_path / "s-000000.tar"
+    with tarfile.open(path, "w") as tar:
+        folder = tarfile.TarInfo("a.d")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        link = tarfile.TarInfo("a.lnk")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.txt"
+        tar.addfile(link)
+        _add_member(tar, "__meta__/0.json", b"{}")
+        _add_member(tar, "__index__", b"x")
+        _add_member(tar, "a.txt", b"caption")
+    samples = list(iterate_tar_samples(str(path)))
+    assert [{k: v for k, v in sample.items() if not k.startswith("__")} for sample in samples] == [{"txt": b"caption"}]
 
 
 def test_a_samples_members_together_are_capped_not_each_alone(tmp_path: Path, monkeypatch, caplog) -> None:

@@ -260,6 +260,11 @@ def test_resampled_plans_of_several_draws_are_pinned_too() -> None:
     assert planner.plan(0, 0, 0).segments[0] == [(1, 1, 5), (0, 0, 3), (2, 0, 2), (0, 0, 3), (1, 0, 5)]
     negative = Planner(sources, seed=-7, world_size=1, workers_per_rank=1, resampled=True, epoch_samples=17)
     assert negative.plan(0, 0, 0).segments[0] == [(2, 0, 2), (2, 0, 2), (1, 0, 5), (0, 0, 3), (2, 0, 2), (0, 0, 3)]
+    # The version these values were pinned under: new values without a new version would resume old positions
+    # onto other samples, silently
+    from clip.data.sampling import PLAN_VERSION
+
+    assert PLAN_VERSION == 5
 
 
 def test_an_epoch_of_exact_plans_ignores_a_resampled_epoch_size() -> None:

@@ -206,6 +206,10 @@ def test_a_damaged_features_file_is_extracted_again(tmp_path, checkpoint, extrac
         assert run(checkpoint, tmp_path / "out", *SYNTHETIC) == first
     assert extracted[5:] == ["train"]
     assert "features or labels that repeat or skip their data" in caplog.text
+    stored = torch.load(train, weights_only=True)
+    torch.save({**stored, "labels": torch.zeros(1, dtype=torch.int64).expand(len(stored["labels"]))}, train)
+    assert run(checkpoint, tmp_path / "out", *SYNTHETIC) == first
+    assert extracted[6:] == ["train"]  # labels that repeat one number too
 
 
 def test_an_interrupted_run_keeps_the_splits_extracted_before(tmp_path, checkpoint, extracted, monkeypatch):

@@ -354,6 +354,12 @@ def test_an_atomic_write_does_not_write_through_a_link_at_its_temporary_name(tmp
     assert elsewhere.read_text() == "precious"
     assert not path.is_symlink() and json.loads(path.read_text()) == {"accuracy": 0.5}
     assert sorted(p.name for p in path.parent.iterdir()) == ["results.json"]
+    previous = os.umask(0o022)  # created as open() creates a file: the umask decides, not a private 0600
+    try:
+        run_log.write_json(path, {"accuracy": 0.75})
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644
     stale = path.parent / f".results.json.{os.getpid()}.tmp"
     stale.write_text("a killed write's")
     with run_log.replaced_atomically(path) as file:

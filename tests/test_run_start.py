@@ -66,6 +66,9 @@ def test_gradient_checkpointing_of_a_trained_resnet_image_tower_is_named_as_not_
     assert said not in warnings_of(caplog, tiny_config(tmp_path, *resnet))
     locked = tiny_config(tmp_path, *resnet, "train.grad_checkpointing=true", "train.lock_image=true")
     assert said not in warnings_of(caplog, locked)  # no activations kept for a tower that is not trained
+    partly = tiny_config(tmp_path, *resnet, "train.grad_checkpointing=true", "train.lock_image=true",
+                         "train.lock_image_unlocked_layers=1")
+    assert said in warnings_of(caplog, partly)  # its last stage trains
 
 def test_a_warmup_as_long_as_a_constant_rate_run_is_not_named(tmp_path, caplog):
     # A constant schedule has no decay that the warmup could keep from starting

@@ -759,6 +759,30 @@ def test_compile_on_the_cpu_without_a_cpp_compiler_is_one_line_before_the_run_st
         assert main([str(DEMO), "--output-dir", str(tmp_path), *TINY, "train.compile=true"]) == 1
     assert "train.compile = true on the CPU needs a C++ compiler" in caplog.text
     assert "Traceback" not in caplog.text and not (tmp_path / "config.toml").exists()
+    # without train.compile nothing is asked of a compiler
+    assert main([str(DEMO), "--output-dir", str(tmp_path / "eager"), *TINY, "schedule.steps=1",
+                 "eval.every_n_steps=0"]) == 0
+
+
+def test_the_compiler_check_says_only_what_inductor_says_of_a_missing_compiler(monkeypatch):
+    # Another failure of inductor's search (its layout changed, a broken install) is left to the first step, where
+    # inductor says what it is: called "needs a C++ compiler", it would send someone who has one looking for one
+    inductor = pytest.importorskip("torch._inductor.cpp_builder")
+    from clip.dependencies import MissingDependency, require_a_compiler_for_compile
+
+    def broken():
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(inductor, "get_cpp_compiler", broken)
+    require_a_compiler_for_compile("cpu")
+
+    def none_found():
+        raise __import__("torch._inductor.exc", fromlist=["x"]).InvalidCxxCompiler
+
+    monkeypatch.setattr(inductor, "get_cpp_compiler", none_found)
+    require_a_compiler_for_compile("cuda")  # not asked there
+    with pytest.raises(MissingDependency, match="needs a C\\+\\+ compiler"):
+        require_a_compiler_for_compile("cpu")
 
 
 def test_compile_draws_patch_dropouts_masks_from_torchs_generator(tmp_path, monkeypatch):

@@ -109,6 +109,16 @@ def test_a_record_declaring_more_bytes_than_the_file_holds_is_refused_before_all
 
 
 
+def test_a_deflated_record_larger_than_the_whole_file_is_read(tmp_path: Path) -> None:
+    # Records take their compressed bytes of the file: a million zeros deflate to a few KB
+    numel = 1 << 20
+    path = write_archive(tmp_path / "zeros.pt", data_pkl=module_pickle(numel=numel, size=(numel,), stride=(1,)),
+                         record=bytes(4 * numel), compression=zipfile.ZIP_DEFLATED,
+                         code=CODE)
+    assert path.stat().st_size < 4 * numel // 100
+    assert torch.equal(read_weights(path).state_dict["w"], torch.zeros(numel))
+
+
 def test_records_nested_inside_each_other_are_refused_before_they_fill_the_memory(tmp_path: Path) -> None:
     # Each record fits in the file alone, but record 0's bytes are record 1's header and data: records that
     # overlap, which Python's zipfile before 3.11.8 / 3.12.2 lets through. Nested N deep, a 1 MB file made the

@@ -905,6 +905,34 @@ def test_a_signal_in_the_first_wait_after_making_up_an_owed_evaluation_saves_it_
     assert evaluations == [6] and evaluated_steps(tmp_path) == [3, 6]
 
 
+def test_a_stop_in_the_wait_after_a_skipped_step_counts_that_step_in_its_checkpoint(tmp_path, monkeypatch):
+    # Logged every 10 steps, step 2's verdict (a non-finite loss, skipped on the device) is read a step late: a
+    # stop in the wait for step 3's batch saves step 2, whose counts must include it
+    import contextlib
+
+    from clip.data.loader import TrainData
+
+    poison_loss(monkeypatch, {2})
+    real_batches, waits = TrainData.batches, {"n": 0}
+
+    def signalled_in_the_third_wait(self, while_waiting=contextlib.nullcontext):
+        @contextlib.contextmanager
+        def signalled():
+            with while_waiting():
+                waits["n"] += 1
+                if waits["n"] == 3:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                yield
+
+        return real_batches(self, signalled)
+
+    monkeypatch.setattr(TrainData, "batches", signalled_in_the_third_wait)
+    assert main([str(DEMO), "--output-dir", str(tmp_path), *TINY, "logging.every_n_steps=10",
+                 "eval.every_n_steps=0", "checkpoint.every_n_steps=0"]) == 75
+    state = ckpt.load_latest_checkpoint(tmp_path)
+    assert state["step"] == 2 and state["metrics"]["nonfinite_steps_total"] == 1
+
+
 def count_evaluations(monkeypatch) -> list[int]:
     """The steps evaluated from now on, in order (run_evaluations wrapped)."""
     import clip.train as train_module

@@ -257,17 +257,12 @@ def test_a_stop_while_a_finished_shards_command_is_waited_for_ends_it(
 
     url = shard_of_four(tmp_path)
     pid_file = tmp_path / "pid"
-    timer = threading.Timer(1.0, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM))
-    timer.start()
-    with pytest.raises(Stopped):
-        list(read_shard_range(f"pipe:echo $$ > {pid_file}; cat {url}; sleep 600", 0, 4))
-    timer.join()
-    assert group_is_gone(int(pid_file.read_text())) and pipe_command._running == {}
-    # A command that closes its output first: close() has let go of the pipe and waits for its exit when the stop
+    # The second closes its output first: close() has let go of the pipe and waits for its exit when the stop
     # comes, and ending it is left to abandon()
-    timer = threading.Timer(1.0, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM))
-    timer.start()
-    with pytest.raises(Stopped):
-        list(read_shard_range(f"pipe:echo $$ > {pid_file}; cat {url}; exec >&-; sleep 600", 0, 4))
-    timer.join()
-    assert group_is_gone(int(pid_file.read_text())) and pipe_command._running == {}
+    for after_the_tar in ("sleep 600", "exec >&-; sleep 600"):
+        timer = threading.Timer(1.0, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM))
+        timer.start()
+        with pytest.raises(Stopped):
+            list(read_shard_range(f"pipe:echo $$ > {pid_file}; cat {url}; {after_the_tar}", 0, 4))
+        timer.join()
+        assert group_is_gone(int(pid_file.read_text())) and pipe_command._running == {}, after_the_tar

@@ -692,8 +692,6 @@ def test_load_with_source_hashes_the_checkpoint_it_read_though_pruned_meanwhile(
 def test_load_with_source_skips_a_fifo_named_like_the_newest_checkpoint_without_waiting_on_it(tmp_path: Path) -> None:
     # The handle that the SHA256 is read through is opened before the reader refuses what is no regular file:
     # opened plainly, a FIFO waits for a writer that never comes
-    import threading
-
     folder = tmp_path / "run" / "checkpoints"
     folder.mkdir(parents=True)
     torch.save(trainer_checkpoint(tiny_model(CUSTOM_HEADS), 10), folder / "step_00000010.pt")
@@ -706,22 +704,26 @@ def test_load_with_source_skips_a_fifo_named_like_the_newest_checkpoint_without_
             warnings.simplefilter("ignore")  # the FIFO skipped: a warning
             outcome.append(load_with_source(tmp_path / "run", device="cpu")[2].step)
 
-    thread = threading.Thread(target=loading, daemon=True)
+    finishes_without_waiting_on(fifo, loading, "load_with_source")
+    assert outcome == [10]
+
+
+def finishes_without_waiting_on(fifo: Path, call, what: str) -> None:
+    """Runs `call` in a thread; fails the test, naming `what`, if it is still waiting 20 s later (on `fifo`)."""
+    import threading
+
+    thread = threading.Thread(target=call, daemon=True)
     thread.start()
     thread.join(timeout=20)
     if thread.is_alive():
         os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # lets the waiting open return, and the test end
         thread.join(timeout=20)
-        pytest.fail(f"load_with_source waited on {fifo.name}")
-    assert outcome == [10]
-
+        pytest.fail(f"{what} waited on {fifo.name}")
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
 def test_load_with_jit_of_a_fifo_is_refused_without_waiting_on_it(tmp_path: Path) -> None:
     # jit=True asks first whether the file is a TorchScript archive, which zipfile answered by opening it
-    import threading
-
     fifo = tmp_path / "model.pt"
     os.mkfifo(fifo)
     outcome = []
@@ -734,13 +736,7 @@ def test_load_with_jit_of_a_fifo_is_refused_without_waiting_on_it(tmp_path: Path
         except WeightsFileError as error:
             outcome.append(str(error))
 
-    thread = threading.Thread(target=loading, daemon=True)
-    thread.start()
-    thread.join(timeout=20)
-    if thread.is_alive():
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # lets the waiting open return, and the test end
-        thread.join(timeout=20)
-        pytest.fail(f"load(jit=True) waited on {fifo.name}")
+    finishes_without_waiting_on(fifo, loading, "load(jit=True)")
     assert outcome == [f"{fifo} is not a regular file"]
 
 def counting_sha256(monkeypatch) -> list:

@@ -348,7 +348,8 @@ def test_shards_of_the_same_prefix_are_refused_or_replaced_with_overwrite(tmp_pa
     before = {path.name: path.read_bytes() for path in out.iterdir()}
 
     again = [str(second), str(out), "--prefix", "t", "--samples-per-shard", "2"]
-    with pytest.raises(SystemExit, match=r"already holds 4 shards named t-NNNNNN\.tar \(t-000000\.tar \.\. t-000003\.tar\)"):
+    refused = r"^clip-make-shards: .* already holds 4 shards named t-NNNNNN\.tar \(t-000000\.tar \.\. t-000003\.tar\)"
+    with pytest.raises(SystemExit, match=refused):
         make_shards_main()(again)
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
 
@@ -412,6 +413,31 @@ def test_an_interrupted_or_failing_run_keeps_its_finished_shards_and_no_torn_one
     train = build([SourceConfig(kind="shards", path=str(out / "t-{000000..000001}.tar"))], batch_size=4)
     assert sorted(captions(take(train, 1))) == [caption_of(i) for i in range(4)]
 
+
+def test_a_sigterm_stops_it_as_a_ctrl_c_does_with_status_143(tmp_path: Path, capsys, monkeypatch) -> None:
+    # A scheduler's SIGTERM (or docker stop) took the default action: status 143, no sizes.json for the finished
+    # shards, no word, and the unfinished shard left as t-000002.tar.partial
+    import os
+    import signal
+
+    module = load_make_shards()
+    manifest = write_manifest(tmp_path / "src", range(7), "train.csv")
+    out = tmp_path / "out"
+    real, calls = module.encode_sample, []
+
+    def signalled_at_the_sixth(*args):
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args)
+
+    monkeypatch.setattr(module, "encode_sample", signalled_at_the_sixth)
+    before = signal.getsignal(signal.SIGTERM)
+    assert module.run([str(manifest), str(out), "--prefix", "t", "--samples-per-shard", "2"]) == 143
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert sorted(path.name for path in out.iterdir()) == ["sizes.json", "t-000000.tar", "t-000001.tar"]
+    assert json.loads((out / "sizes.json").read_text()) == {"t-000000.tar": 2, "t-000001.tar": 2}
+    assert "stopped after 5 samples; 2 finished shards of 2 kept" in capsys.readouterr().err
 
 def test_a_manifest_without_the_named_columns_leaves_no_empty_shard(tmp_path: Path) -> None:
     # The writer opens its first shard before the first row is read: the error renamed an empty shard into

@@ -26,6 +26,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import sys
 import tarfile
 from collections import Counter
@@ -186,7 +187,8 @@ def refuse_old_shards(output: Path, prefix: str, overwrite: bool) -> list[Path]:
     old = existing_shards(output, prefix)
     if old and not overwrite:
         raise SystemExit(
-            f"{output} already holds {len(old)} shards named {prefix}-NNNNNN.tar ({old[0].name} .. {old[-1].name}): "
+            f"{PROG}: {output} already holds {len(old)} shards named {prefix}-NNNNNN.tar ({old[0].name} .. "
+            f"{old[-1].name}): "
             "the new shards would be mixed with the old ones. Use another output folder or --prefix, or "
             "--overwrite to delete them first"
         )
@@ -435,10 +437,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's, `docker stop`, `kill`) while the command runs: it stops as on Ctrl-C, keeping the
+    finished shards with their sizes.json entries and removing the unfinished one; the default action ended it
+    with neither an index nor a word, the unfinished shard left as PREFIX-NNNNNN.tar.partial."""
+
+
+def _terminated(signum, frame):
+    raise Terminated
+
+
 def run(argv: list[str] | None = None) -> int:
-    """`main` with the exit status of the library's other commands: 2 for bad input, said in one line."""
+    """`main` with the exit status of the library's other commands: 2 for bad input, said in one line; 130 after a
+    Ctrl-C and 143 after a SIGTERM, the finished shards kept."""
+    try:
+        previous, installed = signal.signal(signal.SIGTERM, _terminated), True
+    except ValueError:  # not the main thread: signals stay as they are
+        previous, installed = None, False
     try:
         return main(argv)
+    except Terminated:
+        return 128 + signal.SIGTERM
     except MissingDependency as missing:
         # webdataset, which writing and indexing shards need (the `shards` extra): one line and status 1, as
         # clip-train ends on a missing optional package, where a wheel install without the extra had a traceback
@@ -453,6 +472,9 @@ def run(argv: list[str] | None = None) -> int:
         # write_shards said what it kept ("stopped after N samples; ... finished shards kept"): a traceback
         # after that line, as the other commands do not print one, said nothing more
         return 130
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

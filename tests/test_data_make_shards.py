@@ -387,6 +387,19 @@ def test_a_shard_is_named_a_shard_only_once_complete(tmp_path: Path, monkeypatch
     assert sorted(path.name for path in out.iterdir()) == ["sizes.json", "t-000000.tar", "t-000001.tar", "t-000002.tar"]
 
 
+def stopped_at_the_sixth_sample(monkeypatch, module, stop) -> None:
+    """Calls `stop()` as the command encodes its sixth sample (five are written by then)."""
+    real, calls = module.encode_sample, []
+
+    def stopping(*args):
+        calls.append(1)
+        if len(calls) == 6:
+            stop()
+        return real(*args)
+
+    monkeypatch.setattr(module, "encode_sample", stopping)
+
+
 @pytest.mark.parametrize("stopped_by", [KeyboardInterrupt, RuntimeError])
 def test_an_interrupted_or_failing_run_keeps_its_finished_shards_and_no_torn_one(tmp_path: Path, capsys, monkeypatch,
                                                                                stopped_by):
@@ -395,15 +408,11 @@ def test_an_interrupted_or_failing_run_keeps_its_finished_shards_and_no_torn_one
     module = load_make_shards()
     manifest = write_manifest(tmp_path / "src", range(7), "train.csv")
     out = tmp_path / "out"
-    real, calls = module.encode_sample, []
 
-    def stopping_at_the_sixth(*args):
-        calls.append(1)
-        if len(calls) == 6:
-            raise stopped_by("stopped")
-        return real(*args)
+    def stop():
+        raise stopped_by("stopped")
 
-    monkeypatch.setattr(module, "encode_sample", stopping_at_the_sixth)
+    stopped_at_the_sixth_sample(monkeypatch, module, stop)
     with pytest.raises(stopped_by):
         module.main([str(manifest), str(out), "--prefix", "t", "--samples-per-shard", "2"])
     # samples 0-4 written: two finished shards, the third (1 of 2 samples) torn and removed
@@ -423,15 +432,7 @@ def test_a_sigterm_stops_it_as_a_ctrl_c_does_with_status_143(tmp_path: Path, cap
     module = load_make_shards()
     manifest = write_manifest(tmp_path / "src", range(7), "train.csv")
     out = tmp_path / "out"
-    real, calls = module.encode_sample, []
-
-    def signalled_at_the_sixth(*args):
-        calls.append(1)
-        if len(calls) == 6:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args)
-
-    monkeypatch.setattr(module, "encode_sample", signalled_at_the_sixth)
+    stopped_at_the_sixth_sample(monkeypatch, module, lambda: os.kill(os.getpid(), signal.SIGTERM))
     before = signal.getsignal(signal.SIGTERM)
     assert module.run([str(manifest), str(out), "--prefix", "t", "--samples-per-shard", "2"]) == 143
     assert signal.getsignal(signal.SIGTERM) is before

@@ -525,12 +525,16 @@ def http_without_aiohttp(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def http_server(tmp_path: Path):
+def http_server(tmp_path: Path, monkeypatch):
     """A local HTTP server of tmp_path/"served" (yields its base URL), noting each path asked for in
     tmp_path/"requested"; a file named cut-*.tar is sent with its whole length announced and the connection closed
-    after its first 6 KB, as a dropped connection ends."""
+    after its first 6 KB, as a dropped connection ends. Proxies from the environment are unset: curl would send
+    the requests to them."""
     import http.server
-    import threading
+
+    from loopback_server import serving, without_proxies
+
+    without_proxies(monkeypatch)
 
     folder = tmp_path / "served"
     folder.mkdir()
@@ -556,12 +560,8 @@ def http_server(tmp_path: Path):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(Handler) as url:
+        yield url
 
 
 @pytest.mark.skipif(shutil.which("curl") is None or sys.platform == "win32", reason="needs curl and a POSIX shell")

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from loopback_server import serving, without_proxies
 
 import clip.download
 from clip.download import DownloadError, cache_dir, download, sha256_of_file
@@ -107,18 +108,13 @@ class FileServer(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(autouse=True)
 def no_proxies(monkeypatch) -> None:
     # A proxy from the environment would intercept requests to the loopback server.
-    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
+    without_proxies(monkeypatch)
 
 
 @pytest.fixture(scope="module")
 def server_url() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FileServer)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(FileServer) as url:
+        yield url
 
 
 @pytest.fixture

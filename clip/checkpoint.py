@@ -30,12 +30,13 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from .exception_chain import allocation_beyond, first_in_chain, out_of_memory_in
+from .exception_chain import first_in_chain, out_of_memory_in
 from .weights_file import (
     CHECKPOINT_DIR,
     CHECKPOINT_FORMAT,
     archive_damage,
     is_storage_error,
+    tensor_beyond_the_file,
     warn_if_weights_only_is_unsafe,
     weights_only_refusal,
 )
@@ -315,12 +316,11 @@ def read_checkpoint(path: Path, verify: bool = True) -> dict:
         try:
             state = torch.load(file, map_location="cpu", weights_only=True)
         except RuntimeError as error:
-            oversized = allocation_beyond(error, size)
+            oversized = tensor_beyond_the_file(error, path, size)
             if oversized is None:
                 raise
     if oversized is not None:  # raised outside the handler: the file's damage, not a lack of memory (no fallback)
-        raise ValueError(f"{path} is damaged: it declares a tensor of {oversized} bytes, more than the whole file's "
-                         f"{size} bytes")
+        raise ValueError(oversized)
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a checkpoint written by this trainer")
     found = state.get("format")

@@ -312,8 +312,9 @@ def _torch_load_weights_only(path: Path) -> object:
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError, ...
-        oversized = allocation_beyond(error, path.stat().st_size)  # raised below: outside this handler, its
-        if oversized is None:                                      # chain holds no memory failure
+        # Raised below, outside this handler: its chain then holds no memory failure
+        oversized = tensor_beyond_the_file(error, path, path.stat().st_size)
+        if oversized is None:
             if out_of_memory_in(error) is not None:
                 raise  # not the file's fault: a run directory's reader would take an older checkpoint in its place
             message = str(error)
@@ -323,9 +324,8 @@ def _torch_load_weights_only(path: Path) -> object:
             raise WeightsFileError(
                 f"{path} is a damaged or truncated PyTorch file ({type(error).__name__}: {message})"
             ) from error
-    if oversized is not None:  # (torch's pre-zip format allocates a storage at its declared size before reading)
-        raise WeightsFileError(f"{path} is damaged: it declares a tensor of {oversized} bytes, more than the whole "
-                               f"file's {path.stat().st_size} bytes")
+    if oversized is not None:
+        raise WeightsFileError(oversized)
     try:
         damage = archive_damage(path) if zipfile.is_zipfile(path) else None
     except zipfile.BadZipFile as error:  # a damaged zip directory that torch's reader passed over
@@ -406,6 +406,16 @@ _LEGACY_MAGIC = b"\x8a\x0a" + torch.serialization.MAGIC_NUMBER.to_bytes(10, "lit
 _PICKLE_FRAME = b"\x95"
 # How torch's weights-only reader refuses pickle's FRAME opcode (149), which protocol 4 and later write
 _FRAME_REFUSAL = "Unsupported operand 149"
+
+
+def tensor_beyond_the_file(error: BaseException, path: Path, size: int) -> str | None:
+    """What is wrong with the file `path` (of `size` bytes) when torch.load's `error` is its allocator's failure on
+    more bytes than the file holds (torch's pre-zip format allocates a storage at its declared size before reading
+    it), else None: raised as the file's damage, not this machine's lack of memory."""
+    tried = allocation_beyond(error, size)
+    if tried is None:
+        return None
+    return f"{path} is damaged: it declares a tensor of {tried} bytes, more than the whole file's {size} bytes"
 
 
 def _is_torch_save_file(path: Path) -> bool:

@@ -221,6 +221,23 @@ def test_a_percent_sign_in_the_prefix_is_literal(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"100%d-000000.tar": 3}
 
 
+@pytest.mark.parametrize(("prefix", "why"), [
+    ("", "give a name"), ("sub/cc", "a name, not a path"), ("..", "a name, not a path"),
+    ("cc{1}", "braces and '::'"), ("a::b", "braces and '::'"),
+])
+def test_a_prefix_that_cannot_name_shard_files_is_refused_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture, prefix: str, why: str,
+) -> None:
+    # '' wrote '-000000.tar'; 'sub/cc' ended in a bare "No such file or directory"; braces and '::' made the printed
+    # data source path another range or two folders
+    manifest = write_manifest(tmp_path / "src", range(3), "train.csv")
+    with pytest.raises(SystemExit) as refused:
+        make_shards_main()([str(manifest), str(tmp_path / "out"), "--prefix", prefix])
+    assert refused.value.code == 2
+    assert f"--prefix {prefix!r}: {why}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_index_only_rewrites_sizes(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path / "src", range(5))
     make_shards_main()([str(manifest), str(tmp_path / "out"), "--samples-per-shard", "3"])

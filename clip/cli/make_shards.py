@@ -350,6 +350,20 @@ def write_index(pattern: str) -> dict[str, int]:
     return sizes
 
 
+def prefix_refusal(prefix: str) -> str | None:
+    """Why `prefix` cannot start shard file names, or None. The shards are OUTPUT/PREFIX-NNNNNN.tar and a run's
+    data source names them with a brace range: an empty prefix wrote '-000000.tar' (read as an option by the
+    commands given it), one with a '/' failed on a folder that is not there with a bare 'No such file', and
+    braces or '::' in it made the printed path read as another range or as several folders."""
+    if not prefix:
+        return "give a name (shard files are PREFIX-000000.tar)"
+    if "/" in prefix or prefix in (".", ".."):
+        return "a name, not a path: the shards go into OUTPUT (give the folder there)"
+    if any(part in prefix for part in ("{", "}", "::")):
+        return "braces and '::' would be read as a shard range or a list of folders in a data source's path"
+    return None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -386,6 +400,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--separator: {error}")
     if args.samples_per_shard < 1:
         parser.error("--samples-per-shard must be positive")
+    prefix_problem = prefix_refusal(args.prefix)
+    if prefix_problem is not None:
+        parser.error(f"--prefix {args.prefix!r}: {prefix_problem}")
     return args
 
 

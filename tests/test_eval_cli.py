@@ -181,12 +181,18 @@ def test_results_of_other_weights_are_kept_aside_and_those_of_the_same_weights_r
     (out / "confusion_flowers_kept_aside.png").write_bytes(b"png")
     (out / "confusion_x_kept_2020-01-01T00-00-00.png").write_bytes(b"png")
     (out / "results.json").write_text("{}")
-    common.keep_results_of_other_weights(out / "results.json", load_model(other), "confusion_*.png")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        common.keep_results_of_other_weights(out / "results.json", load_model(other), "confusion_*.png")
     assert not (out / "confusion_flowers_kept_aside.png").exists()
     assert (out / "confusion_x_kept_2020-01-01T00-00-00.png").exists()
+    # Said as what it is: an earlier version's results record no weights (they were said to be other weights')
+    assert "results.json holds results that do not name their weights (an earlier version's): kept as" in caplog.text
     (out / "retrieval_results.json").write_text("not JSON")  # nor a file the command cannot read
-    common.keep_results_of_other_weights(out / "retrieval_results.json", load_model(other))
+    with caplog.at_level(logging.INFO):
+        common.keep_results_of_other_weights(out / "retrieval_results.json", load_model(other))
     assert not (out / "retrieval_results.json").exists() and len(list(out.glob("retrieval_results_kept_*"))) == 1
+    assert "retrieval_results.json holds no results this command can read: kept as" in caplog.text
 
 
 def test_results_json_records_what_a_reproduction_needs(tmp_path, tiny_checkpoint, datasets):

@@ -247,6 +247,13 @@ def keep_results_of_other_weights(path: Path, source: WeightsSource, companions:
         written = None
     if isinstance(written, dict) and written.get("weights") == json.loads(json.dumps(source.to_dict())):
         return
+    # Said as what it is: an earlier version's results record no weights, and were said to be "other weights'"
+    if not isinstance(written, dict):
+        holds = "holds no results this command can read"
+    elif "weights" not in written:
+        holds = "holds results that do not name their weights (an earlier version's)"
+    else:
+        holds = "holds the results of other weights"
     stamp = time.strftime("%Y-%m-%dT%H-%M-%S", time.localtime(path.stat().st_mtime))
     number, suffix = 1, f"_kept_{stamp}"
     while path.with_name(f"{path.stem}{suffix}{path.suffix}").exists():
@@ -259,5 +266,5 @@ def keep_results_of_other_weights(path: Path, source: WeightsSource, companions:
         if not _KEPT_NAME.search(companion.stem):  # "confusion_flowers_kept_aside" is a dataset's own
             companion.rename(companion.with_name(f"{companion.stem}{suffix}{companion.suffix}"))
     path.rename(kept)
-    logger.info("%s holds the results of other weights: kept as %s%s", path, kept,
+    logger.info("%s %s: kept as %s%s", path, holds, kept,
                 f" (and {companions} beside it, as *{suffix}*)" if companions else "")

@@ -33,7 +33,7 @@ def check_resumable(saved: dict, current: dict, run_dir: Path, warn: bool = True
     """Refuses to resume what cannot be (another model, another loss and so other trained parameters); warns
     (if `warn`) about every other setting that differs from the checkpoint's, since the run then continues
     under them."""
-    saved = with_decay_embeddings(saved)
+    saved_as_written, saved = saved, with_decay_embeddings(saved)
     try:  # settings newer than the checkpoint take their defaults, so that they are not reported as changed
         saved = to_dict(from_dict(TrainConfig, saved))
     except ConfigError:
@@ -60,7 +60,13 @@ def check_resumable(saved: dict, current: dict, run_dir: Path, warn: bool = True
         f"{key}: {before!r} -> {after!r}" for key, before, after in differences(saved, current) if key not in not_applied
     ]
     if changed and warn:
-        log.warning("resuming %s with settings that differ from its checkpoint's: %s", run_dir, "; ".join(changed))
+        note = ""
+        if "decay_embeddings" not in saved_as_written.get("optimizer", {}) and current["optimizer"]["decay_embeddings"]:
+            # The default changed after the checkpoint was written: its run would go on decaying what it had not
+            note = (" (the checkpoint is from before optimizer.decay_embeddings, whose default is now true: "
+                    "optimizer.decay_embeddings=false keeps its embeddings undecayed)")
+        log.warning("resuming %s with settings that differ from its checkpoint's: %s%s", run_dir, "; ".join(changed),
+                    note)
 
 
 def checkpoint_to_resume(run_dir: Path, dist_info: DistributedInfo) -> dict | None:

@@ -1150,6 +1150,7 @@ def test_resuming_with_the_embeddings_decayed_regroups_the_optimizer_state(tmp_p
     with caplog.at_level(logging.WARNING, logger="clip.train"):
         assert train(tiny_config(tmp_path, "eval.every_n_steps=0"))["step"] == 6
     assert "optimizer.decay_embeddings: False -> True" in caplog.text
+    assert "is from before optimizer.decay_embeddings" not in caplog.text  # its checkpoint names the setting
 
 
 def test_a_checkpoint_without_parameter_names_is_regrouped_by_its_own_decay_embeddings(tmp_path, caplog):
@@ -1176,6 +1177,12 @@ def test_a_checkpoint_from_before_decay_embeddings_existed_counts_as_false(tmp_p
         check_resumable(older, current, tmp_path)
     # nothing changed: it was trained that way, and settings newer than it are at their defaults
     assert "differ" not in caplog.text
+    # Resumed under today's default, the warning says how to keep the way it was trained
+    with caplog.at_level(logging.WARNING, logger="clip.resume"):
+        check_resumable(older, to_dict(tiny_config(tmp_path)), tmp_path)
+    assert "optimizer.decay_embeddings: False -> True (the checkpoint is from before optimizer.decay_embeddings, " \
+        "whose default is now true: optimizer.decay_embeddings=false keeps its embeddings undecayed)" in caplog.text
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="clip.resume"):  # the initial weights: only a new run reads them
         check_resumable(current, {**current, "train": {**current["train"], "init_weights": "ViT-B/32"}}, tmp_path)
     assert "differ" not in caplog.text

@@ -609,6 +609,19 @@ def test_unreadable_images_are_left_out_with_their_captions(tmp_path, caplog):
     assert expected.recalls["text_to_image_R@1"] < 1.0  # the model's confusions are visible in the recalls
 
 
+def test_one_image_left_readable_is_refused_not_scored_as_every_recall_100_percent(tmp_path):
+    # A set of one image is refused when read; one left after the unreadable ones were skipped was scored 1.0
+    names = write_images(tmp_path, 3)
+    (tmp_path / "m.csv").write_text("image,caption\n" + "".join(f"{n},item {i}\n" for i, n in enumerate(names)))
+    for name in names[1:]:
+        (tmp_path / name).write_bytes(b"not an image")
+    model = PlantedRetrievalModel(3)
+    with pytest.raises(ValueError, match=r"^retrieval m: only 1 of the 3 images is readable; retrieval needs at "
+                                         r"least 2 to choose between \(with one, every recall is 100%\)$"):
+        evaluate_retrieval(model, read_caption_manifest(tmp_path / "m.csv"), lambda image: torch.zeros(3, 2, 2),
+                           tokenizer=model.tokenize, name="m")
+
+
 def test_captions_that_several_images_share_are_warned_about(tmp_path, caplog):
     # Captions written from a template ("a red circle" for dozens of images) tie with the true caption and
     # count against it: image->text recall read 0 for a good model, and nothing said why.

@@ -265,6 +265,12 @@ def evaluate_retrieval(
     log_skipped(f"retrieval {name or 'dataset'}", num_skipped, skipped, logging_rank, world_size)
     if len(image_index) == 0:
         raise ValueError(f"retrieval {name or 'dataset'}: none of the {len(data.image_paths)} images is readable")
+    if len(image_index) == 1:
+        # load_retrieval_data refuses a set of one image; one left readable scored every recall 100% as well
+        raise ValueError(
+            f"retrieval {name or 'dataset'}: only 1 of the {len(data.image_paths)} images is readable; retrieval "
+            "needs at least 2 to choose between (with one, every recall is 100%)"
+        )
     keep_text, caption_image = drop_unreadable_images(
         torch.tensor(data.caption_image), len(data.image_paths), image_index
     )

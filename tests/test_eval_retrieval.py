@@ -263,6 +263,35 @@ def test_a_karpathy_split_without_images_names_the_splits_the_file_has(tmp_path)
     with pytest.raises(ValueError, match=re.escape("no images in split 'test' (it lists no images)")):
         read_karpathy_json(tmp_path / "empty.json")
 
+def test_cocos_own_captions_file_is_read_as_one_split(tmp_path):
+    # captions_val2017.json was read as a Karpathy file with no splits; its hint, split '', then failed on the
+    # images' missing 'filename'
+    (tmp_path / "val2017").mkdir()
+    names = write_images(tmp_path / "val2017", 3)
+    images = [{"id": 39 + i, "file_name": name, "height": 4, "width": 4} for i, name in enumerate(names)]
+    annotations = [{"id": 1, "image_id": 41, "caption": " c one "}, {"id": 2, "image_id": 39, "caption": "a one"},
+                   {"id": 3, "image_id": 40, "caption": "b one"}, {"id": 4, "image_id": 39, "caption": "a two"}]
+    path = tmp_path / "captions_val2017.json"
+    path.write_text(json.dumps({"info": {}, "images": images, "annotations": annotations}))
+    for split in ("test", ""):
+        data = read_karpathy_json(path, tmp_path / "val2017", split=split)
+        assert [p.name for p in data.image_paths] == names  # the images' order, each with its captions in theirs
+        assert data.captions == ["a one", "a two", "b one", "c one"] and data.caption_image == [0, 0, 1, 2]
+    with pytest.raises(ValueError, match="holds one split, the one its name says, and has no split 'val' to select"):
+        read_karpathy_json(path, tmp_path / "val2017", split="val")
+    for broken, message in [
+        ({"images": images, "annotations": [*annotations, {"image_id": 7, "caption": "x"}]},
+         "annotation #4 names no listed image (image_id 7)"),
+        ({"images": images, "annotations": annotations[1:]}, "1 of its 3 images have no caption, e.g. ['img_2.png']"),
+        ({"images": images[:2] + [{"id": 41}], "annotations": annotations}, "image #2 needs an 'id' and a non-empty"),
+        ({"images": images + [images[0]], "annotations": annotations}, "image #3: id 39 is another image's too"),
+        ({"images": images, "annotations": [{"image_id": 39, "caption": " "}]}, "annotation #0 needs a non-empty"),
+    ]:
+        path.write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: {re.escape(message)}"):
+            read_karpathy_json(path, tmp_path / "val2017")
+
+
 def karpathy_entry(**fields) -> dict:
     return {"filename": "x.png", "split": "test", "sentences": [{"raw": "a red"}], **fields}
 

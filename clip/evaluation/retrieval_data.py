@@ -115,13 +115,21 @@ def _karpathy_captions(path: Path, number: int, sentences: Any) -> list[str]:
 
 
 def read_karpathy_json(path: str | Path, image_root: str | Path | None = None, split: str = "test") -> RetrievalData:
-    """Karpathy-style split file: {"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}]}]}.
-    Entries are numbered from 0 in errors ("image #3, sentence #1")."""
+    """Karpathy-style split file: {"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}]}]}, or
+    COCO's own captions file (`_coco_caption_pairs`), which is one split. Entries are numbered from 0 in errors
+    ("image #3, sentence #1")."""
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
     content = _read_json_file(path)
     if not isinstance(content, dict) or not isinstance(content.get("images"), list):
         raise ValueError(f"{path}: expected a JSON object with an 'images' list")
+    if isinstance(content.get("annotations"), list):
+        # COCO's own captions_val2017.json: it was read as a Karpathy file with no splits, whose hint (split '')
+        # then failed on the images' missing 'filename'
+        if split not in ("test", ""):
+            raise ValueError(f"{path}: a COCO captions file (images and annotations) holds one split, the one its "
+                             f"name says, and has no split {split!r} to select: leave split out")
+        return _grouped(_coco_caption_pairs(path, content), root, path)
     pairs = []
     images_per_split: Counter[str] = Counter()  # of every entry, to name the splits when `split` has none
     for number, entry in enumerate(content["images"]):
@@ -144,6 +152,36 @@ def read_karpathy_json(path: str | Path, image_root: str | Path | None = None, s
         held = f"images per split, {found}; split '' takes every image" if found else "it lists no images"
         raise ValueError(f"{path}: no images in split {split!r} ({held})")
     return _grouped(pairs, root, path)
+
+
+def _coco_caption_pairs(path: Path, content: dict) -> list[tuple[str, str]]:
+    """(file_name, stripped caption) pairs of COCO's captions format, {"images": [{"id", "file_name"}],
+    "annotations": [{"image_id", "caption"}]}, image by image in the file's order. As for a Karpathy file, an
+    image without captions, a caption of no listed image and a blank caption are errors naming them."""
+    file_names: dict[Any, str] = {}
+    for number, image in enumerate(content["images"]):
+        name = image.get("file_name") if isinstance(image, dict) else None
+        if not isinstance(name, str) or not name or not isinstance(image.get("id"), (int, str)):
+            raise ValueError(f"{path}: image #{number} needs an 'id' and a non-empty 'file_name' string (a COCO "
+                             f"captions file), got {image!r}")
+        if image["id"] in file_names:
+            raise ValueError(f"{path}: image #{number}: id {image['id']!r} is another image's too")
+        file_names[image["id"]] = name
+    captions: dict[Any, list[str]] = {image_id: [] for image_id in file_names}
+    for number, annotation in enumerate(content["annotations"]):
+        image_id = annotation.get("image_id") if isinstance(annotation, dict) else None
+        raw = annotation.get("caption") if isinstance(annotation, dict) else None
+        caption = raw.strip() if isinstance(raw, str) else ""
+        if not isinstance(image_id, (int, str)) or image_id not in captions:
+            raise ValueError(f"{path}: annotation #{number} names no listed image (image_id {image_id!r})")
+        if not caption or cleans_to_nothing(caption):
+            raise ValueError(f"{path}: annotation #{number} needs a non-empty 'caption' (also once cleaned as the "
+                             f"tokenizer cleans it), got {annotation!r}")
+        captions[image_id].append(_utf8_caption(caption, f"{path}: annotation #{number}"))
+    without = [file_names[image_id] for image_id, found in captions.items() if not found]
+    if without:
+        raise ValueError(f"{path}: {len(without)} of its {len(file_names)} images have no caption, e.g. {without[:3]}")
+    return [(file_names[image_id], caption) for image_id, found in captions.items() for caption in found]
 
 
 def _manifest_pair(

@@ -683,3 +683,10 @@ def test_annotations_that_do_not_exist_are_named_as_the_datasets(tmp_path, monke
         load_retrieval_data(RetrievalDatasetConfig(name="flickr", annotations=name))
     assert str(caught.value).startswith(f"retrieval dataset 'flickr': annotations {name} does not exist (a relative "
                                         f"path, read from the folder the command runs in, {tmp_path})")
+
+
+def test_annotations_that_are_a_folder_are_named_as_the_datasets(tmp_path):
+    # It was a bare "[Errno 21] Is a directory", naming neither the setting nor the dataset
+    with pytest.raises(ValueError, match=re.escape(
+            f"retrieval dataset 'coco': annotations {tmp_path} is a folder; give its Karpathy JSON or manifest file")):
+        load_retrieval_data(RetrievalDatasetConfig(name="coco", annotations=str(tmp_path)))

@@ -251,6 +251,9 @@ def load_retrieval_data(config: RetrievalDatasetConfig) -> RetrievalData:
         # dataset, in clip-train's one line as in clip-retrieval's
         raise FileNotFoundError(f"retrieval dataset {config.resolved_name()!r}: annotations {config.annotations} "
                                 f"does not exist{relative_path_note(config.annotations)}")
+    if Path(config.annotations).is_dir():  # it was a bare "[Errno 21] Is a directory"
+        raise ValueError(f"retrieval dataset {config.resolved_name()!r}: annotations {config.annotations} is a "
+                         "folder; give its Karpathy JSON or manifest file (the images' folder is image_root)")
     kind = annotations_format(config)
     if kind == "manifest" and config.split not in ("test", ""):  # not the default or "all"
         # Ignored, it evaluated every row of the manifest under the name of a split

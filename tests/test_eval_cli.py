@@ -195,6 +195,49 @@ def test_results_of_other_weights_are_kept_aside_and_those_of_the_same_weights_r
     assert "retrieval_results.json holds no results this command can read: kept as" in caplog.text
 
 
+def test_results_another_run_wrote_meanwhile_are_kept_aside_before_each_write(
+    tmp_path, tiny_checkpoint, monkeypatch, caplog
+):
+    # Several checkpoints evaluated in parallel with one config share its default folder: the folder was checked
+    # once, before the first dataset, and the run that finished last replaced the other's results
+    out = tmp_path / "out"
+    config = tmp_path / "eval.toml"
+    config.write_text(f'model = "{tiny_checkpoint}"\ndevice = "cpu"\nworkers = 0\n\n'
+                      '[[datasets]]\nkind = "synthetic"\nnum_samples = 4\nimage_size = 32\n')
+    evaluate = zeroshot_cli.evaluate_zeroshot
+
+    def another_run_writes_meanwhile(*args, **kwargs):
+        (out / "results.json").write_text(json.dumps({"weights": {"path": "other.pt"}, "results": {}}))
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(zeroshot_cli, "evaluate_zeroshot", another_run_writes_meanwhile)
+    with caplog.at_level(logging.INFO):
+        assert zeroshot_cli.main([str(config), "--output-dir", str(out)]) == 0
+    (kept,) = out.glob("results_kept_*.json")
+    assert json.loads(kept.read_text())["weights"] == {"path": "other.pt"}
+    assert json.loads((out / "results.json").read_text())["weights"]["path"] == str(tiny_checkpoint.resolve())
+
+
+def test_retrieval_results_of_another_dataset_are_kept_aside(tmp_path, tiny_checkpoint, caplog):
+    # Two annotation files of one name (dataset.json in two folders) share a default folder; results of the same
+    # weights were replaced whatever dataset they were of
+    out = tmp_path / "out"
+    for folder in ("a", "b"):
+        names = [f"{i}.png" for i in range(3)]
+        for i, name in enumerate(names):
+            (tmp_path / folder).mkdir(exist_ok=True)
+            Image.new("RGB", (8, 8), (80 * i, 0, 0)).save(tmp_path / folder / name)
+        (tmp_path / folder / "pairs.csv").write_text(
+            "image,caption\n" + "".join(f"{name},item {i}\n" for i, name in enumerate(names)))
+        with caplog.at_level(logging.INFO):
+            assert retrieval_cli.main(["--model", str(tiny_checkpoint), "--device", "cpu", "--workers", "0",
+                                       "--annotations", str(tmp_path / folder / "pairs.csv"),
+                                       "--output-dir", str(out)]) == 0
+    (kept,) = out.glob("retrieval_results_kept_*.json")
+    assert json.loads(kept.read_text())["dataset"]["annotations"] == str(tmp_path / "a" / "pairs.csv")
+    assert "holds the results of another dataset (its 'dataset' record differs): kept as" in caplog.text
+
+
 def test_results_json_records_what_a_reproduction_needs(tmp_path, tiny_checkpoint, datasets):
     # results.json kept the model and the accuracies, but not which templates (the paper's 18? the built-in 14?),
     # whose class names, which images (a max_samples subset?) nor the precision: two runs could not be compared
@@ -1058,17 +1101,25 @@ def test_each_dataset_gets_its_own_default_output_folder(tmp_path, tiny_checkpoi
                       .read_text())["dataset"]["split"] == ""
     assert json.loads((tmp_path / "retrieval_results" / "dataset_flickr30k" / "retrieval_results.json")
                       .read_text())["dataset"]["split"] == "test"
-    for name in ("pets", "flowers"):
-        write_colour_folder(tmp_path / name / "train", {"a_red": 5, "c_blue": 5}, seed=0)
-        write_colour_folder(tmp_path / name / "test", {"a_red": 2, "c_blue": 2}, seed=1)
+    # Two image folders of one name ("images") too: named after the folder alone, the second replaced the first's
+    # results and features
+    roots = [tmp_path / "pets", tmp_path / "flowers", tmp_path / "a" / "images", tmp_path / "b" / "images"]
+    for root in roots:
+        write_colour_folder(root / "train", {"a_red": 5, "c_blue": 5}, seed=0)
+        write_colour_folder(root / "test", {"a_red": 2, "c_blue": 2}, seed=1)
     probe_options = ["--model", str(tiny_checkpoint), "--device", "cpu", "--workers", "0", "--max-iter", "20"]
-    for dataset in (["--dataset", "imagefolder", "--root", str(tmp_path / "pets")],
-                    ["--dataset", "imagefolder", "--root", str(tmp_path / "flowers") + "/"],
-                    ["--dataset", "synthetic", "--num-samples", "12", "--image-size", "32"]):
+    for dataset in ([["--dataset", "imagefolder", "--root", str(root)] for root in roots]
+                    + [["--dataset", "imagefolder", "--root", str(tmp_path / "flowers") + "/"],
+                       ["--dataset", "synthetic", "--num-samples", "12", "--image-size", "32"]]):
         assert linear_probe_cli.main([*probe_options, *dataset]) == 0
-    for name in ("pets", "flowers", "synthetic"):
+    folders = sorted(path.name for path in (tmp_path / "linear_probe_results").iterdir())
+    assert len(folders) == 5 and "synthetic" in folders  # flowers/ is flowers
+    for root in [*roots, None]:
+        name = "synthetic" if root is None else \
+            f"{root.name}-{hashlib.sha256(os.fsencode(root.resolve())).hexdigest()[:8]}"
+        assert name in folders
         result = json.loads((tmp_path / "linear_probe_results" / name / "linear_probe_results.json").read_text())
-        assert result["data"]["root"] in (str(tmp_path / name), str(tmp_path / name) + "/", None)
+        assert result["data"]["root"] in (None if root is None else str(root), str(root) + "/")
         assert (tmp_path / "linear_probe_results" / name / "features" / "train.pt").is_file()
 
 

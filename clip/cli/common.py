@@ -229,13 +229,17 @@ def writable_output_dir(path: Path) -> Path:
 _KEPT_NAME = re.compile(r"_kept_\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d(_\d+)?$")
 
 
-def keep_results_of_other_weights(path: Path, source: WeightsSource, companions: str = "") -> None:
+def keep_results_of_other_weights(
+    path: Path, source: WeightsSource, companions: str = "", inputs: tuple[str, Any] | None = None
+) -> None:
     """Moves a results file that `path` holds aside when it was written for other weights (its "weights" record,
     `WeightsSource.to_dict`, differs) or cannot be read as one, to `STEM_kept_TIME.json` (TIME: its last change),
     with a log line; results of the same weights are replaced, as a rerun of the same evaluation. The files
     beside it that match the glob `companions` (clip-zeroshot's confusion PNGs) go with it, as NAME_kept_TIME.
-    Called once before an evaluation's first write: the default output folders are named after the config or
-    dataset, not the model, so evaluating a second checkpoint replaced the first one's results without a word."""
+    `inputs`, (FIELD, RECORD), moves aside the results of another dataset as well, those whose FIELD is not
+    RECORD: two image folders both named "images" share a default output folder. Called before an evaluation
+    writes: the default output folders are named after the config or dataset, not the model, so evaluating a
+    second checkpoint replaced the first one's results without a word."""
     import json
     import time
 
@@ -245,15 +249,20 @@ def keep_results_of_other_weights(path: Path, source: WeightsSource, companions:
         return
     except (OSError, ValueError):  # not a results file this command could read: not to be replaced either
         written = None
-    if isinstance(written, dict) and written.get("weights") == json.loads(json.dumps(source.to_dict())):
+    same_weights = isinstance(written, dict) and written.get("weights") == json.loads(json.dumps(source.to_dict()))
+    field, record = inputs if inputs is not None else (None, None)
+    same_inputs = field is None or (isinstance(written, dict) and written.get(field) == json.loads(json.dumps(record)))
+    if same_weights and same_inputs:
         return
     # Said as what it is: an earlier version's results record no weights, and were said to be "other weights'"
     if not isinstance(written, dict):
         holds = "holds no results this command can read"
     elif "weights" not in written:
         holds = "holds results that do not name their weights (an earlier version's)"
-    else:
+    elif not same_weights:
         holds = "holds the results of other weights"
+    else:
+        holds = f"holds the results of another dataset (its {field!r} record differs)"
     stamp = time.strftime("%Y-%m-%dT%H-%M-%S", time.localtime(path.stat().st_mtime))
     number, suffix = 1, f"_kept_{stamp}"
     while path.with_name(f"{path.stem}{suffix}{path.suffix}").exists():

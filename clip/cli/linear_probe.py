@@ -16,7 +16,9 @@ an interrupted or failed sweep, or another --metric, does not extract them again
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -241,9 +243,13 @@ def split_features(
 
 def default_output_dir(base: ZeroShotDatasetConfig) -> Path:
     """A folder of the dataset's own: in one folder for all, probing a second dataset replaced the first one's
-    results and kept features (hours of extraction for a large one)."""
-    name = Path(base.root).resolve().name if base.kind == "imagefolder" else base.kind
-    return Path("linear_probe_results") / (name or base.kind)
+    results and kept features (hours of extraction for a large one). An image folder's is its name with the
+    start of its path's SHA-256: named alone, two roots of one name (data/a/images, data/b/images) shared it."""
+    if base.kind != "imagefolder":
+        return Path("linear_probe_results") / base.kind
+    root = Path(base.root).resolve()
+    path_digest = hashlib.sha256(os.fsencode(root)).hexdigest()[:8]
+    return Path("linear_probe_results") / f"{root.name or base.kind}-{path_digest}"
 
 
 def data_record(args: argparse.Namespace, base: ZeroShotDatasetConfig, classnames: list[str]) -> dict[str, Any]:
@@ -334,7 +340,8 @@ def probe(args: argparse.Namespace) -> int:
     )
     if any(skipped.values()):
         print(f"unreadable images skipped: {', '.join(f'{role} {count}' for role, count in skipped.items())}")
-    keep_results_of_other_weights(output_dir / "linear_probe_results.json", source)
+    keep_results_of_other_weights(output_dir / "linear_probe_results.json", source,
+                                  inputs=("data", data_record(args, base, classnames)))
     path = write_json(
         output_dir / "linear_probe_results.json",
         {"model": args.model, "weights": source.to_dict(), "dataset": args.dataset,

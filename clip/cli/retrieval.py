@@ -153,7 +153,8 @@ def evaluate(args: argparse.Namespace) -> int:
         print(f"{name} {key}: {100 * value:.2f}")
     if result.num_skipped:
         print(f"{name}: {result.num_skipped} unreadable image(s) skipped, with their captions")
-    keep_results_of_other_weights(output_dir / "retrieval_results.json", source)
+    keep_results_of_other_weights(output_dir / "retrieval_results.json", source,
+                                  inputs=("dataset", dataset_record(dataset)))
     path = write_json(
         output_dir / "retrieval_results.json",
         {"model": args.model, "weights": source.to_dict(), "dataset": dataset_record(dataset),

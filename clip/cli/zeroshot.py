@@ -176,6 +176,9 @@ def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:
             "metrics": {r.name: r.metrics() for r in results},
             "results": {r.name: r.to_dict() for r in results},
         }
+        # Checked again before each write: another run evaluating other weights into the same folder (several
+        # checkpoints in parallel with one config) may have written its results since, which this write replaced
+        keep_results_of_other_weights(output_dir / "results.json", source, companions="confusion_*.png")
         path = write_json(output_dir / "results.json", summary)
         if config.confusion_png:
             save_confusion_png(result, output_dir / confusion_png_name(name))

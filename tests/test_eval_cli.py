@@ -831,6 +831,21 @@ def test_a_dataset_of_one_class_is_a_one_line_error_before_the_model_loads(tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_class_folders_named_alike_in_two_unicode_forms_are_refused(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    # A split copied from macOS names "café" decomposed: the two spellings were two classes, the test images of
+    # one never predicted (accuracy halved on separable data), said only as "no training images"
+    monkeypatch.setattr(linear_probe_cli, "load_model", lambda *args: pytest.fail("loaded before the check"))
+    for split, name in (("train", "caf\u00e9"), ("test", "cafe\u0301")):
+        write_colour_folder(tmp_path / "data" / split, {"a_red": 2, "c_blue": 2}, seed=0)
+        (tmp_path / "data" / split / "c_blue").rename(tmp_path / "data" / split / name)
+    argv = probe_argv(tiny_checkpoint, tmp_path / "out", "--dataset", "imagefolder", "--root", str(tmp_path / "data"))
+    assert linear_probe_cli.main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"clip-linear-probe: --root {tmp_path / 'data'}: the splits' class folders 'cafe\\u0301' and 'caf\\xe9' "
+        "are one name written in two Unicode forms (composed and decomposed accents); rename them alike\n"
+    )
+
+
 def test_linear_probe_lists_its_data_before_loading_the_model(tmp_path, monkeypatch, capsys):
     # A released name is a download: a missing CIFAR folder must fail first.
     def refuse_to_load(*args):

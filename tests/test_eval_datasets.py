@@ -284,6 +284,13 @@ def test_a_class_count_one_off_names_the_folders_at_either_end(tmp_path):
     (tmp_path / "imagenet" / "classnames.txt").rename(tmp_path / "imagenet" / "val" / "classnames.txt")
     with pytest.raises(ValueError, match=rf"5 class names for 6 class folders in {tmp_path}/imagenet/val \({ends}\)$"):
         load_classification_data(config, None)
+    # Folders of the splits together (the linear probe's), one of them only another split's: "class folders in
+    # ROOT" named a folder that is not there
+    (tmp_path / "pets" / "classnames.txt").write_text("cat\ndog\n")
+    with pytest.raises(ValueError, match=rf"2 class names for 3 class folders of the splits together, "
+                                         rf"{tmp_path}/pets holding 2 of them; the others are another split's, whose "
+                                         r"classes need names too \(cat, dog, owl\)$"):
+        ImageFolderDataset(tmp_path / "pets", class_folders=["cat", "dog", "owl"])
 
 
 def test_images_outside_class_folders_say_how_to_sort_them(tmp_path):

@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import logging
 import os
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,16 @@ def shared_class_folders(base: ZeroShotDatasetConfig, splits: dict[str, str]) ->
     folders: set[str] = set()
     for split in splits.values():
         folders.update(list_class_folders(split_folder(base.root, split)))
+    by_form: dict[str, list[str]] = {}
+    for folder in sorted(folders):
+        by_form.setdefault(unicodedata.normalize("NFC", folder), []).append(folder)
+    alike = [names for names in by_form.values() if len(names) > 1]
+    if alike:
+        # A split copied from macOS writes "café" decomposed: the two spellings were two classes, the test
+        # images of one never predicted, with no word but "no training images"
+        pairs = ", ".join(" and ".join(map(ascii, names)) for names in alike)
+        raise ValueError(f"--root {base.root}: the splits' class folders {pairs} are one name written in two Unicode "
+                         "forms (composed and decomposed accents); rename them alike")
     return sorted(folders)
 
 

@@ -178,6 +178,8 @@ class ImageFolderDataset(Dataset):
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}{relative_path_note(str(self.root))}")
         present = list_class_folders(self.root)
+        # (a union over splits: a class folder of another split counts, and is named as one)
+        given_folders = class_folders is not None and list(class_folders) != present
         if class_folders is None:
             class_folders = present
         unlisted = sorted(set(present) - set(class_folders))
@@ -203,8 +205,11 @@ class ImageFolderDataset(Dataset):
             classnames = classnames_from_folders(self.class_folders, warn)
         classnames = one_name_each(classnames, names_file)
         if len(classnames) != len(self.class_folders):
+            where = f"in {self.root}" if not given_folders else (
+                f"of the splits together, {self.root} holding {len(present)} of them; the others are another "
+                "split's, whose classes need names too")
             raise ValueError(
-                f"{len(classnames)} class names for {len(self.class_folders)} class folders in {self.root} "
+                f"{len(classnames)} class names for {len(self.class_folders)} class folders {where} "
                 f"({ends_of(self.class_folders)})"
             )
         self.classes = classnames

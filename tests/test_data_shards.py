@@ -143,6 +143,61 @@ def test_a_size_index_that_cannot_be_read_is_not_called_malformed(tmp_path: Path
     assert shard_sizes(expand_shard_pattern(pattern), num_samples=8).tolist() == [4, 4]  # num_samples wins
 
 
+def test_a_remote_size_index_that_cannot_be_read_says_why(tmp_path: Path, monkeypatch) -> None:
+    # An unreachable object store (botocore's EndpointConnectionError, no OSError) ended the start in a 190-line
+    # traceback; a sizes.json there but forbidden, or not JSON, was taken for none: "write a sizes.json beside the
+    # shards". curl's HTTP errors (status 22, a 404's among them) still count as no file.
+    fsspec = pytest.importorskip("fsspec")
+    import clip.data.shards as shards_module
+    from clip.data.pipe_command import PipeCommandFailed
+
+    write_shards(tmp_path, 8, 4)
+    memory = fsspec.filesystem("memory")
+    for path in tmp_path.iterdir():
+        memory.pipe(f"/remote/{path.name}", path.read_bytes())
+    urls = expand_shard_pattern("memory://remote/s-{000000..000001}.tar")
+    assert shard_sizes(urls).tolist() == [4, 4]
+    real_open_url = shards_module.open_url
+
+    class EndpointConnectionError(Exception):  # as botocore's: not an OSError
+        pass
+
+    for failure, said in [
+        (EndpointConnectionError('Could not connect to the endpoint URL: "http://127.0.0.1:5999/b"'),
+         re.escape('(EndpointConnectionError: Could not connect to the endpoint URL: "http://127.0.0.1:5999/b")')),
+        (PermissionError(13, "Forbidden"), r"\(PermissionError: \[Errno 13\] Forbidden\)"),
+        (PipeCommandFailed("curl reading ... exited with status 7", 7), r"\(curl reading ... exited with status 7\)"),
+    ]:
+        def failing(url, failure=failure):
+            if url.endswith("sizes.json"):
+                raise failure
+            return real_open_url(url)
+
+        monkeypatch.setattr(shards_module, "open_url", failing)
+        with pytest.raises(ValueError, match=r"^the shard size index memory://remote/sizes.json cannot be read " + said):
+            shard_sizes(urls)
+        assert shard_sizes(urls, num_samples=8).tolist() == [4, 4]  # num_samples wins, as for a local index
+        with pytest.raises(FileNotFoundError, match=r"^cannot read the shard size index memory://remote/sizes.json "
+                                                    + said):
+            shard_sizes(urls, size_index="memory://remote/sizes.json")
+    monkeypatch.setattr(shards_module, "open_url", real_open_url)
+    memory.pipe("/remote/sizes.json", b"<html>Forbidden</html>")
+    with pytest.raises(ValueError, match=r"^the shard size index memory://remote/sizes.json cannot be read \(not JSON"):
+        shard_sizes(urls)
+    memory.rm("/remote/sizes.json")
+
+    def http_error(url):
+        if url.endswith("sizes.json"):
+            raise PipeCommandFailed("curl reading ... exited with status 22", 22)
+        return real_open_url(url)
+
+    monkeypatch.setattr(shards_module, "open_url", http_error)
+    with pytest.raises(ValueError, match="no sample count") as caught:  # as a missing one
+        shard_sizes(urls)
+    assert "cannot be read" not in str(caught.value)
+    assert shard_sizes(urls, num_samples=8).tolist() == [4, 4]
+
+
 def test_a_shard_that_cannot_be_opened_is_not_called_damaged(tmp_path: Path, monkeypatch) -> None:
     # A permission or an I/O error read "not a readable tar file ...: rewrite or remove it", of a good shard
     import clip.data.shards as shards_module

@@ -40,7 +40,12 @@ _ending = threading.Lock()
 
 
 class PipeCommandFailed(OSError):
-    """The command exited with an error status after writing its output: the shard may be cut short."""
+    """The command exited with an error status after writing its output: the shard may be cut short. `status`:
+    its exit status (negative: the signal that ended it)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class PipeCommand:
@@ -113,7 +118,7 @@ class PipeCommand:
             meaning = f" ({self.status_meanings[status]})" if status in self.status_meanings else ""
             what = f"the pipe: command {self.command!r}" if self.reading is None else \
                 f"{self.command.split()[0]} reading {self.reading}"
-            raise PipeCommandFailed(f"{what} {how}{meaning} after its output ended")
+            raise PipeCommandFailed(f"{what} {how}{meaning} after its output ended", status)
 
     def abandon(self) -> None:
         """Close, ending the command at once: the rest of its output is not needed. Also after a close() that a

@@ -33,7 +33,7 @@ import numpy as np
 from ..config_io import relative_path_note
 from ..dependencies import MissingDependency
 from .config import SourceConfig
-from .pipe_command import PipeCommand
+from .pipe_command import PipeCommand, PipeCommandFailed
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,7 @@ def _remote_reader(url: str) -> str | ImportError:
 # transient (timeouts, HTTP 408, 429 and 5xx), seconds apart; a host that does not answer given 30 s
 CURL_OPTIONS = "--fail --silent --show-error --location --globoff --connect-timeout 30 --retry 3 --retry-delay 2"
 # What curl's exit statuses say, with a shard's read error (its own line on the standard error says more)
+CURL_HTTP_ERROR = 22  # --fail's status for any HTTP error status
 CURL_STATUSES = {
     6: "the host name did not resolve", 7: "no connection to the server", 18: "the transfer ended early",
     22: "the server answered with an HTTP error status, 404 for a missing shard", 28: "the transfer timed out",
@@ -198,21 +199,43 @@ def _shard_folder(url: str) -> str | None:
     return posixpath.dirname(url.replace("\\", "/") if _is_local(url) else url)
 
 
-def _read_json(url: str) -> Any | None:
+def _fetch_json(url: str) -> tuple[Any, str | None]:
+    """A remote JSON file's (content, None); (None, None) where there is no such file; (None, why) where one may
+    be there but cannot be read or is not JSON. curl's HTTP errors count as no file (its status, 22, is every
+    HTTP error's: a 404 among them). Anything an object store's client raises is a reason (botocore's
+    EndpointConnectionError, no OSError, ended the start in a traceback), and a reason is said: an index that
+    is there but forbidden was taken for a missing one ("write a sizes.json beside the shards")."""
     try:
         with open_url(url) as stream:
-            return json.loads(stream.read())
-    except (OSError, ValueError, RuntimeError):  # missing file, bad JSON, a failed pipe/curl
-        return None
+            data = stream.read()
+    except MissingDependency:
+        raise
+    except FileNotFoundError:
+        return None, None
+    except PipeCommandFailed as error:
+        return (None, None) if error.status == CURL_HTTP_ERROR else (None, str(error))
+    except Exception as error:  # each store's client has errors of its own
+        return None, f"{type(error).__name__}: {error}"
+    try:
+        return json.loads(data), None
+    except ValueError as error:  # also bytes that are not UTF-8 text
+        return None, f"not JSON: {error}"
+
+
+def _read_json(url: str) -> Any | None:
+    """A JSON file's content, None where it cannot be had (for files that are optional: img2dataset's stats)."""
+    return _fetch_json(url)[0]
 
 
 def _read_size_index(url: str) -> dict | None:
     """A sizes.json's {shard: count}; None when there is none. One that exists but is no such JSON object is an
     error: ignored, it left every shard to be counted by reading it, or the source unusable, without a word."""
     if not _is_local(url):
-        index = _read_json(url)
+        index, problem = _fetch_json(url)
+        if problem is not None:
+            raise ValueError(f"the shard size index {url} cannot be read ({problem})")
         if index is None:
-            return None  # a remote index that cannot be fetched: as if there were none
+            return None  # no remote index: as if there were none
     elif not Path(url).is_file():
         return None
     else:
@@ -252,9 +275,10 @@ class _SizeIndexes:
         self.by_folder: dict[str, Any] = {}
         self.given: Any = None  # the size_index file's contents, when one is given
         if size_index:
-            self.given = _read_json(size_index)
+            self.given, problem = _fetch_json(size_index)
             if self.given is None:
-                raise FileNotFoundError(f"cannot read the shard size index {size_index}")
+                raise FileNotFoundError(f"cannot read the shard size index {size_index}"
+                                        + (f" ({problem})" if problem else ""))
 
     def location(self, url: str) -> str | None:
         if self.size_index:

@@ -42,6 +42,7 @@ from ..stopping import (
     STOP_SIGNALS, STOPPED_AT_ONCE_EXIT_CODE, STOPPED_EARLY_EXIT_CODE, SetupInterrupted, StoppedAtOnce, StopRequest,
 )
 from ..train import NonFiniteLossError, train
+from ..url_passwords import URL_PASSWORDS_HIDDEN, hide_url_passwords
 from ..weights_file import WeightsFileError
 from .common import debugging, warnings_as_log_lines
 
@@ -262,6 +263,7 @@ class RunDirectoryLog(logging.Handler):
 def keep_log_in(run_dir: Path) -> RunDirectoryLog:
     """A RunDirectoryLog for `run_dir`, added to the root logger (its `open` is for `train`)."""
     handler = RunDirectoryLog(run_dir)
+    handler.addFilter(URL_PASSWORDS_HIDDEN)
     logging.getLogger().addHandler(handler)
     return handler
 
@@ -325,11 +327,13 @@ def parse_and_run(argv: list[str] | None, run_took_over: Callable[..., None]) ->
         if rank_zero or not os.access(args.config, os.R_OK):
             if debugging():
                 traceback.print_exc()
-            print(f"{program_name(launcher)}: {error}", file=sys.stderr)
+            print(f"{program_name(launcher)}: {hide_url_passwords(str(error))}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=logging.INFO if rank_zero else logging.WARNING, format=log_format(launcher), datefmt="%H:%M:%S"
     )
+    for console in logging.getLogger().handlers:
+        console.addFilter(URL_PASSWORDS_HIDDEN)
     log_file = keep_log_in(Path(config.output_dir)) if rank_zero else None
     try:
         with warnings_as_log_lines():  # in train.log too
@@ -459,7 +463,7 @@ def run(
         if debugging():
             traceback.print_exception(error.__cause__ or error)
         message = error.without_traceback() if isinstance(error, UnusableData) else str(error)
-        print(f"{program_name(launcher)}: {message}", file=sys.stderr)
+        print(f"{program_name(launcher)}: {hide_url_passwords(message)}", file=sys.stderr)
         note_in_run_log(log_file, message)
         return 2
     except (

@@ -1,0 +1,38 @@
+"""A password written into a shard URL (http://user:password@host/...) is hidden from the console and train.log."""
+
+from __future__ import annotations
+
+from test_train_loop import DEMO, TINY
+
+import clip.data.shards as shards
+from clip.cli.train import main
+from clip.url_passwords import hide_url_passwords
+
+
+def test_the_password_of_every_url_in_a_text_is_hidden_and_nothing_else() -> None:
+    said = ("shard https://alice:S3cr%40t@h.example:8443/cc-000001.tar (curl reading https://alice:S3cr%40t@h.example"
+            ":8443/cc-000001.tar exited); 'simplecache::s3://bob:pw@bucket/x.tar'")
+    assert hide_url_passwords(said) == (
+        "shard https://alice:***@h.example:8443/cc-000001.tar (curl reading https://alice:***@h.example:8443/"
+        "cc-000001.tar exited); 'simplecache::s3://bob:***@bucket/x.tar'")
+    for kept in ("http://host:8080/a@b.tar", "http://alice@host/x.tar", "http://[::1]:80/x.tar", "a:b@c", "s3://b/x"):
+        assert hide_url_passwords(kept) == kept
+
+
+def test_a_shard_urls_password_reaches_neither_the_console_nor_train_log(tmp_path, monkeypatch, capsys) -> None:
+    # Every unreadable shard was named in a warning with its URL whole, and the run's last line too
+    url = "http://alice:Secret@127.0.0.1:9/s-{000000..000001}.tar"
+
+    def unreachable(address):
+        raise OSError(f"cannot connect to reach {address}")
+
+    monkeypatch.setattr(shards, "open_url", unreachable)
+    monkeypatch.setattr(shards, "require_shard_readers", lambda sources: None)
+    run_dir = tmp_path / "run"
+    status = main([str(DEMO), "--output-dir", str(run_dir), *TINY, "eval.every_n_steps=0", "data.workers=0",
+                   "data.sources.0.kind=shards", f"data.sources.0.path={url}", "data.sources.0.num_samples=64"])
+    assert status == 2
+    err = capsys.readouterr().err
+    logged = (run_dir / "train.log").read_text()
+    assert "alice:***@127.0.0.1:9/s-000000.tar" in err and "alice:***@127.0.0.1:9/s-000000.tar" in logged
+    assert "Secret" not in err and "Secret" not in logged

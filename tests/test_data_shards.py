@@ -27,6 +27,9 @@ def test_brace_patterns_and_shard_names() -> None:
     with pytest.raises(ValueError, match="ends with the fsspec protocol"):
         expand_shard_pattern("d/y.tar::simplecache")
     assert expand_shard_pattern("first.tar::second.tar") == ["first.tar", "second.tar"]  # file names, not protocols
+    # An IPv6 address's '::' is the address's (the URL was cut in two, and the run ended in urllib's traceback)
+    assert expand_shard_pattern("http://[::1]:8000/s-{0..1}.tar::http://[fe80::2]/t[1].tar::u.tar") == [
+        "http://[::1]:8000/s-0.tar", "http://[::1]:8000/s-1.tar", "http://[fe80::2]/t[1].tar", "u.tar"]
     assert shard_name("/data/x-00.tar") == "x-00.tar"
     assert shard_name("s3://bucket/dir/x-00.tar") == "x-00.tar"
     assert shard_name("pipe:aws s3 cp s3://bucket/x-07.tar -") == "x-07.tar"

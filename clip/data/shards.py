@@ -67,7 +67,8 @@ def _pattern_parts(pattern: str) -> list[str]:
     a part that is only the name of an fsspec protocol belongs to the part after it."""
     parts, prefix = [], ""
     protocols = _fsspec_protocols() if "::" in pattern else set()
-    for part in (piece.strip() for piece in pattern.split("::")):
+    # Not a '::' inside brackets: an IPv6 address's ('http://[::1]:8000/x.tar' was cut into 'http://[' and '1]...')
+    for part in (piece.strip() for piece in re.split(r"::(?![^\[]*\])", pattern)):
         if part in protocols:
             prefix += part + "::"
         elif part:

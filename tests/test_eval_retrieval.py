@@ -263,6 +263,20 @@ def test_a_karpathy_split_without_images_names_the_splits_the_file_has(tmp_path)
     with pytest.raises(ValueError, match=re.escape("no images in split 'test' (it lists no images)")):
         read_karpathy_json(tmp_path / "empty.json")
 
+def test_an_image_listed_in_two_karpathy_entries_is_warned_of(tmp_path, caplog):
+    # Its captions were joined, counted twice in text->image recall, without a word
+    names = write_images(tmp_path, 2)
+    entries = [{"filename": names[0], "split": "test", "sentences": [{"raw": "a red"}]},
+               {"filename": names[1], "split": "test", "sentences": [{"raw": "b"}]},
+               {"filename": names[0], "filepath": ".", "split": "test", "sentences": [{"raw": "a red again"}]}]
+    (tmp_path / "dataset.json").write_text(json.dumps({"images": entries}))
+    with caplog.at_level("WARNING", logger="clip.evaluation.retrieval_data"):
+        data = read_karpathy_json(tmp_path / "dataset.json")
+    assert data.captions == ["a red", "b", "a red again"] and data.caption_image == [0, 1, 0]
+    assert f"dataset.json: 1 image(s) listed in more than one entry, each evaluated once with the captions of all " \
+        f"its entries, e.g. ['{names[0]}']" in caplog.text
+
+
 def test_cocos_own_captions_file_is_read_as_one_split(tmp_path):
     # captions_val2017.json was read as a Karpathy file with no splits; its hint, split '', then failed on the
     # images' missing 'filename'

@@ -63,7 +63,7 @@ def check_evaluation_datasets(eval_config: EvalConfig, warn: bool = True) -> Non
         refuse_wordnet_ids_as_classnames(dataset.resolved_name(), data.classnames)
         _require_a_readable_image(lambda index: data.dataset[index], len(data.dataset), dataset.resolved_name())
     for dataset in eval_config.retrieval:
-        data = load_retrieval_data(dataset)
+        data = load_retrieval_data(dataset, warn=warn)
         paths = data.image_paths
         _require_a_readable_image(lambda index: read_image(paths[index]), len(paths), dataset.resolved_name())
         if warn and dataset.ties == "pessimistic":
@@ -176,7 +176,7 @@ def run_evaluations(
                 stop_check()
             started = time.perf_counter()
             name = dataset_config.resolved_name()
-            data = load_retrieval_data(dataset_config)
+            data = load_retrieval_data(dataset_config, warn=warn_about_data and rank == 0)  # as for zero-shot
             try:
                 result = evaluate_retrieval(
                     model,

@@ -114,10 +114,13 @@ def _karpathy_captions(path: Path, number: int, sentences: Any) -> list[str]:
     return captions
 
 
-def read_karpathy_json(path: str | Path, image_root: str | Path | None = None, split: str = "test") -> RetrievalData:
+def read_karpathy_json(
+    path: str | Path, image_root: str | Path | None = None, split: str = "test", warn: bool = True
+) -> RetrievalData:
     """Karpathy-style split file: {"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}]}]}, or
     COCO's own captions file (`_coco_caption_pairs`), which is one split. Entries are numbered from 0 in errors
-    ("image #3, sentence #1")."""
+    ("image #3, sentence #1"). `warn`: about an image listed in several entries (the trainer's evaluations say
+    it once, before training)."""
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
     content = _read_json_file(path)
@@ -132,6 +135,7 @@ def read_karpathy_json(path: str | Path, image_root: str | Path | None = None, s
         return _grouped(_coco_caption_pairs(path, content), root, path)
     pairs = []
     images_per_split: Counter[str] = Counter()  # of every entry, to name the splits when `split` has none
+    entries_of: Counter[str] = Counter()  # of the split's images
     for number, entry in enumerate(content["images"]):
         if not isinstance(entry, dict):
             raise ValueError(f"{path}: image #{number} must be a JSON object, got {entry!r}")
@@ -145,7 +149,13 @@ def read_karpathy_json(path: str | Path, image_root: str | Path | None = None, s
                 f"string), got filename {filename!r}, filepath {filepath!r}"
             )
         image = str(Path(filepath) / filename)
+        entries_of[os.path.normpath(image)] += 1
         pairs.extend((image, caption) for caption in _karpathy_captions(path, number, entry.get("sentences")))
+    repeated = sorted(image for image, count in entries_of.items() if count > 1)
+    if repeated and warn:
+        # One image with the captions of every entry: its captions counted twice in text->image recall, unsaid
+        logger.warning("%s: %d image(s) listed in more than one entry, each evaluated once with the captions of "
+                       "all its entries, e.g. %s", path, len(repeated), repeated[:3])
     if not pairs:
         # "no images in split 'test'" alone left the user to open a large file to learn which splits it has
         found = "; ".join(f"{name}: {count}" for name, count in sorted(images_per_split.items()))
@@ -243,7 +253,7 @@ def annotations_format(config: RetrievalDatasetConfig) -> Literal["karpathy", "m
     return "manifest" if Path(config.annotations).suffix.lower() in MANIFEST_SUFFIXES else "karpathy"
 
 
-def load_retrieval_data(config: RetrievalDatasetConfig) -> RetrievalData:
+def load_retrieval_data(config: RetrievalDatasetConfig, warn: bool = True) -> RetrievalData:
     if not config.annotations:
         raise ValueError("a retrieval dataset needs `annotations`")
     if not Path(config.annotations).exists():
@@ -262,7 +272,7 @@ def load_retrieval_data(config: RetrievalDatasetConfig) -> RetrievalData:
             "manifest, whose rows are all evaluated; a split selects images of a Karpathy JSON file"
         )
     if kind == "karpathy":
-        data = read_karpathy_json(config.annotations, config.image_root or None, config.split)
+        data = read_karpathy_json(config.annotations, config.image_root or None, config.split, warn)
     else:
         data = read_caption_manifest(
             config.annotations, config.image_root or None, config.image_column, config.caption_column, config.quoting

@@ -546,3 +546,20 @@ def test_a_class_without_training_examples_is_never_predicted_and_leaves_the_swe
     _, sweep = select_l2((features[seen], labels[seen]), val, 4, coarse_points=3, refine_steps=0, max_iter=300)
     assert all(math.isfinite(point.val_loss) and point.converged for point in sweep)
     assert all(point.val_accuracy <= 0.75 for point in sweep)  # class 2's images are all missed
+
+
+def test_a_validation_split_that_scores_every_strength_alike_is_said_not_to_choose(caplog):
+    # One image per class: the validation images' classes had no training image, every strength scored 0% with
+    # no loss to break the tie, and the sweep's first strength was reported as chosen
+    features, labels = gaussian_classes(1, 0)
+    val = gaussian_classes(1, 1)
+    with caplog.at_level("WARNING", logger="clip.evaluation.linear_probe"):
+        result = run_linear_probe((features[:2], labels[:2]), val, 4, val=(val[0][2:], val[1][2:]), max_iter=50)
+    assert result.l2 == 1e-6
+    assert "the validation split scored every L2 strength alike (accuracy 0.0000, loss 0): l2 = 1e-06 is not " \
+        "chosen by it" in caplog.text
+    caplog.clear()
+    features, labels = gaussian_classes(20, 0)  # one that chooses: no such warning
+    with caplog.at_level("WARNING", logger="clip.evaluation.linear_probe"):
+        run_linear_probe((features, labels), gaussian_classes(5, 1), 4, max_iter=50)
+    assert "alike" not in caplog.text

@@ -415,6 +415,14 @@ def run_linear_probe(
         **sweep_options,
     )
     chosen = next(point for point in sweep if point.l2 == l2)
+    if len({point.key(metric) for point in sweep}) == 1:
+        # Every strength scored alike (validation images of classes with no training image, or too few to differ):
+        # the sweep's first strength was taken, as if chosen
+        logger.warning(
+            "the validation split scored every L2 strength alike (%s %.4f, loss %.4g): l2 = %.3g is not chosen by "
+            "it. A validation split whose classes all have training images, and more of them, lets it choose",
+            metric, getattr(chosen, VALIDATION_FIELD[metric]), chosen.val_loss, l2,
+        )
     num_train, num_val = len(train[1]), len(val[1])
     if refit_rows is None:
         refit_rows = torch.cat([train[0], val[0]]), torch.cat([train[1], val[1]])

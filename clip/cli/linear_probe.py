@@ -127,9 +127,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--output-dir", type=home_expanded, default="",
         help="where linear_probe_results.json is written (default: linear_probe_results/DATASET, DATASET the "
         "--dataset kind, or an imagefolder root's folder name and 8 hex digits of its path's SHA-256), and each "
-        "split's features are kept (features/<role>.pt) to be reused by a later run from the same model weights, images, --features, "
-        "--precision and device type (a run interrupted, or repeated with another --metric, --standardize or "
-        "--max-iter, does not extract them again)",
+        "split's features are kept (features/<role>.pt) to be reused by a later run from the same model weights, "
+        "images, --features, --precision and device type (a run interrupted, or repeated with another --metric, "
+        "--standardize or --max-iter, does not extract them again)",
     )
     parser.add_argument(
         "--recompute-features", action="store_true",

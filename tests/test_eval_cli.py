@@ -218,7 +218,7 @@ def test_results_another_run_wrote_meanwhile_are_kept_aside_before_each_write(
     assert json.loads((out / "results.json").read_text())["weights"]["path"] == str(tiny_checkpoint.resolve())
 
 
-def test_retrieval_results_of_another_dataset_are_kept_aside(tmp_path, tiny_checkpoint, caplog):
+def test_retrieval_results_of_another_dataset_are_kept_aside(tmp_path, tiny_checkpoint, caplog, monkeypatch):
     # Two annotation files of one name (dataset.json in two folders) share a default folder; results of the same
     # weights were replaced whatever dataset they were of
     out = tmp_path / "out"
@@ -236,6 +236,11 @@ def test_retrieval_results_of_another_dataset_are_kept_aside(tmp_path, tiny_chec
     (kept,) = out.glob("retrieval_results_kept_*.json")
     assert json.loads(kept.read_text())["dataset"]["annotations"] == str(tmp_path / "a" / "pairs.csv")
     assert "holds the results of another dataset (its 'dataset' record differs): kept as" in caplog.text
+    # The same dataset named by a relative path is a rerun, whose results replace its own
+    monkeypatch.chdir(tmp_path)
+    assert retrieval_cli.main(["--model", str(tiny_checkpoint), "--device", "cpu", "--workers", "0",
+                               "--annotations", "./b//pairs.csv", "--output-dir", str(out)]) == 0
+    assert len(list(out.glob("retrieval_results_kept_*.json"))) == 1
 
 
 def test_results_json_records_what_a_reproduction_needs(tmp_path, tiny_checkpoint, datasets):
@@ -1129,6 +1134,8 @@ def test_each_dataset_gets_its_own_default_output_folder(tmp_path, tiny_checkpoi
         assert linear_probe_cli.main([*probe_options, *dataset]) == 0
     folders = sorted(path.name for path in (tmp_path / "linear_probe_results").iterdir())
     assert len(folders) == 5 and "synthetic" in folders  # flowers/ is flowers
+    # and its results a rerun's, which replace its own
+    assert not list((tmp_path / "linear_probe_results").glob("*/linear_probe_results_kept_*"))
     for root in [*roots, None]:
         name = "synthetic" if root is None else \
             f"{root.name}-{hashlib.sha256(os.fsencode(root.resolve())).hexdigest()[:8]}"

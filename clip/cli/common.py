@@ -229,15 +229,26 @@ def writable_output_dir(path: Path) -> Path:
 _KEPT_NAME = re.compile(r"_kept_\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d(_\d+)?$")
 
 
+def _with_paths_resolved(record: Any, path_keys: tuple[str, ...]) -> Any:
+    """`record` (a JSON object) with the values of `path_keys` made absolute and real: 'imgs', './imgs/' and
+    '/data/imgs' name one folder, whose results a rerun replaces."""
+    if not isinstance(record, dict):
+        return record
+    return {key: os.path.realpath(value) if key in path_keys and isinstance(value, str) and value else value
+            for key, value in record.items()}
+
+
 def keep_results_of_other_weights(
-    path: Path, source: WeightsSource, companions: str = "", inputs: tuple[str, Any] | None = None
+    path: Path, source: WeightsSource, companions: str = "",
+    inputs: tuple[str, dict[str, Any], tuple[str, ...]] | None = None,
 ) -> None:
     """Moves a results file that `path` holds aside when it was written for other weights (its "weights" record,
     `WeightsSource.to_dict`, differs) or cannot be read as one, to `STEM_kept_TIME.json` (TIME: its last change),
     with a log line; results of the same weights are replaced, as a rerun of the same evaluation. The files
     beside it that match the glob `companions` (clip-zeroshot's confusion PNGs) go with it, as NAME_kept_TIME.
-    `inputs`, (FIELD, RECORD), moves aside the results of another dataset as well, those whose FIELD is not
-    RECORD: two image folders both named "images" share a default output folder. Called before an evaluation
+    `inputs`, (FIELD, RECORD, PATH_KEYS), moves aside the results of another dataset as well, those whose FIELD
+    is not RECORD (the values of PATH_KEYS compared as the files they name): two image folders both named
+    "images" share a default output folder. Called before an evaluation
     writes: the default output folders are named after the config or dataset, not the model, so evaluating a
     second checkpoint replaced the first one's results without a word."""
     import json
@@ -250,8 +261,12 @@ def keep_results_of_other_weights(
     except (OSError, ValueError):  # not a results file this command could read: not to be replaced either
         written = None
     same_weights = isinstance(written, dict) and written.get("weights") == json.loads(json.dumps(source.to_dict()))
-    field, record = inputs if inputs is not None else (None, None)
-    same_inputs = field is None or (isinstance(written, dict) and written.get(field) == json.loads(json.dumps(record)))
+    field, record, path_keys = inputs if inputs is not None else (None, None, ())
+    same_inputs = field is None or (
+        isinstance(written, dict)
+        and _with_paths_resolved(written.get(field), path_keys)
+        == _with_paths_resolved(json.loads(json.dumps(record)), path_keys)
+    )
     if same_weights and same_inputs:
         return
     # Said as what it is: an earlier version's results record no weights, and were said to be "other weights'"

@@ -352,7 +352,7 @@ def probe(args: argparse.Namespace) -> int:
     if any(skipped.values()):
         print(f"unreadable images skipped: {', '.join(f'{role} {count}' for role, count in skipped.items())}")
     keep_results_of_other_weights(output_dir / "linear_probe_results.json", source,
-                                  inputs=("data", data_record(args, base, classnames)))
+                                  inputs=("data", data_record(args, base, classnames), ("root",)))
     path = write_json(
         output_dir / "linear_probe_results.json",
         {"model": args.model, "weights": source.to_dict(), "dataset": args.dataset,

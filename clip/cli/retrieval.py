@@ -154,7 +154,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if result.num_skipped:
         print(f"{name}: {result.num_skipped} unreadable image(s) skipped, with their captions")
     keep_results_of_other_weights(output_dir / "retrieval_results.json", source,
-                                  inputs=("dataset", dataset_record(dataset)))
+                                  inputs=("dataset", dataset_record(dataset), ("annotations", "image_root")))
     path = write_json(
         output_dir / "retrieval_results.json",
         {"model": args.model, "weights": source.to_dict(), "dataset": dataset_record(dataset),

@@ -62,13 +62,18 @@ def _fsspec_protocols() -> set[str]:
     return set(fsspec.available_protocols())
 
 
+def _split_on_joins(text: str) -> list[str]:
+    """`text` split at each '::' (patterns joined, or fsspec's chained protocols), but not at one inside brackets:
+    an IPv6 address's ('http://[::1]:8000/x.tar' was cut into 'http://[' and '1]:8000/x.tar')."""
+    return re.split(r"::(?![^\[]*\])", text)
+
+
 def _pattern_parts(pattern: str) -> list[str]:
     """Splits patterns joined with '::', keeping fsspec's chained URLs ('simplecache::s3://b/x.tar') whole:
     a part that is only the name of an fsspec protocol belongs to the part after it."""
     parts, prefix = [], ""
     protocols = _fsspec_protocols() if "::" in pattern else set()
-    # Not a '::' inside brackets: an IPv6 address's ('http://[::1]:8000/x.tar' was cut into 'http://[' and '1]...')
-    for part in (piece.strip() for piece in re.split(r"::(?![^\[]*\])", pattern)):
+    for part in (piece.strip() for piece in _split_on_joins(pattern)):
         if part in protocols:
             prefix += part + "::"
         elif part:
@@ -134,7 +139,7 @@ def _remote_reader(url: str) -> str | ImportError:
         missing = error
     else:
         missing = None
-        for protocol in (piece.split("://", 1)[0] for piece in url.split("::")):
+        for protocol in (piece.split("://", 1)[0] for piece in _split_on_joins(url)):
             try:
                 fsspec.get_filesystem_class(protocol)
             except ImportError as error:
@@ -144,7 +149,7 @@ def _remote_reader(url: str) -> str | ImportError:
                 continue
     if missing is None:
         return "fsspec"
-    if urlparse(url).scheme in _CURL_SCHEMES and "::" not in url and shutil.which("curl"):
+    if urlparse(url).scheme in _CURL_SCHEMES and len(_split_on_joins(url)) == 1 and shutil.which("curl"):
         return "curl"
     scheme = url.split("://", 1)[0]
     return ImportError(f"its {scheme}:// URLs are read through fsspec, which needs a package that is not installed "
@@ -228,13 +233,20 @@ def _read_json(url: str) -> Any | None:
     return _fetch_json(url)[0]
 
 
+class _ForbiddenIndex(ValueError):
+    """A remote sizes.json that the store refused to give: S3 answers 403, not 404, for a missing object where
+    the credentials may not list the bucket, so it counts as no index (img2dataset's stats files may give the
+    counts) and is named if no count is found."""
+
+
 def _read_size_index(url: str) -> dict | None:
     """A sizes.json's {shard: count}; None when there is none. One that exists but is no such JSON object is an
     error: ignored, it left every shard to be counted by reading it, or the source unusable, without a word."""
     if not _is_local(url):
         index, problem = _fetch_json(url)
         if problem is not None:
-            raise ValueError(f"the shard size index {url} cannot be read ({problem})")
+            raise (_ForbiddenIndex if problem.startswith("PermissionError") else ValueError)(
+                f"the shard size index {url} cannot be read ({problem})")
         if index is None:
             return None  # no remote index: as if there were none
     elif not Path(url).is_file():
@@ -275,6 +287,7 @@ class _SizeIndexes:
         self.size_index = size_index
         self.by_folder: dict[str, Any] = {}
         self.given: Any = None  # the size_index file's contents, when one is given
+        self.forbidden: dict[str, str] = {}  # sizes.json files beside shards that the store refused: why
         if size_index:
             self.given, problem = _fetch_json(size_index)
             if self.given is None:
@@ -295,7 +308,10 @@ class _SizeIndexes:
             index = self.given
         else:
             if location not in self.by_folder:
-                self.by_folder[location] = _read_size_index(location)
+                try:
+                    self.by_folder[location] = _read_size_index(location)
+                except _ForbiddenIndex as refused:
+                    self.by_folder[location], self.forbidden[location] = None, str(refused)
             index = self.by_folder[location]
         if not isinstance(index, dict):
             return None
@@ -428,8 +444,10 @@ def shard_sizes(urls: list[str], size_index: str = "", num_samples: int | None =
                 else "write a sizes.json beside the shards (clip-make-shards --index '<pattern>') "
                 "or point size_index at one"
             )
+            refused = indexes.forbidden.get(indexes.location(url) or "")
             raise ValueError(f"no sample count for shard {url}: {where}, or set num_samples for the source (spread "
-                             "evenly over the shards: for shards of equal size)")
+                             "evenly over the shards: for shards of equal size)"
+                             + (f"; {refused}, an object store's answer for a missing file too" if refused else ""))
         sizes.append(int(count))
     return np.array(sizes, dtype=np.int64)
 

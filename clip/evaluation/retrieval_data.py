@@ -126,7 +126,8 @@ def read_karpathy_json(
     content = _read_json_file(path)
     if not isinstance(content, dict) or not isinstance(content.get("images"), list):
         raise ValueError(f"{path}: expected a JSON object with an 'images' list")
-    if isinstance(content.get("annotations"), list):
+    first = content["images"][0] if content["images"] else None
+    if isinstance(content.get("annotations"), list) and isinstance(first, dict) and "sentences" not in first:
         # COCO's own captions_val2017.json: it was read as a Karpathy file with no splits, whose hint (split '')
         # then failed on the images' missing 'filename'
         if split not in ("test", ""):

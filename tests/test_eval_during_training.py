@@ -186,6 +186,14 @@ def test_a_dataset_is_usable_when_any_of_the_images_tried_reads_and_refused_when
         _require_a_readable_image(readable_from(3), 3, "broken")
     with pytest.raises(ValueError, match="evaluation dataset 'empty' has no images"):
         _require_a_readable_image(readable_from(0), 0, "empty")
+    # A retrieval set needs two (with one, every recall is 100%: refused at the first evaluation, steps into the
+    # run): the images not among those tried are read too when fewer decode
+    tried.clear()
+    _require_a_readable_image(readable_from(98), 100, "two left", needed=2)
+    assert tried[:8] == [0, 12, 25, 37, 50, 62, 75, 87] and tried[-2:] == [98, 99] and len(tried) == 100
+    with pytest.raises(ValueError, match=r"^evaluation dataset 'one left': only 1 of its 100 images can be read, e.g. "
+                                         r"cannot read image 0.png: not an image; it needs at least 2 \(retrieval"):
+        _require_a_readable_image(readable_from(99), 100, "one left", needed=2)
 
 
 def test_a_stop_check_before_a_retrieval_dataset_comes_before_its_data_is_read(tmp_path, monkeypatch):

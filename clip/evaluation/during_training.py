@@ -15,6 +15,7 @@ all-reduced and retrieval features all-gathered, so every rank returns the same 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -65,7 +66,9 @@ def check_evaluation_datasets(eval_config: EvalConfig, warn: bool = True) -> Non
     for dataset in eval_config.retrieval:
         data = load_retrieval_data(dataset, warn=warn)
         paths = data.image_paths
-        _require_a_readable_image(lambda index: read_image(paths[index]), len(paths), dataset.resolved_name())
+        # Two: with one image left readable every recall is 100%, refused at the first evaluation, steps later
+        _require_a_readable_image(lambda index: read_image(paths[index]), len(paths), dataset.resolved_name(),
+                                  needed=2)
         if warn and dataset.ties == "pessimistic":
             warn_about_shared_captions(
                 data, dataset.resolved_name(), 'ties = "optimistic" in its [[eval.retrieval]] table ranks them in '
@@ -73,18 +76,29 @@ def check_evaluation_datasets(eval_config: EvalConfig, warn: bool = True) -> Non
             )
 
 
-def _require_a_readable_image(read: Callable[[int], Any], count: int, name: str) -> None:
+def _require_a_readable_image(read: Callable[[int], Any], count: int, name: str, needed: int = 1) -> None:
+    """Reads up to IMAGES_TRIED images spread over the dataset until `needed` of them decode; where fewer do, the
+    rest too (for needed > 1: a dataset of mostly unreadable files may still hold enough). A ValueError else."""
     if count == 0:
         raise ValueError(f"evaluation dataset {name!r} has no images")
-    reasons = []
-    for index in evenly_spaced_indices(count, min(count, IMAGES_TRIED)):
+    reasons, readable = [], 0
+    tried = evenly_spaced_indices(count, min(count, IMAGES_TRIED))
+    first = set(tried)
+    rest = (index for index in range(count) if index not in first) if needed > 1 else iter(())
+    for index in itertools.chain(tried, rest):
         try:
             read(index)
-            return
         except UnreadableImageError as error:
             reasons.append(str(error))
+            continue
+        readable += 1
+        if readable == needed:
+            return
     example = f", e.g. {reasons[0]}" if reasons else ""
-    raise ValueError(f"evaluation dataset {name!r}: none of the {len(reasons)} images tried can be read{example}")
+    if readable == 0:
+        raise ValueError(f"evaluation dataset {name!r}: none of the {len(reasons)} images tried can be read{example}")
+    raise ValueError(f"evaluation dataset {name!r}: only {readable} of its {count} images can be read{example}; "
+                     f"it needs at least {needed} (retrieval with one image scores every recall 100%)")
 
 
 def has_evaluations(eval_config: EvalConfig) -> bool:

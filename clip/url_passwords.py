@@ -10,7 +10,8 @@ import logging
 import re
 
 # scheme://user:password@ -- the user name kept (it says which account), the password replaced
-_PASSWORD_IN_URL = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/:@'\"]*):[^\s/@'\"]*@")
+# (to the last '@' before the path: a password written with a raw '@' in it, 'p@ss', is hidden whole)
+_PASSWORD_IN_URL = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/:@'\"]*):[^\s/'\"]*@")
 
 
 def hide_url_passwords(text: str) -> str:
@@ -26,6 +27,8 @@ class HideURLPasswords(logging.Filter):
         hidden = hide_url_passwords(message)
         if hidden != message:
             record.msg, record.args = hidden, None
+        if record.exc_info and not record.exc_text:  # the traceback, which formatters take from exc_text when set
+            record.exc_text = hide_url_passwords(logging.Formatter().formatException(record.exc_info))
         return True
 
 

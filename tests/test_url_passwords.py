@@ -15,6 +15,7 @@ def test_the_password_of_every_url_in_a_text_is_hidden_and_nothing_else() -> Non
     assert hide_url_passwords(said) == (
         "shard https://alice:***@h.example:8443/cc-000001.tar (curl reading https://alice:***@h.example:8443/"
         "cc-000001.tar exited); 'simplecache::s3://bob:***@bucket/x.tar'")
+    assert hide_url_passwords("http://u:p@ss@host/x.tar") == "http://u:***@host/x.tar"  # a raw '@' in it
     for kept in ("http://host:8080/a@b.tar", "http://alice@host/x.tar", "http://[::1]:80/x.tar", "a:b@c", "s3://b/x"):
         assert hide_url_passwords(kept) == kept
 
@@ -36,3 +37,23 @@ def test_a_shard_urls_password_reaches_neither_the_console_nor_train_log(tmp_pat
     logged = (run_dir / "train.log").read_text()
     assert "alice:***@127.0.0.1:9/s-000000.tar" in err and "alice:***@127.0.0.1:9/s-000000.tar" in logged
     assert "Secret" not in err and "Secret" not in logged
+
+
+def test_a_logged_tracebacks_urls_lose_their_passwords_too() -> None:
+    import io
+    import logging
+
+    from clip.url_passwords import URL_PASSWORDS_HIDDEN
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(URL_PASSWORDS_HIDDEN)
+    logger = logging.getLogger("test_url_passwords")
+    logger.addHandler(handler)
+    try:
+        raise OSError("cannot read http://alice:Secret@h/x.tar")
+    except OSError:
+        logger.error("the run failed", exc_info=True)
+    finally:
+        logger.removeHandler(handler)
+    assert "OSError: cannot read http://alice:***@h/x.tar" in stream.getvalue() and "Secret" not in stream.getvalue()

@@ -415,7 +415,7 @@ def run_linear_probe(
         **sweep_options,
     )
     chosen = next(point for point in sweep if point.l2 == l2)
-    if len({point.key(metric) for point in sweep}) == 1:
+    if len(sweep) > 1 and len({point.key(metric) for point in sweep}) == 1:
         # Every strength scored alike (validation images of classes with no training image, or too few to differ):
         # the sweep's first strength was taken, as if chosen
         logger.warning(

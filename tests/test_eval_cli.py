@@ -836,6 +836,26 @@ def test_a_dataset_of_one_class_is_a_one_line_error_before_the_model_loads(tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_features_kept_in_an_earlier_versions_default_folder_are_pointed_to(tmp_path, tiny_checkpoint, monkeypatch,
+                                                                            caplog):
+    # The default folder was the root's name alone: the features kept there were extracted again, unsaid
+    monkeypatch.chdir(tmp_path)
+    write_colour_folder(tmp_path / "pets" / "train", {"a_red": 5, "c_blue": 5}, seed=0)
+    write_colour_folder(tmp_path / "pets" / "test", {"a_red": 2, "c_blue": 2}, seed=1)
+    (tmp_path / "linear_probe_results" / "pets" / "features").mkdir(parents=True)
+    argv = ["--model", str(tiny_checkpoint), "--device", "cpu", "--workers", "0", "--max-iter", "20",
+            "--dataset", "imagefolder", "--root", "pets"]
+    with caplog.at_level(logging.WARNING, logger="clip.linear_probe"):
+        assert linear_probe_cli.main(argv) == 0
+    (folder,) = [path for path in (tmp_path / "linear_probe_results").iterdir() if path.name != "pets"]
+    assert (f"linear_probe_results/pets, this dataset's default folder before, holds kept features (this version's "
+            f"is linear_probe_results/{folder.name}): move its features/ folder there") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="clip.linear_probe"):  # once there are features of its own: unsaid
+        assert linear_probe_cli.main(argv) == 0
+    assert "default folder before" not in caplog.text
+
+
 def test_class_folders_named_alike_in_two_unicode_forms_are_refused(tmp_path, tiny_checkpoint, monkeypatch, capsys):
     # A split copied from macOS names "café" decomposed: the two spellings were two classes, the test images of
     # one never predicted (accuracy halved on separable data), said only as "no training images"

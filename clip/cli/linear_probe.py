@@ -263,6 +263,18 @@ def default_output_dir(base: ZeroShotDatasetConfig) -> Path:
     return Path("linear_probe_results") / f"{root.name or base.kind}-{path_digest}"
 
 
+def point_to_earlier_default_folder(base: ZeroShotDatasetConfig, output_dir: Path) -> None:
+    """Says where an image folder's features kept by an earlier version are: its default folder was the root's
+    name alone (`default_output_dir`), so they would be extracted again, hours for a large dataset, unsaid."""
+    if base.kind != "imagefolder" or (output_dir / "features").is_dir():
+        return
+    earlier = Path("linear_probe_results") / (Path(base.root).resolve().name or base.kind)
+    if (earlier / "features").is_dir():
+        logger.warning("%s, this dataset's default folder before, holds kept features (this version's is %s): move "
+                       "its features/ folder there to reuse them (they are checked against this run's model and "
+                       "images first)", earlier, output_dir)
+
+
 def data_record(args: argparse.Namespace, base: ZeroShotDatasetConfig, classnames: list[str]) -> dict[str, Any]:
     """Which images the probe was fitted, tuned and scored on, and its labels: "dataset" (the kind) alone did
     not say which root or splits gave the results, nor what the validation split was."""
@@ -313,6 +325,8 @@ def probe(args: argparse.Namespace) -> int:
     if not args.val_split:
         check_validation_hold_out(args.train_split, len(listed["train"].dataset), args.val_fraction)
     output_dir = writable_output_dir(Path(args.output_dir or default_output_dir(base)))
+    if not args.output_dir:
+        point_to_earlier_default_folder(base, output_dir)
     model, preprocess, source = load_model(args.model, device)
     # The architecture too: the same weights under another activation or head count (open_clip's GELU models
     # loaded as QuickGELU, then again as they are) give other features

@@ -5,6 +5,7 @@ terminated by the loader's shutdown (a hung command was left running for good, i
 from __future__ import annotations
 
 import gzip
+import shlex
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,11 @@ from clip.data import SourceConfig
 from clip.data import pipe_command, shards
 from clip.data.pipe_command import PipeCommand, PipeCommandFailed
 from clip.data.shards import MissingSample, count_tar_samples, expand_shard_pattern, read_shard_range
+
+
+def q(path: object) -> str:
+    """`path` as one word of a shell command: a TMPDIR with a space in it split the commands' paths."""
+    return shlex.quote(str(path))
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc/self/stat").exists() or shutil.which("cat") is None or shutil.which("head") is None,
@@ -73,24 +79,24 @@ def test_a_command_that_fails_after_whole_samples_makes_the_rest_a_read_error(tm
     # when the pipe is closed, was dropped, and the two samples it never delivered read as shard_too_short ("a wrong
     # index, or a file cut short") instead of naming the failed command.
     url = shard_of_four(tmp_path)
-    items = list(read_shard_range(f"pipe:head -c {sample_start(url, 2)} {url}; exit 3", 0, 4))
+    items = list(read_shard_range(f"pipe:head -c {sample_start(url, 2)} {q(url)}; exit 3", 0, 4))
     assert [item["txt"].decode() for item in items[:2]] == [caption_of(0), caption_of(1)]
     assert [item.kind for item in items[2:]] == ["shard_read_error"] * 2
     assert "exited with status 3" in items[2].detail
     with pytest.raises(PipeCommandFailed, match="exited with status 3"):
-        count_tar_samples(f"pipe:head -c {sample_start(url, 2)} {url}; exit 3")
+        count_tar_samples(f"pipe:head -c {sample_start(url, 2)} {q(url)}; exit 3")
 
 
 def test_a_command_that_succeeds_or_is_stopped_early_reports_nothing(tmp_path: Path) -> None:
     url = shard_of_four(tmp_path)
-    assert [item["txt"].decode() for item in read_shard_range(f"pipe:cat {url}", 0, 4)] == [
+    assert [item["txt"].decode() for item in read_shard_range(f"pipe:cat {q(url)}", 0, 4)] == [
         caption_of(i) for i in range(4)
     ]
     # Read to its end (json's read() reads all): a clean exit is no error
-    with PipeCommand(f"cat {url}") as stream:
+    with PipeCommand(f"cat {q(url)}") as stream:
         assert len(stream.read()) == Path(url).stat().st_size
     # Stopped after two samples while the command still writes: killed, not reported
-    items = list(read_shard_range(f"pipe:cat {url} {url} {url}; exit 3", 0, 2))
+    items = list(read_shard_range(f"pipe:cat {q(url)} {q(url)} {q(url)}; exit 3", 0, 2))
     assert [item["txt"].decode() for item in items] == [caption_of(0), caption_of(1)]
 
 
@@ -103,10 +109,11 @@ def test_a_command_still_running_after_the_tar_is_given_time_then_ended_with_its
     monkeypatch.setattr(pipe_command, "EXIT_WAIT_S", 1.0)
     url = shard_of_four(tmp_path)
     done = tmp_path / "done"
-    items = list(read_shard_range(f"pipe:cat {url}; sleep 0.3; echo ok > {done}", 0, 4))
+    items = list(read_shard_range(f"pipe:cat {q(url)}; sleep 0.3; echo ok > {q(done)}", 0, 4))
     assert len(items) == 4 and done.read_text() == "ok\n"
     pid_file = tmp_path / "pid"
-    for command in [f"echo $$ > {pid_file}; cat {url}; sleep 600", f"echo $$ > {pid_file}; cat {url}; sleep 600 &"]:
+    for command in [f"echo $$ > {q(pid_file)}; cat {q(url)}; sleep 600",
+                    f"echo $$ > {q(pid_file)}; cat {q(url)}; sleep 600 &"]:
         items = list(read_shard_range(f"pipe:{command}", 0, 4))
         assert not any(isinstance(item, MissingSample) for item in items)
         assert group_is_gone(int(pid_file.read_text())), command
@@ -115,7 +122,7 @@ def test_a_command_still_running_after_the_tar_is_given_time_then_ended_with_its
 def test_a_compressed_shard_whose_first_bytes_come_alone(tmp_path: Path) -> None:
     # tarfile tells gzip from tar by one read of 512 bytes: two bytes alone read the shard as a broken tar
     packed = gzipped_shard_of_four(tmp_path)
-    command = f"pipe:head -c 2 {packed}; sleep 0.3; tail -c +3 {packed}"
+    command = f"pipe:head -c 2 {q(packed)}; sleep 0.3; tail -c +3 {q(packed)}"
     assert [item["txt"].decode() for item in read_shard_range(command, 0, 4)] == [caption_of(i) for i in range(4)]
     assert count_tar_samples(command) == 4
 
@@ -129,9 +136,11 @@ def test_a_process_that_exits_without_closing_its_command_ends_it(tmp_path: Path
     pid_file = tmp_path / "pid"
     script = (
         "import pathlib, time; from clip.data.pipe_command import PipeCommand\n"
-        f"stream = PipeCommand('echo $$ > {pid_file}; sleep 600')\n"
+        f"stream = PipeCommand({'echo $$ > ' + q(pid_file) + '; sleep 600'!r})\n"
         f"pid_file = pathlib.Path({str(pid_file)!r})\n"
-        "while not pid_file.exists() or not pid_file.read_text().strip(): time.sleep(0.05)\n"
+        "deadline = time.monotonic() + 30\n"
+        "while (not pid_file.exists() or not pid_file.read_text().strip()) and time.monotonic() < deadline:\n"
+        "    time.sleep(0.05)\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60, stderr=subprocess.DEVNULL)
     assert group_is_gone(int(pid_file.read_text()))
@@ -142,8 +151,9 @@ def test_once_ended_a_process_starts_no_more_commands(tmp_path: Path, monkeypatc
     # kill ended, went on to the next shard and started its command before the worker's exit
     monkeypatch.setattr(pipe_command, "_ended_in", set())
     pid_file = tmp_path / "pid"
-    stream = PipeCommand(f"echo $$ > {pid_file}; sleep 600")
-    while not pid_file.exists() or not pid_file.read_text().strip():
+    stream = PipeCommand(f"echo $$ > {q(pid_file)}; sleep 600")
+    deadline = time.monotonic() + 30  # (a command that never writes it failed the test by hanging)
+    while (not pid_file.exists() or not pid_file.read_text().strip()) and time.monotonic() < deadline:
         time.sleep(0.05)
     pipe_command.end_running_commands()
     assert group_is_gone(int(pid_file.read_text()))
@@ -155,7 +165,7 @@ def test_once_ended_a_process_starts_no_more_commands(tmp_path: Path, monkeypatc
 def test_a_hung_command_ends_with_the_worker_the_loader_terminates(tmp_path: Path) -> None:
     pid_file = tmp_path / "pid"
     source = SourceConfig(
-        kind="shards", path=f"pipe:echo $$ > {pid_file}; sleep 600 && cat never.tar", num_samples=4, name="hung"
+        kind="shards", path=f"pipe:echo $$ > {q(pid_file)}; sleep 600 && cat never.tar", num_samples=4, name="hung"
     )
     data = build([source], batch_size=2, workers=1, worker_timeout_s=1.0)
     with pytest.raises(RuntimeError, match="no batch from the data workers"):
@@ -172,7 +182,7 @@ def test_without_workers_pipe_and_remote_shards_are_warned_of(
     # SIGTERM is acted on only after the read
     url = shard_of_four(tmp_path)
     said = "data.workers = 0: the training process reads source(s) piped itself"
-    for workers, path, warned in [(0, f"pipe:cat {url}", True), (1, f"pipe:cat {url}", False), (0, url, False)]:
+    for workers, path, warned in [(0, f"pipe:cat {q(url)}", True), (1, f"pipe:cat {q(url)}", False), (0, url, False)]:
         caplog.clear()
         with caplog.at_level("WARNING", logger="clip.data.loader"):
             build([SourceConfig(kind="shards", path=path, num_samples=4, name="piped")], workers=workers).close()
@@ -187,7 +197,7 @@ def test_a_compressed_shard_whose_last_bytes_come_alone_while_the_output_stays_o
     monkeypatch.setattr(pipe_command, "EXIT_WAIT_S", 1.0)
     packed = gzipped_shard_of_four(tmp_path)
     size = packed.stat().st_size
-    command = f"pipe:head -c {size - 100} {packed}; sleep 0.3; tail -c 100 {packed}; sleep 600"
+    command = f"pipe:head -c {size - 100} {q(packed)}; sleep 0.3; tail -c 100 {q(packed)}; sleep 600"
 
     def hung(signum, frame):
         raise TimeoutError("the read waits for bytes the command never writes")
@@ -209,7 +219,7 @@ def test_a_command_still_writing_after_the_tar_is_read_on_until_it_ends(tmp_path
     padded = tmp_path / "padded.tar"
     padded.write_bytes(Path(url).read_bytes() + bytes(1 << 20))
     copy = tmp_path / "copy.tar"
-    items = list(read_shard_range(f"pipe:cat {padded} | tee {copy}", 0, 4))
+    items = list(read_shard_range(f"pipe:cat {q(padded)} | tee {q(copy)}", 0, 4))
     assert len(items) == 4 and copy.read_bytes() == padded.read_bytes()
 
 
@@ -263,6 +273,6 @@ def test_a_stop_while_a_finished_shards_command_is_waited_for_ends_it(
         timer = threading.Timer(1.0, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM))
         timer.start()
         with pytest.raises(Stopped):
-            list(read_shard_range(f"pipe:echo $$ > {pid_file}; cat {url}; {after_the_tar}", 0, 4))
+            list(read_shard_range(f"pipe:echo $$ > {q(pid_file)}; cat {q(url)}; {after_the_tar}", 0, 4))
         timer.join()
         assert group_is_gone(int(pid_file.read_text())) and pipe_command._running == {}, after_the_tar

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shlex
 import shutil
 import sys
 import tarfile
@@ -322,7 +323,8 @@ def test_fsspec_urls(tmp_path: Path) -> None:
 def test_pipe_urls(tmp_path: Path) -> None:
     write_shards(tmp_path, 8, 4)
     source = SourceConfig(
-        kind="shards", path=f"pipe:cat {tmp_path}/s-{{000000..000001}}.tar", size_index=str(tmp_path / "sizes.json")
+        kind="shards", path=f"pipe:cat {shlex.quote(str(tmp_path))}/s-{{000000..000001}}.tar",
+        size_index=str(tmp_path / "sizes.json"),
     )
     data = build([source], batch_size=4, workers=2)
     assert sorted(captions(take(data, 2))) == [caption_of(i) for i in range(8)]
@@ -336,7 +338,7 @@ def test_a_pipe_command_outlives_the_job_signal(tmp_path: Path, signal_name: str
     # next step boundary, but the pipe: command died of the signal, and the rest of its shard was counted as
     # shard_read_error, went into that step's batch and the checkpoint's position, and was never trained on.
     url = expand_shard_pattern(write_shards(tmp_path, 4, 4))[0]
-    samples = list(read_shard_range(f"pipe:kill -{signal_name} $$; cat {url}", 0, 4))
+    samples = list(read_shard_range(f"pipe:kill -{signal_name} $$; cat {shlex.quote(url)}", 0, 4))
     assert [getattr(s, "kind", s.get("txt")) for s in samples] == [caption_of(i).encode() for i in range(4)]
 
 

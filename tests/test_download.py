@@ -712,6 +712,7 @@ def test_downloads_waiting_for_one_that_cannot_reach_the_server_fail_with_it(
         waiting.seen.wait(timeout=10)
         raise urllib.error.URLError("timed out")
 
+    real_urlopen = urllib.request.urlopen
     monkeypatch.setattr(urllib.request, "urlopen", unreachable)
     cache = tmp_path / "cache"
     first_outcome, second_outcome = two_downloads_at_once(source_file, cache, fetching)
@@ -719,8 +720,10 @@ def test_downloads_waiting_for_one_that_cannot_reach_the_server_fail_with_it(
     assert isinstance(first_outcome["error"], DownloadError) and "timed out" in str(first_outcome["error"])
     assert isinstance(second_outcome["error"], DownloadError)
     assert "timed out" in str(second_outcome["error"]) and "waited for another's download" in str(second_outcome["error"])
-    # A later download that waited for nobody tries again itself, and once it reaches the server the note goes
-    monkeypatch.undo()
+    # A later download that waited for nobody tries again itself, and once it reaches the server the note goes.
+    # (urlopen alone put back: monkeypatch.undo() also set the proxies of the environment again, and urllib's
+    # opener, made at this first real call, kept them for every later test of the process)
+    monkeypatch.setattr(urllib.request, "urlopen", real_urlopen)
     assert download(source_file.as_uri(), GOOD_SHA256, root=cache, progress=False) == cache / "weights.bin"
     assert files_in(cache) == ["weights.bin"]
 

@@ -22,14 +22,19 @@ LAUNCHER_DEATH = Path(__file__).resolve().parents[1] / "clip" / "launcher_death.
 
 # The worker loads clip/launcher_death.py alone (clip's package imports torch: seconds), asks for SIGTERM at its
 # parent's end, says so in `armed`, and writes `terminated` from its SIGTERM handler.
+# Its files are written whole, then renamed into place: the test, which waits for a file to exist, read "armed"
+# between its creation and its text once (an empty string)
 WORKER = """
-import importlib.util, pathlib, signal, sys, time
+import importlib.util, os, pathlib, signal, sys, time
 spec = importlib.util.spec_from_file_location("launcher_death", sys.argv[1])
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 folder = pathlib.Path(sys.argv[2])
-signal.signal(signal.SIGTERM, lambda *_: ((folder / "terminated").write_text("yes"), sys.exit(0)))
-(folder / "armed").write_text(str(module.sigterm_when_the_parent_ends()))
+def put(name, text):
+    (folder / (name + ".tmp")).write_text(text)
+    os.replace(folder / (name + ".tmp"), folder / name)
+signal.signal(signal.SIGTERM, lambda *_: (put("terminated", "yes"), sys.exit(0)))
+put("armed", str(module.sigterm_when_the_parent_ends()))
 time.sleep(60)
 """
 # As torchrun starts its workers: a session of their own, so that nothing but this request reaches them

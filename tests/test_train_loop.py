@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import re
 import shutil
 import signal
@@ -706,10 +707,14 @@ def test_a_signal_while_one_process_waits_on_a_stalled_shard_saves_at_once_and_r
 
     write_shards(tmp_path / "shards", 16, 8)  # two shards, a batch each
     serve = tmp_path / "serve.sh"  # the third shard it is asked for (epoch 1's first) stalls while "stall" exists
-    serve.write_text(f'n=$(cat {tmp_path}/count 2>/dev/null || echo 0); echo $((n + 1)) > {tmp_path}/count\n'
-                     f'if [ -e {tmp_path}/stall ] && [ "$n" -ge 2 ]; then exec sleep 611; fi\nexec cat "$1"\n')
+    # A stall of this test's own length: another suite running on the machine has its own "sleep 611"
+    stall = f"sleep 611.{os.getpid():07d}"
+    count, stall_file = shlex.quote(str(tmp_path / "count")), shlex.quote(str(tmp_path / "stall"))
+    serve.write_text(f'n=$(cat {count} 2>/dev/null || echo 0); echo $((n + 1)) > {count}\n'
+                     f'if [ -e {stall_file} ] && [ "$n" -ge 2 ]; then exec {stall}; fi\nexec cat "$1"\n')
     source = ["data.sources.0.kind=shards",
-              f"data.sources.0.path=pipe:sh {serve} {tmp_path}/shards/s-{{000000..000001}}.tar",
+              f"data.sources.0.path=pipe:sh {shlex.quote(str(serve))} "
+              f"{shlex.quote(str(tmp_path / 'shards'))}/s-{{000000..000001}}.tar",
               f"data.sources.0.size_index={tmp_path}/shards/sizes.json", "data.sources.0.num_samples=none",
               f"data.workers={workers}", "data.worker_timeout_s=60", "eval.every_n_steps=0",
               "checkpoint.every_n_steps=5"]
@@ -733,7 +738,7 @@ def test_a_signal_while_one_process_waits_on_a_stalled_shard_saves_at_once_and_r
     assert "stopped while waiting for the batch of step 3: saving step 2" in caplog.text
     assert [step for step, _ in ckpt.list_checkpoints(stopped)] == [2]
     for _ in range(100):  # the stalled command is ended with the data worker that ran it
-        if subprocess.run(["pgrep", "-f", "sleep 611"], capture_output=True).returncode == 1:
+        if subprocess.run(["pgrep", "-f", stall], capture_output=True).returncode == 1:
             break
         time.sleep(0.1)
     else:
@@ -796,6 +801,9 @@ def test_compile_draws_patch_dropouts_masks_from_torchs_generator(tmp_path, monk
         return module
 
     monkeypatch.setattr(torch, "compile", recording_compile)
+    import clip.train
+
+    monkeypatch.setattr(clip.train, "require_a_compiler_for_compile", lambda device_type: None)  # nothing compiles
     train(tiny_config(tmp_path, "train.compile=true", "schedule.steps=1", "eval.every_n_steps=0"))
     assert compiled == [{"options": {"fallback_random": True}}]
 

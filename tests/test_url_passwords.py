@@ -5,6 +5,7 @@ from __future__ import annotations
 from test_train_loop import DEMO, TINY
 
 import clip.data.shards as shards
+import clip.train
 from clip.cli.train import main
 from clip.url_passwords import hide_url_passwords
 
@@ -28,7 +29,7 @@ def test_a_shard_urls_password_reaches_neither_the_console_nor_train_log(tmp_pat
         raise OSError(f"cannot connect to reach {address}")
 
     monkeypatch.setattr(shards, "open_url", unreachable)
-    monkeypatch.setattr(shards, "require_shard_readers", lambda sources: None)
+    monkeypatch.setattr(clip.train, "require_shard_readers", lambda sources: None)  # (without curl: "needs aiohttp")
     run_dir = tmp_path / "run"
     status = main([str(DEMO), "--output-dir", str(run_dir), *TINY, "eval.every_n_steps=0", "data.workers=0",
                    "data.sources.0.kind=shards", f"data.sources.0.path={url}", "data.sources.0.num_samples=64"])

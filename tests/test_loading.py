@@ -16,6 +16,8 @@ import sys
 import warnings
 import zipfile
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import pytest
 import torch
@@ -1055,7 +1057,7 @@ def test_jit_true_runs_the_verified_gpu_traced_archive_on_the_cpu_in_float32(
     tmp_path: Path, tiny_release, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     original, _ = tiny_release
-    served = traced_on_a_gpu(Path(RELEASED_WEIGHTS["RN50"].url.removeprefix("file://")), tmp_path / "RN50-gpu.pt")
+    served = traced_on_a_gpu(Path(url2pathname(urlparse(RELEASED_WEIGHTS["RN50"].url).path)), tmp_path / "RN50-gpu.pt")
     with zipfile.ZipFile(served) as archive:
         assert any(b'"cuda:0"' in archive.read(name) for name in archive.namelist() if name.endswith(".py"))
     digest = hashlib.sha256(served.read_bytes()).hexdigest()
@@ -1145,7 +1147,7 @@ def test_jit_true_runs_the_bytes_it_verified_not_a_file_swapped_in_after(
     original, _ = tiny_release
     cache = tmp_path / "cache"
     cache.mkdir()
-    cached = copy_of(Path(RELEASED_WEIGHTS["RN50"].url.removeprefix("file://")), cache / "RN50-served.pt")
+    cached = copy_of(Path(url2pathname(urlparse(RELEASED_WEIGHTS["RN50"].url).path)), cache / "RN50-served.pt")
     swapped = swap_after_hashing(monkeypatch, cached, openai_files["vit", "archive"])
     name_or_path = "RN50" if given == "name" else cached
     model, preprocess, source = load_with_source(name_or_path, device="cpu", jit=True, download_root=cache)
@@ -1165,7 +1167,7 @@ def test_released_weights_are_read_from_the_bytes_checked_not_a_file_swapped_in_
     original, _ = tiny_release
     cache = tmp_path / "cache"
     cache.mkdir()
-    cached = copy_of(Path(RELEASED_WEIGHTS["RN50"].url.removeprefix("file://")), cache / "RN50-served.pt")
+    cached = copy_of(Path(url2pathname(urlparse(RELEASED_WEIGHTS["RN50"].url).path)), cache / "RN50-served.pt")
     others = write_openai_state_dict(tiny_model(TINY_RESNET, seed=1), tmp_path / "other-weights.pt")
     swapped = swap_after_hashing(monkeypatch, cached, others)
     if reader == "load_with_source":

@@ -1384,7 +1384,7 @@ def test_fine_tuning_from_a_weights_file_in_openais_layout(tmp_path, monkeypatch
     # The cached copy no longer matches either: said as a log line, in train.log too, not as Python's warning
     # with the library's source line
     logged = (tmp_path / "bad" / "train.log").read_text()
-    assert re.search(r"WARNING py\.warnings: \S+weights\.pt exists but its SHA256 is \w+, not the expected 0+; "
+    assert re.search(r"WARNING py\.warnings: .+weights\.pt exists but its SHA256 is \w+, not the expected 0+; "
                      r"downloading it again\n", logged)
     assert "warnings.warn(" not in capsys.readouterr().err
     # A narrow plain file of other shapes fails on them

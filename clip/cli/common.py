@@ -248,9 +248,9 @@ def keep_results_of_other_weights(
     beside it that match the glob `companions` (clip-zeroshot's confusion PNGs) go with it, as NAME_kept_TIME.
     `inputs`, (FIELD, RECORD, PATH_KEYS), moves aside the results of another dataset as well, those whose FIELD
     is not RECORD (the values of PATH_KEYS compared as the files they name): two image folders both named
-    "images" share a default output folder. Called before an evaluation
-    writes: the default output folders are named after the config or dataset, not the model, so evaluating a
-    second checkpoint replaced the first one's results without a word."""
+    "images" share a default output folder. Called before an evaluation writes: the default output folders
+    are named after the config or dataset, not the model, so evaluating a second checkpoint replaced the first
+    one's results without a word."""
     import json
     import time
 

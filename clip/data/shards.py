@@ -209,8 +209,8 @@ def _fetch_json(url: str) -> tuple[Any, str | None]:
     """A remote JSON file's (content, None); (None, None) where there is no such file; (None, why) where one may
     be there but cannot be read or is not JSON. curl's HTTP errors count as no file (its status, 22, is every
     HTTP error's: a 404 among them). Anything an object store's client raises is a reason (botocore's
-    EndpointConnectionError, no OSError, ended the start in a traceback), and a reason is said: an index that
-    is there but forbidden was taken for a missing one ("write a sizes.json beside the shards")."""
+    EndpointConnectionError, no OSError, ended the start in a traceback), for the caller to say: a sizes.json
+    there but not JSON was taken for a missing one ("write a sizes.json beside the shards")."""
     try:
         with open_url(url) as stream:
             data = stream.read()

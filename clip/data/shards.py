@@ -205,10 +205,19 @@ def _shard_folder(url: str) -> str | None:
     return posixpath.dirname(url.replace("\\", "/") if _is_local(url) else url)
 
 
-def _fetch_json(url: str) -> tuple[Any, str | None]:
-    """A remote JSON file's (content, None); (None, None) where there is no such file; (None, why) where one may
-    be there but cannot be read or is not JSON. curl's HTTP errors count as no file (its status, 22, is every
-    HTTP error's: a 404 among them). Anything an object store's client raises is a reason (botocore's
+class _UnreadableJSON(Exception):
+    """A remote JSON file that may be there but cannot be read, or is not JSON: the message says why. `refused`:
+    the store refused to give it (a PermissionError)."""
+
+    def __init__(self, why: str, refused: bool = False) -> None:
+        super().__init__(why)
+        self.refused = refused
+
+
+def _fetch_json(url: str) -> Any | None:
+    """A remote JSON file's content; None where there is no such file; `_UnreadableJSON` where one may be there
+    but cannot be read or is not JSON. curl's HTTP errors count as no file (its status, 22, is every HTTP
+    error's: a 404 among them). Anything an object store's client raises is a reason (botocore's
     EndpointConnectionError, no OSError, ended the start in a traceback), for the caller to say: a sizes.json
     there but not JSON was taken for a missing one ("write a sizes.json beside the shards")."""
     try:
@@ -217,20 +226,26 @@ def _fetch_json(url: str) -> tuple[Any, str | None]:
     except MissingDependency:
         raise
     except FileNotFoundError:
-        return None, None
+        return None
     except PipeCommandFailed as error:
-        return (None, None) if error.status == CURL_HTTP_ERROR else (None, str(error))
+        if error.status == CURL_HTTP_ERROR:
+            return None
+        raise _UnreadableJSON(str(error)) from error
     except Exception as error:  # each store's client has errors of its own
-        return None, f"{type(error).__name__}: {error}"
+        raise _UnreadableJSON(f"{type(error).__name__}: {error}", refused=isinstance(error, PermissionError)) \
+            from error
     try:
-        return json.loads(data), None
+        return json.loads(data)
     except ValueError as error:  # also bytes that are not UTF-8 text
-        return None, f"not JSON: {error}"
+        raise _UnreadableJSON(f"not JSON: {error}") from error
 
 
 def _read_json(url: str) -> Any | None:
     """A JSON file's content, None where it cannot be had (for files that are optional: img2dataset's stats)."""
-    return _fetch_json(url)[0]
+    try:
+        return _fetch_json(url)
+    except _UnreadableJSON:
+        return None
 
 
 class _ForbiddenIndex(ValueError):
@@ -243,10 +258,11 @@ def _read_size_index(url: str) -> dict | None:
     """A sizes.json's {shard: count}; None when there is none. One that exists but is no such JSON object is an
     error: ignored, it left every shard to be counted by reading it, or the source unusable, without a word."""
     if not _is_local(url):
-        index, problem = _fetch_json(url)
-        if problem is not None:
-            raise (_ForbiddenIndex if problem.startswith("PermissionError") else ValueError)(
-                f"the shard size index {url} cannot be read ({problem})")
+        try:
+            index = _fetch_json(url)
+        except _UnreadableJSON as error:
+            raise (_ForbiddenIndex if error.refused else ValueError)(
+                f"the shard size index {url} cannot be read ({error})") from None
         if index is None:
             return None  # no remote index: as if there were none
     elif not Path(url).is_file():
@@ -289,10 +305,12 @@ class _SizeIndexes:
         self.given: Any = None  # the size_index file's contents, when one is given
         self.forbidden: dict[str, str] = {}  # sizes.json files beside shards that the store refused: why
         if size_index:
-            self.given, problem = _fetch_json(size_index)
+            try:
+                self.given = _fetch_json(size_index)
+            except _UnreadableJSON as error:
+                raise FileNotFoundError(f"cannot read the shard size index {size_index} ({error})") from None
             if self.given is None:
-                raise FileNotFoundError(f"cannot read the shard size index {size_index}"
-                                        + (f" ({problem})" if problem else ""))
+                raise FileNotFoundError(f"cannot read the shard size index {size_index}")
 
     def location(self, url: str) -> str | None:
         if self.size_index:

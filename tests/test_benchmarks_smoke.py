@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -585,7 +586,7 @@ def test_gpu_script_runs_the_issue_figures_first_and_shares_the_compile_steps_ti
     # target, a minute's work) were skipped; and ours, compiled first, could use up all but 20 s of that step.
     calls = tmp_path / "calls"  # every python call returns at once; the steps' commands are logged
     finished = run_gpu_script_with_fake_python(tmp_path,
-                                               f'if [[ "$1" == benchmarks/* ]]; then echo "$*" >> {calls}; fi')
+                                               f'if [[ "$1" == benchmarks/* ]]; then echo "$*" >> {shlex.quote(str(calls))}; fi')
     assert finished.returncode == 0, finished.stdout + finished.stderr
     steps = calls.read_text().splitlines()
     order = [(line.split()[0].removeprefix("benchmarks/"), "--compile" in line.split(), line.split()[line.split().index(
@@ -620,7 +621,7 @@ def test_gpu_environment_finds_the_merges_file_and_which_libraries_import(benchm
     assert "captions: random ids" in capsys.readouterr().out
     (carry / "cache" / gpu_environment.MERGES_FILE_NAME).write_bytes(b"carried")
     assert gpu_environment.main(["--device", "cpu", "--carry", str(carry), "--env-file", str(environment_file)]) == 0
-    assert settings()["CLIP_CACHE_DIR"] == str((carry / "cache").resolve())  # for the steps
+    assert settings()["CLIP_CACHE_DIR"] == shlex.quote(str((carry / "cache").resolve()))  # for the steps (sourced)
     assert "captions: clip.tokenize" in capsys.readouterr().out  # and already for this process's own check
     monkeypatch.setenv("CLIP_CACHE_DIR", str(cache))
     (cache / gpu_environment.MERGES_FILE_NAME).write_bytes(b"cached")
@@ -651,7 +652,7 @@ def test_gpu_script_removes_the_temporary_files_its_steps_leave(tmp_path):
     # train_step's compile caches are temporary folders that a step killed at its timeout cannot remove (here
     # every step leaves one and returns): they go with gpu.sh's own, not into the machine's /tmp.
     made = tmp_path / "made"
-    finished = run_gpu_script_with_fake_python(tmp_path, f'if [[ "$1" == benchmarks/* ]]; then mktemp -d >> {made}; fi',
+    finished = run_gpu_script_with_fake_python(tmp_path, f'if [[ "$1" == benchmarks/* ]]; then mktemp -d >> {shlex.quote(str(made))}; fi',
                                                DRY_RUN="cpu")
     assert finished.returncode == 0, finished.stdout + finished.stderr
     folders = made.read_text().split()

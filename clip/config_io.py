@@ -645,8 +645,10 @@ def _merge_tables(into: dict, tables: dict) -> list[str]:
     return replaced
 
 
-def load_config(path: str | Path | None, overrides: typing.Sequence[str], schema: type[T]) -> T:
-    """Reads a TOML file (or nothing) into `schema`, then applies `a.b=value` overrides; all type-checked. An
+def load_config(path: str | Path | None, overrides: typing.Sequence[str], schema: type[T],
+                given: typing.Mapping[str, Any] | None = None) -> T:
+    """Reads a TOML file (or nothing) into `schema`, then applies `a.b=value` overrides, then `given`'s top-level
+    values as they are (a command's own option, such as clip-train's --output-dir); all type-checked. An
     error in the file's contents names the file, as a TOML syntax error does: in a cluster job's log "unknown
     config key" did not say which of its recipes held it."""
     file_data: dict = {} if path is None else _read_toml(Path(path))
@@ -655,6 +657,9 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str], schema
     set_by: _SetBy = {}
     for assignment in overrides:  # an override's own errors name the override
         apply_override(data, schema, assignment, set_by)
+    # Before the checks: put in after them, the file's value was checked first, and one it refused (output_dir =
+    # "$SCRATCH/run", whose message says to give --output-dir instead) could not be replaced
+    data.update(given or {})
     try:
         return _from_whole_config(schema, data)
     except ConfigError as error:

@@ -1337,3 +1337,25 @@ def test_an_environment_variable_in_output_dir_is_refused_with_the_way_to_give_i
                                               r"--output-dir \""):
             load_config(demo, [f"output_dir={written}"], TrainConfig)
     assert load_config(demo, ["output_dir=runs/cost$"], TrainConfig).output_dir == "runs/cost$"  # no variable there
+
+
+def test_output_dir_given_by_the_command_replaces_a_refused_one_before_it_is_checked(tmp_path, monkeypatch):
+    # The refusal says to give --output-dir instead; it was put in after the file's value had been checked, so the
+    # same refusal came back. Also for a file's output_dir = "" and for clip-train itself
+    import clip.cli.train as train_cli
+    from clip.config import TrainConfig
+
+    recipe = tmp_path / "scratch.toml"
+    demo = (Path(__file__).parent.parent / "configs" / "demo.toml").read_text(encoding="utf-8")
+    for written in ("", "$SCRATCH/runs/demo"):
+        recipe.write_text(f'output_dir = "{written}"\n' + demo.replace("output_dir", "# output_dir"), encoding="utf-8")
+        with pytest.raises(ConfigError, match="^" + re.escape(str(recipe)) + ": output_dir"):
+            load_config(recipe, [], TrainConfig)
+        given = {"output_dir": str(tmp_path / "run")}
+        assert load_config(recipe, [], TrainConfig, given=given).output_dir == str(tmp_path / "run")
+    with pytest.raises(ConfigError, match="^output_dir"):  # the given value is checked as the file's is
+        load_config(recipe, [], TrainConfig, given={"output_dir": ""})
+    started = []
+    monkeypatch.setattr(train_cli, "run", lambda config, *rest: started.append(config.output_dir) or 0)
+    assert train_cli.main([str(recipe), "--output-dir", str(tmp_path / "run")]) == 0
+    assert started == [str(tmp_path / "run")]

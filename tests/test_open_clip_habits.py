@@ -161,3 +161,13 @@ def test_open_clip_s_precision_names_are_hinted_at_for_the_precision_field_only(
     with pytest.raises(ConfigError) as raised:
         load_config(None, ["train.batch_size=amp_bf16"], TrainConfig)
     assert "open_clip" not in str(raised.value)
+
+
+def test_an_override_written_as_an_option_says_to_drop_the_dashes(capsys):
+    # argparse's "unrecognized arguments: --train.seed=3" did not say that an override is written without them
+    with pytest.raises(SystemExit) as exit_info:
+        main(["configs/demo.toml", "--train.seed=3", "--schedule.steps", "4"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "written without dashes" in error and "unrecognized arguments" not in error
+    assert "--train.seed=3 -> train.seed=3" in error and "--schedule.steps -> schedule.steps=VALUE" in error

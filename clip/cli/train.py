@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import dataclasses
 import logging
 import os
 import signal
@@ -133,6 +132,16 @@ def open_clip_flags_error(argv: list[str]) -> str | None:
             + "\n".join(lines))
 
 
+def dashed_overrides_error(argv: list[str]) -> str | None:
+    """What to write instead of overrides given as options (`--train.seed=3`, `--train.seed 3`: argparse's
+    "unrecognized arguments" did not say that an override takes no dashes); None when there are none."""
+    named = [arg for arg in argv if arg.startswith("--") and "." in arg.partition("=")[0]]
+    if not named:
+        return None
+    lines = [f"  {arg} -> {arg[2:] if '=' in arg else arg[2:] + '=VALUE'}" for arg in named]
+    return "config overrides are written without dashes, as section.key=value after the config:\n" + "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="clip-train",
@@ -145,9 +154,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # default: a `*` positional without one is listed as required when the config is missing
     parser.add_argument("overrides", nargs="*", default=[], metavar="section.key=value",
                         help="type-checked config overrides (below)")
-    open_clip_error = open_clip_flags_error(sys.argv[1:] if argv is None else argv)
-    if open_clip_error is not None:
-        parser.error(open_clip_error)  # usage, the message, exit status 2
+    given = sys.argv[1:] if argv is None else argv
+    for error in (open_clip_flags_error(given), dashed_overrides_error(given)):
+        if error is not None:
+            parser.error(error)  # usage, the message, exit status 2
     # intermixed: `--output-dir` may come after the positional overrides as well as before them
     return parser.parse_intermixed_args(argv)
 
@@ -315,11 +325,11 @@ def parse_and_run(argv: list[str] | None, run_took_over: Callable[..., None]) ->
             print("clip-train: both --output-dir and an output_dir= override given; --output-dir is used",
                   file=sys.stderr)
     try:
-        config = load_config(args.config, args.overrides, TrainConfig)
-        if args.output_dir is not None:  # also "" (an unset variable in a job script), which the config refuses
-            # Set as given, not written into an override: a path outside Unicode's first plane (an emoji) came
-            # back from JSON's escapes as a relative folder named after its own quoted, escaped text
-            config = dataclasses.replace(config, output_dir=args.output_dir)
+        # --output-dir also when "" (an unset variable in a job script), which the config refuses. Given as it
+        # is, not written into an override: a path outside Unicode's first plane (an emoji) came back from JSON's
+        # escapes as a relative folder named after its own quoted, escaped text
+        config = load_config(args.config, args.overrides, TrainConfig,
+                             given={} if args.output_dir is None else {"output_dir": args.output_dir})
     except ConfigError as error:
         # Every rank reads the same file and overrides: rank 0 alone says what is wrong, not each of the
         # hundreds of processes of a cluster job. Unless this rank cannot read the file (a path that exists on

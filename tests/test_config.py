@@ -1359,3 +1359,20 @@ def test_output_dir_given_by_the_command_replaces_a_refused_one_before_it_is_che
     monkeypatch.setattr(train_cli, "run", lambda config, *rest: started.append(config.output_dir) or 0)
     assert train_cli.main([str(recipe), "--output-dir", str(tmp_path / "run")]) == 0
     assert started == [str(tmp_path / "run")]
+
+
+@pytest.mark.parametrize(("table", "key", "said"), [
+    ('[[eval.retrieval]]\nname = "coco"\n', "eval.retrieval[0].annotations", "Karpathy JSON or CSV/TSV/JSONL manifest"),
+    ('[[eval.zeroshot]]\nkind = "imagefolder"\n', "eval.zeroshot[0].root", "the image folder"),
+    ('[[eval.zeroshot]]\nkind = "cifar10"\n', "eval.zeroshot[0].root", "cifar-10-batches-py/"),
+])
+def test_an_evaluation_dataset_without_its_files_is_refused_with_the_config(tmp_path, table, key, said):
+    # Found when the dataset was listed, at the run's start: "a retrieval dataset needs `annotations`" named
+    # neither the file nor the table, and the run's folder had been made
+    from clip.config import TrainConfig
+
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(table, encoding="utf-8")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(recipe))}: {re.escape(key)} must be .*{re.escape(said)}"):
+        load_config(recipe, [], TrainConfig)
+    assert load_config(None, ['eval.zeroshot=[{kind="synthetic"}]'], TrainConfig).eval.zeroshot[0].root == ""

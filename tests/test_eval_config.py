@@ -23,12 +23,14 @@ from clip.evaluation.datasets import warn_about_duplicate_classnames
 def test_zeroshot_names_must_be_unique_after_defaults_apply():
     # Two unnamed imagefolder datasets are both "imagefolder": their metrics would overwrite each other.
     with pytest.raises(ValueError, match=r"^zeroshot needs a unique name per dataset.*'imagefolder' occurs more"):
-        EvalConfig(zeroshot=[ZeroShotDatasetConfig(kind="imagefolder"), ZeroShotDatasetConfig(kind="imagefolder")])
+        EvalConfig(zeroshot=[ZeroShotDatasetConfig(kind="imagefolder", root="a"),
+                             ZeroShotDatasetConfig(kind="imagefolder", root="b")])
     # the names are listed, so that the repeated one can be found among many
     with pytest.raises(ValueError, match=re.escape("occurs more than once in ['a', 'imagefolder', 'imagefolder']")):
-        EvalConfig(zeroshot=[ZeroShotDatasetConfig(name="a"), *[ZeroShotDatasetConfig(kind="imagefolder")] * 2])
+        EvalConfig(zeroshot=[ZeroShotDatasetConfig(name="a"), *[ZeroShotDatasetConfig(kind="imagefolder", root="x")] * 2])
     EvalConfig(
-        zeroshot=[ZeroShotDatasetConfig(kind="imagefolder"), ZeroShotDatasetConfig(name="b", kind="imagefolder")]
+        zeroshot=[ZeroShotDatasetConfig(kind="imagefolder", root="a"),
+                  ZeroShotDatasetConfig(name="b", kind="imagefolder", root="b")]
     )
 
 
@@ -40,7 +42,8 @@ def test_retrieval_names_default_to_the_file_stem_and_must_be_unique():
     with pytest.raises(ValueError, match=r"^retrieval needs a unique name.*'captions'"):
         EvalConfig(retrieval=same_stem)
     # Zero-shot and retrieval metrics have their own key prefixes, so one name may serve both kinds.
-    EvalConfig(zeroshot=[ZeroShotDatasetConfig(name="coco")], retrieval=[RetrievalDatasetConfig(name="coco")])
+    EvalConfig(zeroshot=[ZeroShotDatasetConfig(name="coco")],
+               retrieval=[RetrievalDatasetConfig(name="coco", annotations="coco.json")])
 
 
 def test_a_training_configs_eval_section_is_checked_when_read():
@@ -126,7 +129,7 @@ def test_repeated_names_are_found_with_a_linear_number_of_comparisons(caplog):
 def test_retrieval_quoting_takes_the_training_sources_values():
     section = {"retrieval": [{"annotations": "captions.tsv", "quoting": "csv"}]}
     assert from_dict(EvalConfig, section, "eval").retrieval[0].quoting == "csv"
-    assert RetrievalDatasetConfig().quoting == "auto"
+    assert RetrievalDatasetConfig(annotations="captions.tsv").quoting == "auto"
     section["retrieval"][0]["quoting"] = "pandas"
     with pytest.raises(ConfigError, match=r"eval.retrieval\[0\].quoting: 'pandas' is not one of 'auto', 'none', 'csv'"):
         from_dict(EvalConfig, section, "eval")

@@ -132,6 +132,12 @@ class ZeroShotDatasetConfig:
         names = sorted(BUILTIN_TEMPLATE_SETS)
         require("builtin_templates", self.builtin_templates, self.builtin_templates in names,
                 f"one of {', '.join(map(repr, names))}")
+        # Here, not when the dataset is listed: there "an imagefolder dataset needs `root`" named neither the
+        # file nor which of the [[eval.zeroshot]] tables, and came after clip-train had made the run's folder
+        folders = {"imagefolder": "the image folder (<root>/<class>/<image>, or <root>/<split>/<class>/<image>)",
+                   "cifar10": "the folder holding cifar-10-batches-py/", "cifar100": "the folder holding cifar-100-python/"}
+        require("root", self.root, self.kind == "synthetic" or bool(self.root),
+                f"{folders.get(self.kind, 'its folder')} for kind = {self.kind!r}")
         self.root = home_expanded(self.root)
         self.classnames_file = home_expanded(self.classnames_file)
         self.templates_file = home_expanded(self.templates_file)
@@ -176,6 +182,8 @@ class RetrievalDatasetConfig:
     def __post_init__(self) -> None:
         check_field_types(self)  # a pathlib.Path as its text; a wrong type refused as in a file
         require_at_least(0, max_images=self.max_images)
+        require("annotations", self.annotations, bool(self.annotations),
+                "the path of the dataset's Karpathy JSON or CSV/TSV/JSONL manifest")  # as `root` above
         require("caption_template", self.caption_template,
                 not self.caption_template or self.caption_template.count("{}") == 1,
                 'empty or a text with one "{}" where the caption goes, e.g. "a photo of {}"')

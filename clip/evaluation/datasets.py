@@ -275,16 +275,12 @@ def load_classification_data(
         dataset: Dataset = TransformedDataset(base, transform)
         names_source = templates_source = "the synthetic dataset's own"
     elif config.kind in CIFAR_LAYOUTS:
-        if not config.root:
-            raise ValueError(f"a {config.kind} dataset needs `root`")
         if config.split not in ("", "train", "test"):
             raise ValueError(f"CIFAR splits are 'train' and 'test' (or '' for test), got {config.split!r}")
         dataset = CIFARDataset(config.root, config.kind, train=config.split == "train", transform=transform)
         classnames = dataset.classes
         names_source = str(dataset.meta_file)
     elif config.kind == "imagefolder":
-        if not config.root:
-            raise ValueError("an imagefolder dataset needs `root`")
         folder = split_folder(config.root, config.split)
         if not config.split:
             refuse_split_folders_as_classes(folder)

@@ -255,8 +255,6 @@ def annotations_format(config: RetrievalDatasetConfig) -> Literal["karpathy", "m
 
 
 def load_retrieval_data(config: RetrievalDatasetConfig, warn: bool = True) -> RetrievalData:
-    if not config.annotations:
-        raise ValueError("a retrieval dataset needs `annotations`")
     if not Path(config.annotations).exists():
         # The reader's bare "[Errno 2] No such file or directory: 'pairs.csv'" named neither the setting nor the
         # dataset, in clip-train's one line as in clip-retrieval's

@@ -33,6 +33,9 @@ class WandbStartError(RuntimeError):
 
 
 WANDB_RUN_ID_FILE = "wandb_run_id"
+# W&B: the figures of an evaluation (metric names of clip.evaluation.during_training) and the step they are of
+EVALUATION_PREFIXES = ("zeroshot/", "retrieval/")
+EVALUATION_STEP = "evaluation_step"
 
 
 def require_wandb():
@@ -51,7 +54,8 @@ def require_wandb():
 def start_wandb(run_dir: Path, project: str, entity: str | None, config: dict):
     """A W&B run for this run directory: the same W&B run again when the directory is resumed (its id is kept
     in RUN_DIR/wandb_run_id), named after the directory, with the resolved config. Steps a resumed run logs
-    again are below W&B's last step, which W&B ignores (with a warning of its own). After a SIGKILL, W&B's own
+    again are below W&B's last step, which W&B ignores (with a warning of its own; an evaluation owed is logged
+    all the same, `RunLog._to_wandb`). After a SIGKILL, W&B's own
     process may not have written the last steps it was given, also steps the checkpoint covers, and a resume
     does not log those again (W&B offers no flush to call before a checkpoint): metrics.jsonl has them."""
     wandb = require_wandb()
@@ -60,10 +64,16 @@ def start_wandb(run_dir: Path, project: str, entity: str | None, config: dict):
     run_id = id_file.read_text(encoding="utf-8").strip() if id_file.exists() else secrets.token_hex(4)
     id_file.write_text(run_id + "\n", encoding="utf-8")
     try:
-        return wandb.init(
+        run = wandb.init(
             project=project, entity=entity, id=run_id, resume="allow", name=Path(run_dir).name, dir=str(run_dir),
             config=config,
         )
+        # The evaluations' charts are drawn over the step they evaluate, given with them (`RunLog.write`): one a
+        # resume owes is of a step W&B has passed, and is logged at W&B's own step
+        run.define_metric(EVALUATION_STEP, hidden=True)
+        for prefix in EVALUATION_PREFIXES:
+            run.define_metric(f"{prefix}*", step_metric=EVALUATION_STEP)
+        return run
     except Exception as error:  # wandb's UsageError, CommError, ...: a traceback through wandb said no more
         raise WandbStartError(
             f"W&B could not start the run's logging: {type(error).__name__}: {error}. Log in (`wandb login`), set "
@@ -175,7 +185,20 @@ class RunLog:
             ) from error
         scalars = self._to_tensorboard(record)
         if self.wandb_run is not None:
-            self.wandb_run.log(scalars, step=record.get("step", 0))
+            self._to_wandb(scalars, record.get("step", 0))
+
+    def _to_wandb(self, scalars: dict, step: int) -> None:
+        """Logs `scalars` of `step` to W&B, which takes no step below its own (a resumed W&B run's is the one
+        after its last): the training records of steps a resume runs again are dropped there, as W&B has them
+        from before. An evaluation is logged with its step as EVALUATION_STEP, its charts' x axis, and where W&B
+        has passed that step (the evaluation a checkpoint owes: the interrupted attempt logged the step's training
+        record), at W&B's own step: logged at its own, W&B dropped it."""
+        if not any(key.startswith(EVALUATION_PREFIXES) for key in scalars):
+            self.wandb_run.log(scalars, step=step)
+        elif step < self.wandb_run.step:
+            self.wandb_run.log({**scalars, EVALUATION_STEP: step})
+        else:
+            self.wandb_run.log({**scalars, EVALUATION_STEP: step}, step=step)
 
     def sync(self) -> None:
         """Puts the records appended so far on the disk (fsync). Called before each checkpoint is saved: the

@@ -25,11 +25,14 @@ class RecordingWandb:
     """The wandb module as start_wandb uses it: the keyword arguments of each init."""
 
     def __init__(self) -> None:
-        self.inits = []
+        self.inits, self.metrics = [], {}
 
     def init(self, **kwargs):
         self.inits.append(kwargs)
-        return kwargs
+        return self
+
+    def define_metric(self, name: str, **kwargs) -> None:
+        self.metrics[name] = kwargs
 
 
 def test_start_wandb_passes_the_entity_and_config_and_keeps_the_run_id_for_a_resume(tmp_path, monkeypatch):

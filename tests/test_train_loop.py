@@ -954,6 +954,23 @@ def count_evaluations(monkeypatch) -> list[int]:
     monkeypatch.setattr(train_module, "run_evaluations", counting)
     return steps
 
+def test_weights_and_biases_gets_the_evaluation_a_resumed_run_makes_up(tmp_path, monkeypatch, caplog):
+    # The interrupted attempt logged step 3's training record, so the resumed W&B run starts at step 4, and the
+    # made-up step-3 evaluation, logged at step 3, was dropped by W&B (metrics.jsonl and TensorBoard had it)
+    import sys
+
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    args = [str(DEMO), "--output-dir", str(tmp_path), *TINY, "checkpoint.every_n_steps=0", "logging.wandb=true"]
+    stop_in_the_first_evaluation(args, monkeypatch, caplog, 3)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    assert main(args) == 0
+    evaluations = [(step, data["evaluation_step"]) for step, data in fake.logged if "zeroshot/synthetic/top1" in data]
+    assert evaluations == [(4, 3), (6, 6)]  # at W&B's own step, drawn at the step it evaluates
+    assert not any("zeroshot/synthetic/top1" in data for _, data in fake.ignored)
+    assert all("loss" in data for _, data in fake.ignored)  # the repeats of steps W&B has from before, if any
+
+
 def test_an_owed_evaluation_made_up_twice_is_recorded_once(tmp_path, monkeypatch):
     # Pre-empted in the step-3 evaluation (owed), resumed (made up, recorded), then killed before the next
     # checkpoint: the next start resumes from the same owing checkpoint and evaluates step 3 once more.
@@ -2324,18 +2341,33 @@ def test_the_mfu_is_the_flops_of_the_samples_run_at_the_runs_own_settings(tmp_pa
 
 
 class FakeWandb:
-    """What the trainer asks of the wandb package (init, Run.log, Run.finish), recorded. The real package
-    (wandb 0.31, WANDB_MODE=offline) ran the same calls when this was written; it is not a test dependency."""
+    """What the trainer asks of the wandb package (init, Run.define_metric, Run.step, Run.log, Run.finish),
+    recorded, with W&B's rule for steps: a log at a step below the run's own is dropped (in `ignored`), one
+    without a step is at the run's own step and moves it on, and a resumed run starts at the step after its last.
+    The real package (wandb 0.31, WANDB_MODE=offline) ran the same calls when this was written; it is not a test
+    dependency."""
 
     def __init__(self) -> None:
         self.inits, self.logged, self.finished, self.exit_codes = [], [], 0, []
+        self.metrics, self.ignored, self.step = {}, [], 0
 
     def init(self, **kwargs):
         self.inits.append(kwargs)
+        self.step = max((step for step, _ in self.logged), default=-1) + 1
         return self
 
-    def log(self, data: dict, step: int) -> None:
-        self.logged.append((step, data))
+    def define_metric(self, name: str, **kwargs) -> None:
+        self.metrics[name] = kwargs
+
+    def log(self, data: dict, step: int | None = None) -> None:
+        if step is None:
+            self.logged.append((self.step, data))
+            self.step += 1
+        elif step < self.step:
+            self.ignored.append((step, data))
+        else:
+            self.step = step
+            self.logged.append((step, data))
 
     def finish(self, exit_code: int | None = None) -> None:
         self.finished += 1
@@ -2356,6 +2388,8 @@ def test_weights_and_biases_gets_the_metrics_and_a_resumed_run_continues_its_run
     assert first["config"]["train"]["batch_size"] == 8 and fake.finished == 2 and fake.exit_codes == [0, 0]
     steps = [step for step, _ in fake.logged]
     assert steps == sorted(steps) and steps[-1] == 4
+    assert fake.metrics["zeroshot/*"] == {"step_metric": "evaluation_step"}  # the evaluations' x axis
+    assert [data["evaluation_step"] for step, data in fake.logged if "zeroshot/synthetic/top1" in data] == [2, 4]
     last = [data for step, data in fake.logged if step == 4]
     assert any("loss" in data for data in last) and any("zeroshot/synthetic/top1" in data for data in last)
     assert all(isinstance(v, (int, float)) for _, data in fake.logged for v in data.values())

@@ -147,9 +147,15 @@ def init_distributed(backend: str | None = None, device: str = "auto") -> Distri
     if launch.rank == 0:
         # Said before the wait: a world size the ranks do not fill (python run by hand in an sbatch script,
         # which sets SLURM_PROCID and SLURM_NTASKS without srun's tasks) waits out COLLECTIVE_TIMEOUT silently.
-        logger.info(
-            "rank 0 of %d (%s's variables): waiting at %s:%d for the other ranks to join (at most %d minutes)",
+        # srun sets SLURM_STEP_NUM_TASKS in every task; the batch script's own shell has SLURM_NTASKS alone
+        outside_srun = launch.launcher == "slurm" and "SLURM_STEP_NUM_TASKS" not in os.environ
+        logger.log(
+            logging.WARNING if outside_srun else logging.INFO,
+            "rank 0 of %d (%s's variables): waiting at %s:%d for the other ranks to join (at most %d minutes)%s",
             launch.world_size, launch.launcher, host, launch.master_port, COLLECTIVE_TIMEOUT.total_seconds() // 60,
+            "; SLURM_STEP_NUM_TASKS is not set, as in the batch script itself rather than in a task of srun: "
+            "started there, by hand, this process is alone and waits for ranks that never come (launch the job's "
+            "processes with srun, or torchrun)" if outside_srun else "",
         )
     # Imported before the group exists: its functions' default `group=group.WORLD` is evaluated at import, and
     # imported later (torch._dynamo imports it, which the optimizer's constructor imports) it held the default

@@ -128,9 +128,34 @@ def read_launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment
     LauncherMisconfigured where they make no run, also for RANK or WORLD_SIZE without the rest of torchrun's
     (under srun: one that is not SLURM's)."""
     try:
-        return _launcher_environment(environ)
+        launch = _launcher_environment(environ)
     except ValueError as error:  # a rank that is no number, a node list that does not parse
         raise LauncherMisconfigured(f"cannot read the launcher's variables: {error}") from error
+    if launch is not None:
+        _check_ranges(launch, environ)
+    return launch
+
+
+def _check_ranges(launch: LauncherEnvironment, environ: Mapping[str, str]) -> None:
+    """LauncherMisconfigured for numbers that make no process group: torch's own errors were a traceback ("Port out
+    of range" for `export MASTER_PORT=$((29500 + SLURM_JOB_ID))`, "TCPStore world size cannot be 0"), a misleading
+    "rank parameter missing" for a negative rank, or, for a rank beyond the world size, a wait of 30 minutes."""
+    torchrun = launch.launcher == "torchrun"
+    names = {"rank": "RANK" if torchrun else "SLURM_PROCID",
+             "world_size": "WORLD_SIZE" if torchrun else _slurm_task_count_name(environ),
+             "local_rank": "LOCAL_RANK" if torchrun else "SLURM_LOCALID"}
+    problems = []
+    if launch.world_size < 1:
+        problems.append(f"{names['world_size']}={launch.world_size} is no number of processes (at least 1)")
+    elif not 0 <= launch.rank < launch.world_size:
+        problems.append(f"{names['rank']}={launch.rank} is not a rank of {launch.world_size} processes "
+                        f"(0 to {launch.world_size - 1}, from {names['world_size']})")
+    if launch.local_rank < 0:
+        problems.append(f"{names['local_rank']}={launch.local_rank} is negative")
+    if not 1 <= launch.master_port <= 65535:
+        problems.append(f"MASTER_PORT={launch.master_port} is no TCP port (1 to 65535)")
+    if problems:
+        raise LauncherMisconfigured(f"the launcher's variables make no process group: {'; '.join(problems)}")
 
 
 def _launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment | None:

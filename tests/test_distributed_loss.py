@@ -2,6 +2,7 @@
 DDP-averaged gradients must equal one process on the concatenated batch."""
 
 import math
+import re
 import subprocess
 from types import SimpleNamespace
 
@@ -440,9 +441,17 @@ def test_rank_0_says_where_and_for_how_many_ranks_it_waits_before_the_rendezvous
         monkeypatch.setenv(name, value)
     with caplog.at_level("INFO", logger="clip.distributed"):
         init_distributed(device="cpu")
-    assert caplog.messages == [
-        "rank 0 of 256 (slurm's variables): waiting at node07:29500 for the other ranks to join (at most 30 minutes)"
-    ]
+    (said,) = caplog.records  # a warning, saying why it may wait for nothing
+    assert said.levelname == "WARNING" and said.message.startswith(
+        "rank 0 of 256 (slurm's variables): waiting at node07:29500 for the other ranks to join (at most 30 minutes); "
+        "SLURM_STEP_NUM_TASKS is not set, as in the batch script itself rather than in a task of srun")
+    caplog.clear()
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "256")  # a task of srun's
+    with caplog.at_level("INFO", logger="clip.distributed"):
+        init_distributed(device="cpu")
+    assert [(record.levelname, record.message) for record in caplog.records] == [
+        ("INFO", "rank 0 of 256 (slurm's variables): waiting at node07:29500 for the other ranks to join (at most 30 "
+                 "minutes)")]
     caplog.clear()
     monkeypatch.setenv("SLURM_PROCID", "1")
     with caplog.at_level("INFO", logger="clip.distributed"):
@@ -593,3 +602,32 @@ def test_a_subgroup_places_this_ranks_rows_by_its_rank_in_the_group_and_averages
         expected = -F.logsigmoid(signs * logits).sum() / 3
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(metrics["loss"], expected)  # summed over the subgroup's 2, divided by 2
+
+
+@pytest.mark.parametrize(("changed", "said"), [
+    ({"MASTER_PORT": "99999"}, "MASTER_PORT=99999 is no TCP port (1 to 65535)"),
+    ({"MASTER_PORT": "0"}, "MASTER_PORT=0 is no TCP port"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0 is no number of processes (at least 1)"),
+    ({"RANK": "-1"}, "RANK=-1 is not a rank of 2 processes (0 to 1, from WORLD_SIZE)"),
+    ({"RANK": "2"}, "RANK=2 is not a rank of 2 processes"),
+    ({"LOCAL_RANK": "-1"}, "LOCAL_RANK=-1 is negative"),
+])
+def test_launcher_numbers_that_make_no_process_group_are_refused_naming_the_variable(changed, said):
+    # torch's own errors: a traceback ("Port out of range" for `export MASTER_PORT=$((29500 + SLURM_JOB_ID))`,
+    # "TCPStore world size cannot be 0"), "rank parameter missing" for a negative rank, and for a rank beyond the
+    # world a 30-minute wait
+    torchrun = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1234"}
+    with pytest.raises(RuntimeError, match="^the launcher's variables make no process group: " + re.escape(said)):
+        read_launcher_environment({**torchrun, **changed})
+    assert read_launcher_environment(torchrun).rank == 1
+
+
+def test_slurm_numbers_that_make_no_process_group_are_refused_naming_slurm_s_variables():
+    task = {"SLURM_PROCID": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "gpu[1-2]"}
+    with pytest.raises(RuntimeError, match=re.escape("SLURM_PROCID=2 is not a rank of 2 processes (0 to 1, from "
+                                                     "SLURM_STEP_NUM_TASKS)")):
+        read_launcher_environment(task)
+    with pytest.raises(RuntimeError, match=re.escape("SLURM_STEP_NUM_TASKS=0 is no number of processes")):
+        read_launcher_environment({**task, "SLURM_STEP_NUM_TASKS": "0"})
+    with pytest.raises(RuntimeError, match=re.escape("MASTER_PORT=70000 is no TCP port")):
+        read_launcher_environment({**task, "SLURM_PROCID": "1", "MASTER_PORT": "70000"})

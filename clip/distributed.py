@@ -60,6 +60,10 @@ class DeviceUnavailable(DeviceNotAvailableError):
     A DeviceNotAvailableError, as clip.load's refusal of a device is: one type catches both."""
 
 
+class RendezvousPortInUse(RuntimeError):
+    """Rank 0 cannot listen at the launcher's port: another program has it (said in one line by clip-train)."""
+
+
 def _select_device(device: str, local_rank: int) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -164,14 +168,25 @@ def init_distributed(backend: str | None = None, device: str = "auto") -> Distri
     # and a thread that asks for it then is ended mid-destructor: std::terminate, status -6
     import torch.distributed.nn.functional  # noqa: F401
     with default_signal_action():
-        dist.init_process_group(
-            backend=backend,
-            init_method=f"tcp://{host}:{launch.master_port}",
-            rank=launch.rank,
-            world_size=launch.world_size,
-            device_id=selected if selected.type == "cuda" else None,
-            timeout=COLLECTIVE_TIMEOUT,
-        )
+        try:
+            dist.init_process_group(
+                backend=backend,
+                init_method=f"tcp://{host}:{launch.master_port}",
+                rank=launch.rank,
+                world_size=launch.world_size,
+                device_id=selected if selected.type == "cuda" else None,
+                timeout=COLLECTIVE_TIMEOUT,
+            )
+        except dist.DistNetworkError as error:
+            # torch's traceback named the port but not the variable that sets it. Two SLURM jobs on one node may
+            # be given one port (`clip.launcher`'s default, 1 in 1000); the other job's ranks are not disturbed
+            if "EADDRINUSE" not in str(error):
+                raise
+            raise RendezvousPortInUse(
+                f"rank 0 cannot wait for the other ranks at port {launch.master_port} of {host}: another program "
+                f"(another job's rank 0?) is listening there; give the ranks a free one: MASTER_PORT exported before "
+                f"srun, or torchrun's --master-port"
+            ) from error
     return DistributedInfo(
         rank=launch.rank, world_size=launch.world_size, local_rank=launch.local_rank, device=selected
     )

@@ -459,6 +459,33 @@ def test_rank_0_says_where_and_for_how_many_ranks_it_waits_before_the_rendezvous
     assert caplog.messages == []  # the others say nothing: hundreds of lines in a large job
 
 
+def test_a_port_another_program_listens_at_is_one_error_naming_master_port(monkeypatch):
+    # torch's DistNetworkError traceback (EADDRINUSE) named the port but not what sets it: two SLURM jobs on one
+    # node can be given the same default port
+    from clip import distributed
+
+    def port_taken(**kwargs):
+        raise dist.DistNetworkError("The server socket has failed to listen on any local network address. port: "
+                                    "29742, useIpv6: false, code: -98, name: EADDRINUSE, message: address already in use")
+
+    monkeypatch.setattr(distributed.dist, "init_process_group", port_taken)
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "29742"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(distributed.RendezvousPortInUse, match=r"^rank 0 cannot wait for the other ranks at port 29742 "
+                                                               r"of 127\.0\.0\.1: .* MASTER_PORT exported before srun"):
+        init_distributed(device="cpu")
+
+    def unreachable(**kwargs):
+        raise dist.DistNetworkError("connection refused")
+
+    monkeypatch.setattr(distributed.dist, "init_process_group", unreachable)
+    with pytest.raises(dist.DistNetworkError, match="^connection refused$"):  # other network errors: torch's own
+        init_distributed(device="cpu")
+
+
 class TinyTwoTower(nn.Module):
     """Two linear encoders with CLIP's or SigLIP's logit parameters."""
 

@@ -36,12 +36,16 @@ def executable(path: Path, text: str) -> Path:
     return path
 
 
-def submit(tmp_path: Path, status: int = 0, **variables: str) -> tuple[subprocess.CompletedProcess, Path]:
-    """The job script run in `tmp_path/job` (the submission folder), whose PATH has the stand-ins: `python` and
-    `clip-train` are the stub."""
+def submit(tmp_path: Path, status: int = 0, checkout: bool = True,
+           **variables: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """The job script run in `tmp_path/job` (the submission folder: a checkout's root, holding scripts/train.py,
+    unless not `checkout`), whose PATH has the stand-ins: `python` and `clip-train` are the stub."""
     bin_dir, records, job_dir = tmp_path / "bin", tmp_path / "records", tmp_path / "job"
     for folder in (bin_dir, records, job_dir):
         folder.mkdir()
+    if checkout:
+        (job_dir / "scripts").mkdir()
+        (job_dir / "scripts" / "train.py").write_text("# the stub python runs in its place\n")
     executable(bin_dir / "srun", FAKE_SRUN)
     executable(bin_dir / "scontrol", FAKE_SCONTROL)
     for name in ("python", "clip-train"):
@@ -79,3 +83,15 @@ def test_a_failed_run_is_the_jobs_failure_and_not_requeued(tmp_path):
     ended, records = submit(tmp_path, status=1, CLIP_TRAIN="clip-train")
     assert ended.returncode == 1
     assert not (records / "scontrol").exists()
+
+
+def test_a_job_started_outside_a_checkout_says_so_once_and_is_not_requeued(tmp_path):
+    # Every task's python said "can't open file .../scripts/train.py" (status 2), nothing said where to submit from
+    ended, records = submit(tmp_path, checkout=False)
+    assert ended.returncode == 2
+    assert ended.stderr.startswith(f"slurm_train.sbatch: no scripts/train.py in {tmp_path / 'job'}, where the job "
+                                   f"started: submit from the checkout's root")
+    assert not (records / "ran").exists() and not (records / "scontrol").exists()
+    (tmp_path / "installed").mkdir()
+    ended, records = submit(tmp_path / "installed", checkout=False, CLIP_TRAIN="clip-train")  # needs no checkout
+    assert ended.returncode == 0 and (records / "ran").read_text().startswith("clip-train ")

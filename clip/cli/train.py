@@ -29,7 +29,7 @@ from ..config_io import ConfigError
 from ..data.loader import worker_death
 from ..data.stream import UnusableData
 from ..dependencies import MissingDependency
-from ..distributed import DeviceUnavailable, failed_on_another_rank
+from ..distributed import DeviceUnavailable, RendezvousPortInUse, failed_on_another_rank
 from ..download import DownloadError
 from ..launcher import LauncherEnvironment, LauncherMisconfigured, read_launcher_environment
 from ..loading import ModelNotFoundError
@@ -466,7 +466,7 @@ def run(
     # train.init_weights naming no weights or weights of another architecture, a device this machine lacks
     except (
         BadTrainingInput, ResumeRefused, RunDirectoryInUse, WeightsFileError, ModelNotFoundError, UnusableData,
-        DeviceUnavailable,
+        DeviceUnavailable, RendezvousPortInUse,
     ) as error:
         if said_by_rank_0(error, launcher):
             return 2

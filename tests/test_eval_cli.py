@@ -241,6 +241,14 @@ def test_retrieval_results_of_another_dataset_are_kept_aside(tmp_path, tiny_chec
     assert retrieval_cli.main(["--model", str(tiny_checkpoint), "--device", "cpu", "--workers", "0",
                                "--annotations", "./b//pairs.csv", "--output-dir", str(out)]) == 0
     assert len(list(out.glob("retrieval_results_kept_*.json"))) == 1
+    # One relative path, started in two folders: two files. The record kept the path as typed, which the second
+    # run read as relative to its own folder, and replaced the first's results as its own
+    for folder in ("a", "b"):
+        monkeypatch.chdir(tmp_path / folder)
+        assert retrieval_cli.main(["--model", str(tiny_checkpoint), "--device", "cpu", "--workers", "0",
+                                   "--annotations", "pairs.csv", "--output-dir", str(tmp_path / "elsewhere")]) == 0
+    (kept,) = (tmp_path / "elsewhere").glob("retrieval_results_kept_*.json")
+    assert json.loads(kept.read_text())["dataset"]["annotations"] == str(tmp_path / "a" / "pairs.csv")
 
 
 def test_results_json_records_what_a_reproduction_needs(tmp_path, tiny_checkpoint, datasets):
@@ -1161,7 +1169,7 @@ def test_each_dataset_gets_its_own_default_output_folder(tmp_path, tiny_checkpoi
             f"{root.name}-{hashlib.sha256(os.fsencode(root.resolve())).hexdigest()[:8]}"
         assert name in folders
         result = json.loads((tmp_path / "linear_probe_results" / name / "linear_probe_results.json").read_text())
-        assert result["data"]["root"] in (None if root is None else str(root), str(root) + "/")
+        assert result["data"]["root"] == (None if root is None else str(root))  # absolute, without the "/"
         assert (tmp_path / "linear_probe_results" / name / "features" / "train.pt").is_file()
 
 

@@ -280,7 +280,7 @@ def data_record(args: argparse.Namespace, base: ZeroShotDatasetConfig, classname
     not say which root or splits gave the results, nor what the validation split was."""
     synthetic = base.kind == "synthetic"
     return {
-        "root": None if synthetic else base.root,
+        "root": None if synthetic else os.path.abspath(base.root),  # as clip-retrieval's dataset_record's paths
         "train_split": args.train_split,
         "val_split": args.val_split or None,  # None: held out of train
         "val_fraction": None if args.val_split else args.val_fraction,

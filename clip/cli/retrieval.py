@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -90,10 +91,12 @@ def dataset_record(dataset: RetrievalDatasetConfig) -> dict:
     """Which images and captions the results are of: the name and counts alone did not say which annotations
     file, image folder or split (COCO's test or val, a restval) gave them."""
     format_ = annotations_format(dataset)
+    # Absolute: a relative path was compared, by the next run into the same folder, as relative to that run's
+    # current folder (`keep_results_of_other_weights`), so one started elsewhere took other files for these
     return {
-        "annotations": dataset.annotations,
+        "annotations": os.path.abspath(dataset.annotations),
         "format": format_,
-        "image_root": dataset.image_root or str(Path(dataset.annotations).parent),
+        "image_root": os.path.abspath(dataset.image_root or Path(dataset.annotations).parent),
         "split": dataset.split if format_ == "karpathy" else None,  # a manifest's rows are all evaluated
         "max_images": dataset.max_images,
     }

@@ -58,3 +58,21 @@ def test_a_logged_tracebacks_urls_lose_their_passwords_too() -> None:
     finally:
         logger.removeHandler(handler)
     assert "OSError: cannot read http://alice:***@h/x.tar" in stream.getvalue() and "Secret" not in stream.getvalue()
+
+
+def test_an_unexpected_errors_traceback_on_the_console_hides_url_passwords(tmp_path) -> None:
+    # Errors main() does not expect end the command in Python's own traceback, which showed a URL's password whole
+    import subprocess
+    import sys
+
+    code = ("import sys, clip.cli.train as cli\n"
+            "def failing(*args, **kwargs):\n"
+            "    raise RuntimeError('cannot read https://alice:Secret@store.example/s-000.tar')\n"
+            "cli.train = failing\n"
+            f"sys.argv = ['clip-train', {str(DEMO)!r}, '--output-dir', {str(tmp_path / 'run')!r}]\n"
+            "cli.command()\n")
+    ended = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert ended.returncode == 1
+    assert "Traceback (most recent call last)" in ended.stderr
+    assert "RuntimeError: cannot read https://alice:***@store.example/s-000.tar" in ended.stderr
+    assert "Secret" not in ended.stderr

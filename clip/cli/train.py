@@ -371,7 +371,15 @@ def command() -> NoReturn:
     for sig in STOP_SIGNALS:
         signal.signal(sig, while_exiting)
     atexit.register(ignore_signals_in_the_teardown)
+    sys.excepthook = traceback_with_url_passwords_hidden
     sys.exit(main())
+
+
+def traceback_with_url_passwords_hidden(kind: type[BaseException], error: BaseException, trace) -> None:
+    """The command's `sys.excepthook`: Python's traceback of an error `main` did not expect, on stderr as Python
+    writes it, the passwords of its URLs hidden as in the run's log lines (train.log has the same traceback
+    hidden already; the console's showed them whole)."""
+    sys.stderr.write(hide_url_passwords("".join(traceback.format_exception(kind, error, trace))))
 
 
 def ignore_signals_in_the_teardown() -> None:

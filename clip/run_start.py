@@ -323,6 +323,37 @@ def record_run_start(run_dir: Path, config_dict: dict, resumed: bool, start_step
         log.info("the results of the run's end at step %d are now %s", ended_at, kept)
 
 
+def keep_results_of_other_evaluations(run_dir: Path, eval_settings: dict) -> None:
+    """Moves a finished run's results.json aside, to results_kept_TIME.json (TIME: its last change), when the
+    [eval] settings it records (`train` writes them) are not `eval_settings`, those of the run started again to
+    evaluate it: the new figures (other datasets, other sample counts) replaced the earlier ones without a trace,
+    while config.toml and the checkpoint still named the earlier settings. Results of the same settings (a final
+    evaluation that was interrupted or could not be written, run again) and of an earlier version, which record
+    none, are replaced as before."""
+    path = run_dir / "results.json"
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8")).get("eval")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not isinstance(recorded, dict) or recorded == eval_settings:
+        return
+    import time
+
+    stamp = time.strftime("%Y-%m-%dT%H-%M-%S", time.localtime(path.stat().st_mtime))
+    kept, number = path.with_name(f"results_kept_{stamp}.json"), 1
+    while kept.exists():
+        number += 1
+        kept = path.with_name(f"results_kept_{stamp}_{number}.json")
+    try:
+        path.replace(kept)
+    except OSError as error:  # the new results replace them, as before: no reason to refuse the evaluation
+        log.warning("results.json holds the evaluation of other settings, and could not be kept as %s: %s", kept.name,
+                    error.strerror or error)
+        return
+    changed = ", ".join(f"eval.{key}" for key, _, _ in differences(recorded, eval_settings)[:5])
+    log.info("results.json holds the evaluation of other settings (%s): kept as %s", changed, kept.name)
+
+
 class RunDirectoryWatch:
     """Rank 0's look, before each write into the run directory, that it is still the folder the run took. One
     deleted (or moved away) under a running run was made again by the next checkpoint's save without a word: no

@@ -69,6 +69,7 @@ from .run_start import (
     bad_input_on_every_rank,
     build_training_module,
     configure_process,
+    keep_results_of_other_evaluations,
     record_run_start,
     refuse_configs_that_differ_between_ranks,
     run_directory_held,
@@ -382,6 +383,8 @@ def _train(
         # abandoned its start (status 75) while the others, past their setup, failed in the first step's collective
         # (status 1, no checkpoint). The ranks now stop together after the first step, with a checkpoint.
         end_setup()
+    if dist_info.is_main and already_finished:
+        keep_results_of_other_evaluations(run_dir, config_dict["eval"])
     if dist_info.is_main and not already_finished:
         # Written once the run's data is set up too: a refused resume, or a start whose data cannot be used
         # (a mistyped path), leaves the run's recorded config and results alone.
@@ -811,7 +814,9 @@ def _train(
                 log.warning("%s; results.json is not written (the final figures are in this log)", error)
                 directory_kept = False
             if complete and directory_kept:
-                write_results(run_dir / "results.json", {**final, "init_weights": init_weights})
+                # With the evaluations' settings: a finished run can be evaluated again with others
+                write_results(run_dir / "results.json", {**final, "init_weights": init_weights,
+                                                         "eval": config_dict["eval"]})
                 if config.logging.plot:
                     plot_if_possible(run_dir)
             run_log.close()  # after the results: a results.json that cannot be written fails the W&B run too

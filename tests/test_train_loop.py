@@ -1140,6 +1140,25 @@ def test_evaluating_a_finished_run_again_replaces_its_final_evaluation_record(tm
     assert [r["step"] for r in records if "loss" in r] == [1, 2]  # the training records stay
 
 
+def test_a_finished_run_evaluated_again_with_other_settings_keeps_the_earlier_results(tmp_path, caplog):
+    # The new figures (here of twice the images) replaced results.json, while config.toml and the checkpoint
+    # still named the earlier settings: nothing said which settings gave which figures
+    config = tiny_config(tmp_path, "schedule.steps=2", "eval.every_n_steps=0")
+    train(config)
+    first = json.loads((tmp_path / "results.json").read_text())
+    assert first["eval"]["zeroshot"][0]["num_samples"] == config.eval.zeroshot[0].num_samples  # what gave them
+    train(config)  # the same settings: replaced, as the rerun of an evaluation
+    assert not list(tmp_path.glob("results_kept_*.json"))
+    more = config.eval.zeroshot[0].num_samples * 2
+    with caplog.at_level(logging.INFO, logger="clip.train"):
+        train(tiny_config(tmp_path, "schedule.steps=2", "eval.every_n_steps=0", f"eval.zeroshot.0.num_samples={more}"))
+    (kept,) = tmp_path.glob("results_kept_*.json")
+    assert json.loads(kept.read_text()) == first
+    assert json.loads((tmp_path / "results.json").read_text())["eval"]["zeroshot"][0]["num_samples"] == more
+    assert f"results.json holds the evaluation of other settings (eval.zeroshot.0.num_samples): kept as {kept.name}" \
+        in caplog.text
+
+
 def test_lowering_the_steps_below_the_checkpoints_evaluates_it_and_says_so(tmp_path, caplog):
     # It read "finished its 3 steps already", of a run now configured for 2
     train(tiny_config(tmp_path, "schedule.steps=3", "eval.every_n_steps=0", "eval.zeroshot=[]"))

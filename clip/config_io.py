@@ -55,9 +55,10 @@ class ConfigError(ValueError):
 class UnknownKey(ConfigError):
     """A key that its section does not have: `name` is its dotted path, `key` its last part."""
 
-    def __init__(self, message: str, name: str, key: str) -> None:
+    def __init__(self, message: str, name: str, key: str, in_tables: bool = False) -> None:
         super().__init__(message)
-        self.name, self.key = name, key
+        # in_tables: a field of the section's arrays of tables, which the message names
+        self.name, self.key, self.in_tables = name, key, in_tables
 
 
 # The string that stands for None, which TOML cannot write (compared case-insensitively).
@@ -213,7 +214,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {short_repr(value)}")
+            tables = origin is list and args and dataclasses.is_dataclass(args[0]) and isinstance(value, dict)
+            # [data.sources] (one bracket) is one table; an array of tables is written [[data.sources]]
+            header = f" (an array of tables: each one headed [[{where}]], with two brackets)" if tables else ""
+            raise ConfigError(f"{where}: expected a list{header}, got {short_repr(value)}")
         if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
             if len(value) != len(args):
                 raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
@@ -267,8 +271,14 @@ def from_dict(schema: type[T], data: dict, where: str = "") -> T:
         key = unknown[0]
         name = f"{where}.{key}" if where else key
         hint = _schema_hint(schema, key, data[key])
-        advice = f" ({hint}).{_valid_keys(where, fields)}" if hint else f".{_closest(key, fields, table=where)}"
-        raise UnknownKey(f"unknown config key {name!r}{advice}", name, key)
+        tables = [f"[[{where}.{name}]]" if where else f"[[{name}]]" for name in _arrays_of_tables_with(schema, key)]
+        if hint:
+            advice = f" ({hint}).{_valid_keys(where, fields)}"
+        elif tables:  # [data] path = ...: a field of each [[data.sources]] table, which no spelling near it finds
+            advice = f". Did you mean {key!r} in {' or '.join(f'a {table} table' for table in tables)}?"
+        else:
+            advice = f".{_closest(key, fields, table=where)}"
+        raise UnknownKey(f"unknown config key {name!r}{advice}", name, key, in_tables=bool(tables) and not hint)
     return _built(schema, _checked_values(schema, data, where), where)
 
 
@@ -548,7 +558,10 @@ def _apply_override(
             full = ".".join([*above, *keys[: depth + 1]])
             # batch_size=8, train.lr=1e-4: a key of another section, which no spelling near it finds
             elsewhere = _paths_named(schema, key, above)
-            if elsewhere:
+            tables = _arrays_of_tables_with(node_schema, key) if dataclasses.is_dataclass(node_schema) else []
+            if tables:  # data.path=, data.kind= (open_clip's --train-data habit): a field of each [[data.sources]]
+                advice = f". Did you mean {' or '.join(repr(f'{prefix}.{table}.0.{key}') for table in tables)}?"
+            elif elsewhere:
                 advice = f". Did you mean {' or '.join(map(repr, elsewhere))}?"
             else:
                 hint = _schema_hint(node_schema, key, _parse_override_value(text.strip()))
@@ -596,6 +609,17 @@ def _apply_override(
         if not isinstance(node, dict):
             raise ConfigError(f"override {assignment!r}: {name} is {short_repr(node)}, not a section")
         node_schema = field_type
+
+
+def _arrays_of_tables_with(schema: type, key: str) -> list[str]:
+    """The fields of `schema` that are arrays of tables whose tables have a field `key` ("sources" for DataConfig
+    and "path")."""
+    found = []
+    for name, field_type in _field_types(schema).items():
+        element = typing.get_args(field_type)[0] if typing.get_origin(field_type) is list else None
+        if dataclasses.is_dataclass(element) and key in _field_types(element):
+            found.append(name)
+    return found
 
 
 def _paths_named(schema: type, name: str, above: list[str]) -> list[str]:
@@ -686,7 +710,7 @@ def _from_whole_config(schema: type[T], data: dict) -> T:
         # [train] lr = 1e-5, warmup_steps under [train]: a key of another section, as for an override (whose
         # check names it); its closest sibling ('accumulation_steps') would mislead
         elsewhere = [path for path in _paths_named(schema, error.key, []) if path != error.name]
-        if not elsewhere:
+        if not elsewhere or error.in_tables:  # a field of the section's own [[tables]] is nearer than another's
             raise
         # A top-level key written below a [table] header is read into that table: TOML's rule, not the writer's
         placed = (" (TOML reads a key into the [table] whose header is above it: write top-level keys before "

@@ -1376,3 +1376,27 @@ def test_an_evaluation_dataset_without_its_files_is_refused_with_the_config(tmp_
     with pytest.raises(ConfigError, match=f"^{re.escape(str(recipe))}: {re.escape(key)} must be .*{re.escape(said)}"):
         load_config(recipe, [], TrainConfig)
     assert load_config(None, ['eval.zeroshot=[{kind="synthetic"}]'], TrainConfig).eval.zeroshot[0].root == ""
+
+
+def test_a_field_of_a_sections_array_of_tables_written_in_the_section_names_the_table(tmp_path):
+    # data.kind / data.path (open_clip's --train-data habit) were asked if they meant loss.kind or listed [data]'s
+    # keys; [data.sources] with one bracket "expected a list" without a word of the two brackets
+    from clip.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"'data\.kind' in override 'data\.kind=shards'\. Did you mean "
+                                          r"'data\.sources\.0\.kind'\?$"):
+        load_config(None, ["data.kind=shards"], TrainConfig)
+    with pytest.raises(ConfigError, match=r"Did you mean 'eval\.zeroshot\.0\.name' or 'eval\.retrieval\.0\.name'\?$"):
+        load_config(None, ["eval.name=x"], TrainConfig)
+    recipe = tmp_path / "recipe.toml"
+    for written, said in (('[data]\nkind = "shards"\n', r"'data\.kind'\. Did you mean 'kind' in a \[\[data\.sources\]\] "
+                                                        r"table\?$"),
+                          ('[data]\npath = "x.tar"\n', r"Did you mean 'path' in a \[\[data\.sources\]\] table\?$"),
+                          ('[data.sources]\nkind = "synthetic"\n', r"data\.sources: expected a list \(an array of "
+                                                                   r"tables: each one headed \[\[data\.sources\]\], with "
+                                                                   r"two brackets\)")):
+        recipe.write_text(written, encoding="utf-8")
+        with pytest.raises(ConfigError, match=said):
+            load_config(recipe, [], TrainConfig)
+    with pytest.raises(ConfigError, match=r"Did you mean 'optimizer\.lr'\?"):  # another section's key: as before
+        load_config(None, ["train.lr=1"], TrainConfig)

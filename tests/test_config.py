@@ -1400,3 +1400,30 @@ def test_a_field_of_a_sections_array_of_tables_written_in_the_section_names_the_
             load_config(recipe, [], TrainConfig)
     with pytest.raises(ConfigError, match=r"Did you mean 'optimizer\.lr'\?"):  # another section's key: as before
         load_config(None, ["train.lr=1"], TrainConfig)
+
+
+def test_a_runs_own_config_started_from_inside_the_run_is_refused_naming_the_run(tmp_path, monkeypatch, capsys):
+    # config.toml records output_dir as given ("runs/a"): `cd runs/a && clip-train config.toml` trained a new run in
+    # runs/a/runs/a, exit 0, where the resume of runs/a was meant
+    import clip.cli.train as train_cli
+    from clip import checkpoint as ckpt
+
+    run_dir = tmp_path / "runs" / "a"
+    (run_dir / ckpt.CHECKPOINT_DIR).mkdir(parents=True)
+    (run_dir / ckpt.CHECKPOINT_DIR / "step_00000002.pt").write_bytes(b"a checkpoint")
+    assert ckpt.list_checkpoints(run_dir)
+    demo = (Path(__file__).parent.parent / "configs" / "demo.toml").read_text(encoding="utf-8")
+    (run_dir / "config.toml").write_text(demo.replace('output_dir = "runs/demo"', 'output_dir = "runs/a"'),
+                                         encoding="utf-8")
+    started = []
+    monkeypatch.setattr(train_cli, "run", lambda config, *rest: started.append(config.output_dir) or 0)
+    monkeypatch.chdir(run_dir)
+    assert train_cli.main(["config.toml"]) == 2
+    assert capsys.readouterr().err.startswith(f"clip-train: config.toml is the config of the run in {run_dir}, but its "
+                                              f"output_dir, runs/a, is {run_dir / 'runs' / 'a'} from here: to continue "
+                                              f"that run, give --output-dir {run_dir}")
+    assert train_cli.main(["config.toml", "--output-dir", "."]) == 0  # said on the command line: meant
+    assert train_cli.main(["config.toml", "output_dir=elsewhere"]) == 0
+    monkeypatch.chdir(tmp_path)  # from the folder it was started in: its resume
+    assert train_cli.main(["runs/a/config.toml"]) == 0
+    assert started == [".", "elsewhere", "runs/a"]

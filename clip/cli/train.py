@@ -311,6 +311,23 @@ def start_abandoned() -> int:
     return STOPPED_EARLY_EXIT_CODE
 
 
+def refuse_a_runs_config_pointing_elsewhere(config_file: Path, output_dir: Path) -> None:
+    """ConfigError where `config_file` is a run directory's own config.toml (the folder holds checkpoints) and its
+    output_dir, relative to the current folder, is another folder: `cd runs/a && clip-train config.toml` trained a
+    new run in runs/a/runs/a, meant as the resume of runs/a. An output_dir given on the command line is taken as
+    meant."""
+    run_dir = Path(os.path.abspath(config_file.parent))
+    if config_file.name != "config.toml" or not ckpt.list_checkpoints(run_dir):
+        return
+    if os.path.realpath(output_dir) != os.path.realpath(run_dir):
+        raise ConfigError(
+            f"{config_file} is the config of the run in {run_dir}, but its output_dir, {output_dir}, is "
+            f"{os.path.abspath(output_dir)} from here: to continue that run, give --output-dir {run_dir} (or start "
+            f"from the folder it was started in); to start another run from its settings, give that run's own "
+            f"--output-dir"
+        )
+
+
 def parse_and_run(argv: list[str] | None, run_took_over: Callable[..., None]) -> int:
     """`main`'s work; `run_took_over` as `run`'s."""
     args = parse_args(argv)
@@ -330,6 +347,8 @@ def parse_and_run(argv: list[str] | None, run_took_over: Callable[..., None]) ->
         # escapes as a relative folder named after its own quoted, escaped text
         config = load_config(args.config, args.overrides, TrainConfig,
                              given={} if args.output_dir is None else {"output_dir": args.output_dir})
+        if args.output_dir is None and not any(override.strip().startswith("output_dir=") for override in args.overrides):
+            refuse_a_runs_config_pointing_elsewhere(Path(args.config), Path(config.output_dir))
     except ConfigError as error:
         # Every rank reads the same file and overrides: rank 0 alone says what is wrong, not each of the
         # hundreds of processes of a cluster job. Unless this rank cannot read the file (a path that exists on

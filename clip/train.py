@@ -776,6 +776,10 @@ def _train(
     finished = step >= total_steps
     # The step reached, not the last logged one: `main` tells a finished run from a stopped one by it.
     final = {**last_metrics, "step": step, "nonfinite_steps_total": nonfinite_total}
+    if last_metrics.get("step", step) != step:
+        # The last logged step's loss, rate and speed, beside a later step: a run stopped between logging steps,
+        # then evaluated only (schedule.steps lowered to its checkpoint's), read as that step's own figures
+        final["training_figures_step"] = last_metrics["step"]
     # Saved before the final evaluation, so that an evaluation that fails (a dataset moved while training
     # ran) costs no trained weights. Decided from this run's own saves, not by looking at the file system:
     # every rank must agree, or the collectives inside save() would pair up with other calls.

@@ -1159,6 +1159,39 @@ def test_a_finished_run_evaluated_again_with_other_settings_keeps_the_earlier_re
         in caplog.text
 
 
+def test_results_name_the_step_of_their_training_figures_where_it_is_not_their_step(tmp_path, monkeypatch):
+    # Stopped at step 3, logged at step 2, then evaluated only (the run's length lowered to its checkpoint's):
+    # results.json said step 3 beside step 2's loss and rate
+    import contextlib
+
+    from clip.data.loader import TrainData
+
+    real_batches, waits = TrainData.batches, {"n": 0}
+
+    def signalled_in_the_fourth_wait(self, while_waiting=contextlib.nullcontext):
+        @contextlib.contextmanager
+        def signalled():
+            with while_waiting():
+                waits["n"] += 1
+                if waits["n"] == 4:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                yield
+
+        return real_batches(self, signalled)
+
+    monkeypatch.setattr(TrainData, "batches", signalled_in_the_fourth_wait)
+    common = [str(DEMO), "--output-dir", str(tmp_path), *TINY, "logging.every_n_steps=2", "checkpoint.every_n_steps=0"]
+    assert main([*common, "schedule.steps=6"]) == 75
+    monkeypatch.undo()
+    assert ckpt.load_latest_checkpoint(tmp_path)["step"] == 3
+    assert main([*common, "schedule.steps=3"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open() if '"loss"' in line]
+    assert results["step"] == 3 and results.get("training_figures_step") == 2 == logged[-1]["step"]
+    assert results["loss"] == logged[-1]["loss"]
+    assert "training_figures_step" not in train(tiny_config(tmp_path / "whole", "schedule.steps=3"))
+
+
 def test_lowering_the_steps_below_the_checkpoints_evaluates_it_and_says_so(tmp_path, caplog):
     # It read "finished its 3 steps already", of a run now configured for 2
     train(tiny_config(tmp_path, "schedule.steps=3", "eval.every_n_steps=0", "eval.zeroshot=[]"))

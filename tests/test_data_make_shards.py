@@ -222,8 +222,8 @@ def test_a_percent_sign_in_the_prefix_is_literal(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("prefix", "why"), [
-    ("", "give a name"), ("sub/cc", "a name, not a path"), ("..", "a name, not a path"),
-    ("cc{1}", "braces and '::'"), ("a::b", "braces and '::'"),
+    ("", "give a name"), ("sub/cc", "a name, not a path"), (".", "a name, not a path"), ("..", "a name, not a path"),
+    ("cc{1}", "braces and '::'"), ("cc}", "braces and '::'"), ("a::b", "braces and '::'"),
 ])
 def test_a_prefix_that_cannot_name_shard_files_is_refused_before_anything_is_written(
     tmp_path: Path, capsys: pytest.CaptureFixture, prefix: str, why: str,

@@ -132,6 +132,15 @@ def test_a_size_index_from_a_command_that_fails_is_not_used() -> None:
     assert shards._read_json("""pipe:printf '{"s-000000.tar": 4}'; exit 3""") is None
 
 
+def test_a_failed_commands_error_carries_its_exit_status() -> None:
+    # Said only in its message: a size index's reader could not tell curl's HTTP error (22, a missing file's among
+    # them) from a failure to reach the store
+    with pytest.raises(PipeCommandFailed, match="exited with status 22") as failed, \
+            PipeCommand("printf x; exit 22") as stream:
+        assert stream.read() == b"x"
+    assert failed.value.status == 22
+
+
 def test_a_process_that_exits_without_closing_its_command_ends_it(tmp_path: Path) -> None:
     pid_file = tmp_path / "pid"
     script = (

@@ -215,6 +215,40 @@ def test_a_remote_size_index_that_cannot_be_read_says_why(tmp_path: Path, monkey
     assert shard_sizes(urls, num_samples=8).tolist() == [4, 4]
 
 
+def test_a_remote_folder_without_a_size_index_takes_its_counts_from_img2dataset_stats(tmp_path: Path) -> None:
+    # A missing remote sizes.json is no index, as a missing local one is: not one that "cannot be read"
+    fsspec = pytest.importorskip("fsspec")
+
+    write_shards(tmp_path, 8, 4)
+    (tmp_path / "sizes.json").unlink()
+    memory = fsspec.filesystem("memory")
+    folder = f"/without-index-{tmp_path.name}"
+    for path in tmp_path.iterdir():
+        memory.pipe(f"{folder}/{path.name}", path.read_bytes())
+    for name, successes in (("s-000000", 3), ("s-000001", 2)):  # not the tars' own 4: the counts are the stats'
+        memory.pipe(f"{folder}/{name}_stats.json", json.dumps({"successes": successes}).encode())
+    try:
+        assert shard_sizes(expand_shard_pattern(f"memory:/{folder}/s-{{000000..000001}}.tar")).tolist() == [3, 2]
+    finally:
+        memory.rm(folder, recursive=True)
+
+
+def test_a_remote_size_index_whose_reader_is_not_installed_says_so(monkeypatch) -> None:
+    # Its package's refusal ("Install s3fs") was read as an index there but unreadable
+    import clip.data.shards as shards_module
+    from clip.dependencies import MissingDependency
+
+    def not_installed(url):
+        raise MissingDependency("its s3:// URLs are read through fsspec, which needs s3fs: Install s3fs")
+
+    monkeypatch.setattr(shards_module, "open_url", not_installed)
+    urls = ["s3://bucket/s-000000.tar", "s3://bucket/s-000001.tar"]
+    with pytest.raises(MissingDependency, match="Install s3fs"):
+        shard_sizes(urls)
+    with pytest.raises(MissingDependency, match="Install s3fs"):
+        shard_sizes(urls, size_index="s3://bucket/sizes.json")
+
+
 def test_a_shard_that_cannot_be_opened_is_not_called_damaged(tmp_path: Path, monkeypatch) -> None:
     # A permission or an I/O error read "not a readable tar file ...: rewrite or remove it", of a good shard
     import clip.data.shards as shards_module

@@ -541,6 +541,25 @@ def test_linear_probe_labels_agree_when_a_split_lacks_a_class(tmp_path, tiny_che
     assert result["test_accuracy"] == pytest.approx(8 / 12)
 
 
+def test_linear_probe_results_of_another_image_folder_are_kept_aside(tmp_path, tiny_checkpoint, monkeypatch, caplog):
+    # Two roots probed into one --output-dir: the second's results replaced the first's, of the same weights
+    for folder in ("a", "b"):
+        write_colour_folder(tmp_path / folder / "train", {"a_red": 3, "c_blue": 3}, seed=0)
+        write_colour_folder(tmp_path / folder / "test", {"a_red": 1, "c_blue": 1}, seed=1)
+        argv = probe_argv(tiny_checkpoint, tmp_path / "out", "--dataset", "imagefolder",
+                          "--root", str(tmp_path / folder))
+        with caplog.at_level(logging.INFO):
+            assert linear_probe_cli.main(argv) == 0
+    (kept,) = (tmp_path / "out").glob("linear_probe_results_kept_*.json")
+    assert json.loads(kept.read_text())["data"]["root"] == str(tmp_path / "a")
+    assert "holds the results of another dataset (its 'data' record differs): kept as" in caplog.text
+    # The same root named by a relative path is a rerun, whose results replace its own
+    monkeypatch.chdir(tmp_path)
+    assert linear_probe_cli.main(probe_argv(tiny_checkpoint, tmp_path / "out", "--dataset", "imagefolder",
+                                            "--root", "./b/")) == 0
+    assert len(list((tmp_path / "out").glob("linear_probe_results_kept_*.json"))) == 1
+
+
 def test_linear_probe_refuses_to_test_on_its_training_images(tmp_path, tiny_checkpoint, capsys):
     write_colour_folder(tmp_path / "flat", {"a_red": 2, "c_blue": 2}, seed=0)
     imagefolder = ["--dataset", "imagefolder", "--root", str(tmp_path / "flat")]
@@ -861,6 +880,10 @@ def test_features_kept_in_an_earlier_versions_default_folder_are_pointed_to(tmp_
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="clip.linear_probe"):  # once there are features of its own: unsaid
         assert linear_probe_cli.main(argv) == 0
+    assert "default folder before" not in caplog.text
+    # Nor where --output-dir is given, a folder of the user's choosing, not the default the earlier one was
+    with caplog.at_level(logging.WARNING, logger="clip.linear_probe"):
+        assert linear_probe_cli.main([*argv, "--output-dir", "chosen"]) == 0
     assert "default folder before" not in caplog.text
 
 

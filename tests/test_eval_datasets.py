@@ -291,6 +291,10 @@ def test_a_class_count_one_off_names_the_folders_at_either_end(tmp_path):
                                          rf"{tmp_path}/pets holding 2 of them; the others are another split's, whose "
                                          r"classes need names too \(cat, dog, owl\)$"):
         ImageFolderDataset(tmp_path / "pets", class_folders=["cat", "dog", "owl"])
+    # Folders given that are the root's own, all of them there: named as its folders, not the splits'
+    (tmp_path / "pets" / "classnames.txt").write_text("cat\n")
+    with pytest.raises(ValueError, match=rf"1 class names for 2 class folders in {tmp_path}/pets \(cat, dog\)$"):
+        ImageFolderDataset(tmp_path / "pets", class_folders=["cat", "dog"])
 
 
 def test_images_outside_class_folders_say_how_to_sort_them(tmp_path):

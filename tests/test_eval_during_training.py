@@ -265,6 +265,46 @@ def test_checking_the_datasets_warns_once_about_captions_that_images_share(tmp_p
     assert metrics["optimistic"]["retrieval/same/image_to_text_R@1"] == 1.0
 
 
+def test_an_image_in_two_karpathy_entries_is_warned_of_only_where_the_datasets_warnings_are_asked_for(
+    tmp_path, caplog,
+):
+    # The check before training (warn=False on ranks but 0) and every evaluation (warn_about_data=False: said
+    # before training) read the file with its warning on: each rank warned, at every evaluation
+    from PIL import Image
+
+    from clip.evaluation.during_training import check_evaluation_datasets
+
+    for i in range(2):
+        Image.new("RGB", (32, 32), (120 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    entries = [{"filename": name, "split": "test", "sentences": [{"raw": caption}]}
+               for name, caption in (("0.png", "a black square"), ("1.png", "a red square"), ("0.png", "dark"))]
+    (tmp_path / "dataset.json").write_text(json.dumps({"images": entries}))
+    config = EvalConfig(workers=0, retrieval=[RetrievalDatasetConfig(annotations=str(tmp_path / "dataset.json"))])
+    with caplog.at_level("WARNING"):
+        check_evaluation_datasets(config, warn=False)
+        run_evaluations(tiny_clip(), config, device="cpu", warn_about_data=False)
+    assert "more than one entry" not in caplog.text
+    with caplog.at_level("WARNING"):
+        check_evaluation_datasets(config)
+    assert caplog.text.count("1 image(s) listed in more than one entry") == 1
+    with caplog.at_level("WARNING"):
+        run_evaluations(tiny_clip(), config, device="cpu")
+    assert caplog.text.count("1 image(s) listed in more than one entry") == 2
+
+
+def test_a_retrieval_set_with_one_readable_image_is_refused_before_training(tmp_path):
+    # One readable image was enough for the check; every recall of such a set is 100%, refused at the first
+    # evaluation, steps into the run
+    from clip.evaluation.during_training import check_evaluation_datasets
+
+    write_caption_manifest(tmp_path, 3)
+    for broken in ("1.png", "2.png"):
+        (tmp_path / broken).write_bytes(b"not a png")
+    config = EvalConfig(workers=0, retrieval=[RetrievalDatasetConfig(annotations=str(tmp_path / "captions.jsonl"))])
+    with pytest.raises(ValueError, match=r"^evaluation dataset 'captions': only 1 of its 3 images can be read"):
+        check_evaluation_datasets(config)
+
+
 def test_run_evaluations_checks_a_value_set_after_its_config_was_built(tmp_path):
     # As train() does: a notebook's eval_config.batch_size = "64" failed deep in the DataLoader
     from clip.config_io import ConfigError

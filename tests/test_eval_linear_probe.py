@@ -563,3 +563,9 @@ def test_a_validation_split_that_scores_every_strength_alike_is_said_not_to_choo
     with caplog.at_level("WARNING", logger="clip.evaluation.linear_probe"):
         run_linear_probe((features, labels), gaussian_classes(5, 1), 4, max_iter=50)
     assert "alike" not in caplog.text
+    # Nor a sweep of one strength (low = high), which was not asked to choose: "every strength alike" of one
+    features, labels = gaussian_classes(1, 0)
+    with caplog.at_level("WARNING", logger="clip.evaluation.linear_probe"):
+        result = run_linear_probe((features[:2], labels[:2]), val, 4, val=(val[0][2:], val[1][2:]), max_iter=50,
+                                  low=1e-2, high=1e-2)
+    assert result.l2 == pytest.approx(1e-2) and "alike" not in caplog.text

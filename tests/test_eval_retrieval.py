@@ -277,6 +277,23 @@ def test_an_image_listed_in_two_karpathy_entries_is_warned_of(tmp_path, caplog):
         f"its entries, e.g. ['{names[0]}']" in caplog.text
 
 
+def test_an_image_spelled_two_ways_in_karpathy_entries_is_warned_of_unless_warn_is_false(tmp_path, caplog):
+    # "sub/../img_0.png" was counted apart from "img_0.png", though evaluated as one image; and the trainer's
+    # evaluations, which say it once before training, asked for no warning and got one at every evaluation
+    names = write_images(tmp_path, 2)
+    entries = [{"filename": names[0], "split": "test", "sentences": [{"raw": "a red"}]},
+               {"filename": names[1], "split": "test", "sentences": [{"raw": "b"}]},
+               {"filename": names[0], "filepath": "sub/..", "split": "test", "sentences": [{"raw": "a red again"}]}]
+    (tmp_path / "dataset.json").write_text(json.dumps({"images": entries}))
+    with caplog.at_level("WARNING", logger="clip.evaluation.retrieval_data"):
+        data = read_karpathy_json(tmp_path / "dataset.json", warn=False)
+    assert data.caption_image == [0, 1, 0] and "more than one entry" not in caplog.text
+    with caplog.at_level("WARNING", logger="clip.evaluation.retrieval_data"):
+        read_karpathy_json(tmp_path / "dataset.json")
+    assert f"dataset.json: 1 image(s) listed in more than one entry, each evaluated once with the captions of all " \
+        f"its entries, e.g. ['{names[0]}']" in caplog.text
+
+
 def test_cocos_own_captions_file_is_read_as_one_split(tmp_path):
     # captions_val2017.json was read as a Karpathy file with no splits; its hint, split '', then failed on the
     # images' missing 'filename'
@@ -303,12 +320,31 @@ def test_cocos_own_captions_file_is_read_as_one_split(tmp_path):
          "annotation #4 names no listed image (image_id 7)"),
         ({"images": images, "annotations": annotations[1:]}, "1 of its 3 images have no caption, e.g. ['img_2.png']"),
         ({"images": images[:2] + [{"id": 41}], "annotations": annotations}, "image #2 needs an 'id' and a non-empty"),
+        ({"images": images[:2] + [{"id": None, "file_name": names[2]}], "annotations": annotations},
+         "image #2 needs an 'id' and a non-empty"),  # an id no annotation can name
         ({"images": images + [images[0]], "annotations": annotations}, "image #3: id 39 is another image's too"),
+        ({"images": images, "annotations": [{"image_id": [39], "caption": "x"}]},
+         "annotation #0 names no listed image (image_id [39])"),  # (a list: not a key to look up)
+        ({"images": images, "annotations": ["a caption"]}, "annotation #0 names no listed image (image_id None)"),
         ({"images": images, "annotations": [{"image_id": 39, "caption": " "}]}, "annotation #0 needs a non-empty"),
+        ({"images": images, "annotations": [{"image_id": 39, "caption": "&nbsp;"}]},
+         "annotation #0 needs a non-empty"),  # empty once cleaned: [start, end] alone, as for a Karpathy file
     ]:
         path.write_text(json.dumps(broken))
         with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: {re.escape(message)}"):
             read_karpathy_json(path, tmp_path / "val2017")
+
+
+def test_cocos_captions_follow_the_order_of_its_images_list_not_their_ids_or_the_annotations(tmp_path):
+    # Listed as 41, 39, 40: the images, and so their captions, are in that order, as the file lists them
+    names = write_images(tmp_path, 3)
+    images = [{"id": image_id, "file_name": name} for image_id, name in zip((41, 39, 40), names)]
+    annotations = [{"image_id": 39, "caption": "b"}, {"image_id": 40, "caption": "c"}, {"image_id": 41, "caption": "a"}]
+    path = tmp_path / "captions_val2017.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations}))
+    data = read_karpathy_json(path)
+    assert [p.name for p in data.image_paths] == names
+    assert data.captions == ["a", "b", "c"] and data.caption_image == [0, 1, 2]
 
 
 def karpathy_entry(**fields) -> dict:

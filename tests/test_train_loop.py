@@ -1265,6 +1265,25 @@ def test_a_checkpoint_from_before_decay_embeddings_existed_counts_as_false(tmp_p
     assert "differ" not in caplog.text
 
 
+def test_the_decay_embeddings_hint_is_only_for_a_checkpoint_from_before_the_setting_resumed_with_it_on(
+    tmp_path, caplog,
+):
+    # Its advice to set optimizer.decay_embeddings=false is for an older checkpoint's run, going on with it true
+    from clip.config import to_dict
+    from clip.resume import check_resumable
+
+    undecayed = to_dict(tiny_config(tmp_path, "optimizer.decay_embeddings=false"))
+    with caplog.at_level(logging.WARNING, logger="clip.resume"):  # a checkpoint that names the setting
+        check_resumable(undecayed, to_dict(tiny_config(tmp_path)), tmp_path)
+    assert "optimizer.decay_embeddings: False -> True" in caplog.text and "is from before" not in caplog.text
+    caplog.clear()
+    older = {**undecayed, "optimizer": {k: v for k, v in undecayed["optimizer"].items() if k != "decay_embeddings"}}
+    lower_lr = {**undecayed, "optimizer": {**undecayed["optimizer"], "lr": undecayed["optimizer"]["lr"] / 2}}
+    with caplog.at_level(logging.WARNING, logger="clip.resume"):  # one from before it, resumed with it off
+        check_resumable(older, lower_lr, tmp_path)
+    assert "optimizer.lr:" in caplog.text and "is from before" not in caplog.text
+
+
 def initial_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """The model a run starts from: its step-0 checkpoint (stop_at_step=0 saves before any step)."""
     return ckpt.read_checkpoint(ckpt.list_checkpoints(run_dir)[-1][1])["model"]

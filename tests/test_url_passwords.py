@@ -76,3 +76,32 @@ def test_an_unexpected_errors_traceback_on_the_console_hides_url_passwords(tmp_p
     assert "Traceback (most recent call last)" in ended.stderr
     assert "RuntimeError: cannot read https://alice:***@store.example/s-000.tar" in ended.stderr
     assert "Secret" not in ended.stderr
+
+
+def test_a_shard_urls_password_is_hidden_from_the_consoles_log_lines_as_from_train_log(
+    tmp_path, monkeypatch, caplog,
+) -> None:
+    # Only train.log's handler hid it: the console's warnings named each unreadable shard with its password.
+    # (pytest's capture handler is on the root logger here, where clip-train's console handler would be.)
+    url = "http://alice:Secret@127.0.0.1:9/s-{000000..000001}.tar"
+
+    def unreachable(address):
+        raise OSError(f"cannot connect to reach {address}")
+
+    monkeypatch.setattr(shards, "open_url", unreachable)
+    monkeypatch.setattr(clip.train, "require_shard_readers", lambda sources: None)
+    status = main([str(DEMO), "--output-dir", str(tmp_path / "run"), *TINY, "eval.every_n_steps=0", "data.workers=0",
+                   "data.sources.0.kind=shards", f"data.sources.0.path={url}", "data.sources.0.num_samples=64"])
+    assert status == 2
+    assert "alice:***@127.0.0.1:9/s-000000.tar" in caplog.text and "Secret" not in caplog.text
+
+
+def test_a_config_error_naming_a_url_hides_its_password(tmp_path, capsys) -> None:
+    # The config's refusal was printed as it was, the source's URL with its password whole
+    url = "http://alice:Secret@h.example/s-{000000..000001}.tar"
+    status = main([str(DEMO), "--output-dir", str(tmp_path / "run"), "data.sources.0.kind=manifest",
+                   f"data.sources.0.path={url}"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "'http://alice:***@h.example/s-{000000..000001}.tar' names WebDataset shards" in err
+    assert "Secret" not in err

@@ -253,7 +253,20 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return float(value)
             except OverflowError:  # an integer beyond float's range
                 raise ConfigError(f"{where}: {short_repr(value)} is too large for a number") from None
-        raise ConfigError(f"{where}: expected a number, got {short_repr(value)}")
+        note = ""
+        if isinstance(value, str):
+            try:
+                float(value)
+            except ValueError:
+                pass
+            else:
+                try:
+                    tomllib.loads(f"number = {value.strip()}")
+                except tomllib.TOMLDecodeError:  # Python reads '.5' and '5.'; TOML, the files' and overrides', not
+                    note = " (written as TOML writes numbers: digits on both sides of a '.', such as 0.5 or 5.0)"
+                else:  # lr = "0.5" in a file: a text
+                    note = " (a text: write the number without quotes)"
+        raise ConfigError(f"{where}: expected a number, got {short_repr(value)}{note}")
     if tp is str:
         if isinstance(value, str):
             return value

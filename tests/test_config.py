@@ -1427,3 +1427,19 @@ def test_a_runs_own_config_started_from_inside_the_run_is_refused_naming_the_run
     monkeypatch.chdir(tmp_path)  # from the folder it was started in: its resume
     assert train_cli.main(["runs/a/config.toml"]) == 0
     assert started == [".", "elsewhere", "runs/a"]
+
+
+def test_a_number_python_reads_but_toml_does_not_says_how_toml_writes_it(tmp_path):
+    # optimizer.lr=.5 was "expected a number, got '.5'", which reads as a number to anyone but TOML
+    from clip.config import TrainConfig
+
+    for written in (".5", "5."):
+        with pytest.raises(ConfigError, match=re.escape(f"optimizer.lr: expected a number, got '{written}' (written as "
+                                                        "TOML writes numbers: digits on both sides of a '.'")):
+            load_config(None, [f"optimizer.lr={written}"], TrainConfig)
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[optimizer]\nlr = "1e-3"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=re.escape("got '1e-3' (a text: write the number without quotes)")):
+        load_config(recipe, [], TrainConfig)
+    with pytest.raises(ConfigError, match=r"expected a number, got 'fast'$"):
+        load_config(None, ["optimizer.lr=fast"], TrainConfig)

@@ -802,6 +802,19 @@ def _toml_value(value: Any) -> str:
     raise ConfigError(f"cannot write {value!r} to TOML")
 
 
+def as_toml(value: Any) -> str:
+    """`value` as a config file or an override writes it (true, "none", "text", {a = 1}), for messages that name
+    settings: Python's False, None and 'text' are spelled otherwise there."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key} = {as_toml(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(as_toml(item) for item in value) + "]"
+    try:
+        return _toml_value(value)
+    except ConfigError:
+        return repr(value)
+
+
 def to_toml(data: dict, table: str = "") -> str:
     """Writes nested dicts as TOML. None is written as the string "none", which `from_dict` reads back as
     None for a field that allows it (TOML has no null; leaving the key out would read back its default)."""

@@ -15,7 +15,7 @@ import torch
 from . import checkpoint as ckpt
 from .architectures import architecture_differences
 from .config import TrainConfig, from_dict, to_dict
-from .config_io import ConfigError, differences
+from .config_io import ConfigError, as_toml, differences
 from .data import data_state_for_other_world_size, data_state_for_rank
 from .data.config import synthetic_sample_count
 from .distributed import DistributedInfo, from_rank_zero, raise_on_every_rank, ranks_phrase
@@ -57,7 +57,8 @@ def check_resumable(saved: dict, current: dict, run_dir: Path, warn: bool = True
     # only a new run reads
     not_applied = ("output_dir", "train.init_weights")
     changed = [
-        f"{key}: {before!r} -> {after!r}" for key, before, after in differences(saved, current) if key not in not_applied
+        f"{key}: {as_toml(before)} -> {as_toml(after)}" for key, before, after in differences(saved, current)
+        if key not in not_applied
     ]
     if changed and warn:
         note = ""

@@ -983,7 +983,7 @@ def test_a_checkpoint_with_the_test_split_written_out_resumes_without_a_warning(
         for config in (saved, current):
             config["eval"]["zeroshot"][0].update(kind="imagefolder", root="/data/pets")
         check_resumable(saved, current, Path("runs/x"))
-    assert "eval.zeroshot.0.split: 'test' -> ''" in caplog.text
+    assert "eval.zeroshot.0.split: \"test\" -> \"\"" in caplog.text
 
 
 def test_a_run_directory_moved_or_copied_resumes_without_a_warning(caplog):
@@ -1443,3 +1443,10 @@ def test_a_number_python_reads_but_toml_does_not_says_how_toml_writes_it(tmp_pat
         load_config(recipe, [], TrainConfig)
     with pytest.raises(ConfigError, match=r"expected a number, got 'fast'$"):
         load_config(None, ["optimizer.lr=fast"], TrainConfig)
+
+
+def test_settings_are_named_in_messages_as_a_config_writes_them():
+    from clip.config_io import as_toml
+
+    assert [as_toml(value) for value in (False, None, "test", "", 0.001, 3, [1, "a"], {"kind": "synthetic"})] == [
+        "false", '"none"', '"test"', '""', "0.001", "3", '[1, "a"]', '{kind = "synthetic"}']

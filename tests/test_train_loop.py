@@ -1226,7 +1226,7 @@ def test_resuming_with_the_embeddings_decayed_regroups_the_optimizer_state(tmp_p
     train(tiny_config(tmp_path, "optimizer.decay_embeddings=false", "eval.every_n_steps=0"), stop_at_step=3)
     with caplog.at_level(logging.WARNING, logger="clip.train"):
         assert train(tiny_config(tmp_path, "eval.every_n_steps=0"))["step"] == 6
-    assert "optimizer.decay_embeddings: False -> True" in caplog.text
+    assert "optimizer.decay_embeddings: false -> true" in caplog.text
     assert "is from before optimizer.decay_embeddings" not in caplog.text  # its checkpoint names the setting
 
 
@@ -1240,7 +1240,7 @@ def test_a_checkpoint_without_parameter_names_is_regrouped_by_its_own_decay_embe
     torch.save(state, path)
     with caplog.at_level(logging.WARNING, logger="clip.train"):
         assert train(tiny_config(tmp_path, "eval.every_n_steps=0"))["step"] == 6
-    assert "optimizer.decay_embeddings: False -> True" in caplog.text
+    assert "optimizer.decay_embeddings: false -> true" in caplog.text
 
 
 def test_a_checkpoint_from_before_decay_embeddings_existed_counts_as_false(tmp_path, caplog):
@@ -1257,7 +1257,7 @@ def test_a_checkpoint_from_before_decay_embeddings_existed_counts_as_false(tmp_p
     # Resumed under today's default, the warning says how to keep the way it was trained
     with caplog.at_level(logging.WARNING, logger="clip.resume"):
         check_resumable(older, to_dict(tiny_config(tmp_path)), tmp_path)
-    assert "optimizer.decay_embeddings: False -> True (the checkpoint is from before optimizer.decay_embeddings, " \
+    assert "optimizer.decay_embeddings: false -> true (the checkpoint is from before optimizer.decay_embeddings, " \
         "whose default is now true: optimizer.decay_embeddings=false keeps its embeddings undecayed)" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="clip.resume"):  # the initial weights: only a new run reads them
@@ -1275,7 +1275,7 @@ def test_the_decay_embeddings_hint_is_only_for_a_checkpoint_from_before_the_sett
     undecayed = to_dict(tiny_config(tmp_path, "optimizer.decay_embeddings=false"))
     with caplog.at_level(logging.WARNING, logger="clip.resume"):  # a checkpoint that names the setting
         check_resumable(undecayed, to_dict(tiny_config(tmp_path)), tmp_path)
-    assert "optimizer.decay_embeddings: False -> True" in caplog.text and "is from before" not in caplog.text
+    assert "optimizer.decay_embeddings: false -> true" in caplog.text and "is from before" not in caplog.text
     caplog.clear()
     older = {**undecayed, "optimizer": {k: v for k, v in undecayed["optimizer"].items() if k != "decay_embeddings"}}
     lower_lr = {**undecayed, "optimizer": {**undecayed["optimizer"], "lr": undecayed["optimizer"]["lr"] / 2}}
@@ -1557,7 +1557,7 @@ def test_a_run_may_lock_or_unlock_a_tower_when_it_resumes(tmp_path, caplog):
     train(tiny_config(tmp_path, "eval.every_n_steps=0"), stop_at_step=3)
     with caplog.at_level(logging.WARNING, logger="clip.train"):
         train(tiny_config(tmp_path, "eval.every_n_steps=0", "train.lock_image=true", "schedule.steps=4"))
-    assert "train.lock_image: False -> True" in caplog.text and "left out" in caplog.text
+    assert "train.lock_image: false -> true" in caplog.text and "left out" in caplog.text
     assert train(tiny_config(tmp_path, "eval.every_n_steps=0", "schedule.steps=5"))["step"] == 5  # unlocked again
 
 

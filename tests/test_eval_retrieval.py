@@ -310,11 +310,22 @@ def test_cocos_own_captions_file_is_read_as_one_split(tmp_path):
         assert data.captions == ["a one", "a two", "b one", "c one"] and data.caption_image == [0, 0, 1, 2]
     with pytest.raises(ValueError, match="holds one split, the one its name says, and has no split 'val' to select"):
         read_karpathy_json(path, tmp_path / "val2017", split="val")
+    # Recorded as what it is, not as a Karpathy file's test split; kept through a template and max_images
+    from clip.cli.retrieval import dataset_record
+
+    config = RetrievalDatasetConfig(annotations=str(path), image_root=str(tmp_path / "val2017"), max_images=2,
+                                    caption_template="a photo of {}")
+    data = load_retrieval_data(config)
+    assert data.layout == "coco_captions" and data.captions[0] == "a photo of a one"
+    assert (dataset_record(config, data)["format"], dataset_record(config, data)["split"]) == ("coco_captions", None)
     # A Karpathy file with an 'annotations' list of its own is still read as one
     karpathy = {"images": [{"filename": name, "split": "test", "sentences": [{"raw": "x"}]} for name in names],
                 "annotations": []}
     (tmp_path / "val2017" / "dataset.json").write_text(json.dumps(karpathy))
     assert len(read_karpathy_json(tmp_path / "val2017" / "dataset.json").image_paths) == 3
+    karpathy_config = RetrievalDatasetConfig(annotations=str(tmp_path / "val2017" / "dataset.json"))
+    record = dataset_record(karpathy_config, load_retrieval_data(karpathy_config))
+    assert (record["format"], record["split"]) == ("karpathy", "test")
     for broken, message in [
         ({"images": images, "annotations": [*annotations, {"image_id": 7, "caption": "x"}]},
          "annotation #4 names no listed image (image_id 7)"),

@@ -16,7 +16,12 @@ from clip.config_io import home_expanded
 from clip.data.manifest import QUOTING_CHOICES
 from clip.evaluation.config import RetrievalDatasetConfig
 from clip.evaluation.retrieval import evaluate_retrieval
-from clip.evaluation.retrieval_data import annotations_format, load_retrieval_data, warn_about_shared_captions
+from clip.evaluation.retrieval_data import (
+    RetrievalData,
+    annotations_format,
+    load_retrieval_data,
+    warn_about_shared_captions,
+)
 
 from .common import (
     add_evaluation_options,
@@ -87,10 +92,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def dataset_record(dataset: RetrievalDatasetConfig) -> dict:
+def dataset_record(dataset: RetrievalDatasetConfig, data: RetrievalData) -> dict:
     """Which images and captions the results are of: the name and counts alone did not say which annotations
-    file, image folder or split (COCO's test or val, a restval) gave them."""
-    format_ = annotations_format(dataset)
+    file, image folder or split (COCO's test or val, a restval) gave them. COCO's own captions file, read as
+    a Karpathy JSON file is, holds one split: its format is "coco_captions", with no split."""
+    format_ = data.layout if data.layout == "coco_captions" else annotations_format(dataset)
     # Absolute: a relative path was compared, by the next run into the same folder, as relative to that run's
     # current folder (`keep_results_of_other_weights`), so one started elsewhere took other files for these
     return {
@@ -157,10 +163,10 @@ def evaluate(args: argparse.Namespace) -> int:
     if result.num_skipped:
         print(f"{name}: {result.num_skipped} unreadable image(s) skipped, with their captions")
     keep_results_of_other_weights(output_dir / "retrieval_results.json", source,
-                                  inputs=("dataset", dataset_record(dataset), ("annotations", "image_root")))
+                                  inputs=("dataset", dataset_record(dataset, data), ("annotations", "image_root")))
     path = write_json(
         output_dir / "retrieval_results.json",
-        {"model": args.model, "weights": source.to_dict(), "dataset": dataset_record(dataset),
+        {"model": args.model, "weights": source.to_dict(), "dataset": dataset_record(dataset, data),
          "settings": {"device": str(device), "precision": args.precision, "batch_size": args.batch_size,
                       "chunk_size": args.chunk_size, "preprocess": repr(preprocess)},
          "caption_template": args.caption_template, **result.to_dict()},

@@ -12,6 +12,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +37,9 @@ class RetrievalData:
     image_paths: list[Path]
     captions: list[str]
     caption_image: list[int]
+    # "coco_captions" where read from COCO's own captions file (by read_karpathy_json, as a Karpathy file is),
+    # for the results' record, which would call it a Karpathy file's test split; "" otherwise
+    layout: str = ""
 
     def __post_init__(self) -> None:
         if len(self.captions) != len(self.caption_image):
@@ -48,7 +52,8 @@ class RetrievalData:
         """The first `count` images and all of their captions."""
         keep = [t for t, i in enumerate(self.caption_image) if i < count]
         return RetrievalData(
-            self.image_paths[:count], [self.captions[t] for t in keep], [self.caption_image[t] for t in keep]
+            self.image_paths[:count], [self.captions[t] for t in keep], [self.caption_image[t] for t in keep],
+            self.layout,
         )
 
 
@@ -133,7 +138,7 @@ def read_karpathy_json(
         if split not in ("test", ""):
             raise ValueError(f"{path}: a COCO captions file (images and annotations) holds one split, the one its "
                              f"name says, and has no split {split!r} to select: leave split out")
-        return _grouped(_coco_caption_pairs(path, content), root, path)
+        return dataclasses.replace(_grouped(_coco_caption_pairs(path, content), root, path), layout="coco_captions")
     pairs = []
     images_per_split: Counter[str] = Counter()  # of every entry, to name the splits when `split` has none
     entries_of: Counter[str] = Counter()  # of the split's images
@@ -277,9 +282,7 @@ def load_retrieval_data(config: RetrievalDatasetConfig, warn: bool = True) -> Re
             config.annotations, config.image_root or None, config.image_column, config.caption_column, config.quoting
         )
     if config.caption_template:
-        data = RetrievalData(
-            data.image_paths, [config.caption_template.replace("{}", c) for c in data.captions], data.caption_image
-        )
+        data = dataclasses.replace(data, captions=[config.caption_template.replace("{}", c) for c in data.captions])
     available = len(data.image_paths)
     data = data.first_images(config.max_images) if config.max_images > 0 else data
     if len(data.image_paths) == 1:  # every caption's image, and every image's caption, would be found first

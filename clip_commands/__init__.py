@@ -84,7 +84,13 @@ def _command_when_imported(prog: str, module: str, entry: str = "main") -> int:
             traceback.print_exc()
         print(f"{prog}: interrupted while starting, before it did anything", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
-    return main()
+    try:
+        return main()
+    finally:
+        # The command is done, its files written: a Ctrl-C in the exit functions that follow (data loaders',
+        # torch's) printed "Exception ignored in atexit callback" and a KeyboardInterrupt traceback, or ended
+        # the process by SIGINT with no line at all, after a run that had succeeded
+        _ignore_signals_in_the_teardown()
 
 
 def _abandon_the_start(signum, frame) -> NoReturn:

@@ -78,3 +78,26 @@ def test_the_statuses_clip_commands_repeats_are_the_library_s():
 
     assert clip_commands.INTERRUPTED_EXIT_CODE == INTERRUPTED_EXIT_CODE
     assert clip_commands.START_ABANDONED_EXIT_CODE == STOPPED_EARLY_EXIT_CODE
+
+
+@pytest.mark.parametrize("name", ["clip-export", "clip-zeroshot"])
+def test_a_ctrl_c_once_an_evaluation_command_is_done_is_ignored(name):
+    # It came during the exit functions (the data loaders' clean-up): "Exception ignored in atexit callback" and a
+    # KeyboardInterrupt traceback after the command's own output, or an end by SIGINT with no line at all
+    code = f"""
+import atexit, os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
+def ctrl_c_in_the_teardown():
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.5)
+
+atexit.register(ctrl_c_in_the_teardown)  # registered first: runs last, after the command's own
+import clip_commands
+sys.argv = [{name!r}, "--help"]
+sys.exit(getattr(clip_commands, {name.replace("-", "_")!r})())
+"""
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    ended = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=300)
+    assert ended.returncode == 0 and ended.stdout.startswith(f"usage: {name}"), ended.stderr
+    assert "KeyboardInterrupt" not in ended.stderr and "Exception ignored" not in ended.stderr

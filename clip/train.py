@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -77,7 +80,7 @@ from .run_start import (
     warn_about_unlikely_settings,
 )
 from .step_verdict import VerdictInFlight, skips_on_device, step_or_skip_on_device
-from .stopping import DataWaitInterrupted, EvaluationInterrupted, SetupInterrupted, StopRequest
+from .stopping import STOP_SIGNALS, DataWaitInterrupted, EvaluationInterrupted, SetupInterrupted, StopRequest
 from .throughput import peak_flops, training_flops_per_sample
 from .tokenizer import get_tokenizer
 from .train_step import BatchNormSnapshot, contrastive_step
@@ -243,6 +246,7 @@ def train(
     # the process group, changes nothing (`StopRequest.ending`).
     with StopRequest() as stop, contextlib.ExitStack() as phase:
         phase.enter_context(stop.interrupting(SetupInterrupted))
+        imported_whole("torch._dynamo")
         stop.stop_when_torchrun_ends(os.environ)
         dist_info = None
         try:
@@ -834,6 +838,22 @@ def plot_if_possible(run_dir: Path) -> None:
         plot_run(run_dir)
     except OSError as error:
         log.warning("no training plot: %s could not be written (%s)", run_dir / "training.png", error.strerror or error)
+
+
+def imported_whole(name: str) -> None:
+    """Imports the module `name` with the stop signals held back until it is imported (in the main thread,
+    where signals are handled): the optimizer's constructor imports torch._dynamo (and sympy) the first time,
+    for seconds, and a Ctrl-C or SIGTERM then abandoned the start halfway through those imports, leaving the
+    modules half made: every later train() of the notebook failed ("partially initialized module
+    'torch._dynamo'"). A signal that came meanwhile is handled as the import ends."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        importlib.import_module(name)
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        importlib.import_module(name)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def write_results(path: Path, final: dict) -> None:

@@ -3039,3 +3039,24 @@ def test_shards_whose_fsspec_backend_is_missing_end_the_command_with_one_line(tm
     errors = [record for record in caplog.records if record.levelname == "ERROR"]
     assert len(errors) == 1 and "Install no_such_backend_package" in errors[0].getMessage()
     assert errors[0].exc_info is None
+
+
+def test_a_module_the_start_imports_is_imported_whole_through_a_signal(tmp_path, monkeypatch):
+    # The optimizer's constructor imports torch._dynamo (and sympy) the first time, for seconds: a notebook's Ctrl-C
+    # then abandoned the start halfway through those imports, and every later train() of the process failed on
+    # the half-made modules ("partially initialized module 'torch._dynamo'"). The start imports it first, with the
+    # signals held until the import ends; here a module that is signalled halfway through its own code.
+    import signal as signals
+
+    from clip.train import imported_whole
+
+    (tmp_path / "signalled_while_imported.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGINT)\nwhole = True\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    previous = signals.signal(signals.SIGINT, signals.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):  # the signal, handled as the import ends
+            imported_whole("signalled_while_imported")
+    finally:
+        signals.signal(signals.SIGINT, previous)
+    assert sys.modules.pop("signalled_while_imported").whole

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .architectures import architecture_differences
+from .checkpoint import CHECKPOINT_DIR, list_checkpoints
 from .download import sha256_of_file
 from .infer_architecture import ArchitectureInferenceError, infer_model_config
 from .loading import WeightsSource, describe_architecture, load_with_source
@@ -83,8 +84,18 @@ def export_weights(
     output = Path(output).expanduser()
     if output.is_dir():
         raise ExportError(f"{output} is a directory; give the file to write")
+    if output.suffix.lower() == ".safetensors":
+        # torch.load reads a file of that name as safetensors, which this is not: the export then failed to load,
+        # said to be damaged
+        raise ExportError(f"{output}: the export is a PyTorch file (torch.save's format), not safetensors; name it "
+                          f"{output.with_suffix('.pt').name}")
     if output.exists() and not overwrite:
         raise OutputExistsError(output)
+    if output.exists() and output.parent.name == CHECKPOINT_DIR and any(
+            os.path.samefile(output, checkpoint) for _, checkpoint in list_checkpoints(output.parent.parent)):
+        # --overwrite replaced it with the weights alone: the run could no longer resume from it
+        raise ExportError(f"{output} is a checkpoint of the run in {output.parent.parent}, which resumes from it; "
+                          f"give another OUTPUT")
     # Said before the model loads (perhaps after a download of up to 1.4 GB); and a mistyped folder is not made
     folder = output.parent
     if not folder.is_dir():

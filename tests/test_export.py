@@ -273,3 +273,22 @@ def test_scripts_export_runs_from_a_source_checkout(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[1].startswith("sha256 ") and clip.load(tmp_path / "out.pt", device="cpu")
+
+
+def test_an_export_over_a_runs_checkpoint_or_under_a_safetensors_name_is_refused(tmp_path):
+    # --overwrite replaced a run's checkpoint with the weights alone (the run could not resume from it), and a
+    # .safetensors name made torch.load read the export as safetensors: "damaged or truncated"
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002.pt"
+    training_checkpoint(CONVENTIONAL, checkpoint, step=2)
+    whole = checkpoint.read_bytes()
+    for source in (checkpoint, tmp_path / "run"):
+        with pytest.raises(ExportError, match=f"is a checkpoint of the run in {tmp_path / 'run'}, which resumes from "
+                                              f"it; give another OUTPUT$"):
+            export_weights(source, checkpoint, overwrite=True)
+    assert checkpoint.read_bytes() == whole
+    with pytest.raises(ExportError, match=r"m\.safetensors: the export is a PyTorch file .* name it m\.pt$"):
+        export_weights(checkpoint, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+    (tmp_path / "weights.pt").write_bytes(b"")  # a weights file of one's own, outside a run: replaced as asked
+    export_weights(checkpoint, tmp_path / "weights.pt", overwrite=True)
+    assert clip.load(tmp_path / "weights.pt", device="cpu")[0].config == CONVENTIONAL

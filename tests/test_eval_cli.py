@@ -1226,3 +1226,27 @@ def test_an_evaluation_command_started_as_one_of_several_processes_is_refused(ca
         error = capsys.readouterr().err
         assert error.startswith(f"clip-zeroshot: runs in one process, but was started as {said}:")
         assert error.endswith("Start it once: without torchrun, or with `srun -n1`\n")
+
+
+def test_class_folders_and_images_named_in_bytes_that_are_not_utf8_are_evaluated_and_written(tmp_path,
+                                                                                            tiny_checkpoint):
+    # A Latin-1 folder name ('red\xff'): clip-zeroshot's digest of the class names encoded it strictly and failed
+    # once the whole dataset was evaluated, no results written, and then its confusion plot; the linear probe's
+    # feature-cache digest of the file names failed the same way
+    import os
+
+    root = tmp_path / "pets"
+    for folder, colour in ((os.fsdecode(b"red\xff"), (200, 0, 0)), ("blue", (0, 0, 200))):
+        for split in ("train", "test"):
+            (root / split / folder).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (16, 16), colour).save(root / split / folder / os.fsdecode(b"%d\xfe.png" % i))
+    config = tmp_path / "eval.toml"
+    config.write_text(f'model = "{tiny_checkpoint}"\ndevice = "cpu"\nworkers = 0\n\n[[datasets]]\nname = "pets"\n'
+                      f'kind = "imagefolder"\nroot = "{root}"\nsplit = "test"\n', encoding="utf-8")
+    assert zeroshot_cli.main([str(config), "--output-dir", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "results.json").is_file() and (tmp_path / "out" / "confusion_pets.png").is_file()
+    assert linear_probe_cli.main(["--model", str(tiny_checkpoint), "--device", "cpu", "--workers", "0",
+                                  "--max-iter", "20", "--dataset", "imagefolder", "--root", str(root),
+                                  "--output-dir", str(tmp_path / "probe")]) == 0
+    assert (tmp_path / "probe" / "linear_probe_results.json").is_file()

@@ -60,7 +60,9 @@ def image_list_digest(dataset: Dataset) -> str | None:
     if isinstance(dataset, ImageFolderDataset):
         digest.update(json.dumps(dataset.class_folders).encode())
         for path, label in dataset.samples:
-            digest.update(f"{path.relative_to(dataset.root).as_posix()}\t{label}\t{_size_and_time(path)}\n".encode())
+            # surrogateescape: a file name that is not UTF-8 is hashed as its bytes (strictly, it failed)
+            digest.update(f"{path.relative_to(dataset.root).as_posix()}\t{label}\t{_size_and_time(path)}\n".encode(
+                "utf-8", "surrogateescape"))
     elif isinstance(dataset, CIFARDataset):
         digest.update(dataset.images.tobytes())
         digest.update(json.dumps(dataset.labels).encode())

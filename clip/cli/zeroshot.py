@@ -95,8 +95,11 @@ class ProgressLog:
 
 def list_digest(items: list[str]) -> str:
     """SHA256 of a list of strings written as compact JSON: the same names or templates give the same digest
-    whichever file (and file format) they were read from."""
-    return hashlib.sha256(json.dumps(items, ensure_ascii=False, separators=(",", ":")).encode("utf-8")).hexdigest()
+    whichever file (and file format) they were read from. A folder name that is not UTF-8 (its bytes kept as
+    Python keeps them, surrogates) is hashed as those bytes: encoded strictly, it failed once the whole dataset
+    had been evaluated, and no results were written."""
+    text = json.dumps(items, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def dataset_size(data: ClassificationData) -> int:

@@ -249,8 +249,10 @@ def save_confusion_png(result: ZeroShotResult, path: str | Path, max_labelled_cl
 
 def _plain_label(text: str) -> str:
     """`text` as matplotlib shows it literally: '$' starts its math mode, and a class name such as '$5 bill'
-    or '$x^{$' failed to parse (ValueError) when the figure was drawn."""
-    return text.replace("$", r"\$")
+    or '$x^{$' failed to parse (ValueError) when the figure was drawn. A folder name's bytes that are not UTF-8
+    (kept as surrogates) are shown as U+FFFD: matplotlib's font code refused the string (TypeError)."""
+    shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return shown.replace("$", r"\$")
 
 
 def _draw_confusion(

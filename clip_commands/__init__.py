@@ -89,8 +89,9 @@ def _command_when_imported(prog: str, module: str, entry: str = "main") -> int:
     finally:
         # The command is done, its files written: a Ctrl-C in the exit functions that follow (data loaders',
         # torch's) printed "Exception ignored in atexit callback" and a KeyboardInterrupt traceback, or ended
-        # the process by SIGINT with no line at all, after a run that had succeeded
-        _ignore_signals_in_the_teardown()
+        # the process by SIGINT with no line at all, after a run that had succeeded. Registered last, it runs
+        # first of them (and changes nothing for a caller that goes on, a test calling the command in-process)
+        atexit.register(_ignore_signals_in_the_teardown)
 
 
 def _abandon_the_start(signum, frame) -> NoReturn:

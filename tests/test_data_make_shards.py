@@ -249,6 +249,19 @@ def test_index_only_rewrites_sizes(tmp_path: Path) -> None:
     }
 
 
+def test_paths_starting_with_a_tilde_are_read_from_the_home_folder(tmp_path: Path, monkeypatch) -> None:
+    # Quoted (as --index asks its pattern to be), '~/...' was said not to exist, and an OUTPUT '~/out' made a
+    # folder named '~' in the current one; the other commands read '~' as the home folder
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    write_manifest(tmp_path / "home" / "src", range(3), "train.csv")
+    assert make_shards_main()(["~/src/train.csv", "~/out"]) == 0
+    (tmp_path / "home" / "out" / "sizes.json").unlink()
+    assert make_shards_main()(["--index", "~/out/shard-{000000..000000}.tar"]) == 0
+    assert json.loads((tmp_path / "home" / "out" / "sizes.json").read_text()) == {"shard-000000.tar": 3}
+    assert not (tmp_path / "~").exists()
+
+
 def test_index_keeps_the_entries_of_shards_it_does_not_index(tmp_path: Path) -> None:
     # Two prefixes share a folder, as writing them allows; re-indexing one (the loader's advice for a wrong
     # entry) replaced the whole sizes.json, and the other's shards lost their counts without a word.

@@ -368,8 +368,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     formats = ", ".join(MANIFEST_SUFFIXES)
-    parser.add_argument("input", nargs="?", help=f"a manifest ({formats}) or a folder of images + .txt captions")
-    parser.add_argument("output", nargs="?", help="folder for the shards and sizes.json")
+    # ~ read as the home folder, as the other commands read it: a quoted '~/sh/x-{000000..000009}.tar' (as --index
+    # asks) was said not to exist, and a quoted OUTPUT made a folder named '~'
+    parser.add_argument("input", nargs="?", type=os.path.expanduser, help=f"a manifest ({formats}) or a folder of images + .txt captions")
+    parser.add_argument("output", nargs="?", type=os.path.expanduser, help="folder for the shards and sizes.json")
     parser.add_argument("--prefix", default="shard", help="shard file names: PREFIX-000000.tar, ... (default: shard)")
     parser.add_argument("--samples-per-shard", type=int, default=1000, help="samples per shard (default: 1000)")
     parser.add_argument("--image-column", default="image", help="manifest column with image paths (default: image)")
@@ -383,7 +385,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
              "entries are deleted before the first new sample is written",
     )
     parser.add_argument(
-        "--index", metavar="PATTERN",
+        "--index", metavar="PATTERN", type=os.path.expanduser,
         help="only write the sizes.json entries of existing shards 'dir/x-{000000..000009}.tar' (others' are kept)",
     )
     args = parser.parse_args(argv)

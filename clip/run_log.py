@@ -195,10 +195,10 @@ class RunLog:
         record), at W&B's own step: logged at its own, W&B dropped it."""
         if not any(key.startswith(EVALUATION_PREFIXES) for key in scalars):
             self.wandb_run.log(scalars, step=step)
-        elif step < self.wandb_run.step:
-            self.wandb_run.log({**scalars, EVALUATION_STEP: step})
         else:
-            self.wandb_run.log({**scalars, EVALUATION_STEP: step}, step=step)
+            # At W&B's own step, not without one: that closed W&B's row, and the next training record, of the
+            # step W&B had been at, was dropped in its turn
+            self.wandb_run.log({**scalars, EVALUATION_STEP: step}, step=max(step, self.wandb_run.step))
 
     def sync(self) -> None:
         """Puts the records appended so far on the disk (fsync). Called before each checkpoint is saved: the

@@ -180,7 +180,8 @@ def init_distributed(backend: str | None = None, device: str = "auto") -> Distri
         except dist.DistNetworkError as error:
             # torch's traceback named the port but not the variable that sets it. Two SLURM jobs on one node may
             # be given one port (`clip.launcher`'s default, 1 in 1000); the other job's ranks are not disturbed
-            if "EADDRINUSE" not in str(error):
+            # libuv's TCPStore says EADDRINUSE; the older one (USE_LIBUV=0) "Address already in use"
+            if "EADDRINUSE" not in str(error) and "address already in use" not in str(error).lower():
                 raise
             raise RendezvousPortInUse(
                 f"rank 0 cannot wait for the other ranks at port {launch.master_port} of {host}: another program "

@@ -121,17 +121,19 @@ class LauncherMisconfigured(RuntimeError):
     """A launcher's variables that make no distributed run (said in one line by clip-train)."""
 
 
-def read_launcher_environment(environ: Mapping[str, str]) -> LauncherEnvironment | None:
+def read_launcher_environment(environ: Mapping[str, str], check_ranges: bool = True) -> LauncherEnvironment | None:
     """torchrun's variables when present (they win, so torchrun inside an srun step works), else SLURM's,
     else None: a single process. Plain `python train.py` inside `salloc` has no SLURM_PROCID and is
     single-process; launch the job's processes with `srun` (one task per GPU) or with torchrun.
     LauncherMisconfigured where they make no run, also for RANK or WORLD_SIZE without the rest of torchrun's
-    (under srun: one that is not SLURM's)."""
+    (under srun: one that is not SLURM's); with `check_ranges`, also for numbers that make no process group
+    (`_check_ranges`), which a process that makes none (a one-process command asking whether it is one of several)
+    need not refuse."""
     try:
         launch = _launcher_environment(environ)
     except ValueError as error:  # a rank that is no number, a node list that does not parse
         raise LauncherMisconfigured(f"cannot read the launcher's variables: {error}") from error
-    if launch is not None:
+    if launch is not None and check_ranges:
         _check_ranges(launch, environ)
     return launch
 

@@ -1424,9 +1424,10 @@ def test_a_runs_own_config_started_from_inside_the_run_is_refused_naming_the_run
                                               f"that run, give --output-dir {run_dir}")
     assert train_cli.main(["config.toml", "--output-dir", "."]) == 0  # said on the command line: meant
     assert train_cli.main(["config.toml", "output_dir=elsewhere"]) == 0
+    assert train_cli.main(["config.toml", "output_dir = spaced"]) == 0  # as the loader reads it
     monkeypatch.chdir(tmp_path)  # from the folder it was started in: its resume
     assert train_cli.main(["runs/a/config.toml"]) == 0
-    assert started == [".", "elsewhere", "runs/a"]
+    assert started == [".", "elsewhere", "spaced", "runs/a"]
 
 
 def test_a_number_python_reads_but_toml_does_not_says_how_toml_writes_it(tmp_path):

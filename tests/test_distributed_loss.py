@@ -478,6 +478,14 @@ def test_a_port_another_program_listens_at_is_one_error_naming_master_port(monke
                                                                r"of 127\.0\.0\.1: .* MASTER_PORT exported before srun"):
         init_distributed(device="cpu")
 
+    def port_taken_said_the_older_way(**kwargs):  # torch's TCPStore without libuv (USE_LIBUV=0)
+        raise dist.DistNetworkError("The server socket has failed to bind to [::]:29742 (errno: 98 - Address already "
+                                    "in use).")
+
+    monkeypatch.setattr(distributed.dist, "init_process_group", port_taken_said_the_older_way)
+    with pytest.raises(distributed.RendezvousPortInUse, match="MASTER_PORT exported before srun"):
+        init_distributed(device="cpu")
+
     def unreachable(**kwargs):
         raise dist.DistNetworkError("connection refused")
 

@@ -1201,6 +1201,9 @@ def test_each_dataset_gets_its_own_default_output_folder(tmp_path, tiny_checkpoi
       "TORCHELASTIC_RUN_ID": "x"}, "rank 1 of 2 (torchrun)"),
     ({"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "3",
       "SLURM_JOB_NODELIST": "node1", "SLURM_STEP_NODELIST": "node1", "SLURM_STEP_ID": "0"}, "rank 3 of 4 (slurm)"),
+    # A job script's MASTER_PORT for training, beyond a port's range: still several tasks, each doing the whole job
+    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_NODELIST": "node1",
+      "MASTER_PORT": "4152956"}, "rank 1 of 4 (slurm)"),
     ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
       "TORCHELASTIC_RUN_ID": "x"}, None),
     # An sbatch script's own shell (no srun step): one process, though SLURM_PROCID and the job's tasks are set

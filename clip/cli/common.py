@@ -123,7 +123,9 @@ def one_of_several_ranks(environ: Mapping[str, str]) -> str | None:
     only a task of an srun step of several: a batch script's own shell has SLURM_PROCID and the job's
     SLURM_NTASKS too, and a command run there is one process."""
     try:
-        launcher = read_launcher_environment(environ)
+        # Unchecked ranges: a job script's MASTER_PORT=$((29500 + SLURM_JOB_ID)), meant for training, made the
+        # several tasks of an srun evaluation look like no launcher, and each did the whole job
+        launcher = read_launcher_environment(environ, check_ranges=False)
     except LauncherMisconfigured:  # variables that make no run: not a several-process start to refuse either
         return None
     if launcher is None or launcher.world_size <= 1:

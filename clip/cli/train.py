@@ -311,6 +311,11 @@ def start_abandoned() -> int:
     return STOPPED_EARLY_EXIT_CODE
 
 
+def overrides_output_dir(overrides: list[str]) -> bool:
+    """Whether an override sets output_dir, spelled as the loader reads it ("output_dir = runs/b" too)."""
+    return any(override.partition("=")[0].strip() == "output_dir" for override in overrides if "=" in override)
+
+
 def refuse_a_runs_config_pointing_elsewhere(config_file: Path, output_dir: Path) -> None:
     """ConfigError where `config_file` is a run directory's own config.toml (the folder holds checkpoints) and its
     output_dir, relative to the current folder, is another folder: `cd runs/a && clip-train config.toml` trained a
@@ -338,7 +343,7 @@ def parse_and_run(argv: list[str] | None, run_took_over: Callable[..., None]) ->
         return 2
     rank_zero = launcher is None or launcher.rank == 0
     if args.output_dir is not None:
-        if any(override.strip().startswith("output_dir=") for override in args.overrides) and rank_zero:
+        if overrides_output_dir(args.overrides) and rank_zero:
             print("clip-train: both --output-dir and an output_dir= override given; --output-dir is used",
                   file=sys.stderr)
     try:
@@ -347,7 +352,7 @@ def parse_and_run(argv: list[str] | None, run_took_over: Callable[..., None]) ->
         # escapes as a relative folder named after its own quoted, escaped text
         config = load_config(args.config, args.overrides, TrainConfig,
                              given={} if args.output_dir is None else {"output_dir": args.output_dir})
-        if args.output_dir is None and not any(override.strip().startswith("output_dir=") for override in args.overrides):
+        if args.output_dir is None and not overrides_output_dir(args.overrides):
             refuse_a_runs_config_pointing_elsewhere(Path(args.config), Path(config.output_dir))
     except ConfigError as error:
         # Every rank reads the same file and overrides: rank 0 alone says what is wrong, not each of the

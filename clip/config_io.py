@@ -263,7 +263,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 try:
                     tomllib.loads(f"number = {value.strip()}")
                 except tomllib.TOMLDecodeError:  # Python reads '.5' and '5.'; TOML, the files' and overrides', not
-                    note = " (written as TOML writes numbers: digits on both sides of a '.', such as 0.5 or 5.0)"
+                    if value.strip().startswith((".", "-.", "+.")) or value.strip().endswith("."):
+                        note = " (written as TOML writes numbers: digits on both sides of a '.', such as 0.5 or 5.0)"
                 else:  # lr = "0.5" in a file: a text
                     note = " (a text: write the number without quotes)"
         raise ConfigError(f"{where}: expected a number, got {short_repr(value)}{note}")
@@ -573,7 +574,10 @@ def _apply_override(
             elsewhere = _paths_named(schema, key, above)
             tables = _arrays_of_tables_with(node_schema, key) if dataclasses.is_dataclass(node_schema) else []
             if tables:  # data.path=, data.kind= (open_clip's --train-data habit): a field of each [[data.sources]]
-                advice = f". Did you mean {' or '.join(repr(f'{prefix}.{table}.0.{key}') for table in tables)}?"
+                # and another section's key of that name where there is one (eval.seed: train.seed), not a list of
+                # every section's (data.kind: loss.kind, model.vision.kind, schedule.kind)
+                nearest = [f"{prefix}.{table}.0.{key}" for table in tables] + (elsewhere if len(elsewhere) == 1 else [])
+                advice = f". Did you mean {' or '.join(map(repr, nearest))}?"
             elif elsewhere:
                 advice = f". Did you mean {' or '.join(map(repr, elsewhere))}?"
             else:
@@ -702,7 +706,9 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str], schema
     except ConfigError as error:
         # Whether the file holds it: the file alone, without the overrides, fails the same way. (An override
         # may also fix a value the file has wrong, or be what makes a cross-field check fail.)
-        if path is None or not _fails_alike(schema, file_data, error):
+        # Nor where a value the command gave is at fault (its --output-dir): the file's own value was replaced
+        at_fault = str(error).split(" ", 1)[0].rstrip(":")
+        if path is None or at_fault in (given or {}) or not _fails_alike(schema, file_data, error):
             raise
         raise ConfigError(f"{path}: {error}") from None
 

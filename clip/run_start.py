@@ -323,6 +323,15 @@ def record_run_start(run_dir: Path, config_dict: dict, resumed: bool, start_step
         log.info("the results of the run's end at step %d are now %s", ended_at, kept)
 
 
+# [eval] settings that change no figure: how often, how many at once, with how many workers. A final evaluation
+# run again with a smaller batch (after running out of memory) gives the same results, replaced as a rerun's
+_EVALUATION_PACE = ("every_n_steps", "at_start", "batch_size", "workers", "text_batch_size", "retrieval_chunk_size")
+
+
+def _what_gives_the_figures(eval_settings: dict) -> dict:
+    return {key: value for key, value in eval_settings.items() if key not in _EVALUATION_PACE}
+
+
 def keep_results_of_other_evaluations(run_dir: Path, eval_settings: dict) -> None:
     """Moves a finished run's results.json aside, to results_kept_TIME.json (TIME: its last change), when the
     [eval] settings it records (`train` writes them) are not `eval_settings`, those of the run started again to
@@ -335,7 +344,7 @@ def keep_results_of_other_evaluations(run_dir: Path, eval_settings: dict) -> Non
         recorded = json.loads(path.read_text(encoding="utf-8")).get("eval")
     except (OSError, ValueError, AttributeError):
         return
-    if not isinstance(recorded, dict) or recorded == eval_settings:
+    if not isinstance(recorded, dict) or _what_gives_the_figures(recorded) == _what_gives_the_figures(eval_settings):
         return
     import time
 
@@ -350,7 +359,8 @@ def keep_results_of_other_evaluations(run_dir: Path, eval_settings: dict) -> Non
         log.warning("results.json holds the evaluation of other settings, and could not be kept as %s: %s", kept.name,
                     error.strerror or error)
         return
-    changed = ", ".join(f"eval.{key}" for key, _, _ in differences(recorded, eval_settings)[:5])
+    changed = ", ".join(f"eval.{key}" for key, _, _ in differences(_what_gives_the_figures(recorded),
+                                                                  _what_gives_the_figures(eval_settings))[:5])
     log.info("results.json holds the evaluation of other settings (%s): kept as %s", changed, kept.name)
 
 

@@ -1355,6 +1355,8 @@ def test_output_dir_given_by_the_command_replaces_a_refused_one_before_it_is_che
         assert load_config(recipe, [], TrainConfig, given=given).output_dir == str(tmp_path / "run")
     with pytest.raises(ConfigError, match="^output_dir"):  # the given value is checked as the file's is
         load_config(recipe, [], TrainConfig, given={"output_dir": ""})
+    with pytest.raises(ConfigError, match=r"^output_dir holds \$SCRATCH"):  # its fault, not the file's, said alike
+        load_config(recipe, [], TrainConfig, given={"output_dir": "$SCRATCH/runs/demo"})
     started = []
     monkeypatch.setattr(train_cli, "run", lambda config, *rest: started.append(config.output_dir) or 0)
     assert train_cli.main([str(recipe), "--output-dir", str(tmp_path / "run")]) == 0
@@ -1400,6 +1402,8 @@ def test_a_field_of_a_sections_array_of_tables_written_in_the_section_names_the_
             load_config(recipe, [], TrainConfig)
     with pytest.raises(ConfigError, match=r"Did you mean 'optimizer\.lr'\?"):  # another section's key: as before
         load_config(None, ["train.lr=1"], TrainConfig)
+    with pytest.raises(ConfigError, match=r"Did you mean 'eval\.zeroshot\.0\.seed' or 'train\.seed'\?$"):
+        load_config(None, ["eval.seed=1"], TrainConfig)  # both: the one other section's key of that name too
 
 
 def test_a_runs_own_config_started_from_inside_the_run_is_refused_naming_the_run(tmp_path, monkeypatch, capsys):
@@ -1442,8 +1446,9 @@ def test_a_number_python_reads_but_toml_does_not_says_how_toml_writes_it(tmp_pat
     recipe.write_text('[optimizer]\nlr = "1e-3"\n', encoding="utf-8")
     with pytest.raises(ConfigError, match=re.escape("got '1e-3' (a text: write the number without quotes)")):
         load_config(recipe, [], TrainConfig)
-    with pytest.raises(ConfigError, match=r"expected a number, got 'fast'$"):
-        load_config(None, ["optimizer.lr=fast"], TrainConfig)
+    for other in ("fast", "05"):  # not a matter of the '.': no word of it
+        with pytest.raises(ConfigError, match=f"expected a number, got '{other}'$"):
+            load_config(None, [f"optimizer.lr={other}"], TrainConfig)
 
 
 def test_settings_are_named_in_messages_as_a_config_writes_them():

@@ -1150,7 +1150,10 @@ def test_a_finished_run_evaluated_again_with_other_settings_keeps_the_earlier_re
     first = json.loads((tmp_path / "results.json").read_text())
     assert first["eval"]["zeroshot"][0]["num_samples"] == config.eval.zeroshot[0].num_samples  # what gave them
     train(config)  # the same settings: replaced, as the rerun of an evaluation
+    # so with settings that change no figure (a smaller batch after running out of memory)
+    train(tiny_config(tmp_path, "schedule.steps=2", "eval.every_n_steps=0", "eval.batch_size=3", "eval.workers=0"))
     assert not list(tmp_path.glob("results_kept_*.json"))
+    first = json.loads((tmp_path / "results.json").read_text())
     more = config.eval.zeroshot[0].num_samples * 2
     with caplog.at_level(logging.INFO, logger="clip.train"):
         train(tiny_config(tmp_path, "schedule.steps=2", "eval.every_n_steps=0", f"eval.zeroshot.0.num_samples={more}"))

@@ -249,6 +249,18 @@ def test_index_only_rewrites_sizes(tmp_path: Path) -> None:
     }
 
 
+def test_the_printed_data_source_line_is_toml_for_any_output_folder(tmp_path: Path, capsys) -> None:
+    # A folder holding '"' or '\\' was printed inside quotes as it was: a line TOML could not read
+    import tomllib
+
+    manifest = write_manifest(tmp_path / "src", range(3), "train.csv")
+    output = tmp_path / 'say "hi" \\ there'
+    assert make_shards_main()([str(manifest), str(output)]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("for a [[data.sources]]"))
+    table = tomllib.loads(line.split(": ", 1)[1].replace(", path", "\npath"))
+    assert table == {"kind": "shards", "path": str(output / "shard-{000000..000000}.tar")}
+
+
 def test_paths_starting_with_a_tilde_are_read_from_the_home_folder(tmp_path: Path, monkeypatch) -> None:
     # Quoted (as --index asks its pattern to be), '~/...' was said not to exist, and an OUTPUT '~/out' made a
     # folder named '~' in the current one; the other commands read '~' as the home folder

@@ -182,3 +182,21 @@ def test_an_evaluation_config_built_in_python_refuses_a_wrong_type_as_a_file_doe
         ZeroShotDatasetConfig(kind="synthetic", name="shapes")]
     with pytest.raises(ConfigError, match=r"^confusion_png: expected true or false, got 0$"):
         ZeroShotRunConfig(confusion_png=0)
+
+
+def test_a_synthetic_image_size_beyond_any_model_s_input_is_refused_with_the_config():
+    # 100000 pixels a side asked numpy for 75 GB: a traceback once the model had loaded
+    with pytest.raises(ConfigError, match=r"^image_size must be at most 4096 .* got 100000$"):
+        ZeroShotDatasetConfig(image_size=100000)
+    assert ZeroShotDatasetConfig(image_size=4096).image_size == 4096
+
+
+def test_a_count_option_beyond_64_bits_is_refused_by_the_option():
+    # --batch-size 99999999999999999999 failed deep inside, "Stop argument for islice() must be ..."
+    import argparse
+
+    from clip.cli.common import positive_int
+
+    with pytest.raises(argparse.ArgumentTypeError, match=r"must be below 2\*\*63"):
+        positive_int("99999999999999999999")
+    assert positive_int(str(2**63 - 1)) == 2**63 - 1

@@ -140,6 +140,8 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value >= 2**63:  # 99999999999999999999 failed deep inside, "Stop argument for islice() must be ..."
+        raise argparse.ArgumentTypeError(f"must be below 2**63, got {value}")
     return value
 
 

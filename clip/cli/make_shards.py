@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..config_io import relative_path_note
+from ..config_io import as_toml, relative_path_note
 from .common import refusal_as_one_of_several
 from ..data.decoding import IMAGE_EXTENSIONS, SkipSample, decode_caption, open_image, pil_pixel_limit
 from ..data.manifest import (
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     samples, shards = sum(sizes.values()), len(sizes)
     print(f"wrote {samples} sample{'s' * (samples != 1)} in {shards} shard{'s' * (shards != 1)} to {args.output}")
     pattern = Path(args.output).resolve() / f"{args.prefix}-{{000000..{len(sizes) - 1:06d}}}.tar"
-    print(f'for a [[data.sources]] table: kind = "shards", path = "{pattern}"')
+    print(f'for a [[data.sources]] table: kind = "shards", path = {as_toml(str(pattern))}')  # quotes escaped, as TOML
     if skipped:
         print(skipped_line)
     return 0

@@ -85,6 +85,10 @@ def require_distinct_png_names(names: Sequence[str]) -> None:
         )
 
 
+# The largest side of a synthetic dataset's images: the models' largest input is 448 pixels
+MAX_SYNTHETIC_IMAGE_SIZE = 4096
+
+
 @dataclass
 class ZeroShotDatasetConfig:
     """One zero-shot classification dataset, read from local files (nothing is ever downloaded)."""
@@ -128,6 +132,9 @@ class ZeroShotDatasetConfig:
         check_field_types(self)  # a pathlib.Path as its text; a wrong type refused as in a file
         require_at_least(0, max_samples=self.max_samples, seed=self.seed)
         require_at_least(1, num_samples=self.num_samples, image_size=self.image_size)
+        # 100000 pixels a side asked numpy for 75 GB, a traceback once the model had loaded
+        require("image_size", self.image_size, self.image_size <= MAX_SYNTHETIC_IMAGE_SIZE,
+                f"at most {MAX_SYNTHETIC_IMAGE_SIZE} (the synthetic shapes' side in pixels)")
         # Checked with the config, so that the error names the key (it was found when the dataset was listed)
         names = sorted(BUILTIN_TEMPLATE_SETS)
         require("builtin_templates", self.builtin_templates, self.builtin_templates in names,

@@ -1253,3 +1253,18 @@ def test_class_folders_and_images_named_in_bytes_that_are_not_utf8_are_evaluated
                                   "--max-iter", "20", "--dataset", "imagefolder", "--root", str(root),
                                   "--output-dir", str(tmp_path / "probe")]) == 0
     assert (tmp_path / "probe" / "linear_probe_results.json").is_file()
+
+
+def test_clip_zeroshot_refuses_a_training_runs_folder_as_its_output(tmp_path, tiny_checkpoint, datasets, capsys):
+    # Both write results.json: the trainer's was moved aside as "an earlier version's" and replaced
+    from clip import checkpoint as ckpt
+
+    run_dir = tmp_path / "run"
+    (run_dir / ckpt.CHECKPOINT_DIR).mkdir(parents=True)
+    (run_dir / ckpt.CHECKPOINT_DIR / "step_00000002.pt").write_bytes(b"a checkpoint")
+    (run_dir / "results.json").write_text('{"step": 2}')
+    config = write_config(tmp_path / "eval.toml", tiny_checkpoint, datasets)
+    assert zeroshot_cli.main([str(config), "--output-dir", str(run_dir)]) == 2
+    assert capsys.readouterr().err == (f"clip-zeroshot: {run_dir} is a training run's folder, whose results.json is "
+                                       f"the trainer's: give another output folder ({run_dir / 'zeroshot'}, say)\n")
+    assert sorted(path.name for path in run_dir.iterdir()) == ["checkpoints", "results.json"]

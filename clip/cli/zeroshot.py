@@ -16,6 +16,7 @@ from pathlib import Path
 
 from torch.utils.data import Subset
 
+from clip.checkpoint import list_checkpoints
 from clip.config import load_config
 from clip.config_io import home_expanded, rechecked
 from clip.evaluation.config import ZeroShotDatasetConfig, ZeroShotRunConfig, confusion_png_name
@@ -135,6 +136,10 @@ def run(config: ZeroShotRunConfig, output_dir: Path) -> dict:
         raise ValueError("the config has no [[datasets]] tables")
     device = resolve_device(config.device)
     datasets = list_datasets(config)
+    if list_checkpoints(output_dir):
+        # Its results.json is the trainer's: moved aside as "an earlier version's" results, then replaced
+        raise ValueError(f"{output_dir} is a training run's folder, whose results.json is the trainer's: give "
+                         f"another output folder ({Path(output_dir) / 'zeroshot'}, say)")
     writable_output_dir(output_dir)
     model, preprocess, source = load_model(config.model, device)
     keep_results_of_other_weights(output_dir / "results.json", source, companions="confusion_*.png")

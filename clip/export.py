@@ -99,7 +99,8 @@ def export_weights(
     # Said before the model loads (perhaps after a download of up to 1.4 GB); and a mistyped folder is not made
     folder = output.parent
     if not folder.is_dir():
-        raise ExportError(f"{output}: the folder {folder} does not exist")
+        raise ExportError(f"{output}: {folder} is a file, not a folder" if folder.exists()
+                          else f"{output}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ExportError(f"{output}: the folder {folder} is not writable")
     model, preprocess, weights_source = load_with_source(source, device="cpu", download_root=download_root)

@@ -653,3 +653,19 @@ def test_a_relative_image_folder_that_is_missing_says_where_it_was_looked_for(tm
         load_classification_data(imagefolder(Path("data/imagenet"), split), None)
     assert str(caught.value) == ("image folder not found: data/imagenet (a relative path, read from the folder the "
                                  f"command runs in, {tmp_path})")
+
+
+def test_a_file_given_where_a_folder_or_a_folder_where_a_file_goes_is_said_to_be_one(tmp_path):
+    # "image folder not found" of a file that is there, "class names file not found" of a folder that is there:
+    # both sent the user looking for something they could see
+    from clip.evaluation.image_folder import ImageFolderDataset
+    from clip.evaluation.templates import load_classnames
+
+    (tmp_path / "pets").write_text("a file")
+    with pytest.raises(FileNotFoundError, match=r"image folder .*pets is a file, not a folder of class folders$"):
+        ImageFolderDataset(tmp_path / "pets")
+    (tmp_path / "names").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"names is a folder; give the file$"):
+        load_classnames(tmp_path / "names")
+    with pytest.raises(FileNotFoundError, match="image folder not found"):
+        ImageFolderDataset(tmp_path / "nowhere")

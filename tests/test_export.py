@@ -292,3 +292,10 @@ def test_an_export_over_a_runs_checkpoint_or_under_a_safetensors_name_is_refused
     (tmp_path / "weights.pt").write_bytes(b"")  # a weights file of one's own, outside a run: replaced as asked
     export_weights(checkpoint, tmp_path / "weights.pt", overwrite=True)
     assert clip.load(tmp_path / "weights.pt", device="cpu")[0].config == CONVENTIONAL
+
+
+def test_an_output_whose_folder_is_a_file_is_said_to_be_one(tmp_path):
+    training_checkpoint(CONVENTIONAL, tmp_path / "step_00000001.pt", step=1)
+    (tmp_path / "notes").write_text("a file")
+    with pytest.raises(ExportError, match=r"notes is a file, not a folder$"):
+        export_weights(tmp_path / "step_00000001.pt", tmp_path / "notes" / "model.pt")

@@ -176,7 +176,7 @@ class ImageFolderDataset(Dataset):
     ):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.root}{relative_path_note(str(self.root))}")
+            raise FileNotFoundError(_missing_folder(self.root))
         present = list_class_folders(self.root)
         # (a union over splits: a class folder of another split counts, and is named as one)
         given_folders = class_folders is not None and list(class_folders) != present
@@ -240,8 +240,7 @@ def split_folder(root: str | Path, split: str) -> Path:
     """
     root = Path(root)
     if not root.is_dir():
-        # Where a relative root was looked for: the command's folder, not the config file's
-        raise FileNotFoundError(f"image folder not found: {root}{relative_path_note(str(root))}")
+        raise FileNotFoundError(_missing_folder(root))
     if not split:
         return root
     folder = root / split
@@ -263,3 +262,12 @@ def refuse_split_folders_as_classes(root: Path) -> None:
             f"the class folders of {root} are {folders}, which look like dataset splits, not classes; "
             f"set split to the one to evaluate (e.g. split = {example!r})"
         )
+
+
+def _missing_folder(root: Path) -> str:
+    """Why `root` is no image folder: a file there ("not found" of a file that is there sent the user looking for
+    it), or nothing, said with where a relative root was looked for (the command's folder, not the config
+    file's)."""
+    if root.exists():
+        return f"image folder {root} is a file, not a folder of class folders"
+    return f"image folder not found: {root}{relative_path_note(str(root))}"

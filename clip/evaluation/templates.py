@@ -165,6 +165,8 @@ def _read_string_list(path: Path, what: str, comments: bool, several_per_entry: 
     list copied whole (`[` to `]`, or with its assignment: `templates = [` to `]`) as its strings.
     `several_per_entry`: a list whose entries are lists of strings is read too, each entry of one string as that
     string (class names, `ClassName`)."""
+    if path.is_dir():  # "not found" of a folder that is there sent the user looking for it
+        raise IsADirectoryError(f"{what} file {path} is a folder; give the file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
     text = _decode_text(path.read_bytes(), path)

@@ -913,28 +913,33 @@ def test_a_signal_in_the_first_wait_after_making_up_an_owed_evaluation_saves_it_
     assert evaluations == [6] and evaluated_steps(tmp_path) == [3, 6]
 
 
-def test_a_stop_in_the_wait_after_a_skipped_step_counts_that_step_in_its_checkpoint(tmp_path, monkeypatch):
-    # Logged every 10 steps, step 2's verdict (a non-finite loss, skipped on the device) is read a step late: a
-    # stop in the wait for step 3's batch saves step 2, whose counts must include it
+def signal_in_a_wait_for_a_batch(monkeypatch, wait: int) -> None:
+    """Sends SIGTERM to this process in its `wait`-th wait for a training batch (that of step `wait`)."""
     import contextlib
 
     from clip.data.loader import TrainData
 
-    poison_loss(monkeypatch, {2})
     real_batches, waits = TrainData.batches, {"n": 0}
 
-    def signalled_in_the_third_wait(self, while_waiting=contextlib.nullcontext):
+    def signalled_in_that_wait(self, while_waiting=contextlib.nullcontext):
         @contextlib.contextmanager
         def signalled():
             with while_waiting():
                 waits["n"] += 1
-                if waits["n"] == 3:
+                if waits["n"] == wait:
                     os.kill(os.getpid(), signal.SIGTERM)
                 yield
 
         return real_batches(self, signalled)
 
-    monkeypatch.setattr(TrainData, "batches", signalled_in_the_third_wait)
+    monkeypatch.setattr(TrainData, "batches", signalled_in_that_wait)
+
+
+def test_a_stop_in_the_wait_after_a_skipped_step_counts_that_step_in_its_checkpoint(tmp_path, monkeypatch):
+    # Logged every 10 steps, step 2's verdict (a non-finite loss, skipped on the device) is read a step late: a
+    # stop in the wait for step 3's batch saves step 2, whose counts must include it
+    poison_loss(monkeypatch, {2})
+    signal_in_a_wait_for_a_batch(monkeypatch, 3)
     assert main([str(DEMO), "--output-dir", str(tmp_path), *TINY, "logging.every_n_steps=10",
                  "eval.every_n_steps=0", "checkpoint.every_n_steps=0"]) == 75
     state = ckpt.load_latest_checkpoint(tmp_path)
@@ -1167,24 +1172,7 @@ def test_a_finished_run_evaluated_again_with_other_settings_keeps_the_earlier_re
 def test_results_name_the_step_of_their_training_figures_where_it_is_not_their_step(tmp_path, monkeypatch):
     # Stopped at step 3, logged at step 2, then evaluated only (the run's length lowered to its checkpoint's):
     # results.json said step 3 beside step 2's loss and rate
-    import contextlib
-
-    from clip.data.loader import TrainData
-
-    real_batches, waits = TrainData.batches, {"n": 0}
-
-    def signalled_in_the_fourth_wait(self, while_waiting=contextlib.nullcontext):
-        @contextlib.contextmanager
-        def signalled():
-            with while_waiting():
-                waits["n"] += 1
-                if waits["n"] == 4:
-                    os.kill(os.getpid(), signal.SIGTERM)
-                yield
-
-        return real_batches(self, signalled)
-
-    monkeypatch.setattr(TrainData, "batches", signalled_in_the_fourth_wait)
+    signal_in_a_wait_for_a_batch(monkeypatch, 4)
     common = [str(DEMO), "--output-dir", str(tmp_path), *TINY, "logging.every_n_steps=2", "checkpoint.every_n_steps=0"]
     assert main([*common, "schedule.steps=6"]) == 75
     monkeypatch.undo()

@@ -845,15 +845,21 @@ def imported_whole(name: str) -> None:
     where signals are handled): the optimizer's constructor imports torch._dynamo (and sympy) the first time,
     for seconds, and a Ctrl-C or SIGTERM then abandoned the start halfway through those imports, leaving the
     modules half made: every later train() of the notebook failed ("partially initialized module
-    'torch._dynamo'"). A signal that came meanwhile is handled as the import ends."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    'torch._dynamo'"). A signal that comes meanwhile is noted, and raised again to the run's own handlers as the
+    import ends. (Not by blocking it in this thread: the kernel then gives it to another thread, whose note of it
+    makes Python run the handler here all the same.)"""
+    if threading.current_thread() is not threading.main_thread():
         importlib.import_module(name)
         return
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    noted: list[int] = []
+    handlers = {sig: signal.signal(sig, lambda signum, frame: noted.append(signum)) for sig in STOP_SIGNALS}
     try:
         importlib.import_module(name)
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(noted):
+            signal.raise_signal(sig)
 
 
 def write_results(path: Path, final: dict) -> None:

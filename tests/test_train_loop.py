@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -3047,9 +3048,17 @@ def test_a_module_the_start_imports_is_imported_whole_through_a_signal(tmp_path,
         "import os, signal\nos.kill(os.getpid(), signal.SIGINT)\nwhole = True\n", encoding="utf-8")
     monkeypatch.syspath_prepend(str(tmp_path))
     previous = signals.signal(signals.SIGINT, signals.default_int_handler)
+    # Another thread, as a process running earlier runs has (TensorBoard's writer): a signal blocked in this one
+    # went to it, and Python ran the handler here mid-import all the same
+    other_thread_ends = threading.Event()
+    other_thread = threading.Thread(target=other_thread_ends.wait)
+    other_thread.start()
     try:
         with pytest.raises(KeyboardInterrupt):  # the signal, handled as the import ends
             imported_whole("signalled_while_imported")
     finally:
         signals.signal(signals.SIGINT, previous)
+        other_thread_ends.set()
+        other_thread.join()
     assert sys.modules.pop("signalled_while_imported").whole
+    assert signals.getsignal(signals.SIGTERM) is not None  # the handlers are put back (checked by conftest too)

@@ -637,6 +637,8 @@ def test_templates_are_checked_and_read_from_files(tmp_path):
     assert resolve_templates(str(tmp_path / "for {}.txt")) == ["a photo of a {}."]
     # A folder is not a templates or class names file: said so, not an IsADirectoryError
     with pytest.raises(FileNotFoundError, match="class names file not found"):
+        load_classnames(tmp_path / "nowhere.txt")
+    with pytest.raises(IsADirectoryError, match="class names file .* is a folder; give the file"):
         load_classnames(tmp_path)
 
 

@@ -138,7 +138,7 @@ def test_an_output_folder_that_is_missing_or_read_only_is_said_before_the_model_
         export_weights("RN50", tmp_path / "typo" / "model.pt")
     assert not (tmp_path / "typo").exists()  # a mistyped folder is not made
     (tmp_path / "file").write_text("")
-    with pytest.raises(ExportError, match="does not exist"):
+    with pytest.raises(ExportError, match="file is a file, not a folder$"):
         export_weights("RN50", tmp_path / "file" / "model.pt")
     monkeypatch.setattr(clip.export.os, "access", lambda path, mode: False)
     with pytest.raises(ExportError, match="is not writable"):

@@ -68,8 +68,16 @@ def _check_inputs(image_features: torch.Tensor, text_features: torch.Tensor, log
         )
     if image_features.shape[0] == 0:
         raise ValueError("the batch is empty")
-    if logit_scale.numel() != 1:
-        raise ValueError(f"logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}")
+    _check_scalar("logit_scale", logit_scale)
+
+
+def _check_scalar(name: str, value: torch.Tensor) -> None:
+    """A one-element tensor: a float was an AttributeError ("'float' object has no attribute 'numel'"), and a
+    bias of the batch's length was broadcast over the columns, a different bias for each text, without a word."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a one-element tensor (a parameter), got {type(value).__name__}")
+    if value.numel() != 1:
+        raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}")
 
 
 def _rank(distributed: bool, group: dist.ProcessGroup | None) -> int:
@@ -203,6 +211,7 @@ def _sigmoid_loss_terms(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(this rank's loss, image->text hits [B])."""
     _check_inputs(image_features, text_features, logit_scale)
+    _check_scalar("logit_bias", logit_bias)  # SigLIP's learned bias (SIGLIP_INITIAL_LOGIT_BIAS to start)
     with torch.autocast(image_features.device.type, enabled=False):
         images = _as_unit_at_least_float32(image_features)  # [B, D]
         # Every pair (i, j) is its own binary problem, so rows split across ranks without any coupling:

@@ -295,3 +295,18 @@ def test_float64_features_keep_float64_and_pass_a_gradient_check(loss):
     }
     assert functions[loss](image, text, logit_scale, logit_bias).dtype == torch.float64
     assert torch.autograd.gradcheck(functions[loss], (image, text, logit_scale, logit_bias))
+
+
+def test_a_logit_scale_or_bias_that_is_no_one_element_tensor_is_refused_by_name():
+    # A bias of the batch's length was broadcast over the columns (a different bias per text) without a word;
+    # None and a float were AttributeErrors of their own
+    from clip.loss import contrastive_loss, sigmoid_loss
+
+    features = torch.nn.functional.normalize(torch.randn(2, 4), dim=-1)
+    with pytest.raises(ValueError, match=r"^logit_bias must be a scalar, got shape \(2,\)$"):
+        sigmoid_loss(features, features, torch.tensor(1.0), torch.tensor([1.0, 2.0]))
+    with pytest.raises(TypeError, match="^logit_bias must be a one-element tensor .* got NoneType$"):
+        sigmoid_loss(features, features, torch.tensor(1.0), None)
+    with pytest.raises(TypeError, match="^logit_scale must be a one-element tensor .* got float$"):
+        contrastive_loss(features, features, 2.0)
+    assert torch.isfinite(sigmoid_loss(features, features, torch.tensor(1.0), torch.tensor([-10.0])))

@@ -10,7 +10,8 @@ whose premultiplied resize and dropped alpha follow openai/CLIP. Computed the fa
 - the crop box is resized in one PIL call (`resize(box=...)`) instead of resizing the whole image and then
   cropping it, so the pixels the crop throws away are never interpolated. For the center crop the box is
   the one image_transform ends up showing (`center_crop_box`): the output differs from image_transform's by
-  at most one grey level on a few pixels (float rounding of the box);
+  float rounding of the box, at most one grey level on a few pixels of smooth images (up to a few levels on
+  a fraction of a percent of the pixels of pixel-level noise);
 - JPEGs may be decoded at 1/2, 1/4 or 1/8 scale (`draft`), and images more than 6x larger than the target
   are first shrunk by an integer factor (`reducing_gap`): faster, and slightly different pixels from a
   full-resolution resize of such large images;

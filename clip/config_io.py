@@ -707,8 +707,8 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str], schema
         # Whether the file holds it: the file alone, without the overrides, fails the same way. (An override
         # may also fix a value the file has wrong, or be what makes a cross-field check fail.)
         # Nor where a value the command gave is at fault (its --output-dir): the file's own value was replaced
-        at_fault = str(error).split(" ", 1)[0].rstrip(":")
-        if path is None or at_fault in (given or {}) or not _fails_alike(schema, file_data, error):
+        given_at_fault = isinstance(error, InvalidValue) and error.key in (given or {})
+        if path is None or given_at_fault or not _fails_alike(schema, file_data, error):
             raise
         raise ConfigError(f"{path}: {error}") from None
 

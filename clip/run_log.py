@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -79,6 +80,17 @@ def start_wandb(run_dir: Path, project: str, entity: str | None, config: dict):
             f"W&B could not start the run's logging: {type(error).__name__}: {error}. Log in (`wandb login`), set "
             f"WANDB_MODE=offline to log locally and `wandb sync` later, or set logging.wandb = false"
         ) from error
+
+
+def kept_aside_suffix(path: Path) -> str:
+    """"_kept_TIME" (TIME: `path`'s last change), or "_kept_TIME_N" where that name is taken: what a results file
+    moved aside (and the files that go with it) add to their stems."""
+    stamp = time.strftime("%Y-%m-%dT%H-%M-%S", time.localtime(path.stat().st_mtime))
+    number, suffix = 1, f"_kept_{stamp}"
+    while path.with_name(f"{path.stem}{suffix}{path.suffix}").exists():
+        number += 1
+        suffix = f"_kept_{stamp}_{number}"
+    return suffix
 
 
 class RunLog:

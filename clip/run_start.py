@@ -32,7 +32,7 @@ from .loading import load_weights_with_source
 from .loss import SIGLIP_INITIAL_LOGIT_SCALE
 from .model import create_model
 from .run_lock import RunDirectoryInUse, locked_run_directory
-from .run_log import RunLog, replaced_atomically
+from .run_log import RunLog, kept_aside_suffix, replaced_atomically
 from .train_step import ContrastiveModel
 from .weights_file import WeightsFileError, run_directories_in
 
@@ -344,23 +344,19 @@ def keep_results_of_other_evaluations(run_dir: Path, eval_settings: dict) -> Non
         recorded = json.loads(path.read_text(encoding="utf-8")).get("eval")
     except (OSError, ValueError, AttributeError):
         return
-    if not isinstance(recorded, dict) or _what_gives_the_figures(recorded) == _what_gives_the_figures(eval_settings):
+    if not isinstance(recorded, dict):
         return
-    import time
-
-    stamp = time.strftime("%Y-%m-%dT%H-%M-%S", time.localtime(path.stat().st_mtime))
-    kept, number = path.with_name(f"results_kept_{stamp}.json"), 1
-    while kept.exists():
-        number += 1
-        kept = path.with_name(f"results_kept_{stamp}_{number}.json")
+    before, now = _what_gives_the_figures(recorded), _what_gives_the_figures(eval_settings)
+    if before == now:
+        return
+    kept = path.with_name(f"{path.stem}{kept_aside_suffix(path)}{path.suffix}")
     try:
         path.replace(kept)
     except OSError as error:  # the new results replace them, as before: no reason to refuse the evaluation
         log.warning("results.json holds the evaluation of other settings, and could not be kept as %s: %s", kept.name,
                     error.strerror or error)
         return
-    changed = ", ".join(f"eval.{key}" for key, _, _ in differences(_what_gives_the_figures(recorded),
-                                                                  _what_gives_the_figures(eval_settings))[:5])
+    changed = ", ".join(f"eval.{key}" for key, _, _ in differences(before, now)[:5])
     log.info("results.json holds the evaluation of other settings (%s): kept as %s", changed, kept.name)
 
 

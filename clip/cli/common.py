@@ -21,6 +21,7 @@ from clip.config_io import MAX_WORKERS  # --workers' limit, as for the configs' 
 from clip.device_names import available_device
 from clip.download import DownloadError
 from clip.launcher import LauncherMisconfigured, read_launcher_environment
+from clip.run_log import kept_aside_suffix
 from clip.run_log import write_json  # noqa: F401 -- the commands write results files as the trainer does
 
 if TYPE_CHECKING:
@@ -256,7 +257,6 @@ def keep_results_of_other_weights(
     are named after the config or dataset, not the model, so evaluating a second checkpoint replaced the first
     one's results without a word."""
     import json
-    import time
 
     try:
         written = json.loads(path.read_text(encoding="utf-8"))
@@ -282,11 +282,7 @@ def keep_results_of_other_weights(
         holds = "holds the results of other weights"
     else:
         holds = f"holds the results of another dataset (its {field!r} record differs)"
-    stamp = time.strftime("%Y-%m-%dT%H-%M-%S", time.localtime(path.stat().st_mtime))
-    number, suffix = 1, f"_kept_{stamp}"
-    while path.with_name(f"{path.stem}{suffix}{path.suffix}").exists():
-        number += 1
-        suffix = f"_kept_{stamp}_{number}"
+    suffix = kept_aside_suffix(path)
     kept = path.with_name(f"{path.stem}{suffix}{path.suffix}")
     # The companions first (those named _kept_TIME are earlier ones', left where they are): the results file last, so
     # that an interrupted move leaves it to be found and moved again

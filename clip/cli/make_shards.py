@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..config_io import as_toml, relative_path_note
+from ..config_io import as_toml, home_expanded, relative_path_note
 from .common import refusal_as_one_of_several
 from ..data.decoding import IMAGE_EXTENSIONS, SkipSample, decode_caption, open_image, pil_pixel_limit
 from ..data.manifest import (
@@ -370,8 +370,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     formats = ", ".join(MANIFEST_SUFFIXES)
     # ~ read as the home folder, as the other commands read it: a quoted '~/sh/x-{000000..000009}.tar' (as --index
     # asks) was said not to exist, and a quoted OUTPUT made a folder named '~'
-    parser.add_argument("input", nargs="?", type=os.path.expanduser, help=f"a manifest ({formats}) or a folder of images + .txt captions")
-    parser.add_argument("output", nargs="?", type=os.path.expanduser, help="folder for the shards and sizes.json")
+    parser.add_argument("input", nargs="?", type=home_expanded, help=f"a manifest ({formats}) or a folder of images + .txt captions")
+    parser.add_argument("output", nargs="?", type=home_expanded, help="folder for the shards and sizes.json")
     parser.add_argument("--prefix", default="shard", help="shard file names: PREFIX-000000.tar, ... (default: shard)")
     parser.add_argument("--samples-per-shard", type=int, default=1000, help="samples per shard (default: 1000)")
     parser.add_argument("--image-column", default="image", help="manifest column with image paths (default: image)")
@@ -385,7 +385,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
              "entries are deleted before the first new sample is written",
     )
     parser.add_argument(
-        "--index", metavar="PATTERN", type=os.path.expanduser,
+        "--index", metavar="PATTERN", type=home_expanded,
         help="only write the sizes.json entries of existing shards 'dir/x-{000000..000009}.tar' (others' are kept)",
     )
     args = parser.parse_args(argv)

@@ -263,13 +263,21 @@ def test_a_karpathy_split_without_images_names_the_splits_the_file_has(tmp_path)
     with pytest.raises(ValueError, match=re.escape("no images in split 'test' (it lists no images)")):
         read_karpathy_json(tmp_path / "empty.json")
 
-def test_an_image_listed_in_two_karpathy_entries_is_warned_of(tmp_path, caplog):
-    # Its captions were joined, counted twice in text->image recall, without a word
-    names = write_images(tmp_path, 2)
+def karpathy_file_listing_the_first_image_twice(folder, second_filepath: str) -> list[str]:
+    """folder/dataset.json: two images, the first listed again (captioned "a red again") under `second_filepath`;
+    returns the images' names."""
+    names = write_images(folder, 2)
     entries = [{"filename": names[0], "split": "test", "sentences": [{"raw": "a red"}]},
                {"filename": names[1], "split": "test", "sentences": [{"raw": "b"}]},
-               {"filename": names[0], "filepath": ".", "split": "test", "sentences": [{"raw": "a red again"}]}]
-    (tmp_path / "dataset.json").write_text(json.dumps({"images": entries}))
+               {"filename": names[0], "filepath": second_filepath, "split": "test",
+                "sentences": [{"raw": "a red again"}]}]
+    (folder / "dataset.json").write_text(json.dumps({"images": entries}))
+    return names
+
+
+def test_an_image_listed_in_two_karpathy_entries_is_warned_of(tmp_path, caplog):
+    # Its captions were joined, counted twice in text->image recall, without a word
+    names = karpathy_file_listing_the_first_image_twice(tmp_path, second_filepath=".")
     with caplog.at_level("WARNING", logger="clip.evaluation.retrieval_data"):
         data = read_karpathy_json(tmp_path / "dataset.json")
     assert data.captions == ["a red", "b", "a red again"] and data.caption_image == [0, 1, 0]
@@ -280,11 +288,7 @@ def test_an_image_listed_in_two_karpathy_entries_is_warned_of(tmp_path, caplog):
 def test_an_image_spelled_two_ways_in_karpathy_entries_is_warned_of_unless_warn_is_false(tmp_path, caplog):
     # "sub/../img_0.png" was counted apart from "img_0.png", though evaluated as one image; and the trainer's
     # evaluations, which say it once before training, asked for no warning and got one at every evaluation
-    names = write_images(tmp_path, 2)
-    entries = [{"filename": names[0], "split": "test", "sentences": [{"raw": "a red"}]},
-               {"filename": names[1], "split": "test", "sentences": [{"raw": "b"}]},
-               {"filename": names[0], "filepath": "sub/..", "split": "test", "sentences": [{"raw": "a red again"}]}]
-    (tmp_path / "dataset.json").write_text(json.dumps({"images": entries}))
+    names = karpathy_file_listing_the_first_image_twice(tmp_path, second_filepath="sub/..")
     with caplog.at_level("WARNING", logger="clip.evaluation.retrieval_data"):
         data = read_karpathy_json(tmp_path / "dataset.json", warn=False)
     assert data.caption_image == [0, 1, 0] and "more than one entry" not in caplog.text
